@@ -1,0 +1,23 @@
+//! A tower middleware that holds a Floodgate permit around each request.
+//!
+//! Put [`FloodgateLayer`] in front of any tower service (a job handler of a tower-based worker
+//! such as apalis, an HTTP client calling a rate-limited backend) and every call, in every
+//! process using the same store, shares one global concurrency limit. The permit is acquired
+//! inside the response future and released when that future completes or is dropped. An
+//! acquire that ends without a permit fails the call with the boxed [`AcquireError`]
+//! (`is_wait_timeout()`, `retry_after()`), so the caller can re-enqueue the work.
+//!
+//! [`AcquireError`]: crate::AcquireError
+
+mod future;
+#[allow(clippy::module_inception)]
+mod layer;
+mod service;
+
+pub use self::future::ResponseFuture;
+pub use self::layer::FloodgateLayer;
+pub use self::service::FloodgateService;
+
+/// The error type of the wrapped service: the inner service's error or an
+/// [`AcquireError`](crate::AcquireError), boxed, as is usual for tower middleware.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

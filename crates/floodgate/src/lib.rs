@@ -1,0 +1,65 @@
+//! Floodgate: global admission control for distributed workers.
+//!
+//! Named limiters shared by every worker. Each grant is a leased [`Permit`] with a
+//! [`FencingToken`]; waiting is strictly FIFO, bounded, and woken (never polled); a holder that
+//! dies has its slot reclaimed when its lease ends; a holder that runs long extends, and learns
+//! when its permit was lost.
+//!
+//! ```
+//! use std::time::Duration;
+//! use floodgate::{AcquireOptions, Floodgate, LimiterSpec};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let gate = Floodgate::in_memory();
+//! gate.define("snuba", LimiterSpec::concurrency(50)).await?;
+//! let snuba = gate.limiter("snuba").await?;
+//!
+//! let options = AcquireOptions::new()
+//!     .wait(Duration::from_secs(5))
+//!     .lease(Duration::from_secs(60));
+//! match snuba.acquire(options).await {
+//!     Ok(permit) => {
+//!         // Run the query, passing permit.fencing_token() along. Dropping the permit
+//!         // releases it.
+//!         assert_eq!(permit.permits(), 1);
+//!     }
+//!     Err(e) if e.is_wait_timeout() => {
+//!         // Re-enqueue the work to run after e.retry_after(); never drop it silently.
+//!     }
+//!     Err(e) => return Err(e.into()),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Architecture, from the inside out:
+//! - [`core`]: the pure, synchronous state machine (inputs: `now` and an operation; outputs:
+//!   grants and wake-ups).
+//! - [`store`]: where state lives. [`MemoryStore`] is the embedded default; every store
+//!   implements the same [`Store`] and [`LimiterBackend`] traits.
+//! - [`Floodgate`], [`Limiter`], [`Permit`]: the async API with drop-to-release guards.
+//! - [`layer`]: a tower middleware holding a permit around each request.
+
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod core;
+mod error;
+pub mod layer;
+mod limiter;
+pub mod spec;
+pub mod store;
+mod sync;
+mod types;
+
+pub use crate::clock::{Clock, TokioClock};
+pub use crate::core::{AcquireRequest, Counters, Grant, LimiterStatus, Refusal};
+pub use crate::error::{AcquireError, ExtendError, StoreError};
+pub use crate::layer::FloodgateLayer;
+pub use crate::limiter::{AcquireOptions, Floodgate, Limiter, Permit};
+pub use crate::spec::{InvalidField, LimiterSpec};
+pub use crate::store::{LimiterBackend, MemoryLimiter, MemoryStore, Store};
+pub use crate::types::{
+    FencingToken, LimiterName, NameError, PermitId, PermitIdError, Timestamp, MAX_NAME_LEN,
+};

@@ -1,0 +1,230 @@
+//! The Rust API: [`Floodgate`], [`Limiter`] handles and [`Permit`] guards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::core::{AcquireRequest, Grant, LimiterStatus};
+use crate::error::{AcquireError, ExtendError, StoreError};
+use crate::spec::LimiterSpec;
+use crate::store::{LimiterBackend, MemoryStore, Store};
+use crate::types::{FencingToken, LimiterName, PermitId, Timestamp};
+
+/// Entry point: a set of named limiters in a store.
+#[derive(Debug, Clone)]
+pub struct Floodgate<S: Store = MemoryStore> {
+    store: S,
+}
+
+impl Floodgate<MemoryStore> {
+    /// Limiters in this process's memory (the embedded store). Call inside a tokio runtime.
+    pub fn in_memory() -> Self {
+        Floodgate::with_store(MemoryStore::new())
+    }
+}
+
+impl<S: Store> Floodgate<S> {
+    /// Limiters in the given store.
+    pub fn with_store(store: S) -> Self {
+        Floodgate { store }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Creates the limiter or changes its spec (a raised limit wakes waiters at once).
+    pub async fn define(&self, name: &str, spec: LimiterSpec) -> Result<LimiterStatus, StoreError> {
+        let name = LimiterName::new(name)?;
+        self.store.put_limiter(&name, spec).await
+    }
+
+    /// Deletes the limiter; `false` if it did not exist.
+    pub async fn delete(&self, name: &str) -> Result<bool, StoreError> {
+        let name = LimiterName::new(name)?;
+        self.store.delete_limiter(&name).await
+    }
+
+    /// Every limiter's status.
+    pub async fn limiters(&self) -> Result<Vec<LimiterStatus>, StoreError> {
+        self.store.list_limiters().await
+    }
+
+    /// A handle to an existing limiter. Keep it: acquiring through it skips the name lookup.
+    pub async fn limiter(&self, name: &str) -> Result<Limiter<S::Limiter>, StoreError> {
+        let name = LimiterName::new(name)?;
+        Ok(Limiter {
+            backend: self.store.limiter(&name).await?,
+        })
+    }
+}
+
+/// Options of one acquire. Unset fields take the limiter's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AcquireOptions {
+    request: AcquireRequest,
+}
+
+impl AcquireOptions {
+    /// One permit, the default lease and the default (maximum) wait.
+    pub fn new() -> Self {
+        AcquireOptions::default()
+    }
+
+    /// How many permits (default 1).
+    pub fn permits(mut self, permits: u32) -> Self {
+        self.request.permits = permits;
+        self
+    }
+
+    /// Lease length (default: the limiter's default lease).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.request.lease = Some(lease);
+        self
+    }
+
+    /// How long to wait at most (default and cap: the limiter's `max_wait`). Zero: try once.
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.request.wait = Some(wait);
+        self
+    }
+
+    /// A label for introspection (a worker or task id).
+    pub fn holder(mut self, holder: impl Into<Arc<str>>) -> Self {
+        self.request.holder = Some(holder.into());
+        self
+    }
+
+    /// The request the store sees.
+    pub fn request(&self) -> &AcquireRequest {
+        &self.request
+    }
+}
+
+/// A handle to one limiter. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Limiter<B> {
+    backend: B,
+}
+
+impl<B: LimiterBackend> Limiter<B> {
+    /// Wraps a store's limiter handle.
+    pub fn from_backend(backend: B) -> Self {
+        Limiter { backend }
+    }
+
+    /// The limiter's name.
+    pub fn name(&self) -> &LimiterName {
+        self.backend.name()
+    }
+
+    /// Waits in FIFO order for permits. Dropping the future leaves the queue; a grant that
+    /// raced the drop is released.
+    pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
+        let grant = self.backend.acquire(options.request).await?;
+        Ok(Permit {
+            backend: self.backend.clone(),
+            grant,
+            held: true,
+        })
+    }
+
+    /// One permit if one is free right now, without waiting.
+    pub async fn try_acquire(&self) -> Result<Permit<B>, AcquireError> {
+        self.acquire(AcquireOptions::new().wait(Duration::ZERO))
+            .await
+    }
+
+    /// The limiter's status.
+    pub async fn status(&self) -> Result<LimiterStatus, StoreError> {
+        self.backend.status().await
+    }
+
+    /// The store's handle, for operations by token (an HTTP server releasing by permit id).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+}
+
+/// Held permits. Dropping the guard releases them; [`release`](Permit::release) does so
+/// explicitly and says whether they were still held; [`detach`](Permit::detach) keeps them
+/// until the lease ends (for handing the permit id to another process).
+#[derive(Debug)]
+#[must_use = "dropping a Permit releases it at once"]
+pub struct Permit<B: LimiterBackend> {
+    /// Where to extend and release.
+    backend: B,
+    /// What was granted; the lease fields are updated by `extend`.
+    grant: Grant,
+    /// False once released, detached or found lost, so `Drop` does nothing.
+    held: bool,
+}
+
+impl<B: LimiterBackend> Permit<B> {
+    /// The permit's id (`NAME.TOKEN`).
+    pub fn id(&self) -> PermitId {
+        PermitId {
+            limiter: self.backend.name().clone(),
+            token: self.grant.token,
+        }
+    }
+
+    /// The fencing token: pass it to the backend so it can reject a holder whose permit was
+    /// reclaimed.
+    pub fn fencing_token(&self) -> FencingToken {
+        self.grant.token
+    }
+
+    /// How many permits this guard holds.
+    pub fn permits(&self) -> u32 {
+        self.grant.permits
+    }
+
+    /// The lease deadline on the store's clock.
+    pub fn lease_deadline(&self) -> Timestamp {
+        self.grant.lease_deadline
+    }
+
+    /// The grant as data.
+    pub fn grant(&self) -> &Grant {
+        &self.grant
+    }
+
+    /// Moves the lease deadline to now + `lease`. [`ExtendError::Lost`] if the permit expired
+    /// or was released; it is never revived, and the guard then has nothing to release.
+    pub async fn extend(&mut self, lease: Duration) -> Result<Timestamp, ExtendError> {
+        match self.backend.extend(self.grant.token, lease).await {
+            Ok(deadline) => {
+                self.grant.lease_deadline = deadline;
+                self.grant.lease = lease;
+                Ok(deadline)
+            }
+            Err(ExtendError::Lost) => {
+                self.held = false;
+                Err(ExtendError::Lost)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Releases now. `Ok(false)` if the permit was no longer held (its lease ended).
+    pub async fn release(mut self) -> Result<bool, StoreError> {
+        self.held = false;
+        self.backend.release(self.grant.token).await
+    }
+
+    /// Gives up the guard without releasing: the permit stays held until released by id or
+    /// until its lease ends.
+    pub fn detach(mut self) -> Grant {
+        self.held = false;
+        self.grant.clone()
+    }
+}
+
+impl<B: LimiterBackend> Drop for Permit<B> {
+    fn drop(&mut self) {
+        if self.held {
+            self.backend.release_in_background(self.grant.token);
+        }
+    }
+}

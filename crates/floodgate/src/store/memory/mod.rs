@@ -1,0 +1,187 @@
+//! The embedded store: every limiter in this process's memory.
+//!
+//! The default, so one command runs Floodgate on a laptop. Each limiter is a
+//! [`LimiterCore`](crate::core::LimiterCore) behind a mutex, with one timer task that wakes at
+//! the nearest lease or wait deadline, so expired leases are reclaimed and timed-out waiters
+//! answered even when no other traffic arrives.
+
+mod limiter;
+mod timer;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+pub use self::limiter::MemoryLimiter;
+use crate::clock::{token_seed, Clock, TokioClock};
+use crate::core::LimiterStatus;
+use crate::error::StoreError;
+use crate::spec::LimiterSpec;
+use crate::store::{LimiterBackend, Store};
+use crate::types::LimiterName;
+
+/// Default cap on the number of limiters one store holds.
+pub const DEFAULT_MAX_LIMITERS: usize = 10_000;
+
+/// The embedded, in-memory store. Cheap to clone; clones share the limiters.
+///
+/// Must be used inside a tokio runtime (each limiter has a timer task).
+pub struct MemoryStore<C: Clock = TokioClock> {
+    inner: Arc<Inner<C>>,
+}
+
+struct Inner<C: Clock> {
+    /// Source of `now` for every limiter of this store.
+    clock: C,
+    /// The limiters, by name. A `BTreeMap` so listings come out ordered by name.
+    limiters: RwLock<BTreeMap<LimiterName, MemoryLimiter<C>>>,
+    /// Bound against abuse: creating one more is refused.
+    max_limiters: usize,
+}
+
+impl<C: Clock> Clone for MemoryStore<C> {
+    fn clone(&self) -> Self {
+        MemoryStore {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C: Clock> std::fmt::Debug for MemoryStore<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore<TokioClock> {
+    /// A store on tokio's clock. Create it inside the runtime when time is paused.
+    pub fn new() -> Self {
+        MemoryStore::with_clock(TokioClock::new())
+    }
+}
+
+impl Default for MemoryStore<TokioClock> {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+impl<C: Clock> MemoryStore<C> {
+    /// A store on the given clock.
+    pub fn with_clock(clock: C) -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                clock,
+                limiters: RwLock::new(BTreeMap::new()),
+                max_limiters: DEFAULT_MAX_LIMITERS,
+            }),
+        }
+    }
+
+    /// Caps the number of limiters (default [`DEFAULT_MAX_LIMITERS`]).
+    pub fn with_max_limiters(self, max: usize) -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                clock: self.inner.clock.clone(),
+                limiters: RwLock::new(BTreeMap::new()),
+                max_limiters: max,
+            }),
+        }
+    }
+
+    fn get(&self, name: &LimiterName) -> Option<MemoryLimiter<C>> {
+        let map = self
+            .inner
+            .limiters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(name).cloned()
+    }
+}
+
+impl<C: Clock> Store for MemoryStore<C> {
+    type Limiter = MemoryLimiter<C>;
+
+    async fn put_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+    ) -> Result<LimiterStatus, StoreError> {
+        spec.validate()?;
+        let existing = {
+            let mut map = self
+                .inner
+                .limiters
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            match map.get(name) {
+                Some(limiter) => Some(limiter.clone()),
+                None => {
+                    if map.len() >= self.inner.max_limiters {
+                        return Err(StoreError::TooManyLimiters(self.inner.max_limiters));
+                    }
+                    let limiter = MemoryLimiter::standalone(
+                        name.clone(),
+                        spec.clone(),
+                        self.inner.clock.clone(),
+                        token_seed(),
+                    )?;
+                    timer::spawn(&limiter);
+                    map.insert(name.clone(), limiter.clone());
+                    None
+                }
+            }
+        };
+        let Some(limiter) = existing else {
+            return self.limiter(name).await?.status().await;
+        };
+        limiter.with_state(|state, now, fx| state.core.reconfigure(now, spec, fx))??;
+        limiter.status().await
+    }
+
+    async fn delete_limiter(&self, name: &LimiterName) -> Result<bool, StoreError> {
+        let removed = {
+            let mut map = self
+                .inner
+                .limiters
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            map.remove(name)
+        };
+        let Some(limiter) = removed else {
+            return Ok(false);
+        };
+        let shared = limiter.shared();
+        let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut fx = crate::core::Effects::default();
+        state.core.close(&mut fx);
+        let now = shared.clock.now();
+        state.settle(now, fx);
+        state.closed = true;
+        shared.timer.notify_one();
+        Ok(true)
+    }
+
+    async fn list_limiters(&self) -> Result<Vec<LimiterStatus>, StoreError> {
+        let limiters: Vec<MemoryLimiter<C>> = {
+            let map = self
+                .inner
+                .limiters
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            map.values().cloned().collect()
+        };
+        let mut out = Vec::with_capacity(limiters.len());
+        for limiter in limiters {
+            // A limiter deleted since the snapshot is simply left out.
+            if let Ok(status) = limiter.status().await {
+                out.push(status);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn limiter(&self, name: &LimiterName) -> Result<MemoryLimiter<C>, StoreError> {
+        self.get(name)
+            .ok_or_else(|| StoreError::UnknownLimiter(name.clone()))
+    }
+}

@@ -1,0 +1,84 @@
+//! The store boundary: where limiter state lives and how operations reach it.
+//!
+//! A store performs each operation of the [state machine](crate::core) atomically and delivers
+//! its wake-ups. The embedded [`MemoryStore`] runs the state machine behind a mutex with one
+//! timer task per limiter; a Redis store runs the same transitions as Lua scripts. Everything
+//! above this boundary (the [`Permit`](crate::Permit) guard, the tower layer, the HTTP server)
+//! is written once against these two traits, and one behavioural test suite runs against every
+//! store.
+
+pub mod memory;
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::core::{AcquireRequest, Grant, LimiterStatus};
+use crate::error::{AcquireError, ExtendError, StoreError};
+use crate::spec::LimiterSpec;
+use crate::types::{FencingToken, LimiterName};
+
+pub use memory::{MemoryLimiter, MemoryStore};
+
+/// A place limiters live: creates, changes, lists and deletes them, and hands out handles.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Handle to one limiter in this store.
+    type Limiter: LimiterBackend;
+
+    /// Creates the limiter, or changes its spec if it exists (waking waiters a raised limit
+    /// admits). Returns its status after the change.
+    fn put_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+    ) -> impl Future<Output = Result<LimiterStatus, StoreError>> + Send;
+
+    /// Deletes the limiter: its waiters are refused with `LimiterDeleted`, its permits are no
+    /// longer held. `false` if it did not exist.
+    fn delete_limiter(
+        &self,
+        name: &LimiterName,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Every limiter's status, ordered by name.
+    fn list_limiters(&self) -> impl Future<Output = Result<Vec<LimiterStatus>, StoreError>> + Send;
+
+    /// A handle to the named limiter, or `UnknownLimiter`.
+    fn limiter(
+        &self,
+        name: &LimiterName,
+    ) -> impl Future<Output = Result<Self::Limiter, StoreError>> + Send;
+}
+
+/// The operations on one limiter.
+pub trait LimiterBackend: Clone + Send + Sync + 'static {
+    /// The limiter's name.
+    fn name(&self) -> &LimiterName;
+
+    /// Waits in the limiter's FIFO queue until granted, refused or the wait ends.
+    ///
+    /// Cancel-safe: dropping the future leaves the queue, and a grant that raced the drop is
+    /// released, so nothing leaks.
+    fn acquire(
+        &self,
+        req: AcquireRequest,
+    ) -> impl Future<Output = Result<Grant, AcquireError>> + Send;
+
+    /// Moves the lease deadline to now + `lease`; returns the new deadline as a [`Grant`]
+    /// update. [`ExtendError::Lost`] if the permit is no longer held; never revives.
+    fn extend(
+        &self,
+        token: FencingToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<crate::types::Timestamp, ExtendError>> + Send;
+
+    /// Returns a grant. `Ok(false)` if it was not held (unknown, expired, already released).
+    fn release(&self, token: FencingToken)
+        -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Returns a grant from a context that cannot wait (a `Drop`): done at once where the
+    /// store allows, otherwise on a spawned task. The lease bounds the damage if it fails.
+    fn release_in_background(&self, token: FencingToken);
+
+    /// The limiter's status.
+    fn status(&self) -> impl Future<Output = Result<LimiterStatus, StoreError>> + Send;
+}
