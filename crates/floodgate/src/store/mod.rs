@@ -20,7 +20,7 @@ use crate::types::{FencingToken, LimiterName};
 pub use memory::{MemoryLimiter, MemoryStore};
 
 /// A place limiters live: creates, changes, lists and deletes them, and hands out handles.
-pub trait Store: Clone + Send + Sync + 'static {
+pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// Handle to one limiter in this store.
     type Limiter: LimiterBackend;
 
@@ -50,7 +50,7 @@ pub trait Store: Clone + Send + Sync + 'static {
 }
 
 /// The operations on one limiter.
-pub trait LimiterBackend: Clone + Send + Sync + 'static {
+pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// The limiter's name.
     fn name(&self) -> &LimiterName;
 

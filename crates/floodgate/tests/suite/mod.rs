@@ -1,0 +1,379 @@
+//! The behavioural test suite every store must pass.
+//!
+//! Written once against `Floodgate<S>` for any `S: Store`; `store_suite!` instantiates it for
+//! one store. Durations are short real durations (hundreds of milliseconds) so the suite also
+//! runs against stores whose clock cannot be paused (Redis `TIME`); the embedded store runs it
+//! under tokio's paused time, where they cost nothing.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use floodgate::{
+    AcquireError, AcquireOptions, ExtendError, Floodgate, LimiterBackend, LimiterSpec, Refusal,
+    Store, StoreError,
+};
+use tokio::time::sleep;
+
+const LEASE: Duration = Duration::from_millis(400);
+const WAIT: Duration = Duration::from_millis(2_000);
+
+/// A limiter name unique within the test process, so suites can share one store server.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn spec(limit: u32) -> LimiterSpec {
+    LimiterSpec::concurrency(limit)
+        .with_default_lease(LEASE)
+        .with_max_wait(WAIT)
+}
+
+fn wait(ms: u64) -> AcquireOptions {
+    AcquireOptions::new().wait(Duration::from_millis(ms))
+}
+
+/// Yields until spawned tasks have queued (they queue in spawn order when yielded to in turn).
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    sleep(Duration::from_millis(20)).await;
+}
+
+async fn waiting<S: Store>(gate: &Floodgate<S>, name: &str) -> u32 {
+    gate.limiter(name).await.unwrap().status().await.unwrap().waiting
+}
+
+pub async fn grants_up_to_the_limit_and_releases<S: Store>(gate: Floodgate<S>) {
+    let name = unique("basic");
+    gate.define(&name, spec(2)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let a = lim.acquire(wait(0)).await.unwrap();
+    let b = lim.acquire(wait(0)).await.unwrap();
+    assert!(b.fencing_token() > a.fencing_token());
+    let third = lim.acquire(wait(0)).await.unwrap_err();
+    assert!(third.is_wait_timeout(), "{third:?}");
+    assert!(third.retry_after().is_some());
+    let st = lim.status().await.unwrap();
+    assert_eq!((st.in_use, st.holders, st.waiting), (2, 2, 0));
+    assert!(a.release().await.unwrap());
+    drop(b);
+    settle().await;
+    let st = lim.status().await.unwrap();
+    assert_eq!(st.in_use, 0);
+    assert_eq!(st.counters.granted, 2);
+    assert_eq!(st.counters.released, 2);
+    assert_eq!(st.counters.timed_out, 1);
+}
+
+pub async fn waiters_are_granted_in_fifo_order<S: Store>(gate: Floodgate<S>) {
+    let name = unique("fifo");
+    gate.define(&name, spec(2)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let holder = lim.acquire(wait(0).permits(2)).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for (i, permits) in [2u32, 1, 1].into_iter().enumerate() {
+        let lim = lim.clone();
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let p = lim.acquire(wait(1_500).permits(permits)).await.unwrap();
+            tx.send((i, p.fencing_token())).unwrap();
+            sleep(Duration::from_millis(50)).await;
+            drop(p);
+        }));
+        settle().await;
+    }
+    assert_eq!(waiting(&gate, &name).await, 3);
+    drop(holder);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut order = Vec::new();
+    let mut tokens = Vec::new();
+    while let Ok((i, tok)) = rx.try_recv() {
+        order.push(i);
+        tokens.push(tok);
+    }
+    assert_eq!(order, vec![0, 1, 2], "granted in queue order");
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]));
+}
+
+pub async fn a_large_request_is_not_starved_by_small_ones<S: Store>(gate: Floodgate<S>) {
+    let name = unique("starve");
+    gate.define(&name, spec(3)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let one = lim.acquire(wait(0)).await.unwrap();
+    let big = {
+        let lim = lim.clone();
+        tokio::spawn(async move { lim.acquire(wait(1_500).permits(3)).await })
+    };
+    settle().await;
+    // Two permits are free, but a 1-permit arrival must queue behind the 3-permit head.
+    let small = lim.acquire(wait(0)).await.unwrap_err();
+    assert!(small.is_wait_timeout());
+    drop(one);
+    let big = big.await.unwrap().unwrap();
+    assert_eq!(big.permits(), 3);
+}
+
+pub async fn an_expired_lease_is_reclaimed_without_other_traffic<S: Store>(gate: Floodgate<S>) {
+    let name = unique("expiry");
+    gate.define(&name, spec(1)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    // A holder that dies: never releases.
+    let dead = lim.acquire(wait(0)).await.unwrap().detach();
+    // A waiter is woken by the lease ending, with no release and no new arrival.
+    let p = lim.acquire(wait(1_500)).await.unwrap();
+    assert!(p.fencing_token() > dead.token);
+    let st = lim.status().await.unwrap();
+    assert_eq!(st.counters.expired, 1);
+    // The dead holder's late release and extend change nothing.
+    assert!(!lim.backend().release(dead.token).await.unwrap());
+    assert_eq!(
+        lim.backend().extend(dead.token, LEASE).await,
+        Err(ExtendError::Lost)
+    );
+    assert_eq!(lim.status().await.unwrap().in_use, 1);
+    drop(p);
+    // And with nobody waiting, the timer still reclaims an abandoned lease.
+    let _ = lim.acquire(wait(0)).await.unwrap().detach();
+    sleep(LEASE + Duration::from_millis(200)).await;
+    let st = lim.status().await.unwrap();
+    assert_eq!(st.in_use, 0);
+    assert_eq!(st.counters.expired, 2);
+}
+
+pub async fn extend_keeps_a_permit_and_never_revives_one<S: Store>(gate: Floodgate<S>) {
+    let name = unique("extend");
+    gate.define(&name, spec(1)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let mut p = lim.acquire(wait(0)).await.unwrap();
+    // Hold for three leases, extending at each half-lease: never lost.
+    for _ in 0..6 {
+        sleep(LEASE / 2).await;
+        p.extend(LEASE).await.unwrap();
+    }
+    assert_eq!(lim.status().await.unwrap().counters.expired, 0);
+    // Stop extending: it is lost, and an extend does not bring it back.
+    sleep(LEASE + Duration::from_millis(100)).await;
+    assert_eq!(p.extend(LEASE).await, Err(ExtendError::Lost));
+    let st = lim.status().await.unwrap();
+    assert_eq!(st.in_use, 0);
+    assert_eq!(st.counters.extend_lost, 1);
+    // Another holder got in; the lost guard's drop does not release it.
+    let q = lim.acquire(wait(0)).await.unwrap();
+    drop(p);
+    assert_eq!(lim.status().await.unwrap().in_use, 1);
+    assert!(q.release().await.unwrap());
+    // Bad lease values are refused by field name.
+    let mut r = lim.acquire(wait(0)).await.unwrap();
+    match r.extend(Duration::ZERO).await {
+        Err(ExtendError::Invalid(f)) => assert_eq!(f.field, "lease_ms"),
+        other => panic!("{other:?}"),
+    }
+}
+
+pub async fn release_is_idempotent<S: Store>(gate: Floodgate<S>) {
+    let name = unique("release");
+    gate.define(&name, spec(2)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let p = lim.acquire(wait(0)).await.unwrap();
+    let _other = lim.acquire(wait(0)).await.unwrap();
+    let token = p.fencing_token();
+    assert!(p.release().await.unwrap());
+    assert!(!lim.backend().release(token).await.unwrap());
+    assert!(!lim
+        .backend()
+        .release(floodgate::FencingToken(u64::MAX - 7))
+        .await
+        .unwrap());
+    let st = lim.status().await.unwrap();
+    assert_eq!((st.in_use, st.counters.released), (1, 1));
+}
+
+pub async fn a_dropped_waiter_leaves_the_queue<S: Store>(gate: Floodgate<S>) {
+    let name = unique("cancel");
+    gate.define(&name, spec(1)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let holder = lim.acquire(wait(0)).await.unwrap();
+    let gives_up = {
+        let lim = lim.clone();
+        tokio::spawn(async move { lim.acquire(wait(1_500)).await })
+    };
+    settle().await;
+    let next = {
+        let lim = lim.clone();
+        tokio::spawn(async move { lim.acquire(wait(1_500)).await })
+    };
+    settle().await;
+    assert_eq!(waiting(&gate, &name).await, 2);
+    gives_up.abort();
+    settle().await;
+    assert_eq!(waiting(&gate, &name).await, 1);
+    drop(holder);
+    let p = next.await.unwrap().unwrap();
+    let st = lim.status().await.unwrap();
+    assert_eq!((st.in_use, st.waiting, st.counters.cancelled), (1, 0, 1));
+    drop(p);
+}
+
+pub async fn a_timed_out_waiter_gets_an_answer<S: Store>(gate: Floodgate<S>) {
+    let name = unique("timeout");
+    gate.define(&name, spec(1)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let _holder = lim.acquire(wait(0)).await.unwrap();
+    let err = lim.acquire(wait(200)).await.unwrap_err();
+    assert!(matches!(err, AcquireError::Refused(Refusal::WaitTimeout { .. })));
+    let hint = err.retry_after().unwrap();
+    assert!(hint > Duration::ZERO && hint <= LEASE, "{hint:?}");
+    let st = lim.status().await.unwrap();
+    assert_eq!((st.waiting, st.counters.timed_out), (0, 1));
+    // A wait longer than max_wait is capped, never unbounded.
+    let err = lim
+        .acquire(AcquireOptions::new().wait(Duration::from_secs(3600)).lease(LEASE))
+        .await;
+    // The holder's lease ends within max_wait, so this one is granted instead.
+    assert!(err.is_ok());
+}
+
+pub async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: Store>(gate: Floodgate<S>) {
+    let name = unique("resize");
+    gate.define(&name, spec(1)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let first = lim.acquire(wait(0)).await.unwrap();
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let lim = lim.clone();
+            tokio::spawn(async move { lim.acquire(wait(1_500)).await })
+        })
+        .collect();
+    settle().await;
+    gate.define(&name, spec(3)).await.unwrap();
+    let mut held = vec![first];
+    for w in waiters {
+        held.push(w.await.unwrap().unwrap());
+    }
+    assert_eq!(lim.status().await.unwrap().in_use, 3);
+    // Lower to 1: holders keep their permits; nothing is granted until in-use is below 1.
+    let st = gate.define(&name, spec(1)).await.unwrap();
+    assert_eq!((st.in_use, st.spec.concurrency), (3, 1));
+    let late = {
+        let lim = lim.clone();
+        tokio::spawn(async move { lim.acquire(wait(1_500)).await })
+    };
+    settle().await;
+    held.pop();
+    held.pop();
+    settle().await;
+    assert_eq!(lim.status().await.unwrap().waiting, 1, "in use 1 is not below 1");
+    held.pop();
+    let p = late.await.unwrap().unwrap();
+    assert_eq!(lim.status().await.unwrap().in_use, 1);
+    drop(p);
+}
+
+pub async fn deleting_a_limiter_answers_its_waiters<S: Store>(gate: Floodgate<S>) {
+    let name = unique("delete");
+    gate.define(&name, spec(1)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let p = lim.acquire(wait(0)).await.unwrap();
+    let waiter = {
+        let lim = lim.clone();
+        tokio::spawn(async move { lim.acquire(wait(1_500)).await })
+    };
+    settle().await;
+    assert!(gate.delete(&name).await.unwrap());
+    let err = waiter.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AcquireError::Refused(Refusal::LimiterDeleted)
+                | AcquireError::Store(StoreError::UnknownLimiter(_))
+        ),
+        "{err:?}"
+    );
+    assert!(!p.release().await.unwrap());
+    assert!(!gate.delete(&name).await.unwrap());
+    assert!(matches!(
+        gate.limiter(&name).await,
+        Err(StoreError::UnknownLimiter(_))
+    ));
+}
+
+pub async fn bad_input_is_refused_by_name<S: Store>(gate: Floodgate<S>) {
+    assert!(matches!(
+        gate.define("has space", spec(1)).await,
+        Err(StoreError::BadName(_))
+    ));
+    assert!(matches!(
+        gate.define(&unique("zero"), spec(0)).await,
+        Err(StoreError::Invalid(f)) if f.field == "concurrency"
+    ));
+    let name = unique("bad");
+    gate.define(&name, spec(2)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    match lim.acquire(wait(0).permits(3)).await {
+        Err(AcquireError::Refused(Refusal::PermitsExceedLimit { requested: 3, limit: 2 })) => {}
+        other => panic!("{other:?}"),
+    }
+    match lim.acquire(wait(0).permits(0)).await {
+        Err(AcquireError::Refused(Refusal::Invalid(f))) => assert_eq!(f.field, "permits"),
+        other => panic!("{other:?}"),
+    }
+    match lim.acquire(wait(0).lease(Duration::from_secs(7 * 24 * 3600))).await {
+        Err(AcquireError::Refused(Refusal::Invalid(f))) => assert_eq!(f.field, "lease_ms"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(lim.status().await.unwrap().in_use, 0);
+    assert!(matches!(
+        gate.limiter(&unique("missing")).await,
+        Err(StoreError::UnknownLimiter(_))
+    ));
+}
+
+pub async fn limiters_are_listed<S: Store>(gate: Floodgate<S>) {
+    let a = unique("list-a");
+    let b = unique("list-b");
+    gate.define(&a, spec(1)).await.unwrap();
+    gate.define(&b, spec(2)).await.unwrap();
+    let all = gate.limiters().await.unwrap();
+    let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&a.as_str()) && names.contains(&b.as_str()));
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    assert_eq!(names, sorted);
+}
+
+/// Instantiates the suite: `store_suite!(paused, async { Floodgate::with_store(...) })`.
+#[macro_export]
+macro_rules! store_suite {
+    ($paused:literal, $make:expr) => {
+        $crate::store_suite!(@tests $paused, $make;
+            grants_up_to_the_limit_and_releases,
+            waiters_are_granted_in_fifo_order,
+            a_large_request_is_not_starved_by_small_ones,
+            an_expired_lease_is_reclaimed_without_other_traffic,
+            extend_keeps_a_permit_and_never_revives_one,
+            release_is_idempotent,
+            a_dropped_waiter_leaves_the_queue,
+            a_timed_out_waiter_gets_an_answer,
+            raising_the_limit_wakes_waiters_and_lowering_it_drains,
+            deleting_a_limiter_answers_its_waiters,
+            bad_input_is_refused_by_name,
+            limiters_are_listed,
+        );
+    };
+    (@tests $paused:literal, $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(start_paused = $paused)]
+            async fn $name() {
+                let gate = $make.await;
+                suite::$name(gate).await;
+            }
+        )*
+    };
+}
