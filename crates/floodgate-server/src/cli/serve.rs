@@ -1,0 +1,139 @@
+//! `floodgate serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use floodgate::{Floodgate, LimiterName, MemoryStore, Store};
+use tracing_subscriber::EnvFilter;
+
+use super::Failure;
+use crate::config::FileConfig;
+use crate::server::{self, ServerOptions, DEFAULT_MAX_BODY_BYTES};
+
+/// Flags of `floodgate serve`. Each overrides the config file; each has an environment variable.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:8750].
+    #[arg(long, env = "FLOODGATE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// TOML config file (limiters and settings); see floodgate.example.toml.
+    #[arg(long, env = "FLOODGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Bearer token required on /v1.
+    #[arg(long, env = "FLOODGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Require the token on /metrics too.
+    #[arg(long, env = "FLOODGATE_METRICS_REQUIRE_TOKEN")]
+    metrics_require_token: Option<bool>,
+    /// Allow creating, changing and deleting limiters over the API.
+    #[arg(long, env = "FLOODGATE_API_WRITES")]
+    api_writes: Option<bool>,
+    /// Most limiters the server holds [default: 10000].
+    #[arg(long, env = "FLOODGATE_MAX_LIMITERS")]
+    max_limiters: Option<usize>,
+    /// Largest request body in bytes [default: 65536].
+    #[arg(long, env = "FLOODGATE_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("FLOODGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path).map_err(|e| Failure::usage(e.to_string()))?,
+        None => FileConfig::default(),
+    };
+    let listen = match (args.listen, &file.listen) {
+        (Some(addr), _) => addr,
+        (None, Some(text)) => text
+            .parse()
+            .map_err(|e| Failure::usage(format!("listen: {text:?}: {e}")))?,
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 8750)),
+    };
+    let options = ServerOptions {
+        token: args.token.or(file.token.clone()).filter(|t| !t.is_empty()),
+        metrics_require_token: args
+            .metrics_require_token
+            .or(file.metrics_require_token)
+            .unwrap_or(false),
+        api_writes: args.api_writes.or(file.api_writes).unwrap_or(true),
+        max_body_bytes: args
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(DEFAULT_MAX_BODY_BYTES),
+    };
+    let mut store = MemoryStore::new();
+    if let Some(max) = args.max_limiters.or(file.max_limiters) {
+        store = store.with_max_limiters(max);
+    }
+    let gate = Floodgate::with_store(store);
+    define_limiters(&gate, &file).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot listen on {listen}: {e}"),
+        })?;
+    let local = listener.local_addr().map_err(|e| Failure {
+        code: 1,
+        message: e.to_string(),
+    })?;
+    tracing::info!(
+        %local,
+        store = "memory",
+        limiters = file.limiters.len(),
+        auth = options.token.is_some(),
+        "floodgate listening"
+    );
+    server::run(listener, gate, options, shutdown_signal())
+        .await
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("server error: {e}"),
+        })?;
+    tracing::info!("stopped");
+    Ok(0)
+}
+
+/// Creates (or updates) the limiters of the config file.
+pub(crate) async fn define_limiters<S: Store>(
+    gate: &Floodgate<S>,
+    file: &FileConfig,
+) -> Result<(), Failure> {
+    for (name, limiter) in &file.limiters {
+        let name = LimiterName::new(name).map_err(|e| Failure::usage(e.to_string()))?;
+        gate.store()
+            .put_limiter(&name, limiter.spec())
+            .await
+            .map_err(|e| Failure::usage(format!("limiter {name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

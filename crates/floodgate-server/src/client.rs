@@ -1,0 +1,228 @@
+//! A small HTTP client for the `/v1` API, used by the CLI and `floodgate bench`.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// An error from the server (a 4xx/5xx with the API's JSON body) or from the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{code}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The API's error code (`wait_timeout`, `unknown_limiter`, ...).
+        code: String,
+        /// The server's message.
+        message: String,
+        /// The retry hint, for 429s.
+        retry_after: Option<Duration>,
+    },
+    /// The server could not be reached or answered something that is not the API.
+    #[error("cannot reach the server at {url}: {message}")]
+    Connection {
+        /// The server's address.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// The API error code, if the server answered.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            ClientError::Connection { .. } => None,
+        }
+    }
+}
+
+/// A granted permit, as the API returns it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PermitReply {
+    /// Id for extend and release.
+    pub permit_id: String,
+    /// The fencing token.
+    pub fencing_token: u64,
+    /// Permits held.
+    pub permits: u32,
+    /// Lease granted, in milliseconds.
+    pub lease_ms: u64,
+    /// Time spent queued, in milliseconds.
+    pub waited_ms: u64,
+}
+
+/// The body of an acquire.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AcquireArgs {
+    /// Permits to take (default 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
+    /// Lease in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// Longest wait in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+    /// A label for introspection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+}
+
+/// Talks to one Floodgate server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:8750`).
+    pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ClientError::Connection {
+                url: base.to_owned(),
+                message: e.to_string(),
+            })?;
+        Ok(Client {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        })
+    }
+
+    /// The server's address.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let conn = |e: reqwest::Error| ClientError::Connection {
+            url: self.base.clone(),
+            message: e.to_string(),
+        };
+        let resp = req.send().await.map_err(conn)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(conn)?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Connection {
+                url: self.base.clone(),
+                message: format!("unexpected answer: {e}"),
+            });
+        }
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let text = |k: &str| value.get(k).and_then(Value::as_str).map(str::to_owned);
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            code: text("error").unwrap_or_else(|| format!("http_{}", status.as_u16())),
+            message: text("message")
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+            retry_after: value
+                .get("retry_after_ms")
+                .and_then(Value::as_u64)
+                .map(Duration::from_millis),
+        })
+    }
+
+    /// `POST /v1/limiters/{name}/acquire`.
+    pub async fn acquire(
+        &self,
+        name: &str,
+        args: &AcquireArgs,
+    ) -> Result<PermitReply, ClientError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/limiters/{name}/acquire"),
+            Some(args),
+        )
+        .await
+    }
+
+    /// `POST /v1/permits/{id}/extend`; `Err(code "permit_lost")` when lost.
+    pub async fn extend(
+        &self,
+        permit_id: &str,
+        lease_ms: Option<u64>,
+    ) -> Result<Value, ClientError> {
+        let body = serde_json::json!({ "lease_ms": lease_ms });
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/permits/{permit_id}/extend"),
+            Some(&body),
+        )
+        .await
+    }
+
+    /// `POST /v1/permits/{id}/release`: whether it was still held.
+    pub async fn release(&self, permit_id: &str) -> Result<bool, ClientError> {
+        let v: Value = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/permits/{permit_id}/release"),
+                None::<&()>,
+            )
+            .await?;
+        Ok(v.get("released").and_then(Value::as_bool).unwrap_or(false))
+    }
+
+    /// `GET /v1/limiters/{name}`.
+    pub async fn limiter(&self, name: &str) -> Result<Value, ClientError> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/limiters/{name}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `GET /v1/limiters`.
+    pub async fn limiters(&self) -> Result<Vec<Value>, ClientError> {
+        let v: Value = self
+            .call(reqwest::Method::GET, "/v1/limiters", None::<&()>)
+            .await?;
+        Ok(v.get("limiters")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// `PUT /v1/limiters/{name}` with the given fields.
+    pub async fn put_limiter(&self, name: &str, body: &Value) -> Result<Value, ClientError> {
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/limiters/{name}"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/limiters/{name}`.
+    pub async fn delete_limiter(&self, name: &str) -> Result<Value, ClientError> {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/limiters/{name}"),
+            None::<&()>,
+        )
+        .await
+    }
+}

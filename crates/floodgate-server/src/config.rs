@@ -1,0 +1,156 @@
+//! The server's configuration file (TOML). Flags and `FLOODGATE_*` environment variables
+//! override it; see `floodgate serve --help` and `floodgate.example.toml`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use floodgate::LimiterSpec;
+use serde::Deserialize;
+
+/// The file's contents. Every field is optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address to listen on, `127.0.0.1:8750` by default.
+    pub listen: Option<String>,
+    /// Bearer token required on `/v1`.
+    pub token: Option<String>,
+    /// Whether `/metrics` needs the token too (default false).
+    pub metrics_require_token: Option<bool>,
+    /// Whether the API may create, change and delete limiters (default true).
+    pub api_writes: Option<bool>,
+    /// Most limiters the server holds (default 10,000).
+    pub max_limiters: Option<usize>,
+    /// Largest request body in bytes (default 65,536).
+    pub max_body_bytes: Option<usize>,
+    /// Limiters created at start, by name.
+    #[serde(default)]
+    pub limiters: BTreeMap<String, LimiterConfig>,
+}
+
+/// One limiter in the file; same fields as `PUT /v1/limiters/{name}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimiterConfig {
+    /// Permits out at once.
+    pub concurrency: u32,
+    /// Default lease in milliseconds.
+    pub lease_ms: Option<u64>,
+    /// Cap on a wait in milliseconds.
+    pub max_wait_ms: Option<u64>,
+    /// Cap on the queue length.
+    pub max_queue: Option<u32>,
+}
+
+impl LimiterConfig {
+    /// The spec, with defaults for what the file leaves out.
+    pub fn spec(&self) -> LimiterSpec {
+        let d = LimiterSpec::default();
+        LimiterSpec {
+            concurrency: self.concurrency,
+            default_lease: self.lease_ms.map_or(d.default_lease, Duration::from_millis),
+            max_wait: self.max_wait_ms.map_or(d.max_wait, Duration::from_millis),
+            max_queue: self.max_queue.unwrap_or(d.max_queue),
+        }
+    }
+}
+
+/// Why the file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong, with the line and field.
+        message: String,
+    },
+    /// A limiter in the file has a bad name or spec.
+    #[error("config file {path}: limiter {name:?}: {message}")]
+    Limiter {
+        /// The file.
+        path: String,
+        /// The limiter.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl FileConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        FileConfig::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: shown.clone(),
+                message,
+            },
+            ConfigError::Limiter { name, message, .. } => ConfigError::Limiter {
+                path: shown.clone(),
+                name,
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and checks config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: String::new(),
+            message: e.to_string(),
+        })?;
+        for (name, limiter) in &config.limiters {
+            let invalid = |message: String| ConfigError::Limiter {
+                path: String::new(),
+                name: name.clone(),
+                message,
+            };
+            floodgate::LimiterName::new(name).map_err(|e| invalid(e.to_string()))?;
+            limiter
+                .spec()
+                .validate()
+                .map_err(|e| invalid(e.to_string()))?;
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../../../floodgate.example.toml");
+        let config = FileConfig::parse(text).expect("example parses");
+        assert!(config.limiters.contains_key("snuba-spike-projections"));
+    }
+
+    #[test]
+    fn bad_files_name_the_problem() {
+        let err = FileConfig::parse("listen = 5").expect_err("wrong type");
+        assert!(err.to_string().contains("listen"), "{err}");
+        let err = FileConfig::parse("lisen = \"x\"").expect_err("unknown key");
+        assert!(err.to_string().contains("lisen"), "{err}");
+        let err = FileConfig::parse("[limiters.a]\nconcurrency = 0").expect_err("zero");
+        assert!(err.to_string().contains("concurrency"), "{err}");
+        let err = FileConfig::parse("[limiters.\"a b\"]\nconcurrency = 1").expect_err("name");
+        assert!(err.to_string().contains("a b"), "{err}");
+    }
+}

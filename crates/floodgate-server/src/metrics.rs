@@ -1,0 +1,172 @@
+//! Prometheus metrics, labelled by limiter.
+//!
+//! Gauges and the lease counters are read from the store at scrape time (so they are right on
+//! every server sharing a store); acquire outcomes and wait times are counted by this server as
+//! it answers.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use floodgate::LimiterStatus;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+/// Labels of per-limiter metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimiterLabel {
+    /// The limiter's name.
+    pub limiter: String,
+}
+
+/// Labels of `floodgate_acquire_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcquireLabels {
+    /// The limiter's name.
+    pub limiter: String,
+    /// granted, wait_timeout, queue_full, rejected, unknown_limiter, cancelled, shutting_down,
+    /// store_unavailable.
+    pub outcome: &'static str,
+}
+
+/// The server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Every acquire's outcome.
+    pub acquire_total: Family<AcquireLabels, Counter>,
+    /// How long acquires waited, granted or not.
+    pub acquire_wait_seconds: Family<LimiterLabel, Histogram>,
+    /// The statuses the collector encodes, refreshed before each scrape.
+    snapshot: Arc<Mutex<Vec<LimiterStatus>>>,
+}
+
+/// Encodes store-derived metrics from the last snapshot.
+#[derive(Debug)]
+struct StoreCollector {
+    snapshot: Arc<Mutex<Vec<LimiterStatus>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let acquire_total = Family::<AcquireLabels, Counter>::default();
+        registry.register(
+            "floodgate_acquire",
+            "Acquires answered, by outcome",
+            acquire_total.clone(),
+        );
+        let acquire_wait_seconds = Family::<LimiterLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ])
+        });
+        registry.register(
+            "floodgate_acquire_wait_seconds",
+            "Time acquires spent waiting for a permit",
+            acquire_wait_seconds.clone(),
+        );
+        let snapshot = Arc::new(Mutex::new(Vec::new()));
+        registry.register_collector(Box::new(StoreCollector {
+            snapshot: Arc::clone(&snapshot),
+        }));
+        Metrics {
+            registry,
+            acquire_total,
+            acquire_wait_seconds,
+            snapshot,
+        }
+    }
+
+    /// Counts one acquire outcome.
+    pub fn acquire(&self, limiter: &str, outcome: &'static str) {
+        self.acquire_total
+            .get_or_create(&AcquireLabels {
+                limiter: limiter.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Records how long an acquire waited.
+    pub fn waited(&self, limiter: &str, seconds: f64) {
+        self.acquire_wait_seconds
+            .get_or_create(&LimiterLabel {
+                limiter: limiter.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// The exposition text for these statuses.
+    pub fn encode(&self, statuses: Vec<LimiterStatus>) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        // One scrape at a time: the snapshot and the encode belong together.
+        let mut snap = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        *snap = statuses;
+        drop(snap);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+impl prometheus_client::collector::Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let snap = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        type Read = fn(&LimiterStatus) -> i64;
+        let gauges: [(&str, &str, Read); 3] = [
+            ("floodgate_permits_in_use", "Permits held now", |s| {
+                i64::from(s.in_use)
+            }),
+            (
+                "floodgate_permits_limit",
+                "The concurrency limit in force",
+                |s| i64::from(s.spec.concurrency),
+            ),
+            ("floodgate_waiters", "Acquires waiting in the queue", |s| {
+                i64::from(s.waiting)
+            }),
+        ];
+        for (name, help, read) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for s in snap.iter() {
+                let labels = LimiterLabel {
+                    limiter: s.name.to_string(),
+                };
+                ConstGauge::new(read(s)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        type Count = fn(&LimiterStatus) -> u64;
+        let counters: [(&str, &str, Count); 2] = [
+            (
+                "floodgate_permits_expired",
+                "Leases reclaimed from holders that never released",
+                |s| s.counters.expired,
+            ),
+            (
+                "floodgate_extend_lost",
+                "Extends of permits that were no longer held",
+                |s| s.counters.extend_lost,
+            ),
+        ];
+        for (name, help, read) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for s in snap.iter() {
+                let labels = LimiterLabel {
+                    limiter: s.name.to_string(),
+                };
+                ConstCounter::new(read(s)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

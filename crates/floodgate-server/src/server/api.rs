@@ -1,0 +1,424 @@
+//! The `/v1` handlers, `/metrics` and the health checks. Documented in `docs/api.md`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use floodgate::{
+    AcquireError, AcquireRequest, LimiterBackend, LimiterName, LimiterSpec, LimiterStatus,
+    PermitId, Refusal, Store, StoreError,
+};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::extract::JsonBody;
+use super::AppState;
+
+type AppStateRef<S> = State<Arc<AppState<S>>>;
+
+/// Longest holder label accepted.
+const MAX_HOLDER_LEN: usize = 256;
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn path_param(path: Result<Path<String>, PathRejection>, field: &str) -> Result<String, ApiError> {
+    path.map(|Path(p)| p)
+        .map_err(|e| ApiError::bad_field(field, e.body_text()))
+}
+
+fn limiter_name(path: Result<Path<String>, PathRejection>) -> Result<LimiterName, ApiError> {
+    let raw = path_param(path, "name")?;
+    LimiterName::new(&raw).map_err(|e| ApiError::bad_field("name", e))
+}
+
+fn permit_id(path: Result<Path<String>, PathRejection>) -> Result<PermitId, ApiError> {
+    let raw = path_param(path, "permit_id")?;
+    raw.parse::<PermitId>()
+        .map_err(|e| ApiError::bad_field("permit_id", e))
+}
+
+/// A limiter as the API shows it.
+#[derive(Debug, Serialize)]
+pub(crate) struct LimiterBody {
+    name: String,
+    concurrency: u32,
+    lease_ms: u64,
+    max_wait_ms: u64,
+    max_queue: u32,
+    in_use: u32,
+    holders: u32,
+    waiting: u32,
+    waiting_permits: u64,
+    counters: CountersBody,
+}
+
+#[derive(Debug, Serialize)]
+struct CountersBody {
+    granted: u64,
+    released: u64,
+    expired: u64,
+    timed_out: u64,
+    cancelled: u64,
+    queue_full: u64,
+    rejected: u64,
+    extend_lost: u64,
+}
+
+impl From<LimiterStatus> for LimiterBody {
+    fn from(s: LimiterStatus) -> Self {
+        let c = s.counters;
+        LimiterBody {
+            name: s.name.to_string(),
+            concurrency: s.spec.concurrency,
+            lease_ms: millis(s.spec.default_lease),
+            max_wait_ms: millis(s.spec.max_wait),
+            max_queue: s.spec.max_queue,
+            in_use: s.in_use,
+            holders: s.holders,
+            waiting: s.waiting,
+            waiting_permits: s.waiting_permits,
+            counters: CountersBody {
+                granted: c.granted,
+                released: c.released,
+                expired: c.expired,
+                timed_out: c.timed_out,
+                cancelled: c.cancelled,
+                queue_full: c.queue_full,
+                rejected: c.rejected,
+                extend_lost: c.extend_lost,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct LimiterList {
+    limiters: Vec<LimiterBody>,
+}
+
+pub(super) async fn list_limiters<S: Store>(
+    State(state): AppStateRef<S>,
+) -> Result<Json<LimiterList>, ApiError> {
+    let all = state.gate.limiters().await?;
+    Ok(Json(LimiterList {
+        limiters: all.into_iter().map(LimiterBody::from).collect(),
+    }))
+}
+
+pub(super) async fn get_limiter<S: Store>(
+    State(state): AppStateRef<S>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<LimiterBody>, ApiError> {
+    let name = limiter_name(path)?;
+    let limiter = state.gate.store().limiter(&name).await?;
+    Ok(Json(limiter.status().await?.into()))
+}
+
+/// `PUT /v1/limiters/{name}`. Fields left out keep their current value (or the default, for a
+/// new limiter), so a resize is `{"concurrency": 80}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PutLimiter {
+    concurrency: Option<u32>,
+    lease_ms: Option<u64>,
+    max_wait_ms: Option<u64>,
+    max_queue: Option<u32>,
+}
+
+fn require_writes<S: Store>(state: &AppState<S>) -> Result<(), ApiError> {
+    if state.options.api_writes {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "read_only",
+            "this server does not allow changing limiters over the API (api_writes = false)",
+        ))
+    }
+}
+
+pub(super) async fn put_limiter<S: Store>(
+    State(state): AppStateRef<S>,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<PutLimiter>,
+) -> Result<Json<LimiterBody>, ApiError> {
+    require_writes(&state)?;
+    let name = limiter_name(path)?;
+    let current = match state.gate.store().limiter(&name).await {
+        Ok(limiter) => Some(limiter.status().await?.spec),
+        Err(StoreError::UnknownLimiter(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if current.is_none() && body.concurrency.is_none() {
+        return Err(ApiError::bad_field(
+            "concurrency",
+            "required when creating a limiter",
+        ));
+    }
+    let base = current.unwrap_or_default();
+    let spec = LimiterSpec {
+        concurrency: body.concurrency.unwrap_or(base.concurrency),
+        default_lease: body
+            .lease_ms
+            .map_or(base.default_lease, Duration::from_millis),
+        max_wait: body
+            .max_wait_ms
+            .map_or(base.max_wait, Duration::from_millis),
+        max_queue: body.max_queue.unwrap_or(base.max_queue),
+    };
+    let status = state.gate.store().put_limiter(&name, spec).await?;
+    tracing::info!(limiter = %name, concurrency = status.spec.concurrency, "limiter set");
+    Ok(Json(status.into()))
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Deleted {
+    deleted: bool,
+}
+
+pub(super) async fn delete_limiter<S: Store>(
+    State(state): AppStateRef<S>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Deleted>, ApiError> {
+    require_writes(&state)?;
+    let name = limiter_name(path)?;
+    if state.gate.store().delete_limiter(&name).await? {
+        tracing::info!(limiter = %name, "limiter deleted");
+        Ok(Json(Deleted { deleted: true }))
+    } else {
+        Err(ApiError::unknown_limiter(name.as_str()))
+    }
+}
+
+/// `POST /v1/limiters/{name}/acquire`; every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AcquireBody {
+    permits: Option<u32>,
+    lease_ms: Option<u64>,
+    wait_ms: Option<u64>,
+    holder: Option<String>,
+}
+
+/// A granted permit.
+#[derive(Debug, Serialize)]
+pub(crate) struct PermitBody {
+    permit_id: String,
+    fencing_token: u64,
+    permits: u32,
+    lease_ms: u64,
+    waited_ms: u64,
+}
+
+/// Counts an acquire's outcome exactly once; if the handler is dropped first (the client went
+/// away while waiting), it counts `cancelled`.
+struct OutcomeRecorder<'a, S: Store> {
+    state: &'a AppState<S>,
+    limiter: &'a str,
+    started: tokio::time::Instant,
+    recorded: bool,
+}
+
+impl<S: Store> OutcomeRecorder<'_, S> {
+    fn record(&mut self, outcome: &'static str) {
+        self.recorded = true;
+        self.state.metrics.acquire(self.limiter, outcome);
+        self.state
+            .metrics
+            .waited(self.limiter, self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl<S: Store> Drop for OutcomeRecorder<'_, S> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record("cancelled");
+            tracing::debug!(limiter = self.limiter, "client left while waiting");
+        }
+    }
+}
+
+fn outcome_label(result: &Result<floodgate::Grant, AcquireError>) -> &'static str {
+    match result {
+        Ok(_) => "granted",
+        Err(AcquireError::Refused(Refusal::WaitTimeout { .. })) => "wait_timeout",
+        Err(AcquireError::Refused(Refusal::QueueFull { .. })) => "queue_full",
+        Err(AcquireError::Refused(Refusal::LimiterDeleted))
+        | Err(AcquireError::Store(StoreError::UnknownLimiter(_))) => "unknown_limiter",
+        Err(AcquireError::Store(StoreError::Unavailable(_))) => "store_unavailable",
+        Err(_) => "rejected",
+    }
+}
+
+pub(super) async fn acquire<S: Store>(
+    State(state): AppStateRef<S>,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<AcquireBody>,
+) -> Result<Json<PermitBody>, ApiError> {
+    let name = limiter_name(path)?;
+    if let Some(holder) = &body.holder {
+        if holder.chars().count() > MAX_HOLDER_LEN {
+            return Err(ApiError::bad_field(
+                "holder",
+                format!("at most {MAX_HOLDER_LEN} characters"),
+            ));
+        }
+    }
+    let limiter = state.gate.store().limiter(&name).await?;
+    let request = AcquireRequest {
+        permits: body.permits.unwrap_or(1),
+        lease: body.lease_ms.map(Duration::from_millis),
+        wait: body.wait_ms.map(Duration::from_millis),
+        holder: body.holder.map(Into::into),
+    };
+    let mut recorder = OutcomeRecorder {
+        state: &state,
+        limiter: name.as_str(),
+        started: tokio::time::Instant::now(),
+        recorded: false,
+    };
+    let mut shutting_down = state.shutting_down.clone();
+    if *shutting_down.borrow() {
+        recorder.record("shutting_down");
+        return Err(ApiError::shutting_down());
+    }
+    let result = tokio::select! {
+        result = limiter.acquire(request) => result,
+        _ = shutting_down.wait_for(|down| *down) => {
+            recorder.record("shutting_down");
+            return Err(ApiError::shutting_down());
+        }
+    };
+    recorder.record(outcome_label(&result));
+    let grant = result?;
+    Ok(Json(PermitBody {
+        permit_id: PermitId {
+            limiter: name.clone(),
+            token: grant.token,
+        }
+        .to_string(),
+        fencing_token: grant.token.0,
+        permits: grant.permits,
+        lease_ms: millis(grant.lease),
+        waited_ms: millis(grant.waited),
+    }))
+}
+
+/// `POST /v1/permits/{permit_id}/extend`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExtendBody {
+    lease_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ExtendedBody {
+    permit_id: String,
+    fencing_token: u64,
+    lease_ms: u64,
+}
+
+pub(super) async fn extend<S: Store>(
+    State(state): AppStateRef<S>,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<ExtendBody>,
+) -> Result<Json<ExtendedBody>, ApiError> {
+    let id = permit_id(path)?;
+    // A permit of a limiter that no longer exists is not held.
+    let limiter = match state.gate.store().limiter(&id.limiter).await {
+        Ok(limiter) => limiter,
+        Err(StoreError::UnknownLimiter(_)) => return Err(floodgate::ExtendError::Lost.into()),
+        Err(e) => return Err(e.into()),
+    };
+    let lease = match body.lease_ms {
+        Some(ms) => Duration::from_millis(ms),
+        None => limiter.status().await?.spec.default_lease,
+    };
+    let result = limiter.extend(id.token, lease).await;
+    if result == Err(floodgate::ExtendError::Lost) {
+        tracing::warn!(permit = %id, "extend of a lost permit");
+    }
+    result?;
+    Ok(Json(ExtendedBody {
+        permit_id: id.to_string(),
+        fencing_token: id.token.0,
+        lease_ms: millis(lease),
+    }))
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Released {
+    released: bool,
+}
+
+pub(super) async fn release<S: Store>(
+    State(state): AppStateRef<S>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Released>, ApiError> {
+    let id = permit_id(path)?;
+    let released = match state.gate.store().limiter(&id.limiter).await {
+        Ok(limiter) => limiter.release(id.token).await?,
+        Err(StoreError::UnknownLimiter(_)) => false,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Json(Released { released }))
+}
+
+pub(super) async fn metrics<S: Store>(State(state): AppStateRef<S>) -> Response {
+    let statuses = match state.gate.limiters().await {
+        Ok(s) => s,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    match state.metrics.encode(statuses) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics_encoding",
+            "metrics could not be encoded",
+        )
+        .into_response(),
+    }
+}
+
+pub(super) async fn healthz() -> &'static str {
+    "ok"
+}
+
+pub(super) async fn readyz<S: Store>(State(state): AppStateRef<S>) -> Response {
+    if *state.shutting_down.borrow() {
+        return ApiError::shutting_down().into_response();
+    }
+    match state.gate.limiters().await {
+        Ok(_) => "ready".into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+pub(super) async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see docs/api.md",
+    )
+}
+
+pub(super) async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; see docs/api.md",
+    )
+}

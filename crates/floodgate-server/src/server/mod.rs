@@ -1,0 +1,124 @@
+//! The HTTP server: a router over a [`Floodgate`] and a [`run`] function taking a listener and a
+//! shutdown signal, so tests start the real server on `127.0.0.1:0`.
+
+mod api;
+mod auth;
+pub mod error;
+mod extract;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use floodgate::{Floodgate, Store};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+/// Default cap on a request body.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How the server behaves (the store and its limiters are configured separately).
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Bearer token every `/v1` request must carry; `None` disables authentication.
+    pub token: Option<String>,
+    /// Whether `/metrics` also needs the token.
+    pub metrics_require_token: bool,
+    /// Whether limiters may be created, changed and deleted over the API (otherwise only the
+    /// config file defines them).
+    pub api_writes: bool,
+    /// Largest request body accepted; larger gets 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            token: None,
+            metrics_require_token: false,
+            api_writes: true,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// What every handler shares.
+pub(crate) struct AppState<S: Store> {
+    pub(crate) gate: Floodgate<S>,
+    pub(crate) options: ServerOptions,
+    pub(crate) metrics: Metrics,
+    /// Flips to true when shutdown starts; held long polls answer 503 `shutting_down`.
+    pub(crate) shutting_down: watch::Receiver<bool>,
+}
+
+/// The application, for tests that drive it without a socket (`tower::ServiceExt::oneshot`).
+/// The returned sender starts the shutdown behaviour of held acquires when set to `true`.
+pub fn router<S: Store>(
+    gate: Floodgate<S>,
+    options: ServerOptions,
+) -> (Router, watch::Sender<bool>) {
+    let (tx, rx) = watch::channel(false);
+    let max_body = options.max_body_bytes;
+    let state = Arc::new(AppState {
+        gate,
+        options,
+        metrics: Metrics::new(),
+        shutting_down: rx,
+    });
+    let v1 = Router::new()
+        .route("/limiters", get(api::list_limiters::<S>))
+        .route(
+            "/limiters/{name}",
+            get(api::get_limiter::<S>)
+                .put(api::put_limiter::<S>)
+                .delete(api::delete_limiter::<S>),
+        )
+        .route("/limiters/{name}/acquire", post(api::acquire::<S>))
+        .route("/permits/{permit_id}/extend", post(api::extend::<S>))
+        .route("/permits/{permit_id}/release", post(api::release::<S>))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::require_token::<S>,
+        ));
+    let metrics = Router::new().route("/metrics", get(api::metrics::<S>));
+    let metrics = if state.options.metrics_require_token {
+        metrics.route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::require_token::<S>,
+        ))
+    } else {
+        metrics
+    };
+    let app = Router::new()
+        .nest("/v1", v1)
+        .merge(metrics)
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz::<S>))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state);
+    (app, tx)
+}
+
+/// Serves until `shutdown` completes, then stops accepting, answers held acquires with 503
+/// `shutting_down`, lets in-flight requests finish and returns.
+pub async fn run<S: Store>(
+    listener: TcpListener,
+    gate: Floodgate<S>,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (app, shutting_down) = router(gate, options);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: answering held acquires with 503");
+            let _ = shutting_down.send(true);
+        })
+        .await
+}
