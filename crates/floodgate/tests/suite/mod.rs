@@ -20,7 +20,7 @@ const LEASE: Duration = Duration::from_millis(400);
 const WAIT: Duration = Duration::from_millis(2_000);
 
 /// A limiter name unique within the test process, so suites can share one store server.
-pub fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
@@ -47,7 +47,7 @@ async fn waiting<S: Store>(gate: &Floodgate<S>, name: &str) -> u32 {
     gate.limiter(name).await.unwrap().status().await.unwrap().waiting
 }
 
-pub async fn grants_up_to_the_limit_and_releases<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn grants_up_to_the_limit_and_releases<S: Store>(gate: Floodgate<S>) {
     let name = unique("basic");
     gate.define(&name, spec(2)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -69,7 +69,7 @@ pub async fn grants_up_to_the_limit_and_releases<S: Store>(gate: Floodgate<S>) {
     assert_eq!(st.counters.timed_out, 1);
 }
 
-pub async fn waiters_are_granted_in_fifo_order<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn waiters_are_granted_in_fifo_order<S: Store>(gate: Floodgate<S>) {
     let name = unique("fifo");
     gate.define(&name, spec(2)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -102,7 +102,7 @@ pub async fn waiters_are_granted_in_fifo_order<S: Store>(gate: Floodgate<S>) {
     assert!(tokens.windows(2).all(|w| w[0] < w[1]));
 }
 
-pub async fn a_large_request_is_not_starved_by_small_ones<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn a_large_request_is_not_starved_by_small_ones<S: Store>(gate: Floodgate<S>) {
     let name = unique("starve");
     gate.define(&name, spec(3)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -120,7 +120,7 @@ pub async fn a_large_request_is_not_starved_by_small_ones<S: Store>(gate: Floodg
     assert_eq!(big.permits(), 3);
 }
 
-pub async fn an_expired_lease_is_reclaimed_without_other_traffic<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn an_expired_lease_is_reclaimed_without_other_traffic<S: Store>(gate: Floodgate<S>) {
     let name = unique("expiry");
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -147,7 +147,7 @@ pub async fn an_expired_lease_is_reclaimed_without_other_traffic<S: Store>(gate:
     assert_eq!(st.counters.expired, 2);
 }
 
-pub async fn extend_keeps_a_permit_and_never_revives_one<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn extend_keeps_a_permit_and_never_revives_one<S: Store>(gate: Floodgate<S>) {
     let name = unique("extend");
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -177,7 +177,7 @@ pub async fn extend_keeps_a_permit_and_never_revives_one<S: Store>(gate: Floodga
     }
 }
 
-pub async fn release_is_idempotent<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn release_is_idempotent<S: Store>(gate: Floodgate<S>) {
     let name = unique("release");
     gate.define(&name, spec(2)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -195,7 +195,7 @@ pub async fn release_is_idempotent<S: Store>(gate: Floodgate<S>) {
     assert_eq!((st.in_use, st.counters.released), (1, 1));
 }
 
-pub async fn a_dropped_waiter_leaves_the_queue<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn a_dropped_waiter_leaves_the_queue<S: Store>(gate: Floodgate<S>) {
     let name = unique("cancel");
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -221,7 +221,7 @@ pub async fn a_dropped_waiter_leaves_the_queue<S: Store>(gate: Floodgate<S>) {
     drop(p);
 }
 
-pub async fn a_timed_out_waiter_gets_an_answer<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn a_timed_out_waiter_gets_an_answer<S: Store>(gate: Floodgate<S>) {
     let name = unique("timeout");
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -240,7 +240,7 @@ pub async fn a_timed_out_waiter_gets_an_answer<S: Store>(gate: Floodgate<S>) {
     assert!(err.is_ok());
 }
 
-pub async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: Store>(gate: Floodgate<S>) {
     let name = unique("resize");
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -276,7 +276,7 @@ pub async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: Store>(ga
     drop(p);
 }
 
-pub async fn deleting_a_limiter_answers_its_waiters<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn deleting_a_limiter_answers_its_waiters<S: Store>(gate: Floodgate<S>) {
     let name = unique("delete");
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -304,7 +304,7 @@ pub async fn deleting_a_limiter_answers_its_waiters<S: Store>(gate: Floodgate<S>
     ));
 }
 
-pub async fn bad_input_is_refused_by_name<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn bad_input_is_refused_by_name<S: Store>(gate: Floodgate<S>) {
     assert!(matches!(
         gate.define("has space", spec(1)).await,
         Err(StoreError::BadName(_))
@@ -335,7 +335,7 @@ pub async fn bad_input_is_refused_by_name<S: Store>(gate: Floodgate<S>) {
     ));
 }
 
-pub async fn limiters_are_listed<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn limiters_are_listed<S: Store>(gate: Floodgate<S>) {
     let a = unique("list-a");
     let b = unique("list-b");
     gate.define(&a, spec(1)).await.unwrap();
