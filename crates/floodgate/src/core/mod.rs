@@ -338,7 +338,8 @@ impl LimiterCore {
             .unwrap_or(self.spec.max_wait)
             .min(self.spec.max_wait);
         let ahead = self.queued_permits + u64::from(req.permits);
-        if wait.is_zero() {
+        // Below the clock's resolution a wait would end the moment it began: try once.
+        if wait < Duration::from_micros(1) {
             self.counters.timed_out += 1;
             let retry_after = self.retry_hint(now, ahead);
             return Admission::Refused(Refusal::WaitTimeout { retry_after });
