@@ -60,6 +60,8 @@ pub use crate::layer::FloodgateLayer;
 pub use crate::limiter::{AcquireOptions, Floodgate, Limiter, Permit};
 pub use crate::spec::{InvalidField, LimiterSpec};
 pub use crate::store::{LimiterBackend, MemoryLimiter, MemoryStore, Store};
+#[cfg(feature = "redis")]
+pub use crate::store::{RedisConfig, RedisLimiter, RedisStore};
 pub use crate::types::{
     FencingToken, LimiterName, NameError, PermitId, PermitIdError, Timestamp, MAX_NAME_LEN,
 };

@@ -150,8 +150,13 @@ pub(super) async fn put_limiter<S: Store>(
 ) -> Result<Json<LimiterBody>, ApiError> {
     require_writes(&state)?;
     let name = limiter_name(path)?;
+    // Some stores hand out handles without a round trip, so "unknown" may come from either call.
     let current = match state.gate.store().limiter(&name).await {
-        Ok(limiter) => Some(limiter.status().await?.spec),
+        Ok(limiter) => match limiter.status().await {
+            Ok(status) => Some(status.spec),
+            Err(StoreError::UnknownLimiter(_)) => None,
+            Err(e) => return Err(e.into()),
+        },
         Err(StoreError::UnknownLimiter(_)) => None,
         Err(e) => return Err(e.into()),
     };
@@ -338,7 +343,11 @@ pub(super) async fn extend<S: Store>(
     };
     let lease = match body.lease_ms {
         Some(ms) => Duration::from_millis(ms),
-        None => limiter.status().await?.spec.default_lease,
+        None => match limiter.status().await {
+            Ok(status) => status.spec.default_lease,
+            Err(StoreError::UnknownLimiter(_)) => return Err(floodgate::ExtendError::Lost.into()),
+            Err(e) => return Err(e.into()),
+        },
     };
     let result = limiter.extend(id.token, lease).await;
     if result == Err(floodgate::ExtendError::Lost) {

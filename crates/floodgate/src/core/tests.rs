@@ -64,7 +64,7 @@ fn an_arrival_never_overtakes_a_queued_waiter() {
     let mut fx = Effects::default();
     let a = granted(c.acquire(t(0), &req(2), &mut fx));
     let head = queued(c.acquire(t(0), &req(2), &mut fx)); // needs 2, only 1 free
-    // One permit is free, but the head is queued: a 1-permit arrival must queue behind it.
+                                                          // One permit is free, but the head is queued: a 1-permit arrival must queue behind it.
     let small = queued(c.acquire(t(0), &req(1), &mut fx));
     assert_eq!(c.in_use(), 2);
     assert!(c.release(t(1), a.token, &mut fx));
@@ -171,10 +171,7 @@ fn every_wait_is_bounded_by_max_wait_and_times_out_with_an_answer() {
     c.advance(t(5_000), &mut fx);
     assert_eq!(fx.wakes.len(), 1);
     assert_eq!(fx.wakes[0].0, id);
-    assert!(matches!(
-        fx.wakes[0].1,
-        Err(Refusal::WaitTimeout { .. })
-    ));
+    assert!(matches!(fx.wakes[0].1, Err(Refusal::WaitTimeout { .. })));
     assert_eq!(c.waiting(), 0);
 }
 
@@ -260,7 +257,10 @@ fn release_is_idempotent_and_by_id() {
     let other = granted(c.acquire(t(0), &req(1), &mut fx));
     assert!(c.release(t(1), g.token, &mut fx));
     assert!(!c.release(t(1), g.token, &mut fx), "second release");
-    assert!(!c.release(t(1), FencingToken(999_999), &mut fx), "unknown id");
+    assert!(
+        !c.release(t(1), FencingToken(999_999), &mut fx),
+        "unknown id"
+    );
     assert_eq!(c.in_use(), 1, "the other holder is untouched");
     // An expired permit is not held either, and its release changes nothing.
     assert!(!c.release(t(10_000), other.token, &mut fx));

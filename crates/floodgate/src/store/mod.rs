@@ -8,6 +8,8 @@
 //! store.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::future::Future;
 use std::time::Duration;
@@ -17,6 +19,8 @@ use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::LimiterSpec;
 use crate::types::{FencingToken, LimiterName};
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisLimiter, RedisStore};
 pub use memory::{MemoryLimiter, MemoryStore};
 
 /// A place limiters live: creates, changes, lists and deletes them, and hands out handles.

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use floodgate::{
-    AcquireError, AcquireOptions, ExtendError, Floodgate, LimiterBackend, LimiterSpec, Refusal,
-    Store, StoreError,
+    AcquireError, AcquireOptions, ExtendError, Floodgate, LimiterBackend, LimiterSpec,
+    LimiterStatus, Refusal, Store, StoreError,
 };
 use tokio::time::sleep;
 
@@ -22,7 +22,11 @@ const WAIT: Duration = Duration::from_millis(2_000);
 /// A limiter name unique within the test process, so suites can share one store server.
 pub(crate) fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn spec(limit: u32) -> LimiterSpec {
@@ -35,16 +39,49 @@ fn wait(ms: u64) -> AcquireOptions {
     AcquireOptions::new().wait(Duration::from_millis(ms))
 }
 
-/// Yields until spawned tasks have queued (they queue in spawn order when yielded to in turn).
-async fn settle() {
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
-    }
-    sleep(Duration::from_millis(20)).await;
+async fn waiting<S: Store>(gate: &Floodgate<S>, name: &str) -> u32 {
+    gate.limiter(name)
+        .await
+        .unwrap()
+        .status()
+        .await
+        .unwrap()
+        .waiting
 }
 
-async fn waiting<S: Store>(gate: &Floodgate<S>, name: &str) -> u32 {
-    gate.limiter(name).await.unwrap().status().await.unwrap().waiting
+/// Polls the limiter's status until `cond` holds (bounded: panics after 10 s). Spawned tasks
+/// and background releases reach a remote store after a round trip, so tests wait for the
+/// state they need instead of sleeping a guessed time.
+async fn until<B: LimiterBackend>(
+    lim: &floodgate::Limiter<B>,
+    what: &str,
+    cond: impl Fn(&LimiterStatus) -> bool,
+) -> LimiterStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = lim.status().await.unwrap();
+        if cond(&st) {
+            return st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached: {what}; last {st:?}"
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Asserts the limiter is gone: either the handle is refused, or (for stores whose handles are
+/// lazy) its first operation is.
+async fn assert_unknown<S: Store>(gate: &Floodgate<S>, name: &str) {
+    match gate.limiter(name).await {
+        Err(StoreError::UnknownLimiter(_)) => {}
+        Ok(lim) => assert!(
+            matches!(lim.status().await, Err(StoreError::UnknownLimiter(_))),
+            "{name} still answers"
+        ),
+        Err(e) => panic!("{e:?}"),
+    }
 }
 
 pub(crate) async fn grants_up_to_the_limit_and_releases<S: Store>(gate: Floodgate<S>) {
@@ -61,9 +98,7 @@ pub(crate) async fn grants_up_to_the_limit_and_releases<S: Store>(gate: Floodgat
     assert_eq!((st.in_use, st.holders, st.waiting), (2, 2, 0));
     assert!(a.release().await.unwrap());
     drop(b);
-    settle().await;
-    let st = lim.status().await.unwrap();
-    assert_eq!(st.in_use, 0);
+    let st = until(&lim, "the dropped permit is released", |s| s.in_use == 0).await;
     assert_eq!(st.counters.granted, 2);
     assert_eq!(st.counters.released, 2);
     assert_eq!(st.counters.timed_out, 1);
@@ -77,15 +112,18 @@ pub(crate) async fn waiters_are_granted_in_fifo_order<S: Store>(gate: Floodgate<
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     for (i, permits) in [2u32, 1, 1].into_iter().enumerate() {
-        let lim = lim.clone();
+        let task_lim = lim.clone();
         let tx = tx.clone();
         tasks.push(tokio::spawn(async move {
-            let p = lim.acquire(wait(1_500).permits(permits)).await.unwrap();
+            let p = task_lim
+                .acquire(wait(1_500).permits(permits))
+                .await
+                .unwrap();
             tx.send((i, p.fencing_token())).unwrap();
             sleep(Duration::from_millis(50)).await;
             drop(p);
         }));
-        settle().await;
+        until(&lim, "queued in turn", |s| s.waiting as usize == i + 1).await;
     }
     assert_eq!(waiting(&gate, &name).await, 3);
     drop(holder);
@@ -111,7 +149,7 @@ pub(crate) async fn a_large_request_is_not_starved_by_small_ones<S: Store>(gate:
         let lim = lim.clone();
         tokio::spawn(async move { lim.acquire(wait(1_500).permits(3)).await })
     };
-    settle().await;
+    until(&lim, "the big request queued", |s| s.waiting == 1).await;
     // Two permits are free, but a 1-permit arrival must queue behind the 3-permit head.
     let small = lim.acquire(wait(0)).await.unwrap_err();
     assert!(small.is_wait_timeout());
@@ -120,7 +158,9 @@ pub(crate) async fn a_large_request_is_not_starved_by_small_ones<S: Store>(gate:
     assert_eq!(big.permits(), 3);
 }
 
-pub(crate) async fn an_expired_lease_is_reclaimed_without_other_traffic<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn an_expired_lease_is_reclaimed_without_other_traffic<S: Store>(
+    gate: Floodgate<S>,
+) {
     let name = unique("expiry");
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -138,7 +178,7 @@ pub(crate) async fn an_expired_lease_is_reclaimed_without_other_traffic<S: Store
         Err(ExtendError::Lost)
     );
     assert_eq!(lim.status().await.unwrap().in_use, 1);
-    drop(p);
+    assert!(p.release().await.unwrap());
     // And with nobody waiting, the timer still reclaims an abandoned lease.
     let _ = lim.acquire(wait(0)).await.unwrap().detach();
     sleep(LEASE + Duration::from_millis(200)).await;
@@ -204,19 +244,17 @@ pub(crate) async fn a_dropped_waiter_leaves_the_queue<S: Store>(gate: Floodgate<
         let lim = lim.clone();
         tokio::spawn(async move { lim.acquire(wait(1_500)).await })
     };
-    settle().await;
+    until(&lim, "first waiter queued", |s| s.waiting == 1).await;
     let next = {
         let lim = lim.clone();
         tokio::spawn(async move { lim.acquire(wait(1_500)).await })
     };
-    settle().await;
-    assert_eq!(waiting(&gate, &name).await, 2);
+    until(&lim, "second waiter queued", |s| s.waiting == 2).await;
     gives_up.abort();
-    settle().await;
-    assert_eq!(waiting(&gate, &name).await, 1);
+    until(&lim, "the aborted waiter left", |s| s.waiting == 1).await;
     drop(holder);
     let p = next.await.unwrap().unwrap();
-    let st = lim.status().await.unwrap();
+    let st = until(&lim, "granted to the next", |s| s.in_use == 1).await;
     assert_eq!((st.in_use, st.waiting, st.counters.cancelled), (1, 0, 1));
     drop(p);
 }
@@ -227,20 +265,29 @@ pub(crate) async fn a_timed_out_waiter_gets_an_answer<S: Store>(gate: Floodgate<
     let lim = gate.limiter(&name).await.unwrap();
     let _holder = lim.acquire(wait(0)).await.unwrap();
     let err = lim.acquire(wait(200)).await.unwrap_err();
-    assert!(matches!(err, AcquireError::Refused(Refusal::WaitTimeout { .. })));
+    assert!(matches!(
+        err,
+        AcquireError::Refused(Refusal::WaitTimeout { .. })
+    ));
     let hint = err.retry_after().unwrap();
     assert!(hint > Duration::ZERO && hint <= LEASE, "{hint:?}");
     let st = lim.status().await.unwrap();
     assert_eq!((st.waiting, st.counters.timed_out), (0, 1));
     // A wait longer than max_wait is capped, never unbounded.
     let err = lim
-        .acquire(AcquireOptions::new().wait(Duration::from_secs(3600)).lease(LEASE))
+        .acquire(
+            AcquireOptions::new()
+                .wait(Duration::from_secs(3600))
+                .lease(LEASE),
+        )
         .await;
     // The holder's lease ends within max_wait, so this one is granted instead.
     assert!(err.is_ok());
 }
 
-pub(crate) async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: Store>(gate: Floodgate<S>) {
+pub(crate) async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: Store>(
+    gate: Floodgate<S>,
+) {
     let name = unique("resize");
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
@@ -251,7 +298,7 @@ pub(crate) async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: St
             tokio::spawn(async move { lim.acquire(wait(1_500)).await })
         })
         .collect();
-    settle().await;
+    until(&lim, "both queued", |s| s.waiting == 2).await;
     gate.define(&name, spec(3)).await.unwrap();
     let mut held = vec![first];
     for w in waiters {
@@ -265,11 +312,11 @@ pub(crate) async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: St
         let lim = lim.clone();
         tokio::spawn(async move { lim.acquire(wait(1_500)).await })
     };
-    settle().await;
+    until(&lim, "late waiter queued", |s| s.waiting == 1).await;
     held.pop();
     held.pop();
-    settle().await;
-    assert_eq!(lim.status().await.unwrap().waiting, 1, "in use 1 is not below 1");
+    let st = until(&lim, "two released", |s| s.in_use == 1).await;
+    assert_eq!(st.waiting, 1, "in use 1 is not below 1");
     held.pop();
     let p = late.await.unwrap().unwrap();
     assert_eq!(lim.status().await.unwrap().in_use, 1);
@@ -285,7 +332,7 @@ pub(crate) async fn deleting_a_limiter_answers_its_waiters<S: Store>(gate: Flood
         let lim = lim.clone();
         tokio::spawn(async move { lim.acquire(wait(1_500)).await })
     };
-    settle().await;
+    until(&lim, "waiter queued", |s| s.waiting == 1).await;
     assert!(gate.delete(&name).await.unwrap());
     let err = waiter.await.unwrap().unwrap_err();
     assert!(
@@ -298,10 +345,7 @@ pub(crate) async fn deleting_a_limiter_answers_its_waiters<S: Store>(gate: Flood
     );
     assert!(!p.release().await.unwrap());
     assert!(!gate.delete(&name).await.unwrap());
-    assert!(matches!(
-        gate.limiter(&name).await,
-        Err(StoreError::UnknownLimiter(_))
-    ));
+    assert_unknown(&gate, &name).await;
 }
 
 pub(crate) async fn bad_input_is_refused_by_name<S: Store>(gate: Floodgate<S>) {
@@ -317,22 +361,25 @@ pub(crate) async fn bad_input_is_refused_by_name<S: Store>(gate: Floodgate<S>) {
     gate.define(&name, spec(2)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
     match lim.acquire(wait(0).permits(3)).await {
-        Err(AcquireError::Refused(Refusal::PermitsExceedLimit { requested: 3, limit: 2 })) => {}
+        Err(AcquireError::Refused(Refusal::PermitsExceedLimit {
+            requested: 3,
+            limit: 2,
+        })) => {}
         other => panic!("{other:?}"),
     }
     match lim.acquire(wait(0).permits(0)).await {
         Err(AcquireError::Refused(Refusal::Invalid(f))) => assert_eq!(f.field, "permits"),
         other => panic!("{other:?}"),
     }
-    match lim.acquire(wait(0).lease(Duration::from_secs(7 * 24 * 3600))).await {
+    match lim
+        .acquire(wait(0).lease(Duration::from_secs(7 * 24 * 3600)))
+        .await
+    {
         Err(AcquireError::Refused(Refusal::Invalid(f))) => assert_eq!(f.field, "lease_ms"),
         other => panic!("{other:?}"),
     }
     assert_eq!(lim.status().await.unwrap().in_use, 0);
-    assert!(matches!(
-        gate.limiter(&unique("missing")).await,
-        Err(StoreError::UnknownLimiter(_))
-    ));
+    assert_unknown(&gate, &unique("missing")).await;
 }
 
 pub(crate) async fn limiters_are_listed<S: Store>(gate: Floodgate<S>) {

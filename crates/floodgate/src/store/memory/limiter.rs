@@ -258,7 +258,12 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
     }
 
     async fn status(&self) -> Result<LimiterStatus, StoreError> {
-        self.with_state(|state, _, _| state.core.status(&self.shared.name))
+        // Apply the passage of time first, so a lease that ended is not reported in use just
+        // because the timer task has not run yet.
+        self.with_state(|state, now, fx| {
+            state.core.advance(now, fx);
+            state.core.status(&self.shared.name)
+        })
     }
 }
 

@@ -1,0 +1,422 @@
+-- Floodgate's limiter state machine, one atomic script per operation.
+--
+-- The same transitions as crates/floodgate/src/core/mod.rs (read that file for the rules);
+-- tests/suite runs one behavioural suite against both. Time is the store's own clock (TIME),
+-- never a caller's. Every key of a limiter shares the hash tag {name}, so the script works on
+-- Redis Cluster. Integers are microseconds; they stay below 2^53, so Lua's doubles hold them
+-- exactly, and they are always formatted with %d (tostring would print 1.8e+15).
+--
+-- KEYS: 1 meta (hash: spec, state, counters)      2 holders (hash token -> permits|deadline|granted_at)
+--       3 leases (zset token by lease deadline)   4 queue (zset waiter key by arrival sequence)
+--       5 waiters (hash key -> seq|permits|lease|deadline|enqueued_at|channel)
+--       6 waits (zset waiter key by wait deadline)
+--       7 outcomes (hash waiter key -> outcome)   8 outcome_times (zset waiter key by decision time)
+-- ARGV: 1 op, 2 limiter name, 3 idle TTL in ms, then the op's arguments.
+--
+-- Reply: a flat array of strings: a tag, the op's fields, and last the delay in microseconds
+-- until the next lease or wait deadline ("-1" if none), for the caller's timer.
+--
+-- Outcomes of queued waiters ("G|token|permits|lease|deadline|granted_at|waited",
+-- "T|retry_after", "X|requested|limit", "D") are recorded in `outcomes` BEFORE they are
+-- published to the waiter's server channel, so a waiter that missed the message still finds
+-- its outcome when it cancels.
+
+local K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local op, name, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+local MIN_LEASE, MAX_LEASE = 1000, 86400 * 1000000
+local function fmt(n) return string.format('%d', n) end
+
+local function split(s)
+  local out, start = {}, 1
+  while true do
+    local i = string.find(s, '|', start, true)
+    if not i then
+      out[#out + 1] = string.sub(s, start)
+      return out
+    end
+    out[#out + 1] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+end
+
+-- State, loaded once and written back once.
+local m = {}
+do
+  local raw = redis.call('HGETALL', K_META)
+  for i = 1, #raw, 2 do m[raw[i]] = raw[i + 1] end
+end
+local exists = m.concurrency ~= nil
+local limit = tonumber(m.concurrency or '0')
+local default_lease = tonumber(m.lease_us or '0')
+local max_wait = tonumber(m.max_wait_us or '0')
+local max_queue = tonumber(m.max_queue or '0')
+local in_use = tonumber(m.in_use or '0')
+local next_token = tonumber(m.next_token or '1')
+local next_seq = tonumber(m.next_seq or '0')
+local queued_permits = tonumber(m.queued_permits or '0')
+local ewma = nil
+if m.ewma_us and m.ewma_us ~= '' then ewma = tonumber(m.ewma_us) end
+local COUNTERS = {'granted', 'released', 'expired', 'timed_out', 'cancelled', 'queue_full',
+                  'rejected', 'extend_lost'}
+local c = {}
+for _, k in ipairs(COUNTERS) do c[k] = tonumber(m['c_' .. k] or '0') end
+
+local wakes = {}
+local function wake(key, channel, outcome)
+  wakes[#wakes + 1] = {key, channel, outcome}
+end
+
+local function parse_waiter(key)
+  local raw = redis.call('HGET', K_W, key)
+  if not raw then return nil end
+  local f = split(raw)
+  return {seq = tonumber(f[1]), permits = tonumber(f[2]), lease = tonumber(f[3]),
+          deadline = tonumber(f[4]), enqueued_at = tonumber(f[5]), channel = f[6]}
+end
+
+local function parse_holder(token)
+  local raw = redis.call('HGET', K_HOLD, token)
+  if not raw then return nil end
+  local f = split(raw)
+  return {permits = tonumber(f[1]), deadline = tonumber(f[2]), granted_at = tonumber(f[3])}
+end
+
+local function fits(permits) return in_use + permits <= limit end
+
+local function remove_waiter(key, w)
+  redis.call('ZREM', K_Q, key)
+  redis.call('HDEL', K_W, key)
+  redis.call('ZREM', K_WAITS, key)
+  queued_permits = queued_permits - w.permits
+end
+
+local function grant(permits, lease, enqueued_at)
+  local token = next_token
+  next_token = next_token + 1
+  local deadline = now + lease
+  redis.call('HSET', K_HOLD, fmt(token), fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now))
+  redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
+  in_use = in_use + permits
+  c.granted = c.granted + 1
+  return {fmt(token), fmt(permits), fmt(lease), fmt(deadline), fmt(now), fmt(now - enqueued_at)}
+end
+
+local function nearest_lease()
+  local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
+  if l[2] then return tonumber(l[2]) end
+  return nil
+end
+
+local function retry_hint(ahead)
+  local rounds = math.max(1, math.ceil(ahead / limit))
+  local est
+  if ewma then
+    est = ewma * rounds
+  else
+    local d = nearest_lease()
+    if d then est = math.max(0, d - now) else est = 1000000 end
+  end
+  return math.min(math.max(est, 1000), MAX_LEASE)
+end
+
+local function permits_ahead(seq)
+  local sum = 0
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', K_Q, '-inf', fmt(seq))) do
+    local w = parse_waiter(key)
+    if w then sum = sum + w.permits end
+  end
+  return sum
+end
+
+local function grant_waiters()
+  while true do
+    local head = redis.call('ZRANGE', K_Q, 0, 0)
+    if #head == 0 then return end
+    local key = head[1]
+    local w = parse_waiter(key)
+    if not fits(w.permits) then return end
+    remove_waiter(key, w)
+    local g = grant(w.permits, w.lease, w.enqueued_at)
+    wake(key, w.channel, 'G|' .. table.concat(g, '|'))
+  end
+end
+
+local function observe_hold(held)
+  if not ewma then
+    ewma = held
+  elseif held >= ewma then
+    ewma = ewma + math.floor((held - ewma) / 8)
+  else
+    ewma = ewma - math.floor((ewma - held) / 8)
+  end
+end
+
+-- Applies the passage of time: lease ends and wait deadlines in deadline order (lease first
+-- on a tie), granting what each frees.
+local function advance()
+  while true do
+    local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
+    local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
+    local ld, wd = nil, nil
+    if l[2] and tonumber(l[2]) <= now then ld = tonumber(l[2]) end
+    if w[2] and tonumber(w[2]) <= now then wd = tonumber(w[2]) end
+    if not ld and not wd then return end
+    if ld and (not wd or ld <= wd) then
+      local h = parse_holder(l[1])
+      redis.call('HDEL', K_HOLD, l[1])
+      redis.call('ZREM', K_LEASE, l[1])
+      if h then
+        in_use = in_use - h.permits
+        c.expired = c.expired + 1
+      end
+    else
+      local key = w[1]
+      local wt = parse_waiter(key)
+      if wt then
+        local ahead = permits_ahead(wt.seq)
+        remove_waiter(key, wt)
+        c.timed_out = c.timed_out + 1
+        wake(key, wt.channel, 'T|' .. fmt(retry_hint(ahead)))
+      else
+        redis.call('ZREM', K_WAITS, key)
+      end
+    end
+    grant_waiters()
+  end
+end
+
+local function check_lease(lease)
+  if lease < MIN_LEASE then return 'must be at least 1 ms' end
+  if lease > MAX_LEASE then return 'must be at most 86400000 ms (24 h)' end
+  return nil
+end
+
+local function check_spec(conc, lease, wait, queue)
+  if conc < 1 or conc > 1000000 then return {'concurrency', 'must be from 1 to 1000000'} end
+  local e = check_lease(lease)
+  if e then return {'lease_ms', e} end
+  if wait < 0 or wait > 3600 * 1000000 then return {'max_wait_ms', 'must be at most 3600000 ms (1 h)'} end
+  if queue < 0 or queue > 1000000 then return {'max_queue', 'must be at most 1000000'} end
+  return nil
+end
+
+local function status_fields()
+  local out = {fmt(limit), fmt(default_lease), fmt(max_wait), fmt(max_queue), fmt(in_use),
+               fmt(redis.call('HLEN', K_HOLD)), fmt(redis.call('ZCARD', K_Q)), fmt(queued_permits)}
+  for _, k in ipairs(COUNTERS) do out[#out + 1] = fmt(c[k]) end
+  return out
+end
+
+-- Forgets outcomes nobody will ask for any more (their waiter's wait is long over).
+local function prune_outcomes()
+  local horizon = now - max_wait - 120 * 1000000
+  local old = redis.call('ZRANGEBYSCORE', K_OUTT, '-inf', fmt(horizon), 'LIMIT', 0, 100)
+  for _, key in ipairs(old) do
+    redis.call('HDEL', K_OUT, key)
+    redis.call('ZREM', K_OUTT, key)
+  end
+end
+
+local function finish(reply)
+  for _, wk in ipairs(wakes) do
+    redis.call('HSET', K_OUT, wk[1], wk[3])
+    redis.call('ZADD', K_OUTT, fmt(now), wk[1])
+    redis.call('PUBLISH', wk[2], name .. '\n' .. wk[1] .. '\n' .. wk[3])
+  end
+  local fields = {'concurrency', fmt(limit), 'lease_us', fmt(default_lease),
+                  'max_wait_us', fmt(max_wait), 'max_queue', fmt(max_queue),
+                  'in_use', fmt(in_use), 'next_token', fmt(next_token), 'next_seq', fmt(next_seq),
+                  'queued_permits', fmt(queued_permits), 'ewma_us', ewma and fmt(ewma) or ''}
+  for _, k in ipairs(COUNTERS) do
+    fields[#fields + 1] = 'c_' .. k
+    fields[#fields + 1] = fmt(c[k])
+  end
+  redis.call('HSET', K_META, unpack(fields))
+  for i = 1, 8 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+  local next = -1
+  local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
+  local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
+  if l[2] then next = tonumber(l[2]) end
+  if w[2] and (next < 0 or tonumber(w[2]) < next) then next = tonumber(w[2]) end
+  if next >= 0 then next = math.max(0, next - now) end
+  reply[#reply + 1] = fmt(next)
+  return reply
+end
+
+if op == 'put' then
+  local conc, lease, wait, queue, first_token =
+    tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+  local bad = check_spec(conc, lease, wait, queue)
+  if bad then return {'invalid', bad[1], bad[2]} end
+  if not exists then
+    -- Seeded from the store's clock, so a re-created limiter hands out larger tokens.
+    next_token = math.max(first_token, now)
+  else
+    advance()
+  end
+  limit, default_lease, max_wait, max_queue = conc, lease, wait, queue
+  for _, key in ipairs(redis.call('ZRANGE', K_Q, 0, -1)) do
+    local w = parse_waiter(key)
+    if w and w.permits > limit then
+      remove_waiter(key, w)
+      c.rejected = c.rejected + 1
+      wake(key, w.channel, 'X|' .. fmt(w.permits) .. '|' .. fmt(limit))
+    end
+  end
+  grant_waiters()
+  local reply = status_fields()
+  table.insert(reply, 1, 'status')
+  return finish(reply)
+end
+
+if not exists then
+  if op == 'cancel' then
+    -- The limiter is gone; an outcome recorded before it went may still be here.
+    return {'gone', '-1'}
+  end
+  return {'unknown', '-1'}
+end
+
+if op == 'peek' then
+  -- Read-only: has this waiter's outcome been decided? Used after a lost subscription.
+  local outcome = redis.call('HGET', K_OUT, ARGV[4])
+  if outcome then return {'decided', outcome, '-1'} end
+  return {'waiting', '-1'}
+end
+
+if op == 'delete' then
+  for _, key in ipairs(redis.call('ZRANGE', K_Q, 0, -1)) do
+    local w = parse_waiter(key)
+    if w then redis.call('PUBLISH', w.channel, name .. '\n' .. key .. '\nD') end
+  end
+  redis.call('DEL', K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT)
+  return {'deleted', '-1'}
+end
+
+if op == 'acquire' then
+  local permits, lease_arg, wait_arg, key, channel =
+    tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+  advance()
+  prune_outcomes()
+  if permits < 1 then
+    c.rejected = c.rejected + 1
+    return finish({'invalid', 'permits', 'must be at least 1'})
+  end
+  if permits > limit then
+    c.rejected = c.rejected + 1
+    return finish({'exceeds', fmt(permits), fmt(limit)})
+  end
+  local lease = default_lease
+  if lease_arg ~= '' then lease = tonumber(lease_arg) end
+  local bad = check_lease(lease)
+  if bad then
+    c.rejected = c.rejected + 1
+    return finish({'invalid', 'lease_ms', bad})
+  end
+  if redis.call('ZCARD', K_Q) == 0 and fits(permits) then
+    local g = grant(permits, lease, now)
+    table.insert(g, 1, 'granted')
+    return finish(g)
+  end
+  local wait = max_wait
+  if wait_arg ~= '' then wait = math.min(tonumber(wait_arg), max_wait) end
+  local ahead = queued_permits + permits
+  if wait < 1 then
+    c.timed_out = c.timed_out + 1
+    return finish({'timeout', fmt(retry_hint(ahead))})
+  end
+  if redis.call('ZCARD', K_Q) >= max_queue then
+    c.queue_full = c.queue_full + 1
+    return finish({'queue_full', fmt(retry_hint(ahead))})
+  end
+  local seq = next_seq
+  next_seq = next_seq + 1
+  local deadline = now + wait
+  redis.call('HSET', K_W, key, fmt(seq) .. '|' .. fmt(permits) .. '|' .. fmt(lease) .. '|' ..
+    fmt(deadline) .. '|' .. fmt(now) .. '|' .. channel)
+  redis.call('ZADD', K_Q, fmt(seq), key)
+  redis.call('ZADD', K_WAITS, fmt(deadline), key)
+  queued_permits = queued_permits + permits
+  return finish({'queued', fmt(wait)})
+end
+
+if op == 'release' then
+  local token = ARGV[4]
+  advance()
+  local h = parse_holder(token)
+  if not h then return finish({'released', '0'}) end
+  redis.call('HDEL', K_HOLD, token)
+  redis.call('ZREM', K_LEASE, token)
+  in_use = in_use - h.permits
+  c.released = c.released + 1
+  observe_hold(now - h.granted_at)
+  grant_waiters()
+  return finish({'released', '1'})
+end
+
+if op == 'extend' then
+  local token, lease = ARGV[4], tonumber(ARGV[5])
+  local bad = check_lease(lease)
+  if bad then return {'invalid', 'lease_ms', bad, '-1'} end
+  advance()
+  local h = parse_holder(token)
+  if not h then
+    c.extend_lost = c.extend_lost + 1
+    return finish({'lost'})
+  end
+  local deadline = now + lease
+  redis.call('HSET', K_HOLD, token, fmt(h.permits) .. '|' .. fmt(deadline) .. '|' .. fmt(h.granted_at))
+  redis.call('ZADD', K_LEASE, fmt(deadline), token)
+  return finish({'extended', fmt(deadline)})
+end
+
+if op == 'cancel' then
+  -- reason: 'drop' (the waiter went away) or 'timeout' (its own timer ran out first).
+  local key, reason = ARGV[4], ARGV[5]
+  advance()
+  local w = parse_waiter(key)
+  if w then
+    local ahead = permits_ahead(w.seq)
+    remove_waiter(key, w)
+    local reply
+    if reason == 'timeout' then
+      c.timed_out = c.timed_out + 1
+      reply = {'timed_out', fmt(retry_hint(ahead))}
+    else
+      c.cancelled = c.cancelled + 1
+      reply = {'cancelled'}
+    end
+    grant_waiters()
+    return finish(reply)
+  end
+  -- Already decided (perhaps by this very call's advance): hand back the recorded outcome.
+  local outcome = nil
+  for _, wk in ipairs(wakes) do
+    if wk[1] == key then outcome = wk[3] end
+  end
+  if not outcome then outcome = redis.call('HGET', K_OUT, key) end
+  redis.call('HDEL', K_OUT, key)
+  redis.call('ZREM', K_OUTT, key)
+  if outcome then return finish({'decided', outcome}) end
+  return finish({'gone'})
+end
+
+if op == 'advance' then
+  advance()
+  prune_outcomes()
+  return finish({'ok'})
+end
+
+if op == 'status' then
+  advance()
+  local reply = status_fields()
+  table.insert(reply, 1, 'status')
+  return finish(reply)
+end
+
+return redis.error_reply('floodgate: unknown op ' .. tostring(op))

@@ -1,0 +1,392 @@
+//! One limiter in Redis: each operation is one run of the limiter script.
+
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::wake::{decode_grant, decode_outcome, Pending};
+use super::{unavailable, Inner};
+use crate::core::{AcquireRequest, Counters, Grant, LimiterStatus, Refusal, WaitOutcome};
+use crate::error::{AcquireError, ExtendError, StoreError};
+use crate::spec::{InvalidField, LimiterSpec};
+use crate::store::LimiterBackend;
+use crate::types::{FencingToken, LimiterName, Timestamp};
+
+/// A handle to one limiter in a [`RedisStore`](super::RedisStore). Cheap to clone.
+#[derive(Clone)]
+pub struct RedisLimiter {
+    store: Arc<Inner>,
+    name: LimiterName,
+    /// The limiter's eight keys, all under the hash tag `{name}` (see `limiter.lua`).
+    keys: Arc<[String; 8]>,
+}
+
+impl std::fmt::Debug for RedisLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn micros(d: Duration) -> String {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).to_string()
+}
+
+fn field(reply: &[String], i: usize) -> Result<u64, StoreError> {
+    reply
+        .get(i)
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| unavailable(format!("unexpected script reply {reply:?}")))
+}
+
+fn invalid(reply: &[String]) -> InvalidField {
+    let name = match reply.get(1).map(String::as_str) {
+        Some("permits") => "permits",
+        Some("concurrency") => "concurrency",
+        Some("max_wait_ms") => "max_wait_ms",
+        Some("max_queue") => "max_queue",
+        _ => "lease_ms",
+    };
+    InvalidField {
+        field: name,
+        message: reply.get(2).cloned().unwrap_or_default(),
+    }
+}
+
+/// What becomes of a queued acquire if its future is dropped: the script is asked to cancel
+/// it, and a grant that raced the drop is released.
+struct QueuedGuard {
+    limiter: RedisLimiter,
+    key: String,
+    armed: bool,
+}
+
+impl QueuedGuard {
+    /// No cancel needed any more (the outcome is in hand, or the caller cancels itself).
+    fn disarm(&mut self) {
+        self.armed = false;
+        self.limiter.store.lock_waiters().remove(&self.key);
+    }
+}
+
+impl Drop for QueuedGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.limiter.store.lock_waiters().remove(&self.key);
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return; // No runtime to cancel on: the wait deadline and lease bound the cost.
+        };
+        let limiter = self.limiter.clone();
+        let key = std::mem::take(&mut self.key);
+        handle.spawn(async move {
+            if let Ok(Some(Ok(grant))) = limiter.cancel(&key, "drop").await {
+                let _ = limiter.release(grant.token).await;
+            }
+        });
+    }
+}
+
+impl RedisLimiter {
+    pub(super) fn new(store: Arc<Inner>, name: LimiterName) -> Self {
+        let p = &store.config.prefix;
+        let n = name.as_str();
+        let keys = [
+            "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes",
+        ]
+        .map(|k| format!("{p}:{{{n}}}:{k}"));
+        RedisLimiter {
+            store,
+            name,
+            keys: Arc::new(keys),
+        }
+    }
+
+    /// Runs one operation; arms the limiter's timer at the next deadline the script reports.
+    async fn call(&self, op: &str, args: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut invocation = self.store.script.prepare_invoke();
+        for key in self.keys.iter() {
+            invocation.key(key);
+        }
+        invocation
+            .arg(op)
+            .arg(self.name.as_str())
+            .arg(self.store.config.ttl_ms());
+        for a in args {
+            invocation.arg(a);
+        }
+        let mut conn = self.store.conn.clone();
+        let reply: Vec<String> = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if let Some(delay) = reply.last().and_then(|s| s.parse::<i64>().ok()) {
+            if let Ok(delay) = u64::try_from(delay) {
+                self.arm_timer(Duration::from_micros(delay));
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Makes sure an `advance` runs at the next deadline even if no traffic arrives. Only an
+    /// earlier deadline than the one already armed spawns a timer, so steady traffic spawns
+    /// none.
+    fn arm_timer(&self, delay: Duration) {
+        // 1 ms after the deadline on Redis's clock, so the advance finds it passed.
+        let at = tokio::time::Instant::now() + delay + Duration::from_millis(1);
+        {
+            let mut timers = self
+                .store
+                .timers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(armed) = timers.get(&self.name) {
+                if *armed <= at {
+                    return;
+                }
+            }
+            timers.insert(self.name.clone(), at);
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.store);
+        let name = self.name.clone();
+        handle.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            let Some(store) = weak.upgrade() else { return };
+            {
+                let mut timers = store.timers.lock().unwrap_or_else(PoisonError::into_inner);
+                if timers.get(&name) == Some(&at) {
+                    timers.remove(&name);
+                }
+            }
+            let limiter = RedisLimiter::new(store, name);
+            if let Err(e) = limiter.call("advance", &[]).await {
+                tracing::warn!(limiter = %limiter.name, error = %e, "timer pass failed");
+                // Try again shortly, so an expiry is not forgotten while Redis is down.
+                limiter.arm_timer(Duration::from_secs(1));
+            }
+        });
+    }
+
+    pub(super) async fn put(&self, spec: &LimiterSpec) -> Result<LimiterStatus, StoreError> {
+        let reply = self
+            .call(
+                "put",
+                &[
+                    spec.concurrency.to_string(),
+                    micros(spec.default_lease),
+                    micros(spec.max_wait),
+                    spec.max_queue.to_string(),
+                    crate::clock::token_seed().to_string(),
+                ],
+            )
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("status") => self.parse_status(&reply),
+            Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+
+    pub(super) async fn delete(&self) -> Result<bool, StoreError> {
+        let reply = self.call("delete", &[]).await?;
+        Ok(reply.first().map(String::as_str) == Some("deleted"))
+    }
+
+    /// The recorded outcome of a queued waiter, if decided.
+    pub(super) async fn peek(&self, key: &str) -> Result<Option<WaitOutcome>, StoreError> {
+        let reply = self.call("peek", &[key.to_owned()]).await?;
+        Ok(match reply.first().map(String::as_str) {
+            Some("decided") => reply.get(1).and_then(|o| decode_outcome(o)),
+            Some("unknown") => Some(Err(Refusal::LimiterDeleted)),
+            _ => None,
+        })
+    }
+
+    /// Takes a waiter out of the queue. `Ok(None)` if it was still queued (and is now gone);
+    /// `Ok(Some(outcome))` if it had already been decided, or timed out by this call.
+    async fn cancel(&self, key: &str, reason: &str) -> Result<Option<WaitOutcome>, StoreError> {
+        let reply = self
+            .call("cancel", &[key.to_owned(), reason.to_owned()])
+            .await?;
+        Ok(match reply.first().map(String::as_str) {
+            Some("cancelled") => None,
+            Some("timed_out") => Some(Err(Refusal::WaitTimeout {
+                retry_after: Duration::from_micros(field(&reply, 1)?),
+            })),
+            Some("decided") => reply.get(1).and_then(|o| decode_outcome(o)),
+            // Not queued and no outcome recorded: the limiter was deleted.
+            _ => Some(Err(Refusal::LimiterDeleted)),
+        })
+    }
+
+    fn parse_status(&self, reply: &[String]) -> Result<LimiterStatus, StoreError> {
+        let n = |i: usize| field(reply, i);
+        let small = |i: usize| -> Result<u32, StoreError> {
+            u32::try_from(n(i)?).map_err(|_| unavailable("status field out of range"))
+        };
+        Ok(LimiterStatus {
+            name: self.name.clone(),
+            spec: LimiterSpec {
+                concurrency: small(1)?,
+                default_lease: Duration::from_micros(n(2)?),
+                max_wait: Duration::from_micros(n(3)?),
+                max_queue: small(4)?,
+            },
+            in_use: small(5)?,
+            holders: small(6)?,
+            waiting: small(7)?,
+            waiting_permits: n(8)?,
+            counters: Counters {
+                granted: n(9)?,
+                released: n(10)?,
+                expired: n(11)?,
+                timed_out: n(12)?,
+                cancelled: n(13)?,
+                queue_full: n(14)?,
+                rejected: n(15)?,
+                extend_lost: n(16)?,
+            },
+        })
+    }
+
+    fn unknown(&self) -> StoreError {
+        StoreError::UnknownLimiter(self.name.clone())
+    }
+}
+
+fn refusal(reply: &[String]) -> Result<Refusal, StoreError> {
+    let retry = |i| field(reply, i).map(Duration::from_micros);
+    Ok(match reply.first().map(String::as_str) {
+        Some("timeout") => Refusal::WaitTimeout {
+            retry_after: retry(1)?,
+        },
+        Some("queue_full") => Refusal::QueueFull {
+            retry_after: retry(1)?,
+        },
+        Some("exceeds") => Refusal::PermitsExceedLimit {
+            requested: u32::try_from(field(reply, 1)?).unwrap_or(u32::MAX),
+            limit: u32::try_from(field(reply, 2)?).unwrap_or(u32::MAX),
+        },
+        Some("invalid") => Refusal::Invalid(invalid(reply)),
+        _ => return Err(unavailable(format!("unexpected script reply {reply:?}"))),
+    })
+}
+
+impl LimiterBackend for RedisLimiter {
+    fn name(&self) -> &LimiterName {
+        &self.name
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> Result<Grant, AcquireError> {
+        let n = self
+            .store
+            .next_waiter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = format!("{}.{n}", self.store.server_id);
+        // Registered before the script runs: a wake-up can arrive before its reply does.
+        let (tx, rx) = oneshot::channel();
+        self.store.lock_waiters().insert(
+            key.clone(),
+            Pending {
+                limiter: self.name.clone(),
+                tx,
+            },
+        );
+        // Armed from here on: if this future is dropped, or the call fails without our knowing
+        // whether the script ran, the guard cancels (and undoes a raced grant).
+        let mut guard = QueuedGuard {
+            limiter: self.clone(),
+            key: key.clone(),
+            armed: true,
+        };
+        let args = [
+            req.permits.to_string(),
+            req.lease.map(micros).unwrap_or_default(),
+            req.wait.map(micros).unwrap_or_default(),
+            key.clone(),
+            self.store.channel.clone(),
+        ];
+        let reply = self.call("acquire", &args).await?;
+        match reply.first().map(String::as_str) {
+            Some("granted") => {
+                guard.disarm();
+                decode_grant(&reply[1..]).ok_or_else(|| unavailable("bad grant").into())
+            }
+            Some("queued") => {
+                let wait = Duration::from_micros(field(&reply, 1)?);
+                let outcome = tokio::select! {
+                    outcome = rx => {
+                        guard.disarm();
+                        outcome.unwrap_or(Err(Refusal::LimiterDeleted))
+                    }
+                    _ = tokio::time::sleep(wait) => {
+                        // Our own timer ran out (the wake-up may be lost or late): the script
+                        // decides, and returns a grant that got there first.
+                        guard.disarm();
+                        match self.cancel(&key, "timeout").await? {
+                            Some(outcome) => outcome,
+                            None => Err(Refusal::WaitTimeout { retry_after: wait }),
+                        }
+                    }
+                };
+                outcome.map_err(|r| match r {
+                    Refusal::LimiterDeleted => AcquireError::Store(self.unknown()),
+                    r => AcquireError::Refused(r),
+                })
+            }
+            Some("unknown") => {
+                guard.disarm();
+                Err(self.unknown().into())
+            }
+            _ => {
+                guard.disarm();
+                Err(refusal(&reply)?.into())
+            }
+        }
+    }
+
+    async fn extend(&self, token: FencingToken, lease: Duration) -> Result<Timestamp, ExtendError> {
+        let reply = self
+            .call("extend", &[token.0.to_string(), micros(lease)])
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("extended") => Ok(Timestamp(field(&reply, 1)?)),
+            Some("invalid") => Err(ExtendError::Invalid(invalid(&reply))),
+            // Lost, or the limiter is gone (so nothing is held).
+            _ => Err(ExtendError::Lost),
+        }
+    }
+
+    async fn release(&self, token: FencingToken) -> Result<bool, StoreError> {
+        let reply = self.call("release", &[token.0.to_string()]).await?;
+        Ok(reply.first().map(String::as_str) == Some("released")
+            && reply.get(1).map(String::as_str) == Some("1"))
+    }
+
+    fn release_in_background(&self, token: FencingToken) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return; // The lease bounds it.
+        };
+        let limiter = self.clone();
+        handle.spawn(async move {
+            if let Err(e) = limiter.release(token).await {
+                tracing::warn!(limiter = %limiter.name, error = %e, "background release failed; the lease will reclaim it");
+            }
+        });
+    }
+
+    async fn status(&self) -> Result<LimiterStatus, StoreError> {
+        let reply = self.call("status", &[]).await?;
+        match reply.first().map(String::as_str) {
+            Some("status") => self.parse_status(&reply),
+            Some("unknown") => Err(self.unknown()),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+}

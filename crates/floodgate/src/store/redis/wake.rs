@@ -1,0 +1,148 @@
+//! Wake-ups: the subscription to this store's channel and delivery to queued acquires.
+//!
+//! A script that decides a queued waiter's outcome records it in the limiter's `outcomes` hash
+//! and then publishes `name\nwaiter\noutcome` on the waiter's server channel. Delivery here is
+//! the fast path; the record is the safety net: a waiter whose message was lost (the
+//! subscription dropped) finds its outcome when it is re-checked after reconnecting, or when
+//! its own wait timer runs out and it cancels.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+
+use super::{unavailable, Inner, RedisLimiter};
+use crate::core::{Grant, Refusal, WaitOutcome};
+use crate::error::StoreError;
+use crate::types::{FencingToken, LimiterName, Timestamp};
+
+/// A queued acquire of this process.
+pub(crate) struct Pending {
+    /// Its limiter, to re-check it after a reconnect.
+    pub(crate) limiter: LimiterName,
+    /// Where its outcome goes.
+    pub(crate) tx: oneshot::Sender<WaitOutcome>,
+}
+
+/// Decodes an outcome recorded by the script: `G|token|permits|lease|deadline|granted_at|waited`,
+/// `T|retry_after`, `X|requested|limit` or `D`. All times in microseconds.
+pub(crate) fn decode_outcome(text: &str) -> Option<WaitOutcome> {
+    let f: Vec<&str> = text.split('|').collect();
+    let n = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
+    match *f.first()? {
+        "G" => Some(Ok(decode_grant(&f[1..])?)),
+        "T" => Some(Err(Refusal::WaitTimeout {
+            retry_after: Duration::from_micros(n(1)?),
+        })),
+        "X" => Some(Err(Refusal::PermitsExceedLimit {
+            requested: u32::try_from(n(1)?).ok()?,
+            limit: u32::try_from(n(2)?).ok()?,
+        })),
+        "D" => Some(Err(Refusal::LimiterDeleted)),
+        _ => None,
+    }
+}
+
+/// `token, permits, lease, deadline, granted_at, waited`.
+pub(crate) fn decode_grant<S: AsRef<str>>(f: &[S]) -> Option<Grant> {
+    let n = |i: usize| f.get(i).and_then(|s| s.as_ref().parse::<u64>().ok());
+    Some(Grant {
+        token: FencingToken(n(0)?),
+        permits: u32::try_from(n(1)?).ok()?,
+        lease: Duration::from_micros(n(2)?),
+        lease_deadline: Timestamp(n(3)?),
+        granted_at: Timestamp(n(4)?),
+        waited: Duration::from_micros(n(5)?),
+    })
+}
+
+fn deliver(inner: &Inner, payload: &str) {
+    let mut parts = payload.splitn(3, '\n');
+    let (Some(_limiter), Some(key), Some(outcome)) = (parts.next(), parts.next(), parts.next())
+    else {
+        tracing::warn!(payload, "malformed wake-up message");
+        return;
+    };
+    let Some(outcome) = decode_outcome(outcome) else {
+        tracing::warn!(payload, "malformed wake-up outcome");
+        return;
+    };
+    let pending = inner.lock_waiters().remove(key);
+    if let Some(pending) = pending {
+        // A waiter that has just gone away hands its cancel to the script, which finds the
+        // recorded outcome and undoes a grant; nothing to do here if the send fails.
+        let _ = pending.tx.send(outcome);
+    }
+}
+
+/// After a reconnect: outcomes published while the subscription was down were missed, so ask
+/// for each queued waiter's recorded outcome.
+async fn resync(inner: &Arc<Inner>) {
+    let pending: Vec<(String, LimiterName)> = inner
+        .lock_waiters()
+        .iter()
+        .map(|(k, p)| (k.clone(), p.limiter.clone()))
+        .collect();
+    for (key, name) in pending {
+        let limiter = RedisLimiter::new(Arc::clone(inner), name.clone());
+        if let Ok(Some(outcome)) = limiter.peek(&key).await {
+            if let Some(p) = inner.lock_waiters().remove(&key) {
+                let _ = p.tx.send(outcome);
+            }
+        }
+    }
+}
+
+/// Subscribes to the store's channel, waits until the subscription is confirmed, and keeps it
+/// up in a task (reconnecting with backoff) until the store is dropped.
+pub(super) async fn subscribe(inner: &Arc<Inner>, client: redis::Client) -> Result<(), StoreError> {
+    let channel = inner.channel.clone();
+    let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+    pubsub.subscribe(&channel).await.map_err(unavailable)?;
+    let weak = Arc::downgrade(inner);
+    let closing = Arc::clone(&inner.closing);
+    tokio::spawn(async move {
+        let mut current = Some(pubsub);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if let Some(pubsub) = current.take() {
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    tokio::select! {
+                        msg = messages.next() => match msg {
+                            Some(msg) => {
+                                let Some(inner) = weak.upgrade() else { return };
+                                match msg.get_payload::<String>() {
+                                    Ok(payload) => deliver(&inner, &payload),
+                                    Err(e) => tracing::warn!(error = %e, "unreadable wake-up"),
+                                }
+                            }
+                            None => break,
+                        },
+                        _ = closing.notified() => return,
+                    }
+                }
+                tracing::warn!(channel, "wake-up subscription lost; reconnecting");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = closing.notified() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            let Some(inner) = weak.upgrade() else { return };
+            match client.get_async_pubsub().await {
+                Ok(mut pubsub) => {
+                    if pubsub.subscribe(&channel).await.is_ok() {
+                        backoff = Duration::from_millis(50);
+                        tracing::info!(channel, "wake-up subscription restored");
+                        current = Some(pubsub);
+                        resync(&inner).await;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "wake-up subscription: still down"),
+            }
+        }
+    });
+    Ok(())
+}
