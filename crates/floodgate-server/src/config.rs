@@ -24,6 +24,12 @@ pub struct FileConfig {
     pub max_limiters: Option<usize>,
     /// Largest request body in bytes (default 65,536).
     pub max_body_bytes: Option<usize>,
+    /// Redis URL (or comma-separated cluster node URLs); absent: the embedded store.
+    pub redis: Option<String>,
+    /// Treat `redis` as a Redis Cluster.
+    pub redis_cluster: Option<bool>,
+    /// `fail_closed` (default) or `fail_open`, when the store cannot be reached.
+    pub on_store_failure: Option<String>,
     /// Limiters created at start, by name.
     #[serde(default)]
     pub limiters: BTreeMap<String, LimiterConfig>,

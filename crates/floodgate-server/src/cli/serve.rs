@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use floodgate::{Floodgate, LimiterName, MemoryStore, Store};
+use floodgate::{Floodgate, LimiterName, MemoryStore, RedisConfig, RedisStore, Store};
 use tracing_subscriber::EnvFilter;
 
 use super::Failure;
@@ -34,6 +34,17 @@ pub(crate) struct ServeArgs {
     /// Largest request body in bytes [default: 65536].
     #[arg(long, env = "FLOODGATE_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// Keep limiters in Redis, shared by every server using it: `redis://HOST:PORT`, or several
+    /// comma-separated node URLs for a Redis Cluster (`--redis-cluster` with one seed URL).
+    #[arg(long, env = "FLOODGATE_REDIS")]
+    redis: Option<String>,
+    /// Treat the --redis URL(s) as a Redis Cluster.
+    #[arg(long, env = "FLOODGATE_REDIS_CLUSTER")]
+    redis_cluster: Option<bool>,
+    /// When the shared store cannot be reached: `fail_closed` answers acquires 503
+    /// store_unavailable; `fail_open` grants without accounting (counted and logged).
+    #[arg(long, env = "FLOODGATE_ON_STORE_FAILURE", value_parser = ["fail_closed", "fail_open"])]
+    on_store_failure: Option<String>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
@@ -65,13 +76,59 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .max_body_bytes
             .or(file.max_body_bytes)
             .unwrap_or(DEFAULT_MAX_BODY_BYTES),
+        fail_open: match args
+            .on_store_failure
+            .as_deref()
+            .or(file.on_store_failure.as_deref())
+        {
+            None | Some("fail_closed") => false,
+            Some("fail_open") => true,
+            Some(other) => {
+                return Err(Failure::usage(format!(
+                    "on_store_failure: {other:?}; use fail_closed or fail_open"
+                )))
+            }
+        },
     };
-    let mut store = MemoryStore::new();
-    if let Some(max) = args.max_limiters.or(file.max_limiters) {
-        store = store.with_max_limiters(max);
+    let redis = args.redis.clone().or(file.redis.clone());
+    let cluster = args.redis_cluster.or(file.redis_cluster).unwrap_or(false);
+    let max_limiters = args.max_limiters.or(file.max_limiters);
+    match redis {
+        None => {
+            let mut store = MemoryStore::new();
+            if let Some(max) = max_limiters {
+                store = store.with_max_limiters(max);
+            }
+            serve_on(Floodgate::with_store(store), "memory", listen, options, &file).await
+        }
+        Some(urls) => {
+            let urls: Vec<String> = urls
+                .split(',')
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty())
+                .collect();
+            let config = if cluster || urls.len() > 1 {
+                RedisConfig::cluster(urls)
+            } else {
+                RedisConfig::new(urls.first().cloned().unwrap_or_default())
+            };
+            let store = RedisStore::connect(config).await.map_err(|e| Failure {
+                code: super::EXIT_UNAVAILABLE,
+                message: e.to_string(),
+            })?;
+            serve_on(Floodgate::with_store(store), "redis", listen, options, &file).await
+        }
     }
-    let gate = Floodgate::with_store(store);
-    define_limiters(&gate, &file).await?;
+}
+
+async fn serve_on<S: Store>(
+    gate: Floodgate<S>,
+    store: &'static str,
+    listen: SocketAddr,
+    options: ServerOptions,
+    file: &FileConfig,
+) -> Result<u8, Failure> {
+    define_limiters(&gate, file).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Failure {
@@ -84,9 +141,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
     })?;
     tracing::info!(
         %local,
-        store = "memory",
+        store,
         limiters = file.limiters.len(),
         auth = options.token.is_some(),
+        fail_open = options.fail_open,
         "floodgate listening"
     );
     server::run(listener, gate, options, shutdown_signal())

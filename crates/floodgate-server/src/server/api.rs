@@ -300,6 +300,21 @@ pub(super) async fn acquire<S: Store>(
             return Err(ApiError::shutting_down());
         }
     };
+    if options_fail_open(&state, &result) {
+        recorder.record("fail_open");
+        tracing::warn!(limiter = %name, "store unavailable: granting without accounting (fail_open)");
+        return Ok(Json(PermitBody {
+            permit_id: PermitId {
+                limiter: name.clone(),
+                token: floodgate::FencingToken(0),
+            }
+            .to_string(),
+            fencing_token: 0,
+            permits: 1,
+            lease_ms: 0,
+            waited_ms: 0,
+        }));
+    }
     recorder.record(outcome_label(&result));
     let grant = result?;
     Ok(Json(PermitBody {
@@ -313,6 +328,15 @@ pub(super) async fn acquire<S: Store>(
         lease_ms: millis(grant.lease),
         waited_ms: millis(grant.waited),
     }))
+}
+
+/// Whether to grant without accounting: the store is unreachable and the server fails open.
+fn options_fail_open<S: Store>(
+    state: &AppState<S>,
+    result: &Result<floodgate::Grant, AcquireError>,
+) -> bool {
+    state.options.fail_open
+        && matches!(result, Err(AcquireError::Store(StoreError::Unavailable(_))))
 }
 
 /// `POST /v1/permits/{permit_id}/extend`.
@@ -335,6 +359,14 @@ pub(super) async fn extend<S: Store>(
     JsonBody(body): JsonBody<ExtendBody>,
 ) -> Result<Json<ExtendedBody>, ApiError> {
     let id = permit_id(path)?;
+    if id.token.0 == 0 {
+        // A fail-open grant: nothing was accounted, so there is nothing to extend.
+        return Ok(Json(ExtendedBody {
+            permit_id: id.to_string(),
+            fencing_token: 0,
+            lease_ms: body.lease_ms.unwrap_or(0),
+        }));
+    }
     // A permit of a limiter that no longer exists is not held.
     let limiter = match state.gate.store().limiter(&id.limiter).await {
         Ok(limiter) => limiter,

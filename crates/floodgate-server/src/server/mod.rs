@@ -33,6 +33,9 @@ pub struct ServerOptions {
     pub api_writes: bool,
     /// Largest request body accepted; larger gets 413.
     pub max_body_bytes: usize,
+    /// When the store cannot be reached, grant acquires without accounting (token 0) instead
+    /// of answering 503 `store_unavailable`. Counted as outcome `fail_open` and logged.
+    pub fail_open: bool,
 }
 
 impl Default for ServerOptions {
@@ -42,6 +45,7 @@ impl Default for ServerOptions {
             metrics_require_token: false,
             api_writes: true,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            fail_open: false,
         }
     }
 }
