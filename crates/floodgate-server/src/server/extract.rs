@@ -31,19 +31,30 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         } else {
             &bytes
         };
-        let de = &mut serde_json::Deserializer::from_slice(text);
-        match serde_path_to_error::deserialize(de) {
-            Ok(value) => Ok(JsonBody(value)),
+        let bad = |field: &str, message: &dyn std::fmt::Display| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("{field}: {message}"),
+            )
+        };
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let value = match serde_path_to_error::deserialize(&mut de) {
+            Ok(value) => value,
             Err(e) => {
                 let path = e.path().to_string();
                 let inner = e.into_inner();
-                let field = if path == "." { "body" } else { &path };
-                Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    format!("{field}: {inner}"),
-                ))
+                // "." is the whole body; "?" is where a syntax error left no field to name.
+                let field = if path == "." || path.starts_with('?') {
+                    "body"
+                } else {
+                    &path
+                };
+                return Err(bad(field, &inner));
             }
-        }
+        };
+        // Anything after the JSON value (a second object, garbage) is an error, not ignored.
+        de.end().map_err(|e| bad("body", &e))?;
+        Ok(JsonBody(value))
     }
 }
