@@ -96,8 +96,11 @@ local function remove_waiter(key, w)
 end
 
 local function grant(permits, lease, enqueued_at)
-  local token = next_token
-  next_token = next_token + 1
+  -- Never below the clock: after a failover to a replica that missed the last grants, the
+  -- clock has moved past their tokens, so none is issued twice (unless grants outran one per
+  -- microsecond).
+  local token = math.max(next_token, now)
+  next_token = token + 1
   local deadline = now + lease
   redis.call('HSET', K_HOLD, fmt(token), fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now))
   redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
