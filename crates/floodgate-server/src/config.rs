@@ -8,6 +8,8 @@ use std::time::Duration;
 use floodgate::LimiterSpec;
 use serde::Deserialize;
 
+use crate::wire::{AdaptiveBody, RateBody};
+
 /// The file's contents. Every field is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,8 +41,12 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimiterConfig {
-    /// Permits out at once.
-    pub concurrency: u32,
+    /// Permits out at once (leave out for a rate-only limiter).
+    pub concurrency: Option<u32>,
+    /// A rate limit: `rate = { limit = 100, period_ms = 60000, burst = 10 }`.
+    pub rate: Option<RateBody>,
+    /// Adaptive concurrency: `adaptive = { min = 5, max = 100 }`.
+    pub adaptive: Option<AdaptiveBody>,
     /// Default lease in milliseconds.
     pub lease_ms: Option<u64>,
     /// Cap on a wait in milliseconds.
@@ -55,6 +61,8 @@ impl LimiterConfig {
         let d = LimiterSpec::default();
         LimiterSpec {
             concurrency: self.concurrency,
+            rate: self.rate.map(Into::into),
+            adaptive: self.adaptive.map(Into::into),
             default_lease: self.lease_ms.map_or(d.default_lease, Duration::from_millis),
             max_wait: self.max_wait_ms.map_or(d.max_wait, Duration::from_millis),
             max_queue: self.max_queue.unwrap_or(d.max_queue),

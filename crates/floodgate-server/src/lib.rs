@@ -11,3 +11,4 @@ pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod server;
+pub mod wire;

@@ -122,27 +122,67 @@ impl Metrics {
 impl prometheus_client::collector::Collector for StoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let snap = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
-        type Read = fn(&LimiterStatus) -> i64;
+        type Read = fn(&LimiterStatus) -> Option<i64>;
         let gauges: [(&str, &str, Read); 3] = [
             ("floodgate_permits_in_use", "Permits held now", |s| {
-                i64::from(s.in_use)
+                Some(i64::from(s.in_use))
             }),
             (
                 "floodgate_permits_limit",
-                "The concurrency limit in force",
-                |s| i64::from(s.spec.concurrency),
+                "The concurrency limit in force (adaptive limits move it)",
+                |s| s.limit.map(i64::from),
             ),
             ("floodgate_waiters", "Acquires waiting in the queue", |s| {
-                i64::from(s.waiting)
+                Some(i64::from(s.waiting))
             }),
         ];
         for (name, help, read) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for s in snap.iter() {
+                let Some(value) = read(s) else { continue };
                 let labels = LimiterLabel {
                     limiter: s.name.to_string(),
                 };
-                ConstGauge::new(read(s)).encode(family.encode_family(&labels)?)?;
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        type Labelled = fn(&LimiterStatus) -> [(&'static str, u64); 3];
+        let labelled: [(&str, &str, &str, Labelled); 2] = [
+            (
+                "floodgate_feedback",
+                "Backend outcomes reported by clients (throttled is the seed's rate_limit_exceeded)",
+                "outcome",
+                |s| {
+                    [
+                        ("ok", s.counters.feedback_ok),
+                        ("throttled", s.counters.feedback_throttled),
+                        ("error", s.counters.feedback_error),
+                    ]
+                },
+            ),
+            (
+                "floodgate_limit_changes",
+                "Moves of an adaptive limit",
+                "direction",
+                |s| {
+                    [
+                        ("down", s.counters.limit_decreases),
+                        ("up", s.counters.limit_increases),
+                        ("", 0),
+                    ]
+                },
+            ),
+        ];
+        for (name, help, key, read) in labelled {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for s in snap.iter() {
+                for (value, count) in read(s) {
+                    if value.is_empty() {
+                        continue;
+                    }
+                    let labels = [("limiter", s.name.as_str()), (key, value)];
+                    ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
         type Count = fn(&LimiterStatus) -> u64;

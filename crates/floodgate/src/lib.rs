@@ -54,11 +54,11 @@ mod sync;
 mod types;
 
 pub use crate::clock::{Clock, TokioClock};
-pub use crate::core::{AcquireRequest, Counters, Grant, LimiterStatus, Refusal};
+pub use crate::core::{AcquireRequest, Counters, Feedback, Grant, LimiterStatus, Refusal};
 pub use crate::error::{AcquireError, ExtendError, StoreError};
 pub use crate::layer::FloodgateLayer;
 pub use crate::limiter::{AcquireOptions, Floodgate, Limiter, Permit};
-pub use crate::spec::{InvalidField, LimiterSpec};
+pub use crate::spec::{AdaptiveSpec, InvalidField, LimiterSpec, RateSpec};
 pub use crate::store::{LimiterBackend, MemoryLimiter, MemoryStore, Store};
 #[cfg(feature = "redis")]
 pub use crate::store::{RedisConfig, RedisLimiter, RedisStore};

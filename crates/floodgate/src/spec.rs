@@ -12,14 +12,92 @@ pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// Largest queue a limiter accepts.
 pub const MAX_QUEUE: u32 = 1_000_000;
 
-/// A limiter's configuration.
-///
-/// Room is left for rate limits: a later field (`rate`) joins `concurrency` in the same spec, and
-/// one acquire waits for both.
+/// Largest rate limit (tokens per period) accepted.
+pub const MAX_RATE: u32 = 1_000_000;
+/// Longest rate period accepted.
+pub const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
+
+/// A rate limit, enforced with GCRA: on average `limit` tokens per `period`, at most `burst`
+/// at once. Each acquire takes as many tokens as permits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSpec {
+    /// Tokens per period.
+    pub limit: u32,
+    /// The period.
+    pub period: Duration,
+    /// Tokens that may be taken back to back (1 = perfectly paced).
+    pub burst: u32,
+}
+
+impl RateSpec {
+    /// `limit` per `period`, perfectly paced (burst 1).
+    pub fn per(limit: u32, period: Duration) -> Self {
+        RateSpec {
+            limit,
+            period,
+            burst: 1,
+        }
+    }
+
+    /// Sets the burst.
+    pub fn with_burst(mut self, burst: u32) -> Self {
+        self.burst = burst;
+        self
+    }
+
+    /// The emission interval: time per token, rounded up to whole microseconds so the rate is
+    /// never exceeded (the achieved rate is within 1% of `limit / period` whenever the interval
+    /// is at least 100 µs).
+    pub fn interval_us(&self) -> u64 {
+        let period = u64::try_from(self.period.as_micros()).unwrap_or(u64::MAX);
+        period.div_ceil(u64::from(self.limit.max(1))).max(1)
+    }
+}
+
+/// Adaptive concurrency (AIMD): the effective limit moves between `min` and `max` on feedback.
+/// A throttle multiplies it by `decrease` (at most once per `cooldown`); every `limit`
+/// successes in a row add `increase`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveSpec {
+    /// Lowest effective limit.
+    pub min: u32,
+    /// Highest effective limit.
+    pub max: u32,
+    /// Added after a full round (as many successes as the current limit) without a throttle.
+    pub increase: u32,
+    /// Factor applied on a throttle, in (0, 1).
+    pub decrease: f64,
+    /// At most one decrease per this interval, so one burst of throttles counts once.
+    pub cooldown: Duration,
+}
+
+impl Eq for AdaptiveSpec {}
+
+impl AdaptiveSpec {
+    /// Between `min` and `max`, with the default steps: +1 per round, x0.7 per throttle, one
+    /// decrease per 2 s.
+    pub fn between(min: u32, max: u32) -> Self {
+        AdaptiveSpec {
+            min,
+            max,
+            increase: 1,
+            decrease: 0.7,
+            cooldown: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A limiter's configuration: a concurrency limit, a rate limit, or both (one acquire then
+/// waits for a slot and a token together).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimiterSpec {
-    /// Permits out at once, at least 1.
-    pub concurrency: u32,
+    /// Permits out at once (at least 1), or `None` for a rate-only limiter, whose grants have
+    /// no lease and need no release. With `adaptive`, the starting limit.
+    pub concurrency: Option<u32>,
+    /// The rate limit, if any.
+    pub rate: Option<RateSpec>,
+    /// Move the effective concurrency limit with backend feedback.
+    pub adaptive: Option<AdaptiveSpec>,
     /// Lease given when an acquire names none: how long a holder keeps its permit without
     /// extending it. A holder that dies is reclaimed after at most this long.
     pub default_lease: Duration,
@@ -33,7 +111,9 @@ pub struct LimiterSpec {
 impl Default for LimiterSpec {
     fn default() -> Self {
         LimiterSpec {
-            concurrency: 1,
+            concurrency: Some(1),
+            rate: None,
+            adaptive: None,
             default_lease: Duration::from_secs(300),
             max_wait: Duration::from_secs(60),
             max_queue: 10_000,
@@ -77,9 +157,30 @@ impl LimiterSpec {
     /// A spec with this concurrency and the default lease, wait and queue caps.
     pub fn concurrency(concurrency: u32) -> Self {
         LimiterSpec {
-            concurrency,
+            concurrency: Some(concurrency),
             ..LimiterSpec::default()
         }
+    }
+
+    /// A rate-only spec.
+    pub fn rate(rate: RateSpec) -> Self {
+        LimiterSpec {
+            concurrency: None,
+            rate: Some(rate),
+            ..LimiterSpec::default()
+        }
+    }
+
+    /// Adds a rate limit.
+    pub fn with_rate(mut self, rate: RateSpec) -> Self {
+        self.rate = Some(rate);
+        self
+    }
+
+    /// Makes the concurrency limit adaptive.
+    pub fn with_adaptive(mut self, adaptive: AdaptiveSpec) -> Self {
+        self.adaptive = Some(adaptive);
+        self
     }
 
     /// Sets the default lease.
@@ -102,11 +203,75 @@ impl LimiterSpec {
 
     /// Checks every field; the error names the first one out of range.
     pub fn validate(&self) -> Result<(), InvalidField> {
-        if self.concurrency == 0 || self.concurrency > MAX_CONCURRENCY {
-            return Err(InvalidField::new(
-                "concurrency",
-                format!("must be from 1 to {MAX_CONCURRENCY}"),
-            ));
+        match self.concurrency {
+            Some(c) if c == 0 || c > MAX_CONCURRENCY => {
+                return Err(InvalidField::new(
+                    "concurrency",
+                    format!("must be from 1 to {MAX_CONCURRENCY}"),
+                ));
+            }
+            None if self.rate.is_none() => {
+                return Err(InvalidField::new(
+                    "concurrency",
+                    "a limiter needs a concurrency limit, a rate limit, or both",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(rate) = &self.rate {
+            if rate.limit == 0 || rate.limit > MAX_RATE {
+                return Err(InvalidField::new(
+                    "rate.limit",
+                    format!("must be from 1 to {MAX_RATE}"),
+                ));
+            }
+            if rate.period < Duration::from_millis(1) || rate.period > MAX_PERIOD {
+                return Err(InvalidField::new(
+                    "rate.period_ms",
+                    "must be from 1 ms to 86400000 ms (24 h)",
+                ));
+            }
+            if rate.burst == 0 || rate.burst > MAX_RATE {
+                return Err(InvalidField::new(
+                    "rate.burst",
+                    format!("must be from 1 to {MAX_RATE}"),
+                ));
+            }
+        }
+        if let Some(a) = &self.adaptive {
+            let Some(c) = self.concurrency else {
+                return Err(InvalidField::new(
+                    "adaptive",
+                    "needs a concurrency limit to adapt",
+                ));
+            };
+            if a.min == 0 || a.min > a.max || a.max > MAX_CONCURRENCY {
+                return Err(InvalidField::new(
+                    "adaptive.min",
+                    format!("need 1 <= min <= max <= {MAX_CONCURRENCY}"),
+                ));
+            }
+            if c < a.min || c > a.max {
+                return Err(InvalidField::new(
+                    "concurrency",
+                    "the starting limit must lie between adaptive.min and adaptive.max",
+                ));
+            }
+            if a.increase == 0 || a.increase > MAX_CONCURRENCY {
+                return Err(InvalidField::new("adaptive.increase", "must be at least 1"));
+            }
+            if !(a.decrease > 0.0 && a.decrease < 1.0) {
+                return Err(InvalidField::new(
+                    "adaptive.decrease",
+                    "must be between 0 and 1 (exclusive)",
+                ));
+            }
+            if a.cooldown > MAX_PERIOD {
+                return Err(InvalidField::new(
+                    "adaptive.cooldown_ms",
+                    "must be at most 86400000 ms (24 h)",
+                ));
+            }
         }
         check_lease("lease_ms", self.default_lease)?;
         if self.max_wait > MAX_WAIT {
@@ -154,5 +319,46 @@ mod tests {
             field(LimiterSpec::concurrency(1).with_max_queue(MAX_QUEUE + 1)),
             Err("max_queue")
         );
+        let neither = LimiterSpec {
+            concurrency: None,
+            ..LimiterSpec::default()
+        };
+        assert_eq!(field(neither), Err("concurrency"));
+        let per_sec = |n| RateSpec::per(n, Duration::from_secs(1));
+        assert!(LimiterSpec::rate(per_sec(10)).validate().is_ok());
+        assert_eq!(field(LimiterSpec::rate(per_sec(0))), Err("rate.limit"));
+        assert_eq!(
+            field(LimiterSpec::rate(RateSpec::per(1, Duration::ZERO))),
+            Err("rate.period_ms")
+        );
+        assert_eq!(
+            field(LimiterSpec::rate(per_sec(5).with_burst(0))),
+            Err("rate.burst")
+        );
+        assert_eq!(
+            field(LimiterSpec::rate(per_sec(5)).with_adaptive(AdaptiveSpec::between(1, 5))),
+            Err("adaptive")
+        );
+        assert_eq!(
+            field(LimiterSpec::concurrency(9).with_adaptive(AdaptiveSpec::between(1, 5))),
+            Err("concurrency")
+        );
+        assert_eq!(
+            field(LimiterSpec::concurrency(3).with_adaptive(AdaptiveSpec::between(5, 1))),
+            Err("adaptive.min")
+        );
+    }
+
+    #[test]
+    fn the_emission_interval_rounds_up() {
+        assert_eq!(
+            RateSpec::per(100, Duration::from_secs(60)).interval_us(),
+            600_000
+        );
+        assert_eq!(
+            RateSpec::per(7, Duration::from_secs(60)).interval_us(),
+            8_571_429
+        );
+        assert_eq!(RateSpec::per(3, Duration::from_micros(1)).interval_us(), 1);
     }
 }

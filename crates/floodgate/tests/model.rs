@@ -59,10 +59,11 @@ struct SpecChoice {
 impl SpecChoice {
     fn spec(&self) -> LimiterSpec {
         LimiterSpec {
-            concurrency: self.concurrency,
+            concurrency: Some(self.concurrency),
             default_lease: Duration::from_millis(self.default_lease_ms),
             max_wait: Duration::from_millis(self.max_wait_ms),
             max_queue: self.max_queue,
+            ..LimiterSpec::default()
         }
     }
 }
@@ -921,7 +922,11 @@ impl Harness {
         grants: u64,
     ) -> Result<(), TestCaseError> {
         let at = Timestamp(self.applied);
-        let limit = self.core.spec().concurrency;
+        let limit = self
+            .core
+            .spec()
+            .concurrency
+            .expect("the model drives concurrency limiters");
         let in_use = self.core.in_use();
         if in_use > limit {
             self.coverage.over_limit_steps += 1;

@@ -9,14 +9,15 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use floodgate::{
-    AcquireError, AcquireRequest, LimiterBackend, LimiterName, LimiterSpec, LimiterStatus,
-    PermitId, Refusal, Store, StoreError,
+    AcquireError, AcquireRequest, AdaptiveSpec, Feedback, LimiterBackend, LimiterName, LimiterSpec,
+    LimiterStatus, PermitId, RateSpec, Refusal, Store, StoreError,
 };
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::AppState;
+use crate::wire::{AdaptiveBody, RateBody};
 
 type AppStateRef<S> = State<Arc<AppState<S>>>;
 
@@ -47,7 +48,12 @@ fn permit_id(path: Result<Path<String>, PathRejection>) -> Result<PermitId, ApiE
 #[derive(Debug, Serialize)]
 pub(crate) struct LimiterBody {
     name: String,
-    concurrency: u32,
+    /// The configured concurrency (the adaptive starting point); null for rate only.
+    concurrency: Option<u32>,
+    /// The concurrency limit in force (moved by adaptive feedback); null for rate only.
+    limit: Option<u32>,
+    rate: Option<RateBody>,
+    adaptive: Option<AdaptiveBody>,
     lease_ms: u64,
     max_wait_ms: u64,
     max_queue: u32,
@@ -68,6 +74,13 @@ struct CountersBody {
     queue_full: u64,
     rejected: u64,
     extend_lost: u64,
+    paced: u64,
+    scheduled: u64,
+    feedback_ok: u64,
+    feedback_throttled: u64,
+    feedback_error: u64,
+    limit_decreases: u64,
+    limit_increases: u64,
 }
 
 impl From<LimiterStatus> for LimiterBody {
@@ -76,6 +89,9 @@ impl From<LimiterStatus> for LimiterBody {
         LimiterBody {
             name: s.name.to_string(),
             concurrency: s.spec.concurrency,
+            limit: s.limit,
+            rate: s.spec.rate.map(RateBody::from),
+            adaptive: s.spec.adaptive.map(AdaptiveBody::from),
             lease_ms: millis(s.spec.default_lease),
             max_wait_ms: millis(s.spec.max_wait),
             max_queue: s.spec.max_queue,
@@ -92,6 +108,13 @@ impl From<LimiterStatus> for LimiterBody {
                 queue_full: c.queue_full,
                 rejected: c.rejected,
                 extend_lost: c.extend_lost,
+                paced: c.paced,
+                scheduled: c.scheduled,
+                feedback_ok: c.feedback_ok,
+                feedback_throttled: c.feedback_throttled,
+                feedback_error: c.feedback_error,
+                limit_decreases: c.limit_decreases,
+                limit_increases: c.limit_increases,
             },
         }
     }
@@ -122,13 +145,26 @@ pub(super) async fn get_limiter<S: Store>(
 
 /// `PUT /v1/limiters/{name}`. Fields left out keep their current value (or the default, for a
 /// new limiter), so a resize is `{"concurrency": 80}`.
+/// `null` removes `concurrency`, `rate` or `adaptive`; leaving a field out keeps it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PutLimiter {
-    concurrency: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
+    concurrency: Option<Option<u32>>,
     lease_ms: Option<u64>,
     max_wait_ms: Option<u64>,
     max_queue: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
+    rate: Option<Option<RateBody>>,
+    #[serde(default, deserialize_with = "present")]
+    adaptive: Option<Option<AdaptiveBody>>,
+}
+
+/// Tells a field given as `null` (`Some(None)`) from one left out (`None`).
+fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 fn require_writes<S: Store>(state: &AppState<S>) -> Result<(), ApiError> {
@@ -160,15 +196,22 @@ pub(super) async fn put_limiter<S: Store>(
         Err(StoreError::UnknownLimiter(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    if current.is_none() && body.concurrency.is_none() {
+    if current.is_none() && body.concurrency.is_none() && body.rate.is_none() {
         return Err(ApiError::bad_field(
             "concurrency",
-            "required when creating a limiter",
+            "required when creating a limiter (or give a rate)",
         ));
     }
-    let base = current.unwrap_or_default();
+    let base = current.unwrap_or_else(|| LimiterSpec {
+        concurrency: None,
+        ..LimiterSpec::default()
+    });
     let spec = LimiterSpec {
         concurrency: body.concurrency.unwrap_or(base.concurrency),
+        rate: body.rate.map_or(base.rate, |r| r.map(RateSpec::from)),
+        adaptive: body
+            .adaptive
+            .map_or(base.adaptive, |a| a.map(AdaptiveSpec::from)),
         default_lease: body
             .lease_ms
             .map_or(base.default_lease, Duration::from_millis),
@@ -178,7 +221,7 @@ pub(super) async fn put_limiter<S: Store>(
         max_queue: body.max_queue.unwrap_or(base.max_queue),
     };
     let status = state.gate.store().put_limiter(&name, spec).await?;
-    tracing::info!(limiter = %name, concurrency = status.spec.concurrency, "limiter set");
+    tracing::info!(limiter = %name, concurrency = ?status.spec.concurrency, rate = ?status.spec.rate, "limiter set");
     Ok(Json(status.into()))
 }
 
@@ -337,6 +380,77 @@ fn options_fail_open<S: Store>(
 ) -> bool {
     state.options.fail_open
         && matches!(result, Err(AcquireError::Store(StoreError::Unavailable(_))))
+}
+
+/// `POST /v1/limiters/{name}/schedule`: `{"count": 5000}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ScheduleBody {
+    count: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Scheduled {
+    count: usize,
+    /// When each child may start, in milliseconds from now (rounded up: never early).
+    offsets_ms: Vec<u64>,
+}
+
+pub(super) async fn schedule<S: Store>(
+    State(state): AppStateRef<S>,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<ScheduleBody>,
+) -> Result<Json<Scheduled>, ApiError> {
+    let name = limiter_name(path)?;
+    let limiter = state.gate.store().limiter(&name).await?;
+    let offsets = limiter.schedule(body.count).await?;
+    Ok(Json(Scheduled {
+        count: offsets.len(),
+        offsets_ms: offsets
+            .iter()
+            .map(|d| u64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(u64::MAX))
+            .collect(),
+    }))
+}
+
+/// `POST /v1/limiters/{name}/feedback`: `{"outcome": "throttled", "latency_ms": 120}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FeedbackBody {
+    outcome: FeedbackOutcome,
+    /// Accepted for the record; the AIMD controller uses outcomes only.
+    #[allow(dead_code)]
+    latency_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FeedbackOutcome {
+    Ok,
+    Throttled,
+    Error,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct FeedbackReply {
+    /// The concurrency limit in force after this report.
+    limit: Option<u32>,
+}
+
+pub(super) async fn feedback<S: Store>(
+    State(state): AppStateRef<S>,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<FeedbackBody>,
+) -> Result<Json<FeedbackReply>, ApiError> {
+    let name = limiter_name(path)?;
+    let limiter = state.gate.store().limiter(&name).await?;
+    let outcome = match body.outcome {
+        FeedbackOutcome::Ok => Feedback::Ok,
+        FeedbackOutcome::Throttled => Feedback::Throttled,
+        FeedbackOutcome::Error => Feedback::Error,
+    };
+    let limit = limiter.feedback(outcome).await?;
+    Ok(Json(FeedbackReply { limit }))
 }
 
 /// `POST /v1/permits/{permit_id}/extend`.

@@ -82,6 +82,8 @@ pub fn router<S: Store>(
                 .delete(api::delete_limiter::<S>),
         )
         .route("/limiters/{name}/acquire", post(api::acquire::<S>))
+        .route("/limiters/{name}/schedule", post(api::schedule::<S>))
+        .route("/limiters/{name}/feedback", post(api::feedback::<S>))
         .route("/permits/{permit_id}/extend", post(api::extend::<S>))
         .route("/permits/{permit_id}/release", post(api::release::<S>))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -132,7 +132,8 @@ impl Effects {
     }
 }
 
-/// Monotonic counters of what a limiter has done. `granted = released + expired + held`.
+/// Monotonic counters of what a limiter has done.
+/// `granted = released + expired + held + paced`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Grants made (each may hold several permits).
@@ -151,6 +152,20 @@ pub struct Counters {
     pub rejected: u64,
     /// Extends of a permit that was no longer held.
     pub extend_lost: u64,
+    /// Grants of a rate-only limiter: no lease, nothing to release.
+    pub paced: u64,
+    /// Rate tokens reserved by `schedule`.
+    pub scheduled: u64,
+    /// Feedback reports, by outcome.
+    pub feedback_ok: u64,
+    /// Feedback reports of a throttled backend call (RateLimitExceeded, 429).
+    pub feedback_throttled: u64,
+    /// Feedback reports of other failures (not used to adapt).
+    pub feedback_error: u64,
+    /// Times the adaptive limit went down.
+    pub limit_decreases: u64,
+    /// Times the adaptive limit went up.
+    pub limit_increases: u64,
 }
 
 /// A point-in-time view of one limiter.
@@ -168,9 +183,25 @@ pub struct LimiterStatus {
     pub waiting: u32,
     /// Permits the queued acquires ask for in total.
     pub waiting_permits: u64,
+    /// The concurrency limit in force: the spec's, or the adaptive one. `None`: rate only.
+    pub limit: Option<u32>,
     /// Lifetime counters.
     pub counters: Counters,
 }
+
+/// What a backend call reported, for adaptive limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feedback {
+    /// The call succeeded.
+    Ok,
+    /// The backend said it is overloaded (RateLimitExceeded, HTTP 429).
+    Throttled,
+    /// Another failure; counted, not used to adapt.
+    Error,
+}
+
+/// Largest fan-out one `schedule` call reserves.
+pub const MAX_SCHEDULE: u32 = 100_000;
 
 /// Returned by `extend` when the permit is not held (released, expired or never granted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -238,6 +269,14 @@ pub struct LimiterCore {
     next_waiter: u64,
     /// Smoothed hold time of released grants, in microseconds; feeds the retry hint.
     hold_ewma_us: Option<u64>,
+    /// GCRA's theoretical arrival time: when the rate is fully caught up.
+    tat: Timestamp,
+    /// The concurrency limit in force (moved by adaptive feedback); `None` for rate only.
+    limit: Option<u32>,
+    /// Successes since the adaptive limit last moved.
+    successes: u32,
+    /// When the adaptive limit last went down, for the cooldown.
+    last_decrease: Option<Timestamp>,
     counters: Counters,
 }
 
@@ -254,7 +293,6 @@ impl LimiterCore {
     pub fn new(spec: LimiterSpec, first_token: u64) -> Result<Self, InvalidField> {
         spec.validate()?;
         Ok(LimiterCore {
-            spec,
             holders: U64Map::default(),
             leases: DeadlineHeap::default(),
             in_use: 0,
@@ -264,7 +302,12 @@ impl LimiterCore {
             next_token: first_token.max(1),
             next_waiter: 0,
             hold_ewma_us: None,
+            tat: Timestamp(0),
+            limit: spec_limit(&spec),
+            successes: 0,
+            last_decrease: None,
             counters: Counters::default(),
+            spec,
         })
     }
 
@@ -302,6 +345,7 @@ impl LimiterCore {
             holders: u32::try_from(self.holders.len()).unwrap_or(u32::MAX),
             waiting: u32::try_from(self.queue.len()).unwrap_or(u32::MAX),
             waiting_permits: self.queued_permits,
+            limit: self.limit,
             counters: self.counters,
         }
     }
@@ -317,11 +361,11 @@ impl LimiterCore {
                 "must be at least 1",
             )));
         }
-        if req.permits > self.spec.concurrency {
+        if let Some(cap) = self.permit_cap().filter(|cap| req.permits > *cap) {
             self.counters.rejected += 1;
             return Admission::Refused(Refusal::PermitsExceedLimit {
                 requested: req.permits,
-                limit: self.spec.concurrency,
+                limit: cap,
             });
         }
         let lease = req.lease.unwrap_or(self.spec.default_lease);
@@ -329,14 +373,28 @@ impl LimiterCore {
             self.counters.rejected += 1;
             return Admission::Refused(Refusal::Invalid(e));
         }
-        if self.queue.is_empty() && self.fits(req.permits) {
-            let grant = self.grant(now, req.permits, lease, now, req.holder.clone());
-            return Admission::Granted(grant);
-        }
         let wait = req
             .wait
             .unwrap_or(self.spec.max_wait)
             .min(self.spec.max_wait);
+        if self.queue.is_empty() && self.fits(req.permits) {
+            match self.rate_at(req.permits) {
+                Some(at) if at > now => {
+                    // Only the rate holds it back, and its token time is known: if that is
+                    // past the wait, say so now with the exact time rather than queueing.
+                    if at.since(now) > wait {
+                        self.counters.timed_out += 1;
+                        return Admission::Refused(Refusal::WaitTimeout {
+                            retry_after: at.since(now).max(Duration::from_millis(1)),
+                        });
+                    }
+                }
+                _ => {
+                    let grant = self.grant(now, req.permits, lease, now, req.holder.clone());
+                    return Admission::Granted(grant);
+                }
+            }
+        }
         let ahead = self.queued_permits + u64::from(req.permits);
         // Below the clock's resolution a wait would end the moment it began: try once.
         if wait < Duration::from_micros(1) {
@@ -429,8 +487,10 @@ impl LimiterCore {
     ) -> Result<(), InvalidField> {
         spec.validate()?;
         self.advance(now, fx);
+        self.limit = spec_limit(&spec);
+        self.successes = 0;
         self.spec = spec;
-        let limit = self.spec.concurrency;
+        let limit = self.permit_cap().unwrap_or(u32::MAX);
         let impossible: Vec<u64> = self
             .queue
             .iter()
@@ -477,12 +537,28 @@ impl LimiterCore {
                 .waits
                 .peek_live(|k, _| queue.contains_key(&k))
                 .filter(|(d, _)| *d <= now);
+            // The head's rate token time, when only the rate holds it back.
+            let rate = self.head_rate_at().filter(|at| *at <= now);
             let lease_first = match (lease, wait) {
-                (None, None) => break,
+                (None, None) if rate.is_none() => break,
+                (None, None) => false,
                 // On a tie the lease goes first, so the waiter still gets the freed slot.
                 (Some((ld, _)), Some((wd, _))) => ld <= wd,
                 (l, _) => l.is_some(),
             };
+            let wait_time = wait.map(|(wd, _)| wd);
+            let first = if lease_first {
+                lease.map(|(ld, _)| ld)
+            } else {
+                wait_time
+            };
+            if let Some(at) = rate.filter(|r| first.is_none_or(|f| *r <= f)) {
+                // The head's token time came before any other event: grant it (and whoever
+                // follows and is also ready).
+                let _ = at;
+                self.grant_waiters(now, fx);
+                continue;
+            }
             if lease_first {
                 if let Some((_, token)) = lease {
                     self.leases.pop();
@@ -524,14 +600,137 @@ impl LimiterCore {
             .waits
             .peek_live(|k, _| queue.contains_key(&k))
             .map(|(d, _)| d);
-        match (lease, wait) {
+        [lease, wait, self.head_rate_at()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Reserves `count` rate tokens for a producer's fan-out and returns, for each, how long
+    /// from `now` until it may start. Reservations take the next token times after those
+    /// already promised, exactly as `count` acquires of one permit would; waiters queued at
+    /// this moment are served after them for the rate.
+    pub fn schedule(
+        &mut self,
+        now: Timestamp,
+        count: u32,
+        fx: &mut Effects,
+    ) -> Result<Vec<Duration>, InvalidField> {
+        if self.spec.rate.is_none() {
+            return Err(InvalidField::new(
+                "count",
+                "this limiter has no rate limit to schedule against",
+            ));
+        }
+        if count == 0 || count > MAX_SCHEDULE {
+            return Err(InvalidField::new(
+                "count",
+                format!("must be from 1 to {MAX_SCHEDULE}"),
+            ));
+        }
+        self.advance(now, fx);
+        let mut offsets = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let at = self.rate_at(1).map_or(now, |at| at.max(now));
+            offsets.push(at.since(now));
+            self.take_rate(at, 1);
+        }
+        self.counters.scheduled += u64::from(count);
+        Ok(offsets)
+    }
+
+    /// Records a backend call's outcome. With an adaptive limit: a throttle multiplies the
+    /// limit by `decrease` (at most once per cooldown); a full round of successes (as many as
+    /// the limit) adds `increase`, granting waiters at once. Returns the limit in force.
+    pub fn feedback(&mut self, now: Timestamp, outcome: Feedback, fx: &mut Effects) -> Option<u32> {
+        self.advance(now, fx);
+        match outcome {
+            Feedback::Ok => self.counters.feedback_ok += 1,
+            Feedback::Throttled => self.counters.feedback_throttled += 1,
+            Feedback::Error => self.counters.feedback_error += 1,
+        }
+        let (Some(adaptive), Some(limit)) = (self.spec.adaptive, self.limit) else {
+            return self.limit;
+        };
+        match outcome {
+            Feedback::Throttled => {
+                self.successes = 0;
+                let cooled = self
+                    .last_decrease
+                    .is_none_or(|at| now >= at.after(adaptive.cooldown));
+                if cooled {
+                    self.last_decrease = Some(now);
+                    // At least one step down, never below min.
+                    let scaled = (f64::from(limit) * adaptive.decrease).floor() as u32;
+                    let lowered = scaled.min(limit.saturating_sub(1)).max(adaptive.min);
+                    if lowered < limit {
+                        self.limit = Some(lowered);
+                        self.counters.limit_decreases += 1;
+                    }
+                }
+            }
+            Feedback::Ok => {
+                self.successes += 1;
+                if self.successes >= limit {
+                    self.successes = 0;
+                    let raised = limit.saturating_add(adaptive.increase).min(adaptive.max);
+                    if raised > limit {
+                        self.limit = Some(raised);
+                        self.counters.limit_increases += 1;
+                        self.grant_waiters(now, fx);
+                    }
+                }
+            }
+            Feedback::Error => {}
+        }
+        self.limit
+    }
+
+    /// The most permits one acquire can ever get: the concurrency (or adaptive maximum), and
+    /// the rate's burst. `None`: no cap.
+    fn permit_cap(&self) -> Option<u32> {
+        let conc = self.spec.adaptive.map(|a| a.max).or(self.spec.concurrency);
+        let burst = self.spec.rate.map(|r| r.burst);
+        match (conc, burst) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
     fn fits(&self, permits: u32) -> bool {
-        u64::from(self.in_use) + u64::from(permits) <= u64::from(self.spec.concurrency)
+        match self.limit {
+            Some(limit) => u64::from(self.in_use) + u64::from(permits) <= u64::from(limit),
+            None => true,
+        }
+    }
+
+    /// When the rate allows `permits` tokens (GCRA: the theoretical arrival time, plus the
+    /// tokens asked, less the burst allowance). `None` without a rate limit.
+    fn rate_at(&self, permits: u32) -> Option<Timestamp> {
+        let rate = self.spec.rate?;
+        let t = rate.interval_us();
+        let need = t.saturating_mul(u64::from(permits));
+        let allowance = t.saturating_mul(u64::from(rate.burst));
+        Some(Timestamp(
+            self.tat.0.saturating_add(need).saturating_sub(allowance),
+        ))
+    }
+
+    /// Takes `permits` tokens at `at`.
+    fn take_rate(&mut self, at: Timestamp, permits: u32) {
+        if let Some(rate) = self.spec.rate {
+            let t = rate.interval_us().saturating_mul(u64::from(permits));
+            self.tat = Timestamp(self.tat.0.max(at.0).saturating_add(t));
+        }
+    }
+
+    /// The head waiter's token time, if it fits the concurrency and only the rate holds it.
+    fn head_rate_at(&self) -> Option<Timestamp> {
+        let (_, head) = self.queue.first_key_value()?;
+        if !self.fits(head.permits) {
+            return None;
+        }
+        self.rate_at(head.permits)
     }
 
     fn grant(
@@ -544,6 +743,20 @@ impl LimiterCore {
     ) -> Grant {
         let token = self.next_token;
         self.next_token += 1;
+        self.take_rate(now, permits);
+        self.counters.granted += 1;
+        if self.spec.concurrency.is_none() {
+            // Rate only: nothing is held, so there is no lease and nothing to release.
+            self.counters.paced += 1;
+            return Grant {
+                token: FencingToken(token),
+                permits,
+                lease: Duration::ZERO,
+                lease_deadline: now,
+                granted_at: now,
+                waited: now.since(enqueued_at),
+            };
+        }
         let deadline = now.after(lease);
         self.holders.insert(
             token,
@@ -560,7 +773,6 @@ impl LimiterCore {
             holders.get(&k).is_some_and(|h| h.deadline == d)
         });
         self.in_use += permits;
-        self.counters.granted += 1;
         Grant {
             token: FencingToken(token),
             permits,
@@ -574,7 +786,7 @@ impl LimiterCore {
     /// Grants queued waiters from the head while their permits fit.
     fn grant_waiters(&mut self, now: Timestamp, fx: &mut Effects) {
         while let Some((_, head)) = self.queue.first_key_value() {
-            if !self.fits(head.permits) {
+            if !self.fits(head.permits) || self.rate_at(head.permits).is_some_and(|at| at > now) {
                 break;
             }
             let Some((id, w)) = self.queue.pop_first() else {
@@ -600,7 +812,15 @@ impl LimiterCore {
     /// When a permit is likely to be free for a request with `ahead` permits queued before and
     /// including it: rounds of the limit times the typical hold, or else the nearest lease end.
     fn retry_hint(&mut self, now: Timestamp, ahead: u64) -> Duration {
-        let limit = u64::from(self.spec.concurrency);
+        let by_rate = self
+            .rate_at(u32::try_from(ahead).unwrap_or(u32::MAX))
+            .map(|at| at.since(now));
+        let Some(limit) = self.limit else {
+            return by_rate
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(1), MAX_LEASE);
+        };
+        let limit = u64::from(limit);
         let rounds = ahead.div_ceil(limit).max(1);
         let estimate = match self.hold_ewma_us {
             Some(avg) => Duration::from_micros(avg.saturating_mul(rounds)),
@@ -615,8 +835,15 @@ impl LimiterCore {
                 }
             }
         };
-        estimate.clamp(Duration::from_millis(1), MAX_LEASE)
+        estimate
+            .max(by_rate.unwrap_or(Duration::ZERO))
+            .clamp(Duration::from_millis(1), MAX_LEASE)
     }
+}
+
+/// The concurrency limit a spec starts with.
+fn spec_limit(spec: &LimiterSpec) -> Option<u32> {
+    spec.concurrency
 }
 
 #[cfg(test)]

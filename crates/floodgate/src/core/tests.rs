@@ -322,7 +322,7 @@ fn raising_the_limit_grants_waiters_at_once() {
     let a = queued(c.acquire(t(0), &req(1), &mut fx));
     let b = queued(c.acquire(t(0), &req(1), &mut fx));
     let spec = LimiterSpec {
-        concurrency: 3,
+        concurrency: Some(3),
         ..c.spec().clone()
     };
     c.reconfigure(t(1), spec, &mut fx).expect("valid");
@@ -339,7 +339,7 @@ fn lowering_the_limit_lets_holders_finish_and_grants_nothing_until_below() {
         .collect();
     let w = queued(c.acquire(t(0), &req(1), &mut fx));
     let spec = LimiterSpec {
-        concurrency: 1,
+        concurrency: Some(1),
         ..c.spec().clone()
     };
     c.reconfigure(t(1), spec, &mut fx).expect("valid");
@@ -359,7 +359,7 @@ fn lowering_the_limit_below_a_waiters_request_refuses_it() {
     granted(c.acquire(t(0), &req(3), &mut fx));
     let big = queued(c.acquire(t(0), &req(3), &mut fx));
     let spec = LimiterSpec {
-        concurrency: 2,
+        concurrency: Some(2),
         ..c.spec().clone()
     };
     c.reconfigure(t(1), spec, &mut fx).expect("valid");
@@ -381,14 +381,14 @@ fn reconfigure_validates_and_changes_nothing_on_error() {
     let mut c = core(3);
     let mut fx = Effects::default();
     let bad = LimiterSpec {
-        concurrency: 0,
+        concurrency: Some(0),
         ..c.spec().clone()
     };
     assert_eq!(
         c.reconfigure(t(0), bad, &mut fx).map_err(|e| e.field),
         Err("concurrency")
     );
-    assert_eq!(c.spec().concurrency, 3);
+    assert_eq!(c.spec().concurrency, Some(3));
 }
 
 #[test]

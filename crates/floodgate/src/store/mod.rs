@@ -14,7 +14,7 @@ pub mod redis;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::core::{AcquireRequest, Grant, LimiterStatus};
+use crate::core::{AcquireRequest, Feedback, Grant, LimiterStatus};
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::LimiterSpec;
 use crate::types::{FencingToken, LimiterName};
@@ -85,4 +85,16 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// The limiter's status.
     fn status(&self) -> impl Future<Output = Result<LimiterStatus, StoreError>> + Send;
+
+    /// Reserves `count` rate tokens for a fan-out; returns each one's start offset from now.
+    fn schedule(
+        &self,
+        count: u32,
+    ) -> impl Future<Output = Result<Vec<Duration>, StoreError>> + Send;
+
+    /// Reports a backend call's outcome (moves an adaptive limit); returns the limit in force.
+    fn feedback(
+        &self,
+        outcome: Feedback,
+    ) -> impl Future<Output = Result<Option<u32>, StoreError>> + Send;
 }

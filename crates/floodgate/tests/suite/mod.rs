@@ -307,7 +307,10 @@ pub(crate) async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: St
     assert_eq!(lim.status().await.unwrap().in_use, 3);
     // Lower to 1: holders keep their permits; nothing is granted until in-use is below 1.
     let st = gate.define(&name, spec(1)).await.unwrap();
-    assert_eq!((st.in_use, st.spec.concurrency), (3, 1));
+    assert_eq!(
+        (st.in_use, st.spec.concurrency, st.limit),
+        (3, Some(1), Some(1))
+    );
     let late = {
         let lim = lim.clone();
         tokio::spawn(async move { lim.acquire(wait(1_500)).await })

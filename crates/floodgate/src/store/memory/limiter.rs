@@ -10,7 +10,8 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::clock::Clock;
 use crate::core::{
-    AcquireRequest, Admission, Effects, Grant, LimiterCore, LimiterStatus, WaitOutcome, WaiterId,
+    AcquireRequest, Admission, Effects, Feedback, Grant, LimiterCore, LimiterStatus, WaitOutcome,
+    WaiterId,
 };
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::{InvalidField, LimiterSpec};
@@ -255,6 +256,15 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
 
     fn release_in_background(&self, token: FencingToken) {
         self.release_now(token);
+    }
+
+    async fn schedule(&self, count: u32) -> Result<Vec<Duration>, StoreError> {
+        self.with_state(|state, now, fx| state.core.schedule(now, count, fx))?
+            .map_err(StoreError::Invalid)
+    }
+
+    async fn feedback(&self, outcome: Feedback) -> Result<Option<u32>, StoreError> {
+        self.with_state(|state, now, fx| state.core.feedback(now, outcome, fx))
     }
 
     async fn status(&self) -> Result<LimiterStatus, StoreError> {

@@ -50,8 +50,16 @@ do
   local raw = redis.call('HGETALL', K_META)
   for i = 1, #raw, 2 do m[raw[i]] = raw[i + 1] end
 end
-local exists = m.concurrency ~= nil
-local limit = tonumber(m.concurrency or '0')
+local exists = m.lease_us ~= nil
+-- Absent (empty) fields mean "none": a rate-only limiter has no concurrency.
+local function opt(v) if v == nil or v == '' then return nil end return tonumber(v) end
+local concurrency = opt(m.concurrency)
+local limit = opt(m.eff_limit)           -- the concurrency limit in force (adaptive moves it)
+local rate_limit, rate_period, rate_burst = opt(m.rate_limit), opt(m.rate_period_us), opt(m.rate_burst)
+local a_min, a_max, a_inc, a_dec, a_cool = opt(m.a_min), opt(m.a_max), opt(m.a_inc), opt(m.a_dec), opt(m.a_cool_us)
+local tat = tonumber(m.tat or '0')
+local successes = tonumber(m.successes or '0')
+local last_decrease = opt(m.last_decrease)
 local default_lease = tonumber(m.lease_us or '0')
 local max_wait = tonumber(m.max_wait_us or '0')
 local max_queue = tonumber(m.max_queue or '0')
@@ -62,7 +70,8 @@ local queued_permits = tonumber(m.queued_permits or '0')
 local ewma = nil
 if m.ewma_us and m.ewma_us ~= '' then ewma = tonumber(m.ewma_us) end
 local COUNTERS = {'granted', 'released', 'expired', 'timed_out', 'cancelled', 'queue_full',
-                  'rejected', 'extend_lost'}
+                  'rejected', 'extend_lost', 'paced', 'scheduled', 'feedback_ok',
+                  'feedback_throttled', 'feedback_error', 'limit_decreases', 'limit_increases'}
 local c = {}
 for _, k in ipairs(COUNTERS) do c[k] = tonumber(m['c_' .. k] or '0') end
 
@@ -86,7 +95,31 @@ local function parse_holder(token)
   return {permits = tonumber(f[1]), deadline = tonumber(f[2]), granted_at = tonumber(f[3])}
 end
 
-local function fits(permits) return in_use + permits <= limit end
+local function fits(permits) return limit == nil or in_use + permits <= limit end
+
+-- GCRA. The emission interval is rounded up to whole microseconds, so the rate is never
+-- exceeded (same as RateSpec::interval_us in Rust).
+local function interval()
+  return math.max(1, math.ceil(rate_period / rate_limit))
+end
+
+-- When the rate allows `permits` tokens; nil without a rate limit.
+local function rate_at(permits)
+  if not rate_limit then return nil end
+  local t = interval()
+  return math.max(0, tat + t * permits - t * rate_burst)
+end
+
+local function take_rate(at, permits)
+  if rate_limit then tat = math.max(tat, at) + interval() * permits end
+end
+
+-- The most permits one acquire can ever get.
+local function permit_cap()
+  local cap = a_max or concurrency
+  if rate_burst and (not cap or rate_burst < cap) then cap = rate_burst end
+  return cap
+end
 
 local function remove_waiter(key, w)
   redis.call('ZREM', K_Q, key)
@@ -101,11 +134,17 @@ local function grant(permits, lease, enqueued_at)
   -- microsecond).
   local token = math.max(next_token, now)
   next_token = token + 1
+  take_rate(now, permits)
+  c.granted = c.granted + 1
+  if not concurrency then
+    -- Rate only: nothing is held, so no lease and nothing to release.
+    c.paced = c.paced + 1
+    return {fmt(token), fmt(permits), '0', fmt(now), fmt(now), fmt(now - enqueued_at)}
+  end
   local deadline = now + lease
   redis.call('HSET', K_HOLD, fmt(token), fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now))
   redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
   in_use = in_use + permits
-  c.granted = c.granted + 1
   return {fmt(token), fmt(permits), fmt(lease), fmt(deadline), fmt(now), fmt(now - enqueued_at)}
 end
 
@@ -116,6 +155,13 @@ local function nearest_lease()
 end
 
 local function retry_hint(ahead)
+  local by_rate = 0
+  local ra = rate_at(ahead)
+  if ra then by_rate = math.max(0, ra - now) end
+  if not limit then
+    if not ra then by_rate = 1000000 end
+    return math.min(math.max(by_rate, 1000), MAX_LEASE)
+  end
   local rounds = math.max(1, math.ceil(ahead / limit))
   local est
   if ewma then
@@ -124,7 +170,7 @@ local function retry_hint(ahead)
     local d = nearest_lease()
     if d then est = math.max(0, d - now) else est = 1000000 end
   end
-  return math.min(math.max(est, 1000), MAX_LEASE)
+  return math.min(math.max(est, by_rate, 1000), MAX_LEASE)
 end
 
 local function permits_ahead(seq)
@@ -143,6 +189,8 @@ local function grant_waiters()
     local key = head[1]
     local w = parse_waiter(key)
     if not fits(w.permits) then return end
+    local ra = rate_at(w.permits)
+    if ra and ra > now then return end
     remove_waiter(key, w)
     local g = grant(w.permits, w.lease, w.enqueued_at)
     wake(key, w.channel, 'G|' .. table.concat(g, '|'))
@@ -159,6 +207,16 @@ local function observe_hold(held)
   end
 end
 
+-- The head waiter's token time, if it fits the concurrency and only the rate holds it.
+local function head_rate_at()
+  if not rate_limit then return nil end
+  local head = redis.call('ZRANGE', K_Q, 0, 0)
+  if #head == 0 then return nil end
+  local w = parse_waiter(head[1])
+  if not w or not fits(w.permits) then return nil end
+  return rate_at(w.permits)
+end
+
 -- Applies the passage of time: lease ends and wait deadlines in deadline order (lease first
 -- on a tie), granting what each frees.
 local function advance()
@@ -168,8 +226,15 @@ local function advance()
     local ld, wd = nil, nil
     if l[2] and tonumber(l[2]) <= now then ld = tonumber(l[2]) end
     if w[2] and tonumber(w[2]) <= now then wd = tonumber(w[2]) end
-    if not ld and not wd then return end
-    if ld and (not wd or ld <= wd) then
+    local rd = head_rate_at()
+    if rd and rd > now then rd = nil end
+    if not ld and not wd and not rd then return end
+    local first = ld
+    if wd and (not first or wd < first) then first = wd end
+    if rd and (not first or rd <= first) then
+      -- The head's token time came first: grant it and whoever else is ready.
+      grant_waiters()
+    elseif ld and (not wd or ld <= wd) then
       local h = parse_holder(l[1])
       redis.call('HDEL', K_HOLD, l[1])
       redis.call('ZREM', K_LEASE, l[1])
@@ -208,9 +273,14 @@ local function check_spec(conc, lease, wait, queue)
   return nil
 end
 
+local function ofmt(v) if v == nil then return '' end return fmt(v) end
+
+-- Spec, state and counters; the order is parsed by RedisLimiter::parse_status.
 local function status_fields()
-  local out = {fmt(limit), fmt(default_lease), fmt(max_wait), fmt(max_queue), fmt(in_use),
-               fmt(redis.call('HLEN', K_HOLD)), fmt(redis.call('ZCARD', K_Q)), fmt(queued_permits)}
+  local out = {ofmt(concurrency), fmt(default_lease), fmt(max_wait), fmt(max_queue), fmt(in_use),
+               fmt(redis.call('HLEN', K_HOLD)), fmt(redis.call('ZCARD', K_Q)), fmt(queued_permits),
+               ofmt(limit), ofmt(rate_limit), ofmt(rate_period), ofmt(rate_burst),
+               ofmt(a_min), ofmt(a_max), ofmt(a_inc), a_dec and tostring(a_dec) or '', ofmt(a_cool)}
   for _, k in ipairs(COUNTERS) do out[#out + 1] = fmt(c[k]) end
   return out
 end
@@ -231,7 +301,12 @@ local function finish(reply)
     redis.call('ZADD', K_OUTT, fmt(now), wk[1])
     redis.call('PUBLISH', wk[2], name .. '\n' .. wk[1] .. '\n' .. wk[3])
   end
-  local fields = {'concurrency', fmt(limit), 'lease_us', fmt(default_lease),
+  local fields = {'concurrency', ofmt(concurrency), 'eff_limit', ofmt(limit),
+                  'rate_limit', ofmt(rate_limit), 'rate_period_us', ofmt(rate_period),
+                  'rate_burst', ofmt(rate_burst), 'a_min', ofmt(a_min), 'a_max', ofmt(a_max),
+                  'a_inc', ofmt(a_inc), 'a_dec', a_dec and tostring(a_dec) or '',
+                  'a_cool_us', ofmt(a_cool), 'tat', fmt(tat), 'successes', fmt(successes),
+                  'last_decrease', ofmt(last_decrease), 'lease_us', fmt(default_lease),
                   'max_wait_us', fmt(max_wait), 'max_queue', fmt(max_queue),
                   'in_use', fmt(in_use), 'next_token', fmt(next_token), 'next_seq', fmt(next_seq),
                   'queued_permits', fmt(queued_permits), 'ewma_us', ewma and fmt(ewma) or ''}
@@ -246,29 +321,37 @@ local function finish(reply)
   local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
   if l[2] then next = tonumber(l[2]) end
   if w[2] and (next < 0 or tonumber(w[2]) < next) then next = tonumber(w[2]) end
+  local rd = head_rate_at()
+  if rd and (next < 0 or rd < next) then next = rd end
   if next >= 0 then next = math.max(0, next - now) end
   reply[#reply + 1] = fmt(next)
   return reply
 end
 
 if op == 'put' then
+  -- The Rust side validates the whole spec first; these checks are a backstop.
   local conc, lease, wait, queue, first_token =
-    tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-  local bad = check_spec(conc, lease, wait, queue)
+    opt(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+  local bad = check_spec(conc or 1, lease, wait, queue)
   if bad then return {'invalid', bad[1], bad[2]} end
+  rate_limit, rate_period, rate_burst = opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11])
+  a_min, a_max, a_inc, a_dec, a_cool = opt(ARGV[12]), opt(ARGV[13]), opt(ARGV[14]), opt(ARGV[15]), opt(ARGV[16])
+  if not conc and not rate_limit then return {'invalid', 'concurrency', 'a limiter needs a concurrency limit, a rate limit, or both'} end
   if not exists then
     -- Seeded from the store's clock, so a re-created limiter hands out larger tokens.
     next_token = math.max(first_token, now)
   else
     advance()
   end
-  limit, default_lease, max_wait, max_queue = conc, lease, wait, queue
+  concurrency, limit, default_lease, max_wait, max_queue = conc, conc, lease, wait, queue
+  successes = 0
+  local cap = permit_cap()
   for _, key in ipairs(redis.call('ZRANGE', K_Q, 0, -1)) do
     local w = parse_waiter(key)
-    if w and w.permits > limit then
+    if w and cap and w.permits > cap then
       remove_waiter(key, w)
       c.rejected = c.rejected + 1
-      wake(key, w.channel, 'X|' .. fmt(w.permits) .. '|' .. fmt(limit))
+      wake(key, w.channel, 'X|' .. fmt(w.permits) .. '|' .. fmt(cap))
     end
   end
   grant_waiters()
@@ -310,9 +393,10 @@ if op == 'acquire' then
     c.rejected = c.rejected + 1
     return finish({'invalid', 'permits', 'must be at least 1'})
   end
-  if permits > limit then
+  local cap = permit_cap()
+  if cap and permits > cap then
     c.rejected = c.rejected + 1
-    return finish({'exceeds', fmt(permits), fmt(limit)})
+    return finish({'exceeds', fmt(permits), fmt(cap)})
   end
   local lease = default_lease
   if lease_arg ~= '' then lease = tonumber(lease_arg) end
@@ -321,13 +405,22 @@ if op == 'acquire' then
     c.rejected = c.rejected + 1
     return finish({'invalid', 'lease_ms', bad})
   end
-  if redis.call('ZCARD', K_Q) == 0 and fits(permits) then
-    local g = grant(permits, lease, now)
-    table.insert(g, 1, 'granted')
-    return finish(g)
-  end
   local wait = max_wait
   if wait_arg ~= '' then wait = math.min(tonumber(wait_arg), max_wait) end
+  if redis.call('ZCARD', K_Q) == 0 and fits(permits) then
+    local ra = rate_at(permits)
+    if ra and ra > now then
+      -- Only the rate holds it back and its token time is known: past the wait, say so now.
+      if ra - now > wait then
+        c.timed_out = c.timed_out + 1
+        return finish({'timeout', fmt(math.max(ra - now, 1000))})
+      end
+    else
+      local g = grant(permits, lease, now)
+      table.insert(g, 1, 'granted')
+      return finish(g)
+    end
+  end
   local ahead = queued_permits + permits
   if wait < 1 then
     c.timed_out = c.timed_out + 1
@@ -407,6 +500,51 @@ if op == 'cancel' then
   redis.call('ZREM', K_OUTT, key)
   if outcome then return finish({'decided', outcome}) end
   return finish({'gone'})
+end
+
+if op == 'schedule' then
+  local count = tonumber(ARGV[4])
+  if not rate_limit then return {'invalid', 'count', 'this limiter has no rate limit to schedule against', '-1'} end
+  advance()
+  local reply = {'offsets'}
+  for _ = 1, count do
+    local at = math.max(now, rate_at(1))
+    reply[#reply + 1] = fmt(at - now)
+    take_rate(at, 1)
+  end
+  c.scheduled = c.scheduled + count
+  return finish(reply)
+end
+
+if op == 'feedback' then
+  local outcome = ARGV[4]
+  advance()
+  c['feedback_' .. outcome] = c['feedback_' .. outcome] + 1
+  if a_min and limit then
+    if outcome == 'throttled' then
+      successes = 0
+      if not last_decrease or now >= last_decrease + a_cool then
+        last_decrease = now
+        local lowered = math.max(math.min(math.floor(limit * a_dec), limit - 1), a_min)
+        if lowered < limit then
+          limit = lowered
+          c.limit_decreases = c.limit_decreases + 1
+        end
+      end
+    elseif outcome == 'ok' then
+      successes = successes + 1
+      if successes >= limit then
+        successes = 0
+        local raised = math.min(limit + a_inc, a_max)
+        if raised > limit then
+          limit = raised
+          c.limit_increases = c.limit_increases + 1
+          grant_waiters()
+        end
+      end
+    end
+  end
+  return finish({'limit', ofmt(limit)})
 end
 
 if op == 'advance' then

@@ -7,9 +7,9 @@ use tokio::sync::oneshot;
 
 use super::wake::{decode_grant, decode_outcome, Pending};
 use super::{unavailable, Inner};
-use crate::core::{AcquireRequest, Counters, Grant, LimiterStatus, Refusal, WaitOutcome};
+use crate::core::{AcquireRequest, Counters, Feedback, Grant, LimiterStatus, Refusal, WaitOutcome};
 use crate::error::{AcquireError, ExtendError, StoreError};
-use crate::spec::{InvalidField, LimiterSpec};
+use crate::spec::{AdaptiveSpec, InvalidField, LimiterSpec, RateSpec};
 use crate::store::LimiterBackend;
 use crate::types::{FencingToken, LimiterName, Timestamp};
 
@@ -174,15 +174,26 @@ impl RedisLimiter {
     }
 
     pub(super) async fn put(&self, spec: &LimiterSpec) -> Result<LimiterStatus, StoreError> {
+        let opt = |v: Option<String>| v.unwrap_or_default();
+        let rate = spec.rate;
+        let adaptive = spec.adaptive;
         let reply = self
             .call(
                 "put",
                 &[
-                    spec.concurrency.to_string(),
+                    opt(spec.concurrency.map(|c| c.to_string())),
                     micros(spec.default_lease),
                     micros(spec.max_wait),
                     spec.max_queue.to_string(),
                     crate::clock::token_seed().to_string(),
+                    opt(rate.map(|r| r.limit.to_string())),
+                    opt(rate.map(|r| micros(r.period))),
+                    opt(rate.map(|r| r.burst.to_string())),
+                    opt(adaptive.map(|a| a.min.to_string())),
+                    opt(adaptive.map(|a| a.max.to_string())),
+                    opt(adaptive.map(|a| a.increase.to_string())),
+                    opt(adaptive.map(|a| format!("{:.6}", a.decrease))),
+                    opt(adaptive.map(|a| micros(a.cooldown))),
                 ],
             )
             .await?;
@@ -225,15 +236,50 @@ impl RedisLimiter {
         })
     }
 
+    /// Parses `status_fields()` of limiter.lua (after the tag): spec, state, counters.
     fn parse_status(&self, reply: &[String]) -> Result<LimiterStatus, StoreError> {
         let n = |i: usize| field(reply, i);
         let small = |i: usize| -> Result<u32, StoreError> {
             u32::try_from(n(i)?).map_err(|_| unavailable("status field out of range"))
         };
+        let present = |i: usize| reply.get(i).is_some_and(|s| !s.is_empty());
+        let opt_small = |i: usize| -> Result<Option<u32>, StoreError> {
+            if present(i) {
+                small(i).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let rate = if present(10) {
+            Some(RateSpec {
+                limit: small(10)?,
+                period: Duration::from_micros(n(11)?),
+                burst: small(12)?,
+            })
+        } else {
+            None
+        };
+        let adaptive = if present(13) {
+            Some(AdaptiveSpec {
+                min: small(13)?,
+                max: small(14)?,
+                increase: small(15)?,
+                decrease: reply
+                    .get(16)
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .ok_or_else(|| unavailable("bad adaptive.decrease"))?,
+                cooldown: Duration::from_micros(n(17)?),
+            })
+        } else {
+            None
+        };
+        let c = 18;
         Ok(LimiterStatus {
             name: self.name.clone(),
             spec: LimiterSpec {
-                concurrency: small(1)?,
+                concurrency: opt_small(1)?,
+                rate,
+                adaptive,
                 default_lease: Duration::from_micros(n(2)?),
                 max_wait: Duration::from_micros(n(3)?),
                 max_queue: small(4)?,
@@ -242,15 +288,23 @@ impl RedisLimiter {
             holders: small(6)?,
             waiting: small(7)?,
             waiting_permits: n(8)?,
+            limit: opt_small(9)?,
             counters: Counters {
-                granted: n(9)?,
-                released: n(10)?,
-                expired: n(11)?,
-                timed_out: n(12)?,
-                cancelled: n(13)?,
-                queue_full: n(14)?,
-                rejected: n(15)?,
-                extend_lost: n(16)?,
+                granted: n(c)?,
+                released: n(c + 1)?,
+                expired: n(c + 2)?,
+                timed_out: n(c + 3)?,
+                cancelled: n(c + 4)?,
+                queue_full: n(c + 5)?,
+                rejected: n(c + 6)?,
+                extend_lost: n(c + 7)?,
+                paced: n(c + 8)?,
+                scheduled: n(c + 9)?,
+                feedback_ok: n(c + 10)?,
+                feedback_throttled: n(c + 11)?,
+                feedback_error: n(c + 12)?,
+                limit_decreases: n(c + 13)?,
+                limit_increases: n(c + 14)?,
             },
         })
     }
@@ -379,6 +433,46 @@ impl LimiterBackend for RedisLimiter {
                 tracing::warn!(limiter = %limiter.name, error = %e, "background release failed; the lease will reclaim it");
             }
         });
+    }
+
+    async fn schedule(&self, count: u32) -> Result<Vec<Duration>, StoreError> {
+        if count == 0 || count > crate::core::MAX_SCHEDULE {
+            return Err(StoreError::Invalid(InvalidField {
+                field: "count",
+                message: format!("must be from 1 to {}", crate::core::MAX_SCHEDULE),
+            }));
+        }
+        let reply = self.call("schedule", &[count.to_string()]).await?;
+        match reply.first().map(String::as_str) {
+            Some("offsets") => reply[1..reply.len().saturating_sub(1)]
+                .iter()
+                .map(|s| {
+                    s.parse::<u64>()
+                        .map(Duration::from_micros)
+                        .map_err(|_| unavailable("bad offset"))
+                })
+                .collect(),
+            Some("invalid") => Err(StoreError::Invalid(InvalidField {
+                field: "count",
+                message: reply.get(2).cloned().unwrap_or_default(),
+            })),
+            Some("unknown") => Err(self.unknown()),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+
+    async fn feedback(&self, outcome: Feedback) -> Result<Option<u32>, StoreError> {
+        let word = match outcome {
+            Feedback::Ok => "ok",
+            Feedback::Throttled => "throttled",
+            Feedback::Error => "error",
+        };
+        let reply = self.call("feedback", &[word.to_owned()]).await?;
+        match reply.first().map(String::as_str) {
+            Some("limit") => Ok(reply.get(1).and_then(|s| s.parse::<u32>().ok())),
+            Some("unknown") => Err(self.unknown()),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
     }
 
     async fn status(&self) -> Result<LimiterStatus, StoreError> {

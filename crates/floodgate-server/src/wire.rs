@@ -1,0 +1,91 @@
+//! JSON shapes shared by the HTTP API and the config file.
+
+use std::time::Duration;
+
+use floodgate::{AdaptiveSpec, RateSpec};
+use serde::{Deserialize, Serialize};
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `"rate": {"limit": 100, "period_ms": 60000, "burst": 10}`; burst defaults to 1 (paced).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateBody {
+    /// Tokens per period.
+    pub limit: u32,
+    /// The period in milliseconds.
+    pub period_ms: u64,
+    /// Tokens that may be taken back to back.
+    #[serde(default = "one")]
+    pub burst: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl From<RateBody> for RateSpec {
+    fn from(r: RateBody) -> Self {
+        RateSpec {
+            limit: r.limit,
+            period: Duration::from_millis(r.period_ms),
+            burst: r.burst,
+        }
+    }
+}
+
+impl From<RateSpec> for RateBody {
+    fn from(r: RateSpec) -> Self {
+        RateBody {
+            limit: r.limit,
+            period_ms: millis(r.period),
+            burst: r.burst,
+        }
+    }
+}
+
+/// `"adaptive": {"min": 5, "max": 100}` plus optional `increase` (1), `decrease` (0.7) and
+/// `cooldown_ms` (2000).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveBody {
+    /// Lowest limit.
+    pub min: u32,
+    /// Highest limit.
+    pub max: u32,
+    /// Added per round of successes.
+    #[serde(default)]
+    pub increase: Option<u32>,
+    /// Factor per throttle.
+    #[serde(default)]
+    pub decrease: Option<f64>,
+    /// At most one decrease per this many milliseconds.
+    #[serde(default)]
+    pub cooldown_ms: Option<u64>,
+}
+
+impl From<AdaptiveBody> for AdaptiveSpec {
+    fn from(a: AdaptiveBody) -> Self {
+        let d = AdaptiveSpec::between(a.min, a.max);
+        AdaptiveSpec {
+            increase: a.increase.unwrap_or(d.increase),
+            decrease: a.decrease.unwrap_or(d.decrease),
+            cooldown: a.cooldown_ms.map_or(d.cooldown, Duration::from_millis),
+            ..d
+        }
+    }
+}
+
+impl From<AdaptiveSpec> for AdaptiveBody {
+    fn from(a: AdaptiveSpec) -> Self {
+        AdaptiveBody {
+            min: a.min,
+            max: a.max,
+            increase: Some(a.increase),
+            decrease: Some(a.decrease),
+            cooldown_ms: Some(millis(a.cooldown)),
+        }
+    }
+}
