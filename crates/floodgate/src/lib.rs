@@ -48,6 +48,7 @@ pub mod core;
 mod error;
 pub mod layer;
 mod limiter;
+pub mod retry;
 pub mod spec;
 pub mod store;
 mod sync;

@@ -34,6 +34,41 @@ pub(crate) struct SetArgs {
     /// Cap on the queue length.
     #[arg(long)]
     max_queue: Option<u32>,
+    /// A rate limit, LIMIT/PERIOD: `100/1m`, `10/1s`, `5/250ms`.
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<(u32, Duration)>,
+    /// Tokens the rate allows back to back (default 1: evenly paced).
+    #[arg(long, requires = "rate")]
+    burst: Option<u32>,
+    /// Adapt the concurrency limit to backend feedback between MIN:MAX (AIMD).
+    #[arg(long, value_parser = parse_range)]
+    adaptive: Option<(u32, u32)>,
+}
+
+/// `100/1m` -> (100, 60 s).
+fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
+    let (n, period) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?}: expected LIMIT/PERIOD, e.g. 100/1m"))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?}: {n:?} is not a whole number"))?;
+    let period = parse_duration(period)?;
+    Ok((n, period))
+}
+
+/// `5:100` -> (5, 100).
+fn parse_range(text: &str) -> Result<(u32, u32), String> {
+    let (a, b) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?}: expected MIN:MAX, e.g. 5:100"))?;
+    let num = |s: &str| {
+        s.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{text:?}: {s:?} is not a whole number"))
+    };
+    Ok((num(a)?, num(b)?))
 }
 
 #[derive(Debug, clap::Args)]
@@ -64,12 +99,29 @@ pub(crate) async fn limiter(cmd: LimiterCommand) -> Result<u8, Failure> {
             if let Some(q) = args.max_queue {
                 body.insert("max_queue".into(), q.into());
             }
+            if let Some((limit, period)) = args.rate {
+                body.insert(
+                    "rate".into(),
+                    serde_json::json!({
+                        "limit": limit,
+                        "period_ms": ms(period),
+                        "burst": args.burst.unwrap_or(1),
+                    }),
+                );
+            }
+            if let Some((min, max)) = args.adaptive {
+                body.insert(
+                    "adaptive".into(),
+                    serde_json::json!({ "min": min, "max": max }),
+                );
+            }
             let client = args.server.client()?;
             let reply = client.put_limiter(&args.name, &Value::Object(body)).await?;
             print(&format!(
-                "{}: concurrency {}, in use {}, waiting {}\n",
+                "{}: limit {}, rate {}, in use {}, waiting {}\n",
                 args.name,
-                reply.get("concurrency").unwrap_or(&Value::Null),
+                reply.get("limit").unwrap_or(&Value::Null),
+                reply.get("rate").unwrap_or(&Value::Null),
                 reply.get("in_use").unwrap_or(&Value::Null),
                 reply.get("waiting").unwrap_or(&Value::Null),
             ));

@@ -28,8 +28,8 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, Failure> {
         out.push('\n');
     } else {
         out.push_str(&format!(
-            "{:<32} {:>7} {:>7} {:>8} {:>10} {:>10} {:>9}\n",
-            "LIMITER", "LIMIT", "IN_USE", "WAITING", "GRANTED", "TIMED_OUT", "EXPIRED"
+            "{:<32} {:>7} {:>12} {:>7} {:>8} {:>10} {:>10} {:>9}\n",
+            "LIMITER", "LIMIT", "RATE", "IN_USE", "WAITING", "GRANTED", "TIMED_OUT", "EXPIRED"
         ));
         for l in &limiters {
             let n = |k: &str| l.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -39,10 +39,23 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, Failure> {
                     .and_then(Value::as_u64)
                     .unwrap_or(0)
             };
+            // The limit in force (adaptive limits move it); "-" for rate-only limiters.
+            let limit = l
+                .get("limit")
+                .and_then(Value::as_u64)
+                .map_or_else(|| "-".to_owned(), |v| v.to_string());
+            let rate = l.get("rate").filter(|r| !r.is_null()).map_or_else(
+                || "-".to_owned(),
+                |r| {
+                    let g = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
+                    format!("{}/{}ms", g("limit"), g("period_ms"))
+                },
+            );
             out.push_str(&format!(
-                "{:<32} {:>7} {:>7} {:>8} {:>10} {:>10} {:>9}\n",
+                "{:<32} {:>7} {:>12} {:>7} {:>8} {:>10} {:>10} {:>9}\n",
                 l.get("name").and_then(Value::as_str).unwrap_or("?"),
-                n("concurrency"),
+                limit,
+                rate,
                 n("in_use"),
                 n("waiting"),
                 c("granted"),
