@@ -4,6 +4,7 @@
 //! request); 69 the server could not be reached; 75 (EX_TEMPFAIL) the wait ended without a
 //! permit; 1 anything else. `floodgate run` exits with the command's own status.
 
+mod bench;
 pub mod duration;
 mod limiter;
 mod run;
@@ -42,6 +43,8 @@ enum Command {
     /// Create, change or delete a limiter.
     #[command(subcommand)]
     Limiter(limiter::LimiterCommand),
+    /// Measure acquire+release throughput and handoff latency over HTTP, beside trivial requests.
+    Bench(bench::BenchArgs),
 }
 
 /// Where the server is, for the client commands.
@@ -113,6 +116,7 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Status(args) => status::status(args).await,
             Command::Limiter(cmd) => limiter::limiter(cmd).await,
+            Command::Bench(args) => bench::bench(args).await,
         }
     });
     match result {

@@ -99,7 +99,14 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             if let Some(max) = max_limiters {
                 store = store.with_max_limiters(max);
             }
-            serve_on(Floodgate::with_store(store), "memory", listen, options, &file).await
+            serve_on(
+                Floodgate::with_store(store),
+                "memory",
+                listen,
+                options,
+                &file,
+            )
+            .await
         }
         Some(urls) => {
             let urls: Vec<String> = urls
@@ -116,7 +123,14 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 code: super::EXIT_UNAVAILABLE,
                 message: e.to_string(),
             })?;
-            serve_on(Floodgate::with_store(store), "redis", listen, options, &file).await
+            serve_on(
+                Floodgate::with_store(store),
+                "redis",
+                listen,
+                options,
+                &file,
+            )
+            .await
         }
     }
 }
