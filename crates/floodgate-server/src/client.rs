@@ -1,10 +1,16 @@
-//! A small HTTP client for the `/v1` API, used by the CLI and `floodgate bench`.
+//! A small HTTP client for the `/v1` API, used by the CLI and `floodgate bench`. Every request
+//! is bounded, so a server that accepts connections but never answers cannot hang a command.
 
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// Bound on every request but a long-poll acquire.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A long-poll acquire may take its whole wait; the server caps waits at an hour.
+const ACQUIRE_SLACK: Duration = Duration::from_secs(15);
 
 /// An error from the server (a 4xx/5xx with the API's JSON body) or from the connection.
 #[derive(Debug, thiserror::Error)]
@@ -109,8 +115,19 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, ClientError> {
+        self.call_within(method, path, body, REQUEST_TIMEOUT).await
+    }
+
+    /// Like `call`, with its own bound on the whole request (a long poll needs its wait).
+    async fn call_within<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let mut req = self.http.request(method, &url);
+        let mut req = self.http.request(method, &url).timeout(timeout);
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
@@ -150,10 +167,15 @@ impl Client {
         name: &str,
         args: &AcquireArgs,
     ) -> Result<PermitReply, ClientError> {
-        self.call(
+        // Without a wait the server uses the limiter's max_wait, at most an hour.
+        let wait = args
+            .wait_ms
+            .map_or(Duration::from_secs(3600), Duration::from_millis);
+        self.call_within(
             reqwest::Method::POST,
             &format!("/v1/limiters/{name}/acquire"),
             Some(args),
+            wait + ACQUIRE_SLACK,
         )
         .await
     }

@@ -9,6 +9,7 @@ pub mod duration;
 mod limiter;
 mod run;
 mod serve;
+mod simulate;
 mod status;
 
 use std::process::ExitCode;
@@ -45,6 +46,8 @@ enum Command {
     Limiter(limiter::LimiterCommand),
     /// Measure acquire+release throughput and handoff latency over HTTP, beside trivial requests.
     Bench(bench::BenchArgs),
+    /// Replay the seed's cascade in virtual time under each strategy and compare them.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// Where the server is, for the client commands.
@@ -88,6 +91,8 @@ impl From<ClientError> for Failure {
                 EXIT_TEMPFAIL
             }
             ClientError::Api { status, .. } if (400..500).contains(status) => EXIT_USAGE,
+            // shutting_down, store_unavailable: try again later or elsewhere.
+            ClientError::Api { status: 503, .. } => EXIT_UNAVAILABLE,
             ClientError::Api { .. } => 1,
         };
         Failure {
@@ -117,6 +122,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::status(args).await,
             Command::Limiter(cmd) => limiter::limiter(cmd).await,
             Command::Bench(args) => bench::bench(args).await,
+            Command::Simulate(args) => simulate::simulate(args),
         }
     });
     match result {

@@ -1,14 +1,459 @@
-//! `floodgate run NAME -- COMMAND...` (being written).
+//! `floodgate run NAME [--wait 60s] [--lease 5m] [--permits N] [--holder LABEL] -- COMMAND...`:
+//! runs a command while holding a permit, like `flock` but shared by every machine that talks
+//! to the same server.
+//!
+//! The permit is acquired first (waiting at most `--wait`); a wait that ends without one exits
+//! 75 (EX_TEMPFAIL) without running anything. The command then runs with inherited stdio and
+//! `FLOODGATE_PERMIT_ID` / `FLOODGATE_FENCING_TOKEN` in its environment, while the lease is
+//! extended every third of its length. SIGINT, SIGTERM and SIGHUP sent to `floodgate run` are
+//! forwarded to the command (one that arrives while waiting for the permit ends the wait: exit
+//! 128 + N). If the permit is lost (the server answers `permit_lost`, or the lease runs out
+//! while the server cannot be reached) the command gets SIGTERM and `floodgate run` exits 75
+//! once it has stopped. Otherwise the permit is released when the command exits and
+//! `floodgate run` exits with the command's status (128 + N if signal N killed it; 127 if the
+//! command is not found, 126 if it cannot be executed). A server that cannot be reached, or
+//! answers 503, exits 69 before the command runs.
 
-use super::Failure;
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
+
+use super::duration::parse_duration;
+use super::{Failure, ServerArgs, EXIT_TEMPFAIL, EXIT_UNAVAILABLE};
+use crate::client::{AcquireArgs, Client, ClientError, PermitReply};
+
+/// Exit code when the command cannot be executed (as shells do).
+const EXIT_CANNOT_EXECUTE: u8 = 126;
+/// Exit code when the command is not found (as shells do).
+const EXIT_NOT_FOUND: u8 = 127;
+/// Attempts at releasing the permit before giving up (its lease then bounds it).
+const RELEASE_ATTEMPTS: u32 = 3;
+/// First pause between retries of a failed extend or release; doubles each time.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// How long releasing may take, retries included, before it counts as failed.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much longer than the wait an acquire may take before the server counts as unreachable.
+const ACQUIRE_GRACE: Duration = Duration::from_secs(10);
 
 /// Flags of `floodgate run`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
-    /// The limiter.
+    #[command(flatten)]
+    server: ServerArgs,
+    /// The limiter to take a permit from.
     name: String,
+    /// Longest wait for a permit, e.g. 30s or 5m [default: the limiter's maximum wait].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    wait: Option<Duration>,
+    /// Lease of the permit, extended every third of it while the command runs
+    /// [default: the limiter's lease].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    lease: Option<Duration>,
+    /// Permits to hold while the command runs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    permits: u32,
+    /// A label for the permit, shown by the server [default: HOST:PID].
+    #[arg(long, value_name = "LABEL")]
+    holder: Option<String>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, num_args = 1.., value_name = "COMMAND")]
+    command: Vec<OsString>,
 }
 
-pub(crate) async fn run(_args: RunArgs) -> Result<u8, Failure> {
-    Err(Failure::usage("floodgate run is not implemented yet"))
+pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
+    let client = args.server.client()?;
+    let mut signals = Signals::new()?;
+
+    let request = AcquireArgs {
+        permits: Some(args.permits),
+        lease_ms: args.lease.map(millis),
+        wait_ms: args.wait.map(millis),
+        holder: Some(args.holder.clone().unwrap_or_else(default_holder)),
+    };
+    let sent = Instant::now();
+    // The server answers within the wait (capped by the limiter); one that does not answer at
+    // all must not hold us forever.
+    let acquire_limit = args.wait.unwrap_or(floodgate::spec::MAX_WAIT) + ACQUIRE_GRACE;
+    let permit = tokio::select! {
+        result = answer_within(&client, acquire_limit, client.acquire(&args.name, &request)) => {
+            result.map_err(|e| acquire_failure(&args, e))?
+        }
+        sig = signals.next() => {
+            // Dropping the request closes the connection: the server takes it out of the queue.
+            warn(&format!(
+                "{} while waiting for a permit for {}; the command did not run",
+                sig.as_str(),
+                args.name
+            ));
+            return Ok(exit_code_for_signal(sig as i32));
+        }
+    };
+    let received = Instant::now();
+    let lease = Duration::from_millis(permit.lease_ms);
+    // The server started the lease somewhere between our request and its answer, and not
+    // before it had waited `waited_ms`; take the earliest it can end.
+    let deadline = (sent + Duration::from_millis(permit.waited_ms)).min(received) + lease;
+
+    let mut child = match spawn(&args.command, &permit) {
+        Ok(child) => child,
+        Err(failure) => {
+            if !lease.is_zero() {
+                release(&client, &permit.permit_id).await;
+            }
+            return Err(failure);
+        }
+    };
+
+    let keep_alive = keep_alive(&client, &permit.permit_id, lease, deadline);
+    tokio::pin!(keep_alive);
+    let mut lost = false;
+    let waited = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            sig = signals.next() => send_signal(&child, sig),
+            why = &mut keep_alive, if !lost => {
+                lost = true;
+                warn(&format!(
+                    "permit {} lost ({why}); it no longer covers the command: sending it SIGTERM",
+                    permit.permit_id
+                ));
+                send_signal(&child, Signal::SIGTERM);
+            }
+        }
+    };
+
+    if lost {
+        let how = match &waited {
+            Ok(status) => describe(*status),
+            Err(e) => format!("could not be waited for: {e}"),
+        };
+        return Err(Failure {
+            code: EXIT_TEMPFAIL,
+            message: format!(
+                "permit {} was lost while the command ran; the command {how}",
+                permit.permit_id
+            ),
+        });
+    }
+    if !lease.is_zero() {
+        release(&client, &permit.permit_id).await;
+    }
+    match waited {
+        Ok(status) => Ok(exit_code(status)),
+        Err(e) => Err(Failure {
+            code: 1,
+            message: format!("cannot wait for the command: {e}"),
+        }),
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP as a stream. Once listened for, they no longer end this process:
+/// it forwards them and ends with the command (so the permit is released).
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, Failure> {
+        let listen = |kind| {
+            signal(kind).map_err(|e| Failure {
+                code: 1,
+                message: format!("cannot listen for signals: {e}"),
+            })
+        };
+        Ok(Signals {
+            interrupt: listen(SignalKind::interrupt())?,
+            terminate: listen(SignalKind::terminate())?,
+            hangup: listen(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next signal received.
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            Some(()) = self.interrupt.recv() => Signal::SIGINT,
+            Some(()) = self.terminate.recv() => Signal::SIGTERM,
+            Some(()) = self.hangup.recv() => Signal::SIGHUP,
+            // Every stream closed: the runtime is going away, so no more signals come.
+            else => std::future::pending().await,
+        }
+    }
+}
+
+/// Sends `sig` to the command. A child whose status has been collected has no id any more, so
+/// this never signals a recycled pid.
+fn send_signal(child: &Child, sig: Signal) {
+    let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
+        return;
+    };
+    if let Err(e) = kill(Pid::from_raw(pid), sig) {
+        warn(&format!("cannot send {} to the command: {e}", sig.as_str()));
+    }
+}
+
+fn spawn(command: &[OsString], permit: &PermitReply) -> Result<Child, Failure> {
+    let Some((program, rest)) = command.split_first() else {
+        return Err(Failure::usage("no command given after --"));
+    };
+    Command::new(program)
+        .args(rest)
+        .env("FLOODGATE_PERMIT_ID", &permit.permit_id)
+        .env("FLOODGATE_FENCING_TOKEN", permit.fencing_token.to_string())
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| Failure {
+            code: match e.kind() {
+                std::io::ErrorKind::NotFound => EXIT_NOT_FOUND,
+                _ => EXIT_CANNOT_EXECUTE,
+            },
+            message: format!("cannot run {}: {e}", program.to_string_lossy()),
+        })
+}
+
+/// Extends the lease every `lease / 3` until the permit is lost; returns why it was.
+///
+/// A failed extend (the server unreachable, or answering an error other than `permit_lost`) is
+/// retried with doubling pauses for as long as the lease lasts; once it has run out without a
+/// successful extend the server has reclaimed the permit, and it counts as lost.
+async fn keep_alive(
+    client: &Client,
+    permit_id: &str,
+    lease: Duration,
+    deadline: Instant,
+) -> String {
+    if lease.is_zero() {
+        // A grant without a lease (a rate-only limiter): nothing to keep alive.
+        return std::future::pending().await;
+    }
+    let lease_ms = millis(lease);
+    let period = (lease / 3).max(Duration::from_millis(1));
+    let mut deadline = deadline;
+    let mut next = Instant::now() + period;
+    loop {
+        tokio::time::sleep_until(next).await;
+        let mut backoff = FIRST_BACKOFF.min(period);
+        loop {
+            let sent = Instant::now();
+            // A server that accepts the connection but never answers must not outlast the
+            // lease unnoticed.
+            let limit = period
+                .max(Duration::from_secs(1))
+                .min(deadline.saturating_duration_since(sent));
+            match answer_within(client, limit, client.extend(permit_id, Some(lease_ms))).await {
+                Ok(_) => {
+                    deadline = sent + lease;
+                    next = sent + period;
+                    break;
+                }
+                Err(e) if e.code() == Some("permit_lost") => return e.to_string(),
+                Err(e) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return format!("the lease ran out while extending failed: {e}");
+                    }
+                    let pause = backoff.min(deadline - now);
+                    warn(&format!(
+                        "cannot extend permit {permit_id} ({e}); retrying in {}",
+                        human(pause)
+                    ));
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(period);
+                }
+            }
+        }
+    }
+}
+
+/// Releases the permit, retrying a few times within [`RELEASE_TIMEOUT`]; a failure is reported,
+/// not fatal: the lease bounds how long the permit stays out.
+async fn release(client: &Client, permit_id: &str) {
+    let deadline = Instant::now() + RELEASE_TIMEOUT;
+    let mut backoff = FIRST_BACKOFF;
+    for attempt in 1..=RELEASE_ATTEMPTS {
+        let limit = deadline.saturating_duration_since(Instant::now());
+        match answer_within(client, limit, client.release(permit_id)).await {
+            Ok(true) => return,
+            Ok(false) => {
+                warn(&format!(
+                    "permit {permit_id} was no longer held when released (its lease had ended)"
+                ));
+                return;
+            }
+            Err(e)
+                if attempt < RELEASE_ATTEMPTS
+                    && retryable(&e)
+                    && Instant::now() + backoff < deadline =>
+            {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(e) => {
+                warn(&format!(
+                    "cannot release permit {permit_id} ({e}); it ends with its lease"
+                ));
+                return;
+            }
+        }
+    }
+}
+
+/// The answer to `request`, or a connection error if none came within `limit`.
+async fn answer_within<T>(
+    client: &Client,
+    limit: Duration,
+    request: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(limit, request)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Connection {
+                url: client.base().to_owned(),
+                message: format!("no answer within {}", human(limit)),
+            })
+        })
+}
+
+/// Connection errors and 5xx answers may go away on their own.
+fn retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Connection { .. } => true,
+        ClientError::Api { status, .. } => *status >= 500,
+    }
+}
+
+fn acquire_failure(args: &RunArgs, e: ClientError) -> Failure {
+    let retry = |retry_after: &Option<Duration>| match retry_after {
+        Some(d) => format!("retry after {} s", millis(*d).div_ceil(1000).max(1)),
+        None => "retry later".to_owned(),
+    };
+    match &e {
+        ClientError::Api {
+            code, retry_after, ..
+        } if code == "wait_timeout" => {
+            let within = match args.wait {
+                Some(wait) => human(wait),
+                None => "the limiter's maximum wait".to_owned(),
+            };
+            Failure {
+                code: EXIT_TEMPFAIL,
+                message: format!(
+                    "no permit for {} within {within}; {}",
+                    args.name,
+                    retry(retry_after)
+                ),
+            }
+        }
+        ClientError::Api {
+            code, retry_after, ..
+        } if code == "queue_full" => Failure {
+            code: EXIT_TEMPFAIL,
+            message: format!(
+                "no permit for {}: its wait queue is full; {}",
+                args.name,
+                retry(retry_after)
+            ),
+        },
+        _ => {
+            // A 503 (`shutting_down`, `store_unavailable`) is the service being unavailable,
+            // like a refused connection, not a failure of ours.
+            let unavailable = matches!(&e, ClientError::Api { status: 503, .. });
+            let mut failure = Failure::from(e);
+            if unavailable {
+                failure.code = EXIT_UNAVAILABLE;
+            }
+            failure.message = format!(
+                "cannot acquire a permit for {}: {}",
+                args.name, failure.message
+            );
+            failure
+        }
+    }
+}
+
+/// The command's exit status as ours: its code, or 128 + the signal that killed it.
+fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => u8::try_from(code & 0xff).unwrap_or(1),
+        (None, Some(sig)) => exit_code_for_signal(sig),
+        (None, None) => 1,
+    }
+}
+
+fn exit_code_for_signal(sig: i32) -> u8 {
+    u8::try_from(128 + (sig & 0x7f)).unwrap_or(1)
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("was killed by {}", s.as_str()),
+            Err(_) => format!("was killed by signal {sig}"),
+        },
+        (None, None) => format!("ended ({status})"),
+    }
+}
+
+fn default_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `90s`, `5m`, `250ms`: a duration the way the flags take it.
+fn human(d: Duration) -> String {
+    let ms = millis(d);
+    match ms {
+        0 => "0s".to_owned(),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+fn warn(message: &str) {
+    eprintln!("floodgate: {message}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_print_as_the_flags_take_them() {
+        assert_eq!(human(Duration::from_millis(200)), "200ms");
+        assert_eq!(human(Duration::from_secs(90)), "90s");
+        assert_eq!(human(Duration::from_secs(300)), "5m");
+        assert_eq!(human(Duration::from_secs(7200)), "2h");
+        assert_eq!(human(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(human(Duration::ZERO), "0s");
+    }
+
+    #[test]
+    fn statuses_map_to_exit_codes() {
+        assert_eq!(exit_code(ExitStatus::from_raw(7 << 8)), 7);
+        assert_eq!(exit_code(ExitStatus::from_raw(0)), 0);
+        assert_eq!(exit_code(ExitStatus::from_raw(15)), 143);
+        assert_eq!(exit_code(ExitStatus::from_raw(9)), 137);
+    }
 }

@@ -517,6 +517,10 @@ pub(super) async fn release<S: Store>(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Released>, ApiError> {
     let id = permit_id(path)?;
+    if id.token.0 == 0 {
+        // A fail-open grant was never recorded: there is nothing to release.
+        return Ok(Json(Released { released: false }));
+    }
     let released = match state.gate.store().limiter(&id.limiter).await {
         Ok(limiter) => limiter.release(id.token).await?,
         Err(StoreError::UnknownLimiter(_)) => false,

@@ -82,11 +82,7 @@ impl Drop for QueuedGuard {
         };
         let limiter = self.limiter.clone();
         let key = std::mem::take(&mut self.key);
-        handle.spawn(async move {
-            if let Ok(Some(Ok(grant))) = limiter.cancel(&key, "drop").await {
-                let _ = limiter.release(grant.token).await;
-            }
-        });
+        handle.spawn(async move { limiter.cancel_orphan(key).await });
     }
 }
 
@@ -123,6 +119,10 @@ impl RedisLimiter {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        // Redis answers again: clean up after waiters that left while it did not.
+        if !self.store.lock_orphans().is_empty() {
+            tokio::spawn(super::retry_orphans(Arc::clone(&self.store)));
+        }
         if let Some(delay) = reply.last().and_then(|s| s.parse::<i64>().ok()) {
             if let Ok(delay) = u64::try_from(delay) {
                 self.arm_timer(Duration::from_micros(delay));
@@ -217,6 +217,21 @@ impl RedisLimiter {
             Some("unknown") => Some(Err(Refusal::LimiterDeleted)),
             _ => None,
         })
+    }
+
+    /// Cancels a waiter that went away and releases a grant that raced it. If Redis cannot be
+    /// reached, the waiter is kept as an orphan and cancelled when Redis answers again.
+    pub(super) async fn cancel_orphan(&self, key: String) {
+        match self.cancel(&key, "drop").await {
+            Ok(Some(Ok(grant))) => {
+                if self.release(grant.token).await.is_err() {
+                    // The lease bounds it.
+                    tracing::warn!(limiter = %self.name, "could not release a grant that raced a cancel");
+                }
+            }
+            Ok(_) => {}
+            Err(_) => self.store.lock_orphans().push((self.name.clone(), key)),
+        }
     }
 
     /// Takes a waiter out of the queue. `Ok(None)` if it was still queued (and is now gone);
@@ -375,10 +390,18 @@ impl LimiterBackend for RedisLimiter {
             Some("queued") => {
                 let wait = Duration::from_micros(field(&reply, 1)?);
                 let outcome = tokio::select! {
-                    outcome = rx => {
-                        guard.disarm();
-                        outcome.unwrap_or(Err(Refusal::LimiterDeleted))
-                    }
+                    outcome = rx => match outcome {
+                        Ok(outcome) => {
+                            guard.disarm();
+                            outcome
+                        }
+                        // The subscription was lost (Redis down?): fail fast rather than wait
+                        // blind. The armed guard cancels the queued entry, now or once Redis
+                        // answers again.
+                        Err(_) => {
+                            return Err(unavailable("the wake-up subscription was lost").into())
+                        }
+                    },
                     _ = tokio::time::sleep(wait) => {
                         // Our own timer ran out (the wake-up may be lost or late): the script
                         // decides, and returns a grant that got there first.

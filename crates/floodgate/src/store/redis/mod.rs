@@ -100,6 +100,9 @@ pub(crate) struct Inner {
     next_waiter: AtomicU64,
     /// Queued acquires of this process, by waiter key, and where their outcome goes.
     waiters: Mutex<HashMap<String, wake::Pending>>,
+    /// Queued acquires that went away while Redis could not be told: cancelled (and a raced
+    /// grant released) as soon as Redis answers again, so they do not hold a place or a permit.
+    orphans: Mutex<Vec<(LimiterName, String)>>,
     /// When each limiter's timer is set to fire; a new deadline only spawns a timer if earlier.
     timers: Mutex<HashMap<LimiterName, tokio::time::Instant>>,
     /// Ends the subscription task when the store is dropped.
@@ -175,6 +178,7 @@ impl RedisStore {
             channel,
             next_waiter: AtomicU64::new(0),
             waiters: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(Vec::new()),
             timers: Mutex::new(HashMap::new()),
             closing: Arc::new(tokio::sync::Notify::new()),
         });
@@ -195,6 +199,26 @@ impl Inner {
     fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, wake::Pending>> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn lock_orphans(&self) -> std::sync::MutexGuard<'_, Vec<(LimiterName, String)>> {
+        self.orphans.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Cancels the orphaned waiters (see `Inner::orphans`) now that Redis answers; those it still
+/// cannot reach go back on the list.
+/// Boxed with an explicit `Send`: it calls scripts, whose calls may start it again.
+pub(crate) fn retry_orphans(
+    inner: Arc<Inner>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let orphans = std::mem::take(&mut *inner.lock_orphans());
+        for (name, key) in orphans {
+            RedisLimiter::new(Arc::clone(&inner), name)
+                .cancel_orphan(key)
+                .await;
+        }
+    })
 }
 
 impl Store for RedisStore {

@@ -76,9 +76,23 @@ fn deliver(inner: &Inner, payload: &str) {
     }
 }
 
+/// The subscription is gone, so no wake-up can arrive: answer every queued acquire of this
+/// process at once (dropping its sender reads as "store unavailable") instead of letting it
+/// wait blind until its deadline. Their queue entries are cancelled by their guards.
+fn fail_pending(inner: &Inner) {
+    let pending = std::mem::take(&mut *inner.lock_waiters());
+    if !pending.is_empty() {
+        tracing::warn!(
+            waiters = pending.len(),
+            "wake-up subscription lost: answering queued acquires with store_unavailable"
+        );
+    }
+}
+
 /// After a reconnect: outcomes published while the subscription was down were missed, so ask
-/// for each queued waiter's recorded outcome.
+/// for each queued waiter's recorded outcome, and cancel waiters that left meanwhile.
 async fn resync(inner: &Arc<Inner>) {
+    super::retry_orphans(Arc::clone(inner)).await;
     let pending: Vec<(String, LimiterName)> = inner
         .lock_waiters()
         .iter()
@@ -118,7 +132,12 @@ pub(super) async fn subscribe(inner: &Arc<Inner>, client: redis::Client) -> Resu
                                     Err(e) => tracing::warn!(error = %e, "unreadable wake-up"),
                                 }
                             }
-                            None => break,
+                            None => {
+                                if let Some(inner) = weak.upgrade() {
+                                    fail_pending(&inner);
+                                }
+                                break;
+                            }
                         },
                         _ = closing.notified() => return,
                     }
