@@ -20,3 +20,5 @@ echo "== tests"
 cargo test --workspace
 echo "== randomized schedules (shuttle)"
 cargo test -p floodgate --features shuttle --test shuttle_schedules
+echo "== Python client and Celery (against the real server, Redis and a Celery worker)"
+./clients/python/run_tests.sh -q

@@ -1,0 +1,88 @@
+"""Retrying a throttled call (``floodgate.retry``, ``floodgate.Backoff``): exponential backoff with full jitter, a cap, a number of attempts,
+and the server's (or backend's) retry-after hint honoured. The same policy as the Rust
+library's ``floodgate::retry``.
+
+Use it around the protected call (the query that answered RateLimitExceeded or 429), without
+holding a permit while sleeping: :meth:`floodgate.Floodgate.call` releases, reports
+``throttled``, backs off and acquires again. In a task system prefer re-enqueueing the task with
+a countdown over sleeping in a worker (:mod:`floodgate.celery` does).
+"""
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple, Type, TypeVar, Union
+
+__all__ = ["Backoff", "retry", "retry_after_of"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The retry policy.
+
+    Attributes:
+        base: the first backoff ceiling in seconds; after failed attempt n (0-based) the delay
+            is uniform in ``[0, min(cap, base * 2**n)]`` (full jitter).
+        cap: the largest ceiling, in seconds.
+        max_attempts: attempts in all, the first included.
+    """
+
+    base: float = 0.1
+    cap: float = 30.0
+    max_attempts: int = 5
+
+    def delay(
+        self, attempt: int, retry_after: Optional[float] = None, unit: Optional[float] = None
+    ) -> float:
+        """The delay after failed attempt ``attempt`` (0-based). With a ``retry_after`` hint:
+        that long plus jitter up to ``base``, so clients told the same time do not return
+        together. ``unit`` (in [0, 1]) replaces the random draw, for tests."""
+        u = random.random() if unit is None else min(1.0, max(0.0, unit))
+        if retry_after is not None:
+            return max(0.0, retry_after) + self.base * u
+        ceiling = min(self.cap, self.base * (2.0 ** min(attempt, 62)))
+        return ceiling * u
+
+
+def retry_after_of(exc: BaseException) -> Optional[float]:
+    """The exception's ``retry_after`` attribute in seconds (``WaitTimeout``, ``QueueFull`` have
+    one), if it has a number there."""
+    value = getattr(exc, "retry_after", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    retry_on: Union[Tuple[Type[BaseException], ...], Callable[[BaseException], bool]],
+    backoff: Backoff = Backoff(),
+    retry_after: Callable[[BaseException], Optional[float]] = retry_after_of,
+    on_retry: Optional[Callable[[int, BaseException, float], Any]] = None,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> T:
+    """Calls ``fn()`` until it returns, retrying the exceptions ``retry_on`` accepts (a tuple
+    of types, or a predicate) up to ``backoff.max_attempts`` attempts in all; the last one's
+    exception is raised. Other exceptions are raised at once.
+
+    ``on_retry(attempt, exc, delay)`` is called before each sleep.
+    """
+    if backoff.max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            retryable = (isinstance(exc, retry_on) if isinstance(retry_on, tuple)
+                         else retry_on(exc))
+            if not retryable or attempt + 1 >= backoff.max_attempts:
+                raise
+            delay = backoff.delay(attempt, retry_after(exc))
+            if on_retry is not None:
+                on_retry(attempt, exc, delay)
+            sleep(delay)
+            attempt += 1

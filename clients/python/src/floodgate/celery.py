@@ -1,0 +1,323 @@
+"""Celery integration: a decorator that runs a bound task's body under a Floodgate permit.
+
+    from celery import Celery
+    from floodgate.celery import limited
+
+    app = Celery(...)
+
+    @app.task(bind=True)
+    @limited("snuba-spike-projections", wait=5, lease=300,
+             throttle_exceptions=(RateLimitExceeded,))
+    def run_spike_projection(self, org_id, project_id):
+        ...
+
+What it does on each run of the task:
+
+- acquires a permit of the limiter (waiting up to ``wait`` seconds in the server's queue), with
+  a heartbeat that extends the lease while the body runs; releases it when the body ends.
+- when the wait ends without a permit (``WaitTimeout``, ``QueueFull``), calls
+  ``self.retry(countdown=retry_after)``: the task goes back to the broker with the server's
+  hint and the worker is free for other work. Such retries are unbounded by default
+  (``max_retries=None``): the work is never dropped because the backend was busy.
+- when the body raises one of ``throttle_exceptions`` (the backend said "too much"), reports
+  ``throttled`` feedback to the server and retries with exponential backoff and full jitter,
+  up to ``throttle_max_retries`` times.
+- reports ``ok`` (with the body's latency) or ``error`` feedback otherwise. A server without the
+  feedback endpoint (404 ``not_found``) is remembered and not asked again for a minute.
+
+The two kinds of retry are counted separately, in the task message's headers
+(``floodgate_wait_retries``, ``floodgate_throttle_retries``, ``floodgate_unavailable_retries``),
+so a task that waited its turn many times still gets all its throttle retries. Celery's own
+``max_retries`` of the task does not apply to them.
+
+Celery is an optional dependency: ``pip install 'floodgate[celery]'``.
+"""
+
+import functools
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union, cast
+
+try:
+    from celery.exceptions import Ignore, Reject, Retry
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "floodgate.celery needs Celery: pip install 'floodgate[celery]'"
+    ) from e
+
+from .client import Floodgate, Permit, Seconds
+from .errors import FloodgateError, NoPermit, NotFound, Unavailable
+
+__all__ = ["limited", "paced_fan_out", "current_permit", "full_jitter", "client_from_env"]
+
+log = logging.getLogger("floodgate.celery")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+WAIT_RETRIES = "floodgate_wait_retries"
+THROTTLE_RETRIES = "floodgate_throttle_retries"
+UNAVAILABLE_RETRIES = "floodgate_unavailable_retries"
+
+# Celery reads ``max_retries=None`` as "the task's default" (3): this is how "no limit" is said.
+_UNBOUNDED = 2**62
+
+_local = threading.local()
+_clients: Dict[int, Floodgate] = {}
+_clients_lock = threading.Lock()
+
+
+def client_from_env() -> Floodgate:
+    """This process's client from ``FLOODGATE_URL`` / ``FLOODGATE_TOKEN``, made on first use
+    (after the prefork pool has forked)."""
+    pid = os.getpid()
+    with _clients_lock:
+        fg = _clients.get(pid)
+        if fg is None:
+            fg = Floodgate.from_env()
+            _clients.clear()
+            _clients[pid] = fg
+        return fg
+
+
+def current_permit() -> Optional[Permit]:
+    """The permit the running ``@limited`` task body holds (for its fencing token and
+    :meth:`Permit.check`), or ``None`` outside one."""
+    return cast(Optional[Permit], getattr(_local, "permit", None))
+
+
+def full_jitter(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform in ``[0, min(cap, base * 2**attempt)]``."""
+    return random.uniform(0.0, min(cap, base * (2.0 ** min(attempt, 62))))
+
+
+def _count(request: Any, header: str) -> int:
+    headers = getattr(request, "headers", None) or {}
+    value = headers.get(header) if isinstance(headers, dict) else None
+    if value is None:
+        value = getattr(request, header, None)
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _headers(request: Any, header: str, value: int) -> Dict[str, Any]:
+    headers = getattr(request, "headers", None)
+    merged: Dict[str, Any] = dict(headers) if isinstance(headers, dict) else {}
+    for key in (WAIT_RETRIES, THROTTLE_RETRIES, UNAVAILABLE_RETRIES):
+        if key not in merged:
+            current = getattr(request, key, None)
+            if current is not None:
+                merged[key] = current
+    merged[header] = value
+    return merged
+
+
+def _holder(task: Any) -> str:
+    request = task.request
+    label = "{}/{}/{}".format(
+        getattr(request, "hostname", None) or "celery",
+        getattr(task, "name", "task"),
+        getattr(request, "id", None) or "-",
+    )
+    return label[:256]
+
+
+def paced_fan_out(
+    signatures: Sequence[Any],
+    limiter: str,
+    client: Optional[Floodgate] = None,
+) -> List[Any]:
+    """Enqueues every signature now, each with the countdown the server's schedule of
+    ``limiter`` (a rate limiter) gives it, instead of sleeping between batches in a worker::
+
+        paced_fan_out([calculate_for_org.s(org.id) for org in orgs], "spike-fanout")
+
+    The children should not acquire from the same limiter again (the schedule already took
+    their tokens). Against a server without the schedule endpoint (404 ``not_found``) they are
+    enqueued at once; other errors (no such limiter, a limiter without a rate) are raised.
+
+    Returns the ``AsyncResult`` of each.
+    """
+    fg = client if client is not None else client_from_env()
+    try:
+        offsets = fg.schedule(limiter, len(signatures)) if signatures else []
+    except NotFound as e:
+        if e.code != "not_found":
+            raise
+        log.warning("floodgate: %s has no schedule endpoint; enqueueing %d tasks at once",
+                    fg.url, len(signatures))
+        offsets = [0.0] * len(signatures)
+    return [sig.apply_async(countdown=offset or None)
+            for sig, offset in zip(signatures, offsets)]
+
+
+def _release(permit: Permit) -> None:
+    try:
+        permit.release()
+    except FloodgateError as e:
+        log.warning("floodgate: release of %s failed (the lease reclaims it): %s",
+                    permit.permit_id, e)
+
+
+def limited(
+    name: Union[str, Callable[..., str]],
+    *,
+    wait: Seconds = 5.0,
+    lease: Optional[Seconds] = 300.0,
+    permits: int = 1,
+    heartbeat: Union[bool, float] = True,
+    throttle_exceptions: Tuple[Type[BaseException], ...] = (),
+    client: Union[Floodgate, Callable[[], Floodgate], None] = None,
+    max_retries: Optional[int] = None,
+    throttle_max_retries: Optional[int] = 10,
+    backoff: float = 1.0,
+    backoff_max: float = 300.0,
+    retry_jitter: float = 0.1,
+    max_countdown: Optional[float] = None,
+    feedback: bool = True,
+    on_unavailable: str = "retry",
+    unavailable_max_retries: Optional[int] = None,
+) -> Callable[[F], F]:
+    """Runs a bound Celery task's body under a permit of limiter ``name``. Put it under
+    ``@app.task(bind=True)``.
+
+    Args:
+        name: the limiter, or a function of the task's arguments returning its name.
+        wait: seconds the worker may wait in the server's queue before the task is retried
+            later instead (keep it short: a waiting worker does nothing else).
+        lease: the permit's lease in seconds (``None``: the limiter's); the heartbeat keeps it
+            alive while the body runs, so it only bounds how long a dead worker holds a slot.
+        permits: permits per run.
+        heartbeat: as :meth:`Floodgate.acquire` (``True``: extend every lease/3).
+        throttle_exceptions: exceptions meaning "the backend is overloaded" (e.g. Snuba's
+            ``RateLimitExceeded``): reported as ``throttled`` and retried with backoff.
+        client: a :class:`Floodgate`, a function returning one, or ``None`` for one from
+            ``FLOODGATE_URL`` / ``FLOODGATE_TOKEN``.
+        max_retries: retries after a wait that ended without a permit; ``None`` is unbounded
+            (the task is re-enqueued until it runs). Past it, the ``WaitTimeout`` is raised.
+        throttle_max_retries: retries after a throttle exception; ``None`` is unbounded. Past
+            it, the exception is raised.
+        backoff, backoff_max: the throttle retry's countdown is uniform in
+            ``[0, min(backoff_max, backoff * 2**n)]`` after the n-th throttle (full jitter).
+        retry_jitter: a wait-timeout retry comes back after ``retry_after * (1 + U(0, j))``,
+            so re-enqueued tasks do not all return at once.
+        max_countdown: cap on that countdown (the server's hint can be as long as a lease when
+            nothing has been released yet); ``None``: no cap.
+        feedback: report ``ok`` / ``throttled`` / ``error`` with the body's latency.
+        on_unavailable: when the Floodgate server cannot be reached: ``"retry"`` (retry the
+            task with backoff; unbounded unless ``unavailable_max_retries``), ``"run"`` (fail
+            open: run the body without a permit, logged) or ``"raise"``.
+    """
+    if on_unavailable not in ("retry", "run", "raise"):
+        raise ValueError("on_unavailable must be 'retry', 'run' or 'raise'")
+    throttles = tuple(throttle_exceptions)
+
+    def resolve_client() -> Floodgate:
+        if client is None:
+            return client_from_env()
+        if isinstance(client, Floodgate):
+            return client
+        return client()
+
+    def decorator(fun: F) -> F:
+        @functools.wraps(fun)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            fg = resolve_client()
+            limiter = name(*args, **kwargs) if callable(name) else name
+            request = self.request
+            try:
+                permit = fg.acquire(
+                    limiter,
+                    permits=permits,
+                    wait=wait,
+                    lease=lease,
+                    holder=_holder(self),
+                    heartbeat=heartbeat,
+                )
+            except NoPermit as e:
+                n = _count(request, WAIT_RETRIES)
+                if max_retries is not None and n >= max_retries:
+                    raise
+                countdown = max(0.0, e.retry_after) * (1.0 + random.uniform(0.0, retry_jitter))
+                if max_countdown is not None:
+                    countdown = min(countdown, max_countdown)
+                log.info("floodgate: %s[%s] got no permit of %s (%s); retry in %.3f s",
+                         self.name, request.id, limiter, e.code, countdown)
+                raise self.retry(
+                    countdown=countdown,
+                    exc=e,
+                    max_retries=_UNBOUNDED,
+                    headers=_headers(request, WAIT_RETRIES, n + 1),
+                )
+            except Unavailable as e:
+                if on_unavailable == "raise":
+                    raise
+                if on_unavailable == "run":
+                    log.warning("floodgate: %s unreachable (%s); running %s without a permit",
+                                fg.url, e, self.name)
+                    return fun(self, *args, **kwargs)
+                n = _count(request, UNAVAILABLE_RETRIES)
+                if unavailable_max_retries is not None and n >= unavailable_max_retries:
+                    raise
+                countdown = full_jitter(n, backoff, backoff_max)
+                log.warning("floodgate: %s unreachable (%s); retry %s in %.3f s",
+                            fg.url, e, self.name, countdown)
+                raise self.retry(
+                    countdown=countdown,
+                    exc=e,
+                    max_retries=_UNBOUNDED,
+                    headers=_headers(request, UNAVAILABLE_RETRIES, n + 1),
+                )
+
+            previous = getattr(_local, "permit", None)
+            _local.permit = permit
+            started = time.monotonic()
+            try:
+                result = fun(self, *args, **kwargs)
+            except throttles as e:
+                latency = time.monotonic() - started
+                _release(permit)
+                if feedback:
+                    fg.report(limiter, "throttled", latency)
+                n = _count(request, THROTTLE_RETRIES)
+                if throttle_max_retries is not None and n >= throttle_max_retries:
+                    raise
+                countdown = full_jitter(n, backoff, backoff_max)
+                log.info("floodgate: %s[%s] throttled by the backend (%r); retry in %.3f s",
+                         self.name, request.id, e, countdown)
+                raise self.retry(
+                    countdown=countdown,
+                    exc=e,
+                    max_retries=_UNBOUNDED,
+                    headers=_headers(request, THROTTLE_RETRIES, n + 1),
+                )
+            except (Retry, Ignore, Reject):
+                # The body's own control flow (e.g. its own self.retry): not an outcome.
+                _release(permit)
+                raise
+            except Exception:
+                latency = time.monotonic() - started
+                _release(permit)
+                if feedback:
+                    fg.report(limiter, "error", latency)
+                raise
+            else:
+                latency = time.monotonic() - started
+                _release(permit)
+                if permit.lost:
+                    log.warning("floodgate: %s[%s] finished after its permit %s was lost",
+                                self.name, request.id, permit.permit_id)
+                if feedback:
+                    fg.report(limiter, "ok", latency)
+                return result
+            finally:
+                _local.permit = previous
+                _release(permit)  # idempotent: covers BaseException (e.g. SystemExit)
+
+        return cast(F, wrapper)
+
+    return decorator

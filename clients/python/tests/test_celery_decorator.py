@@ -1,0 +1,215 @@
+"""Each branch of ``@limited`` against the real server, calling the wrapped function with a
+stand-in for Celery's bound ``self`` (its ``request`` and ``retry``). The real worker runs in
+test_celery_e2e.py."""
+
+import socket
+from typing import Any, Callable, Dict, List, Optional
+
+import pytest
+
+from floodgate import Floodgate, Unavailable, WaitTimeout
+from floodgate.celery import (
+    THROTTLE_RETRIES,
+    UNAVAILABLE_RETRIES,
+    WAIT_RETRIES,
+    current_permit,
+    full_jitter,
+    limited,
+)
+
+MakeLimiter = Callable[..., str]
+
+
+class Request:
+    def __init__(self, headers: Optional[Dict[str, Any]] = None) -> None:
+        self.headers = headers
+        self.id = "task-1"
+        self.hostname = "worker@test"
+        self.retries = 0
+
+
+class RetryCalled(Exception):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(kwargs)
+        self.kwargs = kwargs
+
+
+class BoundTask:
+    """What Celery passes as ``self`` to a bound task, as far as the decorator uses it."""
+
+    name = "tests.query"
+
+    def __init__(self, headers: Optional[Dict[str, Any]] = None) -> None:
+        self.request = Request(headers)
+
+    def retry(self, **kwargs: Any) -> None:
+        raise RetryCalled(**kwargs)
+
+
+class Throttled(Exception):
+    pass
+
+
+def _has_feedback(fg: Floodgate, name: str) -> bool:
+    return "feedback_ok" in fg.limiter(name)["counters"]
+
+
+def test_body_runs_under_a_permit(fg: Floodgate, limiter: MakeLimiter) -> None:
+    name = limiter(1)
+    seen: List[Any] = []
+
+    @limited(name, wait=1, lease=5, client=fg)
+    def body(self: Any, a: int, b: int) -> int:
+        p = current_permit()
+        assert p is not None and not p.lost
+        seen.append((p.fencing_token, fg.limiter(name)["in_use"]))
+        return a + b
+
+    assert body(BoundTask(), 2, 3) == 5
+    assert seen and seen[0][0] > 0 and seen[0][1] == 1
+    assert current_permit() is None
+    counters = fg.limiter(name)["counters"]
+    assert fg.limiter(name)["in_use"] == 0 and counters["released"] == 1
+    if _has_feedback(fg, name):
+        assert counters["feedback_ok"] == 1
+    assert body.__name__ == "body"  # Celery names the task after the function
+
+
+def test_wait_timeout_retries_with_the_servers_hint(fg: Floodgate, limiter: MakeLimiter) -> None:
+    name = limiter(1, lease=20)
+    ran: List[int] = []
+
+    @limited(name, wait=0.05, client=fg, retry_jitter=0.1)
+    def body(self: Any) -> None:
+        ran.append(1)
+
+    with fg.permit(name, wait=1):
+        with pytest.raises(RetryCalled) as info:
+            body(BoundTask({"other": "kept"}))
+        kwargs = info.value.kwargs
+        assert isinstance(kwargs["exc"], WaitTimeout)
+        hint = kwargs["exc"].retry_after
+        assert hint > 0 and hint <= kwargs["countdown"] <= hint * 1.1 + 1e-9
+        assert kwargs["headers"] == {"other": "kept", WAIT_RETRIES: 1}
+        assert kwargs["max_retries"] > 10**9  # unbounded, whatever the task's max_retries
+
+        # The count goes on from the message's headers; max_retries bounds it when set.
+        with pytest.raises(RetryCalled) as info:
+            body(BoundTask({WAIT_RETRIES: 7}))
+        assert info.value.kwargs["headers"][WAIT_RETRIES] == 8
+        bounded = limited(name, wait=0, client=fg, max_retries=3)(lambda self: None)
+        with pytest.raises(WaitTimeout):
+            bounded(BoundTask({WAIT_RETRIES: 3}))
+        capped = limited(name, wait=0, client=fg, max_countdown=0.01)(lambda self: None)
+        with pytest.raises(RetryCalled) as info:
+            capped(BoundTask())
+        assert info.value.kwargs["countdown"] == 0.01
+    assert ran == []
+
+
+def test_throttle_is_reported_and_retried_with_backoff(fg: Floodgate,
+                                                       limiter: MakeLimiter) -> None:
+    name = limiter(1)
+
+    @limited(name, wait=1, client=fg, throttle_exceptions=(Throttled,), backoff=0.5,
+             backoff_max=4, throttle_max_retries=2)
+    def body(self: Any) -> None:
+        raise Throttled("backend: too many concurrent queries")
+
+    with pytest.raises(RetryCalled) as info:
+        body(BoundTask({WAIT_RETRIES: 4}))
+    kwargs = info.value.kwargs
+    assert isinstance(kwargs["exc"], Throttled)
+    assert 0 <= kwargs["countdown"] <= 0.5
+    assert kwargs["headers"] == {WAIT_RETRIES: 4, THROTTLE_RETRIES: 1}
+    with pytest.raises(RetryCalled) as info:
+        body(BoundTask({THROTTLE_RETRIES: 1}))
+    assert 0 <= info.value.kwargs["countdown"] <= 1.0
+    with pytest.raises(Throttled):  # throttle_max_retries reached: the exception is raised
+        body(BoundTask({THROTTLE_RETRIES: 2}))
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 3
+    if _has_feedback(fg, name):
+        assert status["counters"]["feedback_throttled"] == 3
+
+
+def test_other_exceptions_release_and_propagate(fg: Floodgate, limiter: MakeLimiter) -> None:
+    name = limiter(1)
+
+    @limited(name, wait=1, client=fg, throttle_exceptions=(Throttled,))
+    def body(self: Any) -> None:
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        body(BoundTask())
+    status = fg.limiter(name)
+    assert status["in_use"] == 0
+    if _has_feedback(fg, name):
+        assert status["counters"]["feedback_error"] == 1
+
+
+def test_limiter_name_from_the_arguments(fg: Floodgate, limiter: MakeLimiter) -> None:
+    name = limiter(1)
+    tokens: List[int] = []
+
+    @limited(lambda org_id: name if org_id == 1 else "missing", wait=1, client=fg)
+    def body(self: Any, org_id: int) -> None:
+        p = current_permit()
+        assert p is not None
+        tokens.append(p.fencing_token)
+
+    body(BoundTask(), 1)
+    assert len(tokens) == 1 and fg.limiter(name)["counters"]["granted"] == 1
+
+
+def test_floodgate_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    down = Floodgate("http://127.0.0.1:{}".format(port), retries=0)
+    ran: List[Optional[object]] = []
+
+    def body(self: Any) -> str:
+        ran.append(current_permit())
+        return "done"
+
+    with pytest.raises(RetryCalled) as info:
+        limited("x", client=down, backoff=0.5)(body)(BoundTask())
+    assert isinstance(info.value.kwargs["exc"], Unavailable)
+    assert info.value.kwargs["headers"] == {UNAVAILABLE_RETRIES: 1}
+    assert 0 <= info.value.kwargs["countdown"] <= 0.5
+    with pytest.raises(Unavailable):
+        limited("x", client=down, on_unavailable="raise")(body)(BoundTask())
+    with pytest.raises(Unavailable):
+        limited("x", client=down, unavailable_max_retries=2)(body)(
+            BoundTask({UNAVAILABLE_RETRIES: 2}))
+    assert limited("x", client=down, on_unavailable="run")(body)(BoundTask()) == "done"
+    assert ran == [None]  # ran without a permit (fail open)
+    with pytest.raises(ValueError):
+        limited("x", on_unavailable="sometimes")
+
+
+def test_client_from_env(monkeypatch: pytest.MonkeyPatch, fg: Floodgate,
+                         limiter: MakeLimiter) -> None:
+    import floodgate.celery as fc
+
+    name = limiter(1)
+    monkeypatch.setenv("FLOODGATE_URL", fg.url)
+    monkeypatch.setattr(fc, "_clients", {})
+
+    @limited(name, wait=1)
+    def body(self: Any) -> int:
+        p = current_permit()
+        assert p is not None
+        return p.fencing_token
+
+    assert body(BoundTask()) > 0
+    assert fc.client_from_env().url == fg.url
+
+
+def test_full_jitter_bounds() -> None:
+    for attempt in range(8):
+        for _ in range(50):
+            assert 0 <= full_jitter(attempt, 0.1, 2.0) <= min(2.0, 0.1 * 2 ** attempt)
+    assert full_jitter(10**6, 1.0, 3.0) <= 3.0
