@@ -47,7 +47,7 @@ impl From<RateSpec> for RateBody {
 }
 
 /// `"adaptive": {"min": 5, "max": 100}` plus optional `increase` (1), `decrease` (0.7) and
-/// `cooldown_ms` (2000).
+/// `cooldown_ms` (50; the typical hold time stretches it).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdaptiveBody {

@@ -55,8 +55,9 @@ impl RateSpec {
 }
 
 /// Adaptive concurrency (AIMD): the effective limit moves between `min` and `max` on feedback.
-/// A throttle multiplies it by `decrease` (at most once per `cooldown`); every `limit`
-/// successes in a row add `increase`.
+/// A throttle multiplies it by `decrease`, at most once per cooling interval: `cooldown` or the
+/// typical hold time of a permit, whichever is longer (throttles of calls that started before
+/// the last decrease say nothing new); every `limit` successes in a row add `increase`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdaptiveSpec {
     /// Lowest effective limit.
@@ -67,7 +68,8 @@ pub struct AdaptiveSpec {
     pub increase: u32,
     /// Factor applied on a throttle, in (0, 1).
     pub decrease: f64,
-    /// At most one decrease per this interval, so one burst of throttles counts once.
+    /// At most one decrease per this interval (or per typical hold time, if longer), so one
+    /// burst of throttles counts once.
     pub cooldown: Duration,
 }
 
@@ -75,14 +77,14 @@ impl Eq for AdaptiveSpec {}
 
 impl AdaptiveSpec {
     /// Between `min` and `max`, with the default steps: +1 per round, x0.7 per throttle, one
-    /// decrease per 2 s.
+    /// decrease per 50 ms or per typical hold time, whichever is longer.
     pub fn between(min: u32, max: u32) -> Self {
         AdaptiveSpec {
             min,
             max,
             increase: 1,
             decrease: 0.7,
-            cooldown: Duration::from_secs(2),
+            cooldown: Duration::from_millis(50),
         }
     }
 }

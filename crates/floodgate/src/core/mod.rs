@@ -229,7 +229,7 @@ struct Waiter {
 /// Hashes the u64 keys (tokens, waiter ids) with one multiply: they are sequential, so
 /// SipHash's protection against chosen keys buys nothing and costs a third of an acquire.
 #[derive(Default, Clone, Copy)]
-struct U64Hasher(u64);
+pub(crate) struct U64Hasher(u64);
 
 impl Hasher for U64Hasher {
     fn finish(&self) -> u64 {
@@ -245,7 +245,7 @@ impl Hasher for U64Hasher {
     }
 }
 
-type U64Map<V> = HashMap<u64, V, BuildHasherDefault<U64Hasher>>;
+pub(crate) type U64Map<V> = HashMap<u64, V, BuildHasherDefault<U64Hasher>>;
 
 /// One limiter's complete state.
 #[derive(Debug, Clone)]
@@ -655,9 +655,13 @@ impl LimiterCore {
         match outcome {
             Feedback::Throttled => {
                 self.successes = 0;
+                // Calls that began before the last decrease are still finishing for about a
+                // hold time; their throttles are not news.
+                let hold = Duration::from_micros(self.hold_ewma_us.unwrap_or(0));
+                let interval = adaptive.cooldown.max(hold);
                 let cooled = self
                     .last_decrease
-                    .is_none_or(|at| now >= at.after(adaptive.cooldown));
+                    .is_none_or(|at| now >= at.after(interval));
                 if cooled {
                     self.last_decrease = Some(now);
                     // At least one step down, never below min.

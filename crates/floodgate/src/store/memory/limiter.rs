@@ -17,6 +17,7 @@ use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::{InvalidField, LimiterSpec};
 use crate::store::LimiterBackend;
 use crate::sync::Mutex;
+use crate::core::U64Map;
 use crate::types::{FencingToken, LimiterName, Timestamp};
 
 /// A handle to one limiter of a [`MemoryStore`](super::MemoryStore). Cheap to clone.
@@ -62,7 +63,9 @@ pub(super) struct State {
     pub(super) core: LimiterCore,
     /// Where each queued waiter's outcome goes. An entry exists exactly while its waiter is
     /// queued in `core` (inserted under the same lock as the enqueue).
-    waiters: std::collections::HashMap<u64, oneshot::Sender<WaitOutcome>>,
+    waiters: U64Map<oneshot::Sender<WaitOutcome>>,
+    /// The wake-up list, kept between operations so a handoff does not allocate one.
+    spare: Vec<(WaiterId, WaitOutcome)>,
     /// The deadline the timer task is armed for (`MAX` when idle). The timer is only poked
     /// when the state machine's next deadline is earlier, so steady traffic never wakes it.
     timer_at: Timestamp,
@@ -87,7 +90,8 @@ impl<C: Clock> MemoryLimiter<C> {
                 clock,
                 state: Mutex::new(State {
                     core,
-                    waiters: std::collections::HashMap::new(),
+                    waiters: U64Map::default(),
+                    spare: Vec::new(),
                     timer_at: Timestamp::MAX,
                     closed: false,
                 }),
@@ -115,7 +119,9 @@ impl<C: Clock> MemoryLimiter<C> {
             return Err(StoreError::UnknownLimiter(self.shared.name.clone()));
         }
         let now = self.shared.clock.now();
-        let mut fx = Effects::default();
+        let mut fx = Effects {
+            wakes: std::mem::take(&mut state.spare),
+        };
         let out = op(&mut state, now, &mut fx);
         state.settle(now, fx);
         if let Some(next) = state.core.next_deadline() {
@@ -147,6 +153,8 @@ impl State {
                 self.core.release(now, token, &mut fx);
             }
         }
+        // Keep the (empty) list's allocation for the next operation.
+        self.spare = fx.wakes;
     }
 
     /// Marks the timer as idle; the timer task re-arms it after each pass.

@@ -11,6 +11,8 @@
 --       5 waiters (hash key -> seq|permits|lease|deadline|enqueued_at|channel)
 --       6 waits (zset waiter key by wait deadline)
 --       7 outcomes (hash waiter key -> outcome)   8 outcome_times (zset waiter key by decision time)
+--       9 hot (string: the fields every acquire and release touch, `|`-separated in HOT order,
+--         kept apart from the spec so the fast path reads and writes one short value)
 -- ARGV: 1 op, 2 limiter name, 3 idle TTL in ms, then the op's arguments.
 --
 -- Reply: a flat array of strings: a tag, the op's fields, and last the delay in microseconds
@@ -21,8 +23,8 @@
 -- published to the waiter's server channel, so a waiter that missed the message still finds
 -- its outcome when it cancels.
 
-local K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT, K_HOT =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local op, name, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local t = redis.call('TIME')
@@ -30,6 +32,11 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
 local MIN_LEASE, MAX_LEASE = 1000, 86400 * 1000000
 local function fmt(n) return string.format('%d', n) end
+local TTL_REFRESH = 3600 * 1000000
+
+-- The fields of the hot value, in order.
+local HOT = {'fast', 'qlen', 'in_use', 'eff_limit', 'next_token', 'lease_us', 'cap', 'ttl_at',
+             'c_granted', 'c_released', 'ewma_us'}
 
 local function split(s)
   local out, start = {}, 1
@@ -44,11 +51,84 @@ local function split(s)
   end
 end
 
+-- Fast path: an acquire granted at once or a release, on a concurrency-only limiter with an
+-- empty queue and no lease due. Same rules as the general path below, in a handful of
+-- commands (the general path loads and rewrites the whole state). Anything else falls through.
+if op == 'acquire' or op == 'release' then
+  local raw_hot = redis.call('GET', K_HOT)
+  local h = raw_hot and split(raw_hot) or {}
+  local first = (h[1] == '1' and h[2] == '0') and redis.call('ZRANGE', K_LEASE, '0', '0', 'WITHSCORES')
+  local first_at = first and first[2] and tonumber(first[2])
+  if first and (not first_at or first_at > now) then
+    local in_use = tonumber(h[3])
+    local refresh = tonumber(h[8] or '0') <= now
+    local function expire_all()
+      for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+    end
+    if op == 'acquire' then
+      local permits, lease = tonumber(ARGV[4]), tonumber(h[6])
+      if ARGV[5] ~= '' then lease = tonumber(ARGV[5]) end
+      if permits >= 1 and permits <= tonumber(h[7]) and lease >= MIN_LEASE and lease <= MAX_LEASE
+        and in_use + permits <= tonumber(h[4]) then
+        local token = math.max(tonumber(h[5]), now)
+        local deadline = now + lease
+        redis.call('HSET', K_HOLD, fmt(token), fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now))
+        redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
+        h[3], h[5], h[9] = fmt(in_use + permits), fmt(token + 1), fmt(tonumber(h[9]) + 1)
+        if refresh then h[8] = fmt(now + TTL_REFRESH) end
+        redis.call('SET', K_HOT, table.concat(h, '|'), 'KEEPTTL')
+        if refresh then
+          expire_all()
+        elseif in_use == 0 then
+          -- The holders hash and leases set were empty (so gone) and are new: give them a TTL.
+          redis.call('PEXPIRE', K_HOLD, ARGV[3])
+          redis.call('PEXPIRE', K_LEASE, ARGV[3])
+        end
+        local next = deadline
+        if first_at and first_at < next then next = first_at end
+        return {'granted', fmt(token), fmt(permits), fmt(lease), fmt(deadline), fmt(now), '0',
+                fmt(next - now)}
+      end
+    else
+      local token = ARGV[4]
+      local next = '-1'
+      if first_at then next = fmt(first_at - now) end
+      local raw = redis.call('HGET', K_HOLD, token)
+      if not raw then return {'released', '0', next} end
+      local sep1 = string.find(raw, '|', 1, true)
+      local sep2 = string.find(raw, '|', sep1 + 1, true)
+      local permits = tonumber(string.sub(raw, 1, sep1 - 1))
+      local held = now - tonumber(string.sub(raw, sep2 + 1))
+      local ewma = tonumber(h[11] or '')
+      if not ewma then
+        ewma = held
+      elseif held >= ewma then
+        ewma = ewma + math.floor((held - ewma) / 8)
+      else
+        ewma = ewma - math.floor((ewma - held) / 8)
+      end
+      redis.call('HDEL', K_HOLD, token)
+      redis.call('ZREM', K_LEASE, token)
+      h[3], h[10], h[11] = fmt(in_use - permits), fmt(tonumber(h[10]) + 1), fmt(ewma)
+      if refresh then h[8] = fmt(now + TTL_REFRESH) end
+      redis.call('SET', K_HOT, table.concat(h, '|'), 'KEEPTTL')
+      if refresh then expire_all() end
+      return {'released', '1', next}
+    end
+  end
+end
+
+
+
 -- State, loaded once and written back once.
 local m = {}
 do
   local raw = redis.call('HGETALL', K_META)
   for i = 1, #raw, 2 do m[raw[i]] = raw[i + 1] end
+  local hot = redis.call('GET', K_HOT)
+  if hot then
+    for i, v in ipairs(split(hot)) do m[HOT[i]] = v end
+  end
 end
 local exists = m.lease_us ~= nil
 -- Absent (empty) fields mean "none": a rate-only limiter has no concurrency.
@@ -280,7 +360,7 @@ local function status_fields()
   local out = {ofmt(concurrency), fmt(default_lease), fmt(max_wait), fmt(max_queue), fmt(in_use),
                fmt(redis.call('HLEN', K_HOLD)), fmt(redis.call('ZCARD', K_Q)), fmt(queued_permits),
                ofmt(limit), ofmt(rate_limit), ofmt(rate_period), ofmt(rate_burst),
-               ofmt(a_min), ofmt(a_max), ofmt(a_inc), a_dec and tostring(a_dec) or '', ofmt(a_cool)}
+               ofmt(a_min), ofmt(a_max), ofmt(a_inc), a_dec and string.format('%.17g', a_dec) or '', ofmt(a_cool)}
   for _, k in ipairs(COUNTERS) do out[#out + 1] = fmt(c[k]) end
   return out
 end
@@ -304,18 +384,25 @@ local function finish(reply)
   local fields = {'concurrency', ofmt(concurrency), 'eff_limit', ofmt(limit),
                   'rate_limit', ofmt(rate_limit), 'rate_period_us', ofmt(rate_period),
                   'rate_burst', ofmt(rate_burst), 'a_min', ofmt(a_min), 'a_max', ofmt(a_max),
-                  'a_inc', ofmt(a_inc), 'a_dec', a_dec and tostring(a_dec) or '',
+                  'a_inc', ofmt(a_inc), 'a_dec', a_dec and string.format('%.17g', a_dec) or '',
                   'a_cool_us', ofmt(a_cool), 'tat', fmt(tat), 'successes', fmt(successes),
                   'last_decrease', ofmt(last_decrease), 'lease_us', fmt(default_lease),
                   'max_wait_us', fmt(max_wait), 'max_queue', fmt(max_queue),
-                  'in_use', fmt(in_use), 'next_token', fmt(next_token), 'next_seq', fmt(next_seq),
-                  'queued_permits', fmt(queued_permits), 'ewma_us', ewma and fmt(ewma) or ''}
+                  'next_seq', fmt(next_seq), 'queued_permits', fmt(queued_permits)}
   for _, k in ipairs(COUNTERS) do
-    fields[#fields + 1] = 'c_' .. k
-    fields[#fields + 1] = fmt(c[k])
+    if k ~= 'granted' and k ~= 'released' then
+      fields[#fields + 1] = 'c_' .. k
+      fields[#fields + 1] = fmt(c[k])
+    end
   end
   redis.call('HSET', K_META, unpack(fields))
-  for i = 1, 8 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+  -- What the fast path reads: whether it may run (concurrency only, nothing queued) and the
+  -- fields it needs.
+  local fast = (concurrency and not rate_limit) and '1' or '0'
+  redis.call('SET', K_HOT, table.concat({fast, fmt(redis.call('ZCARD', K_Q)), fmt(in_use),
+    ofmt(limit), fmt(next_token), fmt(default_lease), ofmt(permit_cap()),
+    fmt(now + TTL_REFRESH), fmt(c.granted), fmt(c.released), ewma and fmt(ewma) or ''}, '|'))
+  for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
   local next = -1
   local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
   local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
@@ -334,15 +421,19 @@ if op == 'put' then
     opt(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
   local bad = check_spec(conc or 1, lease, wait, queue)
   if bad then return {'invalid', bad[1], bad[2]} end
-  rate_limit, rate_period, rate_burst = opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11])
-  a_min, a_max, a_inc, a_dec, a_cool = opt(ARGV[12]), opt(ARGV[13]), opt(ARGV[14]), opt(ARGV[15]), opt(ARGV[16])
-  if not conc and not rate_limit then return {'invalid', 'concurrency', 'a limiter needs a concurrency limit, a rate limit, or both'} end
+  local new_rate = {opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11])}
+  local new_adaptive = {opt(ARGV[12]), opt(ARGV[13]), opt(ARGV[14]), opt(ARGV[15]), opt(ARGV[16])}
+  if not conc and not new_rate[1] then return {'invalid', 'concurrency', 'a limiter needs a concurrency limit, a rate limit, or both'} end
   if not exists then
     -- Seeded from the store's clock, so a re-created limiter hands out larger tokens.
     next_token = math.max(first_token, now)
   else
+    -- Time that has passed is settled under the old spec, as the core does.
     advance()
   end
+  rate_limit, rate_period, rate_burst = new_rate[1], new_rate[2], new_rate[3]
+  a_min, a_max, a_inc, a_dec, a_cool =
+    new_adaptive[1], new_adaptive[2], new_adaptive[3], new_adaptive[4], new_adaptive[5]
   concurrency, limit, default_lease, max_wait, max_queue = conc, conc, lease, wait, queue
   successes = 0
   local cap = permit_cap()
@@ -380,7 +471,7 @@ if op == 'delete' then
     local w = parse_waiter(key)
     if w then redis.call('PUBLISH', w.channel, name .. '\n' .. key .. '\nD') end
   end
-  redis.call('DEL', K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT)
+  redis.call('DEL', K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT, K_HOT)
   return {'deleted', '-1'}
 end
 
@@ -523,7 +614,8 @@ if op == 'feedback' then
   if a_min and limit then
     if outcome == 'throttled' then
       successes = 0
-      if not last_decrease or now >= last_decrease + a_cool then
+      -- Cooling interval: the cooldown or the typical hold time, whichever is longer.
+      if not last_decrease or now >= last_decrease + math.max(a_cool, ewma or 0) then
         last_decrease = now
         local lowered = math.max(math.min(math.floor(limit * a_dec), limit - 1), a_min)
         if lowered < limit then

@@ -18,8 +18,8 @@ use crate::types::{FencingToken, LimiterName, Timestamp};
 pub struct RedisLimiter {
     store: Arc<Inner>,
     name: LimiterName,
-    /// The limiter's eight keys, all under the hash tag `{name}` (see `limiter.lua`).
-    keys: Arc<[String; 8]>,
+    /// The limiter's nine keys, all under the hash tag `{name}` (see `limiter.lua`).
+    keys: Arc<[String; 9]>,
 }
 
 impl std::fmt::Debug for RedisLimiter {
@@ -91,7 +91,7 @@ impl RedisLimiter {
         let p = &store.config.prefix;
         let n = name.as_str();
         let keys = [
-            "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes",
+            "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes", "hot",
         ]
         .map(|k| format!("{p}:{{{n}}}:{k}"));
         RedisLimiter {
@@ -192,7 +192,7 @@ impl RedisLimiter {
                     opt(adaptive.map(|a| a.min.to_string())),
                     opt(adaptive.map(|a| a.max.to_string())),
                     opt(adaptive.map(|a| a.increase.to_string())),
-                    opt(adaptive.map(|a| format!("{:.6}", a.decrease))),
+                    opt(adaptive.map(|a| format!("{}", a.decrease))),
                     opt(adaptive.map(|a| micros(a.cooldown))),
                 ],
             )

@@ -1,0 +1,823 @@
+//! Floodgate's Redis store against the Redis round-trip floor, in one run on one Redis.
+//!
+//! Starts its own `redis-server` on a free loopback port (killed at the end) unless `REDIS_URL`
+//! is set. Phases alternate (baseline, floodgate, baseline, floodgate, ...) to spread drift.
+//!
+//! 1. `pair`: one acquire + release (limit 1000, so never queued) against the floor of two
+//!    EVALSHA of a one-key script (`INCR`) on a `ConnectionManager` configured like the store's:
+//!    mean, p50, p99 and pairs/s, sequentially on one task and with `FG_TASKS` tasks. A third
+//!    contender, `raw`, runs the limiter script itself (`limiter.lua`, same keys and arguments)
+//!    without floodgate's client code, which splits the gap into script cost and client cost
+//!    (it steps aside if the script's protocol has moved on). Target: floodgate within 1.3x of
+//!    the baseline.
+//! 2. `handoff`: limit 1; A holds the permit, B waits in acquire through a second store (another
+//!    connection and subscriber, as on another server). From just before A's release to the
+//!    moment B's acquire returns, against the floor of one EVALSHA of a script that PUBLISHes
+//!    to a subscriber on another connection (and beside a single EVALSHA round trip).
+//!
+//! On its own server (or with `FG_STATS=1`), each phase runs between `CONFIG RESETSTAT` and
+//! `INFO commandstats`, to show the server's time per EVALSHA and the commands each runs (for
+//! the handoff, that includes the setup calls outside the measured window: acquires, status).
+//!
+//! Run: `cargo bench -p floodgate --bench redis`. Without `--bench` (`cargo test --benches`) it
+//! runs a short smoke pass. Knobs (env): `REDIS_URL`; `FG_PAIRS` (sequential pairs per phase,
+//! default 20000); `FG_ROUNDS` (baseline/floodgate alternations, 2); `FG_TASKS` (16);
+//! `FG_HANDOFFS` (per phase, 1000); `FG_THREADS` (0, the default: a current-thread runtime;
+//! n: a multi-thread runtime with n workers); `FG_STATS`; `FG_RAW_SCRIPT` (a variant of
+//! `limiter.lua` for the `raw` contender, to measure a proposed change to the script).
+
+#![allow(
+    clippy::print_stdout,
+    clippy::unwrap_used,
+    reason = "a benchmark binary: it reports on stdout, and any failure should abort the run"
+)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use floodgate::RedisStore;
+use floodgate::{AcquireOptions, Floodgate, Limiter, LimiterSpec, RedisConfig, RedisLimiter};
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use tokio::sync::oneshot;
+
+type RLimiter = Limiter<RedisLimiter>;
+
+/// The key prefix of the store (`RedisConfig::new`'s default).
+const PREFIX: &str = "fg";
+/// The idle TTL the store passes to the script: `RedisConfig::new`'s 7 days, in ms.
+const TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+// ---------------------------------------------------------------------------------------------
+// The server.
+
+/// A `redis-server` this run started; killed on drop.
+struct OwnServer {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn ping(port: u16) -> bool {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "ping"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+        .unwrap_or(false)
+}
+
+/// `REDIS_URL`, or a fresh `redis-server` on a free loopback port (no persistence).
+fn redis_url() -> (String, Option<OwnServer>) {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return (url, None);
+    }
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("floodgate-bench-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed, or REDIS_URL set");
+    let server = OwnServer { child, dir };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ping(port) {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server on {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (format!("redis://127.0.0.1:{port}/"), Some(server))
+}
+
+/// A connection configured like the store's own (see `RedisStore::connect`).
+async fn manager(url: &str) -> ConnectionManager {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    redis::Client::open(url)
+        .unwrap()
+        .get_connection_manager_with_config(config)
+        .await
+        .unwrap()
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics.
+
+/// Latencies in nanoseconds.
+#[derive(Default, Clone)]
+struct Samples(Vec<u64>);
+
+impl Samples {
+    fn push(&mut self, d: Duration) {
+        self.0.push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    fn extend(&mut self, other: &Samples) {
+        self.0.extend_from_slice(&other.0);
+    }
+
+    fn summary(&self) -> Summary {
+        let mut v = self.0.clone();
+        v.sort_unstable();
+        let at = |q: usize| {
+            v.get((v.len() * q / 100).min(v.len().saturating_sub(1)))
+                .map_or(0.0, |&ns| ns as f64 / 1000.0)
+        };
+        let mean = if v.is_empty() {
+            0.0
+        } else {
+            v.iter().map(|&ns| ns as f64).sum::<f64>() / v.len() as f64 / 1000.0
+        };
+        Summary {
+            mean,
+            p50: at(50),
+            p99: at(99),
+            max: v.last().map_or(0.0, |&ns| ns as f64 / 1000.0),
+            n: v.len(),
+        }
+    }
+}
+
+/// Microseconds.
+#[derive(Clone, Copy)]
+struct Summary {
+    mean: f64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    n: usize,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "mean {:7.1} us  p50 {:7.1} us  p99 {:7.1} us  max {:7.0} us  (n={})",
+            self.mean, self.p50, self.p99, self.max, self.n
+        )
+    }
+}
+
+/// Per contender: what one kind of phase measured, summed over its rounds.
+#[derive(Default, Clone)]
+struct Tally {
+    /// Each pair (or handoff), whole.
+    whole: Samples,
+    /// The first and second call of each pair.
+    first: Samples,
+    second: Samples,
+    ops: u64,
+    wall: Duration,
+    /// Rates of each round, ops/s.
+    rates: Vec<f64>,
+    /// `INFO commandstats`: command -> (calls, usec).
+    stats: BTreeMap<String, (u64, u64)>,
+}
+
+impl Tally {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.wall.as_secs_f64()
+    }
+
+    fn rates(&self) -> String {
+        let r: Vec<String> = self.rates.iter().map(|r| format!("{r:.0}")).collect();
+        r.join(", ")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server-side statistics.
+
+struct Stats {
+    conn: Option<MultiplexedConnection>,
+}
+
+impl Stats {
+    async fn reset(&mut self) {
+        if let Some(conn) = &mut self.conn {
+            redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query_async::<()>(conn)
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn collect(&mut self, into: &mut BTreeMap<String, (u64, u64)>) {
+        let Some(conn) = &mut self.conn else { return };
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        for line in info.lines() {
+            let Some((name, rest)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            if name.starts_with("config") || name == "info" {
+                continue;
+            }
+            let mut calls = 0;
+            let mut usec = 0;
+            for kv in rest.split(',') {
+                match kv.split_once('=') {
+                    Some(("calls", v)) => calls = v.parse().unwrap_or(0),
+                    Some(("usec", v)) => usec = v.parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+            let e = into.entry(name.to_owned()).or_default();
+            e.0 += calls;
+            e.1 += usec;
+        }
+    }
+}
+
+fn print_stats(label: &str, tally: &Tally) {
+    let Some(&(evals, eval_usec)) = tally.stats.get("evalsha") else {
+        return;
+    };
+    if evals == 0 {
+        return;
+    }
+    println!(
+        "  {label:<10} server: evalsha {:.2} us/call ({} calls); per EVALSHA:",
+        eval_usec as f64 / evals as f64,
+        evals
+    );
+    let mut inner: Vec<(&String, &(u64, u64))> = tally
+        .stats
+        .iter()
+        .filter(|(name, _)| name.as_str() != "evalsha")
+        .collect();
+    inner.sort_by_key(|e| std::cmp::Reverse(e.1 .1));
+    let parts: Vec<String> = inner
+        .iter()
+        .map(|(name, &(calls, usec))| {
+            format!(
+                "{name} x{:.2} ({:.2} us)",
+                calls as f64 / evals as f64,
+                usec as f64 / evals as f64
+            )
+        })
+        .collect();
+    for chunk in parts.chunks(5) {
+        println!("               {}", chunk.join(", "));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pair contenders.
+
+/// The floor: a script that touches one key, as `redis::Script` over a `ConnectionManager`.
+const FLOOR_LUA: &str = "return redis.call('INCR', KEYS[1])";
+
+#[derive(Clone)]
+enum Contender {
+    /// Two EVALSHA of `FLOOR_LUA`.
+    Baseline {
+        conn: ConnectionManager,
+        script: Arc<redis::Script>,
+    },
+    /// Two EVALSHA of `limiter.lua` itself (acquire, release), called as the store calls it.
+    Raw {
+        conn: ConnectionManager,
+        script: Arc<redis::Script>,
+        keys: Arc<[String; 8]>,
+        next: Arc<AtomicU64>,
+    },
+    /// `acquire` + `release` through the API.
+    Floodgate(RLimiter),
+}
+
+impl Contender {
+    fn label(&self) -> &'static str {
+        match self {
+            Contender::Baseline { .. } => "baseline",
+            Contender::Raw { .. } => "raw-script",
+            Contender::Floodgate(_) => "floodgate",
+        }
+    }
+
+    /// One pair: the time of its first and of its second call.
+    async fn pair(&self) -> (Duration, Duration) {
+        match self {
+            Contender::Baseline { conn, script } => {
+                let t0 = Instant::now();
+                let _: i64 = script
+                    .key("bench:floor")
+                    .invoke_async(&mut conn.clone())
+                    .await
+                    .unwrap();
+                let t1 = Instant::now();
+                let _: i64 = script
+                    .key("bench:floor")
+                    .invoke_async(&mut conn.clone())
+                    .await
+                    .unwrap();
+                (t1 - t0, t1.elapsed())
+            }
+            Contender::Raw { .. } => self.raw_pair().await.unwrap(),
+            Contender::Floodgate(limiter) => {
+                let t0 = Instant::now();
+                let permit = limiter.acquire(AcquireOptions::new()).await.unwrap();
+                let t1 = Instant::now();
+                assert!(permit.release().await.unwrap());
+                (t1 - t0, t1.elapsed())
+            }
+        }
+    }
+}
+
+impl Contender {
+    /// A pair of the `raw` contender: the script called as `RedisLimiter::call` calls it (same
+    /// keys and arguments; see `limiter.rs`). An error if the script's protocol has moved on.
+    async fn raw_pair(&self) -> Result<(Duration, Duration), String> {
+        let Contender::Raw {
+            conn,
+            script,
+            keys,
+            next,
+        } = self
+        else {
+            return Err("not the raw contender".into());
+        };
+        let t0 = Instant::now();
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        let mut inv = script.prepare_invoke();
+        for k in keys.iter() {
+            inv.key(k);
+        }
+        inv.arg("acquire")
+            .arg("raw")
+            .arg(TTL_MS)
+            .arg("1")
+            .arg("")
+            .arg("")
+            .arg(format!("bench-raw.{n}"))
+            .arg("fg:wake:bench-raw");
+        let reply: Vec<String> = inv
+            .invoke_async(&mut conn.clone())
+            .await
+            .map_err(|e| format!("acquire: {e}"))?;
+        if reply.first().map(String::as_str) != Some("granted") || reply.len() < 2 {
+            return Err(format!("acquire replied {reply:?}"));
+        }
+        let t1 = Instant::now();
+        let mut inv = script.prepare_invoke();
+        for k in keys.iter() {
+            inv.key(k);
+        }
+        inv.arg("release").arg("raw").arg(TTL_MS).arg(&reply[1]);
+        let reply: Vec<String> = inv
+            .invoke_async(&mut conn.clone())
+            .await
+            .map_err(|e| format!("release: {e}"))?;
+        if reply.get(..2) != Some(&["released".to_owned(), "1".to_owned()][..]) {
+            return Err(format!("release replied {reply:?}"));
+        }
+        Ok((t1 - t0, t1.elapsed()))
+    }
+}
+
+/// `n` pairs one after another on this task.
+async fn sequential(c: &Contender, n: usize, tally: &mut Tally) {
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        let (a, b) = c.pair().await;
+        tally.whole.push(t.elapsed());
+        tally.first.push(a);
+        tally.second.push(b);
+    }
+    let wall = start.elapsed();
+    tally.ops += n as u64;
+    tally.wall += wall;
+    tally.rates.push(n as f64 / wall.as_secs_f64());
+}
+
+/// `tasks` tasks doing `per_task` pairs each, all at once.
+async fn concurrent(c: &Contender, tasks: usize, per_task: usize, tally: &mut Tally) {
+    let gate = Arc::new(tokio::sync::Barrier::new(tasks + 1));
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let c = c.clone();
+            let gate = Arc::clone(&gate);
+            tokio::spawn(async move {
+                let mut s = Samples::default();
+                gate.wait().await;
+                for _ in 0..per_task {
+                    let t = Instant::now();
+                    c.pair().await;
+                    s.push(t.elapsed());
+                }
+                s
+            })
+        })
+        .collect();
+    gate.wait().await;
+    let start = Instant::now();
+    for h in handles {
+        tally.whole.extend(&h.await.unwrap());
+    }
+    let wall = start.elapsed();
+    let n = (tasks * per_task) as u64;
+    tally.ops += n;
+    tally.wall += wall;
+    tally.rates.push(n as f64 / wall.as_secs_f64());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handoff.
+
+/// One floodgate handoff: A (store 1) holds the only permit, B (store 2) is queued behind it.
+async fn floodgate_handoff(a: &RLimiter, b: &RLimiter) -> Duration {
+    let held = a.acquire(AcquireOptions::new()).await.unwrap();
+    let b = b.clone();
+    let waiter = tokio::spawn(async move {
+        let permit = b.acquire(AcquireOptions::new()).await.unwrap();
+        (Instant::now(), permit)
+    });
+    // Outside the measured window: wait until B is in the queue.
+    while a.status().await.unwrap().waiting == 0 {
+        tokio::task::yield_now().await;
+    }
+    let released_at = Instant::now();
+    let (released, waited) = tokio::join!(held.release(), waiter);
+    let (acquired_at, permit) = waited.unwrap();
+    assert!(released.unwrap());
+    assert!(permit.release().await.unwrap());
+    acquired_at - released_at
+}
+
+/// The floor of a handoff: one EVALSHA of a script that PUBLISHes, received by a subscriber on
+/// another connection and handed to a waiting task through a oneshot, as the store does.
+struct PublishFloor {
+    conn: ConnectionManager,
+    script: redis::Script,
+    slot: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+impl PublishFloor {
+    async fn new(url: &str) -> Self {
+        let slot: Arc<Mutex<Option<oneshot::Sender<()>>>> = Arc::default();
+        let mut pubsub = redis::Client::open(url)
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        pubsub.subscribe("bench:wake").await.unwrap();
+        let deliver = Arc::clone(&slot);
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(msg) = messages.next().await {
+                let _payload: String = msg.get_payload().unwrap();
+                if let Some(tx) = deliver.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        PublishFloor {
+            conn: manager(url).await,
+            script: redis::Script::new("return redis.call('PUBLISH', KEYS[1], ARGV[1])"),
+            slot,
+        }
+    }
+
+    async fn once(&self) -> Duration {
+        let (tx, rx) = oneshot::channel();
+        *self.slot.lock().unwrap() = Some(tx);
+        let waiter = tokio::spawn(async move {
+            rx.await.unwrap();
+            Instant::now()
+        });
+        let published_at = Instant::now();
+        let mut conn = self.conn.clone();
+        let mut invocation = self.script.key("bench:wake");
+        invocation.arg("limiter\nwaiter.1\nG|1|1|300000000|0|0|0");
+        let script = invocation.invoke_async::<i64>(&mut conn);
+        let (receivers, woken) = tokio::join!(script, waiter);
+        assert_eq!(receivers.unwrap(), 1);
+        woken.unwrap() - published_at
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run.
+
+struct Config {
+    pairs: usize,
+    rounds: usize,
+    tasks: usize,
+    per_task: usize,
+    handoffs: usize,
+}
+
+async fn run(url: &str, config: &Config, mut stats: Stats) {
+    let store = RedisStore::connect(RedisConfig::new(url)).await.unwrap();
+    let gate = Floodgate::with_store(store);
+    gate.define("pair", LimiterSpec::concurrency(1000))
+        .await
+        .unwrap();
+    gate.define("raw", LimiterSpec::concurrency(1000))
+        .await
+        .unwrap();
+    gate.define("handoff", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    let other = Floodgate::with_store(RedisStore::connect(RedisConfig::new(url)).await.unwrap());
+
+    // The limiter script as shipped, or a variant to try (`FG_RAW_SCRIPT=path`).
+    let (raw_script, raw_source) = match std::env::var("FG_RAW_SCRIPT") {
+        Ok(path) => (std::fs::read_to_string(&path).unwrap(), path),
+        Err(_) => (
+            include_str!("../src/store/redis/limiter.lua").to_owned(),
+            "src/store/redis/limiter.lua".to_owned(),
+        ),
+    };
+    let mut contenders = vec![
+        Contender::Baseline {
+            conn: manager(url).await,
+            script: Arc::new(redis::Script::new(FLOOR_LUA)),
+        },
+        Contender::Raw {
+            conn: manager(url).await,
+            script: Arc::new(redis::Script::new(&raw_script)),
+            keys: Arc::new(
+                [
+                    "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes",
+                ]
+                .map(|k| format!("{PREFIX}:{{raw}}:{k}")),
+            ),
+            next: Arc::default(),
+        },
+        Contender::Floodgate(gate.limiter("pair").await.unwrap()),
+    ];
+    match contenders[1].raw_pair().await {
+        Ok(_) => println!("raw-script contender runs {raw_source}"),
+        Err(e) => {
+            println!(
+                "raw-script contender skipped ({raw_source} no longer speaks this protocol: {e})"
+            );
+            contenders.remove(1);
+        }
+    }
+    let (base_i, fg_i) = (0, contenders.len() - 1);
+    let raw_i = (contenders.len() == 3).then_some(1);
+
+    // Warm up: scripts loaded, connections and allocator warm.
+    for c in &contenders {
+        let mut scratch = Tally::default();
+        sequential(c, config.pairs / 10 + 10, &mut scratch).await;
+    }
+
+    // 1a. Sequential pairs.
+    let mut seq: Vec<Tally> = vec![Tally::default(); contenders.len()];
+    for _ in 0..config.rounds {
+        for (c, tally) in contenders.iter().zip(seq.iter_mut()) {
+            stats.reset().await;
+            sequential(c, config.pairs, tally).await;
+            stats.collect(&mut tally.stats).await;
+        }
+    }
+    // 1b. Concurrent pairs.
+    let mut conc: Vec<Tally> = vec![Tally::default(); contenders.len()];
+    for _ in 0..config.rounds {
+        for (c, tally) in contenders.iter().zip(conc.iter_mut()) {
+            concurrent(c, config.tasks, config.per_task, tally).await;
+        }
+    }
+
+    // 2. Handoffs.
+    let a = gate.limiter("handoff").await.unwrap();
+    let b = other.limiter("handoff").await.unwrap();
+    let floor = PublishFloor::new(url).await;
+    for _ in 0..(config.handoffs / 10 + 5) {
+        floor.once().await;
+        floodgate_handoff(&a, &b).await;
+    }
+    let mut rtt = Samples::default();
+    let mut pub_floor = Tally::default();
+    let mut handoff = Tally::default();
+    for _ in 0..config.rounds {
+        let Contender::Baseline { conn, script } = &contenders[base_i] else {
+            unreachable!()
+        };
+        for _ in 0..config.handoffs {
+            let t = Instant::now();
+            let _: i64 = script
+                .key("bench:floor")
+                .invoke_async(&mut conn.clone())
+                .await
+                .unwrap();
+            rtt.push(t.elapsed());
+        }
+        stats.reset().await;
+        for _ in 0..config.handoffs {
+            pub_floor.whole.push(floor.once().await);
+        }
+        stats.collect(&mut pub_floor.stats).await;
+        stats.reset().await;
+        for _ in 0..config.handoffs {
+            handoff.whole.push(floodgate_handoff(&a, &b).await);
+        }
+        stats.collect(&mut handoff.stats).await;
+    }
+
+    // Report.
+    println!();
+    println!(
+        "== pair: acquire + release vs two EVALSHA of `{FLOOR_LUA}` ({} rounds x {} pairs, alternating)",
+        config.rounds, config.pairs
+    );
+    for (c, t) in contenders.iter().zip(&seq) {
+        println!(
+            "  {:<10} pair {}  {:8.0} pairs/s  (rounds: {})",
+            c.label(),
+            t.whole.summary(),
+            t.rate(),
+            t.rates()
+        );
+        println!(
+            "  {:<10}   1st call p50 {:6.1} us, 2nd call p50 {:6.1} us",
+            "",
+            t.first.summary().p50,
+            t.second.summary().p50
+        );
+    }
+    let (base, fg) = (seq[base_i].whole.summary(), seq[fg_i].whole.summary());
+    println!(
+        "  ratio floodgate/baseline: mean {:.2}x  p50 {:.2}x  p99 {:.2}x  throughput {:.2}x slower  (target <= 1.30x: {})",
+        fg.mean / base.mean,
+        fg.p50 / base.p50,
+        fg.p99 / base.p99,
+        seq[base_i].rate() / seq[fg_i].rate(),
+        if fg.mean / base.mean <= 1.3 { "met" } else { "MISSED" }
+    );
+    if let Some(raw_i) = raw_i {
+        let raw = seq[raw_i].whole.summary();
+        println!(
+            "  ratio raw-script/baseline: mean {:.2}x  p50 {:.2}x;  floodgate/raw-script: mean {:.2}x  p50 {:.2}x",
+            raw.mean / base.mean,
+            raw.p50 / base.p50,
+            fg.mean / raw.mean,
+            fg.p50 / raw.p50
+        );
+    }
+    for (c, t) in contenders.iter().zip(&seq) {
+        print_stats(c.label(), t);
+    }
+
+    println!();
+    println!(
+        "== pair with {} concurrent tasks ({} rounds x {} pairs each)",
+        config.tasks, config.rounds, config.per_task
+    );
+    for (c, t) in contenders.iter().zip(&conc) {
+        println!(
+            "  {:<10} {:8.0} pairs/s  pair {}  (rounds: {})",
+            c.label(),
+            t.rate(),
+            t.whole.summary(),
+            t.rates()
+        );
+    }
+    println!(
+        "  ratio floodgate/baseline: throughput {:.2}x slower  mean latency {:.2}x",
+        conc[base_i].rate() / conc[fg_i].rate(),
+        conc[fg_i].whole.summary().mean / conc[base_i].whole.summary().mean
+    );
+
+    println!();
+    println!(
+        "== handoff: limit 1, release on store 1 -> queued acquire returns on store 2 ({} rounds x {})",
+        config.rounds, config.handoffs
+    );
+    let (h, p, r) = (
+        handoff.whole.summary(),
+        pub_floor.whole.summary(),
+        rtt.summary(),
+    );
+    println!("  floodgate  {h}");
+    println!("  floor      {p}   (EVALSHA that PUBLISHes -> subscriber -> waiting task)");
+    println!("  1 EVALSHA  {r}");
+    println!(
+        "  ratio floodgate/floor: p50 {:.2}x  p99 {:.2}x;  floodgate/1 EVALSHA: p50 {:.2}x  p99 {:.2}x",
+        h.p50 / p.p50,
+        h.p99 / p.p99,
+        h.p50 / r.p50,
+        h.p99 / r.p99
+    );
+    print_stats("floor", &pub_floor);
+    print_stats("floodgate", &handoff);
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let smoke = !bench;
+    let config = Config {
+        pairs: env_usize("FG_PAIRS", if smoke { 200 } else { 20_000 }),
+        rounds: env_usize("FG_ROUNDS", 2).max(1),
+        tasks: env_usize("FG_TASKS", 16).max(1),
+        per_task: 0,
+        handoffs: env_usize("FG_HANDOFFS", if smoke { 20 } else { 1000 }).max(1),
+    };
+    let config = Config {
+        per_task: (config.pairs * 2 / config.tasks).max(1),
+        ..config
+    };
+    let threads = env_usize("FG_THREADS", 0);
+    let rt = if threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+
+    let (url, server) = redis_url();
+    let want_stats = server.is_some() || std::env::var("FG_STATS").is_ok_and(|v| v == "1");
+    println!(
+        "floodgate redis bench: {url} ({}), runtime {}, {} cores, load average before: {}",
+        if server.is_some() {
+            "own redis-server"
+        } else {
+            "REDIS_URL"
+        },
+        if threads == 0 {
+            "current-thread".to_owned()
+        } else {
+            format!("multi-thread x{threads}")
+        },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average()
+    );
+    rt.block_on(async {
+        let conn = if want_stats {
+            Some(
+                redis::Client::open(url.as_str())
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap(),
+            )
+        } else {
+            None
+        };
+        run(&url, &config, Stats { conn }).await;
+    });
+    println!();
+    println!("load average after: {}", load_average());
+    drop(rt);
+    drop(server);
+}
