@@ -11,4 +11,5 @@ pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod server;
+pub mod simulate;
 pub mod wire;

@@ -1,0 +1,113 @@
+//! `floodgate simulate`: the seed's cascade in virtual time. The model is in
+//! [`crate::simulate`]; this file only reads flags and prints.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::duration::parse_duration;
+use super::Failure;
+use crate::simulate::{self, Config, Strategy};
+
+/// Flags of `floodgate simulate`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SimulateArgs {
+    /// Seed of every random draw: the same seed gives the same report.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Organizations (one task each).
+    #[arg(long, default_value_t = 5_000)]
+    orgs: u32,
+    /// Mean query tasks per organization: 1 + geometric.
+    #[arg(long, default_value_t = 2.0)]
+    queries_per_org: f64,
+    /// Workers in the pool (Celery's concurrency).
+    #[arg(long, default_value_t = 200)]
+    workers: u32,
+    /// Strategies to run, repeatable or comma-separated: unbounded, seed-counter,
+    /// seed-batches, seed-backoff, floodgate, floodgate-adaptive. Default: all.
+    #[arg(long = "strategy", value_delimiter = ',', value_parser = parse_strategy)]
+    strategies: Vec<Strategy>,
+    /// Fraction of query tasks whose worker dies holding its permit.
+    #[arg(long, default_value_t = 0.0)]
+    crash_fraction: f64,
+    /// Median query time (lognormal).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    query_median: Duration,
+    /// Shape of the lognormal query time (standard deviation of its logarithm).
+    #[arg(long, default_value_t = 0.8)]
+    query_sigma: f64,
+    /// Concurrent queries the backend admits; more are rejected (RateLimitExceeded).
+    #[arg(long, default_value_t = 100)]
+    backend_limit: u32,
+    /// Limit of seed-counter and floodgate, and floodgate-adaptive's starting limit.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Highest limit floodgate-adaptive may reach.
+    #[arg(long, default_value_t = 1_000)]
+    adaptive_max: u32,
+    /// Floodgate's lease: how long a crashed holder's permit stays taken.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    lease: Duration,
+    /// Floodgate's wait cap for one acquire (the task then re-enqueues itself).
+    #[arg(long, default_value = "45s", value_parser = parse_duration)]
+    max_wait: Duration,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also draw backend concurrency over time, one panel per strategy, to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+fn parse_strategy(s: &str) -> Result<Strategy, String> {
+    s.parse()
+}
+
+pub(crate) fn simulate(args: SimulateArgs) -> Result<u8, Failure> {
+    let cfg = Config {
+        seed: args.seed,
+        orgs: args.orgs,
+        queries_per_org: args.queries_per_org,
+        workers: args.workers,
+        query_median: args.query_median,
+        query_sigma: args.query_sigma,
+        backend_limit: args.backend_limit,
+        limit: args.limit,
+        adaptive_max: args.adaptive_max,
+        crash_fraction: args.crash_fraction,
+        lease: args.lease,
+        max_wait: args.max_wait,
+        strategies: if args.strategies.is_empty() {
+            Strategy::ALL.to_vec()
+        } else {
+            args.strategies
+        },
+        ..Config::default()
+    };
+    let started = Instant::now();
+    let sim = simulate::run(&cfg).map_err(Failure::usage)?;
+    let elapsed = started.elapsed();
+    if let Some(path) = &args.svg {
+        std::fs::write(path, simulate::render_svg(&sim)).map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot write {}: {e}", path.display()),
+        })?;
+    }
+    if args.json {
+        let mut text = serde_json::to_string_pretty(&sim.report).map_err(|e| Failure {
+            code: 1,
+            message: e.to_string(),
+        })?;
+        text.push('\n');
+        print(&text);
+    } else {
+        print(&sim.report.table());
+        eprintln!("simulated in {:.2} s of wall time", elapsed.as_secs_f64());
+    }
+    Ok(0)
+}
+
+#[allow(clippy::print_stdout)]
+fn print(text: &str) {
+    print!("{text}");
+}

@@ -1,0 +1,1041 @@
+//! The discrete-event engine: a virtual clock, an event queue ordered by `(time, sequence)`,
+//! the worker pool and broker queue, the backend, and each strategy's task program.
+//!
+//! Tasks are small state machines. An event names a task and the execution it belongs to;
+//! once an execution ends (finished, failed, killed) its pending events are stale and
+//! ignored, except the backend's answer, which always updates the backend: a killed task's
+//! query keeps running there.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::time::Duration;
+
+use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal, WaiterId};
+use floodgate::{Feedback, FencingToken, Timestamp};
+
+use super::cache::DjangoCache;
+use super::report::{CounterStats, LimiterStats, StrategyReport};
+use super::rng::Rng;
+use super::workload::Workload;
+use super::{Config, Strategy, Trace};
+
+/// Virtual time, in microseconds.
+pub(crate) type Micros = u64;
+
+fn us(d: Duration) -> Micros {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `calculate_spike_projections`: spawns the organization tasks.
+    Batch,
+    /// `calculate_spike_projection_for_organization`: spawns its query tasks.
+    Org(u32),
+    /// `run_spike_projection` for one unit of the workload.
+    Query(u32),
+}
+
+/// `seed-counter`'s steps: each cache call happens at its step, and the next step is one
+/// round trip later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cs {
+    /// `current = cache.get(key, 0); if current >= MAX: return False`
+    Get1,
+    /// `if cache.get(key)` (0 and None are falsy)
+    Get2,
+    /// `cache.incr(key, 1)`
+    Incr,
+    /// `cache.add(key, 1, timeout=300)`
+    Add,
+    /// `if new_value and new_value <= MAX: return True` else `sleep(0.1)`
+    Decide(bool),
+    /// `acquire` returned False: skip after 60 s, else `sleep(1)`
+    Returned,
+    /// `incr` raised `ValueError`: the task fails.
+    Raise,
+    /// release: `current = cache.get(key, 0); if current > 0:`
+    RelGet,
+    /// release: `cache.decr(key, 1)`
+    RelDecr,
+    /// release returned.
+    RelDone,
+    /// release's `decr` raised inside `finally`: the task fails.
+    RelRaise,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The first step of an execution.
+    Start,
+    /// Batch or organization task producing children.
+    Spawning,
+    /// `seed-batches`' sleep between batches.
+    BatchSleep,
+    /// A query is at the backend.
+    Querying,
+    /// `seed-backoff`'s sleep between tries.
+    Backoff,
+    /// `seed-counter`'s cache steps.
+    Counter(Cs),
+    /// Queued in Floodgate's limiter.
+    Waiting,
+}
+
+#[derive(Debug, Clone)]
+struct Task {
+    kind: Kind,
+    /// When the task was first created (`delay()`), for the wait statistic.
+    created: Micros,
+    /// Executions that counted against `Retry(times)`.
+    attempts: u32,
+    /// Current execution; events carry it.
+    exec: u32,
+    running: bool,
+    /// Start of the current sleep, poll or wait.
+    idle_since: Option<Micros>,
+    phase: Phase,
+    next_child: u32,
+    query_started: Micros,
+    /// `seed-backoff`: tries made in this execution.
+    tries: u32,
+    /// `seed-counter`: when the polling loop began, and the try inside one acquire call.
+    poll_start: Micros,
+    iter: u32,
+    /// `seed-counter`: the query raised; fail once the `finally` release is done.
+    failing: bool,
+    /// Floodgate: RateLimitExceeded retries so far (kept across executions, like
+    /// `@limited`'s header).
+    throttles: u32,
+    /// Floodgate: the permit held and the queued acquire.
+    token: Option<FencingToken>,
+    waiter: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    Skipped,
+    Failed,
+    Killed,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Unit {
+    spawned: bool,
+    done: bool,
+    wait: Option<Micros>,
+    loss: Option<Loss>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Ev {
+    /// A re-enqueued task (countdown over) enters the broker queue.
+    Ready(usize),
+    /// The task's program continues.
+    Step(usize, u32),
+    /// The backend answers a query: done, or rejected.
+    Answer {
+        task: usize,
+        exec: u32,
+        admitted: bool,
+    },
+    /// The execution's processing deadline.
+    Deadline(usize, u32),
+    /// A Floodgate holder's heartbeat: extend the lease while the query runs.
+    Extend(usize, u32),
+    /// The limiter's nearest lease or wait deadline.
+    Timer,
+}
+
+struct Scheduled {
+    at: Micros,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Scheduled {}
+
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scheduled {
+    // Reversed: BinaryHeap is a max-heap and the earliest event must come out first; the
+    // sequence number breaks ties in scheduling order, so the run is deterministic.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// Snuba's concurrent-query limit.
+#[derive(Debug, Default)]
+struct Backend {
+    limit: u32,
+    /// Queries counted now: running plus being rejected.
+    counted: u32,
+    running: u32,
+    peak_counted: u32,
+    peak_running: u32,
+    attempts: u64,
+    rejected: u64,
+    series: Vec<(Micros, u32)>,
+}
+
+impl Backend {
+    /// A query arrives; true if admitted.
+    fn arrive(&mut self, now: Micros) -> bool {
+        self.attempts += 1;
+        self.counted += 1;
+        self.peak_counted = self.peak_counted.max(self.counted);
+        self.record(now);
+        if self.counted > self.limit {
+            self.rejected += 1;
+            false
+        } else {
+            self.running += 1;
+            self.peak_running = self.peak_running.max(self.running);
+            true
+        }
+    }
+
+    fn leave(&mut self, now: Micros, admitted: bool) {
+        self.counted -= 1;
+        if admitted {
+            self.running -= 1;
+        }
+        self.record(now);
+    }
+
+    fn record(&mut self, now: Micros) {
+        self.series.push((now, self.counted));
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    idle_us: u64,
+    retries: u64,
+    deadline_kills: u64,
+    crashed: u64,
+    overshoots: u64,
+    cache_errors: u64,
+    wait_timeouts: u64,
+    extends: u64,
+    extend_lost: u64,
+    last_end: Micros,
+}
+
+struct Sim<'a> {
+    cfg: &'a Config,
+    wl: &'a Workload,
+    strategy: Strategy,
+    now: Micros,
+    seq: u64,
+    heap: BinaryHeap<Scheduled>,
+    rng: Rng,
+    tasks: Vec<Task>,
+    ready: VecDeque<usize>,
+    free_workers: u32,
+    backend: Backend,
+    units: Vec<Unit>,
+    cache: DjangoCache,
+    limiter: Option<LimiterCore>,
+    waiters: HashMap<u64, usize>,
+    armed: Option<Micros>,
+    limit_series: Vec<(Micros, u32)>,
+    stats: Stats,
+}
+
+/// Runs one strategy on the workload.
+pub(crate) fn simulate(
+    cfg: &Config,
+    wl: &Workload,
+    strategy: Strategy,
+) -> Result<(StrategyReport, Trace), String> {
+    let limiter = if strategy.uses_limiter() {
+        let spec = cfg.limiter_spec(strategy == Strategy::FloodgateAdaptive);
+        Some(LimiterCore::new(spec, 1).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let mut sim = Sim {
+        cfg,
+        wl,
+        strategy,
+        now: 0,
+        seq: 0,
+        heap: BinaryHeap::new(),
+        rng: Rng::stream(cfg.seed, 1 + strategy.index()),
+        tasks: Vec::new(),
+        ready: VecDeque::new(),
+        free_workers: cfg.workers,
+        backend: Backend {
+            limit: cfg.backend_limit,
+            series: vec![(0, 0)],
+            ..Backend::default()
+        },
+        units: vec![Unit::default(); wl.units()],
+        cache: DjangoCache::new(us(cfg.model.counter_ttl)),
+        limiter,
+        waiters: HashMap::new(),
+        armed: None,
+        limit_series: if strategy.uses_limiter() {
+            vec![(0, cfg.limit)]
+        } else {
+            Vec::new()
+        },
+        stats: Stats::default(),
+    };
+    sim.run();
+    Ok(sim.into_report())
+}
+
+impl Sim<'_> {
+    fn run(&mut self) {
+        let batch = self.new_task(Kind::Batch);
+        self.ready.push_back(batch);
+        self.dispatch();
+        let horizon = us(self.cfg.model.horizon);
+        while let Some(Scheduled { at, ev, .. }) = self.heap.pop() {
+            if at > horizon {
+                break;
+            }
+            self.now = at;
+            match ev {
+                Ev::Ready(t) => self.ready.push_back(t),
+                Ev::Step(t, exec) => {
+                    if self.alive(t, exec) {
+                        self.step(t);
+                    }
+                }
+                Ev::Answer {
+                    task,
+                    exec,
+                    admitted,
+                } => {
+                    self.backend.leave(at, admitted);
+                    if self.alive(task, exec) {
+                        if admitted {
+                            self.query_ok(task);
+                        } else {
+                            self.query_rejected(task);
+                        }
+                    }
+                }
+                Ev::Deadline(t, exec) => {
+                    if self.alive(t, exec) {
+                        self.kill(t);
+                    }
+                }
+                Ev::Extend(t, exec) => {
+                    if self.alive(t, exec) && self.tasks[t].phase == Phase::Querying {
+                        self.extend(t);
+                    }
+                }
+                Ev::Timer => {
+                    if self.armed == Some(at) {
+                        self.armed = None;
+                    }
+                    let mut fx = Effects::default();
+                    if let Some(core) = self.limiter.as_mut() {
+                        core.advance(Timestamp(at), &mut fx);
+                    }
+                    self.apply(fx);
+                }
+            }
+            self.dispatch();
+        }
+    }
+
+    fn schedule(&mut self, at: Micros, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Scheduled {
+            at,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn alive(&self, t: usize, exec: u32) -> bool {
+        let task = &self.tasks[t];
+        task.running && task.exec == exec
+    }
+
+    fn new_task(&mut self, kind: Kind) -> usize {
+        if let Kind::Query(u) = kind {
+            self.units[u as usize].spawned = true;
+        }
+        self.tasks.push(Task {
+            kind,
+            created: self.now,
+            attempts: 1,
+            exec: 0,
+            running: false,
+            idle_since: None,
+            phase: Phase::Start,
+            next_child: 0,
+            query_started: 0,
+            tries: 0,
+            poll_start: 0,
+            iter: 0,
+            failing: false,
+            throttles: 0,
+            token: None,
+            waiter: None,
+        });
+        self.tasks.len() - 1
+    }
+
+    /// Hands queued tasks to free workers, in FIFO order.
+    fn dispatch(&mut self) {
+        while self.free_workers > 0 {
+            let Some(t) = self.ready.pop_front() else {
+                break;
+            };
+            self.free_workers -= 1;
+            self.start(t);
+        }
+    }
+
+    fn deadline_of(&self, kind: Kind) -> Duration {
+        let m = &self.cfg.model;
+        match kind {
+            Kind::Batch => m.batch_deadline,
+            Kind::Org(_) => m.org_deadline,
+            Kind::Query(_) if self.strategy == Strategy::SeedBackoff => m.backoff_deadline,
+            Kind::Query(_) => m.query_deadline,
+        }
+    }
+
+    fn retry_times(&self, kind: Kind) -> u32 {
+        match kind {
+            Kind::Query(_) if self.strategy == Strategy::SeedBackoff => {
+                self.cfg.model.backoff_retry_times
+            }
+            _ => self.cfg.model.retry_times,
+        }
+    }
+
+    fn start(&mut self, t: usize) {
+        let now = self.now;
+        let task = &mut self.tasks[t];
+        task.exec += 1;
+        task.running = true;
+        task.phase = Phase::Start;
+        task.next_child = 0;
+        task.tries = 0;
+        task.iter = 0;
+        task.failing = false;
+        task.token = None;
+        task.waiter = None;
+        task.idle_since = None;
+        let (kind, exec) = (task.kind, task.exec);
+        let deadline = us(self.deadline_of(kind));
+        self.schedule(now + deadline, Ev::Deadline(t, exec));
+        let overhead = us(self.cfg.model.task_overhead);
+        self.schedule(now + overhead, Ev::Step(t, exec));
+    }
+
+    /// Continues task `t` after `after`, in `phase`.
+    fn after(&mut self, t: usize, after: Micros, phase: Phase) {
+        self.tasks[t].phase = phase;
+        let exec = self.tasks[t].exec;
+        self.schedule(self.now + after, Ev::Step(t, exec));
+    }
+
+    fn start_idle(&mut self, t: usize, since: Micros) {
+        self.tasks[t].idle_since = Some(since);
+    }
+
+    fn end_idle(&mut self, t: usize) {
+        if let Some(since) = self.tasks[t].idle_since.take() {
+            self.stats.idle_us += self.now.saturating_sub(since);
+        }
+    }
+
+    /// The execution ends and its worker is free.
+    fn finish(&mut self, t: usize) {
+        self.end_idle(t);
+        self.tasks[t].running = false;
+        self.free_workers += 1;
+        self.stats.last_end = self.stats.last_end.max(self.now);
+    }
+
+    /// The execution raised (or was killed): retried at the back of the queue while
+    /// `Retry(times)` allows, else its work is lost for `loss`.
+    fn fail(&mut self, t: usize, loss: Loss) {
+        let kind = self.tasks[t].kind;
+        if let Kind::Query(u) = kind {
+            self.units[u as usize].loss = Some(loss);
+        }
+        self.finish(t);
+        if self.tasks[t].attempts < self.retry_times(kind) {
+            self.tasks[t].attempts += 1;
+            self.stats.retries += 1;
+            self.ready.push_back(t);
+        }
+    }
+
+    /// The execution ends and the task runs again after `countdown` (a Celery retry with a
+    /// countdown that does not spend `Retry(times)`).
+    fn requeue(&mut self, t: usize, countdown: Micros) {
+        self.finish(t);
+        if countdown == 0 {
+            self.ready.push_back(t);
+        } else {
+            self.schedule(self.now + countdown, Ev::Ready(t));
+        }
+    }
+
+    /// The processing deadline passed: the worker child is killed. Nothing of the task runs
+    /// any more, so a permit or counter slot it holds is not given back.
+    fn kill(&mut self, t: usize) {
+        self.stats.deadline_kills += 1;
+        if let Some(w) = self.tasks[t].waiter.take() {
+            // The long poll's connection closes; the server cancels the waiter.
+            self.waiters.remove(&w);
+            let mut fx = Effects::default();
+            if let Some(core) = self.limiter.as_mut() {
+                core.cancel(Timestamp(self.now), WaiterId(w), &mut fx);
+            }
+            self.apply(fx);
+        }
+        self.fail(t, Loss::Killed);
+    }
+
+    fn step(&mut self, t: usize) {
+        let task = &self.tasks[t];
+        match (task.kind, task.phase) {
+            (Kind::Batch | Kind::Org(_), Phase::Start | Phase::Spawning) => self.spawn_next(t),
+            (_, Phase::BatchSleep) => {
+                self.end_idle(t);
+                self.spawn_next(t);
+            }
+            (Kind::Query(_), Phase::Start) => self.query_task_start(t),
+            (Kind::Query(_), Phase::Backoff) => {
+                self.end_idle(t);
+                self.issue_query(t);
+            }
+            (Kind::Query(_), Phase::Counter(cs)) => self.counter_step(t, cs),
+            // Querying and Waiting move on answers and wake-ups, not steps.
+            _ => {}
+        }
+    }
+
+    /// One `delay()` of a batch or organization task, or its end.
+    fn spawn_next(&mut self, t: usize) {
+        let task = &self.tasks[t];
+        let i = task.next_child;
+        let (count, child) = match task.kind {
+            Kind::Batch => (self.cfg.orgs, Kind::Org(i)),
+            Kind::Org(o) => {
+                let r = self.wl.units_of(o);
+                (r.end - r.start, Kind::Query(r.start + i))
+            }
+            Kind::Query(_) => (0, Kind::Batch),
+        };
+        if i >= count {
+            self.finish(t);
+            return;
+        }
+        let c = self.new_task(child);
+        self.ready.push_back(c);
+        self.tasks[t].next_child = i + 1;
+        let cfg = self.cfg;
+        let m = &cfg.model;
+        let delay = us(m.delay_cost);
+        let batch_done = (i + 1) % m.batch_size.max(1) == 0 && i + 1 < count;
+        if self.tasks[t].kind == Kind::Batch && self.strategy == Strategy::SeedBatches && batch_done
+        {
+            let sleep = us(m.batch_sleep);
+            self.start_idle(t, self.now + delay);
+            self.after(t, delay + sleep, Phase::BatchSleep);
+        } else {
+            self.after(t, delay, Phase::Spawning);
+        }
+    }
+
+    fn query_task_start(&mut self, t: usize) {
+        match self.strategy {
+            Strategy::Unbounded | Strategy::SeedBatches | Strategy::SeedBackoff => {
+                self.issue_query(t);
+            }
+            Strategy::SeedCounter => {
+                self.tasks[t].poll_start = self.now;
+                self.start_idle(t, self.now);
+                self.counter_step(t, Cs::Get1);
+            }
+            Strategy::Floodgate | Strategy::FloodgateAdaptive => self.acquire(t),
+        }
+    }
+
+    fn issue_query(&mut self, t: usize) {
+        let Kind::Query(u) = self.tasks[t].kind else {
+            return;
+        };
+        let admitted = self.backend.arrive(self.now);
+        let task = &mut self.tasks[t];
+        task.phase = Phase::Querying;
+        task.query_started = self.now;
+        let exec = task.exec;
+        let took = if admitted {
+            self.wl.duration_us[u as usize]
+        } else {
+            us(self.cfg.model.reject_latency)
+        };
+        self.schedule(
+            self.now + took,
+            Ev::Answer {
+                task: t,
+                exec,
+                admitted,
+            },
+        );
+        // A holder whose query outlasts a heartbeat period extends its lease.
+        let beat = self.heartbeat();
+        if self.tasks[t].token.is_some() && took > beat {
+            self.schedule(self.now + beat, Ev::Extend(t, exec));
+        }
+    }
+
+    fn query_ok(&mut self, t: usize) {
+        let Kind::Query(u) = self.tasks[t].kind else {
+            return;
+        };
+        let unit = &mut self.units[u as usize];
+        let first = !unit.done;
+        if first {
+            unit.done = true;
+            unit.wait = Some(self.tasks[t].query_started - self.tasks[t].created);
+        }
+        // The worker dies right after the query, before anything gives its slot back.
+        let crash = first
+            && self.wl.crash[u as usize]
+            && matches!(
+                self.strategy,
+                Strategy::SeedCounter | Strategy::Floodgate | Strategy::FloodgateAdaptive
+            );
+        if crash {
+            self.stats.crashed += 1;
+        }
+        match self.strategy {
+            Strategy::Unbounded | Strategy::SeedBatches | Strategy::SeedBackoff => self.finish(t),
+            Strategy::SeedCounter => {
+                if crash {
+                    self.finish(t);
+                } else {
+                    self.counter_step(t, Cs::RelGet);
+                }
+            }
+            Strategy::Floodgate | Strategy::FloodgateAdaptive => {
+                self.feedback(Feedback::Ok);
+                if crash {
+                    self.tasks[t].token = None;
+                } else {
+                    self.release(t);
+                }
+                self.finish(t);
+            }
+        }
+    }
+
+    fn query_rejected(&mut self, t: usize) {
+        match self.strategy {
+            Strategy::Unbounded | Strategy::SeedBatches => self.fail(t, Loss::Failed),
+            Strategy::SeedCounter => {
+                // The exception leaves the `try`; `finally` releases, then the task fails.
+                self.tasks[t].failing = true;
+                self.counter_step(t, Cs::RelGet);
+            }
+            Strategy::SeedBackoff => {
+                let cfg = self.cfg;
+                let m = &cfg.model;
+                let tries = self.tasks[t].tries;
+                if tries + 1 >= m.backoff_tries {
+                    self.fail(t, Loss::Failed);
+                } else {
+                    let base = m.backoff_base.as_secs_f64() * f64::from(1u32 << tries.min(20));
+                    let jitter = self.rng.uniform(0.0, m.backoff_jitter.as_secs_f64());
+                    let sleep = ((base + jitter) * 1e6).round() as Micros;
+                    self.tasks[t].tries = tries + 1;
+                    self.start_idle(t, self.now);
+                    self.after(t, sleep, Phase::Backoff);
+                }
+            }
+            Strategy::Floodgate | Strategy::FloodgateAdaptive => {
+                self.feedback(Feedback::Throttled);
+                self.release(t);
+                let cfg = self.cfg;
+                let m = &cfg.model;
+                let n = self.tasks[t].throttles;
+                if n >= m.throttle_max_retries {
+                    self.fail(t, Loss::Failed);
+                } else {
+                    self.tasks[t].throttles = n + 1;
+                    let cap = (m.throttle_backoff.as_secs_f64() * 2f64.powi(n.min(62) as i32))
+                        .min(m.throttle_backoff_max.as_secs_f64());
+                    let countdown = (self.rng.uniform(0.0, cap) * 1e6).round() as Micros;
+                    self.requeue(t, countdown);
+                }
+            }
+        }
+    }
+
+    // ---- seed-counter -------------------------------------------------------------------
+
+    fn counter_step(&mut self, t: usize, cs: Cs) {
+        let now = self.now;
+        let cfg = self.cfg;
+        let m = &cfg.model;
+        let rtt = us(m.cache_rtt);
+        let max = i64::from(cfg.limit);
+        match cs {
+            Cs::Get1 => {
+                let current = self.cache.get(now).unwrap_or(0);
+                let next = if current >= max {
+                    Cs::Returned
+                } else {
+                    Cs::Get2
+                };
+                self.after(t, rtt, Phase::Counter(next));
+            }
+            Cs::Get2 => {
+                let truthy = self.cache.get(now).is_some_and(|v| v != 0);
+                let next = if truthy { Cs::Incr } else { Cs::Add };
+                self.after(t, rtt, Phase::Counter(next));
+            }
+            Cs::Incr => {
+                let next = match self.cache.incr(now, 1) {
+                    None => {
+                        self.stats.cache_errors += 1;
+                        Cs::Raise
+                    }
+                    Some(v) => {
+                        if v > max {
+                            self.stats.overshoots += 1;
+                        }
+                        // Python: `new_value and new_value <= MAX`, so 0 is a failure and
+                        // a negative count a success.
+                        Cs::Decide(v != 0 && v <= max)
+                    }
+                };
+                self.after(t, rtt, Phase::Counter(next));
+            }
+            Cs::Add => {
+                // `add` returns True, and `True <= 50` holds.
+                let stored = self.cache.add(now, 1);
+                self.after(t, rtt, Phase::Counter(Cs::Decide(stored)));
+            }
+            Cs::Decide(true) => {
+                self.end_idle(t);
+                self.issue_query(t);
+            }
+            Cs::Decide(false) => {
+                let sleep = us(m.counter_try_sleep);
+                let task = &mut self.tasks[t];
+                if task.iter + 1 < m.counter_tries {
+                    task.iter += 1;
+                    self.after(t, sleep, Phase::Counter(Cs::Get1));
+                } else {
+                    self.after(t, sleep, Phase::Counter(Cs::Returned));
+                }
+            }
+            Cs::Returned => {
+                let waited = now - self.tasks[t].poll_start;
+                if waited > us(m.counter_max_wait) {
+                    // "Skip this run rather than failing": the task succeeds, the work is
+                    // not done.
+                    if let Kind::Query(u) = self.tasks[t].kind {
+                        self.units[u as usize].loss = Some(Loss::Skipped);
+                    }
+                    self.finish(t);
+                } else {
+                    let poll = us(m.counter_poll);
+                    self.tasks[t].iter = 0;
+                    self.after(t, poll, Phase::Counter(Cs::Get1));
+                }
+            }
+            Cs::Raise | Cs::RelRaise => {
+                self.end_idle(t);
+                self.fail(t, Loss::Failed);
+            }
+            Cs::RelGet => {
+                let current = self.cache.get(now).unwrap_or(0);
+                let next = if current > 0 {
+                    Cs::RelDecr
+                } else {
+                    Cs::RelDone
+                };
+                self.after(t, rtt, Phase::Counter(next));
+            }
+            Cs::RelDecr => {
+                let next = match self.cache.incr(now, -1) {
+                    None => {
+                        self.stats.cache_errors += 1;
+                        Cs::RelRaise
+                    }
+                    Some(_) => Cs::RelDone,
+                };
+                self.after(t, rtt, Phase::Counter(next));
+            }
+            Cs::RelDone => {
+                if self.tasks[t].failing {
+                    self.fail(t, Loss::Failed);
+                } else {
+                    self.finish(t);
+                }
+            }
+        }
+    }
+
+    // ---- floodgate ----------------------------------------------------------------------
+
+    fn acquire(&mut self, t: usize) {
+        let req = AcquireRequest {
+            permits: 1,
+            lease: Some(self.cfg.lease),
+            wait: Some(self.cfg.max_wait),
+            holder: None,
+        };
+        let mut fx = Effects::default();
+        let Some(core) = self.limiter.as_mut() else {
+            return;
+        };
+        match core.acquire(Timestamp(self.now), &req, &mut fx) {
+            Admission::Granted(grant) => {
+                self.tasks[t].token = Some(grant.token);
+                self.issue_query(t);
+            }
+            Admission::Queued(id) => {
+                self.waiters.insert(id.0, t);
+                self.tasks[t].waiter = Some(id.0);
+                self.tasks[t].phase = Phase::Waiting;
+                self.start_idle(t, self.now);
+            }
+            Admission::Refused(refusal) => {
+                self.stats.wait_timeouts += 1;
+                let countdown = self.wait_countdown(&refusal);
+                self.requeue(t, countdown);
+            }
+        }
+        self.apply(fx);
+    }
+
+    fn heartbeat(&self) -> Micros {
+        (us(self.cfg.lease) / u64::from(self.cfg.model.heartbeats.max(1))).max(1)
+    }
+
+    /// The countdown of a task whose acquire ended without a permit: the server's hint with
+    /// `@limited`'s jitter.
+    fn wait_countdown(&mut self, refusal: &Refusal) -> Micros {
+        let hint = retry_after(refusal) as f64;
+        let jitter = self
+            .rng
+            .uniform(0.0, self.cfg.model.wait_retry_jitter.max(0.0));
+        (hint * (1.0 + jitter)).round() as Micros
+    }
+
+    fn extend(&mut self, t: usize) {
+        let Some(token) = self.tasks[t].token else {
+            return;
+        };
+        let mut fx = Effects::default();
+        let extended = self
+            .limiter
+            .as_mut()
+            .map(|core| core.extend(Timestamp(self.now), token, self.cfg.lease, &mut fx));
+        match extended {
+            Some(Ok(Ok(_))) => {
+                self.stats.extends += 1;
+                let beat = self.heartbeat();
+                let exec = self.tasks[t].exec;
+                self.schedule(self.now + beat, Ev::Extend(t, exec));
+            }
+            // The permit was lost (the lease ended before the heartbeat): the holder learns
+            // it; the query already running finishes.
+            Some(Ok(Err(_))) => self.stats.extend_lost += 1,
+            _ => {}
+        }
+        self.apply(fx);
+    }
+
+    fn release(&mut self, t: usize) {
+        let Some(token) = self.tasks[t].token.take() else {
+            return;
+        };
+        let mut fx = Effects::default();
+        if let Some(core) = self.limiter.as_mut() {
+            core.release(Timestamp(self.now), token, &mut fx);
+        }
+        self.apply(fx);
+    }
+
+    /// Reports a query's outcome to the limiter: adapts the limit under `floodgate-adaptive`.
+    fn feedback(&mut self, outcome: Feedback) {
+        if self.strategy != Strategy::FloodgateAdaptive {
+            return;
+        }
+        let mut fx = Effects::default();
+        let limit = self
+            .limiter
+            .as_mut()
+            .and_then(|core| core.feedback(Timestamp(self.now), outcome, &mut fx));
+        if let Some(limit) = limit {
+            if self.limit_series.last().map(|(_, l)| *l) != Some(limit) {
+                self.limit_series.push((self.now, limit));
+            }
+        }
+        self.apply(fx);
+    }
+
+    /// Delivers the limiter's wake-ups (exactly the waiters granted or timed out), then arms
+    /// the timer for its next deadline.
+    fn apply(&mut self, fx: Effects) {
+        for (id, outcome) in fx.wakes {
+            let Some(t) = self.waiters.remove(&id.0) else {
+                continue;
+            };
+            if !self.tasks[t].running || self.tasks[t].waiter != Some(id.0) {
+                continue;
+            }
+            self.tasks[t].waiter = None;
+            self.end_idle(t);
+            match outcome {
+                Ok(grant) => {
+                    self.tasks[t].token = Some(grant.token);
+                    self.issue_query(t);
+                }
+                Err(refusal) => {
+                    self.stats.wait_timeouts += 1;
+                    let countdown = self.wait_countdown(&refusal);
+                    self.requeue(t, countdown);
+                }
+            }
+        }
+        self.arm();
+    }
+
+    fn arm(&mut self) {
+        let Some(core) = self.limiter.as_mut() else {
+            return;
+        };
+        if let Some(Timestamp(at)) = core.next_deadline() {
+            let at = at.max(self.now);
+            if self.armed.is_none_or(|armed| at < armed) {
+                self.armed = Some(at);
+                self.schedule(at, Ev::Timer);
+            }
+        }
+    }
+
+    // ---- the report ---------------------------------------------------------------------
+
+    fn into_report(self) -> (StrategyReport, Trace) {
+        let (mut skipped, mut failed, mut killed, mut never) = (0, 0, 0, 0);
+        let mut waits = Vec::new();
+        for unit in &self.units {
+            if unit.done {
+                waits.extend(unit.wait);
+                continue;
+            }
+            match (unit.spawned, unit.loss) {
+                (false, _) => never += 1,
+                (true, Some(Loss::Skipped)) => skipped += 1,
+                (true, Some(Loss::Killed)) => killed += 1,
+                // Failed, or still unfinished at the horizon.
+                (true, _) => failed += 1,
+            }
+        }
+        waits.sort_unstable();
+        let pct = |q: f64| -> Option<f64> {
+            if waits.is_empty() {
+                return None;
+            }
+            let rank = ((q * waits.len() as f64).ceil() as usize).clamp(1, waits.len());
+            Some(waits[rank - 1] as f64 / 1e6)
+        };
+        let ideal_limit = self.cfg.ideal_limit(self.strategy);
+        let ideal_s = self.wl.total_query_us() as f64 / 1e6 / f64::from(ideal_limit);
+        let makespan_s = self.stats.last_end as f64 / 1e6;
+        let counter = (self.strategy == Strategy::SeedCounter).then(|| CounterStats {
+            key_created: self.cache.created,
+            ttl_expiries: self.cache.expired,
+            overshoots: self.stats.overshoots,
+            cache_errors: self.stats.cache_errors,
+            min_value: self.cache.min,
+            max_value: self.cache.max,
+            final_value: self.cache.peek(self.stats.last_end),
+        });
+        let limiter = self.limiter.as_ref().map(|core| {
+            let c = core.counters();
+            let limits = self.limit_series.iter().map(|(_, l)| *l);
+            LimiterStats {
+                granted: c.granted,
+                lease_expiries: c.expired,
+                wait_timeouts: self.stats.wait_timeouts,
+                extends: self.stats.extends,
+                extend_lost: self.stats.extend_lost,
+                final_limit: self.limit_series.last().map_or(self.cfg.limit, |(_, l)| *l),
+                min_limit: limits.clone().min().unwrap_or(self.cfg.limit),
+                max_limit: limits.max().unwrap_or(self.cfg.limit),
+                decreases: c.limit_decreases,
+                increases: c.limit_increases,
+            }
+        });
+        let lost = skipped + failed + killed + never;
+        let report = StrategyReport {
+            strategy: self.strategy,
+            peak_concurrency: self.backend.peak_counted,
+            peak_running: self.backend.peak_running,
+            query_attempts: self.backend.attempts,
+            rejected: self.backend.rejected,
+            completed: self.units.len() as u64 - lost,
+            lost,
+            lost_skipped: skipped,
+            lost_failed: failed,
+            lost_killed: killed,
+            lost_never_spawned: never,
+            makespan_s,
+            ideal_limit,
+            ideal_s,
+            makespan_ratio: if ideal_s > 0.0 {
+                makespan_s / ideal_s
+            } else {
+                0.0
+            },
+            wait_p50_s: pct(0.50),
+            wait_p99_s: pct(0.99),
+            idle_worker_s: self.stats.idle_us as f64 / 1e6,
+            task_retries: self.stats.retries,
+            deadline_kills: self.stats.deadline_kills,
+            crashed: self.stats.crashed,
+            counter,
+            limiter,
+        };
+        let trace = Trace {
+            strategy: self.strategy,
+            concurrency: self.backend.series,
+            limit: self.limit_series,
+            makespan_us: self.stats.last_end,
+        };
+        (report, trace)
+    }
+}
+
+/// When a refused acquire's task should run again.
+fn retry_after(refusal: &Refusal) -> Micros {
+    match refusal {
+        Refusal::WaitTimeout { retry_after } | Refusal::QueueFull { retry_after } => {
+            us(*retry_after).max(1)
+        }
+        _ => 1_000_000,
+    }
+}
