@@ -4,7 +4,9 @@ mod suite;
 
 use floodgate::{Floodgate, MemoryStore};
 
-store_suite!(true, async { (Floodgate::with_store(MemoryStore::new()), ()) });
+store_suite!(true, async {
+    (Floodgate::with_store(MemoryStore::new()), ())
+});
 
 #[tokio::test(start_paused = true)]
 async fn the_store_caps_its_number_of_limiters() {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 use crate::clock::Clock;
+use crate::core::U64Map;
 use crate::core::{
     AcquireRequest, Admission, Effects, Feedback, Grant, LimiterCore, LimiterStatus, WaitOutcome,
     WaiterId,
@@ -17,7 +18,6 @@ use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::{InvalidField, LimiterSpec};
 use crate::store::LimiterBackend;
 use crate::sync::Mutex;
-use crate::core::U64Map;
 use crate::types::{FencingToken, LimiterName, Timestamp};
 
 /// A handle to one limiter of a [`MemoryStore`](super::MemoryStore). Cheap to clone.
