@@ -15,8 +15,9 @@
 //!   `governor_check` returns `Err`, `floodgate_acquire` (try once) returns `WaitTimeout`.
 //! - `rate_parts`: where floodgate's time goes: the state machine alone (`core_acquire`,
 //!   `LimiterCore::acquire` on a synthetic clock), the limiter behind its lock on a counter
-//!   clock (`counter_clock_acquire`: everything but a real clock read), and the clocks each
-//!   side reads (`tokio_clock_now` is floodgate's `TokioClock`, `governor_clock_now` is
+//!   clock (everything but a real clock read: `counter_clock_backend`, the store's `acquire`
+//!   without the `Permit` guard; `counter_clock_acquire_detach`, with the guard, detached;
+//!   `counter_clock_acquire`, with the guard dropped), and the clocks each side reads (`tokio_clock_now` is floodgate's `TokioClock`, `governor_clock_now` is
 //!   governor's default quanta clock), plus a bare `std::sync::Mutex` lock.
 //!
 //! All on a current-thread tokio runtime. Run: `cargo bench -p floodgate --bench rate`. At
@@ -38,8 +39,8 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::Criterion;
 use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore};
 use floodgate::{
-    AcquireOptions, Clock, Floodgate, Limiter, LimiterName, LimiterSpec, MemoryLimiter,
-    MemoryStore, RateSpec, Timestamp, TokioClock,
+    AcquireOptions, Clock, Floodgate, Limiter, LimiterBackend, LimiterName, LimiterSpec,
+    MemoryLimiter, MemoryStore, RateSpec, Timestamp, TokioClock,
 };
 use governor::clock::Clock as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -208,6 +209,13 @@ fn rate_refused(c: &mut Criterion) {
     group.finish();
 }
 
+#[derive(Clone, Copy)]
+enum Mode {
+    Backend,
+    Detach,
+    Drop,
+}
+
 /// A clock that ticks 1 µs per read: no system clock involved.
 #[derive(Clone, Default)]
 struct CounterClock(Arc<AtomicU64>);
@@ -249,31 +257,61 @@ fn rate_parts(c: &mut Criterion) {
             elapsed
         });
     });
-    // The embedded limiter (lock, state machine, permit guard and its drop) on a clock that
-    // costs one relaxed atomic add: the full path less the system clock.
-    group.bench_function("counter_clock_acquire", |b| {
-        b.to_async(&rt).iter_custom(|iters| async move {
-            let backend = MemoryLimiter::standalone(
-                LimiterName::new("parts").unwrap(),
-                floodgate_high(),
-                CounterClock::default(),
-                1,
-            )
-            .unwrap();
-            let limiter = Limiter::from_backend(backend);
-            let mut granted = 0u64;
-            let start = Instant::now();
-            for _ in 0..iters {
-                if let Ok(permit) = black_box(&limiter).acquire(try_once()).await {
-                    drop(black_box(permit));
-                    granted += 1;
+    // The embedded limiter on a clock that costs one relaxed atomic add (so: less the system
+    // clock), in three steps: the store's `acquire` alone (lock, state machine, wake-up and
+    // timer bookkeeping, no guard), then through `Limiter::acquire` with the `Permit` guard
+    // detached (adds the guard: a clone of the handle's `Arc`, and its drop), then with the
+    // guard dropped as a caller would (adds the release: a second lock and state-machine call).
+    for (name, mode) in [
+        ("counter_clock_backend", Mode::Backend),
+        ("counter_clock_acquire_detach", Mode::Detach),
+        ("counter_clock_acquire", Mode::Drop),
+    ] {
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter_custom(|iters| async move {
+                let backend = MemoryLimiter::standalone(
+                    LimiterName::new("parts").unwrap(),
+                    floodgate_high(),
+                    CounterClock::default(),
+                    1,
+                )
+                .unwrap();
+                let limiter = Limiter::from_backend(backend);
+                let mut granted = 0u64;
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let limiter = black_box(&limiter);
+                    match mode {
+                        Mode::Backend => {
+                            let req = AcquireRequest {
+                                wait: Some(Duration::ZERO),
+                                ..AcquireRequest::default()
+                            };
+                            if let Ok(grant) = limiter.backend().acquire(req).await {
+                                black_box(grant);
+                                granted += 1;
+                            }
+                        }
+                        Mode::Detach => {
+                            if let Ok(permit) = limiter.acquire(try_once()).await {
+                                black_box(permit.detach());
+                                granted += 1;
+                            }
+                        }
+                        Mode::Drop => {
+                            if let Ok(permit) = limiter.acquire(try_once()).await {
+                                drop(black_box(permit));
+                                granted += 1;
+                            }
+                        }
+                    }
                 }
-            }
-            let elapsed = start.elapsed();
-            assert_eq!(granted, iters);
-            elapsed
+                let elapsed = start.elapsed();
+                assert_eq!(granted, iters);
+                elapsed
+            });
         });
-    });
+    }
     group.bench_function("tokio_clock_now", |b| {
         let clock = TokioClock::new();
         b.to_async(&rt).iter(|| async { black_box(clock.now()) });

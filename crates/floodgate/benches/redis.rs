@@ -328,7 +328,7 @@ enum Contender {
     Raw {
         conn: ConnectionManager,
         script: Arc<redis::Script>,
-        keys: Arc<[String; 8]>,
+        keys: Arc<[String; 9]>,
         next: Arc<AtomicU64>,
     },
     /// `acquire` + `release` through the API.
@@ -591,6 +591,7 @@ async fn run(url: &str, config: &Config, mut stats: Stats) {
             keys: Arc::new(
                 [
                     "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes",
+                    "hot",
                 ]
                 .map(|k| format!("{PREFIX}:{{raw}}:{k}")),
             ),

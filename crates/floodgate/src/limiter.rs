@@ -122,10 +122,12 @@ impl<B: LimiterBackend> Limiter<B> {
     /// raced the drop is released.
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
         let grant = self.backend.acquire(options.request).await?;
+        // A rate-only grant has no lease and holds nothing: nothing to release on drop.
+        let held = !grant.lease.is_zero();
         Ok(Permit {
             backend: self.backend.clone(),
             grant,
-            held: true,
+            held,
         })
     }
 
@@ -209,7 +211,9 @@ impl<B: LimiterBackend> Permit<B> {
 
     /// Releases now. `Ok(false)` if the permit was no longer held (its lease ended).
     pub async fn release(mut self) -> Result<bool, StoreError> {
-        self.held = false;
+        if !std::mem::replace(&mut self.held, false) && self.grant.lease.is_zero() {
+            return Ok(false); // A rate-only grant: nothing was held.
+        }
         self.backend.release(self.grant.token).await
     }
 
