@@ -44,7 +44,8 @@ enum Command {
     /// Create, change or delete a limiter.
     #[command(subcommand)]
     Limiter(limiter::LimiterCommand),
-    /// Measure acquire+release throughput and handoff latency over HTTP, beside trivial requests.
+    /// Measure throughput, handoff latency and utilization under saturation (HTTP or a store),
+    /// beside trivial requests in the same run.
     Bench(bench::BenchArgs),
     /// Replay the seed's cascade in virtual time under each strategy and compare them.
     Simulate(simulate::SimulateArgs),

@@ -1,0 +1,97 @@
+//! `floodgate bench --store redis://...`: the real binary against a real `redis-server`, every
+//! workload tiny. It completes, reports each workload in its JSON, and leaves nothing in Redis.
+//! No assertion is about a timing or a rate beyond "measured something".
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../floodgate/tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+
+use serde_json::Value;
+use support::RedisServer;
+
+fn keys(redis: &RedisServer) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--scan"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn store_mode_runs_every_workload_and_cleans_up() {
+    let redis = RedisServer::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args(["bench", "--store", &redis.url(), "--json"])
+        .args(["--clients", "3", "--seconds", "0.05", "--rounds", "1"])
+        .args(["--handoffs", "5"])
+        .args(["--holders", "6", "--limit", "2", "--hold", "2ms"])
+        .args(["--saturation-seconds", "0.3"])
+        .env_remove("FLOODGATE_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["mode"], "store", "{report}");
+    assert_eq!(report["baseline"], "PING");
+    assert!(report["throughput"]["acquire_release_pairs_per_sec"]["median"].as_f64() > Some(0.0));
+    assert!(report["throughput"]["trivial_pairs_per_sec"]["median"].as_f64() > Some(0.0));
+    assert!(report["latency"]["handoff"]["p50_us"].as_f64() > Some(0.0));
+    let saturation = &report["saturation"];
+    assert!(saturation["grants"].as_u64() > Some(0), "{saturation}");
+    let utilization = saturation["utilization"].as_f64().unwrap();
+    assert!(utilization > 0.0 && utilization <= 1.0, "{saturation}");
+    assert!(saturation["redis"]["scripts_per_grant"].as_f64() > Some(0.0));
+    assert_eq!(keys(&redis), "", "the bench left keys behind");
+}
+
+#[test]
+fn one_workload_and_bad_flags() {
+    let redis = RedisServer::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args(["bench", "--store", &redis.url(), "--json"])
+        .args(["--workloads", "handoff", "--handoffs", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["latency"].is_object());
+    assert!(report.get("throughput").is_none() && report.get("saturation").is_none());
+    // A saturation without a backlog is refused before anything runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args(["bench", "--store", &redis.url()])
+        .args([
+            "--workloads",
+            "saturation",
+            "--holders",
+            "4",
+            "--limit",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // --url and --store exclude each other.
+    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args([
+            "bench",
+            "--store",
+            &redis.url(),
+            "--url",
+            "http://127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(keys(&redis), "");
+}
