@@ -7,27 +7,24 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
+use common::{num, Served, PATIENCE, POLL};
 use floodgate::{Floodgate, LimiterSpec};
 use floodgate_server::server::{self, ServerOptions};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 use tower::ServiceExt;
 
 const TOKEN: &str = "s3cret-token";
 
-/// How long a bounded polling loop waits before failing.
-const PATIENCE: Duration = Duration::from_secs(20);
-/// How often a polling loop looks.
-const POLL: Duration = Duration::from_millis(20);
 /// A wait long enough that it never ends during a test.
 const LONG_WAIT_MS: u64 = 600_000;
 
@@ -120,8 +117,7 @@ struct TestServer {
     http: reqwest::Client,
     /// Sent as the bearer token by `request` (the server's own, by default).
     token: Option<String>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
+    server: Served,
 }
 
 impl TestServer {
@@ -130,13 +126,9 @@ impl TestServer {
     }
 
     async fn start_with(gate: Floodgate, options: ServerOptions) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
         let token = options.token.clone();
-        let task = tokio::spawn(server::run(listener, gate, options, async move {
-            let _ = rx.await;
-        }));
+        let server = Served::start(gate, options).await;
+        let addr = server.addr;
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(10))
@@ -147,18 +139,13 @@ impl TestServer {
             base: format!("http://{addr}"),
             http,
             token,
-            shutdown: Some(tx),
-            task,
+            server,
         }
     }
 
     /// Triggers the shutdown future and checks that `run` returns `Ok`.
-    async fn stop(mut self) {
-        let _ = self.shutdown.take().unwrap().send(());
-        let joined = tokio::time::timeout(PATIENCE, &mut self.task)
-            .await
-            .expect("run did not return after the shutdown future completed");
-        joined.expect("the server task panicked").unwrap();
+    async fn stop(self) {
+        self.server.stop().await;
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -255,12 +242,6 @@ impl TestServer {
         reply.assert_ok();
         reply.text
     }
-}
-
-fn num(v: &Value, pointer: &str) -> u64 {
-    v.pointer(pointer)
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| panic!("no integer at {pointer} in {v}"))
 }
 
 /// The value of `floodgate_acquire_total{limiter=name, outcome=outcome}`, if exposed.

@@ -18,6 +18,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
 #[path = "../../floodgate/tests/support/mod.rs"]
 mod support;
 
@@ -26,20 +27,15 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{num, Served, SplitMix64, PATIENCE, POLL};
 use floodgate::{Floodgate, RedisConfig, RedisStore};
-use floodgate_server::server::{self, ServerOptions};
+use floodgate_server::server::ServerOptions;
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::{free_port, RedisCluster, RedisServer};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// How long a bounded polling loop waits before failing.
-const PATIENCE: Duration = Duration::from_secs(20);
-/// How often a polling loop looks.
-const POLL: Duration = Duration::from_millis(20);
 /// Client-side bound on any one request: a request still unanswered after this has hung.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// A wait that never ends during a test (limiters here allow it: `max_wait_ms` is set to it).
@@ -52,24 +48,6 @@ const PERSISTENT: [&str; 4] = ["--appendonly", "yes", "--appendfsync", "always"]
 // ---------------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------------
-
-/// Steele, Lea and Flood's splitmix64: a tiny seeded generator.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// In `lo..=hi` (the modulo bias is irrelevant here).
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-}
 
 /// One answer: the status, the raw text and the JSON body (`Null` when not JSON).
 #[derive(Debug, Clone)]
@@ -231,52 +209,30 @@ impl Http {
     }
 }
 
-fn num(v: &Value, pointer: &str) -> u64 {
-    v.pointer(pointer)
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| panic!("no integer at {pointer} in {v}"))
-}
-
 /// A server in this process on `127.0.0.1:0`, with its own `RedisStore` (its own connection and
 /// wake-up channel, as a separate server process would have).
 struct InProcServer {
     http: Http,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
+    server: Served,
 }
 
 impl InProcServer {
     async fn start(config: RedisConfig, fail_open: bool) -> InProcServer {
         let store = RedisStore::connect(config).await.expect("connect to redis");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
         let options = ServerOptions {
             fail_open,
             ..ServerOptions::default()
         };
-        let task = tokio::spawn(server::run(
-            listener,
-            Floodgate::with_store(store),
-            options,
-            async move {
-                let _ = rx.await;
-            },
-        ));
+        let server = Served::start(Floodgate::with_store(store), options).await;
         InProcServer {
-            http: Http::new(format!("http://{addr}")),
-            shutdown: Some(tx),
-            task,
+            http: Http::new(format!("http://{}", server.addr)),
+            server,
         }
     }
 
     /// Triggers the shutdown and checks that `run` returns `Ok` (the task did not panic).
-    async fn stop(mut self) {
-        let _ = self.shutdown.take().unwrap().send(());
-        let joined = tokio::time::timeout(PATIENCE, &mut self.task)
-            .await
-            .expect("run did not return after the shutdown future completed");
-        joined.expect("the server task panicked").unwrap();
+    async fn stop(self) {
+        self.server.stop().await;
     }
 }
 

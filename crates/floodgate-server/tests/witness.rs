@@ -10,15 +10,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{num, SplitMix64};
 use floodgate::Floodgate;
 use floodgate_server::client::{AcquireArgs, Client};
 use floodgate_server::server::{self, ServerOptions};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -31,24 +34,6 @@ const MAX_WAIT_MS: u64 = 600_000;
 const SEED: u64 = 0x5eed_f100_d6a7_e001;
 /// Bound on the polling loops.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Steele, Lea and Flood's splitmix64: a tiny, good-enough seeded generator.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform-ish in `lo..=hi` (the modulo bias is irrelevant here).
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-}
 
 /// What one client does.
 #[derive(Debug, Clone, Copy)]
@@ -150,12 +135,6 @@ async fn run_client(
         abandoned: plan.abandon,
         extends,
     }
-}
-
-fn num(v: &Value, pointer: &str) -> u64 {
-    v.pointer(pointer)
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| panic!("no integer at {pointer} in {v}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

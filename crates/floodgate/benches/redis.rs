@@ -32,10 +32,8 @@
     reason = "a benchmark binary: it reports on stdout, and any failure should abort the run"
 )]
 
-use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod harness;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,7 +41,11 @@ use std::time::{Duration, Instant};
 use floodgate::RedisStore;
 use floodgate::{AcquireOptions, Floodgate, Limiter, LimiterSpec, RedisConfig, RedisLimiter};
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use harness::{
+    concurrent, cores, env_usize, finish, load_average, manager, BenchRedis, Operation, Samples,
+    Stats, Summary, Tally,
+};
+use redis::aio::ConnectionManager;
 use tokio::sync::oneshot;
 
 type RLimiter = Limiter<RedisLimiter>;
@@ -54,142 +56,9 @@ const PREFIX: &str = "fg";
 const TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
 // ---------------------------------------------------------------------------------------------
-// The server.
-
-/// A `redis-server` this run started; killed on drop.
-struct OwnServer {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn ping(port: u16) -> bool {
-    Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "ping"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
-        .unwrap_or(false)
-}
-
-/// `REDIS_URL`, or a fresh `redis-server` on a free loopback port (no persistence).
-fn redis_url() -> (String, Option<OwnServer>) {
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        return (url, None);
-    }
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("floodgate-bench-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed, or REDIS_URL set");
-    let server = OwnServer { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ping(port) {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server on {port} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (format!("redis://127.0.0.1:{port}/"), Some(server))
-}
-
-/// A connection configured like the store's own (see `RedisStore::connect`).
-async fn manager(url: &str) -> ConnectionManager {
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(500));
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_manager_with_config(config)
-        .await
-        .unwrap()
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-// ---------------------------------------------------------------------------------------------
 // Statistics.
 
-/// Latencies in nanoseconds.
-#[derive(Default, Clone)]
-struct Samples(Vec<u64>);
-
-impl Samples {
-    fn push(&mut self, d: Duration) {
-        self.0.push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    }
-
-    fn extend(&mut self, other: &Samples) {
-        self.0.extend_from_slice(&other.0);
-    }
-
-    fn summary(&self) -> Summary {
-        let mut v = self.0.clone();
-        v.sort_unstable();
-        let at = |q: usize| {
-            v.get((v.len() * q / 100).min(v.len().saturating_sub(1)))
-                .map_or(0.0, |&ns| ns as f64 / 1000.0)
-        };
-        let mean = if v.is_empty() {
-            0.0
-        } else {
-            v.iter().map(|&ns| ns as f64).sum::<f64>() / v.len() as f64 / 1000.0
-        };
-        Summary {
-            mean,
-            p50: at(50),
-            p99: at(99),
-            max: v.last().map_or(0.0, |&ns| ns as f64 / 1000.0),
-            n: v.len(),
-        }
-    }
-}
-
-/// Microseconds.
-#[derive(Clone, Copy)]
-struct Summary {
-    mean: f64,
-    p50: f64,
-    p99: f64,
-    max: f64,
-    n: usize,
-}
-
+/// This bench's format of a summary.
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -200,105 +69,20 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// Per contender: what one kind of phase measured, summed over its rounds.
-#[derive(Default, Clone)]
-struct Tally {
-    /// Each pair (or handoff), whole.
-    whole: Samples,
-    /// The first and second call of each pair.
-    first: Samples,
-    second: Samples,
-    ops: u64,
-    wall: Duration,
-    /// Rates of each round, ops/s.
-    rates: Vec<f64>,
-    /// `INFO commandstats`: command -> (calls, usec).
-    stats: BTreeMap<String, (u64, u64)>,
-}
-
-impl Tally {
-    fn rate(&self) -> f64 {
-        self.ops as f64 / self.wall.as_secs_f64()
-    }
-
-    fn rates(&self) -> String {
-        let r: Vec<String> = self.rates.iter().map(|r| format!("{r:.0}")).collect();
-        r.join(", ")
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Server-side statistics.
-
-struct Stats {
-    conn: Option<MultiplexedConnection>,
-}
-
-impl Stats {
-    async fn reset(&mut self) {
-        if let Some(conn) = &mut self.conn {
-            redis::cmd("CONFIG")
-                .arg("RESETSTAT")
-                .query_async::<()>(conn)
-                .await
-                .unwrap();
-        }
-    }
-
-    async fn collect(&mut self, into: &mut BTreeMap<String, (u64, u64)>) {
-        let Some(conn) = &mut self.conn else { return };
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(conn)
-            .await
-            .unwrap();
-        for line in info.lines() {
-            let Some((name, rest)) = line
-                .strip_prefix("cmdstat_")
-                .and_then(|l| l.split_once(':'))
-            else {
-                continue;
-            };
-            if name.starts_with("config") || name == "info" {
-                continue;
-            }
-            let mut calls = 0;
-            let mut usec = 0;
-            for kv in rest.split(',') {
-                match kv.split_once('=') {
-                    Some(("calls", v)) => calls = v.parse().unwrap_or(0),
-                    Some(("usec", v)) => usec = v.parse().unwrap_or(0),
-                    _ => {}
-                }
-            }
-            let e = into.entry(name.to_owned()).or_default();
-            e.0 += calls;
-            e.1 += usec;
-        }
-    }
-}
-
 fn print_stats(label: &str, tally: &Tally) {
-    let Some(&(evals, eval_usec)) = tally.stats.get("evalsha") else {
+    let Some(evalsha) = tally.evalsha() else {
         return;
     };
-    if evals == 0 {
-        return;
-    }
+    let (evals, eval_usec) = (evalsha.calls, evalsha.usec);
     println!(
         "  {label:<10} server: evalsha {:.2} us/call ({} calls); per EVALSHA:",
         eval_usec as f64 / evals as f64,
         evals
     );
-    let mut inner: Vec<(&String, &(u64, u64))> = tally
-        .stats
+    let parts: Vec<String> = evalsha
+        .inner
         .iter()
-        .filter(|(name, _)| name.as_str() != "evalsha")
-        .collect();
-    inner.sort_by_key(|e| std::cmp::Reverse(e.1 .1));
-    let parts: Vec<String> = inner
-        .iter()
-        .map(|(name, &(calls, usec))| {
+        .map(|&(name, calls, usec)| {
             format!(
                 "{name} x{:.2} ({:.2} us)",
                 calls as f64 / evals as f64,
@@ -425,6 +209,12 @@ impl Contender {
     }
 }
 
+impl Operation for Contender {
+    async fn once(&self) {
+        self.pair().await;
+    }
+}
+
 /// `n` pairs one after another on this task.
 async fn sequential(c: &Contender, n: usize, tally: &mut Tally) {
     let start = Instant::now();
@@ -435,41 +225,7 @@ async fn sequential(c: &Contender, n: usize, tally: &mut Tally) {
         tally.first.push(a);
         tally.second.push(b);
     }
-    let wall = start.elapsed();
-    tally.ops += n as u64;
-    tally.wall += wall;
-    tally.rates.push(n as f64 / wall.as_secs_f64());
-}
-
-/// `tasks` tasks doing `per_task` pairs each, all at once.
-async fn concurrent(c: &Contender, tasks: usize, per_task: usize, tally: &mut Tally) {
-    let gate = Arc::new(tokio::sync::Barrier::new(tasks + 1));
-    let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let c = c.clone();
-            let gate = Arc::clone(&gate);
-            tokio::spawn(async move {
-                let mut s = Samples::default();
-                gate.wait().await;
-                for _ in 0..per_task {
-                    let t = Instant::now();
-                    c.pair().await;
-                    s.push(t.elapsed());
-                }
-                s
-            })
-        })
-        .collect();
-    gate.wait().await;
-    let start = Instant::now();
-    for h in handles {
-        tally.whole.extend(&h.await.unwrap());
-    }
-    let wall = start.elapsed();
-    let n = (tasks * per_task) as u64;
-    tally.ops += n;
-    tally.wall += wall;
-    tally.rates.push(n as f64 / wall.as_secs_f64());
+    tally.record_round(n, start.elapsed());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -786,39 +542,19 @@ fn main() {
             .unwrap()
     };
 
-    let (url, server) = redis_url();
-    let want_stats = server.is_some() || std::env::var("FG_STATS").is_ok_and(|v| v == "1");
+    let redis = BenchRedis::start();
     println!(
-        "floodgate redis bench: {url} ({}), runtime {}, {} cores, load average before: {}",
-        if server.is_some() {
-            "own redis-server"
-        } else {
-            "REDIS_URL"
-        },
+        "floodgate redis bench: {} ({}), runtime {}, {} cores, load average before: {}",
+        redis.url,
+        redis.origin(),
         if threads == 0 {
             "current-thread".to_owned()
         } else {
             format!("multi-thread x{threads}")
         },
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cores(),
         load_average()
     );
-    rt.block_on(async {
-        let conn = if want_stats {
-            Some(
-                redis::Client::open(url.as_str())
-                    .unwrap()
-                    .get_multiplexed_async_connection()
-                    .await
-                    .unwrap(),
-            )
-        } else {
-            None
-        };
-        run(&url, &config, Stats { conn }).await;
-    });
-    println!();
-    println!("load average after: {}", load_average());
-    drop(rt);
-    drop(server);
+    rt.block_on(async { run(&redis.url, &config, redis.stats().await).await });
+    finish(rt, redis);
 }

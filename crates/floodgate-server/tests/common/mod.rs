@@ -1,0 +1,78 @@
+//! What the HTTP server's integration tests (`http.rs`, `redis_servers.rs`, `witness.rs`) share:
+//! an in-process server on `127.0.0.1:0`, the polling bounds, a seeded generator and a JSON
+//! lookup.
+
+#![allow(dead_code, reason = "each test file uses its own part of this module")]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use floodgate::{Floodgate, Store};
+use floodgate_server::server::{self, ServerOptions};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long a bounded polling loop waits before failing.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(20);
+/// How often a polling loop looks.
+pub(crate) const POLL: Duration = Duration::from_millis(20);
+
+/// The real server (`floodgate_server::server::run`) in a task of this runtime, on
+/// `127.0.0.1:0`, with its shutdown trigger.
+pub(crate) struct Served {
+    pub(crate) addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Served {
+    pub(crate) async fn start<S: Store>(gate: Floodgate<S>, options: ServerOptions) -> Served {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, gate, options, async move {
+            let _ = rx.await;
+        }));
+        Served {
+            addr,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// Triggers the shutdown future and checks that `run` returns `Ok` (the task did not panic).
+    pub(crate) async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        let joined = tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("run did not return after the shutdown future completed");
+        joined.expect("the server task panicked").unwrap();
+    }
+}
+
+/// Steele, Lea and Flood's splitmix64: a tiny, good-enough seeded generator.
+pub(crate) struct SplitMix64(pub(crate) u64);
+
+impl SplitMix64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-ish in `lo..=hi` (the modulo bias is irrelevant here).
+    pub(crate) fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+}
+
+/// The integer at `pointer` in `v`; panics, showing `v`, when there is none.
+pub(crate) fn num(v: &Value, pointer: &str) -> u64 {
+    v.pointer(pointer)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no integer at {pointer} in {v}"))
+}
