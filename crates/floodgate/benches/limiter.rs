@@ -17,17 +17,19 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use floodgate::{AcquireOptions, Floodgate, Limiter, LimiterSpec, MemoryLimiter, TokioClock};
+use floodgate::{
+    AcquireOptions, FastClock, Floodgate, Limiter, LimiterSpec, MemoryLimiter, MemoryStore,
+};
 use tokio::runtime::Runtime;
 use tokio::sync::{oneshot, Semaphore};
 
-type Embedded = Limiter<MemoryLimiter<TokioClock>>;
+type Embedded = Limiter<MemoryLimiter<FastClock>>;
 
-/// A limiter named `name` with the given concurrency, in a fresh embedded store. Must run on
-/// `rt` (the store spawns its timer task there).
+/// A limiter named `name` with the given concurrency, in a fresh embedded store on the clock
+/// the server uses (`FastClock`). Must run on `rt` (the store spawns its timer task there).
 fn floodgate_limiter(rt: &Runtime, name: &str, concurrency: u32) -> Embedded {
     rt.block_on(async {
-        let gate = Floodgate::in_memory();
+        let gate = Floodgate::with_store(MemoryStore::with_clock(FastClock::new()));
         gate.define(name, LimiterSpec::concurrency(concurrency))
             .await
             .unwrap();

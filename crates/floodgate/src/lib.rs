@@ -54,7 +54,7 @@ pub mod store;
 mod sync;
 mod types;
 
-pub use crate::clock::{Clock, TokioClock};
+pub use crate::clock::{Clock, FastClock, TokioClock};
 pub use crate::core::{AcquireRequest, Counters, Feedback, Grant, LimiterStatus, Refusal};
 pub use crate::error::{AcquireError, ExtendError, StoreError};
 pub use crate::layer::FloodgateLayer;

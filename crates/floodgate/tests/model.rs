@@ -1009,8 +1009,17 @@ impl Harness {
                 token
             );
         }
+        // The cheap hint a store compares with its timer may be early, never late.
+        let hint = self.core.deadline_hint();
+        let exact = self.core.next_deadline();
+        prop_assert!(
+            exact.is_none_or(|e| hint.is_some_and(|h| h <= e)),
+            "deadline hint {:?} is later than the next deadline {:?}",
+            hint,
+            exact
+        );
         prop_assert_eq!(
-            self.core.next_deadline().map(|t| t.0),
+            exact.map(|t| t.0),
             self.model.next_deadline(),
             "next deadline"
         );

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use floodgate::{Floodgate, LimiterName, MemoryStore, RedisConfig, RedisStore, Store};
+use floodgate::{FastClock, Floodgate, LimiterName, MemoryStore, RedisConfig, RedisStore, Store};
 use tracing_subscriber::EnvFilter;
 
 use super::Failure;
@@ -95,7 +95,8 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
     let max_limiters = args.max_limiters.or(file.max_limiters);
     match redis {
         None => {
-            let mut store = MemoryStore::new();
+            // The cheaper clock: paused time is for tests, not for the server.
+            let mut store = MemoryStore::with_clock(FastClock::new());
             if let Some(max) = max_limiters {
                 store = store.with_max_limiters(max);
             }

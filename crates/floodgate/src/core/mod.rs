@@ -277,6 +277,9 @@ pub struct LimiterCore {
     successes: u32,
     /// When the adaptive limit last went down, for the cooldown.
     last_decrease: Option<Timestamp>,
+    /// No lease or wait deadline is earlier than this (a lower bound, exact after each pass
+    /// of `advance`): lets `advance` return at once on the hot path, where nothing is due.
+    next_due: Timestamp,
     counters: Counters,
 }
 
@@ -306,6 +309,7 @@ impl LimiterCore {
             limit: spec_limit(&spec),
             successes: 0,
             last_decrease: None,
+            next_due: Timestamp::MAX,
             counters: Counters::default(),
             spec,
         })
@@ -421,6 +425,7 @@ impl LimiterCore {
         );
         self.queued_permits += u64::from(req.permits);
         self.waits.push(deadline, id);
+        self.next_due = self.next_due.min(deadline);
         let queue = &self.queue;
         self.waits
             .compact(queue.len(), |k, _| queue.contains_key(&k));
@@ -459,6 +464,7 @@ impl LimiterCore {
         let deadline = now.after(lease);
         holder.deadline = deadline;
         self.leases.push(deadline, token.0);
+        self.next_due = self.next_due.min(deadline);
         Ok(Ok(deadline))
     }
 
@@ -487,6 +493,7 @@ impl LimiterCore {
     ) -> Result<(), InvalidField> {
         spec.validate()?;
         self.advance(now, fx);
+        self.next_due = Timestamp(0);
         self.limit = spec_limit(&spec);
         self.successes = 0;
         self.spec = spec;
@@ -526,17 +533,24 @@ impl LimiterCore {
     /// Applies the passage of time up to `now`: expires leases and waiter deadlines in deadline
     /// order, granting freed permits to the queue as it goes.
     pub fn advance(&mut self, now: Timestamp, fx: &mut Effects) {
+        // Nothing can be due before `next_due`; a rate's token times are not tracked there.
+        if now < self.next_due && self.spec.rate.is_none() {
+            return;
+        }
         loop {
             let holders = &self.holders;
             let lease = self
                 .leases
-                .peek_live(|k, d| holders.get(&k).is_some_and(|h| h.deadline == d))
-                .filter(|(d, _)| *d <= now);
+                .peek_live(|k, d| holders.get(&k).is_some_and(|h| h.deadline == d));
             let queue = &self.queue;
-            let wait = self
-                .waits
-                .peek_live(|k, _| queue.contains_key(&k))
-                .filter(|(d, _)| *d <= now);
+            let wait = self.waits.peek_live(|k, _| queue.contains_key(&k));
+            // Everything before now is handled below, so the nearest of these is exact.
+            self.next_due = match (lease, wait) {
+                (Some((l, _)), Some((w, _))) => l.min(w),
+                (l, w) => l.or(w).map_or(Timestamp::MAX, |(d, _)| d),
+            };
+            let lease = lease.filter(|(d, _)| *d <= now);
+            let wait = wait.filter(|(d, _)| *d <= now);
             // The head's rate token time, when only the rate holds it back.
             let rate = self.head_rate_at().filter(|at| *at <= now);
             let lease_first = match (lease, wait) {
@@ -587,6 +601,16 @@ impl LimiterCore {
         }
     }
 
+    /// A moment no later than [`next_deadline`](Self::next_deadline), found without looking
+    /// at the deadlines when it can be (no rate limit): what a store compares with its armed
+    /// timer after each operation. The timer's own pass then finds the exact deadline.
+    pub fn deadline_hint(&mut self) -> Option<Timestamp> {
+        if self.spec.rate.is_some() {
+            return self.next_deadline();
+        }
+        (self.next_due != Timestamp::MAX).then_some(self.next_due)
+    }
+
     /// The earliest moment at which [`advance`](Self::advance) would change something: the
     /// nearest lease deadline or waiter deadline. A store arms one timer for it.
     pub fn next_deadline(&mut self) -> Option<Timestamp> {
@@ -600,10 +624,10 @@ impl LimiterCore {
             .waits
             .peek_live(|k, _| queue.contains_key(&k))
             .map(|(d, _)| d);
-        [lease, wait, self.head_rate_at()]
-            .into_iter()
-            .flatten()
-            .min()
+        let due = [lease, wait].into_iter().flatten().min();
+        // Exact now: refreshes the bound that `advance` and `deadline_hint` use.
+        self.next_due = due.unwrap_or(Timestamp::MAX);
+        [due, self.head_rate_at()].into_iter().flatten().min()
     }
 
     /// Reserves `count` rate tokens for a producer's fan-out and returns, for each, how long
@@ -772,6 +796,7 @@ impl LimiterCore {
             },
         );
         self.leases.push(deadline, token);
+        self.next_due = self.next_due.min(deadline);
         let holders = &self.holders;
         self.leases.compact(holders.len(), |k, d| {
             holders.get(&k).is_some_and(|h| h.deadline == d)

@@ -124,7 +124,7 @@ impl<C: Clock> MemoryLimiter<C> {
         };
         let out = op(&mut state, now, &mut fx);
         state.settle(now, fx);
-        if let Some(next) = state.core.next_deadline() {
+        if let Some(next) = state.core.deadline_hint() {
             if next < state.timer_at {
                 state.timer_at = next;
                 self.shared.timer.notify_one();
