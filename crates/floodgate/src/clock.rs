@@ -60,8 +60,6 @@ impl Clock for TokioClock {
 pub struct FastClock {
     /// Timestamp zero on the fast clock.
     origin: quanta::Instant,
-    /// The same moment on tokio's clock, to arm timers.
-    tokio_origin: tokio::time::Instant,
     /// The fast clock itself (shares its calibration).
     clock: quanta::Clock,
 }
@@ -72,7 +70,6 @@ impl FastClock {
         let clock = quanta::Clock::new();
         FastClock {
             origin: clock.now(),
-            tokio_origin: tokio::time::Instant::now(),
             clock,
         }
     }
@@ -91,9 +88,10 @@ impl Clock for FastClock {
     }
 
     fn instant_at(&self, at: Timestamp) -> tokio::time::Instant {
-        // Timers further out than a century are as good as never.
+        // Relative to now on both clocks, so a slow drift between the time-stamp counter and
+        // the OS clock never accumulates into a timer that fires before its deadline.
         let max = Duration::from_secs(100 * 365 * 24 * 3600);
-        self.tokio_origin + Duration::from_micros(at.0).min(max)
+        tokio::time::Instant::now() + at.since(self.now()).min(max)
     }
 }
 
@@ -104,4 +102,39 @@ pub(crate) fn token_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
         .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AcquireOptions, Floodgate, LimiterSpec, MemoryStore};
+
+    #[test]
+    fn the_fast_clock_is_monotonic_and_maps_deadlines_ahead() {
+        let clock = FastClock::new();
+        let a = clock.now();
+        let b = clock.now();
+        assert!(b >= a);
+        let at = clock.instant_at(a.after(Duration::from_secs(60)));
+        assert!(at > tokio::time::Instant::now() + Duration::from_secs(50));
+        // A deadline already passed maps to now: the timer fires at once.
+        assert!(clock.instant_at(Timestamp(0)) <= tokio::time::Instant::now());
+    }
+
+    /// The server's store: an abandoned lease is reclaimed by the timer on the fast clock.
+    #[tokio::test]
+    async fn a_store_on_the_fast_clock_reclaims_an_expired_lease() {
+        let gate = Floodgate::with_store(MemoryStore::with_clock(FastClock::new()));
+        let spec = LimiterSpec::concurrency(1).with_max_wait(Duration::from_secs(10));
+        gate.define("fast", spec).await.expect("define");
+        let lim = gate.limiter("fast").await.expect("limiter");
+        let options = AcquireOptions::new().lease(Duration::from_millis(30));
+        let abandoned = lim.acquire(options.clone()).await.expect("first").detach();
+        let next = lim
+            .acquire(options)
+            .await
+            .expect("granted after the lease ends");
+        assert!(next.fencing_token() > abandoned.token);
+        assert_eq!(lim.status().await.expect("status").counters.expired, 1);
+    }
 }
