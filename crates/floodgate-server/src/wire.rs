@@ -9,7 +9,8 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// `"rate": {"limit": 100, "period_ms": 60000, "burst": 10}`; burst defaults to 1 (paced).
+/// `"rate": {"limit": 100, "period_ms": 60000, "burst": 10}`; burst defaults to the tokens of
+/// 20 ms, at least 1.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateBody {
@@ -17,13 +18,9 @@ pub struct RateBody {
     pub limit: u32,
     /// The period in milliseconds.
     pub period_ms: u64,
-    /// Tokens that may be taken back to back.
-    #[serde(default = "one")]
-    pub burst: u32,
-}
-
-fn one() -> u32 {
-    1
+    /// Tokens that may be taken back to back (default: the tokens of 20 ms, at least 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 impl From<RateBody> for RateSpec {
@@ -31,7 +28,9 @@ impl From<RateBody> for RateSpec {
         RateSpec {
             limit: r.limit,
             period: Duration::from_millis(r.period_ms),
-            burst: r.burst,
+            burst: r.burst.unwrap_or_else(|| {
+                RateSpec::default_burst(r.limit, Duration::from_millis(r.period_ms))
+            }),
         }
     }
 }
@@ -41,7 +40,7 @@ impl From<RateSpec> for RateBody {
         RateBody {
             limit: r.limit,
             period_ms: millis(r.period),
-            burst: r.burst,
+            burst: Some(r.burst),
         }
     }
 }

@@ -12,12 +12,28 @@ use std::process::Command;
 use serde_json::Value;
 use support::RedisServer;
 
+/// The keys left in Redis, less each deleted limiter's `tokens` key (kept on purpose, so a
+/// re-created limiter's fencing tokens start above the old ones), which must carry a TTL.
 fn keys(redis: &RedisServer) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string(), "--scan"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let all = cli(&["--scan"]);
+    let mut left = Vec::new();
+    for key in all.lines() {
+        if key.ends_with(":tokens") {
+            let ttl: i64 = cli(&["pttl", key]).parse().unwrap();
+            assert!(ttl > 0, "{key} has no TTL");
+        } else {
+            left.push(key);
+        }
+    }
+    left.join("\n")
 }
 
 #[test]

@@ -112,7 +112,7 @@ enum Contender {
     Raw {
         conn: ConnectionManager,
         script: Arc<redis::Script>,
-        keys: Arc<[String; 9]>,
+        keys: Arc<[String; 10]>,
         next: Arc<AtomicU64>,
     },
     /// `acquire` + `release` through the API.
@@ -347,7 +347,7 @@ async fn run(url: &str, config: &Config, mut stats: Stats) {
             keys: Arc::new(
                 [
                     "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes",
-                    "hot",
+                    "hot", "tokens",
                 ]
                 .map(|k| format!("{PREFIX}:{{raw}}:{k}")),
             ),

@@ -51,6 +51,8 @@ impl<S: Store> Floodgate<S> {
     }
 
     /// A handle to an existing limiter. Keep it: acquiring through it skips the name lookup.
+    /// A handle outlives a delete: after the limiter is deleted (and even re-created) it answers
+    /// `UnknownLimiter`; take a new handle then.
     pub async fn limiter(&self, name: &str) -> Result<Limiter<S::Limiter>, StoreError> {
         let name = LimiterName::new(name)?;
         Ok(Limiter {

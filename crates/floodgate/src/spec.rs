@@ -30,13 +30,25 @@ pub struct RateSpec {
 }
 
 impl RateSpec {
-    /// `limit` per `period`, perfectly paced (burst 1).
+    /// `limit` per `period`, with the default burst (see [`default_burst`](Self::default_burst)).
     pub fn per(limit: u32, period: Duration) -> Self {
         RateSpec {
             limit,
             period,
-            burst: 1,
+            burst: Self::default_burst(limit, period),
         }
+    }
+
+    /// The tokens of 20 ms at this rate, at least 1: paced to within 20 ms. Waiters are woken
+    /// by timers that fire up to about a millisecond late, and a grant can only be charged from
+    /// when it happens (never earlier, or the rate could be exceeded); a burst of 1 turns every
+    /// late wake-up into capacity lost for good, a small burst absorbs it.
+    pub fn default_burst(limit: u32, period: Duration) -> u32 {
+        let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX).max(1);
+        let tokens = (u64::from(limit) * 20_000).div_ceil(period_us);
+        u32::try_from(tokens)
+            .unwrap_or(u32::MAX)
+            .clamp(1, limit.max(1))
     }
 
     /// Sets the burst.

@@ -37,7 +37,7 @@ pub(crate) struct SetArgs {
     /// A rate limit, LIMIT/PERIOD: `100/1m`, `10/1s`, `5/250ms`.
     #[arg(long, value_parser = parse_rate)]
     rate: Option<(u32, Duration)>,
-    /// Tokens the rate allows back to back (default 1: evenly paced).
+    /// Tokens the rate allows back to back (default: the tokens of 20 ms, at least 1).
     #[arg(long, requires = "rate")]
     burst: Option<u32>,
     /// Adapt the concurrency limit to backend feedback between MIN:MAX (AIMD).
@@ -105,7 +105,7 @@ pub(crate) async fn limiter(cmd: LimiterCommand) -> Result<u8, Failure> {
                     serde_json::json!({
                         "limit": limit,
                         "period_ms": ms(period),
-                        "burst": args.burst.unwrap_or(1),
+                        "burst": args.burst,
                     }),
                 );
             }

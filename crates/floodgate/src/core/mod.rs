@@ -315,6 +315,12 @@ impl LimiterCore {
         })
     }
 
+    /// The fencing token the next grant gets; a store keeps it when the limiter is deleted,
+    /// so a re-created one starts above it.
+    pub fn next_token(&self) -> u64 {
+        self.next_token
+    }
+
     /// The current configuration.
     pub fn spec(&self) -> &LimiterSpec {
         &self.spec
@@ -494,9 +500,31 @@ impl LimiterCore {
         spec.validate()?;
         self.advance(now, fx);
         self.next_due = Timestamp(0);
-        self.limit = spec_limit(&spec);
-        self.successes = 0;
+        // A learned adaptive limit survives a change of other fields (a fleet re-applying
+        // its config, a new lease): only a new concurrency or adaptive range resets it.
+        if spec.concurrency != self.spec.concurrency || spec.adaptive != self.spec.adaptive {
+            self.limit = spec_limit(&spec);
+            self.successes = 0;
+        }
+        // Debt under the old rate is rescaled to the new one, so a raised rate applies now.
+        if let (Some(old), Some(new)) = (self.spec.rate, spec.rate) {
+            if self.tat > now {
+                let debt = u128::from(self.tat.0 - now.0) * u128::from(new.interval_us())
+                    / u128::from(old.interval_us());
+                self.tat = now.after(Duration::from_micros(
+                    u64::try_from(debt).unwrap_or(u64::MAX),
+                ));
+            }
+        }
         self.spec = spec;
+        self.refuse_impossible(fx);
+        self.grant_waiters(now, fx);
+        Ok(())
+    }
+
+    /// Refuses queued waiters asking for more than any grant can now hold (after the limit
+    /// or the burst went down): they would otherwise hold back the queue until their wait ends.
+    fn refuse_impossible(&mut self, fx: &mut Effects) {
         let limit = self.permit_cap().unwrap_or(u32::MAX);
         let impossible: Vec<u64> = self
             .queue
@@ -517,8 +545,6 @@ impl LimiterCore {
                 ));
             }
         }
-        self.grant_waiters(now, fx);
-        Ok(())
     }
 
     /// Refuses every waiter: the limiter is going away.
@@ -694,6 +720,7 @@ impl LimiterCore {
                     if lowered < limit {
                         self.limit = Some(lowered);
                         self.counters.limit_decreases += 1;
+                        self.refuse_impossible(fx);
                     }
                 }
             }
@@ -717,7 +744,9 @@ impl LimiterCore {
     /// The most permits one acquire can ever get: the concurrency (or adaptive maximum), and
     /// the rate's burst. `None`: no cap.
     fn permit_cap(&self) -> Option<u32> {
-        let conc = self.spec.adaptive.map(|a| a.max).or(self.spec.concurrency);
+        // The limit in force: a request above a lowered adaptive limit is refused, not left
+        // to block the queue (it may be retried when the limit has grown).
+        let conc = self.limit;
         let burst = self.spec.rate.map(|r| r.burst);
         match (conc, burst) {
             (Some(a), Some(b)) => Some(a.min(b)),

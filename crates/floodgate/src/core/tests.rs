@@ -430,3 +430,87 @@ fn the_deadline_heaps_stay_small_under_churn() {
     }
     assert!(c.leases.len() <= 2 * c.holders.len() + 65);
 }
+
+#[test]
+fn reapplying_a_spec_keeps_the_learned_adaptive_limit() {
+    use crate::spec::AdaptiveSpec;
+    let spec = LimiterSpec::concurrency(10).with_adaptive(AdaptiveSpec::between(1, 10));
+    let mut c = LimiterCore::new(spec.clone(), 1).expect("valid");
+    let mut fx = Effects::default();
+    c.feedback(t(0), Feedback::Throttled, &mut fx);
+    assert_eq!(
+        c.status(&LimiterName::new("a").expect("name")).limit,
+        Some(7)
+    );
+    // The same spec again, or another lease: the learned limit stays.
+    c.reconfigure(
+        t(1),
+        spec.clone().with_default_lease(Duration::from_secs(9)),
+        &mut fx,
+    )
+    .expect("valid");
+    assert_eq!(
+        c.status(&LimiterName::new("a").expect("name")).limit,
+        Some(7)
+    );
+    // A new concurrency resets it.
+    c.reconfigure(
+        t(2),
+        LimiterSpec::concurrency(8).with_adaptive(AdaptiveSpec::between(1, 10)),
+        &mut fx,
+    )
+    .expect("valid");
+    assert_eq!(
+        c.status(&LimiterName::new("a").expect("name")).limit,
+        Some(8)
+    );
+}
+
+#[test]
+fn a_request_above_a_lowered_adaptive_limit_is_refused_not_left_blocking() {
+    use crate::spec::AdaptiveSpec;
+    let spec = LimiterSpec::concurrency(4).with_adaptive(AdaptiveSpec::between(1, 4));
+    let mut c = LimiterCore::new(spec, 1).expect("valid");
+    let mut fx = Effects::default();
+    granted(c.acquire(t(0), &req(2), &mut fx));
+    granted(c.acquire(t(0), &req(2), &mut fx));
+    let big = queued(c.acquire(t(0), &req(3), &mut fx));
+    c.feedback(t(1), Feedback::Throttled, &mut fx); // limit 4 -> 2
+    assert_eq!(
+        fx.wakes,
+        vec![(
+            big,
+            Err(Refusal::PermitsExceedLimit {
+                requested: 3,
+                limit: 2
+            })
+        )]
+    );
+    assert!(matches!(
+        c.acquire(t(1), &req(3), &mut fx),
+        Admission::Refused(Refusal::PermitsExceedLimit {
+            requested: 3,
+            limit: 2
+        })
+    ));
+}
+
+#[test]
+fn raising_the_rate_rescales_the_debt_of_the_old_one() {
+    use crate::spec::RateSpec;
+    let hourly = LimiterSpec::rate(RateSpec::per(1, Duration::from_secs(3600)));
+    let mut c = LimiterCore::new(hourly, 1).expect("valid");
+    let mut fx = Effects::default();
+    granted(c.acquire(t(0), &req(1), &mut fx));
+    let fast = LimiterSpec::rate(RateSpec::per(1000, Duration::from_secs(1)));
+    c.reconfigure(t(1_000), fast, &mut fx).expect("valid");
+    // An hour of debt under the old rate is about a millisecond under the new one.
+    let once = AcquireRequest {
+        wait: Some(Duration::from_millis(5)),
+        ..req(1)
+    };
+    assert!(!matches!(
+        c.acquire(t(1_000), &once, &mut fx),
+        Admission::Refused(_)
+    ));
+}

@@ -7,6 +7,9 @@
 //! acquire that ends without a permit fails the call with the boxed [`AcquireError`]
 //! (`is_wait_timeout()`, `retry_after()`), so the caller can re-enqueue the work.
 //!
+//! The layer does not extend leases: give it a lease longer than the longest call (a call that
+//! outlives its lease loses the permit while still running).
+//!
 //! [`AcquireError`]: crate::AcquireError
 
 mod future;

@@ -352,6 +352,30 @@ pub(crate) async fn deleting_a_limiter_answers_its_waiters<S: Store>(gate: Flood
     assert_unknown(&gate, &name).await;
 }
 
+pub(crate) async fn tokens_keep_increasing_across_delete_and_recreate<S: Store>(
+    gate: Floodgate<S>,
+) {
+    let name = unique("recreate");
+    gate.define(&name, spec(1)).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let mut last = floodgate::FencingToken(0);
+    for _ in 0..50 {
+        let p = lim.acquire(wait(0)).await.unwrap();
+        last = p.fencing_token();
+        assert!(p.release().await.unwrap());
+    }
+    assert!(gate.delete(&name).await.unwrap());
+    gate.define(&name, spec(1)).await.unwrap();
+    let again = gate.limiter(&name).await.unwrap();
+    let p = again.acquire(wait(0)).await.unwrap();
+    assert!(
+        p.fencing_token() > last,
+        "{:?} after {:?}",
+        p.fencing_token(),
+        last
+    );
+}
+
 pub(crate) async fn bad_input_is_refused_by_name<S: Store>(gate: Floodgate<S>) {
     assert!(matches!(
         gate.define("has space", spec(1)).await,
@@ -849,6 +873,7 @@ macro_rules! store_suite {
             raising_the_limit_wakes_waiters_and_lowering_it_drains,
             deleting_a_limiter_answers_its_waiters,
             bad_input_is_refused_by_name,
+            tokens_keep_increasing_across_delete_and_recreate,
             limiters_are_listed,
         );
         $crate::store_suite!(@clocked $paused, $make;

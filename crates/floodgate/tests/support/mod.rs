@@ -36,24 +36,50 @@ pub(crate) struct RedisServer {
 impl RedisServer {
     /// Starts a standalone server with no persistence.
     pub(crate) fn start() -> Self {
-        Self::start_with(free_port(), &[])
+        Self::start_on_a_free_port(&[])
+    }
+
+    /// Like `start_with`, on a port found free; if another process took it in between (our
+    /// server exits at once), tries another one.
+    pub(crate) fn start_on_a_free_port(extra: &[&str]) -> Self {
+        for _ in 0..5 {
+            let mut server = Self::prepare(free_port(), extra);
+            if server.try_spawn() {
+                return server;
+            }
+        }
+        panic!("could not start redis-server on a free port after 5 tries");
     }
 
     pub(crate) fn start_with(port: u16, extra: &[&str]) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("floodgate-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut server = RedisServer {
-            port,
-            child: None,
-            dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut server = Self::prepare(port, extra);
         server.spawn();
         server
     }
 
+    fn prepare(port: u16, extra: &[&str]) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("floodgate-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        RedisServer {
+            port,
+            child: None,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server on {} did not start",
+            self.port
+        );
+    }
+
+    /// Starts the process and waits until it answers; false if it exited first (the port was
+    /// taken), so a PONG never comes from someone else's server.
+    fn try_spawn(&mut self) -> bool {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -66,13 +92,22 @@ impl RedisServer {
             .spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ping(self.port) {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {} did not start",
-                self.port
-            );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                self.child = None;
+                return false;
+            }
+            if ping(self.port) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -112,10 +147,12 @@ impl RedisCluster {
     pub(crate) fn start() -> Self {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
-                RedisServer::start_with(
-                    free_port(),
-                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
-                )
+                RedisServer::start_on_a_free_port(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
             })
             .collect();
         let addrs: Vec<String> = nodes

@@ -36,6 +36,9 @@ struct Inner<C: Clock> {
     limiters: RwLock<BTreeMap<LimiterName, MemoryLimiter<C>>>,
     /// Bound against abuse: creating one more is refused.
     max_limiters: usize,
+    /// The highest next fencing token of any deleted limiter: a re-created one starts above
+    /// it even if it granted faster than one token per microsecond of the clock seed.
+    token_floor: std::sync::atomic::AtomicU64,
 }
 
 impl<C: Clock> Clone for MemoryStore<C> {
@@ -73,6 +76,7 @@ impl<C: Clock> MemoryStore<C> {
                 clock,
                 limiters: RwLock::new(BTreeMap::new()),
                 max_limiters: DEFAULT_MAX_LIMITERS,
+                token_floor: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -84,6 +88,7 @@ impl<C: Clock> MemoryStore<C> {
                 clock: self.inner.clock.clone(),
                 limiters: RwLock::new(BTreeMap::new()),
                 max_limiters: max,
+                token_floor: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -123,7 +128,11 @@ impl<C: Clock> Store for MemoryStore<C> {
                         name.clone(),
                         spec.clone(),
                         self.inner.clock.clone(),
-                        token_seed(),
+                        token_seed().max(
+                            self.inner
+                                .token_floor
+                                .load(std::sync::atomic::Ordering::Relaxed),
+                        ),
                     )?;
                     timer::spawn(&limiter);
                     map.insert(name.clone(), limiter.clone());
@@ -153,6 +162,10 @@ impl<C: Clock> Store for MemoryStore<C> {
         let shared = limiter.shared();
         let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
         let mut fx = crate::core::Effects::default();
+        self.inner.token_floor.fetch_max(
+            state.core.next_token(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         state.core.close(&mut fx);
         let now = shared.clock.now();
         state.settle(now, fx);

@@ -13,6 +13,8 @@
 --       7 outcomes (hash waiter key -> outcome)   8 outcome_times (zset waiter key by decision time)
 --       9 hot (string: the fields every acquire and release touch, `|`-separated in HOT order,
 --         kept apart from the spec so the fast path reads and writes one short value)
+--      10 tokens (string: the next fencing token of a deleted incarnation, so a re-created
+--         limiter starts above it; written only by delete, with the idle TTL)
 -- ARGV: 1 op, 2 limiter name, 3 idle TTL in ms, then the op's arguments.
 --
 -- Reply: a flat array of strings: a tag, the op's fields, and last the delay in microseconds
@@ -23,8 +25,8 @@
 -- published to the waiter's server channel, so a waiter that missed the message still finds
 -- its outcome when it cancels.
 
-local K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT, K_HOT =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT, K_HOT, K_TOK =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local op, name, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local t = redis.call('TIME')
@@ -72,7 +74,10 @@ if op == 'acquire' or op == 'release' then
         and in_use + permits <= tonumber(h[4]) then
         local token = math.max(tonumber(h[5]), now)
         local deadline = now + lease
-        redis.call('HSET', K_HOLD, fmt(token), fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now))
+        -- The waiter key rides along, so a caller that lost this reply can still find and
+        -- return the grant (cancel, below).
+        redis.call('HSET', K_HOLD, fmt(token),
+          fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|' .. ARGV[7])
         redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
         h[3], h[5], h[9] = fmt(in_use + permits), fmt(token + 1), fmt(tonumber(h[9]) + 1)
         if refresh then h[8] = fmt(now + TTL_REFRESH) end
@@ -95,10 +100,10 @@ if op == 'acquire' or op == 'release' then
       if first_at then next = fmt(first_at - now) end
       local raw = redis.call('HGET', K_HOLD, token)
       if not raw then return {'released', '0', next} end
-      local sep1 = string.find(raw, '|', 1, true)
-      local sep2 = string.find(raw, '|', sep1 + 1, true)
-      local permits = tonumber(string.sub(raw, 1, sep1 - 1))
-      local held = now - tonumber(string.sub(raw, sep2 + 1))
+      local f = split(raw)
+      local permits = tonumber(f[1])
+      -- Never negative, even if the clock stepped back (a failover to a replica behind).
+      local held = math.max(0, now - tonumber(f[3]))
       local ewma = tonumber(h[11] or '')
       if not ewma then
         ewma = held
@@ -109,7 +114,7 @@ if op == 'acquire' or op == 'release' then
       end
       redis.call('HDEL', K_HOLD, token)
       redis.call('ZREM', K_LEASE, token)
-      h[3], h[10], h[11] = fmt(in_use - permits), fmt(tonumber(h[10]) + 1), fmt(ewma)
+      h[3], h[10], h[11] = fmt(math.max(0, in_use - permits)), fmt(tonumber(h[10]) + 1), fmt(ewma)
       if refresh then h[8] = fmt(now + TTL_REFRESH) end
       redis.call('SET', K_HOT, table.concat(h, '|'), 'KEEPTTL')
       if refresh then expire_all() end
@@ -130,7 +135,7 @@ do
     for i, v in ipairs(split(hot)) do m[HOT[i]] = v end
   end
 end
-local exists = m.lease_us ~= nil
+local exists = m.max_queue ~= nil   -- a field only `meta` has
 -- Absent (empty) fields mean "none": a rate-only limiter has no concurrency.
 local function opt(v) if v == nil or v == '' then return nil end return tonumber(v) end
 local concurrency = opt(m.concurrency)
@@ -156,8 +161,10 @@ local c = {}
 for _, k in ipairs(COUNTERS) do c[k] = tonumber(m['c_' .. k] or '0') end
 
 local wakes = {}
-local function wake(key, channel, outcome)
-  wakes[#wakes + 1] = {key, channel, outcome}
+-- `keep_until`: the waiter's own wait deadline; its outcome is kept 120 s past it, for a
+-- waiter whose message was lost and that asks when its own timer ends.
+local function wake(key, channel, outcome, keep_until)
+  wakes[#wakes + 1] = {key, channel, outcome, keep_until or now}
 end
 
 local function parse_waiter(key)
@@ -172,7 +179,8 @@ local function parse_holder(token)
   local raw = redis.call('HGET', K_HOLD, token)
   if not raw then return nil end
   local f = split(raw)
-  return {permits = tonumber(f[1]), deadline = tonumber(f[2]), granted_at = tonumber(f[3])}
+  return {permits = tonumber(f[1]), deadline = tonumber(f[2]), granted_at = tonumber(f[3]),
+          key = f[4] or ''}
 end
 
 local function fits(permits) return limit == nil or in_use + permits <= limit end
@@ -196,10 +204,13 @@ end
 
 -- The most permits one acquire can ever get.
 local function permit_cap()
-  local cap = a_max or concurrency
+  -- The limit in force: a request above a lowered adaptive limit is refused, not queued.
+  local cap = limit
   if rate_burst and (not cap or rate_burst < cap) then cap = rate_burst end
   return cap
 end
+
+local refuse_impossible   -- defined below, after the helpers it uses
 
 local function remove_waiter(key, w)
   redis.call('ZREM', K_Q, key)
@@ -208,7 +219,7 @@ local function remove_waiter(key, w)
   queued_permits = queued_permits - w.permits
 end
 
-local function grant(permits, lease, enqueued_at)
+local function grant(permits, lease, enqueued_at, key)
   -- Never below the clock: after a failover to a replica that missed the last grants, the
   -- clock has moved past their tokens, so none is issued twice (unless grants outran one per
   -- microsecond).
@@ -219,13 +230,15 @@ local function grant(permits, lease, enqueued_at)
   if not concurrency then
     -- Rate only: nothing is held, so no lease and nothing to release.
     c.paced = c.paced + 1
-    return {fmt(token), fmt(permits), '0', fmt(now), fmt(now), fmt(now - enqueued_at)}
+    return {fmt(token), fmt(permits), '0', fmt(now), fmt(now), fmt(math.max(0, now - enqueued_at))}
   end
   local deadline = now + lease
-  redis.call('HSET', K_HOLD, fmt(token), fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now))
+  redis.call('HSET', K_HOLD, fmt(token),
+    fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|' .. key)
   redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
   in_use = in_use + permits
-  return {fmt(token), fmt(permits), fmt(lease), fmt(deadline), fmt(now), fmt(now - enqueued_at)}
+  return {fmt(token), fmt(permits), fmt(lease), fmt(deadline), fmt(now),
+          fmt(math.max(0, now - enqueued_at))}
 end
 
 local function nearest_lease()
@@ -272,8 +285,23 @@ local function grant_waiters()
     local ra = rate_at(w.permits)
     if ra and ra > now then return end
     remove_waiter(key, w)
-    local g = grant(w.permits, w.lease, w.enqueued_at)
-    wake(key, w.channel, 'G|' .. table.concat(g, '|'))
+    local g = grant(w.permits, w.lease, w.enqueued_at, key)
+    wake(key, w.channel, 'G|' .. table.concat(g, '|'), w.deadline)
+  end
+end
+
+-- Refuses queued waiters asking for more than any grant can now hold (after the limit or the
+-- burst went down): they would otherwise hold back the queue until their wait ends.
+refuse_impossible = function()
+  local cap = permit_cap()
+  if not cap then return end
+  for _, key in ipairs(redis.call('ZRANGE', K_Q, 0, -1)) do
+    local w = parse_waiter(key)
+    if w and w.permits > cap then
+      remove_waiter(key, w)
+      c.rejected = c.rejected + 1
+      wake(key, w.channel, 'X|' .. fmt(w.permits) .. '|' .. fmt(cap), w.deadline)
+    end
   end
 end
 
@@ -319,7 +347,7 @@ local function advance()
       redis.call('HDEL', K_HOLD, l[1])
       redis.call('ZREM', K_LEASE, l[1])
       if h then
-        in_use = in_use - h.permits
+        in_use = math.max(0, in_use - h.permits)
         c.expired = c.expired + 1
       end
     else
@@ -329,7 +357,7 @@ local function advance()
         local ahead = permits_ahead(wt.seq)
         remove_waiter(key, wt)
         c.timed_out = c.timed_out + 1
-        wake(key, wt.channel, 'T|' .. fmt(retry_hint(ahead)))
+        wake(key, wt.channel, 'T|' .. fmt(retry_hint(ahead)), wt.deadline)
       else
         redis.call('ZREM', K_WAITS, key)
       end
@@ -367,7 +395,7 @@ end
 
 -- Forgets outcomes nobody will ask for any more (their waiter's wait is long over).
 local function prune_outcomes()
-  local horizon = now - max_wait - 120 * 1000000
+  local horizon = now
   local old = redis.call('ZRANGEBYSCORE', K_OUTT, '-inf', fmt(horizon), 'LIMIT', 0, 100)
   for _, key in ipairs(old) do
     redis.call('HDEL', K_OUT, key)
@@ -378,7 +406,7 @@ end
 local function finish(reply)
   for _, wk in ipairs(wakes) do
     redis.call('HSET', K_OUT, wk[1], wk[3])
-    redis.call('ZADD', K_OUTT, fmt(now), wk[1])
+    redis.call('ZADD', K_OUTT, fmt(wk[4] + 120 * 1000000), wk[1])
     redis.call('PUBLISH', wk[2], name .. '\n' .. wk[1] .. '\n' .. wk[3])
   end
   local fields = {'concurrency', ofmt(concurrency), 'eff_limit', ofmt(limit),
@@ -425,8 +453,11 @@ if op == 'put' then
   local new_adaptive = {opt(ARGV[12]), opt(ARGV[13]), opt(ARGV[14]), opt(ARGV[15]), opt(ARGV[16])}
   if not conc and not new_rate[1] then return {'invalid', 'concurrency', 'a limiter needs a concurrency limit, a rate limit, or both'} end
   if not exists then
-    -- Seeded from the store's clock, so a re-created limiter hands out larger tokens.
-    next_token = math.max(first_token, now)
+    -- Keys of an earlier incarnation that outlived its meta (they expire a little later)
+    -- must not leak into this one.
+    redis.call('DEL', K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT)
+    -- Seeded from the store's clock, and above any token of a deleted incarnation.
+    next_token = math.max(first_token, now, tonumber(redis.call('GET', K_TOK) or '0'))
   else
     -- Time that has passed is settled under the old spec, as the core does.
     advance()
@@ -434,17 +465,26 @@ if op == 'put' then
   rate_limit, rate_period, rate_burst = new_rate[1], new_rate[2], new_rate[3]
   a_min, a_max, a_inc, a_dec, a_cool =
     new_adaptive[1], new_adaptive[2], new_adaptive[3], new_adaptive[4], new_adaptive[5]
-  concurrency, limit, default_lease, max_wait, max_queue = conc, conc, lease, wait, queue
-  successes = 0
-  local cap = permit_cap()
-  for _, key in ipairs(redis.call('ZRANGE', K_Q, 0, -1)) do
-    local w = parse_waiter(key)
-    if w and cap and w.permits > cap then
-      remove_waiter(key, w)
-      c.rejected = c.rejected + 1
-      wake(key, w.channel, 'X|' .. fmt(w.permits) .. '|' .. fmt(cap))
-    end
+  -- Debt under the old rate is rescaled to the new one, so a raised rate applies now.
+  if exists and rate_limit and new_rate[1] and tat > now then
+    local old_t = interval()
+    local new_t = math.max(1, math.ceil(new_rate[2] / new_rate[1]))
+    tat = now + math.floor((tat - now) * new_t / old_t)
   end
+  -- A learned adaptive limit survives a change of other fields; a new concurrency or adaptive
+  -- range resets it.
+  local same = exists and conc == concurrency and new_adaptive[1] == a_min and
+    new_adaptive[2] == a_max and new_adaptive[3] == a_inc and new_adaptive[4] == a_dec and
+    new_adaptive[5] == a_cool
+  rate_limit, rate_period, rate_burst = new_rate[1], new_rate[2], new_rate[3]
+  a_min, a_max, a_inc, a_dec, a_cool =
+    new_adaptive[1], new_adaptive[2], new_adaptive[3], new_adaptive[4], new_adaptive[5]
+  concurrency, default_lease, max_wait, max_queue = conc, lease, wait, queue
+  if not same then
+    limit = conc
+    successes = 0
+  end
+  refuse_impossible()
   grant_waiters()
   local reply = status_fields()
   table.insert(reply, 1, 'status')
@@ -472,6 +512,7 @@ if op == 'delete' then
     if w then redis.call('PUBLISH', w.channel, name .. '\n' .. key .. '\nD') end
   end
   redis.call('DEL', K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT, K_HOT)
+  redis.call('SET', K_TOK, fmt(math.max(next_token, now)), 'PX', ARGV[3])
   return {'deleted', '-1'}
 end
 
@@ -507,7 +548,7 @@ if op == 'acquire' then
         return finish({'timeout', fmt(math.max(ra - now, 1000))})
       end
     else
-      local g = grant(permits, lease, now)
+      local g = grant(permits, lease, now, key)
       table.insert(g, 1, 'granted')
       return finish(g)
     end
@@ -539,7 +580,7 @@ if op == 'release' then
   if not h then return finish({'released', '0'}) end
   redis.call('HDEL', K_HOLD, token)
   redis.call('ZREM', K_LEASE, token)
-  in_use = in_use - h.permits
+  in_use = math.max(0, in_use - h.permits)
   c.released = c.released + 1
   observe_hold(now - h.granted_at)
   grant_waiters()
@@ -557,7 +598,8 @@ if op == 'extend' then
     return finish({'lost'})
   end
   local deadline = now + lease
-  redis.call('HSET', K_HOLD, token, fmt(h.permits) .. '|' .. fmt(deadline) .. '|' .. fmt(h.granted_at))
+  redis.call('HSET', K_HOLD, token,
+    fmt(h.permits) .. '|' .. fmt(deadline) .. '|' .. fmt(h.granted_at) .. '|' .. h.key)
   redis.call('ZADD', K_LEASE, fmt(deadline), token)
   return finish({'extended', fmt(deadline)})
 end
@@ -587,6 +629,18 @@ if op == 'cancel' then
     if wk[1] == key then outcome = wk[3] end
   end
   if not outcome then outcome = redis.call('HGET', K_OUT, key) end
+  if not outcome and reason == 'drop' then
+    -- Granted at once but the caller never saw the reply (it timed out): find the grant by
+    -- the waiter key its holder record carries, so the caller can return it.
+    local all = redis.call('HGETALL', K_HOLD)
+    for i = 1, #all, 2 do
+      local f = split(all[i + 1])
+      if f[4] == key then
+        outcome = 'G|' .. all[i] .. '|' .. f[1] .. '|' .. fmt(tonumber(f[2]) - tonumber(f[3])) ..
+          '|' .. f[2] .. '|' .. f[3] .. '|0'
+      end
+    end
+  end
   redis.call('HDEL', K_OUT, key)
   redis.call('ZREM', K_OUTT, key)
   if outcome then return finish({'decided', outcome}) end
@@ -621,6 +675,7 @@ if op == 'feedback' then
         if lowered < limit then
           limit = lowered
           c.limit_decreases = c.limit_decreases + 1
+          refuse_impossible()
         end
       end
     elseif outcome == 'ok' then

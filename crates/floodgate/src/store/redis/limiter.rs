@@ -18,8 +18,8 @@ use crate::types::{FencingToken, LimiterName, Timestamp};
 pub struct RedisLimiter {
     store: Arc<Inner>,
     name: LimiterName,
-    /// The limiter's nine keys, all under the hash tag `{name}` (see `limiter.lua`).
-    keys: Arc<[String; 9]>,
+    /// The limiter's ten keys, all under the hash tag `{name}` (see `limiter.lua`).
+    keys: Arc<[String; 10]>,
 }
 
 impl std::fmt::Debug for RedisLimiter {
@@ -92,6 +92,7 @@ impl RedisLimiter {
         let n = name.as_str();
         let keys = [
             "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes", "hot",
+            "tokens",
         ]
         .map(|k| format!("{p}:{{{n}}}:{k}"));
         RedisLimiter {
@@ -405,8 +406,11 @@ impl LimiterBackend for RedisLimiter {
                     _ = tokio::time::sleep(wait) => {
                         // Our own timer ran out (the wake-up may be lost or late): the script
                         // decides, and returns a grant that got there first.
+                        // If the cancel fails, the still-armed guard retries it (as a drop,
+                        // returning any grant) once Redis answers.
+                        let decided = self.cancel(&key, "timeout").await?;
                         guard.disarm();
-                        match self.cancel(&key, "timeout").await? {
+                        match decided {
                             Some(outcome) => outcome,
                             None => Err(Refusal::WaitTimeout { retry_after: wait }),
                         }
