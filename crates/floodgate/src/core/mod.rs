@@ -203,6 +203,9 @@ pub enum Feedback {
 /// Largest fan-out one `schedule` call reserves.
 pub const MAX_SCHEDULE: u32 = 100_000;
 
+/// Furthest ahead a `schedule` reserves tokens.
+pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Returned by `extend` when the permit is not held (released, expired or never granted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the permit was lost: it expired or was released")]
@@ -679,11 +682,20 @@ impl LimiterCore {
             ));
         }
         self.advance(now, fx);
+        let before = self.tat;
         let mut offsets = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let at = self.rate_at(1).map_or(now, |at| at.max(now));
             offsets.push(at.since(now));
             self.take_rate(at, 1);
+        }
+        // Promises decades ahead are a mistake (and would overflow the arithmetic).
+        if offsets.last().is_some_and(|d| *d > MAX_SCHEDULE_AHEAD) {
+            self.tat = before;
+            return Err(InvalidField::new(
+                "count",
+                "would reserve tokens more than a year ahead at this rate",
+            ));
         }
         self.counters.scheduled += u64::from(count);
         Ok(offsets)

@@ -514,3 +514,20 @@ fn raising_the_rate_rescales_the_debt_of_the_old_one() {
         Admission::Refused(_)
     ));
 }
+
+#[test]
+fn a_schedule_more_than_a_year_ahead_is_refused_and_changes_nothing() {
+    use crate::spec::RateSpec;
+    let daily = LimiterSpec::rate(RateSpec::per(1, Duration::from_secs(24 * 3600)));
+    let mut c = LimiterCore::new(daily, 1).expect("valid");
+    let mut fx = Effects::default();
+    assert_eq!(
+        c.schedule(t(0), 400, &mut fx).map_err(|e| e.field),
+        Err("count")
+    );
+    // Nothing was reserved: the next token is still free now.
+    assert!(matches!(
+        c.acquire(t(0), &req(1), &mut fx),
+        Admission::Granted(_)
+    ));
+}

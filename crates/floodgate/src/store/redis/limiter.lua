@@ -651,11 +651,19 @@ if op == 'schedule' then
   local count = tonumber(ARGV[4])
   if not rate_limit then return {'invalid', 'count', 'this limiter has no rate limit to schedule against', '-1'} end
   advance()
+  local before = tat
   local reply = {'offsets'}
+  local last = 0
   for _ = 1, count do
     local at = math.max(now, rate_at(1))
-    reply[#reply + 1] = fmt(at - now)
+    last = at - now
+    reply[#reply + 1] = fmt(last)
     take_rate(at, 1)
+  end
+  -- Promises decades ahead are a mistake (and would overflow the arithmetic).
+  if last > 366 * 86400 * 1000000 then
+    tat = before
+    return {'invalid', 'count', 'would reserve tokens more than a year ahead at this rate', '-1'}
   end
   c.scheduled = c.scheduled + count
   return finish(reply)
