@@ -15,3 +15,98 @@ store_suite!(false, async {
         .expect("connect to redis");
     (Floodgate::with_store(store), server)
 });
+
+/// Pitfall 5 (state without a TTL grows forever): after a workload that creates and empties
+/// every kind of key (holders, queue, outcomes, a deleted incarnation's tokens), every key in
+/// Redis has a TTL. Keys get one when created and all are refreshed at most hourly.
+#[tokio::test]
+async fn every_key_has_a_ttl() {
+    use std::time::Duration;
+
+    use floodgate::{
+        AcquireOptions, AdaptiveSpec, Feedback, LimiterBackend, LimiterSpec, RateSpec,
+    };
+
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(server.url()))
+        .await
+        .expect("connect");
+    let gate = Floodgate::with_store(store);
+    let short = |n| {
+        LimiterSpec::concurrency(n)
+            .with_default_lease(Duration::from_millis(200))
+            .with_max_wait(Duration::from_secs(2))
+    };
+    gate.define("conc", short(1)).await.expect("define");
+    let conc = gate.limiter("conc").await.expect("limiter");
+    for _ in 0..3 {
+        let held = conc.acquire(AcquireOptions::new()).await.expect("granted");
+        let waiter = {
+            let conc = conc.clone();
+            tokio::spawn(async move { conc.acquire(AcquireOptions::new()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Queue, waiters and wait deadlines exist now.
+        assert_every_key_has_a_ttl(server.port);
+        assert!(held.release().await.expect("release"));
+        let p = waiter.await.expect("task").expect("granted to the waiter");
+        assert!(p.release().await.expect("release"));
+    }
+    // A timed-out waiter and an abandoned lease.
+    let _abandoned = conc
+        .acquire(AcquireOptions::new())
+        .await
+        .expect("granted")
+        .detach();
+    let timed_out = conc
+        .acquire(AcquireOptions::new().wait(Duration::from_millis(50)))
+        .await;
+    assert!(timed_out.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(conc.status().await.expect("status").in_use, 0);
+
+    let rate = LimiterSpec::rate(RateSpec::per(100, Duration::from_secs(1)));
+    gate.define("rate", rate).await.expect("define");
+    let rate = gate.limiter("rate").await.expect("limiter");
+    rate.backend().schedule(5).await.expect("schedule");
+    drop(rate.acquire(AcquireOptions::new()).await.expect("paced"));
+
+    let adaptive = short(4).with_adaptive(AdaptiveSpec::between(1, 4));
+    gate.define("adaptive", adaptive).await.expect("define");
+    let adaptive = gate.limiter("adaptive").await.expect("limiter");
+    adaptive
+        .backend()
+        .feedback(Feedback::Throttled)
+        .await
+        .expect("feedback");
+
+    gate.define("gone", short(1)).await.expect("define");
+    drop(
+        gate.limiter("gone")
+            .await
+            .expect("limiter")
+            .acquire(AcquireOptions::new())
+            .await,
+    );
+    assert!(gate.delete("gone").await.expect("delete"));
+
+    assert_every_key_has_a_ttl(server.port);
+}
+
+/// Scans the server and asserts a positive TTL on every key.
+fn assert_every_key_has_a_ttl(port: u16) {
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let keys = cli(&["--scan"]);
+    assert!(!keys.is_empty());
+    for key in keys.lines() {
+        let ttl: i64 = cli(&["pttl", key]).parse().expect("a number");
+        assert!(ttl > 0, "{key} has no TTL ({ttl})");
+    }
+}

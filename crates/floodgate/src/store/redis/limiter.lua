@@ -136,6 +136,15 @@ do
   end
 end
 local exists = m.max_queue ~= nil   -- a field only `meta` has
+
+-- Every key has a TTL: set on the key's creation (see `created`) and refreshed for all keys at
+-- most hourly (`ttl_at`), so an idle limiter vanishes after `idle_ttl` and nothing grows.
+local refresh = tonumber(m.ttl_at or '0') <= now
+local function created(...)
+  if refresh then return end   -- finish() refreshes every key anyway
+  for _, key in ipairs({...}) do redis.call('PEXPIRE', key, ARGV[3]) end
+end
+
 -- Absent (empty) fields mean "none": a rate-only limiter has no concurrency.
 local function opt(v) if v == nil or v == '' then return nil end return tonumber(v) end
 local concurrency = opt(m.concurrency)
@@ -233,9 +242,11 @@ local function grant(permits, lease, enqueued_at, key)
     return {fmt(token), fmt(permits), '0', fmt(now), fmt(now), fmt(math.max(0, now - enqueued_at))}
   end
   local deadline = now + lease
+  local first_holder = in_use == 0
   redis.call('HSET', K_HOLD, fmt(token),
     fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|' .. key)
   redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
+  if first_holder then created(K_HOLD, K_LEASE) end
   in_use = in_use + permits
   return {fmt(token), fmt(permits), fmt(lease), fmt(deadline), fmt(now),
           fmt(math.max(0, now - enqueued_at))}
@@ -409,6 +420,7 @@ local function finish(reply)
     redis.call('ZADD', K_OUTT, fmt(wk[4] + 120 * 1000000), wk[1])
     redis.call('PUBLISH', wk[2], name .. '\n' .. wk[1] .. '\n' .. wk[3])
   end
+  if #wakes > 0 then created(K_OUT, K_OUTT) end
   local fields = {'concurrency', ofmt(concurrency), 'eff_limit', ofmt(limit),
                   'rate_limit', ofmt(rate_limit), 'rate_period_us', ofmt(rate_period),
                   'rate_burst', ofmt(rate_burst), 'a_min', ofmt(a_min), 'a_max', ofmt(a_max),
@@ -427,10 +439,13 @@ local function finish(reply)
   -- What the fast path reads: whether it may run (concurrency only, nothing queued) and the
   -- fields it needs.
   local fast = (concurrency and not rate_limit) and '1' or '0'
+  local ttl_at = refresh and fmt(now + TTL_REFRESH) or m.ttl_at
   redis.call('SET', K_HOT, table.concat({fast, fmt(redis.call('ZCARD', K_Q)), fmt(in_use),
     ofmt(limit), fmt(next_token), fmt(default_lease), ofmt(permit_cap()),
-    fmt(now + TTL_REFRESH), fmt(c.granted), fmt(c.released), ewma and fmt(ewma) or ''}, '|'))
-  for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+    ttl_at, fmt(c.granted), fmt(c.released), ewma and fmt(ewma) or ''}, '|'), 'KEEPTTL')
+  if refresh then
+    for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+  end
   local next = -1
   local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
   local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
@@ -569,6 +584,7 @@ if op == 'acquire' then
     fmt(deadline) .. '|' .. fmt(now) .. '|' .. channel)
   redis.call('ZADD', K_Q, fmt(seq), key)
   redis.call('ZADD', K_WAITS, fmt(deadline), key)
+  if queued_permits == 0 then created(K_Q, K_W, K_WAITS) end
   queued_permits = queued_permits + permits
   return finish({'queued', fmt(wait)})
 end
