@@ -16,13 +16,15 @@
 //! - A lowered limit grants nothing until in-use is below it; a raised one grants at once.
 
 mod deadlines;
+mod queue;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use self::deadlines::DeadlineHeap;
+use self::queue::Queue;
 use crate::spec::{check_lease, InvalidField, LimiterSpec, MAX_LEASE};
 use crate::types::{FencingToken, LimiterName, Timestamp};
 
@@ -261,7 +263,7 @@ pub struct LimiterCore {
     /// Sum of the holders' permits; kept rather than summed because every acquire reads it.
     in_use: u32,
     /// The FIFO queue, ordered by waiter id.
-    queue: BTreeMap<u64, Waiter>,
+    queue: Queue<Waiter>,
     /// Sum of the queued waiters' permits, for the retry hint.
     queued_permits: u64,
     /// Deadlines of `queue` (lazily pruned).
@@ -302,7 +304,7 @@ impl LimiterCore {
             holders: U64Map::default(),
             leases: DeadlineHeap::default(),
             in_use: 0,
-            queue: BTreeMap::new(),
+            queue: Queue::default(),
             queued_permits: 0,
             waits: DeadlineHeap::default(),
             next_token: first_token.max(1),
@@ -552,7 +554,7 @@ impl LimiterCore {
 
     /// Refuses every waiter: the limiter is going away.
     pub fn close(&mut self, fx: &mut Effects) {
-        for (id, _) in std::mem::take(&mut self.queue) {
+        for (id, _) in self.queue.drain() {
             self.counters.rejected += 1;
             fx.wakes.push((WaiterId(id), Err(Refusal::LimiterDeleted)));
         }
@@ -614,8 +616,8 @@ impl LimiterCore {
                 self.waits.pop();
                 let ahead: u64 = self
                     .queue
-                    .range(..=id)
-                    .map(|(_, w)| u64::from(w.permits))
+                    .up_to(id)
+                    .map(|w| u64::from(w.permits))
                     .sum();
                 if let Some(w) = self.queue.remove(&id) {
                     self.queued_permits -= u64::from(w.permits);
