@@ -614,11 +614,7 @@ impl LimiterCore {
                 }
             } else if let Some((_, id)) = wait {
                 self.waits.pop();
-                let ahead: u64 = self
-                    .queue
-                    .up_to(id)
-                    .map(|w| u64::from(w.permits))
-                    .sum();
+                let ahead: u64 = self.queue.up_to(id).map(|w| u64::from(w.permits)).sum();
                 if let Some(w) = self.queue.remove(&id) {
                     self.queued_permits -= u64::from(w.permits);
                     self.counters.timed_out += 1;

@@ -120,7 +120,11 @@ mod tests {
         assert!(!q.contains_key(&5) && q.contains_key(&8));
         assert_eq!(q.first_key_value(), Some((&3, &30)));
         assert_eq!(q.remove(&3), Some(30));
-        assert_eq!(q.first_key_value(), Some((&8, &80)), "the front skips tombstones");
+        assert_eq!(
+            q.first_key_value(),
+            Some((&8, &80)),
+            "the front skips tombstones"
+        );
         assert_eq!(q.up_to(8).copied().collect::<Vec<_>>(), vec![80]);
         assert_eq!(q.pop_first(), Some((8, 80)));
         assert_eq!(q.len(), 1);
