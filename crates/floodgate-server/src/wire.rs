@@ -5,7 +5,8 @@ use std::time::Duration;
 use floodgate::{AdaptiveSpec, RateSpec};
 use serde::{Deserialize, Serialize};
 
-fn millis(d: Duration) -> u64 {
+/// A duration in whole milliseconds, as the API speaks them (saturating).
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use super::duration::parse_duration;
 use super::{Failure, ServerArgs, EXIT_TEMPFAIL, EXIT_UNAVAILABLE};
 use crate::client::{AcquireArgs, Client, ClientError, PermitReply};
+use crate::wire::millis;
 
 /// Exit code when the command cannot be executed (as shells do).
 const EXIT_CANNOT_EXECUTE: u8 = 126;
@@ -413,10 +414,6 @@ fn default_holder() -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".to_owned());
     format!("{host}:{}", std::process::id())
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `90s`, `5m`, `250ms`: a duration the way the flags take it.

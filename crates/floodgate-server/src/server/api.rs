@@ -17,16 +17,12 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::AppState;
-use crate::wire::{AdaptiveBody, RateBody};
+use crate::wire::{millis, AdaptiveBody, RateBody};
 
 type AppStateRef<S> = State<Arc<AppState<S>>>;
 
 /// Longest holder label accepted.
 const MAX_HOLDER_LEN: usize = 256;
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
 
 fn path_param(path: Result<Path<String>, PathRejection>, field: &str) -> Result<String, ApiError> {
     path.map(|Path(p)| p)

@@ -311,7 +311,7 @@ impl LimiterCore {
             next_waiter: 0,
             hold_ewma_us: None,
             tat: Timestamp(0),
-            limit: spec_limit(&spec),
+            limit: spec.concurrency,
             successes: 0,
             last_decrease: None,
             next_due: Timestamp::MAX,
@@ -508,7 +508,7 @@ impl LimiterCore {
         // A learned adaptive limit survives a change of other fields (a fleet re-applying
         // its config, a new lease): only a new concurrency or adaptive range resets it.
         if spec.concurrency != self.spec.concurrency || spec.adaptive != self.spec.adaptive {
-            self.limit = spec_limit(&spec);
+            self.limit = spec.concurrency;
             self.successes = 0;
         }
         // Debt under the old rate is rescaled to the new one, so a raised rate applies now.
@@ -907,11 +907,6 @@ impl LimiterCore {
             .max(by_rate.unwrap_or(Duration::ZERO))
             .clamp(Duration::from_millis(1), MAX_LEASE)
     }
-}
-
-/// The concurrency limit a spec starts with.
-fn spec_limit(spec: &LimiterSpec) -> Option<u32> {
-    spec.concurrency
 }
 
 #[cfg(test)]

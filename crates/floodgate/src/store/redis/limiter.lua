@@ -36,6 +36,14 @@ local MIN_LEASE, MAX_LEASE = 1000, 86400 * 1000000
 local function fmt(n) return string.format('%d', n) end
 local TTL_REFRESH = 3600 * 1000000
 
+-- The smoothed hold time after a hold of `held` (weight 1/8, integer steps: the same
+-- arithmetic as the core's observe_hold).
+local function next_ewma(ewma, held)
+  if not ewma then return held end
+  if held >= ewma then return ewma + math.floor((held - ewma) / 8) end
+  return ewma - math.floor((ewma - held) / 8)
+end
+
 -- The fields of the hot value, in order.
 local HOT = {'fast', 'qlen', 'in_use', 'eff_limit', 'next_token', 'lease_us', 'cap', 'ttl_at',
              'c_granted', 'c_released', 'ewma_us'}
@@ -104,14 +112,7 @@ if op == 'acquire' or op == 'release' then
       local permits = tonumber(f[1])
       -- Never negative, even if the clock stepped back (a failover to a replica behind).
       local held = math.max(0, now - tonumber(f[3]))
-      local ewma = tonumber(h[11] or '')
-      if not ewma then
-        ewma = held
-      elseif held >= ewma then
-        ewma = ewma + math.floor((held - ewma) / 8)
-      else
-        ewma = ewma - math.floor((ewma - held) / 8)
-      end
+      local ewma = next_ewma(tonumber(h[11] or ''), held)
       redis.call('HDEL', K_HOLD, token)
       redis.call('ZREM', K_LEASE, token)
       h[3], h[10], h[11] = fmt(math.max(0, in_use - permits)), fmt(tonumber(h[10]) + 1), fmt(ewma)
@@ -317,13 +318,7 @@ refuse_impossible = function()
 end
 
 local function observe_hold(held)
-  if not ewma then
-    ewma = held
-  elseif held >= ewma then
-    ewma = ewma + math.floor((held - ewma) / 8)
-  else
-    ewma = ewma - math.floor((ewma - held) / 8)
-  end
+  ewma = next_ewma(ewma, held)
 end
 
 -- The head waiter's token time, if it fits the concurrency and only the rate holds it.
