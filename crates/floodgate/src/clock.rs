@@ -95,6 +95,61 @@ impl Clock for FastClock {
     }
 }
 
+/// The fast monotonic clock, with timestamps that mean wall-clock microseconds since the Unix
+/// epoch at start and never go below a floor: the durable embedded store's clock.
+///
+/// Lease deadlines written to disk are on this clock, so after a restart a lease that ended
+/// while the server was down is reclaimed at once, and one still running keeps its remaining
+/// time. Started [`not_before`](Self::not_before) the last timestamp the store recorded, it
+/// never runs backwards across a restart, even when the machine's wall clock was set back: the
+/// downtime then counts as zero (leases last longer, never shorter), and no restored deadline
+/// or rate debt lies further ahead than it did at the crash.
+#[derive(Debug, Clone)]
+pub struct WallClock {
+    /// Timestamp of `start`: wall-clock micros at creation, or the floor if that was later.
+    origin_us: u64,
+    /// The fast clock's reading at creation.
+    start: quanta::Instant,
+    /// The fast clock itself.
+    clock: quanta::Clock,
+}
+
+impl WallClock {
+    /// A clock reading the wall-clock time now.
+    pub fn new() -> Self {
+        WallClock::not_before(Timestamp(0))
+    }
+
+    /// A clock reading the wall-clock time, or `floor` if the wall clock is behind it.
+    pub fn not_before(floor: Timestamp) -> Self {
+        let clock = quanta::Clock::new();
+        WallClock {
+            origin_us: token_seed().max(floor.0),
+            start: clock.now(),
+            clock,
+        }
+    }
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        WallClock::new()
+    }
+}
+
+impl Clock for WallClock {
+    fn now(&self) -> Timestamp {
+        let elapsed = self.clock.now().saturating_duration_since(self.start);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        Timestamp(self.origin_us.saturating_add(micros))
+    }
+
+    fn instant_at(&self, at: Timestamp) -> tokio::time::Instant {
+        let max = Duration::from_secs(100 * 365 * 24 * 3600);
+        tokio::time::Instant::now() + at.since(self.now()).min(max)
+    }
+}
+
 /// Wall-clock microseconds since the Unix epoch, used only to seed fencing tokens so they keep
 /// increasing across re-creations of a limiter and restarts of the embedded store.
 pub(crate) fn token_seed() -> u64 {
@@ -108,6 +163,15 @@ pub(crate) fn token_seed() -> u64 {
 mod tests {
     use super::*;
     use crate::{AcquireOptions, Floodgate, LimiterSpec, MemoryStore};
+
+    #[test]
+    fn the_wall_clock_never_reads_below_its_floor() {
+        let wall = WallClock::new().now();
+        let ahead = Timestamp(wall.0 + 3_600_000_000);
+        let clock = WallClock::not_before(ahead);
+        assert!(clock.now() >= ahead);
+        assert!(WallClock::not_before(Timestamp(5)).now() >= wall);
+    }
 
     #[test]
     fn the_fast_clock_is_monotonic_and_maps_deadlines_ahead() {

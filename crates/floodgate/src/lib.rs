@@ -54,13 +54,16 @@ pub mod store;
 mod sync;
 mod types;
 
-pub use crate::clock::{Clock, FastClock, TokioClock};
+pub use crate::clock::{Clock, FastClock, TokioClock, WallClock};
 pub use crate::core::{AcquireRequest, Counters, Feedback, Grant, LimiterStatus, Refusal};
 pub use crate::error::{AcquireError, ExtendError, StoreError};
 pub use crate::layer::FloodgateLayer;
 pub use crate::limiter::{AcquireOptions, Floodgate, Limiter, Permit};
 pub use crate::spec::{AdaptiveSpec, InvalidField, LimiterSpec, RateSpec};
-pub use crate::store::{LimiterBackend, MemoryLimiter, MemoryStore, Store};
+pub use crate::store::{
+    Durability, FsyncPolicy, LimiterBackend, MemoryLimiter, MemoryStore, RecoveryError,
+    RecoveryReport, Store,
+};
 #[cfg(feature = "redis")]
 pub use crate::store::{RedisConfig, RedisLimiter, RedisStore};
 pub use crate::types::{

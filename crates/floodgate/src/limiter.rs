@@ -97,6 +97,15 @@ impl AcquireOptions {
         self
     }
 
+    /// Makes the acquire idempotent: a repeat with the same id while the first is queued or
+    /// its grant held gets that grant (or joins that wait) instead of a second permit. A
+    /// future dropped while queued with an id leaves its wait queued for a retry to join; a
+    /// grant made while nobody waits for it is released at once.
+    pub fn request_id(mut self, id: impl Into<Arc<str>>) -> Self {
+        self.request.request_id = Some(id.into());
+        self
+    }
+
     /// The request the store sees.
     pub fn request(&self) -> &AcquireRequest {
         &self.request

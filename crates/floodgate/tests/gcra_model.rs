@@ -801,6 +801,7 @@ impl Harness {
                     lease,
                     wait: wait_us.map(Duration::from_micros),
                     holder: None,
+                    request_id: None,
                 };
                 let mut fx = Effects::default();
                 let admission = self.core.acquire(Timestamp(now), &req, &mut fx);

@@ -759,6 +759,7 @@ impl Harness {
                     lease: lease_ms.map(Duration::from_millis),
                     wait: wait_ms.map(Duration::from_millis),
                     holder: None,
+                    request_id: None,
                 };
                 let got = self.core.acquire(ts, &req, &mut fx);
                 let want = self

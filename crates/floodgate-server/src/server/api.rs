@@ -248,6 +248,49 @@ pub(crate) struct AcquireBody {
     lease_ms: Option<u64>,
     wait_ms: Option<u64>,
     holder: Option<String>,
+    /// Idempotency key (also the `Idempotency-Key` header): a retry with the same one gets
+    /// the same grant or joins the same wait.
+    request_id: Option<String>,
+}
+
+/// Longest idempotency key accepted.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The acquire's idempotency key from the body or the `Idempotency-Key` header (which must
+/// agree when both are given): 1 to 128 visible ASCII characters.
+fn request_id(
+    body: Option<String>,
+    headers: &axum::http::HeaderMap,
+) -> Result<Option<Arc<str>>, ApiError> {
+    let header = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| {
+                    ApiError::bad_field("Idempotency-Key", "must be visible ASCII characters")
+                })?
+                .to_owned(),
+        ),
+    };
+    let (field, id) = match (body, header) {
+        (Some(b), Some(h)) if b != h => {
+            return Err(ApiError::bad_field(
+                "request_id",
+                "differs from the Idempotency-Key header",
+            ))
+        }
+        (Some(b), _) => ("request_id", b),
+        (None, Some(h)) => ("Idempotency-Key", h),
+        (None, None) => return Ok(None),
+    };
+    if id.is_empty() || id.len() > MAX_REQUEST_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad_field(
+            field,
+            format!("must be 1 to {MAX_REQUEST_ID_LEN} visible ASCII characters"),
+        ));
+    }
+    Ok(Some(Arc::from(id)))
 }
 
 /// A granted permit.
@@ -303,9 +346,11 @@ fn outcome_label(result: &Result<floodgate::Grant, AcquireError>) -> &'static st
 pub(super) async fn acquire<S: Store>(
     State(state): AppStateRef<S>,
     path: Result<Path<String>, PathRejection>,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<AcquireBody>,
 ) -> Result<Json<PermitBody>, ApiError> {
     let name = limiter_name(path)?;
+    let request_id = request_id(body.request_id, &headers)?;
     if let Some(holder) = &body.holder {
         if holder.chars().count() > MAX_HOLDER_LEN {
             return Err(ApiError::bad_field(
@@ -320,6 +365,7 @@ pub(super) async fn acquire<S: Store>(
         lease: body.lease_ms.map(Duration::from_millis),
         wait: body.wait_ms.map(Duration::from_millis),
         holder: body.holder.map(Into::into),
+        request_id,
     };
     let mut recorder = OutcomeRecorder {
         state: &state,

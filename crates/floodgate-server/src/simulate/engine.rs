@@ -804,6 +804,7 @@ impl Sim<'_> {
             lease: Some(self.cfg.lease),
             wait: Some(self.cfg.max_wait),
             holder: None,
+            request_id: None,
         };
         let mut fx = Effects::default();
         let Some(core) = self.limiter.as_mut() else {

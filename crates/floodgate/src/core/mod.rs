@@ -17,6 +17,9 @@
 
 mod deadlines;
 mod queue;
+mod snapshot;
+
+pub use self::snapshot::{CoreState, HolderState, SpecState, WaiterState};
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -44,6 +47,10 @@ pub struct AcquireRequest {
     pub wait: Option<Duration>,
     /// Free-form label for introspection (a worker or task id).
     pub holder: Option<Arc<str>>,
+    /// Makes the acquire idempotent: a repeat with the same id, while the first is still
+    /// queued or its grant still held, gets that same grant (or joins that same wait) instead
+    /// of a second permit. Clients send one per logical acquire and reuse it on retries.
+    pub request_id: Option<Arc<str>>,
 }
 
 impl Default for AcquireRequest {
@@ -53,6 +60,7 @@ impl Default for AcquireRequest {
             lease: None,
             wait: None,
             holder: None,
+            request_id: None,
         }
     }
 }
@@ -214,21 +222,35 @@ pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
 pub struct Lost;
 
 #[derive(Debug, Clone)]
-struct Holder {
-    permits: u32,
-    deadline: Timestamp,
-    granted_at: Timestamp,
+pub(crate) struct Holder {
+    pub(crate) permits: u32,
+    pub(crate) deadline: Timestamp,
+    pub(crate) granted_at: Timestamp,
+    /// The lease it was granted with, so a repeated idempotent acquire gets the same answer.
+    pub(crate) lease: Duration,
     /// Kept for introspection of who holds what.
-    #[allow(dead_code)]
-    label: Option<Arc<str>>,
+    pub(crate) label: Option<Arc<str>>,
+    /// The idempotency key it was acquired with, to forget it when the grant ends.
+    pub(crate) request: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
-struct Waiter {
-    permits: u32,
-    lease: Duration,
-    enqueued_at: Timestamp,
-    label: Option<Arc<str>>,
+pub(crate) struct Waiter {
+    pub(crate) permits: u32,
+    pub(crate) lease: Duration,
+    pub(crate) enqueued_at: Timestamp,
+    pub(crate) label: Option<Arc<str>>,
+    /// The idempotency key, carried over to the grant.
+    pub(crate) request: Option<Arc<str>>,
+}
+
+/// What an idempotency key refers to while it is remembered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestRef {
+    /// A queued acquire: a repeat joins its wait.
+    Queued(u64),
+    /// A held grant: a repeat gets it again.
+    Held(u64),
 }
 
 /// Hashes the u64 keys (tokens, waiter ids) with one multiply: they are sequential, so
@@ -262,6 +284,8 @@ pub struct LimiterCore {
     leases: DeadlineHeap,
     /// Sum of the holders' permits; kept rather than summed because every acquire reads it.
     in_use: u32,
+    /// Idempotency keys of the queued acquires and held grants that carry one.
+    requests: HashMap<Arc<str>, RequestRef>,
     /// The FIFO queue, ordered by waiter id.
     queue: Queue<Waiter>,
     /// Sum of the queued waiters' permits, for the retry hint.
@@ -304,6 +328,7 @@ impl LimiterCore {
             holders: U64Map::default(),
             leases: DeadlineHeap::default(),
             in_use: 0,
+            requests: HashMap::new(),
             queue: Queue::default(),
             queued_permits: 0,
             waits: DeadlineHeap::default(),
@@ -346,6 +371,16 @@ impl LimiterCore {
         self.counters
     }
 
+    /// Grants out now.
+    pub fn status_holders(&self) -> u32 {
+        u32::try_from(self.holders.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether the waiter is still queued.
+    pub fn is_queued(&self, waiter: WaiterId) -> bool {
+        self.queue.contains_key(&waiter.0)
+    }
+
     /// Whether `token` is held at `now`, without changing anything.
     pub fn is_held(&self, now: Timestamp, token: FencingToken) -> bool {
         self.holders.get(&token.0).is_some_and(|h| h.deadline > now)
@@ -369,6 +404,9 @@ impl LimiterCore {
     /// (outcome delivered later as an effect) or refused.
     pub fn acquire(&mut self, now: Timestamp, req: &AcquireRequest, fx: &mut Effects) -> Admission {
         self.advance(now, fx);
+        if let Some(repeat) = self.repeat_of(req) {
+            return repeat;
+        }
         if req.permits == 0 {
             self.counters.rejected += 1;
             return Admission::Refused(Refusal::Invalid(InvalidField::new(
@@ -405,7 +443,14 @@ impl LimiterCore {
                     }
                 }
                 _ => {
-                    let grant = self.grant(now, req.permits, lease, now, req.holder.clone());
+                    let grant = self.grant(
+                        now,
+                        req.permits,
+                        lease,
+                        now,
+                        req.holder.clone(),
+                        req.request_id.clone(),
+                    );
                     return Admission::Granted(grant);
                 }
             }
@@ -432,8 +477,13 @@ impl LimiterCore {
                 lease,
                 enqueued_at: now,
                 label: req.holder.clone(),
+                request: req.request_id.clone(),
             },
         );
+        if let Some(key) = &req.request_id {
+            self.requests
+                .insert(Arc::clone(key), RequestRef::Queued(id));
+        }
         self.queued_permits += u64::from(req.permits);
         self.waits.push(deadline, id);
         self.next_due = self.next_due.min(deadline);
@@ -450,6 +500,7 @@ impl LimiterCore {
         let Some(holder) = self.holders.remove(&token.0) else {
             return false;
         };
+        self.forget_request(holder.request.as_ref());
         self.in_use -= holder.permits;
         self.counters.released += 1;
         self.observe_hold(now.since(holder.granted_at));
@@ -487,6 +538,7 @@ impl LimiterCore {
         let Some(w) = self.queue.remove(&waiter.0) else {
             return false;
         };
+        self.forget_request(w.request.as_ref());
         self.queued_permits -= u64::from(w.permits);
         self.counters.cancelled += 1;
         // The head may have been holding back smaller requests behind it.
@@ -539,6 +591,7 @@ impl LimiterCore {
             .collect();
         for id in impossible {
             if let Some(w) = self.queue.remove(&id) {
+                self.forget_request(w.request.as_ref());
                 self.queued_permits -= u64::from(w.permits);
                 self.counters.rejected += 1;
                 fx.wakes.push((
@@ -554,7 +607,8 @@ impl LimiterCore {
 
     /// Refuses every waiter: the limiter is going away.
     pub fn close(&mut self, fx: &mut Effects) {
-        for (id, _) in self.queue.drain() {
+        for (id, w) in self.queue.drain() {
+            self.forget_request(w.request.as_ref());
             self.counters.rejected += 1;
             fx.wakes.push((WaiterId(id), Err(Refusal::LimiterDeleted)));
         }
@@ -608,6 +662,7 @@ impl LimiterCore {
                 if let Some((_, token)) = lease {
                     self.leases.pop();
                     if let Some(h) = self.holders.remove(&token) {
+                        self.forget_request(h.request.as_ref());
                         self.in_use -= h.permits;
                         self.counters.expired += 1;
                     }
@@ -616,6 +671,7 @@ impl LimiterCore {
                 self.waits.pop();
                 let ahead: u64 = self.queue.up_to(id).map(|w| u64::from(w.permits)).sum();
                 if let Some(w) = self.queue.remove(&id) {
+                    self.forget_request(w.request.as_ref());
                     self.queued_permits -= u64::from(w.permits);
                     self.counters.timed_out += 1;
                     let retry_after = self.retry_hint(now, ahead);
@@ -807,6 +863,7 @@ impl LimiterCore {
         lease: Duration,
         enqueued_at: Timestamp,
         label: Option<Arc<str>>,
+        request: Option<Arc<str>>,
     ) -> Grant {
         let token = self.next_token;
         self.next_token += 1;
@@ -814,6 +871,7 @@ impl LimiterCore {
         self.counters.granted += 1;
         if self.spec.concurrency.is_none() {
             // Rate only: nothing is held, so there is no lease and nothing to release.
+            self.forget_request(request.as_ref());
             self.counters.paced += 1;
             return Grant {
                 token: FencingToken(token),
@@ -831,9 +889,14 @@ impl LimiterCore {
                 permits,
                 deadline,
                 granted_at: now,
+                lease,
                 label,
+                request: request.clone(),
             },
         );
+        if let Some(key) = request {
+            self.requests.insert(key, RequestRef::Held(token));
+        }
         self.leases.push(deadline, token);
         self.next_due = self.next_due.min(deadline);
         let holders = &self.holders;
@@ -861,8 +924,37 @@ impl LimiterCore {
                 break;
             };
             self.queued_permits -= u64::from(w.permits);
-            let grant = self.grant(now, w.permits, w.lease, w.enqueued_at, w.label);
+            let grant = self.grant(now, w.permits, w.lease, w.enqueued_at, w.label, w.request);
             fx.wakes.push((WaiterId(id), Ok(grant)));
+        }
+    }
+
+    /// The answer to a repeated idempotent acquire: the grant it got, or its wait to join.
+    /// `None` for a first acquire, or when what the key referred to has ended.
+    fn repeat_of(&self, req: &AcquireRequest) -> Option<Admission> {
+        let key = req.request_id.as_ref()?;
+        match *self.requests.get(key)? {
+            RequestRef::Held(token) => self.holders.get(&token).map(|h| {
+                Admission::Granted(Grant {
+                    token: FencingToken(token),
+                    permits: h.permits,
+                    lease: h.lease,
+                    lease_deadline: h.deadline,
+                    granted_at: h.granted_at,
+                    waited: Duration::ZERO,
+                })
+            }),
+            RequestRef::Queued(id) => self
+                .queue
+                .contains_key(&id)
+                .then_some(Admission::Queued(WaiterId(id))),
+        }
+    }
+
+    /// Forgets an idempotency key whose grant or wait has ended.
+    fn forget_request(&mut self, key: Option<&Arc<str>>) {
+        if let Some(key) = key {
+            self.requests.remove(key);
         }
     }
 

@@ -21,7 +21,9 @@ use crate::types::{FencingToken, LimiterName};
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisConfig, RedisLimiter, RedisStore};
-pub use memory::{MemoryLimiter, MemoryStore};
+pub use memory::{
+    Durability, FsyncPolicy, MemoryLimiter, MemoryStore, RecoveryError, RecoveryReport,
+};
 
 /// A place limiters live: creates, changes, lists and deletes them, and hands out handles.
 pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {

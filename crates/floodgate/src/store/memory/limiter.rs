@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
+use super::durable::record::Op;
+use super::durable::LimiterLog;
 use crate::clock::Clock;
 use crate::core::U64Map;
 use crate::core::{
@@ -61,9 +63,14 @@ impl<C> Drop for Shared<C> {
 
 pub(super) struct State {
     pub(super) core: LimiterCore,
-    /// Where each queued waiter's outcome goes. An entry exists exactly while its waiter is
-    /// queued in `core` (inserted under the same lock as the enqueue).
-    waiters: U64Map<oneshot::Sender<WaitOutcome>>,
+    /// Where each queued waiter's outcome goes, with the listener's number. An entry exists
+    /// while its waiter is queued in `core` and someone listens: a repeated idempotent acquire
+    /// takes the entry over (a new number), and an abandoned idempotent wait has none.
+    waiters: U64Map<(u64, oneshot::Sender<WaitOutcome>)>,
+    /// The number of the next listener.
+    next_listener: u64,
+    /// The write-ahead log, when the store is durable: every operation is recorded in it.
+    pub(super) log: Option<LimiterLog>,
     /// The wake-up list, kept between operations so a handoff does not allocate one.
     spare: Vec<(WaiterId, WaitOutcome)>,
     /// The deadline the timer task is armed for (`MAX` when idle). The timer is only poked
@@ -84,20 +91,49 @@ impl<C: Clock> MemoryLimiter<C> {
         first_token: u64,
     ) -> Result<Self, InvalidField> {
         let core = LimiterCore::new(spec, first_token)?;
-        Ok(MemoryLimiter {
+        Ok(MemoryLimiter::with_core(name, core, clock, None))
+    }
+
+    /// A limiter around an existing core (created, or recovered from disk), logging to `log`.
+    pub(super) fn with_core(
+        name: LimiterName,
+        core: LimiterCore,
+        clock: C,
+        log: Option<LimiterLog>,
+    ) -> Self {
+        MemoryLimiter {
             shared: Arc::new(Shared {
                 name,
                 clock,
                 state: Mutex::new(State {
                     core,
                     waiters: U64Map::default(),
+                    next_listener: 0,
+                    log,
                     spare: Vec::new(),
                     timer_at: Timestamp::MAX,
                     closed: false,
                 }),
                 timer: Arc::new(Notify::new()),
             }),
-        })
+        }
+    }
+
+    /// Waits until every operation recorded so far is durable (a no-op without a log).
+    /// Called before answering anything a client relies on: a grant, an extend, a release.
+    pub(super) async fn durable(&self) -> Result<(), StoreError> {
+        let wal = {
+            let state = self
+                .shared
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match &state.log {
+                Some(log) => Arc::clone(&log.wal),
+                None => return Ok(()),
+            }
+        };
+        wal.commit_all().await
     }
 
     pub(super) fn shared(&self) -> &Arc<Shared<C>> {
@@ -135,6 +171,24 @@ impl<C: Clock> MemoryLimiter<C> {
 }
 
 impl State {
+    /// Records an operation in the log, if there is one. Called under the lock, right after
+    /// the operation ran, so each limiter's records are in the order its operations ran.
+    pub(super) fn record(&mut self, now: Timestamp, op: impl FnOnce() -> Op) {
+        if let Some(log) = &self.log {
+            log.append(now, op());
+        }
+    }
+
+    /// Runs `advance` and records it if it changed anything (a lease expired, a wait ended, a
+    /// waiter was granted): status reads and timer passes that change nothing are not logged.
+    pub(super) fn advance_logged(&mut self, now: Timestamp, fx: &mut Effects) {
+        let before = self.core.counters();
+        self.core.advance(now, fx);
+        if self.core.counters() != before {
+            self.record(now, || Op::Advance);
+        }
+    }
+
     /// Delivers wake-ups. A grant whose waiter can no longer receive it goes straight back,
     /// which may grant the next waiter, hence the loop.
     pub(super) fn settle(&mut self, now: Timestamp, mut fx: Effects) {
@@ -142,7 +196,7 @@ impl State {
             let mut returned = Vec::new();
             for (id, outcome) in fx.wakes.drain(..) {
                 let undelivered = match self.waiters.remove(&id.0) {
-                    Some(tx) => tx.send(outcome).err(),
+                    Some((_, tx)) => tx.send(outcome).err(),
                     None => Some(outcome),
                 };
                 if let Some(Ok(grant)) = undelivered {
@@ -151,6 +205,7 @@ impl State {
             }
             for token in returned {
                 self.core.release(now, token, &mut fx);
+                self.record(now, || Op::Release { token: token.0 });
             }
         }
         // Keep the (empty) list's allocation for the next operation.
@@ -167,6 +222,11 @@ impl State {
 struct QueuedAcquire<C: Clock> {
     limiter: MemoryLimiter<C>,
     id: WaiterId,
+    /// This listener's number: a repeat of an idempotent acquire may take the wait over.
+    listener: u64,
+    /// Idempotent: if dropped, the wait stays queued for a retry to join (a grant made while
+    /// nobody listens goes straight back).
+    idempotent: bool,
     rx: oneshot::Receiver<WaitOutcome>,
     /// Set once the outcome has been taken, so `Drop` knows there is nothing to undo.
     done: bool,
@@ -184,7 +244,12 @@ impl<C: Clock> Future for QueuedAcquire<C> {
         Poll::Ready(match outcome {
             Ok(Ok(grant)) => Ok(grant),
             Ok(Err(refusal)) => Err(AcquireError::Refused(refusal)),
-            // The sender is only dropped without a send when the limiter itself is gone.
+            // The sender is dropped without a send when a retry of this idempotent acquire
+            // took the wait over, or when the limiter itself is gone.
+            Err(_) if self.idempotent => Err(StoreError::Unavailable(
+                "this wait was taken over by a retry with the same request_id".into(),
+            )
+            .into()),
             Err(_) => Err(StoreError::UnknownLimiter(self.limiter.shared.name.clone()).into()),
         })
     }
@@ -196,10 +261,24 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
             return;
         }
         let id = self.id;
+        let listener = self.listener;
+        let idempotent = self.idempotent;
         let rx = &mut self.rx;
         // A closed limiter already answered every waiter; nothing to undo then.
         let _ = self.limiter.with_state(|state, now, fx| {
+            let mine = state
+                .waiters
+                .get(&id.0)
+                .is_some_and(|(l, _)| *l == listener);
+            if idempotent && state.core.is_queued(id) {
+                // Leave the wait for a retry to join; stop listening if still ours.
+                if mine {
+                    state.waiters.remove(&id.0);
+                }
+                return;
+            }
             if state.core.cancel(now, id, fx) {
+                state.record(now, || Op::Cancel { waiter: id.0 });
                 state.waiters.remove(&id.0);
                 return;
             }
@@ -208,6 +287,9 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
             state.settle(now, std::mem::take(fx));
             if let Ok(Ok(grant)) = rx.try_recv() {
                 state.core.release(now, grant.token, fx);
+                state.record(now, || Op::Release {
+                    token: grant.token.0,
+                });
             }
         });
     }
@@ -215,7 +297,7 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
 
 enum Start {
     Decided(Result<Grant, AcquireError>),
-    Queued(WaiterId, oneshot::Receiver<WaitOutcome>),
+    Queued(WaiterId, u64, oneshot::Receiver<WaitOutcome>),
 }
 
 impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
@@ -224,31 +306,60 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
     }
 
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant, AcquireError> {
-        let start = self.with_state(|state, now, fx| match state.core.acquire(now, &req, fx) {
-            Admission::Granted(grant) => Start::Decided(Ok(grant)),
-            Admission::Refused(refusal) => Start::Decided(Err(refusal.into())),
-            Admission::Queued(id) => {
-                let (tx, rx) = oneshot::channel();
-                state.waiters.insert(id.0, tx);
-                Start::Queued(id, rx)
+        let start = self.with_state(|state, now, fx| {
+            let admission = state.core.acquire(now, &req, fx);
+            state.record(now, || Op::acquire(&req));
+            match admission {
+                Admission::Granted(grant) => Start::Decided(Ok(grant)),
+                Admission::Refused(refusal) => Start::Decided(Err(refusal.into())),
+                Admission::Queued(id) => {
+                    let (tx, rx) = oneshot::channel();
+                    let listener = state.next_listener;
+                    state.next_listener += 1;
+                    // A repeat of an idempotent acquire takes the wait over from its first
+                    // (presumably disconnected) caller.
+                    state.waiters.insert(id.0, (listener, tx));
+                    Start::Queued(id, listener, rx)
+                }
             }
         })?;
-        match start {
+        let result = match start {
             Start::Decided(result) => result,
-            Start::Queued(id, rx) => {
+            Start::Queued(id, listener, rx) => {
                 QueuedAcquire {
                     limiter: self.clone(),
                     id,
+                    listener,
+                    idempotent: req.request_id.is_some(),
                     rx,
                     done: false,
                 }
                 .await
             }
+        };
+        let grant = result?;
+        // Answer a grant only once the log has it: a crash must not forget a permit that a
+        // worker holds. If the log failed, give the permit back (its record cannot be kept).
+        if let Err(e) = self.durable().await {
+            self.release_now(grant.token);
+            return Err(e.into());
         }
+        Ok(grant)
     }
 
     async fn extend(&self, token: FencingToken, lease: Duration) -> Result<Timestamp, ExtendError> {
-        match self.with_state(|state, now, fx| state.core.extend(now, token, lease, fx)) {
+        let extended = self.with_state(|state, now, fx| {
+            let out = state.core.extend(now, token, lease, fx);
+            state.record(now, || Op::Extend {
+                token: token.0,
+                lease_us: u64::try_from(lease.as_micros()).unwrap_or(u64::MAX),
+            });
+            out
+        });
+        if matches!(extended, Ok(Ok(Ok(_)))) {
+            self.durable().await?;
+        }
+        match extended {
             Ok(Ok(Ok(deadline))) => Ok(deadline),
             Ok(Ok(Err(_lost))) => Err(ExtendError::Lost),
             Ok(Err(invalid)) => Err(ExtendError::Invalid(invalid)),
@@ -259,7 +370,11 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
     }
 
     async fn release(&self, token: FencingToken) -> Result<bool, StoreError> {
-        Ok(self.release_now(token))
+        let released = self.release_now(token);
+        if released {
+            self.durable().await?;
+        }
+        Ok(released)
     }
 
     fn release_in_background(&self, token: FencingToken) {
@@ -267,19 +382,32 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
     }
 
     async fn schedule(&self, count: u32) -> Result<Vec<Duration>, StoreError> {
-        self.with_state(|state, now, fx| state.core.schedule(now, count, fx))?
-            .map_err(StoreError::Invalid)
+        let offsets = self
+            .with_state(|state, now, fx| {
+                let out = state.core.schedule(now, count, fx);
+                state.record(now, || Op::Schedule { count });
+                out
+            })?
+            .map_err(StoreError::Invalid)?;
+        self.durable().await?;
+        Ok(offsets)
     }
 
     async fn feedback(&self, outcome: Feedback) -> Result<Option<u32>, StoreError> {
-        self.with_state(|state, now, fx| state.core.feedback(now, outcome, fx))
+        let limit = self.with_state(|state, now, fx| {
+            let out = state.core.feedback(now, outcome, fx);
+            state.record(now, || Op::feedback(outcome));
+            out
+        })?;
+        self.durable().await?;
+        Ok(limit)
     }
 
     async fn status(&self) -> Result<LimiterStatus, StoreError> {
         // Apply the passage of time first, so a lease that ended is not reported in use just
         // because the timer task has not run yet.
         self.with_state(|state, now, fx| {
-            state.core.advance(now, fx);
+            state.advance_logged(now, fx);
             state.core.status(&self.shared.name)
         })
     }
@@ -288,7 +416,15 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
 impl<C: Clock> MemoryLimiter<C> {
     /// Releases synchronously; a deleted limiter holds nothing, so that is "not held".
     fn release_now(&self, token: FencingToken) -> bool {
-        self.with_state(|state, now, fx| state.core.release(now, token, fx))
-            .unwrap_or(false)
+        self.with_state(|state, now, fx| {
+            let before = state.core.counters();
+            let released = state.core.release(now, token, fx);
+            // A release of a token not held changes nothing, unless time did: not logged.
+            if released || state.core.counters() != before {
+                state.record(now, || Op::Release { token: token.0 });
+            }
+            released
+        })
+        .unwrap_or(false)
     }
 }

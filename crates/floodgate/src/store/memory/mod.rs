@@ -5,12 +5,18 @@
 //! the nearest lease or wait deadline, so expired leases are reclaimed and timed-out waiters
 //! answered even when no other traffic arrives.
 
+pub(crate) mod durable;
 mod limiter;
+mod persist;
 mod timer;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
+pub use self::durable::{
+    Durability, FsyncPolicy, RecoveryError, RecoveryReport, DEFAULT_SNAPSHOT_AFTER_BYTES,
+};
 pub use self::limiter::MemoryLimiter;
 use crate::clock::{token_seed, Clock, TokioClock};
 use crate::core::LimiterStatus;
@@ -35,10 +41,12 @@ struct Inner<C: Clock> {
     /// The limiters, by name. A `BTreeMap` so listings come out ordered by name.
     limiters: RwLock<BTreeMap<LimiterName, MemoryLimiter<C>>>,
     /// Bound against abuse: creating one more is refused.
-    max_limiters: usize,
+    max_limiters: AtomicUsize,
     /// The highest next fencing token of any deleted limiter: a re-created one starts above
     /// it even if it granted faster than one token per microsecond of the clock seed.
     token_floor: std::sync::atomic::AtomicU64,
+    /// The write-ahead log and snapshots, when the store is durable (`MemoryStore::open`).
+    persist: Option<persist::Persist>,
 }
 
 impl<C: Clock> Clone for MemoryStore<C> {
@@ -75,22 +83,23 @@ impl<C: Clock> MemoryStore<C> {
             inner: Arc::new(Inner {
                 clock,
                 limiters: RwLock::new(BTreeMap::new()),
-                max_limiters: DEFAULT_MAX_LIMITERS,
+                max_limiters: AtomicUsize::new(DEFAULT_MAX_LIMITERS),
                 token_floor: std::sync::atomic::AtomicU64::new(0),
+                persist: None,
             }),
         }
     }
 
-    /// Caps the number of limiters (default [`DEFAULT_MAX_LIMITERS`]).
+    /// Caps the number of limiters (default [`DEFAULT_MAX_LIMITERS`]). Limiters already held
+    /// (restored from disk, say) are kept even above the cap; only new ones are refused.
     pub fn with_max_limiters(self, max: usize) -> Self {
-        MemoryStore {
-            inner: Arc::new(Inner {
-                clock: self.inner.clock.clone(),
-                limiters: RwLock::new(BTreeMap::new()),
-                max_limiters: max,
-                token_floor: std::sync::atomic::AtomicU64::new(0),
-            }),
-        }
+        self.inner.max_limiters.store(max, Ordering::Relaxed);
+        self
+    }
+
+    /// Whether this store keeps its state on disk.
+    pub fn is_durable(&self) -> bool {
+        self.inner.persist.is_some()
     }
 
     fn get(&self, name: &LimiterName) -> Option<MemoryLimiter<C>> {
@@ -121,19 +130,21 @@ impl<C: Clock> Store for MemoryStore<C> {
             match map.get(name) {
                 Some(limiter) => Some(limiter.clone()),
                 None => {
-                    if map.len() >= self.inner.max_limiters {
-                        return Err(StoreError::TooManyLimiters(self.inner.max_limiters));
+                    let max = self.inner.max_limiters.load(Ordering::Relaxed);
+                    if map.len() >= max {
+                        return Err(StoreError::TooManyLimiters(max));
                     }
-                    let limiter = MemoryLimiter::standalone(
-                        name.clone(),
-                        spec.clone(),
-                        self.inner.clock.clone(),
-                        token_seed().max(
-                            self.inner
-                                .token_floor
-                                .load(std::sync::atomic::Ordering::Relaxed),
-                        ),
-                    )?;
+                    let first_token = token_seed()
+                        .max(self.inner.token_floor.load(Ordering::Relaxed))
+                        .max(self.inner.clock.now().0);
+                    let core = crate::core::LimiterCore::new(spec.clone(), first_token)?;
+                    let log = self
+                        .inner
+                        .persist
+                        .as_ref()
+                        .map(|p| p.create(self.inner.clock.now(), name, &spec, first_token));
+                    let limiter =
+                        MemoryLimiter::with_core(name.clone(), core, self.inner.clock.clone(), log);
                     timer::spawn(&limiter);
                     map.insert(name.clone(), limiter.clone());
                     None
@@ -141,9 +152,18 @@ impl<C: Clock> Store for MemoryStore<C> {
             }
         };
         let Some(limiter) = existing else {
-            return self.limiter(name).await?.status().await;
+            let limiter = self.limiter(name).await?;
+            limiter.durable().await?;
+            return limiter.status().await;
         };
-        limiter.with_state(|state, now, fx| state.core.reconfigure(now, spec, fx))??;
+        limiter.with_state(|state, now, fx| {
+            let out = state.core.reconfigure(now, spec.clone(), fx);
+            if out.is_ok() {
+                state.record(now, || durable::record::Op::reconfigure(&spec));
+            }
+            out
+        })??;
+        limiter.durable().await?;
         limiter.status().await
     }
 
@@ -159,18 +179,25 @@ impl<C: Clock> Store for MemoryStore<C> {
         let Some(limiter) = removed else {
             return Ok(false);
         };
-        let shared = limiter.shared();
-        let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut fx = crate::core::Effects::default();
-        self.inner.token_floor.fetch_max(
-            state.core.next_token(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        state.core.close(&mut fx);
-        let now = shared.clock.now();
-        state.settle(now, fx);
-        state.closed = true;
-        shared.timer.notify_one();
+        {
+            let shared = limiter.shared();
+            let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut fx = crate::core::Effects::default();
+            self.inner.token_floor.fetch_max(
+                state.core.next_token(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            state.core.close(&mut fx);
+            let now = shared.clock.now();
+            state.settle(now, fx);
+            state.record(now, || durable::record::Op::Delete);
+            state.closed = true;
+            drop(state);
+            shared.timer.notify_one();
+        }
+        if let Some(p) = &self.inner.persist {
+            p.commit().await?;
+        }
         Ok(true)
     }
 

@@ -47,7 +47,7 @@ fn pass<C: Clock>(weak: &Weak<Shared<C>>) -> Option<(Option<crate::types::Timest
     }
     let now = shared.clock.now();
     let mut fx = Effects::default();
-    state.core.advance(now, &mut fx);
+    state.advance_logged(now, &mut fx);
     state.settle(now, fx);
     let next = state.core.next_deadline();
     state.set_timer(next);

@@ -1,0 +1,300 @@
+//! The durable embedded store: opening a data directory, and taking snapshots.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
+
+use tokio::sync::Notify;
+
+use super::durable::record::{Op, Record};
+use super::durable::snapshot::{self, LimiterSnapshot, StoreSnapshot};
+use super::durable::wal::{segment_path, Wal};
+use super::durable::{recover, Durability, LimiterLog, RecoveryError, RecoveryReport};
+use super::limiter::MemoryLimiter;
+use super::{timer, Inner, MemoryStore, DEFAULT_MAX_LIMITERS};
+use crate::clock::{Clock, WallClock};
+use crate::core::SpecState;
+use crate::error::StoreError;
+use crate::spec::LimiterSpec;
+use crate::types::{LimiterName, Timestamp};
+
+/// The store-level part of durability.
+pub(super) struct Persist {
+    /// The log every limiter appends to.
+    wal: Arc<Wal>,
+    /// Poked when the log has grown enough for a snapshot.
+    due: Arc<Notify>,
+    /// The data directory.
+    dir: PathBuf,
+    /// One snapshot at a time (the threshold's and `snapshot_now`'s).
+    snapshotting: std::sync::Mutex<()>,
+    /// The data directory's lock file, locked exclusively while the store is open: a second
+    /// server on the same directory would interleave two logs.
+    lock: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+impl Persist {
+    /// Logs a limiter's creation; returns its handle on the log (its incarnation is the
+    /// Create record's seq).
+    pub(super) fn create(
+        &self,
+        now: Timestamp,
+        name: &LimiterName,
+        spec: &LimiterSpec,
+        first_token: u64,
+    ) -> LimiterLog {
+        let (seq, due) = self.wal.append(Record {
+            seq: 0,
+            at: now.0,
+            limiter: name.as_str().to_owned(),
+            inc: 0,
+            op: Op::Create {
+                spec: SpecState::from(spec),
+                first_token,
+            },
+        });
+        if due {
+            self.due.notify_one();
+        }
+        LimiterLog::new(Arc::clone(&self.wal), name, seq, Arc::clone(&self.due))
+    }
+
+    /// Waits until everything logged so far is durable.
+    pub(super) async fn commit(&self) -> Result<(), StoreError> {
+        self.wal.commit_all().await
+    }
+
+    /// Flushes and syncs the log and unlocks the directory; nothing is written after it.
+    fn close(&self) {
+        self.wal.close();
+        self.lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+}
+
+/// Locks `dir/LOCK` exclusively, or says who has it.
+fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, RecoveryError> {
+    std::fs::create_dir_all(dir).map_err(|source| RecoveryError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| RecoveryError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RecoveryError::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "the data directory is in use by another floodgate process",
+            ),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(RecoveryError::Io { path, source }),
+    }
+}
+
+impl Drop for Persist {
+    fn drop(&mut self) {
+        // Writes and syncs what is pending; lets the snapshot task end.
+        self.close();
+        self.due.notify_one();
+    }
+}
+
+impl MemoryStore<WallClock> {
+    /// Opens (or creates) a durable embedded store in `durability.dir`: restores every limiter
+    /// with its holders, lease deadlines, tokens, rate and adaptive state from the latest
+    /// snapshot and the log after it. Leases that ended while the process was down are
+    /// reclaimed at once; queued waiters are not restored (their clients retry).
+    ///
+    /// Call inside a tokio runtime (each limiter has a timer task).
+    ///
+    /// # Errors
+    ///
+    /// [`RecoveryError`] naming the file when the directory cannot be read or written, a
+    /// snapshot is damaged, or the log is damaged anywhere but its last record (a torn last
+    /// record is dropped with a warning and reported in [`RecoveryReport::torn_tail`]).
+    pub fn open(durability: Durability) -> Result<(Self, RecoveryReport), RecoveryError> {
+        let dir = durability.dir.clone();
+        let lock = lock_dir(&dir)?;
+        let recovered = recover::recover(&dir)?;
+        let wal = Wal::open(
+            &dir,
+            recovered.segment,
+            recovered.next_seq,
+            durability.fsync,
+            durability.snapshot_after_bytes,
+        )
+        .map_err(|source| RecoveryError::Io {
+            path: segment_path(&dir, recovered.segment),
+            source,
+        })?;
+        // Never below a timestamp already recorded: a wall clock set back cannot move
+        // restored deadlines further away or make time run backwards for the state machine.
+        let clock = WallClock::not_before(Timestamp(recovered.clock_us.saturating_add(1)));
+        let due = Arc::new(Notify::new());
+        let mut report = recovered.report;
+        let mut map = BTreeMap::new();
+        for (name, restored) in recovered.limiters {
+            let name = LimiterName::new(&name).map_err(|e| {
+                RecoveryError::CorruptSnapshot(format!("limiter name {name:?}: {e}"))
+            })?;
+            let log = LimiterLog::new(Arc::clone(&wal), &name, restored.inc, Arc::clone(&due));
+            let mut core = restored.core;
+            let dropped = core.abandon_waiters();
+            if dropped > 0 {
+                log.append(clock.now(), Op::Abandon);
+                report.waiters_dropped += dropped;
+            }
+            let limiter = MemoryLimiter::with_core(name.clone(), core, clock.clone(), Some(log));
+            timer::spawn(&limiter);
+            map.insert(name, limiter);
+        }
+        let inner = Arc::new(Inner {
+            clock,
+            limiters: RwLock::new(map),
+            max_limiters: AtomicUsize::new(DEFAULT_MAX_LIMITERS),
+            token_floor: AtomicU64::new(recovered.token_floor),
+            persist: Some(Persist {
+                wal,
+                due: Arc::clone(&due),
+                dir,
+                snapshotting: std::sync::Mutex::new(()),
+                lock: std::sync::Mutex::new(Some(lock)),
+            }),
+        });
+        spawn_snapshots(Arc::downgrade(&inner), due);
+        Ok((MemoryStore { inner }, report))
+    }
+}
+
+impl<C: Clock> MemoryStore<C> {
+    /// Takes a snapshot now and deletes the log it covers (normally taken when the log has
+    /// grown by the configured threshold). A no-op for a store that is not durable.
+    ///
+    /// # Errors
+    ///
+    /// The I/O error that stopped it; the previous snapshot and log stay in charge.
+    pub fn snapshot_now(&self) -> std::io::Result<()> {
+        take_snapshot(&self.inner)
+    }
+
+    /// Writes and syncs everything logged, and unlocks the data directory: call on shutdown.
+    /// Every later operation that must be logged fails with `Unavailable`. A no-op for a store
+    /// that is not durable.
+    pub fn close(&self) {
+        if let Some(p) = &self.inner.persist {
+            p.close();
+        }
+    }
+}
+
+/// Takes snapshots when the log says one is due, off the async threads.
+fn spawn_snapshots<C: Clock>(inner: Weak<Inner<C>>, due: Arc<Notify>) {
+    tokio::spawn(async move {
+        loop {
+            due.notified().await;
+            let Some(strong) = inner.upgrade() else {
+                return;
+            };
+            if strong.persist.is_none() {
+                return;
+            }
+            let result = tokio::task::spawn_blocking(move || take_snapshot(&strong)).await;
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds")
+                }
+                Err(e) => tracing::error!(error = %e, "snapshot task failed"),
+            }
+        }
+    });
+}
+
+/// Rotates the log, writes every limiter's state (limiter by limiter, traffic going on), and
+/// deletes the segments and snapshots the new one covers.
+fn take_snapshot<C: Clock>(inner: &Inner<C>) -> std::io::Result<()> {
+    let Some(persist) = &inner.persist else {
+        return Ok(());
+    };
+    let _one = persist
+        .snapshotting
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let result = snapshot_inner(inner, persist);
+    persist.wal.snapshot_done();
+    result
+}
+
+fn snapshot_inner<C: Clock>(inner: &Inner<C>, persist: &Persist) -> std::io::Result<()> {
+    let segment = persist.wal.rotate()?;
+    let limiters: Vec<MemoryLimiter<C>> = {
+        let map = inner
+            .limiters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.values().cloned().collect()
+    };
+    let mut out = Vec::with_capacity(limiters.len());
+    for limiter in limiters {
+        let shared = limiter.shared();
+        let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.closed {
+            continue;
+        }
+        let Some(inc) = state.log.as_ref().map(LimiterLog::inc) else {
+            continue;
+        };
+        // Under the limiter's lock: every record it appended so far is below this seq and
+        // reflected in the state taken now.
+        let applied = persist.wal.next_seq();
+        out.push(LimiterSnapshot {
+            name: shared.name.as_str().to_owned(),
+            inc,
+            applied,
+            state: state.core.to_state(),
+        });
+    }
+    let snap = StoreSnapshot {
+        segment,
+        next_seq: persist.wal.next_seq(),
+        clock_us: inner.clock.now().0,
+        token_floor: inner.token_floor.load(Ordering::Relaxed),
+        limiters: out,
+    };
+    let path = snapshot::write(&persist.dir, &snap)?;
+    // Only now is the older state redundant.
+    for entry in std::fs::read_dir(&persist.dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let number = name
+            .strip_prefix("wal-")
+            .and_then(|r| r.strip_suffix(".log"))
+            .or_else(|| {
+                name.strip_prefix("snapshot-")
+                    .and_then(|r| r.strip_suffix(".json"))
+            })
+            .and_then(|n| n.parse::<u64>().ok());
+        if number.is_some_and(|n| n < segment) {
+            match std::fs::remove_file(entry.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    tracing::info!(snapshot = %path.display(), limiters = snap.limiters.len(), "snapshot written");
+    Ok(())
+}
