@@ -32,6 +32,13 @@ pub struct FileConfig {
     pub redis_cluster: Option<bool>,
     /// `fail_closed` (default) or `fail_open`, when the store cannot be reached.
     pub on_store_failure: Option<String>,
+    /// The embedded store's data directory (write-ahead log and snapshots); absent: state is
+    /// lost on restart.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// `always`, `everysec` (default) or `no`: when the log reaches the disk.
+    pub fsync: Option<String>,
+    /// Log growth in bytes that triggers a snapshot (default 64 MiB).
+    pub snapshot_after_bytes: Option<u64>,
     /// Limiters created at start, by name.
     #[serde(default)]
     pub limiters: BTreeMap<String, LimiterConfig>,

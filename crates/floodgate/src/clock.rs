@@ -122,9 +122,14 @@ impl WallClock {
 
     /// A clock reading the wall-clock time, or `floor` if the wall clock is behind it.
     pub fn not_before(floor: Timestamp) -> Self {
+        WallClock::starting_at(Timestamp(token_seed().max(floor.0)))
+    }
+
+    /// A clock that reads `at` now and runs on from there.
+    pub fn starting_at(at: Timestamp) -> Self {
         let clock = quanta::Clock::new();
         WallClock {
-            origin_us: token_seed().max(floor.0),
+            origin_us: at.0,
             start: clock.now(),
             clock,
         }

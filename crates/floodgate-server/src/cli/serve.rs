@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use floodgate::{FastClock, Floodgate, LimiterName, MemoryStore, RedisConfig, RedisStore, Store};
+use floodgate::{
+    Durability, Floodgate, FsyncPolicy, LimiterName, MemoryStore, RedisConfig, RedisStore, Store,
+    WallClock,
+};
 use tracing_subscriber::EnvFilter;
 
 use super::Failure;
@@ -45,6 +48,19 @@ pub(crate) struct ServeArgs {
     /// store_unavailable; `fail_open` grants without accounting (counted and logged).
     #[arg(long, env = "FLOODGATE_ON_STORE_FAILURE", value_parser = ["fail_closed", "fail_open"])]
     on_store_failure: Option<String>,
+    /// Keep the embedded store's state in this directory (write-ahead log + snapshots), so a
+    /// restart or crash restores every limiter, holder, lease and token. Without it, a restart
+    /// forgets everything.
+    #[arg(long, env = "FLOODGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// When the log reaches the disk: `always` (before each answer, group commit),
+    /// `everysec` (default) or `no`; as Redis's appendfsync.
+    #[arg(long, env = "FLOODGATE_FSYNC", value_parser = ["always", "everysec", "no"])]
+    fsync: Option<String>,
+    /// Log growth in bytes after which a snapshot is taken and the log before it deleted
+    /// [default: 67108864].
+    #[arg(long, env = "FLOODGATE_SNAPSHOT_AFTER_BYTES")]
+    snapshot_after_bytes: Option<u64>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
@@ -93,21 +109,60 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
     let redis = args.redis.clone().or(file.redis.clone());
     let cluster = args.redis_cluster.or(file.redis_cluster).unwrap_or(false);
     let max_limiters = args.max_limiters.or(file.max_limiters);
+    let data_dir = args.data_dir.clone().or(file.data_dir.clone());
+    let fsync: FsyncPolicy = args
+        .fsync
+        .as_deref()
+        .or(file.fsync.as_deref())
+        .unwrap_or("everysec")
+        .parse()
+        .map_err(Failure::usage)?;
     match redis {
         None => {
-            // The cheaper clock: paused time is for tests, not for the server.
-            let mut store = MemoryStore::with_clock(FastClock::new());
+            let mut store = match &data_dir {
+                Some(dir) => {
+                    let mut durability = Durability::new(dir).fsync(fsync);
+                    if let Some(bytes) = args.snapshot_after_bytes.or(file.snapshot_after_bytes) {
+                        durability = durability.snapshot_after_bytes(bytes);
+                    }
+                    let (store, report) = MemoryStore::open(durability).map_err(|e| Failure {
+                        code: 1,
+                        message: format!("cannot open the data directory: {e}"),
+                    })?;
+                    tracing::info!(
+                        dir = %dir.display(),
+                        %fsync,
+                        limiters = report.limiters,
+                        holders = report.holders,
+                        records = report.records,
+                        waiters_dropped = report.waiters_dropped,
+                        snapshot = ?report.snapshot,
+                        "state restored from the data directory"
+                    );
+                    store
+                }
+                None => {
+                    tracing::warn!(
+                        "no --data-dir: limiters created over the API, held permits and fencing \
+                         tokens are lost on restart (holders still working would be over-admitted)"
+                    );
+                    MemoryStore::with_clock(WallClock::new())
+                }
+            };
             if let Some(max) = max_limiters {
                 store = store.with_max_limiters(max);
             }
-            serve_on(
-                Floodgate::with_store(store),
+            let result = serve_on(
+                Floodgate::with_store(store.clone()),
                 "memory",
                 listen,
                 options,
                 &file,
             )
-            .await
+            .await;
+            // Everything answered is already written; this syncs it and unlocks the dir.
+            store.close();
+            result
         }
         Some(urls) => {
             let urls: Vec<String> = urls

@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use super::durable::record::{Op, Record};
 use super::durable::snapshot::{self, LimiterSnapshot, StoreSnapshot};
 use super::durable::wal::{segment_path, Wal};
-use super::durable::{recover, Durability, LimiterLog, RecoveryError, RecoveryReport};
+use super::durable::{clock_mark, recover, Durability, LimiterLog, RecoveryError, RecoveryReport};
 use super::limiter::MemoryLimiter;
 use super::{timer, Inner, MemoryStore, DEFAULT_MAX_LIMITERS};
 use crate::clock::{Clock, WallClock};
@@ -140,9 +140,14 @@ impl MemoryStore<WallClock> {
             path: segment_path(&dir, recovered.segment),
             source,
         })?;
-        // Never below a timestamp already recorded: a wall clock set back cannot move
-        // restored deadlines further away or make time run backwards for the state machine.
-        let clock = WallClock::not_before(Timestamp(recovered.clock_us.saturating_add(1)));
+        // Never below a timestamp already recorded, and the downtime counted as what really
+        // passed (see `clock_mark`): a wall clock stepped either way across the restart
+        // neither ends live leases early nor moves deadlines further away.
+        let clock = WallClock::starting_at(Timestamp(clock_mark::resume_at(
+            &dir,
+            recovered.clock_us,
+            WallClock::new().now().0,
+        )));
         let due = Arc::new(Notify::new());
         let mut report = recovered.report;
         let mut map = BTreeMap::new();
@@ -175,6 +180,7 @@ impl MemoryStore<WallClock> {
             }),
         });
         spawn_snapshots(Arc::downgrade(&inner), due);
+        spawn_clock_marks(Arc::downgrade(&inner));
         Ok((MemoryStore { inner }, report))
     }
 }
@@ -219,6 +225,27 @@ fn spawn_snapshots<C: Clock>(inner: Weak<Inner<C>>, due: Arc<Notify>) {
                 }
                 Err(e) => tracing::error!(error = %e, "snapshot task failed"),
             }
+        }
+    });
+}
+
+/// Writes the clock mark once a second while the store lives.
+fn spawn_clock_marks<C: Clock>(inner: Weak<Inner<C>>) {
+    tokio::spawn(async move {
+        loop {
+            let Some(strong) = inner.upgrade() else {
+                return;
+            };
+            let Some(dir) = strong.persist.as_ref().map(|p| p.dir.clone()) else {
+                return;
+            };
+            let now = strong.clock.now().0;
+            drop(strong);
+            let written = tokio::task::spawn_blocking(move || clock_mark::write(&dir, now)).await;
+            if let Ok(Err(e)) = written {
+                tracing::warn!(error = %e, "cannot write the clock mark");
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
     });
 }

@@ -10,6 +10,7 @@
 //!
 //! `docs/durability.md` is the user's view: policies, guarantees per fault, and costs.
 
+pub(crate) mod clock_mark;
 pub(crate) mod record;
 pub(crate) mod recover;
 pub(crate) mod snapshot;
