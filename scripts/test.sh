@@ -11,6 +11,14 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
   $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
+# The crash test restarts the server with its wall clock set back (libfaketime).
+if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] && command -v apt-get >/dev/null; then
+  echo "== installing faketime"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq faketime >/dev/null
+fi
+
 echo "== format"
 cargo fmt --all -- --check
 echo "== clippy"

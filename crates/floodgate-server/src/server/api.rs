@@ -500,6 +500,10 @@ pub(super) async fn feedback<S: Store>(
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExtendBody {
     lease_ms: Option<u64>,
+    /// The permit's size. Clients always send it, so that a store that lost its state can
+    /// re-adopt the permit during its learning window.
+    #[allow(dead_code)]
+    permits: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
