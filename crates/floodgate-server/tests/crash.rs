@@ -324,7 +324,7 @@ async fn holders_and_the_server_crash_and_nothing_is_over_admitted_or_lost() {
     let ev = events.lock().unwrap();
     let count = |k: &str| ev.counts.get(k).copied().unwrap_or(0);
     let slowest = recoveries.iter().max().copied().unwrap_or_default();
-    println!(
+    eprintln!(
         "crash test: {RESTARTS} server restarts ({mid_snapshot} while a snapshot was written, \
          {clock_back_rounds} with the wall clock 10 min back), {holder_kills} holders killed; \
          {} grants, {} finished, witness peak {} of {LIMIT}; lost while alive {}, \
