@@ -5,6 +5,7 @@
 //! permit; 1 anything else. `floodgate run` exits with the command's own status.
 
 mod bench;
+mod bench_durability;
 pub mod duration;
 mod limiter;
 mod run;
@@ -47,6 +48,9 @@ enum Command {
     /// Measure throughput, handoff latency and utilization under saturation (HTTP or a store),
     /// beside trivial requests in the same run.
     Bench(bench::BenchArgs),
+    /// Measure what a data directory costs: HTTP pairs with and without one (same run), the
+    /// disk's fsync latency, recovery time and the log's size under the snapshot policy.
+    BenchDurability(bench_durability::BenchDurabilityArgs),
     /// Replay the seed's cascade in virtual time under each strategy and compare them.
     Simulate(simulate::SimulateArgs),
 }
@@ -123,6 +127,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::status(args).await,
             Command::Limiter(cmd) => limiter::limiter(cmd).await,
             Command::Bench(args) => bench::bench(args).await,
+            Command::BenchDurability(args) => bench_durability::bench_durability(args).await,
             Command::Simulate(args) => simulate::simulate(args),
         }
     });

@@ -49,6 +49,8 @@ pub(super) struct Shared<C> {
     /// The only source of `now` for this limiter.
     pub(super) clock: C,
     pub(super) state: Mutex<State>,
+    /// The store's write-ahead log, if durable: reachable without taking `state`'s lock.
+    pub(super) wal: Option<Arc<super::durable::wal::Wal>>,
     /// Wakes the timer task when the nearest deadline moved earlier (or the limiter closed).
     /// Behind its own `Arc` so the timer task can wait on it without keeping the limiter alive.
     pub(super) timer: Arc<Notify>,
@@ -104,6 +106,7 @@ impl<C: Clock> MemoryLimiter<C> {
         MemoryLimiter {
             shared: Arc::new(Shared {
                 name,
+                wal: log.as_ref().map(|l| Arc::clone(&l.wal)),
                 clock,
                 state: Mutex::new(State {
                     core,
@@ -122,18 +125,10 @@ impl<C: Clock> MemoryLimiter<C> {
     /// Waits until every operation recorded so far is durable (a no-op without a log).
     /// Called before answering anything a client relies on: a grant, an extend, a release.
     pub(super) async fn durable(&self) -> Result<(), StoreError> {
-        let wal = {
-            let state = self
-                .shared
-                .state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            match &state.log {
-                Some(log) => Arc::clone(&log.wal),
-                None => return Ok(()),
-            }
-        };
-        wal.commit_all().await
+        match &self.shared.wal {
+            Some(wal) => wal.commit_all().await,
+            None => Ok(()),
+        }
     }
 
     pub(super) fn shared(&self) -> &Arc<Shared<C>> {

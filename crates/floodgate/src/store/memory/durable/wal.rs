@@ -143,7 +143,21 @@ impl Wal {
     /// Commits everything appended so far (for a waiter whose grant was decided by someone
     /// else's operation: that record is appended before the waiter is woken).
     pub(crate) async fn commit_all(&self) -> Result<(), StoreError> {
-        let last = self.next_seq().saturating_sub(1);
+        // One lock: write out whatever is pending (ours among it).
+        let last = {
+            let mut st = self.lock();
+            if st.failed.is_none() && !st.buf.is_empty() {
+                flush(&mut st);
+            }
+            if st.failed.is_some() {
+                drop(st);
+                return Err(self.failure());
+            }
+            st.next_seq.saturating_sub(1)
+        };
+        if self.policy != FsyncPolicy::Always {
+            return Ok(());
+        }
         self.commit(last).await
     }
 

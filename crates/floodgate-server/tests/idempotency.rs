@@ -1,0 +1,192 @@
+//! Idempotent acquire over HTTP (issue 10): a client whose connection drops after it sent an
+//! acquire retries with the same `request_id` and ends with exactly one permit, whether the
+//! first attempt was granted at once or was waiting in the queue.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{num, Served, PATIENCE, POLL};
+use floodgate::Floodgate;
+use floodgate_server::server::ServerOptions;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+async fn start() -> (Served, String, reqwest::Client) {
+    let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
+    let base = format!("http://{}", served.addr);
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{base}/v1/limiters/one"))
+        .json(&json!({"concurrency": 1, "max_wait_ms": 60000}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    (served, base, http)
+}
+
+/// Sends an acquire on a raw connection and drops the connection without reading the answer.
+async fn send_and_vanish(addr: std::net::SocketAddr, body: &Value, wait_for_queue: Option<&str>) {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    let body = body.to_string();
+    let request = format!(
+        "POST /v1/limiters/one/acquire HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(request.as_bytes()).await.unwrap();
+    sock.flush().await.unwrap();
+    if let Some(base) = wait_for_queue {
+        // Hold the connection until the acquire is queued, then vanish.
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while status(&http, base).await["waiting"] != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "never queued");
+            tokio::time::sleep(POLL).await;
+        }
+    } else {
+        // Give the server the request before the connection closes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(sock);
+}
+
+async fn status(http: &reqwest::Client, base: &str) -> Value {
+    http.get(format!("{base}/v1/limiters/one"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn acquire(http: &reqwest::Client, base: &str, body: Value) -> (u16, Value) {
+    let r = http
+        .post(format!("{base}/v1/limiters/one/acquire"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_granted_acquire_whose_answer_was_lost_is_returned_again() {
+    let (served, base, http) = start().await;
+    send_and_vanish(
+        served.addr,
+        &json!({"request_id": "job-7", "wait_ms": 0}),
+        None,
+    )
+    .await;
+    let (code, permit) = acquire(&http, &base, json!({"request_id": "job-7", "wait_ms": 0})).await;
+    assert_eq!(code, 200, "{permit}");
+    let s = status(&http, &base).await;
+    assert_eq!(num(&s, "/in_use"), 1, "exactly one permit held: {s}");
+    assert_eq!(num(&s, "/counters/granted"), 1, "{s}");
+    // Without the id, the same retry would have been refused (the limit is 1).
+    let (code, _) = acquire(&http, &base, json!({"wait_ms": 0})).await;
+    assert_eq!(code, 429);
+    served.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_joins_the_wait_its_dropped_first_attempt_left() {
+    let (served, base, http) = start().await;
+    let (code, holder) = acquire(&http, &base, json!({})).await;
+    assert_eq!(code, 200);
+    send_and_vanish(
+        served.addr,
+        &json!({"request_id": "job-8", "wait_ms": 60000}),
+        Some(&base),
+    )
+    .await;
+    // The retry, by header this time, joins the same wait (still one waiter).
+    let retry = {
+        let (http, base) = (http.clone(), base.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/v1/limiters/one/acquire"))
+                .header("Idempotency-Key", "job-8")
+                .json(&json!({"wait_ms": 60000}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(status(&http, &base).await["waiting"], 1);
+    let id = holder["permit_id"].as_str().unwrap();
+    http.post(format!("{base}/v1/permits/{id}/release"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let (code, permit) = retry.await.unwrap();
+    assert_eq!(code, 200, "{permit}");
+    let s = status(&http, &base).await;
+    assert_eq!(num(&s, "/in_use"), 1, "{s}");
+    // One grant for the joined wait: a second wait would have granted the abandoned one too.
+    assert_eq!(num(&s, "/counters/granted"), 2, "{s}");
+    served.stop().await;
+}
+
+#[tokio::test]
+async fn a_grant_nobody_waits_for_any_more_is_released_at_once() {
+    let (served, base, http) = start().await;
+    let (_, holder) = acquire(&http, &base, json!({})).await;
+    send_and_vanish(
+        served.addr,
+        &json!({"request_id": "gone", "wait_ms": 60000}),
+        Some(&base),
+    )
+    .await;
+    let id = holder["permit_id"].as_str().unwrap();
+    http.post(format!("{base}/v1/permits/{id}/release"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let s = status(&http, &base).await;
+        if num(&s, "/counters/granted") == 2 {
+            assert_eq!(num(&s, "/in_use"), 0, "{s}");
+            assert_eq!(num(&s, "/counters/released"), 2, "{s}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s}");
+        tokio::time::sleep(POLL).await;
+    }
+    served.stop().await;
+}
+
+#[tokio::test]
+async fn bad_request_ids_are_refused_by_name() {
+    let (served, base, http) = start().await;
+    for (body, header, field) in [
+        (json!({"request_id": ""}), None, "request_id"),
+        (json!({"request_id": "a b"}), None, "request_id"),
+        (json!({"request_id": "x".repeat(129)}), None, "request_id"),
+        (json!({"request_id": "a"}), Some("b"), "request_id"),
+        (json!({}), Some("é"), "Idempotency-Key"),
+    ] {
+        let mut req = http
+            .post(format!("{base}/v1/limiters/one/acquire"))
+            .json(&body);
+        if let Some(h) = header {
+            req = req.header("Idempotency-Key", h);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 400, "{body} {header:?}");
+        let e: Value = r.json().await.unwrap();
+        assert!(e["message"].as_str().unwrap().contains(field), "{e}");
+    }
+    served.stop().await;
+}
