@@ -202,12 +202,22 @@ pub(super) async fn put_limiter<S: Store>(
         concurrency: None,
         ..LimiterSpec::default()
     });
+    let adaptive = body
+        .adaptive
+        .map_or(base.adaptive, |a| a.map(AdaptiveSpec::from));
+    let concurrency = match (body.concurrency, adaptive) {
+        (Some(given), _) => given,
+        // A new adaptive range with the starting limit left out: the kept starting limit is
+        // moved into the range, so the limit in force lies within it (not refused as invalid).
+        (None, Some(a)) if body.adaptive.is_some() => {
+            base.concurrency.map(|c| c.clamp(a.min.min(a.max), a.max))
+        }
+        (None, _) => base.concurrency,
+    };
     let spec = LimiterSpec {
-        concurrency: body.concurrency.unwrap_or(base.concurrency),
+        concurrency,
         rate: body.rate.map_or(base.rate, |r| r.map(RateSpec::from)),
-        adaptive: body
-            .adaptive
-            .map_or(base.adaptive, |a| a.map(AdaptiveSpec::from)),
+        adaptive,
         default_lease: body
             .lease_ms
             .map_or(base.default_lease, Duration::from_millis),

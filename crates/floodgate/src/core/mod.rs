@@ -511,6 +511,10 @@ impl LimiterCore {
             self.limit = spec.concurrency;
             self.successes = 0;
         }
+        // The limit in force always lies within the adaptive range.
+        if let (Some(limit), Some(a)) = (self.limit, spec.adaptive) {
+            self.limit = Some(limit.clamp(a.min, a.max));
+        }
         // Debt under the old rate is rescaled to the new one, so a raised rate applies now.
         if let (Some(old), Some(new)) = (self.spec.rate, spec.rate) {
             if self.tat > now {

@@ -472,9 +472,8 @@ if op == 'put' then
     -- Time that has passed is settled under the old spec, as the core does.
     advance()
   end
-  rate_limit, rate_period, rate_burst = new_rate[1], new_rate[2], new_rate[3]
-  a_min, a_max, a_inc, a_dec, a_cool =
-    new_adaptive[1], new_adaptive[2], new_adaptive[3], new_adaptive[4], new_adaptive[5]
+  -- Both blocks below compare the old spec with the new one, so they run before the new
+  -- fields are assigned.
   -- Debt under the old rate is rescaled to the new one, so a raised rate applies now.
   if exists and rate_limit and new_rate[1] and tat > now then
     local old_t = interval()
@@ -494,6 +493,8 @@ if op == 'put' then
     limit = conc
     successes = 0
   end
+  -- The limit in force always lies within the adaptive range.
+  if limit and a_min then limit = math.min(math.max(limit, a_min), a_max) end
   refuse_impossible()
   grant_waiters()
   local reply = status_fields()

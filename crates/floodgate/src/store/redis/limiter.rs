@@ -416,10 +416,8 @@ impl LimiterBackend for RedisLimiter {
                         }
                     }
                 };
-                outcome.map_err(|r| match r {
-                    Refusal::LimiterDeleted => AcquireError::Store(self.unknown()),
-                    r => AcquireError::Refused(r),
-                })
+                // A deletion during the wait is `Refused(LimiterDeleted)`, as on every store.
+                outcome.map_err(AcquireError::Refused)
             }
             Some("unknown") => {
                 guard.disarm();
