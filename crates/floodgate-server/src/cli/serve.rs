@@ -45,6 +45,13 @@ pub(crate) struct ServeArgs {
     /// store_unavailable; `fail_open` grants without accounting (counted and logged).
     #[arg(long, env = "FLOODGATE_ON_STORE_FAILURE", value_parser = ["fail_closed", "fail_open"])]
     on_store_failure: Option<String>,
+    /// Learning window after state loss, in milliseconds (docs/learning.md): a limiter whose
+    /// state was lost grants nothing this long while holders re-claim their permits by
+    /// extending. With Redis: for limiters re-created after Redis lost them [default: each
+    /// limiter's lease], and config limiters Redis has no state for at start learn too.
+    /// Embedded: config limiters learn at start [default: 0, they do not].
+    #[arg(long, env = "FLOODGATE_LEARNING_WINDOW", value_name = "MS")]
+    learning_window: Option<u64>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
@@ -93,6 +100,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
     let redis = args.redis.clone().or(file.redis.clone());
     let cluster = args.redis_cluster.or(file.redis_cluster).unwrap_or(false);
     let max_limiters = args.max_limiters.or(file.max_limiters);
+    let learning = args
+        .learning_window
+        .or(file.learning_window_ms)
+        .map(std::time::Duration::from_millis);
     match redis {
         None => {
             // The cheaper clock: paused time is for tests, not for the server.
@@ -106,6 +117,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 listen,
                 options,
                 &file,
+                learning,
             )
             .await
         }
@@ -115,11 +127,12 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 .map(|u| u.trim().to_owned())
                 .filter(|u| !u.is_empty())
                 .collect();
-            let config = if cluster || urls.len() > 1 {
+            let mut config = if cluster || urls.len() > 1 {
                 RedisConfig::cluster(urls)
             } else {
                 RedisConfig::new(urls.first().cloned().unwrap_or_default())
             };
+            config.learning_window = learning;
             let store = RedisStore::connect(config).await.map_err(|e| Failure {
                 code: super::EXIT_UNAVAILABLE,
                 message: e.to_string(),
@@ -130,6 +143,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 listen,
                 options,
                 &file,
+                learning,
             )
             .await
         }
@@ -142,8 +156,12 @@ async fn serve_on<S: Store>(
     listen: SocketAddr,
     options: ServerOptions,
     file: &FileConfig,
+    learning: Option<std::time::Duration>,
 ) -> Result<u8, Failure> {
-    define_limiters(&gate, file).await?;
+    match learning.filter(|w| !w.is_zero()) {
+        Some(window) => restore_limiters(&gate, file, window).await?,
+        None => define_limiters(&gate, file).await?,
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Failure {
@@ -183,6 +201,27 @@ pub(crate) async fn define_limiters<S: Store>(
             .put_limiter(&name, limiter.spec())
             .await
             .map_err(|e| Failure::usage(format!("limiter {name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Creates (or updates) the limiters of the config file; one the store has no state for starts
+/// in a learning window (its state may have been lost; docs/learning.md).
+pub(crate) async fn restore_limiters<S: Store>(
+    gate: &Floodgate<S>,
+    file: &FileConfig,
+    window: std::time::Duration,
+) -> Result<(), Failure> {
+    for (name, limiter) in &file.limiters {
+        let name = LimiterName::new(name).map_err(|e| Failure::usage(e.to_string()))?;
+        let status = gate
+            .store()
+            .restore_limiter(&name, limiter.spec(), window)
+            .await
+            .map_err(|e| Failure::usage(format!("limiter {name}: {e}")))?;
+        if status.learning {
+            tracing::warn!(limiter = %name, window_ms = window.as_millis(), "no state for this limiter: learning who holds permits before granting");
+        }
     }
     Ok(())
 }

@@ -58,6 +58,9 @@ pub(crate) struct LimiterBody {
     waiting: u32,
     waiting_permits: u64,
     counters: CountersBody,
+    /// In a learning window after state loss (docs/learning.md): nothing is granted until it
+    /// ends.
+    learning: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +80,7 @@ struct CountersBody {
     feedback_error: u64,
     limit_decreases: u64,
     limit_increases: u64,
+    adopted: u64,
 }
 
 impl From<LimiterStatus> for LimiterBody {
@@ -111,7 +115,9 @@ impl From<LimiterStatus> for LimiterBody {
                 feedback_error: c.feedback_error,
                 limit_decreases: c.limit_decreases,
                 limit_increases: c.limit_increases,
+                adopted: c.adopted,
             },
+            learning: s.learning,
         }
     }
 }
@@ -464,6 +470,9 @@ pub(super) async fn feedback<S: Store>(
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExtendBody {
     lease_ms: Option<u64>,
+    /// The permit's size (clients always send it): during a learning window after state loss,
+    /// an extend of a permit the store forgot re-adopts it.
+    permits: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -479,6 +488,9 @@ pub(super) async fn extend<S: Store>(
     JsonBody(body): JsonBody<ExtendBody>,
 ) -> Result<Json<ExtendedBody>, ApiError> {
     let id = permit_id(path)?;
+    if body.permits == Some(0) {
+        return Err(ApiError::bad_field("permits", "must be at least 1"));
+    }
     if id.token.0 == 0 {
         // A fail-open grant: nothing was accounted, so there is nothing to extend.
         return Ok(Json(ExtendedBody {
@@ -501,7 +513,7 @@ pub(super) async fn extend<S: Store>(
             Err(e) => return Err(e.into()),
         },
     };
-    let result = limiter.extend(id.token, lease).await;
+    let result = limiter.extend(id.token, lease, body.permits).await;
     if result == Err(floodgate::ExtendError::Lost) {
         tracing::warn!(permit = %id, "extend of a lost permit");
     }

@@ -16,6 +16,7 @@
 //! - A lowered limit grants nothing until in-use is below it; a raised one grants at once.
 
 mod deadlines;
+mod learning;
 mod queue;
 
 use std::collections::HashMap;
@@ -168,6 +169,8 @@ pub struct Counters {
     pub limit_decreases: u64,
     /// Times the adaptive limit went up.
     pub limit_increases: u64,
+    /// Permits re-adopted by an extend during a learning window (also counted in `granted`).
+    pub adopted: u64,
 }
 
 /// A point-in-time view of one limiter.
@@ -189,6 +192,9 @@ pub struct LimiterStatus {
     pub limit: Option<u32>,
     /// Lifetime counters.
     pub counters: Counters,
+    /// In a learning window after state loss: nothing is granted until it ends (see
+    /// [`LimiterCore::enter_learning`]).
+    pub learning: bool,
 }
 
 /// What a backend call reported, for adaptive limits.
@@ -286,6 +292,9 @@ pub struct LimiterCore {
     /// of `advance`): lets `advance` return at once on the hot path, where nothing is due.
     next_due: Timestamp,
     counters: Counters,
+    /// End of the learning window after state loss, while one is in force: until then nothing
+    /// is granted and unknown permits may be re-adopted by their extend (see `learning.rs`).
+    learning_until: Option<Timestamp>,
 }
 
 impl std::fmt::Debug for U64Hasher {
@@ -316,6 +325,7 @@ impl LimiterCore {
             last_decrease: None,
             next_due: Timestamp::MAX,
             counters: Counters::default(),
+            learning_until: None,
             spec,
         })
     }
@@ -362,6 +372,7 @@ impl LimiterCore {
             waiting_permits: self.queued_permits,
             limit: self.limit,
             counters: self.counters,
+            learning: self.learning_until.is_some(),
         }
     }
 
@@ -392,7 +403,7 @@ impl LimiterCore {
             .wait
             .unwrap_or(self.spec.max_wait)
             .min(self.spec.max_wait);
-        if self.queue.is_empty() && self.fits(req.permits) {
+        if self.queue.is_empty() && self.fits(req.permits) && self.learning_until.is_none() {
             match self.rate_at(req.permits) {
                 Some(at) if at > now => {
                     // Only the rate holds it back, and its token time is known: if that is
@@ -572,6 +583,7 @@ impl LimiterCore {
         if now < self.next_due && self.spec.rate.is_none() {
             return;
         }
+        self.end_learning_if_due(now, fx);
         loop {
             let holders = &self.holders;
             let lease = self
@@ -583,7 +595,8 @@ impl LimiterCore {
             self.next_due = match (lease, wait) {
                 (Some((l, _)), Some((w, _))) => l.min(w),
                 (l, w) => l.or(w).map_or(Timestamp::MAX, |(d, _)| d),
-            };
+            }
+            .min(self.learning_until.unwrap_or(Timestamp::MAX));
             let lease = lease.filter(|(d, _)| *d <= now);
             let wait = wait.filter(|(d, _)| *d <= now);
             // The head's rate token time, when only the rate holds it back.
@@ -655,7 +668,10 @@ impl LimiterCore {
             .waits
             .peek_live(|k, _| queue.contains_key(&k))
             .map(|(d, _)| d);
-        let due = [lease, wait].into_iter().flatten().min();
+        let due = [lease, wait, self.learning_until]
+            .into_iter()
+            .flatten()
+            .min();
         // Exact now: refreshes the bound that `advance` and `deadline_hint` use.
         self.next_due = due.unwrap_or(Timestamp::MAX);
         [due, self.head_rate_at()].into_iter().flatten().min()
@@ -797,6 +813,9 @@ impl LimiterCore {
 
     /// The head waiter's token time, if it fits the concurrency and only the rate holds it.
     fn head_rate_at(&self) -> Option<Timestamp> {
+        if self.learning_until.is_some() {
+            return None; // Nothing is granted while learning, so no token time is due.
+        }
         let (_, head) = self.queue.first_key_value()?;
         if !self.fits(head.permits) {
             return None;
@@ -857,6 +876,9 @@ impl LimiterCore {
 
     /// Grants queued waiters from the head while their permits fit.
     fn grant_waiters(&mut self, now: Timestamp, fx: &mut Effects) {
+        if self.learning_until.is_some() {
+            return;
+        }
         while let Some((_, head)) = self.queue.first_key_value() {
             if !self.fits(head.permits) || self.rate_at(head.permits).is_some_and(|at| at > now) {
                 break;
@@ -890,6 +912,7 @@ impl LimiterCore {
         let Some(limit) = self.limit else {
             return by_rate
                 .unwrap_or(Duration::from_secs(1))
+                .max(self.learning_left(now))
                 .clamp(Duration::from_millis(1), MAX_LEASE);
         };
         let limit = u64::from(limit);
@@ -909,6 +932,7 @@ impl LimiterCore {
         };
         estimate
             .max(by_rate.unwrap_or(Duration::ZERO))
+            .max(self.learning_left(now))
             .clamp(Duration::from_millis(1), MAX_LEASE)
     }
 }

@@ -175,7 +175,7 @@ pub(crate) async fn an_expired_lease_is_reclaimed_without_other_traffic<S: Store
     // The dead holder's late release and extend change nothing.
     assert!(!lim.backend().release(dead.token).await.unwrap());
     assert_eq!(
-        lim.backend().extend(dead.token, LEASE).await,
+        lim.backend().extend(dead.token, LEASE, Some(1)).await,
         Err(ExtendError::Lost)
     );
     assert_eq!(lim.status().await.unwrap().in_use, 1);
@@ -914,6 +914,79 @@ pub(crate) async fn a_raised_rate_rescales_the_time_owed<S: Store>(gate: Floodga
     drop(lim.acquire(wait(1_000)).await.unwrap());
 }
 
+/// Issue 10: a limiter restored with no state (its state may have been lost) learns before it
+/// grants: acquires wait, extends carrying their permits re-adopt the permits it forgot (even
+/// above the limit), tokens restart above them, and grants resume when the window ends.
+pub(crate) async fn a_restored_limiter_learns_before_granting<S: Store>(gate: Floodgate<S>) {
+    use floodgate::{FencingToken, LimiterName};
+    let name = unique("learning");
+    let window = Duration::from_secs(3);
+    let st = gate
+        .store()
+        .restore_limiter(
+            &LimiterName::new(&name).unwrap(),
+            spec(2).with_max_wait(Duration::from_secs(10)),
+            window,
+        )
+        .await
+        .unwrap();
+    assert!(st.learning, "{st:?}");
+    let lim = gate.limiter(&name).await.unwrap();
+    // Not granted while learning: "try once" is refused with the window's end as the hint.
+    let err = lim.acquire(wait(0)).await.unwrap_err();
+    assert!(err.is_wait_timeout(), "{err:?}");
+    let hint = err.retry_after().unwrap();
+    assert!(hint > Duration::ZERO && hint <= window, "{hint:?}");
+    // Holders of permits granted before the loss heartbeat and are re-adopted.
+    let (a, b) = (FencingToken(1 << 52), FencingToken((1 << 52) + 7));
+    let backend = lim.backend();
+    backend.extend(a, LEASE * 20, Some(2)).await.unwrap();
+    backend.extend(b, LEASE * 20, Some(1)).await.unwrap();
+    // Without its size, an unknown permit is not re-adopted.
+    assert_eq!(
+        backend.extend(FencingToken(a.0 + 1), LEASE, None).await,
+        Err(ExtendError::Lost)
+    );
+    let st = lim.status().await.unwrap();
+    assert_eq!((st.in_use, st.holders, st.limit), (3, 2, Some(2)), "{st:?}");
+    assert_eq!(st.counters.adopted, 2);
+    assert_eq!(st.counters.granted, 2);
+    // A waiter queues (it is not refused while its wait lasts).
+    let waiter = {
+        let lim = lim.clone();
+        tokio::spawn(async move { lim.acquire(wait(10_000)).await })
+    };
+    until(&lim, "the waiter is queued", |s| s.waiting == 1).await;
+    // Two permits come back: in use 1 is below the limit, but the window is still open.
+    assert!(backend.release(a).await.unwrap());
+    let st = lim.status().await.unwrap();
+    assert!(
+        st.learning,
+        "the 3 s window ended during a few operations: {st:?}"
+    );
+    assert_eq!(
+        (st.in_use, st.waiting),
+        (1, 1),
+        "granted while learning: {st:?}"
+    );
+    // When the window ends, the waiter is granted (by the timer: no other traffic), with a
+    // token above every re-adopted one.
+    let p = waiter.await.unwrap().unwrap();
+    assert!(p.fencing_token() > b, "{:?}", p.fencing_token());
+    let st = lim.status().await.unwrap();
+    assert!(!st.learning);
+    assert_eq!((st.in_use, st.holders), (2, 2));
+    // Outside the window an unknown permit stays lost, whatever it carries.
+    assert_eq!(
+        backend.extend(FencingToken(a.0 + 2), LEASE, Some(1)).await,
+        Err(ExtendError::Lost)
+    );
+    // A re-adopted permit is held like any other: extended, then released.
+    backend.extend(b, LEASE * 20, Some(1)).await.unwrap();
+    assert!(backend.release(b).await.unwrap());
+    assert!(p.release().await.unwrap());
+}
+
 /// Instantiates the suite: `store_suite!(paused, async { (Floodgate::with_store(...), guard) })`;
 /// the guard (a server process, say) lives as long as the test.
 #[macro_export]
@@ -935,6 +1008,7 @@ macro_rules! store_suite {
             limiters_are_listed,
             a_new_adaptive_range_resets_the_learned_limit,
             a_raised_rate_rescales_the_time_owed,
+            a_restored_limiter_learns_before_granting,
         );
         $crate::store_suite!(@clocked $paused, $make;
             rate_windows_never_exceed_burst_plus_rate,

@@ -247,8 +247,15 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         }
     }
 
-    async fn extend(&self, token: FencingToken, lease: Duration) -> Result<Timestamp, ExtendError> {
-        match self.with_state(|state, now, fx| state.core.extend(now, token, lease, fx)) {
+    async fn extend(
+        &self,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+    ) -> Result<Timestamp, ExtendError> {
+        match self
+            .with_state(|state, now, fx| state.core.extend_or_adopt(now, token, lease, permits, fx))
+        {
             Ok(Ok(Ok(deadline))) => Ok(deadline),
             Ok(Ok(Err(_lost))) => Err(ExtendError::Lost),
             Ok(Err(invalid)) => Err(ExtendError::Invalid(invalid)),
@@ -286,6 +293,12 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
 }
 
 impl<C: Clock> MemoryLimiter<C> {
+    /// Enters a learning window of `window` from now (state may have been lost; see
+    /// `core/learning.rs`).
+    pub(super) fn enter_learning(&self, window: Duration) -> Result<(), StoreError> {
+        self.with_state(|state, now, _| state.core.enter_learning(now, now.after(window)))
+    }
+
     /// Releases synchronously; a deleted limiter holds nothing, so that is "not held".
     fn release_now(&self, token: FencingToken) -> bool {
         self.with_state(|state, now, fx| state.core.release(now, token, fx))

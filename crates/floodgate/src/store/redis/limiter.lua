@@ -29,8 +29,19 @@ local K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT, K_HOT, K_TOK =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local op, name, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now
+do
+  -- `op@now`: the differential test drives the clock (tests/twin.rs); production sends the bare
+  -- op and the script reads Redis TIME.
+  local at = string.find(op, '@', 1, true)
+  if at then
+    now = tonumber(string.sub(op, at + 1))
+    op = string.sub(op, 1, at - 1)
+  else
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+end
 
 local MIN_LEASE, MAX_LEASE = 1000, 86400 * 1000000
 local function fmt(n) return string.format('%d', n) end
@@ -164,9 +175,12 @@ local next_seq = tonumber(m.next_seq or '0')
 local queued_permits = tonumber(m.queued_permits or '0')
 local ewma = nil
 if m.ewma_us and m.ewma_us ~= '' then ewma = tonumber(m.ewma_us) end
+-- End of the learning window after state loss (see core/learning.rs), or nil.
+local learning_until = opt(m.learn_until)
 local COUNTERS = {'granted', 'released', 'expired', 'timed_out', 'cancelled', 'queue_full',
                   'rejected', 'extend_lost', 'paced', 'scheduled', 'feedback_ok',
-                  'feedback_throttled', 'feedback_error', 'limit_decreases', 'limit_increases'}
+                  'feedback_throttled', 'feedback_error', 'limit_decreases', 'limit_increases',
+                  'adopted'}
 local c = {}
 for _, k in ipairs(COUNTERS) do c[k] = tonumber(m['c_' .. k] or '0') end
 
@@ -263,9 +277,12 @@ local function retry_hint(ahead)
   local by_rate = 0
   local ra = rate_at(ahead)
   if ra then by_rate = math.max(0, ra - now) end
+  -- At least the time left in a learning window, when nothing is granted.
+  local learning_left = 0
+  if learning_until then learning_left = math.max(0, learning_until - now) end
   if not limit then
     if not ra then by_rate = 1000000 end
-    return math.min(math.max(by_rate, 1000), MAX_LEASE)
+    return math.min(math.max(by_rate, learning_left, 1000), MAX_LEASE)
   end
   local rounds = math.max(1, math.ceil(ahead / limit))
   local est
@@ -275,7 +292,7 @@ local function retry_hint(ahead)
     local d = nearest_lease()
     if d then est = math.max(0, d - now) else est = 1000000 end
   end
-  return math.min(math.max(est, by_rate, 1000), MAX_LEASE)
+  return math.min(math.max(est, by_rate, learning_left, 1000), MAX_LEASE)
 end
 
 local function permits_ahead(seq)
@@ -288,6 +305,7 @@ local function permits_ahead(seq)
 end
 
 local function grant_waiters()
+  if learning_until then return end   -- nothing is granted while learning
   while true do
     local head = redis.call('ZRANGE', K_Q, 0, 0)
     if #head == 0 then return end
@@ -323,7 +341,7 @@ end
 
 -- The head waiter's token time, if it fits the concurrency and only the rate holds it.
 local function head_rate_at()
-  if not rate_limit then return nil end
+  if not rate_limit or learning_until then return nil end
   local head = redis.call('ZRANGE', K_Q, 0, 0)
   if #head == 0 then return nil end
   local w = parse_waiter(head[1])
@@ -334,6 +352,10 @@ end
 -- Applies the passage of time: lease ends and wait deadlines in deadline order (lease first
 -- on a tie), granting what each frees.
 local function advance()
+  if learning_until and learning_until <= now then
+    learning_until = nil
+    grant_waiters()
+  end
   while true do
     local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
     local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
@@ -396,6 +418,7 @@ local function status_fields()
                ofmt(limit), ofmt(rate_limit), ofmt(rate_period), ofmt(rate_burst),
                ofmt(a_min), ofmt(a_max), ofmt(a_inc), a_dec and string.format('%.17g', a_dec) or '', ofmt(a_cool)}
   for _, k in ipairs(COUNTERS) do out[#out + 1] = fmt(c[k]) end
+  out[#out + 1] = learning_until and '1' or '0'
   return out
 end
 
@@ -423,7 +446,8 @@ local function finish(reply)
                   'a_cool_us', ofmt(a_cool), 'tat', fmt(tat), 'successes', fmt(successes),
                   'last_decrease', ofmt(last_decrease), 'lease_us', fmt(default_lease),
                   'max_wait_us', fmt(max_wait), 'max_queue', fmt(max_queue),
-                  'next_seq', fmt(next_seq), 'queued_permits', fmt(queued_permits)}
+                  'next_seq', fmt(next_seq), 'queued_permits', fmt(queued_permits),
+                  'learn_until', ofmt(learning_until)}
   for _, k in ipairs(COUNTERS) do
     if k ~= 'granted' and k ~= 'released' then
       fields[#fields + 1] = 'c_' .. k
@@ -433,7 +457,7 @@ local function finish(reply)
   redis.call('HSET', K_META, unpack(fields))
   -- What the fast path reads: whether it may run (concurrency only, nothing queued) and the
   -- fields it needs.
-  local fast = (concurrency and not rate_limit) and '1' or '0'
+  local fast = (concurrency and not rate_limit and not learning_until) and '1' or '0'
   local ttl_at = refresh and fmt(now + TTL_REFRESH) or m.ttl_at
   redis.call('SET', K_HOT, table.concat({fast, fmt(redis.call('ZCARD', K_Q)), fmt(in_use),
     ofmt(limit), fmt(next_token), fmt(default_lease), ofmt(permit_cap()),
@@ -446,6 +470,7 @@ local function finish(reply)
   local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
   if l[2] then next = tonumber(l[2]) end
   if w[2] and (next < 0 or tonumber(w[2]) < next) then next = tonumber(w[2]) end
+  if learning_until and (next < 0 or learning_until < next) then next = learning_until end
   local rd = head_rate_at()
   if rd and (next < 0 or rd < next) then next = rd end
   if next >= 0 then next = math.max(0, next - now) end
@@ -462,12 +487,28 @@ if op == 'put' then
   local new_rate = {opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11])}
   local new_adaptive = {opt(ARGV[12]), opt(ARGV[13]), opt(ARGV[14]), opt(ARGV[15]), opt(ARGV[16])}
   if not conc and not new_rate[1] then return {'invalid', 'concurrency', 'a limiter needs a concurrency limit, a rate limit, or both'} end
+  -- ARGV[17]: a learning window in us ('' or 0: none), entered only if this call creates the
+  -- limiter and it was not deleted on purpose (no tombstone). ARGV[18]: 'revive' when a server
+  -- re-creates a limiter it knew that vanished: then an existing limiter is left as it is, and a
+  -- deleted one (tombstone) is not resurrected.
+  local learn_us, mode = opt(ARGV[17]) or 0, ARGV[18] or ''
+  local tombstone = not exists and redis.call('EXISTS', K_TOK) == 1
+  if mode == 'revive' then
+    if tombstone then return {'deleted', '-1'} end
+    if exists then
+      local reply = status_fields()
+      table.insert(reply, 1, 'status')
+      return finish(reply)
+    end
+  end
   if not exists then
     -- Keys of an earlier incarnation that outlived its meta (they expire a little later)
     -- must not leak into this one.
     redis.call('DEL', K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT)
     -- Seeded from the store's clock, and above any token of a deleted incarnation.
     next_token = math.max(first_token, now, tonumber(redis.call('GET', K_TOK) or '0'))
+    -- The tombstone has served as the token floor; from now on the limiter exists.
+    if tombstone then redis.call('DEL', K_TOK) end
   else
     -- Time that has passed is settled under the old spec, as the core does.
     advance()
@@ -495,6 +536,11 @@ if op == 'put' then
   end
   -- The limit in force always lies within the adaptive range.
   if limit and a_min then limit = math.min(math.max(limit, a_min), a_max) end
+  if not exists and not tombstone and learn_us > 0 then
+    -- State was lost: learn who still holds permits before granting (core/learning.rs).
+    learning_until = now + learn_us
+    if rate_limit then tat = math.max(tat, now + interval() * rate_burst) end
+  end
   refuse_impossible()
   grant_waiters()
   local reply = status_fields()
@@ -550,7 +596,7 @@ if op == 'acquire' then
   end
   local wait = max_wait
   if wait_arg ~= '' then wait = math.min(tonumber(wait_arg), max_wait) end
-  if redis.call('ZCARD', K_Q) == 0 and fits(permits) then
+  if redis.call('ZCARD', K_Q) == 0 and fits(permits) and not learning_until then
     local ra = rate_at(permits)
     if ra and ra > now then
       -- Only the rate holds it back and its token time is known: past the wait, say so now.
@@ -600,11 +646,28 @@ if op == 'release' then
 end
 
 if op == 'extend' then
-  local token, lease = ARGV[4], tonumber(ARGV[5])
+  -- ARGV[6]: the permit's size ('' if not sent), for re-adoption during a learning window.
+  local token, lease, adopt_permits = ARGV[4], tonumber(ARGV[5]), opt(ARGV[6])
   local bad = check_lease(lease)
   if bad then return {'invalid', 'lease_ms', bad, '-1'} end
   advance()
   local h = parse_holder(token)
+  local tok = tonumber(token)
+  if not h and learning_until and concurrency and adopt_permits and adopt_permits >= 1
+    and tok and tok >= 1 then
+    -- Re-adopted (core/learning.rs): held again, counted in in_use even above the limit;
+    -- later tokens start above it.
+    local deadline = now + lease
+    local first_holder = in_use == 0
+    redis.call('HSET', K_HOLD, fmt(tok), fmt(adopt_permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|')
+    redis.call('ZADD', K_LEASE, fmt(deadline), fmt(tok))
+    if first_holder then created(K_HOLD, K_LEASE) end
+    in_use = in_use + adopt_permits
+    next_token = math.max(next_token, tok + 1)
+    c.granted = c.granted + 1
+    c.adopted = c.adopted + 1
+    return finish({'extended', fmt(deadline)})
+  end
   if not h then
     c.extend_lost = c.extend_lost + 1
     return finish({'lost'})

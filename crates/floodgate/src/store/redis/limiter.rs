@@ -16,8 +16,8 @@ use crate::types::{FencingToken, LimiterName, Timestamp};
 /// A handle to one limiter in a [`RedisStore`](super::RedisStore). Cheap to clone.
 #[derive(Clone)]
 pub struct RedisLimiter {
-    store: Arc<Inner>,
-    name: LimiterName,
+    pub(super) store: Arc<Inner>,
+    pub(super) name: LimiterName,
     /// The limiter's ten keys, all under the hash tag `{name}` (see `limiter.lua`).
     keys: Arc<[String; 10]>,
 }
@@ -102,8 +102,26 @@ impl RedisLimiter {
         }
     }
 
+    /// Runs one operation; if the limiter vanished from Redis while this store knew it (state
+    /// loss), re-creates it in a learning window and runs the operation again (`revive.rs`).
+    pub(super) async fn call(&self, op: &str, args: &[String]) -> Result<Vec<String>, StoreError> {
+        let reply = self.call_once(op, args).await?;
+        if reply.first().map(String::as_str) != Some("unknown") || !super::revive::revives(op) {
+            self.learn_spec_in_background(&reply);
+            return Ok(reply);
+        }
+        if self.revive().await? {
+            return self.call_once(op, args).await;
+        }
+        Ok(reply)
+    }
+
     /// Runs one operation; arms the limiter's timer at the next deadline the script reports.
-    async fn call(&self, op: &str, args: &[String]) -> Result<Vec<String>, StoreError> {
+    pub(super) async fn call_once(
+        &self,
+        op: &str,
+        args: &[String],
+    ) -> Result<Vec<String>, StoreError> {
         let mut invocation = self.store.script.prepare_invoke();
         for key in self.keys.iter() {
             invocation.key(key);
@@ -174,12 +192,21 @@ impl RedisLimiter {
         });
     }
 
-    pub(super) async fn put(&self, spec: &LimiterSpec) -> Result<LimiterStatus, StoreError> {
+    /// Creates or changes the limiter. `learn`: a learning window to enter if this call
+    /// creates it (state was lost); `revive`: only re-create a vanished limiter (an existing
+    /// one is left as it is, a deleted one answers `Ok(None)`).
+    pub(super) async fn put(
+        &self,
+        spec: &LimiterSpec,
+        learn: Option<Duration>,
+        revive: bool,
+    ) -> Result<Option<LimiterStatus>, StoreError> {
         let opt = |v: Option<String>| v.unwrap_or_default();
         let rate = spec.rate;
         let adaptive = spec.adaptive;
+        // Never revives: `put` is what revival runs.
         let reply = self
-            .call(
+            .call_once(
                 "put",
                 &[
                     opt(spec.concurrency.map(|c| c.to_string())),
@@ -195,11 +222,14 @@ impl RedisLimiter {
                     opt(adaptive.map(|a| a.increase.to_string())),
                     opt(adaptive.map(|a| format!("{}", a.decrease))),
                     opt(adaptive.map(|a| micros(a.cooldown))),
+                    learn.map(micros).unwrap_or_default(),
+                    if revive { "revive" } else { "" }.to_owned(),
                 ],
             )
             .await?;
         match reply.first().map(String::as_str) {
-            Some("status") => self.parse_status(&reply),
+            Some("status") => self.parse_status(&reply).map(Some),
+            Some("deleted") => Ok(None),
             Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }
@@ -321,8 +351,11 @@ impl RedisLimiter {
                 feedback_error: n(c + 12)?,
                 limit_decreases: n(c + 13)?,
                 limit_increases: n(c + 14)?,
+                adopted: n(c + 15)?,
             },
+            learning: reply.get(c + 16).map(String::as_str) == Some("1"),
         })
+        .inspect(|status| self.remember(&status.spec))
     }
 
     fn unknown(&self) -> StoreError {
@@ -430,9 +463,15 @@ impl LimiterBackend for RedisLimiter {
         }
     }
 
-    async fn extend(&self, token: FencingToken, lease: Duration) -> Result<Timestamp, ExtendError> {
+    async fn extend(
+        &self,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+    ) -> Result<Timestamp, ExtendError> {
+        let permits = permits.map(|p| p.to_string()).unwrap_or_default();
         let reply = self
-            .call("extend", &[token.0.to_string(), micros(lease)])
+            .call("extend", &[token.0.to_string(), micros(lease), permits])
             .await?;
         match reply.first().map(String::as_str) {
             Some("extended") => Ok(Timestamp(field(&reply, 1)?)),
