@@ -220,7 +220,7 @@ pub(crate) async fn restore_limiters<S: Store>(
             .await
             .map_err(|e| Failure::usage(format!("limiter {name}: {e}")))?;
         if status.learning {
-            tracing::warn!(limiter = %name, window_ms = window.as_millis(), "no state for this limiter: learning who holds permits before granting");
+            tracing::warn!(limiter = %name, window_ms = window.as_millis(), "this limiter is in a learning window (no state was found for it): learning who holds permits before granting");
         }
     }
     Ok(())

@@ -95,6 +95,11 @@ impl RedisLimiter {
             .unwrap_or(spec.default_lease);
         match self.put(&spec, Some(window), true).await? {
             Some(status) => {
+                // This process's queued acquires of the lost incarnation will never be woken:
+                // answer them now as "store unavailable" (their clients retry).
+                self.store
+                    .lock_waiters()
+                    .retain(|_, pending| pending.limiter != self.name);
                 tracing::warn!(
                     limiter = %self.name,
                     window_ms = window.as_millis(),
