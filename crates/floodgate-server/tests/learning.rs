@@ -364,3 +364,105 @@ async fn a_put_of_only_the_adaptive_range_keeps_the_limit_within_it() {
     );
     served.stop().await;
 }
+
+/// An embedded server started with `--learning-window` and no state learns before granting:
+/// an extend carrying its permits re-adopts a permit of the previous process; an acquire is
+/// not granted until the window ends, then is, with a token above the re-adopted one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_server_started_with_a_learning_window_readopts_heartbeats() {
+    let dir = std::env::temp_dir().join(format!("floodgate-learning-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("floodgate.toml");
+    std::fs::write(
+        &config,
+        "[limiters.work]\nconcurrency = 1\nlease_ms = 60000\nmax_wait_ms = 600000\n",
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_floodgate"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FLOODGATE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.args(["serve", "--listen", &addr, "--learning-window", "1500"])
+        .arg("--config")
+        .arg(&config)
+        .env("FLOODGATE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let _child = ChildGuard(cmd.spawn().unwrap());
+    let base = format!("http://{addr}");
+    let v = until(&base, "serving", |v| v["learning"].is_boolean()).await;
+    assert_eq!(v["learning"], json!(true), "{v}");
+    let client = http();
+    // A holder of the previous process heartbeats: re-adopted.
+    let old = (1u64 << 52) + 3;
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/permits/work.{old}/extend"),
+        json!({"lease_ms": 60_000, "permits": 1}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // Without `permits` an unknown permit is lost, even while learning.
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/permits/work.{}/extend", old + 1),
+        json!({"lease_ms": 60_000}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, &body["error"]),
+        (410, &json!("permit_lost")),
+        "{body}"
+    );
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/permits/work.{old}/extend"),
+        json!({"permits": 0}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, &body["error"]),
+        (400, &json!("invalid_request")),
+        "{body}"
+    );
+    // A try-once acquire is refused with a hint; it would not fit anyway (in use 1 of 1).
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/limiters/work/acquire"),
+        json!({"wait_ms": 0}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, &body["error"]),
+        (429, &json!("wait_timeout")),
+        "{body}"
+    );
+    // The re-adopted holder finishes; the next acquire is granted once the window ends.
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/permits/work.{old}/release"),
+        json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, &body["released"]), (200, &json!(true)), "{body}");
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/limiters/work/acquire"),
+        json!({"wait_ms": 20_000}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body["fencing_token"].as_u64().unwrap() > old, "{body}");
+    let v = until(&base, "done learning", |v| v["learning"] == json!(false)).await;
+    assert_eq!(v["counters"]["adopted"], json!(1), "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
