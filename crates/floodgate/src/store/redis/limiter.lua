@@ -30,13 +30,20 @@ local K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT, K_HOT, K_TOK =
 local op, name, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local now
+local general_only = false
 do
-  -- `op@now`: the differential test drives the clock (tests/twin.rs); production sends the bare
-  -- op and the script reads Redis TIME.
+  -- `op@now` (or `op@now@general`, which skips the fast path): the differential test drives
+  -- the clock (tests/twin.rs); production sends the bare op and the script reads Redis TIME.
   local at = string.find(op, '@', 1, true)
   if at then
-    now = tonumber(string.sub(op, at + 1))
+    local rest = string.sub(op, at + 1)
     op = string.sub(op, 1, at - 1)
+    local at2 = string.find(rest, '@', 1, true)
+    if at2 then
+      general_only = string.sub(rest, at2 + 1) == 'general'
+      rest = string.sub(rest, 1, at2 - 1)
+    end
+    now = tonumber(rest)
   else
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -75,7 +82,7 @@ end
 -- Fast path: an acquire granted at once or a release, on a concurrency-only limiter with an
 -- empty queue and no lease due. Same rules as the general path below, in a handful of
 -- commands (the general path loads and rewrites the whole state). Anything else falls through.
-if op == 'acquire' or op == 'release' then
+if (op == 'acquire' or op == 'release') and not general_only then
   local raw_hot = redis.call('GET', K_HOT)
   local h = raw_hot and split(raw_hot) or {}
   local first = (h[1] == '1' and h[2] == '0') and redis.call('ZRANGE', K_LEASE, '0', '0', 'WITHSCORES')
