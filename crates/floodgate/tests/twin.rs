@@ -37,6 +37,8 @@ const T0: u64 = 1_000_000_000;
 /// Added to the generated first token: the script never hands out a token below its clock, so
 /// tokens start above any `now` a sequence reaches and both sides count from the same place.
 const TOKEN_BASE: u64 = 10_000_000_000_000;
+/// Steps per sequence at most (the model test's generator makes up to 200).
+const STEPS: usize = 40;
 /// Unknown tokens and waiters are picked this far beyond anything handed out.
 const FAR: u64 = 1_000_000;
 
@@ -84,6 +86,10 @@ struct Twin<'a> {
     seen: HashSet<String>,
     /// Steps run so far, for the failure message.
     step: usize,
+    /// What the last call's pipeline also fetched: the status reply and the outcomes hash.
+    fetched: Option<(Vec<String>, BTreeMap<String, String>)>,
+    /// The core's wake-ups of the current step, compared once the script's are fetched.
+    core_wakes: Vec<(WaiterId, WaitOutcome)>,
 }
 
 impl<'a> Twin<'a> {
@@ -116,6 +122,8 @@ impl<'a> Twin<'a> {
             acquires: 0,
             seen: HashSet::new(),
             step: 0,
+            fetched: None,
+            core_wakes: Vec::new(),
         };
         let reply = twin.put(spec, TOKEN_BASE + first_token);
         prop_assert_eq!(
@@ -128,11 +136,11 @@ impl<'a> Twin<'a> {
         Ok(twin)
     }
 
-    /// Runs one script operation at the twin's clock.
-    fn call(&self, op: &str, args: &[String]) -> Vec<String> {
-        let mut inv = self.script.prepare_invoke();
+    fn evalsha(&self, op: &str, args: &[String]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(self.keys.len());
         for k in &self.keys {
-            inv.key(k);
+            cmd.arg(k);
         }
         let fast = matches!(op, "acquire" | "release") && !self.general;
         let tag = if fast {
@@ -140,15 +148,35 @@ impl<'a> Twin<'a> {
         } else {
             format!("{op}@{}@general", self.now)
         };
-        inv.arg(tag).arg(&self.name).arg(3_600_000_u64);
+        cmd.arg(tag).arg(&self.name).arg(3_600_000_u64);
         for a in args {
-            inv.arg(a);
+            cmd.arg(a);
         }
-        inv.invoke(&mut *self.conn.borrow_mut())
-            .expect("the script runs")
+        cmd
     }
 
-    fn put(&self, spec: &SpecChoice, first_token: u64) -> Vec<String> {
+    /// Runs one script operation at the twin's clock and, in the same round trip, a status
+    /// and a read of the recorded outcomes (kept in `fetched` for `finish_step`).
+    fn call(&mut self, op: &str, args: &[String]) -> Vec<String> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.evalsha(op, args))
+            .add_command(self.evalsha("status", &[]))
+            .cmd("HGETALL")
+            .arg(&self.keys[6]);
+        let (reply, status, outcomes): (Vec<String>, Vec<String>, BTreeMap<String, String>) = pipe
+            .query(&mut *self.conn.borrow_mut())
+            .expect("the script runs");
+        if std::env::var_os("FLOODGATE_TWIN_DEBUG").is_some() {
+            eprintln!(
+                "{} {op} {args:?} -> {reply:?}\n  status {status:?}",
+                self.now
+            );
+        }
+        self.fetched = Some((status, outcomes));
+        reply
+    }
+
+    fn put(&mut self, spec: &SpecChoice, first_token: u64) -> Vec<String> {
         let s = spec.spec();
         let args = [
             s.concurrency.map(|c| c.to_string()).unwrap_or_default(),
@@ -204,32 +232,33 @@ impl<'a> Twin<'a> {
         }
     }
 
-    /// The script's wake-ups since the last look: outcomes newly recorded in `outcomes`.
-    fn script_wakes(&mut self) -> BTreeMap<String, String> {
-        let all: BTreeMap<String, String> = redis::cmd("HGETALL")
-            .arg(&self.keys[6])
-            .query(&mut *self.conn.borrow_mut())
-            .expect("hgetall");
-        all.into_iter()
-            .filter(|(k, _)| self.seen.insert(k.clone()))
-            .collect()
+    /// Notes the core's wake-ups; they are compared with the script's at the end of the step.
+    fn compare_wakes(&mut self, fx: &Effects) -> Result<(), TestCaseError> {
+        self.core_wakes.extend(fx.wakes.iter().cloned());
+        Ok(())
     }
 
-    /// Compares the core's wake-ups with the script's and moves the woken waiters out of the
-    /// queue.
-    fn compare_wakes(&mut self, fx: &Effects) -> Result<(), TestCaseError> {
+    /// Compares the step's wake-ups (the operation's and the status pass's) with the outcomes
+    /// the script newly recorded, and moves the woken waiters out of the queue.
+    fn compare_step_wakes(
+        &mut self,
+        outcomes: BTreeMap<String, String>,
+    ) -> Result<(), TestCaseError> {
         let mut core = BTreeMap::new();
-        for (id, outcome) in &fx.wakes {
+        for (id, outcome) in std::mem::take(&mut self.core_wakes) {
             let pos = self.queued.iter().position(|(q, _)| *q == id.0);
             prop_assert!(pos.is_some(), "the core woke {:?}, which is not queued", id);
             let (q, key) = self.queued.remove(pos.unwrap());
-            if let Ok(g) = outcome {
+            if let Ok(g) = &outcome {
                 self.tokens.push(g.token.0);
             }
-            core.insert(key.clone(), encode(outcome));
+            core.insert(key.clone(), encode(&outcome));
             self.departed.push((q, key));
         }
-        let script = self.script_wakes();
+        let script: BTreeMap<String, String> = outcomes
+            .into_iter()
+            .filter(|(k, _)| self.seen.insert(k.clone()))
+            .collect();
         prop_assert_eq!(script, core, "wake-ups at step {}", self.step);
         Ok(())
     }
@@ -264,11 +293,14 @@ impl<'a> Twin<'a> {
         Ok(())
     }
 
+    /// After each call: the status pass (an `advance` at the same moment on both sides), the
+    /// wake-ups of the whole step, and every status field.
     fn compare_status(&mut self) -> Result<(), TestCaseError> {
         let mut fx = Effects::default();
         self.core.advance(Timestamp(self.now), &mut fx);
-        let reply = self.call("status", &[]);
         self.compare_wakes(&fx)?;
+        let (reply, outcomes) = self.fetched.take().expect("a call fetched the status");
+        self.compare_step_wakes(outcomes)?;
         prop_assert_eq!(reply.first().map(String::as_str), Some("status"));
         let f: BTreeMap<&str, &str> = STATUS
             .iter()
@@ -545,6 +577,8 @@ fn the_script_matches_the_core() {
             .unwrap(),
     );
     let script = redis::Script::new(LUA);
+    // Pipelines send EVALSHA: the script must be there.
+    script.load(&mut *conn.borrow_mut()).unwrap();
     let cases = std::env::var("FLOODGATE_TWIN_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -556,7 +590,14 @@ fn the_script_matches_the_core() {
     });
     let n = Cell::new(0_u64);
     let result = runner.run(
-        &(scenario(), any::<bool>()),
+        &(
+            scenario().prop_map(|(spec, first, mut steps)| {
+                // Shorter than the model test's sequences: each step is a Redis round trip.
+                steps.truncate(STEPS);
+                (spec, first, steps)
+            }),
+            any::<bool>(),
+        ),
         |((spec, first_token, steps), general)| {
             n.set(n.get() + 1);
             let name = format!("twin{}", n.get());

@@ -386,7 +386,17 @@ local function advance()
         c.expired = c.expired + 1
       end
     else
+      -- Waits ending at the same moment end in queue order (the core's order), not in the
+      -- zset's order of their keys.
       local key = w[1]
+      local tied = redis.call('ZRANGEBYSCORE', K_WAITS, w[2], w[2])
+      if #tied > 1 then
+        local best = nil
+        for _, k in ipairs(tied) do
+          local t = parse_waiter(k)
+          if t and (not best or t.seq < best) then key, best = k, t.seq end
+        end
+      end
       local wt = parse_waiter(key)
       if wt then
         local ahead = permits_ahead(wt.seq)
