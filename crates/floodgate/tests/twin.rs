@@ -23,11 +23,12 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use floodgate::core::Feedback;
 use floodgate::core::{
     AcquireRequest, Admission, Counters, Effects, LimiterCore, Refusal, WaitOutcome, WaiterId,
 };
-use floodgate::{FencingToken, LimiterName, Timestamp};
-use gen::{permits_for, scenario, Op, SpecChoice, Step, TokenPick, WaiterPick};
+use floodgate::{AdaptiveSpec, FencingToken, LimiterName, LimiterSpec, RateSpec, Timestamp};
+use gen::{permits_for, scenario, span_ms, Op, SpecChoice, Step, TokenPick, WaiterPick};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -38,7 +39,7 @@ const T0: u64 = 1_000_000_000;
 /// tokens start above any `now` a sequence reaches and both sides count from the same place.
 const TOKEN_BASE: u64 = 10_000_000_000_000;
 /// Steps per sequence at most (the model test's generator makes up to 200).
-const STEPS: usize = 40;
+const STEPS: usize = 30;
 /// Unknown tokens and waiters are picked this far beyond anything handed out.
 const FAR: u64 = 1_000_000;
 
@@ -63,6 +64,76 @@ fn encode(outcome: &WaitOutcome) -> String {
         Err(Refusal::LimiterDeleted) => "D".into(),
         Err(other) => format!("unexpected {other:?}"),
     }
+}
+
+/// What the twin adds to the model's specs: a rate (or rate only) and an adaptive range, so
+/// `put`'s rescaling of the time owed and its reset of a learned limit are compared too.
+#[derive(Debug, Clone)]
+struct Variation {
+    /// Tokens per period, period in ms, burst.
+    rate: Option<(u32, u64, u32)>,
+    /// With a rate: no concurrency limit.
+    rate_only: bool,
+    /// The adaptive range around the concurrency: `(below, above)`.
+    adaptive: Option<(u32, u32)>,
+}
+
+fn variation() -> impl Strategy<Value = Variation> {
+    (
+        prop_oneof![
+            2 => Just(None),
+            1 => (1_u32..=20, prop_oneof![Just(100_u64), Just(1_000), Just(3_000)], 1_u32..=4)
+                .prop_map(Some),
+        ],
+        prop_oneof![3 => Just(false), 1 => Just(true)],
+        prop_oneof![2 => Just(None), 1 => (0_u32..=3, 0_u32..=4).prop_map(Some)],
+    )
+        .prop_map(|(rate, rate_only, adaptive)| Variation {
+            rate,
+            rate_only,
+            adaptive,
+        })
+}
+
+fn apply(spec: &SpecChoice, v: &Variation) -> LimiterSpec {
+    let mut s = spec.spec();
+    if let Some((limit, period_ms, burst)) = v.rate {
+        s.rate = Some(RateSpec::per(limit, Duration::from_millis(period_ms)).with_burst(burst));
+        if v.rate_only {
+            s.concurrency = None;
+            return s;
+        }
+    }
+    if let (Some((below, above)), Some(c)) = (v.adaptive, s.concurrency) {
+        s.adaptive = Some(AdaptiveSpec::between(
+            c.saturating_sub(below).max(1),
+            c + above,
+        ));
+    }
+    s
+}
+
+/// Operations only the twin runs (the model test has no rate, adaptive limit or learning).
+#[derive(Debug, Clone)]
+enum Extra {
+    Feedback(u8),
+    Schedule(u32),
+    /// An extend of a permit nobody was granted here, carrying its size: re-adopted during a
+    /// learning window, lost otherwise.
+    Adopt {
+        n: u64,
+        permits: u32,
+        lease_ms: u64,
+    },
+}
+
+fn extra() -> impl Strategy<Value = Extra> {
+    prop_oneof![
+        3 => (0_u8..3).prop_map(Extra::Feedback),
+        1 => (1_u32..=20).prop_map(Extra::Schedule),
+        2 => (0_u64..3, 1_u32..=3, 100_u64..=3_000)
+            .prop_map(|(n, permits, lease_ms)| Extra::Adopt { n, permits, lease_ms }),
+    ]
 }
 
 /// One sequence: the core, the script's keys, and what the harness tracks to pick operands.
@@ -90,9 +161,14 @@ struct Twin<'a> {
     fetched: Option<(Vec<String>, BTreeMap<String, String>)>,
     /// The core's wake-ups of the current step, compared once the script's are fetched.
     core_wakes: Vec<(WaiterId, WaitOutcome)>,
+    /// Spec variations, taken in turn by the creation and each reconfigure.
+    variations: Vec<Variation>,
+    /// Reconfigures so far: picks the next variation.
+    puts: usize,
 }
 
 impl<'a> Twin<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         conn: &'a RefCell<redis::Connection>,
         script: &'a redis::Script,
@@ -100,6 +176,8 @@ impl<'a> Twin<'a> {
         spec: &SpecChoice,
         first_token: u64,
         general: bool,
+        variations: Vec<Variation>,
+        learn_ms: Option<u64>,
     ) -> Result<Self, TestCaseError> {
         let keys = [
             "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes", "hot",
@@ -107,7 +185,11 @@ impl<'a> Twin<'a> {
         ]
         .map(|k| format!("tw:{{{name}}}:{k}"))
         .to_vec();
-        let core = LimiterCore::new(spec.spec(), TOKEN_BASE + first_token).unwrap();
+        let full = apply(spec, &variations[0]);
+        let mut core = LimiterCore::new(full.clone(), TOKEN_BASE + first_token).unwrap();
+        if let Some(ms) = learn_ms {
+            core.enter_learning(Timestamp(T0), Timestamp(T0 + ms * 1_000));
+        }
         let mut twin = Twin {
             conn,
             script,
@@ -124,8 +206,14 @@ impl<'a> Twin<'a> {
             step: 0,
             fetched: None,
             core_wakes: Vec::new(),
+            variations,
+            puts: 0,
         };
-        let reply = twin.put(spec, TOKEN_BASE + first_token);
+        let reply = twin.put(
+            &full,
+            TOKEN_BASE + first_token,
+            learn_ms.unwrap_or(0) * 1_000,
+        );
         prop_assert_eq!(
             reply.first().map(String::as_str),
             Some("status"),
@@ -176,18 +264,28 @@ impl<'a> Twin<'a> {
         reply
     }
 
-    fn put(&mut self, spec: &SpecChoice, first_token: u64) -> Vec<String> {
-        let s = spec.spec();
+    /// `put` with the arguments the store sends (RedisLimiter::put).
+    fn put(&mut self, s: &LimiterSpec, first_token: u64, learn_us: u64) -> Vec<String> {
+        let o = |v: Option<String>| v.unwrap_or_default();
+        let (r, a) = (s.rate, s.adaptive);
         let args = [
-            s.concurrency.map(|c| c.to_string()).unwrap_or_default(),
+            o(s.concurrency.map(|c| c.to_string())),
             us(s.default_lease).to_string(),
             us(s.max_wait).to_string(),
             s.max_queue.to_string(),
             first_token.to_string(),
+            o(r.map(|r| r.limit.to_string())),
+            o(r.map(|r| us(r.period).to_string())),
+            o(r.map(|r| r.burst.to_string())),
+            o(a.map(|a| a.min.to_string())),
+            o(a.map(|a| a.max.to_string())),
+            o(a.map(|a| a.increase.to_string())),
+            o(a.map(|a| format!("{}", a.decrease))),
+            o(a.map(|a| us(a.cooldown).to_string())),
+            learn_us.to_string(),
+            String::new(),
         ];
-        let mut all: Vec<String> = args.to_vec();
-        all.extend(std::iter::repeat_n(String::new(), 8));
-        self.call("put", &all)
+        self.call("put", &args)
     }
 
     fn core_limit(&self) -> u32 {
@@ -323,6 +421,15 @@ impl<'a> Twin<'a> {
             n("waiting_permits"),
             f["limit"].to_owned(),
             f["learning"] == "1",
+            [f["rate_limit"], f["rate_period_us"], f["rate_burst"]].join("|"),
+            [
+                f["a_min"],
+                f["a_max"],
+                f["a_inc"],
+                f["a_dec"],
+                f["a_cool_us"],
+            ]
+            .join("|"),
         );
         let core = (
             opt(spec.concurrency.map(u64::from)),
@@ -335,6 +442,19 @@ impl<'a> Twin<'a> {
             st.waiting_permits,
             opt(st.limit.map(u64::from)),
             st.learning,
+            spec.rate.map_or("||".into(), |r| {
+                format!("{}|{}|{}", r.limit, us(r.period), r.burst)
+            }),
+            spec.adaptive.map_or("||||".into(), |a| {
+                format!(
+                    "{}|{}|{}|{:.17}|{}",
+                    a.min,
+                    a.max,
+                    a.increase,
+                    a.decrease,
+                    us(a.cooldown)
+                )
+            }),
         );
         prop_assert_eq!(script, core, "status at step {}: {:?}", self.step, reply);
         let c = Counters {
@@ -359,12 +479,92 @@ impl<'a> Twin<'a> {
         self.compare_hint(&reply, true)
     }
 
-    fn run(&mut self, steps: &[Step]) -> Result<(), TestCaseError> {
-        for s in steps {
+    fn run(&mut self, steps: &[Step], extras: &[(usize, u64, Extra)]) -> Result<(), TestCaseError> {
+        for (i, s) in steps.iter().enumerate() {
             self.step += 1;
             self.now += s.dt_ms * 1_000;
             self.one(&s.op)?;
             self.compare_status()?;
+            for (_, dt_ms, e) in extras.iter().filter(|(at, _, _)| *at == i) {
+                self.step += 1;
+                self.now += dt_ms * 1_000;
+                self.extra(e)?;
+                self.compare_status()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn extra(&mut self, e: &Extra) -> Result<(), TestCaseError> {
+        let ts = Timestamp(self.now);
+        let mut fx = Effects::default();
+        let step = self.step;
+        match e {
+            Extra::Feedback(k) => {
+                let (outcome, word) = match k {
+                    0 => (Feedback::Ok, "ok"),
+                    1 => (Feedback::Throttled, "throttled"),
+                    _ => (Feedback::Error, "error"),
+                };
+                let got = self.core.feedback(ts, outcome, &mut fx);
+                let reply = self.call("feedback", &[word.to_owned()]);
+                let want = got.map(|l| l.to_string()).unwrap_or_default();
+                prop_assert_eq!(&reply[..2], &["limit".to_owned(), want], "step {}", step);
+                self.compare_wakes(&fx)?;
+                self.compare_hint(&reply, true)?;
+            }
+            Extra::Schedule(count) => {
+                let got = self.core.schedule(ts, *count, &mut fx);
+                let reply = self.call("schedule", &[count.to_string()]);
+                match got {
+                    Ok(offsets) => {
+                        let mut want = vec!["offsets".to_owned()];
+                        want.extend(offsets.iter().map(|d| us(*d).to_string()));
+                        prop_assert_eq!(&reply[..reply.len() - 1], &want[..], "step {}", step);
+                        self.compare_hint(&reply, true)?;
+                    }
+                    Err(f) => prop_assert_eq!(
+                        &reply[..3],
+                        &["invalid".to_owned(), f.field.to_owned(), f.message],
+                        "step {}",
+                        step
+                    ),
+                }
+                self.compare_wakes(&fx)?;
+            }
+            Extra::Adopt {
+                n,
+                permits,
+                lease_ms,
+            } => {
+                let token = self.core.next_token() + FAR + n;
+                let lease = Duration::from_millis(*lease_ms);
+                let got = self.core.extend_or_adopt(
+                    ts,
+                    FencingToken(token),
+                    lease,
+                    Some(*permits),
+                    &mut fx,
+                );
+                let reply = self.call(
+                    "extend",
+                    &[
+                        token.to_string(),
+                        us(lease).to_string(),
+                        permits.to_string(),
+                    ],
+                );
+                match got {
+                    Ok(Ok(d)) => {
+                        prop_assert_eq!(&reply[..2], &["extended".to_owned(), d.0.to_string()]);
+                        self.tokens.push(token);
+                    }
+                    Ok(Err(_)) => prop_assert_eq!(reply[0].as_str(), "lost", "step {}", step),
+                    Err(f) => prop_assert!(false, "invalid adopt: {:?}", f),
+                }
+                self.compare_wakes(&fx)?;
+                self.compare_hint(&reply, true)?;
+            }
         }
         Ok(())
     }
@@ -509,10 +709,12 @@ impl<'a> Twin<'a> {
                 self.compare_hint(&reply, true)?;
             }
             Op::Reconfigure(spec) => {
+                self.puts += 1;
+                let full = apply(spec, &self.variations[self.puts % self.variations.len()]);
                 self.core
-                    .reconfigure(ts, spec.spec(), &mut fx)
+                    .reconfigure(ts, full.clone(), &mut fx)
                     .expect("generated specs are valid");
-                let reply = self.put(spec, 1);
+                let reply = self.put(&full, 1, 0);
                 prop_assert_eq!(reply[0].as_str(), "status", "step {}", step);
                 self.compare_wakes(&fx)?;
                 self.compare_hint(&reply, true)?;
@@ -597,11 +799,24 @@ fn the_script_matches_the_core() {
                 (spec, first, steps)
             }),
             any::<bool>(),
+            prop::collection::vec(variation(), 1..=6),
+            prop::collection::vec((0..STEPS, span_ms(1_000), extra()), 0..=12),
+            prop_oneof![2 => Just(None), 1 => (1_u64..=3_000).prop_map(Some)],
         ),
-        |((spec, first_token, steps), general)| {
+        |((spec, first_token, steps), general, variations, extras, learn_ms)| {
             n.set(n.get() + 1);
             let name = format!("twin{}", n.get());
-            Twin::new(&conn, &script, name, &spec, first_token, general)?.run(&steps)
+            Twin::new(
+                &conn,
+                &script,
+                name,
+                &spec,
+                first_token,
+                general,
+                variations,
+                learn_ms,
+            )?
+            .run(&steps, &extras)
         },
     );
     if let Err(e) = result {
