@@ -32,7 +32,6 @@ use gen::{permits_for, scenario, span_ms, Op, SpecChoice, Step, TokenPick, Waite
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-const LUA: &str = include_str!("../src/store/redis/limiter.lua");
 /// The clock's start, in microseconds: any value works, both sides get the same.
 const T0: u64 = 1_000_000_000;
 /// Added to the generated first token: the script never hands out a token below its clock, so
@@ -400,12 +399,13 @@ impl<'a> Twin<'a> {
         let (reply, outcomes) = self.fetched.take().expect("a call fetched the status");
         self.compare_step_wakes(outcomes)?;
         prop_assert_eq!(reply.first().map(String::as_str), Some("status"));
-        let f: BTreeMap<&str, &str> = STATUS
+        let schema = floodgate::store::redis::status_schema();
+        let f: BTreeMap<&str, &str> = schema
             .iter()
             .copied()
             .zip(reply[1..].iter().map(String::as_str))
             .collect();
-        prop_assert_eq!(reply.len(), STATUS.len() + 2, "status fields: {:?}", reply);
+        prop_assert_eq!(reply.len(), schema.len() + 2, "status fields: {:?}", reply);
         let n = |k: &str| f[k].parse::<u64>().unwrap();
         let st = self.core.status(&LimiterName::new("twin").unwrap());
         let spec = &st.spec;
@@ -731,44 +731,6 @@ impl<'a> Twin<'a> {
     }
 }
 
-/// The status reply's fields after its tag, by name: `STATUS` in limiter.lua.
-const STATUS: &[&str] = &[
-    "concurrency",
-    "lease_us",
-    "max_wait_us",
-    "max_queue",
-    "in_use",
-    "holders",
-    "waiting",
-    "waiting_permits",
-    "limit",
-    "rate_limit",
-    "rate_period_us",
-    "rate_burst",
-    "a_min",
-    "a_max",
-    "a_inc",
-    "a_dec",
-    "a_cool_us",
-    "granted",
-    "released",
-    "expired",
-    "timed_out",
-    "cancelled",
-    "queue_full",
-    "rejected",
-    "extend_lost",
-    "paced",
-    "scheduled",
-    "feedback_ok",
-    "feedback_throttled",
-    "feedback_error",
-    "limit_decreases",
-    "limit_increases",
-    "adopted",
-    "learning",
-];
-
 #[test]
 fn the_script_matches_the_core() {
     let server = support::RedisServer::start();
@@ -778,7 +740,7 @@ fn the_script_matches_the_core() {
             .get_connection()
             .unwrap(),
     );
-    let script = redis::Script::new(LUA);
+    let script = redis::Script::new(&floodgate::store::redis::script_source());
     // Pipelines send EVALSHA: the script must be there.
     script.load(&mut *conn.borrow_mut()).unwrap();
     let cases = std::env::var("FLOODGATE_TWIN_CASES")

@@ -214,6 +214,10 @@ pub const MAX_SCHEDULE: u32 = 100_000;
 /// Furthest ahead a `schedule` reserves tokens.
 pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// The hold-time average moves by 1/this of each new sample: smooth enough to ignore one odd
+/// holder, quick enough to follow a change of workload within a few dozen releases.
+pub const HOLD_EWMA_WEIGHT: u64 = 8;
+
 /// Returned by `extend` when the permit is not held (released, expired or never granted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the permit was lost: it expired or was released")]
@@ -896,10 +900,8 @@ impl LimiterCore {
         let sample = u64::try_from(held.as_micros()).unwrap_or(u64::MAX);
         self.hold_ewma_us = Some(match self.hold_ewma_us {
             None => sample,
-            // Weight 1/8: smooth enough to ignore one odd holder, quick enough to follow a
-            // change of workload within a few dozen releases.
-            Some(avg) if sample >= avg => avg + (sample - avg) / 8,
-            Some(avg) => avg - (avg - sample) / 8,
+            Some(avg) if sample >= avg => avg + (sample - avg) / HOLD_EWMA_WEIGHT,
+            Some(avg) => avg - (avg - sample) / HOLD_EWMA_WEIGHT,
         });
     }
 

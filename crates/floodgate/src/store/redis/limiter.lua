@@ -50,7 +50,9 @@ do
   end
 end
 
-local MIN_LEASE, MAX_LEASE = 1000, 86400 * 1000000
+-- MIN_LEASE, MAX_LEASE, MAX_WAIT, MAX_CONCURRENCY, MAX_QUEUE, MAX_SCHEDULE_AHEAD,
+-- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION, STATUS and COUNTERS come from the prelude that
+-- store/redis/script.rs builds from the Rust constants.
 local function fmt(n) return string.format('%d', n) end
 local TTL_REFRESH = 3600 * 1000000
 
@@ -58,8 +60,8 @@ local TTL_REFRESH = 3600 * 1000000
 -- arithmetic as the core's observe_hold).
 local function next_ewma(ewma, held)
   if not ewma then return held end
-  if held >= ewma then return ewma + math.floor((held - ewma) / 8) end
-  return ewma - math.floor((ewma - held) / 8)
+  if held >= ewma then return ewma + math.floor((held - ewma) / HOLD_EWMA_WEIGHT) end
+  return ewma - math.floor((ewma - held) / HOLD_EWMA_WEIGHT)
 end
 
 -- The fields of the hot value, in order.
@@ -184,10 +186,6 @@ local ewma = nil
 if m.ewma_us and m.ewma_us ~= '' then ewma = tonumber(m.ewma_us) end
 -- End of the learning window after state loss (see core/learning.rs), or nil.
 local learning_until = opt(m.learn_until)
-local COUNTERS = {'granted', 'released', 'expired', 'timed_out', 'cancelled', 'queue_full',
-                  'rejected', 'extend_lost', 'paced', 'scheduled', 'feedback_ok',
-                  'feedback_throttled', 'feedback_error', 'limit_decreases', 'limit_increases',
-                  'adopted'}
 local c = {}
 for _, k in ipairs(COUNTERS) do c[k] = tonumber(m['c_' .. k] or '0') end
 
@@ -413,29 +411,38 @@ end
 
 local function check_lease(lease)
   if lease < MIN_LEASE then return 'must be at least 1 ms' end
-  if lease > MAX_LEASE then return 'must be at most 86400000 ms (24 h)' end
+  if lease > MAX_LEASE then return 'must be at most ' .. fmt(MAX_LEASE / 1000) .. ' ms (24 h)' end
   return nil
 end
 
 local function check_spec(conc, lease, wait, queue)
-  if conc < 1 or conc > 1000000 then return {'concurrency', 'must be from 1 to 1000000'} end
+  if conc < 1 or conc > MAX_CONCURRENCY then return {'concurrency', 'must be from 1 to ' .. fmt(MAX_CONCURRENCY)} end
   local e = check_lease(lease)
   if e then return {'lease_ms', e} end
-  if wait < 0 or wait > 3600 * 1000000 then return {'max_wait_ms', 'must be at most 3600000 ms (1 h)'} end
-  if queue < 0 or queue > 1000000 then return {'max_queue', 'must be at most 1000000'} end
+  if wait < 0 or wait > MAX_WAIT then return {'max_wait_ms', 'must be at most ' .. fmt(MAX_WAIT / 1000) .. ' ms (1 h)'} end
+  if queue < 0 or queue > MAX_QUEUE then return {'max_queue', 'must be at most ' .. fmt(MAX_QUEUE)} end
   return nil
 end
 
 local function ofmt(v) if v == nil then return '' end return fmt(v) end
 
--- Spec, state and counters; the order is parsed by RedisLimiter::parse_status.
+-- Spec, state and counters, by name, in the order of STATUS (one schema, defined in Rust:
+-- store/redis/script.rs, which RedisLimiter::parse_status reads by the same names).
 local function status_fields()
-  local out = {ofmt(concurrency), fmt(default_lease), fmt(max_wait), fmt(max_queue), fmt(in_use),
-               fmt(redis.call('HLEN', K_HOLD)), fmt(redis.call('ZCARD', K_Q)), fmt(queued_permits),
-               ofmt(limit), ofmt(rate_limit), ofmt(rate_period), ofmt(rate_burst),
-               ofmt(a_min), ofmt(a_max), ofmt(a_inc), a_dec and string.format('%.17g', a_dec) or '', ofmt(a_cool)}
-  for _, k in ipairs(COUNTERS) do out[#out + 1] = fmt(c[k]) end
-  out[#out + 1] = learning_until and '1' or '0'
+  local v = {concurrency = ofmt(concurrency), lease_us = fmt(default_lease),
+             max_wait_us = fmt(max_wait), max_queue = fmt(max_queue), in_use = fmt(in_use),
+             holders = fmt(redis.call('HLEN', K_HOLD)), waiting = fmt(redis.call('ZCARD', K_Q)),
+             waiting_permits = fmt(queued_permits), limit = ofmt(limit),
+             rate_limit = ofmt(rate_limit), rate_period_us = ofmt(rate_period),
+             rate_burst = ofmt(rate_burst), a_min = ofmt(a_min), a_max = ofmt(a_max),
+             a_inc = ofmt(a_inc), a_dec = a_dec and string.format('%.17g', a_dec) or '',
+             a_cool_us = ofmt(a_cool), learning = learning_until and '1' or '0'}
+  for _, k in ipairs(COUNTERS) do v[k] = fmt(c[k]) end
+  local out = {}
+  for i, k in ipairs(STATUS) do
+    if v[k] == nil then error('floodgate: no status field ' .. k) end
+    out[i] = v[k]
+  end
   return out
 end
 
@@ -452,7 +459,7 @@ end
 local function finish(reply)
   for _, wk in ipairs(wakes) do
     redis.call('HSET', K_OUT, wk[1], wk[3])
-    redis.call('ZADD', K_OUTT, fmt(wk[4] + 120 * 1000000), wk[1])
+    redis.call('ZADD', K_OUTT, fmt(wk[4] + OUTCOME_RETENTION), wk[1])
     redis.call('PUBLISH', wk[2], name .. '\n' .. wk[1] .. '\n' .. wk[3])
   end
   if #wakes > 0 then created(K_OUT, K_OUTT) end
@@ -753,7 +760,7 @@ if op == 'schedule' then
     take_rate(at, 1)
   end
   -- Promises decades ahead are a mistake (and would overflow the arithmetic).
-  if last > 366 * 86400 * 1000000 then
+  if last > MAX_SCHEDULE_AHEAD then
     tat = before
     return {'invalid', 'count', 'would reserve tokens more than a year ahead at this rate', '-1'}
   end

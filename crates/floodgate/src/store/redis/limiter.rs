@@ -1,5 +1,6 @@
 //! One limiter in Redis: each operation is one run of the limiter script.
 
+use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -282,78 +283,91 @@ impl RedisLimiter {
         })
     }
 
-    /// Parses `status_fields()` of limiter.lua (after the tag): spec, state, counters.
+    /// Parses `status_fields()` of limiter.lua (after the tag): its fields by name, in the
+    /// order of the one schema both sides are built from (`script::status_schema`).
     fn parse_status(&self, reply: &[String]) -> Result<LimiterStatus, StoreError> {
-        let n = |i: usize| field(reply, i);
-        let small = |i: usize| -> Result<u32, StoreError> {
-            u32::try_from(n(i)?).map_err(|_| unavailable("status field out of range"))
+        let schema = super::script::status_schema();
+        if reply.len() < schema.len() + 1 {
+            return Err(unavailable(format!("short status reply {reply:?}")));
+        }
+        let fields: HashMap<&str, &str> = schema
+            .iter()
+            .copied()
+            .zip(reply[1..].iter().map(String::as_str))
+            .collect();
+        let text = |k: &str| fields.get(k).copied().unwrap_or("");
+        let n = |k: &str| -> Result<u64, StoreError> {
+            text(k)
+                .parse::<u64>()
+                .map_err(|_| unavailable(format!("status field {k}: {:?}", text(k))))
         };
-        let present = |i: usize| reply.get(i).is_some_and(|s| !s.is_empty());
-        let opt_small = |i: usize| -> Result<Option<u32>, StoreError> {
-            if present(i) {
-                small(i).map(Some)
+        let small = |k: &str| -> Result<u32, StoreError> {
+            u32::try_from(n(k)?).map_err(|_| unavailable("status field out of range"))
+        };
+        let present = |k: &str| !text(k).is_empty();
+        let opt_small = |k: &str| -> Result<Option<u32>, StoreError> {
+            if present(k) {
+                small(k).map(Some)
             } else {
                 Ok(None)
             }
         };
-        let rate = if present(10) {
+        let rate = if present("rate_limit") {
             Some(RateSpec {
-                limit: small(10)?,
-                period: Duration::from_micros(n(11)?),
-                burst: small(12)?,
+                limit: small("rate_limit")?,
+                period: Duration::from_micros(n("rate_period_us")?),
+                burst: small("rate_burst")?,
             })
         } else {
             None
         };
-        let adaptive = if present(13) {
+        let adaptive = if present("a_min") {
             Some(AdaptiveSpec {
-                min: small(13)?,
-                max: small(14)?,
-                increase: small(15)?,
-                decrease: reply
-                    .get(16)
-                    .and_then(|s| s.parse::<f64>().ok())
-                    .ok_or_else(|| unavailable("bad adaptive.decrease"))?,
-                cooldown: Duration::from_micros(n(17)?),
+                min: small("a_min")?,
+                max: small("a_max")?,
+                increase: small("a_inc")?,
+                decrease: text("a_dec")
+                    .parse::<f64>()
+                    .map_err(|_| unavailable("bad adaptive.decrease"))?,
+                cooldown: Duration::from_micros(n("a_cool_us")?),
             })
         } else {
             None
         };
-        let c = 18;
         Ok(LimiterStatus {
             name: self.name.clone(),
             spec: LimiterSpec {
-                concurrency: opt_small(1)?,
+                concurrency: opt_small("concurrency")?,
                 rate,
                 adaptive,
-                default_lease: Duration::from_micros(n(2)?),
-                max_wait: Duration::from_micros(n(3)?),
-                max_queue: small(4)?,
+                default_lease: Duration::from_micros(n("lease_us")?),
+                max_wait: Duration::from_micros(n("max_wait_us")?),
+                max_queue: small("max_queue")?,
             },
-            in_use: small(5)?,
-            holders: small(6)?,
-            waiting: small(7)?,
-            waiting_permits: n(8)?,
-            limit: opt_small(9)?,
+            in_use: small("in_use")?,
+            holders: small("holders")?,
+            waiting: small("waiting")?,
+            waiting_permits: n("waiting_permits")?,
+            limit: opt_small("limit")?,
             counters: Counters {
-                granted: n(c)?,
-                released: n(c + 1)?,
-                expired: n(c + 2)?,
-                timed_out: n(c + 3)?,
-                cancelled: n(c + 4)?,
-                queue_full: n(c + 5)?,
-                rejected: n(c + 6)?,
-                extend_lost: n(c + 7)?,
-                paced: n(c + 8)?,
-                scheduled: n(c + 9)?,
-                feedback_ok: n(c + 10)?,
-                feedback_throttled: n(c + 11)?,
-                feedback_error: n(c + 12)?,
-                limit_decreases: n(c + 13)?,
-                limit_increases: n(c + 14)?,
-                adopted: n(c + 15)?,
+                granted: n("granted")?,
+                released: n("released")?,
+                expired: n("expired")?,
+                timed_out: n("timed_out")?,
+                cancelled: n("cancelled")?,
+                queue_full: n("queue_full")?,
+                rejected: n("rejected")?,
+                extend_lost: n("extend_lost")?,
+                paced: n("paced")?,
+                scheduled: n("scheduled")?,
+                feedback_ok: n("feedback_ok")?,
+                feedback_throttled: n("feedback_throttled")?,
+                feedback_error: n("feedback_error")?,
+                limit_decreases: n("limit_decreases")?,
+                limit_increases: n("limit_increases")?,
+                adopted: n("adopted")?,
             },
-            learning: reply.get(c + 16).map(String::as_str) == Some("1"),
+            learning: text("learning") == "1",
         })
         .inspect(|status| self.remember(&status.spec))
     }
@@ -546,5 +560,33 @@ impl LimiterBackend for RedisLimiter {
             Some("unknown") => Err(self.unknown()),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::super::script::{status_schema, COUNTER_FIELDS};
+
+    /// Every name in the schema is read by `parse_status` (a field the script emits that the
+    /// parser ignores, or the reverse, fails here), and every counter is in the schema.
+    #[test]
+    fn the_parser_reads_every_field_of_the_schema() {
+        let src = include_str!("limiter.rs");
+        let parser = &src[src.find("fn parse_status").unwrap()..src.find("fn unknown").unwrap()];
+        for name in status_schema() {
+            assert!(
+                parser.contains(&format!("(\"{name}\")")),
+                "parse_status ignores {name}"
+            );
+        }
+        let schema = status_schema();
+        for c in COUNTER_FIELDS {
+            assert!(schema.contains(c), "{c}");
+        }
+        let mut sorted = schema.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), schema.len(), "a field is named twice");
     }
 }

@@ -11,6 +11,7 @@
 mod conn;
 mod limiter;
 mod revive;
+mod script;
 mod wake;
 
 use std::collections::HashMap;
@@ -22,6 +23,8 @@ use redis::aio::ConnectionManagerConfig;
 
 use self::conn::Conn;
 pub use self::limiter::RedisLimiter;
+#[doc(hidden)]
+pub use self::script::{script_source, status_schema};
 use crate::core::LimiterStatus;
 use crate::error::StoreError;
 use crate::spec::{LimiterSpec, MAX_LEASE, MAX_WAIT};
@@ -181,7 +184,7 @@ impl RedisStore {
         let channel = format!("{}:wake:{}", config.prefix, server_id);
         let inner = Arc::new(Inner {
             conn,
-            script: redis::Script::new(include_str!("limiter.lua")),
+            script: redis::Script::new(&script::script_source()),
             config,
             server_id,
             channel,
