@@ -39,6 +39,11 @@ pub struct FileConfig {
     pub fsync: Option<String>,
     /// Log growth in bytes that triggers a snapshot (default 64 MiB).
     pub snapshot_after_bytes: Option<u64>,
+    /// Learning window after state loss, in milliseconds (docs/learning.md). With Redis: the
+    /// window of a limiter re-created after Redis lost it (default: its default lease), and
+    /// config limiters Redis has no state for at start learn too. Embedded: config limiters
+    /// learn at start (default 0: they do not).
+    pub learning_window_ms: Option<u64>,
     /// Limiters created at start, by name.
     #[serde(default)]
     pub limiters: BTreeMap<String, LimiterConfig>,

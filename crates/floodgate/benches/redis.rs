@@ -330,10 +330,16 @@ async fn run(url: &str, config: &Config, mut stats: Stats) {
 
     // The limiter script as shipped, or a variant to try (`FG_RAW_SCRIPT=path`).
     let (raw_script, raw_source) = match std::env::var("FG_RAW_SCRIPT") {
-        Ok(path) => (std::fs::read_to_string(&path).unwrap(), path),
+        // A variant is a `limiter.lua`: it gets the same generated prelude of constants.
+        Ok(path) => {
+            let shipped = floodgate::store::redis::script_source();
+            let prelude_end = shipped.len() - include_str!("../src/store/redis/limiter.lua").len();
+            let variant = std::fs::read_to_string(&path).unwrap();
+            (format!("{}{variant}", &shipped[..prelude_end]), path)
+        }
         Err(_) => (
-            include_str!("../src/store/redis/limiter.lua").to_owned(),
-            "src/store/redis/limiter.lua".to_owned(),
+            floodgate::store::redis::script_source(),
+            "src/store/redis/limiter.lua (with its generated prelude)".to_owned(),
         ),
     };
     let mut contenders = vec![

@@ -206,7 +206,12 @@ impl<B: LimiterBackend> Permit<B> {
     /// Moves the lease deadline to now + `lease`. [`ExtendError::Lost`] if the permit expired
     /// or was released; it is never revived, and the guard then has nothing to release.
     pub async fn extend(&mut self, lease: Duration) -> Result<Timestamp, ExtendError> {
-        match self.backend.extend(self.grant.token, lease).await {
+        // The permit's size rides along, so a store that lost its state re-adopts it.
+        match self
+            .backend
+            .extend(self.grant.token, lease, Some(self.grant.permits))
+            .await
+        {
             Ok(deadline) => {
                 self.grant.lease_deadline = deadline;
                 self.grant.lease = lease;

@@ -7,6 +7,8 @@ pub const MAX_CONCURRENCY: u32 = 1_000_000;
 /// Longest lease a permit can be granted or extended for. Longer than any sane unit of work;
 /// anything beyond it is a unit mistake (seconds sent as milliseconds, say).
 pub const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
+/// Shortest lease a permit can be granted or extended for.
+pub const MIN_LEASE: Duration = Duration::from_millis(1);
 /// Longest a single acquire may wait.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// Largest queue a limiter accepts.
@@ -155,7 +157,7 @@ impl InvalidField {
 }
 
 pub(crate) fn check_lease(field: &'static str, lease: Duration) -> Result<(), InvalidField> {
-    if lease < Duration::from_millis(1) {
+    if lease < MIN_LEASE {
         return Err(InvalidField::new(field, "must be at least 1 ms"));
     }
     if lease > MAX_LEASE {

@@ -70,10 +70,14 @@ async fn holders_tokens_and_limiters_survive_a_reopen() {
     assert_eq!(status.counters.released, 1);
     assert_eq!(status.counters.expired, 1);
     jobs.backend()
-        .extend(b.token, HOUR)
+        .extend(b.token, HOUR, None)
         .await
         .expect("a permit held before the restart extends after it");
-    assert!(jobs.backend().extend(short.token, HOUR).await.is_err());
+    assert!(jobs
+        .backend()
+        .extend(short.token, HOUR, None)
+        .await
+        .is_err());
     let c = jobs
         .acquire(AcquireOptions::new())
         .await
@@ -266,7 +270,7 @@ async fn snapshots_bound_the_log() {
     let status = b.status().await.expect("status");
     assert_eq!(status.in_use, 1);
     assert_eq!(status.counters.released, 20_000);
-    b.extend(kept.token, HOUR).await.expect("still held");
+    b.extend(kept.token, HOUR, None).await.expect("still held");
 }
 
 /// `fsync = always`: concurrent operations share syncs, and every one is answered.

@@ -110,3 +110,71 @@ fn assert_every_key_has_a_ttl(port: u16) {
         assert!(ttl > 0, "{key} has no TTL ({ttl})");
     }
 }
+
+/// Issue 10: a store that knows a limiter (another store created it; this one read its status)
+/// re-creates it in a learning window when Redis loses it (FLUSHALL), but not when it was
+/// deleted on purpose (the tombstone), even by another store.
+#[tokio::test]
+async fn a_vanished_limiter_is_revived_learning_but_a_deleted_one_is_not() {
+    use std::time::Duration;
+
+    use floodgate::{LimiterSpec, StoreError};
+
+    let server = support::RedisServer::start();
+    let connect = || async {
+        let mut config = RedisConfig::new(server.url());
+        config.learning_window = Some(Duration::from_secs(30));
+        Floodgate::with_store(RedisStore::connect(config).await.expect("connect"))
+    };
+    let (a, b) = (connect().await, connect().await);
+    let spec = LimiterSpec::concurrency(3);
+    a.define("kept", spec.clone()).await.expect("define");
+    a.define("dropped", spec).await.expect("define");
+    // B has only read them.
+    for name in ["kept", "dropped"] {
+        let st = b.limiter(name).await.expect("handle").status().await;
+        assert!(!st.expect("status").learning);
+    }
+    assert!(a.delete("dropped").await.expect("delete"));
+    let flush = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .expect("redis-cli");
+    assert!(flush.status.success());
+    // "kept" vanished: B re-creates it from the spec it read, learning.
+    let st = b
+        .limiter("kept")
+        .await
+        .expect("handle")
+        .status()
+        .await
+        .expect("revived");
+    assert!(st.learning, "{st:?}");
+    assert_eq!((st.spec.concurrency, st.in_use), (Some(3), 0));
+    assert!(b
+        .limiters()
+        .await
+        .expect("list")
+        .iter()
+        .any(|s| s.name.as_str() == "kept"));
+
+    // A deletion leaves a tombstone: B, which knows the spec, does not bring it back.
+    a.define("gone", LimiterSpec::concurrency(2))
+        .await
+        .expect("define");
+    b.limiter("gone")
+        .await
+        .expect("handle")
+        .status()
+        .await
+        .expect("status");
+    assert!(a.delete("gone").await.expect("delete"));
+    let err = b.limiter("gone").await.expect("handle").status().await;
+    assert!(matches!(err, Err(StoreError::UnknownLimiter(_))), "{err:?}");
+    // And a re-create after a deletion starts fresh, not learning.
+    let st = b
+        .define("gone", LimiterSpec::concurrency(2))
+        .await
+        .expect("define");
+    assert!(!st.learning);
+}

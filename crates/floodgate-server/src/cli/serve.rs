@@ -61,6 +61,13 @@ pub(crate) struct ServeArgs {
     /// [default: 67108864].
     #[arg(long, env = "FLOODGATE_SNAPSHOT_AFTER_BYTES")]
     snapshot_after_bytes: Option<u64>,
+    /// Learning window after state loss, in milliseconds (docs/learning.md): a limiter whose
+    /// state was lost grants nothing this long while holders re-claim their permits by
+    /// extending. With Redis: for limiters re-created after Redis lost them [default: each
+    /// limiter's lease], and config limiters Redis has no state for at start learn too.
+    /// Embedded: config limiters learn at start [default: 0, they do not].
+    #[arg(long, env = "FLOODGATE_LEARNING_WINDOW", value_name = "MS")]
+    learning_window: Option<u64>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
@@ -117,6 +124,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
         .unwrap_or("everysec")
         .parse()
         .map_err(Failure::usage)?;
+    let learning = args
+        .learning_window
+        .or(file.learning_window_ms)
+        .map(std::time::Duration::from_millis);
     match redis {
         None => {
             let mut store = match &data_dir {
@@ -158,6 +169,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 listen,
                 options,
                 &file,
+                learning,
             )
             .await;
             // Everything answered is already written; this syncs it and unlocks the dir.
@@ -170,11 +182,12 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 .map(|u| u.trim().to_owned())
                 .filter(|u| !u.is_empty())
                 .collect();
-            let config = if cluster || urls.len() > 1 {
+            let mut config = if cluster || urls.len() > 1 {
                 RedisConfig::cluster(urls)
             } else {
                 RedisConfig::new(urls.first().cloned().unwrap_or_default())
             };
+            config.learning_window = learning;
             let store = RedisStore::connect(config).await.map_err(|e| Failure {
                 code: super::EXIT_UNAVAILABLE,
                 message: e.to_string(),
@@ -185,6 +198,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 listen,
                 options,
                 &file,
+                learning,
             )
             .await
         }
@@ -197,8 +211,12 @@ async fn serve_on<S: Store>(
     listen: SocketAddr,
     options: ServerOptions,
     file: &FileConfig,
+    learning: Option<std::time::Duration>,
 ) -> Result<u8, Failure> {
-    define_limiters(&gate, file).await?;
+    match learning.filter(|w| !w.is_zero()) {
+        Some(window) => restore_limiters(&gate, file, window).await?,
+        None => define_limiters(&gate, file).await?,
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Failure {
@@ -238,6 +256,27 @@ pub(crate) async fn define_limiters<S: Store>(
             .put_limiter(&name, limiter.spec())
             .await
             .map_err(|e| Failure::usage(format!("limiter {name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Creates (or updates) the limiters of the config file; one the store has no state for starts
+/// in a learning window (its state may have been lost; docs/learning.md).
+pub(crate) async fn restore_limiters<S: Store>(
+    gate: &Floodgate<S>,
+    file: &FileConfig,
+    window: std::time::Duration,
+) -> Result<(), Failure> {
+    for (name, limiter) in &file.limiters {
+        let name = LimiterName::new(name).map_err(|e| Failure::usage(e.to_string()))?;
+        let status = gate
+            .store()
+            .restore_limiter(&name, limiter.spec(), window)
+            .await
+            .map_err(|e| Failure::usage(format!("limiter {name}: {e}")))?;
+        if status.learning {
+            tracing::warn!(limiter = %name, window_ms = window.as_millis(), "this limiter is in a learning window (no state was found for it): learning who holds permits before granting");
+        }
     }
     Ok(())
 }

@@ -58,6 +58,9 @@ pub(crate) struct LimiterBody {
     waiting: u32,
     waiting_permits: u64,
     counters: CountersBody,
+    /// In a learning window after state loss (docs/learning.md): nothing is granted until it
+    /// ends.
+    learning: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +80,7 @@ struct CountersBody {
     feedback_error: u64,
     limit_decreases: u64,
     limit_increases: u64,
+    adopted: u64,
 }
 
 impl From<LimiterStatus> for LimiterBody {
@@ -111,7 +115,9 @@ impl From<LimiterStatus> for LimiterBody {
                 feedback_error: c.feedback_error,
                 limit_decreases: c.limit_decreases,
                 limit_increases: c.limit_increases,
+                adopted: c.adopted,
             },
+            learning: s.learning,
         }
     }
 }
@@ -202,12 +208,22 @@ pub(super) async fn put_limiter<S: Store>(
         concurrency: None,
         ..LimiterSpec::default()
     });
+    let adaptive = body
+        .adaptive
+        .map_or(base.adaptive, |a| a.map(AdaptiveSpec::from));
+    let concurrency = match (body.concurrency, adaptive) {
+        (Some(given), _) => given,
+        // A new adaptive range with the starting limit left out: the kept starting limit is
+        // moved into the range, so the limit in force lies within it (not refused as invalid).
+        (None, Some(a)) if body.adaptive.is_some() => {
+            base.concurrency.map(|c| c.clamp(a.min.min(a.max), a.max))
+        }
+        (None, _) => base.concurrency,
+    };
     let spec = LimiterSpec {
-        concurrency: body.concurrency.unwrap_or(base.concurrency),
+        concurrency,
         rate: body.rate.map_or(base.rate, |r| r.map(RateSpec::from)),
-        adaptive: body
-            .adaptive
-            .map_or(base.adaptive, |a| a.map(AdaptiveSpec::from)),
+        adaptive,
         default_lease: body
             .lease_ms
             .map_or(base.default_lease, Duration::from_millis),
@@ -500,9 +516,8 @@ pub(super) async fn feedback<S: Store>(
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExtendBody {
     lease_ms: Option<u64>,
-    /// The permit's size. Clients always send it, so that a store that lost its state can
-    /// re-adopt the permit during its learning window.
-    #[allow(dead_code)]
+    /// The permit's size (clients always send it): during a learning window after state loss,
+    /// an extend of a permit the store forgot re-adopts it.
     permits: Option<u32>,
 }
 
@@ -519,6 +534,9 @@ pub(super) async fn extend<S: Store>(
     JsonBody(body): JsonBody<ExtendBody>,
 ) -> Result<Json<ExtendedBody>, ApiError> {
     let id = permit_id(path)?;
+    if body.permits == Some(0) {
+        return Err(ApiError::bad_field("permits", "must be at least 1"));
+    }
     if id.token.0 == 0 {
         // A fail-open grant: nothing was accounted, so there is nothing to extend.
         return Ok(Json(ExtendedBody {
@@ -541,7 +559,7 @@ pub(super) async fn extend<S: Store>(
             Err(e) => return Err(e.into()),
         },
     };
-    let result = limiter.extend(id.token, lease).await;
+    let result = limiter.extend(id.token, lease, body.permits).await;
     if result == Err(floodgate::ExtendError::Lost) {
         tracing::warn!(permit = %id, "extend of a lost permit");
     }

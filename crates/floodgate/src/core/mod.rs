@@ -16,6 +16,7 @@
 //! - A lowered limit grants nothing until in-use is below it; a raised one grants at once.
 
 mod deadlines;
+mod learning;
 mod queue;
 mod snapshot;
 
@@ -176,6 +177,8 @@ pub struct Counters {
     pub limit_decreases: u64,
     /// Times the adaptive limit went up.
     pub limit_increases: u64,
+    /// Permits re-adopted by an extend during a learning window (also counted in `granted`).
+    pub adopted: u64,
 }
 
 /// A point-in-time view of one limiter.
@@ -197,6 +200,9 @@ pub struct LimiterStatus {
     pub limit: Option<u32>,
     /// Lifetime counters.
     pub counters: Counters,
+    /// In a learning window after state loss: nothing is granted until it ends (see
+    /// [`LimiterCore::enter_learning`]).
+    pub learning: bool,
 }
 
 /// What a backend call reported, for adaptive limits.
@@ -215,6 +221,10 @@ pub const MAX_SCHEDULE: u32 = 100_000;
 
 /// Furthest ahead a `schedule` reserves tokens.
 pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The hold-time average moves by 1/this of each new sample: smooth enough to ignore one odd
+/// holder, quick enough to follow a change of workload within a few dozen releases.
+pub const HOLD_EWMA_WEIGHT: u64 = 8;
 
 /// Returned by `extend` when the permit is not held (released, expired or never granted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -310,6 +320,9 @@ pub struct LimiterCore {
     /// of `advance`): lets `advance` return at once on the hot path, where nothing is due.
     next_due: Timestamp,
     counters: Counters,
+    /// End of the learning window after state loss, while one is in force: until then nothing
+    /// is granted and unknown permits may be re-adopted by their extend (see `learning.rs`).
+    learning_until: Option<Timestamp>,
 }
 
 impl std::fmt::Debug for U64Hasher {
@@ -341,6 +354,7 @@ impl LimiterCore {
             last_decrease: None,
             next_due: Timestamp::MAX,
             counters: Counters::default(),
+            learning_until: None,
             spec,
         })
     }
@@ -397,6 +411,7 @@ impl LimiterCore {
             waiting_permits: self.queued_permits,
             limit: self.limit,
             counters: self.counters,
+            learning: self.learning_until.is_some(),
         }
     }
 
@@ -430,7 +445,7 @@ impl LimiterCore {
             .wait
             .unwrap_or(self.spec.max_wait)
             .min(self.spec.max_wait);
-        if self.queue.is_empty() && self.fits(req.permits) {
+        if self.queue.is_empty() && self.fits(req.permits) && self.learning_until.is_none() {
             match self.rate_at(req.permits) {
                 Some(at) if at > now => {
                     // Only the rate holds it back, and its token time is known: if that is
@@ -563,6 +578,10 @@ impl LimiterCore {
             self.limit = spec.concurrency;
             self.successes = 0;
         }
+        // The limit in force always lies within the adaptive range.
+        if let (Some(limit), Some(a)) = (self.limit, spec.adaptive) {
+            self.limit = Some(limit.clamp(a.min, a.max));
+        }
         // Debt under the old rate is rescaled to the new one, so a raised rate applies now.
         if let (Some(old), Some(new)) = (self.spec.rate, spec.rate) {
             if self.tat > now {
@@ -622,6 +641,7 @@ impl LimiterCore {
         if now < self.next_due && self.spec.rate.is_none() {
             return;
         }
+        self.end_learning_if_due(now, fx);
         loop {
             let holders = &self.holders;
             let lease = self
@@ -633,7 +653,8 @@ impl LimiterCore {
             self.next_due = match (lease, wait) {
                 (Some((l, _)), Some((w, _))) => l.min(w),
                 (l, w) => l.or(w).map_or(Timestamp::MAX, |(d, _)| d),
-            };
+            }
+            .min(self.learning_until.unwrap_or(Timestamp::MAX));
             let lease = lease.filter(|(d, _)| *d <= now);
             let wait = wait.filter(|(d, _)| *d <= now);
             // The head's rate token time, when only the rate holds it back.
@@ -707,7 +728,10 @@ impl LimiterCore {
             .waits
             .peek_live(|k, _| queue.contains_key(&k))
             .map(|(d, _)| d);
-        let due = [lease, wait].into_iter().flatten().min();
+        let due = [lease, wait, self.learning_until]
+            .into_iter()
+            .flatten()
+            .min();
         // Exact now: refreshes the bound that `advance` and `deadline_hint` use.
         self.next_due = due.unwrap_or(Timestamp::MAX);
         [due, self.head_rate_at()].into_iter().flatten().min()
@@ -849,6 +873,9 @@ impl LimiterCore {
 
     /// The head waiter's token time, if it fits the concurrency and only the rate holds it.
     fn head_rate_at(&self) -> Option<Timestamp> {
+        if self.learning_until.is_some() {
+            return None; // Nothing is granted while learning, so no token time is due.
+        }
         let (_, head) = self.queue.first_key_value()?;
         if !self.fits(head.permits) {
             return None;
@@ -916,6 +943,9 @@ impl LimiterCore {
 
     /// Grants queued waiters from the head while their permits fit.
     fn grant_waiters(&mut self, now: Timestamp, fx: &mut Effects) {
+        if self.learning_until.is_some() {
+            return;
+        }
         while let Some((_, head)) = self.queue.first_key_value() {
             if !self.fits(head.permits) || self.rate_at(head.permits).is_some_and(|at| at > now) {
                 break;
@@ -962,10 +992,8 @@ impl LimiterCore {
         let sample = u64::try_from(held.as_micros()).unwrap_or(u64::MAX);
         self.hold_ewma_us = Some(match self.hold_ewma_us {
             None => sample,
-            // Weight 1/8: smooth enough to ignore one odd holder, quick enough to follow a
-            // change of workload within a few dozen releases.
-            Some(avg) if sample >= avg => avg + (sample - avg) / 8,
-            Some(avg) => avg - (avg - sample) / 8,
+            Some(avg) if sample >= avg => avg + (sample - avg) / HOLD_EWMA_WEIGHT,
+            Some(avg) => avg - (avg - sample) / HOLD_EWMA_WEIGHT,
         });
     }
 
@@ -978,6 +1006,7 @@ impl LimiterCore {
         let Some(limit) = self.limit else {
             return by_rate
                 .unwrap_or(Duration::from_secs(1))
+                .max(self.learning_left(now))
                 .clamp(Duration::from_millis(1), MAX_LEASE);
         };
         let limit = u64::from(limit);
@@ -997,6 +1026,7 @@ impl LimiterCore {
         };
         estimate
             .max(by_rate.unwrap_or(Duration::ZERO))
+            .max(self.learning_left(now))
             .clamp(Duration::from_millis(1), MAX_LEASE)
     }
 }

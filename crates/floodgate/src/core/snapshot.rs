@@ -41,7 +41,10 @@ pub struct CoreState {
     /// When the adaptive limit last went down.
     pub last_decrease: Option<u64>,
     /// Lifetime counters, in the order of [`Counters`]' fields.
-    pub counters: [u64; 15],
+    pub counters: [u64; 16],
+    /// End of the learning window in force, if any.
+    #[serde(default)]
+    pub learning_until: Option<u64>,
 }
 
 /// One holder.
@@ -143,7 +146,7 @@ impl From<&SpecState> for LimiterSpec {
     }
 }
 
-fn counters_to_array(c: &Counters) -> [u64; 15] {
+fn counters_to_array(c: &Counters) -> [u64; 16] {
     [
         c.granted,
         c.released,
@@ -160,10 +163,11 @@ fn counters_to_array(c: &Counters) -> [u64; 15] {
         c.feedback_error,
         c.limit_decreases,
         c.limit_increases,
+        c.adopted,
     ]
 }
 
-fn counters_from_array(a: &[u64; 15]) -> Counters {
+fn counters_from_array(a: &[u64; 16]) -> Counters {
     Counters {
         granted: a[0],
         released: a[1],
@@ -180,6 +184,7 @@ fn counters_from_array(a: &[u64; 15]) -> Counters {
         feedback_error: a[12],
         limit_decreases: a[13],
         limit_increases: a[14],
+        adopted: a[15],
     }
 }
 
@@ -231,6 +236,7 @@ impl LimiterCore {
             successes: self.successes,
             last_decrease: self.last_decrease.map(|t| t.0),
             counters: counters_to_array(&self.counters),
+            learning_until: self.learning_until.map(|t| t.0),
         }
     }
 
@@ -304,6 +310,7 @@ impl LimiterCore {
         // Exact again at the next pass of `advance`.
         core.next_due = Timestamp(0);
         core.counters = counters_from_array(&state.counters);
+        core.learning_until = state.learning_until.map(Timestamp);
         Ok(core)
     }
 

@@ -38,6 +38,21 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
         spec: LimiterSpec,
     ) -> impl Future<Output = Result<LimiterStatus, StoreError>> + Send;
 
+    /// Like [`put_limiter`](Self::put_limiter), for a limiter this process is told about at
+    /// start (its config) when its state may have been lost: if this call creates the limiter
+    /// (the store has no state for it), it starts in a learning window of `window`, granting
+    /// nothing while holders of permits it forgot re-claim them by extending (see
+    /// `docs/learning.md`).
+    fn restore_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        window: Duration,
+    ) -> impl Future<Output = Result<LimiterStatus, StoreError>> + Send {
+        let _ = window;
+        self.put_limiter(name, spec)
+    }
+
     /// Deletes the limiter: its waiters are refused with `LimiterDeleted`, its permits are no
     /// longer held. `false` if it did not exist.
     fn delete_limiter(
@@ -71,10 +86,15 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// Moves the lease deadline to now + `lease`; returns the new deadline as a [`Grant`]
     /// update. [`ExtendError::Lost`] if the permit is no longer held; never revives.
+    ///
+    /// `permits`, the permit's size: during a learning window after state loss, an extend of a
+    /// permit the store does not know re-adopts it (see `docs/learning.md`). `None`: no
+    /// re-adoption.
     fn extend(
         &self,
         token: FencingToken,
         lease: Duration,
+        permits: Option<u32>,
     ) -> impl Future<Output = Result<crate::types::Timestamp, ExtendError>> + Send;
 
     /// Returns a grant. `Ok(false)` if it was not held (unknown, expired, already released).

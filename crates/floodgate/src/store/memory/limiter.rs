@@ -342,12 +342,18 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         Ok(grant)
     }
 
-    async fn extend(&self, token: FencingToken, lease: Duration) -> Result<Timestamp, ExtendError> {
+    async fn extend(
+        &self,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+    ) -> Result<Timestamp, ExtendError> {
         let extended = self.with_state(|state, now, fx| {
-            let out = state.core.extend(now, token, lease, fx);
+            let out = state.core.extend_or_adopt(now, token, lease, permits, fx);
             state.record(now, || Op::Extend {
                 token: token.0,
                 lease_us: u64::try_from(lease.as_micros()).unwrap_or(u64::MAX),
+                permits,
             });
             out
         });
@@ -409,6 +415,16 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
 }
 
 impl<C: Clock> MemoryLimiter<C> {
+    /// Enters a learning window of `window` from now (state may have been lost; see
+    /// `core/learning.rs`).
+    pub(super) fn enter_learning(&self, window: Duration) -> Result<(), StoreError> {
+        self.with_state(|state, now, _| {
+            let until = now.after(window);
+            state.core.enter_learning(now, until);
+            state.record(now, || Op::EnterLearning { until: until.0 });
+        })
+    }
+
     /// Releases synchronously; a deleted limiter holds nothing, so that is "not held".
     fn release_now(&self, token: FencingToken) -> bool {
         self.with_state(|state, now, fx| {

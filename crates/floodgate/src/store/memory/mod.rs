@@ -167,6 +167,24 @@ impl<C: Clock> Store for MemoryStore<C> {
         limiter.status().await
     }
 
+    /// A limiter this store has no state for starts in a learning window: the server was
+    /// restarted without its data while holders may still work.
+    async fn restore_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        window: std::time::Duration,
+    ) -> Result<LimiterStatus, StoreError> {
+        let created = self.get(name).is_none();
+        let status = self.put_limiter(name, spec).await?;
+        if !created || window.is_zero() {
+            return Ok(status);
+        }
+        let limiter = self.limiter(name).await?;
+        limiter.enter_learning(window)?;
+        limiter.status().await
+    }
+
     async fn delete_limiter(&self, name: &LimiterName) -> Result<bool, StoreError> {
         let removed = {
             let mut map = self

@@ -29,10 +29,30 @@ local K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT, K_HOT, K_TOK =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local op, name, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now
+local general_only = false
+do
+  -- `op@now` (or `op@now@general`, which skips the fast path): the differential test drives
+  -- the clock (tests/twin.rs); production sends the bare op and the script reads Redis TIME.
+  local at = string.find(op, '@', 1, true)
+  if at then
+    local rest = string.sub(op, at + 1)
+    op = string.sub(op, 1, at - 1)
+    local at2 = string.find(rest, '@', 1, true)
+    if at2 then
+      general_only = string.sub(rest, at2 + 1) == 'general'
+      rest = string.sub(rest, 1, at2 - 1)
+    end
+    now = tonumber(rest)
+  else
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+end
 
-local MIN_LEASE, MAX_LEASE = 1000, 86400 * 1000000
+-- MIN_LEASE, MAX_LEASE, MAX_WAIT, MAX_CONCURRENCY, MAX_QUEUE, MAX_SCHEDULE_AHEAD,
+-- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION, STATUS and COUNTERS come from the prelude that
+-- store/redis/script.rs builds from the Rust constants.
 local function fmt(n) return string.format('%d', n) end
 local TTL_REFRESH = 3600 * 1000000
 
@@ -40,8 +60,8 @@ local TTL_REFRESH = 3600 * 1000000
 -- arithmetic as the core's observe_hold).
 local function next_ewma(ewma, held)
   if not ewma then return held end
-  if held >= ewma then return ewma + math.floor((held - ewma) / 8) end
-  return ewma - math.floor((ewma - held) / 8)
+  if held >= ewma then return ewma + math.floor((held - ewma) / HOLD_EWMA_WEIGHT) end
+  return ewma - math.floor((ewma - held) / HOLD_EWMA_WEIGHT)
 end
 
 -- The fields of the hot value, in order.
@@ -64,7 +84,7 @@ end
 -- Fast path: an acquire granted at once or a release, on a concurrency-only limiter with an
 -- empty queue and no lease due. Same rules as the general path below, in a handful of
 -- commands (the general path loads and rewrites the whole state). Anything else falls through.
-if op == 'acquire' or op == 'release' then
+if (op == 'acquire' or op == 'release') and not general_only then
   local raw_hot = redis.call('GET', K_HOT)
   local h = raw_hot and split(raw_hot) or {}
   local first = (h[1] == '1' and h[2] == '0') and redis.call('ZRANGE', K_LEASE, '0', '0', 'WITHSCORES')
@@ -164,9 +184,8 @@ local next_seq = tonumber(m.next_seq or '0')
 local queued_permits = tonumber(m.queued_permits or '0')
 local ewma = nil
 if m.ewma_us and m.ewma_us ~= '' then ewma = tonumber(m.ewma_us) end
-local COUNTERS = {'granted', 'released', 'expired', 'timed_out', 'cancelled', 'queue_full',
-                  'rejected', 'extend_lost', 'paced', 'scheduled', 'feedback_ok',
-                  'feedback_throttled', 'feedback_error', 'limit_decreases', 'limit_increases'}
+-- End of the learning window after state loss (see core/learning.rs), or nil.
+local learning_until = opt(m.learn_until)
 local c = {}
 for _, k in ipairs(COUNTERS) do c[k] = tonumber(m['c_' .. k] or '0') end
 
@@ -263,9 +282,12 @@ local function retry_hint(ahead)
   local by_rate = 0
   local ra = rate_at(ahead)
   if ra then by_rate = math.max(0, ra - now) end
+  -- At least the time left in a learning window, when nothing is granted.
+  local learning_left = 0
+  if learning_until then learning_left = math.max(0, learning_until - now) end
   if not limit then
     if not ra then by_rate = 1000000 end
-    return math.min(math.max(by_rate, 1000), MAX_LEASE)
+    return math.min(math.max(by_rate, learning_left, 1000), MAX_LEASE)
   end
   local rounds = math.max(1, math.ceil(ahead / limit))
   local est
@@ -275,7 +297,7 @@ local function retry_hint(ahead)
     local d = nearest_lease()
     if d then est = math.max(0, d - now) else est = 1000000 end
   end
-  return math.min(math.max(est, by_rate, 1000), MAX_LEASE)
+  return math.min(math.max(est, by_rate, learning_left, 1000), MAX_LEASE)
 end
 
 local function permits_ahead(seq)
@@ -288,6 +310,7 @@ local function permits_ahead(seq)
 end
 
 local function grant_waiters()
+  if learning_until then return end   -- nothing is granted while learning
   while true do
     local head = redis.call('ZRANGE', K_Q, 0, 0)
     if #head == 0 then return end
@@ -323,7 +346,7 @@ end
 
 -- The head waiter's token time, if it fits the concurrency and only the rate holds it.
 local function head_rate_at()
-  if not rate_limit then return nil end
+  if not rate_limit or learning_until then return nil end
   local head = redis.call('ZRANGE', K_Q, 0, 0)
   if #head == 0 then return nil end
   local w = parse_waiter(head[1])
@@ -334,6 +357,10 @@ end
 -- Applies the passage of time: lease ends and wait deadlines in deadline order (lease first
 -- on a tie), granting what each frees.
 local function advance()
+  if learning_until and learning_until <= now then
+    learning_until = nil
+    grant_waiters()
+  end
   while true do
     local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
     local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
@@ -357,7 +384,17 @@ local function advance()
         c.expired = c.expired + 1
       end
     else
+      -- Waits ending at the same moment end in queue order (the core's order), not in the
+      -- zset's order of their keys.
       local key = w[1]
+      local tied = redis.call('ZRANGEBYSCORE', K_WAITS, w[2], w[2])
+      if #tied > 1 then
+        local best = nil
+        for _, k in ipairs(tied) do
+          local t = parse_waiter(k)
+          if t and (not best or t.seq < best) then key, best = k, t.seq end
+        end
+      end
       local wt = parse_waiter(key)
       if wt then
         local ahead = permits_ahead(wt.seq)
@@ -374,28 +411,38 @@ end
 
 local function check_lease(lease)
   if lease < MIN_LEASE then return 'must be at least 1 ms' end
-  if lease > MAX_LEASE then return 'must be at most 86400000 ms (24 h)' end
+  if lease > MAX_LEASE then return 'must be at most ' .. fmt(MAX_LEASE / 1000) .. ' ms (24 h)' end
   return nil
 end
 
 local function check_spec(conc, lease, wait, queue)
-  if conc < 1 or conc > 1000000 then return {'concurrency', 'must be from 1 to 1000000'} end
+  if conc < 1 or conc > MAX_CONCURRENCY then return {'concurrency', 'must be from 1 to ' .. fmt(MAX_CONCURRENCY)} end
   local e = check_lease(lease)
   if e then return {'lease_ms', e} end
-  if wait < 0 or wait > 3600 * 1000000 then return {'max_wait_ms', 'must be at most 3600000 ms (1 h)'} end
-  if queue < 0 or queue > 1000000 then return {'max_queue', 'must be at most 1000000'} end
+  if wait < 0 or wait > MAX_WAIT then return {'max_wait_ms', 'must be at most ' .. fmt(MAX_WAIT / 1000) .. ' ms (1 h)'} end
+  if queue < 0 or queue > MAX_QUEUE then return {'max_queue', 'must be at most ' .. fmt(MAX_QUEUE)} end
   return nil
 end
 
 local function ofmt(v) if v == nil then return '' end return fmt(v) end
 
--- Spec, state and counters; the order is parsed by RedisLimiter::parse_status.
+-- Spec, state and counters, by name, in the order of STATUS (one schema, defined in Rust:
+-- store/redis/script.rs, which RedisLimiter::parse_status reads by the same names).
 local function status_fields()
-  local out = {ofmt(concurrency), fmt(default_lease), fmt(max_wait), fmt(max_queue), fmt(in_use),
-               fmt(redis.call('HLEN', K_HOLD)), fmt(redis.call('ZCARD', K_Q)), fmt(queued_permits),
-               ofmt(limit), ofmt(rate_limit), ofmt(rate_period), ofmt(rate_burst),
-               ofmt(a_min), ofmt(a_max), ofmt(a_inc), a_dec and string.format('%.17g', a_dec) or '', ofmt(a_cool)}
-  for _, k in ipairs(COUNTERS) do out[#out + 1] = fmt(c[k]) end
+  local v = {concurrency = ofmt(concurrency), lease_us = fmt(default_lease),
+             max_wait_us = fmt(max_wait), max_queue = fmt(max_queue), in_use = fmt(in_use),
+             holders = fmt(redis.call('HLEN', K_HOLD)), waiting = fmt(redis.call('ZCARD', K_Q)),
+             waiting_permits = fmt(queued_permits), limit = ofmt(limit),
+             rate_limit = ofmt(rate_limit), rate_period_us = ofmt(rate_period),
+             rate_burst = ofmt(rate_burst), a_min = ofmt(a_min), a_max = ofmt(a_max),
+             a_inc = ofmt(a_inc), a_dec = a_dec and string.format('%.17g', a_dec) or '',
+             a_cool_us = ofmt(a_cool), learning = learning_until and '1' or '0'}
+  for _, k in ipairs(COUNTERS) do v[k] = fmt(c[k]) end
+  local out = {}
+  for i, k in ipairs(STATUS) do
+    if v[k] == nil then error('floodgate: no status field ' .. k) end
+    out[i] = v[k]
+  end
   return out
 end
 
@@ -412,7 +459,7 @@ end
 local function finish(reply)
   for _, wk in ipairs(wakes) do
     redis.call('HSET', K_OUT, wk[1], wk[3])
-    redis.call('ZADD', K_OUTT, fmt(wk[4] + 120 * 1000000), wk[1])
+    redis.call('ZADD', K_OUTT, fmt(wk[4] + OUTCOME_RETENTION), wk[1])
     redis.call('PUBLISH', wk[2], name .. '\n' .. wk[1] .. '\n' .. wk[3])
   end
   if #wakes > 0 then created(K_OUT, K_OUTT) end
@@ -423,7 +470,8 @@ local function finish(reply)
                   'a_cool_us', ofmt(a_cool), 'tat', fmt(tat), 'successes', fmt(successes),
                   'last_decrease', ofmt(last_decrease), 'lease_us', fmt(default_lease),
                   'max_wait_us', fmt(max_wait), 'max_queue', fmt(max_queue),
-                  'next_seq', fmt(next_seq), 'queued_permits', fmt(queued_permits)}
+                  'next_seq', fmt(next_seq), 'queued_permits', fmt(queued_permits),
+                  'learn_until', ofmt(learning_until)}
   for _, k in ipairs(COUNTERS) do
     if k ~= 'granted' and k ~= 'released' then
       fields[#fields + 1] = 'c_' .. k
@@ -433,7 +481,7 @@ local function finish(reply)
   redis.call('HSET', K_META, unpack(fields))
   -- What the fast path reads: whether it may run (concurrency only, nothing queued) and the
   -- fields it needs.
-  local fast = (concurrency and not rate_limit) and '1' or '0'
+  local fast = (concurrency and not rate_limit and not learning_until) and '1' or '0'
   local ttl_at = refresh and fmt(now + TTL_REFRESH) or m.ttl_at
   redis.call('SET', K_HOT, table.concat({fast, fmt(redis.call('ZCARD', K_Q)), fmt(in_use),
     ofmt(limit), fmt(next_token), fmt(default_lease), ofmt(permit_cap()),
@@ -446,6 +494,7 @@ local function finish(reply)
   local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
   if l[2] then next = tonumber(l[2]) end
   if w[2] and (next < 0 or tonumber(w[2]) < next) then next = tonumber(w[2]) end
+  if learning_until and (next < 0 or learning_until < next) then next = learning_until end
   local rd = head_rate_at()
   if rd and (next < 0 or rd < next) then next = rd end
   if next >= 0 then next = math.max(0, next - now) end
@@ -462,19 +511,34 @@ if op == 'put' then
   local new_rate = {opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11])}
   local new_adaptive = {opt(ARGV[12]), opt(ARGV[13]), opt(ARGV[14]), opt(ARGV[15]), opt(ARGV[16])}
   if not conc and not new_rate[1] then return {'invalid', 'concurrency', 'a limiter needs a concurrency limit, a rate limit, or both'} end
+  -- ARGV[17]: a learning window in us ('' or 0: none), entered only if this call creates the
+  -- limiter and it was not deleted on purpose (no tombstone). ARGV[18]: 'revive' when a server
+  -- re-creates a limiter it knew that vanished: then an existing limiter is left as it is, and a
+  -- deleted one (tombstone) is not resurrected.
+  local learn_us, mode = opt(ARGV[17]) or 0, ARGV[18] or ''
+  local tombstone = not exists and redis.call('EXISTS', K_TOK) == 1
+  if mode == 'revive' then
+    if tombstone then return {'deleted', '-1'} end
+    if exists then
+      local reply = status_fields()
+      table.insert(reply, 1, 'status')
+      return finish(reply)
+    end
+  end
   if not exists then
     -- Keys of an earlier incarnation that outlived its meta (they expire a little later)
     -- must not leak into this one.
     redis.call('DEL', K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT)
     -- Seeded from the store's clock, and above any token of a deleted incarnation.
     next_token = math.max(first_token, now, tonumber(redis.call('GET', K_TOK) or '0'))
+    -- The tombstone has served as the token floor; from now on the limiter exists.
+    if tombstone then redis.call('DEL', K_TOK) end
   else
     -- Time that has passed is settled under the old spec, as the core does.
     advance()
   end
-  rate_limit, rate_period, rate_burst = new_rate[1], new_rate[2], new_rate[3]
-  a_min, a_max, a_inc, a_dec, a_cool =
-    new_adaptive[1], new_adaptive[2], new_adaptive[3], new_adaptive[4], new_adaptive[5]
+  -- Both blocks below compare the old spec with the new one, so they run before the new
+  -- fields are assigned.
   -- Debt under the old rate is rescaled to the new one, so a raised rate applies now.
   if exists and rate_limit and new_rate[1] and tat > now then
     local old_t = interval()
@@ -493,6 +557,13 @@ if op == 'put' then
   if not same then
     limit = conc
     successes = 0
+  end
+  -- The limit in force always lies within the adaptive range.
+  if limit and a_min then limit = math.min(math.max(limit, a_min), a_max) end
+  if not exists and not tombstone and learn_us > 0 then
+    -- State was lost: learn who still holds permits before granting (core/learning.rs).
+    learning_until = now + learn_us
+    if rate_limit then tat = math.max(tat, now + interval() * rate_burst) end
   end
   refuse_impossible()
   grant_waiters()
@@ -549,7 +620,7 @@ if op == 'acquire' then
   end
   local wait = max_wait
   if wait_arg ~= '' then wait = math.min(tonumber(wait_arg), max_wait) end
-  if redis.call('ZCARD', K_Q) == 0 and fits(permits) then
+  if redis.call('ZCARD', K_Q) == 0 and fits(permits) and not learning_until then
     local ra = rate_at(permits)
     if ra and ra > now then
       -- Only the rate holds it back and its token time is known: past the wait, say so now.
@@ -599,11 +670,28 @@ if op == 'release' then
 end
 
 if op == 'extend' then
-  local token, lease = ARGV[4], tonumber(ARGV[5])
+  -- ARGV[6]: the permit's size ('' if not sent), for re-adoption during a learning window.
+  local token, lease, adopt_permits = ARGV[4], tonumber(ARGV[5]), opt(ARGV[6])
   local bad = check_lease(lease)
   if bad then return {'invalid', 'lease_ms', bad, '-1'} end
   advance()
   local h = parse_holder(token)
+  local tok = tonumber(token)
+  if not h and learning_until and concurrency and adopt_permits and adopt_permits >= 1
+    and tok and tok >= 1 then
+    -- Re-adopted (core/learning.rs): held again, counted in in_use even above the limit;
+    -- later tokens start above it.
+    local deadline = now + lease
+    local first_holder = in_use == 0
+    redis.call('HSET', K_HOLD, fmt(tok), fmt(adopt_permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|')
+    redis.call('ZADD', K_LEASE, fmt(deadline), fmt(tok))
+    if first_holder then created(K_HOLD, K_LEASE) end
+    in_use = in_use + adopt_permits
+    next_token = math.max(next_token, tok + 1)
+    c.granted = c.granted + 1
+    c.adopted = c.adopted + 1
+    return finish({'extended', fmt(deadline)})
+  end
   if not h then
     c.extend_lost = c.extend_lost + 1
     return finish({'lost'})
@@ -672,7 +760,7 @@ if op == 'schedule' then
     take_rate(at, 1)
   end
   -- Promises decades ahead are a mistake (and would overflow the arithmetic).
-  if last > 366 * 86400 * 1000000 then
+  if last > MAX_SCHEDULE_AHEAD then
     tat = before
     return {'invalid', 'count', 'would reserve tokens more than a year ahead at this rate', '-1'}
   end

@@ -1,5 +1,6 @@
 //! One limiter in Redis: each operation is one run of the limiter script.
 
+use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -16,8 +17,8 @@ use crate::types::{FencingToken, LimiterName, Timestamp};
 /// A handle to one limiter in a [`RedisStore`](super::RedisStore). Cheap to clone.
 #[derive(Clone)]
 pub struct RedisLimiter {
-    store: Arc<Inner>,
-    name: LimiterName,
+    pub(super) store: Arc<Inner>,
+    pub(super) name: LimiterName,
     /// The limiter's ten keys, all under the hash tag `{name}` (see `limiter.lua`).
     keys: Arc<[String; 10]>,
 }
@@ -102,8 +103,26 @@ impl RedisLimiter {
         }
     }
 
+    /// Runs one operation; if the limiter vanished from Redis while this store knew it (state
+    /// loss), re-creates it in a learning window and runs the operation again (`revive.rs`).
+    pub(super) async fn call(&self, op: &str, args: &[String]) -> Result<Vec<String>, StoreError> {
+        let reply = self.call_once(op, args).await?;
+        if reply.first().map(String::as_str) != Some("unknown") || !super::revive::revives(op) {
+            self.learn_spec_in_background(&reply);
+            return Ok(reply);
+        }
+        if self.revive().await? {
+            return self.call_once(op, args).await;
+        }
+        Ok(reply)
+    }
+
     /// Runs one operation; arms the limiter's timer at the next deadline the script reports.
-    async fn call(&self, op: &str, args: &[String]) -> Result<Vec<String>, StoreError> {
+    pub(super) async fn call_once(
+        &self,
+        op: &str,
+        args: &[String],
+    ) -> Result<Vec<String>, StoreError> {
         let mut invocation = self.store.script.prepare_invoke();
         for key in self.keys.iter() {
             invocation.key(key);
@@ -174,12 +193,21 @@ impl RedisLimiter {
         });
     }
 
-    pub(super) async fn put(&self, spec: &LimiterSpec) -> Result<LimiterStatus, StoreError> {
+    /// Creates or changes the limiter. `learn`: a learning window to enter if this call
+    /// creates it (state was lost); `revive`: only re-create a vanished limiter (an existing
+    /// one is left as it is, a deleted one answers `Ok(None)`).
+    pub(super) async fn put(
+        &self,
+        spec: &LimiterSpec,
+        learn: Option<Duration>,
+        revive: bool,
+    ) -> Result<Option<LimiterStatus>, StoreError> {
         let opt = |v: Option<String>| v.unwrap_or_default();
         let rate = spec.rate;
         let adaptive = spec.adaptive;
+        // Never revives: `put` is what revival runs.
         let reply = self
-            .call(
+            .call_once(
                 "put",
                 &[
                     opt(spec.concurrency.map(|c| c.to_string())),
@@ -195,11 +223,14 @@ impl RedisLimiter {
                     opt(adaptive.map(|a| a.increase.to_string())),
                     opt(adaptive.map(|a| format!("{}", a.decrease))),
                     opt(adaptive.map(|a| micros(a.cooldown))),
+                    learn.map(micros).unwrap_or_default(),
+                    if revive { "revive" } else { "" }.to_owned(),
                 ],
             )
             .await?;
         match reply.first().map(String::as_str) {
-            Some("status") => self.parse_status(&reply),
+            Some("status") => self.parse_status(&reply).map(Some),
+            Some("deleted") => Ok(None),
             Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }
@@ -252,77 +283,93 @@ impl RedisLimiter {
         })
     }
 
-    /// Parses `status_fields()` of limiter.lua (after the tag): spec, state, counters.
+    /// Parses `status_fields()` of limiter.lua (after the tag): its fields by name, in the
+    /// order of the one schema both sides are built from (`script::status_schema`).
     fn parse_status(&self, reply: &[String]) -> Result<LimiterStatus, StoreError> {
-        let n = |i: usize| field(reply, i);
-        let small = |i: usize| -> Result<u32, StoreError> {
-            u32::try_from(n(i)?).map_err(|_| unavailable("status field out of range"))
+        let schema = super::script::status_schema();
+        if reply.len() < schema.len() + 1 {
+            return Err(unavailable(format!("short status reply {reply:?}")));
+        }
+        let fields: HashMap<&str, &str> = schema
+            .iter()
+            .copied()
+            .zip(reply[1..].iter().map(String::as_str))
+            .collect();
+        let text = |k: &str| fields.get(k).copied().unwrap_or("");
+        let n = |k: &str| -> Result<u64, StoreError> {
+            text(k)
+                .parse::<u64>()
+                .map_err(|_| unavailable(format!("status field {k}: {:?}", text(k))))
         };
-        let present = |i: usize| reply.get(i).is_some_and(|s| !s.is_empty());
-        let opt_small = |i: usize| -> Result<Option<u32>, StoreError> {
-            if present(i) {
-                small(i).map(Some)
+        let small = |k: &str| -> Result<u32, StoreError> {
+            u32::try_from(n(k)?).map_err(|_| unavailable("status field out of range"))
+        };
+        let present = |k: &str| !text(k).is_empty();
+        let opt_small = |k: &str| -> Result<Option<u32>, StoreError> {
+            if present(k) {
+                small(k).map(Some)
             } else {
                 Ok(None)
             }
         };
-        let rate = if present(10) {
+        let rate = if present("rate_limit") {
             Some(RateSpec {
-                limit: small(10)?,
-                period: Duration::from_micros(n(11)?),
-                burst: small(12)?,
+                limit: small("rate_limit")?,
+                period: Duration::from_micros(n("rate_period_us")?),
+                burst: small("rate_burst")?,
             })
         } else {
             None
         };
-        let adaptive = if present(13) {
+        let adaptive = if present("a_min") {
             Some(AdaptiveSpec {
-                min: small(13)?,
-                max: small(14)?,
-                increase: small(15)?,
-                decrease: reply
-                    .get(16)
-                    .and_then(|s| s.parse::<f64>().ok())
-                    .ok_or_else(|| unavailable("bad adaptive.decrease"))?,
-                cooldown: Duration::from_micros(n(17)?),
+                min: small("a_min")?,
+                max: small("a_max")?,
+                increase: small("a_inc")?,
+                decrease: text("a_dec")
+                    .parse::<f64>()
+                    .map_err(|_| unavailable("bad adaptive.decrease"))?,
+                cooldown: Duration::from_micros(n("a_cool_us")?),
             })
         } else {
             None
         };
-        let c = 18;
         Ok(LimiterStatus {
             name: self.name.clone(),
             spec: LimiterSpec {
-                concurrency: opt_small(1)?,
+                concurrency: opt_small("concurrency")?,
                 rate,
                 adaptive,
-                default_lease: Duration::from_micros(n(2)?),
-                max_wait: Duration::from_micros(n(3)?),
-                max_queue: small(4)?,
+                default_lease: Duration::from_micros(n("lease_us")?),
+                max_wait: Duration::from_micros(n("max_wait_us")?),
+                max_queue: small("max_queue")?,
             },
-            in_use: small(5)?,
-            holders: small(6)?,
-            waiting: small(7)?,
-            waiting_permits: n(8)?,
-            limit: opt_small(9)?,
+            in_use: small("in_use")?,
+            holders: small("holders")?,
+            waiting: small("waiting")?,
+            waiting_permits: n("waiting_permits")?,
+            limit: opt_small("limit")?,
             counters: Counters {
-                granted: n(c)?,
-                released: n(c + 1)?,
-                expired: n(c + 2)?,
-                timed_out: n(c + 3)?,
-                cancelled: n(c + 4)?,
-                queue_full: n(c + 5)?,
-                rejected: n(c + 6)?,
-                extend_lost: n(c + 7)?,
-                paced: n(c + 8)?,
-                scheduled: n(c + 9)?,
-                feedback_ok: n(c + 10)?,
-                feedback_throttled: n(c + 11)?,
-                feedback_error: n(c + 12)?,
-                limit_decreases: n(c + 13)?,
-                limit_increases: n(c + 14)?,
+                granted: n("granted")?,
+                released: n("released")?,
+                expired: n("expired")?,
+                timed_out: n("timed_out")?,
+                cancelled: n("cancelled")?,
+                queue_full: n("queue_full")?,
+                rejected: n("rejected")?,
+                extend_lost: n("extend_lost")?,
+                paced: n("paced")?,
+                scheduled: n("scheduled")?,
+                feedback_ok: n("feedback_ok")?,
+                feedback_throttled: n("feedback_throttled")?,
+                feedback_error: n("feedback_error")?,
+                limit_decreases: n("limit_decreases")?,
+                limit_increases: n("limit_increases")?,
+                adopted: n("adopted")?,
             },
+            learning: text("learning") == "1",
         })
+        .inspect(|status| self.remember(&status.spec))
     }
 
     fn unknown(&self) -> StoreError {
@@ -416,10 +463,8 @@ impl LimiterBackend for RedisLimiter {
                         }
                     }
                 };
-                outcome.map_err(|r| match r {
-                    Refusal::LimiterDeleted => AcquireError::Store(self.unknown()),
-                    r => AcquireError::Refused(r),
-                })
+                // A deletion during the wait is `Refused(LimiterDeleted)`, as on every store.
+                outcome.map_err(AcquireError::Refused)
             }
             Some("unknown") => {
                 guard.disarm();
@@ -432,9 +477,15 @@ impl LimiterBackend for RedisLimiter {
         }
     }
 
-    async fn extend(&self, token: FencingToken, lease: Duration) -> Result<Timestamp, ExtendError> {
+    async fn extend(
+        &self,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+    ) -> Result<Timestamp, ExtendError> {
+        let permits = permits.map(|p| p.to_string()).unwrap_or_default();
         let reply = self
-            .call("extend", &[token.0.to_string(), micros(lease)])
+            .call("extend", &[token.0.to_string(), micros(lease), permits])
             .await?;
         match reply.first().map(String::as_str) {
             Some("extended") => Ok(Timestamp(field(&reply, 1)?)),
@@ -509,5 +560,33 @@ impl LimiterBackend for RedisLimiter {
             Some("unknown") => Err(self.unknown()),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::super::script::{status_schema, COUNTER_FIELDS};
+
+    /// Every name in the schema is read by `parse_status` (a field the script emits that the
+    /// parser ignores, or the reverse, fails here), and every counter is in the schema.
+    #[test]
+    fn the_parser_reads_every_field_of_the_schema() {
+        let src = include_str!("limiter.rs");
+        let parser = &src[src.find("fn parse_status").unwrap()..src.find("fn unknown").unwrap()];
+        for name in status_schema() {
+            assert!(
+                parser.contains(&format!("(\"{name}\")")),
+                "parse_status ignores {name}"
+            );
+        }
+        let schema = status_schema();
+        for c in COUNTER_FIELDS {
+            assert!(schema.contains(c), "{c}");
+        }
+        let mut sorted = schema.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), schema.len(), "a field is named twice");
     }
 }

@@ -10,6 +10,8 @@
 
 mod conn;
 mod limiter;
+mod revive;
+mod script;
 mod wake;
 
 use std::collections::HashMap;
@@ -21,6 +23,8 @@ use redis::aio::ConnectionManagerConfig;
 
 use self::conn::Conn;
 pub use self::limiter::RedisLimiter;
+#[doc(hidden)]
+pub use self::script::{script_source, status_schema};
 use crate::core::LimiterStatus;
 use crate::error::StoreError;
 use crate::spec::{LimiterSpec, MAX_LEASE, MAX_WAIT};
@@ -42,6 +46,11 @@ pub struct RedisConfig {
     pub idle_ttl: Duration,
     /// Prefix of every key and channel, to share one Redis between deployments.
     pub prefix: String,
+    /// Learning window after a limiter's state was lost (see `docs/learning.md`): how long a
+    /// re-created limiter grants nothing while heartbeating holders re-claim their permits.
+    /// `None`: each limiter's default lease. Zero: no learning (a re-created limiter grants at
+    /// once, and may over-admit while holders of lost permits still work).
+    pub learning_window: Option<Duration>,
 }
 
 impl RedisConfig {
@@ -53,6 +62,7 @@ impl RedisConfig {
             response_timeout: Duration::from_secs(2),
             idle_ttl: Duration::from_secs(7 * 24 * 3600),
             prefix: "fg".into(),
+            learning_window: None,
         }
     }
 
@@ -107,6 +117,8 @@ pub(crate) struct Inner {
     timers: Mutex<HashMap<LimiterName, tokio::time::Instant>>,
     /// Ends the subscription task when the store is dropped.
     closing: Arc<tokio::sync::Notify>,
+    /// Specs of the limiters this store knows, to re-create one that vanished (`revive.rs`).
+    known: Mutex<revive::Known>,
 }
 
 impl Drop for Inner {
@@ -172,7 +184,7 @@ impl RedisStore {
         let channel = format!("{}:wake:{}", config.prefix, server_id);
         let inner = Arc::new(Inner {
             conn,
-            script: redis::Script::new(include_str!("limiter.lua")),
+            script: redis::Script::new(&script::script_source()),
             config,
             server_id,
             channel,
@@ -181,6 +193,7 @@ impl RedisStore {
             orphans: Mutex::new(Vec::new()),
             timers: Mutex::new(HashMap::new()),
             closing: Arc::new(tokio::sync::Notify::new()),
+            known: Mutex::new(revive::Known::default()),
         });
         wake::subscribe(&inner, pubsub_client).await?;
         Ok(RedisStore { inner })
@@ -221,6 +234,24 @@ pub(crate) fn retry_orphans(
     })
 }
 
+impl RedisStore {
+    async fn put_learning(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        learn: Option<Duration>,
+    ) -> Result<LimiterStatus, StoreError> {
+        spec.validate()?;
+        let handle = self.handle(name);
+        let status = handle
+            .put(&spec, learn, false)
+            .await?
+            .ok_or_else(|| unavailable("put answered `deleted`"))?;
+        revive::register(&self.inner, name).await?;
+        Ok(status)
+    }
+}
+
 impl Store for RedisStore {
     type Limiter = RedisLimiter;
 
@@ -229,23 +260,24 @@ impl Store for RedisStore {
         name: &LimiterName,
         spec: LimiterSpec,
     ) -> Result<LimiterStatus, StoreError> {
-        spec.validate()?;
-        let status = self.handle(name).put(&spec).await?;
-        let mut conn = self.inner.conn.clone();
-        let ttl = self.inner.config.ttl_ms();
-        redis::pipe()
-            .sadd(self.registry_key(), name.as_str())
-            .ignore()
-            .pexpire(self.registry_key(), i64::try_from(ttl).unwrap_or(i64::MAX))
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(status)
+        self.put_learning(name, spec, None).await
+    }
+
+    /// Creates it in a learning window of `window` if Redis has no state for it (and it was
+    /// not deleted on purpose): a server applying its config at start, when told to.
+    async fn restore_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        window: Duration,
+    ) -> Result<LimiterStatus, StoreError> {
+        self.put_learning(name, spec, Some(window)).await
     }
 
     async fn delete_limiter(&self, name: &LimiterName) -> Result<bool, StoreError> {
-        let deleted = self.handle(name).delete().await?;
+        let handle = self.handle(name);
+        let deleted = handle.delete().await?;
+        handle.forget();
         let mut conn = self.inner.conn.clone();
         redis::cmd("SREM")
             .arg(self.registry_key())

@@ -55,8 +55,15 @@ pub(crate) enum Op {
     },
     /// A release by token.
     Release { token: u64 },
-    /// An extend.
-    Extend { token: u64, lease_us: u64 },
+    /// An extend (with the permit's size: during a learning window it may re-adopt).
+    Extend {
+        token: u64,
+        lease_us: u64,
+        #[serde(default)]
+        permits: Option<u32>,
+    },
+    /// A learning window was entered (state may have been lost), ending at `until`.
+    EnterLearning { until: u64 },
     /// A queued acquire gave up.
     Cancel { waiter: u64 },
     /// A `schedule` of this many rate tokens.
@@ -130,9 +137,20 @@ impl Op {
             Op::Release { token } => {
                 core.release(at, FencingToken(*token), &mut fx);
             }
-            Op::Extend { token, lease_us } => {
-                let _ = core.extend(at, FencingToken(*token), micros(*lease_us), &mut fx);
+            Op::Extend {
+                token,
+                lease_us,
+                permits,
+            } => {
+                let _ = core.extend_or_adopt(
+                    at,
+                    FencingToken(*token),
+                    micros(*lease_us),
+                    *permits,
+                    &mut fx,
+                );
             }
+            Op::EnterLearning { until } => core.enter_learning(at, Timestamp(*until)),
             Op::Cancel { waiter } => {
                 core.cancel(at, WaiterId(*waiter), &mut fx);
             }

@@ -77,7 +77,7 @@ async fn run_sequence(seed: u64, dir: &std::path::Path) {
     for step in 0..120 {
         let l = rng.below(3);
         let n = name(l);
-        match rng.below(11) {
+        match rng.below(13) {
             0 => {
                 let _ = store.put_limiter(&n, spec(rng.below(4))).await;
             }
@@ -126,7 +126,7 @@ async fn run_sequence(seed: u64, dir: &std::path::Path) {
             7 if !held.is_empty() => {
                 let (i, token) = held[rng.below(held.len() as u64) as usize];
                 if let Ok(limiter) = store.limiter(&name(i)).await {
-                    let _ = limiter.extend(token, Duration::from_secs(7200)).await;
+                    let _ = limiter.extend(token, Duration::from_secs(7200), None).await;
                 }
             }
             8 => {
@@ -142,6 +142,24 @@ async fn run_sequence(seed: u64, dir: &std::path::Path) {
                 }
             }
             10 if rng.below(3) == 0 => store.snapshot_now().expect("snapshot"),
+            11 => {
+                if let Ok(limiter) = store.limiter(&n).await {
+                    let _ = limiter.enter_learning(Duration::from_millis(rng.below(40)));
+                }
+            }
+            12 => {
+                // An extend carrying permits: re-adopts an unknown token while learning.
+                if let Ok(limiter) = store.limiter(&n).await {
+                    let token = FencingToken(rng.next() >> 12);
+                    if limiter
+                        .extend(token, Duration::from_secs(3600), Some(1))
+                        .await
+                        .is_ok()
+                    {
+                        held.push((l, token));
+                    }
+                }
+            }
             _ => {
                 if let Ok(limiter) = store.limiter(&n).await {
                     let _ = limiter.status().await;
@@ -166,6 +184,7 @@ async fn run_sequence(seed: u64, dir: &std::path::Path) {
     drop(store);
     let (reopened, report) = MemoryStore::open(durability).expect("reopen");
     let after = states(&reopened);
+    let reopened_at = crate::clock::Clock::now(&WallClock::new()).0 + 50_000;
     // Aborted waiters that were still queued at the close were cancelled either way.
     let normalise = |mut m: BTreeMap<String, CoreState>| {
         for s in m.values_mut() {
@@ -187,6 +206,13 @@ async fn run_sequence(seed: u64, dir: &std::path::Path) {
         assert_eq!(a.spec, b.spec, "seed {seed}, {name}: spec");
         assert_eq!(a.hold_ewma_us, b.hold_ewma_us, "seed {seed}, {name}: ewma");
         assert_eq!(a.successes, b.successes, "seed {seed}, {name}: successes");
+        // A window that ended meanwhile is closed by the reopened store's timer.
+        let open_window = |u: Option<u64>| u.filter(|u| *u > reopened_at);
+        assert_eq!(
+            open_window(a.learning_until),
+            open_window(b.learning_until),
+            "seed {seed}, {name}: learning"
+        );
         // Every counter but `cancelled` (waiters aborted around the close may have been
         // cancelled by their task or by the reopen, the same total either way).
         let mut ac = a.counters;

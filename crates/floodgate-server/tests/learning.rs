@@ -1,0 +1,468 @@
+//! Issue 10, must show 2: re-learning after Redis loses its state, on real processes.
+//!
+//! Two `floodgate serve` processes share one real `redis-server` (no persistence). Holders are
+//! HTTP clients spread over both servers: each acquires, bumps an independent witness, works
+//! while heartbeating (extend with its `permits`, retrying 503s and connection errors until its
+//! lease deadline), drops the witness and releases. Mid-run Redis is restarted empty (SIGKILL and
+//! start again, no persistence) and, later, `FLUSHALL`ed. Each time the servers notice the
+//! limiter vanished, re-create it from its config in a learning window, and the heartbeating
+//! holders re-adopt their permits. Checked: the witness never exceeds the limit; no holder that
+//! heartbeated was told its permit was lost; permits were re-adopted after each loss; and new
+//! grants resume after each learning window.
+//!
+//! No assertion is about elapsed time; waits are bounded polling loops.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "../../floodgate/tests/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{SplitMix64, PATIENCE, POLL};
+use serde_json::{json, Value};
+use support::{free_port, RedisServer};
+use tokio::time::Instant;
+
+const LIMIT: i64 = 4;
+const WORKERS: u64 = 8;
+const LEASE_MS: u64 = 1_500;
+const HEARTBEAT: Duration = Duration::from_millis(250);
+/// The servers' learning window: longer than a heartbeat interval plus Redis's restart.
+const WINDOW_MS: u64 = 2_000;
+const SEED: u64 = 0x1ea2_4e4d_0f10_0d00;
+
+/// A child process killed when the test ends, passed or failed.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `floodgate serve --redis URL --config FILE --learning-window WINDOW_MS`, once it answers.
+async fn serve(redis_url: &str, config: &std::path::Path) -> (ChildGuard, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_floodgate"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FLOODGATE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.args(["serve", "--redis", redis_url, "--listen", &addr])
+        .arg("--config")
+        .arg(config)
+        .args(["--learning-window", &WINDOW_MS.to_string()])
+        .env("FLOODGATE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let mut child = ChildGuard(cmd.spawn().unwrap());
+    let base = format!("http://{addr}");
+    let client = http();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("floodgate serve exited early: {status}");
+        }
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "floodgate serve never became ready"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    (child, base)
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// POSTs JSON; `None` on a transport error.
+async fn post(client: &reqwest::Client, url: String, body: Value) -> Option<(u16, Value)> {
+    let r = client.post(url).json(&body).send().await.ok()?;
+    let status = r.status().as_u16();
+    let v = r.json::<Value>().await.unwrap_or(Value::Null);
+    Some((status, v))
+}
+
+/// What the run saw, shared by the workers.
+#[derive(Default)]
+struct Tally {
+    /// Holders with a permit now, as the holders themselves count (the independent witness).
+    witness: AtomicI64,
+    /// The witness's maximum.
+    peak: AtomicI64,
+    /// Extends answered 410 `permit_lost` while the holder heartbeated within its lease.
+    lost: AtomicU64,
+    /// Holders whose lease deadline passed without a confirmed extend (Redis unreachable).
+    lapsed: AtomicU64,
+    /// Grants, by phase (0: before the restart, 1: after it, 2: after FLUSHALL).
+    grants: [AtomicU64; 3],
+    /// Successful extends.
+    extends: AtomicU64,
+    /// The current phase.
+    phase: AtomicU64,
+}
+
+async fn worker(id: u64, bases: Arc<Vec<String>>, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
+    let client = http();
+    let mut rng = SplitMix64(SEED ^ id);
+    while !stop.load(Ordering::SeqCst) {
+        let base = &bases[usize::try_from(rng.between(0, 1)).unwrap()];
+        let body = json!({"wait_ms": 3_000, "lease_ms": LEASE_MS});
+        let Some((status, v)) =
+            post(&client, format!("{base}/v1/limiters/work/acquire"), body).await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if status != 200 {
+            // 429 (the wait ended, e.g. during a learning window), 503 (Redis down), or a
+            // waiter of a lost incarnation: retry, as a client does.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let phase = usize::try_from(tally.phase.load(Ordering::SeqCst)).unwrap();
+        tally.grants[phase].fetch_add(1, Ordering::SeqCst);
+        let permit = v["permit_id"].as_str().unwrap().to_owned();
+        let permits = v["permits"].as_u64().unwrap();
+        let now = tally.witness.fetch_add(1, Ordering::SeqCst) + 1;
+        tally.peak.fetch_max(now, Ordering::SeqCst);
+        // Work for a while, heartbeating through any server.
+        let work_until = Instant::now() + Duration::from_millis(rng.between(300, 1_800));
+        let mut lease_end = Instant::now() + Duration::from_millis(LEASE_MS);
+        let mut alive = true;
+        while alive && Instant::now() < work_until {
+            tokio::time::sleep(HEARTBEAT).await;
+            loop {
+                if Instant::now() >= lease_end {
+                    // No confirmed extend within the lease: the work must stop.
+                    tally.lapsed.fetch_add(1, Ordering::SeqCst);
+                    alive = false;
+                    break;
+                }
+                let base = &bases[usize::try_from(rng.between(0, 1)).unwrap()];
+                let sent = Instant::now();
+                let body = json!({"lease_ms": LEASE_MS, "permits": permits});
+                match post(&client, format!("{base}/v1/permits/{permit}/extend"), body).await {
+                    Some((200, _)) => {
+                        tally.extends.fetch_add(1, Ordering::SeqCst);
+                        lease_end = sent + Duration::from_millis(LEASE_MS);
+                        break;
+                    }
+                    Some((410, _)) => {
+                        tally.lost.fetch_add(1, Ordering::SeqCst);
+                        alive = false;
+                        break;
+                    }
+                    // 503 or no answer: retry shortly, until the lease deadline.
+                    _ => tokio::time::sleep(Duration::from_millis(30)).await,
+                }
+            }
+        }
+        tally.witness.fetch_sub(1, Ordering::SeqCst);
+        if alive {
+            let base = &bases[usize::try_from(rng.between(0, 1)).unwrap()];
+            let _ = post(
+                &client,
+                format!("{base}/v1/permits/{permit}/release"),
+                json!({}),
+            )
+            .await;
+        }
+    }
+}
+
+/// Polls a server's view of the limiter until `cond` holds.
+async fn until(base: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let client = http();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(r) = client.get(format!("{base}/v1/limiters/work")).send().await {
+            if let Ok(v) = r.json::<Value>().await {
+                if cond(&v) {
+                    return v;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "never reached: {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until `n` more grants than `from` were made in `phase`.
+async fn grants_in(tally: &Tally, phase: usize, n: u64, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while tally.grants[phase].load(Ordering::SeqCst) < n {
+        assert!(Instant::now() < deadline, "no new grants: {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_relearn_after_redis_restarts_empty_and_after_flushall() {
+    let mut redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("floodgate-learning-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("floodgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[limiters.work]\nconcurrency = {LIMIT}\nlease_ms = {LEASE_MS}\nmax_wait_ms = 600000\n"
+        ),
+    )
+    .unwrap();
+    let (_a, base_a) = serve(&redis.url(), &config).await;
+    let (_b, base_b) = serve(&redis.url(), &config).await;
+    let bases = Arc::new(vec![base_a.clone(), base_b.clone()]);
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|id| {
+            tokio::spawn(worker(
+                id,
+                Arc::clone(&bases),
+                Arc::clone(&tally),
+                Arc::clone(&stop),
+            ))
+        })
+        .collect();
+
+    // Phase 0: normal operation, the limit full.
+    grants_in(&tally, 0, 12, "before the restart").await;
+    until(&base_a, "every slot held", |v| v["in_use"] == json!(LIMIT)).await;
+
+    // Redis restarts empty: every key is gone.
+    tally.phase.store(1, Ordering::SeqCst);
+    tokio::task::block_in_place(|| redis.restart());
+    let v = until(&base_a, "re-created, learning", |v| {
+        v["learning"] == json!(true)
+    })
+    .await;
+    assert!(v["in_use"].as_u64().unwrap() <= LIMIT as u64, "{v}");
+    assert_eq!(
+        v["counters"]["granted"], v["counters"]["adopted"],
+        "granted while learning: {v}"
+    );
+    let v = until(&base_b, "the window ended", |v| {
+        v["learning"] == json!(false)
+    })
+    .await;
+    assert!(
+        v["counters"]["adopted"].as_u64().unwrap() >= 1,
+        "no holder re-adopted its permit after the restart: {v}"
+    );
+    grants_in(&tally, 1, 12, "after the restart's learning window").await;
+
+    // FLUSHALL: the same, without the connections dropping.
+    tally.phase.store(2, Ordering::SeqCst);
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    let v = until(&base_b, "re-created, learning", |v| {
+        v["learning"] == json!(true)
+    })
+    .await;
+    assert!(v["in_use"].as_u64().unwrap() <= LIMIT as u64, "{v}");
+    assert_eq!(
+        v["counters"]["granted"], v["counters"]["adopted"],
+        "granted while learning: {v}"
+    );
+    let v = until(&base_a, "the window ended", |v| {
+        v["learning"] == json!(false)
+    })
+    .await;
+    assert!(
+        v["counters"]["adopted"].as_u64().unwrap() >= 1,
+        "no holder re-adopted its permit after FLUSHALL: {v}"
+    );
+    grants_in(&tally, 2, 12, "after FLUSHALL's learning window").await;
+
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let peak = tally.peak.load(Ordering::SeqCst);
+    let lost = tally.lost.load(Ordering::SeqCst);
+    let lapsed = tally.lapsed.load(Ordering::SeqCst);
+    let grants: Vec<u64> = tally
+        .grants
+        .iter()
+        .map(|g| g.load(Ordering::SeqCst))
+        .collect();
+    let extends = tally.extends.load(Ordering::SeqCst);
+    eprintln!(
+        "peak {peak}, grants by phase {grants:?}, extends {extends}, lost {lost}, lapsed {lapsed}"
+    );
+    assert!(
+        peak <= LIMIT,
+        "the witness saw {peak} permits out at once; the limit is {LIMIT}"
+    );
+    assert_eq!(peak, LIMIT, "the run never filled the limit");
+    assert_eq!(
+        lost, 0,
+        "heartbeating holders were told their permit was lost"
+    );
+    assert_eq!(
+        lapsed, 0,
+        "holders could not confirm an extend within their lease"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 11: `PUT {"adaptive": ...}` alone moves a kept starting limit outside the new range to
+/// its nearest end, so the limit in force lies within the range.
+#[tokio::test]
+async fn a_put_of_only_the_adaptive_range_keeps_the_limit_within_it() {
+    let served = common::Served::start(
+        floodgate::Floodgate::in_memory(),
+        floodgate_server::server::ServerOptions::default(),
+    )
+    .await;
+    let client = http();
+    let url = format!("http://{}/v1/limiters/ad", served.addr);
+    let put = |body: Value| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let r = client.put(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, v) = put(json!({"concurrency": 40, "adaptive": {"min": 2, "max": 80}})).await;
+    assert_eq!((status, &v["limit"]), (200, &json!(40)), "{v}");
+    let (status, v) = put(json!({"adaptive": {"min": 2, "max": 10}})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (&v["limit"], &v["concurrency"]),
+        (&json!(10), &json!(10)),
+        "{v}"
+    );
+    let (status, v) = put(json!({"adaptive": {"min": 20, "max": 30}})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (&v["limit"], &v["concurrency"]),
+        (&json!(20), &json!(20)),
+        "{v}"
+    );
+    served.stop().await;
+}
+
+/// An embedded server started with `--learning-window` and no state learns before granting:
+/// an extend carrying its permits re-adopts a permit of the previous process; an acquire is
+/// not granted until the window ends, then is, with a token above the re-adopted one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_server_started_with_a_learning_window_readopts_heartbeats() {
+    let dir = std::env::temp_dir().join(format!("floodgate-learning-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("floodgate.toml");
+    std::fs::write(
+        &config,
+        "[limiters.work]\nconcurrency = 1\nlease_ms = 60000\nmax_wait_ms = 600000\n",
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_floodgate"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FLOODGATE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.args(["serve", "--listen", &addr, "--learning-window", "1500"])
+        .arg("--config")
+        .arg(&config)
+        .env("FLOODGATE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let _child = ChildGuard(cmd.spawn().unwrap());
+    let base = format!("http://{addr}");
+    let v = until(&base, "serving", |v| v["learning"].is_boolean()).await;
+    assert_eq!(v["learning"], json!(true), "{v}");
+    let client = http();
+    // A holder of the previous process heartbeats: re-adopted.
+    let old = (1u64 << 52) + 3;
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/permits/work.{old}/extend"),
+        json!({"lease_ms": 60_000, "permits": 1}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // Without `permits` an unknown permit is lost, even while learning.
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/permits/work.{}/extend", old + 1),
+        json!({"lease_ms": 60_000}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, &body["error"]),
+        (410, &json!("permit_lost")),
+        "{body}"
+    );
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/permits/work.{old}/extend"),
+        json!({"permits": 0}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, &body["error"]),
+        (400, &json!("invalid_request")),
+        "{body}"
+    );
+    // A try-once acquire is refused with a hint; it would not fit anyway (in use 1 of 1).
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/limiters/work/acquire"),
+        json!({"wait_ms": 0}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, &body["error"]),
+        (429, &json!("wait_timeout")),
+        "{body}"
+    );
+    // The re-adopted holder finishes; the next acquire is granted once the window ends.
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/permits/work.{old}/release"),
+        json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, &body["released"]), (200, &json!(true)), "{body}");
+    let (status, body) = post(
+        &client,
+        format!("{base}/v1/limiters/work/acquire"),
+        json!({"wait_ms": 20_000}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body["fencing_token"].as_u64().unwrap() > old, "{body}");
+    let v = until(&base, "done learning", |v| v["learning"] == json!(false)).await;
+    assert_eq!(v["counters"]["adopted"], json!(1), "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

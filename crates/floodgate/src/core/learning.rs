@@ -1,0 +1,114 @@
+//! Re-learning after state loss (Doorman's learning mode).
+//!
+//! A store that knows a limiter's state may have been lost (Redis flushed or restarted without
+//! persistence, an embedded server restarted without its data) cannot know which permits are
+//! still out: their holders are still working. So it re-creates the limiter in a learning
+//! window long enough to cover every lease that may still be live:
+//! - New acquires queue (FIFO as usual) and are not granted; they are not refused while their
+//!   wait lasts. A wait that ends answers `WaitTimeout` with `retry_after` at least the time
+//!   left in the window.
+//! - An extend of a permit the limiter does not know, carrying its permits, re-adopts it: it is
+//!   held again with the new lease and counts in `in_use` (even above the limit: those holders
+//!   really are working; nothing is granted until in-use is below the limit again). Fencing
+//!   tokens restart above every re-adopted one.
+//! - A rate limit's burst allowance is spent at the start of the window, since the tokens taken
+//!   just before the loss are unknown.
+//! - When the window ends, the queue is served normally (the store's timer fires then: the
+//!   window's end is one of the deadlines [`LimiterCore::next_deadline`] reports).
+//!
+//! Outside a window an extend of an unknown permit stays [`Lost`]: nothing is ever revived.
+
+use std::time::Duration;
+
+use super::{Effects, Holder, LimiterCore, Lost};
+use crate::spec::{check_lease, InvalidField};
+use crate::types::{FencingToken, Timestamp};
+
+impl LimiterCore {
+    /// Enters (or prolongs) a learning window ending at `until`. Idempotent: a later call with
+    /// an earlier end does not shorten a window in force.
+    pub fn enter_learning(&mut self, now: Timestamp, until: Timestamp) {
+        if until <= now {
+            return;
+        }
+        self.learning_until = Some(self.learning_until.map_or(until, |u| u.max(until)));
+        if let Some(rate) = self.spec.rate {
+            // Spend the burst allowance: at most one burst can have been taken just before the
+            // loss, and it is not taken again.
+            let burst = rate.interval_us().saturating_mul(u64::from(rate.burst));
+            self.tat = self.tat.max(Timestamp(now.0.saturating_add(burst)));
+        }
+        // `advance` must not skip the window's end.
+        self.next_due = self.next_due.min(until);
+    }
+
+    /// When the learning window in force ends, if one is.
+    pub fn learning_until(&self) -> Option<Timestamp> {
+        self.learning_until
+    }
+
+    /// Like [`extend`](Self::extend), and during a learning window an extend of a permit this
+    /// limiter does not know re-adopts it when `permits` is given: the grant `token` of
+    /// `permits` is held again until `now + lease`. Outside a window, or without `permits`, an
+    /// unknown permit is [`Lost`].
+    pub fn extend_or_adopt(
+        &mut self,
+        now: Timestamp,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+        fx: &mut Effects,
+    ) -> Result<Result<Timestamp, Lost>, InvalidField> {
+        check_lease("lease_ms", lease)?;
+        self.advance(now, fx);
+        let adopt = match permits {
+            Some(permits) => {
+                self.learning_until.is_some()
+                    && self.spec.concurrency.is_some()
+                    && !self.holders.contains_key(&token.0)
+                    && token.0 != 0
+                    && permits >= 1
+            }
+            None => false,
+        };
+        if !adopt {
+            return self.extend(now, token, lease, fx);
+        }
+        let permits = permits.unwrap_or(1);
+        let deadline = now.after(lease);
+        self.holders.insert(
+            token.0,
+            Holder {
+                permits,
+                deadline,
+                // Unknown; the hold-time average is fed only by grants made here.
+                granted_at: now,
+                lease,
+                label: None,
+                request: None,
+            },
+        );
+        self.leases.push(deadline, token.0);
+        self.next_due = self.next_due.min(deadline);
+        self.in_use = self.in_use.saturating_add(permits);
+        // Fencing: every later grant gets a larger token than any re-adopted one.
+        self.next_token = self.next_token.max(token.0.saturating_add(1));
+        // Counted as a grant, so `granted = released + expired + held + paced` still holds.
+        self.counters.granted += 1;
+        self.counters.adopted += 1;
+        Ok(Ok(deadline))
+    }
+
+    /// Ends the learning window if it is over at `now`, and serves the queue.
+    pub(super) fn end_learning_if_due(&mut self, now: Timestamp, fx: &mut Effects) {
+        if self.learning_until.is_some_and(|until| until <= now) {
+            self.learning_until = None;
+            self.grant_waiters(now, fx);
+        }
+    }
+
+    /// Time left in the learning window (zero outside one): a floor for retry hints.
+    pub(super) fn learning_left(&self, now: Timestamp) -> Duration {
+        self.learning_until.map_or(Duration::ZERO, |u| u.since(now))
+    }
+}

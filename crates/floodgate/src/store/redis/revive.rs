@@ -1,0 +1,133 @@
+//! Re-learning after Redis lost a limiter's state (issue 10; the rules are in
+//! `core/learning.rs`).
+//!
+//! Every script answers `unknown` when the limiter's keys are gone. A store that knows the
+//! limiter (it created or changed it, or read its spec in a status reply) and is told it is
+//! unknown concludes the state was lost (FLUSHALL, a restart without persistence, a failover to
+//! a replica that missed the writes that created it), re-creates it from the last spec it saw
+//! in a learning window, and runs the operation again. A limiter deleted on purpose leaves a
+//! tombstone (the `tokens` key, kept for the idle TTL), so it is not resurrected.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, PoisonError};
+
+use super::limiter::RedisLimiter;
+use super::{unavailable, Inner};
+use crate::error::StoreError;
+use crate::spec::LimiterSpec;
+use crate::store::LimiterBackend;
+use crate::types::LimiterName;
+
+/// Operations that re-create a vanished limiter before answering. `put` and `delete` act on the
+/// definition themselves; `peek` and `cancel` concern waiters, which a loss took with it.
+pub(super) fn revives(op: &str) -> bool {
+    matches!(
+        op,
+        "acquire" | "release" | "extend" | "status" | "schedule" | "feedback" | "advance"
+    )
+}
+
+/// What this store knows of limiters, so that a vanished one can be re-created.
+#[derive(Debug, Default)]
+pub(crate) struct Known {
+    /// The last spec seen per limiter: put by this store or read in a status reply.
+    specs: HashMap<LimiterName, LimiterSpec>,
+    /// Limiters whose spec has been asked for in the background, so it is asked once.
+    asked: HashSet<LimiterName>,
+}
+
+impl Inner {
+    fn lock_known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl RedisLimiter {
+    /// Records the limiter's spec as the one to re-create it with.
+    pub(super) fn remember(&self, spec: &LimiterSpec) {
+        let mut known = self.store.lock_known();
+        known.asked.insert(self.name.clone());
+        known.specs.insert(self.name.clone(), spec.clone());
+    }
+
+    /// Forgets the limiter: it was deleted, and is not to be re-created.
+    pub(super) fn forget(&self) {
+        let mut known = self.store.lock_known();
+        known.specs.remove(&self.name);
+        known.asked.remove(&self.name);
+    }
+
+    /// The first time this store uses a limiter it has not defined (another server did), reads
+    /// its spec in the background, so it can re-create it after a loss too.
+    pub(super) fn learn_spec_in_background(&self, reply: &[String]) {
+        if matches!(
+            reply.first().map(String::as_str),
+            Some("unknown" | "gone" | "status")
+        ) {
+            return;
+        }
+        if !self.store.lock_known().asked.insert(self.name.clone()) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let limiter = self.clone();
+        handle.spawn(async move {
+            // `status` remembers the spec it reads.
+            if limiter.status().await.is_err() {
+                limiter.store.lock_known().asked.remove(&limiter.name);
+            }
+        });
+    }
+
+    /// Re-creates the vanished limiter from the last spec seen, in a learning window (the
+    /// configured one, or the spec's default lease). `false` if this store does not know the
+    /// limiter or it was deleted on purpose.
+    pub(super) async fn revive(&self) -> Result<bool, StoreError> {
+        let Some(spec) = self.store.lock_known().specs.get(&self.name).cloned() else {
+            return Ok(false);
+        };
+        let window = self
+            .store
+            .config
+            .learning_window
+            .unwrap_or(spec.default_lease);
+        match self.put(&spec, Some(window), true).await? {
+            Some(status) => {
+                // This process's queued acquires of the lost incarnation will never be woken:
+                // answer them now as "store unavailable" (their clients retry).
+                self.store
+                    .lock_waiters()
+                    .retain(|_, pending| pending.limiter != self.name);
+                tracing::warn!(
+                    limiter = %self.name,
+                    window_ms = window.as_millis(),
+                    learning = status.learning,
+                    "the limiter vanished from redis (state lost): re-created from its last spec, learning who still holds permits"
+                );
+                register(&self.store, &self.name).await?;
+                Ok(true)
+            }
+            None => {
+                self.forget();
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// Adds the limiter to the listing set (which the loss took too).
+pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(), StoreError> {
+    let key = format!("{}:limiters", inner.config.prefix);
+    let mut conn = inner.conn.clone();
+    let ttl = inner.config.ttl_ms();
+    redis::pipe()
+        .sadd(&key, name.as_str())
+        .ignore()
+        .pexpire(&key, i64::try_from(ttl).unwrap_or(i64::MAX))
+        .ignore()
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(unavailable)
+}

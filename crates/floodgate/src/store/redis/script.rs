@@ -1,0 +1,126 @@
+//! The limiter script as Redis runs it: a prelude of constants and field lists generated from
+//! the Rust ones, then `limiter.lua`. One definition of each: the script never restates a
+//! number the core uses, and the status reply's fields are named once, here, for both sides.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::core::{HOLD_EWMA_WEIGHT, MAX_SCHEDULE_AHEAD};
+use crate::spec::{MAX_CONCURRENCY, MAX_LEASE, MAX_QUEUE, MAX_WAIT, MIN_LEASE};
+
+/// How long past its waiter's wait deadline a decided outcome is kept, for a waiter whose
+/// wake-up message was lost and that asks when its own timer ends.
+pub(crate) const OUTCOME_RETENTION: Duration = Duration::from_secs(120);
+
+/// The counters, as the script names them (`c_<name>` in `meta`), in status order.
+pub(crate) const COUNTER_FIELDS: &[&str] = &[
+    "granted",
+    "released",
+    "expired",
+    "timed_out",
+    "cancelled",
+    "queue_full",
+    "rejected",
+    "extend_lost",
+    "paced",
+    "scheduled",
+    "feedback_ok",
+    "feedback_throttled",
+    "feedback_error",
+    "limit_decreases",
+    "limit_increases",
+    "adopted",
+];
+
+/// The status reply's spec and state fields, before the counters.
+const STATUS_HEAD: &[&str] = &[
+    "concurrency",
+    "lease_us",
+    "max_wait_us",
+    "max_queue",
+    "in_use",
+    "holders",
+    "waiting",
+    "waiting_permits",
+    "limit",
+    "rate_limit",
+    "rate_period_us",
+    "rate_burst",
+    "a_min",
+    "a_max",
+    "a_inc",
+    "a_dec",
+    "a_cool_us",
+];
+
+/// The status reply's fields after the counters.
+const STATUS_TAIL: &[&str] = &["learning"];
+
+/// Every field of the status reply (after its tag), in order: what `status_fields()` in the
+/// script emits and `RedisLimiter::parse_status` reads, by name.
+#[doc(hidden)]
+pub fn status_schema() -> Vec<&'static str> {
+    [STATUS_HEAD, COUNTER_FIELDS, STATUS_TAIL].concat()
+}
+
+fn micros(d: Duration) -> u128 {
+    d.as_micros()
+}
+
+fn lua_list(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+    format!("{{{}}}", quoted.join(", "))
+}
+
+/// The script's source: the generated prelude, then `limiter.lua`. Loaded once per store.
+#[doc(hidden)]
+pub fn script_source() -> String {
+    let mut s = String::from("-- Generated from the Rust constants by store/redis/script.rs.\n");
+    let consts = [
+        ("MIN_LEASE", micros(MIN_LEASE)),
+        ("MAX_LEASE", micros(MAX_LEASE)),
+        ("MAX_WAIT", micros(MAX_WAIT)),
+        ("MAX_CONCURRENCY", u128::from(MAX_CONCURRENCY)),
+        ("MAX_QUEUE", u128::from(MAX_QUEUE)),
+        ("MAX_SCHEDULE_AHEAD", micros(MAX_SCHEDULE_AHEAD)),
+        ("HOLD_EWMA_WEIGHT", u128::from(HOLD_EWMA_WEIGHT)),
+        ("OUTCOME_RETENTION", micros(OUTCOME_RETENTION)),
+    ];
+    for (name, value) in consts {
+        let _ = writeln!(s, "local {name} = {value}");
+    }
+    let _ = writeln!(s, "local COUNTERS = {}", lua_list(COUNTER_FIELDS));
+    let _ = writeln!(s, "local STATUS = {}", lua_list(&status_schema()));
+    s.push_str(include_str!("limiter.lua"));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prelude_defines_every_constant_the_script_uses() {
+        let src = script_source();
+        for name in [
+            "MIN_LEASE",
+            "MAX_LEASE",
+            "MAX_WAIT",
+            "MAX_CONCURRENCY",
+            "MAX_QUEUE",
+            "MAX_SCHEDULE_AHEAD",
+            "HOLD_EWMA_WEIGHT",
+            "OUTCOME_RETENTION",
+            "COUNTERS",
+            "STATUS",
+        ] {
+            assert!(src.contains(&format!("local {name} = ")), "{name}");
+        }
+        assert!(src.contains("local MAX_LEASE = 86400000000\n"));
+        // The script itself states none of these numbers again.
+        let body = include_str!("limiter.lua");
+        for literal in ["86400", "/ 8)", "120 *", "366"] {
+            assert!(!body.contains(literal), "limiter.lua restates {literal:?}");
+        }
+    }
+}

@@ -1,0 +1,789 @@
+//! The Redis script as a checked twin of the core (issue 11).
+//!
+//! Random operation sequences (the model test's generators, `tests/gen`) run against
+//! [`LimiterCore`] and against `limiter.lua` on a real `redis-server`, side by side, on the same
+//! clock: the script takes `now` from its op argument (`acquire@<now>`, a form only tests send;
+//! production reads Redis `TIME`). After every step the test compares every reply (grants with
+//! their tokens, deadlines and waits; refusals with their exact retry hints; release, extend and
+//! cancel results), the wake-ups (who, with which outcome), the timer hint (the delay to the
+//! next deadline the script reports, against the core's exact next deadline) and every status
+//! field (spec, in-use, holders, queue, limit, all counters, learning). Half the sequences run
+//! with the script's fast path allowed, half with only the general path (`acquire@<now>@general`),
+//! so both are checked against the core.
+//!
+//! `FLOODGATE_TWIN_CASES` sets the number of sequences (default 2,000).
+
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod gen;
+mod support;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use floodgate::core::Feedback;
+use floodgate::core::{
+    AcquireRequest, Admission, Counters, Effects, LimiterCore, Refusal, WaitOutcome, WaiterId,
+};
+use floodgate::{AdaptiveSpec, FencingToken, LimiterName, LimiterSpec, RateSpec, Timestamp};
+use gen::{permits_for, scenario, span_ms, Op, SpecChoice, Step, TokenPick, WaiterPick};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+/// The clock's start, in microseconds: any value works, both sides get the same.
+const T0: u64 = 1_000_000_000;
+/// Added to the generated first token: the script never hands out a token below its clock, so
+/// tokens start above any `now` a sequence reaches and both sides count from the same place.
+const TOKEN_BASE: u64 = 10_000_000_000_000;
+/// Steps per sequence at most (the model test's generator makes up to 200).
+const STEPS: usize = 30;
+/// Unknown tokens and waiters are picked this far beyond anything handed out.
+const FAR: u64 = 1_000_000;
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap()
+}
+
+/// The script's encoding of a waiter's outcome (see the header of limiter.lua).
+fn encode(outcome: &WaitOutcome) -> String {
+    match outcome {
+        Ok(g) => format!(
+            "G|{}|{}|{}|{}|{}|{}",
+            g.token.0,
+            g.permits,
+            us(g.lease),
+            g.lease_deadline.0,
+            g.granted_at.0,
+            us(g.waited)
+        ),
+        Err(Refusal::WaitTimeout { retry_after }) => format!("T|{}", us(*retry_after)),
+        Err(Refusal::PermitsExceedLimit { requested, limit }) => format!("X|{requested}|{limit}"),
+        Err(Refusal::LimiterDeleted) => "D".into(),
+        Err(other) => format!("unexpected {other:?}"),
+    }
+}
+
+/// What the twin adds to the model's specs: a rate (or rate only) and an adaptive range, so
+/// `put`'s rescaling of the time owed and its reset of a learned limit are compared too.
+#[derive(Debug, Clone)]
+struct Variation {
+    /// Tokens per period, period in ms, burst.
+    rate: Option<(u32, u64, u32)>,
+    /// With a rate: no concurrency limit.
+    rate_only: bool,
+    /// The adaptive range around the concurrency: `(below, above)`.
+    adaptive: Option<(u32, u32)>,
+}
+
+fn variation() -> impl Strategy<Value = Variation> {
+    (
+        prop_oneof![
+            2 => Just(None),
+            1 => (1_u32..=20, prop_oneof![Just(100_u64), Just(1_000), Just(3_000)], 1_u32..=4)
+                .prop_map(Some),
+        ],
+        prop_oneof![3 => Just(false), 1 => Just(true)],
+        prop_oneof![2 => Just(None), 1 => (0_u32..=3, 0_u32..=4).prop_map(Some)],
+    )
+        .prop_map(|(rate, rate_only, adaptive)| Variation {
+            rate,
+            rate_only,
+            adaptive,
+        })
+}
+
+fn apply(spec: &SpecChoice, v: &Variation) -> LimiterSpec {
+    let mut s = spec.spec();
+    if let Some((limit, period_ms, burst)) = v.rate {
+        s.rate = Some(RateSpec::per(limit, Duration::from_millis(period_ms)).with_burst(burst));
+        if v.rate_only {
+            s.concurrency = None;
+            return s;
+        }
+    }
+    if let (Some((below, above)), Some(c)) = (v.adaptive, s.concurrency) {
+        s.adaptive = Some(AdaptiveSpec::between(
+            c.saturating_sub(below).max(1),
+            c + above,
+        ));
+    }
+    s
+}
+
+/// Operations only the twin runs (the model test has no rate, adaptive limit or learning).
+#[derive(Debug, Clone)]
+enum Extra {
+    Feedback(u8),
+    Schedule(u32),
+    /// An extend of a permit nobody was granted here, carrying its size: re-adopted during a
+    /// learning window, lost otherwise.
+    Adopt {
+        n: u64,
+        permits: u32,
+        lease_ms: u64,
+    },
+}
+
+fn extra() -> impl Strategy<Value = Extra> {
+    prop_oneof![
+        3 => (0_u8..3).prop_map(Extra::Feedback),
+        1 => (1_u32..=20).prop_map(Extra::Schedule),
+        2 => (0_u64..3, 1_u32..=3, 100_u64..=3_000)
+            .prop_map(|(n, permits, lease_ms)| Extra::Adopt { n, permits, lease_ms }),
+    ]
+}
+
+/// One sequence: the core, the script's keys, and what the harness tracks to pick operands.
+struct Twin<'a> {
+    conn: &'a RefCell<redis::Connection>,
+    script: &'a redis::Script,
+    keys: Vec<String>,
+    name: String,
+    core: LimiterCore,
+    now: u64,
+    general: bool,
+    /// Every token granted, in order.
+    tokens: Vec<u64>,
+    /// Waiters queued now (core id, script key), in queue order.
+    queued: Vec<(u64, String)>,
+    /// Waiters that left the queue.
+    departed: Vec<(u64, String)>,
+    /// Acquires so far: numbers the script's waiter keys.
+    acquires: u64,
+    /// Outcome keys already seen in the script's `outcomes` hash.
+    seen: HashSet<String>,
+    /// Steps run so far, for the failure message.
+    step: usize,
+    /// What the last call's pipeline also fetched: the status reply and the outcomes hash.
+    fetched: Option<(Vec<String>, BTreeMap<String, String>)>,
+    /// The core's wake-ups of the current step, compared once the script's are fetched.
+    core_wakes: Vec<(WaiterId, WaitOutcome)>,
+    /// Spec variations, taken in turn by the creation and each reconfigure.
+    variations: Vec<Variation>,
+    /// Reconfigures so far: picks the next variation.
+    puts: usize,
+}
+
+impl<'a> Twin<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        conn: &'a RefCell<redis::Connection>,
+        script: &'a redis::Script,
+        name: String,
+        spec: &SpecChoice,
+        first_token: u64,
+        general: bool,
+        variations: Vec<Variation>,
+        learn_ms: Option<u64>,
+    ) -> Result<Self, TestCaseError> {
+        let keys = [
+            "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes", "hot",
+            "tokens",
+        ]
+        .map(|k| format!("tw:{{{name}}}:{k}"))
+        .to_vec();
+        let full = apply(spec, &variations[0]);
+        let mut core = LimiterCore::new(full.clone(), TOKEN_BASE + first_token).unwrap();
+        if let Some(ms) = learn_ms {
+            core.enter_learning(Timestamp(T0), Timestamp(T0 + ms * 1_000));
+        }
+        let mut twin = Twin {
+            conn,
+            script,
+            keys,
+            name,
+            core,
+            now: T0,
+            general,
+            tokens: Vec::new(),
+            queued: Vec::new(),
+            departed: Vec::new(),
+            acquires: 0,
+            seen: HashSet::new(),
+            step: 0,
+            fetched: None,
+            core_wakes: Vec::new(),
+            variations,
+            puts: 0,
+        };
+        let reply = twin.put(
+            &full,
+            TOKEN_BASE + first_token,
+            learn_ms.unwrap_or(0) * 1_000,
+        );
+        prop_assert_eq!(
+            reply.first().map(String::as_str),
+            Some("status"),
+            "{:?}",
+            reply
+        );
+        twin.compare_status()?;
+        Ok(twin)
+    }
+
+    fn evalsha(&self, op: &str, args: &[String]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(self.keys.len());
+        for k in &self.keys {
+            cmd.arg(k);
+        }
+        let fast = matches!(op, "acquire" | "release") && !self.general;
+        let tag = if fast {
+            format!("{op}@{}", self.now)
+        } else {
+            format!("{op}@{}@general", self.now)
+        };
+        cmd.arg(tag).arg(&self.name).arg(3_600_000_u64);
+        for a in args {
+            cmd.arg(a);
+        }
+        cmd
+    }
+
+    /// Runs one script operation at the twin's clock and, in the same round trip, a status
+    /// and a read of the recorded outcomes (kept in `fetched` for `finish_step`).
+    fn call(&mut self, op: &str, args: &[String]) -> Vec<String> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.evalsha(op, args))
+            .add_command(self.evalsha("status", &[]))
+            .cmd("HGETALL")
+            .arg(&self.keys[6]);
+        let (reply, status, outcomes): (Vec<String>, Vec<String>, BTreeMap<String, String>) = pipe
+            .query(&mut *self.conn.borrow_mut())
+            .expect("the script runs");
+        if std::env::var_os("FLOODGATE_TWIN_DEBUG").is_some() {
+            eprintln!(
+                "{} {op} {args:?} -> {reply:?}\n  status {status:?}",
+                self.now
+            );
+        }
+        self.fetched = Some((status, outcomes));
+        reply
+    }
+
+    /// `put` with the arguments the store sends (RedisLimiter::put).
+    fn put(&mut self, s: &LimiterSpec, first_token: u64, learn_us: u64) -> Vec<String> {
+        let o = |v: Option<String>| v.unwrap_or_default();
+        let (r, a) = (s.rate, s.adaptive);
+        let args = [
+            o(s.concurrency.map(|c| c.to_string())),
+            us(s.default_lease).to_string(),
+            us(s.max_wait).to_string(),
+            s.max_queue.to_string(),
+            first_token.to_string(),
+            o(r.map(|r| r.limit.to_string())),
+            o(r.map(|r| us(r.period).to_string())),
+            o(r.map(|r| r.burst.to_string())),
+            o(a.map(|a| a.min.to_string())),
+            o(a.map(|a| a.max.to_string())),
+            o(a.map(|a| a.increase.to_string())),
+            o(a.map(|a| format!("{}", a.decrease))),
+            o(a.map(|a| us(a.cooldown).to_string())),
+            learn_us.to_string(),
+            String::new(),
+        ];
+        self.call("put", &args)
+    }
+
+    fn core_limit(&self) -> u32 {
+        self.core.spec().concurrency.unwrap_or(1)
+    }
+
+    fn pick_token(&self, pick: &TokenPick) -> u64 {
+        let held: Vec<u64> = self
+            .tokens
+            .iter()
+            .copied()
+            .filter(|t| self.core.is_held(Timestamp(self.now), FencingToken(*t)))
+            .collect();
+        let gone: Vec<u64> = self
+            .tokens
+            .iter()
+            .copied()
+            .filter(|t| !held.contains(t))
+            .collect();
+        let unknown = |n: u64| self.core.next_token() + FAR + n;
+        match *pick {
+            TokenPick::Live(i) if !held.is_empty() => held[i % held.len()],
+            TokenPick::Live(i) | TokenPick::Gone(i) if !gone.is_empty() => gone[i % gone.len()],
+            TokenPick::Live(i) | TokenPick::Gone(i) => unknown(i as u64 % 4),
+            TokenPick::Unknown(n) => unknown(n),
+        }
+    }
+
+    fn pick_waiter(&self, pick: &WaiterPick) -> (u64, String) {
+        let unknown = |n: u64| (u64::MAX / 2 + n, format!("unknown{n}"));
+        match *pick {
+            WaiterPick::Head if !self.queued.is_empty() => self.queued[0].clone(),
+            WaiterPick::Queued(i) if !self.queued.is_empty() => {
+                self.queued[i % self.queued.len()].clone()
+            }
+            WaiterPick::Queued(i) | WaiterPick::Departed(i) if !self.departed.is_empty() => {
+                self.departed[i % self.departed.len()].clone()
+            }
+            WaiterPick::Queued(i) | WaiterPick::Departed(i) => unknown(i as u64 % 4),
+            WaiterPick::Head => unknown(0),
+            WaiterPick::Unknown(n) => unknown(n),
+        }
+    }
+
+    /// Notes the core's wake-ups; they are compared with the script's at the end of the step.
+    fn compare_wakes(&mut self, fx: &Effects) -> Result<(), TestCaseError> {
+        self.core_wakes.extend(fx.wakes.iter().cloned());
+        Ok(())
+    }
+
+    /// Compares the step's wake-ups (the operation's and the status pass's) with the outcomes
+    /// the script newly recorded, and moves the woken waiters out of the queue.
+    fn compare_step_wakes(
+        &mut self,
+        outcomes: BTreeMap<String, String>,
+    ) -> Result<(), TestCaseError> {
+        let mut core = BTreeMap::new();
+        for (id, outcome) in std::mem::take(&mut self.core_wakes) {
+            let pos = self.queued.iter().position(|(q, _)| *q == id.0);
+            prop_assert!(pos.is_some(), "the core woke {:?}, which is not queued", id);
+            let (q, key) = self.queued.remove(pos.unwrap());
+            if let Ok(g) = &outcome {
+                self.tokens.push(g.token.0);
+            }
+            core.insert(key.clone(), encode(&outcome));
+            self.departed.push((q, key));
+        }
+        let script: BTreeMap<String, String> = outcomes
+            .into_iter()
+            .filter(|(k, _)| self.seen.insert(k.clone()))
+            .collect();
+        prop_assert_eq!(script, core, "wake-ups at step {}", self.step);
+        Ok(())
+    }
+
+    /// The reply's last field, the delay to the next deadline, against the core's exact one.
+    fn compare_hint(&mut self, reply: &[String], exact: bool) -> Result<(), TestCaseError> {
+        let hint: i64 = reply.last().unwrap().parse().unwrap();
+        let next = self
+            .core
+            .next_deadline()
+            .map(|d| d.0.saturating_sub(self.now));
+        let script = u64::try_from(hint).ok();
+        if exact {
+            prop_assert_eq!(
+                script,
+                next,
+                "timer hint at step {}: {:?}",
+                self.step,
+                reply
+            );
+        } else {
+            // The fast path's release reports the nearest lease before its own removal: never
+            // later than the exact deadline (an early timer finds nothing due and re-arms).
+            prop_assert!(
+                script.is_some_and(|s| next.is_none_or(|n| s <= n)) || script == next,
+                "timer hint at step {}: {:?} vs {:?}",
+                self.step,
+                reply,
+                next
+            );
+        }
+        Ok(())
+    }
+
+    /// After each call: the status pass (an `advance` at the same moment on both sides), the
+    /// wake-ups of the whole step, and every status field.
+    fn compare_status(&mut self) -> Result<(), TestCaseError> {
+        let mut fx = Effects::default();
+        self.core.advance(Timestamp(self.now), &mut fx);
+        self.compare_wakes(&fx)?;
+        let (reply, outcomes) = self.fetched.take().expect("a call fetched the status");
+        self.compare_step_wakes(outcomes)?;
+        prop_assert_eq!(reply.first().map(String::as_str), Some("status"));
+        let schema = floodgate::store::redis::status_schema();
+        let f: BTreeMap<&str, &str> = schema
+            .iter()
+            .copied()
+            .zip(reply[1..].iter().map(String::as_str))
+            .collect();
+        prop_assert_eq!(reply.len(), schema.len() + 2, "status fields: {:?}", reply);
+        let n = |k: &str| f[k].parse::<u64>().unwrap();
+        let st = self.core.status(&LimiterName::new("twin").unwrap());
+        let spec = &st.spec;
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let script = (
+            f["concurrency"].to_owned(),
+            n("lease_us"),
+            n("max_wait_us"),
+            n("max_queue"),
+            n("in_use"),
+            n("holders"),
+            n("waiting"),
+            n("waiting_permits"),
+            f["limit"].to_owned(),
+            f["learning"] == "1",
+            [f["rate_limit"], f["rate_period_us"], f["rate_burst"]].join("|"),
+            [
+                f["a_min"],
+                f["a_max"],
+                f["a_inc"],
+                f["a_dec"],
+                f["a_cool_us"],
+            ]
+            .join("|"),
+        );
+        let core = (
+            opt(spec.concurrency.map(u64::from)),
+            us(spec.default_lease),
+            us(spec.max_wait),
+            u64::from(spec.max_queue),
+            u64::from(st.in_use),
+            u64::from(st.holders),
+            u64::from(st.waiting),
+            st.waiting_permits,
+            opt(st.limit.map(u64::from)),
+            st.learning,
+            spec.rate.map_or("||".into(), |r| {
+                format!("{}|{}|{}", r.limit, us(r.period), r.burst)
+            }),
+            spec.adaptive.map_or("||||".into(), |a| {
+                format!(
+                    "{}|{}|{}|{:.17}|{}",
+                    a.min,
+                    a.max,
+                    a.increase,
+                    a.decrease,
+                    us(a.cooldown)
+                )
+            }),
+        );
+        prop_assert_eq!(script, core, "status at step {}: {:?}", self.step, reply);
+        let c = Counters {
+            granted: n("granted"),
+            released: n("released"),
+            expired: n("expired"),
+            timed_out: n("timed_out"),
+            cancelled: n("cancelled"),
+            queue_full: n("queue_full"),
+            rejected: n("rejected"),
+            extend_lost: n("extend_lost"),
+            paced: n("paced"),
+            scheduled: n("scheduled"),
+            feedback_ok: n("feedback_ok"),
+            feedback_throttled: n("feedback_throttled"),
+            feedback_error: n("feedback_error"),
+            limit_decreases: n("limit_decreases"),
+            limit_increases: n("limit_increases"),
+            adopted: n("adopted"),
+        };
+        prop_assert_eq!(c, st.counters, "counters at step {}", self.step);
+        self.compare_hint(&reply, true)
+    }
+
+    fn run(&mut self, steps: &[Step], extras: &[(usize, u64, Extra)]) -> Result<(), TestCaseError> {
+        for (i, s) in steps.iter().enumerate() {
+            self.step += 1;
+            self.now += s.dt_ms * 1_000;
+            self.one(&s.op)?;
+            self.compare_status()?;
+            for (_, dt_ms, e) in extras.iter().filter(|(at, _, _)| *at == i) {
+                self.step += 1;
+                self.now += dt_ms * 1_000;
+                self.extra(e)?;
+                self.compare_status()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn extra(&mut self, e: &Extra) -> Result<(), TestCaseError> {
+        let ts = Timestamp(self.now);
+        let mut fx = Effects::default();
+        let step = self.step;
+        match e {
+            Extra::Feedback(k) => {
+                let (outcome, word) = match k {
+                    0 => (Feedback::Ok, "ok"),
+                    1 => (Feedback::Throttled, "throttled"),
+                    _ => (Feedback::Error, "error"),
+                };
+                let got = self.core.feedback(ts, outcome, &mut fx);
+                let reply = self.call("feedback", &[word.to_owned()]);
+                let want = got.map(|l| l.to_string()).unwrap_or_default();
+                prop_assert_eq!(&reply[..2], &["limit".to_owned(), want], "step {}", step);
+                self.compare_wakes(&fx)?;
+                self.compare_hint(&reply, true)?;
+            }
+            Extra::Schedule(count) => {
+                let got = self.core.schedule(ts, *count, &mut fx);
+                let reply = self.call("schedule", &[count.to_string()]);
+                match got {
+                    Ok(offsets) => {
+                        let mut want = vec!["offsets".to_owned()];
+                        want.extend(offsets.iter().map(|d| us(*d).to_string()));
+                        prop_assert_eq!(&reply[..reply.len() - 1], &want[..], "step {}", step);
+                        self.compare_hint(&reply, true)?;
+                    }
+                    Err(f) => prop_assert_eq!(
+                        &reply[..3],
+                        &["invalid".to_owned(), f.field.to_owned(), f.message],
+                        "step {}",
+                        step
+                    ),
+                }
+                self.compare_wakes(&fx)?;
+            }
+            Extra::Adopt {
+                n,
+                permits,
+                lease_ms,
+            } => {
+                let token = self.core.next_token() + FAR + n;
+                let lease = Duration::from_millis(*lease_ms);
+                let got = self.core.extend_or_adopt(
+                    ts,
+                    FencingToken(token),
+                    lease,
+                    Some(*permits),
+                    &mut fx,
+                );
+                let reply = self.call(
+                    "extend",
+                    &[
+                        token.to_string(),
+                        us(lease).to_string(),
+                        permits.to_string(),
+                    ],
+                );
+                match got {
+                    Ok(Ok(d)) => {
+                        prop_assert_eq!(&reply[..2], &["extended".to_owned(), d.0.to_string()]);
+                        self.tokens.push(token);
+                    }
+                    Ok(Err(_)) => prop_assert_eq!(reply[0].as_str(), "lost", "step {}", step),
+                    Err(f) => prop_assert!(false, "invalid adopt: {:?}", f),
+                }
+                self.compare_wakes(&fx)?;
+                self.compare_hint(&reply, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn one(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        let ts = Timestamp(self.now);
+        let mut fx = Effects::default();
+        let step = self.step;
+        match op {
+            Op::Acquire {
+                permits,
+                lease_ms,
+                wait_ms,
+            } => {
+                let permits = permits_for(*permits, self.core_limit());
+                let req = AcquireRequest {
+                    permits,
+                    lease: lease_ms.map(Duration::from_millis),
+                    wait: wait_ms.map(Duration::from_millis),
+                    holder: None,
+                    request_id: None,
+                };
+                self.acquires += 1;
+                let key = format!("k{}", self.acquires);
+                let got = self.core.acquire(ts, &req, &mut fx);
+                let reply = self.call(
+                    "acquire",
+                    &[
+                        permits.to_string(),
+                        lease_ms
+                            .map(|ms| (ms * 1_000).to_string())
+                            .unwrap_or_default(),
+                        wait_ms
+                            .map(|ms| (ms * 1_000).to_string())
+                            .unwrap_or_default(),
+                        key.clone(),
+                        "twin-channel".into(),
+                    ],
+                );
+                let r: Vec<&str> = reply.iter().map(String::as_str).collect();
+                match &got {
+                    Admission::Granted(g) => {
+                        let want = [
+                            "granted".to_owned(),
+                            g.token.0.to_string(),
+                            g.permits.to_string(),
+                            us(g.lease).to_string(),
+                            g.lease_deadline.0.to_string(),
+                            g.granted_at.0.to_string(),
+                            us(g.waited).to_string(),
+                        ];
+                        prop_assert_eq!(&reply[..reply.len() - 1], &want[..], "step {}", step);
+                        self.tokens.push(g.token.0);
+                    }
+                    Admission::Queued(id) => {
+                        prop_assert_eq!(r[0], "queued", "step {}: {:?}", step, reply);
+                        self.queued.push((id.0, key));
+                    }
+                    Admission::Refused(refusal) => {
+                        let want = match refusal {
+                            Refusal::WaitTimeout { retry_after } => {
+                                vec!["timeout".to_owned(), us(*retry_after).to_string()]
+                            }
+                            Refusal::QueueFull { retry_after } => {
+                                vec!["queue_full".to_owned(), us(*retry_after).to_string()]
+                            }
+                            Refusal::PermitsExceedLimit { requested, limit } => vec![
+                                "exceeds".to_owned(),
+                                requested.to_string(),
+                                limit.to_string(),
+                            ],
+                            Refusal::Invalid(f) => {
+                                vec!["invalid".to_owned(), f.field.to_owned(), f.message.clone()]
+                            }
+                            Refusal::LimiterDeleted => vec!["deleted".to_owned()],
+                        };
+                        prop_assert_eq!(&reply[..reply.len() - 1], &want[..], "step {}", step);
+                    }
+                }
+                self.compare_wakes(&fx)?;
+                self.compare_hint(&reply, true)?;
+            }
+            Op::Release(pick) => {
+                let token = self.pick_token(pick);
+                let got = self.core.release(ts, FencingToken(token), &mut fx);
+                let reply = self.call("release", &[token.to_string()]);
+                let want = if got { "1" } else { "0" };
+                prop_assert_eq!(
+                    (reply[0].as_str(), reply[1].as_str()),
+                    ("released", want),
+                    "release of {} at step {}",
+                    token,
+                    step
+                );
+                self.compare_wakes(&fx)?;
+                self.compare_hint(&reply, self.general)?;
+            }
+            Op::Extend(pick, lease_ms) => {
+                let token = self.pick_token(pick);
+                let lease = Duration::from_millis(*lease_ms);
+                let got = self.core.extend(ts, FencingToken(token), lease, &mut fx);
+                let reply = self.call(
+                    "extend",
+                    &[token.to_string(), us(lease).to_string(), String::new()],
+                );
+                match got {
+                    Ok(Ok(d)) => {
+                        prop_assert_eq!(&reply[..2], &["extended".to_owned(), d.0.to_string()])
+                    }
+                    Ok(Err(_)) => prop_assert_eq!(reply[0].as_str(), "lost", "step {}", step),
+                    Err(f) => {
+                        prop_assert_eq!(
+                            &reply[..3],
+                            &["invalid".to_owned(), f.field.to_owned(), f.message],
+                            "step {}",
+                            step
+                        );
+                        prop_assert!(fx.is_empty());
+                        return self.compare_wakes(&fx);
+                    }
+                }
+                self.compare_wakes(&fx)?;
+                self.compare_hint(&reply, true)?;
+            }
+            Op::Cancel(pick) => {
+                let (id, key) = self.pick_waiter(pick);
+                let got = self.core.cancel(ts, WaiterId(id), &mut fx);
+                let reply = self.call("cancel", &[key.clone(), "drop".into()]);
+                prop_assert_eq!(
+                    reply[0] == "cancelled",
+                    got,
+                    "cancel of {} at step {}: {:?}",
+                    key,
+                    step,
+                    reply
+                );
+                if got {
+                    let pos = self.queued.iter().position(|(q, _)| *q == id).unwrap();
+                    let w = self.queued.remove(pos);
+                    self.departed.push(w);
+                }
+                self.compare_wakes(&fx)?;
+                self.compare_hint(&reply, true)?;
+            }
+            Op::Reconfigure(spec) => {
+                self.puts += 1;
+                let full = apply(spec, &self.variations[self.puts % self.variations.len()]);
+                self.core
+                    .reconfigure(ts, full.clone(), &mut fx)
+                    .expect("generated specs are valid");
+                let reply = self.put(&full, 1, 0);
+                prop_assert_eq!(reply[0].as_str(), "status", "step {}", step);
+                self.compare_wakes(&fx)?;
+                self.compare_hint(&reply, true)?;
+            }
+            Op::Advance(ms) => {
+                self.now += ms * 1_000;
+                self.core.advance(Timestamp(self.now), &mut fx);
+                let reply = self.call("advance", &[]);
+                self.compare_wakes(&fx)?;
+                self.compare_hint(&reply, true)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn the_script_matches_the_core() {
+    let server = support::RedisServer::start();
+    let conn = RefCell::new(
+        redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap(),
+    );
+    let script = redis::Script::new(&floodgate::store::redis::script_source());
+    // Pipelines send EVALSHA: the script must be there.
+    script.load(&mut *conn.borrow_mut()).unwrap();
+    let cases = std::env::var("FLOODGATE_TWIN_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2_000);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let n = Cell::new(0_u64);
+    let result = runner.run(
+        &(
+            scenario().prop_map(|(spec, first, mut steps)| {
+                // Shorter than the model test's sequences: each step is a Redis round trip.
+                steps.truncate(STEPS);
+                (spec, first, steps)
+            }),
+            any::<bool>(),
+            prop::collection::vec(variation(), 1..=6),
+            prop::collection::vec((0..STEPS, span_ms(1_000), extra()), 0..=12),
+            prop_oneof![2 => Just(None), 1 => (1_u64..=3_000).prop_map(Some)],
+        ),
+        |((spec, first_token, steps), general, variations, extras, learn_ms)| {
+            n.set(n.get() + 1);
+            let name = format!("twin{}", n.get());
+            Twin::new(
+                &conn,
+                &script,
+                name,
+                &spec,
+                first_token,
+                general,
+                variations,
+                learn_ms,
+            )?
+            .run(&steps, &extras)
+        },
+    );
+    if let Err(e) = result {
+        panic!("the script and the core differ: {e}");
+    }
+    eprintln!("{} sequences compared", n.get());
+}
