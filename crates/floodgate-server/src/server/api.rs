@@ -248,6 +248,10 @@ pub(crate) struct AcquireBody {
     lease_ms: Option<u64>,
     wait_ms: Option<u64>,
     holder: Option<String>,
+    /// Idempotency id of the acquire (issue 10): accepted so clients can send it; the server
+    /// side that honours it is the lead's.
+    #[allow(dead_code)]
+    request_id: Option<String>,
 }
 
 /// A granted permit.
@@ -454,6 +458,10 @@ pub(super) async fn feedback<S: Store>(
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExtendBody {
     lease_ms: Option<u64>,
+    /// The permit's size (issue 10): accepted so clients can send it; re-adoption after state
+    /// loss is h-redis's.
+    #[allow(dead_code)]
+    permits: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
