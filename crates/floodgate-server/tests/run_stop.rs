@@ -458,3 +458,127 @@ async fn a_lease_that_ends_during_the_outage_stops_the_command() {
     assert!(log.contains("lease ran out"), "{log}");
     assert_eq!(scratch.read("trapped").trim(), "TERM");
 }
+
+/// A TCP front for the server that records every request body and hangs up, without an
+/// answer, on the first acquire (as a connection broken mid-request would). One request per
+/// connection: it asks the server to close, so the client opens a new one each time.
+async fn dropping_proxy(upstream: String) -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = upstream.trim_start_matches("http://").to_owned();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        let mut dropped = false;
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let mut data = Vec::new();
+            let mut buf = [0u8; 65536];
+            let (head, mut body) = loop {
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), Vec::new());
+                }
+                data.extend_from_slice(&buf[..n]);
+                if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&data[..i]).into_owned();
+                    break (head, data[i + 4..].to_vec());
+                }
+            };
+            if head.is_empty() {
+                continue;
+            }
+            let length: usize = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .map_or(0, |(_, v)| v.trim().parse().unwrap());
+            while body.len() < length {
+                let n = conn.read(&mut buf).await.unwrap();
+                body.extend_from_slice(&buf[..n]);
+            }
+            if !body.is_empty() {
+                seen.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap());
+            }
+            if head.contains("/acquire") && !dropped {
+                dropped = true;
+                continue; // `conn` dropped: hung up without an answer
+            }
+            let head: Vec<&str> = head
+                .lines()
+                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                .collect();
+            let mut up = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            let request = format!("{}\r\nconnection: close\r\n\r\n", head.join("\r\n"));
+            up.write_all(request.as_bytes()).await.unwrap();
+            up.write_all(&body).await.unwrap();
+            let mut answer = Vec::new();
+            up.read_to_end(&mut answer).await.unwrap();
+            let _ = conn.write_all(&answer).await;
+        }
+    });
+    (url, bodies)
+}
+
+// Issue 10 item 3: an acquire that meets a connection error is sent again with the same
+// `request_id` (the server answers a repeat with the same grant); extends carry `permits`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_acquire_keeps_its_request_id_and_extends_carry_permits() {
+    let gate = Floodgate::in_memory();
+    gate.define(LIMITER, LimiterSpec::concurrency(3))
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(server::run(
+        listener,
+        gate.clone(),
+        ServerOptions::default(),
+        std::future::pending::<()>(),
+    ));
+    let (url, bodies) = dropping_proxy(upstream).await;
+    let scratch = Scratch::new("request-id");
+    let output = floodgate(
+        &url,
+        scratch.path(),
+        &[
+            "run",
+            LIMITER,
+            "--permits",
+            "2",
+            "--lease",
+            "300ms",
+            "--",
+            "sleep",
+            "0.5",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+
+    let bodies = bodies.lock().unwrap().clone();
+    let acquires: Vec<_> = bodies
+        .iter()
+        .filter(|b| b.get("wait_ms").is_some() || b.get("holder").is_some())
+        .collect();
+    assert_eq!(acquires.len(), 2, "{bodies:?}");
+    let id = acquires[0]["request_id"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+    assert_eq!(acquires[1]["request_id"].as_str(), Some(id));
+    let extends: Vec<_> = bodies
+        .iter()
+        .filter(|b| b.get("lease_ms").is_some() && b.get("holder").is_none())
+        .collect();
+    assert!(!extends.is_empty(), "{bodies:?}");
+    assert!(extends.iter().all(|b| b["permits"] == 2), "{extends:?}");
+    let status = status(&gate).await;
+    assert_eq!(status.counters.granted, 1, "one logical acquire, one grant");
+    assert_eq!(status.in_use, 0);
+}
