@@ -19,6 +19,10 @@
 //! first, with the same `request_id`, so a retry never takes a second permit).
 //!
 //! Warnings go to stderr, and a closed stderr never changes what happens to the command.
+//!
+//! Like coreutils `timeout`, the command's own process group is not the terminal's foreground
+//! group: Ctrl-C reaches it (forwarded), but a command that reads the terminal is stopped by
+//! SIGTTIN. `floodgate run` is for batch work; run interactive programs some other way.
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
