@@ -305,7 +305,7 @@ def test_a_permit_rides_out_a_server_restart(floodgate_bin: str, tmp_path: Path)
     outcome: Optional[str] = None
     try:
         try:
-            with fg.permit("lim", wait=1, lease=4, heartbeat=0.4) as p:
+            with fg.permit("lim", wait=1, lease=8, heartbeat=0.4) as p:
                 proc.kill()
                 # Extends fail (connection refused) and the permit is still held.
                 assert wait_until(lambda: isinstance(p.heartbeat_error, Unavailable), 10)

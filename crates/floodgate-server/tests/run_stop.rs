@@ -172,7 +172,7 @@ async fn a_closed_stderr_does_not_stop_the_lost_permit_path() {
         &url,
         scratch.path(),
         &[
-            "run", LIMITER, "--lease", "600ms", "--", "sh", "-c", TERM_EXITS,
+            "run", LIMITER, "--lease", "3s", "--", "sh", "-c", TERM_EXITS,
         ],
     )
     .spawn()
@@ -210,7 +210,7 @@ async fn a_command_that_ignores_sigterm_is_killed_after_the_grace() {
             "run",
             LIMITER,
             "--lease",
-            "600ms",
+            "3s",
             "--kill-after",
             "300ms",
             "--",
@@ -374,7 +374,7 @@ async fn the_command_keeps_running_while_the_server_restarts() {
     let mut child = floodgate(
         &server.url(),
         scratch.path(),
-        &["run", LIMITER, "--lease", "4s", "--", "sh", "-c", TICKING],
+        &["run", LIMITER, "--lease", "10s", "--", "sh", "-c", TICKING],
     )
     .spawn()
     .unwrap();
@@ -552,10 +552,10 @@ async fn a_retried_acquire_keeps_its_request_id_and_extends_carry_permits() {
             "--permits",
             "2",
             "--lease",
-            "300ms",
+            "1500ms",
             "--",
             "sleep",
-            "0.5",
+            "1.2",
         ],
     )
     .output()
