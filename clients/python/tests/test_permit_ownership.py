@@ -74,8 +74,8 @@ def test_the_blocks_own_exception_wins_over_permit_lost(
 
 def test_a_block_that_keeps_its_permit_exits_quietly(fg: Floodgate, limiter: MakeLimiter) -> None:
     name = limiter(1)
-    with fg.permit(name, wait=1, lease=0.3, heartbeat=0.05) as p:
-        time.sleep(0.8)  # past the lease: the heartbeat keeps it
+    with fg.permit(name, wait=1, lease=1.0, heartbeat=0.1) as p:
+        time.sleep(1.5)  # past the lease: the heartbeat keeps it
         released_early = False
     assert not released_early and p.released and not p.lost
     with fg.permit(name, wait=1, lease=5) as q:
@@ -114,7 +114,7 @@ def test_a_forked_child_leaves_the_parents_permit_alone(
     other = limiter(1)
     parent = os.getpid()
     done = tmp_path / "child-left-the-block"
-    with fg.permit(name, wait=1, lease=0.6, heartbeat=0.1) as p:
+    with fg.permit(name, wait=1, lease=1.5, heartbeat=0.2) as p:
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -135,7 +135,7 @@ def test_a_forked_child_leaves_the_parents_permit_alone(
             assert done.exists()
             # Still held by the parent, and still kept alive past its lease by the heartbeat.
             assert fg.limiter(name)["in_use"] == 1
-            time.sleep(1.0)
+            time.sleep(2.0)
             assert not p.lost and fg.limiter(name)["in_use"] == 1
     if os.getpid() != parent:
         # The child left the block: its __exit__ neither released nor raised.
