@@ -77,6 +77,7 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<u8, Failure> {
     let group = getpgrp();
     // The parent may have died before the death signal was asked for.
     if getppid() != parent {
+        warn("floodgate run died before the command started; it was not run");
         return Ok(EXIT_CANNOT_EXECUTE);
     }
 
