@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tests of the Python client against the real server. Creates a virtualenv in .venv (or $VENV),
-# installs the package with its test extras (pytest, celery[redis], redis) from this directory,
+# installs the package with its test extras (pytest, celery[redis], redis, mypy) from this directory,
+# type-checks the package with `mypy --strict`,
 # builds the server with cargo (unless FLOODGATE_BIN names one), and runs pytest; the fixtures
 # start floodgate serve, redis-server and a Celery worker on free loopback ports and stop them.
 #
@@ -41,6 +42,9 @@ if [ -z "${FLOODGATE_BIN:-}" ]; then
   fi
   export FLOODGATE_BIN="$REPO_ROOT/target/debug/floodgate"
 fi
+
+echo "== mypy --strict src"
+"$VENV/bin/python" -m mypy --strict src
 
 echo "== pytest (server: $FLOODGATE_BIN)"
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

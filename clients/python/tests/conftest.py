@@ -66,10 +66,11 @@ class ServerProcess:
     def url(self) -> str:
         return "http://127.0.0.1:{}".format(self.port)
 
-    def start(self) -> "ServerProcess":
+    def start(self, port: Optional[int] = None) -> "ServerProcess":
+        """Starts the server on a free port, or on ``port`` (a restart on the same address)."""
         last_error = ""
         for _ in range(5):  # the free port may be taken between the probe and the bind
-            self.port = free_port()
+            self.port = port or free_port()
             log = open(self.log_path, "ab")
             env = dict(os.environ)
             env.pop("FLOODGATE_TOKEN", None)
@@ -87,6 +88,13 @@ class ServerProcess:
             last_error = self.log_path.read_text(errors="replace")[-2000:]
             self.stop()
         raise RuntimeError("floodgate serve did not start:\n" + last_error)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would; the port stays as it was."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

@@ -7,7 +7,12 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 
-from floodgate import Floodgate, Unavailable, WaitTimeout
+import threading
+import uuid
+from pathlib import Path
+
+from floodgate import Floodgate, Unavailable, UnknownLimiter, WaitTimeout
+from conftest import ServerProcess, wait_until
 from floodgate.celery import (
     THROTTLE_RETRIES,
     UNAVAILABLE_RETRIES,
@@ -188,6 +193,74 @@ def test_floodgate_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ran == [None]  # ran without a permit (fail open)
     with pytest.raises(ValueError):
         limited("x", on_unavailable="sometimes")
+
+
+def test_unknown_limiter_is_retried_never_dropped(fg: Floodgate) -> None:
+    # Issue 12 item 3: a 404 unknown_limiter (a limiter not created yet, or lost with the
+    # store's state) used to fail the task for good.
+    name = "missing-{}".format(uuid.uuid4().hex[:8])
+    ran: List[int] = []
+
+    def body(self: Any) -> str:
+        ran.append(1)
+        return "done"
+
+    with pytest.raises(RetryCalled) as info:
+        limited(name, client=fg, backoff=0.5)(body)(BoundTask())
+    assert isinstance(info.value.kwargs["exc"], UnknownLimiter)
+    assert info.value.kwargs["headers"] == {UNAVAILABLE_RETRIES: 1}
+    assert 0 <= info.value.kwargs["countdown"] <= 0.5
+    # Its own backoff, doubling from the count in the headers, capped.
+    with pytest.raises(RetryCalled) as info:
+        limited(name, client=fg, unavailable_backoff=2, unavailable_backoff_max=3)(body)(
+            BoundTask({UNAVAILABLE_RETRIES: 4}))
+    assert info.value.kwargs["headers"] == {UNAVAILABLE_RETRIES: 5}
+    assert 0 <= info.value.kwargs["countdown"] <= 3
+    # Fail-open is for an unreachable server only: a missing limiter never runs unlimited.
+    with pytest.raises(RetryCalled):
+        limited(name, client=fg, on_unavailable="run")(body)(BoundTask())
+    # The bound the user chose, and "raise".
+    with pytest.raises(UnknownLimiter):
+        limited(name, client=fg, unavailable_max_retries=2)(body)(
+            BoundTask({UNAVAILABLE_RETRIES: 2}))
+    with pytest.raises(UnknownLimiter):
+        limited(name, client=fg, on_unavailable="raise")(body)(BoundTask())
+    assert ran == []
+    # Once the limiter exists, the retried task runs.
+    fg.define(name, 1)
+    assert limited(name, client=fg)(body)(BoundTask({UNAVAILABLE_RETRIES: 3})) == "done"
+    assert ran == [1]
+
+
+def test_shutting_down_is_retried_never_dropped(floodgate_bin: str, tmp_path: Path) -> None:
+    proc = ServerProcess(floodgate_bin, tmp_path).start()
+    fg = Floodgate(proc.url, retries=0)
+    fg.define("busy", 1)
+    held = fg.acquire("busy", wait=1)
+    outcome: List[BaseException] = []
+
+    def body(self: Any) -> str:
+        return "done"
+
+    def task() -> None:
+        try:
+            limited("busy", client=fg, wait=30, backoff=0.5)(body)(BoundTask())
+        except BaseException as e:  # noqa: BLE001 - inspected below
+            outcome.append(e)
+
+    t = threading.Thread(target=task)
+    t.start()
+    try:
+        assert wait_until(lambda: fg.limiter("busy")["waiting"] == 1, 10)
+        proc.stop()  # SIGTERM: the waiting acquire is answered 503 shutting_down
+        t.join(15)
+    finally:
+        proc.stop()
+    assert len(outcome) == 1 and isinstance(outcome[0], RetryCalled), outcome
+    exc = outcome[0].kwargs["exc"]
+    assert isinstance(exc, Unavailable) and exc.code == "shutting_down", exc
+    assert outcome[0].kwargs["headers"] == {UNAVAILABLE_RETRIES: 1}
+    assert held.lease > 0
 
 
 def test_client_from_env(monkeypatch: pytest.MonkeyPatch, fg: Floodgate,

@@ -162,7 +162,10 @@ def test_heartbeat_detects_a_permit_released_behind_its_back(
 ) -> None:
     name = limiter(1)
     lost_calls: List[Permit] = []
-    with fg.acquire(name, wait=1, lease=30, heartbeat=0.1, on_lost=lost_calls.append) as p:
+    # Leaving the block after the loss raises it too (issue 12 item 4).
+    with pytest.raises(PermitLost), fg.acquire(
+        name, wait=1, lease=30, heartbeat=0.1, on_lost=lost_calls.append
+    ) as p:
         assert fg.release(p.permit_id) is True  # someone else releases it by id
         assert wait_until(lambda: p.lost, 5)
         assert p.expires_in > 20  # the lease had not run out: the server said permit_lost

@@ -77,6 +77,45 @@ pub struct AcquireArgs {
     /// A label for introspection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,
+    /// One id per logical acquire, reused when a connection error makes us send it again, so
+    /// the server answers the retry with the same grant instead of a second permit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// The body of an extend.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExtendArgs {
+    /// The new lease in milliseconds (default: the limiter's lease).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// The permit's size: lets a server that lost its state re-adopt the permit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
+}
+
+/// A fresh random id for [`AcquireArgs::request_id`]: 32 hex digits.
+///
+/// Drawn from the standard library's randomly keyed SipHash (the keys come from the OS), over
+/// the time, the process id and a counter, so ids differ across processes and machines
+/// without a new dependency.
+pub fn new_request_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let half = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(salt);
+        h.write_u64(n);
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        h.finish()
+    };
+    format!("{:016x}{:016x}", half(1), half(2))
 }
 
 /// Talks to one Floodgate server.
@@ -191,6 +230,20 @@ impl Client {
             reqwest::Method::POST,
             &format!("/v1/permits/{permit_id}/extend"),
             Some(&body),
+        )
+        .await
+    }
+
+    /// `POST /v1/permits/{id}/extend` with every field of `args`.
+    pub async fn extend_with(
+        &self,
+        permit_id: &str,
+        args: &ExtendArgs,
+    ) -> Result<Value, ClientError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/permits/{permit_id}/extend"),
+            Some(args),
         )
         .await
     }

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use crate::core::{AcquireRequest, Grant, LimiterStatus};
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::LimiterSpec;
@@ -99,8 +101,9 @@ impl AcquireOptions {
 
     /// Makes the acquire idempotent: a repeat with the same id while the first is queued or
     /// its grant held gets that grant (or joins that wait) instead of a second permit. A
-    /// future dropped while queued with an id leaves its wait queued for a retry to join; a
-    /// grant made while nobody waits for it is released at once.
+    /// future dropped while queued with an id leaves its wait queued for
+    /// [`ORPHANED_WAIT_GRACE`](crate::core::ORPHANED_WAIT_GRACE) for a retry to join; a grant
+    /// made while nobody waits for it is released at once.
     pub fn request_id(mut self, id: impl Into<Arc<str>>) -> Self {
         self.request.request_id = Some(id.into());
         self
@@ -132,13 +135,18 @@ impl<B: LimiterBackend> Limiter<B> {
     /// Waits in FIFO order for permits. Dropping the future leaves the queue; a grant that
     /// raced the drop is released.
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
+        let sent = Instant::now();
         let grant = self.backend.acquire(options.request).await?;
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
         let held = !grant.lease.is_zero();
+        // The store started the lease between the request and its answer, and not before it
+        // had waited `waited`: the earliest it can end.
+        let local_deadline = (sent + grant.waited).min(Instant::now()) + grant.lease;
         Ok(Permit {
             backend: self.backend.clone(),
             grant,
             held,
+            local_deadline,
         })
     }
 
@@ -159,6 +167,11 @@ impl<B: LimiterBackend> Limiter<B> {
     }
 }
 
+/// First pause before retrying an extend the store could not carry out; doubles each time.
+const EXTEND_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest pause between retries of an extend.
+const EXTEND_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Held permits. Dropping the guard releases them; [`release`](Permit::release) does so
 /// explicitly and says whether they were still held; [`detach`](Permit::detach) keeps them
 /// until the lease ends (for handing the permit id to another process).
@@ -171,6 +184,9 @@ pub struct Permit<B: LimiterBackend> {
     grant: Grant,
     /// False once released, detached or found lost, so `Drop` does nothing.
     held: bool,
+    /// When the lease ends at the earliest, on this process's clock: how long an extend that
+    /// meets an unreachable store keeps trying.
+    local_deadline: Instant,
 }
 
 impl<B: LimiterBackend> Permit<B> {
@@ -205,24 +221,48 @@ impl<B: LimiterBackend> Permit<B> {
 
     /// Moves the lease deadline to now + `lease`. [`ExtendError::Lost`] if the permit expired
     /// or was released; it is never revived, and the guard then has nothing to release.
+    ///
+    /// A store that cannot be reached (a Redis restart or failover) does not end the work: the
+    /// extend is retried with short doubling pauses for as long as the lease lasts, and only
+    /// once it has certainly ended (on this process's clock) without a confirmed extend is
+    /// the [`StoreError::Unavailable`] returned. Either error means: stop the work.
     pub async fn extend(&mut self, lease: Duration) -> Result<Timestamp, ExtendError> {
-        // The permit's size rides along, so a store that lost its state re-adopts it.
-        match self
-            .backend
-            .extend(self.grant.token, lease, Some(self.grant.permits))
-            .await
-        {
-            Ok(deadline) => {
-                self.grant.lease_deadline = deadline;
-                self.grant.lease = lease;
-                Ok(deadline)
+        let mut backoff = EXTEND_BACKOFF;
+        loop {
+            let sent = Instant::now();
+            // The permit's size rides along, so a store that lost its state re-adopts it.
+            match self
+                .backend
+                .extend(self.grant.token, lease, Some(self.grant.permits))
+                .await
+            {
+                Ok(deadline) => {
+                    self.grant.lease_deadline = deadline;
+                    self.grant.lease = lease;
+                    self.local_deadline = self.local_deadline.max(sent + lease);
+                    return Ok(deadline);
+                }
+                Err(ExtendError::Lost) => {
+                    self.held = false;
+                    return Err(ExtendError::Lost);
+                }
+                Err(e @ ExtendError::Store(StoreError::Unavailable(_))) => {
+                    let now = Instant::now();
+                    if now >= self.local_deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(backoff.min(self.local_deadline - now)).await;
+                    backoff = (backoff * 2).min(EXTEND_BACKOFF_MAX);
+                }
+                Err(e) => return Err(e),
             }
-            Err(ExtendError::Lost) => {
-                self.held = false;
-                Err(ExtendError::Lost)
-            }
-            Err(e) => Err(e),
         }
+    }
+
+    /// When the lease ends at the earliest, on this process's clock (never later than the
+    /// store's deadline); moved by each confirmed extend.
+    pub fn local_deadline(&self) -> Instant {
+        self.local_deadline
     }
 
     /// Releases now. `Ok(false)` if the permit was no longer held (its lease ended).

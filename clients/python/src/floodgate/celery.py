@@ -22,6 +22,12 @@ What it does on each run of the task:
 - when the body raises one of ``throttle_exceptions`` (the backend said "too much"), reports
   ``throttled`` feedback to the server and retries with exponential backoff and full jitter,
   up to ``throttle_max_retries`` times.
+- when the acquire cannot be served right now, the task is never dropped: a server that cannot
+  be reached, answers 503 (``store_unavailable``, ``shutting_down``) or 404
+  ``unknown_limiter`` (a limiter not created yet, or lost with the store's state and not yet
+  re-created) makes the task retry with backoff (``unavailable_backoff`` doubling to
+  ``unavailable_backoff_max``, full jitter), up to ``unavailable_max_retries`` (unbounded by
+  default), unless ``on_unavailable`` says otherwise.
 - reports ``ok`` (with the body's latency) or ``error`` feedback otherwise. A server without the
   feedback endpoint (404 ``not_found``) is remembered and not asked again for a minute.
 
@@ -49,7 +55,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     ) from e
 
 from .client import Floodgate, Permit, Seconds
-from .errors import FloodgateError, NoPermit, NotFound, Unavailable
+from .errors import FloodgateError, NoPermit, NotFound, Unavailable, UnknownLimiter
 
 __all__ = ["limited", "paced_fan_out", "current_permit", "full_jitter", "client_from_env"]
 
@@ -181,6 +187,8 @@ def limited(
     feedback: bool = True,
     on_unavailable: str = "retry",
     unavailable_max_retries: Optional[int] = None,
+    unavailable_backoff: Optional[float] = None,
+    unavailable_backoff_max: Optional[float] = None,
 ) -> Callable[[F], F]:
     """Runs a bound Celery task's body under a permit of limiter ``name``. Put it under
     ``@app.task(bind=True)``.
@@ -208,13 +216,24 @@ def limited(
         max_countdown: cap on that countdown (the server's hint can be as long as a lease when
             nothing has been released yet); ``None``: no cap.
         feedback: report ``ok`` / ``throttled`` / ``error`` with the body's latency.
-        on_unavailable: when the Floodgate server cannot be reached: ``"retry"`` (retry the
-            task with backoff; unbounded unless ``unavailable_max_retries``), ``"run"`` (fail
-            open: run the body without a permit, logged) or ``"raise"``.
+        on_unavailable: when the Floodgate server cannot be reached or answers 503
+            (``store_unavailable``, ``shutting_down``): ``"retry"`` (retry the task with
+            backoff; unbounded unless ``unavailable_max_retries``), ``"run"`` (fail open: run
+            the body without a permit, logged) or ``"raise"``. A 404 ``unknown_limiter`` is
+            retried the same way under ``"retry"`` and ``"run"`` (a missing limiter never runs
+            the body unlimited) and raised under ``"raise"``.
+        unavailable_max_retries: the bound on those retries (counted in the
+            ``floodgate_unavailable_retries`` header); ``None`` is unbounded. Past it, the
+            error is raised.
+        unavailable_backoff, unavailable_backoff_max: their countdown is uniform in
+            ``[0, min(max, base * 2**n)]`` after the n-th (default: ``backoff`` and
+            ``backoff_max``).
     """
     if on_unavailable not in ("retry", "run", "raise"):
         raise ValueError("on_unavailable must be 'retry', 'run' or 'raise'")
     throttles = tuple(throttle_exceptions)
+    retry_base = backoff if unavailable_backoff is None else float(unavailable_backoff)
+    retry_cap = backoff_max if unavailable_backoff_max is None else float(unavailable_backoff_max)
 
     def resolve_client() -> Floodgate:
         if client is None:
@@ -253,19 +272,19 @@ def limited(
                     max_retries=_UNBOUNDED,
                     headers=_headers(request, WAIT_RETRIES, n + 1),
                 )
-            except Unavailable as e:
+            except (Unavailable, UnknownLimiter) as e:
                 if on_unavailable == "raise":
                     raise
-                if on_unavailable == "run":
+                if on_unavailable == "run" and isinstance(e, Unavailable):
                     log.warning("floodgate: %s unreachable (%s); running %s without a permit",
                                 fg.url, e, self.name)
                     return fun(self, *args, **kwargs)
                 n = _count(request, UNAVAILABLE_RETRIES)
                 if unavailable_max_retries is not None and n >= unavailable_max_retries:
                     raise
-                countdown = full_jitter(n, backoff, backoff_max)
-                log.warning("floodgate: %s unreachable (%s); retry %s in %.3f s",
-                            fg.url, e, self.name, countdown)
+                countdown = full_jitter(n, retry_base, retry_cap)
+                log.warning("floodgate: %s cannot grant %s now (%s); retry %s in %.3f s",
+                            fg.url, limiter, e, self.name, countdown)
                 raise self.retry(
                     countdown=countdown,
                     exc=e,

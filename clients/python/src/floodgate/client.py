@@ -1,8 +1,10 @@
 """The HTTP client: :class:`Floodgate` and the :class:`Permit` it grants.
 
-Standard library only (``http.client``, ``json``, ``threading``). One short-lived connection per
-request, so a client is safe to share between threads and across ``fork()`` (Celery's prefork
-pool): there is no pooled socket to corrupt.
+Standard library only (``http.client``, ``json``, ``threading``). Connections are kept alive
+in a small pool, one request at a time per connection, so a client is safe to share between
+threads. The pool belongs to the process that made it: after ``fork()`` (Celery's prefork pool)
+the child starts an empty pool of its own and never touches the parent's sockets, as redis-py's
+pool does (it checks ``os.getpid()``). Permits belong to their process in the same way.
 """
 
 import datetime
@@ -17,6 +19,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
@@ -48,6 +51,18 @@ DEFAULT_URL = "http://127.0.0.1:8750"
 MAX_SERVER_WAIT = 3600.0
 
 _USER_AGENT = "floodgate-python/0.1"
+
+#: Idle keep-alive connections kept per client (and process).
+_POOL_SIZE = 8
+
+#: Errors of a request on a kept-alive connection that the server had already closed while it
+#: was idle: the request never reached the server, so it is sent again on a new connection.
+_STALE = (
+    http.client.RemoteDisconnected,
+    BrokenPipeError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+)
 
 
 def _seconds(value: Seconds) -> float:
@@ -143,8 +158,9 @@ class Floodgate:
             (``shutting_down``, ``store_unavailable``) before :class:`Unavailable` is raised.
         backoff: the first retry's delay in seconds; it doubles each retry (with jitter), up to
             ``backoff_max``.
-        holder: the default label of acquires (shown by the server); ``"HOSTNAME/PID"`` when
-            left out. Pass ``""`` for none.
+        holder: the default label of acquires (shown by the server); ``"HOSTNAME/PID"`` of the
+            process that acquires when left out (so it follows a forked child's pid). Pass
+            ``""`` for none.
         ssl_context: for ``https://`` URLs; the default context verifies certificates.
     """
 
@@ -172,9 +188,7 @@ class Floodgate:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.backoff_max = float(backoff_max)
-        self.holder = (
-            holder if holder is not None else "{}/{}".format(socket.gethostname(), os.getpid())
-        )
+        self._holder = holder
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
@@ -182,6 +196,37 @@ class Floodgate:
         self._ssl_context = ssl_context
         # A server without the feedback endpoint (404 not_found) is not asked again for a while.
         self._no_feedback_until = 0.0
+        # The keep-alive pool and the process it belongs to (see _pool_of_this_process).
+        self._pool_pid = os.getpid()
+        self._pool: List[http.client.HTTPConnection] = []
+        self._pool_lock = threading.Lock()
+        # Connections this process has opened (see connections_opened).
+        self._opened = 0
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections this process has opened to the server (keep-alive makes it small)."""
+        self._pool_of_this_process()
+        return self._opened
+
+    @property
+    def holder(self) -> str:
+        """The default holder label: the one given, else ``"HOSTNAME/PID"`` of this process."""
+        if self._holder is not None:
+            return self._holder
+        return "{}/{}".format(socket.gethostname(), os.getpid())
+
+    @holder.setter
+    def holder(self, value: Optional[str]) -> None:
+        self._holder = value
+
+    def close(self) -> None:
+        """Closes the idle keep-alive connections (new requests open new ones)."""
+        self._pool_of_this_process()
+        with self._pool_lock:
+            idle, self._pool = self._pool, []
+        for conn in idle:
+            conn.close()
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "Floodgate":
@@ -239,6 +284,10 @@ class Floodgate:
         # The long poll is answered at the latest when the wait ends: give the read that long
         # plus the ordinary timeout.
         held_for = MAX_SERVER_WAIT if wait is None else max(0.0, _seconds(wait))
+        # One id per logical acquire, resent unchanged when a connection error makes the
+        # request go again: the server answers the repeat with the same grant (or the same
+        # wait), never a second permit.
+        body["request_id"] = uuid.uuid4().hex
         started = time.monotonic()
         data = self._request(
             "POST",
@@ -284,9 +333,12 @@ class Floodgate:
             on_lost=on_lost,
         )
 
-    def extend(self, permit_id: str, lease: Optional[Seconds] = None) -> Dict[str, Any]:
-        """Extends a permit by id (see :meth:`Permit.extend`). Raises :class:`PermitLost`."""
-        return self._extend(permit_id, lease)
+    def extend(
+        self, permit_id: str, lease: Optional[Seconds] = None, permits: Optional[int] = None
+    ) -> Dict[str, Any]:
+        """Extends a permit by id (see :meth:`Permit.extend`); ``permits`` is its size, which
+        lets a server that lost its state re-adopt it. Raises :class:`PermitLost`."""
+        return self._extend(permit_id, lease, permits=permits)
 
     def release(self, permit_id: str) -> bool:
         """Releases a permit by id; ``False`` when it was not held. Idempotent."""
@@ -299,10 +351,13 @@ class Floodgate:
         lease: Optional[Seconds],
         timeout: Optional[float] = None,
         retries: Optional[int] = None,
+        permits: Optional[int] = None,
     ) -> Dict[str, Any]:
         body: Dict[str, Any] = {}
         if lease is not None:
             body["lease_ms"] = _ms(lease, "lease_ms")
+        if permits is not None:
+            body["permits"] = permits
         return self._request(
             "POST",
             "/v1/permits/{}/extend".format(_quote(permit_id)),
@@ -490,20 +545,65 @@ class Floodgate:
         headers: Mapping[str, str],
         timeout: float,
     ) -> Tuple[int, bytes, http.client.HTTPMessage]:
-        conn: http.client.HTTPConnection
+        while True:
+            conn, reused = self._checkout(timeout)
+            try:
+                conn.request(method, self._prefix + path, body=data, headers=dict(headers))
+                response = conn.getresponse()
+                raw = response.read()
+            except _STALE:
+                conn.close()
+                if reused:
+                    continue  # closed by the server while idle: the request never arrived
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            if response.will_close:
+                conn.close()
+            else:
+                self._checkin(conn)
+            return response.status, raw, response.headers
+
+    def _pool_of_this_process(self) -> None:
+        """Starts an empty pool (and a new lock: another thread may have held the old one at
+        the fork) in a forked child. The parent's connections are left alone: closing or using
+        them here would break the parent's requests on the shared sockets."""
+        pid = os.getpid()
+        if self._pool_pid != pid:
+            self._pool_lock = threading.Lock()
+            self._pool = []
+            self._pool_pid = pid
+            self._opened = 0
+
+    def _checkout(self, timeout: float) -> Tuple[http.client.HTTPConnection, bool]:
+        """An idle connection of this process's pool (``True``), or a new one (``False``)."""
+        self._pool_of_this_process()
+        with self._pool_lock:
+            conn = self._pool.pop() if self._pool else None
+        if conn is not None:
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            return conn, True
         if self._https:
             conn = http.client.HTTPSConnection(
                 self._host, self._port, timeout=timeout, context=self._ssl_context
             )
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-        try:
-            conn.request(method, self._prefix + path, body=data, headers=dict(headers))
-            response = conn.getresponse()
-            raw = response.read()
-            return response.status, raw, response.headers
-        finally:
-            conn.close()
+        self._opened += 1
+        return conn, False
+
+    def _checkin(self, conn: http.client.HTTPConnection) -> None:
+        if self._pool_pid != os.getpid():
+            conn.close()  # made before a fork that happened during the request
+            return
+        with self._pool_lock:
+            if len(self._pool) < _POOL_SIZE:
+                self._pool.append(conn)
+                return
+        conn.close()
 
     def _request(
         self,
@@ -596,6 +696,11 @@ class Permit:
         permits: how many permits this grant holds.
         lease: the lease in seconds; the permit is reclaimed that long after the last extend.
         waited: how long the server held the acquire before granting, in seconds.
+
+    A permit belongs to the process that acquired it. In a process forked while it was held,
+    :meth:`release` does nothing (returns ``False``), :meth:`extend` raises ``RuntimeError``
+    and leaving its ``with`` block neither releases it nor raises: the parent still holds it
+    and keeps it alive.
     """
 
     def __init__(
@@ -618,12 +723,16 @@ class Permit:
         self._deadline = started + self.waited + self.lease
         self._lock = threading.Lock()
         self._lost = False
+        # Whether _lost came from the server's answer (rather than the local deadline).
+        self._server_said_lost = False
         self._released = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._on_lost: Optional[Callable[["Permit"], None]] = None
         self.heartbeat_error: Optional[BaseException] = None
         self.extensions = 0
+        # The process that holds the permit; a forked child must leave it alone.
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         state = "released" if self._released else ("lost" if self.lost else "held")
@@ -635,12 +744,18 @@ class Permit:
     def lost(self) -> bool:
         """Whether the permit is known or must be assumed to be lost: the server answered
         ``permit_lost`` to an extend, or the lease ran out with no confirmed extend (then the
-        server has reclaimed it too). Stop the work: another holder may have the slot."""
+        server has reclaimed it too). Stop the work: another holder may have the slot.
+
+        Once true it stays true: an extend that reaches the server after the local deadline
+        does not revive the permit."""
         if self._lost:
             return True
         if self._released or self.lease <= 0:
             return False
-        return time.monotonic() >= self._deadline
+        if time.monotonic() >= self._deadline:
+            self._lost = True
+            return True
+        return False
 
     @lost.setter
     def lost(self, value: bool) -> None:
@@ -661,13 +776,21 @@ class Permit:
         steps of long work: Python cannot safely interrupt the thread doing the work, so the
         heartbeat only records the loss."""
         if self.lost:
-            reason = (
-                "the server answered permit_lost" if self._lost
-                else "the lease ran out without a confirmed extend"
-            )
-            raise PermitLost(
-                "permit_lost", "permit {} is lost: {}".format(self.permit_id, reason), None
-            )
+            raise self._lost_error()
+
+    def _lost_error(self) -> PermitLost:
+        reason = (
+            "the server answered permit_lost" if self._server_said_lost
+            else "the lease ran out without a confirmed extend"
+        )
+        return PermitLost(
+            "permit_lost", "permit {} is lost: {}".format(self.permit_id, reason), None
+        )
+
+    @property
+    def owned(self) -> bool:
+        """Whether this process holds the permit (``False`` in a process forked meanwhile)."""
+        return self._pid == os.getpid()
 
     # -- extend and release ----------------------------------------------------------------
 
@@ -677,16 +800,35 @@ class Permit:
         Raises:
             PermitLost: the permit expired or was released; :attr:`lost` is set.
         """
+        if not self.owned:
+            raise RuntimeError(
+                "permit {} belongs to process {}, not to this one (forked while it was held)"
+                .format(self.permit_id, self._pid)
+            )
         seconds = self.lease if lease is None else _seconds(lease)
         self._extend(seconds, timeout=timeout, retries=None)
 
     def _extend(self, seconds: float, timeout: Optional[float], retries: Optional[int]) -> None:
+        # Asked after the lease ended (as far as this process can tell) without a confirmed
+        # extend: the server's answer is still asked for (410 says why), but even a success
+        # cannot cover the work done meanwhile.
+        too_late = self.lost
         started = time.monotonic()
+        if self.lease > 0 and not too_late:
+            # An answer that comes after the lease ended is too late to be relied upon.
+            remaining = self._deadline - started
+            base = self.client.timeout if timeout is None else timeout
+            timeout = max(0.001, min(base, remaining))
         try:
-            self.client._extend(self.permit_id, seconds, timeout=timeout, retries=retries)
+            self.client._extend(
+                self.permit_id, seconds, timeout=timeout, retries=retries, permits=self.permits
+            )
         except PermitLost:
             self._lost = True
+            self._server_said_lost = True
             raise
+        if too_late:
+            raise self._lost_error()
         with self._lock:
             # Measured from before the request: never later than the server's new deadline.
             self._deadline = max(self._deadline, started + seconds)
@@ -695,7 +837,10 @@ class Permit:
 
     def release(self) -> bool:
         """Stops the heartbeat and releases the permit. Returns whether the server still held
-        it (``False`` after expiry, a previous release or a loss). Calling it again is a no-op."""
+        it (``False`` after expiry, a previous release or a loss). Calling it again is a no-op.
+        In a process forked while the permit was held it does nothing and returns ``False``."""
+        if not self.owned:
+            return False
         self.stop_heartbeat()
         with self._lock:
             if self._released:
@@ -745,6 +890,10 @@ class Permit:
         self._thread = None
 
     def _heartbeat(self, interval: float) -> None:
+        """Extends every ``interval``. A server that cannot be reached, or answers 503 (a
+        restart, a store outage), does not end it: the extend is tried again every quarter
+        interval until it succeeds or the lease has ended without a confirmed extend. Only
+        ``permit_lost``, or that end, count as a loss."""
         delay = interval
         while not self._stop.wait(delay):
             started = time.monotonic()
@@ -754,18 +903,14 @@ class Permit:
             try:
                 self._extend(self.lease, timeout=timeout, retries=0)
             except PermitLost as e:
-                if self._stop.is_set():
-                    return  # released meanwhile: not a loss
-                self.heartbeat_error = e
-                log.warning("floodgate: permit %s was lost: %s", self.permit_id, e)
-                callback = self._on_lost
-                if callback is not None:
-                    try:
-                        callback(self)
-                    except Exception:  # noqa: BLE001 - the callback is the user's
-                        log.exception("floodgate: on_lost callback failed")
+                if not self._stop.is_set():  # else released meanwhile: not a loss
+                    self._heartbeat_lost(e)
                 return
             except FloodgateError as e:
+                if self.lost and not self._stop.is_set():
+                    # The lease ended while the server could not be reached.
+                    self._heartbeat_lost(self._lost_error())
+                    return
                 self.heartbeat_error = e
                 delay = max(0.05, interval / 4.0)
                 log.warning(
@@ -780,6 +925,16 @@ class Permit:
                 continue
             delay = max(0.0, interval - (time.monotonic() - started))
 
+    def _heartbeat_lost(self, e: PermitLost) -> None:
+        self.heartbeat_error = e
+        log.warning("floodgate: permit %s was lost: %s", self.permit_id, e)
+        callback = self._on_lost
+        if callback is not None:
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - the callback is the user's
+                log.exception("floodgate: on_lost callback failed")
+
     # -- context manager -------------------------------------------------------------------
 
     def __enter__(self) -> "Permit":
@@ -791,9 +946,34 @@ class Permit:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
+        """Releases the permit. Raises :class:`PermitLost` when the block ran past the loss of
+        its permit (the heartbeat learned ``permit_lost``, the lease ran out without a confirmed
+        extend, e.g. because a C call held the GIL longer than the lease, or the release found
+        it no longer held), unless the block is already raising its own exception (that one
+        goes on, with a note). In a process forked inside the block, does nothing."""
+        if not self.owned:
+            return
+        released_before = self._released
+        lost = self.lost
         try:
-            self.release()
+            still_held = self.release()
         except FloodgateError as e:
             # The lease reclaims it; do not hide the block's own exception (or fail a block
             # that succeeded) because the release could not be delivered.
             log.warning("floodgate: release of %s failed: %s", self.permit_id, e)
+            still_held = True
+        if released_before or self.lease <= 0:
+            return
+        if not lost and not still_held:
+            # The server no longer held it: it expired (or someone released it) meanwhile.
+            self._lost = True
+            lost = True
+        if not lost:
+            return
+        error = self._lost_error()
+        if exc is None:
+            raise error
+        log.warning("floodgate: %s; the block raised %r", error, exc)
+        add_note = getattr(exc, "add_note", None)
+        if add_note is not None:
+            add_note("floodgate: {}".format(error))

@@ -12,6 +12,7 @@ mod run;
 mod serve;
 mod simulate;
 mod status;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -53,6 +54,9 @@ enum Command {
     BenchDurability(bench_durability::BenchDurabilityArgs),
     /// Replay the seed's cascade in virtual time under each strategy and compare them.
     Simulate(simulate::SimulateArgs),
+    /// The watchdog between `floodgate run` and its command (internal).
+    #[command(name = "__watch", hide = true)]
+    Watch(watch::WatchArgs),
 }
 
 /// Where the server is, for the client commands.
@@ -107,6 +111,13 @@ impl From<ClientError> for Failure {
     }
 }
 
+/// Prints `floodgate: MESSAGE` on stderr. A stderr that cannot be written (a closed pipe) is
+/// ignored: it must never change what a command does (`eprintln!` would panic).
+pub(crate) fn warn(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "floodgate: {message}");
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -116,7 +127,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("floodgate: cannot start the runtime: {e}");
+            warn(&format!("cannot start the runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -129,12 +140,13 @@ pub fn main() -> ExitCode {
             Command::Bench(args) => bench::bench(args).await,
             Command::BenchDurability(args) => bench_durability::bench_durability(args).await,
             Command::Simulate(args) => simulate::simulate(args),
+            Command::Watch(args) => watch::watch(args).await,
         }
     });
     match result {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
-            eprintln!("floodgate: {}", failure.message);
+            warn(&failure.message);
             ExitCode::from(failure.code)
         }
     }

@@ -6,34 +6,40 @@
 //! 75 (EX_TEMPFAIL) without running anything. The command then runs with inherited stdio and
 //! `FLOODGATE_PERMIT_ID` / `FLOODGATE_FENCING_TOKEN` in its environment, while the lease is
 //! extended every third of its length. SIGINT, SIGTERM and SIGHUP sent to `floodgate run` are
-//! forwarded to the command (one that arrives while waiting for the permit ends the wait: exit
-//! 128 + N). If the permit is lost (the server answers `permit_lost`, or the lease runs out
-//! while the server cannot be reached) the command gets SIGTERM and `floodgate run` exits 75
-//! once it has stopped. Otherwise the permit is released when the command exits and
+//! forwarded to the command's process group (one that arrives while waiting for the permit ends
+//! the wait: exit 128 + N). The command runs in its own process group under a small watchdog
+//! (`floodgate __watch`) that stops the group if `floodgate run` dies, even by SIGKILL. While the
+//! server cannot be reached (or answers 503) the extend is retried and the command keeps
+//! running. If the permit is lost (the server answers `permit_lost`, or the lease runs out
+//! without a confirmed extend) the group gets SIGTERM, then SIGKILL after `--kill-after`, and
+//! `floodgate run` exits 75 once it has stopped. Otherwise the permit is released when the command exits and
 //! `floodgate run` exits with the command's status (128 + N if signal N killed it; 127 if the
 //! command is not found, 126 if it cannot be executed). A server that cannot be reached, or
-//! answers 503, exits 69 before the command runs.
+//! answers 503, exits 69 before the command runs (connection errors are retried a few times
+//! first, with the same `request_id`, so a retry never takes a second permit).
+//!
+//! Warnings go to stderr, and a closed stderr never changes what happens to the command.
+//!
+//! Like coreutils `timeout`, the command's own process group is not the terminal's foreground
+//! group: Ctrl-C reaches it (forwarded), but a command that reads the terminal is stopped by
+//! SIGTTIN. `floodgate run` is for batch work; run interactive programs some other way.
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use super::duration::parse_duration;
-use super::{Failure, ServerArgs, EXIT_TEMPFAIL, EXIT_UNAVAILABLE};
-use crate::client::{AcquireArgs, Client, ClientError, PermitReply};
+use super::watch::{self, exit_code, exit_code_for_signal, signal_group};
+use super::{warn, Failure, ServerArgs, EXIT_TEMPFAIL, EXIT_UNAVAILABLE};
+use crate::client::{new_request_id, AcquireArgs, Client, ClientError, ExtendArgs, PermitReply};
 use crate::wire::millis;
 
-/// Exit code when the command cannot be executed (as shells do).
-const EXIT_CANNOT_EXECUTE: u8 = 126;
-/// Exit code when the command is not found (as shells do).
-const EXIT_NOT_FOUND: u8 = 127;
 /// Attempts at releasing the permit before giving up (its lease then bounds it).
 const RELEASE_ATTEMPTS: u32 = 3;
 /// First pause between retries of a failed extend or release; doubles each time.
@@ -42,6 +48,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How much longer than the wait an acquire may take before the server counts as unreachable.
 const ACQUIRE_GRACE: Duration = Duration::from_secs(10);
+/// Attempts at an acquire that meets a connection error (same `request_id` each time) before
+/// the server counts as unreachable.
+const ACQUIRE_ATTEMPTS: u32 = 3;
 
 /// Flags of `floodgate run`.
 #[derive(Debug, clap::Args)]
@@ -63,6 +72,10 @@ pub(crate) struct RunArgs {
     /// A label for the permit, shown by the server [default: HOST:PID].
     #[arg(long, value_name = "LABEL")]
     holder: Option<String>,
+    /// Once the permit is lost the command's process group gets SIGTERM, then SIGKILL this
+    /// much later if it has not exited (also when `floodgate run` itself dies).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "10s")]
+    kill_after: Duration,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, num_args = 1.., value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -77,13 +90,11 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
         lease_ms: args.lease.map(millis),
         wait_ms: args.wait.map(millis),
         holder: Some(args.holder.clone().unwrap_or_else(default_holder)),
+        request_id: Some(new_request_id()),
     };
-    let sent = Instant::now();
-    // The server answers within the wait (capped by the limiter); one that does not answer at
-    // all must not hold us forever.
-    let acquire_limit = args.wait.unwrap_or(floodgate::spec::MAX_WAIT) + ACQUIRE_GRACE;
+    let mut sent = Instant::now();
     let permit = tokio::select! {
-        result = answer_within(&client, acquire_limit, client.acquire(&args.name, &request)) => {
+        result = acquire(&client, &args, &request, &mut sent) => {
             result.map_err(|e| acquire_failure(&args, e))?
         }
         sig = signals.next() => {
@@ -102,7 +113,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
     // before it had waited `waited_ms`; take the earliest it can end.
     let deadline = (sent + Duration::from_millis(permit.waited_ms)).min(received) + lease;
 
-    let mut child = match spawn(&args.command, &permit) {
+    let mut child = match spawn(&args, &permit) {
         Ok(child) => child,
         Err(failure) => {
             if !lease.is_zero() {
@@ -111,24 +122,47 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
             return Err(failure);
         }
     };
+    // The watchdog leads the command's process group: its pid is the group's id.
+    let group = child.id().and_then(|id| i32::try_from(id).ok());
 
-    let keep_alive = keep_alive(&client, &permit.permit_id, lease, deadline);
+    let keep_alive = keep_alive(&client, &permit, lease, deadline);
     tokio::pin!(keep_alive);
     let mut lost = false;
+    // When the grace after SIGTERM ends; `None` until the permit is lost or once SIGKILL went.
+    let mut kill_at: Option<Instant> = None;
     let waited = loop {
         tokio::select! {
             status = child.wait() => break status,
             sig = signals.next() => send_signal(&child, sig),
             why = &mut keep_alive, if !lost => {
                 lost = true;
-                warn(&format!(
-                    "permit {} lost ({why}); it no longer covers the command: sending it SIGTERM",
-                    permit.permit_id
-                ));
+                // The signal goes first: nothing about stderr may delay or prevent it.
                 send_signal(&child, Signal::SIGTERM);
+                kill_at = Some(Instant::now() + args.kill_after);
+                warn(&format!(
+                    "permit {} lost ({why}); it no longer covers the command: sent it SIGTERM, \
+                     SIGKILL in {} if it has not stopped",
+                    permit.permit_id,
+                    human(args.kill_after)
+                ));
+            }
+            () = sleep_until_some(kill_at) => {
+                kill_at = None;
+                send_signal(&child, Signal::SIGKILL);
+                warn(&format!(
+                    "the command outlived the {} grace after SIGTERM: sent it SIGKILL",
+                    human(args.kill_after)
+                ));
             }
         }
     };
+    if lost {
+        // Anything left in the group (a background process that ignored SIGTERM) goes too:
+        // the permit that covered it is gone.
+        if let Some(group) = group {
+            signal_group(group, Signal::SIGKILL);
+        }
+    }
 
     if lost {
         let how = match &waited {
@@ -190,36 +224,85 @@ impl Signals {
     }
 }
 
-/// Sends `sig` to the command. A child whose status has been collected has no id any more, so
-/// this never signals a recycled pid.
+/// Sends `sig` to the command's process group (the watchdog, which ignores it, the command and
+/// whatever it started). A child whose status has been collected has no id any more, so this
+/// never signals a recycled pid.
 fn send_signal(child: &Child, sig: Signal) {
-    let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
-        return;
-    };
-    if let Err(e) = kill(Pid::from_raw(pid), sig) {
-        warn(&format!("cannot send {} to the command: {e}", sig.as_str()));
+    if let Some(group) = child.id().and_then(|id| i32::try_from(id).ok()) {
+        signal_group(group, sig);
     }
 }
 
-fn spawn(command: &[OsString], permit: &PermitReply) -> Result<Child, Failure> {
-    let Some((program, rest)) = command.split_first() else {
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts the command under the watchdog, in a new process group (see [`watch`]).
+fn spawn(args: &RunArgs, permit: &PermitReply) -> Result<Child, Failure> {
+    if args.command.is_empty() {
         return Err(Failure::usage("no command given after --"));
-    };
-    Command::new(program)
-        .args(rest)
+    }
+    let exe = std::env::current_exe().map_err(|e| Failure {
+        code: 1,
+        message: format!("cannot find the floodgate binary to start the watchdog: {e}"),
+    })?;
+    Command::new(exe)
+        .arg(watch::SUBCOMMAND)
+        .arg("--parent")
+        .arg(std::process::id().to_string())
+        .arg("--kill-after-ms")
+        .arg(millis(args.kill_after).to_string())
+        .arg("--")
+        .args(&args.command)
         .env("FLOODGATE_PERMIT_ID", &permit.permit_id)
         .env("FLOODGATE_FENCING_TOKEN", permit.fencing_token.to_string())
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
+        .process_group(0)
         .spawn()
         .map_err(|e| Failure {
-            code: match e.kind() {
-                std::io::ErrorKind::NotFound => EXIT_NOT_FOUND,
-                _ => EXIT_CANNOT_EXECUTE,
-            },
-            message: format!("cannot run {}: {e}", program.to_string_lossy()),
+            code: 1,
+            message: format!("cannot start the watchdog: {e}"),
         })
+}
+
+/// Acquires, resending the same request (same `request_id`) after a connection error, a few
+/// times with doubling pauses. `sent` is set to when the last attempt was sent.
+async fn acquire(
+    client: &Client,
+    args: &RunArgs,
+    request: &AcquireArgs,
+    sent: &mut Instant,
+) -> Result<PermitReply, ClientError> {
+    // The server answers within the wait (capped by the limiter); one that does not answer at
+    // all must not hold us forever.
+    let limit = args.wait.unwrap_or(floodgate::spec::MAX_WAIT) + ACQUIRE_GRACE;
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        *sent = Instant::now();
+        match answer_within(client, limit, client.acquire(&args.name, request)).await {
+            // A server that took the whole limit to not answer is not asked again.
+            Err(e @ ClientError::Connection { .. })
+                if attempt < ACQUIRE_ATTEMPTS && sent.elapsed() < limit =>
+            {
+                warn(&format!(
+                    "cannot acquire a permit for {} ({e}); retrying in {}",
+                    args.name,
+                    human(backoff)
+                ));
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Extends the lease every `lease / 3` until the permit is lost; returns why it was.
@@ -229,7 +312,7 @@ fn spawn(command: &[OsString], permit: &PermitReply) -> Result<Child, Failure> {
 /// successful extend the server has reclaimed the permit, and it counts as lost.
 async fn keep_alive(
     client: &Client,
-    permit_id: &str,
+    permit: &PermitReply,
     lease: Duration,
     deadline: Instant,
 ) -> String {
@@ -237,7 +320,11 @@ async fn keep_alive(
         // A grant without a lease (a rate-only limiter): nothing to keep alive.
         return std::future::pending().await;
     }
-    let lease_ms = millis(lease);
+    let permit_id = permit.permit_id.as_str();
+    let extend = ExtendArgs {
+        lease_ms: Some(millis(lease)),
+        permits: Some(permit.permits),
+    };
     let period = (lease / 3).max(Duration::from_millis(1));
     let mut deadline = deadline;
     let mut next = Instant::now() + period;
@@ -251,7 +338,7 @@ async fn keep_alive(
             let limit = period
                 .max(Duration::from_secs(1))
                 .min(deadline.saturating_duration_since(sent));
-            match answer_within(client, limit, client.extend(permit_id, Some(lease_ms))).await {
+            match answer_within(client, limit, client.extend_with(permit_id, &extend)).await {
                 Ok(_) => {
                     deadline = sent + lease;
                     next = sent + period;
@@ -382,19 +469,6 @@ fn acquire_failure(args: &RunArgs, e: ClientError) -> Failure {
     }
 }
 
-/// The command's exit status as ours: its code, or 128 + the signal that killed it.
-fn exit_code(status: ExitStatus) -> u8 {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => u8::try_from(code & 0xff).unwrap_or(1),
-        (None, Some(sig)) => exit_code_for_signal(sig),
-        (None, None) => 1,
-    }
-}
-
-fn exit_code_for_signal(sig: i32) -> u8 {
-    u8::try_from(128 + (sig & 0x7f)).unwrap_or(1)
-}
-
 fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with status {code}"),
@@ -426,10 +500,6 @@ fn human(d: Duration) -> String {
         _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
         _ => format!("{ms}ms"),
     }
-}
-
-fn warn(message: &str) {
-    eprintln!("floodgate: {message}");
 }
 
 #[cfg(test)]

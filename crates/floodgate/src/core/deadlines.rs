@@ -46,17 +46,6 @@ impl DeadlineHeap {
         }
     }
 
-    /// The live entries, in no particular order.
-    pub(crate) fn live_entries<'a>(
-        &'a self,
-        is_live: impl Fn(u64, Timestamp) -> bool + 'a,
-    ) -> impl Iterator<Item = (Timestamp, u64)> + 'a {
-        self.heap
-            .iter()
-            .map(|Reverse(entry)| *entry)
-            .filter(move |(d, k)| is_live(*k, *d))
-    }
-
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.heap.len()

@@ -226,6 +226,11 @@ pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
 /// holder, quick enough to follow a change of workload within a few dozen releases.
 pub const HOLD_EWMA_WEIGHT: u64 = 8;
 
+/// How long a queued idempotent acquire whose caller went away stays queued for a retry with
+/// the same `request_id` to join (long enough for a client's reconnect and retry, short enough
+/// that a caller that gave up does not hold a queue slot for its whole wait).
+pub const ORPHANED_WAIT_GRACE: Duration = Duration::from_secs(5);
+
 /// Returned by `extend` when the permit is not held (released, expired or never granted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the permit was lost: it expired or was released")]
@@ -249,6 +254,9 @@ pub(crate) struct Waiter {
     pub(crate) permits: u32,
     pub(crate) lease: Duration,
     pub(crate) enqueued_at: Timestamp,
+    /// When its wait ends. Kept here (not only in the heap) so a retry that joins the wait,
+    /// or a caller that goes away, can move it: a heap entry is live only if it matches.
+    pub(crate) deadline: Timestamp,
     pub(crate) label: Option<Arc<str>>,
     /// The idempotency key, carried over to the grant.
     pub(crate) request: Option<Arc<str>>,
@@ -261,6 +269,11 @@ pub(crate) enum RequestRef {
     Queued(u64),
     /// A held grant: a repeat gets it again.
     Held(u64),
+}
+
+/// Whether a wait-heap entry is live: its waiter is queued with that deadline.
+fn live_wait(queue: &Queue<Waiter>, id: u64, deadline: Timestamp) -> bool {
+    queue.get(&id).is_some_and(|w| w.deadline == deadline)
 }
 
 /// Hashes the u64 keys (tokens, waiter ids) with one multiply: they are sequential, so
@@ -419,7 +432,7 @@ impl LimiterCore {
     /// (outcome delivered later as an effect) or refused.
     pub fn acquire(&mut self, now: Timestamp, req: &AcquireRequest, fx: &mut Effects) -> Admission {
         self.advance(now, fx);
-        if let Some(repeat) = self.repeat_of(req) {
+        if let Some(repeat) = self.repeat_of(now, req) {
             return repeat;
         }
         if req.permits == 0 {
@@ -491,6 +504,7 @@ impl LimiterCore {
                 permits: req.permits,
                 lease,
                 enqueued_at: now,
+                deadline,
                 label: req.holder.clone(),
                 request: req.request_id.clone(),
             },
@@ -504,7 +518,7 @@ impl LimiterCore {
         self.next_due = self.next_due.min(deadline);
         let queue = &self.queue;
         self.waits
-            .compact(queue.len(), |k, _| queue.contains_key(&k));
+            .compact(queue.len(), |k, d| live_wait(queue, k, d));
         Admission::Queued(WaiterId(id))
     }
 
@@ -648,7 +662,7 @@ impl LimiterCore {
                 .leases
                 .peek_live(|k, d| holders.get(&k).is_some_and(|h| h.deadline == d));
             let queue = &self.queue;
-            let wait = self.waits.peek_live(|k, _| queue.contains_key(&k));
+            let wait = self.waits.peek_live(|k, d| live_wait(queue, k, d));
             // Everything before now is handled below, so the nearest of these is exact.
             self.next_due = match (lease, wait) {
                 (Some((l, _)), Some((w, _))) => l.min(w),
@@ -726,7 +740,7 @@ impl LimiterCore {
         let queue = &self.queue;
         let wait = self
             .waits
-            .peek_live(|k, _| queue.contains_key(&k))
+            .peek_live(|k, d| live_wait(queue, k, d))
             .map(|(d, _)| d);
         let due = [lease, wait, self.learning_until]
             .into_iter()
@@ -961,7 +975,7 @@ impl LimiterCore {
 
     /// The answer to a repeated idempotent acquire: the grant it got, or its wait to join.
     /// `None` for a first acquire, or when what the key referred to has ended.
-    fn repeat_of(&self, req: &AcquireRequest) -> Option<Admission> {
+    fn repeat_of(&mut self, now: Timestamp, req: &AcquireRequest) -> Option<Admission> {
         let key = req.request_id.as_ref()?;
         match *self.requests.get(key)? {
             RequestRef::Held(token) => self.holders.get(&token).map(|h| {
@@ -974,11 +988,40 @@ impl LimiterCore {
                     waited: Duration::ZERO,
                 })
             }),
-            RequestRef::Queued(id) => self
-                .queue
-                .contains_key(&id)
-                .then_some(Admission::Queued(WaiterId(id))),
+            RequestRef::Queued(id) => {
+                // Joined: the wait now lasts as long as this caller asks.
+                let wait = req
+                    .wait
+                    .unwrap_or(self.spec.max_wait)
+                    .min(self.spec.max_wait);
+                let deadline = now.after(wait);
+                let waiter = self.queue.get_mut(&id)?;
+                waiter.deadline = deadline;
+                self.waits.push(deadline, id);
+                self.next_due = self.next_due.min(deadline);
+                Some(Admission::Queued(WaiterId(id)))
+            }
         }
+    }
+
+    /// The caller of a queued idempotent acquire went away: its wait is kept for `grace` (at
+    /// most its own deadline) so that a retry with the same key can join it, then ends. A
+    /// grant made meanwhile goes to nobody, and the store gives it back. `false` if the waiter
+    /// is not queued or has no key (cancel it instead).
+    pub fn orphan(&mut self, now: Timestamp, waiter: WaiterId, grace: Duration) -> bool {
+        let Some(w) = self.queue.get_mut(&waiter.0) else {
+            return false;
+        };
+        if w.request.is_none() {
+            return false;
+        }
+        let deadline = w.deadline.min(now.after(grace));
+        if deadline < w.deadline {
+            w.deadline = deadline;
+            self.waits.push(deadline, waiter.0);
+            self.next_due = self.next_due.min(deadline);
+        }
+        true
     }
 
     /// Forgets an idempotency key whose grant or wait has ended.

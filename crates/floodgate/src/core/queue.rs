@@ -49,6 +49,16 @@ impl<W> Queue<W> {
             .is_some_and(|i| self.entries[i].1.is_some())
     }
 
+    pub(crate) fn get(&self, id: &u64) -> Option<&W> {
+        let i = self.position(*id)?;
+        self.entries[i].1.as_ref()
+    }
+
+    pub(crate) fn get_mut(&mut self, id: &u64) -> Option<&mut W> {
+        let i = self.position(*id)?;
+        self.entries[i].1.as_mut()
+    }
+
     pub(crate) fn remove(&mut self, id: &u64) -> Option<W> {
         let i = self.position(*id)?;
         let waiter = self.entries[i].1.take()?;

@@ -205,12 +205,6 @@ impl LimiterCore {
             })
             .collect();
         holders.sort_by_key(|h| h.token);
-        // A waiter's deadline lives only in the heap: collect the live ones.
-        let mut deadlines: HashMap<u64, u64> = HashMap::new();
-        let queue = &self.queue;
-        for (d, id) in self.waits.live_entries(|k, _| queue.contains_key(&k)) {
-            deadlines.insert(id, d.0);
-        }
         let queue = self
             .queue
             .iter()
@@ -219,7 +213,7 @@ impl LimiterCore {
                 permits: w.permits,
                 lease_us: us(w.lease),
                 enqueued_at: w.enqueued_at.0,
-                deadline: deadlines.get(id).copied().unwrap_or(u64::MAX),
+                deadline: w.deadline.0,
                 label: w.label.as_deref().map(str::to_owned),
                 request: w.request.as_deref().map(str::to_owned),
             })
@@ -286,6 +280,7 @@ impl LimiterCore {
                     permits: w.permits,
                     lease: Duration::from_micros(w.lease_us),
                     enqueued_at: Timestamp(w.enqueued_at),
+                    deadline: Timestamp(w.deadline),
                     label: w.label.as_deref().map(Arc::from),
                     request,
                 },

@@ -66,6 +66,8 @@ pub(crate) enum Op {
     EnterLearning { until: u64 },
     /// A queued acquire gave up.
     Cancel { waiter: u64 },
+    /// A queued idempotent acquire's caller went away: kept `grace_us` for a retry.
+    Orphan { waiter: u64, grace_us: u64 },
     /// A `schedule` of this many rate tokens.
     Schedule { count: u32 },
     /// Backend feedback: 0 ok, 1 throttled, 2 error.
@@ -153,6 +155,9 @@ impl Op {
             Op::EnterLearning { until } => core.enter_learning(at, Timestamp(*until)),
             Op::Cancel { waiter } => {
                 core.cancel(at, WaiterId(*waiter), &mut fx);
+            }
+            Op::Orphan { waiter, grace_us } => {
+                core.orphan(at, WaiterId(*waiter), micros(*grace_us));
             }
             Op::Schedule { count } => {
                 let _ = core.schedule(at, *count, &mut fx);
