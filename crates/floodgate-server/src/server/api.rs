@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::AppState;
-use crate::wire::{millis, AdaptiveBody, RateBody};
+use crate::wire::{millis, non_null, AdaptiveBody, RateBody};
 
 type AppStateRef<S> = State<Arc<AppState<S>>>;
 
@@ -147,8 +147,11 @@ pub(super) async fn get_limiter<S: Store>(
 pub(crate) struct PutLimiter {
     #[serde(default, deserialize_with = "present")]
     concurrency: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "non_null")]
     lease_ms: Option<u64>,
+    #[serde(default, deserialize_with = "non_null")]
     max_wait_ms: Option<u64>,
+    #[serde(default, deserialize_with = "non_null")]
     max_queue: Option<u32>,
     #[serde(default, deserialize_with = "present")]
     rate: Option<Option<RateBody>>,
@@ -244,9 +247,13 @@ pub(super) async fn delete_limiter<S: Store>(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AcquireBody {
+    #[serde(default, deserialize_with = "non_null")]
     permits: Option<u32>,
+    #[serde(default, deserialize_with = "non_null")]
     lease_ms: Option<u64>,
+    #[serde(default, deserialize_with = "non_null")]
     wait_ms: Option<u64>,
+    #[serde(default, deserialize_with = "non_null")]
     holder: Option<String>,
 }
 
@@ -416,6 +423,7 @@ pub(crate) struct FeedbackBody {
     outcome: FeedbackOutcome,
     /// Accepted for the record; the AIMD controller uses outcomes only.
     #[allow(dead_code)]
+    #[serde(default, deserialize_with = "non_null")]
     latency_ms: Option<u64>,
 }
 
@@ -453,6 +461,7 @@ pub(super) async fn feedback<S: Store>(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExtendBody {
+    #[serde(default, deserialize_with = "non_null")]
     lease_ms: Option<u64>,
 }
 
@@ -469,13 +478,11 @@ pub(super) async fn extend<S: Store>(
     JsonBody(body): JsonBody<ExtendBody>,
 ) -> Result<Json<ExtendedBody>, ApiError> {
     let id = permit_id(path)?;
+    if let Some(ms) = body.lease_ms {
+        check_lease_ms(ms)?;
+    }
     if id.token.0 == 0 {
-        // A fail-open grant: nothing was accounted, so there is nothing to extend.
-        return Ok(Json(ExtendedBody {
-            permit_id: id.to_string(),
-            fencing_token: 0,
-            lease_ms: body.lease_ms.unwrap_or(0),
-        }));
+        return extend_fail_open(&state, &id, body.lease_ms).await;
     }
     // A permit of a limiter that no longer exists is not held.
     let limiter = match state.gate.store().limiter(&id.limiter).await {
@@ -500,6 +507,48 @@ pub(super) async fn extend<S: Store>(
         permit_id: id.to_string(),
         fencing_token: id.token.0,
         lease_ms: millis(lease),
+    }))
+}
+
+/// The lease range every store enforces (1 ms to 24 h), checked before any store call so a
+/// fail-open extend cannot echo a lease no store would grant.
+fn check_lease_ms(ms: u64) -> Result<(), ApiError> {
+    // floodgate's MAX_LEASE (24 h), which every store enforces on extend.
+    let max: u64 = 24 * 3600 * 1000;
+    if (1..=max).contains(&ms) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_field(
+            "lease_ms",
+            format!("must be between 1 and {max} ms (24 h)"),
+        ))
+    }
+}
+
+/// Extend of a fail-open grant (token 0), which no store recorded. Only a server that fails
+/// open hands those out, so any other server answers `permit_lost`; a fail-open server answers
+/// 200 while the store is down, and `permit_lost` once the store says the limiter does not exist.
+async fn extend_fail_open<S: Store>(
+    state: &AppState<S>,
+    id: &PermitId,
+    lease_ms: Option<u64>,
+) -> Result<Json<ExtendedBody>, ApiError> {
+    if !state.options.fail_open {
+        return Err(floodgate::ExtendError::Lost.into());
+    }
+    let known = match state.gate.store().limiter(&id.limiter).await {
+        Ok(limiter) => match limiter.status().await {
+            Ok(status) => Some(millis(status.spec.default_lease)),
+            Err(StoreError::UnknownLimiter(_)) => return Err(floodgate::ExtendError::Lost.into()),
+            Err(_) => None,
+        },
+        Err(StoreError::UnknownLimiter(_)) => return Err(floodgate::ExtendError::Lost.into()),
+        Err(_) => None,
+    };
+    Ok(Json(ExtendedBody {
+        permit_id: id.to_string(),
+        fencing_token: 0,
+        lease_ms: lease_ms.or(known).unwrap_or(0),
     }))
 }
 

@@ -55,6 +55,36 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         };
         // Anything after the JSON value (a second object, garbage) is an error, not ignored.
         de.end().map_err(|e| bad("body", &e))?;
+        // serde's derived structs also take arrays (fields by position); no body of this API
+        // has an array anywhere, so one is refused rather than read positionally. The typed
+        // parse above came first for its messages; this one only looks at the shape.
+        let tree: serde_json::Value = serde_json::from_slice(text).map_err(|e| bad("body", &e))?;
+        if !tree.is_object() {
+            return Err(bad("body", &"must be a JSON object"));
+        }
+        if let Some(path) = first_array(&tree, String::new()) {
+            return Err(bad(&path, &"must not be an array"));
+        }
         Ok(JsonBody(value))
+    }
+}
+
+/// The path (`rate.limit`) of the first array in `value`, if any.
+fn first_array(value: &serde_json::Value, path: String) -> Option<String> {
+    match value {
+        serde_json::Value::Array(_) => Some(if path.is_empty() {
+            "body".to_owned()
+        } else {
+            path
+        }),
+        serde_json::Value::Object(map) => map.iter().find_map(|(key, v)| {
+            let inner = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            first_array(v, inner)
+        }),
+        _ => None,
     }
 }

@@ -5,6 +5,7 @@ mod api;
 mod auth;
 pub mod error;
 mod extract;
+mod guard;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -86,6 +87,7 @@ pub fn router<S: Store>(
         .route("/limiters/{name}/feedback", post(api::feedback::<S>))
         .route("/permits/{permit_id}/extend", post(api::extend::<S>))
         .route("/permits/{permit_id}/release", post(api::release::<S>))
+        .route_layer(axum::middleware::from_fn(guard::require_json))
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::require_token::<S>,
@@ -107,6 +109,11 @@ pub fn router<S: Store>(
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                guard::refuse_declared_oversize(max_body, request, next)
+            },
+        ))
         .with_state(state);
     (app, tx)
 }
