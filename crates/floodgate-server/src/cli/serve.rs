@@ -2,10 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use floodgate::{FastClock, Floodgate, LimiterName, MemoryStore, RedisConfig, RedisStore, Store};
 use tracing_subscriber::EnvFilter;
 
+use super::duration::parse_duration;
 use super::Failure;
 use crate::config::FileConfig;
 use crate::server::{self, ServerOptions, DEFAULT_MAX_BODY_BYTES};
@@ -45,6 +47,23 @@ pub(crate) struct ServeArgs {
     /// store_unavailable; `fail_open` grants without accounting (counted and logged).
     #[arg(long, env = "FLOODGATE_ON_STORE_FAILURE", value_parser = ["fail_closed", "fail_open"])]
     on_store_failure: Option<String>,
+    /// Time a client has to send a request's head (line and headers), e.g. 10s [default: 10s].
+    #[arg(long, env = "FLOODGATE_HEADER_TIMEOUT", value_parser = parse_duration)]
+    header_timeout: Option<Duration>,
+    /// Time a client has to send a request's body [default: 30s].
+    #[arg(long, env = "FLOODGATE_BODY_TIMEOUT", value_parser = parse_duration)]
+    body_timeout: Option<Duration>,
+    /// Time a kept-alive connection may sit idle between requests [default: 60s].
+    #[arg(long, env = "FLOODGATE_IDLE_TIMEOUT", value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Most connections open at once; more are answered 503 and closed [default: 10000, or the
+    /// descriptor limit less 64 if that is lower].
+    #[arg(long, env = "FLOODGATE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// On SIGTERM/SIGINT, how long in-flight requests get before connections are closed
+    /// regardless [default: 10s].
+    #[arg(long, env = "FLOODGATE_SHUTDOWN_GRACE", value_parser = parse_duration)]
+    shutdown_grace: Option<Duration>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
@@ -65,7 +84,38 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .map_err(|e| Failure::usage(format!("listen: {text:?}: {e}")))?,
         (None, None) => SocketAddr::from(([127, 0, 0, 1], 8750)),
     };
+    // Connections, not the descriptor table, should be what runs out first.
+    let fd_limit = server::raise_fd_limit();
+    if let Some((old, new)) = fd_limit {
+        tracing::info!(old, new, "open file limit (soft)");
+    }
+    let ms = |v: Option<u64>| v.map(Duration::from_millis);
+    let default_max_connections = fd_limit.map_or(server::DEFAULT_MAX_CONNECTIONS, |(_, soft)| {
+        usize::try_from(soft.saturating_sub(64))
+            .unwrap_or(usize::MAX)
+            .clamp(1, server::DEFAULT_MAX_CONNECTIONS)
+    });
     let options = ServerOptions {
+        header_timeout: args
+            .header_timeout
+            .or(ms(file.header_timeout_ms))
+            .unwrap_or(server::DEFAULT_HEADER_TIMEOUT),
+        body_timeout: args
+            .body_timeout
+            .or(ms(file.body_timeout_ms))
+            .unwrap_or(server::DEFAULT_BODY_TIMEOUT),
+        idle_timeout: args
+            .idle_timeout
+            .or(ms(file.idle_timeout_ms))
+            .unwrap_or(server::DEFAULT_IDLE_TIMEOUT),
+        max_connections: args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(default_max_connections),
+        shutdown_grace: args
+            .shutdown_grace
+            .or(ms(file.shutdown_grace_ms))
+            .unwrap_or(server::DEFAULT_SHUTDOWN_GRACE),
         token: args.token.or(file.token.clone()).filter(|t| !t.is_empty()),
         metrics_require_token: args
             .metrics_require_token
@@ -160,6 +210,7 @@ async fn serve_on<S: Store>(
         limiters = file.limiters.len(),
         auth = options.token.is_some(),
         fail_open = options.fail_open,
+        max_connections = options.max_connections,
         "floodgate listening"
     );
     server::run(listener, gate, options, shutdown_signal())

@@ -8,6 +8,10 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
+/// How long a handler waits for a request body (a request extension set by the router).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyTimeout(pub(crate) std::time::Duration);
+
 /// A JSON body; an empty body deserializes as `{}` (every field optional).
 pub(crate) struct JsonBody<T>(pub(crate) T);
 
@@ -15,7 +19,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        let limit = req
+            .extensions()
+            .get::<BodyTimeout>()
+            .map_or(super::DEFAULT_BODY_TIMEOUT, |t| t.0);
+        let read = tokio::time::timeout(limit, Bytes::from_request(req, state)).await;
+        let Ok(read) = read else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    limit.as_millis()
+                ),
+            ));
+        };
+        let bytes = read.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,

@@ -62,7 +62,7 @@ pub(super) async fn require_json(request: Request, next: Next) -> Response {
 }
 
 /// Refuses a declared `Content-Length` above `max` with 413 before anything reads the body,
-/// and closes the connection afterwards rather than draining a body nobody wants.
+/// and closes the connection rather than draining a body nobody wants.
 pub(super) async fn refuse_declared_oversize(max: usize, request: Request, next: Next) -> Response {
     let declared = request
         .headers()
@@ -71,16 +71,13 @@ pub(super) async fn refuse_declared_oversize(max: usize, request: Request, next:
         .and_then(|v| v.trim().parse::<u64>().ok());
     match declared {
         Some(n) if n > u64::try_from(max).unwrap_or(u64::MAX) => {
-            let mut response = ApiError::new(
+            // (413 answers close the connection: see `ApiError::into_response`.)
+            ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 format!("the request body declares {n} bytes; the server's limit is {max}"),
             )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            response
+            .into_response()
         }
         _ => next.run(request).await,
     }
