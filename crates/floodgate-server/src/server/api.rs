@@ -236,6 +236,7 @@ pub(super) async fn delete_limiter<S: Store>(
     require_writes(&state)?;
     let name = limiter_name(path)?;
     if state.gate.store().delete_limiter(&name).await? {
+        state.metrics.forget(name.as_str());
         tracing::info!(limiter = %name, "limiter deleted");
         Ok(Json(Deleted { deleted: true }))
     } else {
@@ -279,6 +280,11 @@ struct OutcomeRecorder<'a, S: Store> {
 impl<S: Store> OutcomeRecorder<'_, S> {
     fn record(&mut self, outcome: &'static str) {
         self.recorded = true;
+        if outcome == "unknown_limiter" {
+            // Not a limiter (or no longer one): it gets no series (they would never be pruned
+            // on a store that hands out handles for any name, and anyone can make up names).
+            return;
+        }
         self.state.metrics.acquire(self.limiter, outcome);
         self.state
             .metrics
