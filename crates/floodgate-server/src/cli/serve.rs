@@ -165,11 +165,14 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 .map(|u| u.trim().to_owned())
                 .filter(|u| !u.is_empty())
                 .collect();
-            let config = if cluster || urls.len() > 1 {
+            let mut config = if cluster || urls.len() > 1 {
                 RedisConfig::cluster(urls)
             } else {
                 RedisConfig::new(urls.first().cloned().unwrap_or_default())
             };
+            // The registry is shared: the cap counts every server's limiters.
+            config.max_limiters =
+                Some(max_limiters.unwrap_or(floodgate::store::memory::DEFAULT_MAX_LIMITERS));
             let store = RedisStore::connect(config).await.map_err(|e| Failure {
                 code: super::EXIT_UNAVAILABLE,
                 message: e.to_string(),
