@@ -153,9 +153,10 @@ const LIST_CONCURRENCY: usize = 128;
 /// already there is always fine). One script, so servers creating limiters at once cannot
 /// overshoot the cap together.
 const REGISTER: &str = r"
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
-if tonumber(ARGV[2]) >= 0 and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
+  if tonumber(ARGV[2]) >= 0 and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+  redis.call('SADD', KEYS[1], ARGV[1])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
