@@ -521,13 +521,16 @@ pub(super) async fn extend<S: Store>(
 fn check_lease_ms(ms: u64) -> Result<(), ApiError> {
     // floodgate's MAX_LEASE (24 h), which every store enforces on extend.
     let max: u64 = 24 * 3600 * 1000;
-    if (1..=max).contains(&ms) {
-        Ok(())
-    } else {
+    // The same messages as the stores' own check.
+    if ms < 1 {
+        Err(ApiError::bad_field("lease_ms", "must be at least 1 ms"))
+    } else if ms > max {
         Err(ApiError::bad_field(
             "lease_ms",
-            format!("must be between 1 and {max} ms (24 h)"),
+            format!("must be at most {max} ms (24 h)"),
         ))
+    } else {
+        Ok(())
     }
 }
 
