@@ -124,10 +124,28 @@ pub(crate) struct LimiterList {
 pub(super) async fn list_limiters<S: Store>(
     State(state): AppStateRef<S>,
 ) -> Result<Json<LimiterList>, ApiError> {
-    let all = state.gate.limiters().await?;
+    let all = bounded_listing(&state).await?;
     Ok(Json(LimiterList {
         limiters: all.into_iter().map(LimiterBody::from).collect(),
     }))
+}
+
+/// Longest a listing (`GET /v1/limiters`, `/metrics`) may take before it is answered 503: a
+/// slow store must not hold these requests (and their connections) open indefinitely.
+const LISTING_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn bounded_listing<S: Store>(state: &AppState<S>) -> Result<Vec<LimiterStatus>, ApiError> {
+    match tokio::time::timeout(LISTING_TIMEOUT, state.gate.limiters()).await {
+        Ok(listed) => Ok(listed?),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!(
+                "listing the limiters took longer than {} s",
+                LISTING_TIMEOUT.as_secs()
+            ),
+        )),
+    }
 }
 
 pub(super) async fn get_limiter<S: Store>(
@@ -584,9 +602,9 @@ pub(super) async fn release<S: Store>(
 }
 
 pub(super) async fn metrics<S: Store>(State(state): AppStateRef<S>) -> Response {
-    let statuses = match state.gate.limiters().await {
+    let statuses = match bounded_listing(&state).await {
         Ok(s) => s,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return e.into_response(),
     };
     match state.metrics.encode(statuses) {
         Ok(text) => (
