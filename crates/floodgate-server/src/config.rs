@@ -44,6 +44,16 @@ pub struct FileConfig {
     /// config limiters Redis has no state for at start learn too. Embedded: config limiters
     /// learn at start (default 0: they do not).
     pub learning_window_ms: Option<u64>,
+    /// Time a client has to send a request head, in milliseconds (default 10,000).
+    pub header_timeout_ms: Option<u64>,
+    /// Time a client has to send a request body, in milliseconds (default 30,000).
+    pub body_timeout_ms: Option<u64>,
+    /// Time a kept-alive connection may sit idle, in milliseconds (default 60,000).
+    pub idle_timeout_ms: Option<u64>,
+    /// Most connections open at once (default 10,000, or the descriptor limit less 64).
+    pub max_connections: Option<usize>,
+    /// Time in-flight requests get at shutdown, in milliseconds (default 10,000).
+    pub shutdown_grace_ms: Option<u64>,
     /// Limiters created at start, by name.
     #[serde(default)]
     pub limiters: BTreeMap<String, LimiterConfig>,

@@ -3,7 +3,12 @@
 //! Gauges and the lease counters are read from the store at scrape time (so they are right on
 //! every server sharing a store); acquire outcomes and wait times are counted by this server as
 //! it answers.
+//!
+//! Series follow the limiters that exist: a limiter's series go when it is deleted through this
+//! server, and at every scrape the series of limiters the store no longer lists (deleted
+//! elsewhere, expired) are dropped. A name that is not a limiter never gets a series.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use floodgate::LimiterStatus;
@@ -27,7 +32,7 @@ pub struct LimiterLabel {
 pub struct AcquireLabels {
     /// The limiter's name.
     pub limiter: String,
-    /// granted, wait_timeout, queue_full, rejected, unknown_limiter, cancelled, shutting_down,
+    /// granted, wait_timeout, queue_full, rejected, cancelled, shutting_down, fail_open,
     /// store_unavailable.
     pub outcome: &'static str,
 }
@@ -40,8 +45,11 @@ pub struct Metrics {
     pub acquire_total: Family<AcquireLabels, Counter>,
     /// How long acquires waited, granted or not.
     pub acquire_wait_seconds: Family<LimiterLabel, Histogram>,
-    /// The statuses the collector encodes, refreshed before each scrape.
+    /// The statuses the collector encodes, set for each scrape and emptied after it.
     snapshot: Arc<Mutex<Vec<LimiterStatus>>>,
+    /// Which limiters have series in the two families above, with the outcomes they have: what
+    /// pruning must remove (the families cannot be listed).
+    recorded: Mutex<HashMap<String, HashSet<&'static str>>>,
 }
 
 /// Encodes store-derived metrics from the last snapshot.
@@ -85,11 +93,63 @@ impl Metrics {
             acquire_total,
             acquire_wait_seconds,
             snapshot,
+            recorded: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn note(&self, limiter: &str, outcome: Option<&'static str>) {
+        let mut recorded = self.recorded.lock().unwrap_or_else(PoisonError::into_inner);
+        let outcomes = match recorded.get_mut(limiter) {
+            Some(outcomes) => outcomes,
+            None => recorded.entry(limiter.to_owned()).or_default(),
+        };
+        if let Some(outcome) = outcome {
+            outcomes.insert(outcome);
+        }
+    }
+
+    /// Drops every series of `limiter` (it was deleted).
+    pub fn forget(&self, limiter: &str) {
+        let mut recorded = self.recorded.lock().unwrap_or_else(PoisonError::into_inner);
+        self.forget_locked(&mut recorded, limiter);
+    }
+
+    fn forget_locked(&self, recorded: &mut HashMap<String, HashSet<&'static str>>, limiter: &str) {
+        let Some(outcomes) = recorded.remove(limiter) else {
+            return;
+        };
+        for outcome in outcomes {
+            self.acquire_total.remove(&AcquireLabels {
+                limiter: limiter.to_owned(),
+                outcome,
+            });
+        }
+        self.acquire_wait_seconds.remove(&LimiterLabel {
+            limiter: limiter.to_owned(),
+        });
+    }
+
+    /// Drops the series of every limiter not in `existing`.
+    fn prune(&self, existing: &[LimiterStatus]) {
+        let mut recorded = self.recorded.lock().unwrap_or_else(PoisonError::into_inner);
+        let live: HashSet<&str> = existing.iter().map(|s| s.name.as_str()).collect();
+        let gone: Vec<String> = recorded
+            .keys()
+            .filter(|name| !live.contains(name.as_str()))
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        for name in gone {
+            self.forget_locked(&mut recorded, &name);
+        }
+        recorded.shrink_to_fit();
     }
 
     /// Counts one acquire outcome.
     pub fn acquire(&self, limiter: &str, outcome: &'static str) {
+        self.note(limiter, Some(outcome));
         self.acquire_total
             .get_or_create(&AcquireLabels {
                 limiter: limiter.to_owned(),
@@ -100,6 +160,7 @@ impl Metrics {
 
     /// Records how long an acquire waited.
     pub fn waited(&self, limiter: &str, seconds: f64) {
+        self.note(limiter, None);
         self.acquire_wait_seconds
             .get_or_create(&LimiterLabel {
                 limiter: limiter.to_owned(),
@@ -110,11 +171,15 @@ impl Metrics {
     /// The exposition text for these statuses.
     pub fn encode(&self, statuses: Vec<LimiterStatus>) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
+        self.prune(&statuses);
         // One scrape at a time: the snapshot and the encode belong together.
         let mut snap = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
         *snap = statuses;
         drop(snap);
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        let encoded = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        // The statuses are not needed until the next scrape, which brings its own.
+        std::mem::take(&mut *self.snapshot.lock().unwrap_or_else(PoisonError::into_inner));
+        encoded?;
         Ok(out)
     }
 }

@@ -3,7 +3,16 @@
 use std::time::Duration;
 
 use floodgate::{AdaptiveSpec, RateSpec};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// For optional fields that are not nullable (`#[serde(default, deserialize_with =
+/// "non_null")]`): left out is `None`, but `null` is refused like any other wrong type, as
+/// `docs/openapi.yaml` says (serde's plain `Option` would take `null` as "left out").
+pub(crate) fn non_null<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
 
 /// A duration in whole milliseconds, as the API speaks them (saturating).
 pub(crate) fn millis(d: Duration) -> u64 {
@@ -20,7 +29,7 @@ pub struct RateBody {
     /// The period in milliseconds.
     pub period_ms: u64,
     /// Tokens that may be taken back to back (default: the tokens of 20 ms, at least 1).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     pub burst: Option<u32>,
 }
 
@@ -56,13 +65,13 @@ pub struct AdaptiveBody {
     /// Highest limit.
     pub max: u32,
     /// Added per round of successes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     pub increase: Option<u32>,
     /// Factor per throttle.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     pub decrease: Option<f64>,
     /// At most one decrease per this many milliseconds.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     pub cooldown_ms: Option<u64>,
 }
 

@@ -44,7 +44,8 @@ impl fmt::Display for FencingToken {
 /// Longest limiter name accepted.
 pub const MAX_NAME_LEN: usize = 128;
 
-/// A validated limiter name: 1 to 128 characters of `A-Z a-z 0-9 _ - . :`.
+/// A validated limiter name: 1 to 128 characters of `A-Z a-z 0-9 _ - . :`, other than `.`
+/// and `..`.
 ///
 /// The character set keeps names safe in URLs, Redis keys and Prometheus labels alike.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -62,6 +63,10 @@ pub enum NameError {
     /// The name has a character outside the allowed set.
     #[error("limiter name has the character {0:?}; allowed are A-Z a-z 0-9 _ - . :")]
     BadChar(char),
+    /// The name is `.` or `..`, which URLs treat as path steps (`/v1/limiters/..` is not a
+    /// limiter's address).
+    #[error("limiter name {0:?} is reserved: `.` and `..` are path steps in URLs")]
+    Dots(String),
 }
 
 impl LimiterName {
@@ -79,6 +84,9 @@ impl LimiterName {
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')))
         {
             return Err(NameError::BadChar(c));
+        }
+        if name == "." || name == ".." {
+            return Err(NameError::Dots(name.to_owned()));
         }
         Ok(LimiterName(Arc::from(name)))
     }
@@ -157,6 +165,9 @@ mod tests {
             Err(NameError::TooLong(129))
         );
         assert!(LimiterName::new(&"x".repeat(128)).is_ok());
+        assert_eq!(LimiterName::new("."), Err(NameError::Dots(".".into())));
+        assert_eq!(LimiterName::new(".."), Err(NameError::Dots("..".into())));
+        assert!(LimiterName::new("...").is_ok());
     }
 
     #[test]

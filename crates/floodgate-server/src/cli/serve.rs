@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use floodgate::{
     Durability, Floodgate, FsyncPolicy, LimiterName, MemoryStore, RedisConfig, RedisStore, Store,
@@ -9,6 +10,7 @@ use floodgate::{
 };
 use tracing_subscriber::EnvFilter;
 
+use super::duration::parse_duration;
 use super::Failure;
 use crate::config::FileConfig;
 use crate::server::{self, ServerOptions, DEFAULT_MAX_BODY_BYTES};
@@ -68,6 +70,23 @@ pub(crate) struct ServeArgs {
     /// Embedded: config limiters learn at start [default: 0, they do not].
     #[arg(long, env = "FLOODGATE_LEARNING_WINDOW", value_name = "MS")]
     learning_window: Option<u64>,
+    /// Time a client has to send a request's head (line and headers), e.g. 10s [default: 10s].
+    #[arg(long, env = "FLOODGATE_HEADER_TIMEOUT", value_parser = parse_duration)]
+    header_timeout: Option<Duration>,
+    /// Time a client has to send a request's body [default: 30s].
+    #[arg(long, env = "FLOODGATE_BODY_TIMEOUT", value_parser = parse_duration)]
+    body_timeout: Option<Duration>,
+    /// Time a kept-alive connection may sit idle between requests [default: 60s].
+    #[arg(long, env = "FLOODGATE_IDLE_TIMEOUT", value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Most connections open at once; more are answered 503 and closed [default: 10000, or the
+    /// descriptor limit less 64 if that is lower].
+    #[arg(long, env = "FLOODGATE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// On SIGTERM/SIGINT, how long in-flight requests get before connections are closed
+    /// regardless [default: 10s].
+    #[arg(long, env = "FLOODGATE_SHUTDOWN_GRACE", value_parser = parse_duration)]
+    shutdown_grace: Option<Duration>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
@@ -88,7 +107,38 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .map_err(|e| Failure::usage(format!("listen: {text:?}: {e}")))?,
         (None, None) => SocketAddr::from(([127, 0, 0, 1], 8750)),
     };
+    // Connections, not the descriptor table, should be what runs out first.
+    let fd_limit = server::raise_fd_limit();
+    if let Some((old, new)) = fd_limit {
+        tracing::info!(old, new, "open file limit (soft)");
+    }
+    let ms = |v: Option<u64>| v.map(Duration::from_millis);
+    let default_max_connections = fd_limit.map_or(server::DEFAULT_MAX_CONNECTIONS, |(_, soft)| {
+        usize::try_from(soft.saturating_sub(64))
+            .unwrap_or(usize::MAX)
+            .clamp(1, server::DEFAULT_MAX_CONNECTIONS)
+    });
     let options = ServerOptions {
+        header_timeout: args
+            .header_timeout
+            .or(ms(file.header_timeout_ms))
+            .unwrap_or(server::DEFAULT_HEADER_TIMEOUT),
+        body_timeout: args
+            .body_timeout
+            .or(ms(file.body_timeout_ms))
+            .unwrap_or(server::DEFAULT_BODY_TIMEOUT),
+        idle_timeout: args
+            .idle_timeout
+            .or(ms(file.idle_timeout_ms))
+            .unwrap_or(server::DEFAULT_IDLE_TIMEOUT),
+        max_connections: args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(default_max_connections),
+        shutdown_grace: args
+            .shutdown_grace
+            .or(ms(file.shutdown_grace_ms))
+            .unwrap_or(server::DEFAULT_SHUTDOWN_GRACE),
         token: args.token.or(file.token.clone()).filter(|t| !t.is_empty()),
         metrics_require_token: args
             .metrics_require_token
@@ -188,6 +238,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 RedisConfig::new(urls.first().cloned().unwrap_or_default())
             };
             config.learning_window = learning;
+            // The registry is shared: the cap counts every server's limiters.
+            config.max_limiters =
+                Some(max_limiters.unwrap_or(floodgate::store::memory::DEFAULT_MAX_LIMITERS));
             let store = RedisStore::connect(config).await.map_err(|e| Failure {
                 code: super::EXIT_UNAVAILABLE,
                 message: e.to_string(),
@@ -233,6 +286,7 @@ async fn serve_on<S: Store>(
         limiters = file.limiters.len(),
         auth = options.token.is_some(),
         fail_open = options.fail_open,
+        max_connections = options.max_connections,
         "floodgate listening"
     );
     server::run(listener, gate, options, shutdown_signal())

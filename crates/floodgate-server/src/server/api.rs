@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::AppState;
-use crate::wire::{millis, AdaptiveBody, RateBody};
+use crate::wire::{millis, non_null, AdaptiveBody, RateBody};
 
 type AppStateRef<S> = State<Arc<AppState<S>>>;
 
@@ -130,10 +130,28 @@ pub(crate) struct LimiterList {
 pub(super) async fn list_limiters<S: Store>(
     State(state): AppStateRef<S>,
 ) -> Result<Json<LimiterList>, ApiError> {
-    let all = state.gate.limiters().await?;
+    let all = bounded_listing(&state).await?;
     Ok(Json(LimiterList {
         limiters: all.into_iter().map(LimiterBody::from).collect(),
     }))
+}
+
+/// Longest a listing (`GET /v1/limiters`, `/metrics`) may take before it is answered 503: a
+/// slow store must not hold these requests (and their connections) open indefinitely.
+const LISTING_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn bounded_listing<S: Store>(state: &AppState<S>) -> Result<Vec<LimiterStatus>, ApiError> {
+    match tokio::time::timeout(LISTING_TIMEOUT, state.gate.limiters()).await {
+        Ok(listed) => Ok(listed?),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!(
+                "listing the limiters took longer than {} s",
+                LISTING_TIMEOUT.as_secs()
+            ),
+        )),
+    }
 }
 
 pub(super) async fn get_limiter<S: Store>(
@@ -153,8 +171,11 @@ pub(super) async fn get_limiter<S: Store>(
 pub(crate) struct PutLimiter {
     #[serde(default, deserialize_with = "present")]
     concurrency: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "non_null")]
     lease_ms: Option<u64>,
+    #[serde(default, deserialize_with = "non_null")]
     max_wait_ms: Option<u64>,
+    #[serde(default, deserialize_with = "non_null")]
     max_queue: Option<u32>,
     #[serde(default, deserialize_with = "present")]
     rate: Option<Option<RateBody>>,
@@ -249,6 +270,7 @@ pub(super) async fn delete_limiter<S: Store>(
     require_writes(&state)?;
     let name = limiter_name(path)?;
     if state.gate.store().delete_limiter(&name).await? {
+        state.metrics.forget(name.as_str());
         tracing::info!(limiter = %name, "limiter deleted");
         Ok(Json(Deleted { deleted: true }))
     } else {
@@ -260,9 +282,13 @@ pub(super) async fn delete_limiter<S: Store>(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AcquireBody {
+    #[serde(default, deserialize_with = "non_null")]
     permits: Option<u32>,
+    #[serde(default, deserialize_with = "non_null")]
     lease_ms: Option<u64>,
+    #[serde(default, deserialize_with = "non_null")]
     wait_ms: Option<u64>,
+    #[serde(default, deserialize_with = "non_null")]
     holder: Option<String>,
     /// Idempotency key (also the `Idempotency-Key` header): a retry with the same one gets
     /// the same grant or joins the same wait.
@@ -331,6 +357,11 @@ struct OutcomeRecorder<'a, S: Store> {
 impl<S: Store> OutcomeRecorder<'_, S> {
     fn record(&mut self, outcome: &'static str) {
         self.recorded = true;
+        if outcome == "unknown_limiter" {
+            // Not a limiter (or no longer one): it gets no series (they would never be pruned
+            // on a store that hands out handles for any name, and anyone can make up names).
+            return;
+        }
         self.state.metrics.acquire(self.limiter, outcome);
         self.state
             .metrics
@@ -478,6 +509,7 @@ pub(crate) struct FeedbackBody {
     outcome: FeedbackOutcome,
     /// Accepted for the record; the AIMD controller uses outcomes only.
     #[allow(dead_code)]
+    #[serde(default, deserialize_with = "non_null")]
     latency_ms: Option<u64>,
 }
 
@@ -515,6 +547,7 @@ pub(super) async fn feedback<S: Store>(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExtendBody {
+    #[serde(default, deserialize_with = "non_null")]
     lease_ms: Option<u64>,
     /// The permit's size (clients always send it): during a learning window after state loss,
     /// an extend of a permit the store forgot re-adopts it.
@@ -537,13 +570,11 @@ pub(super) async fn extend<S: Store>(
     if body.permits == Some(0) {
         return Err(ApiError::bad_field("permits", "must be at least 1"));
     }
+    if let Some(ms) = body.lease_ms {
+        check_lease_ms(ms)?;
+    }
     if id.token.0 == 0 {
-        // A fail-open grant: nothing was accounted, so there is nothing to extend.
-        return Ok(Json(ExtendedBody {
-            permit_id: id.to_string(),
-            fencing_token: 0,
-            lease_ms: body.lease_ms.unwrap_or(0),
-        }));
+        return extend_fail_open(&state, &id, body.lease_ms).await;
     }
     // A permit of a limiter that no longer exists is not held.
     let limiter = match state.gate.store().limiter(&id.limiter).await {
@@ -571,6 +602,51 @@ pub(super) async fn extend<S: Store>(
     }))
 }
 
+/// The lease range every store enforces (1 ms to 24 h), checked before any store call so a
+/// fail-open extend cannot echo a lease no store would grant.
+fn check_lease_ms(ms: u64) -> Result<(), ApiError> {
+    // floodgate's MAX_LEASE (24 h), which every store enforces on extend.
+    let max: u64 = 24 * 3600 * 1000;
+    // The same messages as the stores' own check.
+    if ms < 1 {
+        Err(ApiError::bad_field("lease_ms", "must be at least 1 ms"))
+    } else if ms > max {
+        Err(ApiError::bad_field(
+            "lease_ms",
+            format!("must be at most {max} ms (24 h)"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Extend of a fail-open grant (token 0), which no store recorded. Only a server that fails
+/// open hands those out, so any other server answers `permit_lost`; a fail-open server answers
+/// 200 while the store is down, and `permit_lost` once the store says the limiter does not exist.
+async fn extend_fail_open<S: Store>(
+    state: &AppState<S>,
+    id: &PermitId,
+    lease_ms: Option<u64>,
+) -> Result<Json<ExtendedBody>, ApiError> {
+    if !state.options.fail_open {
+        return Err(floodgate::ExtendError::Lost.into());
+    }
+    let known = match state.gate.store().limiter(&id.limiter).await {
+        Ok(limiter) => match limiter.status().await {
+            Ok(status) => Some(millis(status.spec.default_lease)),
+            Err(StoreError::UnknownLimiter(_)) => return Err(floodgate::ExtendError::Lost.into()),
+            Err(_) => None,
+        },
+        Err(StoreError::UnknownLimiter(_)) => return Err(floodgate::ExtendError::Lost.into()),
+        Err(_) => None,
+    };
+    Ok(Json(ExtendedBody {
+        permit_id: id.to_string(),
+        fencing_token: 0,
+        lease_ms: lease_ms.or(known).unwrap_or(0),
+    }))
+}
+
 #[derive(Debug, Serialize)]
 pub(crate) struct Released {
     released: bool,
@@ -594,9 +670,9 @@ pub(super) async fn release<S: Store>(
 }
 
 pub(super) async fn metrics<S: Store>(State(state): AppStateRef<S>) -> Response {
-    let statuses = match state.gate.limiters().await {
+    let statuses = match bounded_listing(&state).await {
         Ok(s) => s,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return e.into_response(),
     };
     match state.metrics.encode(statuses) {
         Ok(text) => (
@@ -624,8 +700,9 @@ pub(super) async fn readyz<S: Store>(State(state): AppStateRef<S>) -> Response {
     if *state.shutting_down.borrow() {
         return ApiError::shutting_down().into_response();
     }
-    match state.gate.limiters().await {
-        Ok(_) => "ready".into_response(),
+    // One round trip whatever the number of limiters: probes are frequent and need no token.
+    match state.gate.store().ping().await {
+        Ok(()) => "ready".into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }

@@ -8,6 +8,10 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
+/// How long a handler waits for a request body (a request extension set by the router).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyTimeout(pub(crate) std::time::Duration);
+
 /// A JSON body; an empty body deserializes as `{}` (every field optional).
 pub(crate) struct JsonBody<T>(pub(crate) T);
 
@@ -15,7 +19,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        let limit = req
+            .extensions()
+            .get::<BodyTimeout>()
+            .map_or(super::DEFAULT_BODY_TIMEOUT, |t| t.0);
+        let read = tokio::time::timeout(limit, Bytes::from_request(req, state)).await;
+        let Ok(read) = read else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    limit.as_millis()
+                ),
+            ));
+        };
+        let bytes = read.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -55,6 +74,36 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         };
         // Anything after the JSON value (a second object, garbage) is an error, not ignored.
         de.end().map_err(|e| bad("body", &e))?;
+        // serde's derived structs also take arrays (fields by position); no body of this API
+        // has an array anywhere, so one is refused rather than read positionally. The typed
+        // parse above came first for its messages; this one only looks at the shape.
+        let tree: serde_json::Value = serde_json::from_slice(text).map_err(|e| bad("body", &e))?;
+        if !tree.is_object() {
+            return Err(bad("body", &"must be a JSON object"));
+        }
+        if let Some(path) = first_array(&tree, String::new()) {
+            return Err(bad(&path, &"must not be an array"));
+        }
         Ok(JsonBody(value))
+    }
+}
+
+/// The path (`rate.limit`) of the first array in `value`, if any.
+fn first_array(value: &serde_json::Value, path: String) -> Option<String> {
+    match value {
+        serde_json::Value::Array(_) => Some(if path.is_empty() {
+            "body".to_owned()
+        } else {
+            path
+        }),
+        serde_json::Value::Object(map) => map.iter().find_map(|(key, v)| {
+            let inner = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            first_array(v, inner)
+        }),
+        _ => None,
     }
 }

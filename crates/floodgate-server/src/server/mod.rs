@@ -3,11 +3,17 @@
 
 mod api;
 mod auth;
+mod conn_io;
 pub mod error;
 mod extract;
+mod guard;
+mod listen;
+
+pub use listen::raise_fd_limit;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -20,6 +26,16 @@ use crate::metrics::Metrics;
 
 /// Default cap on a request body.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+/// Default time a client has to send a complete request head.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client has to send a request body, from when the handler starts reading it.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a kept-alive connection may sit idle between requests.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default cap on open connections (each costs a descriptor and a few kilobytes).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default time shutdown waits for in-flight requests before closing their connections.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How the server behaves (the store and its limiters are configured separately).
 #[derive(Debug, Clone)]
@@ -36,6 +52,18 @@ pub struct ServerOptions {
     /// When the store cannot be reached, grant acquires without accounting (token 0) instead
     /// of answering 503 `store_unavailable`. Counted as outcome `fail_open` and logged.
     pub fail_open: bool,
+    /// A request head (request line and headers) must arrive within this, counted from the
+    /// accept or from a later request's first byte; else the connection is closed.
+    pub header_timeout: Duration,
+    /// A request body must arrive within this once the handler reads it; else 408.
+    pub body_timeout: Duration,
+    /// A kept-alive connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Most connections open at once; more are answered 503 `too_many_connections` and closed.
+    pub max_connections: usize,
+    /// After the shutdown signal, how long in-flight requests get before their connections
+    /// are closed regardless (held acquires are answered 503 at once).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerOptions {
@@ -46,6 +74,11 @@ impl Default for ServerOptions {
             api_writes: true,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             fail_open: false,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -67,6 +100,7 @@ pub fn router<S: Store>(
 ) -> (Router, watch::Sender<bool>) {
     let (tx, rx) = watch::channel(false);
     let max_body = options.max_body_bytes;
+    let body_timeout = extract::BodyTimeout(options.body_timeout);
     let state = Arc::new(AppState {
         gate,
         options,
@@ -86,6 +120,7 @@ pub fn router<S: Store>(
         .route("/limiters/{name}/feedback", post(api::feedback::<S>))
         .route("/permits/{permit_id}/extend", post(api::extend::<S>))
         .route("/permits/{permit_id}/release", post(api::release::<S>))
+        .route_layer(axum::middleware::from_fn(guard::require_json))
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::require_token::<S>,
@@ -107,24 +142,33 @@ pub fn router<S: Store>(
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::Extension(body_timeout))
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                guard::refuse_declared_oversize(max_body, request, next)
+            },
+        ))
         .with_state(state);
     (app, tx)
 }
 
 /// Serves until `shutdown` completes, then stops accepting, answers held acquires with 503
-/// `shutting_down`, lets in-flight requests finish and returns.
+/// `shutting_down`, lets in-flight requests finish for up to `shutdown_grace`, closes what is
+/// still open and returns.
 pub async fn run<S: Store>(
     listener: TcpListener,
     gate: Floodgate<S>,
     options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let limits = listen::ListenLimits {
+        timeouts: conn_io::Timeouts {
+            header: options.header_timeout,
+            idle: options.idle_timeout,
+        },
+        max_connections: options.max_connections,
+        shutdown_grace: options.shutdown_grace,
+    };
     let (app, shutting_down) = router(gate, options);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: answering held acquires with 503");
-            let _ = shutting_down.send(true);
-        })
-        .await
+    listen::serve(listener, app, limits, shutdown, shutting_down).await
 }

@@ -219,7 +219,8 @@ pub enum Feedback {
 /// Largest fan-out one `schedule` call reserves.
 pub const MAX_SCHEDULE: u32 = 100_000;
 
-/// Furthest ahead a `schedule` reserves tokens.
+/// Furthest ahead a `schedule` reserves tokens, whatever the limiter's `max_wait` (which
+/// bounds it first).
 pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// The hold-time average moves by 1/this of each new sample: smooth enough to ignore one odd
@@ -754,7 +755,8 @@ impl LimiterCore {
     /// Reserves `count` rate tokens for a producer's fan-out and returns, for each, how long
     /// from `now` until it may start. Reservations take the next token times after those
     /// already promised, exactly as `count` acquires of one permit would; waiters queued at
-    /// this moment are served after them for the rate.
+    /// this moment are served after them for the rate. Refused (nothing reserved) if the last
+    /// would start more than the spec's `max_wait` from now.
     pub fn schedule(
         &mut self,
         now: Timestamp,
@@ -781,12 +783,20 @@ impl LimiterCore {
             offsets.push(at.since(now));
             self.take_rate(at, 1);
         }
-        // Promises decades ahead are a mistake (and would overflow the arithmetic).
-        if offsets.last().is_some_and(|d| *d > MAX_SCHEDULE_AHEAD) {
+        // A reservation is a wait announced in advance, so the limiter's cap on waits bounds
+        // it too: one call cannot push the rate's debt hours ahead (which would hold up every
+        // acquire, and outlive a producer that crashed). All or nothing, with how many fit.
+        let horizon = self.spec.max_wait.min(MAX_SCHEDULE_AHEAD);
+        if offsets.last().is_some_and(|d| *d > horizon) {
             self.tat = before;
+            let fit = offsets.partition_point(|d| *d <= horizon);
             return Err(InvalidField::new(
                 "count",
-                "would reserve tokens more than a year ahead at this rate",
+                format!(
+                    "would reserve tokens further ahead than this limiter's max_wait_ms ({} ms), \
+                     which bounds a schedule; {fit} fit now",
+                    horizon.as_millis()
+                ),
             ));
         }
         self.counters.scheduled += u64::from(count);

@@ -68,6 +68,12 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
         &self,
         name: &LimiterName,
     ) -> impl Future<Output = Result<Self::Limiter, StoreError>> + Send;
+
+    /// Whether the store answers, at the cost of one round trip whatever the number of
+    /// limiters (readiness probes call it). The embedded store is always ready.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 /// The operations on one limiter.

@@ -736,7 +736,8 @@ pub(crate) async fn the_achieved_rate_matches_the_configured_one<S: Store>(
     let rate = RateSpec::per(300, Duration::from_secs(1)).with_burst(5);
     gate.define(&name, rate_spec(rate)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
-    let count = 30_000;
+    // 50 s of tokens: within the limiter's max_wait (60 s), which bounds a schedule.
+    let count = 15_000;
     let offsets = lim.backend().schedule(count).await.unwrap();
     assert_eq!(offsets.len(), count as usize);
     let last = offsets.last().unwrap().as_secs_f64();
@@ -817,6 +818,41 @@ pub(crate) async fn schedule_reserves_tokens_ahead_of_acquires<S: Store>(
         .schedule(1)
         .await
     {
+        Err(StoreError::Invalid(f)) => assert_eq!(f.field, "count"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `schedule` reserves no further ahead than the limiter's `max_wait`: a call that would is
+/// refused whole (naming how many fit) and reserves nothing, so one producer cannot push the
+/// rate's debt hours ahead (issue 12: 11 calls of 100,000 at 10/s made acquires wait 30 h).
+pub(crate) async fn schedule_is_bounded_by_max_wait<S: Store>(gate: Floodgate<S>, _paused: bool) {
+    let name = unique("schedule-horizon");
+    // 10/s (100 ms apart), burst 1, waits capped at 1 s: offsets 0, 100, ..., 1000 ms fit.
+    let rate = RateSpec::per(10, Duration::from_secs(1)).with_burst(1);
+    let spec = LimiterSpec::rate(rate).with_max_wait(Duration::from_secs(1));
+    gate.define(&name, spec).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    for _ in 0..11 {
+        match lim.backend().schedule(100_000).await {
+            Err(StoreError::Invalid(f)) => {
+                assert_eq!(f.field, "count");
+                assert!(f.message.contains("max_wait_ms (1000 ms)"), "{}", f.message);
+                assert!(f.message.ends_with("11 fit now"), "{}", f.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Nothing was reserved: the rate is as fresh as before, and 11 still fit.
+    let st = lim.status().await.unwrap();
+    assert_eq!(st.counters.scheduled, 0);
+    let p = lim.acquire(wait(0)).await.unwrap();
+    drop(p);
+    let offsets = lim.backend().schedule(10).await.unwrap();
+    assert_eq!(offsets.len(), 10);
+    assert!(*offsets.last().unwrap() <= Duration::from_secs(1));
+    // Those ten now stand between a new reservation and the horizon.
+    match lim.backend().schedule(100).await {
         Err(StoreError::Invalid(f)) => assert_eq!(f.field, "count"),
         other => panic!("{other:?}"),
     }
@@ -1015,6 +1051,7 @@ macro_rules! store_suite {
             rate_and_concurrency_keep_fifo_and_both_limits,
             the_achieved_rate_matches_the_configured_one,
             schedule_reserves_tokens_ahead_of_acquires,
+            schedule_is_bounded_by_max_wait,
             a_rate_only_grant_holds_nothing,
         );
     };

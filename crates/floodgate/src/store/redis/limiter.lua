@@ -752,17 +752,19 @@ if op == 'schedule' then
   advance()
   local before = tat
   local reply = {'offsets'}
-  local last = 0
+  local last, fit = 0, 0
   for _ = 1, count do
     local at = math.max(now, rate_at(1))
     last = at - now
+    if last <= max_wait then fit = fit + 1 end
     reply[#reply + 1] = fmt(last)
     take_rate(at, 1)
   end
-  -- Promises decades ahead are a mistake (and would overflow the arithmetic).
-  if last > MAX_SCHEDULE_AHEAD then
+  -- The limiter's cap on waits bounds how far ahead a schedule reserves (as in core::schedule).
+  if last > max_wait then
     tat = before
-    return {'invalid', 'count', 'would reserve tokens more than a year ahead at this rate', '-1'}
+    return {'invalid', 'count', 'would reserve tokens further ahead than this limiter\'s max_wait_ms ('
+      .. fmt(math.floor(max_wait / 1000)) .. ' ms), which bounds a schedule; ' .. fmt(fit) .. ' fit now', '-1'}
   end
   c.scheduled = c.scheduled + count
   return finish(reply)

@@ -134,11 +134,13 @@ impl RedisLimiter {
         for a in args {
             invocation.arg(a);
         }
-        let mut conn = self.store.conn.clone();
-        let reply: Vec<String> = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let reply: Vec<String> = super::retry_dropped(|| {
+            let mut conn = self.store.conn.clone();
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await
+        .map_err(unavailable)?;
         // Redis answers again: clean up after waiters that left while it did not.
         if !self.store.lock_orphans().is_empty() {
             tokio::spawn(super::retry_orphans(Arc::clone(&self.store)));

@@ -51,6 +51,9 @@ pub struct RedisConfig {
     /// `None`: each limiter's default lease. Zero: no learning (a re-created limiter grants at
     /// once, and may over-admit while holders of lost permits still work).
     pub learning_window: Option<Duration>,
+    /// Most limiters the registry may hold; creating one more answers `TooManyLimiters`.
+    /// `None`: no cap.
+    pub max_limiters: Option<usize>,
 }
 
 impl RedisConfig {
@@ -63,6 +66,7 @@ impl RedisConfig {
             idle_ttl: Duration::from_secs(7 * 24 * 3600),
             prefix: "fg".into(),
             learning_window: None,
+            max_limiters: None,
         }
     }
 
@@ -131,6 +135,43 @@ impl Drop for Inner {
 pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
+
+/// Runs `op`, and once more if it failed because the connection was dead (Redis restarted, or
+/// the connection was cut): the connection reconnects by itself, but the request that found it
+/// dead fails, and without a retry the first request after every Redis restart would answer
+/// 503. Timeouts are not retried (a stalled Redis must fail fast). A request whose connection
+/// dropped after Redis ran it runs twice: every operation is idempotent but acquire and
+/// schedule, whose duplicate is a grant nobody holds (reclaimed at its lease) or tokens
+/// reserved twice; neither can put more permits out than the limit.
+pub(crate) async fn retry_dropped<T, F, Fut>(mut op: F) -> redis::RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    match op().await {
+        Err(e) if e.is_connection_dropped() => {
+            tracing::debug!(error = %e, "redis connection was dead; retrying once");
+            op().await
+        }
+        other => other,
+    }
+}
+
+/// Limiter statuses fetched at once by `list_limiters`: the multiplexed connection pipelines
+/// them, so a listing costs about (limiters / this) round trips instead of one per limiter.
+const LIST_CONCURRENCY: usize = 128;
+
+/// Adds a name to the registry unless that would put more than `ARGV[2]` names in it (a name
+/// already there is always fine). One script, so servers creating limiters at once cannot
+/// overshoot the cap together.
+const REGISTER: &str = r"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
+  if tonumber(ARGV[2]) >= 0 and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+  redis.call('SADD', KEYS[1], ARGV[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
 
 fn unique_id() -> String {
     let nanos = std::time::SystemTime::now()
@@ -242,6 +283,33 @@ impl RedisStore {
         learn: Option<Duration>,
     ) -> Result<LimiterStatus, StoreError> {
         spec.validate()?;
+        // Registered first, so that the cap is checked before the limiter exists; a put that
+        // fails after this leaves a name the next listing drops.
+        let ttl = self.inner.config.ttl_ms();
+        let max = self
+            .inner
+            .config
+            .max_limiters
+            .map_or(-1, |m| i64::try_from(m).unwrap_or(i64::MAX));
+        let script = redis::Script::new(REGISTER);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.registry_key())
+            .arg(name.as_str())
+            .arg(max)
+            .arg(ttl);
+        let registered: i64 = retry_dropped(|| {
+            let mut conn = self.inner.conn.clone();
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await
+        .map_err(unavailable)?;
+        if registered == 0 {
+            return Err(StoreError::TooManyLimiters(
+                self.inner.config.max_limiters.unwrap_or(0),
+            ));
+        }
         let handle = self.handle(name);
         let status = handle
             .put(&spec, learn, false)
@@ -289,31 +357,47 @@ impl Store for RedisStore {
     }
 
     async fn list_limiters(&self) -> Result<Vec<LimiterStatus>, StoreError> {
-        let mut conn = self.inner.conn.clone();
-        let mut names: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.registry_key())
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        use futures_util::stream::{self, StreamExt};
+        let mut names: Vec<String> = retry_dropped(|| {
+            let mut conn = self.inner.conn.clone();
+            let key = self.registry_key();
+            async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut conn).await }
+        })
+        .await
+        .map_err(unavailable)?;
         names.sort_unstable();
-        let mut out = Vec::with_capacity(names.len());
-        for raw in names {
-            let Ok(name) = LimiterName::new(&raw) else {
-                continue;
-            };
-            match self.handle(&name).status().await {
+        let names: Vec<LimiterName> = names
+            .iter()
+            .filter_map(|raw| LimiterName::new(raw).ok())
+            .collect();
+        // Many status scripts in flight at once on the multiplexed connection (pipelined), in
+        // name order.
+        let statuses: Vec<(LimiterName, Result<LimiterStatus, StoreError>)> = stream::iter(names)
+            .map(|name| async move {
+                let status = self.handle(&name).status().await;
+                (name, status)
+            })
+            .buffered(LIST_CONCURRENCY)
+            .collect()
+            .await;
+        let mut out = Vec::with_capacity(statuses.len());
+        let mut gone = Vec::new();
+        for (name, status) in statuses {
+            match status {
                 Ok(status) => out.push(status),
                 // Expired for idleness, or deleted by another server: forget the name.
-                Err(StoreError::UnknownLimiter(_)) => {
-                    redis::cmd("SREM")
-                        .arg(self.registry_key())
-                        .arg(&raw)
-                        .query_async::<()>(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
-                }
+                Err(StoreError::UnknownLimiter(_)) => gone.push(name),
                 Err(e) => return Err(e),
             }
+        }
+        if !gone.is_empty() {
+            let mut conn = self.inner.conn.clone();
+            redis::cmd("SREM")
+                .arg(self.registry_key())
+                .arg(gone.iter().map(LimiterName::as_str).collect::<Vec<_>>())
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)?;
         }
         Ok(out)
     }
@@ -322,5 +406,15 @@ impl Store for RedisStore {
     /// `UnknownLimiter` (or "not held" for release and extend).
     async fn limiter(&self, name: &LimiterName) -> Result<RedisLimiter, StoreError> {
         Ok(self.handle(name))
+    }
+
+    /// One PING on the shared connection (retried once if the connection was dead).
+    async fn ping(&self) -> Result<(), StoreError> {
+        retry_dropped(|| {
+            let mut conn = self.inner.conn.clone();
+            async move { redis::cmd("PING").query_async::<()>(&mut conn).await }
+        })
+        .await
+        .map_err(unavailable)
     }
 }

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# schemathesis (PyPI) against docs/openapi.yaml and a real `floodgate serve`: every check, a
+# fixed example budget and seed, zero failures allowed. Run by scripts/test.sh.
+#
+#   ./scripts/schemathesis.sh                 # uses clients/python/.venv (creates it if needed)
+#   EXAMPLES=300 SEED=7 ./scripts/schemathesis.sh    # a bigger budget, another seed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-$ROOT/clients/python/.venv}"
+EXAMPLES="${EXAMPLES:-100}"
+SEED="${SEED:-1}"
+SCHEMATHESIS="schemathesis==4.32.5"
+
+if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+  echo "== creating $VENV"
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+if ! "$VENV/bin/st" --version 2>/dev/null | grep -q "4.32.5"; then
+  echo "== installing $SCHEMATHESIS into $VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$SCHEMATHESIS"
+fi
+
+cargo build -q -p floodgate-server
+BIN="$ROOT/target/debug/floodgate"
+WORK="$(mktemp -d)"
+PORT="$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+# Limiters the generated names may hit; short waits so long polls end quickly.
+cat > "$WORK/floodgate.toml" <<TOML
+[limiters.x]
+concurrency = 5
+max_wait_ms = 20
+[limiters.r]
+rate = { limit = 100, period_ms = 1000 }
+max_wait_ms = 20
+TOML
+"$BIN" serve --listen "127.0.0.1:$PORT" --config "$WORK/floodgate.toml" >"$WORK/server.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
+for _ in $(seq 100); do
+  if "$VENV/bin/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/healthz')" 2>/dev/null; then break; fi
+  sleep 0.1
+done
+
+echo "== schemathesis $SCHEMATHESIS: every check, $EXAMPLES examples per operation, seed $SEED"
+"$VENV/bin/st" --config-file scripts/schemathesis.toml run docs/openapi.yaml --url "http://127.0.0.1:$PORT" \
+  --checks all --max-examples "$EXAMPLES" --seed "$SEED" \
+  --generation-database none --workers 1 --request-timeout 10 --no-color --warnings off
