@@ -66,8 +66,13 @@ impl RedisLimiter {
         ) {
             return;
         }
-        if !self.store.lock_known().asked.insert(self.name.clone()) {
-            return;
+        {
+            // Every operation passes here: one uncontended lock, and no allocation once asked.
+            let mut known = self.store.lock_known();
+            if known.asked.contains(&self.name) {
+                return;
+            }
+            known.asked.insert(self.name.clone());
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
