@@ -86,6 +86,19 @@ impl RedisLimiter {
         });
     }
 
+    /// The learning window for this limiter if this store knows it: a `put` that finds it
+    /// vanished (and not deleted on purpose) re-creates it learning, like a revival.
+    pub(super) fn known_window(&self) -> Option<std::time::Duration> {
+        let known = self.store.lock_known();
+        let spec = known.specs.get(&self.name)?;
+        Some(
+            self.store
+                .config
+                .learning_window
+                .unwrap_or(spec.default_lease),
+        )
+    }
+
     /// Re-creates the vanished limiter from the last spec seen, in a learning window (the
     /// configured one, or the spec's default lease). `false` if this store does not know the
     /// limiter or it was deleted on purpose.
