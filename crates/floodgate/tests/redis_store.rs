@@ -129,7 +129,8 @@ async fn a_vanished_limiter_is_revived_learning_but_a_deleted_one_is_not() {
     let (a, b) = (connect().await, connect().await);
     let spec = LimiterSpec::concurrency(3);
     a.define("kept", spec.clone()).await.expect("define");
-    a.define("dropped", spec).await.expect("define");
+    a.define("dropped", spec.clone()).await.expect("define");
+    a.define("reput", spec.clone()).await.expect("define");
     // B has only read them.
     for name in ["kept", "dropped"] {
         let st = b.limiter(name).await.expect("handle").status().await;
@@ -141,6 +142,9 @@ async fn a_vanished_limiter_is_revived_learning_but_a_deleted_one_is_not() {
         .output()
         .expect("redis-cli");
     assert!(flush.status.success());
+    // A PUT of a limiter its server knew, after it vanished, re-creates it learning.
+    let st = a.define("reput", spec).await.expect("define");
+    assert!(st.learning, "{st:?}");
     // "kept" vanished: B re-creates it from the spec it read, learning.
     let st = b
         .limiter("kept")

@@ -112,3 +112,75 @@ impl LimiterCore {
         self.learning_until.map_or(Duration::ZERO, |u| u.since(now))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::core::{AcquireRequest, Admission, Refusal};
+    use crate::spec::LimiterSpec;
+
+    const S: u64 = 1_000_000;
+
+    #[test]
+    fn a_learning_limiter_queues_readopts_and_grants_at_the_window_end() {
+        let mut core = LimiterCore::new(LimiterSpec::concurrency(2), 100).unwrap();
+        let mut fx = Effects::default();
+        core.enter_learning(Timestamp(0), Timestamp(10 * S));
+        // A shorter window later does not shorten it.
+        core.enter_learning(Timestamp(S), Timestamp(2 * S));
+        assert_eq!(core.next_deadline(), Some(Timestamp(10 * S)));
+        let once = AcquireRequest {
+            wait: Some(Duration::ZERO),
+            ..AcquireRequest::default()
+        };
+        match core.acquire(Timestamp(S), &once, &mut fx) {
+            Admission::Refused(Refusal::WaitTimeout { retry_after }) => {
+                assert!(retry_after >= Duration::from_secs(9), "{retry_after:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let Admission::Queued(w) = core.acquire(Timestamp(S), &AcquireRequest::default(), &mut fx)
+        else {
+            panic!("not queued while learning");
+        };
+        // Re-adopted above the limit; the token floor moves above it.
+        let lease = Duration::from_secs(60);
+        let t = FencingToken(5_000);
+        assert!(core
+            .extend_or_adopt(Timestamp(2 * S), t, lease, Some(3), &mut fx)
+            .unwrap()
+            .is_ok());
+        assert_eq!(core.in_use(), 3);
+        assert_eq!(core.next_token(), 5_001);
+        assert!(core
+            .extend_or_adopt(Timestamp(2 * S), FencingToken(9), lease, None, &mut fx)
+            .unwrap()
+            .is_err());
+        // Released back under the limit, still nothing before the window ends.
+        assert!(core.release(Timestamp(3 * S), t, &mut fx));
+        assert!(fx.is_empty());
+        core.advance(Timestamp(10 * S - 1), &mut fx);
+        assert!(fx.is_empty());
+        core.advance(Timestamp(10 * S), &mut fx);
+        assert_eq!(fx.wakes.len(), 1);
+        let (id, outcome) = &fx.wakes[0];
+        assert_eq!(*id, w);
+        assert_eq!(outcome.as_ref().unwrap().token, FencingToken(5_001));
+        assert_eq!(core.learning_until(), None);
+        // After the window an unknown permit is lost, size or not.
+        let mut fx = Effects::default();
+        assert!(core
+            .extend_or_adopt(
+                Timestamp(11 * S),
+                FencingToken(7_000),
+                lease,
+                Some(1),
+                &mut fx
+            )
+            .unwrap()
+            .is_err());
+        let c = core.counters();
+        assert_eq!((c.adopted, c.granted, c.released), (1, 2, 1));
+    }
+}

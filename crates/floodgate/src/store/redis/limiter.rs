@@ -460,6 +460,14 @@ impl LimiterBackend for RedisLimiter {
                         let decided = self.cancel(&key, "timeout").await?;
                         guard.disarm();
                         match decided {
+                            // Neither queued nor decided, and never seen deleted: the state was
+                            // lost with the queue (docs/learning.md). Retryable, not a deletion.
+                            Some(Err(Refusal::LimiterDeleted)) if self.known_window().is_some() => {
+                                return Err(unavailable(
+                                    "the limiter's state was lost while the acquire waited; retry",
+                                )
+                                .into());
+                            }
                             Some(outcome) => outcome,
                             None => Err(Refusal::WaitTimeout { retry_after: wait }),
                         }

@@ -311,6 +311,8 @@ impl RedisStore {
             ));
         }
         let handle = self.handle(name);
+        // A limiter this store knew that vanished is re-created learning, whoever puts it.
+        let learn = learn.or_else(|| handle.known_window());
         let status = handle
             .put(&spec, learn, false)
             .await?

@@ -66,8 +66,13 @@ impl RedisLimiter {
         ) {
             return;
         }
-        if !self.store.lock_known().asked.insert(self.name.clone()) {
-            return;
+        {
+            // Every operation passes here: one uncontended lock, and no allocation once asked.
+            let mut known = self.store.lock_known();
+            if known.asked.contains(&self.name) {
+                return;
+            }
+            known.asked.insert(self.name.clone());
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
@@ -79,6 +84,19 @@ impl RedisLimiter {
                 limiter.store.lock_known().asked.remove(&limiter.name);
             }
         });
+    }
+
+    /// The learning window for this limiter if this store knows it: a `put` that finds it
+    /// vanished (and not deleted on purpose) re-creates it learning, like a revival.
+    pub(super) fn known_window(&self) -> Option<std::time::Duration> {
+        let known = self.store.lock_known();
+        let spec = known.specs.get(&self.name)?;
+        Some(
+            self.store
+                .config
+                .learning_window
+                .unwrap_or(spec.default_lease),
+        )
     }
 
     /// Re-creates the vanished limiter from the last spec seen, in a learning window (the
