@@ -32,6 +32,13 @@ pub struct FileConfig {
     pub redis_cluster: Option<bool>,
     /// `fail_closed` (default) or `fail_open`, when the store cannot be reached.
     pub on_store_failure: Option<String>,
+    /// `text` (default) or `json` log lines (`--log-format`).
+    pub log_format: Option<String>,
+    /// Log one line per HTTP request (`--access-log`, default false).
+    pub access_log: Option<bool>,
+    /// On SIGHUP, also delete the limiters this file no longer names (default false: a reload
+    /// only creates and changes).
+    pub reload_prune: Option<bool>,
     /// Limiters created at start, by name.
     #[serde(default)]
     pub limiters: BTreeMap<String, LimiterConfig>,
@@ -130,10 +137,15 @@ impl FileConfig {
             message: e.to_string(),
         })?;
         for (name, limiter) in &config.limiters {
+            // toml's own errors carry a line; checks made after parsing find theirs here.
+            let line = limiter_line(text, name);
             let invalid = |message: String| ConfigError::Limiter {
                 path: String::new(),
                 name: name.clone(),
-                message,
+                message: match line {
+                    Some(n) => format!("line {n}: {message}"),
+                    None => message,
+                },
             };
             floodgate::LimiterName::new(name).map_err(|e| invalid(e.to_string()))?;
             limiter
@@ -143,6 +155,21 @@ impl FileConfig {
         }
         Ok(config)
     }
+}
+
+/// The 1-based line of the `[limiters.NAME]` header in `text`, if written as a table.
+fn limiter_line(text: &str, name: &str) -> Option<usize> {
+    let unquote = |s: &str| s.trim().trim_matches(|c| c == '"' || c == '\'').to_owned();
+    text.lines()
+        .position(|line| {
+            let line = line.split('#').next().unwrap_or("").trim();
+            line.strip_prefix('[')
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|l| l.trim().strip_prefix("limiters"))
+                .and_then(|l| l.trim_start().strip_prefix('.'))
+                .is_some_and(|l| unquote(l) == name)
+        })
+        .map(|i| i + 1)
 }
 
 #[cfg(test)]
@@ -164,6 +191,12 @@ mod tests {
         assert!(err.to_string().contains("lisen"), "{err}");
         let err = FileConfig::parse("[limiters.a]\nconcurrency = 0").expect_err("zero");
         assert!(err.to_string().contains("concurrency"), "{err}");
+        let err = FileConfig::parse("x = 1").expect_err("unknown key");
+        assert!(err.to_string().contains("line 1"), "{err}");
+        let err =
+            FileConfig::parse("\n[limiters.b]\nconcurrency = 1\n[limiters.a]\nconcurrency = 0")
+                .expect_err("zero");
+        assert!(err.to_string().contains("line 4: concurrency"), "{err}");
         let err = FileConfig::parse("[limiters.\"a b\"]\nconcurrency = 1").expect_err("name");
         assert!(err.to_string().contains("a b"), "{err}");
     }

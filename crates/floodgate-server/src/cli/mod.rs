@@ -4,9 +4,11 @@
 //! request); 69 the server could not be reached; 75 (EX_TEMPFAIL) the wait ended without a
 //! permit; 1 anything else. `floodgate run` exits with the command's own status.
 
+mod apply;
 mod bench;
 pub mod duration;
 mod limiter;
+mod logging;
 mod run;
 mod serve;
 mod simulate;

@@ -3,12 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use floodgate::{FastClock, Floodgate, LimiterName, MemoryStore, RedisConfig, RedisStore, Store};
-use tracing_subscriber::EnvFilter;
-
+use super::logging::{self, LogFormat};
 use super::Failure;
 use crate::config::FileConfig;
 use crate::server::{self, ServerOptions, DEFAULT_MAX_BODY_BYTES};
+use floodgate::{FastClock, Floodgate, LimiterName, MemoryStore, RedisConfig, RedisStore, Store};
 
 /// Flags of `floodgate serve`. Each overrides the config file; each has an environment variable.
 #[derive(Debug, clap::Args)]
@@ -45,19 +44,26 @@ pub(crate) struct ServeArgs {
     /// store_unavailable; `fail_open` grants without accounting (counted and logged).
     #[arg(long, env = "FLOODGATE_ON_STORE_FAILURE", value_parser = ["fail_closed", "fail_open"])]
     on_store_failure: Option<String>,
+    /// Log lines as `text` (for people) or `json` (one object per line, for machines). Levels
+    /// come from FLOODGATE_LOG or RUST_LOG (e.g. `info,floodgate=debug`).
+    #[arg(long, env = "FLOODGATE_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log one line per HTTP request (method, path, status, duration, request id).
+    #[arg(long, env = "FLOODGATE_ACCESS_LOG", num_args = 0..=1, default_missing_value = "true")]
+    access_log: Option<bool>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("FLOODGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let file = match &args.config {
         Some(path) => FileConfig::load(path).map_err(|e| Failure::usage(e.to_string()))?,
         None => FileConfig::default(),
     };
+    let log_format = match (args.log_format, &file.log_format) {
+        (Some(f), _) => f,
+        (None, Some(text)) => LogFormat::parse(text).map_err(Failure::usage)?,
+        (None, None) => LogFormat::Text,
+    };
+    logging::init(log_format);
     let listen = match (args.listen, &file.listen) {
         (Some(addr), _) => addr,
         (None, Some(text)) => text
@@ -89,6 +95,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 )))
             }
         },
+        access_log: args.access_log.or(file.access_log).unwrap_or(false),
     };
     let redis = args.redis.clone().or(file.redis.clone());
     let cluster = args.redis_cluster.or(file.redis_cluster).unwrap_or(false);
@@ -106,6 +113,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 listen,
                 options,
                 &file,
+                args.config.clone(),
             )
             .await
         }
@@ -130,6 +138,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 listen,
                 options,
                 &file,
+                args.config.clone(),
             )
             .await
         }
@@ -142,8 +151,12 @@ async fn serve_on<S: Store>(
     listen: SocketAddr,
     options: ServerOptions,
     file: &FileConfig,
+    config: Option<PathBuf>,
 ) -> Result<u8, Failure> {
     define_limiters(&gate, file).await?;
+    if let Some(path) = config {
+        reload_on_hangup(gate.clone(), path)?;
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Failure {
@@ -184,6 +197,45 @@ pub(crate) async fn define_limiters<S: Store>(
             .await
             .map_err(|e| Failure::usage(format!("limiter {name}: {e}")))?;
     }
+    Ok(())
+}
+
+/// On SIGHUP, re-reads the config file's limiters and applies them like `floodgate limiter
+/// apply` (deleting those it no longer names only with `reload_prune = true`). Holders and
+/// waiters stay; a file that does not load is logged and changes nothing. The handler is
+/// installed before the server listens, so a SIGHUP never kills a running server.
+#[cfg(unix)]
+fn reload_on_hangup<S: Store>(gate: Floodgate<S>, path: PathBuf) -> Result<(), Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup()).map_err(|e| Failure {
+        code: 1,
+        message: format!("cannot handle SIGHUP: {e}"),
+    })?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let file = match FileConfig::load(&path) {
+                Ok(file) => file,
+                Err(e) => {
+                    tracing::error!(error = %e, "reload: config not applied");
+                    continue;
+                }
+            };
+            let prune = file.reload_prune.unwrap_or(false);
+            match super::apply::apply_to_store(&gate, &file, prune).await {
+                Ok(plan) => {
+                    for line in plan.render(false).lines() {
+                        tracing::info!(change = line, "reload");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reload: stopped part way"),
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reload_on_hangup<S: Store>(_gate: Floodgate<S>, _path: PathBuf) -> Result<(), Failure> {
     Ok(())
 }
 

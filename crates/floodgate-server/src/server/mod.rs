@@ -5,6 +5,9 @@ mod api;
 mod auth;
 pub mod error;
 mod extract;
+mod request_id;
+
+pub use request_id::REQUEST_ID_HEADER;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,6 +39,9 @@ pub struct ServerOptions {
     /// When the store cannot be reached, grant acquires without accounting (token 0) instead
     /// of answering 503 `store_unavailable`. Counted as outcome `fail_open` and logged.
     pub fail_open: bool,
+    /// Log one line per request (target `floodgate::access`: method, path, status, duration,
+    /// request id), for deployments without a proxy that logs them.
+    pub access_log: bool,
 }
 
 impl Default for ServerOptions {
@@ -46,6 +52,7 @@ impl Default for ServerOptions {
             api_writes: true,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             fail_open: false,
+            access_log: false,
         }
     }
 }
@@ -107,6 +114,10 @@ pub fn router<S: Store>(
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            request_id::request_id::<S>,
+        ))
         .with_state(state);
     (app, tx)
 }
