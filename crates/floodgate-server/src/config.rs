@@ -2,7 +2,7 @@
 //! override it; see `floodgate serve --help` and `floodgate.example.toml`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use floodgate::LimiterSpec;
@@ -39,6 +39,11 @@ pub struct FileConfig {
     /// On SIGHUP, also delete the limiters this file no longer names (default false: a reload
     /// only creates and changes).
     pub reload_prune: Option<bool>,
+    /// PEM certificate chain for HTTPS (`--tls-cert`); with `tls_key`, the API is served over
+    /// TLS and the pair is reloaded when the files change.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert` (`--tls-key`).
+    pub tls_key: Option<PathBuf>,
     /// Limiters created at start, by name.
     #[serde(default)]
     pub limiters: BTreeMap<String, LimiterConfig>,

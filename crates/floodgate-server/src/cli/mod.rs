@@ -62,11 +62,22 @@ pub(crate) struct ServerArgs {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "FLOODGATE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificates (PEM) to trust for an https:// server, besides the system's.
+    #[arg(long, env = "FLOODGATE_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl ServerArgs {
     pub(crate) fn client(&self) -> Result<Client, Failure> {
-        Client::new(&self.url, self.token.clone()).map_err(Failure::from)
+        Client::with_ca_file(&self.url, self.token.clone(), self.ca_file.as_deref()).map_err(|e| {
+            match e {
+                // A CA file that cannot be used is bad input, not an unreachable server.
+                ClientError::Connection { message, .. } if message.starts_with("CA file") => {
+                    Failure::usage(message)
+                }
+                other => Failure::from(other),
+            }
+        })
     }
 }
 

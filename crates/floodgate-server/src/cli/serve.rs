@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use super::logging::{self, LogFormat};
 use super::Failure;
 use crate::config::FileConfig;
+use crate::server::tls::{TlsFiles, TlsListener};
 use crate::server::{self, ServerOptions, DEFAULT_MAX_BODY_BYTES};
 use floodgate::{FastClock, Floodgate, LimiterName, MemoryStore, RedisConfig, RedisStore, Store};
 
@@ -51,6 +52,13 @@ pub(crate) struct ServeArgs {
     /// Log one line per HTTP request (method, path, status, duration, request id).
     #[arg(long, env = "FLOODGATE_ACCESS_LOG", num_args = 0..=1, default_missing_value = "true")]
     access_log: Option<bool>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key); the pair is reloaded
+    /// when the files change on disk or on SIGHUP, so certificates rotate without a restart.
+    #[arg(long, env = "FLOODGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "FLOODGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
@@ -97,6 +105,19 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
         },
         access_log: args.access_log.or(file.access_log).unwrap_or(false),
     };
+    let tls = match (
+        args.tls_cert.clone().or(file.tls_cert.clone()),
+        args.tls_key.clone().or(file.tls_key.clone()),
+    ) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (None, None) => None,
+        _ => {
+            return Err(Failure::usage(
+                "tls_cert and tls_key go together: give both or neither",
+            ))
+        }
+    };
+    let listen = Listen { addr: listen, tls };
     let redis = args.redis.clone().or(file.redis.clone());
     let cluster = args.redis_cluster.or(file.redis_cluster).unwrap_or(false);
     let max_limiters = args.max_limiters.or(file.max_limiters);
@@ -145,10 +166,24 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
     }
 }
 
+/// A plain or a TLS listener (two types for `server::run`).
+enum Either {
+    Plain(tokio::net::TcpListener),
+    Tls(TlsListener),
+}
+
+/// Where and how to listen.
+struct Listen {
+    /// The address.
+    addr: SocketAddr,
+    /// The certificate and key, for HTTPS.
+    tls: Option<TlsFiles>,
+}
+
 async fn serve_on<S: Store>(
     gate: Floodgate<S>,
     store: &'static str,
-    listen: SocketAddr,
+    listen: Listen,
     options: ServerOptions,
     file: &FileConfig,
     config: Option<PathBuf>,
@@ -157,30 +192,41 @@ async fn serve_on<S: Store>(
     if let Some(path) = config {
         reload_on_hangup(gate.clone(), path)?;
     }
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = tokio::net::TcpListener::bind(listen.addr)
         .await
         .map_err(|e| Failure {
             code: 1,
-            message: format!("cannot listen on {listen}: {e}"),
+            message: format!("cannot listen on {}: {e}", listen.addr),
         })?;
     let local = listener.local_addr().map_err(|e| Failure {
         code: 1,
         message: e.to_string(),
     })?;
+    // Certificates are loaded before the server says it listens: a bad pair stops the start.
+    let tls = listen.tls.is_some();
+    let listener = match listen.tls {
+        None => Either::Plain(listener),
+        Some(files) => Either::Tls(
+            TlsListener::new(listener, files).map_err(|e| Failure::usage(e.to_string()))?,
+        ),
+    };
     tracing::info!(
         %local,
         store,
         limiters = file.limiters.len(),
         auth = options.token.is_some(),
         fail_open = options.fail_open,
+        tls,
         "floodgate listening"
     );
-    server::run(listener, gate, options, shutdown_signal())
-        .await
-        .map_err(|e| Failure {
-            code: 1,
-            message: format!("server error: {e}"),
-        })?;
+    let served = match listener {
+        Either::Plain(plain) => server::run(plain, gate, options, shutdown_signal()).await,
+        Either::Tls(tls) => server::run(tls, gate, options, shutdown_signal()).await,
+    };
+    served.map_err(|e| Failure {
+        code: 1,
+        message: format!("server error: {e}"),
+    })?;
     tracing::info!("stopped");
     Ok(0)
 }

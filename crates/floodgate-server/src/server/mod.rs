@@ -6,6 +6,7 @@ mod auth;
 pub mod error;
 mod extract;
 mod request_id;
+pub mod tls;
 
 pub use request_id::REQUEST_ID_HEADER;
 
@@ -16,7 +17,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use floodgate::{Floodgate, Store};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
@@ -124,12 +124,17 @@ pub fn router<S: Store>(
 
 /// Serves until `shutdown` completes, then stops accepting, answers held acquires with 503
 /// `shutting_down`, lets in-flight requests finish and returns.
-pub async fn run<S: Store>(
-    listener: TcpListener,
+/// The listener is a `TcpListener` or a [`tls::TlsListener`].
+pub async fn run<S: Store, L>(
+    listener: L,
     gate: Floodgate<S>,
     options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let (app, shutting_down) = router(gate, options);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
