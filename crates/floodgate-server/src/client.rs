@@ -104,9 +104,6 @@ impl Client {
             url: base.to_owned(),
             message,
         };
-        // reqwest is built without a crypto provider of its own: use ring, as the server does.
-        // An error means one is installed already, which is as good.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
         if let Some(path) = ca_file {
             let pem = std::fs::read(path)

@@ -58,7 +58,7 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// Reads both files into a rustls server config (ring provider, HTTP/1.1 by ALPN).
+    /// Reads both files into a rustls server config (aws-lc-rs provider, HTTP/1.1 by ALPN).
     pub fn load(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let file_error = |path: &Path, message: String| TlsError::File {
             path: path.display().to_string(),
@@ -73,7 +73,7 @@ impl TlsFiles {
         }
         let key = PrivateKeyDer::from_pem_file(&self.key)
             .map_err(|e| file_error(&self.key, format!("no usable private key: {e}")))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
