@@ -44,6 +44,16 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert` (`--tls-key`).
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates for a `rediss://` server (`--redis-ca`).
+    pub redis_ca: Option<PathBuf>,
+    /// PEM client certificate for Redis (`--redis-cert`).
+    pub redis_cert: Option<PathBuf>,
+    /// PEM key of `redis_cert` (`--redis-key`).
+    pub redis_key: Option<PathBuf>,
+    /// Redis ACL user when the URL names none (`FLOODGATE_REDIS_USERNAME`).
+    pub redis_username: Option<String>,
+    /// Redis password when the URL gives none (`FLOODGATE_REDIS_PASSWORD`).
+    pub redis_password: Option<String>,
     /// Limiters created at start, by name.
     #[serde(default)]
     pub limiters: BTreeMap<String, LimiterConfig>,

@@ -62,7 +62,7 @@ pub use crate::limiter::{AcquireOptions, Floodgate, Limiter, Permit};
 pub use crate::spec::{AdaptiveSpec, InvalidField, LimiterSpec, RateSpec};
 pub use crate::store::{LimiterBackend, MemoryLimiter, MemoryStore, Store};
 #[cfg(feature = "redis")]
-pub use crate::store::{RedisConfig, RedisLimiter, RedisStore};
+pub use crate::store::{RedisConfig, RedisLimiter, RedisSecurity, RedisStore};
 pub use crate::types::{
     FencingToken, LimiterName, NameError, PermitId, PermitIdError, Timestamp, MAX_NAME_LEN,
 };

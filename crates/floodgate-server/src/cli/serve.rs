@@ -8,7 +8,9 @@ use super::Failure;
 use crate::config::FileConfig;
 use crate::server::tls::{TlsFiles, TlsListener};
 use crate::server::{self, ServerOptions, DEFAULT_MAX_BODY_BYTES};
-use floodgate::{FastClock, Floodgate, LimiterName, MemoryStore, RedisConfig, RedisStore, Store};
+use floodgate::{
+    FastClock, Floodgate, LimiterName, MemoryStore, RedisConfig, RedisSecurity, RedisStore, Store,
+};
 
 /// Flags of `floodgate serve`. Each overrides the config file; each has an environment variable.
 #[derive(Debug, clap::Args)]
@@ -59,6 +61,22 @@ pub(crate) struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "FLOODGATE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) to verify a rediss:// server with, instead of the system's.
+    #[arg(long, env = "FLOODGATE_REDIS_CA")]
+    redis_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a Redis that requires one (with --redis-key).
+    #[arg(long, env = "FLOODGATE_REDIS_CERT", requires = "redis_key")]
+    redis_cert: Option<PathBuf>,
+    /// The PEM private key of --redis-cert.
+    #[arg(long, env = "FLOODGATE_REDIS_KEY", requires = "redis_cert")]
+    redis_key: Option<PathBuf>,
+    /// Redis ACL user, when the URL names none.
+    #[arg(long, env = "FLOODGATE_REDIS_USERNAME")]
+    redis_username: Option<String>,
+    /// Redis password, when the URL gives none. Prefer the environment variable: a flag shows
+    /// in process lists.
+    #[arg(long, env = "FLOODGATE_REDIS_PASSWORD", hide_env_values = true)]
+    redis_password: Option<String>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
@@ -144,10 +162,17 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 .map(|u| u.trim().to_owned())
                 .filter(|u| !u.is_empty())
                 .collect();
-            let config = if cluster || urls.len() > 1 {
+            let mut config = if cluster || urls.len() > 1 {
                 RedisConfig::cluster(urls)
             } else {
                 RedisConfig::new(urls.first().cloned().unwrap_or_default())
+            };
+            config.security = RedisSecurity {
+                ca_file: args.redis_ca.clone().or(file.redis_ca.clone()),
+                cert_file: args.redis_cert.clone().or(file.redis_cert.clone()),
+                key_file: args.redis_key.clone().or(file.redis_key.clone()),
+                username: args.redis_username.clone().or(file.redis_username.clone()),
+                password: args.redis_password.clone().or(file.redis_password.clone()),
             };
             let store = RedisStore::connect(config).await.map_err(|e| Failure {
                 code: super::EXIT_UNAVAILABLE,

@@ -20,6 +20,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManagerConfig;
 
 use self::conn::Conn;
+pub use self::conn::RedisSecurity;
 pub use self::limiter::RedisLimiter;
 use crate::core::LimiterStatus;
 use crate::error::StoreError;
@@ -42,6 +43,8 @@ pub struct RedisConfig {
     pub idle_ttl: Duration,
     /// Prefix of every key and channel, to share one Redis between deployments.
     pub prefix: String,
+    /// TLS files and ACL credentials (see `conn.rs`).
+    pub security: RedisSecurity,
 }
 
 impl RedisConfig {
@@ -53,6 +56,7 @@ impl RedisConfig {
             response_timeout: Duration::from_secs(2),
             idle_ttl: Duration::from_secs(7 * 24 * 3600),
             prefix: "fg".into(),
+            security: RedisSecurity::default(),
         }
     }
 
@@ -145,14 +149,17 @@ impl RedisStore {
             .ok_or_else(|| StoreError::Unavailable("redis: no URL given".into()))?;
         let cluster = config.cluster || config.urls.len() > 1;
         let conn = if cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(config.urls.clone())
+            let builder = redis::cluster::ClusterClientBuilder::new(config.urls.clone())
                 .response_timeout(config.response_timeout)
-                .connection_timeout(config.response_timeout)
+                .connection_timeout(config.response_timeout);
+            let client = config
+                .security
+                .cluster(builder)?
                 .build()
                 .map_err(unavailable)?;
             Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
         } else {
-            let client = redis::Client::open(first.as_str()).map_err(unavailable)?;
+            let client = config.security.client(&first)?;
             let manager_config = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(config.response_timeout))
                 .set_connection_timeout(Some(config.response_timeout))
@@ -167,7 +174,7 @@ impl RedisStore {
         };
         // Classic PUBLISH reaches subscribers on every node of a cluster, so one subscription
         // to any node suffices.
-        let pubsub_client = redis::Client::open(first.as_str()).map_err(unavailable)?;
+        let pubsub_client = config.security.client(&first)?;
         let server_id = unique_id();
         let channel = format!("{}:wake:{}", config.prefix, server_id);
         let inner = Arc::new(Inner {
