@@ -36,8 +36,10 @@ pub(crate) struct ServeArgs {
     /// Largest request body in bytes [default: 65536].
     #[arg(long, env = "FLOODGATE_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
-    /// Keep limiters in Redis, shared by every server using it: `redis://HOST:PORT`, or several
-    /// comma-separated node URLs for a Redis Cluster (`--redis-cluster` with one seed URL).
+    /// Keep limiters in Redis, shared by every server using it: `redis://HOST:PORT`
+    /// (`rediss://` for TLS), several comma-separated node URLs for a Redis Cluster
+    /// (`--redis-cluster` with one seed URL), or
+    /// `redis+sentinel://HOST:PORT,HOST:PORT,HOST:PORT/MASTER` to follow Sentinel failovers.
     #[arg(long, env = "FLOODGATE_REDIS")]
     redis: Option<String>,
     /// Treat the --redis URL(s) as a Redis Cluster.
@@ -157,11 +159,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .await
         }
         Some(urls) => {
-            let urls: Vec<String> = urls
-                .split(',')
-                .map(|u| u.trim().to_owned())
-                .filter(|u| !u.is_empty())
-                .collect();
+            // A Sentinel URL lists its sentinels with commas itself; others are cluster nodes.
+            let urls: Vec<String> = if urls.trim().starts_with("redis+sentinel://") {
+                vec![urls.trim().to_owned()]
+            } else {
+                urls.split(',')
+                    .map(|u| u.trim().to_owned())
+                    .filter(|u| !u.is_empty())
+                    .collect()
+            };
             let mut config = if cluster || urls.len() > 1 {
                 RedisConfig::cluster(urls)
             } else {

@@ -1,7 +1,9 @@
-//! One multiplexed connection to standalone Redis or to a Redis Cluster, behind one type, and
+//! One multiplexed connection to standalone Redis, a Redis Cluster or the master Sentinel names,
+//! behind one type, and
 //! how clients for it are made (TLS, ACL credentials).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClientBuilder;
@@ -11,6 +13,7 @@ use redis::{
     TlsCertificates, Value,
 };
 
+use super::sentinel::Sentinel;
 use super::unavailable;
 use crate::error::StoreError;
 
@@ -22,6 +25,35 @@ pub(super) enum Conn {
     Single(ConnectionManager),
     /// Redis Cluster; follows MOVED/ASK and reconnects by itself.
     Cluster(ClusterConnection),
+    /// Redis Sentinel: the master the sentinels name, followed through failovers.
+    Sentinel(Arc<Sentinel>),
+}
+
+/// Where the wake-up subscription connects (again, after a loss): a fixed node, or whichever
+/// master the sentinels name by then.
+#[derive(Clone)]
+pub(super) enum PubSubSource {
+    /// Standalone, or any node of a Cluster (boxed: a client is large, and made once).
+    Fixed(Box<redis::Client>),
+    /// The current master.
+    Sentinel(Arc<Sentinel>),
+}
+
+impl PubSubSource {
+    /// A client for the node to subscribe on now.
+    pub(super) fn client(&self) -> redis::Client {
+        match self {
+            PubSubSource::Fixed(c) => (**c).clone(),
+            PubSubSource::Sentinel(s) => s.client(),
+        }
+    }
+
+    /// After a failed reconnect: under Sentinel, asks where the master is now.
+    pub(super) async fn failed(&self, e: &redis::RedisError) {
+        if let PubSubSource::Sentinel(s) = self {
+            s.after_error(e).await;
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -29,6 +61,14 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let mut master = s.manager();
+                let result = master.req_packed_command(cmd).await;
+                if let Err(e) = &result {
+                    s.after_error(e).await;
+                }
+                result
+            }),
         }
     }
 
@@ -41,6 +81,14 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let mut master = s.manager();
+                let result = master.req_packed_commands(cmd, offset, count).await;
+                if let Err(e) = &result {
+                    s.after_error(e).await;
+                }
+                result
+            }),
         }
     }
 
@@ -48,6 +96,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(_) => 0,
         }
     }
 }
