@@ -69,6 +69,17 @@ async fn json_logs_carry_the_request_ids_of_the_responses() {
     let unique: std::collections::BTreeSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "ids are unique: {ids:?}");
 
+    // SIGHUP without a config file is handled (nothing to reload), never fatal.
+    serve.signal(nix::sys::signal::Signal::SIGHUP);
+    serve
+        .wait_for_log(|l| l["message"] == "SIGHUP: no --config file, no limiters to reload")
+        .await;
+    assert!(reqwest::get(format!("{}/healthz", serve.url))
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+
     // stop() parses every line as JSON and fails on any that is not.
     let logs = serve.stop();
     for line in &logs {

@@ -220,9 +220,7 @@ async fn serve_on<S: Store>(
     config: Option<PathBuf>,
 ) -> Result<u8, Failure> {
     define_limiters(&gate, file).await?;
-    if let Some(path) = config {
-        reload_on_hangup(gate.clone(), path)?;
-    }
+    reload_on_hangup(gate.clone(), config)?;
     let listener = tokio::net::TcpListener::bind(listen.addr)
         .await
         .map_err(|e| Failure {
@@ -281,8 +279,10 @@ pub(crate) async fn define_limiters<S: Store>(
 /// apply` (deleting those it no longer names only with `reload_prune = true`). Holders and
 /// waiters stay; a file that does not load is logged and changes nothing. The handler is
 /// installed before the server listens, so a SIGHUP never kills a running server.
+/// Without a config file, SIGHUP is still handled (only certificates reload), so
+/// `systemctl reload` never stops a server.
 #[cfg(unix)]
-fn reload_on_hangup<S: Store>(gate: Floodgate<S>, path: PathBuf) -> Result<(), Failure> {
+fn reload_on_hangup<S: Store>(gate: Floodgate<S>, path: Option<PathBuf>) -> Result<(), Failure> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = signal(SignalKind::hangup()).map_err(|e| Failure {
         code: 1,
@@ -290,7 +290,11 @@ fn reload_on_hangup<S: Store>(gate: Floodgate<S>, path: PathBuf) -> Result<(), F
     })?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            let file = match FileConfig::load(&path) {
+            let Some(path) = &path else {
+                tracing::info!("SIGHUP: no --config file, no limiters to reload");
+                continue;
+            };
+            let file = match FileConfig::load(path) {
                 Ok(file) => file,
                 Err(e) => {
                     tracing::error!(error = %e, "reload: config not applied");
@@ -312,7 +316,7 @@ fn reload_on_hangup<S: Store>(gate: Floodgate<S>, path: PathBuf) -> Result<(), F
 }
 
 #[cfg(not(unix))]
-fn reload_on_hangup<S: Store>(_gate: Floodgate<S>, _path: PathBuf) -> Result<(), Failure> {
+fn reload_on_hangup<S: Store>(_gate: Floodgate<S>, _path: Option<PathBuf>) -> Result<(), Failure> {
     Ok(())
 }
 

@@ -96,6 +96,32 @@ impl TlsFiles {
     }
 }
 
+/// SIGHUP's stream, where there is one.
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = ();
+
+#[cfg(unix)]
+fn hangup() -> Option<Hangup> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+#[cfg(not(unix))]
+fn hangup() -> Option<Hangup> {
+    None
+}
+
+#[cfg(unix)]
+async fn recv(h: &mut Hangup) -> bool {
+    h.recv().await.is_some()
+}
+
+#[cfg(not(unix))]
+async fn recv(_: &mut Hangup) -> bool {
+    std::future::pending().await
+}
+
 /// The config new handshakes use; the reloader replaces it.
 type Current = Arc<RwLock<Arc<ServerConfig>>>;
 
@@ -115,7 +141,8 @@ impl TlsListener {
     /// which lives as long as the runtime.
     pub fn new(tcp: TcpListener, files: TlsFiles) -> Result<TlsListener, TlsError> {
         let current = Arc::new(RwLock::new(files.load()?));
-        tokio::spawn(reload(files, Arc::clone(&current)));
+        // Registered here, before the server listens, so an early SIGHUP is never missed.
+        tokio::spawn(reload(files, Arc::clone(&current), hangup()));
         Ok(TlsListener {
             tcp,
             current,
@@ -178,21 +205,16 @@ impl axum::serve::Listener for TlsListener {
 /// Reloads the files when their modification time or length changes (looked at every
 /// [`RELOAD_INTERVAL`]) and on SIGHUP. A pair that does not load (a half-written file, a
 /// key that does not match) is logged and the old one stays in force.
-async fn reload(files: TlsFiles, current: Current) {
+async fn reload(files: TlsFiles, current: Current, mut hangup: Option<Hangup>) {
     let mut seen = files.stamp();
     let mut tick = tokio::time::interval(RELOAD_INTERVAL);
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
-        #[cfg(unix)]
         let forced = async {
             match hangup.as_mut() {
-                Some(h) => h.recv().await.is_some(),
+                Some(h) => recv(h).await,
                 None => std::future::pending().await,
             }
         };
-        #[cfg(not(unix))]
-        let forced = std::future::pending::<bool>();
         let forced = tokio::select! {
             _ = tick.tick() => false,
             f = forced => f,
