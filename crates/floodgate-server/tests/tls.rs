@@ -1,18 +1,21 @@
 //! HTTPS end to end: a real `floodgate serve --tls-cert --tls-key` process with certificates
 //! the test makes with openssl; curl with the CA, the `floodgate` CLI (`--ca-file`,
 //! `FLOODGATE_CA_FILE`), the Python client (`ca_file=`), and a certificate replaced on disk
-//! picked up by the running server.
+//! picked up by the running server; and `serve` talking to a real TLS `redis-server` as an ACL
+//! user whose password comes from the environment.
 
 #![allow(clippy::unwrap_used)]
 
 mod proc;
+#[path = "../../floodgate/tests/support/mod.rs"]
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use proc::certs;
 use proc::ServeProcess;
+use support::certs;
 
 fn scratch(test: &str) -> PathBuf {
     let dir =
@@ -243,4 +246,110 @@ fn a_bad_certificate_or_a_lone_flag_stops_the_start_with_a_clear_error() {
         String::from_utf8_lossy(&out.stderr).contains("missing.pem"),
         "{out:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_uses_redis_over_tls_with_the_password_from_the_environment() {
+    let dir = scratch("rediss");
+    let ca = certs::ca(&dir, "redis-ca");
+    let leaf = certs::leaf(&dir, &ca, "redis");
+    let tls_port = support::free_port().to_string();
+    let redis = support::RedisServer::start_on_a_free_port(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        leaf.cert.to_str().unwrap(),
+        "--tls-key-file",
+        leaf.key.to_str().unwrap(),
+        "--tls-ca-cert-file",
+        ca.cert.to_str().unwrap(),
+        "--tls-auth-clients",
+        "optional",
+        "--user",
+        "default",
+        "on",
+        "nopass",
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+        "+ping",
+        "--user",
+        "fg-server",
+        "on",
+        ">from-the-env",
+        "~fg:*",
+        "&fg:*",
+        "+@all",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let args = [
+        "--redis",
+        url.as_str(),
+        "--redis-ca",
+        ca.cert.to_str().unwrap(),
+    ];
+    let serve = ServeProcess::start_with_env(
+        &args,
+        &[
+            ("FLOODGATE_REDIS_USERNAME", "fg-server"),
+            ("FLOODGATE_REDIS_PASSWORD", "from-the-env"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let put = http
+        .put(format!("{}/v1/limiters/shared", serve.url))
+        .body(r#"{"concurrency": 1}"#)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let acquired = http
+        .post(format!("{}/v1/limiters/shared/acquire", serve.url))
+        .body("{}")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(acquired.status(), 200);
+    assert!(reqwest::get(format!("{}/readyz", serve.url))
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+    serve.stop();
+    drop(redis);
+
+    // A wrong password: the start fails at once, naming the problem, exit 69.
+    let redis = support::RedisServer::start_on_a_free_port(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        leaf.cert.to_str().unwrap(),
+        "--tls-key-file",
+        leaf.key.to_str().unwrap(),
+        "--tls-ca-cert-file",
+        ca.cert.to_str().unwrap(),
+        "--tls-auth-clients",
+        "optional",
+        "--user",
+        "fg-server",
+        "on",
+        ">from-the-env",
+        "~fg:*",
+        "&fg:*",
+        "+@all",
+    ]);
+    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("FLOODGATE_REDIS_USERNAME", "fg-server")
+        .env("FLOODGATE_REDIS_PASSWORD", "wrong")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(!err.contains("wrong"), "the password is not printed: {err}");
+    drop(redis);
 }

@@ -159,15 +159,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .await
         }
         Some(urls) => {
-            // A Sentinel URL lists its sentinels with commas itself; others are cluster nodes.
-            let urls: Vec<String> = if urls.trim().starts_with("redis+sentinel://") {
-                vec![urls.trim().to_owned()]
-            } else {
-                urls.split(',')
-                    .map(|u| u.trim().to_owned())
-                    .filter(|u| !u.is_empty())
-                    .collect()
-            };
+            let urls = redis_urls(&urls);
             let mut config = if cluster || urls.len() > 1 {
                 RedisConfig::cluster(urls)
             } else {
@@ -201,6 +193,19 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
 enum Either {
     Plain(tokio::net::TcpListener),
     Tls(TlsListener),
+}
+
+/// The `--redis` value as URLs: comma-separated cluster nodes, except a Sentinel URL, which
+/// lists its sentinels with commas itself.
+fn redis_urls(text: &str) -> Vec<String> {
+    let text = text.trim();
+    if text.starts_with("redis+sentinel://") {
+        return vec![text.to_owned()];
+    }
+    text.split(',')
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 /// Where and how to listen.
@@ -341,5 +346,22 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redis_urls;
+
+    #[test]
+    fn a_sentinel_url_keeps_its_commas_and_cluster_nodes_split() {
+        assert_eq!(
+            redis_urls(" redis+sentinel://a:1,b:2,c:3/m "),
+            ["redis+sentinel://a:1,b:2,c:3/m"]
+        );
+        assert_eq!(
+            redis_urls("redis://a:1, redis://b:2,"),
+            ["redis://a:1", "redis://b:2"]
+        );
     }
 }

@@ -4,8 +4,6 @@
 
 #![allow(dead_code, reason = "each test file uses its own part of this module")]
 
-pub(crate) mod certs;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};

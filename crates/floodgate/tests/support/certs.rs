@@ -1,5 +1,3 @@
-//! (The same helper as `crates/floodgate-server/tests/proc/certs.rs`.)
-//!
 //! Certificates made by the test with the `openssl` command: a CA and leaf certificates it
 //! signs for `127.0.0.1` and `localhost` (server and client use). Nothing is mocked: the
 //! server, curl, the CLI and Python verify them like any others.
