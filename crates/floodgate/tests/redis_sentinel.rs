@@ -223,6 +223,42 @@ async fn the_store_follows_a_sentinel_failover_under_load() {
     let kill = Instant::now();
     *killed_at.lock().unwrap() = Some(kill);
     master.kill();
+    // The sentinels' own failover time: until they name another master.
+    let sentinel_port = sentinels[0].port;
+    let switched = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let addr = cli(
+                sentinel_port,
+                &["sentinel", "get-master-addr-by-name", MASTER],
+            );
+            if !addr.contains(&master_port.to_string()) && addr.lines().count() == 2 {
+                return Some(Instant::now());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+
+    // The store answers again (a status read) once it follows the sentinels.
+    let answering = {
+        let limiter = limiter.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // The first reads may still reach the dead master.
+            while limiter.status().await.is_ok() {
+                assert!(Instant::now() < deadline, "reads never failed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            while limiter.status().await.is_err() {
+                assert!(Instant::now() < deadline, "the store never answered again");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Instant::now()
+        })
+    };
 
     // Grants resume on the new master, by themselves.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -252,11 +288,21 @@ async fn the_store_follows_a_sentinel_failover_under_load() {
         .unwrap()
         .unwrap()
         .duration_since(kill);
+    let switched = switched
+        .await
+        .unwrap()
+        .expect("the sentinels named a new master")
+        .duration_since(kill);
+    let answering = answering.await.unwrap().duration_since(kill);
     let new_master = sentinels[0].master_info();
     eprintln!(
-        "sentinel failover: master SIGKILLed; first grant on the new master after {} ms \
-         (sentinel down-after {DOWN_AFTER_MS} ms); {} grants before, {} after; {} acquires \
-         answered with an error meanwhile ({:?}); peak holders {} of {LIMIT}",
+        "sentinel failover: master SIGKILLed; the sentinels named the new master after {} ms \
+         (down-after {DOWN_AFTER_MS} ms), the store answered again after {} ms, its first grant \
+         on it came after {} ms (permits held at the kill, whose releases could not reach \
+         anyone, end with their 3 s lease); {} grants before, {} after; {} acquires answered \
+         with an error meanwhile ({:?}); peak holders {} of {LIMIT}",
+        switched.as_millis(),
+        answering.as_millis(),
         recovered.as_millis(),
         before,
         witness.grants.load(Ordering::Relaxed) - before,

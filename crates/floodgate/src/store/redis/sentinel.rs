@@ -4,7 +4,8 @@
 //! server there says it is a master (`ROLE`), and runs everything on it. When a round trip
 //! fails as a failover makes it fail (connection lost or refused, timeout, `READONLY`), the
 //! operation fails as any Redis outage does (503 `store_unavailable` from the server), and the
-//! store asks the sentinels again; once they name a new master it switches to it, and the
+//! store asks the sentinels again (after any failed call, at most every 200 ms); once they
+//! name a new master it switches to it, and the
 //! wake-up subscription follows on its next reconnect. Waiters whose wake-ups were on the old
 //! master are answered by the subscription's loss (see `wake.rs`), not left hanging.
 //!
@@ -134,17 +135,12 @@ impl Sentinel {
         self.current().client.clone()
     }
 
-    /// After a failed round trip: if it failed as a failover makes calls fail, asks the
-    /// sentinels (at most once per [`RECHECK`]) and switches when they name another master.
+    /// After a failed round trip: asks the sentinels (at most once per [`RECHECK`]) and
+    /// switches when they name another master. Any error counts, not only those that look like
+    /// a lost connection: while the connection manager reconnects to a dead master it answers
+    /// with errors of its own kinds, and a question to a sentinel is cheap.
     pub(super) async fn after_error(&self, e: &RedisError) {
-        let failover = e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_timeout()
-            || e.to_string().contains("READONLY");
-        if !failover {
-            return;
-        }
+        tracing::debug!(error = %e, "redis sentinel: a call failed; checking the master");
         let mut last = self.checking.lock().await;
         if last.elapsed() < RECHECK {
             return;
