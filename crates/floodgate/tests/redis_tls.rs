@@ -1,7 +1,8 @@
 //! The Redis store over TLS with an ACL user, against a real `redis-server` started with
 //! `--tls-port` and certificates this test makes with openssl: the whole behavioural suite,
-//! then credentials from the URL and from the config, and a wrong CA or password failing at
-//! once with a clear error.
+//! then credentials from the URL and from the config, a wrong CA or password failing at once
+//! with a clear error, and a 3-master Cluster with `tls-cluster yes` reached over TLS as the
+//! ACL user on every node.
 //!
 //! The server's `default` user may only PING and list clients (so readiness checks work on the
 //! plain port and nothing else does); the store's user `floodgate` may touch only keys and
@@ -218,4 +219,116 @@ async fn a_wrong_ca_or_password_fails_at_once_with_a_clear_error() {
     missing.security.ca_file = Some(redis.dir.join("nope.pem"));
     let text = connect(missing).await.expect_err("missing").to_string();
     assert!(text.contains("nope.pem"), "{text}");
+}
+
+#[tokio::test]
+async fn a_cluster_talks_tls_as_the_acl_user_too() {
+    let dir = std::env::temp_dir().join(format!(
+        "floodgate-redis-tls-cluster-{}-{}",
+        std::process::id(),
+        support::free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = certs::ca(&dir, "ca");
+    let leaf = certs::leaf(&dir, &ca, "node");
+    let password = format!(">{PASSWORD}");
+    let nodes: Vec<(RedisServer, u16)> = (0..3)
+        .map(|_| {
+            let tls_port = support::free_port();
+            let tls = tls_port.to_string();
+            let server = RedisServer::start_on_a_free_port(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--tls-port",
+                &tls,
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+                "--tls-cert-file",
+                leaf.cert.to_str().unwrap(),
+                "--tls-key-file",
+                leaf.key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                ca.cert.to_str().unwrap(),
+                "--tls-auth-clients",
+                "optional",
+                "--user",
+                USER,
+                "on",
+                &password,
+                "~*",
+                "&*",
+                "+@all",
+            ]);
+            (server, tls_port)
+        })
+        .collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|(_, tls)| format!("127.0.0.1:{tls}"))
+        .collect();
+    let out = Command::new("redis-cli")
+        .args(["--tls", "--cacert", ca.cert.to_str().unwrap()])
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cluster create: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !nodes.iter().all(|(n, _)| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &n.port.to_string(), "cluster", "info"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+    }) {
+        assert!(std::time::Instant::now() < deadline, "cluster never ok");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut config = RedisConfig::cluster(addrs.iter().map(|a| format!("rediss://{a}/")).collect());
+    config.security = RedisSecurity {
+        ca_file: Some(ca.cert.clone()),
+        username: Some(USER.into()),
+        password: Some(PASSWORD.into()),
+        ..RedisSecurity::default()
+    };
+    let gate = Floodgate::with_store(connect(config).await.expect("connect to the TLS cluster"));
+    // Names spread over the three masters' slots.
+    for name in ["a", "b", "c", "d", "e", "f"] {
+        gate.define(name, LimiterSpec::concurrency(1))
+            .await
+            .unwrap();
+        let limiter = gate.limiter(name).await.unwrap();
+        let held = limiter.acquire(AcquireOptions::new()).await.unwrap();
+        let waiter = {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.acquire(AcquireOptions::new()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(held.release().await.unwrap());
+        let next = waiter.await.unwrap().expect("the waiter is woken over TLS");
+        assert!(next.release().await.unwrap());
+    }
+    for (node, tls) in &nodes {
+        let out = Command::new("redis-cli")
+            .args(["-p", &node.port.to_string(), "client", "list"])
+            .output()
+            .unwrap();
+        let clients = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            clients.lines().any(|l| l.contains(&format!("user={USER}"))
+                && l.contains(&format!("laddr=127.0.0.1:{tls}"))),
+            "the store reached node {tls} over TLS as {USER}: {clients}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
