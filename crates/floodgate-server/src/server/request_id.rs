@@ -52,7 +52,9 @@ pub(super) async fn request_id<S: Store>(
         .map_or_else(generate, str::to_owned);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let span = tracing::info_span!("request", request_id = %id);
+    // At ERROR level so the span is enabled whenever any line is: under `RUST_LOG=warn` the
+    // warnings of a request still carry its id.
+    let span = tracing::error_span!("request", request_id = %id);
     let started = Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
