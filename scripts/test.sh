@@ -18,6 +18,15 @@ if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] && command -v ap
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq faketime >/dev/null
 fi
+# TLS tests make certificates with openssl and call curl; the deploy recipes' test parses the
+# Kubernetes manifests with PyYAML (and runs systemd-analyze when the machine has systemd).
+if ! command -v openssl >/dev/null || ! command -v curl >/dev/null \
+  || ! python3 -c 'import yaml' 2>/dev/null; then
+  echo "== installing openssl, curl, python3-yaml"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq openssl curl python3-yaml >/dev/null
+fi
 
 echo "== format"
 cargo fmt --all -- --check

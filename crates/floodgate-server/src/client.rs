@@ -129,13 +129,37 @@ pub struct Client {
 impl Client {
     /// A client for the server at `base` (e.g. `http://127.0.0.1:8750`).
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| ClientError::Connection {
-                url: base.to_owned(),
-                message: e.to_string(),
-            })?;
+        Client::with_ca_file(base, token, None)
+    }
+
+    /// A client that also trusts the CA certificates (PEM) in `ca_file`, for an `https://`
+    /// server whose certificate is not signed by a CA the system trusts.
+    pub fn with_ca_file(
+        base: &str,
+        token: Option<String>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
+        let failed = |message: String| ClientError::Connection {
+            url: base.to_owned(),
+            message,
+        };
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| failed(format!("CA file {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| failed(format!("CA file {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(failed(format!(
+                    "CA file {}: no CERTIFICATE in it",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| failed(e.to_string()))?;
         Ok(Client {
             base: base.trim_end_matches('/').to_owned(),
             token,

@@ -2,7 +2,7 @@
 //! override it; see `floodgate serve --help` and `floodgate.example.toml`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use floodgate::LimiterSpec;
@@ -54,6 +54,28 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// Time in-flight requests get at shutdown, in milliseconds (default 10,000).
     pub shutdown_grace_ms: Option<u64>,
+    /// `text` (default) or `json` log lines (`--log-format`).
+    pub log_format: Option<String>,
+    /// Log one line per HTTP request (`--access-log`, default false).
+    pub access_log: Option<bool>,
+    /// On SIGHUP, also delete the limiters this file no longer names (default false: a reload
+    /// only creates and changes).
+    pub reload_prune: Option<bool>,
+    /// PEM certificate chain for HTTPS (`--tls-cert`); with `tls_key`, the API is served over
+    /// TLS and the pair is reloaded when the files change.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert` (`--tls-key`).
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates for a `rediss://` server (`--redis-ca`).
+    pub redis_ca: Option<PathBuf>,
+    /// PEM client certificate for Redis (`--redis-cert`).
+    pub redis_cert: Option<PathBuf>,
+    /// PEM key of `redis_cert` (`--redis-key`).
+    pub redis_key: Option<PathBuf>,
+    /// Redis ACL user when the URL names none (`FLOODGATE_REDIS_USERNAME`).
+    pub redis_username: Option<String>,
+    /// Redis password when the URL gives none (`FLOODGATE_REDIS_PASSWORD`).
+    pub redis_password: Option<String>,
     /// Limiters created at start, by name.
     #[serde(default)]
     pub limiters: BTreeMap<String, LimiterConfig>,
@@ -152,10 +174,15 @@ impl FileConfig {
             message: e.to_string(),
         })?;
         for (name, limiter) in &config.limiters {
+            // toml's own errors carry a line; checks made after parsing find theirs here.
+            let line = limiter_line(text, name);
             let invalid = |message: String| ConfigError::Limiter {
                 path: String::new(),
                 name: name.clone(),
-                message,
+                message: match line {
+                    Some(n) => format!("line {n}: {message}"),
+                    None => message,
+                },
             };
             floodgate::LimiterName::new(name).map_err(|e| invalid(e.to_string()))?;
             limiter
@@ -165,6 +192,21 @@ impl FileConfig {
         }
         Ok(config)
     }
+}
+
+/// The 1-based line of the `[limiters.NAME]` header in `text`, if written as a table.
+fn limiter_line(text: &str, name: &str) -> Option<usize> {
+    let unquote = |s: &str| s.trim().trim_matches(|c| c == '"' || c == '\'').to_owned();
+    text.lines()
+        .position(|line| {
+            let line = line.split('#').next().unwrap_or("").trim();
+            line.strip_prefix('[')
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|l| l.trim().strip_prefix("limiters"))
+                .and_then(|l| l.trim_start().strip_prefix('.'))
+                .is_some_and(|l| unquote(l) == name)
+        })
+        .map(|i| i + 1)
 }
 
 #[cfg(test)]
@@ -186,6 +228,12 @@ mod tests {
         assert!(err.to_string().contains("lisen"), "{err}");
         let err = FileConfig::parse("[limiters.a]\nconcurrency = 0").expect_err("zero");
         assert!(err.to_string().contains("concurrency"), "{err}");
+        let err = FileConfig::parse("x = 1").expect_err("unknown key");
+        assert!(err.to_string().contains("line 1"), "{err}");
+        let err =
+            FileConfig::parse("\n[limiters.b]\nconcurrency = 1\n[limiters.a]\nconcurrency = 0")
+                .expect_err("zero");
+        assert!(err.to_string().contains("line 4: concurrency"), "{err}");
         let err = FileConfig::parse("[limiters.\"a b\"]\nconcurrency = 1").expect_err("name");
         assert!(err.to_string().contains("a b"), "{err}");
     }

@@ -65,7 +65,7 @@ pub use crate::store::{
     RecoveryReport, Store,
 };
 #[cfg(feature = "redis")]
-pub use crate::store::{RedisConfig, RedisLimiter, RedisStore};
+pub use crate::store::{RedisConfig, RedisLimiter, RedisSecurity, RedisStore};
 pub use crate::types::{
     FencingToken, LimiterName, NameError, PermitId, PermitIdError, Timestamp, MAX_NAME_LEN,
 };

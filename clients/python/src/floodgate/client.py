@@ -162,6 +162,8 @@ class Floodgate:
             process that acquires when left out (so it follows a forked child's pid). Pass
             ``""`` for none.
         ssl_context: for ``https://`` URLs; the default context verifies certificates.
+        ca_file: a PEM file of CA certificates to trust besides the system's, for a server
+            whose certificate a private CA signed (``from_env`` reads ``FLOODGATE_CA_FILE``).
     """
 
     def __init__(
@@ -174,7 +176,13 @@ class Floodgate:
         backoff_max: float = 2.0,
         holder: Optional[str] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
+        ca_file: Optional[str] = None,
     ) -> None:
+        if ca_file:
+            if ssl_context is not None:
+                raise ValueError("give ssl_context or ca_file, not both")
+            ssl_context = ssl.create_default_context()
+            ssl_context.load_verify_locations(cafile=ca_file)
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("url must be http://HOST[:PORT] or https://..., not {!r}".format(url))
@@ -230,10 +238,13 @@ class Floodgate:
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "Floodgate":
-        """A client from ``FLOODGATE_URL`` (default ``http://127.0.0.1:8750``) and
-        ``FLOODGATE_TOKEN``; keyword arguments are passed on (and win)."""
+        """A client from ``FLOODGATE_URL`` (default ``http://127.0.0.1:8750``),
+        ``FLOODGATE_TOKEN`` and ``FLOODGATE_CA_FILE``; keyword arguments are passed on (and
+        win)."""
         kwargs.setdefault("url", os.environ.get("FLOODGATE_URL") or DEFAULT_URL)
         kwargs.setdefault("token", os.environ.get("FLOODGATE_TOKEN") or None)
+        if "ssl_context" not in kwargs:
+            kwargs.setdefault("ca_file", os.environ.get("FLOODGATE_CA_FILE") or None)
         return cls(**kwargs)
 
     def __repr__(self) -> str:

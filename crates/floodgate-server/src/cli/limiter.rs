@@ -1,4 +1,4 @@
-//! `floodgate limiter set|delete`.
+//! `floodgate limiter set|delete|apply`.
 
 use std::time::Duration;
 
@@ -14,6 +14,8 @@ pub(crate) enum LimiterCommand {
     Set(SetArgs),
     /// Delete a limiter (its waiters are answered, its permits are no longer held).
     Delete(DeleteArgs),
+    /// Make the server's limiters match a file's `[limiters.NAME]` tables (see --dry-run).
+    Apply(super::apply::ApplyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,5 +135,6 @@ pub(crate) async fn limiter(cmd: LimiterCommand) -> Result<u8, Failure> {
             print(&format!("{}: deleted\n", args.name));
             Ok(0)
         }
+        LimiterCommand::Apply(args) => super::apply::apply(args).await,
     }
 }

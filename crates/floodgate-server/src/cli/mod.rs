@@ -4,10 +4,12 @@
 //! request); 69 the server could not be reached; 75 (EX_TEMPFAIL) the wait ended without a
 //! permit; 1 anything else. `floodgate run` exits with the command's own status.
 
+mod apply;
 mod bench;
 mod bench_durability;
 pub mod duration;
 mod limiter;
+mod logging;
 mod run;
 mod serve;
 mod simulate;
@@ -37,8 +39,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the HTTP server (embedded store).
-    Serve(serve::ServeArgs),
+    /// Run the HTTP server (embedded store by default, or Redis with --redis).
+    Serve(Box<serve::ServeArgs>),
     /// Run a command while holding a permit, like flock but shared by every machine.
     Run(run::RunArgs),
     /// Show limiters: limit, in use, waiting and counters.
@@ -68,11 +70,22 @@ pub(crate) struct ServerArgs {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "FLOODGATE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificates (PEM) to trust for an https:// server, besides the system's.
+    #[arg(long, env = "FLOODGATE_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl ServerArgs {
     pub(crate) fn client(&self) -> Result<Client, Failure> {
-        Client::new(&self.url, self.token.clone()).map_err(Failure::from)
+        Client::with_ca_file(&self.url, self.token.clone(), self.ca_file.as_deref()).map_err(|e| {
+            match e {
+                // A CA file that cannot be used is bad input, not an unreachable server.
+                ClientError::Connection { message, .. } if message.starts_with("CA file") => {
+                    Failure::usage(message)
+                }
+                other => Failure::from(other),
+            }
+        })
     }
 }
 
@@ -133,7 +146,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::serve(args).await,
+            Command::Serve(args) => serve::serve(*args).await,
             Command::Run(args) => run::run(args).await,
             Command::Status(args) => status::status(args).await,
             Command::Limiter(cmd) => limiter::limiter(cmd).await,

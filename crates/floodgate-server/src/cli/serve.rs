@@ -5,14 +5,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use floodgate::{
-    Durability, Floodgate, FsyncPolicy, LimiterName, MemoryStore, RedisConfig, RedisStore, Store,
-    WallClock,
+    Durability, Floodgate, FsyncPolicy, LimiterName, MemoryStore, RedisConfig, RedisSecurity,
+    RedisStore, Store, WallClock,
 };
-use tracing_subscriber::EnvFilter;
 
 use super::duration::parse_duration;
+use super::logging::{self, LogFormat};
 use super::Failure;
 use crate::config::FileConfig;
+use crate::server::tls::{TlsAcceptors, TlsFiles};
 use crate::server::{self, ServerOptions, DEFAULT_MAX_BODY_BYTES};
 
 /// Flags of `floodgate serve`. Each overrides the config file; each has an environment variable.
@@ -39,8 +40,10 @@ pub(crate) struct ServeArgs {
     /// Largest request body in bytes [default: 65536].
     #[arg(long, env = "FLOODGATE_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
-    /// Keep limiters in Redis, shared by every server using it: `redis://HOST:PORT`, or several
-    /// comma-separated node URLs for a Redis Cluster (`--redis-cluster` with one seed URL).
+    /// Keep limiters in Redis, shared by every server using it: `redis://HOST:PORT`
+    /// (`rediss://` for TLS), several comma-separated node URLs for a Redis Cluster
+    /// (`--redis-cluster` with one seed URL), or
+    /// `redis+sentinel://HOST:PORT,HOST:PORT,HOST:PORT/MASTER` to follow Sentinel failovers.
     #[arg(long, env = "FLOODGATE_REDIS")]
     redis: Option<String>,
     /// Treat the --redis URL(s) as a Redis Cluster.
@@ -87,19 +90,49 @@ pub(crate) struct ServeArgs {
     /// regardless [default: 10s].
     #[arg(long, env = "FLOODGATE_SHUTDOWN_GRACE", value_parser = parse_duration)]
     shutdown_grace: Option<Duration>,
+    /// Log lines as `text` (for people) or `json` (one object per line, for machines). Levels
+    /// come from FLOODGATE_LOG or RUST_LOG (e.g. `info,floodgate=debug`).
+    #[arg(long, env = "FLOODGATE_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log one line per HTTP request (method, path, status, duration, request id).
+    #[arg(long, env = "FLOODGATE_ACCESS_LOG", num_args = 0..=1, default_missing_value = "true")]
+    access_log: Option<bool>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key); the pair is reloaded
+    /// when the files change on disk or on SIGHUP, so certificates rotate without a restart.
+    #[arg(long, env = "FLOODGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "FLOODGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) to verify a rediss:// server with, instead of the system's.
+    #[arg(long, env = "FLOODGATE_REDIS_CA")]
+    redis_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a Redis that requires one (with --redis-key).
+    #[arg(long, env = "FLOODGATE_REDIS_CERT", requires = "redis_key")]
+    redis_cert: Option<PathBuf>,
+    /// The PEM private key of --redis-cert.
+    #[arg(long, env = "FLOODGATE_REDIS_KEY", requires = "redis_cert")]
+    redis_key: Option<PathBuf>,
+    /// Redis ACL user, when the URL names none.
+    #[arg(long, env = "FLOODGATE_REDIS_USERNAME")]
+    redis_username: Option<String>,
+    /// Redis password, when the URL gives none. Prefer the environment variable: a flag shows
+    /// in process lists.
+    #[arg(long, env = "FLOODGATE_REDIS_PASSWORD", hide_env_values = true)]
+    redis_password: Option<String>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("FLOODGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let file = match &args.config {
         Some(path) => FileConfig::load(path).map_err(|e| Failure::usage(e.to_string()))?,
         None => FileConfig::default(),
     };
+    let log_format = match (args.log_format, &file.log_format) {
+        (Some(f), _) => f,
+        (None, Some(text)) => LogFormat::parse(text).map_err(Failure::usage)?,
+        (None, None) => LogFormat::Text,
+    };
+    logging::init(log_format);
     let listen = match (args.listen, &file.listen) {
         (Some(addr), _) => addr,
         (None, Some(text)) => text
@@ -119,6 +152,8 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .clamp(1, server::DEFAULT_MAX_CONNECTIONS)
     });
     let options = ServerOptions {
+        // Loaded in serve_on, once the address is bound.
+        tls: None,
         header_timeout: args
             .header_timeout
             .or(ms(file.header_timeout_ms))
@@ -162,7 +197,21 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 )))
             }
         },
+        access_log: args.access_log.or(file.access_log).unwrap_or(false),
     };
+    let tls = match (
+        args.tls_cert.clone().or(file.tls_cert.clone()),
+        args.tls_key.clone().or(file.tls_key.clone()),
+    ) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (None, None) => None,
+        _ => {
+            return Err(Failure::usage(
+                "tls_cert and tls_key go together: give both or neither",
+            ))
+        }
+    };
+    let listen = Listen { addr: listen, tls };
     let redis = args.redis.clone().or(file.redis.clone());
     let cluster = args.redis_cluster.or(file.redis_cluster).unwrap_or(false);
     let max_limiters = args.max_limiters.or(file.max_limiters);
@@ -220,6 +269,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 options,
                 &file,
                 learning,
+                args.config.clone(),
             )
             .await;
             // Everything answered is already written; this syncs it and unlocks the dir.
@@ -227,11 +277,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             result
         }
         Some(urls) => {
-            let urls: Vec<String> = urls
-                .split(',')
-                .map(|u| u.trim().to_owned())
-                .filter(|u| !u.is_empty())
-                .collect();
+            let urls = redis_urls(&urls);
             let mut config = if cluster || urls.len() > 1 {
                 RedisConfig::cluster(urls)
             } else {
@@ -241,6 +287,13 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             // The registry is shared: the cap counts every server's limiters.
             config.max_limiters =
                 Some(max_limiters.unwrap_or(floodgate::store::memory::DEFAULT_MAX_LIMITERS));
+            config.security = RedisSecurity {
+                ca_file: args.redis_ca.clone().or(file.redis_ca.clone()),
+                cert_file: args.redis_cert.clone().or(file.redis_cert.clone()),
+                key_file: args.redis_key.clone().or(file.redis_key.clone()),
+                username: args.redis_username.clone().or(file.redis_username.clone()),
+                password: args.redis_password.clone().or(file.redis_password.clone()),
+            };
             let store = RedisStore::connect(config).await.map_err(|e| Failure {
                 code: super::EXIT_UNAVAILABLE,
                 message: e.to_string(),
@@ -252,34 +305,64 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 options,
                 &file,
                 learning,
+                args.config.clone(),
             )
             .await
         }
     }
 }
 
+/// The `--redis` value as URLs: comma-separated cluster nodes, except a Sentinel URL, which
+/// lists its sentinels with commas itself.
+fn redis_urls(text: &str) -> Vec<String> {
+    let text = text.trim();
+    if text.starts_with("redis+sentinel://") {
+        return vec![text.to_owned()];
+    }
+    text.split(',')
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// Where and how to listen.
+struct Listen {
+    /// The address.
+    addr: SocketAddr,
+    /// The certificate and key, for HTTPS.
+    tls: Option<TlsFiles>,
+}
+
 async fn serve_on<S: Store>(
     gate: Floodgate<S>,
     store: &'static str,
-    listen: SocketAddr,
+    listen: Listen,
     options: ServerOptions,
     file: &FileConfig,
     learning: Option<std::time::Duration>,
+    config: Option<PathBuf>,
 ) -> Result<u8, Failure> {
     match learning.filter(|w| !w.is_zero()) {
         Some(window) => restore_limiters(&gate, file, window).await?,
         None => define_limiters(&gate, file).await?,
     }
-    let listener = tokio::net::TcpListener::bind(listen)
+    reload_on_hangup(gate.clone(), config)?;
+    let listener = tokio::net::TcpListener::bind(listen.addr)
         .await
         .map_err(|e| Failure {
             code: 1,
-            message: format!("cannot listen on {listen}: {e}"),
+            message: format!("cannot listen on {}: {e}", listen.addr),
         })?;
     let local = listener.local_addr().map_err(|e| Failure {
         code: 1,
         message: e.to_string(),
     })?;
+    // Certificates are loaded before the server says it listens: a bad pair stops the start.
+    let tls = listen.tls.is_some();
+    let mut options = options;
+    if let Some(files) = listen.tls {
+        options.tls = Some(TlsAcceptors::start(files).map_err(|e| Failure::usage(e.to_string()))?);
+    }
     tracing::info!(
         %local,
         store,
@@ -287,6 +370,7 @@ async fn serve_on<S: Store>(
         auth = options.token.is_some(),
         fail_open = options.fail_open,
         max_connections = options.max_connections,
+        tls,
         "floodgate listening"
     );
     server::run(listener, gate, options, shutdown_signal())
@@ -335,6 +419,51 @@ pub(crate) async fn restore_limiters<S: Store>(
     Ok(())
 }
 
+/// On SIGHUP, re-reads the config file's limiters and applies them like `floodgate limiter
+/// apply` (deleting those it no longer names only with `reload_prune = true`). Holders and
+/// waiters stay; a file that does not load is logged and changes nothing. The handler is
+/// installed before the server listens, so a SIGHUP never kills a running server.
+/// Without a config file, SIGHUP is still handled (only certificates reload), so
+/// `systemctl reload` never stops a server.
+#[cfg(unix)]
+fn reload_on_hangup<S: Store>(gate: Floodgate<S>, path: Option<PathBuf>) -> Result<(), Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup()).map_err(|e| Failure {
+        code: 1,
+        message: format!("cannot handle SIGHUP: {e}"),
+    })?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let Some(path) = &path else {
+                tracing::info!("SIGHUP: no --config file, no limiters to reload");
+                continue;
+            };
+            let file = match FileConfig::load(path) {
+                Ok(file) => file,
+                Err(e) => {
+                    tracing::error!(error = %e, "reload: config not applied");
+                    continue;
+                }
+            };
+            let prune = file.reload_prune.unwrap_or(false);
+            match super::apply::apply_to_store(&gate, &file, prune).await {
+                Ok(plan) => {
+                    for line in plan.render(false).lines() {
+                        tracing::info!(change = line, "reload");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reload: stopped part way"),
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reload_on_hangup<S: Store>(_gate: Floodgate<S>, _path: Option<PathBuf>) -> Result<(), Failure> {
+    Ok(())
+}
+
 /// Completes on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -356,5 +485,22 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redis_urls;
+
+    #[test]
+    fn a_sentinel_url_keeps_its_commas_and_cluster_nodes_split() {
+        assert_eq!(
+            redis_urls(" redis+sentinel://a:1,b:2,c:3/m "),
+            ["redis+sentinel://a:1,b:2,c:3/m"]
+        );
+        assert_eq!(
+            redis_urls("redis://a:1, redis://b:2,"),
+            ["redis://a:1", "redis://b:2"]
+        );
     }
 }

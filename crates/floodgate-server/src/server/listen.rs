@@ -21,7 +21,7 @@ use super::conn_io::{Guarded, Timeouts};
 const MAX_READ_BUF: usize = 64 * 1024;
 
 /// What the accept loop needs to know.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct ListenLimits {
     /// Header and idle timeouts, applied per connection.
     pub(super) timeouts: Timeouts,
@@ -29,6 +29,8 @@ pub(super) struct ListenLimits {
     pub(super) max_connections: usize,
     /// How long shutdown waits for connections to finish before closing them.
     pub(super) shutdown_grace: Duration,
+    /// HTTPS: each connection's TLS handshake runs in its own task, after the cap.
+    pub(super) tls: Option<super::tls::TlsAcceptors>,
 }
 
 /// The answer to a connection over the cap: written once without waiting, then closed.
@@ -83,18 +85,26 @@ pub(super) async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(Guarded::new(stream, limits.timeouts));
         let service = TowerToHyperService::new(app.clone());
         let http = Arc::clone(&http);
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let timeouts = limits.timeouts;
+        let tls = limits.tls.clone();
         connections.spawn(async move {
-            let conn = http.serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => log_end(result),
-                () = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    log_end(conn.await);
+            match tls {
+                None => {
+                    serve_connection(&http, Guarded::new(stream, timeouts), service, stop).await
+                }
+                Some(tls) => {
+                    let handshake = tls.acceptor().accept(stream);
+                    match tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(tls_stream)) => {
+                            let io = Guarded::new(tls_stream, timeouts);
+                            serve_connection(&http, io, service, stop).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
                 }
             }
             drop(slot);
@@ -120,6 +130,26 @@ pub(super) async fn serve(
         connections.shutdown().await;
     }
     Ok(())
+}
+
+/// Serves HTTP/1 on one connection (plain or TLS) until it ends, or gracefully once `stop`.
+async fn serve_connection<IO>(
+    http: &hyper::server::conn::http1::Builder,
+    io: Guarded<IO>,
+    service: TowerToHyperService<Router>,
+    mut stop: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = http.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => log_end(result),
+        () = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            log_end(conn.await);
+        }
+    }
 }
 
 fn refuse(stream: &TcpStream, answer: &[u8]) {

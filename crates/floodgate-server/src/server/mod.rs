@@ -8,8 +8,11 @@ pub mod error;
 mod extract;
 mod guard;
 mod listen;
+mod request_id;
+pub mod tls;
 
 pub use listen::raise_fd_limit;
+pub use request_id::REQUEST_ID_HEADER;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -64,6 +67,11 @@ pub struct ServerOptions {
     /// After the shutdown signal, how long in-flight requests get before their connections
     /// are closed regardless (held acquires are answered 503 at once).
     pub shutdown_grace: Duration,
+    /// Log one line per request (target `floodgate::access`: method, path, status, duration,
+    /// request id), for deployments without a proxy that logs them.
+    pub access_log: bool,
+    /// Serve HTTPS with these certificates (reloaded when their files change); `None`: HTTP.
+    pub tls: Option<tls::TlsAcceptors>,
 }
 
 impl Default for ServerOptions {
@@ -79,6 +87,8 @@ impl Default for ServerOptions {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            access_log: false,
+            tls: None,
         }
     }
 }
@@ -148,6 +158,10 @@ pub fn router<S: Store>(
                 guard::refuse_declared_oversize(max_body, request, next)
             },
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            request_id::request_id::<S>,
+        ))
         .with_state(state);
     (app, tx)
 }
@@ -168,6 +182,7 @@ pub async fn run<S: Store>(
         },
         max_connections: options.max_connections,
         shutdown_grace: options.shutdown_grace,
+        tls: options.tls.clone(),
     };
     let (app, shutting_down) = router(gate, options);
     listen::serve(listener, app, limits, shutdown, shutting_down).await

@@ -20,7 +20,7 @@ use crate::spec::LimiterSpec;
 use crate::types::{FencingToken, LimiterName};
 
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisConfig, RedisLimiter, RedisStore};
+pub use self::redis::{RedisConfig, RedisLimiter, RedisSecurity, RedisStore};
 pub use memory::{
     Durability, FsyncPolicy, MemoryLimiter, MemoryStore, RecoveryError, RecoveryReport,
 };

@@ -1,8 +1,21 @@
-//! One multiplexed connection to standalone Redis or to a Redis Cluster, behind one type.
+//! One multiplexed connection to standalone Redis, a Redis Cluster or the master Sentinel names,
+//! behind one type, and
+//! how clients for it are made (TLS, ACL credentials).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{
+    ClientTlsConfig, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, RedisFuture,
+    TlsCertificates, Value,
+};
+
+use super::sentinel::Sentinel;
+use super::unavailable;
+use crate::error::StoreError;
 
 /// The shared connection. Never used for blocking commands: redis-rs multiplexes requests on
 /// it with a response timeout, and a blocking read would stall every other request.
@@ -12,6 +25,35 @@ pub(super) enum Conn {
     Single(ConnectionManager),
     /// Redis Cluster; follows MOVED/ASK and reconnects by itself.
     Cluster(ClusterConnection),
+    /// Redis Sentinel: the master the sentinels name, followed through failovers.
+    Sentinel(Arc<Sentinel>),
+}
+
+/// Where the wake-up subscription connects (again, after a loss): a fixed node, or whichever
+/// master the sentinels name by then.
+#[derive(Clone)]
+pub(super) enum PubSubSource {
+    /// Standalone, or any node of a Cluster (boxed: a client is large, and made once).
+    Fixed(Box<redis::Client>),
+    /// The current master.
+    Sentinel(Arc<Sentinel>),
+}
+
+impl PubSubSource {
+    /// A client for the node to subscribe on now.
+    pub(super) fn client(&self) -> redis::Client {
+        match self {
+            PubSubSource::Fixed(c) => (**c).clone(),
+            PubSubSource::Sentinel(s) => s.client(),
+        }
+    }
+
+    /// After a failed reconnect: under Sentinel, asks where the master is now.
+    pub(super) async fn failed(&self, e: &redis::RedisError) {
+        if let PubSubSource::Sentinel(s) = self {
+            s.after_error(e).await;
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -19,6 +61,14 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let mut master = s.manager();
+                let result = master.req_packed_command(cmd).await;
+                if let Err(e) = &result {
+                    s.after_error(e).await;
+                }
+                result
+            }),
         }
     }
 
@@ -31,6 +81,14 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let mut master = s.manager();
+                let result = master.req_packed_commands(cmd, offset, count).await;
+                if let Err(e) = &result {
+                    s.after_error(e).await;
+                }
+                result
+            }),
         }
     }
 
@@ -38,6 +96,149 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(_) => 0,
         }
+    }
+}
+
+/// How to authenticate to Redis: TLS material for `rediss://` URLs and ACL credentials that
+/// are not in the URL (so a password can come from the environment, not a process list).
+/// Applies to standalone and Cluster alike. `Debug` never shows the password.
+#[derive(Clone, Default)]
+pub struct RedisSecurity {
+    /// PEM CA certificates to verify the server with, instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that require one (`tls-auth-clients yes`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// ACL user, when the URL names none.
+    pub username: Option<String>,
+    /// ACL password (or `requirepass`), when the URL gives none.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for RedisSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSecurity")
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+fn read(what: &str, path: &Path) -> Result<Vec<u8>, StoreError> {
+    std::fs::read(path)
+        .map_err(|e| StoreError::Unavailable(format!("redis: {what} {}: {e}", path.display())))
+}
+
+impl RedisSecurity {
+    /// The files' contents, or `None` when no TLS file is named (the system's CAs are used
+    /// for `rediss://` then).
+    fn certificates(&self) -> Result<Option<TlsCertificates>, StoreError> {
+        let client_tls = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(ClientTlsConfig {
+                client_cert: read("client certificate", cert)?,
+                client_key: read("client key", key)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(StoreError::Unavailable(
+                    "redis: a client certificate and its key go together".into(),
+                ))
+            }
+        };
+        let root_cert = match &self.ca_file {
+            Some(ca) => Some(read("CA file", ca)?),
+            None => None,
+        };
+        Ok(
+            (client_tls.is_some() || root_cert.is_some()).then_some(TlsCertificates {
+                client_tls,
+                root_cert,
+            }),
+        )
+    }
+
+    /// A client for one node: the URL's credentials, else these; TLS material applied to a
+    /// `rediss://` URL (and refused with a plain one, where it would be silently unused).
+    pub(super) fn client(&self, url: &str) -> Result<redis::Client, StoreError> {
+        let info = url
+            .into_connection_info()
+            .map_err(|e| StoreError::Unavailable(format!("redis: URL {}: {e}", redact(url))))?;
+        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        let mut settings = info.redis_settings().clone();
+        if settings.username().is_none() {
+            if let Some(user) = &self.username {
+                settings = settings.set_username(user);
+            }
+        }
+        if settings.password().is_none() {
+            if let Some(password) = &self.password {
+                settings = settings.set_password(password);
+            }
+        }
+        let info = info.set_redis_settings(settings);
+        match self.certificates()? {
+            Some(certs) if tls => redis::Client::build_with_tls(info, certs).map_err(unavailable),
+            Some(_) => Err(StoreError::Unavailable(format!(
+                "redis: a CA file or client certificate needs a rediss:// URL, not {}",
+                redact(url)
+            ))),
+            None => redis::Client::open(info).map_err(unavailable),
+        }
+    }
+
+    /// The same for a Cluster's seed nodes.
+    pub(super) fn cluster(
+        &self,
+        mut builder: ClusterClientBuilder,
+    ) -> Result<ClusterClientBuilder, StoreError> {
+        if let Some(user) = &self.username {
+            builder = builder.username(user);
+        }
+        if let Some(password) = &self.password {
+            builder = builder.password(password);
+        }
+        if let Some(certs) = self.certificates()? {
+            builder = builder.certs(certs);
+        }
+        Ok(builder)
+    }
+}
+
+/// A URL without its password, for error messages.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact("rediss://app:s3cret@redis:6380/0"),
+            "rediss://app:***@redis:6380/0"
+        );
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        let s = RedisSecurity {
+            password: Some("s3cret".into()),
+            ..RedisSecurity::default()
+        };
+        assert!(!format!("{s:?}").contains("s3cret"));
     }
 }

@@ -12,6 +12,7 @@ mod conn;
 mod limiter;
 mod revive;
 mod script;
+mod sentinel;
 mod wake;
 
 use std::collections::HashMap;
@@ -21,7 +22,8 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManagerConfig;
 
-use self::conn::Conn;
+pub use self::conn::RedisSecurity;
+use self::conn::{Conn, PubSubSource};
 pub use self::limiter::RedisLimiter;
 #[doc(hidden)]
 pub use self::script::{script_source, status_schema};
@@ -34,7 +36,8 @@ use crate::types::LimiterName;
 /// How to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://host:port` of a standalone server, or the seed nodes of a cluster.
+    /// `redis://host:port` (`rediss://` for TLS) of a standalone server, the seed nodes of a
+    /// cluster, or `redis+sentinel://HOST:PORT,HOST:PORT/MASTER` (see `sentinel.rs`).
     pub urls: Vec<String>,
     /// Treat `urls` as a Redis Cluster (implied by more than one URL).
     pub cluster: bool,
@@ -54,6 +57,8 @@ pub struct RedisConfig {
     /// Most limiters the registry may hold; creating one more answers `TooManyLimiters`.
     /// `None`: no cap.
     pub max_limiters: Option<usize>,
+    /// TLS files and ACL credentials (see `conn.rs`).
+    pub security: RedisSecurity,
 }
 
 impl RedisConfig {
@@ -67,6 +72,7 @@ impl RedisConfig {
             prefix: "fg".into(),
             learning_window: None,
             max_limiters: None,
+            security: RedisSecurity::default(),
         }
     }
 
@@ -197,30 +203,46 @@ impl RedisStore {
             .cloned()
             .ok_or_else(|| StoreError::Unavailable("redis: no URL given".into()))?;
         let cluster = config.cluster || config.urls.len() > 1;
-        let conn = if cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(config.urls.clone())
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.response_timeout))
+            .set_connection_timeout(Some(config.response_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let (conn, pubsub_client) = if let Some(target) = sentinel::parse(&first) {
+            let s = sentinel::Sentinel::connect(
+                target?,
+                config.security.clone(),
+                manager_config,
+                config.response_timeout,
+            )
+            .await?;
+            (Conn::Sentinel(Arc::clone(&s)), PubSubSource::Sentinel(s))
+        } else if cluster {
+            let builder = redis::cluster::ClusterClientBuilder::new(config.urls.clone())
                 .response_timeout(config.response_timeout)
-                .connection_timeout(config.response_timeout)
+                .connection_timeout(config.response_timeout);
+            let client = config
+                .security
+                .cluster(builder)?
                 .build()
                 .map_err(unavailable)?;
-            Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+            let conn = Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?);
+            // Classic PUBLISH reaches subscribers on every node of a cluster, so one
+            // subscription to any node suffices.
+            (
+                conn,
+                PubSubSource::Fixed(Box::new(config.security.client(&first)?)),
+            )
         } else {
-            let client = redis::Client::open(first.as_str()).map_err(unavailable)?;
-            let manager_config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(config.response_timeout))
-                .set_connection_timeout(Some(config.response_timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(500));
-            Conn::Single(
+            let client = config.security.client(&first)?;
+            let conn = Conn::Single(
                 client
                     .get_connection_manager_with_config(manager_config)
                     .await
                     .map_err(unavailable)?,
-            )
+            );
+            (conn, PubSubSource::Fixed(Box::new(client)))
         };
-        // Classic PUBLISH reaches subscribers on every node of a cluster, so one subscription
-        // to any node suffices.
-        let pubsub_client = redis::Client::open(first.as_str()).map_err(unavailable)?;
         let server_id = unique_id();
         let channel = format!("{}:wake:{}", config.prefix, server_id);
         let inner = Arc::new(Inner {

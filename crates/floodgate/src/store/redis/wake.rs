@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
+use super::conn::PubSubSource;
 use super::{unavailable, Inner, RedisLimiter};
 use crate::core::{Grant, Refusal, WaitOutcome};
 use crate::error::StoreError;
@@ -110,9 +111,13 @@ async fn resync(inner: &Arc<Inner>) {
 
 /// Subscribes to the store's channel, waits until the subscription is confirmed, and keeps it
 /// up in a task (reconnecting with backoff) until the store is dropped.
-pub(super) async fn subscribe(inner: &Arc<Inner>, client: redis::Client) -> Result<(), StoreError> {
+pub(super) async fn subscribe(inner: &Arc<Inner>, client: PubSubSource) -> Result<(), StoreError> {
     let channel = inner.channel.clone();
-    let mut pubsub = client.get_async_pubsub().await.map_err(unavailable)?;
+    let mut pubsub = client
+        .client()
+        .get_async_pubsub()
+        .await
+        .map_err(unavailable)?;
     pubsub.subscribe(&channel).await.map_err(unavailable)?;
     let weak = Arc::downgrade(inner);
     let closing = Arc::clone(&inner.closing);
@@ -150,7 +155,8 @@ pub(super) async fn subscribe(inner: &Arc<Inner>, client: redis::Client) -> Resu
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
             let Some(inner) = weak.upgrade() else { return };
-            match client.get_async_pubsub().await {
+            // Asked anew each time: under Sentinel, the master may have moved.
+            match client.client().get_async_pubsub().await {
                 Ok(mut pubsub) => {
                     if pubsub.subscribe(&channel).await.is_ok() {
                         backoff = Duration::from_millis(50);
@@ -159,7 +165,10 @@ pub(super) async fn subscribe(inner: &Arc<Inner>, client: redis::Client) -> Resu
                         resync(&inner).await;
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "wake-up subscription: still down"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "wake-up subscription: still down");
+                    client.failed(&e).await;
+                }
             }
         }
     });

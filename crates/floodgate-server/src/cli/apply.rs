@@ -1,0 +1,364 @@
+//! Declarative limits: `floodgate limiter apply -f limits.toml [--prune] [--dry-run]` makes the
+//! server's limiters match the `[limiters.NAME]` tables of a file (the config file's own
+//! format, read by the same parser), and `serve --config` does the same on SIGHUP.
+//!
+//! Both go through one [`Plan`]: what to create, change and (with prune) delete, computed from
+//! full specs on both sides, so a second apply of the same file finds nothing to do. A change
+//! is a full `PUT` of the file's spec; the core keeps what a running limiter learned (its
+//! adaptive limit) when only other fields change, and keeps its holders and waiters always.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use floodgate::{Floodgate, LimiterName, LimiterSpec, Store};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::status::print;
+use super::{Failure, ServerArgs};
+use crate::config::FileConfig;
+use crate::wire::{millis, AdaptiveBody, RateBody};
+
+/// Flags of `floodgate limiter apply`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ApplyArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// The file: `[limiters.NAME]` tables as in floodgate.example.toml (other settings in it
+    /// are ignored, so a server's config file can be applied as is).
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Also delete the server's limiters that the file does not name.
+    #[arg(long)]
+    prune: bool,
+    /// Print the difference and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// What applying a file changes.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    /// Limiters in the file the server does not have, with their spec.
+    pub(crate) create: Vec<(String, LimiterSpec)>,
+    /// Limiters whose spec differs: name, the server's spec, the file's spec.
+    pub(crate) change: Vec<(String, LimiterSpec, LimiterSpec)>,
+    /// Limiters not in the file, deleted because prune was asked for.
+    pub(crate) delete: Vec<String>,
+    /// Limiters not in the file and left alone (no prune): shown so nothing is silent.
+    pub(crate) kept: Vec<String>,
+    /// How many limiters already match the file.
+    pub(crate) unchanged: usize,
+}
+
+impl Plan {
+    /// Compares the file's specs with the server's.
+    pub(crate) fn new(
+        desired: &BTreeMap<String, LimiterSpec>,
+        current: &BTreeMap<String, LimiterSpec>,
+        prune: bool,
+    ) -> Plan {
+        let mut plan = Plan::default();
+        for (name, spec) in desired {
+            match current.get(name) {
+                None => plan.create.push((name.clone(), spec.clone())),
+                Some(now) if now == spec => plan.unchanged += 1,
+                Some(now) => plan.change.push((name.clone(), now.clone(), spec.clone())),
+            }
+        }
+        for name in current.keys().filter(|n| !desired.contains_key(*n)) {
+            if prune {
+                plan.delete.push(name.clone());
+            } else {
+                plan.kept.push(name.clone());
+            }
+        }
+        plan
+    }
+
+    /// Whether applying changes nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.create.is_empty() && self.change.is_empty() && self.delete.is_empty()
+    }
+
+    /// One line per difference (`+` create, `~` change, `-` delete), then a summary line.
+    pub(crate) fn render(&self, dry_run: bool) -> String {
+        let mut out = String::new();
+        for (name, spec) in &self.create {
+            let fields: Vec<String> = fields(spec)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(out, "+ {name}: {}", fields.join(" "));
+        }
+        for (name, old, new) in &self.change {
+            let old = fields(old);
+            let diffs: Vec<String> = fields(new)
+                .into_iter()
+                .zip(old)
+                .filter(|((_, n), (_, o))| n != o)
+                .map(|((k, n), (_, o))| format!("{k} {o} -> {n}"))
+                .collect();
+            let _ = writeln!(out, "~ {name}: {}", diffs.join(", "));
+        }
+        for name in &self.delete {
+            let _ = writeln!(out, "- {name}");
+        }
+        if !self.kept.is_empty() {
+            let _ = writeln!(
+                out,
+                "(not in the file, left alone; --prune deletes them: {})",
+                self.kept.join(", ")
+            );
+        }
+        if self.is_empty() {
+            let _ = writeln!(out, "no changes ({} unchanged)", self.unchanged);
+        } else {
+            let _ = writeln!(
+                out,
+                "{}{} created, {} changed, {} deleted, {} unchanged",
+                if dry_run {
+                    "dry run, nothing applied: would be "
+                } else {
+                    "applied: "
+                },
+                self.create.len(),
+                self.change.len(),
+                self.delete.len(),
+                self.unchanged,
+            );
+        }
+        out
+    }
+}
+
+/// A spec's fields as the API names them, for the difference lines. Every field is listed,
+/// in a fixed order, so two specs' lists line up.
+fn fields(spec: &LimiterSpec) -> Vec<(&'static str, String)> {
+    let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".to_owned());
+    vec![
+        (
+            "concurrency",
+            or_none(spec.concurrency.map(|c| c.to_string())),
+        ),
+        (
+            "rate",
+            or_none(spec.rate.map(|r| {
+                let r = RateBody::from(r);
+                format!(
+                    "{}/{}ms,burst:{}",
+                    r.limit,
+                    r.period_ms,
+                    r.burst.unwrap_or(0)
+                )
+            })),
+        ),
+        (
+            "adaptive",
+            or_none(spec.adaptive.map(|a| {
+                let a = AdaptiveBody::from(a);
+                format!(
+                    "{}..{},increase:{},decrease:{},cooldown_ms:{}",
+                    a.min,
+                    a.max,
+                    a.increase.unwrap_or(0),
+                    a.decrease.unwrap_or(0.0),
+                    a.cooldown_ms.unwrap_or(0)
+                )
+            })),
+        ),
+        ("lease_ms", millis(spec.default_lease).to_string()),
+        ("max_wait_ms", millis(spec.max_wait).to_string()),
+        ("max_queue", spec.max_queue.to_string()),
+    ]
+}
+
+/// The full `PUT` body for a spec: every field given (`null` removes a rate or an adaptive
+/// setting), so the result is the file's spec whatever the server had.
+fn put_body(spec: &LimiterSpec) -> Value {
+    json!({
+        "concurrency": spec.concurrency,
+        "rate": spec.rate.map(RateBody::from),
+        "adaptive": spec.adaptive.map(AdaptiveBody::from),
+        "lease_ms": millis(spec.default_lease),
+        "max_wait_ms": millis(spec.max_wait),
+        "max_queue": spec.max_queue,
+    })
+}
+
+/// A limiter as `GET /v1/limiters` shows it; only the spec's fields are read.
+#[derive(Debug, Deserialize)]
+struct Shown {
+    name: String,
+    concurrency: Option<u32>,
+    rate: Option<RateBody>,
+    adaptive: Option<AdaptiveBody>,
+    lease_ms: u64,
+    max_wait_ms: u64,
+    max_queue: u32,
+}
+
+impl Shown {
+    fn spec(&self) -> LimiterSpec {
+        LimiterSpec {
+            concurrency: self.concurrency,
+            rate: self.rate.map(Into::into),
+            adaptive: self.adaptive.map(Into::into),
+            default_lease: std::time::Duration::from_millis(self.lease_ms),
+            max_wait: std::time::Duration::from_millis(self.max_wait_ms),
+            max_queue: self.max_queue,
+        }
+    }
+}
+
+/// The file's limiters as full specs (defaults filled in, as the server would fill them).
+pub(crate) fn desired(file: &FileConfig) -> BTreeMap<String, LimiterSpec> {
+    file.limiters
+        .iter()
+        .map(|(name, l)| (name.clone(), l.spec()))
+        .collect()
+}
+
+/// `floodgate limiter apply`.
+pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
+    // The whole file is read and checked before the first request: a bad file applies nothing.
+    let file = FileConfig::load(&args.file).map_err(|e| Failure::usage(e.to_string()))?;
+    let desired = desired(&file);
+    let client = args.server.client()?;
+    let mut current = BTreeMap::new();
+    for value in client.limiters().await? {
+        let shown: Shown = serde_json::from_value(value).map_err(|e| Failure {
+            code: 1,
+            message: format!("the server's limiter list is not understood: {e}"),
+        })?;
+        current.insert(shown.name.clone(), shown.spec());
+    }
+    let plan = Plan::new(&desired, &current, args.prune);
+    if args.dry_run || plan.is_empty() {
+        print(&plan.render(true));
+        return Ok(0);
+    }
+    // Creates and changes first, deletes last: a failure part way leaves extra limiters, never
+    // missing ones. Each line is printed as it is done, so a failure shows what was applied.
+    let mut done = Plan {
+        unchanged: plan.unchanged,
+        kept: plan.kept.clone(),
+        ..Plan::default()
+    };
+    let puts = plan
+        .create
+        .iter()
+        .map(|(n, s)| (n, s, true))
+        .chain(plan.change.iter().map(|(n, _, s)| (n, s, false)));
+    for (name, spec, created) in puts {
+        client
+            .put_limiter(name, &put_body(spec))
+            .await
+            .map_err(|e| partial(&done, Failure::from(e), name))?;
+        if created {
+            done.create.push((name.clone(), spec.clone()));
+        } else if let Some(c) = plan.change.iter().find(|(n, _, _)| n == name) {
+            done.change.push(c.clone());
+        }
+    }
+    for name in &plan.delete {
+        match client.delete_limiter(name).await {
+            Ok(_) => {}
+            // Deleted by someone else meanwhile: the goal is reached all the same.
+            Err(e) if e.code() == Some("unknown_limiter") => {}
+            Err(e) => return Err(partial(&done, Failure::from(e), name)),
+        }
+        done.delete.push(name.clone());
+    }
+    print(&done.render(false));
+    Ok(0)
+}
+
+/// A failure part way: what was applied before it, then the error.
+fn partial(done: &Plan, failure: Failure, name: &str) -> Failure {
+    Failure {
+        code: failure.code,
+        message: format!(
+            "limiter {name}: {}\nbefore the failure:\n{}",
+            failure.message,
+            done.render(false)
+        ),
+    }
+}
+
+/// `serve --config` on SIGHUP: applies the file's limiters to the server's own store, the way
+/// `limiter apply` does over HTTP. Returns the plan that was carried out.
+pub(crate) async fn apply_to_store<S: Store>(
+    gate: &Floodgate<S>,
+    file: &FileConfig,
+    prune: bool,
+) -> Result<Plan, String> {
+    let desired = desired(file);
+    let current: BTreeMap<String, LimiterSpec> = gate
+        .limiters()
+        .await
+        .map_err(|e| format!("cannot list the limiters: {e}"))?
+        .into_iter()
+        .map(|s| (s.name.to_string(), s.spec))
+        .collect();
+    let plan = Plan::new(&desired, &current, prune);
+    let puts = plan
+        .create
+        .iter()
+        .map(|(n, s)| (n, s))
+        .chain(plan.change.iter().map(|(n, _, s)| (n, s)));
+    for (name, spec) in puts {
+        let limiter = LimiterName::new(name).map_err(|e| format!("limiter {name}: {e}"))?;
+        gate.store()
+            .put_limiter(&limiter, spec.clone())
+            .await
+            .map_err(|e| format!("limiter {name}: {e}"))?;
+    }
+    for name in &plan.delete {
+        let limiter = LimiterName::new(name).map_err(|e| format!("limiter {name}: {e}"))?;
+        gate.store()
+            .delete_limiter(&limiter)
+            .await
+            .map_err(|e| format!("limiter {name}: {e}"))?;
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(text: &str) -> BTreeMap<String, LimiterSpec> {
+        desired(&FileConfig::parse(text).expect("parses"))
+    }
+
+    #[test]
+    fn a_plan_lists_creates_changes_and_deletes() {
+        let current = specs("[limiters.a]\nconcurrency = 5\n[limiters.b]\nconcurrency = 1\n[limiters.old]\nconcurrency = 1");
+        let desired = specs("[limiters.a]\nconcurrency = 8\n[limiters.b]\nconcurrency = 1\n[limiters.new]\nconcurrency = 2");
+        let plan = Plan::new(&desired, &current, false);
+        assert_eq!(plan.create.len(), 1);
+        assert_eq!(plan.change.len(), 1);
+        assert!(plan.delete.is_empty());
+        assert_eq!(plan.kept, vec!["old".to_owned()]);
+        let text = plan.render(true);
+        assert!(text.contains("~ a: concurrency 5 -> 8\n"), "{text}");
+        assert!(text.contains("+ new: concurrency=2 "), "{text}");
+        let pruned = Plan::new(&desired, &current, true);
+        assert_eq!(pruned.delete, vec!["old".to_owned()]);
+        assert!(Plan::new(&desired, &desired, true).is_empty());
+    }
+
+    #[test]
+    fn a_spec_survives_the_put_body_and_the_listing() {
+        let spec = specs("[limiters.a]\nconcurrency = 3\nrate = { limit = 10, period_ms = 1000 }\nadaptive = { min = 1, max = 9 }")
+            .remove("a")
+            .expect("a");
+        let body = put_body(&spec);
+        let mut shown = body.clone();
+        shown["name"] = json!("a");
+        let shown: Shown = serde_json::from_value(shown).expect("shown");
+        assert_eq!(shown.spec(), spec);
+    }
+}
