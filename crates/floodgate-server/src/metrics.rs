@@ -40,6 +40,8 @@ pub struct Metrics {
     pub acquire_total: Family<AcquireLabels, Counter>,
     /// How long acquires waited, granted or not.
     pub acquire_wait_seconds: Family<LimiterLabel, Histogram>,
+    /// The same waits, by limiter, for the dashboard's per-second wait percentiles.
+    pub wait_log: crate::dashboard::history::WaitLog,
     /// The statuses the collector encodes, refreshed before each scrape.
     snapshot: Arc<Mutex<Vec<LimiterStatus>>>,
 }
@@ -84,6 +86,7 @@ impl Metrics {
             registry,
             acquire_total,
             acquire_wait_seconds,
+            wait_log: Default::default(),
             snapshot,
         }
     }
@@ -105,6 +108,7 @@ impl Metrics {
                 limiter: limiter.to_owned(),
             })
             .observe(seconds);
+        self.wait_log.record(limiter, seconds);
     }
 
     /// The exposition text for these statuses.

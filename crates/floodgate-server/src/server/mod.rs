@@ -6,6 +6,8 @@ mod auth;
 pub mod error;
 mod extract;
 
+pub(crate) use self::extract::JsonBody;
+
 use std::future::Future;
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use floodgate::{Floodgate, Store};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::dashboard::Dashboard;
 use crate::metrics::Metrics;
 
 /// Default cap on a request body.
@@ -57,6 +60,8 @@ pub(crate) struct AppState<S: Store> {
     pub(crate) metrics: Metrics,
     /// Flips to true when shutdown starts; held long polls answer 503 `shutting_down`.
     pub(crate) shutting_down: watch::Receiver<bool>,
+    /// The dashboard's history, overview and sessions (`crate::dashboard`).
+    pub(crate) dashboard: Arc<Dashboard>,
 }
 
 /// The application, for tests that drive it without a socket (`tower::ServiceExt::oneshot`).
@@ -72,7 +77,9 @@ pub fn router<S: Store>(
         options,
         metrics: Metrics::new(),
         shutting_down: rx,
+        dashboard: Arc::new(Dashboard::new()),
     });
+    crate::dashboard::spawn_sampler(Arc::downgrade(&state));
     let v1 = Router::new()
         .route("/limiters", get(api::list_limiters::<S>))
         .route(
@@ -86,6 +93,10 @@ pub fn router<S: Store>(
         .route("/limiters/{name}/feedback", post(api::feedback::<S>))
         .route("/permits/{permit_id}/extend", post(api::extend::<S>))
         .route("/permits/{permit_id}/release", post(api::release::<S>))
+        .route(
+            "/limiters/{name}/holders",
+            get(crate::dashboard::holders::list_holders::<S>),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::require_token::<S>,
@@ -102,6 +113,13 @@ pub fn router<S: Store>(
     let app = Router::new()
         .nest("/v1", v1)
         .merge(metrics)
+        .merge(
+            crate::dashboard::routes::<S>().route_layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&state),
+                crate::dashboard::require_session::<S>,
+            )),
+        )
+        .merge(crate::dashboard::public_routes::<S>())
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz::<S>))
         .fallback(api::not_found)

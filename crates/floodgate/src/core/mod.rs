@@ -16,6 +16,7 @@
 //! - A lowered limit grants nothing until in-use is below it; a raised one grants at once.
 
 mod deadlines;
+mod holders;
 mod queue;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use self::deadlines::DeadlineHeap;
+pub use self::holders::{HolderInfo, HoldersView, MAX_HOLDERS_LISTED};
 use self::queue::Queue;
 use crate::spec::{check_lease, InvalidField, LimiterSpec, MAX_LEASE};
 use crate::types::{FencingToken, LimiterName, Timestamp};
@@ -218,8 +220,7 @@ struct Holder {
     permits: u32,
     deadline: Timestamp,
     granted_at: Timestamp,
-    /// Kept for introspection of who holds what.
-    #[allow(dead_code)]
+    /// Kept for introspection of who holds what (`holders_view`).
     label: Option<Arc<str>>,
 }
 
