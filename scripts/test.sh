@@ -22,3 +22,5 @@ echo "== randomized schedules (shuttle)"
 cargo test -p floodgate --features shuttle --test shuttle_schedules
 echo "== Python client and Celery (against the real server, Redis and a Celery worker)"
 ./clients/python/run_tests.sh -q
+echo "== dashboard in a real headless Chromium (tests/browser; installs chromium, chromedriver, selenium)"
+./tests/browser/run.sh

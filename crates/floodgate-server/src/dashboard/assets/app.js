@@ -169,14 +169,20 @@ function drawChart(canvas, def) {
     g.beginPath(); g.moveTo(left, y); g.lineTo(right, y); g.stroke();
     g.fillText(num(max * i / 4), 2, y + 3);
   }
-  const span = 900; // seconds on the axis
+  // Seconds on the axis: the history held (at least a minute), up to the full 15 minutes.
+  const span = Math.min(900, Math.max(60, n));
   const end = page.start + n - 1;
   const x = (t) => left + (right - left) * (1 - (end - t) / (span - 1));
-  for (let m = 0; m <= 15; m += 5) g.fillText(m === 0 ? 'now' : '-' + m + 'm', x(end - m * 60) - 8, h - 4);
+  for (let q = 0; q <= 4; q++) {
+    const ago = Math.round(span * q / 4);
+    const label = q === 0 ? 'now' : ago >= 120 ? '-' + Math.round(ago / 60) + 'm' : '-' + ago + 's';
+    g.fillText(label, Math.max(left, x(end - ago) - 10), h - 4);
+  }
   if (def.marks) {
     // Throttle feedback (red) and adaptive limit moves (amber down, green up) on the time axis.
     samples.forEach((s, i) => {
       const t = page.start + i;
+      if (end - t >= span) return;
       const mark = (color) => { g.fillStyle = color; g.fillRect(x(t) - 1, bottom - 6, 2, 6); };
       if (s.throttles > 0) mark('#f85149');
       if (s.limit_down > 0) mark('#d29922');
@@ -188,6 +194,7 @@ function drawChart(canvas, def) {
     g.strokeStyle = color; g.lineWidth = 1.5; g.beginPath();
     let pen = false;
     samples.forEach((s, i) => {
+      if (end - (page.start + i) >= span) return;
       const v = value(s, k);
       if (v == null || v < 0) { pen = false; return; }
       const px = x(page.start + i), py = bottom - (bottom - top) * v / max;
