@@ -21,7 +21,7 @@ pub struct Sample {
     /// Permits held at the end of the second.
     pub in_use: u32,
     /// The concurrency limit in force (adaptive moves it); -1: rate only.
-    pub limit: i64,
+    pub limit: i32,
     /// Acquires queued.
     pub waiting: u32,
     /// How long the oldest waiter had waited, in ms (0 when none).
@@ -209,6 +209,11 @@ mod tests {
             limit_down: 0,
             rate_tokens: -1.0,
         }
+    }
+
+    #[test]
+    fn an_entry_is_as_small_as_docs_dashboard_md_says() {
+        assert_eq!(ENTRY_BYTES, 48);
     }
 
     #[test]

@@ -95,7 +95,7 @@ async fn tick<S: Store>(state: &AppState<S>, prev: &mut HashMap<String, Counters
         let (p50, p99) = waits.get(name).copied().unwrap_or((-1.0, -1.0));
         samples.push(Sample {
             in_use: s.in_use,
-            limit: s.limit.map_or(-1, i64::from),
+            limit: s.limit.map_or(-1, |l| i32::try_from(l).unwrap_or(i32::MAX)),
             waiting: s.waiting,
             oldest_wait_ms,
             grants: per_s(c.granted, before.granted),
