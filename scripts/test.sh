@@ -11,6 +11,14 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
   $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
+# `floodgate top` is tested in a tmux pseudo-terminal.
+if ! command -v tmux >/dev/null; then
+  echo "== installing tmux"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq tmux >/dev/null
+fi
+
 echo "== format"
 cargo fmt --all -- --check
 echo "== clippy"

@@ -11,6 +11,7 @@ mod run;
 mod serve;
 mod simulate;
 mod status;
+mod top;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,8 @@ enum Command {
     Run(run::RunArgs),
     /// Show limiters: limit, in use, waiting and counters.
     Status(status::StatusArgs),
+    /// The overview of every limiter, refreshed live in the terminal (like htop).
+    Top(top::TopArgs),
     /// Create, change or delete a limiter.
     #[command(subcommand)]
     Limiter(limiter::LimiterCommand),
@@ -121,6 +124,7 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve::serve(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Status(args) => status::status(args).await,
+            Command::Top(args) => top::top(args).await,
             Command::Limiter(cmd) => limiter::limiter(cmd).await,
             Command::Bench(args) => bench::bench(args).await,
             Command::Simulate(args) => simulate::simulate(args),
