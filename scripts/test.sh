@@ -11,12 +11,13 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
   $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
-# `floodgate top` is tested in a tmux pseudo-terminal.
-if ! command -v tmux >/dev/null; then
-  echo "== installing tmux"
+# `floodgate top` is tested in a tmux pseudo-terminal; the Grafana queries and alerting rules
+# against a real Prometheus (Debian's package, with promtool).
+if ! command -v tmux >/dev/null || ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "== installing tmux and prometheus"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq tmux >/dev/null
+  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux prometheus >/dev/null
 fi
 
 echo "== format"

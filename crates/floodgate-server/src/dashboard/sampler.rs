@@ -115,6 +115,14 @@ async fn tick<S: Store>(state: &AppState<S>, prev: &mut HashMap<String, Counters
         });
     }
     prev.retain(|name, _| statuses.iter().any(|s| s.name.as_str() == name));
+    state.metrics.set_oldest_waits(
+        statuses
+            .iter()
+            .zip(&samples)
+            .filter(|(_, x)| x.waiting > 0)
+            .map(|(s, x)| (s.name.to_string(), f64::from(x.oldest_wait_ms) / 1000.0))
+            .collect(),
+    );
     let json = {
         let mut history = state.dashboard.lock_history();
         history.retain(|name, _| statuses.iter().any(|s| s.name.as_str() == name));
