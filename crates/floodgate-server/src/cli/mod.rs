@@ -5,6 +5,7 @@
 //! permit; 1 anything else. `floodgate run` exits with the command's own status.
 
 mod bench;
+mod dashboard_bench;
 pub mod duration;
 mod limiter;
 mod run;
@@ -50,6 +51,8 @@ enum Command {
     /// Measure throughput, handoff latency and utilization under saturation (HTTP or a store),
     /// beside trivial requests in the same run.
     Bench(bench::BenchArgs),
+    /// Measure the server's cost of open dashboards beside the same workload with none open.
+    DashboardBench(dashboard_bench::DashboardBenchArgs),
     /// Replay the seed's cascade in virtual time under each strategy and compare them.
     Simulate(simulate::SimulateArgs),
 }
@@ -127,6 +130,7 @@ pub fn main() -> ExitCode {
             Command::Top(args) => top::top(args).await,
             Command::Limiter(cmd) => limiter::limiter(cmd).await,
             Command::Bench(args) => bench::bench(args).await,
+            Command::DashboardBench(args) => dashboard_bench::dashboard_bench(args).await,
             Command::Simulate(args) => simulate::simulate(args),
         }
     });
