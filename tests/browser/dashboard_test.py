@@ -261,6 +261,14 @@ def perf():
             rows = js(d, "return document.querySelectorAll('#rows tr').length")
             assert rows == 1000, rows
             d.save_screenshot(os.path.join(ART, "dashboard-1000-limiters.png"))
+            # Filterable by name and sortable by column.
+            box = d.find_element(By.ID, "filter")
+            box.send_keys("perf-09")
+            until(lambda: js(d, "return document.querySelectorAll('#rows tr').length") == 100, "filtered to 100")
+            box.clear()
+            box.send_keys("perf")
+            d.find_element(By.CSS_SELECTOR, 'th[data-key="name"]').click()  # name, descending
+            until(lambda: js(d, "return document.querySelector('#rows tr').dataset.name") == "perf-0999", "sorted by name desc")
             d.get(f"http://127.0.0.1:{server.port}/#/limiter/perf-0500")
             until(lambda: len(js(d, "return [...document.querySelectorAll('#holders td.label')]")) == 10, "holders of one")
             print(f"browser perf: 1,000 limiters, 10,000 holders: first render {first:.0f} ms after navigation start "
