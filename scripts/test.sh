@@ -27,6 +27,14 @@ if ! command -v openssl >/dev/null || ! command -v curl >/dev/null \
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq openssl curl python3-yaml >/dev/null
 fi
+# `floodgate top` is tested in a tmux pseudo-terminal; the Grafana queries and alerting rules
+# against a real Prometheus (Debian's package, with promtool).
+if ! command -v tmux >/dev/null || ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "== installing tmux and prometheus"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux prometheus >/dev/null
+fi
 
 echo "== format"
 cargo fmt --all -- --check
@@ -43,3 +51,5 @@ echo "== slow clients, SIGTERM under them, memory after long polls (RSS and fds 
 cargo test -q -p floodgate-server --test slow_clients -- --ignored --nocapture
 echo "== schemathesis: docs/openapi.yaml against a real server, every check"
 ./scripts/schemathesis.sh
+echo "== dashboard in a real headless Chromium (tests/browser; installs chromium, chromedriver, selenium)"
+./tests/browser/run.sh

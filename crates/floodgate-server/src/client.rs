@@ -224,6 +224,13 @@ impl Client {
         })
     }
 
+    /// `GET /dashboard/api/overview`: every limiter with its rates of the last second (what
+    /// the dashboard and `floodgate top` show).
+    pub async fn overview(&self) -> Result<Value, ClientError> {
+        self.call(reqwest::Method::GET, "/dashboard/api/overview", None::<&()>)
+            .await
+    }
+
     /// `POST /v1/limiters/{name}/acquire`.
     pub async fn acquire(
         &self,

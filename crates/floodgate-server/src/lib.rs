@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod metrics;
 pub mod server;
 pub mod simulate;

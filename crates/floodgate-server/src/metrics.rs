@@ -45,17 +45,24 @@ pub struct Metrics {
     pub acquire_total: Family<AcquireLabels, Counter>,
     /// How long acquires waited, granted or not.
     pub acquire_wait_seconds: Family<LimiterLabel, Histogram>,
+    /// The same waits, by limiter, for the dashboard's per-second wait percentiles.
+    pub wait_log: crate::dashboard::history::WaitLog,
     /// The statuses the collector encodes, set for each scrape and emptied after it.
     snapshot: Arc<Mutex<Vec<LimiterStatus>>>,
     /// Which limiters have series in the two families above, with the outcomes they have: what
     /// pruning must remove (the families cannot be listed).
     recorded: Mutex<HashMap<String, HashSet<&'static str>>>,
+    /// Each limiter's oldest wait in seconds, as the dashboard's sampler last saw it (once a
+    /// second; a status does not carry it). Absent: nobody waits.
+    oldest_wait: Arc<Mutex<std::collections::HashMap<String, f64>>>,
 }
 
 /// Encodes store-derived metrics from the last snapshot.
 #[derive(Debug)]
 struct StoreCollector {
     snapshot: Arc<Mutex<Vec<LimiterStatus>>>,
+    /// See [`Metrics::oldest_wait`].
+    oldest_wait: Arc<Mutex<std::collections::HashMap<String, f64>>>,
 }
 
 impl Default for Metrics {
@@ -85,15 +92,19 @@ impl Metrics {
             acquire_wait_seconds.clone(),
         );
         let snapshot = Arc::new(Mutex::new(Vec::new()));
+        let oldest_wait = Arc::new(Mutex::new(std::collections::HashMap::new()));
         registry.register_collector(Box::new(StoreCollector {
             snapshot: Arc::clone(&snapshot),
+            oldest_wait: Arc::clone(&oldest_wait),
         }));
         Metrics {
             registry,
             acquire_total,
             acquire_wait_seconds,
+            wait_log: Default::default(),
             snapshot,
             recorded: Mutex::new(HashMap::new()),
+            oldest_wait,
         }
     }
 
@@ -147,6 +158,14 @@ impl Metrics {
         recorded.shrink_to_fit();
     }
 
+    /// Sets every limiter's oldest wait (seconds; limiters absent have no waiter).
+    pub fn set_oldest_waits(&self, waits: std::collections::HashMap<String, f64>) {
+        *self
+            .oldest_wait
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = waits;
+    }
+
     /// Counts one acquire outcome.
     pub fn acquire(&self, limiter: &str, outcome: &'static str) {
         self.note(limiter, Some(outcome));
@@ -166,6 +185,7 @@ impl Metrics {
                 limiter: limiter.to_owned(),
             })
             .observe(seconds);
+        self.wait_log.record(limiter, seconds);
     }
 
     /// The exposition text for these statuses.
@@ -211,6 +231,42 @@ impl prometheus_client::collector::Collector for StoreCollector {
                 ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
+        // Seconds-valued gauges for the alerting rules (docs/prometheus/alerts.yml): the oldest
+        // wait against the longest wait allowed, and an adaptive limit's floor.
+        let oldest = self
+            .oldest_wait
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        type Seconds<'a> = Box<dyn Fn(&LimiterStatus) -> Option<f64> + 'a>;
+        let seconds: [(&str, &str, Seconds<'_>); 3] = [
+            (
+                "floodgate_oldest_wait_seconds",
+                "How long the oldest queued acquire has waited (sampled each second; 0 when none)",
+                Box::new(|s| Some(oldest.get(s.name.as_str()).copied().unwrap_or(0.0))),
+            ),
+            (
+                "floodgate_max_wait_seconds",
+                "The longest wait the limiter allows (max_wait)",
+                Box::new(|s| Some(s.spec.max_wait.as_secs_f64())),
+            ),
+            (
+                "floodgate_adaptive_limit_min",
+                "An adaptive limit's floor (only limiters with an adaptive limit)",
+                Box::new(|s| s.spec.adaptive.map(|a| f64::from(a.min))),
+            ),
+        ];
+        for (name, help, read) in &seconds {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for s in snap.iter() {
+                let Some(value) = read(s) else { continue };
+                let labels = LimiterLabel {
+                    limiter: s.name.to_string(),
+                };
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        drop(seconds);
+        drop(oldest);
         type Labelled = fn(&LimiterStatus) -> [(&'static str, u64); 3];
         let labelled: [(&str, &str, &str, Labelled); 2] = [
             (

@@ -1370,8 +1370,9 @@ async fn deleting_a_limiter_answers_its_waiters_404() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_route_is_404_json() {
     let srv = TestServer::start(options()).await;
+    // `/` is the dashboard (tests/dashboard.rs).
     for (method, path) in [
-        (Method::GET, "/"),
+        (Method::GET, "/dashboard/nope"),
         (Method::GET, "/nope"),
         (Method::GET, "/v1"),
         (Method::GET, "/v1/nope"),

@@ -55,7 +55,10 @@ mod sync;
 mod types;
 
 pub use crate::clock::{Clock, FastClock, TokioClock, WallClock};
-pub use crate::core::{AcquireRequest, Counters, Feedback, Grant, LimiterStatus, Refusal};
+pub use crate::core::{
+    AcquireRequest, Counters, Feedback, Grant, HolderInfo, HoldersView, LimiterStatus, Refusal,
+    MAX_HOLDERS_LISTED,
+};
 pub use crate::error::{AcquireError, ExtendError, StoreError};
 pub use crate::layer::FloodgateLayer;
 pub use crate::limiter::{AcquireOptions, Floodgate, Limiter, Permit};

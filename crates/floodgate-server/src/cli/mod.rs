@@ -7,6 +7,7 @@
 mod apply;
 mod bench;
 mod bench_durability;
+mod dashboard_bench;
 pub mod duration;
 mod limiter;
 mod logging;
@@ -14,6 +15,7 @@ mod run;
 mod serve;
 mod simulate;
 mod status;
+mod top;
 mod watch;
 
 use std::process::ExitCode;
@@ -45,6 +47,8 @@ enum Command {
     Run(run::RunArgs),
     /// Show limiters: limit, in use, waiting and counters.
     Status(status::StatusArgs),
+    /// The overview of every limiter, refreshed live in the terminal (like htop).
+    Top(top::TopArgs),
     /// Create, change or delete a limiter.
     #[command(subcommand)]
     Limiter(limiter::LimiterCommand),
@@ -54,6 +58,8 @@ enum Command {
     /// Measure what a data directory costs: HTTP pairs with and without one (same run), the
     /// disk's fsync latency, recovery time and the log's size under the snapshot policy.
     BenchDurability(bench_durability::BenchDurabilityArgs),
+    /// Measure the server's cost of open dashboards beside the same workload with none open.
+    DashboardBench(dashboard_bench::DashboardBenchArgs),
     /// Replay the seed's cascade in virtual time under each strategy and compare them.
     Simulate(simulate::SimulateArgs),
     /// The watchdog between `floodgate run` and its command (internal).
@@ -149,9 +155,11 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve::serve(*args).await,
             Command::Run(args) => run::run(args).await,
             Command::Status(args) => status::status(args).await,
+            Command::Top(args) => top::top(args).await,
             Command::Limiter(cmd) => limiter::limiter(cmd).await,
             Command::Bench(args) => bench::bench(args).await,
             Command::BenchDurability(args) => bench_durability::bench_durability(args).await,
+            Command::DashboardBench(args) => dashboard_bench::dashboard_bench(args).await,
             Command::Simulate(args) => simulate::simulate(args),
             Command::Watch(args) => watch::watch(args).await,
         }

@@ -14,6 +14,8 @@ pub mod tls;
 pub use listen::raise_fd_limit;
 pub use request_id::REQUEST_ID_HEADER;
 
+pub(crate) use self::extract::JsonBody;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,7 @@ use floodgate::{Floodgate, Store};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::dashboard::Dashboard;
 use crate::metrics::Metrics;
 
 /// Default cap on a request body.
@@ -100,6 +103,8 @@ pub(crate) struct AppState<S: Store> {
     pub(crate) metrics: Metrics,
     /// Flips to true when shutdown starts; held long polls answer 503 `shutting_down`.
     pub(crate) shutting_down: watch::Receiver<bool>,
+    /// The dashboard's history, overview and sessions (`crate::dashboard`).
+    pub(crate) dashboard: Arc<Dashboard>,
 }
 
 /// The application, for tests that drive it without a socket (`tower::ServiceExt::oneshot`).
@@ -116,7 +121,9 @@ pub fn router<S: Store>(
         options,
         metrics: Metrics::new(),
         shutting_down: rx,
+        dashboard: Arc::new(Dashboard::new()),
     });
+    crate::dashboard::spawn_sampler(Arc::downgrade(&state));
     let v1 = Router::new()
         .route("/limiters", get(api::list_limiters::<S>))
         .route(
@@ -130,6 +137,10 @@ pub fn router<S: Store>(
         .route("/limiters/{name}/feedback", post(api::feedback::<S>))
         .route("/permits/{permit_id}/extend", post(api::extend::<S>))
         .route("/permits/{permit_id}/release", post(api::release::<S>))
+        .route(
+            "/limiters/{name}/holders",
+            get(crate::dashboard::holders::list_holders::<S>),
+        )
         .route_layer(axum::middleware::from_fn(guard::require_json))
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -147,6 +158,13 @@ pub fn router<S: Store>(
     let app = Router::new()
         .nest("/v1", v1)
         .merge(metrics)
+        .merge(
+            crate::dashboard::routes::<S>().route_layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&state),
+                crate::dashboard::require_session::<S>,
+            )),
+        )
+        .merge(crate::dashboard::public_routes::<S>())
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz::<S>))
         .fallback(api::not_found)

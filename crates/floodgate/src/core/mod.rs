@@ -16,6 +16,7 @@
 //! - A lowered limit grants nothing until in-use is below it; a raised one grants at once.
 
 mod deadlines;
+mod holders;
 mod learning;
 mod queue;
 mod snapshot;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use self::deadlines::DeadlineHeap;
+pub use self::holders::{HolderInfo, HoldersView, MAX_HOLDERS_LISTED};
 use self::queue::Queue;
 use crate::spec::{check_lease, InvalidField, LimiterSpec, MAX_LEASE};
 use crate::types::{FencingToken, LimiterName, Timestamp};

@@ -14,7 +14,7 @@ pub mod redis;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::core::{AcquireRequest, Feedback, Grant, LimiterStatus};
+use crate::core::{AcquireRequest, Feedback, Grant, HoldersView, LimiterStatus};
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::LimiterSpec;
 use crate::types::{FencingToken, LimiterName};
@@ -125,4 +125,20 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
         &self,
         outcome: Feedback,
     ) -> impl Future<Output = Result<Option<u32>, StoreError>> + Send;
+
+    /// Who holds (up to `limit` grants, lease ending soonest first, with their labels) and a
+    /// summary of who waits, read-only. For people (the dashboard, `GET .../holders`), not for
+    /// the hot path. A store that cannot list holders answers `Unavailable` (the default), so
+    /// adding this method breaks no store.
+    fn holders(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<HoldersView, StoreError>> + Send {
+        let _ = limit;
+        async {
+            Err(StoreError::Unavailable(
+                "this store cannot list holders".to_owned(),
+            ))
+        }
+    }
 }

@@ -13,8 +13,8 @@ use super::durable::LimiterLog;
 use crate::clock::Clock;
 use crate::core::U64Map;
 use crate::core::{
-    AcquireRequest, Admission, Effects, Feedback, Grant, LimiterCore, LimiterStatus, WaitOutcome,
-    WaiterId,
+    AcquireRequest, Admission, Effects, Feedback, Grant, HoldersView, LimiterCore, LimiterStatus,
+    WaitOutcome, WaiterId,
 };
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::{InvalidField, LimiterSpec};
@@ -418,6 +418,14 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         self.with_state(|state, now, fx| {
             state.advance_logged(now, fx);
             state.core.status(&self.shared.name)
+        })
+    }
+
+    async fn holders(&self, limit: usize) -> Result<HoldersView, StoreError> {
+        // Time applied first, as for status: a reclaimed lease is not listed.
+        self.with_state(|state, now, fx| {
+            state.core.advance(now, fx);
+            state.core.holders_view(now, limit)
         })
     }
 }

@@ -6,9 +6,10 @@
 -- Redis Cluster. Integers are microseconds; they stay below 2^53, so Lua's doubles hold them
 -- exactly, and they are always formatted with %d (tostring would print 1.8e+15).
 --
--- KEYS: 1 meta (hash: spec, state, counters)      2 holders (hash token -> permits|deadline|granted_at)
+-- KEYS: 1 meta (hash: spec, state, counters)      2 holders (hash token -> permits|deadline|granted_at|key)
 --       3 leases (zset token by lease deadline)   4 queue (zset waiter key by arrival sequence)
---       5 waiters (hash key -> seq|permits|lease|deadline|enqueued_at|channel)
+--         (a holder's label, sent with its acquire, follows: `|label`, possibly containing `|`)
+--       5 waiters (hash key -> seq|permits|lease|deadline|enqueued_at|channel|label)
 --       6 waits (zset waiter key by wait deadline)
 --       7 outcomes (hash waiter key -> outcome)   8 outcome_times (zset waiter key by decision time)
 --       9 hot (string: the fields every acquire and release touch, `|`-separated in HOT order,
@@ -68,6 +69,16 @@ end
 local HOT = {'fast', 'qlen', 'in_use', 'eff_limit', 'next_token', 'lease_us', 'cap', 'ttl_at',
              'c_granted', 'c_released', 'ewma_us'}
 
+-- What follows the n-th `|` of s ('' if none): the free-form label ending a record.
+local function tail(s, n)
+  local at = 0
+  for _ = 1, n do
+    at = string.find(s, '|', at + 1, true)
+    if not at then return '' end
+  end
+  return string.sub(s, at + 1)
+end
+
 local function split(s)
   local out, start = {}, 1
   while true do
@@ -105,7 +116,7 @@ if (op == 'acquire' or op == 'release') and not general_only then
         -- The waiter key rides along, so a caller that lost this reply can still find and
         -- return the grant (cancel, below).
         redis.call('HSET', K_HOLD, fmt(token),
-          fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|' .. ARGV[7])
+          fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|' .. ARGV[7] .. '|' .. (ARGV[9] or ''))
         redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
         h[3], h[5], h[9] = fmt(in_use + permits), fmt(token + 1), fmt(tonumber(h[9]) + 1)
         if refresh then h[8] = fmt(now + TTL_REFRESH) end
@@ -201,7 +212,7 @@ local function parse_waiter(key)
   if not raw then return nil end
   local f = split(raw)
   return {seq = tonumber(f[1]), permits = tonumber(f[2]), lease = tonumber(f[3]),
-          deadline = tonumber(f[4]), enqueued_at = tonumber(f[5]), channel = f[6]}
+          deadline = tonumber(f[4]), enqueued_at = tonumber(f[5]), channel = f[6], label = tail(raw, 6)}
 end
 
 local function parse_holder(token)
@@ -209,7 +220,7 @@ local function parse_holder(token)
   if not raw then return nil end
   local f = split(raw)
   return {permits = tonumber(f[1]), deadline = tonumber(f[2]), granted_at = tonumber(f[3]),
-          key = f[4] or ''}
+          key = f[4] or '', label = tail(raw, 4)}
 end
 
 local function fits(permits) return limit == nil or in_use + permits <= limit end
@@ -248,7 +259,7 @@ local function remove_waiter(key, w)
   queued_permits = queued_permits - w.permits
 end
 
-local function grant(permits, lease, enqueued_at, key)
+local function grant(permits, lease, enqueued_at, key, label)
   -- Never below the clock: after a failover to a replica that missed the last grants, the
   -- clock has moved past their tokens, so none is issued twice (unless grants outran one per
   -- microsecond).
@@ -264,7 +275,7 @@ local function grant(permits, lease, enqueued_at, key)
   local deadline = now + lease
   local first_holder = in_use == 0
   redis.call('HSET', K_HOLD, fmt(token),
-    fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|' .. key)
+    fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|' .. key .. '|' .. (label or ''))
   redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
   if first_holder then created(K_HOLD, K_LEASE) end
   in_use = in_use + permits
@@ -320,7 +331,7 @@ local function grant_waiters()
     local ra = rate_at(w.permits)
     if ra and ra > now then return end
     remove_waiter(key, w)
-    local g = grant(w.permits, w.lease, w.enqueued_at, key)
+    local g = grant(w.permits, w.lease, w.enqueued_at, key, w.label)
     wake(key, w.channel, 'G|' .. table.concat(g, '|'), w.deadline)
   end
 end
@@ -629,7 +640,7 @@ if op == 'acquire' then
         return finish({'timeout', fmt(math.max(ra - now, 1000))})
       end
     else
-      local g = grant(permits, lease, now, key)
+      local g = grant(permits, lease, now, key, ARGV[9])
       table.insert(g, 1, 'granted')
       return finish(g)
     end
@@ -647,7 +658,7 @@ if op == 'acquire' then
   next_seq = next_seq + 1
   local deadline = now + wait
   redis.call('HSET', K_W, key, fmt(seq) .. '|' .. fmt(permits) .. '|' .. fmt(lease) .. '|' ..
-    fmt(deadline) .. '|' .. fmt(now) .. '|' .. channel)
+    fmt(deadline) .. '|' .. fmt(now) .. '|' .. channel .. '|' .. (ARGV[9] or ''))
   redis.call('ZADD', K_Q, fmt(seq), key)
   redis.call('ZADD', K_WAITS, fmt(deadline), key)
   if queued_permits == 0 then created(K_Q, K_W, K_WAITS) end
@@ -698,7 +709,7 @@ if op == 'extend' then
   end
   local deadline = now + lease
   redis.call('HSET', K_HOLD, token,
-    fmt(h.permits) .. '|' .. fmt(deadline) .. '|' .. fmt(h.granted_at) .. '|' .. h.key)
+    fmt(h.permits) .. '|' .. fmt(deadline) .. '|' .. fmt(h.granted_at) .. '|' .. h.key .. '|' .. h.label)
   redis.call('ZADD', K_LEASE, fmt(deadline), token)
   return finish({'extended', fmt(deadline)})
 end

@@ -1,18 +1,26 @@
 //! One limiter in Redis: each operation is one run of the limiter script.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, LazyLock, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 use super::wake::{decode_grant, decode_outcome, Pending};
 use super::{unavailable, Inner};
-use crate::core::{AcquireRequest, Counters, Feedback, Grant, LimiterStatus, Refusal, WaitOutcome};
+use crate::core::{
+    AcquireRequest, Counters, Feedback, Grant, HolderInfo, HoldersView, LimiterStatus, Refusal,
+    WaitOutcome, MAX_HOLDERS_LISTED,
+};
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::{AdaptiveSpec, InvalidField, LimiterSpec, RateSpec};
 use crate::store::LimiterBackend;
 use crate::types::{FencingToken, LimiterName, Timestamp};
+
+/// The read-only holders listing (`holders.lua`); kept apart from the limiter script so the
+/// operations' script is unchanged by it. redis-rs sends EVALSHA and loads it on NOSCRIPT.
+static HOLDERS_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("holders.lua")));
 
 /// A handle to one limiter in a [`RedisStore`](super::RedisStore). Cheap to clone.
 #[derive(Clone)]
@@ -374,6 +382,47 @@ impl RedisLimiter {
         .inspect(|status| self.remember(&status.spec))
     }
 
+    /// Parses `holders.lua`'s reply (after the tag).
+    fn parse_holders(&self, reply: &[String]) -> Result<HoldersView, StoreError> {
+        let n = |i: usize| field(reply, i);
+        let small = |i: usize| -> Result<u32, StoreError> {
+            u32::try_from(n(i)?).map_err(|_| unavailable("holders field out of range"))
+        };
+        let now = Timestamp(n(1)?);
+        let oldest_wait = match reply.get(5).map(String::as_str) {
+            None | Some("") => None,
+            Some(_) => Some(now.since(Timestamp(n(5)?))),
+        };
+        let mut holders = Vec::new();
+        let rate_tokens = reply
+            .get(6)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<f64>())
+            .transpose()
+            .map_err(|_| unavailable("bad rate tokens"))?;
+        let mut i = 7;
+        while i + 4 < reply.len() {
+            let label = reply.get(i + 4).filter(|l| !l.is_empty());
+            holders.push(HolderInfo {
+                token: FencingToken(n(i)?),
+                permits: small(i + 1)?,
+                lease_deadline: Timestamp(n(i + 2)?),
+                granted_at: Timestamp(n(i + 3)?),
+                label: label.map(|l| Arc::from(l.as_str())),
+            });
+            i += 5;
+        }
+        Ok(HoldersView {
+            now,
+            holders,
+            total_holders: small(2)?,
+            waiting: small(3)?,
+            waiting_permits: n(4)?,
+            oldest_wait,
+            rate_tokens,
+        })
+    }
+
     fn unknown(&self) -> StoreError {
         StoreError::UnknownLimiter(self.name.clone())
     }
@@ -430,6 +479,7 @@ impl LimiterBackend for RedisLimiter {
             req.wait.map(micros).unwrap_or_default(),
             key.clone(),
             self.store.channel.clone(),
+            req.holder.as_deref().unwrap_or_default().to_owned(),
         ];
         let reply = self.call("acquire", &args).await?;
         match reply.first().map(String::as_str) {
@@ -558,6 +608,25 @@ impl LimiterBackend for RedisLimiter {
         let reply = self.call("feedback", &[word.to_owned()]).await?;
         match reply.first().map(String::as_str) {
             Some("limit") => Ok(reply.get(1).and_then(|s| s.parse::<u32>().ok())),
+            Some("unknown") => Err(self.unknown()),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+
+    async fn holders(&self, limit: usize) -> Result<HoldersView, StoreError> {
+        let mut invocation = HOLDERS_SCRIPT.prepare_invoke();
+        // meta, holders, leases, queue, waiters: the first five of the limiter's keys.
+        for key in self.keys.iter().take(5) {
+            invocation.key(key);
+        }
+        invocation.arg(limit.min(MAX_HOLDERS_LISTED));
+        let mut conn = self.store.conn.clone();
+        let reply: Vec<String> = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match reply.first().map(String::as_str) {
+            Some("holders") => self.parse_holders(&reply),
             Some("unknown") => Err(self.unknown()),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }

@@ -1,0 +1,317 @@
+//! The Grafana dashboard and the alerting rules against a real Prometheus (Debian's
+//! `prometheus`, with `promtool`; scripts/test.sh installs it): `promtool check rules` is
+//! clean, Prometheus scrapes a real server under load and loads the rules, and every query of
+//! `docs/grafana/floodgate.json` returns data and names only metrics the server exports.
+//! Waits are bounded polling loops.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Served;
+use floodgate::{AdaptiveSpec, Floodgate, LimiterSpec};
+use floodgate_server::server::ServerOptions;
+use serde_json::{json, Value};
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+
+struct Prometheus {
+    child: Child,
+    url: String,
+    _dir: TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn start_prometheus(target: &str) -> Prometheus {
+    let dir = std::env::temp_dir().join(format!("fg-prom-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = std::fs::canonicalize(format!("{ROOT}/docs/prometheus/alerts.yml")).unwrap();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+         scrape_configs:\n  - job_name: floodgate\n    static_configs:\n      - targets: ['{target}']\n",
+        rules.display()
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let check = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(dir.join("prometheus.yml"))
+        .output()
+        .expect("promtool (Debian's prometheus package) is needed");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("prometheus is needed");
+    Prometheus {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        _dir: TempDir(dir),
+    }
+}
+
+/// Acquires, holds and releases (with timeouts, expiries and feedback) until stopped.
+async fn load(base: String, stop: Arc<AtomicBool>) {
+    let http = reqwest::Client::new();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let acquired = http
+            .post(format!("{base}/v1/limiters/pg/acquire"))
+            .json(&json!({"wait_ms": 300, "holder": format!("w{}", n % 7)}))
+            .send()
+            .await;
+        if let Ok(resp) = acquired {
+            if resp.status() == 200 {
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                tokio::time::sleep(Duration::from_millis(20 + n % 80)).await;
+                if let Some(id) = v["permit_id"].as_str() {
+                    let _ = http
+                        .post(format!("{base}/v1/permits/{id}/release"))
+                        .send()
+                        .await;
+                }
+            }
+        }
+        if n % 5 == 0 {
+            // A dead worker: never released, its short lease expires.
+            let _ = http
+                .post(format!("{base}/v1/limiters/dead/acquire"))
+                .json(&json!({"wait_ms": 0, "lease_ms": 200}))
+                .send()
+                .await;
+            let outcome = if n % 10 == 0 { "throttled" } else { "ok" };
+            let _ = http
+                .post(format!("{base}/v1/limiters/adaptive/feedback"))
+                .json(&json!({"outcome": outcome}))
+                .send()
+                .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load() {
+    let check = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(format!("{ROOT}/docs/prometheus/alerts.yml"))
+        .output()
+        .expect("promtool (Debian's prometheus package) is needed");
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success() && out.contains("SUCCESS"), "{out}");
+
+    let gate = Floodgate::in_memory();
+    gate.define(
+        "pg",
+        LimiterSpec::concurrency(3).with_max_wait(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    gate.define("dead", LimiterSpec::concurrency(2))
+        .await
+        .unwrap();
+    let mut adaptive = LimiterSpec::concurrency(6);
+    adaptive.adaptive = Some(AdaptiveSpec::between(2, 10));
+    gate.define("adaptive", adaptive).await.unwrap();
+    let served = Served::start(gate, ServerOptions::default()).await;
+    let base = format!("http://{}", served.addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(load(base.clone(), Arc::clone(&stop))))
+        .collect();
+    let http = reqwest::Client::new();
+
+    let prom = start_prometheus(&served.addr.to_string());
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/docs/grafana/floodgate.json")).unwrap(),
+    )
+    .unwrap();
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(queries.len() >= 10, "{queries:?}");
+
+    // Every metric a query names is one the server exports.
+    let exposition = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported: std::collections::HashSet<&str> = exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let mut named = std::collections::BTreeSet::new();
+    for q in &queries {
+        let mut rest = q.as_str();
+        while let Some(i) = rest.find("floodgate_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            named.insert(name);
+        }
+    }
+    for name in &named {
+        assert!(
+            exported.contains(name.as_str()),
+            "the dashboard names {name}, which the server does not export:\n{exposition}"
+        );
+    }
+
+    // Every query returns data once Prometheus has scraped the loaded server for a while.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut pending: Vec<String> = queries.clone();
+    let mut last = Value::Null;
+    while !pending.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queries without data: {pending:#?}\nlast answer: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let mut still = Vec::new();
+        for q in pending {
+            let expr = q
+                .replace("$limiter", ".*")
+                .replace("$__rate_interval", "30s");
+            let answer = http
+                .get(format!("{}/api/v1/query?query={}", prom.url, encode(&expr)))
+                .send()
+                .await;
+            let v: Value = match answer {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null, // not up yet
+            };
+            if v["status"] == "error" {
+                panic!("Prometheus refused {expr}: {v}");
+            }
+            let has_data = v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|s| s["value"][1].as_str() != Some("NaN")));
+            if !has_data {
+                last = v;
+                still.push(q);
+            }
+        }
+        pending = still;
+    }
+
+    // The rules are loaded and evaluate without errors.
+    let rules: Value = http
+        .get(format!("{}/api/v1/rules", prom.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rules: Vec<&Value> = rules["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().iter())
+        .collect();
+    assert_eq!(rules.len(), 6, "{rules:?}");
+    for r in &rules {
+        assert_eq!(r["health"], "ok", "{r}");
+    }
+    // Dead workers' leases expired: that alert fires (pending or firing).
+    let expiring = rules
+        .iter()
+        .find(|r| r["name"] == "FloodgateLeasesExpiring")
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rules: Value = http
+            .get(format!("{}/api/v1/alerts", prom.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let firing = rules["data"]["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["labels"]["alertname"] == "FloodgateLeasesExpiring");
+        if firing {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "FloodgateLeasesExpiring never fired: {expiring} {rules}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    drop(prom);
+    served.stop().await;
+}

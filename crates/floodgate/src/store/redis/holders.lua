@@ -1,0 +1,66 @@
+-- Read-only: who holds a limiter's permits (bounded) and a summary of its queue, for the
+-- dashboard and GET /v1/limiters/{name}/holders. Changes nothing (no advance: a lease past its
+-- deadline is simply not listed), so it may run on any server at any time.
+--
+-- KEYS: 1 meta  2 holders  3 leases  4 queue  5 waiters (the same keys as limiter.lua)
+-- ARGV: 1 how many holders to list at most
+-- Reply: 'holders', now, live holders in total, waiting, waiting permits, oldest waiter's
+-- enqueued_at ('' if none), rate tokens available ('' without a rate), then per holder (lease ending soonest first):
+-- token, permits, lease deadline, granted_at, label. Or 'unknown'.
+
+local K_META, K_HOLD, K_LEASE, K_Q, K_W = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local limit = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function fmt(n) return string.format('%d', n) end
+
+if redis.call('HEXISTS', K_META, 'max_queue') == 0 then return {'unknown'} end
+
+-- Fields are `|`-separated; the label is everything after the fourth `|` (it may hold `|`).
+local function fields(raw, n)
+  local out, start = {}, 1
+  for _ = 1, n do
+    local i = string.find(raw, '|', start, true)
+    if not i then
+      out[#out + 1] = string.sub(raw, start)
+      return out, ''
+    end
+    out[#out + 1] = string.sub(raw, start, i - 1)
+    start = i + 1
+  end
+  return out, string.sub(raw, start)
+end
+
+local live = '(' .. fmt(now)
+local oldest = ''
+local head = redis.call('ZRANGE', K_Q, 0, 0)
+if head[1] then
+  local raw = redis.call('HGET', K_W, head[1])
+  if raw then oldest = fields(raw, 5)[5] or '' end
+end
+local reply = {'holders', fmt(now), fmt(redis.call('ZCOUNT', K_LEASE, live, '+inf')),
+               fmt(redis.call('ZCARD', K_Q)), redis.call('HGET', K_META, 'queued_permits') or '0',
+               oldest, ''}
+local rate_limit = tonumber(redis.call('HGET', K_META, 'rate_limit') or '')
+if rate_limit then
+  -- GCRA, as limiter.lua: the emission interval and the burst's allowance against the debt.
+  local r = redis.call('HMGET', K_META, 'rate_period_us', 'rate_burst', 'tat')
+  local t = math.max(1, math.ceil(tonumber(r[1]) / rate_limit))
+  local debt = math.max(0, tonumber(r[3] or '0') - now)
+  reply[7] = string.format('%.3f', math.max(0, (t * tonumber(r[2]) - debt) / t))
+end
+if limit > 0 then
+  local tokens = redis.call('ZRANGEBYSCORE', K_LEASE, live, '+inf', 'LIMIT', 0, limit)
+  for _, token in ipairs(tokens) do
+    local raw = redis.call('HGET', K_HOLD, token)
+    if raw then
+      local f, label = fields(raw, 4)
+      reply[#reply + 1] = token
+      reply[#reply + 1] = f[1] or '0'
+      reply[#reply + 1] = f[2] or '0'
+      reply[#reply + 1] = f[3] or '0'
+      reply[#reply + 1] = label
+    end
+  end
+end
+return reply
