@@ -774,8 +774,9 @@ if op == 'schedule' then
   -- The limiter's cap on waits bounds how far ahead a schedule reserves (as in core::schedule).
   if last > max_wait then
     tat = before
-    return {'invalid', 'count', 'would reserve tokens further ahead than this limiter\'s max_wait_ms ('
-      .. fmt(math.floor(max_wait / 1000)) .. ' ms), which bounds a schedule; ' .. fmt(fit) .. ' fit now', '-1'}
+    -- Refused, but the time that passed (expiries, ended waits) is kept, as in the core.
+    return finish({'invalid', 'count', 'would reserve tokens further ahead than this limiter\'s max_wait_ms ('
+      .. fmt(math.floor(max_wait / 1000)) .. ' ms), which bounds a schedule; ' .. fmt(fit) .. ' fit now'})
   end
   c.scheduled = c.scheduled + count
   return finish(reply)
