@@ -49,6 +49,14 @@ struct Inner<C: Clock> {
     persist: Option<persist::Persist>,
 }
 
+impl<C: Clock> Inner<C> {
+    /// Every limiter now (handles: the map's lock is not held while they are used).
+    fn all(&self) -> Vec<MemoryLimiter<C>> {
+        let map = self.limiters.read().unwrap_or_else(PoisonError::into_inner);
+        map.values().cloned().collect()
+    }
+}
+
 impl<C: Clock> Clone for MemoryStore<C> {
     fn clone(&self) -> Self {
         MemoryStore {
@@ -220,14 +228,7 @@ impl<C: Clock> Store for MemoryStore<C> {
     }
 
     async fn list_limiters(&self) -> Result<Vec<LimiterStatus>, StoreError> {
-        let limiters: Vec<MemoryLimiter<C>> = {
-            let map = self
-                .inner
-                .limiters
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            map.values().cloned().collect()
-        };
+        let limiters = self.inner.all();
         let mut out = Vec::with_capacity(limiters.len());
         for limiter in limiters {
             // A limiter deleted since the snapshot is simply left out.

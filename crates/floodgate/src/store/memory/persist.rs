@@ -267,13 +267,7 @@ fn take_snapshot<C: Clock>(inner: &Inner<C>) -> std::io::Result<()> {
 
 fn snapshot_inner<C: Clock>(inner: &Inner<C>, persist: &Persist) -> std::io::Result<()> {
     let segment = persist.wal.rotate()?;
-    let limiters: Vec<MemoryLimiter<C>> = {
-        let map = inner
-            .limiters
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        map.values().cloned().collect()
-    };
+    let limiters = inner.all();
     let mut out = Vec::with_capacity(limiters.len());
     for limiter in limiters {
         let shared = limiter.shared();
