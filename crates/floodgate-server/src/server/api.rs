@@ -292,6 +292,7 @@ pub(crate) struct AcquireBody {
     holder: Option<String>,
     /// Idempotency key (also the `Idempotency-Key` header): a retry with the same one gets
     /// the same grant or joins the same wait.
+    #[serde(default, deserialize_with = "non_null")]
     request_id: Option<String>,
 }
 
@@ -551,6 +552,7 @@ pub(crate) struct ExtendBody {
     lease_ms: Option<u64>,
     /// The permit's size (clients always send it): during a learning window after state loss,
     /// an extend of a permit the store forgot re-adopts it.
+    #[serde(default, deserialize_with = "non_null")]
     permits: Option<u32>,
 }
 
