@@ -111,3 +111,66 @@ fn one_workload_and_bad_flags() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(keys(&redis), "");
 }
+
+/// `floodgate bench-durability` runs every part on a small scale and measures something.
+#[test]
+fn bench_durability_runs_and_measures() {
+    let scratch = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args(["bench-durability", "--seconds", "0.2", "--rounds", "1"])
+        .args(["--clients", "2", "--limiters", "10", "--holders", "100"])
+        .args(["--ops", "2000", "--snapshot-after-bytes", "20000"])
+        .arg("--dir")
+        .arg(scratch.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "memory_pairs_per_s",
+        "everysec_pairs_per_s",
+        "always_pairs_per_s",
+    ] {
+        assert!(report["pairs"][key].as_f64() > Some(0.0), "{report}");
+    }
+    assert_eq!(report["recovery"]["holders"], 100, "{report}");
+    assert_eq!(report["recovery"]["from_snapshot_holders"], 100, "{report}");
+    assert!(report["fsync"]["fdatasync_p50_us"].as_f64() > Some(0.0));
+    assert!(report["log_size"]["dir_bytes_at_end"].as_u64() > Some(0));
+}
+
+/// `floodgate dashboard-bench` completes pairs in both phases.
+#[test]
+fn dashboard_bench_runs_and_measures() {
+    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args(["dashboard-bench", "--seconds", "0.3", "--rounds", "1"])
+        .args([
+            "--clients",
+            "2",
+            "--limiters",
+            "5",
+            "--holders-each",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["pairs_per_s_no_dashboard"].as_f64() > Some(0.0),
+        "{report}"
+    );
+    assert!(
+        report["ratio_open_vs_closed"].as_f64() > Some(0.0),
+        "{report}"
+    );
+}

@@ -66,6 +66,7 @@ async fn pairs_per_second(base: &str, clients: &[reqwest::Client], length: Durat
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(resp) = http
                         .post(format!("{base}/v1/limiters/dash-bench/acquire"))
+                        .header("content-type", "application/json")
                         .body(r#"{"lease_ms":60000,"wait_ms":30000}"#)
                         .send()
                         .await
@@ -195,6 +196,13 @@ pub(crate) async fn dashboard_bench(args: DashboardBenchArgs) -> Result<u8, Fail
     let _ = server.await;
     drop(held);
     let (closed, open) = (median(closed), median(open));
+    // A workload that completed nothing measured nothing: say so instead of printing NaN.
+    if closed <= 0.0 || open <= 0.0 {
+        return Err(Failure {
+            code: 1,
+            message: "the workload completed no acquire+release pair; nothing was measured".into(),
+        });
+    }
     let ratio = open / closed;
     let streamed = bytes.load(Ordering::Relaxed) as f64 / open_secs / 1024.0;
     let result = json!({
