@@ -244,7 +244,7 @@ pub(crate) struct Holder {
     pub(crate) permits: u32,
     pub(crate) deadline: Timestamp,
     pub(crate) granted_at: Timestamp,
-    /// The lease it was granted with, so a repeated idempotent acquire gets the same answer.
+    /// The lease it was granted (or last extended) with, for a repeated idempotent acquire.
     pub(crate) lease: Duration,
     /// Kept for introspection of who holds what.
     pub(crate) label: Option<Arc<str>>,
@@ -557,6 +557,8 @@ impl LimiterCore {
         };
         let deadline = now.after(lease);
         holder.deadline = deadline;
+        // A repeated idempotent acquire reports the lease in force, not the first one.
+        holder.lease = lease;
         self.leases.push(deadline, token.0);
         self.next_due = self.next_due.min(deadline);
         Ok(Ok(deadline))
