@@ -190,3 +190,21 @@ async fn bad_request_ids_are_refused_by_name() {
     }
     served.stop().await;
 }
+
+/// No body means every field left out; whitespace alone is not a JSON body (schemathesis).
+#[tokio::test]
+async fn a_whitespace_body_is_refused_and_no_body_is_not() {
+    let (served, base, http) = start().await;
+    let (code, permit) = acquire(&http, &base, json!({})).await;
+    assert_eq!(code, 200);
+    let id = permit["permit_id"].as_str().unwrap();
+    let send = |body: &'static str| {
+        http.post(format!("{base}/v1/permits/{id}/extend"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_eq!(send("\n").await.unwrap().status(), 400);
+    assert_eq!(send("").await.unwrap().status(), 200);
+    served.stop().await;
+}

@@ -45,11 +45,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 ApiError::new(e.status(), "bad_body", e.body_text())
             }
         })?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
+        // No body at all means every field left out; anything else must be one JSON object
+        // (whitespace alone is not JSON, as the OpenAPI file says).
+        let text: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
         let bad = |field: &str, message: &dyn std::fmt::Display| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
