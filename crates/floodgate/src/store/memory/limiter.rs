@@ -177,6 +177,11 @@ impl State {
     /// Runs `advance` and records it if it changed anything (a lease expired, a wait ended, a
     /// waiter was granted): status reads and timer passes that change nothing are not logged.
     pub(super) fn advance_logged(&mut self, now: Timestamp, fx: &mut Effects) {
+        if self.log.is_none() {
+            // Not durable: nothing to compare, nothing to record.
+            self.core.advance(now, fx);
+            return;
+        }
         let before = self.core.counters();
         self.core.advance(now, fx);
         if self.core.counters() != before {
