@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import pytest
 
@@ -440,6 +440,55 @@ def test_schedule_offsets_follow_the_rate(fg: Floodgate) -> None:
     later = fg.schedule(name, 1)
     assert later[0] >= offsets[-1] + 0.05  # a token later, less the time between the calls
     assert fg.limiter(name)["counters"]["scheduled"] == 6
+
+
+def test_unused_reservations_go_back(fg: Floodgate) -> None:
+    name = "unsched-{}".format(uuid.uuid4().hex[:8])
+    fg.define(name, None, rate=Rate(10, period=1.0), max_wait=60.0)  # a token per 100 ms
+    reserved = fg.reserve(name, 10)
+    assert len(reserved.offsets) == 10 and reserved.id >= 1
+    # Only 4 children were enqueued: the last 6 tokens (600 ms of the rate) go back, so the
+    # next schedule starts about 400 ms from now instead of a second.
+    assert fg.unschedule(name, reserved.id, 6) == 6
+    later = fg.schedule(name, 1)
+    assert later[0] < 0.45, later
+    # The earlier reservation is no longer the latest: nothing more goes back.
+    assert fg.unschedule(name, reserved.id, 4) == 0
+    with pytest.raises(BadRequest) as info:
+        fg.unschedule(name, reserved.id, 0)
+    assert info.value.message.startswith("count:")
+
+
+class _FlakyBroker:
+    """A Celery signature whose broker accepts ``ok`` tasks, then fails (a broker outage
+    half-way through a fan-out)."""
+
+    accepted = 0
+
+    def __init__(self, ok: int) -> None:
+        self.ok = ok
+
+    def apply_async(self, countdown: Optional[float] = None) -> float:
+        if _FlakyBroker.accepted >= self.ok:
+            raise ConnectionError("broker went away")
+        _FlakyBroker.accepted += 1
+        return countdown or 0.0
+
+
+def test_paced_fan_out_gives_back_what_it_could_not_enqueue(fg: Floodgate) -> None:
+    pytest.importorskip("celery")
+    from floodgate.celery import paced_fan_out
+
+    name = "fanout-{}".format(uuid.uuid4().hex[:8])
+    fg.define(name, None, rate=Rate(10, period=1.0), max_wait=60.0)
+    _FlakyBroker.accepted = 0
+    with pytest.raises(ConnectionError):
+        paced_fan_out([_FlakyBroker(ok=3) for _ in range(10)], name, client=fg)
+    assert _FlakyBroker.accepted == 3
+    # The 7 children not enqueued gave back their tokens: the next one starts about 300 ms
+    # from now (after the 3 enqueued), not a second from now.
+    later = fg.schedule(name, 1)
+    assert later[0] < 0.35, later
 
 
 def test_schedule_errors(fg: Floodgate, limiter: MakeLimiter) -> None:

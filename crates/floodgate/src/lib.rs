@@ -70,5 +70,6 @@ pub use crate::store::{
 #[cfg(feature = "redis")]
 pub use crate::store::{RedisConfig, RedisLimiter, RedisSecurity, RedisStore};
 pub use crate::types::{
-    FencingToken, LimiterName, NameError, PermitId, PermitIdError, Timestamp, MAX_NAME_LEN,
+    FencingToken, LimiterName, NameError, PermitId, PermitIdError, ReservationId, Schedule,
+    Timestamp, MAX_NAME_LEN,
 };

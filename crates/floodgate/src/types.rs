@@ -198,3 +198,41 @@ mod tests {
         assert_eq!(Timestamp(5).since(Timestamp(9)), Duration::ZERO);
     }
 }
+
+/// Names one `schedule` reservation, so that its producer can give back the tokens it did not
+/// use. Drawn at random (53 bits: exact in a JSON number and in Lua), so that a producer cannot
+/// return another's tokens by guessing its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReservationId(pub u64);
+
+impl ReservationId {
+    /// Largest id drawn: 2^53 - 1, the largest integer a JSON number (a double) holds exactly.
+    pub const MAX: u64 = (1 << 53) - 1;
+
+    /// A fresh random id, never 0 (which old logs use for "none").
+    pub fn random() -> Self {
+        use std::hash::{BuildHasher, RandomState};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // SipHash under the process's random keys, over a counter: unpredictable from outside
+        // without a dependency on a random number crate.
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let id = RandomState::new().hash_one(n) & Self::MAX;
+        ReservationId(id.max(1))
+    }
+}
+
+impl fmt::Display for ReservationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a `schedule` reserved: when each child may start, and the id to give back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    /// For each child, how long from now until it may start (in token order).
+    pub offsets: Vec<std::time::Duration>,
+    /// The reservation, for [`LimiterBackend::unschedule`](crate::LimiterBackend::unschedule).
+    pub reservation: ReservationId,
+}

@@ -132,6 +132,11 @@ enum Op {
     /// Moves the clock forward, through every deadline on the way.
     Advance(Span),
     Schedule(u32),
+    /// Gives back unused tokens of the latest reservation (`stale`: of an id that is not it).
+    Unschedule {
+        unused: u32,
+        stale: bool,
+    },
     /// Releases a held grant (or a gone one, if none is held).
     Release(usize),
     /// Cancels a queued waiter (or a departed one, if none is queued).
@@ -230,6 +235,8 @@ fn op(with_concurrency: bool) -> impl Strategy<Value = Op> {
             }),
         5 => span().prop_map(Op::Advance),
         1 => (1_u32..=6).prop_map(Op::Schedule),
+        1 => (1_u32..=8, proptest::bool::weighted(0.2))
+            .prop_map(|(unused, stale)| Op::Unschedule { unused, stale }),
         holders => any::<usize>().prop_map(Op::Release),
         1 => any::<usize>().prop_map(Op::Cancel),
     ]
@@ -352,6 +359,9 @@ struct Model {
     grants_after_lease_end: u64,
     /// Heads granted exactly at their wait deadline (for coverage).
     grants_at_deadline: u64,
+    /// The latest reservation: its id, `tat` right after it, and the start times of the
+    /// tokens it still holds, in order.
+    reservation: Option<(u64, i128, Vec<u64>)>,
 }
 
 impl Model {
@@ -377,6 +387,7 @@ impl Model {
             last_lease_end: None,
             grants_after_lease_end: 0,
             grants_at_deadline: 0,
+            reservation: None,
         }
     }
 
@@ -592,7 +603,13 @@ impl Model {
     }
 
     /// `None`: refused, nothing reserved (the last token would start after `max_wait`).
-    fn schedule(&mut self, now: u64, count: u32, wakes: &mut Vec<Wake>) -> Option<Vec<Duration>> {
+    fn schedule(
+        &mut self,
+        now: u64,
+        count: u32,
+        id: u64,
+        wakes: &mut Vec<Wake>,
+    ) -> Option<Vec<Duration>> {
         self.advance(now, wakes);
         let before = self.tat;
         let mut out = Vec::new();
@@ -611,8 +628,30 @@ impl Model {
             return None;
         }
         self.counters.scheduled += u64::from(count);
+        self.reservation = Some((id, self.tat, out.iter().map(|d| now + micros(*d)).collect()));
         // Reserving tokens never grants anyone.
         Some(out)
+    }
+
+    /// Gives back the reservation's tail tokens that have not started (at most `unused`), if it
+    /// is the latest and no cell was played after it: un-playing the last n cells is exact.
+    fn unschedule(&mut self, now: u64, id: u64, unused: u32, wakes: &mut Vec<Wake>) -> u32 {
+        self.advance(now, wakes);
+        let tat = self.tat;
+        let Some((rid, end, times)) = self.reservation.as_mut() else {
+            return 0;
+        };
+        if *rid != id || *end != tat {
+            return 0;
+        }
+        let future = times.iter().rev().take_while(|at| **at > now).count();
+        let n = future.min(unused as usize);
+        times.truncate(times.len() - n);
+        self.tat -= self.t * n as i128;
+        *end = self.tat;
+        // Tokens came back: a head the rate held may go now.
+        self.advance(now, wakes);
+        u32::try_from(n).expect("at most a schedule's count")
     }
 
     fn release(&mut self, now: u64, token: u64, wakes: &mut Vec<Wake>) -> bool {
@@ -660,6 +699,8 @@ struct Coverage {
     queue_full: u64,
     exceeds: u64,
     schedules_ahead: u64,
+    /// Unused reservation tokens given back (at least one).
+    unschedules: u64,
     cancels: u64,
     multi_permit_grants: u64,
 }
@@ -674,6 +715,10 @@ struct Harness {
     core_ids: HashMap<u64, u64>,
     /// Every token taken on the core's output: (time, tokens).
     taken: Vec<(u64, u64)>,
+    /// Reservations made so far (each one's id is its number).
+    reservations: u64,
+    /// Start times of the tokens the latest reservation still holds, as the core answered.
+    reserved: Vec<u64>,
     coverage: Coverage,
 }
 
@@ -688,6 +733,8 @@ impl Harness {
             ids: HashMap::new(),
             core_ids: HashMap::new(),
             taken: Vec::new(),
+            reservations: 0,
+            reserved: Vec::new(),
             coverage: Coverage::default(),
         }
     }
@@ -851,10 +898,12 @@ impl Harness {
             }
             Op::Schedule(count) => {
                 let mut fx = Effects::default();
-                let offsets = self.core.schedule(Timestamp(now), *count, &mut fx).ok();
+                self.reservations += 1;
+                let id = self.reservations;
+                let offsets = self.core.schedule(Timestamp(now), *count, id, &mut fx).ok();
                 let core_wakes = self.wakes(&fx)?;
                 let mut model_wakes = Vec::new();
-                let expected = self.model.schedule(now, *count, &mut model_wakes);
+                let expected = self.model.schedule(now, *count, id, &mut model_wakes);
                 prop_assert_eq!(core_wakes, model_wakes, "wake-ups on schedule");
                 // Both refuse the same schedules (past max_wait), reserving nothing.
                 match (offsets, expected) {
@@ -864,13 +913,44 @@ impl Harness {
                         if offsets.iter().any(|o| !o.is_zero()) {
                             self.coverage.schedules_ahead += 1;
                         }
+                        self.reserved.clear();
                         for o in offsets {
                             self.taken.push((now + micros(o), 1));
+                            self.reserved.push(now + micros(o));
                         }
                     }
                     (offsets, expected) => {
                         prop_assert_eq!(offsets, expected, "schedule refused by one side only");
                     }
+                }
+            }
+            Op::Unschedule { unused, stale } => {
+                let id = self.reservations + u64::from(*stale);
+                let mut fx = Effects::default();
+                let returned = self
+                    .core
+                    .unschedule(Timestamp(now), id, *unused, &mut fx)
+                    .ok();
+                let core_wakes = self.wakes(&fx)?;
+                let mut model_wakes = Vec::new();
+                let expected = self.model.unschedule(now, id, *unused, &mut model_wakes);
+                prop_assert_eq!(core_wakes, model_wakes, "wake-ups on unschedule");
+                prop_assert_eq!(returned, Some(expected), "tokens returned");
+                if expected > 0 {
+                    self.coverage.unschedules += 1;
+                }
+                // The witness forgets the tokens given back: they were never used.
+                for _ in 0..expected {
+                    let at = self
+                        .reserved
+                        .pop()
+                        .expect("returned at most what was reserved");
+                    let i = self
+                        .taken
+                        .iter()
+                        .rposition(|t| *t == (at, 1))
+                        .expect("a reserved token is in the witness");
+                    self.taken.remove(i);
                 }
             }
             Op::Release(pick) => {
@@ -1051,6 +1131,7 @@ fn the_generator_reaches_every_path() {
             total.queue_full += c.queue_full;
             total.exceeds += c.exceeds;
             total.schedules_ahead += c.schedules_ahead;
+            total.unschedules += c.unschedules;
             total.cancels += c.cancels;
             total.multi_permit_grants += c.multi_permit_grants;
         }
@@ -1070,6 +1151,7 @@ fn the_generator_reaches_every_path() {
         ("queue full", c.queue_full),
         ("permits exceed the cap", c.exceeds),
         ("schedules reaching ahead", c.schedules_ahead),
+        ("reservations given back", c.unschedules),
         ("cancels", c.cancels),
         ("multi-permit grants", c.multi_permit_grants),
     ];

@@ -117,6 +117,11 @@ fn apply(spec: &SpecChoice, v: &Variation) -> LimiterSpec {
 enum Extra {
     Feedback(u8),
     Schedule(u32),
+    /// Gives back unused tokens of the latest reservation (`stale`: of an id that is not it).
+    Unschedule {
+        unused: u32,
+        stale: bool,
+    },
     /// An extend of a permit nobody was granted here, carrying its size: re-adopted during a
     /// learning window, lost otherwise.
     Adopt {
@@ -130,6 +135,8 @@ fn extra() -> impl Strategy<Value = Extra> {
     prop_oneof![
         3 => (0_u8..3).prop_map(Extra::Feedback),
         1 => (1_u32..=20).prop_map(Extra::Schedule),
+        1 => (1_u32..=25, proptest::bool::weighted(0.2))
+            .prop_map(|(unused, stale)| Extra::Unschedule { unused, stale }),
         2 => (0_u64..3, 1_u32..=3, 100_u64..=3_000)
             .prop_map(|(n, permits, lease_ms)| Extra::Adopt { n, permits, lease_ms }),
     ]
@@ -146,6 +153,8 @@ struct Twin<'a> {
     general: bool,
     /// Every token granted, in order.
     tokens: Vec<u64>,
+    /// The id given to the latest schedule (the step's number), for `Unschedule`.
+    reservation: u64,
     /// Waiters queued now (core id, script key), in queue order.
     queued: Vec<(u64, String)>,
     /// Waiters that left the queue.
@@ -198,6 +207,7 @@ impl<'a> Twin<'a> {
             now: T0,
             general,
             tokens: Vec::new(),
+            reservation: 0,
             queued: Vec::new(),
             departed: Vec::new(),
             acquires: 0,
@@ -514,13 +524,40 @@ impl<'a> Twin<'a> {
                 self.compare_hint(&reply, true)?;
             }
             Extra::Schedule(count) => {
-                let got = self.core.schedule(ts, *count, &mut fx);
-                let reply = self.call("schedule", &[count.to_string()]);
+                let id = step as u64 + 1;
+                let got = self.core.schedule(ts, *count, id, &mut fx);
+                let reply = self.call("schedule", &[count.to_string(), id.to_string()]);
+                if got.is_ok() {
+                    self.reservation = id;
+                }
                 match got {
                     Ok(offsets) => {
                         let mut want = vec!["offsets".to_owned()];
                         want.extend(offsets.iter().map(|d| us(*d).to_string()));
                         prop_assert_eq!(&reply[..reply.len() - 1], &want[..], "step {}", step);
+                        self.compare_hint(&reply, true)?;
+                    }
+                    Err(f) => prop_assert_eq!(
+                        &reply[..3],
+                        &["invalid".to_owned(), f.field.to_owned(), f.message],
+                        "step {}",
+                        step
+                    ),
+                }
+                self.compare_wakes(&fx)?;
+            }
+            Extra::Unschedule { unused, stale } => {
+                let id = self.reservation + u64::from(*stale);
+                let got = self.core.unschedule(ts, id, *unused, &mut fx);
+                let reply = self.call("unschedule", &[id.to_string(), unused.to_string()]);
+                match got {
+                    Ok(n) => {
+                        prop_assert_eq!(
+                            &reply[..2],
+                            &["returned".to_owned(), n.to_string()],
+                            "step {}",
+                            step
+                        );
                         self.compare_hint(&reply, true)?;
                     }
                     Err(f) => prop_assert_eq!(

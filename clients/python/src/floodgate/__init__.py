@@ -9,7 +9,7 @@
 The Celery integration is in :mod:`floodgate.celery` (install the ``celery`` extra).
 """
 
-from .client import DEFAULT_URL, KEEP, Adaptive, Floodgate, Permit, Rate, Seconds
+from .client import DEFAULT_URL, KEEP, Adaptive, Floodgate, Permit, Rate, Reservation, Seconds
 from .errors import (
     BadRequest,
     Conflict,
@@ -37,6 +37,7 @@ __all__ = [
     "Floodgate",
     "Permit",
     "Rate",
+    "Reservation",
     "Adaptive",
     "KEEP",
     "Seconds",

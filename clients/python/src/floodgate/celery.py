@@ -144,21 +144,42 @@ def paced_fan_out(
 
     The children should not acquire from the same limiter again (the schedule already took
     their tokens). Against a server without the schedule endpoint (404 ``not_found``) they are
-    enqueued at once; other errors (no such limiter, a limiter without a rate) are raised.
+    enqueued at once; other errors (no such limiter, a limiter without a rate) are raised. If
+    enqueueing fails half-way, the tokens of the children not enqueued are given back
+    (:meth:`Floodgate.unschedule`) before the error is raised.
 
     Returns the ``AsyncResult`` of each.
     """
     fg = client if client is not None else client_from_env()
+    reservation: Optional[int] = None
     try:
-        offsets = fg.schedule(limiter, len(signatures)) if signatures else []
+        if signatures:
+            reserved = fg.reserve(limiter, len(signatures))
+            offsets, reservation = reserved.offsets, reserved.id
+        else:
+            offsets = []
     except NotFound as e:
         if e.code != "not_found":
             raise
         log.warning("floodgate: %s has no schedule endpoint; enqueueing %d tasks at once",
                     fg.url, len(signatures))
         offsets = [0.0] * len(signatures)
-    return [sig.apply_async(countdown=offset or None)
-            for sig, offset in zip(signatures, offsets)]
+    results: List[Any] = []
+    try:
+        for sig, offset in zip(signatures, offsets):
+            results.append(sig.apply_async(countdown=offset or None))
+    except BaseException:
+        # The broker failed half-way: give back the tokens of the children not enqueued, so
+        # they do not hold up every later acquire (best effort: the error is what matters).
+        unused = len(signatures) - len(results)
+        if reservation is not None and unused > 0:
+            try:
+                fg.unschedule(limiter, reservation, unused)
+            except FloodgateError as e:
+                log.warning("floodgate: could not give back %d reserved tokens of %s: %s",
+                            unused, limiter, e)
+        raise
+    return results
 
 
 def _release(permit: Permit) -> None:

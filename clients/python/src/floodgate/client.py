@@ -113,6 +113,15 @@ class Rate:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """What :meth:`Floodgate.reserve` reserved on a rate limiter: each child's start offset in
+    seconds, and the id with which :meth:`Floodgate.unschedule` gives back unused tokens."""
+
+    offsets: List[float]
+    id: int
+
+
+@dataclass(frozen=True)
 class Adaptive:
     """An adaptive concurrency limit (AIMD) moved by :meth:`Floodgate.feedback`, between ``min``
     and ``max``; the limiter's ``concurrency`` is where it starts."""
@@ -385,10 +394,28 @@ class Floodgate:
 
         Raises :class:`NotFound` (code ``not_found``) against a server without the endpoint.
         """
+        return self.reserve(name, count).offsets
+
+    def reserve(self, name: str, count: int) -> Reservation:
+        """Like :meth:`schedule`, and also returns the reservation's id, so that a producer
+        that enqueues fewer than ``count`` children can give the rest back
+        (:meth:`unschedule`)."""
         data = self._request(
             "POST", "/v1/limiters/{}/schedule".format(_quote(name)), {"count": count}
         )
-        return [float(ms) / 1000.0 for ms in data["offsets_ms"]]
+        offsets = [float(ms) / 1000.0 for ms in data["offsets_ms"]]
+        return Reservation(offsets=offsets, id=int(data["reservation"]))
+
+    def unschedule(self, name: str, reservation: int, count: int) -> int:
+        """Gives back ``count`` tokens of ``reservation`` whose children were not enqueued.
+        Returns how many went back: only the reservation's last, not yet started tokens, and
+        only while it is the limiter's latest (docs/api.md says why); 0 otherwise."""
+        data = self._request(
+            "POST",
+            "/v1/limiters/{}/unschedule".format(_quote(name)),
+            {"reservation": reservation, "count": count},
+        )
+        return int(data["returned"])
 
     def feedback(
         self, name: str, outcome: str, latency: Optional[Seconds] = None

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use floodgate::{
     AcquireError, AcquireRequest, AdaptiveSpec, Feedback, LimiterBackend, LimiterName, LimiterSpec,
-    LimiterStatus, PermitId, RateSpec, Refusal, Store, StoreError,
+    LimiterStatus, PermitId, RateSpec, Refusal, ReservationId, Store, StoreError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -484,6 +484,8 @@ pub(crate) struct Scheduled {
     count: usize,
     /// When each child may start, in milliseconds from now (rounded up: never early).
     offsets_ms: Vec<u64>,
+    /// The reservation's id, to give back what the producer does not use.
+    reservation: u64,
 }
 
 pub(super) async fn schedule<S: Store>(
@@ -493,14 +495,43 @@ pub(super) async fn schedule<S: Store>(
 ) -> Result<Json<Scheduled>, ApiError> {
     let name = limiter_name(path)?;
     let limiter = state.gate.store().limiter(&name).await?;
-    let offsets = limiter.schedule(body.count).await?;
+    let schedule = limiter.schedule(body.count).await?;
     Ok(Json(Scheduled {
-        count: offsets.len(),
-        offsets_ms: offsets
+        count: schedule.offsets.len(),
+        offsets_ms: schedule
+            .offsets
             .iter()
             .map(|d| u64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(u64::MAX))
             .collect(),
+        reservation: schedule.reservation.0,
     }))
+}
+
+/// `POST /v1/limiters/{name}/unschedule`: `{"reservation": 812, "count": 2000}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UnscheduleBody {
+    reservation: u64,
+    count: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Unscheduled {
+    /// Tokens given back (at most `count`; 0 when they can no longer be).
+    returned: u32,
+}
+
+pub(super) async fn unschedule<S: Store>(
+    State(state): AppStateRef<S>,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<UnscheduleBody>,
+) -> Result<Json<Unscheduled>, ApiError> {
+    let name = limiter_name(path)?;
+    let limiter = state.gate.store().limiter(&name).await?;
+    let returned = limiter
+        .unschedule(ReservationId(body.reservation), body.count)
+        .await?;
+    Ok(Json(Unscheduled { returned }))
 }
 
 /// `POST /v1/limiters/{name}/feedback`: `{"outcome": "throttled", "latency_ms": 120}`.

@@ -134,6 +134,7 @@ pub fn router<S: Store>(
         )
         .route("/limiters/{name}/acquire", post(api::acquire::<S>))
         .route("/limiters/{name}/schedule", post(api::schedule::<S>))
+        .route("/limiters/{name}/unschedule", post(api::unschedule::<S>))
         .route("/limiters/{name}/feedback", post(api::feedback::<S>))
         .route("/permits/{permit_id}/extend", post(api::extend::<S>))
         .route("/permits/{permit_id}/release", post(api::release::<S>))

@@ -19,6 +19,7 @@ mod deadlines;
 mod holders;
 mod learning;
 mod queue;
+mod reservation;
 mod snapshot;
 
 pub use self::snapshot::{CoreState, HolderState, SpecState, WaiterState};
@@ -339,6 +340,9 @@ pub struct LimiterCore {
     /// End of the learning window after state loss, while one is in force: until then nothing
     /// is granted and unknown permits may be re-adopted by their extend (see `learning.rs`).
     learning_until: Option<Timestamp>,
+    /// The latest `schedule` reservation, the one whose unused tokens can still be given back
+    /// (see `reservation.rs`).
+    last_reservation: Option<reservation::Reservation>,
 }
 
 impl std::fmt::Debug for U64Hasher {
@@ -371,6 +375,7 @@ impl LimiterCore {
             next_due: Timestamp::MAX,
             counters: Counters::default(),
             learning_until: None,
+            last_reservation: None,
             spec,
         })
     }
@@ -760,11 +765,14 @@ impl LimiterCore {
     /// from `now` until it may start. Reservations take the next token times after those
     /// already promised, exactly as `count` acquires of one permit would; waiters queued at
     /// this moment are served after them for the rate. Refused (nothing reserved) if the last
-    /// would start more than the spec's `max_wait` from now.
+    /// would start more than the spec's `max_wait` from now. `reservation` is the id the store
+    /// drew for it, with which the producer may give back what it does not use
+    /// ([`unschedule`](Self::unschedule)).
     pub fn schedule(
         &mut self,
         now: Timestamp,
         count: u32,
+        reservation: u64,
         fx: &mut Effects,
     ) -> Result<Vec<Duration>, InvalidField> {
         if self.spec.rate.is_none() {
@@ -804,6 +812,7 @@ impl LimiterCore {
             ));
         }
         self.counters.scheduled += u64::from(count);
+        self.remember_reservation(reservation, count);
         Ok(offsets)
     }
 

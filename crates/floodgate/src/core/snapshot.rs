@@ -45,6 +45,10 @@ pub struct CoreState {
     /// End of the learning window in force, if any.
     #[serde(default)]
     pub learning_until: Option<u64>,
+    /// The latest `schedule` reservation, whose unused tokens may still be given back:
+    /// (id, `tat` after it, tokens still reserved).
+    #[serde(default)]
+    pub last_reservation: Option<(u64, u64, u32)>,
 }
 
 /// One holder.
@@ -231,6 +235,7 @@ impl LimiterCore {
             last_decrease: self.last_decrease.map(|t| t.0),
             counters: counters_to_array(&self.counters),
             learning_until: self.learning_until.map(|t| t.0),
+            last_reservation: self.last_reservation.map(|r| (r.id, r.end.0, r.count)),
         }
     }
 
@@ -306,6 +311,14 @@ impl LimiterCore {
         core.next_due = Timestamp(0);
         core.counters = counters_from_array(&state.counters);
         core.learning_until = state.learning_until.map(Timestamp);
+        core.last_reservation =
+            state
+                .last_reservation
+                .map(|(id, end, count)| super::reservation::Reservation {
+                    id,
+                    end: Timestamp(end),
+                    count,
+                });
         Ok(core)
     }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::core::{AcquireRequest, Feedback, Grant, HoldersView, LimiterStatus};
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::LimiterSpec;
-use crate::types::{FencingToken, LimiterName};
+use crate::types::{FencingToken, LimiterName, ReservationId, Schedule};
 
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisConfig, RedisLimiter, RedisSecurity, RedisStore};
@@ -114,11 +114,19 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// The limiter's status.
     fn status(&self) -> impl Future<Output = Result<LimiterStatus, StoreError>> + Send;
 
-    /// Reserves `count` rate tokens for a fan-out; returns each one's start offset from now.
-    fn schedule(
+    /// Reserves `count` rate tokens for a fan-out; returns each one's start offset from now,
+    /// and the reservation's id for [`unschedule`](Self::unschedule).
+    fn schedule(&self, count: u32) -> impl Future<Output = Result<Schedule, StoreError>> + Send;
+
+    /// Gives back up to `unused` tokens of a reservation that a producer did not use; returns
+    /// how many went back. Only the limiter's latest reservation, while no token has been taken
+    /// after it, and only tokens whose start has not come, can be given back (otherwise `Ok(0)`):
+    /// GCRA keeps no list of promised times, so anything else would hand out a token twice.
+    fn unschedule(
         &self,
-        count: u32,
-    ) -> impl Future<Output = Result<Vec<Duration>, StoreError>> + Send;
+        reservation: ReservationId,
+        unused: u32,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send;
 
     /// Reports a backend call's outcome (moves an adaptive limit); returns the limit in force.
     fn feedback(

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use floodgate::{
     AcquireError, AcquireOptions, ExtendError, Floodgate, LimiterBackend, LimiterSpec,
-    LimiterStatus, RateSpec, Refusal, Store, StoreError,
+    LimiterStatus, RateSpec, Refusal, ReservationId, Store, StoreError,
 };
 use tokio::time::{sleep, Instant};
 
@@ -738,7 +738,7 @@ pub(crate) async fn the_achieved_rate_matches_the_configured_one<S: Store>(
     let lim = gate.limiter(&name).await.unwrap();
     // 50 s of tokens: within the limiter's max_wait (60 s), which bounds a schedule.
     let count = 15_000;
-    let offsets = lim.backend().schedule(count).await.unwrap();
+    let offsets = lim.backend().schedule(count).await.unwrap().offsets;
     assert_eq!(offsets.len(), count as usize);
     let last = offsets.last().unwrap().as_secs_f64();
     let achieved = f64::from(count - rate.burst) / last;
@@ -760,7 +760,7 @@ pub(crate) async fn schedule_reserves_tokens_ahead_of_acquires<S: Store>(
     let lim = gate.limiter(&name).await.unwrap();
     let t = Duration::from_micros(rate.interval_us());
     let start = Instant::now();
-    let offsets = lim.backend().schedule(10).await.unwrap();
+    let offsets = lim.backend().schedule(10).await.unwrap().offsets;
     assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
     // Exact on every store: all ten are computed in one step from one reading of the clock.
     let expected: Vec<Duration> = (0..10u32).map(|i| t * i.saturating_sub(2)).collect();
@@ -848,12 +848,64 @@ pub(crate) async fn schedule_is_bounded_by_max_wait<S: Store>(gate: Floodgate<S>
     assert_eq!(st.counters.scheduled, 0);
     let p = lim.acquire(wait(0)).await.unwrap();
     drop(p);
-    let offsets = lim.backend().schedule(10).await.unwrap();
+    let offsets = lim.backend().schedule(10).await.unwrap().offsets;
     assert_eq!(offsets.len(), 10);
     assert!(*offsets.last().unwrap() <= Duration::from_secs(1));
     // Those ten now stand between a new reservation and the horizon.
     match lim.backend().schedule(100).await {
         Err(StoreError::Invalid(f)) => assert_eq!(f.field, "count"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A producer gives back the tokens of children it did not enqueue: the last, unstarted ones
+/// of the limiter's latest reservation, never twice, never another reservation's.
+pub(crate) async fn unused_reservations_go_back<S: Store>(gate: Floodgate<S>, _paused: bool) {
+    let name = unique("unschedule");
+    // One token a second, so that the clock moving between calls changes nothing below.
+    let rate = RateSpec::per(1, Duration::from_secs(1)).with_burst(1);
+    let spec = LimiterSpec::rate(rate).with_max_wait(Duration::from_secs(60));
+    gate.define(&name, spec).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let first = lim.backend().schedule(10).await.unwrap();
+    assert_eq!(first.offsets.len(), 10);
+    // Another id gives back nothing.
+    let other = ReservationId(first.reservation.0 % ReservationId::MAX + 1);
+    assert_eq!(lim.backend().unschedule(other, 6).await.unwrap(), 0);
+    // Six children were not enqueued: their six seconds of the rate come back.
+    assert_eq!(
+        lim.backend()
+            .unschedule(first.reservation, 6)
+            .await
+            .unwrap(),
+        6
+    );
+    let next = lim.backend().schedule(1).await.unwrap();
+    assert!(next.offsets[0] < Duration::from_secs(7), "{next:?}");
+    // The first reservation is no longer the latest: nothing more of it goes back.
+    assert_eq!(
+        lim.backend()
+            .unschedule(first.reservation, 4)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        lim.backend().unschedule(next.reservation, 5).await.unwrap(),
+        1
+    );
+    match lim.backend().unschedule(next.reservation, 0).await {
+        Err(StoreError::Invalid(f)) => assert_eq!(f.field, "count"),
+        other => panic!("{other:?}"),
+    }
+    // Without a rate there is nothing to give back.
+    let conc = unique("unschedule-conc");
+    gate.define(&conc, LimiterSpec::concurrency(2))
+        .await
+        .unwrap();
+    let lim = gate.limiter(&conc).await.unwrap();
+    match lim.backend().unschedule(first.reservation, 1).await {
+        Err(StoreError::Invalid(f)) => assert_eq!(f.field, "reservation"),
         other => panic!("{other:?}"),
     }
 }
@@ -1052,6 +1104,7 @@ macro_rules! store_suite {
             the_achieved_rate_matches_the_configured_one,
             schedule_reserves_tokens_ahead_of_acquires,
             schedule_is_bounded_by_max_wait,
+            unused_reservations_go_back,
             a_rate_only_grant_holds_nothing,
         );
     };

@@ -20,7 +20,7 @@ use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::{InvalidField, LimiterSpec};
 use crate::store::LimiterBackend;
 use crate::sync::Mutex;
-use crate::types::{FencingToken, LimiterName, Timestamp};
+use crate::types::{FencingToken, LimiterName, ReservationId, Schedule, Timestamp};
 
 /// A handle to one limiter of a [`MemoryStore`](super::MemoryStore). Cheap to clone.
 pub struct MemoryLimiter<C: Clock> {
@@ -395,16 +395,38 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         self.release_now(token);
     }
 
-    async fn schedule(&self, count: u32) -> Result<Vec<Duration>, StoreError> {
+    async fn schedule(&self, count: u32) -> Result<Schedule, StoreError> {
+        let reservation = ReservationId::random();
         let offsets = self
             .with_state(|state, now, fx| {
-                let out = state.core.schedule(now, count, fx);
-                state.record(now, || Op::Schedule { count });
+                let out = state.core.schedule(now, count, reservation.0, fx);
+                state.record(now, || Op::Schedule {
+                    count,
+                    reservation: reservation.0,
+                });
                 out
             })?
             .map_err(StoreError::Invalid)?;
         self.durable().await?;
-        Ok(offsets)
+        Ok(Schedule {
+            offsets,
+            reservation,
+        })
+    }
+
+    async fn unschedule(&self, reservation: ReservationId, unused: u32) -> Result<u32, StoreError> {
+        let returned = self
+            .with_state(|state, now, fx| {
+                let out = state.core.unschedule(now, reservation.0, unused, fx);
+                state.record(now, || Op::Unschedule {
+                    reservation: reservation.0,
+                    unused,
+                });
+                out
+            })?
+            .map_err(StoreError::Invalid)?;
+        self.durable().await?;
+        Ok(returned)
     }
 
     async fn feedback(&self, outcome: Feedback) -> Result<Option<u32>, StoreError> {

@@ -779,7 +779,32 @@ if op == 'schedule' then
       .. fmt(math.floor(max_wait / 1000)) .. ' ms), which bounds a schedule; ' .. fmt(fit) .. ' fit now'})
   end
   c.scheduled = c.scheduled + count
+  -- ARGV[5]: the reservation id the store drew; remembered with `tat` after it, so that its
+  -- unused tail can be given back while nothing has been taken after it (core/reservation.rs).
+  redis.call('HSET', K_META, 'res', ARGV[5] .. '|' .. fmt(tat) .. '|' .. fmt(count))
   return finish(reply)
+end
+
+if op == 'unschedule' then
+  -- ARGV[4]: the reservation id, ARGV[5]: how many tokens the producer did not use.
+  -- Reply: {'returned', n}. Mirrors LimiterCore::unschedule (core/reservation.rs).
+  local id, unused = ARGV[4], tonumber(ARGV[5])
+  if not rate_limit then return {'invalid', 'reservation', 'this limiter has no rate limit, so it has no reservations', '-1'} end
+  if not unused or unused < 1 then return {'invalid', 'count', 'must be at least 1', '-1'} end
+  advance()
+  local res = split(redis.call('HGET', K_META, 'res') or '')
+  if res[1] ~= id or tonumber(res[2]) ~= tat then return finish({'returned', '0'}) end
+  local t = interval()
+  local lead = t * rate_burst
+  local ahead = tat - now
+  local future = 0
+  if ahead > lead then future = math.ceil((ahead - lead) / t) end
+  local returned = math.min(future, unused, tonumber(res[3]))
+  if returned <= 0 then return finish({'returned', '0'}) end
+  tat = tat - t * returned
+  redis.call('HSET', K_META, 'res', id .. '|' .. fmt(tat) .. '|' .. fmt(tonumber(res[3]) - returned))
+  grant_waiters()
+  return finish({'returned', fmt(returned)})
 end
 
 if op == 'feedback' then

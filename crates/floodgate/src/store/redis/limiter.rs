@@ -15,7 +15,7 @@ use crate::core::{
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::{AdaptiveSpec, InvalidField, LimiterSpec, RateSpec};
 use crate::store::LimiterBackend;
-use crate::types::{FencingToken, LimiterName, Timestamp};
+use crate::types::{FencingToken, LimiterName, ReservationId, Schedule, Timestamp};
 
 /// The read-only holders listing (`holders.lua`); kept apart from the limiter script so the
 /// operations' script is unchanged by it. redis-rs sends EVALSHA and loads it on NOSCRIPT.
@@ -56,6 +56,8 @@ fn invalid(reply: &[String]) -> InvalidField {
         Some("concurrency") => "concurrency",
         Some("max_wait_ms") => "max_wait_ms",
         Some("max_queue") => "max_queue",
+        Some("count") => "count",
+        Some("reservation") => "reservation",
         _ => "lease_ms",
     };
     InvalidField {
@@ -573,27 +575,48 @@ impl LimiterBackend for RedisLimiter {
         });
     }
 
-    async fn schedule(&self, count: u32) -> Result<Vec<Duration>, StoreError> {
+    async fn schedule(&self, count: u32) -> Result<Schedule, StoreError> {
         if count == 0 || count > crate::core::MAX_SCHEDULE {
             return Err(StoreError::Invalid(InvalidField {
                 field: "count",
                 message: format!("must be from 1 to {}", crate::core::MAX_SCHEDULE),
             }));
         }
-        let reply = self.call("schedule", &[count.to_string()]).await?;
+        let reservation = ReservationId::random();
+        let reply = self
+            .call("schedule", &[count.to_string(), reservation.to_string()])
+            .await?;
         match reply.first().map(String::as_str) {
-            Some("offsets") => reply[1..reply.len().saturating_sub(1)]
-                .iter()
-                .map(|s| {
-                    s.parse::<u64>()
-                        .map(Duration::from_micros)
-                        .map_err(|_| unavailable("bad offset"))
+            Some("offsets") => {
+                let offsets = reply[1..reply.len().saturating_sub(1)]
+                    .iter()
+                    .map(|s| {
+                        s.parse::<u64>()
+                            .map(Duration::from_micros)
+                            .map_err(|_| unavailable("bad offset"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(Schedule {
+                    offsets,
+                    reservation,
                 })
-                .collect(),
-            Some("invalid") => Err(StoreError::Invalid(InvalidField {
-                field: "count",
-                message: reply.get(2).cloned().unwrap_or_default(),
-            })),
+            }
+            Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
+            Some("unknown") => Err(self.unknown()),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+
+    async fn unschedule(&self, reservation: ReservationId, unused: u32) -> Result<u32, StoreError> {
+        let reply = self
+            .call("unschedule", &[reservation.to_string(), unused.to_string()])
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("returned") => reply
+                .get(1)
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| unavailable(format!("unexpected script reply {reply:?}"))),
+            Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
             Some("unknown") => Err(self.unknown()),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }

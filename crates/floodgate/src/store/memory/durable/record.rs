@@ -68,8 +68,15 @@ pub(crate) enum Op {
     Cancel { waiter: u64 },
     /// A queued idempotent acquire's caller went away: kept `grace_us` for a retry.
     Orphan { waiter: u64, grace_us: u64 },
-    /// A `schedule` of this many rate tokens.
-    Schedule { count: u32 },
+    /// A `schedule` of this many rate tokens, under the reservation id the store drew
+    /// (0 in logs written before reservations could be given back).
+    Schedule {
+        count: u32,
+        #[serde(default)]
+        reservation: u64,
+    },
+    /// A producer gave back up to `unused` tokens of a reservation.
+    Unschedule { reservation: u64, unused: u32 },
     /// Backend feedback: 0 ok, 1 throttled, 2 error.
     Feedback { outcome: u8 },
     /// Time passed and changed something (a lease expired, a wait ended, a token came due).
@@ -159,8 +166,14 @@ impl Op {
             Op::Orphan { waiter, grace_us } => {
                 core.orphan(at, WaiterId(*waiter), micros(*grace_us));
             }
-            Op::Schedule { count } => {
-                let _ = core.schedule(at, *count, &mut fx);
+            Op::Schedule { count, reservation } => {
+                let _ = core.schedule(at, *count, *reservation, &mut fx);
+            }
+            Op::Unschedule {
+                reservation,
+                unused,
+            } => {
+                let _ = core.unschedule(at, *reservation, *unused, &mut fx);
             }
             Op::Feedback { outcome } => {
                 let outcome = match outcome {

@@ -138,7 +138,13 @@ async fn run_sequence(seed: u64, dir: &std::path::Path) {
             }
             9 => {
                 if let Ok(limiter) = store.limiter(&n).await {
-                    let _ = limiter.schedule(1 + rng.below(3) as u32).await;
+                    if let Ok(s) = limiter.schedule(1 + rng.below(3) as u32).await {
+                        // Half the time the producer gives some of it back.
+                        if rng.below(2) == 0 {
+                            let unused = 1 + rng.below(3) as u32;
+                            let _ = limiter.unschedule(s.reservation, unused).await;
+                        }
+                    }
                 }
             }
             10 if rng.below(3) == 0 => store.snapshot_now().expect("snapshot"),
