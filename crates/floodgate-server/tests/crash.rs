@@ -14,17 +14,15 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::holders::{spawn_holder, witness, Events};
 use common::SplitMix64;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
 const LIMIT: i64 = 8;
@@ -85,91 +83,6 @@ async fn post(http: &reqwest::Client, url: String, body: Value) -> (u16, Value) 
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-/// The independent witness: counts holders between their "enter" and their "exit" (or their
-/// connection closing, which is how a SIGKILLed holder's work ends). Answers each exit only
-/// once counted, so a holder releases its permit only after the witness saw it stop.
-async fn witness(current: Arc<AtomicI64>, peak: Arc<AtomicI64>) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((sock, _)) = listener.accept().await else {
-                return;
-            };
-            let (current, peak) = (current.clone(), peak.clone());
-            tokio::spawn(async move {
-                let (read, mut write) = sock.into_split();
-                let mut lines = BufReader::new(read).lines();
-                let mut inside = false;
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if line.starts_with("enter") && !inside {
-                        inside = true;
-                        let now = current.fetch_add(1, Ordering::SeqCst) + 1;
-                        peak.fetch_max(now, Ordering::SeqCst);
-                    } else if line == "exit" && inside {
-                        inside = false;
-                        current.fetch_sub(1, Ordering::SeqCst);
-                        let _ = write.write_all(b"ok\n").await;
-                    }
-                }
-                if inside {
-                    current.fetch_sub(1, Ordering::SeqCst);
-                }
-            });
-        }
-    });
-    port
-}
-
-#[derive(Default)]
-struct Events {
-    counts: HashMap<String, u64>,
-    /// Fencing token -> the request_id it was granted to.
-    tokens: HashMap<u64, String>,
-    duplicate_tokens: Vec<u64>,
-}
-
-fn spawn_holder(base: &str, witness_port: u16, seed: u64, events: Arc<Mutex<Events>>) -> Child {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/crash/holder.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .args([
-            base,
-            "crash-api",
-            &witness_port.to_string(),
-            &LEASE_MS.to_string(),
-            &seed.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3 holder");
-    let stdout = child.stdout.take().unwrap();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let Ok(event) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            let mut ev = events.lock().unwrap();
-            let kind = event["ev"].as_str().unwrap_or("?").to_owned();
-            if kind == "granted" {
-                let token = event["token"].as_u64().unwrap();
-                let request = event["request_id"].as_str().unwrap_or("").to_owned();
-                if let Some(prev) = ev.tokens.insert(token, request.clone()) {
-                    if prev != request {
-                        ev.duplicate_tokens.push(token);
-                    }
-                }
-            }
-            *ev.counts.entry(kind).or_default() += 1;
-        }
-    });
-    child
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holders_and_the_server_crash_and_nothing_is_over_admitted_or_lost() {
     let faketime = Path::new(FAKETIME_LIB).exists();
@@ -227,7 +140,14 @@ async fn holders_and_the_server_crash_and_nothing_is_over_admitted_or_lost() {
     let mut holders: Vec<Child> = (0..HOLDERS)
         .map(|_| {
             let seed = next_seed.fetch_add(1, Ordering::Relaxed);
-            spawn_holder(&base, witness_port, seed, events.clone())
+            spawn_holder(
+                &base,
+                "crash-api",
+                LEASE_MS,
+                witness_port,
+                seed,
+                events.clone(),
+            )
         })
         .collect();
 
@@ -258,7 +178,14 @@ async fn holders_and_the_server_crash_and_nothing_is_over_admitted_or_lost() {
                 let _ = holders[i].wait().await;
                 holder_kills += 1;
                 let seed = next_seed.fetch_add(1, Ordering::Relaxed);
-                holders[i] = spawn_holder(&base, witness_port, seed, events.clone());
+                holders[i] = spawn_holder(
+                    &base,
+                    "crash-api",
+                    LEASE_MS,
+                    witness_port,
+                    seed,
+                    events.clone(),
+                );
             }
         }
         let before = probe(round, http.clone(), base.clone()).await;

@@ -1,9 +1,10 @@
 //! Issue 10, must show 2: re-learning after Redis loses its state, on real processes.
 //!
 //! Two `floodgate serve` processes share one real `redis-server` (no persistence). Holders are
-//! HTTP clients spread over both servers: each acquires, bumps an independent witness, works
-//! while heartbeating (extend with its `permits`, retrying 503s and connection errors until its
-//! lease deadline), drops the witness and releases. Mid-run Redis is restarted empty (SIGKILL and
+//! processes (`tests/crash/holder.py`, as in the crash test) sending each request to either
+//! server: each acquires, tells an independent witness (a TCP server in this test) that its work
+//! starts, works while heartbeating (extend with its `permits`, retrying 503s and connection
+//! errors until its lease deadline), tells the witness it stopped and releases. Mid-run Redis is restarted empty (SIGKILL and
 //! start again, no persistence) and, later, `FLUSHALL`ed. Each time the servers notice the
 //! limiter vanished, re-create it from its config in a learning window, and the heartbeating
 //! holders re-adopt their permits. Checked: the witness never exceeds the limit; no holder that
@@ -19,19 +20,20 @@ mod common;
 mod support;
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::holders::{spawn_holder, witness, Events};
 use common::{SplitMix64, PATIENCE, POLL};
 use serde_json::{json, Value};
 use support::{free_port, RedisServer};
 use tokio::time::Instant;
 
 const LIMIT: i64 = 4;
+/// Holder processes (they extend every third of the lease).
 const WORKERS: u64 = 8;
 const LEASE_MS: u64 = 1_500;
-const HEARTBEAT: Duration = Duration::from_millis(250);
 /// The servers' learning window: longer than a heartbeat interval plus Redis's restart.
 const WINDOW_MS: u64 = 2_000;
 const SEED: u64 = 0x1ea2_4e4d_0f10_0d00;
@@ -100,94 +102,6 @@ async fn post(client: &reqwest::Client, url: String, body: Value) -> Option<(u16
     Some((status, v))
 }
 
-/// What the run saw, shared by the workers.
-#[derive(Default)]
-struct Tally {
-    /// Holders with a permit now, as the holders themselves count (the independent witness).
-    witness: AtomicI64,
-    /// The witness's maximum.
-    peak: AtomicI64,
-    /// Extends answered 410 `permit_lost` while the holder heartbeated within its lease.
-    lost: AtomicU64,
-    /// Holders whose lease deadline passed without a confirmed extend (Redis unreachable).
-    lapsed: AtomicU64,
-    /// Grants, by phase (0: before the restart, 1: after it, 2: after FLUSHALL).
-    grants: [AtomicU64; 3],
-    /// Successful extends.
-    extends: AtomicU64,
-    /// The current phase.
-    phase: AtomicU64,
-}
-
-async fn worker(id: u64, bases: Arc<Vec<String>>, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
-    let client = http();
-    let mut rng = SplitMix64(SEED ^ id);
-    while !stop.load(Ordering::SeqCst) {
-        let base = &bases[usize::try_from(rng.between(0, 1)).unwrap()];
-        let body = json!({"wait_ms": 3_000, "lease_ms": LEASE_MS});
-        let Some((status, v)) =
-            post(&client, format!("{base}/v1/limiters/work/acquire"), body).await
-        else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        if status != 200 {
-            // 429 (the wait ended, e.g. during a learning window), 503 (Redis down), or a
-            // waiter of a lost incarnation: retry, as a client does.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        let phase = usize::try_from(tally.phase.load(Ordering::SeqCst)).unwrap();
-        tally.grants[phase].fetch_add(1, Ordering::SeqCst);
-        let permit = v["permit_id"].as_str().unwrap().to_owned();
-        let permits = v["permits"].as_u64().unwrap();
-        let now = tally.witness.fetch_add(1, Ordering::SeqCst) + 1;
-        tally.peak.fetch_max(now, Ordering::SeqCst);
-        // Work for a while, heartbeating through any server.
-        let work_until = Instant::now() + Duration::from_millis(rng.between(300, 1_800));
-        let mut lease_end = Instant::now() + Duration::from_millis(LEASE_MS);
-        let mut alive = true;
-        while alive && Instant::now() < work_until {
-            tokio::time::sleep(HEARTBEAT).await;
-            loop {
-                if Instant::now() >= lease_end {
-                    // No confirmed extend within the lease: the work must stop.
-                    tally.lapsed.fetch_add(1, Ordering::SeqCst);
-                    alive = false;
-                    break;
-                }
-                let base = &bases[usize::try_from(rng.between(0, 1)).unwrap()];
-                let sent = Instant::now();
-                let body = json!({"lease_ms": LEASE_MS, "permits": permits});
-                match post(&client, format!("{base}/v1/permits/{permit}/extend"), body).await {
-                    Some((200, _)) => {
-                        tally.extends.fetch_add(1, Ordering::SeqCst);
-                        lease_end = sent + Duration::from_millis(LEASE_MS);
-                        break;
-                    }
-                    Some((410, _)) => {
-                        tally.lost.fetch_add(1, Ordering::SeqCst);
-                        alive = false;
-                        break;
-                    }
-                    // 503 or no answer: retry shortly, until the lease deadline.
-                    _ => tokio::time::sleep(Duration::from_millis(30)).await,
-                }
-            }
-        }
-        tally.witness.fetch_sub(1, Ordering::SeqCst);
-        if alive {
-            let base = &bases[usize::try_from(rng.between(0, 1)).unwrap()];
-            let _ = post(
-                &client,
-                format!("{base}/v1/permits/{permit}/release"),
-                json!({}),
-            )
-            .await;
-        }
-    }
-}
-
 /// Polls a server's view of the limiter until `cond` holds.
 async fn until(base: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     let client = http();
@@ -205,10 +119,21 @@ async fn until(base: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
-/// Waits until `n` more grants than `from` were made in `phase`.
-async fn grants_in(tally: &Tally, phase: usize, n: u64, what: &str) {
+/// Grants counted so far (the holders' `granted` events).
+fn grants(events: &Mutex<Events>) -> u64 {
+    events
+        .lock()
+        .unwrap()
+        .counts
+        .get("granted")
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Waits until `n` grants more than `from` were made.
+async fn grants_after(events: &Mutex<Events>, from: u64, n: u64, what: &str) {
     let deadline = Instant::now() + PATIENCE;
-    while tally.grants[phase].load(Ordering::SeqCst) < n {
+    while grants(events) < from + n {
         assert!(Instant::now() < deadline, "no new grants: {what}");
         tokio::time::sleep(POLL).await;
     }
@@ -229,27 +154,33 @@ async fn two_servers_relearn_after_redis_restarts_empty_and_after_flushall() {
     .unwrap();
     let (_a, base_a) = serve(&redis.url(), &config).await;
     let (_b, base_b) = serve(&redis.url(), &config).await;
-    let bases = Arc::new(vec![base_a.clone(), base_b.clone()]);
-    let tally = Arc::new(Tally::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|id| {
-            tokio::spawn(worker(
-                id,
-                Arc::clone(&bases),
-                Arc::clone(&tally),
-                Arc::clone(&stop),
-            ))
+    // Holders are processes, each request to either server.
+    let current = Arc::new(AtomicI64::new(0));
+    let peak = Arc::new(AtomicI64::new(0));
+    let witness_port = witness(Arc::clone(&current), Arc::clone(&peak)).await;
+    let events = Arc::new(Mutex::new(Events::default()));
+    let bases = format!("{base_a},{base_b}");
+    let mut rng = SplitMix64(SEED);
+    let holders: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            spawn_holder(
+                &bases,
+                "work",
+                LEASE_MS,
+                witness_port,
+                rng.next_u64(),
+                Arc::clone(&events),
+            )
         })
         .collect();
 
     // Phase 0: normal operation, the limit full.
-    grants_in(&tally, 0, 12, "before the restart").await;
+    grants_after(&events, 0, 12, "before the restart").await;
     until(&base_a, "every slot held", |v| v["in_use"] == json!(LIMIT)).await;
 
     // Redis restarts empty: every key is gone.
-    tally.phase.store(1, Ordering::SeqCst);
     tokio::task::block_in_place(|| redis.restart());
+    let from = grants(&events);
     let v = until(&base_a, "re-created, learning", |v| {
         v["learning"] == json!(true)
     })
@@ -267,15 +198,15 @@ async fn two_servers_relearn_after_redis_restarts_empty_and_after_flushall() {
         v["counters"]["adopted"].as_u64().unwrap() >= 1,
         "no holder re-adopted its permit after the restart: {v}"
     );
-    grants_in(&tally, 1, 12, "after the restart's learning window").await;
+    grants_after(&events, from, 12, "after the restart's learning window").await;
 
     // FLUSHALL: the same, without the connections dropping.
-    tally.phase.store(2, Ordering::SeqCst);
-    let out = Command::new("redis-cli")
+    let out = std::process::Command::new("redis-cli")
         .args(["-p", &redis.port.to_string(), "flushall"])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    let from = grants(&events);
     let v = until(&base_b, "re-created, learning", |v| {
         v["learning"] == json!(true)
     })
@@ -293,36 +224,32 @@ async fn two_servers_relearn_after_redis_restarts_empty_and_after_flushall() {
         v["counters"]["adopted"].as_u64().unwrap() >= 1,
         "no holder re-adopted its permit after FLUSHALL: {v}"
     );
-    grants_in(&tally, 2, 12, "after FLUSHALL's learning window").await;
+    grants_after(&events, from, 12, "after FLUSHALL's learning window").await;
 
-    stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let peak = tally.peak.load(Ordering::SeqCst);
-    let lost = tally.lost.load(Ordering::SeqCst);
-    let lapsed = tally.lapsed.load(Ordering::SeqCst);
-    let grants: Vec<u64> = tally
-        .grants
-        .iter()
-        .map(|g| g.load(Ordering::SeqCst))
-        .collect();
-    let extends = tally.extends.load(Ordering::SeqCst);
-    eprintln!(
-        "peak {peak}, grants by phase {grants:?}, extends {extends}, lost {lost}, lapsed {lapsed}"
-    );
+    drop(holders); // killed on drop: the witness counts their connections closing
+    let peak = peak.load(Ordering::SeqCst);
+    let ev = events.lock().unwrap();
+    let count = |k: &str| ev.counts.get(k).copied().unwrap_or(0);
+    eprintln!("peak {peak}, events {:?}", ev.counts);
     assert!(
         peak <= LIMIT,
         "the witness saw {peak} permits out at once; the limit is {LIMIT}"
     );
     assert_eq!(peak, LIMIT, "the run never filled the limit");
     assert_eq!(
-        lost, 0,
+        count("lost_alive"),
+        0,
         "heartbeating holders were told their permit was lost"
     );
     assert_eq!(
-        lapsed, 0,
+        count("expired_local"),
+        0,
         "holders could not confirm an extend within their lease"
+    );
+    assert!(
+        ev.duplicate_tokens.is_empty(),
+        "a fencing token went to two acquires: {:?}",
+        ev.duplicate_tokens
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

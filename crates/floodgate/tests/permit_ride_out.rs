@@ -90,3 +90,59 @@ async fn a_lease_that_ends_during_the_outage_ends_the_extend() {
     assert!(tokio::time::Instant::now() >= deadline);
     drop(permit);
 }
+
+/// A restart that lost the last writes (Redis reloads a snapshot taken before the last grant,
+/// as with `save` intervals or an `everysec` append-only file): the limiter is still there, but
+/// older. The store notices the new master (`run_id`) before it runs anything on it and puts the
+/// limiter in a learning window, so the holder of the lost grant is re-adopted by its heartbeat
+/// and nothing is granted over it. The independent witness: the permits this test holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_lost_the_last_grant_is_learned_not_over_admitted() {
+    let mut server = support::RedisServer::start();
+    let mut config = RedisConfig::new(server.url());
+    config.learning_window = Some(Duration::from_millis(1500));
+    let gate = Floodgate::with_store(RedisStore::connect(config).await.unwrap());
+    let spec = LimiterSpec::concurrency(2).with_default_lease(Duration::from_secs(30));
+    gate.define("lost-write", spec).await.unwrap();
+    let limiter = gate.limiter("lost-write").await.unwrap();
+    let mut first = limiter.acquire(AcquireOptions::new()).await.unwrap();
+    // The snapshot has the first grant; the second is written after it, and lost.
+    let saved = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "SAVE"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&saved.stdout).trim(), "OK");
+    let mut second = limiter.acquire(AcquireOptions::new()).await.unwrap();
+    let held = 2; // the witness: both holders are still working
+
+    server.restart();
+    // Redis now counts one holder of 2. Without the check a try-once acquire is granted here,
+    // a third permit while two are held.
+    let third = limiter
+        .acquire(AcquireOptions::new().wait(Duration::ZERO))
+        .await;
+    assert!(
+        matches!(&third, Err(e) if e.is_wait_timeout()),
+        "granted over the lost grant ({held} held, limit 2): {third:?}"
+    );
+    let status = limiter.status().await.unwrap();
+    assert!(status.learning, "{status:?}");
+    // The heartbeats: the lost grant is re-adopted, the kept one extended.
+    second.extend(Duration::from_secs(30)).await.unwrap();
+    first.extend(Duration::from_secs(30)).await.unwrap();
+    let status = limiter.status().await.unwrap();
+    assert_eq!(status.in_use, held, "{status:?}");
+    // After the window, the limit is in force over both: a wait ends refused...
+    let after = limiter
+        .acquire(AcquireOptions::new().wait(Duration::from_secs(2)))
+        .await;
+    assert!(matches!(&after, Err(e) if e.is_wait_timeout()), "{after:?}");
+    // ...and a release lets the next one in, with a token above the re-adopted one.
+    let adopted = second.fencing_token();
+    second.release().await.unwrap();
+    let next = limiter
+        .acquire(AcquireOptions::new().wait(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(next.fencing_token() > adopted);
+}

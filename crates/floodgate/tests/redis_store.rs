@@ -40,7 +40,11 @@ async fn every_key_has_a_ttl() {
     gate.define("conc", short(1)).await.expect("define");
     let conc = gate.limiter("conc").await.expect("limiter");
     for _ in 0..3 {
-        let held = conc.acquire(AcquireOptions::new()).await.expect("granted");
+        // A long lease: the key scan below must not outlast it on a loaded machine.
+        let held = conc
+            .acquire(AcquireOptions::new().lease(Duration::from_secs(30)))
+            .await
+            .expect("granted");
         let waiter = {
             let conc = conc.clone();
             tokio::spawn(async move { conc.acquire(AcquireOptions::new()).await })

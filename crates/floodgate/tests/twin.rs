@@ -122,6 +122,8 @@ enum Extra {
         unused: u32,
         stale: bool,
     },
+    /// Redis changed under the store: a learning window of this many ms (0: none).
+    Learn(u64),
     /// An extend of a permit nobody was granted here, carrying its size: re-adopted during a
     /// learning window, lost otherwise.
     Adopt {
@@ -137,6 +139,7 @@ fn extra() -> impl Strategy<Value = Extra> {
         1 => (1_u32..=20).prop_map(Extra::Schedule),
         1 => (1_u32..=25, proptest::bool::weighted(0.2))
             .prop_map(|(unused, stale)| Extra::Unschedule { unused, stale }),
+        1 => prop_oneof![Just(0_u64), 1_u64..=3_000].prop_map(Extra::Learn),
         2 => (0_u64..3, 1_u32..=3, 100_u64..=3_000)
             .prop_map(|(n, permits, lease_ms)| Extra::Adopt { n, permits, lease_ms }),
     ]
@@ -567,6 +570,15 @@ impl<'a> Twin<'a> {
                         step
                     ),
                 }
+                self.compare_wakes(&fx)?;
+            }
+            Extra::Learn(ms) => {
+                let window = Duration::from_millis(*ms);
+                self.core.advance(ts, &mut fx);
+                self.core.enter_learning(ts, ts.after(window));
+                let reply = self.call("learn", &[us(window).to_string()]);
+                prop_assert_eq!(&reply[..1], &["ok".to_owned()], "step {}", step);
+                self.compare_hint(&reply, true)?;
                 self.compare_wakes(&fx)?;
             }
             Extra::Adopt {

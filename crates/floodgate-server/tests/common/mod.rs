@@ -4,6 +4,8 @@
 
 #![allow(dead_code, reason = "each test file uses its own part of this module")]
 
+pub(crate) mod holders;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -11,7 +11,9 @@ and stops. It rides out server restarts the way a real client must:
 
 Every event is one JSON line on stdout. Standard library only.
 
-usage: holder.py BASE_URL LIMITER WITNESS_PORT LEASE_MS SEED
+usage: holder.py BASE_URL[,BASE_URL...] LIMITER WITNESS_PORT LEASE_MS SEED
+
+With several servers, each request goes to one picked at random (a load balancer).
 """
 
 import http.client
@@ -22,9 +24,9 @@ import sys
 import time
 import uuid
 
-BASE, LIMITER, WITNESS_PORT, LEASE_MS, SEED = sys.argv[1:6]
+BASES, LIMITER, WITNESS_PORT, LEASE_MS, SEED = sys.argv[1:6]
 WITNESS_PORT, LEASE_MS, SEED = int(WITNESS_PORT), int(LEASE_MS), int(SEED)
-HOST, PORT = BASE.split("//", 1)[1].split(":")
+SERVERS = [tuple(b.split("//", 1)[1].split(":")) for b in BASES.split(",")]
 rng = random.Random(SEED)
 
 
@@ -34,7 +36,8 @@ def emit(**event):
 
 def call(method, path, body, timeout):
     """(status, json) or raises OSError on a connection problem."""
-    conn = http.client.HTTPConnection(HOST, int(PORT), timeout=timeout)
+    host, port = rng.choice(SERVERS)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
         data = json.dumps(body).encode()
         conn.request(method, path, body=data, headers={"Content-Type": "application/json"})

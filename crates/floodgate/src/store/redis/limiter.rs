@@ -116,6 +116,7 @@ impl RedisLimiter {
     /// Runs one operation; if the limiter vanished from Redis while this store knew it (state
     /// loss), re-creates it in a learning window and runs the operation again (`revive.rs`).
     pub(super) async fn call(&self, op: &str, args: &[String]) -> Result<Vec<String>, StoreError> {
+        self.settle_generation().await?;
         let reply = self.call_once(op, args).await?;
         if reply.first().map(String::as_str) != Some("unknown") || !super::revive::revives(op) {
             self.learn_spec_in_background(&reply);
@@ -144,13 +145,26 @@ impl RedisLimiter {
         for a in args {
             invocation.arg(a);
         }
-        let reply: Vec<String> = super::retry_dropped(|| {
+        let invoke = || {
             let mut conn = self.store.conn.clone();
             let invocation = &invocation;
-            async move { invocation.invoke_async(&mut conn).await }
-        })
-        .await
-        .map_err(unavailable)?;
+            async move { invocation.invoke_async::<Vec<String>>(&mut conn).await }
+        };
+        let reply = match invoke().await {
+            Ok(reply) => reply,
+            Err(e) => {
+                // Redis may have restarted or failed over (`generation.rs`).
+                self.store.suspect_change();
+                if !e.is_connection_dropped() {
+                    return Err(unavailable(e));
+                }
+                // The connection was dead, so the request did not run (see `retry_dropped`):
+                // run it once more, on whatever Redis is there now, once that is settled.
+                tracing::debug!(error = %e, "redis connection was dead; retrying once");
+                Box::pin(self.settle_generation()).await?;
+                invoke().await.map_err(unavailable)?
+            }
+        };
         // Redis answers again: clean up after waiters that left while it did not.
         if !self.store.lock_orphans().is_empty() {
             tokio::spawn(super::retry_orphans(Arc::clone(&self.store)));

@@ -9,6 +9,7 @@
 //! See `docs/redis.md` for the key layout, each script step by step, and the guarantees.
 
 mod conn;
+mod generation;
 mod limiter;
 mod revive;
 mod script;
@@ -16,7 +17,7 @@ mod sentinel;
 mod wake;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -129,6 +130,13 @@ pub(crate) struct Inner {
     closing: Arc<tokio::sync::Notify>,
     /// Specs of the limiters this store knows, to re-create one that vanished (`revive.rs`).
     known: Mutex<revive::Known>,
+    /// The master's identity and the limiters to put in a learning window after it changed
+    /// (`generation.rs`).
+    generation: Mutex<generation::Generation>,
+    /// A request failed since the master was last checked: check before the next one.
+    suspect: AtomicBool,
+    /// Some limiter is to learn (so the hot path skips the lock when none is).
+    relearn_pending: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -243,6 +251,8 @@ impl RedisStore {
             );
             (conn, PubSubSource::Fixed(Box::new(client)))
         };
+        // Whom the store starts on, to notice a failover or a restart later.
+        let run_id = generation::master_run_id(&conn).await?;
         let server_id = unique_id();
         let channel = format!("{}:wake:{}", config.prefix, server_id);
         let inner = Arc::new(Inner {
@@ -257,6 +267,9 @@ impl RedisStore {
             timers: Mutex::new(HashMap::new()),
             closing: Arc::new(tokio::sync::Notify::new()),
             known: Mutex::new(revive::Known::default()),
+            generation: Mutex::new(generation::Generation::new(run_id)),
+            suspect: AtomicBool::new(false),
+            relearn_pending: AtomicBool::new(false),
         });
         wake::subscribe(&inner, pubsub_client).await?;
         Ok(RedisStore { inner })

@@ -23,7 +23,15 @@ use crate::types::LimiterName;
 pub(super) fn revives(op: &str) -> bool {
     matches!(
         op,
-        "acquire" | "release" | "extend" | "status" | "schedule" | "feedback" | "advance"
+        "acquire"
+            | "release"
+            | "extend"
+            | "status"
+            | "schedule"
+            | "unschedule"
+            | "feedback"
+            | "advance"
+            | "learn"
     )
 }
 
@@ -39,6 +47,11 @@ pub(crate) struct Known {
 impl Inner {
     fn lock_known(&self) -> std::sync::MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The limiters this store knows a spec of.
+    pub(super) fn known_names(&self) -> Vec<LimiterName> {
+        self.lock_known().specs.keys().cloned().collect()
     }
 }
 
@@ -97,6 +110,21 @@ impl RedisLimiter {
                 .learning_window
                 .unwrap_or(spec.default_lease),
         )
+    }
+
+    /// Enters a learning window on the limiter as Redis has it now (`generation.rs`: Redis
+    /// changed under the store and may have lost the last writes); re-creates it learning if it
+    /// vanished.
+    pub(super) async fn learn(&self) -> Result<(), StoreError> {
+        let Some(window) = self.known_window() else {
+            return Ok(());
+        };
+        let us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+        let reply = self.call_once("learn", &[us.to_string()]).await?;
+        if reply.first().map(String::as_str) == Some("unknown") {
+            self.revive().await?;
+        }
+        Ok(())
     }
 
     /// Re-creates the vanished limiter from the last spec seen, in a learning window (the
