@@ -76,6 +76,10 @@ pub struct FileConfig {
     pub redis_username: Option<String>,
     /// Redis password when the URL gives none (`FLOODGATE_REDIS_PASSWORD`).
     pub redis_password: Option<String>,
+    /// The sentinels' own ACL user (`FLOODGATE_REDIS_SENTINEL_USERNAME`).
+    pub redis_sentinel_username: Option<String>,
+    /// The sentinels' own password (`FLOODGATE_REDIS_SENTINEL_PASSWORD`).
+    pub redis_sentinel_password: Option<String>,
     /// Limiters created at start, by name.
     #[serde(default)]
     pub limiters: BTreeMap<String, LimiterConfig>,

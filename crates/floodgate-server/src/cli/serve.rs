@@ -120,6 +120,16 @@ pub(crate) struct ServeArgs {
     /// in process lists.
     #[arg(long, env = "FLOODGATE_REDIS_PASSWORD", hide_env_values = true)]
     redis_password: Option<String>,
+    /// The sentinels' own ACL user, for a redis+sentinel:// URL whose sentinels require one.
+    #[arg(long, env = "FLOODGATE_REDIS_SENTINEL_USERNAME")]
+    redis_sentinel_username: Option<String>,
+    /// The sentinels' own password (their requirepass). Prefer the environment variable.
+    #[arg(
+        long,
+        env = "FLOODGATE_REDIS_SENTINEL_PASSWORD",
+        hide_env_values = true
+    )]
+    redis_sentinel_password: Option<String>,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
@@ -293,6 +303,14 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                 key_file: args.redis_key.clone().or(file.redis_key.clone()),
                 username: args.redis_username.clone().or(file.redis_username.clone()),
                 password: args.redis_password.clone().or(file.redis_password.clone()),
+                sentinel_username: args
+                    .redis_sentinel_username
+                    .clone()
+                    .or(file.redis_sentinel_username.clone()),
+                sentinel_password: args
+                    .redis_sentinel_password
+                    .clone()
+                    .or(file.redis_sentinel_password.clone()),
             };
             let store = RedisStore::connect(config).await.map_err(|e| Failure {
                 code: super::EXIT_UNAVAILABLE,

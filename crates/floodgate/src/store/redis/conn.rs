@@ -116,6 +116,11 @@ pub struct RedisSecurity {
     pub username: Option<String>,
     /// ACL password (or `requirepass`), when the URL gives none.
     pub password: Option<String>,
+    /// The sentinels' own ACL user (`redis+sentinel://` only), when they require one.
+    pub sentinel_username: Option<String>,
+    /// The sentinels' own password (their `requirepass`), when they require one. The master's
+    /// credentials are the URL's or `username`/`password`; a sentinel usually has its own.
+    pub sentinel_password: Option<String>,
 }
 
 impl std::fmt::Debug for RedisSecurity {
@@ -126,6 +131,11 @@ impl std::fmt::Debug for RedisSecurity {
             .field("key_file", &self.key_file)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("sentinel_username", &self.sentinel_username)
+            .field(
+                "sentinel_password",
+                &self.sentinel_password.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -161,6 +171,23 @@ impl RedisSecurity {
                 root_cert,
             }),
         )
+    }
+
+    /// Whether TLS files are named: then sentinels are reached over TLS too (a deployment
+    /// that runs Redis with TLS runs its sentinels with `tls-port` and `tls-replication yes`).
+    pub(super) fn uses_tls(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some()
+    }
+
+    /// The same TLS material with the sentinels' credentials, for asking a sentinel.
+    pub(super) fn for_sentinels(&self) -> RedisSecurity {
+        RedisSecurity {
+            username: self.sentinel_username.clone(),
+            password: self.sentinel_password.clone(),
+            sentinel_username: None,
+            sentinel_password: None,
+            ..self.clone()
+        }
     }
 
     /// A client for one node: the URL's credentials, else these; TLS material applied to a

@@ -1,5 +1,9 @@
 //! Redis Sentinel: `redis+sentinel://[USER[:PASSWORD]@]HOST:PORT[,HOST:PORT...]/MASTER`.
 //!
+//! The URL's credentials (or the configured ones) are the master's; sentinels that require
+//! their own password get `RedisSecurity::sentinel_password`. With TLS files configured, the
+//! sentinels are reached over TLS as well as the master.
+//!
 //! The store asks the sentinels, in turn, where the master named MASTER is, checks that the
 //! server there says it is a master (`ROLE`), and runs everything on it. When a round trip
 //! fails as a failover makes it fail (connection lost or refused, timeout, `READONLY`), the
@@ -83,7 +87,8 @@ struct Current {
 pub(crate) struct Sentinel {
     /// What the URL named.
     target: Target,
-    /// Credentials and TLS files for the master (the sentinels are asked in plain).
+    /// Credentials and TLS files for the master, and the sentinels' own credentials (they are
+    /// asked over TLS when TLS files are named).
     security: RedisSecurity,
     /// How the connection to the master behaves (timeouts, retries).
     manager_config: ConnectionManagerConfig,
@@ -103,7 +108,7 @@ impl Sentinel {
         manager_config: ConnectionManagerConfig,
         timeout: Duration,
     ) -> Result<Arc<Sentinel>, StoreError> {
-        let addr = master_addr(&target, timeout).await?;
+        let addr = master_addr(&target, &security, timeout).await?;
         let current = open(&target, &security, &addr, manager_config.clone()).await?;
         tracing::info!(master = %target.master, %addr, "redis sentinel: using master");
         Ok(Arc::new(Sentinel {
@@ -146,7 +151,7 @@ impl Sentinel {
             return;
         }
         *last = Instant::now();
-        let Ok(addr) = master_addr(&self.target, self.timeout).await else {
+        let Ok(addr) = master_addr(&self.target, &self.security, self.timeout).await else {
             return;
         };
         if addr == self.current().addr {
@@ -176,10 +181,16 @@ impl Sentinel {
 
 /// Asks each sentinel in turn for the master's address; the first that knows, and whose
 /// answer is confirmed by the server itself (`ROLE` says `master`), wins.
-async fn master_addr(target: &Target, timeout: Duration) -> Result<String, StoreError> {
+async fn master_addr(
+    target: &Target,
+    security: &RedisSecurity,
+    timeout: Duration,
+) -> Result<String, StoreError> {
     let mut errors = Vec::new();
+    let sentinel_security = security.for_sentinels();
     for sentinel in &target.sentinels {
-        match tokio::time::timeout(timeout * 2, ask(sentinel, &target.master, timeout)).await {
+        let asked = ask(sentinel, &sentinel_security, &target.master, timeout);
+        match tokio::time::timeout(timeout * 2, asked).await {
             Ok(Ok(addr)) => return Ok(addr),
             Ok(Err(e)) => errors.push(format!("{sentinel}: {e}")),
             Err(_) => errors.push(format!("{sentinel}: no answer")),
@@ -192,8 +203,20 @@ async fn master_addr(target: &Target, timeout: Duration) -> Result<String, Store
     )))
 }
 
-async fn ask(sentinel: &str, master: &str, timeout: Duration) -> Result<String, String> {
-    let client = redis::Client::open(format!("redis://{sentinel}/")).map_err(|e| e.to_string())?;
+async fn ask(
+    sentinel: &str,
+    security: &RedisSecurity,
+    master: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let scheme = if security.uses_tls() {
+        "rediss"
+    } else {
+        "redis"
+    };
+    let client = security
+        .client(&format!("{scheme}://{sentinel}/"))
+        .map_err(|e| e.to_string())?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout));
@@ -218,7 +241,7 @@ async fn open(
     addr: &str,
     config: ConnectionManagerConfig,
 ) -> Result<Current, StoreError> {
-    let scheme = if security.ca_file.is_some() || security.cert_file.is_some() {
+    let scheme = if security.uses_tls() {
         "rediss"
     } else {
         "redis"
