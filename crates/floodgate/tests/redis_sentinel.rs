@@ -36,6 +36,13 @@ fn cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A fresh directory for the sentinels' files, unique to this process and test.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Polls (bounded) until `ok`.
 fn wait_until(what: &str, ok: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -144,12 +151,7 @@ struct Witness {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_store_follows_a_sentinel_failover_under_load() {
-    let dir: PathBuf = std::env::temp_dir().join(format!(
-        "floodgate-sentinel-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("floodgate-sentinel");
     let mut master = RedisServer::start();
     let master_port = master.port;
     let replica =
@@ -386,12 +388,7 @@ impl ReplicationLink {
 /// re-adopts it with its heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failover_that_lost_a_grant_is_learned_not_over_admitted() {
-    let dir: PathBuf = std::env::temp_dir().join(format!(
-        "floodgate-sentinel-lost-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("floodgate-sentinel-lost");
     let mut master = RedisServer::start();
     let link = ReplicationLink::start(master.port).await;
     let replica =
@@ -472,12 +469,7 @@ async fn sentinels_with_tls_and_their_own_password() {
     use floodgate::{RedisSecurity, StoreError};
     use support::certs;
 
-    let dir: PathBuf = std::env::temp_dir().join(format!(
-        "floodgate-sentinel-tls-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("floodgate-sentinel-tls");
     let ca = certs::ca(&dir, "ca");
     let leaf = certs::leaf(&dir, &ca, "redis");
     let (cert, key, ca_cert) = (

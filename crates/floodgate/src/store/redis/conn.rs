@@ -179,6 +179,15 @@ impl RedisSecurity {
         self.ca_file.is_some() || self.cert_file.is_some()
     }
 
+    /// The URL scheme for a node found at run time (a sentinel, the master it names).
+    pub(super) fn scheme(&self) -> &'static str {
+        if self.uses_tls() {
+            "rediss"
+        } else {
+            "redis"
+        }
+    }
+
     /// The same TLS material with the sentinels' credentials, for asking a sentinel.
     pub(super) fn for_sentinels(&self) -> RedisSecurity {
         RedisSecurity {

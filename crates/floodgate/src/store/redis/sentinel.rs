@@ -209,13 +209,8 @@ async fn ask(
     master: &str,
     timeout: Duration,
 ) -> Result<String, String> {
-    let scheme = if security.uses_tls() {
-        "rediss"
-    } else {
-        "redis"
-    };
     let client = security
-        .client(&format!("{scheme}://{sentinel}/"))
+        .client(&format!("{}://{sentinel}/", security.scheme()))
         .map_err(|e| e.to_string())?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
@@ -241,12 +236,11 @@ async fn open(
     addr: &str,
     config: ConnectionManagerConfig,
 ) -> Result<Current, StoreError> {
-    let scheme = if security.uses_tls() {
-        "rediss"
-    } else {
-        "redis"
-    };
-    let client = security.client(&format!("{scheme}://{}{addr}/", target.userinfo))?;
+    let client = security.client(&format!(
+        "{}://{}{addr}/",
+        security.scheme(),
+        target.userinfo
+    ))?;
     let mut manager = client
         .get_connection_manager_with_config(config)
         .await
