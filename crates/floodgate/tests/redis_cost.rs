@@ -215,7 +215,11 @@ fn waiters_leaving_in_random_order_cost_a_constant_each() {
         total / n
     );
     assert!(total <= 20 * n, "{total} commands for {n} cancels");
-    assert_eq!(s.hlen(1), 2, "only the holder's record and its entry are left");
+    assert_eq!(
+        s.hlen(1),
+        2,
+        "only the holder's record and its entry are left"
+    );
 }
 
 /// The cancel of a dropped acquire that was granted at once (its caller never saw the reply)
@@ -285,6 +289,31 @@ fn a_contended_grant_costs_at_most_twelve_commands_and_keeps_nothing() {
         acquire_most = acquire_most.max(c);
     }
     eprintln!("at saturation: acquire (queued) {acquire_most} commands, release (granting the head) {release_most}");
+    // Informational (not asserted: time varies): Redis's own time per script call.
+    let (_, ()) = s.count(|s| {
+        for round in 0..500_u64 {
+            s.now += 10;
+            let token = held.remove(0);
+            s.call("release", &[token]);
+            let entry: String = redis::cmd("HGET")
+                .arg(&s.keys[1])
+                .arg(format!("k:q{}", next + round))
+                .query(&mut s.conn)
+                .unwrap();
+            held.push(entry.split('|').nth(1).unwrap().to_owned());
+            s.call(
+                "acquire",
+                &Script::acquire_args(&format!("q{}", 556 + round), 1, None),
+            );
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut s.conn)
+            .unwrap();
+        for l in info.lines().filter(|l| l.starts_with("cmdstat_evalsha")) {
+            eprintln!("Redis time per script call at saturation: {l}");
+        }
+    });
     assert!(acquire_most <= 12, "acquire: {acquire_most} commands");
     assert!(release_most <= 12, "release: {release_most} commands");
     assert_eq!(s.hlen(6), 0, "no outcome kept apart from the holders");

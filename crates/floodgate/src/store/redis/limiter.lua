@@ -66,10 +66,12 @@ do
 end
 
 -- MIN_LEASE, MAX_LEASE, MAX_WAIT, MAX_CONCURRENCY, MAX_QUEUE, MAX_SCHEDULE_AHEAD,
--- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION, STATUS and COUNTERS come from the prelude that
+-- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION and field_lists() (COUNTERS, STATUS) come from the prelude that
 -- store/redis/script.rs builds from the Rust constants.
 local function fmt(n) return string.format('%d', n) end
 local TTL_REFRESH = 3600 * 1000000
+-- "No deadline": above every time (2^53 - 1, still exact in a double).
+local NONE = 9007199254740991
 
 -- The smoothed hold time after a hold of `held` (weight 1/8, integer steps: the same
 -- arithmetic as the core's observe_hold).
@@ -78,21 +80,6 @@ local function next_ewma(ewma, held)
   if held >= ewma then return ewma + math.floor((held - ewma) / HOLD_EWMA_WEIGHT) end
   return ewma - math.floor((ewma - held) / HOLD_EWMA_WEIGHT)
 end
-
--- The fields of the hot value, in order. `fast`: '1' lets the concurrency fast path run (a
--- concurrency limit, no rate, not learning), 'r' the rate-only one, '0' neither. `due`: no
--- lease or wait deadline (nor the end of a learning window) comes before it, so while the clock
--- is below it nothing needs to be looked at (the core's next_due). `heavy`: queued waiters
--- asking for more than one permit. `rate_t`: the rate's emission interval ('' without a rate).
-local HOT = {'fast', 'qlen', 'in_use', 'eff_limit', 'next_token', 'lease_us', 'cap', 'ttl_at',
-             'c_granted', 'c_released', 'ewma_us', 'next_seq', 'queued_permits', 'due',
-             'max_wait_us', 'max_queue', 'heavy', 'tat', 'rate_t', 'rate_burst', 'c_paced',
-             'c_timed_out'}
--- Fields only hot holds (meta does not keep a copy that could go stale).
-local HOT_ONLY = {next_seq = true, queued_permits = true, tat = true, c_granted = true,
-                  c_released = true, c_paced = true, c_timed_out = true}
--- "No deadline": above every time (2^53 - 1, still exact in a double).
-local NONE = 9007199254740991
 
 -- What follows the n-th `|` of s ('' if none): the free-form label ending a record.
 local function tail(s, n)
@@ -314,6 +301,22 @@ local function drain()
 end
 if op == 'drain' then return {'drained', fmt(drain()), '-1'} end
 
+-- The general path. What follows the fast paths is built only when they do not answer (each
+-- table costs every call that builds it).
+local COUNTERS, STATUS = field_lists()
+
+-- The fields of the hot value, in order. `fast`: '1' lets the concurrency fast path run (a
+-- concurrency limit, no rate, not learning), 'r' the rate-only one, '0' neither. `due`: no
+-- lease or wait deadline (nor the end of a learning window) comes before it, so while the clock
+-- is below it nothing needs to be looked at (the core's next_due). `heavy`: queued waiters
+-- asking for more than one permit. `rate_t`: the rate's emission interval ('' without a rate).
+local HOT = {'fast', 'qlen', 'in_use', 'eff_limit', 'next_token', 'lease_us', 'cap', 'ttl_at',
+             'c_granted', 'c_released', 'ewma_us', 'next_seq', 'queued_permits', 'due',
+             'max_wait_us', 'max_queue', 'heavy', 'tat', 'rate_t', 'rate_burst', 'c_paced',
+             'c_timed_out'}
+-- Fields only hot holds (meta does not keep a copy that could go stale).
+local HOT_ONLY = {next_seq = true, queued_permits = true, tat = true, c_granted = true,
+                  c_released = true, c_paced = true, c_timed_out = true}
 -- State, loaded once and written back once.
 local m = {}
 -- What meta held, to write back only the fields that changed.
