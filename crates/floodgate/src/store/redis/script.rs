@@ -8,8 +8,10 @@ use std::time::Duration;
 use crate::core::{HOLD_EWMA_WEIGHT, MAX_SCHEDULE_AHEAD};
 use crate::spec::{MAX_CONCURRENCY, MAX_LEASE, MAX_QUEUE, MAX_WAIT, MIN_LEASE};
 
-/// How long past its waiter's wait deadline a decided outcome is kept, for a waiter whose
-/// wake-up message was lost and that asks when its own timer ends.
+/// How long after its decision an outcome not tied to a held grant (a timeout, a refusal, a
+/// rate-only grant, an expired grant) is kept, for a waiter whose wake-up message was lost: it
+/// asks when its subscription is back (or fails at once when it drops) and when its own timer
+/// ends, at the deadline that timed it out. A grant's outcome is kept while the grant is held.
 pub(crate) const OUTCOME_RETENTION: Duration = Duration::from_secs(120);
 
 /// The counters, as the script names them (`c_<name>` in `meta`), in status order.
