@@ -106,16 +106,22 @@ end
 
 -- A queued waiter's member of `queue`: everything its grant needs, so taking the head needs
 -- no other read. The key comes first (unique) and never contains `|`; the label comes last.
-local function member(key, permits, lease, deadline, enqueued_at, channel, label)
+-- `in_waits`: whether the waiter is in `waits`. A waiter whose deadline is no earlier than
+-- that of any waiter queued before it (`max_dl` in hot, the latest deadline enqueued since the
+-- queue was last empty: the usual case, where waiters share a wait) is not: while it is queued
+-- its deadline cannot be the first to come unless it is the head. So the earliest wait
+-- deadline is the first of `waits` or the head's (first_wait below), and such a waiter costs
+-- no `waits` write on enqueue nor on grant.
+local function member(key, permits, lease, deadline, enqueued_at, in_waits, channel, label)
   return key .. '|' .. fmt(permits) .. '|' .. fmt(lease) .. '|' .. fmt(deadline) .. '|' ..
-    fmt(enqueued_at) .. '|' .. channel .. '|' .. (label or '')
+    fmt(enqueued_at) .. '|' .. (in_waits and 'w' or 'm') .. '|' .. channel .. '|' .. (label or '')
 end
 
 local function parse_member(mem, seq)
   local f = split(mem)
   return {key = f[1], permits = tonumber(f[2]), lease = tonumber(f[3]), deadline = tonumber(f[4]),
-          enqueued_at = tonumber(f[5]), channel = f[6], label = tail(mem, 6), member = mem,
-          seq = seq}
+          enqueued_at = tonumber(f[5]), in_waits = f[6] == 'w', channel = f[7],
+          label = tail(mem, 7), member = mem, seq = seq}
 end
 
 -- The waits member of waiter `key` with arrival sequence `seq`.
@@ -209,15 +215,24 @@ if (op == 'acquire' or op == 'release') and not general_only then
         if wait >= 1 and qlen < tonumber(h[16]) then
           -- Queued behind others (or behind a full limit): three writes.
           local seq, deadline = tonumber(h[12]), now + wait
-          local mem = member(key, permits, lease, deadline, now, ARGV[8], ARGV[9])
-          if qlen == 0 and in_use == 0 then created(K_HOLD) end
+          -- An absent max_dl (a hot value older than it) puts the waiter in `waits`: safe.
+          local max_dl = qlen == 0 and 0 or tonumber(h[23] or '') or NONE
+          local in_waits = deadline < max_dl
+          local mem = member(key, permits, lease, deadline, now, in_waits, ARGV[8], ARGV[9])
           redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem)
           redis.call('ZADD', K_Q, fmt(seq), mem)
-          redis.call('ZADD', K_WAITS, fmt(deadline), wait_member(seq, key))
-          if qlen == 0 then created(K_Q, K_WAITS) end
+          -- (A TTL is set after the write that creates the key.)
+          if qlen == 0 and in_use == 0 then created(K_HOLD) end
+          if in_waits then
+            redis.call('ZADD', K_WAITS, fmt(deadline), wait_member(seq, key))
+            created(K_WAITS)   -- it may have been empty; rare enough to ask every time
+          else
+            h[23] = fmt(deadline)
+          end
+          if qlen == 0 then created(K_Q) end
           if permits > 1 then
-            if h[17] == '0' then created(K_HEAVY) end
             redis.call('ZADD', K_HEAVY, fmt(seq), mem)
+            if h[17] == '0' then created(K_HEAVY) end
             h[17] = fmt(tonumber(h[17]) + 1)
           end
           qlen = qlen + 1
@@ -261,7 +276,7 @@ if (op == 'acquire' or op == 'release') and not general_only then
           if not head[1] then break end
           w = parse_member(head[1], tonumber(head[2]))
         end
-        redis.call('ZREM', K_WAITS, wait_member(w.seq, w.key))
+        if w.in_waits then redis.call('ZREM', K_WAITS, wait_member(w.seq, w.key)) end
         if w.permits > 1 then
           redis.call('ZREM', K_HEAVY, w.member)
           heavy = heavy - 1
@@ -310,10 +325,11 @@ local COUNTERS, STATUS = field_lists()
 -- lease or wait deadline (nor the end of a learning window) comes before it, so while the clock
 -- is below it nothing needs to be looked at (the core's next_due). `heavy`: queued waiters
 -- asking for more than one permit. `rate_t`: the rate's emission interval ('' without a rate).
+-- `max_dl`: the latest wait deadline enqueued since the queue was last empty (see member()).
 local HOT = {'fast', 'qlen', 'in_use', 'eff_limit', 'next_token', 'lease_us', 'cap', 'ttl_at',
              'c_granted', 'c_released', 'ewma_us', 'next_seq', 'queued_permits', 'due',
              'max_wait_us', 'max_queue', 'heavy', 'tat', 'rate_t', 'rate_burst', 'c_paced',
-             'c_timed_out'}
+             'c_timed_out', 'max_dl'}
 -- Fields only hot holds (meta does not keep a copy that could go stale).
 local HOT_ONLY = {next_seq = true, queued_permits = true, tat = true, c_granted = true,
                   c_released = true, c_paced = true, c_timed_out = true}
@@ -364,6 +380,8 @@ if m.ewma_us and m.ewma_us ~= '' then ewma = tonumber(m.ewma_us) end
 local learning_until = opt(m.learn_until)
 -- A lower bound of the next lease or wait deadline (see HOT); 0 (look) if not known.
 local due = tonumber(m.due or '') or 0
+-- See member(): an absent value puts every new waiter in `waits` (safe).
+local max_dl = tonumber(m.max_dl or '') or NONE
 -- Queued waiters asking for more than one permit (the `heavy` zset's size).
 local heavy = tonumber(m.heavy or '')
 if not heavy then heavy = redis.call('ZCARD', K_HEAVY) end
@@ -426,7 +444,7 @@ local refuse_impossible   -- defined below, after the helpers it uses
 -- its grant's outcome, so it is left for that write.
 local function remove_waiter(w, granted)
   redis.call('ZREM', K_Q, w.member)
-  redis.call('ZREM', K_WAITS, wait_member(w.seq, w.key))
+  if w.in_waits then redis.call('ZREM', K_WAITS, wait_member(w.seq, w.key)) end
   if not granted then redis.call('HDEL', K_HOLD, 'k:' .. w.key) end
   if w.permits > 1 then
     redis.call('ZREM', K_HEAVY, w.member)
@@ -580,6 +598,18 @@ end
 -- Applies the passage of time: lease ends and wait deadlines in deadline order (lease first
 -- on a tie), granting what each frees. Deadlines are looked at only once the clock has reached
 -- `due`; a look that finds none due moves `due` to the nearest.
+-- The earliest wait deadline and its waiter's key (nil if none): the first of `waits`, or the
+-- head if it is not in `waits` (see member()); the head first on a tie (it arrived first).
+local function first_wait()
+  local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
+  local head = queue_head()
+  if head and not head.in_waits and (not w[2] or head.deadline <= tonumber(w[2])) then
+    return head.deadline, head.key
+  end
+  if w[2] then return tonumber(w[2]), string.sub(w[1], 17), w[1] end
+  return nil
+end
+
 local function advance()
   if learning_until and learning_until <= now then
     learning_until = nil
@@ -589,13 +619,13 @@ local function advance()
     local ld, wd, lm, wm = nil, nil, nil, nil
     if due <= now then
       local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
-      local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
+      local wat, wkey, wmem = first_wait()
       if l[2] and tonumber(l[2]) <= now then ld, lm = tonumber(l[2]), l[1] end
-      if w[2] and tonumber(w[2]) <= now then wd, wm = tonumber(w[2]), w[1] end
+      if wat and wat <= now then wd, wm = wat, {wkey, wmem} end
       if not ld and not wd then
         due = NONE
         if l[2] then due = tonumber(l[2]) end
-        if w[2] then due = math.min(due, tonumber(w[2])) end
+        if wat then due = math.min(due, wat) end
         if learning_until then due = math.min(due, learning_until) end
       end
     end
@@ -619,14 +649,14 @@ local function advance()
     else
       -- Waits ending at the same moment end in queue order (the core's order): the waits
       -- member starts with the arrival sequence, which orders ties.
-      local wt = parse_waiter(string.sub(wm, 17))
+      local wt = parse_waiter(wm[1])
       if wt then
         local ahead = permits_ahead(wt)
         remove_waiter(wt)
         c.timed_out = c.timed_out + 1
         wake(wt.key, wt.channel, 'T|' .. fmt(retry_hint(ahead)), false)
-      else
-        redis.call('ZREM', K_WAITS, wm)
+      elseif wm[2] then
+        redis.call('ZREM', K_WAITS, wm[2])
       end
     end
     grant_waiters()
@@ -717,21 +747,24 @@ local function finish(reply)
   if #changed > 0 then redis.call('HSET', K_META, unpack(changed)) end
   -- The exact next deadline: the fast paths' `due` starts from it.
   local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
-  local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
+  local wat = first_wait()
   due = NONE
   if l[2] then due = tonumber(l[2]) end
-  if w[2] then due = math.min(due, tonumber(w[2])) end
+  if wat then due = math.min(due, wat) end
+  local qlen = redis.call('ZCARD', K_Q)
+  if qlen == 0 then max_dl = 0 end
   if learning_until then due = math.min(due, learning_until) end
   -- What the fast paths read: which may run, and the fields they need.
   local fast = '0'
   if not learning_until and concurrency and not rate_limit then fast = '1' end
   if not learning_until and rate_limit and not concurrency then fast = 'r' end
   local ttl_at = refresh and fmt(now + TTL_REFRESH) or m.ttl_at
-  redis.call('SET', K_HOT, table.concat({fast, fmt(redis.call('ZCARD', K_Q)), fmt(in_use),
+  redis.call('SET', K_HOT, table.concat({fast, fmt(qlen), fmt(in_use),
     ofmt(limit), fmt(next_token), fmt(default_lease), ofmt(permit_cap()),
     ttl_at, fmt(c.granted), fmt(c.released), ewma and fmt(ewma) or '', fmt(next_seq),
     fmt(queued_permits), fmt(due), fmt(max_wait), fmt(max_queue), fmt(heavy), fmt(tat),
-    rate_limit and fmt(interval()) or '', ofmt(rate_burst), fmt(c.paced), fmt(c.timed_out)},
+    rate_limit and fmt(interval()) or '', ofmt(rate_burst), fmt(c.paced), fmt(c.timed_out),
+    fmt(max_dl)},
     '|'), 'KEEPTTL')
   if refresh then
     for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
@@ -902,15 +935,23 @@ if op == 'acquire' then
   local seq = next_seq
   next_seq = next_seq + 1
   local deadline = now + wait
-  local mem = member(key, permits, lease, deadline, now, channel, ARGV[9])
-  if qlen == 0 and in_use == 0 then created(K_HOLD) end
+  if qlen == 0 then max_dl = 0 end
+  local in_waits = deadline < max_dl
+  local mem = member(key, permits, lease, deadline, now, in_waits, channel, ARGV[9])
   redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem)
   redis.call('ZADD', K_Q, fmt(seq), mem)
-  redis.call('ZADD', K_WAITS, fmt(deadline), wait_member(seq, key))
-  if qlen == 0 then created(K_Q, K_WAITS) end
+  -- (A TTL is set after the write that creates the key.)
+  if qlen == 0 and in_use == 0 then created(K_HOLD) end
+  if in_waits then
+    redis.call('ZADD', K_WAITS, fmt(deadline), wait_member(seq, key))
+    created(K_WAITS)
+  else
+    max_dl = deadline
+  end
+  if qlen == 0 then created(K_Q) end
   if permits > 1 then
-    if heavy == 0 then created(K_HEAVY) end
     redis.call('ZADD', K_HEAVY, fmt(seq), mem)
+    if heavy == 0 then created(K_HEAVY) end
     heavy = heavy + 1
   end
   queued_permits = queued_permits + permits
