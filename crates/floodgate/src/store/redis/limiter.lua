@@ -137,13 +137,14 @@ local function is_token(t) return string.find(t, '^%d+$') ~= nil end
 -- through to it. The same rules, checked against the core by tests/twin.rs on both paths.
 --   concurrency ('1'): an acquire granted at once, an acquire queued behind others, a release
 --     (granting the queue's head waiters it frees room for);
---   rate only ('r'): an acquire the rate grants at once, or refuses when it cannot wait.
+--   rate only ('r'): an acquire the rate grants at once, or refuses when it cannot wait; a
+--     release with nobody queued (nothing is held).
 if (op == 'acquire' or op == 'release') and not general_only then
   local raw_hot = redis.call('GET', K_HOT)
   local h = raw_hot and split(raw_hot) or {}
   local due = tonumber(h[14] or '')
   local mode = h[1]
-  if due and due > now and (mode == '1' or (mode == 'r' and op == 'acquire')) then
+  if due and due > now and (mode == '1' or (mode == 'r' and (op == 'acquire' or h[2] == '0'))) then
     local qlen, in_use, next_token = tonumber(h[2]), tonumber(h[3]), tonumber(h[5])
     local refresh = tonumber(h[8] or '0') <= now
     local function save()
@@ -242,6 +243,9 @@ if (op == 'acquire' or op == 'release') and not general_only then
           return {'queued', fmt(wait), next_due()}
         end
       end
+    elseif mode == 'r' then
+      -- Rate only: nothing is ever held (a dropped permit still sends its release).
+      return {'released', '0', next_due()}
     else
       local token = ARGV[4]
       local raw = is_token(token) and redis.call('HGET', K_HOLD, token)
