@@ -138,13 +138,13 @@ local function is_token(t) return string.find(t, '^%d+$') ~= nil end
 --   concurrency ('1'): an acquire granted at once, an acquire queued behind others, a release
 --     (granting the queue's head waiters it frees room for);
 --   rate only ('r'): an acquire the rate grants at once, or refuses when it cannot wait; a
---     release with nobody queued (nothing is held).
+--     release with nobody queued and nothing held.
 if (op == 'acquire' or op == 'release') and not general_only then
   local raw_hot = redis.call('GET', K_HOT)
   local h = raw_hot and split(raw_hot) or {}
   local due = tonumber(h[14] or '')
   local mode = h[1]
-  if due and due > now and (mode == '1' or (mode == 'r' and (op == 'acquire' or h[2] == '0'))) then
+  if due and due > now and (mode == '1' or (mode == 'r' and (op == 'acquire' or (h[2] == '0' and h[3] == '0')))) then
     local qlen, in_use, next_token = tonumber(h[2]), tonumber(h[3]), tonumber(h[5])
     local refresh = tonumber(h[8] or '0') <= now
     local function save()
@@ -244,7 +244,8 @@ if (op == 'acquire' or op == 'release') and not general_only then
         end
       end
     elseif mode == 'r' then
-      -- Rate only: nothing is ever held (a dropped permit still sends its release).
+      -- Rate only, nothing held (holders of a concurrency limit it had before may be) and
+      -- nobody queued: nothing to release (a dropped permit still sends its release).
       return {'released', '0', next_due()}
     else
       local token = ARGV[4]
