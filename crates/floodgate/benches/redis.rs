@@ -112,7 +112,7 @@ enum Contender {
     Raw {
         conn: ConnectionManager,
         script: Arc<redis::Script>,
-        keys: Arc<[String; 10]>,
+        keys: Arc<[String; 11]>,
         next: Arc<AtomicU64>,
     },
     /// `acquire` + `release` through the API.
@@ -352,8 +352,8 @@ async fn run(url: &str, config: &Config, mut stats: Stats) {
             script: Arc::new(redis::Script::new(&raw_script)),
             keys: Arc::new(
                 [
-                    "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes",
-                    "hot", "tokens",
+                    "meta", "holders", "leases", "queue", "heavy", "waits", "outcomes", "otimes",
+                    "hot", "tokens", "dead",
                 ]
                 .map(|k| format!("{PREFIX}:{{raw}}:{k}")),
             ),

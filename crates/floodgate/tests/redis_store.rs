@@ -39,10 +39,11 @@ async fn every_key_has_a_ttl() {
     };
     gate.define("conc", short(1)).await.expect("define");
     let conc = gate.limiter("conc").await.expect("limiter");
+    // Long enough to outlast the key scan (a redis-cli per key) on a loaded machine.
+    let long = Duration::from_secs(30);
     for _ in 0..3 {
-        // A long lease: the key scan below must not outlast it on a loaded machine.
         let held = conc
-            .acquire(AcquireOptions::new().lease(Duration::from_secs(30)))
+            .acquire(AcquireOptions::new().lease(long))
             .await
             .expect("granted");
         let waiter = {
@@ -50,12 +51,39 @@ async fn every_key_has_a_ttl() {
             tokio::spawn(async move { conc.acquire(AcquireOptions::new()).await })
         };
         tokio::time::sleep(Duration::from_millis(30)).await;
+        // A waiter whose deadline comes before the first's: it is kept in `waits`.
+        let early = {
+            let conc = conc.clone();
+            tokio::spawn(async move {
+                conc.acquire(AcquireOptions::new().wait(Duration::from_millis(1_900)))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
         // Queue, waiters and wait deadlines exist now.
         assert_every_key_has_a_ttl(server.port);
         assert!(held.release().await.expect("release"));
         let p = waiter.await.expect("task").expect("granted to the waiter");
         assert!(p.release().await.expect("release"));
+        let q = early.await.expect("task").expect("granted to the waiter");
+        assert!(q.release().await.expect("release"));
     }
+    // A waiter asking for more than one permit (the `heavy` set).
+    gate.define("heavy", short(2)).await.expect("define");
+    let heavy = gate.limiter("heavy").await.expect("limiter");
+    let one = heavy
+        .acquire(AcquireOptions::new().lease(long))
+        .await
+        .expect("granted");
+    let two = {
+        let heavy = heavy.clone();
+        tokio::spawn(async move { heavy.acquire(AcquireOptions::new().permits(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_every_key_has_a_ttl(server.port);
+    assert!(one.release().await.expect("release"));
+    let two = two.await.expect("task").expect("granted to the waiter");
+    assert!(two.release().await.expect("release"));
     // A timed-out waiter and an abandoned lease.
     let _abandoned = conc
         .acquire(AcquireOptions::new())

@@ -6,28 +6,42 @@
 -- Redis Cluster. Integers are microseconds; they stay below 2^53, so Lua's doubles hold them
 -- exactly, and they are always formatted with %d (tostring would print 1.8e+15).
 --
--- KEYS: 1 meta (hash: spec, state, counters)      2 holders (hash token -> permits|deadline|granted_at|key)
---       3 leases (zset token by lease deadline)   4 queue (zset waiter key by arrival sequence)
---         (a holder's label, sent with its acquire, follows: `|label`, possibly containing `|`)
---       5 waiters (hash key -> seq|permits|lease|deadline|enqueued_at|channel|label)
---       6 waits (zset waiter key by wait deadline)
---       7 outcomes (hash waiter key -> outcome)   8 outcome_times (zset waiter key by decision time)
+-- KEYS: 1 meta (hash: spec and the state that changes rarely; written only where it changed)
+--       2 holders (hash, two kinds of field:
+--           token -> permits|deadline|granted_at|waiter_key|label  (a holder's record; the label,
+--             sent with its acquire, is last and may contain `|`)
+--           k:KEY -> the waiter KEY's entry: `W|seq|MEMBER` while queued, `G|...` (its grant's
+--             outcome) or `I|token` (granted at once) while the grant is held)
+--       3 leases (zset token by lease deadline)
+--       4 queue (zset MEMBER by arrival sequence; MEMBER = KEY|permits|lease|deadline|enqueued_at|
+--         channel|label, so the head is taken and granted without another read)
+--       5 heavy (zset MEMBER by arrival sequence: only waiters asking for more than one permit,
+--         for retry hints and for refusing what a lowered limit can no longer hold)
+--       6 waits (zset %016d(seq)..KEY by wait deadline: ties end in arrival order)
+--       7 outcomes (hash waiter key -> outcome not tied to a held grant)
+--       8 outcome_times (zset waiter key by when its outcome may be forgotten)
 --       9 hot (string: the fields every acquire and release touch, `|`-separated in HOT order,
---         kept apart from the spec so the fast path reads and writes one short value)
+--         kept apart from the spec so the fast paths read and write one short value)
 --      10 tokens (string: the next fencing token of a deleted incarnation, so a re-created
 --         limiter starts above it; written only by delete, with the idle TTL)
+--      11 dead (zset: the queue of a deleted limiter, answered `D` in batches by `drain`)
 -- ARGV: 1 op, 2 limiter name, 3 idle TTL in ms, then the op's arguments.
 --
 -- Reply: a flat array of strings: a tag, the op's fields, and last the delay in microseconds
--- until the next lease or wait deadline ("-1" if none), for the caller's timer.
+-- until the next lease or wait deadline ("-1" if none), for the caller's timer. The general
+-- path reports it exactly; the fast paths report a lower bound (`due`, below): a timer that
+-- fires early finds nothing due and is re-armed at the exact deadline.
 --
 -- Outcomes of queued waiters ("G|token|permits|lease|deadline|granted_at|waited",
--- "T|retry_after", "X|requested|limit", "D") are recorded in `outcomes` BEFORE they are
--- published to the waiter's server channel, so a waiter that missed the message still finds
--- its outcome when it cancels.
+-- "T|retry_after", "X|requested|limit", "D") are recorded BEFORE they are published to the
+-- waiter's server channel, so a waiter that missed the message still finds its outcome (after
+-- a lost subscription, or when its own timer ends). A grant's outcome is its `k:KEY` field in
+-- `holders`, kept while the grant is held (it goes with the release); any other outcome is
+-- kept OUTCOME_RETENTION after its decision. So outcome memory is bounded by the holders and
+-- by the decisions of the last OUTCOME_RETENTION, whatever the waits.
 
-local K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT, K_HOT, K_TOK =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local K_META, K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT, K_HOT, K_TOK, K_DEAD =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local op, name, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local now
@@ -52,10 +66,12 @@ do
 end
 
 -- MIN_LEASE, MAX_LEASE, MAX_WAIT, MAX_CONCURRENCY, MAX_QUEUE, MAX_SCHEDULE_AHEAD,
--- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION, STATUS and COUNTERS come from the prelude that
+-- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION and field_lists() (COUNTERS, STATUS) come from the prelude that
 -- store/redis/script.rs builds from the Rust constants.
 local function fmt(n) return string.format('%d', n) end
 local TTL_REFRESH = 3600 * 1000000
+-- "No deadline": above every time (2^53 - 1, still exact in a double).
+local NONE = 9007199254740991
 
 -- The smoothed hold time after a hold of `held` (weight 1/8, integer steps: the same
 -- arithmetic as the core's observe_hold).
@@ -64,10 +80,6 @@ local function next_ewma(ewma, held)
   if held >= ewma then return ewma + math.floor((held - ewma) / HOLD_EWMA_WEIGHT) end
   return ewma - math.floor((ewma - held) / HOLD_EWMA_WEIGHT)
 end
-
--- The fields of the hot value, in order.
-local HOT = {'fast', 'qlen', 'in_use', 'eff_limit', 'next_token', 'lease_us', 'cap', 'ttl_at',
-             'c_granted', 'c_released', 'ewma_us'}
 
 -- What follows the n-th `|` of s ('' if none): the free-form label ending a record.
 local function tail(s, n)
@@ -92,76 +104,250 @@ local function split(s)
   end
 end
 
--- Fast path: an acquire granted at once or a release, on a concurrency-only limiter with an
--- empty queue and no lease due. Same rules as the general path below, in a handful of
--- commands (the general path loads and rewrites the whole state). Anything else falls through.
+-- A queued waiter's member of `queue`: everything its grant needs, so taking the head needs
+-- no other read. The key comes first (unique) and never contains `|`; the label comes last.
+-- `in_waits`: whether the waiter is in `waits`. A waiter whose deadline is no earlier than
+-- that of any waiter queued before it (`max_dl` in hot, the latest deadline enqueued since the
+-- queue was last empty: the usual case, where waiters share a wait) is not: while it is queued
+-- its deadline cannot be the first to come unless it is the head. So the earliest wait
+-- deadline is the first of `waits` or the head's (first_wait below), and such a waiter costs
+-- no `waits` write on enqueue nor on grant.
+local function member(key, permits, lease, deadline, enqueued_at, in_waits, channel, label)
+  return key .. '|' .. fmt(permits) .. '|' .. fmt(lease) .. '|' .. fmt(deadline) .. '|' ..
+    fmt(enqueued_at) .. '|' .. (in_waits and 'w' or 'm') .. '|' .. channel .. '|' .. (label or '')
+end
+
+local function parse_member(mem, seq)
+  local f = split(mem)
+  return {key = f[1], permits = tonumber(f[2]), lease = tonumber(f[3]), deadline = tonumber(f[4]),
+          enqueued_at = tonumber(f[5]), in_waits = f[6] == 'w', channel = f[7],
+          label = tail(mem, 7), member = mem, seq = seq}
+end
+
+-- The waits member of waiter `key` with arrival sequence `seq`.
+local function wait_member(seq, key) return string.format('%016d', seq) .. key end
+
+-- A release's token is a number; anything else (a `k:` field above all) is held by nobody.
+local function is_token(t) return string.find(t, '^%d+$') ~= nil end
+
+-- Fast paths: the common operations in a handful of commands, reading and writing only `hot`
+-- (plus what the operation itself adds or removes), when no deadline is due (`due` above the
+-- clock). The general path below loads and rewrites the whole state and applies every rule;
+-- anything these paths do not cover (a refusal, a rate with a queue, a lease due...) falls
+-- through to it. The same rules, checked against the core by tests/twin.rs on both paths.
+--   concurrency ('1'): an acquire granted at once, an acquire queued behind others, a release
+--     (granting the queue's head waiters it frees room for);
+--   rate only ('r'): an acquire the rate grants at once, or refuses when it cannot wait; a
+--     release with nobody queued and nothing held.
 if (op == 'acquire' or op == 'release') and not general_only then
   local raw_hot = redis.call('GET', K_HOT)
   local h = raw_hot and split(raw_hot) or {}
-  local first = (h[1] == '1' and h[2] == '0') and redis.call('ZRANGE', K_LEASE, '0', '0', 'WITHSCORES')
-  local first_at = first and first[2] and tonumber(first[2])
-  if first and (not first_at or first_at > now) then
-    local in_use = tonumber(h[3])
+  local due = tonumber(h[14] or '')
+  local mode = h[1]
+  if due and due > now and (mode == '1' or (mode == 'r' and (op == 'acquire' or (h[2] == '0' and h[3] == '0')))) then
+    local qlen, in_use, next_token = tonumber(h[2]), tonumber(h[3]), tonumber(h[5])
     local refresh = tonumber(h[8] or '0') <= now
-    local function expire_all()
-      for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+    local function save()
+      h[2], h[3], h[5], h[14] = fmt(qlen), fmt(in_use), fmt(next_token), fmt(due)
+      if refresh then h[8] = fmt(now + TTL_REFRESH) end
+      redis.call('SET', K_HOT, table.concat(h, '|'), 'KEEPTTL')
+      if refresh then
+        for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+      end
+    end
+    -- Keys that were empty (so gone) get their TTL when they come back.
+    local function created(...)
+      if refresh then return end   -- save() refreshes every key
+      for _, key in ipairs({...}) do redis.call('PEXPIRE', key, ARGV[3]) end
+    end
+    local function next_due()
+      if due >= NONE then return '-1' end
+      return fmt(due - now)
     end
     if op == 'acquire' then
       local permits, lease = tonumber(ARGV[4]), tonumber(h[6])
       if ARGV[5] ~= '' then lease = tonumber(ARGV[5]) end
+      local key = ARGV[7]
       if permits >= 1 and permits <= tonumber(h[7]) and lease >= MIN_LEASE and lease <= MAX_LEASE
-        and in_use + permits <= tonumber(h[4]) then
-        local token = math.max(tonumber(h[5]), now)
-        local deadline = now + lease
-        -- The waiter key rides along, so a caller that lost this reply can still find and
-        -- return the grant (cancel, below).
-        redis.call('HSET', K_HOLD, fmt(token),
-          fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|' .. ARGV[7] .. '|' .. (ARGV[9] or ''))
-        redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
-        h[3], h[5], h[9] = fmt(in_use + permits), fmt(token + 1), fmt(tonumber(h[9]) + 1)
-        if refresh then h[8] = fmt(now + TTL_REFRESH) end
-        redis.call('SET', K_HOT, table.concat(h, '|'), 'KEEPTTL')
-        if refresh then
-          expire_all()
-        elseif in_use == 0 then
-          -- The holders hash and leases set were empty (so gone) and are new: give them a TTL.
-          redis.call('PEXPIRE', K_HOLD, ARGV[3])
-          redis.call('PEXPIRE', K_LEASE, ARGV[3])
+        and qlen == 0 and mode == 'r' then
+        -- GCRA (as rate_at/take_rate below): granted at once, or refused if it cannot wait.
+        local t, tat, burst = tonumber(h[19]), tonumber(h[18]), tonumber(h[20])
+        local ra = math.max(0, tat + t * permits - t * burst)
+        if ra <= now then
+          local token = math.max(next_token, now)
+          next_token = token + 1
+          h[18] = fmt(math.max(tat, now) + t * permits)
+          h[9], h[21] = fmt(tonumber(h[9]) + 1), fmt(tonumber(h[21]) + 1)
+          save()
+          return {'granted', fmt(token), fmt(permits), '0', fmt(now), fmt(now), '0', next_due()}
         end
-        local next = deadline
-        if first_at and first_at < next then next = first_at end
-        return {'granted', fmt(token), fmt(permits), fmt(lease), fmt(deadline), fmt(now), '0',
-                fmt(next - now)}
+        local wait = tonumber(h[15])
+        if ARGV[6] ~= '' then wait = math.min(tonumber(ARGV[6]), wait) end
+        if ra - now > wait then
+          h[22] = fmt(tonumber(h[22]) + 1)
+          save()
+          return {'timeout', fmt(math.max(ra - now, 1000)), next_due()}
+        end
+      elseif permits >= 1 and permits <= tonumber(h[7]) and lease >= MIN_LEASE
+        and lease <= MAX_LEASE and mode == '1' then
+        if qlen == 0 and in_use + permits <= tonumber(h[4]) then
+          local token = math.max(next_token, now)
+          local deadline = now + lease
+          -- The waiter key rides along, and indexes the grant (`k:KEY`), so a caller that lost
+          -- this reply can still find and return it (cancel, below).
+          if key ~= '' then
+            redis.call('HSET', K_HOLD, fmt(token), fmt(permits) .. '|' .. fmt(deadline) .. '|' ..
+              fmt(now) .. '|' .. key .. '|' .. (ARGV[9] or ''), 'k:' .. key, 'I|' .. fmt(token))
+          else
+            redis.call('HSET', K_HOLD, fmt(token), fmt(permits) .. '|' .. fmt(deadline) .. '|' ..
+              fmt(now) .. '||' .. (ARGV[9] or ''))
+          end
+          redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
+          if in_use == 0 then created(K_HOLD, K_LEASE) end
+          in_use, next_token = in_use + permits, token + 1
+          h[9] = fmt(tonumber(h[9]) + 1)
+          due = math.min(due, deadline)
+          save()
+          return {'granted', fmt(token), fmt(permits), fmt(lease), fmt(deadline), fmt(now), '0',
+                  next_due()}
+        end
+        local wait = tonumber(h[15])
+        if ARGV[6] ~= '' then wait = math.min(tonumber(ARGV[6]), wait) end
+        if wait >= 1 and qlen < tonumber(h[16]) then
+          -- Queued behind others (or behind a full limit): three writes.
+          local seq, deadline = tonumber(h[12]), now + wait
+          -- An absent max_dl (a hot value older than it) puts the waiter in `waits`: safe.
+          local max_dl = qlen == 0 and 0 or tonumber(h[23] or '') or NONE
+          local in_waits = deadline < max_dl
+          local mem = member(key, permits, lease, deadline, now, in_waits, ARGV[8], ARGV[9])
+          redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem)
+          redis.call('ZADD', K_Q, fmt(seq), mem)
+          -- (A TTL is set after the write that creates the key.)
+          if qlen == 0 and in_use == 0 then created(K_HOLD) end
+          if in_waits then
+            redis.call('ZADD', K_WAITS, fmt(deadline), wait_member(seq, key))
+            created(K_WAITS)   -- it may have been empty; rare enough to ask every time
+          else
+            h[23] = fmt(deadline)
+          end
+          if qlen == 0 then created(K_Q) end
+          if permits > 1 then
+            redis.call('ZADD', K_HEAVY, fmt(seq), mem)
+            if h[17] == '0' then created(K_HEAVY) end
+            h[17] = fmt(tonumber(h[17]) + 1)
+          end
+          qlen = qlen + 1
+          h[12], h[13] = fmt(seq + 1), fmt(tonumber(h[13]) + permits)
+          due = math.min(due, deadline)
+          save()
+          return {'queued', fmt(wait), next_due()}
+        end
       end
+    elseif mode == 'r' then
+      -- Rate only, nothing held (holders of a concurrency limit it had before may be) and
+      -- nobody queued: nothing to release (a dropped permit still sends its release).
+      return {'released', '0', next_due()}
     else
       local token = ARGV[4]
-      local next = '-1'
-      if first_at then next = fmt(first_at - now) end
-      local raw = redis.call('HGET', K_HOLD, token)
-      if not raw then return {'released', '0', next} end
+      local raw = is_token(token) and redis.call('HGET', K_HOLD, token)
+      if not raw then return {'released', '0', next_due()} end
       local f = split(raw)
       local permits = tonumber(f[1])
       -- Never negative, even if the clock stepped back (a failover to a replica behind).
       local held = math.max(0, now - tonumber(f[3]))
-      local ewma = next_ewma(tonumber(h[11] or ''), held)
-      redis.call('HDEL', K_HOLD, token)
+      h[11] = fmt(next_ewma(tonumber(h[11] or ''), held))
+      if f[4] ~= '' then
+        redis.call('HDEL', K_HOLD, token, 'k:' .. f[4])
+      else
+        redis.call('HDEL', K_HOLD, token)
+      end
       redis.call('ZREM', K_LEASE, token)
-      h[3], h[10], h[11] = fmt(math.max(0, in_use - permits)), fmt(tonumber(h[10]) + 1), fmt(ewma)
-      if refresh then h[8] = fmt(now + TTL_REFRESH) end
-      redis.call('SET', K_HOT, table.concat(h, '|'), 'KEEPTTL')
-      if refresh then expire_all() end
-      return {'released', '1', next}
+      in_use = math.max(0, in_use - permits)
+      h[10] = fmt(tonumber(h[10]) + 1)
+      -- The freed room goes to the head of the queue (strict FIFO: a head that does not fit
+      -- holds back those behind it). With no heavy waiter, every waiter fits in one permit.
+      local limit, heavy = tonumber(h[4]), tonumber(h[17])
+      local granted = 0
+      while qlen > 0 and in_use < limit do
+        local w
+        if heavy > 0 then
+          local head = redis.call('ZRANGE', K_Q, 0, 0, 'WITHSCORES')
+          if not head[1] then break end
+          w = parse_member(head[1], tonumber(head[2]))
+          if in_use + w.permits > limit then break end
+          redis.call('ZREM', K_Q, head[1])
+        else
+          local head = redis.call('ZPOPMIN', K_Q)
+          if not head[1] then break end
+          w = parse_member(head[1], tonumber(head[2]))
+        end
+        if w.in_waits then redis.call('ZREM', K_WAITS, wait_member(w.seq, w.key)) end
+        if w.permits > 1 then
+          redis.call('ZREM', K_HEAVY, w.member)
+          heavy = heavy - 1
+        end
+        local t = math.max(next_token, now)
+        local deadline = now + w.lease
+        local outcome = 'G|' .. fmt(t) .. '|' .. fmt(w.permits) .. '|' .. fmt(w.lease) .. '|' ..
+          fmt(deadline) .. '|' .. fmt(now) .. '|' .. fmt(math.max(0, now - w.enqueued_at))
+        -- The holder's record and the waiter's outcome (replacing its queue entry), in one write.
+        redis.call('HSET', K_HOLD, fmt(t), fmt(w.permits) .. '|' .. fmt(deadline) .. '|' ..
+          fmt(now) .. '|' .. w.key .. '|' .. w.label, 'k:' .. w.key, outcome)
+        redis.call('ZADD', K_LEASE, fmt(deadline), fmt(t))
+        if in_use == 0 then created(K_LEASE) end
+        in_use, next_token, qlen = in_use + w.permits, t + 1, qlen - 1
+        h[13] = fmt(tonumber(h[13]) - w.permits)
+        granted = granted + 1
+        due = math.min(due, deadline)
+        redis.call('PUBLISH', w.channel, name .. '\n' .. w.key .. '\n' .. outcome)
+      end
+      h[9], h[17] = fmt(tonumber(h[9]) + granted), fmt(heavy)
+      save()
+      return {'released', '1', next_due()}
     end
   end
 end
 
+-- Answers the queue of a deleted limiter, a batch per call (so no call blocks Redis for long):
+-- each waiter is told `D`. Replies the number still to answer.
+local DRAIN_BATCH = 500
+local function drain()
+  local batch = redis.call('ZPOPMIN', K_DEAD, DRAIN_BATCH)
+  for i = 1, #batch, 2 do
+    local w = parse_member(batch[i])
+    redis.call('PUBLISH', w.channel, name .. '\n' .. w.key .. '\nD')
+  end
+  return redis.call('ZCARD', K_DEAD)
+end
+if op == 'drain' then return {'drained', fmt(drain()), '-1'} end
 
+-- The general path. What follows the fast paths is built only when they do not answer (each
+-- table costs every call that builds it).
+local COUNTERS, STATUS = field_lists()
 
+-- The fields of the hot value, in order. `fast`: '1' lets the concurrency fast path run (a
+-- concurrency limit, no rate, not learning), 'r' the rate-only one, '0' neither. `due`: no
+-- lease or wait deadline (nor the end of a learning window) comes before it, so while the clock
+-- is below it nothing needs to be looked at (the core's next_due). `heavy`: queued waiters
+-- asking for more than one permit. `rate_t`: the rate's emission interval ('' without a rate).
+-- `max_dl`: the latest wait deadline enqueued since the queue was last empty (see member()).
+local HOT = {'fast', 'qlen', 'in_use', 'eff_limit', 'next_token', 'lease_us', 'cap', 'ttl_at',
+             'c_granted', 'c_released', 'ewma_us', 'next_seq', 'queued_permits', 'due',
+             'max_wait_us', 'max_queue', 'heavy', 'tat', 'rate_t', 'rate_burst', 'c_paced',
+             'c_timed_out', 'max_dl'}
+-- Fields only hot holds (meta does not keep a copy that could go stale).
+local HOT_ONLY = {next_seq = true, queued_permits = true, tat = true, c_granted = true,
+                  c_released = true, c_paced = true, c_timed_out = true}
 -- State, loaded once and written back once.
 local m = {}
+-- What meta held, to write back only the fields that changed.
+local meta_was = {}
 do
   local raw = redis.call('HGETALL', K_META)
-  for i = 1, #raw, 2 do m[raw[i]] = raw[i + 1] end
+  for i = 1, #raw, 2 do
+    m[raw[i]] = raw[i + 1]
+    meta_was[raw[i]] = raw[i + 1]
+  end
   local hot = redis.call('GET', K_HOT)
   if hot then
     for i, v in ipairs(split(hot)) do m[HOT[i]] = v end
@@ -197,26 +383,33 @@ local ewma = nil
 if m.ewma_us and m.ewma_us ~= '' then ewma = tonumber(m.ewma_us) end
 -- End of the learning window after state loss (see core/learning.rs), or nil.
 local learning_until = opt(m.learn_until)
+-- A lower bound of the next lease or wait deadline (see HOT); 0 (look) if not known.
+local due = tonumber(m.due or '') or 0
+-- See member(): an absent value puts every new waiter in `waits` (safe).
+local max_dl = tonumber(m.max_dl or '') or NONE
+-- Queued waiters asking for more than one permit (the `heavy` zset's size).
+local heavy = tonumber(m.heavy or '')
+if not heavy then heavy = redis.call('ZCARD', K_HEAVY) end
 local c = {}
 for _, k in ipairs(COUNTERS) do c[k] = tonumber(m['c_' .. k] or '0') end
 
 local wakes = {}
--- `keep_until`: the waiter's own wait deadline; its outcome is kept 120 s past it, for a
--- waiter whose message was lost and that asks when its own timer ends.
-local function wake(key, channel, outcome, keep_until)
-  wakes[#wakes + 1] = {key, channel, outcome, keep_until or now}
+-- `held`: the outcome is already recorded as the grant's `k:KEY` field (kept while held);
+-- any other is recorded in `outcomes` by finish().
+local function wake(key, channel, outcome, held)
+  wakes[#wakes + 1] = {key, channel, outcome, held}
 end
 
+-- A queued waiter, found by its key (nil if not queued).
 local function parse_waiter(key)
-  local raw = redis.call('HGET', K_W, key)
-  if not raw then return nil end
-  local f = split(raw)
-  return {seq = tonumber(f[1]), permits = tonumber(f[2]), lease = tonumber(f[3]),
-          deadline = tonumber(f[4]), enqueued_at = tonumber(f[5]), channel = f[6], label = tail(raw, 6)}
+  local raw = redis.call('HGET', K_HOLD, 'k:' .. key)
+  if not raw or string.sub(raw, 1, 2) ~= 'W|' then return nil end
+  local at = string.find(raw, '|', 3, true)
+  return parse_member(string.sub(raw, at + 1), tonumber(string.sub(raw, 3, at - 1)))
 end
 
 local function parse_holder(token)
-  local raw = redis.call('HGET', K_HOLD, token)
+  local raw = is_token(token) and redis.call('HGET', K_HOLD, token)
   if not raw then return nil end
   local f = split(raw)
   return {permits = tonumber(f[1]), deadline = tonumber(f[2]), granted_at = tonumber(f[3]),
@@ -252,14 +445,23 @@ end
 
 local refuse_impossible   -- defined below, after the helpers it uses
 
-local function remove_waiter(key, w)
-  redis.call('ZREM', K_Q, key)
-  redis.call('HDEL', K_W, key)
-  redis.call('ZREM', K_WAITS, key)
+-- Takes waiter `w` out of the queue; `granted`: its `k:` entry is about to be overwritten by
+-- its grant's outcome, so it is left for that write.
+local function remove_waiter(w, granted)
+  redis.call('ZREM', K_Q, w.member)
+  if w.in_waits then redis.call('ZREM', K_WAITS, wait_member(w.seq, w.key)) end
+  if not granted then redis.call('HDEL', K_HOLD, 'k:' .. w.key) end
+  if w.permits > 1 then
+    redis.call('ZREM', K_HEAVY, w.member)
+    heavy = heavy - 1
+  end
   queued_permits = queued_permits - w.permits
 end
 
-local function grant(permits, lease, enqueued_at, key, label)
+-- `queued`: the grant goes to a waiter that was queued, whose outcome is recorded with the
+-- holder (`k:KEY` = the `G|...` outcome); an immediate grant indexes its token (`I|token`), so a
+-- caller that lost the reply can find it. Returns the grant's fields.
+local function grant(permits, lease, enqueued_at, key, label, queued)
   -- Never below the clock: after a failover to a replica that missed the last grants, the
   -- clock has moved past their tokens, so none is issued twice (unless grants outran one per
   -- microsecond).
@@ -273,14 +475,37 @@ local function grant(permits, lease, enqueued_at, key, label)
     return {fmt(token), fmt(permits), '0', fmt(now), fmt(now), fmt(math.max(0, now - enqueued_at))}
   end
   local deadline = now + lease
-  local first_holder = in_use == 0
-  redis.call('HSET', K_HOLD, fmt(token),
-    fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|' .. key .. '|' .. (label or ''))
+  local g = {fmt(token), fmt(permits), fmt(lease), fmt(deadline), fmt(now),
+             fmt(math.max(0, now - enqueued_at))}
+  local rec = fmt(permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|' .. key .. '|' .. (label or '')
+  if key == '' then
+    redis.call('HSET', K_HOLD, fmt(token), rec)
+  elseif queued then
+    redis.call('HSET', K_HOLD, fmt(token), rec, 'k:' .. key, 'G|' .. table.concat(g, '|'))
+  else
+    redis.call('HSET', K_HOLD, fmt(token), rec, 'k:' .. key, 'I|' .. fmt(token))
+  end
   redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
-  if first_holder then created(K_HOLD, K_LEASE) end
+  -- The holders hash is empty (so gone) only with no holder and no waiter.
+  if in_use == 0 then created(K_HOLD, K_LEASE) end
   in_use = in_use + permits
-  return {fmt(token), fmt(permits), fmt(lease), fmt(deadline), fmt(now),
-          fmt(math.max(0, now - enqueued_at))}
+  return g
+end
+
+-- Removes holder `token` (record `h`) and its waiter's entry. `expired`: its grant's outcome,
+-- if it came from the queue, moves to `outcomes` (kept OUTCOME_RETENTION), for a waiter that
+-- never saw it.
+local function drop_holder(token, h, expired)
+  if h.key == '' then
+    redis.call('HDEL', K_HOLD, token)
+  else
+    if expired then
+      local o = redis.call('HGET', K_HOLD, 'k:' .. h.key)
+      if o and string.sub(o, 1, 2) == 'G|' then wake(h.key, nil, o, false) end
+    end
+    redis.call('HDEL', K_HOLD, token, 'k:' .. h.key)
+  end
+  redis.call('ZREM', K_LEASE, token)
 end
 
 local function nearest_lease()
@@ -311,42 +536,54 @@ local function retry_hint(ahead)
   return math.min(math.max(est, by_rate, learning_left, 1000), MAX_LEASE)
 end
 
-local function permits_ahead(seq)
-  local sum = 0
-  for _, key in ipairs(redis.call('ZRANGEBYSCORE', K_Q, '-inf', fmt(seq))) do
-    local w = parse_waiter(key)
-    if w then sum = sum + w.permits end
+-- Permits queued up to and including waiter `w` (for its retry hint, computed only when one is
+-- sent): its rank counts one per waiter, and only the waiters asking for more are read to add
+-- the rest. O(log n), plus the multi-permit waiters ahead of it.
+local function permits_ahead(w)
+  local sum = redis.call('ZRANK', K_Q, w.member) + 1
+  if heavy > 0 then
+    for _, mem in ipairs(redis.call('ZRANGEBYSCORE', K_HEAVY, '-inf', fmt(w.seq))) do
+      sum = sum + parse_member(mem).permits - 1
+    end
   end
   return sum
+end
+
+-- The head waiter (nil if none).
+local function queue_head()
+  local head = redis.call('ZRANGE', K_Q, 0, 0, 'WITHSCORES')
+  if not head[1] then return nil end
+  return parse_member(head[1], tonumber(head[2]))
 end
 
 local function grant_waiters()
   if learning_until then return end   -- nothing is granted while learning
   while true do
-    local head = redis.call('ZRANGE', K_Q, 0, 0)
-    if #head == 0 then return end
-    local key = head[1]
-    local w = parse_waiter(key)
+    -- Nothing fits a full limit (every waiter asks for a permit at least).
+    if limit and in_use >= limit then return end
+    local w = queue_head()
+    if not w then return end
     if not fits(w.permits) then return end
     local ra = rate_at(w.permits)
     if ra and ra > now then return end
-    remove_waiter(key, w)
-    local g = grant(w.permits, w.lease, w.enqueued_at, key, w.label)
-    wake(key, w.channel, 'G|' .. table.concat(g, '|'), w.deadline)
+    remove_waiter(w, concurrency ~= nil)
+    local g = grant(w.permits, w.lease, w.enqueued_at, w.key, w.label, true)
+    wake(w.key, w.channel, 'G|' .. table.concat(g, '|'), concurrency ~= nil)
   end
 end
 
 -- Refuses queued waiters asking for more than any grant can now hold (after the limit or the
--- burst went down): they would otherwise hold back the queue until their wait ends.
+-- burst went down): they would otherwise hold back the queue until their wait ends. Every
+-- waiter asks for one permit at least and the cap is at least one, so only the heavy ones can.
 refuse_impossible = function()
   local cap = permit_cap()
-  if not cap then return end
-  for _, key in ipairs(redis.call('ZRANGE', K_Q, 0, -1)) do
-    local w = parse_waiter(key)
+  if not cap or heavy == 0 then return end
+  for _, mem in ipairs(redis.call('ZRANGE', K_HEAVY, 0, -1)) do
+    local w = parse_waiter(parse_member(mem).key)
     if w and w.permits > cap then
-      remove_waiter(key, w)
+      remove_waiter(w)
       c.rejected = c.rejected + 1
-      wake(key, w.channel, 'X|' .. fmt(w.permits) .. '|' .. fmt(cap), w.deadline)
+      wake(w.key, w.channel, 'X|' .. fmt(w.permits) .. '|' .. fmt(cap), false)
     end
   end
 end
@@ -358,26 +595,45 @@ end
 -- The head waiter's token time, if it fits the concurrency and only the rate holds it.
 local function head_rate_at()
   if not rate_limit or learning_until then return nil end
-  local head = redis.call('ZRANGE', K_Q, 0, 0)
-  if #head == 0 then return nil end
-  local w = parse_waiter(head[1])
+  local w = queue_head()
   if not w or not fits(w.permits) then return nil end
   return rate_at(w.permits)
 end
 
 -- Applies the passage of time: lease ends and wait deadlines in deadline order (lease first
--- on a tie), granting what each frees.
+-- on a tie), granting what each frees. Deadlines are looked at only once the clock has reached
+-- `due`; a look that finds none due moves `due` to the nearest.
+-- The earliest wait deadline and its waiter's key (nil if none): the first of `waits`, or the
+-- head if it is not in `waits` (see member()); the head first on a tie (it arrived first).
+local function first_wait()
+  local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
+  local head = queue_head()
+  if head and not head.in_waits and (not w[2] or head.deadline <= tonumber(w[2])) then
+    return head.deadline, head.key
+  end
+  if w[2] then return tonumber(w[2]), string.sub(w[1], 17), w[1] end
+  return nil
+end
+
 local function advance()
   if learning_until and learning_until <= now then
     learning_until = nil
     grant_waiters()
   end
   while true do
-    local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
-    local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
-    local ld, wd = nil, nil
-    if l[2] and tonumber(l[2]) <= now then ld = tonumber(l[2]) end
-    if w[2] and tonumber(w[2]) <= now then wd = tonumber(w[2]) end
+    local ld, wd, lm, wm = nil, nil, nil, nil
+    if due <= now then
+      local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
+      local wat, wkey, wmem = first_wait()
+      if l[2] and tonumber(l[2]) <= now then ld, lm = tonumber(l[2]), l[1] end
+      if wat and wat <= now then wd, wm = wat, {wkey, wmem} end
+      if not ld and not wd then
+        due = NONE
+        if l[2] then due = tonumber(l[2]) end
+        if wat then due = math.min(due, wat) end
+        if learning_until then due = math.min(due, learning_until) end
+      end
+    end
     local rd = head_rate_at()
     if rd and rd > now then rd = nil end
     if not ld and not wd and not rd then return end
@@ -387,33 +643,25 @@ local function advance()
       -- The head's token time came first: grant it and whoever else is ready.
       grant_waiters()
     elseif ld and (not wd or ld <= wd) then
-      local h = parse_holder(l[1])
-      redis.call('HDEL', K_HOLD, l[1])
-      redis.call('ZREM', K_LEASE, l[1])
+      local h = parse_holder(lm)
       if h then
+        drop_holder(lm, h, true)
         in_use = math.max(0, in_use - h.permits)
         c.expired = c.expired + 1
+      else
+        redis.call('ZREM', K_LEASE, lm)
       end
     else
-      -- Waits ending at the same moment end in queue order (the core's order), not in the
-      -- zset's order of their keys.
-      local key = w[1]
-      local tied = redis.call('ZRANGEBYSCORE', K_WAITS, w[2], w[2])
-      if #tied > 1 then
-        local best = nil
-        for _, k in ipairs(tied) do
-          local t = parse_waiter(k)
-          if t and (not best or t.seq < best) then key, best = k, t.seq end
-        end
-      end
-      local wt = parse_waiter(key)
+      -- Waits ending at the same moment end in queue order (the core's order): the waits
+      -- member starts with the arrival sequence, which orders ties.
+      local wt = parse_waiter(wm[1])
       if wt then
-        local ahead = permits_ahead(wt.seq)
-        remove_waiter(key, wt)
+        local ahead = permits_ahead(wt)
+        remove_waiter(wt)
         c.timed_out = c.timed_out + 1
-        wake(key, wt.channel, 'T|' .. fmt(retry_hint(ahead)), wt.deadline)
-      else
-        redis.call('ZREM', K_WAITS, key)
+        wake(wt.key, wt.channel, 'T|' .. fmt(retry_hint(ahead)), false)
+      elseif wm[2] then
+        redis.call('ZREM', K_WAITS, wm[2])
       end
     end
     grant_waiters()
@@ -442,7 +690,7 @@ local function ofmt(v) if v == nil then return '' end return fmt(v) end
 local function status_fields()
   local v = {concurrency = ofmt(concurrency), lease_us = fmt(default_lease),
              max_wait_us = fmt(max_wait), max_queue = fmt(max_queue), in_use = fmt(in_use),
-             holders = fmt(redis.call('HLEN', K_HOLD)), waiting = fmt(redis.call('ZCARD', K_Q)),
+             holders = fmt(redis.call('ZCARD', K_LEASE)), waiting = fmt(redis.call('ZCARD', K_Q)),
              waiting_permits = fmt(queued_permits), limit = ofmt(limit),
              rate_limit = ofmt(rate_limit), rate_period_us = ofmt(rate_period),
              rate_burst = ofmt(rate_burst), a_min = ofmt(a_min), a_max = ofmt(a_max),
@@ -457,58 +705,79 @@ local function status_fields()
   return out
 end
 
--- Forgets outcomes nobody will ask for any more (their waiter's wait is long over).
+-- Forgets outcomes whose time is over (OUTCOME_RETENTION after their decision), a batch at a
+-- time.
 local function prune_outcomes()
-  local horizon = now
-  local old = redis.call('ZRANGEBYSCORE', K_OUTT, '-inf', fmt(horizon), 'LIMIT', 0, 100)
-  for _, key in ipairs(old) do
-    redis.call('HDEL', K_OUT, key)
-    redis.call('ZREM', K_OUTT, key)
+  local old = redis.call('ZRANGEBYSCORE', K_OUTT, '-inf', fmt(now), 'LIMIT', 0, 100)
+  if #old > 0 then
+    redis.call('HDEL', K_OUT, unpack(old))
+    redis.call('ZREM', K_OUTT, unpack(old))
   end
 end
 
 local function finish(reply)
+  local kept = false
   for _, wk in ipairs(wakes) do
-    redis.call('HSET', K_OUT, wk[1], wk[3])
-    redis.call('ZADD', K_OUTT, fmt(wk[4] + OUTCOME_RETENTION), wk[1])
-    redis.call('PUBLISH', wk[2], name .. '\n' .. wk[1] .. '\n' .. wk[3])
+    if not wk[4] then
+      redis.call('HSET', K_OUT, wk[1], wk[3])
+      redis.call('ZADD', K_OUTT, fmt(now + OUTCOME_RETENTION), wk[1])
+      kept = true
+    end
+    -- (An expired grant's outcome moved to `outcomes` has no channel: it was published.)
+    if wk[2] then redis.call('PUBLISH', wk[2], name .. '\n' .. wk[1] .. '\n' .. wk[3]) end
   end
-  if #wakes > 0 then created(K_OUT, K_OUTT) end
+  if kept then created(K_OUT, K_OUTT) end
   local fields = {'concurrency', ofmt(concurrency), 'eff_limit', ofmt(limit),
                   'rate_limit', ofmt(rate_limit), 'rate_period_us', ofmt(rate_period),
                   'rate_burst', ofmt(rate_burst), 'a_min', ofmt(a_min), 'a_max', ofmt(a_max),
                   'a_inc', ofmt(a_inc), 'a_dec', a_dec and string.format('%.17g', a_dec) or '',
-                  'a_cool_us', ofmt(a_cool), 'tat', fmt(tat), 'successes', fmt(successes),
+                  'a_cool_us', ofmt(a_cool), 'successes', fmt(successes),
                   'last_decrease', ofmt(last_decrease), 'lease_us', fmt(default_lease),
                   'max_wait_us', fmt(max_wait), 'max_queue', fmt(max_queue),
-                  'next_seq', fmt(next_seq), 'queued_permits', fmt(queued_permits),
                   'learn_until', ofmt(learning_until)}
   for _, k in ipairs(COUNTERS) do
-    if k ~= 'granted' and k ~= 'released' then
+    if not HOT_ONLY['c_' .. k] then
       fields[#fields + 1] = 'c_' .. k
       fields[#fields + 1] = fmt(c[k])
     end
   end
-  redis.call('HSET', K_META, unpack(fields))
-  -- What the fast path reads: whether it may run (concurrency only, nothing queued) and the
-  -- fields it needs.
-  local fast = (concurrency and not rate_limit and not learning_until) and '1' or '0'
+  -- Only what changed is written.
+  local changed = {}
+  for i = 1, #fields, 2 do
+    if meta_was[fields[i]] ~= fields[i + 1] then
+      changed[#changed + 1] = fields[i]
+      changed[#changed + 1] = fields[i + 1]
+    end
+  end
+  if #changed > 0 then redis.call('HSET', K_META, unpack(changed)) end
+  -- The exact next deadline: the fast paths' `due` starts from it.
+  local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
+  local wat = first_wait()
+  due = NONE
+  if l[2] then due = tonumber(l[2]) end
+  if wat then due = math.min(due, wat) end
+  local qlen = redis.call('ZCARD', K_Q)
+  if qlen == 0 then max_dl = 0 end
+  if learning_until then due = math.min(due, learning_until) end
+  -- What the fast paths read: which may run, and the fields they need.
+  local fast = '0'
+  if not learning_until and concurrency and not rate_limit then fast = '1' end
+  if not learning_until and rate_limit and not concurrency then fast = 'r' end
   local ttl_at = refresh and fmt(now + TTL_REFRESH) or m.ttl_at
-  redis.call('SET', K_HOT, table.concat({fast, fmt(redis.call('ZCARD', K_Q)), fmt(in_use),
+  redis.call('SET', K_HOT, table.concat({fast, fmt(qlen), fmt(in_use),
     ofmt(limit), fmt(next_token), fmt(default_lease), ofmt(permit_cap()),
-    ttl_at, fmt(c.granted), fmt(c.released), ewma and fmt(ewma) or ''}, '|'), 'KEEPTTL')
+    ttl_at, fmt(c.granted), fmt(c.released), ewma and fmt(ewma) or '', fmt(next_seq),
+    fmt(queued_permits), fmt(due), fmt(max_wait), fmt(max_queue), fmt(heavy), fmt(tat),
+    rate_limit and fmt(interval()) or '', ofmt(rate_burst), fmt(c.paced), fmt(c.timed_out),
+    fmt(max_dl)},
+    '|'), 'KEEPTTL')
   if refresh then
     for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
   end
-  local next = -1
-  local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
-  local w = redis.call('ZRANGE', K_WAITS, 0, 0, 'WITHSCORES')
-  if l[2] then next = tonumber(l[2]) end
-  if w[2] and (next < 0 or tonumber(w[2]) < next) then next = tonumber(w[2]) end
-  if learning_until and (next < 0 or learning_until < next) then next = learning_until end
+  local next = due
   local rd = head_rate_at()
-  if rd and (next < 0 or rd < next) then next = rd end
-  if next >= 0 then next = math.max(0, next - now) end
+  if rd and rd < next then next = rd end
+  if next >= NONE then next = -1 else next = math.max(0, next - now) end
   reply[#reply + 1] = fmt(next)
   return reply
 end
@@ -539,7 +808,9 @@ if op == 'put' then
   if not exists then
     -- Keys of an earlier incarnation that outlived its meta (they expire a little later)
     -- must not leak into this one.
-    redis.call('DEL', K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT)
+    -- UNLINK frees them in the background, however large.
+    redis.call('UNLINK', K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT)
+    heavy, due = 0, 0
     -- Seeded from the store's clock, and above any token of a deleted incarnation.
     next_token = math.max(first_token, now, tonumber(redis.call('GET', K_TOK) or '0'))
     -- The tombstone has served as the token floor; from now on the limiter exists.
@@ -548,8 +819,11 @@ if op == 'put' then
     -- Time that has passed is settled under the old spec, as the core does.
     advance()
   end
-  -- Both blocks below compare the old spec with the new one, so they run before the new
+  -- The blocks below compare the old spec with the new one, so they run before the new
   -- fields are assigned.
+  -- Every queued waiter fits the cap in force (acquire and every lowering see to it), so only
+  -- a lower cap can make one impossible: an unchanged spec reads no waiter.
+  local old_cap = exists and permit_cap() or nil
   -- Debt under the old rate is rescaled to the new one, so a raised rate applies now.
   if exists and rate_limit and new_rate[1] and tat > now then
     local old_t = interval()
@@ -576,7 +850,8 @@ if op == 'put' then
     learning_until = now + learn_us
     if rate_limit then tat = math.max(tat, now + interval() * rate_burst) end
   end
-  refuse_impossible()
+  local new_cap = permit_cap()
+  if old_cap and new_cap and new_cap < old_cap then refuse_impossible() end
   grant_waiters()
   local reply = status_fields()
   table.insert(reply, 1, 'status')
@@ -593,19 +868,26 @@ end
 
 if op == 'peek' then
   -- Read-only: has this waiter's outcome been decided? Used after a lost subscription.
+  local entry = redis.call('HGET', K_HOLD, 'k:' .. ARGV[4])
+  if entry and string.sub(entry, 1, 2) == 'G|' then return {'decided', entry, '-1'} end
   local outcome = redis.call('HGET', K_OUT, ARGV[4])
   if outcome then return {'decided', outcome, '-1'} end
   return {'waiting', '-1'}
 end
 
 if op == 'delete' then
-  for _, key in ipairs(redis.call('ZRANGE', K_Q, 0, -1)) do
-    local w = parse_waiter(key)
-    if w then redis.call('PUBLISH', w.channel, name .. '\n' .. key .. '\nD') end
-  end
-  redis.call('DEL', K_META, K_HOLD, K_LEASE, K_Q, K_W, K_WAITS, K_OUT, K_OUTT, K_HOT)
+  -- Gone at once (meta and hot: every later call answers `unknown`); the rest is freed in the
+  -- background (UNLINK) and the queue moves aside, to be answered `D` in batches (`drain`), so
+  -- no call blocks Redis for long however many waited. Replies how many are left to drain.
+  redis.call('DEL', K_META, K_HOT)
   redis.call('SET', K_TOK, fmt(math.max(next_token, now)), 'PX', ARGV[3])
-  return {'deleted', '-1'}
+  if redis.call('EXISTS', K_Q) == 1 then
+    redis.call('UNLINK', K_DEAD)
+    redis.call('RENAME', K_Q, K_DEAD)
+    redis.call('PEXPIRE', K_DEAD, ARGV[3])
+  end
+  redis.call('UNLINK', K_HOLD, K_LEASE, K_HEAVY, K_WAITS, K_OUT, K_OUTT)
+  return {'deleted', fmt(drain()), '-1'}
 end
 
 if op == 'acquire' then
@@ -631,7 +913,8 @@ if op == 'acquire' then
   end
   local wait = max_wait
   if wait_arg ~= '' then wait = math.min(tonumber(wait_arg), max_wait) end
-  if redis.call('ZCARD', K_Q) == 0 and fits(permits) and not learning_until then
+  local qlen = redis.call('ZCARD', K_Q)
+  if qlen == 0 and fits(permits) and not learning_until then
     local ra = rate_at(permits)
     if ra and ra > now then
       -- Only the rate holds it back and its token time is known: past the wait, say so now.
@@ -640,7 +923,7 @@ if op == 'acquire' then
         return finish({'timeout', fmt(math.max(ra - now, 1000))})
       end
     else
-      local g = grant(permits, lease, now, key, ARGV[9])
+      local g = grant(permits, lease, now, key, ARGV[9], false)
       table.insert(g, 1, 'granted')
       return finish(g)
     end
@@ -650,18 +933,32 @@ if op == 'acquire' then
     c.timed_out = c.timed_out + 1
     return finish({'timeout', fmt(retry_hint(ahead))})
   end
-  if redis.call('ZCARD', K_Q) >= max_queue then
+  if qlen >= max_queue then
     c.queue_full = c.queue_full + 1
     return finish({'queue_full', fmt(retry_hint(ahead))})
   end
   local seq = next_seq
   next_seq = next_seq + 1
   local deadline = now + wait
-  redis.call('HSET', K_W, key, fmt(seq) .. '|' .. fmt(permits) .. '|' .. fmt(lease) .. '|' ..
-    fmt(deadline) .. '|' .. fmt(now) .. '|' .. channel .. '|' .. (ARGV[9] or ''))
-  redis.call('ZADD', K_Q, fmt(seq), key)
-  redis.call('ZADD', K_WAITS, fmt(deadline), key)
-  if queued_permits == 0 then created(K_Q, K_W, K_WAITS) end
+  if qlen == 0 then max_dl = 0 end
+  local in_waits = deadline < max_dl
+  local mem = member(key, permits, lease, deadline, now, in_waits, channel, ARGV[9])
+  redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem)
+  redis.call('ZADD', K_Q, fmt(seq), mem)
+  -- (A TTL is set after the write that creates the key.)
+  if qlen == 0 and in_use == 0 then created(K_HOLD) end
+  if in_waits then
+    redis.call('ZADD', K_WAITS, fmt(deadline), wait_member(seq, key))
+    created(K_WAITS)
+  else
+    max_dl = deadline
+  end
+  if qlen == 0 then created(K_Q) end
+  if permits > 1 then
+    redis.call('ZADD', K_HEAVY, fmt(seq), mem)
+    if heavy == 0 then created(K_HEAVY) end
+    heavy = heavy + 1
+  end
   queued_permits = queued_permits + permits
   return finish({'queued', fmt(wait)})
 end
@@ -671,8 +968,7 @@ if op == 'release' then
   advance()
   local h = parse_holder(token)
   if not h then return finish({'released', '0'}) end
-  redis.call('HDEL', K_HOLD, token)
-  redis.call('ZREM', K_LEASE, token)
+  drop_holder(token, h, false)
   in_use = math.max(0, in_use - h.permits)
   c.released = c.released + 1
   observe_hold(now - h.granted_at)
@@ -720,13 +1016,15 @@ if op == 'cancel' then
   advance()
   local w = parse_waiter(key)
   if w then
-    local ahead = permits_ahead(w.seq)
-    remove_waiter(key, w)
     local reply
     if reason == 'timeout' then
+      -- The hint is computed only here, where it is sent (a drop's caller is gone).
+      local ahead = permits_ahead(w)
+      remove_waiter(w)
       c.timed_out = c.timed_out + 1
       reply = {'timed_out', fmt(retry_hint(ahead))}
     else
+      remove_waiter(w)
       c.cancelled = c.cancelled + 1
       reply = {'cancelled'}
     end
@@ -738,21 +1036,27 @@ if op == 'cancel' then
   for _, wk in ipairs(wakes) do
     if wk[1] == key then outcome = wk[3] end
   end
-  if not outcome then outcome = redis.call('HGET', K_OUT, key) end
-  if not outcome and reason == 'drop' then
-    -- Granted at once but the caller never saw the reply (it timed out): find the grant by
-    -- the waiter key its holder record carries, so the caller can return it.
-    local all = redis.call('HGETALL', K_HOLD)
-    for i = 1, #all, 2 do
-      local f = split(all[i + 1])
-      if f[4] == key then
-        outcome = 'G|' .. all[i] .. '|' .. f[1] .. '|' .. fmt(tonumber(f[2]) - tonumber(f[3])) ..
-          '|' .. f[2] .. '|' .. f[3] .. '|0'
+  if not outcome then
+    -- A grant still held keeps its entry (the release removes it).
+    local entry = redis.call('HGET', K_HOLD, 'k:' .. key)
+    if entry and string.sub(entry, 1, 2) == 'G|' then
+      outcome = entry
+    elseif entry and string.sub(entry, 1, 2) == 'I|' and reason == 'drop' then
+      -- Granted at once but the caller never saw the reply (it timed out): the entry names
+      -- the grant, so the caller can return it.
+      local token = string.sub(entry, 3)
+      local f = split(redis.call('HGET', K_HOLD, token) or '0|0|0')
+      outcome = 'G|' .. token .. '|' .. f[1] .. '|' .. fmt(tonumber(f[2]) - tonumber(f[3])) ..
+        '|' .. f[2] .. '|' .. f[3] .. '|0'
+    else
+      outcome = redis.call('HGET', K_OUT, key)
+      if outcome then
+        -- Read: forgotten now.
+        redis.call('HDEL', K_OUT, key)
+        redis.call('ZREM', K_OUTT, key)
       end
     end
   end
-  redis.call('HDEL', K_OUT, key)
-  redis.call('ZREM', K_OUTT, key)
   if outcome then return finish({'decided', outcome}) end
   return finish({'gone'})
 end

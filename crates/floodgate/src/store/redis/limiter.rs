@@ -27,8 +27,8 @@ static HOLDERS_SCRIPT: LazyLock<redis::Script> =
 pub struct RedisLimiter {
     pub(super) store: Arc<Inner>,
     pub(super) name: LimiterName,
-    /// The limiter's ten keys, all under the hash tag `{name}` (see `limiter.lua`).
-    keys: Arc<[String; 10]>,
+    /// The limiter's eleven keys, all under the hash tag `{name}` (see `limiter.lua`).
+    keys: Arc<[String; 11]>,
 }
 
 impl std::fmt::Debug for RedisLimiter {
@@ -102,8 +102,8 @@ impl RedisLimiter {
         let p = &store.config.prefix;
         let n = name.as_str();
         let keys = [
-            "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes", "hot",
-            "tokens",
+            "meta", "holders", "leases", "queue", "heavy", "waits", "outcomes", "otimes", "hot",
+            "tokens", "dead",
         ]
         .map(|k| format!("{p}:{{{n}}}:{k}"));
         RedisLimiter {
@@ -262,9 +262,18 @@ impl RedisLimiter {
         }
     }
 
+    /// Deletes the limiter, then answers its queued waiters (`D`) a batch per script call, so
+    /// a long queue never blocks Redis for long.
     pub(super) async fn delete(&self) -> Result<bool, StoreError> {
         let reply = self.call("delete", &[]).await?;
-        Ok(reply.first().map(String::as_str) == Some("deleted"))
+        if reply.first().map(String::as_str) != Some("deleted") {
+            return Ok(false);
+        }
+        let mut left = field(&reply, 1)?;
+        while left > 0 {
+            left = field(&self.call_once("drain", &[]).await?, 1)?;
+        }
+        Ok(true)
     }
 
     /// The recorded outcome of a queued waiter, if decided.
@@ -652,8 +661,13 @@ impl LimiterBackend for RedisLimiter {
 
     async fn holders(&self, limit: usize) -> Result<HoldersView, StoreError> {
         let mut invocation = HOLDERS_SCRIPT.prepare_invoke();
-        // meta, holders, leases, queue, waiters: the first five of the limiter's keys.
-        for key in self.keys.iter().take(5) {
+        // meta, holders, leases, queue (the first four of the limiter's keys) and hot.
+        for key in self
+            .keys
+            .iter()
+            .take(4)
+            .chain(std::iter::once(&self.keys[8]))
+        {
             invocation.key(key);
         }
         invocation.arg(limit.min(MAX_HOLDERS_LISTED));

@@ -8,8 +8,10 @@ use std::time::Duration;
 use crate::core::{HOLD_EWMA_WEIGHT, MAX_SCHEDULE_AHEAD};
 use crate::spec::{MAX_CONCURRENCY, MAX_LEASE, MAX_QUEUE, MAX_WAIT, MIN_LEASE};
 
-/// How long past its waiter's wait deadline a decided outcome is kept, for a waiter whose
-/// wake-up message was lost and that asks when its own timer ends.
+/// How long after its decision an outcome not tied to a held grant (a timeout, a refusal, a
+/// rate-only grant, an expired grant) is kept, for a waiter whose wake-up message was lost: it
+/// asks when its subscription is back (or fails at once when it drops) and when its own timer
+/// ends, at the deadline that timed it out. A grant's outcome is kept while the grant is held.
 pub(crate) const OUTCOME_RETENTION: Duration = Duration::from_secs(120);
 
 /// The counters, as the script names them (`c_<name>` in `meta`), in status order.
@@ -89,8 +91,14 @@ pub fn script_source() -> String {
     for (name, value) in consts {
         let _ = writeln!(s, "local {name} = {value}");
     }
-    let _ = writeln!(s, "local COUNTERS = {}", lua_list(COUNTER_FIELDS));
-    let _ = writeln!(s, "local STATUS = {}", lua_list(&status_schema()));
+    // A function, not tables: only the general path needs them, and building a table costs
+    // every script call that runs past it (the fast paths do not).
+    let _ = writeln!(
+        s,
+        "local function field_lists()\n  local COUNTERS = {}\n  local STATUS = {}\n  return COUNTERS, STATUS\nend",
+        lua_list(COUNTER_FIELDS),
+        lua_list(&status_schema())
+    );
     s.push_str(include_str!("limiter.lua"));
     s
 }
@@ -111,11 +119,13 @@ mod tests {
             "MAX_SCHEDULE_AHEAD",
             "HOLD_EWMA_WEIGHT",
             "OUTCOME_RETENTION",
-            "COUNTERS",
-            "STATUS",
         ] {
             assert!(src.contains(&format!("local {name} = ")), "{name}");
         }
+        for name in ["COUNTERS", "STATUS"] {
+            assert!(src.contains(&format!("\n  local {name} = {{'")), "{name}");
+        }
+        assert!(src.contains("local function field_lists()"));
         assert!(src.contains("local MAX_LEASE = 86400000000\n"));
         // The script itself states none of these numbers again.
         let body = include_str!("limiter.lua");

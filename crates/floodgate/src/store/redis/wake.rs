@@ -1,7 +1,8 @@
 //! Wake-ups: the subscription to this store's channel and delivery to queued acquires.
 //!
-//! A script that decides a queued waiter's outcome records it in the limiter's `outcomes` hash
-//! and then publishes `name\nwaiter\noutcome` on the waiter's server channel. Delivery here is
+//! A script that decides a queued waiter's outcome records it (a grant with its holder, while
+//! held; anything else in the limiter's `outcomes` hash, for two minutes) and then publishes
+//! `name\nwaiter\noutcome` on the waiter's server channel. Delivery here is
 //! the fast path; the record is the safety net: a waiter whose message was lost (the
 //! subscription dropped) finds its outcome when it is re-checked after reconnecting, or when
 //! its own wait timer runs out and it cancels.
