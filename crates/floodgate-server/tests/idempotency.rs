@@ -1,22 +1,40 @@
 //! Idempotent acquire over HTTP (issue 10): a client whose connection drops after it sent an
 //! acquire retries with the same `request_id` and ends with exactly one permit, whether the
-//! first attempt was granted at once or was waiting in the queue.
+//! first attempt was granted at once or was waiting in the queue; on the embedded store and on a
+//! real `redis-server`.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../../floodgate/tests/support/mod.rs"]
+mod support;
 
 use std::time::Duration;
 
 use common::{num, Served, PATIENCE, POLL};
-use floodgate::Floodgate;
+use floodgate::{Floodgate, RedisConfig, RedisStore, Store};
 use floodgate_server::server::ServerOptions;
 use serde_json::{json, Value};
+use support::RedisServer;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 async fn start() -> (Served, String, reqwest::Client) {
-    let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
+    start_on(Floodgate::in_memory()).await
+}
+
+/// The same server on a real `redis-server` (kept alive by the returned guard).
+async fn start_on_redis() -> (Served, String, reqwest::Client, RedisServer) {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(redis.url()))
+        .await
+        .unwrap();
+    let (served, base, http) = start_on(Floodgate::with_store(store)).await;
+    (served, base, http, redis)
+}
+
+async fn start_on<S: Store>(gate: Floodgate<S>) -> (Served, String, reqwest::Client) {
+    let served = Served::start(gate, ServerOptions::default()).await;
     let base = format!("http://{}", served.addr);
     let http = reqwest::Client::new();
     let r = http
@@ -78,6 +96,28 @@ async fn acquire(http: &reqwest::Client, base: &str, body: Value) -> (u16, Value
 #[tokio::test]
 async fn a_granted_acquire_whose_answer_was_lost_is_returned_again() {
     let (served, base, http) = start().await;
+    granted_answer_lost(served, base, http).await;
+}
+
+#[tokio::test]
+async fn on_redis_a_granted_acquire_whose_answer_was_lost_is_returned_again() {
+    let (served, base, http, _redis) = start_on_redis().await;
+    granted_answer_lost(served, base, http).await;
+}
+
+#[tokio::test]
+async fn a_retry_joins_the_wait_its_dropped_first_attempt_left() {
+    let (served, base, http) = start().await;
+    retry_joins(served, base, http).await;
+}
+
+#[tokio::test]
+async fn on_redis_a_retry_joins_the_wait_its_dropped_first_attempt_left() {
+    let (served, base, http, _redis) = start_on_redis().await;
+    retry_joins(served, base, http).await;
+}
+
+async fn granted_answer_lost(served: Served, base: String, http: reqwest::Client) {
     send_and_vanish(
         served.addr,
         &json!({"request_id": "job-7", "wait_ms": 0}),
@@ -95,9 +135,7 @@ async fn a_granted_acquire_whose_answer_was_lost_is_returned_again() {
     served.stop().await;
 }
 
-#[tokio::test]
-async fn a_retry_joins_the_wait_its_dropped_first_attempt_left() {
-    let (served, base, http) = start().await;
+async fn retry_joins(served: Served, base: String, http: reqwest::Client) {
     let (code, holder) = acquire(&http, &base, json!({})).await;
     assert_eq!(code, 200);
     send_and_vanish(

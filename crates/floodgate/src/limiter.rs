@@ -103,7 +103,8 @@ impl AcquireOptions {
     /// its grant held gets that grant (or joins that wait) instead of a second permit. A
     /// future dropped while queued with an id leaves its wait queued for
     /// [`ORPHANED_WAIT_GRACE`](crate::core::ORPHANED_WAIT_GRACE) for a retry to join; a grant
-    /// made while nobody waits for it is released at once.
+    /// made while nobody waits for it is released at once (on Redis, where the retry may come
+    /// through another server, at the end of that grace unless a retry claimed it).
     pub fn request_id(mut self, id: impl Into<Arc<str>>) -> Self {
         self.request.request_id = Some(id.into());
         self

@@ -260,6 +260,66 @@ pub(crate) async fn a_dropped_waiter_leaves_the_queue<S: Store>(gate: Floodgate<
     drop(p);
 }
 
+/// Idempotent acquires (issue 10): a repeat with the same `request_id` gets the grant the first
+/// got; a retry after the first attempt went away joins its wait (one waiter, one grant); with
+/// no retry, the wait ends after the grace for one.
+pub(crate) async fn idempotent_acquires_are_granted_once<S: Store>(gate: Floodgate<S>) {
+    let name = unique("idempotent");
+    // Leases and waits that outlast the grace: only the grace may end a wait here.
+    let long = LimiterSpec::concurrency(1)
+        .with_default_lease(Duration::from_secs(60))
+        .with_max_wait(Duration::from_secs(60));
+    gate.define(&name, long).await.unwrap();
+    let lim = gate.limiter(&name).await.unwrap();
+    let id = |s: &str| format!("{name}-{s}");
+    let first = lim.acquire(wait(0).request_id(id("held"))).await.unwrap();
+    let again = lim.acquire(wait(0).request_id(id("held"))).await.unwrap();
+    assert_eq!(again.fencing_token(), first.fencing_token());
+    assert_eq!(again.lease_deadline(), first.lease_deadline());
+    assert_eq!(lim.status().await.unwrap().holders, 1);
+    let holder = again.detach();
+    assert!(first.release().await.unwrap(), "the one grant");
+    assert!(!lim.backend().release(holder.token).await.unwrap());
+
+    // A waiter whose caller went away, and its retry.
+    let holder = lim.acquire(wait(0)).await.unwrap();
+    let gone = {
+        let lim = lim.clone();
+        let opts = wait(60_000).request_id(id("queued"));
+        tokio::spawn(async move { lim.acquire(opts).await })
+    };
+    until(&lim, "queued", |s| s.waiting == 1).await;
+    gone.abort();
+    let _ = gone.await;
+    let retry = {
+        let lim = lim.clone();
+        let opts = wait(60_000).request_id(id("queued"));
+        tokio::spawn(async move { lim.acquire(opts).await })
+    };
+    // The retry joined: still one waiter, after the grace too.
+    tokio::time::sleep(floodgate::core::ORPHANED_WAIT_GRACE + Duration::from_secs(1)).await;
+    assert_eq!(lim.status().await.unwrap().waiting, 1);
+    drop(holder);
+    let p = retry.await.unwrap().unwrap();
+    let st = lim.status().await.unwrap();
+    assert_eq!((st.holders, st.waiting), (1, 0));
+    assert!(p.release().await.unwrap());
+
+    // No retry: the abandoned wait ends after the grace, and takes nothing.
+    let holder = lim.acquire(wait(0)).await.unwrap();
+    let gone = {
+        let lim = lim.clone();
+        let opts = wait(60_000).request_id(id("abandoned"));
+        tokio::spawn(async move { lim.acquire(opts).await })
+    };
+    until(&lim, "queued", |s| s.waiting == 1).await;
+    gone.abort();
+    let _ = gone.await;
+    until(&lim, "the abandoned wait ended", |s| s.waiting == 0).await;
+    drop(holder);
+    until(&lim, "nothing held", |s| s.in_use == 0).await;
+}
+
 pub(crate) async fn a_timed_out_waiter_gets_an_answer<S: Store>(gate: Floodgate<S>) {
     let name = unique("timeout");
     gate.define(&name, spec(1)).await.unwrap();
@@ -1097,6 +1157,7 @@ macro_rules! store_suite {
             a_new_adaptive_range_resets_the_learned_limit,
             a_raised_rate_rescales_the_time_owed,
             a_restored_limiter_learns_before_granting,
+            idempotent_acquires_are_granted_once,
         );
         $crate::store_suite!(@clocked $paused, $make;
             rate_windows_never_exceed_burst_plus_rate,

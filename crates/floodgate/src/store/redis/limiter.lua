@@ -11,7 +11,9 @@
 --           token -> permits|deadline|granted_at|waiter_key|label  (a holder's record; the label,
 --             sent with its acquire, is last and may contain `|`)
 --           k:KEY -> the waiter KEY's entry: `W|seq|MEMBER` while queued, `G|...` (its grant's
---             outcome) or `I|token` (granted at once) while the grant is held)
+--             outcome) or `I|token` (granted at once) while the grant is held
+--           a:KEY -> for an idempotent acquire (KEY = `r` + hex request_id), the attempt that
+--             owns its wait or grant last, while `k:KEY` is there)
 --       3 leases (zset token by lease deadline)
 --       4 queue (zset MEMBER by arrival sequence; MEMBER = KEY|permits|lease|deadline|enqueued_at|
 --         channel|label, so the head is taken and granted without another read)
@@ -130,6 +132,12 @@ local function wait_member(seq, key) return string.format('%016d', seq) .. key e
 -- A release's token is a number; anything else (a `k:` field above all) is held by nobody.
 local function is_token(t) return string.find(t, '^%d+$') ~= nil end
 
+-- An idempotent acquire's waiter key is `r` and its request_id in hex (the store derives it),
+-- the same for every retry, on any server. Its `k:KEY` entry then answers a repeat: the wait to
+-- join or the grant held. `a:KEY` in `holders` names the attempt (a call) that owns it last,
+-- so that an attempt that went away gives it up only if no retry claimed it since.
+local function idem(key) return string.sub(key, 1, 1) == 'r' end
+
 -- Fast paths: the common operations in a handful of commands, reading and writing only `hot`
 -- (plus what the operation itself adds or removes), when no deadline is due (`due` above the
 -- clock). The general path below loads and rewrites the whole state and applies every rule;
@@ -139,7 +147,10 @@ local function is_token(t) return string.find(t, '^%d+$') ~= nil end
 --     (granting the queue's head waiters it frees room for);
 --   rate only ('r'): an acquire the rate grants at once, or refuses when it cannot wait; a
 --     release with nobody queued and nothing held.
-if (op == 'acquire' or op == 'release') and not general_only then
+-- A repeated idempotent acquire (its key already has an entry) takes the general path.
+local is_repeat = op == 'acquire' and idem(ARGV[7])
+  and redis.call('HEXISTS', K_HOLD, 'k:' .. ARGV[7]) == 1
+if (op == 'acquire' or op == 'release') and not general_only and not is_repeat then
   local raw_hot = redis.call('GET', K_HOT)
   local h = raw_hot and split(raw_hot) or {}
   local due = tonumber(h[14] or '')
@@ -195,7 +206,11 @@ if (op == 'acquire' or op == 'release') and not general_only then
           local deadline = now + lease
           -- The waiter key rides along, and indexes the grant (`k:KEY`), so a caller that lost
           -- this reply can still find and return it (cancel, below).
-          if key ~= '' then
+          if idem(key) then
+            redis.call('HSET', K_HOLD, fmt(token), fmt(permits) .. '|' .. fmt(deadline) .. '|' ..
+              fmt(now) .. '|' .. key .. '|' .. (ARGV[9] or ''), 'k:' .. key, 'I|' .. fmt(token),
+              'a:' .. key, ARGV[10] or '')
+          elseif key ~= '' then
             redis.call('HSET', K_HOLD, fmt(token), fmt(permits) .. '|' .. fmt(deadline) .. '|' ..
               fmt(now) .. '|' .. key .. '|' .. (ARGV[9] or ''), 'k:' .. key, 'I|' .. fmt(token))
           else
@@ -220,7 +235,12 @@ if (op == 'acquire' or op == 'release') and not general_only then
           local max_dl = qlen == 0 and 0 or tonumber(h[23] or '') or NONE
           local in_waits = deadline < max_dl
           local mem = member(key, permits, lease, deadline, now, in_waits, ARGV[8], ARGV[9])
-          redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem)
+          if idem(key) then
+            redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem,
+              'a:' .. key, ARGV[10] or '')
+          else
+            redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem)
+          end
           redis.call('ZADD', K_Q, fmt(seq), mem)
           -- (A TTL is set after the write that creates the key.)
           if qlen == 0 and in_use == 0 then created(K_HOLD) end
@@ -257,7 +277,7 @@ if (op == 'acquire' or op == 'release') and not general_only then
       local held = math.max(0, now - tonumber(f[3]))
       h[11] = fmt(next_ewma(tonumber(h[11] or ''), held))
       if f[4] ~= '' then
-        redis.call('HDEL', K_HOLD, token, 'k:' .. f[4])
+        redis.call('HDEL', K_HOLD, token, 'k:' .. f[4], 'a:' .. f[4])
       else
         redis.call('HDEL', K_HOLD, token)
       end
@@ -450,7 +470,7 @@ local refuse_impossible   -- defined below, after the helpers it uses
 local function remove_waiter(w, granted)
   redis.call('ZREM', K_Q, w.member)
   if w.in_waits then redis.call('ZREM', K_WAITS, wait_member(w.seq, w.key)) end
-  if not granted then redis.call('HDEL', K_HOLD, 'k:' .. w.key) end
+  if not granted then redis.call('HDEL', K_HOLD, 'k:' .. w.key, 'a:' .. w.key) end
   if w.permits > 1 then
     redis.call('ZREM', K_HEAVY, w.member)
     heavy = heavy - 1
@@ -503,7 +523,7 @@ local function drop_holder(token, h, expired)
       local o = redis.call('HGET', K_HOLD, 'k:' .. h.key)
       if o and string.sub(o, 1, 2) == 'G|' then wake(h.key, nil, o, false) end
     end
-    redis.call('HDEL', K_HOLD, token, 'k:' .. h.key)
+    redis.call('HDEL', K_HOLD, token, 'k:' .. h.key, 'a:' .. h.key)
   end
   redis.call('ZREM', K_LEASE, token)
 end
@@ -891,10 +911,45 @@ if op == 'delete' then
 end
 
 if op == 'acquire' then
-  local permits, lease_arg, wait_arg, key, channel =
-    tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+  -- ARGV[10]: this call's attempt id (idempotent acquires only: see `idem`).
+  local permits, lease_arg, wait_arg, key, channel, attempt =
+    tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[10] or ''
   advance()
   prune_outcomes()
+  if is_repeat then
+    -- The same request again (a retry after a lost answer or a dropped connection), as
+    -- LimiterCore::repeat_of: the grant it got, or its wait to join.
+    local entry = redis.call('HGET', K_HOLD, 'k:' .. key)
+    local kind = entry and string.sub(entry, 1, 2)
+    if kind == 'W|' then
+      local w = parse_waiter(key)
+      -- Joined: the same place in the queue and the same deadline; its wake-up goes to this
+      -- caller's server from now on.
+      if w.channel ~= channel then
+        local mem = member(w.key, w.permits, w.lease, w.deadline, w.enqueued_at, w.in_waits,
+          channel, w.label)
+        redis.call('ZREM', K_Q, w.member)
+        redis.call('ZADD', K_Q, fmt(w.seq), mem)
+        if w.permits > 1 then
+          redis.call('ZREM', K_HEAVY, w.member)
+          redis.call('ZADD', K_HEAVY, fmt(w.seq), mem)
+        end
+        redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(w.seq) .. '|' .. mem)
+      end
+      redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
+      return finish({'queued', fmt(math.max(1, w.deadline - now))})
+    elseif kind == 'G|' or kind == 'I|' then
+      local token = kind == 'I|' and string.sub(entry, 3) or split(entry)[2]
+      local h = parse_holder(token)
+      if h then
+        redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
+        -- The lease reported is what is left of it (the record keeps no lease length).
+        return finish({'granted', token, fmt(h.permits), fmt(math.max(MIN_LEASE, h.deadline - now)),
+          fmt(h.deadline), fmt(h.granted_at), '0'})
+      end
+    end
+    -- What the key named has ended: a new acquire.
+  end
   if permits < 1 then
     c.rejected = c.rejected + 1
     return finish({'invalid', 'permits', 'must be at least 1'})
@@ -924,6 +979,7 @@ if op == 'acquire' then
       end
     else
       local g = grant(permits, lease, now, key, ARGV[9], false)
+      if idem(key) and concurrency then redis.call('HSET', K_HOLD, 'a:' .. key, attempt) end
       table.insert(g, 1, 'granted')
       return finish(g)
     end
@@ -944,6 +1000,7 @@ if op == 'acquire' then
   local in_waits = deadline < max_dl
   local mem = member(key, permits, lease, deadline, now, in_waits, channel, ARGV[9])
   redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem)
+  if idem(key) then redis.call('HSET', K_HOLD, 'a:' .. key, attempt) end
   redis.call('ZADD', K_Q, fmt(seq), mem)
   -- (A TTL is set after the write that creates the key.)
   if qlen == 0 and in_use == 0 then created(K_HOLD) end
@@ -1011,9 +1068,16 @@ if op == 'extend' then
 end
 
 if op == 'cancel' then
-  -- reason: 'drop' (the waiter went away) or 'timeout' (its own timer ran out first).
+  -- reason: 'drop' (the waiter went away), 'timeout' (its own timer ran out first) or
+  -- 'abandon' (an idempotent acquire's attempt ARGV[6] went away and its grace for a retry
+  -- ended: a drop, unless a retry has claimed the wait or grant since; then {'kept'}).
   local key, reason = ARGV[4], ARGV[5]
   advance()
+  if reason == 'abandon' then
+    local owner = redis.call('HGET', K_HOLD, 'a:' .. key)
+    if owner and owner ~= ARGV[6] then return finish({'kept'}) end
+    reason = 'drop'
+  end
   local w = parse_waiter(key)
   if w then
     local reply

@@ -71,6 +71,11 @@ fn invalid(reply: &[String]) -> InvalidField {
 struct QueuedGuard {
     limiter: RedisLimiter,
     key: String,
+    /// This call's number (see `Pending::attempt`).
+    attempt: u64,
+    /// An idempotent acquire: if its caller goes away, its wait or grant is kept for a retry
+    /// for `ORPHANED_WAIT_GRACE`, then given up unless a retry claimed it (`abandon`).
+    idempotent: bool,
     armed: bool,
 }
 
@@ -78,7 +83,7 @@ impl QueuedGuard {
     /// No cancel needed any more (the outcome is in hand, or the caller cancels itself).
     fn disarm(&mut self) {
         self.armed = false;
-        self.limiter.store.lock_waiters().remove(&self.key);
+        self.limiter.forget_pending(&self.key, self.attempt);
     }
 }
 
@@ -87,14 +92,33 @@ impl Drop for QueuedGuard {
         if !self.armed {
             return;
         }
-        self.limiter.store.lock_waiters().remove(&self.key);
+        self.limiter.forget_pending(&self.key, self.attempt);
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return; // No runtime to cancel on: the wait deadline and lease bound the cost.
         };
         let limiter = self.limiter.clone();
         let key = std::mem::take(&mut self.key);
-        handle.spawn(async move { limiter.cancel_orphan(key).await });
+        if self.idempotent {
+            let attempt = format!("{}.{}", limiter.store.server_id, self.attempt);
+            handle.spawn(async move {
+                tokio::time::sleep(crate::core::ORPHANED_WAIT_GRACE).await;
+                limiter.abandon(&key, &attempt).await;
+            });
+        } else {
+            handle.spawn(async move { limiter.cancel_orphan(key).await });
+        }
     }
+}
+
+/// The waiter key of an idempotent acquire: the same for every retry, on every server.
+fn idempotent_key(request_id: &str) -> String {
+    use std::fmt::Write as _;
+    let mut key = String::with_capacity(1 + 2 * request_id.len());
+    key.push('r');
+    for b in request_id.bytes() {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
 }
 
 impl RedisLimiter {
@@ -288,6 +312,42 @@ impl RedisLimiter {
 
     /// Cancels a waiter that went away and releases a grant that raced it. If Redis cannot be
     /// reached, the waiter is kept as an orphan and cancelled when Redis answers again.
+    /// Takes this call's entry out of the waiters, unless another call (a retry of the same
+    /// idempotent acquire) has registered under the key since.
+    fn forget_pending(&self, key: &str, attempt: u64) {
+        let mut waiters = self.store.lock_waiters();
+        if waiters.get(key).is_some_and(|p| p.attempt == attempt) {
+            waiters.remove(key);
+        }
+    }
+
+    /// An idempotent acquire's caller went away and no retry came within the grace: its wait
+    /// is cancelled and a grant it got is released, unless a retry claimed them since (the
+    /// script checks the attempt that owns them last).
+    async fn abandon(&self, key: &str, attempt: &str) {
+        let reply = self
+            .call(
+                "cancel",
+                &[key.to_owned(), "abandon".to_owned(), attempt.to_owned()],
+            )
+            .await;
+        let outcome = match reply {
+            Ok(reply) if reply.first().map(String::as_str) == Some("decided") => {
+                reply.get(1).and_then(|o| decode_outcome(o))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(limiter = %self.name, error = %e, "could not give up an abandoned idempotent acquire; its wait deadline and lease bound it");
+                None
+            }
+        };
+        if let Some(Ok(grant)) = outcome {
+            if self.release(grant.token).await.is_err() {
+                tracing::warn!(limiter = %self.name, "could not release an abandoned grant; its lease bounds it");
+            }
+        }
+    }
+
     pub(super) async fn cancel_orphan(&self, key: String) {
         match self.cancel(&key, "drop").await {
             Ok(Some(Ok(grant))) => {
@@ -481,7 +541,12 @@ impl LimiterBackend for RedisLimiter {
             .store
             .next_waiter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let key = format!("{}.{n}", self.store.server_id);
+        let attempt = format!("{}.{n}", self.store.server_id);
+        // An idempotent acquire's key is its request id's, so a retry finds its wait or grant.
+        let key = match &req.request_id {
+            Some(id) => idempotent_key(id),
+            None => attempt.clone(),
+        };
         // Registered before the script runs: a wake-up can arrive before its reply does.
         let (tx, rx) = oneshot::channel();
         self.store.lock_waiters().insert(
@@ -489,6 +554,7 @@ impl LimiterBackend for RedisLimiter {
             Pending {
                 limiter: self.name.clone(),
                 tx,
+                attempt: n,
             },
         );
         // Armed from here on: if this future is dropped, or the call fails without our knowing
@@ -496,6 +562,8 @@ impl LimiterBackend for RedisLimiter {
         let mut guard = QueuedGuard {
             limiter: self.clone(),
             key: key.clone(),
+            attempt: n,
+            idempotent: req.request_id.is_some(),
             armed: true,
         };
         let args = [
@@ -505,6 +573,7 @@ impl LimiterBackend for RedisLimiter {
             key.clone(),
             self.store.channel.clone(),
             req.holder.as_deref().unwrap_or_default().to_owned(),
+            attempt,
         ];
         let reply = self.call("acquire", &args).await?;
         match reply.first().map(String::as_str) {

@@ -25,6 +25,9 @@ pub(crate) struct Pending {
     pub(crate) limiter: LimiterName,
     /// Where its outcome goes.
     pub(crate) tx: oneshot::Sender<WaitOutcome>,
+    /// The call that waits (several calls may wait under one idempotent key, one after the
+    /// other): only that call's guard takes this entry out.
+    pub(crate) attempt: u64,
 }
 
 /// Decodes an outcome recorded by the script: `G|token|permits|lease|deadline|granted_at|waited`,
