@@ -144,7 +144,7 @@ pub struct KeyLayer {
 
 /// The spec the total core runs with: without a configured total concurrency, the largest one,
 /// so grants still hold leases (the per-key limits bound them).
-pub(crate) fn total_spec(spec: &LimiterSpec) -> LimiterSpec {
+pub fn total_spec(spec: &LimiterSpec) -> LimiterSpec {
     let mut total = spec.clone();
     if total.concurrency.is_none() {
         total.concurrency = Some(MAX_CONCURRENCY);
@@ -160,8 +160,8 @@ impl KeyLayer {
         keyed: KeyedSpec,
         first_token: u64,
     ) -> Result<(LimiterCore, KeyLayer), InvalidField> {
-        spec.validate()?;
         keyed.validate(&spec)?;
+        total_spec(&spec).validate()?;
         let total = LimiterCore::new(total_spec(&spec), first_token)?;
         Ok((
             total,

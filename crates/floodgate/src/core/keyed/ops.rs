@@ -500,8 +500,8 @@ impl KeyLayer {
         keyed: KeyedSpec,
         fx: &mut Effects,
     ) -> Result<(), InvalidField> {
-        spec.validate()?;
         keyed.validate(&spec)?;
+        total_spec(&spec).validate()?;
         self.advance(total, now, fx);
         total.reconfigure(now, total_spec(&spec), fx)?;
         self.user_concurrency = spec.concurrency;

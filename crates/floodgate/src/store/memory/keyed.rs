@@ -179,8 +179,8 @@ impl<C: Clock> MemoryStore<C> {
         spec: LimiterSpec,
         keyed: KeyedSpec,
     ) -> Result<LimiterStatus, StoreError> {
-        spec.validate()?;
         keyed.validate(&spec)?;
+        crate::core::keyed::total_spec(&spec).validate()?;
         if self.inner.persist.is_some() {
             return Err(StoreError::Invalid(InvalidField::new(
                 "per_key",
