@@ -23,6 +23,7 @@ from .errors import (
     PermitsExceedLimit,
     QueueFull,
     ServerError,
+    TooManyKeys,
     Unauthorized,
     Unavailable,
     UnknownLimiter,
@@ -56,6 +57,7 @@ __all__ = [
     "NoPermit",
     "WaitTimeout",
     "QueueFull",
+    "TooManyKeys",
     "ServerError",
     "Unavailable",
 ]

@@ -6,7 +6,7 @@ use crate::spec::{InvalidField, LimiterSpec, RateSpec, MAX_CONCURRENCY, MAX_RATE
 pub const DEFAULT_MAX_KEYS: u32 = 100_000;
 /// Largest `max_keys` accepted: about a gigabyte of key state at the cap.
 pub const MAX_KEYS: u32 = 10_000_000;
-/// Longest key accepted, in bytes.
+/// Longest key accepted, in characters.
 pub const MAX_KEY_LEN: usize = 256;
 /// Largest weight a key's override may give it.
 pub const MAX_WEIGHT: u32 = 1_000;
@@ -139,12 +139,12 @@ impl KeyOverride {
     }
 }
 
-/// Checks a key sent by a client: 1 to [`MAX_KEY_LEN`] bytes, no control characters.
+/// Checks a key sent by a client: 1 to [`MAX_KEY_LEN`] characters, no control characters.
 pub fn check_key(key: &str) -> Result<(), InvalidField> {
-    if key.is_empty() || key.len() > MAX_KEY_LEN {
+    if key.is_empty() || key.chars().nth(MAX_KEY_LEN).is_some() {
         return Err(InvalidField::new(
             "key",
-            format!("must be 1 to {MAX_KEY_LEN} bytes"),
+            format!("must be 1 to {MAX_KEY_LEN} characters"),
         ));
     }
     if key.chars().any(char::is_control) {
