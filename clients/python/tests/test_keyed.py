@@ -6,7 +6,7 @@ from typing import Any, List
 
 import pytest
 
-from floodgate import BadRequest, Floodgate, Rate, TooManyKeys, WaitTimeout
+from floodgate import BadRequest, Floodgate, TooManyKeys, WaitTimeout
 
 
 def keyed(fg: Floodgate, concurrency: Any, **kwargs: Any) -> str:
@@ -54,9 +54,10 @@ def test_overrides_and_bad_input(fg: Floodgate) -> None:
 
 
 def test_schedule_with_a_key_takes_both_rates(fg: Floodgate) -> None:
-    name = keyed(fg, 10, rate=Rate(1000, period=1.0), per_key={"rate": {"limit": 10, "period_ms": 1000, "burst": 1}})
+    per_key = {"concurrency": 5, "rate": {"limit": 10, "period_ms": 1000, "burst": 1}}
+    name = keyed(fg, 10, per_key=per_key)
     offsets = fg.schedule(name, 3, key="org-a")
-    # The key's 10/s paces its reservations 100 ms apart although the total allows 1000/s.
+    # The key's 10/s paces its reservations 100 ms apart; another key's are its own.
     assert offsets[0] == 0.0
     assert offsets[1] >= 0.099 and offsets[2] >= 0.199
     other = fg.schedule(name, 1, key="org-b")
