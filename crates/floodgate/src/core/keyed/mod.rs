@@ -21,10 +21,11 @@
 //!
 //! Not built yet: rate-only keyed limiters, re-adoption of unknown permits during a learning
 //! window (an extend of an unknown permit is lost), keeping an abandoned idempotent wait for a
-//! retry (a dropped keyed wait is cancelled), snapshots for the durable store.
+//! retry (a dropped keyed wait is cancelled), per-key adaptive limits.
 
 mod ops;
 mod sched;
+mod snapshot;
 mod spec;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
+pub use self::snapshot::{KeyLayerState, KeyState, KeyedSpecState};
 pub use self::spec::{
     check_key, KeyOverride, KeyedSpec, DEFAULT_MAX_KEYS, MAX_KEYS, MAX_KEY_LEN, MAX_WEIGHT,
 };

@@ -179,7 +179,7 @@ impl KeyLayer {
 
     /// Takes a queued waiter out (it gave up, timed out or was refused). The key's next
     /// waiter may now be the head, and it may run.
-    fn dequeue(
+    pub(super) fn dequeue(
         &mut self,
         total: &mut LimiterCore,
         now: Timestamp,

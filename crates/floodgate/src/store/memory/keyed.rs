@@ -1,14 +1,17 @@
 //! Keyed limiters in the embedded store: a limiter's state holds a
 //! [`KeyLayer`](crate::core::keyed::KeyLayer) beside its core, and each operation goes through
-//! it. Not yet durable: a store with a data directory refuses to create one.
+//! it. With a data directory, keyed operations are logged and keyed state is snapshotted like
+//! any other (see `durable/record.rs`).
 
 use std::sync::PoisonError;
 use std::time::Duration;
 
+use super::durable::record::Op;
 use super::limiter::{MemoryLimiter, State};
 use super::{timer, MemoryStore};
 use crate::clock::{token_seed, Clock};
-use crate::core::keyed::{KeyLayer, KeyOverride, KeyedSpec, KeysView};
+use crate::core::keyed::{KeyLayer, KeyOverride, KeyedSpec, KeyedSpecState, KeysView};
+use crate::core::SpecState;
 use crate::core::{Effects, Feedback, LimiterStatus, Lost, WaiterId};
 use crate::error::StoreError;
 use crate::spec::{InvalidField, LimiterSpec};
@@ -133,23 +136,53 @@ impl<C: Clock> MemoryLimiter<C> {
         key: &str,
         count: u32,
     ) -> Result<Vec<Duration>, StoreError> {
-        self.with_state(|state, now, fx| match &mut state.keyed {
-            Some(keyed) => keyed.schedule(&mut state.core, now, key, count, fx),
-            None => Err(not_keyed()),
-        })?
-        .map_err(StoreError::Invalid)
+        let offsets = self
+            .with_state(|state, now, fx| {
+                let out = match &mut state.keyed {
+                    Some(keyed) => keyed.schedule(&mut state.core, now, key, count, fx),
+                    None => return Err(not_keyed()),
+                };
+                state.record(now, || Op::KeyedSchedule {
+                    key: key.to_owned(),
+                    count,
+                });
+                out
+            })?
+            .map_err(StoreError::Invalid)?;
+        self.durable().await?;
+        Ok(offsets)
     }
 
-    pub(super) fn put_key_override(
+    pub(super) async fn put_key_override(
         &self,
         key: &str,
         over: Option<KeyOverride>,
     ) -> Result<(), StoreError> {
-        self.with_state(|state, now, fx| match &mut state.keyed {
-            Some(keyed) => keyed.put_override(&mut state.core, now, key, over, fx),
-            None => Err(not_keyed()),
+        self.with_state(|state, now, fx| {
+            let out = match &mut state.keyed {
+                Some(keyed) => keyed.put_override(&mut state.core, now, key, over, fx),
+                None => return Err(not_keyed()),
+            };
+            if out.is_ok() {
+                state.record(now, || Op::PutKey {
+                    key: key.to_owned(),
+                    concurrency: over.and_then(|o| o.concurrency),
+                    weight: over.map(|o| o.weight),
+                });
+            }
+            out
         })?
-        .map_err(StoreError::Invalid)
+        .map_err(StoreError::Invalid)?;
+        self.durable().await
+    }
+
+    /// Makes this (new or recovered) limiter keyed.
+    pub(super) fn set_keyed(&self, layer: KeyLayer) {
+        self.shared()
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keyed = Some(Box::new(layer));
     }
 
     pub(super) fn keys_view(&self, limit: usize) -> Result<Option<KeysView>, StoreError> {
@@ -181,13 +214,6 @@ impl<C: Clock> MemoryStore<C> {
     ) -> Result<LimiterStatus, StoreError> {
         keyed.validate(&spec)?;
         crate::core::keyed::total_spec(&spec).validate()?;
-        if self.inner.persist.is_some() {
-            return Err(StoreError::Invalid(InvalidField::new(
-                "per_key",
-                "keyed limiters are not yet kept by the durable embedded store (--data-dir); \
-                 run the server without a data directory to use them",
-            )));
-        }
         let existing = {
             let mut map = self
                 .inner
@@ -212,18 +238,12 @@ impl<C: Clock> MemoryStore<C> {
                         )
                         .max(self.inner.clock.now().0);
                     let (core, layer) = KeyLayer::new(spec.clone(), keyed.clone(), first_token)?;
-                    let limiter = MemoryLimiter::with_core(
-                        name.clone(),
-                        core,
-                        self.inner.clock.clone(),
-                        None,
-                    );
-                    limiter
-                        .shared()
-                        .state
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .keyed = Some(Box::new(layer));
+                    let log = self.inner.persist.as_ref().map(|p| {
+                        p.create_keyed(self.inner.clock.now(), name, &spec, &keyed, first_token)
+                    });
+                    let limiter =
+                        MemoryLimiter::with_core(name.clone(), core, self.inner.clock.clone(), log);
+                    limiter.set_keyed(layer);
                     timer::spawn(&limiter);
                     map.insert(name.clone(), limiter.clone());
                     None
@@ -231,10 +251,19 @@ impl<C: Clock> MemoryStore<C> {
             }
         };
         if let Some(limiter) = &existing {
-            limiter
-                .with_state(|state, now, fx| state.reconfigure_any(now, spec, Some(keyed), fx))??;
+            limiter.with_state(|state, now, fx| {
+                let out = state.reconfigure_any(now, spec.clone(), Some(keyed.clone()), fx);
+                if out.is_ok() {
+                    state.record(now, || Op::ReconfigureKeyed {
+                        spec: SpecState::from(&spec),
+                        keyed: KeyedSpecState::from(&keyed),
+                    });
+                }
+                out
+            })??;
         }
         let limiter = self.limiter_handle(name)?;
+        limiter.durable().await?;
         limiter.status().await
     }
 

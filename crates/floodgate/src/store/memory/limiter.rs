@@ -182,8 +182,13 @@ impl State {
     /// waiter was granted): status reads and timer passes that change nothing are not logged.
     pub(super) fn advance_logged(&mut self, now: Timestamp, fx: &mut Effects) {
         if let Some(keyed) = &mut self.keyed {
-            // Keyed limiters are not durable (the store refuses them with a log).
+            let before = self.core.counters();
             keyed.advance(&mut self.core, now, fx);
+            // Logged when it changed what later operations see (a lapse, a time-out, a grant);
+            // dropping idle keys is repeated by the next operation's own advance.
+            if self.log.is_some() && self.core.counters() != before {
+                self.record(now, || Op::Advance);
+            }
             return;
         }
         if self.log.is_none() {
@@ -339,7 +344,7 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         key: &str,
         over: Option<crate::core::keyed::KeyOverride>,
     ) -> Result<(), StoreError> {
-        self.put_key_override(key, over)
+        self.put_key_override(key, over).await
     }
 
     async fn keys(&self, limit: usize) -> Result<Option<crate::core::keyed::KeysView>, StoreError> {
@@ -446,7 +451,11 @@ impl<C: Clock> MemoryLimiter<C> {
                     state.record(now, || Op::acquire(&req));
                     admission
                 }
-                (Some(keyed), Some(key)) => keyed.acquire(&mut state.core, now, key, &req, fx),
+                (Some(keyed), Some(key)) => {
+                    let admission = keyed.acquire(&mut state.core, now, key, &req, fx);
+                    state.record(now, || Op::keyed_acquire(key, &req));
+                    admission
+                }
                 (Some(_), None) => Admission::Refused(Refusal::Invalid(InvalidField::new(
                     "key",
                     "this limiter is keyed: every acquire names a key",
