@@ -205,6 +205,16 @@ async fn a_keyed_limiter_over_http() {
         .put("/v1/limiters/plain", json!({"per_key": {"concurrency": 1}}))
         .await;
     assert_error(&make_keyed, 400, "invalid_request", "per_key");
+    // max_keys is never accepted and ignored: out of range, or on a limiter without keys.
+    let keys_on_plain = srv.put("/v1/limiters/plain", json!({"max_keys": 5})).await;
+    assert_error(&keys_on_plain, 400, "invalid_request", "max_keys");
+    let too_many = srv
+        .put(
+            "/v1/limiters/plain",
+            json!({"per_key": null, "max_keys": 99_999_999}),
+        )
+        .await;
+    assert_error(&too_many, 400, "invalid_request", "max_keys");
     srv.served.stop().await;
 }
 

@@ -38,6 +38,22 @@ pub(crate) fn keyed_spec(
     max_keys: Option<u32>,
     current: Option<KeyedSpec>,
 ) -> Result<Option<KeyedSpec>, ApiError> {
+    if let Some(max) = max_keys {
+        // Checked whatever else the body says, so it is never accepted and ignored.
+        let max_allowed = floodgate::core::keyed::MAX_KEYS;
+        if max == 0 || max > max_allowed {
+            return Err(ApiError::bad_field(
+                "max_keys",
+                format!("must be from 1 to {max_allowed}"),
+            ));
+        }
+        if matches!(per_key, Some(None)) || (per_key.is_none() && current.is_none()) {
+            return Err(ApiError::bad_field(
+                "max_keys",
+                "only a keyed limiter has keys: give per_key too",
+            ));
+        }
+    }
     if per_key.is_none() && max_keys.is_none() {
         return Ok(current);
     }
