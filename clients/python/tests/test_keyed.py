@@ -62,3 +62,23 @@ def test_schedule_with_a_key_takes_both_rates(fg: Floodgate) -> None:
     assert offsets[1] >= 0.099 and offsets[2] >= 0.199
     other = fg.schedule(name, 1, key="org-b")
     assert other == [0.0]
+
+
+def test_the_celery_decorator_takes_the_key_from_the_arguments(fg: Floodgate) -> None:
+    from floodgate.celery import current_permit, limited
+
+    from test_celery_decorator import BoundTask
+
+    name = keyed(fg, 4, per_key={"concurrency": 1})
+    seen: List[Any] = []
+
+    @limited(name, key=lambda org_id, project_id: "org-{}".format(org_id), wait=1, client=fg)
+    def body(self: Any, org_id: int, project_id: int) -> None:
+        assert current_permit() is not None
+        busiest = fg.limiter(name)["keyed"]["busiest_keys"]
+        seen.append([(k["key"], k["in_use"]) for k in busiest])
+
+    body(BoundTask(), 7, 1)
+    body(BoundTask(), 8, 2)
+    assert seen == [[("org-7", 1)], [("org-8", 1)]]
+    assert fg.limiter(name)["keyed"]["key_count"] == 0
