@@ -119,6 +119,21 @@ async fn a_keyed_limiter_over_http() {
     assert_error(&d1, 429, "too_many_keys", "max_keys");
     assert!(d1.1["retry_after_ms"].as_u64().unwrap() >= 1);
 
+    // Metrics: one key-count series per limiter, never one per key.
+    let metrics = srv
+        .http
+        .get(format!("{}/metrics", srv.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("floodgate_limiter_keys{limiter=\"orgs\"} 3"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("org-a"), "no per-key series");
     // Releasing org-c's only permit drops its key: org-d fits now.
     let permit = c1.1["permit_id"].as_str().unwrap();
     let (s, _) = srv

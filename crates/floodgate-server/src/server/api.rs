@@ -750,6 +750,7 @@ pub(super) async fn metrics<S: Store>(State(state): AppStateRef<S>) -> Response 
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
+    super::keyed::record_key_counts(&state, &statuses).await;
     match state.metrics.encode(statuses) {
         Ok(text) => (
             [(

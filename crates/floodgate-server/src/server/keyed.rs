@@ -224,3 +224,19 @@ pub(super) async fn delete_key<S: Store>(
 pub(crate) fn check(key: &str) -> Result<(), ApiError> {
     floodgate::core::keyed::check_key(key).map_err(|e| ApiError::bad_field(e.field, e.message))
 }
+
+/// Sets the key-count gauge of every keyed limiter among `statuses` (a store without keyed
+/// limiters answers at once, with no round trip).
+pub(crate) async fn record_key_counts<S: Store>(
+    state: &AppState<S>,
+    statuses: &[floodgate::LimiterStatus],
+) {
+    for status in statuses {
+        let Ok(limiter) = state.gate.store().limiter(&status.name).await else {
+            continue;
+        };
+        if let Ok(Some(view)) = limiter.keys(0).await {
+            state.metrics.set_keys(status.name.as_str(), view.count);
+        }
+    }
+}
