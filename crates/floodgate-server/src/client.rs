@@ -81,6 +81,9 @@ pub struct AcquireArgs {
     /// the server answers the retry with the same grant instead of a second permit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// A keyed limiter's key (docs/keyed.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// The body of an extend.

@@ -15,7 +15,7 @@ use floodgate::LimiterStatus;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -47,6 +47,9 @@ pub struct Metrics {
     pub acquire_wait_seconds: Family<LimiterLabel, Histogram>,
     /// The same waits, by limiter, for the dashboard's per-second wait percentiles.
     pub wait_log: crate::dashboard::history::WaitLog,
+    /// Keys each keyed limiter tracks, set at scrape time: per limiter, never per key, so the
+    /// cardinality stays bounded whatever keys clients send (docs/keyed.md).
+    pub limiter_keys: Family<LimiterLabel, Gauge>,
     /// The statuses the collector encodes, set for each scrape and emptied after it.
     snapshot: Arc<Mutex<Vec<LimiterStatus>>>,
     /// Which limiters have series in the two families above, with the outcomes they have: what
@@ -91,6 +94,12 @@ impl Metrics {
             "Time acquires spent waiting for a permit",
             acquire_wait_seconds.clone(),
         );
+        let limiter_keys = Family::<LimiterLabel, Gauge>::default();
+        registry.register(
+            "floodgate_limiter_keys",
+            "Keys a keyed limiter tracks now (with holders, waiters or rate debt)",
+            limiter_keys.clone(),
+        );
         let snapshot = Arc::new(Mutex::new(Vec::new()));
         let oldest_wait = Arc::new(Mutex::new(std::collections::HashMap::new()));
         registry.register_collector(Box::new(StoreCollector {
@@ -102,6 +111,7 @@ impl Metrics {
             acquire_total,
             acquire_wait_seconds,
             wait_log: Default::default(),
+            limiter_keys,
             snapshot,
             recorded: Mutex::new(HashMap::new()),
             oldest_wait,
@@ -138,6 +148,19 @@ impl Metrics {
         self.acquire_wait_seconds.remove(&LimiterLabel {
             limiter: limiter.to_owned(),
         });
+        self.limiter_keys.remove(&LimiterLabel {
+            limiter: limiter.to_owned(),
+        });
+    }
+
+    /// Sets a keyed limiter's key count.
+    pub fn set_keys(&self, limiter: &str, count: u64) {
+        self.note(limiter, None);
+        self.limiter_keys
+            .get_or_create(&LimiterLabel {
+                limiter: limiter.to_owned(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Drops the series of every limiter not in `existing`.

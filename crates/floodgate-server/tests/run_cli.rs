@@ -556,3 +556,55 @@ async fn an_unreachable_server_exits_69_without_running_the_command() {
     assert_eq!(code(&output), 69, "{}", stderr(&output));
     assert!(!scratch.file("ran").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_takes_a_permit_for_its_key_of_a_keyed_limiter() {
+    let server = TestServer::start(1).await;
+    server
+        .gate
+        .define_keyed(
+            "orgs",
+            LimiterSpec::concurrency(4),
+            floodgate::KeyedSpec::per_key(1).with_max_keys(1),
+        )
+        .await
+        .unwrap();
+    let scratch = Scratch::new("key");
+    let output = server
+        .output(
+            scratch.path(),
+            &["run", "orgs", "--key", "org-1", "--", "true"],
+        )
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let orgs = server.gate.limiter("orgs").await.unwrap();
+    let status = orgs.status().await.unwrap();
+    assert_eq!(status.counters.granted, 1, "granted for the key");
+    assert_eq!(status.in_use, 0, "released after the command");
+    // Bad input: no key for a keyed limiter, a key for a plain one: exit 2 naming the field.
+    for args in [
+        vec!["run", "orgs", "--", "true"],
+        vec!["run", LIMITER, "--key", "org-1", "--", "true"],
+    ] {
+        let output = server.output(scratch.path(), &args).await;
+        assert_eq!(code(&output), 2, "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains("key"), "{}", stderr(&output));
+    }
+    // A second key beyond max_keys (1) while org-1 holds: EX_TEMPFAIL, not a failure.
+    let held = orgs
+        .acquire(floodgate::AcquireOptions::new().key("org-1"))
+        .await
+        .unwrap();
+    let output = server
+        .output(
+            scratch.path(),
+            &[
+                "run", "orgs", "--key", "org-2", "--wait", "0s", "--", "true",
+            ],
+        )
+        .await;
+    assert_eq!(code(&output), 75, "{}", stderr(&output));
+    assert!(stderr(&output).contains("keys"), "{}", stderr(&output));
+    drop(held);
+    server.stop().await;
+}

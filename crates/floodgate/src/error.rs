@@ -42,7 +42,8 @@ impl AcquireError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             AcquireError::Refused(Refusal::WaitTimeout { retry_after })
-            | AcquireError::Refused(Refusal::QueueFull { retry_after }) => Some(*retry_after),
+            | AcquireError::Refused(Refusal::QueueFull { retry_after })
+            | AcquireError::Refused(Refusal::TooManyKeys { retry_after, .. }) => Some(*retry_after),
             _ => None,
         }
     }

@@ -55,6 +55,7 @@ mod sync;
 mod types;
 
 pub use crate::clock::{Clock, FastClock, TokioClock, WallClock};
+pub use crate::core::keyed::{KeyInfo, KeyOverride, KeyedSpec, KeysView};
 pub use crate::core::{
     AcquireRequest, Counters, Feedback, Grant, HolderInfo, HoldersView, LimiterStatus, Refusal,
     MAX_HOLDERS_LISTED,

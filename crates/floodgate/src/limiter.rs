@@ -41,6 +41,18 @@ impl<S: Store> Floodgate<S> {
         self.store.put_limiter(&name, spec).await
     }
 
+    /// Creates a keyed limiter (a limit per key under the total of `spec`, keys served
+    /// fairly) or changes its spec. Acquire from it with [`AcquireOptions::key`].
+    pub async fn define_keyed(
+        &self,
+        name: &str,
+        spec: LimiterSpec,
+        keyed: crate::core::keyed::KeyedSpec,
+    ) -> Result<LimiterStatus, StoreError> {
+        let name = LimiterName::new(name)?;
+        self.store.put_keyed_limiter(&name, spec, keyed).await
+    }
+
     /// Deletes the limiter; `false` if it did not exist.
     pub async fn delete(&self, name: &str) -> Result<bool, StoreError> {
         let name = LimiterName::new(name)?;
@@ -67,6 +79,8 @@ impl<S: Store> Floodgate<S> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AcquireOptions {
     request: AcquireRequest,
+    /// The key, for a keyed limiter (see [`crate::core::keyed`]); `None` for a plain one.
+    key: Option<Arc<str>>,
 }
 
 impl AcquireOptions {
@@ -110,6 +124,19 @@ impl AcquireOptions {
         self
     }
 
+    /// For a keyed limiter: the key (a tenant, an organization) this acquire counts against.
+    /// Its waiters queue FIFO per key and keys share the total fairly. Required by a keyed
+    /// limiter, refused by a plain one.
+    pub fn key(mut self, key: impl Into<Arc<str>>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The key, if one is set.
+    pub fn key_of(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     /// The request the store sees.
     pub fn request(&self) -> &AcquireRequest {
         &self.request
@@ -137,7 +164,10 @@ impl<B: LimiterBackend> Limiter<B> {
     /// raced the drop is released.
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
         let sent = Instant::now();
-        let grant = self.backend.acquire(options.request).await?;
+        let grant = match &options.key {
+            Some(key) => self.backend.acquire_keyed(key, options.request).await?,
+            None => self.backend.acquire(options.request).await?,
+        };
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
         let held = !grant.lease.is_zero();
         // The store started the lease between the request and its answer, and not before it

@@ -70,6 +70,7 @@ impl Why {
             },
             Refusal::LimiterDeleted => Why::LimiterDeleted,
             Refusal::Invalid(f) => Why::Invalid(f.field),
+            Refusal::TooManyKeys { .. } => panic!("a plain limiter has no keys: {r:?}"),
         }
     }
 }
@@ -613,6 +614,9 @@ impl Harness {
                         Refusal::PermitsExceedLimit { .. } => self.coverage.exceeds_limit += 1,
                         Refusal::Invalid(_) => self.coverage.invalid += 1,
                         Refusal::LimiterDeleted => {}
+                        Refusal::TooManyKeys { .. } => {
+                            prop_assert!(false, "a plain limiter has no keys: {:?}", r)
+                        }
                     },
                 }
             }

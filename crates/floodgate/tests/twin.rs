@@ -706,6 +706,8 @@ impl<'a> Twin<'a> {
                                 vec!["invalid".to_owned(), f.field.to_owned(), f.message.clone()]
                             }
                             Refusal::LimiterDeleted => vec!["deleted".to_owned()],
+                            // Plain limiters only: never sent; fails the comparison if it were.
+                            Refusal::TooManyKeys { .. } => vec!["too_many_keys".to_owned()],
                         };
                         prop_assert_eq!(&reply[..reply.len() - 1], &want[..], "step {}", step);
                     }

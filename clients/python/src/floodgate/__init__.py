@@ -23,6 +23,7 @@ from .errors import (
     PermitsExceedLimit,
     QueueFull,
     ServerError,
+    TooManyKeys,
     Unauthorized,
     Unavailable,
     UnknownLimiter,
@@ -57,6 +58,7 @@ __all__ = [
     "NoPermit",
     "WaitTimeout",
     "QueueFull",
+    "TooManyKeys",
     "ServerError",
     "Unavailable",
 ]

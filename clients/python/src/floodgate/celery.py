@@ -193,6 +193,7 @@ def _release(permit: Permit) -> None:
 def limited(
     name: Union[str, Callable[..., str]],
     *,
+    key: Union[str, Callable[..., str], None] = None,
     wait: Seconds = 5.0,
     lease: Optional[Seconds] = 300.0,
     permits: int = 1,
@@ -216,6 +217,10 @@ def limited(
 
     Args:
         name: the limiter, or a function of the task's arguments returning its name.
+        key: for a keyed limiter (docs/keyed.md), a function of the task's arguments returning
+            the key (``key=lambda org_id, project_id: str(org_id)``), or a fixed key: each
+            key's tasks queue FIFO and keys share the limiter's total fairly, so one
+            organization's large batch does not hold back the others.
         wait: seconds the worker may wait in the server's queue before the task is retried
             later instead (keep it short: a waiting worker does nothing else).
         lease: the permit's lease in seconds (``None``: the limiter's); the heartbeat keeps it
@@ -268,6 +273,7 @@ def limited(
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             fg = resolve_client()
             limiter = name(*args, **kwargs) if callable(name) else name
+            limiter_key = key(*args, **kwargs) if callable(key) else key
             request = self.request
             try:
                 permit = fg.acquire(
@@ -277,6 +283,7 @@ def limited(
                     lease=lease,
                     holder=_holder(self),
                     heartbeat=heartbeat,
+                    key=limiter_key,
                 )
             except NoPermit as e:
                 n = _count(request, WAIT_RETRIES)

@@ -115,10 +115,11 @@ class Rate:
 @dataclass(frozen=True)
 class Reservation:
     """What :meth:`Floodgate.reserve` reserved on a rate limiter: each child's start offset in
-    seconds, and the id with which :meth:`Floodgate.unschedule` gives back unused tokens."""
+    seconds, and the id with which :meth:`Floodgate.unschedule` gives back unused tokens
+    (``None`` for a keyed schedule, which cannot be given back yet)."""
 
     offsets: List[float]
-    id: int
+    id: Optional[int]
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,7 @@ class Floodgate:
         holder: Optional[str] = None,
         heartbeat: Union[bool, float] = False,
         on_lost: Optional[Callable[["Permit"], None]] = None,
+        key: Optional[str] = None,
     ) -> "Permit":
         """Acquires ``permits`` of limiter ``name``, waiting up to ``wait`` seconds.
 
@@ -282,6 +284,9 @@ class Floodgate:
                 the permit is held; a number is the interval in seconds; ``False`` does not.
             on_lost: called (in the heartbeat thread) when the heartbeat learns that the permit
                 was lost.
+            key: for a keyed limiter (docs/keyed.md), the key this acquire counts against (a
+                tenant, an organization): waiters queue per key and keys share the total
+                fairly. Required by a keyed limiter, refused (``BadRequest``) by a plain one.
 
         Returns:
             a :class:`Permit`; use it as a context manager, or call :meth:`Permit.release`.
@@ -290,6 +295,7 @@ class Floodgate:
             WaitTimeout: the wait ended without a permit (``retry_after`` is the server's hint,
                 in seconds). Re-enqueue the work.
             QueueFull: the limiter's queue is full (``retry_after`` likewise).
+            TooManyKeys: a keyed limiter already tracks ``max_keys`` keys and ``key`` is new.
             UnknownLimiter, BadRequest, PermitsExceedLimit, Unauthorized: as the server answers.
             Unavailable: the server could not be reached.
         """
@@ -301,6 +307,8 @@ class Floodgate:
         label = self.holder if holder is None else holder
         if label:
             body["holder"] = label
+        if key is not None:
+            body["key"] = key
         # The long poll is answered at the latest when the wait ends: give the read that long
         # plus the ordinary timeout.
         held_for = MAX_SERVER_WAIT if wait is None else max(0.0, _seconds(wait))
@@ -333,6 +341,7 @@ class Floodgate:
         holder: Optional[str] = None,
         heartbeat: Union[bool, float] = True,
         on_lost: Optional[Callable[["Permit"], None]] = None,
+        key: Optional[str] = None,
     ) -> "Permit":
         """:meth:`acquire` with the heartbeat on, for ``with``::
 
@@ -351,6 +360,7 @@ class Floodgate:
             holder=holder,
             heartbeat=heartbeat,
             on_lost=on_lost,
+            key=key,
         )
 
     def extend(
@@ -388,23 +398,26 @@ class Floodgate:
 
     # -- fan-out scheduling and feedback (issue 5) -----------------------------------------
 
-    def schedule(self, name: str, count: int) -> List[float]:
+    def schedule(self, name: str, count: int, *, key: Optional[str] = None) -> List[float]:
         """Start offsets, in seconds, for a fan-out of ``count`` tasks on limiter ``name``:
-        give task *i* a countdown of ``offsets[i]`` so they do not all arrive at once.
+        give task *i* a countdown of ``offsets[i]`` so they do not all arrive at once. With
+        ``key`` (a keyed limiter), the offsets satisfy the total's and the key's rate.
 
         Raises :class:`NotFound` (code ``not_found``) against a server without the endpoint.
         """
-        return self.reserve(name, count).offsets
+        return self.reserve(name, count, key=key).offsets
 
-    def reserve(self, name: str, count: int) -> Reservation:
+    def reserve(self, name: str, count: int, *, key: Optional[str] = None) -> Reservation:
         """Like :meth:`schedule`, and also returns the reservation's id, so that a producer
         that enqueues fewer than ``count`` children can give the rest back
-        (:meth:`unschedule`)."""
-        data = self._request(
-            "POST", "/v1/limiters/{}/schedule".format(_quote(name)), {"count": count}
-        )
+        (:meth:`unschedule`). The id is ``None`` for a keyed schedule (not given back yet)."""
+        body: Dict[str, Any] = {"count": count}
+        if key is not None:
+            body["key"] = key
+        data = self._request("POST", "/v1/limiters/{}/schedule".format(_quote(name)), body)
         offsets = [float(ms) / 1000.0 for ms in data["offsets_ms"]]
-        return Reservation(offsets=offsets, id=int(data["reservation"]))
+        reservation = data.get("reservation")
+        return Reservation(offsets=offsets, id=None if reservation is None else int(reservation))
 
     def unschedule(self, name: str, reservation: int, count: int) -> int:
         """Gives back ``count`` tokens of ``reservation`` whose children were not enqueued.
@@ -515,6 +528,8 @@ class Floodgate:
         lease: Optional[Seconds] = None,
         max_wait: Optional[Seconds] = None,
         max_queue: Optional[int] = None,
+        per_key: Union[Dict[str, Any], None, _Keep] = KEEP,
+        max_keys: Optional[int] = None,
     ) -> Dict[str, Any]:
         """Creates or changes a limiter (``PUT``). Fields left out keep their value (for a new
         limiter: the server's defaults); ``None`` removes ``concurrency``, ``rate`` or
@@ -523,6 +538,7 @@ class Floodgate:
             fg.define("snuba", 50, lease=300)
             fg.define("fanout", None, rate=Rate(20, period=1.0))          # rate only
             fg.define("snuba", 50, adaptive=Adaptive(min=5, max=100))       # AIMD from 50
+            fg.define("orgs", 50, per_key={"concurrency": 5})              # keyed (docs/keyed.md)
         """
         body: Dict[str, Any] = {}
         if concurrency is not KEEP:
@@ -537,7 +553,27 @@ class Floodgate:
             body["max_wait_ms"] = _ms(max_wait, "max_wait_ms")
         if max_queue is not None:
             body["max_queue"] = max_queue
+        if per_key is not KEEP:
+            body["per_key"] = _spec(per_key)
+        if max_keys is not None:
+            body["max_keys"] = max_keys
         return self._request("PUT", "/v1/limiters/{}".format(_quote(name)), body)
+
+    def set_key(
+        self, name: str, key: str, *, concurrency: Optional[int] = None, weight: int = 1
+    ) -> Dict[str, Any]:
+        """Sets keyed limiter ``name``'s override for ``key``: its own concurrency limit
+        (``None``: the per-key default) and its weight in the fair share of the total."""
+        body: Dict[str, Any] = {"weight": weight}
+        if concurrency is not None:
+            body["concurrency"] = concurrency
+        path = "/v1/limiters/{}/keys/{}".format(_quote(name), _quote(key))
+        return self._request("PUT", path, body)
+
+    def delete_key(self, name: str, key: str) -> bool:
+        """Removes keyed limiter ``name``'s override for ``key``."""
+        path = "/v1/limiters/{}/keys/{}".format(_quote(name), _quote(key))
+        return bool(self._request("DELETE", path, None).get("deleted"))
 
     def limiter(self, name: str) -> Dict[str, Any]:
         """The limiter's settings, in-use count and counters."""

@@ -23,6 +23,7 @@ __all__ = [
     "NoPermit",
     "WaitTimeout",
     "QueueFull",
+    "TooManyKeys",
     "ServerError",
     "Unavailable",
 ]
@@ -127,6 +128,11 @@ class QueueFull(NoPermit):
     """429 ``queue_full``: the limiter's queue is at ``max_queue``; refused without waiting."""
 
 
+class TooManyKeys(NoPermit):
+    """429 ``too_many_keys``: a keyed limiter already tracks its ``max_keys`` keys and this
+    acquire names a new one; refused without waiting (idle keys drop out, so retry later)."""
+
+
 class ServerError(FloodgateError):
     """5xx other than 503: the server failed."""
 
@@ -150,6 +156,7 @@ _BY_CODE: Dict[str, Type[FloodgateError]] = {
     "payload_too_large": PayloadTooLarge,
     "wait_timeout": WaitTimeout,
     "queue_full": QueueFull,
+    "too_many_keys": TooManyKeys,
     "shutting_down": Unavailable,
     "store_unavailable": Unavailable,
 }

@@ -1,4 +1,4 @@
-//! `floodgate run NAME [--wait 60s] [--lease 5m] [--permits N] [--holder LABEL] -- COMMAND...`:
+//! `floodgate run NAME [--wait 60s] [--lease 5m] [--permits N] [--holder LABEL] [--key KEY] -- COMMAND...`:
 //! runs a command while holding a permit, like `flock` but shared by every machine that talks
 //! to the same server.
 //!
@@ -72,6 +72,10 @@ pub(crate) struct RunArgs {
     /// A label for the permit, shown by the server [default: HOST:PID].
     #[arg(long, value_name = "LABEL")]
     holder: Option<String>,
+    /// The key to count against, for a keyed limiter (a tenant, an organization; see
+    /// docs/keyed.md). Required by a keyed limiter, refused by a plain one.
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
     /// Once the permit is lost the command's process group gets SIGTERM, then SIGKILL this
     /// much later if it has not exited (also when `floodgate run` itself dies).
     #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "10s")]
@@ -91,6 +95,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
         wait_ms: args.wait.map(millis),
         holder: Some(args.holder.clone().unwrap_or_else(default_holder)),
         request_id: Some(new_request_id()),
+        key: args.key.clone(),
     };
     let mut sent = Instant::now();
     let permit = tokio::select! {
@@ -448,6 +453,16 @@ fn acquire_failure(args: &RunArgs, e: ClientError) -> Failure {
             code: EXIT_TEMPFAIL,
             message: format!(
                 "no permit for {}: its wait queue is full; {}",
+                args.name,
+                retry(retry_after)
+            ),
+        },
+        ClientError::Api {
+            code, retry_after, ..
+        } if code == "too_many_keys" => Failure {
+            code: EXIT_TEMPFAIL,
+            message: format!(
+                "no permit for {}: it already tracks its maximum of keys; {}",
                 args.name,
                 retry(retry_after)
             ),

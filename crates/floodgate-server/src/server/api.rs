@@ -61,6 +61,9 @@ pub(crate) struct LimiterBody {
     /// In a learning window after state loss (docs/learning.md): nothing is granted until it
     /// ends.
     learning: bool,
+    /// A keyed limiter's per-key limits and busiest keys (docs/keyed.md); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keyed: Option<super::keyed::KeyedBody>,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,6 +121,7 @@ impl From<LimiterStatus> for LimiterBody {
                 adopted: c.adopted,
             },
             learning: s.learning,
+            keyed: None,
         }
     }
 }
@@ -160,7 +164,9 @@ pub(super) async fn get_limiter<S: Store>(
 ) -> Result<Json<LimiterBody>, ApiError> {
     let name = limiter_name(path)?;
     let limiter = state.gate.store().limiter(&name).await?;
-    Ok(Json(limiter.status().await?.into()))
+    let mut body = LimiterBody::from(limiter.status().await?);
+    body.keyed = super::keyed::section(&limiter).await?;
+    Ok(Json(body))
 }
 
 /// `PUT /v1/limiters/{name}`. Fields left out keep their current value (or the default, for a
@@ -181,6 +187,12 @@ pub(crate) struct PutLimiter {
     rate: Option<Option<RateBody>>,
     #[serde(default, deserialize_with = "present")]
     adaptive: Option<Option<AdaptiveBody>>,
+    /// Makes the limiter keyed (docs/keyed.md): limits per key under the total.
+    #[serde(default, deserialize_with = "present")]
+    per_key: Option<Option<super::keyed::PerKeyBody>>,
+    /// A keyed limiter's cap on keys tracked at once.
+    #[serde(default, deserialize_with = "non_null")]
+    max_keys: Option<u32>,
 }
 
 /// Tells a field given as `null` (`Some(None)`) from one left out (`None`).
@@ -190,7 +202,7 @@ fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
     Option::<T>::deserialize(d).map(Some)
 }
 
-fn require_writes<S: Store>(state: &AppState<S>) -> Result<(), ApiError> {
+pub(super) fn require_writes<S: Store>(state: &AppState<S>) -> Result<(), ApiError> {
     if state.options.api_writes {
         Ok(())
     } else {
@@ -210,15 +222,38 @@ pub(super) async fn put_limiter<S: Store>(
     require_writes(&state)?;
     let name = limiter_name(path)?;
     // Some stores hand out handles without a round trip, so "unknown" may come from either call.
-    let current = match state.gate.store().limiter(&name).await {
+    let (current, current_keyed) = match state.gate.store().limiter(&name).await {
         Ok(limiter) => match limiter.status().await {
-            Ok(status) => Some(status.spec),
-            Err(StoreError::UnknownLimiter(_)) => None,
+            Ok(status) => (
+                Some(status.spec),
+                limiter.keys(0).await?.map(|view| view.spec),
+            ),
+            Err(StoreError::UnknownLimiter(_)) => (None, None),
             Err(e) => return Err(e.into()),
         },
-        Err(StoreError::UnknownLimiter(_)) => None,
+        Err(StoreError::UnknownLimiter(_)) => (None, None),
         Err(e) => return Err(e.into()),
     };
+    let keyed = super::keyed::keyed_spec(body.per_key, body.max_keys, current_keyed)?;
+    if current.is_none() && keyed.is_some() && body.concurrency.is_none() && body.rate.is_none() {
+        // A keyed limiter may have no total: its per-key limits bound it.
+        let spec = LimiterSpec {
+            concurrency: None,
+            default_lease: body
+                .lease_ms
+                .map_or(LimiterSpec::default().default_lease, Duration::from_millis),
+            max_wait: body
+                .max_wait_ms
+                .map_or(LimiterSpec::default().max_wait, Duration::from_millis),
+            max_queue: body.max_queue.unwrap_or(LimiterSpec::default().max_queue),
+            ..LimiterSpec::default()
+        };
+        let keyed = keyed.unwrap_or_default();
+        let status = super::keyed::put(&state, &name, spec, keyed).await?;
+        let mut reply = LimiterBody::from(status);
+        reply.keyed = super::keyed::section(&state.gate.store().limiter(&name).await?).await?;
+        return Ok(Json(reply));
+    }
     if current.is_none() && body.concurrency.is_none() && body.rate.is_none() {
         return Err(ApiError::bad_field(
             "concurrency",
@@ -253,9 +288,14 @@ pub(super) async fn put_limiter<S: Store>(
             .map_or(base.max_wait, Duration::from_millis),
         max_queue: body.max_queue.unwrap_or(base.max_queue),
     };
-    let status = state.gate.store().put_limiter(&name, spec).await?;
+    let status = match keyed {
+        Some(keyed) => super::keyed::put(&state, &name, spec, keyed).await?,
+        None => state.gate.store().put_limiter(&name, spec).await?,
+    };
     tracing::info!(limiter = %name, concurrency = ?status.spec.concurrency, rate = ?status.spec.rate, "limiter set");
-    Ok(Json(status.into()))
+    let mut reply = LimiterBody::from(status);
+    reply.keyed = super::keyed::section(&state.gate.store().limiter(&name).await?).await?;
+    Ok(Json(reply))
 }
 
 #[derive(Debug, Serialize)]
@@ -294,6 +334,10 @@ pub(crate) struct AcquireBody {
     /// the same grant or joins the same wait.
     #[serde(default, deserialize_with = "non_null")]
     request_id: Option<String>,
+    /// A keyed limiter's key (a tenant, an organization): required by a keyed limiter,
+    /// refused by a plain one.
+    #[serde(default, deserialize_with = "non_null")]
+    key: Option<String>,
 }
 
 /// Longest idempotency key accepted.
@@ -407,6 +451,9 @@ pub(super) async fn acquire<S: Store>(
             ));
         }
     }
+    if let Some(key) = &body.key {
+        super::keyed::check(key)?;
+    }
     let limiter = state.gate.store().limiter(&name).await?;
     let request = AcquireRequest {
         permits: body.permits.unwrap_or(1),
@@ -427,7 +474,12 @@ pub(super) async fn acquire<S: Store>(
         return Err(ApiError::shutting_down());
     }
     let result = tokio::select! {
-        result = limiter.acquire(request) => result,
+        result = async {
+            match &body.key {
+                Some(key) => limiter.acquire_keyed(key, request).await,
+                None => limiter.acquire(request).await,
+            }
+        } => result,
         _ = shutting_down.wait_for(|down| *down) => {
             recorder.record("shutting_down");
             return Err(ApiError::shutting_down());
@@ -477,6 +529,9 @@ fn options_fail_open<S: Store>(
 #[serde(deny_unknown_fields)]
 pub(crate) struct ScheduleBody {
     count: u32,
+    /// A keyed limiter's key: the reservation takes the total's and this key's rate.
+    #[serde(default, deserialize_with = "non_null")]
+    key: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -484,8 +539,9 @@ pub(crate) struct Scheduled {
     count: usize,
     /// When each child may start, in milliseconds from now (rounded up: never early).
     offsets_ms: Vec<u64>,
-    /// The reservation's id, to give back what the producer does not use.
-    reservation: u64,
+    /// The reservation's id, to give back what the producer does not use (`None` for a keyed
+    /// schedule: not supported yet).
+    reservation: Option<u64>,
 }
 
 pub(super) async fn schedule<S: Store>(
@@ -495,15 +551,24 @@ pub(super) async fn schedule<S: Store>(
 ) -> Result<Json<Scheduled>, ApiError> {
     let name = limiter_name(path)?;
     let limiter = state.gate.store().limiter(&name).await?;
-    let schedule = limiter.schedule(body.count).await?;
+    let (offsets, reservation) = match &body.key {
+        Some(key) => {
+            super::keyed::check(key)?;
+            // A keyed schedule has no reservation to give back (not supported yet).
+            (limiter.schedule_keyed(key, body.count).await?, None)
+        }
+        None => {
+            let s = limiter.schedule(body.count).await?;
+            (s.offsets, Some(s.reservation.0))
+        }
+    };
     Ok(Json(Scheduled {
-        count: schedule.offsets.len(),
-        offsets_ms: schedule
-            .offsets
+        count: offsets.len(),
+        offsets_ms: offsets
             .iter()
             .map(|d| u64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(u64::MAX))
             .collect(),
-        reservation: schedule.reservation.0,
+        reservation,
     }))
 }
 
@@ -543,6 +608,10 @@ pub(crate) struct FeedbackBody {
     #[allow(dead_code)]
     #[serde(default, deserialize_with = "non_null")]
     latency_ms: Option<u64>,
+    /// A keyed limiter's key whose call this was. Checked (a valid key, of a keyed limiter);
+    /// the adaptive limit moved is the total's (per-key adaptive limits are not built).
+    #[serde(default, deserialize_with = "non_null")]
+    key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -571,6 +640,15 @@ pub(super) async fn feedback<S: Store>(
         FeedbackOutcome::Throttled => Feedback::Throttled,
         FeedbackOutcome::Error => Feedback::Error,
     };
+    if let Some(key) = &body.key {
+        super::keyed::check(key)?;
+        if limiter.keys(0).await?.is_none() {
+            return Err(ApiError::bad_field(
+                "key",
+                "this limiter is not keyed: create it with per_key to use keys",
+            ));
+        }
+    }
     let limit = limiter.feedback(outcome).await?;
     Ok(Json(FeedbackReply { limit }))
 }
@@ -707,6 +785,7 @@ pub(super) async fn metrics<S: Store>(State(state): AppStateRef<S>) -> Response 
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
+    super::keyed::record_key_counts(&state, &statuses).await;
     match state.metrics.encode(statuses) {
         Ok(text) => (
             [(

@@ -153,6 +153,18 @@ impl From<AcquireError> for ApiError {
                 "the limiter was deleted while the acquire waited",
             ),
             AcquireError::Refused(Refusal::Invalid(f)) => ApiError::bad_field(f.field, f.message),
+            AcquireError::Refused(Refusal::TooManyKeys {
+                max_keys,
+                retry_after,
+            }) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_keys",
+                format!(
+                    "key: this keyed limiter already tracks its max_keys ({max_keys}) keys and \
+                     this is a new one; retry after the hint, when idle keys have dropped out"
+                ),
+            )
+            .with_retry(retry_after),
             AcquireError::Store(e) => e.into(),
         }
     }

@@ -7,6 +7,7 @@ mod conn_io;
 pub mod error;
 mod extract;
 mod guard;
+mod keyed;
 mod listen;
 mod request_id;
 pub mod tls;
@@ -131,6 +132,10 @@ pub fn router<S: Store>(
             get(api::get_limiter::<S>)
                 .put(api::put_limiter::<S>)
                 .delete(api::delete_limiter::<S>),
+        )
+        .route(
+            "/limiters/{name}/keys/{key}",
+            axum::routing::put(keyed::put_key::<S>).delete(keyed::delete_key::<S>),
         )
         .route("/limiters/{name}/acquire", post(api::acquire::<S>))
         .route("/limiters/{name}/schedule", post(api::schedule::<S>))

@@ -17,6 +17,7 @@
 
 mod deadlines;
 mod holders;
+pub mod keyed;
 mod learning;
 mod queue;
 mod reservation;
@@ -113,6 +114,15 @@ pub enum Refusal {
     /// The limiter was deleted while the acquire waited.
     #[error("the limiter was deleted")]
     LimiterDeleted,
+    /// A keyed limiter already tracks its `max_keys` keys and this acquire names a new one;
+    /// refused without waiting (keys drop out when idle).
+    #[error("this limiter already tracks its max_keys ({max_keys}) keys; retry after {} ms", retry_after.as_millis())]
+    TooManyKeys {
+        /// The limiter's key cap.
+        max_keys: u32,
+        /// An estimate of when a key is likely to be free.
+        retry_after: std::time::Duration,
+    },
     /// A request field is out of range.
     #[error("invalid request: {0}")]
     Invalid(InvalidField),

@@ -13,11 +13,13 @@
 //! [`AcquireError`]: crate::AcquireError
 
 mod future;
+mod keyed;
 #[allow(clippy::module_inception)]
 mod layer;
 mod service;
 
 pub use self::future::ResponseFuture;
+pub use self::keyed::{KeyedFloodgateLayer, KeyedFloodgateService};
 pub use self::layer::FloodgateLayer;
 pub use self::service::FloodgateService;
 

@@ -14,6 +14,7 @@ pub mod redis;
 use std::future::Future;
 use std::time::Duration;
 
+use crate::core::keyed::{KeyOverride, KeyedSpec, KeysView};
 use crate::core::{AcquireRequest, Feedback, Grant, HoldersView, LimiterStatus};
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::LimiterSpec;
@@ -68,6 +69,20 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
         &self,
         name: &LimiterName,
     ) -> impl Future<Output = Result<Self::Limiter, StoreError>> + Send;
+
+    /// Creates a keyed limiter (a limit per key under the total of `spec`, shared fairly
+    /// across keys; see [`crate::core::keyed`]), or changes the spec of one that exists. A
+    /// store without keyed limiters (the Redis store, for now) refuses with an error naming
+    /// the `per_key` field, so a key is never silently ignored.
+    fn put_keyed_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        keyed: KeyedSpec,
+    ) -> impl Future<Output = Result<LimiterStatus, StoreError>> + Send {
+        let _ = (name, spec, keyed);
+        std::future::ready(Err(keyed_unsupported("per_key")))
+    }
 
     /// Whether the store answers, at the cost of one round trip whatever the number of
     /// limiters (readiness probes call it). The embedded store is always ready.
@@ -134,6 +149,46 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
         outcome: Feedback,
     ) -> impl Future<Output = Result<Option<u32>, StoreError>> + Send;
 
+    /// Like [`acquire`](Self::acquire), for `key` of a keyed limiter: waits in that key's FIFO
+    /// queue, served fairly across keys. A store without keyed limiters refuses.
+    fn acquire_keyed(
+        &self,
+        key: &str,
+        req: AcquireRequest,
+    ) -> impl Future<Output = Result<Grant, AcquireError>> + Send {
+        let _ = (key, req);
+        std::future::ready(Err(keyed_unsupported("key").into()))
+    }
+
+    /// Like [`schedule`](Self::schedule), against the total's and `key`'s rates.
+    fn schedule_keyed(
+        &self,
+        key: &str,
+        count: u32,
+    ) -> impl Future<Output = Result<Vec<Duration>, StoreError>> + Send {
+        let _ = (key, count);
+        std::future::ready(Err(keyed_unsupported("key")))
+    }
+
+    /// Sets (or with `None` removes) one key's override of a keyed limiter.
+    fn put_key(
+        &self,
+        key: &str,
+        over: Option<KeyOverride>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (key, over);
+        std::future::ready(Err(keyed_unsupported("key")))
+    }
+
+    /// A keyed limiter's keys (count and up to `limit` busiest); `None` for a plain limiter.
+    fn keys(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Option<KeysView>, StoreError>> + Send {
+        let _ = limit;
+        std::future::ready(Ok(None))
+    }
+
     /// Who holds (up to `limit` grants, lease ending soonest first, with their labels) and a
     /// summary of who waits, read-only. For people (the dashboard, `GET .../holders`), not for
     /// the hot path. A store that cannot list holders answers `Unavailable` (the default), so
@@ -149,4 +204,13 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
             ))
         }
     }
+}
+
+/// The answer of a store that has no keyed limiters yet.
+fn keyed_unsupported(field: &'static str) -> StoreError {
+    StoreError::Invalid(crate::spec::InvalidField::new(
+        field,
+        "keyed limiters are not supported by this store yet (only the embedded store has them; \
+         see docs/keyed.md)",
+    ))
 }

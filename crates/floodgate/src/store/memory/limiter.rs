@@ -14,7 +14,7 @@ use crate::clock::Clock;
 use crate::core::U64Map;
 use crate::core::{
     AcquireRequest, Admission, Effects, Feedback, Grant, HoldersView, LimiterCore, LimiterStatus,
-    WaitOutcome, WaiterId,
+    Refusal, WaitOutcome, WaiterId,
 };
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::spec::{InvalidField, LimiterSpec};
@@ -65,6 +65,9 @@ impl<C> Drop for Shared<C> {
 
 pub(super) struct State {
     pub(super) core: LimiterCore,
+    /// For a keyed limiter, its per-key layer; `core` is then its total (see
+    /// `core/keyed`). Every operation goes through the layer when it is present.
+    pub(super) keyed: Option<Box<crate::core::keyed::KeyLayer>>,
     /// Where each queued waiter's outcome goes, with the listener's number. An entry exists
     /// while its waiter is queued in `core` and someone listens: a repeated idempotent acquire
     /// takes the entry over (a new number), and an abandoned idempotent wait has none.
@@ -110,6 +113,7 @@ impl<C: Clock> MemoryLimiter<C> {
                 clock,
                 state: Mutex::new(State {
                     core,
+                    keyed: None,
                     waiters: U64Map::default(),
                     next_listener: 0,
                     log,
@@ -155,7 +159,7 @@ impl<C: Clock> MemoryLimiter<C> {
         };
         let out = op(&mut state, now, &mut fx);
         state.settle(now, fx);
-        if let Some(next) = state.core.deadline_hint() {
+        if let Some(next) = state.deadline_hint() {
             if next < state.timer_at {
                 state.timer_at = next;
                 self.shared.timer.notify_one();
@@ -177,6 +181,16 @@ impl State {
     /// Runs `advance` and records it if it changed anything (a lease expired, a wait ended, a
     /// waiter was granted): status reads and timer passes that change nothing are not logged.
     pub(super) fn advance_logged(&mut self, now: Timestamp, fx: &mut Effects) {
+        if let Some(keyed) = &mut self.keyed {
+            let before = self.core.counters();
+            keyed.advance(&mut self.core, now, fx);
+            // Logged when it changed what later operations see (a lapse, a time-out, a grant);
+            // dropping idle keys is repeated by the next operation's own advance.
+            if self.log.is_some() && self.core.counters() != before {
+                self.record(now, || Op::Advance);
+            }
+            return;
+        }
         if self.log.is_none() {
             // Not durable: nothing to compare, nothing to record.
             self.core.advance(now, fx);
@@ -204,7 +218,7 @@ impl State {
                 }
             }
             for token in returned {
-                self.core.release(now, token, &mut fx);
+                self.release_any(now, token, &mut fx);
                 self.record(now, || Op::Release { token: token.0 });
             }
         }
@@ -270,7 +284,7 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
                 .waiters
                 .get(&id.0)
                 .is_some_and(|(l, _)| *l == listener);
-            if idempotent && state.core.is_queued(id) {
+            if idempotent && state.keyed.is_none() && state.core.is_queued(id) {
                 // Leave the wait, for a while, for a retry to join; stop listening if still
                 // ours. A retry that already took it over keeps it as it is.
                 if mine {
@@ -285,7 +299,7 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
                 }
                 return;
             }
-            if state.core.cancel(now, id, fx) {
+            if state.cancel_any(now, id, fx) {
                 state.record(now, || Op::Cancel { waiter: id.0 });
                 state.waiters.remove(&id.0);
                 return;
@@ -294,7 +308,7 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
             // time, whose wake-ups are in `fx`). Deliver those first, then look at our own.
             state.settle(now, std::mem::take(fx));
             if let Ok(Ok(grant)) = rx.try_recv() {
-                state.core.release(now, grant.token, fx);
+                state.release_any(now, grant.token, fx);
                 state.record(now, || Op::Release {
                     token: grant.token.0,
                 });
@@ -314,9 +328,171 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
     }
 
     async fn acquire(&self, req: AcquireRequest) -> Result<Grant, AcquireError> {
+        self.acquire_in(None, req).await
+    }
+
+    async fn acquire_keyed(&self, key: &str, req: AcquireRequest) -> Result<Grant, AcquireError> {
+        self.acquire_in(Some(key), req).await
+    }
+
+    async fn schedule_keyed(&self, key: &str, count: u32) -> Result<Vec<Duration>, StoreError> {
+        self.schedule_key(key, count).await
+    }
+
+    async fn put_key(
+        &self,
+        key: &str,
+        over: Option<crate::core::keyed::KeyOverride>,
+    ) -> Result<(), StoreError> {
+        self.put_key_override(key, over).await
+    }
+
+    async fn keys(&self, limit: usize) -> Result<Option<crate::core::keyed::KeysView>, StoreError> {
+        self.keys_view(limit)
+    }
+
+    async fn extend(
+        &self,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+    ) -> Result<Timestamp, ExtendError> {
+        let extended = self.with_state(|state, now, fx| {
+            let out = state.extend_any(now, token, lease, permits, fx);
+            state.record(now, || Op::Extend {
+                token: token.0,
+                lease_us: u64::try_from(lease.as_micros()).unwrap_or(u64::MAX),
+                permits,
+            });
+            out
+        });
+        if matches!(extended, Ok(Ok(Ok(_)))) {
+            self.durable().await?;
+        }
+        match extended {
+            Ok(Ok(Ok(deadline))) => Ok(deadline),
+            Ok(Ok(Err(_lost))) => Err(ExtendError::Lost),
+            Ok(Err(invalid)) => Err(ExtendError::Invalid(invalid)),
+            // A deleted limiter holds nothing: the permit is lost.
+            Err(StoreError::UnknownLimiter(_)) => Err(ExtendError::Lost),
+            Err(e) => Err(ExtendError::Store(e)),
+        }
+    }
+
+    async fn release(&self, token: FencingToken) -> Result<bool, StoreError> {
+        let released = self.release_now(token);
+        if released {
+            self.durable().await?;
+        }
+        Ok(released)
+    }
+
+    fn release_in_background(&self, token: FencingToken) {
+        self.release_now(token);
+    }
+
+    async fn schedule(&self, count: u32) -> Result<Schedule, StoreError> {
+        let reservation = ReservationId::random();
+        let offsets = self
+            .with_state(|state, now, fx| {
+                if state.keyed.is_some() {
+                    return Err(InvalidField::new(
+                        "key",
+                        "this limiter is keyed: a schedule names a key",
+                    ));
+                }
+                let out = state.core.schedule(now, count, reservation.0, fx);
+                state.record(now, || Op::Schedule {
+                    count,
+                    reservation: reservation.0,
+                });
+                out
+            })?
+            .map_err(StoreError::Invalid)?;
+        self.durable().await?;
+        Ok(Schedule {
+            offsets,
+            reservation,
+        })
+    }
+
+    async fn unschedule(&self, reservation: ReservationId, unused: u32) -> Result<u32, StoreError> {
+        let returned = self
+            .with_state(|state, now, fx| {
+                if state.keyed.is_some() {
+                    return Err(InvalidField::new(
+                        "key",
+                        "a keyed limiter's schedules cannot be given back (not supported yet)",
+                    ));
+                }
+                let out = state.core.unschedule(now, reservation.0, unused, fx);
+                state.record(now, || Op::Unschedule {
+                    reservation: reservation.0,
+                    unused,
+                });
+                out
+            })?
+            .map_err(StoreError::Invalid)?;
+        self.durable().await?;
+        Ok(returned)
+    }
+
+    async fn feedback(&self, outcome: Feedback) -> Result<Option<u32>, StoreError> {
+        let limit = self.with_state(|state, now, fx| {
+            let out = state.feedback_any(now, outcome, fx);
+            state.record(now, || Op::feedback(outcome));
+            out
+        })?;
+        self.durable().await?;
+        Ok(limit)
+    }
+
+    async fn status(&self) -> Result<LimiterStatus, StoreError> {
+        // Apply the passage of time first, so a lease that ended is not reported in use just
+        // because the timer task has not run yet.
+        self.with_state(|state, now, fx| {
+            state.advance_logged(now, fx);
+            state.status_any(&self.shared.name)
+        })
+    }
+
+    async fn holders(&self, limit: usize) -> Result<HoldersView, StoreError> {
+        // Time applied first, as for status: a reclaimed lease is not listed.
+        self.with_state(|state, now, fx| {
+            state.advance_any(now, fx);
+            state.core.holders_view(now, limit)
+        })
+    }
+}
+
+impl<C: Clock> MemoryLimiter<C> {
+    /// An acquire, for `key` of a keyed limiter or (`None`) of a plain one.
+    async fn acquire_in(
+        &self,
+        key: Option<&str>,
+        req: AcquireRequest,
+    ) -> Result<Grant, AcquireError> {
         let start = self.with_state(|state, now, fx| {
-            let admission = state.core.acquire(now, &req, fx);
-            state.record(now, || Op::acquire(&req));
+            let admission = match (&mut state.keyed, key) {
+                (None, None) => {
+                    let admission = state.core.acquire(now, &req, fx);
+                    state.record(now, || Op::acquire(&req));
+                    admission
+                }
+                (Some(keyed), Some(key)) => {
+                    let admission = keyed.acquire(&mut state.core, now, key, &req, fx);
+                    state.record(now, || Op::keyed_acquire(key, &req));
+                    admission
+                }
+                (Some(_), None) => Admission::Refused(Refusal::Invalid(InvalidField::new(
+                    "key",
+                    "this limiter is keyed: every acquire names a key",
+                ))),
+                (None, Some(_)) => Admission::Refused(Refusal::Invalid(InvalidField::new(
+                    "key",
+                    "this limiter is not keyed: create it with per_key to use keys",
+                ))),
+            };
             match admission {
                 Admission::Granted(grant) => Start::Decided(Ok(grant)),
                 Admission::Refused(refusal) => Start::Decided(Err(refusal.into())),
@@ -354,107 +530,6 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         }
         Ok(grant)
     }
-
-    async fn extend(
-        &self,
-        token: FencingToken,
-        lease: Duration,
-        permits: Option<u32>,
-    ) -> Result<Timestamp, ExtendError> {
-        let extended = self.with_state(|state, now, fx| {
-            let out = state.core.extend_or_adopt(now, token, lease, permits, fx);
-            state.record(now, || Op::Extend {
-                token: token.0,
-                lease_us: u64::try_from(lease.as_micros()).unwrap_or(u64::MAX),
-                permits,
-            });
-            out
-        });
-        if matches!(extended, Ok(Ok(Ok(_)))) {
-            self.durable().await?;
-        }
-        match extended {
-            Ok(Ok(Ok(deadline))) => Ok(deadline),
-            Ok(Ok(Err(_lost))) => Err(ExtendError::Lost),
-            Ok(Err(invalid)) => Err(ExtendError::Invalid(invalid)),
-            // A deleted limiter holds nothing: the permit is lost.
-            Err(StoreError::UnknownLimiter(_)) => Err(ExtendError::Lost),
-            Err(e) => Err(ExtendError::Store(e)),
-        }
-    }
-
-    async fn release(&self, token: FencingToken) -> Result<bool, StoreError> {
-        let released = self.release_now(token);
-        if released {
-            self.durable().await?;
-        }
-        Ok(released)
-    }
-
-    fn release_in_background(&self, token: FencingToken) {
-        self.release_now(token);
-    }
-
-    async fn schedule(&self, count: u32) -> Result<Schedule, StoreError> {
-        let reservation = ReservationId::random();
-        let offsets = self
-            .with_state(|state, now, fx| {
-                let out = state.core.schedule(now, count, reservation.0, fx);
-                state.record(now, || Op::Schedule {
-                    count,
-                    reservation: reservation.0,
-                });
-                out
-            })?
-            .map_err(StoreError::Invalid)?;
-        self.durable().await?;
-        Ok(Schedule {
-            offsets,
-            reservation,
-        })
-    }
-
-    async fn unschedule(&self, reservation: ReservationId, unused: u32) -> Result<u32, StoreError> {
-        let returned = self
-            .with_state(|state, now, fx| {
-                let out = state.core.unschedule(now, reservation.0, unused, fx);
-                state.record(now, || Op::Unschedule {
-                    reservation: reservation.0,
-                    unused,
-                });
-                out
-            })?
-            .map_err(StoreError::Invalid)?;
-        self.durable().await?;
-        Ok(returned)
-    }
-
-    async fn feedback(&self, outcome: Feedback) -> Result<Option<u32>, StoreError> {
-        let limit = self.with_state(|state, now, fx| {
-            let out = state.core.feedback(now, outcome, fx);
-            state.record(now, || Op::feedback(outcome));
-            out
-        })?;
-        self.durable().await?;
-        Ok(limit)
-    }
-
-    async fn status(&self) -> Result<LimiterStatus, StoreError> {
-        // Apply the passage of time first, so a lease that ended is not reported in use just
-        // because the timer task has not run yet.
-        self.with_state(|state, now, fx| {
-            state.advance_logged(now, fx);
-            state.core.status(&self.shared.name)
-        })
-    }
-
-    async fn holders(&self, limit: usize) -> Result<HoldersView, StoreError> {
-        // Time applied first, as for status: a reclaimed lease is not listed.
-        self.with_state(|state, now, fx| {
-            state.core.advance(now, fx);
-            state.core.holders_view(now, limit)
-        })
-    }
 }
 
 impl<C: Clock> MemoryLimiter<C> {
@@ -472,7 +547,7 @@ impl<C: Clock> MemoryLimiter<C> {
     fn release_now(&self, token: FencingToken) -> bool {
         self.with_state(|state, now, fx| {
             let before = state.core.counters();
-            let released = state.core.release(now, token, fx);
+            let released = state.release_any(now, token, fx);
             // A release of a token not held changes nothing, unless time did: not logged.
             if released || state.core.counters() != before {
                 state.record(now, || Op::Release { token: token.0 });

@@ -6,6 +6,7 @@
 //! answered even when no other traffic arrives.
 
 pub(crate) mod durable;
+mod keyed;
 mod limiter;
 mod persist;
 mod timer;
@@ -165,7 +166,7 @@ impl<C: Clock> Store for MemoryStore<C> {
             return limiter.status().await;
         };
         limiter.with_state(|state, now, fx| {
-            let out = state.core.reconfigure(now, spec.clone(), fx);
+            let out = state.reconfigure_any(now, spec.clone(), None, fx);
             if out.is_ok() {
                 state.record(now, || durable::record::Op::reconfigure(&spec));
             }
@@ -213,7 +214,7 @@ impl<C: Clock> Store for MemoryStore<C> {
                 state.core.next_token(),
                 std::sync::atomic::Ordering::Relaxed,
             );
-            state.core.close(&mut fx);
+            state.close_any(&mut fx);
             let now = shared.clock.now();
             state.settle(now, fx);
             state.record(now, || durable::record::Op::Delete);
@@ -237,6 +238,15 @@ impl<C: Clock> Store for MemoryStore<C> {
             }
         }
         Ok(out)
+    }
+
+    async fn put_keyed_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        keyed: crate::core::keyed::KeyedSpec,
+    ) -> Result<LimiterStatus, StoreError> {
+        self.put_keyed(name, spec, keyed).await
     }
 
     async fn limiter(&self, name: &LimiterName) -> Result<MemoryLimiter<C>, StoreError> {

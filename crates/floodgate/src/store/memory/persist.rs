@@ -60,6 +60,32 @@ impl Persist {
         LimiterLog::new(Arc::clone(&self.wal), name, seq, Arc::clone(&self.due))
     }
 
+    /// Logs a keyed limiter's creation (see [`create`](Self::create)).
+    pub(super) fn create_keyed(
+        &self,
+        now: Timestamp,
+        name: &LimiterName,
+        spec: &LimiterSpec,
+        keyed: &crate::core::keyed::KeyedSpec,
+        first_token: u64,
+    ) -> LimiterLog {
+        let (seq, due) = self.wal.append(Record {
+            seq: 0,
+            at: now.0,
+            limiter: name.as_str().to_owned(),
+            inc: 0,
+            op: Op::CreateKeyed {
+                spec: SpecState::from(spec),
+                keyed: crate::core::keyed::KeyedSpecState::from(keyed),
+                first_token,
+            },
+        });
+        if due {
+            self.due.notify_one();
+        }
+        LimiterLog::new(Arc::clone(&self.wal), name, seq, Arc::clone(&self.due))
+    }
+
     /// Waits until everything logged so far is durable.
     pub(super) async fn commit(&self) -> Result<(), StoreError> {
         self.wal.commit_all().await
@@ -157,12 +183,19 @@ impl MemoryStore<WallClock> {
             })?;
             let log = LimiterLog::new(Arc::clone(&wal), &name, restored.inc, Arc::clone(&due));
             let mut core = restored.core;
-            let dropped = core.abandon_waiters();
+            let mut keyed = restored.keyed;
+            let dropped = match &mut keyed {
+                Some(layer) => layer.abandon_waiters(&mut core, clock.now()),
+                None => core.abandon_waiters(),
+            };
             if dropped > 0 {
                 log.append(clock.now(), Op::Abandon);
                 report.waiters_dropped += dropped;
             }
             let limiter = MemoryLimiter::with_core(name.clone(), core, clock.clone(), Some(log));
+            if let Some(layer) = keyed {
+                limiter.set_keyed(layer);
+            }
             timer::spawn(&limiter);
             map.insert(name, limiter);
         }
@@ -286,6 +319,7 @@ fn snapshot_inner<C: Clock>(inner: &Inner<C>, persist: &Persist) -> std::io::Res
             inc,
             applied,
             state: state.core.to_state(),
+            keyed: state.keyed.as_ref().map(|k| k.to_state()),
         });
     }
     let snap = StoreSnapshot {

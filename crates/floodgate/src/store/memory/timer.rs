@@ -49,7 +49,7 @@ fn pass<C: Clock>(weak: &Weak<Shared<C>>) -> Option<(Option<crate::types::Timest
     let mut fx = Effects::default();
     state.advance_logged(now, &mut fx);
     state.settle(now, fx);
-    let next = state.core.next_deadline();
+    let next = state.next_deadline_any();
     state.set_timer(next);
     Some((next, shared.clock.clone()))
 }

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::keyed::{KeyLayer, KeyOverride, KeyedSpec, KeyedSpecState};
 use crate::core::{AcquireRequest, Effects, Feedback, LimiterCore, SpecState, WaiterId};
 use crate::spec::LimiterSpec;
 use crate::types::{FencingToken, Timestamp};
@@ -83,6 +84,34 @@ pub(crate) enum Op {
     Advance,
     /// The waiters were dropped after a restart.
     Abandon,
+    /// A keyed limiter was created (docs/keyed.md).
+    CreateKeyed {
+        spec: SpecState,
+        keyed: KeyedSpecState,
+        first_token: u64,
+    },
+    /// A keyed limiter's specs changed.
+    ReconfigureKeyed {
+        spec: SpecState,
+        keyed: KeyedSpecState,
+    },
+    /// An acquire for a key.
+    KeyedAcquire {
+        key: String,
+        permits: u32,
+        lease_us: Option<u64>,
+        wait_us: Option<u64>,
+        holder: Option<String>,
+        request: Option<String>,
+    },
+    /// A schedule for a key.
+    KeyedSchedule { key: String, count: u32 },
+    /// A key's override was set (`weight` given) or removed (`weight` absent).
+    PutKey {
+        key: String,
+        concurrency: Option<u32>,
+        weight: Option<u32>,
+    },
 }
 
 fn us(d: std::time::Duration) -> u64 {
@@ -116,14 +145,140 @@ impl Op {
         }
     }
 
-    /// Runs the operation on a core, as it ran the first time. Outcomes are not needed: the
-    /// wake-ups went to clients of a process that is gone. Create and Delete act on the store,
-    /// not on a core, and are handled by the caller.
-    pub(crate) fn replay(&self, core: &mut LimiterCore, at: Timestamp) {
+    pub(crate) fn keyed_acquire(key: &str, req: &AcquireRequest) -> Op {
+        let Op::Acquire {
+            permits,
+            lease_us,
+            wait_us,
+            holder,
+            request,
+        } = Op::acquire(req)
+        else {
+            return Op::Advance;
+        };
+        Op::KeyedAcquire {
+            key: key.to_owned(),
+            permits,
+            lease_us,
+            wait_us,
+            holder,
+            request,
+        }
+    }
+
+    /// Runs the operation on a keyed limiter (its total core and its key layer).
+    fn replay_keyed(&self, core: &mut LimiterCore, keyed: &mut KeyLayer, at: Timestamp) {
+        let mut fx = Effects::default();
+        let micros = std::time::Duration::from_micros;
+        match self {
+            Op::Reconfigure { spec } => {
+                let spec = LimiterSpec::from(spec);
+                let per_key = keyed.keyed_spec().clone();
+                let _ = keyed.reconfigure(core, at, spec, per_key, &mut fx);
+            }
+            Op::ReconfigureKeyed { spec, keyed: k } => {
+                let _ = keyed.reconfigure(
+                    core,
+                    at,
+                    LimiterSpec::from(spec),
+                    KeyedSpec::from(k),
+                    &mut fx,
+                );
+            }
+            Op::KeyedAcquire {
+                key,
+                permits,
+                lease_us,
+                wait_us,
+                holder,
+                request,
+            } => {
+                let req = AcquireRequest {
+                    permits: *permits,
+                    lease: lease_us.map(micros),
+                    wait: wait_us.map(micros),
+                    holder: holder.as_deref().map(Into::into),
+                    request_id: request.as_deref().map(Into::into),
+                };
+                let _ = keyed.acquire(core, at, key, &req, &mut fx);
+            }
+            Op::KeyedSchedule { key, count } => {
+                let _ = keyed.schedule(core, at, key, *count, &mut fx);
+            }
+            Op::PutKey {
+                key,
+                concurrency,
+                weight,
+            } => {
+                let over = weight.map(|weight| KeyOverride {
+                    concurrency: *concurrency,
+                    weight,
+                });
+                let _ = keyed.put_override(core, at, key, over, &mut fx);
+            }
+            Op::Release { token } => {
+                keyed.release(core, at, FencingToken(*token), &mut fx);
+            }
+            Op::Extend {
+                token, lease_us, ..
+            } => {
+                let _ = keyed.extend(core, at, FencingToken(*token), micros(*lease_us), &mut fx);
+            }
+            Op::Cancel { waiter } => {
+                keyed.cancel(core, at, WaiterId(*waiter), &mut fx);
+            }
+            Op::Feedback { .. } => {
+                let outcome = self.outcome();
+                keyed.feedback(core, at, outcome, &mut fx);
+            }
+            Op::Advance => keyed.advance(core, at, &mut fx),
+            Op::Abandon => {
+                keyed.abandon_waiters(core, at);
+            }
+            Op::EnterLearning { until } => core.enter_learning(at, Timestamp(*until)),
+            // Never logged for a keyed limiter (plain acquires and schedules are refused, an
+            // abandoned keyed wait is cancelled, not orphaned), or handled by the caller.
+            Op::Create { .. }
+            | Op::CreateKeyed { .. }
+            | Op::Delete
+            | Op::Acquire { .. }
+            | Op::Schedule { .. }
+            | Op::Unschedule { .. }
+            | Op::Orphan { .. } => {}
+        }
+    }
+
+    fn outcome(&self) -> Feedback {
+        match self {
+            Op::Feedback { outcome: 0 } => Feedback::Ok,
+            Op::Feedback { outcome: 1 } => Feedback::Throttled,
+            _ => Feedback::Error,
+        }
+    }
+
+    /// Runs the operation on a core (and its key layer, for a keyed limiter), as it ran the
+    /// first time. Outcomes are not needed: the wake-ups went to clients of a process that is
+    /// gone. Create and Delete act on the store, not on a core, and are handled by the caller.
+    pub(crate) fn replay(
+        &self,
+        core: &mut LimiterCore,
+        keyed: Option<&mut KeyLayer>,
+        at: Timestamp,
+    ) {
+        if let Some(keyed) = keyed {
+            self.replay_keyed(core, keyed, at);
+            return;
+        }
         let mut fx = Effects::default();
         let micros = std::time::Duration::from_micros;
         match self {
             Op::Create { .. } | Op::Delete => {}
+            // Keyed operations on a plain limiter were never logged.
+            Op::CreateKeyed { .. }
+            | Op::ReconfigureKeyed { .. }
+            | Op::KeyedAcquire { .. }
+            | Op::KeyedSchedule { .. }
+            | Op::PutKey { .. } => {}
             Op::Reconfigure { spec } => {
                 let _ = core.reconfigure(at, LimiterSpec::from(spec), &mut fx);
             }

@@ -18,6 +18,8 @@ pub(crate) struct Restored {
     pub(crate) applied: u64,
     /// Its state.
     pub(crate) core: LimiterCore,
+    /// Its key layer, for a keyed limiter.
+    pub(crate) keyed: Option<crate::core::keyed::KeyLayer>,
 }
 
 /// Everything recovery rebuilt.
@@ -84,12 +86,23 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, RecoveryError> {
                     l.name
                 ))
             })?;
+            let keyed = match &l.keyed {
+                Some(k) => Some(crate::core::keyed::KeyLayer::from_state(k).map_err(|e| {
+                    RecoveryError::CorruptSnapshot(format!(
+                        "{}: keyed limiter {:?}: {e}",
+                        path.display(),
+                        l.name
+                    ))
+                })?),
+                None => None,
+            };
             limiters.insert(
                 l.name,
                 Restored {
                     inc: l.inc,
                     applied: l.applied,
                     core,
+                    keyed,
                 },
             );
         }
@@ -214,6 +227,34 @@ fn apply(
                     inc: record.seq,
                     applied: record.seq + 1,
                     core,
+                    keyed: None,
+                },
+            );
+        }
+        Op::CreateKeyed {
+            spec,
+            keyed,
+            first_token,
+        } => {
+            if limiters
+                .get(&record.limiter)
+                .is_some_and(|r| r.inc >= record.seq)
+            {
+                return Ok(());
+            }
+            let (core, layer) = crate::core::keyed::KeyLayer::new(
+                LimiterSpec::from(spec),
+                crate::core::keyed::KeyedSpec::from(keyed),
+                *first_token,
+            )
+            .map_err(|e| format!("keyed limiter {:?} created with {e}", record.limiter))?;
+            limiters.insert(
+                record.limiter,
+                Restored {
+                    inc: record.seq,
+                    applied: record.seq + 1,
+                    core,
+                    keyed: Some(layer),
                 },
             );
         }
@@ -230,7 +271,7 @@ fn apply(
         op => {
             if let Some(r) = limiters.get_mut(&record.limiter) {
                 if r.inc == record.inc && record.seq >= r.applied {
-                    op.replay(&mut r.core, at);
+                    op.replay(&mut r.core, r.keyed.as_mut(), at);
                     r.applied = record.seq + 1;
                 }
             }

@@ -50,6 +50,9 @@ pub(crate) struct LimiterSnapshot {
     pub(crate) applied: u64,
     /// The state machine's state.
     pub(crate) state: CoreState,
+    /// A keyed limiter's key layer (its `state` is the total's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) keyed: Option<crate::core::keyed::KeyLayerState>,
 }
 
 /// Writes snapshot `snap.segment` durably.

@@ -1,0 +1,339 @@
+//! Keyed limiters over HTTP (issue 14, docs/keyed.md): the real server on `127.0.0.1:0` with
+//! the embedded store, and on a real `redis-server`, which refuses keyed limiters with a 400
+//! naming the field rather than ignoring the key.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "../../floodgate/tests/support/mod.rs"]
+mod support;
+
+use common::{Served, PATIENCE, POLL};
+use floodgate::{Floodgate, RedisConfig, RedisStore};
+use floodgate_server::server::ServerOptions;
+use serde_json::{json, Value};
+use support::RedisServer;
+
+struct Srv {
+    served: Served,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Srv {
+    async fn memory() -> Srv {
+        Srv::with(Served::start(Floodgate::in_memory(), ServerOptions::default()).await)
+    }
+
+    fn with(served: Served) -> Srv {
+        Srv {
+            base: format!("http://{}", served.addr),
+            served,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+}
+
+fn assert_error(reply: &(u16, Value), status: u16, code: &str, names: &str) {
+    assert_eq!(reply.0, status, "{reply:?}");
+    assert_eq!(reply.1["error"], code, "{reply:?}");
+    let message = reply.1["message"].as_str().unwrap();
+    assert!(message.contains(names), "{message:?} should name {names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_limiter_over_http() {
+    let srv = Srv::memory().await;
+    // Total 4, at most 2 per organization, 3 organizations tracked at once.
+    let (status, body) = srv
+        .put(
+            "/v1/limiters/orgs",
+            json!({"concurrency": 4, "per_key": {"concurrency": 2}, "max_keys": 3}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["keyed"]["per_key"]["concurrency"], 2);
+    assert_eq!(body["keyed"]["max_keys"], 3);
+    assert_eq!(body["keyed"]["key_count"], 0);
+
+    let acquire = |key: &str| json!({"key": key, "wait_ms": 0});
+    let a1 = srv
+        .post("/v1/limiters/orgs/acquire", acquire("org-a"))
+        .await;
+    let a2 = srv
+        .post("/v1/limiters/orgs/acquire", acquire("org-a"))
+        .await;
+    assert_eq!((a1.0, a2.0), (200, 200));
+    // org-a is at its own limit while the total has room: refused for org-a only.
+    let a3 = srv
+        .post("/v1/limiters/orgs/acquire", acquire("org-a"))
+        .await;
+    assert_error(&a3, 429, "wait_timeout", "retry");
+    let b1 = srv
+        .post("/v1/limiters/orgs/acquire", acquire("org-b"))
+        .await;
+    assert_eq!(b1.0, 200, "{b1:?}");
+
+    let (_, status) = srv.get("/v1/limiters/orgs").await;
+    assert_eq!(status["in_use"], 3);
+    assert_eq!(status["keyed"]["key_count"], 2);
+    assert_eq!(status["keyed"]["busiest_keys"][0]["key"], "org-a");
+    assert_eq!(status["keyed"]["busiest_keys"][0]["in_use"], 2);
+
+    // A third organization fits max_keys; a fourth does not: 429 naming max_keys.
+    let c1 = srv
+        .post("/v1/limiters/orgs/acquire", acquire("org-c"))
+        .await;
+    assert_eq!(c1.0, 200, "{c1:?}");
+    let d1 = srv
+        .post("/v1/limiters/orgs/acquire", acquire("org-d"))
+        .await;
+    assert_error(&d1, 429, "too_many_keys", "max_keys");
+    assert!(d1.1["retry_after_ms"].as_u64().unwrap() >= 1);
+
+    // Metrics: one key-count series per limiter, never one per key.
+    let metrics = srv
+        .http
+        .get(format!("{}/metrics", srv.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("floodgate_limiter_keys{limiter=\"orgs\"} 3"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("org-a"), "no per-key series");
+    // Releasing org-c's only permit drops its key: org-d fits now.
+    let permit = c1.1["permit_id"].as_str().unwrap();
+    let (s, _) = srv
+        .post(&format!("/v1/permits/{permit}/release"), json!({}))
+        .await;
+    assert_eq!(s, 200);
+    let d2 = srv
+        .post("/v1/limiters/orgs/acquire", acquire("org-d"))
+        .await;
+    assert_eq!(d2.0, 200, "{d2:?}");
+
+    // An override: org-a may hold only 1 from now on, and weighs 3.
+    let (s, body) = srv
+        .put(
+            "/v1/limiters/orgs/keys/org-a",
+            json!({"concurrency": 1, "weight": 3}),
+        )
+        .await;
+    assert_eq!((s, body["weight"].as_u64()), (200, Some(3)), "{body}");
+    let (_, status) = srv.get("/v1/limiters/orgs").await;
+    assert_eq!(status["keyed"]["overrides"], 1);
+    let a = status["keyed"]["busiest_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key"] == "org-a")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (a["limit"].as_u64(), a["weight"].as_u64()),
+        (Some(1), Some(3))
+    );
+    let bad = srv
+        .put("/v1/limiters/orgs/keys/org-a", json!({"weight": 0}))
+        .await;
+    assert_error(&bad, 400, "invalid_request", "weight");
+    let (s, _) = srv
+        .send(
+            reqwest::Method::DELETE,
+            "/v1/limiters/orgs/keys/org-a",
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+
+    // Bad input names the field.
+    let no_key = srv
+        .post("/v1/limiters/orgs/acquire", json!({"wait_ms": 0}))
+        .await;
+    assert_error(&no_key, 400, "invalid_request", "key");
+    let empty = srv
+        .post("/v1/limiters/orgs/acquire", json!({"key": ""}))
+        .await;
+    assert_error(&empty, 400, "invalid_request", "key");
+    let long = "x".repeat(300);
+    let too_long = srv
+        .post("/v1/limiters/orgs/acquire", json!({"key": long}))
+        .await;
+    assert_error(&too_long, 400, "invalid_request", "key");
+    let bad_spec = srv
+        .put("/v1/limiters/bad", json!({"per_key": {"concurrency": 0}}))
+        .await;
+    assert_error(&bad_spec, 400, "invalid_request", "per_key.concurrency");
+    let unkey = srv.put("/v1/limiters/orgs", json!({"per_key": null})).await;
+    assert_error(&unkey, 400, "invalid_request", "per_key");
+
+    // A plain limiter refuses keys rather than ignoring them.
+    let (s, _) = srv
+        .put("/v1/limiters/plain", json!({"concurrency": 1}))
+        .await;
+    assert_eq!(s, 200);
+    let keyed_on_plain = srv
+        .post("/v1/limiters/plain/acquire", json!({"key": "org-a"}))
+        .await;
+    assert_error(&keyed_on_plain, 400, "invalid_request", "key");
+    let feedback = srv
+        .post(
+            "/v1/limiters/plain/feedback",
+            json!({"outcome": "ok", "key": "org-a"}),
+        )
+        .await;
+    assert_error(&feedback, 400, "invalid_request", "key");
+    let make_keyed = srv
+        .put("/v1/limiters/plain", json!({"per_key": {"concurrency": 1}}))
+        .await;
+    assert_error(&make_keyed, 400, "invalid_request", "per_key");
+    // max_keys is never accepted and ignored: out of range, or on a limiter without keys.
+    let keys_on_plain = srv.put("/v1/limiters/plain", json!({"max_keys": 5})).await;
+    assert_error(&keys_on_plain, 400, "invalid_request", "max_keys");
+    let too_many = srv
+        .put(
+            "/v1/limiters/plain",
+            json!({"per_key": null, "max_keys": 99_999_999}),
+        )
+        .await;
+    assert_error(&too_many, 400, "invalid_request", "max_keys");
+    srv.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_key_only_limiter_queues_per_key_and_wakes_waiters() {
+    let srv = Srv::memory().await;
+    // No total: only 1 per key.
+    let (s, body) = srv
+        .put(
+            "/v1/limiters/per-key",
+            json!({"per_key": {"concurrency": 1}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["concurrency"], Value::Null);
+    let first = srv
+        .post("/v1/limiters/per-key/acquire", json!({"key": "t1"}))
+        .await;
+    assert_eq!(first.0, 200);
+    // A second for t1 waits (a long poll); t2 is granted meanwhile.
+    let waiter = {
+        let http = srv.http.clone();
+        let url = format!("{}/v1/limiters/per-key/acquire", srv.base);
+        tokio::spawn(async move {
+            http.post(url)
+                .header("content-type", "application/json")
+                .body(json!({"key": "t1", "wait_ms": 30_000}).to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, status) = srv.get("/v1/limiters/per-key").await;
+        if status["waiting"] == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(POLL).await;
+    }
+    let other = srv
+        .post(
+            "/v1/limiters/per-key/acquire",
+            json!({"key": "t2", "wait_ms": 0}),
+        )
+        .await;
+    assert_eq!(other.0, 200, "t2 is not held back by t1's waiter");
+    let permit = first.1["permit_id"].as_str().unwrap();
+    srv.post(&format!("/v1/permits/{permit}/release"), json!({}))
+        .await;
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, waiter)
+            .await
+            .unwrap()
+            .unwrap(),
+        200,
+        "the release woke t1's waiter"
+    );
+    srv.served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_store_refuses_keys_naming_the_field() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(redis.url()))
+        .await
+        .unwrap();
+    let srv =
+        Srv::with(Served::start(Floodgate::with_store(store), ServerOptions::default()).await);
+    let create = srv
+        .put(
+            "/v1/limiters/orgs",
+            json!({"concurrency": 4, "per_key": {"concurrency": 2}}),
+        )
+        .await;
+    assert_error(&create, 400, "invalid_request", "per_key");
+    assert!(create.1["message"]
+        .as_str()
+        .unwrap()
+        .contains("not supported"));
+    let (s, _) = srv
+        .put("/v1/limiters/plain", json!({"concurrency": 2}))
+        .await;
+    assert_eq!(s, 200);
+    let keyed = srv
+        .post(
+            "/v1/limiters/plain/acquire",
+            json!({"key": "org-a", "wait_ms": 0}),
+        )
+        .await;
+    assert_error(&keyed, 400, "invalid_request", "key");
+    let schedule = srv
+        .post(
+            "/v1/limiters/plain/schedule",
+            json!({"key": "org-a", "count": 1}),
+        )
+        .await;
+    assert_error(&schedule, 400, "invalid_request", "key");
+    let over = srv
+        .put("/v1/limiters/plain/keys/org-a", json!({"weight": 2}))
+        .await;
+    assert_error(&over, 400, "invalid_request", "key");
+    srv.served.stop().await;
+}

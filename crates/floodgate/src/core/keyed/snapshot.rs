@@ -1,0 +1,348 @@
+//! A keyed layer's complete state as plain data, for the durable store's snapshots and log.
+//!
+//! Everything that decides later outcomes is kept, ring order and deficits included, so a
+//! layer rebuilt from it grants the same waiter to the same key as the original would (the
+//! log replayed after a snapshot must reproduce which key holds which token). The indexes
+//! (waiter to key, busiest keys, counts) are rebuilt.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Key, KeyCounters, KeyLayer, KeyOverride, KeyedHolder, KeyedSpec};
+use crate::core::{LimiterCore, U64Map, Waiter, WaiterState};
+use crate::spec::{InvalidField, RateSpec};
+use crate::types::Timestamp;
+
+/// A rate as (limit, period µs, burst), as [`crate::core::SpecState`] keeps it.
+type RateTuple = (u32, u64, u32);
+
+fn rate_out(r: Option<RateSpec>) -> Option<RateTuple> {
+    r.map(|r| {
+        let period = u64::try_from(r.period.as_micros()).unwrap_or(u64::MAX);
+        (r.limit, period, r.burst)
+    })
+}
+
+fn rate_in(r: Option<RateTuple>) -> Option<RateSpec> {
+    r.map(|(limit, period, burst)| RateSpec {
+        limit,
+        period: Duration::from_micros(period),
+        burst,
+    })
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A [`KeyedSpec`] as plain data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedSpecState {
+    /// Per-key concurrency.
+    pub concurrency: Option<u32>,
+    /// Per-key rate.
+    pub rate: Option<RateTuple>,
+    /// Key cap.
+    pub max_keys: u32,
+}
+
+impl From<&KeyedSpec> for KeyedSpecState {
+    fn from(s: &KeyedSpec) -> Self {
+        KeyedSpecState {
+            concurrency: s.concurrency,
+            rate: rate_out(s.rate),
+            max_keys: s.max_keys,
+        }
+    }
+}
+
+impl From<&KeyedSpecState> for KeyedSpec {
+    fn from(s: &KeyedSpecState) -> Self {
+        KeyedSpec {
+            concurrency: s.concurrency,
+            rate: rate_in(s.rate),
+            max_keys: s.max_keys,
+        }
+    }
+}
+
+/// One key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// The key.
+    pub name: String,
+    /// Its generation.
+    pub gen: u64,
+    /// Permits held.
+    pub in_use: u32,
+    /// Grants out.
+    pub holders: u32,
+    /// Waiters, FIFO.
+    pub queue: Vec<WaiterState>,
+    /// Its GCRA time.
+    pub tat: u64,
+    /// Round-robin credit.
+    pub deficit: u64,
+    /// Turn begun.
+    pub turn: bool,
+    /// Entry in the ring.
+    pub in_ring: bool,
+    /// Rate wake-up armed for.
+    pub sleeping: Option<u64>,
+    /// Idle drop armed.
+    pub idle_armed: bool,
+    /// Limit in force.
+    pub limit: Option<u32>,
+    /// Rate in force.
+    pub rate: Option<RateTuple>,
+    /// Weight in force.
+    pub weight: u32,
+}
+
+/// A keyed layer's state, serializable. Times are µs on the store's clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyLayerState {
+    /// Per-key configuration.
+    pub spec: KeyedSpecState,
+    /// The configured total concurrency.
+    pub user_concurrency: Option<u32>,
+    /// Keys with state.
+    pub keys: Vec<KeyState>,
+    /// Overrides: (key, concurrency, weight).
+    pub overrides: Vec<(String, Option<u32>, u32)>,
+    /// Generation of the next key.
+    pub next_gen: u64,
+    /// The ring, front first: (key, generation).
+    pub ring: Vec<(String, u64)>,
+    /// Rate wake-ups: (time, generation, key).
+    pub sleepers: Vec<(u64, u64, String)>,
+    /// Idle drops: (time, generation, key).
+    pub idle: Vec<(u64, u64, String)>,
+    /// Grants: (token, key, permits, deadline).
+    pub holders: Vec<(u64, String, u32, u64)>,
+    /// Id of the next waiter.
+    pub next_waiter: u64,
+    /// Total's rate hold.
+    pub held_until: Option<u64>,
+    /// (too_many_keys, keys_created).
+    pub counters: (u64, u64),
+}
+
+fn waiter_out(id: u64, w: &Waiter) -> WaiterState {
+    WaiterState {
+        id,
+        permits: w.permits,
+        lease_us: us(w.lease),
+        enqueued_at: w.enqueued_at.0,
+        deadline: w.deadline.0,
+        label: w.label.as_deref().map(str::to_owned),
+        request: w.request.as_deref().map(str::to_owned),
+    }
+}
+
+fn waiter_in(w: &WaiterState) -> Waiter {
+    Waiter {
+        permits: w.permits,
+        lease: Duration::from_micros(w.lease_us),
+        enqueued_at: Timestamp(w.enqueued_at),
+        deadline: Timestamp(w.deadline),
+        label: w.label.as_deref().map(Arc::from),
+        request: w.request.as_deref().map(Arc::from),
+    }
+}
+
+impl KeyLayer {
+    /// The complete state as plain data.
+    pub fn to_state(&self) -> KeyLayerState {
+        let mut keys: Vec<KeyState> = self
+            .keys
+            .iter()
+            .map(|(name, k)| KeyState {
+                name: name.to_string(),
+                gen: k.gen,
+                in_use: k.in_use,
+                holders: k.holders,
+                queue: k.queue.iter().map(|(id, w)| waiter_out(*id, w)).collect(),
+                tat: k.tat.0,
+                deficit: k.deficit,
+                turn: k.turn,
+                in_ring: k.in_ring,
+                sleeping: k.sleeping.map(|t| t.0),
+                idle_armed: k.idle_armed,
+                limit: k.limit,
+                rate: rate_out(k.rate),
+                weight: k.weight,
+            })
+            .collect();
+        keys.sort_by_key(|k| k.gen);
+        let heap = |h: &BinaryHeap<Reverse<(Timestamp, u64, Arc<str>)>>| {
+            let mut v: Vec<(u64, u64, String)> = h
+                .iter()
+                .map(|Reverse((t, g, n))| (t.0, *g, n.to_string()))
+                .collect();
+            v.sort();
+            v
+        };
+        let mut holders: Vec<(u64, String, u32, u64)> = self
+            .holders
+            .iter()
+            .map(|(t, h)| (*t, h.key.to_string(), h.permits, h.deadline.0))
+            .collect();
+        holders.sort();
+        let mut overrides: Vec<(String, Option<u32>, u32)> = self
+            .overrides
+            .iter()
+            .map(|(k, o)| (k.to_string(), o.concurrency, o.weight))
+            .collect();
+        overrides.sort();
+        KeyLayerState {
+            spec: KeyedSpecState::from(&self.spec),
+            user_concurrency: self.user_concurrency,
+            keys,
+            overrides,
+            next_gen: self.next_gen,
+            ring: self.ring.iter().map(|(n, g)| (n.to_string(), *g)).collect(),
+            sleepers: heap(&self.sleepers),
+            idle: heap(&self.idle),
+            holders,
+            next_waiter: self.next_waiter,
+            held_until: self.held_until.map(|t| t.0),
+            counters: (self.counters.too_many_keys, self.counters.keys_created),
+        }
+    }
+
+    /// Rebuilds a layer from [`to_state`](Self::to_state)'s output.
+    pub fn from_state(s: &KeyLayerState) -> Result<KeyLayer, InvalidField> {
+        let mut keys = HashMap::new();
+        let mut names: HashMap<String, Arc<str>> = HashMap::new();
+        let mut waiter_key = U64Map::default();
+        let mut waits = BinaryHeap::new();
+        let mut requests = HashMap::new();
+        let (mut waiting, mut waiting_permits) = (0usize, 0u64);
+        let mut busy = BTreeSet::new();
+        for k in &s.keys {
+            let name: Arc<str> = Arc::from(k.name.as_str());
+            names.insert(k.name.clone(), Arc::clone(&name));
+            let mut queue = BTreeMap::new();
+            let mut queued_permits = 0u64;
+            for w in &k.queue {
+                let waiter = waiter_in(w);
+                if let Some(r) = &waiter.request {
+                    requests.insert(Arc::clone(r), w.id);
+                }
+                waits.push(Reverse((waiter.deadline, w.id)));
+                waiter_key.insert(w.id, Arc::clone(&name));
+                queued_permits += u64::from(w.permits);
+                queue.insert(w.id, waiter);
+            }
+            waiting += queue.len();
+            waiting_permits += queued_permits;
+            let load = u64::from(k.holders) + queue.len() as u64;
+            if load > 0 {
+                busy.insert((load, Arc::clone(&name)));
+            }
+            let key = Key {
+                gen: k.gen,
+                in_use: k.in_use,
+                holders: k.holders,
+                queue,
+                queued_permits,
+                tat: Timestamp(k.tat),
+                deficit: k.deficit,
+                turn: k.turn,
+                in_ring: k.in_ring,
+                sleeping: k.sleeping.map(Timestamp),
+                idle_armed: k.idle_armed,
+                limit: k.limit,
+                rate: rate_in(k.rate),
+                weight: k.weight,
+                load,
+            };
+            keys.insert(name, key);
+        }
+        let arc = |n: &str| -> Arc<str> { names.get(n).cloned().unwrap_or_else(|| Arc::from(n)) };
+        let mut holders = U64Map::default();
+        let mut leases = BinaryHeap::new();
+        for (token, key, permits, deadline) in &s.holders {
+            if !names.contains_key(key) {
+                return Err(InvalidField::new("holders", "a grant of an unknown key"));
+            }
+            holders.insert(
+                *token,
+                KeyedHolder {
+                    key: arc(key),
+                    permits: *permits,
+                    deadline: Timestamp(*deadline),
+                },
+            );
+            leases.push(Reverse((Timestamp(*deadline), *token)));
+        }
+        let heap = |v: &[(u64, u64, String)]| {
+            v.iter()
+                .map(|(t, g, n)| Reverse((Timestamp(*t), *g, arc(n))))
+                .collect::<BinaryHeap<_>>()
+        };
+        Ok(KeyLayer {
+            spec: KeyedSpec::from(&s.spec),
+            user_concurrency: s.user_concurrency,
+            overrides: s
+                .overrides
+                .iter()
+                .map(|(k, c, w)| {
+                    let over = KeyOverride {
+                        concurrency: *c,
+                        weight: *w,
+                    };
+                    (Arc::from(k.as_str()), over)
+                })
+                .collect(),
+            next_gen: s.next_gen,
+            ring: s
+                .ring
+                .iter()
+                .map(|(n, g)| (arc(n), *g))
+                .collect::<VecDeque<_>>(),
+            sleepers: heap(&s.sleepers),
+            idle: heap(&s.idle),
+            keys,
+            waiter_key,
+            waits,
+            holders,
+            leases,
+            requests,
+            next_waiter: s.next_waiter,
+            waiting,
+            waiting_permits,
+            held_until: s.held_until.map(Timestamp),
+            busy,
+            counters: KeyCounters {
+                too_many_keys: s.counters.0,
+                keys_created: s.counters.1,
+            },
+        })
+    }
+
+    /// Drops every queued waiter without granting anyone (after a restart their connections
+    /// are gone); counted as cancelled. Returns how many.
+    pub fn abandon_waiters(&mut self, total: &mut LimiterCore, now: Timestamp) -> usize {
+        let ids: Vec<u64> = self.waiter_key.keys().copied().collect();
+        let mut fx = crate::core::Effects::default();
+        // Taken out oldest first, without granting: a grant now would go to nobody.
+        let learning = total.learning_until;
+        total.learning_until = Some(Timestamp::MAX);
+        let mut sorted = ids;
+        sorted.sort_unstable();
+        for id in &sorted {
+            if let Some((name, _)) = self.dequeue(total, now, *id, &mut fx) {
+                total.counters.cancelled += 1;
+                self.maybe_drop(&name, now);
+            }
+        }
+        total.learning_until = learning;
+        sorted.len()
+    }
+}

@@ -1,0 +1,94 @@
+//! The tower middleware for a keyed limiter: a key extracted from each request.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::BoxError;
+use crate::limiter::{AcquireOptions, Limiter};
+use crate::store::LimiterBackend;
+
+/// Like [`FloodgateLayer`](super::FloodgateLayer), for a keyed limiter (see
+/// [`crate::core::keyed`]): each request's key (its tenant, say) comes from `key`, a function
+/// of the request, so one tenant's burst waits in its own queue and tenants share the total
+/// fairly.
+///
+/// ```ignore
+/// ServiceBuilder::new().layer(KeyedFloodgateLayer::new(orgs, AcquireOptions::new(), |job: &Job| job.org_id.to_string()))
+/// ```
+#[derive(Debug, Clone)]
+pub struct KeyedFloodgateLayer<B, F> {
+    /// The keyed limiter.
+    limiter: Limiter<B>,
+    /// The options of every acquire (their key is replaced by the request's).
+    options: AcquireOptions,
+    /// Extracts the key from a request; shared by the services it makes.
+    key: Arc<F>,
+}
+
+impl<B: LimiterBackend, F> KeyedFloodgateLayer<B, F> {
+    /// Acquires a permit of `limiter` for `key(&request)` around each call.
+    pub fn new(limiter: Limiter<B>, options: AcquireOptions, key: F) -> Self {
+        KeyedFloodgateLayer {
+            limiter,
+            options,
+            key: Arc::new(key),
+        }
+    }
+}
+
+impl<S, B: LimiterBackend, F> Layer<S> for KeyedFloodgateLayer<B, F> {
+    type Service = KeyedFloodgateService<S, B, F>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedFloodgateService {
+            inner,
+            limiter: self.limiter.clone(),
+            options: self.options.clone(),
+            key: Arc::clone(&self.key),
+        }
+    }
+}
+
+/// Acquires a permit for the request's key before calling the inner service, and holds it
+/// until the response is done.
+#[derive(Debug, Clone)]
+pub struct KeyedFloodgateService<S, B, F> {
+    /// The wrapped service.
+    inner: S,
+    /// The keyed limiter.
+    limiter: Limiter<B>,
+    /// The options of every acquire.
+    options: AcquireOptions,
+    /// Extracts the key from a request.
+    key: Arc<F>,
+}
+
+impl<S, B, F, K, Req> Service<Req> for KeyedFloodgateService<S, B, F>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    B: LimiterBackend,
+    F: Fn(&Req) -> K,
+    K: Into<Arc<str>>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        let limiter = self.limiter.clone();
+        let options = self.options.clone().key((self.key)(&req));
+        let acquire = Box::pin(async move { limiter.acquire(options).await });
+        ResponseFuture::new(acquire, ready, req)
+    }
+}

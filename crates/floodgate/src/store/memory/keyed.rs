@@ -1,0 +1,280 @@
+//! Keyed limiters in the embedded store: a limiter's state holds a
+//! [`KeyLayer`](crate::core::keyed::KeyLayer) beside its core, and each operation goes through
+//! it. With a data directory, keyed operations are logged and keyed state is snapshotted like
+//! any other (see `durable/record.rs`).
+
+use std::sync::PoisonError;
+use std::time::Duration;
+
+use super::durable::record::Op;
+use super::limiter::{MemoryLimiter, State};
+use super::{timer, MemoryStore};
+use crate::clock::{token_seed, Clock};
+use crate::core::keyed::{KeyLayer, KeyOverride, KeyedSpec, KeyedSpecState, KeysView};
+use crate::core::SpecState;
+use crate::core::{Effects, Feedback, LimiterStatus, Lost, WaiterId};
+use crate::error::StoreError;
+use crate::spec::{InvalidField, LimiterSpec};
+use crate::store::LimiterBackend;
+use crate::types::{FencingToken, LimiterName, Timestamp};
+
+impl State {
+    /// A moment no later than the next deadline, for re-arming the timer after an operation.
+    pub(super) fn deadline_hint(&mut self) -> Option<Timestamp> {
+        match &mut self.keyed {
+            Some(keyed) => keyed.next_deadline(&mut self.core),
+            None => self.core.deadline_hint(),
+        }
+    }
+
+    /// The exact next deadline, for the timer task.
+    pub(super) fn next_deadline_any(&mut self) -> Option<Timestamp> {
+        match &mut self.keyed {
+            Some(keyed) => keyed.next_deadline(&mut self.core),
+            None => self.core.next_deadline(),
+        }
+    }
+
+    pub(super) fn advance_any(&mut self, now: Timestamp, fx: &mut Effects) {
+        match &mut self.keyed {
+            Some(keyed) => keyed.advance(&mut self.core, now, fx),
+            None => self.core.advance(now, fx),
+        }
+    }
+
+    pub(super) fn release_any(
+        &mut self,
+        now: Timestamp,
+        token: FencingToken,
+        fx: &mut Effects,
+    ) -> bool {
+        match &mut self.keyed {
+            Some(keyed) => keyed.release(&mut self.core, now, token, fx),
+            None => self.core.release(now, token, fx),
+        }
+    }
+
+    pub(super) fn cancel_any(
+        &mut self,
+        now: Timestamp,
+        waiter: WaiterId,
+        fx: &mut Effects,
+    ) -> bool {
+        match &mut self.keyed {
+            Some(keyed) => keyed.cancel(&mut self.core, now, waiter, fx),
+            None => self.core.cancel(now, waiter, fx),
+        }
+    }
+
+    /// Extend; a keyed limiter does not re-adopt unknown permits (no learning re-adoption).
+    pub(super) fn extend_any(
+        &mut self,
+        now: Timestamp,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+        fx: &mut Effects,
+    ) -> Result<Result<Timestamp, Lost>, InvalidField> {
+        match &mut self.keyed {
+            Some(keyed) => keyed.extend(&mut self.core, now, token, lease, fx),
+            None => self.core.extend_or_adopt(now, token, lease, permits, fx),
+        }
+    }
+
+    pub(super) fn feedback_any(
+        &mut self,
+        now: Timestamp,
+        outcome: Feedback,
+        fx: &mut Effects,
+    ) -> Option<u32> {
+        match &mut self.keyed {
+            Some(keyed) => keyed.feedback(&mut self.core, now, outcome, fx),
+            None => self.core.feedback(now, outcome, fx),
+        }
+    }
+
+    pub(super) fn status_any(&self, name: &LimiterName) -> LimiterStatus {
+        match &self.keyed {
+            Some(keyed) => keyed.status(&self.core, name),
+            None => self.core.status(name),
+        }
+    }
+
+    pub(super) fn close_any(&mut self, fx: &mut Effects) {
+        match &mut self.keyed {
+            Some(keyed) => keyed.close(&mut self.core, fx),
+            None => self.core.close(fx),
+        }
+    }
+
+    /// Changes the spec; for a keyed limiter `keyed` replaces its per-key spec (`None`: kept).
+    /// A plain limiter cannot become keyed in place.
+    pub(super) fn reconfigure_any(
+        &mut self,
+        now: Timestamp,
+        spec: LimiterSpec,
+        keyed: Option<KeyedSpec>,
+        fx: &mut Effects,
+    ) -> Result<(), InvalidField> {
+        match (&mut self.keyed, keyed) {
+            (Some(layer), keyed) => {
+                let keyed = keyed.unwrap_or_else(|| layer.keyed_spec().clone());
+                layer.reconfigure(&mut self.core, now, spec, keyed, fx)
+            }
+            (None, None) => self.core.reconfigure(now, spec, fx),
+            (None, Some(_)) => Err(InvalidField::new(
+                "per_key",
+                "this limiter exists and is not keyed; delete it first to re-create it keyed",
+            )),
+        }
+    }
+}
+
+impl<C: Clock> MemoryLimiter<C> {
+    pub(super) async fn schedule_key(
+        &self,
+        key: &str,
+        count: u32,
+    ) -> Result<Vec<Duration>, StoreError> {
+        let offsets = self
+            .with_state(|state, now, fx| {
+                let out = match &mut state.keyed {
+                    Some(keyed) => keyed.schedule(&mut state.core, now, key, count, fx),
+                    None => return Err(not_keyed()),
+                };
+                state.record(now, || Op::KeyedSchedule {
+                    key: key.to_owned(),
+                    count,
+                });
+                out
+            })?
+            .map_err(StoreError::Invalid)?;
+        self.durable().await?;
+        Ok(offsets)
+    }
+
+    pub(super) async fn put_key_override(
+        &self,
+        key: &str,
+        over: Option<KeyOverride>,
+    ) -> Result<(), StoreError> {
+        self.with_state(|state, now, fx| {
+            let out = match &mut state.keyed {
+                Some(keyed) => keyed.put_override(&mut state.core, now, key, over, fx),
+                None => return Err(not_keyed()),
+            };
+            if out.is_ok() {
+                state.record(now, || Op::PutKey {
+                    key: key.to_owned(),
+                    concurrency: over.and_then(|o| o.concurrency),
+                    weight: over.map(|o| o.weight),
+                });
+            }
+            out
+        })?
+        .map_err(StoreError::Invalid)?;
+        self.durable().await
+    }
+
+    /// Makes this (new or recovered) limiter keyed.
+    pub(super) fn set_keyed(&self, layer: KeyLayer) {
+        self.shared()
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keyed = Some(Box::new(layer));
+    }
+
+    pub(super) fn keys_view(&self, limit: usize) -> Result<Option<KeysView>, StoreError> {
+        self.with_state(|state, now, fx| {
+            let State { core, keyed, .. } = state;
+            keyed.as_mut().map(|keyed| {
+                // Time applied first, as for status.
+                keyed.advance(core, now, fx);
+                keyed.keys_view(limit)
+            })
+        })
+    }
+}
+
+fn not_keyed() -> InvalidField {
+    InvalidField::new(
+        "key",
+        "this limiter is not keyed: create it with per_key to use keys",
+    )
+}
+
+impl<C: Clock> MemoryStore<C> {
+    /// [`Store::put_keyed_limiter`](crate::Store::put_keyed_limiter) for the embedded store.
+    pub(super) async fn put_keyed(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        keyed: KeyedSpec,
+    ) -> Result<LimiterStatus, StoreError> {
+        keyed.validate(&spec)?;
+        crate::core::keyed::total_spec(&spec).validate()?;
+        let existing = {
+            let mut map = self
+                .inner
+                .limiters
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            match map.get(name) {
+                Some(limiter) => Some(limiter.clone()),
+                None => {
+                    let max = self
+                        .inner
+                        .max_limiters
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    if map.len() >= max {
+                        return Err(StoreError::TooManyLimiters(max));
+                    }
+                    let first_token = token_seed()
+                        .max(
+                            self.inner
+                                .token_floor
+                                .load(std::sync::atomic::Ordering::Relaxed),
+                        )
+                        .max(self.inner.clock.now().0);
+                    let (core, layer) = KeyLayer::new(spec.clone(), keyed.clone(), first_token)?;
+                    let log = self.inner.persist.as_ref().map(|p| {
+                        p.create_keyed(self.inner.clock.now(), name, &spec, &keyed, first_token)
+                    });
+                    let limiter =
+                        MemoryLimiter::with_core(name.clone(), core, self.inner.clock.clone(), log);
+                    limiter.set_keyed(layer);
+                    timer::spawn(&limiter);
+                    map.insert(name.clone(), limiter.clone());
+                    None
+                }
+            }
+        };
+        if let Some(limiter) = &existing {
+            limiter.with_state(|state, now, fx| {
+                let out = state.reconfigure_any(now, spec.clone(), Some(keyed.clone()), fx);
+                if out.is_ok() {
+                    state.record(now, || Op::ReconfigureKeyed {
+                        spec: SpecState::from(&spec),
+                        keyed: KeyedSpecState::from(&keyed),
+                    });
+                }
+                out
+            })??;
+        }
+        let limiter = self.limiter_handle(name)?;
+        limiter.durable().await?;
+        limiter.status().await
+    }
+
+    fn limiter_handle(&self, name: &LimiterName) -> Result<MemoryLimiter<C>, StoreError> {
+        let map = self
+            .inner
+            .limiters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownLimiter(name.clone()))
+    }
+}
