@@ -121,9 +121,10 @@ end
 
 local function parse_member(mem, seq)
   local f = split(mem)
+  -- (`permits_s`, `lease_s`: the fields as written, so a grant need not format them again.)
   return {key = f[1], permits = tonumber(f[2]), lease = tonumber(f[3]), deadline = tonumber(f[4]),
           enqueued_at = tonumber(f[5]), in_waits = f[6] == 'w', channel = f[7],
-          label = tail(mem, 7), member = mem, seq = seq}
+          label = tail(mem, 7), member = mem, seq = seq, permits_s = f[2], lease_s = f[3]}
 end
 
 -- The waits member of waiter `key` with arrival sequence `seq`.
@@ -287,7 +288,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
       -- The freed room goes to the head of the queue (strict FIFO: a head that does not fit
       -- holds back those behind it). With no heavy waiter, every waiter fits in one permit.
       local limit, heavy = tonumber(h[4]), tonumber(h[17])
-      local granted = 0
+      local granted, now_s = 0, fmt(now)
       while qlen > 0 and in_use < limit do
         local w
         if heavy > 0 then
@@ -308,12 +309,14 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
         end
         local t = math.max(next_token, now)
         local deadline = now + w.lease
-        local outcome = 'G|' .. fmt(t) .. '|' .. fmt(w.permits) .. '|' .. fmt(w.lease) .. '|' ..
-          fmt(deadline) .. '|' .. fmt(now) .. '|' .. fmt(math.max(0, now - w.enqueued_at))
+        -- Each number formatted once (string.format is a large part of a script's time).
+        local t_s, deadline_s = fmt(t), fmt(deadline)
+        local outcome = 'G|' .. t_s .. '|' .. w.permits_s .. '|' .. w.lease_s .. '|' ..
+          deadline_s .. '|' .. now_s .. '|' .. fmt(math.max(0, now - w.enqueued_at))
         -- The holder's record and the waiter's outcome (replacing its queue entry), in one write.
-        redis.call('HSET', K_HOLD, fmt(t), fmt(w.permits) .. '|' .. fmt(deadline) .. '|' ..
-          fmt(now) .. '|' .. w.key .. '|' .. w.label, 'k:' .. w.key, outcome)
-        redis.call('ZADD', K_LEASE, fmt(deadline), fmt(t))
+        redis.call('HSET', K_HOLD, t_s, w.permits_s .. '|' .. deadline_s .. '|' .. now_s .. '|' ..
+          w.key .. '|' .. w.label, 'k:' .. w.key, outcome)
+        redis.call('ZADD', K_LEASE, deadline_s, t_s)
         if in_use == 0 then created(K_LEASE) end
         in_use, next_token, qlen = in_use + w.permits, t + 1, qlen - 1
         h[13] = fmt(tonumber(h[13]) - w.permits)
