@@ -70,8 +70,13 @@ pub(crate) enum Op {
     Orphan { waiter: u64, grace_us: u64 },
     /// A `schedule` of this many rate tokens.
     Schedule { count: u32 },
-    /// Backend feedback: 0 ok, 1 throttled, 2 error.
-    Feedback { outcome: u8 },
+    /// Backend feedback: 0 ok, 1 throttled, 2 error; with the call's latency when reported
+    /// (absent in logs from before latencies were used).
+    Feedback {
+        outcome: u8,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        latency_us: Option<u64>,
+    },
     /// Time passed and changed something (a lease expired, a wait ended, a token came due).
     Advance,
     /// The waiters were dropped after a restart.
@@ -93,13 +98,14 @@ impl Op {
         }
     }
 
-    pub(crate) fn feedback(outcome: Feedback) -> Op {
+    pub(crate) fn feedback(outcome: Feedback, latency: Option<std::time::Duration>) -> Op {
         Op::Feedback {
             outcome: match outcome {
                 Feedback::Ok => 0,
                 Feedback::Throttled => 1,
                 Feedback::Error => 2,
             },
+            latency_us: latency.map(us),
         }
     }
 
@@ -162,13 +168,16 @@ impl Op {
             Op::Schedule { count } => {
                 let _ = core.schedule(at, *count, &mut fx);
             }
-            Op::Feedback { outcome } => {
+            Op::Feedback {
+                outcome,
+                latency_us,
+            } => {
                 let outcome = match outcome {
                     0 => Feedback::Ok,
                     1 => Feedback::Throttled,
                     _ => Feedback::Error,
                 };
-                core.feedback(at, outcome, &mut fx);
+                core.feedback_with(at, outcome, latency_us.map(micros), &mut fx);
             }
             Op::Advance => core.advance(at, &mut fx),
             Op::Abandon => {
