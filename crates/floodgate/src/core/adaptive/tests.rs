@@ -162,3 +162,34 @@ fn the_ewma_moves_by_its_weight_and_starts_at_the_first_sample() {
     assert_eq!(ewma(160, 320, 16), 170);
     assert_eq!(ewma(320, 160, 16), 310);
 }
+
+#[test]
+fn a_snapshot_carries_the_controller_state_and_its_spec() {
+    use crate::core::{Effects, LimiterCore};
+    use crate::spec::{Algorithm, LimiterSpec};
+    let adaptive = AdaptiveSpec {
+        tolerance: 2.5,
+        probe_rounds: 7,
+        ..AdaptiveSpec::gradient(1, 100)
+    };
+    let mut core =
+        LimiterCore::new(LimiterSpec::concurrency(20).with_adaptive(adaptive), 1).expect("valid");
+    let mut fx = Effects::default();
+    let ms = Some(Duration::from_millis(5));
+    for i in 0..50 {
+        core.feedback_with(Timestamp(1_000 + i * 10_000), Feedback::Ok, ms, &mut fx);
+    }
+    core.feedback_with(Timestamp(600_000), Feedback::Throttled, ms, &mut fx);
+    let state = core.to_state();
+    assert_ne!(state.gradient, Gradient::default());
+    // Through JSON, as the durable store writes it.
+    let json = serde_json::to_string(&state).expect("serialize");
+    let back: crate::core::CoreState = serde_json::from_str(&json).expect("deserialize");
+    let mut rebuilt = LimiterCore::from_state(&back).expect("rebuild");
+    assert_eq!(rebuilt.to_state(), state);
+    assert_eq!(
+        rebuilt.spec().adaptive.map(|a| a.algorithm),
+        Some(Algorithm::Gradient)
+    );
+    assert_eq!(rebuilt.spec().adaptive, Some(adaptive));
+}
