@@ -34,6 +34,9 @@
 //! RateLimitExceeded after [`Model::reject_latency`] (10 ms), still counted until then. So the
 //! *backend concurrency* reported and drawn is what Snuba sees (admitted plus being rejected),
 //! the quantity that read 159 in the incident; `peak_running` counts admitted queries only.
+//! Past [`Model::knee`] (75 %) of its capacity the backend slows every query it admits, up to
+//! [`Model::slowdown_at_capacity`] (1.25x) at the capacity, and its capacity may change mid-run
+//! ([`Config::capacity_change`]); see `loaded.rs`.
 //!
 //! # The strategies
 //!
@@ -75,6 +78,8 @@
 //!   [`LimiterCore::feedback`](floodgate::core::LimiterCore::feedback), as `@limited` reports
 //!   it): it starts at [`Config::limit`]; each RateLimitExceeded is reported as throttled (×0.7,
 //!   at most once per 2 s); every round of successes as large as the limit adds 1.
+//! - [`Strategy::FloodgateGradient`]: the same with the latency-aware controller
+//!   ([`floodgate::AdaptiveSpec::gradient`]); every report carries the query's latency.
 //!
 //! # The report
 //!

@@ -12,7 +12,8 @@
 //!   throttling began (as TCP CUBIC remembers its last loss point):
 //!   1. *Slow start.* With no ceiling known, every success adds one permit (the limit doubles
 //!      per round), halved while recent latency is above the long-run latency (a queue is
-//!      forming: Gradient2's gradient below 1).
+//!      forming: Gradient2's gradient below 1). Nothing grows while fewer than half the
+//!      permits are in use (Gradient2's guard: the callers, not the backend, limit the calls).
 //!   2. *A throttle that is news* (the call began after the last decrease: `now - latency`;
 //!      without a latency, the AIMD cooling interval) records a ceiling, one below the permits
 //!      in use when the backend refused (it could not take that many), and multiplies the
@@ -189,6 +190,11 @@ impl Gradient {
                         self.ceiling = limit;
                         return lowered;
                     }
+                }
+                // Gradient2's guard: with fewer than half the permits in use the backend is not
+                // what limits the calls, so success says nothing about a higher limit.
+                if u64::from(at.in_use) * 2 < u64::from(limit) {
+                    return limit;
                 }
                 self.grow(spec, limit)
             }

@@ -859,6 +859,10 @@ local function gradient_feedback(outcome, latency)
       return new
     end
   end
+  if in_use * 2 < limit then
+    save()
+    return limit
+  end
   local step, threshold
   if ceiling == 0 then
     step, threshold = limit, limit
