@@ -434,6 +434,28 @@ mod tests {
             field(LimiterSpec::concurrency(3).with_adaptive(AdaptiveSpec::between(5, 1))),
             Err("adaptive.min")
         );
+        let gradient = |f: fn(&mut AdaptiveSpec)| {
+            let mut a = AdaptiveSpec::gradient(1, 5);
+            f(&mut a);
+            LimiterSpec::concurrency(3).with_adaptive(a)
+        };
+        assert!(gradient(|_| {}).validate().is_ok());
+        assert_eq!(
+            field(gradient(|a| a.tolerance = 1.0)),
+            Err("adaptive.tolerance")
+        );
+        assert_eq!(
+            field(gradient(|a| a.tolerance = f64::NAN)),
+            Err("adaptive.tolerance")
+        );
+        assert_eq!(
+            field(gradient(|a| a.probe_rounds = 0)),
+            Err("adaptive.probe_rounds")
+        );
+        assert_eq!(
+            field(gradient(|a| a.decrease = 1.0)),
+            Err("adaptive.decrease")
+        );
     }
 
     #[test]
