@@ -523,6 +523,26 @@ def test_rate_only_grants_have_no_lease(fg: Floodgate) -> None:
     assert fg.limiter(name)["counters"]["paced"] == 2
 
 
+def test_a_gradient_limit_uses_the_reported_latency(fg: Floodgate) -> None:
+    name = "gradient-{}".format(uuid.uuid4().hex[:8])
+    try:
+        shown = fg.define(name, 4, adaptive=Adaptive(min=1, max=20, algorithm="gradient",
+                                                     tolerance=2.0, probe_rounds=5))
+    except BadRequest as e:
+        pytest.skip("this server has no gradient adaptive limits (issue 13): {}".format(e))
+    assert shown["adaptive"]["algorithm"] == "gradient"
+    assert shown["adaptive"]["tolerance"] == 2.0 and shown["adaptive"]["probe_rounds"] == 5
+    permits = [fg.acquire(name, wait=0) for _ in range(4)]
+    # Slow start: each success (the latency says it began after any decrease) adds a permit.
+    assert fg.feedback(name, "ok", latency=0.01) == 5
+    assert fg.feedback(name, "ok", latency=0.01) == 6
+    # A throttle: one below the permits in use (4) becomes the ceiling, the limit x0.9.
+    assert fg.feedback(name, "throttled", latency=0.001) == 5
+    for p in permits:
+        p.release()
+    fg.define(name, adaptive=None)
+
+
 def test_feedback_moves_an_adaptive_limit(fg: Floodgate) -> None:
     name = "adaptive-{}".format(uuid.uuid4().hex[:8])
     try:

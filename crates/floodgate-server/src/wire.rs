@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use floodgate::{AdaptiveSpec, RateSpec};
+use floodgate::{AdaptiveSpec, Algorithm, RateSpec};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// For optional fields that are not nullable (`#[serde(default, deserialize_with =
@@ -55,11 +55,16 @@ impl From<RateSpec> for RateBody {
     }
 }
 
-/// `"adaptive": {"min": 5, "max": 100}` plus optional `increase` (1), `decrease` (0.7) and
-/// `cooldown_ms` (50; the typical hold time stretches it).
+/// `"adaptive": {"min": 5, "max": 100}` plus optional `algorithm` (`"aimd"`, the default, or
+/// `"gradient"`), `increase` (1, AIMD only), `decrease` (0.7 for AIMD, 0.9 for gradient),
+/// `cooldown_ms` (50; the typical hold time stretches it), and for gradient `tolerance` (1.5)
+/// and `probe_rounds` (30).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdaptiveBody {
+    /// Which controller moves the limit.
+    #[serde(default, deserialize_with = "non_null")]
+    pub algorithm: Option<AlgorithmName>,
     /// Lowest limit.
     pub min: u32,
     /// Highest limit.
@@ -73,15 +78,36 @@ pub struct AdaptiveBody {
     /// At most one decrease per this many milliseconds.
     #[serde(default, deserialize_with = "non_null")]
     pub cooldown_ms: Option<u64>,
+    /// Gradient: recent over long-run latency above which the limit comes down.
+    #[serde(default, deserialize_with = "non_null")]
+    pub tolerance: Option<f64>,
+    /// Gradient: rounds at the learned ceiling before probing past it.
+    #[serde(default, deserialize_with = "non_null")]
+    pub probe_rounds: Option<u32>,
+}
+
+/// The adaptive algorithm's name on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlgorithmName {
+    /// Additive increase, multiplicative decrease on throttles.
+    Aimd,
+    /// Latency-aware, with a learned ceiling.
+    Gradient,
 }
 
 impl From<AdaptiveBody> for AdaptiveSpec {
     fn from(a: AdaptiveBody) -> Self {
-        let d = AdaptiveSpec::between(a.min, a.max);
+        let d = match a.algorithm {
+            Some(AlgorithmName::Gradient) => AdaptiveSpec::gradient(a.min, a.max),
+            _ => AdaptiveSpec::between(a.min, a.max),
+        };
         AdaptiveSpec {
             increase: a.increase.unwrap_or(d.increase),
             decrease: a.decrease.unwrap_or(d.decrease),
             cooldown: a.cooldown_ms.map_or(d.cooldown, Duration::from_millis),
+            tolerance: a.tolerance.unwrap_or(d.tolerance),
+            probe_rounds: a.probe_rounds.unwrap_or(d.probe_rounds),
             ..d
         }
     }
@@ -90,11 +116,17 @@ impl From<AdaptiveBody> for AdaptiveSpec {
 impl From<AdaptiveSpec> for AdaptiveBody {
     fn from(a: AdaptiveSpec) -> Self {
         AdaptiveBody {
+            algorithm: Some(match a.algorithm {
+                Algorithm::Aimd => AlgorithmName::Aimd,
+                Algorithm::Gradient => AlgorithmName::Gradient,
+            }),
             min: a.min,
             max: a.max,
             increase: Some(a.increase),
             decrease: Some(a.decrease),
             cooldown_ms: Some(millis(a.cooldown)),
+            tolerance: Some(a.tolerance),
+            probe_rounds: Some(a.probe_rounds),
         }
     }
 }

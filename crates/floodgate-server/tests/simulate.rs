@@ -228,3 +228,68 @@ fn floodgate_holders_extend_a_lease_shorter_than_their_query() {
     );
     assert_eq!(r.lost, 0);
 }
+
+/// Must-show 3 of issue 13, as the README's table shows it: the latency-aware controller
+/// keeps the backend at its capacity within 5 % of the ideal makespan, with at most 0.1 % of
+/// queries rejected and nothing lost; AIMD in the same run does worse on the makespan.
+#[test]
+fn the_gradient_controller_runs_at_the_backend_capacity_in_the_default_scenario() {
+    let cfg = Config {
+        strategies: vec![Strategy::FloodgateAdaptive, Strategy::FloodgateGradient],
+        ..Config::default()
+    };
+    let sim = simulate(&cfg);
+    let (aimd, gradient) = (&sim.report.strategies[0], &sim.report.strategies[1]);
+    assert_eq!(gradient.lost, 0);
+    assert!(
+        gradient.makespan_ratio <= 1.05,
+        "ratio {}",
+        gradient.makespan_ratio
+    );
+    assert!(
+        gradient.rejected * 1_000 <= sim.report.queries,
+        "{} rejected of {}",
+        gradient.rejected,
+        sim.report.queries
+    );
+    assert!(gradient.makespan_s < aimd.makespan_s);
+    let l = gradient.limiter.clone().expect("limiter stats");
+    assert!(
+        l.max_limit <= 102,
+        "never far past the capacity: {}",
+        l.max_limit
+    );
+}
+
+/// The same when the backend loses 40 % of its capacity 90 s in (a replica gone): the limit
+/// follows it down with a handful of rejections, and the makespan stays within 5 % of the
+/// ideal for that changing capacity.
+#[test]
+fn the_gradient_controller_follows_a_capacity_change() {
+    let cfg = Config {
+        strategies: vec![Strategy::FloodgateAdaptive, Strategy::FloodgateGradient],
+        capacity_change: Some((Duration::from_secs(90), 60)),
+        ..Config::default()
+    };
+    let sim = simulate(&cfg);
+    let (aimd, gradient) = (&sim.report.strategies[0], &sim.report.strategies[1]);
+    assert_eq!(gradient.lost, 0);
+    assert!(
+        gradient.makespan_ratio <= 1.05,
+        "ratio {}",
+        gradient.makespan_ratio
+    );
+    assert!(
+        gradient.rejected * 1_000 <= sim.report.queries,
+        "{} rejected of {}",
+        gradient.rejected,
+        sim.report.queries
+    );
+    assert!(gradient.makespan_s < aimd.makespan_s);
+    let l = gradient.limiter.clone().expect("limiter stats");
+    assert!(
+        l.final_limit <= 61,
+        "followed the capacity down: {}",
+        l.final_limit
+    );
+}

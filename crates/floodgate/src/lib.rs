@@ -63,6 +63,7 @@ pub use crate::core::{
 pub use crate::error::{AcquireError, ExtendError, StoreError};
 pub use crate::layer::FloodgateLayer;
 pub use crate::limiter::{AcquireOptions, Floodgate, Limiter, Permit};
+pub use crate::spec::Algorithm;
 pub use crate::spec::{AdaptiveSpec, InvalidField, LimiterSpec, RateSpec};
 pub use crate::store::{
     Durability, FsyncPolicy, LimiterBackend, MemoryLimiter, MemoryStore, RecoveryError,

@@ -68,37 +68,96 @@ impl RateSpec {
     }
 }
 
-/// Adaptive concurrency (AIMD): the effective limit moves between `min` and `max` on feedback.
-/// A throttle multiplies it by `decrease`, at most once per cooling interval: `cooldown` or the
-/// typical hold time of a permit, whichever is longer (throttles of calls that started before
-/// the last decrease say nothing new); every `limit` successes in a row add `increase`.
+/// How an adaptive limit moves (see [`AdaptiveSpec`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algorithm {
+    /// Additive increase, multiplicative decrease on throttles only; latency is ignored.
+    #[default]
+    Aimd,
+    /// Latency-aware (`crate::core::adaptive`): a latency gradient in the style of Netflix's
+    /// Gradient2/Vegas slows growth and backs off when calls queue up, and a growth curve
+    /// remembers where throttling began and plateaus there (as TCP CUBIC near its last loss
+    /// point) instead of probing past it every round.
+    Gradient,
+}
+
+impl Algorithm {
+    /// The name used in the API and config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Aimd => "aimd",
+            Algorithm::Gradient => "gradient",
+        }
+    }
+}
+
+/// Adaptive concurrency: the effective limit moves between `min` and `max` on feedback.
+///
+/// With [`Algorithm::Aimd`] (the default): a throttle multiplies it by `decrease`, at most once
+/// per cooling interval: `cooldown` or the typical hold time of a permit, whichever is longer
+/// (throttles of calls that started before the last decrease say nothing new); every `limit`
+/// successes in a row add `increase`.
+///
+/// With [`Algorithm::Gradient`]: see `crate::core::adaptive` and `docs/api.md`; `decrease`
+/// is the factor per throttle (0.9 by default), `tolerance` and `probe_rounds` shape the rest,
+/// and `increase` is not used.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdaptiveSpec {
+    /// Which controller moves the limit.
+    pub algorithm: Algorithm,
     /// Lowest effective limit.
     pub min: u32,
     /// Highest effective limit.
     pub max: u32,
-    /// Added after a full round (as many successes as the current limit) without a throttle.
+    /// AIMD: added after a full round (as many successes as the current limit) without a
+    /// throttle.
     pub increase: u32,
     /// Factor applied on a throttle, in (0, 1).
     pub decrease: f64,
     /// At most one decrease per this interval (or per typical hold time, if longer), so one
-    /// burst of throttles counts once.
+    /// burst of throttles counts once. The gradient controller uses it only for feedback that
+    /// carries no latency (with a latency it knows whether the call began after the decrease).
     pub cooldown: Duration,
+    /// Gradient: the limit comes down when recent latency exceeds the long-run latency by more
+    /// than this factor (Gradient2's `rttTolerance`), in [1.1, 10].
+    pub tolerance: f64,
+    /// Gradient: rounds spent at the learned ceiling (where throttling began) before probing
+    /// one permit past it; from 1 to 10,000.
+    pub probe_rounds: u32,
 }
 
 impl Eq for AdaptiveSpec {}
 
+/// The gradient controller's default `tolerance`.
+pub const DEFAULT_TOLERANCE: f64 = 1.5;
+/// The gradient controller's default `probe_rounds`.
+pub const DEFAULT_PROBE_ROUNDS: u32 = 30;
+/// The gradient controller's default `decrease`.
+pub const DEFAULT_GRADIENT_DECREASE: f64 = 0.9;
+
 impl AdaptiveSpec {
-    /// Between `min` and `max`, with the default steps: +1 per round, x0.7 per throttle, one
-    /// decrease per 50 ms or per typical hold time, whichever is longer.
+    /// AIMD between `min` and `max`, with the default steps: +1 per round, x0.7 per throttle,
+    /// one decrease per 50 ms or per typical hold time, whichever is longer.
     pub fn between(min: u32, max: u32) -> Self {
         AdaptiveSpec {
+            algorithm: Algorithm::Aimd,
             min,
             max,
             increase: 1,
             decrease: 0.7,
             cooldown: Duration::from_millis(50),
+            tolerance: DEFAULT_TOLERANCE,
+            probe_rounds: DEFAULT_PROBE_ROUNDS,
+        }
+    }
+
+    /// The latency-aware controller between `min` and `max`, with its defaults: x0.9 per
+    /// throttle, tolerance 1.5, 30 rounds at the learned ceiling between probes.
+    pub fn gradient(min: u32, max: u32) -> Self {
+        AdaptiveSpec {
+            algorithm: Algorithm::Gradient,
+            decrease: DEFAULT_GRADIENT_DECREASE,
+            ..AdaptiveSpec::between(min, max)
         }
     }
 }
@@ -288,6 +347,18 @@ impl LimiterSpec {
                     "must be at most 86400000 ms (24 h)",
                 ));
             }
+            if !(a.tolerance >= 1.1 && a.tolerance <= 10.0) {
+                return Err(InvalidField::new(
+                    "adaptive.tolerance",
+                    "must be from 1.1 to 10",
+                ));
+            }
+            if a.probe_rounds == 0 || a.probe_rounds > 10_000 {
+                return Err(InvalidField::new(
+                    "adaptive.probe_rounds",
+                    "must be from 1 to 10000",
+                ));
+            }
         }
         check_lease("lease_ms", self.default_lease)?;
         if self.max_wait > MAX_WAIT {
@@ -362,6 +433,28 @@ mod tests {
         assert_eq!(
             field(LimiterSpec::concurrency(3).with_adaptive(AdaptiveSpec::between(5, 1))),
             Err("adaptive.min")
+        );
+        let gradient = |f: fn(&mut AdaptiveSpec)| {
+            let mut a = AdaptiveSpec::gradient(1, 5);
+            f(&mut a);
+            LimiterSpec::concurrency(3).with_adaptive(a)
+        };
+        assert!(gradient(|_| {}).validate().is_ok());
+        assert_eq!(
+            field(gradient(|a| a.tolerance = 1.0)),
+            Err("adaptive.tolerance")
+        );
+        assert_eq!(
+            field(gradient(|a| a.tolerance = f64::NAN)),
+            Err("adaptive.tolerance")
+        );
+        assert_eq!(
+            field(gradient(|a| a.probe_rounds = 0)),
+            Err("adaptive.probe_rounds")
+        );
+        assert_eq!(
+            field(gradient(|a| a.decrease = 1.0)),
+            Err("adaptive.decrease")
         );
     }
 

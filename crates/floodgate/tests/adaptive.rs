@@ -1,4 +1,5 @@
-//! Adaptive concurrency (AIMD) against a simulated backend whose capacity Floodgate is not told.
+//! Adaptive concurrency (AIMD, and the latency-aware `gradient` controller in the last test)
+//! against a simulated backend whose capacity Floodgate is not told.
 //!
 //! The backend accepts at most `C` calls at once and answers "throttled" (a 429) to any call
 //! that arrives while `C` are in progress. Workers acquire a permit, call the backend, report
@@ -173,13 +174,19 @@ const C1: u32 = 37;
 const C2: u32 = 80;
 
 /// The simulation: `WORKERS` workers against the backend at capacity `C1`, then `C2`, with the
-/// limit starting at 10 between 1 and 200 and the given cooldown.
+/// limit starting at 10 between 1 and 200 and the given cooldown (AIMD).
 async fn simulate(label: &str, cooldown: Duration) -> Run {
-    let gate = Floodgate::with_store(MemoryStore::new());
     let adaptive = AdaptiveSpec {
         cooldown,
         ..AdaptiveSpec::between(1, 200)
     };
+    run_with(label, adaptive).await
+}
+
+/// The same workers and backend with any adaptive spec; feedback carries each call's latency
+/// (which AIMD ignores and the gradient controller uses).
+async fn run_with(label: &str, adaptive: AdaptiveSpec) -> Run {
+    let gate = Floodgate::with_store(MemoryStore::new());
     let spec = LimiterSpec::concurrency(10)
         .with_adaptive(adaptive)
         .with_max_wait(Duration::from_secs(60));
@@ -201,8 +208,12 @@ async fn simulate(label: &str, cooldown: Duration) -> Run {
                         .acquire(AcquireOptions::new().wait(Duration::from_secs(60)))
                         .await
                         .unwrap();
+                    let started = Instant::now();
                     let outcome = backend.call(&mut rng).await;
-                    lim.backend().feedback(outcome).await.unwrap();
+                    lim.backend()
+                        .feedback_with_latency(outcome, Some(started.elapsed()))
+                        .await
+                        .unwrap();
                     assert!(permit.release().await.unwrap());
                     if outcome == Feedback::Throttled {
                         // A client backs off after a 429 before trying again.
@@ -310,5 +321,29 @@ async fn with_the_default_cooldown_throttles_stay_rare() {
         run.second.rejected_fraction() < 0.02,
         "too many rejections: {:?}",
         run.second
+    );
+}
+
+/// The latency-aware controller on the same backend: it slow-starts to the capacity, plateaus
+/// one below where throttling began instead of sawing below it, probes rarely (so rejections
+/// are rarer than AIMD's), and finds the raised capacity by probing past its old ceiling.
+#[tokio::test(start_paused = true)]
+async fn the_gradient_limit_plateaus_at_the_capacity_and_follows_it_up() {
+    let run = run_with("gradient", AdaptiveSpec::gradient(1, 200)).await;
+    for (c, p) in [(C1, &run.first), (C2, &run.second)] {
+        assert!(
+            p.band.median + 2 >= c && p.band.median <= c + 2,
+            "the median limit sits at the capacity {c}: {p:?}"
+        );
+        assert!(
+            p.rejected_fraction() < 0.01,
+            "too many rejections at {c}: {p:?}"
+        );
+    }
+    assert!(
+        run.second.band.min > run.first.band.max,
+        "the limit did not recover upward: {:?} vs {:?}",
+        run.second,
+        run.first
     );
 }

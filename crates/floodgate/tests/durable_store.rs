@@ -355,3 +355,52 @@ async fn a_repeated_request_id_gets_the_same_grant_or_joins_the_wait() {
     );
     drop(granted);
 }
+
+/// The gradient controller's state (here, the ceiling where throttling began) is rebuilt by
+/// replaying the log: after a reopen, successes bring the limit back to the ceiling and no
+/// further, where a controller that forgot it would slow-start to the maximum.
+#[tokio::test]
+async fn the_adaptive_ceiling_survives_a_reopen() {
+    use floodgate::{AdaptiveSpec, Feedback};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gate, store) = open(dir.path());
+    let adaptive = AdaptiveSpec {
+        probe_rounds: 10_000,
+        ..AdaptiveSpec::gradient(1, 100)
+    };
+    gate.define("g", spec(20).with_adaptive(adaptive))
+        .await
+        .expect("define");
+    let g = gate.limiter("g").await.expect("limiter");
+    for _ in 0..20 {
+        g.acquire(AcquireOptions::new())
+            .await
+            .expect("grant")
+            .detach();
+    }
+    let ms = Some(Duration::from_millis(1));
+    let lowered = g
+        .backend()
+        .feedback_with_latency(Feedback::Throttled, ms)
+        .await
+        .expect("feedback");
+    assert_eq!(lowered, Some(18), "x0.9 on a throttle; the ceiling is 19");
+    store.close();
+    drop((gate, g, store));
+    let (gate, store) = open(dir.path());
+    let g = gate.limiter("g").await.expect("limiter");
+    let mut limit = None;
+    for _ in 0..500 {
+        limit = g
+            .backend()
+            .feedback_with_latency(Feedback::Ok, ms)
+            .await
+            .expect("feedback");
+    }
+    assert_eq!(
+        limit,
+        Some(19),
+        "back on the remembered ceiling, not past it"
+    );
+    store.close();
+}

@@ -75,6 +75,8 @@ struct Variation {
     rate_only: bool,
     /// The adaptive range around the concurrency: `(below, above)`.
     adaptive: Option<(u32, u32)>,
+    /// The latency-aware controller instead of AIMD: `(tolerance, probe_rounds)`.
+    gradient: Option<(f64, u32)>,
 }
 
 fn variation() -> impl Strategy<Value = Variation> {
@@ -86,11 +88,16 @@ fn variation() -> impl Strategy<Value = Variation> {
         ],
         prop_oneof![3 => Just(false), 1 => Just(true)],
         prop_oneof![2 => Just(None), 1 => (0_u32..=3, 0_u32..=4).prop_map(Some)],
+        prop_oneof![
+            1 => Just(None),
+            2 => (prop_oneof![Just(1.1), Just(1.5), Just(2.0)], 1_u32..=3).prop_map(Some),
+        ],
     )
-        .prop_map(|(rate, rate_only, adaptive)| Variation {
+        .prop_map(|(rate, rate_only, adaptive, gradient)| Variation {
             rate,
             rate_only,
             adaptive,
+            gradient,
         })
 }
 
@@ -104,10 +111,15 @@ fn apply(spec: &SpecChoice, v: &Variation) -> LimiterSpec {
         }
     }
     if let (Some((below, above)), Some(c)) = (v.adaptive, s.concurrency) {
-        s.adaptive = Some(AdaptiveSpec::between(
-            c.saturating_sub(below).max(1),
-            c + above,
-        ));
+        let (min, max) = (c.saturating_sub(below).max(1), c + above);
+        s.adaptive = Some(match v.gradient {
+            Some((tolerance, probe_rounds)) => AdaptiveSpec {
+                tolerance,
+                probe_rounds,
+                ..AdaptiveSpec::gradient(min, max)
+            },
+            None => AdaptiveSpec::between(min, max),
+        });
     }
     s
 }
@@ -115,7 +127,8 @@ fn apply(spec: &SpecChoice, v: &Variation) -> LimiterSpec {
 /// Operations only the twin runs (the model test has no rate, adaptive limit or learning).
 #[derive(Debug, Clone)]
 enum Extra {
-    Feedback(u8),
+    /// An outcome, with the call's latency in ms if reported.
+    Feedback(u8, Option<u64>),
     Schedule(u32),
     /// Gives back unused tokens of the latest reservation (`stale`: of an id that is not it).
     Unschedule {
@@ -135,7 +148,8 @@ enum Extra {
 
 fn extra() -> impl Strategy<Value = Extra> {
     prop_oneof![
-        3 => (0_u8..3).prop_map(Extra::Feedback),
+        3 => (0_u8..3, prop_oneof![1 => Just(None), 3 => (0_u64..=3_000).prop_map(Some)])
+            .prop_map(|(k, l)| Extra::Feedback(k, l)),
         1 => (1_u32..=20).prop_map(Extra::Schedule),
         1 => (1_u32..=25, proptest::bool::weighted(0.2))
             .prop_map(|(unused, stale)| Extra::Unschedule { unused, stale }),
@@ -312,8 +326,27 @@ impl<'a> Twin<'a> {
             o(a.map(|a| us(a.cooldown).to_string())),
             learn_us.to_string(),
             String::new(),
+            o(a.map(|a| format!("{}|{}|{}", a.algorithm.name(), a.tolerance, a.probe_rounds))),
         ];
         self.call("put", &args)
+    }
+
+    /// The gradient controller's state, as the script keeps it (`g_state` in meta), against
+    /// the core's.
+    fn compare_gradient(&mut self) -> Result<(), TestCaseError> {
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(&self.keys[0])
+            .arg("g_state")
+            .query(&mut *self.conn.borrow_mut())
+            .unwrap();
+        let g = self.core.to_state().gradient;
+        let core = format!(
+            "{}|{}|{}|{}|{}|{}",
+            g.short_us, g.long_us, g.ceiling, g.credit, g.samples, g.backoff
+        );
+        let script = raw.unwrap_or_else(|| "0|0|0|0|0|0".to_owned());
+        prop_assert_eq!(script, core, "gradient state at step {}", self.step);
+        Ok(())
     }
 
     fn core_limit(&self) -> u32 {
@@ -487,6 +520,15 @@ impl<'a> Twin<'a> {
             }),
         );
         prop_assert_eq!(script, core, "status at step {}: {:?}", self.step, reply);
+        let ext = spec.adaptive.map_or(String::new(), |a| {
+            format!("{}|{}|{}", a.algorithm.name(), a.tolerance, a.probe_rounds)
+        });
+        prop_assert_eq!(
+            f["a_ext"],
+            ext.as_str(),
+            "adaptive spec at step {}",
+            self.step
+        );
         let c = Counters {
             granted: n("granted"),
             released: n("released"),
@@ -530,16 +572,24 @@ impl<'a> Twin<'a> {
         let mut fx = Effects::default();
         let step = self.step;
         match e {
-            Extra::Feedback(k) => {
+            Extra::Feedback(k, latency_ms) => {
                 let (outcome, word) = match k {
                     0 => (Feedback::Ok, "ok"),
                     1 => (Feedback::Throttled, "throttled"),
                     _ => (Feedback::Error, "error"),
                 };
-                let got = self.core.feedback(ts, outcome, &mut fx);
-                let reply = self.call("feedback", &[word.to_owned()]);
+                let latency = latency_ms.map(Duration::from_millis);
+                let got = self.core.feedback_with(ts, outcome, latency, &mut fx);
+                let reply = self.call(
+                    "feedback",
+                    &[
+                        word.to_owned(),
+                        latency.map(|l| us(l).to_string()).unwrap_or_default(),
+                    ],
+                );
                 let want = got.map(|l| l.to_string()).unwrap_or_default();
                 prop_assert_eq!(&reply[..2], &["limit".to_owned(), want], "step {}", step);
+                self.compare_gradient()?;
                 self.compare_wakes(&fx)?;
                 self.compare_hint(&reply, true)?;
             }
@@ -854,4 +904,146 @@ fn the_script_matches_the_core() {
         panic!("the script and the core differ: {e}");
     }
     eprintln!("{} sequences compared", n.get());
+}
+
+/// The gradient controller over a long run (the random sequences above are too short to warm
+/// its averages up): thousands of reports with heavy-tailed latencies, a stretch of queueing
+/// (latencies four times longer), throttles and errors, on a limiter holding permits. After
+/// every report the limit and the controller's whole state must match the core's.
+#[test]
+fn the_gradient_controller_matches_the_core_over_a_long_run() {
+    let server = support::RedisServer::start();
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let script = redis::Script::new(&floodgate::store::redis::script_source());
+    script.load(&mut conn).unwrap();
+    let name = "long";
+    let keys: Vec<String> = [
+        "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes", "hot",
+        "tokens",
+    ]
+    .map(|k| format!("tw:{{{name}}}:{k}"))
+    .to_vec();
+    let eval = |conn: &mut redis::Connection, op: &str, now: u64, args: &[String]| {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len());
+        for k in &keys {
+            cmd.arg(k);
+        }
+        cmd.arg(format!("{op}@{now}@general"))
+            .arg(name)
+            .arg(3_600_000_u64);
+        for a in args {
+            cmd.arg(a);
+        }
+        cmd.query::<Vec<String>>(conn).unwrap()
+    };
+    let spec = LimiterSpec::concurrency(40)
+        .with_adaptive(AdaptiveSpec {
+            probe_rounds: 2,
+            ..AdaptiveSpec::gradient(1, 200)
+        })
+        .with_default_lease(Duration::from_secs(3_600));
+    let a = spec.adaptive.unwrap();
+    let mut now = T0;
+    let mut core = LimiterCore::new(spec.clone(), TOKEN_BASE).unwrap();
+    let put = [
+        "40".to_owned(),
+        us(spec.default_lease).to_string(),
+        us(spec.max_wait).to_string(),
+        spec.max_queue.to_string(),
+        TOKEN_BASE.to_string(),
+        String::new(),
+        String::new(),
+        String::new(),
+        a.min.to_string(),
+        a.max.to_string(),
+        a.increase.to_string(),
+        format!("{}", a.decrease),
+        us(a.cooldown).to_string(),
+        "0".to_owned(),
+        String::new(),
+        format!("gradient|{}|{}", a.tolerance, a.probe_rounds),
+    ];
+    assert_eq!(eval(&mut conn, "put", now, &put)[0], "status");
+    // Permits held: the ceiling a throttle records depends on them.
+    let mut fx = Effects::default();
+    for n in 0..30 {
+        let req = AcquireRequest::default();
+        let granted = matches!(
+            core.acquire(Timestamp(now), &req, &mut fx),
+            Admission::Granted(_)
+        );
+        let reply = eval(
+            &mut conn,
+            "acquire",
+            now,
+            &[
+                "1".into(),
+                String::new(),
+                "0".into(),
+                format!("w{n}"),
+                "ch".into(),
+            ],
+        );
+        assert_eq!(granted, reply[0] == "granted", "{reply:?}");
+    }
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut decreases = 0;
+    for i in 0..4_000_u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        now += 1_000 + x % 20_000;
+        let queueing = (2_000..2_400).contains(&i);
+        let base = if x % 17 == 0 {
+            2_000 + x % 9_000
+        } else {
+            50 + x % 200
+        };
+        let latency_ms = if queueing { base * 4 } else { base };
+        let (outcome, word) = match x % 101 {
+            0..=1 => (Feedback::Throttled, "throttled"),
+            2 => (Feedback::Error, "error"),
+            _ => (Feedback::Ok, "ok"),
+        };
+        let latency = (x % 23 != 0).then(|| Duration::from_millis(latency_ms));
+        let before = core.status(&LimiterName::new(name).unwrap()).limit;
+        let got = core.feedback_with(Timestamp(now), outcome, latency, &mut fx);
+        if got < before {
+            decreases += 1;
+        }
+        let reply = eval(
+            &mut conn,
+            "feedback",
+            now,
+            &[
+                word.into(),
+                latency.map(|l| us(l).to_string()).unwrap_or_default(),
+            ],
+        );
+        assert_eq!(reply[1], got.unwrap().to_string(), "limit at report {i}");
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(&keys[0])
+            .arg("g_state")
+            .query(&mut conn)
+            .unwrap();
+        let g = core.to_state().gradient;
+        assert_eq!(
+            raw.unwrap_or_default(),
+            format!(
+                "{}|{}|{}|{}|{}|{}",
+                g.short_us, g.long_us, g.ceiling, g.credit, g.samples, g.backoff
+            ),
+            "state at report {i}"
+        );
+    }
+    let c = core.counters();
+    assert!(c.limit_increases > 10 && decreases > 10, "{c:?}");
+    eprintln!(
+        "{} increases, {} decreases compared",
+        c.limit_increases, decreases
+    );
 }

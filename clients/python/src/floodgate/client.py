@@ -124,17 +124,29 @@ class Reservation:
 
 @dataclass(frozen=True)
 class Adaptive:
-    """An adaptive concurrency limit (AIMD) moved by :meth:`Floodgate.feedback`, between ``min``
-    and ``max``; the limiter's ``concurrency`` is where it starts."""
+    """An adaptive concurrency limit moved by :meth:`Floodgate.feedback`, between ``min`` and
+    ``max``; the limiter's ``concurrency`` is where it starts. ``algorithm``: ``"aimd"`` (the
+    server's default: throttles only) or ``"gradient"`` (also uses the reported latencies, and
+    plateaus where throttling began; ``tolerance`` and ``probe_rounds`` tune it). See
+    ``docs/api.md``."""
 
     min: int
     max: int
     increase: Optional[int] = None
     decrease: Optional[float] = None
     cooldown: Optional[Seconds] = None
+    algorithm: Optional[str] = None
+    tolerance: Optional[float] = None
+    probe_rounds: Optional[int] = None
 
     def to_json(self) -> Dict[str, Any]:
         body: Dict[str, Any] = {"min": self.min, "max": self.max}
+        if self.algorithm is not None:
+            body["algorithm"] = self.algorithm
+        if self.tolerance is not None:
+            body["tolerance"] = self.tolerance
+        if self.probe_rounds is not None:
+            body["probe_rounds"] = self.probe_rounds
         if self.increase is not None:
             body["increase"] = self.increase
         if self.decrease is not None:

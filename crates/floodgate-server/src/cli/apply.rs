@@ -159,12 +159,20 @@ fn fields(spec: &LimiterSpec) -> Vec<(&'static str, String)> {
             or_none(spec.adaptive.map(|a| {
                 let a = AdaptiveBody::from(a);
                 format!(
-                    "{}..{},increase:{},decrease:{},cooldown_ms:{}",
+                    "{}..{},increase:{},decrease:{},cooldown_ms:{}{}",
                     a.min,
                     a.max,
                     a.increase.unwrap_or(0),
                     a.decrease.unwrap_or(0.0),
-                    a.cooldown_ms.unwrap_or(0)
+                    a.cooldown_ms.unwrap_or(0),
+                    match a.algorithm {
+                        Some(crate::wire::AlgorithmName::Gradient) => format!(
+                            ",algorithm:gradient,tolerance:{},probe_rounds:{}",
+                            a.tolerance.unwrap_or(0.0),
+                            a.probe_rounds.unwrap_or(0)
+                        ),
+                        _ => String::new(),
+                    }
                 )
             })),
         ),

@@ -45,6 +45,10 @@ pub(crate) struct SetArgs {
     /// Adapt the concurrency limit to backend feedback between MIN:MAX (AIMD).
     #[arg(long, value_parser = parse_range)]
     adaptive: Option<(u32, u32)>,
+    /// The adaptive controller: aimd (the default) or gradient (latency-aware, plateaus where
+    /// throttling began; see docs/api.md).
+    #[arg(long, requires = "adaptive", value_parser = ["aimd", "gradient"])]
+    algorithm: Option<String>,
 }
 
 /// `100/1m` -> (100, 60 s).
@@ -114,7 +118,10 @@ pub(crate) async fn limiter(cmd: LimiterCommand) -> Result<u8, Failure> {
             if let Some((min, max)) = args.adaptive {
                 body.insert(
                     "adaptive".into(),
-                    serde_json::json!({ "min": min, "max": max }),
+                    match &args.algorithm {
+                        Some(a) => serde_json::json!({ "min": min, "max": max, "algorithm": a }),
+                        None => serde_json::json!({ "min": min, "max": max }),
+                    },
                 );
             }
             let client = args.server.client()?;

@@ -24,7 +24,8 @@ pub(crate) struct SimulateArgs {
     #[arg(long, default_value_t = 200)]
     workers: u32,
     /// Strategies to run, repeatable or comma-separated: unbounded, seed-counter,
-    /// seed-batches, seed-backoff, floodgate, floodgate-adaptive. Default: all.
+    /// seed-batches, seed-backoff, floodgate, floodgate-adaptive, floodgate-gradient.
+    /// Default: all.
     #[arg(long = "strategy", value_delimiter = ',', value_parser = parse_strategy)]
     strategies: Vec<Strategy>,
     /// Fraction of query tasks whose worker dies holding its permit.
@@ -39,10 +40,20 @@ pub(crate) struct SimulateArgs {
     /// Concurrent queries the backend admits; more are rejected (RateLimitExceeded).
     #[arg(long, default_value_t = 100)]
     backend_limit: u32,
-    /// Limit of seed-counter and floodgate, and floodgate-adaptive's starting limit.
+    /// The backend's capacity changes mid-run: `AT:CAPACITY`, e.g. `90s:60` (a replica lost).
+    #[arg(long, value_name = "AT:CAPACITY", value_parser = parse_capacity_change)]
+    capacity_change: Option<(Duration, u32)>,
+    /// Fraction of its capacity up to which the backend runs a query at its own pace; past it
+    /// contention slows every query admitted, linearly up to `--slowdown` at capacity.
+    #[arg(long, default_value_t = 0.75)]
+    knee: f64,
+    /// How much slower a query admitted at exactly the backend's capacity runs.
+    #[arg(long, default_value_t = 1.25)]
+    slowdown: f64,
+    /// Limit of seed-counter and floodgate, and the adaptive strategies' starting limit.
     #[arg(long, default_value_t = 50)]
     limit: u32,
-    /// Highest limit floodgate-adaptive may reach.
+    /// Highest limit the adaptive strategies may reach.
     #[arg(long, default_value_t = 1_000)]
     adaptive_max: u32,
     /// Floodgate's lease: how long a crashed holder's permit stays taken.
@@ -63,6 +74,18 @@ fn parse_strategy(s: &str) -> Result<Strategy, String> {
     s.parse()
 }
 
+fn parse_capacity_change(s: &str) -> Result<(Duration, u32), String> {
+    let (at, capacity) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected AT:CAPACITY, e.g. 90s:60"))?;
+    let at = parse_duration(at)?;
+    let capacity = capacity
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("{capacity:?}: the capacity must be a whole number"))?;
+    Ok((at, capacity))
+}
+
 pub(crate) fn simulate(args: SimulateArgs) -> Result<u8, Failure> {
     let cfg = Config {
         seed: args.seed,
@@ -72,6 +95,7 @@ pub(crate) fn simulate(args: SimulateArgs) -> Result<u8, Failure> {
         query_median: args.query_median,
         query_sigma: args.query_sigma,
         backend_limit: args.backend_limit,
+        capacity_change: args.capacity_change,
         limit: args.limit,
         adaptive_max: args.adaptive_max,
         crash_fraction: args.crash_fraction,
@@ -82,7 +106,11 @@ pub(crate) fn simulate(args: SimulateArgs) -> Result<u8, Failure> {
         } else {
             args.strategies
         },
-        ..Config::default()
+        model: simulate::Model {
+            knee: args.knee,
+            slowdown_at_capacity: args.slowdown,
+            ..simulate::Model::default()
+        },
     };
     let started = Instant::now();
     let sim = simulate::run(&cfg).map_err(Failure::usage)?;

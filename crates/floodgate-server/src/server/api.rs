@@ -604,15 +604,18 @@ pub(super) async fn unschedule<S: Store>(
 #[serde(deny_unknown_fields)]
 pub(crate) struct FeedbackBody {
     outcome: FeedbackOutcome,
-    /// Accepted for the record; the AIMD controller uses outcomes only.
-    #[allow(dead_code)]
+    /// The call's latency, its start to its answer: the `gradient` controller uses it (AIMD
+    /// uses outcomes only). Fractions of a millisecond are kept.
     #[serde(default, deserialize_with = "non_null")]
-    latency_ms: Option<u64>,
+    latency_ms: Option<f64>,
     /// A keyed limiter's key whose call this was. Checked (a valid key, of a keyed limiter);
     /// the adaptive limit moved is the total's (per-key adaptive limits are not built).
     #[serde(default, deserialize_with = "non_null")]
     key: Option<String>,
 }
+
+/// The longest latency a feedback report may carry: a day, like the longest lease.
+const MAX_FEEDBACK_LATENCY_MS: f64 = 86_400_000.0;
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -649,7 +652,19 @@ pub(super) async fn feedback<S: Store>(
             ));
         }
     }
-    let limit = limiter.feedback(outcome).await?;
+    let latency = match body.latency_ms {
+        None => None,
+        Some(ms) if ms.is_finite() && (0.0..=MAX_FEEDBACK_LATENCY_MS).contains(&ms) => {
+            Some(Duration::from_secs_f64(ms / 1000.0))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "latency_ms",
+                "must be a number of milliseconds from 0 to 86400000 (24 h)",
+            ))
+        }
+    };
+    let limit = limiter.feedback_with_latency(outcome, latency).await?;
     Ok(Json(FeedbackReply { limit }))
 }
 

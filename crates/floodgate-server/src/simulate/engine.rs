@@ -14,6 +14,7 @@ use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal, 
 use floodgate::{Feedback, FencingToken, Timestamp};
 
 use super::cache::DjangoCache;
+use super::loaded;
 use super::report::{CounterStats, LimiterStats, StrategyReport};
 use super::rng::Rng;
 use super::workload::Workload;
@@ -145,6 +146,8 @@ enum Ev {
     Extend(usize, u32),
     /// The limiter's nearest lease or wait deadline.
     Timer,
+    /// The backend's capacity changes.
+    Capacity(u32),
 }
 
 struct Scheduled {
@@ -261,7 +264,7 @@ pub(crate) fn simulate(
     strategy: Strategy,
 ) -> Result<(StrategyReport, Trace), String> {
     let limiter = if strategy.uses_limiter() {
-        let spec = cfg.limiter_spec(strategy == Strategy::FloodgateAdaptive);
+        let spec = cfg.limiter_spec(strategy);
         Some(LimiterCore::new(spec, 1).map_err(|e| e.to_string())?)
     } else {
         None
@@ -300,6 +303,9 @@ pub(crate) fn simulate(
 
 impl Sim<'_> {
     fn run(&mut self) {
+        if let Some((at, c)) = self.cfg.capacity_change {
+            self.schedule(us(at), Ev::Capacity(c));
+        }
         let batch = self.new_task(Kind::Batch);
         self.ready.push_back(batch);
         self.dispatch();
@@ -340,6 +346,7 @@ impl Sim<'_> {
                         self.extend(t);
                     }
                 }
+                Ev::Capacity(c) => self.backend.limit = c,
                 Ev::Timer => {
                     if self.armed == Some(at) {
                         self.armed = None;
@@ -573,7 +580,9 @@ impl Sim<'_> {
                 self.start_idle(t, self.now);
                 self.counter_step(t, Cs::Get1);
             }
-            Strategy::Floodgate | Strategy::FloodgateAdaptive => self.acquire(t),
+            Strategy::Floodgate | Strategy::FloodgateAdaptive | Strategy::FloodgateGradient => {
+                self.acquire(t)
+            }
         }
     }
 
@@ -587,7 +596,9 @@ impl Sim<'_> {
         task.query_started = self.now;
         let exec = task.exec;
         let took = if admitted {
-            self.wl.duration_us[u as usize]
+            // Contention past the knee slows it (loaded.rs); it keeps the pace it started at.
+            let slow = loaded::slowdown(&self.cfg.model, self.backend.counted, self.backend.limit);
+            (self.wl.duration_us[u as usize] as f64 * slow).round() as Micros
         } else {
             us(self.cfg.model.reject_latency)
         };
@@ -621,7 +632,10 @@ impl Sim<'_> {
             && self.wl.crash[u as usize]
             && matches!(
                 self.strategy,
-                Strategy::SeedCounter | Strategy::Floodgate | Strategy::FloodgateAdaptive
+                Strategy::SeedCounter
+                    | Strategy::Floodgate
+                    | Strategy::FloodgateAdaptive
+                    | Strategy::FloodgateGradient
             );
         if crash {
             self.stats.crashed += 1;
@@ -635,8 +649,8 @@ impl Sim<'_> {
                     self.counter_step(t, Cs::RelGet);
                 }
             }
-            Strategy::Floodgate | Strategy::FloodgateAdaptive => {
-                self.feedback(Feedback::Ok);
+            Strategy::Floodgate | Strategy::FloodgateAdaptive | Strategy::FloodgateGradient => {
+                self.feedback(t, Feedback::Ok);
                 if crash {
                     self.tasks[t].token = None;
                 } else {
@@ -670,8 +684,8 @@ impl Sim<'_> {
                     self.after(t, sleep, Phase::Backoff);
                 }
             }
-            Strategy::Floodgate | Strategy::FloodgateAdaptive => {
-                self.feedback(Feedback::Throttled);
+            Strategy::Floodgate | Strategy::FloodgateAdaptive | Strategy::FloodgateGradient => {
+                self.feedback(t, Feedback::Throttled);
                 self.release(t);
                 let cfg = self.cfg;
                 let m = &cfg.model;
@@ -879,16 +893,17 @@ impl Sim<'_> {
         self.apply(fx);
     }
 
-    /// Reports a query's outcome to the limiter: adapts the limit under `floodgate-adaptive`.
-    fn feedback(&mut self, outcome: Feedback) {
-        if self.strategy != Strategy::FloodgateAdaptive {
+    /// Reports a query's outcome and latency to the limiter, as `@limited` does: adapts the
+    /// limit under the adaptive strategies.
+    fn feedback(&mut self, t: usize, outcome: Feedback) {
+        if !self.strategy.adapts() {
             return;
         }
+        let latency = Duration::from_micros(self.now.saturating_sub(self.tasks[t].query_started));
         let mut fx = Effects::default();
-        let limit = self
-            .limiter
-            .as_mut()
-            .and_then(|core| core.feedback(Timestamp(self.now), outcome, &mut fx));
+        let limit = self.limiter.as_mut().and_then(|core| {
+            core.feedback_with(Timestamp(self.now), outcome, Some(latency), &mut fx)
+        });
         if let Some(limit) = limit {
             if self.limit_series.last().map(|(_, l)| *l) != Some(limit) {
                 self.limit_series.push((self.now, limit));
@@ -964,7 +979,8 @@ impl Sim<'_> {
             Some(waits[rank - 1] as f64 / 1e6)
         };
         let ideal_limit = self.cfg.ideal_limit(self.strategy);
-        let ideal_s = self.wl.total_query_us() as f64 / 1e6 / f64::from(ideal_limit);
+        let own_limit = (self.strategy == Strategy::Floodgate).then_some(self.cfg.limit);
+        let ideal_s = loaded::ideal_s(self.cfg, self.wl.total_query_us() as f64 / 1e6, own_limit);
         let makespan_s = self.stats.last_end as f64 / 1e6;
         let counter = (self.strategy == Strategy::SeedCounter).then(|| CounterStats {
             key_created: self.cache.created,

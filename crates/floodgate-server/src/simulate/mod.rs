@@ -34,6 +34,9 @@
 //! RateLimitExceeded after [`Model::reject_latency`] (10 ms), still counted until then. So the
 //! *backend concurrency* reported and drawn is what Snuba sees (admitted plus being rejected),
 //! the quantity that read 159 in the incident; `peak_running` counts admitted queries only.
+//! Past [`Model::knee`] (75 %) of its capacity the backend slows every query it admits, up to
+//! [`Model::slowdown_at_capacity`] (1.25x) at the capacity, and its capacity may change mid-run
+//! ([`Config::capacity_change`]); see `loaded.rs`.
 //!
 //! # The strategies
 //!
@@ -75,6 +78,8 @@
 //!   [`LimiterCore::feedback`](floodgate::core::LimiterCore::feedback), as `@limited` reports
 //!   it): it starts at [`Config::limit`]; each RateLimitExceeded is reported as throttled (×0.7,
 //!   at most once per 2 s); every round of successes as large as the limit adds 1.
+//! - [`Strategy::FloodgateGradient`]: the same with the latency-aware controller
+//!   ([`floodgate::AdaptiveSpec::gradient`]); every report carries the query's latency.
 //!
 //! # The report
 //!
@@ -88,6 +93,7 @@
 
 mod cache;
 mod engine;
+mod loaded;
 mod report;
 mod rng;
 mod svg;
@@ -119,17 +125,20 @@ pub enum Strategy {
     Floodgate,
     /// Floodgate's limiter with the adaptive (AIMD) limit driven by backend feedback.
     FloodgateAdaptive,
+    /// Floodgate's limiter with the latency-aware adaptive limit (`gradient`).
+    FloodgateGradient,
 }
 
 impl Strategy {
     /// Every strategy, in report order.
-    pub const ALL: [Strategy; 6] = [
+    pub const ALL: [Strategy; 7] = [
         Strategy::Unbounded,
         Strategy::SeedCounter,
         Strategy::SeedBatches,
         Strategy::SeedBackoff,
         Strategy::Floodgate,
         Strategy::FloodgateAdaptive,
+        Strategy::FloodgateGradient,
     ];
 
     /// The name used on the command line and in reports.
@@ -141,12 +150,24 @@ impl Strategy {
             Strategy::SeedBackoff => "seed-backoff",
             Strategy::Floodgate => "floodgate",
             Strategy::FloodgateAdaptive => "floodgate-adaptive",
+            Strategy::FloodgateGradient => "floodgate-gradient",
         }
     }
 
     /// Whether it runs queries under Floodgate's limiter.
     pub fn uses_limiter(self) -> bool {
-        matches!(self, Strategy::Floodgate | Strategy::FloodgateAdaptive)
+        matches!(
+            self,
+            Strategy::Floodgate | Strategy::FloodgateAdaptive | Strategy::FloodgateGradient
+        )
+    }
+
+    /// Whether its limit adapts to backend feedback.
+    pub fn adapts(self) -> bool {
+        matches!(
+            self,
+            Strategy::FloodgateAdaptive | Strategy::FloodgateGradient
+        )
     }
 
     fn index(self) -> u64 {
@@ -157,6 +178,7 @@ impl Strategy {
             Strategy::SeedBackoff => 3,
             Strategy::Floodgate => 4,
             Strategy::FloodgateAdaptive => 5,
+            Strategy::FloodgateGradient => 6,
         }
     }
 }
@@ -243,6 +265,12 @@ pub struct Model {
     pub heartbeats: u32,
     /// Longest simulated time; whatever is unfinished then counts as lost.
     pub horizon: Duration,
+    /// Fraction of the backend's capacity up to which a query takes its own time; past it
+    /// contention slows every query admitted (see `loaded.rs`).
+    pub knee: f64,
+    /// How much slower a query admitted at exactly the backend's capacity runs (linear from
+    /// 1 at the knee).
+    pub slowdown_at_capacity: f64,
 }
 
 impl Default for Model {
@@ -277,6 +305,8 @@ impl Default for Model {
             wait_retry_jitter: 0.1,
             heartbeats: 3,
             horizon: s(30 * 24 * 3600),
+            knee: 0.75,
+            slowdown_at_capacity: 1.25,
         }
     }
 }
@@ -298,6 +328,8 @@ pub struct Config {
     pub query_sigma: f64,
     /// Concurrent queries the backend admits.
     pub backend_limit: u32,
+    /// The backend's capacity changes to this at this time (a replica lost or added).
+    pub capacity_change: Option<(Duration, u32)>,
     /// The limit of `seed-counter` and `floodgate`, and the starting limit of
     /// `floodgate-adaptive`.
     pub limit: u32,
@@ -325,6 +357,7 @@ impl Default for Config {
             query_median: Duration::from_secs(2),
             query_sigma: 0.8,
             backend_limit: 100,
+            capacity_change: None,
             limit: 50,
             adaptive_max: 1_000,
             crash_fraction: 0.0,
@@ -366,15 +399,32 @@ impl Config {
         if self.backend_limit == 0 {
             return Err("backend-limit: must be at least 1".into());
         }
+        if let Some((_, c)) = self.capacity_change {
+            if c == 0 {
+                return Err("capacity-change: the new capacity must be at least 1".into());
+            }
+        }
+        let m = &self.model;
+        if !(m.knee >= 0.0 && m.knee < 1.0) {
+            return Err("knee: must be from 0 to below 1".into());
+        }
+        if !(m.slowdown_at_capacity >= 1.0 && m.slowdown_at_capacity * m.knee < 1.0) {
+            return Err(
+                "slowdown: must be at least 1 and below 1 / knee (throughput must \
+                        still rise up to the capacity)"
+                    .into(),
+            );
+        }
         if !(0.0..=1.0).contains(&self.crash_fraction) {
             return Err("crash-fraction: must be from 0 to 1".into());
         }
         if self.strategies.is_empty() {
             return Err("strategy: name at least one".into());
         }
-        self.limiter_spec(false)
+        self.limiter_spec(Strategy::Floodgate)
             .validate()
-            .and_then(|()| self.limiter_spec(true).validate())
+            .and_then(|()| self.limiter_spec(Strategy::FloodgateAdaptive).validate())
+            .and_then(|()| self.limiter_spec(Strategy::FloodgateGradient).validate())
             .map_err(|e| {
                 let flag = match e.field {
                     "concurrency" | "adaptive.min" => "limit/adaptive-max",
@@ -386,16 +436,20 @@ impl Config {
             })
     }
 
-    /// The limiter the Floodgate strategies define.
-    pub fn limiter_spec(&self, adaptive: bool) -> LimiterSpec {
+    /// The limiter a Floodgate strategy defines.
+    pub fn limiter_spec(&self, strategy: Strategy) -> LimiterSpec {
         let spec = LimiterSpec::concurrency(self.limit)
             .with_default_lease(self.lease)
             .with_max_wait(self.max_wait)
             .with_max_queue(self.workers.max(10_000));
-        if adaptive {
-            spec.with_adaptive(AdaptiveSpec::between(1, self.adaptive_max))
-        } else {
-            spec
+        match strategy {
+            Strategy::FloodgateAdaptive => {
+                spec.with_adaptive(AdaptiveSpec::between(1, self.adaptive_max))
+            }
+            Strategy::FloodgateGradient => {
+                spec.with_adaptive(AdaptiveSpec::gradient(1, self.adaptive_max))
+            }
+            _ => spec,
         }
     }
 

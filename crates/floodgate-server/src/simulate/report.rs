@@ -212,7 +212,7 @@ impl Report {
         let _ = writeln!(
             out,
             "PEAK: most queries the backend held at once (admitted or being rejected); \
-             VS IDEAL: makespan / (query time / limit)."
+             VS IDEAL: makespan / (query time x slowdown at the limit / limit)."
         );
         let _ = writeln!(
             out,

@@ -183,7 +183,7 @@ pub fn render_svg(sim: &Simulation) -> String {
             let _ = write!(d, " H{:.1}", x(end_s));
             let label = if trace.strategy == Strategy::SeedCounter {
                 format!("MAX_CONCURRENT {}", report.limit)
-            } else if trace.strategy == Strategy::FloodgateAdaptive {
+            } else if trace.strategy.adapts() {
                 "adaptive limit".to_string()
             } else {
                 format!("limit {}", report.limit)

@@ -15,6 +15,7 @@
 //! - Fencing tokens strictly increase across all grants.
 //! - A lowered limit grants nothing until in-use is below it; a raised one grants at once.
 
+pub mod adaptive;
 mod deadlines;
 mod holders;
 pub mod keyed;
@@ -343,6 +344,10 @@ pub struct LimiterCore {
     successes: u32,
     /// When the adaptive limit last went down, for the cooldown.
     last_decrease: Option<Timestamp>,
+    /// The gradient controller's latency averages, ceiling and growth credit (unused by AIMD,
+    /// which counts rounds in `successes`; the gradient controller counts there the successes
+    /// of calls begun since the last decrease).
+    gradient: adaptive::Gradient,
     /// No lease or wait deadline is earlier than this (a lower bound, exact after each pass
     /// of `advance`): lets `advance` return at once on the hot path, where nothing is due.
     next_due: Timestamp,
@@ -382,6 +387,7 @@ impl LimiterCore {
             limit: spec.concurrency,
             successes: 0,
             last_decrease: None,
+            gradient: adaptive::Gradient::default(),
             next_due: Timestamp::MAX,
             counters: Counters::default(),
             learning_until: None,
@@ -611,6 +617,7 @@ impl LimiterCore {
         if spec.concurrency != self.spec.concurrency || spec.adaptive != self.spec.adaptive {
             self.limit = spec.concurrency;
             self.successes = 0;
+            self.gradient = adaptive::Gradient::default();
         }
         // The limit in force always lies within the adaptive range.
         if let (Some(limit), Some(a)) = (self.limit, spec.adaptive) {
@@ -830,6 +837,18 @@ impl LimiterCore {
     /// limit by `decrease` (at most once per cooldown); a full round of successes (as many as
     /// the limit) adds `increase`, granting waiters at once. Returns the limit in force.
     pub fn feedback(&mut self, now: Timestamp, outcome: Feedback, fx: &mut Effects) -> Option<u32> {
+        self.feedback_with(now, outcome, None, fx)
+    }
+
+    /// [`feedback`](Self::feedback) with the call's latency (from its start to its answer),
+    /// which the gradient controller uses (see [`adaptive`]); AIMD ignores it.
+    pub fn feedback_with(
+        &mut self,
+        now: Timestamp,
+        outcome: Feedback,
+        latency: Option<Duration>,
+        fx: &mut Effects,
+    ) -> Option<u32> {
         self.advance(now, fx);
         match outcome {
             Feedback::Ok => self.counters.feedback_ok += 1,
@@ -839,6 +858,24 @@ impl LimiterCore {
         let (Some(adaptive), Some(limit)) = (self.spec.adaptive, self.limit) else {
             return self.limit;
         };
+        if adaptive.algorithm == crate::spec::Algorithm::Gradient {
+            let inputs = adaptive::Inputs {
+                now,
+                limit,
+                in_use: self.in_use,
+                hold_ewma_us: self.hold_ewma_us,
+            };
+            let moved = self.gradient.feedback(
+                &adaptive,
+                inputs,
+                outcome,
+                latency,
+                &mut self.last_decrease,
+                &mut self.successes,
+            );
+            self.set_adaptive_limit(now, limit, moved, fx);
+            return self.limit;
+        }
         match outcome {
             Feedback::Throttled => {
                 self.successes = 0;
@@ -876,6 +913,20 @@ impl LimiterCore {
             Feedback::Error => {}
         }
         self.limit
+    }
+
+    /// Puts a limit moved by the controller in force: counted, and waiters granted (raised) or
+    /// refused when now impossible (lowered).
+    fn set_adaptive_limit(&mut self, now: Timestamp, old: u32, new: u32, fx: &mut Effects) {
+        if new < old {
+            self.limit = Some(new);
+            self.counters.limit_decreases += 1;
+            self.refuse_impossible(fx);
+        } else if new > old {
+            self.limit = Some(new);
+            self.counters.limit_increases += 1;
+            self.grant_waiters(now, fx);
+        }
     }
 
     /// The most permits one acquire can ever get: the concurrency (or adaptive maximum), and

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::adaptive::Gradient;
 use super::deadlines::DeadlineHeap;
 use super::queue::Queue;
 use super::{Counters, Holder, LimiterCore, RequestRef, U64Map, Waiter};
-use crate::spec::{AdaptiveSpec, InvalidField, LimiterSpec, RateSpec};
+use crate::spec::{AdaptiveSpec, Algorithm, InvalidField, LimiterSpec, RateSpec};
 use crate::types::Timestamp;
 
 /// A limiter's state, serializable. Times are microseconds on the store's clock.
@@ -49,6 +50,9 @@ pub struct CoreState {
     /// (id, `tat` after it, tokens still reserved).
     #[serde(default)]
     pub last_reservation: Option<(u64, u64, u32)>,
+    /// The gradient controller's state (absent in snapshots from before it existed).
+    #[serde(default)]
+    pub gradient: Gradient,
 }
 
 /// One holder.
@@ -98,6 +102,10 @@ pub struct SpecState {
     pub rate: Option<(u32, u64, u32)>,
     /// Adaptive: (min, max, increase, decrease, cooldown µs).
     pub adaptive: Option<(u32, u32, u32, f64, u64)>,
+    /// Adaptive, the rest: (algorithm, tolerance, probe rounds); absent before they existed,
+    /// which means AIMD with the defaults.
+    #[serde(default)]
+    pub adaptive_algorithm: Option<(String, f64, u32)>,
     /// Default lease, µs.
     pub default_lease_us: u64,
     /// Wait cap, µs.
@@ -118,6 +126,9 @@ impl From<&LimiterSpec> for SpecState {
             adaptive: s
                 .adaptive
                 .map(|a| (a.min, a.max, a.increase, a.decrease, us(a.cooldown))),
+            adaptive_algorithm: s
+                .adaptive
+                .map(|a| (a.algorithm.name().to_owned(), a.tolerance, a.probe_rounds)),
             default_lease_us: us(s.default_lease),
             max_wait_us: us(s.max_wait),
             max_queue: s.max_queue,
@@ -134,15 +145,26 @@ impl From<&SpecState> for LimiterSpec {
                 period: Duration::from_micros(period),
                 burst,
             }),
-            adaptive: s
-                .adaptive
-                .map(|(min, max, increase, decrease, cooldown)| AdaptiveSpec {
+            adaptive: s.adaptive.map(|(min, max, increase, decrease, cooldown)| {
+                let d = AdaptiveSpec::between(min, max);
+                let (algorithm, tolerance, probe_rounds) = match &s.adaptive_algorithm {
+                    Some((name, t, p)) if name == Algorithm::Gradient.name() => {
+                        (Algorithm::Gradient, *t, *p)
+                    }
+                    Some((_, t, p)) => (Algorithm::Aimd, *t, *p),
+                    None => (d.algorithm, d.tolerance, d.probe_rounds),
+                };
+                AdaptiveSpec {
+                    algorithm,
                     min,
                     max,
                     increase,
                     decrease,
                     cooldown: Duration::from_micros(cooldown),
-                }),
+                    tolerance,
+                    probe_rounds,
+                }
+            }),
             default_lease: Duration::from_micros(s.default_lease_us),
             max_wait: Duration::from_micros(s.max_wait_us),
             max_queue: s.max_queue,
@@ -236,6 +258,7 @@ impl LimiterCore {
             counters: counters_to_array(&self.counters),
             learning_until: self.learning_until.map(|t| t.0),
             last_reservation: self.last_reservation.map(|r| (r.id, r.end.0, r.count)),
+            gradient: self.gradient,
         }
     }
 
@@ -319,6 +342,7 @@ impl LimiterCore {
                     end: Timestamp(end),
                     count,
                 });
+        core.gradient = state.gradient;
         Ok(core)
     }
 

@@ -189,6 +189,18 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
         std::future::ready(Ok(None))
     }
 
+    /// [`feedback`](Self::feedback) with the call's latency (its start to its answer), which a
+    /// latency-aware (`gradient`) adaptive limit uses. A store that does not override it drops
+    /// the latency (the default), so adding this method breaks no store.
+    fn feedback_with_latency(
+        &self,
+        outcome: Feedback,
+        latency: Option<Duration>,
+    ) -> impl Future<Output = Result<Option<u32>, StoreError>> + Send {
+        let _ = latency;
+        self.feedback(outcome)
+    }
+
     /// Who holds (up to `limit` grants, lease ending soonest first, with their labels) and a
     /// summary of who waits, read-only. For people (the dashboard, `GET .../holders`), not for
     /// the hot path. A store that cannot list holders answers `Unavailable` (the default), so

@@ -478,11 +478,12 @@ impl KeyLayer {
         total: &mut LimiterCore,
         now: Timestamp,
         outcome: Feedback,
+        latency: Option<std::time::Duration>,
         fx: &mut Effects,
     ) -> Option<u32> {
         self.advance(total, now, fx);
         let before = total.limit;
-        let limit = total.feedback(now, outcome, fx);
+        let limit = total.feedback_with(now, outcome, latency, fx);
         if limit < before {
             self.refuse_impossible(total, now, fx);
         }

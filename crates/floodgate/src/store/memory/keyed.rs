@@ -85,11 +85,12 @@ impl State {
         &mut self,
         now: Timestamp,
         outcome: Feedback,
+        latency: Option<std::time::Duration>,
         fx: &mut Effects,
     ) -> Option<u32> {
         match &mut self.keyed {
-            Some(keyed) => keyed.feedback(&mut self.core, now, outcome, fx),
-            None => self.core.feedback(now, outcome, fx),
+            Some(keyed) => keyed.feedback(&mut self.core, now, outcome, latency, fx),
+            None => self.core.feedback_with(now, outcome, latency, fx),
         }
     }
 

@@ -438,9 +438,17 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
     }
 
     async fn feedback(&self, outcome: Feedback) -> Result<Option<u32>, StoreError> {
+        self.feedback_with_latency(outcome, None).await
+    }
+
+    async fn feedback_with_latency(
+        &self,
+        outcome: Feedback,
+        latency: Option<Duration>,
+    ) -> Result<Option<u32>, StoreError> {
         let limit = self.with_state(|state, now, fx| {
-            let out = state.feedback_any(now, outcome, fx);
-            state.record(now, || Op::feedback(outcome));
+            let out = state.feedback_any(now, outcome, latency, fx);
+            state.record(now, || Op::feedback(outcome, latency));
             out
         })?;
         self.durable().await?;

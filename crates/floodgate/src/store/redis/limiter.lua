@@ -392,6 +392,10 @@ local concurrency = opt(m.concurrency)
 local limit = opt(m.eff_limit)           -- the concurrency limit in force (adaptive moves it)
 local rate_limit, rate_period, rate_burst = opt(m.rate_limit), opt(m.rate_period_us), opt(m.rate_burst)
 local a_min, a_max, a_inc, a_dec, a_cool = opt(m.a_min), opt(m.a_max), opt(m.a_inc), opt(m.a_dec), opt(m.a_cool_us)
+-- The adaptive spec's rest, 'algorithm|tolerance|probe_rounds' ('': AIMD with the defaults),
+-- written by put; and the gradient controller's state, 'short|long|ceiling|credit', written by
+-- feedback (see core/adaptive/mod.rs).
+local a_ext = m.a_ext or ''
 local tat = tonumber(m.tat or '0')
 local successes = tonumber(m.successes or '0')
 local last_decrease = opt(m.last_decrease)
@@ -719,6 +723,7 @@ local function status_fields()
              rate_burst = ofmt(rate_burst), a_min = ofmt(a_min), a_max = ofmt(a_max),
              a_inc = ofmt(a_inc), a_dec = a_dec and string.format('%.17g', a_dec) or '',
              a_cool_us = ofmt(a_cool), learning = learning_until and '1' or '0'}
+  v.a_ext = a_ext
   for _, k in ipairs(COUNTERS) do v[k] = fmt(c[k]) end
   local out = {}
   for i, k in ipairs(STATUS) do
@@ -819,6 +824,8 @@ if op == 'put' then
   -- re-creates a limiter it knew that vanished: then an existing limiter is left as it is, and a
   -- deleted one (tombstone) is not resurrected.
   local learn_us, mode = opt(ARGV[17]) or 0, ARGV[18] or ''
+  -- ARGV[19]: the adaptive spec's rest ('algorithm|tolerance|probe_rounds'), '' without one.
+  local new_ext = ARGV[19] or ''
   local tombstone = not exists and redis.call('EXISTS', K_TOK) == 1
   if mode == 'revive' then
     if tombstone then return {'deleted', '-1'} end
@@ -857,7 +864,7 @@ if op == 'put' then
   -- range resets it.
   local same = exists and conc == concurrency and new_adaptive[1] == a_min and
     new_adaptive[2] == a_max and new_adaptive[3] == a_inc and new_adaptive[4] == a_dec and
-    new_adaptive[5] == a_cool
+    new_adaptive[5] == a_cool and new_ext == a_ext
   rate_limit, rate_period, rate_burst = new_rate[1], new_rate[2], new_rate[3]
   a_min, a_max, a_inc, a_dec, a_cool =
     new_adaptive[1], new_adaptive[2], new_adaptive[3], new_adaptive[4], new_adaptive[5]
@@ -865,6 +872,11 @@ if op == 'put' then
   if not same then
     limit = conc
     successes = 0
+    redis.call('HDEL', K_META, 'g_state')
+  end
+  if new_ext ~= a_ext then
+    a_ext = new_ext
+    if a_ext == '' then redis.call('HDEL', K_META, 'a_ext') else redis.call('HSET', K_META, 'a_ext', a_ext) end
   end
   -- The limit in force always lies within the adaptive range.
   if limit and a_min then limit = math.min(math.max(limit, a_min), a_max) end
@@ -1178,11 +1190,117 @@ if op == 'unschedule' then
   return finish({'returned', fmt(returned)})
 end
 
+-- An integer EWMA of latencies (core/adaptive's `ewma`: the first sample sets it).
+local function gradient_ewma(avg, sample, weight)
+  if avg == 0 then return math.max(sample, 1) end
+  if sample >= avg then return avg + math.floor((sample - avg) / weight) end
+  return avg - math.floor((avg - sample) / weight)
+end
+
+-- The gradient controller (core/adaptive/mod.rs, step for step: read it for the why).
+local function gradient_feedback(outcome, latency)
+  local ext = split(a_ext)
+  local tolerance, probe_rounds = tonumber(ext[2]), tonumber(ext[3])
+  local g = split(m.g_state or '0|0|0|0|0|0')
+  local short, long, ceiling, credit = tonumber(g[1]), tonumber(g[2]), tonumber(g[3]), tonumber(g[4])
+  local samples, backoff = tonumber(g[5]), tonumber(g[6])
+  local function save()
+    redis.call('HSET', K_META, 'g_state', table.concat({fmt(short), fmt(long), fmt(ceiling),
+      fmt(credit), fmt(samples), fmt(backoff)}, '|'))
+  end
+  local news
+  if not last_decrease then
+    news = true
+  elseif latency then
+    news = now - latency >= last_decrease
+  else
+    news = now >= last_decrease + math.max(a_cool, ewma or 0)
+  end
+  local new = limit
+  if outcome == 'throttled' then
+    if not news then return limit end
+    local deep = successes == 0 and last_decrease ~= nil
+    last_decrease = now
+    successes = 0
+    credit = 0
+    if ceiling > 0 and limit == ceiling + 1 and not deep then
+      backoff = math.min(backoff + 1, GRADIENT_MAX_BACKOFF)
+      save()
+      return math.max(ceiling, a_min)
+    end
+    backoff = 0
+    ceiling = math.max(math.min(in_use, limit) - 1, a_min)
+    local lowered = math.floor(limit * a_dec)
+    if deep then lowered = math.floor(lowered * a_dec) end
+    new = math.max(math.min(lowered, limit - 1), a_min)
+    save()
+    return new
+  end
+  if outcome ~= 'ok' then return limit end
+  if news and last_decrease then successes = successes + 1 end
+  if latency then
+    if long > 0 then latency = math.min(latency, long * 2) end
+    short = gradient_ewma(short, latency, GRADIENT_SHORT_WEIGHT)
+    long = gradient_ewma(long, latency, GRADIENT_LONG_WEIGHT)
+    samples = math.min(samples + 1, GRADIENT_WARM_UP)
+    local cooled = not last_decrease or now >= last_decrease + short
+    if samples >= GRADIENT_WARM_UP and short > tolerance * long and cooled then
+      local gradient = math.max(tolerance * long / short, 0.5)
+      new = math.max(math.min(math.floor(limit * (0.8 + 0.2 * gradient)), limit), a_min)
+      last_decrease = now
+      successes = 0
+      credit = 0
+      ceiling = limit
+      save()
+      return new
+    end
+  end
+  if in_use * 2 < limit then
+    save()
+    return limit
+  end
+  local step, threshold
+  if ceiling == 0 then
+    step, threshold = limit, limit
+  elseif limit < ceiling then
+    step, threshold = math.max(math.floor((ceiling - limit) / 2), 1), limit
+  elseif limit == ceiling then
+    step, threshold = 1, limit * probe_rounds * 2 ^ backoff
+  else
+    step, threshold = limit - ceiling, limit
+  end
+  if short > long then step = math.max(math.floor(step / 2), 1) end
+  credit = credit + step
+  if credit >= threshold then
+    local permits = math.floor(credit / threshold)
+    credit = credit - permits * threshold
+    new = limit + permits
+    if limit < ceiling then new = math.min(new, ceiling) end
+    new = math.min(new, a_max)
+    if ceiling > 0 and new >= ceiling * 2 then ceiling = 0 end
+  end
+  save()
+  return new
+end
+
 if op == 'feedback' then
   local outcome = ARGV[4]
+  -- ARGV[5]: the call's latency in us ('' if not reported): the gradient controller uses it.
+  local latency = opt(ARGV[5])
   advance()
   c['feedback_' .. outcome] = c['feedback_' .. outcome] + 1
-  if a_min and limit then
+  if a_min and limit and string.sub(a_ext, 1, 9) == 'gradient|' then
+    local new = gradient_feedback(outcome, latency)
+    if new < limit then
+      limit = new
+      c.limit_decreases = c.limit_decreases + 1
+      refuse_impossible()
+    elseif new > limit then
+      limit = new
+      c.limit_increases = c.limit_increases + 1
+      grant_waiters()
+    end
+  elseif a_min and limit then
     if outcome == 'throttled' then
       successes = 0
       -- Cooling interval: the cooldown or the typical hold time, whichever is longer.

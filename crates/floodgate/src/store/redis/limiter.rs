@@ -13,7 +13,7 @@ use crate::core::{
     WaitOutcome, MAX_HOLDERS_LISTED,
 };
 use crate::error::{AcquireError, ExtendError, StoreError};
-use crate::spec::{AdaptiveSpec, InvalidField, LimiterSpec, RateSpec};
+use crate::spec::{AdaptiveSpec, Algorithm, InvalidField, LimiterSpec, RateSpec};
 use crate::store::LimiterBackend;
 use crate::types::{FencingToken, LimiterName, ReservationId, Schedule, Timestamp};
 
@@ -275,6 +275,9 @@ impl RedisLimiter {
                     opt(adaptive.map(|a| micros(a.cooldown))),
                     learn.map(micros).unwrap_or_default(),
                     if revive { "revive" } else { "" }.to_owned(),
+                    opt(adaptive.map(|a| {
+                        format!("{}|{}|{}", a.algorithm.name(), a.tolerance, a.probe_rounds)
+                    })),
                 ],
             )
             .await?;
@@ -417,7 +420,27 @@ impl RedisLimiter {
             None
         };
         let adaptive = if present("a_min") {
+            // 'algorithm|tolerance|probe_rounds'; empty for a limiter put before they existed.
+            let d = AdaptiveSpec::between(1, 1);
+            let ext: Vec<&str> = text("a_ext").split('|').collect();
+            let (algorithm, tolerance, probe_rounds) = match ext.as_slice() {
+                [name, t, p] => (
+                    if *name == Algorithm::Gradient.name() {
+                        Algorithm::Gradient
+                    } else {
+                        Algorithm::Aimd
+                    },
+                    t.parse::<f64>()
+                        .map_err(|_| unavailable("bad adaptive.tolerance"))?,
+                    p.parse::<u32>()
+                        .map_err(|_| unavailable("bad adaptive.probe_rounds"))?,
+                ),
+                _ => (d.algorithm, d.tolerance, d.probe_rounds),
+            };
             Some(AdaptiveSpec {
+                algorithm,
+                tolerance,
+                probe_rounds,
                 min: small("a_min")?,
                 max: small("a_max")?,
                 increase: small("a_inc")?,
@@ -715,12 +738,21 @@ impl LimiterBackend for RedisLimiter {
     }
 
     async fn feedback(&self, outcome: Feedback) -> Result<Option<u32>, StoreError> {
+        self.feedback_with_latency(outcome, None).await
+    }
+
+    async fn feedback_with_latency(
+        &self,
+        outcome: Feedback,
+        latency: Option<Duration>,
+    ) -> Result<Option<u32>, StoreError> {
         let word = match outcome {
             Feedback::Ok => "ok",
             Feedback::Throttled => "throttled",
             Feedback::Error => "error",
         };
-        let reply = self.call("feedback", &[word.to_owned()]).await?;
+        let latency = latency.map(micros).unwrap_or_default();
+        let reply = self.call("feedback", &[word.to_owned(), latency]).await?;
         match reply.first().map(String::as_str) {
             Some("limit") => Ok(reply.get(1).and_then(|s| s.parse::<u32>().ok())),
             Some("unknown") => Err(self.unknown()),

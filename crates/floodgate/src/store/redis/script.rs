@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::core::adaptive;
 use crate::core::{HOLD_EWMA_WEIGHT, MAX_SCHEDULE_AHEAD};
 use crate::spec::{MAX_CONCURRENCY, MAX_LEASE, MAX_QUEUE, MAX_WAIT, MIN_LEASE};
 
@@ -56,7 +57,7 @@ const STATUS_HEAD: &[&str] = &[
 ];
 
 /// The status reply's fields after the counters.
-const STATUS_TAIL: &[&str] = &["learning"];
+const STATUS_TAIL: &[&str] = &["learning", "a_ext"];
 
 /// Every field of the status reply (after its tag), in order: what `status_fields()` in the
 /// script emits and `RedisLimiter::parse_status` reads, by name.
@@ -87,6 +88,10 @@ pub fn script_source() -> String {
         ("MAX_SCHEDULE_AHEAD", micros(MAX_SCHEDULE_AHEAD)),
         ("HOLD_EWMA_WEIGHT", u128::from(HOLD_EWMA_WEIGHT)),
         ("OUTCOME_RETENTION", micros(OUTCOME_RETENTION)),
+        ("GRADIENT_SHORT_WEIGHT", u128::from(adaptive::SHORT_WEIGHT)),
+        ("GRADIENT_LONG_WEIGHT", u128::from(adaptive::LONG_WEIGHT)),
+        ("GRADIENT_WARM_UP", u128::from(adaptive::WARM_UP)),
+        ("GRADIENT_MAX_BACKOFF", u128::from(adaptive::MAX_BACKOFF)),
     ];
     for (name, value) in consts {
         let _ = writeln!(s, "local {name} = {value}");

@@ -78,8 +78,13 @@ pub(crate) enum Op {
     },
     /// A producer gave back up to `unused` tokens of a reservation.
     Unschedule { reservation: u64, unused: u32 },
-    /// Backend feedback: 0 ok, 1 throttled, 2 error.
-    Feedback { outcome: u8 },
+    /// Backend feedback: 0 ok, 1 throttled, 2 error; with the call's latency when reported
+    /// (absent in logs from before latencies were used).
+    Feedback {
+        outcome: u8,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        latency_us: Option<u64>,
+    },
     /// Time passed and changed something (a lease expired, a wait ended, a token came due).
     Advance,
     /// The waiters were dropped after a restart.
@@ -129,13 +134,14 @@ impl Op {
         }
     }
 
-    pub(crate) fn feedback(outcome: Feedback) -> Op {
+    pub(crate) fn feedback(outcome: Feedback, latency: Option<std::time::Duration>) -> Op {
         Op::Feedback {
             outcome: match outcome {
                 Feedback::Ok => 0,
                 Feedback::Throttled => 1,
                 Feedback::Error => 2,
             },
+            latency_us: latency.map(us),
         }
     }
 
@@ -227,9 +233,9 @@ impl Op {
             Op::Cancel { waiter } => {
                 keyed.cancel(core, at, WaiterId(*waiter), &mut fx);
             }
-            Op::Feedback { .. } => {
+            Op::Feedback { latency_us, .. } => {
                 let outcome = self.outcome();
-                keyed.feedback(core, at, outcome, &mut fx);
+                keyed.feedback(core, at, outcome, latency_us.map(micros), &mut fx);
             }
             Op::Advance => keyed.advance(core, at, &mut fx),
             Op::Abandon => {
@@ -250,8 +256,8 @@ impl Op {
 
     fn outcome(&self) -> Feedback {
         match self {
-            Op::Feedback { outcome: 0 } => Feedback::Ok,
-            Op::Feedback { outcome: 1 } => Feedback::Throttled,
+            Op::Feedback { outcome: 0, .. } => Feedback::Ok,
+            Op::Feedback { outcome: 1, .. } => Feedback::Throttled,
             _ => Feedback::Error,
         }
     }
@@ -330,13 +336,16 @@ impl Op {
             } => {
                 let _ = core.unschedule(at, *reservation, *unused, &mut fx);
             }
-            Op::Feedback { outcome } => {
+            Op::Feedback {
+                outcome,
+                latency_us,
+            } => {
                 let outcome = match outcome {
                     0 => Feedback::Ok,
                     1 => Feedback::Throttled,
                     _ => Feedback::Error,
                 };
-                core.feedback(at, outcome, &mut fx);
+                core.feedback_with(at, outcome, latency_us.map(micros), &mut fx);
             }
             Op::Advance => core.advance(at, &mut fx),
             Op::Abandon => {
