@@ -134,14 +134,17 @@ pub(crate) async fn bench_growth(args: BenchGrowthArgs) -> Result<u8, Failure> {
     let clock = ManualClock::default();
     let store = MemoryStore::with_clock(clock.clone());
     let mut rig = EmbeddedRig::new(store, clock);
-    measure(
+    // Every embedded operation completes in its first poll and the bench never yields, so
+    // tokio's cooperative budget would soon answer a poll "not yet" for no reason of the
+    // store's: measured outside it.
+    tokio::task::unconstrained(measure(
         &mut rig,
         "embedded",
         &queue_sizes,
         &holder_sizes,
         samples,
         &mut rows,
-    )
+    ))
     .await?;
 
     let _server;
@@ -256,7 +259,8 @@ async fn measure<R: Rig>(
             waiters.push_back(rig.enqueue(LONG).await?.1);
         }
         let mut costs: Vec<Vec<Cost>> = vec![Vec::new(); QUEUE_OPS.len()];
-        for _ in 0..samples {
+        for i in 0..samples {
+            check(rig, &waiters, "a sample began").await?;
             // acquire (queues): one more at the tail, then it leaves again.
             let (c, w) = rig.enqueue(LONG).await?;
             costs[0].push(c);
@@ -266,7 +270,10 @@ async fn measure<R: Rig>(
                 waiters.push_back(rig.enqueue(LONG).await?.1);
             }
             if let Some(head) = waiters.pop_front() {
-                let (c, next) = rig.handoff(holder, head).await?;
+                let (c, next) = rig
+                    .handoff(holder, head)
+                    .await
+                    .map_err(|e| fail(format!("{} (queue length {q}, sample {i})", e.message)))?;
                 costs[1].push(c);
                 holder = next;
             }
@@ -287,6 +294,7 @@ async fn measure<R: Rig>(
             } else if let Some(w) = waiters.pop_back() {
                 rig.cancel(w).await?;
             }
+            check(rig, &waiters, "the cancels").await?;
             // timeout: a waiter at the tail whose wait ends.
             let (_, w) = rig.enqueue(Duration::from_millis(20)).await?;
             costs[6].push(rig.timeout(w).await?);
@@ -360,6 +368,22 @@ async fn measure<R: Rig>(
             dim: Dim::Holders,
             cells,
         });
+    }
+    Ok(())
+}
+
+/// Fails unless the store queues exactly the waiters the bench holds.
+async fn check<R: Rig>(
+    rig: &mut R,
+    waiters: &VecDeque<R::Waiter>,
+    after: &str,
+) -> Result<(), Failure> {
+    let waiting = rig.waiting().await?;
+    if waiting != waiters.len() {
+        return Err(fail(format!(
+            "after {after} the store queues {waiting} waiters, the bench holds {}",
+            waiters.len()
+        )));
     }
     Ok(())
 }

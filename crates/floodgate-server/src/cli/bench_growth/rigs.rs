@@ -60,6 +60,9 @@ pub(crate) trait Rig {
     async fn timeout(&mut self, waiter: Self::Waiter) -> Result<Cost, Failure>;
     async fn put(&mut self, name: &LimiterName, spec: LimiterSpec) -> Result<Cost, Failure>;
     async fn status(&mut self) -> Result<Cost, Failure>;
+    /// Acquires queued now, as the store reports it (a check that the bench measures the
+    /// queue length it says).
+    async fn waiting(&mut self) -> Result<usize, Failure>;
     /// `waiter` was granted but goes away before taking its grant, which then goes back.
     /// `None` where this cannot be brought about on purpose through the public API.
     async fn cancel_raced(&mut self, waiter: Self::Waiter) -> Result<Option<Cost>, Failure>;
@@ -195,6 +198,12 @@ impl Rig for EmbeddedRig {
         let (cost, out) = timed(|| now_or_fail("status", lim.status()));
         out?.map_err(fail)?;
         Ok(cost)
+    }
+
+    async fn waiting(&mut self) -> Result<usize, Failure> {
+        let lim = self.limiter()?;
+        let status = now_or_fail("status", lim.status())?.map_err(fail)?;
+        Ok(status.waiting as usize)
     }
 
     async fn cancel_raced(&mut self, waiter: Acquiring) -> Result<Option<Cost>, Failure> {
@@ -423,6 +432,11 @@ impl Rig for RedisRig {
         let before = self.stats().await?;
         lim.status().await.map_err(fail)?;
         self.settled(before, 1).await
+    }
+
+    async fn waiting(&mut self) -> Result<usize, Failure> {
+        let lim = self.limiter()?;
+        Ok(lim.status().await.map_err(fail)?.waiting as usize)
     }
 
     async fn cancel_raced(&mut self, waiter: Spawned) -> Result<Option<Cost>, Failure> {
