@@ -73,6 +73,15 @@ impl<W: Weighted> Queue<W> {
     }
 
     fn position(&self, id: u64) -> Option<usize> {
+        // Waiter ids are handed out one after another and departures stay as tombstones, so
+        // the entry sits `id - first` places in: found in one probe, where a binary search of
+        // a 10k queue took 14 cache misses. Only a compaction or a restored snapshot leaves
+        // gaps, and then the search finds it.
+        let (first, _) = self.entries.front()?;
+        let guess = usize::try_from(id.checked_sub(*first)?).unwrap_or(usize::MAX);
+        if self.entries.get(guess).is_some_and(|(k, _)| *k == id) {
+            return Some(guess);
+        }
         self.entries.binary_search_by_key(&id, |(k, _)| *k).ok()
     }
 
@@ -232,6 +241,25 @@ mod tests {
         assert_eq!(q.len(), 1);
         assert!(q.entries.len() <= 2 * q.live + 65);
         assert!(q.weights.capacity() <= 256, "slots are reused, not grown");
+    }
+
+    #[test]
+    fn finds_waiters_after_a_compaction_left_gaps_in_the_ids() {
+        let mut q = Queue::default();
+        for id in 0..300u64 {
+            q.insert(id, 1);
+        }
+        // Every odd one leaves, then enough more to compact: ids are no longer consecutive.
+        for id in (1..300u64).step_by(2).chain((2..200u64).step_by(2)) {
+            assert_eq!(q.remove(&id), Some(1));
+        }
+        assert!(q.entries.len() < 150, "compacted");
+        assert_eq!(q.get(&0), Some(&1));
+        assert_eq!(q.get(&250), Some(&1));
+        assert_eq!(q.get(&251), None);
+        assert_eq!(q.permits_through(250), Some(1 + 26));
+        assert_eq!(q.remove(&298), Some(1));
+        assert_eq!(q.permits_through(296), Some(1 + 49));
     }
 
     #[derive(Debug, Clone)]
