@@ -58,8 +58,9 @@ impl Clock for TokioClock {
 /// uses this one; every acquire and release reads the clock once.
 #[derive(Debug, Clone)]
 pub struct FastClock {
-    /// Timestamp zero on the fast clock.
-    origin: quanta::Instant,
+    /// Timestamp zero, as the fast clock's raw counter: each read then costs one counter read
+    /// and one scaling of the difference, not a scaled instant and a `Duration`.
+    origin: u64,
     /// The fast clock itself (shares its calibration).
     clock: quanta::Clock,
 }
@@ -69,7 +70,7 @@ impl FastClock {
     pub fn new() -> Self {
         let clock = quanta::Clock::new();
         FastClock {
-            origin: clock.now(),
+            origin: clock.raw(),
             clock,
         }
     }
@@ -83,8 +84,9 @@ impl Default for FastClock {
 
 impl Clock for FastClock {
     fn now(&self) -> Timestamp {
-        let elapsed = self.clock.now().saturating_duration_since(self.origin);
-        Timestamp(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX))
+        // Zero if the counter reads below the origin (another core's counter lagging), as
+        // `saturating_duration_since` did.
+        Timestamp(self.clock.delta_as_nanos(self.origin, self.clock.raw()) / 1000)
     }
 
     fn instant_at(&self, at: Timestamp) -> tokio::time::Instant {
@@ -108,8 +110,8 @@ impl Clock for FastClock {
 pub struct WallClock {
     /// Timestamp of `start`: wall-clock micros at creation, or the floor if that was later.
     origin_us: u64,
-    /// The fast clock's reading at creation.
-    start: quanta::Instant,
+    /// The fast clock's raw counter at creation.
+    start: u64,
     /// The fast clock itself.
     clock: quanta::Clock,
 }
@@ -130,7 +132,7 @@ impl WallClock {
         let clock = quanta::Clock::new();
         WallClock {
             origin_us: at.0,
-            start: clock.now(),
+            start: clock.raw(),
             clock,
         }
     }
@@ -144,8 +146,7 @@ impl Default for WallClock {
 
 impl Clock for WallClock {
     fn now(&self) -> Timestamp {
-        let elapsed = self.clock.now().saturating_duration_since(self.start);
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let micros = self.clock.delta_as_nanos(self.start, self.clock.raw()) / 1000;
         Timestamp(self.origin_us.saturating_add(micros))
     }
 

@@ -171,8 +171,14 @@ impl<B: LimiterBackend> Limiter<B> {
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
         let held = !grant.lease.is_zero();
         // The store started the lease between the request and its answer, and not before it
-        // had waited `waited`: the earliest it can end.
-        let local_deadline = (sent + grant.waited).min(Instant::now()) + grant.lease;
+        // had waited `waited`: the earliest it can end. Without a wait that is `sent` itself,
+        // so the uncontended path reads the clock once, not twice.
+        let started = if grant.waited.is_zero() {
+            sent
+        } else {
+            (sent + grant.waited).min(Instant::now())
+        };
+        let local_deadline = started + grant.lease;
         Ok(Permit {
             backend: self.backend.clone(),
             grant,

@@ -7,6 +7,7 @@
 mod apply;
 mod bench;
 mod bench_durability;
+mod bench_growth;
 mod dashboard_bench;
 pub mod duration;
 mod limiter;
@@ -54,7 +55,13 @@ enum Command {
     Limiter(limiter::LimiterCommand),
     /// Measure throughput, handoff latency and utilization under saturation (HTTP or a store),
     /// beside trivial requests in the same run.
+    ///
+    /// How each operation's cost grows with the queue and the holders (0 to 10k, embedded
+    /// store and Redis) is measured by `floodgate bench-growth` instead.
     Bench(bench::BenchArgs),
+    /// Measure how each operation's cost grows with the queue and the holders (0 to 10k), on
+    /// the embedded store and on Redis, with the ratio of its cost at 10k to its cost at 100.
+    BenchGrowth(bench_growth::BenchGrowthArgs),
     /// Measure what a data directory costs: HTTP pairs with and without one (same run), the
     /// disk's fsync latency, recovery time and the log's size under the snapshot policy.
     BenchDurability(bench_durability::BenchDurabilityArgs),
@@ -158,6 +165,7 @@ pub fn main() -> ExitCode {
             Command::Top(args) => top::top(args).await,
             Command::Limiter(cmd) => limiter::limiter(cmd).await,
             Command::Bench(args) => bench::bench(args).await,
+            Command::BenchGrowth(args) => bench_growth::bench_growth(args).await,
             Command::BenchDurability(args) => bench_durability::bench_durability(args).await,
             Command::DashboardBench(args) => dashboard_bench::dashboard_bench(args).await,
             Command::Simulate(args) => simulate::simulate(args),

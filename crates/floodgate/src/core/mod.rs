@@ -22,6 +22,7 @@ pub mod keyed;
 mod learning;
 mod queue;
 mod reservation;
+mod slot_tree;
 mod snapshot;
 
 pub use self::snapshot::{CoreState, HolderState, SpecState, WaiterState};
@@ -643,12 +644,7 @@ impl LimiterCore {
     /// or the burst went down): they would otherwise hold back the queue until their wait ends.
     fn refuse_impossible(&mut self, fx: &mut Effects) {
         let limit = self.permit_cap().unwrap_or(u32::MAX);
-        let impossible: Vec<u64> = self
-            .queue
-            .iter()
-            .filter(|(_, w)| w.permits > limit)
-            .map(|(id, _)| *id)
-            .collect();
+        let impossible = self.queue.heavier_than(limit);
         for id in impossible {
             if let Some(w) = self.queue.remove(&id) {
                 self.forget_request(w.request.as_ref());
@@ -731,7 +727,7 @@ impl LimiterCore {
                 }
             } else if let Some((_, id)) = wait {
                 self.waits.pop();
-                let ahead: u64 = self.queue.up_to(id).map(|w| u64::from(w.permits)).sum();
+                let ahead = self.queue.permits_through(id).unwrap_or(0);
                 if let Some(w) = self.queue.remove(&id) {
                     self.forget_request(w.request.as_ref());
                     self.queued_permits -= u64::from(w.permits);

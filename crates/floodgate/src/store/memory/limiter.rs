@@ -554,10 +554,11 @@ impl<C: Clock> MemoryLimiter<C> {
     /// Releases synchronously; a deleted limiter holds nothing, so that is "not held".
     fn release_now(&self, token: FencingToken) -> bool {
         self.with_state(|state, now, fx| {
-            let before = state.core.counters();
+            // Counters compared only when there is a log to write (not on the hot path).
+            let before = state.log.is_some().then(|| state.core.counters());
             let released = state.release_any(now, token, fx);
             // A release of a token not held changes nothing, unless time did: not logged.
-            if released || state.core.counters() != before {
+            if released || before.is_some_and(|b| state.core.counters() != b) {
                 state.record(now, || Op::Release { token: token.0 });
             }
             released
