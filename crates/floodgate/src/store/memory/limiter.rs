@@ -17,6 +17,7 @@ use crate::core::{
     WaitOutcome, WaiterId,
 };
 use crate::error::{AcquireError, ExtendError, StoreError};
+use crate::limiter::AcquireOptions;
 use crate::spec::{InvalidField, LimiterSpec};
 use crate::store::LimiterBackend;
 use crate::sync::Mutex;
@@ -313,7 +314,8 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         &self.shared.name
     }
 
-    async fn acquire(&self, req: AcquireRequest) -> Result<Grant, AcquireError> {
+    async fn acquire(&self, options: AcquireOptions) -> Result<Grant, AcquireError> {
+        let req: AcquireRequest = options.into_request();
         let start = self.with_state(|state, now, fx| {
             let admission = state.core.acquire(now, &req, fx);
             state.record(now, || Op::acquire(&req));
