@@ -1,7 +1,8 @@
 //! `docs/api.md` is run, not just read: every ```` ```http ```` block in it holds one or more
 //! exchanges (a request, then the documented answer), and this test sends each request, in
-//! document order, to one real server on `127.0.0.1:0` (embedded store, default options), and
-//! checks the answer against the documented one. Adding an example to the doc adds a case.
+//! document order, to one real server on `127.0.0.1:0` (default options; once on the embedded
+//! store, once on a real `redis-server`), and checks the answer against the documented one.
+//! Adding an example to the doc adds a case.
 //!
 //! An exchange, as written in the doc:
 //!
@@ -30,12 +31,14 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../../floodgate/tests/support/mod.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use common::Served;
-use floodgate::Floodgate;
+use floodgate::{Floodgate, RedisConfig, RedisStore, Store};
 use floodgate_server::server::ServerOptions;
 use reqwest::Method;
 use serde_json::Value;
@@ -261,6 +264,20 @@ fn bind(text: &str, binds: &BTreeMap<String, String>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_of_api_md_runs_as_documented() {
+    run_examples(Floodgate::in_memory()).await;
+}
+
+/// The same examples on the Redis store: the doc promises the same answers on every store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_of_api_md_runs_as_documented_on_redis() {
+    let redis = support::RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(redis.url()))
+        .await
+        .unwrap();
+    run_examples(Floodgate::with_store(store)).await;
+}
+
+async fn run_examples<S: Store>(gate: Floodgate<S>) {
     let doc = std::fs::read_to_string(doc_path()).unwrap();
     let exchanges = parse(&doc);
     // A parser that finds nothing must not pass: the doc has examples of every endpoint.
@@ -278,7 +295,7 @@ async fn every_example_of_api_md_runs_as_documented() {
         );
     }
 
-    let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
+    let served = Served::start(gate, ServerOptions::default()).await;
     let http = reqwest::Client::new();
     let mut binds = BTreeMap::new();
     let mut failures = Vec::new();
