@@ -41,6 +41,9 @@ cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p floodgate --features shuttle --tests -- -D warnings
+echo "== docs (rustdoc -D warnings: the workspace, and the library as users see it, core sealed)"
+RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --no-deps
+RUSTDOCFLAGS="-D warnings" cargo doc -q -p floodgate --no-deps
 echo "== tests"
 cargo test --workspace
 echo "== randomized schedules (shuttle)"

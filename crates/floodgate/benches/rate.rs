@@ -287,7 +287,7 @@ fn rate_parts(c: &mut Criterion) {
                                 wait: Some(Duration::ZERO),
                                 ..AcquireRequest::default()
                             };
-                            if let Ok(grant) = limiter.backend().acquire(req).await {
+                            if let Ok(grant) = limiter.backend().acquire(req.into()).await {
                                 black_box(grant);
                                 granted += 1;
                             }

@@ -36,6 +36,30 @@ impl<S: Store> Floodgate<S> {
     }
 
     /// Creates the limiter or changes its spec (a raised limit wakes waiters at once).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::BadName`] for a name that is not a limiter name, [`StoreError::Invalid`]
+    /// naming the first field out of range, [`StoreError::TooManyLimiters`] when the store is
+    /// full, [`StoreError::Unavailable`] when the store cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the change made or not made. It is idempotent: define
+    /// again.
+    ///
+    /// ```
+    /// use floodgate::{Floodgate, LimiterSpec, StoreError};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// let status = gate.define("snuba", LimiterSpec::concurrency(50)).await?;
+    /// assert_eq!(status.limit, Some(50));
+    /// let bad = gate.define("snuba", LimiterSpec::concurrency(0)).await;
+    /// assert!(matches!(bad, Err(StoreError::Invalid(f)) if f.field == "concurrency"));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn define(&self, name: &str, spec: LimiterSpec) -> Result<LimiterStatus, StoreError> {
         let name = LimiterName::new(name)?;
         self.store.put_limiter(&name, spec).await
@@ -53,13 +77,56 @@ impl<S: Store> Floodgate<S> {
         self.store.put_keyed_limiter(&name, spec, keyed).await
     }
 
-    /// Deletes the limiter; `false` if it did not exist.
+    /// Deletes the limiter; `false` if it did not exist. Its waiters are refused, its permits
+    /// are no longer held.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::BadName`], or [`StoreError::Unavailable`] when the store cannot be
+    /// reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the limiter deleted or not. Delete again to be sure.
+    ///
+    /// ```
+    /// use floodgate::{Floodgate, LimiterSpec};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define("batch", LimiterSpec::concurrency(4)).await?;
+    /// assert!(gate.delete("batch").await?);
+    /// assert!(!gate.delete("batch").await?);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn delete(&self, name: &str) -> Result<bool, StoreError> {
         let name = LimiterName::new(name)?;
         self.store.delete_limiter(&name).await
     }
 
-    /// Every limiter's status.
+    /// Every limiter's status, ordered by name.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when the store cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
+    ///
+    /// ```
+    /// use floodgate::{Floodgate, LimiterSpec};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define("b", LimiterSpec::concurrency(1)).await?;
+    /// gate.define("a", LimiterSpec::concurrency(2)).await?;
+    /// let names: Vec<_> = gate.limiters().await?.into_iter().map(|s| s.name).collect();
+    /// assert_eq!(names.iter().map(|n| n.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn limiters(&self) -> Result<Vec<LimiterStatus>, StoreError> {
         self.store.list_limiters().await
     }
@@ -67,6 +134,28 @@ impl<S: Store> Floodgate<S> {
     /// A handle to an existing limiter. Keep it: acquiring through it skips the name lookup.
     /// A handle outlives a delete: after the limiter is deleted (and even re-created) it answers
     /// `UnknownLimiter`; take a new handle then.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::BadName`], [`StoreError::UnknownLimiter`] when no limiter has the name,
+    /// [`StoreError::Unavailable`] when the store cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
+    ///
+    /// ```
+    /// use floodgate::{Floodgate, LimiterSpec, StoreError};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define("snuba", LimiterSpec::concurrency(50)).await?;
+    /// let snuba = gate.limiter("snuba").await?;
+    /// assert_eq!(snuba.name().as_str(), "snuba");
+    /// assert!(matches!(gate.limiter("nope").await, Err(StoreError::UnknownLimiter(_))));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn limiter(&self, name: &str) -> Result<Limiter<S::Limiter>, StoreError> {
         let name = LimiterName::new(name)?;
         Ok(Limiter {
@@ -75,9 +164,24 @@ impl<S: Store> Floodgate<S> {
     }
 }
 
-/// Options of one acquire. Unset fields take the limiter's defaults.
+/// Options of one acquire, the only way to describe one: a builder, so options added later
+/// break no caller. Unset fields take the limiter's defaults.
+///
+/// ```
+/// use std::time::Duration;
+/// use floodgate::AcquireOptions;
+///
+/// let options = AcquireOptions::new()
+///     .permits(2)
+///     .wait(Duration::from_secs(5))
+///     .lease(Duration::from_secs(60))
+///     .holder("worker-7/task-123")
+///     .request_id("9f1c2e4a-task-123");
+/// # let _ = options;
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AcquireOptions {
+    /// The state machine's request these options build (kept internal: its fields may change).
     request: AcquireRequest,
     /// The key, for a keyed limiter (see [`crate::core::keyed`]); `None` for a plain one.
     key: Option<Arc<str>>,
@@ -115,10 +219,10 @@ impl AcquireOptions {
 
     /// Makes the acquire idempotent: a repeat with the same id while the first is queued or
     /// its grant held gets that grant (or joins that wait) instead of a second permit. A
-    /// future dropped while queued with an id leaves its wait queued for
-    /// [`ORPHANED_WAIT_GRACE`](crate::core::ORPHANED_WAIT_GRACE) for a retry to join; a grant
-    /// made while nobody waits for it is released at once (on Redis, where the retry may come
-    /// through another server, at the end of that grace unless a retry claimed it).
+    /// future dropped while queued with an id leaves its wait queued for 5 s (at most until
+    /// the wait ends) for a retry to join; a grant made while nobody waits for it is released
+    /// at once (on Redis, where the retry may come through another server, at the end of those
+    /// 5 s unless a retry claimed it).
     pub fn request_id(mut self, id: impl Into<Arc<str>>) -> Self {
         self.request.request_id = Some(id.into());
         self
@@ -138,8 +242,15 @@ impl AcquireOptions {
     }
 
     /// The request the store sees.
-    pub fn request(&self) -> &AcquireRequest {
-        &self.request
+    pub(crate) fn into_request(self) -> AcquireRequest {
+        self.request
+    }
+}
+
+/// The state machine's request as options (for users of the `unstable-core` feature).
+impl From<AcquireRequest> for AcquireOptions {
+    fn from(request: AcquireRequest) -> Self {
+        AcquireOptions { request, key: None }
     }
 }
 
@@ -160,13 +271,47 @@ impl<B: LimiterBackend> Limiter<B> {
         self.backend.name()
     }
 
-    /// Waits in FIFO order for permits. Dropping the future leaves the queue; a grant that
-    /// raced the drop is released.
+    /// Waits in FIFO order for permits: never overtakes an earlier acquire, and is woken (not
+    /// polled) when its turn comes.
+    ///
+    /// # Errors
+    ///
+    /// [`AcquireError::Refused`] with [`Refusal::WaitTimeout`](crate::Refusal::WaitTimeout)
+    /// when the wait ended (re-enqueue the work after
+    /// [`retry_after`](AcquireError::retry_after), never drop it),
+    /// [`Refusal::QueueFull`](crate::Refusal::QueueFull) when the queue is at `max_queue`,
+    /// [`Refusal::PermitsExceedLimit`](crate::Refusal::PermitsExceedLimit) for more permits
+    /// than could ever be granted, [`Refusal::Invalid`](crate::Refusal::Invalid) for a lease
+    /// out of range, [`Refusal::LimiterDeleted`](crate::Refusal::LimiterDeleted) when the
+    /// limiter was deleted during the wait; [`AcquireError::Store`] when the store failed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropping the future leaves the queue, and a grant that raced the drop is
+    /// released, so no permit leaks. With a [`request_id`](AcquireOptions::request_id), the
+    /// wait stays queued for 5 s for a retry with the same id to join.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use floodgate::{AcquireOptions, Floodgate, LimiterSpec};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define("one", LimiterSpec::concurrency(1)).await?;
+    /// let one = gate.limiter("one").await?;
+    /// let permit = one.acquire(AcquireOptions::new().wait(Duration::from_secs(5))).await?;
+    /// // The limit is taken: a second acquire's wait ends without a permit.
+    /// let second = one.acquire(AcquireOptions::new().wait(Duration::from_millis(10))).await;
+    /// assert!(second.unwrap_err().is_wait_timeout());
+    /// drop(permit); // released
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
         let sent = Instant::now();
-        let grant = match &options.key {
-            Some(key) => self.backend.acquire_keyed(key, options.request).await?,
-            None => self.backend.acquire(options.request).await?,
+        let grant = match options.key.clone() {
+            Some(key) => self.backend.acquire_keyed(&key, options).await?,
+            None => self.backend.acquire(options).await?,
         };
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
         let held = !grant.lease.is_zero();
@@ -188,12 +333,57 @@ impl<B: LimiterBackend> Limiter<B> {
     }
 
     /// One permit if one is free right now, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Self::acquire); a taken limit is a
+    /// [`Refusal::WaitTimeout`](crate::Refusal::WaitTimeout).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, as [`acquire`](Self::acquire).
+    ///
+    /// ```
+    /// use floodgate::{Floodgate, LimiterSpec};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define("one", LimiterSpec::concurrency(1)).await?;
+    /// let one = gate.limiter("one").await?;
+    /// let held = one.try_acquire().await?;
+    /// assert!(one.try_acquire().await.unwrap_err().is_wait_timeout());
+    /// assert!(held.release().await?);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn try_acquire(&self) -> Result<Permit<B>, AcquireError> {
         self.acquire(AcquireOptions::new().wait(Duration::ZERO))
             .await
     }
 
     /// The limiter's status.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UnknownLimiter`] once the limiter was deleted, [`StoreError::Unavailable`]
+    /// when the store cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
+    ///
+    /// ```
+    /// use floodgate::{Floodgate, LimiterSpec};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define("snuba", LimiterSpec::concurrency(50)).await?;
+    /// let snuba = gate.limiter("snuba").await?;
+    /// let _permit = snuba.try_acquire().await?;
+    /// assert_eq!(snuba.status().await?.in_use, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn status(&self) -> Result<LimiterStatus, StoreError> {
         self.backend.status().await
     }
@@ -263,6 +453,35 @@ impl<B: LimiterBackend> Permit<B> {
     /// extend is retried with short doubling pauses for as long as the lease lasts, and only
     /// once it has certainly ended (on this process's clock) without a confirmed extend is
     /// the [`StoreError::Unavailable`] returned. Either error means: stop the work.
+    ///
+    /// # Errors
+    ///
+    /// [`ExtendError::Lost`] when the permit is no longer held, [`ExtendError::Invalid`] for a
+    /// lease out of range (1 ms to 24 h), [`ExtendError::Store`] when the store failed (for
+    /// [`StoreError::Unavailable`], only once the lease has certainly ended).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves the guard as it was and still holding: the lease may or may
+    /// not have moved ([`local_deadline`](Self::local_deadline) assumes it did not). Extend
+    /// again.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use floodgate::{AcquireOptions, ExtendError, Floodgate, LimiterSpec};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define("snuba", LimiterSpec::concurrency(50)).await?;
+    /// let snuba = gate.limiter("snuba").await?;
+    /// let mut permit = snuba.acquire(AcquireOptions::new().lease(Duration::from_secs(30))).await?;
+    /// let deadline = permit.extend(Duration::from_secs(60)).await?;
+    /// assert_eq!(permit.lease_deadline(), deadline);
+    /// let bad = permit.extend(Duration::ZERO).await;
+    /// assert!(matches!(bad, Err(ExtendError::Invalid(_))));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn extend(&mut self, lease: Duration) -> Result<Timestamp, ExtendError> {
         let mut backoff = EXTEND_BACKOFF;
         loop {
@@ -303,11 +522,40 @@ impl<B: LimiterBackend> Permit<B> {
     }
 
     /// Releases now. `Ok(false)` if the permit was no longer held (its lease ended).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when the store cannot be reached (the lease then frees the
+    /// permit when it ends), or [`StoreError::UnknownLimiter`] once the limiter was deleted.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropping the future drops the guard, which releases the permit in the
+    /// background if this release had not completed (a second release of a permit is a
+    /// harmless `false`).
+    ///
+    /// ```
+    /// use floodgate::{Floodgate, LimiterSpec};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define("snuba", LimiterSpec::concurrency(50)).await?;
+    /// let snuba = gate.limiter("snuba").await?;
+    /// let permit = snuba.try_acquire().await?;
+    /// assert!(permit.release().await?);
+    /// assert_eq!(snuba.status().await?.in_use, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn release(mut self) -> Result<bool, StoreError> {
-        if !std::mem::replace(&mut self.held, false) && self.grant.lease.is_zero() {
+        if !self.held && self.grant.lease.is_zero() {
             return Ok(false); // A rate-only grant: nothing was held.
         }
-        self.backend.release(self.grant.token).await
+        // `held` stays true until the store has answered: a future dropped while waiting for
+        // it drops `self`, and `Drop` then releases in the background.
+        let released = self.backend.release(self.grant.token).await;
+        self.held = false;
+        released
     }
 
     /// Gives up the guard without releasing: the permit stays held until released by id or

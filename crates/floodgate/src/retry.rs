@@ -125,6 +125,28 @@ fn unit() -> f64 {
 
 /// Runs `op` until it succeeds, `classify` says stop, or `max_attempts` are used; sleeps
 /// between attempts as the policy says. Returns the last error when it gives up.
+///
+/// # Errors
+///
+/// The last attempt's error, when `classify` says [`Decision::Stop`] or the attempts are used.
+///
+/// # Cancel safety
+///
+/// Dropping the future stops retrying: an attempt in flight is dropped with it (as cancel-safe
+/// as `op`'s own future), and no further attempt starts.
+///
+/// ```
+/// use std::time::Duration;
+/// use floodgate::retry::{retry, Backoff, Decision};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let policy = Backoff::default().with_base(Duration::from_millis(1));
+/// let fails: Result<(), &str> =
+///     retry(&policy, || async { Err("bad request") }, |_| Decision::Stop).await;
+/// assert_eq!(fails, Err("bad request")); // not retried: classify said stop
+/// # }
+/// ```
 pub async fn retry<T, E, F, Fut>(
     policy: &Backoff,
     mut op: F,

@@ -197,14 +197,40 @@ impl Default for LimiterSpec {
 }
 
 /// A spec or request field that is out of range. `field` names the field at fault.
+///
+/// `#[non_exhaustive]`: built only by the library (read its fields, do not construct one).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
+#[non_exhaustive]
 pub struct InvalidField {
     /// The field at fault, as named in the HTTP API (`concurrency`, `lease_ms`, ...).
     pub field: &'static str,
     /// What is wrong with it.
     pub message: String,
 }
+
+/// Every field an [`InvalidField`] may name, as the HTTP API spells it (the Redis store maps
+/// the script's field names through this list).
+pub(crate) const FIELDS: &[&str] = &[
+    "concurrency",
+    "rate",
+    "rate.limit",
+    "rate.period_ms",
+    "rate.burst",
+    "adaptive",
+    "adaptive.min",
+    "adaptive.max",
+    "adaptive.increase",
+    "adaptive.decrease",
+    "adaptive.cooldown_ms",
+    "lease_ms",
+    "max_wait_ms",
+    "max_queue",
+    "permits",
+    "wait_ms",
+    "count",
+    "reservation",
+];
 
 impl InvalidField {
     pub(crate) fn new(field: &'static str, message: impl Into<String>) -> Self {
@@ -380,6 +406,34 @@ impl LimiterSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Redis store maps the field a script refusal names through [`FIELDS`]; every name
+    /// the script can send must be there, or a refusal would be reported against `store`.
+    #[cfg(feature = "redis")]
+    #[test]
+    fn every_field_the_redis_script_names_is_known() {
+        fn quoted_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+            text.match_indices(marker)
+                .filter_map(|(i, m)| text[i + m.len()..].split('\'').next())
+                .collect()
+        }
+        let src = crate::store::redis::script_source();
+        let src = src.as_str();
+        let mut named = quoted_after(src, "{'invalid', '");
+        let start = src
+            .find("local function check_spec")
+            .expect("check_spec in the script");
+        let body = &src[start..];
+        let body = &body[..body.find("\nend\n").expect("end of check_spec")];
+        named.extend(quoted_after(body, "return {'"));
+        assert!(named.len() >= 8, "too few refusals found: {named:?}");
+        for name in named {
+            assert!(
+                FIELDS.contains(&name),
+                "the script names {name:?}, not in spec::FIELDS"
+            );
+        }
+    }
 
     #[test]
     fn validation_names_the_field() {

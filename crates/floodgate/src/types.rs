@@ -53,6 +53,7 @@ pub struct LimiterName(Arc<str>);
 
 /// Why a string is not a valid [`LimiterName`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum NameError {
     /// The name is empty.
     #[error("limiter name is empty")]

@@ -9,18 +9,18 @@ mod support;
 use std::time::Duration;
 
 use floodgate::{
-    AcquireRequest, Floodgate, LimiterBackend, LimiterName, LimiterSpec, MemoryStore, Store,
+    AcquireOptions, Floodgate, LimiterBackend, LimiterName, LimiterSpec, MemoryStore, Store,
     StoreError,
 };
 
-fn request(label: &str, lease_ms: u64, wait_ms: u64) -> AcquireRequest {
-    AcquireRequest {
-        permits: 1,
-        lease: Some(Duration::from_millis(lease_ms)),
-        wait: Some(Duration::from_millis(wait_ms)),
-        holder: Some(label.into()),
-        request_id: None,
-    }
+fn request(label: &str, lease_ms: u64, wait_ms: u64) -> AcquireOptions {
+    unlabelled(lease_ms, wait_ms).holder(label)
+}
+
+fn unlabelled(lease_ms: u64, wait_ms: u64) -> AcquireOptions {
+    AcquireOptions::new()
+        .lease(Duration::from_millis(lease_ms))
+        .wait(Duration::from_millis(wait_ms))
 }
 
 async fn check<S: Store>(gate: Floodgate<S>) {
@@ -94,14 +94,7 @@ async fn check<S: Store>(gate: Floodgate<S>) {
     for token in [late.token, soon.token, granted.token] {
         assert!(lim.release(token).await.unwrap());
     }
-    let bare = lim
-        .acquire(AcquireRequest {
-            holder: None,
-            request_id: None,
-            ..request("", 10_000, 0)
-        })
-        .await
-        .unwrap();
+    let bare = lim.acquire(unlabelled(10_000, 0)).await.unwrap();
     let view = lim.holders(10).await.unwrap();
     assert_eq!(view.holders.len(), 1);
     assert_eq!(view.holders[0].token, bare.token);

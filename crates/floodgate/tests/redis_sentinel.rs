@@ -649,6 +649,7 @@ async fn sentinels_with_tls_and_their_own_password() {
         .expect("a wrong sentinel password hung");
     match wrong {
         Err(StoreError::Unavailable(m)) => {
+            let m = m.to_string();
             eprintln!("a wrong sentinel password: {m}");
             assert!(m.contains("no sentinel names a master"), "{m}");
             assert!(

@@ -19,7 +19,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use floodgate::{
-    AcquireError, AcquireRequest, Clock, Counters, Grant, LimiterBackend, LimiterName, LimiterSpec,
+    AcquireError, AcquireOptions, Clock, Counters, Grant, LimiterBackend, LimiterName, LimiterSpec,
     LimiterStatus, MemoryLimiter, Timestamp,
 };
 use shuttle::future::block_on;
@@ -124,16 +124,12 @@ fn limiter(limit: u32, clock: &FakeClock) -> Backend {
     MemoryLimiter::standalone(LimiterName::new("shuttle").unwrap(), spec, clock.clone(), 1).unwrap()
 }
 
-fn request(permits: u32, wait: Duration) -> AcquireRequest {
-    AcquireRequest {
-        permits,
-        wait: Some(wait),
-        ..AcquireRequest::default()
-    }
+fn request(permits: u32, wait: Duration) -> AcquireOptions {
+    AcquireOptions::new().permits(permits).wait(wait)
 }
 
 /// An acquire as an owned future, so it can be polled by hand, moved to a thread and dropped.
-fn acquire(limiter: &Backend, req: AcquireRequest) -> AcquireFuture {
+fn acquire(limiter: &Backend, req: AcquireOptions) -> AcquireFuture {
     let limiter = limiter.clone();
     Box::pin(async move { limiter.acquire(req).await })
 }
@@ -496,8 +492,7 @@ fn lease_expiry_grant_races_cancel() -> Path {
     let limiter = limiter(1, &clock);
     let witness = Witness::new(1);
 
-    let mut lease = request(1, Duration::ZERO);
-    lease.lease = Some(Duration::from_millis(10));
+    let lease = request(1, Duration::ZERO).lease(Duration::from_millis(10));
     let held = block_on(limiter.acquire(lease)).unwrap();
     witness.enter(1);
     let mut head = acquire(&limiter, request(1, Duration::from_secs(60)));

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use floodgate::{
-    AcquireRequest, Clock, LimiterName, LimiterSpec, MemoryStore, RedisConfig, RedisStore,
+    AcquireOptions, Clock, LimiterName, LimiterSpec, MemoryStore, RedisConfig, RedisStore,
     Timestamp,
 };
 use serde_json::{json, Value};
@@ -197,13 +197,10 @@ fn spec(limit: u32) -> LimiterSpec {
 }
 
 /// A waiter's request: one permit, waiting `wait`.
-pub(crate) fn request(wait: Duration) -> AcquireRequest {
-    AcquireRequest {
-        permits: 1,
-        lease: Some(Duration::from_secs(3600)),
-        wait: Some(wait),
-        ..AcquireRequest::default()
-    }
+pub(crate) fn request(wait: Duration) -> AcquireOptions {
+    AcquireOptions::new()
+        .lease(Duration::from_secs(3600))
+        .wait(wait)
 }
 
 /// A long wait: never ends during the bench.

@@ -9,7 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use floodgate::{
-    AcquireError, AcquireRequest, AdaptiveSpec, Feedback, LimiterBackend, LimiterName, LimiterSpec,
+    AcquireError, AcquireOptions, AdaptiveSpec, Feedback, LimiterBackend, LimiterName, LimiterSpec,
     LimiterStatus, PermitId, RateSpec, Refusal, ReservationId, Store, StoreError,
 };
 use serde::{Deserialize, Serialize};
@@ -455,13 +455,19 @@ pub(super) async fn acquire<S: Store>(
         super::keyed::check(key)?;
     }
     let limiter = state.gate.store().limiter(&name).await?;
-    let request = AcquireRequest {
-        permits: body.permits.unwrap_or(1),
-        lease: body.lease_ms.map(Duration::from_millis),
-        wait: body.wait_ms.map(Duration::from_millis),
-        holder: body.holder.map(Into::into),
-        request_id,
-    };
+    let mut request = AcquireOptions::new().permits(body.permits.unwrap_or(1));
+    if let Some(ms) = body.lease_ms {
+        request = request.lease(Duration::from_millis(ms));
+    }
+    if let Some(ms) = body.wait_ms {
+        request = request.wait(Duration::from_millis(ms));
+    }
+    if let Some(holder) = body.holder {
+        request = request.holder(holder);
+    }
+    if let Some(id) = request_id {
+        request = request.request_id(id);
+    }
     let mut recorder = OutcomeRecorder {
         state: &state,
         limiter: name.as_str(),

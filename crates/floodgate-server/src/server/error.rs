@@ -107,6 +107,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// 503 `store_unavailable` for an error this server does not know (a newer library's).
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        e.to_string(),
+    )
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -118,9 +127,14 @@ impl From<StoreError> for ApiError {
                 "too_many_limiters",
                 format!("the server already holds its maximum of {max} limiters"),
             ),
-            StoreError::Unavailable(msg) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", msg)
-            }
+            StoreError::Unavailable(u) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                u.message(),
+            ),
+            // A failure of a newer library (the enums are non-exhaustive): the operation could
+            // not be carried out, which is what 503 says.
+            other => unavailable(other),
         }
     }
 }
@@ -166,6 +180,7 @@ impl From<AcquireError> for ApiError {
             )
             .with_retry(retry_after),
             AcquireError::Store(e) => e.into(),
+            other => unavailable(other),
         }
     }
 }
@@ -180,6 +195,7 @@ impl From<ExtendError> for ApiError {
             ),
             ExtendError::Invalid(f) => ApiError::bad_field(f.field, f.message),
             ExtendError::Store(e) => e.into(),
+            other => unavailable(other),
         }
     }
 }

@@ -1,7 +1,7 @@
-//! TLS for the HTTP API (rustls): a [`TlsListener`] that axum serves like a TCP listener, and
-//! a reloader that swaps in new certificates when the files change on disk (or on SIGHUP), so
-//! certificates rotate without a restart. Connections already open keep the certificate they
-//! were made with; new handshakes use the new one.
+//! TLS for the HTTP API (rustls): the acceptors ([`TlsAcceptors`]) the accept loop wraps each
+//! TCP connection in, and a reloader that swaps in new certificates when the files change on
+//! disk (or on SIGHUP), so certificates rotate without a restart. Connections already open
+//! keep the certificate they were made with; new handshakes use the new one.
 //!
 //! The handshake runs in its own task, bounded by [`HANDSHAKE_TIMEOUT`], so a client that
 //! connects and never speaks cannot stall the accept loop of everyone else.

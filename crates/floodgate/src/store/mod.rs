@@ -1,6 +1,6 @@
 //! The store boundary: where limiter state lives and how operations reach it.
 //!
-//! A store performs each operation of the [state machine](crate::core) atomically and delivers
+//! A store performs each operation of the state machine (`core`, internal) atomically and delivers
 //! its wake-ups. The embedded [`MemoryStore`] runs the state machine behind a mutex with one
 //! timer task per limiter; a Redis store runs the same transitions as Lua scripts. Everything
 //! above this boundary (the [`Permit`](crate::Permit) guard, the tower layer, the HTTP server)
@@ -15,8 +15,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::core::keyed::{KeyOverride, KeyedSpec, KeysView};
-use crate::core::{AcquireRequest, Feedback, Grant, HoldersView, LimiterStatus};
+use crate::core::{Feedback, Grant, HoldersView, LimiterStatus};
 use crate::error::{AcquireError, ExtendError, StoreError};
+use crate::limiter::AcquireOptions;
 use crate::spec::LimiterSpec;
 use crate::types::{FencingToken, LimiterName, ReservationId, Schedule};
 
@@ -33,6 +34,15 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// Creates the limiter, or changes its spec if it exists (waking waiters a raised limit
     /// admits). Returns its status after the change.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] naming the first field out of range,
+    /// [`StoreError::TooManyLimiters`], [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// A dropped call may or may not have made the change; it is idempotent: call again.
     fn put_limiter(
         &self,
         name: &LimiterName,
@@ -44,6 +54,14 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// (the store has no state for it), it starts in a learning window of `window`, granting
     /// nothing while holders of permits it forgot re-claim them by extending (see
     /// `docs/learning.md`).
+    ///
+    /// # Errors
+    ///
+    /// As [`put_limiter`](Self::put_limiter).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`put_limiter`](Self::put_limiter).
     fn restore_limiter(
         &self,
         name: &LimiterName,
@@ -56,15 +74,39 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// Deletes the limiter: its waiters are refused with `LimiterDeleted`, its permits are no
     /// longer held. `false` if it did not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// A dropped call may or may not have deleted it; delete again to be sure.
     fn delete_limiter(
         &self,
         name: &LimiterName,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Every limiter's status, ordered by name.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     fn list_limiters(&self) -> impl Future<Output = Result<Vec<LimiterStatus>, StoreError>> + Send;
 
-    /// A handle to the named limiter, or `UnknownLimiter`.
+    /// A handle to the named limiter.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UnknownLimiter`], [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     fn limiter(
         &self,
         name: &LimiterName,
@@ -86,6 +128,14 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// Whether the store answers, at the cost of one round trip whatever the number of
     /// limiters (readiness probes call it). The embedded store is always ready.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when it does not answer.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         std::future::ready(Ok(()))
     }
@@ -98,11 +148,17 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// Waits in the limiter's FIFO queue until granted, refused or the wait ends.
     ///
+    /// # Errors
+    ///
+    /// As [`Limiter::acquire`](crate::Limiter::acquire).
+    ///
+    /// # Cancel safety
+    ///
     /// Cancel-safe: dropping the future leaves the queue, and a grant that raced the drop is
     /// released, so nothing leaks.
     fn acquire(
         &self,
-        req: AcquireRequest,
+        options: AcquireOptions,
     ) -> impl Future<Output = Result<Grant, AcquireError>> + Send;
 
     /// Moves the lease deadline to now + `lease`; returns the new deadline as a [`Grant`]
@@ -111,6 +167,16 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// `permits`, the permit's size: during a learning window after state loss, an extend of a
     /// permit the store does not know re-adopts it (see `docs/learning.md`). `None`: no
     /// re-adoption.
+    ///
+    /// # Errors
+    ///
+    /// [`ExtendError::Lost`], [`ExtendError::Invalid`] for a lease out of range,
+    /// [`ExtendError::Store`]. Unlike [`Permit::extend`](crate::Permit::extend), one attempt:
+    /// no retry while the store is unreachable.
+    ///
+    /// # Cancel safety
+    ///
+    /// A dropped call may or may not have moved the lease; extend again.
     fn extend(
         &self,
         token: FencingToken,
@@ -119,6 +185,15 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     ) -> impl Future<Output = Result<crate::types::Timestamp, ExtendError>> + Send;
 
     /// Returns a grant. `Ok(false)` if it was not held (unknown, expired, already released).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UnknownLimiter`], [`StoreError::Unavailable`] (the lease then frees
+    /// the permits when it ends).
+    ///
+    /// # Cancel safety
+    ///
+    /// A dropped call may or may not have released; release is idempotent, call again.
     fn release(&self, token: FencingToken)
         -> impl Future<Output = Result<bool, StoreError>> + Send;
 
@@ -127,16 +202,45 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     fn release_in_background(&self, token: FencingToken);
 
     /// The limiter's status.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UnknownLimiter`], [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     fn status(&self) -> impl Future<Output = Result<LimiterStatus, StoreError>> + Send;
 
     /// Reserves `count` rate tokens for a fan-out; returns each one's start offset from now,
     /// and the reservation's id for [`unschedule`](Self::unschedule).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] naming `count` (out of range, no rate limit, or reaching
+    /// further ahead than `max_wait`), [`StoreError::UnknownLimiter`],
+    /// [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a dropped call may have reserved the tokens, whose offsets are then
+    /// lost (they count against the rate for at most `max_wait`).
     fn schedule(&self, count: u32) -> impl Future<Output = Result<Schedule, StoreError>> + Send;
 
     /// Gives back up to `unused` tokens of a reservation that a producer did not use; returns
     /// how many went back. Only the limiter's latest reservation, while no token has been taken
     /// after it, and only tokens whose start has not come, can be given back (otherwise `Ok(0)`):
     /// GCRA keeps no list of promised times, so anything else would hand out a token twice.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] naming `count` (0) or `reservation` (no rate limit),
+    /// [`StoreError::UnknownLimiter`], [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// A dropped call may or may not have given the tokens back; calling again is safe (what
+    /// went back cannot go back twice).
     fn unschedule(
         &self,
         reservation: ReservationId,
@@ -144,6 +248,14 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     ) -> impl Future<Output = Result<u32, StoreError>> + Send;
 
     /// Reports a backend call's outcome (moves an adaptive limit); returns the limit in force.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UnknownLimiter`], [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// A dropped call may or may not have been counted (one report more or less).
     fn feedback(
         &self,
         outcome: Feedback,
@@ -151,12 +263,21 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// Like [`acquire`](Self::acquire), for `key` of a keyed limiter: waits in that key's FIFO
     /// queue, served fairly across keys. A store without keyed limiters refuses.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Self::acquire); a store without keyed limiters refuses with
+    /// [`AcquireError::Store`] naming `key`.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`acquire`](Self::acquire).
     fn acquire_keyed(
         &self,
         key: &str,
-        req: AcquireRequest,
+        options: AcquireOptions,
     ) -> impl Future<Output = Result<Grant, AcquireError>> + Send {
-        let _ = (key, req);
+        let _ = (key, options);
         std::future::ready(Err(keyed_unsupported("key").into()))
     }
 
@@ -205,6 +326,14 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// summary of who waits, read-only. For people (the dashboard, `GET .../holders`), not for
     /// the hot path. A store that cannot list holders answers `Unavailable` (the default), so
     /// adding this method breaks no store.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UnknownLimiter`], [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     fn holders(
         &self,
         limit: usize,
@@ -212,7 +341,7 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
         let _ = limit;
         async {
             Err(StoreError::Unavailable(
-                "this store cannot list holders".to_owned(),
+                "this store cannot list holders".into(),
             ))
         }
     }

@@ -61,7 +61,7 @@ pub struct Gradient {
     /// One below the permits in use when the backend last refused (0: none known): where the
     /// limit plateaus before probing past it.
     pub ceiling: u32,
-    /// Growth owed, in 1/`threshold` of a permit (see [`Gradient::feedback`]): fractional
+    /// Growth owed, in 1/`threshold` of a permit (see `Gradient::feedback`): fractional
     /// steps accumulate across successes.
     pub credit: u64,
     /// Latency samples seen, up to [`WARM_UP`]: the latency gradient acts only after them.

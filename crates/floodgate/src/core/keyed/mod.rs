@@ -15,7 +15,7 @@
 //!   whatever its backlog. A key held back only by its own limit does not hold back others.
 //! - Key state exists while the key has holders, waiters or per-key rate debt, and is dropped
 //!   when it has none; at most `max_keys` keys exist at once (one more is refused with
-//!   [`Refusal::TooManyKeys`]).
+//!   [`Refusal::TooManyKeys`](crate::core::Refusal::TooManyKeys)).
 //! - Every operation costs O(log keys) (hash maps, heaps and a ring), never O(keys); only a
 //!   reconfiguration of the per-key defaults visits every key.
 //!

@@ -17,6 +17,7 @@ use crate::core::{
     Refusal, WaitOutcome, WaiterId,
 };
 use crate::error::{AcquireError, ExtendError, StoreError};
+use crate::limiter::AcquireOptions;
 use crate::spec::{InvalidField, LimiterSpec};
 use crate::store::LimiterBackend;
 use crate::sync::Mutex;
@@ -327,12 +328,16 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         &self.shared.name
     }
 
-    async fn acquire(&self, req: AcquireRequest) -> Result<Grant, AcquireError> {
-        self.acquire_in(None, req).await
+    async fn acquire(&self, options: AcquireOptions) -> Result<Grant, AcquireError> {
+        self.acquire_in(None, options.into_request()).await
     }
 
-    async fn acquire_keyed(&self, key: &str, req: AcquireRequest) -> Result<Grant, AcquireError> {
-        self.acquire_in(Some(key), req).await
+    async fn acquire_keyed(
+        &self,
+        key: &str,
+        options: AcquireOptions,
+    ) -> Result<Grant, AcquireError> {
+        self.acquire_in(Some(key), options.into_request()).await
     }
 
     async fn schedule_keyed(&self, key: &str, count: u32) -> Result<Vec<Duration>, StoreError> {

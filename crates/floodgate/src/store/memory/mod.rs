@@ -1,7 +1,7 @@
 //! The embedded store: every limiter in this process's memory.
 //!
 //! The default, so one command runs Floodgate on a laptop. Each limiter is a
-//! [`LimiterCore`](crate::core::LimiterCore) behind a mutex, with one timer task that wakes at
+//! state machine (`core::LimiterCore`) behind a mutex, with one timer task that wakes at
 //! the nearest lease or wait deadline, so expired leases are reclaimed and timed-out waiters
 //! answered even when no other traffic arrives.
 

@@ -141,8 +141,10 @@ impl std::fmt::Debug for RedisSecurity {
 }
 
 fn read(what: &str, path: &Path) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path)
-        .map_err(|e| StoreError::Unavailable(format!("redis: {what} {}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| {
+        let context = format!("redis: {what} {}", path.display());
+        StoreError::Unavailable(crate::error::Unavailable::caused_by(context, e))
+    })
 }
 
 impl RedisSecurity {
@@ -202,9 +204,10 @@ impl RedisSecurity {
     /// A client for one node: the URL's credentials, else these; TLS material applied to a
     /// `rediss://` URL (and refused with a plain one, where it would be silently unused).
     pub(super) fn client(&self, url: &str) -> Result<redis::Client, StoreError> {
-        let info = url
-            .into_connection_info()
-            .map_err(|e| StoreError::Unavailable(format!("redis: URL {}: {e}", redact(url))))?;
+        let info = url.into_connection_info().map_err(|e| {
+            let context = format!("redis: URL {}", redact(url));
+            StoreError::Unavailable(crate::error::Unavailable::caused_by(context, e))
+        })?;
         let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
         let mut settings = info.redis_settings().clone();
         if settings.username().is_none() {
@@ -220,10 +223,13 @@ impl RedisSecurity {
         let info = info.set_redis_settings(settings);
         match self.certificates()? {
             Some(certs) if tls => redis::Client::build_with_tls(info, certs).map_err(unavailable),
-            Some(_) => Err(StoreError::Unavailable(format!(
-                "redis: a CA file or client certificate needs a rediss:// URL, not {}",
-                redact(url)
-            ))),
+            Some(_) => Err(StoreError::Unavailable(
+                format!(
+                    "redis: a CA file or client certificate needs a rediss:// URL, not {}",
+                    redact(url)
+                )
+                .into(),
+            )),
             None => redis::Client::open(info).map_err(unavailable),
         }
     }

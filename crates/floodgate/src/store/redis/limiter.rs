@@ -13,6 +13,7 @@ use crate::core::{
     WaitOutcome, MAX_HOLDERS_LISTED,
 };
 use crate::error::{AcquireError, ExtendError, StoreError};
+use crate::limiter::AcquireOptions;
 use crate::spec::{AdaptiveSpec, Algorithm, InvalidField, LimiterSpec, RateSpec};
 use crate::store::LimiterBackend;
 use crate::types::{FencingToken, LimiterName, ReservationId, Schedule, Timestamp};
@@ -51,18 +52,16 @@ fn field(reply: &[String], i: usize) -> Result<u64, StoreError> {
 }
 
 fn invalid(reply: &[String]) -> InvalidField {
-    let name = match reply.get(1).map(String::as_str) {
-        Some("permits") => "permits",
-        Some("concurrency") => "concurrency",
-        Some("max_wait_ms") => "max_wait_ms",
-        Some("max_queue") => "max_queue",
-        Some("count") => "count",
-        Some("reservation") => "reservation",
-        _ => "lease_ms",
-    };
-    InvalidField {
-        field: name,
-        message: reply.get(2).cloned().unwrap_or_default(),
+    let named = reply.get(1).map(String::as_str).unwrap_or("");
+    let message = reply.get(2).cloned().unwrap_or_default();
+    // The script names only fields of `spec::FIELDS` (a test reads the script to check it); a
+    // name outside it is reported as what it is, never pinned on a field it is not.
+    match crate::spec::FIELDS.iter().find(|f| **f == named) {
+        Some(field) => InvalidField::new(field, message),
+        None => InvalidField::new(
+            "store",
+            format!("the Redis script refused field {named:?}: {message}"),
+        ),
     }
 }
 
@@ -559,7 +558,8 @@ impl LimiterBackend for RedisLimiter {
         &self.name
     }
 
-    async fn acquire(&self, req: AcquireRequest) -> Result<Grant, AcquireError> {
+    async fn acquire(&self, options: AcquireOptions) -> Result<Grant, AcquireError> {
+        let req: AcquireRequest = options.into_request();
         let n = self
             .store
             .next_waiter

@@ -36,6 +36,7 @@ use crate::types::LimiterName;
 
 /// How to reach Redis.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RedisConfig {
     /// `redis://host:port` (`rediss://` for TLS) of a standalone server, the seed nodes of a
     /// cluster, or `redis+sentinel://HOST:PORT,HOST:PORT/MASTER` (see `sentinel.rs`).
@@ -146,8 +147,32 @@ impl Drop for Inner {
     }
 }
 
-pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("redis: {e}"))
+pub(crate) fn unavailable(e: impl Cause) -> StoreError {
+    StoreError::Unavailable(e.unavailable())
+}
+
+/// What [`unavailable`] takes: a Redis error (kept as the error's source) or a message.
+pub(crate) trait Cause {
+    /// The `redis: ...` failure this stands for.
+    fn unavailable(self) -> crate::error::Unavailable;
+}
+
+impl Cause for redis::RedisError {
+    fn unavailable(self) -> crate::error::Unavailable {
+        crate::error::Unavailable::caused_by("redis", self)
+    }
+}
+
+impl Cause for String {
+    fn unavailable(self) -> crate::error::Unavailable {
+        format!("redis: {self}").into()
+    }
+}
+
+impl Cause for &str {
+    fn unavailable(self) -> crate::error::Unavailable {
+        format!("redis: {self}").into()
+    }
 }
 
 /// Runs `op`, and once more if it failed because the connection was dead (Redis restarted, or
@@ -204,6 +229,26 @@ fn unique_id() -> String {
 impl RedisStore {
     /// Connects, and subscribes to this store's wake channel before returning, so no wake-up
     /// can be missed.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when no URL is given, a URL or a TLS file is bad, or Redis
+    /// does not answer; its source is the underlying error.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropping the future closes whatever connections it opened.
+    ///
+    /// ```no_run
+    /// use floodgate::{Floodgate, LimiterSpec, RedisConfig, RedisStore};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = RedisStore::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
+    /// let gate = Floodgate::with_store(store);
+    /// gate.define("snuba", LimiterSpec::concurrency(50)).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn connect(config: RedisConfig) -> Result<Self, StoreError> {
         let first = config
             .urls

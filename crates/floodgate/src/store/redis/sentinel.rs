@@ -47,7 +47,7 @@ pub(super) fn parse(url: &str) -> Option<Result<Target, StoreError>> {
         Some(Err(StoreError::Unavailable(format!(
             "redis: {}: {why}; expected redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER",
             redact(url)
-        ))))
+        ).into())))
     };
     let (hosts, master) = match rest.rsplit_once('/') {
         Some((h, m)) if !m.is_empty() => (h, m),
@@ -196,11 +196,14 @@ async fn master_addr(
             Err(_) => errors.push(format!("{sentinel}: no answer")),
         }
     }
-    Err(StoreError::Unavailable(format!(
-        "redis sentinel: no sentinel names a master {:?} ({})",
-        target.master,
-        errors.join("; ")
-    )))
+    Err(StoreError::Unavailable(
+        format!(
+            "redis sentinel: no sentinel names a master {:?} ({})",
+            target.master,
+            errors.join("; ")
+        )
+        .into(),
+    ))
 }
 
 async fn ask(
@@ -253,9 +256,9 @@ async fn open(
         Some(redis::Value::BulkString(b)) if b == b"master" => {}
         Some(redis::Value::SimpleString(s)) if s == "master" => {}
         _ => {
-            return Err(StoreError::Unavailable(format!(
-                "redis sentinel: {addr} is not a master (yet)"
-            )))
+            return Err(StoreError::Unavailable(
+                format!("redis sentinel: {addr} is not a master (yet)").into(),
+            ))
         }
     }
     Ok(Current {

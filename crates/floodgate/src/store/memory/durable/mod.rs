@@ -32,6 +32,7 @@ use crate::types::{LimiterName, Timestamp};
 /// record is written to the operating system before its answer is sent, so a crash of the
 /// process alone loses nothing; the policy decides what a crash of the machine can lose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum FsyncPolicy {
     /// Sync before answering (concurrent answers share one sync): a power loss loses nothing
     /// that was answered.
@@ -72,6 +73,7 @@ pub const DEFAULT_SNAPSHOT_AFTER_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Where and how the embedded store keeps its state on disk.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Durability {
     /// The data directory (created if missing). One server per directory.
     pub dir: PathBuf,
@@ -107,6 +109,7 @@ impl Durability {
 
 /// Why a data directory could not be opened. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RecoveryError {
     /// A file could not be read, written or listed.
     #[error("{path}: {source}")]
@@ -134,6 +137,7 @@ pub enum RecoveryError {
 
 /// What recovery found, for the start-up log line and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecoveryReport {
     /// The snapshot loaded, if any.
     pub snapshot: Option<PathBuf>,

@@ -95,7 +95,7 @@ async fn run_sequence(seed: u64, dir: &std::path::Path) {
                         ..AcquireRequest::default()
                     };
                     // Queued acquires that the sequence abandons (cancel records) or leaves.
-                    let task = tokio::spawn(async move { limiter.acquire(req).await });
+                    let task = tokio::spawn(async move { limiter.acquire(req.into()).await });
                     tokio::task::yield_now().await;
                     if rng.below(2) == 0 {
                         task.abort();
@@ -112,7 +112,7 @@ async fn run_sequence(seed: u64, dir: &std::path::Path) {
                             .then(|| format!("k{}", rng.below(4)).into()),
                         ..AcquireRequest::default()
                     };
-                    if let Ok(grant) = limiter.acquire(req).await {
+                    if let Ok(grant) = limiter.acquire(req.into()).await {
                         held.push((l, grant.token));
                     }
                 }

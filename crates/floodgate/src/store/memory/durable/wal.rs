@@ -163,11 +163,14 @@ impl Wal {
 
     fn failure(&self) -> StoreError {
         let st = self.lock();
-        StoreError::Unavailable(format!(
-            "the write-ahead log in {} failed: {}",
-            self.dir.display(),
-            st.failed.as_deref().unwrap_or("it is closed")
-        ))
+        StoreError::Unavailable(
+            format!(
+                "the write-ahead log in {} failed: {}",
+                self.dir.display(),
+                st.failed.as_deref().unwrap_or("it is closed")
+            )
+            .into(),
+        )
     }
 
     /// Makes sure records below `seq + 1` are written to the file.

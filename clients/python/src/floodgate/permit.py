@@ -1,0 +1,316 @@
+"""A granted :class:`Permit`: its lease, extends (by hand or by a heartbeat thread), release,
+and what a forked child may do with it (nothing). Importable from ``floodgate`` (and, as
+before, ``floodgate.client``).
+"""
+
+import logging
+import os
+import threading
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Type
+
+from .errors import FloodgateError, PermitLost
+from .types import Seconds, _ms, _seconds
+
+if TYPE_CHECKING:
+    from .client import Floodgate
+
+__all__ = ["Permit"]
+
+log = logging.getLogger("floodgate")
+
+
+class Permit:
+    """A granted permit. Hold it while calling the protected backend, passing
+    :attr:`fencing_token` along; release it when done (or use it as a context manager).
+
+    Attributes:
+        limiter: the limiter's name.
+        permit_id: the id for extend and release (``"NAME.TOKEN"``).
+        fencing_token: strictly increases across the limiter's grants; give it to the backend.
+        permits: how many permits this grant holds.
+        lease: the lease in seconds; the permit is reclaimed that long after the last extend.
+        waited: how long the server held the acquire before granting, in seconds.
+
+    A permit belongs to the process that acquired it. In a process forked while it was held,
+    :meth:`release` does nothing (returns ``False``), :meth:`extend` raises ``RuntimeError``
+    and leaving its ``with`` block neither releases it nor raises: the parent still holds it
+    and keeps it alive.
+    """
+
+    def __init__(
+        self,
+        client: "Floodgate",
+        limiter: str,
+        data: Mapping[str, Any],
+        requested_at: Optional[float] = None,
+    ) -> None:
+        self.client = client
+        self.limiter = limiter
+        self.permit_id: str = str(data["permit_id"])
+        self.fencing_token: int = int(data["fencing_token"])
+        self.permits: int = int(data.get("permits", 1))
+        self.lease: float = float(data.get("lease_ms", 0)) / 1000.0
+        self.waited: float = float(data.get("waited_ms", 0)) / 1000.0
+        started = time.monotonic() if requested_at is None else requested_at
+        # The server's lease started when it granted, which is no earlier than the request
+        # plus the wait: this local deadline is never later than the server's.
+        self._deadline = started + self.waited + self.lease
+        self._lock = threading.Lock()
+        self._lost = False
+        # Whether _lost came from the server's answer (rather than the local deadline).
+        self._server_said_lost = False
+        self._released = False
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._on_lost: Optional[Callable[["Permit"], None]] = None
+        self.heartbeat_error: Optional[BaseException] = None
+        self.extensions = 0
+        # The process that holds the permit; a forked child must leave it alone.
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else ("lost" if self.lost else "held")
+        return "<Permit {} token={} {}>".format(self.permit_id, self.fencing_token, state)
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def lost(self) -> bool:
+        """Whether the permit is known or must be assumed to be lost: the server answered
+        ``permit_lost`` to an extend, or the lease ran out with no confirmed extend (then the
+        server has reclaimed it too). Stop the work: another holder may have the slot.
+
+        Once true it stays true: an extend that reaches the server after the local deadline
+        does not revive the permit."""
+        if self._lost:
+            return True
+        if self._released or self.lease <= 0:
+            return False
+        if time.monotonic() >= self._deadline:
+            self._lost = True
+            return True
+        return False
+
+    @lost.setter
+    def lost(self, value: bool) -> None:
+        self._lost = bool(value)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @property
+    def expires_in(self) -> float:
+        """Seconds until the lease ends, as far as this process knows (never later than the
+        server's deadline); negative once past it."""
+        return self._deadline - time.monotonic()
+
+    def check(self) -> None:
+        """Raises :class:`PermitLost` if the permit was lost (see :attr:`lost`). Call it between
+        steps of long work: Python cannot safely interrupt the thread doing the work, so the
+        heartbeat only records the loss."""
+        if self.lost:
+            raise self._lost_error()
+
+    def _lost_error(self) -> PermitLost:
+        reason = (
+            "the server answered permit_lost" if self._server_said_lost
+            else "the lease ran out without a confirmed extend"
+        )
+        return PermitLost(
+            "permit_lost", "permit {} is lost: {}".format(self.permit_id, reason), None
+        )
+
+    @property
+    def owned(self) -> bool:
+        """Whether this process holds the permit (``False`` in a process forked meanwhile)."""
+        return self._pid == os.getpid()
+
+    # -- extend and release ----------------------------------------------------------------
+
+    def extend(self, lease: Optional[Seconds] = None, *, timeout: Optional[float] = None) -> None:
+        """Moves the lease's end to now plus ``lease`` (default: this permit's lease).
+
+        Raises:
+            PermitLost: the permit expired or was released; :attr:`lost` is set.
+        """
+        if not self.owned:
+            raise RuntimeError(
+                "permit {} belongs to process {}, not to this one (forked while it was held)"
+                .format(self.permit_id, self._pid)
+            )
+        seconds = self.lease if lease is None else _seconds(lease)
+        self._extend(seconds, timeout=timeout, retries=None)
+
+    def _extend(self, seconds: float, timeout: Optional[float], retries: Optional[int]) -> None:
+        # Asked after the lease ended (as far as this process can tell) without a confirmed
+        # extend: the server's answer is still asked for (410 says why), but even a success
+        # cannot cover the work done meanwhile.
+        too_late = self.lost
+        started = time.monotonic()
+        if self.lease > 0 and not too_late:
+            # An answer that comes after the lease ended is too late to be relied upon.
+            remaining = self._deadline - started
+            base = self.client.timeout if timeout is None else timeout
+            timeout = max(0.001, min(base, remaining))
+        try:
+            self.client._extend(
+                self.permit_id, seconds, timeout=timeout, retries=retries, permits=self.permits
+            )
+        except PermitLost:
+            self._lost = True
+            self._server_said_lost = True
+            raise
+        if too_late:
+            raise self._lost_error()
+        with self._lock:
+            # Measured from before the request: never later than the server's new deadline.
+            self._deadline = max(self._deadline, started + seconds)
+            self.lease = seconds
+            self.extensions += 1
+
+    def release(self) -> bool:
+        """Stops the heartbeat and releases the permit. Returns whether the server still held
+        it (``False`` after expiry, a previous release or a loss). Calling it again is a no-op.
+        In a process forked while the permit was held it does nothing and returns ``False``."""
+        if not self.owned:
+            return False
+        self.stop_heartbeat()
+        with self._lock:
+            if self._released:
+                return False
+            self._released = True
+        if self.lease <= 0:
+            # A rate-only grant (or a fail-open one) holds no slot: nothing to release.
+            return False
+        return self.client.release(self.permit_id)
+
+    # -- heartbeat -------------------------------------------------------------------------
+
+    def start_heartbeat(
+        self,
+        interval: Optional[float] = None,
+        on_lost: Optional[Callable[["Permit"], None]] = None,
+    ) -> None:
+        """Extends the lease every ``interval`` seconds (default: lease/3) in a daemon thread
+        until :meth:`release` or :meth:`stop_heartbeat`. When the server answers
+        ``permit_lost`` the thread sets :attr:`lost`, calls ``on_lost(permit)`` and stops."""
+        if on_lost is not None:
+            self._on_lost = on_lost
+        if self.lease <= 0:
+            # A fail-open grant (token 0) has no lease to keep alive.
+            return
+        if self._thread is not None:
+            return
+        if interval is None:
+            interval = self.lease / 3.0
+        if interval <= 0:
+            raise ValueError("the heartbeat interval must be positive")
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._heartbeat,
+            args=(interval,),
+            name="floodgate-heartbeat-{}".format(self.permit_id),
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        """Stops the heartbeat thread (waiting for an extend in flight to finish)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.client.timeout + 1.0)
+        self._thread = None
+
+    def _heartbeat(self, interval: float) -> None:
+        """Extends every ``interval``. A server that cannot be reached, or answers 503 (a
+        restart, a store outage), does not end it: the extend is tried again every quarter
+        interval until it succeeds or the lease has ended without a confirmed extend. Only
+        ``permit_lost``, or that end, count as a loss."""
+        delay = interval
+        while not self._stop.wait(delay):
+            started = time.monotonic()
+            # Each extend gets at most half a lease to answer, and is not retried inside: the
+            # loop tries again soon, while the lease still runs.
+            timeout = min(self.client.timeout, max(self.lease / 2.0, 0.05))
+            try:
+                self._extend(self.lease, timeout=timeout, retries=0)
+            except PermitLost as e:
+                if not self._stop.is_set():  # else released meanwhile: not a loss
+                    self._heartbeat_lost(e)
+                return
+            except FloodgateError as e:
+                if self.lost and not self._stop.is_set():
+                    # The lease ended while the server could not be reached.
+                    self._heartbeat_lost(self._lost_error())
+                    return
+                self.heartbeat_error = e
+                delay = max(0.05, interval / 4.0)
+                log.warning(
+                    "floodgate: extend of %s failed (%s); trying again in %.2f s",
+                    self.permit_id, e, delay,
+                )
+                continue
+            except Exception as e:  # noqa: BLE001 - keep the thread alive, log everything
+                self.heartbeat_error = e
+                delay = max(0.05, interval / 4.0)
+                log.exception("floodgate: heartbeat of %s failed", self.permit_id)
+                continue
+            delay = max(0.0, interval - (time.monotonic() - started))
+
+    def _heartbeat_lost(self, e: PermitLost) -> None:
+        self.heartbeat_error = e
+        log.warning("floodgate: permit %s was lost: %s", self.permit_id, e)
+        callback = self._on_lost
+        if callback is not None:
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - the callback is the user's
+                log.exception("floodgate: on_lost callback failed")
+
+    # -- context manager -------------------------------------------------------------------
+
+    def __enter__(self) -> "Permit":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        """Releases the permit. Raises :class:`PermitLost` when the block ran past the loss of
+        its permit (the heartbeat learned ``permit_lost``, the lease ran out without a confirmed
+        extend, e.g. because a C call held the GIL longer than the lease, or the release found
+        it no longer held), unless the block is already raising its own exception (that one
+        goes on, with a note). In a process forked inside the block, does nothing."""
+        if not self.owned:
+            return
+        released_before = self._released
+        lost = self.lost
+        try:
+            still_held = self.release()
+        except FloodgateError as e:
+            # The lease reclaims it; do not hide the block's own exception (or fail a block
+            # that succeeded) because the release could not be delivered.
+            log.warning("floodgate: release of %s failed: %s", self.permit_id, e)
+            still_held = True
+        if released_before or self.lease <= 0:
+            return
+        if not lost and not still_held:
+            # The server no longer held it: it expired (or someone released it) meanwhile.
+            self._lost = True
+            lost = True
+        if not lost:
+            return
+        error = self._lost_error()
+        if exc is None:
+            raise error
+        log.warning("floodgate: %s; the block raised %r", error, exc)
+        add_note = getattr(exc, "add_note", None)
+        if add_note is not None:
+            add_note("floodgate: {}".format(error))
+
