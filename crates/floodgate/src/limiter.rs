@@ -221,8 +221,8 @@ impl AcquireOptions {
     /// its grant held gets that grant (or joins that wait) instead of a second permit. A
     /// future dropped while queued with an id leaves its wait queued for 5 s (at most until
     /// the wait ends) for a retry to join; a grant made while nobody waits for it is released
-    /// at once (on Redis, where the retry may come through another server, at the end of those
-    /// 5 s unless a retry claimed it).
+    /// at once (on Redis, where a retry may come through another server, unless a retry claimed
+    /// it first).
     pub fn request_id(mut self, id: impl Into<Arc<str>>) -> Self {
         self.request.request_id = Some(id.into());
         self

@@ -1084,8 +1084,9 @@ end
 
 if op == 'cancel' then
   -- reason: 'drop' (the waiter went away), 'timeout' (its own timer ran out first) or
-  -- 'abandon' (an idempotent acquire's attempt ARGV[6] went away and its grace for a retry
-  -- ended: a drop, unless a retry has claimed the wait or grant since; then {'kept'}).
+  -- 'abandon' (an idempotent acquire's attempt ARGV[6] went away, and its grant reached its
+  -- server or its grace for a retry ended: a drop, unless a retry has claimed the wait or
+  -- grant since; then {'kept'}).
   local key, reason = ARGV[4], ARGV[5]
   advance()
   if reason == 'abandon' then

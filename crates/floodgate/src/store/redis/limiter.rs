@@ -99,9 +99,24 @@ impl Drop for QueuedGuard {
         let key = std::mem::take(&mut self.key);
         if self.idempotent {
             let attempt = format!("{}.{}", limiter.store.server_id, self.attempt);
+            limiter
+                .store
+                .lock_abandoned()
+                .insert(key.clone(), attempt.clone());
             handle.spawn(async move {
                 tokio::time::sleep(crate::core::ORPHANED_WAIT_GRACE).await;
-                limiter.abandon(&key, &attempt).await;
+                // Unless a grant already ended it (`wake.rs`), the grace does.
+                let still = {
+                    let mut abandoned = limiter.store.lock_abandoned();
+                    let mine = abandoned.get(&key) == Some(&attempt);
+                    if mine {
+                        abandoned.remove(&key);
+                    }
+                    mine
+                };
+                if still {
+                    limiter.abandon(&key, &attempt).await;
+                }
             });
         } else {
             handle.spawn(async move { limiter.cancel_orphan(key).await });
@@ -326,7 +341,7 @@ impl RedisLimiter {
     /// An idempotent acquire's caller went away and no retry came within the grace: its wait
     /// is cancelled and a grant it got is released, unless a retry claimed them since (the
     /// script checks the attempt that owns them last).
-    async fn abandon(&self, key: &str, attempt: &str) {
+    pub(super) async fn abandon(&self, key: &str, attempt: &str) {
         let reply = self
             .call(
                 "cancel",

@@ -138,6 +138,10 @@ pub(crate) struct Inner {
     suspect: AtomicBool,
     /// Some limiter is to learn (so the hot path skips the lock when none is).
     relearn_pending: AtomicBool,
+    /// Idempotent acquires of this process whose caller went away while they waited, by waiter
+    /// key: the attempt that owned each. A grant that reaches this process for one of them is
+    /// given up at once (nobody here waits for it); otherwise the grace for a retry ends it.
+    abandoned: Mutex<HashMap<String, String>>,
 }
 
 impl Drop for Inner {
@@ -315,6 +319,7 @@ impl RedisStore {
             generation: Mutex::new(generation::Generation::new(run_id)),
             suspect: AtomicBool::new(false),
             relearn_pending: AtomicBool::new(false),
+            abandoned: Mutex::new(HashMap::new()),
         });
         wake::subscribe(&inner, pubsub_client).await?;
         Ok(RedisStore { inner })
@@ -332,6 +337,12 @@ impl RedisStore {
 impl Inner {
     fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, wake::Pending>> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_abandoned(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.abandoned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock_orphans(&self) -> std::sync::MutexGuard<'_, Vec<(LimiterName, String)>> {

@@ -62,9 +62,9 @@ pub(crate) fn decode_grant<S: AsRef<str>>(f: &[S]) -> Option<Grant> {
     })
 }
 
-fn deliver(inner: &Inner, payload: &str) {
+fn deliver(inner: &Arc<Inner>, payload: &str) {
     let mut parts = payload.splitn(3, '\n');
-    let (Some(_limiter), Some(key), Some(outcome)) = (parts.next(), parts.next(), parts.next())
+    let (Some(limiter), Some(key), Some(outcome)) = (parts.next(), parts.next(), parts.next())
     else {
         tracing::warn!(payload, "malformed wake-up message");
         return;
@@ -78,6 +78,16 @@ fn deliver(inner: &Inner, payload: &str) {
         // A waiter that has just gone away hands its cancel to the script, which finds the
         // recorded outcome and undoes a grant; nothing to do here if the send fails.
         let _ = pending.tx.send(outcome);
+        return;
+    }
+    // An idempotent acquire whose caller went away was granted here: nobody in this process
+    // waits for it, so it is given up now rather than at the end of the grace (the script keeps
+    // it if a retry claimed it meanwhile).
+    let abandoned = inner.lock_abandoned().remove(key);
+    if let (Some(attempt), Ok(name)) = (abandoned, LimiterName::new(limiter)) {
+        let limiter = RedisLimiter::new(Arc::clone(inner), name);
+        let key = key.to_owned();
+        tokio::spawn(async move { limiter.abandon(&key, &attempt).await });
     }
 }
 
