@@ -211,6 +211,7 @@ pub struct InvalidField {
 
 /// Every field an [`InvalidField`] may name, as the HTTP API spells it (the Redis store maps
 /// the script's field names through this list).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) const FIELDS: &[&str] = &[
     "concurrency",
     "rate",

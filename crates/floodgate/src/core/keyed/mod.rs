@@ -24,6 +24,7 @@
 //! retry (a dropped keyed wait is cancelled), per-key adaptive limits.
 
 mod ops;
+mod pacing;
 mod sched;
 mod snapshot;
 mod spec;

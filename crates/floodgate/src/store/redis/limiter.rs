@@ -23,6 +23,11 @@ use crate::types::{FencingToken, LimiterName, ReservationId, Schedule, Timestamp
 static HOLDERS_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("holders.lua")));
 
+mod replies;
+mod waiting;
+
+use self::waiting::{idempotent_key, QueuedGuard};
+
 /// A handle to one limiter in a [`RedisStore`](super::RedisStore). Cheap to clone.
 #[derive(Clone)]
 pub struct RedisLimiter {
@@ -63,76 +68,6 @@ fn invalid(reply: &[String]) -> InvalidField {
             format!("the Redis script refused field {named:?}: {message}"),
         ),
     }
-}
-
-/// What becomes of a queued acquire if its future is dropped: the script is asked to cancel
-/// it, and a grant that raced the drop is released.
-struct QueuedGuard {
-    limiter: RedisLimiter,
-    key: String,
-    /// This call's number (see `Pending::attempt`).
-    attempt: u64,
-    /// An idempotent acquire: if its caller goes away, its wait or grant is kept for a retry
-    /// for `ORPHANED_WAIT_GRACE`, then given up unless a retry claimed it (`abandon`).
-    idempotent: bool,
-    armed: bool,
-}
-
-impl QueuedGuard {
-    /// No cancel needed any more (the outcome is in hand, or the caller cancels itself).
-    fn disarm(&mut self) {
-        self.armed = false;
-        self.limiter.forget_pending(&self.key, self.attempt);
-    }
-}
-
-impl Drop for QueuedGuard {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        self.limiter.forget_pending(&self.key, self.attempt);
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return; // No runtime to cancel on: the wait deadline and lease bound the cost.
-        };
-        let limiter = self.limiter.clone();
-        let key = std::mem::take(&mut self.key);
-        if self.idempotent {
-            let attempt = format!("{}.{}", limiter.store.server_id, self.attempt);
-            limiter
-                .store
-                .lock_abandoned()
-                .insert(key.clone(), attempt.clone());
-            handle.spawn(async move {
-                tokio::time::sleep(crate::core::ORPHANED_WAIT_GRACE).await;
-                // Unless a grant already ended it (`wake.rs`), the grace does.
-                let still = {
-                    let mut abandoned = limiter.store.lock_abandoned();
-                    let mine = abandoned.get(&key) == Some(&attempt);
-                    if mine {
-                        abandoned.remove(&key);
-                    }
-                    mine
-                };
-                if still {
-                    limiter.abandon(&key, &attempt).await;
-                }
-            });
-        } else {
-            handle.spawn(async move { limiter.cancel_orphan(key).await });
-        }
-    }
-}
-
-/// The waiter key of an idempotent acquire: the same for every retry, on every server.
-fn idempotent_key(request_id: &str) -> String {
-    use std::fmt::Write as _;
-    let mut key = String::with_capacity(1 + 2 * request_id.len());
-    key.push('r');
-    for b in request_id.bytes() {
-        let _ = write!(key, "{b:02x}");
-    }
-    key
 }
 
 impl RedisLimiter {
@@ -324,224 +259,6 @@ impl RedisLimiter {
             Some("decided") => reply.get(1).and_then(|o| decode_outcome(o)),
             Some("unknown") => Some(Err(Refusal::LimiterDeleted)),
             _ => None,
-        })
-    }
-
-    /// Cancels a waiter that went away and releases a grant that raced it. If Redis cannot be
-    /// reached, the waiter is kept as an orphan and cancelled when Redis answers again.
-    /// Takes this call's entry out of the waiters, unless another call (a retry of the same
-    /// idempotent acquire) has registered under the key since.
-    fn forget_pending(&self, key: &str, attempt: u64) {
-        let mut waiters = self.store.lock_waiters();
-        if waiters.get(key).is_some_and(|p| p.attempt == attempt) {
-            waiters.remove(key);
-        }
-    }
-
-    /// An idempotent acquire's caller went away and no retry came within the grace: its wait
-    /// is cancelled and a grant it got is released, unless a retry claimed them since (the
-    /// script checks the attempt that owns them last).
-    pub(super) async fn abandon(&self, key: &str, attempt: &str) {
-        let reply = self
-            .call(
-                "cancel",
-                &[key.to_owned(), "abandon".to_owned(), attempt.to_owned()],
-            )
-            .await;
-        let outcome = match reply {
-            Ok(reply) if reply.first().map(String::as_str) == Some("decided") => {
-                reply.get(1).and_then(|o| decode_outcome(o))
-            }
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!(limiter = %self.name, error = %e, "could not give up an abandoned idempotent acquire; its wait deadline and lease bound it");
-                None
-            }
-        };
-        if let Some(Ok(grant)) = outcome {
-            if self.release(grant.token).await.is_err() {
-                tracing::warn!(limiter = %self.name, "could not release an abandoned grant; its lease bounds it");
-            }
-        }
-    }
-
-    pub(super) async fn cancel_orphan(&self, key: String) {
-        match self.cancel(&key, "drop").await {
-            Ok(Some(Ok(grant))) => {
-                if self.release(grant.token).await.is_err() {
-                    // The lease bounds it.
-                    tracing::warn!(limiter = %self.name, "could not release a grant that raced a cancel");
-                }
-            }
-            Ok(_) => {}
-            Err(_) => self.store.lock_orphans().push((self.name.clone(), key)),
-        }
-    }
-
-    /// Takes a waiter out of the queue. `Ok(None)` if it was still queued (and is now gone);
-    /// `Ok(Some(outcome))` if it had already been decided, or timed out by this call.
-    async fn cancel(&self, key: &str, reason: &str) -> Result<Option<WaitOutcome>, StoreError> {
-        let reply = self
-            .call("cancel", &[key.to_owned(), reason.to_owned()])
-            .await?;
-        Ok(match reply.first().map(String::as_str) {
-            Some("cancelled") => None,
-            Some("timed_out") => Some(Err(Refusal::WaitTimeout {
-                retry_after: Duration::from_micros(field(&reply, 1)?),
-            })),
-            Some("decided") => reply.get(1).and_then(|o| decode_outcome(o)),
-            // Not queued and no outcome recorded: the limiter was deleted.
-            _ => Some(Err(Refusal::LimiterDeleted)),
-        })
-    }
-
-    /// Parses `status_fields()` of limiter.lua (after the tag): its fields by name, in the
-    /// order of the one schema both sides are built from (`script::status_schema`).
-    fn parse_status(&self, reply: &[String]) -> Result<LimiterStatus, StoreError> {
-        let schema = super::script::status_schema();
-        if reply.len() < schema.len() + 1 {
-            return Err(unavailable(format!("short status reply {reply:?}")));
-        }
-        let fields: HashMap<&str, &str> = schema
-            .iter()
-            .copied()
-            .zip(reply[1..].iter().map(String::as_str))
-            .collect();
-        let text = |k: &str| fields.get(k).copied().unwrap_or("");
-        let n = |k: &str| -> Result<u64, StoreError> {
-            text(k)
-                .parse::<u64>()
-                .map_err(|_| unavailable(format!("status field {k}: {:?}", text(k))))
-        };
-        let small = |k: &str| -> Result<u32, StoreError> {
-            u32::try_from(n(k)?).map_err(|_| unavailable("status field out of range"))
-        };
-        let present = |k: &str| !text(k).is_empty();
-        let opt_small = |k: &str| -> Result<Option<u32>, StoreError> {
-            if present(k) {
-                small(k).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        let rate = if present("rate_limit") {
-            Some(RateSpec {
-                limit: small("rate_limit")?,
-                period: Duration::from_micros(n("rate_period_us")?),
-                burst: small("rate_burst")?,
-            })
-        } else {
-            None
-        };
-        let adaptive = if present("a_min") {
-            // 'algorithm|tolerance|probe_rounds'; empty for a limiter put before they existed.
-            let d = AdaptiveSpec::between(1, 1);
-            let ext: Vec<&str> = text("a_ext").split('|').collect();
-            let (algorithm, tolerance, probe_rounds) = match ext.as_slice() {
-                [name, t, p] => (
-                    if *name == Algorithm::Gradient.name() {
-                        Algorithm::Gradient
-                    } else {
-                        Algorithm::Aimd
-                    },
-                    t.parse::<f64>()
-                        .map_err(|_| unavailable("bad adaptive.tolerance"))?,
-                    p.parse::<u32>()
-                        .map_err(|_| unavailable("bad adaptive.probe_rounds"))?,
-                ),
-                _ => (d.algorithm, d.tolerance, d.probe_rounds),
-            };
-            Some(AdaptiveSpec {
-                algorithm,
-                tolerance,
-                probe_rounds,
-                min: small("a_min")?,
-                max: small("a_max")?,
-                increase: small("a_inc")?,
-                decrease: text("a_dec")
-                    .parse::<f64>()
-                    .map_err(|_| unavailable("bad adaptive.decrease"))?,
-                cooldown: Duration::from_micros(n("a_cool_us")?),
-            })
-        } else {
-            None
-        };
-        Ok(LimiterStatus {
-            name: self.name.clone(),
-            spec: LimiterSpec {
-                concurrency: opt_small("concurrency")?,
-                rate,
-                adaptive,
-                default_lease: Duration::from_micros(n("lease_us")?),
-                max_wait: Duration::from_micros(n("max_wait_us")?),
-                max_queue: small("max_queue")?,
-            },
-            in_use: small("in_use")?,
-            holders: small("holders")?,
-            waiting: small("waiting")?,
-            waiting_permits: n("waiting_permits")?,
-            limit: opt_small("limit")?,
-            counters: Counters {
-                granted: n("granted")?,
-                released: n("released")?,
-                expired: n("expired")?,
-                timed_out: n("timed_out")?,
-                cancelled: n("cancelled")?,
-                queue_full: n("queue_full")?,
-                rejected: n("rejected")?,
-                extend_lost: n("extend_lost")?,
-                paced: n("paced")?,
-                scheduled: n("scheduled")?,
-                feedback_ok: n("feedback_ok")?,
-                feedback_throttled: n("feedback_throttled")?,
-                feedback_error: n("feedback_error")?,
-                limit_decreases: n("limit_decreases")?,
-                limit_increases: n("limit_increases")?,
-                adopted: n("adopted")?,
-            },
-            learning: text("learning") == "1",
-        })
-        .inspect(|status| self.remember(&status.spec))
-    }
-
-    /// Parses `holders.lua`'s reply (after the tag).
-    fn parse_holders(&self, reply: &[String]) -> Result<HoldersView, StoreError> {
-        let n = |i: usize| field(reply, i);
-        let small = |i: usize| -> Result<u32, StoreError> {
-            u32::try_from(n(i)?).map_err(|_| unavailable("holders field out of range"))
-        };
-        let now = Timestamp(n(1)?);
-        let oldest_wait = match reply.get(5).map(String::as_str) {
-            None | Some("") => None,
-            Some(_) => Some(now.since(Timestamp(n(5)?))),
-        };
-        let mut holders = Vec::new();
-        let rate_tokens = reply
-            .get(6)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse::<f64>())
-            .transpose()
-            .map_err(|_| unavailable("bad rate tokens"))?;
-        let mut i = 7;
-        while i + 4 < reply.len() {
-            let label = reply.get(i + 4).filter(|l| !l.is_empty());
-            holders.push(HolderInfo {
-                token: FencingToken(n(i)?),
-                permits: small(i + 1)?,
-                lease_deadline: Timestamp(n(i + 2)?),
-                granted_at: Timestamp(n(i + 3)?),
-                label: label.map(|l| Arc::from(l.as_str())),
-            });
-            i += 5;
-        }
-        Ok(HoldersView {
-            now,
-            holders,
-            total_holders: small(2)?,
-            waiting: small(3)?,
-            waiting_permits: n(4)?,
-            oldest_wait,
-            rate_tokens,
         })
     }
 
@@ -818,8 +535,9 @@ mod tests {
     /// parser ignores, or the reverse, fails here), and every counter is in the schema.
     #[test]
     fn the_parser_reads_every_field_of_the_schema() {
-        let src = include_str!("limiter.rs");
-        let parser = &src[src.find("fn parse_status").unwrap()..src.find("fn unknown").unwrap()];
+        let src = include_str!("limiter/replies.rs");
+        let parser =
+            &src[src.find("fn parse_status").unwrap()..src.find("fn parse_holders").unwrap()];
         for name in status_schema() {
             assert!(
                 parser.contains(&format!("(\"{name}\")")),

@@ -199,13 +199,7 @@ impl Op {
                 holder,
                 request,
             } => {
-                let req = AcquireRequest {
-                    permits: *permits,
-                    lease: lease_us.map(micros),
-                    wait: wait_us.map(micros),
-                    holder: holder.as_deref().map(Into::into),
-                    request_id: request.as_deref().map(Into::into),
-                };
+                let req = logged_request(*permits, *lease_us, *wait_us, holder, request);
                 let _ = keyed.acquire(core, at, key, &req, &mut fx);
             }
             Op::KeyedSchedule { key, count } => {
@@ -295,13 +289,7 @@ impl Op {
                 holder,
                 request,
             } => {
-                let req = AcquireRequest {
-                    permits: *permits,
-                    lease: lease_us.map(micros),
-                    wait: wait_us.map(micros),
-                    holder: holder.as_deref().map(Into::into),
-                    request_id: request.as_deref().map(Into::into),
-                };
+                let req = logged_request(*permits, *lease_us, *wait_us, holder, request);
                 let _ = core.acquire(at, &req, &mut fx);
             }
             Op::Release { token } => {
@@ -352,6 +340,24 @@ impl Op {
                 core.abandon_waiters();
             }
         }
+    }
+}
+
+/// The request a logged acquire (plain or keyed) carried.
+fn logged_request(
+    permits: u32,
+    lease_us: Option<u64>,
+    wait_us: Option<u64>,
+    holder: &Option<String>,
+    request: &Option<String>,
+) -> AcquireRequest {
+    let micros = std::time::Duration::from_micros;
+    AcquireRequest {
+        permits,
+        lease: lease_us.map(micros),
+        wait: wait_us.map(micros),
+        holder: holder.as_deref().map(Into::into),
+        request_id: request.as_deref().map(Into::into),
     }
 }
 

@@ -1,0 +1,63 @@
+//! Idempotent acquires: a repeat with the same `request_id` gets the grant or joins the wait.
+
+use super::*;
+
+impl LimiterCore {
+    /// The answer to a repeated idempotent acquire: the grant it got, or its wait to join.
+    /// `None` for a first acquire, or when what the key referred to has ended.
+    pub(super) fn repeat_of(&mut self, now: Timestamp, req: &AcquireRequest) -> Option<Admission> {
+        let key = req.request_id.as_ref()?;
+        match *self.requests.get(key)? {
+            RequestRef::Held(token) => self.holders.get(&token).map(|h| {
+                Admission::Granted(Grant {
+                    token: FencingToken(token),
+                    permits: h.permits,
+                    lease: h.lease,
+                    lease_deadline: h.deadline,
+                    granted_at: h.granted_at,
+                    waited: Duration::ZERO,
+                })
+            }),
+            RequestRef::Queued(id) => {
+                // Joined: the wait now lasts as long as this caller asks.
+                let wait = req
+                    .wait
+                    .unwrap_or(self.spec.max_wait)
+                    .min(self.spec.max_wait);
+                let deadline = now.after(wait);
+                let waiter = self.queue.get_mut(&id)?;
+                waiter.deadline = deadline;
+                self.waits.push(deadline, id);
+                self.next_due = self.next_due.min(deadline);
+                Some(Admission::Queued(WaiterId(id)))
+            }
+        }
+    }
+
+    /// The caller of a queued idempotent acquire went away: its wait is kept for `grace` (at
+    /// most its own deadline) so that a retry with the same key can join it, then ends. A
+    /// grant made meanwhile goes to nobody, and the store gives it back. `false` if the waiter
+    /// is not queued or has no key (cancel it instead).
+    pub fn orphan(&mut self, now: Timestamp, waiter: WaiterId, grace: Duration) -> bool {
+        let Some(w) = self.queue.get_mut(&waiter.0) else {
+            return false;
+        };
+        if w.request.is_none() {
+            return false;
+        }
+        let deadline = w.deadline.min(now.after(grace));
+        if deadline < w.deadline {
+            w.deadline = deadline;
+            self.waits.push(deadline, waiter.0);
+            self.next_due = self.next_due.min(deadline);
+        }
+        true
+    }
+
+    /// Forgets an idempotency key whose grant or wait has ended.
+    pub(super) fn forget_request(&mut self, key: Option<&Arc<str>>) {
+        if let Some(key) = key {
+            self.requests.remove(key);
+        }
+    }
+}
