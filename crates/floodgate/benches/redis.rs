@@ -6,7 +6,7 @@
 //! 1. `pair`: one acquire + release (limit 1000, so never queued) against the floor of two
 //!    EVALSHA of a one-key script (`INCR`) on a `ConnectionManager` configured like the store's:
 //!    mean, p50, p99 and pairs/s, sequentially on one task and with `FG_TASKS` tasks. A third
-//!    contender, `raw`, runs the limiter script itself (`limiter.lua`, same keys and arguments)
+//!    contender, `raw`, runs the limiter script itself (`lua/`, same keys and arguments)
 //!    without floodgate's client code, which splits the gap into script cost and client cost
 //!    (it steps aside if the script's protocol has moved on). Target: floodgate within 1.3x of
 //!    the baseline.
@@ -24,7 +24,7 @@
 //! default 20000); `FG_ROUNDS` (baseline/floodgate alternations, 2); `FG_TASKS` (16);
 //! `FG_HANDOFFS` (per phase, 1000); `FG_THREADS` (0, the default: a current-thread runtime;
 //! n: a multi-thread runtime with n workers); `FG_STATS`; `FG_RAW_SCRIPT` (a variant of
-//! `limiter.lua` for the `raw` contender, to measure a proposed change to the script).
+//! a whole script for the `raw` contender, to measure a proposed change to the script).
 
 #![allow(
     clippy::print_stdout,
@@ -108,7 +108,7 @@ enum Contender {
         conn: ConnectionManager,
         script: Arc<redis::Script>,
     },
-    /// Two EVALSHA of `limiter.lua` itself (acquire, release), called as the store calls it.
+    /// Two EVALSHA of the limiter script itself (acquire, release), called as the store calls it.
     Raw {
         conn: ConnectionManager,
         script: Arc<redis::Script>,
@@ -330,16 +330,19 @@ async fn run(url: &str, config: &Config, mut stats: Stats) {
 
     // The limiter script as shipped, or a variant to try (`FG_RAW_SCRIPT=path`).
     let (raw_script, raw_source) = match std::env::var("FG_RAW_SCRIPT") {
-        // A variant is a `limiter.lua`: it gets the same generated prelude of constants.
+        // A variant is the whole script (the parts of `lua/` joined): it gets the same
+        // generated prelude of constants.
         Ok(path) => {
             let shipped = floodgate::store::redis::script_source();
-            let prelude_end = shipped.len() - include_str!("../src/store/redis/limiter.lua").len();
+            let prelude_end = shipped
+                .find("-- Floodgate's limiter state machine")
+                .unwrap_or(0);
             let variant = std::fs::read_to_string(&path).unwrap();
             (format!("{}{variant}", &shipped[..prelude_end]), path)
         }
         Err(_) => (
             floodgate::store::redis::script_source(),
-            "src/store/redis/limiter.lua (with its generated prelude)".to_owned(),
+            "src/store/redis/lua/ (with its generated prelude)".to_owned(),
         ),
     };
     let mut contenders = vec![

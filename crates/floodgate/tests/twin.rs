@@ -1,7 +1,7 @@
 //! The Redis script as a checked twin of the core (issue 11).
 //!
 //! Random operation sequences (the model test's generators, `tests/gen`) run against
-//! [`LimiterCore`] and against `limiter.lua` on a real `redis-server`, side by side, on the same
+//! [`LimiterCore`] and against the limiter script (`store/redis/lua/`) on a real `redis-server`, side by side, on the same
 //! clock: the script takes `now` from its op argument (`acquire@<now>`, a form only tests send;
 //! production reads Redis `TIME`). After every step the test compares every reply (grants with
 //! their tokens, deadlines and waits; refusals with their exact retry hints; release, extend and
@@ -46,7 +46,7 @@ fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap()
 }
 
-/// The script's encoding of a waiter's outcome (see the header of limiter.lua).
+/// The script's encoding of a waiter's outcome (see the header of lua/common.lua).
 fn encode(outcome: &WaitOutcome) -> String {
     match outcome {
         Ok(g) => format!(

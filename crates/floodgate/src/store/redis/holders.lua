@@ -2,7 +2,7 @@
 -- dashboard and GET /v1/limiters/{name}/holders. Changes nothing (no advance: a lease past its
 -- deadline is simply not listed), so it may run on any server at any time.
 --
--- KEYS: 1 meta  2 holders  3 leases  4 queue  5 hot (the same keys as limiter.lua)
+-- KEYS: 1 meta  2 holders  3 leases  4 queue  5 hot (the same keys as the limiter script, lua/common.lua)
 -- ARGV: 1 how many holders to list at most
 -- Reply: 'holders', now, live holders in total, waiting, waiting permits, oldest waiter's
 -- enqueued_at ('' if none), rate tokens available ('' without a rate), then per holder (lease ending soonest first):
@@ -36,13 +36,13 @@ local oldest = ''
 -- The head's queue member carries its record: key|permits|lease|deadline|enqueued_at|...
 local head = redis.call('ZRANGE', K_Q, 0, 0)
 if head[1] then oldest = fields(head[1], 5)[5] or '' end
--- The hot value's fields (limiter.lua's HOT order): 13 queued_permits, 18 tat.
+-- The hot value's fields (the limiter script's HOT order, lua/state.lua): 13 queued_permits, 18 tat.
 local hot = fields(redis.call('GET', K_HOT) or '', 22)
 local reply = {'holders', fmt(now), fmt(redis.call('ZCOUNT', K_LEASE, live, '+inf')),
                fmt(redis.call('ZCARD', K_Q)), hot[13] or '0', oldest, ''}
 local rate_limit = tonumber(redis.call('HGET', K_META, 'rate_limit') or '')
 if rate_limit then
-  -- GCRA, as limiter.lua: the emission interval and the burst's allowance against the debt.
+  -- GCRA, as the limiter script: the emission interval and the burst's allowance against the debt.
   local r = redis.call('HMGET', K_META, 'rate_period_us', 'rate_burst')
   local t = math.max(1, math.ceil(tonumber(r[1]) / rate_limit))
   local debt = math.max(0, tonumber(hot[18] or '0') - now)

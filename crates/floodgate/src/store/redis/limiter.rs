@@ -33,7 +33,7 @@ use self::waiting::{idempotent_key, QueuedGuard};
 pub struct RedisLimiter {
     pub(super) store: Arc<Inner>,
     pub(super) name: LimiterName,
-    /// The limiter's eleven keys, all under the hash tag `{name}` (see `limiter.lua`).
+    /// The limiter's eleven keys, all under the hash tag `{name}` (see `lua/common.lua`).
     keys: Arc<[String; 11]>,
 }
 

@@ -1,6 +1,6 @@
 //! The Redis store: limits shared by many servers and worker processes.
 //!
-//! Each operation of the state machine is one atomic Lua script (`limiter.lua`), run with
+//! Each operation of the state machine is one atomic Lua script (the parts of `lua/`, joined by `script.rs`), run with
 //! EVALSHA (reloaded on NOSCRIPT) on one multiplexed connection, on Redis's own clock. All keys
 //! of a limiter share the hash tag `{name}`, so it runs unchanged on Redis Cluster. Queued
 //! waiters are woken by a message on their server's channel, published by the script that

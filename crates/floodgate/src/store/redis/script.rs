@@ -1,5 +1,5 @@
 //! The limiter script as Redis runs it: a prelude of constants and field lists generated from
-//! the Rust ones, then `limiter.lua`. One definition of each: the script never restates a
+//! the Rust ones, then the parts of `lua/`. One definition of each: the script never restates a
 //! number the core uses, and the status reply's fields are named once, here, for both sides.
 
 use std::fmt::Write as _;
@@ -75,7 +75,7 @@ fn lua_list(names: &[&str]) -> String {
     format!("{{{}}}", quoted.join(", "))
 }
 
-/// The script's source: the generated prelude, then `limiter.lua`. Loaded once per store.
+/// The script's source: the generated prelude, then the parts of `lua/`. Loaded once per store.
 #[doc(hidden)]
 pub fn script_source() -> String {
     let mut s = String::from("-- Generated from the Rust constants by store/redis/script.rs.\n");
@@ -104,9 +104,37 @@ pub fn script_source() -> String {
         lua_list(COUNTER_FIELDS),
         lua_list(&status_schema())
     );
-    s.push_str(include_str!("limiter.lua"));
+    for part in SCRIPT_PARTS {
+        s.push_str(part);
+    }
     s
 }
+
+/// The limiter script, in the order its parts run: the shared parts (the KEYS, the helpers,
+/// the fast paths, the state the general path loads and writes back), then one file per
+/// operation (`lua/ops/`), each opening with its ARGV and replies. Kept in one Lua chunk, so
+/// the parts share their locals; split into files only to be read one at a time.
+const SCRIPT_PARTS: [&str; 19] = [
+    include_str!("lua/common.lua"),
+    include_str!("lua/fast.lua"),
+    include_str!("lua/state.lua"),
+    include_str!("lua/ops/put.lua"),
+    include_str!("lua/guard.lua"),
+    include_str!("lua/ops/peek.lua"),
+    include_str!("lua/ops/delete.lua"),
+    include_str!("lua/ops/acquire.lua"),
+    include_str!("lua/ops/release.lua"),
+    include_str!("lua/ops/extend.lua"),
+    include_str!("lua/ops/cancel.lua"),
+    include_str!("lua/ops/schedule.lua"),
+    include_str!("lua/ops/unschedule.lua"),
+    include_str!("lua/gradient.lua"),
+    include_str!("lua/ops/feedback.lua"),
+    include_str!("lua/ops/learn.lua"),
+    include_str!("lua/ops/advance.lua"),
+    include_str!("lua/ops/status.lua"),
+    include_str!("lua/unknown_op.lua"),
+];
 
 #[cfg(test)]
 mod tests {
@@ -133,9 +161,9 @@ mod tests {
         assert!(src.contains("local function field_lists()"));
         assert!(src.contains("local MAX_LEASE = 86400000000\n"));
         // The script itself states none of these numbers again.
-        let body = include_str!("limiter.lua");
+        let body: String = SCRIPT_PARTS.concat();
         for literal in ["86400", "/ 8)", "120 *", "366"] {
-            assert!(!body.contains(literal), "limiter.lua restates {literal:?}");
+            assert!(!body.contains(literal), "the script restates {literal:?}");
         }
     }
 }

@@ -1,0 +1,141 @@
+-- Floodgate's limiter state machine, one atomic script per operation.
+--
+-- The same transitions as crates/floodgate/src/core/mod.rs (read that file for the rules);
+-- tests/suite runs one behavioural suite against both. Time is the store's own clock (TIME),
+-- never a caller's. Every key of a limiter shares the hash tag {name}, so the script works on
+-- Redis Cluster. Integers are microseconds; they stay below 2^53, so Lua's doubles hold them
+-- exactly, and they are always formatted with %d (tostring would print 1.8e+15).
+--
+-- KEYS: 1 meta (hash: spec and the state that changes rarely; written only where it changed)
+--       2 holders (hash, two kinds of field:
+--           token -> permits|deadline|granted_at|waiter_key|label  (a holder's record; the label,
+--             sent with its acquire, is last and may contain `|`)
+--           k:KEY -> the waiter KEY's entry: `W|seq|MEMBER` while queued, `G|...` (its grant's
+--             outcome) or `I|token` (granted at once) while the grant is held
+--           a:KEY -> for an idempotent acquire (KEY = `r` + hex request_id), the attempt that
+--             owns its wait or grant last, while `k:KEY` is there)
+--       3 leases (zset token by lease deadline)
+--       4 queue (zset MEMBER by arrival sequence; MEMBER = KEY|permits|lease|deadline|enqueued_at|
+--         channel|label, so the head is taken and granted without another read)
+--       5 heavy (zset MEMBER by arrival sequence: only waiters asking for more than one permit,
+--         for retry hints and for refusing what a lowered limit can no longer hold)
+--       6 waits (zset %016d(seq)..KEY by wait deadline: ties end in arrival order)
+--       7 outcomes (hash waiter key -> outcome not tied to a held grant)
+--       8 outcome_times (zset waiter key by when its outcome may be forgotten)
+--       9 hot (string: the fields every acquire and release touch, `|`-separated in HOT order,
+--         kept apart from the spec so the fast paths read and write one short value)
+--      10 tokens (string: the next fencing token of a deleted incarnation, so a re-created
+--         limiter starts above it; written only by delete, with the idle TTL)
+--      11 dead (zset: the queue of a deleted limiter, answered `D` in batches by `drain`)
+-- ARGV: 1 op, 2 limiter name, 3 idle TTL in ms, then the op's arguments.
+--
+-- Reply: a flat array of strings: a tag, the op's fields, and last the delay in microseconds
+-- until the next lease or wait deadline ("-1" if none), for the caller's timer. The general
+-- path reports it exactly; the fast paths report a lower bound (`due`, below): a timer that
+-- fires early finds nothing due and is re-armed at the exact deadline.
+--
+-- Outcomes of queued waiters ("G|token|permits|lease|deadline|granted_at|waited",
+-- "T|retry_after", "X|requested|limit", "D") are recorded BEFORE they are published to the
+-- waiter's server channel, so a waiter that missed the message still finds its outcome (after
+-- a lost subscription, or when its own timer ends). A grant's outcome is its `k:KEY` field in
+-- `holders`, kept while the grant is held (it goes with the release); any other outcome is
+-- kept OUTCOME_RETENTION after its decision. So outcome memory is bounded by the holders and
+-- by the decisions of the last OUTCOME_RETENTION, whatever the waits.
+
+local K_META, K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT, K_HOT, K_TOK, K_DEAD =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local op, name, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+
+local now
+local general_only = false
+do
+  -- `op@now` (or `op@now@general`, which skips the fast path): the differential test drives
+  -- the clock (tests/twin.rs); production sends the bare op and the script reads Redis TIME.
+  local at = string.find(op, '@', 1, true)
+  if at then
+    local rest = string.sub(op, at + 1)
+    op = string.sub(op, 1, at - 1)
+    local at2 = string.find(rest, '@', 1, true)
+    if at2 then
+      general_only = string.sub(rest, at2 + 1) == 'general'
+      rest = string.sub(rest, 1, at2 - 1)
+    end
+    now = tonumber(rest)
+  else
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+end
+
+-- MIN_LEASE, MAX_LEASE, MAX_WAIT, MAX_CONCURRENCY, MAX_QUEUE, MAX_SCHEDULE_AHEAD,
+-- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION and field_lists() (COUNTERS, STATUS) come from the prelude that
+-- store/redis/script.rs builds from the Rust constants.
+local function fmt(n) return string.format('%d', n) end
+local TTL_REFRESH = 3600 * 1000000
+-- "No deadline": above every time (2^53 - 1, still exact in a double).
+local NONE = 9007199254740991
+
+-- The smoothed hold time after a hold of `held` (weight 1/8, integer steps: the same
+-- arithmetic as the core's observe_hold).
+local function next_ewma(ewma, held)
+  if not ewma then return held end
+  if held >= ewma then return ewma + math.floor((held - ewma) / HOLD_EWMA_WEIGHT) end
+  return ewma - math.floor((ewma - held) / HOLD_EWMA_WEIGHT)
+end
+
+-- What follows the n-th `|` of s ('' if none): the free-form label ending a record.
+local function tail(s, n)
+  local at = 0
+  for _ = 1, n do
+    at = string.find(s, '|', at + 1, true)
+    if not at then return '' end
+  end
+  return string.sub(s, at + 1)
+end
+
+local function split(s)
+  local out, start = {}, 1
+  while true do
+    local i = string.find(s, '|', start, true)
+    if not i then
+      out[#out + 1] = string.sub(s, start)
+      return out
+    end
+    out[#out + 1] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+end
+
+-- A queued waiter's member of `queue`: everything its grant needs, so taking the head needs
+-- no other read. The key comes first (unique) and never contains `|`; the label comes last.
+-- `in_waits`: whether the waiter is in `waits`. A waiter whose deadline is no earlier than
+-- that of any waiter queued before it (`max_dl` in hot, the latest deadline enqueued since the
+-- queue was last empty: the usual case, where waiters share a wait) is not: while it is queued
+-- its deadline cannot be the first to come unless it is the head. So the earliest wait
+-- deadline is the first of `waits` or the head's (first_wait below), and such a waiter costs
+-- no `waits` write on enqueue nor on grant.
+local function member(key, permits, lease, deadline, enqueued_at, in_waits, channel, label)
+  return key .. '|' .. fmt(permits) .. '|' .. fmt(lease) .. '|' .. fmt(deadline) .. '|' ..
+    fmt(enqueued_at) .. '|' .. (in_waits and 'w' or 'm') .. '|' .. channel .. '|' .. (label or '')
+end
+
+local function parse_member(mem, seq)
+  local f = split(mem)
+  -- (`permits_s`, `lease_s`: the fields as written, so a grant need not format them again.)
+  return {key = f[1], permits = tonumber(f[2]), lease = tonumber(f[3]), deadline = tonumber(f[4]),
+          enqueued_at = tonumber(f[5]), in_waits = f[6] == 'w', channel = f[7],
+          label = tail(mem, 7), member = mem, seq = seq, permits_s = f[2], lease_s = f[3]}
+end
+
+-- The waits member of waiter `key` with arrival sequence `seq`.
+local function wait_member(seq, key) return string.format('%016d', seq) .. key end
+
+-- A release's token is a number; anything else (a `k:` field above all) is held by nobody.
+local function is_token(t) return string.find(t, '^%d+$') ~= nil end
+
+-- An idempotent acquire's waiter key is `r` and its request_id in hex (the store derives it),
+-- the same for every retry, on any server. Its `k:KEY` entry then answers a repeat: the wait to
+-- join or the grant held. `a:KEY` in `holders` names the attempt (a call) that owns it last,
+-- so that an attempt that went away gives it up only if no retry claimed it since.
+local function idem(key) return string.sub(key, 1, 1) == 'r' end
+
