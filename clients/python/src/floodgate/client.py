@@ -28,7 +28,7 @@ from .permit import Permit
 from .transport import _Transport, _quote
 from .types import KEEP, Adaptive, Rate, Reservation, Seconds, _Keep, _ms, _seconds, _spec
 
-__all__ = ["Floodgate", "Permit", "Rate", "Adaptive", "KEEP", "Seconds", "DEFAULT_URL"]
+__all__ = ["Floodgate", "Permit", "Rate", "Adaptive", "Reservation", "KEEP", "Seconds", "DEFAULT_URL"]
 
 T = TypeVar("T")
 
