@@ -185,7 +185,7 @@ pub struct LimiterStatus {
     /// Lifetime counters.
     pub counters: Counters,
     /// In a learning window after state loss: nothing is granted until it ends (see
-    /// [`LimiterCore::enter_learning`]).
+    /// [`LimiterCore::enter_learning`](super::LimiterCore::enter_learning)).
     pub learning: bool,
 }
 
