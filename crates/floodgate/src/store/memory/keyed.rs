@@ -224,20 +224,7 @@ impl<C: Clock> MemoryStore<C> {
             match map.get(name) {
                 Some(limiter) => Some(limiter.clone()),
                 None => {
-                    let max = self
-                        .inner
-                        .max_limiters
-                        .load(std::sync::atomic::Ordering::Relaxed);
-                    if map.len() >= max {
-                        return Err(StoreError::TooManyLimiters(max));
-                    }
-                    let first_token = token_seed()
-                        .max(
-                            self.inner
-                                .token_floor
-                                .load(std::sync::atomic::Ordering::Relaxed),
-                        )
-                        .max(self.inner.clock.now().0);
+                    let first_token = self.new_limiter_token(map.len())?;
                     let (core, layer) = KeyLayer::new(spec.clone(), keyed.clone(), first_token)?;
                     let log = self.inner.persist.as_ref().map(|p| {
                         p.create_keyed(self.inner.clock.now(), name, &spec, &keyed, first_token)
@@ -266,6 +253,19 @@ impl<C: Clock> MemoryStore<C> {
         let limiter = self.limiter_handle(name)?;
         limiter.durable().await?;
         limiter.status().await
+    }
+
+    /// The first fencing token of a limiter about to be created beside `existing` others
+    /// (plain or keyed): above the store's token floor and its clock. Refused past the cap.
+    pub(super) fn new_limiter_token(&self, existing: usize) -> Result<u64, StoreError> {
+        use std::sync::atomic::Ordering;
+        let max = self.inner.max_limiters.load(Ordering::Relaxed);
+        if existing >= max {
+            return Err(StoreError::TooManyLimiters(max));
+        }
+        Ok(token_seed()
+            .max(self.inner.token_floor.load(Ordering::Relaxed))
+            .max(self.inner.clock.now().0))
     }
 
     fn limiter_handle(&self, name: &LimiterName) -> Result<MemoryLimiter<C>, StoreError> {

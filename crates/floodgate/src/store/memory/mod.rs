@@ -19,7 +19,7 @@ pub use self::durable::{
     Durability, FsyncPolicy, RecoveryError, RecoveryReport, DEFAULT_SNAPSHOT_AFTER_BYTES,
 };
 pub use self::limiter::MemoryLimiter;
-use crate::clock::{token_seed, Clock, TokioClock};
+use crate::clock::{Clock, TokioClock};
 use crate::core::LimiterStatus;
 use crate::error::StoreError;
 use crate::spec::LimiterSpec;
@@ -139,13 +139,7 @@ impl<C: Clock> Store for MemoryStore<C> {
             match map.get(name) {
                 Some(limiter) => Some(limiter.clone()),
                 None => {
-                    let max = self.inner.max_limiters.load(Ordering::Relaxed);
-                    if map.len() >= max {
-                        return Err(StoreError::TooManyLimiters(max));
-                    }
-                    let first_token = token_seed()
-                        .max(self.inner.token_floor.load(Ordering::Relaxed))
-                        .max(self.inner.clock.now().0);
+                    let first_token = self.new_limiter_token(map.len())?;
                     let core = crate::core::LimiterCore::new(spec.clone(), first_token)?;
                     let log = self
                         .inner
