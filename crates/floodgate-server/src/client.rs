@@ -304,6 +304,25 @@ impl Client {
         .await
     }
 
+    /// `PUT /v1/limiters/{name}/keys/{key}`: one key's override of a keyed limiter.
+    pub async fn put_key(&self, name: &str, key: &str, body: &Value) -> Result<Value, ClientError> {
+        // The key is a path segment: every byte but the unreserved ones is percent-encoded.
+        let mut segment = String::with_capacity(key.len());
+        for b in key.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                segment.push(char::from(b));
+            } else {
+                segment.push_str(&format!("%{b:02X}"));
+            }
+        }
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/limiters/{name}/keys/{segment}"),
+            Some(body),
+        )
+        .await
+    }
+
     /// `GET /v1/limiters`.
     pub async fn limiters(&self) -> Result<Vec<Value>, ClientError> {
         let v: Value = self

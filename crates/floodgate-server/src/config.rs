@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use floodgate::LimiterSpec;
+use floodgate::{KeyOverride, KeyedSpec, LimiterSpec};
 use serde::Deserialize;
 
 use crate::wire::{AdaptiveBody, RateBody};
@@ -101,6 +101,36 @@ pub struct LimiterConfig {
     pub max_wait_ms: Option<u64>,
     /// Cap on the queue length.
     pub max_queue: Option<u32>,
+    /// Makes the limiter keyed (docs/keyed.md): `per_key = { concurrency = 5 }`, and/or a
+    /// per-key `rate`. `{}` keys a limiter with no per-key limit (fair sharing only).
+    pub per_key: Option<PerKeyConfig>,
+    /// Keys a keyed limiter tracks at once (default 100,000).
+    pub max_keys: Option<u32>,
+    /// Per-key overrides of a keyed limiter, by key: `keys = { "org-7" = { concurrency = 10,
+    /// weight = 3 } }`. Applied at start, on SIGHUP and by `limiter apply`; overrides set over
+    /// the API for keys the file does not name are left alone.
+    #[serde(default)]
+    pub keys: BTreeMap<String, KeyOverrideConfig>,
+}
+
+/// A keyed limiter's per-key limits in the file; same fields as the API's `per_key`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerKeyConfig {
+    /// Permits one key may hold at once.
+    pub concurrency: Option<u32>,
+    /// One key's rate: `rate = { limit = 10, period_ms = 1000 }`.
+    pub rate: Option<RateBody>,
+}
+
+/// One key's override in the file; same fields as `PUT /v1/limiters/{name}/keys/{key}`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyOverrideConfig {
+    /// This key's concurrency instead of the per-key default.
+    pub concurrency: Option<u32>,
+    /// Its share of contended capacity (default 1).
+    pub weight: Option<u32>,
 }
 
 impl LimiterConfig {
@@ -115,6 +145,63 @@ impl LimiterConfig {
             max_wait: self.max_wait_ms.map_or(d.max_wait, Duration::from_millis),
             max_queue: self.max_queue.unwrap_or(d.max_queue),
         }
+    }
+
+    /// The per-key spec of a keyed limiter (`per_key` given); `None` for a plain one.
+    pub fn keyed(&self) -> Option<KeyedSpec> {
+        let per_key = self.per_key?;
+        Some(KeyedSpec {
+            concurrency: per_key.concurrency,
+            rate: per_key.rate.map(Into::into),
+            max_keys: self
+                .max_keys
+                .unwrap_or(floodgate::core::keyed::DEFAULT_MAX_KEYS),
+        })
+    }
+
+    /// The per-key overrides, by key.
+    pub fn overrides(&self) -> Vec<(String, KeyOverride)> {
+        self.keys
+            .iter()
+            .map(|(key, o)| {
+                let over = KeyOverride {
+                    concurrency: o.concurrency,
+                    weight: o.weight.unwrap_or(KeyOverride::default().weight),
+                };
+                (key.clone(), over)
+            })
+            .collect()
+    }
+
+    /// Checks the keyed fields: `max_keys` and `keys` only with `per_key`, each as the API
+    /// checks it.
+    fn check_keyed(&self, spec: &LimiterSpec) -> Result<(), String> {
+        let Some(keyed) = self.keyed() else {
+            if self.max_keys.is_some() {
+                return Err("max_keys: only a keyed limiter has keys: give per_key too".into());
+            }
+            if !self.keys.is_empty() {
+                return Err("keys: only a keyed limiter has keys: give per_key too".into());
+            }
+            return Ok(());
+        };
+        keyed.validate(spec).map_err(|e| e.to_string())?;
+        floodgate::core::keyed::total_spec(spec)
+            .validate()
+            .map_err(|e| e.to_string())?;
+        if self.keys.len() > keyed.max_keys as usize {
+            return Err(format!(
+                "keys: more overrides ({}) than max_keys ({})",
+                self.keys.len(),
+                keyed.max_keys
+            ));
+        }
+        for (key, over) in self.overrides() {
+            floodgate::core::keyed::check_key(&key)
+                .and_then(|()| over.validate())
+                .map_err(|e| format!("keys.{key:?}: {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -189,10 +276,12 @@ impl FileConfig {
                 },
             };
             floodgate::LimiterName::new(name).map_err(|e| invalid(e.to_string()))?;
-            limiter
-                .spec()
-                .validate()
-                .map_err(|e| invalid(e.to_string()))?;
+            let spec = limiter.spec();
+            if limiter.per_key.is_none() {
+                // A keyed limiter may have no total: `check_keyed` checks it as the store will.
+                spec.validate().map_err(|e| invalid(e.to_string()))?;
+            }
+            limiter.check_keyed(&spec).map_err(invalid)?;
         }
         Ok(config)
     }
@@ -240,5 +329,47 @@ mod tests {
         assert!(err.to_string().contains("line 4: concurrency"), "{err}");
         let err = FileConfig::parse("[limiters.\"a b\"]\nconcurrency = 1").expect_err("name");
         assert!(err.to_string().contains("a b"), "{err}");
+    }
+
+    #[test]
+    fn keyed_tables_parse_and_bad_ones_name_the_field() {
+        let text = include_str!("../../../floodgate.example.toml");
+        let config = FileConfig::parse(text).expect("example parses");
+        let orgs = &config.limiters["org-queries"];
+        let keyed = orgs.keyed().expect("keyed");
+        assert_eq!((keyed.concurrency, keyed.max_keys), (Some(5), 100_000));
+        assert_eq!(orgs.overrides()[0].0, "org-7");
+        assert_eq!(orgs.overrides()[0].1.weight, 3);
+        assert!(config.limiters["billing-api"].keyed().is_none());
+        for (bad, field) in [
+            ("[limiters.a]\nconcurrency = 1\nmax_keys = 5", "max_keys"),
+            (
+                "[limiters.a]\nconcurrency = 1\nkeys = { x = { weight = 2 } }",
+                "keys",
+            ),
+            (
+                "[limiters.a]\nper_key = { concurrency = 0 }",
+                "per_key.concurrency",
+            ),
+            ("[limiters.a]\nper_key = {}", "per_key.concurrency"),
+            (
+                "[limiters.a]\nconcurrency = 1\nper_key = {}\nmax_keys = 0",
+                "max_keys",
+            ),
+            (
+                "[limiters.a]\nconcurrency = 1\nper_key = {}\nkeys = { x = { weight = 0 } }",
+                "weight",
+            ),
+            (
+                "[limiters.a]\nconcurrency = 1\nper_key = { concurency = 2 }",
+                "concurency",
+            ),
+        ] {
+            let err = FileConfig::parse(bad).expect_err(bad);
+            assert!(err.to_string().contains(field), "{bad}: {err}");
+        }
+        // Fair sharing only: keyed with no per-key limit, under a total.
+        let fair = FileConfig::parse("[limiters.a]\nconcurrency = 4\nper_key = {}").expect("ok");
+        assert_eq!(fair.limiters["a"].keyed().expect("keyed").concurrency, None);
     }
 }

@@ -6,24 +6,28 @@
 //! ignored, except the backend's answer, which always updates the backend: a killed task's
 //! query keeps running there.
 
-use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
+use floodgate::core::keyed::{KeyLayer, KeyedSpec, MAX_KEYS};
 use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal, WaiterId};
 use floodgate::{Feedback, FencingToken, Timestamp};
 
 use super::cache::DjangoCache;
 use super::loaded;
+use super::orgs::Fairness;
 use super::report::{CounterStats, LimiterStats, StrategyReport};
 use super::rng::Rng;
 use super::workload::Workload;
 use super::{Config, Strategy, Trace};
+use events::{Ev, Scheduled};
 
 /// Virtual time, in microseconds.
 pub(crate) type Micros = u64;
 
 mod counter;
+mod events;
+mod gate;
 mod queries;
 mod strategy;
 mod summary;
@@ -116,6 +120,9 @@ struct Task {
     /// Floodgate: the permit held and the queued acquire.
     token: Option<FencingToken>,
     waiter: Option<u64>,
+    /// A query task on a worker that has not started its query yet (the `orgs` scenario's
+    /// "backlogged at the gate").
+    gate_waiting: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,56 +138,8 @@ struct Unit {
     done: bool,
     wait: Option<Micros>,
     loss: Option<Loss>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Ev {
-    /// A re-enqueued task (countdown over) enters the broker queue.
-    Ready(usize),
-    /// The task's program continues.
-    Step(usize, u32),
-    /// The backend answers a query: done, or rejected.
-    Answer {
-        task: usize,
-        exec: u32,
-        admitted: bool,
-    },
-    /// The execution's processing deadline.
-    Deadline(usize, u32),
-    /// A Floodgate holder's heartbeat: extend the lease while the query runs.
-    Extend(usize, u32),
-    /// The limiter's nearest lease or wait deadline.
-    Timer,
-    /// The backend's capacity changes.
-    Capacity(u32),
-}
-
-struct Scheduled {
-    at: Micros,
-    seq: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-
-impl Eq for Scheduled {}
-
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Scheduled {
-    // Reversed: BinaryHeap is a max-heap and the earliest event must come out first; the
-    // sequence number breaks ties in scheduling order, so the run is deterministic.
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
+    /// When its query first completed, for the organization's completion time.
+    ended: Option<Micros>,
 }
 
 /// Snuba's concurrent-query limit.
@@ -256,6 +215,10 @@ struct Sim<'a> {
     units: Vec<Unit>,
     cache: DjangoCache,
     limiter: Option<LimiterCore>,
+    /// `floodgate-keyed`: the per-organization layer beside `limiter`, which is its total.
+    keys: Option<KeyLayer>,
+    /// The `orgs` scenario: who is backlogged at the gate, and their throughput shares.
+    fair: Option<Fairness>,
     waiters: HashMap<u64, usize>,
     armed: Option<Micros>,
     limit_series: Vec<(Micros, u32)>,
@@ -268,11 +231,21 @@ pub(crate) fn simulate(
     wl: &Workload,
     strategy: Strategy,
 ) -> Result<(StrategyReport, Trace), String> {
-    let limiter = if strategy.uses_limiter() {
+    let (limiter, keys) = if strategy == Strategy::FloodgateKeyed {
+        // One key per organization, no per-key limit: the total is shared fairly, and a
+        // lone organization may still use all of it (work-conserving).
+        let keyed = KeyedSpec::default().with_max_keys(cfg.orgs.clamp(1, MAX_KEYS));
+        let (total, keys) =
+            KeyLayer::new(cfg.limiter_spec(strategy), keyed, 1).map_err(|e| e.to_string())?;
+        (Some(total), Some(keys))
+    } else if strategy.uses_limiter() {
         let spec = cfg.limiter_spec(strategy);
-        Some(LimiterCore::new(spec, 1).map_err(|e| e.to_string())?)
+        (
+            Some(LimiterCore::new(spec, 1).map_err(|e| e.to_string())?),
+            None,
+        )
     } else {
-        None
+        (None, None)
     };
     let mut sim = Sim {
         cfg,
@@ -293,6 +266,8 @@ pub(crate) fn simulate(
         units: vec![Unit::default(); wl.units()],
         cache: DjangoCache::new(us(cfg.model.counter_ttl)),
         limiter,
+        keys,
+        fair: (cfg.scenario == super::Scenario::Orgs).then(Fairness::default),
         waiters: HashMap::new(),
         armed: None,
         limit_series: if strategy.uses_limiter() {
@@ -320,6 +295,9 @@ impl Sim<'_> {
                 break;
             }
             self.now = at;
+            if let Some(fair) = self.fair.as_mut() {
+                fair.roll(at);
+            }
             match ev {
                 Ev::Ready(t) => self.ready.push_back(t),
                 Ev::Step(t, exec) => {
@@ -357,8 +335,10 @@ impl Sim<'_> {
                         self.armed = None;
                     }
                     let mut fx = Effects::default();
-                    if let Some(core) = self.limiter.as_mut() {
-                        core.advance(Timestamp(at), &mut fx);
+                    match (self.limiter.as_mut(), self.keys.as_mut()) {
+                        (Some(core), Some(keys)) => keys.advance(core, Timestamp(at), &mut fx),
+                        (Some(core), None) => core.advance(Timestamp(at), &mut fx),
+                        _ => {}
                     }
                     self.apply(fx);
                 }
@@ -402,6 +382,7 @@ impl Sim<'_> {
             throttles: 0,
             token: None,
             waiter: None,
+            gate_waiting: false,
         });
         self.tasks.len() - 1
     }
@@ -476,6 +457,7 @@ impl Sim<'_> {
     /// The execution ends and its worker is free.
     fn finish(&mut self, t: usize) {
         self.end_idle(t);
+        self.leave_gate(t);
         self.tasks[t].running = false;
         self.free_workers += 1;
         self.stats.last_end = self.stats.last_end.max(self.now);
@@ -515,8 +497,14 @@ impl Sim<'_> {
             // The long poll's connection closes; the server cancels the waiter.
             self.waiters.remove(&w);
             let mut fx = Effects::default();
-            if let Some(core) = self.limiter.as_mut() {
-                core.cancel(Timestamp(self.now), WaiterId(w), &mut fx);
+            match (self.limiter.as_mut(), self.keys.as_mut()) {
+                (Some(core), Some(keys)) => {
+                    keys.cancel(core, Timestamp(self.now), WaiterId(w), &mut fx);
+                }
+                (Some(core), None) => {
+                    core.cancel(Timestamp(self.now), WaiterId(w), &mut fx);
+                }
+                _ => {}
             }
             self.apply(fx);
         }

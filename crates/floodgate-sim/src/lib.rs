@@ -81,6 +81,12 @@
 //! - [`Strategy::FloodgateGradient`]: the same with the latency-aware controller
 //!   ([`floodgate::AdaptiveSpec::gradient`]); every report carries the query's latency.
 //!
+//! - [`Strategy::FloodgateKeyed`]: the same limit as a keyed limiter
+//!   ([`floodgate::core::keyed::KeyLayer`] beside its total core), one key per organization, no
+//!   per-key limit: waiters queue per organization and freed permits go to the organizations in
+//!   deficit round robin. Run by the `orgs` scenario (see [`Scenario`] and `orgs.rs`); the
+//!   incident's default run leaves it out, since there every organization is small.
+//!
 //! # The report
 //!
 //! Per strategy: peak backend concurrency, rejected queries, work lost (by cause), makespan
@@ -89,11 +95,13 @@
 //! [`Config::backend_limit`] for the others, including `floodgate-adaptive`, whose limit is
 //! found from the backend (its ratio to 50 would read as better than ideal); p50 and p99 of the
 //! wait from a query task's creation to the start of its successful query (completed queries
-//! only); and the worker-seconds spent sleeping, polling or blocked waiting.
+//! only); and the worker-seconds spent sleeping, polling or blocked waiting. In the `orgs`
+//! scenario, also per-organization figures ([`OrgStats`]).
 
 mod cache;
 mod engine;
 mod loaded;
+mod orgs;
 mod report;
 mod rng;
 mod svg;
@@ -106,6 +114,10 @@ use std::time::Duration;
 use floodgate::{AdaptiveSpec, LimiterSpec};
 use serde::Serialize;
 
+pub use self::orgs::{
+    jain, OrgStats, Scenario, JAIN_WINDOW, LARGE_ORG_QUERIES, MAX_ORG_QUERIES, ORG_SIZE_SHAPE,
+    SMALL_ORG_QUERIES,
+};
 pub use self::report::{CounterStats, LimiterStats, Report, StrategyReport};
 pub use self::svg::render_svg;
 
@@ -127,11 +139,27 @@ pub enum Strategy {
     FloodgateAdaptive,
     /// Floodgate's limiter with the latency-aware adaptive limit (`gradient`).
     FloodgateGradient,
+    /// Floodgate's keyed limiter: the same total, one key per organization, waiters queued per
+    /// organization and freed permits shared across them in deficit round robin.
+    FloodgateKeyed,
 }
 
 impl Strategy {
     /// Every strategy, in report order.
-    pub const ALL: [Strategy; 7] = [
+    pub const ALL: [Strategy; 8] = [
+        Strategy::Unbounded,
+        Strategy::SeedCounter,
+        Strategy::SeedBatches,
+        Strategy::SeedBackoff,
+        Strategy::Floodgate,
+        Strategy::FloodgateAdaptive,
+        Strategy::FloodgateGradient,
+        Strategy::FloodgateKeyed,
+    ];
+
+    /// The strategies the incident's default run compares (the keyed one is the `orgs`
+    /// scenario's: one key per organization changes nothing where every organization is small).
+    pub const INCIDENT: [Strategy; 7] = [
         Strategy::Unbounded,
         Strategy::SeedCounter,
         Strategy::SeedBatches,
@@ -151,6 +179,7 @@ impl Strategy {
             Strategy::Floodgate => "floodgate",
             Strategy::FloodgateAdaptive => "floodgate-adaptive",
             Strategy::FloodgateGradient => "floodgate-gradient",
+            Strategy::FloodgateKeyed => "floodgate-keyed",
         }
     }
 
@@ -158,7 +187,10 @@ impl Strategy {
     pub fn uses_limiter(self) -> bool {
         matches!(
             self,
-            Strategy::Floodgate | Strategy::FloodgateAdaptive | Strategy::FloodgateGradient
+            Strategy::Floodgate
+                | Strategy::FloodgateAdaptive
+                | Strategy::FloodgateGradient
+                | Strategy::FloodgateKeyed
         )
     }
 
@@ -179,6 +211,7 @@ impl Strategy {
             Strategy::Floodgate => 4,
             Strategy::FloodgateAdaptive => 5,
             Strategy::FloodgateGradient => 6,
+            Strategy::FloodgateKeyed => 7,
         }
     }
 }
@@ -316,6 +349,8 @@ impl Default for Model {
 pub struct Config {
     /// Seed of every random draw.
     pub seed: u64,
+    /// The workload's shape: the incident's, or organizations of heavy-tailed sizes.
+    pub scenario: Scenario,
     /// Organizations, one task each.
     pub orgs: u32,
     /// Mean query tasks per organization (at least 1): `1 + geometric`.
@@ -351,6 +386,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             seed: 1,
+            scenario: Scenario::Incident,
             orgs: 5_000,
             queries_per_org: 2.0,
             workers: 200,
@@ -363,8 +399,22 @@ impl Default for Config {
             crash_fraction: 0.0,
             lease: Duration::from_secs(300),
             max_wait: Duration::from_secs(45),
-            strategies: Strategy::ALL.to_vec(),
+            strategies: Strategy::INCIDENT.to_vec(),
             model: Model::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The defaults of `scenario`: its organization count and strategies, the rest as
+    /// [`Config::default`].
+    pub fn scenario(scenario: Scenario) -> Self {
+        Config {
+            scenario,
+            orgs: scenario.default_orgs(),
+            max_wait: scenario.default_max_wait(),
+            strategies: scenario.default_strategies(),
+            ..Config::default()
         }
     }
 }
@@ -456,7 +506,7 @@ impl Config {
     /// The limit a strategy's ideal makespan is measured against.
     pub fn ideal_limit(&self, strategy: Strategy) -> u32 {
         match strategy {
-            Strategy::Floodgate => self.limit,
+            Strategy::Floodgate | Strategy::FloodgateKeyed => self.limit,
             _ => self.backend_limit,
         }
     }
@@ -497,6 +547,7 @@ pub fn run(cfg: &Config) -> Result<Simulation, String> {
     }
     let report = Report {
         seed: cfg.seed,
+        scenario: cfg.scenario,
         orgs: cfg.orgs,
         queries: wl.units() as u64,
         total_query_s: wl.total_query_us() as f64 / 1e6,

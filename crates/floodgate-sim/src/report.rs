@@ -11,6 +11,8 @@ use super::Strategy;
 pub struct Report {
     /// The seed.
     pub seed: u64,
+    /// The workload's shape.
+    pub scenario: super::Scenario,
     /// Organizations.
     pub orgs: u32,
     /// Query tasks planned (one query each).
@@ -86,6 +88,9 @@ pub struct StrategyReport {
     /// The Floodgate limiter.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limiter: Option<LimiterStats>,
+    /// Per-organization figures (the `orgs` scenario).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orgs: Option<super::OrgStats>,
 }
 
 /// What happened to `seed-counter`'s key.
@@ -273,7 +278,78 @@ impl Report {
             }
             let _ = writeln!(out);
         }
+        self.org_table(&mut out);
         out
+    }
+
+    /// The `orgs` scenario's per-organization table, below the main one.
+    fn org_table(&self, out: &mut String) {
+        let Some(first) = self.strategies.iter().find_map(|s| s.orgs.as_ref()) else {
+            return;
+        };
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{} small organizations (<= {} queries), {} large (>= {}):",
+            first.small_orgs,
+            super::SMALL_ORG_QUERIES,
+            first.large_orgs,
+            super::LARGE_ORG_QUERIES
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<19} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11}",
+            "STRATEGY",
+            "SMALL P50",
+            "SMALL MAX",
+            "LARGE P50",
+            "LARGE MAX",
+            "S.WAIT 50",
+            "S.WAIT 99",
+            "JAIN"
+        );
+        for s in &self.strategies {
+            let Some(o) = &s.orgs else {
+                continue;
+            };
+            let done = |v: Option<f64>, incomplete: u32| {
+                if incomplete > 0 {
+                    format!("{incomplete} lost")
+                } else {
+                    opt_secs(v)
+                }
+            };
+            let jain = match (o.jain_mean, o.jain_min) {
+                (Some(mean), Some(min)) => format!("{mean:.3} {min:.2}"),
+                _ => "-".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<19} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11}",
+                s.strategy.name(),
+                opt_secs(o.small_done_p50_s),
+                done(o.small_done_max_s, o.small_incomplete),
+                opt_secs(o.large_done_p50_s),
+                done(o.large_done_max_s, o.large_incomplete),
+                opt_secs(o.small_wait_p50_s),
+                opt_secs(o.small_wait_p99_s),
+                jain,
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "SMALL/LARGE: when an organization's last query ended (P50, MAX; \"N lost\": N \
+             organizations lost work). S.WAIT: small organizations' query waits."
+        );
+        let _ = writeln!(
+            out,
+            "JAIN: Jain's index of queries started per organization in {} s windows, over the \
+             organizations backlogged at the gate all window (mean, lowest).",
+            super::JAIN_WINDOW.as_secs()
+        );
+        let _ = writeln!(out);
     }
 }
 

@@ -1,7 +1,7 @@
 //! The work to do, drawn once per seed so every strategy faces the same queries.
 
 use super::rng::Rng;
-use super::Config;
+use super::{orgs, Config, Scenario};
 
 /// Most query tasks one organization starts.
 const MAX_QUERIES_PER_ORG: u32 = 100;
@@ -15,6 +15,8 @@ pub(crate) struct Workload {
     pub(crate) duration_us: Vec<u64>,
     /// Whether the worker dies right after this unit's query, holding its permit.
     pub(crate) crash: Vec<bool>,
+    /// Each unit's organization, for the per-organization figures and the keyed limiter.
+    pub(crate) org: Vec<u32>,
 }
 
 impl Workload {
@@ -28,19 +30,27 @@ impl Workload {
         let mut first = Vec::with_capacity(cfg.orgs as usize + 1);
         let mut duration_us = Vec::new();
         let mut crash = Vec::new();
+        let mut org = Vec::new();
         let mut next = 0u32;
-        for _ in 0..cfg.orgs {
+        for o in 0..cfg.orgs {
             first.push(next);
-            let mut n = 1;
-            while n < MAX_QUERIES_PER_ORG && rng.f64() >= p {
-                n += 1;
-            }
+            let n = match cfg.scenario {
+                Scenario::Incident => {
+                    let mut n = 1;
+                    while n < MAX_QUERIES_PER_ORG && rng.f64() >= p {
+                        n += 1;
+                    }
+                    n
+                }
+                Scenario::Orgs => orgs::org_size(rng.f64()),
+            };
             for _ in 0..n {
                 let secs = rng.lognormal(median_s, cfg.query_sigma);
                 let us = (secs * 1e6).round().clamp(1_000.0, cut_us as f64) as u64;
                 duration_us.push(us);
                 // Always drawn, so the durations do not depend on the crash fraction.
                 crash.push(rng.f64() < cfg.crash_fraction);
+                org.push(o);
             }
             next += n;
         }
@@ -49,6 +59,7 @@ impl Workload {
             first,
             duration_us,
             crash,
+            org,
         }
     }
 
@@ -56,6 +67,11 @@ impl Workload {
     pub(crate) fn units_of(&self, org: u32) -> std::ops::Range<u32> {
         let o = org as usize;
         self.first[o]..self.first[o + 1]
+    }
+
+    /// Number of organizations.
+    pub(crate) fn orgs(&self) -> u32 {
+        u32::try_from(self.first.len().saturating_sub(1)).unwrap_or(u32::MAX)
     }
 
     /// Number of units in all.

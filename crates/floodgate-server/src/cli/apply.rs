@@ -50,6 +50,12 @@ pub(crate) struct Plan {
     pub(crate) kept: Vec<String>,
     /// How many limiters already match the file.
     pub(crate) unchanged: usize,
+    /// The file's keyed limiters' per-key specs (`keyed_apply.rs`), for the puts and lines.
+    pub(crate) keyed_want: BTreeMap<String, floodgate::KeyedSpec>,
+    /// The server's per-key specs of the limiters the file names.
+    pub(crate) keyed_now: BTreeMap<String, floodgate::KeyedSpec>,
+    /// Key overrides of the file, set (or to set) on every apply.
+    pub(crate) overrides: usize,
 }
 
 impl Plan {
@@ -77,6 +83,47 @@ impl Plan {
         plan
     }
 
+    /// Adds the keyed specs to the comparison: a limiter whose plain fields match but whose
+    /// per-key spec differs is changed too.
+    pub(crate) fn with_keyed(
+        mut self,
+        desired: &BTreeMap<String, LimiterSpec>,
+        current: &BTreeMap<String, LimiterSpec>,
+        want: BTreeMap<String, floodgate::KeyedSpec>,
+        now: BTreeMap<String, floodgate::KeyedSpec>,
+    ) -> Plan {
+        for (name, spec) in desired {
+            let Some(cur) = current.get(name) else {
+                continue;
+            };
+            if cur == spec && want.get(name) != now.get(name) {
+                self.unchanged -= 1;
+                self.change.push((name.clone(), cur.clone(), spec.clone()));
+            }
+        }
+        self.change.sort_by(|a, b| a.0.cmp(&b.0));
+        self.keyed_want = want;
+        self.keyed_now = now;
+        self
+    }
+
+    /// A limiter's fields with its keyed ones, wanted (`true`) or current.
+    fn all_fields(
+        &self,
+        name: &str,
+        spec: &LimiterSpec,
+        want: bool,
+    ) -> Vec<(&'static str, String)> {
+        let keyed = if want {
+            &self.keyed_want
+        } else {
+            &self.keyed_now
+        };
+        let mut out = fields(spec);
+        out.extend(super::keyed_apply::keyed_fields(keyed.get(name)));
+        out
+    }
+
     /// Whether applying changes nothing.
     pub(crate) fn is_empty(&self) -> bool {
         self.create.is_empty() && self.change.is_empty() && self.delete.is_empty()
@@ -86,15 +133,18 @@ impl Plan {
     pub(crate) fn render(&self, dry_run: bool) -> String {
         let mut out = String::new();
         for (name, spec) in &self.create {
-            let fields: Vec<String> = fields(spec)
+            let fields: Vec<String> = self
+                .all_fields(name, spec, true)
                 .into_iter()
+                .filter(|(k, v)| *k != "per_key" || v != "none")
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             let _ = writeln!(out, "+ {name}: {}", fields.join(" "));
         }
         for (name, old, new) in &self.change {
-            let old = fields(old);
-            let diffs: Vec<String> = fields(new)
+            let old = self.all_fields(name, old, false);
+            let diffs: Vec<String> = self
+                .all_fields(name, new, true)
                 .into_iter()
                 .zip(old)
                 .filter(|((_, n), (_, o))| n != o)
@@ -110,6 +160,14 @@ impl Plan {
                 out,
                 "(not in the file, left alone; --prune deletes them: {})",
                 self.kept.join(", ")
+            );
+        }
+        if self.overrides > 0 {
+            let _ = writeln!(
+                out,
+                "{} {} key overrides of the file (others left alone)",
+                if dry_run { "would set" } else { "set" },
+                self.overrides
             );
         }
         if self.is_empty() {
@@ -242,8 +300,14 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
         })?;
         current.insert(shown.name.clone(), shown.spec());
     }
-    let plan = Plan::new(&desired, &current, args.prune);
-    if args.dry_run || plan.is_empty() {
+    let names = desired.keys().filter(|n| current.contains_key(*n));
+    let keyed_now = super::keyed_apply::current_keyed_http(&client, names).await?;
+    let want = super::keyed_apply::desired_keyed(&file);
+    let mut plan =
+        Plan::new(&desired, &current, args.prune).with_keyed(&desired, &current, want, keyed_now);
+    let overrides = super::keyed_apply::desired_overrides(&file);
+    plan.overrides = overrides.len();
+    if args.dry_run || (plan.is_empty() && overrides.is_empty()) {
         print(&plan.render(true));
         return Ok(0);
     }
@@ -252,6 +316,8 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
     let mut done = Plan {
         unchanged: plan.unchanged,
         kept: plan.kept.clone(),
+        keyed_want: plan.keyed_want.clone(),
+        keyed_now: plan.keyed_now.clone(),
         ..Plan::default()
     };
     let puts = plan
@@ -260,8 +326,16 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
         .map(|(n, s)| (n, s, true))
         .chain(plan.change.iter().map(|(n, _, s)| (n, s, false)));
     for (name, spec, created) in puts {
+        let mut body = put_body(spec);
+        if let Some(keyed) = plan.keyed_want.get(name) {
+            super::keyed_apply::add_to_body(&mut body, keyed);
+        } else if plan.keyed_now.contains_key(name) {
+            // Left out, `per_key` would keep the limiter keyed; `null` asks to drop the keys,
+            // which the server refuses, naming the field, so nothing is silent.
+            body["per_key"] = Value::Null;
+        }
         client
-            .put_limiter(name, &put_body(spec))
+            .put_limiter(name, &body)
             .await
             .map_err(|e| partial(&done, Failure::from(e), name))?;
         if created {
@@ -270,6 +344,9 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
             done.change.push(c.clone());
         }
     }
+    done.overrides = super::keyed_apply::set_overrides_http(&client, &overrides)
+        .await
+        .map_err(|(name, e)| partial(&done, Failure::from(e), &name))?;
     for name in &plan.delete {
         match client.delete_limiter(name).await {
             Ok(_) => {}
@@ -310,7 +387,11 @@ pub(crate) async fn apply_to_store<S: Store>(
         .into_iter()
         .map(|s| (s.name.to_string(), s.spec))
         .collect();
-    let plan = Plan::new(&desired, &current, prune);
+    let names = desired.keys().filter(|n| current.contains_key(*n));
+    let keyed_now = super::keyed_apply::current_keyed_store(gate, names).await?;
+    let want = super::keyed_apply::desired_keyed(file);
+    let mut plan =
+        Plan::new(&desired, &current, prune).with_keyed(&desired, &current, want, keyed_now);
     let puts = plan
         .create
         .iter()
@@ -318,11 +399,17 @@ pub(crate) async fn apply_to_store<S: Store>(
         .chain(plan.change.iter().map(|(n, _, s)| (n, s)));
     for (name, spec) in puts {
         let limiter = LimiterName::new(name).map_err(|e| format!("limiter {name}: {e}"))?;
-        gate.store()
-            .put_limiter(&limiter, spec.clone())
-            .await
-            .map_err(|e| format!("limiter {name}: {e}"))?;
+        let keyed = plan.keyed_want.get(name).cloned();
+        if keyed.is_none() && plan.keyed_now.contains_key(name) {
+            return Err(format!(
+                "limiter {name}: per_key: a keyed limiter stays keyed; delete it to re-create it \
+                 without keys"
+            ));
+        }
+        super::keyed_apply::put_in_store(gate, &limiter, spec.clone(), keyed, &[]).await?;
     }
+    let overrides = super::keyed_apply::desired_overrides(file);
+    plan.overrides = super::keyed_apply::set_overrides_store(gate, &overrides).await?;
     for name in &plan.delete {
         let limiter = LimiterName::new(name).map_err(|e| format!("limiter {name}: {e}"))?;
         gate.store()

@@ -10,6 +10,7 @@ mod bench_durability;
 mod bench_growth;
 mod dashboard_bench;
 pub mod duration;
+mod keyed_apply;
 mod limiter;
 mod logging;
 mod run;

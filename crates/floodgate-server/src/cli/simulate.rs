@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::duration::parse_duration;
 use super::Failure;
-use crate::simulate::{self, Config, Strategy};
+use crate::simulate::{self, Config, Scenario, Strategy};
 
 /// Flags of `floodgate simulate`.
 #[derive(Debug, clap::Args)]
@@ -14,9 +14,13 @@ pub(crate) struct SimulateArgs {
     /// Seed of every random draw: the same seed gives the same report.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Organizations (one task each).
-    #[arg(long, default_value_t = 5_000)]
-    orgs: u32,
+    /// The workload: `incident` (the seed's, every organization small) or `orgs`
+    /// (organizations of heavy-tailed sizes, with per-organization figures).
+    #[arg(long, default_value = "incident", value_parser = parse_scenario)]
+    scenario: Scenario,
+    /// Organizations (one task each). Default: 5000 (incident), 1000 (orgs).
+    #[arg(long)]
+    orgs: Option<u32>,
     /// Mean query tasks per organization: 1 + geometric.
     #[arg(long, default_value_t = 2.0)]
     queries_per_org: f64,
@@ -24,8 +28,8 @@ pub(crate) struct SimulateArgs {
     #[arg(long, default_value_t = 200)]
     workers: u32,
     /// Strategies to run, repeatable or comma-separated: unbounded, seed-counter,
-    /// seed-batches, seed-backoff, floodgate, floodgate-adaptive, floodgate-gradient.
-    /// Default: all.
+    /// seed-batches, seed-backoff, floodgate, floodgate-adaptive, floodgate-gradient,
+    /// floodgate-keyed. Default: all but floodgate-keyed (incident), all (orgs).
     #[arg(long = "strategy", value_delimiter = ',', value_parser = parse_strategy)]
     strategies: Vec<Strategy>,
     /// Fraction of query tasks whose worker dies holding its permit.
@@ -59,15 +63,20 @@ pub(crate) struct SimulateArgs {
     /// Floodgate's lease: how long a crashed holder's permit stays taken.
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     lease: Duration,
-    /// Floodgate's wait cap for one acquire (the task then re-enqueues itself).
-    #[arg(long, default_value = "45s", value_parser = parse_duration)]
-    max_wait: Duration,
+    /// Floodgate's wait cap for one acquire (the task then re-enqueues itself). Default: 45s
+    /// (incident), 5s (orgs: `@limited`'s default).
+    #[arg(long, value_parser = parse_duration)]
+    max_wait: Option<Duration>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
     /// Also draw backend concurrency over time, one panel per strategy, to this SVG file.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
+}
+
+fn parse_scenario(s: &str) -> Result<Scenario, String> {
+    s.parse()
 }
 
 fn parse_strategy(s: &str) -> Result<Strategy, String> {
@@ -89,7 +98,8 @@ fn parse_capacity_change(s: &str) -> Result<(Duration, u32), String> {
 pub(crate) fn simulate(args: SimulateArgs) -> Result<u8, Failure> {
     let cfg = Config {
         seed: args.seed,
-        orgs: args.orgs,
+        scenario: args.scenario,
+        orgs: args.orgs.unwrap_or(args.scenario.default_orgs()),
         queries_per_org: args.queries_per_org,
         workers: args.workers,
         query_median: args.query_median,
@@ -100,9 +110,9 @@ pub(crate) fn simulate(args: SimulateArgs) -> Result<u8, Failure> {
         adaptive_max: args.adaptive_max,
         crash_fraction: args.crash_fraction,
         lease: args.lease,
-        max_wait: args.max_wait,
+        max_wait: args.max_wait.unwrap_or(args.scenario.default_max_wait()),
         strategies: if args.strategies.is_empty() {
-            Strategy::ALL.to_vec()
+            args.scenario.default_strategies()
         } else {
             args.strategies
         },

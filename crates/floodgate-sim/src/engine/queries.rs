@@ -4,6 +4,7 @@ use super::*;
 
 impl Sim<'_> {
     pub(super) fn query_task_start(&mut self, t: usize) {
+        self.enter_gate(t);
         match self.strategy {
             Strategy::Unbounded | Strategy::SeedBatches | Strategy::SeedBackoff => {
                 self.issue_query(t);
@@ -13,9 +14,10 @@ impl Sim<'_> {
                 self.start_idle(t, self.now);
                 self.counter_step(t, Cs::Get1);
             }
-            Strategy::Floodgate | Strategy::FloodgateAdaptive | Strategy::FloodgateGradient => {
-                self.acquire(t)
-            }
+            Strategy::Floodgate
+            | Strategy::FloodgateAdaptive
+            | Strategy::FloodgateGradient
+            | Strategy::FloodgateKeyed => self.acquire(t),
         }
     }
 
@@ -24,6 +26,10 @@ impl Sim<'_> {
             return;
         };
         let admitted = self.backend.arrive(self.now);
+        self.leave_gate(t);
+        if admitted {
+            self.count_start(t);
+        }
         let task = &mut self.tasks[t];
         task.phase = Phase::Querying;
         task.query_started = self.now;
@@ -59,6 +65,7 @@ impl Sim<'_> {
         if first {
             unit.done = true;
             unit.wait = Some(self.tasks[t].query_started - self.tasks[t].created);
+            unit.ended = Some(self.now);
         }
         // The worker dies right after the query, before anything gives its slot back.
         let crash = first
@@ -69,6 +76,7 @@ impl Sim<'_> {
                     | Strategy::Floodgate
                     | Strategy::FloodgateAdaptive
                     | Strategy::FloodgateGradient
+                    | Strategy::FloodgateKeyed
             );
         if crash {
             self.stats.crashed += 1;
@@ -82,7 +90,10 @@ impl Sim<'_> {
                     self.counter_step(t, Cs::RelGet);
                 }
             }
-            Strategy::Floodgate | Strategy::FloodgateAdaptive | Strategy::FloodgateGradient => {
+            Strategy::Floodgate
+            | Strategy::FloodgateAdaptive
+            | Strategy::FloodgateGradient
+            | Strategy::FloodgateKeyed => {
                 self.feedback(t, Feedback::Ok);
                 if crash {
                     self.tasks[t].token = None;
@@ -117,7 +128,10 @@ impl Sim<'_> {
                     self.after(t, sleep, Phase::Backoff);
                 }
             }
-            Strategy::Floodgate | Strategy::FloodgateAdaptive | Strategy::FloodgateGradient => {
+            Strategy::Floodgate
+            | Strategy::FloodgateAdaptive
+            | Strategy::FloodgateGradient
+            | Strategy::FloodgateKeyed => {
                 self.feedback(t, Feedback::Throttled);
                 self.release(t);
                 let cfg = self.cfg;

@@ -13,10 +13,16 @@ impl Sim<'_> {
             request_id: None,
         };
         let mut fx = Effects::default();
+        let key = self.keys.is_some().then(|| self.key_of(t));
         let Some(core) = self.limiter.as_mut() else {
             return;
         };
-        match core.acquire(Timestamp(self.now), &req, &mut fx) {
+        let now = Timestamp(self.now);
+        let admission = match (self.keys.as_mut(), key) {
+            (Some(keys), Some(key)) => keys.acquire(core, now, &key, &req, &mut fx),
+            _ => core.acquire(now, &req, &mut fx),
+        };
+        match admission {
             Admission::Granted(grant) => {
                 self.tasks[t].token = Some(grant.token);
                 self.issue_query(t);
@@ -55,10 +61,12 @@ impl Sim<'_> {
             return;
         };
         let mut fx = Effects::default();
-        let extended = self
-            .limiter
-            .as_mut()
-            .map(|core| core.extend(Timestamp(self.now), token, self.cfg.lease, &mut fx));
+        let (now, lease) = (Timestamp(self.now), self.cfg.lease);
+        let extended = match (self.limiter.as_mut(), self.keys.as_mut()) {
+            (Some(core), Some(keys)) => Some(keys.extend(core, now, token, lease, &mut fx)),
+            (Some(core), None) => Some(core.extend(now, token, lease, &mut fx)),
+            _ => None,
+        };
         match extended {
             Some(Ok(Ok(_))) => {
                 self.stats.extends += 1;
@@ -79,8 +87,15 @@ impl Sim<'_> {
             return;
         };
         let mut fx = Effects::default();
-        if let Some(core) = self.limiter.as_mut() {
-            core.release(Timestamp(self.now), token, &mut fx);
+        let now = Timestamp(self.now);
+        match (self.limiter.as_mut(), self.keys.as_mut()) {
+            (Some(core), Some(keys)) => {
+                keys.release(core, now, token, &mut fx);
+            }
+            (Some(core), None) => {
+                core.release(now, token, &mut fx);
+            }
+            _ => {}
         }
         self.apply(fx);
     }
@@ -135,7 +150,11 @@ impl Sim<'_> {
         let Some(core) = self.limiter.as_mut() else {
             return;
         };
-        if let Some(Timestamp(at)) = core.next_deadline() {
+        let next = match self.keys.as_mut() {
+            Some(keys) => keys.next_deadline(core),
+            None => core.next_deadline(),
+        };
+        if let Some(Timestamp(at)) = next {
             let at = at.max(self.now);
             if self.armed.is_none_or(|armed| at < armed) {
                 self.armed = Some(at);

@@ -28,7 +28,11 @@ impl Sim<'_> {
             Some(waits[rank - 1] as f64 / 1e6)
         };
         let ideal_limit = self.cfg.ideal_limit(self.strategy);
-        let own_limit = (self.strategy == Strategy::Floodgate).then_some(self.cfg.limit);
+        let own_limit = matches!(
+            self.strategy,
+            Strategy::Floodgate | Strategy::FloodgateKeyed
+        )
+        .then_some(self.cfg.limit);
         let ideal_s = loaded::ideal_s(self.cfg, self.wl.total_query_us() as f64 / 1e6, own_limit);
         let makespan_s = self.stats.last_end as f64 / 1e6;
         let counter = (self.strategy == Strategy::SeedCounter).then(|| CounterStats {
@@ -85,6 +89,7 @@ impl Sim<'_> {
             crashed: self.stats.crashed,
             counter,
             limiter,
+            orgs: self.org_stats(),
         };
         let trace = Trace {
             strategy: self.strategy,

@@ -19,7 +19,12 @@
 //! - Every operation costs O(log keys) (hash maps, heaps and a ring), never O(keys); only a
 //!   reconfiguration of the per-key defaults visits every key.
 //!
-//! Not built yet: rate-only keyed limiters, re-adoption of unknown permits during a learning
+//! A rate-only keyed limiter (no concurrency limit in total or per key, a total rate, perhaps a
+//! per-key rate) paces its grants like a plain rate-only limiter: nothing is held, the key's
+//! state lasts only while it has waiters or rate debt, and overrides may set only a weight.
+//!
+//! Not built yet: a per-key rate with no total limit at all (neither concurrency nor rate),
+//! re-adoption of unknown permits during a learning
 //! window (an extend of an unknown permit is lost), keeping an abandoned idempotent wait for a
 //! retry (a dropped keyed wait is cancelled), per-key adaptive limits.
 
@@ -155,6 +160,23 @@ pub fn total_spec(spec: &LimiterSpec) -> LimiterSpec {
     total
 }
 
+/// Whether a keyed limiter is rate-only: no concurrency limit in total or per key, only rates
+/// (the total's, and perhaps each key's). Its grants are paced, like a plain rate-only
+/// limiter's: nothing is held, so there is no lease and nothing to release.
+pub fn rate_only(spec: &LimiterSpec, keyed: &KeyedSpec) -> bool {
+    spec.concurrency.is_none() && keyed.concurrency.is_none() && spec.rate.is_some()
+}
+
+/// The total core's spec for a keyed limiter: the spec itself when it is rate-only (paced
+/// grants), else [`total_spec`].
+pub fn total_spec_for(spec: &LimiterSpec, keyed: &KeyedSpec) -> LimiterSpec {
+    if rate_only(spec, keyed) {
+        spec.clone()
+    } else {
+        total_spec(spec)
+    }
+}
+
 impl KeyLayer {
     /// A keyed limiter: the total core to run beside this layer, and the layer. `first_token`
     /// as for [`LimiterCore::new`].
@@ -164,8 +186,9 @@ impl KeyLayer {
         first_token: u64,
     ) -> Result<(LimiterCore, KeyLayer), InvalidField> {
         keyed.validate(&spec)?;
-        total_spec(&spec).validate()?;
-        let total = LimiterCore::new(total_spec(&spec), first_token)?;
+        let derived = total_spec_for(&spec, &keyed);
+        derived.validate()?;
+        let total = LimiterCore::new(derived, first_token)?;
         Ok((
             total,
             KeyLayer {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::sched::{gcra_at, Block};
-use super::{check_key, total_spec, KeyLayer, KeyedSpec};
+use super::{check_key, KeyLayer, KeyedSpec};
 use crate::core::{
     AcquireRequest, Admission, Effects, Feedback, LimiterCore, Lost, Refusal, Waiter, WaiterId,
 };
@@ -185,6 +185,16 @@ impl KeyLayer {
         id: u64,
         fx: &mut Effects,
     ) -> Option<(Arc<str>, Waiter)> {
+        let (name, w, was_head) = self.dequeue_only(now, id)?;
+        if was_head {
+            self.grant_waiters(total, now, fx);
+        }
+        Some((name, w))
+    }
+
+    /// [`dequeue`](Self::dequeue) without granting: whether it was its key's head is returned,
+    /// for the caller to grant as of the right moment.
+    fn dequeue_only(&mut self, now: Timestamp, id: u64) -> Option<(Arc<str>, Waiter, bool)> {
         let name = self.waiter_key.remove(&id)?;
         let k = self.keys.get_mut(&name)?;
         let was_head = k.queue.first_key_value().is_some_and(|(h, _)| *h == id);
@@ -198,9 +208,8 @@ impl KeyLayer {
         self.reindex(&name);
         if was_head {
             self.wake_key(&name, now);
-            self.grant_waiters(total, now, fx);
         }
-        Some((name, w))
+        Some((name, w, was_head))
     }
 
     /// When to try again: the total's hint for this key's backlog, or the key's rate, if later.
@@ -334,7 +343,8 @@ impl KeyLayer {
                 }
             } else if wait == Some(at) {
                 if let Some(Reverse((_, id))) = self.waits.pop() {
-                    if let Some((name, w)) = self.dequeue(total, now, id, fx) {
+                    // Its key's next waiter is granted below, as of this deadline.
+                    if let Some((name, w, _)) = self.dequeue_only(now, id) {
                         total.counters.timed_out += 1;
                         let retry_after = self.hint(total, now, &name, w.permits);
                         fx.wakes
@@ -343,8 +353,9 @@ impl KeyLayer {
                     }
                 }
             }
-            // A lapse, a departed head or a token time may let someone run.
-            self.grant_waiters(total, now, fx);
+            // A lapse, a departed head or a token time may let someone run: judged as of that
+            // moment, so a waiter whose own deadline came first is not granted late.
+            self.grant_waiters_as_of(total, at, now, fx);
         }
         total.advance(now, fx);
     }
@@ -424,9 +435,10 @@ impl KeyLayer {
         fx: &mut Effects,
     ) -> Result<(), InvalidField> {
         keyed.validate(&spec)?;
-        total_spec(&spec).validate()?;
+        let derived = super::total_spec_for(&spec, &keyed);
+        derived.validate()?;
         self.advance(total, now, fx);
-        total.reconfigure(now, total_spec(&spec), fx)?;
+        total.reconfigure(now, derived, fx)?;
         self.user_concurrency = spec.concurrency;
         self.spec = keyed;
         let names: Vec<Arc<str>> = self.keys.keys().cloned().collect();
@@ -459,6 +471,13 @@ impl KeyLayer {
         match ov {
             Some(ov) => {
                 ov.validate()?;
+                if ov.concurrency.is_some() && total.spec.concurrency.is_none() {
+                    return Err(InvalidField::new(
+                        "concurrency",
+                        "a rate-only keyed limiter holds no permits: an override may set only \
+                         its weight",
+                    ));
+                }
                 if !self.overrides.contains_key(key)
                     && self.overrides.len() >= self.spec.max_keys as usize
                 {

@@ -111,6 +111,19 @@ impl KeyLayer {
         now: Timestamp,
         fx: &mut Effects,
     ) {
+        self.grant_waiters_as_of(total, now, now, fx);
+    }
+
+    /// [`grant_waiters`](Self::grant_waiters) judged as of `at` (an event being applied late,
+    /// at `now`): who may run is decided at `at`, grants are made at `now` (their leases start
+    /// when the holder hears of them; rates are charged no earlier than `now`, never less).
+    pub(super) fn grant_waiters_as_of(
+        &mut self,
+        total: &mut LimiterCore,
+        at: Timestamp,
+        now: Timestamp,
+        fx: &mut Effects,
+    ) {
         self.held_until = None;
         if total.learning_until.is_some() {
             return;
@@ -120,7 +133,7 @@ impl KeyLayer {
                 self.ring.pop_front();
                 continue;
             };
-            let permits = match k.block(now) {
+            let permits = match k.block(at) {
                 Block::Ready(permits) => permits,
                 other => {
                     // Left the ring: emptied, or held back by its own limit.
@@ -152,8 +165,8 @@ impl KeyLayer {
             if !total.fits(permits) {
                 break;
             }
-            if let Some(at) = total.rate_at(permits).filter(|at| *at > now) {
-                self.held_until = Some(at);
+            if let Some(until) = total.rate_at(permits).filter(|t| *t > at) {
+                self.held_until = Some(until);
                 break;
             }
             let Some((id, w)) = k.queue.pop_first() else {
@@ -182,6 +195,15 @@ impl KeyLayer {
     ) -> crate::core::Grant {
         let permits = w.permits;
         let grant = total.grant(now, permits, w.lease, w.enqueued_at, w.label, w.request);
+        if total.spec.concurrency.is_none() {
+            // Rate only: a paced grant holds nothing; the key keeps only its rate debt.
+            if let Some(k) = self.keys.get_mut(name) {
+                k.tat = gcra_take(k.rate, k.tat, now, permits);
+            }
+            self.reindex(name);
+            self.maybe_drop(name, now);
+            return grant;
+        }
         if let Some(k) = self.keys.get_mut(name) {
             k.in_use += permits;
             k.holders += 1;

@@ -86,13 +86,13 @@ impl KeyedSpec {
                 format!("must be from 1 to {MAX_KEYS}"),
             ));
         }
-        if total.concurrency.is_none() && self.concurrency.is_none() {
-            // Grants hold leases only when some concurrency limit exists; a rate-only keyed
-            // limiter (paced grants) is not built yet.
+        if total.concurrency.is_none() && self.concurrency.is_none() && total.rate.is_none() {
+            // A rate-only keyed limiter paces its grants with the total core's rate (see
+            // `rate_only`); with no total limit at all there is no core to run it (not built).
             return Err(InvalidField::new(
                 "per_key.concurrency",
-                "a keyed limiter needs a concurrency limit, in total or per key \
-                 (rate-only keyed limiters are not supported yet)",
+                "a keyed limiter needs a concurrency limit (in total or per key) or a total \
+                 rate (a per-key rate alone, with no total limit, is not supported yet)",
             ));
         }
         Ok(())

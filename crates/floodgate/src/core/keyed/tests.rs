@@ -8,6 +8,7 @@ use crate::core::{AcquireRequest, Admission, Effects, Refusal, WaiterId};
 use crate::types::FencingToken;
 
 mod model;
+mod rate_model;
 
 const MS: u64 = 1_000;
 

@@ -1,0 +1,194 @@
+//! Property test of rate-only keyed limiters (no concurrency limit anywhere: a total rate and
+//! a per-key rate): random acquires, cancels, time steps and weight overrides against a
+//! witness that checks GCRA's bound on every window of grants, for the total and for each key
+//! (`burst + floor(window / interval)` tokens at most), that grants are paced (nothing held),
+//! that waiters of a key are served in FIFO order and never time out early, and that a key
+//! with no waiters and no rate debt leaves no state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::super::*;
+use crate::core::{AcquireRequest, Admission, Effects, WaitOutcome, WaiterId};
+
+const KEYS: [&str; 3] = ["k0", "k1", "k2"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire {
+        key: usize,
+        permits: u32,
+        wait_ms: u64,
+    },
+    Cancel(usize),
+    Tick(u64),
+    Weight {
+        key: usize,
+        weight: u32,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0..KEYS.len(), 1..=2u32, 0..60u64)
+            .prop_map(|(key, permits, wait_ms)| Op::Acquire { key, permits, wait_ms }),
+        1 => any::<usize>().prop_map(Op::Cancel),
+        3 => (1..25u64).prop_map(Op::Tick),
+        1 => (0..KEYS.len(), 1..=3u32).prop_map(|(key, weight)| Op::Weight { key, weight }),
+    ]
+}
+
+/// GCRA's bound: no window `[s, t]` holds more than `burst + (t - s) / interval` tokens.
+fn within_rate(grants: &[(Timestamp, u32)], rate: RateSpec) -> Result<(), String> {
+    let interval = rate.interval_us();
+    let Some(&(t, _)) = grants.last() else {
+        return Ok(());
+    };
+    let mut tokens = 0u64;
+    for &(s, permits) in grants.iter().rev() {
+        tokens += u64::from(permits);
+        let allowed = u64::from(rate.burst) + (t.0 - s.0) / interval;
+        if tokens > allowed {
+            return Err(format!("{tokens} tokens in [{}, {}] > {allowed}", s.0, t.0));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Witness {
+    /// waiter -> (key, permits, deadline)
+    queued: BTreeMap<u64, (usize, u32, Timestamp)>,
+    last_served: HashMap<usize, u64>,
+    all: Vec<(Timestamp, u32)>,
+    per_key: [Vec<(Timestamp, u32)>; 3],
+}
+
+impl Witness {
+    fn granted(
+        &mut self,
+        now: Timestamp,
+        key: usize,
+        g: &crate::core::Grant,
+        total: RateSpec,
+        each: RateSpec,
+    ) {
+        assert_eq!(g.lease, Duration::ZERO, "a paced grant holds nothing");
+        assert_eq!(g.granted_at, now);
+        self.all.push((now, g.permits));
+        self.per_key[key].push((now, g.permits));
+        if let Err(e) = within_rate(&self.all, total) {
+            panic!("the total's rate: {e}");
+        }
+        if let Err(e) = within_rate(&self.per_key[key], each) {
+            panic!("{}'s rate: {e}", KEYS[key]);
+        }
+    }
+
+    fn outcome(
+        &mut self,
+        now: Timestamp,
+        id: WaiterId,
+        out: &WaitOutcome,
+        total: RateSpec,
+        each: RateSpec,
+    ) {
+        let (key, permits, deadline) = self.queued.remove(&id.0).expect("a queued waiter");
+        match out {
+            Ok(g) => {
+                assert!(
+                    self.last_served.get(&key).is_none_or(|l| *l < id.0),
+                    "FIFO within a key"
+                );
+                self.last_served.insert(key, id.0);
+                assert_eq!(g.permits, permits);
+                self.granted(now, key, g, total, each);
+            }
+            Err(crate::core::Refusal::WaitTimeout { .. }) => {
+                assert!(deadline <= now, "timed out before its deadline");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    #[test]
+    fn rate_only_keyed_limits_hold_against_the_witness(
+        total_per_100ms in 2..=8u32,
+        total_burst in 1..=3u32,
+        key_per_100ms in 1..=4u32,
+        key_burst in 2..=3u32,
+        ops in prop::collection::vec(op(), 1..150),
+    ) {
+        let ms100 = Duration::from_millis(100);
+        let total_rate = RateSpec { burst: total_burst.max(2), ..RateSpec::per(total_per_100ms, ms100) };
+        let key_rate = RateSpec { burst: key_burst, ..RateSpec::per(key_per_100ms, ms100) };
+        let spec = LimiterSpec::rate(total_rate)
+            .with_max_wait(Duration::from_millis(60))
+            .with_max_queue(1_000);
+        let keyed = KeyedSpec::default().with_rate(key_rate);
+        prop_assert!(rate_only(&spec, &keyed));
+        let (mut total, mut layer) = KeyLayer::new(spec, keyed, 1).expect("valid");
+        let mut w = Witness::default();
+        let mut now = Timestamp(0);
+        for op in ops {
+            let mut fx = Effects::default();
+            match op {
+                Op::Acquire { key, permits, wait_ms } => {
+                    let req = AcquireRequest {
+                        permits,
+                        wait: Some(Duration::from_millis(wait_ms)),
+                        ..AcquireRequest::default()
+                    };
+                    match layer.acquire(&mut total, now, KEYS[key], &req, &mut fx) {
+                        Admission::Granted(g) => w.granted(now, key, &g, total_rate, key_rate),
+                        Admission::Queued(id) => {
+                            w.queued.insert(id.0, (key, permits, now.after(Duration::from_millis(wait_ms))));
+                        }
+                        Admission::Refused(_) => {}
+                    }
+                }
+                Op::Cancel(i) => {
+                    let ids: Vec<u64> = w.queued.keys().copied().collect();
+                    if let Some(id) = ids.get(i % ids.len().max(1)) {
+                        if layer.cancel(&mut total, now, WaiterId(*id), &mut fx) {
+                            w.queued.remove(id);
+                        }
+                    }
+                }
+                Op::Tick(ms) => {
+                    now = now.after(Duration::from_millis(ms));
+                    layer.advance(&mut total, now, &mut fx);
+                }
+                Op::Weight { key, weight } => {
+                    let ov = KeyOverride { concurrency: None, weight };
+                    layer.put_override(&mut total, now, KEYS[key], Some(ov), &mut fx).expect("valid");
+                    // A concurrency override means nothing without holders: refused.
+                    let held = KeyOverride { concurrency: Some(1), weight };
+                    let mut none = Effects::default();
+                    prop_assert!(layer.put_override(&mut total, now, KEYS[key], Some(held), &mut none).is_err());
+                }
+            }
+            for (id, out) in &fx.wakes {
+                w.outcome(now, *id, out, total_rate, key_rate);
+            }
+            prop_assert_eq!(layer.waiting(), w.queued.len());
+            prop_assert_eq!(total.in_use(), 0, "nothing is held");
+        }
+        // Once every wait and every rate debt has ended, no key state is left.
+        let later = now.after(Duration::from_secs(10));
+        let mut fx = Effects::default();
+        layer.advance(&mut total, later, &mut fx);
+        for (id, out) in &fx.wakes {
+            w.outcome(later, *id, out, total_rate, key_rate);
+        }
+        prop_assert_eq!(layer.waiting(), 0);
+        // A grant made by that advance charges its rates from then on: its debt ends later.
+        layer.advance(&mut total, later.after(Duration::from_secs(10)), &mut fx);
+        prop_assert_eq!(layer.key_count(), 0, "idle keys dropped");
+    }
+}
