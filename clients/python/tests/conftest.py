@@ -50,7 +50,7 @@ def floodgate_binary() -> str:
         if cargo is None:
             pytest.fail("target/debug/floodgate is missing and cargo is not on PATH; "
                         "build the server or set FLOODGATE_BIN")
-        subprocess.run([cargo, "build", "-p", "floodgate-server"], cwd=str(REPO_ROOT),
+        subprocess.run([cargo, "build", "-p", "floodgate-cli"], cwd=str(REPO_ROOT),
                        check=True)
     return str(binary)
 

@@ -19,8 +19,8 @@ use floodgate::{
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use super::Failure;
-use crate::server::{self, ServerOptions};
+use floodgate_server::cli::Failure;
+use floodgate_server::server::{self, ServerOptions};
 
 /// Flags of `floodgate bench-durability`.
 #[derive(Debug, clap::Args)]
@@ -75,7 +75,7 @@ pub(crate) async fn bench_durability(args: BenchDurabilityArgs) -> Result<u8, Fa
     out.insert("log_size".into(), log_size(&args, root).await?);
     let mut text = serde_json::to_string_pretty(&Value::Object(out)).unwrap_or_default();
     text.push('\n');
-    super::status::print(&text);
+    floodgate_server::cli::print(&text);
     Ok(0)
 }
 

@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 mod rigs;
 
 use self::rigs::{Cost, EmbeddedRig, RedisRig, Rig};
-use super::Failure;
+use floodgate_server::cli::Failure;
 
 /// Flags of `floodgate bench-growth`.
 #[derive(Debug, clap::Args)]

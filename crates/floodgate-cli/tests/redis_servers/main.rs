@@ -18,7 +18,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../common/mod.rs"]
+#[path = "../../../floodgate-server/tests/common/mod.rs"]
 mod common;
 #[path = "../../../floodgate/tests/support/mod.rs"]
 mod support;

@@ -44,9 +44,9 @@ use self::client::{BenchClient, HttpClient, StoreClient};
 use self::report::{HandoffResult, Latency, Rates, Report, ThroughputResult};
 use self::target::Target;
 use self::workloads::{handoffs, saturation, throughput, Phase};
-use super::duration::parse_duration;
-use super::status::print;
-use super::Failure;
+use floodgate_server::cli::duration::parse_duration;
+use floodgate_server::cli::print;
+use floodgate_server::cli::Failure;
 
 /// The ratio of acquire+release pairs to trivial pairs this server aims for (over HTTP).
 const TARGET_RATIO: f64 = 0.45;

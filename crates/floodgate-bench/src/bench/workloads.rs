@@ -11,7 +11,7 @@ use super::client::BenchClient;
 use super::report::{Latency, RedisCost, SaturationResult};
 use super::target::Target;
 use super::{fail, BenchArgs, SATURATION_WARMUP, WARMUP_HANDOFFS};
-use crate::cli::Failure;
+use floodgate_server::cli::Failure;
 
 /// What a client operation answers: a value, or what went wrong as text.
 pub(super) type Outcome<T> = Result<T, String>;

@@ -12,6 +12,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../floodgate-server/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::target::Target;
 use super::workloads::{Outcome, Phase};
 use super::{fail, ACQUIRE_BODY, LEASE_MS, WAIT_MS};
-use crate::cli::Failure;
+use floodgate_server::cli::Failure;
 
 /// One benchmark client of one limiter.
 pub(super) trait BenchClient: Send + Sync + Sized + 'static {

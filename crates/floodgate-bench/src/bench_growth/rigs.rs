@@ -14,7 +14,7 @@ use floodgate::{
 use redis::aio::MultiplexedConnection;
 
 use super::{request, timed, ManualClock, LONG};
-use crate::cli::Failure;
+use floodgate_server::cli::Failure;
 
 /// What one operation cost.
 #[derive(Debug, Clone, Copy)]

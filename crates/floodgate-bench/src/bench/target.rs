@@ -9,9 +9,9 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::{fail, BenchArgs, Names, LEASE_MS, WAIT_MS};
-use crate::cli::Failure;
-use crate::client::Client;
-use crate::server::{self, ServerOptions};
+use floodgate_server::cli::Failure;
+use floodgate_server::client::Client;
+use floodgate_server::server::{self, ServerOptions};
 
 /// What the workloads run against.
 pub(super) enum Target {
@@ -40,7 +40,7 @@ impl Target {
     pub(super) async fn open(args: &BenchArgs) -> Result<Self, Failure> {
         if let Some(url) = &args.store {
             let connect = |what: &str, e: &dyn std::fmt::Display| Failure {
-                code: crate::cli::EXIT_UNAVAILABLE,
+                code: floodgate_server::cli::EXIT_UNAVAILABLE,
                 message: format!("{what} {url}: {e}"),
             };
             let mut gates = Vec::with_capacity(2);

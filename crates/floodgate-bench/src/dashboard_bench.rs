@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use floodgate::{AcquireOptions, Floodgate, LimiterSpec};
 use serde_json::json;
 
-use super::status::print;
-use super::Failure;
-use crate::server::{self, ServerOptions};
+use floodgate_server::cli::print;
+use floodgate_server::cli::Failure;
+use floodgate_server::server::{self, ServerOptions};
 
 /// Flags of `floodgate dashboard-bench`.
 #[derive(Debug, clap::Args)]

@@ -15,6 +15,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../floodgate-server/tests/common/mod.rs"]
 mod common;
 #[path = "../../floodgate/tests/support/mod.rs"]
 mod support;
