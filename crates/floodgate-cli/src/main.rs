@@ -11,7 +11,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Global admission control for distributed workers.
 #[derive(Debug, Parser)]
-#[command(name = "floodgate", version, about)]
+#[command(name = "floodgate", version)]
 struct Cli {
     /// The subcommand to run.
     #[command(subcommand)]
