@@ -23,7 +23,7 @@ if ! "$VENV/bin/st" --version 2>/dev/null | grep -q "4.32.5"; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$SCHEMATHESIS"
 fi
 
-cargo build -q -p floodgate-server
+cargo build -q -p floodgate-cli
 BIN="$ROOT/target/debug/floodgate"
 WORK="$(mktemp -d)"
 PORT="$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"

@@ -51,7 +51,7 @@ cargo test -p floodgate --features shuttle --test shuttle_schedules
 echo "== Python client and Celery (against the real server, Redis and a Celery worker)"
 ./clients/python/run_tests.sh -q
 echo "== slow clients, SIGTERM under them, memory after long polls (RSS and fds printed)"
-cargo test -q -p floodgate-server --test slow_clients -- --ignored --nocapture
+cargo test -q -p floodgate-cli --test slow_clients -- --ignored --nocapture
 echo "== schemathesis: docs/openapi.yaml against a real server, every check"
 ./scripts/schemathesis.sh
 echo "== dashboard in a real headless Chromium (tests/browser; installs chromium, chromedriver, selenium)"

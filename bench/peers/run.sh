@@ -54,8 +54,8 @@ node -e 'process.exit(+process.versions.node.split(".")[0] >= 16 ? 0 : 1)' \
 
 echo "== npm ci (redis-semaphore, ioredis)" >&2
 (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
-echo "== cargo build --release -p floodgate-server" >&2
-(cd "$ROOT" && cargo build --release -p floodgate-server --quiet)
+echo "== cargo build --release -p floodgate-cli" >&2
+(cd "$ROOT" && cargo build --release -p floodgate-cli --quiet)
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 FLOODGATE="$TARGET_DIR/release/floodgate"
 

@@ -34,8 +34,8 @@ rm -rf "$HERE/build"
 
 if [ -z "${FLOODGATE_BIN:-}" ]; then
   if command -v cargo >/dev/null; then
-    echo "== cargo build -p floodgate-server"
-    (cd "$REPO_ROOT" && cargo build -q -p floodgate-server)
+    echo "== cargo build -p floodgate-cli"
+    (cd "$REPO_ROOT" && cargo build -q -p floodgate-cli)
   elif [ ! -x "$REPO_ROOT/target/debug/floodgate" ]; then
     echo "target/debug/floodgate is missing and cargo is not installed; set FLOODGATE_BIN" >&2
     exit 1

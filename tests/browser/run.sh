@@ -16,6 +16,6 @@ if ! "$VENV/bin/python" -c 'import selenium' >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'selenium>=4.20,<5'
 fi
 if [ -z "${FLOODGATE_BIN:-}" ]; then
-  (cd "$ROOT" && cargo build -q -p floodgate-server)
+  (cd "$ROOT" && cargo build -q -p floodgate-cli)
 fi
 exec timeout 300 "$VENV/bin/python" dashboard_test.py

@@ -18,6 +18,9 @@ from floodgate import Floodgate
 CLIENT_DIR = Path(__file__).resolve().parent.parent
 REPO_ROOT = CLIENT_DIR.parent.parent
 
+# The `limiter` fixture: makes a limiter with a name unique to the test and returns the name.
+MakeLimiter = Callable[..., str]
+
 
 def free_port() -> int:
     """A port that was free a moment ago (the server cannot report a port-0 choice)."""
@@ -47,7 +50,7 @@ def floodgate_binary() -> str:
         if cargo is None:
             pytest.fail("target/debug/floodgate is missing and cargo is not on PATH; "
                         "build the server or set FLOODGATE_BIN")
-        subprocess.run([cargo, "build", "-p", "floodgate-server"], cwd=str(REPO_ROOT),
+        subprocess.run([cargo, "build", "-p", "floodgate-cli"], cwd=str(REPO_ROOT),
                        check=True)
     return str(binary)
 
@@ -179,7 +182,7 @@ def fg(server: ServerProcess) -> Floodgate:
 
 
 @pytest.fixture
-def limiter(fg: Floodgate) -> Callable[..., str]:
+def limiter(fg: Floodgate) -> MakeLimiter:
     """Creates a limiter with a name unique to the test; returns its name."""
 
     def make(concurrency: int = 1, **kwargs: object) -> str:

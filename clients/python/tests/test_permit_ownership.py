@@ -15,9 +15,7 @@ import pytest
 
 from floodgate import Floodgate, PermitLost, Unavailable
 
-from conftest import ServerProcess, wait_until
-
-MakeLimiter = Callable[..., str]
+from conftest import MakeLimiter, ServerProcess, wait_until
 
 
 # -- leaving the block after a loss ----------------------------------------------------------

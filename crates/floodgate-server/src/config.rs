@@ -137,14 +137,14 @@ impl LimiterConfig {
     /// The spec, with defaults for what the file leaves out.
     pub fn spec(&self) -> LimiterSpec {
         let d = LimiterSpec::default();
-        LimiterSpec {
-            concurrency: self.concurrency,
-            rate: self.rate.map(Into::into),
-            adaptive: self.adaptive.map(Into::into),
-            default_lease: self.lease_ms.map_or(d.default_lease, Duration::from_millis),
-            max_wait: self.max_wait_ms.map_or(d.max_wait, Duration::from_millis),
-            max_queue: self.max_queue.unwrap_or(d.max_queue),
-        }
+        let mut spec = LimiterSpec::default()
+            .with_default_lease(self.lease_ms.map_or(d.default_lease, Duration::from_millis))
+            .with_max_wait(self.max_wait_ms.map_or(d.max_wait, Duration::from_millis))
+            .with_max_queue(self.max_queue.unwrap_or(d.max_queue));
+        spec.concurrency = self.concurrency;
+        spec.rate = self.rate.map(Into::into);
+        spec.adaptive = self.adaptive.map(Into::into);
+        spec
     }
 
     /// The per-key spec of a keyed limiter (`per_key` given); `None` for a plain one.

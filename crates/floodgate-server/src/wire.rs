@@ -35,12 +35,10 @@ pub struct RateBody {
 
 impl From<RateBody> for RateSpec {
     fn from(r: RateBody) -> Self {
-        RateSpec {
-            limit: r.limit,
-            period: Duration::from_millis(r.period_ms),
-            burst: r.burst.unwrap_or_else(|| {
-                RateSpec::default_burst(r.limit, Duration::from_millis(r.period_ms))
-            }),
+        let rate = RateSpec::per(r.limit, Duration::from_millis(r.period_ms));
+        match r.burst {
+            Some(burst) => rate.with_burst(burst),
+            None => rate,
         }
     }
 }
@@ -98,18 +96,16 @@ pub enum AlgorithmName {
 
 impl From<AdaptiveBody> for AdaptiveSpec {
     fn from(a: AdaptiveBody) -> Self {
-        let d = match a.algorithm {
+        let mut spec = match a.algorithm {
             Some(AlgorithmName::Gradient) => AdaptiveSpec::gradient(a.min, a.max),
             _ => AdaptiveSpec::between(a.min, a.max),
         };
-        AdaptiveSpec {
-            increase: a.increase.unwrap_or(d.increase),
-            decrease: a.decrease.unwrap_or(d.decrease),
-            cooldown: a.cooldown_ms.map_or(d.cooldown, Duration::from_millis),
-            tolerance: a.tolerance.unwrap_or(d.tolerance),
-            probe_rounds: a.probe_rounds.unwrap_or(d.probe_rounds),
-            ..d
-        }
+        spec.increase = a.increase.unwrap_or(spec.increase);
+        spec.decrease = a.decrease.unwrap_or(spec.decrease);
+        spec.cooldown = a.cooldown_ms.map_or(spec.cooldown, Duration::from_millis);
+        spec.tolerance = a.tolerance.unwrap_or(spec.tolerance);
+        spec.probe_rounds = a.probe_rounds.unwrap_or(spec.probe_rounds);
+        spec
     }
 }
 

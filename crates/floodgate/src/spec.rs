@@ -21,7 +21,12 @@ pub const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
 
 /// A rate limit, enforced with GCRA: on average `limit` tokens per `period`, at most `burst`
 /// at once. Each acquire takes as many tokens as permits.
+///
+/// `#[non_exhaustive]`, so a field can be added without breaking callers: build one with
+/// [`RateSpec::per`] (and [`with_burst`](RateSpec::with_burst)); its fields are public to read
+/// and assign.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RateSpec {
     /// Tokens per period.
     pub limit: u32,
@@ -101,7 +106,11 @@ impl Algorithm {
 /// With [`Algorithm::Gradient`]: see `crate::core::adaptive` and `docs/api.md`; `decrease`
 /// is the factor per throttle (0.9 by default), `tolerance` and `probe_rounds` shape the rest,
 /// and `increase` is not used.
+///
+/// `#[non_exhaustive]`, so a field can be added without breaking callers: build one with
+/// [`AdaptiveSpec::between`] or [`AdaptiveSpec::gradient`], then assign the fields to change.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct AdaptiveSpec {
     /// Which controller moves the limit.
     pub algorithm: Algorithm,
@@ -164,7 +173,40 @@ impl AdaptiveSpec {
 
 /// A limiter's configuration: a concurrency limit, a rate limit, or both (one acquire then
 /// waits for a slot and a token together).
+///
+/// `#[non_exhaustive]`, so a field can be added without breaking callers: build one with
+/// [`LimiterSpec::concurrency`], [`LimiterSpec::rate`] or [`Default`], then the `with_*`
+/// methods (or assign its public fields). Outside this crate a struct literal is refused:
+///
+/// ```compile_fail,E0639
+/// use std::time::Duration;
+/// use floodgate::LimiterSpec;
+///
+/// let spec = LimiterSpec {
+///     concurrency: Some(5),
+///     rate: None,
+///     adaptive: None,
+///     default_lease: Duration::from_secs(30),
+///     max_wait: Duration::from_secs(10),
+///     max_queue: 100,
+/// };
+/// ```
+///
+/// ```
+/// use std::time::Duration;
+/// use floodgate::{AdaptiveSpec, LimiterSpec, RateSpec};
+///
+/// let spec = LimiterSpec::concurrency(5)
+///     .with_rate(RateSpec::per(100, Duration::from_secs(1)).with_burst(10))
+///     .with_adaptive(AdaptiveSpec::between(2, 20))
+///     .with_default_lease(Duration::from_secs(30))
+///     .with_max_wait(Duration::from_secs(10))
+///     .with_max_queue(100);
+/// assert_eq!(spec.concurrency, Some(5));
+/// assert!(spec.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LimiterSpec {
     /// Permits out at once (at least 1), or `None` for a rate-only limiter, whose grants have
     /// no lease and need no release. With `adaptive`, the starting limit.

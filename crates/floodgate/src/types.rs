@@ -230,7 +230,11 @@ impl fmt::Display for ReservationId {
 }
 
 /// What a `schedule` reserved: when each child may start, and the id to give back with.
+///
+/// `#[non_exhaustive]`: built by the library (read its fields), so one can be added without
+/// breaking callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Schedule {
     /// For each child, how long from now until it may start (in token order).
     pub offsets: Vec<std::time::Duration>,

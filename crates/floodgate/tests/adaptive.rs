@@ -176,10 +176,8 @@ const C2: u32 = 80;
 /// The simulation: `WORKERS` workers against the backend at capacity `C1`, then `C2`, with the
 /// limit starting at 10 between 1 and 200 and the given cooldown (AIMD).
 async fn simulate(label: &str, cooldown: Duration) -> Run {
-    let adaptive = AdaptiveSpec {
-        cooldown,
-        ..AdaptiveSpec::between(1, 200)
-    };
+    let mut adaptive = AdaptiveSpec::between(1, 200);
+    adaptive.cooldown = cooldown;
     run_with(label, adaptive).await
 }
 

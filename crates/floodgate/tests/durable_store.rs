@@ -364,10 +364,8 @@ async fn the_adaptive_ceiling_survives_a_reopen() {
     use floodgate::{AdaptiveSpec, Feedback};
     let dir = tempfile::tempdir().expect("tempdir");
     let (gate, store) = open(dir.path());
-    let adaptive = AdaptiveSpec {
-        probe_rounds: 10_000,
-        ..AdaptiveSpec::gradient(1, 100)
-    };
+    let mut adaptive = AdaptiveSpec::gradient(1, 100);
+    adaptive.probe_rounds = 10_000;
     gate.define("g", spec(20).with_adaptive(adaptive))
         .await
         .expect("define");

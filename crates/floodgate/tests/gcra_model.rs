@@ -81,18 +81,16 @@ impl Config {
     }
 
     fn spec(&self) -> LimiterSpec {
-        LimiterSpec {
-            concurrency: self.concurrency,
-            rate: Some(RateSpec {
-                limit: self.limit,
-                period: Duration::from_micros(self.period_us),
-                burst: self.burst,
-            }),
-            adaptive: None,
-            default_lease: self.lease(self.default_lease_quarters),
-            max_wait: Duration::from_micros(self.max_wait_quarters * self.quarter()),
-            max_queue: self.max_queue,
-        }
+        let mut spec = LimiterSpec::rate(
+            RateSpec::per(self.limit, Duration::from_micros(self.period_us)).with_burst(self.burst),
+        )
+        .with_default_lease(self.lease(self.default_lease_quarters))
+        .with_max_wait(Duration::from_micros(
+            self.max_wait_quarters * self.quarter(),
+        ))
+        .with_max_queue(self.max_queue);
+        spec.concurrency = self.concurrency;
+        spec
     }
 }
 

@@ -113,11 +113,12 @@ fn apply(spec: &SpecChoice, v: &Variation) -> LimiterSpec {
     if let (Some((below, above)), Some(c)) = (v.adaptive, s.concurrency) {
         let (min, max) = (c.saturating_sub(below).max(1), c + above);
         s.adaptive = Some(match v.gradient {
-            Some((tolerance, probe_rounds)) => AdaptiveSpec {
-                tolerance,
-                probe_rounds,
-                ..AdaptiveSpec::gradient(min, max)
-            },
+            Some((tolerance, probe_rounds)) => {
+                let mut a = AdaptiveSpec::gradient(min, max);
+                a.tolerance = tolerance;
+                a.probe_rounds = probe_rounds;
+                a
+            }
             None => AdaptiveSpec::between(min, max),
         });
     }
@@ -529,24 +530,23 @@ impl<'a> Twin<'a> {
             "adaptive spec at step {}",
             self.step
         );
-        let c = Counters {
-            granted: n("granted"),
-            released: n("released"),
-            expired: n("expired"),
-            timed_out: n("timed_out"),
-            cancelled: n("cancelled"),
-            queue_full: n("queue_full"),
-            rejected: n("rejected"),
-            extend_lost: n("extend_lost"),
-            paced: n("paced"),
-            scheduled: n("scheduled"),
-            feedback_ok: n("feedback_ok"),
-            feedback_throttled: n("feedback_throttled"),
-            feedback_error: n("feedback_error"),
-            limit_decreases: n("limit_decreases"),
-            limit_increases: n("limit_increases"),
-            adopted: n("adopted"),
-        };
+        let mut c = Counters::default();
+        c.granted = n("granted");
+        c.released = n("released");
+        c.expired = n("expired");
+        c.timed_out = n("timed_out");
+        c.cancelled = n("cancelled");
+        c.queue_full = n("queue_full");
+        c.rejected = n("rejected");
+        c.extend_lost = n("extend_lost");
+        c.paced = n("paced");
+        c.scheduled = n("scheduled");
+        c.feedback_ok = n("feedback_ok");
+        c.feedback_throttled = n("feedback_throttled");
+        c.feedback_error = n("feedback_error");
+        c.limit_decreases = n("limit_decreases");
+        c.limit_increases = n("limit_increases");
+        c.adopted = n("adopted");
         prop_assert_eq!(c, st.counters, "counters at step {}", self.step);
         self.compare_hint(&reply, true)
     }
@@ -941,9 +941,10 @@ fn the_gradient_controller_matches_the_core_over_a_long_run() {
         cmd.query::<Vec<String>>(conn).unwrap()
     };
     let spec = LimiterSpec::concurrency(40)
-        .with_adaptive(AdaptiveSpec {
-            probe_rounds: 2,
-            ..AdaptiveSpec::gradient(1, 200)
+        .with_adaptive({
+            let mut a = AdaptiveSpec::gradient(1, 200);
+            a.probe_rounds = 2;
+            a
         })
         .with_default_lease(Duration::from_secs(3_600));
     let a = spec.adaptive.unwrap();

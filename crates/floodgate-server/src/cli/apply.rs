@@ -267,14 +267,14 @@ struct Shown {
 
 impl Shown {
     fn spec(&self) -> LimiterSpec {
-        LimiterSpec {
-            concurrency: self.concurrency,
-            rate: self.rate.map(Into::into),
-            adaptive: self.adaptive.map(Into::into),
-            default_lease: std::time::Duration::from_millis(self.lease_ms),
-            max_wait: std::time::Duration::from_millis(self.max_wait_ms),
-            max_queue: self.max_queue,
-        }
+        let mut spec = LimiterSpec::default()
+            .with_default_lease(std::time::Duration::from_millis(self.lease_ms))
+            .with_max_wait(std::time::Duration::from_millis(self.max_wait_ms))
+            .with_max_queue(self.max_queue);
+        spec.concurrency = self.concurrency;
+        spec.rate = self.rate.map(Into::into);
+        spec.adaptive = self.adaptive.map(Into::into);
+        spec
     }
 }
 

@@ -5,10 +5,6 @@
 //! permit; 1 anything else. `floodgate run` exits with the command's own status.
 
 mod apply;
-mod bench;
-mod bench_durability;
-mod bench_growth;
-mod dashboard_bench;
 pub mod duration;
 mod keyed_apply;
 mod limiter;
@@ -20,9 +16,10 @@ mod status;
 mod top;
 mod watch;
 
+use std::future::Future;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 
 use crate::client::{Client, ClientError};
 
@@ -33,16 +30,16 @@ pub const EXIT_UNAVAILABLE: u8 = 69;
 /// Exit code when the wait ended without a permit (EX_TEMPFAIL): try again later.
 pub const EXIT_TEMPFAIL: u8 = 75;
 
-/// Global admission control for distributed workers.
-#[derive(Debug, Parser)]
-#[command(name = "floodgate", version, about)]
-pub struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
+pub use status::print;
 
+/// The server's and the client's subcommands. The `floodgate` binary (`crates/floodgate-cli`)
+/// puts them beside the measuring ones of `floodgate-bench`.
 #[derive(Debug, Subcommand)]
-enum Command {
+#[allow(
+    private_interfaces,
+    reason = "built by clap from the command line (flattened into the binary's), never by hand"
+)]
+pub enum Command {
     /// Run the HTTP server (embedded store by default, or Redis with --redis).
     Serve(Box<serve::ServeArgs>),
     /// Run a command while holding a permit, like flock but shared by every machine.
@@ -54,20 +51,6 @@ enum Command {
     /// Create, change or delete a limiter.
     #[command(subcommand)]
     Limiter(limiter::LimiterCommand),
-    /// Measure throughput, handoff latency and utilization under saturation (HTTP or a store),
-    /// beside trivial requests in the same run.
-    ///
-    /// How each operation's cost grows with the queue and the holders (0 to 10k, embedded
-    /// store and Redis) is measured by `floodgate bench-growth` instead.
-    Bench(bench::BenchArgs),
-    /// Measure how each operation's cost grows with the queue and the holders (0 to 10k), on
-    /// the embedded store and on Redis, with the ratio of its cost at 10k to its cost at 100.
-    BenchGrowth(bench_growth::BenchGrowthArgs),
-    /// Measure what a data directory costs: HTTP pairs with and without one (same run), the
-    /// disk's fsync latency, recovery time and the log's size under the snapshot policy.
-    BenchDurability(bench_durability::BenchDurabilityArgs),
-    /// Measure the server's cost of open dashboards beside the same workload with none open.
-    DashboardBench(dashboard_bench::DashboardBenchArgs),
     /// Replay the seed's cascade in virtual time under each strategy and compare them.
     Simulate(simulate::SimulateArgs),
     /// The watchdog between `floodgate run` and its command (internal).
@@ -105,13 +88,16 @@ impl ServerArgs {
 
 /// A failed command: what to print and which code to exit with.
 #[derive(Debug)]
-pub(crate) struct Failure {
-    pub(crate) code: u8,
-    pub(crate) message: String,
+pub struct Failure {
+    /// The process's exit code.
+    pub code: u8,
+    /// Printed on stderr after `floodgate: `.
+    pub message: String,
 }
 
 impl Failure {
-    pub(crate) fn usage(message: impl Into<String>) -> Self {
+    /// Bad flags or input: exit code 2.
+    pub fn usage(message: impl Into<String>) -> Self {
         Failure {
             code: EXIT_USAGE,
             message: message.into(),
@@ -145,9 +131,22 @@ pub(crate) fn warn(message: &str) {
     let _ = writeln!(std::io::stderr().lock(), "floodgate: {message}");
 }
 
-/// Parses the command line and runs it.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// Runs one of these subcommands; `Ok` is the exit code.
+pub async fn run(command: Command) -> Result<u8, Failure> {
+    match command {
+        Command::Serve(args) => serve::serve(*args).await,
+        Command::Run(args) => run::run(args).await,
+        Command::Status(args) => status::status(args).await,
+        Command::Top(args) => top::top(args).await,
+        Command::Limiter(cmd) => limiter::limiter(cmd).await,
+        Command::Simulate(args) => simulate::simulate(args),
+        Command::Watch(args) => watch::watch(args).await,
+    }
+}
+
+/// Runs a command's future on a new multi-thread runtime; prints a failure on stderr and turns
+/// the outcome into the process's exit code.
+pub fn block_on(command: impl Future<Output = Result<u8, Failure>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -158,22 +157,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Serve(args) => serve::serve(*args).await,
-            Command::Run(args) => run::run(args).await,
-            Command::Status(args) => status::status(args).await,
-            Command::Top(args) => top::top(args).await,
-            Command::Limiter(cmd) => limiter::limiter(cmd).await,
-            Command::Bench(args) => bench::bench(args).await,
-            Command::BenchGrowth(args) => bench_growth::bench_growth(args).await,
-            Command::BenchDurability(args) => bench_durability::bench_durability(args).await,
-            Command::DashboardBench(args) => dashboard_bench::dashboard_bench(args).await,
-            Command::Simulate(args) => simulate::simulate(args),
-            Command::Watch(args) => watch::watch(args).await,
-        }
-    });
-    match result {
+    match runtime.block_on(command) {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
             warn(&failure.message);

@@ -68,7 +68,8 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// Prints a command's output on stdout, as is.
 #[allow(clippy::print_stdout)]
-pub(crate) fn print(text: &str) {
+pub fn print(text: &str) {
     print!("{text}");
 }

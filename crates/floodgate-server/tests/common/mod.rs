@@ -1,4 +1,4 @@
-//! What the HTTP server's integration tests (`http/`, `redis_servers.rs`, `witness.rs`) share:
+//! What the HTTP server's integration tests (`http/`, `redis_servers/`, `witness.rs`) share:
 //! an in-process server on `127.0.0.1:0`, the polling bounds, a seeded generator and a JSON
 //! lookup.
 

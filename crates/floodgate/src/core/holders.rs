@@ -13,7 +13,11 @@ use crate::types::{FencingToken, Timestamp};
 pub const MAX_HOLDERS_LISTED: usize = 10_000;
 
 /// One grant out now, as a person looking at the limiter sees it.
+///
+/// `#[non_exhaustive]`: built by the library (read its fields), so one can be added without
+/// breaking callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HolderInfo {
     /// The grant's fencing token (also its id within the limiter).
     pub token: FencingToken,
@@ -28,7 +32,11 @@ pub struct HolderInfo {
 }
 
 /// Holders (bounded) and a summary of the queue, taken at one moment.
+///
+/// `#[non_exhaustive]`: built by the library (read its fields), so one can be added without
+/// breaking callers.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct HoldersView {
     /// The store's clock when the listing was taken, so ages and lease ends are relative to it.
     pub now: Timestamp,

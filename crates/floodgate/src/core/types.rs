@@ -129,7 +129,11 @@ impl Effects {
 
 /// Monotonic counters of what a limiter has done.
 /// `granted = released + expired + held + paced`.
+///
+/// `#[non_exhaustive]`, so a counter can be added without breaking callers: read its fields;
+/// to build one outside the library, start from [`Default`] and assign them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Counters {
     /// Grants made (each may hold several permits).
     pub granted: u64,
@@ -166,7 +170,11 @@ pub struct Counters {
 }
 
 /// A point-in-time view of one limiter.
+///
+/// `#[non_exhaustive]`: built by the library (read its fields), so one can be added without
+/// breaking callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LimiterStatus {
     /// The limiter's name.
     pub name: LimiterName,

@@ -21,13 +21,10 @@ pub(crate) struct SpecChoice {
 
 impl SpecChoice {
     pub(crate) fn spec(&self) -> LimiterSpec {
-        LimiterSpec {
-            concurrency: Some(self.concurrency),
-            default_lease: Duration::from_millis(self.default_lease_ms),
-            max_wait: Duration::from_millis(self.max_wait_ms),
-            max_queue: self.max_queue,
-            ..LimiterSpec::default()
-        }
+        LimiterSpec::concurrency(self.concurrency)
+            .with_default_lease(Duration::from_millis(self.default_lease_ms))
+            .with_max_wait(Duration::from_millis(self.max_wait_ms))
+            .with_max_queue(self.max_queue)
     }
 }
 

@@ -243,17 +243,12 @@ pub(super) async fn put_limiter<S: Store>(
     let keyed = super::keyed::keyed_spec(body.per_key, body.max_keys, current_keyed)?;
     if current.is_none() && keyed.is_some() && body.concurrency.is_none() && body.rate.is_none() {
         // A keyed limiter may have no total: its per-key limits bound it.
-        let spec = LimiterSpec {
-            concurrency: None,
-            default_lease: body
-                .lease_ms
-                .map_or(LimiterSpec::default().default_lease, Duration::from_millis),
-            max_wait: body
-                .max_wait_ms
-                .map_or(LimiterSpec::default().max_wait, Duration::from_millis),
-            max_queue: body.max_queue.unwrap_or(LimiterSpec::default().max_queue),
-            ..LimiterSpec::default()
-        };
+        let d = LimiterSpec::default();
+        let mut spec = LimiterSpec::default()
+            .with_default_lease(body.lease_ms.map_or(d.default_lease, Duration::from_millis))
+            .with_max_wait(body.max_wait_ms.map_or(d.max_wait, Duration::from_millis))
+            .with_max_queue(body.max_queue.unwrap_or(d.max_queue));
+        spec.concurrency = None;
         let keyed = keyed.unwrap_or_default();
         let status = super::keyed::put(&state, &name, spec, keyed).await?;
         let mut reply = LimiterBody::from(status);
@@ -266,9 +261,10 @@ pub(super) async fn put_limiter<S: Store>(
             "required when creating a limiter (or give a rate)",
         ));
     }
-    let base = current.unwrap_or_else(|| LimiterSpec {
-        concurrency: None,
-        ..LimiterSpec::default()
+    let base = current.unwrap_or_else(|| {
+        let mut spec = LimiterSpec::default();
+        spec.concurrency = None;
+        spec
     });
     let adaptive = body
         .adaptive
@@ -282,18 +278,19 @@ pub(super) async fn put_limiter<S: Store>(
         }
         (None, _) => base.concurrency,
     };
-    let spec = LimiterSpec {
-        concurrency,
-        rate: body.rate.map_or(base.rate, |r| r.map(RateSpec::from)),
-        adaptive,
-        default_lease: body
-            .lease_ms
-            .map_or(base.default_lease, Duration::from_millis),
-        max_wait: body
-            .max_wait_ms
-            .map_or(base.max_wait, Duration::from_millis),
-        max_queue: body.max_queue.unwrap_or(base.max_queue),
-    };
+    let mut spec = LimiterSpec::default()
+        .with_default_lease(
+            body.lease_ms
+                .map_or(base.default_lease, Duration::from_millis),
+        )
+        .with_max_wait(
+            body.max_wait_ms
+                .map_or(base.max_wait, Duration::from_millis),
+        )
+        .with_max_queue(body.max_queue.unwrap_or(base.max_queue));
+    spec.concurrency = concurrency;
+    spec.rate = body.rate.map_or(base.rate, |r| r.map(RateSpec::from));
+    spec.adaptive = adaptive;
     let status = match keyed {
         Some(keyed) => super::keyed::put(&state, &name, spec, keyed).await?,
         None => state.gate.store().put_limiter(&name, spec).await?,

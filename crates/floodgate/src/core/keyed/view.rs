@@ -10,7 +10,11 @@ use crate::types::LimiterName;
 pub const MAX_KEYS_LISTED: usize = 100;
 
 /// One key as a status shows it.
+///
+/// `#[non_exhaustive]`: built by the library (read its fields), so one can be added without
+/// breaking callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct KeyInfo {
     /// The key.
     pub key: Arc<str>,
@@ -27,7 +31,11 @@ pub struct KeyInfo {
 }
 
 /// A keyed limiter's keys: how many, and the busiest.
+///
+/// `#[non_exhaustive]`: built by the library (read its fields), so one can be added without
+/// breaking callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct KeysView {
     /// The per-key configuration.
     pub spec: KeyedSpec,

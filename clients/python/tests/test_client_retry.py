@@ -1,0 +1,98 @@
+"""The core client: backoff, `retry` and `call` (the last two against the real server)."""
+
+import time
+from typing import List
+
+import pytest
+
+import floodgate
+from floodgate import (
+    Backoff,
+    Floodgate,
+    Permit,
+    WaitTimeout,
+)
+
+from conftest import MakeLimiter
+
+
+# -- retry and call ------------------------------------------------------------------------
+
+
+class Throttled(Exception):
+    pass
+
+
+def test_backoff_is_full_jitter_and_honours_retry_after() -> None:
+    b = Backoff(base=0.1, cap=1.0, max_attempts=5)
+    assert b.delay(0, unit=1.0) == pytest.approx(0.1)
+    assert b.delay(3, unit=1.0) == pytest.approx(0.8)
+    assert b.delay(10, unit=1.0) == pytest.approx(1.0)  # capped
+    assert b.delay(10, unit=0.0) == 0.0
+    assert b.delay(0, retry_after=2.0, unit=0.5) == pytest.approx(2.05)
+    assert all(0 <= b.delay(2) <= 0.4 for _ in range(100))
+
+
+def test_retry_helper() -> None:
+    calls: List[int] = []
+    slept: List[float] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise Throttled()
+        return "rows"
+
+    assert floodgate.retry(flaky, retry_on=(Throttled,), backoff=Backoff(0.01, 1, 5),
+                           sleep=slept.append) == "rows"
+    assert len(calls) == 3 and len(slept) == 2
+    calls.clear()
+    slept.clear()
+    with pytest.raises(Throttled):  # two attempts in all, both throttled: the last one raises
+        floodgate.retry(flaky, retry_on=lambda e: isinstance(e, Throttled),
+                        backoff=Backoff(0.01, 1, 2), sleep=slept.append)
+    assert len(calls) == 2 and len(slept) == 1
+    with pytest.raises(KeyError):  # not retryable: raised at once
+        floodgate.retry(lambda: {}["x"], retry_on=(Throttled,), sleep=slept.append)
+
+
+def test_retry_honours_wait_timeout_hint(fg: Floodgate, limiter: MakeLimiter) -> None:
+    name = limiter(1, lease=0.3)
+    fg.acquire(name, wait=0)  # never released: reclaimed after 0.3 s
+    slept: List[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        time.sleep(s)
+
+    p = floodgate.retry(lambda: fg.acquire(name, wait=0), retry_on=(WaitTimeout,),
+                        backoff=Backoff(0.01, 1, 10), sleep=sleep)
+    assert slept and slept[0] >= 0.1  # the server's hint (the nearest lease end), not 0-10 ms
+    p.release()
+
+
+def test_call_retries_throttles_with_a_new_permit(fg: Floodgate, limiter: MakeLimiter) -> None:
+    name = limiter(1)
+    tokens: List[int] = []
+
+    def query(p: Permit) -> str:
+        tokens.append(p.fencing_token)
+        if len(tokens) < 3:
+            raise Throttled("backend says too many")
+        return "rows"
+
+    assert fg.call(name, query, throttle_exceptions=(Throttled,), wait=1,
+                   backoff=Backoff(0.01, 0.05, 5)) == "rows"
+    assert len(tokens) == 3 and tokens == sorted(set(tokens))
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 3
+    if "feedback_throttled" in status["counters"]:
+        assert status["counters"]["feedback_throttled"] == 2
+        assert status["counters"]["feedback_ok"] == 1
+    tokens.clear()
+    with pytest.raises(Throttled):
+        fg.call(name, lambda p: (_ for _ in ()).throw(Throttled()),
+                throttle_exceptions=(Throttled,), wait=1, backoff=Backoff(0.01, 0.05, 2))
+    with pytest.raises(ZeroDivisionError):
+        fg.call(name, lambda p: 1 // 0, throttle_exceptions=(Throttled,), wait=1)
+    assert fg.limiter(name)["in_use"] == 0

@@ -1,0 +1,244 @@
+//! A run's life: the limit across concurrent runs, exit codes, the wait timeout, bad flags,
+//! the release after the command and the lease extended while it runs.
+
+use floodgate::AcquireOptions;
+use floodgate_server::client::Client;
+
+use crate::harness::{code, stderr, Scratch, TestServer, LIMITER};
+
+/// Each run registers itself in `running/` with `mkdir` (atomic), logs how many runs it saw
+/// there, holds on for a moment and leaves. If the limiter ever let more than its limit run
+/// at once, some run would log a count above the limit.
+const WITNESS: &str = r#"
+set -e
+mkdir "running/$FLOODGATE_FENCING_TOKEN"
+n=$(ls running | wc -l)
+echo $n >> counts
+echo "$FLOODGATE_PERMIT_ID $FLOODGATE_FENCING_TOKEN" >> ran
+sleep 0.2
+rmdir "running/$FLOODGATE_FENCING_TOKEN"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_runs_never_exceed_the_limit_and_all_run() {
+    const LIMIT: u32 = 3;
+    const RUNS: usize = 12;
+    let server = TestServer::start(LIMIT).await;
+    let scratch = Scratch::new("concurrent");
+    std::fs::create_dir(scratch.file("running")).unwrap();
+
+    let children: Vec<_> = (0..RUNS)
+        .map(|_| {
+            server
+                .floodgate(
+                    scratch.path(),
+                    &["run", LIMITER, "--wait", "30s", "--", "sh", "-c", WITNESS],
+                )
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().await.unwrap();
+        assert_eq!(code(&output), 0, "a run failed: {}", stderr(&output));
+    }
+
+    let counts: Vec<u32> = scratch
+        .read("counts")
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(counts.len(), RUNS, "every command ran once: {counts:?}");
+    let max = counts.iter().copied().max().unwrap();
+    assert!(
+        (1..=LIMIT).contains(&max),
+        "{max} commands ran at once under a limit of {LIMIT}: {counts:?}"
+    );
+
+    // Each run saw its own permit: `lim.TOKEN` and TOKEN, distinct across runs.
+    let ran = scratch.read("ran");
+    let mut tokens: Vec<&str> = ran
+        .lines()
+        .map(|line| {
+            let (id, token) = line.split_once(' ').unwrap();
+            assert_eq!(id, format!("{LIMITER}.{token}"));
+            token
+        })
+        .collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), RUNS);
+    assert!(std::fs::read_dir(scratch.file("running"))
+        .unwrap()
+        .next()
+        .is_none());
+
+    let status = server.status().await;
+    assert_eq!(status.in_use, 0);
+    assert_eq!(status.counters.granted, RUNS as u64);
+    assert_eq!(status.counters.released, RUNS as u64);
+    assert_eq!(status.counters.expired, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exit_status_passes_through() {
+    let server = TestServer::start(1).await;
+    let scratch = Scratch::new("status");
+    let output = server
+        .output(
+            scratch.path(),
+            &["run", LIMITER, "--", "sh", "-c", "exit 7"],
+        )
+        .await;
+    assert_eq!(code(&output), 7, "{}", stderr(&output));
+    let output = server
+        .output(scratch.path(), &["run", LIMITER, "--", "true"])
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert_eq!(server.status().await.in_use, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_killed_by_a_signal_exits_128_plus_the_signal() {
+    let server = TestServer::start(1).await;
+    let scratch = Scratch::new("killed");
+    let output = server
+        .output(
+            scratch.path(),
+            &["run", LIMITER, "--", "sh", "-c", "kill -KILL $$"],
+        )
+        .await;
+    assert_eq!(code(&output), 128 + 9, "{}", stderr(&output));
+    assert_eq!(server.status().await.in_use, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_timeout_exits_75_without_running_the_command() {
+    let server = TestServer::start(1).await;
+    let scratch = Scratch::new("timeout");
+    let limiter = server.gate.limiter(LIMITER).await.unwrap();
+    let held = limiter.acquire(AcquireOptions::new()).await.unwrap();
+
+    let output = server
+        .output(
+            scratch.path(),
+            &[
+                "run",
+                LIMITER,
+                "--wait",
+                "200ms",
+                "--",
+                "sh",
+                "-c",
+                "touch ran",
+            ],
+        )
+        .await;
+    assert_eq!(code(&output), 75, "{}", stderr(&output));
+    assert!(!scratch.file("ran").exists(), "the command ran anyway");
+    let message = stderr(&output);
+    assert!(
+        message.contains("floodgate: no permit for lim within 200ms; retry after"),
+        "{message}"
+    );
+
+    let status = server.status().await;
+    assert_eq!(status.in_use, 1, "only the permit held here is out");
+    assert_eq!(status.counters.timed_out, 1);
+    assert!(held.release().await.unwrap());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_flags_exit_2_without_acquiring() {
+    let server = TestServer::start(1).await;
+    let scratch = Scratch::new("flags");
+    let cases: &[&[&str]] = &[
+        &["run", LIMITER],
+        &["run", LIMITER, "--"],
+        &["run", LIMITER, "true"],
+        &["run", LIMITER, "--wait", "nonsense", "--", "true"],
+        &["run", LIMITER, "--lease", "5x", "--", "true"],
+        &["run", LIMITER, "--permits", "0", "--", "true"],
+        &["run", "--", "true"],
+    ];
+    for args in cases {
+        let output = server.output(scratch.path(), args).await;
+        assert_eq!(code(&output), 2, "{args:?}: {}", stderr(&output));
+        assert!(!stderr(&output).is_empty(), "{args:?}: no message");
+    }
+    assert_eq!(server.status().await.counters.granted, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_permit_is_released_after_the_command_exits() {
+    let server = TestServer::start(1).await;
+    let scratch = Scratch::new("release");
+    let output = server
+        .output(
+            scratch.path(),
+            &[
+                "run",
+                LIMITER,
+                "--holder",
+                "test-holder",
+                "--",
+                "sh",
+                "-c",
+                r#"echo "$FLOODGATE_PERMIT_ID" > permit; exit 3"#,
+            ],
+        )
+        .await;
+    assert_eq!(code(&output), 3, "{}", stderr(&output));
+    assert!(scratch.read("permit").starts_with("lim."));
+
+    let status = server.status().await;
+    assert_eq!(status.in_use, 0);
+    assert_eq!(status.counters.granted, 1);
+    assert_eq!(status.counters.released, 1);
+    assert_eq!(status.counters.expired, 0);
+    // Releasing it again finds it gone: floodgate run released it, not the lease.
+    let client = Client::new(&server.url, None).unwrap();
+    assert!(!client.release(scratch.read("permit").trim()).await.unwrap());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_exits_127_and_releases() {
+    let server = TestServer::start(1).await;
+    let scratch = Scratch::new("missing");
+    let output = server
+        .output(
+            scratch.path(),
+            &["run", LIMITER, "--", "/nonexistent/floodgate-test-command"],
+        )
+        .await;
+    assert_eq!(code(&output), 127, "{}", stderr(&output));
+    let status = server.status().await;
+    assert_eq!(status.in_use, 0);
+    assert_eq!(status.counters.released, 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_extended_while_the_command_runs() {
+    let server = TestServer::start(1).await;
+    let scratch = Scratch::new("extend");
+    // The command outlives its 1.5 s lease; extends every 0.5 s keep the permit.
+    let output = server
+        .output(
+            scratch.path(),
+            &["run", LIMITER, "--lease", "1500ms", "--", "sleep", "2.5"],
+        )
+        .await;
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let status = server.status().await;
+    assert_eq!(status.in_use, 0);
+    assert_eq!(status.counters.expired, 0, "the lease ran out");
+    assert_eq!(status.counters.released, 1);
+    server.stop().await;
+}
