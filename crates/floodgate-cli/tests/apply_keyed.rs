@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../floodgate-server/tests/common/mod.rs"]
 mod common;
 mod proc;
 
