@@ -173,12 +173,20 @@ async function saturation(opts, key) {
   async function counters() {
     await sleep(Math.max(0, from - now()));
     const before = parseInfo(await probe.info('all'));
-    await sleep(Math.max(0, until - now()));
+    // The round trip under the same load (as the Floodgate side): a PING every 5 ms on the
+    // probe's own connection throughout the window.
+    const pings = [];
+    while (now() < until) {
+      const t = now();
+      await probe.ping();
+      pings.push(now() - t);
+      await sleep(5);
+    }
     const after = parseInfo(await probe.info('all'));
-    return { before, after };
+    return { before, after, pings };
   }
 
-  const [tallies, { before, after }] = await Promise.all([
+  const [tallies, { before, after, pings }] = await Promise.all([
     Promise.all(Array.from({ length: opts.holders }, holder)),
     counters(),
   ]);
@@ -216,10 +224,12 @@ async function saturation(opts, key) {
     acquire_timeouts: timeouts,
     wait: latency(waits),
     redis: {
-      // The INFO before the window is counted by the one after it: not the workload's.
-      commands_per_grant: r1(perGrant(Math.max(0, after.commands - before.commands - 1))),
+      // The INFO before the window and the PINGs are not the workload's.
+      commands_per_grant: r1(perGrant(Math.max(0, after.commands - before.commands - 1 - pings.length))),
       scripts_per_grant: r3(perGrant(Math.max(0, after.scripts - before.scripts))),
       cpu_share: r3(Math.max(0, after.cpu - before.cpu) / windowS),
+      ping_during: latency(pings),
+      ping_during_mean_us: r1((pings.reduce((a, b) => a + b, 0) / Math.max(pings.length, 1)) * 1000),
     },
   };
 }

@@ -100,6 +100,9 @@ const [fgPath, rsPath, round, redisVersion] = process.argv.slice(2);
 const fg = JSON.parse(fs.readFileSync(fgPath, 'utf8'));
 const rs = JSON.parse(fs.readFileSync(rsPath, 'utf8'));
 const s = fg.saturation;
+// The hold asked for: both sides' utilization restated at it, from their own idle per grant
+// (their measured holds differ with their timers: see README.md).
+const HOLD_US = s.hold_ms * 1000;
 const ms = (us) => (us / 1000).toFixed(us < 1000 ? 2 : 1);
 const us = (x) => x.toFixed(0);
 const rows = [
@@ -107,12 +110,16 @@ const rows = [
   ['  acquire+release throughput (pairs/s)', (r) => r.saturation.acquire_release_pairs_per_sec.toFixed(0)],
   ['  utilization (held / (limit x time))', (r) => (r.saturation.utilization * 100).toFixed(1) + ' %'],
   ['  idle per grant (permit between holders, us)', (r) => us(r.saturation.idle_per_grant_us)],
+  ['  PING round trip in the window mean / p50 (us)', (r) => `${us(r.saturation.redis.ping_during_mean_us)} / ${us(r.saturation.redis.ping_during.p50_us)}`],
+  ['  idle per grant in mean round trips', (r) => (r.saturation.idle_per_grant_us / Math.max(r.saturation.redis.ping_during_mean_us, 1e-9)).toFixed(2)],
   ['  mean hold (us)', (r) => us(r.saturation.mean_hold_us)],
+  [`  utilization at a ${HOLD_US / 1000} ms hold: h / (h + idle)`, (r) => (100 * HOLD_US / (HOLD_US + r.saturation.idle_per_grant_us)).toFixed(1) + ' %'],
   ['  ceiling = limit / mean hold (pairs/s)', (r) => r.saturation.ideal_pairs_per_sec.toFixed(0)],
   ['  wait p50 / p99 / max (ms)', (r) => `${ms(r.saturation.wait.p50_us)} / ${ms(r.saturation.wait.p99_us)} / ${ms(r.saturation.wait.max_us)}`],
   ['  Redis commands per grant', (r) => r.saturation.redis.commands_per_grant.toFixed(1)],
   ['  Redis script calls per grant', (r) => r.saturation.redis.scripts_per_grant.toFixed(2)],
   ['  Redis CPU (% of one core)', (r) => (r.saturation.redis.cpu_share * 100).toFixed(1)],
+  ['  Redis CPU per grant (us)', (r) => us(r.saturation.redis.cpu_share * 1e6 / r.saturation.acquire_release_pairs_per_sec)],
   [`handoff (limit 1, ${fg.latency.handoffs} timed)`, null, null],
   ['  release -> blocked acquirer has it p50 / p99 (us)', (r) => `${us(r.latency.handoff.p50_us)} / ${us(r.latency.handoff.p99_us)}`],
   ['  release round trip p50 / p99 (us)', (r) => `${us(r.latency.release_round_trip.p50_us)} / ${us(r.latency.release_round_trip.p99_us)}`],

@@ -30,17 +30,26 @@ use harness::{env_usize, finish, load_average, BenchRedis};
 /// The longest wait a limiter may have (`spec::MAX_WAIT`): what the run is about.
 const MAX_WAIT: Duration = Duration::from_secs(3_600);
 
-/// `INFO memory`'s `used_memory`, in bytes.
-async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+/// From `INFO memory`, in bytes: `used_memory`, and of it `used_memory_dataset` (the keys'
+/// data) and `mem_clients_normal` (the clients' buffers), to tell a growth of the limiter's
+/// data from Redis's own.
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> (u64, u64, u64) {
     let info: String = redis::cmd("INFO")
         .arg("memory")
         .query_async(conn)
         .await
         .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        field("used_memory:"),
+        field("used_memory_dataset:"),
+        field("mem_clients_normal:"),
+    )
 }
 
 /// Sizes of the limiter's outcome-bearing keys: holders hash fields, outcomes hash fields,
@@ -113,11 +122,11 @@ fn main() {
         while start.elapsed() < Duration::from_secs(seconds as u64) {
             tick.tick().await;
             let t = start.elapsed().as_secs();
-            let used = used_memory(&mut conn).await;
+            let (used, dataset, clients) = used_memory(&mut conn).await;
             let (h, o, q) = sizes(&mut conn).await;
             let n = grants.load(Ordering::Relaxed);
             println!(
-                "t={t:4} s  grants {n:8}  used_memory {used:9} B  holders-hash fields {h:4}  outcomes {o:3}  queued {q:3}"
+                "t={t:4} s  grants {n:8}  used_memory {used:9} B (dataset {dataset:7} B, client buffers {clients:7} B)  holders-hash fields {h:4}  outcomes {o:3}  queued {q:3}"
             );
             if t >= 60 && at_minute.is_none() {
                 at_minute = Some((t, used, n));

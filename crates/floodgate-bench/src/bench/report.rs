@@ -15,6 +15,11 @@ pub(super) struct RedisCost {
     pub(super) scripts_per_grant: f64,
     /// Redis CPU time over the window: 1.0 is one core busy.
     pub(super) cpu_share: f64,
+    /// PING round trips on a connection of their own during the window: the round trip under
+    /// the same load, the unit the idle time per grant is stated in.
+    pub(super) ping: Latency,
+    /// Their mean (the idle per grant is a mean too).
+    pub(super) ping_mean: Duration,
 }
 
 pub(super) struct SaturationResult {
@@ -92,6 +97,8 @@ impl SaturationResult {
                 "commands_per_grant": round1(cost.commands_per_grant),
                 "scripts_per_grant": round3(cost.scripts_per_grant),
                 "cpu_share": round3(cost.cpu_share),
+                "ping_during": cost.ping.to_json(),
+                "ping_during_mean_us": round1(cost.ping_mean.as_secs_f64() * 1e6),
             });
         }
         out
@@ -356,6 +363,12 @@ pub(super) fn saturation_text(s: &SaturationResult, out: &mut String) {
             cost.commands_per_grant,
             cost.scripts_per_grant,
             cost.cpu_share * 100.0
+        ));
+        out.push_str(&format!(
+            "  redis: PING round trip during the window: mean {:.0} us, p50 {:.0} us (idle per grant = {:.2} mean round trips)\n",
+            cost.ping_mean.as_secs_f64() * 1e6,
+            cost.ping.p50_us,
+            s.idle_per_grant().as_secs_f64() / cost.ping_mean.as_secs_f64().max(f64::MIN_POSITIVE)
         ));
     }
 }

@@ -223,6 +223,9 @@ impl RedisCounters {
     }
 }
 
+/// How often the saturation window's round-trip probe sends its PING.
+const PING_EVERY: Duration = Duration::from_millis(5);
+
 pub(super) async fn saturation<C: BenchClient>(
     target: &Target,
     args: &BenchArgs,
@@ -245,9 +248,20 @@ pub(super) async fn saturation<C: BenchClient>(
         tokio::spawn(async move {
             tokio::time::sleep_until(tokio::time::Instant::from_std(from)).await;
             let before = RedisCounters::read(&mut conn).await?;
-            tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+            // The round trip under the same load, to state the idle time in round trips: a
+            // PING every few ms on this connection of its own, throughout the window.
+            let mut pings = Vec::new();
+            while Instant::now() < until {
+                let t = Instant::now();
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(|e| format!("PING: {e}"))?;
+                pings.push(t.elapsed());
+                tokio::time::sleep(PING_EVERY).await;
+            }
             let after = RedisCounters::read(&mut conn).await?;
-            Outcome::Ok((before, after))
+            Outcome::Ok((before, after, pings))
         })
     });
     let tallies = join_all(tasks).await.map_err(fail)?;
@@ -266,11 +280,17 @@ pub(super) async fn saturation<C: BenchClient>(
         waits.extend(tally.waits);
     }
     let per_grant = |x: u64| x as f64 / (grants.max(1) as f64);
-    let redis = counters.map(|(before, after)| RedisCost {
-        // The two INFO calls themselves are not the workload's.
-        commands_per_grant: per_grant(after.commands.saturating_sub(before.commands + 1)),
+    let redis = counters.map(|(before, after, pings)| RedisCost {
+        // The INFO before the window and the PINGs are not the workload's.
+        commands_per_grant: per_grant(
+            after
+                .commands
+                .saturating_sub(before.commands + 1 + pings.len() as u64),
+        ),
         scripts_per_grant: per_grant(after.scripts.saturating_sub(before.scripts)),
         cpu_share: (after.cpu - before.cpu).max(0.0) / length.as_secs_f64(),
+        ping_mean: pings.iter().sum::<Duration>() / u32::try_from(pings.len().max(1)).unwrap_or(1),
+        ping: Latency::new(pings),
     });
     Ok(SaturationResult {
         holders: args.holders,
