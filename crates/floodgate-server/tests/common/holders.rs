@@ -56,9 +56,9 @@ pub(crate) struct Events {
     pub(crate) duplicate_tokens: Vec<u64>,
 }
 
-/// Starts a holder process (`tests/crash/holder.py`) on `limiter`; `bases` is one server's URL,
-/// or several separated by commas (the holder picks one per request, as a client behind a load
-/// balancer would). Its events are counted in `events`.
+/// Starts a holder process (`crates/floodgate-cli/tests/crash/holder.py`) on `limiter`; `bases`
+/// is one server's URL, or several separated by commas (the holder picks one per request, as a
+/// client behind a load balancer would). Its events are counted in `events`.
 pub(crate) fn spawn_holder(
     bases: &str,
     limiter: &str,
@@ -67,7 +67,9 @@ pub(crate) fn spawn_holder(
     seed: u64,
     events: Arc<Mutex<Events>>,
 ) -> Child {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/crash/holder.py");
+    // Beside the tests that use it (in `floodgate-cli`), found from any package of this module.
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../floodgate-cli/tests/crash/holder.py");
     let mut child = Command::new("python3")
         .arg(script)
         .args([
