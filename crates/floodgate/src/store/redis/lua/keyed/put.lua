@@ -1,0 +1,51 @@
+-- put (keyed): create or reconfigure a keyed limiter; the plain put (ops/put.lua, next) does
+-- the total's part, and its grant_waiters() applies the per-key part first (apply_put).
+-- ARGV: 4-19 as the plain put (4: the total concurrency, MAX_CONCURRENCY when only the keys
+--       have one), 20 per-key concurrency ('' none), 21 max_keys, 22 the total concurrency as
+--       configured ('' none), 23 'keep' (a plain put of a keyed limiter: per-key spec kept).
+-- Reply: as the plain put | {'plain'} (a keep for a limiter that is no longer keyed) |
+--        {'invalid', 'per_key', message} (the limiter exists and is not keyed).
+
+if op == 'put' then
+  if exists and m.keyed ~= '1' then
+    return {'invalid', 'per_key',
+      'this limiter exists and is not keyed; delete it first to re-create it keyed', '-1'}
+  end
+  if ARGV[23] == 'keep' then
+    if not exists then return {'plain', '-1'} end
+    KD.put = {conc = KD.conc, max = KD.max, user = ARGV[22] or ''}
+  else
+    KD.put = {conc = opt(ARGV[20]), max = tonumber(ARGV[21]), user = ARGV[22] or ''}
+  end
+  if not exists then
+    -- Keys of an earlier incarnation must not leak into this one.
+    redis.call('UNLINK', K_KS, K_KO, K_KQ, K_RING, K_KH, K_BUSY)
+    KD.gen, KD.tmk, KD.created = 0, 0, 0
+  end
+end
+
+apply_put = function()
+  local p = KD.put
+  KD.put = nil
+  local changed = p.conc ~= KD.conc
+  KD.conc, KD.max = p.conc, p.max
+  m.keyed, m.k_user = '1', p.user
+  redis.call('HSET', K_META, 'keyed', '1', 'k_conc', ofmt(KD.conc), 'k_max', fmt(KD.max),
+    'k_user', p.user)
+  if not changed then return end
+  -- New per-key defaults: every key's limit in force (an administrative operation, O(keys)).
+  local raw = redis.call('HKEYS', K_KS)
+  for _, tkey in ipairs(raw) do
+    local k = kget(tkey)
+    if k then
+      k.limit, k.weight = limits_for(tkey)
+      kdirty(tkey)
+    end
+  end
+  refuse_impossible()
+  for _, tkey in ipairs(raw) do
+    wake_key(tkey)
+    maybe_drop(tkey)
+  end
+end
+
