@@ -161,13 +161,27 @@ remove_waiter = function(w, granted)
     reindex(w.tkey, k)
     wake_key(w.tkey)
     maybe_drop(w.tkey)
+    -- Its key's next waiter may run now (the core's dequeue grants before anything else).
+    grant_waiters()
   end
 end
 
--- The retry hint's backlog: the permits queued for the waiter's key, its own included.
+-- The retry hint's backlog: the permits still queued for the waiter's key once it has left
+-- (and whatever its leaving granted), plus its own, as the core's hint. The plain operations
+-- ask for it before taking the waiter out and use it after, so it is counted when used.
 permits_ahead = function(w)
-  local k = kget(w.tkey)
-  return k and k.qperm or w.permits
+  KD.hint_w = w
+  return w.permits
+end
+local plain_retry_hint = retry_hint
+retry_hint = function(ahead)
+  local w = KD.hint_w
+  if w then
+    KD.hint_w = nil
+    local k = kget(w.tkey)
+    ahead = (k and k.qperm or 0) + w.permits
+  end
+  return plain_retry_hint(ahead)
 end
 
 -- A grant to key `tkey` (state `k`): the total's grant, plus the key's share.
@@ -190,6 +204,14 @@ local apply_put
 grant_waiters = function()
   if KD.put then apply_put() end
   if learning_until then return end
+  if KD.lapse_at then
+    -- Leases ending at the same moment all end before anyone is granted, as in the core
+    -- (which frees them together): the plain advance grants after each one.
+    local at = KD.lapse_at
+    KD.lapse_at = nil
+    local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
+    if l[2] and tonumber(l[2]) == at then return end
+  end
   while true do
     local front = redis.call('LINDEX', K_RING, 0)
     if not front then return end
@@ -255,6 +277,7 @@ end
 local plain_drop_holder = drop_holder
 drop_holder = function(token, h, expired)
   plain_drop_holder(token, h, expired)
+  if expired then KD.lapse_at = h.deadline end
   local tkey = redis.call('HGET', K_KH, token)
   if not tkey then return end
   redis.call('HDEL', K_KH, token)
