@@ -269,3 +269,96 @@ async fn a_keyed_limiter_runs_on_redis_cluster() {
     drop(b2);
     assert!(gate.delete("orgs").await.unwrap());
 }
+
+async fn redis_gate() -> (Floodgate<RedisStore>, support::RedisServer) {
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(server.url()))
+        .await
+        .unwrap();
+    (Floodgate::with_store(store), server)
+}
+
+/// A keyed limiter's adaptive total moves with feedback on Redis as on the embedded store; a
+/// deleted keyed limiter answers its queued waiters `LimiterDeleted`; a retried idempotent
+/// keyed acquire gets the grant it already has; another server (another store on the same
+/// Redis) that never saw the limiter finds it keyed and applies the keyed rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_delete_idempotency_and_a_second_server_on_redis() {
+    use floodgate::{AdaptiveSpec, Feedback};
+    let (gate, server) = redis_gate().await;
+    let spec = LimiterSpec::concurrency(8).with_adaptive(AdaptiveSpec::between(2, 8));
+    gate.define_keyed("orgs", spec, KeyedSpec::per_key(4))
+        .await
+        .unwrap();
+    let limiter = gate.limiter("orgs").await.unwrap();
+    let backend = limiter.backend().clone();
+    assert_eq!(
+        backend.feedback(Feedback::Throttled).await.unwrap(),
+        Some(5)
+    );
+    assert_eq!(limiter.status().await.unwrap().limit, Some(5));
+
+    // Idempotent: the retry gets the same grant.
+    let options = || AcquireOptions::new().key("a").request_id("job-1");
+    let first = backend.acquire_keyed("a", options()).await.unwrap();
+    let again = backend.acquire_keyed("a", options()).await.unwrap();
+    assert_eq!(first.token, again.token);
+    assert_eq!(limiter.status().await.unwrap().in_use, 1);
+
+    // Another server sees the limiter keyed: a plain acquire is refused naming the key, and
+    // a keyed one counts against the same key.
+    let other = Floodgate::with_store(
+        RedisStore::connect(RedisConfig::new(server.url()))
+            .await
+            .unwrap(),
+    );
+    let other_limiter = other.limiter("orgs").await.unwrap();
+    let plain = other_limiter.acquire(AcquireOptions::new()).await;
+    assert!(
+        matches!(&plain, Err(AcquireError::Refused(Refusal::Invalid(f))) if f.field == "key"),
+        "{plain:?}"
+    );
+    for _ in 0..3 {
+        let _ = other_limiter
+            .acquire(AcquireOptions::new().key("a"))
+            .await
+            .unwrap()
+            .detach();
+    }
+    let view = other_limiter.backend().keys(5).await.unwrap().unwrap();
+    assert_eq!((view.count, view.busiest[0].in_use), (1, 4));
+    // Its fifth waits; the limiter is deleted meanwhile.
+    let waiter = {
+        let limiter = other_limiter.clone();
+        tokio::spawn(async move {
+            limiter
+                .acquire(AcquireOptions::new().key("a").wait(Duration::from_secs(20)))
+                .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while limiter.status().await.unwrap().waiting == 0 {
+        assert!(Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(gate.delete("orgs").await.unwrap());
+    let outcome = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(outcome, Err(AcquireError::Refused(Refusal::LimiterDeleted))),
+        "{outcome:?}"
+    );
+    // Re-created plain: keys are refused, plain acquires work, on both servers.
+    gate.define("orgs", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    let keyed = other_limiter.acquire(AcquireOptions::new().key("a")).await;
+    assert!(
+        matches!(&keyed, Err(AcquireError::Refused(Refusal::Invalid(f))) if f.field == "key"),
+        "{keyed:?}"
+    );
+    let p = other_limiter.acquire(AcquireOptions::new()).await.unwrap();
+    assert!(p.release().await.unwrap());
+}
