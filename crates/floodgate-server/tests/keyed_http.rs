@@ -325,20 +325,14 @@ async fn per_key_only(srv: Srv) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_store_refuses_what_it_lacks_naming_the_field() {
     let (srv, _redis) = Srv::redis().await;
-    let rated = srv
-        .put(
-            "/v1/limiters/rated",
-            json!({"concurrency": 4, "per_key": {"concurrency": 2, "rate": {"limit": 5, "period_ms": 1000}}}),
-        )
-        .await;
-    assert_error(&rated, 400, "invalid_request", "per_key.rate");
     let (s, body) = srv
         .put(
             "/v1/limiters/orgs",
-            json!({"concurrency": 4, "per_key": {"concurrency": 2}}),
+            json!({"concurrency": 4, "per_key": {"concurrency": 2, "rate": {"limit": 5, "period_ms": 1000}}}),
         )
         .await;
     assert_eq!(s, 200, "{body}");
+    assert_eq!(body["keyed"]["per_key"]["rate"]["limit"], 5, "{body}");
     let schedule = srv
         .post(
             "/v1/limiters/orgs/schedule",

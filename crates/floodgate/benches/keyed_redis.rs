@@ -73,6 +73,8 @@ impl Lim {
                 "kring",
                 "kholders",
                 "kbusy",
+                "ksleep",
+                "kidle",
             ]);
         }
         let lim = Lim {

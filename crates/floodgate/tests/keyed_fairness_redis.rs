@@ -60,6 +60,8 @@ impl Sim {
                 "kring",
                 "kholders",
                 "kbusy",
+                "ksleep",
+                "kidle",
             ]);
         }
         let keys = parts.iter().map(|k| format!("fg:{{{name}}}:{k}")).collect();

@@ -1,7 +1,9 @@
 //! The keyed script against the embedded keyed layer, side by side (issue 14: "the same
 //! observable behaviour on both stores"). Random sequences of keyed acquires (granted, queued,
 //! refused: per-key limit, total, `max_keys`, a wait of 0), releases, extends, cancels,
-//! overrides and time steps (leases lapsing, waits timing out) run on a `KeyLayer` and, with
+//! overrides and time steps (leases lapsing, waits timing out, keys' and the total's rate
+//! token times, rate debt ending), on limiters with a total, per-key limits, per-key and total
+//! rates in every combination, run on a `KeyLayer` and, with
 //! the clock in the op argument (`op@now`, as `twin.rs`), on the keyed script on a real
 //! `redis-server`. After every step they must agree on the answer (its kind, retry hints,
 //! refusal fields, lease deadlines), on which waiters were decided and how (grant or refusal,
@@ -22,7 +24,7 @@ use std::time::Duration;
 
 use floodgate::core::keyed::{KeyLayer, KeyOverride, KeyedSpec};
 use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal, WaiterId};
-use floodgate::{FencingToken, LimiterSpec, Timestamp};
+use floodgate::{FencingToken, LimiterSpec, RateSpec, Timestamp};
 
 const T0: u64 = 1_000_000_000_000;
 const KEYS: [&str; 5] = ["a", "b", "c", "d", "e"];
@@ -107,6 +109,8 @@ impl Twin {
             "kring",
             "kholders",
             "kbusy",
+            "ksleep",
+            "kidle",
         ]
         .iter()
         .map(|k| format!("kt:{{{name}}}:{k}"))
@@ -118,6 +122,17 @@ impl Twin {
             1 => (None, Some(2)),
             _ => (Some(3), None),
         };
+        // Rates: none, per key, on the total, or both (limit per 100 ms, small bursts).
+        let rate = |rng: &mut Rng| {
+            RateSpec::per(2 + rng.below(30) as u32, Duration::from_millis(100))
+                .with_burst(2 + rng.below(2) as u32)
+        };
+        let (key_rate, total_rate) = match rng.below(4) {
+            0 => (None, None),
+            1 => (Some(rate(rng)), None),
+            2 => (None, Some(rate(rng))),
+            _ => (Some(rate(rng)), Some(rate(rng))),
+        };
         let max_keys = 3 + rng.below(3) as u32;
         let max_queue = 6 + rng.below(6) as u32;
         let mut spec = LimiterSpec::concurrency(total_c.unwrap_or(1))
@@ -125,8 +140,10 @@ impl Twin {
             .with_max_wait(Duration::from_millis(100))
             .with_max_queue(max_queue);
         spec.concurrency = total_c;
+        spec.rate = total_rate;
         let mut keyed = KeyedSpec::default().with_max_keys(max_keys);
         keyed.concurrency = per_key;
+        keyed.rate = key_rate;
         let first = T0 / 2;
         let (total, layer) = KeyLayer::new(spec.clone(), keyed, first).unwrap();
         let mut twin = Twin {
@@ -141,18 +158,27 @@ impl Twin {
             queued: BTreeMap::new(),
             decided: Default::default(),
             next_waiter: 0,
-            log: vec![format!("spec total {total_c:?} per key {per_key:?} max_keys {max_keys} max_queue {max_queue}")],
+            log: vec![format!(
+                "spec total {total_c:?} {total_rate:?} per key {per_key:?} {key_rate:?} \
+                 max_keys {max_keys} max_queue {max_queue}"
+            )],
         };
         let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_default();
+        let limit = |r: Option<RateSpec>| opt(r.map(|r| r.limit));
+        let period = |r: Option<RateSpec>| {
+            r.map(|r| r.period.as_micros().to_string())
+                .unwrap_or_default()
+        };
+        let burst = |r: Option<RateSpec>| opt(r.map(|r| r.burst));
         let args: Vec<String> = vec![
             total_c.unwrap_or(1_000_000).to_string(),
             "200000".into(),
             "100000".into(),
             max_queue.to_string(),
             first.to_string(),
-            String::new(),
-            String::new(),
-            String::new(),
+            limit(total_rate),
+            period(total_rate),
+            burst(total_rate),
             String::new(),
             String::new(),
             String::new(),
@@ -165,6 +191,9 @@ impl Twin {
             max_keys.to_string(),
             opt(total_c),
             String::new(),
+            limit(key_rate),
+            period(key_rate),
+            burst(key_rate),
         ];
         let reply = twin.call("put", &args);
         assert_eq!(reply[0], "status", "{reply:?}");
@@ -357,6 +386,18 @@ impl Twin {
                 self.call("advance", &[]);
             }
         }
+        if std::env::var_os("FLOODGATE_TWIN_DEBUG").is_some() {
+            let st = self.total.to_state();
+            let hot: String = redis::cmd("GET")
+                .arg(&self.keys[8])
+                .query(&mut self.conn)
+                .unwrap();
+            let h: Vec<&str> = hot.split('|').collect();
+            self.log.push(format!(
+                "   core ewma {:?} tat {} | script ewma {} tat {}",
+                st.hold_ewma_us, st.tat, h[10], h[17]
+            ));
+        }
         self.compare_decisions(fx);
         self.compare_state();
     }
@@ -455,7 +496,7 @@ impl Twin {
             ));
         }
         let mut s = vec![reply[1].clone()];
-        let mut i = 7;
+        let mut i = 10;
         while i + 6 < reply.len() {
             let limit = if reply[i + 4].is_empty() {
                 "None".to_owned()

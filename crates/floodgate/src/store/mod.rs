@@ -115,8 +115,7 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// Creates a keyed limiter (a limit per key under the total of `spec`, shared fairly
     /// across keys; see [`crate::core::keyed`]), or changes the spec of one that exists. A
     /// store without keyed limiters (the default) refuses with an error naming the `per_key`
-    /// field, so a key is never silently ignored; both stores of this crate have them (the
-    /// Redis store without rates: it refuses `rate` and `per_key.rate`).
+    /// field, so a key is never silently ignored; both stores of this crate have them.
     fn put_keyed_limiter(
         &self,
         name: &LimiterName,

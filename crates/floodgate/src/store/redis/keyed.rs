@@ -1,6 +1,6 @@
 //! Keyed limiters on Redis: a second script (`lua/keyed/`, joined by `script.rs`) runs every
 //! operation of a keyed limiter, with the plain limiter state as its total and the keys' state
-//! in six more keys under the same hash tag (see `lua/keyed/drain.lua`).
+//! in eight more keys under the same hash tag (see `lua/keyed/drain.lua`).
 //!
 //! Which script a limiter's operation goes to: a store remembers the keyed limiters it has
 //! seen. The plain script answers `keyed` for a keyed limiter (a store that did not know it,
@@ -8,9 +8,9 @@
 //! script answers `plain` for a plain limiter (deleted and re-created plain meanwhile). So a
 //! limiter is never served by the wrong rules, and the common case costs one script call.
 //!
-//! Not on this store yet (refused naming the field): a total or per-key rate on a keyed
-//! limiter, and so keyed `schedule`; keyed limiters are not re-created after Redis lost their
-//! state (no learning window: they answer `unknown_limiter` until put again).
+//! Not on this store yet: keyed `schedule` (refused naming `key`); keyed limiters are not
+//! re-created after Redis lost their state (no learning window: they answer `unknown_limiter`
+//! until put again).
 
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -22,17 +22,19 @@ use crate::core::keyed::{
 };
 use crate::core::{LimiterStatus, Refusal};
 use crate::error::StoreError;
-use crate::spec::{InvalidField, LimiterSpec, MAX_CONCURRENCY};
+use crate::spec::{InvalidField, LimiterSpec, RateSpec, MAX_CONCURRENCY};
 use crate::types::LimiterName;
 
 /// The keyed script's own keys, after the plain script's eleven (see `lua/keyed/drain.lua`).
-const KEYED_KEYS: [&str; 6] = [
+const KEYED_KEYS: [&str; 8] = [
     "kstate",
     "koverrides",
     "kqueue",
     "kring",
     "kholders",
     "kbusy",
+    "ksleep",
+    "kidle",
 ];
 
 impl Inner {
@@ -81,8 +83,7 @@ fn not_keyed() -> InvalidField {
 pub(super) fn no_keyed_schedule() -> StoreError {
     StoreError::Invalid(InvalidField::new(
         "key",
-        "keyed schedules are not supported by the Redis store yet (a keyed limiter there has no \
-         rate; the embedded store has both)",
+        "keyed schedules are not supported by the Redis store yet (the embedded store has them)",
     ))
 }
 
@@ -132,7 +133,7 @@ impl RedisLimiter {
     }
 
     /// The keyed script's own keys of this limiter, under its hash tag.
-    pub(super) fn keyed_keys(&self) -> [String; 6] {
+    pub(super) fn keyed_keys(&self) -> [String; 8] {
         let p = &self.store.config.prefix;
         let n = self.name.as_str();
         KEYED_KEYS.map(|k| format!("{p}:{{{n}}}:{k}"))
@@ -180,11 +181,16 @@ impl RedisLimiter {
         keyed: &KeyedSpec,
     ) -> Result<LimiterStatus, StoreError> {
         let mut args = Self::put_args(&total_spec(spec), None, false);
+        let rate = keyed.rate;
         args.extend([
             keyed.concurrency.map(|c| c.to_string()).unwrap_or_default(),
             keyed.max_keys.to_string(),
             spec.concurrency.map(|c| c.to_string()).unwrap_or_default(),
             String::new(),
+            rate.map(|r| r.limit.to_string()).unwrap_or_default(),
+            rate.map(|r| r.period.as_micros().to_string())
+                .unwrap_or_default(),
+            rate.map(|r| r.burst.to_string()).unwrap_or_default(),
         ]);
         let reply = self.call_once("put", &args).await?;
         match tag(&reply) {
@@ -256,14 +262,22 @@ fn parse_keys(reply: &[String]) -> Result<KeysView, StoreError> {
             Some(_) => small(i).map(Some),
         }
     };
+    let rate = match opt_small(7)? {
+        Some(limit) => Some(RateSpec {
+            limit,
+            period: Duration::from_micros(n(8)?),
+            burst: small(9)?,
+        }),
+        None => None,
+    };
     let spec = KeyedSpec {
         concurrency: opt_small(5)?,
-        rate: None,
+        rate,
         max_keys: small(6)?,
     };
     let mut busiest = Vec::new();
-    // Fields 7.. are keys of six fields each; the reply ends with the next-deadline delay.
-    let mut i = 7;
+    // Fields 10.. are keys of six fields each; the reply ends with the next-deadline delay.
+    let mut i = 10;
     while i + 6 < reply.len() {
         busiest.push(KeyInfo {
             key: Arc::from(reply[i].as_str()),
@@ -297,20 +311,6 @@ impl RedisStore {
     ) -> Result<LimiterStatus, StoreError> {
         keyed.validate(&spec)?;
         total_spec(&spec).validate()?;
-        if spec.rate.is_some() {
-            return Err(StoreError::Invalid(InvalidField::new(
-                "rate",
-                "a keyed limiter on the Redis store has no total rate yet (the embedded store \
-                 has it)",
-            )));
-        }
-        if keyed.rate.is_some() {
-            return Err(StoreError::Invalid(InvalidField::new(
-                "per_key.rate",
-                "a keyed limiter on the Redis store has no per-key rate yet (the embedded store \
-                 has it)",
-            )));
-        }
         self.register(name).await?;
         let status = self.handle(name).put_keyed(&spec, &keyed).await?;
         super::revive::register(&self.inner, name).await?;

@@ -49,6 +49,7 @@ if op == 'acquire' then
   if not k then key_limit = limits_for(tkey) end
   local cap = permit_cap()
   if key_limit and (not cap or key_limit < cap) then cap = key_limit end
+  if KD.rate and (not cap or KD.rate.burst < cap) then cap = KD.rate.burst end
   if cap and permits > cap then
     c.rejected = c.rejected + 1
     return finish({'exceeds', fmt(permits), fmt(cap)})
@@ -72,7 +73,7 @@ if op == 'acquire' then
   -- The common case, without queueing: nobody waits on the total, this key has no waiters,
   -- and everything fits.
   if redis.call('LLEN', K_RING) == 0 and k.qlen == 0 and admits(k, permits) and fits(permits)
-    and not learning_until then
+    and not learning_until and (rate_at(permits) or 0) <= now then
     local g = kgrant(tkey, k, permits, lease, now, key, ARGV[9], false)
     if idem(key) then redis.call('HSET', K_HOLD, 'a:' .. key, attempt) end
     table.insert(g, 1, 'granted')
@@ -80,7 +81,7 @@ if op == 'acquire' then
   end
   if redis.call('ZCARD', K_KQ) >= max_queue then
     c.queue_full = c.queue_full + 1
-    local hint = retry_hint(k.qperm + permits)
+    local hint = khint(tkey, permits)
     maybe_drop(tkey)
     return finish({'queue_full', fmt(hint)})
   end
@@ -101,7 +102,11 @@ if op == 'acquire' then
   k.qperm = k.qperm + permits
   kdirty(tkey)
   reindex(tkey, k)
-  if first then wake_key(tkey) end
+  if first then
+    -- The head is new: the key may join the ring (or wait for its rate).
+    k.sleeping = nil
+    wake_key(tkey)
+  end
   grant_waiters()
   local last = wakes[#wakes]
   if last and last[1] == key and string.sub(last[3], 1, 2) == 'G|' then
@@ -125,12 +130,14 @@ end
 -- keys: a keyed limiter's key count and busiest keys.
 -- ARGV: 4 most keys listed.
 -- Reply: {'keys', count, overrides, too_many_keys, keys_created, per-key concurrency ('' none),
---         max_keys, then per key: key, in_use, holders, waiting, limit ('' none), weight}.
+--         max_keys, per-key rate limit, period us, burst ('' none), then per key: key, in_use, holders, waiting, limit ('' none), weight}.
 if op == 'keys' then
   advance()
   kflush()
+  local r = KD.rate
   local out = {'keys', fmt(redis.call('HLEN', K_KS)), fmt(redis.call('HLEN', K_KO)),
-               fmt(KD.tmk), fmt(KD.created), ofmt(KD.conc), fmt(KD.max)}
+               fmt(KD.tmk), fmt(KD.created), ofmt(KD.conc), fmt(KD.max),
+               r and fmt(r.limit) or '', r and fmt(r.period) or '', r and fmt(r.burst) or ''}
   local n = tonumber(ARGV[4]) or 0
   if n > 0 then
     for _, tkey in ipairs(redis.call('ZREVRANGE', K_BUSY, 0, n - 1)) do

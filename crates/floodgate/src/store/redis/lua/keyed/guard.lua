@@ -15,12 +15,12 @@ if op == 'delete' then
     redis.call('PEXPIRE', K_DEAD, ARGV[3])
   end
   redis.call('UNLINK', K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT, K_KS, K_KO, K_RING,
-    K_KH, K_BUSY)
+    K_KH, K_BUSY, K_SLEEP, K_IDLE)
   return {'deleted', fmt(kdrain()), '-1'}
 end
 
--- Schedules name a key; a keyed schedule is not built on this store (no rate: see put).
+-- Schedules name a key; a keyed schedule is not built on this store.
 if op == 'schedule' or op == 'unschedule' then
-  return finish({'invalid', 'count', 'this limiter is keyed and has no rate limit to schedule against'})
+  return finish({'invalid', 'key', 'this limiter is keyed: keyed schedules are not supported by the Redis store yet'})
 end
 

@@ -1,14 +1,35 @@
 -- The keyed layer's state and rules (core/keyed/sched.rs and ops.rs, in Lua). The plain
 -- helpers that touch waiters and holders are replaced here (they are locals of this chunk, so
 -- the plain operations included after this file call the keyed ones): parse_waiter,
--- remove_waiter, permits_ahead, grant_waiters, refuse_impossible, drop_holder, status_fields,
--- finish. Key state is read once per operation into `KD.cache` and written back by finish().
+-- remove_waiter, permits_ahead, retry_hint, grant_waiters, refuse_impossible, drop_holder,
+-- advance, head_rate_at (the next time event, for the store's timer), status_fields, finish. Key state is read once per operation into `KD.cache` and written back by finish().
 
 -- Per-key spec (meta fields written by a keyed put): the per-key concurrency, the key cap,
 -- the total concurrency as configured ('' none: the total then runs at MAX_CONCURRENCY).
+-- `rate`: the per-key rate ({limit, period, burst, t: its emission interval}) or nil; `held`:
+-- when the total's rate lets the key whose turn it is run, while only that holds it.
 local KD = {cache = {}, dirty = {}, touched = {}, conc = opt(m.k_conc),
             max = tonumber(m.k_max or '0'), gen = tonumber(m.k_gen or '0'),
-            tmk = tonumber(m.k_tmk or '0'), created = tonumber(m.k_created or '0')}
+            tmk = tonumber(m.k_tmk or '0'), created = tonumber(m.k_created or '0'),
+            held = opt(m.k_held)}
+local K_SLEEP, K_IDLE = KEYS[18], KEYS[19]
+
+-- The per-key rate from its meta field 'limit|period_us|burst' ('' none).
+local function parse_rate(raw)
+  if not raw or raw == '' then return nil end
+  local f = split(raw)
+  local r = {limit = tonumber(f[1]), period = tonumber(f[2]), burst = tonumber(f[3])}
+  r.t = math.max(1, math.ceil(r.period / r.limit))
+  return r
+end
+KD.rate = parse_rate(m.k_rate)
+
+-- When the key's rate allows `permits` tokens (sched.rs gcra_at); nil without a rate.
+local function key_rate_at(k, permits)
+  local r = KD.rate
+  if not r then return nil end
+  return math.max(0, k.tat + r.t * permits - r.t * r.burst)
+end
 
 -- A key written by this operation gets its TTL in finish() (it may have been created).
 local function ktouch(key) KD.touched[key] = true end
@@ -28,7 +49,8 @@ local function kget(tkey)
   k = {gen = tonumber(f[1]), in_use = tonumber(f[2]), holders = tonumber(f[3]),
        qlen = tonumber(f[4]), qperm = tonumber(f[5]), deficit = tonumber(f[6]),
        turn = f[7] == '1', in_ring = f[8] == '1', limit = opt(f[9]), weight = tonumber(f[10]),
-       load = tonumber(f[11])}
+       load = tonumber(f[11]), tat = tonumber(f[12] or '0'), sleeping = opt(f[13]),
+       idle_armed = f[14] == '1'}
   KD.cache[tkey] = k
   return k
 end
@@ -48,7 +70,8 @@ end
 local function new_key(tkey)
   local limit_, weight = limits_for(tkey)
   local k = {gen = KD.gen, in_use = 0, holders = 0, qlen = 0, qperm = 0, deficit = 0,
-             turn = false, in_ring = false, limit = limit_, weight = weight, load = 0}
+             turn = false, in_ring = false, limit = limit_, weight = weight, load = 0, tat = 0,
+             sleeping = nil, idle_armed = false}
   KD.gen = KD.gen + 1
   KD.created = KD.created + 1
   KD.cache[tkey] = k
@@ -63,7 +86,7 @@ local function kflush()
     if k then
       redis.call('HSET', K_KS, tkey, table.concat({fmt(k.gen), fmt(k.in_use), fmt(k.holders),
         fmt(k.qlen), fmt(k.qperm), fmt(k.deficit), bool(k.turn), bool(k.in_ring), ofmt(k.limit),
-        fmt(k.weight), fmt(k.load)}, '|'))
+        fmt(k.weight), fmt(k.load), fmt(k.tat), ofmt(k.sleeping), bool(k.idle_armed)}, '|'))
       ktouch(K_KS)
     else
       redis.call('HDEL', K_KS, tkey)
@@ -91,21 +114,40 @@ local function key_head(tkey)
   return parse_kq(r[1])
 end
 
--- Whether `permits` more fit the key's own limit.
+-- Whether `permits` more fit the key's own limits now (sched.rs admits): true, or false and
+-- the moment its rate allows them (nil: its concurrency limit is reached).
 local function admits(k, permits)
-  return k.limit == nil or k.in_use + permits <= k.limit
+  if k.limit and k.in_use + permits > k.limit then return false, nil end
+  local at = key_rate_at(k, permits)
+  if at and at > now then return false, at end
+  return true
 end
 
--- Puts a key that is not in the ring there if its head can run (sched.rs wake_key).
+-- Arms the wake-up of a key held back by its own rate until `at`.
+local function sleep_key(tkey, k, at)
+  if not k.sleeping or k.sleeping > at then
+    k.sleeping = at
+    kdirty(tkey)
+    redis.call('ZADD', K_SLEEP, fmt(at), fmt(k.gen) .. SEP .. tkey)
+    ktouch(K_SLEEP)
+  end
+end
+
+-- Puts a key that is not in the ring there if its head can run, or arms its rate wake-up
+-- (sched.rs wake_key).
 local function wake_key(tkey)
   local k = kget(tkey)
   if not k or k.in_ring or k.qlen == 0 then return end
   local head = key_head(tkey)
-  if head and admits(k, head.permits) then
+  if not head then return end
+  local ok, at = admits(k, head.permits)
+  if ok then
     k.in_ring = true
     kdirty(tkey)
     redis.call('RPUSH', K_RING, fmt(k.gen) .. SEP .. tkey)
     ktouch(K_RING)
+  elseif at then
+    sleep_key(tkey, k, at)
   end
 end
 
@@ -123,10 +165,20 @@ local function reindex(tkey, k)
   kdirty(tkey)
 end
 
--- Drops a key's state once it holds nothing and waits for nothing.
+-- Drops a key's state once it holds nothing, waits for nothing and owes no rate; a key whose
+-- only state is rate debt is looked at again when the debt ends.
 local function maybe_drop(tkey)
   local k = kget(tkey)
   if not k or k.holders > 0 or k.qlen > 0 then return end
+  if k.tat > now then
+    if not k.idle_armed then
+      k.idle_armed = true
+      kdirty(tkey)
+      redis.call('ZADD', K_IDLE, fmt(k.tat), fmt(k.gen) .. SEP .. tkey)
+      ktouch(K_IDLE)
+    end
+    return
+  end
   if k.load > 0 then redis.call('ZREM', K_BUSY, tkey) end
   KD.cache[tkey] = false
   kdirty(tkey)
@@ -148,6 +200,9 @@ end
 -- key's bookkeeping), otherwise it gave up, timed out or was refused, and its key's next
 -- waiter may run.
 remove_waiter = function(w, granted)
+  -- (A granted waiter is its key's head; another one may not be.)
+  local head = not granted and key_head(w.tkey)
+  local was_head = head and head.seq == w.seq
   redis.call('ZREM', K_KQ, kq_member(w.tkey, w.seq, w.member))
   redis.call('ZREM', K_WAITS, wait_member(w.seq, w.key))
   if not granted then redis.call('HDEL', K_HOLD, 'k:' .. w.key, 'a:' .. w.key) end
@@ -159,10 +214,12 @@ remove_waiter = function(w, granted)
   kdirty(w.tkey)
   if not granted then
     reindex(w.tkey, k)
-    wake_key(w.tkey)
+    if was_head then
+      -- Its key's next waiter may run now (the core's dequeue grants before anything else).
+      wake_key(w.tkey)
+      grant_waiters()
+    end
     maybe_drop(w.tkey)
-    -- Its key's next waiter may run now (the core's dequeue grants before anything else).
-    grant_waiters()
   end
 end
 
@@ -174,12 +231,20 @@ permits_ahead = function(w)
   return w.permits
 end
 local plain_retry_hint = retry_hint
+-- When to try again, for `permits` more of key `tkey`: the total's hint for the key's backlog,
+-- or the key's rate, if later (ops.rs hint).
+local function khint(tkey, permits)
+  local k = kget(tkey)
+  local hint = plain_retry_hint((k and k.qperm or 0) + permits)
+  local at = k and key_rate_at(k, permits)
+  if at and at - now > hint then hint = at - now end
+  return hint
+end
 retry_hint = function(ahead)
   local w = KD.hint_w
   if w then
     KD.hint_w = nil
-    local k = kget(w.tkey)
-    ahead = (k and k.qperm or 0) + w.permits
+    return khint(w.tkey, w.permits)
   end
   return plain_retry_hint(ahead)
 end
@@ -191,6 +256,7 @@ local function kgrant(tkey, k, permits, lease, enqueued_at, key, label, queued)
   ktouch(K_KH)
   k.in_use = k.in_use + permits
   k.holders = k.holders + 1
+  if KD.rate then k.tat = math.max(k.tat, now) + KD.rate.t * permits end
   kdirty(tkey)
   reindex(tkey, k)
   return g
@@ -203,6 +269,7 @@ local apply_put
 -- robin, sched.rs grant_waiters). Afterwards no waiter can be granted until something changes.
 grant_waiters = function()
   if KD.put then apply_put() end
+  KD.held = nil
   if learning_until then return end
   if KD.lapse_at then
     -- Leases ending at the same moment all end before anyone is granted, as in the core
@@ -222,11 +289,14 @@ grant_waiters = function()
       redis.call('LPOP', K_RING)
     else
       local head = k.qlen > 0 and key_head(tkey) or nil
-      if not head or not admits(k, head.permits) then
-        -- Left the ring: emptied, or held back by its own limit.
+      local ok, at = false, nil
+      if head then ok, at = admits(k, head.permits) end
+      if not ok then
+        -- Left the ring: emptied, or held back by its own limit (its rate: until `at`).
         redis.call('LPOP', K_RING)
         k.in_ring, k.turn, k.deficit = false, false, 0
         kdirty(tkey)
+        if at then sleep_key(tkey, k, at) end
       else
         if not k.turn then
           k.turn = true
@@ -240,6 +310,10 @@ grant_waiters = function()
           redis.call('LMOVE', K_RING, K_RING, 'LEFT', 'RIGHT')
         elseif not fits(head.permits) then
           -- The total holds back the key whose turn it is (and so everyone).
+          return
+        elseif (rate_at(head.permits) or 0) > now then
+          -- So does the total's rate, until its token time.
+          KD.held = rate_at(head.permits)
           return
         else
           remove_waiter(head, true)
@@ -263,6 +337,7 @@ refuse_impossible = function()
     local k = kget(w.tkey)
     local cap = total_cap
     if k and k.limit and (not cap or k.limit < cap) then cap = k.limit end
+    if KD.rate and (not cap or KD.rate.burst < cap) then cap = KD.rate.burst end
     if cap and w.permits > cap then doomed[#doomed + 1] = {w, cap} end
   end
   for _, d in ipairs(doomed) do
@@ -304,10 +379,89 @@ status_fields = function()
   return out
 end
 
+-- Applies the passage of time up to now: lease lapses, wait deadlines, per-key rate token
+-- times, ends of rate debt and the total's token time, in time order (a lapse first, then a
+-- rate wake-up, an idle key, a wait), granting what each frees (ops.rs advance).
+advance = function()
+  while true do
+    local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
+    local lease = l[2] and tonumber(l[2])
+    local wat, wkey, wmem = first_wait()
+    local sl = redis.call('ZRANGE', K_SLEEP, 0, 0, 'WITHSCORES')
+    local sleep = sl[2] and tonumber(sl[2])
+    local il = redis.call('ZRANGE', K_IDLE, 0, 0, 'WITHSCORES')
+    local idle = il[2] and tonumber(il[2])
+    local at = nil
+    for _, t in ipairs({lease or NONE, sleep or NONE, idle or NONE, KD.held or NONE, wat or NONE}) do
+      if not at or t < at then at = t end
+    end
+    if at > now then return end
+    if lease == at then
+      -- Every lease ending then lapses before anyone is granted.
+      local due = redis.call('ZRANGEBYSCORE', K_LEASE, '-inf', fmt(at))
+      for _, token in ipairs(due) do
+        local h = parse_holder(token)
+        if h then
+          -- (Its outcome, if it came from the queue, is kept for a waiter that never saw it.)
+          drop_holder(token, h, true)
+          in_use = math.max(0, in_use - h.permits)
+          c.expired = c.expired + 1
+        else
+          redis.call('ZREM', K_LEASE, token)
+        end
+      end
+    elseif sleep == at then
+      for _, mem in ipairs(redis.call('ZRANGEBYSCORE', K_SLEEP, '-inf', fmt(at))) do
+        redis.call('ZREM', K_SLEEP, mem)
+        local s = string.find(mem, SEP, 1, true)
+        local gen, tkey = tonumber(string.sub(mem, 1, s - 1)), string.sub(mem, s + 1)
+        local k = kget(tkey)
+        if k and k.gen == gen and k.sleeping == at then
+          k.sleeping = nil
+          kdirty(tkey)
+          wake_key(tkey)
+        end
+      end
+    elseif idle == at then
+      redis.call('ZREM', K_IDLE, il[1])
+      local s = string.find(il[1], SEP, 1, true)
+      local gen, tkey = tonumber(string.sub(il[1], 1, s - 1)), string.sub(il[1], s + 1)
+      local k = kget(tkey)
+      if k and k.gen == gen then
+        k.idle_armed = false
+        kdirty(tkey)
+        maybe_drop(tkey)
+      end
+    elseif wat == at then
+      local wt = parse_waiter(wkey)
+      if wt then
+        local ahead = permits_ahead(wt)
+        remove_waiter(wt)
+        c.timed_out = c.timed_out + 1
+        wake(wt.key, wt.channel, 'T|' .. fmt(retry_hint(ahead)), false)
+      elseif wmem then
+        redis.call('ZREM', K_WAITS, wmem)
+      end
+    end
+    grant_waiters()
+  end
+end
+
+-- The next moment the keyed layer's own time events need looking at, for the store's timer.
+head_rate_at = function()
+  local t = KD.held
+  for _, key in ipairs({K_SLEEP, K_IDLE}) do
+    local r = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if r[2] and (not t or tonumber(r[2]) < t) then t = tonumber(r[2]) end
+  end
+  return t
+end
+
 local plain_finish = finish
 finish = function(reply)
   kflush()
-  local fields = {k_gen = fmt(KD.gen), k_tmk = fmt(KD.tmk), k_created = fmt(KD.created)}
+  local fields = {k_gen = fmt(KD.gen), k_tmk = fmt(KD.tmk), k_created = fmt(KD.created),
+                  k_held = ofmt(KD.held)}
   local changed = {}
   for f, v in pairs(fields) do
     if m[f] ~= v and m.keyed == '1' then
@@ -317,7 +471,7 @@ finish = function(reply)
   end
   if #changed > 0 then redis.call('HSET', K_META, unpack(changed)) end
   if refresh then
-    for i = 12, 17 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+    for i = 12, 19 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
   else
     for key in pairs(KD.touched) do redis.call('PEXPIRE', key, ttl_ms) end
   end

@@ -2,7 +2,8 @@
 -- the total's part, and its grant_waiters() applies the per-key part first (apply_put).
 -- ARGV: 4-19 as the plain put (4: the total concurrency, MAX_CONCURRENCY when only the keys
 --       have one), 20 per-key concurrency ('' none), 21 max_keys, 22 the total concurrency as
---       configured ('' none), 23 'keep' (a plain put of a keyed limiter: per-key spec kept).
+--       configured ('' none), 23 'keep' (a plain put of a keyed limiter: per-key spec kept),
+--       24-26 per-key rate limit, period us, burst ('' none).
 -- Reply: as the plain put | {'plain'} (a keep for a limiter that is no longer keyed) |
 --        {'invalid', 'per_key', message} (the limiter exists and is not keyed).
 
@@ -13,13 +14,15 @@ if op == 'put' then
   end
   if ARGV[23] == 'keep' then
     if not exists then return {'plain', '-1'} end
-    KD.put = {conc = KD.conc, max = KD.max, user = ARGV[22] or ''}
+    KD.put = {conc = KD.conc, max = KD.max, user = ARGV[22] or '', rate = m.k_rate or ''}
   else
-    KD.put = {conc = opt(ARGV[20]), max = tonumber(ARGV[21]), user = ARGV[22] or ''}
+    local rate = ''
+    if (ARGV[24] or '') ~= '' then rate = ARGV[24] .. '|' .. ARGV[25] .. '|' .. ARGV[26] end
+    KD.put = {conc = opt(ARGV[20]), max = tonumber(ARGV[21]), user = ARGV[22] or '', rate = rate}
   end
   if not exists then
     -- Keys of an earlier incarnation must not leak into this one.
-    redis.call('UNLINK', K_KS, K_KO, K_KQ, K_RING, K_KH, K_BUSY)
+    redis.call('UNLINK', K_KS, K_KO, K_KQ, K_RING, K_KH, K_BUSY, K_SLEEP, K_IDLE)
     KD.gen, KD.tmk, KD.created = 0, 0, 0
   end
 end
@@ -27,11 +30,11 @@ end
 apply_put = function()
   local p = KD.put
   KD.put = nil
-  local changed = p.conc ~= KD.conc
-  KD.conc, KD.max = p.conc, p.max
-  m.keyed, m.k_user = '1', p.user
+  local changed = p.conc ~= KD.conc or p.rate ~= (m.k_rate or '')
+  KD.conc, KD.max, KD.rate = p.conc, p.max, parse_rate(p.rate)
+  m.keyed, m.k_user, m.k_rate = '1', p.user, p.rate
   redis.call('HSET', K_META, 'keyed', '1', 'k_conc', ofmt(KD.conc), 'k_max', fmt(KD.max),
-    'k_user', p.user)
+    'k_user', p.user, 'k_rate', p.rate)
   if not changed then return end
   -- New per-key defaults: every key's limit in force (an administrative operation, O(keys)).
   local raw = redis.call('HKEYS', K_KS)
