@@ -321,24 +321,55 @@ async fn per_key_only(srv: Srv) {
     srv.served.stop().await;
 }
 
-/// What the Redis store does not have yet is refused naming the field, never ignored.
+/// A per-key rate, and a keyed schedule paced by it, on both stores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_redis_store_refuses_what_it_lacks_naming_the_field() {
+async fn a_keyed_rate_and_schedule_over_http() {
+    keyed_rate_and_schedule(Srv::memory().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_rate_and_schedule_over_http_on_redis() {
     let (srv, _redis) = Srv::redis().await;
+    keyed_rate_and_schedule(srv).await;
+}
+
+async fn keyed_rate_and_schedule(srv: Srv) {
     let (s, body) = srv
         .put(
             "/v1/limiters/orgs",
-            json!({"concurrency": 4, "per_key": {"concurrency": 2, "rate": {"limit": 5, "period_ms": 1000}}}),
+            json!({"concurrency": 4, "per_key": {"concurrency": 2, "rate": {"limit": 5, "period_ms": 1000, "burst": 1}}}),
         )
         .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["keyed"]["per_key"]["rate"]["limit"], 5, "{body}");
-    let schedule = srv
+    // One token per 200 ms per key: org-a's three children start 0, 200 and 400 ms from now;
+    // org-b has its own tokens.
+    let (s, a) = srv
         .post(
             "/v1/limiters/orgs/schedule",
-            json!({"key": "org-a", "count": 1}),
+            json!({"key": "org-a", "count": 3}),
         )
         .await;
-    assert_error(&schedule, 400, "invalid_request", "key");
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(a["offsets_ms"], json!([0, 200, 400]), "{a}");
+    let (s, b) = srv
+        .post(
+            "/v1/limiters/orgs/schedule",
+            json!({"key": "org-b", "count": 1}),
+        )
+        .await;
+    assert_eq!((s, &b["offsets_ms"]), (200, &json!([0])), "{b}");
+    // org-a's tokens are promised: an acquire that cannot wait is refused with a hint.
+    let refused = srv
+        .post(
+            "/v1/limiters/orgs/acquire",
+            json!({"key": "org-a", "wait_ms": 0}),
+        )
+        .await;
+    assert_error(&refused, 429, "wait_timeout", "retry");
+    let no_key = srv
+        .post("/v1/limiters/orgs/schedule", json!({"count": 1}))
+        .await;
+    assert_error(&no_key, 400, "invalid_request", "key");
     srv.served.stop().await;
 }

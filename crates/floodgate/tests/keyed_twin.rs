@@ -1,7 +1,7 @@
 //! The keyed script against the embedded keyed layer, side by side (issue 14: "the same
 //! observable behaviour on both stores"). Random sequences of keyed acquires (granted, queued,
 //! refused: per-key limit, total, `max_keys`, a wait of 0), releases, extends, cancels,
-//! overrides and time steps (leases lapsing, waits timing out, keys' and the total's rate
+//! overrides, schedules and time steps (leases lapsing, waits timing out, keys' and the total's rate
 //! token times, rate debt ending), on limiters with a total, per-key limits, per-key and total
 //! rates in every combination, run on a `KeyLayer` and, with
 //! the clock in the op argument (`op@now`, as `twin.rs`), on the keyed script on a real
@@ -225,7 +225,7 @@ impl Twin {
 
     fn step(&mut self, rng: &mut Rng) {
         let mut fx = Effects::default();
-        match rng.below(10) {
+        match rng.below(11) {
             0..=3 => {
                 let key = KEYS[rng.below(KEYS.len() as u64) as usize];
                 let permits = 1 + rng.below(2) as u32;
@@ -378,6 +378,29 @@ impl Twin {
                     self.fail(format!("put_key: core {c:?}, script {reply:?}"));
                 }
             }
+            9 => {
+                let key = KEYS[rng.below(KEYS.len() as u64) as usize];
+                let count = 1 + rng.below(6) as u32;
+                self.log
+                    .push(format!("{} schedule {key} x{count}", self.now));
+                let now = self.t();
+                let c = self
+                    .layer
+                    .schedule(&mut self.total, now, key, count, &mut fx);
+                let reply = self.call("kschedule", &[key.into(), count.to_string()]);
+                let c = match c {
+                    Ok(offsets) => {
+                        let mut out = vec!["offsets".to_owned()];
+                        out.extend(offsets.iter().map(|d| d.as_micros().to_string()));
+                        out.join(" ")
+                    }
+                    Err(e) => format!("invalid {} {}", e.field, e.message),
+                };
+                let s = reply[..reply.len() - 1].join(" ");
+                if c != s {
+                    self.fail(format!("schedule: core {c}, script {s}"));
+                }
+            }
             _ => {
                 self.now += 1_000 * (1 + rng.below(40));
                 self.log.push(format!("{} advance", self.now));
@@ -474,16 +497,25 @@ impl Twin {
             let i = schema.iter().position(|f| *f == name).unwrap();
             reply[i + 1].clone()
         };
-        let c = format!("{} {} {}", status.in_use, status.holders, status.waiting);
+        // And the next moment either side has something to look at (the store's timer).
+        let next = match self.layer.next_deadline(&mut self.total) {
+            Some(at) => at.0.saturating_sub(self.now).to_string(),
+            None => "-1".to_owned(),
+        };
+        let c = format!(
+            "{} {} {} next {next}",
+            status.in_use, status.holders, status.waiting
+        );
         let s = format!(
-            "{} {} {}",
+            "{} {} {} next {}",
             field("in_use"),
             field("holders"),
-            field("waiting")
+            field("waiting"),
+            reply[reply.len() - 1]
         );
         if c != s {
             self.fail(format!(
-                "status (in_use holders waiting): core {c}, script {s}"
+                "status (in_use holders waiting, next deadline): core {c}, script {s}"
             ));
         }
         let view = self.layer.keys_view(10);

@@ -8,9 +8,8 @@
 //! script answers `plain` for a plain limiter (deleted and re-created plain meanwhile). So a
 //! limiter is never served by the wrong rules, and the common case costs one script call.
 //!
-//! Not on this store yet: keyed `schedule` (refused naming `key`); keyed limiters are not
-//! re-created after Redis lost their state (no learning window: they answer `unknown_limiter`
-//! until put again).
+//! Not on this store yet: keyed limiters are not re-created after Redis lost their state (no
+//! learning window: they answer `unknown_limiter` until put again).
 
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -61,7 +60,7 @@ impl Inner {
 /// arguments), keyed puts (the per-key fields after the plain put's), keys and overrides.
 fn keyed_only(op: &str, args: &[String]) -> bool {
     match op {
-        "keys" | "put_key" => true,
+        "keys" | "put_key" | "kschedule" => true,
         "acquire" => args.len() > 7,
         "put" => args.len() > 16,
         _ => false,
@@ -77,14 +76,6 @@ fn not_keyed() -> InvalidField {
         "key",
         "this limiter is not keyed: create it with per_key to use keys",
     )
-}
-
-/// The answer to a keyed `schedule`, which this store does not have yet.
-pub(super) fn no_keyed_schedule() -> StoreError {
-    StoreError::Invalid(InvalidField::new(
-        "key",
-        "keyed schedules are not supported by the Redis store yet (the embedded store has them)",
-    ))
 }
 
 /// A keyed acquire's refusals the plain parser does not know; `None` for the others.
@@ -110,6 +101,7 @@ fn keyed_invalid(reply: &[String]) -> InvalidField {
     match reply.get(1).map(String::as_str) {
         Some("per_key") => InvalidField::new("per_key", message),
         Some("key") => InvalidField::new("key", message),
+        Some("count") => InvalidField::new("count", message),
         _ => invalid(reply),
     }
 }
@@ -225,6 +217,38 @@ impl RedisLimiter {
         let reply = self.call_once("put_key", &args).await?;
         match tag(&reply) {
             Some("ok") => Ok(()),
+            Some("plain") => Err(StoreError::Invalid(not_keyed())),
+            Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
+            Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+
+    /// [`LimiterBackend::schedule_keyed`](crate::LimiterBackend::schedule_keyed) on Redis.
+    pub(super) async fn schedule_key(
+        &self,
+        key: &str,
+        count: u32,
+    ) -> Result<Vec<Duration>, StoreError> {
+        check_key(key)?;
+        if count == 0 || count > crate::core::MAX_SCHEDULE {
+            return Err(StoreError::Invalid(InvalidField::new(
+                "count",
+                format!("must be from 1 to {}", crate::core::MAX_SCHEDULE),
+            )));
+        }
+        let reply = self
+            .call_once("kschedule", &[key.to_owned(), count.to_string()])
+            .await?;
+        match tag(&reply) {
+            Some("offsets") => reply[1..reply.len().saturating_sub(1)]
+                .iter()
+                .map(|s| {
+                    s.parse::<u64>()
+                        .map(Duration::from_micros)
+                        .map_err(|_| unavailable("bad offset"))
+                })
+                .collect(),
             Some("plain") => Err(StoreError::Invalid(not_keyed())),
             Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
             Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),

@@ -447,8 +447,7 @@ impl LimiterBackend for RedisLimiter {
     }
 
     async fn schedule_keyed(&self, key: &str, count: u32) -> Result<Vec<Duration>, StoreError> {
-        let _ = (key, count);
-        Err(keyed::no_keyed_schedule())
+        self.schedule_key(key, count).await
     }
 
     async fn keys(&self, limit: usize) -> Result<Option<crate::core::keyed::KeysView>, StoreError> {

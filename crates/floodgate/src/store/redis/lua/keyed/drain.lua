@@ -14,9 +14,9 @@
 --      order; removal is lazy, an entry of an older generation of a key is skipped)
 --   16 kholders (hash token -> KEY: whose share a grant's release or lapse frees)
 --   17 kbusy (zset KEY by holders + waiters: the status's busiest keys)
---   18 ksleep (zset 'gen \1 KEY' by when its own rate lets its head run: keys held back only
---      by their rate, woken then)
---   19 kidle (zset 'gen \1 KEY' by when its rate debt ends: keys whose only state is that
+--   18 ksleep (zset '%016d(gen) \1 at \1 KEY' by `at`, when its own rate lets its head run: keys held
+--      back only by their rate, woken then; one entry per arming, stale ones skipped)
+--   19 kidle (zset '%016d(gen) \1 KEY' by when its rate debt ends: keys whose only state is that
 --      debt, dropped then)
 -- Keys contain no control character (check_key), so \1 separates them from what follows.
 -- Every waiter of a keyed limiter is in `waits` (its deadline), and its `k:WAITER` entry in

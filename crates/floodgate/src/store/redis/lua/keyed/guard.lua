@@ -19,8 +19,12 @@ if op == 'delete' then
   return {'deleted', fmt(kdrain()), '-1'}
 end
 
--- Schedules name a key; a keyed schedule is not built on this store.
-if op == 'schedule' or op == 'unschedule' then
-  return finish({'invalid', 'key', 'this limiter is keyed: keyed schedules are not supported by the Redis store yet'})
+-- A keyed limiter's schedules name a key (`kschedule`), and cannot be given back.
+if op == 'schedule' then
+  return finish({'invalid', 'key', 'this limiter is keyed: a schedule names a key'})
+end
+if op == 'unschedule' then
+  return finish({'invalid', 'reservation',
+    "a keyed limiter's schedules cannot be given back (not supported yet)"})
 end
 

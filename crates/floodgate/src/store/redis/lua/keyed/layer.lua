@@ -123,12 +123,16 @@ local function admits(k, permits)
   return true
 end
 
--- Arms the wake-up of a key held back by its own rate until `at`.
+-- Arms the wake-up of a key held back by its own rate until `at`. One entry per arming, as
+-- the core's heap: an entry that no longer matches the key's `sleeping` is skipped when its
+-- time comes, but its time is still an event (the core grants after every event).
 local function sleep_key(tkey, k, at)
   if not k.sleeping or k.sleeping > at then
     k.sleeping = at
     kdirty(tkey)
-    redis.call('ZADD', K_SLEEP, fmt(at), fmt(k.gen) .. SEP .. tkey)
+    -- (The generation zero-padded: keys woken at one moment join the ring in the core's
+    -- order, by generation, then key.)
+    redis.call('ZADD', K_SLEEP, fmt(at), string.format('%016d', k.gen) .. SEP .. fmt(at) .. SEP .. tkey)
     ktouch(K_SLEEP)
   end
 end
@@ -174,7 +178,7 @@ local function maybe_drop(tkey)
     if not k.idle_armed then
       k.idle_armed = true
       kdirty(tkey)
-      redis.call('ZADD', K_IDLE, fmt(k.tat), fmt(k.gen) .. SEP .. tkey)
+      redis.call('ZADD', K_IDLE, fmt(k.tat), string.format('%016d', k.gen) .. SEP .. tkey)
       ktouch(K_IDLE)
     end
     return
@@ -218,6 +222,10 @@ remove_waiter = function(w, granted)
       -- Its key's next waiter may run now (the core's dequeue grants before anything else).
       wake_key(w.tkey)
       grant_waiters()
+    elseif op == 'cancel' then
+      -- Nothing can run that could not before: the plain cancel's grant after it is skipped,
+      -- as the core's cancel grants only when a head leaves.
+      KD.skip_grant = true
     end
     maybe_drop(w.tkey)
   end
@@ -268,6 +276,10 @@ local apply_put
 -- Grants waiters while the total has room, the keys taking turns by weight (deficit round
 -- robin, sched.rs grant_waiters). Afterwards no waiter can be granted until something changes.
 grant_waiters = function()
+  if KD.skip_grant then
+    KD.skip_grant = nil
+    return
+  end
   if KD.put then apply_put() end
   KD.held = nil
   if learning_until then return end
@@ -414,7 +426,8 @@ advance = function()
       for _, mem in ipairs(redis.call('ZRANGEBYSCORE', K_SLEEP, '-inf', fmt(at))) do
         redis.call('ZREM', K_SLEEP, mem)
         local s = string.find(mem, SEP, 1, true)
-        local gen, tkey = tonumber(string.sub(mem, 1, s - 1)), string.sub(mem, s + 1)
+        local s2 = string.find(mem, SEP, s + 1, true)
+        local gen, tkey = tonumber(string.sub(mem, 1, s - 1)), string.sub(mem, s2 + 1)
         local k = kget(tkey)
         if k and k.gen == gen and k.sleeping == at then
           k.sleeping = nil
