@@ -111,9 +111,13 @@ impl Lim {
                 "1000000".into(),
                 total.clone(),
                 String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
             ]);
         }
-        let reply: Vec<String> = lim.cmd("put", &args).query(conn).unwrap();
+        let op = if keyed { "kput" } else { "put" };
+        let reply: Vec<String> = lim.cmd(op, &args).query(conn).unwrap();
         assert_eq!(reply[0], "status", "{reply:?}");
         lim
     }
@@ -140,7 +144,7 @@ impl Lim {
         if self.keyed {
             args.push(key.to_owned());
         }
-        self.cmd("acquire", &args)
+        self.cmd(if self.keyed { "kacquire" } else { "acquire" }, &args)
     }
 
     /// Acquires for these keys, pipelined; the tokens of those granted at once.

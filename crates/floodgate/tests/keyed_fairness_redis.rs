@@ -99,9 +99,10 @@ impl Sim {
         .map(|s| s.to_string())
         .collect();
         if keyed {
-            args.extend(["", "100000", &total.to_string(), ""].map(String::from));
+            // Per-key concurrency, max_keys, the total as configured, keep, per-key rate.
+            args.extend(["", "100000", &total.to_string(), "", "", "", ""].map(String::from));
         }
-        let reply = sim.call("put", &args);
+        let reply = sim.call(if keyed { "kput" } else { "put" }, &args);
         assert_eq!(reply[0], "status", "{reply:?}");
         sim
     }
@@ -133,7 +134,8 @@ impl Sim {
             if self.keyed {
                 args.push(key.to_owned());
             }
-            let reply = self.call("acquire", &args);
+            let op = if self.keyed { "kacquire" } else { "acquire" };
+            let reply = self.call(op, &args);
             match reply[0].as_str() {
                 "granted" => {
                     self.grants.push(key.to_owned());

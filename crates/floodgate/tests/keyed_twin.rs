@@ -195,7 +195,7 @@ impl Twin {
             period(key_rate),
             burst(key_rate),
         ];
-        let reply = twin.call("put", &args);
+        let reply = twin.call("kput", &args);
         assert_eq!(reply[0], "status", "{reply:?}");
         twin
     }
@@ -255,7 +255,7 @@ impl Twin {
                     "a".into(),
                     key.into(),
                 ];
-                let reply = self.call("acquire", &args);
+                let reply = self.call("kacquire", &args);
                 let (c, s) = match &core {
                     Admission::Granted(g) => {
                         // (Its `k:` entry may read `G|`: queued and granted in the same step.)

@@ -56,15 +56,12 @@ impl Inner {
     }
 }
 
-/// Operations only the keyed script has: keyed acquires (a key after the plain acquire's
-/// arguments), keyed puts (the per-key fields after the plain put's), keys and overrides.
-fn keyed_only(op: &str, args: &[String]) -> bool {
-    match op {
-        "keys" | "put_key" | "kschedule" => true,
-        "acquire" => args.len() > 7,
-        "put" => args.len() > 16,
-        _ => false,
-    }
+/// Operations only the keyed script has: keyed acquires (the key after the plain acquire's
+/// arguments), keyed puts (the per-key fields after the plain put's), schedules, keys and
+/// overrides. Their own names, so a change of the plain operations' arguments cannot be
+/// mistaken for them.
+fn keyed_only(op: &str) -> bool {
+    matches!(op, "kacquire" | "kput" | "kschedule" | "keys" | "put_key")
 }
 
 fn tag(reply: &[String]) -> Option<&str> {
@@ -115,13 +112,14 @@ fn keep_args(args: &[String]) -> Vec<String> {
         *conc = MAX_CONCURRENCY.to_string();
     }
     out.extend([String::new(), String::new(), user, "keep".to_owned()]);
+    out.extend([String::new(), String::new(), String::new()]);
     out
 }
 
 impl RedisLimiter {
     /// Whether this operation goes to the keyed script first.
-    pub(super) fn runs_keyed(&self, op: &str, args: &[String]) -> bool {
-        keyed_only(op, args) || self.store.is_keyed(&self.name)
+    pub(super) fn runs_keyed(&self, op: &str) -> bool {
+        keyed_only(op) || self.store.is_keyed(&self.name)
     }
 
     /// The keyed script's own keys of this limiter, under its hash tag.
@@ -141,23 +139,26 @@ impl RedisLimiter {
         reply: Vec<String>,
     ) -> Result<Vec<String>, StoreError> {
         match (keyed, tag(&reply)) {
-            (false, Some("keyed")) => {
+            (_, Some("keyed")) if op == "put" => {
+                // A plain put of a keyed limiter: its per-key spec is kept.
                 self.store.mark_keyed(&self.name, true);
-                // Keyed limiters are not re-created after a loss (see the module docs).
                 self.forget();
-                if op != "put" {
-                    return self.run_script(true, op, args).await;
-                }
-                let reply = self.run_script(true, op, &keep_args(args)).await?;
+                let reply = self.run_script(true, "kput", &keep_args(args)).await?;
                 if tag(&reply) == Some("plain") {
                     self.store.mark_keyed(&self.name, false);
                     return self.run_script(false, op, args).await;
                 }
                 Ok(reply)
             }
+            (false, Some("keyed")) => {
+                self.store.mark_keyed(&self.name, true);
+                // Keyed limiters are not re-created after a loss (see the module docs).
+                self.forget();
+                self.run_script(true, op, args).await
+            }
             (true, Some("plain")) => {
                 self.store.mark_keyed(&self.name, false);
-                if keyed_only(op, args) {
+                if keyed_only(op) {
                     return Ok(reply);
                 }
                 self.run_script(false, op, args).await
@@ -184,7 +185,7 @@ impl RedisLimiter {
                 .unwrap_or_default(),
             rate.map(|r| r.burst.to_string()).unwrap_or_default(),
         ]);
-        let reply = self.call_once("put", &args).await?;
+        let reply = self.call_once("kput", &args).await?;
         match tag(&reply) {
             Some("status") => {
                 self.store.mark_keyed(&self.name, true);

@@ -108,7 +108,7 @@ impl RedisLimiter {
         args: &[String],
     ) -> Result<Vec<String>, StoreError> {
         // A keyed limiter's operations run in the keyed script (`keyed.rs`).
-        let keyed = self.runs_keyed(op, args);
+        let keyed = self.runs_keyed(op);
         let reply = self.run_script(keyed, op, args).await?;
         self.reroute(keyed, op, args, reply).await
     }
@@ -360,7 +360,12 @@ impl RedisLimiter {
             attempt,
         ];
         args.extend(tkey.map(str::to_owned));
-        let reply = self.call("acquire", &args).await?;
+        let op = if tkey.is_some() {
+            "kacquire"
+        } else {
+            "acquire"
+        };
+        let reply = self.call(op, &args).await?;
         match reply.first().map(String::as_str) {
             Some("granted") => {
                 guard.disarm();

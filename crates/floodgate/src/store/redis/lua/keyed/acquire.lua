@@ -1,13 +1,13 @@
--- acquire (keyed): grant at once, queue in the key's FIFO, or refuse (core/keyed/ops.rs).
--- ARGV: 4-10 as the plain acquire, 11 the key (checked by the store: 1 to 256 characters,
---       no control character).
+-- kacquire: grant at once, queue in the key's FIFO, or refuse (core/keyed/ops.rs).
+-- ARGV: 4-10 as the plain acquire, and last the key (checked by the store: 1 to 256
+--       characters, no control character). A plain `acquire` (no key) answers {'no_key'}.
 -- Reply: as the plain acquire | {'too_many_keys', max_keys, retry_after} | {'no_key'} (a plain
 --        acquire, with no key, of a keyed limiter).
 
-if op == 'acquire' then
+if op == 'acquire' then return {'no_key', '-1'} end
+if op == 'kacquire' then
   local permits, lease_arg, wait_arg, key, channel, attempt, tkey =
-    tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[10] or '', ARGV[11]
-  if not tkey or tkey == '' then return {'no_key', '-1'} end
+    tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[10] or '', ARGV[#ARGV]
   advance()
   prune_outcomes()
   if idem(key) then

@@ -1,24 +1,27 @@
--- put (keyed): create or reconfigure a keyed limiter; the plain put (ops/put.lua, next) does
--- the total's part, and its grant_waiters() applies the per-key part first (apply_put).
--- ARGV: 4-19 as the plain put (4: the total concurrency, MAX_CONCURRENCY when only the keys
---       have one), 20 per-key concurrency ('' none), 21 max_keys, 22 the total concurrency as
---       configured ('' none), 23 'keep' (a plain put of a keyed limiter: per-key spec kept),
---       24-26 per-key rate limit, period us, burst ('' none).
+-- kput: create or reconfigure a keyed limiter; the plain put (ops/put.lua, next) does the
+-- total's part, and its grant_waiters() applies the per-key part first (apply_put).
+-- ARGV: as the plain put (4: the total concurrency, MAX_CONCURRENCY when only the keys have
+--       one), then, last, seven fields: per-key concurrency ('' none), max_keys, the total
+--       concurrency as configured ('' none), 'keep' (a plain put of a keyed limiter: per-key
+--       spec kept), per-key rate limit, period us, burst ('' none).
 -- Reply: as the plain put | {'plain'} (a keep for a limiter that is no longer keyed) |
 --        {'invalid', 'per_key', message} (the limiter exists and is not keyed).
 
-if op == 'put' then
+if op == 'put' then return {'keyed', '-1'} end
+if op == 'kput' then
+  op = 'put'   -- the plain put runs next
+  local b = #ARGV - 7
   if exists and m.keyed ~= '1' then
     return {'invalid', 'per_key',
       'this limiter exists and is not keyed; delete it first to re-create it keyed', '-1'}
   end
-  if ARGV[23] == 'keep' then
+  if ARGV[b + 4] == 'keep' then
     if not exists then return {'plain', '-1'} end
-    KD.put = {conc = KD.conc, max = KD.max, user = ARGV[22] or '', rate = m.k_rate or ''}
+    KD.put = {conc = KD.conc, max = KD.max, user = ARGV[b + 3], rate = m.k_rate or ''}
   else
     local rate = ''
-    if (ARGV[24] or '') ~= '' then rate = ARGV[24] .. '|' .. ARGV[25] .. '|' .. ARGV[26] end
-    KD.put = {conc = opt(ARGV[20]), max = tonumber(ARGV[21]), user = ARGV[22] or '', rate = rate}
+    if ARGV[b + 5] ~= '' then rate = ARGV[b + 5] .. '|' .. ARGV[b + 6] .. '|' .. ARGV[b + 7] end
+    KD.put = {conc = opt(ARGV[b + 1]), max = tonumber(ARGV[b + 2]), user = ARGV[b + 3], rate = rate}
   end
   if not exists then
     -- Keys of an earlier incarnation must not leak into this one.
