@@ -27,7 +27,7 @@
 //!
 //! And each endpoint named in a `###` heading (`` ### `POST /v1/limiters/{name}/acquire` ``)
 //! has at least one example. A ```` ```http embedded ```` block documents what only the
-//! embedded store does (keyed limiters): it is not sent to the Redis store.
+//! embedded store does (keyed rates and schedules): it is not sent to the Redis store.
 
 #![allow(clippy::unwrap_used)]
 
@@ -64,7 +64,7 @@ struct Exchange {
     /// The documented answer body, as written (empty: not documented, not checked).
     answer: String,
     /// From a ```` ```http embedded ```` block: a feature only the embedded store has (keyed
-    /// limiters), so not sent to the Redis store.
+    /// rates and schedules), so not sent to the Redis store.
     embedded_only: bool,
 }
 

@@ -1,6 +1,5 @@
-//! Keyed limiters over HTTP (issue 14, docs/keyed.md): the real server on `127.0.0.1:0` with
-//! the embedded store, and on a real `redis-server`, which refuses keyed limiters with a 400
-//! naming the field rather than ignoring the key.
+//! Keyed limiters over HTTP (issue 14, docs/keyed.md): the real server on `127.0.0.1:0`, the
+//! same tests with the embedded store and with a real `redis-server`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -23,6 +22,16 @@ struct Srv {
 impl Srv {
     async fn memory() -> Srv {
         Srv::with(Served::start(Floodgate::in_memory(), ServerOptions::default()).await)
+    }
+
+    /// The server on a fresh `redis-server` (kept alive as long as the server).
+    async fn redis() -> (Srv, RedisServer) {
+        let redis = RedisServer::start();
+        let store = RedisStore::connect(RedisConfig::new(redis.url()))
+            .await
+            .unwrap();
+        let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
+        (Srv::with(served), redis)
     }
 
     fn with(served: Served) -> Srv {
@@ -71,7 +80,16 @@ fn assert_error(reply: &(u16, Value), status: u16, code: &str, names: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_limiter_over_http() {
-    let srv = Srv::memory().await;
+    keyed_over_http(Srv::memory().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_limiter_over_http_on_redis() {
+    let (srv, _redis) = Srv::redis().await;
+    keyed_over_http(srv).await;
+}
+
+async fn keyed_over_http(srv: Srv) {
     // Total 4, at most 2 per organization, 3 organizations tracked at once.
     let (status, body) = srv
         .put(
@@ -235,7 +253,16 @@ async fn a_keyed_limiter_over_http() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_key_only_limiter_queues_per_key_and_wakes_waiters() {
-    let srv = Srv::memory().await;
+    per_key_only(Srv::memory().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_key_only_limiter_queues_per_key_and_wakes_waiters_on_redis() {
+    let (srv, _redis) = Srv::redis().await;
+    per_key_only(srv).await;
+}
+
+async fn per_key_only(srv: Srv) {
     // No total: only 1 per key.
     let (s, body) = srv
         .put(
@@ -294,46 +321,73 @@ async fn a_per_key_only_limiter_queues_per_key_and_wakes_waiters() {
     srv.served.stop().await;
 }
 
+/// A per-key rate, and a keyed schedule paced by it, on both stores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_redis_store_refuses_keys_naming_the_field() {
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(RedisConfig::new(redis.url()))
-        .await
-        .unwrap();
-    let srv =
-        Srv::with(Served::start(Floodgate::with_store(store), ServerOptions::default()).await);
-    let create = srv
+async fn a_keyed_rate_and_schedule_over_http() {
+    keyed_rate_and_schedule(Srv::memory().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_rate_and_schedule_over_http_on_redis() {
+    let (srv, _redis) = Srv::redis().await;
+    keyed_rate_and_schedule(srv).await;
+}
+
+async fn keyed_rate_and_schedule(srv: Srv) {
+    let (s, body) = srv
         .put(
             "/v1/limiters/orgs",
-            json!({"concurrency": 4, "per_key": {"concurrency": 2}}),
+            json!({"concurrency": 4, "per_key": {"concurrency": 2, "rate": {"limit": 5, "period_ms": 1000, "burst": 1}}}),
         )
         .await;
-    assert_error(&create, 400, "invalid_request", "per_key");
-    assert!(create.1["message"]
-        .as_str()
-        .unwrap()
-        .contains("not supported"));
-    let (s, _) = srv
-        .put("/v1/limiters/plain", json!({"concurrency": 2}))
-        .await;
-    assert_eq!(s, 200);
-    let keyed = srv
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["keyed"]["per_key"]["rate"]["limit"], 5, "{body}");
+    // One token per 200 ms per key: org-a's three children start 0, 200 and 400 ms from now;
+    // org-b has its own tokens.
+    let (s, a) = srv
         .post(
-            "/v1/limiters/plain/acquire",
+            "/v1/limiters/orgs/schedule",
+            json!({"key": "org-a", "count": 3}),
+        )
+        .await;
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(a["offsets_ms"], json!([0, 200, 400]), "{a}");
+    let (s, b) = srv
+        .post(
+            "/v1/limiters/orgs/schedule",
+            json!({"key": "org-b", "count": 1}),
+        )
+        .await;
+    assert_eq!((s, &b["offsets_ms"]), (200, &json!([0])), "{b}");
+    // org-a's tokens are promised: an acquire that cannot wait is refused with a hint.
+    let refused = srv
+        .post(
+            "/v1/limiters/orgs/acquire",
             json!({"key": "org-a", "wait_ms": 0}),
         )
         .await;
-    assert_error(&keyed, 400, "invalid_request", "key");
-    let schedule = srv
-        .post(
-            "/v1/limiters/plain/schedule",
-            json!({"key": "org-a", "count": 1}),
-        )
+    assert_error(&refused, 429, "wait_timeout", "retry");
+    let no_key = srv
+        .post("/v1/limiters/orgs/schedule", json!({"count": 1}))
         .await;
-    assert_error(&schedule, 400, "invalid_request", "key");
-    let over = srv
-        .put("/v1/limiters/plain/keys/org-a", json!({"weight": 2}))
-        .await;
-    assert_error(&over, 400, "invalid_request", "key");
+    assert_error(&no_key, 400, "invalid_request", "key");
+    srv.served.stop().await;
+}
+
+/// Rate-only keyed limiters (paced grants, nothing held) are built in the embedded store only:
+/// Redis refuses them with a 400 naming the field to add, and keeps no state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refuses_a_rate_only_keyed_limiter_naming_the_field() {
+    let (srv, _redis) = Srv::redis().await;
+    let body = json!({"rate": {"limit": 100, "period_ms": 1000},
+                      "per_key": {"rate": {"limit": 10, "period_ms": 1000}}});
+    let refused = srv.put("/v1/limiters/pace", body.clone()).await;
+    assert_error(&refused, 400, "invalid_request", "per_key.concurrency");
+    let (s, _) = srv.get("/v1/limiters/pace").await;
+    assert_eq!(s, 404, "a refused put leaves nothing behind");
+    let memory = Srv::memory().await;
+    let (s, created) = memory.put("/v1/limiters/pace", body).await;
+    assert_eq!(s, 200, "the embedded store has them: {created}");
+    memory.served.stop().await;
     srv.served.stop().await;
 }

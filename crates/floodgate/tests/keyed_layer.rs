@@ -4,13 +4,18 @@
 #![cfg(not(feature = "shuttle"))]
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use floodgate::layer::KeyedFloodgateLayer;
-use floodgate::{AcquireOptions, Floodgate, KeyedSpec, LimiterSpec};
+use floodgate::{
+    AcquireOptions, Floodgate, KeyedSpec, LimiterSpec, RedisConfig, RedisStore, Store,
+};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
 #[derive(Clone, Debug)]
@@ -20,7 +25,20 @@ struct Job {
 
 #[tokio::test(start_paused = true)]
 async fn the_key_comes_from_the_request_and_each_key_keeps_its_limit() {
-    let gate = Floodgate::in_memory();
+    each_key_keeps_its_limit(Floodgate::in_memory()).await;
+}
+
+/// The same on a real `redis-server` (in real time: Redis keeps its own clock).
+#[tokio::test]
+async fn the_key_comes_from_the_request_and_each_key_keeps_its_limit_on_redis() {
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(server.url()))
+        .await
+        .unwrap();
+    each_key_keeps_its_limit(Floodgate::with_store(store)).await;
+}
+
+async fn each_key_keeps_its_limit<S: Store>(gate: Floodgate<S>) {
     let spec = LimiterSpec::concurrency(4).with_max_wait(Duration::from_secs(600));
     gate.define_keyed("orgs", spec, KeyedSpec::per_key(2))
         .await

@@ -1,4 +1,4 @@
-//! Stress test of a keyed limiter in the embedded store: 1,500 tasks on a multi-threaded
+//! Stress test of a keyed limiter, in the embedded store and on a real `redis-server`: 1,500 tasks on a multi-threaded
 //! runtime acquire for 40 keys (random permits, waits and leases; hold; release, drop, detach
 //! or hold past a short lease; some are cancelled by a timeout or aborted while waiting), while
 //! independent witnesses, one per key and one overall, count the permits tasks know they hold
@@ -9,12 +9,16 @@
 #![cfg(not(feature = "shuttle"))]
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
 use floodgate::{
     AcquireOptions, Floodgate, KeyOverride, KeyedSpec, LimiterBackend, LimiterSpec, MemoryStore,
+    RedisConfig, RedisStore, Store,
 };
 
 const TOTAL: i64 = 12;
@@ -81,8 +85,19 @@ impl Drop for Counted {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn keyed_limits_hold_under_stress() {
-    let store = MemoryStore::new();
-    let gate = Floodgate::with_store(store);
+    stress(Floodgate::with_store(MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keyed_limits_hold_under_stress_on_redis() {
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(server.url()))
+        .await
+        .unwrap();
+    stress(Floodgate::with_store(store)).await;
+}
+
+async fn stress<S: Store>(gate: Floodgate<S>) {
     let spec = LimiterSpec::concurrency(TOTAL as u32)
         .with_max_wait(Duration::from_secs(5))
         .with_max_queue(100_000);

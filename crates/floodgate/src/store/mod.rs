@@ -114,8 +114,8 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// Creates a keyed limiter (a limit per key under the total of `spec`, shared fairly
     /// across keys; see [`crate::core::keyed`]), or changes the spec of one that exists. A
-    /// store without keyed limiters (the Redis store, for now) refuses with an error naming
-    /// the `per_key` field, so a key is never silently ignored.
+    /// store without keyed limiters (the default) refuses with an error naming the `per_key`
+    /// field, so a key is never silently ignored; both stores of this crate have them.
     fn put_keyed_limiter(
         &self,
         name: &LimiterName,
@@ -347,11 +347,10 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
-/// The answer of a store that has no keyed limiters yet.
+/// The answer of a store that has no keyed limiters (a store outside this crate).
 fn keyed_unsupported(field: &'static str) -> StoreError {
     StoreError::Invalid(crate::spec::InvalidField::new(
         field,
-        "keyed limiters are not supported by this store yet (only the embedded store has them; \
-         see docs/keyed.md)",
+        "keyed limiters are not supported by this store (see docs/keyed.md)",
     ))
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::wake::{decode_grant, decode_outcome, Pending};
-use super::{unavailable, Inner};
+use super::{keyed, unavailable, Inner};
 use crate::core::{
     AcquireRequest, Counters, Feedback, Grant, HolderInfo, HoldersView, LimiterStatus, Refusal,
     WaitOutcome, MAX_HOLDERS_LISTED,
@@ -49,14 +49,14 @@ fn micros(d: Duration) -> String {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).to_string()
 }
 
-fn field(reply: &[String], i: usize) -> Result<u64, StoreError> {
+pub(super) fn field(reply: &[String], i: usize) -> Result<u64, StoreError> {
     reply
         .get(i)
         .and_then(|s| s.parse::<u64>().ok())
         .ok_or_else(|| unavailable(format!("unexpected script reply {reply:?}")))
 }
 
-fn invalid(reply: &[String]) -> InvalidField {
+pub(super) fn invalid(reply: &[String]) -> InvalidField {
     let named = reply.get(1).map(String::as_str).unwrap_or("");
     let message = reply.get(2).cloned().unwrap_or_default();
     // The script names only fields of `spec::FIELDS` (a test reads the script to check it); a
@@ -107,9 +107,32 @@ impl RedisLimiter {
         op: &str,
         args: &[String],
     ) -> Result<Vec<String>, StoreError> {
-        let mut invocation = self.store.script.prepare_invoke();
+        // A keyed limiter's operations run in the keyed script (`keyed.rs`).
+        let keyed = self.runs_keyed(op);
+        let reply = self.run_script(keyed, op, args).await?;
+        self.reroute(keyed, op, args, reply).await
+    }
+
+    /// Runs one operation in the plain script or (`keyed`) the keyed one.
+    pub(super) async fn run_script(
+        &self,
+        keyed: bool,
+        op: &str,
+        args: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let script = if keyed {
+            &self.store.keyed_script
+        } else {
+            &self.store.script
+        };
+        let mut invocation = script.prepare_invoke();
         for key in self.keys.iter() {
             invocation.key(key);
+        }
+        if keyed {
+            for key in self.keyed_keys() {
+                invocation.key(key);
+            }
         }
         invocation
             .arg(op)
@@ -201,34 +224,9 @@ impl RedisLimiter {
         learn: Option<Duration>,
         revive: bool,
     ) -> Result<Option<LimiterStatus>, StoreError> {
-        let opt = |v: Option<String>| v.unwrap_or_default();
-        let rate = spec.rate;
-        let adaptive = spec.adaptive;
         // Never revives: `put` is what revival runs.
         let reply = self
-            .call_once(
-                "put",
-                &[
-                    opt(spec.concurrency.map(|c| c.to_string())),
-                    micros(spec.default_lease),
-                    micros(spec.max_wait),
-                    spec.max_queue.to_string(),
-                    crate::clock::token_seed().to_string(),
-                    opt(rate.map(|r| r.limit.to_string())),
-                    opt(rate.map(|r| micros(r.period))),
-                    opt(rate.map(|r| r.burst.to_string())),
-                    opt(adaptive.map(|a| a.min.to_string())),
-                    opt(adaptive.map(|a| a.max.to_string())),
-                    opt(adaptive.map(|a| a.increase.to_string())),
-                    opt(adaptive.map(|a| format!("{}", a.decrease))),
-                    opt(adaptive.map(|a| micros(a.cooldown))),
-                    learn.map(micros).unwrap_or_default(),
-                    if revive { "revive" } else { "" }.to_owned(),
-                    opt(adaptive.map(|a| {
-                        format!("{}|{}|{}", a.algorithm.name(), a.tolerance, a.probe_rounds)
-                    })),
-                ],
-            )
+            .call_once("put", &Self::put_args(spec, learn, revive))
             .await?;
         match reply.first().map(String::as_str) {
             Some("status") => self.parse_status(&reply).map(Some),
@@ -236,6 +234,36 @@ impl RedisLimiter {
             Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }
+    }
+
+    /// The arguments of `put` (ARGV 4 to 19).
+    pub(super) fn put_args(
+        spec: &LimiterSpec,
+        learn: Option<Duration>,
+        revive: bool,
+    ) -> Vec<String> {
+        let opt = |v: Option<String>| v.unwrap_or_default();
+        let rate = spec.rate;
+        let adaptive = spec.adaptive;
+        vec![
+            opt(spec.concurrency.map(|c| c.to_string())),
+            micros(spec.default_lease),
+            micros(spec.max_wait),
+            spec.max_queue.to_string(),
+            crate::clock::token_seed().to_string(),
+            opt(rate.map(|r| r.limit.to_string())),
+            opt(rate.map(|r| micros(r.period))),
+            opt(rate.map(|r| r.burst.to_string())),
+            opt(adaptive.map(|a| a.min.to_string())),
+            opt(adaptive.map(|a| a.max.to_string())),
+            opt(adaptive.map(|a| a.increase.to_string())),
+            opt(adaptive.map(|a| format!("{}", a.decrease))),
+            opt(adaptive.map(|a| micros(a.cooldown))),
+            learn.map(micros).unwrap_or_default(),
+            if revive { "revive" } else { "" }.to_owned(),
+            opt(adaptive
+                .map(|a| format!("{}|{}|{}", a.algorithm.name(), a.tolerance, a.probe_rounds))),
+        ]
     }
 
     /// Deletes the limiter, then answers its queued waiters (`D`) a batch per script call, so
@@ -285,12 +313,13 @@ fn refusal(reply: &[String]) -> Result<Refusal, StoreError> {
     })
 }
 
-impl LimiterBackend for RedisLimiter {
-    fn name(&self) -> &LimiterName {
-        &self.name
-    }
-
-    async fn acquire(&self, options: AcquireOptions) -> Result<Grant, AcquireError> {
+impl RedisLimiter {
+    /// An acquire, for `tkey` of a keyed limiter or (`None`) of a plain one.
+    pub(super) async fn acquire_in(
+        &self,
+        options: AcquireOptions,
+        tkey: Option<&str>,
+    ) -> Result<Grant, AcquireError> {
         let req: AcquireRequest = options.into_request();
         let n = self
             .store
@@ -321,7 +350,7 @@ impl LimiterBackend for RedisLimiter {
             idempotent: req.request_id.is_some(),
             armed: true,
         };
-        let args = [
+        let mut args = vec![
             req.permits.to_string(),
             req.lease.map(micros).unwrap_or_default(),
             req.wait.map(micros).unwrap_or_default(),
@@ -330,7 +359,13 @@ impl LimiterBackend for RedisLimiter {
             req.holder.as_deref().unwrap_or_default().to_owned(),
             attempt,
         ];
-        let reply = self.call("acquire", &args).await?;
+        args.extend(tkey.map(str::to_owned));
+        let op = if tkey.is_some() {
+            "kacquire"
+        } else {
+            "acquire"
+        };
+        let reply = self.call(op, &args).await?;
         match reply.first().map(String::as_str) {
             Some("granted") => {
                 guard.disarm();
@@ -381,9 +416,47 @@ impl LimiterBackend for RedisLimiter {
             }
             _ => {
                 guard.disarm();
-                Err(refusal(&reply)?.into())
+                Err(keyed::refusal(&reply)
+                    .map_or_else(|| refusal(&reply), Ok)?
+                    .into())
             }
         }
+    }
+}
+
+impl LimiterBackend for RedisLimiter {
+    fn name(&self) -> &LimiterName {
+        &self.name
+    }
+
+    async fn acquire(&self, options: AcquireOptions) -> Result<Grant, AcquireError> {
+        self.acquire_in(options, None).await
+    }
+
+    async fn acquire_keyed(
+        &self,
+        key: &str,
+        options: AcquireOptions,
+    ) -> Result<Grant, AcquireError> {
+        crate::core::keyed::check_key(key)
+            .map_err(|e| AcquireError::Refused(Refusal::Invalid(e)))?;
+        self.acquire_in(options, Some(key)).await
+    }
+
+    async fn put_key(
+        &self,
+        key: &str,
+        over: Option<crate::core::keyed::KeyOverride>,
+    ) -> Result<(), StoreError> {
+        self.put_key_override(key, over).await
+    }
+
+    async fn schedule_keyed(&self, key: &str, count: u32) -> Result<Vec<Duration>, StoreError> {
+        self.schedule_key(key, count).await
+    }
+
+    async fn keys(&self, limit: usize) -> Result<Option<crate::core::keyed::KeysView>, StoreError> {
+        self.keys_view(limit).await
     }
 
     async fn extend(

@@ -10,6 +10,7 @@
 
 mod conn;
 mod generation;
+mod keyed;
 mod limiter;
 mod revive;
 mod script;
@@ -27,7 +28,7 @@ pub use self::conn::RedisSecurity;
 use self::conn::{Conn, PubSubSource};
 pub use self::limiter::RedisLimiter;
 #[doc(hidden)]
-pub use self::script::{script_source, status_schema};
+pub use self::script::{keyed_script_source, script_source, status_schema};
 use crate::core::LimiterStatus;
 use crate::error::StoreError;
 use crate::spec::{LimiterSpec, MAX_LEASE, MAX_WAIT};
@@ -113,6 +114,10 @@ pub(crate) struct Inner {
     conn: Conn,
     /// The limiter script; redis-rs sends EVALSHA and loads it on NOSCRIPT.
     script: redis::Script,
+    /// The keyed limiters' script (`keyed.rs`), sent the same way.
+    keyed_script: redis::Script,
+    /// Limiters this store has seen keyed: their operations go to `keyed_script`.
+    keyed: Mutex<std::collections::HashSet<LimiterName>>,
     config: RedisConfig,
     /// Unique per store instance: names this process's wake channel and its waiter keys.
     server_id: String,
@@ -307,6 +312,8 @@ impl RedisStore {
         let inner = Arc::new(Inner {
             conn,
             script: redis::Script::new(&script::script_source()),
+            keyed_script: redis::Script::new(&script::keyed_script_source()),
+            keyed: Mutex::new(std::collections::HashSet::new()),
             config,
             server_id,
             channel,
@@ -374,8 +381,22 @@ impl RedisStore {
         learn: Option<Duration>,
     ) -> Result<LimiterStatus, StoreError> {
         spec.validate()?;
-        // Registered first, so that the cap is checked before the limiter exists; a put that
-        // fails after this leaves a name the next listing drops.
+        self.register(name).await?;
+        let handle = self.handle(name);
+        // A limiter this store knew that vanished is re-created learning, whoever puts it.
+        let learn = learn.or_else(|| handle.known_window());
+        let status = handle
+            .put(&spec, learn, false)
+            .await?
+            .ok_or_else(|| unavailable("put answered `deleted`"))?;
+        revive::register(&self.inner, name).await?;
+        Ok(status)
+    }
+
+    /// Adds the name to the registry, refused past `max_limiters`. Registered before the
+    /// limiter is put, so that the cap is checked before it exists; a put that fails after
+    /// this leaves a name the next listing drops.
+    async fn register(&self, name: &LimiterName) -> Result<(), StoreError> {
         let ttl = self.inner.config.ttl_ms();
         let max = self
             .inner
@@ -401,15 +422,7 @@ impl RedisStore {
                 self.inner.config.max_limiters.unwrap_or(0),
             ));
         }
-        let handle = self.handle(name);
-        // A limiter this store knew that vanished is re-created learning, whoever puts it.
-        let learn = learn.or_else(|| handle.known_window());
-        let status = handle
-            .put(&spec, learn, false)
-            .await?
-            .ok_or_else(|| unavailable("put answered `deleted`"))?;
-        revive::register(&self.inner, name).await?;
-        Ok(status)
+        Ok(())
     }
 }
 
@@ -435,10 +448,20 @@ impl Store for RedisStore {
         self.put_learning(name, spec, Some(window)).await
     }
 
+    async fn put_keyed_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        keyed: crate::core::keyed::KeyedSpec,
+    ) -> Result<LimiterStatus, StoreError> {
+        self.put_keyed(name, spec, keyed).await
+    }
+
     async fn delete_limiter(&self, name: &LimiterName) -> Result<bool, StoreError> {
         let handle = self.handle(name);
         let deleted = handle.delete().await?;
         handle.forget();
+        self.inner.mark_keyed(name, false);
         let mut conn = self.inner.conn.clone();
         redis::cmd("SREM")
             .arg(self.registry_key())

@@ -58,6 +58,10 @@ impl Inner {
 impl RedisLimiter {
     /// Records the limiter's spec as the one to re-create it with.
     pub(super) fn remember(&self, spec: &LimiterSpec) {
+        if self.store.is_keyed(&self.name) {
+            // Keyed limiters are not re-created after a loss (`keyed.rs`).
+            return;
+        }
         let mut known = self.store.lock_known();
         known.asked.insert(self.name.clone());
         known.specs.insert(self.name.clone(), spec.clone());

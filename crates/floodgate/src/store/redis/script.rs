@@ -75,9 +75,8 @@ fn lua_list(names: &[&str]) -> String {
     format!("{{{}}}", quoted.join(", "))
 }
 
-/// The script's source: the generated prelude, then the parts of `lua/`. Loaded once per store.
-#[doc(hidden)]
-pub fn script_source() -> String {
+/// The prelude both scripts open with: the constants and field lists, from the Rust ones.
+fn prelude() -> String {
     let mut s = String::from("-- Generated from the Rust constants by store/redis/script.rs.\n");
     let consts = [
         ("MIN_LEASE", micros(MIN_LEASE)),
@@ -104,20 +103,63 @@ pub fn script_source() -> String {
         lua_list(COUNTER_FIELDS),
         lua_list(&status_schema())
     );
+    s
+}
+
+/// The script's source: the generated prelude, then the parts of `lua/`. Loaded once per store.
+#[doc(hidden)]
+pub fn script_source() -> String {
+    let mut s = prelude();
     for part in SCRIPT_PARTS {
         s.push_str(part);
     }
     s
 }
 
+/// The keyed limiters' script (`lua/keyed/`): the same prelude and shared parts, the keyed
+/// layer replacing the helpers that touch waiters, and the operations. Loaded once per store.
+#[doc(hidden)]
+pub fn keyed_script_source() -> String {
+    let mut s = prelude();
+    for part in KEYED_PARTS {
+        s.push_str(part);
+    }
+    s
+}
+
+/// The keyed script, in the order its parts run: the plain shared parts and the plain
+/// operations that need no change (they call the keyed layer's replacements of the helpers).
+const KEYED_PARTS: [&str; 19] = [
+    include_str!("lua/common.lua"),
+    include_str!("lua/keyed/drain.lua"),
+    include_str!("lua/state.lua"),
+    include_str!("lua/keyed/layer.lua"),
+    include_str!("lua/keyed/put.lua"),
+    include_str!("lua/ops/put.lua"),
+    include_str!("lua/guard.lua"),
+    include_str!("lua/keyed/guard.lua"),
+    include_str!("lua/ops/peek.lua"),
+    include_str!("lua/keyed/acquire.lua"),
+    include_str!("lua/keyed/schedule.lua"),
+    include_str!("lua/ops/release.lua"),
+    include_str!("lua/ops/extend.lua"),
+    include_str!("lua/ops/cancel.lua"),
+    include_str!("lua/ops/status.lua"),
+    include_str!("lua/gradient.lua"),
+    include_str!("lua/ops/feedback.lua"),
+    include_str!("lua/ops/advance.lua"),
+    include_str!("lua/unknown_op.lua"),
+];
+
 /// The limiter script, in the order its parts run: the shared parts (the KEYS, the helpers,
 /// the fast paths, the state the general path loads and writes back), then one file per
 /// operation (`lua/ops/`), each opening with its ARGV and replies. Kept in one Lua chunk, so
 /// the parts share their locals; split into files only to be read one at a time.
-const SCRIPT_PARTS: [&str; 19] = [
+const SCRIPT_PARTS: [&str; 20] = [
     include_str!("lua/common.lua"),
     include_str!("lua/fast.lua"),
     include_str!("lua/state.lua"),
+    include_str!("lua/keyed/bounce.lua"),
     include_str!("lua/ops/put.lua"),
     include_str!("lua/guard.lua"),
     include_str!("lua/ops/peek.lua"),

@@ -6,7 +6,10 @@ use super::*;
 impl RedisLimiter {
     /// Parses `status_fields()` of the limiter script (`lua/state.lua`) (after the tag): its fields by name, in the
     /// order of the one schema both sides are built from (`script::status_schema`).
-    pub(super) fn parse_status(&self, reply: &[String]) -> Result<LimiterStatus, StoreError> {
+    pub(in crate::store::redis) fn parse_status(
+        &self,
+        reply: &[String],
+    ) -> Result<LimiterStatus, StoreError> {
         let schema = crate::store::redis::script::status_schema();
         if reply.len() < schema.len() + 1 {
             return Err(unavailable(format!("short status reply {reply:?}")));

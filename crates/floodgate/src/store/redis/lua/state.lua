@@ -445,6 +445,8 @@ local function finish(reply)
   local fast = '0'
   if not learning_until and concurrency and not rate_limit then fast = '1' end
   if not learning_until and rate_limit and not concurrency then fast = 'r' end
+  -- A keyed limiter's operations all take the general path of the keyed script (lua/keyed/).
+  if m.keyed == '1' then fast = '0' end
   local ttl_at = refresh and fmt(now + TTL_REFRESH) or m.ttl_at
   redis.call('SET', K_HOT, table.concat({fast, fmt(qlen), fmt(in_use),
     ofmt(limit), fmt(next_token), fmt(default_lease), ofmt(permit_cap()),

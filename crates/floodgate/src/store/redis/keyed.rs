@@ -1,0 +1,353 @@
+//! Keyed limiters on Redis: a second script (`lua/keyed/`, joined by `script.rs`) runs every
+//! operation of a keyed limiter, with the plain limiter state as its total and the keys' state
+//! in eight more keys under the same hash tag (see `lua/keyed/drain.lua`).
+//!
+//! Which script a limiter's operation goes to: a store remembers the keyed limiters it has
+//! seen. The plain script answers `keyed` for a keyed limiter (a store that did not know it,
+//! another server created it) and the operation runs again in the keyed script; the keyed
+//! script answers `plain` for a plain limiter (deleted and re-created plain meanwhile). So a
+//! limiter is never served by the wrong rules, and the common case costs one script call.
+//!
+//! Not on this store yet: keyed limiters are not re-created after Redis lost their state (no
+//! learning window: they answer `unknown_limiter` until put again).
+
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use super::limiter::{field, invalid, RedisLimiter};
+use super::{unavailable, Inner, RedisStore};
+use crate::core::keyed::{
+    check_key, total_spec, KeyCounters, KeyInfo, KeyOverride, KeyedSpec, KeysView,
+};
+use crate::core::{LimiterStatus, Refusal};
+use crate::error::StoreError;
+use crate::spec::{InvalidField, LimiterSpec, RateSpec, MAX_CONCURRENCY};
+use crate::types::LimiterName;
+
+/// The keyed script's own keys, after the plain script's eleven (see `lua/keyed/drain.lua`).
+const KEYED_KEYS: [&str; 8] = [
+    "kstate",
+    "koverrides",
+    "kqueue",
+    "kring",
+    "kholders",
+    "kbusy",
+    "ksleep",
+    "kidle",
+];
+
+impl Inner {
+    /// Whether this store has seen the limiter keyed (its operations go to the keyed script).
+    pub(super) fn is_keyed(&self, name: &LimiterName) -> bool {
+        self.keyed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(name)
+    }
+
+    /// Records which script serves the limiter.
+    pub(super) fn mark_keyed(&self, name: &LimiterName, keyed: bool) {
+        let mut set = self.keyed.lock().unwrap_or_else(PoisonError::into_inner);
+        if keyed {
+            set.insert(name.clone());
+        } else {
+            set.remove(name);
+        }
+    }
+}
+
+/// Operations only the keyed script has: keyed acquires (the key after the plain acquire's
+/// arguments), keyed puts (the per-key fields after the plain put's), schedules, keys and
+/// overrides. Their own names, so a change of the plain operations' arguments cannot be
+/// mistaken for them.
+fn keyed_only(op: &str) -> bool {
+    matches!(op, "kacquire" | "kput" | "kschedule" | "keys" | "put_key")
+}
+
+fn tag(reply: &[String]) -> Option<&str> {
+    reply.first().map(String::as_str)
+}
+
+fn not_keyed() -> InvalidField {
+    InvalidField::new(
+        "key",
+        "this limiter is not keyed: create it with per_key to use keys",
+    )
+}
+
+/// A keyed acquire's refusals the plain parser does not know; `None` for the others.
+pub(super) fn refusal(reply: &[String]) -> Option<Refusal> {
+    Some(match tag(reply)? {
+        "too_many_keys" => Refusal::TooManyKeys {
+            max_keys: u32::try_from(field(reply, 1).ok()?).unwrap_or(u32::MAX),
+            retry_after: Duration::from_micros(field(reply, 2).ok()?),
+        },
+        "no_key" => Refusal::Invalid(InvalidField::new(
+            "key",
+            "this limiter is keyed: every acquire names a key",
+        )),
+        "plain" => Refusal::Invalid(not_keyed()),
+        _ => return None,
+    })
+}
+
+/// A refusal of the keyed script naming a field of its own (`per_key`, `key`), or else one of
+/// the spec's.
+fn keyed_invalid(reply: &[String]) -> InvalidField {
+    let message = reply.get(2).cloned().unwrap_or_default();
+    match reply.get(1).map(String::as_str) {
+        Some("per_key") => InvalidField::new("per_key", message),
+        Some("key") => InvalidField::new("key", message),
+        Some("count") => InvalidField::new("count", message),
+        _ => invalid(reply),
+    }
+}
+
+/// A plain put's arguments for the keyed script: the per-key spec kept, the total's
+/// concurrency as sent.
+fn keep_args(args: &[String]) -> Vec<String> {
+    let mut out = args.to_vec();
+    let user = out.first().cloned().unwrap_or_default();
+    if let Some(conc) = out.first_mut().filter(|c| c.is_empty()) {
+        *conc = MAX_CONCURRENCY.to_string();
+    }
+    out.extend([String::new(), String::new(), user, "keep".to_owned()]);
+    out.extend([String::new(), String::new(), String::new()]);
+    out
+}
+
+impl RedisLimiter {
+    /// Whether this operation goes to the keyed script first.
+    pub(super) fn runs_keyed(&self, op: &str) -> bool {
+        keyed_only(op) || self.store.is_keyed(&self.name)
+    }
+
+    /// The keyed script's own keys of this limiter, under its hash tag.
+    pub(super) fn keyed_keys(&self) -> [String; 8] {
+        let p = &self.store.config.prefix;
+        let n = self.name.as_str();
+        KEYED_KEYS.map(|k| format!("{p}:{{{n}}}:{k}"))
+    }
+
+    /// Runs the operation again in the other script when the one it ran in answered that the
+    /// limiter is not its kind (see the module documentation).
+    pub(super) async fn reroute(
+        &self,
+        keyed: bool,
+        op: &str,
+        args: &[String],
+        reply: Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        match (keyed, tag(&reply)) {
+            (_, Some("keyed")) if op == "put" => {
+                // A plain put of a keyed limiter: its per-key spec is kept.
+                self.store.mark_keyed(&self.name, true);
+                self.forget();
+                let reply = self.run_script(true, "kput", &keep_args(args)).await?;
+                if tag(&reply) == Some("plain") {
+                    self.store.mark_keyed(&self.name, false);
+                    return self.run_script(false, op, args).await;
+                }
+                Ok(reply)
+            }
+            (false, Some("keyed")) => {
+                self.store.mark_keyed(&self.name, true);
+                // Keyed limiters are not re-created after a loss (see the module docs).
+                self.forget();
+                self.run_script(true, op, args).await
+            }
+            (true, Some("plain")) => {
+                self.store.mark_keyed(&self.name, false);
+                if keyed_only(op) {
+                    return Ok(reply);
+                }
+                self.run_script(false, op, args).await
+            }
+            _ => Ok(reply),
+        }
+    }
+
+    /// Creates or changes a keyed limiter (the name registered by the caller).
+    async fn put_keyed(
+        &self,
+        spec: &LimiterSpec,
+        keyed: &KeyedSpec,
+    ) -> Result<LimiterStatus, StoreError> {
+        let mut args = Self::put_args(&total_spec(spec), None, false);
+        let rate = keyed.rate;
+        args.extend([
+            keyed.concurrency.map(|c| c.to_string()).unwrap_or_default(),
+            keyed.max_keys.to_string(),
+            spec.concurrency.map(|c| c.to_string()).unwrap_or_default(),
+            String::new(),
+            rate.map(|r| r.limit.to_string()).unwrap_or_default(),
+            rate.map(|r| r.period.as_micros().to_string())
+                .unwrap_or_default(),
+            rate.map(|r| r.burst.to_string()).unwrap_or_default(),
+        ]);
+        let reply = self.call_once("kput", &args).await?;
+        match tag(&reply) {
+            Some("status") => {
+                self.store.mark_keyed(&self.name, true);
+                self.forget();
+                self.parse_status(&reply)
+            }
+            Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
+            Some("deleted") => Err(unavailable("put answered `deleted`")),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+
+    /// [`LimiterBackend::put_key`](crate::LimiterBackend::put_key) on Redis.
+    pub(super) async fn put_key_override(
+        &self,
+        key: &str,
+        over: Option<KeyOverride>,
+    ) -> Result<(), StoreError> {
+        check_key(key)?;
+        if let Some(over) = &over {
+            over.validate()?;
+        }
+        let args = [
+            key.to_owned(),
+            over.and_then(|o| o.concurrency)
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+            over.map(|o| o.weight.to_string()).unwrap_or_default(),
+        ];
+        let reply = self.call_once("put_key", &args).await?;
+        match tag(&reply) {
+            Some("ok") => Ok(()),
+            Some("plain") => Err(StoreError::Invalid(not_keyed())),
+            Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
+            Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+
+    /// [`LimiterBackend::schedule_keyed`](crate::LimiterBackend::schedule_keyed) on Redis.
+    pub(super) async fn schedule_key(
+        &self,
+        key: &str,
+        count: u32,
+    ) -> Result<Vec<Duration>, StoreError> {
+        check_key(key)?;
+        if count == 0 || count > crate::core::MAX_SCHEDULE {
+            return Err(StoreError::Invalid(InvalidField::new(
+                "count",
+                format!("must be from 1 to {}", crate::core::MAX_SCHEDULE),
+            )));
+        }
+        let reply = self
+            .call_once("kschedule", &[key.to_owned(), count.to_string()])
+            .await?;
+        match tag(&reply) {
+            Some("offsets") => reply[1..reply.len().saturating_sub(1)]
+                .iter()
+                .map(|s| {
+                    s.parse::<u64>()
+                        .map(Duration::from_micros)
+                        .map_err(|_| unavailable("bad offset"))
+                })
+                .collect(),
+            Some("plain") => Err(StoreError::Invalid(not_keyed())),
+            Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
+            Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+
+    /// [`LimiterBackend::keys`](crate::LimiterBackend::keys) on Redis: `None`, without a round
+    /// trip, for a limiter this store has not seen keyed (any operation on a keyed one, the
+    /// status first of all, teaches it).
+    pub(super) async fn keys_view(&self, limit: usize) -> Result<Option<KeysView>, StoreError> {
+        if !self.store.is_keyed(&self.name) {
+            return Ok(None);
+        }
+        let limit = limit.min(crate::core::keyed::MAX_KEYS_LISTED);
+        let reply = self.call_once("keys", &[limit.to_string()]).await?;
+        match tag(&reply) {
+            Some("keys") => parse_keys(&reply).map(Some),
+            Some("plain") => Ok(None),
+            Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+}
+
+/// Parses the `keys` reply (see `lua/keyed/acquire.lua`).
+fn parse_keys(reply: &[String]) -> Result<KeysView, StoreError> {
+    let n = |i: usize| field(reply, i);
+    let small = |i: usize| -> Result<u32, StoreError> {
+        u32::try_from(n(i)?).map_err(|_| unavailable("keys field out of range"))
+    };
+    let opt_small = |i: usize| -> Result<Option<u32>, StoreError> {
+        match reply.get(i).map(String::as_str) {
+            None | Some("") => Ok(None),
+            Some(_) => small(i).map(Some),
+        }
+    };
+    let rate = match opt_small(7)? {
+        Some(limit) => Some(RateSpec {
+            limit,
+            period: Duration::from_micros(n(8)?),
+            burst: small(9)?,
+        }),
+        None => None,
+    };
+    let spec = KeyedSpec {
+        concurrency: opt_small(5)?,
+        rate,
+        max_keys: small(6)?,
+    };
+    let mut busiest = Vec::new();
+    // Fields 10.. are keys of six fields each; the reply ends with the next-deadline delay.
+    let mut i = 10;
+    while i + 6 < reply.len() {
+        busiest.push(KeyInfo {
+            key: Arc::from(reply[i].as_str()),
+            in_use: small(i + 1)?,
+            holders: small(i + 2)?,
+            waiting: small(i + 3)?,
+            limit: opt_small(i + 4)?,
+            weight: small(i + 5)?,
+        });
+        i += 6;
+    }
+    Ok(KeysView {
+        spec,
+        count: n(1)?,
+        overrides: n(2)?,
+        busiest,
+        counters: KeyCounters {
+            too_many_keys: n(3)?,
+            keys_created: n(4)?,
+        },
+    })
+}
+
+impl RedisStore {
+    /// [`Store::put_keyed_limiter`](crate::Store::put_keyed_limiter) on Redis.
+    pub(super) async fn put_keyed(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        keyed: KeyedSpec,
+    ) -> Result<LimiterStatus, StoreError> {
+        keyed.validate(&spec)?;
+        if crate::core::keyed::rate_only(&spec, &keyed) {
+            // The keyed script counts holders against a concurrency limit; paced grants
+            // (nothing held) are built in the embedded store only.
+            return Err(StoreError::Invalid(crate::spec::InvalidField::new(
+                "per_key.concurrency",
+                "is required on the Redis store (rate-only keyed limiters are embedded-only): \
+                 give the limiter a total concurrency or each key one",
+            )));
+        }
+        total_spec(&spec).validate()?;
+        self.register(name).await?;
+        let status = self.handle(name).put_keyed(&spec, &keyed).await?;
+        super::revive::register(&self.inner, name).await?;
+        Ok(status)
+    }
+}

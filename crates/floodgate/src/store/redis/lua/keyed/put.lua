@@ -1,0 +1,57 @@
+-- kput: create or reconfigure a keyed limiter; the plain put (ops/put.lua, next) does the
+-- total's part, and its grant_waiters() applies the per-key part first (apply_put).
+-- ARGV: as the plain put (4: the total concurrency, MAX_CONCURRENCY when only the keys have
+--       one), then, last, seven fields: per-key concurrency ('' none), max_keys, the total
+--       concurrency as configured ('' none), 'keep' (a plain put of a keyed limiter: per-key
+--       spec kept), per-key rate limit, period us, burst ('' none).
+-- Reply: as the plain put | {'plain'} (a keep for a limiter that is no longer keyed) |
+--        {'invalid', 'per_key', message} (the limiter exists and is not keyed).
+
+if op == 'put' then return {'keyed', '-1'} end
+if op == 'kput' then
+  op = 'put'   -- the plain put runs next
+  local b = #ARGV - 7
+  if exists and m.keyed ~= '1' then
+    return {'invalid', 'per_key',
+      'this limiter exists and is not keyed; delete it first to re-create it keyed', '-1'}
+  end
+  if ARGV[b + 4] == 'keep' then
+    if not exists then return {'plain', '-1'} end
+    KD.put = {conc = KD.conc, max = KD.max, user = ARGV[b + 3], rate = m.k_rate or ''}
+  else
+    local rate = ''
+    if ARGV[b + 5] ~= '' then rate = ARGV[b + 5] .. '|' .. ARGV[b + 6] .. '|' .. ARGV[b + 7] end
+    KD.put = {conc = opt(ARGV[b + 1]), max = tonumber(ARGV[b + 2]), user = ARGV[b + 3], rate = rate}
+  end
+  if not exists then
+    -- Keys of an earlier incarnation must not leak into this one.
+    redis.call('UNLINK', K_KS, K_KO, K_KQ, K_RING, K_KH, K_BUSY, K_SLEEP, K_IDLE)
+    KD.gen, KD.tmk, KD.created = 0, 0, 0
+  end
+end
+
+apply_put = function()
+  local p = KD.put
+  KD.put = nil
+  local changed = p.conc ~= KD.conc or p.rate ~= (m.k_rate or '')
+  KD.conc, KD.max, KD.rate = p.conc, p.max, parse_rate(p.rate)
+  m.keyed, m.k_user, m.k_rate = '1', p.user, p.rate
+  redis.call('HSET', K_META, 'keyed', '1', 'k_conc', ofmt(KD.conc), 'k_max', fmt(KD.max),
+    'k_user', p.user, 'k_rate', p.rate)
+  if not changed then return end
+  -- New per-key defaults: every key's limit in force (an administrative operation, O(keys)).
+  local raw = redis.call('HKEYS', K_KS)
+  for _, tkey in ipairs(raw) do
+    local k = kget(tkey)
+    if k then
+      k.limit, k.weight = limits_for(tkey)
+      kdirty(tkey)
+    end
+  end
+  refuse_impossible()
+  for _, tkey in ipairs(raw) do
+    wake_key(tkey)
+    maybe_drop(tkey)
+  end
+end
+

@@ -1,0 +1,580 @@
+//! The keyed script against the embedded keyed layer, side by side (issue 14: "the same
+//! observable behaviour on both stores"). Random sequences of keyed acquires (granted, queued,
+//! refused: per-key limit, total, `max_keys`, a wait of 0), releases, extends, cancels,
+//! overrides, schedules and time steps (leases lapsing, waits timing out, keys' and the total's rate
+//! token times, rate debt ending), on limiters with a total, per-key limits, per-key and total
+//! rates in every combination, run on a `KeyLayer` and, with
+//! the clock in the op argument (`op@now`, as `twin.rs`), on the keyed script on a real
+//! `redis-server`. After every step they must agree on the answer (its kind, retry hints,
+//! refusal fields, lease deadlines), on which waiters were decided and how (grant or refusal,
+//! and the retry hint), on the status (in use, holders, waiting) and on the keys view (count
+//! and every busiest key's in use, holders, waiting, limit and weight, in order). Fencing
+//! tokens differ (the script seeds them from its clock) and are mapped.
+//!
+//! `FLOODGATE_KEYED_TWIN_CASES` sequences (default 40) of 150 steps each, from fixed seeds.
+
+#![cfg(not(feature = "shuttle"))]
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use floodgate::core::keyed::{KeyLayer, KeyOverride, KeyedSpec};
+use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal, WaiterId};
+use floodgate::{FencingToken, LimiterSpec, RateSpec, Timestamp};
+
+const T0: u64 = 1_000_000_000_000;
+const KEYS: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// How a decision reads on both sides: `G` (granted), `T<retry us>`, `X<requested>/<limit>`.
+fn core_outcome(o: &Result<floodgate::core::Grant, Refusal>) -> String {
+    match o {
+        Ok(_) => "G".into(),
+        Err(Refusal::WaitTimeout { retry_after }) => format!("T{}", retry_after.as_micros()),
+        Err(Refusal::PermitsExceedLimit { requested, limit }) => format!("X{requested}/{limit}"),
+        Err(other) => format!("{other:?}"),
+    }
+}
+
+fn script_outcome(o: &str) -> String {
+    let f: Vec<&str> = o.split('|').collect();
+    match f[0] {
+        "G" => "G".into(),
+        "T" => format!("T{}", f[1]),
+        "X" => format!("X{}/{}", f[1], f[2]),
+        other => other.to_owned(),
+    }
+}
+
+struct Twin {
+    conn: redis::Connection,
+    script: redis::Script,
+    keys: Vec<String>,
+    name: String,
+    now: u64,
+    total: LimiterCore,
+    layer: KeyLayer,
+    /// Held grants: core token, script token, permits.
+    held: Vec<(FencingToken, String)>,
+    /// Queued waiters: core id -> script waiter key.
+    queued: BTreeMap<u64, String>,
+    /// Script waiter keys already decided (their outcome was compared).
+    decided: std::collections::HashSet<String>,
+    next_waiter: u64,
+    log: Vec<String>,
+}
+
+impl Twin {
+    fn new(server: &support::RedisServer, case: u64, rng: &mut Rng) -> Twin {
+        let mut conn = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let script = redis::Script::new(&floodgate::store::redis::keyed_script_source());
+        script.load(&mut conn).unwrap();
+        let name = format!("twin{case}");
+        let mut keys: Vec<String> = [
+            "meta",
+            "holders",
+            "leases",
+            "queue",
+            "heavy",
+            "waits",
+            "outcomes",
+            "otimes",
+            "hot",
+            "tokens",
+            "dead",
+            "kstate",
+            "koverrides",
+            "kqueue",
+            "kring",
+            "kholders",
+            "kbusy",
+            "ksleep",
+            "kidle",
+        ]
+        .iter()
+        .map(|k| format!("kt:{{{name}}}:{k}"))
+        .collect();
+        keys.shrink_to_fit();
+        // A total, a per-key limit, or both; a few keys at most.
+        let (total_c, per_key) = match rng.below(3) {
+            0 => (Some(4), Some(2)),
+            1 => (None, Some(2)),
+            _ => (Some(3), None),
+        };
+        // Rates: none, per key, on the total, or both (limit per 100 ms, small bursts).
+        let rate = |rng: &mut Rng| {
+            RateSpec::per(2 + rng.below(30) as u32, Duration::from_millis(100))
+                .with_burst(2 + rng.below(2) as u32)
+        };
+        let (key_rate, total_rate) = match rng.below(4) {
+            0 => (None, None),
+            1 => (Some(rate(rng)), None),
+            2 => (None, Some(rate(rng))),
+            _ => (Some(rate(rng)), Some(rate(rng))),
+        };
+        let max_keys = 3 + rng.below(3) as u32;
+        let max_queue = 6 + rng.below(6) as u32;
+        let mut spec = LimiterSpec::concurrency(total_c.unwrap_or(1))
+            .with_default_lease(Duration::from_millis(200))
+            .with_max_wait(Duration::from_millis(100))
+            .with_max_queue(max_queue);
+        spec.concurrency = total_c;
+        spec.rate = total_rate;
+        let mut keyed = KeyedSpec::default().with_max_keys(max_keys);
+        keyed.concurrency = per_key;
+        keyed.rate = key_rate;
+        let first = T0 / 2;
+        let (total, layer) = KeyLayer::new(spec.clone(), keyed, first).unwrap();
+        let mut twin = Twin {
+            conn,
+            script,
+            keys,
+            name,
+            now: T0,
+            total,
+            layer,
+            held: Vec::new(),
+            queued: BTreeMap::new(),
+            decided: Default::default(),
+            next_waiter: 0,
+            log: vec![format!(
+                "spec total {total_c:?} {total_rate:?} per key {per_key:?} {key_rate:?} \
+                 max_keys {max_keys} max_queue {max_queue}"
+            )],
+        };
+        let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_default();
+        let limit = |r: Option<RateSpec>| opt(r.map(|r| r.limit));
+        let period = |r: Option<RateSpec>| {
+            r.map(|r| r.period.as_micros().to_string())
+                .unwrap_or_default()
+        };
+        let burst = |r: Option<RateSpec>| opt(r.map(|r| r.burst));
+        let args: Vec<String> = vec![
+            total_c.unwrap_or(1_000_000).to_string(),
+            "200000".into(),
+            "100000".into(),
+            max_queue.to_string(),
+            first.to_string(),
+            limit(total_rate),
+            period(total_rate),
+            burst(total_rate),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            opt(per_key),
+            max_keys.to_string(),
+            opt(total_c),
+            String::new(),
+            limit(key_rate),
+            period(key_rate),
+            burst(key_rate),
+        ];
+        let reply = twin.call("kput", &args);
+        assert_eq!(reply[0], "status", "{reply:?}");
+        twin
+    }
+
+    fn call(&mut self, op: &str, args: &[String]) -> Vec<String> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(self.keys.len());
+        for k in &self.keys {
+            cmd.arg(k);
+        }
+        cmd.arg(format!("{op}@{}", self.now))
+            .arg(&self.name)
+            .arg(3_600_000_u64);
+        for a in args {
+            cmd.arg(a);
+        }
+        cmd.query(&mut self.conn).unwrap()
+    }
+
+    fn fail(&self, what: String) -> ! {
+        panic!("{what}\nsteps:\n{}", self.log.join("\n"))
+    }
+
+    fn t(&self) -> Timestamp {
+        Timestamp(self.now)
+    }
+
+    fn step(&mut self, rng: &mut Rng) {
+        let mut fx = Effects::default();
+        match rng.below(11) {
+            0..=3 => {
+                let key = KEYS[rng.below(KEYS.len() as u64) as usize];
+                let permits = 1 + rng.below(2) as u32;
+                let wait = [0, 5_000, 50_000, 100_000][rng.below(4) as usize];
+                let lease = [10_000, 30_000, 200_000][rng.below(3) as usize];
+                self.next_waiter += 1;
+                let waiter = format!("w{}", self.next_waiter);
+                self.log.push(format!(
+                    "{} acquire {key} x{permits} wait {wait} lease {lease} ({waiter})",
+                    self.now
+                ));
+                let req = AcquireRequest {
+                    permits,
+                    lease: Some(Duration::from_micros(lease)),
+                    wait: Some(Duration::from_micros(wait)),
+                    ..AcquireRequest::default()
+                };
+                let now = self.t();
+                let core = self.layer.acquire(&mut self.total, now, key, &req, &mut fx);
+                let args: Vec<String> = vec![
+                    permits.to_string(),
+                    lease.to_string(),
+                    wait.to_string(),
+                    waiter.clone(),
+                    "ch".into(),
+                    String::new(),
+                    "a".into(),
+                    key.into(),
+                ];
+                let reply = self.call("kacquire", &args);
+                let (c, s) = match &core {
+                    Admission::Granted(g) => {
+                        // (Its `k:` entry may read `G|`: queued and granted in the same step.)
+                        self.decided.insert(waiter.clone());
+                        self.held
+                            .push((g.token, reply.get(1).cloned().unwrap_or_default()));
+                        (
+                            format!("granted {}", g.lease_deadline.0),
+                            format!("{} {}", reply[0], reply.get(4).cloned().unwrap_or_default()),
+                        )
+                    }
+                    Admission::Queued(id) => {
+                        self.queued.insert(id.0, waiter.clone());
+                        ("queued".into(), reply[0].clone())
+                    }
+                    Admission::Refused(r) => {
+                        let c = match r {
+                            Refusal::WaitTimeout { retry_after } => {
+                                format!("timeout {}", retry_after.as_micros())
+                            }
+                            Refusal::QueueFull { retry_after } => {
+                                format!("queue_full {}", retry_after.as_micros())
+                            }
+                            Refusal::PermitsExceedLimit { requested, limit } => {
+                                format!("exceeds {requested} {limit}")
+                            }
+                            Refusal::TooManyKeys {
+                                max_keys,
+                                retry_after,
+                            } => format!("too_many_keys {max_keys} {}", retry_after.as_micros()),
+                            other => format!("{other:?}"),
+                        };
+                        (c, reply[..reply.len() - 1].join(" "))
+                    }
+                };
+                if c != s {
+                    self.fail(format!("acquire: core {c}, script {s} ({reply:?})"));
+                }
+            }
+            4 | 5 => {
+                if self.held.is_empty() {
+                    return;
+                }
+                let i = rng.below(self.held.len() as u64) as usize;
+                let (ct, st) = self.held.swap_remove(i);
+                self.log.push(format!("{} release {st}", self.now));
+                let now = self.t();
+                let c = self.layer.release(&mut self.total, now, ct, &mut fx);
+                let reply = self.call("release", &[st]);
+                if c != (reply[1] == "1") {
+                    self.fail(format!("release: core {c}, script {reply:?}"));
+                }
+            }
+            6 => {
+                if self.held.is_empty() {
+                    return;
+                }
+                let i = rng.below(self.held.len() as u64) as usize;
+                let (ct, st) = self.held[i].clone();
+                let lease = [10_000u64, 100_000][rng.below(2) as usize];
+                self.log.push(format!("{} extend {st} {lease}", self.now));
+                let now = self.t();
+                let c = self
+                    .layer
+                    .extend(
+                        &mut self.total,
+                        now,
+                        ct,
+                        Duration::from_micros(lease),
+                        &mut fx,
+                    )
+                    .unwrap();
+                let reply = self.call("extend", &[st, lease.to_string(), String::new()]);
+                let c = match c {
+                    Ok(d) => format!("extended {}", d.0),
+                    Err(_) => "lost".into(),
+                };
+                if c != reply[..reply.len() - 1].join(" ") {
+                    self.fail(format!("extend: core {c}, script {reply:?}"));
+                }
+            }
+            7 => {
+                let ids: Vec<u64> = self.queued.keys().copied().collect();
+                if ids.is_empty() {
+                    return;
+                }
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                let waiter = self.queued.remove(&id).unwrap();
+                self.log.push(format!("{} cancel {waiter}", self.now));
+                let now = self.t();
+                let c = self
+                    .layer
+                    .cancel(&mut self.total, now, WaiterId(id), &mut fx);
+                let reply = self.call("cancel", &[waiter.clone(), "drop".into()]);
+                self.decided.insert(waiter);
+                if c != (reply[0] == "cancelled") {
+                    self.fail(format!("cancel: core {c}, script {reply:?}"));
+                }
+            }
+            8 => {
+                let key = KEYS[rng.below(KEYS.len() as u64) as usize];
+                let ov = KeyOverride {
+                    concurrency: [None, Some(1), Some(3)][rng.below(3) as usize],
+                    weight: 1 + rng.below(3) as u32,
+                };
+                self.log.push(format!("{} put_key {key} {ov:?}", self.now));
+                let now = self.t();
+                let c = self
+                    .layer
+                    .put_override(&mut self.total, now, key, Some(ov), &mut fx);
+                let reply = self.call(
+                    "put_key",
+                    &[
+                        key.into(),
+                        ov.concurrency.map(|c| c.to_string()).unwrap_or_default(),
+                        ov.weight.to_string(),
+                    ],
+                );
+                if c.is_ok() != (reply[0] == "ok") {
+                    self.fail(format!("put_key: core {c:?}, script {reply:?}"));
+                }
+            }
+            9 => {
+                let key = KEYS[rng.below(KEYS.len() as u64) as usize];
+                let count = 1 + rng.below(6) as u32;
+                self.log
+                    .push(format!("{} schedule {key} x{count}", self.now));
+                let now = self.t();
+                let c = self
+                    .layer
+                    .schedule(&mut self.total, now, key, count, &mut fx);
+                let reply = self.call("kschedule", &[key.into(), count.to_string()]);
+                let c = match c {
+                    Ok(offsets) => {
+                        let mut out = vec!["offsets".to_owned()];
+                        out.extend(offsets.iter().map(|d| d.as_micros().to_string()));
+                        out.join(" ")
+                    }
+                    Err(e) => format!("invalid {} {}", e.field, e.message),
+                };
+                let s = reply[..reply.len() - 1].join(" ");
+                if c != s {
+                    self.fail(format!("schedule: core {c}, script {s}"));
+                }
+            }
+            _ => {
+                self.now += 1_000 * (1 + rng.below(40));
+                self.log.push(format!("{} advance", self.now));
+                let now = self.t();
+                self.layer.advance(&mut self.total, now, &mut fx);
+                self.call("advance", &[]);
+            }
+        }
+        if std::env::var_os("FLOODGATE_TWIN_DEBUG").is_some() {
+            let st = self.total.to_state();
+            let hot: String = redis::cmd("GET")
+                .arg(&self.keys[8])
+                .query(&mut self.conn)
+                .unwrap();
+            let h: Vec<&str> = hot.split('|').collect();
+            self.log.push(format!(
+                "   core ewma {:?} tat {} | script ewma {} tat {}",
+                st.hold_ewma_us, st.tat, h[10], h[17]
+            ));
+        }
+        self.compare_decisions(fx);
+        self.compare_state();
+    }
+
+    /// The waiters each side decided in this step, and how.
+    fn compare_decisions(&mut self, fx: Effects) {
+        let mut core: BTreeMap<String, String> = BTreeMap::new();
+        for (id, outcome) in &fx.wakes {
+            let Some(waiter) = self.queued.remove(&id.0) else {
+                continue; // a cancelled one's own answer
+            };
+            if let Ok(g) = outcome {
+                self.held.push((g.token, String::new()));
+            }
+            core.insert(waiter, core_outcome(outcome));
+        }
+        let holders: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&self.keys[1])
+            .query(&mut self.conn)
+            .unwrap();
+        let outcomes: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&self.keys[6])
+            .query(&mut self.conn)
+            .unwrap();
+        let mut script: BTreeMap<String, String> = BTreeMap::new();
+        for (field, value) in &holders {
+            if let Some(w) = field.strip_prefix("k:") {
+                if value.starts_with("G|") && !self.decided.contains(w) {
+                    script.insert(w.to_owned(), script_outcome(value));
+                }
+            }
+        }
+        for (w, value) in &outcomes {
+            if !self.decided.contains(w) && !script.contains_key(w) {
+                script.insert(w.clone(), script_outcome(value));
+            }
+        }
+        if core != script {
+            self.fail(format!("decisions: core {core:?}, script {script:?}"));
+        }
+        // Map the tokens of this step's grants: core ones were pushed with an empty script
+        // token, in wake order; fill them from the script's `G|token|...` entries.
+        for (waiter, _) in script {
+            self.decided.insert(waiter.clone());
+            if let Some(g) = holders.get(&format!("k:{waiter}")) {
+                let token = g.split('|').nth(1).unwrap().to_owned();
+                // The core grant of the same waiter: find it by order (one per waiter).
+                let core_token = fx
+                    .wakes
+                    .iter()
+                    .find(|(id, _)| self.decided_core(id.0, &waiter))
+                    .and_then(|(_, o)| o.as_ref().ok().map(|g| g.token));
+                if let Some(ct) = core_token {
+                    if let Some(slot) = self.held.iter_mut().find(|(t, s)| *t == ct && s.is_empty())
+                    {
+                        slot.1 = token;
+                    }
+                }
+            }
+        }
+    }
+
+    fn decided_core(&self, id: u64, waiter: &str) -> bool {
+        WAITERS.with(|m| m.borrow().get(&id).is_some_and(|w| w == waiter))
+    }
+
+    fn compare_state(&mut self) {
+        let status = self
+            .layer
+            .status(&self.total, &floodgate::LimiterName::new("x").unwrap());
+        let reply = self.call("status", &[]);
+        let schema = floodgate::store::redis::status_schema();
+        let field = |name: &str| {
+            let i = schema.iter().position(|f| *f == name).unwrap();
+            reply[i + 1].clone()
+        };
+        // And the next moment either side has something to look at (the store's timer).
+        let next = match self.layer.next_deadline(&mut self.total) {
+            Some(at) => at.0.saturating_sub(self.now).to_string(),
+            None => "-1".to_owned(),
+        };
+        let c = format!(
+            "{} {} {} next {next}",
+            status.in_use, status.holders, status.waiting
+        );
+        let s = format!(
+            "{} {} {} next {}",
+            field("in_use"),
+            field("holders"),
+            field("waiting"),
+            reply[reply.len() - 1]
+        );
+        if c != s {
+            self.fail(format!(
+                "status (in_use holders waiting, next deadline): core {c}, script {s}"
+            ));
+        }
+        let view = self.layer.keys_view(10);
+        let reply = self.call("keys", &["10".into()]);
+        let mut c = vec![view.count.to_string()];
+        for k in &view.busiest {
+            c.push(format!(
+                "{}:{}/{}/{}/{:?}/{}",
+                k.key, k.in_use, k.holders, k.waiting, k.limit, k.weight
+            ));
+        }
+        let mut s = vec![reply[1].clone()];
+        let mut i = 10;
+        while i + 6 < reply.len() {
+            let limit = if reply[i + 4].is_empty() {
+                "None".to_owned()
+            } else {
+                format!("Some({})", reply[i + 4])
+            };
+            s.push(format!(
+                "{}:{}/{}/{}/{limit}/{}",
+                reply[i],
+                reply[i + 1],
+                reply[i + 2],
+                reply[i + 3],
+                reply[i + 5]
+            ));
+            i += 6;
+        }
+        if c != s {
+            self.fail(format!("keys: core {c:?}, script {s:?}"));
+        }
+    }
+}
+
+thread_local! {
+    /// Core waiter id -> script waiter key, for mapping grant tokens.
+    static WAITERS: std::cell::RefCell<HashMap<u64, String>> = std::cell::RefCell::default();
+}
+
+#[test]
+fn the_keyed_script_agrees_with_the_keyed_layer() {
+    let server = support::RedisServer::start();
+    let cases: u64 = std::env::var("FLOODGATE_KEYED_TWIN_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    for case in 0..cases {
+        let mut rng = Rng(0x4B45_5945_4454_5749 ^ case);
+        let mut twin = Twin::new(&server, case, &mut rng);
+        for _ in 0..150 {
+            let before: Vec<(u64, String)> =
+                twin.queued.iter().map(|(k, v)| (*k, v.clone())).collect();
+            WAITERS.with(|m| {
+                let mut m = m.borrow_mut();
+                m.clear();
+                m.extend(before);
+            });
+            twin.step(&mut rng);
+        }
+    }
+}
