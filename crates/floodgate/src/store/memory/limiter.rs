@@ -324,6 +324,12 @@ enum Start {
 }
 
 impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
+    const CLOCK_IS_LOCAL: bool = true;
+
+    fn local_instant(&self, at: Timestamp) -> Option<tokio::time::Instant> {
+        Some(self.shared.clock.instant_at(at))
+    }
+
     fn name(&self) -> &LimiterName {
         &self.shared.name
     }
