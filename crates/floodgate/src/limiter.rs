@@ -308,7 +308,8 @@ impl<B: LimiterBackend> Limiter<B> {
     /// # }
     /// ```
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
-        let sent = Instant::now();
+        // A store on this process's clock gives the lease deadline on it: no clock read here.
+        let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
         let grant = match options.key.clone() {
             Some(key) => self.backend.acquire_keyed(&key, options).await?,
             None => self.backend.acquire(options).await?,
@@ -318,12 +319,14 @@ impl<B: LimiterBackend> Limiter<B> {
         // The store started the lease between the request and its answer, and not before it
         // had waited `waited`: the earliest it can end. Without a wait that is `sent` itself,
         // so the uncontended path reads the clock once, not twice.
-        let started = if grant.waited.is_zero() {
-            sent
-        } else {
-            (sent + grant.waited).min(Instant::now())
-        };
-        let local_deadline = started + grant.lease;
+        let local_deadline = sent.map(|sent| {
+            let started = if grant.waited.is_zero() {
+                sent
+            } else {
+                (sent + grant.waited).min(Instant::now())
+            };
+            started + grant.lease
+        });
         Ok(Permit {
             backend: self.backend.clone(),
             grant,
@@ -412,8 +415,9 @@ pub struct Permit<B: LimiterBackend> {
     /// False once released, detached or found lost, so `Drop` does nothing.
     held: bool,
     /// When the lease ends at the earliest, on this process's clock: how long an extend that
-    /// meets an unreachable store keeps trying.
-    local_deadline: Instant,
+    /// meets an unreachable store keeps trying. `None` when the store's clock is this
+    /// process's: the grant's lease deadline is then mapped to it when asked.
+    local_deadline: Option<Instant>,
 }
 
 impl<B: LimiterBackend> Permit<B> {
@@ -495,7 +499,7 @@ impl<B: LimiterBackend> Permit<B> {
                 Ok(deadline) => {
                     self.grant.lease_deadline = deadline;
                     self.grant.lease = lease;
-                    self.local_deadline = self.local_deadline.max(sent + lease);
+                    self.local_deadline = self.local_deadline.map(|d| d.max(sent + lease));
                     return Ok(deadline);
                 }
                 Err(ExtendError::Lost) => {
@@ -504,10 +508,11 @@ impl<B: LimiterBackend> Permit<B> {
                 }
                 Err(e @ ExtendError::Store(StoreError::Unavailable(_))) => {
                     let now = Instant::now();
-                    if now >= self.local_deadline {
+                    let deadline = self.local_deadline();
+                    if now >= deadline {
                         return Err(e);
                     }
-                    tokio::time::sleep(backoff.min(self.local_deadline - now)).await;
+                    tokio::time::sleep(backoff.min(deadline - now)).await;
                     backoff = (backoff * 2).min(EXTEND_BACKOFF_MAX);
                 }
                 Err(e) => return Err(e),
@@ -518,7 +523,13 @@ impl<B: LimiterBackend> Permit<B> {
     /// When the lease ends at the earliest, on this process's clock (never later than the
     /// store's deadline); moved by each confirmed extend.
     pub fn local_deadline(&self) -> Instant {
-        self.local_deadline
+        match self.local_deadline {
+            Some(deadline) => deadline,
+            None => self
+                .backend
+                .local_instant(self.grant.lease_deadline)
+                .unwrap_or_else(Instant::now),
+        }
     }
 
     /// Releases now. `Ok(false)` if the permit was no longer held (its lease ended).

@@ -23,3 +23,34 @@ async fn the_store_caps_its_number_of_limiters() {
         .await
         .expect("resize");
 }
+
+/// The embedded store's permit takes its local deadline from the store's clock (no clock read
+/// of its own): the grant's lease end, on tokio's clock, moved by a confirmed extend.
+#[tokio::test(start_paused = true)]
+async fn a_permit_knows_its_local_deadline_from_the_stores_clock() {
+    use std::time::Duration;
+    use tokio::time::Instant;
+    let gate = Floodgate::with_store(MemoryStore::new());
+    gate.define("local", floodgate::LimiterSpec::concurrency(1))
+        .await
+        .expect("define");
+    let lim = gate.limiter("local").await.expect("limiter");
+    tokio::time::advance(Duration::from_secs(3)).await;
+    let start = Instant::now();
+    let lease = Duration::from_secs(30);
+    let mut permit = lim
+        .acquire(floodgate::AcquireOptions::new().lease(lease))
+        .await
+        .expect("granted");
+    assert_eq!(permit.local_deadline(), start + lease);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    permit
+        .extend(Duration::from_secs(60))
+        .await
+        .expect("extended");
+    assert_eq!(
+        permit.local_deadline(),
+        start + Duration::from_secs(70),
+        "moved by the extend"
+    );
+}

@@ -10,8 +10,8 @@ use tokio::sync::{oneshot, Notify};
 
 use super::durable::record::Op;
 use super::durable::LimiterLog;
+use super::listeners::Listeners;
 use crate::clock::Clock;
-use crate::core::U64Map;
 use crate::core::{
     AcquireRequest, Admission, Effects, Feedback, Grant, HoldersView, LimiterCore, LimiterStatus,
     Refusal, WaitOutcome, WaiterId,
@@ -72,7 +72,7 @@ pub(super) struct State {
     /// Where each queued waiter's outcome goes, with the listener's number. An entry exists
     /// while its waiter is queued in `core` and someone listens: a repeated idempotent acquire
     /// takes the entry over (a new number), and an abandoned idempotent wait has none.
-    waiters: U64Map<(u64, oneshot::Sender<WaitOutcome>)>,
+    waiters: Listeners<(u64, oneshot::Sender<WaitOutcome>)>,
     /// The number of the next listener.
     next_listener: u64,
     /// The write-ahead log, when the store is durable: every operation is recorded in it.
@@ -115,7 +115,7 @@ impl<C: Clock> MemoryLimiter<C> {
                 state: Mutex::new(State {
                     core,
                     keyed: None,
-                    waiters: U64Map::default(),
+                    waiters: Listeners::default(),
                     next_listener: 0,
                     log,
                     spare: Vec::new(),
@@ -324,6 +324,12 @@ enum Start {
 }
 
 impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
+    const CLOCK_IS_LOCAL: bool = true;
+
+    fn local_instant(&self, at: Timestamp) -> Option<tokio::time::Instant> {
+        Some(self.shared.clock.instant_at(at))
+    }
+
     fn name(&self) -> &LimiterName {
         &self.shared.name
     }

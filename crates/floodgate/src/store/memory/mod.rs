@@ -8,6 +8,7 @@
 pub(crate) mod durable;
 mod keyed;
 mod limiter;
+mod listeners;
 mod persist;
 mod timer;
 
