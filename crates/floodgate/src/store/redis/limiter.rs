@@ -23,6 +23,7 @@ use crate::types::{FencingToken, LimiterName, ReservationId, Schedule, Timestamp
 static HOLDERS_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("holders.lua")));
 
+mod put;
 mod replies;
 mod waiting;
 
@@ -213,57 +214,6 @@ impl RedisLimiter {
                 limiter.arm_timer(Duration::from_secs(1));
             }
         });
-    }
-
-    /// Creates or changes the limiter. `learn`: a learning window to enter if this call
-    /// creates it (state was lost); `revive`: only re-create a vanished limiter (an existing
-    /// one is left as it is, a deleted one answers `Ok(None)`).
-    pub(super) async fn put(
-        &self,
-        spec: &LimiterSpec,
-        learn: Option<Duration>,
-        revive: bool,
-    ) -> Result<Option<LimiterStatus>, StoreError> {
-        // Never revives: `put` is what revival runs.
-        let reply = self
-            .call_once("put", &Self::put_args(spec, learn, revive))
-            .await?;
-        match reply.first().map(String::as_str) {
-            Some("status") => self.parse_status(&reply).map(Some),
-            Some("deleted") => Ok(None),
-            Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
-            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
-        }
-    }
-
-    /// The arguments of `put` (ARGV 4 to 19).
-    pub(super) fn put_args(
-        spec: &LimiterSpec,
-        learn: Option<Duration>,
-        revive: bool,
-    ) -> Vec<String> {
-        let opt = |v: Option<String>| v.unwrap_or_default();
-        let rate = spec.rate;
-        let adaptive = spec.adaptive;
-        vec![
-            opt(spec.concurrency.map(|c| c.to_string())),
-            micros(spec.default_lease),
-            micros(spec.max_wait),
-            spec.max_queue.to_string(),
-            crate::clock::token_seed().to_string(),
-            opt(rate.map(|r| r.limit.to_string())),
-            opt(rate.map(|r| micros(r.period))),
-            opt(rate.map(|r| r.burst.to_string())),
-            opt(adaptive.map(|a| a.min.to_string())),
-            opt(adaptive.map(|a| a.max.to_string())),
-            opt(adaptive.map(|a| a.increase.to_string())),
-            opt(adaptive.map(|a| format!("{}", a.decrease))),
-            opt(adaptive.map(|a| micros(a.cooldown))),
-            learn.map(micros).unwrap_or_default(),
-            if revive { "revive" } else { "" }.to_owned(),
-            opt(adaptive
-                .map(|a| format!("{}|{}|{}", a.algorithm.name(), a.tolerance, a.probe_rounds))),
-        ]
     }
 
     /// Deletes the limiter, then answers its queued waiters (`D`) a batch per script call, so
