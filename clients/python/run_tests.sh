@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tests of the Python client against the real server. Creates a virtualenv in .venv (or $VENV),
-# installs the package with its test extras (pytest, celery[redis], redis, mypy) from this directory,
-# type-checks the package with `mypy --strict`,
+# installs the package with its test extras (pytest, celery[redis], redis, mypy, ruff) from this directory,
+# type-checks the package with `mypy --strict`, lints it and its tests with `ruff check`,
 # builds the server with cargo (unless FLOODGATE_BIN names one), and runs pytest; the fixtures
 # start floodgate serve, redis-server and a Celery worker on free loopback ports and stop them.
 #
@@ -45,6 +45,8 @@ fi
 
 echo "== mypy --strict src"
 "$VENV/bin/python" -m mypy --strict src
+echo "== ruff check src tests"
+"$VENV/bin/python" -m ruff check src tests
 
 echo "== pytest (server: $FLOODGATE_BIN)"
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

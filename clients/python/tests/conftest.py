@@ -85,7 +85,8 @@ class ServerProcess:
             )
             log.close()
             probe = Floodgate(self.url, timeout=0.5, retries=0)
-            if wait_until(lambda: probe.healthy() or self.proc.poll() is not None, 20.0):
+            # (The lambda runs within this iteration, so it sees this `probe`.)
+            if wait_until(lambda: probe.healthy() or self.proc.poll() is not None, 20.0):  # noqa: B023
                 if self.proc.poll() is None:
                     return self
             last_error = self.log_path.read_text(errors="replace")[-2000:]

@@ -169,13 +169,13 @@ def test_a_large_batch_does_not_delay_small_organizations_with_keys_and_does_wit
     late = _lateness(plain)
     print("plain: (grants before arrival, to first grant, to last grant) per small org:", late)
     assert len(late) == SMALL_ORGS
-    for org, (before, to_first, _) in late.items():
+    for org, (_before, to_first, _) in late.items():
         # FIFO: behind every waiter of the batch queued before it.
         assert to_first >= BEHIND, (org, to_first, plain)
 
     # Both limiters end empty: every permit released (the last bodies may still be running).
     for name in (fair_env["FAIR_KEYED_LIMITER"], fair_env["FAIR_PLAIN_LIMITER"]):
-        def empty() -> bool:
+        def empty(name: str = name) -> bool:
             status = fg.limiter(name)
             return bool(status["in_use"] == 0 and status["waiting"] == 0)
 

@@ -299,7 +299,7 @@ def limited(
                     exc=e,
                     max_retries=_UNBOUNDED,
                     headers=_headers(request, WAIT_RETRIES, n + 1),
-                )
+                ) from e
             except (Unavailable, UnknownLimiter) as e:
                 if on_unavailable == "raise":
                     raise
@@ -318,7 +318,7 @@ def limited(
                     exc=e,
                     max_retries=_UNBOUNDED,
                     headers=_headers(request, UNAVAILABLE_RETRIES, n + 1),
-                )
+                ) from e
 
             previous = getattr(_local, "permit", None)
             _local.permit = permit
@@ -341,7 +341,7 @@ def limited(
                     exc=e,
                     max_retries=_UNBOUNDED,
                     headers=_headers(request, THROTTLE_RETRIES, n + 1),
-                )
+                ) from e
             except (Retry, Ignore, Reject):
                 # The body's own control flow (e.g. its own self.retry): not an outcome.
                 _release(permit)

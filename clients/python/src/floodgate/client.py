@@ -23,7 +23,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 from .backoff import Backoff, retry_after_of
-from .errors import FloodgateError, NotFound, PermitLost, Unavailable
+from .errors import FloodgateError, NotFound
 from .permit import Permit
 from .transport import _Transport, _quote
 from .types import KEEP, Adaptive, Rate, Reservation, Seconds, _Keep, _ms, _seconds, _spec
@@ -362,7 +362,7 @@ class Floodgate(_Transport):
         lease: Optional[Seconds] = None,
         permits: int = 1,
         heartbeat: Union[bool, float] = True,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = Backoff(),  # noqa: B008 (a frozen dataclass: safe to share)
         feedback: bool = True,
     ) -> T:
         """Runs ``fn(permit)`` under a permit and reports the outcome. When ``fn`` raises one of

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Type
 
 from .errors import FloodgateError, PermitLost
-from .types import Seconds, _ms, _seconds
+from .types import Seconds, _seconds
 
 if TYPE_CHECKING:
     from .client import Floodgate
