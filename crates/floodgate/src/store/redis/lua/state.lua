@@ -466,3 +466,16 @@ local function finish(reply)
   return reply
 end
 
+-- A repeated idempotent acquire whose first attempt was granted (`entry` of kind 'G|' or
+-- 'I|' in the holders hash): the same grant again, with what is left of its lease (the record
+-- keeps no lease length); nil when that grant has ended (a new acquire follows). Shared by the
+-- plain and the keyed acquire.
+local function repeat_granted(entry, kind, key, attempt)
+  local token = kind == 'I|' and string.sub(entry, 3) or split(entry)[2]
+  local h = parse_holder(token)
+  if not h then return nil end
+  redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
+  return finish({'granted', token, fmt(h.permits), fmt(math.max(MIN_LEASE, h.deadline - now)),
+    fmt(h.deadline), fmt(h.granted_at), '0'})
+end
+

@@ -31,13 +31,8 @@ if op == 'kacquire' then
       redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
       return finish({'queued', fmt(math.max(1, deadline - now))})
     elseif kind == 'G|' or kind == 'I|' then
-      local token = kind == 'I|' and string.sub(entry, 3) or split(entry)[2]
-      local h = parse_holder(token)
-      if h then
-        redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
-        return finish({'granted', token, fmt(h.permits), fmt(math.max(MIN_LEASE, h.deadline - now)),
-          fmt(h.deadline), fmt(h.granted_at), '0'})
-      end
+      local reply = repeat_granted(entry, kind, key, attempt)
+      if reply then return reply end
     end
   end
   if permits < 1 then

@@ -35,14 +35,8 @@ if op == 'acquire' then
       redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
       return finish({'queued', fmt(math.max(1, w.deadline - now))})
     elseif kind == 'G|' or kind == 'I|' then
-      local token = kind == 'I|' and string.sub(entry, 3) or split(entry)[2]
-      local h = parse_holder(token)
-      if h then
-        redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
-        -- The lease reported is what is left of it (the record keeps no lease length).
-        return finish({'granted', token, fmt(h.permits), fmt(math.max(MIN_LEASE, h.deadline - now)),
-          fmt(h.deadline), fmt(h.granted_at), '0'})
-      end
+      local reply = repeat_granted(entry, kind, key, attempt)
+      if reply then return reply end
     end
     -- What the key named has ended: a new acquire.
   end
