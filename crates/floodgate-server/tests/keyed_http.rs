@@ -391,3 +391,66 @@ async fn redis_refuses_a_rate_only_keyed_limiter_naming_the_field() {
     memory.served.stop().await;
     srv.served.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holders_listing_counts_a_keyed_limiters_waiters() {
+    holders_of_a_keyed_limiter(Srv::memory().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holders_listing_counts_a_keyed_limiters_waiters_on_redis() {
+    let (srv, _redis) = Srv::redis().await;
+    holders_of_a_keyed_limiter(srv).await;
+}
+
+/// `GET .../holders` (what the dashboard shows) counts the waiters of every key, as the status
+/// does.
+async fn holders_of_a_keyed_limiter(srv: Srv) {
+    let (s, body) = srv
+        .put(
+            "/v1/limiters/orgs",
+            json!({"concurrency": 10, "per_key": {"concurrency": 1}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    for key in ["org-a", "org-b"] {
+        let (s, held) = srv
+            .post("/v1/limiters/orgs/acquire", json!({"key": key}))
+            .await;
+        assert_eq!(s, 200, "{held}");
+    }
+    // Three waiters, held back by their keys' own limit (1) while the total has room.
+    let mut waits = Vec::new();
+    for key in ["org-a", "org-a", "org-b"] {
+        let http = srv.http.clone();
+        let url = format!("{}/v1/limiters/orgs/acquire", srv.base);
+        waits.push(tokio::spawn(async move {
+            http.post(url)
+                .header("content-type", "application/json")
+                .body(json!({"key": key, "wait_ms": 30_000}).to_string())
+                .send()
+                .await
+        }));
+    }
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        let (_, status) = srv.get("/v1/limiters/orgs").await;
+        if status["waiting"] == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (s, listing) = srv.get("/v1/limiters/orgs/holders?limit=10").await;
+    assert_eq!(s, 200, "{listing}");
+    assert_eq!(listing["total_holders"], 2, "{listing}");
+    assert_eq!(listing["waiting"], 3, "{listing}");
+    assert_eq!(listing["waiting_permits"], 3, "{listing}");
+    // Not given for a keyed limiter: its waiters queue per key (finding the oldest head would
+    // visit every key).
+    assert!(listing["oldest_wait_ms"].is_null(), "{listing}");
+    for w in waits {
+        w.abort();
+    }
+    srv.served.stop().await;
+}

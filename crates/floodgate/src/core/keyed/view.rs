@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::{KeyCounters, KeyLayer, KeyOverride, KeyedSpec};
-use crate::core::{LimiterCore, LimiterStatus};
-use crate::types::LimiterName;
+use crate::core::{HoldersView, LimiterCore, LimiterStatus};
+use crate::types::{LimiterName, Timestamp};
 
 /// Most keys one status lists.
 pub const MAX_KEYS_LISTED: usize = 100;
@@ -61,6 +61,17 @@ impl KeyLayer {
             s.limit = None;
         }
         s
+    }
+
+    /// Who holds and who waits (the holders listing), as for a plain limiter: the total's
+    /// holders, the waiters of every key. The oldest wait is not given (`None`): waiters queue
+    /// per key, and finding the oldest head would visit every key.
+    pub fn holders_view(&self, total: &LimiterCore, now: Timestamp, limit: usize) -> HoldersView {
+        let mut v = total.holders_view(now, limit);
+        v.waiting = u32::try_from(self.waiting).unwrap_or(u32::MAX);
+        v.waiting_permits = self.waiting_permits;
+        v.oldest_wait = None;
+        v
     }
 
     /// The configured spec of the whole limiter (the total core runs a derived one).

@@ -479,7 +479,10 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         // Time applied first, as for status: a reclaimed lease is not listed.
         self.with_state(|state, now, fx| {
             state.advance_any(now, fx);
-            state.core.holders_view(now, limit)
+            match &state.keyed {
+                Some(keyed) => keyed.holders_view(&state.core, now, limit),
+                None => state.core.holders_view(now, limit),
+            }
         })
     }
 }

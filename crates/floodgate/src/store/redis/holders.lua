@@ -3,12 +3,14 @@
 -- deadline is simply not listed), so it may run on any server at any time.
 --
 -- KEYS: 1 meta  2 holders  3 leases  4 queue  5 hot (the same keys as the limiter script, lua/common.lua)
+--       6 kqueue (a keyed limiter's waiters, every key's; lua/keyed/drain.lua)
 -- ARGV: 1 how many holders to list at most
 -- Reply: 'holders', now, live holders in total, waiting, waiting permits, oldest waiter's
--- enqueued_at ('' if none), rate tokens available ('' without a rate), then per holder (lease ending soonest first):
+-- enqueued_at ('' if none, and always for a keyed limiter: its waiters queue per key),
+-- rate tokens available ('' without a rate), then per holder (lease ending soonest first):
 -- token, permits, lease deadline, granted_at, label. Or 'unknown'.
 
-local K_META, K_HOLD, K_LEASE, K_Q, K_HOT = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_META, K_HOLD, K_LEASE, K_Q, K_HOT, K_KQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local limit = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -39,7 +41,7 @@ if head[1] then oldest = fields(head[1], 5)[5] or '' end
 -- The hot value's fields (the limiter script's HOT order, lua/state.lua): 13 queued_permits, 18 tat.
 local hot = fields(redis.call('GET', K_HOT) or '', 22)
 local reply = {'holders', fmt(now), fmt(redis.call('ZCOUNT', K_LEASE, live, '+inf')),
-               fmt(redis.call('ZCARD', K_Q)), hot[13] or '0', oldest, ''}
+               fmt(redis.call('ZCARD', K_Q) + redis.call('ZCARD', K_KQ)), hot[13] or '0', oldest, ''}
 local rate_limit = tonumber(redis.call('HGET', K_META, 'rate_limit') or '')
 if rate_limit then
   -- GCRA, as the limiter script: the emission interval and the burst's allowance against the debt.

@@ -517,7 +517,7 @@ impl LimiterBackend for RedisLimiter {
 
     async fn holders(&self, limit: usize) -> Result<HoldersView, StoreError> {
         let mut invocation = HOLDERS_SCRIPT.prepare_invoke();
-        // meta, holders, leases, queue (the first four of the limiter's keys) and hot.
+        // meta, holders, leases, queue (the first four of the limiter's keys), hot, kqueue.
         for key in self
             .keys
             .iter()
@@ -526,6 +526,9 @@ impl LimiterBackend for RedisLimiter {
         {
             invocation.key(key);
         }
+        // A keyed limiter's waiters queue per key, in `kqueue`.
+        let [_, _, kqueue, ..] = self.keyed_keys();
+        invocation.key(kqueue);
         invocation.arg(limit.min(MAX_HOLDERS_LISTED));
         let mut conn = self.store.conn.clone();
         let reply: Vec<String> = invocation
