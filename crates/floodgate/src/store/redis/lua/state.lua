@@ -296,6 +296,19 @@ local function first_wait()
   return nil
 end
 
+-- A lease that ran out: its grant ends (expired); an entry whose record is gone is dropped.
+-- Shared by the plain and the keyed advance.
+local function lapse(token)
+  local h = parse_holder(token)
+  if h then
+    drop_holder(token, h, true)
+    in_use = math.max(0, in_use - h.permits)
+    c.expired = c.expired + 1
+  else
+    redis.call('ZREM', K_LEASE, token)
+  end
+end
+
 local function advance()
   if learning_until and learning_until <= now then
     learning_until = nil
@@ -324,14 +337,7 @@ local function advance()
       -- The head's token time came first: grant it and whoever else is ready.
       grant_waiters()
     elseif ld and (not wd or ld <= wd) then
-      local h = parse_holder(lm)
-      if h then
-        drop_holder(lm, h, true)
-        in_use = math.max(0, in_use - h.permits)
-        c.expired = c.expired + 1
-      else
-        redis.call('ZREM', K_LEASE, lm)
-      end
+      lapse(lm)
     else
       -- Waits ending at the same moment end in queue order (the core's order): the waits
       -- member starts with the arrival sequence, which orders ties.
@@ -477,5 +483,21 @@ local function repeat_granted(entry, kind, key, attempt)
   redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
   return finish({'granted', token, fmt(h.permits), fmt(math.max(MIN_LEASE, h.deadline - now)),
     fmt(h.deadline), fmt(h.granted_at), '0'})
+end
+
+-- An acquire's lease and wait from its arguments ('' for the limiter's defaults; a wait is
+-- capped at max_wait): lease, wait; or nil and the refusal to answer. Shared by the plain and
+-- the keyed acquire.
+local function acquire_terms(lease_arg, wait_arg)
+  local lease = default_lease
+  if lease_arg ~= '' then lease = tonumber(lease_arg) end
+  local bad = check_lease(lease)
+  if bad then
+    c.rejected = c.rejected + 1
+    return nil, finish({'invalid', 'lease_ms', bad})
+  end
+  local wait = max_wait
+  if wait_arg ~= '' then wait = math.min(tonumber(wait_arg), max_wait) end
+  return lease, wait
 end
 

@@ -418,15 +418,8 @@ advance = function()
       -- Every lease ending then lapses before anyone is granted.
       local due = redis.call('ZRANGEBYSCORE', K_LEASE, '-inf', fmt(at))
       for _, token in ipairs(due) do
-        local h = parse_holder(token)
-        if h then
-          -- (Its outcome, if it came from the queue, is kept for a waiter that never saw it.)
-          drop_holder(token, h, true)
-          in_use = math.max(0, in_use - h.permits)
-          c.expired = c.expired + 1
-        else
-          redis.call('ZREM', K_LEASE, token)
-        end
+        -- (Its outcome, if it came from the queue, is kept for a waiter that never saw it.)
+        lapse(token)
       end
     elseif sleep == at then
       for _, mem in ipairs(redis.call('ZRANGEBYSCORE', K_SLEEP, '-inf', fmt(at))) do

@@ -49,15 +49,8 @@ if op == 'acquire' then
     c.rejected = c.rejected + 1
     return finish({'exceeds', fmt(permits), fmt(cap)})
   end
-  local lease = default_lease
-  if lease_arg ~= '' then lease = tonumber(lease_arg) end
-  local bad = check_lease(lease)
-  if bad then
-    c.rejected = c.rejected + 1
-    return finish({'invalid', 'lease_ms', bad})
-  end
-  local wait = max_wait
-  if wait_arg ~= '' then wait = math.min(tonumber(wait_arg), max_wait) end
+  local lease, wait = acquire_terms(lease_arg, wait_arg)
+  if not lease then return wait end
   local qlen = redis.call('ZCARD', K_Q)
   if qlen == 0 and fits(permits) and not learning_until then
     local ra = rate_at(permits)
