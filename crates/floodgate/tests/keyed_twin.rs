@@ -386,7 +386,7 @@ impl Twin {
                 let now = self.t();
                 let c = self
                     .layer
-                    .schedule(&mut self.total, now, key, count, &mut fx);
+                    .schedule(&mut self.total, now, key, count, 0, &mut fx);
                 let reply = self.call("kschedule", &[key.into(), count.to_string()]);
                 let c = match c {
                     Ok(offsets) => {

@@ -295,12 +295,14 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
         std::future::ready(Err(keyed_unsupported("key").into()))
     }
 
-    /// Like [`schedule`](Self::schedule), against the total's and `key`'s rates.
+    /// Like [`schedule`](Self::schedule), against the total's and `key`'s rates; its
+    /// reservation is given back with [`unschedule`](Self::unschedule) like a plain one's
+    /// (the total's and the key's tokens together).
     fn schedule_keyed(
         &self,
         key: &str,
         count: u32,
-    ) -> impl Future<Output = Result<Vec<Duration>, StoreError>> + Send {
+    ) -> impl Future<Output = Result<Schedule, StoreError>> + Send {
         let _ = (key, count);
         std::future::ready(Err(keyed_unsupported("key")))
     }

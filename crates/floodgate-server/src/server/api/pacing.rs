@@ -17,9 +17,9 @@ pub(crate) struct Scheduled {
     count: usize,
     /// When each child may start, in milliseconds from now (rounded up: never early).
     offsets_ms: Vec<u64>,
-    /// The reservation's id, to give back what the producer does not use (`None` for a keyed
-    /// schedule: not supported yet).
-    reservation: Option<u64>,
+    /// The reservation's id, to give back what the producer does not use (a keyed one gives
+    /// back the total's and its key's tokens).
+    reservation: u64,
 }
 
 pub(crate) async fn schedule<S: Store>(
@@ -29,17 +29,14 @@ pub(crate) async fn schedule<S: Store>(
 ) -> Result<Json<Scheduled>, ApiError> {
     let name = limiter_name(path)?;
     let limiter = state.gate.store().limiter(&name).await?;
-    let (offsets, reservation) = match &body.key {
+    let scheduled = match &body.key {
         Some(key) => {
             crate::server::keyed::check(key)?;
-            // A keyed schedule has no reservation to give back (not supported yet).
-            (limiter.schedule_keyed(key, body.count).await?, None)
+            limiter.schedule_keyed(key, body.count).await?
         }
-        None => {
-            let s = limiter.schedule(body.count).await?;
-            (s.offsets, Some(s.reservation.0))
-        }
+        None => limiter.schedule(body.count).await?,
     };
+    let (offsets, reservation) = (scheduled.offsets, scheduled.reservation.0);
     Ok(Json(Scheduled {
         count: offsets.len(),
         offsets_ms: offsets

@@ -13,8 +13,8 @@
 //! - Waiters of one key are FIFO; capacity freed goes to the keys in deficit round robin by
 //!   weight (see `sched.rs`), so a key's share of a contended total follows its weight,
 //!   whatever its backlog. A key held back only by its own limit does not hold back others.
-//! - Key state exists while the key has holders, waiters or per-key rate debt, and is dropped
-//!   when it has none; at most `max_keys` keys exist at once (one more is refused with
+//! - Key state exists while the key has holders, waiters, per-key rate debt or a `schedule`
+//!   reservation whose tokens have not all started, and is dropped when it has none; at most `max_keys` keys exist at once (one more is refused with
 //!   [`Refusal::TooManyKeys`](crate::core::Refusal::TooManyKeys)).
 //! - Every operation costs O(log keys) (hash maps, heaps and a ring), never O(keys); only a
 //!   reconfiguration of the per-key defaults visits every key.
@@ -30,6 +30,7 @@
 
 mod ops;
 mod pacing;
+mod reserve;
 mod sched;
 mod snapshot;
 mod spec;
@@ -41,7 +42,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
-pub use self::snapshot::{KeyLayerState, KeyState, KeyedSpecState};
+pub use self::snapshot::{KeyLayerState, KeyReservationState, KeyState, KeyedSpecState};
 pub use self::spec::{
     check_key, KeyOverride, KeyedSpec, DEFAULT_MAX_KEYS, MAX_KEYS, MAX_KEY_LEN, MAX_WEIGHT,
 };
@@ -84,6 +85,9 @@ pub(crate) struct Key {
     weight: u32,
     /// Holders plus waiters as last entered in the busiest-keys index.
     load: u64,
+    /// Its latest `schedule` reservation, whose unstarted tokens may still be given back
+    /// (see `reserve.rs`); it keeps the key from idling until its last token starts.
+    reservation: Option<reserve::KeyReservation>,
 }
 
 /// A grant of a keyed limiter, as this layer tracks it.
@@ -148,6 +152,9 @@ pub struct KeyLayer {
     busy: BTreeSet<(u64, Arc<str>)>,
     /// What only this layer counts.
     counters: KeyCounters,
+    /// Which key holds each remembered reservation, so an unschedule needs only the id (at
+    /// most one per key: bounded like the keys).
+    reservations: U64Map<Arc<str>>,
 }
 
 /// The spec the total core runs with: without a configured total concurrency, the largest one,
@@ -211,6 +218,7 @@ impl KeyLayer {
                 held_until: None,
                 busy: BTreeSet::new(),
                 counters: KeyCounters::default(),
+                reservations: U64Map::default(),
             },
         ))
     }
@@ -267,6 +275,7 @@ impl KeyLayer {
             rate,
             weight,
             load: 0,
+            reservation: None,
         }
     }
 }

@@ -12,12 +12,16 @@ use crate::types::Timestamp;
 impl KeyLayer {
     /// Reserves `count` tokens of the total's rate and `key`'s rate for a fan-out; each start
     /// offset satisfies both. All or nothing, bounded by `max_wait` like the core's.
+    /// `reservation` is the id the store drew, with which the producer may give back what it
+    /// does not use ([`unschedule`](Self::unschedule)); 0 (logs from before keyed reservations)
+    /// remembers none.
     pub fn schedule(
         &mut self,
         total: &mut LimiterCore,
         now: Timestamp,
         key: &str,
         count: u32,
+        reservation: u64,
         fx: &mut Effects,
     ) -> Result<Vec<Duration>, InvalidField> {
         check_key(key)?;
@@ -83,6 +87,11 @@ impl KeyLayer {
             k.tat = key_tat;
         }
         total.counters.scheduled += u64::from(count);
+        if reservation != 0 {
+            let last = now.after(offsets.last().copied().unwrap_or_default());
+            let before = (total_before, key_before);
+            self.remember_reservation(total, &name, reservation, now, before, count, last);
+        }
         self.maybe_drop(&name, now);
         Ok(offsets)
     }

@@ -242,8 +242,9 @@ impl KeyLayer {
         k.load = load;
     }
 
-    /// Drops a key's state once it holds nothing, waits for nothing and owes no rate; a key
-    /// whose only state is rate debt is looked at again when the debt ends.
+    /// Drops a key's state once it holds nothing, waits for nothing, owes no rate and has no
+    /// reservation left to give back; a key whose only state is rate debt or a reservation is
+    /// looked at again when they end.
     pub(super) fn maybe_drop(&mut self, name: &Arc<str>, now: Timestamp) {
         let Some(k) = self.keys.get_mut(name) else {
             return;
@@ -251,16 +252,19 @@ impl KeyLayer {
         if k.holders > 0 || !k.queue.is_empty() {
             return;
         }
-        if k.tat > now {
+        // A reservation keeps the key (and so the reservation) until its last token starts.
+        let until = k.reservation.map_or(k.tat, |r| k.tat.max(r.last_start));
+        if until > now {
             if !k.idle_armed {
                 k.idle_armed = true;
-                self.idle.push(Reverse((k.tat, k.gen, Arc::clone(name))));
+                self.idle.push(Reverse((until, k.gen, Arc::clone(name))));
             }
             return;
         }
         if k.load > 0 {
             self.busy.remove(&(k.load, Arc::clone(name)));
         }
+        self.forget_reservation(name);
         self.keys.remove(name);
     }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::reserve::{KeyReservation, Part};
 use super::{Key, KeyCounters, KeyLayer, KeyOverride, KeyedHolder, KeyedSpec};
 use crate::core::{LimiterCore, U64Map, Waiter, WaiterState};
 use crate::spec::{InvalidField, RateSpec};
@@ -101,6 +102,60 @@ pub struct KeyState {
     pub rate: Option<RateTuple>,
     /// Weight in force.
     pub weight: u32,
+    /// Its latest schedule reservation (absent in snapshots from before keyed reservations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<KeyReservationState>,
+}
+
+/// A key's latest schedule reservation (see `reserve.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyReservationState {
+    /// Its id.
+    pub id: u64,
+    /// When the schedule ran, µs.
+    pub at: u64,
+    /// What it took of the total's rate: (rate, `tat` before it, `tat` after it).
+    pub total: Option<(RateTuple, u64, u64)>,
+    /// What it took of the key's rate: (rate, `tat` before it, `tat` after it).
+    pub key: Option<(RateTuple, u64, u64)>,
+    /// Tokens still reserved.
+    pub count: u32,
+    /// When its last token starts, µs.
+    pub last_start: u64,
+}
+
+fn reservation_out(r: &KeyReservation) -> KeyReservationState {
+    let part = |p: Option<Part>| {
+        p.and_then(|p| rate_out(Some(p.rate)).map(|rate| (rate, p.before.0, p.end.0)))
+    };
+    KeyReservationState {
+        id: r.id,
+        at: r.at.0,
+        total: part(r.total),
+        key: part(r.key),
+        count: r.count,
+        last_start: r.last_start.0,
+    }
+}
+
+fn reservation_in(r: &KeyReservationState) -> KeyReservation {
+    let part = |p: Option<(RateTuple, u64, u64)>| {
+        p.and_then(|(rate, before, end)| {
+            rate_in(Some(rate)).map(|rate| Part {
+                rate,
+                before: Timestamp(before),
+                end: Timestamp(end),
+            })
+        })
+    };
+    KeyReservation {
+        id: r.id,
+        at: Timestamp(r.at),
+        total: part(r.total),
+        key: part(r.key),
+        count: r.count,
+        last_start: Timestamp(r.last_start),
+    }
 }
 
 /// A keyed layer's state, serializable. Times are µs on the store's clock.
@@ -176,6 +231,7 @@ impl KeyLayer {
                 limit: k.limit,
                 rate: rate_out(k.rate),
                 weight: k.weight,
+                reservation: k.reservation.as_ref().map(reservation_out),
             })
             .collect();
         keys.sort_by_key(|k| k.gen);
@@ -224,6 +280,7 @@ impl KeyLayer {
         let mut requests = HashMap::new();
         let (mut waiting, mut waiting_permits) = (0usize, 0u64);
         let mut busy = BTreeSet::new();
+        let mut reservations = U64Map::default();
         for k in &s.keys {
             let name: Arc<str> = Arc::from(k.name.as_str());
             names.insert(k.name.clone(), Arc::clone(&name));
@@ -261,7 +318,11 @@ impl KeyLayer {
                 rate: rate_in(k.rate),
                 weight: k.weight,
                 load,
+                reservation: k.reservation.as_ref().map(reservation_in),
             };
+            if let Some(r) = &k.reservation {
+                reservations.insert(r.id, Arc::clone(&name));
+            }
             keys.insert(name, key);
         }
         let arc = |n: &str| -> Arc<str> { names.get(n).cloned().unwrap_or_else(|| Arc::from(n)) };
@@ -323,6 +384,7 @@ impl KeyLayer {
                 too_many_keys: s.counters.0,
                 keys_created: s.counters.1,
             },
+            reservations,
         })
     }
 

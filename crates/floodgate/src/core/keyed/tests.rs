@@ -9,6 +9,7 @@ use crate::types::FencingToken;
 
 mod model;
 mod rate_model;
+mod reservations;
 
 const MS: u64 = 1_000;
 

@@ -16,7 +16,7 @@ use crate::core::{Effects, Feedback, LimiterStatus, Lost, WaiterId};
 use crate::error::StoreError;
 use crate::spec::{InvalidField, LimiterSpec};
 use crate::store::LimiterBackend;
-use crate::types::{FencingToken, LimiterName, Timestamp};
+use crate::types::{FencingToken, LimiterName, ReservationId, Schedule, Timestamp};
 
 impl State {
     /// A moment no later than the next deadline, for re-arming the timer after an operation.
@@ -101,6 +101,20 @@ impl State {
         }
     }
 
+    /// Gives back a reservation's unused tokens (a keyed one: the total's and its key's).
+    pub(super) fn unschedule_any(
+        &mut self,
+        now: Timestamp,
+        reservation: u64,
+        unused: u32,
+        fx: &mut Effects,
+    ) -> Result<u32, InvalidField> {
+        match &mut self.keyed {
+            Some(keyed) => keyed.unschedule(&mut self.core, now, reservation, unused, fx),
+            None => self.core.unschedule(now, reservation, unused, fx),
+        }
+    }
+
     pub(super) fn close_any(&mut self, fx: &mut Effects) {
         match &mut self.keyed {
             Some(keyed) => keyed.close(&mut self.core, fx),
@@ -132,26 +146,29 @@ impl State {
 }
 
 impl<C: Clock> MemoryLimiter<C> {
-    pub(super) async fn schedule_key(
-        &self,
-        key: &str,
-        count: u32,
-    ) -> Result<Vec<Duration>, StoreError> {
+    pub(super) async fn schedule_key(&self, key: &str, count: u32) -> Result<Schedule, StoreError> {
+        let reservation = ReservationId::random();
         let offsets = self
             .with_state(|state, now, fx| {
                 let out = match &mut state.keyed {
-                    Some(keyed) => keyed.schedule(&mut state.core, now, key, count, fx),
+                    Some(keyed) => {
+                        keyed.schedule(&mut state.core, now, key, count, reservation.0, fx)
+                    }
                     None => return Err(not_keyed()),
                 };
                 state.record(now, || Op::KeyedSchedule {
                     key: key.to_owned(),
                     count,
+                    reservation: reservation.0,
                 });
                 out
             })?
             .map_err(StoreError::Invalid)?;
         self.durable().await?;
-        Ok(offsets)
+        Ok(Schedule {
+            offsets,
+            reservation,
+        })
     }
 
     pub(super) async fn put_key_override(

@@ -346,7 +346,7 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         self.acquire_in(Some(key), options.into_request()).await
     }
 
-    async fn schedule_keyed(&self, key: &str, count: u32) -> Result<Vec<Duration>, StoreError> {
+    async fn schedule_keyed(&self, key: &str, count: u32) -> Result<Schedule, StoreError> {
         self.schedule_key(key, count).await
     }
 
@@ -430,13 +430,7 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
     async fn unschedule(&self, reservation: ReservationId, unused: u32) -> Result<u32, StoreError> {
         let returned = self
             .with_state(|state, now, fx| {
-                if state.keyed.is_some() {
-                    return Err(InvalidField::new(
-                        "key",
-                        "a keyed limiter's schedules cannot be given back (not supported yet)",
-                    ));
-                }
-                let out = state.core.unschedule(now, reservation.0, unused, fx);
+                let out = state.unschedule_any(now, reservation.0, unused, fx);
                 state.record(now, || Op::Unschedule {
                     reservation: reservation.0,
                     unused,

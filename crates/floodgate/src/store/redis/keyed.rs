@@ -22,7 +22,7 @@ use crate::core::keyed::{
 use crate::core::{LimiterStatus, Refusal};
 use crate::error::StoreError;
 use crate::spec::{InvalidField, LimiterSpec, RateSpec, MAX_CONCURRENCY};
-use crate::types::LimiterName;
+use crate::types::{LimiterName, ReservationId, Schedule};
 
 /// The keyed script's own keys, after the plain script's eleven (see `lua/keyed/drain.lua`).
 const KEYED_KEYS: [&str; 8] = [
@@ -226,11 +226,7 @@ impl RedisLimiter {
     }
 
     /// [`LimiterBackend::schedule_keyed`](crate::LimiterBackend::schedule_keyed) on Redis.
-    pub(super) async fn schedule_key(
-        &self,
-        key: &str,
-        count: u32,
-    ) -> Result<Vec<Duration>, StoreError> {
+    pub(super) async fn schedule_key(&self, key: &str, count: u32) -> Result<Schedule, StoreError> {
         check_key(key)?;
         if count == 0 || count > crate::core::MAX_SCHEDULE {
             return Err(StoreError::Invalid(InvalidField::new(
@@ -238,18 +234,28 @@ impl RedisLimiter {
                 format!("must be from 1 to {}", crate::core::MAX_SCHEDULE),
             )));
         }
+        let reservation = ReservationId::random();
         let reply = self
-            .call_once("kschedule", &[key.to_owned(), count.to_string()])
+            .call_once(
+                "kschedule",
+                &[key.to_owned(), count.to_string(), reservation.to_string()],
+            )
             .await?;
         match tag(&reply) {
-            Some("offsets") => reply[1..reply.len().saturating_sub(1)]
-                .iter()
-                .map(|s| {
-                    s.parse::<u64>()
-                        .map(Duration::from_micros)
-                        .map_err(|_| unavailable("bad offset"))
+            Some("offsets") => {
+                let offsets = reply[1..reply.len().saturating_sub(1)]
+                    .iter()
+                    .map(|s| {
+                        s.parse::<u64>()
+                            .map(Duration::from_micros)
+                            .map_err(|_| unavailable("bad offset"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(Schedule {
+                    offsets,
+                    reservation,
                 })
-                .collect(),
+            }
             Some("plain") => Err(StoreError::Invalid(not_keyed())),
             Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
             Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),

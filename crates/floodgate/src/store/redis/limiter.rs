@@ -401,7 +401,7 @@ impl LimiterBackend for RedisLimiter {
         self.put_key_override(key, over).await
     }
 
-    async fn schedule_keyed(&self, key: &str, count: u32) -> Result<Vec<Duration>, StoreError> {
+    async fn schedule_keyed(&self, key: &str, count: u32) -> Result<Schedule, StoreError> {
         self.schedule_key(key, count).await
     }
 

@@ -1,7 +1,9 @@
 //! Property test of rate-only keyed limiters (no concurrency limit anywhere: a total rate and
 //! a per-key rate): random acquires, cancels, time steps and weight overrides against a
 //! witness that checks GCRA's bound on every window of grants, for the total and for each key
-//! (`burst + floor(window / interval)` tokens at most), that grants are paced (nothing held),
+//! (`burst + floor(window / interval)` tokens at most), with `schedule` reservations (each
+//! token at its promised start) and `unschedule` returns (the returned tokens leave the
+//! witness: they must not have started) interleaved, that grants are paced (nothing held),
 //! that waiters of a key are served in FIFO order and never time out early, and that a key
 //! with no waiters and no rate debt leaves no state.
 
@@ -28,6 +30,16 @@ enum Op {
         key: usize,
         weight: u32,
     },
+    Schedule {
+        key: usize,
+        count: u32,
+    },
+    /// Gives back up to `unused` of one reservation made so far (by index), or of an unknown
+    /// id when there is none.
+    Unschedule {
+        pick: usize,
+        unused: u32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -37,24 +49,37 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Cancel),
         3 => (1..25u64).prop_map(Op::Tick),
         1 => (0..KEYS.len(), 1..=3u32).prop_map(|(key, weight)| Op::Weight { key, weight }),
+        2 => (0..KEYS.len(), 1..=4u32).prop_map(|(key, count)| Op::Schedule { key, count }),
+        2 => (any::<usize>(), 1..=4u32).prop_map(|(pick, unused)| Op::Unschedule { pick, unused }),
     ]
 }
 
-/// GCRA's bound: no window `[s, t]` holds more than `burst + (t - s) / interval` tokens.
+/// GCRA's bound: no window `[s, t]` holds more than `burst + (t - s) / interval` tokens
+/// (every window of the tokens, whatever order they were recorded in).
 fn within_rate(grants: &[(Timestamp, u32)], rate: RateSpec) -> Result<(), String> {
     let interval = rate.interval_us();
-    let Some(&(t, _)) = grants.last() else {
-        return Ok(());
-    };
-    let mut tokens = 0u64;
-    for &(s, permits) in grants.iter().rev() {
-        tokens += u64::from(permits);
-        let allowed = u64::from(rate.burst) + (t.0 - s.0) / interval;
-        if tokens > allowed {
-            return Err(format!("{tokens} tokens in [{}, {}] > {allowed}", s.0, t.0));
+    let mut sorted = grants.to_vec();
+    sorted.sort();
+    for (j, &(t, _)) in sorted.iter().enumerate() {
+        let mut tokens = 0u64;
+        for &(s, permits) in sorted[..=j].iter().rev() {
+            tokens += u64::from(permits);
+            let allowed = u64::from(rate.burst) + (t.0 - s.0) / interval;
+            if tokens > allowed {
+                return Err(format!("{tokens} tokens in [{}, {}] > {allowed}", s.0, t.0));
+            }
         }
     }
     Ok(())
+}
+
+/// Removes one token at `at` from `list`.
+fn take_out(list: &mut Vec<(Timestamp, u32)>, at: Timestamp) {
+    let i = list
+        .iter()
+        .position(|&(t, p)| t == at && p == 1)
+        .expect("a reserved token");
+    list.swap_remove(i);
 }
 
 #[derive(Default)]
@@ -64,37 +89,55 @@ struct Witness {
     last_served: HashMap<usize, u64>,
     all: Vec<(Timestamp, u32)>,
     per_key: [Vec<(Timestamp, u32)>; 3],
+    /// Reservations made, in order: (id, key, start times of the tokens not given back).
+    reservations: Vec<(u64, usize, Vec<Timestamp>)>,
 }
 
 impl Witness {
-    fn granted(
-        &mut self,
-        now: Timestamp,
-        key: usize,
-        g: &crate::core::Grant,
-        total: RateSpec,
-        each: RateSpec,
-    ) {
+    fn granted(&mut self, now: Timestamp, key: usize, g: &crate::core::Grant) {
         assert_eq!(g.lease, Duration::ZERO, "a paced grant holds nothing");
         assert_eq!(g.granted_at, now);
         self.all.push((now, g.permits));
         self.per_key[key].push((now, g.permits));
+    }
+
+    /// Every window of every rate, checked once the case is over (returns only remove tokens,
+    /// so a violation at any moment is still there at the end).
+    fn check_rates(&self, total: RateSpec, each: RateSpec) {
         if let Err(e) = within_rate(&self.all, total) {
             panic!("the total's rate: {e}");
         }
-        if let Err(e) = within_rate(&self.per_key[key], each) {
-            panic!("{}'s rate: {e}", KEYS[key]);
+        for (key, list) in self.per_key.iter().enumerate() {
+            if let Err(e) = within_rate(list, each) {
+                panic!("{}'s rate: {e}", KEYS[key]);
+            }
         }
     }
 
-    fn outcome(
-        &mut self,
-        now: Timestamp,
-        id: WaiterId,
-        out: &WaitOutcome,
-        total: RateSpec,
-        each: RateSpec,
-    ) {
+    fn scheduled(&mut self, now: Timestamp, id: u64, key: usize, offsets: &[Duration]) {
+        let times: Vec<Timestamp> = offsets.iter().map(|d| now.after(*d)).collect();
+        for t in &times {
+            self.all.push((*t, 1));
+            self.per_key[key].push((*t, 1));
+        }
+        self.reservations.push((id, key, times));
+    }
+
+    /// `returned` tokens of reservation `i` went back: its last ones, none started.
+    fn returned(&mut self, now: Timestamp, i: usize, returned: u32, unused: u32) {
+        assert!(returned <= unused, "no more than asked");
+        let (_, key, times) = &mut self.reservations[i];
+        let key = *key;
+        assert!(returned as usize <= times.len(), "no more than reserved");
+        let gone = times.split_off(times.len() - returned as usize);
+        for t in gone {
+            assert!(t > now, "a started token was given back");
+            take_out(&mut self.all, t);
+            take_out(&mut self.per_key[key], t);
+        }
+    }
+
+    fn outcome(&mut self, now: Timestamp, id: WaiterId, out: &WaitOutcome) {
         let (key, permits, deadline) = self.queued.remove(&id.0).expect("a queued waiter");
         match out {
             Ok(g) => {
@@ -104,7 +147,7 @@ impl Witness {
                 );
                 self.last_served.insert(key, id.0);
                 assert_eq!(g.permits, permits);
-                self.granted(now, key, g, total, each);
+                self.granted(now, key, g);
             }
             Err(crate::core::Refusal::WaitTimeout { .. }) => {
                 assert!(deadline <= now, "timed out before its deadline");
@@ -128,13 +171,14 @@ proptest! {
         let total_rate = RateSpec { burst: total_burst.max(2), ..RateSpec::per(total_per_100ms, ms100) };
         let key_rate = RateSpec { burst: key_burst, ..RateSpec::per(key_per_100ms, ms100) };
         let spec = LimiterSpec::rate(total_rate)
-            .with_max_wait(Duration::from_millis(60))
+            .with_max_wait(Duration::from_millis(300))
             .with_max_queue(1_000);
         let keyed = KeyedSpec::default().with_rate(key_rate);
         prop_assert!(rate_only(&spec, &keyed));
         let (mut total, mut layer) = KeyLayer::new(spec, keyed, 1).expect("valid");
         let mut w = Witness::default();
         let mut now = Timestamp(0);
+        let mut next_id = 0u64;
         for op in ops {
             let mut fx = Effects::default();
             match op {
@@ -145,7 +189,7 @@ proptest! {
                         ..AcquireRequest::default()
                     };
                     match layer.acquire(&mut total, now, KEYS[key], &req, &mut fx) {
-                        Admission::Granted(g) => w.granted(now, key, &g, total_rate, key_rate),
+                        Admission::Granted(g) => w.granted(now, key, &g),
                         Admission::Queued(id) => {
                             w.queued.insert(id.0, (key, permits, now.after(Duration::from_millis(wait_ms))));
                         }
@@ -172,9 +216,27 @@ proptest! {
                     let mut none = Effects::default();
                     prop_assert!(layer.put_override(&mut total, now, KEYS[key], Some(held), &mut none).is_err());
                 }
+                Op::Schedule { key, count } => {
+                    next_id += 1;
+                    if let Ok(offsets) = layer.schedule(&mut total, now, KEYS[key], count, next_id, &mut fx) {
+                        prop_assert_eq!(offsets.len(), count as usize);
+                        w.scheduled(now, next_id, key, &offsets);
+                    }
+                }
+                Op::Unschedule { pick, unused } => {
+                    if w.reservations.is_empty() {
+                        let got = layer.unschedule(&mut total, now, 999_999, unused, &mut fx);
+                        prop_assert_eq!(got, Ok(0), "an unknown id returns nothing");
+                    } else {
+                        let i = pick % w.reservations.len();
+                        let id = w.reservations[i].0;
+                        let got = layer.unschedule(&mut total, now, id, unused, &mut fx).expect("valid");
+                        w.returned(now, i, got, unused);
+                    }
+                }
             }
             for (id, out) in &fx.wakes {
-                w.outcome(now, *id, out, total_rate, key_rate);
+                w.outcome(now, *id, out);
             }
             prop_assert_eq!(layer.waiting(), w.queued.len());
             prop_assert_eq!(total.in_use(), 0, "nothing is held");
@@ -184,11 +246,13 @@ proptest! {
         let mut fx = Effects::default();
         layer.advance(&mut total, later, &mut fx);
         for (id, out) in &fx.wakes {
-            w.outcome(later, *id, out, total_rate, key_rate);
+            w.outcome(later, *id, out);
         }
         prop_assert_eq!(layer.waiting(), 0);
         // A grant made by that advance charges its rates from then on: its debt ends later.
         layer.advance(&mut total, later.after(Duration::from_secs(10)), &mut fx);
         prop_assert_eq!(layer.key_count(), 0, "idle keys dropped");
+        prop_assert_eq!(layer.reservation_count(), 0, "and their reservations");
+        w.check_rates(total_rate, key_rate);
     }
 }

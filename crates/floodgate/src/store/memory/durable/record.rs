@@ -109,8 +109,14 @@ pub(crate) enum Op {
         holder: Option<String>,
         request: Option<String>,
     },
-    /// A schedule for a key.
-    KeyedSchedule { key: String, count: u32 },
+    /// A schedule for a key, under the reservation id the store drew (0 in logs written
+    /// before keyed reservations could be given back).
+    KeyedSchedule {
+        key: String,
+        count: u32,
+        #[serde(default)]
+        reservation: u64,
+    },
     /// A key's override was set (`weight` given) or removed (`weight` absent).
     PutKey {
         key: String,
@@ -202,8 +208,18 @@ impl Op {
                 let req = logged_request(*permits, *lease_us, *wait_us, holder, request);
                 let _ = keyed.acquire(core, at, key, &req, &mut fx);
             }
-            Op::KeyedSchedule { key, count } => {
-                let _ = keyed.schedule(core, at, key, *count, &mut fx);
+            Op::KeyedSchedule {
+                key,
+                count,
+                reservation,
+            } => {
+                let _ = keyed.schedule(core, at, key, *count, *reservation, &mut fx);
+            }
+            Op::Unschedule {
+                reservation,
+                unused,
+            } => {
+                let _ = keyed.unschedule(core, at, *reservation, *unused, &mut fx);
             }
             Op::PutKey {
                 key,
@@ -243,7 +259,6 @@ impl Op {
             | Op::Delete
             | Op::Acquire { .. }
             | Op::Schedule { .. }
-            | Op::Unschedule { .. }
             | Op::Orphan { .. } => {}
         }
     }
