@@ -12,7 +12,8 @@
 --      member()), so a key's head is the first member of its range: O(log n))
 --   15 kring (list 'gen \1 KEY': keys whose head only the total holds back, in round-robin
 --      order; removal is lazy, an entry of an older generation of a key is skipped)
---   16 kholders (hash token -> KEY: whose share a grant's release or lapse frees)
+--   16 kholders (hash token -> KEY: whose share a grant's release or lapse frees; and
+--      'r:ID' -> KEY: which key holds schedule reservation ID, for unschedule)
 --   17 kbusy (zset KEY by holders + waiters: the status's busiest keys)
 --   18 ksleep (zset '%016d(gen) \1 at \1 KEY' by `at`, when its own rate lets its head run: keys held
 --      back only by their rate, woken then; one entry per arming, stale ones skipped)

@@ -19,12 +19,9 @@ if op == 'delete' then
   return {'deleted', fmt(kdrain()), '-1'}
 end
 
--- A keyed limiter's schedules name a key (`kschedule`), and cannot be given back.
+-- A keyed limiter's schedules name a key (`kschedule`); they are given back by the keyed
+-- `unschedule` (keyed/unschedule.lua).
 if op == 'schedule' then
   return finish({'invalid', 'key', 'this limiter is keyed: a schedule names a key'})
-end
-if op == 'unschedule' then
-  return finish({'invalid', 'reservation',
-    "a keyed limiter's schedules cannot be given back (not supported yet)"})
 end
 

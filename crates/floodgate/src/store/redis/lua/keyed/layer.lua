@@ -50,7 +50,7 @@ local function kget(tkey)
        qlen = tonumber(f[4]), qperm = tonumber(f[5]), deficit = tonumber(f[6]),
        turn = f[7] == '1', in_ring = f[8] == '1', limit = opt(f[9]), weight = tonumber(f[10]),
        load = tonumber(f[11]), tat = tonumber(f[12] or '0'), sleeping = opt(f[13]),
-       idle_armed = f[14] == '1'}
+       idle_armed = f[14] == '1', res = f[15] ~= '' and f[15] or nil}
   KD.cache[tkey] = k
   return k
 end
@@ -86,7 +86,8 @@ local function kflush()
     if k then
       redis.call('HSET', K_KS, tkey, table.concat({fmt(k.gen), fmt(k.in_use), fmt(k.holders),
         fmt(k.qlen), fmt(k.qperm), fmt(k.deficit), bool(k.turn), bool(k.in_ring), ofmt(k.limit),
-        fmt(k.weight), fmt(k.load), fmt(k.tat), ofmt(k.sleeping), bool(k.idle_armed)}, '|'))
+        fmt(k.weight), fmt(k.load), fmt(k.tat), ofmt(k.sleeping), bool(k.idle_armed),
+        k.res or ''}, '|'))
       ktouch(K_KS)
     else
       redis.call('HDEL', K_KS, tkey)
@@ -170,20 +171,114 @@ local function reindex(tkey, k)
   kdirty(tkey)
 end
 
--- Drops a key's state once it holds nothing, waits for nothing and owes no rate; a key whose
--- only state is rate debt is looked at again when the debt ends.
+-- A key's latest schedule reservation (core/keyed/reserve.rs), field 15 of its state:
+-- 'id,at,count,last_start,total rate,total tat before,total tat after,key rate,key tat
+-- before,key tat after' (a rate as 'limit/period_us/burst'; a rate's three fields are empty
+-- when it has none). `kholders` maps 'r:ID' to the key, so an unschedule needs only the id.
+-- (One table, not locals: the script's main chunk is near Lua's limit of 200 locals.)
+local KR = {}
+
+function KR.split(s)
+  local out, start = {}, 1
+  while true do
+    local i = string.find(s, ',', start, true)
+    if not i then
+      out[#out + 1] = string.sub(s, start)
+      return out
+    end
+    out[#out + 1] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+end
+
+function KR.parse(raw)
+  if not raw then return nil end
+  local f = KR.split(raw)
+  return {id = f[1], at = tonumber(f[2]), count = tonumber(f[3]), last = tonumber(f[4]),
+          trate = f[5], tbefore = opt(f[6]), tend = opt(f[7]),
+          krate = f[8], kbefore = opt(f[9]), kend = opt(f[10])}
+end
+
+function KR.format(r)
+  return table.concat({r.id, fmt(r.at), fmt(r.count), fmt(r.last), r.trate, ofmt(r.tbefore),
+    ofmt(r.tend), r.krate, ofmt(r.kbefore), ofmt(r.kend)}, ',')
+end
+
+-- Forgets key `tkey`'s reservation (the key is dropped, or the reservation is used up).
+function KR.forget(tkey, k)
+  local r = KR.parse(k.res)
+  if not r then return end
+  redis.call('HDEL', K_KH, 'r:' .. r.id)
+  k.res = nil
+  kdirty(tkey)
+end
+
+-- The total's rate and the per-key rate as a reservation records them ('' none): a changed
+-- rate means nothing goes back.
+function KR.total_rate()
+  if not rate_limit then return '' end
+  return fmt(rate_limit) .. '/' .. fmt(rate_period) .. '/' .. fmt(rate_burst)
+end
+
+function KR.key_rate()
+  local r = KD.rate
+  if not r then return '' end
+  return fmt(r.limit) .. '/' .. fmt(r.period) .. '/' .. fmt(r.burst)
+end
+
+-- Records the reservation kschedule just made for key `tkey` (replacing its previous one):
+-- the rates' `tat` before it, and after it (as they are now).
+function KR.remember(tkey, k, id, tbefore, kbefore, count, last)
+  local old = KR.parse(k.res)
+  if old then redis.call('HDEL', K_KH, 'r:' .. old.id) end
+  local trate, krate = KR.total_rate(), KR.key_rate()
+  local r = {id = id, at = now, count = count, last = last, trate = trate, krate = krate}
+  if trate ~= '' then r.tbefore, r.tend = tbefore, tat end
+  if krate ~= '' then r.kbefore, r.kend = kbefore, k.tat end
+  k.res = KR.format(r)
+  kdirty(tkey)
+  redis.call('HSET', K_KH, 'r:' .. id, tkey)
+  ktouch(K_KH)
+end
+
+-- One token of reservation `r` again, as kschedule took it, from the total's `tat` `wt` and
+-- the key's `wk` (nil: no such rate): its start and both `tat`s after it.
+function KR.step(r, wt, wk)
+  local at = r.at
+  if wt then
+    local t = interval()
+    local a = math.max(0, wt + t - t * rate_burst)
+    if a > at then at = a end
+  end
+  local kr = KD.rate
+  if wk then
+    local a = math.max(0, wk + kr.t - kr.t * kr.burst)
+    if a > at then at = a end
+  end
+  local nt = wt and (math.max(wt, at) + interval())
+  local nk = wk and (math.max(wk, at) + kr.t)
+  return at, nt, nk
+end
+
+-- Drops a key's state once it holds nothing, waits for nothing, owes no rate and has no
+-- reservation left to give back; a key whose only state is rate debt or a reservation is
+-- looked at again when they end.
 local function maybe_drop(tkey)
   local k = kget(tkey)
   if not k or k.holders > 0 or k.qlen > 0 then return end
-  if k.tat > now then
+  local r = KR.parse(k.res)
+  local until_ = k.tat
+  if r and r.last > until_ then until_ = r.last end
+  if until_ > now then
     if not k.idle_armed then
       k.idle_armed = true
       kdirty(tkey)
-      redis.call('ZADD', K_IDLE, fmt(k.tat), string.format('%016d', k.gen) .. SEP .. tkey)
+      redis.call('ZADD', K_IDLE, fmt(until_), string.format('%016d', k.gen) .. SEP .. tkey)
       ktouch(K_IDLE)
     end
     return
   end
+  KR.forget(tkey, k)
   if k.load > 0 then redis.call('ZREM', K_BUSY, tkey) end
   KD.cache[tkey] = false
   kdirty(tkey)

@@ -1,6 +1,7 @@
 -- kschedule: reserve `count` tokens of the total's rate and the key's for a fan-out; each start
 -- offset satisfies both. All or nothing, bounded by max_wait (core/keyed/pacing.rs).
--- ARGV: 4 key (checked by the store), 5 count (1 to MAX_SCHEDULE, checked by the store).
+-- ARGV: 4 key (checked by the store), 5 count (1 to MAX_SCHEDULE, checked by the store),
+-- 6 the reservation id the store drew ('' or '0': none is remembered).
 -- Reply: {'offsets', offset us...} | {'invalid', 'count' | 'key', message}.
 -- A reply made by finish() ends with the delay in us to the next deadline ('-1': none).
 
@@ -21,6 +22,7 @@ if op == 'kschedule' then
     k = new_key(tkey)
   end
   local total_before, key_tat = tat, k.tat
+  local key_before = k.tat
   local r = KD.rate
   local reply = {'offsets'}
   local last = 0
@@ -52,6 +54,10 @@ if op == 'kschedule' then
   k.tat = key_tat
   kdirty(tkey)
   c.scheduled = c.scheduled + count
+  local id = ARGV[6] or ''
+  if id ~= '' and id ~= '0' then
+    KR.remember(tkey, k, id, total_before, key_before, count, now + last)
+  end
   maybe_drop(tkey)
   return finish(reply)
 end
