@@ -1,7 +1,8 @@
 //! The keyed script against the embedded keyed layer, side by side (issue 14: "the same
 //! observable behaviour on both stores"). Random sequences of keyed acquires (granted, queued,
 //! refused: per-key limit, total, `max_keys`, a wait of 0), releases, extends, cancels,
-//! overrides, schedules and time steps (leases lapsing, waits timing out, keys' and the total's rate
+//! overrides, schedules, unschedules of their reservations (or of ids never drawn) and time
+//! steps (leases lapsing, waits timing out, keys' and the total's rate
 //! token times, rate debt ending), on limiters with a total, per-key limits, per-key and total
 //! rates in every combination, run on a `KeyLayer` and, with
 //! the clock in the op argument (`op@now`, as `twin.rs`), on the keyed script on a real
@@ -79,6 +80,10 @@ struct Twin {
     /// Script waiter keys already decided (their outcome was compared).
     decided: std::collections::HashSet<String>,
     next_waiter: u64,
+    /// Reservation ids of the schedules made so far (both sides were given the same).
+    reservations: Vec<u64>,
+    /// Tokens given back by unschedules (both sides agreed), to show the sequences reach it.
+    returned: u64,
     log: Vec<String>,
 }
 
@@ -158,6 +163,8 @@ impl Twin {
             queued: BTreeMap::new(),
             decided: Default::default(),
             next_waiter: 0,
+            reservations: Vec::new(),
+            returned: 0,
             log: vec![format!(
                 "spec total {total_c:?} {total_rate:?} per key {per_key:?} {key_rate:?} \
                  max_keys {max_keys} max_queue {max_queue}"
@@ -225,7 +232,7 @@ impl Twin {
 
     fn step(&mut self, rng: &mut Rng) {
         let mut fx = Effects::default();
-        match rng.below(11) {
+        match rng.below(12) {
             0..=3 => {
                 let key = KEYS[rng.below(KEYS.len() as u64) as usize];
                 let permits = 1 + rng.below(2) as u32;
@@ -384,10 +391,17 @@ impl Twin {
                 self.log
                     .push(format!("{} schedule {key} x{count}", self.now));
                 let now = self.t();
+                let id = 1 + self.reservations.len() as u64;
                 let c = self
                     .layer
-                    .schedule(&mut self.total, now, key, count, 0, &mut fx);
-                let reply = self.call("kschedule", &[key.into(), count.to_string()]);
+                    .schedule(&mut self.total, now, key, count, id, &mut fx);
+                let reply = self.call(
+                    "kschedule",
+                    &[key.into(), count.to_string(), id.to_string()],
+                );
+                if c.is_ok() {
+                    self.reservations.push(id);
+                }
                 let c = match c {
                     Ok(offsets) => {
                         let mut out = vec!["offsets".to_owned()];
@@ -399,6 +413,36 @@ impl Twin {
                 let s = reply[..reply.len() - 1].join(" ");
                 if c != s {
                     self.fail(format!("schedule: core {c}, script {s}"));
+                }
+            }
+            10 => {
+                // One of the reservations made (often superseded or started), or an id never
+                // drawn.
+                let n = self.reservations.len() as u64;
+                let pick = rng.below(n + 1);
+                let id = if pick < n {
+                    self.reservations[pick as usize]
+                } else {
+                    999_999
+                };
+                let unused = 1 + rng.below(6) as u32;
+                self.log
+                    .push(format!("{} unschedule {id} x{unused}", self.now));
+                let now = self.t();
+                let c = self
+                    .layer
+                    .unschedule(&mut self.total, now, id, unused, &mut fx);
+                let reply = self.call("unschedule", &[id.to_string(), unused.to_string()]);
+                if let Ok(n) = c {
+                    self.returned += u64::from(n);
+                }
+                let c = match c {
+                    Ok(n) => format!("returned {n}"),
+                    Err(e) => format!("invalid {} {}", e.field, e.message),
+                };
+                let s = reply[..reply.len() - 1].join(" ");
+                if c != s {
+                    self.fail(format!("unschedule: core {c}, script {s}"));
                 }
             }
             _ => {
@@ -563,6 +607,7 @@ fn the_keyed_script_agrees_with_the_keyed_layer() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
+    let mut returned = 0;
     for case in 0..cases {
         let mut rng = Rng(0x4B45_5945_4454_5749 ^ case);
         let mut twin = Twin::new(&server, case, &mut rng);
@@ -576,5 +621,11 @@ fn the_keyed_script_agrees_with_the_keyed_layer() {
             });
             twin.step(&mut rng);
         }
+        returned += twin.returned;
     }
+    assert!(
+        returned > 0,
+        "no unschedule gave anything back: the sequences miss it"
+    );
+    eprintln!("{cases} cases: {returned} reserved tokens given back");
 }
