@@ -64,6 +64,20 @@ def test_schedule_with_a_key_takes_both_rates(fg: Floodgate) -> None:
     assert other == [0.0]
 
 
+def test_a_keyed_reservation_is_given_back(fg: Floodgate) -> None:
+    per_key = {"concurrency": 5, "rate": {"limit": 1, "period_ms": 1000, "burst": 1}}
+    name = keyed(fg, 10, per_key=per_key)
+    reserved = fg.reserve(name, 5, key="org-a")
+    assert reserved.id is not None
+    assert reserved.offsets == [0.0, 1.0, 2.0, 3.0, 4.0]
+    # Only the first child was enqueued: the others go back (those not started yet).
+    back = fg.unschedule(name, reserved.id, 4)
+    assert 1 <= back <= 4
+    assert fg.unschedule(name, reserved.id, 4) == 0, "given back once"
+    # org-a's next token follows the ones it kept, not all five.
+    assert fg.schedule(name, 1, key="org-a")[0] <= 5 - back
+
+
 def test_the_celery_decorator_takes_the_key_from_the_arguments(fg: Floodgate) -> None:
     from floodgate.celery import current_permit, limited
 

@@ -296,7 +296,8 @@ class Floodgate(_Transport):
     def reserve(self, name: str, count: int, *, key: Optional[str] = None) -> Reservation:
         """Like :meth:`schedule`, and also returns the reservation's id, so that a producer
         that enqueues fewer than ``count`` children can give the rest back
-        (:meth:`unschedule`). The id is ``None`` for a keyed schedule (not given back yet)."""
+        (:meth:`unschedule`). With ``key``, giving back returns the key's and the total's
+        tokens together."""
         body: Dict[str, Any] = {"count": count}
         if key is not None:
             body["key"] = key
@@ -308,7 +309,8 @@ class Floodgate(_Transport):
     def unschedule(self, name: str, reservation: int, count: int) -> int:
         """Gives back ``count`` tokens of ``reservation`` whose children were not enqueued.
         Returns how many went back: only the reservation's last, not yet started tokens, and
-        only while it is the limiter's latest (docs/api.md says why); 0 otherwise."""
+        only while it is the limiter's latest (a keyed limiter's: its key's latest; docs/api.md
+        says why); 0 otherwise."""
         data = self._request(
             "POST",
             "/v1/limiters/{}/unschedule".format(_quote(name)),

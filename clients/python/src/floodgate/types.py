@@ -98,8 +98,9 @@ class Adaptive:
 @dataclass(frozen=True)
 class Reservation:
     """What :meth:`Floodgate.reserve` reserved on a rate limiter: each child's start offset in
-    seconds, and the id with which :meth:`Floodgate.unschedule` gives back unused tokens
-    (``None`` for a keyed schedule, which cannot be given back yet)."""
+    seconds, and the id with which :meth:`Floodgate.unschedule` gives back unused tokens (a
+    keyed schedule's gives back the key's and the total's; ``None`` only from a server that
+    answered none, as older servers did for keyed schedules)."""
 
     offsets: List[float]
     id: Optional[int]
