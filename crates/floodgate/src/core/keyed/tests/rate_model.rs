@@ -1,5 +1,5 @@
-//! Property test of rate-only keyed limiters (no concurrency limit anywhere: a total rate and
-//! a per-key rate): random acquires, cancels, time steps and weight overrides against a
+//! Property test of keyed rates (a total rate and a per-key rate; rate-only, or beside a total
+//! and a per-key concurrency limit whose grants hold permits for a short lease): random acquires, cancels, time steps and weight overrides against a
 //! witness that checks GCRA's bound on every window of grants, for the total and for each key
 //! (`burst + floor(window / interval)` tokens at most), with `schedule` reservations (each
 //! token at its promised start) and `unschedule` returns (the returned tokens leave the
@@ -84,6 +84,8 @@ fn take_out(list: &mut Vec<(Timestamp, u32)>, at: Timestamp) {
 
 #[derive(Default)]
 struct Witness {
+    /// Whether grants are paced (rate-only: they hold nothing).
+    paced: bool,
     /// waiter -> (key, permits, deadline)
     queued: BTreeMap<u64, (usize, u32, Timestamp)>,
     last_served: HashMap<usize, u64>,
@@ -95,7 +97,9 @@ struct Witness {
 
 impl Witness {
     fn granted(&mut self, now: Timestamp, key: usize, g: &crate::core::Grant) {
-        assert_eq!(g.lease, Duration::ZERO, "a paced grant holds nothing");
+        if self.paced {
+            assert_eq!(g.lease, Duration::ZERO, "a paced grant holds nothing");
+        }
         assert_eq!(g.granted_at, now);
         self.all.push((now, g.permits));
         self.per_key[key].push((now, g.permits));
@@ -160,23 +164,30 @@ impl Witness {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     #[test]
-    fn rate_only_keyed_limits_hold_against_the_witness(
+    fn keyed_rates_hold_against_the_witness(
         total_per_100ms in 2..=8u32,
         total_burst in 1..=3u32,
         key_per_100ms in 1..=4u32,
         key_burst in 2..=3u32,
+        held in any::<bool>(),
         ops in prop::collection::vec(op(), 1..150),
     ) {
         let ms100 = Duration::from_millis(100);
         let total_rate = RateSpec { burst: total_burst.max(2), ..RateSpec::per(total_per_100ms, ms100) };
         let key_rate = RateSpec { burst: key_burst, ..RateSpec::per(key_per_100ms, ms100) };
-        let spec = LimiterSpec::rate(total_rate)
+        let mut spec = LimiterSpec::rate(total_rate)
             .with_max_wait(Duration::from_millis(300))
             .with_max_queue(1_000);
-        let keyed = KeyedSpec::default().with_rate(key_rate);
-        prop_assert!(rate_only(&spec, &keyed));
+        let mut keyed = KeyedSpec::default().with_rate(key_rate);
+        if held {
+            // The rates beside concurrency limits: grants hold permits for a 30 ms lease.
+            spec = spec.with_default_lease(Duration::from_millis(30));
+            spec.concurrency = Some(3);
+            keyed.concurrency = Some(2);
+        }
+        prop_assert_eq!(rate_only(&spec, &keyed), !held);
         let (mut total, mut layer) = KeyLayer::new(spec, keyed, 1).expect("valid");
-        let mut w = Witness::default();
+        let mut w = Witness { paced: !held, ..Witness::default() };
         let mut now = Timestamp(0);
         let mut next_id = 0u64;
         for op in ops {
@@ -212,9 +223,11 @@ proptest! {
                     let ov = KeyOverride { concurrency: None, weight };
                     layer.put_override(&mut total, now, KEYS[key], Some(ov), &mut fx).expect("valid");
                     // A concurrency override means nothing without holders: refused.
-                    let held = KeyOverride { concurrency: Some(1), weight };
-                    let mut none = Effects::default();
-                    prop_assert!(layer.put_override(&mut total, now, KEYS[key], Some(held), &mut none).is_err());
+                    if !held {
+                        let with_limit = KeyOverride { concurrency: Some(1), weight };
+                        let mut none = Effects::default();
+                        prop_assert!(layer.put_override(&mut total, now, KEYS[key], Some(with_limit), &mut none).is_err());
+                    }
                 }
                 Op::Schedule { key, count } => {
                     next_id += 1;
@@ -239,7 +252,11 @@ proptest! {
                 w.outcome(now, *id, out);
             }
             prop_assert_eq!(layer.waiting(), w.queued.len());
-            prop_assert_eq!(total.in_use(), 0, "nothing is held");
+            if held {
+                prop_assert!(total.in_use() <= 3, "the total's concurrency holds");
+            } else {
+                prop_assert_eq!(total.in_use(), 0, "nothing is held");
+            }
         }
         // Once every wait and every rate debt has ended, no key state is left.
         let later = now.after(Duration::from_secs(10));
