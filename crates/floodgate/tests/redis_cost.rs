@@ -55,9 +55,12 @@ impl Script {
         for k in &self.keys {
             cmd.arg(k);
         }
-        cmd.arg(format!("{op}@{}", self.now))
-            .arg(&self.name)
-            .arg(7 * 24 * 3_600_000_u64);
+        // `op@general` runs the general path (`op@now@general`), skipping the fast one.
+        let clocked = match op.strip_suffix("@general") {
+            Some(base) => format!("{base}@{}@general", self.now),
+            None => format!("{op}@{}", self.now),
+        };
+        cmd.arg(clocked).arg(&self.name).arg(7 * 24 * 3_600_000_u64);
         for a in args {
             cmd.arg(a);
         }
@@ -319,6 +322,57 @@ fn a_contended_grant_costs_at_most_twelve_commands_and_keeps_nothing() {
     assert_eq!(s.hlen(6), 0, "no outcome kept apart from the holders");
     // The holders hash: each holder's record and its outcome, and each queued waiter's entry.
     assert_eq!(s.hlen(1), 2 * limit + 56);
+}
+
+/// A release that names its caller's channel answers the grant of a waiter of that channel
+/// (the same store) in its own reply, before the last field, and publishes nothing; a waiter
+/// of another channel is still woken over pub/sub. On the fast path and the general one.
+#[test]
+fn a_release_answers_its_own_stores_waiter_in_its_reply() {
+    let server = support::RedisServer::start();
+    for (name, op) in [
+        ("local-fast", "release"),
+        ("local-general", "release@general"),
+    ] {
+        let mut s = Script::new(&server, name);
+        s.put(1, 100);
+        let held = s.call("acquire", &Script::acquire_args("h", 1, None))[1].clone();
+        // q0 waits on this store's channel (`cost-channel`), q1 on another store's.
+        let r = s.call("acquire", &Script::acquire_args("q0", 1, None));
+        assert_eq!(r[0], "queued");
+        let mut other = Script::acquire_args("q1", 1, None);
+        other[4] = "other-channel".into();
+        assert_eq!(s.call("acquire", &other)[0], "queued");
+        s.now += 10;
+        let local = vec![held, "cost-channel".to_owned()];
+        let (_, r) = s.count(|s| s.call(op, &local));
+        let published = |s: &mut Script| {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut s.conn)
+                .unwrap();
+            commands(&info).get("publish").copied().unwrap_or(0)
+        };
+        assert_eq!(published(&mut s), 0, "{op}: q0's grant was published");
+        // released, 1, q0, its outcome, the next deadline.
+        assert_eq!(r.len(), 5, "{op}: {r:?}");
+        assert_eq!(r[..3], ["released", "1", "q0"], "{op}");
+        assert!(r[3].starts_with("G|"), "{op}: {r:?}");
+        // The outcome is recorded all the same (a waiter that missed the reply finds it).
+        let entry: String = redis::cmd("HGET")
+            .arg(&s.keys[1])
+            .arg("k:q0")
+            .query(&mut s.conn)
+            .unwrap();
+        assert_eq!(entry, r[3], "{op}");
+        let token = r[3].split('|').nth(1).unwrap().to_owned();
+        // q0's release hands the permit to q1, of another store: published, not in the reply.
+        s.now += 10;
+        let (_, r) = s.count(|s| s.call(op, &[token, "cost-channel".to_owned()]));
+        assert_eq!(published(&mut s), 1, "{op}: q1's grant was not published");
+        assert_eq!(r.len(), 3, "{op}: {r:?}");
+        assert_eq!(r[..2], ["released", "1"], "{op}");
+    }
 }
 
 /// Deleting a limiter with a long queue answers its waiters in batches, each a bounded call.

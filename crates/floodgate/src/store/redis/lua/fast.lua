@@ -159,6 +159,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
       -- holds back those behind it). With no heavy waiter, every waiter fits in one permit.
       local limit, heavy = tonumber(h[4]), tonumber(h[17])
       local granted, now_s = 0, fmt(now)
+      local reply = {'released', '1'}
       while qlen > 0 and in_use < limit do
         local w
         if heavy > 0 then
@@ -192,11 +193,16 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
         h[13] = fmt(tonumber(h[13]) - w.permits)
         granted = granted + 1
         due = math.min(due, deadline)
-        redis.call('PUBLISH', w.channel, name .. '\n' .. w.key .. '\n' .. outcome)
+        if w.channel == local_ch then
+          reply[#reply + 1], reply[#reply + 2] = w.key, outcome
+        else
+          redis.call('PUBLISH', w.channel, name .. '\n' .. w.key .. '\n' .. outcome)
+        end
       end
       h[9], h[17] = fmt(tonumber(h[9]) + granted), fmt(heavy)
       save()
-      return {'released', '1', next_due()}
+      reply[#reply + 1] = next_due()
+      return reply
     end
   end
 end
