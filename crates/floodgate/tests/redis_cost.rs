@@ -55,9 +55,12 @@ impl Script {
         for k in &self.keys {
             cmd.arg(k);
         }
-        cmd.arg(format!("{op}@{}", self.now))
-            .arg(&self.name)
-            .arg(7 * 24 * 3_600_000_u64);
+        // `op@general` runs the general path (`op@now@general`), skipping the fast one.
+        let clocked = match op.strip_suffix("@general") {
+            Some(base) => format!("{base}@{}@general", self.now),
+            None => format!("{op}@{}", self.now),
+        };
+        cmd.arg(clocked).arg(&self.name).arg(7 * 24 * 3_600_000_u64);
         for a in args {
             cmd.arg(a);
         }
@@ -321,6 +324,57 @@ fn a_contended_grant_costs_at_most_twelve_commands_and_keeps_nothing() {
     assert_eq!(s.hlen(1), 2 * limit + 56);
 }
 
+/// A release that names its caller's channel answers the grant of a waiter of that channel
+/// (the same store) in its own reply, before the last field, and publishes nothing; a waiter
+/// of another channel is still woken over pub/sub. On the fast path and the general one.
+#[test]
+fn a_release_answers_its_own_stores_waiter_in_its_reply() {
+    let server = support::RedisServer::start();
+    for (name, op) in [
+        ("local-fast", "release"),
+        ("local-general", "release@general"),
+    ] {
+        let mut s = Script::new(&server, name);
+        s.put(1, 100);
+        let held = s.call("acquire", &Script::acquire_args("h", 1, None))[1].clone();
+        // q0 waits on this store's channel (`cost-channel`), q1 on another store's.
+        let r = s.call("acquire", &Script::acquire_args("q0", 1, None));
+        assert_eq!(r[0], "queued");
+        let mut other = Script::acquire_args("q1", 1, None);
+        other[4] = "other-channel".into();
+        assert_eq!(s.call("acquire", &other)[0], "queued");
+        s.now += 10;
+        let local = vec![held, "cost-channel".to_owned()];
+        let (_, r) = s.count(|s| s.call(op, &local));
+        let published = |s: &mut Script| {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut s.conn)
+                .unwrap();
+            commands(&info).get("publish").copied().unwrap_or(0)
+        };
+        assert_eq!(published(&mut s), 0, "{op}: q0's grant was published");
+        // released, 1, q0, its outcome, the next deadline.
+        assert_eq!(r.len(), 5, "{op}: {r:?}");
+        assert_eq!(r[..3], ["released", "1", "q0"], "{op}");
+        assert!(r[3].starts_with("G|"), "{op}: {r:?}");
+        // The outcome is recorded all the same (a waiter that missed the reply finds it).
+        let entry: String = redis::cmd("HGET")
+            .arg(&s.keys[1])
+            .arg("k:q0")
+            .query(&mut s.conn)
+            .unwrap();
+        assert_eq!(entry, r[3], "{op}");
+        let token = r[3].split('|').nth(1).unwrap().to_owned();
+        // q0's release hands the permit to q1, of another store: published, not in the reply.
+        s.now += 10;
+        let (_, r) = s.count(|s| s.call(op, &[token, "cost-channel".to_owned()]));
+        assert_eq!(published(&mut s), 1, "{op}: q1's grant was not published");
+        assert_eq!(r.len(), 3, "{op}: {r:?}");
+        assert_eq!(r[..2], ["released", "1"], "{op}");
+    }
+}
+
 /// Deleting a limiter with a long queue answers its waiters in batches, each a bounded call.
 #[test]
 fn delete_answers_a_long_queue_in_batches() {
@@ -350,4 +404,142 @@ fn delete_answers_a_long_queue_in_batches() {
     }
     assert_eq!(published, 1_200, "every waiter is told once");
     assert_eq!(s.call("status", &[])[0], "unknown");
+}
+
+/// Redis's CPU (`used_cpu_user + used_cpu_sys` around batches of calls) per path of a contended
+/// grant, beside a `PING` and a trivial script with the same keys in the same run: where the
+/// Redis time of a grant goes (docs/redis.md). Informational, not asserted (time varies):
+/// `cargo test -p floodgate --test redis_cost -- --ignored --nocapture redis_cpu_per_path`.
+/// Production's way of calling: the bare op (the script reads `TIME`), one call at a time.
+#[test]
+#[ignore = "a measurement: prints Redis CPU per path"]
+fn redis_cpu_per_path() {
+    const BATCH: usize = 500;
+    let server = support::RedisServer::start();
+    let mut s = Script::new(&server, "cpu");
+    s.put(8, 1_000_000);
+    let mut sub = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut pubsub = sub.as_pubsub();
+    pubsub.subscribe("cost-channel").unwrap();
+    let mut info = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut cpu = move || -> f64 {
+        let text: String = redis::cmd("INFO").arg("cpu").query(&mut info).unwrap();
+        text.lines()
+            .filter_map(|l| {
+                l.strip_prefix("used_cpu_user:")
+                    .or_else(|| l.strip_prefix("used_cpu_sys:"))
+            })
+            .map(|v| v.trim().parse::<f64>().unwrap())
+            .sum::<f64>()
+            * 1e6
+    };
+    // The bare op, as production sends it (the script reads TIME).
+    let bare = |s: &Script, op: &str, args: &[String]| {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&s.sha).arg(s.keys.len());
+        for k in &s.keys {
+            cmd.arg(k);
+        }
+        cmd.arg(op).arg(&s.name).arg(7 * 24 * 3_600_000_u64);
+        for a in args {
+            cmd.arg(a);
+        }
+        cmd
+    };
+    let mut tokens: std::collections::VecDeque<String> = (0..8)
+        .map(|i| {
+            let r: Vec<String> = bare(
+                &s,
+                "acquire",
+                &Script::acquire_args(&format!("h{i}"), 1, None),
+            )
+            .query(&mut s.conn)
+            .unwrap();
+            r[1].clone()
+        })
+        .collect();
+    let trivial = redis::Script::new("return 1");
+    let mut rows: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut n = 0;
+    for round in 0..6 {
+        let mut time = |rows: &mut BTreeMap<&str, Vec<f64>>, what, f: &mut dyn FnMut()| {
+            let c0 = cpu();
+            f();
+            rows.entry(what)
+                .or_default()
+                .push((cpu() - c0) / BATCH as f64);
+        };
+        time(&mut rows, "PING", &mut || {
+            for _ in 0..BATCH {
+                redis::cmd("PING").query::<String>(&mut s.conn).unwrap();
+            }
+        });
+        time(&mut rows, "trivial script, the same 11 keys", &mut || {
+            for _ in 0..BATCH {
+                let mut inv = trivial.prepare_invoke();
+                for k in &s.keys {
+                    inv.key(k);
+                }
+                inv.arg("release").arg(&s.name).arg(1).arg("1");
+                inv.invoke::<i64>(&mut s.conn).unwrap();
+            }
+        });
+        time(&mut rows, "release of a token nobody holds", &mut || {
+            for _ in 0..BATCH {
+                bare(&s, "release", &["1".to_owned()])
+                    .query::<Vec<String>>(&mut s.conn)
+                    .unwrap();
+            }
+        });
+        time(&mut rows, "acquire, queued", &mut || {
+            for _ in 0..BATCH {
+                n += 1;
+                let r: Vec<String> = bare(
+                    &s,
+                    "acquire",
+                    &Script::acquire_args(&format!("q{n}"), 1, None),
+                )
+                .query(&mut s.conn)
+                .unwrap();
+                assert_eq!(r[0], "queued");
+            }
+        });
+        // Alternately: the head's grant published to a subscriber, or (naming the waiter's
+        // channel, as a release of the same store does) answered in the reply.
+        let local = round % 2 == 1;
+        let what = if local {
+            "release granting the head, in its reply"
+        } else {
+            "release granting the head, published"
+        };
+        time(&mut rows, what, &mut || {
+            for _ in 0..BATCH {
+                let token = tokens.pop_front().unwrap();
+                let mut args = vec![token];
+                if local {
+                    args.push("cost-channel".into());
+                }
+                let r: Vec<String> = bare(&s, "release", &args).query(&mut s.conn).unwrap();
+                assert_eq!(r[..2], ["released", "1"]);
+                let outcome = if local {
+                    r[3].clone()
+                } else {
+                    let msg: String = pubsub.get_message().unwrap().get_payload().unwrap();
+                    msg.rsplit('\n').next().unwrap().to_owned()
+                };
+                tokens.push_back(outcome.split('|').nth(1).unwrap().to_owned());
+            }
+        });
+    }
+    eprintln!("Redis CPU per call, median of the batches of {BATCH}:");
+    for (what, mut v) in rows {
+        v.sort_by(f64::total_cmp);
+        eprintln!("  {what:<45} {:>6.1} us", v[v.len() / 2]);
+    }
 }

@@ -428,7 +428,23 @@ impl LimiterBackend for RedisLimiter {
     }
 
     async fn release(&self, token: FencingToken) -> Result<bool, StoreError> {
-        let reply = self.call("release", &[token.0.to_string()]).await?;
+        // This store's channel: a waiter of this process granted by the release is answered
+        // in the reply (`key, outcome` pairs before the last field), not over pub/sub.
+        let args = [token.0.to_string(), self.store.channel.clone()];
+        let reply = match self.call("release", &args).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                // The script may have run and granted waiters of this process whose outcomes
+                // were in the lost reply: ask for them rather than leave them to their timers.
+                super::wake::recheck(&self.store, &self.name);
+                return Err(e);
+            }
+        };
+        if reply.len() > 3 {
+            for pair in reply[2..reply.len() - 1].chunks_exact(2) {
+                super::wake::deliver_outcome(&self.store, self.name.as_str(), &pair[0], &pair[1]);
+            }
+        }
         Ok(reply.first().map(String::as_str) == Some("released")
             && reply.get(1).map(String::as_str) == Some("1"))
     }

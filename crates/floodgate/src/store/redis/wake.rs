@@ -69,8 +69,15 @@ fn deliver(inner: &Arc<Inner>, payload: &str) {
         tracing::warn!(payload, "malformed wake-up message");
         return;
     };
+    deliver_outcome(inner, limiter, key, outcome);
+}
+
+/// Hands a decided outcome to this process's waiter `key` of `limiter`: from a pub/sub message,
+/// or from the reply of a release this store made (`RedisLimiter::release`). A key nobody here
+/// waits for (already answered, or gone) is ignored, so a second delivery does nothing.
+pub(crate) fn deliver_outcome(inner: &Arc<Inner>, limiter: &str, key: &str, outcome: &str) {
     let Some(outcome) = decode_outcome(outcome) else {
-        tracing::warn!(payload, "malformed wake-up outcome");
+        tracing::warn!(limiter, key, outcome, "malformed wake-up outcome");
         return;
     };
     let pending = inner.lock_waiters().remove(key);
@@ -121,6 +128,36 @@ async fn resync(inner: &Arc<Inner>) {
             }
         }
     }
+}
+
+/// A release of `limiter` failed without its reply: it may still have granted waiters of this
+/// process, whose outcomes that reply carried. Each of them is asked for its recorded outcome,
+/// in the background (the same safety net as after a lost subscription).
+pub(crate) fn recheck(inner: &Arc<Inner>, limiter: &LimiterName) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return; // Their own timers find their outcomes.
+    };
+    let keys: Vec<String> = inner
+        .lock_waiters()
+        .iter()
+        .filter(|(_, p)| &p.limiter == limiter)
+        .map(|(k, _)| k.clone())
+        .collect();
+    if keys.is_empty() {
+        return;
+    }
+    let inner = Arc::clone(inner);
+    let name = limiter.clone();
+    handle.spawn(async move {
+        let limiter = RedisLimiter::new(Arc::clone(&inner), name);
+        for key in keys {
+            if let Ok(Some(outcome)) = limiter.peek(&key).await {
+                if let Some(p) = inner.lock_waiters().remove(&key) {
+                    let _ = p.tx.send(outcome);
+                }
+            }
+        }
+    });
 }
 
 /// Subscribes to the store's channel, waits until the subscription is confirmed, and keeps it

@@ -66,6 +66,11 @@ do
     now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   end
 end
+-- A release names its caller's wake-up channel (ARGV[5]): an outcome for a waiter of that same
+-- store is answered in the release's reply instead of published (it is recorded all the same),
+-- so that waiter has it one pub/sub delivery sooner and Redis writes no message.
+local local_ch = op == 'release' and ARGV[5] or nil
+if local_ch == '' then local_ch = nil end
 
 -- MIN_LEASE, MAX_LEASE, MAX_WAIT, MAX_CONCURRENCY, MAX_QUEUE, MAX_SCHEDULE_AHEAD,
 -- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION and field_lists() (COUNTERS, STATUS) come from the prelude that

@@ -26,9 +26,15 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
   local mode = h[1]
   if due and due > now and (mode == '1' or (mode == 'r' and (op == 'acquire' or (h[2] == '0' and h[3] == '0')))) then
     local qlen, in_use, next_token = tonumber(h[2]), tonumber(h[3]), tonumber(h[5])
+    -- As read, so save() formats only the fields that changed (every string a script makes
+    -- costs Redis its interning and its garbage collection).
+    local qlen0, in_use0, next_token0, due0 = qlen, in_use, next_token, due
     local refresh = tonumber(h[8] or '0') <= now
     local function save()
-      h[2], h[3], h[5], h[14] = fmt(qlen), fmt(in_use), fmt(next_token), fmt(due)
+      if qlen ~= qlen0 then h[2] = fmt(qlen) end
+      if in_use ~= in_use0 then h[3] = fmt(in_use) end
+      if next_token ~= next_token0 then h[5] = fmt(next_token) end
+      if due ~= due0 then h[14] = fmt(due) end
       if refresh then h[8] = fmt(now + TTL_REFRESH) end
       redis.call('SET', K_HOT, table.concat(h, '|'), 'KEEPTTL')
       if refresh then
@@ -99,18 +105,19 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
         if ARGV[6] ~= '' then wait = math.min(tonumber(ARGV[6]), wait) end
         if wait >= 1 and qlen < tonumber(h[16]) then
           -- Queued behind others (or behind a full limit): three writes.
-          local seq, deadline = tonumber(h[12]), now + wait
+          local seq_s = h[12]
+          local seq, deadline = tonumber(seq_s), now + wait
           -- An absent max_dl (a hot value older than it) puts the waiter in `waits`: safe.
           local max_dl = qlen == 0 and 0 or tonumber(h[23] or '') or NONE
           local in_waits = deadline < max_dl
           local mem = member(key, permits, lease, deadline, now, in_waits, ARGV[8], ARGV[9])
           if idem(key) then
-            redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem,
+            redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. seq_s .. '|' .. mem,
               'a:' .. key, ARGV[10] or '')
           else
-            redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem)
+            redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. seq_s .. '|' .. mem)
           end
-          redis.call('ZADD', K_Q, fmt(seq), mem)
+          redis.call('ZADD', K_Q, seq_s, mem)
           -- (A TTL is set after the write that creates the key.)
           if qlen == 0 and in_use == 0 then created(K_HOLD) end
           if in_waits then
@@ -121,7 +128,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           end
           if qlen == 0 then created(K_Q) end
           if permits > 1 then
-            redis.call('ZADD', K_HEAVY, fmt(seq), mem)
+            redis.call('ZADD', K_HEAVY, seq_s, mem)
             if h[17] == '0' then created(K_HEAVY) end
             h[17] = fmt(tonumber(h[17]) + 1)
           end
@@ -140,15 +147,21 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
       local token = ARGV[4]
       local raw = is_token(token) and redis.call('HGET', K_HOLD, token)
       if not raw then return {'released', '0', next_due()} end
-      -- permits|deadline|granted_at|waiter_key|label: the first four are all a release needs.
-      local f = {string.match(raw, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)')}
-      if not f[1] then f = split(raw) end
-      local permits = tonumber(f[1])
+      -- permits|deadline|granted_at|waiter_key|label: permits, granted_at and the waiter key
+      -- are all a release needs.
+      local p, granted_at, wkey = string.match(raw, '^([^|]*)|[^|]*|([^|]*)|([^|]*)')
+      if not p then
+        local f = split(raw)
+        p, granted_at, wkey = f[1], f[3], f[4] or ''
+      end
+      local permits = tonumber(p)
       -- Never negative, even if the clock stepped back (a failover to a replica behind).
-      local held = math.max(0, now - tonumber(f[3]))
+      local held = math.max(0, now - tonumber(granted_at))
       h[11] = fmt(next_ewma(tonumber(h[11] or ''), held))
-      if f[4] ~= '' then
-        redis.call('HDEL', K_HOLD, token, 'k:' .. f[4], 'a:' .. f[4])
+      if idem(wkey) then
+        redis.call('HDEL', K_HOLD, token, 'k:' .. wkey, 'a:' .. wkey)
+      elseif wkey ~= '' then
+        redis.call('HDEL', K_HOLD, token, 'k:' .. wkey)
       else
         redis.call('HDEL', K_HOLD, token)
       end
@@ -159,6 +172,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
       -- holds back those behind it). With no heavy waiter, every waiter fits in one permit.
       local limit, heavy = tonumber(h[4]), tonumber(h[17])
       local granted, now_s = 0, fmt(now)
+      local reply = {'released', '1'}
       while qlen > 0 and in_use < limit do
         local w
         if heavy > 0 then
@@ -192,11 +206,17 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
         h[13] = fmt(tonumber(h[13]) - w.permits)
         granted = granted + 1
         due = math.min(due, deadline)
-        redis.call('PUBLISH', w.channel, name .. '\n' .. w.key .. '\n' .. outcome)
+        if w.channel == local_ch then
+          reply[#reply + 1], reply[#reply + 2] = w.key, outcome
+        else
+          redis.call('PUBLISH', w.channel, name .. '\n' .. w.key .. '\n' .. outcome)
+        end
       end
-      h[9], h[17] = fmt(tonumber(h[9]) + granted), fmt(heavy)
+      h[9] = fmt(tonumber(h[9]) + granted)
+      if heavy ~= tonumber(h[17]) then h[17] = fmt(heavy) end
       save()
-      return {'released', '1', next_due()}
+      reply[#reply + 1] = next_due()
+      return reply
     end
   end
 end

@@ -412,7 +412,12 @@ local function finish(reply)
       kept = true
     end
     -- (An expired grant's outcome moved to `outcomes` has no channel: it was published.)
-    if wk[2] then redis.call('PUBLISH', wk[2], name .. '\n' .. wk[1] .. '\n' .. wk[3]) end
+    if wk[2] and wk[2] == local_ch then
+      -- A waiter of the releasing store: answered in the reply, before its last field.
+      reply[#reply + 1], reply[#reply + 2] = wk[1], wk[3]
+    elseif wk[2] then
+      redis.call('PUBLISH', wk[2], name .. '\n' .. wk[1] .. '\n' .. wk[3])
+    end
   end
   if kept then created(K_OUT, K_OUTT) end
   local fields = {'concurrency', ofmt(concurrency), 'eff_limit', ofmt(limit),

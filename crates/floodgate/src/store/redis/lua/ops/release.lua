@@ -1,5 +1,6 @@
 -- release: give back a grant (idempotent).
--- ARGV: 4 token.   Reply: {'released', '1' | '0'}.
+-- ARGV: 4 token, 5 the caller's wake-up channel (optional).
+-- Reply: {'released', '1' | '0', then key, outcome for each waiter of that channel it decided}.
 -- A reply made by finish() ends with the delay in us to the next deadline ('-1': none).
 
 if op == 'release' then
