@@ -3,7 +3,8 @@
 //! refused: per-key limit, total, `max_keys`, a wait of 0), releases, extends, cancels,
 //! overrides, schedules and time steps (leases lapsing, waits timing out, keys' and the total's rate
 //! token times, rate debt ending), on limiters with a total, per-key limits, per-key and total
-//! rates in every combination, run on a `KeyLayer` and, with
+//! rates in every combination, and rate-only ones (every fourth case: a total rate, perhaps a
+//! per-key rate, no concurrency anywhere: paced grants), run on a `KeyLayer` and, with
 //! the clock in the op argument (`op@now`, as `twin.rs`), on the keyed script on a real
 //! `redis-server`. After every step they must agree on the answer (its kind, retry hints,
 //! refusal fields, lease deadlines), on which waiters were decided and how (grant or refusal,
@@ -127,11 +128,20 @@ impl Twin {
             RateSpec::per(2 + rng.below(30) as u32, Duration::from_millis(100))
                 .with_burst(2 + rng.below(2) as u32)
         };
-        let (key_rate, total_rate) = match rng.below(4) {
+        let (key_rate, mut total_rate) = match rng.below(4) {
             0 => (None, None),
             1 => (Some(rate(rng)), None),
             2 => (None, Some(rate(rng))),
             _ => (Some(rate(rng)), Some(rate(rng))),
+        };
+        // Every fourth case is rate-only (no concurrency anywhere, a total rate, perhaps a
+        // per-key rate): paced grants, nothing held.
+        let rate_only = case % 4 == 3;
+        let (total_c, per_key) = if rate_only {
+            total_rate = total_rate.or_else(|| Some(rate(rng)));
+            (None, None)
+        } else {
+            (total_c, per_key)
         };
         let max_keys = 3 + rng.below(3) as u32;
         let max_queue = 6 + rng.below(6) as u32;
@@ -170,8 +180,14 @@ impl Twin {
                 .unwrap_or_default()
         };
         let burst = |r: Option<RateSpec>| opt(r.map(|r| r.burst));
+        // The total's concurrency as the store sends it: the largest when only the keys have
+        // one, none when rate-only.
+        let total_arg = match (total_c, per_key) {
+            (None, None) => String::new(),
+            (c, _) => c.unwrap_or(1_000_000).to_string(),
+        };
         let args: Vec<String> = vec![
-            total_c.unwrap_or(1_000_000).to_string(),
+            total_arg,
             "200000".into(),
             "100000".into(),
             max_queue.to_string(),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use super::limiter::{field, invalid, RedisLimiter};
 use super::{unavailable, Inner, RedisStore};
 use crate::core::keyed::{
-    check_key, total_spec, KeyCounters, KeyInfo, KeyOverride, KeyedSpec, KeysView,
+    check_key, total_spec_for, KeyCounters, KeyInfo, KeyOverride, KeyedSpec, KeysView,
 };
 use crate::core::{LimiterStatus, Refusal};
 use crate::error::StoreError;
@@ -173,7 +173,7 @@ impl RedisLimiter {
         spec: &LimiterSpec,
         keyed: &KeyedSpec,
     ) -> Result<LimiterStatus, StoreError> {
-        let mut args = Self::put_args(&total_spec(spec), None, false);
+        let mut args = Self::put_args(&total_spec_for(spec, keyed), None, false);
         let rate = keyed.rate;
         args.extend([
             keyed.concurrency.map(|c| c.to_string()).unwrap_or_default(),
@@ -335,16 +335,8 @@ impl RedisStore {
         keyed: KeyedSpec,
     ) -> Result<LimiterStatus, StoreError> {
         keyed.validate(&spec)?;
-        if crate::core::keyed::rate_only(&spec, &keyed) {
-            // The keyed script counts holders against a concurrency limit; paced grants
-            // (nothing held) are built in the embedded store only.
-            return Err(StoreError::Invalid(crate::spec::InvalidField::new(
-                "per_key.concurrency",
-                "is required on the Redis store (rate-only keyed limiters are embedded-only): \
-                 give the limiter a total concurrency or each key one",
-            )));
-        }
-        total_spec(&spec).validate()?;
+        // A rate-only keyed limiter's total runs without a concurrency limit (paced grants).
+        total_spec_for(&spec, &keyed).validate()?;
         self.register(name).await?;
         let status = self.handle(name).put_keyed(&spec, &keyed).await?;
         super::revive::register(&self.inner, name).await?;

@@ -18,6 +18,9 @@ if op == 'kput' then
   if ARGV[b + 4] == 'keep' then
     if not exists then return {'plain', '-1'} end
     KD.put = {conc = KD.conc, max = KD.max, user = ARGV[b + 3], rate = m.k_rate or ''}
+    -- No concurrency in total nor per key, a total rate: rate-only, its total runs without a
+    -- concurrency limit (paced grants), as core/keyed total_spec_for.
+    if ARGV[b + 3] == '' and not KD.conc and ARGV[9] ~= '' then ARGV[4] = '' end
   else
     local rate = ''
     if ARGV[b + 5] ~= '' then rate = ARGV[b + 5] .. '|' .. ARGV[b + 6] .. '|' .. ARGV[b + 7] end
