@@ -4,7 +4,8 @@
 //! overrides, schedules and time steps (leases lapsing, waits timing out, keys' and the total's rate
 //! token times, rate debt ending), on limiters with a total, per-key limits, per-key and total
 //! rates in every combination, and rate-only ones (every fourth case: a total rate, perhaps a
-//! per-key rate, no concurrency anywhere: paced grants), run on a `KeyLayer` and, with
+//! per-key rate, no concurrency anywhere: paced grants), and learning windows (every third
+//! case: nothing granted until they end), run on a `KeyLayer` and, with
 //! the clock in the op argument (`op@now`, as `twin.rs`), on the keyed script on a real
 //! `redis-server`. After every step they must agree on the answer (its kind, retry hints,
 //! refusal fields, lease deadlines), on which waiters were decided and how (grant or refusal,
@@ -499,6 +500,24 @@ impl Twin {
         }
     }
 
+    /// Redis changed under the store (or the limiter was re-created after a loss): a learning
+    /// window of `window_us` on the state there (the script's `learn`; the core's
+    /// `enter_learning` after applying time). Nothing is granted until it ends.
+    fn learn(&mut self, window_us: u64) {
+        self.log.push(format!("{} learn {window_us}", self.now));
+        let mut fx = Effects::default();
+        let now = self.t();
+        self.layer.advance(&mut self.total, now, &mut fx);
+        self.total
+            .enter_learning(now, Timestamp(self.now + window_us));
+        let reply = self.call("learn", &[window_us.to_string()]);
+        if reply[0] != "ok" {
+            self.fail(format!("learn: script {reply:?}"));
+        }
+        self.compare_decisions(fx);
+        self.compare_state();
+    }
+
     fn decided_core(&self, id: u64, waiter: &str) -> bool {
         WAITERS.with(|m| m.borrow().get(&id).is_some_and(|w| w == waiter))
     }
@@ -582,7 +601,12 @@ fn the_keyed_script_agrees_with_the_keyed_layer() {
     for case in 0..cases {
         let mut rng = Rng(0x4B45_5945_4454_5749 ^ case);
         let mut twin = Twin::new(&server, case, &mut rng);
-        for _ in 0..150 {
+        for step in 0..150 {
+            // Every third case enters a learning window now and then (no random draw, so the
+            // other steps stay as they were).
+            if case % 3 == 1 && step % 50 == 20 {
+                twin.learn(5_000 * (1 + (step as u64 / 50) * 7));
+            }
             let before: Vec<(u64, String)> =
                 twin.queued.iter().map(|(k, v)| (*k, v.clone())).collect();
             WAITERS.with(|m| {

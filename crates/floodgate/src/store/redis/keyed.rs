@@ -8,8 +8,8 @@
 //! script answers `plain` for a plain limiter (deleted and re-created plain meanwhile). So a
 //! limiter is never served by the wrong rules, and the common case costs one script call.
 //!
-//! Not on this store yet: keyed limiters are not re-created after Redis lost their state (no
-//! learning window: they answer `unknown_limiter` until put again).
+//! After Redis lost a keyed limiter's state, a store that knew it re-creates it in a learning
+//! window (`keyed_revive.rs`).
 
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -61,7 +61,10 @@ impl Inner {
 /// overrides. Their own names, so a change of the plain operations' arguments cannot be
 /// mistaken for them.
 fn keyed_only(op: &str) -> bool {
-    matches!(op, "kacquire" | "kput" | "kschedule" | "keys" | "put_key")
+    matches!(
+        op,
+        "kacquire" | "kput" | "kschedule" | "keys" | "put_key" | "kdef"
+    )
 }
 
 fn tag(reply: &[String]) -> Option<&str> {
@@ -142,7 +145,7 @@ impl RedisLimiter {
             (_, Some("keyed")) if op == "put" => {
                 // A plain put of a keyed limiter: its per-key spec is kept.
                 self.store.mark_keyed(&self.name, true);
-                self.forget();
+                self.forget_plain();
                 let reply = self.run_script(true, "kput", &keep_args(args)).await?;
                 if tag(&reply) == Some("plain") {
                     self.store.mark_keyed(&self.name, false);
@@ -152,12 +155,13 @@ impl RedisLimiter {
             }
             (false, Some("keyed")) => {
                 self.store.mark_keyed(&self.name, true);
-                // Keyed limiters are not re-created after a loss (see the module docs).
-                self.forget();
+                // Not to be re-created plain after a loss (`keyed_revive.rs` has it keyed).
+                self.forget_plain();
                 self.run_script(true, op, args).await
             }
             (true, Some("plain")) => {
                 self.store.mark_keyed(&self.name, false);
+                self.forget_keyed();
                 if keyed_only(op) {
                     return Ok(reply);
                 }
@@ -173,23 +177,13 @@ impl RedisLimiter {
         spec: &LimiterSpec,
         keyed: &KeyedSpec,
     ) -> Result<LimiterStatus, StoreError> {
-        let mut args = Self::put_args(&total_spec_for(spec, keyed), None, false);
-        let rate = keyed.rate;
-        args.extend([
-            keyed.concurrency.map(|c| c.to_string()).unwrap_or_default(),
-            keyed.max_keys.to_string(),
-            spec.concurrency.map(|c| c.to_string()).unwrap_or_default(),
-            String::new(),
-            rate.map(|r| r.limit.to_string()).unwrap_or_default(),
-            rate.map(|r| r.period.as_micros().to_string())
-                .unwrap_or_default(),
-            rate.map(|r| r.burst.to_string()).unwrap_or_default(),
-        ]);
+        // A limiter this store knew that vanished is re-created learning, as a plain one.
+        let args = super::keyed_revive::kput_args(spec, keyed, self.known_window(), false);
         let reply = self.call_once("kput", &args).await?;
         match tag(&reply) {
             Some("status") => {
                 self.store.mark_keyed(&self.name, true);
-                self.forget();
+                self.forget_plain();
                 self.parse_status(&reply)
             }
             Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
@@ -215,9 +209,12 @@ impl RedisLimiter {
                 .unwrap_or_default(),
             over.map(|o| o.weight.to_string()).unwrap_or_default(),
         ];
-        let reply = self.call_once("put_key", &args).await?;
+        let reply = self.call("put_key", &args).await?;
         match tag(&reply) {
-            Some("ok") => Ok(()),
+            Some("ok") => {
+                self.remember_override(key, over);
+                Ok(())
+            }
             Some("plain") => Err(StoreError::Invalid(not_keyed())),
             Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
             Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
@@ -239,7 +236,7 @@ impl RedisLimiter {
             )));
         }
         let reply = self
-            .call_once("kschedule", &[key.to_owned(), count.to_string()])
+            .call("kschedule", &[key.to_owned(), count.to_string()])
             .await?;
         match tag(&reply) {
             Some("offsets") => reply[1..reply.len().saturating_sub(1)]
@@ -265,9 +262,16 @@ impl RedisLimiter {
             return Ok(None);
         }
         let limit = limit.min(crate::core::keyed::MAX_KEYS_LISTED);
-        let reply = self.call_once("keys", &[limit.to_string()]).await?;
+        let reply = self.call("keys", &[limit.to_string()]).await?;
         match tag(&reply) {
-            Some("keys") => parse_keys(&reply).map(Some),
+            Some("keys") => {
+                let view = parse_keys(&reply)?;
+                self.remember_keyed_spec(&view.spec);
+                // A store that lists a keyed limiter's keys knows its definition from then on
+                // (read once, if the background read has not yet), to revive it after a loss.
+                self.learn_keyed_def().await?;
+                Ok(Some(view))
+            }
             Some("plain") => Ok(None),
             Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
@@ -339,6 +343,7 @@ impl RedisStore {
         total_spec_for(&spec, &keyed).validate()?;
         self.register(name).await?;
         let status = self.handle(name).put_keyed(&spec, &keyed).await?;
+        self.after_keyed_put(name, &spec, &keyed, &status).await;
         super::revive::register(&self.inner, name).await?;
         Ok(status)
     }

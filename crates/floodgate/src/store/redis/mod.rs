@@ -11,6 +11,7 @@
 mod conn;
 mod generation;
 mod keyed;
+mod keyed_revive;
 mod limiter;
 mod revive;
 mod script;

@@ -423,11 +423,15 @@ advance = function()
     local il = redis.call('ZRANGE', K_IDLE, 0, 0, 'WITHSCORES')
     local idle = il[2] and tonumber(il[2])
     local at = nil
-    for _, t in ipairs({lease or NONE, sleep or NONE, idle or NONE, KD.held or NONE, wat or NONE}) do
+    for _, t in ipairs({learning_until or NONE, lease or NONE, sleep or NONE, idle or NONE,
+                        KD.held or NONE, wat or NONE}) do
       if not at or t < at then at = t end
     end
     if at > now then return end
-    if lease == at then
+    if learning_until == at then
+      -- The learning window after a loss ends (revive.lua): the keys' queues are served.
+      learning_until = nil
+    elseif lease == at then
       -- Every lease ending then lapses before anyone is granted.
       local due = redis.call('ZRANGEBYSCORE', K_LEASE, '-inf', fmt(at))
       for _, token in ipairs(due) do

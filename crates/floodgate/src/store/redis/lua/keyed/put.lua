@@ -5,7 +5,8 @@
 --       concurrency as configured ('' none), 'keep' (a plain put of a keyed limiter: per-key
 --       spec kept), per-key rate limit, period us, burst ('' none).
 -- Reply: as the plain put | {'plain'} (a keep for a limiter that is no longer keyed) |
---        {'invalid', 'per_key', message} (the limiter exists and is not keyed).
+--        {'invalid', 'per_key', message} (the limiter exists and is not keyed) | {'revived'}
+--        (a revival of a limiter that exists: nothing changed).
 
 if op == 'put' then return {'keyed', '-1'} end
 if op == 'kput' then
@@ -14,6 +15,11 @@ if op == 'kput' then
   if exists and m.keyed ~= '1' then
     return {'invalid', 'per_key',
       'this limiter exists and is not keyed; delete it first to re-create it keyed', '-1'}
+  end
+  if ARGV[18] == 'revive' and exists then
+    -- A revival (keyed_revive.rs) that another server or call made first: left as it is, and
+    -- answered apart, so the store does not take its waiters for the lost incarnation's.
+    return {'revived', '-1'}
   end
   if ARGV[b + 4] == 'keep' then
     if not exists then return {'plain', '-1'} end
