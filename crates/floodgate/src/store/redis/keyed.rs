@@ -269,7 +269,10 @@ impl RedisLimiter {
                 self.remember_keyed_spec(&view.spec);
                 // A store that lists a keyed limiter's keys knows its definition from then on
                 // (read once, if the background read has not yet), to revive it after a loss.
-                self.learn_keyed_def().await?;
+                if let Err(e) = self.learn_keyed_def().await {
+                    // The view stands; the definition is read again next time.
+                    tracing::debug!(limiter = %self.name, error = %e, "keyed definition not read");
+                }
                 Ok(Some(view))
             }
             Some("plain") => Ok(None),
