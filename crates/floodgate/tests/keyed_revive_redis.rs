@@ -248,3 +248,60 @@ async fn a_keyed_put_after_a_loss_re_creates_it_learning_with_its_overrides() {
     let view = orgs.backend().keys(5).await.unwrap().unwrap();
     assert_eq!(view.overrides, 1, "{view:?}");
 }
+
+/// A server started with a learning window (`serve --learning-window`) creates the config's
+/// keyed limiters that have no state learning, on both stores; one that has state is left as
+/// it is. After a short window the keys are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_limiter_restored_without_state_learns_on_both_stores() {
+    use floodgate::Store;
+    let name = floodgate::LimiterName::new("orgs").unwrap();
+    let spec = || LimiterSpec::concurrency(3).with_max_wait(Duration::from_secs(30));
+    let server = support::RedisServer::start();
+    let redis = gate(&server, Duration::from_secs(30)).await;
+    let memory = Floodgate::in_memory();
+    let window = Duration::from_millis(300);
+    let st = redis
+        .store()
+        .restore_keyed_limiter(&name, spec(), KeyedSpec::per_key(2), window)
+        .await
+        .unwrap();
+    assert!(st.learning, "redis: {st:?}");
+    let st = memory
+        .store()
+        .restore_keyed_limiter(&name, spec(), KeyedSpec::per_key(2), window)
+        .await
+        .unwrap();
+    assert!(st.learning, "embedded: {st:?}");
+    // Learning: a try-once is refused on both.
+    let once = || AcquireOptions::new().key("a").wait(Duration::ZERO);
+    let r = redis.limiter("orgs").await.unwrap().acquire(once()).await;
+    assert!(
+        matches!(r, Err(AcquireError::Refused(Refusal::WaitTimeout { .. }))),
+        "{r:?}"
+    );
+    let m = memory.limiter("orgs").await.unwrap().acquire(once()).await;
+    assert!(
+        matches!(m, Err(AcquireError::Refused(Refusal::WaitTimeout { .. }))),
+        "{m:?}"
+    );
+    // A waiter is served when the window ends, within the key's limit.
+    let wait = || AcquireOptions::new().key("a").wait(Duration::from_secs(20));
+    let r = redis.limiter("orgs").await.unwrap().acquire(wait()).await;
+    assert!(r.is_ok(), "{r:?}");
+    let m = memory.limiter("orgs").await.unwrap().acquire(wait()).await;
+    assert!(m.is_ok(), "{m:?}");
+    // Restored again (state there): no new window.
+    let st = redis
+        .store()
+        .restore_keyed_limiter(&name, spec(), KeyedSpec::per_key(2), window)
+        .await
+        .unwrap();
+    assert!(!st.learning, "redis: {st:?}");
+    let st = memory
+        .store()
+        .restore_keyed_limiter(&name, spec(), KeyedSpec::per_key(2), window)
+        .await
+        .unwrap();
+    assert!(!st.learning, "embedded: {st:?}");
+}

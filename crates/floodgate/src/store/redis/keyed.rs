@@ -176,9 +176,11 @@ impl RedisLimiter {
         &self,
         spec: &LimiterSpec,
         keyed: &KeyedSpec,
+        learn: Option<Duration>,
     ) -> Result<LimiterStatus, StoreError> {
         // A limiter this store knew that vanished is re-created learning, as a plain one.
-        let args = super::keyed_revive::kput_args(spec, keyed, self.known_window(), false);
+        let learn = learn.or_else(|| self.known_window());
+        let args = super::keyed_revive::kput_args(spec, keyed, learn, false);
         let reply = self.call_once("kput", &args).await?;
         match tag(&reply) {
             Some("status") => {
@@ -334,18 +336,20 @@ fn parse_keys(reply: &[String]) -> Result<KeysView, StoreError> {
 }
 
 impl RedisStore {
-    /// [`Store::put_keyed_limiter`](crate::Store::put_keyed_limiter) on Redis.
+    /// [`Store::put_keyed_limiter`](crate::Store::put_keyed_limiter) on Redis; `learn`: a
+    /// learning window to enter if this call creates it (`restore_keyed_limiter`).
     pub(super) async fn put_keyed(
         &self,
         name: &LimiterName,
         spec: LimiterSpec,
         keyed: KeyedSpec,
+        learn: Option<Duration>,
     ) -> Result<LimiterStatus, StoreError> {
         keyed.validate(&spec)?;
         // A rate-only keyed limiter's total runs without a concurrency limit (paced grants).
         total_spec_for(&spec, &keyed).validate()?;
         self.register(name).await?;
-        let status = self.handle(name).put_keyed(&spec, &keyed).await?;
+        let status = self.handle(name).put_keyed(&spec, &keyed, learn).await?;
         self.after_keyed_put(name, &spec, &keyed, &status).await;
         super::revive::register(&self.inner, name).await?;
         Ok(status)
