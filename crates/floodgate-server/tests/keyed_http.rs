@@ -374,21 +374,74 @@ async fn keyed_rate_and_schedule(srv: Srv) {
     srv.served.stop().await;
 }
 
-/// Rate-only keyed limiters (paced grants, nothing held) are built in the embedded store only:
-/// Redis refuses them with a 400 naming the field to add, and keeps no state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_refuses_a_rate_only_keyed_limiter_naming_the_field() {
+async fn a_rate_only_keyed_limiter_is_kept_rate_only_by_a_plain_put() {
+    rate_only_kept_by_a_plain_put(Srv::memory().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_only_keyed_limiter_is_kept_rate_only_by_a_plain_put_on_redis() {
     let (srv, _redis) = Srv::redis().await;
+    rate_only_kept_by_a_plain_put(srv).await;
+}
+
+/// Rate-only keyed limiters (a total rate, per-key rates, no concurrency anywhere: paced grants,
+/// nothing held) work on both stores (`keyed_rate_only.rs` has the pacing); a put without
+/// `per_key` keeps the per-key spec and so keeps the limiter rate-only, and a total concurrency
+/// added later makes its grants hold leases again.
+async fn rate_only_kept_by_a_plain_put(srv: Srv) {
     let body = json!({"rate": {"limit": 100, "period_ms": 1000},
                       "per_key": {"rate": {"limit": 10, "period_ms": 1000}}});
-    let refused = srv.put("/v1/limiters/pace", body.clone()).await;
-    assert_error(&refused, 400, "invalid_request", "per_key.concurrency");
-    let (s, _) = srv.get("/v1/limiters/pace").await;
-    assert_eq!(s, 404, "a refused put leaves nothing behind");
-    let memory = Srv::memory().await;
-    let (s, created) = memory.put("/v1/limiters/pace", body).await;
-    assert_eq!(s, 200, "the embedded store has them: {created}");
-    memory.served.stop().await;
+    let (s, created) = srv.put("/v1/limiters/pace", body).await;
+    assert_eq!(s, 200, "{created}");
+    assert_eq!(created["concurrency"], Value::Null, "{created}");
+    let (s, grant) = srv
+        .post(
+            "/v1/limiters/pace/acquire",
+            json!({"key": "org-a", "wait_ms": 0}),
+        )
+        .await;
+    assert_eq!(s, 200, "{grant}");
+    assert_eq!(grant["lease_ms"], 0, "paced: {grant}");
+
+    // A plain put (no per_key): the per-key rate is kept, the limiter stays rate-only.
+    let (s, kept) = srv
+        .put(
+            "/v1/limiters/pace",
+            json!({"rate": {"limit": 200, "period_ms": 1000}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{kept}");
+    assert_eq!(kept["concurrency"], Value::Null, "{kept}");
+    assert_eq!(kept["keyed"]["per_key"]["rate"]["limit"], 10, "{kept}");
+    let (s, grant) = srv
+        .post(
+            "/v1/limiters/pace/acquire",
+            json!({"key": "org-b", "wait_ms": 0}),
+        )
+        .await;
+    assert_eq!(s, 200, "{grant}");
+    assert_eq!(grant["lease_ms"], 0, "still paced: {grant}");
+
+    // With a total concurrency, grants hold leases (and are released).
+    let (s, held) = srv
+        .put(
+            "/v1/limiters/pace",
+            json!({"concurrency": 5, "rate": {"limit": 200, "period_ms": 1000}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{held}");
+    assert_eq!(held["concurrency"], 5, "{held}");
+    let (s, grant) = srv
+        .post(
+            "/v1/limiters/pace/acquire",
+            json!({"key": "org-c", "wait_ms": 0}),
+        )
+        .await;
+    assert_eq!(s, 200, "{grant}");
+    assert!(grant["lease_ms"].as_u64().unwrap() > 0, "held: {grant}");
+    let (_, status) = srv.get("/v1/limiters/pace").await;
+    assert_eq!(status["in_use"], 1, "{status}");
     srv.served.stop().await;
 }
 

@@ -1,17 +1,21 @@
 //! Rate-only keyed limiters over HTTP (docs/keyed.md): a total rate and a per-key rate, no
 //! concurrency limit anywhere. Grants are paced (nothing held, nothing to release), each key
 //! keeps its own rate under the total's, and what cannot apply is refused naming the field.
-//! The real server on `127.0.0.1:0`, embedded store; no assertion depends on timing (the
-//! per-key rate is one token a minute, so nothing refills during the test).
+//! The real server on `127.0.0.1:0`, with the embedded store and with a real `redis-server`;
+//! no assertion depends on timing (the per-key rate is one token a minute, so nothing refills
+//! during the test).
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../../floodgate/tests/support/mod.rs"]
+mod support;
 
 use common::Served;
-use floodgate::Floodgate;
+use floodgate::{Floodgate, RedisConfig, RedisStore};
 use floodgate_server::server::ServerOptions;
 use serde_json::{json, Value};
+use support::RedisServer;
 
 async fn call(
     http: &reqwest::Client,
@@ -27,6 +31,22 @@ async fn call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_only_keyed_limiter_paces_each_key_under_the_total() {
     let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
+    paces_each_key_under_the_total(&served).await;
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_only_keyed_limiter_paces_each_key_under_the_total_on_redis() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(redis.url()))
+        .await
+        .unwrap();
+    let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
+    paces_each_key_under_the_total(&served).await;
+    served.stop().await;
+}
+
+async fn paces_each_key_under_the_total(served: &Served) {
     let base = format!("http://{}/v1/limiters", served.addr);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let put = reqwest::Method::PUT;
@@ -96,4 +116,83 @@ async fn a_rate_only_keyed_limiter_paces_each_key_under_the_total() {
         body["message"].as_str().unwrap().contains("per_key"),
         "{body}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_waiters_of_a_rate_only_keyed_limiter_are_paced_and_keys_go_idle() {
+    let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
+    waiters_are_paced_and_keys_go_idle(&served).await;
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_waiters_of_a_rate_only_keyed_limiter_are_paced_and_keys_go_idle_on_redis() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(redis.url()))
+        .await
+        .unwrap();
+    let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
+    waiters_are_paced_and_keys_go_idle(&served).await;
+    served.stop().await;
+}
+
+/// Waiters held back by the total's rate and by their key's own rate are granted in turn
+/// (woken, paced, nothing held), and once their rate debt ends the keys leave no state. Only
+/// liveness is bounded in time (a wait of 20 s for grants due within a second).
+async fn waiters_are_paced_and_keys_go_idle(served: &Served) {
+    let base = format!("http://{}/v1/limiters", served.addr);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let spec = json!({
+        "rate": {"limit": 20, "period_ms": 1000, "burst": 1},
+        "per_key": {"rate": {"limit": 10, "period_ms": 1000, "burst": 1}},
+        "max_wait_ms": 20000,
+    });
+    let (status, body) = call(&http, reqwest::Method::PUT, format!("{base}/paced"), spec).await;
+    assert_eq!(status, 200, "{body}");
+
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let key = ["org-a", "org-b"][i % 2];
+        let (http, url) = (http.clone(), format!("{base}/paced/acquire"));
+        let body = json!({"key": key, "wait_ms": 20000, "request_id": format!("req-{i}")});
+        tasks.push(tokio::spawn(async move {
+            call(&http, reqwest::Method::POST, url, body).await
+        }));
+    }
+    for task in tasks {
+        let (status, grant) = task.await.unwrap();
+        assert_eq!(status, 200, "every waiter is granted in time: {grant}");
+        assert_eq!(grant["lease_ms"], 0, "a paced grant holds nothing: {grant}");
+    }
+    let (_, status) = call(
+        &http,
+        reqwest::Method::GET,
+        format!("{base}/paced"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status["in_use"], 0, "{status}");
+    assert_eq!(status["waiting"], 0, "{status}");
+    assert_eq!(status["counters"]["paced"], 6, "{status}");
+    assert_eq!(status["counters"]["timed_out"], 0, "{status}");
+
+    // Their rate debt ends within 100 ms of the last grant; then no key is left.
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    loop {
+        let (_, status) = call(
+            &http,
+            reqwest::Method::GET,
+            format!("{base}/paced"),
+            Value::Null,
+        )
+        .await;
+        if status["keyed"]["key_count"] == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "keys left behind: {status}"
+        );
+        tokio::time::sleep(common::POLL).await;
+    }
 }

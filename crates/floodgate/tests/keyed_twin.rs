@@ -4,7 +4,9 @@
 //! overrides, schedules, unschedules of their reservations (or of ids never drawn) and time
 //! steps (leases lapsing, waits timing out, keys' and the total's rate
 //! token times, rate debt ending), on limiters with a total, per-key limits, per-key and total
-//! rates in every combination, run on a `KeyLayer` and, with
+//! rates in every combination, and rate-only ones (every fourth case: a total rate, perhaps a
+//! per-key rate, no concurrency anywhere: paced grants), and learning windows (every third
+//! case: nothing granted until they end), run on a `KeyLayer` and, with
 //! the clock in the op argument (`op@now`, as `twin.rs`), on the keyed script on a real
 //! `redis-server`. After every step they must agree on the answer (its kind, retry hints,
 //! refusal fields, lease deadlines), on which waiters were decided and how (grant or refusal,
@@ -132,11 +134,20 @@ impl Twin {
             RateSpec::per(2 + rng.below(30) as u32, Duration::from_millis(100))
                 .with_burst(2 + rng.below(2) as u32)
         };
-        let (key_rate, total_rate) = match rng.below(4) {
+        let (key_rate, mut total_rate) = match rng.below(4) {
             0 => (None, None),
             1 => (Some(rate(rng)), None),
             2 => (None, Some(rate(rng))),
             _ => (Some(rate(rng)), Some(rate(rng))),
+        };
+        // Every fourth case is rate-only (no concurrency anywhere, a total rate, perhaps a
+        // per-key rate): paced grants, nothing held.
+        let rate_only = case % 4 == 3;
+        let (total_c, per_key) = if rate_only {
+            total_rate = total_rate.or_else(|| Some(rate(rng)));
+            (None, None)
+        } else {
+            (total_c, per_key)
         };
         let max_keys = 3 + rng.below(3) as u32;
         let max_queue = 6 + rng.below(6) as u32;
@@ -177,8 +188,14 @@ impl Twin {
                 .unwrap_or_default()
         };
         let burst = |r: Option<RateSpec>| opt(r.map(|r| r.burst));
+        // The total's concurrency as the store sends it: the largest when only the keys have
+        // one, none when rate-only.
+        let total_arg = match (total_c, per_key) {
+            (None, None) => String::new(),
+            (c, _) => c.unwrap_or(1_000_000).to_string(),
+        };
         let args: Vec<String> = vec![
-            total_c.unwrap_or(1_000_000).to_string(),
+            total_arg,
             "200000".into(),
             "100000".into(),
             max_queue.to_string(),
@@ -527,6 +544,24 @@ impl Twin {
         }
     }
 
+    /// Redis changed under the store (or the limiter was re-created after a loss): a learning
+    /// window of `window_us` on the state there (the script's `learn`; the core's
+    /// `enter_learning` after applying time). Nothing is granted until it ends.
+    fn learn(&mut self, window_us: u64) {
+        self.log.push(format!("{} learn {window_us}", self.now));
+        let mut fx = Effects::default();
+        let now = self.t();
+        self.layer.advance(&mut self.total, now, &mut fx);
+        self.total
+            .enter_learning(now, Timestamp(self.now + window_us));
+        let reply = self.call("learn", &[window_us.to_string()]);
+        if reply[0] != "ok" {
+            self.fail(format!("learn: script {reply:?}"));
+        }
+        self.compare_decisions(fx);
+        self.compare_state();
+    }
+
     fn decided_core(&self, id: u64, waiter: &str) -> bool {
         WAITERS.with(|m| m.borrow().get(&id).is_some_and(|w| w == waiter))
     }
@@ -611,7 +646,12 @@ fn the_keyed_script_agrees_with_the_keyed_layer() {
     for case in 0..cases {
         let mut rng = Rng(0x4B45_5945_4454_5749 ^ case);
         let mut twin = Twin::new(&server, case, &mut rng);
-        for _ in 0..150 {
+        for step in 0..150 {
+            // Every third case enters a learning window now and then (no random draw, so the
+            // other steps stay as they were).
+            if case % 3 == 1 && step % 50 == 20 {
+                twin.learn(5_000 * (1 + (step as u64 / 50) * 7));
+            }
             let before: Vec<(u64, String)> =
                 twin.queued.iter().map(|(k, v)| (*k, v.clone())).collect();
             WAITERS.with(|m| {

@@ -208,6 +208,52 @@ pub(crate) async fn put_file_limiter<S: Store>(
     .await
 }
 
+/// [`put_file_limiter`] for a server starting with a learning window: a keyed limiter the
+/// store has no state for is created learning (`Store::restore_keyed_limiter`), then given
+/// the file's overrides; a plain one as `Store::restore_limiter`. Whether it is learning.
+pub(crate) async fn restore_file_limiter<S: Store>(
+    gate: &Floodgate<S>,
+    name: &LimiterName,
+    limiter: &LimiterConfig,
+    window: std::time::Duration,
+) -> Result<bool, String> {
+    let store = gate.store();
+    let status = match limiter.keyed() {
+        Some(keyed) => store.restore_keyed_limiter(name, limiter.spec(), keyed, window),
+        None => return restore_plain(gate, name, limiter, window).await,
+    }
+    .await
+    .map_err(|e| format!("limiter {name}: {e}"))?;
+    let overrides = limiter.overrides();
+    if !overrides.is_empty() {
+        let handle = store
+            .limiter(name)
+            .await
+            .map_err(|e| format!("limiter {name}: {e}"))?;
+        for (key, over) in &overrides {
+            handle
+                .put_key(key, Some(*over))
+                .await
+                .map_err(|e| format!("limiter {name}: key {key:?}: {e}"))?;
+        }
+    }
+    Ok(status.learning)
+}
+
+async fn restore_plain<S: Store>(
+    gate: &Floodgate<S>,
+    name: &LimiterName,
+    limiter: &LimiterConfig,
+    window: std::time::Duration,
+) -> Result<bool, String> {
+    let status = gate
+        .store()
+        .restore_limiter(name, limiter.spec(), window)
+        .await
+        .map_err(|e| format!("limiter {name}: {e}"))?;
+    Ok(status.learning)
+}
+
 /// Sets the file's overrides in the store; returns how many.
 pub(crate) async fn set_overrides_store<S: Store>(
     gate: &Floodgate<S>,

@@ -425,19 +425,11 @@ pub(crate) async fn restore_limiters<S: Store>(
 ) -> Result<(), Failure> {
     for (name, limiter) in &file.limiters {
         let name = LimiterName::new(name).map_err(|e| Failure::usage(e.to_string()))?;
-        if limiter.keyed().is_some() {
-            // Keyed limiters have no learning window yet (docs/keyed.md): created as is.
-            super::keyed_apply::put_file_limiter(gate, &name, limiter)
-                .await
-                .map_err(Failure::usage)?;
-            continue;
-        }
-        let status = gate
-            .store()
-            .restore_limiter(&name, limiter.spec(), window)
+        // Keyed or not (a keyed one with the file's overrides).
+        let learning = super::keyed_apply::restore_file_limiter(gate, &name, limiter, window)
             .await
-            .map_err(|e| Failure::usage(format!("limiter {name}: {e}")))?;
-        if status.learning {
+            .map_err(Failure::usage)?;
+        if learning {
             tracing::warn!(limiter = %name, window_ms = window.as_millis(), "this limiter is in a learning window (no state was found for it): learning who holds permits before granting");
         }
     }

@@ -126,6 +126,25 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
         std::future::ready(Err(keyed_unsupported("per_key")))
     }
 
+    /// Like [`restore_limiter`](Self::restore_limiter), for a keyed limiter: created in a
+    /// learning window of `window` if the store has no state for it (nothing granted for any
+    /// key until it ends; both stores of this crate). The default creates it as
+    /// [`put_keyed_limiter`](Self::put_keyed_limiter) does, with no window.
+    ///
+    /// # Errors
+    ///
+    /// As [`put_keyed_limiter`](Self::put_keyed_limiter).
+    fn restore_keyed_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        keyed: KeyedSpec,
+        window: Duration,
+    ) -> impl Future<Output = Result<LimiterStatus, StoreError>> + Send {
+        let _ = window;
+        self.put_keyed_limiter(name, spec, keyed)
+    }
+
     /// Whether the store answers, at the cost of one round trip whatever the number of
     /// limiters (readiness probes call it). The embedded store is always ready.
     ///

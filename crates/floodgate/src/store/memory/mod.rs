@@ -244,6 +244,25 @@ impl<C: Clock> Store for MemoryStore<C> {
         self.put_keyed(name, spec, keyed).await
     }
 
+    /// A keyed limiter this store has no state for starts in a learning window, as a plain
+    /// one (the keyed layer grants nothing while its total learns).
+    async fn restore_keyed_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        keyed: crate::core::keyed::KeyedSpec,
+        window: std::time::Duration,
+    ) -> Result<LimiterStatus, StoreError> {
+        let created = self.get(name).is_none();
+        let status = self.put_keyed(name, spec, keyed).await?;
+        if !created || window.is_zero() {
+            return Ok(status);
+        }
+        let limiter = self.limiter(name).await?;
+        limiter.enter_learning(window)?;
+        limiter.status().await
+    }
+
     async fn limiter(&self, name: &LimiterName) -> Result<MemoryLimiter<C>, StoreError> {
         self.get(name)
             .ok_or_else(|| StoreError::UnknownLimiter(name.clone()))

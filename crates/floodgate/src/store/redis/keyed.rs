@@ -8,8 +8,8 @@
 //! script answers `plain` for a plain limiter (deleted and re-created plain meanwhile). So a
 //! limiter is never served by the wrong rules, and the common case costs one script call.
 //!
-//! Not on this store yet: keyed limiters are not re-created after Redis lost their state (no
-//! learning window: they answer `unknown_limiter` until put again).
+//! After Redis lost a keyed limiter's state, a store that knew it re-creates it in a learning
+//! window (`keyed_revive.rs`).
 
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use std::time::Duration;
 use super::limiter::{field, invalid, RedisLimiter};
 use super::{unavailable, Inner, RedisStore};
 use crate::core::keyed::{
-    check_key, total_spec, KeyCounters, KeyInfo, KeyOverride, KeyedSpec, KeysView,
+    check_key, total_spec_for, KeyCounters, KeyInfo, KeyOverride, KeyedSpec, KeysView,
 };
 use crate::core::{LimiterStatus, Refusal};
 use crate::error::StoreError;
@@ -61,7 +61,10 @@ impl Inner {
 /// overrides. Their own names, so a change of the plain operations' arguments cannot be
 /// mistaken for them.
 fn keyed_only(op: &str) -> bool {
-    matches!(op, "kacquire" | "kput" | "kschedule" | "keys" | "put_key")
+    matches!(
+        op,
+        "kacquire" | "kput" | "kschedule" | "keys" | "put_key" | "kdef"
+    )
 }
 
 fn tag(reply: &[String]) -> Option<&str> {
@@ -142,7 +145,7 @@ impl RedisLimiter {
             (_, Some("keyed")) if op == "put" => {
                 // A plain put of a keyed limiter: its per-key spec is kept.
                 self.store.mark_keyed(&self.name, true);
-                self.forget();
+                self.forget_plain();
                 let reply = self.run_script(true, "kput", &keep_args(args)).await?;
                 if tag(&reply) == Some("plain") {
                     self.store.mark_keyed(&self.name, false);
@@ -152,12 +155,13 @@ impl RedisLimiter {
             }
             (false, Some("keyed")) => {
                 self.store.mark_keyed(&self.name, true);
-                // Keyed limiters are not re-created after a loss (see the module docs).
-                self.forget();
+                // Not to be re-created plain after a loss (`keyed_revive.rs` has it keyed).
+                self.forget_plain();
                 self.run_script(true, op, args).await
             }
             (true, Some("plain")) => {
                 self.store.mark_keyed(&self.name, false);
+                self.forget_keyed();
                 if keyed_only(op) {
                     return Ok(reply);
                 }
@@ -172,24 +176,16 @@ impl RedisLimiter {
         &self,
         spec: &LimiterSpec,
         keyed: &KeyedSpec,
+        learn: Option<Duration>,
     ) -> Result<LimiterStatus, StoreError> {
-        let mut args = Self::put_args(&total_spec(spec), None, false);
-        let rate = keyed.rate;
-        args.extend([
-            keyed.concurrency.map(|c| c.to_string()).unwrap_or_default(),
-            keyed.max_keys.to_string(),
-            spec.concurrency.map(|c| c.to_string()).unwrap_or_default(),
-            String::new(),
-            rate.map(|r| r.limit.to_string()).unwrap_or_default(),
-            rate.map(|r| r.period.as_micros().to_string())
-                .unwrap_or_default(),
-            rate.map(|r| r.burst.to_string()).unwrap_or_default(),
-        ]);
+        // A limiter this store knew that vanished is re-created learning, as a plain one.
+        let learn = learn.or_else(|| self.known_window());
+        let args = super::keyed_revive::kput_args(spec, keyed, learn, false);
         let reply = self.call_once("kput", &args).await?;
         match tag(&reply) {
             Some("status") => {
                 self.store.mark_keyed(&self.name, true);
-                self.forget();
+                self.forget_plain();
                 self.parse_status(&reply)
             }
             Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
@@ -215,9 +211,12 @@ impl RedisLimiter {
                 .unwrap_or_default(),
             over.map(|o| o.weight.to_string()).unwrap_or_default(),
         ];
-        let reply = self.call_once("put_key", &args).await?;
+        let reply = self.call("put_key", &args).await?;
         match tag(&reply) {
-            Some("ok") => Ok(()),
+            Some("ok") => {
+                self.remember_override(key, over);
+                Ok(())
+            }
             Some("plain") => Err(StoreError::Invalid(not_keyed())),
             Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
             Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
@@ -236,7 +235,7 @@ impl RedisLimiter {
         }
         let reservation = ReservationId::random();
         let reply = self
-            .call_once(
+            .call(
                 "kschedule",
                 &[key.to_owned(), count.to_string(), reservation.to_string()],
             )
@@ -271,9 +270,19 @@ impl RedisLimiter {
             return Ok(None);
         }
         let limit = limit.min(crate::core::keyed::MAX_KEYS_LISTED);
-        let reply = self.call_once("keys", &[limit.to_string()]).await?;
+        let reply = self.call("keys", &[limit.to_string()]).await?;
         match tag(&reply) {
-            Some("keys") => parse_keys(&reply).map(Some),
+            Some("keys") => {
+                let view = parse_keys(&reply)?;
+                self.remember_keyed_spec(&view.spec);
+                // A store that lists a keyed limiter's keys knows its definition from then on
+                // (read once, if the background read has not yet), to revive it after a loss.
+                if let Err(e) = self.learn_keyed_def().await {
+                    // The view stands; the definition is read again next time.
+                    tracing::debug!(limiter = %self.name, error = %e, "keyed definition not read");
+                }
+                Ok(Some(view))
+            }
             Some("plain") => Ok(None),
             Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
@@ -333,26 +342,21 @@ fn parse_keys(reply: &[String]) -> Result<KeysView, StoreError> {
 }
 
 impl RedisStore {
-    /// [`Store::put_keyed_limiter`](crate::Store::put_keyed_limiter) on Redis.
+    /// [`Store::put_keyed_limiter`](crate::Store::put_keyed_limiter) on Redis; `learn`: a
+    /// learning window to enter if this call creates it (`restore_keyed_limiter`).
     pub(super) async fn put_keyed(
         &self,
         name: &LimiterName,
         spec: LimiterSpec,
         keyed: KeyedSpec,
+        learn: Option<Duration>,
     ) -> Result<LimiterStatus, StoreError> {
         keyed.validate(&spec)?;
-        if crate::core::keyed::rate_only(&spec, &keyed) {
-            // The keyed script counts holders against a concurrency limit; paced grants
-            // (nothing held) are built in the embedded store only.
-            return Err(StoreError::Invalid(crate::spec::InvalidField::new(
-                "per_key.concurrency",
-                "is required on the Redis store (rate-only keyed limiters are embedded-only): \
-                 give the limiter a total concurrency or each key one",
-            )));
-        }
-        total_spec(&spec).validate()?;
+        // A rate-only keyed limiter's total runs without a concurrency limit (paced grants).
+        total_spec_for(&spec, &keyed).validate()?;
         self.register(name).await?;
-        let status = self.handle(name).put_keyed(&spec, &keyed).await?;
+        let status = self.handle(name).put_keyed(&spec, &keyed, learn).await?;
+        self.after_keyed_put(name, &spec, &keyed, &status).await;
         super::revive::register(&self.inner, name).await?;
         Ok(status)
     }

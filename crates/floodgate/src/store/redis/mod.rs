@@ -11,6 +11,7 @@
 mod conn;
 mod generation;
 mod keyed;
+mod keyed_revive;
 mod limiter;
 mod revive;
 mod script;
@@ -454,7 +455,19 @@ impl Store for RedisStore {
         spec: LimiterSpec,
         keyed: crate::core::keyed::KeyedSpec,
     ) -> Result<LimiterStatus, StoreError> {
-        self.put_keyed(name, spec, keyed).await
+        self.put_keyed(name, spec, keyed, None).await
+    }
+
+    /// Creates it in a learning window of `window` if Redis has no state for it (and it was
+    /// not deleted on purpose), as [`restore_limiter`](Store::restore_limiter).
+    async fn restore_keyed_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+        keyed: crate::core::keyed::KeyedSpec,
+        window: Duration,
+    ) -> Result<LimiterStatus, StoreError> {
+        self.put_keyed(name, spec, keyed, Some(window)).await
     }
 
     async fn delete_limiter(&self, name: &LimiterName) -> Result<bool, StoreError> {

@@ -6,7 +6,8 @@
 //! unknown concludes the state was lost (FLUSHALL, a restart without persistence, a failover to
 //! a replica that missed the writes that created it), re-creates it from the last spec it saw
 //! in a learning window, and runs the operation again. A limiter deleted on purpose leaves a
-//! tombstone (the `tokens` key, kept for the idle TTL), so it is not resurrected.
+//! tombstone (the `tokens` key, kept for the idle TTL), so it is not resurrected. A keyed
+//! limiter comes back the same way with its per-key spec and overrides (`keyed_revive.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError};
@@ -32,6 +33,11 @@ pub(super) fn revives(op: &str) -> bool {
             | "feedback"
             | "advance"
             | "learn"
+            // A keyed limiter's own operations (`keyed_revive.rs`).
+            | "kacquire"
+            | "kschedule"
+            | "keys"
+            | "put_key"
     )
 }
 
@@ -39,19 +45,28 @@ pub(super) fn revives(op: &str) -> bool {
 #[derive(Debug, Default)]
 pub(crate) struct Known {
     /// The last spec seen per limiter: put by this store or read in a status reply.
-    specs: HashMap<LimiterName, LimiterSpec>,
+    pub(super) specs: HashMap<LimiterName, LimiterSpec>,
     /// Limiters whose spec has been asked for in the background, so it is asked once.
-    asked: HashSet<LimiterName>,
+    pub(super) asked: HashSet<LimiterName>,
+    /// Keyed limiters' definitions (total spec, per-key spec, overrides), to re-create one
+    /// that vanished the same way (`keyed_revive.rs`).
+    pub(super) keyed: HashMap<LimiterName, super::keyed_revive::KeyedDef>,
 }
 
 impl Inner {
-    fn lock_known(&self) -> std::sync::MutexGuard<'_, Known> {
+    pub(super) fn lock_known(&self) -> std::sync::MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The limiters this store knows a spec of.
     pub(super) fn known_names(&self) -> Vec<LimiterName> {
-        self.lock_known().specs.keys().cloned().collect()
+        let known = self.lock_known();
+        known
+            .specs
+            .keys()
+            .chain(known.keyed.keys())
+            .cloned()
+            .collect()
     }
 }
 
@@ -59,7 +74,15 @@ impl RedisLimiter {
     /// Records the limiter's spec as the one to re-create it with.
     pub(super) fn remember(&self, spec: &LimiterSpec) {
         if self.store.is_keyed(&self.name) {
-            // Keyed limiters are not re-created after a loss (`keyed.rs`).
+            // A keyed limiter's total spec, kept with its definition (`keyed_revive.rs`),
+            // which is read once in the background if this store does not have it.
+            let mut known = self.store.lock_known();
+            if let Some(def) = known.keyed.get_mut(&self.name) {
+                def.spec = spec.clone();
+            } else if known.asked.insert(self.name.clone()) {
+                drop(known);
+                self.learn_keyed_def_in_background();
+            }
             return;
         }
         let mut known = self.store.lock_known();
@@ -72,6 +95,17 @@ impl RedisLimiter {
         let mut known = self.store.lock_known();
         known.specs.remove(&self.name);
         known.asked.remove(&self.name);
+        known.keyed.remove(&self.name);
+    }
+
+    /// Forgets the plain spec only: the limiter turned out keyed (its keyed definition, if
+    /// known, stays; if not, the next operation reads it in the background).
+    pub(super) fn forget_plain(&self) {
+        let mut known = self.store.lock_known();
+        known.specs.remove(&self.name);
+        if !known.keyed.contains_key(&self.name) {
+            known.asked.remove(&self.name);
+        }
     }
 
     /// The first time this store uses a limiter it has not defined (another server did), reads
@@ -96,8 +130,8 @@ impl RedisLimiter {
         };
         let limiter = self.clone();
         handle.spawn(async move {
-            // `status` remembers the spec it reads.
-            if limiter.status().await.is_err() {
+            // `status` remembers the spec it reads; a keyed limiter's definition is read too.
+            if limiter.status().await.is_err() || limiter.learn_keyed_def().await.is_err() {
                 limiter.store.lock_known().asked.remove(&limiter.name);
             }
         });
@@ -107,7 +141,10 @@ impl RedisLimiter {
     /// vanished (and not deleted on purpose) re-creates it learning, like a revival.
     pub(super) fn known_window(&self) -> Option<std::time::Duration> {
         let known = self.store.lock_known();
-        let spec = known.specs.get(&self.name)?;
+        let spec = known
+            .specs
+            .get(&self.name)
+            .or_else(|| known.keyed.get(&self.name).map(|def| &def.spec))?;
         Some(
             self.store
                 .config
@@ -135,6 +172,10 @@ impl RedisLimiter {
     /// configured one, or the spec's default lease). `false` if this store does not know the
     /// limiter or it was deleted on purpose.
     pub(super) async fn revive(&self) -> Result<bool, StoreError> {
+        let keyed = self.store.lock_known().keyed.get(&self.name).cloned();
+        if let Some(def) = keyed {
+            return self.revive_keyed(def).await;
+        }
         let Some(spec) = self.store.lock_known().specs.get(&self.name).cloned() else {
             return Ok(false);
         };

@@ -129,7 +129,7 @@ pub fn keyed_script_source() -> String {
 
 /// The keyed script, in the order its parts run: the plain shared parts and the plain
 /// operations that need no change (they call the keyed layer's replacements of the helpers).
-const KEYED_PARTS: [&str; 20] = [
+const KEYED_PARTS: [&str; 22] = [
     include_str!("lua/common.lua"),
     include_str!("lua/keyed/drain.lua"),
     include_str!("lua/state.lua"),
@@ -142,12 +142,14 @@ const KEYED_PARTS: [&str; 20] = [
     include_str!("lua/keyed/acquire.lua"),
     include_str!("lua/keyed/schedule.lua"),
     include_str!("lua/keyed/unschedule.lua"),
+    include_str!("lua/keyed/revive.lua"),
     include_str!("lua/ops/release.lua"),
     include_str!("lua/ops/extend.lua"),
     include_str!("lua/ops/cancel.lua"),
     include_str!("lua/ops/status.lua"),
     include_str!("lua/gradient.lua"),
     include_str!("lua/ops/feedback.lua"),
+    include_str!("lua/ops/learn.lua"),
     include_str!("lua/ops/advance.lua"),
     include_str!("lua/unknown_op.lua"),
 ];

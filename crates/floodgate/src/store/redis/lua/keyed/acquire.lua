@@ -63,7 +63,8 @@ if op == 'kacquire' then
   if redis.call('LLEN', K_RING) == 0 and k.qlen == 0 and admits(k, permits) and fits(permits)
     and not learning_until and (rate_at(permits) or 0) <= now then
     local g = kgrant(tkey, k, permits, lease, now, key, ARGV[9], false)
-    if idem(key) then redis.call('HSET', K_HOLD, 'a:' .. key, attempt) end
+    -- (A paced grant, rate only, is held by nobody: nothing for a retry to find.)
+    if idem(key) and concurrency then redis.call('HSET', K_HOLD, 'a:' .. key, attempt) end
     table.insert(g, 1, 'granted')
     return finish(g)
   end
@@ -148,6 +149,10 @@ if op == 'put_key' then
   local tkey = ARGV[4]
   advance()
   if ARGV[6] ~= '' then
+    if ARGV[5] ~= '' and not concurrency then
+      return finish({'invalid', 'concurrency', 'a rate-only keyed limiter holds no permits: an ' ..
+        'override may set only its weight'})
+    end
     if redis.call('HEXISTS', K_KO, tkey) == 0 and redis.call('HLEN', K_KO) >= KD.max then
       return finish({'invalid', 'key', 'this limiter already has max_keys (' .. fmt(KD.max) ..
         ') overrides'})

@@ -2,9 +2,6 @@
 -- runs the operation there (or, for an acquire naming a key, refuses it).
 if m.keyed ~= '1' then return {'plain', '-1'} end
 
--- Keyed limiters are not re-created after a loss, so they never learn (see docs/redis.md).
-if op == 'learn' then return finish({'ok'}) end
-
 -- delete (keyed): as the plain delete; the key queue moves aside to be answered `D` by drain.
 if op == 'delete' then
   redis.call('DEL', K_META, K_HOT)

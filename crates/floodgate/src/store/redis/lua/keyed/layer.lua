@@ -5,7 +5,8 @@
 -- advance, head_rate_at (the next time event, for the store's timer), status_fields, finish. Key state is read once per operation into `KD.cache` and written back by finish().
 
 -- Per-key spec (meta fields written by a keyed put): the per-key concurrency, the key cap,
--- the total concurrency as configured ('' none: the total then runs at MAX_CONCURRENCY).
+-- the total concurrency as configured ('' none: the total then runs at MAX_CONCURRENCY, or,
+-- rate-only (no per-key concurrency, a total rate), with no concurrency: paced grants).
 -- `rate`: the per-key rate ({limit, period, burst, t: its emission interval}) or nil; `held`:
 -- when the total's rate lets the key whose turn it is run, while only that holds it.
 local KD = {cache = {}, dirty = {}, touched = {}, conc = opt(m.k_conc),
@@ -357,6 +358,15 @@ end
 -- A grant to key `tkey` (state `k`): the total's grant, plus the key's share.
 local function kgrant(tkey, k, permits, lease, enqueued_at, key, label, queued)
   local g = grant(permits, lease, enqueued_at, key, label, queued)
+  if not concurrency then
+    -- Rate only (no concurrency limit anywhere): a paced grant holds nothing; the key keeps
+    -- only its rate debt, and may go (sched.rs grant_to).
+    if KD.rate then k.tat = math.max(k.tat, now) + KD.rate.t * permits end
+    kdirty(tkey)
+    reindex(tkey, k)
+    maybe_drop(tkey)
+    return g
+  end
   redis.call('HSET', K_KH, g[1], tkey)
   ktouch(K_KH)
   k.in_use = k.in_use + permits
@@ -430,10 +440,13 @@ grant_waiters = function()
           return
         else
           remove_waiter(head, true)
+          -- A paced grant (rate only) is held by nobody: its outcome is kept in `outcomes`,
+          -- as a plain rate-only limiter's, and its waiter's entries go now.
+          if not concurrency then redis.call('HDEL', K_HOLD, 'k:' .. head.key, 'a:' .. head.key) end
           k.deficit = k.deficit - head.permits
           local g = kgrant(tkey, k, head.permits, head.lease, head.enqueued_at, head.key,
             head.label, true)
-          wake(head.key, head.channel, 'G|' .. table.concat(g, '|'), true)
+          wake(head.key, head.channel, 'G|' .. table.concat(g, '|'), concurrency ~= nil)
         end
       end
     end
@@ -505,11 +518,15 @@ advance = function()
     local il = redis.call('ZRANGE', K_IDLE, 0, 0, 'WITHSCORES')
     local idle = il[2] and tonumber(il[2])
     local at = nil
-    for _, t in ipairs({lease or NONE, sleep or NONE, idle or NONE, KD.held or NONE, wat or NONE}) do
+    for _, t in ipairs({learning_until or NONE, lease or NONE, sleep or NONE, idle or NONE,
+                        KD.held or NONE, wat or NONE}) do
       if not at or t < at then at = t end
     end
     if at > now then return end
-    if lease == at then
+    if learning_until == at then
+      -- The learning window after a loss ends (revive.lua): the keys' queues are served.
+      learning_until = nil
+    elseif lease == at then
       -- Every lease ending then lapses before anyone is granted.
       local due = redis.call('ZRANGEBYSCORE', K_LEASE, '-inf', fmt(at))
       for _, token in ipairs(due) do

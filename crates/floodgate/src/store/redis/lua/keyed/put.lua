@@ -5,7 +5,8 @@
 --       concurrency as configured ('' none), 'keep' (a plain put of a keyed limiter: per-key
 --       spec kept), per-key rate limit, period us, burst ('' none).
 -- Reply: as the plain put | {'plain'} (a keep for a limiter that is no longer keyed) |
---        {'invalid', 'per_key', message} (the limiter exists and is not keyed).
+--        {'invalid', 'per_key', message} (the limiter exists and is not keyed) | {'revived'}
+--        (a revival of a limiter that exists: nothing changed).
 
 if op == 'put' then return {'keyed', '-1'} end
 if op == 'kput' then
@@ -15,9 +16,17 @@ if op == 'kput' then
     return {'invalid', 'per_key',
       'this limiter exists and is not keyed; delete it first to re-create it keyed', '-1'}
   end
+  if ARGV[18] == 'revive' and exists then
+    -- A revival (keyed_revive.rs) that another server or call made first: left as it is, and
+    -- answered apart, so the store does not take its waiters for the lost incarnation's.
+    return {'revived', '-1'}
+  end
   if ARGV[b + 4] == 'keep' then
     if not exists then return {'plain', '-1'} end
     KD.put = {conc = KD.conc, max = KD.max, user = ARGV[b + 3], rate = m.k_rate or ''}
+    -- No concurrency in total nor per key, a total rate: rate-only, its total runs without a
+    -- concurrency limit (paced grants), as core/keyed total_spec_for.
+    if ARGV[b + 3] == '' and not KD.conc and ARGV[9] ~= '' then ARGV[4] = '' end
   else
     local rate = ''
     if ARGV[b + 5] ~= '' then rate = ARGV[b + 5] .. '|' .. ARGV[b + 6] .. '|' .. ARGV[b + 7] end

@@ -1,0 +1,283 @@
+//! A keyed limiter re-created after Redis lost its state, as a plain one is (`revive.rs`, the
+//! rules in `core/learning.rs`): a store that knows its definition (it created or changed it,
+//! or read it: the first operation on a keyed limiter it did not create reads it in the
+//! background) and is told it is unknown re-creates it from that definition (total spec,
+//! per-key spec, `max_keys`, overrides) in a learning window, then runs the operation again.
+//!
+//! The safety rule is the plain one, per key and in total: nothing is granted during the
+//! window (waiters queue in their keys' queues and are served fairly when it ends), so permits
+//! handed out before the loss are not handed out again while their leases may still run. What
+//! differs: an extend carries no key, so a permit of a keyed limiter that the loss forgot is not
+//! re-adopted (its key's share could not be counted): its next extend answers lost, as the
+//! keyed core does (`lua/keyed/revive.lua`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::limiter::RedisLimiter;
+use super::{unavailable, RedisStore};
+use crate::core::keyed::{total_spec_for, KeyOverride, KeyedSpec};
+use crate::core::LimiterStatus;
+use crate::error::StoreError;
+use crate::spec::{LimiterSpec, RateSpec};
+use crate::store::LimiterBackend;
+use crate::types::LimiterName;
+
+/// What a store keeps of a keyed limiter to re-create it after a loss.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyedDef {
+    /// The total's spec as configured (no concurrency when only the keys have one).
+    pub(super) spec: LimiterSpec,
+    /// The per-key spec and `max_keys`.
+    pub(super) keyed: KeyedSpec,
+    /// Every key's override, as last set through this store or read from Redis.
+    pub(super) overrides: HashMap<String, KeyOverride>,
+}
+
+/// The arguments of `kput`: the plain put's (with the total's derived spec) and the per-key
+/// fields (see `lua/keyed/put.lua`).
+pub(super) fn kput_args(
+    spec: &LimiterSpec,
+    keyed: &KeyedSpec,
+    learn: Option<Duration>,
+    revive: bool,
+) -> Vec<String> {
+    let mut args = RedisLimiter::put_args(&total_spec_for(spec, keyed), learn, revive);
+    let rate = keyed.rate;
+    args.extend([
+        keyed.concurrency.map(|c| c.to_string()).unwrap_or_default(),
+        keyed.max_keys.to_string(),
+        spec.concurrency.map(|c| c.to_string()).unwrap_or_default(),
+        String::new(),
+        rate.map(|r| r.limit.to_string()).unwrap_or_default(),
+        rate.map(|r| r.period.as_micros().to_string())
+            .unwrap_or_default(),
+        rate.map(|r| r.burst.to_string()).unwrap_or_default(),
+    ]);
+    args
+}
+
+/// An override as `put_key` takes it: the key, its concurrency ('' the default), its weight.
+fn override_args(key: &str, over: &KeyOverride) -> [String; 3] {
+    [
+        key.to_owned(),
+        over.concurrency.map(|c| c.to_string()).unwrap_or_default(),
+        over.weight.to_string(),
+    ]
+}
+
+/// Parses the `kdef` reply (see `lua/keyed/revive.lua`) beside the total's spec read from the
+/// status.
+fn parse_def(reply: &[String], mut spec: LimiterSpec) -> Result<KeyedDef, StoreError> {
+    let bad = || unavailable(format!("bad kdef reply {reply:?}"));
+    let num = |s: &str| s.parse::<u64>().map_err(|_| bad());
+    let small = |s: &str| s.parse::<u32>().map_err(|_| bad());
+    let opt_small = |s: &str| {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            small(s).map(Some)
+        }
+    };
+    let field = |i: usize| reply.get(i).map(String::as_str).ok_or_else(bad);
+    let rate = match field(4)? {
+        "" => None,
+        raw => {
+            let f: Vec<&str> = raw.split('|').collect();
+            let [limit, period, burst] = f.as_slice() else {
+                return Err(bad());
+            };
+            Some(RateSpec {
+                limit: small(limit)?,
+                period: Duration::from_micros(num(period)?),
+                burst: small(burst)?,
+            })
+        }
+    };
+    // The total's concurrency as configured (the status shows it too; this is exact).
+    spec.concurrency = opt_small(field(3)?)?;
+    let keyed = KeyedSpec {
+        concurrency: opt_small(field(1)?)?,
+        rate,
+        max_keys: small(field(2)?)?,
+    };
+    let mut overrides = HashMap::new();
+    // Fields 5.. are overrides, two each; the reply ends with the timer field.
+    let mut i = 5;
+    while i + 2 < reply.len() {
+        let (c, w) = reply[i + 1].split_once('|').ok_or_else(bad)?;
+        let over = KeyOverride {
+            concurrency: opt_small(c)?,
+            weight: small(w)?,
+        };
+        overrides.insert(reply[i].clone(), over);
+        i += 2;
+    }
+    Ok(KeyedDef {
+        spec,
+        keyed,
+        overrides,
+    })
+}
+
+impl RedisLimiter {
+    /// Records a keyed limiter's definition (put through this store), overrides kept.
+    pub(super) fn remember_keyed(&self, spec: &LimiterSpec, keyed: &KeyedSpec) {
+        let mut known = self.store.lock_known();
+        known.specs.remove(&self.name);
+        known.asked.insert(self.name.clone());
+        let def = known
+            .keyed
+            .entry(self.name.clone())
+            .or_insert_with(|| KeyedDef {
+                spec: spec.clone(),
+                keyed: keyed.clone(),
+                overrides: HashMap::new(),
+            });
+        def.spec = spec.clone();
+        def.keyed = keyed.clone();
+    }
+
+    /// Records a key's override (`None`: removed) set through this store.
+    pub(super) fn remember_override(&self, key: &str, over: Option<KeyOverride>) {
+        if let Some(def) = self.store.lock_known().keyed.get_mut(&self.name) {
+            match over {
+                Some(over) => def.overrides.insert(key.to_owned(), over),
+                None => def.overrides.remove(key),
+            };
+        }
+    }
+
+    /// Records the per-key spec read in a keys view.
+    pub(super) fn remember_keyed_spec(&self, keyed: &KeyedSpec) {
+        if let Some(def) = self.store.lock_known().keyed.get_mut(&self.name) {
+            def.keyed = keyed.clone();
+        }
+    }
+
+    /// Forgets the keyed definition: the limiter turned out plain.
+    pub(super) fn forget_keyed(&self) {
+        let mut known = self.store.lock_known();
+        if known.keyed.remove(&self.name).is_some() {
+            known.asked.remove(&self.name);
+        }
+    }
+
+    /// Reads the definition of a keyed limiter this store did not create (its first use here),
+    /// so it can re-create it after a loss too. Nothing for a plain limiter or a known one.
+    pub(super) async fn learn_keyed_def(&self) -> Result<(), StoreError> {
+        if !self.store.is_keyed(&self.name)
+            || self.store.lock_known().keyed.contains_key(&self.name)
+        {
+            return Ok(());
+        }
+        let status = LimiterBackend::status(self).await?;
+        let reply = self.call_once("kdef", &[]).await?;
+        if reply.first().map(String::as_str) != Some("kdef") {
+            return Ok(());
+        }
+        let def = parse_def(&reply, status.spec)?;
+        let mut known = self.store.lock_known();
+        known.specs.remove(&self.name);
+        known.keyed.insert(self.name.clone(), def);
+        Ok(())
+    }
+
+    /// [`learn_keyed_def`](Self::learn_keyed_def) in a task of its own (from a status reply,
+    /// which cannot wait for it); asked again later if it fails.
+    pub(super) fn learn_keyed_def_in_background(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let limiter = self.clone();
+        handle.spawn(async move {
+            if limiter.learn_keyed_def().await.is_err() {
+                limiter.store.lock_known().asked.remove(&limiter.name);
+            }
+        });
+    }
+
+    /// Puts the known overrides back (after a re-creation).
+    async fn restore_overrides(&self, overrides: &HashMap<String, KeyOverride>) {
+        for (key, over) in overrides {
+            let reply = self.call_once("put_key", &override_args(key, over)).await;
+            if !matches!(
+                reply.as_deref().map(|r| r.first().map(String::as_str)),
+                Ok(Some("ok"))
+            ) {
+                tracing::warn!(limiter = %self.name, key, ?reply, "an override was not restored");
+            }
+        }
+    }
+
+    /// [`revive`](Self::revive) for a keyed limiter: re-created from `def` in a learning window
+    /// (the configured one, or the spec's default lease), its overrides put back. `false` if
+    /// it was deleted on purpose meanwhile.
+    pub(super) async fn revive_keyed(&self, def: KeyedDef) -> Result<bool, StoreError> {
+        let window = self
+            .store
+            .config
+            .learning_window
+            .unwrap_or(def.spec.default_lease);
+        let args = kput_args(&def.spec, &def.keyed, Some(window), true);
+        let reply = self.call_once("kput", &args).await?;
+        match reply.first().map(String::as_str) {
+            Some("status") => {
+                let status = self.parse_status(&reply)?;
+                self.restore_overrides(&def.overrides).await;
+                // This process's queued acquires of the lost incarnation will never be woken:
+                // answer them now as "store unavailable" (their clients retry).
+                self.store
+                    .lock_waiters()
+                    .retain(|_, pending| pending.limiter != self.name);
+                tracing::warn!(
+                    limiter = %self.name,
+                    window_ms = window.as_millis(),
+                    learning = status.learning,
+                    overrides = def.overrides.len(),
+                    "the keyed limiter vanished from redis (state lost): re-created from its last definition, learning"
+                );
+                super::revive::register(&self.store, &self.name).await?;
+                Ok(true)
+            }
+            // Revived first by another server or another call of this one: nothing to do.
+            Some("revived") => Ok(true),
+            Some("deleted") => {
+                self.forget();
+                Ok(false)
+            }
+            // Re-created plain by another server meanwhile: not this store's to revive.
+            Some("invalid") => {
+                self.forget();
+                self.store.mark_keyed(&self.name, false);
+                Ok(false)
+            }
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+        }
+    }
+}
+
+impl RedisStore {
+    /// After a keyed put: the definition is remembered, and if the put re-created a limiter
+    /// that vanished (it is learning), the overrides this store knew are put back.
+    pub(super) async fn after_keyed_put(
+        &self,
+        name: &LimiterName,
+        spec: &LimiterSpec,
+        keyed: &KeyedSpec,
+        status: &LimiterStatus,
+    ) {
+        let handle = self.handle(name);
+        handle.remember_keyed(spec, keyed);
+        if status.learning {
+            let overrides = self
+                .inner
+                .lock_known()
+                .keyed
+                .get(name)
+                .map(|d| d.overrides.clone())
+                .unwrap_or_default();
+            handle.restore_overrides(&overrides).await;
+        }
+    }
+}

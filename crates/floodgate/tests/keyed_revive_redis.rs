@@ -1,0 +1,307 @@
+//! Issue 14: a keyed limiter whose state Redis lost (FLUSHALL, a restart without persistence)
+//! comes back as a plain one does (`docs/learning.md`): a store that knew it (it created it,
+//! or only read it) re-creates it from its definition (total spec, per-key spec, `max_keys`,
+//! overrides) in a learning window; nothing is granted during the window (per key and in
+//! total), its waiters queue per key and are served when it ends, within the limits; a permit
+//! from before the loss is not re-adopted (an extend carries no key): its extend answers lost;
+//! a keyed limiter deleted on purpose is not brought back. Real `redis-server`s; no assertion
+//! depends on timing (windows are either long, checked while they last, or short, waited for
+//! with generous bounds).
+
+#![cfg(not(feature = "shuttle"))]
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use floodgate::{
+    AcquireError, AcquireOptions, ExtendError, Floodgate, KeyOverride, KeyedSpec, LimiterBackend,
+    LimiterSpec, RedisConfig, RedisStore, Refusal, StoreError,
+};
+
+async fn gate(server: &support::RedisServer, window: Duration) -> Floodgate<RedisStore> {
+    let mut config = RedisConfig::new(server.url());
+    config.learning_window = Some(window);
+    Floodgate::with_store(RedisStore::connect(config).await.unwrap())
+}
+
+fn flushall(server: &support::RedisServer) {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+/// Polls `cond` on the limiter's status until it holds (a liveness bound only).
+async fn until_status(
+    limiter: &floodgate::Limiter<floodgate::RedisLimiter>,
+    what: &str,
+    cond: impl Fn(&floodgate::LimiterStatus) -> bool,
+) -> floodgate::LimiterStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = limiter.status().await.unwrap();
+        if cond(&status) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what}: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_keyed_limiter_is_revived_learning_with_its_definition() {
+    let server = support::RedisServer::start();
+    // A created it; B only reads it (its definition is read in the background).
+    let a = gate(&server, Duration::from_secs(60)).await;
+    let b = gate(&server, Duration::from_secs(60)).await;
+    let spec = LimiterSpec::concurrency(4).with_max_wait(Duration::from_secs(30));
+    let keyed = KeyedSpec::per_key(2).with_max_keys(7);
+    a.define_keyed("orgs", spec, keyed.clone()).await.unwrap();
+    let a_orgs = a.limiter("orgs").await.unwrap();
+    let over = KeyOverride {
+        concurrency: Some(1),
+        weight: 3,
+    };
+    a_orgs.backend().put_key("big", Some(over)).await.unwrap();
+    let old = a_orgs
+        .acquire(
+            AcquireOptions::new()
+                .key("small")
+                .lease(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let b_orgs = b.limiter("orgs").await.unwrap();
+    assert_eq!(b_orgs.status().await.unwrap().in_use, 1);
+    // (A store that listed a keyed limiter's keys knows its definition.)
+    let view = b_orgs.backend().keys(5).await.unwrap().unwrap();
+    assert_eq!(view.overrides, 1);
+
+    flushall(&server);
+
+    // B's next operation finds it vanished and re-creates it, learning.
+    let st = b_orgs.status().await.unwrap();
+    assert!(st.learning, "{st:?}");
+    assert_eq!((st.spec.concurrency, st.in_use), (Some(4), 0));
+    let view = b_orgs.backend().keys(5).await.unwrap().unwrap();
+    assert_eq!(view.spec, keyed, "the per-key spec and max_keys came back");
+    assert_eq!(view.overrides, 1, "the override came back");
+
+    // During the window nothing is granted, whatever the key: a try-once is refused with a
+    // hint of at least the window's rest, a waiter waits.
+    let once = b_orgs
+        .acquire(AcquireOptions::new().key("other").wait(Duration::ZERO))
+        .await;
+    match once {
+        Err(AcquireError::Refused(Refusal::WaitTimeout { retry_after })) => {
+            assert!(retry_after > Duration::from_secs(1), "{retry_after:?}")
+        }
+        other => panic!("granted while learning: {other:?}"),
+    }
+    let waiter = {
+        let limiter = b_orgs.clone();
+        tokio::spawn(async move {
+            limiter
+                .acquire(
+                    AcquireOptions::new()
+                        .key("big")
+                        .wait(Duration::from_secs(1)),
+                )
+                .await
+        })
+    };
+    let st = until_status(&b_orgs, "the waiter queues", |s| s.waiting == 1).await;
+    assert!(st.learning && st.in_use == 0, "{st:?}");
+    // Its wait ends before the window does: timed out, never granted.
+    let outcome = waiter.await.unwrap();
+    assert!(
+        matches!(
+            outcome,
+            Err(AcquireError::Refused(Refusal::WaitTimeout { .. }))
+        ),
+        "{outcome:?}"
+    );
+
+    // The permit from before the loss is not re-adopted (its key is unknown): lost.
+    let mut old = old;
+    let lost = old.extend(Duration::from_secs(60)).await;
+    assert!(matches!(lost, Err(ExtendError::Lost)), "{lost:?}");
+    let st = b_orgs.status().await.unwrap();
+    assert_eq!((st.in_use, st.counters.adopted), (0, 0), "{st:?}");
+
+    // A's handle finds it there (B revived it): the same limiter, still learning.
+    assert!(a_orgs.status().await.unwrap().learning);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_window_a_revived_keyed_limiter_serves_its_keys_within_the_limits() {
+    let mut server = support::RedisServer::start();
+    let a = gate(&server, Duration::from_millis(300)).await;
+    let spec = LimiterSpec::concurrency(3).with_max_wait(Duration::from_secs(30));
+    a.define_keyed("orgs", spec, KeyedSpec::per_key(2))
+        .await
+        .unwrap();
+    let orgs = a.limiter("orgs").await.unwrap();
+    orgs.backend()
+        .put_key(
+            "big",
+            Some(KeyOverride {
+                concurrency: Some(1),
+                weight: 1,
+            }),
+        )
+        .await
+        .unwrap();
+
+    // Redis restarts empty (SIGKILL, no persistence).
+    tokio::task::block_in_place(|| server.restart());
+
+    // Waiters of two keys queue in the window and are served when it ends: "big" keeps its
+    // override of 1, "small" its per-key 2, the total 3. (Right after the restart a wait may
+    // fail as unavailable, its wake-up subscription not back yet: it tries again, as clients
+    // do.)
+    let mut tasks = Vec::new();
+    for key in ["big", "big", "small", "small", "small"] {
+        let limiter = orgs.clone();
+        tasks.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let options = AcquireOptions::new().key(key).wait(Duration::from_secs(30));
+                match limiter.acquire(options).await {
+                    Err(AcquireError::Store(StoreError::Unavailable(_)))
+                        if Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => return other.map(floodgate::Permit::detach),
+                }
+            }
+        }));
+    }
+    let st = until_status(&orgs, "served after the window", |s| {
+        !s.learning && s.in_use == 3 && s.waiting == 2
+    })
+    .await;
+    assert_eq!(st.spec.concurrency, Some(3));
+    let view = orgs.backend().keys(5).await.unwrap().unwrap();
+    let in_use = |key: &str| {
+        view.busiest
+            .iter()
+            .find(|k| &*k.key == key)
+            .map_or(0, |k| k.in_use)
+    };
+    assert_eq!((in_use("big"), in_use("small")), (1, 2), "{view:?}");
+    let big = view.busiest.iter().find(|k| &*k.key == "big").unwrap();
+    assert_eq!(big.limit, Some(1), "the override came back: {view:?}");
+    for task in tasks {
+        task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_keyed_limiter_is_not_revived() {
+    let server = support::RedisServer::start();
+    let a = gate(&server, Duration::from_secs(30)).await;
+    let b = gate(&server, Duration::from_secs(30)).await;
+    a.define_keyed("gone", LimiterSpec::concurrency(2), KeyedSpec::per_key(1))
+        .await
+        .unwrap();
+    let b_gone = b.limiter("gone").await.unwrap();
+    b_gone.status().await.unwrap();
+    let _ = b_gone.backend().keys(1).await.unwrap();
+    assert!(a.delete("gone").await.unwrap());
+    let err = b_gone.status().await;
+    assert!(matches!(err, Err(StoreError::UnknownLimiter(_))), "{err:?}");
+    let err = b_gone
+        .acquire(AcquireOptions::new().key("k").wait(Duration::ZERO))
+        .await;
+    assert!(err.is_err(), "{err:?}");
+}
+
+/// A keyed put of a limiter that vanished, sent to a server that knew it, re-creates it
+/// learning, with the overrides that server knew (as a plain put does, `docs/learning.md`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_put_after_a_loss_re_creates_it_learning_with_its_overrides() {
+    let server = support::RedisServer::start();
+    let a = gate(&server, Duration::from_secs(30)).await;
+    let keyed = KeyedSpec::per_key(2);
+    a.define_keyed("orgs", LimiterSpec::concurrency(4), keyed.clone())
+        .await
+        .unwrap();
+    let orgs = a.limiter("orgs").await.unwrap();
+    let over = KeyOverride {
+        concurrency: None,
+        weight: 5,
+    };
+    orgs.backend().put_key("vip", Some(over)).await.unwrap();
+    flushall(&server);
+    let st = a
+        .define_keyed("orgs", LimiterSpec::concurrency(6), keyed)
+        .await
+        .unwrap();
+    assert!(st.learning, "{st:?}");
+    assert_eq!(st.spec.concurrency, Some(6));
+    let view = orgs.backend().keys(5).await.unwrap().unwrap();
+    assert_eq!(view.overrides, 1, "{view:?}");
+}
+
+/// A server started with a learning window (`serve --learning-window`) creates the config's
+/// keyed limiters that have no state learning, on both stores; one that has state is left as
+/// it is. After a short window the keys are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_limiter_restored_without_state_learns_on_both_stores() {
+    use floodgate::Store;
+    let name = floodgate::LimiterName::new("orgs").unwrap();
+    let spec = || LimiterSpec::concurrency(3).with_max_wait(Duration::from_secs(30));
+    let server = support::RedisServer::start();
+    let redis = gate(&server, Duration::from_secs(30)).await;
+    let memory = Floodgate::in_memory();
+    let window = Duration::from_millis(300);
+    let st = redis
+        .store()
+        .restore_keyed_limiter(&name, spec(), KeyedSpec::per_key(2), window)
+        .await
+        .unwrap();
+    assert!(st.learning, "redis: {st:?}");
+    let st = memory
+        .store()
+        .restore_keyed_limiter(&name, spec(), KeyedSpec::per_key(2), window)
+        .await
+        .unwrap();
+    assert!(st.learning, "embedded: {st:?}");
+    // Learning: a try-once is refused on both.
+    let once = || AcquireOptions::new().key("a").wait(Duration::ZERO);
+    let r = redis.limiter("orgs").await.unwrap().acquire(once()).await;
+    assert!(
+        matches!(r, Err(AcquireError::Refused(Refusal::WaitTimeout { .. }))),
+        "{r:?}"
+    );
+    let m = memory.limiter("orgs").await.unwrap().acquire(once()).await;
+    assert!(
+        matches!(m, Err(AcquireError::Refused(Refusal::WaitTimeout { .. }))),
+        "{m:?}"
+    );
+    // A waiter is served when the window ends, within the key's limit.
+    let wait = || AcquireOptions::new().key("a").wait(Duration::from_secs(20));
+    let r = redis.limiter("orgs").await.unwrap().acquire(wait()).await;
+    assert!(r.is_ok(), "{r:?}");
+    let m = memory.limiter("orgs").await.unwrap().acquire(wait()).await;
+    assert!(m.is_ok(), "{m:?}");
+    // Restored again (state there): no new window.
+    let st = redis
+        .store()
+        .restore_keyed_limiter(&name, spec(), KeyedSpec::per_key(2), window)
+        .await
+        .unwrap();
+    assert!(!st.learning, "redis: {st:?}");
+    let st = memory
+        .store()
+        .restore_keyed_limiter(&name, spec(), KeyedSpec::per_key(2), window)
+        .await
+        .unwrap();
+    assert!(!st.learning, "embedded: {st:?}");
+}
