@@ -241,6 +241,11 @@ impl AcquireOptions {
         self.key.as_deref()
     }
 
+    /// The request the store sees, borrowed (for a store's synchronous fast path).
+    pub(crate) fn request(&self) -> &AcquireRequest {
+        &self.request
+    }
+
     /// The request the store sees.
     pub(crate) fn into_request(self) -> AcquireRequest {
         self.request
@@ -310,9 +315,14 @@ impl<B: LimiterBackend> Limiter<B> {
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
         // A store on this process's clock gives the lease deadline on it: no clock read here.
         let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
-        let grant = match options.key.clone() {
-            Some(key) => self.backend.acquire_keyed(&key, options).await?,
-            None => self.backend.acquire(options).await?,
+        // An acquire the store decides at once (nobody waits, the permits fit) skips the
+        // store's wait machinery: no nested futures, no listener.
+        let grant = match self.backend.acquire_at_once(&options) {
+            Some(decided) => decided?,
+            None => match options.key.clone() {
+                Some(key) => self.backend.acquire_keyed(&key, options).await?,
+                None => self.backend.acquire(options).await?,
+            },
         };
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
         let held = !grant.lease.is_zero();

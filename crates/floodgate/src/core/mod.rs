@@ -16,6 +16,7 @@
 //! - A lowered limit grants nothing until in-use is below it; a raised one grants at once.
 
 pub mod adaptive;
+mod at_once;
 mod deadlines;
 mod feedback;
 mod holders;
@@ -350,6 +351,7 @@ impl LimiterCore {
         let Some(holder) = self.holders.remove(&token.0) else {
             return false;
         };
+        self.leases.forget_latest(holder.deadline, token.0);
         self.forget_request(holder.request.as_ref());
         self.in_use -= holder.permits;
         self.counters.released += 1;
