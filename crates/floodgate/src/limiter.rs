@@ -324,6 +324,12 @@ impl<B: LimiterBackend> Limiter<B> {
                 None => self.backend.acquire(options).await?,
             },
         };
+        Ok(self.permit(grant, sent))
+    }
+
+    /// The guard of a grant; `sent`: when the acquire was sent, if the store's clock is not
+    /// this process's.
+    fn permit(&self, grant: Grant, sent: Option<Instant>) -> Permit<B> {
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
         let held = !grant.lease.is_zero();
         // The store started the lease between the request and its answer, and not before it
@@ -337,12 +343,12 @@ impl<B: LimiterBackend> Limiter<B> {
             };
             started + grant.lease
         });
-        Ok(Permit {
+        Permit {
             backend: self.backend.clone(),
             grant,
             held,
             local_deadline,
-        })
+        }
     }
 
     /// One permit if one is free right now, without waiting.
@@ -372,6 +378,38 @@ impl<B: LimiterBackend> Limiter<B> {
     pub async fn try_acquire(&self) -> Result<Permit<B>, AcquireError> {
         self.acquire(AcquireOptions::new().wait(Duration::ZERO))
             .await
+    }
+
+    /// [`try_acquire`](Self::try_acquire) without awaiting, where the store answers at once:
+    /// the embedded store when it is not durable (a durable grant is answered only once it is
+    /// on disk). `None` where the store cannot (Redis, the durable embedded store): use
+    /// [`try_acquire`](Self::try_acquire) there. The cheapest acquire there is, for hot
+    /// in-process paths.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_acquire`](Self::try_acquire).
+    ///
+    /// ```
+    /// use floodgate::{Floodgate, LimiterSpec};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define("one", LimiterSpec::concurrency(1)).await?;
+    /// let one = gate.limiter("one").await?;
+    /// let held = one.try_acquire_now().expect("the embedded store answers at once")?;
+    /// let second = one.try_acquire_now().expect("answered at once");
+    /// assert!(second.unwrap_err().is_wait_timeout());
+    /// drop(held); // released
+    /// assert!(one.try_acquire_now().expect("answered at once").is_ok());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn try_acquire_now(&self) -> Option<Result<Permit<B>, AcquireError>> {
+        let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
+        let options = AcquireOptions::new().wait(Duration::ZERO);
+        let decided = self.backend.acquire_at_once(&options)?;
+        Some(decided.map(|grant| self.permit(grant, sent)))
     }
 
     /// The limiter's status.

@@ -1,13 +1,16 @@
 //! The uncontended acquire, decided without a queue: what a store answers synchronously, before
 //! building any wait (no listener, no future), when nobody waits and the permits fit.
 
+use std::time::Duration;
+
 use super::{AcquireRequest, Admission, Effects, LimiterCore};
 use crate::types::Timestamp;
 
 impl LimiterCore {
-    /// Decides an acquire that cannot queue: `Some` (granted, or refused for bad input) exactly
-    /// as [`acquire`](Self::acquire) would answer it, when nobody is queued, the permits fit now,
-    /// no rate or learning window can hold it back and it carries no idempotency key. `None`,
+    /// Decides an acquire that cannot queue: `Some` (granted or refused) exactly as
+    /// [`acquire`](Self::acquire) would answer it, when it carries no idempotency key and
+    /// either it only tries once (a wait under the clock's resolution: never queued) or nobody
+    /// is queued, the permits fit now and no rate or learning window can hold it back. `None`,
     /// having changed nothing but the passage of time (which every operation applies first),
     /// when `acquire` might queue it: the caller then takes the general path.
     ///
@@ -20,11 +23,13 @@ impl LimiterCore {
         fx: &mut Effects,
     ) -> Option<Admission> {
         self.advance(now, fx);
+        let try_once = req.wait.is_some_and(|w| w < Duration::from_micros(1));
         let at_once = req.request_id.is_none()
-            && self.spec.rate.is_none()
-            && self.learning_until.is_none()
-            && self.queue.is_empty()
-            && self.fits(req.permits);
+            && (try_once
+                || (self.spec.rate.is_none()
+                    && self.learning_until.is_none()
+                    && self.queue.is_empty()
+                    && self.fits(req.permits)));
         // `acquire` applies time again (a no-op: nothing is due before `next_due` now), then
         // validates, counts and grants: the one place the rules live.
         at_once.then(|| self.acquire(now, req, fx))
@@ -38,7 +43,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::spec::LimiterSpec;
+    use crate::spec::{LimiterSpec, RateSpec};
     use crate::types::FencingToken;
 
     #[derive(Debug, Clone)]
@@ -53,7 +58,8 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            5 => (0u32..4, 0u64..30, any::<bool>()).prop_map(|(p, w, f)| Op::Acquire(p, w, f)),
+            5 => (0u32..4, prop_oneof![Just(0u64), 1u64..30], any::<bool>())
+                .prop_map(|(p, w, f)| Op::Acquire(p, w, f)),
             3 => (0usize..16).prop_map(Op::Release),
             1 => (0u64..40).prop_map(Op::Sleep),
         ]
@@ -74,8 +80,16 @@ mod tests {
         /// one taking `acquire_at_once` where asked (falling back to `acquire` on `None`), end
         /// every step in the same state, and `None` only ever comes when `acquire` queues.
         #[test]
-        fn answers_as_acquire_would(ops in proptest::collection::vec(op(), 1..120)) {
-            let spec = LimiterSpec::concurrency(3);
+        fn answers_as_acquire_would(
+            ops in proptest::collection::vec(op(), 1..120),
+            rated in any::<bool>(),
+        ) {
+            // With a rate too, only a try-once is decided at once.
+            let spec = if rated {
+                LimiterSpec::concurrency(3).with_rate(RateSpec::per(100, Duration::from_secs(1)).with_burst(2))
+            } else {
+                LimiterSpec::concurrency(3)
+            };
             let mut plain = LimiterCore::new(spec.clone(), 1).expect("valid spec");
             let mut fast = LimiterCore::new(spec, 1).expect("valid spec");
             let mut held: Vec<FencingToken> = Vec::new();
@@ -92,8 +106,13 @@ mod tests {
                                 Some(b) => b,
                                 None => {
                                     let b = fast.acquire(t, &r, &mut fb);
-                                    prop_assert!(matches!(b, Admission::Queued(_)) || matches!(b, Admission::Refused(_)),
-                                        "declined an acquire that the general path granted: {b:?}");
+                                    // Declined only where it might queue: a try-once is
+                                    // always decided; without a rate, no grant is declined.
+                                    prop_assert!(
+                                        r.wait != Some(Duration::ZERO)
+                                            && (rated || !matches!(b, Admission::Granted(_))),
+                                        "declined an acquire decided at once: {b:?}"
+                                    );
                                     b
                                 }
                             }
