@@ -19,6 +19,7 @@ pub mod adaptive;
 mod at_once;
 mod deadlines;
 mod feedback;
+mod holder_map;
 mod holders;
 mod idempotency;
 pub mod keyed;
@@ -44,6 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use self::deadlines::DeadlineHeap;
+use self::holder_map::HolderMap;
 pub use self::holders::{HolderInfo, HoldersView, MAX_HOLDERS_LISTED};
 use self::queue::Queue;
 use crate::spec::{check_lease, InvalidField, LimiterSpec, MAX_LEASE};
@@ -114,8 +116,8 @@ pub(crate) type U64Map<V> = HashMap<u64, V, BuildHasherDefault<U64Hasher>>;
 #[derive(Debug, Clone)]
 pub struct LimiterCore {
     spec: LimiterSpec,
-    /// Grants out, by token.
-    holders: U64Map<Holder>,
+    /// Grants out, by token (a ring indexed by token on the hot path: see `holder_map.rs`).
+    holders: HolderMap,
     /// Lease deadlines of `holders` (lazily pruned).
     leases: DeadlineHeap,
     /// Sum of the holders' permits; kept rather than summed because every acquire reads it.
@@ -171,7 +173,7 @@ impl LimiterCore {
     pub fn new(spec: LimiterSpec, first_token: u64) -> Result<Self, InvalidField> {
         spec.validate()?;
         Ok(LimiterCore {
-            holders: U64Map::default(),
+            holders: HolderMap::default(),
             leases: DeadlineHeap::default(),
             in_use: 0,
             requests: HashMap::new(),
