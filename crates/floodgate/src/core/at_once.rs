@@ -30,9 +30,9 @@ impl LimiterCore {
                     && self.learning_until.is_none()
                     && self.queue.is_empty()
                     && self.fits(req.permits)));
-        // `acquire` applies time again (a no-op: nothing is due before `next_due` now), then
-        // validates, counts and grants: the one place the rules live.
-        at_once.then(|| self.acquire(now, req, fx))
+        // Time is applied and without a request id it is no repeat: the rest of `acquire`
+        // validates, counts and grants, the one place the rules live.
+        at_once.then(|| self.admit(now, req))
     }
 }
 

@@ -259,6 +259,12 @@ impl LimiterCore {
         if let Some(repeat) = self.repeat_of(now, req) {
             return repeat;
         }
+        self.admit(now, req)
+    }
+
+    /// [`acquire`](Self::acquire) once time is applied and it is not a repeat: validates,
+    /// then grants, queues or refuses.
+    fn admit(&mut self, now: Timestamp, req: &AcquireRequest) -> Admission {
         if req.permits == 0 {
             self.counters.rejected += 1;
             return Admission::Refused(Refusal::Invalid(InvalidField::new(
