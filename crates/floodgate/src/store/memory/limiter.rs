@@ -578,9 +578,12 @@ impl<C: Clock> MemoryLimiter<C> {
         let grant = result?;
         // Answer a grant only once the log has it: a crash must not forget a permit that a
         // worker holds. If the log failed, give the permit back (its record cannot be kept).
-        if let Err(e) = self.durable().await {
-            self.release_now(grant.token);
-            return Err(e.into());
+        // Without a log there is nothing to wait for: no future built on the hot path.
+        if self.shared.wal.is_some() {
+            if let Err(e) = self.durable().await {
+                self.release_now(grant.token);
+                return Err(e.into());
+            }
         }
         Ok(grant)
     }
