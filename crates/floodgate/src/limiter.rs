@@ -241,6 +241,11 @@ impl AcquireOptions {
         self.key.as_deref()
     }
 
+    /// The request the store sees, borrowed (for a store's synchronous fast path).
+    pub(crate) fn request(&self) -> &AcquireRequest {
+        &self.request
+    }
+
     /// The request the store sees.
     pub(crate) fn into_request(self) -> AcquireRequest {
         self.request
@@ -310,10 +315,21 @@ impl<B: LimiterBackend> Limiter<B> {
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
         // A store on this process's clock gives the lease deadline on it: no clock read here.
         let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
-        let grant = match options.key.clone() {
-            Some(key) => self.backend.acquire_keyed(&key, options).await?,
-            None => self.backend.acquire(options).await?,
+        // An acquire the store decides at once (nobody waits, the permits fit) skips the
+        // store's wait machinery: no nested futures, no listener.
+        let grant = match self.backend.acquire_at_once(&options) {
+            Some(decided) => decided?,
+            None => match options.key.clone() {
+                Some(key) => self.backend.acquire_keyed(&key, options).await?,
+                None => self.backend.acquire(options).await?,
+            },
         };
+        Ok(self.permit(grant, sent))
+    }
+
+    /// The guard of a grant; `sent`: when the acquire was sent, if the store's clock is not
+    /// this process's.
+    fn permit(&self, grant: Grant, sent: Option<Instant>) -> Permit<B> {
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
         let held = !grant.lease.is_zero();
         // The store started the lease between the request and its answer, and not before it
@@ -327,12 +343,12 @@ impl<B: LimiterBackend> Limiter<B> {
             };
             started + grant.lease
         });
-        Ok(Permit {
+        Permit {
             backend: self.backend.clone(),
             grant,
             held,
             local_deadline,
-        })
+        }
     }
 
     /// One permit if one is free right now, without waiting.
@@ -362,6 +378,38 @@ impl<B: LimiterBackend> Limiter<B> {
     pub async fn try_acquire(&self) -> Result<Permit<B>, AcquireError> {
         self.acquire(AcquireOptions::new().wait(Duration::ZERO))
             .await
+    }
+
+    /// [`try_acquire`](Self::try_acquire) without awaiting, where the store answers at once:
+    /// the embedded store when it is not durable (a durable grant is answered only once it is
+    /// on disk). `None` where the store cannot (Redis, the durable embedded store): use
+    /// [`try_acquire`](Self::try_acquire) there. The cheapest acquire there is, for hot
+    /// in-process paths.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_acquire`](Self::try_acquire).
+    ///
+    /// ```
+    /// use floodgate::{Floodgate, LimiterSpec};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define("one", LimiterSpec::concurrency(1)).await?;
+    /// let one = gate.limiter("one").await?;
+    /// let held = one.try_acquire_now().expect("the embedded store answers at once")?;
+    /// let second = one.try_acquire_now().expect("answered at once");
+    /// assert!(second.unwrap_err().is_wait_timeout());
+    /// drop(held); // released
+    /// assert!(one.try_acquire_now().expect("answered at once").is_ok());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn try_acquire_now(&self) -> Option<Result<Permit<B>, AcquireError>> {
+        let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
+        let options = AcquireOptions::new().wait(Duration::ZERO);
+        let decided = self.backend.acquire_at_once(&options)?;
+        Some(decided.map(|grant| self.permit(grant, sent)))
     }
 
     /// The limiter's status.

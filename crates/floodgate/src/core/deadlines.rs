@@ -35,6 +35,15 @@ impl DeadlineHeap {
         }
     }
 
+    /// Drops the entry now, if it is the latest in order: the grant released before any later
+    /// one was given out (the uncontended pair) leaves no stale entry for a compaction to sweep.
+    /// Any other entry stays, to be dropped lazily.
+    pub(crate) fn forget_latest(&mut self, deadline: Timestamp, key: u64) {
+        if self.ordered.back() == Some(&(deadline, key)) {
+            self.ordered.pop_back();
+        }
+    }
+
     /// The earliest live entry, dropping stale ones on the way.
     pub(crate) fn peek_live(
         &mut self,
@@ -110,6 +119,8 @@ mod tests {
         /// Take the earliest live entry.
         Pop,
         Compact,
+        /// Mark the most recently pushed entry stale and tell the structure (`forget_latest`).
+        ForgetLatest,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -118,6 +129,7 @@ mod tests {
             2 => (0usize..100).prop_map(Op::Kill),
             3 => Just(Op::Pop),
             1 => Just(Op::Compact),
+            2 => Just(Op::ForgetLatest),
         ]
     }
 
@@ -132,6 +144,7 @@ mod tests {
             // Live entries; an entry is live while it is in this list.
             let mut live: Vec<(Timestamp, u64)> = Vec::new();
             let mut next_key = 0u64;
+            let mut latest: Option<(Timestamp, u64)> = None;
             for op in ops {
                 match op {
                     Op::Push(d, k) => {
@@ -140,6 +153,13 @@ mod tests {
                         next_key += 1;
                         heap.push(Timestamp(d), key);
                         live.push((Timestamp(d), key));
+                        latest = Some((Timestamp(d), key));
+                    }
+                    Op::ForgetLatest => {
+                        if let Some((d, k)) = latest {
+                            live.retain(|x| *x != (d, k));
+                            heap.forget_latest(d, k);
+                        }
                     }
                     Op::Kill(i) => {
                         if !live.is_empty() {

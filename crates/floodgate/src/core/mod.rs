@@ -16,8 +16,10 @@
 //! - A lowered limit grants nothing until in-use is below it; a raised one grants at once.
 
 pub mod adaptive;
+mod at_once;
 mod deadlines;
 mod feedback;
+mod holder_map;
 mod holders;
 mod idempotency;
 pub mod keyed;
@@ -43,6 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use self::deadlines::DeadlineHeap;
+use self::holder_map::HolderMap;
 pub use self::holders::{HolderInfo, HoldersView, MAX_HOLDERS_LISTED};
 use self::queue::Queue;
 use crate::spec::{check_lease, InvalidField, LimiterSpec, MAX_LEASE};
@@ -113,8 +116,8 @@ pub(crate) type U64Map<V> = HashMap<u64, V, BuildHasherDefault<U64Hasher>>;
 #[derive(Debug, Clone)]
 pub struct LimiterCore {
     spec: LimiterSpec,
-    /// Grants out, by token.
-    holders: U64Map<Holder>,
+    /// Grants out, by token (a ring indexed by token on the hot path: see `holder_map.rs`).
+    holders: HolderMap,
     /// Lease deadlines of `holders` (lazily pruned).
     leases: DeadlineHeap,
     /// Sum of the holders' permits; kept rather than summed because every acquire reads it.
@@ -170,7 +173,7 @@ impl LimiterCore {
     pub fn new(spec: LimiterSpec, first_token: u64) -> Result<Self, InvalidField> {
         spec.validate()?;
         Ok(LimiterCore {
-            holders: U64Map::default(),
+            holders: HolderMap::default(),
             leases: DeadlineHeap::default(),
             in_use: 0,
             requests: HashMap::new(),
@@ -256,6 +259,12 @@ impl LimiterCore {
         if let Some(repeat) = self.repeat_of(now, req) {
             return repeat;
         }
+        self.admit(now, req)
+    }
+
+    /// [`acquire`](Self::acquire) once time is applied and it is not a repeat: validates,
+    /// then grants, queues or refuses.
+    fn admit(&mut self, now: Timestamp, req: &AcquireRequest) -> Admission {
         if req.permits == 0 {
             self.counters.rejected += 1;
             return Admission::Refused(Refusal::Invalid(InvalidField::new(
@@ -350,6 +359,7 @@ impl LimiterCore {
         let Some(holder) = self.holders.remove(&token.0) else {
             return false;
         };
+        self.leases.forget_latest(holder.deadline, token.0);
         self.forget_request(holder.request.as_ref());
         self.in_use -= holder.permits;
         self.counters.released += 1;

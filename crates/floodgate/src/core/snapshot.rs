@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::adaptive::Gradient;
 use super::deadlines::DeadlineHeap;
+use super::holder_map::HolderMap;
 use super::queue::Queue;
-use super::{Counters, Holder, LimiterCore, RequestRef, U64Map, Waiter};
+use super::{Counters, Holder, LimiterCore, RequestRef, Waiter};
 use crate::spec::{AdaptiveSpec, Algorithm, InvalidField, LimiterSpec, RateSpec};
 use crate::types::Timestamp;
 
@@ -266,7 +267,7 @@ impl LimiterCore {
     pub fn from_state(state: &CoreState) -> Result<Self, InvalidField> {
         let spec = LimiterSpec::from(&state.spec);
         let mut core = LimiterCore::new(spec, state.next_token)?;
-        let mut holders = U64Map::default();
+        let mut holders = HolderMap::default();
         let mut leases = DeadlineHeap::default();
         let mut requests = HashMap::new();
         let mut in_use: u32 = 0;

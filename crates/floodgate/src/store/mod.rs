@@ -179,6 +179,15 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// The limiter's name.
     fn name(&self) -> &LimiterName;
 
+    /// Decides the acquire synchronously when the store can without waiting for anything (an
+    /// embedded, non-durable limiter with nobody queued and the permits free): `Some` is its
+    /// answer, exactly as [`acquire`](Self::acquire) would give it. `None` (the default), with
+    /// nothing changed: call [`acquire`](Self::acquire).
+    fn acquire_at_once(&self, options: &AcquireOptions) -> Option<Result<Grant, AcquireError>> {
+        let _ = options;
+        None
+    }
+
     /// Waits in the limiter's FIFO queue until granted, refused or the wait ends.
     ///
     /// # Errors

@@ -334,6 +334,38 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         &self.shared.name
     }
 
+    fn acquire_at_once(&self, options: &AcquireOptions) -> Option<Result<Grant, AcquireError>> {
+        // A durable grant is answered only once the log has it (an await), a keyed one goes
+        // through its key's layer: both take the general path.
+        if self.shared.wal.is_some() || options.key_of().is_some() {
+            return None;
+        }
+        let req = options.request();
+        let decided = self.with_state(|state, now, fx| {
+            if state.keyed.is_some() {
+                return None;
+            }
+            let admission = state.core.acquire_at_once(now, req, fx)?;
+            state.record(now, || Op::acquire(req));
+            Some(admission)
+        });
+        match decided {
+            Ok(None) => None,
+            Ok(Some(Admission::Granted(grant))) => Some(Ok(grant)),
+            Ok(Some(Admission::Refused(refusal))) => Some(Err(refusal.into())),
+            // `acquire_at_once` never queues; were it to, the waiter would have no listener,
+            // so it is never left to look granted: cancelled at once.
+            Ok(Some(Admission::Queued(id))) => {
+                let _ = self.with_state(|state, now, fx| state.cancel_any(now, id, fx));
+                Some(Err(StoreError::Unavailable(
+                    "internal: an at-once acquire was queued".into(),
+                )
+                .into()))
+            }
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+
     async fn acquire(&self, options: AcquireOptions) -> Result<Grant, AcquireError> {
         self.acquire_in(None, options.into_request()).await
     }
@@ -540,9 +572,12 @@ impl<C: Clock> MemoryLimiter<C> {
         let grant = result?;
         // Answer a grant only once the log has it: a crash must not forget a permit that a
         // worker holds. If the log failed, give the permit back (its record cannot be kept).
-        if let Err(e) = self.durable().await {
-            self.release_now(grant.token);
-            return Err(e.into());
+        // Without a log there is nothing to wait for: no future built on the hot path.
+        if self.shared.wal.is_some() {
+            if let Err(e) = self.durable().await {
+                self.release_now(grant.token);
+                return Err(e.into());
+            }
         }
         Ok(grant)
     }
