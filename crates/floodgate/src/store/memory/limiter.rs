@@ -3,10 +3,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
 use super::durable::record::Op;
 use super::durable::LimiterLog;
@@ -14,7 +14,7 @@ use super::listeners::Listeners;
 use crate::clock::Clock;
 use crate::core::{
     AcquireRequest, Admission, Effects, Feedback, Grant, HoldersView, LimiterCore, LimiterStatus,
-    Refusal, WaitOutcome, WaiterId,
+    Refusal, U64Map, WaitOutcome, WaiterId,
 };
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::limiter::AcquireOptions;
@@ -69,10 +69,15 @@ pub(super) struct State {
     /// For a keyed limiter, its per-key layer; `core` is then its total (see
     /// `core/keyed`). Every operation goes through the layer when it is present.
     pub(super) keyed: Option<Box<crate::core::keyed::KeyLayer>>,
-    /// Where each queued waiter's outcome goes, with the listener's number. An entry exists
-    /// while its waiter is queued in `core` and someone listens: a repeated idempotent acquire
-    /// takes the entry over (a new number), and an abandoned idempotent wait has none.
-    waiters: Listeners<(u64, oneshot::Sender<WaitOutcome>)>,
+    /// Who listens for each queued waiter's outcome: the listener's number and the waker of
+    /// its future (once polled). An entry exists while its waiter is queued in `core` and
+    /// someone listens: a repeated idempotent acquire takes the entry over (a new number), and
+    /// an abandoned idempotent wait has none. A slot here, not a channel per waiter, so a wait
+    /// owns no allocation of its own and a cancel at 10k touches one cold line less.
+    waiters: Listeners<(u64, Option<Waker>)>,
+    /// Outcomes decided but not yet taken, by waiter id, with the number of the listener they
+    /// went to. Each stays until its future polls (or is dropped): a handful at a time.
+    decided: U64Map<(u64, WaitOutcome)>,
     /// The number of the next listener.
     next_listener: u64,
     /// The write-ahead log, when the store is durable: every operation is recorded in it.
@@ -116,6 +121,7 @@ impl<C: Clock> MemoryLimiter<C> {
                     core,
                     keyed: None,
                     waiters: Listeners::default(),
+                    decided: U64Map::default(),
                     next_listener: 0,
                     log,
                     spare: Vec::new(),
@@ -210,12 +216,18 @@ impl State {
         while !fx.is_empty() {
             let mut returned = Vec::new();
             for (id, outcome) in fx.wakes.drain(..) {
-                let undelivered = match self.waiters.remove(&id.0) {
-                    Some((_, tx)) => tx.send(outcome).err(),
-                    None => Some(outcome),
-                };
-                if let Some(Ok(grant)) = undelivered {
-                    returned.push(grant.token);
+                match self.waiters.remove(&id.0) {
+                    Some((listener, waker)) => {
+                        self.decided.insert(id.0, (listener, outcome));
+                        if let Some(waker) = waker {
+                            waker.wake();
+                        }
+                    }
+                    None => {
+                        if let Ok(grant) = outcome {
+                            returned.push(grant.token);
+                        }
+                    }
                 }
             }
             for token in returned {
@@ -242,7 +254,6 @@ struct QueuedAcquire<C: Clock> {
     /// Idempotent: if dropped, the wait stays queued for a retry to join (a grant made while
     /// nobody listens goes straight back).
     idempotent: bool,
-    rx: oneshot::Receiver<WaitOutcome>,
     /// Set once the outcome has been taken, so `Drop` knows there is nothing to undo.
     done: bool,
 }
@@ -251,21 +262,42 @@ impl<C: Clock> Future for QueuedAcquire<C> {
     type Output = Result<Grant, AcquireError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let outcome = match Pin::new(&mut self.rx).poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(outcome) => outcome,
+        let (id, listener) = (self.id.0, self.listener);
+        let outcome = {
+            // Not `with_state`: a deleted limiter's last answers are still to be read here.
+            let mut state = self
+                .limiter
+                .shared
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if state.decided.get(&id).is_some_and(|(l, _)| *l == listener) {
+                state.decided.remove(&id).map(|(_, outcome)| outcome)
+            } else {
+                match state.waiters.get_mut(&id) {
+                    Some((l, waker)) if *l == listener => {
+                        // Still queued: keep the latest waker (a task may move between polls).
+                        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *waker = Some(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                    // Nobody listens for us any more, and no outcome came to us.
+                    _ => None,
+                }
+            }
         };
         self.done = true;
         Poll::Ready(match outcome {
-            Ok(Ok(grant)) => Ok(grant),
-            Ok(Err(refusal)) => Err(AcquireError::Refused(refusal)),
-            // The sender is dropped without a send when a retry of this idempotent acquire
-            // took the wait over, or when the limiter itself is gone.
-            Err(_) if self.idempotent => Err(StoreError::Unavailable(
+            Some(Ok(grant)) => Ok(grant),
+            Some(Err(refusal)) => Err(AcquireError::Refused(refusal)),
+            // No outcome and no listener: a retry of this idempotent acquire took the wait
+            // over, or the limiter itself is gone.
+            None if self.idempotent => Err(StoreError::Unavailable(
                 "this wait was taken over by a retry with the same request_id".into(),
             )
             .into()),
-            Err(_) => Err(StoreError::UnknownLimiter(self.limiter.shared.name.clone()).into()),
+            None => Err(StoreError::UnknownLimiter(self.limiter.shared.name.clone()).into()),
         })
     }
 }
@@ -278,7 +310,6 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
         let id = self.id;
         let listener = self.listener;
         let idempotent = self.idempotent;
-        let rx = &mut self.rx;
         // A closed limiter already answered every waiter; nothing to undo then.
         let _ = self.limiter.with_state(|state, now, fx| {
             let mine = state
@@ -306,9 +337,13 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
                 return;
             }
             // Not queued any more: decided already (possibly by this very call's advance of
-            // time, whose wake-ups are in `fx`). Deliver those first, then look at our own.
+            // time, whose wake-ups are in `fx`). Deliver those first, then look at our own: a
+            // grant nobody will take goes back.
             state.settle(now, std::mem::take(fx));
-            if let Ok(Ok(grant)) = rx.try_recv() {
+            if state.decided.get(&id.0).is_none_or(|(l, _)| *l != listener) {
+                return;
+            }
+            if let Some((_, Ok(grant))) = state.decided.remove(&id.0) {
                 state.release_any(now, grant.token, fx);
                 state.record(now, || Op::Release {
                     token: grant.token.0,
@@ -320,7 +355,7 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
 
 enum Start {
     Decided(Result<Grant, AcquireError>),
-    Queued(WaiterId, u64, oneshot::Receiver<WaitOutcome>),
+    Queued(WaiterId, u64),
 }
 
 impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
@@ -519,25 +554,28 @@ impl<C: Clock> MemoryLimiter<C> {
                 Admission::Granted(grant) => Start::Decided(Ok(grant)),
                 Admission::Refused(refusal) => Start::Decided(Err(refusal.into())),
                 Admission::Queued(id) => {
-                    let (tx, rx) = oneshot::channel();
                     let listener = state.next_listener;
                     state.next_listener += 1;
                     // A repeat of an idempotent acquire takes the wait over from its first
-                    // (presumably disconnected) caller.
-                    state.waiters.insert(id.0, (listener, tx));
-                    Start::Queued(id, listener, rx)
+                    // (presumably disconnected) caller, who is woken to hear so.
+                    if let Some((_, Some(waker))) = state.waiters.insert(id.0, (listener, None)) {
+                        waker.wake();
+                    }
+                    Start::Queued(id, listener)
                 }
             }
         })?;
+        let idempotent = req.request_id.is_some();
+        // Not kept across the wait: a dropped wait then has less of its own to read.
+        drop(req);
         let result = match start {
             Start::Decided(result) => result,
-            Start::Queued(id, listener, rx) => {
+            Start::Queued(id, listener) => {
                 QueuedAcquire {
                     limiter: self.clone(),
                     id,
                     listener,
-                    idempotent: req.request_id.is_some(),
-                    rx,
+                    idempotent,
                     done: false,
                 }
                 .await
@@ -580,3 +618,7 @@ impl<C: Clock> MemoryLimiter<C> {
         .unwrap_or(false)
     }
 }
+
+#[cfg(test)]
+#[path = "wait_tests.rs"]
+mod wait_tests;
