@@ -380,42 +380,42 @@ impl<C: Clock> Future for Acquire<'_, C> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let grant = match std::mem::replace(&mut this.step, Step::Done) {
-            Step::Start(key, req) => match this.limiter.start(key, req) {
-                Err(e) => return Poll::Ready(Err(e.into())),
-                Ok(Start::Decided(Err(e))) => return Poll::Ready(Err(e)),
-                Ok(Start::Decided(Ok(grant))) => grant,
-                Ok(Start::Queued(mut wait)) => match Pin::new(&mut wait).poll(cx) {
-                    Poll::Pending => {
-                        this.step = Step::Waiting(wait);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(out) => out?,
-                },
-            },
-            Step::Waiting(mut wait) => match Pin::new(&mut wait).poll(cx) {
-                Poll::Pending => {
-                    this.step = Step::Waiting(wait);
-                    return Poll::Pending;
+        // Matched in place, not moved out: the uncontended acquire (the common case) is
+        // answered in its first poll without copying the request around.
+        let out = match &mut this.step {
+            Step::Start(key, req) => {
+                let started = this.limiter.start(*key, req);
+                this.step = Step::Done;
+                match started {
+                    Err(e) => Err(e.into()),
+                    Ok(Start::Decided(out)) => out,
+                    Ok(Start::Queued(mut wait)) => match Pin::new(&mut wait).poll(cx) {
+                        Poll::Pending => {
+                            this.step = Step::Waiting(wait);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(out) => out,
+                    },
                 }
-                Poll::Ready(out) => out?,
+            }
+            Step::Waiting(wait) => match Pin::new(wait).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(out) => {
+                    this.step = Step::Done;
+                    out
+                }
             },
-            Step::Logging(mut logging) => {
-                return match logging.as_mut().poll(cx) {
-                    Poll::Pending => {
-                        this.step = Step::Logging(logging);
-                        Poll::Pending
-                    }
-                    ready => ready,
-                };
+            Step::Logging(logging) => {
+                let out = std::task::ready!(logging.as_mut().poll(cx));
+                this.step = Step::Done;
+                return Poll::Ready(out);
             }
-            Step::Done => {
-                return Poll::Ready(Err(StoreError::Unavailable(
-                    "this acquire was polled after it completed".into(),
-                )
-                .into()))
-            }
+            Step::Done => Err(StoreError::Unavailable(
+                "this acquire was polled after it completed".into(),
+            )
+            .into()),
         };
+        let grant = out?;
         if this.limiter.shared.wal.is_none() {
             return Poll::Ready(Ok(grant));
         }
@@ -623,17 +623,18 @@ impl<C: Clock> MemoryLimiter<C> {
     }
 
     /// The acquire itself, under the lock: decided at once, or queued with a listener.
-    fn start(&self, key: Option<&str>, req: AcquireRequest) -> Result<Start<C>, StoreError> {
+    #[inline]
+    fn start(&self, key: Option<&str>, req: &AcquireRequest) -> Result<Start<C>, StoreError> {
         let start = self.with_state(|state, now, fx| {
             let admission = match (&mut state.keyed, key) {
                 (None, None) => {
-                    let admission = state.core.acquire(now, &req, fx);
-                    state.record(now, || Op::acquire(&req));
+                    let admission = state.core.acquire(now, req, fx);
+                    state.record(now, || Op::acquire(req));
                     admission
                 }
                 (Some(keyed), Some(key)) => {
-                    let admission = keyed.acquire(&mut state.core, now, key, &req, fx);
-                    state.record(now, || Op::keyed_acquire(key, &req));
+                    let admission = keyed.acquire(&mut state.core, now, key, req, fx);
+                    state.record(now, || Op::keyed_acquire(key, req));
                     admission
                 }
                 (Some(_), None) => Admission::Refused(Refusal::Invalid(InvalidField::new(
