@@ -4,10 +4,14 @@
 //!
 //! A tree of fan-out 16: the leaves are the slots' weights (4 bytes each), and each level
 //! above keeps, for every group of 16 below, their sum and their maximum (the maximum lets a
-//! search skip every group with nothing above a bound). A group of 16 maxima is one cache
-//! line, so a change walks 4 levels at 32k slots, touching a line or two per level, where a
-//! binary tree of 16-byte nodes walked 16 levels of a megabyte: at 10k waiters its cold
-//! lower levels made a cancel in the middle of the queue cost 8 times one at 100.
+//! search skip every group with nothing above a bound). A change walks 4 levels at 32k slots,
+//! where a binary tree of 16-byte nodes walked 16 levels of a megabyte: at 10k waiters its
+//! cold lower levels made a cancel in the middle of the queue cost 8 times one at 100.
+//!
+//! What a change touches is laid out to be one cache line per level: a group of 16 leaves is
+//! one aligned line (so the sibling scan after its maximum left stays in it), and a node's sum
+//! and maximum sit side by side in 16 aligned bytes (kept in two arrays, they were two cold
+//! lines per level at 10k waiters).
 //!
 //! A departed waiter is a zero leaf, so the queue's tombstones and its popped front cost
 //! nothing here; the queue rebuilds the tree only when it runs out of slots or compacts.
@@ -15,23 +19,28 @@
 /// Children per node.
 const FAN: usize = 16;
 
-/// One level above the leaves: for each group of `FAN` entries of the level below, their sum
-/// and their maximum, in separate arrays so a scan of one reads only what it needs.
-#[derive(Debug, Clone, Default)]
-struct Level {
-    /// Sums of the groups below (permits may add up past `u32`).
-    sums: Vec<u64>,
-    /// Maxima of the groups below.
-    maxes: Vec<u32>,
+/// Sixteen leaves: one cache line, aligned as one.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Leaves([u32; FAN]);
+
+/// One group of `FAN` entries of the level below: their sum and their maximum, together.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(16))]
+struct Node {
+    /// Sum of the group (permits may add up past `u32`).
+    sum: u64,
+    /// Maximum of the group.
+    max: u32,
 }
 
 /// Sums and maxima of the permits by slot.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SlotTree {
-    /// Weight of each slot; `cap` of them.
-    leaves: Vec<u32>,
-    /// The levels above the leaves, lowest first; the last has a single entry (the root).
-    levels: Vec<Level>,
+    /// Weight of each slot, by groups of `FAN`; `cap` slots in all.
+    leaves: Vec<Leaves>,
+    /// The levels above the leaves, lowest first; the last has a single node (the root).
+    levels: Vec<Vec<Node>>,
     /// Number of leaves, a power of two (0 before the first use).
     cap: usize,
 }
@@ -42,40 +51,49 @@ impl SlotTree {
         self.cap
     }
 
+    /// Weight of `slot` (0 past the end).
+    fn leaf(&self, slot: usize) -> Option<u32> {
+        self.leaves.get(slot / FAN).map(|g| g.0[slot % FAN])
+    }
+
     /// Resets to at least `slots` zero leaves, then fills the first ones with `weights`, in
     /// O(capacity). Capacity is a power of two, at least 16, so small queues never reallocate.
     pub(crate) fn rebuild(&mut self, slots: usize, weights: impl Iterator<Item = u32>) {
         let cap = slots.max(FAN).next_power_of_two();
         self.cap = cap;
         self.leaves.clear();
-        self.leaves.resize(cap, 0);
+        self.leaves.resize(cap / FAN, Leaves::default());
         for (slot, w) in weights.take(cap).enumerate() {
-            self.leaves[slot] = w;
+            self.leaves[slot / FAN].0[slot % FAN] = w;
         }
         let mut depth = 0;
         let mut below = cap;
         while below > 1 {
             let size = below.div_ceil(FAN);
             if self.levels.len() <= depth {
-                self.levels.push(Level::default());
+                self.levels.push(Vec::new());
             }
             let (done, rest) = self.levels.split_at_mut(depth);
             let level = &mut rest[0];
-            level.sums.clear();
-            level.maxes.clear();
+            level.clear();
             for group in 0..size {
-                let span = group * FAN..((group + 1) * FAN).min(below);
-                let (sum, max) = match done.last() {
-                    None => self.leaves[span]
+                let node = match done.last() {
+                    None => self.leaves[group]
+                        .0
                         .iter()
-                        .fold((0u64, 0u32), |(s, m), w| (s + u64::from(*w), m.max(*w))),
-                    Some(prev) => (
-                        prev.sums[span.clone()].iter().sum(),
-                        prev.maxes[span].iter().copied().max().unwrap_or(0),
-                    ),
+                        .fold(Node::default(), |n, w| Node {
+                            sum: n.sum + u64::from(*w),
+                            max: n.max.max(*w),
+                        }),
+                    Some(prev) => {
+                        let span = group * FAN..((group + 1) * FAN).min(below);
+                        prev[span].iter().fold(Node::default(), |n, c| Node {
+                            sum: n.sum + c.sum,
+                            max: n.max.max(c.max),
+                        })
+                    }
                 };
-                level.sums.push(sum);
-                level.maxes.push(max);
+                level.push(node);
             }
             below = size;
             depth += 1;
@@ -86,41 +104,40 @@ impl SlotTree {
     /// Sets one slot (`slot < capacity()`); 0 marks it empty.
     pub(crate) fn set(&mut self, slot: usize, weight: u32) {
         debug_assert!(slot < self.cap);
-        let Some(leaf) = self.leaves.get_mut(slot) else {
+        let Some(group) = self.leaves.get_mut(slot / FAN) else {
             return;
         };
-        let old = *leaf;
+        let old = group.0[slot % FAN];
         if old == weight {
             return; // Emptying an empty slot (a tombstone popped off the front).
         }
-        *leaf = weight;
+        group.0[slot % FAN] = weight;
         // The changed child's maximum before and after, while it still moves.
         let mut max_change = Some((old, weight));
         let mut index = slot;
         for depth in 0..self.levels.len() {
             let group = index / FAN;
             let (below, above) = self.levels.split_at_mut(depth);
-            let level = &mut above[0];
-            level.sums[group] = level.sums[group] - u64::from(old) + u64::from(weight);
+            let node = &mut above[0][group];
+            node.sum = node.sum - u64::from(old) + u64::from(weight);
             if let Some((was, now)) = max_change {
-                let max = level.maxes[group];
+                let max = node.max;
                 let new_max = if now >= max {
                     now
                 } else if was == max {
                     // The child held the maximum and went down: look at its siblings.
-                    let span = group * FAN..(group + 1) * FAN;
                     match below.last() {
-                        None => self.leaves[span].iter().copied().max(),
-                        Some(prev) => prev.maxes[span.start..span.end.min(prev.maxes.len())]
-                            .iter()
-                            .copied()
-                            .max(),
+                        None => self.leaves[group].0.iter().copied().max(),
+                        Some(prev) => {
+                            let span = group * FAN..((group + 1) * FAN).min(prev.len());
+                            prev[span].iter().map(|c| c.max).max()
+                        }
                     }
                     .unwrap_or(0)
                 } else {
                     max
                 };
-                level.maxes[group] = new_max;
+                node.max = new_max;
                 max_change = (new_max != max).then_some((max, new_max));
             }
             index = group;
@@ -132,12 +149,14 @@ impl SlotTree {
         // The sum of `[0, end)`: at each level, the entries of `end`'s own group before it,
         // then the same one level up for the groups before.
         let mut end = (slot + 1).min(self.cap);
-        let start = end / FAN * FAN;
-        let mut total: u64 = self.leaves[start..end].iter().map(|w| u64::from(*w)).sum();
+        let mut total: u64 = match self.leaves.get(end / FAN) {
+            Some(group) => group.0[..end % FAN].iter().map(|w| u64::from(*w)).sum(),
+            None => 0,
+        };
         end /= FAN;
         for level in &self.levels {
             let start = end / FAN * FAN;
-            total += level.sums[start..end].iter().sum::<u64>();
+            total += level[start..end].iter().map(|n| n.sum).sum::<u64>();
             end /= FAN;
         }
         total
@@ -147,8 +166,8 @@ impl SlotTree {
     pub(crate) fn max(&self) -> u32 {
         self.levels
             .last()
-            .and_then(|root| root.maxes.first().copied())
-            .unwrap_or(0)
+            .and_then(|root| root.first())
+            .map_or(0, |n| n.max)
     }
 
     /// Every slot whose weight is above `bound`, in increasing order: O(k log n) for k found.
@@ -168,8 +187,8 @@ impl SlotTree {
             // Pushed last-first so the earliest slots come out first.
             for child in children.rev() {
                 let max = match depth - 1 {
-                    0 => self.leaves.get(child).copied(),
-                    d => self.levels[d - 1].maxes.get(child).copied(),
+                    0 => self.leaf(child),
+                    d => self.levels[d - 1].get(child).map(|n| n.max),
                 };
                 if max.is_some_and(|m| m > bound) {
                     stack.push((depth - 1, child));

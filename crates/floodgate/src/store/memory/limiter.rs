@@ -3,10 +3,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
 use super::durable::record::Op;
 use super::durable::LimiterLog;
@@ -14,7 +14,7 @@ use super::listeners::Listeners;
 use crate::clock::Clock;
 use crate::core::{
     AcquireRequest, Admission, Effects, Feedback, Grant, HoldersView, LimiterCore, LimiterStatus,
-    Refusal, WaitOutcome, WaiterId,
+    Refusal, U64Map, WaitOutcome, WaiterId,
 };
 use crate::error::{AcquireError, ExtendError, StoreError};
 use crate::limiter::AcquireOptions;
@@ -69,10 +69,15 @@ pub(super) struct State {
     /// For a keyed limiter, its per-key layer; `core` is then its total (see
     /// `core/keyed`). Every operation goes through the layer when it is present.
     pub(super) keyed: Option<Box<crate::core::keyed::KeyLayer>>,
-    /// Where each queued waiter's outcome goes, with the listener's number. An entry exists
-    /// while its waiter is queued in `core` and someone listens: a repeated idempotent acquire
-    /// takes the entry over (a new number), and an abandoned idempotent wait has none.
-    waiters: Listeners<(u64, oneshot::Sender<WaitOutcome>)>,
+    /// Who listens for each queued waiter's outcome: the listener's number and the waker of
+    /// its future (once polled). An entry exists while its waiter is queued in `core` and
+    /// someone listens: a repeated idempotent acquire takes the entry over (a new number), and
+    /// an abandoned idempotent wait has none. A slot here, not a channel per waiter, so a wait
+    /// owns no allocation of its own and a cancel at 10k touches one cold line less.
+    waiters: Listeners<(u64, Option<Waker>)>,
+    /// Outcomes decided but not yet taken, by waiter id, with the number of the listener they
+    /// went to. Each stays until its future polls (or is dropped): a handful at a time.
+    decided: U64Map<(u64, WaitOutcome)>,
     /// The number of the next listener.
     next_listener: u64,
     /// The write-ahead log, when the store is durable: every operation is recorded in it.
@@ -116,6 +121,7 @@ impl<C: Clock> MemoryLimiter<C> {
                     core,
                     keyed: None,
                     waiters: Listeners::default(),
+                    decided: U64Map::default(),
                     next_listener: 0,
                     log,
                     spare: Vec::new(),
@@ -210,12 +216,18 @@ impl State {
         while !fx.is_empty() {
             let mut returned = Vec::new();
             for (id, outcome) in fx.wakes.drain(..) {
-                let undelivered = match self.waiters.remove(&id.0) {
-                    Some((_, tx)) => tx.send(outcome).err(),
-                    None => Some(outcome),
-                };
-                if let Some(Ok(grant)) = undelivered {
-                    returned.push(grant.token);
+                match self.waiters.remove(&id.0) {
+                    Some((listener, waker)) => {
+                        self.decided.insert(id.0, (listener, outcome));
+                        if let Some(waker) = waker {
+                            waker.wake();
+                        }
+                    }
+                    None => {
+                        if let Ok(grant) = outcome {
+                            returned.push(grant.token);
+                        }
+                    }
                 }
             }
             for token in returned {
@@ -242,7 +254,6 @@ struct QueuedAcquire<C: Clock> {
     /// Idempotent: if dropped, the wait stays queued for a retry to join (a grant made while
     /// nobody listens goes straight back).
     idempotent: bool,
-    rx: oneshot::Receiver<WaitOutcome>,
     /// Set once the outcome has been taken, so `Drop` knows there is nothing to undo.
     done: bool,
 }
@@ -251,21 +262,42 @@ impl<C: Clock> Future for QueuedAcquire<C> {
     type Output = Result<Grant, AcquireError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let outcome = match Pin::new(&mut self.rx).poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(outcome) => outcome,
+        let (id, listener) = (self.id.0, self.listener);
+        let outcome = {
+            // Not `with_state`: a deleted limiter's last answers are still to be read here.
+            let mut state = self
+                .limiter
+                .shared
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if state.decided.get(&id).is_some_and(|(l, _)| *l == listener) {
+                state.decided.remove(&id).map(|(_, outcome)| outcome)
+            } else {
+                match state.waiters.get_mut(&id) {
+                    Some((l, waker)) if *l == listener => {
+                        // Still queued: keep the latest waker (a task may move between polls).
+                        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *waker = Some(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                    // Nobody listens for us any more, and no outcome came to us.
+                    _ => None,
+                }
+            }
         };
         self.done = true;
         Poll::Ready(match outcome {
-            Ok(Ok(grant)) => Ok(grant),
-            Ok(Err(refusal)) => Err(AcquireError::Refused(refusal)),
-            // The sender is dropped without a send when a retry of this idempotent acquire
-            // took the wait over, or when the limiter itself is gone.
-            Err(_) if self.idempotent => Err(StoreError::Unavailable(
+            Some(Ok(grant)) => Ok(grant),
+            Some(Err(refusal)) => Err(AcquireError::Refused(refusal)),
+            // No outcome and no listener: a retry of this idempotent acquire took the wait
+            // over, or the limiter itself is gone.
+            None if self.idempotent => Err(StoreError::Unavailable(
                 "this wait was taken over by a retry with the same request_id".into(),
             )
             .into()),
-            Err(_) => Err(StoreError::UnknownLimiter(self.limiter.shared.name.clone()).into()),
+            None => Err(StoreError::UnknownLimiter(self.limiter.shared.name.clone()).into()),
         })
     }
 }
@@ -278,7 +310,6 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
         let id = self.id;
         let listener = self.listener;
         let idempotent = self.idempotent;
-        let rx = &mut self.rx;
         // A closed limiter already answered every waiter; nothing to undo then.
         let _ = self.limiter.with_state(|state, now, fx| {
             let mine = state
@@ -306,9 +337,13 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
                 return;
             }
             // Not queued any more: decided already (possibly by this very call's advance of
-            // time, whose wake-ups are in `fx`). Deliver those first, then look at our own.
+            // time, whose wake-ups are in `fx`). Deliver those first, then look at our own: a
+            // grant nobody will take goes back.
             state.settle(now, std::mem::take(fx));
-            if let Ok(Ok(grant)) = rx.try_recv() {
+            if state.decided.get(&id.0).is_none_or(|(l, _)| *l != listener) {
+                return;
+            }
+            if let Some((_, Ok(grant))) = state.decided.remove(&id.0) {
                 state.release_any(now, grant.token, fx);
                 state.record(now, || Op::Release {
                     token: grant.token.0,
@@ -318,9 +353,95 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
     }
 }
 
-enum Start {
+/// An embedded acquire. Written out rather than an `async fn`, whose future was 688 bytes with
+/// its discriminant at the far end: a dropped wait read three or four cold lines of it at 10k
+/// waiters. Here a queued acquire is a tag and its [`QueuedAcquire`], side by side.
+pub(super) struct Acquire<'a, C: Clock> {
+    limiter: &'a MemoryLimiter<C>,
+    /// Where the acquire stands.
+    step: Step<'a, C>,
+}
+
+/// Steps of an [`Acquire`].
+enum Step<'a, C: Clock> {
+    /// Not polled yet: the acquire runs at the first poll, as an `async fn` would.
+    Start(Option<&'a str>, AcquireRequest),
+    /// Queued, listening for its outcome.
+    Waiting(QueuedAcquire<C>),
+    /// Granted, waiting for the log to have it. Boxed: a durable store waits for its disk
+    /// here anyway, and inline the log's future would more than double every acquire.
+    Logging(Pin<Box<dyn Future<Output = Result<Grant, AcquireError>> + Send + 'a>>),
+    /// Answered.
+    Done,
+}
+
+impl<C: Clock> Future for Acquire<'_, C> {
+    type Output = Result<Grant, AcquireError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        // Matched in place, not moved out: the uncontended acquire (the common case) is
+        // answered in its first poll without copying the request around.
+        let out = match &mut this.step {
+            Step::Start(key, req) => {
+                let started = this.limiter.start(*key, req);
+                this.step = Step::Done;
+                match started {
+                    Err(e) => Err(e.into()),
+                    Ok(Start::Decided(out)) => out,
+                    Ok(Start::Queued(mut wait)) => match Pin::new(&mut wait).poll(cx) {
+                        Poll::Pending => {
+                            this.step = Step::Waiting(wait);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(out) => out,
+                    },
+                }
+            }
+            Step::Waiting(wait) => match Pin::new(wait).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(out) => {
+                    this.step = Step::Done;
+                    out
+                }
+            },
+            Step::Logging(logging) => {
+                let out = std::task::ready!(logging.as_mut().poll(cx));
+                this.step = Step::Done;
+                return Poll::Ready(out);
+            }
+            Step::Done => Err(StoreError::Unavailable(
+                "this acquire was polled after it completed".into(),
+            )
+            .into()),
+        };
+        let grant = out?;
+        if this.limiter.shared.wal.is_none() {
+            return Poll::Ready(Ok(grant));
+        }
+        let mut logging: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(this.limiter.logged(grant));
+        match logging.as_mut().poll(cx) {
+            Poll::Pending => {
+                this.step = Step::Logging(logging);
+                Poll::Pending
+            }
+            ready => ready,
+        }
+    }
+}
+
+/// How an acquire starts, as the lock left it.
+enum Queued {
     Decided(Result<Grant, AcquireError>),
-    Queued(WaiterId, u64, oneshot::Receiver<WaitOutcome>),
+    /// Queued under this id, with this listener.
+    Listening(WaiterId, u64),
+}
+
+/// How an acquire starts, ready to wait.
+enum Start<C: Clock> {
+    Decided(Result<Grant, AcquireError>),
+    Queued(QueuedAcquire<C>),
 }
 
 impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
@@ -366,8 +487,13 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         }
     }
 
-    async fn acquire(&self, options: AcquireOptions) -> Result<Grant, AcquireError> {
-        self.acquire_in(None, options.into_request()).await
+    fn acquire(
+        &self,
+        options: AcquireOptions,
+    ) -> impl Future<Output = Result<Grant, AcquireError>> + Send {
+        // Not an `async fn`: its future would carry `options` beside the request made of them,
+        // and a dropped wait reads more of its own memory the larger it is.
+        self.acquire_in(None, options.into_request())
     }
 
     async fn acquire_keyed(
@@ -515,21 +641,26 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
 
 impl<C: Clock> MemoryLimiter<C> {
     /// An acquire, for `key` of a keyed limiter or (`None`) of a plain one.
-    async fn acquire_in(
-        &self,
-        key: Option<&str>,
-        req: AcquireRequest,
-    ) -> Result<Grant, AcquireError> {
+    fn acquire_in<'a>(&'a self, key: Option<&'a str>, req: AcquireRequest) -> Acquire<'a, C> {
+        Acquire {
+            limiter: self,
+            step: Step::Start(key, req),
+        }
+    }
+
+    /// The acquire itself, under the lock: decided at once, or queued with a listener.
+    #[inline]
+    fn start(&self, key: Option<&str>, req: &AcquireRequest) -> Result<Start<C>, StoreError> {
         let start = self.with_state(|state, now, fx| {
             let admission = match (&mut state.keyed, key) {
                 (None, None) => {
-                    let admission = state.core.acquire(now, &req, fx);
-                    state.record(now, || Op::acquire(&req));
+                    let admission = state.core.acquire(now, req, fx);
+                    state.record(now, || Op::acquire(req));
                     admission
                 }
                 (Some(keyed), Some(key)) => {
-                    let admission = keyed.acquire(&mut state.core, now, key, &req, fx);
-                    state.record(now, || Op::keyed_acquire(key, &req));
+                    let admission = keyed.acquire(&mut state.core, now, key, req, fx);
+                    state.record(now, || Op::keyed_acquire(key, req));
                     admission
                 }
                 (Some(_), None) => Admission::Refused(Refusal::Invalid(InvalidField::new(
@@ -542,42 +673,38 @@ impl<C: Clock> MemoryLimiter<C> {
                 ))),
             };
             match admission {
-                Admission::Granted(grant) => Start::Decided(Ok(grant)),
-                Admission::Refused(refusal) => Start::Decided(Err(refusal.into())),
+                Admission::Granted(grant) => Queued::Decided(Ok(grant)),
+                Admission::Refused(refusal) => Queued::Decided(Err(refusal.into())),
                 Admission::Queued(id) => {
-                    let (tx, rx) = oneshot::channel();
                     let listener = state.next_listener;
                     state.next_listener += 1;
                     // A repeat of an idempotent acquire takes the wait over from its first
-                    // (presumably disconnected) caller.
-                    state.waiters.insert(id.0, (listener, tx));
-                    Start::Queued(id, listener, rx)
+                    // (presumably disconnected) caller, who is woken to hear so.
+                    if let Some((_, Some(waker))) = state.waiters.insert(id.0, (listener, None)) {
+                        waker.wake();
+                    }
+                    Queued::Listening(id, listener)
                 }
             }
         })?;
-        let result = match start {
-            Start::Decided(result) => result,
-            Start::Queued(id, listener, rx) => {
-                QueuedAcquire {
-                    limiter: self.clone(),
-                    id,
-                    listener,
-                    idempotent: req.request_id.is_some(),
-                    rx,
-                    done: false,
-                }
-                .await
-            }
-        };
-        let grant = result?;
-        // Answer a grant only once the log has it: a crash must not forget a permit that a
-        // worker holds. If the log failed, give the permit back (its record cannot be kept).
-        // Without a log there is nothing to wait for: no future built on the hot path.
-        if self.shared.wal.is_some() {
-            if let Err(e) = self.durable().await {
-                self.release_now(grant.token);
-                return Err(e.into());
-            }
+        Ok(match start {
+            Queued::Decided(result) => Start::Decided(result),
+            Queued::Listening(id, listener) => Start::Queued(QueuedAcquire {
+                limiter: self.clone(),
+                id,
+                listener,
+                idempotent: req.request_id.is_some(),
+                done: false,
+            }),
+        })
+    }
+
+    /// Answers a grant only once the log has it: a crash must not forget a permit that a
+    /// worker holds. If the log failed, gives the permit back (its record cannot be kept).
+    async fn logged(&self, grant: Grant) -> Result<Grant, AcquireError> {
+        if let Err(e) = self.durable().await {
+            self.release_now(grant.token);
+            return Err(e.into());
         }
         Ok(grant)
     }
@@ -609,3 +736,7 @@ impl<C: Clock> MemoryLimiter<C> {
         .unwrap_or(false)
     }
 }
+
+#[cfg(test)]
+#[path = "wait_tests.rs"]
+mod wait_tests;

@@ -81,6 +81,19 @@ impl<V> Listeners<V> {
         }
     }
 
+    /// Values held, in the run and beside it.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.live + self.others.len()
+    }
+
+    pub(super) fn get_mut(&mut self, id: &u64) -> Option<&mut V> {
+        match self.index(*id) {
+            Some(at) if self.run[at].is_some() => self.run[at].as_mut(),
+            _ => self.others.get_mut(id),
+        }
+    }
+
     pub(super) fn remove(&mut self, id: &u64) -> Option<V> {
         if let Some(v) = self.index(*id).and_then(|at| self.run[at].take()) {
             self.live -= 1;
@@ -163,6 +176,7 @@ mod tests {
                 }
                 for id in used.iter().rev().take(20) {
                     prop_assert_eq!(l.get(id), model.get(id));
+                    prop_assert_eq!(l.get_mut(id).copied(), model.get_mut(id).copied());
                 }
                 prop_assert!(l.run.len() <= 2 * l.live + 64 + MAX_GAP as usize + 1);
             }
