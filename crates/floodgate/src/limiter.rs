@@ -310,8 +310,11 @@ impl<B: LimiterBackend> Limiter<B> {
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
         // A store on this process's clock gives the lease deadline on it: no clock read here.
         let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
-        let grant = match options.key.clone() {
-            Some(key) => self.backend.acquire_keyed(&key, options).await?,
+        // A keyed permit keeps its key: its extends carry it, so a store that lost its state
+        // re-adopts it under that key (docs/learning.md).
+        let key = options.key.clone();
+        let grant = match &key {
+            Some(key) => self.backend.acquire_keyed(key, options).await?,
             None => self.backend.acquire(options).await?,
         };
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
@@ -332,6 +335,7 @@ impl<B: LimiterBackend> Limiter<B> {
             grant,
             held,
             local_deadline,
+            key,
         })
     }
 
@@ -418,9 +422,17 @@ pub struct Permit<B: LimiterBackend> {
     /// meets an unreachable store keeps trying. `None` when the store's clock is this
     /// process's: the grant's lease deadline is then mapped to it when asked.
     local_deadline: Option<Instant>,
+    /// The key of a keyed limiter's permit, sent with each extend so a store that lost its
+    /// state re-adopts the permit under its key; `None` for a plain limiter's.
+    key: Option<Arc<str>>,
 }
 
 impl<B: LimiterBackend> Permit<B> {
+    /// The key a keyed limiter's permit was acquired with; `None` for a plain limiter's.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     /// The permit's id (`NAME.TOKEN`).
     pub fn id(&self) -> PermitId {
         PermitId {
@@ -491,11 +503,12 @@ impl<B: LimiterBackend> Permit<B> {
         loop {
             let sent = Instant::now();
             // The permit's size rides along, so a store that lost its state re-adopts it.
-            match self
-                .backend
-                .extend(self.grant.token, lease, Some(self.grant.permits))
-                .await
-            {
+            let (token, permits) = (self.grant.token, Some(self.grant.permits));
+            let extended = match &self.key {
+                Some(key) => self.backend.extend_keyed(key, token, lease, permits).await,
+                None => self.backend.extend(token, lease, permits).await,
+            };
+            match extended {
                 Ok(deadline) => {
                     self.grant.lease_deadline = deadline;
                     self.grant.lease = lease;
