@@ -2,11 +2,14 @@
 decorator; overrides; the errors a key can meet. Against the real server."""
 
 import uuid
+from pathlib import Path
 from typing import Any, List
 
 import pytest
 
-from floodgate import BadRequest, Floodgate, TooManyKeys, WaitTimeout
+from floodgate import BadRequest, Floodgate, PermitLost, TooManyKeys, WaitTimeout
+
+from conftest import ServerProcess
 
 
 def keyed(fg: Floodgate, concurrency: Any, **kwargs: Any) -> str:
@@ -96,3 +99,46 @@ def test_the_celery_decorator_takes_the_key_from_the_arguments(fg: Floodgate) ->
     body(BoundTask(), 8, 2)
     assert seen == [[("org-7", 1)], [("org-8", 1)]]
     assert fg.limiter(name)["keyed"]["key_count"] == 0
+
+
+def test_a_keyed_permit_sends_its_key_on_extend_and_is_readopted_after_a_restart(
+    floodgate_bin: str, tmp_path: Path
+) -> None:
+    """docs/learning.md: the permit remembers its key; after the server restarts without state
+    (``--learning-window`` with the limiter in its config), its next extend re-adopts it under
+    that key, so a new acquire of that key beyond its limit is refused while it holds."""
+    config = tmp_path / "floodgate.toml"
+    config.write_text(
+        "[limiters.orgs]\nconcurrency = 2\nper_key = { concurrency = 1 }\n"
+        "max_wait_ms = 60000\n"
+    )
+    first = ServerProcess(floodgate_bin, tmp_path, ["--config", str(config)]).start()
+    try:
+        fg = Floodgate(first.url, timeout=5.0, retries=2, backoff=0.05)
+        held = fg.acquire("orgs", key="org-a", wait=0, lease=600, heartbeat=False)
+        assert held.key == "org-a"
+        plain = keyed(fg, 1)
+        assert fg.acquire(plain, wait=0, heartbeat=False).key is None
+        # A bad key is refused by the server, naming it.
+        with pytest.raises(BadRequest) as bad:
+            fg.extend(held.permit_id, 60, permits=1, key="")
+        assert "key" in str(bad.value)
+        port = first.port
+    finally:
+        first.kill()
+    second = ServerProcess(
+        floodgate_bin, tmp_path, ["--config", str(config), "--learning-window", "600000"]
+    ).start(port)
+    try:
+        assert fg.limiter("orgs")["learning"] is True
+        # Without its key the server could not count it: lost, as before.
+        with pytest.raises(PermitLost):
+            fg.extend(held.permit_id, 60, permits=1)
+        held.extend(60)  # the Permit sends its key: re-adopted
+        status = fg.limiter("orgs")
+        assert (status["in_use"], status["counters"]["adopted"]) == (1, 1)
+        assert status["keyed"]["busiest_keys"][0]["key"] == "org-a"
+        assert held.release()
+        assert fg.limiter("orgs")["in_use"] == 0
+    finally:
+        second.stop()

@@ -95,6 +95,9 @@ pub struct ExtendArgs {
     /// The permit's size: lets a server that lost its state re-adopt the permit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub permits: Option<u32>,
+    /// A keyed limiter's permit's key: the re-adoption is then counted under it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A fresh random id for [`AcquireArgs::request_id`]: 32 hex digits.

@@ -3,7 +3,8 @@
 //! Two real servers on `127.0.0.1:0` share one real `redis-server`: A creates the limiter and
 //! an override, B only reads it; after `FLUSHALL`, B's next acquire re-creates it learning
 //! (nothing granted for any key: a try-once is refused with a retry hint), and both see its
-//! definition back. No assertion depends on timing (the window is 60 s).
+//! definition back; a holder from before the loss that extends with its key is re-adopted
+//! under it (without it, lost). No assertion depends on timing (the window is 60 s).
 
 #![allow(clippy::unwrap_used)]
 
@@ -55,6 +56,15 @@ async fn a_keyed_limiter_lost_by_redis_comes_back_learning_with_its_overrides() 
     // B reads it (the status lists its keys: B knows its definition from then on).
     let (s, seen) = call(Method::GET, format!("{base_b}/orgs"), None).await;
     assert_eq!((s, &seen["keyed"]["overrides"]), (200, &json!(1)), "{seen}");
+    // A holder of key org-c, from before the loss; it keeps extending (through A).
+    let once = json!({"key": "org-c", "wait_ms": 0, "lease_ms": 600000});
+    let (s, held) = call(Method::POST, format!("{base_a}/orgs/acquire"), Some(once)).await;
+    assert_eq!(s, 200, "{held}");
+    let extend = format!(
+        "http://{}/v1/permits/{}/extend",
+        a.addr,
+        held["permit_id"].as_str().unwrap()
+    );
 
     let flush = std::process::Command::new("redis-cli")
         .args(["-p", &redis.port.to_string(), "flushall"])
@@ -80,6 +90,28 @@ async fn a_keyed_limiter_lost_by_redis_comes_back_learning_with_its_overrides() 
         assert_eq!(st["keyed"]["per_key"]["concurrency"], 2, "{st}");
         assert_eq!(st["keyed"]["max_keys"], 50, "{st}");
         assert_eq!(st["keyed"]["overrides"], 1, "{st}");
+    }
+    // The holder's next extend carries its key: re-adopted under org-c and the total, seen by
+    // both servers. Without the key it would be lost.
+    let bare = json!({"lease_ms": 600000, "permits": 1});
+    let (s, lost) = call(Method::POST, extend.clone(), Some(bare)).await;
+    assert_eq!(
+        (s, lost["error"].as_str()),
+        (410, Some("permit_lost")),
+        "{lost}"
+    );
+    let keyed = json!({"lease_ms": 600000, "permits": 1, "key": "org-c"});
+    let (s, ok) = call(Method::POST, extend, Some(keyed)).await;
+    assert_eq!(s, 200, "{ok}");
+    for base in [&base_a, &base_b] {
+        let (_, st) = call(Method::GET, format!("{base}/orgs"), None).await;
+        assert_eq!(
+            (st["in_use"].as_u64(), st["learning"].as_bool()),
+            (Some(1), Some(true)),
+            "{st}"
+        );
+        assert_eq!(st["counters"]["adopted"], 1, "{st}");
+        assert!(st["keyed"].to_string().contains("org-c"), "{st}");
     }
     a.stop().await;
     b.stop().await;

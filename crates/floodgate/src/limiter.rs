@@ -315,21 +315,24 @@ impl<B: LimiterBackend> Limiter<B> {
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
         // A store on this process's clock gives the lease deadline on it: no clock read here.
         let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
+        // A keyed permit keeps its key: its extends carry it, so a store that lost its state
+        // re-adopts it under that key (docs/learning.md).
+        let key = options.key.clone();
         // An acquire the store decides at once (nobody waits, the permits fit) skips the
         // store's wait machinery: no nested futures, no listener.
         let grant = match self.backend.acquire_at_once(&options) {
             Some(decided) => decided?,
-            None => match options.key.clone() {
-                Some(key) => self.backend.acquire_keyed(&key, options).await?,
+            None => match &key {
+                Some(key) => self.backend.acquire_keyed(key, options).await?,
                 None => self.backend.acquire(options).await?,
             },
         };
-        Ok(self.permit(grant, sent))
+        Ok(self.permit(grant, sent, key))
     }
 
     /// The guard of a grant; `sent`: when the acquire was sent, if the store's clock is not
-    /// this process's.
-    fn permit(&self, grant: Grant, sent: Option<Instant>) -> Permit<B> {
+    /// this process's; `key`: the key a keyed limiter's permit was acquired under.
+    fn permit(&self, grant: Grant, sent: Option<Instant>, key: Option<Arc<str>>) -> Permit<B> {
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
         let held = !grant.lease.is_zero();
         // The store started the lease between the request and its answer, and not before it
@@ -348,6 +351,7 @@ impl<B: LimiterBackend> Limiter<B> {
             grant,
             held,
             local_deadline,
+            key,
         }
     }
 
@@ -409,7 +413,7 @@ impl<B: LimiterBackend> Limiter<B> {
         let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
         let options = AcquireOptions::new().wait(Duration::ZERO);
         let decided = self.backend.acquire_at_once(&options)?;
-        Some(decided.map(|grant| self.permit(grant, sent)))
+        Some(decided.map(|grant| self.permit(grant, sent, None)))
     }
 
     /// The limiter's status.
@@ -466,9 +470,17 @@ pub struct Permit<B: LimiterBackend> {
     /// meets an unreachable store keeps trying. `None` when the store's clock is this
     /// process's: the grant's lease deadline is then mapped to it when asked.
     local_deadline: Option<Instant>,
+    /// The key of a keyed limiter's permit, sent with each extend so a store that lost its
+    /// state re-adopts the permit under its key; `None` for a plain limiter's.
+    key: Option<Arc<str>>,
 }
 
 impl<B: LimiterBackend> Permit<B> {
+    /// The key a keyed limiter's permit was acquired with; `None` for a plain limiter's.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     /// The permit's id (`NAME.TOKEN`).
     pub fn id(&self) -> PermitId {
         PermitId {
@@ -539,11 +551,12 @@ impl<B: LimiterBackend> Permit<B> {
         loop {
             let sent = Instant::now();
             // The permit's size rides along, so a store that lost its state re-adopts it.
-            match self
-                .backend
-                .extend(self.grant.token, lease, Some(self.grant.permits))
-                .await
-            {
+            let (token, permits) = (self.grant.token, Some(self.grant.permits));
+            let extended = match &self.key {
+                Some(key) => self.backend.extend_keyed(key, token, lease, permits).await,
+                None => self.backend.extend(token, lease, permits).await,
+            };
+            match extended {
                 Ok(deadline) => {
                     self.grant.lease_deadline = deadline;
                     self.grant.lease = lease;

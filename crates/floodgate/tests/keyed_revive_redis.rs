@@ -3,8 +3,9 @@
 //! or only read it) re-creates it from its definition (total spec, per-key spec, `max_keys`,
 //! overrides) in a learning window; nothing is granted during the window (per key and in
 //! total), its waiters queue per key and are served when it ends, within the limits; a permit
-//! from before the loss is not re-adopted (an extend carries no key): its extend answers lost;
-//! a keyed limiter deleted on purpose is not brought back. Real `redis-server`s; no assertion
+//! from before the loss is re-adopted by its extend, which carries its key (without the key it
+//! is lost), and counted under its key after the window; a keyed limiter deleted on purpose is
+//! not brought back. Real `redis-server`s; no assertion
 //! depends on timing (windows are either long, checked while they last, or short, waited for
 //! with generous bounds).
 
@@ -126,12 +127,26 @@ async fn a_vanished_keyed_limiter_is_revived_learning_with_its_definition() {
         "{outcome:?}"
     );
 
-    // The permit from before the loss is not re-adopted (its key is unknown): lost.
+    // The permit from before the loss: an extend without its key is lost (its key's share
+    // could not be counted); the `Permit`'s own extend carries its key and re-adopts it.
+    let bare = a_orgs
+        .backend()
+        .extend(old.fencing_token(), Duration::from_secs(60), Some(1))
+        .await;
+    assert!(matches!(bare, Err(ExtendError::Lost)), "{bare:?}");
     let mut old = old;
-    let lost = old.extend(Duration::from_secs(60)).await;
-    assert!(matches!(lost, Err(ExtendError::Lost)), "{lost:?}");
+    assert_eq!(old.key(), Some("small"));
+    old.extend(Duration::from_secs(60)).await.unwrap();
     let st = b_orgs.status().await.unwrap();
-    assert_eq!((st.in_use, st.counters.adopted), (0, 0), "{st:?}");
+    assert_eq!((st.in_use, st.counters.adopted), (1, 1), "{st:?}");
+    let view = b_orgs.backend().keys(5).await.unwrap().unwrap();
+    let small = view.busiest.iter().find(|k| &*k.key == "small");
+    assert_eq!(
+        small.map(|k| (k.in_use, k.holders)),
+        Some((1, 1)),
+        "{view:?}"
+    );
+    assert!(old.release().await.unwrap());
 
     // A's handle finds it there (B revived it): the same limiter, still learning.
     assert!(a_orgs.status().await.unwrap().learning);
@@ -200,6 +215,56 @@ async fn after_the_window_a_revived_keyed_limiter_serves_its_keys_within_the_lim
     for task in tasks {
         task.abort();
     }
+}
+
+/// A holder that keeps extending across the loss is re-adopted under its key and counted: once
+/// the window ends, a new acquire beyond its key's limit, or the total's, is refused while it
+/// holds; after it releases, its key is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_holder_extending_across_a_flushall_is_readopted_and_counted() {
+    let server = support::RedisServer::start();
+    let a = gate(&server, Duration::from_millis(300)).await;
+    let spec = LimiterSpec::concurrency(2).with_max_wait(Duration::from_secs(30));
+    a.define_keyed("orgs", spec, KeyedSpec::per_key(1))
+        .await
+        .unwrap();
+    let orgs = a.limiter("orgs").await.unwrap();
+    let lease = Duration::from_secs(60);
+    let mut holder = orgs
+        .acquire(AcquireOptions::new().key("a").lease(lease))
+        .await
+        .unwrap();
+    let token = holder.fencing_token();
+
+    flushall(&server);
+
+    // Its next heartbeat finds the limiter gone: re-created learning, the permit re-adopted.
+    holder.extend(lease).await.unwrap();
+    let st = orgs.status().await.unwrap();
+    assert_eq!((st.in_use, st.counters.adopted), (1, 1), "{st:?}");
+    until_status(&orgs, "the window ends", |s| !s.learning).await;
+    holder.extend(lease).await.unwrap();
+
+    let once = |key: &'static str| AcquireOptions::new().key(key).wait(Duration::ZERO);
+    let refused = |r: &Result<floodgate::Permit<_>, AcquireError>| {
+        matches!(r, Err(AcquireError::Refused(Refusal::WaitTimeout { .. })))
+    };
+    // Key a's limit (1) is the re-adopted holder's.
+    let r = orgs.acquire(once("a")).await;
+    assert!(refused(&r), "{r:?}");
+    // Key b gets the total's last permit, above the re-adopted token.
+    let b = orgs.acquire(once("b")).await.unwrap();
+    assert!(
+        b.fencing_token() > token,
+        "{:?} <= {token:?}",
+        b.fencing_token()
+    );
+    // The total (2) is taken.
+    let r = orgs.acquire(once("c")).await;
+    assert!(refused(&r), "{r:?}");
+    assert!(holder.release().await.unwrap());
+    let again = orgs.acquire(once("a")).await;
+    assert!(again.is_ok(), "{again:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

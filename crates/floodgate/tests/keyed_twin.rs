@@ -6,7 +6,9 @@
 //! token times, rate debt ending), on limiters with a total, per-key limits, per-key and total
 //! rates in every combination, and rate-only ones (every fourth case: a total rate, perhaps a
 //! per-key rate, no concurrency anywhere: paced grants), and learning windows (every third
-//! case: nothing granted until they end), run on a `KeyLayer` and, with
+//! case: nothing granted until they end; extends of permits neither side knows, with their key
+//! or without, in and after the windows: re-adopted under their key or lost), run on a
+//! `KeyLayer` and, with
 //! the clock in the op argument (`op@now`, as `twin.rs`), on the keyed script on a real
 //! `redis-server`. After every step they must agree on the answer (its kind, retry hints,
 //! refusal fields, lease deadlines), on which waiters were decided and how (grant or refusal,
@@ -77,6 +79,8 @@ struct Twin {
     layer: KeyLayer,
     /// Held grants: core token, script token, permits.
     held: Vec<(FencingToken, String)>,
+    /// Permits re-adopted by `adopt` (both sides agreed).
+    adopted: u64,
     /// Queued waiters: core id -> script waiter key.
     queued: BTreeMap<u64, String>,
     /// Script waiter keys already decided (their outcome was compared).
@@ -171,6 +175,7 @@ impl Twin {
             total,
             layer,
             held: Vec::new(),
+            adopted: 0,
             queued: BTreeMap::new(),
             decided: Default::default(),
             next_waiter: 0,
@@ -562,6 +567,52 @@ impl Twin {
         self.compare_state();
     }
 
+    /// An extend of a permit neither side knows (held before a loss), carrying its permits and,
+    /// unless `keyed` is false, its key: during a window both re-adopt it under the key and
+    /// the total, otherwise both answer lost. The token is the same on both sides and far
+    /// above every grant of the case so far.
+    fn adopt(&mut self, token: u64, key: &str, permits: u32, keyed: bool) {
+        let lease = 100_000u64;
+        self.log.push(format!(
+            "{} adopt {token} {key} x{permits} keyed {keyed}",
+            self.now
+        ));
+        let mut fx = Effects::default();
+        let now = self.t();
+        let c = self
+            .layer
+            .extend_or_adopt(
+                &mut self.total,
+                now,
+                FencingToken(token),
+                Duration::from_micros(lease),
+                keyed.then_some((key, permits)),
+                &mut fx,
+            )
+            .unwrap();
+        let sent_key = if keyed { key } else { "" };
+        let args = [
+            token.to_string(),
+            lease.to_string(),
+            permits.to_string(),
+            sent_key.to_owned(),
+        ];
+        let reply = self.call("extend", &args);
+        let c = match c {
+            Ok(d) => {
+                self.held.push((FencingToken(token), token.to_string()));
+                self.adopted += 1;
+                format!("extended {}", d.0)
+            }
+            Err(_) => "lost".into(),
+        };
+        if c != reply[..reply.len() - 1].join(" ") {
+            self.fail(format!("adopt: core {c}, script {reply:?}"));
+        }
+        self.compare_decisions(fx);
+        self.compare_state();
+    }
+
     fn decided_core(&self, id: u64, waiter: &str) -> bool {
         WAITERS.with(|m| m.borrow().get(&id).is_some_and(|w| w == waiter))
     }
@@ -643,6 +694,7 @@ fn the_keyed_script_agrees_with_the_keyed_layer() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
     let mut returned = 0;
+    let mut adopted = 0;
     for case in 0..cases {
         let mut rng = Rng(0x4B45_5945_4454_5749 ^ case);
         let mut twin = Twin::new(&server, case, &mut rng);
@@ -651,6 +703,13 @@ fn the_keyed_script_agrees_with_the_keyed_layer() {
             // other steps stay as they were).
             if case % 3 == 1 && step % 50 == 20 {
                 twin.learn(5_000 * (1 + (step as u64 / 50) * 7));
+            }
+            // And extends of permits held before the loss (in or after the window, with their
+            // key or without), again without a random draw.
+            if case % 3 == 1 && [21, 23, 30, 45].contains(&(step % 50)) {
+                let token = 8_000_000_000_000_000 + case * 1_000_000 + step as u64 * 1_000;
+                let key = KEYS[step % KEYS.len()];
+                twin.adopt(token, key, 1 + (step as u32 % 3), step % 7 != 3);
             }
             let before: Vec<(u64, String)> =
                 twin.queued.iter().map(|(k, v)| (*k, v.clone())).collect();
@@ -662,10 +721,15 @@ fn the_keyed_script_agrees_with_the_keyed_layer() {
             twin.step(&mut rng);
         }
         returned += twin.returned;
+        adopted += twin.adopted;
     }
+    assert!(
+        adopted > 0,
+        "no permit was re-adopted: the sequences miss it"
+    );
     assert!(
         returned > 0,
         "no unschedule gave anything back: the sequences miss it"
     );
-    eprintln!("{cases} cases: {returned} reserved tokens given back");
+    eprintln!("{cases} cases: {returned} reserved tokens given back, {adopted} permits re-adopted");
 }

@@ -209,7 +209,7 @@ class Floodgate(_Transport):
             body,
             timeout=held_for + self.timeout,
         )
-        permit = Permit(self, name, data, requested_at=started)
+        permit = Permit(self, name, data, requested_at=started, key=key)
         if heartbeat:
             interval = None if heartbeat is True else float(heartbeat)
             permit.start_heartbeat(interval, on_lost=on_lost)
@@ -250,11 +250,16 @@ class Floodgate(_Transport):
         )
 
     def extend(
-        self, permit_id: str, lease: Optional[Seconds] = None, permits: Optional[int] = None
+        self,
+        permit_id: str,
+        lease: Optional[Seconds] = None,
+        permits: Optional[int] = None,
+        key: Optional[str] = None,
     ) -> Dict[str, Any]:
-        """Extends a permit by id (see :meth:`Permit.extend`); ``permits`` is its size, which
-        lets a server that lost its state re-adopt it. Raises :class:`PermitLost`."""
-        return self._extend(permit_id, lease, permits=permits)
+        """Extends a permit by id (see :meth:`Permit.extend`); ``permits`` is its size and
+        ``key`` a keyed limiter's permit's key, which let a server that lost its state re-adopt
+        it (under its key). Raises :class:`PermitLost`."""
+        return self._extend(permit_id, lease, permits=permits, key=key)
 
     def release(self, permit_id: str) -> bool:
         """Releases a permit by id; ``False`` when it was not held. Idempotent."""
@@ -268,12 +273,15 @@ class Floodgate(_Transport):
         timeout: Optional[float] = None,
         retries: Optional[int] = None,
         permits: Optional[int] = None,
+        key: Optional[str] = None,
     ) -> Dict[str, Any]:
         body: Dict[str, Any] = {}
         if lease is not None:
             body["lease_ms"] = _ms(lease, "lease_ms")
         if permits is not None:
             body["permits"] = permits
+        if key is not None:
+            body["key"] = key
         return self._request(
             "POST",
             "/v1/permits/{}/extend".format(_quote(permit_id)),

@@ -32,6 +32,9 @@ class Permit:
         permits: how many permits this grant holds.
         lease: the lease in seconds; the permit is reclaimed that long after the last extend.
         waited: how long the server held the acquire before granting, in seconds.
+        key: a keyed limiter's key this permit was acquired with (``None`` for a plain
+            limiter's); sent with every extend, so a server that lost its state re-adopts the
+            permit under its key (docs/learning.md).
 
     A permit belongs to the process that acquired it. In a process forked while it was held,
     :meth:`release` does nothing (returns ``False``), :meth:`extend` raises ``RuntimeError``
@@ -45,6 +48,7 @@ class Permit:
         limiter: str,
         data: Mapping[str, Any],
         requested_at: Optional[float] = None,
+        key: Optional[str] = None,
     ) -> None:
         self.client = client
         self.limiter = limiter
@@ -53,6 +57,7 @@ class Permit:
         self.permits: int = int(data.get("permits", 1))
         self.lease: float = float(data.get("lease_ms", 0)) / 1000.0
         self.waited: float = float(data.get("waited_ms", 0)) / 1000.0
+        self.key: Optional[str] = key
         started = time.monotonic() if requested_at is None else requested_at
         # The server's lease started when it granted, which is no earlier than the request
         # plus the wait: this local deadline is never later than the server's.
@@ -157,7 +162,12 @@ class Permit:
             timeout = max(0.001, min(base, remaining))
         try:
             self.client._extend(
-                self.permit_id, seconds, timeout=timeout, retries=retries, permits=self.permits
+                self.permit_id,
+                seconds,
+                timeout=timeout,
+                retries=retries,
+                permits=self.permits,
+                key=self.key,
             )
         except PermitLost:
             self._lost = True

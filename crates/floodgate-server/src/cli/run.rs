@@ -130,7 +130,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
     // The watchdog leads the command's process group: its pid is the group's id.
     let group = child.id().and_then(|id| i32::try_from(id).ok());
 
-    let keep_alive = keep_alive(&client, &permit, lease, deadline);
+    let keep_alive = keep_alive(&client, &permit, args.key.as_deref(), lease, deadline);
     tokio::pin!(keep_alive);
     let mut lost = false;
     // When the grace after SIGTERM ends; `None` until the permit is lost or once SIGKILL went.
@@ -318,6 +318,7 @@ async fn acquire(
 async fn keep_alive(
     client: &Client,
     permit: &PermitReply,
+    key: Option<&str>,
     lease: Duration,
     deadline: Instant,
 ) -> String {
@@ -329,6 +330,7 @@ async fn keep_alive(
     let extend = ExtendArgs {
         lease_ms: Some(millis(lease)),
         permits: Some(permit.permits),
+        key: key.map(str::to_owned),
     };
     let period = (lease / 3).max(Duration::from_millis(1));
     let mut deadline = deadline;

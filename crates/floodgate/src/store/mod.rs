@@ -226,6 +226,24 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
         permits: Option<u32>,
     ) -> impl Future<Output = Result<crate::types::Timestamp, ExtendError>> + Send;
 
+    /// [`extend`](Self::extend) of a keyed limiter's permit, carrying the `key` it was
+    /// acquired with: during a learning window an unknown permit is re-adopted under that key
+    /// and the total (docs/learning.md). A store without keyed re-adoption ignores the key.
+    ///
+    /// # Errors
+    ///
+    /// As [`extend`](Self::extend).
+    fn extend_keyed(
+        &self,
+        key: &str,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+    ) -> impl Future<Output = Result<crate::types::Timestamp, ExtendError>> + Send {
+        let _ = key;
+        self.extend(token, lease, permits)
+    }
+
     /// Returns a grant. `Ok(false)` if it was not held (unknown, expired, already released).
     ///
     /// # Errors

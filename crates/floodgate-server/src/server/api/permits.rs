@@ -12,6 +12,10 @@ pub(crate) struct ExtendBody {
     /// an extend of a permit the store forgot re-adopts it.
     #[serde(default, deserialize_with = "non_null")]
     permits: Option<u32>,
+    /// A keyed limiter's permit's key (clients send the one they acquired with): during a
+    /// learning window an unknown permit is re-adopted under it (docs/learning.md).
+    #[serde(default, deserialize_with = "non_null")]
+    key: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -33,6 +37,10 @@ pub(crate) async fn extend<S: Store>(
     if let Some(ms) = body.lease_ms {
         check_lease_ms(ms)?;
     }
+    if let Some(key) = &body.key {
+        floodgate::core::keyed::check_key(key)
+            .map_err(|e| ApiError::bad_field(e.field, e.message))?;
+    }
     if id.token.0 == 0 {
         return extend_fail_open(&state, &id, body.lease_ms).await;
     }
@@ -50,7 +58,14 @@ pub(crate) async fn extend<S: Store>(
             Err(e) => return Err(e.into()),
         },
     };
-    let result = limiter.extend(id.token, lease, body.permits).await;
+    let result = match &body.key {
+        Some(key) => {
+            limiter
+                .extend_keyed(key, id.token, lease, body.permits)
+                .await
+        }
+        None => limiter.extend(id.token, lease, body.permits).await,
+    };
     if result == Err(floodgate::ExtendError::Lost) {
         tracing::warn!(permit = %id, "extend of a lost permit");
     }

@@ -23,11 +23,14 @@
 //! per-key rate) paces its grants like a plain rate-only limiter: nothing is held, the key's
 //! state lasts only while it has waiters or rate debt, and overrides may set only a weight.
 //!
+//! During a learning window an extend of an unknown permit that carries its key and permits
+//! re-adopts it under that key and the total (see `adopt.rs`).
+//!
 //! Not built yet: a per-key rate with no total limit at all (neither concurrency nor rate),
-//! re-adoption of unknown permits during a learning
-//! window (an extend of an unknown permit is lost), keeping an abandoned idempotent wait for a
-//! retry (a dropped keyed wait is cancelled), per-key adaptive limits.
+//! keeping an abandoned idempotent wait for a retry (a dropped keyed wait is cancelled),
+//! per-key adaptive limits.
 
+mod adopt;
 mod ops;
 mod pacing;
 mod reserve;

@@ -7,6 +7,7 @@ use super::*;
 use crate::core::{AcquireRequest, Admission, Effects, Refusal, WaiterId};
 use crate::types::FencingToken;
 
+mod adopt_model;
 mod model;
 mod rate_model;
 mod reservations;

@@ -13,7 +13,7 @@ use crate::clock::{token_seed, Clock};
 use crate::core::keyed::{KeyLayer, KeyOverride, KeyedSpec, KeyedSpecState, KeysView};
 use crate::core::SpecState;
 use crate::core::{Effects, Feedback, LimiterStatus, Lost, WaiterId};
-use crate::error::StoreError;
+use crate::error::{ExtendError, StoreError};
 use crate::spec::{InvalidField, LimiterSpec};
 use crate::store::LimiterBackend;
 use crate::types::{FencingToken, LimiterName, ReservationId, Schedule, Timestamp};
@@ -66,17 +66,21 @@ impl State {
         }
     }
 
-    /// Extend; a keyed limiter does not re-adopt unknown permits (no learning re-adoption).
+    /// Extend; during a learning window an unknown permit is re-adopted when it carries its
+    /// permits (and, for a keyed limiter, its key).
     pub(super) fn extend_any(
         &mut self,
         now: Timestamp,
         token: FencingToken,
         lease: Duration,
+        key: Option<&str>,
         permits: Option<u32>,
         fx: &mut Effects,
     ) -> Result<Result<Timestamp, Lost>, InvalidField> {
         match &mut self.keyed {
-            Some(keyed) => keyed.extend(&mut self.core, now, token, lease, fx),
+            Some(keyed) => {
+                keyed.extend_or_adopt(&mut self.core, now, token, lease, key.zip(permits), fx)
+            }
             None => self.core.extend_or_adopt(now, token, lease, permits, fx),
         }
     }
@@ -146,6 +150,37 @@ impl State {
 }
 
 impl<C: Clock> MemoryLimiter<C> {
+    /// An extend, with the key a keyed permit was acquired with (for re-adoption).
+    pub(super) async fn extend_in(
+        &self,
+        key: Option<&str>,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+    ) -> Result<Timestamp, ExtendError> {
+        let extended = self.with_state(|state, now, fx| {
+            let out = state.extend_any(now, token, lease, key, permits, fx);
+            state.record(now, || Op::Extend {
+                token: token.0,
+                lease_us: u64::try_from(lease.as_micros()).unwrap_or(u64::MAX),
+                permits,
+                key: key.map(str::to_owned),
+            });
+            out
+        });
+        if matches!(extended, Ok(Ok(Ok(_)))) {
+            self.durable().await?;
+        }
+        match extended {
+            Ok(Ok(Ok(deadline))) => Ok(deadline),
+            Ok(Ok(Err(_lost))) => Err(ExtendError::Lost),
+            Ok(Err(invalid)) => Err(ExtendError::Invalid(invalid)),
+            // A deleted limiter holds nothing: the permit is lost.
+            Err(StoreError::UnknownLimiter(_)) => Err(ExtendError::Lost),
+            Err(e) => Err(ExtendError::Store(e)),
+        }
+    }
+
     pub(super) async fn schedule_key(&self, key: &str, count: u32) -> Result<Schedule, StoreError> {
         let reservation = ReservationId::random();
         let offsets = self

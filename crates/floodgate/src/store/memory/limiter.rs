@@ -526,26 +526,17 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         lease: Duration,
         permits: Option<u32>,
     ) -> Result<Timestamp, ExtendError> {
-        let extended = self.with_state(|state, now, fx| {
-            let out = state.extend_any(now, token, lease, permits, fx);
-            state.record(now, || Op::Extend {
-                token: token.0,
-                lease_us: u64::try_from(lease.as_micros()).unwrap_or(u64::MAX),
-                permits,
-            });
-            out
-        });
-        if matches!(extended, Ok(Ok(Ok(_)))) {
-            self.durable().await?;
-        }
-        match extended {
-            Ok(Ok(Ok(deadline))) => Ok(deadline),
-            Ok(Ok(Err(_lost))) => Err(ExtendError::Lost),
-            Ok(Err(invalid)) => Err(ExtendError::Invalid(invalid)),
-            // A deleted limiter holds nothing: the permit is lost.
-            Err(StoreError::UnknownLimiter(_)) => Err(ExtendError::Lost),
-            Err(e) => Err(ExtendError::Store(e)),
-        }
+        self.extend_in(None, token, lease, permits).await
+    }
+
+    async fn extend_keyed(
+        &self,
+        key: &str,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+    ) -> Result<Timestamp, ExtendError> {
+        self.extend_in(Some(key), token, lease, permits).await
     }
 
     async fn release(&self, token: FencingToken) -> Result<bool, StoreError> {

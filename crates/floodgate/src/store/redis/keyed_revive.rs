@@ -6,22 +6,22 @@
 //!
 //! The safety rule is the plain one, per key and in total: nothing is granted during the
 //! window (waiters queue in their keys' queues and are served fairly when it ends), so permits
-//! handed out before the loss are not handed out again while their leases may still run. What
-//! differs: an extend carries no key, so a permit of a keyed limiter that the loss forgot is not
-//! re-adopted (its key's share could not be counted): its next extend answers lost, as the
-//! keyed core does (`lua/keyed/revive.lua`).
+//! handed out before the loss are not handed out again while their leases may still run. A
+//! permit the loss forgot is re-adopted by an extend that carries its key and permits (the
+//! Rust `Permit` and the clients send them), under that key and the total, as the keyed core
+//! does (`core/keyed/adopt.rs`, `lua/keyed/revive.lua`); without its key it is lost.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::limiter::RedisLimiter;
+use super::limiter::{field, invalid, micros, RedisLimiter};
 use super::{unavailable, RedisStore};
-use crate::core::keyed::{total_spec_for, KeyOverride, KeyedSpec};
+use crate::core::keyed::{check_key, total_spec_for, KeyOverride, KeyedSpec};
 use crate::core::LimiterStatus;
-use crate::error::StoreError;
+use crate::error::{ExtendError, StoreError};
 use crate::spec::{LimiterSpec, RateSpec};
 use crate::store::LimiterBackend;
-use crate::types::LimiterName;
+use crate::types::{FencingToken, LimiterName, Timestamp};
 
 /// What a store keeps of a keyed limiter to re-create it after a loss.
 #[derive(Debug, Clone)]
@@ -121,6 +121,28 @@ fn parse_def(reply: &[String], mut spec: LimiterSpec) -> Result<KeyedDef, StoreE
 }
 
 impl RedisLimiter {
+    /// An extend; `key`, a keyed permit's key, lets the keyed script re-adopt an unknown
+    /// permit under it during a learning window (a plain limiter's script ignores it).
+    pub(super) async fn extend_in(
+        &self,
+        key: Option<&str>,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+    ) -> Result<Timestamp, ExtendError> {
+        let permits = permits.map(|p| p.to_string()).unwrap_or_default();
+        // A key the core would refuse is not sent: the permit is then extended, never adopted.
+        let key = key.filter(|k| check_key(k).is_ok()).unwrap_or_default();
+        let args = [token.0.to_string(), micros(lease), permits, key.to_owned()];
+        let reply = self.call("extend", &args).await?;
+        match reply.first().map(String::as_str) {
+            Some("extended") => Ok(Timestamp(field(&reply, 1)?)),
+            Some("invalid") => Err(ExtendError::Invalid(invalid(&reply))),
+            // Lost, or the limiter is gone (so nothing is held).
+            _ => Err(ExtendError::Lost),
+        }
+    }
+
     /// Records a keyed limiter's definition (put through this store), overrides kept.
     pub(super) fn remember_keyed(&self, spec: &LimiterSpec, keyed: &KeyedSpec) {
         let mut known = self.store.lock_known();

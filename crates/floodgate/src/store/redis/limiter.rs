@@ -46,7 +46,7 @@ impl std::fmt::Debug for RedisLimiter {
     }
 }
 
-fn micros(d: Duration) -> String {
+pub(super) fn micros(d: Duration) -> String {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).to_string()
 }
 
@@ -415,16 +415,17 @@ impl LimiterBackend for RedisLimiter {
         lease: Duration,
         permits: Option<u32>,
     ) -> Result<Timestamp, ExtendError> {
-        let permits = permits.map(|p| p.to_string()).unwrap_or_default();
-        let reply = self
-            .call("extend", &[token.0.to_string(), micros(lease), permits])
-            .await?;
-        match reply.first().map(String::as_str) {
-            Some("extended") => Ok(Timestamp(field(&reply, 1)?)),
-            Some("invalid") => Err(ExtendError::Invalid(invalid(&reply))),
-            // Lost, or the limiter is gone (so nothing is held).
-            _ => Err(ExtendError::Lost),
-        }
+        self.extend_in(None, token, lease, permits).await
+    }
+
+    async fn extend_keyed(
+        &self,
+        key: &str,
+        token: FencingToken,
+        lease: Duration,
+        permits: Option<u32>,
+    ) -> Result<Timestamp, ExtendError> {
+        self.extend_in(Some(key), token, lease, permits).await
     }
 
     async fn release(&self, token: FencingToken) -> Result<bool, StoreError> {

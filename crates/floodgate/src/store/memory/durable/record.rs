@@ -62,6 +62,9 @@ pub(crate) enum Op {
         lease_us: u64,
         #[serde(default)]
         permits: Option<u32>,
+        /// A keyed permit's key: during a learning window it re-adopts under it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
     },
     /// A learning window was entered (state may have been lost), ending at `until`.
     EnterLearning { until: u64 },
@@ -236,9 +239,19 @@ impl Op {
                 keyed.release(core, at, FencingToken(*token), &mut fx);
             }
             Op::Extend {
-                token, lease_us, ..
+                token,
+                lease_us,
+                permits,
+                key,
             } => {
-                let _ = keyed.extend(core, at, FencingToken(*token), micros(*lease_us), &mut fx);
+                let _ = keyed.extend_or_adopt(
+                    core,
+                    at,
+                    FencingToken(*token),
+                    micros(*lease_us),
+                    key.as_deref().zip(*permits),
+                    &mut fx,
+                );
             }
             Op::Cancel { waiter } => {
                 keyed.cancel(core, at, WaiterId(*waiter), &mut fx);
@@ -314,6 +327,7 @@ impl Op {
                 token,
                 lease_us,
                 permits,
+                ..
             } => {
                 let _ = core.extend_or_adopt(
                     at,
