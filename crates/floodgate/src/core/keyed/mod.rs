@@ -28,6 +28,7 @@
 //! window (an extend of an unknown permit is lost), keeping an abandoned idempotent wait for a
 //! retry (a dropped keyed wait is cancelled), per-key adaptive limits.
 
+mod oldest;
 mod ops;
 mod pacing;
 mod reserve;
@@ -155,6 +156,9 @@ pub struct KeyLayer {
     /// Which key holds each remembered reservation, so an unschedule needs only the id (at
     /// most one per key: bounded like the keys).
     reservations: U64Map<Arc<str>>,
+    /// Each waiting key's head, `(arrival, waiter id)`, oldest first: the oldest wait of the
+    /// whole limiter in O(log keys) (see `oldest.rs`). Rebuilt on restore, not persisted.
+    heads: BTreeSet<(Timestamp, u64)>,
 }
 
 /// The spec the total core runs with: without a configured total concurrency, the largest one,
@@ -219,6 +223,7 @@ impl KeyLayer {
                 busy: BTreeSet::new(),
                 counters: KeyCounters::default(),
                 reservations: U64Map::default(),
+                heads: BTreeSet::new(),
             },
         ))
     }
