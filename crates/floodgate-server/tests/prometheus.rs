@@ -1,7 +1,8 @@
 //! The Grafana dashboard and the alerting rules against a real Prometheus (Debian's
 //! `prometheus`, with `promtool`; scripts/test.sh installs it): `promtool check rules` is
 //! clean, Prometheus scrapes a real server under load and loads the rules, and every query of
-//! `docs/grafana/floodgate.json` returns data and names only metrics the server exports.
+//! `docs/grafana/floodgate.json` returns data and names only metrics the server exports, and
+//! `FloodgateOldestWaitNearMaxWait` goes pending for a keyed limiter whose waiters near max_wait.
 //! Waits are bounded polling loops.
 
 #![allow(clippy::unwrap_used)]
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Served;
-use floodgate::{AdaptiveSpec, Floodgate, LimiterSpec};
+use floodgate::{AdaptiveSpec, Floodgate, KeyedSpec, LimiterSpec};
 use floodgate_server::server::ServerOptions;
 use serde_json::{json, Value};
 
@@ -144,6 +145,30 @@ async fn load(base: String, stop: Arc<AtomicBool>) {
     }
 }
 
+/// Keeps waiters of several keys queued on the keyed limiter `orgs` (its one permit held),
+/// each for its whole `max_wait`, a new one every 250 ms: its oldest wait stays near max_wait.
+async fn keyed_waiters(base: String, stop: Arc<AtomicBool>) {
+    let http = reqwest::Client::new();
+    let held = http
+        .post(format!("{base}/v1/limiters/orgs/acquire"))
+        .json(&json!({"key": "big", "lease_ms": 600_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let waiter = http
+            .post(format!("{base}/v1/limiters/orgs/acquire"))
+            .json(&json!({"key": format!("k{}", n % 4)}));
+        tokio::spawn(async move {
+            let _ = waiter.send().await;
+        });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load() {
     let check = Command::new("promtool")
@@ -167,12 +192,20 @@ async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load()
     let mut adaptive = LimiterSpec::concurrency(6);
     adaptive.adaptive = Some(AdaptiveSpec::between(2, 10));
     gate.define("adaptive", adaptive).await.unwrap();
+    gate.define_keyed(
+        "orgs",
+        LimiterSpec::concurrency(1).with_max_wait(Duration::from_secs(3)),
+        KeyedSpec::per_key(1),
+    )
+    .await
+    .unwrap();
     let served = Served::start(gate, ServerOptions::default()).await;
     let base = format!("http://{}", served.addr);
     let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..6)
+    let mut workers: Vec<_> = (0..6)
         .map(|_| tokio::spawn(load(base.clone(), Arc::clone(&stop))))
         .collect();
+    workers.push(tokio::spawn(keyed_waiters(base.clone(), Arc::clone(&stop))));
     let http = reqwest::Client::new();
 
     let prom = start_prometheus(&served.addr.to_string());
@@ -304,6 +337,35 @@ async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load()
         assert!(
             tokio::time::Instant::now() < deadline,
             "FloodgateLeasesExpiring never fired: {expiring} {rules}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The keyed limiter's waiters near its max_wait: that alert goes pending (its `for` is a
+    // minute) for it, as for a plain limiter.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let alerts: Value = http
+            .get(format!("{}/api/v1/alerts", prom.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let near = alerts["data"]["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| {
+                a["labels"]["alertname"] == "FloodgateOldestWaitNearMaxWait"
+                    && a["labels"]["limiter"] == "orgs"
+            });
+        if near {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "FloodgateOldestWaitNearMaxWait never went pending for the keyed limiter: {alerts}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -75,6 +75,7 @@ impl Lim {
                 "kbusy",
                 "ksleep",
                 "kidle",
+                "kheads",
             ]);
         }
         let lim = Lim {

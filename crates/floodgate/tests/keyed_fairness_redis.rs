@@ -62,6 +62,7 @@ impl Sim {
                 "kbusy",
                 "ksleep",
                 "kidle",
+                "kheads",
             ]);
         }
         let keys = parts.iter().map(|k| format!("fg:{{{name}}}:{k}")).collect();

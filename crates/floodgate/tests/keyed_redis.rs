@@ -179,7 +179,7 @@ async fn distinct_keys_used_once(n: usize) {
     assert_eq!(status.counters.timed_out, refused);
     assert!(status.counters.expired >= (n / 50) as u64);
     // The keyed structures are gone (empty) from Redis, not merely unlisted.
-    for k in ["kstate", "kqueue", "kring", "kholders", "kbusy"] {
+    for k in ["kstate", "kqueue", "kring", "kholders", "kbusy", "kheads"] {
         let exists: bool = redis::cmd("EXISTS")
             .arg(format!("fg:{{tenants}}:{k}"))
             .query(&mut conn)

@@ -13,7 +13,8 @@
 //! `redis-server`. After every step they must agree on the answer (its kind, retry hints,
 //! refusal fields, lease deadlines), on which waiters were decided and how (grant or refusal,
 //! and the retry hint), on the status (in use, holders, waiting) and on the keys view (count
-//! and every busiest key's in use, holders, waiting, limit and weight, in order). Fencing
+//! and every busiest key's in use, holders, waiting, limit and weight, in order), and on the
+//! oldest waiter's arrival across keys (the core's oldest head, the script's `kheads`). Fencing
 //! tokens differ (the script seeds them from its clock) and are mapped.
 //!
 //! `FLOODGATE_KEYED_TWIN_CASES` sequences (default 40) of 150 steps each, from fixed seeds.
@@ -122,6 +123,7 @@ impl Twin {
             "kbusy",
             "ksleep",
             "kidle",
+            "kheads",
         ]
         .iter()
         .map(|k| format!("kt:{{{name}}}:{k}"))
@@ -677,6 +679,20 @@ impl Twin {
         }
         if c != s {
             self.fail(format!("keys: core {c:?}, script {s:?}"));
+        }
+        // The oldest wait across keys: the core's oldest head against `kheads`' first entry
+        // (what the holders listing reads).
+        let c = self.layer.oldest_arrival().map(|t| t.0);
+        let first: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&self.keys[19])
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .query(&mut self.conn)
+            .unwrap();
+        let s = first.get(1).map(|v| v.parse::<f64>().unwrap() as u64);
+        if c != s {
+            self.fail(format!("oldest arrival: core {c:?}, script {s:?}"));
         }
     }
 }

@@ -31,6 +31,7 @@
 //! per-key adaptive limits.
 
 mod adopt;
+mod oldest;
 mod ops;
 mod pacing;
 mod reserve;
@@ -158,6 +159,9 @@ pub struct KeyLayer {
     /// Which key holds each remembered reservation, so an unschedule needs only the id (at
     /// most one per key: bounded like the keys).
     reservations: U64Map<Arc<str>>,
+    /// Each waiting key's head, `(arrival, waiter id)`, oldest first: the oldest wait of the
+    /// whole limiter in O(log keys) (see `oldest.rs`). Rebuilt on restore, not persisted.
+    heads: BTreeSet<(Timestamp, u64)>,
 }
 
 /// The spec the total core runs with: without a configured total concurrency, the largest one,
@@ -222,6 +226,7 @@ impl KeyLayer {
                 busy: BTreeSet::new(),
                 counters: KeyCounters::default(),
                 reservations: U64Map::default(),
+                heads: BTreeSet::new(),
             },
         ))
     }

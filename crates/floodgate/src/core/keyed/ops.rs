@@ -168,6 +168,7 @@ impl KeyLayer {
         self.waiter_key.insert(id, Arc::clone(name));
         self.reindex(name);
         if first {
+            self.head_moved(None, name);
             // The head is new: the key may join the ring (or wait for its rate).
             if let Some(k) = self.keys.get_mut(name) {
                 k.sleeping = None;
@@ -207,6 +208,7 @@ impl KeyLayer {
         }
         self.reindex(&name);
         if was_head {
+            self.head_moved(Some((w.enqueued_at, id)), &name);
             self.wake_key(&name, now);
         }
         Some((name, w, was_head))

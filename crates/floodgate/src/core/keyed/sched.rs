@@ -172,6 +172,11 @@ impl KeyLayer {
             let Some((id, w)) = k.queue.pop_first() else {
                 continue;
             };
+            // Its next waiter, if any, is the key's head now.
+            self.heads.remove(&(w.enqueued_at, id));
+            if let Some(h) = k.head_entry() {
+                self.heads.insert(h);
+            }
             k.deficit -= u64::from(permits);
             k.queued_permits -= u64::from(permits);
             self.waiting -= 1;

@@ -281,6 +281,7 @@ impl KeyLayer {
         let (mut waiting, mut waiting_permits) = (0usize, 0u64);
         let mut busy = BTreeSet::new();
         let mut reservations = U64Map::default();
+        let mut heads = BTreeSet::new();
         for k in &s.keys {
             let name: Arc<str> = Arc::from(k.name.as_str());
             names.insert(k.name.clone(), Arc::clone(&name));
@@ -323,6 +324,7 @@ impl KeyLayer {
             if let Some(r) = &k.reservation {
                 reservations.insert(r.id, Arc::clone(&name));
             }
+            heads.extend(key.head_entry());
             keys.insert(name, key);
         }
         let arc = |n: &str| -> Arc<str> { names.get(n).cloned().unwrap_or_else(|| Arc::from(n)) };
@@ -385,6 +387,7 @@ impl KeyLayer {
                 keys_created: s.counters.1,
             },
             reservations,
+            heads,
         })
     }
 

@@ -64,13 +64,13 @@ impl KeyLayer {
     }
 
     /// Who holds and who waits (the holders listing), as for a plain limiter: the total's
-    /// holders, the waiters of every key. The oldest wait is not given (`None`): waiters queue
-    /// per key, and finding the oldest head would visit every key.
+    /// holders, the waiters of every key, and the oldest wait across keys (the oldest of the
+    /// keys' heads, kept in O(log keys): see `oldest.rs`).
     pub fn holders_view(&self, total: &LimiterCore, now: Timestamp, limit: usize) -> HoldersView {
         let mut v = total.holders_view(now, limit);
         v.waiting = u32::try_from(self.waiting).unwrap_or(u32::MAX);
         v.waiting_permits = self.waiting_permits;
-        v.oldest_wait = None;
+        v.oldest_wait = self.oldest_wait(now);
         v
     }
 
@@ -129,7 +129,7 @@ impl KeyLayer {
     }
 
     /// Memory held by the bookkeeping that grows with keys, in entries: keys, ring, heaps,
-    /// index. Zero when idle once [`next_deadline`](Self::next_deadline) has pruned the heaps
+    /// indexes. Zero when idle once [`next_deadline`](Self::next_deadline) has pruned the heaps
     /// (the bounded-state test checks it).
     pub fn footprint(&self) -> usize {
         self.keys.len()
@@ -142,5 +142,6 @@ impl KeyLayer {
             + self.holders.len()
             + self.busy.len()
             + self.requests.len()
+            + self.heads.len()
     }
 }

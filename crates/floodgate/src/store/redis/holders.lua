@@ -4,13 +4,15 @@
 --
 -- KEYS: 1 meta  2 holders  3 leases  4 queue  5 hot (the same keys as the limiter script, lua/common.lua)
 --       6 kqueue (a keyed limiter's waiters, every key's; lua/keyed/drain.lua)
+--       7 kheads (a keyed limiter's keys with waiters by their head's enqueued_at)
 -- ARGV: 1 how many holders to list at most
 -- Reply: 'holders', now, live holders in total, waiting, waiting permits, oldest waiter's
--- enqueued_at ('' if none, and always for a keyed limiter: its waiters queue per key),
+-- enqueued_at ('' if none; a keyed limiter's: the oldest of its keys' heads, from kheads),
 -- rate tokens available ('' without a rate), then per holder (lease ending soonest first):
 -- token, permits, lease deadline, granted_at, label. Or 'unknown'.
 
 local K_META, K_HOLD, K_LEASE, K_Q, K_HOT, K_KQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local K_KHEADS = KEYS[7]
 local limit = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -38,6 +40,9 @@ local oldest = ''
 -- The head's queue member carries its record: key|permits|lease|deadline|enqueued_at|...
 local head = redis.call('ZRANGE', K_Q, 0, 0)
 if head[1] then oldest = fields(head[1], 5)[5] or '' end
+-- A keyed limiter's waiters queue per key: the oldest is the first of its keys' heads.
+local kh = redis.call('ZRANGE', K_KHEADS, 0, 0, 'WITHSCORES')
+if kh[2] and (oldest == '' or tonumber(kh[2]) < tonumber(oldest)) then oldest = fmt(tonumber(kh[2])) end
 -- The hot value's fields (the limiter script's HOT order, lua/state.lua): 13 queued_permits, 18 tat.
 local hot = fields(redis.call('GET', K_HOT) or '', 22)
 local reply = {'holders', fmt(now), fmt(redis.call('ZCOUNT', K_LEASE, live, '+inf')),

@@ -1,6 +1,6 @@
 //! Keyed limiters on Redis: a second script (`lua/keyed/`, joined by `script.rs`) runs every
 //! operation of a keyed limiter, with the plain limiter state as its total and the keys' state
-//! in eight more keys under the same hash tag (see `lua/keyed/drain.lua`).
+//! in nine more keys under the same hash tag (see `lua/keyed/drain.lua`).
 //!
 //! Which script a limiter's operation goes to: a store remembers the keyed limiters it has
 //! seen. The plain script answers `keyed` for a keyed limiter (a store that did not know it,
@@ -25,7 +25,7 @@ use crate::spec::{InvalidField, LimiterSpec, RateSpec, MAX_CONCURRENCY};
 use crate::types::{LimiterName, ReservationId, Schedule};
 
 /// The keyed script's own keys, after the plain script's eleven (see `lua/keyed/drain.lua`).
-const KEYED_KEYS: [&str; 8] = [
+const KEYED_KEYS: [&str; 9] = [
     "kstate",
     "koverrides",
     "kqueue",
@@ -34,6 +34,7 @@ const KEYED_KEYS: [&str; 8] = [
     "kbusy",
     "ksleep",
     "kidle",
+    "kheads",
 ];
 
 impl Inner {
@@ -126,7 +127,7 @@ impl RedisLimiter {
     }
 
     /// The keyed script's own keys of this limiter, under its hash tag.
-    pub(super) fn keyed_keys(&self) -> [String; 8] {
+    pub(super) fn keyed_keys(&self) -> [String; 9] {
         let p = &self.store.config.prefix;
         let n = self.name.as_str();
         KEYED_KEYS.map(|k| format!("{p}:{{{n}}}:{k}"))

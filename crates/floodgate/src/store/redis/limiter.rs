@@ -543,9 +543,10 @@ impl LimiterBackend for RedisLimiter {
         {
             invocation.key(key);
         }
-        // A keyed limiter's waiters queue per key, in `kqueue`.
-        let [_, _, kqueue, ..] = self.keyed_keys();
+        // A keyed limiter's waiters queue per key, in `kqueue`; `kheads` has its oldest.
+        let [_, _, kqueue, .., kheads] = self.keyed_keys();
         invocation.key(kqueue);
+        invocation.key(kheads);
         invocation.arg(limit.min(MAX_HOLDERS_LISTED));
         let mut conn = self.store.conn.clone();
         let reply: Vec<String> = invocation

@@ -118,6 +118,7 @@ fn check(w: &Witness, total: &LimiterCore, layer: &KeyLayer, total_limit: u32, p
         "the total agrees with the ledger"
     );
     assert_eq!(layer.waiting(), w.queued.len());
+    layer.check_heads();
     let mut heads: Vec<(u32, bool)> = Vec::new();
     for (i, key) in KEYS.iter().enumerate() {
         let limit = w.limits[i].unwrap_or(per_key);

@@ -92,6 +92,7 @@ if op == 'kacquire' then
   kdirty(tkey)
   reindex(tkey, k)
   if first then
+    KD.head_moved(tkey)
     -- The head is new: the key may join the ring (or wait for its rate).
     k.sleeping = nil
     wake_key(tkey)

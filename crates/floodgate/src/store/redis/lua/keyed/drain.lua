@@ -19,6 +19,9 @@
 --      back only by their rate, woken then; one entry per arming, stale ones skipped)
 --   19 kidle (zset '%016d(gen) \1 KEY' by when its rate debt ends: keys whose only state is that
 --      debt, dropped then)
+--   20 kheads (zset KEY by its head waiter's enqueued_at: every key with waiters, so the oldest
+--      wait across keys is its first entry, O(log keys); kept where a key's head changes,
+--      layer.lua KD.head_moved; read by holders.lua)
 -- Keys contain no control character (check_key), so \1 separates them from what follows.
 -- Every waiter of a keyed limiter is in `waits` (its deadline), and its `k:WAITER` entry in
 -- `holders` is 'W|seq|KEY \1 queue member'.

@@ -12,7 +12,7 @@ if op == 'delete' then
     redis.call('PEXPIRE', K_DEAD, ARGV[3])
   end
   redis.call('UNLINK', K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT, K_KS, K_KO, K_RING,
-    K_KH, K_BUSY, K_SLEEP, K_IDLE)
+    K_KH, K_BUSY, K_SLEEP, K_IDLE, KD.K_HEADS)
   return {'deleted', fmt(kdrain()), '-1'}
 end
 

@@ -14,6 +14,8 @@ local KD = {cache = {}, dirty = {}, touched = {}, conc = opt(m.k_conc),
             tmk = tonumber(m.k_tmk or '0'), created = tonumber(m.k_created or '0'),
             held = opt(m.k_held)}
 local K_SLEEP, K_IDLE = KEYS[18], KEYS[19]
+-- `kheads` (drain.lua's key 20), in KD: the main chunk is near Lua's limit of 200 locals.
+KD.K_HEADS = KEYS[20]
 
 -- The per-key rate from its meta field 'limit|period_us|burst' ('' none).
 local function parse_rate(raw)
@@ -114,6 +116,19 @@ local function key_head(tkey)
   local r = redis.call('ZRANGEBYLEX', K_KQ, '[' .. tkey .. SEP, '(' .. tkey .. '\2', 'LIMIT', 0, 1)
   if not r[1] then return nil end
   return parse_kq(r[1])
+end
+
+-- Records that key `tkey`'s head may have changed (a waiter queued into an empty key, or its
+-- head taken out): `kheads` scores the key by its head's arrival, or drops it without waiters
+-- (core/keyed/oldest.rs head_moved). O(log n).
+function KD.head_moved(tkey)
+  local h = key_head(tkey)
+  if h then
+    redis.call('ZADD', KD.K_HEADS, fmt(h.enqueued_at), tkey)
+    ktouch(KD.K_HEADS)
+  else
+    redis.call('ZREM', KD.K_HEADS, tkey)
+  end
 end
 
 -- Whether `permits` more fit the key's own limits as of `as_of` (default now; sched.rs
@@ -306,6 +321,8 @@ remove_waiter = function(w, granted)
   local was_head = head and head.seq == w.seq
   redis.call('ZREM', K_KQ, kq_member(w.tkey, w.seq, w.member))
   redis.call('ZREM', K_WAITS, wait_member(w.seq, w.key))
+  -- (A granted waiter was its key's head.)
+  if granted or was_head then KD.head_moved(w.tkey) end
   if not granted then redis.call('HDEL', K_HOLD, 'k:' .. w.key, 'a:' .. w.key) end
   queued_permits = queued_permits - w.permits
   local k = kget(w.tkey)
@@ -599,7 +616,7 @@ finish = function(reply)
   end
   if #changed > 0 then redis.call('HSET', K_META, unpack(changed)) end
   if refresh then
-    for i = 12, 19 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+    for i = 12, 20 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
   else
     for key in pairs(KD.touched) do redis.call('PEXPIRE', key, ttl_ms) end
   end

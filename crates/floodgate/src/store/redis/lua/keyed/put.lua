@@ -34,7 +34,7 @@ if op == 'kput' then
   end
   if not exists then
     -- Keys of an earlier incarnation must not leak into this one.
-    redis.call('UNLINK', K_KS, K_KO, K_KQ, K_RING, K_KH, K_BUSY, K_SLEEP, K_IDLE)
+    redis.call('UNLINK', K_KS, K_KO, K_KQ, K_RING, K_KH, K_BUSY, K_SLEEP, K_IDLE, KD.K_HEADS)
     KD.gen, KD.tmk, KD.created = 0, 0, 0
   end
 end
