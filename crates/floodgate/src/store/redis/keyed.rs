@@ -242,20 +242,10 @@ impl RedisLimiter {
             )
             .await?;
         match tag(&reply) {
-            Some("offsets") => {
-                let offsets = reply[1..reply.len().saturating_sub(1)]
-                    .iter()
-                    .map(|s| {
-                        s.parse::<u64>()
-                            .map(Duration::from_micros)
-                            .map_err(|_| unavailable("bad offset"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                Ok(Schedule {
-                    offsets,
-                    reservation,
-                })
-            }
+            Some("offsets") => Ok(Schedule {
+                offsets: super::limiter::offsets(&reply)?,
+                reservation,
+            }),
             Some("plain") => Err(StoreError::Invalid(not_keyed())),
             Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
             Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),

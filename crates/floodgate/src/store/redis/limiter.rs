@@ -57,6 +57,18 @@ pub(super) fn field(reply: &[String], i: usize) -> Result<u64, StoreError> {
         .ok_or_else(|| unavailable(format!("unexpected script reply {reply:?}")))
 }
 
+/// The offsets of a `schedule`/`kschedule` reply (`offsets, o1, o2, ..., next_due`), in µs.
+pub(super) fn offsets(reply: &[String]) -> Result<Vec<Duration>, StoreError> {
+    reply[1..reply.len().saturating_sub(1)]
+        .iter()
+        .map(|s| {
+            s.parse::<u64>()
+                .map(Duration::from_micros)
+                .map_err(|_| unavailable("bad offset"))
+        })
+        .collect()
+}
+
 pub(super) fn invalid(reply: &[String]) -> InvalidField {
     let named = reply.get(1).map(String::as_str).unwrap_or("");
     let message = reply.get(2).cloned().unwrap_or_default();
@@ -474,20 +486,10 @@ impl LimiterBackend for RedisLimiter {
             .call("schedule", &[count.to_string(), reservation.to_string()])
             .await?;
         match reply.first().map(String::as_str) {
-            Some("offsets") => {
-                let offsets = reply[1..reply.len().saturating_sub(1)]
-                    .iter()
-                    .map(|s| {
-                        s.parse::<u64>()
-                            .map(Duration::from_micros)
-                            .map_err(|_| unavailable("bad offset"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                Ok(Schedule {
-                    offsets,
-                    reservation,
-                })
-            }
+            Some("offsets") => Ok(Schedule {
+                offsets: offsets(&reply)?,
+                reservation,
+            }),
             Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
             Some("unknown") => Err(self.unknown()),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
