@@ -247,11 +247,7 @@ impl RedisLimiter {
             Some("status") => {
                 let status = self.parse_status(&reply)?;
                 self.restore_overrides(&def.overrides).await;
-                // This process's queued acquires of the lost incarnation will never be woken:
-                // answer them now as "store unavailable" (their clients retry).
-                self.store
-                    .lock_waiters()
-                    .retain(|_, pending| pending.limiter != self.name);
+                self.answer_lost_waiters();
                 tracing::warn!(
                     limiter = %self.name,
                     window_ms = window.as_millis(),

@@ -186,11 +186,7 @@ impl RedisLimiter {
             .unwrap_or(spec.default_lease);
         match self.put(&spec, Some(window), true).await? {
             Some(status) => {
-                // This process's queued acquires of the lost incarnation will never be woken:
-                // answer them now as "store unavailable" (their clients retry).
-                self.store
-                    .lock_waiters()
-                    .retain(|_, pending| pending.limiter != self.name);
+                self.answer_lost_waiters();
                 tracing::warn!(
                     limiter = %self.name,
                     window_ms = window.as_millis(),
@@ -221,4 +217,14 @@ pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(
         .query_async::<()>(&mut conn)
         .await
         .map_err(unavailable)
+}
+
+impl RedisLimiter {
+    /// Answers this process's queued acquires of a lost incarnation "store unavailable" (their
+    /// clients retry): nothing would ever wake them.
+    pub(super) fn answer_lost_waiters(&self) {
+        self.store
+            .lock_waiters()
+            .retain(|_, pending| pending.limiter != self.name);
+    }
 }
