@@ -108,20 +108,116 @@ async fn paces_each_key_under_the_total(served: &Served) {
         "{body}"
     );
 
-    // A per-key rate with no total limit at all is still refused, naming the field.
-    let only_keys = json!({"per_key": {"rate": {"limit": 1, "period_ms": 1000}}});
-    let (status, body) = call(&http, put, format!("{base}/keys-only"), only_keys).await;
+    // A keyed limiter with no limit at all (no per-key rate either) is refused, naming a field.
+    let nothing = json!({"per_key": {}, "max_keys": 10});
+    let (status, body) = call(&http, put, format!("{base}/nothing"), nothing).await;
     assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "invalid_request", "{body}");
     assert!(
-        body["message"].as_str().unwrap().contains("per_key"),
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("per_key.concurrency"),
         "{body}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_rates_alone_pace_each_key_with_no_total() {
+    let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
+    paces_each_key_with_no_total(&served).await;
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_rates_alone_pace_each_key_with_no_total_on_redis() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(redis.url()))
+        .await
+        .unwrap();
+    let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
+    paces_each_key_with_no_total(&served).await;
+    served.stop().await;
+}
+
+/// Per-key rates with no total limit at all: each key is paced by its own rate only (no key
+/// holds back another however many are served), nothing is held, status shows no total limit,
+/// and a keyed schedule is paced by the key's rate and given back by `unschedule`.
+async fn paces_each_key_with_no_total(served: &Served) {
+    let base = format!("http://{}/v1/limiters", served.addr);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let spec = json!({"per_key": {"rate": {"limit": 1, "period_ms": 60000, "burst": 2}}});
+    let (status, body) = call(&http, reqwest::Method::PUT, format!("{base}/keys"), spec).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["concurrency"], Value::Null, "{body}");
+    assert_eq!(body["rate"], Value::Null, "no total rate is shown: {body}");
+
+    let acquire = |key: String| {
+        let (http, url) = (http.clone(), format!("{base}/keys/acquire"));
+        let body = json!({"key": key, "wait_ms": 0});
+        async move { call(&http, reqwest::Method::POST, url, body).await }
+    };
+    // Twenty keys each get their burst of 2 (no total bounds them), then their own rate refuses.
+    for i in 0..20 {
+        let key = format!("org-{i}");
+        for _ in 0..2 {
+            let (status, grant) = acquire(key.clone()).await;
+            assert_eq!(status, 200, "{grant}");
+            assert_eq!(grant["lease_ms"], 0, "a paced grant holds nothing: {grant}");
+        }
+        let (status, body) = acquire(key).await;
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["error"], "wait_timeout", "{body}");
+    }
+    let (_, status) = call(
+        &http,
+        reqwest::Method::GET,
+        format!("{base}/keys"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status["in_use"], 0, "{status}");
+    assert_eq!(status["limit"], Value::Null, "{status}");
+    assert_eq!(status["spec"]["rate"], Value::Null, "{status}");
+    assert_eq!(status["spec"]["concurrency"], Value::Null, "{status}");
+    assert_eq!(status["counters"]["paced"], 40, "{status}");
+    assert_eq!(
+        status["keyed"]["key_count"], 20,
+        "keys keep their rate debt: {status}"
+    );
+
+    // A schedule for a fresh key is paced by its rate alone: its burst, then a minute apart,
+    // and refused whole beyond max_wait_ms (60 s by default).
+    let url = format!("{base}/keys/schedule");
+    let body = json!({"key": "fresh", "count": 4});
+    let (status, body) = call(&http, reqwest::Method::POST, url.clone(), body).await;
+    assert_eq!(
+        status, 400,
+        "4 tokens of one a minute exceed max_wait_ms: {body}"
+    );
+    let body = json!({"key": "fresh", "count": 3});
+    let (status, sched) = call(&http, reqwest::Method::POST, url.clone(), body).await;
+    assert_eq!(status, 200, "{sched}");
+    assert_eq!(sched["offsets_ms"], json!([0, 0, 60000]), "{sched}");
+    // Its last token has not started: it goes back (the first two have).
+    let undo = json!({"reservation": sched["reservation"].clone(), "count": 3});
+    let undo_url = format!("{base}/keys/unschedule");
+    let (status, back) = call(&http, reqwest::Method::POST, undo_url, undo).await;
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["returned"], 1, "{back}");
+    // So the key's next token is a minute from its burst again, not two.
+    let body = json!({"key": "fresh", "count": 1});
+    let (status, sched) = call(&http, reqwest::Method::POST, url, body).await;
+    assert_eq!(status, 200, "{sched}");
+    let next = sched["offsets_ms"][0].as_u64().unwrap();
+    assert!(next > 0 && next <= 60000, "{sched}");
+    assert_eq!(acquire("fresh".to_owned()).await.0, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_waiters_of_a_rate_only_keyed_limiter_are_paced_and_keys_go_idle() {
     let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
-    waiters_are_paced_and_keys_go_idle(&served).await;
+    waiters_are_paced_and_keys_go_idle(&served, true).await;
     served.stop().await;
 }
 
@@ -132,18 +228,37 @@ async fn queued_waiters_of_a_rate_only_keyed_limiter_are_paced_and_keys_go_idle_
         .await
         .unwrap();
     let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
-    waiters_are_paced_and_keys_go_idle(&served).await;
+    waiters_are_paced_and_keys_go_idle(&served, true).await;
     served.stop().await;
 }
 
-/// Waiters held back by the total's rate and by their key's own rate are granted in turn
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_waiters_of_per_key_rates_alone_are_paced_and_keys_go_idle() {
+    let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
+    waiters_are_paced_and_keys_go_idle(&served, false).await;
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_waiters_of_per_key_rates_alone_are_paced_and_keys_go_idle_on_redis() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(redis.url()))
+        .await
+        .unwrap();
+    let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
+    waiters_are_paced_and_keys_go_idle(&served, false).await;
+    served.stop().await;
+}
+
+/// Waiters held back by the total's rate (`with_total`; else by no total at all) and by their key's own rate are granted in turn
 /// (woken, paced, nothing held), and once their rate debt ends the keys leave no state. Only
 /// liveness is bounded in time (a wait of 20 s for grants due within a second).
-async fn waiters_are_paced_and_keys_go_idle(served: &Served) {
+async fn waiters_are_paced_and_keys_go_idle(served: &Served, with_total: bool) {
     let base = format!("http://{}/v1/limiters", served.addr);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let total = with_total.then(|| json!({"limit": 20, "period_ms": 1000, "burst": 1}));
     let spec = json!({
-        "rate": {"limit": 20, "period_ms": 1000, "burst": 1},
+        "rate": total,
         "per_key": {"rate": {"limit": 10, "period_ms": 1000, "burst": 1}},
         "max_wait_ms": 20000,
     });

@@ -347,20 +347,25 @@ impl LimiterSpec {
 
     /// Checks every field; the error names the first one out of range.
     pub fn validate(&self) -> Result<(), InvalidField> {
-        match self.concurrency {
-            Some(c) if c == 0 || c > MAX_CONCURRENCY => {
+        if self.concurrency.is_none() && self.rate.is_none() {
+            return Err(InvalidField::new(
+                "concurrency",
+                "a limiter needs a concurrency limit, a rate limit, or both",
+            ));
+        }
+        self.validate_unbounded()
+    }
+
+    /// As [`validate`](Self::validate), but a spec with neither concurrency nor rate passes:
+    /// only the total of a keyed limiter with per-key rates alone has no limit of its own.
+    pub(crate) fn validate_unbounded(&self) -> Result<(), InvalidField> {
+        if let Some(c) = self.concurrency {
+            if c == 0 || c > MAX_CONCURRENCY {
                 return Err(InvalidField::new(
                     "concurrency",
                     format!("must be from 1 to {MAX_CONCURRENCY}"),
                 ));
             }
-            None if self.rate.is_none() => {
-                return Err(InvalidField::new(
-                    "concurrency",
-                    "a limiter needs a concurrency limit, a rate limit, or both",
-                ));
-            }
-            _ => {}
         }
         if let Some(rate) = &self.rate {
             if rate.limit == 0 || rate.limit > MAX_RATE {

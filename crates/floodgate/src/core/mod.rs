@@ -172,7 +172,13 @@ impl LimiterCore {
     /// restarted embedded store) still hands out larger tokens than before.
     pub fn new(spec: LimiterSpec, first_token: u64) -> Result<Self, InvalidField> {
         spec.validate()?;
-        Ok(LimiterCore {
+        Ok(Self::new_total(spec, first_token))
+    }
+
+    /// A core whose spec is already validated; a keyed limiter's total may have no limit of
+    /// its own (per-key rates only: see `keyed::total_spec_for`).
+    pub(crate) fn new_total(spec: LimiterSpec, first_token: u64) -> Self {
+        LimiterCore {
             holders: HolderMap::default(),
             leases: DeadlineHeap::default(),
             in_use: 0,
@@ -193,7 +199,7 @@ impl LimiterCore {
             learning_until: None,
             last_reservation: None,
             spec,
-        })
+        }
     }
 
     /// The fencing token the next grant gets; a store keeps it when the limiter is deleted,

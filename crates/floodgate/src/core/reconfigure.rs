@@ -13,6 +13,25 @@ impl LimiterCore {
         fx: &mut Effects,
     ) -> Result<(), InvalidField> {
         spec.validate()?;
+        self.apply_spec(now, spec, fx);
+        Ok(())
+    }
+
+    /// As [`reconfigure`](Self::reconfigure) for a keyed limiter's total, which may have no
+    /// limit of its own (per-key rates only: see `keyed::total_spec_for`).
+    pub(crate) fn reconfigure_total(
+        &mut self,
+        now: Timestamp,
+        spec: LimiterSpec,
+        fx: &mut Effects,
+    ) -> Result<(), InvalidField> {
+        spec.validate_unbounded()?;
+        self.apply_spec(now, spec, fx);
+        Ok(())
+    }
+
+    /// Applies a validated spec.
+    fn apply_spec(&mut self, now: Timestamp, spec: LimiterSpec, fx: &mut Effects) {
         self.advance(now, fx);
         self.next_due = Timestamp(0);
         // A learned adaptive limit survives a change of other fields (a fleet re-applying
@@ -39,7 +58,6 @@ impl LimiterCore {
         self.spec = spec;
         self.refuse_impossible(fx);
         self.grant_waiters(now, fx);
-        Ok(())
     }
 
     /// Refuses queued waiters asking for more than any grant can now hold (after the limit

@@ -19,15 +19,16 @@
 //! - Every operation costs O(log keys) (hash maps, heaps and a ring), never O(keys); only a
 //!   reconfiguration of the per-key defaults visits every key.
 //!
-//! A rate-only keyed limiter (no concurrency limit in total or per key, a total rate, perhaps a
-//! per-key rate) paces its grants like a plain rate-only limiter: nothing is held, the key's
+//! A rate-only keyed limiter (no concurrency limit in total or per key; a total rate, a per-key
+//! rate, or both) paces its grants like a plain rate-only limiter: nothing is held, the key's
 //! state lasts only while it has waiters or rate debt, and overrides may set only a weight.
+//! With per-key rates alone the total core runs with no limit at all (neither concurrency nor
+//! rate: it bounds nothing, and status shows no total limit); it still counts and tokens grants.
 //!
 //! During a learning window an extend of an unknown permit that carries its key and permits
 //! re-adopts it under that key and the total (see `adopt.rs`).
 //!
-//! Not built yet: a per-key rate with no total limit at all (neither concurrency nor rate),
-//! keeping an abandoned idempotent wait for a retry (a dropped keyed wait is cancelled),
+//! Not built yet: keeping an abandoned idempotent wait for a retry (a dropped keyed wait is cancelled),
 //! per-key adaptive limits.
 
 mod adopt;
@@ -175,14 +176,16 @@ pub fn total_spec(spec: &LimiterSpec) -> LimiterSpec {
 }
 
 /// Whether a keyed limiter is rate-only: no concurrency limit in total or per key, only rates
-/// (the total's, and perhaps each key's). Its grants are paced, like a plain rate-only
-/// limiter's: nothing is held, so there is no lease and nothing to release.
+/// (the total's and/or each key's; [`KeyedSpec::validate`] refuses a limiter with none). Its
+/// grants are paced, like a plain rate-only limiter's: nothing is held, so there is no lease
+/// and nothing to release.
 pub fn rate_only(spec: &LimiterSpec, keyed: &KeyedSpec) -> bool {
-    spec.concurrency.is_none() && keyed.concurrency.is_none() && spec.rate.is_some()
+    spec.concurrency.is_none() && keyed.concurrency.is_none()
 }
 
 /// The total core's spec for a keyed limiter: the spec itself when it is rate-only (paced
-/// grants), else [`total_spec`].
+/// grants; with per-key rates alone it has neither concurrency nor rate, so the total bounds
+/// nothing and only counts), else [`total_spec`].
 pub fn total_spec_for(spec: &LimiterSpec, keyed: &KeyedSpec) -> LimiterSpec {
     if rate_only(spec, keyed) {
         spec.clone()
@@ -201,8 +204,8 @@ impl KeyLayer {
     ) -> Result<(LimiterCore, KeyLayer), InvalidField> {
         keyed.validate(&spec)?;
         let derived = total_spec_for(&spec, &keyed);
-        derived.validate()?;
-        let total = LimiterCore::new(derived, first_token)?;
+        derived.validate_unbounded()?;
+        let total = LimiterCore::new_total(derived, first_token);
         Ok((
             total,
             KeyLayer {

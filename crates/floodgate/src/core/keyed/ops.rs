@@ -438,9 +438,9 @@ impl KeyLayer {
     ) -> Result<(), InvalidField> {
         keyed.validate(&spec)?;
         let derived = super::total_spec_for(&spec, &keyed);
-        derived.validate()?;
+        derived.validate_unbounded()?;
         self.advance(total, now, fx);
-        total.reconfigure(now, derived, fx)?;
+        total.reconfigure_total(now, derived, fx)?;
         self.user_concurrency = spec.concurrency;
         self.spec = keyed;
         let names: Vec<Arc<str>> = self.keys.keys().cloned().collect();

@@ -86,13 +86,15 @@ impl KeyedSpec {
                 format!("must be from 1 to {MAX_KEYS}"),
             ));
         }
-        if total.concurrency.is_none() && self.concurrency.is_none() && total.rate.is_none() {
-            // A rate-only keyed limiter paces its grants with the total core's rate (see
-            // `rate_only`); with no total limit at all there is no core to run it (not built).
+        if total.concurrency.is_none()
+            && self.concurrency.is_none()
+            && total.rate.is_none()
+            && self.rate.is_none()
+        {
             return Err(InvalidField::new(
                 "per_key.concurrency",
-                "a keyed limiter needs a concurrency limit (in total or per key) or a total \
-                 rate (a per-key rate alone, with no total limit, is not supported yet)",
+                "a keyed limiter needs a limit: a concurrency limit or a rate, in total or per \
+                 key (per_key.concurrency, per_key.rate, concurrency or rate)",
             ));
         }
         Ok(())

@@ -344,7 +344,7 @@ impl RedisStore {
     ) -> Result<LimiterStatus, StoreError> {
         keyed.validate(&spec)?;
         // A rate-only keyed limiter's total runs without a concurrency limit (paced grants).
-        total_spec_for(&spec, &keyed).validate()?;
+        total_spec_for(&spec, &keyed).validate_unbounded()?;
         self.register(name).await?;
         let status = self.handle(name).put_keyed(&spec, &keyed, learn).await?;
         self.after_keyed_put(name, &spec, &keyed, &status).await;

@@ -1,4 +1,4 @@
-//! Property test of keyed rates (a total rate and a per-key rate; rate-only, or beside a total
+//! Property test of keyed rates (a total rate, or none, and a per-key rate; rate-only, or beside a total
 //! and a per-key concurrency limit whose grants hold permits for a short lease): random acquires, cancels, time steps and weight overrides against a
 //! witness that checks GCRA's bound on every window of grants, for the total and for each key
 //! (`burst + floor(window / interval)` tokens at most), with `schedule` reservations (each
@@ -107,8 +107,8 @@ impl Witness {
 
     /// Every window of every rate, checked once the case is over (returns only remove tokens,
     /// so a violation at any moment is still there at the end).
-    fn check_rates(&self, total: RateSpec, each: RateSpec) {
-        if let Err(e) = within_rate(&self.all, total) {
+    fn check_rates(&self, total: Option<RateSpec>, each: RateSpec) {
+        if let Some(Err(e)) = total.map(|total| within_rate(&self.all, total)) {
             panic!("the total's rate: {e}");
         }
         for (key, list) in self.per_key.iter().enumerate() {
@@ -170,6 +170,7 @@ proptest! {
         key_per_100ms in 1..=4u32,
         key_burst in 2..=3u32,
         held in any::<bool>(),
+        no_total in any::<bool>(),
         ops in prop::collection::vec(op(), 1..150),
     ) {
         let ms100 = Duration::from_millis(100);
@@ -184,7 +185,11 @@ proptest! {
             spec = spec.with_default_lease(Duration::from_millis(30));
             spec.concurrency = Some(3);
             keyed.concurrency = Some(2);
+        } else if no_total {
+            // Per-key rates alone: the total has no limit at all.
+            spec.rate = None;
         }
+        let total_rate = spec.rate;
         prop_assert_eq!(rate_only(&spec, &keyed), !held);
         let (mut total, mut layer) = KeyLayer::new(spec, keyed, 1).expect("valid");
         let mut w = Witness { paced: !held, ..Witness::default() };
@@ -271,5 +276,10 @@ proptest! {
         prop_assert_eq!(layer.key_count(), 0, "idle keys dropped");
         prop_assert_eq!(layer.reservation_count(), 0, "and their reservations");
         w.check_rates(total_rate, key_rate);
+        if total_rate.is_none() {
+            prop_assert_eq!(total.spec.rate, None, "no total rate, not even a fake one");
+            let status = layer.status(&total, &crate::types::LimiterName::new("n").expect("valid"));
+            prop_assert_eq!((status.limit, status.spec.rate, status.spec.concurrency), (None, None, None));
+        }
     }
 }

@@ -31,6 +31,9 @@ if op == 'kput' then
     local rate = ''
     if ARGV[b + 5] ~= '' then rate = ARGV[b + 5] .. '|' .. ARGV[b + 6] .. '|' .. ARGV[b + 7] end
     KD.put = {conc = opt(ARGV[b + 1]), max = tonumber(ARGV[b + 2]), user = ARGV[b + 3], rate = rate}
+    -- Per-key rates alone (no concurrency nor rate in total): the total runs with no limit at
+    -- all, as core/keyed total_spec_for; 'none' tells the plain put this is meant.
+    if ARGV[4] == '' and ARGV[9] == '' and not KD.put.conc and rate ~= '' then ARGV[4] = 'none' end
   end
   if not exists then
     -- Keys of an earlier incarnation must not leak into this one.

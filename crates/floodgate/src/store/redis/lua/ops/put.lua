@@ -13,7 +13,8 @@ if op == 'put' then
   if bad then return {'invalid', bad[1], bad[2]} end
   local new_rate = {opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11])}
   local new_adaptive = {opt(ARGV[12]), opt(ARGV[13]), opt(ARGV[14]), opt(ARGV[15]), opt(ARGV[16])}
-  if not conc and not new_rate[1] then return {'invalid', 'concurrency', 'a limiter needs a concurrency limit, a rate limit, or both'} end
+  -- ('none': a keyed limiter's total with per-key rates alone, see keyed/put.lua.)
+  if not conc and not new_rate[1] and ARGV[4] ~= 'none' then return {'invalid', 'concurrency', 'a limiter needs a concurrency limit, a rate limit, or both'} end
   -- ARGV[17]: a learning window in us ('' or 0: none), entered only if this call creates the
   -- limiter and it was not deleted on purpose (no tombstone). ARGV[18]: 'revive' when a server
   -- re-creates a limiter it knew that vanished: then an existing limiter is left as it is, and a
