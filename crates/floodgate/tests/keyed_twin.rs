@@ -5,7 +5,8 @@
 //! steps (leases lapsing, waits timing out, keys' and the total's rate
 //! token times, rate debt ending), on limiters with a total, per-key limits, per-key and total
 //! rates in every combination, and rate-only ones (every fourth case: a total rate, perhaps a
-//! per-key rate, no concurrency anywhere: paced grants), and learning windows (every third
+//! per-key rate, or every eighth per-key rates alone with no total limit at all; no concurrency
+//! anywhere: paced grants), and learning windows (every third
 //! case: nothing granted until they end; extends of permits neither side knows, with their key
 //! or without, in and after the windows: re-adopted under their key or lost), run on a
 //! `KeyLayer` and, with
@@ -140,17 +141,23 @@ impl Twin {
             RateSpec::per(2 + rng.below(30) as u32, Duration::from_millis(100))
                 .with_burst(2 + rng.below(2) as u32)
         };
-        let (key_rate, mut total_rate) = match rng.below(4) {
+        let (mut key_rate, mut total_rate) = match rng.below(4) {
             0 => (None, None),
             1 => (Some(rate(rng)), None),
             2 => (None, Some(rate(rng))),
             _ => (Some(rate(rng)), Some(rate(rng))),
         };
         // Every fourth case is rate-only (no concurrency anywhere, a total rate, perhaps a
-        // per-key rate): paced grants, nothing held.
+        // per-key rate): paced grants, nothing held. Every other one of those has per-key rates
+        // alone (no total limit at all).
         let rate_only = case % 4 == 3;
         let (total_c, per_key) = if rate_only {
-            total_rate = total_rate.or_else(|| Some(rate(rng)));
+            if case % 8 == 7 {
+                total_rate = None;
+                key_rate = key_rate.or_else(|| Some(rate(rng)));
+            } else {
+                total_rate = total_rate.or_else(|| Some(rate(rng)));
+            }
             (None, None)
         } else {
             (total_c, per_key)

@@ -361,3 +361,52 @@ fn per_key_rate_paces_its_key_only() {
     sim.take(fx);
     assert_eq!(sim.grants, ["a", "b", "a"]);
 }
+
+/// Per-key rates alone, with no total limit, are accepted (the total runs with no limit: no
+/// fake rate anywhere) and reconfigured both ways; a keyed limiter with no limit at all is
+/// refused naming a field.
+#[test]
+fn per_key_rates_alone_need_no_total_but_some_limit_is_needed() {
+    let each = RateSpec::per(1, Duration::from_secs(60)).with_burst(2);
+    let keyed = KeyedSpec::default().with_rate(each);
+    let (mut total, mut layer) = KeyLayer::new(spec(None), keyed.clone(), 1).expect("accepted");
+    assert_eq!((total.spec.concurrency, total.spec.rate), (None, None));
+    let mut fx = Effects::default();
+    // Many keys, no total: each gets its own burst of 2, then its own rate refuses.
+    for i in 0..50 {
+        let key = format!("k{i}");
+        for _ in 0..2 {
+            let got = layer.acquire(&mut total, t(0), &key, &req(1), &mut fx);
+            assert!(matches!(got, Admission::Granted(_)), "{got:?}");
+        }
+        let at_once = AcquireRequest {
+            wait: Some(Duration::ZERO),
+            ..req(1)
+        };
+        let got = layer.acquire(&mut total, t(0), &key, &at_once, &mut fx);
+        assert!(matches!(got, Admission::Refused(_)), "{got:?}");
+    }
+    assert_eq!((total.in_use(), layer.key_count()), (0, 50));
+    // Its debt ends two minutes on: every key goes.
+    layer.advance(&mut total, t(120_001), &mut fx);
+    assert_eq!(layer.key_count(), 0);
+    // A total rate added, then removed again.
+    let with_total = LimiterSpec::rate(RateSpec::per(10, Duration::from_secs(1)));
+    layer
+        .reconfigure(&mut total, t(120_001), with_total, keyed.clone(), &mut fx)
+        .expect("a total rate");
+    assert!(total.spec.rate.is_some());
+    layer
+        .reconfigure(&mut total, t(120_001), spec(None), keyed, &mut fx)
+        .expect("no total again");
+    assert_eq!(total.spec.rate, None);
+
+    let nothing = KeyedSpec::default();
+    let err = KeyLayer::new(spec(None), nothing.clone(), 1).expect_err("no limit at all");
+    assert_eq!(err.field, "per_key.concurrency");
+    assert!(err.message.contains("per_key.rate"), "{}", err.message);
+    let err = layer
+        .reconfigure(&mut total, t(120_001), spec(None), nothing, &mut fx)
+        .expect_err("no limit at all");
+    assert_eq!(err.field, "per_key.concurrency");
+}
