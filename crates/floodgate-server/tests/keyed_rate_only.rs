@@ -185,6 +185,13 @@ async fn paces_each_key_with_no_total(served: &Served) {
         status["keyed"]["key_count"], 20,
         "keys keep their rate debt: {status}"
     );
+    // A put without per_key keeps the per-key rates and still no total.
+    let again = json!({"max_wait_ms": 60000});
+    let (status, body) = call(&http, reqwest::Method::PUT, format!("{base}/keys"), again).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rate"], Value::Null, "{body}");
+    assert_eq!(body["keyed"]["per_key"]["rate"]["limit"], 1, "{body}");
+    assert_eq!(body["keyed"]["key_count"], 20, "{body}");
 
     // A schedule for a fresh key is paced by its rate alone: its burst, then a minute apart,
     // and refused whole beyond max_wait_ms (60 s by default).

@@ -106,3 +106,63 @@ async fn keyed_limiters_survive_a_reopen_from_the_log() {
 async fn keyed_limiters_survive_a_reopen_from_a_snapshot_and_the_log() {
     run(true).await;
 }
+
+/// Per-key rates alone (no total limit): the limiter and its keys' rate debt survive a reopen
+/// from a snapshot plus the log, and from the log alone; no total limit appears.
+async fn per_key_rates_alone(snapshot_midway: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate, store) = open(dir.path());
+    let each = floodgate::RateSpec::per(1, HOUR).with_burst(2);
+    let mut spec = LimiterSpec::default().with_max_wait(HOUR);
+    (spec.concurrency, spec.rate) = (None, None);
+    gate.define_keyed("orgs", spec, KeyedSpec::default().with_rate(each))
+        .await
+        .unwrap();
+    let orgs = gate.limiter("orgs").await.unwrap();
+    let take = |key: &'static str| {
+        let orgs = orgs.clone();
+        async move {
+            orgs.acquire(AcquireOptions::new().key(key).wait(Duration::ZERO))
+                .await
+                .map(floodgate::Permit::detach)
+        }
+    };
+    take("a").await.unwrap();
+    if snapshot_midway {
+        store.snapshot_now().unwrap();
+    }
+    take("a").await.unwrap();
+    take("b").await.unwrap();
+    assert!(take("a").await.is_err(), "a's burst is spent");
+    store.close();
+    drop((gate, orgs, store));
+
+    let (gate, _store) = open(dir.path());
+    let orgs = gate.limiter("orgs").await.unwrap();
+    let status = orgs.status().await.unwrap();
+    assert_eq!((status.in_use, status.limit), (0, None), "{status:?}");
+    assert_eq!((status.spec.concurrency, status.spec.rate), (None, None));
+    assert_eq!(status.counters.paced, 3, "{status:?}");
+    let take = |key: &'static str| {
+        let orgs = orgs.clone();
+        async move {
+            orgs.acquire(AcquireOptions::new().key(key).wait(Duration::ZERO))
+                .await
+                .map(floodgate::Permit::detach)
+        }
+    };
+    assert!(take("a").await.is_err(), "a's rate debt survived");
+    take("b").await.unwrap();
+    assert!(take("b").await.is_err(), "b's too");
+    take("c").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_rates_alone_survive_a_reopen_from_the_log() {
+    per_key_rates_alone(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_rates_alone_survive_a_reopen_from_a_snapshot_and_the_log() {
+    per_key_rates_alone(true).await;
+}

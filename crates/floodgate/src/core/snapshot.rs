@@ -266,7 +266,9 @@ impl LimiterCore {
     /// Rebuilds a core from [`to_state`](Self::to_state)'s output.
     pub fn from_state(state: &CoreState) -> Result<Self, InvalidField> {
         let spec = LimiterSpec::from(&state.spec);
-        let mut core = LimiterCore::new(spec, state.next_token)?;
+        // Unbounded passes: a keyed limiter's total may have no limit of its own.
+        spec.validate_unbounded()?;
+        let mut core = LimiterCore::new_total(spec, state.next_token);
         let mut holders = HolderMap::default();
         let mut leases = DeadlineHeap::default();
         let mut requests = HashMap::new();
