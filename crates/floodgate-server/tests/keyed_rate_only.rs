@@ -1,5 +1,5 @@
-//! Rate-only keyed limiters over HTTP (docs/keyed.md): a total rate and a per-key rate, no
-//! concurrency limit anywhere. Grants are paced (nothing held, nothing to release), each key
+//! Rate-only keyed limiters over HTTP (docs/keyed.md): a total rate and a per-key rate, or
+//! per-key rates alone with no total limit at all; no concurrency limit anywhere. Grants are paced (nothing held, nothing to release), each key
 //! keeps its own rate under the total's, and what cannot apply is refused naming the field.
 //! The real server on `127.0.0.1:0`, with the embedded store and with a real `redis-server`;
 //! no assertion depends on timing (the per-key rate is one token a minute, so nothing refills

@@ -23,7 +23,8 @@
 //! rate, or both) paces its grants like a plain rate-only limiter: nothing is held, the key's
 //! state lasts only while it has waiters or rate debt, and overrides may set only a weight.
 //! With per-key rates alone the total core runs with no limit at all (neither concurrency nor
-//! rate: it bounds nothing, and status shows no total limit); it still counts and tokens grants.
+//! rate: it bounds nothing, and status shows no total limit); it still counts the grants and
+//! gives them their fencing tokens.
 //!
 //! During a learning window an extend of an unknown permit that carries its key and permits
 //! re-adopts it under that key and the total (see `adopt.rs`).
