@@ -370,3 +370,55 @@ async fn a_keyed_limiter_restored_without_state_learns_on_both_stores() {
         .unwrap();
     assert!(!st.learning, "embedded: {st:?}");
 }
+
+/// A keyed limiter with per-key rates alone (no total limit) comes back after `FLUSHALL` with
+/// its definition: still no total limit, each key paced by its own rate once the window ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_limiter_with_per_key_rates_alone_is_revived_without_a_total() {
+    let server = support::RedisServer::start();
+    let a = gate(&server, Duration::from_millis(300)).await;
+    let each = floodgate::RateSpec::per(1, Duration::from_secs(3600)).with_burst(2);
+    let mut spec = LimiterSpec::default().with_max_wait(Duration::from_secs(30));
+    (spec.concurrency, spec.rate) = (None, None);
+    a.define_keyed("orgs", spec, KeyedSpec::default().with_rate(each))
+        .await
+        .unwrap();
+    let orgs = a.limiter("orgs").await.unwrap();
+    orgs.status().await.unwrap();
+    flushall(&server);
+
+    let take = |key: &'static str| {
+        let orgs = orgs.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let options = AcquireOptions::new().key(key).wait(Duration::from_secs(30));
+                match orgs.acquire(options).await {
+                    Err(AcquireError::Store(StoreError::Unavailable(_)))
+                        if Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => return other.map(floodgate::Permit::detach),
+                }
+            }
+        }
+    };
+    // Served once the window ends: each key's burst of 2, then its own rate (an hour) refuses.
+    take("a").await.unwrap();
+    take("a").await.unwrap();
+    take("b").await.unwrap();
+    let st = orgs.status().await.unwrap();
+    assert!(!st.learning, "{st:?}");
+    assert_eq!(
+        (st.spec.concurrency, st.spec.rate, st.limit),
+        (None, None, None)
+    );
+    assert_eq!(st.counters.paced, 3, "{st:?}");
+    let refused = orgs
+        .acquire(AcquireOptions::new().key("a").wait(Duration::ZERO))
+        .await;
+    assert!(refused.is_err(), "a's own rate holds after the revival");
+    let view = orgs.backend().keys(5).await.unwrap().unwrap();
+    assert_eq!(view.spec.rate, Some(each), "{view:?}");
+}
