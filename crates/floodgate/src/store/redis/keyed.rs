@@ -343,7 +343,8 @@ impl RedisStore {
         learn: Option<Duration>,
     ) -> Result<LimiterStatus, StoreError> {
         keyed.validate(&spec)?;
-        // A rate-only keyed limiter's total runs without a concurrency limit (paced grants).
+        // A rate-only keyed limiter's total runs without a concurrency limit (paced grants), and
+        // with per-key rates alone without a rate either (unbounded).
         total_spec_for(&spec, &keyed).validate_unbounded()?;
         self.register(name).await?;
         let status = self.handle(name).put_keyed(&spec, &keyed, learn).await?;

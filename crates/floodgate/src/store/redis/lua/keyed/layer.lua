@@ -6,7 +6,8 @@
 
 -- Per-key spec (meta fields written by a keyed put): the per-key concurrency, the key cap,
 -- the total concurrency as configured ('' none: the total then runs at MAX_CONCURRENCY, or,
--- rate-only (no per-key concurrency, a total rate), with no concurrency: paced grants).
+-- rate-only (no per-key concurrency; a total rate, or per-key rates alone and then no total
+-- rate either), with no concurrency: paced grants).
 -- `rate`: the per-key rate ({limit, period, burst, t: its emission interval}) or nil; `held`:
 -- when the total's rate lets the key whose turn it is run, while only that holds it.
 local KD = {cache = {}, dirty = {}, touched = {}, conc = opt(m.k_conc),
