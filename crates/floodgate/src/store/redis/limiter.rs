@@ -75,11 +75,7 @@ impl RedisLimiter {
     pub(super) fn new(store: Arc<Inner>, name: LimiterName) -> Self {
         let p = &store.config.prefix;
         let n = name.as_str();
-        let keys = [
-            "meta", "holders", "leases", "queue", "heavy", "waits", "outcomes", "otimes", "hot",
-            "tokens", "dead",
-        ]
-        .map(|k| format!("{p}:{{{n}}}:{k}"));
+        let keys = super::script::KEY_NAMES.map(|k| format!("{p}:{{{n}}}:{k}"));
         RedisLimiter {
             store,
             name,
@@ -127,8 +123,15 @@ impl RedisLimiter {
             &self.store.script
         };
         let mut invocation = script.prepare_invoke();
-        for key in self.keys.iter() {
-            invocation.key(key);
+        if !keyed && (op == "acquire" || op == "release") {
+            // Only the keys the fast paths touch (the script names the rest if it needs them).
+            for i in super::script::FAST_KEYS {
+                invocation.key(&self.keys[i]);
+            }
+        } else {
+            for key in self.keys.iter() {
+                invocation.key(key);
+            }
         }
         if keyed {
             for key in self.keyed_keys() {
