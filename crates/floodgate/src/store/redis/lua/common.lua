@@ -27,6 +27,8 @@
 --      10 tokens (string: the next fencing token of a deleted incarnation, so a re-created
 --         limiter starts above it; written only by delete, with the idle TTL)
 --      11 dead (zset: the queue of a deleted limiter, answered `D` in batches by `drain`)
+--       (A plain acquire or release sends six of them instead: hot, holders, leases, queue,
+--       heavy, waits; see below.)
 -- ARGV: 1 op, 2 limiter name, 3 idle TTL in ms, then the op's arguments.
 --
 -- Reply: a flat array of strings: a tag, the op's fields, and last the delay in microseconds
