@@ -13,8 +13,6 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use floodgate::store::redis::FAST_KEYS;
-
 /// Far enough in the future that no lease or wait ends during a test.
 const HOUR_US: u64 = 3_600_000_000;
 /// The test clock's start.
@@ -53,8 +51,10 @@ impl Script {
 
     fn cmd(&self, op: &str, args: &[String]) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&self.sha);
-        self.keys_of(&mut cmd, op);
+        cmd.arg(&self.sha).arg(self.keys.len());
+        for k in &self.keys {
+            cmd.arg(k);
+        }
         // `op@general` runs the general path (`op@now@general`), skipping the fast one.
         let clocked = match op.strip_suffix("@general") {
             Some(base) => format!("{base}@{}@general", self.now),
@@ -107,22 +107,6 @@ impl Script {
     }
 
     /// Redis commands `f` runs (scripts' inner commands included), from `INFO commandstats`.
-    /// The keys as production sends them: an acquire or release only its fast paths'.
-    fn keys_of(&self, cmd: &mut redis::Cmd, op: &str) {
-        let base = op.split('@').next().unwrap_or(op);
-        if matches!(base, "acquire" | "release") {
-            cmd.arg(FAST_KEYS.len());
-            for i in FAST_KEYS {
-                cmd.arg(&self.keys[i]);
-            }
-        } else {
-            cmd.arg(self.keys.len());
-            for k in &self.keys {
-                cmd.arg(k);
-            }
-        }
-    }
-
     fn count<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> (u64, T) {
         redis::cmd("CONFIG")
             .arg("RESETSTAT")
@@ -458,8 +442,10 @@ fn redis_cpu_per_path() {
     // The bare op, as production sends it (the script reads TIME).
     let bare = |s: &Script, op: &str, args: &[String]| {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&s.sha);
-        s.keys_of(&mut cmd, op);
+        cmd.arg(&s.sha).arg(s.keys.len());
+        for k in &s.keys {
+            cmd.arg(k);
+        }
         cmd.arg(op).arg(&s.name).arg(7 * 24 * 3_600_000_u64);
         for a in args {
             cmd.arg(a);
@@ -504,20 +490,6 @@ fn redis_cpu_per_path() {
                 inv.invoke::<i64>(&mut s.conn).unwrap();
             }
         });
-        time(
-            &mut rows,
-            "trivial script, the 6 keys of acquire/release",
-            &mut || {
-                for _ in 0..BATCH {
-                    let mut inv = trivial.prepare_invoke();
-                    for i in FAST_KEYS {
-                        inv.key(&s.keys[i]);
-                    }
-                    inv.arg("release").arg(&s.name).arg(1).arg("1");
-                    inv.invoke::<i64>(&mut s.conn).unwrap();
-                }
-            },
-        );
         time(&mut rows, "release of a token nobody holds", &mut || {
             for _ in 0..BATCH {
                 bare(&s, "release", &["1".to_owned()])

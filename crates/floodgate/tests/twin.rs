@@ -27,7 +27,6 @@ use floodgate::core::Feedback;
 use floodgate::core::{
     AcquireRequest, Admission, Counters, Effects, LimiterCore, Refusal, WaitOutcome, WaiterId,
 };
-use floodgate::store::redis::FAST_KEYS;
 use floodgate::{AdaptiveSpec, FencingToken, LimiterName, LimiterSpec, RateSpec, Timestamp};
 use gen::{permits_for, scenario, span_ms, Op, SpecChoice, Step, TokenPick, WaiterPick};
 use proptest::prelude::*;
@@ -254,19 +253,9 @@ impl<'a> Twin<'a> {
 
     fn evalsha(&self, op: &str, args: &[String]) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash());
-        // As production: an acquire or release sends only its fast paths' keys, and the
-        // script names the rest when the call goes past them (the general path here).
-        if matches!(op, "acquire" | "release") {
-            cmd.arg(FAST_KEYS.len());
-            for i in FAST_KEYS {
-                cmd.arg(&self.keys[i]);
-            }
-        } else {
-            cmd.arg(self.keys.len());
-            for k in &self.keys {
-                cmd.arg(k);
-            }
+        cmd.arg(self.script.get_hash()).arg(self.keys.len());
+        for k in &self.keys {
+            cmd.arg(k);
         }
         let fast = matches!(op, "acquire" | "release") && !self.general;
         let tag = if fast {

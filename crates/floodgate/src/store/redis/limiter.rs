@@ -75,7 +75,11 @@ impl RedisLimiter {
     pub(super) fn new(store: Arc<Inner>, name: LimiterName) -> Self {
         let p = &store.config.prefix;
         let n = name.as_str();
-        let keys = super::script::KEY_NAMES.map(|k| format!("{p}:{{{n}}}:{k}"));
+        let keys = [
+            "meta", "holders", "leases", "queue", "heavy", "waits", "outcomes", "otimes", "hot",
+            "tokens", "dead",
+        ]
+        .map(|k| format!("{p}:{{{n}}}:{k}"));
         RedisLimiter {
             store,
             name,
@@ -123,15 +127,8 @@ impl RedisLimiter {
             &self.store.script
         };
         let mut invocation = script.prepare_invoke();
-        if !keyed && (op == "acquire" || op == "release") {
-            // Only the keys the fast paths touch (the script names the rest if it needs them).
-            for i in super::script::FAST_KEYS {
-                invocation.key(&self.keys[i]);
-            }
-        } else {
-            for key in self.keys.iter() {
-                invocation.key(key);
-            }
+        for key in self.keys.iter() {
+            invocation.key(key);
         }
         if keyed {
             for key in self.keyed_keys() {

@@ -15,19 +15,6 @@ use crate::spec::{MAX_CONCURRENCY, MAX_LEASE, MAX_QUEUE, MAX_WAIT, MIN_LEASE};
 /// ends, at the deadline that timed it out. A grant's outcome is kept while the grant is held.
 pub(crate) const OUTCOME_RETENTION: Duration = Duration::from_secs(120);
 
-/// The last part of each of a limiter's keys (`PREFIX:{name}:PART`), in the order the script
-/// reads them from `KEYS` (see `lua/common.lua`).
-pub(crate) const KEY_NAMES: [&str; 11] = [
-    "meta", "holders", "leases", "queue", "heavy", "waits", "outcomes", "otimes", "hot", "tokens",
-    "dead",
-];
-
-/// The keys (indexes into `KEY_NAMES`) a plain acquire or release sends, in this order: all its
-/// fast paths touch. The script names the others from `hot`'s when the call goes further (each
-/// declared key costs every call its string in Redis's Lua).
-#[doc(hidden)]
-pub const FAST_KEYS: [usize; 6] = [8, 1, 2, 3, 4, 5];
-
 /// The counters, as the script names them (`c_<name>` in `meta`), in status order.
 pub(crate) const COUNTER_FIELDS: &[&str] = &[
     "granted",
@@ -108,18 +95,6 @@ fn prelude() -> String {
     for (name, value) in consts {
         let _ = writeln!(s, "local {name} = {value}");
     }
-    // The keys a fast-path call does not send (FAST_KEYS), from hot's name: KEY_NAMES order.
-    let hot = KEY_NAMES[8];
-    let others: Vec<String> = (0..KEY_NAMES.len())
-        .filter(|i| !FAST_KEYS.contains(i))
-        .map(|i| format!("base .. '{}'", KEY_NAMES[i]))
-        .collect();
-    let _ = writeln!(
-        s,
-        "local function other_keys(hot)\n  local base = string.sub(hot, 1, -{})\n  return {}\nend",
-        hot.len() + 1,
-        others.join(", ")
-    );
     // A function, not tables: only the general path needs them, and building a table costs
     // every script call that runs past it (the fast paths do not).
     let _ = writeln!(

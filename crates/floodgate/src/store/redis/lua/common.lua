@@ -27,8 +27,6 @@
 --      10 tokens (string: the next fencing token of a deleted incarnation, so a re-created
 --         limiter starts above it; written only by delete, with the idle TTL)
 --      11 dead (zset: the queue of a deleted limiter, answered `D` in batches by `drain`)
---       (A plain acquire or release sends six of them instead: hot, holders, leases, queue,
---       heavy, waits; see below.)
 -- ARGV: 1 op, 2 limiter name, 3 idle TTL in ms, then the op's arguments.
 --
 -- Reply: a flat array of strings: a tag, the op's fields, and last the delay in microseconds
@@ -44,22 +42,8 @@
 -- kept OUTCOME_RETENTION after its decision. So outcome memory is bounded by the holders and
 -- by the decisions of the last OUTCOME_RETENTION, whatever the waits.
 
-local K_META, K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT, K_HOT, K_TOK, K_DEAD
-if KEYS[7] then
-  K_META, K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT, K_HOT, K_TOK, K_DEAD =
-    KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10],
-    KEYS[11]
-else
-  -- A plain acquire or release sends only the six keys its fast path touches, in FAST_KEYS
-  -- order (each declared key costs every call its string in Redis's Lua); the other five are
-  -- named from hot's when the call goes past the fast path (all_keys). The same hash tag, so
-  -- the same Cluster slot.
-  K_HOT, K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
-    KEYS[6]
-end
-local function all_keys()
-  if not K_META then K_META, K_OUT, K_OUTT, K_TOK, K_DEAD = other_keys(K_HOT) end
-end
+local K_META, K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT, K_HOT, K_TOK, K_DEAD =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local op, name, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local now

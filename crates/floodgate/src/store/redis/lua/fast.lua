@@ -38,11 +38,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
       if refresh then h[8] = fmt(now + TTL_REFRESH) end
       redis.call('SET', K_HOT, table.concat(h, '|'), 'KEEPTTL')
       if refresh then
-        all_keys()
-        for _, key in ipairs({K_META, K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT,
-                              K_HOT}) do
-          redis.call('PEXPIRE', key, ARGV[3])
-        end
+        for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
       end
     end
     -- Keys that were empty (so gone) get their TTL when they come back.
@@ -224,9 +220,6 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
     end
   end
 end
-
--- Past the fast paths: every key named.
-all_keys()
 
 -- Answers the queue of a deleted limiter, a batch per call (so no call blocks Redis for long):
 -- each waiter is told `D`. Replies the number still to answer.

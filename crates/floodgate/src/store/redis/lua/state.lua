@@ -467,10 +467,7 @@ local function finish(reply)
     fmt(max_dl)},
     '|'), 'KEEPTTL')
   if refresh then
-    for _, key in ipairs({K_META, K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT,
-                          K_HOT}) do
-      redis.call('PEXPIRE', key, ttl_ms)
-    end
+    for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
   end
   local next = due
   local rd = head_rate_at()
