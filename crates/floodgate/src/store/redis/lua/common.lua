@@ -98,10 +98,11 @@ local function tail(s, n)
   return string.sub(s, at + 1)
 end
 
-local function split(s)
+-- `sep`: the separator, '|' unless given (a keyed reservation's fields are split on ',').
+local function split(s, sep)
   local out, start = {}, 1
   while true do
-    local i = string.find(s, '|', start, true)
+    local i = string.find(s, sep or '|', start, true)
     if not i then
       out[#out + 1] = string.sub(s, start)
       return out

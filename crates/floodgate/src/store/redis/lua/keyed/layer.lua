@@ -195,22 +195,9 @@ end
 -- (One table, not locals: the script's main chunk is near Lua's limit of 200 locals.)
 local KR = {}
 
-function KR.split(s)
-  local out, start = {}, 1
-  while true do
-    local i = string.find(s, ',', start, true)
-    if not i then
-      out[#out + 1] = string.sub(s, start)
-      return out
-    end
-    out[#out + 1] = string.sub(s, start, i - 1)
-    start = i + 1
-  end
-end
-
 function KR.parse(raw)
   if not raw then return nil end
-  local f = KR.split(raw)
+  local f = split(raw, ',')
   return {id = f[1], at = tonumber(f[2]), count = tonumber(f[3]), last = tonumber(f[4]),
           trate = f[5], tbefore = opt(f[6]), tend = opt(f[7]),
           krate = f[8], kbefore = opt(f[9]), kend = opt(f[10])}
