@@ -17,6 +17,30 @@ use floodgate_server::server::ServerOptions;
 use serde_json::{json, Value};
 use support::RedisServer;
 
+/// Two tests running the same body: one on the embedded store, one on a real `redis-server`.
+macro_rules! on_both_stores {
+    ($embedded:ident, $on_redis:ident, |$served:ident| $body:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $embedded() {
+            let $served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
+            $body.await;
+            $served.stop().await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $on_redis() {
+            let redis = RedisServer::start();
+            let store = RedisStore::connect(RedisConfig::new(redis.url()))
+                .await
+                .unwrap();
+            let $served =
+                Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
+            $body.await;
+            $served.stop().await;
+        }
+    };
+}
+
 async fn call(
     http: &reqwest::Client,
     method: reqwest::Method,
@@ -28,23 +52,11 @@ async fn call(
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rate_only_keyed_limiter_paces_each_key_under_the_total() {
-    let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
-    paces_each_key_under_the_total(&served).await;
-    served.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rate_only_keyed_limiter_paces_each_key_under_the_total_on_redis() {
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(RedisConfig::new(redis.url()))
-        .await
-        .unwrap();
-    let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
-    paces_each_key_under_the_total(&served).await;
-    served.stop().await;
-}
+on_both_stores!(
+    a_rate_only_keyed_limiter_paces_each_key_under_the_total,
+    a_rate_only_keyed_limiter_paces_each_key_under_the_total_on_redis,
+    |served| paces_each_key_under_the_total(&served)
+);
 
 async fn paces_each_key_under_the_total(served: &Served) {
     let base = format!("http://{}/v1/limiters", served.addr);
@@ -122,23 +134,11 @@ async fn paces_each_key_under_the_total(served: &Served) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_key_rates_alone_pace_each_key_with_no_total() {
-    let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
-    paces_each_key_with_no_total(&served).await;
-    served.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_key_rates_alone_pace_each_key_with_no_total_on_redis() {
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(RedisConfig::new(redis.url()))
-        .await
-        .unwrap();
-    let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
-    paces_each_key_with_no_total(&served).await;
-    served.stop().await;
-}
+on_both_stores!(
+    per_key_rates_alone_pace_each_key_with_no_total,
+    per_key_rates_alone_pace_each_key_with_no_total_on_redis,
+    |served| paces_each_key_with_no_total(&served)
+);
 
 /// Per-key rates with no total limit at all: each key is paced by its own rate only (no key
 /// holds back another however many are served), nothing is held, status shows no total limit,
@@ -221,41 +221,17 @@ async fn paces_each_key_with_no_total(served: &Served) {
     assert_eq!(acquire("fresh".to_owned()).await.0, 429);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_waiters_of_a_rate_only_keyed_limiter_are_paced_and_keys_go_idle() {
-    let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
-    waiters_are_paced_and_keys_go_idle(&served, true).await;
-    served.stop().await;
-}
+on_both_stores!(
+    queued_waiters_of_a_rate_only_keyed_limiter_are_paced_and_keys_go_idle,
+    queued_waiters_of_a_rate_only_keyed_limiter_are_paced_and_keys_go_idle_on_redis,
+    |served| waiters_are_paced_and_keys_go_idle(&served, true)
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_waiters_of_a_rate_only_keyed_limiter_are_paced_and_keys_go_idle_on_redis() {
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(RedisConfig::new(redis.url()))
-        .await
-        .unwrap();
-    let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
-    waiters_are_paced_and_keys_go_idle(&served, true).await;
-    served.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_waiters_of_per_key_rates_alone_are_paced_and_keys_go_idle() {
-    let served = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
-    waiters_are_paced_and_keys_go_idle(&served, false).await;
-    served.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_waiters_of_per_key_rates_alone_are_paced_and_keys_go_idle_on_redis() {
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(RedisConfig::new(redis.url()))
-        .await
-        .unwrap();
-    let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
-    waiters_are_paced_and_keys_go_idle(&served, false).await;
-    served.stop().await;
-}
+on_both_stores!(
+    queued_waiters_of_per_key_rates_alone_are_paced_and_keys_go_idle,
+    queued_waiters_of_per_key_rates_alone_are_paced_and_keys_go_idle_on_redis,
+    |served| waiters_are_paced_and_keys_go_idle(&served, false)
+);
 
 /// Waiters held back by the total's rate (`with_total`; else by no total at all) and by their key's own rate are granted in turn
 /// (woken, paced, nothing held), and once their rate debt ends the keys leave no state. Only
