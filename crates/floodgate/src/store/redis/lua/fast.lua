@@ -8,36 +8,40 @@
 --   rate only ('r'): an acquire the rate grants at once, or refuses when it cannot wait; a
 --     release with nobody queued and nothing held.
 -- A repeated idempotent acquire (its key already has an entry) takes the general path.
+-- Writes back the hot value (the fields in HOT order after the tag) and, when due, refreshes
+-- every key's TTL. The fields are parameters, not upvalues: a closure over the fast path's 24
+-- locals costs each call about 0.8 us of Redis time to make (an upvalue object per local).
+local function save_hot(refresh, mode, ...)
+  redis.call('SET', K_HOT, struct.pack(HOT_FMT, mode, HOT_TAG, ...), 'KEEPTTL')
+  if refresh then
+    for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+  end
+end
+-- The delay to report from the fast paths' `due` (a lower bound of the next deadline).
+local function delay(due)
+  if due >= NONE then return '-1' end
+  return fmt(due - now)
+end
 local is_repeat = op == 'acquire' and idem(ARGV[7])
   and redis.call('HEXISTS', K_HOLD, 'k:' .. ARGV[7]) == 1
 if (op == 'acquire' or op == 'release') and not general_only and not is_repeat then
   local raw_hot = redis.call('GET', K_HOT)
   -- HOT's 23 fields unpacked by the C `struct` library straight into numbers (HOT_FMT, in
-  -- common.lua): no string is made per field, no strtod. A value an older release wrote (text,
-  -- `|`-separated: its second byte is `|`) takes the general path once, which rewrites it.
-  if raw_hot and string.byte(raw_hot, 2) == HOT_TAG_BYTE then
+  -- common.lua): no string is made per field, no strtod. No value, or one an older release
+  -- wrote (text, `|`-separated: its second byte is `|`), unpacks as fast = '0' here: the general
+  -- path runs, and rewrites it packed.
+  if not (raw_hot and string.byte(raw_hot, 2) == HOT_TAG_BYTE) then
+    raw_hot = '0' .. HOT_TAG .. string.rep('\0', 176)
+  end
   local mode, _, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted, c_released,
     ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t, rate_burst,
     c_paced, c_timed_out, max_dl = struct.unpack(HOT_FMT, raw_hot)
   if due > now and (mode == '1' or (mode == 'r' and (op == 'acquire' or (qlen == 0 and in_use == 0)))) then
     local refresh = ttl_at <= now
-    local function save()
-      if refresh then ttl_at = now + TTL_REFRESH end
-      redis.call('SET', K_HOT, struct.pack(HOT_FMT, mode, HOT_TAG, qlen, in_use, limit,
-        next_token, lease_us, cap, ttl_at, c_granted, c_released, ewma, next_seq, queued_permits,
-        due, max_wait, max_queue, heavy, tat, rate_t, rate_burst, c_paced, c_timed_out, max_dl),
-        'KEEPTTL')
-      if refresh then
-        for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
-      end
-    end
+    if refresh then ttl_at = now + TTL_REFRESH end
     -- Keys that were empty (so gone) get their TTL when they come back.
     local function created(key)
-      if not refresh then redis.call('PEXPIRE', key, ARGV[3]) end   -- save() refreshes every key
-    end
-    local function next_due()
-      if due >= NONE then return '-1' end
-      return fmt(due - now)
+      if not refresh then redis.call('PEXPIRE', key, ARGV[3]) end   -- save_hot() refreshes every key
     end
     if op == 'acquire' then
       local permits, lease = tonumber(ARGV[4]), lease_us
@@ -53,24 +57,28 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           next_token = token + 1
           tat = math.max(tat, now) + t * permits
           c_granted, c_paced = c_granted + 1, c_paced + 1
-          save()
+          save_hot(refresh, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
+            c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
+            rate_burst, c_paced, c_timed_out, max_dl)
           local now_s = fmt(now)
-          return {'granted', fmt(token), fmt(permits), '0', now_s, now_s, '0', next_due()}
+          return {'granted', fmt(token), fmt(permits), '0', now_s, now_s, '0', delay(due)}
         end
         local wait = max_wait
         if ARGV[6] ~= '' then wait = math.min(tonumber(ARGV[6]), wait) end
         if ra - now > wait then
           c_timed_out = c_timed_out + 1
-          save()
-          return {'timeout', fmt(math.max(ra - now, 1000)), next_due()}
+          save_hot(refresh, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
+            c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
+            rate_burst, c_paced, c_timed_out, max_dl)
+          return {'timeout', fmt(math.max(ra - now, 1000)), delay(due)}
         end
       elseif permits >= 1 and permits <= cap and lease >= MIN_LEASE
         and lease <= MAX_LEASE and mode == '1' then
         if qlen == 0 and in_use + permits <= limit then
           local token = math.max(next_token, now)
           local deadline = now + lease
-          local t_s, deadline_s, now_s = fmt(token), fmt(deadline), fmt(now)
-          local rec = ARGV[4] .. '|' .. deadline_s .. '|' .. now_s .. '|' .. key .. '|' .. (ARGV[9] or '')
+          local t_s, p_s, deadline_s, now_s = fmt(token), fmt(permits), fmt(deadline), fmt(now)
+          local rec = p_s .. '|' .. deadline_s .. '|' .. now_s .. '|' .. key .. '|' .. (ARGV[9] or '')
           -- The waiter key rides along, and indexes the grant (`k:KEY`), so a caller that lost
           -- this reply can still find and return it (cancel, below).
           if idem(key) then
@@ -85,8 +93,10 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           in_use, next_token = in_use + permits, token + 1
           c_granted = c_granted + 1
           due = math.min(due, deadline)
-          save()
-          return {'granted', t_s, ARGV[4], fmt(lease), deadline_s, now_s, '0', next_due()}
+          save_hot(refresh, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
+            c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
+            rate_burst, c_paced, c_timed_out, max_dl)
+          return {'granted', t_s, p_s, fmt(lease), deadline_s, now_s, '0', delay(due)}
         end
         local wait = max_wait
         if ARGV[6] ~= '' then wait = math.min(tonumber(ARGV[6]), wait) end
@@ -120,18 +130,20 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           qlen = qlen + 1
           next_seq, queued_permits = seq + 1, queued_permits + permits
           due = math.min(due, deadline)
-          save()
-          return {'queued', fmt(wait), next_due()}
+          save_hot(refresh, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
+            c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
+            rate_burst, c_paced, c_timed_out, max_dl)
+          return {'queued', fmt(wait), delay(due)}
         end
       end
     elseif mode == 'r' then
       -- Rate only, nothing held (holders of a concurrency limit it had before may be) and
       -- nobody queued: nothing to release (a dropped permit still sends its release).
-      return {'released', '0', next_due()}
+      return {'released', '0', delay(due)}
     else
       local token = ARGV[4]
       local raw = is_token(token) and redis.call('HGET', K_HOLD, token)
-      if not raw then return {'released', '0', next_due()} end
+      if not raw then return {'released', '0', delay(due)} end
       -- permits|deadline|granted_at|waiter_key|label: permits, granted_at and the waiter key
       -- are all a release needs.
       local p, granted_at, wkey = string.match(raw, '^([^|]*)|[^|]*|([^|]*)|([^|]*)')
@@ -203,11 +215,12 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           redis.call('PUBLISH', ch, name .. '\n' .. wk .. '\n' .. outcome)
         end
       end
-      save()
-      reply[#reply + 1] = next_due()
+      save_hot(refresh, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
+        c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
+        rate_burst, c_paced, c_timed_out, max_dl)
+      reply[#reply + 1] = delay(due)
       return reply
     end
-  end
   end
 end
 
