@@ -44,7 +44,16 @@ if head[1] then oldest = fields(head[1], 5)[5] or '' end
 local kh = redis.call('ZRANGE', K_KHEADS, 0, 0, 'WITHSCORES')
 if kh[2] and (oldest == '' or tonumber(kh[2]) < tonumber(oldest)) then oldest = fmt(tonumber(kh[2])) end
 -- The hot value's fields (the limiter script's HOT order, lua/state.lua): 13 queued_permits, 18 tat.
-local hot = fields(redis.call('GET', K_HOT) or '', 22)
+-- Packed as HOT_FMT in lua/common.lua (its second byte the tag `#`; in the unpacked values field
+-- i > 1 is at i + 1, after the tag), or text, `|`-separated, as an older release wrote it.
+local raw_hot = redis.call('GET', K_HOT) or ''
+local hot
+if string.byte(raw_hot, 2) == 35 then
+  local v = {struct.unpack('<c1c1dddddddddddddddddddddd', raw_hot)}
+  hot = {[13] = fmt(v[14]), [18] = fmt(v[19])}
+else
+  hot = fields(raw_hot, 22)
+end
 local reply = {'holders', fmt(now), fmt(redis.call('ZCOUNT', K_LEASE, live, '+inf')),
                fmt(redis.call('ZCARD', K_Q) + redis.call('ZCARD', K_KQ)), hot[13] or '0', oldest, ''}
 local rate_limit = tonumber(redis.call('HGET', K_META, 'rate_limit') or '')

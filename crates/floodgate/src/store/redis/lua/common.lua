@@ -22,8 +22,9 @@
 --       6 waits (zset %016d(seq)..KEY by wait deadline: ties end in arrival order)
 --       7 outcomes (hash waiter key -> outcome not tied to a held grant)
 --       8 outcome_times (zset waiter key by when its outcome may be forgotten)
---       9 hot (string: the fields every acquire and release touch, `|`-separated in HOT order,
---         kept apart from the spec so the fast paths read and write one short value)
+--       9 hot (string: the fields every acquire and release touch, in HOT order, packed by the
+--         `struct` library (HOT_FMT below), kept apart from the spec so the fast paths read and
+--         write one short value)
 --      10 tokens (string: the next fencing token of a deleted incarnation, so a re-created
 --         limiter starts above it; written only by delete, with the idle TTL)
 --      11 dead (zset: the queue of a deleted limiter, answered `D` in batches by `drain`)
@@ -76,6 +77,14 @@ if local_ch == '' then local_ch = nil end
 -- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION and field_lists() (COUNTERS, STATUS) come from the prelude that
 -- store/redis/script.rs builds from the Rust constants.
 local function fmt(n) return string.format('%d', n) end
+-- The hot value's layout: HOT's first field (`fast`, one character), a tag byte, then the other
+-- 22 fields as little-endian doubles (integers below 2^53 are exact; -1 stands for an absent
+-- one). Packed and unpacked by Redis's C `struct` library: the fast paths make no string per
+-- field and format or parse no number (text fields cost each call their strings, strtod and
+-- printf). An older release's value was text, `|`-separated, so its second byte is `|`, never
+-- the tag: the general path reads it (split) and writes it back packed.
+local HOT_FMT = '<c1c1dddddddddddddddddddddd'
+local HOT_TAG, HOT_TAG_BYTE = '#', 35
 local TTL_REFRESH = 3600 * 1000000
 -- "No deadline": above every time (2^53 - 1, still exact in a double).
 local NONE = 9007199254740991

@@ -26,7 +26,15 @@ do
     meta_was[raw[i]] = raw[i + 1]
   end
   local hot = redis.call('GET', K_HOT)
-  if hot then
+  if hot and string.byte(hot, 2) == HOT_TAG_BYTE then
+    -- Packed (HOT_FMT): the fields after the tag are numbers, -1 for an absent one.
+    local v = {struct.unpack(HOT_FMT, hot)}
+    m.fast = v[1]
+    for i = 2, #HOT do
+      if v[i + 1] == -1 then m[HOT[i]] = nil else m[HOT[i]] = v[i + 1] end
+    end
+  elseif hot then
+    -- Text, as an older release wrote it ('' for an absent field): rewritten packed by finish().
     for i, v in ipairs(split(hot)) do m[HOT[i]] = v end
   end
 end
@@ -458,14 +466,12 @@ local function finish(reply)
   if not learning_until and rate_limit and not concurrency then fast = 'r' end
   -- A keyed limiter's operations all take the general path of the keyed script (lua/keyed/).
   if m.keyed == '1' then fast = '0' end
-  local ttl_at = refresh and fmt(now + TTL_REFRESH) or m.ttl_at
-  redis.call('SET', K_HOT, table.concat({fast, fmt(qlen), fmt(in_use),
-    ofmt(limit), fmt(next_token), fmt(default_lease), ofmt(permit_cap()),
-    ttl_at, fmt(c.granted), fmt(c.released), ewma and fmt(ewma) or '', fmt(next_seq),
-    fmt(queued_permits), fmt(due), fmt(max_wait), fmt(max_queue), fmt(heavy), fmt(tat),
-    rate_limit and fmt(interval()) or '', ofmt(rate_burst), fmt(c.paced), fmt(c.timed_out),
-    fmt(max_dl)},
-    '|'), 'KEEPTTL')
+  local ttl_at = refresh and now + TTL_REFRESH or tonumber(m.ttl_at)
+  local function absent(v) if v == nil then return -1 end return v end
+  redis.call('SET', K_HOT, struct.pack(HOT_FMT, fast, HOT_TAG, qlen, in_use, absent(limit),
+    next_token, default_lease, absent(permit_cap()), ttl_at, c.granted, c.released, absent(ewma),
+    next_seq, queued_permits, due, max_wait, max_queue, heavy, tat,
+    rate_limit and interval() or -1, absent(rate_burst), c.paced, c.timed_out, max_dl), 'KEEPTTL')
   if refresh then
     for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
   end
