@@ -14,7 +14,9 @@
 //! after it), so the split is checkable.
 //!
 //! Run: `cargo bench -p floodgate --features redis --bench redis_memory`. Knobs (env):
-//! `REDIS_URL`, `FG_SECONDS`, `FG_HOLDERS` (64), `FG_LIMIT` (8), `FG_HOLD_MS` (5).
+//! `REDIS_URL`, `FG_SECONDS`, `FG_HOLDERS` (64), `FG_LIMIT` (8), `FG_HOLD_MS` (5), and on its
+//! own server `FG_SLOWLOG_US` (Redis's `slowlog-log-slower-than`, 10000 µs by default: 0 logs
+//! every command, so the slow log reaches its cap at once).
 
 #![allow(
     clippy::print_stdout,
@@ -87,11 +89,26 @@ fn main() {
             .unwrap();
         // One reading before the load gives every command the readings use its latency
         // histogram, so later readings add none; then one histogram's bytes, measured.
+        if own {
+            if let Ok(us) = std::env::var("FG_SLOWLOG_US") {
+                // A control: log more commands (0: every one), so the slow log fills to its
+                // cap early and the run shows it stops there.
+                let () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("slowlog-log-slower-than")
+                    .arg(us)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        let slowlog_cap = breakdown::config_number(&mut conn, "slowlog-max-len").await;
         let _ = breakdown::sample(&mut conn, 0, 0).await;
         let _ = sizes(&mut conn).await;
         let mut units = breakdown::Units {
             histogram: if own { breakdown::histogram_bytes(&mut conn).await } else { 0 },
             slowlog_entry: 0,
+            slowlog_cap,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let grants = Arc::new(AtomicU64::new(0));

@@ -56,6 +56,19 @@ pub(crate) struct Units {
     pub(crate) histogram: u64,
     /// One slow-log entry, bytes (the mean over the entries reset at the end).
     pub(crate) slowlog_entry: u64,
+    /// `slowlog-max-len`: the most entries the slow log keeps, so its bound.
+    pub(crate) slowlog_cap: u64,
+}
+
+/// `CONFIG GET NAME` as a number (0 if absent).
+pub(crate) async fn config_number(conn: &mut MultiplexedConnection, name: &str) -> u64 {
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(conn)
+        .await
+        .unwrap();
+    v.get(1).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 impl Sample {
@@ -385,7 +398,14 @@ pub(crate) fn report(samples: &[Sample], units: Units) {
         }
     }
     println!(
-        "  slow log {} -> {} entries (at most slowlog-max-len), histograms {} -> {} commands, keys {} -> {}",
-        first.slowlog, last.slowlog, first.histograms, last.histograms, first.key_count, last.key_count
+        "  slow log {} -> {} entries (at most slowlog-max-len {}: {} B), histograms {} -> {} commands, keys {} -> {}",
+        first.slowlog,
+        last.slowlog,
+        units.slowlog_cap,
+        units.slowlog_cap * units.slowlog_entry,
+        first.histograms,
+        last.histograms,
+        first.key_count,
+        last.key_count
     );
 }
