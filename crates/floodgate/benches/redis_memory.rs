@@ -89,10 +89,19 @@ fn main() {
             .unwrap();
         // One reading before the load gives every command the readings use its latency
         // histogram, so later readings add none; then one histogram's bytes, measured.
+        let slowlog_cap = breakdown::config_number(&mut conn, "slowlog-max-len").await;
+        let _ = breakdown::sample(&mut conn, 0, 0).await;
+        let _ = sizes(&mut conn).await;
+        let mut units = breakdown::Units {
+            histogram: if own { breakdown::histogram_bytes(&mut conn).await } else { 0 },
+            slowlog_entry: 0,
+            slowlog_cap,
+        };
         if own {
             if let Ok(us) = std::env::var("FG_SLOWLOG_US") {
                 // A control: log more commands (0: every one), so the slow log fills to its
-                // cap early and the run shows it stops there.
+                // cap early and the run shows it stops there. (After the histogram's
+                // measurement, which a slow-log entry of its own would inflate.)
                 let () = redis::cmd("CONFIG")
                     .arg("SET")
                     .arg("slowlog-log-slower-than")
@@ -102,14 +111,6 @@ fn main() {
                     .unwrap();
             }
         }
-        let slowlog_cap = breakdown::config_number(&mut conn, "slowlog-max-len").await;
-        let _ = breakdown::sample(&mut conn, 0, 0).await;
-        let _ = sizes(&mut conn).await;
-        let mut units = breakdown::Units {
-            histogram: if own { breakdown::histogram_bytes(&mut conn).await } else { 0 },
-            slowlog_entry: 0,
-            slowlog_cap,
-        };
         let stop = Arc::new(AtomicBool::new(false));
         let grants = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
