@@ -5,12 +5,18 @@
 //! Starts its own `redis-server` on a free loopback port (killed at the end) unless `REDIS_URL`
 //! is set. One limiter (concurrency 8, lease 60 s, maximum wait 1 h: the longest allowed), N
 //! holders (64) on one `RedisStore` looping acquire -> hold 5 ms -> release, for `FG_SECONDS`
-//! (180). Every 10 s it prints Redis's `used_memory`, the grants so far and the sizes of the
-//! limiter's keys; at the end, `used_memory` at the first minute against the end, and the
-//! growth per minute after it.
+//! (180). Every 10 s it reads Redis's `used_memory` split by part (`breakdown`: clients'
+//! buffers, script cache, keyspace tables, the keys' `MEMORY USAGE`, slow-log entries, latency
+//! histograms, the rest) and the sizes of the limiter's keys; at the end it prints the parts at
+//! each minute, `used_memory` at the first minute against the end, the growth per minute after
+//! it, and which part each byte of that growth is in. On its own server it also measures what
+//! one latency histogram and one slow-log entry cost (`ECHO` before the load; `SLOWLOG RESET`
+//! after it), so the split is checkable.
 //!
 //! Run: `cargo bench -p floodgate --features redis --bench redis_memory`. Knobs (env):
-//! `REDIS_URL`, `FG_SECONDS`, `FG_HOLDERS` (64), `FG_LIMIT` (8), `FG_HOLD_MS` (5).
+//! `REDIS_URL`, `FG_SECONDS`, `FG_HOLDERS` (64), `FG_LIMIT` (8), `FG_HOLD_MS` (5), and on its
+//! own server `FG_SLOWLOG_US` (Redis's `slowlog-log-slower-than`, 10000 µs by default: 0 logs
+//! every command, so the slow log reaches its cap at once).
 
 #![allow(
     clippy::print_stdout,
@@ -18,6 +24,8 @@
     reason = "a benchmark binary: it reports on stdout, and any failure should abort the run"
 )]
 
+#[path = "redis_memory/breakdown.rs"]
+mod breakdown;
 mod harness;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,28 +37,6 @@ use harness::{env_usize, finish, load_average, BenchRedis};
 
 /// The longest wait a limiter may have (`spec::MAX_WAIT`): what the run is about.
 const MAX_WAIT: Duration = Duration::from_secs(3_600);
-
-/// From `INFO memory`, in bytes: `used_memory`, and of it `used_memory_dataset` (the keys'
-/// data) and `mem_clients_normal` (the clients' buffers), to tell a growth of the limiter's
-/// data from Redis's own.
-async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> (u64, u64, u64) {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(conn)
-        .await
-        .unwrap();
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (
-        field("used_memory:"),
-        field("used_memory_dataset:"),
-        field("mem_clients_normal:"),
-    )
-}
 
 /// Sizes of the limiter's outcome-bearing keys: holders hash fields, outcomes hash fields,
 /// queue length.
@@ -78,6 +64,8 @@ fn main() {
         .build()
         .unwrap();
     let redis = BenchRedis::start();
+    // The unit costs are measured on the run's own server only (one reading resets its slow log).
+    let own = std::env::var("REDIS_URL").is_err();
     println!(
         "redis_memory: {holders} holders, limit {limit}, hold {hold:?}, max wait {MAX_WAIT:?}, {seconds} s, on {} ({}); load {}",
         redis.url,
@@ -99,6 +87,30 @@ fn main() {
             .get_multiplexed_async_connection()
             .await
             .unwrap();
+        // One reading before the load gives every command the readings use its latency
+        // histogram, so later readings add none; then one histogram's bytes, measured.
+        let slowlog_cap = breakdown::config_number(&mut conn, "slowlog-max-len").await;
+        let _ = breakdown::sample(&mut conn, 0, 0).await;
+        let _ = sizes(&mut conn).await;
+        let mut units = breakdown::Units {
+            histogram: if own { breakdown::histogram_bytes(&mut conn).await } else { 0 },
+            slowlog_entry: 0,
+            slowlog_cap,
+        };
+        if own {
+            if let Ok(us) = std::env::var("FG_SLOWLOG_US") {
+                // A control: log more commands (0: every one), so the slow log fills to its
+                // cap early and the run shows it stops there. (After the histogram's
+                // measurement, which a slow-log entry of its own would inflate.)
+                let () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("slowlog-log-slower-than")
+                    .arg(us)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let grants = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
@@ -115,41 +127,31 @@ fn main() {
             }));
         }
         let start = Instant::now();
-        let mut at_minute = None;
         let mut samples = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         tick.tick().await;
         while start.elapsed() < Duration::from_secs(seconds as u64) {
             tick.tick().await;
-            let t = start.elapsed().as_secs();
-            let (used, dataset, clients) = used_memory(&mut conn).await;
+            // Whole seconds rounded, so the readings land on 10, 20, ... despite a late tick.
+            let t = (start.elapsed().as_millis() as u64 + 500) / 1000;
+            let s = breakdown::sample(&mut conn, t, grants.load(Ordering::Relaxed)).await;
             let (h, o, q) = sizes(&mut conn).await;
-            let n = grants.load(Ordering::Relaxed);
             println!(
-                "t={t:4} s  grants {n:8}  used_memory {used:9} B (dataset {dataset:7} B, client buffers {clients:7} B)  holders-hash fields {h:4}  outcomes {o:3}  queued {q:3}"
+                "t={t:4} s  grants {:8}  used_memory {:9} B (client buffers {:6} B, keys {:6} B, slow log {:3}, histograms {:3})  holders-hash fields {h:4}  outcomes {o:3}  queued {q:3}",
+                s.grants, s.used, s.clients, s.keys, s.slowlog, s.histograms
             );
-            if t >= 60 && at_minute.is_none() {
-                at_minute = Some((t, used, n));
-            }
-            samples.push((t, used, n));
+            samples.push(s);
         }
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
             t.await.unwrap();
         }
-        let (t_end, used_end, n_end) = *samples.last().unwrap();
-        match at_minute {
-            Some((t1, used1, n1)) if t_end > t1 => {
-                let per_min = (used_end as f64 - used1 as f64) / ((t_end - t1) as f64 / 60.0);
-                println!(
-                    "\nused_memory at {t1} s: {used1} B; at {t_end} s: {used_end} B ({:+} B, {per_min:+.0} B per minute) over {} more grants ({:+.3} B per grant)",
-                    used_end as i64 - used1 as i64,
-                    n_end - n1,
-                    (used_end as f64 - used1 as f64) / (n_end - n1).max(1) as f64
-                );
-            }
-            _ => println!("\n(run longer than a minute to compare used_memory after the first minute)"),
+        if own {
+            units.slowlog_entry = breakdown::slowlog_entry_bytes(&mut conn, units.histogram)
+                .await
+                .unwrap_or(0);
         }
+        breakdown::report(&samples, units);
     });
     finish(rt, redis);
 }
