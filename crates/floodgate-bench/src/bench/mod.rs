@@ -27,8 +27,8 @@
 //!    window (commands and scripts per grant, CPU), from `INFO`.
 //!
 //! Over HTTP each client task has its own `reqwest::Client`, so its own keep-alive connection,
-//! and uses it in every phase. In store mode the clients share one `RedisStore` (one multiplexed
-//! connection and one subscription), as the tasks of one process would.
+//! and uses it in every phase. In store mode the clients share one `RedisStore` (its multiplexed
+//! connection, its release connection and its subscription), as the tasks of one process would.
 
 mod client;
 mod report;
