@@ -76,6 +76,7 @@ fn args(url: &str) -> BenchArgs {
         holders: 6,
         limit: 2,
         hold: Duration::from_millis(2),
+        tokio_hold: false,
         saturation_seconds: 0.2,
         json: true,
     }

@@ -150,6 +150,7 @@ pub(super) struct HolderTally {
 pub(super) async fn saturation_holder<C: BenchClient>(
     side: Arc<C>,
     hold: Duration,
+    tokio_hold: bool,
     from: Instant,
     until: Instant,
 ) -> Outcome<HolderTally> {
@@ -157,7 +158,11 @@ pub(super) async fn saturation_holder<C: BenchClient>(
     loop {
         let asked = Instant::now();
         let (held, granted) = side.acquire().await?;
-        hold_for(hold).await;
+        if tokio_hold {
+            tokio::time::sleep(hold).await;
+        } else {
+            hold_for(hold).await;
+        }
         let sent = Instant::now();
         side.release(held).await?;
         let (a, b) = (granted.max(from), sent.min(until));
@@ -262,7 +267,15 @@ pub(super) async fn saturation<C: BenchClient>(
     let (from, until) = (start + warmup, start + warmup + length);
     let tasks: Vec<_> = sides
         .into_iter()
-        .map(|side| tokio::spawn(saturation_holder(side, args.hold, from, until)))
+        .map(|side| {
+            tokio::spawn(saturation_holder(
+                side,
+                args.hold,
+                args.tokio_hold,
+                from,
+                until,
+            ))
+        })
         .collect();
     // Redis's counters at the window's edges, read on a connection of their own.
     let probe = target.redis().map(|mut conn| {
