@@ -466,7 +466,8 @@ impl LimiterBackend for RedisLimiter {
             // The granted waiter's task is now in this worker's next-to-run slot. Yield once so
             // it runs before this caller goes on: otherwise the caller's next request wakes the
             // connection's task, which takes that slot and sends the waiter to the back of the
-            // run queue (35 µs per handoff at saturation, 2 µs with the yield: docs/redis.md).
+            // run queue (about 35 µs per handoff at saturation on a loaded machine, 2 µs with the yield:
+            // docs/redis.md).
             tokio::task::yield_now().await;
         }
         Ok(reply.first().map(String::as_str) == Some("released")
