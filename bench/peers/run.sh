@@ -8,6 +8,7 @@
 #                      [--rounds R]
 #
 # Environment instead of flags: HOLDERS LIMIT HOLD_MS BENCH_SECONDS HANDOFFS ROUNDS.
+# FLOODGATE_BIN=path runs that floodgate binary instead of building one (before/after runs).
 # Defaults: 64 holders, limit 8, hold 5 ms, 5 s, 200 handoffs, 1 round (under a minute once
 # built). Installs what is missing (node/npm, redis-server) with apt-get, the Node packages with
 # `npm ci` from package-lock.json, and builds `floodgate` with cargo.
@@ -30,7 +31,7 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_="$2"; shift 2 ;;
     --handoffs) HANDOFFS="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -54,10 +55,16 @@ node -e 'process.exit(+process.versions.node.split(".")[0] >= 16 ? 0 : 1)' \
 
 echo "== npm ci (redis-semaphore, ioredis)" >&2
 (cd "$HERE" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
-echo "== cargo build --release -p floodgate-cli" >&2
-(cd "$ROOT" && cargo build --release -p floodgate-cli --quiet)
-TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-FLOODGATE="$TARGET_DIR/release/floodgate"
+if [ -n "${FLOODGATE_BIN:-}" ]; then
+  # A given binary (an older build kept for a before/after comparison in one sitting).
+  FLOODGATE="$FLOODGATE_BIN"
+  [ -x "$FLOODGATE" ] || { echo "run.sh: FLOODGATE_BIN=$FLOODGATE is not an executable" >&2; exit 2; }
+else
+  echo "== cargo build --release -p floodgate-cli" >&2
+  (cd "$ROOT" && cargo build --release -p floodgate-cli --quiet)
+  TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+  FLOODGATE="$TARGET_DIR/release/floodgate"
+fi
 
 # One redis-server on a free loopback port, no persistence; stopped on exit whatever happens.
 PORT="$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')"

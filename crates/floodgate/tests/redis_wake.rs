@@ -95,3 +95,52 @@ async fn a_release_hands_its_own_stores_waiter_the_grant_in_its_reply() {
     let st = a.limiter("w").await.unwrap().status().await.unwrap();
     assert_eq!((st.in_use, st.waiting, st.counters.granted), (0, 0, 4));
 }
+
+/// Releases run on a connection of their own and their callers yield after handing over the
+/// grant: a chain of same-store handoffs still answers every waiter exactly once, with its own
+/// grant, in the order they queued, and publishes nothing. On a runtime with two workers, so
+/// the waiter's task and the releasing one can run on either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_in_release_replies_reach_exactly_their_waiters_once_in_order() {
+    const WAITERS: usize = 12;
+    let server = support::RedisServer::start();
+    let gate = connect(&server).await;
+    gate.define("chain", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    let wait = || AcquireOptions::new().wait(Duration::from_secs(30));
+    let lim = gate.limiter("chain").await.unwrap();
+    let mut held = lim.acquire(wait()).await.unwrap();
+    let mut waiters = Vec::new();
+    for i in 0..WAITERS {
+        let l = lim.clone();
+        waiters.push(tokio::spawn(async move { l.acquire(wait()).await }));
+        until_waiting(&gate, "chain", u32::try_from(i + 1).unwrap()).await;
+    }
+    let before = publishes(&server);
+    let mut tokens = vec![held.fencing_token()];
+    for (i, waiter) in waiters.into_iter().enumerate() {
+        assert!(held.release().await.unwrap(), "release {i}");
+        // The head of the queue, and only it, has its grant: the others still wait.
+        held = waiter.await.unwrap().expect("the head waiter granted");
+        tokens.push(held.fencing_token());
+        let st = lim.status().await.unwrap();
+        assert_eq!(
+            (st.in_use, st.waiting),
+            (1, u32::try_from(WAITERS - i - 1).unwrap())
+        );
+    }
+    assert!(held.release().await.unwrap());
+    // Each grant is a new one (no waiter was handed another's, or one twice), in queue order.
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+    assert_eq!(
+        publishes(&server),
+        before,
+        "a same-store waiter was published to"
+    );
+    let st = lim.status().await.unwrap();
+    assert_eq!(
+        (st.in_use, st.waiting, st.counters.granted),
+        (0, 0, u64::try_from(WAITERS + 1).unwrap())
+    );
+}

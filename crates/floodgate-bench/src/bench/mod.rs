@@ -27,8 +27,8 @@
 //!    window (commands and scripts per grant, CPU), from `INFO`.
 //!
 //! Over HTTP each client task has its own `reqwest::Client`, so its own keep-alive connection,
-//! and uses it in every phase. In store mode the clients share one `RedisStore` (one multiplexed
-//! connection and one subscription), as the tasks of one process would.
+//! and uses it in every phase. In store mode the clients share one `RedisStore` (its multiplexed
+//! connection, its release connection and its subscription), as the tasks of one process would.
 
 mod client;
 mod report;
@@ -116,6 +116,10 @@ pub(crate) struct BenchArgs {
     /// Saturation: how long each holder keeps its permit (`5ms`, `1s`, ...).
     #[arg(long, default_value = "5ms", value_parser = parse_duration, value_name = "DURATION")]
     hold: Duration,
+    /// Saturation: hold with a plain tokio sleep, which tokio's 1 ms timer rounds up (the hold
+    /// before issue 13), instead of to the clock; to measure what the hold alone changes.
+    #[arg(long, hide = true)]
+    tokio_hold: bool,
     /// Saturation: seconds measured (after a warm-up of at most 0.5 s).
     #[arg(long, default_value_t = 5.0)]
     saturation_seconds: f64,

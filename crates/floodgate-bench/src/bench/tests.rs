@@ -76,6 +76,7 @@ fn args(url: &str) -> BenchArgs {
         holders: 6,
         limit: 2,
         hold: Duration::from_millis(2),
+        tokio_hold: false,
         saturation_seconds: 0.2,
         json: true,
     }
@@ -133,4 +134,21 @@ async fn a_short_run_completes_and_cleans_up() -> Result<(), String> {
     target.close().await;
     server.stop().await;
     Ok(())
+}
+
+/// A hold never ends before its time, whether it is shorter than the coarse sleep's margin
+/// (thread sleep only), longer (tokio sleep, then the rest), or zero; and it works on a
+/// current-thread runtime too (the rest runs on the blocking pool, not on the worker).
+#[tokio::test]
+async fn a_hold_lasts_at_least_its_length() {
+    for hold in [
+        Duration::ZERO,
+        Duration::from_micros(700),
+        Duration::from_millis(3),
+        Duration::from_millis(5),
+    ] {
+        let start = std::time::Instant::now();
+        super::workloads::hold_for(hold).await;
+        assert!(start.elapsed() >= hold, "{hold:?} ended early");
+    }
 }

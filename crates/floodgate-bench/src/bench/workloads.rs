@@ -150,6 +150,7 @@ pub(super) struct HolderTally {
 pub(super) async fn saturation_holder<C: BenchClient>(
     side: Arc<C>,
     hold: Duration,
+    tokio_hold: bool,
     from: Instant,
     until: Instant,
 ) -> Outcome<HolderTally> {
@@ -157,7 +158,11 @@ pub(super) async fn saturation_holder<C: BenchClient>(
     loop {
         let asked = Instant::now();
         let (held, granted) = side.acquire().await?;
-        tokio::time::sleep(hold).await;
+        if tokio_hold {
+            tokio::time::sleep(hold).await;
+        } else {
+            hold_for(hold).await;
+        }
         let sent = Instant::now();
         side.release(held).await?;
         let (a, b) = (granted.max(from), sent.min(until));
@@ -173,6 +178,27 @@ pub(super) async fn saturation_holder<C: BenchClient>(
         if Instant::now() >= until {
             return Ok(tally);
         }
+    }
+}
+
+/// How much earlier than the hold's end tokio's timer is asked to wake: it ticks in whole
+/// milliseconds and rounds a sleep up (a 5 ms sleep lasted about 6.1 ms), so it wakes up to
+/// about 1 ms late; what is left after it is slept to the deadline on the OS timer.
+const COARSE_MARGIN: Duration = Duration::from_millis(2);
+
+/// Waits `hold` to within the OS timer's precision (tens of µs), as Node's timers on the peer's
+/// side do: a coarse tokio sleep ending [`COARSE_MARGIN`] early, then the rest as a thread
+/// sleep on the blocking pool (no spin: a holder never occupies a core while it holds).
+pub(super) async fn hold_for(hold: Duration) {
+    let deadline = Instant::now() + hold;
+    let coarse = hold.saturating_sub(COARSE_MARGIN);
+    if !coarse.is_zero() {
+        tokio::time::sleep(coarse).await;
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    if !left.is_zero() {
+        // The closure cannot panic; a join error would only mean the runtime is shutting down.
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(left)).await;
     }
 }
 
@@ -241,7 +267,15 @@ pub(super) async fn saturation<C: BenchClient>(
     let (from, until) = (start + warmup, start + warmup + length);
     let tasks: Vec<_> = sides
         .into_iter()
-        .map(|side| tokio::spawn(saturation_holder(side, args.hold, from, until)))
+        .map(|side| {
+            tokio::spawn(saturation_holder(
+                side,
+                args.hold,
+                args.tokio_hold,
+                from,
+                until,
+            ))
+        })
         .collect();
     // Redis's counters at the window's edges, read on a connection of their own.
     let probe = target.redis().map(|mut conn| {

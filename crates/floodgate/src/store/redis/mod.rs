@@ -1,7 +1,8 @@
 //! The Redis store: limits shared by many servers and worker processes.
 //!
 //! Each operation of the state machine is one atomic Lua script (the parts of `lua/`, joined by `script.rs`), run with
-//! EVALSHA (reloaded on NOSCRIPT) on one multiplexed connection, on Redis's own clock. All keys
+//! EVALSHA (reloaded on NOSCRIPT) on one multiplexed connection (releases on a second one, on
+//! standalone Redis), on Redis's own clock. All keys
 //! of a limiter share the hash tag `{name}`, so it runs unchanged on Redis Cluster. Queued
 //! waiters are woken by a message on their server's channel, published by the script that
 //! granted them after recording the outcome; no waiter polls. A timer per limiter, armed at the
@@ -111,8 +112,13 @@ impl std::fmt::Debug for RedisStore {
 }
 
 pub(crate) struct Inner {
-    /// The multiplexed connection every script runs on.
+    /// The multiplexed connection every script but a release runs on.
     conn: Conn,
+    /// The connection releases run on: a release frees a permit a queued waiter may be waiting
+    /// for, and on the shared connection it queued behind the other requests in flight (3 on
+    /// average at saturation, `docs/redis.md`). A second `ConnectionManager` for standalone
+    /// Redis; under Cluster and Sentinel it is `conn` itself.
+    release_conn: Conn,
     /// The limiter script; redis-rs sends EVALSHA and loads it on NOSCRIPT.
     script: redis::Script,
     /// The keyed limiters' script (`keyed.rs`), sent the same way.
@@ -271,7 +277,7 @@ impl RedisStore {
             .set_connection_timeout(Some(config.response_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let (conn, pubsub_client) = if let Some(target) = sentinel::parse(&first) {
+        let (conn, release_conn, pubsub_client) = if let Some(target) = sentinel::parse(&first) {
             let s = sentinel::Sentinel::connect(
                 target?,
                 config.security.clone(),
@@ -279,7 +285,8 @@ impl RedisStore {
                 config.response_timeout,
             )
             .await?;
-            (Conn::Sentinel(Arc::clone(&s)), PubSubSource::Sentinel(s))
+            let conn = Conn::Sentinel(Arc::clone(&s));
+            (conn.clone(), conn, PubSubSource::Sentinel(s))
         } else if cluster {
             let builder = redis::cluster::ClusterClientBuilder::new(config.urls.clone())
                 .response_timeout(config.response_timeout)
@@ -293,6 +300,7 @@ impl RedisStore {
             // Classic PUBLISH reaches subscribers on every node of a cluster, so one
             // subscription to any node suffices.
             (
+                conn.clone(),
                 conn,
                 PubSubSource::Fixed(Box::new(config.security.client(&first)?)),
             )
@@ -300,11 +308,17 @@ impl RedisStore {
             let client = config.security.client(&first)?;
             let conn = Conn::Single(
                 client
+                    .get_connection_manager_with_config(manager_config.clone())
+                    .await
+                    .map_err(unavailable)?,
+            );
+            let release_conn = Conn::Single(
+                client
                     .get_connection_manager_with_config(manager_config)
                     .await
                     .map_err(unavailable)?,
             );
-            (conn, PubSubSource::Fixed(Box::new(client)))
+            (conn, release_conn, PubSubSource::Fixed(Box::new(client)))
         };
         // Whom the store starts on, to notice a failover or a restart later.
         let run_id = generation::master_run_id(&conn).await?;
@@ -312,6 +326,7 @@ impl RedisStore {
         let channel = format!("{}:wake:{}", config.prefix, server_id);
         let inner = Arc::new(Inner {
             conn,
+            release_conn,
             script: redis::Script::new(&script::script_source()),
             keyed_script: redis::Script::new(&script::keyed_script_source()),
             keyed: Mutex::new(std::collections::HashSet::new()),
