@@ -64,7 +64,7 @@ pub(crate) struct Holder {
     pub(crate) request: Option<Arc<str>>,
 }
 
-/// A queued acquire. Kept to 40 bytes, so that its queue entry (id beside it) fits one
+/// A queued acquire. Kept to 48 bytes, so that its queue entry (id beside it) fits one
 /// aligned cache line: at 10k waiters a cancel from the middle found the 80-byte entry it
 /// replaced in two cold lines. The label and the idempotency key, which only a grant, a
 /// snapshot or an idempotent caller reads, sit apart in [`WaiterTags`].

@@ -31,7 +31,7 @@ impl Weighted for super::Waiter {
 }
 
 /// One place of the queue: a waiter and its id, on a cache line of its own (a [`Waiter`] is
-/// 40 bytes, so an entry is one aligned line): a cancel from the middle of a long queue finds
+/// 48 bytes, so an entry is one aligned line): a cancel from the middle of a long queue finds
 /// its entry cold, and an unaligned entry cost two misses instead of one.
 ///
 /// [`Waiter`]: super::Waiter
@@ -248,7 +248,8 @@ mod tests {
 
     #[test]
     fn a_queue_entry_is_one_cache_line() {
-        assert_eq!(std::mem::size_of::<super::super::Waiter>(), 40);
+        // The id and the waiter (its `Option` in a niche) fill at most the line.
+        assert!(std::mem::size_of::<super::super::Waiter>() <= 56);
         assert_eq!(std::mem::size_of::<Entry<super::super::Waiter>>(), 64);
         assert_eq!(std::mem::align_of::<Entry<super::super::Waiter>>(), 64);
     }
