@@ -82,40 +82,7 @@ fn now_or_fail<F: Future>(what: &str, fut: F) -> Result<F::Output, Failure> {
     }
 }
 
-type Outcome = Result<Grant, AcquireError>;
-
-/// A queued acquire in a box of its own, which a cancel empties in place: the bench times the
-/// drop of the future (the store's work) and frees the box after. Timing the free too added
-/// the allocator's own misses on the box's cold neighbours at 10k waiters, a cost of the
-/// bench's boxes, not of the store.
-pub(crate) trait Waiting: Send {
-    /// Polls the acquire once (see [`poll_now`]); `Pending` once cancelled.
-    fn poll_once(self: Pin<&mut Self>) -> Poll<Outcome>;
-    /// Drops the acquire, leaving the box empty.
-    fn cancel(self: Pin<&mut Self>);
-}
-
-impl<F: Future<Output = Outcome> + Send> Waiting for Option<F> {
-    fn poll_once(self: Pin<&mut Self>) -> Poll<Outcome> {
-        match self.as_pin_mut() {
-            Some(fut) => poll_now(fut),
-            None => Poll::Pending,
-        }
-    }
-
-    fn cancel(mut self: Pin<&mut Self>) {
-        self.set(None);
-    }
-}
-
-type Acquiring = Pin<Box<dyn Waiting>>;
-
-/// The cost of cancelling `waiter` in place; its box is freed after the clock stopped.
-fn cancel_in_place(mut waiter: Acquiring) -> Cost {
-    let (cost, ()) = timed(|| waiter.as_mut().cancel());
-    drop(waiter);
-    cost
-}
+type Acquiring = Pin<Box<dyn Future<Output = Result<Grant, AcquireError>> + Send>>;
 
 /// The embedded store on a clock moved by hand.
 pub(crate) struct EmbeddedRig {
@@ -177,9 +144,8 @@ impl Rig for EmbeddedRig {
     async fn enqueue(&mut self, wait: Duration) -> Result<(Cost, Acquiring), Failure> {
         let lim = self.limiter()?;
         let (cost, (fut, first)) = timed(|| {
-            let mut fut: Acquiring =
-                Box::pin(Some(async move { lim.acquire(request(wait)).await }));
-            let first = fut.as_mut().poll_once();
+            let mut fut: Acquiring = Box::pin(async move { lim.acquire(request(wait)).await });
+            let first = poll_now(fut.as_mut());
             (fut, first)
         });
         match first {
@@ -189,7 +155,7 @@ impl Rig for EmbeddedRig {
     }
 
     async fn cancel(&mut self, waiter: Acquiring) -> Result<Cost, Failure> {
-        Ok(cancel_in_place(waiter))
+        Ok(timed(|| drop(waiter)).0)
     }
 
     async fn handoff(
@@ -200,7 +166,7 @@ impl Rig for EmbeddedRig {
         let lim = self.limiter()?;
         let (cost, out) = timed(|| {
             let released = now_or_fail("release", lim.release(holder));
-            (released, head.as_mut().poll_once())
+            (released, poll_now(head.as_mut()))
         });
         match out {
             (Ok(Ok(true)), Poll::Ready(Ok(grant))) => Ok((cost, grant.token)),
@@ -214,7 +180,7 @@ impl Rig for EmbeddedRig {
         self.clock.advance(Duration::from_millis(40));
         let (cost, out) = timed(|| now_or_fail("status", lim.status()));
         out?.map_err(fail)?;
-        match waiter.as_mut().poll_once() {
+        match poll_now(waiter.as_mut()) {
             Poll::Ready(Err(AcquireError::Refused(Refusal::WaitTimeout { .. }))) => Ok(cost),
             _ => Err(fail("the waiter did not time out")),
         }
@@ -242,7 +208,7 @@ impl Rig for EmbeddedRig {
 
     async fn cancel_raced(&mut self, waiter: Acquiring) -> Result<Option<Cost>, Failure> {
         // Granted under the lock but never polled: dropping it gives the grant back.
-        Ok(Some(cancel_in_place(waiter)))
+        Ok(Some(timed(|| drop(waiter)).0))
     }
 }
 
