@@ -42,7 +42,7 @@ impl LimiterCore {
         let Some(w) = self.queue.get_mut(&waiter.0) else {
             return false;
         };
-        if w.request.is_none() {
+        if w.request().is_none() {
             return false;
         }
         let deadline = w.deadline.min(now.after(grace));

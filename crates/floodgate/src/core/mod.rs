@@ -64,17 +64,72 @@ pub(crate) struct Holder {
     pub(crate) request: Option<Arc<str>>,
 }
 
+/// A queued acquire. Kept to 48 bytes, so that its queue entry (id beside it) fits one
+/// aligned cache line: at 10k waiters a cancel from the middle found the 80-byte entry it
+/// replaced in two cold lines. The label and the idempotency key, which only a grant, a
+/// snapshot or an idempotent caller reads, sit apart in [`WaiterTags`].
 #[derive(Debug, Clone)]
 pub(crate) struct Waiter {
+    /// Permits asked for.
     pub(crate) permits: u32,
+    /// The lease it will be granted.
     pub(crate) lease: Duration,
+    /// When it was queued (the grant's wait time).
     pub(crate) enqueued_at: Timestamp,
     /// When its wait ends. Kept here (not only in the heap) so a retry that joins the wait,
     /// or a caller that goes away, can move it: a heap entry is live only if it matches.
     pub(crate) deadline: Timestamp,
-    pub(crate) label: Option<Arc<str>>,
+    /// Label and idempotency key, boxed and only when there is either: most waits carry
+    /// neither, and none of the queue's hot paths reads them.
+    tags: Option<Box<WaiterTags>>,
+}
+
+/// The rarely read part of a [`Waiter`].
+#[derive(Debug, Clone)]
+struct WaiterTags {
+    /// Kept for introspection of who holds what, carried over to the grant.
+    label: Option<Arc<str>>,
     /// The idempotency key, carried over to the grant.
-    pub(crate) request: Option<Arc<str>>,
+    request: Option<Arc<str>>,
+}
+
+impl Waiter {
+    pub(crate) fn new(
+        permits: u32,
+        lease: Duration,
+        enqueued_at: Timestamp,
+        deadline: Timestamp,
+        label: Option<Arc<str>>,
+        request: Option<Arc<str>>,
+    ) -> Self {
+        let tags =
+            (label.is_some() || request.is_some()).then(|| Box::new(WaiterTags { label, request }));
+        Waiter {
+            permits,
+            lease,
+            enqueued_at,
+            deadline,
+            tags,
+        }
+    }
+
+    /// Its label, if any.
+    pub(crate) fn label(&self) -> Option<&Arc<str>> {
+        self.tags.as_ref()?.label.as_ref()
+    }
+
+    /// Its idempotency key, if any.
+    pub(crate) fn request(&self) -> Option<&Arc<str>> {
+        self.tags.as_ref()?.request.as_ref()
+    }
+
+    /// Label and idempotency key, taken out for the grant.
+    pub(crate) fn into_tags(self) -> (Option<Arc<str>>, Option<Arc<str>>) {
+        match self.tags {
+            Some(tags) => (tags.label, tags.request),
+            None => (None, None),
+        }
+    }
 }
 
 /// What an idempotency key refers to while it is remembered.
@@ -336,14 +391,14 @@ impl LimiterCore {
         let deadline = now.after(wait);
         self.queue.insert(
             id,
-            Waiter {
-                permits: req.permits,
+            Waiter::new(
+                req.permits,
                 lease,
-                enqueued_at: now,
+                now,
                 deadline,
-                label: req.holder.clone(),
-                request: req.request_id.clone(),
-            },
+                req.holder.clone(),
+                req.request_id.clone(),
+            ),
         );
         if let Some(key) = &req.request_id {
             self.requests
@@ -406,7 +461,7 @@ impl LimiterCore {
         let Some(w) = self.queue.remove(&waiter.0) else {
             return false;
         };
-        self.forget_request(w.request.as_ref());
+        self.forget_request(w.request());
         self.queued_permits -= u64::from(w.permits);
         self.counters.cancelled += 1;
         // The head may have been holding back smaller requests behind it.
@@ -505,7 +560,9 @@ impl LimiterCore {
                 break;
             };
             self.queued_permits -= u64::from(w.permits);
-            let grant = self.grant(now, w.permits, w.lease, w.enqueued_at, w.label, w.request);
+            let (permits, lease, enqueued_at) = (w.permits, w.lease, w.enqueued_at);
+            let (label, request) = w.into_tags();
+            let grant = self.grant(now, permits, lease, enqueued_at, label, request);
             fx.wakes.push((WaiterId(id), Ok(grant)));
         }
     }

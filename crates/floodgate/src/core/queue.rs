@@ -30,10 +30,24 @@ impl Weighted for super::Waiter {
     }
 }
 
+/// One place of the queue: a waiter and its id, on a cache line of its own (a [`Waiter`] is
+/// 48 bytes, so an entry is one aligned line): a cancel from the middle of a long queue finds
+/// its entry cold, and an unaligned entry cost two misses instead of one.
+///
+/// [`Waiter`]: super::Waiter
+#[derive(Debug, Clone)]
+#[repr(align(64))]
+struct Entry<W> {
+    /// The waiter's id.
+    id: u64,
+    /// The waiter; `None` marks one that left from the middle (a tombstone).
+    waiter: Option<W>,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Queue<W> {
-    /// The waiters in id order; `None` marks one that left from the middle.
-    entries: VecDeque<(u64, Option<W>)>,
+    /// The waiters in id order, tombstones included.
+    entries: VecDeque<Entry<W>>,
     /// Live (non-tombstone) entries.
     live: usize,
     /// Permits of `entries` by slot (0 for tombstones and popped entries).
@@ -64,7 +78,7 @@ impl<W: Weighted> Queue<W> {
 
     /// Appends; `id` must be larger than every id inserted before.
     pub(crate) fn insert(&mut self, id: u64, waiter: W) {
-        debug_assert!(self.entries.back().is_none_or(|(last, _)| *last < id));
+        debug_assert!(self.entries.back().is_none_or(|last| last.id < id));
         if self.base + self.entries.len() >= self.weights.capacity() {
             // Out of slots: laid out again, tombstones kept. Dropping them here would leave
             // gaps in the ids, and every lookup after that a binary search of cold entries
@@ -73,7 +87,10 @@ impl<W: Weighted> Queue<W> {
         }
         self.weights
             .set(self.base + self.entries.len(), waiter.weight());
-        self.entries.push_back((id, Some(waiter)));
+        self.entries.push_back(Entry {
+            id,
+            waiter: Some(waiter),
+        });
         self.live += 1;
     }
 
@@ -82,15 +99,15 @@ impl<W: Weighted> Queue<W> {
         // the entry sits `id - first` places in: found in one probe, where a binary search of
         // a 10k queue took 14 cache misses. Only a compaction or a restored snapshot leaves
         // gaps, and then the search finds it.
-        let (first, _) = self.entries.front()?;
-        let (last, _) = self.entries.back()?;
-        let guess = usize::try_from(id.checked_sub(*first)?).unwrap_or(usize::MAX);
-        if self.entries.get(guess).is_some_and(|(k, _)| *k == id) {
+        let first = self.entries.front()?.id;
+        let last = self.entries.back()?.id;
+        let guess = usize::try_from(id.checked_sub(first)?).unwrap_or(usize::MAX);
+        if self.entries.get(guess).is_some_and(|e| e.id == id) {
             return Some(guess);
         }
         // Ids missing between the front and the back (compacted away): the entry sits at
         // most that many places before its guess, so only that window is searched.
-        let span = usize::try_from(last.checked_sub(*first)?).unwrap_or(usize::MAX);
+        let span = usize::try_from(last.checked_sub(first)?).unwrap_or(usize::MAX);
         let gaps = span.saturating_add(1).saturating_sub(self.entries.len());
         let (mut lo, mut hi) = (
             guess.saturating_sub(gaps),
@@ -98,7 +115,7 @@ impl<W: Weighted> Queue<W> {
         );
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.entries[mid].0.cmp(&id) {
+            match self.entries[mid].id.cmp(&id) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
                 std::cmp::Ordering::Equal => return Some(mid),
@@ -109,22 +126,22 @@ impl<W: Weighted> Queue<W> {
 
     pub(crate) fn contains_key(&self, id: &u64) -> bool {
         self.position(*id)
-            .is_some_and(|i| self.entries[i].1.is_some())
+            .is_some_and(|i| self.entries[i].waiter.is_some())
     }
 
     pub(crate) fn get(&self, id: &u64) -> Option<&W> {
         let i = self.position(*id)?;
-        self.entries[i].1.as_ref()
+        self.entries[i].waiter.as_ref()
     }
 
     pub(crate) fn get_mut(&mut self, id: &u64) -> Option<&mut W> {
         let i = self.position(*id)?;
-        self.entries[i].1.as_mut()
+        self.entries[i].waiter.as_mut()
     }
 
     pub(crate) fn remove(&mut self, id: &u64) -> Option<W> {
         let i = self.position(*id)?;
-        let waiter = self.entries[i].1.take()?;
+        let waiter = self.entries[i].waiter.take()?;
         self.weights.set(self.base + i, 0);
         self.live -= 1;
         self.tidy();
@@ -132,12 +149,12 @@ impl<W: Weighted> Queue<W> {
     }
 
     pub(crate) fn first_key_value(&self) -> Option<(&u64, &W)> {
-        let (id, waiter) = self.entries.front()?;
-        waiter.as_ref().map(|w| (id, w))
+        let front = self.entries.front()?;
+        front.waiter.as_ref().map(|w| (&front.id, w))
     }
 
     pub(crate) fn pop_first(&mut self) -> Option<(u64, W)> {
-        let (id, waiter) = self.entries.pop_front()?;
+        let Entry { id, waiter } = self.entries.pop_front()?;
         self.weights.set(self.base, 0);
         self.base += 1;
         let waiter = waiter?;
@@ -150,14 +167,14 @@ impl<W: Weighted> Queue<W> {
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&u64, &W)> {
         self.entries
             .iter()
-            .filter_map(|(id, w)| w.as_ref().map(|w| (id, w)))
+            .filter_map(|e| e.waiter.as_ref().map(|w| (&e.id, w)))
     }
 
     /// Permits of the live waiters up to and including `id`, in O(log n); `None` if `id` is
     /// not queued.
     pub(crate) fn permits_through(&self, id: u64) -> Option<u64> {
         let i = self.position(id)?;
-        self.entries[i].1.as_ref()?;
+        self.entries[i].waiter.as_ref()?;
         // Every slot before `base` is empty, so the sum from slot 0 is the sum from the front.
         Some(self.weights.prefix(self.base + i))
     }
@@ -169,8 +186,8 @@ impl<W: Weighted> Queue<W> {
             .above(bound)
             .into_iter()
             .filter_map(|slot| self.entries.get(slot.checked_sub(self.base)?))
-            .filter(|(_, w)| w.is_some())
-            .map(|(id, _)| *id)
+            .filter(|e| e.waiter.is_some())
+            .map(|e| e.id)
             .collect()
     }
 
@@ -180,7 +197,7 @@ impl<W: Weighted> Queue<W> {
         let out = self
             .entries
             .drain(..)
-            .filter_map(|(id, w)| w.map(|w| (id, w)))
+            .filter_map(|e| e.waiter.map(|w| (e.id, w)))
             .collect();
         self.rebuild(0, true);
         out
@@ -188,7 +205,7 @@ impl<W: Weighted> Queue<W> {
 
     /// Keeps the front live and the tombstones fewer than the live waiters.
     fn tidy(&mut self) {
-        while self.entries.front().is_some_and(|(_, w)| w.is_none()) {
+        while self.entries.front().is_some_and(|e| e.waiter.is_none()) {
             self.entries.pop_front();
             // A tombstone's slot is already 0.
             self.base += 1;
@@ -205,13 +222,13 @@ impl<W: Weighted> Queue<W> {
     /// `extra`, so the next rebuild is as many appends away; drops the tombstones if `compact`.
     fn rebuild(&mut self, extra: usize, compact: bool) {
         if compact && self.entries.len() != self.live {
-            self.entries.retain(|(_, w)| w.is_some());
+            self.entries.retain(|e| e.waiter.is_some());
         }
         self.base = 0;
         let weights = self
             .entries
             .iter()
-            .map(|(_, w)| w.as_ref().map_or(0, Weighted::weight));
+            .map(|e| e.waiter.as_ref().map_or(0, Weighted::weight));
         self.weights
             .rebuild(2 * (self.entries.len() + extra), weights);
     }
@@ -227,6 +244,14 @@ mod tests {
         fn weight(&self) -> u32 {
             u32::try_from(*self).unwrap_or(u32::MAX)
         }
+    }
+
+    #[test]
+    fn a_queue_entry_is_one_cache_line() {
+        // The id and the waiter (its `Option` in a niche) fill at most the line.
+        assert!(std::mem::size_of::<super::super::Waiter>() <= 56);
+        assert_eq!(std::mem::size_of::<Entry<super::super::Waiter>>(), 64);
+        assert_eq!(std::mem::align_of::<Entry<super::super::Waiter>>(), 64);
     }
 
     #[test]
@@ -276,7 +301,7 @@ mod tests {
                 assert_eq!(q.remove(&(id - 25)), Some(1));
             }
         }
-        let (first, last) = (q.entries[0].0, q.entries[q.entries.len() - 1].0);
+        let (first, last) = (q.entries[0].id, q.entries[q.entries.len() - 1].id);
         assert_eq!(
             last - first + 1,
             q.entries.len() as u64,

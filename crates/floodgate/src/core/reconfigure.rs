@@ -67,7 +67,7 @@ impl LimiterCore {
         let impossible = self.queue.heavier_than(limit);
         for id in impossible {
             if let Some(w) = self.queue.remove(&id) {
-                self.forget_request(w.request.as_ref());
+                self.forget_request(w.request());
                 self.queued_permits -= u64::from(w.permits);
                 self.counters.rejected += 1;
                 fx.wakes.push((
@@ -84,7 +84,7 @@ impl LimiterCore {
     /// Refuses every waiter: the limiter is going away.
     pub fn close(&mut self, fx: &mut Effects) {
         for (id, w) in self.queue.drain() {
-            self.forget_request(w.request.as_ref());
+            self.forget_request(w.request());
             self.counters.rejected += 1;
             fx.wakes.push((WaiterId(id), Err(Refusal::LimiterDeleted)));
         }

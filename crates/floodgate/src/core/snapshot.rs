@@ -241,8 +241,8 @@ impl LimiterCore {
                 lease_us: us(w.lease),
                 enqueued_at: w.enqueued_at.0,
                 deadline: w.deadline.0,
-                label: w.label.as_deref().map(str::to_owned),
-                request: w.request.as_deref().map(str::to_owned),
+                label: w.label().map(|l| l.to_string()),
+                request: w.request().map(|r| r.to_string()),
             })
             .collect();
         CoreState {
@@ -307,14 +307,14 @@ impl LimiterCore {
             }
             queue.insert(
                 w.id,
-                Waiter {
-                    permits: w.permits,
-                    lease: Duration::from_micros(w.lease_us),
-                    enqueued_at: Timestamp(w.enqueued_at),
-                    deadline: Timestamp(w.deadline),
-                    label: w.label.as_deref().map(Arc::from),
+                Waiter::new(
+                    w.permits,
+                    Duration::from_micros(w.lease_us),
+                    Timestamp(w.enqueued_at),
+                    Timestamp(w.deadline),
+                    w.label.as_deref().map(Arc::from),
                     request,
-                },
+                ),
             );
             waits.push(Timestamp(w.deadline), w.id);
             queued_permits += u64::from(w.permits);
@@ -354,7 +354,7 @@ impl LimiterCore {
     pub fn abandon_waiters(&mut self) -> usize {
         let drained = self.queue.drain();
         for (_, w) in &drained {
-            self.forget_request(w.request.as_ref());
+            self.forget_request(w.request());
             self.counters.cancelled += 1;
         }
         self.queued_permits = 0;

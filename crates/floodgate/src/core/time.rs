@@ -61,7 +61,7 @@ impl LimiterCore {
                 self.waits.pop();
                 let ahead = self.queue.permits_through(id).unwrap_or(0);
                 if let Some(w) = self.queue.remove(&id) {
-                    self.forget_request(w.request.as_ref());
+                    self.forget_request(w.request());
                     self.queued_permits -= u64::from(w.permits);
                     self.counters.timed_out += 1;
                     let retry_after = self.retry_hint(now, ahead);

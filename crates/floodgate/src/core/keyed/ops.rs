@@ -82,14 +82,14 @@ impl KeyLayer {
                 name
             }
         };
-        let w = Waiter {
-            permits: req.permits,
+        let w = Waiter::new(
+            req.permits,
             lease,
-            enqueued_at: now,
-            deadline: now.after(wait),
-            label: req.holder.clone(),
-            request: req.request_id.clone(),
-        };
+            now,
+            now.after(wait),
+            req.holder.clone(),
+            req.request_id.clone(),
+        );
         // The common case, without queueing: nobody else waits on the total, this key has no
         // waiters, and everything fits.
         let idle_key = self.keys.get(&name).is_some_and(|k| {
@@ -203,7 +203,7 @@ impl KeyLayer {
         k.queued_permits -= u64::from(w.permits);
         self.waiting -= 1;
         self.waiting_permits -= u64::from(w.permits);
-        if let Some(r) = &w.request {
+        if let Some(r) = w.request() {
             self.requests.remove(r);
         }
         self.reindex(&name);

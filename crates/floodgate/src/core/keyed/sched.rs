@@ -182,7 +182,7 @@ impl KeyLayer {
             self.waiting -= 1;
             self.waiting_permits -= u64::from(permits);
             self.waiter_key.remove(&id);
-            if let Some(r) = &w.request {
+            if let Some(r) = w.request() {
                 self.requests.remove(r);
             }
             let grant = self.grant_to(total, now, &name, w);
@@ -199,7 +199,9 @@ impl KeyLayer {
         w: Waiter,
     ) -> crate::core::Grant {
         let permits = w.permits;
-        let grant = total.grant(now, permits, w.lease, w.enqueued_at, w.label, w.request);
+        let (lease, enqueued_at) = (w.lease, w.enqueued_at);
+        let (label, request) = w.into_tags();
+        let grant = total.grant(now, permits, lease, enqueued_at, label, request);
         if total.spec.concurrency.is_none() {
             // Rate only: a paced grant holds nothing; the key keeps only its rate debt.
             if let Some(k) = self.keys.get_mut(name) {

@@ -194,20 +194,20 @@ fn waiter_out(id: u64, w: &Waiter) -> WaiterState {
         lease_us: us(w.lease),
         enqueued_at: w.enqueued_at.0,
         deadline: w.deadline.0,
-        label: w.label.as_deref().map(str::to_owned),
-        request: w.request.as_deref().map(str::to_owned),
+        label: w.label().map(|l| l.to_string()),
+        request: w.request().map(|r| r.to_string()),
     }
 }
 
 fn waiter_in(w: &WaiterState) -> Waiter {
-    Waiter {
-        permits: w.permits,
-        lease: Duration::from_micros(w.lease_us),
-        enqueued_at: Timestamp(w.enqueued_at),
-        deadline: Timestamp(w.deadline),
-        label: w.label.as_deref().map(Arc::from),
-        request: w.request.as_deref().map(Arc::from),
-    }
+    Waiter::new(
+        w.permits,
+        Duration::from_micros(w.lease_us),
+        Timestamp(w.enqueued_at),
+        Timestamp(w.deadline),
+        w.label.as_deref().map(Arc::from),
+        w.request.as_deref().map(Arc::from),
+    )
 }
 
 impl KeyLayer {
@@ -289,7 +289,7 @@ impl KeyLayer {
             let mut queued_permits = 0u64;
             for w in &k.queue {
                 let waiter = waiter_in(w);
-                if let Some(r) = &waiter.request {
+                if let Some(r) = waiter.request() {
                     requests.insert(Arc::clone(r), w.id);
                 }
                 waits.push(Reverse((waiter.deadline, w.id)));
