@@ -345,6 +345,7 @@ impl<B: LimiterBackend> Limiter<B> {
 
     /// The guard of a grant; `sent`: when the acquire was sent, if the store's clock is not
     /// this process's; `key`: the key a keyed limiter's permit was acquired under.
+    #[inline]
     fn permit(&self, grant: Grant, sent: Option<Instant>, key: Option<Arc<str>>) -> Permit<B> {
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
         let held = !grant.lease.is_zero();
