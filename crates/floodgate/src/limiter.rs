@@ -423,6 +423,7 @@ impl<B: LimiterBackend> Limiter<B> {
     /// # Ok(())
     /// # }
     /// ```
+    #[inline]
     pub fn try_acquire_now(&self) -> Option<Result<Permit<B>, AcquireError>> {
         let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
         let options = AcquireOptions::new().wait(Duration::ZERO);

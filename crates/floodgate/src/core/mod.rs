@@ -368,7 +368,8 @@ impl LimiterCore {
         };
         self.leases.forget_latest(holder.deadline, token.0);
         self.forget_request(holder.request.as_ref());
-        self.in_use -= holder.permits;
+        // Widened only for the trip out of the map (see `Released`): it was a u32 going in.
+        self.in_use -= holder.permits as u32;
         self.counters.released += 1;
         self.observe_hold(now.since(holder.granted_at));
         // Nobody queued (the uncontended pair): nobody to grant.
