@@ -28,6 +28,16 @@ impl LimiterCore {
         if let Some(grant) = self.plain_grant(now, req) {
             return Some(Admission::Granted(grant));
         }
+        self.decide_at_once(now, req)
+    }
+
+    /// [`acquire_at_once`](Self::acquire_at_once) once time is applied and
+    /// [`plain_grant`](Self::plain_grant) declined: the general rules, where they decide at once.
+    pub(crate) fn decide_at_once(
+        &mut self,
+        now: Timestamp,
+        req: &AcquireRequest,
+    ) -> Option<Admission> {
         let try_once = req.wait.is_some_and(|w| w < Duration::from_micros(1));
         let at_once = req.request_id.is_none()
             && (try_once
@@ -46,9 +56,11 @@ impl LimiterCore {
     /// The uncontended grant of a plain concurrency limiter, once time is applied: what
     /// `admit` decides when nothing can refuse, queue or pace it (no request id, no rate, no
     /// learning window, nobody queued, valid permits that fit, a lease in range), without
-    /// `admit`'s checks taken one by one. `None` (nothing changed) otherwise.
+    /// `admit`'s checks taken one by one. `None` (nothing changed) otherwise. Time must be
+    /// applied first ([`advance`](Self::advance) to `now`). A store calls it directly so the
+    /// grant reaches its caller as a plain struct, not inside an `Admission` copied around.
     #[inline]
-    fn plain_grant(&mut self, now: Timestamp, req: &AcquireRequest) -> Option<Grant> {
+    pub(crate) fn plain_grant(&mut self, now: Timestamp, req: &AcquireRequest) -> Option<Grant> {
         let lease = req.lease.unwrap_or(self.spec.default_lease);
         let plain = req.request_id.is_none()
             && req.permits > 0
