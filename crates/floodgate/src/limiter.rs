@@ -315,23 +315,37 @@ impl<B: LimiterBackend> Limiter<B> {
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
         // A store on this process's clock gives the lease deadline on it: no clock read here.
         let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
+        // An acquire the store decides at once (nobody waits, the permits fit) skips the
+        // store's wait machinery: no nested futures, no listener. The key moves into the
+        // permit, not cloned: cloning it ahead of this test and holding the clone across the
+        // await below cost the uncontended pair about 25 ns (a larger future, more to drop).
+        if let Some(decided) = self.backend.acquire_at_once(&options) {
+            let grant = decided?;
+            return Ok(self.permit(grant, sent, options.key));
+        }
+        self.acquire_queued(options, sent).await
+    }
+
+    /// The rest of [`acquire`](Self::acquire) when the store did not decide at once: the
+    /// store's own acquire, which may queue.
+    async fn acquire_queued(
+        &self,
+        options: AcquireOptions,
+        sent: Option<Instant>,
+    ) -> Result<Permit<B>, AcquireError> {
         // A keyed permit keeps its key: its extends carry it, so a store that lost its state
         // re-adopts it under that key (docs/learning.md).
         let key = options.key.clone();
-        // An acquire the store decides at once (nobody waits, the permits fit) skips the
-        // store's wait machinery: no nested futures, no listener.
-        let grant = match self.backend.acquire_at_once(&options) {
-            Some(decided) => decided?,
-            None => match &key {
-                Some(key) => self.backend.acquire_keyed(key, options).await?,
-                None => self.backend.acquire(options).await?,
-            },
+        let grant = match &key {
+            Some(key) => self.backend.acquire_keyed(key, options).await?,
+            None => self.backend.acquire(options).await?,
         };
         Ok(self.permit(grant, sent, key))
     }
 
     /// The guard of a grant; `sent`: when the acquire was sent, if the store's clock is not
     /// this process's; `key`: the key a keyed limiter's permit was acquired under.
+    #[inline]
     fn permit(&self, grant: Grant, sent: Option<Instant>, key: Option<Arc<str>>) -> Permit<B> {
         // A rate-only grant has no lease and holds nothing: nothing to release on drop.
         let held = !grant.lease.is_zero();
@@ -409,6 +423,7 @@ impl<B: LimiterBackend> Limiter<B> {
     /// # Ok(())
     /// # }
     /// ```
+    #[inline]
     pub fn try_acquire_now(&self) -> Option<Result<Permit<B>, AcquireError>> {
         let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
         let options = AcquireOptions::new().wait(Duration::ZERO);

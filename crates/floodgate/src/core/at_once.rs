@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use super::{AcquireRequest, Admission, Effects, LimiterCore};
+use super::{AcquireRequest, Admission, Effects, Grant, LimiterCore};
+use crate::spec::{MAX_LEASE, MIN_LEASE};
 use crate::types::Timestamp;
 
 impl LimiterCore {
@@ -16,6 +17,7 @@ impl LimiterCore {
     ///
     /// FIFO holds: the queue is looked at in the same step that grants, so an arrival never
     /// overtakes a queued waiter.
+    #[inline]
     pub fn acquire_at_once(
         &mut self,
         now: Timestamp,
@@ -23,6 +25,19 @@ impl LimiterCore {
         fx: &mut Effects,
     ) -> Option<Admission> {
         self.advance(now, fx);
+        if let Some(grant) = self.plain_grant(now, req) {
+            return Some(Admission::Granted(grant));
+        }
+        self.decide_at_once(now, req)
+    }
+
+    /// [`acquire_at_once`](Self::acquire_at_once) once time is applied and
+    /// [`plain_grant`](Self::plain_grant) declined: the general rules, where they decide at once.
+    pub(crate) fn decide_at_once(
+        &mut self,
+        now: Timestamp,
+        req: &AcquireRequest,
+    ) -> Option<Admission> {
         let try_once = req.wait.is_some_and(|w| w < Duration::from_micros(1));
         let at_once = req.request_id.is_none()
             && (try_once
@@ -32,7 +47,37 @@ impl LimiterCore {
                     && self.fits(req.permits)));
         // Time is applied and without a request id it is no repeat: the rest of `acquire`
         // validates, counts and grants, the one place the rules live.
-        at_once.then(|| self.admit(now, req))
+        if !at_once {
+            return None;
+        }
+        Some(self.admit(now, req))
+    }
+
+    /// The uncontended grant of a plain concurrency limiter, once time is applied: what
+    /// `admit` decides when nothing can refuse, queue or pace it (no request id, no rate, no
+    /// learning window, nobody queued, valid permits that fit, a lease in range), without
+    /// `admit`'s checks taken one by one. `None` (nothing changed) otherwise. Time must be
+    /// applied first ([`advance`](Self::advance) to `now`). A store calls it directly so the
+    /// grant reaches its caller as a plain struct, not inside an `Admission` copied around.
+    #[inline]
+    pub(crate) fn plain_grant(&mut self, now: Timestamp, req: &AcquireRequest) -> Option<Grant> {
+        let lease = req.lease.unwrap_or(self.spec.default_lease);
+        let plain = req.request_id.is_none()
+            && req.permits > 0
+            && self.spec.rate.is_none()
+            && self.spec.concurrency.is_some()
+            && self.learning_until.is_none()
+            && self.queue.is_empty()
+            // With a limit, fitting also keeps the permits under the cap `admit` checks.
+            && self.limit.is_some()
+            && self.fits(req.permits)
+            && (MIN_LEASE..=MAX_LEASE).contains(&lease);
+        if !plain {
+            return None;
+        }
+        // Not through `bool::then`: its closure was not inlined, and the grant it returned
+        // was copied out field by field into wider moves (a store-forwarding stall).
+        Some(self.grant(now, req.permits, lease, now, req.holder.clone(), None))
     }
 }
 

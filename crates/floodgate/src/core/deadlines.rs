@@ -26,6 +26,7 @@ pub(crate) struct DeadlineHeap {
 }
 
 impl DeadlineHeap {
+    #[inline]
     pub(crate) fn push(&mut self, deadline: Timestamp, key: u64) {
         let entry = (deadline, key);
         if self.ordered.back().is_none_or(|last| *last <= entry) {
@@ -38,6 +39,7 @@ impl DeadlineHeap {
     /// Drops the entry now, if it is the latest in order: the grant released before any later
     /// one was given out (the uncontended pair) leaves no stale entry for a compaction to sweep.
     /// Any other entry stays, to be dropped lazily.
+    #[inline]
     pub(crate) fn forget_latest(&mut self, deadline: Timestamp, key: u64) {
         if self.ordered.back() == Some(&(deadline, key)) {
             self.ordered.pop_back();
@@ -92,6 +94,7 @@ impl DeadlineHeap {
     }
 
     /// Drops stale entries once they are the majority. `live` is how many entries are live.
+    #[inline]
     pub(crate) fn compact(&mut self, live: usize, is_live: impl Fn(u64, Timestamp) -> bool) {
         if self.ordered.len() + self.heap.len() > 2 * live + 64 {
             self.ordered.retain(|(d, k)| is_live(*k, *d));

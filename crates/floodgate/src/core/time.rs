@@ -5,11 +5,19 @@ use super::*;
 impl LimiterCore {
     /// Applies the passage of time up to `now`: expires leases and waiter deadlines in deadline
     /// order, granting freed permits to the queue as it goes.
+    #[inline]
     pub fn advance(&mut self, now: Timestamp, fx: &mut Effects) {
         // Nothing can be due before `next_due`; a rate's token times are not tracked there.
+        // Inlined (the store's hot path then skips a call); the work is out of line.
         if now < self.next_due && self.spec.rate.is_none() {
             return;
         }
+        self.advance_due(now, fx);
+    }
+
+    /// [`advance`](Self::advance) when something may be due.
+    #[inline(never)]
+    fn advance_due(&mut self, now: Timestamp, fx: &mut Effects) {
         self.end_learning_if_due(now, fx);
         loop {
             let holders = &self.holders;

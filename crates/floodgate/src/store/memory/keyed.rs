@@ -20,6 +20,7 @@ use crate::types::{FencingToken, LimiterName, ReservationId, Schedule, Timestamp
 
 impl State {
     /// A moment no later than the next deadline, for re-arming the timer after an operation.
+    #[inline]
     pub(super) fn deadline_hint(&mut self) -> Option<Timestamp> {
         match &mut self.keyed {
             Some(keyed) => keyed.next_deadline(&mut self.core),
@@ -42,6 +43,7 @@ impl State {
         }
     }
 
+    #[inline]
     pub(super) fn release_any(
         &mut self,
         now: Timestamp,
