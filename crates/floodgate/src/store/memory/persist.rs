@@ -294,7 +294,11 @@ fn take_snapshot<C: Clock>(inner: &Inner<C>) -> std::io::Result<()> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     let result = snapshot_inner(inner, persist);
-    persist.wal.snapshot_done();
+    if persist.wal.snapshot_done(result.is_ok()) {
+        // The log outgrew the threshold while this snapshot was taken (heavy traffic): take
+        // the next one now, not at an append that may never come.
+        persist.due.notify_one();
+    }
     result
 }
 

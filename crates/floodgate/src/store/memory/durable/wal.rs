@@ -208,9 +208,19 @@ impl Wal {
         Ok(next)
     }
 
-    /// The snapshot finished (or failed): another may start when due.
-    pub(crate) fn snapshot_done(&self) {
-        self.lock().snapshotting = false;
+    /// The snapshot finished (`succeeded`) or failed: another may start when due. Answers
+    /// whether one is due already, because the log grew past the threshold while this one was
+    /// taken; it then counts as started and the caller must have it taken, since the next
+    /// append (which would otherwise notice) may never come. A failed snapshot answers false,
+    /// so a failing disk is retried at the next append, not in a loop.
+    pub(crate) fn snapshot_done(&self, succeeded: bool) -> bool {
+        let mut st = self.lock();
+        let again = succeeded
+            && !st.closed
+            && st.failed.is_none()
+            && st.bytes_since_snapshot >= self.snapshot_after_bytes;
+        st.snapshotting = again;
+        again
     }
 
     /// Writes and syncs what is pending, and stops the sync thread. Nothing is written after
@@ -321,5 +331,54 @@ fn sync_loop(wal: &std::sync::Weak<Wal>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::record::{Op, Record};
+    use super::super::FsyncPolicy;
+    use super::Wal;
+
+    fn release(wal: &Wal) -> bool {
+        let record = Record {
+            seq: 0,
+            at: 1,
+            limiter: "l".to_owned(),
+            inc: 1,
+            op: Op::Release { token: 7 },
+        };
+        wal.append(record).1
+    }
+
+    /// The log outgrows the threshold while a snapshot is being taken (appends then never ask
+    /// for one): the snapshot's end asks for the next, as nothing else would if traffic stops.
+    /// A failed snapshot does not (the next append retries; no loop on a failing disk).
+    #[test]
+    fn a_snapshot_outgrown_while_taken_asks_for_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(dir.path(), 1, 1, FsyncPolicy::No, 64).expect("open");
+        while !release(&wal) {}
+        wal.rotate().expect("rotate");
+        for _ in 0..100 {
+            assert!(!release(&wal), "one snapshot at a time");
+        }
+        assert!(
+            !wal.snapshot_done(false),
+            "a failed snapshot is not retried at once"
+        );
+        assert!(release(&wal), "the next append asks again");
+        wal.rotate().expect("rotate");
+        for _ in 0..100 {
+            assert!(!release(&wal));
+        }
+        assert!(
+            wal.snapshot_done(true),
+            "outgrown while taken: the next one is due now"
+        );
+        assert!(!release(&wal), "and counts as started");
+        wal.rotate().expect("rotate");
+        assert!(!wal.snapshot_done(true), "not outgrown: none due");
+        wal.close();
     }
 }
