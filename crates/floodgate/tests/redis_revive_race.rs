@@ -17,6 +17,8 @@
 #[path = "support/mod.rs"]
 mod support;
 
+use support::until_status;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -186,22 +188,6 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-async fn until_status(
-    limiter: &Limiter<RedisLimiter>,
-    what: &str,
-    cond: impl Fn(&floodgate::LimiterStatus) -> bool,
-) -> floodgate::LimiterStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = limiter.status().await.unwrap();
-        if cond(&status) {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "{what}: {status:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
