@@ -103,35 +103,13 @@ async fn transcript(srv: &Srv) -> Vec<Value> {
 
     // A waiter for two permits queues; an arrival for the one free permit must not overtake
     // it, whether it tries once or would wait.
-    let waiter = {
-        let (http, url) = (srv.http.clone(), format!("{}{acquire}", srv.base));
-        tokio::spawn(async move {
-            common::request(
-                &http,
-                reqwest::Method::POST,
-                url,
-                Some(json!({"permits": 2, "wait_ms": 60000})),
-            )
-            .await
-        })
-    };
+    let waiter = srv.spawn_post(acquire, json!({"permits": 2, "wait_ms": 60000}));
     until_waiting(srv, 1).await;
     out.push(normal(
         srv.post(acquire, json!({"wait_ms": 0})).await,
         &mut tokens,
     ));
-    let behind = {
-        let (http, url) = (srv.http.clone(), format!("{}{acquire}", srv.base));
-        tokio::spawn(async move {
-            common::request(
-                &http,
-                reqwest::Method::POST,
-                url,
-                Some(json!({"wait_ms": 60000})),
-            )
-            .await
-        })
-    };
+    let behind = srv.spawn_post(acquire, json!({"wait_ms": 60000}));
     until_waiting(srv, 2).await;
     // The first holder leaves: two permits free, the head (two permits) is granted, and the
     // one behind it waits on (the limit is taken again).

@@ -61,19 +61,25 @@ where
     gate.limiter("orgs").await.unwrap()
 }
 
-/// The first attempt of `job-1` queues for `org-b` and its caller goes away; a later waiter
-/// of the same key queues behind it; the retry joins the first attempt's wait, so the release
-/// of the holder grants the retry, not the later waiter.
-async fn a_retry_joins_the_abandoned_wait_in_its_place<S: Store>(gate: Floodgate<S>)
+/// The total's one permit held (key `org-a`); the first attempt of `request_id` queued for
+/// `org-b`, then its caller gone; a later waiter of `org-b` queued behind it.
+async fn abandoned<S: Store>(
+    gate: &Floodgate<S>,
+    request_id: &'static str,
+) -> (
+    Limiter<S::Limiter>,
+    Permit<S::Limiter>,
+    Acquiring<S::Limiter>,
+)
 where
     S::Limiter: 'static,
 {
-    let orgs = keyed(&gate).await;
+    let orgs = keyed(gate).await;
     let holder = orgs
         .acquire(AcquireOptions::new().key("org-a"))
         .await
         .unwrap();
-    let first = start(&orgs, wait(AcquireOptions::new().request_id("job-1")));
+    let first = start(&orgs, wait(AcquireOptions::new().request_id(request_id)));
     until_status(&orgs, "the first attempt queues", |s| s.waiting == 1).await;
     drop(first); // its caller went away
     let later = start(&orgs, wait(AcquireOptions::new()));
@@ -81,6 +87,17 @@ where
     // on the embedded store).
     let st = until_status(&orgs, "the later waiter queues", |s| s.waiting >= 2).await;
     assert_eq!((st.waiting, st.counters.cancelled), (2, 0), "{st:?}");
+    (orgs, holder, later)
+}
+
+/// The first attempt of `job-1` queues for `org-b` and its caller goes away; a later waiter
+/// of the same key queues behind it; the retry joins the first attempt's wait, so the release
+/// of the holder grants the retry, not the later waiter.
+async fn a_retry_joins_the_abandoned_wait_in_its_place<S: Store>(gate: Floodgate<S>)
+where
+    S::Limiter: 'static,
+{
+    let (orgs, holder, later) = abandoned(&gate, "job-1").await;
     let retry = start(&orgs, wait(AcquireOptions::new().request_id("job-1")));
     // Joined, not queued anew: still two waiting (this status runs after the retry's acquire
     // on either store).
@@ -107,16 +124,7 @@ async fn a_grant_to_an_abandoned_wait_goes_back<S: Store>(gate: Floodgate<S>)
 where
     S::Limiter: 'static,
 {
-    let orgs = keyed(&gate).await;
-    let holder = orgs
-        .acquire(AcquireOptions::new().key("org-a"))
-        .await
-        .unwrap();
-    let first = start(&orgs, wait(AcquireOptions::new().request_id("job-2")));
-    until_status(&orgs, "the first attempt queues", |s| s.waiting == 1).await;
-    drop(first);
-    let later = start(&orgs, wait(AcquireOptions::new()));
-    until_status(&orgs, "the later waiter queues", |s| s.waiting == 2).await;
+    let (orgs, holder, later) = abandoned(&gate, "job-2").await;
     assert!(holder.release().await.unwrap());
     let next = finish("the later waiter", later).await;
     let st = orgs.status().await.unwrap();
@@ -130,35 +138,37 @@ where
     assert!(next.release().await.unwrap());
 }
 
-async fn on_redis() -> (Floodgate<RedisStore>, support::RedisServer) {
-    let server = support::RedisServer::start();
-    let store = RedisStore::connect(RedisConfig::new(server.url()))
-        .await
-        .unwrap();
-    (Floodgate::with_store(store), server)
+/// Two tests running `$body` (a function of the gate): on the embedded store and on a real
+/// `redis-server`.
+macro_rules! on_both_stores {
+    ($embedded:ident, $on_redis:ident, $body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $embedded() {
+            $body(Floodgate::in_memory()).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $on_redis() {
+            let server = support::RedisServer::start();
+            let store = RedisStore::connect(RedisConfig::new(server.url()))
+                .await
+                .unwrap();
+            $body(Floodgate::with_store(store)).await;
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_a_retry_joins_the_abandoned_keyed_wait_in_its_place() {
-    a_retry_joins_the_abandoned_wait_in_its_place(Floodgate::in_memory()).await;
-}
+on_both_stores!(
+    embedded_a_retry_joins_the_abandoned_keyed_wait_in_its_place,
+    redis_a_retry_joins_the_abandoned_keyed_wait_in_its_place,
+    a_retry_joins_the_abandoned_wait_in_its_place
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_a_retry_joins_the_abandoned_keyed_wait_in_its_place() {
-    let (gate, _server) = on_redis().await;
-    a_retry_joins_the_abandoned_wait_in_its_place(gate).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_a_grant_to_an_abandoned_keyed_wait_goes_back() {
-    a_grant_to_an_abandoned_wait_goes_back(Floodgate::in_memory()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_a_grant_to_an_abandoned_keyed_wait_goes_back() {
-    let (gate, _server) = on_redis().await;
-    a_grant_to_an_abandoned_wait_goes_back(gate).await;
-}
+on_both_stores!(
+    embedded_a_grant_to_an_abandoned_keyed_wait_goes_back,
+    redis_a_grant_to_an_abandoned_keyed_wait_goes_back,
+    a_grant_to_an_abandoned_wait_goes_back
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_a_retry_joins_the_abandoned_keyed_wait_and_the_log_replays_it() {

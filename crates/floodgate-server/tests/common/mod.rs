@@ -164,6 +164,16 @@ impl Srv {
         self.send(reqwest::Method::GET, path, None).await
     }
 
+    /// [`post`](Self::post) in a task of its own (a long poll the test does not wait on yet).
+    pub(crate) fn spawn_post(
+        &self,
+        path: &str,
+        body: Value,
+    ) -> tokio::task::JoinHandle<(u16, Value)> {
+        let (http, url) = (self.http.clone(), format!("{}{path}", self.base));
+        tokio::spawn(async move { request(&http, reqwest::Method::POST, url, Some(body)).await })
+    }
+
     /// The Prometheus exposition as the server answers `/metrics` now.
     pub(crate) async fn metrics(&self) -> String {
         self.http
