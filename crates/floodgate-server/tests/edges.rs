@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::Served;
+use common::Srv;
 use floodgate::{Floodgate, LimiterSpec};
 use floodgate_server::server::ServerOptions;
 use reqwest::Method;
@@ -38,12 +38,6 @@ async fn raw(srv: &Srv, request: &str) -> Answer {
         json: serde_json::from_str(&body).unwrap_or(Value::Null),
         text,
     }
-}
-
-struct Srv {
-    served: Served,
-    base: String,
-    http: reqwest::Client,
 }
 
 /// Status, headers and the JSON body (`Null` when not JSON).
@@ -82,16 +76,11 @@ impl Srv {
     async fn start(options: ServerOptions) -> Srv {
         let gate = Floodgate::in_memory();
         gate.define("x", LimiterSpec::concurrency(2)).await.unwrap();
-        let served = Served::start(gate, options).await;
-        Srv {
-            base: format!("http://{}", served.addr),
-            served,
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-        }
+        Srv::serve(gate, options).await
     }
 
     /// `body` sent verbatim with the given content type (none when `None`).
-    async fn send(
+    async fn verbatim(
         &self,
         method: Method,
         path: &str,
@@ -123,7 +112,7 @@ impl Srv {
     }
 
     async fn json(&self, method: Method, path: &str, body: &str) -> Answer {
-        self.send(method, path, Some("application/json"), Some(body), None)
+        self.verbatim(method, path, Some("application/json"), Some(body), None)
             .await
     }
 }
@@ -196,12 +185,12 @@ async fn bearer_scheme_in_any_letter_case() {
     .await;
     for auth in ["Bearer t0k3n", "bearer t0k3n", "BEARER t0k3n"] {
         let a = srv
-            .send(Method::GET, "/v1/limiters", None, None, Some(auth))
+            .verbatim(Method::GET, "/v1/limiters", None, None, Some(auth))
             .await;
         assert_eq!(a.status, 200, "{auth}: {}", a.text);
     }
     for auth in ["bearer wrong", "Basic t0k3n", "t0k3n"] {
-        srv.send(Method::GET, "/v1/limiters", None, None, Some(auth))
+        srv.verbatim(Method::GET, "/v1/limiters", None, None, Some(auth))
             .await
             .error(401, "unauthorized");
     }
@@ -236,13 +225,13 @@ async fn posts_without_json_content_type_are_415() {
     ];
     for (method, path, body) in &routes {
         for ct in simple {
-            srv.send(method.clone(), path, ct, Some(body), None)
+            srv.verbatim(method.clone(), path, ct, Some(body), None)
                 .await
                 .error(415, "unsupported_media_type")
                 .message_starts("content-type");
             // Without a body too (an acquire with no body would still take a permit).
             if !path.ends_with("/release") {
-                srv.send(method.clone(), path, ct, None, None)
+                srv.verbatim(method.clone(), path, ct, None, None)
                     .await
                     .error(415, "unsupported_media_type");
             }
@@ -250,16 +239,16 @@ async fn posts_without_json_content_type_are_415() {
     }
     // Nothing was taken or created by all that.
     let x = srv
-        .send(Method::GET, "/v1/limiters/x", None, None, None)
+        .verbatim(Method::GET, "/v1/limiters/x", None, None, None)
         .await;
     assert_eq!(x.json["in_use"], 0, "{}", x.text);
     assert_eq!(x.json["counters"]["granted"], 0, "{}", x.text);
-    srv.send(Method::GET, "/v1/limiters/y", None, None, None)
+    srv.verbatim(Method::GET, "/v1/limiters/y", None, None, None)
         .await
         .error(404, "unknown_limiter");
     // application/json with a charset parameter, in any case, works; so does a bare release.
     let granted = srv
-        .send(
+        .verbatim(
             Method::POST,
             "/v1/limiters/x/acquire",
             Some("Application/JSON; charset=utf-8"),
@@ -270,7 +259,7 @@ async fn posts_without_json_content_type_are_415() {
     assert_eq!(granted.status, 200, "{}", granted.text);
     let id = granted.json["permit_id"].as_str().unwrap().to_owned();
     let released = srv
-        .send(
+        .verbatim(
             Method::POST,
             &format!("/v1/permits/{id}/release"),
             None,
@@ -338,7 +327,7 @@ async fn arrays_are_not_bodies() {
         .await
         .error(400, "invalid_request")
         .message_starts("body");
-    srv.send(Method::GET, "/v1/limiters/arr", None, None, None)
+    srv.verbatim(Method::GET, "/v1/limiters/arr", None, None, None)
         .await
         .error(404, "unknown_limiter");
     srv.served.stop().await;

@@ -14,21 +14,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Served;
+use common::{call, Served};
 use floodgate::{Floodgate, KeyedSpec, LimiterName, LimiterSpec, Store};
 use floodgate_server::server::ServerOptions;
-use serde_json::{json, Value};
-
-async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let mut req = http.request(method, url);
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_holder_that_keeps_extending_is_readopted_after_a_restart() {

@@ -7,21 +7,15 @@ mod common;
 #[path = "../../floodgate/tests/support/mod.rs"]
 mod support;
 
-use common::{Served, PATIENCE, POLL};
+use common::{Srv, PATIENCE, POLL};
 use floodgate::{Floodgate, RedisConfig, RedisStore};
 use floodgate_server::server::ServerOptions;
 use serde_json::{json, Value};
 use support::RedisServer;
 
-struct Srv {
-    served: Served,
-    base: String,
-    http: reqwest::Client,
-}
-
 impl Srv {
     async fn memory() -> Srv {
-        Srv::with(Served::start(Floodgate::in_memory(), ServerOptions::default()).await)
+        Srv::serve(Floodgate::in_memory(), ServerOptions::default()).await
     }
 
     /// The server on a fresh `redis-server` (kept alive as long as the server).
@@ -30,44 +24,10 @@ impl Srv {
         let store = RedisStore::connect(RedisConfig::new(redis.url()))
             .await
             .unwrap();
-        let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
-        (Srv::with(served), redis)
-    }
-
-    fn with(served: Served) -> Srv {
-        Srv {
-            base: format!("http://{}", served.addr),
-            served,
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-        }
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(body) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(body.to_string());
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
         (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            Srv::serve(Floodgate::with_store(store), ServerOptions::default()).await,
+            redis,
         )
-    }
-
-    async fn put(&self, path: &str, body: Value) -> (u16, Value) {
-        self.send(reqwest::Method::PUT, path, Some(body)).await
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.send(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        self.send(reqwest::Method::GET, path, None).await
     }
 }
 
@@ -138,15 +98,7 @@ async fn keyed_over_http(srv: Srv) {
     assert!(d1.1["retry_after_ms"].as_u64().unwrap() >= 1);
 
     // Metrics: one key-count series per limiter, never one per key.
-    let metrics = srv
-        .http
-        .get(format!("{}/metrics", srv.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = srv.metrics().await;
     assert!(
         metrics.contains("floodgate_limiter_keys{limiter=\"orgs\"} 3"),
         "{metrics}"

@@ -10,44 +10,14 @@ mod common;
 #[path = "../../floodgate/tests/support/mod.rs"]
 mod support;
 
-use common::{Served, PATIENCE, POLL};
+use common::{Served, Srv, PATIENCE, POLL};
 use floodgate::{Floodgate, RedisConfig, RedisStore};
 use floodgate_server::server::ServerOptions;
-use serde_json::{json, Value};
+use serde_json::json;
 use support::RedisServer;
 use tokio::task::JoinHandle;
 
-struct Srv {
-    served: Served,
-    base: String,
-    http: reqwest::Client,
-}
-
 impl Srv {
-    fn with(served: Served) -> Srv {
-        Srv {
-            base: format!("http://{}", served.addr),
-            served,
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-        }
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(body) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(body.to_string());
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
     /// A blocking acquire for `key`, in the background; its HTTP status.
     fn wait_for(&self, key: &str) -> JoinHandle<u16> {
         let http = self.http.clone();
@@ -76,15 +46,7 @@ impl Srv {
 
     /// `floodgate_oldest_wait_seconds{limiter="orgs"}` as the server exports it now.
     async fn gauge(&self) -> f64 {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.metrics().await;
         let line = text
             .lines()
             .find(|l| l.starts_with("floodgate_oldest_wait_seconds{limiter=\"orgs\"}"))

@@ -47,9 +47,7 @@ async fn call(
     url: String,
     body: Value,
 ) -> (u16, Value) {
-    let resp = http.request(method, url).json(&body).send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    common::request(http, method, url, Some(body)).await
 }
 
 on_both_stores!(
@@ -60,7 +58,7 @@ on_both_stores!(
 
 async fn paces_each_key_under_the_total(served: &Served) {
     let base = format!("http://{}/v1/limiters", served.addr);
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let http = common::client();
     let put = reqwest::Method::PUT;
 
     let spec = json!({
@@ -145,7 +143,7 @@ on_both_stores!(
 /// and a keyed schedule is paced by the key's rate and given back by `unschedule`.
 async fn paces_each_key_with_no_total(served: &Served) {
     let base = format!("http://{}/v1/limiters", served.addr);
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let http = common::client();
     let spec = json!({"per_key": {"rate": {"limit": 1, "period_ms": 60000, "burst": 2}}});
     let (status, body) = call(&http, reqwest::Method::PUT, format!("{base}/keys"), spec).await;
     assert_eq!(status, 200, "{body}");
@@ -238,7 +236,7 @@ on_both_stores!(
 /// liveness is bounded in time (a wait of 20 s for grants due within a second).
 async fn waiters_are_paced_and_keys_go_idle(served: &Served, with_total: bool) {
     let base = format!("http://{}/v1/limiters", served.addr);
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let http = common::client();
     let total = with_total.then(|| json!({"limit": 20, "period_ms": 1000, "burst": 1}));
     let spec = json!({
         "rate": total,

@@ -9,39 +9,20 @@ mod common;
 #[path = "../../floodgate/tests/support/mod.rs"]
 mod support;
 
-use common::{num, Served};
+use common::{call, num, Served};
 use floodgate::{Floodgate, RedisConfig, RedisStore};
 use floodgate_server::server::ServerOptions;
 use serde_json::{json, Value};
 use support::RedisServer;
 
 async fn post(served: &Served, path: &str, body: Value) -> (u16, Value) {
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let resp = http
-        .post(format!("http://{}{path}", served.addr))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    let url = format!("http://{}{path}", served.addr);
+    call(reqwest::Method::POST, url, Some(body)).await
 }
 
 async fn put(served: &Served, path: &str, body: Value) -> (u16, Value) {
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let resp = http
-        .put(format!("http://{}{path}", served.addr))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
+    let url = format!("http://{}{path}", served.addr);
+    call(reqwest::Method::PUT, url, Some(body)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,10 +14,10 @@ mod support;
 
 use std::time::Duration;
 
-use common::Served;
+use common::{call, Served};
 use floodgate::{Floodgate, RedisConfig, RedisStore};
 use floodgate_server::server::ServerOptions;
-use serde_json::{json, Value};
+use serde_json::json;
 use support::RedisServer;
 
 async fn serve(redis: &RedisServer) -> (Served, String) {
@@ -27,17 +27,6 @@ async fn serve(redis: &RedisServer) -> (Served, String) {
     let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
     let base = format!("http://{}/v1/limiters", served.addr);
     (served, base)
-}
-
-async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let mut req = http.request(method, url);
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

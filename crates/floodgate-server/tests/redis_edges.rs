@@ -14,45 +14,18 @@ mod common;
 #[path = "../../floodgate/tests/support/mod.rs"]
 mod support;
 
-use common::Served;
+use common::Srv;
 use floodgate::{Floodgate, RedisConfig, RedisStore};
 use floodgate_server::server::ServerOptions;
-use serde_json::{json, Value};
+use serde_json::json;
 use support::RedisServer;
-
-struct Srv {
-    served: Served,
-    base: String,
-    http: reqwest::Client,
-}
 
 impl Srv {
     async fn start(redis: &RedisServer, max_limiters: Option<usize>) -> Srv {
         let mut config = RedisConfig::new(redis.url());
         config.max_limiters = max_limiters;
         let store = RedisStore::connect(config).await.unwrap();
-        let served = Served::start(Floodgate::with_store(store), ServerOptions::default()).await;
-        Srv {
-            base: format!("http://{}", served.addr),
-            served,
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-        }
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(body) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(body.to_string());
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        Srv::serve(Floodgate::with_store(store), ServerOptions::default()).await
     }
 }
 

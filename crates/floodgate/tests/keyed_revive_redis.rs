@@ -15,6 +15,8 @@
 #[path = "support/mod.rs"]
 mod support;
 
+use support::until_status;
+
 use std::time::{Duration, Instant};
 
 use floodgate::{
@@ -34,23 +36,6 @@ fn flushall(server: &support::RedisServer) {
         .output()
         .unwrap();
     assert!(out.status.success());
-}
-
-/// Polls `cond` on the limiter's status until it holds (a liveness bound only).
-async fn until_status(
-    limiter: &floodgate::Limiter<floodgate::RedisLimiter>,
-    what: &str,
-    cond: impl Fn(&floodgate::LimiterStatus) -> bool,
-) -> floodgate::LimiterStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = limiter.status().await.unwrap();
-        if cond(&status) {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "{what}: {status:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

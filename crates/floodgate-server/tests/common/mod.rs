@@ -78,3 +78,111 @@ pub(crate) fn num(v: &Value, pointer: &str) -> u64 {
         .and_then(Value::as_u64)
         .unwrap_or_else(|| panic!("no integer at {pointer} in {v}"))
 }
+
+/// An HTTP client for the test servers (environment proxies ignored: they are on loopback).
+pub(crate) fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// One request to `url` with `body` as JSON, on `http`: the status and the answer as JSON (its
+/// text as a JSON string when it is not JSON).
+pub(crate) async fn request(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = http.request(method, url);
+    if let Some(body) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// [`request`] on a client of its own (tests that talk to several servers by full URL).
+pub(crate) async fn call(
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> (u16, Value) {
+    request(&client(), method, url, body).await
+}
+
+/// A served server with a client for it: what the HTTP tests start from (each file builds
+/// its own with [`Srv::with`] or [`Srv::serve`], on the store and options it needs).
+pub(crate) struct Srv {
+    /// The server, to stop it or reach its address.
+    pub(crate) served: Served,
+    /// `http://ADDR`, which request paths follow.
+    pub(crate) base: String,
+    /// One client for every request, so connections are reused as a real client's are.
+    pub(crate) http: reqwest::Client,
+}
+
+impl Srv {
+    pub(crate) fn with(served: Served) -> Srv {
+        Srv {
+            base: format!("http://{}", served.addr),
+            served,
+            http: client(),
+        }
+    }
+
+    /// The real server on `gate`.
+    pub(crate) async fn serve<S: Store>(gate: Floodgate<S>, options: ServerOptions) -> Srv {
+        Srv::with(Served::start(gate, options).await)
+    }
+
+    /// `path` (after the base) with `body` as JSON: the status and the JSON answer.
+    pub(crate) async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        request(&self.http, method, url, body).await
+    }
+
+    pub(crate) async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    pub(crate) async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    /// [`post`](Self::post) in a task of its own (a long poll the test does not wait on yet).
+    pub(crate) fn spawn_post(
+        &self,
+        path: &str,
+        body: Value,
+    ) -> tokio::task::JoinHandle<(u16, Value)> {
+        let (http, url) = (self.http.clone(), format!("{}{path}", self.base));
+        tokio::spawn(async move { request(&http, reqwest::Method::POST, url, Some(body)).await })
+    }
+
+    /// The Prometheus exposition as the server answers `/metrics` now.
+    pub(crate) async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}

@@ -196,3 +196,20 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 }
+
+/// Polls the limiter's status until `cond` holds of it (a liveness bound only), and returns it.
+pub(crate) async fn until_status<B: floodgate::LimiterBackend>(
+    limiter: &floodgate::Limiter<B>,
+    what: &str,
+    cond: impl Fn(&floodgate::LimiterStatus) -> bool,
+) -> floodgate::LimiterStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = limiter.status().await.expect("status");
+        if cond(&status) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what}: {status:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

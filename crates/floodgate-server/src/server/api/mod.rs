@@ -482,17 +482,28 @@ pub(super) async fn acquire<S: Store>(
         recorder.record("shutting_down");
         return Err(ApiError::shutting_down());
     }
-    let result = tokio::select! {
-        result = async {
-            match &body.key {
-                Some(key) => limiter.acquire_keyed(key, request).await,
-                None => limiter.acquire(request).await,
+    // An acquire the store decides at once (the embedded store, not durable, nobody queued
+    // and the permits free, or a try-once) is answered without building a wait, as
+    // `Limiter::acquire` does; `None` (Redis, durable, keyed, a wait that may queue): the
+    // general path. The answers are the same either way (`tests/at_once_http.rs`).
+    let at_once = match &body.key {
+        Some(_) => None,
+        None => limiter.acquire_at_once(&request),
+    };
+    let result = match at_once {
+        Some(decided) => decided,
+        None => tokio::select! {
+            result = async {
+                match &body.key {
+                    Some(key) => limiter.acquire_keyed(key, request).await,
+                    None => limiter.acquire(request).await,
+                }
+            } => result,
+            _ = shutting_down.wait_for(|down| *down) => {
+                recorder.record("shutting_down");
+                return Err(ApiError::shutting_down());
             }
-        } => result,
-        _ = shutting_down.wait_for(|down| *down) => {
-            recorder.record("shutting_down");
-            return Err(ApiError::shutting_down());
-        }
+        },
     };
     if options_fail_open(&state, &result) {
         recorder.record("fail_open");

@@ -29,12 +29,15 @@
 //! During a learning window an extend of an unknown permit that carries its key and permits
 //! re-adopts it under that key and the total (see `adopt.rs`).
 //!
-//! Not built yet: keeping an abandoned idempotent wait for a retry (a dropped keyed wait is cancelled),
-//! per-key adaptive limits.
+//! An idempotent wait whose caller went away is kept for a retry to join, as a plain one is
+//! (see `orphan.rs`).
+//!
+//! Not built yet: per-key adaptive limits.
 
 mod adopt;
 mod oldest;
 mod ops;
+mod orphan;
 mod pacing;
 mod reserve;
 mod sched;

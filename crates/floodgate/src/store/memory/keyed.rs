@@ -68,6 +68,22 @@ impl State {
         }
     }
 
+    /// Whether the waiter is still queued (in its key's queue, for a keyed limiter).
+    pub(super) fn is_queued_any(&self, waiter: WaiterId) -> bool {
+        match &self.keyed {
+            Some(keyed) => keyed.is_queued(waiter),
+            None => self.core.is_queued(waiter),
+        }
+    }
+
+    /// An idempotent wait whose caller went away is kept for `grace`, for a retry to join.
+    pub(super) fn orphan_any(&mut self, now: Timestamp, waiter: WaiterId, grace: Duration) -> bool {
+        match &mut self.keyed {
+            Some(keyed) => keyed.orphan(now, waiter, grace),
+            None => self.core.orphan(now, waiter, grace),
+        }
+    }
+
     /// Extend; during a learning window an unknown permit is re-adopted when it carries its
     /// permits (and, for a keyed limiter, its key).
     pub(super) fn extend_any(

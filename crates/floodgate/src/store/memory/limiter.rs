@@ -336,13 +336,13 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
                 .waiters
                 .get(&id.0)
                 .is_some_and(|(l, _)| *l == listener);
-            if idempotent && state.keyed.is_none() && state.core.is_queued(id) {
+            if idempotent && state.is_queued_any(id) {
                 // Leave the wait, for a while, for a retry to join; stop listening if still
                 // ours. A retry that already took it over keeps it as it is.
                 if mine {
                     state.waiters.remove(&id.0);
                     let grace = crate::core::ORPHANED_WAIT_GRACE;
-                    if state.core.orphan(now, id, grace) {
+                    if state.orphan_any(now, id, grace) {
                         state.record(now, || Op::Orphan {
                             waiter: id.0,
                             grace_us: u64::try_from(grace.as_micros()).unwrap_or(u64::MAX),

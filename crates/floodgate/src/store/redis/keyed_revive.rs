@@ -220,7 +220,7 @@ impl RedisLimiter {
     }
 
     /// Puts the known overrides back (after a re-creation).
-    async fn restore_overrides(&self, overrides: &HashMap<String, KeyOverride>) {
+    pub(super) async fn restore_overrides(&self, overrides: &HashMap<String, KeyOverride>) {
         for (key, over) in overrides {
             let reply = self.call_once("put_key", &override_args(key, over)).await;
             if !matches!(
@@ -229,48 +229,6 @@ impl RedisLimiter {
             ) {
                 tracing::warn!(limiter = %self.name, key, ?reply, "an override was not restored");
             }
-        }
-    }
-
-    /// [`revive`](Self::revive) for a keyed limiter: re-created from `def` in a learning window
-    /// (the configured one, or the spec's default lease), its overrides put back. `false` if
-    /// it was deleted on purpose meanwhile.
-    pub(super) async fn revive_keyed(&self, def: KeyedDef) -> Result<bool, StoreError> {
-        let window = self
-            .store
-            .config
-            .learning_window
-            .unwrap_or(def.spec.default_lease);
-        let args = kput_args(&def.spec, &def.keyed, Some(window), true);
-        let reply = self.call_once("kput", &args).await?;
-        match reply.first().map(String::as_str) {
-            Some("status") => {
-                let status = self.parse_status(&reply)?;
-                self.restore_overrides(&def.overrides).await;
-                self.answer_lost_waiters();
-                tracing::warn!(
-                    limiter = %self.name,
-                    window_ms = window.as_millis(),
-                    learning = status.learning,
-                    overrides = def.overrides.len(),
-                    "the keyed limiter vanished from redis (state lost): re-created from its last definition, learning"
-                );
-                super::revive::register(&self.store, &self.name).await?;
-                Ok(true)
-            }
-            // Revived first by another server or another call of this one: nothing to do.
-            Some("revived") => Ok(true),
-            Some("deleted") => {
-                self.forget();
-                Ok(false)
-            }
-            // Re-created plain by another server meanwhile: not this store's to revive.
-            Some("invalid") => {
-                self.forget();
-                self.store.mark_keyed(&self.name, false);
-                Ok(false)
-            }
-            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }
     }
 }

@@ -103,12 +103,15 @@ impl RedisLimiter {
     /// loss), re-creates it in a learning window and runs the operation again (`revive.rs`).
     pub(super) async fn call(&self, op: &str, args: &[String]) -> Result<Vec<String>, StoreError> {
         self.settle_generation().await?;
+        // Before the call: a waiter that queued before this was sent is lost if it finds the
+        // limiter gone (`revive.rs`).
+        let sent = self.store.tick();
         let reply = self.call_once(op, args).await?;
         if reply.first().map(String::as_str) != Some("unknown") || !super::revive::revives(op) {
             self.learn_spec_in_background(&reply);
             return Ok(reply);
         }
-        if self.revive().await? {
+        if self.revive(sent).await? {
             return self.call_once(op, args).await;
         }
         Ok(reply)
@@ -307,6 +310,7 @@ impl RedisLimiter {
                 limiter: self.name.clone(),
                 tx,
                 attempt: n,
+                queued: None,
             },
         );
         // Armed from here on: if this future is dropped, or the call fails without our knowing
@@ -340,6 +344,7 @@ impl RedisLimiter {
                 decode_grant(&reply[1..]).ok_or_else(|| unavailable("bad grant").into())
             }
             Some("queued") => {
+                self.mark_queued(&key, n);
                 let wait = Duration::from_micros(field(&reply, 1)?);
                 let outcome = tokio::select! {
                     outcome = rx => match outcome {

@@ -132,6 +132,9 @@ pub(crate) struct Inner {
     channel: String,
     /// Numbers waiter keys.
     next_waiter: AtomicU64,
+    /// Orders this store's script calls and queued replies, so a revival can tell which of
+    /// this process's waiters queued on the lost incarnation (`revive.rs`).
+    order: AtomicU64,
     /// Queued acquires of this process, by waiter key, and where their outcome goes.
     waiters: Mutex<HashMap<String, wake::Pending>>,
     /// Queued acquires that went away while Redis could not be told: cancelled (and a raced
@@ -334,6 +337,7 @@ impl RedisStore {
             server_id,
             channel,
             next_waiter: AtomicU64::new(0),
+            order: AtomicU64::new(0),
             waiters: Mutex::new(HashMap::new()),
             orphans: Mutex::new(Vec::new()),
             timers: Mutex::new(HashMap::new()),

@@ -10,9 +10,11 @@
 //! limiter comes back the same way with its per-key spec and overrides (`keyed_revive.rs`).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
-use super::limiter::RedisLimiter;
+use super::keyed_revive::kput_args;
+use super::limiter::{invalid, RedisLimiter};
 use super::{unavailable, Inner};
 use crate::error::StoreError;
 use crate::spec::LimiterSpec;
@@ -161,45 +163,83 @@ impl RedisLimiter {
             return Ok(());
         };
         let us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+        let sent = self.store.tick();
         let reply = self.call_once("learn", &[us.to_string()]).await?;
         if reply.first().map(String::as_str) == Some("unknown") {
-            self.revive().await?;
+            self.revive(sent).await?;
         }
         Ok(())
     }
 
-    /// Re-creates the vanished limiter from the last spec seen, in a learning window (the
-    /// configured one, or the spec's default lease). `false` if this store does not know the
-    /// limiter or it was deleted on purpose.
-    pub(super) async fn revive(&self) -> Result<bool, StoreError> {
+    /// Re-creates the vanished limiter from the last spec seen (a keyed one from its
+    /// definition, overrides put back: `keyed_revive.rs`), in a learning window (the configured
+    /// one, or the spec's default lease). `sent`: when the call that found it gone was sent
+    /// (see [`answer_lost_waiters`](Self::answer_lost_waiters)). `false` if this store does
+    /// not know the limiter or it was deleted on purpose.
+    ///
+    /// Plain and keyed limiters share it: two revivers may race (two servers, or two calls of
+    /// one), and the script answers the later one `revived` (`lua/ops/put.lua`,
+    /// `lua/keyed/put.lua`), so it neither logs nor registers a re-creation it did not make.
+    pub(super) async fn revive(&self, sent: u64) -> Result<bool, StoreError> {
         let keyed = self.store.lock_known().keyed.get(&self.name).cloned();
-        if let Some(def) = keyed {
-            return self.revive_keyed(def).await;
-        }
-        let Some(spec) = self.store.lock_known().specs.get(&self.name).cloned() else {
-            return Ok(false);
+        let window = |spec: &LimiterSpec| {
+            self.store
+                .config
+                .learning_window
+                .unwrap_or(spec.default_lease)
         };
-        let window = self
-            .store
-            .config
-            .learning_window
-            .unwrap_or(spec.default_lease);
-        match self.put(&spec, Some(window), true).await? {
-            Some(status) => {
-                self.answer_lost_waiters();
+        let (op, args, window) = match &keyed {
+            Some(def) => {
+                let window = window(&def.spec);
+                let args = kput_args(&def.spec, &def.keyed, Some(window), true);
+                ("kput", args, window)
+            }
+            None => {
+                let Some(spec) = self.store.lock_known().specs.get(&self.name).cloned() else {
+                    return Ok(false);
+                };
+                let window = window(&spec);
+                ("put", Self::put_args(&spec, Some(window), true), window)
+            }
+        };
+        let reply = self.call_once(op, &args).await?;
+        match (reply.first().map(String::as_str), &keyed) {
+            (Some("status"), _) => {
+                let status = self.parse_status(&reply)?;
+                if let Some(def) = &keyed {
+                    self.restore_overrides(&def.overrides).await;
+                }
+                self.answer_lost_waiters(sent);
                 tracing::warn!(
                     limiter = %self.name,
+                    keyed = keyed.is_some(),
                     window_ms = window.as_millis(),
                     learning = status.learning,
-                    "the limiter vanished from redis (state lost): re-created from its last spec, learning who still holds permits"
+                    overrides = keyed.as_ref().map_or(0, |def| def.overrides.len()),
+                    "the limiter vanished from redis (state lost): re-created from its last definition, learning who still holds permits"
                 );
                 register(&self.store, &self.name).await?;
                 Ok(true)
             }
-            None => {
+            // Revived first by another server or another call of this one: the waiters that
+            // queued on it since are kept.
+            (Some("revived"), _) => {
+                self.answer_lost_waiters(sent);
+                Ok(true)
+            }
+            (Some("deleted"), _) => {
                 self.forget();
                 Ok(false)
             }
+            // A keyed limiter re-created plain by another server meanwhile: not this store's
+            // to revive.
+            (Some("invalid"), Some(_)) => {
+                self.forget();
+                self.store.mark_keyed(&self.name, false);
+                Ok(false)
+            }
+            (Some("invalid"), None) => Err(StoreError::Invalid(invalid(&reply))),
+            _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }
     }
 }
@@ -219,12 +259,38 @@ pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(
         .map_err(unavailable)
 }
 
+impl Inner {
+    /// The next mark on [`order`](Inner::order).
+    pub(super) fn tick(&self) -> u64 {
+        self.order.fetch_add(1, Ordering::SeqCst)
+    }
+}
+
 impl RedisLimiter {
-    /// Answers this process's queued acquires of a lost incarnation "store unavailable" (their
-    /// clients retry): nothing would ever wake them.
-    pub(super) fn answer_lost_waiters(&self) {
-        self.store
+    /// Marks this call's waiter `key` queued (its `queued` reply has arrived).
+    pub(super) fn mark_queued(&self, key: &str, attempt: u64) {
+        let at = self.store.tick();
+        if let Some(pending) = self
+            .store
             .lock_waiters()
-            .retain(|_, pending| pending.limiter != self.name);
+            .get_mut(key)
+            .filter(|p| p.attempt == attempt)
+        {
+            pending.queued = Some(at);
+        }
+    }
+
+    /// Answers this process's waiters of a lost incarnation "store unavailable" (their clients
+    /// retry): nothing would ever wake them. Those are the waiters whose `queued` reply came
+    /// before the call that found the limiter gone was sent (`sent`): that call ran after them
+    /// and found no queue. The others are kept: one whose acquire was still on its way, or
+    /// answered later, may be queued on the new incarnation, made by this revival or another
+    /// (before, the later of two revivers answered those too, and their clients saw a failure
+    /// for a wait that stood). One that was in fact lost ends at its own deadline, whose cancel
+    /// finds nothing and answers it the same way.
+    pub(super) fn answer_lost_waiters(&self, sent: u64) {
+        self.store.lock_waiters().retain(|_, pending| {
+            pending.limiter != self.name || pending.queued.is_none_or(|at| at > sent)
+        });
     }
 }

@@ -28,6 +28,9 @@ pub(crate) struct Pending {
     /// The call that waits (several calls may wait under one idempotent key, one after the
     /// other): only that call's guard takes this entry out.
     pub(crate) attempt: u64,
+    /// When its `queued` reply arrived (on the store's `order`), `None` before: a revival
+    /// answers only the waiters that queued before the limiter was found gone (`revive.rs`).
+    pub(crate) queued: Option<u64>,
 }
 
 /// Decodes an outcome recorded by the script: `G|token|permits|lease|deadline|granted_at|waited`,

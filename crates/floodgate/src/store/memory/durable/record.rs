@@ -265,14 +265,16 @@ impl Op {
                 keyed.abandon_waiters(core, at);
             }
             Op::EnterLearning { until } => core.enter_learning(at, Timestamp(*until)),
-            // Never logged for a keyed limiter (plain acquires and schedules are refused, an
-            // abandoned keyed wait is cancelled, not orphaned), or handled by the caller.
+            Op::Orphan { waiter, grace_us } => {
+                keyed.orphan(at, WaiterId(*waiter), micros(*grace_us));
+            }
+            // Never logged for a keyed limiter (plain acquires and schedules are refused), or
+            // handled by the caller.
             Op::Create { .. }
             | Op::CreateKeyed { .. }
             | Op::Delete
             | Op::Acquire { .. }
-            | Op::Schedule { .. }
-            | Op::Orphan { .. } => {}
+            | Op::Schedule { .. } => {}
         }
     }
 

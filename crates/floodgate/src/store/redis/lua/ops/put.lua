@@ -2,7 +2,8 @@
 -- ARGV: 4 concurrency ('' none), 5 default lease us, 6 max wait us, 7 max queue, 8 first token,
 --       9-11 rate limit/period us/burst, 12-16 adaptive min/max/increase/decrease/cooldown us,
 --       17 learning window us ('' none), 18 'revive' or '', 19 adaptive algorithm fields.
--- Reply: {'status', fields of STATUS...} | {'invalid', field, message} | {'deleted'}.
+-- Reply: {'status', fields of STATUS...} | {'invalid', field, message} | {'deleted'} |
+--        {'revived'} (a revival of a limiter that exists: nothing changed).
 -- A reply made by finish() ends with the delay in us to the next deadline ('-1': none).
 
 if op == 'put' then
@@ -25,11 +26,9 @@ if op == 'put' then
   local tombstone = not exists and redis.call('EXISTS', K_TOK) == 1
   if mode == 'revive' then
     if tombstone then return {'deleted', '-1'} end
-    if exists then
-      local reply = status_fields()
-      table.insert(reply, 1, 'status')
-      return finish(reply)
-    end
+    -- Revived first by another server or call (store/redis/revive.rs): left as it is, and
+    -- answered apart, as keyed/put.lua's kput does.
+    if exists then return {'revived', '-1'} end
   end
   if not exists then
     -- Keys of an earlier incarnation that outlived its meta (they expire a little later)

@@ -1,0 +1,397 @@
+//! Two stores revive the same limiter after Redis lost it (`store/redis/revive.rs`): the later
+//! reviver must not take the waiters already queued on the new incarnation for the lost one's
+//! (it used to answer every waiter of its process "store unavailable" and cancel their queue
+//! entries), while the waiters it had queued on the lost incarnation are answered at once.
+//!
+//! The interleaving is forced, not hoped for: store B talks to the real `redis-server` through
+//! a relay that holds B's revival `put` (and everything B sends after it) until the test lets
+//! it go. Meanwhile store A revives the limiter first and queues a waiter on it, and B queues
+//! one behind its own held revival. An independent witness counts the permits out (the two
+//! held from before the loss, re-adopted by their extends, then every grant) against the
+//! limit. Plain and keyed limiters share the mechanism and run the same test. No assertion
+//! depends on timing: waits are liveness bounds only.
+
+#![cfg(not(feature = "shuttle"))]
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::until_status;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use floodgate::{
+    AcquireError, AcquireOptions, Floodgate, KeyedSpec, Limiter, LimiterBackend, LimiterSpec,
+    Permit, RedisConfig, RedisLimiter, RedisStore, StoreError,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The `revive` argument of a revival's `put`/`kput`, as RESP sends it.
+const REVIVE_ARG: &[u8] = b"$6\r\nrevive\r\n";
+
+/// What the relay holds back.
+#[derive(Default)]
+struct Held {
+    /// The next chunk a client sends that carries [`REVIVE_ARG`] is held.
+    armed: bool,
+    /// The connection being held, if one is.
+    conn: Option<usize>,
+    /// The bytes held: the revival and whatever that connection sent after it.
+    bytes: Vec<u8>,
+}
+
+/// A TCP relay to Redis that can hold one connection's commands from a revival on.
+struct HoldingRelay {
+    port: u16,
+    held: Arc<Mutex<Held>>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl HoldingRelay {
+    async fn start(redis_port: u16) -> HoldingRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = Arc::new(Mutex::new(Held::default()));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (held_relay, release_relay) = (Arc::clone(&held), Arc::clone(&release));
+        tokio::spawn(async move {
+            let mut id = 0;
+            while let Ok((client, _)) = listener.accept().await {
+                id += 1;
+                let Ok(redis) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let (from_client, mut to_client) = client.into_split();
+                let (mut from_redis, to_redis) = redis.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_redis, &mut to_client).await;
+                });
+                let (held, release) = (Arc::clone(&held_relay), Arc::clone(&release_relay));
+                tokio::spawn(pump(id, from_client, to_redis, held, release));
+            }
+        });
+        HoldingRelay {
+            port,
+            held,
+            release,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn arm(&self) {
+        self.held.lock().unwrap().armed = true;
+    }
+
+    /// Whether a revival is held and what was held contains `needle`.
+    fn holds(&self, needle: &[u8]) -> bool {
+        let held = self.held.lock().unwrap();
+        held.conn.is_some() && contains(&held.bytes, needle)
+    }
+
+    fn release(&self) {
+        self.release.notify_one();
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Client to Redis, holding from an armed revival until released.
+async fn pump(
+    id: usize,
+    mut from_client: tokio::net::tcp::OwnedReadHalf,
+    mut to_redis: tokio::net::tcp::OwnedWriteHalf,
+    held: Arc<Mutex<Held>>,
+    release: Arc<tokio::sync::Notify>,
+) {
+    let mut buf = vec![0_u8; 64 * 1024];
+    loop {
+        let holding = held.lock().unwrap().conn == Some(id);
+        if holding {
+            tokio::select! {
+                n = from_client.read(&mut buf) => {
+                    let Ok(n @ 1..) = n else { return };
+                    held.lock().unwrap().bytes.extend_from_slice(&buf[..n]);
+                }
+                () = release.notified() => {
+                    let bytes = {
+                        let mut held = held.lock().unwrap();
+                        held.conn = None;
+                        std::mem::take(&mut held.bytes)
+                    };
+                    if to_redis.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            continue;
+        }
+        let Ok(n @ 1..) = from_client.read(&mut buf).await else {
+            return;
+        };
+        let hold = {
+            let mut held = held.lock().unwrap();
+            if held.armed && contains(&buf[..n], REVIVE_ARG) {
+                held.armed = false;
+                held.conn = Some(id);
+                held.bytes = buf[..n].to_vec();
+                true
+            } else {
+                false
+            }
+        };
+        if !hold && to_redis.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Permits out, counted by the test itself, and the most ever out at once.
+#[derive(Default)]
+struct Witness {
+    out: AtomicU32,
+    most: AtomicU32,
+}
+
+impl Witness {
+    fn took(&self, permits: u32) {
+        let now = self.out.fetch_add(permits, Ordering::SeqCst) + permits;
+        self.most.fetch_max(now, Ordering::SeqCst);
+    }
+
+    /// Counted back before the release is sent, so a grant it enables is never counted first.
+    async fn give_back(&self, permit: Permit<RedisLimiter>) {
+        self.out.fetch_sub(permit.permits(), Ordering::SeqCst);
+        let _ = permit.release().await;
+    }
+}
+
+async fn gate(url: String, window: Duration) -> Floodgate<RedisStore> {
+    let mut config = RedisConfig::new(url);
+    config.learning_window = Some(window);
+    // The relay holds B's revival for as long as the test needs: no reply timeout meanwhile.
+    config.response_timeout = Duration::from_secs(60);
+    Floodgate::with_store(RedisStore::connect(config).await.unwrap())
+}
+
+/// Waits (a liveness bound only) until `cond` holds.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn spawn_acquire(
+    limiter: &Limiter<RedisLimiter>,
+    options: AcquireOptions,
+) -> tokio::task::JoinHandle<Result<Permit<RedisLimiter>, AcquireError>> {
+    let limiter = limiter.clone();
+    tokio::spawn(async move { limiter.acquire(options).await })
+}
+
+/// Awaits a task with a liveness bound.
+async fn outcome<T>(what: &str, task: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .unwrap_or_else(|_| panic!("{what} never answered"))
+        .unwrap()
+}
+
+async fn the_later_reviver_keeps_the_new_incarnations_waiters(keyed: bool) {
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    // Long enough that the forced interleaving happens inside it (it takes milliseconds).
+    let window = Duration::from_secs(8);
+    let a = gate(server.url(), window).await;
+    let b = gate(relay.url(), window).await;
+    let spec = LimiterSpec::concurrency(2)
+        .with_max_wait(Duration::from_secs(300))
+        .with_default_lease(Duration::from_secs(120));
+    let options = || {
+        let options = AcquireOptions::new().wait(Duration::from_secs(300));
+        if keyed {
+            options.key("org")
+        } else {
+            options
+        }
+    };
+    if keyed {
+        a.define_keyed("race", spec, KeyedSpec::per_key(2))
+            .await
+            .unwrap();
+    } else {
+        a.define("race", spec).await.unwrap();
+    }
+    let (la, lb) = (
+        a.limiter("race").await.unwrap(),
+        b.limiter("race").await.unwrap(),
+    );
+    // B knows it from reading it (a keyed limiter's definition from its keys view).
+    lb.status().await.unwrap();
+    if keyed {
+        lb.backend().keys(5).await.unwrap().unwrap();
+    }
+
+    // Before the loss: A holds both permits, B queues a waiter behind them.
+    let witness = Arc::new(Witness::default());
+    let mut old = Vec::new();
+    for _ in 0..2 {
+        let permit = la.acquire(options()).await.unwrap();
+        witness.took(permit.permits());
+        old.push(permit);
+    }
+    let lost_waiter = spawn_acquire(&lb, options());
+    until_status(&la, "B's waiter queues", |s| s.waiting == 1).await;
+
+    let flush = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(flush.status.success());
+
+    // B finds the limiter gone; its revival is held on the way to Redis.
+    relay.arm();
+    let b_status = {
+        let lb = lb.clone();
+        tokio::spawn(async move { lb.status().await })
+    };
+    until("B's revival is held", || relay.holds(REVIVE_ARG)).await;
+    // A revives it first and queues on the new incarnation (learning: nothing is granted).
+    assert!(la.status().await.unwrap().learning);
+    let a_waiter = spawn_acquire(&la, options());
+    until_status(&la, "A's waiter queues", |s| s.waiting == 1).await;
+    // B queues an acquire behind its held revival: it runs on the new incarnation too.
+    let b_waiter = spawn_acquire(&lb, options());
+    until("B's acquire is held behind its revival", || {
+        relay.holds(b"$7\r\nacquire\r\n") || relay.holds(b"$8\r\nkacquire\r\n")
+    })
+    .await;
+    relay.release();
+
+    // B's revival found the limiter revived already: its status is the new incarnation's.
+    let st = outcome("B's status", b_status).await.unwrap();
+    assert!(st.learning, "{st:?}");
+    // B's commands run in order on its connection: its acquire ran before this status, still
+    // inside the window, so it queued there.
+    let st = lb.status().await.unwrap();
+    assert!(
+        st.learning,
+        "the window ended too early for the test: {st:?}"
+    );
+    // The waiter B queued on the lost incarnation is answered at once (nothing would ever wake
+    // it), not left until its five-minute deadline.
+    let lost = outcome("B's waiter from before the loss", lost_waiter).await;
+    assert!(
+        matches!(lost, Err(AcquireError::Store(StoreError::Unavailable(_)))),
+        "{lost:?}"
+    );
+
+    // The permits from before the loss are re-adopted by their extends, so the new incarnation
+    // counts them; then they are given back.
+    for permit in &mut old {
+        permit.extend(Duration::from_secs(120)).await.unwrap();
+    }
+    let st = lb.status().await.unwrap();
+    assert_eq!((st.in_use, st.waiting), (2, 2), "{st:?}");
+    for permit in old {
+        witness.give_back(permit).await;
+    }
+
+    // When the window ends both waiters of the new incarnation are granted: B's revival did
+    // not take B's for a lost one.
+    for (who, waiter) in [("A's waiter", a_waiter), ("B's waiter", b_waiter)] {
+        let permit = outcome(who, waiter)
+            .await
+            .unwrap_or_else(|e| panic!("{who} was not granted: {e:?}"));
+        witness.took(permit.permits());
+        witness.give_back(permit).await;
+    }
+
+    // And the two stores keep sharing it within the limit.
+    let mut workers = Vec::new();
+    for limiter in [&la, &lb, &la, &lb] {
+        let (limiter, witness) = (limiter.clone(), Arc::clone(&witness));
+        let options = options();
+        workers.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                let permit = limiter.acquire(options.clone()).await.unwrap();
+                witness.took(permit.permits());
+                tokio::task::yield_now().await;
+                witness.give_back(permit).await;
+            }
+        }));
+    }
+    for worker in workers {
+        outcome("a worker", worker).await;
+    }
+    let most = witness.most.load(Ordering::SeqCst);
+    assert!(most <= 2, "{most} permits out at once, limit 2");
+    assert_eq!(
+        most, 2,
+        "the witness saw the limit reached (the test is not vacuous)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_plain_revival_keeps_the_new_incarnations_waiters() {
+    the_later_reviver_keeps_the_new_incarnations_waiters(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_keyed_revival_keeps_the_new_incarnations_waiters() {
+    the_later_reviver_keeps_the_new_incarnations_waiters(true).await;
+}
+
+/// An acquire that finds the limiter gone revives it and waits on the new incarnation: its own
+/// revival does not take it for a waiter of the lost one (it used to, and the acquire failed
+/// "store unavailable" although it stood queued).
+async fn an_acquire_that_revives_waits_on_the_new_incarnation(keyed: bool) {
+    let server = support::RedisServer::start();
+    let store = gate(server.url(), Duration::from_millis(500)).await;
+    let spec = LimiterSpec::concurrency(1).with_max_wait(Duration::from_secs(60));
+    let mut options = AcquireOptions::new().wait(Duration::from_secs(60));
+    if keyed {
+        store
+            .define_keyed("gone", spec, KeyedSpec::per_key(1))
+            .await
+            .unwrap();
+        options = options.key("org");
+    } else {
+        store.define("gone", spec).await.unwrap();
+    }
+    let limiter = store.limiter("gone").await.unwrap();
+    let flush = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(flush.status.success());
+    // It waits out the learning window (nothing is granted during it), then is granted.
+    let waiter = spawn_acquire(&limiter, options);
+    let permit = outcome("the reviving acquire", waiter)
+        .await
+        .unwrap_or_else(|e| panic!("the reviving acquire failed: {e:?}"));
+    let st = limiter.status().await.unwrap();
+    assert_eq!((st.in_use, st.counters.granted), (1, 1), "{st:?}");
+    assert!(!st.learning, "{st:?}");
+    assert!(permit.release().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_acquire_that_revives_waits_on_the_new_incarnation() {
+    an_acquire_that_revives_waits_on_the_new_incarnation(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_acquire_that_revives_waits_on_the_new_incarnation() {
+    an_acquire_that_revives_waits_on_the_new_incarnation(true).await;
+}
