@@ -42,14 +42,12 @@ impl LimiterCore {
         let Some(w) = self.queue.get_mut(&waiter.0) else {
             return false;
         };
-        if w.request().is_none() {
+        let Some(moved) = w.orphan(now, grace) else {
             return false;
-        }
-        let deadline = w.deadline.min(now.after(grace));
-        if deadline < w.deadline {
-            w.deadline = deadline;
-            self.waits.push(deadline, waiter.0);
-            self.next_due = self.next_due.min(deadline);
+        };
+        if moved {
+            self.waits.push(w.deadline, waiter.0);
+            self.next_due = self.next_due.min(w.deadline);
         }
         true
     }

@@ -123,6 +123,18 @@ impl Waiter {
         self.tags.as_ref()?.request.as_ref()
     }
 
+    /// Its caller went away: an idempotent wait is kept for `grace` (at most its own
+    /// deadline) so that a retry with the same key can join it. `None` if it has no key (cancel
+    /// it instead); else `Some(true)` if its deadline moved earlier, which the caller must also
+    /// record in its deadline heap (plain and keyed cores keep different ones).
+    pub(crate) fn orphan(&mut self, now: Timestamp, grace: Duration) -> Option<bool> {
+        self.request()?;
+        let deadline = self.deadline.min(now.after(grace));
+        let moved = deadline < self.deadline;
+        self.deadline = deadline;
+        Some(moved)
+    }
+
     /// Label and idempotency key, taken out for the grant.
     pub(crate) fn into_tags(self) -> (Option<Arc<str>>, Option<Arc<str>>) {
         match self.tags {

@@ -94,6 +94,33 @@ pub struct WaiterState {
     pub request: Option<String>,
 }
 
+impl WaiterState {
+    /// A queued waiter as plain data (plain and keyed snapshots alike).
+    pub(crate) fn of(id: u64, w: &Waiter) -> Self {
+        WaiterState {
+            id,
+            permits: w.permits,
+            lease_us: us(w.lease),
+            enqueued_at: w.enqueued_at.0,
+            deadline: w.deadline.0,
+            label: w.label().map(|l| l.to_string()),
+            request: w.request().map(|r| r.to_string()),
+        }
+    }
+
+    /// The waiter it describes.
+    pub(crate) fn to_waiter(&self) -> Waiter {
+        Waiter::new(
+            self.permits,
+            Duration::from_micros(self.lease_us),
+            Timestamp(self.enqueued_at),
+            Timestamp(self.deadline),
+            self.label.as_deref().map(Arc::from),
+            self.request.as_deref().map(Arc::from),
+        )
+    }
+}
+
 /// A [`LimiterSpec`] as plain data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpecState {
@@ -235,15 +262,7 @@ impl LimiterCore {
         let queue = self
             .queue
             .iter()
-            .map(|(id, w)| WaiterState {
-                id: *id,
-                permits: w.permits,
-                lease_us: us(w.lease),
-                enqueued_at: w.enqueued_at.0,
-                deadline: w.deadline.0,
-                label: w.label().map(|l| l.to_string()),
-                request: w.request().map(|r| r.to_string()),
-            })
+            .map(|(id, w)| WaiterState::of(*id, w))
             .collect();
         CoreState {
             spec: SpecState::from(&self.spec),
@@ -301,21 +320,11 @@ impl LimiterCore {
                 return Err(InvalidField::new("queue", "waiters out of order"));
             }
             last_id = Some(w.id);
-            let request: Option<Arc<str>> = w.request.as_deref().map(Arc::from);
-            if let Some(key) = &request {
+            let waiter = w.to_waiter();
+            if let Some(key) = waiter.request() {
                 requests.insert(Arc::clone(key), RequestRef::Queued(w.id));
             }
-            queue.insert(
-                w.id,
-                Waiter::new(
-                    w.permits,
-                    Duration::from_micros(w.lease_us),
-                    Timestamp(w.enqueued_at),
-                    Timestamp(w.deadline),
-                    w.label.as_deref().map(Arc::from),
-                    request,
-                ),
-            );
+            queue.insert(w.id, waiter);
             waits.push(Timestamp(w.deadline), w.id);
             queued_permits += u64::from(w.permits);
         }

@@ -24,14 +24,12 @@ impl KeyLayer {
         else {
             return false;
         };
-        if w.request().is_none() {
+        let Some(moved) = w.orphan(now, grace) else {
             return false;
-        }
-        let deadline = w.deadline.min(now.after(grace));
-        if deadline < w.deadline {
-            w.deadline = deadline;
+        };
+        if moved {
             // The entry at the old deadline is stale from now on (`peek_wait` skips it).
-            self.waits.push(Reverse((deadline, waiter.0)));
+            self.waits.push(Reverse((w.deadline, waiter.0)));
         }
         true
     }

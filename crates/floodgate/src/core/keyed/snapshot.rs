@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::reserve::{KeyReservation, Part};
 use super::{Key, KeyCounters, KeyLayer, KeyOverride, KeyedHolder, KeyedSpec};
-use crate::core::{LimiterCore, U64Map, Waiter, WaiterState};
+use crate::core::{LimiterCore, U64Map, WaiterState};
 use crate::spec::{InvalidField, RateSpec};
 use crate::types::Timestamp;
 
@@ -34,10 +34,6 @@ fn rate_in(r: Option<RateTuple>) -> Option<RateSpec> {
         period: Duration::from_micros(period),
         burst,
     })
-}
-
-fn us(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// A [`KeyedSpec`] as plain data.
@@ -187,29 +183,6 @@ pub struct KeyLayerState {
     pub counters: (u64, u64),
 }
 
-fn waiter_out(id: u64, w: &Waiter) -> WaiterState {
-    WaiterState {
-        id,
-        permits: w.permits,
-        lease_us: us(w.lease),
-        enqueued_at: w.enqueued_at.0,
-        deadline: w.deadline.0,
-        label: w.label().map(|l| l.to_string()),
-        request: w.request().map(|r| r.to_string()),
-    }
-}
-
-fn waiter_in(w: &WaiterState) -> Waiter {
-    Waiter::new(
-        w.permits,
-        Duration::from_micros(w.lease_us),
-        Timestamp(w.enqueued_at),
-        Timestamp(w.deadline),
-        w.label.as_deref().map(Arc::from),
-        w.request.as_deref().map(Arc::from),
-    )
-}
-
 impl KeyLayer {
     /// The complete state as plain data.
     pub fn to_state(&self) -> KeyLayerState {
@@ -221,7 +194,11 @@ impl KeyLayer {
                 gen: k.gen,
                 in_use: k.in_use,
                 holders: k.holders,
-                queue: k.queue.iter().map(|(id, w)| waiter_out(*id, w)).collect(),
+                queue: k
+                    .queue
+                    .iter()
+                    .map(|(id, w)| WaiterState::of(*id, w))
+                    .collect(),
                 tat: k.tat.0,
                 deficit: k.deficit,
                 turn: k.turn,
@@ -288,7 +265,7 @@ impl KeyLayer {
             let mut queue = BTreeMap::new();
             let mut queued_permits = 0u64;
             for w in &k.queue {
-                let waiter = waiter_in(w);
+                let waiter = w.to_waiter();
                 if let Some(r) = waiter.request() {
                     requests.insert(Arc::clone(r), w.id);
                 }
