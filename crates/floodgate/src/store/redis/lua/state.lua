@@ -19,13 +19,23 @@ local HOT_ONLY = {next_seq = true, queued_permits = true, tat = true, c_granted 
 local m = {}
 -- What meta held, to write back only the fields that changed.
 local meta_was = {}
+-- Whether `holders` holds the hot value (so the key exists, with its TTL): when not, finish()
+-- writing it creates the key, which then needs its TTL; and an older release's `hot` key, read
+-- instead, is deleted once its value is moved.
+local hot_in_holders, hot_key_old = false, false
 do
   local raw = redis.call('HGETALL', K_META)
   for i = 1, #raw, 2 do
     m[raw[i]] = raw[i + 1]
     meta_was[raw[i]] = raw[i + 1]
   end
-  local hot = redis.call('GET', K_HOT)
+  local hot = redis.call('HGET', K_HOLD, HOT_FIELD)
+  hot_in_holders = hot ~= false
+  if not hot then
+    -- Where an older release kept it (its own key).
+    hot = redis.call('GET', K_HOT)
+    hot_key_old = hot ~= false
+  end
   if hot and string.byte(hot, 2) == HOT_TAG_BYTE then
     -- Packed (HOT_FMT): the fields after the tag are numbers, -1 for an absent one.
     local v = {struct.unpack(HOT_FMT, hot)}
@@ -468,10 +478,18 @@ local function finish(reply)
   if m.keyed == '1' then fast = '0' end
   local ttl_at = refresh and now + TTL_REFRESH or tonumber(m.ttl_at)
   local function absent(v) if v == nil then return -1 end return v end
-  redis.call('SET', K_HOT, struct.pack(HOT_FMT, fast, HOT_TAG, qlen, in_use, absent(limit),
+  redis.call('HSET', K_HOLD, HOT_FIELD, struct.pack(HOT_FMT, fast, HOT_TAG, qlen, in_use, absent(limit),
     next_token, default_lease, absent(permit_cap()), ttl_at, c.granted, c.released, absent(ewma),
     next_seq, queued_permits, due, max_wait, max_queue, heavy, tat,
-    rate_limit and interval() or -1, absent(rate_burst), c.paced, c.timed_out, max_dl), 'KEEPTTL')
+    rate_limit and interval() or -1, absent(rate_burst), c.paced, c.timed_out, max_dl))
+  if not hot_in_holders then
+    created(K_HOLD)
+    hot_in_holders = true
+  end
+  if hot_key_old then
+    redis.call('DEL', K_HOT)
+    hot_key_old = false
+  end
   if refresh then
     for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
   end
