@@ -67,7 +67,9 @@ if rate_limit then
 end
 if limit > 0 then
   local tokens = redis.call('ZRANGEBYSCORE', K_LEASE, live, '+inf', 'LIMIT', 0, limit)
-  for _, token in ipairs(tokens) do
+  for _, slot in ipairs(tokens) do
+    -- A member of `leases` is a lease slot: its holder is `s:SLOT`, or the slot itself.
+    local token = redis.call('HGET', K_HOLD, 's:' .. slot) or slot
     local raw = redis.call('HGET', K_HOLD, token)
     if raw then
       local f, label = fields(raw, 4)

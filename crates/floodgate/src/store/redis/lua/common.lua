@@ -14,11 +14,17 @@
 --             outcome) or `I|token` (granted at once) while the grant is held
 --           a:KEY -> for an idempotent acquire (KEY = `r` + hex request_id), the attempt that
 --             owns its wait or grant last, while `k:KEY` is there
+--           l:TOKEN -> the lease slot of holder TOKEN, when it is not TOKEN itself (below)
+--           s:SLOT -> the holder of lease slot SLOT, when it is not SLOT itself
 --           hot -> the fields every acquire and release touch, in HOT order, packed by the
 --             `struct` library (HOT_FMT below), kept apart from the spec so the fast paths read
 --             and write one short value; a field of `holders`, so that it is read with a
 --             release's record (one HMGET) and written with each path's own fields (one HSET))
---       3 leases (zset token by lease deadline)
+--       3 leases (zset lease slot by lease deadline: a slot is the token of the holder granted it
+--         first, and passes to the head a release hands its permit to (the fast path's
+--         handoff), so that handoff writes one ZADD instead of a ZREM and a ZADD; `l:` and `s:`
+--         in `holders` map a holder to its slot and back when they differ; a holder with no `l:`
+--         field, as every older release's, is its own slot)
 --       4 queue (zset MEMBER by arrival sequence; MEMBER = KEY|permits|lease|deadline|enqueued_at|
 --         channel|label, so the head is taken and granted without another read)
 --       5 heavy (zset MEMBER by arrival sequence: only waiters asking for more than one permit,

@@ -32,10 +32,11 @@ local is_repeat = op == 'acquire' and idem(ARGV[7])
 if (op == 'acquire' or op == 'release') and not general_only and not is_repeat then
   -- A release reads its holder's record in the same command (is_token: anything else is held
   -- by nobody, and a `k:` or `hot` field must never be taken for a record).
-  local raw_hot, held_raw
+  -- Its lease slot too (`l:TOKEN`, absent when the holder is its own slot: common.lua).
+  local raw_hot, held_raw, held_slot
   if op == 'release' and is_token(ARGV[4]) then
-    local r = redis.call('HMGET', K_HOLD, HOT_FIELD, ARGV[4])
-    raw_hot, held_raw = r[1], r[2]
+    local r = redis.call('HMGET', K_HOLD, HOT_FIELD, ARGV[4], 'l:' .. ARGV[4])
+    raw_hot, held_raw, held_slot = r[1], r[2], r[3]
   else
     raw_hot = redis.call('HGET', K_HOLD, HOT_FIELD)
   end
@@ -171,14 +172,19 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
       -- Never negative, even if the clock stepped back (a failover to a replica behind).
       local held = math.max(0, now - tonumber(granted_at))
       ewma = next_ewma(ewma >= 0 and ewma or nil, held)
+      local gone = {token}
       if idem(wkey) then
-        redis.call('HDEL', K_HOLD, token, 'k:' .. wkey, 'a:' .. wkey)
+        gone[2], gone[3] = 'k:' .. wkey, 'a:' .. wkey
       elseif wkey ~= '' then
-        redis.call('HDEL', K_HOLD, token, 'k:' .. wkey)
-      else
-        redis.call('HDEL', K_HOLD, token)
+        gone[2] = 'k:' .. wkey
       end
-      redis.call('ZREM', K_LEASE, token)
+      -- Its lease slot: handed to the first waiter granted below (one ZADD moves its deadline),
+      -- else removed from `leases` after them.
+      local free_slot = held_slot or token
+      if held_slot then
+        gone[#gone + 1], gone[#gone + 2] = 'l:' .. token, 's:' .. held_slot
+      end
+      redis.call('HDEL', K_HOLD, unpack(gone))
       in_use = math.max(0, in_use - permits)
       c_released = c_released + 1
       -- The freed room goes to the head of the queue (strict FIFO: a head that does not fit
@@ -228,8 +234,16 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           redis.call('HSET', K_HOLD, unpack(fields))
           fields = {}
         end
-        redis.call('ZADD', K_LEASE, deadline_s, t_s)
-        if in_use == 0 then created(K_LEASE) end
+        if free_slot then
+          -- The slot's member is still in `leases` (so the key too): its deadline moves.
+          redis.call('ZADD', K_LEASE, deadline_s, free_slot)
+          fields[#fields + 1], fields[#fields + 2] = 'l:' .. t_s, free_slot
+          fields[#fields + 1], fields[#fields + 2] = 's:' .. free_slot, t_s
+          free_slot = nil
+        else
+          redis.call('ZADD', K_LEASE, deadline_s, t_s)
+          if in_use == 0 then created(K_LEASE) end
+        end
         in_use, next_token, qlen = in_use + wp, t + 1, qlen - 1
         queued_permits = queued_permits - wp
         c_granted = c_granted + 1
@@ -240,6 +254,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           redis.call('PUBLISH', ch, name .. '\n' .. wk .. '\n' .. outcome)
         end
       end
+      if free_slot then redis.call('ZREM', K_LEASE, free_slot) end
       save_hot(refresh, fields, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
         c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
         rate_burst, c_paced, c_timed_out, max_dl)

@@ -108,11 +108,14 @@ local function parse_waiter(key)
 end
 
 local function parse_holder(token)
-  local raw = is_token(token) and redis.call('HGET', K_HOLD, token)
+  if not is_token(token) then return nil end
+  local r = redis.call('HMGET', K_HOLD, token, 'l:' .. token)
+  local raw = r[1]
   if not raw then return nil end
   local f = split(raw)
+  -- `slot`: its member of `leases` (common.lua), itself unless handed another's.
   return {permits = tonumber(f[1]), deadline = tonumber(f[2]), granted_at = tonumber(f[3]),
-          key = f[4] or '', label = tail(raw, 4)}
+          key = f[4] or '', label = tail(raw, 4), slot = r[2] or token}
 end
 
 local function fits(permits) return limit == nil or in_use + permits <= limit end
@@ -195,16 +198,19 @@ end
 -- if it came from the queue, moves to `outcomes` (kept OUTCOME_RETENTION), for a waiter that
 -- never saw it.
 local function drop_holder(token, h, expired)
-  if h.key == '' then
-    redis.call('HDEL', K_HOLD, token)
-  else
+  local gone = {token}
+  if h.key ~= '' then
     if expired then
       local o = redis.call('HGET', K_HOLD, 'k:' .. h.key)
       if o and string.sub(o, 1, 2) == 'G|' then wake(h.key, nil, o, false) end
     end
-    redis.call('HDEL', K_HOLD, token, 'k:' .. h.key, 'a:' .. h.key)
+    gone[2], gone[3] = 'k:' .. h.key, 'a:' .. h.key
   end
-  redis.call('ZREM', K_LEASE, token)
+  if h.slot ~= token then
+    gone[#gone + 1], gone[#gone + 2] = 'l:' .. token, 's:' .. h.slot
+  end
+  redis.call('HDEL', K_HOLD, unpack(gone))
+  redis.call('ZREM', K_LEASE, h.slot)
 end
 
 local function nearest_lease()
@@ -316,14 +322,16 @@ end
 
 -- A lease that ran out: its grant ends (expired); an entry whose record is gone is dropped.
 -- Shared by the plain and the keyed advance.
-local function lapse(token)
+local function lapse(slot)
+  -- The member of `leases` is a slot: its holder is `s:SLOT`, or the slot itself.
+  local token = redis.call('HGET', K_HOLD, 's:' .. slot) or slot
   local h = parse_holder(token)
-  if h then
+  if h and h.slot == slot then
     drop_holder(token, h, true)
     in_use = math.max(0, in_use - h.permits)
     c.expired = c.expired + 1
   else
-    redis.call('ZREM', K_LEASE, token)
+    redis.call('ZREM', K_LEASE, slot)
   end
 end
 
