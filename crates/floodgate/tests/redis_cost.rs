@@ -579,3 +579,107 @@ fn redis_cpu_per_path() {
         eprintln!("  {what:<45} {:>6.1} us", v[v.len() / 2]);
     }
 }
+
+/// A release's handoff passes its lease slot to the head (one `ZADD`, no `ZREM`): the new
+/// holder is listed under its own token, its extend moves the slot's deadline, a second
+/// handoff passes the slot on, and when its lease lapses it ends as any other (counted
+/// expired, its fields gone, its outcome kept for a waiter that never saw it).
+#[test]
+fn a_handed_off_lease_slot_is_listed_extended_passed_on_and_lapses() {
+    let server = support::RedisServer::start();
+    let mut s = Script::new(&server, "slots");
+    // The holders listing reads Redis's clock: the test clock starts there.
+    let t: (u64, u64) = redis::cmd("TIME").query(&mut s.conn).unwrap();
+    s.now = t.0 * 1_000_000 + t.1;
+    s.put(1, 100);
+    let h = s.call("acquire", &Script::acquire_args("h", 1, None))[1].clone();
+    for q in ["q0", "q1"] {
+        assert_eq!(
+            s.call("acquire", &Script::acquire_args(q, 1, None))[0],
+            "queued"
+        );
+    }
+    let hget = |s: &mut Script, field: &str| -> Option<String> {
+        redis::cmd("HGET")
+            .arg(&s.keys[1])
+            .arg(field)
+            .query(&mut s.conn)
+            .unwrap()
+    };
+    let leases = |s: &mut Script| -> Vec<(String, u64)> {
+        redis::cmd("ZRANGE")
+            .arg(&s.keys[2])
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query(&mut s.conn)
+            .unwrap()
+    };
+    let listed = |s: &mut Script| -> Vec<String> {
+        let script = redis::Script::new(include_str!("../src/store/redis/holders.lua"));
+        let mut inv = script.prepare_invoke();
+        for i in [0, 1, 2, 3, 8] {
+            inv.key(&s.keys[i]);
+        }
+        inv.key(format!("fg:{{{}}}:kqueue", s.name))
+            .key(format!("fg:{{{}}}:kheads", s.name))
+            .arg(10);
+        inv.invoke(&mut s.conn).unwrap()
+    };
+    s.now += 10;
+    let r = s.call("release", &[h.clone(), "cost-channel".into()]);
+    let q0: Vec<&str> = r[3].split('|').collect();
+    let (t0, d0) = (q0[1].to_owned(), q0[4].parse::<u64>().unwrap());
+    assert_eq!(
+        hget(&mut s, &format!("l:{t0}")).as_deref(),
+        Some(h.as_str())
+    );
+    assert_eq!(hget(&mut s, &format!("s:{h}")), Some(t0.clone()));
+    assert_eq!(leases(&mut s), [(h.clone(), d0)]);
+    let l = listed(&mut s);
+    assert_eq!(l[2], "1", "{l:?}");
+    assert_eq!(l[7], t0, "{l:?}");
+    // The extend moves the slot's deadline.
+    s.now += 10;
+    let r = s.call(
+        "extend",
+        &[t0.clone(), (2 * HOUR_US).to_string(), String::new()],
+    );
+    assert_eq!(r[0], "extended", "{r:?}");
+    let d0: u64 = r[1].parse().unwrap();
+    assert_eq!(leases(&mut s), [(h.clone(), d0)]);
+    // The general path's release (q0 → q1) gives the slot back; q1 gets one of its own.
+    s.now += 10;
+    let r = s.call("release@general", &[t0.clone(), "cost-channel".into()]);
+    let t1 = r[3].split('|').nth(1).unwrap().to_owned();
+    for field in [format!("l:{t0}"), format!("s:{h}"), t0.clone()] {
+        assert_eq!(hget(&mut s, &field), None, "{field}");
+    }
+    assert_eq!(leases(&mut s).len(), 1);
+    assert_eq!(leases(&mut s)[0].0, t1);
+    // A new waiter, handed q1's slot on the fast path; then its lease lapses.
+    assert_eq!(
+        s.call("acquire", &Script::acquire_args("q2", 1, None))[0],
+        "queued"
+    );
+    s.now += 10;
+    let r = s.call("release", &[t1.clone(), "cost-channel".into()]);
+    let t2 = r[3].split('|').nth(1).unwrap().to_owned();
+    assert_eq!(hget(&mut s, &format!("s:{t1}")), Some(t2.clone()));
+    assert_eq!(listed(&mut s)[7], t2);
+    s.now += HOUR_US + 1;
+    s.call("advance", &[]);
+    let status = s.call("status", &[]);
+    let schema = floodgate::store::redis::status_schema();
+    let field = |name: &str| &status[1 + schema.iter().position(|f| *f == name).unwrap()];
+    assert_eq!(field("in_use"), "0");
+    assert_eq!(field("expired"), "1");
+    assert!(leases(&mut s).is_empty());
+    assert_eq!(s.hlen(1), 1, "only the hot value is left in holders");
+    let kept: Option<String> = redis::cmd("HGET")
+        .arg(&s.keys[6])
+        .arg("q2")
+        .query(&mut s.conn)
+        .unwrap();
+    assert!(kept.is_some_and(|o| o.starts_with("G|")));
+}
