@@ -172,19 +172,29 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
       -- Never negative, even if the clock stepped back (a failover to a replica behind).
       local held = math.max(0, now - tonumber(granted_at))
       ewma = next_ewma(ewma >= 0 and ewma or nil, held)
-      local gone = {token}
-      if idem(wkey) then
-        gone[2], gone[3] = 'k:' .. wkey, 'a:' .. wkey
-      elseif wkey ~= '' then
-        gone[2] = 'k:' .. wkey
-      end
       -- Its lease slot: handed to the first waiter granted below (one ZADD moves its deadline),
-      -- else removed from `leases` after them.
+      -- else removed from `leases` after them. Its `s:` field is left for the new holder's
+      -- HSET to overwrite when a waiter is certainly granted (one permit fits whoever heads a
+      -- queue with no heavy waiter).
       local free_slot = held_slot or token
-      if held_slot then
-        gone[#gone + 1], gone[#gone + 2] = 'l:' .. token, 's:' .. held_slot
+      local slot_field = nil
+      if held_slot and not (qlen > 0 and heavy == 0 and in_use - permits < limit) then
+        slot_field = 's:' .. held_slot
       end
-      redis.call('HDEL', K_HOLD, unpack(gone))
+      if idem(wkey) then
+        redis.call('HDEL', K_HOLD, token, 'k:' .. wkey, 'a:' .. wkey, held_slot and 'l:' .. token or 'k:' .. wkey,
+          slot_field or 'k:' .. wkey)
+      elseif wkey ~= '' then
+        if held_slot then
+          redis.call('HDEL', K_HOLD, token, 'k:' .. wkey, 'l:' .. token, slot_field or 'k:' .. wkey)
+        else
+          redis.call('HDEL', K_HOLD, token, 'k:' .. wkey)
+        end
+      elseif held_slot then
+        redis.call('HDEL', K_HOLD, token, 'l:' .. token, slot_field or token)
+      else
+        redis.call('HDEL', K_HOLD, token)
+      end
       in_use = math.max(0, in_use - permits)
       c_released = c_released + 1
       -- The freed room goes to the head of the queue (strict FIFO: a head that does not fit
@@ -254,7 +264,11 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           redis.call('PUBLISH', ch, name .. '\n' .. wk .. '\n' .. outcome)
         end
       end
-      if free_slot then redis.call('ZREM', K_LEASE, free_slot) end
+      if free_slot then
+        redis.call('ZREM', K_LEASE, free_slot)
+        -- (Only if the queue was not as `qlen` said: its `s:` field was left for a grant.)
+        if held_slot and not slot_field then redis.call('HDEL', K_HOLD, 's:' .. held_slot) end
+      end
       save_hot(refresh, fields, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
         c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
         rate_burst, c_paced, c_timed_out, max_dl)
