@@ -486,14 +486,25 @@ impl Twin {
         }
         if std::env::var_os("FLOODGATE_TWIN_DEBUG").is_some() {
             let st = self.total.to_state();
-            let hot: String = redis::cmd("GET")
-                .arg(&self.keys[8])
+            // `hot`, packed in `holders` (lua/common.lua's HOT_FMT): two bytes, then doubles;
+            // ewma_us is HOT's 11th field, tat its 18th.
+            let hot: Vec<u8> = redis::cmd("HGET")
+                .arg(&self.keys[1])
+                .arg("hot")
                 .query(&mut self.conn)
                 .unwrap();
-            let h: Vec<&str> = hot.split('|').collect();
+            let field = |i: usize| {
+                let at = 2 + 8 * (i - 2);
+                hot.get(at..at + 8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(f64::from_le_bytes)
+            };
             self.log.push(format!(
-                "   core ewma {:?} tat {} | script ewma {} tat {}",
-                st.hold_ewma_us, st.tat, h[10], h[17]
+                "   core ewma {:?} tat {} | script ewma {:?} tat {:?}",
+                st.hold_ewma_us,
+                st.tat,
+                field(11),
+                field(18)
             ));
         }
         self.compare_decisions(fx);
@@ -512,10 +523,16 @@ impl Twin {
             }
             core.insert(waiter, core_outcome(outcome));
         }
-        let holders: HashMap<String, String> = redis::cmd("HGETALL")
+        // Bytes: `holders` also holds the packed `hot` value; every other field is text.
+        let holders: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
             .arg(&self.keys[1])
             .query(&mut self.conn)
             .unwrap();
+        let holders: HashMap<String, String> = holders
+            .into_iter()
+            .filter(|(field, _)| field != "hot")
+            .map(|(field, value)| (field, String::from_utf8(value).expect("text")))
+            .collect();
         let outcomes: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(&self.keys[6])
             .query(&mut self.conn)

@@ -284,7 +284,8 @@ impl<'a> Twin<'a> {
             Vec<String>,
             Vec<String>,
             BTreeMap<String, String>,
-            BTreeMap<String, String>,
+            // Bytes: `holders` also holds the packed `hot` value.
+            BTreeMap<String, Vec<u8>>,
         );
         let (reply, status, mut outcomes, holders): Fetched = pipe
             .query(&mut *self.conn.borrow_mut())
@@ -292,7 +293,8 @@ impl<'a> Twin<'a> {
         // A grant's outcome is kept with its holder (`k:KEY` = `G|...`) while it is held.
         for (field, value) in holders {
             if let Some(key) = field.strip_prefix("k:") {
-                if value.starts_with("G|") {
+                if value.starts_with(b"G|") {
+                    let value = String::from_utf8(value).expect("an outcome is text");
                     outcomes.insert(key.to_owned(), value);
                 }
             }

@@ -46,7 +46,8 @@ if kh[2] and (oldest == '' or tonumber(kh[2]) < tonumber(oldest)) then oldest = 
 -- The hot value's fields (the limiter script's HOT order, lua/state.lua): 13 queued_permits, 18 tat.
 -- Packed as HOT_FMT in lua/common.lua (its second byte the tag `#`; in the unpacked values field
 -- i > 1 is at i + 1, after the tag), or text, `|`-separated, as an older release wrote it.
-local raw_hot = redis.call('GET', K_HOT) or ''
+-- A field of `holders`; an older release kept it in its own key (5).
+local raw_hot = redis.call('HGET', K_HOLD, 'hot') or redis.call('GET', K_HOT) or ''
 local hot
 if string.byte(raw_hot, 2) == 35 then
   local v = {struct.unpack('<c1c1dddddddddddddddddddddd', raw_hot)}
@@ -66,7 +67,9 @@ if rate_limit then
 end
 if limit > 0 then
   local tokens = redis.call('ZRANGEBYSCORE', K_LEASE, live, '+inf', 'LIMIT', 0, limit)
-  for _, token in ipairs(tokens) do
+  for _, slot in ipairs(tokens) do
+    -- A member of `leases` is a lease slot: its holder is `s:SLOT`, or the slot itself.
+    local token = redis.call('HGET', K_HOLD, 's:' .. slot) or slot
     local raw = redis.call('HGET', K_HOLD, token)
     if raw then
       local f, label = fields(raw, 4)

@@ -13,8 +13,18 @@
 --           k:KEY -> the waiter KEY's entry: `W|seq|MEMBER` while queued, `G|...` (its grant's
 --             outcome) or `I|token` (granted at once) while the grant is held
 --           a:KEY -> for an idempotent acquire (KEY = `r` + hex request_id), the attempt that
---             owns its wait or grant last, while `k:KEY` is there)
---       3 leases (zset token by lease deadline)
+--             owns its wait or grant last, while `k:KEY` is there
+--           l:TOKEN -> the lease slot of holder TOKEN, when it is not TOKEN itself (below)
+--           s:SLOT -> the holder of lease slot SLOT, when it is not SLOT itself
+--           hot -> the fields every acquire and release touch, in HOT order, packed by the
+--             `struct` library (HOT_FMT below), kept apart from the spec so the fast paths read
+--             and write one short value; a field of `holders`, so that it is read with a
+--             release's record (one HMGET) and written with each path's own fields (one HSET))
+--       3 leases (zset lease slot by lease deadline: a slot is the token of the holder granted it
+--         first, and passes to the head a release hands its permit to (the fast path's
+--         handoff), so that handoff writes one ZADD instead of a ZREM and a ZADD; `l:` and `s:`
+--         in `holders` map a holder to its slot and back when they differ; a holder with no `l:`
+--         field, as every older release's, is its own slot)
 --       4 queue (zset MEMBER by arrival sequence; MEMBER = KEY|permits|lease|deadline|enqueued_at|
 --         channel|label, so the head is taken and granted without another read)
 --       5 heavy (zset MEMBER by arrival sequence: only waiters asking for more than one permit,
@@ -22,9 +32,8 @@
 --       6 waits (zset %016d(seq)..KEY by wait deadline: ties end in arrival order)
 --       7 outcomes (hash waiter key -> outcome not tied to a held grant)
 --       8 outcome_times (zset waiter key by when its outcome may be forgotten)
---       9 hot (string: the fields every acquire and release touch, in HOT order, packed by the
---         `struct` library (HOT_FMT below), kept apart from the spec so the fast paths read and
---         write one short value)
+--       9 hot (string: where older releases kept the `hot` value, now `holders`' field;
+--         read by the general path when `holders` has none, and deleted when it is moved)
 --      10 tokens (string: the next fencing token of a deleted incarnation, so a re-created
 --         limiter starts above it; written only by delete, with the idle TTL)
 --      11 dead (zset: the queue of a deleted limiter, answered `D` in batches by `drain`)
@@ -85,6 +94,8 @@ local function fmt(n) return string.format('%d', n) end
 -- the tag: the general path reads it (split) and writes it back packed.
 local HOT_FMT = '<c1c1dddddddddddddddddddddd'
 local HOT_TAG, HOT_TAG_BYTE = '#', 35
+-- The hot value's field in `holders` (never a token: is_token below).
+local HOT_FIELD = 'hot'
 local TTL_REFRESH = 3600 * 1000000
 -- "No deadline": above every time (2^53 - 1, still exact in a double).
 local NONE = 9007199254740991

@@ -19,13 +19,23 @@ local HOT_ONLY = {next_seq = true, queued_permits = true, tat = true, c_granted 
 local m = {}
 -- What meta held, to write back only the fields that changed.
 local meta_was = {}
+-- Whether `holders` holds the hot value (so the key exists, with its TTL): when not, finish()
+-- writing it creates the key, which then needs its TTL; and an older release's `hot` key, read
+-- instead, is deleted once its value is moved.
+local hot_in_holders, hot_key_old = false, false
 do
   local raw = redis.call('HGETALL', K_META)
   for i = 1, #raw, 2 do
     m[raw[i]] = raw[i + 1]
     meta_was[raw[i]] = raw[i + 1]
   end
-  local hot = redis.call('GET', K_HOT)
+  local hot = redis.call('HGET', K_HOLD, HOT_FIELD)
+  hot_in_holders = hot ~= false
+  if not hot then
+    -- Where an older release kept it (its own key).
+    hot = redis.call('GET', K_HOT)
+    hot_key_old = hot ~= false
+  end
   if hot and string.byte(hot, 2) == HOT_TAG_BYTE then
     -- Packed (HOT_FMT): the fields after the tag are numbers, -1 for an absent one.
     local v = {struct.unpack(HOT_FMT, hot)}
@@ -98,11 +108,14 @@ local function parse_waiter(key)
 end
 
 local function parse_holder(token)
-  local raw = is_token(token) and redis.call('HGET', K_HOLD, token)
+  if not is_token(token) then return nil end
+  local r = redis.call('HMGET', K_HOLD, token, 'l:' .. token)
+  local raw = r[1]
   if not raw then return nil end
   local f = split(raw)
+  -- `slot`: its member of `leases` (common.lua), itself unless handed another's.
   return {permits = tonumber(f[1]), deadline = tonumber(f[2]), granted_at = tonumber(f[3]),
-          key = f[4] or '', label = tail(raw, 4)}
+          key = f[4] or '', label = tail(raw, 4), slot = r[2] or token}
 end
 
 local function fits(permits) return limit == nil or in_use + permits <= limit end
@@ -185,16 +198,19 @@ end
 -- if it came from the queue, moves to `outcomes` (kept OUTCOME_RETENTION), for a waiter that
 -- never saw it.
 local function drop_holder(token, h, expired)
-  if h.key == '' then
-    redis.call('HDEL', K_HOLD, token)
-  else
+  local gone = {token}
+  if h.key ~= '' then
     if expired then
       local o = redis.call('HGET', K_HOLD, 'k:' .. h.key)
       if o and string.sub(o, 1, 2) == 'G|' then wake(h.key, nil, o, false) end
     end
-    redis.call('HDEL', K_HOLD, token, 'k:' .. h.key, 'a:' .. h.key)
+    gone[2], gone[3] = 'k:' .. h.key, 'a:' .. h.key
   end
-  redis.call('ZREM', K_LEASE, token)
+  if h.slot ~= token then
+    gone[#gone + 1], gone[#gone + 2] = 'l:' .. token, 's:' .. h.slot
+  end
+  redis.call('HDEL', K_HOLD, unpack(gone))
+  redis.call('ZREM', K_LEASE, h.slot)
 end
 
 local function nearest_lease()
@@ -306,14 +322,16 @@ end
 
 -- A lease that ran out: its grant ends (expired); an entry whose record is gone is dropped.
 -- Shared by the plain and the keyed advance.
-local function lapse(token)
+local function lapse(slot)
+  -- The member of `leases` is a slot: its holder is `s:SLOT`, or the slot itself.
+  local token = redis.call('HGET', K_HOLD, 's:' .. slot) or slot
   local h = parse_holder(token)
-  if h then
+  if h and h.slot == slot then
     drop_holder(token, h, true)
     in_use = math.max(0, in_use - h.permits)
     c.expired = c.expired + 1
   else
-    redis.call('ZREM', K_LEASE, token)
+    redis.call('ZREM', K_LEASE, slot)
   end
 end
 
@@ -468,10 +486,18 @@ local function finish(reply)
   if m.keyed == '1' then fast = '0' end
   local ttl_at = refresh and now + TTL_REFRESH or tonumber(m.ttl_at)
   local function absent(v) if v == nil then return -1 end return v end
-  redis.call('SET', K_HOT, struct.pack(HOT_FMT, fast, HOT_TAG, qlen, in_use, absent(limit),
+  redis.call('HSET', K_HOLD, HOT_FIELD, struct.pack(HOT_FMT, fast, HOT_TAG, qlen, in_use, absent(limit),
     next_token, default_lease, absent(permit_cap()), ttl_at, c.granted, c.released, absent(ewma),
     next_seq, queued_permits, due, max_wait, max_queue, heavy, tat,
-    rate_limit and interval() or -1, absent(rate_burst), c.paced, c.timed_out, max_dl), 'KEEPTTL')
+    rate_limit and interval() or -1, absent(rate_burst), c.paced, c.timed_out, max_dl))
+  if not hot_in_holders then
+    created(K_HOLD)
+    hot_in_holders = true
+  end
+  if hot_key_old then
+    redis.call('DEL', K_HOT)
+    hot_key_old = false
+  end
   if refresh then
     for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
   end

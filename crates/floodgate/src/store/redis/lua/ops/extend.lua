@@ -17,8 +17,17 @@ if op == 'extend' then
     -- later tokens start above it.
     local deadline = now + lease
     local first_holder = in_use == 0
-    redis.call('HSET', K_HOLD, fmt(tok), fmt(adopt_permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|')
-    redis.call('ZADD', K_LEASE, fmt(deadline), fmt(tok))
+    local rec = fmt(adopt_permits) .. '|' .. fmt(deadline) .. '|' .. fmt(now) .. '|'
+    -- Its own lease slot, unless a later holder was handed the slot named by this token (a
+    -- release's handoff, common.lua): then a slot of its own under another name.
+    local slot = fmt(tok)
+    if redis.call('HEXISTS', K_HOLD, 's:' .. slot) == 1 then
+      slot = 'a' .. slot
+      redis.call('HSET', K_HOLD, fmt(tok), rec, 'l:' .. fmt(tok), slot, 's:' .. slot, fmt(tok))
+    else
+      redis.call('HSET', K_HOLD, fmt(tok), rec)
+    end
+    redis.call('ZADD', K_LEASE, fmt(deadline), slot)
     if first_holder then created(K_HOLD, K_LEASE) end
     in_use = in_use + adopt_permits
     next_token = math.max(next_token, tok + 1)
@@ -33,7 +42,7 @@ if op == 'extend' then
   local deadline = now + lease
   redis.call('HSET', K_HOLD, token,
     fmt(h.permits) .. '|' .. fmt(deadline) .. '|' .. fmt(h.granted_at) .. '|' .. h.key .. '|' .. h.label)
-  redis.call('ZADD', K_LEASE, fmt(deadline), token)
+  redis.call('ZADD', K_LEASE, fmt(deadline), h.slot)
   return finish({'extended', fmt(deadline)})
 end
 

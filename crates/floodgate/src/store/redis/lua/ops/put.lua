@@ -35,6 +35,7 @@ if op == 'put' then
     -- must not leak into this one.
     -- UNLINK frees them in the background, however large.
     redis.call('UNLINK', K_HOLD, K_LEASE, K_Q, K_HEAVY, K_WAITS, K_OUT, K_OUTT)
+    hot_in_holders = false   -- gone with `holders`: finish() creates it again, with its TTL
     heavy, due = 0, 0
     -- Seeded from the store's clock, and above any token of a deleted incarnation.
     next_token = math.max(first_token, now, tonumber(redis.call('GET', K_TOK) or '0'))
