@@ -323,18 +323,11 @@ impl<B: LimiterBackend> Limiter<B> {
             let grant = decided?;
             return Ok(self.permit(grant, sent, options.key));
         }
-        self.acquire_queued(options, sent).await
-    }
-
-    /// The rest of [`acquire`](Self::acquire) when the store did not decide at once: the
-    /// store's own acquire, which may queue.
-    async fn acquire_queued(
-        &self,
-        options: AcquireOptions,
-        sent: Option<Instant>,
-    ) -> Result<Permit<B>, AcquireError> {
-        // A keyed permit keeps its key: its extends carry it, so a store that lost its state
-        // re-adopts it under that key (docs/learning.md).
+        // One `async fn`, not this one awaiting a second: each level kept its own copy of the
+        // options (dead once moved on, but still in its layout) and its own tag at its far
+        // end, 672 bytes in all, where a dropped wait read a line per tag and a new one wrote
+        // every line. A keyed permit keeps its key: its extends carry it, so a store that lost
+        // its state re-adopts it under that key (docs/learning.md).
         let key = options.key.clone();
         let grant = match &key {
             Some(key) => self.backend.acquire_keyed(key, options).await?,

@@ -376,16 +376,16 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
 /// An embedded acquire. Written out rather than an `async fn`, whose future was 688 bytes with
 /// its discriminant at the far end: a dropped wait read three or four cold lines of it at 10k
 /// waiters. Here a queued acquire is a tag and its [`QueuedAcquire`], side by side.
-pub(super) struct Acquire<'a, C: Clock> {
+pub(super) struct Acquire<'a, 'k, C: Clock> {
     limiter: &'a MemoryLimiter<C>,
     /// Where the acquire stands.
-    step: Step<'a, C>,
+    step: Step<'a, 'k, C>,
 }
 
 /// Steps of an [`Acquire`].
-enum Step<'a, C: Clock> {
+enum Step<'a, 'k, C: Clock> {
     /// Not polled yet: the acquire runs at the first poll, as an `async fn` would.
-    Start(Option<&'a str>, AcquireRequest),
+    Start(Option<&'k str>, AcquireRequest),
     /// Queued, listening for its outcome.
     Waiting(QueuedAcquire<C>),
     /// Granted, waiting for the log to have it. Boxed: a durable store waits for its disk
@@ -395,7 +395,7 @@ enum Step<'a, C: Clock> {
     Done,
 }
 
-impl<C: Clock> Future for Acquire<'_, C> {
+impl<C: Clock> Future for Acquire<'_, '_, C> {
     type Output = Result<Grant, AcquireError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -532,12 +532,14 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
         self.acquire_in(None, options.into_request())
     }
 
-    async fn acquire_keyed(
-        &self,
-        key: &str,
+    fn acquire_keyed<'a, 'k>(
+        &'a self,
+        key: &'k str,
         options: AcquireOptions,
-    ) -> Result<Grant, AcquireError> {
-        self.acquire_in(Some(key), options.into_request()).await
+    ) -> impl Future<Output = Result<Grant, AcquireError>> + Send + use<'a, 'k, C> {
+        // Not an `async fn`, as `acquire`: its future would wrap the `Acquire` in a second
+        // layout with its own copy of the options.
+        self.acquire_in(Some(key), options.into_request())
     }
 
     async fn schedule_keyed(&self, key: &str, count: u32) -> Result<Schedule, StoreError> {
@@ -669,7 +671,11 @@ impl<C: Clock> LimiterBackend for MemoryLimiter<C> {
 
 impl<C: Clock> MemoryLimiter<C> {
     /// An acquire, for `key` of a keyed limiter or (`None`) of a plain one.
-    fn acquire_in<'a>(&'a self, key: Option<&'a str>, req: AcquireRequest) -> Acquire<'a, C> {
+    fn acquire_in<'a, 'k>(
+        &'a self,
+        key: Option<&'k str>,
+        req: AcquireRequest,
+    ) -> Acquire<'a, 'k, C> {
         Acquire {
             limiter: self,
             step: Step::Start(key, req),
