@@ -36,12 +36,7 @@ impl Script {
             .unwrap();
         let script = redis::Script::new(&floodgate::store::redis::script_source());
         script.load(&mut conn).unwrap();
-        let keys = [
-            "meta", "holders", "leases", "queue", "heavy", "waits", "outcomes", "otimes", "hot",
-            "tokens", "dead",
-        ]
-        .map(|k| format!("fg:{{{name}}}:{k}"))
-        .to_vec();
+        let keys = floodgate::store::redis::limiter_keys("fg", name).to_vec();
         Script {
             conn,
             sha: script.get_hash().to_owned(),

@@ -39,12 +39,7 @@ struct Limiter {
 
 impl Limiter {
     fn new(name: &str) -> Self {
-        let keys = [
-            "meta", "holders", "leases", "queue", "heavy", "waits", "outcomes", "otimes", "hot",
-            "tokens", "dead",
-        ]
-        .map(|k| format!("fg:{{{name}}}:{k}"))
-        .to_vec();
+        let keys = floodgate::store::redis::limiter_keys("fg", name).to_vec();
         Limiter {
             keys,
             name: name.to_owned(),

@@ -205,12 +205,7 @@ impl<'a> Twin<'a> {
         variations: Vec<Variation>,
         learn_ms: Option<u64>,
     ) -> Result<Self, TestCaseError> {
-        let keys = [
-            "meta", "holders", "leases", "queue", "heavy", "waits", "outcomes", "otimes", "hot",
-            "tokens", "dead",
-        ]
-        .map(|k| format!("tw:{{{name}}}:{k}"))
-        .to_vec();
+        let keys = floodgate::store::redis::limiter_keys("tw", &name).to_vec();
         let full = apply(spec, &variations[0]);
         let mut core = LimiterCore::new(full.clone(), TOKEN_BASE + first_token).unwrap();
         if let Some(ms) = learn_ms {
@@ -922,12 +917,7 @@ fn the_gradient_controller_matches_the_core_over_a_long_run() {
     let script = redis::Script::new(&floodgate::store::redis::script_source());
     script.load(&mut conn).unwrap();
     let name = "long";
-    let keys: Vec<String> = [
-        "meta", "holders", "leases", "queue", "waiters", "waits", "outcomes", "otimes", "hot",
-        "tokens",
-    ]
-    .map(|k| format!("tw:{{{name}}}:{k}"))
-    .to_vec();
+    let keys: Vec<String> = floodgate::store::redis::limiter_keys("tw", name).to_vec();
     let eval = |conn: &mut redis::Connection, op: &str, now: u64, args: &[String]| {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(script.get_hash()).arg(keys.len());

@@ -85,13 +85,7 @@ pub(super) fn invalid(reply: &[String]) -> InvalidField {
 
 impl RedisLimiter {
     pub(super) fn new(store: Arc<Inner>, name: LimiterName) -> Self {
-        let p = &store.config.prefix;
-        let n = name.as_str();
-        let keys = [
-            "meta", "holders", "leases", "queue", "heavy", "waits", "outcomes", "otimes", "hot",
-            "tokens", "dead",
-        ]
-        .map(|k| format!("{p}:{{{n}}}:{k}"));
+        let keys = super::script::limiter_keys(&store.config.prefix, name.as_str());
         RedisLimiter {
             store,
             name,

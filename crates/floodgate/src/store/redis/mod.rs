@@ -30,7 +30,7 @@ pub use self::conn::RedisSecurity;
 use self::conn::{Conn, PubSubSource};
 pub use self::limiter::RedisLimiter;
 #[doc(hidden)]
-pub use self::script::{keyed_script_source, script_source, status_schema};
+pub use self::script::{keyed_script_source, limiter_keys, script_source, status_schema};
 use crate::core::LimiterStatus;
 use crate::error::StoreError;
 use crate::spec::{LimiterSpec, MAX_LEASE, MAX_WAIT};

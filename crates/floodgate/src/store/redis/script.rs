@@ -106,6 +106,17 @@ fn prelude() -> String {
     s
 }
 
+/// The keys a plain limiter's script call declares, in the order the script reads them
+/// (`KEYS[1..11]`): one list, so tests that call the script directly cannot drift from it.
+#[doc(hidden)]
+pub fn limiter_keys(prefix: &str, name: &str) -> [String; 11] {
+    [
+        "meta", "holders", "leases", "queue", "heavy", "waits", "outcomes", "otimes", "hot",
+        "tokens", "dead",
+    ]
+    .map(|k| format!("{prefix}:{{{name}}}:{k}"))
+}
+
 /// The script's source: the generated prelude, then the parts of `lua/`. Loaded once per store.
 #[doc(hidden)]
 pub fn script_source() -> String {
