@@ -105,6 +105,37 @@ fn start_prometheus(target: &str) -> Prometheus {
     }
 }
 
+/// Polls Prometheus's alerts until one (pending or firing) is `wanted`; fails naming `what`
+/// and the alerts last seen if none is within 30 s (a liveness bound only).
+async fn until_alert(
+    http: &reqwest::Client,
+    prom: &str,
+    what: &str,
+    wanted: impl Fn(&Value) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let alerts: Value = http
+            .get(format!("{prom}/api/v1/alerts"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if alerts["data"]["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(&wanted)
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {alerts}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Acquires, holds and releases (with timeouts, expiries and feedback) until stopped.
 async fn load(base: String, stop: Arc<AtomicBool>) {
     let http = reqwest::Client::new();
@@ -316,59 +347,25 @@ async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load()
         .iter()
         .find(|r| r["name"] == "FloodgateLeasesExpiring")
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let rules: Value = http
-            .get(format!("{}/api/v1/alerts", prom.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let firing = rules["data"]["alerts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["labels"]["alertname"] == "FloodgateLeasesExpiring");
-        if firing {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "FloodgateLeasesExpiring never fired: {expiring} {rules}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    until_alert(
+        &http,
+        &prom.url,
+        &format!("FloodgateLeasesExpiring never fired: {expiring}"),
+        |a| a["labels"]["alertname"] == "FloodgateLeasesExpiring",
+    )
+    .await;
     // The keyed limiter's waiters near its max_wait: that alert goes pending (its `for` is a
     // minute) for it, as for a plain limiter.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let alerts: Value = http
-            .get(format!("{}/api/v1/alerts", prom.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let near = alerts["data"]["alerts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| {
-                a["labels"]["alertname"] == "FloodgateOldestWaitNearMaxWait"
-                    && a["labels"]["limiter"] == "orgs"
-            });
-        if near {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "FloodgateOldestWaitNearMaxWait never went pending for the keyed limiter: {alerts}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    until_alert(
+        &http,
+        &prom.url,
+        "FloodgateOldestWaitNearMaxWait never went pending for the keyed limiter",
+        |a| {
+            a["labels"]["alertname"] == "FloodgateOldestWaitNearMaxWait"
+                && a["labels"]["limiter"] == "orgs"
+        },
+    )
+    .await;
 
     stop.store(true, Ordering::Relaxed);
     for w in workers {

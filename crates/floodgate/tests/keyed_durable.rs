@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use floodgate::{
-    AcquireOptions, Durability, Floodgate, KeyOverride, KeyedSpec, LimiterBackend, LimiterSpec,
-    MemoryStore, WallClock,
+    AcquireError, AcquireOptions, Durability, Floodgate, Grant, KeyOverride, KeyedSpec, Limiter,
+    LimiterBackend, LimiterSpec, MemoryStore, WallClock,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -18,6 +18,16 @@ const HOUR: Duration = Duration::from_secs(3600);
 fn open(dir: &Path) -> (Floodgate<MemoryStore<WallClock>>, MemoryStore<WallClock>) {
     let (store, _) = MemoryStore::open(Durability::new(dir)).expect("open");
     (Floodgate::with_store(store.clone()), store)
+}
+
+/// A try-once acquire on `key`, its permit detached so that it outlives the store's close.
+async fn take_once<B: LimiterBackend>(
+    orgs: &Limiter<B>,
+    key: &'static str,
+) -> Result<Grant, AcquireError> {
+    orgs.acquire(AcquireOptions::new().key(key).wait(Duration::ZERO))
+        .await
+        .map(floodgate::Permit::detach)
 }
 
 async fn run(snapshot_midway: bool) {
@@ -35,14 +45,7 @@ async fn run(snapshot_midway: bool) {
         weight: 2,
     };
     orgs.backend().put_key("big", Some(big)).await.unwrap();
-    let take = |key: &'static str| {
-        let orgs = orgs.clone();
-        async move {
-            orgs.acquire(AcquireOptions::new().key(key).wait(Duration::ZERO))
-                .await
-                .map(floodgate::Permit::detach)
-        }
-    };
+    let take = |key: &'static str| take_once(&orgs, key);
     let b1 = take("big").await.unwrap();
     let _b2 = take("big").await.unwrap();
     if snapshot_midway {
@@ -119,14 +122,7 @@ async fn per_key_rates_alone(snapshot_midway: bool) {
         .await
         .unwrap();
     let orgs = gate.limiter("orgs").await.unwrap();
-    let take = |key: &'static str| {
-        let orgs = orgs.clone();
-        async move {
-            orgs.acquire(AcquireOptions::new().key(key).wait(Duration::ZERO))
-                .await
-                .map(floodgate::Permit::detach)
-        }
-    };
+    let take = |key: &'static str| take_once(&orgs, key);
     take("a").await.unwrap();
     if snapshot_midway {
         store.snapshot_now().unwrap();
@@ -143,14 +139,7 @@ async fn per_key_rates_alone(snapshot_midway: bool) {
     assert_eq!((status.in_use, status.limit), (0, None), "{status:?}");
     assert_eq!((status.spec.concurrency, status.spec.rate), (None, None));
     assert_eq!(status.counters.paced, 3, "{status:?}");
-    let take = |key: &'static str| {
-        let orgs = orgs.clone();
-        async move {
-            orgs.acquire(AcquireOptions::new().key(key).wait(Duration::ZERO))
-                .await
-                .map(floodgate::Permit::detach)
-        }
-    };
+    let take = |key: &'static str| take_once(&orgs, key);
     assert!(take("a").await.is_err(), "a's rate debt survived");
     take("b").await.unwrap();
     assert!(take("b").await.is_err(), "b's too");
