@@ -405,10 +405,7 @@ impl RedisStore {
         let handle = self.handle(name);
         // A limiter this store knew that vanished is re-created learning, whoever puts it.
         let learn = learn.or_else(|| handle.known_window());
-        let status = handle
-            .put(&spec, learn, false)
-            .await?
-            .ok_or_else(|| unavailable("put answered `deleted`"))?;
+        let status = handle.put(&spec, learn).await?;
         revive::register(&self.inner, name).await?;
         Ok(status)
     }

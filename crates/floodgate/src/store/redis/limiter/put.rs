@@ -5,21 +5,20 @@ use super::*;
 
 impl RedisLimiter {
     /// Creates or changes the limiter. `learn`: a learning window to enter if this call
-    /// creates it (state was lost); `revive`: only re-create a vanished limiter (an existing
-    /// one is left as it is, a deleted one answers `Ok(None)`).
+    /// creates it (state was lost). Revival sends its own `put` (`revive.rs`), with
+    /// `put_args`'s `revive` set.
     pub(in crate::store::redis) async fn put(
         &self,
         spec: &LimiterSpec,
         learn: Option<Duration>,
-        revive: bool,
-    ) -> Result<Option<LimiterStatus>, StoreError> {
-        // Never revives: `put` is what revival runs.
+    ) -> Result<LimiterStatus, StoreError> {
+        // Never revives: `put` is what revival runs. Without `revive` the script answers a
+        // status or a refusal (`deleted` and `revived` are revival's answers).
         let reply = self
-            .call_once("put", &Self::put_args(spec, learn, revive))
+            .call_once("put", &Self::put_args(spec, learn, false))
             .await?;
         match reply.first().map(String::as_str) {
-            Some("status") => self.parse_status(&reply).map(Some),
-            Some("deleted") => Ok(None),
+            Some("status") => self.parse_status(&reply),
             Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }
