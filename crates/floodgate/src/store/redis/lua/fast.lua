@@ -8,15 +8,16 @@
 --   rate only ('r'): an acquire the rate grants at once, or refuses when it cannot wait; a
 --     release with nobody queued and nothing held.
 -- A repeated idempotent acquire (its key already has an entry) takes the general path.
+
+-- MEMBER_PAT without the wait deadline's capture (a grant does not read it; each capture is a
+-- string made and interned).
+local GRANT_PAT = '^([^|]*)|([^|]*)|([^|]*)|[^|]*|([^|]*)|([^|]*)|([^|]*)|(.*)$'
 -- Writes back the hot value (the fields in HOT order after the tag), in the one HSET of
 -- `holders` that also writes the first `n` entries of `fields` (the operation's own field/value
 -- pairs, or nil), and, when due, refreshes every key's TTL. The fields are parameters, not
 -- upvalues: a closure over the fast path's 24 locals costs each call about 0.8 us of Redis time
 -- to make (an upvalue object per local). `hot` goes first, so `fields` is passed as it is (no
 -- append, which grew the table once per power of two: a reallocation each, and garbage).
--- MEMBER_PAT without the wait deadline's capture (a grant does not read it; each capture is a
--- string made and interned).
-local GRANT_PAT = '^([^|]*)|([^|]*)|([^|]*)|[^|]*|([^|]*)|([^|]*)|([^|]*)|(.*)$'
 local function save_hot(refresh, fields, n, mode, ...)
   local packed = struct.pack(HOT_FMT, mode, HOT_TAG, ...)
   if fields then
