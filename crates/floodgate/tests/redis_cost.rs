@@ -406,6 +406,58 @@ fn a_release_answers_its_own_stores_waiter_in_its_reply() {
     }
 }
 
+/// A release freeing room for several waiters answers every one of its own store's in its
+/// reply, in queue order (the fast path builds a one-grant reply in one constructor and keeps
+/// any further grants apart: this checks they are all there, in order), and publishes the
+/// others'. Fast and general path alike.
+#[test]
+fn a_release_answers_several_of_its_own_stores_waiters_in_order() {
+    let server = support::RedisServer::start();
+    for (name, op) in [
+        ("many-fast", "release"),
+        ("many-general", "release@general"),
+    ] {
+        let mut s = Script::new(&server, name);
+        s.put(3, 100);
+        let held = s.call("acquire", &Script::acquire_args("h", 3, None))[1].clone();
+        for (key, channel) in [
+            ("q0", "cost-channel"),
+            ("q1", "other-channel"),
+            ("q2", "cost-channel"),
+            ("q3", "cost-channel"),
+        ] {
+            let mut args = Script::acquire_args(key, 1, None);
+            args[4] = channel.into();
+            assert_eq!(s.call("acquire", &args)[0], "queued", "{op}");
+        }
+        s.now += 10;
+        let (counted, r) = s.count(|s| s.call(op, &[held, "cost-channel".to_owned()]));
+        assert!(counted > 0);
+        let published = s.last_commands.get("publish").copied().unwrap_or(0);
+        assert_eq!(published, 1, "{op}: only q1's grant is published");
+        // released, 1, q0, its outcome, q2, its outcome, the next deadline (q3 still waits).
+        assert_eq!(r.len(), 7, "{op}: {r:?}");
+        assert_eq!(r[..3], ["released", "1", "q0"], "{op}");
+        assert_eq!(r[4], "q2", "{op}: {r:?}");
+        for (i, key) in [(3, "q0"), (5, "q2")] {
+            assert!(r[i].starts_with("G|"), "{op}: {r:?}");
+            let entry: String = redis::cmd("HGET")
+                .arg(&s.keys[1])
+                .arg(format!("k:{key}"))
+                .query(&mut s.conn)
+                .unwrap();
+            assert_eq!(entry, r[i], "{op}: {key}'s recorded outcome");
+        }
+        let tokens: Vec<u64> = [3, 5]
+            .map(|i| r[i].split('|').nth(1).unwrap().parse().unwrap())
+            .to_vec();
+        assert!(
+            tokens[0] < tokens[1],
+            "{op}: tokens in grant order {tokens:?}"
+        );
+    }
+}
+
 /// Deleting a limiter with a long queue answers its waiters in batches, each a bounded call.
 #[test]
 fn delete_answers_a_long_queue_in_batches() {

@@ -140,8 +140,9 @@ end
 -- its deadline cannot be the first to come unless it is the head. So the earliest wait
 -- deadline is the first of `waits` or the head's (first_wait below), and such a waiter costs
 -- no `waits` write on enqueue nor on grant.
+-- (One permit, the usual case, is written as the constant '1': no number formatted.)
 local function member(key, permits, lease, deadline, enqueued_at, in_waits, channel, label)
-  return key .. '|' .. fmt(permits) .. '|' .. fmt(lease) .. '|' .. fmt(deadline) .. '|' ..
+  return key .. '|' .. (permits == 1 and '1' or fmt(permits)) .. '|' .. fmt(lease) .. '|' .. fmt(deadline) .. '|' ..
     fmt(enqueued_at) .. '|' .. (in_waits and 'w' or 'm') .. '|' .. channel .. '|' .. (label or '')
 end
 
@@ -172,5 +173,6 @@ local function is_token(t) return string.find(t, '^%d+$') ~= nil end
 -- the same for every retry, on any server. Its `k:KEY` entry then answers a repeat: the wait to
 -- join or the grant held. `a:KEY` in `holders` names the attempt (a call) that owns it last,
 -- so that an attempt that went away gives it up only if no retry claimed it since.
-local function idem(key) return string.sub(key, 1, 1) == 'r' end
+-- (string.byte: a number, where string.sub would make a string to compare.)
+local function idem(key) return string.byte(key, 1) == 114 end   -- 'r'
 

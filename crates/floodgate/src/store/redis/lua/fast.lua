@@ -8,16 +8,23 @@
 --   rate only ('r'): an acquire the rate grants at once, or refuses when it cannot wait; a
 --     release with nobody queued and nothing held.
 -- A repeated idempotent acquire (its key already has an entry) takes the general path.
+
+-- MEMBER_PAT without the wait deadline's capture (a grant does not read it; each capture is a
+-- string made and interned).
+local GRANT_PAT = '^([^|]*)|([^|]*)|([^|]*)|[^|]*|([^|]*)|([^|]*)|([^|]*)|(.*)$'
 -- Writes back the hot value (the fields in HOT order after the tag), in the one HSET of
--- `holders` that also writes `fields` (the operation's own field/value pairs, or nil), and, when
--- due, refreshes every key's TTL. The fields are parameters, not upvalues: a closure over the
--- fast path's 24 locals costs each call about 0.8 us of Redis time to make (an upvalue object
--- per local).
-local function save_hot(refresh, fields, mode, ...)
-  fields = fields or {}
-  fields[#fields + 1] = HOT_FIELD
-  fields[#fields + 1] = struct.pack(HOT_FMT, mode, HOT_TAG, ...)
-  redis.call('HSET', K_HOLD, unpack(fields))
+-- `holders` that also writes the first `n` entries of `fields` (the operation's own field/value
+-- pairs, or nil), and, when due, refreshes every key's TTL. The fields are parameters, not
+-- upvalues: a closure over the fast path's 24 locals costs each call about 0.8 us of Redis time
+-- to make (an upvalue object per local). `hot` goes first, so `fields` is passed as it is (no
+-- append, which grew the table once per power of two: a reallocation each, and garbage).
+local function save_hot(refresh, fields, n, mode, ...)
+  local packed = struct.pack(HOT_FMT, mode, HOT_TAG, ...)
+  if fields then
+    redis.call('HSET', K_HOLD, HOT_FIELD, packed, unpack(fields, 1, n))
+  else
+    redis.call('HSET', K_HOLD, HOT_FIELD, packed)
+  end
   if refresh then
     for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
   end
@@ -33,9 +40,10 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
   -- A release reads its holder's record in the same command (is_token: anything else is held
   -- by nobody, and a `k:` or `hot` field must never be taken for a record).
   -- Its lease slot too (`l:TOKEN`, absent when the holder is its own slot: common.lua).
-  local raw_hot, held_raw, held_slot
+  local raw_hot, held_raw, held_slot, l_field
   if op == 'release' and is_token(ARGV[4]) then
-    local r = redis.call('HMGET', K_HOLD, HOT_FIELD, ARGV[4], 'l:' .. ARGV[4])
+    l_field = 'l:' .. ARGV[4]
+    local r = redis.call('HMGET', K_HOLD, HOT_FIELD, ARGV[4], l_field)
     raw_hot, held_raw, held_slot = r[1], r[2], r[3]
   else
     raw_hot = redis.call('HGET', K_HOLD, HOT_FIELD)
@@ -53,10 +61,9 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
   if due > now and (mode == '1' or (mode == 'r' and (op == 'acquire' or (qlen == 0 and in_use == 0)))) then
     local refresh = ttl_at <= now
     if refresh then ttl_at = now + TTL_REFRESH end
-    -- Keys that were empty (so gone) get their TTL when they come back.
-    local function created(key)
-      if not refresh then redis.call('PEXPIRE', key, ARGV[3]) end   -- save_hot() refreshes every key
-    end
+    -- Keys that were empty (so gone) get their TTL when they come back, unless save_hot()
+    -- refreshes every key (`if not refresh then PEXPIRE` below; written out, not a closure
+    -- over `refresh`, which each call would make).
     if op == 'acquire' then
       local permits, lease = tonumber(ARGV[4]), lease_us
       if ARGV[5] ~= '' then lease = tonumber(ARGV[5]) end
@@ -71,7 +78,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           next_token = token + 1
           tat = math.max(tat, now) + t * permits
           c_granted, c_paced = c_granted + 1, c_paced + 1
-          save_hot(refresh, nil, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
+          save_hot(refresh, nil, 0, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
             c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
             rate_burst, c_paced, c_timed_out, max_dl)
           local now_s = fmt(now)
@@ -81,7 +88,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
         if ARGV[6] ~= '' then wait = math.min(tonumber(ARGV[6]), wait) end
         if ra - now > wait then
           c_timed_out = c_timed_out + 1
-          save_hot(refresh, nil, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
+          save_hot(refresh, nil, 0, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
             c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
             rate_burst, c_paced, c_timed_out, max_dl)
           return {'timeout', fmt(math.max(ra - now, 1000)), delay(due)}
@@ -91,7 +98,11 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
         if qlen == 0 and in_use + permits <= limit then
           local token = math.max(next_token, now)
           local deadline = now + lease
-          local t_s, p_s, deadline_s, now_s = fmt(token), fmt(permits), fmt(deadline), fmt(now)
+          -- (The token is usually the clock itself, and one permit the usual count: each
+          -- string formatted once, or not at all.)
+          local now_s, deadline_s = fmt(now), fmt(deadline)
+          local t_s = token == now and now_s or fmt(token)
+          local p_s = permits == 1 and '1' or fmt(permits)
           local rec = p_s .. '|' .. deadline_s .. '|' .. now_s .. '|' .. key .. '|' .. (ARGV[9] or '')
           -- The waiter key rides along, and indexes the grant (`k:KEY`), so a caller that lost
           -- this reply can still find and return it (cancel, below).
@@ -105,11 +116,11 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
             fields = {t_s, rec}
           end
           redis.call('ZADD', K_LEASE, deadline_s, t_s)
-          if in_use == 0 then created(K_LEASE) end
+          if in_use == 0 and not refresh then redis.call('PEXPIRE', K_LEASE, ARGV[3]) end
           in_use, next_token = in_use + permits, token + 1
           c_granted = c_granted + 1
           due = math.min(due, deadline)
-          save_hot(refresh, fields, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
+          save_hot(refresh, fields, #fields, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
             c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
             rate_burst, c_paced, c_timed_out, max_dl)
           return {'granted', t_s, p_s, fmt(lease), deadline_s, now_s, '0', delay(due)}
@@ -134,20 +145,21 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           -- (A TTL is set after the write that creates the key.)
           if in_waits then
             redis.call('ZADD', K_WAITS, fmt(deadline), wait_member(seq, key))
-            created(K_WAITS)   -- it may have been empty; rare enough to ask every time
+            -- It may have been empty; rare enough to ask every time.
+            if not refresh then redis.call('PEXPIRE', K_WAITS, ARGV[3]) end
           else
             max_dl = deadline
           end
-          if qlen == 0 then created(K_Q) end
+          if qlen == 0 and not refresh then redis.call('PEXPIRE', K_Q, ARGV[3]) end
           if permits > 1 then
             redis.call('ZADD', K_HEAVY, seq_s, mem)
-            if heavy == 0 then created(K_HEAVY) end
+            if heavy == 0 and not refresh then redis.call('PEXPIRE', K_HEAVY, ARGV[3]) end
             heavy = heavy + 1
           end
           qlen = qlen + 1
           next_seq, queued_permits = seq + 1, queued_permits + permits
           due = math.min(due, deadline)
-          save_hot(refresh, fields, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
+          save_hot(refresh, fields, #fields, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
             c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
             rate_burst, c_paced, c_timed_out, max_dl)
           return {'queued', fmt(wait), delay(due)}
@@ -181,17 +193,19 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
       if held_slot and not (qlen > 0 and heavy == 0 and in_use - permits < limit) then
         slot_field = 's:' .. held_slot
       end
-      if idem(wkey) then
-        redis.call('HDEL', K_HOLD, token, 'k:' .. wkey, 'a:' .. wkey, held_slot and 'l:' .. token or 'k:' .. wkey,
-          slot_field or 'k:' .. wkey)
-      elseif wkey ~= '' then
-        if held_slot then
-          redis.call('HDEL', K_HOLD, token, 'k:' .. wkey, 'l:' .. token, slot_field or 'k:' .. wkey)
+      -- (Each field name made once: every string a script makes is hashed and interned.)
+      if wkey ~= '' then
+        local k_field = 'k:' .. wkey
+        if idem(wkey) then
+          redis.call('HDEL', K_HOLD, token, k_field, 'a:' .. wkey, held_slot and l_field or k_field,
+            slot_field or k_field)
+        elseif held_slot then
+          redis.call('HDEL', K_HOLD, token, k_field, l_field, slot_field or k_field)
         else
-          redis.call('HDEL', K_HOLD, token, 'k:' .. wkey)
+          redis.call('HDEL', K_HOLD, token, k_field)
         end
       elseif held_slot then
-        redis.call('HDEL', K_HOLD, token, 'l:' .. token, slot_field or token)
+        redis.call('HDEL', K_HOLD, token, l_field, slot_field or token)
       else
         redis.call('HDEL', K_HOLD, token)
       end
@@ -200,9 +214,13 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
       -- The freed room goes to the head of the queue (strict FIFO: a head that does not fit
       -- holds back those behind it). With no heavy waiter, every waiter fits in one permit.
       local now_s
-      local reply = {'released', '1'}
-      -- The grants' holder records and outcomes, written with the hot value by save_hot.
-      local fields = {}
+      -- The first grant answered in the reply (`wk1`, `out1`), and any more (`more`, rare).
+      local wk1, out1, more
+      -- The grants' holder records and outcomes, written with the hot value by save_hot: the
+      -- first `n` entries of `fields`, made with room for one grant's eight (so it never grows
+      -- in the usual case), or nil when nobody is queued.
+      local fields, n = nil, 0
+      if qlen > 0 then fields = {false, false, false, false, false, false, false, false} end
       while qlen > 0 and in_use < limit do
         local head
         if heavy > 0 then
@@ -212,10 +230,11 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
         end
         local mem = head[1]
         if not mem then break end
-        local wk, p_s, l_s, d, e, w, ch, label = string.match(mem, MEMBER_PAT)
+        -- (The wait deadline, its fourth field, is not captured: a grant does not need it.)
+        local wk, p_s, l_s, e, w, ch, label = string.match(mem, GRANT_PAT)
         if not wk then
           local f = split(mem)
-          wk, p_s, l_s, d, e, w, ch, label = f[1], f[2], f[3], f[4], f[5], f[6], f[7], tail(mem, 7)
+          wk, p_s, l_s, e, w, ch, label = f[1], f[2], f[3], f[5], f[6], f[7], tail(mem, 7)
         end
         local wp = tonumber(p_s)
         if heavy > 0 then
@@ -230,36 +249,46 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
         local t = math.max(next_token, now)
         local deadline = now + tonumber(l_s)
         now_s = now_s or fmt(now)
-        -- Each number formatted once (string.format is a large part of a script's time).
-        local t_s, deadline_s = fmt(t), fmt(deadline)
+        -- Each number formatted once (string.format is a large part of a script's time); the
+        -- token is usually the clock itself (tokens run ahead of it only when grants come
+        -- faster than one a microsecond).
+        local t_s = t == now and now_s or fmt(t)
+        local deadline_s = fmt(deadline)
         local outcome = 'G|' .. t_s .. '|' .. p_s .. '|' .. l_s .. '|' ..
           deadline_s .. '|' .. now_s .. '|' .. fmt(math.max(0, now - tonumber(e)))
         -- The holder's record and the waiter's outcome (replacing its queue entry), in one write.
-        fields[#fields + 1], fields[#fields + 2] = t_s, p_s .. '|' .. deadline_s .. '|' .. now_s ..
+        fields[n + 1], fields[n + 2] = t_s, p_s .. '|' .. deadline_s .. '|' .. now_s ..
           '|' .. wk .. '|' .. label
-        fields[#fields + 1], fields[#fields + 2] = 'k:' .. wk, outcome
+        fields[n + 3], fields[n + 4] = 'k:' .. wk, outcome
+        n = n + 4
         -- (A release of many permits may grant many waiters: written in batches that unpack()
         -- can pass, the last with the hot value.)
-        if #fields >= 4000 then
-          redis.call('HSET', K_HOLD, unpack(fields))
-          fields = {}
+        if n >= 4000 then
+          redis.call('HSET', K_HOLD, unpack(fields, 1, n))
+          n = 0
         end
         if free_slot then
           -- The slot's member is still in `leases` (so the key too): its deadline moves.
           redis.call('ZADD', K_LEASE, deadline_s, free_slot)
-          fields[#fields + 1], fields[#fields + 2] = 'l:' .. t_s, free_slot
-          fields[#fields + 1], fields[#fields + 2] = 's:' .. free_slot, t_s
+          fields[n + 1], fields[n + 2] = 'l:' .. t_s, free_slot
+          fields[n + 3], fields[n + 4] = 's:' .. free_slot, t_s
+          n = n + 4
           free_slot = nil
         else
           redis.call('ZADD', K_LEASE, deadline_s, t_s)
-          if in_use == 0 then created(K_LEASE) end
+          if in_use == 0 and not refresh then redis.call('PEXPIRE', K_LEASE, ARGV[3]) end
         end
         in_use, next_token, qlen = in_use + wp, t + 1, qlen - 1
         queued_permits = queued_permits - wp
         c_granted = c_granted + 1
         due = math.min(due, deadline)
         if ch == local_ch then
-          reply[#reply + 1], reply[#reply + 2] = wk, outcome
+          if not wk1 then
+            wk1, out1 = wk, outcome
+          else
+            more = more or {}
+            more[#more + 1], more[#more + 2] = wk, outcome
+          end
         else
           redis.call('PUBLISH', ch, name .. '\n' .. wk .. '\n' .. outcome)
         end
@@ -269,9 +298,14 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
         -- (Only if the queue was not as `qlen` said: its `s:` field was left for a grant.)
         if held_slot and not slot_field then redis.call('HDEL', K_HOLD, 's:' .. held_slot) end
       end
-      save_hot(refresh, fields, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
-        c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
-        rate_burst, c_paced, c_timed_out, max_dl)
+      save_hot(refresh, n > 0 and fields or nil, n, mode, qlen, in_use, limit, next_token, lease_us, cap,
+        ttl_at, c_granted, c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue,
+        heavy, tat, rate_t, rate_burst, c_paced, c_timed_out, max_dl)
+      -- The reply: built in one constructor when at most one grant is answered in it.
+      if not wk1 then return {'released', '1', delay(due)} end
+      if not more then return {'released', '1', wk1, out1, delay(due)} end
+      local reply = {'released', '1', wk1, out1}
+      for i = 1, #more do reply[#reply + 1] = more[i] end
       reply[#reply + 1] = delay(due)
       return reply
     end
