@@ -332,14 +332,15 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
         let idempotent = self.idempotent;
         // A closed limiter already answered every waiter; nothing to undo then.
         let _ = self.limiter.with_state(|state, now, fx| {
+            let mine = state
+                .waiters
+                .get(&id.0)
+                .is_some_and(|(l, _)| *l == listener);
             if idempotent && state.is_queued_any(id) {
                 // Leave the wait, for a while, for a retry to join; stop listening if still
                 // ours. A retry that already took it over keeps it as it is.
-                if state
-                    .waiters
-                    .take_if(id.0, |(l, _)| *l == listener)
-                    .is_some()
-                {
+                if mine {
+                    state.waiters.remove(&id.0);
                     let grace = crate::core::ORPHANED_WAIT_GRACE;
                     if state.orphan_any(now, id, grace) {
                         state.record(now, || Op::Orphan {
@@ -350,18 +351,14 @@ impl<C: Clock> Drop for QueuedAcquire<C> {
                 }
                 return;
             }
-            // Stop listening before the queue is touched: the listener's slot is found from
-            // the id alone, so its (at 10k waiters, cold) line loads while the core's cancel
-            // loads the queue entry's, instead of after it. The waker is dropped at the end.
-            let _heard = state.waiters.take_if(id.0, |(l, _)| *l == listener);
             if state.cancel_any(now, id, fx) {
                 state.record(now, || Op::Cancel { waiter: id.0 });
+                state.waiters.remove(&id.0);
                 return;
             }
             // Not queued any more: decided already (possibly by this very call's advance of
             // time, whose wake-ups are in `fx`). Deliver those first, then look at our own: a
-            // grant nobody will take goes back (nobody listens for it any more, so one in
-            // `fx` goes back as `settle` delivers it; one decided earlier, here).
+            // grant nobody will take goes back.
             state.settle(now, std::mem::take(fx));
             if state.decided.get(&id.0).is_none_or(|(l, _)| *l != listener) {
                 return;

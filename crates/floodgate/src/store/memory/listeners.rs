@@ -80,7 +80,6 @@ impl<V> Listeners<V> {
         self.others.insert(id, value)
     }
 
-    #[cfg(test)]
     pub(super) fn get(&self, id: &u64) -> Option<&V> {
         match self.index(*id).and_then(|at| self.run[at].0.as_ref()) {
             Some(v) => Some(v),
@@ -108,28 +107,6 @@ impl<V> Listeners<V> {
             return Some(v);
         }
         self.others.remove(id)
-    }
-
-    /// Removes the value of `id` if `is_it` says it is the one to take; one lookup.
-    pub(super) fn take_if(&mut self, id: u64, is_it: impl Fn(&V) -> bool) -> Option<V> {
-        if let Some(slot) = self.index(id).map(|at| &mut self.run[at].0) {
-            match slot {
-                Some(v) if is_it(v) => {
-                    let v = slot.take();
-                    self.live -= 1;
-                    self.trim();
-                    return v;
-                }
-                Some(_) => return None,
-                // An id inside the run's range may still sit beside it (the run started
-                // again after its values went to the map).
-                None => {}
-            }
-        }
-        match self.others.get(&id) {
-            Some(v) if is_it(v) => self.others.remove(&id),
-            _ => None,
-        }
     }
 
     /// Keeps both ends of the run filled, and the holes fewer than the values.
@@ -166,8 +143,6 @@ mod tests {
         /// An id already used (taken over, or back after it left).
         Again(usize),
         Remove(usize),
-        /// Remove only if the value is even (`true`) or odd (`false`).
-        TakeIf(usize, bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -175,7 +150,6 @@ mod tests {
             6 => prop_oneof![8 => Just(0u64), 1 => 1u64..200].prop_map(Op::Next),
             1 => (0usize..500).prop_map(Op::Again),
             5 => (0usize..500).prop_map(Op::Remove),
-            3 => (0usize..500, any::<bool>()).prop_map(|(i, even)| Op::TakeIf(i, even)),
         ]
     }
 
@@ -203,15 +177,6 @@ mod tests {
                     Op::Remove(i) if !used.is_empty() => {
                         let id = used[i % used.len()];
                         prop_assert_eq!(l.remove(&id), model.remove(&id));
-                    }
-                    Op::TakeIf(i, even) if !used.is_empty() => {
-                        let id = used[i % used.len()];
-                        let is_it = |v: &u64| (v % 2 == 0) == even;
-                        let want = match model.get(&id) {
-                            Some(v) if is_it(v) => model.remove(&id),
-                            _ => None,
-                        };
-                        prop_assert_eq!(l.take_if(id, is_it), want);
                     }
                     _ => {}
                 }
