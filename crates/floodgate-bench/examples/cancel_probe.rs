@@ -4,13 +4,20 @@
 //! N = 2000 under `valgrind --tool=cachegrind` and divide the difference in misses by N: the
 //! misses of one cancel (and the acquire that replaces it, which reuses its warm box).
 //! `bench` boxes the store's acquire in an `async move` block, as bench-growth does; `public`
-//! boxes `Limiter::acquire`, what an application holds.
+//! boxes `Limiter::acquire`, what an application holds. With `PROBE_TIME` set it prints the
+//! median wall time of the N cancels (the drop alone, as bench-growth times it). It runs on
+//! jemalloc, as the `floodgate` binary does: on glibc's malloc the free read a chunk header
+//! (one cold line in four cancels, by cachegrind) and the 112-byte boxes sat at other offsets.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+
+/// The `floodgate` binary's allocator (see the module doc).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use floodgate::{
     AcquireOptions, Floodgate, LimiterBackend, LimiterName, LimiterSpec, MemoryStore, Store,
@@ -68,6 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut waiters: VecDeque<Waiting> = (0..q).map(|_| enqueue()).collect();
     // The bench's generator (splitmix64), seeded the same way.
     let mut x = q as u64 + 1;
+    let mut times = Vec::new();
     for _ in 0..n {
         x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = x;
@@ -75,10 +83,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
         let at = (z % waiters.len() as u64) as usize;
-        drop(waiters.swap_remove_back(at));
+        if let Some(w) = waiters.swap_remove_back(at) {
+            let start = std::time::Instant::now();
+            drop(w);
+            times.push(start.elapsed().as_nanos());
+        }
         waiters.push_back(enqueue());
     }
     let waiting = limiter.status().await?.waiting;
     assert_eq!(waiting as usize, q, "the queue stays {q} long");
+    // Not dropped: the teardown's 10k cancels differ with N (the boxes' order does) and
+    // would blur the difference that is the N cancels' own misses.
+    std::mem::forget(waiters);
+    times.sort();
+    if std::env::var_os("PROBE_TIME").is_some() && !times.is_empty() {
+        eprintln!("median {} ns", times[times.len() / 2]);
+    }
     Ok(())
 }
