@@ -7,9 +7,11 @@
 //! a walk of the queue or of the holders. Ratios above 3x are flagged.
 //!
 //! What a cost is:
-//! - embedded: the wall time of the call on this thread (median of `--samples`), the limiter
-//!   on a clock this bench moves by hand, so a wait ends exactly when the bench says and no
-//!   timer fires on its own;
+//! - embedded: the wall time of the call on this thread (median of `--samples`, then the
+//!   median over `--rounds` passes over every size, so the sizes are measured interleaved and
+//!   a moment of the machine's other work moves one round, not one size), the limiter on a
+//!   clock this bench moves by hand, so a wait ends exactly when the bench says and no timer
+//!   fires on its own;
 //! - Redis: the time Redis itself spent (the script calls' `usec` in `INFO commandstats`,
 //!   median of `--redis-samples`) and the commands it ran, which is what blocks every other
 //!   client of that Redis. A `redis-server` is started on a free loopback port unless `--redis`
@@ -47,6 +49,11 @@ pub(crate) struct BenchGrowthArgs {
     /// Samples per cell on the embedded store (the median is reported).
     #[arg(long, default_value_t = 201, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     samples: u32,
+    /// Rounds on the embedded store: each a full pass over every operation and size, so a
+    /// moment of interference from the machine's other work falls in one round, not in the
+    /// cells of one size. A cell is the median of its rounds' medians.
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    rounds: u32,
     /// Samples per cell on Redis (the median is reported).
     #[arg(long, default_value_t = 21, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     redis_samples: u32,
@@ -129,23 +136,29 @@ pub(crate) async fn bench_growth(args: BenchGrowthArgs) -> Result<u8, Failure> {
     } else {
         (args.samples, args.redis_samples)
     };
-    let mut rows = Vec::new();
+    let rounds = if args.quick { 1 } else { args.rounds };
 
     let clock = ManualClock::default();
     let store = MemoryStore::with_clock(clock.clone());
     let mut rig = EmbeddedRig::new(store, clock);
-    // Every embedded operation completes in its first poll and the bench never yields, so
-    // tokio's cooperative budget would soon answer a poll "not yet" for no reason of the
-    // store's: measured outside it.
-    tokio::task::unconstrained(measure(
-        &mut rig,
-        "embedded",
-        &queue_sizes,
-        &holder_sizes,
-        samples,
-        &mut rows,
-    ))
-    .await?;
+    let mut passes = Vec::new();
+    for _ in 0..rounds {
+        let mut pass = Vec::new();
+        // Every embedded operation completes in its first poll and the bench never yields, so
+        // tokio's cooperative budget would soon answer a poll "not yet" for no reason of the
+        // store's: measured outside it.
+        tokio::task::unconstrained(measure(
+            &mut rig,
+            "embedded",
+            &queue_sizes,
+            &holder_sizes,
+            samples,
+            &mut pass,
+        ))
+        .await?;
+        passes.push(pass);
+    }
+    let mut rows = median_of_rounds(passes);
 
     let _server;
     if !args.no_redis {
@@ -213,6 +226,25 @@ fn median(mut costs: Vec<Cost>) -> Option<Cost> {
     }
     costs.sort_by(|a, b| a.ns.total_cmp(&b.ns));
     Some(costs[costs.len() / 2])
+}
+
+/// The rows of several rounds (each the same operations and sizes, in the same order) as one:
+/// each cell the median of the rounds' cells.
+fn median_of_rounds(mut rounds: Vec<Vec<Row>>) -> Vec<Row> {
+    let Some(mut rows) = rounds.pop() else {
+        return Vec::new();
+    };
+    for (i, row) in rows.iter_mut().enumerate() {
+        for (j, cell) in row.cells.iter_mut().enumerate() {
+            let costs = rounds
+                .iter()
+                .filter_map(|round| round.get(i)?.cells.get(j)?.1)
+                .chain(cell.1)
+                .collect();
+            cell.1 = median(costs);
+        }
+    }
+    rows
 }
 
 /// A small deterministic generator for the random departure order (splitmix64).
@@ -490,4 +522,39 @@ pub(crate) fn timed<T>(f: impl FnOnce() -> T) -> (Cost, T) {
     let out = f();
     let ns = start.elapsed().as_nanos() as f64;
     (Cost { ns, cmds: 0 }, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(costs: &[Option<f64>]) -> Row {
+        Row {
+            op: "cancel middle",
+            store: "embedded",
+            dim: Dim::Queue,
+            cells: costs
+                .iter()
+                .enumerate()
+                .map(|(i, ns)| (i, ns.map(|ns| Cost { ns, cmds: 0 })))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn rounds_combine_cell_by_cell_into_their_median() {
+        // One round slowed at the large size (the machine's other work) moves nothing; a
+        // cost that grows in every round still shows.
+        let rounds = vec![
+            vec![row(&[None, Some(80.0), Some(900.0)]), row(&[Some(1.0)])],
+            vec![row(&[None, Some(90.0), Some(120.0)]), row(&[Some(3.0)])],
+            vec![row(&[None, Some(70.0), Some(110.0)]), row(&[Some(2.0)])],
+        ];
+        let rows = median_of_rounds(rounds);
+        let ns =
+            |r: &Row| -> Vec<Option<f64>> { r.cells.iter().map(|c| c.1.map(|c| c.ns)).collect() };
+        assert_eq!(ns(&rows[0]), vec![None, Some(80.0), Some(120.0)]);
+        assert_eq!(ns(&rows[1]), vec![Some(2.0)]);
+        assert!(median_of_rounds(Vec::new()).is_empty());
+    }
 }

@@ -109,6 +109,16 @@ fn the_embedded_store_alone_prints_a_table_and_bad_flags_exit_2() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
+    let no_rounds = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args(["bench-growth", "--no-redis", "--rounds", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(no_rounds.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&no_rounds.stderr).contains("--rounds"),
+        "{}",
+        String::from_utf8_lossy(&no_rounds.stderr)
+    );
     let both = Command::new(env!("CARGO_BIN_EXE_floodgate"))
         .args([
             "bench-growth",
