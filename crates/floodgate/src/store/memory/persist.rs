@@ -100,10 +100,19 @@ impl Persist {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         self.wal.close();
-        self.lock
+        let file = self
+            .lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        if let Some(file) = file {
+            // Unlocked explicitly, not only by closing: a child process forked by another
+            // thread of this process (a `Command`) shares the lock's open file until it execs,
+            // and closing our descriptor alone would leave the directory locked by it.
+            if let Err(e) = file.unlock() {
+                tracing::warn!(error = %e, "cannot unlock the data directory");
+            }
+        }
     }
 
     /// Whether [`close`](Self::close) ran.

@@ -76,3 +76,21 @@ async fn no_clock_mark_is_written_after_close() {
     assert!(!mark.exists(), "a clock mark was written after close");
     drop(store);
 }
+
+#[tokio::test]
+async fn close_unlocks_even_while_a_forked_child_shares_the_lock_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = MemoryStore::open(Durability::new(dir.path())).expect("open");
+    // What a child process forked by another thread (a `Command` spawning redis-cli, say) holds
+    // until it execs: the lock file's open file description, through a copy of the descriptor.
+    let child_copy = {
+        let persist = store.inner.persist.as_ref().expect("durable");
+        let lock = persist.lock.lock().expect("lock");
+        lock.as_ref().expect("open").try_clone().expect("dup")
+    };
+    store.close();
+    let (again, _) = MemoryStore::open(Durability::new(dir.path()))
+        .expect("closed: the directory is unlocked whoever shares the descriptor");
+    drop(child_copy);
+    again.close();
+}
