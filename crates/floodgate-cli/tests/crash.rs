@@ -14,6 +14,8 @@
 
 #[path = "../../floodgate-server/tests/common/mod.rs"]
 mod common;
+#[path = "../../floodgate/tests/support/ports.rs"]
+mod ports;
 
 use std::path::Path;
 use std::process::Stdio;
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::holders::{spawn_holder, witness, Events};
 use common::SplitMix64;
+use ports::free_port;
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
@@ -34,11 +37,6 @@ const LEASE_MS: u64 = 4000;
 const RESTARTS: usize = 12;
 const SEED: u64 = 0xc4a5_4ed0_f100_d6a7;
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
 
 /// Starts `floodgate serve` on `port` with its data in `dir`; under libfaketime ten minutes
 /// behind when `clock_back`.
