@@ -101,14 +101,15 @@ fn start_prometheus(target: &str) -> Prometheus {
 }
 
 /// Polls Prometheus's alerts until one (pending or firing) is `wanted`; fails naming `what`
-/// and the alerts last seen if none is within 30 s (a liveness bound only).
+/// and the alerts last seen if none is within 90 s (a liveness bound only, as generous as the
+/// queries' own: Prometheus starting, scraping and evaluating on a loaded machine).
 async fn until_alert(
     http: &reqwest::Client,
     prom: &str,
     what: &str,
     wanted: impl Fn(&Value) -> bool,
 ) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
         let alerts: Value = http
             .get(format!("{prom}/api/v1/alerts"))
