@@ -45,7 +45,7 @@ fn spawn_server(port: u16, dir: &Path, clock_back: bool) -> Child {
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")
         .arg(dir)
-        .args(["--snapshot-after-bytes", "16384"])
+        .args(["--snapshot-after-bytes", "4096"])
         .env("FLOODGATE_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -201,10 +201,16 @@ async fn holders_and_the_server_crash_and_nothing_is_over_admitted_or_lost() {
             let hit = tokio::task::spawn_blocking(move || {
                 let give_up = Instant::now() + Duration::from_secs(8);
                 while Instant::now() < give_up {
+                    // A snapshot's temporary file, not the clock mark's (`clock.json.tmp`,
+                    // written every second, which this matched too).
                     let writing = std::fs::read_dir(&watched)
                         .unwrap()
                         .filter_map(Result::ok)
-                        .any(|e| e.file_name().to_string_lossy().ends_with(".json.tmp"));
+                        .any(|e| {
+                            let name = e.file_name();
+                            let name = name.to_string_lossy();
+                            name.starts_with("snapshot-") && name.ends_with(".json.tmp")
+                        });
                     if writing {
                         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                         return true;
