@@ -39,10 +39,18 @@ TOML
 "$BIN" serve --listen "127.0.0.1:$PORT" --config "$WORK/floodgate.toml" >"$WORK/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
-for _ in $(seq 100); do
-  if "$VENV/bin/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/healthz')" 2>/dev/null; then break; fi
+# Up to a minute for the server to answer (a liveness bound for a loaded machine), else stop here
+# with its log rather than let schemathesis fail on a refused connection.
+READY=""
+for _ in $(seq 600); do
+  if "$VENV/bin/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/healthz')" 2>/dev/null; then READY=1; break; fi
   sleep 0.1
 done
+if [ -z "$READY" ]; then
+  echo "floodgate serve never answered on 127.0.0.1:$PORT" >&2
+  cat "$WORK/server.log" >&2
+  exit 1
+fi
 
 echo "== schemathesis $SCHEMATHESIS: every check, $EXAMPLES examples per operation, seed $SEED"
 "$VENV/bin/st" --config-file scripts/schemathesis.toml run docs/openapi.yaml --url "http://127.0.0.1:$PORT" \

@@ -112,7 +112,9 @@ def test_heartbeat_keeps_the_permit_past_its_lease(fg: Floodgate, limiter: MakeL
         time.sleep(3.0)  # three leases
         assert not p.lost
         p.check()
-        assert p.extensions >= 6  # every lease/3
+        # Held for three 1 s leases with none expired: at least two extends went through
+        # (about nine are sent, one every lease/3; how many depends on how busy the machine is).
+        assert p.extensions >= 2
         assert p.heartbeat_error is None
         # Still held on the server: nobody else gets the slot.
         with pytest.raises(WaitTimeout):
@@ -200,11 +202,12 @@ def test_wait_timeout_carries_retry_after(fg: Floodgate, limiter: MakeLimiter) -
         assert "re-enqueue" in e.message
         assert isinstance(e.retry_after, float) and 0 < e.retry_after <= 20
         assert elapsed >= 0.29  # the server held the long poll for the wait
-        # wait=0 tries once.
+        # wait=0 tries once: answered at once, not after a wait (the limiter's max_wait is the
+        # default 60 s); the bound is far from both, as a loaded machine needs (0.25 s was not).
         started = time.monotonic()
         with pytest.raises(WaitTimeout):
             fg.acquire(name, wait=0)
-        assert time.monotonic() - started < 0.25
+        assert time.monotonic() - started < 5.0
     assert fg.limiter(name)["counters"]["timed_out"] == 2
 
 

@@ -14,6 +14,8 @@
 
 #[path = "../../floodgate-server/tests/common/mod.rs"]
 mod common;
+#[path = "../../floodgate/tests/support/ports.rs"]
+mod ports;
 
 use std::path::Path;
 use std::process::Stdio;
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::holders::{spawn_holder, witness, Events};
 use common::SplitMix64;
+use ports::free_port;
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
@@ -35,11 +38,6 @@ const RESTARTS: usize = 12;
 const SEED: u64 = 0xc4a5_4ed0_f100_d6a7;
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// Starts `floodgate serve` on `port` with its data in `dir`; under libfaketime ten minutes
 /// behind when `clock_back`.
 fn spawn_server(port: u16, dir: &Path, clock_back: bool) -> Child {
@@ -47,7 +45,7 @@ fn spawn_server(port: u16, dir: &Path, clock_back: bool) -> Child {
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")
         .arg(dir)
-        .args(["--snapshot-after-bytes", "16384"])
+        .args(["--snapshot-after-bytes", "4096"])
         .env("FLOODGATE_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -203,10 +201,16 @@ async fn holders_and_the_server_crash_and_nothing_is_over_admitted_or_lost() {
             let hit = tokio::task::spawn_blocking(move || {
                 let give_up = Instant::now() + Duration::from_secs(8);
                 while Instant::now() < give_up {
+                    // A snapshot's temporary file, not the clock mark's (`clock.json.tmp`,
+                    // written every second, which this matched too).
                     let writing = std::fs::read_dir(&watched)
                         .unwrap()
                         .filter_map(Result::ok)
-                        .any(|e| e.file_name().to_string_lossy().ends_with(".json.tmp"));
+                        .any(|e| {
+                            let name = e.file_name();
+                            let name = name.to_string_lossy();
+                            name.starts_with("snapshot-") && name.ends_with(".json.tmp")
+                        });
                     if writing {
                         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                         return true;

@@ -8,6 +8,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../floodgate/tests/support/ports.rs"]
+mod ports;
+
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -285,11 +288,8 @@ impl ServeProcess {
             format!("[limiters.{LIMITER}]\nconcurrency = 1\nlease_ms = 60000\n"),
         )
         .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Restarted on this port: one the kernel never gives a client (see `ports`).
+        let port = ports::free_port();
         let mut server = ServeProcess {
             port,
             config,

@@ -15,6 +15,8 @@
 
 #[path = "../../floodgate-server/tests/common/mod.rs"]
 mod common;
+#[path = "../../floodgate/tests/support/ports.rs"]
+mod ports;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -57,11 +59,8 @@ fn show(label: &str, (rss, fds): (u64, usize)) -> String {
 
 impl Server {
     async fn start(extra: &[&str]) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Bound by the child later: a port no connection is given meanwhile (see `ports`).
+        let port = ports::free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let child = Command::new(env!("CARGO_BIN_EXE_floodgate"))
             .arg("serve")

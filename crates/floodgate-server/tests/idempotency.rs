@@ -19,6 +19,10 @@ use support::RedisServer;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+/// How long a queued idempotent acquire whose caller went away is kept for a retry to join
+/// (`floodgate::core::ORPHANED_WAIT_GRACE`, 5 s as docs/durability.md says).
+const ORPHANED_WAIT_GRACE: Duration = Duration::from_secs(5);
+
 async fn start() -> (Served, String, reqwest::Client) {
     start_on(Floodgate::in_memory()).await
 }
@@ -47,8 +51,18 @@ async fn start_on<S: Store>(gate: Floodgate<S>) -> (Served, String, reqwest::Cli
     (served, base, http)
 }
 
-/// Sends an acquire on a raw connection and drops the connection without reading the answer.
-async fn send_and_vanish(addr: std::net::SocketAddr, body: &Value, wait_for_queue: Option<&str>) {
+/// Where the acquire `send_and_vanish` sends has got to when the connection is dropped.
+#[derive(Clone, Copy)]
+enum Vanish {
+    /// Granted (the answer is lost).
+    Granted,
+    /// Queued (the caller goes away while waiting).
+    Queued,
+}
+
+/// Sends an acquire on a raw connection and drops the connection without reading the answer,
+/// once the server has granted or queued it (`after`), so the test never races the server.
+async fn send_and_vanish(addr: std::net::SocketAddr, body: &Value, base: &str, after: Vanish) {
     let mut sock = TcpStream::connect(addr).await.unwrap();
     let body = body.to_string();
     let request = format!(
@@ -58,17 +72,23 @@ async fn send_and_vanish(addr: std::net::SocketAddr, body: &Value, wait_for_queu
     );
     sock.write_all(request.as_bytes()).await.unwrap();
     sock.flush().await.unwrap();
-    if let Some(base) = wait_for_queue {
-        // Hold the connection until the acquire is queued, then vanish.
-        let http = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while status(&http, base).await["waiting"] != 1 {
-            assert!(tokio::time::Instant::now() < deadline, "never queued");
-            tokio::time::sleep(POLL).await;
+    // Hold the connection until the server has the acquire (granted or queued), then vanish.
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let s = status(&http, base).await;
+        let there = match after {
+            Vanish::Granted => num(&s, "/counters/granted") >= 1,
+            Vanish::Queued => num(&s, "/waiting") == 1,
+        };
+        if there {
+            break;
         }
-    } else {
-        // Give the server the request before the connection closes.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never got there: {s}"
+        );
+        tokio::time::sleep(POLL).await;
     }
     drop(sock);
 }
@@ -121,7 +141,8 @@ async fn granted_answer_lost(served: Served, base: String, http: reqwest::Client
     send_and_vanish(
         served.addr,
         &json!({"request_id": "job-7", "wait_ms": 0}),
-        None,
+        &base,
+        Vanish::Granted,
     )
     .await;
     let (code, permit) = acquire(&http, &base, json!({"request_id": "job-7", "wait_ms": 0})).await;
@@ -141,7 +162,8 @@ async fn retry_joins(served: Served, base: String, http: reqwest::Client) {
     send_and_vanish(
         served.addr,
         &json!({"request_id": "job-8", "wait_ms": 60000}),
-        Some(&base),
+        &base,
+        Vanish::Queued,
     )
     .await;
     // The retry, by header this time, joins the same wait (still one waiter).
@@ -158,8 +180,18 @@ async fn retry_joins(served: Served, base: String, http: reqwest::Client) {
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(status(&http, &base).await["waiting"], 1);
+    // The retry joined: still one waiter after the abandoned wait's grace has ended, and no
+    // wait ended. (Nothing shows a join sooner; 200 ms, which this waited before, is not
+    // always enough on a loaded machine for the retry to arrive, and a retry arriving after
+    // the release below was granted a second permit.)
+    tokio::time::sleep(ORPHANED_WAIT_GRACE + Duration::from_secs(1)).await;
+    let s = status(&http, &base).await;
+    assert_eq!(num(&s, "/waiting"), 1, "{s}");
+    assert_eq!(
+        num(&s, "/counters/timed_out") + num(&s, "/counters/cancelled"),
+        0,
+        "{s}"
+    );
     let id = holder["permit_id"].as_str().unwrap();
     http.post(format!("{base}/v1/permits/{id}/release"))
         .json(&json!({}))
@@ -192,7 +224,8 @@ async fn grant_nobody_waits_for(served: Served, base: String, http: reqwest::Cli
     send_and_vanish(
         served.addr,
         &json!({"request_id": "gone", "wait_ms": 60000}),
-        Some(&base),
+        &base,
+        Vanish::Queued,
     )
     .await;
     let id = holder["permit_id"].as_str().unwrap();

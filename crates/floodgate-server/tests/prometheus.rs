@@ -8,6 +8,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../../floodgate/tests/support/ports.rs"]
+mod ports;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +19,7 @@ use std::time::Duration;
 use common::Served;
 use floodgate::{AdaptiveSpec, Floodgate, KeyedSpec, LimiterSpec};
 use floodgate_server::server::ServerOptions;
+use ports::free_port;
 use serde_json::{json, Value};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
@@ -41,14 +44,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn encode(q: &str) -> String {
@@ -106,14 +101,15 @@ fn start_prometheus(target: &str) -> Prometheus {
 }
 
 /// Polls Prometheus's alerts until one (pending or firing) is `wanted`; fails naming `what`
-/// and the alerts last seen if none is within 30 s (a liveness bound only).
+/// and the alerts last seen if none is within 90 s (a liveness bound only, as generous as the
+/// queries' own: Prometheus starting, scraping and evaluating on a loaded machine).
 async fn until_alert(
     http: &reqwest::Client,
     prom: &str,
     what: &str,
     wanted: impl Fn(&Value) -> bool,
 ) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
         let alerts: Value = http
             .get(format!("{prom}/api/v1/alerts"))

@@ -63,7 +63,8 @@ async fn run(snapshot_midway: bool) {
                 .await
         })
     };
-    for _ in 0..200 {
+    // A liveness bound only (30 s: one second was the bound before, short on a loaded machine).
+    for _ in 0..6_000 {
         if orgs.status().await.unwrap().waiting == 1 {
             break;
         }

@@ -179,8 +179,8 @@ async fn durable_a_retry_joins_the_abandoned_keyed_wait_and_the_log_replays_it()
         let gate = Floodgate::with_store(store.clone());
         a_retry_joins_the_abandoned_wait_in_its_place(gate.clone()).await;
         let status = gate.limiter("orgs").await.unwrap().status().await.unwrap();
-        // As a server does on shutdown: a task of the store may still hold it for a moment
-        // after the last handle is dropped, and with it the directory's lock.
+        // As a server does on shutdown (dropping the last handle, at the end of this block,
+        // does the same): the directory is unlocked when it returns.
         store.close();
         status
     };

@@ -25,7 +25,7 @@ struct Job {
 
 #[tokio::test(start_paused = true)]
 async fn the_key_comes_from_the_request_and_each_key_keeps_its_limit() {
-    each_key_keeps_its_limit(Floodgate::in_memory()).await;
+    each_key_keeps_its_limit(Floodgate::in_memory(), Duration::from_millis(10)).await;
 }
 
 /// The same on a real `redis-server` (in real time: Redis keeps its own clock).
@@ -35,10 +35,13 @@ async fn the_key_comes_from_the_request_and_each_key_keeps_its_limit_on_redis() 
     let store = RedisStore::connect(RedisConfig::new(server.url()))
         .await
         .unwrap();
-    each_key_keeps_its_limit(Floodgate::with_store(store)).await;
+    // Calls held long enough that the small org's two calls overlap, and start before big's
+    // first ones end, even when the test process is stalled for a while between them (10 ms,
+    // as under paused time, assumed a test never stalled).
+    each_key_keeps_its_limit(Floodgate::with_store(store), Duration::from_millis(250)).await;
 }
 
-async fn each_key_keeps_its_limit<S: Store>(gate: Floodgate<S>) {
+async fn each_key_keeps_its_limit<S: Store>(gate: Floodgate<S>, hold: Duration) {
     let spec = LimiterSpec::concurrency(4).with_max_wait(Duration::from_secs(600));
     gate.define_keyed("orgs", spec, KeyedSpec::per_key(2))
         .await
@@ -59,7 +62,7 @@ async fn each_key_keeps_its_limit<S: Store>(gate: Floodgate<S>) {
                     e.1 = e.1.max(e.0);
                 }
                 order.lock().unwrap().push(job.org);
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(hold).await;
                 running.lock().unwrap().get_mut(job.org).unwrap().0 -= 1;
                 Ok::<_, Infallible>(())
             }

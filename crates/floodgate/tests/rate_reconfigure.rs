@@ -7,12 +7,13 @@
 //! order cannot be seen; it shows when the pass is late (a stalled client process, a store
 //! timer that fires after the deadline) and the change arrives in between.
 //!
-//! The scenario, on every store: rate 10/s (T = 100 ms), burst 3. Three tokens are taken at
-//! `t0`, so a one-permit waiter's token time is `t0 + 100 ms`. No timer pass runs until
-//! `t0 + 150 ms`, when the burst is lowered to 1. Under the old spec the waiter was due at
-//! `t0 + 100 ms`, so the change grants it at once (`t0 + 150 ms`). Applying the new burst to
-//! the past would instead push it to `t0 + 300 ms` (the theoretical arrival time, with no
-//! burst allowance left).
+//! The scenario, on every store: rate 1/s (T = 1 s), burst 3. Three tokens are taken at `t0`,
+//! so a one-permit waiter's token time is `t0 + 1 s`. No timer pass runs until `t0 + 1.5 s`,
+//! when the burst is lowered to 1. Under the old spec the waiter was due at `t0 + 1 s`, so the
+//! change grants it at once (`t0 + 1.5 s`). Applying the new burst to the past would instead
+//! push it to `t0 + 3 s` (the theoretical arrival time, with no burst allowance left). (Seconds,
+//! not the 100 ms of an earlier version: on Redis, in real time, a test process stalled for
+//! 100 ms between the steps blurred the two outcomes.)
 
 #![allow(clippy::unwrap_used)]
 
@@ -30,7 +31,7 @@ use floodgate::{
 const MS: u64 = 1_000;
 
 fn rate(burst: u32) -> LimiterSpec {
-    LimiterSpec::rate(RateSpec::per(10, Duration::from_secs(1)).with_burst(burst))
+    LimiterSpec::rate(RateSpec::per(1, Duration::from_secs(1)).with_burst(burst))
         .with_max_wait(Duration::from_secs(5))
 }
 
@@ -55,17 +56,17 @@ fn the_core_settles_the_old_rate_before_changing_it() {
     let Admission::Queued(id) = core.acquire(Timestamp(0), &wait, &mut fx) else {
         panic!("the fourth token is not due yet");
     };
-    assert_eq!(core.next_deadline(), Some(Timestamp(100 * MS)));
-    // The timer pass at 100 ms is skipped; the change comes at 150 ms.
-    core.reconfigure(Timestamp(150 * MS), rate(1), &mut fx)
+    assert_eq!(core.next_deadline(), Some(Timestamp(1_000 * MS)));
+    // The timer pass at 1 s is skipped; the change comes at 1.5 s.
+    core.reconfigure(Timestamp(1_500 * MS), rate(1), &mut fx)
         .unwrap();
     assert_eq!(fx.wakes.len(), 1);
     let (woken, outcome) = &fx.wakes[0];
     assert_eq!(*woken, id);
-    assert_eq!(outcome.as_ref().unwrap().granted_at, Timestamp(150 * MS));
+    assert_eq!(outcome.as_ref().unwrap().granted_at, Timestamp(1_500 * MS));
 }
 
-/// The scenario on a store: `stall` keeps timer passes from running for 150 ms.
+/// The scenario on a store: `stall` keeps timer passes from running for 1.5 s.
 async fn settles_the_old_rate_first<S: Store, F: Future<Output = ()>>(
     gate: Floodgate<S>,
     stall: impl FnOnce() -> F,
@@ -88,7 +89,14 @@ async fn settles_the_old_rate_first<S: Store, F: Future<Output = ()>>(
                 .await
         })
     };
+    // A liveness bound only (the waiter is granted, not queued, if the test was stalled past
+    // its token time: then this fails instead of spinning).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while lim.status().await.unwrap().waiting == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the waiter never queued"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     stall().await;
@@ -97,13 +105,13 @@ async fn settles_the_old_rate_first<S: Store, F: Future<Output = ()>>(
     let at = p.grant().granted_at.0 - t0;
     // Not before the change: no timer pass ran at the token time.
     assert!(
-        at >= 150 * MS,
+        at >= 1_500 * MS,
         "granted at {} ms, before the change",
         at / MS
     );
     assert!(
-        at < 250 * MS,
-        "the waiter due at 100 ms (old burst 3) was granted at {} ms: the new burst 1 was \
+        at < 2_500 * MS,
+        "the waiter due at 1 s (old burst 3) was granted at {} ms: the new burst 1 was \
          applied to time that passed before the change",
         at / MS
     );
@@ -126,7 +134,7 @@ impl Clock for LateTimers {
 #[tokio::test(start_paused = true)]
 async fn the_embedded_store_settles_the_old_rate_first() {
     let gate = Floodgate::with_store(MemoryStore::with_clock(LateTimers(TokioClock::new())));
-    settles_the_old_rate_first(gate, || tokio::time::sleep(Duration::from_millis(150))).await;
+    settles_the_old_rate_first(gate, || tokio::time::sleep(Duration::from_millis(1_500))).await;
 }
 
 /// Blocking the test's (single) runtime thread keeps the store's timer task from running its
@@ -140,7 +148,7 @@ async fn redis_settles_the_old_rate_first() {
         .await
         .unwrap();
     settles_the_old_rate_first(Floodgate::with_store(store), || async {
-        std::thread::sleep(Duration::from_millis(150));
+        std::thread::sleep(Duration::from_millis(1_500));
     })
     .await;
 }

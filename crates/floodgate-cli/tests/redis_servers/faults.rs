@@ -372,11 +372,13 @@ async fn a_crashed_holder_process_has_its_lease_reclaimed() {
     )
     .await;
 
-    // The holder: `floodgate run` holding a permit with a 500 ms lease (extended every third of
-    // it) around `sleep 30`, in its own process group so the crash takes the command with it.
+    // The holder: `floodgate run` holding a permit with a 3 s lease (extended every third of
+    // it; 500 ms was short enough that a loaded machine could let it lapse before the try-once
+    // acquire below) around `sleep 30`, in its own process group so the crash takes the
+    // command with it.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_floodgate"));
     cmd.args(["run", "lim", "--url", &http.base])
-        .args(["--wait", "30s", "--lease", "500ms", "--", "sleep", "30"]);
+        .args(["--wait", "30s", "--lease", "3s", "--", "sleep", "30"]);
     let mut holder = ChildGuard::spawn(cmd, true, "floodgate run");
     let deadline = Instant::now() + PATIENCE;
     loop {

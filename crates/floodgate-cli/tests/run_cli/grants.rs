@@ -21,7 +21,9 @@ while :; do sleep 0.05; done
     let child = server
         .floodgate(
             scratch.path(),
-            &["run", LIMITER, "--lease", "600ms", "--", "sh", "-c", script],
+            // A lease no stall of a loaded machine outlasts before the release below (600 ms,
+            // extended every 200 ms, could lapse first); the extend after it comes within 1 s.
+            &["run", LIMITER, "--lease", "3s", "--", "sh", "-c", script],
         )
         .spawn()
         .unwrap();

@@ -3,7 +3,10 @@
 //! Written once against `Floodgate<S>` for any `S: Store`; `store_suite!` instantiates it for
 //! one store. Durations are short real durations (hundreds of milliseconds) so the suite also
 //! runs against stores whose clock cannot be paused (Redis `TIME`); the embedded store runs it
-//! under tokio's paused time, where they cost nothing.
+//! under tokio's paused time, where they cost nothing. In real time the test process may be
+//! stalled for a while on a loaded machine: a permit a test keeps has a lease no stall outlasts
+//! (`HOLD`), an acquire that must be granted waits long (`WAIT`), and only what a test lets lapse
+//! or time out on purpose is short.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -17,8 +20,15 @@ use floodgate::{
 };
 use tokio::time::{sleep, Instant};
 
+/// The lease of a permit a test lets lapse (or keeps by extending it).
 const LEASE: Duration = Duration::from_millis(400);
-const WAIT: Duration = Duration::from_millis(2_000);
+/// The default lease: a permit a test keeps never lapses while the test is stalled (a 400 ms
+/// default lapsed under load, and the limiter rightly granted past the holder the test kept).
+const HOLD: Duration = Duration::from_secs(60);
+/// `max_wait`, and the wait of acquires that must be granted (in real time, well after the
+/// moment they are due when the test process is stalled).
+const WAIT: Duration = Duration::from_secs(10);
+const WAIT_MS: u64 = 10_000;
 
 /// A limiter name unique within the test process, so suites can share one store server.
 pub(crate) fn unique(prefix: &str) -> String {
@@ -32,7 +42,7 @@ pub(crate) fn unique(prefix: &str) -> String {
 
 fn spec(limit: u32) -> LimiterSpec {
     LimiterSpec::concurrency(limit)
-        .with_default_lease(LEASE)
+        .with_default_lease(HOLD)
         .with_max_wait(WAIT)
 }
 
@@ -117,7 +127,7 @@ pub(crate) async fn waiters_are_granted_in_fifo_order<S: Store>(gate: Floodgate<
         let tx = tx.clone();
         tasks.push(tokio::spawn(async move {
             let p = task_lim
-                .acquire(wait(1_500).permits(permits))
+                .acquire(wait(WAIT_MS).permits(permits))
                 .await
                 .unwrap();
             tx.send((i, p.fencing_token())).unwrap();
@@ -148,7 +158,7 @@ pub(crate) async fn a_large_request_is_not_starved_by_small_ones<S: Store>(gate:
     let one = lim.acquire(wait(0)).await.unwrap();
     let big = {
         let lim = lim.clone();
-        tokio::spawn(async move { lim.acquire(wait(1_500).permits(3)).await })
+        tokio::spawn(async move { lim.acquire(wait(WAIT_MS).permits(3)).await })
     };
     until(&lim, "the big request queued", |s| s.waiting == 1).await;
     // Two permits are free, but a 1-permit arrival must queue behind the 3-permit head.
@@ -166,9 +176,9 @@ pub(crate) async fn an_expired_lease_is_reclaimed_without_other_traffic<S: Store
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
     // A holder that dies: never releases.
-    let dead = lim.acquire(wait(0)).await.unwrap().detach();
+    let dead = lim.acquire(wait(0).lease(LEASE)).await.unwrap().detach();
     // A waiter is woken by the lease ending, with no release and no new arrival.
-    let p = lim.acquire(wait(1_500)).await.unwrap();
+    let p = lim.acquire(wait(WAIT_MS)).await.unwrap();
     assert!(p.fencing_token() > dead.token);
     let st = lim.status().await.unwrap();
     assert_eq!(st.counters.expired, 1);
@@ -181,7 +191,7 @@ pub(crate) async fn an_expired_lease_is_reclaimed_without_other_traffic<S: Store
     assert_eq!(lim.status().await.unwrap().in_use, 1);
     assert!(p.release().await.unwrap());
     // And with nobody waiting, the timer still reclaims an abandoned lease.
-    let _ = lim.acquire(wait(0)).await.unwrap().detach();
+    let _ = lim.acquire(wait(0).lease(LEASE)).await.unwrap().detach();
     sleep(LEASE + Duration::from_millis(200)).await;
     let st = lim.status().await.unwrap();
     assert_eq!(st.in_use, 0);
@@ -192,16 +202,19 @@ pub(crate) async fn extend_keeps_a_permit_and_never_revives_one<S: Store>(gate: 
     let name = unique("extend");
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
-    let mut p = lim.acquire(wait(0)).await.unwrap();
-    // Hold for three leases, extending at each half-lease: never lost.
+    // A lease that a stalled test process does not outlast between two extends (each comes a
+    // quarter lease after the last: 400 ms extended every 200 ms lapsed under load).
+    let lease = LEASE * 5;
+    let mut p = lim.acquire(wait(0).lease(lease)).await.unwrap();
+    // Hold for one and a half leases, extending at each quarter-lease: never lost.
     for _ in 0..6 {
-        sleep(LEASE / 2).await;
-        p.extend(LEASE).await.unwrap();
+        sleep(lease / 4).await;
+        p.extend(lease).await.unwrap();
     }
     assert_eq!(lim.status().await.unwrap().counters.expired, 0);
     // Stop extending: it is lost, and an extend does not bring it back.
-    sleep(LEASE + Duration::from_millis(100)).await;
-    assert_eq!(p.extend(LEASE).await, Err(ExtendError::Lost));
+    sleep(lease + Duration::from_millis(100)).await;
+    assert_eq!(p.extend(lease).await, Err(ExtendError::Lost));
     let st = lim.status().await.unwrap();
     assert_eq!(st.in_use, 0);
     assert_eq!(st.counters.extend_lost, 1);
@@ -243,12 +256,12 @@ pub(crate) async fn a_dropped_waiter_leaves_the_queue<S: Store>(gate: Floodgate<
     let holder = lim.acquire(wait(0)).await.unwrap();
     let gives_up = {
         let lim = lim.clone();
-        tokio::spawn(async move { lim.acquire(wait(1_500)).await })
+        tokio::spawn(async move { lim.acquire(wait(WAIT_MS)).await })
     };
     until(&lim, "first waiter queued", |s| s.waiting == 1).await;
     let next = {
         let lim = lim.clone();
-        tokio::spawn(async move { lim.acquire(wait(1_500)).await })
+        tokio::spawn(async move { lim.acquire(wait(WAIT_MS)).await })
     };
     until(&lim, "second waiter queued", |s| s.waiting == 2).await;
     gives_up.abort();
@@ -324,14 +337,16 @@ pub(crate) async fn a_timed_out_waiter_gets_an_answer<S: Store>(gate: Floodgate<
     let name = unique("timeout");
     gate.define(&name, spec(1)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
-    let _holder = lim.acquire(wait(0)).await.unwrap();
+    // Held longer than the 200 ms wait below lasts, even if the test is stalled in between.
+    let held_for = LEASE * 5;
+    let _holder = lim.acquire(wait(0).lease(held_for)).await.unwrap();
     let err = lim.acquire(wait(200)).await.unwrap_err();
     assert!(matches!(
         err,
         AcquireError::Refused(Refusal::WaitTimeout { .. })
     ));
     let hint = err.retry_after().unwrap();
-    assert!(hint > Duration::ZERO && hint <= LEASE, "{hint:?}");
+    assert!(hint > Duration::ZERO && hint <= held_for, "{hint:?}");
     let st = lim.status().await.unwrap();
     assert_eq!((st.waiting, st.counters.timed_out), (0, 1));
     // A wait longer than max_wait is capped, never unbounded.
@@ -356,7 +371,7 @@ pub(crate) async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: St
     let waiters: Vec<_> = (0..2)
         .map(|_| {
             let lim = lim.clone();
-            tokio::spawn(async move { lim.acquire(wait(1_500)).await })
+            tokio::spawn(async move { lim.acquire(wait(WAIT_MS)).await })
         })
         .collect();
     until(&lim, "both queued", |s| s.waiting == 2).await;
@@ -374,7 +389,7 @@ pub(crate) async fn raising_the_limit_wakes_waiters_and_lowering_it_drains<S: St
     );
     let late = {
         let lim = lim.clone();
-        tokio::spawn(async move { lim.acquire(wait(1_500)).await })
+        tokio::spawn(async move { lim.acquire(wait(WAIT_MS)).await })
     };
     until(&lim, "late waiter queued", |s| s.waiting == 1).await;
     held.pop();
@@ -394,7 +409,7 @@ pub(crate) async fn deleting_a_limiter_answers_its_waiters<S: Store>(gate: Flood
     let p = lim.acquire(wait(0)).await.unwrap();
     let waiter = {
         let lim = lim.clone();
-        tokio::spawn(async move { lim.acquire(wait(1_500)).await })
+        tokio::spawn(async move { lim.acquire(wait(WAIT_MS)).await })
     };
     until(&lim, "waiter queued", |s| s.waiting == 1).await;
     assert!(gate.delete(&name).await.unwrap());
@@ -784,10 +799,17 @@ pub(crate) async fn the_achieved_rate_matches_the_configured_one<S: Store>(
         sustained <= f64::from(limit),
         "{sustained}/s exceeds {limit}/s"
     );
-    assert!(
-        sustained >= f64::from(limit) * (1.0 - tolerance),
-        "{sustained}/s is more than {tolerance} below {limit}/s"
-    );
+    // Not under-admitting is asserted where the test process cannot be stalled (paused time)
+    // and, on every store, over `schedule`'s offsets below. In real time on Redis a queued
+    // acquire is granted when a timer of the store's client (this process) fires and calls the
+    // script, so a stalled test process lowers the achieved rate without the limiter
+    // under-admitting (64/s of 200/s was seen on a loaded machine).
+    if paused {
+        assert!(
+            sustained >= f64::from(limit) * (1.0 - tolerance),
+            "{sustained}/s is more than {tolerance} below {limit}/s"
+        );
+    }
     let store: Vec<(u64, u64)> = log.iter().map(|s| (s.store_us, s.tokens)).collect();
     assert_windows("long run", &store, u64::from(burst), rate.interval_us(), 0);
 
@@ -840,7 +862,7 @@ pub(crate) async fn schedule_reserves_tokens_ahead_of_acquires<S: Store>(
             "{hint:?} after {elapsed:?}"
         );
     }
-    let p = lim.acquire(wait(2_000)).await.unwrap();
+    let p = lim.acquire(wait(WAIT_MS)).await.unwrap();
     let waited = start.elapsed();
     // The store granted it at least 8 intervals after it computed the offsets, which was after
     // `start`; its clock and ours run at the same speed (less a millisecond of allowance for a
@@ -973,7 +995,9 @@ pub(crate) async fn unused_reservations_go_back<S: Store>(gate: Floodgate<S>, _p
 /// A rate-only grant holds nothing: lease 0, nothing to release or extend, counted as paced.
 pub(crate) async fn a_rate_only_grant_holds_nothing<S: Store>(gate: Floodgate<S>, _paused: bool) {
     let name = unique("paced");
-    let rate = RateSpec::per(10, Duration::from_secs(1)).with_burst(2);
+    // One token a minute: none comes back during the test, however stalled (at 10/s one did
+    // when the test was stalled for 100 ms, and the third acquire below was granted).
+    let rate = RateSpec::per(1, Duration::from_secs(60)).with_burst(2);
     gate.define(&name, rate_spec(rate)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
     let p = lim.acquire(wait(0)).await.unwrap();
@@ -989,7 +1013,7 @@ pub(crate) async fn a_rate_only_grant_holds_nothing<S: Store>(gate: Floodgate<S>
     // The burst of 2 is spent; the third is refused with the exact time of the next token.
     let err = lim.acquire(wait(0)).await.unwrap_err();
     assert!(err.is_wait_timeout(), "{err:?}");
-    assert!(err.retry_after().unwrap() <= Duration::from_millis(100));
+    assert!(err.retry_after().unwrap() <= Duration::from_secs(60));
     let st = lim.status().await.unwrap();
     assert_eq!((st.in_use, st.holders, st.limit), (0, 0, None));
     let c = st.counters;
@@ -1035,17 +1059,18 @@ pub(crate) async fn a_new_adaptive_range_resets_the_learned_limit<S: Store>(gate
 /// applies at once (the next token is not held back by debt run up at the old rate).
 pub(crate) async fn a_raised_rate_rescales_the_time_owed<S: Store>(gate: Floodgate<S>) {
     let name = unique("rate-raise");
-    // 10/s with burst 1: twenty tokens scheduled put the next one about 2 s ahead.
-    let slow = RateSpec::per(10, Duration::from_secs(1)).with_burst(1);
+    // 1/s with burst 1: twenty tokens scheduled put the next one about 20 s ahead (seconds of
+    // margin for a stalled test; at 10/s, 2 s ahead, half a second of stall failed it).
+    let slow = RateSpec::per(1, Duration::from_secs(1)).with_burst(1);
     gate.define(&name, rate_spec(slow)).await.unwrap();
     let lim = gate.limiter(&name).await.unwrap();
     lim.backend().schedule(20).await.unwrap();
     let err = lim.acquire(wait(0)).await.unwrap_err();
     assert!(
-        err.retry_after().unwrap() > Duration::from_millis(1_500),
+        err.retry_after().unwrap() > Duration::from_secs(15),
         "{err:?}"
     );
-    // 1000/s: the 2 s owed at 100 ms a token become 20 ms at 1 ms a token.
+    // 1000/s: the 20 s owed at 1 s a token become 20 ms at 1 ms a token.
     let fast = RateSpec::per(1_000, Duration::from_secs(1)).with_burst(1);
     gate.define(&name, rate_spec(fast)).await.unwrap();
     match lim.acquire(wait(0)).await {
@@ -1059,7 +1084,7 @@ pub(crate) async fn a_raised_rate_rescales_the_time_owed<S: Store>(gate: Floodga
         }
     }
     // Within a wait far shorter than the old debt, a token is granted.
-    drop(lim.acquire(wait(1_000)).await.unwrap());
+    drop(lim.acquire(wait(WAIT_MS)).await.unwrap());
 }
 
 /// Issue 10: a limiter restored with no state (its state may have been lost) learns before it

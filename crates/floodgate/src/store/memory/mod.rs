@@ -35,6 +35,10 @@ pub const DEFAULT_MAX_LIMITERS: usize = 10_000;
 /// Must be used inside a tokio runtime (each limiter has a timer task).
 pub struct MemoryStore<C: Clock = TokioClock> {
     inner: Arc<Inner<C>>,
+    /// Shared by the user's handles only (the store's own tasks never hold it): when the last
+    /// one is dropped the store is closed and its data directory unlocked at once, whatever
+    /// task still holds `inner` for a moment.
+    handles: Arc<persist::Handles>,
 }
 
 struct Inner<C: Clock> {
@@ -48,7 +52,9 @@ struct Inner<C: Clock> {
     /// it even if it granted faster than one token per microsecond of the clock seed.
     token_floor: std::sync::atomic::AtomicU64,
     /// The write-ahead log and snapshots, when the store is durable (`MemoryStore::open`).
-    persist: Option<persist::Persist>,
+    /// Shared with `MemoryStore::handles` (closed by the last user handle) and the clock-mark
+    /// task.
+    persist: Option<Arc<persist::Persist>>,
 }
 
 impl<C: Clock> Inner<C> {
@@ -63,6 +69,7 @@ impl<C: Clock> Clone for MemoryStore<C> {
     fn clone(&self) -> Self {
         MemoryStore {
             inner: Arc::clone(&self.inner),
+            handles: Arc::clone(&self.handles),
         }
     }
 }
@@ -97,6 +104,7 @@ impl<C: Clock> MemoryStore<C> {
                 token_floor: std::sync::atomic::AtomicU64::new(0),
                 persist: None,
             }),
+            handles: Arc::new(persist::Handles::default()),
         }
     }
 

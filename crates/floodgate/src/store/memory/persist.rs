@@ -91,13 +91,71 @@ impl Persist {
         self.wal.commit_all().await
     }
 
-    /// Flushes and syncs the log and unlocks the directory; nothing is written after it.
+    /// Flushes and syncs the log and unlocks the directory; nothing is written after it. The
+    /// log is closed first (no operation is logged after that moment); then a snapshot or clock
+    /// mark being written is finished (they hold the locks taken here), and later ones find
+    /// the log closed or the directory lock gone and write nothing.
     fn close(&self) {
         self.wal.close();
-        self.lock
+        let _no_snapshot = self
+            .snapshotting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let file = self
+            .lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        if let Some(file) = file {
+            // Unlocked explicitly, not only by closing: a child process forked by another
+            // thread of this process (a `Command`) shares the lock's open file until it execs,
+            // and closing our descriptor alone would leave the directory locked by it.
+            if let Err(e) = file.unlock() {
+                tracing::warn!(error = %e, "cannot unlock the data directory");
+            }
+        }
+    }
+
+    /// Closes the log alone (what `close` does first), for a test that reads the state and
+    /// stops the log in one step while it holds every limiter's lock (`close` itself would
+    /// wait for a snapshot that waits for those locks).
+    #[cfg(test)]
+    pub(super) fn close_log(&self) {
+        self.wal.close();
+    }
+
+    /// Whether [`close`](Self::close) ran.
+    fn is_closed(&self) -> bool {
+        self.lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+    }
+
+    /// Writes the clock mark while the store is open (`None` once closed), under the
+    /// directory lock's mutex: `close` waits for a mark being written and none comes after it
+    /// (the directory may belong to another process by then).
+    fn write_clock_mark(&self, now_us: u64) -> Option<std::io::Result<()>> {
+        let lock = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        lock.as_ref()?;
+        Some(clock_mark::write(&self.dir, now_us))
+    }
+}
+
+/// What the user's handles of a store share (never the store's own tasks): the last one
+/// dropped closes a durable store, so its data directory is unlocked as soon as the last
+/// handle is gone, not when a background task happens to let go of the store.
+#[derive(Default)]
+pub(super) struct Handles {
+    /// The durable store's log and lock; `None` for a store in memory only.
+    persist: Option<Arc<Persist>>,
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        if let Some(p) = &self.persist {
+            p.close();
+        }
     }
 }
 
@@ -145,6 +203,11 @@ impl MemoryStore<WallClock> {
     /// reclaimed at once; queued waiters are not restored (their clients retry).
     ///
     /// Call inside a tokio runtime (each limiter has a timer task).
+    ///
+    /// The directory stays locked (`LOCK`; a second open, here or in another process, fails)
+    /// until [`close`](MemoryStore::close) or until the last clone of the returned store is
+    /// dropped; either unlocks it before returning, so the directory can be opened again at
+    /// once. The store's background tasks (snapshots, clock marks) never keep it locked.
     ///
     /// # Errors
     ///
@@ -199,22 +262,26 @@ impl MemoryStore<WallClock> {
             timer::spawn(&limiter);
             map.insert(name, limiter);
         }
+        let persist = Arc::new(Persist {
+            wal,
+            due: Arc::clone(&due),
+            dir,
+            snapshotting: std::sync::Mutex::new(()),
+            lock: std::sync::Mutex::new(Some(lock)),
+        });
         let inner = Arc::new(Inner {
-            clock,
+            clock: clock.clone(),
             limiters: RwLock::new(map),
             max_limiters: AtomicUsize::new(DEFAULT_MAX_LIMITERS),
             token_floor: AtomicU64::new(recovered.token_floor),
-            persist: Some(Persist {
-                wal,
-                due: Arc::clone(&due),
-                dir,
-                snapshotting: std::sync::Mutex::new(()),
-                lock: std::sync::Mutex::new(Some(lock)),
-            }),
+            persist: Some(Arc::clone(&persist)),
         });
         spawn_snapshots(Arc::downgrade(&inner), due);
-        spawn_clock_marks(Arc::downgrade(&inner));
-        Ok((MemoryStore { inner }, report))
+        spawn_clock_marks(Arc::downgrade(&persist), clock);
+        let handles = Arc::new(Handles {
+            persist: Some(persist),
+        });
+        Ok((MemoryStore { inner, handles }, report))
     }
 }
 
@@ -230,8 +297,11 @@ impl<C: Clock> MemoryStore<C> {
     }
 
     /// Writes and syncs everything logged, and unlocks the data directory: call on shutdown.
-    /// Every later operation that must be logged fails with `Unavailable`. A no-op for a store
-    /// that is not durable.
+    /// Dropping the last clone of the store does the same. A snapshot being taken is finished
+    /// first; nothing is written to the directory after it returns (no snapshot, no clock
+    /// mark), so another store or process may open it at once. Every later operation that must
+    /// be logged fails with `Unavailable`, and [`snapshot_now`](Self::snapshot_now) with an
+    /// error. A no-op for a store that is not durable.
     pub fn close(&self) {
         if let Some(p) = &self.inner.persist {
             p.close();
@@ -247,7 +317,7 @@ fn spawn_snapshots<C: Clock>(inner: Weak<Inner<C>>, due: Arc<Notify>) {
             let Some(strong) = inner.upgrade() else {
                 return;
             };
-            if strong.persist.is_none() {
+            if strong.persist.as_ref().is_none_or(|p| p.is_closed()) {
                 return;
             }
             let result = tokio::task::spawn_blocking(move || take_snapshot(&strong)).await;
@@ -262,21 +332,21 @@ fn spawn_snapshots<C: Clock>(inner: Weak<Inner<C>>, due: Arc<Notify>) {
     });
 }
 
-/// Writes the clock mark once a second while the store lives.
-fn spawn_clock_marks<C: Clock>(inner: Weak<Inner<C>>) {
+/// Writes the clock mark once a second until the store is closed. Holds the store's clock and
+/// log, never the store itself, so it cannot keep a dropped store (and its directory lock)
+/// alive.
+fn spawn_clock_marks<C: Clock>(persist: Weak<Persist>, clock: C) {
     tokio::spawn(async move {
         loop {
-            let Some(strong) = inner.upgrade() else {
+            let Some(strong) = persist.upgrade() else {
                 return;
             };
-            let Some(dir) = strong.persist.as_ref().map(|p| p.dir.clone()) else {
-                return;
-            };
-            let now = strong.clock.now().0;
-            drop(strong);
-            let written = tokio::task::spawn_blocking(move || clock_mark::write(&dir, now)).await;
-            if let Ok(Err(e)) = written {
-                tracing::warn!(error = %e, "cannot write the clock mark");
+            let now = clock.now().0;
+            let written = tokio::task::spawn_blocking(move || strong.write_clock_mark(now)).await;
+            match written {
+                Ok(None) => return,
+                Ok(Some(Err(e))) => tracing::warn!(error = %e, "cannot write the clock mark"),
+                Ok(Some(Ok(()))) | Err(_) => {}
             }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
@@ -357,3 +427,7 @@ fn snapshot_inner<C: Clock>(inner: &Inner<C>, persist: &Persist) -> std::io::Res
     tracing::info!(snapshot = %path.display(), limiters = snap.limiters.len(), "snapshot written");
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "persist_tests.rs"]
+mod tests;

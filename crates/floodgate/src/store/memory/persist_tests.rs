@@ -1,0 +1,96 @@
+//! The data directory's lock follows the user's handles of a durable store, and nothing is
+//! written into the directory once the store is closed: a task of the store that still holds
+//! it, or wakes after `close`, must not keep the lock or write where another store (or
+//! process) now works. Deterministic: the tests hold the store the way its tasks do, or run on
+//! tokio's paused clock, instead of hoping to hit a task's moment.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::take_snapshot;
+use crate::store::memory::{Durability, MemoryStore};
+
+/// The directory's files, sorted, with their contents (so a rewritten file shows).
+fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| {
+            let path = e.expect("entry").path();
+            let body = std::fs::read(&path).expect("read file");
+            (path, body)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn the_last_handle_unlocks_the_directory_even_while_a_task_holds_the_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = MemoryStore::open(Durability::new(dir.path())).expect("open");
+    let clone = store.clone();
+    // What the snapshot task holds while it takes a snapshot (the clock-mark task held the
+    // same for a moment each second: a CI run failed reopening the directory then).
+    let held_by_a_task = Arc::clone(&store.inner);
+    drop(store);
+    assert!(
+        MemoryStore::open(Durability::new(dir.path())).is_err(),
+        "a clone is still open: the directory stays locked"
+    );
+    drop(clone);
+    let (again, _) = MemoryStore::open(Durability::new(dir.path()))
+        .expect("the last handle is gone: the directory is unlocked at once");
+
+    // The old store's task wakes now that another store owns the directory: it writes nothing.
+    let before = files(dir.path());
+    assert!(
+        take_snapshot(&held_by_a_task).is_err(),
+        "a closed store takes no snapshot"
+    );
+    drop(held_by_a_task);
+    assert_eq!(files(dir.path()), before);
+    again.close();
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_clock_mark_is_written_after_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = dir.path().join("clock.json");
+    let (store, _) = MemoryStore::open(Durability::new(dir.path())).expect("open");
+    // The first mark is written at once (a liveness bound only; tokio's clock is paused).
+    for _ in 0..3000 {
+        if mark.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(mark.exists(), "the store writes its clock mark while open");
+    store.close();
+    std::fs::remove_file(&mark).expect("remove the mark");
+    // Ten of the task's one-second ticks on the paused clock (tokio does not move it past a
+    // blocking write in progress), the store still held.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!mark.exists(), "a clock mark was written after close");
+    drop(store);
+}
+
+#[tokio::test]
+async fn close_unlocks_even_while_a_forked_child_shares_the_lock_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = MemoryStore::open(Durability::new(dir.path())).expect("open");
+    // What a child process forked by another thread (a `Command` spawning redis-cli, say) holds
+    // until it execs: the lock file's open file description, through a copy of the descriptor.
+    let child_copy = {
+        let persist = store.inner.persist.as_ref().expect("durable");
+        let lock = persist.lock.lock().expect("lock");
+        lock.as_ref().expect("open").try_clone().expect("dup")
+    };
+    store.close();
+    let (again, _) = MemoryStore::open(Durability::new(dir.path()))
+        .expect("closed: the directory is unlocked whoever shares the descriptor");
+    drop(child_copy);
+    again.close();
+}
