@@ -174,10 +174,13 @@ def main():
         assert TOKEN not in d.current_url
         assert js(d, "return document.cookie") == "", "the session cookie must be HttpOnly"
 
-        # The overview's numbers match the API's status.
+        # The overview's numbers match the API's status. The overview is rendered once a second
+        # (docs/dashboard.md), so the first one the page shows may predate the last holders'
+        # arrival on a loaded machine (CI saw 2/5 with nobody waiting): the next must match.
         api = {l["name"]: l for l in server.call("GET", "/v1/limiters")[1]["limiters"]}
-        assert row(d, "stuck") == [f"{api['stuck']['in_use']}/{api['stuck']['limit']}", str(api["stuck"]["waiting"])], row(d, "stuck")
-        assert row(d, "stuck") == ["5/5", "3"]
+        expected = [f"{api['stuck']['in_use']}/{api['stuck']['limit']}", str(api["stuck"]["waiting"])]
+        assert expected == ["5/5", "3"], expected
+        until(lambda: row(d, "stuck") == expected, f"the overview shows stuck as {expected}")
         assert row(d, "busy")[0].endswith("/4")
         before = js(d, "return window.__fg.overviewUpdates")
         until(lambda: js(d, "return window.__fg.overviewUpdates") >= before + 2, "overview pushed live")
