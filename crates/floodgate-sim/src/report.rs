@@ -138,17 +138,26 @@ pub struct LimiterStats {
     pub increases: u64,
 }
 
-/// `1234.5` s as `20m34s`, `59.0` s as `59.0s`.
+/// `1234.5` s as `20m34s`, `59.0` s as `59.0s`. Rounded to the unit shown before it is split,
+/// so 179.6 s reads `3m00s` (not `2m60s`) and 59.97 s `1m00s` (not `60.0s`).
 pub(crate) fn fmt_secs(s: f64) -> String {
-    if s < 60.0 {
-        format!("{s:.1}s")
-    } else if s < 3600.0 {
-        let m = (s / 60.0).floor();
-        format!("{}m{:02}s", m as u64, (s - m * 60.0).round() as u64)
+    let tenths = (s * 10.0).round();
+    let secs = s.round();
+    if tenths < 600.0 {
+        format!("{:.1}s", tenths / 10.0)
+    } else if secs < 3600.0 {
+        format!(
+            "{}m{:02}s",
+            (secs / 60.0).floor() as u64,
+            (secs % 60.0) as u64
+        )
     } else {
-        let h = (s / 3600.0).floor();
-        let m = ((s - h * 3600.0) / 60.0).round();
-        format!("{}h{:02}m", h as u64, m as u64)
+        let mins = (s / 60.0).round();
+        format!(
+            "{}h{:02}m",
+            (mins / 60.0).floor() as u64,
+            (mins % 60.0) as u64
+        )
     }
 }
 
@@ -362,5 +371,9 @@ mod tests {
         assert_eq!(fmt_secs(5.04), "5.0s");
         assert_eq!(fmt_secs(754.0), "12m34s");
         assert_eq!(fmt_secs(7260.0), "2h01m");
+        assert_eq!(fmt_secs(179.6), "3m00s");
+        assert_eq!(fmt_secs(59.97), "1m00s");
+        assert_eq!(fmt_secs(3599.7), "1h00m");
+        assert_eq!(fmt_secs(7199.0), "2h00m");
     }
 }

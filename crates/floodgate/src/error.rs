@@ -121,7 +121,8 @@ pub enum AcquireError {
 }
 
 impl AcquireError {
-    /// When to try again, for refusals that have an answer to that (wait timeout, full queue).
+    /// When to try again, for refusals that have an answer to that (wait timeout, full queue,
+    /// too many keys).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             AcquireError::Refused(Refusal::WaitTimeout { retry_after })

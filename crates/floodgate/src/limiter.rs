@@ -67,6 +67,37 @@ impl<S: Store> Floodgate<S> {
 
     /// Creates a keyed limiter (a limit per key under the total of `spec`, keys served
     /// fairly) or changes its spec. Acquire from it with [`AcquireOptions::key`].
+    ///
+    /// # Errors
+    ///
+    /// As [`define`](Self::define), and [`StoreError::Invalid`] naming `per_key` when a plain
+    /// limiter of that name exists (delete it first to re-create it keyed), or
+    /// `per_key.concurrency` when no limit is given anywhere (no concurrency and no rate, in
+    /// total or per key).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`define`](Self::define): the change may or may not be made; define again.
+    ///
+    /// ```
+    /// use floodgate::{AcquireOptions, Floodgate, KeyedSpec, LimiterSpec, StoreError};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Floodgate::in_memory();
+    /// gate.define_keyed("orgs", LimiterSpec::concurrency(50), KeyedSpec::per_key(5))
+    ///     .await?;
+    /// let orgs = gate.limiter("orgs").await?;
+    /// let permit = orgs.acquire(AcquireOptions::new().key("org-42")).await?;
+    /// assert_eq!(permit.key(), Some("org-42"));
+    ///
+    /// gate.define("plain", LimiterSpec::concurrency(5)).await?;
+    /// let turned = gate
+    ///     .define_keyed("plain", LimiterSpec::concurrency(5), KeyedSpec::per_key(1))
+    ///     .await;
+    /// assert!(matches!(turned, Err(StoreError::Invalid(f)) if f.field == "per_key"));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn define_keyed(
         &self,
         name: &str,

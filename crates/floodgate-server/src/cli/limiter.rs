@@ -24,7 +24,7 @@ pub(crate) struct SetArgs {
     server: ServerArgs,
     /// The limiter's name.
     name: String,
-    /// Permits out at once (required when creating).
+    /// Permits out at once (required when creating, unless --rate is given).
     #[arg(long)]
     concurrency: Option<u32>,
     /// Default lease, e.g. 5m.
@@ -106,14 +106,13 @@ pub(crate) async fn limiter(cmd: LimiterCommand) -> Result<u8, Failure> {
                 body.insert("max_queue".into(), q.into());
             }
             if let Some((limit, period)) = args.rate {
-                body.insert(
-                    "rate".into(),
-                    serde_json::json!({
-                        "limit": limit,
-                        "period_ms": ms(period),
-                        "burst": args.burst,
-                    }),
-                );
+                let mut rate = serde_json::json!({ "limit": limit, "period_ms": ms(period) });
+                // Left out, not null: the API refuses a null burst, and its default is the
+                // tokens of 20 ms.
+                if let (Some(burst), Some(fields)) = (args.burst, rate.as_object_mut()) {
+                    fields.insert("burst".into(), burst.into());
+                }
+                body.insert("rate".into(), rate);
             }
             if let Some((min, max)) = args.adaptive {
                 body.insert(

@@ -16,8 +16,32 @@ use crate::store::LimiterBackend;
 /// of the request, so one tenant's burst waits in its own queue and tenants share the total
 /// fairly.
 ///
-/// ```ignore
-/// ServiceBuilder::new().layer(KeyedFloodgateLayer::new(orgs, AcquireOptions::new(), |job: &Job| job.org_id.to_string()))
+/// ```
+/// use std::convert::Infallible;
+/// use floodgate::layer::KeyedFloodgateLayer;
+/// use floodgate::{AcquireOptions, Floodgate, KeyedSpec, LimiterSpec};
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+///
+/// struct Job {
+///     org_id: u64,
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let gate = Floodgate::in_memory();
+/// gate.define_keyed("orgs", LimiterSpec::concurrency(50), KeyedSpec::per_key(5))
+///     .await?;
+/// let orgs = gate.limiter("orgs").await?;
+/// let run = service_fn(|job: Job| async move { Ok::<_, Infallible>(job.org_id) });
+/// let service = ServiceBuilder::new()
+///     .layer(KeyedFloodgateLayer::new(orgs, AcquireOptions::new(), |job: &Job| {
+///         job.org_id.to_string()
+///     }))
+///     .service(run);
+/// // Runs while holding one of org 42's 5 permits (and one of the total's 50).
+/// assert_eq!(service.oneshot(Job { org_id: 42 }).await?, 42);
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Debug, Clone)]
 pub struct KeyedFloodgateLayer<B, F> {

@@ -18,9 +18,11 @@ function esc(s) {
 function ms(v) {
   if (v == null || v < 0) return '–';
   if (v < 1) return v.toFixed(2) + ' ms';
-  if (v < 1000) return Math.round(v) + ' ms';
-  if (v < 60000) return (v / 1000).toFixed(1) + ' s';
-  return Math.floor(v / 60000) + 'm' + Math.round((v % 60000) / 1000) + 's';
+  if (v < 999.5) return Math.round(v) + ' ms';
+  if (v < 59950) return (v / 1000).toFixed(1) + ' s';
+  // Rounded to whole seconds before the split: 119.7 s reads 2m00s, not 1m60s.
+  const s = Math.round(v / 1000);
+  return Math.floor(s / 60) + 'm' + String(s % 60).padStart(2, '0') + 's';
 }
 function num(v) { return v == null || v < 0 ? '–' : (Math.round(v * 10) / 10).toString(); }
 
