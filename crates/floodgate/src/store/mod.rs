@@ -116,6 +116,16 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// across keys; see [`crate::core::keyed`]), or changes the spec of one that exists. A
     /// store without keyed limiters (the default) refuses with an error naming the `per_key`
     /// field, so a key is never silently ignored; both stores of this crate have them.
+    ///
+    /// # Errors
+    ///
+    /// As [`put_limiter`](Self::put_limiter); [`StoreError::Invalid`] naming `per_key` when a
+    /// plain limiter of that name exists (delete it first), or `per_key.concurrency` when no
+    /// limit is given anywhere.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`put_limiter`](Self::put_limiter).
     fn put_keyed_limiter(
         &self,
         name: &LimiterName,
@@ -134,6 +144,10 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// # Errors
     ///
     /// As [`put_keyed_limiter`](Self::put_keyed_limiter).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`put_limiter`](Self::put_limiter).
     fn restore_keyed_limiter(
         &self,
         name: &LimiterName,
@@ -231,6 +245,10 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// and the total (docs/learning.md). A store without keyed re-adoption ignores the key.
     ///
     /// # Errors
+    ///
+    /// As [`extend`](Self::extend).
+    ///
+    /// # Cancel safety
     ///
     /// As [`extend`](Self::extend).
     fn extend_keyed(
@@ -347,6 +365,15 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// Like [`schedule`](Self::schedule), against the total's and `key`'s rates; its
     /// reservation is given back with [`unschedule`](Self::unschedule) like a plain one's
     /// (the total's and the key's tokens together).
+    ///
+    /// # Errors
+    ///
+    /// As [`schedule`](Self::schedule), and [`StoreError::Invalid`] naming `key` on a limiter
+    /// that is not keyed (or a store without keyed limiters).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`schedule`](Self::schedule): not cancel-safe.
     fn schedule_keyed(
         &self,
         key: &str,
@@ -357,6 +384,16 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     }
 
     /// Sets (or with `None` removes) one key's override of a keyed limiter.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] naming `key` on a limiter that is not keyed (or a store without
+    /// keyed limiters), or the override's field out of range; [`StoreError::UnknownLimiter`],
+    /// [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// A dropped call may or may not have set it; it is idempotent: call again.
     fn put_key(
         &self,
         key: &str,
@@ -367,6 +404,14 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     }
 
     /// A keyed limiter's keys (count and up to `limit` busiest); `None` for a plain limiter.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UnknownLimiter`], [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     fn keys(
         &self,
         limit: usize,
@@ -378,6 +423,14 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// [`feedback`](Self::feedback) with the call's latency (its start to its answer), which a
     /// latency-aware (`gradient`) adaptive limit uses. A store that does not override it drops
     /// the latency (the default), so adding this method breaks no store.
+    ///
+    /// # Errors
+    ///
+    /// As [`feedback`](Self::feedback).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`feedback`](Self::feedback).
     fn feedback_with_latency(
         &self,
         outcome: Feedback,
