@@ -308,7 +308,9 @@ impl<B: LimiterBackend> Limiter<B> {
     }
 
     /// Waits in FIFO order for permits: never overtakes an earlier acquire, and is woken (not
-    /// polled) when its turn comes.
+    /// polled) when its turn comes. On a keyed limiter ([`AcquireOptions::key`]) the order is
+    /// FIFO within the key, and keys waiting for the total share it in weighted round robin,
+    /// so an acquire may pass an earlier one of another key.
     ///
     /// # Errors
     ///
@@ -318,8 +320,11 @@ impl<B: LimiterBackend> Limiter<B> {
     /// [`Refusal::QueueFull`](crate::Refusal::QueueFull) when the queue is at `max_queue`,
     /// [`Refusal::PermitsExceedLimit`](crate::Refusal::PermitsExceedLimit) for more permits
     /// than could ever be granted, [`Refusal::Invalid`](crate::Refusal::Invalid) for a lease
-    /// out of range, [`Refusal::LimiterDeleted`](crate::Refusal::LimiterDeleted) when the
-    /// limiter was deleted during the wait; [`AcquireError::Store`] when the store failed.
+    /// out of range (or naming `key`: a keyed limiter's acquire without one, a plain
+    /// limiter's with one), [`Refusal::TooManyKeys`](crate::Refusal::TooManyKeys) when a keyed
+    /// limiter already tracks `max_keys` keys and this one is new (with a retry-after),
+    /// [`Refusal::LimiterDeleted`](crate::Refusal::LimiterDeleted) when the limiter was
+    /// deleted during the wait; [`AcquireError::Store`] when the store failed.
     ///
     /// # Cancel safety
     ///
