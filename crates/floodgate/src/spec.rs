@@ -407,7 +407,10 @@ impl LimiterSpec {
                 ));
             }
             if a.increase == 0 || a.increase > MAX_CONCURRENCY {
-                return Err(InvalidField::new("adaptive.increase", "must be at least 1"));
+                return Err(InvalidField::new(
+                    "adaptive.increase",
+                    format!("must be from 1 to {MAX_CONCURRENCY}"),
+                ));
             }
             if !(a.decrease > 0.0 && a.decrease < 1.0) {
                 return Err(InvalidField::new(
