@@ -395,3 +395,79 @@ async fn a_plain_acquire_that_revives_waits_on_the_new_incarnation() {
 async fn a_keyed_acquire_that_revives_waits_on_the_new_incarnation() {
     an_acquire_that_revives_waits_on_the_new_incarnation(true).await;
 }
+
+/// The later of two revivers registers the limiter in the listing set too: the first may die
+/// between its revival `put` and its `register` (simulated by taking the name out of the set
+/// by hand at that point), and the later one's `put` answers `revived`. Before, only the first
+/// registered, and `list_limiters` never showed the revived limiter again.
+async fn a_limiter_revived_by_another_caller_is_listed(keyed: bool) {
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let a = gate(server.url(), Duration::from_secs(60)).await;
+    let b = gate(relay.url(), Duration::from_secs(60)).await;
+    let spec = LimiterSpec::concurrency(2).with_max_wait(Duration::from_secs(60));
+    if keyed {
+        a.define_keyed("listed", spec, KeyedSpec::per_key(1))
+            .await
+            .unwrap();
+    } else {
+        a.define("listed", spec).await.unwrap();
+    }
+    let (la, lb) = (
+        a.limiter("listed").await.unwrap(),
+        b.limiter("listed").await.unwrap(),
+    );
+    // B knows it from reading it (a keyed limiter's definition from its keys view).
+    lb.status().await.unwrap();
+    if keyed {
+        lb.backend().keys(5).await.unwrap().unwrap();
+    }
+    let listed = |statuses: Vec<floodgate::LimiterStatus>| {
+        statuses.iter().any(|s| s.name.as_str() == "listed")
+    };
+    assert!(listed(b.limiters().await.unwrap()));
+
+    let redis_cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &server.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    redis_cli(&["flushall"]);
+    // B finds the limiter gone; its revival is held on the way to Redis.
+    relay.arm();
+    let b_status = {
+        let lb = lb.clone();
+        tokio::spawn(async move { lb.status().await })
+    };
+    until("B's revival is held", || relay.holds(REVIVE_ARG)).await;
+    // A revives it first, then "dies" before its register: the name leaves the set.
+    assert!(la.status().await.unwrap().learning);
+    redis_cli(&["srem", "fg:limiters", "listed"]);
+    assert!(
+        !listed(a.limiters().await.unwrap()),
+        "the winner's registration was undone (the test is not vacuous)"
+    );
+
+    // B's revival answers `revived`: B registers it all the same.
+    relay.release();
+    let st = outcome("B's status", b_status).await.unwrap();
+    assert!(st.learning, "{st:?}");
+    assert!(
+        listed(a.limiters().await.unwrap()),
+        "the limiter revived by another caller is not listed"
+    );
+    assert!(listed(b.limiters().await.unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_limiter_revived_by_another_caller_is_listed() {
+    a_limiter_revived_by_another_caller_is_listed(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_limiter_revived_by_another_caller_is_listed() {
+    a_limiter_revived_by_another_caller_is_listed(true).await;
+}
