@@ -138,7 +138,8 @@ class ServerProcess:
             env.pop("FLOODGATE_TOKEN", None)
             env["FLOODGATE_LOG_FORMAT"] = "json"
             # Warnings and up, and the line saying where it listens.
-            env["FLOODGATE_LOG"] = env.get("FLOODGATE_LOG", "warn") + ",floodgate_server::cli::serve=info"
+            levels = env.get("FLOODGATE_LOG") or "warn"
+            env["FLOODGATE_LOG"] = levels + ",floodgate_server::cli::serve=info"
             self.proc = subprocess.Popen(
                 [self.binary, "serve", "--listen", "127.0.0.1:{}".format(wanted)] + self.extra,
                 stdout=log, stderr=subprocess.STDOUT, env=env,
