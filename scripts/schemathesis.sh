@@ -26,7 +26,6 @@ fi
 cargo build -q -p floodgate-cli
 BIN="$ROOT/target/debug/floodgate"
 WORK="$(mktemp -d)"
-PORT="$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 # Limiters the generated names may hit; short waits so long polls end quickly.
 cat > "$WORK/floodgate.toml" <<TOML
 [limiters.x]
@@ -36,23 +35,44 @@ max_wait_ms = 20
 rate = { limit = 100, period_ms = 1000 }
 max_wait_ms = 20
 TOML
-"$BIN" serve --listen "127.0.0.1:$PORT" --config "$WORK/floodgate.toml" >"$WORK/server.log" 2>&1 &
+# The server binds port 0 itself and reports the address in its "floodgate listening" log line
+# (JSON logs), so no port is picked and released for another process to take in between.
+FLOODGATE_LOG_FORMAT=json FLOODGATE_LOG=info \
+  "$BIN" serve --listen 127.0.0.1:0 --config "$WORK/floodgate.toml" >"$WORK/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
-# Up to a minute for the server to answer (a liveness bound for a loaded machine), else stop here
-# with its log rather than let schemathesis fail on a refused connection.
+# Up to a minute for the server to listen and answer (a liveness bound for a loaded machine),
+# else stop here with its log rather than let schemathesis fail on a refused connection.
+ADDR=""
 READY=""
 for _ in $(seq 600); do
-  if "$VENV/bin/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/healthz')" 2>/dev/null; then READY=1; break; fi
+  if [ -z "$ADDR" ]; then
+    ADDR="$("$VENV/bin/python" - "$WORK/server.log" <<'PY'
+import json, sys
+for line in open(sys.argv[1], errors="replace"):
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        continue
+    if entry.get("message") == "floodgate listening":
+        print(entry["local"])
+        break
+PY
+)"
+  fi
+  if [ -n "$ADDR" ] && "$VENV/bin/python" -c "import urllib.request; urllib.request.urlopen('http://$ADDR/healthz')" 2>/dev/null; then READY=1; break; fi
+  kill -0 $SERVER 2>/dev/null || break
   sleep 0.1
 done
 if [ -z "$READY" ]; then
-  echo "floodgate serve never answered on 127.0.0.1:$PORT" >&2
+  echo "floodgate serve never answered (address: ${ADDR:-none reported})" >&2
   cat "$WORK/server.log" >&2
   exit 1
 fi
 
 echo "== schemathesis $SCHEMATHESIS: every check, $EXAMPLES examples per operation, seed $SEED"
-"$VENV/bin/st" --config-file scripts/schemathesis.toml run docs/openapi.yaml --url "http://127.0.0.1:$PORT" \
-  --checks all --max-examples "$EXAMPLES" --seed "$SEED" \
-  --generation-database none --workers 1 --request-timeout 10 --no-color --warnings off
+# Hypothesis's own files go under target/ too (the crash files: scripts/schemathesis.toml).
+HYPOTHESIS_STORAGE_DIRECTORY="$ROOT/target/hypothesis" \
+  "$VENV/bin/st" --config-file scripts/schemathesis.toml run docs/openapi.yaml --url "http://$ADDR" \
+    --checks all --max-examples "$EXAMPLES" --seed "$SEED" \
+    --generation-database none --workers 1 --request-timeout 10 --no-color --warnings off

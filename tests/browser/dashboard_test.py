@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,21 +32,35 @@ TOKEN = "browser-test-token"
 PATIENCE = 30.0  # seconds a bounded wait may take before the test fails
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, token=None):
-        self.port = free_port()
-        args = [BIN, "serve", "--listen", f"127.0.0.1:{self.port}", "--max-limiters", "5000"]
+        # The server binds port 0 itself and says where in its "floodgate listening" log line
+        # (JSON logs): no port is picked and released here for another process to take first.
+        self.log = tempfile.NamedTemporaryFile(prefix="fg-browser-serve-", suffix=".log", delete=False)
+        args = [BIN, "serve", "--listen", "127.0.0.1:0", "--max-limiters", "5000"]
         if token:
             args += ["--token", token]
         self.token = token
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ, FLOODGATE_LOG_FORMAT="json", FLOODGATE_LOG="warn,floodgate_server::cli::serve=info")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log, env=env)
+        self.port = until(self.listening, "server listening")
         until(lambda: self.ready(), "server ready")
+
+    def listening(self):
+        """The port of the "floodgate listening" log line, once written (fails if it exited)."""
+        if self.proc.poll() is not None:
+            with open(self.log.name, errors="replace") as f:
+                raise AssertionError("floodgate serve exited:\n" + f.read())
+        with open(self.log.name, errors="replace") as f:
+            lines = f.readlines()
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("message") == "floodgate listening":
+                return int(entry["local"].rsplit(":", 1)[1])
+        return None
 
     def ready(self):
         try:
@@ -72,6 +85,8 @@ class Server:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        self.log.close()
+        os.unlink(self.log.name)
 
 
 def until(cond, what, patience=PATIENCE):

@@ -1,7 +1,10 @@
 """Fixtures: the real floodgate server binary (built with cargo when missing) and redis-server,
 each started on a free loopback port and stopped at the end."""
 
+import contextlib
+import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,11 +25,53 @@ REPO_ROOT = CLIENT_DIR.parent.parent
 MakeLimiter = Callable[..., str]
 
 
+# The lowest port `free_port` draws: above the well-known and most registered services' ports.
+FIRST_PORT = 10_000
+
+
+def ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default when it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A port that was free a moment ago (the server cannot report a port-0 choice)."""
+    """A loopback port that was free just now (bound and released), for a process that cannot
+    bind port 0 and report its choice (redis-server; a server restarted on the same port).
+
+    Drawn at random below the kernel's ephemeral range, as the Rust tests' ports.rs does: the
+    kernel never hands such a port to a ``bind(0)`` or an outgoing connection, so neither can
+    take it between this probe and the child's bind, nor can a client reconnecting while the
+    server is down be given it as its own port (and connect to itself). A process that binds
+    a fixed port there anyway makes the child exit, and the callers then try another port."""
+    end = ephemeral_start()
+    if end > FIRST_PORT + 1000:
+        draw = random.SystemRandom()
+        for _ in range(1000):
+            port = draw.randrange(FIRST_PORT, end)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    # No room below the ephemeral range (an unusual kernel setting): any free port.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port nothing listens on for as long as the block runs: a socket is bound to
+    it and never listens, so a connection is refused and no other process can bind it (a port
+    bound and released could be taken by another test's server in between)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
@@ -56,14 +101,26 @@ def floodgate_binary() -> str:
 
 
 class ServerProcess:
-    """``floodgate serve`` on a free port, with its log in a file."""
+    """``floodgate serve`` on a free port, with its log (JSON lines) in a file.
 
-    def __init__(self, binary: str, log_dir: Path, extra: Optional[List[str]] = None) -> None:
+    It binds port 0 itself and the address is read from its "floodgate listening" log line,
+    so no port is picked here for another process to take first. ``restartable`` servers (a
+    test kills one and starts it again on the same address) take a port from ``free_port``
+    instead, below the ephemeral range: a client reconnecting to an ephemeral port while no
+    server listens there could be given that port as its own."""
+
+    def __init__(self, binary: str, log_dir: Path, extra: Optional[List[str]] = None,
+                 restartable: bool = False) -> None:
         self.binary = binary
         self.extra = list(extra or [])
-        self.log_path = log_dir / "floodgate-{}.log".format(uuid.uuid4().hex[:8])
+        self.log_dir = log_dir
+        self.restartable = restartable
+        self.log_path = self._new_log_path()
         self.proc: Optional["subprocess.Popen[bytes]"] = None
         self.port = 0
+
+    def _new_log_path(self) -> Path:
+        return self.log_dir / "floodgate-{}.log".format(uuid.uuid4().hex[:8])
 
     @property
     def url(self) -> str:
@@ -72,26 +129,48 @@ class ServerProcess:
     def start(self, port: Optional[int] = None) -> "ServerProcess":
         """Starts the server on a free port, or on ``port`` (a restart on the same address)."""
         last_error = ""
-        for _ in range(5):  # the free port may be taken between the probe and the bind
-            self.port = port or free_port()
+        for _ in range(5):  # a fixed port may be taken by another process: try another one
+            wanted = port or (free_port() if self.restartable else 0)
+            # A log of its own per start: the listening line read is this process's.
+            self.log_path = self._new_log_path()
             log = open(self.log_path, "ab")
             env = dict(os.environ)
             env.pop("FLOODGATE_TOKEN", None)
-            env.setdefault("FLOODGATE_LOG", "warn")
+            env["FLOODGATE_LOG_FORMAT"] = "json"
+            # Warnings and up, and the line saying where it listens.
+            levels = env.get("FLOODGATE_LOG") or "warn"
+            env["FLOODGATE_LOG"] = levels + ",floodgate_server::cli::serve=info"
             self.proc = subprocess.Popen(
-                [self.binary, "serve", "--listen", "127.0.0.1:{}".format(self.port)]
-                + self.extra,
+                [self.binary, "serve", "--listen", "127.0.0.1:{}".format(wanted)] + self.extra,
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )
             log.close()
-            probe = Floodgate(self.url, timeout=0.5, retries=0)
-            # (The lambda runs within this iteration, so it sees this `probe`.)
-            if wait_until(lambda: probe.healthy() or self.proc.poll() is not None, 20.0):  # noqa: B023
-                if self.proc.poll() is None:
-                    return self
+            if wait_until(lambda: self._listening() is not None or self.proc.poll() is not None,
+                          30.0) and self.proc.poll() is None:
+                self.port = self._listening() or 0
+                probe = Floodgate(self.url, timeout=0.5, retries=0)
+                # (The lambda runs within this iteration, so it sees this `probe`.)
+                if wait_until(lambda: probe.healthy() or self.proc.poll() is not None, 20.0):  # noqa: B023
+                    if self.proc.poll() is None:
+                        return self
             last_error = self.log_path.read_text(errors="replace")[-2000:]
             self.stop()
         raise RuntimeError("floodgate serve did not start:\n" + last_error)
+
+    def _listening(self) -> Optional[int]:
+        """The port of this start's "floodgate listening" log line, once it is written."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("message") == "floodgate listening":
+                return int(str(entry["local"]).rsplit(":", 1)[1])
+        return None
 
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill would; the port stays as it was."""
@@ -116,6 +195,7 @@ class RedisProcess:
     """``redis-server`` on a free port, no persistence."""
 
     def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
         self.log_path = log_dir / "redis-{}.log".format(uuid.uuid4().hex[:8])
         self.proc: Optional["subprocess.Popen[bytes]"] = None
         self.port = 0
@@ -129,8 +209,11 @@ class RedisProcess:
         if binary is None:
             pytest.fail("redis-server is not installed (apt-get install redis-server); "
                         "run_tests.sh installs it when run as root")
-        for _ in range(5):
+        for _ in range(5):  # the port may be taken by another process: try another one
             self.port = free_port()
+            # A log of its own per try: its "Ready to accept connections" says this process
+            # listens (a PONG alone could come from someone else's server on that port).
+            self.log_path = self.log_dir / "redis-{}.log".format(uuid.uuid4().hex[:8])
             log = open(self.log_path, "ab")
             self.proc = subprocess.Popen(
                 [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -138,12 +221,19 @@ class RedisProcess:
                 stdout=log, stderr=subprocess.STDOUT,
             )
             log.close()
-            if wait_until(lambda: self._ping() or self.proc.poll() is not None, 10.0):
+            if wait_until(lambda: self._ready() or self.proc.poll() is not None, 30.0):
                 if self.proc.poll() is None:
                     return self
             self.stop()
         raise RuntimeError("redis-server did not start:\n"
                            + self.log_path.read_text(errors="replace")[-2000:])
+
+    def _ready(self) -> bool:
+        try:
+            ready = "Ready to accept connections" in self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return ready and self._ping()
 
     def _ping(self) -> bool:
         try:

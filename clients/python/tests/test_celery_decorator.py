@@ -2,7 +2,6 @@
 stand-in for Celery's bound ``self`` (its ``request`` and ``retry``). The real worker runs in
 test_celery_e2e.py."""
 
-import socket
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
@@ -12,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from floodgate import Floodgate, Unavailable, UnknownLimiter, WaitTimeout
-from conftest import ServerProcess, wait_until
+from conftest import ServerProcess, closed_port, wait_until
 from floodgate.celery import (
     THROTTLE_RETRIES,
     UNAVAILABLE_RETRIES,
@@ -167,32 +166,30 @@ def test_limiter_name_from_the_arguments(fg: Floodgate, limiter: MakeLimiter) ->
     assert len(tokens) == 1 and fg.limiter(name)["counters"]["granted"] == 1
 
 
-def test_floodgate_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    down = Floodgate("http://127.0.0.1:{}".format(port), retries=0)
-    ran: List[Optional[object]] = []
+def test_floodgate_unreachable() -> None:
+    # Nothing listens on the port while the block runs (and nobody else can bind it).
+    with closed_port() as port:
+        down = Floodgate("http://127.0.0.1:{}".format(port), retries=0)
+        ran: List[Optional[object]] = []
 
-    def body(self: Any) -> str:
-        ran.append(current_permit())
-        return "done"
+        def body(self: Any) -> str:
+            ran.append(current_permit())
+            return "done"
 
-    with pytest.raises(RetryCalled) as info:
-        limited("x", client=down, backoff=0.5)(body)(BoundTask())
-    assert isinstance(info.value.kwargs["exc"], Unavailable)
-    assert info.value.kwargs["headers"] == {UNAVAILABLE_RETRIES: 1}
-    assert 0 <= info.value.kwargs["countdown"] <= 0.5
-    with pytest.raises(Unavailable):
-        limited("x", client=down, on_unavailable="raise")(body)(BoundTask())
-    with pytest.raises(Unavailable):
-        limited("x", client=down, unavailable_max_retries=2)(body)(
-            BoundTask({UNAVAILABLE_RETRIES: 2}))
-    assert limited("x", client=down, on_unavailable="run")(body)(BoundTask()) == "done"
-    assert ran == [None]  # ran without a permit (fail open)
-    with pytest.raises(ValueError):
-        limited("x", on_unavailable="sometimes")
+        with pytest.raises(RetryCalled) as info:
+            limited("x", client=down, backoff=0.5)(body)(BoundTask())
+        assert isinstance(info.value.kwargs["exc"], Unavailable)
+        assert info.value.kwargs["headers"] == {UNAVAILABLE_RETRIES: 1}
+        assert 0 <= info.value.kwargs["countdown"] <= 0.5
+        with pytest.raises(Unavailable):
+            limited("x", client=down, on_unavailable="raise")(body)(BoundTask())
+        with pytest.raises(Unavailable):
+            limited("x", client=down, unavailable_max_retries=2)(body)(
+                BoundTask({UNAVAILABLE_RETRIES: 2}))
+        assert limited("x", client=down, on_unavailable="run")(body)(BoundTask()) == "done"
+        assert ran == [None]  # ran without a permit (fail open)
+        with pytest.raises(ValueError):
+            limited("x", on_unavailable="sometimes")
 
 
 def test_unknown_limiter_is_retried_never_dropped(fg: Floodgate) -> None:

@@ -19,7 +19,7 @@ from floodgate import (
     UnknownLimiter,
 )
 
-from conftest import MakeLimiter, ServerProcess, wait_until
+from conftest import MakeLimiter, ServerProcess, closed_port, wait_until
 
 
 # -- bad input: each answered with the server's own message ---------------------------------
@@ -150,16 +150,13 @@ def test_connection_errors_are_retried_then_unavailable() -> None:
 
 
 def test_nothing_listening_is_unavailable() -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    fg = Floodgate("http://127.0.0.1:{}".format(port), retries=2, backoff=0.05)
-    started = time.monotonic()
-    with pytest.raises(Unavailable):
-        fg.limiters()
-    assert time.monotonic() - started >= 0.05  # two backoffs of at least half their delay
-    assert not fg.healthy()
+    with closed_port() as port:
+        fg = Floodgate("http://127.0.0.1:{}".format(port), retries=2, backoff=0.05)
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            fg.limiters()
+        assert time.monotonic() - started >= 0.05  # two backoffs of at least half their delay
+        assert not fg.healthy()
 
 
 def test_held_acquire_on_shutdown_is_unavailable(floodgate_bin: str,

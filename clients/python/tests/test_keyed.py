@@ -112,7 +112,10 @@ def test_a_keyed_permit_sends_its_key_on_extend_and_is_readopted_after_a_restart
         "[limiters.orgs]\nconcurrency = 2\nper_key = { concurrency = 1 }\n"
         "max_wait_ms = 60000\n"
     )
-    first = ServerProcess(floodgate_bin, tmp_path, ["--config", str(config)]).start()
+    # Restarted below on the same port: one below the ephemeral range (conftest.free_port).
+    first = ServerProcess(
+        floodgate_bin, tmp_path, ["--config", str(config)], restartable=True
+    ).start()
     try:
         fg = Floodgate(first.url, timeout=5.0, retries=2, backoff=0.05)
         held = fg.acquire("orgs", key="org-a", wait=0, lease=600, heartbeat=False)

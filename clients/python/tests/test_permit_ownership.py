@@ -294,7 +294,11 @@ def test_a_retried_acquire_carries_the_same_request_id(
 def _serve_with(floodgate_bin: str, tmp_path: Path) -> ServerProcess:
     config = tmp_path / "floodgate.toml"
     config.write_text("[limiters.lim]\nconcurrency = 1\nlease_ms = 60000\n")
-    return ServerProcess(floodgate_bin, tmp_path, extra=["--config", str(config)]).start()
+    # Restarted on the same port while the permit's heartbeats reconnect: a port below the
+    # ephemeral range (conftest.free_port).
+    return ServerProcess(
+        floodgate_bin, tmp_path, extra=["--config", str(config)], restartable=True
+    ).start()
 
 
 def test_a_permit_rides_out_a_server_restart(floodgate_bin: str, tmp_path: Path) -> None:

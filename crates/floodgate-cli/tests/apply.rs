@@ -6,44 +6,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod apply_cli;
 #[path = "../../floodgate-server/tests/common/mod.rs"]
 mod common;
 mod proc;
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
-
+use apply_cli::{apply, scratch, stdout};
 use common::{num, Served, PATIENCE, POLL};
 use floodgate::{Floodgate, LimiterSpec};
 use floodgate_server::client::{AcquireArgs, Client};
 use floodgate_server::server::ServerOptions;
 use proc::ServeProcess;
 use serde_json::Value;
-
-/// A scratch directory for one test.
-fn scratch(test: &str) -> PathBuf {
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("apply-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// `floodgate limiter apply -f FILE EXTRA...` against `url`, to completion.
-async fn apply(url: &str, file: &Path, extra: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_floodgate"));
-    cmd.args(["limiter", "apply", "-f"])
-        .arg(file)
-        .args(extra)
-        .env("FLOODGATE_URL", url)
-        .env_remove("FLOODGATE_TOKEN")
-        .kill_on_drop(true);
-    cmd.output().await.unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The server's limiters by name, as the API shows them.
 async fn limiters(client: &Client) -> std::collections::BTreeMap<String, Value> {
@@ -73,7 +47,7 @@ rate = { limit = 100, period_ms = 60000, burst = 5 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_shows_the_difference_applies_it_once_and_prunes_on_request() {
-    let dir = scratch("apply");
+    let dir = scratch("apply-apply");
     let gate = Floodgate::in_memory();
     gate.define("keep", LimiterSpec::concurrency(5))
         .await
@@ -91,15 +65,13 @@ async fn apply_shows_the_difference_applies_it_once_and_prunes_on_request() {
     let url = format!("http://{}", server.addr);
     let client = Client::new(&url, None).unwrap();
     // The adaptive limiter learns a lower limit from a throttle before the apply.
-    let learned: Value = reqwest::Client::new()
-        .post(format!("{url}/v1/limiters/adapt/feedback"))
-        .json(&serde_json::json!({"outcome": "throttled"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, learned) = common::send_json(
+        &common::client(),
+        reqwest::Method::POST,
+        format!("{url}/v1/limiters/adapt/feedback"),
+        serde_json::json!({"outcome": "throttled"}),
+    )
+    .await;
     let learned = num(&learned, "/limit");
     assert!(learned < 6, "the throttle lowered the limit: {learned}");
     let file = dir.join("limits.toml");
@@ -187,7 +159,7 @@ async fn apply_shows_the_difference_applies_it_once_and_prunes_on_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_file_names_the_line_and_applies_nothing() {
-    let dir = scratch("bad");
+    let dir = scratch("apply-bad");
     let gate = Floodgate::in_memory();
     gate.define("keep", LimiterSpec::concurrency(5))
         .await
@@ -226,7 +198,7 @@ async fn a_bad_file_names_the_line_and_applies_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_limits_under_load_without_dropping_a_waiter() {
-    let dir = scratch("hup");
+    let dir = scratch("apply-hup");
     let config = dir.join("floodgate.toml");
     let before = "[limiters.hup]\nconcurrency = 1\n\n[limiters.busy]\nconcurrency = 2\n\n[limiters.gone]\nconcurrency = 1\n";
     std::fs::write(&config, before).unwrap();

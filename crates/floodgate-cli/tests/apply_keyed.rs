@@ -8,18 +8,20 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod apply_cli;
 #[path = "../../floodgate-server/tests/common/mod.rs"]
 mod common;
 mod proc;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
+use apply_cli::{apply, scratch, stdout};
 use common::{num, Served};
 use floodgate::Floodgate;
 use floodgate_server::client::Client;
 use floodgate_server::server::ServerOptions;
 use proc::ServeProcess;
+use reqwest::Method;
 use serde_json::{json, Value};
 
 /// The documented example.
@@ -27,44 +29,18 @@ fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../floodgate.example.toml")
 }
 
-fn scratch(test: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("apply-keyed-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-async fn apply(url: &str, file: &Path, extra: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_floodgate"));
-    cmd.args(["limiter", "apply", "-f"])
-        .arg(file)
-        .args(extra)
-        .env("FLOODGATE_URL", url)
-        .env_remove("FLOODGATE_TOKEN")
-        .kill_on_drop(true);
-    cmd.output().await.unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Acquires with `wait_ms: 0` for `key` until refused; returns how many were granted (the
 /// permits are kept, so the count is the key's limit while the total has room).
 async fn grants_for(url: &str, limiter: &str, key: &str) -> u32 {
-    let http = reqwest::Client::new();
+    let http = common::client();
+    let acquire = format!("{url}/v1/limiters/{limiter}/acquire");
     for n in 0..100 {
-        let resp = http
-            .post(format!("{url}/v1/limiters/{limiter}/acquire"))
-            .json(&json!({"key": key, "wait_ms": 0}))
-            .send()
-            .await
-            .unwrap();
-        if resp.status().as_u16() == 429 {
+        let body = json!({"key": key, "wait_ms": 0});
+        let (code, answer) = common::send_json(&http, Method::POST, &acquire, body).await;
+        if code == 429 {
             return n;
         }
-        assert!(resp.status().is_success(), "{:?}", resp.text().await);
+        assert_eq!(code, 200, "{answer}");
     }
     panic!("no limit for {key}");
 }
@@ -82,7 +58,7 @@ async fn keyed(client: &Client, name: &str) -> (u64, u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limiter_apply_creates_the_example_keyed_limiter_once_and_changes_its_per_key_limit() {
-    let dir = scratch("apply");
+    let dir = scratch("apply-keyed-apply");
     let server = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
     let url = format!("http://{}", server.addr);
     let client = Client::new(&url, None).unwrap();
@@ -165,7 +141,7 @@ async fn limiter_apply_creates_the_example_keyed_limiter_once_and_changes_its_pe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_config_creates_the_example_keyed_limiter_and_refuses_a_bad_one() {
-    let dir = scratch("serve");
+    let dir = scratch("apply-keyed-serve");
     let data = dir.join("data");
     let serve = ServeProcess::start(&[
         "--config",
@@ -193,7 +169,7 @@ async fn serve_config_creates_the_example_keyed_limiter_and_refuses_a_bad_one() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_changed_keyed_table_and_its_overrides() {
-    let dir = scratch("hup");
+    let dir = scratch("apply-keyed-hup");
     let config = dir.join("floodgate.toml");
     std::fs::write(
         &config,

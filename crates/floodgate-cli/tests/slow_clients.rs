@@ -23,6 +23,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{PATIENCE, POLL};
+use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -92,40 +93,20 @@ impl Server {
     }
 
     async fn healthy(&self) -> bool {
-        match self
-            .http
-            .get(format!("http://{}/healthz", self.addr))
-            .send()
-            .await
-        {
-            Ok(r) => r.status() == 200,
-            Err(_) => false,
-        }
+        let url = format!("http://{}/healthz", self.addr);
+        let answer = common::try_request(&self.http, Method::GET, url, None).await;
+        matches!(answer, Ok((200, _)))
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("http://{}{path}", self.addr))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let url = format!("http://{}{path}", self.addr);
+        common::send_json(&self.http, Method::POST, url, body).await
     }
 
     async fn put_limiter(&self, name: &str, body: Value) {
-        let r = self
-            .http
-            .put(format!("http://{}/v1/limiters/{name}", self.addr))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        let url = format!("http://{}/v1/limiters/{name}", self.addr);
+        let (code, answer) = common::send_json(&self.http, Method::PUT, url, body).await;
+        assert_eq!(code, 200, "{answer}");
     }
 
     /// One acquire and its release, both answered.

@@ -11,36 +11,19 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Served, SplitMix64};
+use common::{request, send_json, Served, SplitMix64, Srv};
 use floodgate::{Floodgate, MemoryStore};
 use floodgate_server::server::ServerOptions;
 use serde_json::{json, Value};
 
+/// The real server on the embedded store: it, its base URL and a client.
 async fn serve() -> (Served, String, reqwest::Client) {
-    let served = Served::start(
+    let srv = Srv::serve(
         Floodgate::with_store(MemoryStore::new()),
         ServerOptions::default(),
     )
     .await;
-    let base = format!("http://{}", served.addr);
-    (served, base, reqwest::Client::new())
-}
-
-/// Sends `body` and returns (status, JSON answer).
-async fn send(
-    client: &reqwest::Client,
-    method: reqwest::Method,
-    url: &str,
-    body: Value,
-) -> (u16, Value) {
-    let r = client
-        .request(method, url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    (srv.served, srv.base, srv.http)
 }
 
 #[tokio::test]
@@ -50,7 +33,7 @@ async fn gradient_fields_and_latencies_are_validated_with_400s_naming_them() {
         let client = client.clone();
         let url = format!("{base}/v1/limiters/g");
         async move {
-            send(
+            send_json(
                 &client,
                 reqwest::Method::PUT,
                 &url,
@@ -91,7 +74,7 @@ async fn gradient_fields_and_latencies_are_validated_with_400s_naming_them() {
     assert_eq!(body["adaptive"]["probe_rounds"], 30);
     let feedback = format!("{base}/v1/limiters/g/feedback");
     for latency in [json!(-1), json!(1e12), json!("5")] {
-        let (status, body) = send(
+        let (status, body) = send_json(
             &client,
             reqwest::Method::POST,
             &feedback,
@@ -107,7 +90,7 @@ async fn gradient_fields_and_latencies_are_validated_with_400s_naming_them() {
     // Slow start: with no ceiling known, every success (here with a fractional latency) adds
     // one, once the permits are in use (with half of them idle nothing grows).
     for _ in 0..5 {
-        let (status, grant) = send(
+        let (status, grant) = send_json(
             &client,
             reqwest::Method::POST,
             &format!("{base}/v1/limiters/g/acquire"),
@@ -117,7 +100,7 @@ async fn gradient_fields_and_latencies_are_validated_with_400s_naming_them() {
         assert_eq!(status, 200, "{grant}");
     }
     for want in 6..=8 {
-        let (status, body) = send(
+        let (status, body) = send_json(
             &client,
             reqwest::Method::POST,
             &feedback,
@@ -147,7 +130,7 @@ async fn the_gradient_limit_finds_an_unknown_capacity_through_a_real_server() {
     const WORKERS: u64 = 30;
     const CALLS: u64 = 3_000;
     let (served, base, client) = serve().await;
-    let (status, body) = send(
+    let (status, body) = send_json(
         &client,
         reqwest::Method::PUT,
         &format!("{base}/v1/limiters/backend"),
@@ -170,7 +153,7 @@ async fn the_gradient_limit_finds_an_unknown_capacity_through_a_real_server() {
             tokio::spawn(async move {
                 let mut rng = SplitMix64(i + 1);
                 while done.fetch_add(1, Ordering::SeqCst) < CALLS {
-                    let (status, grant) = send(
+                    let (status, grant) = send_json(
                         &client,
                         reqwest::Method::POST,
                         &format!("{base}/v1/limiters/backend/acquire"),
@@ -191,7 +174,7 @@ async fn the_gradient_limit_finds_an_unknown_capacity_through_a_real_server() {
                         "ok"
                     };
                     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-                    let (status, fb) = send(
+                    let (status, fb) = send_json(
                         &client,
                         reqwest::Method::POST,
                         &format!("{base}/v1/limiters/backend/feedback"),
@@ -201,12 +184,9 @@ async fn the_gradient_limit_finds_an_unknown_capacity_through_a_real_server() {
                     assert_eq!(status, 200, "{fb}");
                     limits.lock().unwrap().push(fb["limit"].as_u64().unwrap());
                     let id = grant["permit_id"].as_str().unwrap();
-                    let r = client
-                        .post(format!("{base}/v1/permits/{id}/release"))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status().as_u16(), 200);
+                    let url = format!("{base}/v1/permits/{id}/release");
+                    let (status, _) = request(&client, reqwest::Method::POST, url, None).await;
+                    assert_eq!(status, 200);
                     if outcome == "throttled" {
                         tokio::time::sleep(Duration::from_micros(rng.between(5_000, 15_000))).await;
                     }
@@ -250,7 +230,7 @@ async fn the_gradient_limit_finds_an_unknown_capacity_through_a_real_server() {
         "too many throttled: {throttled} of {}",
         ok + throttled
     );
-    let (_, status) = send(
+    let (_, status) = send_json(
         &client,
         reqwest::Method::GET,
         &format!("{base}/v1/limiters/backend"),

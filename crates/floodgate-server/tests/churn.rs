@@ -32,16 +32,9 @@ async fn scrape(http: &reqwest::Client, base: &str) -> String {
     resp.text().await.unwrap()
 }
 
+/// [`common::send_json`], answered 200, 404 or 429 (the churn's expected answers).
 async fn call(http: &reqwest::Client, method: reqwest::Method, url: String, body: Value) -> Value {
-    let resp = http
-        .request(method, url)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    let (status, v) = common::send_json(http, method, url, body).await;
     assert!(
         status == 200 || status == 404 || status == 429,
         "{status} {v}"

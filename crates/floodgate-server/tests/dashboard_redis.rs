@@ -8,10 +8,11 @@ mod common;
 #[path = "../../floodgate/tests/support/mod.rs"]
 mod support;
 
-use common::{Served, PATIENCE, POLL};
+use common::{get_json, send_json, Served, PATIENCE, POLL};
 use floodgate::{Floodgate, RedisConfig, RedisStore};
 use floodgate_server::server::ServerOptions;
-use serde_json::{json, Value};
+use reqwest::Method;
+use serde_json::json;
 use support::RedisServer;
 
 async fn server(redis: &RedisServer) -> Served {
@@ -21,37 +22,25 @@ async fn server(redis: &RedisServer) -> Served {
     Served::start(Floodgate::with_store(store), ServerOptions::default()).await
 }
 
-async fn get(http: &reqwest::Client, url: String) -> Value {
-    http.get(url).send().await.unwrap().json().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_server_shows_the_fleet_wide_state() {
     let redis = RedisServer::start();
     let a = server(&redis).await;
     let b = server(&redis).await;
     let (base_a, base_b) = (format!("http://{}", a.addr), format!("http://{}", b.addr));
-    let http = reqwest::Client::new();
-    let put = http
-        .put(format!("{base_a}/v1/limiters/shared"))
-        .json(&json!({"concurrency": 4, "max_wait_ms": 60000}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 200);
+    let http = common::client();
+    let spec = json!({"concurrency": 4, "max_wait_ms": 60000});
+    let url = format!("{base_a}/v1/limiters/shared");
+    assert_eq!(send_json(&http, Method::PUT, url, spec).await.0, 200);
     for label in ["from-a-1", "from-a-2"] {
-        let resp = http
-            .post(format!("{base_a}/v1/limiters/shared/acquire"))
-            .json(&json!({"holder": label, "lease_ms": 60000}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
+        let url = format!("{base_a}/v1/limiters/shared/acquire");
+        let body = json!({"holder": label, "lease_ms": 60000});
+        assert_eq!(send_json(&http, Method::POST, url, body).await.0, 200);
     }
     // Server B never saw these acquires; its sampler reads them from Redis.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let overview = get(&http, format!("{base_b}/dashboard/api/overview")).await;
+        let overview = get_json(&http, format!("{base_b}/dashboard/api/overview")).await;
         let row = overview["limiters"]
             .as_array()
             .unwrap()
@@ -69,7 +58,7 @@ async fn every_server_shows_the_fleet_wide_state() {
         );
         tokio::time::sleep(POLL).await;
     }
-    let page = get(&http, format!("{base_b}/dashboard/api/limiters/shared")).await;
+    let page = get_json(&http, format!("{base_b}/dashboard/api/limiters/shared")).await;
     let mut labels: Vec<&str> = page["holders"]["holders"]
         .as_array()
         .unwrap()
@@ -80,7 +69,7 @@ async fn every_server_shows_the_fleet_wide_state() {
     assert_eq!(labels, ["from-a-1", "from-a-2"]);
     let samples = page["history"]["samples"].as_array().unwrap();
     assert_eq!(samples.last().unwrap()["in_use"], 2, "{page}");
-    let listed = get(
+    let listed = get_json(
         &http,
         format!("{base_b}/v1/limiters/shared/holders?limit=1"),
     )

@@ -11,7 +11,7 @@ mod support;
 
 use std::time::Duration;
 
-use common::{num, Served, PATIENCE, POLL};
+use common::{get_json, num, send_json, Served, Srv, PATIENCE, POLL};
 use floodgate::{Floodgate, RedisConfig, RedisStore, Store};
 use floodgate_server::server::ServerOptions;
 use serde_json::{json, Value};
@@ -38,17 +38,15 @@ async fn start_on_redis() -> (Served, String, reqwest::Client, RedisServer) {
 }
 
 async fn start_on<S: Store>(gate: Floodgate<S>) -> (Served, String, reqwest::Client) {
-    let served = Served::start(gate, ServerOptions::default()).await;
-    let base = format!("http://{}", served.addr);
-    let http = reqwest::Client::new();
-    let r = http
-        .put(format!("{base}/v1/limiters/one"))
-        .json(&json!({"concurrency": 1, "max_wait_ms": 60000}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
-    (served, base, http)
+    let srv = Srv::serve(gate, ServerOptions::default()).await;
+    let (code, body) = srv
+        .put(
+            "/v1/limiters/one",
+            json!({"concurrency": 1, "max_wait_ms": 60000}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    (srv.served, srv.base, srv.http)
 }
 
 /// Where the acquire `send_and_vanish` sends has got to when the connection is dropped.
@@ -73,7 +71,7 @@ async fn send_and_vanish(addr: std::net::SocketAddr, body: &Value, base: &str, a
     sock.write_all(request.as_bytes()).await.unwrap();
     sock.flush().await.unwrap();
     // Hold the connection until the server has the acquire (granted or queued), then vanish.
-    let http = reqwest::Client::new();
+    let http = common::client();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let s = status(&http, base).await;
@@ -94,23 +92,20 @@ async fn send_and_vanish(addr: std::net::SocketAddr, body: &Value, base: &str, a
 }
 
 async fn status(http: &reqwest::Client, base: &str) -> Value {
-    http.get(format!("{base}/v1/limiters/one"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(http, format!("{base}/v1/limiters/one")).await
 }
 
 async fn acquire(http: &reqwest::Client, base: &str, body: Value) -> (u16, Value) {
-    let r = http
-        .post(format!("{base}/v1/limiters/one/acquire"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    let url = format!("{base}/v1/limiters/one/acquire");
+    send_json(http, reqwest::Method::POST, url, body).await
+}
+
+/// Releases the permit `grant` (an acquire's answer) names.
+async fn release(http: &reqwest::Client, base: &str, grant: &Value) {
+    let id = grant["permit_id"].as_str().unwrap();
+    let url = format!("{base}/v1/permits/{id}/release");
+    let (code, body) = send_json(http, reqwest::Method::POST, url, json!({})).await;
+    assert_eq!(code, 200, "{body}");
 }
 
 #[tokio::test]
@@ -192,12 +187,7 @@ async fn retry_joins(served: Served, base: String, http: reqwest::Client) {
         0,
         "{s}"
     );
-    let id = holder["permit_id"].as_str().unwrap();
-    http.post(format!("{base}/v1/permits/{id}/release"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    release(&http, &base, &holder).await;
     let (code, permit) = retry.await.unwrap();
     assert_eq!(code, 200, "{permit}");
     let s = status(&http, &base).await;
@@ -228,12 +218,7 @@ async fn grant_nobody_waits_for(served: Served, base: String, http: reqwest::Cli
         Vanish::Queued,
     )
     .await;
-    let id = holder["permit_id"].as_str().unwrap();
-    http.post(format!("{base}/v1/permits/{id}/release"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    release(&http, &base, &holder).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let s = status(&http, &base).await;

@@ -11,7 +11,7 @@ mod common;
 #[path = "../../floodgate/tests/support/mod.rs"]
 mod support;
 
-use common::Served;
+use common::{send_json, Served};
 use floodgate::{Floodgate, RedisConfig, RedisStore};
 use floodgate_server::server::ServerOptions;
 use serde_json::{json, Value};
@@ -41,15 +41,6 @@ macro_rules! on_both_stores {
     };
 }
 
-async fn call(
-    http: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    body: Value,
-) -> (u16, Value) {
-    common::request(http, method, url, Some(body)).await
-}
-
 on_both_stores!(
     a_rate_only_keyed_limiter_paces_each_key_under_the_total,
     a_rate_only_keyed_limiter_paces_each_key_under_the_total_on_redis,
@@ -65,14 +56,14 @@ async fn paces_each_key_under_the_total(served: &Served) {
         "rate": {"limit": 1000, "period_ms": 60000, "burst": 3},
         "per_key": {"rate": {"limit": 1, "period_ms": 60000, "burst": 2}},
     });
-    let (status, body) = call(&http, put.clone(), format!("{base}/pace"), spec).await;
+    let (status, body) = send_json(&http, put.clone(), format!("{base}/pace"), spec).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["concurrency"], Value::Null, "{body}");
 
     let acquire = |key: &str| {
         let (http, url) = (http.clone(), format!("{base}/pace/acquire"));
         let body = json!({"key": key, "wait_ms": 0});
-        async move { call(&http, reqwest::Method::POST, url, body).await }
+        async move { send_json(&http, reqwest::Method::POST, url, body).await }
     };
     // Key a: its burst of 2, then its own rate refuses (the total still has room).
     assert_eq!(acquire("org-a").await.0, 200);
@@ -85,7 +76,7 @@ async fn paces_each_key_under_the_total(served: &Served) {
     assert_eq!(acquire("org-c").await.0, 429);
 
     // Paced grants hold nothing.
-    let (_, status) = call(
+    let (_, status) = send_json(
         &http,
         reqwest::Method::GET,
         format!("{base}/pace"),
@@ -97,7 +88,7 @@ async fn paces_each_key_under_the_total(served: &Served) {
     assert_eq!(status["keyed"]["per_key"]["rate"]["limit"], 1, "{status}");
 
     // An override may set a weight; a concurrency would mean nothing without holders.
-    let (status, body) = call(
+    let (status, body) = send_json(
         &http,
         put.clone(),
         format!("{base}/pace/keys/org-a"),
@@ -105,7 +96,7 @@ async fn paces_each_key_under_the_total(served: &Served) {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = call(
+    let (status, body) = send_json(
         &http,
         put.clone(),
         format!("{base}/pace/keys/org-a"),
@@ -120,7 +111,7 @@ async fn paces_each_key_under_the_total(served: &Served) {
 
     // A keyed limiter with no limit at all (no per-key rate either) is refused, naming a field.
     let nothing = json!({"per_key": {}, "max_keys": 10});
-    let (status, body) = call(&http, put, format!("{base}/nothing"), nothing).await;
+    let (status, body) = send_json(&http, put, format!("{base}/nothing"), nothing).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], "invalid_request", "{body}");
     assert!(
@@ -145,7 +136,7 @@ async fn paces_each_key_with_no_total(served: &Served) {
     let base = format!("http://{}/v1/limiters", served.addr);
     let http = common::client();
     let spec = json!({"per_key": {"rate": {"limit": 1, "period_ms": 60000, "burst": 2}}});
-    let (status, body) = call(&http, reqwest::Method::PUT, format!("{base}/keys"), spec).await;
+    let (status, body) = send_json(&http, reqwest::Method::PUT, format!("{base}/keys"), spec).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["concurrency"], Value::Null, "{body}");
     assert_eq!(body["rate"], Value::Null, "no total rate is shown: {body}");
@@ -153,7 +144,7 @@ async fn paces_each_key_with_no_total(served: &Served) {
     let acquire = |key: String| {
         let (http, url) = (http.clone(), format!("{base}/keys/acquire"));
         let body = json!({"key": key, "wait_ms": 0});
-        async move { call(&http, reqwest::Method::POST, url, body).await }
+        async move { send_json(&http, reqwest::Method::POST, url, body).await }
     };
     // Twenty keys each get their burst of 2 (no total bounds them), then their own rate refuses.
     for i in 0..20 {
@@ -167,7 +158,7 @@ async fn paces_each_key_with_no_total(served: &Served) {
         assert_eq!(status, 429, "{body}");
         assert_eq!(body["error"], "wait_timeout", "{body}");
     }
-    let (_, status) = call(
+    let (_, status) = send_json(
         &http,
         reqwest::Method::GET,
         format!("{base}/keys"),
@@ -185,7 +176,8 @@ async fn paces_each_key_with_no_total(served: &Served) {
     );
     // A put without per_key keeps the per-key rates and still no total.
     let again = json!({"max_wait_ms": 60000});
-    let (status, body) = call(&http, reqwest::Method::PUT, format!("{base}/keys"), again).await;
+    let (status, body) =
+        send_json(&http, reqwest::Method::PUT, format!("{base}/keys"), again).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["rate"], Value::Null, "{body}");
     assert_eq!(body["keyed"]["per_key"]["rate"]["limit"], 1, "{body}");
@@ -195,24 +187,24 @@ async fn paces_each_key_with_no_total(served: &Served) {
     // and refused whole beyond max_wait_ms (60 s by default).
     let url = format!("{base}/keys/schedule");
     let body = json!({"key": "fresh", "count": 4});
-    let (status, body) = call(&http, reqwest::Method::POST, url.clone(), body).await;
+    let (status, body) = send_json(&http, reqwest::Method::POST, url.clone(), body).await;
     assert_eq!(
         status, 400,
         "4 tokens of one a minute exceed max_wait_ms: {body}"
     );
     let body = json!({"key": "fresh", "count": 3});
-    let (status, sched) = call(&http, reqwest::Method::POST, url.clone(), body).await;
+    let (status, sched) = send_json(&http, reqwest::Method::POST, url.clone(), body).await;
     assert_eq!(status, 200, "{sched}");
     assert_eq!(sched["offsets_ms"], json!([0, 0, 60000]), "{sched}");
     // Its last token has not started: it goes back (the first two have).
     let undo = json!({"reservation": sched["reservation"].clone(), "count": 3});
     let undo_url = format!("{base}/keys/unschedule");
-    let (status, back) = call(&http, reqwest::Method::POST, undo_url, undo).await;
+    let (status, back) = send_json(&http, reqwest::Method::POST, undo_url, undo).await;
     assert_eq!(status, 200, "{back}");
     assert_eq!(back["returned"], 1, "{back}");
     // So the key's next token is a minute from its burst again, not two.
     let body = json!({"key": "fresh", "count": 1});
-    let (status, sched) = call(&http, reqwest::Method::POST, url, body).await;
+    let (status, sched) = send_json(&http, reqwest::Method::POST, url, body).await;
     assert_eq!(status, 200, "{sched}");
     let next = sched["offsets_ms"][0].as_u64().unwrap();
     assert!(next > 0 && next <= 60000, "{sched}");
@@ -243,7 +235,8 @@ async fn waiters_are_paced_and_keys_go_idle(served: &Served, with_total: bool) {
         "per_key": {"rate": {"limit": 10, "period_ms": 1000, "burst": 1}},
         "max_wait_ms": 20000,
     });
-    let (status, body) = call(&http, reqwest::Method::PUT, format!("{base}/paced"), spec).await;
+    let (status, body) =
+        send_json(&http, reqwest::Method::PUT, format!("{base}/paced"), spec).await;
     assert_eq!(status, 200, "{body}");
 
     let mut tasks = Vec::new();
@@ -252,7 +245,7 @@ async fn waiters_are_paced_and_keys_go_idle(served: &Served, with_total: bool) {
         let (http, url) = (http.clone(), format!("{base}/paced/acquire"));
         let body = json!({"key": key, "wait_ms": 20000, "request_id": format!("req-{i}")});
         tasks.push(tokio::spawn(async move {
-            call(&http, reqwest::Method::POST, url, body).await
+            send_json(&http, reqwest::Method::POST, url, body).await
         }));
     }
     for task in tasks {
@@ -260,7 +253,7 @@ async fn waiters_are_paced_and_keys_go_idle(served: &Served, with_total: bool) {
         assert_eq!(status, 200, "every waiter is granted in time: {grant}");
         assert_eq!(grant["lease_ms"], 0, "a paced grant holds nothing: {grant}");
     }
-    let (_, status) = call(
+    let (_, status) = send_json(
         &http,
         reqwest::Method::GET,
         format!("{base}/paced"),
@@ -275,7 +268,7 @@ async fn waiters_are_paced_and_keys_go_idle(served: &Served, with_total: bool) {
     // Their rate debt ends within 100 ms of the last grant; then no key is left.
     let deadline = tokio::time::Instant::now() + common::PATIENCE;
     loop {
-        let (_, status) = call(
+        let (_, status) = send_json(
             &http,
             reqwest::Method::GET,
             format!("{base}/paced"),

@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Served;
+use common::{get_json, send_json, try_request, Srv};
 use floodgate::{AdaptiveSpec, Floodgate, KeyedSpec, LimiterSpec};
 use floodgate_server::server::ServerOptions;
 use ports::free_port;
+use reqwest::Method;
 use serde_json::{json, Value};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
@@ -111,14 +112,7 @@ async fn until_alert(
 ) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let alerts: Value = http
-            .get(format!("{prom}/api/v1/alerts"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let alerts = get_json(http, format!("{prom}/api/v1/alerts")).await;
         if alerts["data"]["alerts"]
             .as_array()
             .unwrap()
@@ -134,40 +128,28 @@ async fn until_alert(
 
 /// Acquires, holds and releases (with timeouts, expiries and feedback) until stopped.
 async fn load(base: String, stop: Arc<AtomicBool>) {
-    let http = reqwest::Client::new();
+    let http = common::client();
+    // Errors are ignored: the load runs on while the test stops the server.
+    let post = |path: String, body: Option<Value>| {
+        try_request(&http, Method::POST, format!("{base}{path}"), body)
+    };
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        let acquired = http
-            .post(format!("{base}/v1/limiters/pg/acquire"))
-            .json(&json!({"wait_ms": 300, "holder": format!("w{}", n % 7)}))
-            .send()
-            .await;
-        if let Ok(resp) = acquired {
-            if resp.status() == 200 {
-                let v: Value = resp.json().await.unwrap_or(Value::Null);
-                tokio::time::sleep(Duration::from_millis(20 + n % 80)).await;
-                if let Some(id) = v["permit_id"].as_str() {
-                    let _ = http
-                        .post(format!("{base}/v1/permits/{id}/release"))
-                        .send()
-                        .await;
-                }
+        let acquire = json!({"wait_ms": 300, "holder": format!("w{}", n % 7)});
+        if let Ok((200, v)) = post("/v1/limiters/pg/acquire".into(), Some(acquire)).await {
+            tokio::time::sleep(Duration::from_millis(20 + n % 80)).await;
+            if let Some(id) = v["permit_id"].as_str() {
+                let _ = post(format!("/v1/permits/{id}/release"), None).await;
             }
         }
         if n % 5 == 0 {
             // A dead worker: never released, its short lease expires.
-            let _ = http
-                .post(format!("{base}/v1/limiters/dead/acquire"))
-                .json(&json!({"wait_ms": 0, "lease_ms": 200}))
-                .send()
-                .await;
+            let dead = json!({"wait_ms": 0, "lease_ms": 200});
+            let _ = post("/v1/limiters/dead/acquire".into(), Some(dead)).await;
             let outcome = if n % 10 == 0 { "throttled" } else { "ok" };
-            let _ = http
-                .post(format!("{base}/v1/limiters/adaptive/feedback"))
-                .json(&json!({"outcome": outcome}))
-                .send()
-                .await;
+            let feedback = json!({"outcome": outcome});
+            let _ = post("/v1/limiters/adaptive/feedback".into(), Some(feedback)).await;
         }
     }
 }
@@ -175,22 +157,18 @@ async fn load(base: String, stop: Arc<AtomicBool>) {
 /// Keeps waiters of several keys queued on the keyed limiter `orgs` (its one permit held),
 /// each for its whole `max_wait`, a new one every 250 ms: its oldest wait stays near max_wait.
 async fn keyed_waiters(base: String, stop: Arc<AtomicBool>) {
-    let http = reqwest::Client::new();
-    let held = http
-        .post(format!("{base}/v1/limiters/orgs/acquire"))
-        .json(&json!({"key": "big", "lease_ms": 600_000}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(held.status(), 200);
+    let http = common::client();
+    let url = format!("{base}/v1/limiters/orgs/acquire");
+    let held = json!({"key": "big", "lease_ms": 600_000});
+    let (code, body) = send_json(&http, Method::POST, &url, held).await;
+    assert_eq!(code, 200, "{body}");
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        let waiter = http
-            .post(format!("{base}/v1/limiters/orgs/acquire"))
-            .json(&json!({"key": format!("k{}", n % 4)}));
+        let (http, url) = (http.clone(), url.clone());
+        let waiter = json!({"key": format!("k{}", n % 4)});
         tokio::spawn(async move {
-            let _ = waiter.send().await;
+            let _ = try_request(&http, Method::POST, url, Some(waiter)).await;
         });
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -226,16 +204,16 @@ async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load()
     )
     .await
     .unwrap();
-    let served = Served::start(gate, ServerOptions::default()).await;
-    let base = format!("http://{}", served.addr);
+    let srv = Srv::serve(gate, ServerOptions::default()).await;
+    let base = srv.base.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers: Vec<_> = (0..6)
         .map(|_| tokio::spawn(load(base.clone(), Arc::clone(&stop))))
         .collect();
     workers.push(tokio::spawn(keyed_waiters(base.clone(), Arc::clone(&stop))));
-    let http = reqwest::Client::new();
+    let http = common::client();
 
-    let prom = start_prometheus(&served.addr.to_string());
+    let prom = start_prometheus(&srv.served.addr.to_string());
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(format!("{ROOT}/docs/grafana/floodgate.json")).unwrap(),
     )
@@ -250,14 +228,7 @@ async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load()
     assert!(queries.len() >= 10, "{queries:?}");
 
     // Every metric a query names is one the server exports.
-    let exposition = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let exposition = srv.metrics().await;
     let exported: std::collections::HashSet<&str> = exposition
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -297,12 +268,9 @@ async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load()
             let expr = q
                 .replace("$limiter", ".*")
                 .replace("$__rate_interval", "30s");
-            let answer = http
-                .get(format!("{}/api/v1/query?query={}", prom.url, encode(&expr)))
-                .send()
-                .await;
-            let v: Value = match answer {
-                Ok(r) => r.json().await.unwrap_or(Value::Null),
+            let url = format!("{}/api/v1/query?query={}", prom.url, encode(&expr));
+            let v = match try_request(&http, Method::GET, url, None).await {
+                Ok((_, v)) => v,
                 Err(_) => Value::Null, // not up yet
             };
             if v["status"] == "error" {
@@ -320,14 +288,7 @@ async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load()
     }
 
     // The rules are loaded and evaluate without errors.
-    let rules: Value = http
-        .get(format!("{}/api/v1/rules", prom.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rules = get_json(&http, format!("{}/api/v1/rules", prom.url)).await;
     let rules: Vec<&Value> = rules["data"]["groups"]
         .as_array()
         .unwrap()
@@ -368,5 +329,5 @@ async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load()
         w.await.unwrap();
     }
     drop(prom);
-    served.stop().await;
+    srv.served.stop().await;
 }

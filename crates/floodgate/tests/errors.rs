@@ -8,15 +8,20 @@ use std::error::Error as _;
 
 use floodgate::{RedisConfig, RedisStore, StoreError};
 
-/// A loopback port nothing listens on (bound, then released).
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+/// A loopback port nothing listens on: a socket bound to it that never listens, so connections
+/// are refused, kept by the caller so no other process can bind the port meanwhile (a port
+/// bound and released could be taken by another test's server before the connect).
+fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 #[tokio::test]
 async fn an_unreachable_redis_is_unavailable_with_the_redis_error_as_source() {
-    let url = format!("redis://127.0.0.1:{}", closed_port());
+    let (_closed, port) = closed_port();
+    let url = format!("redis://127.0.0.1:{port}");
     let err = RedisStore::connect(RedisConfig::new(url))
         .await
         .expect_err("nothing listens there");

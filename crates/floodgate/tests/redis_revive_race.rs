@@ -207,6 +207,47 @@ async fn outcome<T>(what: &str, task: tokio::task::JoinHandle<T>) -> T {
         .unwrap()
 }
 
+/// Defines `name` on store A (keyed with `per_key` permits a key, or plain) and has store B
+/// read it, so that both know it and either revives it after a loss; their limiter handles.
+async fn known_to_both(
+    a: &Floodgate<RedisStore>,
+    b: &Floodgate<RedisStore>,
+    name: &str,
+    spec: LimiterSpec,
+    keyed: Option<u32>,
+) -> (Limiter<RedisLimiter>, Limiter<RedisLimiter>) {
+    match keyed {
+        Some(per_key) => a
+            .define_keyed(name, spec, KeyedSpec::per_key(per_key))
+            .await
+            .unwrap(),
+        None => a.define(name, spec).await.unwrap(),
+    };
+    let (la, lb) = (
+        a.limiter(name).await.unwrap(),
+        b.limiter(name).await.unwrap(),
+    );
+    // B knows it from reading it (a keyed limiter's definition from its keys view).
+    lb.status().await.unwrap();
+    if keyed.is_some() {
+        lb.backend().keys(5).await.unwrap().unwrap();
+    }
+    (la, lb)
+}
+
+/// B's status after the loss, in a task: it finds the limiter gone, and its revival is held
+/// on the way to Redis (returns once it is) until `relay.release()`.
+async fn bs_status_with_its_revival_held(
+    relay: &HoldingRelay,
+    lb: &Limiter<RedisLimiter>,
+) -> tokio::task::JoinHandle<Result<floodgate::LimiterStatus, StoreError>> {
+    relay.arm();
+    let lb = lb.clone();
+    let status = tokio::spawn(async move { lb.status().await });
+    until("B's revival is held", || relay.holds(REVIVE_ARG)).await;
+    status
+}
+
 async fn the_later_reviver_keeps_the_new_incarnations_waiters(keyed: bool) {
     let server = support::RedisServer::start();
     let relay = HoldingRelay::start(server.port).await;
@@ -225,22 +266,7 @@ async fn the_later_reviver_keeps_the_new_incarnations_waiters(keyed: bool) {
             options
         }
     };
-    if keyed {
-        a.define_keyed("race", spec, KeyedSpec::per_key(2))
-            .await
-            .unwrap();
-    } else {
-        a.define("race", spec).await.unwrap();
-    }
-    let (la, lb) = (
-        a.limiter("race").await.unwrap(),
-        b.limiter("race").await.unwrap(),
-    );
-    // B knows it from reading it (a keyed limiter's definition from its keys view).
-    lb.status().await.unwrap();
-    if keyed {
-        lb.backend().keys(5).await.unwrap().unwrap();
-    }
+    let (la, lb) = known_to_both(&a, &b, "race", spec, keyed.then_some(2)).await;
 
     // Before the loss: A holds both permits, B queues a waiter behind them.
     let witness = Arc::new(Witness::default());
@@ -260,12 +286,7 @@ async fn the_later_reviver_keeps_the_new_incarnations_waiters(keyed: bool) {
     assert!(flush.status.success());
 
     // B finds the limiter gone; its revival is held on the way to Redis.
-    relay.arm();
-    let b_status = {
-        let lb = lb.clone();
-        tokio::spawn(async move { lb.status().await })
-    };
-    until("B's revival is held", || relay.holds(REVIVE_ARG)).await;
+    let b_status = bs_status_with_its_revival_held(&relay, &lb).await;
     // A revives it first and queues on the new incarnation (learning: nothing is granted).
     assert!(la.status().await.unwrap().learning);
     let a_waiter = spawn_acquire(&la, options());
@@ -394,4 +415,60 @@ async fn a_plain_acquire_that_revives_waits_on_the_new_incarnation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_acquire_that_revives_waits_on_the_new_incarnation() {
     an_acquire_that_revives_waits_on_the_new_incarnation(true).await;
+}
+
+/// The later of two revivers registers the limiter in the listing set too: the first may die
+/// between its revival `put` and its `register` (simulated by taking the name out of the set
+/// by hand at that point), and the later one's `put` answers `revived`. Before, only the first
+/// registered, and `list_limiters` never showed the revived limiter again.
+async fn a_limiter_revived_by_another_caller_is_listed(keyed: bool) {
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let a = gate(server.url(), Duration::from_secs(60)).await;
+    let b = gate(relay.url(), Duration::from_secs(60)).await;
+    let spec = LimiterSpec::concurrency(2).with_max_wait(Duration::from_secs(60));
+    let (la, lb) = known_to_both(&a, &b, "listed", spec, keyed.then_some(1)).await;
+    let listed = |statuses: Vec<floodgate::LimiterStatus>| {
+        statuses.iter().any(|s| s.name.as_str() == "listed")
+    };
+    assert!(listed(b.limiters().await.unwrap()));
+
+    let redis_cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &server.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    redis_cli(&["flushall"]);
+    // B finds the limiter gone; its revival is held on the way to Redis.
+    let b_status = bs_status_with_its_revival_held(&relay, &lb).await;
+    // A revives it first, then "dies" before its register: the name leaves the set.
+    assert!(la.status().await.unwrap().learning);
+    redis_cli(&["srem", "fg:limiters", "listed"]);
+    assert!(
+        !listed(a.limiters().await.unwrap()),
+        "the winner's registration was undone (the test is not vacuous)"
+    );
+
+    // B's revival answers `revived`: B registers it all the same.
+    relay.release();
+    let st = outcome("B's status", b_status).await.unwrap();
+    assert!(st.learning, "{st:?}");
+    assert!(
+        listed(a.limiters().await.unwrap()),
+        "the limiter revived by another caller is not listed"
+    );
+    assert!(listed(b.limiters().await.unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_limiter_revived_by_another_caller_is_listed() {
+    a_limiter_revived_by_another_caller_is_listed(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_limiter_revived_by_another_caller_is_listed() {
+    a_limiter_revived_by_another_caller_is_listed(true).await;
 }

@@ -80,11 +80,11 @@ async fn a_rate_only_grant_runs_without_extending_or_releasing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_exits_69_without_running_the_command() {
     let scratch = Scratch::new("unreachable");
-    // A port that was free a moment ago: nothing listens there now.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A socket bound and never listening, kept to the end: nothing listens on its port, and
+    // no other process can start to meanwhile.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = closed.local_addr().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_floodgate"))
         .args(["run", LIMITER, "--", "sh", "-c", "touch ran"])
         .current_dir(scratch.path())

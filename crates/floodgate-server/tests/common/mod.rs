@@ -89,28 +89,54 @@ pub(crate) fn client() -> reqwest::Client {
 pub(crate) async fn request(
     http: &reqwest::Client,
     method: reqwest::Method,
-    url: String,
+    url: impl reqwest::IntoUrl,
     body: Option<Value>,
 ) -> (u16, Value) {
+    try_request(http, method, url, body).await.unwrap()
+}
+
+/// [`request`], with a failure to connect or to read the answer returned, not a panic (load
+/// generators that run while the server stops, or with connections cut on purpose).
+pub(crate) async fn try_request(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: impl reqwest::IntoUrl,
+    body: Option<Value>,
+) -> Result<(u16, Value), reqwest::Error> {
     let mut req = http.request(method, url);
     if let Some(body) = body {
         req = req
             .header("content-type", "application/json")
             .body(body.to_string());
     }
-    let resp = req.send().await.unwrap();
+    let resp = req.send().await?;
     let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
+    let text = resp.text().await?;
+    Ok((
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    ))
+}
+
+/// [`request`] with a JSON body.
+pub(crate) async fn send_json(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: impl reqwest::IntoUrl,
+    body: Value,
+) -> (u16, Value) {
+    request(http, method, url, Some(body)).await
+}
+
+/// A GET's answer as JSON, whatever its status.
+pub(crate) async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    request(http, reqwest::Method::GET, url, None).await.1
 }
 
 /// [`request`] on a client of its own (tests that talk to several servers by full URL).
 pub(crate) async fn call(
     method: reqwest::Method,
-    url: String,
+    url: impl reqwest::IntoUrl,
     body: Option<Value>,
 ) -> (u16, Value) {
     request(&client(), method, url, body).await

@@ -179,7 +179,9 @@ impl RedisLimiter {
     ///
     /// Plain and keyed limiters share it: two revivers may race (two servers, or two calls of
     /// one), and the script answers the later one `revived` (`lua/ops/put.lua`,
-    /// `lua/keyed/put.lua`), so it neither logs nor registers a re-creation it did not make.
+    /// `lua/keyed/put.lua`), so it does not log a re-creation it did not make. It registers the
+    /// limiter in the listing set all the same (idempotent): the winner may have died between
+    /// its `put` and its `register`, and nothing else would list the limiter again.
     pub(super) async fn revive(&self, sent: u64) -> Result<bool, StoreError> {
         let keyed = self.store.lock_known().keyed.get(&self.name).cloned();
         let window = |spec: &LimiterSpec| {
@@ -225,6 +227,7 @@ impl RedisLimiter {
             // queued on it since are kept.
             (Some("revived"), _) => {
                 self.answer_lost_waiters(sent);
+                register(&self.store, &self.name).await?;
                 Ok(true)
             }
             (Some("deleted"), _) => {
@@ -244,7 +247,14 @@ impl RedisLimiter {
     }
 }
 
-/// Adds the limiter to the listing set (which the loss took too).
+/// Adds the limiter to the listing set (which the loss took too), and refreshes the set's TTL.
+/// Idempotent (SADD), so every reviver and every `put` may call it.
+///
+/// Not checked against `max_limiters` (the `REGISTER` script in `mod.rs` is): a revived limiter
+/// is not a new one. It was counted when it was created, and its `put` has already run, so a
+/// refusal here would only leave a limiter that exists unlisted. After a loss the set holds
+/// only the names registered since, so the cap could not be judged against it anyway. A `put`
+/// calls it after its `put`, the cap having been checked before.
 pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(), StoreError> {
     let key = format!("{}:limiters", inner.config.prefix);
     let mut conn = inner.conn.clone();
