@@ -169,3 +169,70 @@ async fn try_again<B: LimiterBackend>(one: &B, keyed: bool) -> Result<Grant, Acq
         one.acquire(options).await
     }
 }
+
+/// A keyed limiter's per-key limit is raised while several keys have a waiter blocked by it:
+/// the change grants them all at once, one token each, in an order the log does not record.
+/// Replay must hand each token to the same key's waiter as the original run did (it replays
+/// through maps built afresh), or after the restart a key's holders are counted under another
+/// key (that key's limit then over-admits) and releases free the wrong key.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reconfigure_grants_the_same_tokens_to_the_same_keys_after_a_reopen() {
+    const KEYS: usize = 12;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = tempfile::tempdir().expect("tempdir");
+    let (store, _) = MemoryStore::open(Durability::new(dir.path())).expect("open");
+    let gate = Floodgate::with_store(store.clone());
+    let spec = LimiterSpec::concurrency(100)
+        .with_default_lease(HOUR)
+        .with_max_wait(HOUR);
+    gate.define_keyed("k", spec.clone(), KeyedSpec::per_key(1))
+        .await
+        .expect("define");
+    let k = gate.limiter("k").await.expect("limiter");
+    let backend = k.backend().clone();
+    // The witness: which key each granted token was answered to.
+    let mut owner = std::collections::BTreeMap::new();
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("key{i}")).collect();
+    let mut waiters = Vec::new();
+    for key in &keys {
+        let g = backend
+            .acquire_keyed(key, AcquireOptions::new().holder(key.clone()))
+            .await
+            .expect("first of its key");
+        owner.insert(g.token, key.clone());
+        let mut w = Box::pin(backend.acquire_keyed(key, AcquireOptions::new().holder(key.clone())));
+        assert!(
+            poll_once(w.as_mut()).is_pending(),
+            "{key} waits for its key"
+        );
+        waiters.push((key, w));
+    }
+    gate.define_keyed("k", spec, KeyedSpec::per_key(2))
+        .await
+        .expect("raise the per-key limit");
+    for (key, w) in &mut waiters {
+        let Poll::Ready(granted) = poll_once(w.as_mut()) else {
+            panic!("{key} was granted by the raise")
+        };
+        owner.insert(granted.expect("granted").token, key.clone());
+    }
+    crash_copy(dir.path(), copy.path());
+
+    let (after, _) = MemoryStore::open(Durability::new(copy.path())).expect("reopen");
+    let k = after
+        .limiter(&LimiterName::new("k").expect("name"))
+        .await
+        .expect("limiter");
+    let view = k.holders(100).await.expect("holders");
+    assert_eq!(view.holders.len(), 2 * KEYS);
+    for h in &view.holders {
+        assert_eq!(
+            h.label.as_deref(),
+            owner.get(&h.token).map(String::as_str),
+            "token {:?} belongs to the key it was answered to",
+            h.token
+        );
+    }
+    after.close();
+    store.close();
+}
