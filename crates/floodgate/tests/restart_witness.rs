@@ -236,3 +236,53 @@ async fn a_reconfigure_grants_the_same_tokens_to_the_same_keys_after_a_reopen() 
     after.close();
     store.close();
 }
+
+/// The configuration lowers a limit at the restart (a server started with a smaller
+/// `concurrency` than the holders it restores): the restored holders keep their permits, and
+/// nothing is granted until in use is below the new limit. The witness: the tokens held.
+#[tokio::test(flavor = "current_thread")]
+async fn a_limit_lowered_at_the_restart_grants_nothing_until_the_restored_holders_leave() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = LimiterName::new("jobs").expect("name");
+    let spec = |n| {
+        LimiterSpec::concurrency(n)
+            .with_default_lease(HOUR)
+            .with_max_wait(HOUR)
+    };
+    let mut held = Vec::new();
+    {
+        let (store, _) = MemoryStore::open(Durability::new(dir.path())).expect("open");
+        store.put_limiter(&name, spec(4)).await.expect("define");
+        let jobs = store.limiter(&name).await.expect("limiter");
+        for _ in 0..4 {
+            held.push(
+                jobs.acquire(AcquireOptions::new())
+                    .await
+                    .expect("grant")
+                    .token,
+            );
+        }
+        store.close();
+    }
+    let (store, report) = MemoryStore::open(Durability::new(dir.path())).expect("reopen");
+    assert_eq!(report.holders, 4);
+    store.put_limiter(&name, spec(2)).await.expect("lowered");
+    let jobs = store.limiter(&name).await.expect("limiter");
+    let try_once = || jobs.acquire(AcquireOptions::new().wait(Duration::ZERO));
+    for (i, token) in held.iter().enumerate() {
+        let status = jobs.status().await.expect("status");
+        assert_eq!(status.in_use as usize, held.len() - i, "{status:?}");
+        if let Ok(g) = try_once().await {
+            panic!("granted {:?} with {} of 2 held", g.token, held.len() - i);
+        }
+        assert!(jobs.release(*token).await.expect("release"));
+        if held.len() - i - 1 < 2 {
+            break;
+        }
+    }
+    // Three released: one held of two, so one more fits, with a token above every held one.
+    let g = try_once().await.expect("below the lowered limit");
+    assert!(held.iter().all(|t| g.token > *t));
+    assert!(try_once().await.is_err(), "two held of two");
+    store.close();
+}
