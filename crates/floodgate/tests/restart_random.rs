@@ -17,8 +17,9 @@
 //!   witness saw (uncut log) or every restored one (cut log, whose lost tail may be re-granted
 //!   as `docs/durability.md` says for a machine crash under `everysec`).
 //!
-//! `RESTART_RANDOM_SEEDS=N` runs N seeds (default 12, a few seconds); the failing seed is
-//! printed and `RESTART_RANDOM_SEED=S` replays it alone.
+//! `RESTART_RANDOM_SEEDS=N` runs N seeds (default 12, a few seconds; the ignored soak 1,000);
+//! the failing seed is printed and `RESTART_RANDOM_SEED=S` replays it alone (in the soak,
+//! seed S runs as S + 2^32).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -484,20 +485,36 @@ async fn check(w: &Witness, dir: &Path, cut: bool) {
     after.close();
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn random_schedules_crashed_and_reopened_keep_the_witness() {
-    let seeds: Vec<u64> = match std::env::var("RESTART_RANDOM_SEED") {
+/// The seeds to run: `RESTART_RANDOM_SEED` alone, or the first `RESTART_RANDOM_SEEDS` (else
+/// `default`).
+fn seeds(default: u64) -> Vec<u64> {
+    match std::env::var("RESTART_RANDOM_SEED") {
         Ok(s) => vec![s.parse().expect("RESTART_RANDOM_SEED is a number")],
         Err(_) => {
             let n = std::env::var("RESTART_RANDOM_SEEDS")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(12u64);
+                .unwrap_or(default);
             (1..=n).collect()
         }
-    };
-    for seed in seeds {
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn random_schedules_crashed_and_reopened_keep_the_witness() {
+    for seed in seeds(12) {
         eprintln!("seed {seed}");
         run_seed(seed).await;
+    }
+}
+
+/// The soak: 1,000 seeds (about five minutes). Run with
+/// `cargo test -p floodgate --test restart_random -- --ignored`.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "a soak of several minutes"]
+async fn soak_random_schedules_crashed_and_reopened() {
+    for seed in seeds(1000) {
+        eprintln!("seed {seed}");
+        run_seed(seed.wrapping_add(1 << 32)).await;
     }
 }
