@@ -443,7 +443,17 @@ impl KeyLayer {
         total.reconfigure_total(now, derived, fx)?;
         self.user_concurrency = spec.concurrency;
         self.spec = keyed;
-        let names: Vec<Arc<str>> = self.keys.keys().cloned().collect();
+        // In a fixed order, not the map's (its hash seed differs per process): the keys this
+        // change readies join the ring, and so are granted, in this order, and the durable
+        // store's replay must hand the same tokens to the same keys as the original run did.
+        // Oldest head waiter first (keys without waiters, which nothing readies, by name).
+        let mut names: Vec<Arc<str>> = self.keys.keys().cloned().collect();
+        names.sort_by_cached_key(|name| {
+            (
+                self.keys.get(name).and_then(|k| k.head_entry()),
+                Arc::clone(name),
+            )
+        });
         for name in &names {
             let (limit, rate, weight) = self.limits_for(name);
             if let Some(k) = self.keys.get_mut(name) {
@@ -527,6 +537,9 @@ impl KeyLayer {
                 }
             }
         }
+        // By waiter id, not the map's order: a refusal may ready its key (joining the ring),
+        // and replay must do that in the same order as the original run.
+        doomed.sort_unstable();
         for (id, requested, limit) in doomed {
             if let Some((name, _)) = self.dequeue(total, now, id, fx) {
                 total.counters.rejected += 1;

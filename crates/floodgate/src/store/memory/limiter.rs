@@ -157,6 +157,15 @@ impl<C: Clock> MemoryLimiter<C> {
         op: impl FnOnce(&mut State, Timestamp, &mut Effects) -> R,
     ) -> Result<R, StoreError> {
         let (mut state, now, mut fx) = self.begin()?;
+        if state.log.is_some() {
+            // Durable: the passage of time is applied and logged before the operation (its
+            // own advance to the same `now` then does nothing). Otherwise an operation that is
+            // not logged, or not logged when it fails (a holders or keys read, a bad key
+            // override, the cancel of a wait already decided), could grant a waiter with no
+            // record of it: the waiter is answered, and after a crash recovery drops it as
+            // queued and hands its token out again.
+            state.advance_logged(now, &mut fx);
+        }
         let out = op(&mut state, now, &mut fx);
         self.finish(&mut state, now, fx);
         Ok(out)

@@ -48,7 +48,14 @@ pub(super) struct Generation {
     /// The master's `run_id` when last checked.
     run_id: Option<String>,
     /// Limiters to put in a learning window before this store runs anything else on them.
+    /// A limiter leaves it only once its window is entered.
     relearn: HashSet<LimiterName>,
+    /// Held while the master is checked and a limiter enters its window: an operation that
+    /// finds a check or a window due waits here, so none runs on the changed Redis before the
+    /// check and the window are done. (Taking a limiter off `relearn` before its window was
+    /// entered let a concurrent acquire be granted on the older state in between: seen with
+    /// a timer's advance and an acquire racing after a restart on an older snapshot.)
+    gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Generation {
@@ -56,8 +63,16 @@ impl Generation {
         Generation {
             run_id,
             relearn: HashSet::new(),
+            gate: Arc::default(),
         }
     }
+}
+
+tokio::task_local! {
+    /// Set in the task that holds the gate: its own requests (the `learn` call, retried when
+    /// its connection had dropped) come back through `settle_generation`, and must not wait for
+    /// the gate they are under.
+    static SETTLING: ();
 }
 
 impl Inner {
@@ -75,63 +90,85 @@ impl Inner {
 
 /// If a request failed since the last check, compares the master's `run_id` with the one
 /// known; on a change, marks every known limiter to learn.
+///
+/// Called under the gate. `suspect` is cleared only once the limiters to learn are marked, so
+/// an operation arriving meanwhile still sees it and waits at the gate.
 async fn check(inner: &Arc<Inner>) -> Result<(), StoreError> {
-    if !inner.suspect.swap(false, Ordering::AcqRel) {
+    if !inner.suspect.load(Ordering::Acquire) {
         return Ok(());
     }
-    let now = match master_run_id(&inner.conn).await {
-        Ok(id) => id,
-        Err(e) => {
-            inner.suspect_change();
-            return Err(e);
-        }
-    };
+    // On an error `suspect` stays set: the next operation checks again.
+    let now = master_run_id(&inner.conn).await?;
     let known = inner.known_names();
     let mut g = inner.lock_generation();
-    if now.is_none() || g.run_id == now {
-        return Ok(());
+    if now.is_some() && g.run_id != now {
+        tracing::warn!(
+            before = g.run_id.as_deref().unwrap_or("?"),
+            now = now.as_deref().unwrap_or("?"),
+            limiters = known.len(),
+            "redis changed under this store (a failover or a restart, which may have lost the \
+             last writes): the limiters it knows learn who still holds permits before granting"
+        );
+        g.run_id = now;
+        inner.changes.fetch_add(1, Ordering::AcqRel);
+        g.relearn.extend(known);
+        if !g.relearn.is_empty() {
+            inner.relearn_pending.store(true, Ordering::Release);
+        }
     }
-    tracing::warn!(
-        before = g.run_id.as_deref().unwrap_or("?"),
-        now = now.as_deref().unwrap_or("?"),
-        limiters = known.len(),
-        "redis changed under this store (a failover or a restart, which may have lost the last \
-         writes): the limiters it knows learn who still holds permits before granting"
-    );
-    g.run_id = now;
-    g.relearn.extend(known);
-    if !g.relearn.is_empty() {
-        inner.relearn_pending.store(true, Ordering::Release);
-    }
+    // Last: whoever sees `suspect` clear also sees the limiters marked.
+    inner.suspect.store(false, Ordering::Release);
     Ok(())
 }
 
 impl RedisLimiter {
     /// Before an operation: after a failed request, checks whether Redis changed; if this
-    /// limiter is to learn, enters its learning window first.
+    /// limiter is to learn, enters its learning window first. Both under the gate, which
+    /// every operation that finds either due waits for.
     pub(super) async fn settle_generation(&self) -> Result<(), StoreError> {
-        check(&self.store).await?;
-        if !self.store.relearn_pending.load(Ordering::Acquire) {
+        if !self.due_to_settle() || SETTLING.try_with(|_| ()).is_ok() {
             return Ok(());
         }
-        let due = {
-            let mut g = self.store.lock_generation();
-            let due = g.relearn.remove(&self.name);
-            if g.relearn.is_empty() {
-                self.store.relearn_pending.store(false, Ordering::Release);
-            }
-            due
-        };
-        if due {
-            if let Err(e) = self.learn().await {
-                // Not learned yet: try again before the next operation.
-                self.store
-                    .lock_generation()
-                    .relearn
-                    .insert(self.name.clone());
-                self.store.relearn_pending.store(true, Ordering::Release);
-                return Err(e);
-            }
+        let gate = Arc::clone(&self.store.lock_generation().gate);
+        let _held = gate.lock().await;
+        SETTLING.scope((), self.settle_under_gate()).await
+    }
+
+    /// The changes of the master noticed so far, read before a grant is asked for.
+    pub(super) fn changes_seen(&self) -> u64 {
+        self.store.changes.load(Ordering::Acquire)
+    }
+
+    /// Whether the master changed since `before` (a failed request's check settled first): a
+    /// grant asked for before then may come from the older state, granted before the
+    /// limiter's learning window over permits Redis lost, so it must not be answered.
+    /// (Racing acquires were granted so after a restart on an older snapshot: one request
+    /// failed and reconnected the shared connection, the next went through on the new Redis
+    /// before any check.)
+    pub(super) async fn changed_since(&self, before: u64) -> Result<bool, StoreError> {
+        self.settle_generation().await?;
+        Ok(self.changes_seen() != before)
+    }
+
+    /// Whether a check is due (a request failed) or this limiter is to learn.
+    fn due_to_settle(&self) -> bool {
+        self.store.suspect.load(Ordering::Acquire)
+            || (self.store.relearn_pending.load(Ordering::Acquire)
+                && self.store.lock_generation().relearn.contains(&self.name))
+    }
+
+    async fn settle_under_gate(&self) -> Result<(), StoreError> {
+        check(&self.store).await?;
+        if !self.store.lock_generation().relearn.contains(&self.name) {
+            return Ok(());
+        }
+        // Still on `relearn` until the window is entered; an error leaves it there, to try
+        // again before the next operation.
+        self.learn().await?;
+        let mut g = self.store.lock_generation();
+        g.relearn.remove(&self.name);
+        if g.relearn.is_empty() {
+            self.store.relearn_pending.store(false, Ordering::Release);
         }
         Ok(())
     }

@@ -331,8 +331,16 @@ impl RedisLimiter {
         } else {
             "acquire"
         };
+        let changes = self.changes_seen();
         let reply = self.call(op, &args).await?;
         match reply.first().map(String::as_str) {
+            Some("granted") if self.changed_since(changes).await? => {
+                // The armed guard gives the grant back.
+                Err(unavailable(
+                    "redis changed (a restart or a failover) while this acquire ran; retry",
+                )
+                .into())
+            }
             Some("granted") => {
                 guard.disarm();
                 decode_grant(&reply[1..]).ok_or_else(|| unavailable("bad grant").into())

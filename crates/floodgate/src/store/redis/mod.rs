@@ -153,6 +153,9 @@ pub(crate) struct Inner {
     suspect: AtomicBool,
     /// Some limiter is to learn (so the hot path skips the lock when none is).
     relearn_pending: AtomicBool,
+    /// Changes of the master this store noticed (`generation.rs`): a grant whose request was
+    /// in flight across one may come from the older state, before its learning window.
+    changes: AtomicU64,
     /// Idempotent acquires of this process whose caller went away while they waited, by waiter
     /// key: the attempt that owned each. A grant that reaches this process for one of them is
     /// given up at once (nobody here waits for it); otherwise the grace for a retry ends it.
@@ -346,6 +349,7 @@ impl RedisStore {
             generation: Mutex::new(generation::Generation::new(run_id)),
             suspect: AtomicBool::new(false),
             relearn_pending: AtomicBool::new(false),
+            changes: AtomicU64::new(0),
             abandoned: Mutex::new(HashMap::new()),
         });
         wake::subscribe(&inner, pubsub_client).await?;
