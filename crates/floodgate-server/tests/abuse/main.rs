@@ -17,6 +17,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod auth;
 mod framing;
 mod numbers;
 mod targets;
@@ -175,6 +176,21 @@ pub(crate) struct Abused {
     pub(crate) permit: String,
     /// `w`'s status before the abuse, fields that abuse must not move.
     pub(crate) before: Value,
+    /// The bearer token the server requires, if any (the witness's own requests carry it).
+    pub(crate) token: Option<String>,
+}
+
+/// `request` with `Authorization: Bearer TOKEN` added after its request line.
+pub(crate) fn with_token(mut request: Vec<u8>, token: Option<&str>) -> Vec<u8> {
+    if let Some(token) = token {
+        let at = request
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map_or(request.len(), |i| i + 2);
+        let header = format!("authorization: Bearer {token}\r\n");
+        request.splice(at..at, header.into_bytes());
+    }
+    request
 }
 
 /// Fields of `w`'s status that no abuse may change.
@@ -194,6 +210,12 @@ pub(crate) const NAMES: [&str; 4] = ["k", "p", "r", "w"];
 
 impl Abused {
     pub(crate) async fn start() -> Abused {
+        Abused::start_with_token(None).await
+    }
+
+    /// [`start`](Self::start), on a server that requires `token` on `/v1`.
+    pub(crate) async fn start_with_token(token: Option<&str>) -> Abused {
+        let auth = |request: Vec<u8>| with_token(request, token);
         let gate = Floodgate::in_memory();
         gate.define("w", LimiterSpec::concurrency(2)).await.unwrap();
         gate.define(
@@ -212,37 +234,39 @@ impl Abused {
             gate,
             ServerOptions {
                 body_timeout: Duration::from_millis(300),
+                token: token.map(str::to_owned),
                 ..ServerOptions::default()
             },
         )
         .await;
         let keyed = one(
             served.addr,
-            &json_request(
+            &auth(json_request(
                 "PUT",
                 "/v1/limiters/k",
                 r#"{"per_key": {"concurrency": 2}}"#,
-            ),
+            )),
         )
         .await;
         assert_eq!(keyed.status, 200, "{}", keyed.text);
         let granted = one(
             served.addr,
-            &json_request(
+            &auth(json_request(
                 "POST",
                 "/v1/limiters/w/acquire",
                 r#"{"lease_ms": 3600000, "holder": "witness"}"#,
-            ),
+            )),
         )
         .await;
         assert_eq!(granted.status, 200, "{}", granted.text);
         let permit = granted.json["permit_id"].as_str().unwrap().to_owned();
-        let w = one(served.addr, &bare("GET", "/v1/limiters/w")).await;
+        let w = one(served.addr, &auth(bare("GET", "/v1/limiters/w"))).await;
         assert_eq!(w.json["in_use"], 1, "{}", w.text);
         Abused {
             served,
             permit,
             before: stable(&w.json),
+            token: token.map(str::to_owned),
         }
     }
 
@@ -253,19 +277,20 @@ impl Abused {
     /// The witness: the server still serves, the permit is held and extendable, `w` did not
     /// move and the set of limiters is what it was.
     pub(crate) async fn intact(&self, after: &str) {
+        let auth = |request: Vec<u8>| with_token(request, self.token.as_deref());
         let health = one(self.addr(), &bare("GET", "/healthz")).await;
         assert_eq!(health.status, 200, "after {after}: {}", health.text);
-        let w = one(self.addr(), &bare("GET", "/v1/limiters/w")).await;
+        let w = one(self.addr(), &auth(bare("GET", "/v1/limiters/w"))).await;
         assert_eq!(w.status, 200, "after {after}: {}", w.text);
         assert_eq!(stable(&w.json), self.before, "after {after}: w moved");
         let path = format!("/v1/permits/{}/extend", self.permit);
         let extended = one(
             self.addr(),
-            &json_request("POST", &path, r#"{"lease_ms": 3600000}"#),
+            &auth(json_request("POST", &path, r#"{"lease_ms": 3600000}"#)),
         )
         .await;
         assert_eq!(extended.status, 200, "after {after}: {}", extended.text);
-        let list = one(self.addr(), &bare("GET", "/v1/limiters")).await;
+        let list = one(self.addr(), &auth(bare("GET", "/v1/limiters"))).await;
         let mut names: Vec<&str> = list.json["limiters"]
             .as_array()
             .unwrap_or_else(|| panic!("after {after}: {}", list.text))
