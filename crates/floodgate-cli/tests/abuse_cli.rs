@@ -411,8 +411,13 @@ proptest! {
 /// A limiter name that is a path once resolved, in the URL, to another limiter: `limiter set
 /// x/../w` changed `w` and `limiter delete zz/../w` deleted it. Now each name is one path
 /// segment, refused by the server as a name (exit 2), and `w` is untouched.
-#[test]
-fn a_name_that_is_a_path_does_not_reach_another_limiter() {
+/// The real server in process on `127.0.0.1:0` with limiter `w` (concurrency 3): its runtime
+/// (dropping it stops the server), its URL and its shutdown trigger.
+fn server() -> (
+    tokio::runtime::Runtime,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -438,7 +443,12 @@ fn a_name_that_is_a_path_does_not_reach_another_limiter() {
         ));
         (addr, tx)
     });
-    let url = format!("http://{addr}");
+    (runtime, format!("http://{addr}"), stop)
+}
+
+#[test]
+fn a_name_that_is_a_path_does_not_reach_another_limiter() {
+    let (_runtime, url, stop) = server();
     for args in [
         vec!["limiter", "set", "x/../w", "--concurrency", "7"],
         vec!["limiter", "delete", "zz/../w"],
@@ -458,5 +468,51 @@ fn a_name_that_is_a_path_does_not_reach_another_limiter() {
         .find_map(|l| l.strip_prefix("w "))
         .and_then(|l| l.split_whitespace().next());
     assert_eq!(limit, Some("3"), "w changed or vanished: {text}");
+    let _ = stop.send(());
+}
+
+/// Values only the server can judge (ranges against the limiter's spec): refused with exit 2
+/// naming the field, at once (no retry loop), and the limiter is unchanged.
+#[test]
+fn values_the_server_refuses_exit_2_at_once() {
+    let (_runtime, url, stop) = server();
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "w", "--lease", "0s", "--", "true"], "lease_ms"),
+        (&["run", "w", "--lease", "25h", "--", "true"], "lease_ms"),
+        (
+            &["run", "w", "--permits", "4294967295", "--", "true"],
+            "permits",
+        ),
+        (&["run", "w", "--key", "org", "--", "true"], "key"),
+        (&["run", "nope", "--", "true"], "nope"),
+        (
+            &["limiter", "set", "w", "--concurrency", "0"],
+            "concurrency",
+        ),
+        (&["limiter", "set", "w", "--rate", "5/0s"], "rate.period_ms"),
+        (&["limiter", "set", "w", "--adaptive", "5:1"], "adaptive"),
+        (&["limiter", "set", "w", "--lease", "0s"], "lease_ms"),
+        (
+            &["limiter", "set", "w", "--max-queue", "4294967295"],
+            "max_queue",
+        ),
+        (&["limiter", "set", "w", "--max-wait", "5h"], "max_wait_ms"),
+        (&["status", "nope"], "nope"),
+    ];
+    for (args, problem) in cases {
+        let mut argv = args.to_vec();
+        // `--url` before `--` (after it, it would be the command's).
+        let at = argv.iter().position(|a| *a == "--").unwrap_or(argv.len());
+        argv.splice(at..at, ["--url", url.as_str()]);
+        let out = floodgate(&argv);
+        refused(&out, problem, &format!("{argv:?}"));
+    }
+    let out = floodgate(&["status", "w", "--url", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let limit = text
+        .lines()
+        .find_map(|l| l.strip_prefix("w "))
+        .and_then(|l| l.split_whitespace().next());
+    assert_eq!(limit, Some("3"), "w changed: {text}");
     let _ = stop.send(());
 }
