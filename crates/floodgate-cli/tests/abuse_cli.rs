@@ -329,6 +329,23 @@ fn bad_arguments_exit_2_naming_the_problem() {
             "sometimes",
         ),
         (&["nonsense"], "nonsense"),
+        (&["bench", "--url", "notaurl", "--seconds", "1"], "notaurl"),
+        (
+            &["bench", "--store", "http://x", "--seconds", "1"],
+            "--store",
+        ),
+        (&["bench", "--clients", "0"], "--clients"),
+        (&["bench", "--workloads", "nope"], "nope"),
+        (&["bench", "--hold", "xyz"], "xyz"),
+        (&["bench-growth", "--redis", "http://x"], "--redis"),
+        (
+            &["bench-growth", "--samples", "0", "--no-redis"],
+            "--samples",
+        ),
+        (&["bench-durability", "--seconds", "0"], "--seconds"),
+        (&["bench-durability", "--clients", "0"], "--clients"),
+        (&["dashboard-bench", "--seconds", "0"], "--seconds"),
+        (&["dashboard-bench", "--viewers", "0"], "--viewers"),
     ];
     for (args, problem) in cases {
         let out = floodgate(args);
