@@ -350,6 +350,10 @@ async fn deep_duplicated_and_almost_json_is_400() {
         ("single quotes", b"{'permits': 1}".to_vec()),
         ("a NUL byte", b"{\0}".to_vec()),
         ("only whitespace", b"   ".to_vec()),
+        (
+            "a holder label with a terminal escape",
+            br#"{"holder": "\u001b[2J\u0007"}"#.to_vec(),
+        ),
     ];
     for path in ["/v1/limiters/w/acquire", "/v1/limiters/w"] {
         for (what, body) in &bodies {
