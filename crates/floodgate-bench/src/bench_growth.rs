@@ -171,6 +171,9 @@ pub(crate) async fn bench_growth(args: BenchGrowthArgs) -> Result<u8, Failure> {
                 url
             }
         };
+        // Not a Redis URL: bad input (exit 2), said before any connection is tried.
+        redis::Client::open(url.as_str())
+            .map_err(|e| Failure::usage(format!("--redis: not a Redis URL: {url}: {e}")))?;
         let store = RedisStore::connect(RedisConfig::new(url.as_str()))
             .await
             .map_err(|e| fail(format!("cannot connect to {url}: {e}")))?;

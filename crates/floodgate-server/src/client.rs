@@ -47,6 +47,31 @@ impl ClientError {
     }
 }
 
+/// `text` as one URL path segment: every byte but the unreserved ones percent-encoded, so a
+/// name like `x/../w` reaches the server as one (invalid) segment rather than being resolved by
+/// the URL parser into another limiter's path (`/v1/limiters/w`). `.` and `..` (in any
+/// encoding) are resolved by every URL parser, so they cannot be sent at all: refused here with
+/// the answer the server gives a bad field (400 `invalid_request`, exit code 2).
+pub(crate) fn segment(what: &str, text: &str) -> Result<String, ClientError> {
+    if text.is_empty() || text == "." || text == ".." {
+        return Err(ClientError::Api {
+            status: 400,
+            code: "invalid_request".to_owned(),
+            message: format!("{what}: {text:?} cannot be sent as a URL path segment"),
+            retry_after: None,
+        });
+    }
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(out)
+}
+
 /// A granted permit, as the API returns it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct PermitReply {
@@ -149,6 +174,19 @@ impl Client {
             url: base.to_owned(),
             message,
         };
+        // A base that is not an http(s) URL is bad input, not an unreachable server: said here
+        // once (starting "URL", which the CLI exits 2 on) rather than as reqwest's "builder
+        // error" on every request.
+        match reqwest::Url::parse(base) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            Ok(url) => {
+                return Err(failed(format!(
+                    "URL {base:?}: must be http:// or https:// with a host (got scheme {:?})",
+                    url.scheme()
+                )))
+            }
+            Err(e) => return Err(failed(format!("URL {base:?}: {e}"))),
+        }
         let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
         if let Some(path) = ca_file {
             let pem = std::fs::read(path)
@@ -249,7 +287,7 @@ impl Client {
             .map_or(Duration::from_secs(3600), Duration::from_millis);
         self.call_within(
             reqwest::Method::POST,
-            &format!("/v1/limiters/{name}/acquire"),
+            &format!("/v1/limiters/{}/acquire", segment("name", name)?),
             Some(args),
             wait + ACQUIRE_SLACK,
         )
@@ -265,7 +303,7 @@ impl Client {
         let body = serde_json::json!({ "lease_ms": lease_ms });
         self.call(
             reqwest::Method::POST,
-            &format!("/v1/permits/{permit_id}/extend"),
+            &format!("/v1/permits/{}/extend", segment("permit_id", permit_id)?),
             Some(&body),
         )
         .await
@@ -279,7 +317,7 @@ impl Client {
     ) -> Result<Value, ClientError> {
         self.call(
             reqwest::Method::POST,
-            &format!("/v1/permits/{permit_id}/extend"),
+            &format!("/v1/permits/{}/extend", segment("permit_id", permit_id)?),
             Some(args),
         )
         .await
@@ -290,7 +328,7 @@ impl Client {
         let v: Value = self
             .call(
                 reqwest::Method::POST,
-                &format!("/v1/permits/{permit_id}/release"),
+                &format!("/v1/permits/{}/release", segment("permit_id", permit_id)?),
                 None::<&()>,
             )
             .await?;
@@ -301,7 +339,7 @@ impl Client {
     pub async fn limiter(&self, name: &str) -> Result<Value, ClientError> {
         self.call(
             reqwest::Method::GET,
-            &format!("/v1/limiters/{name}"),
+            &format!("/v1/limiters/{}", segment("name", name)?),
             None::<&()>,
         )
         .await
@@ -309,18 +347,10 @@ impl Client {
 
     /// `PUT /v1/limiters/{name}/keys/{key}`: one key's override of a keyed limiter.
     pub async fn put_key(&self, name: &str, key: &str, body: &Value) -> Result<Value, ClientError> {
-        // The key is a path segment: every byte but the unreserved ones is percent-encoded.
-        let mut segment = String::with_capacity(key.len());
-        for b in key.bytes() {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                segment.push(char::from(b));
-            } else {
-                segment.push_str(&format!("%{b:02X}"));
-            }
-        }
+        let (name, key) = (segment("name", name)?, segment("key", key)?);
         self.call(
             reqwest::Method::PUT,
-            &format!("/v1/limiters/{name}/keys/{segment}"),
+            &format!("/v1/limiters/{name}/keys/{key}"),
             Some(body),
         )
         .await
@@ -341,7 +371,7 @@ impl Client {
     pub async fn put_limiter(&self, name: &str, body: &Value) -> Result<Value, ClientError> {
         self.call(
             reqwest::Method::PUT,
-            &format!("/v1/limiters/{name}"),
+            &format!("/v1/limiters/{}", segment("name", name)?),
             Some(body),
         )
         .await
@@ -351,7 +381,7 @@ impl Client {
     pub async fn delete_limiter(&self, name: &str) -> Result<Value, ClientError> {
         self.call(
             reqwest::Method::DELETE,
-            &format!("/v1/limiters/{name}"),
+            &format!("/v1/limiters/{}", segment("name", name)?),
             None::<&()>,
         )
         .await

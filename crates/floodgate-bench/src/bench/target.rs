@@ -43,6 +43,12 @@ impl Target {
                 code: floodgate_server::cli::EXIT_UNAVAILABLE,
                 message: format!("{what} {url}: {e}"),
             };
+            // A URL that is not a Redis URL is bad input (exit 2), told before any connection
+            // is tried (the store would report it as unavailable, exit 69).
+            redis::Client::open(url.as_str()).map_err(|e| Failure {
+                code: floodgate_server::cli::EXIT_USAGE,
+                message: format!("--store: not a Redis URL: {url}: {e}"),
+            })?;
             let mut gates = Vec::with_capacity(2);
             for _ in 0..2 {
                 let store = RedisStore::connect(RedisConfig::new(url.as_str()))
@@ -76,7 +82,15 @@ impl Target {
                 base
             }
         };
-        let control = Client::new(&base, args.token.clone())?;
+        // A --url that is not an http(s) URL is bad input (exit 2), not an unreachable server.
+        let control = Client::new(&base, args.token.clone()).map_err(|e| match e {
+            floodgate_server::client::ClientError::Connection { message, .. }
+                if message.starts_with("URL ") =>
+            {
+                Failure::usage(format!("--url: {message}"))
+            }
+            other => Failure::from(other),
+        })?;
         Ok(Target::Http {
             base,
             token: args.token.clone(),

@@ -76,8 +76,10 @@ impl ServerArgs {
     pub(crate) fn client(&self) -> Result<Client, Failure> {
         Client::with_ca_file(&self.url, self.token.clone(), self.ca_file.as_deref()).map_err(|e| {
             match e {
-                // A CA file that cannot be used is bad input, not an unreachable server.
-                ClientError::Connection { message, .. } if message.starts_with("CA file") => {
+                // A CA file or URL that cannot be used is bad input, not an unreachable server.
+                ClientError::Connection { message, .. }
+                    if message.starts_with("CA file") || message.starts_with("URL ") =>
+                {
                     Failure::usage(message)
                 }
                 other => Failure::from(other),

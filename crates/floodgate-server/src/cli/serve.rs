@@ -209,6 +209,21 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
         },
         access_log: args.access_log.or(file.access_log).unwrap_or(false),
     };
+    // Out of range, not a choice: a header timeout of 0 closes every connection before its
+    // first request, a body timeout of 0 answers 408 to any body not already buffered, and no
+    // connection at all serves nothing. Refused rather than started as a server that cannot
+    // serve.
+    for (field, timeout) in [
+        ("header_timeout", options.header_timeout),
+        ("body_timeout", options.body_timeout),
+    ] {
+        if timeout.is_zero() {
+            return Err(Failure::usage(format!("{field}: must be at least 1 ms")));
+        }
+    }
+    if options.max_connections == 0 {
+        return Err(Failure::usage("max_connections: must be at least 1"));
+    }
     let tls = match (
         args.tls_cert.clone().or(file.tls_cert.clone()),
         args.tls_key.clone().or(file.tls_key.clone()),
@@ -288,6 +303,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
         }
         Some(urls) => {
             let urls = redis_urls(&urls);
+            check_redis_urls(&urls).map_err(Failure::usage)?;
             let mut config = if cluster || urls.len() > 1 {
                 RedisConfig::cluster(urls)
             } else {
@@ -341,6 +357,29 @@ fn redis_urls(text: &str) -> Vec<String> {
         .map(|u| u.trim().to_owned())
         .filter(|u| !u.is_empty())
         .collect()
+}
+
+/// A Redis URL that cannot be one is bad input (exit code 2), not an unavailable store: each
+/// must have a Redis scheme and, but for Sentinel's (several hosts, parsed by the store),
+/// parse as a URL.
+fn check_redis_urls(urls: &[String]) -> Result<(), String> {
+    const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
+    if urls.is_empty() {
+        return Err("redis: no URL given".to_owned());
+    }
+    for url in urls {
+        if url.starts_with("redis+sentinel://") {
+            continue;
+        }
+        if !SCHEMES.iter().any(|s| url.starts_with(s)) {
+            return Err(format!(
+                "redis: URL {url:?}: expected redis://, rediss://, redis+unix:// or \
+                 redis+sentinel://"
+            ));
+        }
+        reqwest::Url::parse(url).map_err(|e| format!("redis: URL {url:?}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Where and how to listen.

@@ -50,7 +50,8 @@ pub(crate) fn signed_in<S: Store>(state: &AppState<S>, headers: &HeaderMap) -> b
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The API's parsing: the scheme in any letter case (RFC 7235), as `/v1` takes it.
+        .and_then(crate::server::bearer_token);
     if bearer.is_some_and(|t| constant_time_eq(t.as_bytes(), expected.as_bytes())) {
         return true;
     }

@@ -39,7 +39,7 @@ pub(super) async fn require_token<S: Store>(
 
 /// The token of an `Authorization: Bearer TOKEN` value. The scheme name is case-insensitive
 /// (RFC 7235 section 2.1), so `bearer TOKEN` and `BEARER TOKEN` work too.
-fn bearer_token(value: &str) -> Option<&str> {
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

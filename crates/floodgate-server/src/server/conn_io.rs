@@ -12,6 +12,16 @@
 //!   body, so an error head with `content-length: 0` can only be one of those; it is rewritten
 //!   to the API's `{error, message}` shape.
 //!
+//! - **An exact cap on a request head, and an answer to an HTTP/2 preface.** hyper's own cap
+//!   (its read buffer) is approximate: a head of up to about twice `max_buf_size` could get
+//!   through when it arrived in large reads, so a head above [`MAX_HEAD`] is answered 431
+//!   `headers_too_large` (414 `uri_too_long` while still in the request line) here, before hyper
+//!   sees the rest. A client that opens with HTTP/2's preface (prior knowledge) got no answer at
+//!   all from hyper (it leaves that to an HTTP/2 fallback this server does not have); it is
+//!   answered with HTTP/2's GOAWAY `HTTP_1_1_REQUIRED`, which such a client can read. Both answers
+//!   are followed by a bounded lingering close (the client's unread bytes would otherwise reset
+//!   the connection before it read the answer).
+//!
 //! Where a request head ends is found by looking for the blank line (`\r\n\r\n`) after the
 //! connection went quiet; hyper still does all the parsing.
 
@@ -23,6 +33,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+/// Largest request head (request line and headers) accepted, as `docs/api.md` says.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+
+/// What a client that opens with HTTP/2's connection preface sends first, as an HTTP/1 head.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";
+
+/// Most bytes read and dropped after a refusal before the connection is closed anyway.
+const LINGER_BYTES: usize = 1024 * 1024;
 
 /// The per-connection timeouts.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +78,29 @@ pub(crate) struct Guarded<IO> {
     deadline: Option<Pin<Box<Sleep>>>,
     /// A rewritten error answer still being written, and how far.
     pending: Option<(Vec<u8>, usize)>,
+    /// Bytes of the current request head so far (for the exact [`MAX_HEAD`]).
+    head_len: usize,
+    /// Whether the current head's request line has ended (431 rather than 414 past the cap).
+    line_done: bool,
+    /// Whether the current head is the connection's first (only it may be HTTP/2's preface).
+    first_head: bool,
+    /// How many bytes of [`H2_PREFACE`] the first head has matched so far.
+    preface: usize,
+    /// An answer this wrapper gives itself (hyper never sees the request), then the connection
+    /// ends; see [`Refusal`].
+    refusal: Option<Refusal>,
+}
+
+/// An answer written by the wrapper, then a lingering close.
+struct Refusal {
+    /// The answer.
+    bytes: Vec<u8>,
+    /// How much of it is written.
+    written: usize,
+    /// Whether our side is shut (FIN sent).
+    shut: bool,
+    /// Bytes read and dropped since, bounded by [`LINGER_BYTES`].
+    discarded: usize,
 }
 
 impl<IO> Guarded<IO> {
@@ -70,6 +112,11 @@ impl<IO> Guarded<IO> {
             matched: 0,
             deadline: Some(Box::pin(tokio::time::sleep(timeouts.header))),
             pending: None,
+            head_len: 0,
+            line_done: false,
+            first_head: true,
+            preface: 0,
+            refusal: None,
         }
     }
 
@@ -81,20 +128,34 @@ impl<IO> Guarded<IO> {
         }
     }
 
-    /// Follows the bytes a read returned.
-    fn saw_read(&mut self, bytes: &[u8]) {
+    /// Follows the bytes a read returned; an answer to give instead of passing them on when the
+    /// head is over [`MAX_HEAD`] or is HTTP/2's preface.
+    fn saw_read(&mut self, bytes: &[u8]) -> Option<Vec<u8>> {
         if bytes.is_empty() {
-            return;
+            return None;
         }
         if self.phase == Phase::Idle {
             self.phase = Phase::Head;
             self.matched = 0;
+            self.head_len = 0;
+            self.line_done = false;
             self.arm(self.timeouts.header);
         }
         if self.phase != Phase::Head {
-            return;
+            return None;
         }
         for &b in bytes {
+            if self.first_head
+                && self.preface == self.head_len
+                && H2_PREFACE.get(self.preface) == Some(&b)
+            {
+                self.preface += 1;
+            }
+            self.head_len += 1;
+            // Counted before the head's end is: the blank line is part of the head.
+            if self.head_len > MAX_HEAD {
+                return Some(json_answer(if self.line_done { 431 } else { 414 }));
+            }
             let want = if self.matched % 2 == 0 { b'\r' } else { b'\n' };
             self.matched = if b == want {
                 self.matched + 1
@@ -103,12 +164,18 @@ impl<IO> Guarded<IO> {
             } else {
                 0
             };
+            if b == b'\n' {
+                self.line_done = true;
+            }
             if self.matched == 4 {
                 self.phase = Phase::Busy;
                 self.deadline = None;
-                return;
+                let h2 = self.first_head && self.preface == H2_PREFACE.len();
+                self.first_head = false;
+                return h2.then(h2_goaway);
             }
         }
+        None
     }
 
     /// Follows a write of `n` bytes: an answer (or part of one) went out.
@@ -121,7 +188,52 @@ impl<IO> Guarded<IO> {
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> Guarded<IO> {
+    /// Writes the refusal, shuts our side, then reads and drops what the client still sends
+    /// (bounded by [`LINGER_BYTES`] and the header deadline) so that closing does not reset
+    /// the connection before the client read the answer; then ends the connection.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(r) = &mut self.refusal else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            if let Some(rest) = r.bytes.get(r.written..).filter(|rest| !rest.is_empty()) {
+                match Pin::new(&mut self.io).poll_write(cx, rest) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => r.written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
+            if !r.shut {
+                match Pin::new(&mut self.io).poll_shutdown(cx) {
+                    Poll::Ready(_) => r.shut = true,
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
+            if r.discarded < LINGER_BYTES {
+                let mut scratch = [0u8; 4096];
+                let mut drop_buf = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut self.io).poll_read(cx, &mut drop_buf) {
+                    Poll::Ready(Ok(())) if !drop_buf.filled().is_empty() => {
+                        r.discarded += drop_buf.filled().len();
+                        continue;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(_) => {}
+                }
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request refused before parsing (head too large, or HTTP/2)",
+            )));
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -138,10 +250,24 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
             }
         }
+        if this.refusal.is_some() {
+            return this.poll_refusal(cx);
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            this.saw_read(buf.filled().get(before..).unwrap_or_default());
+            if let Some(answer) = this.saw_read(buf.filled().get(before..).unwrap_or_default()) {
+                // hyper never sees these bytes; the refusal is the answer.
+                buf.set_filled(before);
+                this.refusal = Some(Refusal {
+                    bytes: answer,
+                    written: 0,
+                    shut: false,
+                    discarded: 0,
+                });
+                this.arm(this.timeouts.header);
+                return this.poll_refusal(cx);
+            }
         }
         polled
     }
@@ -189,6 +315,52 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     }
 }
 
+/// The API's error body for an answer given below the handlers.
+fn error_json(code: u16) -> String {
+    let (error, message) = match code {
+        414 => ("uri_too_long", "the request URI is longer than the server accepts"),
+        431 => (
+            "headers_too_large",
+            "the request's header section is larger than the server accepts",
+        ),
+        400 => (
+            "bad_request",
+            "the request could not be parsed as HTTP/1.1 (request line, a header, Content-Length or Transfer-Encoding)",
+        ),
+        _ => ("bad_request", "the request could not be served"),
+    };
+    format!(r#"{{"error":"{error}","message":"{message}"}}"#)
+}
+
+/// A whole error answer (414 or 431) with the API's JSON body, closing the connection.
+fn json_answer(code: u16) -> Vec<u8> {
+    let reason = if code == 414 {
+        "URI Too Long"
+    } else {
+        "Request Header Fields Too Large"
+    };
+    let json = error_json(code);
+    format!(
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n\
+         content-length: {}\r\n\r\n{json}",
+        json.len()
+    )
+    .into_bytes()
+}
+
+/// HTTP/2's answer to a client that must use HTTP/1.1: the server's preface (an empty
+/// SETTINGS frame), then GOAWAY with last stream 0 and error `HTTP_1_1_REQUIRED` (0xd,
+/// RFC 9113 section 7), with a short reason as its debug data.
+fn h2_goaway() -> Vec<u8> {
+    let debug = b"this server speaks HTTP/1.1 only";
+    let mut out = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    let len = u32::try_from(8 + debug.len()).unwrap_or(0).to_be_bytes();
+    out.extend_from_slice(&[len[1], len[2], len[3], 0x7, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0xd]);
+    out.extend_from_slice(debug);
+    out
+}
+
 /// If `head` is one of hyper's bodiless error answers, the same answer with a JSON body.
 fn rewrite_bare_error(head: &[u8]) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(head).ok()?;
@@ -223,19 +395,7 @@ fn rewrite_bare_error(head: &[u8]) -> Option<Vec<u8>> {
     if !bare {
         return None;
     }
-    let (error, message) = match code {
-        414 => ("uri_too_long", "the request URI is longer than the server accepts"),
-        431 => (
-            "headers_too_large",
-            "the request's header section is larger than the server accepts",
-        ),
-        400 => (
-            "bad_request",
-            "the request could not be parsed as HTTP/1.1 (request line, a header, Content-Length or Transfer-Encoding)",
-        ),
-        _ => ("bad_request", "the request could not be served"),
-    };
-    let json = format!(r#"{{"error":"{error}","message":"{message}"}}"#);
+    let json = error_json(code);
     let mut out = format!("{version} {code} {reason}\r\n");
     for line in kept {
         out.push_str(line);

@@ -177,7 +177,16 @@ pub(crate) struct KeyOverrideBody {
 fn path_pair(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<(LimiterName, String), ApiError> {
-    let Path((name, key)) = path.map_err(|e| ApiError::bad_field("key", e.body_text()))?;
+    // axum's message names the segment at fault (`name` or `key`); so does the field.
+    let Path((name, key)) = path.map_err(|e| {
+        let text = e.body_text();
+        let field = if text.contains("`name`") {
+            "name"
+        } else {
+            "key"
+        };
+        ApiError::bad_field(field, text)
+    })?;
     let name = LimiterName::new(&name).map_err(|e| ApiError::bad_field("name", e))?;
     floodgate::core::keyed::check_key(&key).map_err(|e| ApiError::bad_field(e.field, e.message))?;
     Ok((name, key))

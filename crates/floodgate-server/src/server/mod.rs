@@ -15,6 +15,7 @@ pub mod tls;
 pub use listen::raise_fd_limit;
 pub use request_id::REQUEST_ID_HEADER;
 
+pub(crate) use self::auth::bearer_token;
 pub(crate) use self::extract::JsonBody;
 
 use std::future::Future;

@@ -453,6 +453,14 @@ pub(super) async fn acquire<S: Store>(
                 format!("at most {MAX_HOLDER_LEN} characters"),
             ));
         }
+        // The label is shown in logs, the dashboard and terminals (`floodgate top`, log tails):
+        // an escape sequence in it could rewrite what they show. Refused, as in keys.
+        if holder.chars().any(char::is_control) {
+            return Err(ApiError::bad_field(
+                "holder",
+                "must not contain control characters",
+            ));
+        }
     }
     if let Some(key) = &body.key {
         super::keyed::check(key)?;
