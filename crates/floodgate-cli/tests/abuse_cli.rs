@@ -70,6 +70,8 @@ fn bad_config_files_exit_2_naming_the_problem() {
         ("header_timeout_ms = 0".into(), "header_timeout"),
         ("body_timeout_ms = 0".into(), "body_timeout"),
         ("max_connections = 0".into(), "max_connections"),
+        ("max_body_bytes = 0".into(), "max_body_bytes"),
+        ("max_limiters = 0".into(), "max_limiters"),
         ("listen = \"nope\"".into(), "listen"),
         ("listen = \"127.0.0.1:99999\"".into(), "listen"),
         ("fsync = \"sometimes\"".into(), "sometimes"),
@@ -132,6 +134,17 @@ fn bad_config_files_exit_2_naming_the_problem() {
         let out = floodgate(&["serve", "--config", path, "--listen", "127.0.0.1:0"]);
         refused(&out, problem, path);
     }
+    // A data directory that exists and is a file: a wrong argument (2), not a runtime failure.
+    let not_a_dir = dir.path().join("not-a-dir");
+    std::fs::write(&not_a_dir, b"x").expect("write");
+    let out = floodgate(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        not_a_dir.to_str().expect("utf-8"),
+    ]);
+    refused(&out, "is not a directory", "a data_dir that is a file");
     // The same checks apply to `limiter apply -f`.
     let bad = dir.path().join("c27.toml");
     let out = floodgate(&[

@@ -34,10 +34,10 @@ pub(crate) struct ServeArgs {
     /// Allow creating, changing and deleting limiters over the API.
     #[arg(long, env = "FLOODGATE_API_WRITES")]
     api_writes: Option<bool>,
-    /// Most limiters the server holds [default: 10000].
+    /// Most limiters the server holds, at least 1 [default: 10000].
     #[arg(long, env = "FLOODGATE_MAX_LIMITERS")]
     max_limiters: Option<usize>,
-    /// Largest request body in bytes [default: 65536].
+    /// Largest request body in bytes, at least 1 [default: 65536].
     #[arg(long, env = "FLOODGATE_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
     /// Keep limiters in Redis, shared by every server using it: `redis://HOST:PORT`
@@ -224,6 +224,11 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
     if options.max_connections == 0 {
         return Err(Failure::usage("max_connections: must be at least 1"));
     }
+    // Likewise: a body cap of 0 refuses every acquire, extend and definition that carries a
+    // body (413), and a cap of 0 limiters holds none.
+    if options.max_body_bytes == 0 {
+        return Err(Failure::usage("max_body_bytes: must be at least 1"));
+    }
     let tls = match (
         args.tls_cert.clone().or(file.tls_cert.clone()),
         args.tls_key.clone().or(file.tls_key.clone()),
@@ -240,7 +245,18 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
     let redis = args.redis.clone().or(file.redis.clone());
     let cluster = args.redis_cluster.or(file.redis_cluster).unwrap_or(false);
     let max_limiters = args.max_limiters.or(file.max_limiters);
+    if max_limiters == Some(0) {
+        return Err(Failure::usage("max_limiters: must be at least 1"));
+    }
     let data_dir = args.data_dir.clone().or(file.data_dir.clone());
+    // A path that exists and is not a directory is a wrong argument, said as one (exit 2);
+    // one that cannot be created or opened (permissions, a full disk) stays a runtime failure.
+    if let Some(dir) = data_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+        return Err(Failure::usage(format!(
+            "data_dir: {} exists and is not a directory",
+            dir.display()
+        )));
+    }
     let fsync: FsyncPolicy = args
         .fsync
         .as_deref()
