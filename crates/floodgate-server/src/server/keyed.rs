@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::path::ErrorKind;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::Json;
@@ -177,15 +178,17 @@ pub(crate) struct KeyOverrideBody {
 fn path_pair(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<(LimiterName, String), ApiError> {
-    // axum's message names the segment at fault (`name` or `key`); so does the field.
+    // The field is the segment at fault, as axum reports it (a segment that is not UTF-8 once
+    // decoded: the only way two string segments fail).
     let Path((name, key)) = path.map_err(|e| {
-        let text = e.body_text();
-        let field = if text.contains("`name`") {
-            "name"
-        } else {
-            "key"
+        let field = match &e {
+            PathRejection::FailedToDeserializePathParams(p) => match p.kind() {
+                ErrorKind::InvalidUtf8InPathParam { key } if key == "name" => "name",
+                _ => "key",
+            },
+            _ => "key",
         };
-        ApiError::bad_field(field, text)
+        ApiError::bad_field(field, e.body_text())
     })?;
     let name = LimiterName::new(&name).map_err(|e| ApiError::bad_field("name", e))?;
     floodgate::core::keyed::check_key(&key).map_err(|e| ApiError::bad_field(e.field, e.message))?;
