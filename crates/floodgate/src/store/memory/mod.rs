@@ -213,14 +213,16 @@ impl<C: Clock> Store for MemoryStore<C> {
             let shared = limiter.shared();
             let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
             let mut fx = crate::core::Effects::default();
-            self.inner.token_floor.fetch_max(
-                state.core.next_token(),
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            let next_token = state.core.next_token();
+            self.inner
+                .token_floor
+                .fetch_max(next_token, std::sync::atomic::Ordering::Relaxed);
             state.close_any(&mut fx);
             let now = shared.clock.now();
             state.settle(now, fx);
-            state.record(now, || durable::record::Op::Delete);
+            // The record carries the floor: a snapshot taken since the limiter left the map
+            // has neither it nor (maybe) the floor raised above.
+            state.record(now, || durable::record::Op::Delete { next_token });
             state.closed = true;
             drop(state);
             shared.timer.notify_one();

@@ -11,6 +11,8 @@
 //! `docs/durability.md` is the user's view: policies, guarantees per fault, and costs.
 
 pub(crate) mod clock_mark;
+#[cfg(test)]
+mod delete_floor_tests;
 pub(crate) mod record;
 pub(crate) mod recover;
 pub(crate) mod snapshot;

@@ -44,8 +44,14 @@ pub(crate) enum Op {
     Create { spec: SpecState, first_token: u64 },
     /// Its spec changed.
     Reconfigure { spec: SpecState },
-    /// It was deleted.
-    Delete,
+    /// It was deleted, when its next fencing token was `next_token`: recovery raises the
+    /// store's token floor to it even when the snapshot before this record no longer had the
+    /// limiter (a delete racing a snapshot), so a re-created limiter starts above every token
+    /// handed out. Absent (0) in logs written before the record carried it.
+    Delete {
+        #[serde(default)]
+        next_token: u64,
+    },
     /// An acquire.
     Acquire {
         permits: u32,
@@ -272,7 +278,7 @@ impl Op {
             // handled by the caller.
             Op::Create { .. }
             | Op::CreateKeyed { .. }
-            | Op::Delete
+            | Op::Delete { .. }
             | Op::Acquire { .. }
             | Op::Schedule { .. } => {}
         }
@@ -302,7 +308,7 @@ impl Op {
         let mut fx = Effects::default();
         let micros = std::time::Duration::from_micros;
         match self {
-            Op::Create { .. } | Op::Delete => {}
+            Op::Create { .. } | Op::Delete { .. } => {}
             // Keyed operations on a plain limiter were never logged.
             Op::CreateKeyed { .. }
             | Op::ReconfigureKeyed { .. }

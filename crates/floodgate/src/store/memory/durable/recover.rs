@@ -258,7 +258,10 @@ fn apply(
                 },
             );
         }
-        Op::Delete => {
+        Op::Delete { next_token } => {
+            // Whether or not the limiter is known here: a delete that raced a snapshot left
+            // it out of the snapshot, and its floor with it.
+            *token_floor = (*token_floor).max(*next_token);
             if limiters
                 .get(&record.limiter)
                 .is_some_and(|r| r.inc == record.inc && record.seq >= r.applied)
