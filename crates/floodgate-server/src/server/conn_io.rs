@@ -12,11 +12,15 @@
 //!   body, so an error head with `content-length: 0` can only be one of those; it is rewritten
 //!   to the API's `{error, message}` shape.
 //!
-//! - **An exact cap on a request head, and an answer to an HTTP/2 preface.** hyper's own cap
-//!   (its read buffer) is approximate: a head of up to about twice `max_buf_size` could get
+//! - **An exact cap on every request head, and an answer to an HTTP/2 preface.** hyper's own
+//!   cap (its read buffer) is approximate: a head of up to about twice `max_buf_size` could get
 //!   through when it arrived in large reads, so a head above [`MAX_HEAD`] is answered 431
 //!   `headers_too_large` (414 `uri_too_long` while still in the request line) here, before hyper
-//!   sees the rest. A client that opens with HTTP/2's preface (prior knowledge) got no answer at
+//!   sees the rest. Every head counts, pipelined ones too ([`HeadCap`] follows the bodies
+//!   between them). When earlier requests on the connection are still unanswered, their answers
+//!   must go first: hyper is then handed the over-long head's first [`MAX_HEAD`] bytes only, a
+//!   full read buffer without a complete head, which hyper itself refuses 431 after answering
+//!   the others (rewritten to JSON below, and to 414 for a request line). A client that opens with HTTP/2's preface (prior knowledge) got no answer at
 //!   all from hyper (it leaves that to an HTTP/2 fallback this server does not have); it is
 //!   answered with HTTP/2's GOAWAY `HTTP_1_1_REQUIRED`, which such a client can read. Both answers
 //!   are followed by a bounded lingering close (the client's unread bytes would otherwise reset
@@ -33,6 +37,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+use super::head_cap::HeadCap;
 
 /// Largest request head (request line and headers) accepted, as `docs/api.md` says.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -78,10 +84,14 @@ pub(crate) struct Guarded<IO> {
     deadline: Option<Pin<Box<Sleep>>>,
     /// A rewritten error answer still being written, and how far.
     pending: Option<(Vec<u8>, usize)>,
-    /// Bytes of the current request head so far (for the exact [`MAX_HEAD`]).
+    /// Bytes of the current request head so far (where HTTP/2's preface would be).
     head_len: usize,
-    /// Whether the current head's request line has ended (431 rather than 414 past the cap).
-    line_done: bool,
+    /// Where each request head starts and ends, for the exact [`MAX_HEAD`] on every one.
+    cap: HeadCap,
+    /// A pipelined head over the cap that hyper answers itself after the earlier requests (it
+    /// has its first [`MAX_HEAD`] bytes and gets nothing more): the status its answer must
+    /// carry (414 or 431). The close that follows lingers, as a refusal's does.
+    withheld: Option<u16>,
     /// Whether the current head is the connection's first (only it may be HTTP/2's preface).
     first_head: bool,
     /// How many bytes of [`H2_PREFACE`] the first head has matched so far.
@@ -113,7 +123,8 @@ impl<IO> Guarded<IO> {
             deadline: Some(Box::pin(tokio::time::sleep(timeouts.header))),
             pending: None,
             head_len: 0,
-            line_done: false,
+            cap: HeadCap::default(),
+            withheld: None,
             first_head: true,
             preface: 0,
             refusal: None,
@@ -128,8 +139,8 @@ impl<IO> Guarded<IO> {
         }
     }
 
-    /// Follows the bytes a read returned; an answer to give instead of passing them on when the
-    /// head is over [`MAX_HEAD`] or is HTTP/2's preface.
+    /// Follows the bytes a read returned (for the timeouts); an answer to give instead of
+    /// passing them on when the head is HTTP/2's preface.
     fn saw_read(&mut self, bytes: &[u8]) -> Option<Vec<u8>> {
         if bytes.is_empty() {
             return None;
@@ -138,7 +149,6 @@ impl<IO> Guarded<IO> {
             self.phase = Phase::Head;
             self.matched = 0;
             self.head_len = 0;
-            self.line_done = false;
             self.arm(self.timeouts.header);
         }
         if self.phase != Phase::Head {
@@ -152,10 +162,6 @@ impl<IO> Guarded<IO> {
                 self.preface += 1;
             }
             self.head_len += 1;
-            // Counted before the head's end is: the blank line is part of the head.
-            if self.head_len > MAX_HEAD {
-                return Some(json_answer(if self.line_done { 431 } else { 414 }));
-            }
             let want = if self.matched % 2 == 0 { b'\r' } else { b'\n' };
             self.matched = if b == want {
                 self.matched + 1
@@ -164,9 +170,6 @@ impl<IO> Guarded<IO> {
             } else {
                 0
             };
-            if b == b'\n' {
-                self.line_done = true;
-            }
             if self.matched == 4 {
                 self.phase = Phase::Busy;
                 self.deadline = None;
@@ -189,6 +192,18 @@ impl<IO> Guarded<IO> {
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Guarded<IO> {
+    /// Answers `answer` in hyper's place and ends the connection after a lingering close.
+    fn refuse(&mut self, cx: &mut Context<'_>, answer: Vec<u8>) -> Poll<io::Result<()>> {
+        self.refusal = Some(Refusal {
+            bytes: answer,
+            written: 0,
+            shut: false,
+            discarded: 0,
+        });
+        self.arm(self.timeouts.header);
+        self.poll_refusal(cx)
+    }
+
     /// Writes the refusal, shuts our side, then reads and drops what the client still sends
     /// (bounded by [`LINGER_BYTES`] and the header deadline) so that closing does not reset
     /// the connection before the client read the answer; then ends the connection.
@@ -253,27 +268,41 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
         if this.refusal.is_some() {
             return this.poll_refusal(cx);
         }
+        if this.withheld.is_some() {
+            // hyper holds the over-long head's first MAX_HEAD bytes, a full buffer: it refuses
+            // the head without reading again.
+            return Poll::Pending;
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
+            if let Some(over) = this
+                .cap
+                .feed(buf.filled().get(before..).unwrap_or_default())
+            {
+                if over.answered {
+                    // Nothing is waiting for an answer: refused here and now.
+                    buf.set_filled(before);
+                    return this.refuse(cx, json_answer(over.code));
+                }
+                // Earlier requests first: hyper gets the bytes up to the cap, no more.
+                buf.set_filled(before + over.at);
+                this.withheld = Some(over.code);
+                if over.at == 0 {
+                    return Poll::Pending;
+                }
+            }
             if let Some(answer) = this.saw_read(buf.filled().get(before..).unwrap_or_default()) {
                 // hyper never sees these bytes; the refusal is the answer.
                 buf.set_filled(before);
-                this.refusal = Some(Refusal {
-                    bytes: answer,
-                    written: 0,
-                    shut: false,
-                    discarded: 0,
-                });
-                this.arm(this.timeouts.header);
-                return this.poll_refusal(cx);
+                return this.refuse(cx, answer);
             }
         }
         polled
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -281,7 +310,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.pending.is_none() {
-            if let Some(json) = rewrite_bare_error(buf) {
+            if let Some(json) = rewrite_bare_error(buf, this.withheld) {
                 this.pending = Some((json, 0));
             }
         }
@@ -296,11 +325,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
                 }
             }
             this.pending = None;
+            this.cap.wrote(buf);
             this.saw_write(buf.len());
             return Poll::Ready(Ok(buf.len()));
         }
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
+            this.cap.wrote(buf.get(..n).unwrap_or_default());
             this.saw_write(n);
         }
         polled
@@ -311,7 +342,31 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.withheld.is_none() {
+            return Pin::new(&mut this.io).poll_shutdown(cx);
+        }
+        // hyper refused the withheld head and closes: linger as a refusal does, so the bytes
+        // of it that were never read do not reset the connection before the client read the
+        // answers.
+        if this.refusal.is_none() {
+            this.refusal = Some(Refusal {
+                bytes: Vec::new(),
+                written: 0,
+                shut: false,
+                discarded: 0,
+            });
+            this.arm(this.timeouts.header);
+        }
+        if let Some(deadline) = &mut this.deadline {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        match this.poll_refusal(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -362,7 +417,9 @@ fn h2_goaway() -> Vec<u8> {
 }
 
 /// If `head` is one of hyper's bodiless error answers, the same answer with a JSON body.
-fn rewrite_bare_error(head: &[u8]) -> Option<Vec<u8>> {
+/// `withheld`: hyper's 431 to a head cut at the cap is that head's status (414 for a request
+/// line).
+fn rewrite_bare_error(head: &[u8], withheld: Option<u16>) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(head).ok()?;
     let (status_line, rest) = text.split_once("\r\n")?;
     let mut parts = status_line.splitn(3, ' ');
@@ -372,6 +429,10 @@ fn rewrite_bare_error(head: &[u8]) -> Option<Vec<u8>> {
     if !version.starts_with("HTTP/1.") || !(400..600).contains(&code) {
         return None;
     }
+    let (code, reason) = match withheld {
+        Some(414) if code == 431 => (414, "URI Too Long"),
+        _ => (code, reason),
+    };
     let (headers, body) = rest.split_once("\r\n\r\n").or_else(|| {
         // The status line was the whole head: `rest` starts with the blank line.
         rest.strip_prefix("\r\n").map(|b| ("", b))
@@ -413,7 +474,8 @@ mod tests {
     #[test]
     fn bare_errors_get_json_bodies() {
         let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
-        let out = String::from_utf8(rewrite_bare_error(head).expect("rewritten")).expect("utf8");
+        let out =
+            String::from_utf8(rewrite_bare_error(head, None).expect("rewritten")).expect("utf8");
         let (head, body) = out.split_once("\r\n\r\n").expect("blank line");
         assert!(head.starts_with("HTTP/1.1 431 "), "{out}");
         assert!(head.contains("connection: close"), "{out}");
@@ -434,7 +496,7 @@ mod tests {
             b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}",
             b"{\"json\": 1}",
         ] {
-            assert!(rewrite_bare_error(head).is_none());
+            assert!(rewrite_bare_error(head, None).is_none());
         }
     }
 }

@@ -19,6 +19,8 @@ use super::conn_io::{Guarded, Timeouts};
 /// than hyper's default (about 400 KB) so that a slow client cannot make the server hold
 /// hundreds of kilobytes for it; bodies are streamed and not bounded by it.
 const MAX_READ_BUF: usize = 64 * 1024;
+// A head cut at the cap is refused by hyper itself when its buffer is full (see `conn_io`).
+const _: () = assert!(MAX_READ_BUF == super::conn_io::MAX_HEAD);
 
 /// What the accept loop needs to know.
 #[derive(Debug, Clone)]

@@ -7,6 +7,7 @@ mod conn_io;
 pub mod error;
 mod extract;
 mod guard;
+mod head_cap;
 mod keyed;
 mod listen;
 mod request_id;

@@ -5,7 +5,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::PATIENCE;
-use crate::{answers, bare, exchange, one, Abused};
+use crate::{answers, bare, exchange, one, read_all, Abused};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abusive_headers_get_json_4xx_and_leave_state_intact() {
@@ -339,5 +339,92 @@ async fn an_http2_preface_gets_goaway_http_1_1_required() {
     assert_eq!(goaway.get(3), Some(&7), "{out:?}");
     assert_eq!(goaway.get(13..17), Some(&[0, 0, 0, 0xd][..]), "{out:?}");
     srv.intact("an HTTP/2 preface").await;
+    srv.stop().await;
+}
+
+/// The cap holds for every head on a connection, not only the first of a read: two requests
+/// pipelined in one write, the second with a 100 KB header, get 200 then 431 (hyper's own
+/// cap let the second through: it came in the read that ended the first head).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_head_over_the_cap_is_431_after_the_first_answer() {
+    let srv = Abused::start().await;
+    let second = |pad: usize| {
+        format!(
+            "GET /v1/limiters/w HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-pad: {}\r\n\r\n",
+            "p".repeat(pad)
+        )
+    };
+    // A first request with a body, so the second head starts after it, not after its head.
+    let first = "PUT /v1/limiters/p HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                 content-length: 2\r\n\r\n{}";
+    let all = exchange(srv.addr(), format!("{first}{}", second(100_000)).as_bytes()).await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0].status, 200, "{}", all[0].text);
+    all[1].refused(431, "headers_too_large", None, "a pipelined 100 KB head");
+
+    // At the cap exactly, the pipelined head is served; in its request line, 414.
+    let start = "GET /v1/limiters/w HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-pad: ";
+    let at_cap = second(64 * 1024 - start.len() - 4);
+    assert_eq!(at_cap.len(), 64 * 1024);
+    let all = exchange(srv.addr(), format!("{first}{at_cap}").as_bytes()).await;
+    let statuses: Vec<u16> = all.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, [200, 200], "{all:?}");
+    let over = second(64 * 1024 + 1 - start.len() - 4);
+    let all = exchange(srv.addr(), format!("{first}{over}").as_bytes()).await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0].status, 200, "{}", all[0].text);
+    all[1].refused(
+        431,
+        "headers_too_large",
+        None,
+        "a pipelined head of 64 KiB + 1",
+    );
+    let long_line = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "u".repeat(64 * 1024));
+    let all = exchange(srv.addr(), format!("{first}{long_line}").as_bytes()).await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0].status, 200, "{}", all[0].text);
+    all[1].refused(414, "uri_too_long", None, "a pipelined 64 KiB request line");
+
+    // A chunked body between them: the second head is found after its last chunk.
+    let chunked = "PUT /v1/limiters/p HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                   transfer-encoding: chunked\r\n\r\n1\r\n{\r\n1;ext=1\r\n}\r\n0\r\nx-trailer: t\r\n\r\n";
+    let all = exchange(
+        srv.addr(),
+        format!("{chunked}{}", second(100_000)).as_bytes(),
+    )
+    .await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0].status, 200, "{}", all[0].text);
+    all[1].refused(
+        431,
+        "headers_too_large",
+        None,
+        "a 100 KB head after a chunked body",
+    );
+
+    // The second head sent only once the first was answered: refused at once, in order.
+    let mut stream = TcpStream::connect(srv.addr()).await.unwrap();
+    stream.write_all(first.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while answers(&got).is_empty() {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("the first request was not answered")
+            .unwrap();
+        assert!(n > 0, "closed before the first answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(answers(&got)[0].status, 200, "{}", answers(&got)[0].text);
+    let _ = stream.write_all(second(100_000).as_bytes()).await;
+    let rest = read_all(&mut stream).await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    rest[0].refused(
+        431,
+        "headers_too_large",
+        None,
+        "a 100 KB head after an answer",
+    );
+    srv.intact("pipelined head cap").await;
     srv.stop().await;
 }
