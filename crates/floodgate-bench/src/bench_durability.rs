@@ -34,17 +34,21 @@ pub(crate) struct BenchDurabilityArgs {
     /// Rounds of (memory, everysec, always) phases; medians are reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     rounds: u32,
-    /// Recovery: limiters.
-    #[arg(long, default_value_t = 10_000)]
+    /// Recovery: limiters (at least 1; the store's cap is raised to fit).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     limiters: u32,
-    /// Recovery: holders in total (spread over the limiters).
+    /// Recovery: holders in total, spread as evenly as they go over the limiters.
     #[arg(long, default_value_t = 100_000)]
     holders: u32,
-    /// Log size: operations (acquires and releases) to run.
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Log size: operations to run, acquire and release pairs (an even number, at least 2).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(2..))]
     ops: u64,
-    /// Log size: the snapshot threshold in bytes.
-    #[arg(long, default_value_t = floodgate::store::memory::DEFAULT_SNAPSHOT_AFTER_BYTES)]
+    /// Log size: the snapshot threshold in bytes (at least 1).
+    #[arg(
+        long,
+        default_value_t = floodgate::store::memory::DEFAULT_SNAPSHOT_AFTER_BYTES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     snapshot_after_bytes: u64,
     /// Where the data directories go (a fresh temporary directory below it).
     #[arg(long, default_value = "target/bench-durability")]
@@ -61,6 +65,12 @@ fn fail(message: impl std::fmt::Display) -> Failure {
 pub(crate) async fn bench_durability(args: BenchDurabilityArgs) -> Result<u8, Failure> {
     if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 600.0) {
         return Err(Failure::usage("--seconds: more than 0, at most 600"));
+    }
+    if args.ops % 2 != 0 {
+        return Err(Failure::usage(format!(
+            "--ops {}: an even number (acquire and release pairs)",
+            args.ops
+        )));
     }
     std::fs::create_dir_all(&args.dir).map_err(|e| fail(format!("{}: {e}", args.dir.display())))?;
     let scratch = tempfile::Builder::new()
@@ -226,17 +236,20 @@ async fn recovery(args: &BenchDurabilityArgs, root: &Path) -> Result<Value, Fail
     let dir = root.join("recovery");
     let durability = Durability::new(&dir).fsync(FsyncPolicy::No);
     let (store, _) = MemoryStore::open(durability.clone()).map_err(fail)?;
+    let limiters = args.limiters;
+    let store = store.with_max_limiters(usize::try_from(limiters).unwrap_or(usize::MAX));
     let gate = Floodgate::with_store(store.clone());
-    let limiters = args.limiters.max(1);
-    let per = args.holders / limiters;
-    let spec = LimiterSpec::concurrency(per.max(1))
-        .with_default_lease(Duration::from_secs(3600))
-        .with_max_wait(Duration::ZERO);
+    // Every holder asked for: the first `holders % limiters` limiters take one more.
+    let (per, extra) = (args.holders / limiters, args.holders % limiters);
     for i in 0..limiters {
+        let here = per + u32::from(i < extra);
+        let spec = LimiterSpec::concurrency(here.max(1))
+            .with_default_lease(Duration::from_secs(3600))
+            .with_max_wait(Duration::ZERO);
         let name = format!("r{i}");
-        gate.define(&name, spec.clone()).await.map_err(fail)?;
+        gate.define(&name, spec).await.map_err(fail)?;
         let limiter = gate.limiter(&name).await.map_err(fail)?;
-        for _ in 0..per {
+        for _ in 0..here {
             limiter
                 .acquire(AcquireOptions::new().holder("worker-1"))
                 .await

@@ -108,6 +108,9 @@ fn bad_config_files_exit_2_naming_the_problem() {
         ),
         ("[limiters.a]\nconcurrency = 1\nmax_keys = 5".into(), "max_keys"),
         ("[limiters.a]\nconcurrency = 1\nwat = 5".into(), "wat"),
+        // Indices above are used below (c27): new cases go here.
+        ("redis = \"redis+sentinel://h:1\"".into(), "master"),
+        ("redis = \"redis+sentinel://h:x/m\"".into(), "\"h:x\""),
     ];
     for (i, (text, problem)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));
@@ -357,6 +360,33 @@ fn bad_arguments_exit_2_naming_the_problem() {
         ),
         (&["bench-durability", "--seconds", "0"], "--seconds"),
         (&["bench-durability", "--clients", "0"], "--clients"),
+        (&["bench-durability", "--limiters", "0"], "--limiters"),
+        (&["bench-durability", "--ops", "0"], "--ops"),
+        (&["bench-durability", "--ops", "3"], "--ops"),
+        (
+            &["bench-durability", "--snapshot-after-bytes", "0"],
+            "--snapshot-after-bytes",
+        ),
+        (
+            &[
+                "serve",
+                "--redis",
+                "redis+sentinel://h:1",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "master",
+        ),
+        (
+            &[
+                "serve",
+                "--redis",
+                "redis+sentinel://u:pw@h/m",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "HOST:PORT",
+        ),
         (&["dashboard-bench", "--seconds", "0"], "--seconds"),
         (&["dashboard-bench", "--viewers", "0"], "--viewers"),
     ];

@@ -118,7 +118,8 @@ fn bench_durability_runs_and_measures() {
     let scratch = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
         .args(["bench-durability", "--seconds", "0.2", "--rounds", "1"])
-        .args(["--clients", "2", "--limiters", "10", "--holders", "100"])
+        // 100 holders over 7 limiters: every one is placed (14 each left 2 out once).
+        .args(["--clients", "2", "--limiters", "7", "--holders", "100"])
         .args(["--ops", "2000", "--snapshot-after-bytes", "20000"])
         .arg("--dir")
         .arg(scratch.path())

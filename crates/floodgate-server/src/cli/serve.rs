@@ -376,8 +376,8 @@ fn redis_urls(text: &str) -> Vec<String> {
 }
 
 /// A Redis URL that cannot be one is bad input (exit code 2), not an unavailable store: each
-/// must have a Redis scheme and, but for Sentinel's (several hosts, parsed by the store),
-/// parse as a URL.
+/// must have a Redis scheme and parse as a URL (a Sentinel URL, which lists several hosts, as
+/// the store reads it).
 fn check_redis_urls(urls: &[String]) -> Result<(), String> {
     const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
     if urls.is_empty() {
@@ -385,6 +385,7 @@ fn check_redis_urls(urls: &[String]) -> Result<(), String> {
     }
     for url in urls {
         if url.starts_with("redis+sentinel://") {
+            floodgate::store::redis::check_sentinel_url(url)?;
             continue;
         }
         if !SCHEMES.iter().any(|s| url.starts_with(s)) {

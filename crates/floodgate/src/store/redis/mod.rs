@@ -31,6 +31,7 @@ use self::conn::{Conn, PubSubSource};
 pub use self::limiter::RedisLimiter;
 #[doc(hidden)]
 pub use self::script::{keyed_script_source, limiter_keys, script_source, status_schema};
+pub use self::sentinel::check_sentinel_url;
 use crate::core::LimiterStatus;
 use crate::error::StoreError;
 use crate::spec::{LimiterSpec, MAX_LEASE, MAX_WAIT};

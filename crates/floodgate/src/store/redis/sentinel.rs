@@ -66,11 +66,38 @@ pub(super) fn parse(url: &str) -> Option<Result<Target, StoreError>> {
     if sentinels.is_empty() || sentinels.iter().any(|h| !h.contains(':')) {
         return bad("each sentinel is HOST:PORT");
     }
+    // A port that is not one would only fail at connect time, as an unreachable store.
+    let port_ok = |h: &str| {
+        h.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        })
+    };
+    if let Some(h) = sentinels.iter().find(|h| !port_ok(h)) {
+        return bad(&format!(
+            "sentinel {h:?}: each sentinel is HOST:PORT, the port from 1 to 65535"
+        ));
+    }
     Some(Ok(Target {
         sentinels,
         master: master.to_owned(),
         userinfo,
     }))
+}
+
+/// Checks a `redis+sentinel://` URL as [`RedisStore::connect`](super::RedisStore::connect)
+/// reads it, without connecting, so a program can refuse a malformed one as bad input rather
+/// than report an unreachable store. URLs of other schemes are not checked here (`Ok`).
+///
+/// # Errors
+///
+/// Why the URL is not one (no master name, a sentinel without a port, ...), naming the URL
+/// with its password hidden and the form expected.
+pub fn check_sentinel_url(url: &str) -> Result<(), String> {
+    match parse(url) {
+        Some(Err(StoreError::Unavailable(why))) => Err(why.message().to_owned()),
+        Some(Err(other)) => Err(other.to_string()),
+        Some(Ok(_)) | None => Ok(()),
+    }
 }
 
 /// The master in use.
@@ -289,5 +316,24 @@ mod tests {
             .expect("scheme")
             .expect_err("no port");
         assert!(err.to_string().contains("HOST:PORT"), "{err}");
+        for bad in [
+            "redis+sentinel://h:x/m",
+            "redis+sentinel://h:0/m",
+            "redis+sentinel://h:65536/m",
+            "redis+sentinel://a:1,:2/m",
+        ] {
+            let err = check_sentinel_url(bad).expect_err(bad);
+            assert!(
+                err.contains("HOST:PORT") && !err.contains("unavailable"),
+                "{err}"
+            );
+        }
+        let err = check_sentinel_url("redis+sentinel://u:secret@h:1").expect_err("no master");
+        assert!(err.contains("master") && !err.contains("secret"), "{err}");
+        assert_eq!(
+            check_sentinel_url("redis+sentinel://[::1]:26379,h:2/m"),
+            Ok(())
+        );
+        assert_eq!(check_sentinel_url("redis://anything"), Ok(()));
     }
 }
