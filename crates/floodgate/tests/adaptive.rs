@@ -22,6 +22,9 @@
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,25 +32,8 @@ use std::time::Duration;
 use floodgate::{
     AcquireOptions, AdaptiveSpec, Feedback, Floodgate, LimiterBackend, LimiterSpec, MemoryStore,
 };
+use support::rng::Rng;
 use tokio::time::{sleep, Instant};
-
-/// A small deterministic generator (SplitMix64): one per worker, seeded by its index.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi` microseconds.
-    fn micros(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_micros(lo + self.next() % (hi - lo + 1))
-    }
-}
 
 /// The backend: a hidden capacity, and counts of what it answered.
 #[derive(Default)]

@@ -20,6 +20,7 @@ use floodgate::{
     AcquireOptions, Floodgate, KeyOverride, KeyedSpec, LimiterBackend, LimiterSpec, MemoryStore,
     RedisConfig, RedisStore, Store,
 };
+use support::rng::Rng;
 
 const TOTAL: i64 = 12;
 const PER_KEY: i64 = 3;
@@ -28,21 +29,6 @@ const OVERRIDDEN: i64 = 1;
 const KEYS: usize = 40;
 const TASKS: u64 = 1_500;
 const LONG_LEASE: Duration = Duration::from_secs(60);
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 /// Counts held permits outside the limiter; records the peak and every violation.
 struct Witness {

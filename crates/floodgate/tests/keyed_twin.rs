@@ -32,24 +32,10 @@ use std::time::Duration;
 use floodgate::core::keyed::{KeyLayer, KeyOverride, KeyedSpec};
 use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal, WaiterId};
 use floodgate::{FencingToken, LimiterSpec, RateSpec, Timestamp};
+use support::rng::Rng;
 
 const T0: u64 = 1_000_000_000_000;
 const KEYS: [&str; 5] = ["a", "b", "c", "d", "e"];
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// How a decision reads on both sides: `G` (granted), `T<retry us>`, `X<requested>/<limit>`.
 fn core_outcome(o: &Result<floodgate::core::Grant, Refusal>) -> String {

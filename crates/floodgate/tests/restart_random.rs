@@ -21,6 +21,9 @@
 //! the failing seed is printed and `RESTART_RANDOM_SEED=S` replays it alone (in the soak,
 //! seed S runs as S + 2^32).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::Path;
@@ -32,23 +35,10 @@ use floodgate::{
     AcquireError, AcquireOptions, Durability, ExtendError, FencingToken, Grant, KeyedSpec,
     LimiterBackend, LimiterName, LimiterSpec, MemoryLimiter, MemoryStore, Store, WallClock,
 };
+use support::rng::XorShift as Rng;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const KEYS: [&str; 3] = ["a", "b", "c"];
-
-/// A small deterministic generator (xorshift), so a failing seed can be replayed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The data directory's file names (LOCK excluded: a lock is not inherited by a copy).
 fn listing(dir: &Path) -> BTreeSet<std::ffi::OsString> {

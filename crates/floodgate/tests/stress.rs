@@ -9,6 +9,9 @@
 #![cfg(not(feature = "shuttle"))]
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -17,6 +20,7 @@ use std::time::Duration;
 use floodgate::{
     AcquireOptions, ExtendError, Floodgate, Limiter, LimiterSpec, MemoryLimiter, Permit, TokioClock,
 };
+use support::rng::Rng;
 
 /// The limit under test.
 const LIMIT: u32 = 7;
@@ -31,28 +35,6 @@ const LONG_LEASE: Duration = Duration::from_secs(60);
 const MAX_ABANDONED_LEASE_MS: u64 = 30;
 
 type Backend = MemoryLimiter<TokioClock>;
-
-/// SplitMix64: tiny, seedable, good enough to pick plans.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(self.range(lo, hi))
-    }
-}
 
 /// What a task does once it holds its permits.
 #[derive(Debug, Clone, Copy)]

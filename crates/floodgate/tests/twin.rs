@@ -31,6 +31,7 @@ use floodgate::{AdaptiveSpec, FencingToken, LimiterName, LimiterSpec, RateSpec, 
 use gen::{permits_for, scenario, span_ms, Op, SpecChoice, Step, TokenPick, WaiterPick};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use support::rng::XorShift;
 
 /// The clock's start, in microseconds: any value works, both sides get the same.
 const T0: u64 = 1_000_000_000;
@@ -983,12 +984,10 @@ fn the_gradient_controller_matches_the_core_over_a_long_run() {
         );
         assert_eq!(granted, reply[0] == "granted", "{reply:?}");
     }
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
     let mut decreases = 0;
     for i in 0..4_000_u64 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next();
         now += 1_000 + x % 20_000;
         let queueing = (2_000..2_400).contains(&i);
         let base = if x % 17 == 0 {

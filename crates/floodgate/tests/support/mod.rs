@@ -5,6 +5,7 @@
 
 pub(crate) mod certs;
 mod ports;
+pub(crate) mod rng;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
