@@ -28,6 +28,7 @@ use floodgate::{
 };
 use serde_json::{json, Value};
 
+mod redis_server;
 mod rigs;
 
 use self::rigs::{Cost, EmbeddedRig, RedisRig, Rig};
@@ -165,7 +166,7 @@ pub(crate) async fn bench_growth(args: BenchGrowthArgs) -> Result<u8, Failure> {
         let url = match &args.redis {
             Some(url) => url.clone(),
             None => {
-                let server = rigs::RedisServer::start().await?;
+                let server = redis_server::RedisServer::start().await?;
                 let url = server.url();
                 _server = server;
                 url
