@@ -156,6 +156,8 @@ def test_heartbeat_detects_a_permit_released_behind_its_back(
         assert fg.release(p.permit_id) is True  # someone else releases it by id
         assert wait_until(lambda: p.lost, 5)
         assert p.expires_in > 20  # the lease had not run out: the server said permit_lost
+        # p.lost is visible as soon as the answer is read; on_lost runs just after it.
+        assert wait_until(lambda: bool(lost_calls), 5)
         assert lost_calls == [p]
         assert isinstance(p.heartbeat_error, PermitLost)
         assert p.heartbeat_error.code == "permit_lost"

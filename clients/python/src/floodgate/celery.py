@@ -311,6 +311,9 @@ def limited(
                 if unavailable_max_retries is not None and n >= unavailable_max_retries:
                     raise
                 countdown = full_jitter(n, retry_base, retry_cap)
+                hint = getattr(e, "retry_after", None)
+                if isinstance(hint, (int, float)):
+                    countdown = max(countdown, float(hint))  # a 503's Retry-After
                 log.warning("floodgate: %s cannot grant %s now (%s); retry %s in %.3f s",
                             fg.url, limiter, e, self.name, countdown)
                 raise self.retry(

@@ -217,7 +217,7 @@ class Permit:
         if interval is None:
             interval = self.lease / 3.0
         if interval <= 0:
-            raise ValueError("the heartbeat interval must be positive")
+            raise ValueError("heartbeat: the interval must be positive, not {!r}".format(interval))
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._heartbeat,

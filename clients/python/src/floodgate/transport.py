@@ -37,9 +37,10 @@ _STALE = (
 )
 
 
-def _quote(segment: str) -> str:
+def _quote(segment: str, what: str = "name") -> str:
+    """A path segment, percent-encoded; ``what`` names the parameter in a ``TypeError``."""
     if not isinstance(segment, str):
-        raise TypeError("expected a string, not {!r}".format(segment))
+        raise TypeError("{}: expected a string, not {!r}".format(what, segment))
     return urllib.parse.quote(segment, safe="")
 
 
@@ -173,6 +174,12 @@ class _Transport:
                 raise failure from cause
             delay = min(self.backoff_max, self.backoff * (2 ** attempt))
             delay = random.uniform(delay / 2, delay)
+            hint = getattr(failure, "retry_after", None)
+            if hint is not None:
+                if hint > self.backoff_max:
+                    # Longer than this call would wait: the caller is told when to come back.
+                    raise failure from cause
+                delay = max(delay, hint)  # never sooner than the server (or proxy) asked
             log.debug("floodgate: %s %s failed (%s); retry %d in %.3f s",
                       method, path, failure, attempt + 1, delay)
             time.sleep(delay)
