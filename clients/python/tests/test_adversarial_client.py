@@ -436,3 +436,45 @@ def test_bad_arguments_raise_naming_the_parameter_and_take_nothing(
     assert str(info.value).startswith(needle), str(info.value)
     status = fg.limiter(name)
     assert status["in_use"] == 0 and status["counters"]["granted"] == 0  # nothing leaked
+
+
+def test_keyed_acquires_from_threads_keep_each_key_and_the_total_under_their_limits(
+    fg: Floodgate,
+) -> None:
+    total, per_key, keys, per_thread = 4, 2, 3, 6
+    name = "k-{}".format(os.urandom(6).hex())
+    fg.define(name, total, per_key={"concurrency": per_key})
+    lock = threading.Lock()
+    inside: Dict[str, int] = {}
+    peaks: Dict[str, int] = {}
+    errors: List[BaseException] = []
+
+    def work(key: str) -> None:
+        try:
+            for _ in range(per_thread):
+                with fg.permit(name, key=key, wait=30, lease=5, heartbeat=0.5):
+                    with lock:
+                        inside[key] = inside.get(key, 0) + 1
+                        inside["*"] = inside.get("*", 0) + 1
+                        for k in (key, "*"):
+                            peaks[k] = max(peaks.get(k, 0), inside[k])
+                    time.sleep(0.005)
+                    with lock:
+                        inside[key] -= 1
+                        inside["*"] -= 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=("org-{}".format(i % keys),))
+               for i in range(keys * 4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(120)
+    assert not errors, errors
+    assert 1 <= peaks["*"] <= total
+    assert all(1 <= peaks["org-{}".format(i)] <= per_key for i in range(keys)), peaks
+    status = fg.limiter(name)
+    assert status["in_use"] == 0
+    assert status["counters"]["granted"] == keys * 4 * per_thread
+    assert status["counters"]["expired"] == 0

@@ -179,3 +179,44 @@ def test_a_sigkilled_worker_frees_its_slot_at_the_lease_end_and_its_task_runs_ag
     assert status["counters"]["expired"] == before["expired"] + 1  # the dead process's
     assert status["counters"]["granted"] == before["granted"] + 3
     assert status["counters"]["released"] == before["released"] + 2
+
+
+def test_a_sigkilled_worker_with_early_acks_reports_the_task_failed(
+    adv_worker: "subprocess.Popen[bytes]", adv_env: Dict[str, str], server: ServerProcess,
+    redis_server: RedisProcess, celery_client: Celery,
+) -> None:
+    """Celery's default acks the message before the body runs: a SIGKILLed process's task is
+    not run again but reported failed (WorkerLostError), never silently dropped; its slot
+    comes back when the lease ends. (docs/python.md: use acks_late with
+    reject_on_worker_lost for tasks that must run again.)"""
+    fg = Floodgate(server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    name = adv_env["ADV_KILL_LIMITER"]
+    before = fg.limiter(name)["counters"]
+    run = "adv-" + uuid.uuid4().hex[:8]
+    result = _send(celery_client, adv_env, "adv.killable_early", run)
+    assert wait_until(lambda: r.get(run + ":A-pid") is not None, 60, 0.02)
+    assert fg.limiter(name)["in_use"] == 1
+    os.kill(int(r.get(run + ":A-pid") or 0), signal.SIGKILL)
+    assert wait_until(lambda: result.state == "FAILURE", 60, 0.05), result.state  # type: ignore[attr-defined]
+    assert "WorkerLost" in repr(result.result)  # type: ignore[attr-defined]
+    assert wait_until(lambda: fg.limiter(name)["in_use"] == 0, 30)  # the lease ended
+    assert _int(r, run + ":ran") == 1
+    counters = fg.limiter(name)["counters"]
+    assert counters["expired"] == before["expired"] + 1
+    assert counters["granted"] == before["granted"] + 1
+
+
+def test_a_permit_lost_during_the_body_is_told_to_it_and_fails_the_task(
+    adv_worker: "subprocess.Popen[bytes]", adv_env: Dict[str, str], server: ServerProcess,
+    redis_server: RedisProcess, celery_client: Celery,
+) -> None:
+    fg = Floodgate(server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    run = "adv-" + uuid.uuid4().hex[:8]
+    result = _send(celery_client, adv_env, "adv.loses_permit", run)
+    assert wait_until(lambda: result.state == "FAILURE", 60, 0.05), result.state  # type: ignore[attr-defined]
+    assert "PermitLost" in (result.traceback or "")  # type: ignore[attr-defined]
+    assert _int(r, run + ":told") == 1 and _int(r, run + ":ran-on") == 0
+    assert _int(r, run + ":attempts") == 1  # not retried: the loss is the task's to handle
+    assert fg.limiter(adv_env["ADV_OPEN_LIMITER"])["in_use"] == 0

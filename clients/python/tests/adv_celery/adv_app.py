@@ -103,3 +103,30 @@ def killable(self: Any, run: str, tag: str) -> None:
     time.sleep(0.05)
     _r.lrem(holders, 0, me)
     _r.sadd("{}:done".format(run), tag)
+
+
+@app.task(bind=True, name="adv.killable_early")
+@limited(os.environ["ADV_KILL_LIMITER"], wait=60, lease=1, heartbeat=0.2)
+def killable_early(self: Any, run: str) -> None:
+    """Celery's default acks (before the body): its first run stays in the body until the
+    test SIGKILLs its process; a second run would be counted."""
+    _r.incr("{}:ran".format(run))
+    _r.set("{}:A-pid".format(run), os.getpid())
+    time.sleep(120)
+
+
+@app.task(bind=True, name="adv.loses_permit")
+@limited(os.environ["ADV_OPEN_LIMITER"], wait=5, lease=30, heartbeat=0.1)
+def loses_permit(self: Any, run: str) -> None:
+    """Its permit is released by id behind its back (as an operator, or a lease that ran out,
+    would end it); the heartbeat tells the body, whose check() raises PermitLost."""
+    permit = current_permit()
+    assert permit is not None
+    Floodgate(os.environ["FLOODGATE_URL"]).release(permit.permit_id)
+    deadline = time.monotonic() + 30
+    while not permit.lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if permit.lost:
+        _r.incr("{}:told".format(run))
+    permit.check()
+    _r.incr("{}:ran-on".format(run))  # never reached: the body stopped at check()
