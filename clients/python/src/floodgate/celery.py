@@ -41,6 +41,7 @@ Celery is an optional dependency: ``pip install 'floodgate[celery]'``.
 
 import functools
 import logging
+import math
 import os
 import random
 import threading
@@ -54,8 +55,9 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         "floodgate.celery needs Celery: pip install 'floodgate[celery]'"
     ) from e
 
-from .client import Floodgate, Permit, Seconds
+from .client import Floodgate, Permit, Seconds, _heartbeat_interval
 from .errors import FloodgateError, NoPermit, NotFound, Unavailable, UnknownLimiter
+from .types import _ms
 
 __all__ = ["limited", "paced_fan_out", "current_permit", "full_jitter", "client_from_env"]
 
@@ -190,6 +192,50 @@ def _release(permit: Permit) -> None:
                     permit.permit_id, e)
 
 
+def _check_arguments(
+    *,
+    name: Any,
+    key: Any,
+    wait: Seconds,
+    lease: Optional[Seconds],
+    permits: int,
+    heartbeat: Union[bool, float],
+    throttle_exceptions: Tuple[Type[BaseException], ...],
+    counts: Dict[str, Optional[int]],
+    durations: Dict[str, Optional[float]],
+) -> None:
+    """Refuses ``@limited``'s bad arguments when the task is decorated (at import), naming
+    the parameter: found at run time they would fail every run of the task instead."""
+    if not (isinstance(name, str) or callable(name)):
+        raise TypeError("name: a limiter name or a function returning one, not {!r}"
+                        .format(name))
+    if not (key is None or isinstance(key, str) or callable(key)):
+        raise TypeError("key: None, a key or a function returning one, not {!r}".format(key))
+    if _ms(wait, "wait") < 0:
+        raise ValueError("wait: 0 or more seconds, not {!r}".format(wait))
+    if lease is not None and _ms(lease, "lease") < 1:
+        raise ValueError("lease: at least 1 ms, not {!r}".format(lease))
+    _heartbeat_interval(heartbeat)
+    if isinstance(permits, bool) or not isinstance(permits, int) or permits < 1:
+        raise ValueError("permits: a whole number of at least 1, not {!r}".format(permits))
+    for exc in throttle_exceptions:
+        if not (isinstance(exc, type) and issubclass(exc, BaseException)):
+            raise TypeError(
+                "throttle_exceptions: exception classes, not {!r}".format(exc))
+    for field, count in counts.items():
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                  or count < 0):
+            raise ValueError("{}: None or a whole number of 0 or more, not {!r}"
+                             .format(field, count))
+    for field, seconds in durations.items():
+        if seconds is None:
+            continue
+        if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                or not math.isfinite(seconds) or seconds < 0):
+            raise ValueError("{}: a finite number of seconds of 0 or more, not {!r}"
+                             .format(field, seconds))
+
+
 def limited(
     name: Union[str, Callable[..., str]],
     *,
@@ -257,6 +303,16 @@ def limited(
     """
     if on_unavailable not in ("retry", "run", "raise"):
         raise ValueError("on_unavailable must be 'retry', 'run' or 'raise'")
+    _check_arguments(
+        name=name, key=key, wait=wait, lease=lease, permits=permits, heartbeat=heartbeat,
+        throttle_exceptions=throttle_exceptions,
+        counts={"max_retries": max_retries, "throttle_max_retries": throttle_max_retries,
+                "unavailable_max_retries": unavailable_max_retries},
+        durations={"backoff": backoff, "backoff_max": backoff_max,
+                   "retry_jitter": retry_jitter, "max_countdown": max_countdown,
+                   "unavailable_backoff": unavailable_backoff,
+                   "unavailable_backoff_max": unavailable_backoff_max},
+    )
     throttles = tuple(throttle_exceptions)
     retry_base = backoff if unavailable_backoff is None else float(unavailable_backoff)
     retry_cap = backoff_max if unavailable_backoff_max is None else float(unavailable_backoff_max)
