@@ -16,13 +16,13 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
 from floodgate import BadRequest, Floodgate, NoPermit, PermitLost, Unavailable
 
-from conftest import MakeLimiter, ServerProcess, wait_until
+from conftest import MakeLimiter, RedisProcess, ServerProcess, wait_until
 
 # What the proxy does with one request: "forward", "drop-before" (hang up before the server
 # sees it), "drop-after" (forward, read the server's answer, hang up without passing it on),
@@ -39,8 +39,11 @@ class Proxy:
     """A TCP front for the real server, one request per connection (it answers
     ``Connection: close``), that asks ``hook(request_line, body)`` what to do with each."""
 
-    def __init__(self, upstream_port: int, hook: Hook) -> None:
-        self.upstream_port = upstream_port
+    def __init__(self, upstream_port: int, hook: Hook,
+                 others: Optional[List[int]] = None) -> None:
+        # Request i goes to ports[i % len(ports)]: ``others`` are more servers (on one
+        # Redis), taken in turn, as behind a round-robin load balancer.
+        self.ports = [upstream_port] + list(others or [])
         self.hook = hook
         self.requests: List[Tuple[str, Dict[str, Any]]] = []
         self.answers: List[bytes] = []  # the server's answers, also those never passed on
@@ -85,6 +88,7 @@ class Proxy:
             request_line = lines[0].decode()
             parsed = json.loads(body) if body else {}
             self.requests.append((request_line, parsed))
+            upstream = self.ports[(len(self.requests) - 1) % len(self.ports)]
             action = self.hook(request_line, parsed)
             if action == "drop-before":
                 return
@@ -96,7 +100,7 @@ class Proxy:
                 head_out += ["{}: {}".format(k, v) for k, v in headers.items()]
                 conn.sendall("\r\n".join(head_out).encode() + b"\r\n\r\n" + raw)
                 return
-            with socket.create_connection(("127.0.0.1", self.upstream_port)) as up:
+            with socket.create_connection(("127.0.0.1", upstream)) as up:
                 kept = [line for line in lines[1:] if not line.lower().startswith(b"connection:")]
                 up.sendall(b"\r\n".join([lines[0]] + kept + [b"Connection: close", b"", body]))
                 answer = b""
@@ -219,6 +223,98 @@ def test_a_waiter_that_goes_away_for_good_frees_its_grant(
     with fg.permit(name, wait=20, lease=5):
         assert fg.limiter(name)["in_use"] == 1
     assert fg.limiter(name)["counters"]["expired"] == 0
+
+
+# -- two servers on one Redis ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_pair(floodgate_bin: str, redis_server: RedisProcess,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[List[ServerProcess]]:
+    """Two servers sharing one Redis: two machines of one deployment."""
+    log_dir = tmp_path_factory.mktemp("redis-pair")
+    servers = [ServerProcess(floodgate_bin, log_dir, extra=["--redis", redis_server.url])
+               for _ in range(2)]
+    try:
+        for s in servers:
+            s.start()
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_a_lost_grant_retried_through_another_server_is_the_same_grant(
+    redis_pair: List[ServerProcess],
+) -> None:
+    a, b = redis_pair
+    fg = Floodgate(a.url)
+    name = "t-{}".format(os.urandom(6).hex())
+    fg.define(name, 2)
+    # The first attempt goes to server A, which grants; its answer is lost. The retry goes to
+    # server B (round robin): it must find the same grant in Redis.
+    proxy = Proxy(a.port, _drop_first("drop-after"), others=[b.port])
+    try:
+        client = Floodgate(proxy.url, retries=2, backoff=0.01)
+        p = client.acquire(name, wait=1, lease=30)
+    finally:
+        proxy.close()
+    first = json.loads(proxy.answers[0].partition(b"\r\n\r\n")[2])
+    assert first["permit_id"] == p.permit_id
+    assert len(_acquires(proxy)) == 2
+    status = Floodgate(b.url).limiter(name)
+    assert status["in_use"] == 1 and status["counters"]["granted"] == 1
+    assert fg.release(p.permit_id) is True
+    assert Floodgate(b.url).limiter(name)["in_use"] == 0
+
+
+_PEAK = """
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n) end
+return n
+"""
+
+
+def test_processes_on_two_servers_never_exceed_the_limit(
+    redis_pair: List[ServerProcess], redis_server: RedisProcess,
+) -> None:
+    """Six processes, each with its own client, half through each server: a counter in Redis
+    incremented inside the guarded section never goes above the limit."""
+    import redis
+
+    limit, procs, rounds = 2, 6, 10
+    name = "t-{}".format(os.urandom(6).hex())
+    Floodgate(redis_pair[0].url).define(name, limit)
+    inflight, peak = name + ":inflight", name + ":peak"
+    pids = []
+    for i in range(procs):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                r = redis.Redis.from_url(redis_server.url)
+                fg = Floodgate(redis_pair[i % 2].url, timeout=5.0)
+                for _ in range(rounds):
+                    with fg.permit(name, wait=60, lease=5, heartbeat=0.5):
+                        r.eval(_PEAK, 2, inflight, peak)
+                        time.sleep(0.005)
+                        r.decr(inflight)
+                code = 0
+            except BaseException as e:  # noqa: BLE001 - reported through the exit code
+                os.write(2, "child failed: {!r}\n".format(e).encode())
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    codes = []
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        codes.append(os.waitstatus_to_exitcode(status))
+    assert codes == [0] * procs
+    r = redis.Redis.from_url(redis_server.url)
+    assert 1 <= int(r.get(peak) or 0) <= limit
+    assert int(r.get(inflight) or 0) == 0
+    status = Floodgate(redis_pair[1].url).limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["expired"] == 0
 
 
 # -- the server frozen for longer than the lease ---------------------------------------------
