@@ -574,3 +574,30 @@ def test_keyed_acquires_from_threads_keep_each_key_and_the_total_under_their_lim
     assert status["in_use"] == 0
     assert status["counters"]["granted"] == keys * 4 * per_thread
     assert status["counters"]["expired"] == 0
+
+
+# -- a release whose answer is lost ----------------------------------------------------------
+
+
+def test_a_release_whose_answer_is_lost_is_not_a_lost_permit(
+    server: ServerProcess, fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """The server released and answered, the client never read it; the retry finds the permit
+    gone. The block kept its permit to the end: leaving it must not raise PermitLost."""
+    name = limiter(1)
+    proxy = Proxy(server.port, _drop_first("drop-after", "/release"))
+    try:
+        client = Floodgate(proxy.url, retries=2, backoff=0.01)
+        with client.permit(name, wait=1, lease=30) as p:
+            pass
+        assert p.released and not p.lost
+        q = client.acquire(name, wait=1, lease=30, heartbeat=False)
+        proxy.hook = _drop_first("drop-after", "/release")
+        assert q.release() is True  # released by this call's first attempt
+    finally:
+        proxy.close()
+    releases = [line for line, _ in proxy.requests if "/release" in line]
+    assert len(releases) == 4  # each release: the lost answer and its retry
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 2
+    assert status["counters"]["expired"] == 0

@@ -289,8 +289,18 @@ class Floodgate(_Transport):
 
     def release(self, permit_id: str) -> bool:
         """Releases a permit by id; ``False`` when it was not held. Idempotent."""
-        data = self._request("POST", "/v1/permits/{}/release".format(_quote(permit_id, "permit_id")))
-        return bool(data.get("released"))
+        return self._release(permit_id)[0]
+
+    def _release(self, permit_id: str) -> Tuple[bool, bool]:
+        """Releases by id: (whether the answer said released, whether an earlier attempt
+        broke after it may have reached the server: then ``released: false`` may be that
+        attempt's doing, its answer lost)."""
+        broken: List[BaseException] = []
+        data = self._request(
+            "POST", "/v1/permits/{}/release".format(_quote(permit_id, "permit_id")),
+            broken=broken,
+        )
+        return bool(data.get("released")), bool(broken)
 
     def _extend(
         self,

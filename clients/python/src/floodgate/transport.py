@@ -148,7 +148,11 @@ class _Transport:
         *,
         timeout: Optional[float] = None,
         retries: Optional[int] = None,
+        broken: Optional[List[BaseException]] = None,
     ) -> Dict[str, Any]:
+        """One request, retried after connection errors and 503s. ``broken`` collects the
+        connection errors of attempts that may have reached the server before the connection
+        broke (so a retry's answer may describe the state the first attempt left)."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = self._headers(data)
         timeout = self.timeout if timeout is None else timeout
@@ -160,6 +164,8 @@ class _Transport:
                 status, raw, response_headers = self._send(method, path, data, headers, timeout)
             except (OSError, http.client.HTTPException) as e:
                 cause = e
+                if broken is not None:
+                    broken.append(e)
                 failure: FloodgateError = Unavailable(
                     "unavailable",
                     "{} {}{}: {}".format(method, self.url, path, e or type(e).__name__),
