@@ -244,6 +244,7 @@ def redis_pair(floodgate_bin: str, redis_server: RedisProcess,
             s.stop()
 
 
+@pytest.mark.e2e  # redis-server
 def test_a_lost_grant_retried_through_another_server_is_the_same_grant(
     redis_pair: List[ServerProcess],
 ) -> None:
@@ -275,6 +276,7 @@ return n
 """
 
 
+@pytest.mark.e2e  # redis-server
 def test_processes_on_two_servers_never_exceed_the_limit(
     redis_pair: List[ServerProcess], redis_server: RedisProcess,
 ) -> None:
