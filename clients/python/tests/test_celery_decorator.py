@@ -338,3 +338,25 @@ def test_a_503_retry_after_sets_the_least_countdown(server: ServerProcess,
     assert len(proxy.requests) == 1  # not slept through inside the call
     assert info.value.kwargs["countdown"] >= 7.0
     assert info.value.kwargs["headers"][UNAVAILABLE_RETRIES] == 1
+
+
+def test_a_429_without_a_hint_backs_off_instead_of_spinning(server: ServerProcess,
+                                                           limiter: MakeLimiter) -> None:
+    from test_adversarial_client import Proxy
+
+    name = limiter(1)
+    proxy = Proxy(server.port, lambda line, body: (429, {}, None))
+    try:
+        client = Floodgate(proxy.url, retries=0)
+
+        @limited(name, client=client, unavailable_backoff=2.0, unavailable_backoff_max=64.0)
+        def body(self: Any) -> str:
+            return "ran"
+
+        with pytest.raises(RetryCalled) as info:
+            body(BoundTask({WAIT_RETRIES: 3}))
+    finally:
+        proxy.close()
+    countdown = info.value.kwargs["countdown"]
+    assert 0.0 < countdown <= 16.0  # full jitter after the 3rd: [0, min(64, 2 * 2**3)]
+    assert info.value.kwargs["headers"][WAIT_RETRIES] == 4

@@ -284,7 +284,8 @@ def limited(
         backoff, backoff_max: the throttle retry's countdown is uniform in
             ``[0, min(backoff_max, backoff * 2**n)]`` after the n-th throttle (full jitter).
         retry_jitter: a wait-timeout retry comes back after ``retry_after * (1 + U(0, j))``,
-            so re-enqueued tasks do not all return at once.
+            so re-enqueued tasks do not all return at once. A 429 without a hint (a proxy's)
+            backs off as an unavailable server does instead.
         max_countdown: cap on that countdown (the server's hint can be as long as a lease when
             nothing has been released yet); ``None``: no cap.
         feedback: report ``ok`` / ``throttled`` / ``error`` with the body's latency.
@@ -345,7 +346,12 @@ def limited(
                 n = _count(request, WAIT_RETRIES)
                 if max_retries is not None and n >= max_retries:
                     raise
-                countdown = max(0.0, e.retry_after) * (1.0 + random.uniform(0.0, retry_jitter))
+                if e.retry_after > 0:
+                    countdown = e.retry_after * (1.0 + random.uniform(0.0, retry_jitter))
+                else:
+                    # No hint (a bare 429, e.g. a proxy's): back off rather than come straight
+                    # back through the broker, again and again.
+                    countdown = full_jitter(n, retry_base, retry_cap)
                 if max_countdown is not None:
                     countdown = min(countdown, max_countdown)
                 log.info("floodgate: %s[%s] got no permit of %s (%s); retry in %.3f s",
