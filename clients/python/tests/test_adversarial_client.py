@@ -509,6 +509,7 @@ def test_a_429_without_a_hint_has_retry_after_zero_and_is_not_retried(
         (lambda fg, n: fg.acquire(n, wait=0, heartbeat=-1), ValueError, "heartbeat"),
         (lambda fg, n: fg.acquire(n, wait=0, heartbeat="often"), ValueError, "heartbeat"),
         (lambda fg, n: fg.permit(n, wait=0, heartbeat=float("inf")), ValueError, "heartbeat"),
+        (lambda fg, n: fg.permit(n, wait=0, lease=1, heartbeat=5), ValueError, "heartbeat"),
         # Types only the server checks: its 400 names the field.
         (lambda fg, n: fg.acquire(n, wait=0, permits="2"), BadRequest, "invalid_request: permits:"),
         (lambda fg, n: fg.acquire(n, wait=0, permits=True), BadRequest,
@@ -521,7 +522,7 @@ def test_a_429_without_a_hint_has_retry_after_zero_and_is_not_retried(
         (lambda fg, n: Floodgate(fg.url, timeout=0), ValueError, "timeout"),
     ],
     ids=["name-none", "wait-str", "lease-str", "wait-nan", "heartbeat-negative",
-         "heartbeat-str", "heartbeat-inf", "permits-str", "permits-bool", "key-int",
+         "heartbeat-str", "heartbeat-inf", "heartbeat-past-lease", "permits-str", "permits-bool", "key-int",
          "holder-int", "set-key-none", "permit-id-none", "url-scheme", "timeout-0"],
 )
 def test_bad_arguments_raise_naming_the_parameter_and_take_nothing(

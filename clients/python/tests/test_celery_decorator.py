@@ -295,6 +295,7 @@ def test_full_jitter_bounds() -> None:
         ({"permits": 0}, ValueError, "permits"),
         ({"permits": "2"}, ValueError, "permits"),
         ({"heartbeat": -1}, ValueError, "heartbeat"),
+        ({"heartbeat": 10, "lease": 5}, ValueError, "heartbeat"),
         ({"throttle_exceptions": ("RateLimitExceeded",)}, TypeError, "throttle_exceptions"),
         ({"max_retries": -1}, ValueError, "max_retries"),
         ({"throttle_max_retries": 2.5}, ValueError, "throttle_max_retries"),

@@ -57,7 +57,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 
 from .client import Floodgate, Permit, Seconds, _heartbeat_interval
 from .errors import FloodgateError, NoPermit, NotFound, Unavailable, UnknownLimiter
-from .types import _ms
+from .types import _ms, _seconds
 
 __all__ = ["limited", "paced_fan_out", "current_permit", "full_jitter", "client_from_env"]
 
@@ -215,7 +215,10 @@ def _check_arguments(
         raise ValueError("wait: 0 or more seconds, not {!r}".format(wait))
     if lease is not None and _ms(lease, "lease") < 1:
         raise ValueError("lease: at least 1 ms, not {!r}".format(lease))
-    _heartbeat_interval(heartbeat)
+    interval = _heartbeat_interval(heartbeat)
+    if interval is not None and heartbeat and lease is not None and interval >= _seconds(lease):
+        raise ValueError("heartbeat: an interval of {} s is not shorter than the lease of {} s"
+                         .format(interval, _seconds(lease)))
     if isinstance(permits, bool) or not isinstance(permits, int) or permits < 1:
         raise ValueError("permits: a whole number of at least 1, not {!r}".format(permits))
     for exc in throttle_exceptions:

@@ -203,6 +203,11 @@ class Floodgate(_Transport):
         # Checked before the request: a bad value found after the grant would leave the permit
         # held, out of the caller's reach, until its lease ended.
         interval = _heartbeat_interval(heartbeat)
+        if interval is not None and heartbeat and lease is not None and interval >= _seconds(lease):
+            raise ValueError(
+                "heartbeat: an interval of {} s is not shorter than the lease of {} s: every "
+                "permit would be lost before its first extend".format(interval, _seconds(lease))
+            )
         body: Dict[str, Any] = {"permits": permits}
         if wait is not None:
             body["wait_ms"] = _ms(wait, "wait_ms")

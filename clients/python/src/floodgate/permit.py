@@ -231,6 +231,11 @@ class Permit:
             interval = self.lease / 3.0
         if interval <= 0:
             raise ValueError("heartbeat: the interval must be positive, not {!r}".format(interval))
+        if interval >= self.lease:
+            # The limiter's own lease (none was asked for) is shorter than the interval.
+            log.warning("floodgate: heartbeat interval %.3f s is not shorter than the lease of "
+                        "%s (%.3f s): it will be lost before its first extend",
+                        interval, self.permit_id, self.lease)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._heartbeat,
