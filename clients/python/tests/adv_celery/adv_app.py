@@ -1,6 +1,7 @@
 """The Celery app of ``test_celery_adversarial.py``: ``@limited`` tasks that never get a permit,
 are always throttled, cannot reach Floodgate, or are SIGKILLed mid-body, each run counted in
-Redis (Celery's ``task_prerun``: ``<run>:attempts``; the body: ``<run>:ran``).
+Redis (Celery's ``task_prerun``: ``<run>:attempts``; the body: ``<run>:ran``; ``task_failure``:
+``<run>:failure``).
 
 Configuration (environment): CELERY_BROKER_URL (also the result backend), FLOODGATE_URL,
 ADV_QUEUE, ADV_FULL_LIMITER (always held by the test), ADV_OPEN_LIMITER, ADV_KILL_LIMITER (1
@@ -13,7 +14,7 @@ from typing import Any, List
 
 import redis
 from celery import Celery
-from celery.signals import task_prerun
+from celery.signals import task_failure, task_prerun
 
 from floodgate import Floodgate
 from floodgate.celery import current_permit, limited
@@ -39,6 +40,15 @@ class Throttled(Exception):
 def _attempt(task: Any = None, args: Any = None, **_: Any) -> None:
     if task is not None and task.name.startswith("adv.") and args:
         _r.incr("{}:attempts".format(args[0]))
+
+
+@task_failure.connect
+def _failed(sender: Any = None, exception: Any = None, args: Any = None, **_: Any) -> None:
+    """Records how a run ended in failure (``<run>:failure``: the exception's class). The
+    result backend's state can end as RETRY instead when a retry with a tiny countdown ran on
+    the other process and failed before this one stored its RETRY."""
+    if sender is not None and sender.name.startswith("adv.") and args:
+        _r.rpush("{}:failure".format(args[0]), type(exception).__name__)
 
 
 @app.task(bind=True, name="adv.always_waits")
