@@ -283,3 +283,81 @@ def test_full_jitter_bounds() -> None:
         for _ in range(50):
             assert 0 <= full_jitter(attempt, 0.1, 2.0) <= min(2.0, 0.1 * 2 ** attempt)
     assert full_jitter(10**6, 1.0, 3.0) <= 3.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc_type, needle",
+    [
+        ({"wait": "5"}, TypeError, "wait"),
+        ({"wait": -1}, ValueError, "wait"),
+        ({"lease": 0}, ValueError, "lease"),
+        ({"lease": float("nan")}, ValueError, "lease"),
+        ({"permits": 0}, ValueError, "permits"),
+        ({"permits": "2"}, ValueError, "permits"),
+        ({"heartbeat": -1}, ValueError, "heartbeat"),
+        ({"heartbeat": 10, "lease": 5}, ValueError, "heartbeat"),
+        ({"throttle_exceptions": ("RateLimitExceeded",)}, TypeError, "throttle_exceptions"),
+        ({"max_retries": -1}, ValueError, "max_retries"),
+        ({"throttle_max_retries": 2.5}, ValueError, "throttle_max_retries"),
+        ({"backoff": -1}, ValueError, "backoff"),
+        ({"max_countdown": float("inf")}, ValueError, "max_countdown"),
+        ({"key": 42}, TypeError, "key"),
+        ({"on_unavailable": "ignore"}, ValueError, "on_unavailable"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, str) else None,
+)
+def test_bad_arguments_are_refused_when_decorating(
+    kwargs: Dict[str, Any], exc_type: type, needle: str
+) -> None:
+    """Refused at import, naming the parameter: found at run time they would fail every run."""
+    with pytest.raises(exc_type) as info:
+        limited("snuba", **kwargs)
+    assert str(info.value).startswith(needle), str(info.value)
+    with pytest.raises(TypeError) as info:
+        limited(None)  # type: ignore[arg-type]
+    assert str(info.value).startswith("name")
+
+
+def test_a_503_retry_after_sets_the_least_countdown(server: ServerProcess,
+                                                     limiter: MakeLimiter) -> None:
+    from test_adversarial_client import Proxy
+
+    name = limiter(1)
+    proxy = Proxy(server.port, lambda line, body: (
+        503, {"Retry-After": "7"}, {"error": "too_many_connections", "message": "busy"}))
+    try:
+        client = Floodgate(proxy.url, retries=3, backoff=0.01, backoff_max=2.0)
+
+        @limited(name, client=client, unavailable_backoff=0.01, unavailable_backoff_max=0.02)
+        def body(self: Any) -> str:
+            return "ran"
+
+        with pytest.raises(RetryCalled) as info:
+            body(BoundTask())
+    finally:
+        proxy.close()
+    assert len(proxy.requests) == 1  # not slept through inside the call
+    assert info.value.kwargs["countdown"] >= 7.0
+    assert info.value.kwargs["headers"][UNAVAILABLE_RETRIES] == 1
+
+
+def test_a_429_without_a_hint_backs_off_instead_of_spinning(server: ServerProcess,
+                                                           limiter: MakeLimiter) -> None:
+    from test_adversarial_client import Proxy
+
+    name = limiter(1)
+    proxy = Proxy(server.port, lambda line, body: (429, {}, None))
+    try:
+        client = Floodgate(proxy.url, retries=0)
+
+        @limited(name, client=client, unavailable_backoff=2.0, unavailable_backoff_max=64.0)
+        def body(self: Any) -> str:
+            return "ran"
+
+        with pytest.raises(RetryCalled) as info:
+            body(BoundTask({WAIT_RETRIES: 3}))
+    finally:
+        proxy.close()
+    countdown = info.value.kwargs["countdown"]
+    assert 0.0 < countdown <= 16.0  # full jitter after the 3rd: [0, min(64, 2 * 2**3)]
+    assert info.value.kwargs["headers"][WAIT_RETRIES] == 4

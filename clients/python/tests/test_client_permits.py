@@ -156,6 +156,8 @@ def test_heartbeat_detects_a_permit_released_behind_its_back(
         assert fg.release(p.permit_id) is True  # someone else releases it by id
         assert wait_until(lambda: p.lost, 5)
         assert p.expires_in > 20  # the lease had not run out: the server said permit_lost
+        # p.lost is visible as soon as the answer is read; on_lost runs just after it.
+        assert wait_until(lambda: bool(lost_calls), 5)
         assert lost_calls == [p]
         assert isinstance(p.heartbeat_error, PermitLost)
         assert p.heartbeat_error.code == "permit_lost"
@@ -165,9 +167,11 @@ def test_heartbeat_detects_a_permit_released_behind_its_back(
 
 
 def test_heartbeat_detects_an_expired_permit(fg: Floodgate, limiter: MakeLimiter) -> None:
-    name = limiter(1)
-    # A heartbeat slower than the lease: the first extend comes too late and gets 410.
-    p = fg.acquire(name, wait=1, lease=0.3, heartbeat=0.8)
+    # A heartbeat slower than the lease: the first extend comes too late and gets 410. (Asked
+    # with the limiter's lease: an explicit lease shorter than the heartbeat is refused before
+    # acquiring, and this one is only logged.)
+    name = limiter(1, lease=0.3)
+    p = fg.acquire(name, wait=1, heartbeat=0.8)
     try:
         assert wait_until(lambda: isinstance(p.heartbeat_error, PermitLost), 5)
         assert p.lost

@@ -41,6 +41,7 @@ Celery is an optional dependency: ``pip install 'floodgate[celery]'``.
 
 import functools
 import logging
+import math
 import os
 import random
 import threading
@@ -54,8 +55,9 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         "floodgate.celery needs Celery: pip install 'floodgate[celery]'"
     ) from e
 
-from .client import Floodgate, Permit, Seconds
+from .client import Floodgate, Permit, Seconds, _heartbeat_interval
 from .errors import FloodgateError, NoPermit, NotFound, Unavailable, UnknownLimiter
+from .types import _ms, _seconds
 
 __all__ = ["limited", "paced_fan_out", "current_permit", "full_jitter", "client_from_env"]
 
@@ -190,6 +192,53 @@ def _release(permit: Permit) -> None:
                     permit.permit_id, e)
 
 
+def _check_arguments(
+    *,
+    name: Any,
+    key: Any,
+    wait: Seconds,
+    lease: Optional[Seconds],
+    permits: int,
+    heartbeat: Union[bool, float],
+    throttle_exceptions: Tuple[Type[BaseException], ...],
+    counts: Dict[str, Optional[int]],
+    durations: Dict[str, Optional[float]],
+) -> None:
+    """Refuses ``@limited``'s bad arguments when the task is decorated (at import), naming
+    the parameter: found at run time they would fail every run of the task instead."""
+    if not (isinstance(name, str) or callable(name)):
+        raise TypeError("name: a limiter name or a function returning one, not {!r}"
+                        .format(name))
+    if not (key is None or isinstance(key, str) or callable(key)):
+        raise TypeError("key: None, a key or a function returning one, not {!r}".format(key))
+    if _ms(wait, "wait") < 0:
+        raise ValueError("wait: 0 or more seconds, not {!r}".format(wait))
+    if lease is not None and _ms(lease, "lease") < 1:
+        raise ValueError("lease: at least 1 ms, not {!r}".format(lease))
+    interval = _heartbeat_interval(heartbeat)
+    if interval is not None and heartbeat and lease is not None and interval >= _seconds(lease):
+        raise ValueError("heartbeat: an interval of {} s is not shorter than the lease of {} s"
+                         .format(interval, _seconds(lease)))
+    if isinstance(permits, bool) or not isinstance(permits, int) or permits < 1:
+        raise ValueError("permits: a whole number of at least 1, not {!r}".format(permits))
+    for exc in throttle_exceptions:
+        if not (isinstance(exc, type) and issubclass(exc, BaseException)):
+            raise TypeError(
+                "throttle_exceptions: exception classes, not {!r}".format(exc))
+    for field, count in counts.items():
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                  or count < 0):
+            raise ValueError("{}: None or a whole number of 0 or more, not {!r}"
+                             .format(field, count))
+    for field, seconds in durations.items():
+        if seconds is None:
+            continue
+        if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                or not math.isfinite(seconds) or seconds < 0):
+            raise ValueError("{}: a finite number of seconds of 0 or more, not {!r}"
+                             .format(field, seconds))
+
+
 def limited(
     name: Union[str, Callable[..., str]],
     *,
@@ -238,7 +287,8 @@ def limited(
         backoff, backoff_max: the throttle retry's countdown is uniform in
             ``[0, min(backoff_max, backoff * 2**n)]`` after the n-th throttle (full jitter).
         retry_jitter: a wait-timeout retry comes back after ``retry_after * (1 + U(0, j))``,
-            so re-enqueued tasks do not all return at once.
+            so re-enqueued tasks do not all return at once. A 429 without a hint (a proxy's)
+            backs off as an unavailable server does instead.
         max_countdown: cap on that countdown (the server's hint can be as long as a lease when
             nothing has been released yet); ``None``: no cap.
         feedback: report ``ok`` / ``throttled`` / ``error`` with the body's latency.
@@ -257,6 +307,16 @@ def limited(
     """
     if on_unavailable not in ("retry", "run", "raise"):
         raise ValueError("on_unavailable must be 'retry', 'run' or 'raise'")
+    _check_arguments(
+        name=name, key=key, wait=wait, lease=lease, permits=permits, heartbeat=heartbeat,
+        throttle_exceptions=throttle_exceptions,
+        counts={"max_retries": max_retries, "throttle_max_retries": throttle_max_retries,
+                "unavailable_max_retries": unavailable_max_retries},
+        durations={"backoff": backoff, "backoff_max": backoff_max,
+                   "retry_jitter": retry_jitter, "max_countdown": max_countdown,
+                   "unavailable_backoff": unavailable_backoff,
+                   "unavailable_backoff_max": unavailable_backoff_max},
+    )
     throttles = tuple(throttle_exceptions)
     retry_base = backoff if unavailable_backoff is None else float(unavailable_backoff)
     retry_cap = backoff_max if unavailable_backoff_max is None else float(unavailable_backoff_max)
@@ -289,7 +349,12 @@ def limited(
                 n = _count(request, WAIT_RETRIES)
                 if max_retries is not None and n >= max_retries:
                     raise
-                countdown = max(0.0, e.retry_after) * (1.0 + random.uniform(0.0, retry_jitter))
+                if e.retry_after > 0:
+                    countdown = e.retry_after * (1.0 + random.uniform(0.0, retry_jitter))
+                else:
+                    # No hint (a bare 429, e.g. a proxy's): back off rather than come straight
+                    # back through the broker, again and again.
+                    countdown = full_jitter(n, retry_base, retry_cap)
                 if max_countdown is not None:
                     countdown = min(countdown, max_countdown)
                 log.info("floodgate: %s[%s] got no permit of %s (%s); retry in %.3f s",
@@ -311,6 +376,9 @@ def limited(
                 if unavailable_max_retries is not None and n >= unavailable_max_retries:
                     raise
                 countdown = full_jitter(n, retry_base, retry_cap)
+                hint = getattr(e, "retry_after", None)
+                if isinstance(hint, (int, float)):
+                    countdown = max(countdown, float(hint))  # a 503's Retry-After
                 log.warning("floodgate: %s cannot grant %s now (%s); retry %s in %.3f s",
                             fg.url, limiter, e, self.name, countdown)
                 raise self.retry(

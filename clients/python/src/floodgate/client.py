@@ -13,6 +13,7 @@ pool does (it checks ``os.getpid()``). Permits belong to their process in the sa
 
 import http.client
 import logging
+import math
 import os
 import socket
 import ssl
@@ -40,6 +41,20 @@ DEFAULT_URL = "http://127.0.0.1:8750"
 #: The longest wait a limiter can have (``max_wait_ms`` is capped at one hour): an acquire
 #: without an explicit ``wait`` may be held this long.
 MAX_SERVER_WAIT = 3600.0
+
+
+def _heartbeat_interval(heartbeat: Union[bool, float]) -> Optional[float]:
+    """The heartbeat interval ``acquire`` was asked for: ``None`` for ``True`` (lease/3) or
+    off (``False``, ``0``), else a positive number of seconds. ``ValueError`` naming
+    ``heartbeat`` otherwise."""
+    if heartbeat is True or heartbeat is False:
+        return None
+    if isinstance(heartbeat, (int, float)) and not math.isnan(heartbeat):
+        if heartbeat == 0 or (heartbeat > 0 and not math.isinf(heartbeat)):
+            return float(heartbeat) or None
+    raise ValueError(
+        "heartbeat: True, False or a positive number of seconds, not {!r}".format(heartbeat)
+    )
 
 
 class Floodgate(_Transport):
@@ -185,6 +200,14 @@ class Floodgate(_Transport):
             UnknownLimiter, BadRequest, PermitsExceedLimit, Unauthorized: as the server answers.
             Unavailable: the server could not be reached.
         """
+        # Checked before the request: a bad value found after the grant would leave the permit
+        # held, out of the caller's reach, until its lease ended.
+        interval = _heartbeat_interval(heartbeat)
+        if interval is not None and heartbeat and lease is not None and interval >= _seconds(lease):
+            raise ValueError(
+                "heartbeat: an interval of {} s is not shorter than the lease of {} s: every "
+                "permit would be lost before its first extend".format(interval, _seconds(lease))
+            )
         body: Dict[str, Any] = {"permits": permits}
         if wait is not None:
             body["wait_ms"] = _ms(wait, "wait_ms")
@@ -211,8 +234,16 @@ class Floodgate(_Transport):
         )
         permit = Permit(self, name, data, requested_at=started, key=key)
         if heartbeat:
-            interval = None if heartbeat is True else float(heartbeat)
-            permit.start_heartbeat(interval, on_lost=on_lost)
+            try:
+                permit.start_heartbeat(interval, on_lost=on_lost)
+            except BaseException:
+                # E.g. no thread could be started: the caller never gets the permit, so give
+                # it back rather than leave it held until its lease ends.
+                try:
+                    permit.release()
+                except FloodgateError as e:
+                    log.warning("floodgate: release of %s failed: %s", permit.permit_id, e)
+                raise
         elif on_lost is not None:
             permit._on_lost = on_lost
         return permit
@@ -263,8 +294,18 @@ class Floodgate(_Transport):
 
     def release(self, permit_id: str) -> bool:
         """Releases a permit by id; ``False`` when it was not held. Idempotent."""
-        data = self._request("POST", "/v1/permits/{}/release".format(_quote(permit_id)))
-        return bool(data.get("released"))
+        return self._release(permit_id)[0]
+
+    def _release(self, permit_id: str) -> Tuple[bool, bool]:
+        """Releases by id: (whether the answer said released, whether an earlier attempt
+        broke after it may have reached the server: then ``released: false`` may be that
+        attempt's doing, its answer lost)."""
+        broken: List[BaseException] = []
+        data = self._request(
+            "POST", "/v1/permits/{}/release".format(_quote(permit_id, "permit_id")),
+            broken=broken,
+        )
+        return bool(data.get("released")), bool(broken)
 
     def _extend(
         self,
@@ -284,7 +325,7 @@ class Floodgate(_Transport):
             body["key"] = key
         return self._request(
             "POST",
-            "/v1/permits/{}/extend".format(_quote(permit_id)),
+            "/v1/permits/{}/extend".format(_quote(permit_id, "permit_id")),
             body,
             timeout=timeout,
             retries=retries,
@@ -463,12 +504,12 @@ class Floodgate(_Transport):
         body: Dict[str, Any] = {"weight": weight}
         if concurrency is not None:
             body["concurrency"] = concurrency
-        path = "/v1/limiters/{}/keys/{}".format(_quote(name), _quote(key))
+        path = "/v1/limiters/{}/keys/{}".format(_quote(name), _quote(key, "key"))
         return self._request("PUT", path, body)
 
     def delete_key(self, name: str, key: str) -> bool:
         """Removes keyed limiter ``name``'s override for ``key``."""
-        path = "/v1/limiters/{}/keys/{}".format(_quote(name), _quote(key))
+        path = "/v1/limiters/{}/keys/{}".format(_quote(name), _quote(key, "key"))
         return bool(self._request("DELETE", path, None).get("deleted"))
 
     def limiter(self, name: str) -> Dict[str, Any]:

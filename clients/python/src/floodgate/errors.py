@@ -139,7 +139,24 @@ class ServerError(FloodgateError):
 
 class Unavailable(FloodgateError):
     """The server could not be reached (after the configured retries), or answered 503
-    (``shutting_down``, ``store_unavailable``) on every attempt."""
+    (``shutting_down``, ``store_unavailable``, ``too_many_connections``) on every attempt.
+
+    Attributes:
+        retry_after: the last answer's ``Retry-After`` hint in seconds, or ``None`` (no
+            answer, or none given). The client waits at least that long before retrying, and
+            raises at once when the hint is longer than its ``backoff_max``: the caller (the
+            Celery decorator's countdown) honours it then.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: Optional[int] = None,
+        retry_after: Optional[float] = None,
+    ) -> None:
+        super().__init__(code, message, status)
+        self.retry_after = retry_after
 
 
 _BY_CODE: Dict[str, Type[FloodgateError]] = {
@@ -186,4 +203,6 @@ def error_for(
         cls = ServerError if status >= 500 else FloodgateError
     if issubclass(cls, NoPermit):
         return cls(code, message, status, retry_after=retry_after or 0.0)
+    if issubclass(cls, Unavailable):
+        return cls(code, message, status, retry_after=retry_after)
     return cls(code, message, status)

@@ -184,10 +184,17 @@ class Permit:
     def release(self) -> bool:
         """Stops the heartbeat and releases the permit. Returns whether the server still held
         it (``False`` after expiry, a previous release or a loss). Calling it again is a no-op.
-        In a process forked while the permit was held it does nothing and returns ``False``."""
+        In a process forked while the permit was held it does nothing and returns ``False``.
+
+        When an attempt's connection broke after the request may have reached the server and
+        the retry finds the permit no longer held, that first attempt is taken to have
+        released it (its answer lost): ``True``, unless the permit was already known lost."""
         if not self.owned:
             return False
         self.stop_heartbeat()
+        # Known lost before the request (the heartbeat's permit_lost, or the lease ran out):
+        # "not held" is then the loss, never this release's doing.
+        lost_before = self.lost
         with self._lock:
             if self._released:
                 return False
@@ -195,7 +202,13 @@ class Permit:
         if self.lease <= 0:
             # A rate-only grant (or a fail-open one) holds no slot: nothing to release.
             return False
-        return self.client.release(self.permit_id)
+        released, broken = self.client._release(self.permit_id)
+        if not released and broken and not lost_before:
+            log.info("floodgate: release of %s: an attempt broke after it may have reached "
+                     "the server and the retry found it released; taken as released by it",
+                     self.permit_id)
+            return True
+        return released
 
     # -- heartbeat -------------------------------------------------------------------------
 
@@ -217,7 +230,12 @@ class Permit:
         if interval is None:
             interval = self.lease / 3.0
         if interval <= 0:
-            raise ValueError("the heartbeat interval must be positive")
+            raise ValueError("heartbeat: the interval must be positive, not {!r}".format(interval))
+        if interval >= self.lease:
+            # The limiter's own lease (none was asked for) is shorter than the interval.
+            log.warning("floodgate: heartbeat interval %.3f s is not shorter than the lease of "
+                        "%s (%.3f s): it will be lost before its first extend",
+                        interval, self.permit_id, self.lease)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._heartbeat,

@@ -37,9 +37,10 @@ _STALE = (
 )
 
 
-def _quote(segment: str) -> str:
+def _quote(segment: str, what: str = "name") -> str:
+    """A path segment, percent-encoded; ``what`` names the parameter in a ``TypeError``."""
     if not isinstance(segment, str):
-        raise TypeError("expected a string, not {!r}".format(segment))
+        raise TypeError("{}: expected a string, not {!r}".format(what, segment))
     return urllib.parse.quote(segment, safe="")
 
 
@@ -147,7 +148,11 @@ class _Transport:
         *,
         timeout: Optional[float] = None,
         retries: Optional[int] = None,
+        broken: Optional[List[BaseException]] = None,
     ) -> Dict[str, Any]:
+        """One request, retried after connection errors and 503s. ``broken`` collects the
+        connection errors of attempts that may have reached the server before the connection
+        broke (so a retry's answer may describe the state the first attempt left)."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = self._headers(data)
         timeout = self.timeout if timeout is None else timeout
@@ -159,6 +164,8 @@ class _Transport:
                 status, raw, response_headers = self._send(method, path, data, headers, timeout)
             except (OSError, http.client.HTTPException) as e:
                 cause = e
+                if broken is not None:
+                    broken.append(e)
                 failure: FloodgateError = Unavailable(
                     "unavailable",
                     "{} {}{}: {}".format(method, self.url, path, e or type(e).__name__),
@@ -173,6 +180,12 @@ class _Transport:
                 raise failure from cause
             delay = min(self.backoff_max, self.backoff * (2 ** attempt))
             delay = random.uniform(delay / 2, delay)
+            hint = getattr(failure, "retry_after", None)
+            if hint is not None:
+                if hint > self.backoff_max:
+                    # Longer than this call would wait: the caller is told when to come back.
+                    raise failure from cause
+                delay = max(delay, hint)  # never sooner than the server (or proxy) asked
             log.debug("floodgate: %s %s failed (%s); retry %d in %.3f s",
                       method, path, failure, attempt + 1, delay)
             time.sleep(delay)

@@ -25,7 +25,10 @@ def _seconds(value: Seconds) -> float:
 def _ms(value: Seconds, field: str) -> int:
     """Seconds to the API's integer milliseconds. Range checks are the server's: a zero or
     negative value is sent as is and answered with the server's message naming ``field``."""
-    seconds = _seconds(value)
+    try:
+        seconds = _seconds(value)
+    except TypeError as e:
+        raise TypeError("{}: {}".format(field, e)) from None
     if math.isnan(seconds) or math.isinf(seconds):
         raise ValueError("{}: {!r} is not a finite duration".format(field, value))
     ms = int(round(seconds * 1000.0))

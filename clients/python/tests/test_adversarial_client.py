@@ -1,0 +1,606 @@
+"""Adversarial review of the client's promises, against the real server: an acquire whose
+answer is lost after the grant (or while it waits) never leaks a permit, a permit lost while
+the server was frozen longer than the lease is never revived (and its late release frees
+nobody else's slot), one client shared by many threads never lets more than the limit into the
+guarded section, 503 answers are retried a bounded number of times and their ``Retry-After``
+is honoured, and bad arguments raise Python exceptions naming the parameter.
+
+The witnesses are independent of the server: a counter incremented inside the guarded section
+(its peak compared with the limit), and a proxy in front of the server that records and
+tampers with the exchanges."""
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from floodgate import BadRequest, Floodgate, NoPermit, PermitLost, Unavailable
+
+from conftest import MakeLimiter, RedisProcess, ServerProcess, wait_until
+
+# What the proxy does with one request: "forward", "drop-before" (hang up before the server
+# sees it), "drop-after" (forward, read the server's answer, hang up without passing it on),
+# "abandon" (forward, and hang up on both sides unless the server answers within
+# ABANDON_AFTER seconds: a client that went away while its acquire was queued), or a canned
+# (status, headers, body) answer that never reaches the server.
+Action = Any
+Hook = Callable[[str, Dict[str, Any]], Action]
+
+ABANDON_AFTER = 0.5
+
+
+class Proxy:
+    """A TCP front for the real server, one request per connection (it answers
+    ``Connection: close``), that asks ``hook(request_line, body)`` what to do with each."""
+
+    def __init__(self, upstream_port: int, hook: Hook,
+                 others: Optional[List[int]] = None) -> None:
+        # Request i goes to ports[i % len(ports)]: ``others`` are more servers (on one
+        # Redis), taken in turn, as behind a round-robin load balancer.
+        self.ports = [upstream_port] + list(others or [])
+        self.hook = hook
+        self.requests: List[Tuple[str, Dict[str, Any]]] = []
+        self.answers: List[bytes] = []  # the server's answers, also those never passed on
+        self.abandoned = 0  # requests hung up on while the server still held them
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.url = "http://127.0.0.1:{}".format(self.port)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            # A thread per connection: a held long poll must not block the next request.
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            length = 0
+            for line in lines[1:]:
+                key, _, value = line.partition(b":")
+                if key.strip().lower() == b"content-length":
+                    length = int(value.strip())
+            while len(body) < length:
+                body += conn.recv(65536)
+            request_line = lines[0].decode()
+            parsed = json.loads(body) if body else {}
+            self.requests.append((request_line, parsed))
+            upstream = self.ports[(len(self.requests) - 1) % len(self.ports)]
+            action = self.hook(request_line, parsed)
+            if action == "drop-before":
+                return
+            if isinstance(action, tuple):
+                status, headers, payload = action
+                raw = json.dumps(payload).encode() if payload is not None else b""
+                head_out = ["HTTP/1.1 {} X".format(status), "Connection: close",
+                            "Content-Length: {}".format(len(raw))]
+                head_out += ["{}: {}".format(k, v) for k, v in headers.items()]
+                conn.sendall("\r\n".join(head_out).encode() + b"\r\n\r\n" + raw)
+                return
+            with socket.create_connection(("127.0.0.1", upstream)) as up:
+                kept = [line for line in lines[1:] if not line.lower().startswith(b"connection:")]
+                up.sendall(b"\r\n".join([lines[0]] + kept + [b"Connection: close", b"", body]))
+                answer = b""
+                if action == "abandon":
+                    up.settimeout(ABANDON_AFTER)
+                while True:
+                    try:
+                        chunk = up.recv(65536)
+                    except socket.timeout:
+                        self.abandoned += 1
+                        return  # closes both connections with nothing answered
+                    if not chunk:
+                        break
+                    answer += chunk
+            self.answers.append(answer)
+            if action == "drop-after":
+                return  # the server answered; the client never hears it
+            conn.sendall(answer)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.listener.close()
+
+
+def _acquires(proxy: Proxy) -> List[Dict[str, Any]]:
+    return [body for line, body in proxy.requests if line.endswith("/acquire HTTP/1.1")]
+
+
+def _drop_first(action: str, path_part: str = "/acquire") -> Hook:
+    left = [1]
+
+    def hook(request_line: str, body: Dict[str, Any]) -> Action:
+        if path_part in request_line and left[0] > 0:
+            left[0] -= 1
+            return action
+        return "forward"
+
+    return hook
+
+
+# -- an acquire whose answer is lost ---------------------------------------------------------
+
+
+def test_a_grant_whose_answer_is_lost_is_the_grant_the_retry_gets(
+    server: ServerProcess, fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """The server granted and answered, the connection broke before the client read it: the
+    retry (same request_id) must get that same permit, not a second one."""
+    name = limiter(2)
+    proxy = Proxy(server.port, _drop_first("drop-after"))
+    try:
+        client = Floodgate(proxy.url, retries=2, backoff=0.01)
+        p = client.acquire(name, wait=1, lease=30)
+    finally:
+        proxy.close()
+    assert len(proxy.answers) == 2
+    first = json.loads(proxy.answers[0].partition(b"\r\n\r\n")[2])
+    assert first["permit_id"] == p.permit_id  # the lost answer's grant is the one returned
+    ids = [b["request_id"] for b in _acquires(proxy)]
+    assert len(ids) == 2 and ids[0] == ids[1]
+    status = fg.limiter(name)
+    assert status["in_use"] == 1 and status["counters"]["granted"] == 1
+    p.client = fg
+    assert p.release() is True
+    assert fg.limiter(name)["in_use"] == 0
+
+
+def test_a_queued_acquire_whose_connection_breaks_is_joined_by_its_retry(
+    server: ServerProcess, fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """The connection of a queued acquire breaks while the server holds the long poll; its
+    retry (same request_id) joins that wait, and the holder's release hands over exactly one
+    permit: nothing leaks."""
+    name = limiter(1)
+    holder = fg.acquire(name, wait=1, lease=30)
+    proxy = Proxy(server.port, _drop_first("abandon"))
+    got: List[Any] = []
+    client = Floodgate(proxy.url, retries=3, backoff=0.01, timeout=5)
+    try:
+        t = threading.Thread(target=lambda: got.append(client.acquire(name, wait=20, lease=30)))
+        t.start()
+        # The first attempt was abandoned while queued and the retry sent.
+        assert wait_until(lambda: proxy.abandoned == 1 and len(_acquires(proxy)) >= 2, 20)
+        assert fg.release(holder.permit_id) is True
+        t.join(30)
+        assert not t.is_alive() and got, "the retried acquire never returned"
+    finally:
+        proxy.close()
+    p = got[0]
+    acquires = _acquires(proxy)
+    assert len({b["request_id"] for b in acquires}) == 1
+    status = fg.limiter(name)
+    assert status["in_use"] == 1
+    assert status["counters"]["granted"] == 2  # the holder's and this one: no second grant
+    p.client = fg
+    assert p.release() is True
+    assert fg.limiter(name)["in_use"] == 0
+
+
+def test_a_waiter_that_goes_away_for_good_frees_its_grant(
+    server: ServerProcess, fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """A queued acquire whose client never comes back (no retries): the grant made while
+    nobody waits for it goes back, so the slot is not held until the lease ends."""
+    name = limiter(1)
+    holder = fg.acquire(name, wait=1, lease=30)
+    proxy = Proxy(server.port, _drop_first("abandon"))
+    client = Floodgate(proxy.url, retries=0, timeout=5)
+    try:
+        with pytest.raises(Unavailable):
+            client.acquire(name, wait=20, lease=60)
+    finally:
+        proxy.close()
+    assert proxy.abandoned == 1
+    assert fg.release(holder.permit_id) is True
+    # Liveness only: the abandoned acquire leaves the queue (at once, or when its 5 s join
+    # window ends) or its grant goes back at once, long before its 60 s lease would end.
+    assert wait_until(lambda: fg.limiter(name)["in_use"] == 0, 30)
+    with fg.permit(name, wait=20, lease=5):
+        assert fg.limiter(name)["in_use"] == 1
+    assert fg.limiter(name)["counters"]["expired"] == 0
+
+
+# -- two servers on one Redis ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_pair(floodgate_bin: str, redis_server: RedisProcess,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[List[ServerProcess]]:
+    """Two servers sharing one Redis: two machines of one deployment."""
+    log_dir = tmp_path_factory.mktemp("redis-pair")
+    servers = [ServerProcess(floodgate_bin, log_dir, extra=["--redis", redis_server.url])
+               for _ in range(2)]
+    try:
+        for s in servers:
+            s.start()
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.mark.e2e  # redis-server
+def test_a_lost_grant_retried_through_another_server_is_the_same_grant(
+    redis_pair: List[ServerProcess],
+) -> None:
+    a, b = redis_pair
+    fg = Floodgate(a.url)
+    name = "t-{}".format(os.urandom(6).hex())
+    fg.define(name, 2)
+    # The first attempt goes to server A, which grants; its answer is lost. The retry goes to
+    # server B (round robin): it must find the same grant in Redis.
+    proxy = Proxy(a.port, _drop_first("drop-after"), others=[b.port])
+    try:
+        client = Floodgate(proxy.url, retries=2, backoff=0.01)
+        p = client.acquire(name, wait=1, lease=30)
+    finally:
+        proxy.close()
+    first = json.loads(proxy.answers[0].partition(b"\r\n\r\n")[2])
+    assert first["permit_id"] == p.permit_id
+    assert len(_acquires(proxy)) == 2
+    status = Floodgate(b.url).limiter(name)
+    assert status["in_use"] == 1 and status["counters"]["granted"] == 1
+    assert fg.release(p.permit_id) is True
+    assert Floodgate(b.url).limiter(name)["in_use"] == 0
+
+
+_PEAK = """
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n) end
+return n
+"""
+
+
+@pytest.mark.e2e  # redis-server
+def test_processes_on_two_servers_never_exceed_the_limit(
+    redis_pair: List[ServerProcess], redis_server: RedisProcess,
+) -> None:
+    """Six processes, each with its own client, half through each server: a counter in Redis
+    incremented inside the guarded section never goes above the limit."""
+    import redis
+
+    limit, procs, rounds = 2, 6, 10
+    name = "t-{}".format(os.urandom(6).hex())
+    Floodgate(redis_pair[0].url).define(name, limit)
+    inflight, peak = name + ":inflight", name + ":peak"
+    pids = []
+    for i in range(procs):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                r = redis.Redis.from_url(redis_server.url)
+                fg = Floodgate(redis_pair[i % 2].url, timeout=5.0)
+                for _ in range(rounds):
+                    with fg.permit(name, wait=60, lease=5, heartbeat=0.5):
+                        r.eval(_PEAK, 2, inflight, peak)
+                        time.sleep(0.005)
+                        r.decr(inflight)
+                code = 0
+            except BaseException as e:  # noqa: BLE001 - reported through the exit code
+                os.write(2, "child failed: {!r}\n".format(e).encode())
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    codes = []
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        codes.append(os.waitstatus_to_exitcode(status))
+    assert codes == [0] * procs
+    r = redis.Redis.from_url(redis_server.url)
+    assert 1 <= int(r.get(peak) or 0) <= limit
+    assert int(r.get(inflight) or 0) == 0
+    status = Floodgate(redis_pair[1].url).limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["expired"] == 0
+
+
+# -- the server frozen for longer than the lease ---------------------------------------------
+
+
+def test_a_permit_lost_while_the_server_was_frozen_is_never_revived(
+    floodgate_bin: str, tmp_path: Path, limiter: MakeLimiter
+) -> None:
+    proc = ServerProcess(floodgate_bin, tmp_path).start()
+    assert proc.proc is not None
+    fg = Floodgate(proc.url, timeout=2.0, retries=0)
+    fg.define("frozen", 1, lease=1)
+    lost_calls: List[Any] = []
+    other: Optional[Any] = None
+    try:
+        with pytest.raises(PermitLost):
+            with fg.permit("frozen", wait=1, lease=1, heartbeat=0.2,
+                           on_lost=lost_calls.append) as p:
+                os.kill(proc.proc.pid, signal.SIGSTOP)  # unreachable, state kept
+                try:
+                    assert wait_until(lambda: p.lost, 10)
+                    assert wait_until(lambda: bool(lost_calls), 10)
+                    with pytest.raises(PermitLost):
+                        p.check()
+                finally:
+                    os.kill(proc.proc.pid, signal.SIGCONT)
+                # The server reclaims the lease; another holder takes the slot.
+                other = Floodgate(proc.url, timeout=5.0, retries=2).acquire(
+                    "frozen", wait=10, lease=30)
+                assert p.lost  # stays lost: nothing revives it
+                with pytest.raises(PermitLost):
+                    p.extend()  # the server says permit_lost
+        # Leaving the block released nothing of the new holder's.
+        status = fg.limiter("frozen")
+        assert status["in_use"] == 1
+        assert status["counters"]["expired"] == 1
+        assert other is not None and fg.release(other.permit_id) is True
+        assert fg.limiter("frozen")["in_use"] == 0
+    finally:
+        if proc.proc is not None:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        proc.stop()
+
+
+# -- one client, many threads ----------------------------------------------------------------
+
+
+def test_one_client_shared_by_threads_never_exceeds_the_limit(
+    fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    limit, threads, rounds = 3, 12, 8
+    name = limiter(limit)
+    lock = threading.Lock()
+    inside = [0]
+    peak = [0]
+    done = [0]
+    errors: List[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(rounds):
+                with fg.permit(name, wait=30, lease=5, heartbeat=0.5):
+                    with lock:
+                        inside[0] += 1
+                        peak[0] = max(peak[0], inside[0])
+                    time.sleep(0.005)
+                    with lock:
+                        inside[0] -= 1
+                        done[0] += 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(120)
+    assert not errors, errors
+    assert done[0] == threads * rounds
+    assert 1 <= peak[0] <= limit
+    status = fg.limiter(name)
+    assert status["in_use"] == 0
+    assert status["counters"]["granted"] == threads * rounds
+    assert status["counters"]["released"] == threads * rounds
+    assert status["counters"]["expired"] == 0
+    assert fg.connections_opened <= threads + 8  # kept alive, not one per request
+
+
+# -- 503 and 429 answers ---------------------------------------------------------------------
+
+
+def _answer_first(n: int, status: int, headers: Dict[str, str],
+                  body: Optional[Dict[str, Any]]) -> Hook:
+    left = [n]
+
+    def hook(request_line: str, _: Dict[str, Any]) -> Action:
+        if left[0] > 0:
+            left[0] -= 1
+            return (status, headers, body)
+        return "forward"
+
+    return hook
+
+
+def test_503_retries_are_bounded(server: ServerProcess, limiter: MakeLimiter) -> None:
+    name = limiter(1)
+    proxy = Proxy(server.port, _answer_first(
+        1000, 503, {}, {"error": "store_unavailable", "message": "the store is down"}))
+    try:
+        client = Floodgate(proxy.url, retries=3, backoff=0.01, backoff_max=0.02)
+        with pytest.raises(Unavailable) as info:
+            client.acquire(name, wait=0)
+    finally:
+        proxy.close()
+    assert len(proxy.requests) == 4  # the first attempt and 3 retries, then raised
+    assert info.value.status == 503 and info.value.code == "store_unavailable"
+    assert "the store is down" in str(info.value)
+
+
+def test_503_retry_after_is_honoured(
+    server: ServerProcess, fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """A 503 with ``Retry-After: 1`` (the server's too_many_connections, a load balancer) is
+    not retried sooner than that, even with a 10 ms backoff."""
+    name = limiter(1)
+    arrivals: List[float] = []
+    inner = _answer_first(2, 503, {"Retry-After": "1"},
+                          {"error": "too_many_connections", "message": "busy"})
+
+    def hook(request_line: str, body: Dict[str, Any]) -> Action:
+        arrivals.append(time.monotonic())
+        return inner(request_line, body)
+
+    proxy = Proxy(server.port, hook)
+    try:
+        client = Floodgate(proxy.url, retries=3, backoff=0.01, backoff_max=2.0)
+        p = client.acquire(name, wait=0, lease=5)
+    finally:
+        proxy.close()
+    assert len(arrivals) == 3
+    # Lower bounds only (a sleep never ends early): each retry came at least 1 s later.
+    assert arrivals[1] - arrivals[0] >= 1.0 and arrivals[2] - arrivals[1] >= 1.0
+    assert fg.release(p.permit_id) is True
+
+
+def test_a_503_retry_after_longer_than_the_backoff_is_raised_at_once(
+    server: ServerProcess, limiter: MakeLimiter
+) -> None:
+    """A hint longer than ``backoff_max`` is not slept through inside a call: Unavailable is
+    raised with it at once, for the caller (a Celery task's countdown) to honour."""
+    name = limiter(1)
+    proxy = Proxy(server.port, _answer_first(
+        1000, 503, {"Retry-After": "120"}, {"error": "shutting_down", "message": "bye"}))
+    try:
+        client = Floodgate(proxy.url, retries=3, backoff=0.01, backoff_max=2.0)
+        with pytest.raises(Unavailable) as info:
+            client.acquire(name, wait=0)
+    finally:
+        proxy.close()
+    assert len(proxy.requests) == 1
+    assert info.value.retry_after == 120.0
+
+
+def test_a_429_without_a_hint_has_retry_after_zero_and_is_not_retried(
+    server: ServerProcess, limiter: MakeLimiter
+) -> None:
+    """A bare 429 (a proxy's, no body, no header) is a NoPermit raised at once."""
+    name = limiter(1)
+    proxy = Proxy(server.port, _answer_first(1000, 429, {}, None))
+    try:
+        client = Floodgate(proxy.url, retries=3, backoff=0.01)
+        with pytest.raises(NoPermit) as info:
+            client.acquire(name, wait=0)
+    finally:
+        proxy.close()
+    assert len(proxy.requests) == 1
+    assert info.value.status == 429 and info.value.retry_after == 0.0
+
+
+# -- bad arguments ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, exc_type, needle",
+    [
+        (lambda fg, n: fg.acquire(None, wait=0), TypeError, "name"),  # type: ignore[arg-type]
+        (lambda fg, n: fg.acquire(n, wait="5"), TypeError, "wait"),
+        (lambda fg, n: fg.acquire(n, wait=0, lease="30"), TypeError, "lease"),
+        (lambda fg, n: fg.acquire(n, wait=float("nan")), ValueError, "wait"),
+        (lambda fg, n: fg.acquire(n, wait=0, heartbeat=-1), ValueError, "heartbeat"),
+        (lambda fg, n: fg.acquire(n, wait=0, heartbeat="often"), ValueError, "heartbeat"),
+        (lambda fg, n: fg.permit(n, wait=0, heartbeat=float("inf")), ValueError, "heartbeat"),
+        (lambda fg, n: fg.permit(n, wait=0, lease=1, heartbeat=5), ValueError, "heartbeat"),
+        # Types only the server checks: its 400 names the field.
+        (lambda fg, n: fg.acquire(n, wait=0, permits="2"), BadRequest, "invalid_request: permits:"),
+        (lambda fg, n: fg.acquire(n, wait=0, permits=True), BadRequest,
+         "invalid_request: permits:"),
+        (lambda fg, n: fg.acquire(n, wait=0, key=5), BadRequest, "invalid_request: key:"),
+        (lambda fg, n: fg.acquire(n, wait=0, holder=5), BadRequest, "invalid_request: holder:"),
+        (lambda fg, n: fg.set_key(n, None, weight=1), TypeError, "key"),  # type: ignore[arg-type]
+        (lambda fg, n: fg.release(None), TypeError, "permit_id"),  # type: ignore[arg-type]
+        (lambda fg, n: Floodgate("ftp://x"), ValueError, "url"),
+        (lambda fg, n: Floodgate(fg.url, timeout=0), ValueError, "timeout"),
+    ],
+    ids=["name-none", "wait-str", "lease-str", "wait-nan", "heartbeat-negative",
+         "heartbeat-str", "heartbeat-inf", "heartbeat-past-lease", "permits-str", "permits-bool", "key-int",
+         "holder-int", "set-key-none", "permit-id-none", "url-scheme", "timeout-0"],
+)
+def test_bad_arguments_raise_naming_the_parameter_and_take_nothing(
+    fg: Floodgate, limiter: MakeLimiter, call: Callable[[Floodgate, str], object],
+    exc_type: type, needle: str,
+) -> None:
+    name = limiter(2)
+    with pytest.raises(exc_type) as info:
+        call(fg, name)
+    assert str(info.value).startswith(needle), str(info.value)
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["granted"] == 0  # nothing leaked
+
+
+def test_keyed_acquires_from_threads_keep_each_key_and_the_total_under_their_limits(
+    fg: Floodgate,
+) -> None:
+    total, per_key, keys, per_thread = 4, 2, 3, 6
+    name = "k-{}".format(os.urandom(6).hex())
+    fg.define(name, total, per_key={"concurrency": per_key})
+    lock = threading.Lock()
+    inside: Dict[str, int] = {}
+    peaks: Dict[str, int] = {}
+    errors: List[BaseException] = []
+
+    def work(key: str) -> None:
+        try:
+            for _ in range(per_thread):
+                with fg.permit(name, key=key, wait=30, lease=5, heartbeat=0.5):
+                    with lock:
+                        inside[key] = inside.get(key, 0) + 1
+                        inside["*"] = inside.get("*", 0) + 1
+                        for k in (key, "*"):
+                            peaks[k] = max(peaks.get(k, 0), inside[k])
+                    time.sleep(0.005)
+                    with lock:
+                        inside[key] -= 1
+                        inside["*"] -= 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=("org-{}".format(i % keys),))
+               for i in range(keys * 4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(120)
+    assert not errors, errors
+    assert 1 <= peaks["*"] <= total
+    assert all(1 <= peaks["org-{}".format(i)] <= per_key for i in range(keys)), peaks
+    status = fg.limiter(name)
+    assert status["in_use"] == 0
+    assert status["counters"]["granted"] == keys * 4 * per_thread
+    assert status["counters"]["expired"] == 0
+
+
+# -- a release whose answer is lost ----------------------------------------------------------
+
+
+def test_a_release_whose_answer_is_lost_is_not_a_lost_permit(
+    server: ServerProcess, fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """The server released and answered, the client never read it; the retry finds the permit
+    gone. The block kept its permit to the end: leaving it must not raise PermitLost."""
+    name = limiter(1)
+    proxy = Proxy(server.port, _drop_first("drop-after", "/release"))
+    try:
+        client = Floodgate(proxy.url, retries=2, backoff=0.01)
+        with client.permit(name, wait=1, lease=30) as p:
+            pass
+        assert p.released and not p.lost
+        q = client.acquire(name, wait=1, lease=30, heartbeat=False)
+        proxy.hook = _drop_first("drop-after", "/release")
+        assert q.release() is True  # released by this call's first attempt
+    finally:
+        proxy.close()
+    releases = [line for line, _ in proxy.requests if "/release" in line]
+    assert len(releases) == 4  # each release: the lost answer and its retry
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 2
+    assert status["counters"]["expired"] == 0

@@ -1,0 +1,224 @@
+"""Adversarial review of ``@limited`` on a real Celery worker (prefork, 2 processes, Redis as
+broker and result backend) against the real server: the bounds on each kind of retry hold in
+Celery's real message headers (a task never waits, is throttled or finds Floodgate
+unreachable forever, and is reported as failed, not dropped, once past its bound); a body's
+own exception releases the permit and fails the task; and a worker process SIGKILLed inside
+the body gives its slot back when its lease ends, its task (``acks_late``,
+``reject_on_worker_lost``) runs again, and no two bodies ever held the one permit at once.
+
+Runs are counted in Redis by the app (``tests/adv_celery/adv_app.py``); the assertions are on
+counts and states, with bounded waits for liveness only."""
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Dict, Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from floodgate import Floodgate
+
+from conftest import RedisProcess, ServerProcess, closed_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+APP_DIR = Path(__file__).resolve().parent / "adv_celery"
+
+
+@pytest.fixture(scope="module")
+def adv_env(server: ServerProcess, redis_server: RedisProcess) -> Iterator[Dict[str, str]]:
+    fg = Floodgate(server.url)
+    suffix = uuid.uuid4().hex[:8]
+    with closed_port() as port:
+        env = dict(os.environ)
+        env.update(
+            CELERY_BROKER_URL=redis_server.url,
+            FLOODGATE_URL=server.url,
+            ADV_QUEUE="adv-" + suffix,
+            ADV_FULL_LIMITER="adv-full-" + suffix,
+            ADV_OPEN_LIMITER="adv-open-" + suffix,
+            ADV_KILL_LIMITER="adv-kill-" + suffix,
+            ADV_CLOSED_URL="http://127.0.0.1:{}".format(port),
+            PYTHONPATH=os.pathsep.join(
+                [str(APP_DIR)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
+                                  else [])),
+        )
+        env.pop("FLOODGATE_TOKEN", None)
+        fg.define(env["ADV_FULL_LIMITER"], 1)
+        fg.define(env["ADV_OPEN_LIMITER"], 5)
+        fg.define(env["ADV_KILL_LIMITER"], 1, max_wait=120)
+        yield env
+
+
+@pytest.fixture(scope="module")
+def adv_worker(adv_env: Dict[str, str],
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator["subprocess.Popen[bytes]"]:
+    log_path = tmp_path_factory.mktemp("adv-celery") / "worker.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "adv_app", "worker",
+         "--concurrency", "2", "--pool", "prefork", "--loglevel", "info",
+         "--without-gossip", "--without-mingle", "--without-heartbeat",
+         "--hostname", "adv-{}@%h".format(uuid.uuid4().hex[:6])],
+        cwd=str(APP_DIR), env=adv_env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+
+    def ready() -> bool:
+        return proc.poll() is not None or b" ready." in log_path.read_bytes()
+
+    try:
+        if not wait_until(ready, 60, 0.2) or proc.poll() is not None:
+            pytest.fail("the celery worker did not start:\n"
+                        + log_path.read_text(errors="replace")[-3000:])
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        print("celery worker log: {}".format(log_path))
+
+
+@pytest.fixture
+def celery_client(adv_env: Dict[str, str]) -> Iterator[Celery]:
+    app = Celery(broker=adv_env["CELERY_BROKER_URL"], backend=adv_env["CELERY_BROKER_URL"])
+    yield app
+    app.close()
+
+
+def _send(app: Celery, env: Dict[str, str], task: str, *args: str) -> "object":
+    return app.send_task(task, args=list(args), queue=env["ADV_QUEUE"])
+
+
+def _int(r: "redis.Redis", key: str) -> int:
+    return int(r.get(key) or 0)
+
+
+@pytest.mark.parametrize(
+    "task, error",
+    [("adv.always_waits", "WaitTimeout"), ("adv.always_throttled", "Throttled"),
+     ("adv.unreachable", "Unavailable")],
+    ids=["wait-timeouts", "throttles", "unreachable"],
+)
+def test_a_bounded_retry_ends_in_a_reported_failure(
+    adv_worker: "subprocess.Popen[bytes]", adv_env: Dict[str, str], server: ServerProcess,
+    redis_server: RedisProcess, celery_client: Celery, task: str, error: str,
+) -> None:
+    """max_retries=2 (or throttle_/unavailable_max_retries=2), counted in the real message
+    headers: exactly three runs, then the task fails with the error (not dropped, not
+    retried forever)."""
+    fg = Floodgate(server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    held = fg.acquire(adv_env["ADV_FULL_LIMITER"], wait=1, lease=120)  # never free
+    run = "adv-" + uuid.uuid4().hex[:8]
+    try:
+        _send(celery_client, adv_env, task, run)
+        # Not the result backend's state: with countdowns this short, the retry can run on
+        # the other process and fail before this attempt stores RETRY over its FAILURE.
+        assert wait_until(lambda: r.llen(run + ":failure") > 0, 60, 0.05)
+        assert r.lrange(run + ":failure", 0, -1) == [error.encode()]
+        assert _int(r, run + ":attempts") == 3
+        ran = _int(r, run + ":ran")
+        assert ran == (3 if task == "adv.always_throttled" else 0)
+    finally:
+        held.release()
+    for name in ("ADV_FULL_LIMITER", "ADV_OPEN_LIMITER"):
+        assert fg.limiter(adv_env[name])["in_use"] == 0
+
+
+def test_a_body_that_raises_releases_and_fails(
+    adv_worker: "subprocess.Popen[bytes]", adv_env: Dict[str, str], server: ServerProcess,
+    redis_server: RedisProcess, celery_client: Celery,
+) -> None:
+    fg = Floodgate(server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    before = fg.limiter(adv_env["ADV_OPEN_LIMITER"])["counters"]
+    run = "adv-" + uuid.uuid4().hex[:8]
+    result = _send(celery_client, adv_env, "adv.raises", run)
+    assert wait_until(lambda: result.state == "FAILURE", 60, 0.05), result.state  # type: ignore[attr-defined]
+    assert "KeyError" in (result.traceback or "")  # type: ignore[attr-defined]
+    assert _int(r, run + ":attempts") == 1 and _int(r, run + ":ran") == 1
+    status = fg.limiter(adv_env["ADV_OPEN_LIMITER"])
+    assert status["in_use"] == 0
+    assert status["counters"]["released"] == before["released"] + 1
+    assert status["counters"]["expired"] == before["expired"]
+
+
+def test_a_sigkilled_worker_frees_its_slot_at_the_lease_end_and_its_task_runs_again(
+    adv_worker: "subprocess.Popen[bytes]", adv_env: Dict[str, str], server: ServerProcess,
+    redis_server: RedisProcess, celery_client: Celery,
+) -> None:
+    fg = Floodgate(server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    name = adv_env["ADV_KILL_LIMITER"]
+    before = fg.limiter(name)["counters"]
+    run = "adv-" + uuid.uuid4().hex[:8]
+    _send(celery_client, adv_env, "adv.killable", run, "A")
+    assert wait_until(lambda: r.get(run + ":A-pid") is not None, 60, 0.02)
+    pid = int(r.get(run + ":A-pid") or 0)
+    # B asks for the one permit while A's heartbeat keeps it, then waits in the server.
+    _send(celery_client, adv_env, "adv.killable", run, "B")
+    assert wait_until(lambda: fg.limiter(name)["waiting"] >= 1, 60, 0.02)
+    os.kill(pid, signal.SIGKILL)
+    # A's slot comes back when its 1 s lease ends; B runs, and A runs again (acks_late with
+    # reject_on_worker_lost put it back on the broker).
+    assert wait_until(lambda: r.smembers(run + ":done") == {b"A", b"B"}, 90, 0.05), \
+        r.smembers(run + ":done")
+    assert _int(r, run + ":violations") == 0
+    tokens = [int(t) for t in r.lrange(run + ":tokens", 0, -1)]
+    assert len(tokens) == 3 and tokens == sorted(set(tokens))
+    status = fg.limiter(name)
+    assert status["in_use"] == 0
+    assert status["counters"]["expired"] == before["expired"] + 1  # the dead process's
+    assert status["counters"]["granted"] == before["granted"] + 3
+    assert status["counters"]["released"] == before["released"] + 2
+
+
+def test_a_sigkilled_worker_with_early_acks_reports_the_task_failed(
+    adv_worker: "subprocess.Popen[bytes]", adv_env: Dict[str, str], server: ServerProcess,
+    redis_server: RedisProcess, celery_client: Celery,
+) -> None:
+    """Celery's default acks the message before the body runs: a SIGKILLed process's task is
+    not run again but reported failed (WorkerLostError), never silently dropped; its slot
+    comes back when the lease ends. (docs/python.md: use acks_late with
+    reject_on_worker_lost for tasks that must run again.)"""
+    fg = Floodgate(server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    name = adv_env["ADV_KILL_LIMITER"]
+    before = fg.limiter(name)["counters"]
+    run = "adv-" + uuid.uuid4().hex[:8]
+    result = _send(celery_client, adv_env, "adv.killable_early", run)
+    assert wait_until(lambda: r.get(run + ":A-pid") is not None, 60, 0.02)
+    assert fg.limiter(name)["in_use"] == 1
+    os.kill(int(r.get(run + ":A-pid") or 0), signal.SIGKILL)
+    assert wait_until(lambda: result.state == "FAILURE", 60, 0.05), result.state  # type: ignore[attr-defined]
+    assert "WorkerLost" in repr(result.result)  # type: ignore[attr-defined]
+    assert wait_until(lambda: fg.limiter(name)["in_use"] == 0, 30)  # the lease ended
+    assert _int(r, run + ":ran") == 1
+    counters = fg.limiter(name)["counters"]
+    assert counters["expired"] == before["expired"] + 1
+    assert counters["granted"] == before["granted"] + 1
+
+
+def test_a_permit_lost_during_the_body_is_told_to_it_and_fails_the_task(
+    adv_worker: "subprocess.Popen[bytes]", adv_env: Dict[str, str], server: ServerProcess,
+    redis_server: RedisProcess, celery_client: Celery,
+) -> None:
+    fg = Floodgate(server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    run = "adv-" + uuid.uuid4().hex[:8]
+    result = _send(celery_client, adv_env, "adv.loses_permit", run)
+    assert wait_until(lambda: result.state == "FAILURE", 60, 0.05), result.state  # type: ignore[attr-defined]
+    assert "PermitLost" in (result.traceback or "")  # type: ignore[attr-defined]
+    assert _int(r, run + ":told") == 1 and _int(r, run + ":ran-on") == 0
+    assert _int(r, run + ":attempts") == 1  # not retried: the loss is the task's to handle
+    assert fg.limiter(adv_env["ADV_OPEN_LIMITER"])["in_use"] == 0
