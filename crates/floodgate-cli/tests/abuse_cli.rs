@@ -396,6 +396,27 @@ fn bad_arguments_exit_2_naming_the_problem() {
     }
 }
 
+/// A bad `--redis` URL is refused (exit 2) naming it, with its password hidden: the message
+/// goes to terminals and logs.
+#[test]
+fn bad_redis_urls_are_named_without_their_password() {
+    let urls = [
+        "http://app:s3cret@h:6379",
+        "redis://app:s3cret@[::1:6379",
+        "redis://:s3cret@h:99999",
+        "redis+sentinel://app:s3cret@h:x/m",
+    ];
+    for url in urls {
+        let out = floodgate(&["serve", "--redis", url, "--listen", "127.0.0.1:0"]);
+        refused(&out, "***", url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("s3cret"),
+            "{url}: the password shown: {stderr}"
+        );
+    }
+}
+
 /// Values a user might type anywhere: numbers past every bound, units, paths, encodings.
 fn token() -> impl Strategy<Value = String> {
     prop_oneof![

@@ -388,13 +388,15 @@ fn check_redis_urls(urls: &[String]) -> Result<(), String> {
             floodgate::store::redis::check_sentinel_url(url)?;
             continue;
         }
+        // Named with its password hidden: this message goes to the terminal and to logs.
+        let shown = floodgate::store::redis::redact_url(url);
         if !SCHEMES.iter().any(|s| url.starts_with(s)) {
             return Err(format!(
-                "redis: URL {url:?}: expected redis://, rediss://, redis+unix:// or \
+                "redis: URL {shown:?}: expected redis://, rediss://, redis+unix:// or \
                  redis+sentinel://"
             ));
         }
-        reqwest::Url::parse(url).map_err(|e| format!("redis: URL {url:?}: {e}"))?;
+        reqwest::Url::parse(url).map_err(|e| format!("redis: URL {shown:?}: {e}"))?;
     }
     Ok(())
 }

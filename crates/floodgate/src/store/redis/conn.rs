@@ -205,7 +205,7 @@ impl RedisSecurity {
     /// `rediss://` URL (and refused with a plain one, where it would be silently unused).
     pub(super) fn client(&self, url: &str) -> Result<redis::Client, StoreError> {
         let info = url.into_connection_info().map_err(|e| {
-            let context = format!("redis: URL {}", redact(url));
+            let context = format!("redis: URL {}", redact_url(url));
             StoreError::Unavailable(crate::error::Unavailable::caused_by(context, e))
         })?;
         let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
@@ -226,7 +226,7 @@ impl RedisSecurity {
             Some(_) => Err(StoreError::Unavailable(
                 format!(
                     "redis: a CA file or client certificate needs a rediss:// URL, not {}",
-                    redact(url)
+                    redact_url(url)
                 )
                 .into(),
             )),
@@ -252,8 +252,10 @@ impl RedisSecurity {
     }
 }
 
-/// A URL without its password, for error messages.
-pub(crate) fn redact(url: &str) -> String {
+/// The URL with its password replaced by `***` (`redis://user:***@host`), for messages and
+/// logs: a program reporting a bad `--redis` URL must not print the secret in it. A URL
+/// without a password comes back as it is.
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
@@ -273,10 +275,10 @@ mod tests {
     #[test]
     fn passwords_stay_out_of_messages() {
         assert_eq!(
-            redact("rediss://app:s3cret@redis:6380/0"),
+            redact_url("rediss://app:s3cret@redis:6380/0"),
             "rediss://app:***@redis:6380/0"
         );
-        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
         let s = RedisSecurity {
             password: Some("s3cret".into()),
             ..RedisSecurity::default()

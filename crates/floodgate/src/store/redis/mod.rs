@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManagerConfig;
 
-pub use self::conn::RedisSecurity;
+pub use self::conn::{redact_url, RedisSecurity};
 use self::conn::{Conn, PubSubSource};
 pub use self::limiter::RedisLimiter;
 #[doc(hidden)]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::RedisError;
 
-use super::conn::{redact, RedisSecurity};
+use super::conn::{redact_url, RedisSecurity};
 use super::unavailable;
 use crate::error::StoreError;
 
@@ -46,7 +46,7 @@ pub(super) fn parse(url: &str) -> Option<Result<Target, StoreError>> {
     let bad = |why: &str| {
         Some(Err(StoreError::Unavailable(format!(
             "redis: {}: {why}; expected redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER",
-            redact(url)
+            redact_url(url)
         ).into())))
     };
     let (hosts, master) = match rest.rsplit_once('/') {
