@@ -10,9 +10,10 @@
 //! - `incr`: EVALSHA of `return redis.call('INCR', KEYS[1])`: a one-key script.
 //! - `floodgate`: a rate-only limiter (1,000,000 per second, burst 1,000,000, so every call is
 //!   granted), `acquire(AcquireOptions::new().wait(Duration::ZERO))`, the permit then dropped
-//!   as a caller would. Note: dropping a rate-only permit still spawns a background release
-//!   (a second EVALSHA that finds nothing held); the server statistics show it.
-//! - `fg-detach`: the same acquire, the permit `detach`ed (no background release).
+//!   as a caller would. A rate-only permit holds nothing, so its drop sends nothing: one
+//!   EVALSHA per operation (the server statistics show it).
+//! - `fg-detach`: the same acquire, the permit `detach`ed: the same call, kept beside
+//!   `floodgate` to show that dropping and detaching cost the same.
 //! - `fg-refused`: a rate-only limiter that is exhausted (1 per 24 h, its token taken), so
 //!   each try-once acquire returns `WaitTimeout`.
 //!
@@ -172,8 +173,7 @@ async fn sequential(c: &Contender, n: usize, tally: &mut Tally) {
     tally.record_round(n, start.elapsed());
 }
 
-/// Lets the background releases of dropped permits finish, so they do not spill into the
-/// next phase.
+/// Lets anything a phase left in flight finish, so it does not spill into the next phase.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
