@@ -134,3 +134,74 @@ async fn lowered_total<S: Store>(gate: Floodgate<S>) {
     let keys = orgs.backend().keys(10).await.unwrap().unwrap();
     assert_eq!(keys.count, 0, "no key state left: {keys:?}");
 }
+
+#[tokio::test]
+async fn concurrency_to_rate_only_and_back_in_memory() {
+    to_rate_only_and_back(Floodgate::with_store(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn concurrency_to_rate_only_and_back_on_redis() {
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(server.url()))
+        .await
+        .unwrap();
+    to_rate_only_and_back(Floodgate::with_store(store)).await;
+}
+
+/// A keyed limiter with holders and a waiter turned rate-only (no concurrency anywhere, a total
+/// rate) and back: the holders stay releasable exactly once, the waiter gets a paced grant (as
+/// the stores agree), and no key state is left once idle.
+async fn to_rate_only_and_back<S: Store>(gate: Floodgate<S>) {
+    gate.define_keyed("orgs", spec(2), KeyedSpec::per_key(1))
+        .await
+        .unwrap();
+    let orgs = gate.limiter("orgs").await.unwrap();
+    let take = |key: &str, wait: Duration| AcquireOptions::new().key(key.to_owned()).wait(wait);
+    let a = orgs.acquire(take("a", Duration::ZERO)).await.unwrap();
+    let b = orgs.acquire(take("b", Duration::ZERO)).await.unwrap();
+    let w = tokio::spawn({
+        let orgs = orgs.clone();
+        let o = take("c", Duration::from_secs(20));
+        async move { orgs.acquire(o).await.map(|p| p.detach()) }
+    });
+    until_waiting(&orgs, 1).await;
+    let mut rate_only = LimiterSpec::default()
+        .with_max_wait(Duration::from_secs(30))
+        .with_default_lease(Duration::from_secs(60));
+    rate_only.concurrency = None;
+    rate_only.rate = Some(floodgate::RateSpec::per(1_000, Duration::from_secs(1)));
+    let turned = gate
+        .define_keyed("orgs", rate_only, KeyedSpec::default())
+        .await;
+    let answered = tokio::time::timeout(Duration::from_secs(10), w)
+        .await
+        .expect("the waiter is answered")
+        .unwrap();
+    // Both stores: the change is made (holders kept), and the waiter gets a paced grant.
+    assert_eq!(turned.unwrap().in_use, 2);
+    let paced = answered.unwrap();
+    assert_eq!(paced.lease, Duration::ZERO, "{paced:?}");
+    // Back to concurrency.
+    gate.define_keyed("orgs", spec(2), KeyedSpec::per_key(1))
+        .await
+        .unwrap();
+    let b_token = b.fencing_token();
+    assert!(a.release().await.unwrap(), "a still held");
+    assert!(b.release().await.unwrap(), "b still held");
+    assert!(
+        !orgs.backend().release(b_token).await.unwrap(),
+        "released once"
+    );
+    assert!(
+        !orgs.backend().release(paced.token).await.unwrap(),
+        "a paced grant holds nothing"
+    );
+    let status = orgs.status().await.unwrap();
+    assert_eq!((status.in_use, status.waiting), (0, 0), "{status:?}");
+    let keys = orgs.backend().keys(10).await.unwrap().unwrap();
+    assert_eq!(keys.count, 0, "no key state left: {keys:?}");
+    let again = orgs.acquire(take("a", Duration::ZERO)).await.unwrap();
+    assert_eq!(orgs.status().await.unwrap().in_use, 1);
+    again.release().await.unwrap();
+}

@@ -518,10 +518,14 @@ impl Twin {
     /// a fixed list picked by `variant` (rate-only cases keep theirs), `max_keys` from 1 to 5;
     /// both sides must agree on the waiters it refuses or grants and on the state after.
     fn reconfigure(&mut self, variant: u64) {
-        let (total_rate, key_rate, max_queue, first) = self.shape;
+        let (mut total_rate, mut key_rate, max_queue, first) = self.shape;
         let (total_c, per_key) = if self.total.spec().concurrency.is_none() {
             (None, None)
         } else {
+            // The rates change too: the case's, none, or another one.
+            let other = RateSpec::per(10, Duration::from_millis(100)).with_burst(2);
+            key_rate = [key_rate, None, Some(other)][(variant / 30 % 3) as usize];
+            total_rate = [total_rate, None, Some(other)][(variant / 90 % 3) as usize];
             const SHAPES: [(Option<u32>, Option<u32>); 6] = [
                 (Some(4), Some(2)),
                 (None, Some(2)),
@@ -534,7 +538,8 @@ impl Twin {
         };
         let max_keys = 1 + (variant / 6 % 5) as u32;
         self.log.push(format!(
-            "{} reconfigure total {total_c:?} per key {per_key:?} max_keys {max_keys}",
+            "{} reconfigure total {total_c:?} {total_rate:?} per key {per_key:?} {key_rate:?} \
+             max_keys {max_keys}",
             self.now
         ));
         let mut spec = LimiterSpec::concurrency(total_c.unwrap_or(1))

@@ -466,6 +466,10 @@ end
 -- Refuses waiters asking for more than their key or the total can ever grant now (after a
 -- limit went down). Visits every waiter, as the core does; only limit changes run it.
 refuse_impossible = function()
+  -- A keyed put's per-key changes first: the plain put refuses before its first grant (which
+  -- is where they were applied), so its refusals judged, and its woken keys slept, by the old
+  -- per-key limits and rate, unlike the core's reconfigure (h-krev16, keyed_twin).
+  if KD.put then apply_put() end
   local total_cap = permit_cap()
   local doomed = {}
   for _, kmem in ipairs(redis.call('ZRANGE', K_KQ, 0, -1)) do
@@ -476,6 +480,10 @@ refuse_impossible = function()
     if KD.rate and (not cap or KD.rate.burst < cap) then cap = KD.rate.burst end
     if cap and w.permits > cap then doomed[#doomed + 1] = {w, cap} end
   end
+  -- By arrival (seq), not by key name as `kqueue` lists them: a refusal may ready its key's
+  -- next waiter (joining the ring), in the core's order (ops.rs refuse_impossible sorts by
+  -- waiter id), so both stores grant the same waiters next (h-krev16).
+  table.sort(doomed, function(x, y) return x[1].seq < y[1].seq end)
   for _, d in ipairs(doomed) do
     local w, cap = d[1], d[2]
     -- (Unless a grant made by an earlier removal already refused it.)
