@@ -150,6 +150,28 @@ async fn unusual_keys(srv: &Srv) {
         assert_eq!((s, body["error"].as_str()), (400, Some("invalid_request")));
         assert!(body["message"].as_str().unwrap().contains("key"), "{body}");
     }
+    // A lone surrogate (not a character) and a control character: 400, never a 500.
+    for raw in [
+        r#"{"key": "\ud800"}"#,
+        r#"{"key": "a\u0000b"}"#,
+        r#"{"key": "a\u007fb"}"#,
+    ] {
+        let reply = srv
+            .http
+            .post(format!("{}/v1/limiters/orgs/acquire", srv.base))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        let code = reply.status().as_u16();
+        let body: Value = reply.json().await.unwrap();
+        assert_eq!(code, 400, "{raw}: {body}");
+        assert!(
+            body["error"].is_string() && body["message"].is_string(),
+            "{body}"
+        );
+    }
     let (_, status) = srv.get("/v1/limiters/orgs").await;
     assert_eq!(status["keyed"]["key_count"], 0, "{status}");
     assert_eq!(status["keyed"]["overrides"], 0, "{status}");
