@@ -79,6 +79,8 @@ struct Twin {
     /// Tokens given back by unschedules (both sides agreed), to show the sequences reach it.
     returned: u64,
     log: Vec<String>,
+    /// The case's rates, queue bound and first token, for `reconfigure` (h-krev16).
+    shape: (Option<RateSpec>, Option<RateSpec>, u32, u64),
 }
 
 impl Twin {
@@ -180,6 +182,7 @@ impl Twin {
                 "spec total {total_c:?} {total_rate:?} per key {per_key:?} {key_rate:?} \
                  max_keys {max_keys} max_queue {max_queue}"
             )],
+            shape: (total_rate, key_rate, max_queue, first),
         };
         let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_default();
         let limit = |r: Option<RateSpec>| opt(r.map(|r| r.limit));
@@ -497,6 +500,104 @@ impl Twin {
         self.compare_state();
     }
 
+    /// A `PUT` of the limiter at run time (h-krev16): the total and per-key concurrency from
+    /// a fixed list picked by `variant` (rate-only cases keep theirs), `max_keys` from 1 to 5;
+    /// both sides must agree on the waiters it refuses or grants and on the state after.
+    fn reconfigure(&mut self, variant: u64) {
+        let (mut total_rate, mut key_rate, max_queue, first) = self.shape;
+        let (total_c, per_key) = if self.total.spec().concurrency.is_none() {
+            (None, None)
+        } else {
+            // The rates change too: the case's, none, or another one.
+            let other = RateSpec::per(10, Duration::from_millis(100)).with_burst(2);
+            key_rate = [key_rate, None, Some(other)][(variant / 30 % 3) as usize];
+            total_rate = [total_rate, None, Some(other)][(variant / 90 % 3) as usize];
+            const SHAPES: [(Option<u32>, Option<u32>); 6] = [
+                (Some(4), Some(2)),
+                (None, Some(2)),
+                (Some(3), None),
+                (Some(2), Some(1)),
+                (Some(6), Some(3)),
+                (Some(1), Some(3)),
+            ];
+            SHAPES[(variant % 6) as usize]
+        };
+        let max_keys = 1 + (variant / 6 % 5) as u32;
+        self.log.push(format!(
+            "{} reconfigure total {total_c:?} {total_rate:?} per key {per_key:?} {key_rate:?} \
+             max_keys {max_keys}",
+            self.now
+        ));
+        let mut spec = LimiterSpec::concurrency(total_c.unwrap_or(1))
+            .with_default_lease(Duration::from_millis(200))
+            .with_max_wait(Duration::from_millis(100))
+            .with_max_queue(max_queue);
+        spec.concurrency = total_c;
+        spec.rate = total_rate;
+        let mut keyed = KeyedSpec::default().with_max_keys(max_keys);
+        keyed.concurrency = per_key;
+        keyed.rate = key_rate;
+        let mut fx = Effects::default();
+        let now = self.t();
+        let c = self
+            .layer
+            .reconfigure(&mut self.total, now, spec, keyed, &mut fx);
+        let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_default();
+        let limit = |r: Option<RateSpec>| opt(r.map(|r| r.limit));
+        let period = |r: Option<RateSpec>| {
+            r.map(|r| r.period.as_micros().to_string())
+                .unwrap_or_default()
+        };
+        let burst = |r: Option<RateSpec>| opt(r.map(|r| r.burst));
+        let total_arg = match (total_c, per_key) {
+            (None, None) => String::new(),
+            (c, _) => c.unwrap_or(1_000_000).to_string(),
+        };
+        let mut args: Vec<String> = vec![
+            total_arg,
+            "200000".into(),
+            "100000".into(),
+            max_queue.to_string(),
+            first.to_string(),
+            limit(total_rate),
+            period(total_rate),
+            burst(total_rate),
+        ];
+        args.extend(std::iter::repeat_n(String::new(), 8));
+        args.extend([
+            opt(per_key),
+            max_keys.to_string(),
+            opt(total_c),
+            String::new(),
+            limit(key_rate),
+            period(key_rate),
+            burst(key_rate),
+        ]);
+        let reply = self.call("kput", &args);
+        if c.is_ok() != (reply[0] == "status") {
+            self.fail(format!("reconfigure: core {c:?}, script {reply:?}"));
+        }
+        self.compare_decisions(fx);
+        self.compare_state();
+    }
+
+    /// Removes a key's override on both sides (h-krev16): an active key goes back to the
+    /// per-key default at once.
+    fn drop_override(&mut self, key: &str) {
+        self.log.push(format!("{} drop_override {key}", self.now));
+        let mut fx = Effects::default();
+        let now = self.t();
+        let c = self
+            .layer
+            .put_override(&mut self.total, now, key, None, &mut fx);
+        let reply = self.call("put_key", &[key.into(), String::new(), String::new()]);
+        if c.is_ok() != (reply[0] == "ok") {
+            self.fail(format!("drop_override: core {c:?}, script {reply:?}"));
+        }
+        self.compare_decisions(fx);
+        self.compare_state();
+    }
+
     /// The waiters each side decided in this step, and how.
     fn compare_decisions(&mut self, fx: Effects) {
         let mut core: BTreeMap<String, String> = BTreeMap::new();
@@ -712,6 +813,16 @@ thread_local! {
     static WAITERS: std::cell::RefCell<HashMap<u64, String>> = std::cell::RefCell::default();
 }
 
+/// Core waiter id -> script waiter key of the waiters queued now, for the next step.
+fn sync_waiters(twin: &Twin) {
+    let before: Vec<(u64, String)> = twin.queued.iter().map(|(k, v)| (*k, v.clone())).collect();
+    WAITERS.with(|m| {
+        let mut m = m.borrow_mut();
+        m.clear();
+        m.extend(before);
+    });
+}
+
 #[test]
 fn the_keyed_script_agrees_with_the_keyed_layer() {
     let server = support::RedisServer::start();
@@ -737,13 +848,18 @@ fn the_keyed_script_agrees_with_the_keyed_layer() {
                 let key = KEYS[step % KEYS.len()];
                 twin.adopt(token, key, 1 + (step as u32 % 3), step % 7 != 3);
             }
-            let before: Vec<(u64, String)> =
-                twin.queued.iter().map(|(k, v)| (*k, v.clone())).collect();
-            WAITERS.with(|m| {
-                let mut m = m.borrow_mut();
-                m.clear();
-                m.extend(before);
-            });
+            // Run-time changes (h-krev16), again without a random draw: the total and the
+            // per-key default changed (lowered below what is held, removed, raised) with
+            // `max_keys` (perhaps below the keys in use), and overrides removed.
+            if step % 23 == 22 {
+                sync_waiters(&twin);
+                twin.reconfigure(case * 7 + step as u64);
+            }
+            if step % 17 == 16 {
+                sync_waiters(&twin);
+                twin.drop_override(KEYS[(case as usize + step) % KEYS.len()]);
+            }
+            sync_waiters(&twin);
             twin.step(&mut rng);
         }
         returned += twin.returned;

@@ -442,7 +442,18 @@ impl KeyLayer {
         self.advance(total, now, fx);
         total.reconfigure_total(now, derived, fx)?;
         self.user_concurrency = spec.concurrency;
+        // Only new per-key defaults visit every key, as the keyed script's put does (it checks
+        // the same two fields): visiting them anyway also dropped keys whose idle wake-up was
+        // still ahead (after an unschedule shortened their debt), which the script kept until
+        // then, so the two stores disagreed on the key count (h-krev16, keyed_twin).
+        let changed = (keyed.concurrency, keyed.rate) != (self.spec.concurrency, self.spec.rate);
         self.spec = keyed;
+        if !changed {
+            // A lowered total may still leave waiters that can never run.
+            self.refuse_impossible(total, now, fx);
+            self.grant_waiters(total, now, fx);
+            return Ok(());
+        }
         // In a fixed order, not the map's (its hash seed differs per process): the keys this
         // change readies join the ring, and so are granted, in this order, and the durable
         // store's replay must hand the same tokens to the same keys as the original run did.

@@ -307,14 +307,18 @@ remove_waiter = function(w, granted)
   -- (A granted waiter is its key's head; another one may not be.)
   local head = not granted and key_head(w.tkey)
   local was_head = head and head.seq == w.seq
-  redis.call('ZREM', K_KQ, kq_member(w.tkey, w.seq, w.member))
+  -- A waiter already taken out is not taken out again (false): refuse_impossible's list is
+  -- made before it removes anyone, and a removal grants, which may apply a keyed put
+  -- (apply_put) that refuses the same waiters first; counting one twice left its key with -1
+  -- waiters (never put in the round robin again) and waiting_permits negative (h-krev16).
+  if redis.call('ZREM', K_KQ, kq_member(w.tkey, w.seq, w.member)) == 0 then return false end
   redis.call('ZREM', K_WAITS, wait_member(w.seq, w.key))
   -- (A granted waiter was its key's head.)
   if granted or was_head then KD.head_moved(w.tkey) end
   if not granted then redis.call('HDEL', K_HOLD, 'k:' .. w.key, 'a:' .. w.key) end
   queued_permits = queued_permits - w.permits
   local k = kget(w.tkey)
-  if not k then return end
+  if not k then return true end
   k.qlen = k.qlen - 1
   k.qperm = k.qperm - w.permits
   kdirty(w.tkey)
@@ -332,6 +336,7 @@ remove_waiter = function(w, granted)
     end
     maybe_drop(w.tkey)
   end
+  return true
 end
 
 -- The retry hint's backlog: the permits still queued for the waiter's key once it has left
@@ -461,6 +466,10 @@ end
 -- Refuses waiters asking for more than their key or the total can ever grant now (after a
 -- limit went down). Visits every waiter, as the core does; only limit changes run it.
 refuse_impossible = function()
+  -- A keyed put's per-key changes first: the plain put refuses before its first grant (which
+  -- is where they were applied), so its refusals judged, and its woken keys slept, by the old
+  -- per-key limits and rate, unlike the core's reconfigure (h-krev16, keyed_twin).
+  if KD.put then apply_put() end
   local total_cap = permit_cap()
   local doomed = {}
   for _, kmem in ipairs(redis.call('ZRANGE', K_KQ, 0, -1)) do
@@ -471,11 +480,17 @@ refuse_impossible = function()
     if KD.rate and (not cap or KD.rate.burst < cap) then cap = KD.rate.burst end
     if cap and w.permits > cap then doomed[#doomed + 1] = {w, cap} end
   end
+  -- By arrival (seq), not by key name as `kqueue` lists them: a refusal may ready its key's
+  -- next waiter (joining the ring), in the core's order (ops.rs refuse_impossible sorts by
+  -- waiter id), so both stores grant the same waiters next (h-krev16).
+  table.sort(doomed, function(x, y) return x[1].seq < y[1].seq end)
   for _, d in ipairs(doomed) do
     local w, cap = d[1], d[2]
-    remove_waiter(w)
-    c.rejected = c.rejected + 1
-    wake(w.key, w.channel, 'X|' .. fmt(w.permits) .. '|' .. fmt(cap), false)
+    -- (Unless a grant made by an earlier removal already refused it.)
+    if remove_waiter(w) then
+      c.rejected = c.rejected + 1
+      wake(w.key, w.channel, 'X|' .. fmt(w.permits) .. '|' .. fmt(cap), false)
+    end
   end
 end
 

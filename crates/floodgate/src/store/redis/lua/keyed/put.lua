@@ -61,9 +61,20 @@ apply_put = function()
     end
   end
   refuse_impossible()
-  for _, tkey in ipairs(raw) do
-    wake_key(tkey)
-    maybe_drop(tkey)
+  -- Keys the change readies join the ring oldest head first (ties by arrival), as the core's
+  -- reconfigure does: HKEYS lists them in the order they were first written, which is Lua's
+  -- table order, so the ring order (and who is granted next) differed from the core's and from
+  -- run to run (h-krev16, keyed_twin). Keys without waiters are only dropped if idle.
+  local ready = {}
+  for _, tkey in ipairs(redis.call('ZRANGE', KD.K_HEADS, 0, -1)) do
+    local h = key_head(tkey)
+    if h then ready[#ready + 1] = {h.enqueued_at, h.seq, tkey} end
   end
+  table.sort(ready, function(x, y)
+    if x[1] ~= y[1] then return x[1] < y[1] end
+    return x[2] < y[2]
+  end)
+  for _, r in ipairs(ready) do wake_key(r[3]) end
+  for _, tkey in ipairs(raw) do maybe_drop(tkey) end
 end
 
