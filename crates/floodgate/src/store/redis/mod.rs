@@ -10,6 +10,7 @@
 //! See `docs/redis.md` for the key layout, each script step by step, and the guarantees.
 
 mod conn;
+mod eval;
 mod generation;
 mod keyed;
 mod keyed_revive;
@@ -119,7 +120,8 @@ pub(crate) struct Inner {
     /// average at saturation, `docs/redis.md`). A second `ConnectionManager` for standalone
     /// Redis; under Cluster and Sentinel it is `conn` itself.
     release_conn: Conn,
-    /// The limiter script; redis-rs sends EVALSHA and loads it on NOSCRIPT.
+    /// The limiter script, sent by EVALSHA; on NOSCRIPT, loaded once the master is checked
+    /// (`eval.rs`).
     script: redis::Script,
     /// The keyed limiters' script (`keyed.rs`), sent the same way.
     keyed_script: redis::Script,

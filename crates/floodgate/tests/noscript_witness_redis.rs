@@ -1,0 +1,108 @@
+//! Redis restarted on an older snapshot, and the store's shared connection reconnected without
+//! any script call failing first: a health probe's `PING` (`GET /v1/health`) found the
+//! connection dead, reconnected it and retried, so no failure was recorded and the master was
+//! not checked. The next script call reaches the reloaded Redis first; it must not be granted
+//! on the older state (which lacks the grants made after the snapshot). What tells the store:
+//! the restarted Redis has no scripts, so that call is answered `NOSCRIPT`, and the store
+//! checks the master before loading the script again (`store/redis/eval.rs`).
+//!
+//! The witness: the permits this test holds (answered grants it has not let go), which the
+//! store cannot see, against the limit. No assertion depends on timing.
+
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use floodgate::{
+    AcquireError, AcquireOptions, Floodgate, KeyedSpec, LimiterSpec, RedisConfig, RedisStore,
+    Refusal, Store,
+};
+
+fn save(server: &support::RedisServer) {
+    let saved = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "SAVE"])
+        .output()
+        .expect("redis-cli");
+    assert_eq!(String::from_utf8_lossy(&saved.stdout).trim(), "OK");
+}
+
+/// One round: `keyed` runs it on a keyed limiter (the keyed script, a second script cache
+/// entry) instead of a plain one.
+async fn no_grant_after_a_silent_reconnect(keyed: bool) {
+    let mut server = support::RedisServer::start();
+    let mut config = RedisConfig::new(server.url());
+    config.learning_window = Some(Duration::from_secs(20));
+    let gate = Floodgate::with_store(RedisStore::connect(config).await.expect("connect"));
+    let spec = LimiterSpec::concurrency(2).with_default_lease(Duration::from_secs(60));
+    let options = || {
+        let o = AcquireOptions::new().wait(Duration::ZERO);
+        if keyed {
+            o.key("org")
+        } else {
+            o
+        }
+    };
+    if keyed {
+        gate.define_keyed("stale", spec, KeyedSpec::per_key(2))
+            .await
+            .expect("define");
+    } else {
+        gate.define("stale", spec).await.expect("define");
+    }
+    let limiter = gate.limiter("stale").await.expect("limiter");
+    // The witness: every permit answered and not let go.
+    let mut held = vec![limiter.acquire(options()).await.expect("kept")];
+    save(&server);
+    // Granted after the snapshot: the reload loses it, its holder keeps working.
+    held.push(limiter.acquire(options()).await.expect("lost"));
+    assert_eq!(held.len(), 2, "the limit is out");
+
+    tokio::task::block_in_place(|| server.restart());
+    // A health probe: its PING finds the connection dead, reconnects it and succeeds.
+    gate.store().ping().await.expect("ping after the restart");
+
+    // The first script call of this store on the reloaded Redis.
+    match limiter.acquire(options()).await {
+        Ok(p) => {
+            held.push(p);
+            panic!(
+                "granted on the reloaded state: {} permits held against a limit of 2 (keyed: \
+                 {keyed})",
+                held.len()
+            );
+        }
+        Err(AcquireError::Refused(Refusal::WaitTimeout { .. })) => {}
+        Err(e) => panic!("unexpected answer {e:?} (keyed: {keyed})"),
+    }
+    let status = limiter.status().await.expect("status");
+    assert!(status.learning, "not in a learning window: {status:?}");
+    // The lost grant's holder re-claims it by its heartbeat; nothing is granted over it.
+    for p in &mut held {
+        p.extend(Duration::from_secs(60)).await.expect("re-adopted");
+    }
+    let status = limiter.status().await.expect("status");
+    assert_eq!(status.in_use, 2, "{status:?}");
+    assert!(
+        matches!(
+            limiter.acquire(options()).await,
+            Err(AcquireError::Refused(Refusal::WaitTimeout { .. }))
+        ),
+        "granted over the re-adopted permits"
+    );
+    for p in held {
+        p.detach();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_reconnect_to_a_reloaded_redis_grants_nothing_over_the_lost_grant() {
+    no_grant_after_a_silent_reconnect(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_reconnect_to_a_reloaded_redis_grants_nothing_over_the_lost_grant_keyed() {
+    no_grant_after_a_silent_reconnect(true).await;
+}
