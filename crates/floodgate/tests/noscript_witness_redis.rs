@@ -106,3 +106,54 @@ async fn a_silent_reconnect_to_a_reloaded_redis_grants_nothing_over_the_lost_gra
 async fn a_silent_reconnect_to_a_reloaded_redis_grants_nothing_over_the_lost_grant_keyed() {
     no_grant_after_a_silent_reconnect(true).await;
 }
+
+/// Two servers share the Redis. The first to reach the reloaded Redis notices the change and
+/// loads its scripts again, but only uses another limiter; the second then reaches it the same
+/// silent way (a health `PING`), on the limiter whose grant the reload lost. The scripts the
+/// first loaded name the new master, so the second's call (naming the old one) is still
+/// answered `NOSCRIPT` and it checks the master itself, instead of being granted on the
+/// older state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_reloaded_the_scripts_first_does_not_hide_the_change_from_another() {
+    let mut server = support::RedisServer::start();
+    let connect = || {
+        let mut config = RedisConfig::new(server.url());
+        config.learning_window = Some(Duration::from_secs(20));
+        RedisStore::connect(config)
+    };
+    let first = Floodgate::with_store(connect().await.expect("connect"));
+    let second = Floodgate::with_store(connect().await.expect("connect"));
+    let spec = LimiterSpec::concurrency(2).with_default_lease(Duration::from_secs(60));
+    first.define("other", spec.clone()).await.expect("define");
+    second.define("stale", spec).await.expect("define");
+    let other = first.limiter("other").await.expect("limiter");
+    let stale = second.limiter("stale").await.expect("limiter");
+    let now = || AcquireOptions::new().wait(Duration::ZERO);
+    // The witness: the permits of `stale` answered and not let go.
+    let mut held = vec![stale.acquire(now()).await.expect("kept")];
+    save(&server);
+    held.push(stale.acquire(now()).await.expect("lost"));
+
+    tokio::task::block_in_place(|| server.restart());
+    first.store().ping().await.expect("ping");
+    // The first server's first script call on the reloaded Redis: it notices the change and
+    // loads its scripts (its limiter learns too, so this is refused).
+    let _ = other.acquire(now()).await;
+    second.store().ping().await.expect("ping");
+    match stale.acquire(now()).await {
+        Ok(p) => {
+            held.push(p);
+            panic!(
+                "granted on the reloaded state: {} permits held against a limit of 2",
+                held.len()
+            );
+        }
+        Err(AcquireError::Refused(Refusal::WaitTimeout { .. })) => {}
+        Err(e) => panic!("unexpected answer {e:?}"),
+    }
+    let status = stale.status().await.expect("status");
+    assert!(status.learning, "not in a learning window: {status:?}");
+    for p in held {
+        p.detach();
+    }
+}

@@ -130,11 +130,6 @@ impl RedisLimiter {
         op: &str,
         args: &[String],
     ) -> Result<Vec<String>, StoreError> {
-        let script = if keyed {
-            &self.store.keyed_script
-        } else {
-            &self.store.script
-        };
         let keyed_keys = keyed.then(|| self.keyed_keys());
         let keys: Vec<&str> = self
             .keys
@@ -143,12 +138,10 @@ impl RedisLimiter {
             .map(String::as_str)
             .collect();
         let ttl = self.store.config.ttl_ms().to_string();
-        let head = [op, self.name.as_str(), ttl.as_str()];
-        let cmd = super::eval::evalsha(
-            script,
-            &keys,
-            head.into_iter().chain(args.iter().map(String::as_str)),
-        );
+        let argv: Vec<&str> = [op, self.name.as_str(), ttl.as_str()]
+            .into_iter()
+            .chain(args.iter().map(String::as_str))
+            .collect();
         // A release has a connection of its own (see `Inner::release_conn`).
         let conn = if op == "release" {
             &self.store.release_conn
@@ -156,7 +149,7 @@ impl RedisLimiter {
             &self.store.conn
         };
         // A dead connection or a Redis new to the script has the master checked first.
-        let reply = self.run_evalsha(script, &cmd, conn).await?;
+        let reply = self.run_evalsha(keyed, &keys, &argv, conn).await?;
         // Redis answers again: clean up after waiters that left while it did not.
         if !self.store.lock_orphans().is_empty() {
             tokio::spawn(super::retry_orphans(Arc::clone(&self.store)));

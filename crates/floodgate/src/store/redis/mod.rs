@@ -120,11 +120,9 @@ pub(crate) struct Inner {
     /// average at saturation, `docs/redis.md`). A second `ConnectionManager` for standalone
     /// Redis; under Cluster and Sentinel it is `conn` itself.
     release_conn: Conn,
-    /// The limiter script, sent by EVALSHA; on NOSCRIPT, loaded once the master is checked
-    /// (`eval.rs`).
-    script: redis::Script,
-    /// The keyed limiters' script (`keyed.rs`), sent the same way.
-    keyed_script: redis::Script,
+    /// The limiter scripts, sent by EVALSHA; on NOSCRIPT, loaded once the master is checked.
+    /// They name the master last checked, so each master has SHA1s of its own (`eval.rs`).
+    scripts: Mutex<Arc<eval::Scripts>>,
     /// Limiters this store has seen keyed: their operations go to `keyed_script`.
     keyed: Mutex<std::collections::HashSet<LimiterName>>,
     config: RedisConfig,
@@ -335,8 +333,7 @@ impl RedisStore {
         let inner = Arc::new(Inner {
             conn,
             release_conn,
-            script: redis::Script::new(&script::script_source()),
-            keyed_script: redis::Script::new(&script::keyed_script_source()),
+            scripts: Mutex::new(Arc::new(eval::Scripts::new(run_id.as_deref()))),
             keyed: Mutex::new(std::collections::HashSet::new()),
             config,
             server_id,
