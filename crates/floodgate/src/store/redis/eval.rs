@@ -23,7 +23,9 @@
 //! must settle (`settled_scripts`), so one that carries the new SHA1 has settled its limiter
 //! first. The same holds across servers sharing a Redis: a server loads the scripts naming a
 //! master only once it checked that this is the master it talks to, so another server that has
-//! not noticed the change still sends the older SHA1 and is answered `NOSCRIPT`. Each Redis
+//! not noticed the change still sends the older SHA1 and is answered `NOSCRIPT`. (The load goes
+//! out with the master's `INFO` in one pipeline, so both reach the same Redis; should that not
+//! be the master checked, the load is taken back: `Scripts::load_on_master`.) Each Redis
 //! holds one copy of each script, as before: the one naming itself.
 //!
 //! The normal path costs what it did: one EVALSHA. The gate costs one `INFO` round trip the
@@ -61,10 +63,12 @@ fn is_noscript(e: &RedisError) -> bool {
 
 /// The limiter scripts this store sends while the master is the same.
 pub(super) struct Scripts {
-    /// The plain limiters' script.
-    plain: redis::Script,
-    /// The keyed limiters' script (`keyed.rs`).
-    keyed: redis::Script,
+    /// The master they name (`None` on a Cluster).
+    master: Option<String>,
+    /// The plain limiters' script, and its source (loaded with the master's `INFO`).
+    plain: (redis::Script, String),
+    /// The keyed limiters' script (`keyed.rs`), and its source.
+    keyed: (redis::Script, String),
 }
 
 impl Scripts {
@@ -79,17 +83,47 @@ impl Scripts {
             keyed.insert_str(0, &tag);
         }
         Scripts {
-            plain: redis::Script::new(&plain),
-            keyed: redis::Script::new(&keyed),
+            master: run_id.map(str::to_owned),
+            plain: (redis::Script::new(&plain), plain),
+            keyed: (redis::Script::new(&keyed), keyed),
         }
     }
 
     fn pick(&self, keyed: bool) -> &redis::Script {
         if keyed {
-            &self.keyed
+            &self.keyed.0
         } else {
-            &self.plain
+            &self.plain.0
         }
+    }
+
+    /// Loads one script on the Redis `conn` talks to, if that is the master the scripts name:
+    /// `false` if it is not (it changed since it was checked: nothing loaded). The master's
+    /// `INFO` and the load go out as one pipeline on one connection, so both reach the same
+    /// Redis: a restart between a check and the load cannot put a script naming the older
+    /// master on the new one.
+    async fn load_on_master(&self, keyed: bool, conn: &Conn) -> redis::RedisResult<bool> {
+        let mut conn = conn.clone();
+        let (script, source) = if keyed { &self.keyed } else { &self.plain };
+        let Some(master) = &self.master else {
+            script.load_async(&mut conn).await?;
+            return Ok(true);
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("INFO").arg("server");
+        pipe.cmd("SCRIPT").arg("LOAD").arg(source.as_str()).ignore();
+        let (info,): (String,) = pipe.query_async(&mut conn).await?;
+        let run_id = super::generation::run_id_of(&info);
+        if run_id == Some(master.as_str()) {
+            return Ok(true);
+        }
+        // Loaded on another Redis than the one checked: taken back, so no call naming the
+        // older master runs there.
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(false)
     }
 }
 
@@ -153,14 +187,26 @@ impl RedisLimiter {
             // may be older than the last grants. Checked before anything runs on it.
             self.store.suspect_change();
             tracing::debug!("redis has no script; checking the master before loading it");
-            scripts = self.settled_scripts().await?;
-            let script = scripts.pick(keyed);
-            let mut c = conn.clone();
-            script.load_async(&mut c).await.map_err(|e| {
+            let mut tries = 0;
+            loop {
+                scripts = self.settled_scripts().await?;
+                let loaded = scripts.load_on_master(keyed, conn).await.map_err(|e| {
+                    self.store.suspect_change();
+                    unavailable(e)
+                })?;
+                if loaded {
+                    break;
+                }
+                // Redis changed again since it was checked: check again.
                 self.store.suspect_change();
-                unavailable(e)
-            })?;
-            result = send(evalsha(script, keys, args)).await;
+                tries += 1;
+                if tries == 3 {
+                    return Err(unavailable(
+                        "the master kept changing while its script loaded",
+                    ));
+                }
+            }
+            result = send(evalsha(scripts.pick(keyed), keys, args)).await;
         }
         result.map_err(|e| {
             // Redis may have restarted or failed over (`generation.rs`).

@@ -39,10 +39,14 @@ pub(super) async fn master_run_id(conn: &Conn) -> Result<Option<String>, StoreEr
         .query_async(&mut conn)
         .await
         .map_err(unavailable)?;
-    Ok(info
-        .lines()
+    Ok(run_id_of(&info).map(str::to_owned))
+}
+
+/// The `run_id` in an `INFO server` reply.
+pub(super) fn run_id_of(info: &str) -> Option<&str> {
+    info.lines()
         .find_map(|l| l.strip_prefix("run_id:"))
-        .map(|id| id.trim().to_owned()))
+        .map(str::trim)
 }
 
 /// What the store knows of the Redis it runs on.
