@@ -123,7 +123,7 @@ pub(crate) struct Inner {
     /// The limiter scripts, sent by EVALSHA; on NOSCRIPT, loaded once the master is checked.
     /// They name the master last checked, so each master has SHA1s of its own (`eval.rs`).
     scripts: Mutex<Arc<eval::Scripts>>,
-    /// Limiters this store has seen keyed: their operations go to `keyed_script`.
+    /// Limiters this store has seen keyed: their operations go to the keyed script.
     keyed: Mutex<std::collections::HashSet<LimiterName>>,
     config: RedisConfig,
     /// Unique per store instance: names this process's wake channel and its waiter keys.
