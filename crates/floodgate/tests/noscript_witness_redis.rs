@@ -157,3 +157,58 @@ async fn a_server_that_reloaded_the_scripts_first_does_not_hide_the_change_from_
         p.detach();
     }
 }
+
+/// The commands Redis ran since `CONFIG RESETSTAT`, by name, with their call counts.
+fn commandstats(server: &support::RedisServer) -> std::collections::BTreeMap<String, u64> {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "INFO", "commandstats"])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// The check costs nothing once the scripts are loaded: each operation is one EVALSHA, with no
+/// `INFO` or `SCRIPT` sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_the_scripts_are_loaded_an_operation_is_one_evalsha() {
+    let server = support::RedisServer::start();
+    let gate = Floodgate::with_store(
+        RedisStore::connect(RedisConfig::new(server.url()))
+            .await
+            .expect("connect"),
+    );
+    gate.define("steady", LimiterSpec::concurrency(2))
+        .await
+        .expect("define");
+    let limiter = gate.limiter("steady").await.expect("limiter");
+    // The first call loads the script (after a check of the master).
+    limiter.status().await.expect("status");
+    let reset = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "CONFIG", "RESETSTAT"])
+        .output()
+        .expect("redis-cli");
+    assert_eq!(String::from_utf8_lossy(&reset.stdout).trim(), "OK");
+    for _ in 0..50 {
+        limiter.status().await.expect("status");
+    }
+    let stats = commandstats(&server);
+    assert_eq!(stats.get("evalsha"), Some(&50), "{stats:?}");
+    // (The commands the script runs are counted too; those are not sent by the store.)
+    let checks: Vec<_> = stats
+        .keys()
+        .filter(|name| name.starts_with("info") || name.starts_with("script"))
+        .collect();
+    assert!(checks.is_empty(), "a check or a load on the hot path: {stats:?}");
+}
