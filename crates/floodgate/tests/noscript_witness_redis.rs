@@ -210,5 +210,8 @@ async fn once_the_scripts_are_loaded_an_operation_is_one_evalsha() {
         .keys()
         .filter(|name| name.starts_with("info") || name.starts_with("script"))
         .collect();
-    assert!(checks.is_empty(), "a check or a load on the hot path: {stats:?}");
+    assert!(
+        checks.is_empty(),
+        "a check or a load on the hot path: {stats:?}"
+    );
 }
