@@ -11,7 +11,10 @@
 //! grants are re-adopted by their next extend instead of being granted over.
 //!
 //! The check costs nothing on the hot path: it runs only after a request failed (a restart or a
-//! failover always breaks the connection first), before the request is retried.
+//! failover breaks the connection first), before the request is retried, and when a script
+//! call is answered `NOSCRIPT` (a restarted or promoted Redis has no scripts), before the
+//! script is loaded again (`eval.rs`): a connection may reach the new Redis without any
+//! request failing (a `PING` or a listing that reconnected it, or one racing another).
 //!
 //! Not covered: Redis Cluster (each shard has its own master; a shard's failover is not
 //! noticed here), and a server that had not used a limiter before the change.
@@ -36,10 +39,14 @@ pub(super) async fn master_run_id(conn: &Conn) -> Result<Option<String>, StoreEr
         .query_async(&mut conn)
         .await
         .map_err(unavailable)?;
-    Ok(info
-        .lines()
+    Ok(run_id_of(&info).map(str::to_owned))
+}
+
+/// The `run_id` in an `INFO server` reply.
+pub(super) fn run_id_of(info: &str) -> Option<&str> {
+    info.lines()
         .find_map(|l| l.strip_prefix("run_id:"))
-        .map(|id| id.trim().to_owned()))
+        .map(str::trim)
 }
 
 /// What the store knows of the Redis it runs on.
@@ -109,12 +116,16 @@ async fn check(inner: &Arc<Inner>) -> Result<(), StoreError> {
             "redis changed under this store (a failover or a restart, which may have lost the \
              last writes): the limiters it knows learn who still holds permits before granting"
         );
-        g.run_id = now;
+        g.run_id.clone_from(&now);
         inner.changes.fetch_add(1, Ordering::AcqRel);
         g.relearn.extend(known);
         if !g.relearn.is_empty() {
             inner.relearn_pending.store(true, Ordering::Release);
         }
+        drop(g);
+        // After the limiters are marked: a call that sends the new scripts sees them marked
+        // (`eval.rs`).
+        inner.renew_scripts(now.as_deref());
     }
     // Last: whoever sees `suspect` clear also sees the limiters marked.
     inner.suspect.store(false, Ordering::Release);
@@ -148,6 +159,12 @@ impl RedisLimiter {
     pub(super) async fn changed_since(&self, before: u64) -> Result<bool, StoreError> {
         self.settle_generation().await?;
         Ok(self.changes_seen() != before)
+    }
+
+    /// Whether this limiter must settle before a call is sent: something is due and this
+    /// task is not the one settling it (under the gate, its own calls go through).
+    pub(super) fn needs_settling(&self) -> bool {
+        self.due_to_settle() && SETTLING.try_with(|_| ()).is_err()
     }
 
     /// Whether a check is due (a request failed) or this limiter is to learn.

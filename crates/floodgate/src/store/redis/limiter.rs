@@ -130,53 +130,26 @@ impl RedisLimiter {
         op: &str,
         args: &[String],
     ) -> Result<Vec<String>, StoreError> {
-        let script = if keyed {
-            &self.store.keyed_script
-        } else {
-            &self.store.script
-        };
-        let mut invocation = script.prepare_invoke();
-        for key in self.keys.iter() {
-            invocation.key(key);
-        }
-        if keyed {
-            for key in self.keyed_keys() {
-                invocation.key(key);
-            }
-        }
-        invocation
-            .arg(op)
-            .arg(self.name.as_str())
-            .arg(self.store.config.ttl_ms());
-        for a in args {
-            invocation.arg(a);
-        }
+        let keyed_keys = keyed.then(|| self.keyed_keys());
+        let keys: Vec<&str> = self
+            .keys
+            .iter()
+            .chain(keyed_keys.iter().flatten())
+            .map(String::as_str)
+            .collect();
+        let ttl = self.store.config.ttl_ms().to_string();
+        let argv: Vec<&str> = [op, self.name.as_str(), ttl.as_str()]
+            .into_iter()
+            .chain(args.iter().map(String::as_str))
+            .collect();
         // A release has a connection of its own (see `Inner::release_conn`).
         let conn = if op == "release" {
             &self.store.release_conn
         } else {
             &self.store.conn
         };
-        let invoke = || {
-            let mut conn = conn.clone();
-            let invocation = &invocation;
-            async move { invocation.invoke_async::<Vec<String>>(&mut conn).await }
-        };
-        let reply = match invoke().await {
-            Ok(reply) => reply,
-            Err(e) => {
-                // Redis may have restarted or failed over (`generation.rs`).
-                self.store.suspect_change();
-                if !e.is_connection_dropped() {
-                    return Err(unavailable(e));
-                }
-                // The connection was dead, so the request did not run (see `retry_dropped`):
-                // run it once more, on whatever Redis is there now, once that is settled.
-                tracing::debug!(error = %e, "redis connection was dead; retrying once");
-                Box::pin(self.settle_generation()).await?;
-                invoke().await.map_err(unavailable)?
-            }
-        };
+        // A dead connection or a Redis new to the script has the master checked first.
+        let reply = self.run_evalsha(keyed, &keys, &argv, conn).await?;
         // Redis answers again: clean up after waiters that left while it did not.
         if !self.store.lock_orphans().is_empty() {
             tokio::spawn(super::retry_orphans(Arc::clone(&self.store)));

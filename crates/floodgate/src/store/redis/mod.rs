@@ -10,6 +10,7 @@
 //! See `docs/redis.md` for the key layout, each script step by step, and the guarantees.
 
 mod conn;
+mod eval;
 mod generation;
 mod keyed;
 mod keyed_revive;
@@ -120,11 +121,10 @@ pub(crate) struct Inner {
     /// average at saturation, `docs/redis.md`). A second `ConnectionManager` for standalone
     /// Redis; under Cluster and Sentinel it is `conn` itself.
     release_conn: Conn,
-    /// The limiter script; redis-rs sends EVALSHA and loads it on NOSCRIPT.
-    script: redis::Script,
-    /// The keyed limiters' script (`keyed.rs`), sent the same way.
-    keyed_script: redis::Script,
-    /// Limiters this store has seen keyed: their operations go to `keyed_script`.
+    /// The limiter scripts, sent by EVALSHA; on NOSCRIPT, loaded once the master is checked.
+    /// They name the master last checked, so each master has SHA1s of its own (`eval.rs`).
+    scripts: Mutex<Arc<eval::Scripts>>,
+    /// Limiters this store has seen keyed: their operations go to the keyed script.
     keyed: Mutex<std::collections::HashSet<LimiterName>>,
     config: RedisConfig,
     /// Unique per store instance: names this process's wake channel and its waiter keys.
@@ -334,8 +334,7 @@ impl RedisStore {
         let inner = Arc::new(Inner {
             conn,
             release_conn,
-            script: redis::Script::new(&script::script_source()),
-            keyed_script: redis::Script::new(&script::keyed_script_source()),
+            scripts: Mutex::new(Arc::new(eval::Scripts::new(run_id.as_deref()))),
             keyed: Mutex::new(std::collections::HashSet::new()),
             config,
             server_id,
