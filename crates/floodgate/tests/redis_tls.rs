@@ -234,36 +234,44 @@ async fn a_cluster_talks_tls_as_the_acl_user_too() {
     let password = format!(">{PASSWORD}");
     let nodes: Vec<(RedisServer, u16)> = (0..3)
         .map(|_| {
-            let tls_port = support::free_port();
-            let tls = tls_port.to_string();
-            let server = RedisServer::start_on_a_free_port(&[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "2000",
-                "--tls-port",
-                &tls,
-                "--tls-cluster",
-                "yes",
-                "--tls-replication",
-                "yes",
-                "--tls-cert-file",
-                leaf.cert.to_str().unwrap(),
-                "--tls-key-file",
-                leaf.key.to_str().unwrap(),
-                "--tls-ca-cert-file",
-                ca.cert.to_str().unwrap(),
-                "--tls-auth-clients",
-                "optional",
-                "--user",
-                USER,
-                "on",
-                &password,
-                "~*",
-                "&*",
-                "+@all",
-            ]);
-            (server, tls_port)
+            // Its TLS port is drawn again with its port on each try: a port taken meanwhile
+            // (the server exits at once) is not tried again.
+            let tls_port = std::cell::Cell::new(0);
+            let server = RedisServer::start_on_free_ports(|| {
+                tls_port.set(support::free_port());
+                let tls = tls_port.get().to_string();
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--tls-port",
+                    &tls,
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-replication",
+                    "yes",
+                    "--tls-cert-file",
+                    leaf.cert.to_str().unwrap(),
+                    "--tls-key-file",
+                    leaf.key.to_str().unwrap(),
+                    "--tls-ca-cert-file",
+                    ca.cert.to_str().unwrap(),
+                    "--tls-auth-clients",
+                    "optional",
+                    "--user",
+                    USER,
+                    "on",
+                    &password,
+                    "~*",
+                    "&*",
+                    "+@all",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            });
+            (server, tls_port.get())
         })
         .collect();
     let addrs: Vec<String> = nodes

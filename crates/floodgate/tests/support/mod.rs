@@ -38,8 +38,17 @@ impl RedisServer {
     /// Like `start_with`, on a port found free; if another process took it in between (our
     /// server exits at once), tries another one.
     pub(crate) fn start_on_a_free_port(extra: &[&str]) -> Self {
+        Self::start_on_free_ports(|| extra.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// Like `start_on_a_free_port`, with arguments made afresh for each try: arguments that
+    /// name ports of their own (a TLS port) draw new ones too, so a port taken meanwhile is
+    /// not tried again.
+    pub(crate) fn start_on_free_ports(extra: impl Fn() -> Vec<String>) -> Self {
         for _ in 0..5 {
-            let mut server = Self::prepare(free_port(), extra);
+            let extra = extra();
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            let mut server = Self::prepare(free_port(), &extra);
             if server.try_spawn() {
                 return server;
             }
