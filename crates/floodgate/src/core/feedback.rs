@@ -11,7 +11,8 @@ impl LimiterCore {
     }
 
     /// [`feedback`](Self::feedback) with the call's latency (from its start to its answer),
-    /// which the gradient controller uses (see [`adaptive`]); AIMD ignores it.
+    /// which the gradient controller uses (see [`adaptive`]); AIMD ignores it. A latency above
+    /// [`adaptive::MAX_LATENCY`] (a day) counts as that.
     pub fn feedback_with(
         &mut self,
         now: Timestamp,

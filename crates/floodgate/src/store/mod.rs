@@ -422,7 +422,8 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// [`feedback`](Self::feedback) with the call's latency (its start to its answer), which a
     /// latency-aware (`gradient`) adaptive limit uses. A store that does not override it drops
-    /// the latency (the default), so adding this method breaks no store.
+    /// the latency (the default), so adding this method breaks no store. A latency above a day
+    /// counts as a day (`core::adaptive::MAX_LATENCY`, the HTTP route's bound too).
     ///
     /// # Errors
     ///

@@ -99,8 +99,16 @@ pub(crate) fn ewma(avg: u64, sample: u64, weight: u64) -> u64 {
     }
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+/// The longest latency a report counts as, a day (as the HTTP route's cap and the longest
+/// lease): the library API takes any `Duration`, and a latency near `u64::MAX` µs overflowed
+/// `last_decrease + short_us` (a panic in debug builds, a wrapped comparison in release) and
+/// lost its exactness in the Redis script's doubles, so the two stores parted. Clamped here and
+/// by the Redis store before the script sees it, both stores see the same number.
+pub const MAX_LATENCY: Duration = Duration::from_secs(24 * 3_600);
+
+/// A reported latency in µs, clamped to [`MAX_LATENCY`].
+pub(crate) fn micros(d: Duration) -> u64 {
+    u64::try_from(d.min(MAX_LATENCY).as_micros()).unwrap_or(u64::MAX)
 }
 
 /// `floor(limit * factor)`, the one float step (the same double arithmetic in Lua).

@@ -517,7 +517,11 @@ impl LimiterBackend for RedisLimiter {
             Feedback::Throttled => "throttled",
             Feedback::Error => "error",
         };
-        let latency = latency.map(micros).unwrap_or_default();
+        // Clamped to a day as the core clamps it (core/adaptive's MAX_LATENCY): the script's
+        // doubles are exact only below 2^53, and both stores must see the same number.
+        let latency = latency
+            .map(|l| micros(l.min(crate::core::adaptive::MAX_LATENCY)))
+            .unwrap_or_default();
         let reply = self.call("feedback", &[word.to_owned(), latency]).await?;
         match reply.first().map(String::as_str) {
             Some("limit") => Ok(reply.get(1).and_then(|s| s.parse::<u32>().ok())),

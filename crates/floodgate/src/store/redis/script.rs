@@ -91,6 +91,7 @@ fn prelude() -> String {
         ("GRADIENT_LONG_WEIGHT", u128::from(adaptive::LONG_WEIGHT)),
         ("GRADIENT_WARM_UP", u128::from(adaptive::WARM_UP)),
         ("GRADIENT_MAX_BACKOFF", u128::from(adaptive::MAX_BACKOFF)),
+        ("GRADIENT_MAX_LATENCY", micros(adaptive::MAX_LATENCY)),
     ];
     for (name, value) in consts {
         let _ = writeln!(s, "local {name} = {value}");

@@ -7,6 +7,9 @@ if op == 'feedback' then
   local outcome = ARGV[4]
   -- ARGV[5]: the call's latency in us ('' if not reported): the gradient controller uses it.
   local latency = opt(ARGV[5])
+  -- Clamped to a day, as the core clamps it (core/adaptive's MAX_LATENCY): past 2^53 a double
+  -- is not the integer sent, and past 2^63 '%d' writes a negative average into g_state.
+  if latency then latency = math.min(latency, GRADIENT_MAX_LATENCY) end
   advance()
   c['feedback_' .. outcome] = c['feedback_' .. outcome] + 1
   if a_min and limit and string.sub(a_ext, 1, 9) == 'gradient|' then
