@@ -9,7 +9,8 @@
 //! - the core's in-use equals the witness's count.
 //!
 //! The feedback is hostile: latencies of 0, 1 µs, a day and `Duration::MAX`, floods of
-//! throttles, reports with nothing held, clock jumps of up to ten minutes, and reconfigurations
+//! throttles, reports with nothing held, clock jumps of up to ten minutes (and steps back of up
+//! to 5 s, as a wall clock may), and reconfigurations
 //! to another range (the learned limit may lie outside it), another algorithm, or no adaptive
 //! limit at all. A second test checks liveness: after a flood of throttles pins the limit at
 //! `min`, a recovered backend (only successes, with waiters queued) brings it back to `max`.
@@ -126,11 +127,11 @@ fn run(seed: u64, steps: usize) {
     let mut fx = Effects::default();
     for step in 0..steps {
         // The fake clock: mostly small steps, sometimes a jump of up to ten minutes.
-        now += if rng.below(50) == 0 {
-            rng.range(1_000_000, 600_000_000)
-        } else {
-            rng.range(0, 20_000)
-        };
+        match rng.below(100) {
+            0 | 1 => now += rng.range(1_000_000, 600_000_000),
+            2 => now -= rng.range(1, 5_000_000),
+            _ => now += rng.range(0, 20_000),
+        }
         let ts = Timestamp(now);
         // Time settled first (timeouts may grant a waiter under the limit in force before the
         // step), so every grant the step itself makes is judged against the limit after it.

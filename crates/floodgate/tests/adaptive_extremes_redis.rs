@@ -4,7 +4,8 @@
 //! being exact) and `u64::MAX` µs, given to the script as the raw argument and to the core as
 //! the same `Duration`; floods of throttles; reports with nothing held. After every report the
 //! limit in force and the gradient controller's whole state must be the core's, and the limit
-//! must lie within `[min, max]`.
+//! must lie within `[min, max]`. The clock sometimes steps back by up to 5 s, as Redis's wall
+//! clock (TIME) may.
 //!
 //! The twin's random sequences draw latencies up to 3 s only; these are the values where
 //! integer and double arithmetic part (the script's `string.format('%d', x)` of a double past
@@ -106,7 +107,12 @@ fn run(seed: u64, gradient: bool) {
     let mut held: Vec<u64> = Vec::new();
     let lname = LimiterName::new(name).unwrap();
     for i in 0..1_500_u64 {
-        now += rng.range(0, 30_000);
+        // Redis TIME is a wall clock: it may step back (NTP). Both sides get the same steps.
+        if rng.below(25) == 0 {
+            now -= rng.range(1, 5_000_000);
+        } else {
+            now += rng.range(0, 30_000);
+        }
         match rng.below(10) {
             0..=1 => {
                 let granted = match core.acquire(
