@@ -54,11 +54,14 @@ pub struct KeyedFloodgateLayer<B, F> {
 }
 
 impl<B: LimiterBackend, F> KeyedFloodgateLayer<B, F> {
-    /// Acquires a permit of `limiter` for `key(&request)` around each call.
+    /// Acquires a permit of `limiter` for `key(&request)` around each call, each call its own
+    /// acquire: a [`request_id`](AcquireOptions::request_id) in `options` is ignored (one id
+    /// shared by every call would make them share one grant).
     pub fn new(limiter: Limiter<B>, options: AcquireOptions, key: F) -> Self {
         KeyedFloodgateLayer {
             limiter,
-            options,
+            // As FloodgateLayer's: with the id kept, a key's concurrent calls joined one grant.
+            options: options.without_request_id(),
             key: Arc::new(key),
         }
     }
