@@ -7,7 +7,8 @@ use super::BoxError;
 use crate::limiter::{AcquireOptions, Limiter};
 use crate::store::LimiterBackend;
 
-/// Acquires a permit before calling the inner service and holds it until the response is done.
+/// Acquires a permit before calling the inner service and holds it until the response future
+/// completes (or is dropped).
 #[derive(Debug, Clone)]
 pub struct FloodgateService<S, B> {
     inner: S,
