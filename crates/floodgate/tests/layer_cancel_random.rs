@@ -4,7 +4,7 @@
 //!
 //! - the inner calls in flight never exceed the limit (an atomic counter inside the service);
 //! - calls enter the inner service in the order they arrived (strict FIFO);
-//! - on the embedded store, at every moment between task steps (a monitor task polls each
+//! - on the embedded store (plain and keyed layer), at every moment between task steps (a monitor task polls each
 //!   millisecond of paused time), every permit held or waiter queued belongs to a live call
 //!   (`in_use + waiting == live calls`: a dropped waiter left no ghost in the queue and a
 //!   dropped call no permit behind), and nobody waits while a permit is free;
@@ -24,8 +24,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use floodgate::layer::KeyedFloodgateLayer;
 use floodgate::{
-    AcquireOptions, Floodgate, FloodgateLayer, Limiter, LimiterSpec, RedisConfig, RedisStore, Store,
+    AcquireOptions, Floodgate, FloodgateLayer, KeyedSpec, Limiter, LimiterSpec, RedisConfig,
+    RedisStore, Store,
 };
 use support::rng::Rng;
 use tokio::time::Instant;
@@ -256,4 +258,126 @@ async fn random_drops_leave_nothing_held_or_queued_on_redis() {
         .await
         .unwrap();
     on_store(Floodgate::with_store(store), 0..12).await;
+}
+
+/// Per key index: calls in flight now, the most at once, the calls in the order they entered.
+type PerKey = Arc<Mutex<std::collections::HashMap<usize, (u32, u32, Vec<usize>)>>>;
+
+/// The keyed layer on the embedded store, paused time: calls of 3 keys, a per-key limit under
+/// a total, random drops. Each key's calls in flight stay within its limit and the total's
+/// within the total, each key's calls enter in their arrival order, and (as above) every
+/// permit held or waiter queued belongs to a live call at every millisecond.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn random_drops_through_the_keyed_layer_leave_no_ghost() {
+    const KEYS: [&str; 3] = ["a", "b", "c"];
+    let mut dropped_total = 0;
+    for seed in 0..60u64 {
+        let mut rng = Rng(1000 + seed);
+        let per_key = rng.range(1, 2) as u32;
+        let total = rng.range(2, 4) as u32;
+        let n = rng.range(6, 24) as usize;
+        let calls = schedule(&mut rng, n, 5);
+        // Each call's key, as an index into KEYS.
+        let keys: Arc<Vec<usize>> = Arc::new((0..n).map(|_| rng.below(3) as usize).collect());
+        let what = format!("seed {seed}, per key {per_key}, total {total}, {keys:?} {calls:?}");
+        let gate = Floodgate::in_memory();
+        let spec = LimiterSpec::concurrency(total).with_max_wait(Duration::from_secs(600));
+        gate.define_keyed("orgs", spec, KeyedSpec::per_key(per_key))
+            .await
+            .unwrap();
+        let limiter = gate.limiter("orgs").await.unwrap();
+        let seen = Arc::new(Seen::default());
+        // Per key: in flight now, the most at once, and the order calls entered.
+        let per: PerKey = Arc::default();
+        let monitor = {
+            let (limiter, seen, what) = (limiter.clone(), Arc::clone(&seen), what.clone());
+            tokio::spawn(async move {
+                while !seen.done.load(SeqCst) {
+                    let s = limiter.status().await.unwrap();
+                    assert_eq!(
+                        s.in_use + s.waiting,
+                        seen.live.load(SeqCst),
+                        "{what}: held or queued for a call that is gone (ghost): {s:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        };
+        let holds: Arc<Vec<Duration>> = Arc::new(calls.iter().map(|c| c.hold).collect());
+        let inner = {
+            let (seen, per, keys) = (Arc::clone(&seen), Arc::clone(&per), Arc::clone(&keys));
+            service_fn(move |i: usize| {
+                let (seen, per, hold, key) =
+                    (Arc::clone(&seen), Arc::clone(&per), holds[i], keys[i]);
+                async move {
+                    let now = seen.current.fetch_add(1, SeqCst) + 1;
+                    seen.max.fetch_max(now, SeqCst);
+                    {
+                        let mut per = per.lock().unwrap();
+                        let e = per.entry(key).or_default();
+                        e.0 += 1;
+                        e.1 = e.1.max(e.0);
+                        e.2.push(i);
+                    }
+                    /// Leaves the key's count too when the call ends or is dropped.
+                    struct Leave(PerKey, usize);
+                    impl Drop for Leave {
+                        fn drop(&mut self) {
+                            self.0.lock().unwrap().get_mut(&self.1).unwrap().0 -= 1;
+                        }
+                    }
+                    let _in = (InCall(Arc::clone(&seen)), Leave(per, key));
+                    tokio::time::sleep(hold).await;
+                    Ok::<_, Infallible>(i)
+                }
+            })
+        };
+        let keys_of = Arc::clone(&keys);
+        let svc = ServiceBuilder::new()
+            .layer(KeyedFloodgateLayer::new(
+                limiter.clone(),
+                AcquireOptions::new()
+                    .wait(Duration::from_secs(120))
+                    .lease(Duration::from_secs(3600)),
+                move |i: &usize| KEYS[keys_of[*i]],
+            ))
+            .service(inner);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for (i, call) in calls.iter().copied().enumerate() {
+            let (svc, seen) = (svc.clone(), Arc::clone(&seen));
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(start + call.arrive).await;
+                seen.live.fetch_add(1, SeqCst);
+                let never = Duration::from_secs(86_400);
+                let out = tokio::select! {
+                    r = svc.oneshot(i) => Some(r.unwrap()),
+                    () = tokio::time::sleep(call.drop_after.unwrap_or(never)) => None,
+                };
+                seen.live.fetch_sub(1, SeqCst);
+                out
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Some(got) => assert_eq!(got, i, "{what}"),
+                None => dropped_total += 1,
+            }
+        }
+        seen.done.store(true, SeqCst);
+        monitor.await.unwrap();
+        assert!(seen.max.load(SeqCst) <= total, "{what}: total exceeded");
+        for (key, (now, max, entered)) in per.lock().unwrap().iter() {
+            assert_eq!(*now, 0, "{what}: {key}");
+            assert!(*max <= per_key, "{what}: key {key} had {max} at once");
+            assert!(
+                entered.windows(2).all(|w| w[0] < w[1]),
+                "{what}: key {key}'s calls entered out of order: {entered:?}"
+            );
+        }
+        let s = limiter.status().await.unwrap();
+        assert_eq!((s.in_use, s.holders, s.waiting), (0, 0, 0), "{what}: {s:?}");
+        assert_eq!(s.counters.expired, 0, "{what}: {s:?}");
+    }
+    assert!(dropped_total > 100, "{dropped_total}");
 }
