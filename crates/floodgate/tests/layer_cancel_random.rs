@@ -4,10 +4,11 @@
 //!
 //! - the inner calls in flight never exceed the limit (an atomic counter inside the service);
 //! - calls enter the inner service in the order they arrived (strict FIFO);
-//! - on the embedded store (plain and keyed layer), at every moment between task steps (a monitor task polls each
-//!   millisecond of paused time), every permit held or waiter queued belongs to a live call
-//!   (`in_use + waiting == live calls`: a dropped waiter left no ghost in the queue and a
-//!   dropped call no permit behind), and nobody waits while a permit is free;
+//! - on the embedded store (plain and keyed layer), at every moment between task steps (a
+//!   monitor task polls each millisecond of paused time), every permit held or waiter queued
+//!   belongs to a live call (`in_use + waiting == live calls`: a dropped waiter left no ghost
+//!   in the queue and a dropped call no permit behind), and (plain layer) nobody waits while a
+//!   permit is free;
 //! - on Redis (in real time: its cancel and release run in the background), everything ends
 //!   with nothing held or queued and every call not dropped completed.
 //!

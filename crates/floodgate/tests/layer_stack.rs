@@ -10,7 +10,7 @@
 //! - A call that outlives its lease loses the permit while still running (documented in
 //!   `layer/mod.rs`); the late release when it completes is by its own fencing token, so it
 //!   must not free the permit the limiter re-granted to someone else (a third call would then
-//!   run beside the second).
+//!   run beside the second); the overrun is logged as a warning when the call ends.
 
 #![cfg(not(feature = "shuttle"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -216,10 +216,40 @@ async fn a_late_release_frees_nobody_elses_permit<S: Store>(gate: Floodgate<S>, 
     assert_eq!((s.counters.expired, s.counters.granted), (1, 3), "{s:?}");
 }
 
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_call_past_its_lease_releases_late_without_freeing_the_next_holders_permit() {
+    // The test's runtime is single-threaded: a thread-local subscriber sees every task.
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     a_late_release_frees_nobody_elses_permit(Floodgate::in_memory(), Duration::from_millis(100))
         .await;
+    // The call that outlived its lease (A) was reported, once; B and C, within theirs, not.
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let warned: Vec<&str> = logs.lines().filter(|l| l.contains("ran past")).collect();
+    assert_eq!(warned.len(), 1, "{logs}");
+    assert!(
+        warned[0].contains("WARN") && warned[0].contains("limiter=lease"),
+        "{logs}"
+    );
 }
 
 #[tokio::test]

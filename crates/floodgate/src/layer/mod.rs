@@ -10,7 +10,8 @@
 //! (`is_wait_timeout()`, `retry_after()`), so the caller can re-enqueue the work.
 //!
 //! The layer does not extend leases: give it a lease longer than the longest call (a call that
-//! outlives its lease loses the permit while still running).
+//! outlives its lease loses the permit while still running; it is logged as a `tracing`
+//! warning when the call ends, and counted in the limiter's `expired`).
 //!
 //! [`AcquireError`]: crate::AcquireError
 
