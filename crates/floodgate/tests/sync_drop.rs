@@ -5,7 +5,7 @@
 //! the queue". These tests drop each on a plain `std::thread` (no tokio context), with leases
 //! and waits far longer than the test, so only a real release or cancel can pass them.
 //!
-//! The embedded store releases and cancels synchronously. Redis does both in a task; before
+//! The embedded store (durable or not) releases and cancels synchronously. Redis does both in a task; before
 //! the fix, with no runtime on the dropping thread, it skipped them ("the lease bounds it"):
 //! the permit stayed held for its whole lease and the dropped waiter stayed queued (a ghost
 //! ahead of later waiters) until its wait ended.
@@ -123,5 +123,14 @@ async fn drops_on_a_plain_thread_release_and_cancel_on_redis() {
     let store = RedisStore::connect(RedisConfig::new(server.url()))
         .await
         .unwrap();
+    run(Floodgate::with_store(store)).await;
+}
+
+/// The durable embedded store: its release and cancel are logged, still without a runtime on
+/// the dropping thread.
+#[tokio::test]
+async fn drops_on_a_plain_thread_release_and_cancel_on_the_durable_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = floodgate::MemoryStore::open(floodgate::Durability::new(dir.path())).unwrap();
     run(Floodgate::with_store(store)).await;
 }
