@@ -272,6 +272,13 @@ impl AcquireOptions {
         self.key.as_deref()
     }
 
+    /// These options with no request id: for the tower layers, whose options are shared by
+    /// every call (one id would make all the calls share one grant).
+    pub(crate) fn without_request_id(mut self) -> Self {
+        self.request.request_id = None;
+        self
+    }
+
     /// The request the store sees, borrowed (for a store's synchronous fast path).
     pub(crate) fn request(&self) -> &AcquireRequest {
         &self.request

@@ -81,10 +81,32 @@ where
                 StateProj::Calling { call, permit } => {
                     let out = ready!(call.poll(cx));
                     // Release as soon as the call is done, not when the future is dropped.
-                    drop(permit.take());
+                    if let Some(permit) = permit.take() {
+                        warn_if_past_lease(&permit);
+                    }
                     return Poll::Ready(out.map_err(Into::into));
                 }
             }
         }
+    }
+}
+
+/// Says so when a call ended after its permit's lease could have ended: the limiter may have
+/// reclaimed the permit and granted it again while the call still ran (the layer does not
+/// extend), so the limit did not cover the call's end. Otherwise nobody learned of it but the
+/// limiter's `expired` counter.
+fn warn_if_past_lease<B: LimiterBackend>(permit: &Permit<B>) {
+    // A rate-only grant has no lease to outlive.
+    if permit.grant().lease.is_zero() {
+        return;
+    }
+    if tokio::time::Instant::now() > permit.local_deadline() {
+        tracing::warn!(
+            limiter = %permit.id().limiter,
+            fencing_token = %permit.fencing_token(),
+            lease_ms = permit.grant().lease.as_millis() as u64,
+            "a call through the Floodgate layer ran past its permit's lease: the permit may \
+             have been reclaimed and granted again while it ran; give the layer a longer lease"
+        );
     }
 }

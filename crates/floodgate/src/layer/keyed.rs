@@ -43,7 +43,8 @@ use crate::store::LimiterBackend;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+// Clone and Debug by hand: derived ones would ask `F: Clone` / `F: Debug`, which a key closure
+// capturing a non-`Clone` value (or any closure, for Debug) is not, though `F` sits in an `Arc`.
 pub struct KeyedFloodgateLayer<B, F> {
     /// The keyed limiter.
     limiter: Limiter<B>,
@@ -54,11 +55,14 @@ pub struct KeyedFloodgateLayer<B, F> {
 }
 
 impl<B: LimiterBackend, F> KeyedFloodgateLayer<B, F> {
-    /// Acquires a permit of `limiter` for `key(&request)` around each call.
+    /// Acquires a permit of `limiter` for `key(&request)` around each call, each call its own
+    /// acquire: a [`request_id`](AcquireOptions::request_id) in `options` is ignored (one id
+    /// shared by every call would make them share one grant).
     pub fn new(limiter: Limiter<B>, options: AcquireOptions, key: F) -> Self {
         KeyedFloodgateLayer {
             limiter,
-            options,
+            // As FloodgateLayer's: with the id kept, a key's concurrent calls joined one grant.
+            options: options.without_request_id(),
             key: Arc::new(key),
         }
     }
@@ -78,8 +82,7 @@ impl<S, B: LimiterBackend, F> Layer<S> for KeyedFloodgateLayer<B, F> {
 }
 
 /// Acquires a permit for the request's key before calling the inner service, and holds it
-/// until the response is done.
-#[derive(Debug, Clone)]
+/// until the response future completes (or is dropped).
 pub struct KeyedFloodgateService<S, B, F> {
     /// The wrapped service.
     inner: S,
@@ -89,6 +92,46 @@ pub struct KeyedFloodgateService<S, B, F> {
     options: AcquireOptions,
     /// Extracts the key from a request.
     key: Arc<F>,
+}
+
+impl<B: Clone, F> Clone for KeyedFloodgateLayer<B, F> {
+    fn clone(&self) -> Self {
+        KeyedFloodgateLayer {
+            limiter: self.limiter.clone(),
+            options: self.options.clone(),
+            key: Arc::clone(&self.key),
+        }
+    }
+}
+
+impl<B: std::fmt::Debug, F> std::fmt::Debug for KeyedFloodgateLayer<B, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedFloodgateLayer")
+            .field("limiter", &self.limiter)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Clone, B: Clone, F> Clone for KeyedFloodgateService<S, B, F> {
+    fn clone(&self) -> Self {
+        KeyedFloodgateService {
+            inner: self.inner.clone(),
+            limiter: self.limiter.clone(),
+            options: self.options.clone(),
+            key: Arc::clone(&self.key),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, B: std::fmt::Debug, F> std::fmt::Debug for KeyedFloodgateService<S, B, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedFloodgateService")
+            .field("inner", &self.inner)
+            .field("limiter", &self.limiter)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S, B, F, K, Req> Service<Req> for KeyedFloodgateService<S, B, F>

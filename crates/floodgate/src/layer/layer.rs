@@ -13,9 +13,14 @@ pub struct FloodgateLayer<B> {
 }
 
 impl<B: LimiterBackend> FloodgateLayer<B> {
-    /// Each request acquires with `options` from `limiter`.
+    /// Each request acquires with `options` from `limiter`, each call its own acquire: a
+    /// [`request_id`](AcquireOptions::request_id) in `options` is ignored (one id shared by
+    /// every call would make them share one grant).
     pub fn new(limiter: Limiter<B>, options: AcquireOptions) -> Self {
-        FloodgateLayer { limiter, options }
+        FloodgateLayer {
+            limiter,
+            options: options.without_request_id(),
+        }
     }
 }
 

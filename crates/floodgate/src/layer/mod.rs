@@ -3,12 +3,15 @@
 //! Put [`FloodgateLayer`] in front of any tower service (a job handler of a tower-based worker
 //! such as apalis, an HTTP client calling a rate-limited backend) and every call, in every
 //! process using the same store, shares one global concurrency limit. The permit is acquired
-//! inside the response future and released when that future completes or is dropped. An
-//! acquire that ends without a permit fails the call with the boxed [`AcquireError`]
+//! inside the response future and released when that future completes or is dropped: a
+//! streaming response body, read after the future completed, is read without the permit (as
+//! with tower's own `ConcurrencyLimit`). An acquire that ends without a permit fails the call
+//! with the boxed [`AcquireError`]
 //! (`is_wait_timeout()`, `retry_after()`), so the caller can re-enqueue the work.
 //!
 //! The layer does not extend leases: give it a lease longer than the longest call (a call that
-//! outlives its lease loses the permit while still running).
+//! outlives its lease loses the permit while still running; it is logged as a `tracing`
+//! warning when the call ends, and counted in the limiter's `expired`).
 //!
 //! [`AcquireError`]: crate::AcquireError
 

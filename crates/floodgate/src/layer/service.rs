@@ -7,7 +7,8 @@ use super::BoxError;
 use crate::limiter::{AcquireOptions, Limiter};
 use crate::store::LimiterBackend;
 
-/// Acquires a permit before calling the inner service and holds it until the response is done.
+/// Acquires a permit before calling the inner service and holds it until the response future
+/// completes (or is dropped).
 #[derive(Debug, Clone)]
 pub struct FloodgateService<S, B> {
     inner: S,
@@ -16,12 +17,15 @@ pub struct FloodgateService<S, B> {
 }
 
 impl<S, B: LimiterBackend> FloodgateService<S, B> {
-    /// Wraps `inner`.
+    /// Wraps `inner`. A [`request_id`](AcquireOptions::request_id) in `options` is ignored:
+    /// the options serve every call, and one id would make the calls share one grant.
     pub fn new(inner: S, limiter: Limiter<B>, options: AcquireOptions) -> Self {
         FloodgateService {
             inner,
             limiter,
-            options,
+            // Every call is its own acquire: with the id kept, concurrent calls joined one
+            // grant and ran together past the limit (tests/layer_review.rs).
+            options: options.without_request_id(),
         }
     }
 

@@ -455,7 +455,8 @@ impl LimiterBackend for RedisLimiter {
     }
 
     fn release_in_background(&self, token: FencingToken) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        // A guard dropped off the runtime (a plain thread) still releases, on the store's.
+        let Some(handle) = self.store.runtime() else {
             return; // The lease bounds it.
         };
         let limiter = self.clone();

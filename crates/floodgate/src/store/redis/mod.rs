@@ -161,6 +161,11 @@ pub(crate) struct Inner {
     /// key: the attempt that owned each. A grant that reaches this process for one of them is
     /// given up at once (nobody here waits for it); otherwise the grace for a retry ends it.
     abandoned: Mutex<HashMap<String, String>>,
+    /// The runtime the store was connected on: where a permit or a queued acquire dropped on a
+    /// thread with no tokio context (a `std::thread` worker) sends its release or cancel.
+    /// Without it they were skipped, the permit held for its whole lease and the waiter left
+    /// queued until its wait ended (`tests/sync_drop.rs`).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Drop for Inner {
@@ -351,6 +356,7 @@ impl RedisStore {
             relearn_pending: AtomicBool::new(false),
             changes: AtomicU64::new(0),
             abandoned: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         });
         wake::subscribe(&inner, pubsub_client).await?;
         Ok(RedisStore { inner })
@@ -366,6 +372,13 @@ impl RedisStore {
 }
 
 impl Inner {
+    /// Where to spawn the work of a drop: the current runtime, or else the store's own.
+    pub(crate) fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.runtime.clone())
+    }
+
     fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, wake::Pending>> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -30,7 +30,8 @@ impl Drop for QueuedGuard {
             return;
         }
         self.limiter.forget_pending(&self.key, self.attempt);
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        // A wait dropped off the runtime (a plain thread) still cancels, on the store's.
+        let Some(handle) = self.limiter.store.runtime() else {
             return; // No runtime to cancel on: the wait deadline and lease bound the cost.
         };
         let limiter = self.limiter.clone();
