@@ -9,10 +9,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -289,3 +290,39 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     proc = RedisProcess(tmp_path_factory.mktemp("redis")).start()
     yield proc
     proc.stop()
+
+
+@contextlib.contextmanager
+def celery_worker(app: str, cwd: Path, env: Dict[str, str], log_dir: Path, concurrency: int,
+                  pool: str, name: str) -> Iterator["subprocess.Popen[bytes]"]:
+    """A real Celery worker (`celery -A app worker`) started in `cwd`, yielded once it logs
+    ready; stopped with SIGTERM (a warm shutdown), killed if it does not stop in 30 s. Its log
+    is `log_dir/worker.log` (printed at the end, for a failing test's output)."""
+    log_path = log_dir / "worker.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", app, "worker",
+         "--concurrency", str(concurrency), "--pool", pool, "--loglevel", "info",
+         "--without-gossip", "--without-mingle", "--without-heartbeat",
+         "--hostname", "{}-{}@%h".format(name, uuid.uuid4().hex[:6])],
+        cwd=str(cwd), env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+
+    def ready() -> bool:
+        return proc.poll() is not None or b" ready." in log_path.read_bytes()
+
+    try:
+        if not wait_until(ready, 60, 0.2) or proc.poll() is not None:
+            pytest.fail("the celery worker did not start:\n"
+                        + log_path.read_text(errors="replace")[-3000:])
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # warm shutdown
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        print("celery worker log: {}".format(log_path))

@@ -12,7 +12,6 @@ counts and states, with bounded waits for liveness only."""
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Dict, Iterator
@@ -23,7 +22,7 @@ from celery import Celery
 
 from floodgate import Floodgate
 
-from conftest import RedisProcess, ServerProcess, closed_port, wait_until
+from conftest import celery_worker, RedisProcess, ServerProcess, closed_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -58,34 +57,10 @@ def adv_env(server: ServerProcess, redis_server: RedisProcess) -> Iterator[Dict[
 @pytest.fixture(scope="module")
 def adv_worker(adv_env: Dict[str, str],
                tmp_path_factory: pytest.TempPathFactory) -> Iterator["subprocess.Popen[bytes]"]:
-    log_path = tmp_path_factory.mktemp("adv-celery") / "worker.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "adv_app", "worker",
-         "--concurrency", "2", "--pool", "prefork", "--loglevel", "info",
-         "--without-gossip", "--without-mingle", "--without-heartbeat",
-         "--hostname", "adv-{}@%h".format(uuid.uuid4().hex[:6])],
-        cwd=str(APP_DIR), env=adv_env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    log.close()
-
-    def ready() -> bool:
-        return proc.poll() is not None or b" ready." in log_path.read_bytes()
-
-    try:
-        if not wait_until(ready, 60, 0.2) or proc.poll() is not None:
-            pytest.fail("the celery worker did not start:\n"
-                        + log_path.read_text(errors="replace")[-3000:])
+    log_dir = tmp_path_factory.mktemp("adv-celery")
+    with celery_worker("adv_app", APP_DIR, adv_env, log_dir, 2, "prefork",
+                       "adv") as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        print("celery worker log: {}".format(log_path))
 
 
 @pytest.fixture

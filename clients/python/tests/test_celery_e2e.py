@@ -10,7 +10,6 @@ refused by the backend first (simulated RateLimitExceeded) to exercise the throt
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import redis
 
 from floodgate import Floodgate
 
-from conftest import CLIENT_DIR, RedisProcess, ServerProcess, wait_until
+from conftest import celery_worker, CLIENT_DIR, RedisProcess, ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -74,35 +73,10 @@ def example_env(server: ServerProcess, redis_server: RedisProcess) -> Dict[str, 
 @pytest.fixture(scope="module")
 def worker(example_env: Dict[str, str],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator["subprocess.Popen[bytes]"]:
-    log_path = tmp_path_factory.mktemp("celery") / "worker.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "spike_app", "worker",
-         "--concurrency", str(WORKER_PROCESSES), "--pool", "prefork", "--loglevel", "info",
-         "--without-gossip", "--without-mingle", "--without-heartbeat",
-         "--hostname", "e2e-{}@%h".format(uuid.uuid4().hex[:6])],
-        cwd=str(EXAMPLE_DIR), env=example_env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    log.close()
-
-    def ready() -> bool:
-        return proc.poll() is not None or b" ready." in log_path.read_bytes()
-
-    try:
-        if not wait_until(ready, 60, 0.2) or proc.poll() is not None:
-            pytest.fail("the celery worker did not start:\n"
-                        + log_path.read_text(errors="replace")[-3000:])
+    log_dir = tmp_path_factory.mktemp("celery")
+    with celery_worker("spike_app", EXAMPLE_DIR, example_env, log_dir, WORKER_PROCESSES, "prefork",
+                       "e2e") as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # warm shutdown
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        # Left for a failing test's report.
-        print("celery worker log: {}".format(log_path))
 
 
 def test_spike_projection_fan_out_on_a_real_worker(

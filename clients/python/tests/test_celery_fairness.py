@@ -15,9 +15,7 @@ list, and the assertions are about that order only (counts of grants), never abo
 """
 
 import os
-import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
@@ -28,7 +26,7 @@ from celery import Celery
 
 from floodgate import Floodgate
 
-from conftest import RedisProcess, ServerProcess, wait_until
+from conftest import celery_worker, RedisProcess, ServerProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -68,34 +66,10 @@ def fair_env(server: ServerProcess, redis_server: RedisProcess) -> Dict[str, str
 @pytest.fixture(scope="module")
 def fair_worker(fair_env: Dict[str, str],
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator["subprocess.Popen[bytes]"]:
-    log_path = tmp_path_factory.mktemp("fair-celery") / "worker.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "fair_app", "worker",
-         "--concurrency", str(THREADS), "--pool", "threads", "--loglevel", "info",
-         "--without-gossip", "--without-mingle", "--without-heartbeat",
-         "--hostname", "fair-{}@%h".format(uuid.uuid4().hex[:6])],
-        cwd=str(APP_DIR), env=fair_env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    log.close()
-
-    def ready() -> bool:
-        return proc.poll() is not None or b" ready." in log_path.read_bytes()
-
-    try:
-        if not wait_until(ready, 60, 0.2) or proc.poll() is not None:
-            pytest.fail("the celery worker did not start:\n"
-                        + log_path.read_text(errors="replace")[-3000:])
+    log_dir = tmp_path_factory.mktemp("fair-celery")
+    with celery_worker("fair_app", APP_DIR, fair_env, log_dir, THREADS, "threads",
+                       "fair") as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        print("celery worker log: {}".format(log_path))
 
 
 def _run(env: Dict[str, str], fg: Floodgate, r: "redis.Redis", keyed: bool) -> List[str]:
