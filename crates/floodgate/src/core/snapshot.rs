@@ -244,7 +244,7 @@ fn counters_from_array(a: &[u64; 16]) -> Counters {
 
 impl LimiterCore {
     /// The complete state as plain data.
-    pub fn to_state(&mut self) -> CoreState {
+    pub fn to_state(&self) -> CoreState {
         let mut holders: Vec<HolderState> = self
             .holders
             .iter()

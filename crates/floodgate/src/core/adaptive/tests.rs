@@ -185,7 +185,7 @@ fn a_snapshot_carries_the_controller_state_and_its_spec() {
     // Through JSON, as the durable store writes it.
     let json = serde_json::to_string(&state).expect("serialize");
     let back: crate::core::CoreState = serde_json::from_str(&json).expect("deserialize");
-    let mut rebuilt = LimiterCore::from_state(&back).expect("rebuild");
+    let rebuilt = LimiterCore::from_state(&back).expect("rebuild");
     assert_eq!(rebuilt.to_state(), state);
     assert_eq!(
         rebuilt.spec().adaptive.map(|a| a.algorithm),

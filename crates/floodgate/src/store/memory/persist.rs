@@ -378,7 +378,7 @@ fn snapshot_inner<C: Clock>(inner: &Inner<C>, persist: &Persist) -> std::io::Res
     let mut out = Vec::with_capacity(limiters.len());
     for limiter in limiters {
         let shared = limiter.shared();
-        let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.closed {
             continue;
         }

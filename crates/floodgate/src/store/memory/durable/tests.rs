@@ -23,7 +23,7 @@ fn states(store: &MemoryStore<WallClock>) -> BTreeMap<String, CoreState> {
         .unwrap_or_else(PoisonError::into_inner);
     map.iter()
         .map(|(name, limiter)| {
-            let mut state = limiter
+            let state = limiter
                 .shared()
                 .state
                 .lock()
@@ -47,7 +47,7 @@ fn states_then_close(store: &MemoryStore<WallClock>) -> BTreeMap<String, CoreSta
     let mut held = Vec::new();
     let mut out = BTreeMap::new();
     for (name, limiter) in map.iter() {
-        let mut state = limiter
+        let state = limiter
             .shared()
             .state
             .lock()
