@@ -238,6 +238,48 @@ async fn a_call_whose_wait_ends_fails_with_a_wait_timeout() {
     assert_eq!((s.in_use, s.holders, s.waiting), (0, 0, 0), "{s:?}");
 }
 
+/// What the layer's docs say to do instead of tower's `LoadShed`: with a zero wait, a call that
+/// finds the limit full fails at once (nothing queued, the inner service never called) with a
+/// wait timeout and its retry hint.
+#[tokio::test(start_paused = true)]
+async fn a_zero_wait_sheds_a_call_that_finds_the_limit_full() {
+    let limiter = limiter(1).await;
+    let witness = Arc::new(Witness::default());
+    let mut service = ServiceBuilder::new()
+        .layer(FloodgateLayer::new(
+            limiter.clone(),
+            AcquireOptions::new().wait(Duration::ZERO),
+        ))
+        .service(sleeping_service(
+            Arc::clone(&witness),
+            Duration::from_millis(1),
+        ));
+    let held = limiter
+        .acquire(AcquireOptions::new().lease(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let err = service.ready().await.unwrap().call(1).await.unwrap_err();
+    // Paused time: any wait would have moved the clock.
+    assert_eq!(started.elapsed(), Duration::ZERO, "the call waited");
+    let acquire_error = err
+        .downcast_ref::<AcquireError>()
+        .unwrap_or_else(|| panic!("not an AcquireError: {err:?}"));
+    assert!(acquire_error.is_wait_timeout(), "{acquire_error:?}");
+    assert!(acquire_error
+        .retry_after()
+        .is_some_and(|d| d > Duration::ZERO));
+    assert_eq!(
+        witness.calls.load(SeqCst),
+        0,
+        "the inner service was called"
+    );
+    let s = status(&limiter).await;
+    assert_eq!((s.in_use, s.waiting), (1, 0), "{s:?}");
+    assert!(held.release().await.unwrap());
+    assert_eq!(service.ready().await.unwrap().call(2).await.unwrap(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn dropping_a_waiting_response_future_leaves_the_queue() {
     let limiter = limiter(1).await;

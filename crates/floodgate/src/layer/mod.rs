@@ -9,6 +9,12 @@
 //! with the boxed [`AcquireError`]
 //! (`is_wait_timeout()`, `retry_after()`), so the caller can re-enqueue the work.
 //!
+//! Readiness is the inner service's: the layer's `poll_ready` never says the limit is full
+//! (the permit is acquired inside the response future, where a global limit can be waited
+//! on fairly), so tower's `LoadShed` in front of it sheds nothing. To shed instead of queue,
+//! give the layer `AcquireOptions::new().wait(Duration::ZERO)`: a call that finds the limit
+//! full then fails at once with a wait timeout and its retry hint.
+//!
 //! The layer does not extend leases: give it a lease longer than the longest call (a call that
 //! outlives its lease loses the permit while still running; it is logged as a `tracing`
 //! warning when the call ends, and counted in the limiter's `expired`).
