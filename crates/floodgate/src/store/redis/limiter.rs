@@ -518,10 +518,11 @@ impl LimiterBackend for RedisLimiter {
             Feedback::Throttled => "throttled",
             Feedback::Error => "error",
         };
-        // Clamped to a day as the core clamps it (core/adaptive's MAX_LATENCY): the script's
-        // doubles are exact only below 2^53, and both stores must see the same number.
+        // In µs clamped to a day by the core's own conversion (core/adaptive's MAX_LATENCY):
+        // the script's doubles are exact only below 2^53, and both stores must see the same
+        // number.
         let latency = latency
-            .map(|l| micros(l.min(crate::core::adaptive::MAX_LATENCY)))
+            .map(|l| crate::core::adaptive::micros(l).to_string())
             .unwrap_or_default();
         let reply = self.call("feedback", &[word.to_owned(), latency]).await?;
         match reply.first().map(String::as_str) {
