@@ -100,8 +100,9 @@ impl Sim {
         .map(|s| s.to_string())
         .collect();
         if keyed {
-            // Per-key concurrency, max_keys, the total as configured, keep, per-key rate.
-            args.extend(["", "100000", &total.to_string(), "", "", "", ""].map(String::from));
+            // Per-key concurrency, max_keys, the total as configured, keep, per-key rate, no
+            // overrides to put back.
+            args.extend(["", "100000", &total.to_string(), "", "", "", "", "0"].map(String::from));
         }
         let reply = sim.call(if keyed { "kput" } else { "put" }, &args);
         assert_eq!(reply[0], "status", "{reply:?}");

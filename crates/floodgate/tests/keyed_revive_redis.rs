@@ -17,12 +17,14 @@ mod support;
 
 use support::until_status;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use floodgate::{
-    AcquireError, AcquireOptions, ExtendError, Floodgate, KeyOverride, KeyedSpec, LimiterBackend,
-    LimiterSpec, RedisConfig, RedisStore, Refusal, StoreError,
+    AcquireError, AcquireOptions, ExtendError, Floodgate, KeyOverride, KeyedSpec, Limiter,
+    LimiterBackend, LimiterSpec, RedisConfig, RedisLimiter, RedisStore, Refusal, StoreError,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn gate(server: &support::RedisServer, window: Duration) -> Floodgate<RedisStore> {
     let mut config = RedisConfig::new(server.url());
@@ -141,6 +143,33 @@ async fn a_vanished_keyed_limiter_is_revived_learning_with_its_definition() {
 async fn after_the_window_a_revived_keyed_limiter_serves_its_keys_within_the_limits() {
     let mut server = support::RedisServer::start();
     let a = gate(&server, Duration::from_millis(300)).await;
+    let orgs = define_orgs_with_an_override(&a).await;
+
+    // Redis restarts empty (SIGKILL, no persistence).
+    tokio::task::block_in_place(|| server.restart());
+    served_within_the_limits_after_the_window(&orgs).await;
+}
+
+/// The overrides come back in the revival's own call: a connection that is cut whenever it
+/// carries a `put_key` changes nothing. (When they were put back by `put_key`s after the
+/// revival, one that failed was only logged: once the window ended "big" was served at the
+/// per-key 2, over its override of 1; seen once in CI.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revival_puts_the_overrides_back_in_the_same_call() {
+    let mut server = support::RedisServer::start();
+    let relay = CuttingRelay::start(server.port).await;
+    let mut config = RedisConfig::new(relay.url());
+    config.learning_window = Some(Duration::from_millis(300));
+    let a = Floodgate::with_store(RedisStore::connect(config).await.unwrap());
+    let orgs = define_orgs_with_an_override(&a).await;
+
+    relay.cut_connections_sending(b"$7\r\nput_key\r\n");
+    tokio::task::block_in_place(|| server.restart());
+    served_within_the_limits_after_the_window(&orgs).await;
+}
+
+/// "orgs": 3 in total, 2 per key, "big" overridden to 1.
+async fn define_orgs_with_an_override(a: &Floodgate<RedisStore>) -> Limiter<RedisLimiter> {
     let spec = LimiterSpec::concurrency(3).with_max_wait(Duration::from_secs(30));
     a.define_keyed("orgs", spec, KeyedSpec::per_key(2))
         .await
@@ -156,14 +185,14 @@ async fn after_the_window_a_revived_keyed_limiter_serves_its_keys_within_the_lim
         )
         .await
         .unwrap();
+    orgs
+}
 
-    // Redis restarts empty (SIGKILL, no persistence).
-    tokio::task::block_in_place(|| server.restart());
-
-    // Waiters of two keys queue in the window and are served when it ends: "big" keeps its
-    // override of 1, "small" its per-key 2, the total 3. (Right after the restart a wait may
-    // fail as unavailable, its wake-up subscription not back yet: it tries again, as clients
-    // do.)
+/// After a restart that lost "orgs": waiters of two keys queue in the window and are served
+/// when it ends: "big" keeps its override of 1, "small" its per-key 2, the total 3. (Right
+/// after the restart a wait may fail as unavailable, its wake-up subscription not back yet: it
+/// tries again, as clients do.)
+async fn served_within_the_limits_after_the_window(orgs: &Limiter<RedisLimiter>) {
     let mut tasks = Vec::new();
     for key in ["big", "big", "small", "small", "small"] {
         let limiter = orgs.clone();
@@ -182,7 +211,7 @@ async fn after_the_window_a_revived_keyed_limiter_serves_its_keys_within_the_lim
             }
         }));
     }
-    let st = until_status(&orgs, "served after the window", |s| {
+    let st = until_status(orgs, "served after the window", |s| {
         !s.learning && s.in_use == 3 && s.waiting == 2
     })
     .await;
@@ -199,6 +228,61 @@ async fn after_the_window_a_revived_keyed_limiter_serves_its_keys_within_the_lim
     assert_eq!(big.limit, Some(1), "the override came back: {view:?}");
     for task in tasks {
         task.abort();
+    }
+}
+
+/// A TCP relay to Redis that, once told, cuts every connection that sends a given command (both
+/// directions closed, nothing of that chunk forwarded): what a network failure right after a
+/// revival does to the next request.
+struct CuttingRelay {
+    port: u16,
+    needle: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+impl CuttingRelay {
+    async fn start(redis_port: u16) -> CuttingRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let needle: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let cut = Arc::clone(&needle);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(redis) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_redis, mut to_redis) = redis.into_split();
+                let back = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_redis, &mut to_client).await;
+                });
+                let cut = Arc::clone(&cut);
+                tokio::spawn(async move {
+                    let mut buf = vec![0_u8; 64 * 1024];
+                    while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                        let chunk = &buf[..n];
+                        let hit =
+                            cut.lock().unwrap().as_deref().is_some_and(|needle| {
+                                chunk.windows(needle.len()).any(|w| w == needle)
+                            });
+                        if hit || to_redis.write_all(chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Dropping both halves closes the connection both ways.
+                    back.abort();
+                });
+            }
+        });
+        CuttingRelay { port, needle }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn cut_connections_sending(&self, needle: &[u8]) {
+        *self.needle.lock().unwrap() = Some(needle.to_vec());
     }
 }
 

@@ -221,6 +221,8 @@ impl Twin {
             limit(key_rate),
             period(key_rate),
             burst(key_rate),
+            // No overrides to put back.
+            "0".into(),
         ];
         let reply = twin.call("kput", &args);
         assert_eq!(reply[0], "status", "{reply:?}");
@@ -572,6 +574,8 @@ impl Twin {
             limit(key_rate),
             period(key_rate),
             burst(key_rate),
+            // No overrides to put back.
+            "0".into(),
         ]);
         let reply = self.call("kput", &args);
         if c.is_ok() != (reply[0] == "status") {

@@ -117,6 +117,8 @@ fn keep_args(args: &[String]) -> Vec<String> {
     }
     out.extend([String::new(), String::new(), user, "keep".to_owned()]);
     out.extend([String::new(), String::new(), String::new()]);
+    // No overrides to put back: a keep never re-creates a limiter (`plain` if it is gone).
+    out.push("0".to_owned());
     out
 }
 
@@ -181,7 +183,10 @@ impl RedisLimiter {
     ) -> Result<LimiterStatus, StoreError> {
         // A limiter this store knew that vanished is re-created learning, as a plain one.
         let learn = learn.or_else(|| self.known_window());
-        let args = super::keyed_revive::kput_args(spec, keyed, learn, false);
+        // The overrides this store knows, put back by the script only if this call re-creates
+        // a limiter that vanished (it enters a learning window).
+        let overrides = self.known_overrides();
+        let args = super::keyed_revive::kput_args(spec, keyed, learn, false, &overrides);
         let reply = self.call_once("kput", &args).await?;
         match tag(&reply) {
             Some("status") => {
@@ -205,13 +210,7 @@ impl RedisLimiter {
         if let Some(over) = &over {
             over.validate()?;
         }
-        let args = [
-            key.to_owned(),
-            over.and_then(|o| o.concurrency)
-                .map(|c| c.to_string())
-                .unwrap_or_default(),
-            over.map(|o| o.weight.to_string()).unwrap_or_default(),
-        ];
+        let args = super::keyed_revive::override_args(key, over.as_ref());
         let reply = self.call("put_key", &args).await?;
         match tag(&reply) {
             Some("ok") => {
@@ -347,8 +346,9 @@ impl RedisStore {
         // with per-key rates alone without a rate either (unbounded).
         total_spec_for(&spec, &keyed).validate_unbounded()?;
         self.register(name).await?;
-        let status = self.handle(name).put_keyed(&spec, &keyed, learn).await?;
-        self.after_keyed_put(name, &spec, &keyed, &status).await;
+        let handle = self.handle(name);
+        let status = handle.put_keyed(&spec, &keyed, learn).await?;
+        handle.remember_keyed(&spec, &keyed);
         super::revive::register(&self.inner, name).await?;
         Ok(status)
     }

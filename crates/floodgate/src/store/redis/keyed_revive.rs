@@ -15,13 +15,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::limiter::{field, invalid, micros, RedisLimiter};
-use super::{unavailable, RedisStore};
+use super::unavailable;
 use crate::core::keyed::{check_key, total_spec_for, KeyOverride, KeyedSpec};
-use crate::core::LimiterStatus;
 use crate::error::{ExtendError, StoreError};
 use crate::spec::{LimiterSpec, RateSpec};
 use crate::store::LimiterBackend;
-use crate::types::{FencingToken, LimiterName, Timestamp};
+use crate::types::{FencingToken, Timestamp};
 
 /// What a store keeps of a keyed limiter to re-create it after a loss.
 #[derive(Debug, Clone)]
@@ -34,13 +33,15 @@ pub(crate) struct KeyedDef {
     pub(super) overrides: HashMap<String, KeyOverride>,
 }
 
-/// The arguments of `kput`: the plain put's (with the total's derived spec) and the per-key
-/// fields (see `lua/keyed/put.lua`).
+/// The arguments of `kput`: the plain put's (with the total's derived spec), the per-key
+/// fields, then `overrides`, put back in the same call if it re-creates the limiter in a
+/// learning window, and their number (see `lua/keyed/put.lua`).
 pub(super) fn kput_args(
     spec: &LimiterSpec,
     keyed: &KeyedSpec,
     learn: Option<Duration>,
     revive: bool,
+    overrides: &HashMap<String, KeyOverride>,
 ) -> Vec<String> {
     let mut args = RedisLimiter::put_args(&total_spec_for(spec, keyed), learn, revive);
     let rate = keyed.rate;
@@ -54,15 +55,22 @@ pub(super) fn kput_args(
             .unwrap_or_default(),
         rate.map(|r| r.burst.to_string()).unwrap_or_default(),
     ]);
+    for (key, over) in overrides {
+        args.extend(override_args(key, Some(over)));
+    }
+    args.push(overrides.len().to_string());
     args
 }
 
-/// An override as `put_key` takes it: the key, its concurrency ('' the default), its weight.
-fn override_args(key: &str, over: &KeyOverride) -> [String; 3] {
+/// An override as `put_key` and `kput` take it: the key, its concurrency ('' the default), its
+/// weight ('' none: `put_key` removes the override).
+pub(super) fn override_args(key: &str, over: Option<&KeyOverride>) -> [String; 3] {
     [
         key.to_owned(),
-        over.concurrency.map(|c| c.to_string()).unwrap_or_default(),
-        over.weight.to_string(),
+        over.and_then(|o| o.concurrency)
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
+        over.map(|o| o.weight.to_string()).unwrap_or_default(),
     ]
 }
 
@@ -170,6 +178,16 @@ impl RedisLimiter {
         }
     }
 
+    /// The overrides this store knows of the limiter (none if it knows no keyed definition).
+    pub(super) fn known_overrides(&self) -> HashMap<String, KeyOverride> {
+        self.store
+            .lock_known()
+            .keyed
+            .get(&self.name)
+            .map(|d| d.overrides.clone())
+            .unwrap_or_default()
+    }
+
     /// Records the per-key spec read in a keys view.
     pub(super) fn remember_keyed_spec(&self, keyed: &KeyedSpec) {
         if let Some(def) = self.store.lock_known().keyed.get_mut(&self.name) {
@@ -217,43 +235,5 @@ impl RedisLimiter {
                 limiter.store.lock_known().asked.remove(&limiter.name);
             }
         });
-    }
-
-    /// Puts the known overrides back (after a re-creation).
-    pub(super) async fn restore_overrides(&self, overrides: &HashMap<String, KeyOverride>) {
-        for (key, over) in overrides {
-            let reply = self.call_once("put_key", &override_args(key, over)).await;
-            if !matches!(
-                reply.as_deref().map(|r| r.first().map(String::as_str)),
-                Ok(Some("ok"))
-            ) {
-                tracing::warn!(limiter = %self.name, key, ?reply, "an override was not restored");
-            }
-        }
-    }
-}
-
-impl RedisStore {
-    /// After a keyed put: the definition is remembered, and if the put re-created a limiter
-    /// that vanished (it is learning), the overrides this store knew are put back.
-    pub(super) async fn after_keyed_put(
-        &self,
-        name: &LimiterName,
-        spec: &LimiterSpec,
-        keyed: &KeyedSpec,
-        status: &LimiterStatus,
-    ) {
-        let handle = self.handle(name);
-        handle.remember_keyed(spec, keyed);
-        if status.learning {
-            let overrides = self
-                .inner
-                .lock_known()
-                .keyed
-                .get(name)
-                .map(|d| d.overrides.clone())
-                .unwrap_or_default();
-            handle.restore_overrides(&overrides).await;
-        }
     }
 }

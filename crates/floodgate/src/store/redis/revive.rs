@@ -172,7 +172,7 @@ impl RedisLimiter {
     }
 
     /// Re-creates the vanished limiter from the last spec seen (a keyed one from its
-    /// definition, overrides put back: `keyed_revive.rs`), in a learning window (the configured
+    /// definition, overrides and all, in one call: `keyed_revive.rs`), in a learning window (the configured
     /// one, or the spec's default lease). `sent`: when the call that found it gone was sent
     /// (see [`answer_lost_waiters`](Self::answer_lost_waiters)). `false` if this store does
     /// not know the limiter or it was deleted on purpose.
@@ -193,7 +193,8 @@ impl RedisLimiter {
         let (op, args, window) = match &keyed {
             Some(def) => {
                 let window = window(&def.spec);
-                let args = kput_args(&def.spec, &def.keyed, Some(window), true);
+                // The overrides come back in the same call (`lua/keyed/put.lua`).
+                let args = kput_args(&def.spec, &def.keyed, Some(window), true, &def.overrides);
                 ("kput", args, window)
             }
             None => {
@@ -208,9 +209,6 @@ impl RedisLimiter {
         match (reply.first().map(String::as_str), &keyed) {
             (Some("status"), _) => {
                 let status = self.parse_status(&reply)?;
-                if let Some(def) = &keyed {
-                    self.restore_overrides(&def.overrides).await;
-                }
                 self.answer_lost_waiters(sent);
                 tracing::warn!(
                     limiter = %self.name,

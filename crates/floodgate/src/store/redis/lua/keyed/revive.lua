@@ -1,7 +1,7 @@
 -- A keyed limiter after Redis lost its state (store/redis/keyed_revive.rs): a server that knew
 -- it re-creates it with `kput` in a learning window (ops/put.lua's `revive` mode: nothing is
 -- granted until the window ends, waiters queue per key; keyed/layer.lua's advance ends it),
--- then puts its overrides back with `put_key`. `learn` (ops/learn.lua) enters a window on the
+-- its overrides put back by the same call (keyed/put.lua). `learn` (ops/learn.lua) enters a window on the
 -- state Redis has, as for a plain limiter.
 
 -- kdef: what a server needs to re-create the limiter: the per-key spec and every override.
