@@ -462,7 +462,10 @@ class Floodgate(_Transport):
                     result = fn(p)
                 except throttle_exceptions as e:
                     failure: BaseException = e
-                    latency = time.monotonic() - started
+                    # Reported before the release (the block's end), as ok and error are: the
+                    # limiter's in-use then counts this call.
+                    if feedback:
+                        self.report(name, "throttled", time.monotonic() - started)
                 except Exception:
                     if feedback:
                         self.report(name, "error", time.monotonic() - started)
@@ -472,8 +475,6 @@ class Floodgate(_Transport):
                         self.report(name, "ok", time.monotonic() - started)
                     return result
             # The permit is released before the backoff: nobody holds a slot while sleeping.
-            if feedback:
-                self.report(name, "throttled", latency)
             attempt += 1
             if attempt >= backoff.max_attempts:
                 raise failure
