@@ -14,7 +14,7 @@ import pytest
 
 from floodgate import Floodgate, Rate, Unavailable
 
-from conftest import MakeLimiter, ServerProcess
+from conftest import MakeLimiter, ServerProcess, wait_until
 from test_adversarial_client import Proxy, _drop_first
 
 
@@ -24,9 +24,14 @@ class KeepAliveProxy:
     is answered by the server and hung up on (the client connection closed, the answer never
     passed on)."""
 
-    def __init__(self, upstream_port: int, drop: Set[str]) -> None:
+    def __init__(self, upstream_port: int, drop: Set[str],
+                 close_after: Optional[str] = None) -> None:
         self.upstream_port = upstream_port
         self.drop = drop
+        # After answering a request whose path contains this, the proxy closes the connection
+        # (a server ending an idle keep-alive connection); ``closed`` counts those closes.
+        self.close_after = close_after
+        self.closed = 0
         self.requests: List[str] = []
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -89,6 +94,10 @@ class KeepAliveProxy:
                 a_lines = [x for x in a_head.split(b"\r\n")
                            if not x.lower().startswith(b"connection:")]
                 conn.sendall(b"\r\n".join(a_lines) + b"\r\n\r\n" + a_body)
+                if self.close_after is not None and self.close_after in request_line:
+                    conn.close()
+                    self.closed += 1
+                    return
 
     def sent(self, part: str) -> int:
         return sum(1 for line in self.requests if part in line)
@@ -169,3 +178,25 @@ def test_a_reserve_whose_answer_is_lost_is_not_retried(
         proxy.close()
     assert sum(1 for line, _ in proxy.requests if "/schedule" in line) == 2
     assert fg.limiter(name)["counters"]["scheduled"] == 7
+
+
+def test_an_idle_connection_the_server_closed_is_not_used_for_a_reserve(
+    server: ServerProcess, fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """The server closed the idle kept-alive connection (as hyper does after its idle
+    timeout): a reserve (never sent again once written) still goes out, once, on a new
+    connection instead of failing. The client notices the close before writing (the idle
+    socket reads its end of file); failing that, http.client writes the body apart from the
+    headers, so the write breaks before the request is complete and it is sent again."""
+    name = limiter(None, rate=Rate(100, period=1.0, burst=100))
+    proxy = KeepAliveProxy(server.port, set(), close_after="/v1/limiters/{} ".format(name))
+    try:
+        client = _client_of(proxy.url)
+        client.limiter(name)
+        assert wait_until(lambda: proxy.closed == 1, 10)
+        assert len(client.reserve(name, 5).offsets) == 5
+    finally:
+        proxy.close()
+    assert proxy.sent("/schedule") == 1
+    assert client.connections_opened == 2
+    assert fg.limiter(name)["counters"]["scheduled"] == 5

@@ -238,6 +238,11 @@ def _dropped(conn: http.client.HTTPConnection) -> bool:
     if sock is None:
         return False  # not connected yet: it connects on use
     try:
+        if hasattr(select, "poll"):
+            # poll, not select: select cannot watch a descriptor above FD_SETSIZE (1024).
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
         readable, _, _ = select.select([sock], [], [], 0)
     except (OSError, ValueError):
         return True
