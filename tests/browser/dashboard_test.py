@@ -235,6 +235,18 @@ def main():
         d.save_screenshot(os.path.join(ART, "dashboard-limiter-stuck.png"))
         load.stop()
 
+        # A holder label with invisible format characters (accepted by the API: only controls
+        # are refused) is shown with them escaped: U+202E would reverse the rest of the cell,
+        # U+200B would make two labels look alike.
+        assert server.call("PUT", "/v1/limiters/odd", {"concurrency": 1})[0] == 200
+        sneaky = "job-\u202eevil\u200bx"
+        assert server.call("POST", "/v1/limiters/odd/acquire",
+                           {"wait_ms": 0, "lease_ms": 600000, "holder": sneaky})[0] == 200
+        d.get(f"http://127.0.0.1:{server.port}/#/limiter/odd")
+        until(lambda: len(js(d, "return [...document.querySelectorAll('#holders td.label')]")) == 1, "the odd holder listed")
+        label = js(d, "return document.querySelector('#holders td.label').textContent")
+        assert label == "job-\\u{202E}evil\\u{200B}x", repr(label)
+
         # Signed out: refused again.
         d.delete_all_cookies()
         d.get("about:blank")

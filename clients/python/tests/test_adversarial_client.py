@@ -27,8 +27,10 @@ from conftest import MakeLimiter, RedisProcess, ServerProcess, wait_until
 # What the proxy does with one request: "forward", "drop-before" (hang up before the server
 # sees it), "drop-after" (forward, read the server's answer, hang up without passing it on),
 # "abandon" (forward, and hang up on both sides unless the server answers within
-# ABANDON_AFTER seconds: a client that went away while its acquire was queued), or a canned
-# (status, headers, body) answer that never reaches the server.
+# ABANDON_AFTER seconds: a client that went away while its acquire was queued), "freeze"
+# (read the request, never pass it on, never answer: a server that stopped answering; the
+# connection is held until the proxy closes), or a canned (status, headers, body) answer that
+# never reaches the server.
 Action = Any
 Hook = Callable[[str, Dict[str, Any]], Action]
 
@@ -48,6 +50,7 @@ class Proxy:
         self.requests: List[Tuple[str, Dict[str, Any]]] = []
         self.answers: List[bytes] = []  # the server's answers, also those never passed on
         self.abandoned = 0  # requests hung up on while the server still held them
+        self.frozen = 0  # requests held unanswered ("freeze")
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
@@ -91,6 +94,10 @@ class Proxy:
             upstream = self.ports[(len(self.requests) - 1) % len(self.ports)]
             action = self.hook(request_line, parsed)
             if action == "drop-before":
+                return
+            if action == "freeze":
+                self.frozen += 1
+                self.stop.wait()
                 return
             if isinstance(action, tuple):
                 status, headers, payload = action

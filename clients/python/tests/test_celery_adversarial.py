@@ -23,16 +23,34 @@ from celery import Celery
 from floodgate import Floodgate
 
 from conftest import celery_worker, RedisProcess, ServerProcess, closed_port, wait_until
+from test_adversarial_client import Action, Proxy
 
 pytestmark = pytest.mark.e2e
 
 APP_DIR = Path(__file__).resolve().parent / "adv_celery"
 
 
+# What the error proxy answers an acquire of limiter ``adv-err-<status>``: that status, with
+# the body a server (or a proxy in front of it) would send; anything else is forwarded.
+ERROR_ANSWERS = {
+    "500": (500, {}, {"error": "internal", "message": "the limiter service failed"}),
+    "502": (502, {}, None),  # a proxy's bare 502, no Retry-After
+    "400": (400, {}, {"error": "invalid_request", "message": "permits: must be at least 1"}),
+}
+
+
+def _error_hook(request_line: str, body: Dict[str, object]) -> Action:
+    for status, answer in ERROR_ANSWERS.items():
+        if "/v1/limiters/adv-err-{}/acquire".format(status) in request_line:
+            return answer
+    return "forward"
+
+
 @pytest.fixture(scope="module")
 def adv_env(server: ServerProcess, redis_server: RedisProcess) -> Iterator[Dict[str, str]]:
     fg = Floodgate(server.url)
     suffix = uuid.uuid4().hex[:8]
+    proxy = Proxy(server.port, _error_hook)
     with closed_port() as port:
         env = dict(os.environ)
         env.update(
@@ -43,6 +61,7 @@ def adv_env(server: ServerProcess, redis_server: RedisProcess) -> Iterator[Dict[
             ADV_OPEN_LIMITER="adv-open-" + suffix,
             ADV_KILL_LIMITER="adv-kill-" + suffix,
             ADV_CLOSED_URL="http://127.0.0.1:{}".format(port),
+            ADV_ERROR_URL=proxy.url,
             PYTHONPATH=os.pathsep.join(
                 [str(APP_DIR)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
                                   else [])),
@@ -52,6 +71,7 @@ def adv_env(server: ServerProcess, redis_server: RedisProcess) -> Iterator[Dict[
         fg.define(env["ADV_OPEN_LIMITER"], 5)
         fg.define(env["ADV_KILL_LIMITER"], 1, max_wait=120)
         yield env
+    proxy.close()
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +217,25 @@ def test_a_permit_lost_during_the_body_is_told_to_it_and_fails_the_task(
     assert _int(r, run + ":told") == 1 and _int(r, run + ":ran-on") == 0
     assert _int(r, run + ":attempts") == 1  # not retried: the loss is the task's to handle
     assert fg.limiter(adv_env["ADV_OPEN_LIMITER"])["in_use"] == 0
+
+
+@pytest.mark.parametrize(
+    "status, error, attempts",
+    [("500", "ServerError", 3), ("502", "Unavailable", 3), ("400", "BadRequest", 1)],
+    ids=["500-retried", "bare-502-retried", "400-fails-at-once"],
+)
+def test_a_server_error_to_an_acquire_retries_the_task_and_a_bad_request_fails_it(
+    adv_worker: "subprocess.Popen[bytes]", adv_env: Dict[str, str], redis_server: RedisProcess,
+    celery_client: Celery, status: str, error: str, attempts: int,
+) -> None:
+    """A proxy answers the acquire with a 500 (or a bare 502): the limiter service failed,
+    not the task, so the task is re-enqueued with backoff (unavailable_max_retries=2: three
+    runs, then a reported failure); a 400 naming a bad request fails it at the first run. The
+    body never runs without a permit."""
+    r = redis.Redis.from_url(redis_server.url)
+    run = "adv-" + uuid.uuid4().hex[:8]
+    _send(celery_client, adv_env, "adv.server_error", run, status)
+    assert wait_until(lambda: r.llen(run + ":failure") > 0, 60, 0.05)
+    assert r.lrange(run + ":failure", 0, -1) == [error.encode()]
+    assert _int(r, run + ":attempts") == attempts
+    assert _int(r, run + ":ran") == 0

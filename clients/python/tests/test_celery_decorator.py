@@ -10,7 +10,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from floodgate import Floodgate, Unavailable, UnknownLimiter, WaitTimeout
+from floodgate import Backoff, Floodgate, Unavailable, UnknownLimiter, WaitTimeout
 from conftest import ServerProcess, closed_port, wait_until
 from floodgate.celery import (
     THROTTLE_RETRIES,
@@ -361,3 +361,48 @@ def test_a_429_without_a_hint_backs_off_instead_of_spinning(server: ServerProces
     countdown = info.value.kwargs["countdown"]
     assert 0.0 < countdown <= 16.0  # full jitter after the 3rd: [0, min(64, 2 * 2**3)]
     assert info.value.kwargs["headers"][WAIT_RETRIES] == 4
+
+
+def _feedback_then_release(lines: List[str]) -> List[str]:
+    """The feedback and release requests, in the order the server got them."""
+    return ["feedback" if "/feedback" in x else "release"
+            for x in lines if "/feedback" in x or "/release" in x]
+
+
+def test_feedback_is_reported_before_the_release(server: ServerProcess, fg: Floodgate,
+                                                limiter: MakeLimiter) -> None:
+    """Each outcome (ok, error, throttled) is reported while the permit is still held, so the
+    limiter's in-use counts the reporting call. With a gradient limit of 2 and one call
+    running, an ok reported before the release sees in-use 1 (not below half the limit: the
+    limit grows, slow start); reported after it, in-use 0 says nothing about a higher limit."""
+    from test_adversarial_client import Proxy
+
+    name = limiter(2, adaptive={"algorithm": "gradient", "min": 1, "max": 10})
+    proxy = Proxy(server.port, lambda line, body: "forward")
+    try:
+        client = Floodgate(proxy.url, retries=0)
+
+        @limited(name, wait=1, lease=5, client=client, throttle_exceptions=(Throttled,))
+        def body(self: Any, outcome: str) -> None:
+            if outcome == "error":
+                raise KeyError("the body's own error")
+            if outcome == "throttled":
+                raise Throttled("backend: too many")
+
+        body(BoundTask(), "ok")
+        assert fg.limiter(name)["limit"] == 3
+        with pytest.raises(KeyError):
+            body(BoundTask(), "error")
+        with pytest.raises(RetryCalled):
+            body(BoundTask(), "throttled")
+        # Floodgate.call reports the same way.
+        with pytest.raises(Throttled):
+            client.call(name, lambda p: (_ for _ in ()).throw(Throttled("too many")),
+                        throttle_exceptions=(Throttled,), wait=1, lease=5,
+                        backoff=Backoff(max_attempts=1))
+    finally:
+        proxy.close()
+    order = _feedback_then_release([line for line, _ in proxy.requests])
+    assert order == ["feedback", "release"] * 4
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["feedback_ok"] == 1

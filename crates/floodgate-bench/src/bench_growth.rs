@@ -39,6 +39,7 @@ use floodgate_server::cli::Failure;
 pub(crate) struct BenchGrowthArgs {
     /// Measure on this Redis (`redis://HOST:PORT`) instead of a `redis-server` started on a
     /// free loopback port for the run. Its limiters are named `growth-*` and deleted after.
+    /// A direct `redis://` or `rediss://` connection only (no Sentinel URL).
     #[arg(long, value_name = "REDIS_URL", conflicts_with = "no_redis")]
     redis: Option<String>,
     /// Measure the embedded store only.
@@ -172,12 +173,14 @@ pub(crate) async fn bench_growth(args: BenchGrowthArgs) -> Result<u8, Failure> {
                 url
             }
         };
-        // Not a Redis URL: bad input (exit 2), said before any connection is tried.
-        redis::Client::open(url.as_str())
-            .map_err(|e| Failure::usage(format!("--redis: not a Redis URL: {url}: {e}")))?;
+        // Not a direct Redis URL: bad input (exit 2), said before any connection is tried.
+        crate::redis_url::check_direct("--redis", &url)?;
         let store = RedisStore::connect(RedisConfig::new(url.as_str()))
             .await
-            .map_err(|e| fail(format!("cannot connect to {url}: {e}")))?;
+            .map_err(|e| {
+                let shown = floodgate::store::redis::redact_url(&url);
+                fail(format!("cannot connect to {shown}: {e}"))
+            })?;
         let mut rig = RedisRig::new(store, &url).await?;
         measure(
             &mut rig,

@@ -9,6 +9,7 @@ mod bench;
 mod bench_durability;
 mod bench_growth;
 mod dashboard_bench;
+mod redis_url;
 
 use clap::Subcommand;
 use floodgate_server::cli::Failure;

@@ -417,6 +417,34 @@ fn bad_redis_urls_are_named_without_their_password() {
     }
 }
 
+/// The measuring commands take only a direct Redis URL: a Sentinel URL (which `serve` takes)
+/// is refused (exit 2) saying what they need, before any connection (nothing listens on these
+/// hosts), with its password hidden.
+#[test]
+fn bench_commands_refuse_a_sentinel_url_saying_they_need_a_direct_one() {
+    let sentinel = "redis+sentinel://app:s3cret@127.0.0.1:1/mymaster";
+    let cases: [&[&str]; 4] = [
+        &["bench", "--store", sentinel, "--seconds", "1"],
+        &["bench-growth", "--redis", sentinel],
+        &["bench", "--store", "http://127.0.0.1:1", "--seconds", "1"],
+        &["bench-growth", "--redis", "redis://:s3cret@h:99999"],
+    ];
+    for args in cases {
+        let out = floodgate(args);
+        refused(
+            &out,
+            "needs a direct redis:// or rediss:// connection",
+            &format!("{args:?}"),
+        );
+        refused(&out, args[1], &format!("{args:?}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("s3cret"),
+            "{args:?}: the password shown: {stderr}"
+        );
+    }
+}
+
 /// Values a user might type anywhere: numbers past every bound, units, paths, encodings.
 fn token() -> impl Strategy<Value = String> {
     prop_oneof![

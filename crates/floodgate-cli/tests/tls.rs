@@ -253,18 +253,36 @@ async fn serve_uses_redis_over_tls_with_the_password_from_the_environment() {
     let dir = scratch("rediss");
     let ca = certs::ca(&dir, "redis-ca");
     let leaf = certs::leaf(&dir, &ca, "redis");
-    let tls_port = support::free_port().to_string();
-    let redis = support::RedisServer::start_on_a_free_port(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        leaf.cert.to_str().unwrap(),
-        "--tls-key-file",
-        leaf.key.to_str().unwrap(),
-        "--tls-ca-cert-file",
-        ca.cert.to_str().unwrap(),
-        "--tls-auth-clients",
-        "optional",
+    // The TLS port is drawn afresh with the plain one on each start attempt: a port taken
+    // meanwhile (the server exits at once) is not tried again.
+    let tls_port = std::cell::Cell::new(0);
+    let tls_args = |users: &[&str]| -> Vec<String> {
+        tls_port.set(support::free_port());
+        let mut args: Vec<String> = vec![
+            "--tls-port".into(),
+            tls_port.get().to_string(),
+            "--tls-cert-file".into(),
+            leaf.cert.to_str().unwrap().into(),
+            "--tls-key-file".into(),
+            leaf.key.to_str().unwrap().into(),
+            "--tls-ca-cert-file".into(),
+            ca.cert.to_str().unwrap().into(),
+            "--tls-auth-clients".into(),
+            "optional".into(),
+        ];
+        args.extend(users.iter().map(|s| s.to_string()));
+        args
+    };
+    let fg_server = [
+        "--user",
+        "fg-server",
+        "on",
+        ">from-the-env",
+        "~fg:*",
+        "&fg:*",
+        "+@all",
+    ];
+    let mut with_default = vec![
         "--user",
         "default",
         "on",
@@ -273,15 +291,10 @@ async fn serve_uses_redis_over_tls_with_the_password_from_the_environment() {
         "resetchannels",
         "-@all",
         "+ping",
-        "--user",
-        "fg-server",
-        "on",
-        ">from-the-env",
-        "~fg:*",
-        "&fg:*",
-        "+@all",
-    ]);
-    let url = format!("rediss://127.0.0.1:{tls_port}");
+    ];
+    with_default.extend(fg_server);
+    let redis = support::RedisServer::start_on_free_ports(|| tls_args(&with_default));
+    let url = format!("rediss://127.0.0.1:{}", tls_port.get());
     let args = [
         "--redis",
         url.as_str(),
@@ -321,28 +334,16 @@ async fn serve_uses_redis_over_tls_with_the_password_from_the_environment() {
     drop(redis);
 
     // A wrong password: the start fails at once, naming the problem, exit 69.
-    let redis = support::RedisServer::start_on_a_free_port(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        leaf.cert.to_str().unwrap(),
-        "--tls-key-file",
-        leaf.key.to_str().unwrap(),
-        "--tls-ca-cert-file",
-        ca.cert.to_str().unwrap(),
-        "--tls-auth-clients",
-        "optional",
-        "--user",
-        "fg-server",
-        "on",
-        ">from-the-env",
-        "~fg:*",
-        "&fg:*",
-        "+@all",
-    ]);
+    let redis = support::RedisServer::start_on_free_ports(|| tls_args(&fg_server));
+    let url = format!("rediss://127.0.0.1:{}", tls_port.get());
     let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(args)
+        .args([
+            "--redis",
+            url.as_str(),
+            "--redis-ca",
+            ca.cert.to_str().unwrap(),
+        ])
         .env("FLOODGATE_REDIS_USERNAME", "fg-server")
         .env("FLOODGATE_REDIS_PASSWORD", "wrong")
         .output()

@@ -12,6 +12,7 @@ pub mod config;
 pub mod dashboard;
 pub mod metrics;
 pub mod server;
+pub mod shown;
 /// `floodgate simulate`'s engine, from its own crate (`floodgate-sim`), under its old path.
 pub use floodgate_sim as simulate;
 pub mod wire;

@@ -428,3 +428,69 @@ async fn dot_names_are_refused() {
     assert_eq!(ok.status, 200, "{}", ok.text);
     srv.served.stop().await;
 }
+
+/// The `requestBody.required` docs/openapi.yaml gives the POST of `path`.
+fn spec_body_required(path: &str) -> bool {
+    let spec = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.yaml"),
+    )
+    .unwrap();
+    let start = spec
+        .find(&format!("\n  {path}:\n"))
+        .expect("the path is in the spec");
+    let block = &spec[start + 1..];
+    let end = block[1..].find("\n  /").map_or(block.len(), |i| i + 1);
+    let body = &block[..end][block.find("requestBody:").expect("a requestBody")..];
+    let line = body
+        .lines()
+        .find(|l| l.trim_start().starts_with("required:"))
+        .expect("requestBody.required");
+    line.trim_start() == "required: true"
+}
+
+/// Acquire and extend take no body (every field is optional; an empty one is `{}`), and the
+/// spec says so (`required: false`); the media type is still required (415 without it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_and_extend_take_no_body_as_the_spec_says() {
+    let srv = Srv::start(ServerOptions::default()).await;
+    let put = srv
+        .json(Method::PUT, "/v1/limiters/nobody", r#"{"concurrency": 1}"#)
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text);
+    let json = Some("application/json");
+    let acquired = srv
+        .verbatim(
+            Method::POST,
+            "/v1/limiters/nobody/acquire",
+            json,
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(acquired.status, 200, "{}", acquired.text);
+    let id = acquired.json["permit_id"].as_str().unwrap().to_owned();
+    let extended = srv
+        .verbatim(
+            Method::POST,
+            &format!("/v1/permits/{id}/extend"),
+            json,
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(extended.status, 200, "{}", extended.text);
+    srv.verbatim(
+        Method::POST,
+        "/v1/limiters/nobody/acquire",
+        None,
+        None,
+        None,
+    )
+    .await
+    .error(415, "unsupported_media_type");
+    assert!(!spec_body_required("/v1/limiters/{name}/acquire"));
+    assert!(!spec_body_required("/v1/permits/{permit_id}/extend"));
+    // The ones that need a field still say so.
+    assert!(spec_body_required("/v1/limiters/{name}/schedule"));
+    srv.served.stop().await;
+}

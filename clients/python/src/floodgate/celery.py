@@ -23,13 +23,15 @@ What it does on each run of the task:
   ``throttled`` feedback to the server and retries with exponential backoff and full jitter,
   up to ``throttle_max_retries`` times.
 - when the acquire cannot be served right now, the task is never dropped: a server that cannot
-  be reached, answers 503 (``store_unavailable``, ``shutting_down``) or 404
+  be reached, answers a 5xx (503 ``store_unavailable``, ``shutting_down``, a proxy's 502/504,
+  a 500) or 404
   ``unknown_limiter`` (a limiter not created yet, or lost with the store's state and not yet
   re-created) makes the task retry with backoff (``unavailable_backoff`` doubling to
   ``unavailable_backoff_max``, full jitter), up to ``unavailable_max_retries`` (unbounded by
   default), unless ``on_unavailable`` says otherwise.
-- reports ``ok`` (with the body's latency) or ``error`` feedback otherwise. A server without the
-  feedback endpoint (404 ``not_found``) is remembered and not asked again for a minute.
+- reports ``ok`` (with the body's latency) or ``error`` feedback otherwise, before releasing the
+  permit (so the limiter's in-use counts the reporting call). A server without the feedback
+  endpoint (404 ``not_found``) is remembered and not asked again for a minute.
 
 The two kinds of retry are counted separately, in the task message's headers
 (``floodgate_wait_retries``, ``floodgate_throttle_retries``, ``floodgate_unavailable_retries``),
@@ -56,7 +58,14 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     ) from e
 
 from .client import Floodgate, Permit, Seconds, _heartbeat_interval
-from .errors import FloodgateError, NoPermit, NotFound, Unavailable, UnknownLimiter
+from .errors import (
+    FloodgateError,
+    NoPermit,
+    NotFound,
+    ServerError,
+    Unavailable,
+    UnknownLimiter,
+)
 from .types import _ms, _seconds
 
 __all__ = ["limited", "paced_fan_out", "current_permit", "full_jitter", "client_from_env"]
@@ -292,8 +301,8 @@ def limited(
         max_countdown: cap on that countdown (the server's hint can be as long as a lease when
             nothing has been released yet); ``None``: no cap.
         feedback: report ``ok`` / ``throttled`` / ``error`` with the body's latency.
-        on_unavailable: when the Floodgate server cannot be reached or answers 503
-            (``store_unavailable``, ``shutting_down``): ``"retry"`` (retry the task with
+        on_unavailable: when the Floodgate server cannot be reached or answers a 5xx (503
+            ``store_unavailable``, ``shutting_down``, a 500, a proxy's 502/504): ``"retry"`` (retry the task with
             backoff; unbounded unless ``unavailable_max_retries``), ``"run"`` (fail open: run
             the body without a permit, logged) or ``"raise"``. A 404 ``unknown_limiter`` is
             retried the same way under ``"retry"`` and ``"run"`` (a missing limiter never runs
@@ -365,10 +374,13 @@ def limited(
                     max_retries=_UNBOUNDED,
                     headers=_headers(request, WAIT_RETRIES, n + 1),
                 ) from e
-            except (Unavailable, UnknownLimiter) as e:
+            except (Unavailable, UnknownLimiter, ServerError) as e:
+                # A 5xx of the limiter service (a 500 included: a server-side failure, not
+                # the task's fault) is retried later like an unreachable server; a 4xx naming
+                # a bad request is not caught here and fails the task.
                 if on_unavailable == "raise":
                     raise
-                if on_unavailable == "run" and isinstance(e, Unavailable):
+                if on_unavailable == "run" and not isinstance(e, UnknownLimiter):
                     log.warning("floodgate: %s unreachable (%s); running %s without a permit",
                                 fg.url, e, self.name)
                     return fun(self, *args, **kwargs)
@@ -395,9 +407,11 @@ def limited(
                 result = fun(self, *args, **kwargs)
             except throttles as e:
                 latency = time.monotonic() - started
-                _release(permit)
+                # Reported while the permit is still held: the limiter's in-use then counts
+                # this call, as a gradient limit's ceiling (and its growth guard) expects.
                 if feedback:
                     fg.report(limiter, "throttled", latency)
+                _release(permit)
                 n = _count(request, THROTTLE_RETRIES)
                 if throttle_max_retries is not None and n >= throttle_max_retries:
                     raise
@@ -416,18 +430,18 @@ def limited(
                 raise
             except Exception:
                 latency = time.monotonic() - started
-                _release(permit)
                 if feedback:
                     fg.report(limiter, "error", latency)
+                _release(permit)
                 raise
             else:
                 latency = time.monotonic() - started
+                if feedback:
+                    fg.report(limiter, "ok", latency)
                 _release(permit)
                 if permit.lost:
                     log.warning("floodgate: %s[%s] finished after its permit %s was lost",
                                 self.name, request.id, permit.permit_id)
-                if feedback:
-                    fg.report(limiter, "ok", latency)
                 return result
             finally:
                 _local.permit = previous

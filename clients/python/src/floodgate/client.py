@@ -75,6 +75,11 @@ class Floodgate(_Transport):
         ssl_context: for ``https://`` URLs; the default context verifies certificates.
         ca_file: a PEM file of CA certificates to trust besides the system's, for a server
             whose certificate a private CA signed (``from_env`` reads ``FLOODGATE_CA_FILE``).
+        bookkeeping_deadline: seconds a release, or a feedback report of :meth:`report`, may
+            take in all, retries included (default 5): the end of a ``with`` block or of a
+            Celery task does not wait ``(retries + 1) * timeout`` for a server that stopped
+            answering. An undelivered release costs capacity until the lease ends, never
+            safety (the server reclaims the permit then).
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class Floodgate(_Transport):
         holder: Optional[str] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
         ca_file: Optional[str] = None,
+        bookkeeping_deadline: float = 5.0,
     ) -> None:
         if ca_file:
             if ssl_context is not None:
@@ -101,12 +107,18 @@ class Floodgate(_Transport):
             raise ValueError("timeout must be positive")
         if retries < 0:
             raise ValueError("retries must be zero or more")
+        if not (isinstance(bookkeeping_deadline, (int, float)) and bookkeeping_deadline > 0
+                and math.isfinite(bookkeeping_deadline)):
+            raise ValueError("bookkeeping_deadline: a positive number of seconds, not {!r}"
+                             .format(bookkeeping_deadline))
         self.url = url.rstrip("/")
         self.token = token or None
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.backoff_max = float(backoff_max)
+        # The bound on a release's or a report's whole time (see the docstring).
+        self.bookkeeping_deadline = float(bookkeeping_deadline)
         self._holder = holder
         self._https = parts.scheme == "https"
         self._host = parts.hostname
@@ -296,14 +308,16 @@ class Floodgate(_Transport):
         """Releases a permit by id; ``False`` when it was not held. Idempotent."""
         return self._release(permit_id)[0]
 
-    def _release(self, permit_id: str) -> Tuple[bool, bool]:
+    def _release(self, permit_id: str, deadline: Optional[float] = None) -> Tuple[bool, bool]:
         """Releases by id: (whether the answer said released, whether an earlier attempt
         broke after it may have reached the server: then ``released: false`` may be that
-        attempt's doing, its answer lost)."""
+        attempt's doing, its answer lost). Takes at most ``deadline`` seconds in all (default
+        :attr:`bookkeeping_deadline`)."""
         broken: List[BaseException] = []
         data = self._request(
             "POST", "/v1/permits/{}/release".format(_quote(permit_id, "permit_id")),
             broken=broken,
+            deadline=self.bookkeeping_deadline if deadline is None else deadline,
         )
         return bool(data.get("released")), bool(broken)
 
@@ -350,7 +364,11 @@ class Floodgate(_Transport):
         body: Dict[str, Any] = {"count": count}
         if key is not None:
             body["key"] = key
-        data = self._request("POST", "/v1/limiters/{}/schedule".format(_quote(name)), body)
+        # Not sent again once written: the server has no idempotency key for a schedule, and a
+        # second one would reserve the tokens twice.
+        data = self._request(
+            "POST", "/v1/limiters/{}/schedule".format(_quote(name)), body, idempotent=False
+        )
         offsets = [float(ms) / 1000.0 for ms in data["offsets_ms"]]
         reservation = data.get("reservation")
         return Reservation(offsets=offsets, id=None if reservation is None else int(reservation))
@@ -364,6 +382,7 @@ class Floodgate(_Transport):
             "POST",
             "/v1/limiters/{}/unschedule".format(_quote(name)),
             {"reservation": reservation, "count": count},
+            idempotent=False,  # a second one could give back tokens twice
         )
         return int(data["returned"])
 
@@ -379,22 +398,32 @@ class Floodgate(_Transport):
 
         Raises :class:`NotFound` (code ``not_found``) against a server without the endpoint.
         """
+        return self._feedback(name, outcome, latency, None)
+
+    def _feedback(
+        self, name: str, outcome: str, latency: Optional[Seconds], deadline: Optional[float]
+    ) -> Optional[int]:
         body: Dict[str, Any] = {"outcome": outcome}
         if latency is not None:
             body["latency_ms"] = _ms(latency, "latency_ms")
-        data = self._request("POST", "/v1/limiters/{}/feedback".format(_quote(name)), body)
+        # Not sent again once written: a report counted twice would move the limit twice.
+        data = self._request(
+            "POST", "/v1/limiters/{}/feedback".format(_quote(name)), body,
+            deadline=deadline, idempotent=False,
+        )
         limit = data.get("limit")
         return int(limit) if isinstance(limit, int) else None
 
     def report(self, name: str, outcome: str, latency: Optional[Seconds] = None) -> None:
         """:meth:`feedback` that never raises: errors are logged, and a server without the
         endpoint (404 ``not_found``) is not asked again for a minute. For use on the hot path
-        of every call, where feedback must not fail the work."""
+        of every call, where feedback must not fail the work: it takes at most
+        :attr:`bookkeeping_deadline` seconds in all."""
         now = time.monotonic()
         if self._no_feedback_until > now:
             return
         try:
-            self.feedback(name, outcome, latency=latency)
+            self._feedback(name, outcome, latency, self.bookkeeping_deadline)
         except NotFound as e:
             if e.code == "not_found":
                 self._no_feedback_until = now + 60.0
@@ -433,7 +462,10 @@ class Floodgate(_Transport):
                     result = fn(p)
                 except throttle_exceptions as e:
                     failure: BaseException = e
-                    latency = time.monotonic() - started
+                    # Reported before the release (the block's end), as ok and error are: the
+                    # limiter's in-use then counts this call.
+                    if feedback:
+                        self.report(name, "throttled", time.monotonic() - started)
                 except Exception:
                     if feedback:
                         self.report(name, "error", time.monotonic() - started)
@@ -443,8 +475,6 @@ class Floodgate(_Transport):
                         self.report(name, "ok", time.monotonic() - started)
                     return result
             # The permit is released before the backoff: nobody holds a slot while sleeping.
-            if feedback:
-                self.report(name, "throttled", latency)
             attempt += 1
             if attempt >= backoff.max_attempts:
                 raise failure

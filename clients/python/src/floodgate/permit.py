@@ -191,7 +191,10 @@ class Permit:
         released it (its answer lost): ``True``, unless the permit was already known lost."""
         if not self.owned:
             return False
-        self.stop_heartbeat()
+        # The whole release takes at most the client's bookkeeping deadline: half of it for an
+        # extend in flight to end, the rest (at least half) for the release's request.
+        ends = time.monotonic() + self.client.bookkeeping_deadline
+        self.stop_heartbeat(self.client.bookkeeping_deadline / 2.0)
         # Known lost before the request (the heartbeat's permit_lost, or the lease ran out):
         # "not held" is then the loss, never this release's doing.
         lost_before = self.lost
@@ -202,7 +205,9 @@ class Permit:
         if self.lease <= 0:
             # A rate-only grant (or a fail-open one) holds no slot: nothing to release.
             return False
-        released, broken = self.client._release(self.permit_id)
+        released, broken = self.client._release(
+            self.permit_id, deadline=max(0.001, ends - time.monotonic())
+        )
         if not released and broken and not lost_before:
             log.info("floodgate: release of %s: an attempt broke after it may have reached "
                      "the server and the retry found it released; taken as released by it",
@@ -245,12 +250,15 @@ class Permit:
         )
         self._thread.start()
 
-    def stop_heartbeat(self) -> None:
-        """Stops the heartbeat thread (waiting for an extend in flight to finish)."""
+    def stop_heartbeat(self, wait: Optional[float] = None) -> None:
+        """Stops the heartbeat thread (waiting for an extend in flight to finish, at most
+        ``wait`` seconds: by default the client's timeout and one more). An extend still in
+        flight after that, answered once the permit is released, is 410 and not a loss: the
+        thread was told to stop."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(self.client.timeout + 1.0)
+            thread.join(self.client.timeout + 1.0 if wait is None else wait)
         self._thread = None
 
     def _heartbeat(self, interval: float) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import select
 import ssl
 import threading
 import time
@@ -79,17 +80,29 @@ class _Transport:
         data: Optional[bytes],
         headers: Mapping[str, str],
         timeout: float,
+        idempotent: bool = True,
+        sent: Optional[List[bool]] = None,
     ) -> Tuple[int, bytes, http.client.HTTPMessage]:
+        """One exchange. A request on a kept-alive connection that breaks is sent again on a
+        new one (the server had closed it while idle) when it is ``idempotent``, or when it
+        broke before the whole request was written (an incomplete request is never served).
+        A call that is not idempotent (``schedule``, ``unschedule``, ``feedback``) is not sent
+        again once written: the server may have served it, and a second one would count
+        twice. ``sent`` gets ``True`` once a request was written in full."""
         while True:
             conn, reused = self._checkout(timeout)
+            written = False
             try:
                 conn.request(method, self._prefix + path, body=data, headers=dict(headers))
+                written = True
+                if sent is not None:
+                    sent.append(True)
                 response = conn.getresponse()
                 raw = response.read()
             except _STALE:
                 conn.close()
-                if reused:
-                    continue  # closed by the server while idle: the request never arrived
+                if reused and (idempotent or not written):
+                    continue  # closed by the server while idle: sent again on a new one
                 raise
             except BaseException:
                 conn.close()
@@ -112,10 +125,17 @@ class _Transport:
             self._opened = 0
 
     def _checkout(self, timeout: float) -> Tuple[http.client.HTTPConnection, bool]:
-        """An idle connection of this process's pool (``True``), or a new one (``False``)."""
+        """An idle connection of this process's pool (``True``), or a new one (``False``).
+        An idle connection the server has already closed (readable while idle: its end of
+        file) is dropped rather than used, so that a call that is not sent twice seldom meets
+        the race of a keep-alive close."""
         self._pool_of_this_process()
-        with self._pool_lock:
-            conn = self._pool.pop() if self._pool else None
+        while True:
+            with self._pool_lock:
+                conn = self._pool.pop() if self._pool else None
+            if conn is None or not _dropped(conn):
+                break
+            conn.close()
         if conn is not None:
             conn.timeout = timeout
             if conn.sock is not None:
@@ -149,19 +169,32 @@ class _Transport:
         timeout: Optional[float] = None,
         retries: Optional[int] = None,
         broken: Optional[List[BaseException]] = None,
+        deadline: Optional[float] = None,
+        idempotent: bool = True,
     ) -> Dict[str, Any]:
         """One request, retried after connection errors and 503s. ``broken`` collects the
         connection errors of attempts that may have reached the server before the connection
-        broke (so a retry's answer may describe the state the first attempt left)."""
+        broke (so a retry's answer may describe the state the first attempt left).
+
+        ``deadline`` bounds the whole call, retries included, in seconds: each attempt's
+        timeout is cut to what is left of it, and no retry starts past it (a release and a
+        feedback report are bookkeeping: they must not hold the caller for ``(retries + 1)
+        * timeout`` when the server stops answering). A call that is not ``idempotent`` is
+        retried only when its request was never written in full (see :meth:`_send`)."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = self._headers(data)
         timeout = self.timeout if timeout is None else timeout
         retries = self.retries if retries is None else retries
+        ends = None if deadline is None else time.monotonic() + deadline
         attempt = 0
         while True:
             cause: Optional[BaseException] = None
+            sent: List[bool] = []
+            left = timeout if ends is None else min(timeout, max(0.001, ends - time.monotonic()))
             try:
-                status, raw, response_headers = self._send(method, path, data, headers, timeout)
+                status, raw, response_headers = self._send(
+                    method, path, data, headers, left, idempotent=idempotent, sent=sent
+                )
             except (OSError, http.client.HTTPException) as e:
                 cause = e
                 if broken is not None:
@@ -170,6 +203,9 @@ class _Transport:
                     "unavailable",
                     "{} {}{}: {}".format(method, self.url, path, e or type(e).__name__),
                 )
+                if sent and not idempotent:
+                    # It may have been served: a second one could count twice.
+                    raise failure from cause
             else:
                 if 200 <= status < 300:
                     return _parse_body(raw, status)
@@ -186,11 +222,31 @@ class _Transport:
                     # Longer than this call would wait: the caller is told when to come back.
                     raise failure from cause
                 delay = max(delay, hint)  # never sooner than the server (or proxy) asked
+            if ends is not None and time.monotonic() + delay >= ends:
+                raise failure from cause  # the retry could not end before the deadline
             log.debug("floodgate: %s %s failed (%s); retry %d in %.3f s",
                       method, path, failure, attempt + 1, delay)
             time.sleep(delay)
             attempt += 1
 
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle kept-alive connection was closed by the server (or is unusable): an
+    idle connection has nothing to read, so being readable means its end of file (or bytes
+    nobody asked for)."""
+    sock = conn.sock
+    if sock is None:
+        return False  # not connected yet: it connects on use
+    try:
+        if hasattr(select, "poll"):
+            # poll, not select: select cannot watch a descriptor above FD_SETSIZE (1024).
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _parse_body(raw: bytes, status: int) -> Dict[str, Any]:

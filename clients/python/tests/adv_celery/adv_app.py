@@ -5,7 +5,8 @@ Redis (Celery's ``task_prerun``: ``<run>:attempts``; the body: ``<run>:ran``; ``
 
 Configuration (environment): CELERY_BROKER_URL (also the result backend), FLOODGATE_URL,
 ADV_QUEUE, ADV_FULL_LIMITER (always held by the test), ADV_OPEN_LIMITER, ADV_KILL_LIMITER (1
-permit), ADV_CLOSED_URL (a Floodgate URL nothing listens on).
+permit), ADV_CLOSED_URL (a Floodgate URL nothing listens on), ADV_ERROR_URL (a proxy in front
+of the server answering the acquires of ``adv-err-<status>`` with that status).
 """
 
 import os
@@ -71,6 +72,15 @@ def always_throttled(self: Any, run: str) -> None:
          client=lambda: Floodgate(os.environ["ADV_CLOSED_URL"], retries=0, timeout=1),
          unavailable_max_retries=2, unavailable_backoff=0.01, unavailable_backoff_max=0.02)
 def unreachable(self: Any, run: str) -> None:
+    _r.incr("{}:ran".format(run))
+
+
+@app.task(bind=True, name="adv.server_error")
+@limited(lambda run, status: "adv-err-" + status, wait=1,
+         client=lambda: Floodgate(os.environ["ADV_ERROR_URL"], retries=0, timeout=5),
+         unavailable_max_retries=2, unavailable_backoff=0.01, unavailable_backoff_max=0.02)
+def server_error(self: Any, run: str, status: str) -> None:
+    """Its acquire is answered ``status`` by the test's proxy (ADV_ERROR_URL)."""
     _r.incr("{}:ran".format(run))
 
 

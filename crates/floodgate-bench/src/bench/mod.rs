@@ -82,6 +82,7 @@ pub(crate) struct BenchArgs {
     url: Option<String>,
     /// Run the workloads directly against the library's Redis store at this URL
     /// (`redis://HOST:PORT`), in this process and without HTTP, instead of against a server.
+    /// A direct `redis://` or `rediss://` connection only (no Sentinel URL).
     #[arg(long, conflicts_with = "url", value_name = "REDIS_URL")]
     store: Option<String>,
     /// Bearer token, if the server requires one (an in-process server then requires it too).

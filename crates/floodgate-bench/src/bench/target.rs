@@ -41,14 +41,11 @@ impl Target {
         if let Some(url) = &args.store {
             let connect = |what: &str, e: &dyn std::fmt::Display| Failure {
                 code: floodgate_server::cli::EXIT_UNAVAILABLE,
-                message: format!("{what} {url}: {e}"),
+                message: format!("{what} {}: {e}", floodgate::store::redis::redact_url(url)),
             };
-            // A URL that is not a Redis URL is bad input (exit 2), told before any connection
-            // is tried (the store would report it as unavailable, exit 69).
-            redis::Client::open(url.as_str()).map_err(|e| Failure {
-                code: floodgate_server::cli::EXIT_USAGE,
-                message: format!("--store: not a Redis URL: {url}: {e}"),
-            })?;
+            // A URL that is not a direct Redis URL is bad input (exit 2), told before any
+            // connection is tried (the store would report it as unavailable, exit 69).
+            crate::redis_url::check_direct("--store", url)?;
             let mut gates = Vec::with_capacity(2);
             for _ in 0..2 {
                 let store = RedisStore::connect(RedisConfig::new(url.as_str()))

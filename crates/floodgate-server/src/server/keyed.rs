@@ -208,7 +208,7 @@ pub(super) async fn put_key<S: Store>(
     };
     let limiter = state.gate.store().limiter(&name).await?;
     limiter.put_key(&key, Some(over)).await?;
-    tracing::info!(limiter = %name, key = %key, concurrency = ?over.concurrency, weight = over.weight, "key override set");
+    tracing::info!(limiter = %name, key = %crate::shown::shown(&key), concurrency = ?over.concurrency, weight = over.weight, "key override set");
     Ok(Json(KeyOverrideBody {
         key,
         concurrency: over.concurrency,

@@ -71,25 +71,31 @@ async fn sentinels_with_tls_and_their_own_password() {
         .map(|s| s.to_string())
         .collect()
     };
-    let master_tls = free_port().to_string();
-    let master_args = users(&master_tls);
-    let master_refs: Vec<&str> = master_args.iter().map(String::as_str).collect();
-    let _master = RedisServer::start_on_a_free_port(&master_refs);
-    let replica_tls = free_port().to_string();
-    let mut replica_args = users(&replica_tls);
-    for a in [
-        "--replicaof",
-        "127.0.0.1",
-        &master_tls,
-        "--masteruser",
-        "sentinel",
-        "--masterauth",
-        PASSWORD,
-    ] {
-        replica_args.push(a.to_owned());
-    }
-    let replica_refs: Vec<&str> = replica_args.iter().map(String::as_str).collect();
-    let _replica = RedisServer::start_on_a_free_port(&replica_refs);
+    // Each TLS port is drawn afresh with its server's plain port on every start attempt: a
+    // port taken meanwhile (the server exits at once) is not tried again.
+    let master_port = std::cell::Cell::new(0);
+    let _master = RedisServer::start_on_free_ports(|| {
+        master_port.set(free_port());
+        users(&master_port.get().to_string())
+    });
+    let master_tls = master_port.get().to_string();
+    let replica_port = std::cell::Cell::new(0);
+    let _replica = RedisServer::start_on_free_ports(|| {
+        replica_port.set(free_port());
+        let mut replica_args = users(&replica_port.get().to_string());
+        for a in [
+            "--replicaof",
+            "127.0.0.1",
+            &master_tls,
+            "--masteruser",
+            "sentinel",
+            "--masterauth",
+            PASSWORD,
+        ] {
+            replica_args.push(a.to_owned());
+        }
+        replica_args
+    });
 
     let tls_cli = |port: u16, password: &str, args: &[&str]| -> String {
         let out = Command::new("redis-cli")

@@ -15,6 +15,13 @@ const MAX_ROWS = 1000; // rows drawn at once; the filter finds the rest
 function esc(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;'}[c]));
 }
+// A client's text (a holder label) with its invisible characters written as \u{XXXX}, as the
+// server's logs show them (floodgate-server's shown.rs): the API refuses only controls, so a
+// label may carry U+202E (which reverses the rest of the cell) or U+200B (two labels alike).
+function shown(s) {
+  return String(s).replace(/(?! )[\p{C}\p{Z}]/gu,
+    (c) => '\\u{' + c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0') + '}');
+}
 function ms(v) {
   if (v == null || v < 0) return '–';
   if (v < 1) return v.toFixed(2) + ' ms';
@@ -222,7 +229,7 @@ function renderStatus() {
     ['Expired', s.counters.expired], ['Throttled', s.counters.feedback_throttled],
     ['Limit moves', s.counters.limit_decreases + s.counters.limit_increases + (s.adaptive ? ' (adaptive ' + s.adaptive.min + '–' + s.adaptive.max + ')' : '')],
   ].map(([k, v]) => '<div><span class="muted">' + k + '</span><b id="kv-' + k.toLowerCase().replace(/ /g, '-') + '">' + esc(v) + '</b></div>').join('');
-  const rows = h.holders.map((x) => '<tr data-token="' + x.fencing_token + '"><td class="label">' + esc(x.label == null ? '–' : x.label) + '</td>' +
+  const rows = h.holders.map((x) => '<tr data-token="' + x.fencing_token + '"><td class="label">' + esc(x.label == null ? '–' : shown(x.label)) + '</td>' +
     '<td>' + x.permits + '</td><td>' + ms(x.age_ms) + '</td><td>' + ms(x.lease_left_ms) + '</td><td>' + x.fencing_token + '</td>' +
     '<td>' + (s.api_writes ? '<button class="release" data-token="' + x.fencing_token + '">Release</button>' : '') + '</td></tr>');
   $('holders').innerHTML = rows.join('');
