@@ -39,6 +39,7 @@
 
 use std::sync::{Arc, PoisonError};
 
+use redis::cluster_routing::Slot;
 use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind};
 
 use super::conn::Conn;
@@ -102,13 +103,23 @@ impl Scripts {
     /// `INFO` and the load go out as one pipeline on one connection, so both reach the same
     /// Redis: a restart between a check and the load cannot put a script naming the older
     /// master on the new one.
-    async fn load_on_master(&self, keyed: bool, conn: &Conn) -> redis::RedisResult<bool> {
+    ///
+    /// On a Cluster (`slot`), to the node serving that slot (`shard.rs`).
+    async fn load_on_master(
+        &self,
+        keyed: bool,
+        conn: &Conn,
+        slot: Option<Slot>,
+    ) -> redis::RedisResult<bool> {
         let mut conn = conn.clone();
         let (script, source) = if keyed { &self.keyed } else { &self.plain };
         let Some(master) = &self.master else {
             script.load_async(&mut conn).await?;
             return Ok(true);
         };
+        if let Some(slot) = slot {
+            return super::shard::load_on_slot(&conn, slot, master, source).await;
+        }
         let mut pipe = redis::pipe();
         pipe.cmd("INFO").arg("server");
         pipe.cmd("SCRIPT").arg("LOAD").arg(source.as_str()).ignore();
@@ -145,14 +156,22 @@ impl RedisLimiter {
     /// The scripts to send, once nothing is due on this limiter (`generation.rs`). Taken
     /// before that is checked: scripts renewed by a change are seen only with the limiters
     /// that change marked, so this one is settled before they are sent.
+    ///
+    /// On a Cluster, the scripts naming the master of this limiter's slot (`shard.rs`).
     async fn settled_scripts(&self) -> Result<Arc<Scripts>, StoreError> {
-        loop {
-            let scripts = self.store.scripts();
-            if !self.needs_settling() {
+        for _ in 0..8 {
+            let scripts = if self.store.is_cluster() {
+                self.shard_scripts()
+            } else {
+                Some(self.store.scripts())
+            };
+            if let Some(scripts) = scripts.filter(|_| !self.needs_settling()) {
                 return Ok(scripts);
             }
             Box::pin(self.settle_generation()).await?;
         }
+        // Only if each settling found the slot unchecked again (it never unrecords one).
+        Err(unavailable("the master could not be checked"))
     }
 
     /// Runs the plain script or (`keyed`) the keyed one with these keys and arguments on
@@ -177,7 +196,7 @@ impl RedisLimiter {
             // Redis may have restarted or failed over (`generation.rs`). The connection was
             // dead, so the request did not run (see `retry_dropped`): run it once more, on
             // whatever Redis is there now, once that is settled.
-            self.store.suspect_change();
+            self.suspect_change();
             tracing::debug!("redis connection was dead; retrying once");
             scripts = self.settled_scripts().await?;
             result = send(evalsha(scripts.pick(keyed), keys, args)).await;
@@ -185,20 +204,24 @@ impl RedisLimiter {
         if matches!(&result, Err(e) if is_noscript(e)) {
             // A Redis this script is new to: maybe a restarted or promoted one, whose state
             // may be older than the last grants. Checked before anything runs on it.
-            self.store.suspect_change();
+            self.suspect_change();
             tracing::debug!("redis has no script; checking the master before loading it");
             let mut tries = 0;
             loop {
                 scripts = self.settled_scripts().await?;
-                let loaded = scripts.load_on_master(keyed, conn).await.map_err(|e| {
-                    self.store.suspect_change();
-                    unavailable(e)
-                })?;
+                let slot = self.store.is_cluster().then(|| self.slot());
+                let loaded = scripts
+                    .load_on_master(keyed, conn, slot)
+                    .await
+                    .map_err(|e| {
+                        self.suspect_change();
+                        unavailable(e)
+                    })?;
                 if loaded {
                     break;
                 }
                 // Redis changed again since it was checked: check again.
-                self.store.suspect_change();
+                self.suspect_change();
                 tries += 1;
                 if tries == 3 {
                     return Err(unavailable(
@@ -210,7 +233,7 @@ impl RedisLimiter {
         }
         result.map_err(|e| {
             // Redis may have restarted or failed over (`generation.rs`).
-            self.store.suspect_change();
+            self.suspect_change();
             unavailable(e)
         })
     }

@@ -93,6 +93,15 @@ impl Inner {
     pub(super) fn suspect_change(&self) {
         self.suspect.store(true, Ordering::Release);
     }
+
+    /// Marks these limiters to learn before this store runs anything else on them.
+    pub(super) fn mark_to_learn(&self, names: impl IntoIterator<Item = LimiterName>) {
+        let mut g = self.lock_generation();
+        g.relearn.extend(names);
+        if !g.relearn.is_empty() {
+            self.relearn_pending.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// If a request failed since the last check, compares the master's `run_id` with the one
@@ -167,15 +176,35 @@ impl RedisLimiter {
         self.due_to_settle() && SETTLING.try_with(|_| ()).is_err()
     }
 
-    /// Whether a check is due (a request failed) or this limiter is to learn.
+    /// A request failed or was answered `NOSCRIPT`: check the master (on a Cluster, this
+    /// limiter's slot's: `shard.rs`) before the next call.
+    pub(super) fn suspect_change(&self) {
+        if self.store.is_cluster() {
+            self.suspect_shard();
+        } else {
+            self.store.suspect_change();
+        }
+    }
+
+    /// Whether a check is due (a request failed; on a Cluster, this limiter's slot is not
+    /// checked yet or a request on it failed) or this limiter is to learn.
     fn due_to_settle(&self) -> bool {
-        self.store.suspect.load(Ordering::Acquire)
+        let check_due = if self.store.is_cluster() {
+            self.shard_due()
+        } else {
+            self.store.suspect.load(Ordering::Acquire)
+        };
+        check_due
             || (self.store.relearn_pending.load(Ordering::Acquire)
                 && self.store.lock_generation().relearn.contains(&self.name))
     }
 
     async fn settle_under_gate(&self) -> Result<(), StoreError> {
-        check(&self.store).await?;
+        if self.store.is_cluster() {
+            self.check_shard().await?;
+        } else {
+            check(&self.store).await?;
+        }
         if !self.store.lock_generation().relearn.contains(&self.name) {
             return Ok(());
         }

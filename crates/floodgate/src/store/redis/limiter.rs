@@ -93,6 +93,11 @@ impl RedisLimiter {
         }
     }
 
+    /// The first of its keys (on a Cluster, it names the limiter's slot: `shard.rs`).
+    pub(super) fn first_key(&self) -> &str {
+        &self.keys[0]
+    }
+
     /// Runs one operation; if the limiter vanished from Redis while this store knew it (state
     /// loss), re-creates it in a learning window and runs the operation again (`revive.rs`).
     pub(super) async fn call(&self, op: &str, args: &[String]) -> Result<Vec<String>, StoreError> {
