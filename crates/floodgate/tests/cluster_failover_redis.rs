@@ -22,7 +22,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use floodgate::{
-    AcquireError, AcquireOptions, Floodgate, LimiterSpec, RedisConfig, RedisStore, Refusal, Store,
+    AcquireError, AcquireOptions, Floodgate, KeyedSpec, LimiterSpec, RedisConfig, RedisStore,
+    Refusal, Store,
 };
 use support::cli;
 
@@ -162,8 +163,9 @@ fn now() -> AcquireOptions {
     AcquireOptions::new().wait(Duration::ZERO)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shard_failover_to_a_replica_that_missed_a_grant_grants_nothing_over_it() {
+/// One round: `keyed` runs it on a keyed limiter (the keyed script, a second script cache
+/// entry) instead of a plain one.
+async fn shard_failover_round(keyed: bool) {
     let cluster = support::RedisCluster::start_with_replicas(1);
     let seed = cluster.nodes[0].port;
     let gate = Floodgate::with_store(
@@ -172,8 +174,22 @@ async fn a_shard_failover_to_a_replica_that_missed_a_grant_grants_nothing_over_i
             .expect("connect"),
     );
     let spec = LimiterSpec::concurrency(LIMIT).with_default_lease(Duration::from_secs(60));
-    gate.define("shard", spec).await.expect("define");
+    if keyed {
+        gate.define_keyed("shard", spec, KeyedSpec::per_key(LIMIT))
+            .await
+            .expect("define");
+    } else {
+        gate.define("shard", spec).await.expect("define");
+    }
     let limiter = gate.limiter("shard").await.expect("limiter");
+    let now = || {
+        let o = now();
+        if keyed {
+            o.key("org")
+        } else {
+            o
+        }
+    };
     let (master, replica) = shard_of(seed, slot_of(seed, "shard"));
     // The witness: every permit answered and not let go.
     let mut held = vec![limiter.acquire(now()).await.expect("kept")];
@@ -192,12 +208,12 @@ async fn a_shard_failover_to_a_replica_that_missed_a_grant_grants_nothing_over_i
             held.push(p);
             panic!(
                 "granted on the promoted replica's older state: {} permits held against a \
-                 limit of {LIMIT}",
+                 limit of {LIMIT} (keyed: {keyed})",
                 held.len()
             );
         }
         Err(AcquireError::Refused(Refusal::WaitTimeout { .. })) => {}
-        Err(e) => panic!("unexpected answer {e:?}"),
+        Err(e) => panic!("unexpected answer {e:?} (keyed: {keyed})"),
     }
     let status = limiter.status().await.expect("status");
     assert!(status.learning, "not in a learning window: {status:?}");
@@ -229,6 +245,16 @@ async fn a_shard_failover_to_a_replica_that_missed_a_grant_grants_nothing_over_i
     for p in held {
         p.detach();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_failover_to_a_replica_that_missed_a_grant_grants_nothing_over_it() {
+    shard_failover_round(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_failover_to_a_replica_that_missed_a_grant_grants_nothing_over_it_keyed() {
+    shard_failover_round(true).await;
 }
 
 /// Two servers share the cluster. The first reaches the new master first, on another limiter

@@ -28,14 +28,16 @@
 //! be the master checked, the load is taken back: `Scripts::load_on_master`.) Each Redis
 //! holds one copy of each script, as before: the one naming itself.
 //!
+//! On a Redis Cluster the same holds per hash slot (`shard.rs`): the scripts a call sends name
+//! the master recorded for its limiter's slot, and are loaded on the node serving that slot
+//! only once it answered with that master's `run_id` (the `INFO` and the load routed there in
+//! one pipeline). A shard's failover is so caught on each of its slots, by every server.
+//!
 //! The normal path costs what it did: one EVALSHA. The gate costs one `INFO` round trip the
 //! first time each script is missing on a Redis: at a store's first call, after a restart or a
-//! failover, after `SCRIPT FLUSH`. On a Cluster the master is not checked (`generation.rs`):
-//! a node answering `NOSCRIPT` the first time it is used costs only the gate's lock, and never
-//! puts limiters in a window.
+//! failover, after `SCRIPT FLUSH`; on a Cluster also one the first time a store uses a slot.
 //!
-//! What this cannot tell: which limiters a server never used (`docs/learning.md`), and a change
-//! of a Cluster shard's master.
+//! What this cannot tell: which limiters a server never used (`docs/learning.md`).
 
 use std::sync::{Arc, PoisonError};
 
@@ -64,7 +66,8 @@ fn is_noscript(e: &RedisError) -> bool {
 
 /// The limiter scripts this store sends while the master is the same.
 pub(super) struct Scripts {
-    /// The master they name (`None` on a Cluster).
+    /// The master they name (`None`: a Cluster store's own, never sent; each slot's are in
+    /// `shard.rs`).
     master: Option<String>,
     /// The plain limiters' script, and its source (loaded with the master's `INFO`).
     plain: (redis::Script, String),
@@ -74,7 +77,7 @@ pub(super) struct Scripts {
 
 impl Scripts {
     /// The scripts for the master whose `run_id` this is: the same code under a comment naming
-    /// it, so a SHA1 only that master is sent. `None` (a Cluster): as shipped.
+    /// it, so a SHA1 only that master is sent. `None`: as shipped.
     pub(super) fn new(run_id: Option<&str>) -> Self {
         let mut plain = super::script::script_source();
         let mut keyed = super::script::keyed_script_source();

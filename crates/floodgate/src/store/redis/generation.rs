@@ -16,8 +16,11 @@
 //! script is loaded again (`eval.rs`): a connection may reach the new Redis without any
 //! request failing (a `PING` or a listing that reconnected it, or one racing another).
 //!
-//! Not covered: Redis Cluster (each shard has its own master; a shard's failover is not
-//! noticed here), and a server that had not used a limiter before the change.
+//! On a Redis Cluster each shard has its own master, so the same check runs per hash slot
+//! (`shard.rs`): the master of a limiter's slot, and on a change the limiters this store knows
+//! in that slot. The gate, the marks and the windows below are shared by both.
+//!
+//! Not covered: a server that had not used a limiter before the change.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -28,7 +31,8 @@ use super::{conn::Conn, unavailable, Inner};
 use crate::error::StoreError;
 use crate::types::LimiterName;
 
-/// The master's `run_id`, from `INFO server` (`None` on a Cluster: see the module docs).
+/// The master's `run_id`, from `INFO server` (`None` on a Cluster, whose masters are checked
+/// per slot: `shard.rs`).
 pub(super) async fn master_run_id(conn: &Conn) -> Result<Option<String>, StoreError> {
     if matches!(conn, Conn::Cluster(_)) {
         return Ok(None);
