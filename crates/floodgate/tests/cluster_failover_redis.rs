@@ -2,7 +2,9 @@
 //! made to miss it with `CLIENT PAUSE WRITE` (a paused replica reads its master's stream but
 //! does not apply it), promoted with `CLUSTER FAILOVER TAKEOVER` while paused (a replica that
 //! becomes master drops its master link and what it had not applied), then unpaused. The
-//! promoted replica serves the shard's slots with the state from before the grant.
+//! promoted replica serves the shard's slots with the state from before the grant. The same
+//! with the master killed instead (the cluster promotes the paused replica after the node
+//! timeout; the store's requests to the dead master fail first).
 //!
 //! What must tell the store: the promoted replica has none of the store's scripts (Redis 7
 //! replicates scripts' effects, not the scripts, and not `SCRIPT LOAD`), so the first script
@@ -23,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use floodgate::{
     AcquireError, AcquireOptions, Floodgate, KeyedSpec, LimiterSpec, RedisConfig, RedisStore,
-    Refusal, Store,
+    Refusal, Store, StoreError,
 };
 use support::cli;
 
@@ -101,9 +103,22 @@ fn connect_config(cluster: &support::RedisCluster) -> RedisConfig {
     config
 }
 
+/// How the shard's master is replaced.
+#[derive(Clone, Copy, Debug)]
+enum Failover {
+    /// `CLUSTER FAILOVER TAKEOVER` on the replica; the old master lives on as its replica.
+    Takeover,
+    /// The master is killed (SIGKILL); the cluster promotes the replica after the node
+    /// timeout. The store's connections to the master fail first.
+    Crash,
+}
+
 /// With the replica of `master` paused, `grant_lost` runs (its writes reach the master only);
-/// then the replica takes over and is unpaused. Returns once every node sees the new master.
+/// then the replica replaces the master (`how`) and is unpaused. Returns once the live nodes
+/// see the new master.
 async fn fail_over_losing<F: std::future::Future<Output = ()>>(
+    cluster: &mut support::RedisCluster,
+    how: Failover,
     master: u16,
     replica: u16,
     grant_lost: F,
@@ -140,16 +155,36 @@ async fn fail_over_losing<F: std::future::Future<Output = ()>>(
         "the paused replica applied the lost grant"
     );
     tokio::task::block_in_place(|| {
-        assert_eq!(cli(replica, &["CLUSTER", "FAILOVER", "TAKEOVER"]), "OK");
+        match how {
+            Failover::Takeover => {
+                assert_eq!(cli(replica, &["CLUSTER", "FAILOVER", "TAKEOVER"]), "OK");
+            }
+            Failover::Crash => {
+                cluster
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.port == master)
+                    .expect("the master")
+                    .kill();
+            }
+        }
         wait_until("the replica never became master", || {
             cli(replica, &["ROLE"]).lines().next() == Some("master")
         });
-        wait_until("the old master never stepped down", || {
-            cli(master, &["ROLE"]).lines().next() == Some("slave")
-        });
+        if matches!(how, Failover::Takeover) {
+            wait_until("the old master never stepped down", || {
+                cli(master, &["ROLE"]).lines().next() == Some("slave")
+            });
+        }
         assert_eq!(cli(replica, &["CLIENT", "UNPAUSE"]), "OK");
+        let live: Vec<u16> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.port)
+            .filter(|p| matches!(how, Failover::Takeover) || *p != master)
+            .collect();
         wait_until("the cluster never agreed on the new master", || {
-            [master, replica].iter().all(|p| {
+            live.iter().all(|p| {
                 cli(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
                     && cli(*p, &["CLUSTER", "NODES"])
                         .lines()
@@ -164,9 +199,9 @@ fn now() -> AcquireOptions {
 }
 
 /// One round: `keyed` runs it on a keyed limiter (the keyed script, a second script cache
-/// entry) instead of a plain one.
-async fn shard_failover_round(keyed: bool) {
-    let cluster = support::RedisCluster::start_with_replicas(1);
+/// entry) instead of a plain one; `how` replaces the shard's master.
+async fn shard_failover_round(keyed: bool, how: Failover) {
+    let mut cluster = support::RedisCluster::start_with_replicas(1);
     let seed = cluster.nodes[0].port;
     let gate = Floodgate::with_store(
         RedisStore::connect(connect_config(&cluster))
@@ -194,26 +229,35 @@ async fn shard_failover_round(keyed: bool) {
     // The witness: every permit answered and not let go.
     let mut held = vec![limiter.acquire(now()).await.expect("kept")];
     let mut lost = None;
-    fail_over_losing(master, replica, async {
+    fail_over_losing(&mut cluster, how, master, replica, async {
         lost = Some(limiter.acquire(now()).await.expect("lost"));
     })
     .await;
     held.extend(lost);
     assert_eq!(held.len(), 2, "the limit is out");
 
-    // A health probe first (it finds nothing to say), then the first acquire on the new master.
-    gate.store().ping().await.expect("ping after the failover");
-    match limiter.acquire(now()).await {
-        Ok(p) => {
-            held.push(p);
-            panic!(
-                "granted on the promoted replica's older state: {} permits held against a \
-                 limit of {LIMIT} (keyed: {keyed})",
-                held.len()
-            );
+    // A health probe first (it tells the store nothing; after a crash it may fail, if sent to
+    // the dead node), then the first acquires on the new master. A 503 is allowed (the store
+    // fails closed while the connection finds the new master), never a grant.
+    let _ = gate.store().ping().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match limiter.acquire(now()).await {
+            Ok(p) => {
+                held.push(p);
+                panic!(
+                    "granted on the promoted replica's older state: {} permits held against \
+                     a limit of {LIMIT} (keyed: {keyed}, {how:?})",
+                    held.len()
+                );
+            }
+            Err(AcquireError::Refused(Refusal::WaitTimeout { .. })) => break,
+            Err(AcquireError::Store(StoreError::Unavailable(e))) if Instant::now() < deadline => {
+                eprintln!("503 while the shard fails over: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("unexpected answer {e:?} (keyed: {keyed}, {how:?})"),
         }
-        Err(AcquireError::Refused(Refusal::WaitTimeout { .. })) => {}
-        Err(e) => panic!("unexpected answer {e:?} (keyed: {keyed})"),
     }
     let status = limiter.status().await.expect("status");
     assert!(status.learning, "not in a learning window: {status:?}");
@@ -249,12 +293,18 @@ async fn shard_failover_round(keyed: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_failover_to_a_replica_that_missed_a_grant_grants_nothing_over_it() {
-    shard_failover_round(false).await;
+    shard_failover_round(false, Failover::Takeover).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_failover_to_a_replica_that_missed_a_grant_grants_nothing_over_it_keyed() {
-    shard_failover_round(true).await;
+    shard_failover_round(true, Failover::Takeover).await;
+}
+
+/// The realistic failover: the master dies, the cluster promotes its replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_shard_master_replaced_by_a_replica_that_missed_a_grant_grants_nothing_over_it() {
+    shard_failover_round(false, Failover::Crash).await;
 }
 
 /// Two servers share the cluster. The first reaches the new master first, on another limiter
@@ -263,7 +313,7 @@ async fn a_shard_failover_to_a_replica_that_missed_a_grant_grants_nothing_over_i
 /// `NOSCRIPT`, and it checks the shard's master itself instead of being granted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_loaded_the_scripts_first_does_not_hide_the_failover_from_another() {
-    let cluster = support::RedisCluster::start_with_replicas(1);
+    let mut cluster = support::RedisCluster::start_with_replicas(1);
     let seed = cluster.nodes[0].port;
     let first = Floodgate::with_store(
         RedisStore::connect(connect_config(&cluster))
@@ -284,7 +334,7 @@ async fn a_server_that_loaded_the_scripts_first_does_not_hide_the_failover_from_
     let stale = second.limiter("stale").await.expect("limiter");
     let mut held = vec![stale.acquire(now()).await.expect("kept")];
     let mut lost = None;
-    fail_over_losing(master, replica, async {
+    fail_over_losing(&mut cluster, Failover::Takeover, master, replica, async {
         lost = Some(stale.acquire(now()).await.expect("lost"));
     })
     .await;

@@ -158,8 +158,12 @@ impl RedisLimiter {
         SETTLING.scope((), self.settle_under_gate()).await
     }
 
-    /// The changes of the master noticed so far, read before a grant is asked for.
+    /// The changes of the master noticed so far (on a Cluster, of this limiter's slot's),
+    /// read before a grant is asked for.
     pub(super) fn changes_seen(&self) -> u64 {
+        if self.store.is_cluster() {
+            return self.shard_changes();
+        }
         self.store.changes.load(Ordering::Acquire)
     }
 

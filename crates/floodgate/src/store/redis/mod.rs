@@ -157,7 +157,8 @@ pub(crate) struct Inner {
     shards: Mutex<shard::Shards>,
     /// Some limiter is to learn (so the hot path skips the lock when none is).
     relearn_pending: AtomicBool,
-    /// Changes of the master this store noticed (`generation.rs`): a grant whose request was
+    /// Changes of the master this store noticed (`generation.rs`; a Cluster counts them per
+    /// slot, `shard.rs`): a grant whose request was
     /// in flight across one may come from the older state, before its learning window.
     changes: AtomicU64,
     /// Idempotent acquires of this process whose caller went away while they waited, by waiter

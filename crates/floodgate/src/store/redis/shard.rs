@@ -22,7 +22,6 @@
 //! new master): its limiters learn for one window.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
@@ -42,6 +41,9 @@ pub(super) struct Shards {
     suspect: HashSet<Slot>,
     /// The scripts naming each master some slot is recorded with, shared by its slots.
     scripts: HashMap<String, Arc<Scripts>>,
+    /// Changes of master noticed per slot: an acquire in flight across one on its own slot
+    /// gives its grant back (`generation.rs`, `changed_since`); one on another slot keeps it.
+    changes: HashMap<Slot, u64>,
 }
 
 impl Inner {
@@ -124,6 +126,17 @@ impl RedisLimiter {
         shards.scripts.get(master).cloned()
     }
 
+    /// The changes of master noticed on this limiter's slot so far.
+    pub(super) fn shard_changes(&self) -> u64 {
+        let slot = self.slot();
+        self.store
+            .lock_shards()
+            .changes
+            .get(&slot)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Whether this limiter's slot is to be checked before the next call: never checked, or a
     /// request on it failed since.
     pub(super) fn shard_due(&self) -> bool {
@@ -148,8 +161,9 @@ impl RedisLimiter {
         };
         let mut cluster = cluster.clone();
         for _ in 0..3 {
-            let mut info = redis::cmd("INFO");
-            info.arg("server").arg("replication");
+            // The default sections hold both `server` (`run_id`) and `replication` (`role`);
+            // Redis 6 takes one section argument at most.
+            let info = redis::cmd("INFO");
             let reply = cluster
                 .route_command(info, RoutingInfo::SingleNode(to_master(self.slot())))
                 .await
@@ -203,8 +217,8 @@ impl RedisLimiter {
                  restart, which may have lost the last writes): the limiters it knows in that \
                  slot learn who still holds permits before granting"
             );
-            self.store.changes.fetch_add(1, Ordering::AcqRel);
             self.store.mark_to_learn(on_slot);
+            *self.store.lock_shards().changes.entry(slot).or_default() += 1;
         }
         // After the limiters are marked: a call that takes the scripts naming the new master
         // sees them marked (`eval.rs`).
