@@ -31,6 +31,7 @@ use super::eval::Scripts;
 use super::limiter::RedisLimiter;
 use super::{unavailable, Inner};
 use crate::error::StoreError;
+use crate::types::LimiterName;
 
 /// What the store knows of the masters of a Redis Cluster's slots (empty elsewhere).
 #[derive(Default)]
@@ -55,6 +56,12 @@ impl Inner {
     pub(super) fn is_cluster(&self) -> bool {
         matches!(self.conn, Conn::Cluster(_))
     }
+}
+
+/// The hash slot of limiter `name`'s keys (those of `script::limiter_keys`, all under one hash
+/// tag), without making them all.
+fn slot_of(prefix: &str, name: &LimiterName) -> Slot {
+    Slot::for_key(format!("{prefix}:{{{name}}}:meta"))
 }
 
 /// Where a command for `slot` goes: the slot's master.
@@ -113,11 +120,6 @@ pub(super) async fn load_on_slot(
 }
 
 impl RedisLimiter {
-    /// The hash slot of this limiter's keys (all under one hash tag).
-    pub(super) fn slot(&self) -> Slot {
-        Slot::for_key(self.first_key())
-    }
-
     /// On a Cluster, the scripts naming the master recorded for this limiter's slot; `None`
     /// if the slot was not checked yet.
     pub(super) fn shard_scripts(&self) -> Option<Arc<Scripts>> {
@@ -204,9 +206,7 @@ impl RedisLimiter {
                 .store
                 .known_names()
                 .into_iter()
-                .filter(|name| {
-                    RedisLimiter::new(Arc::clone(&self.store), name.clone()).slot() == slot
-                })
+                .filter(|name| slot_of(&self.store.config.prefix, name) == slot)
                 .collect();
             tracing::warn!(
                 before = before.as_str(),
@@ -236,5 +236,22 @@ impl RedisLimiter {
         let live: HashSet<&String> = masters.values().collect();
         scripts.retain(|master, _| live.contains(master));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limiters_slot_is_the_slot_of_each_of_its_keys() {
+        // A prefix may hold a brace (names cannot): the hash tag then starts in the prefix.
+        for (prefix, name) in [("fg", "snuba"), ("a{b", "x"), ("fg", "org.a:b-1")] {
+            let name = LimiterName::new(name).expect("a valid name");
+            let slot = slot_of(prefix, &name);
+            for key in super::super::script::limiter_keys(prefix, name.as_str()) {
+                assert_eq!(Slot::for_key(&key), slot, "{key}");
+            }
+        }
     }
 }
