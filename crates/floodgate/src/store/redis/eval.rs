@@ -173,8 +173,11 @@ impl RedisLimiter {
             }
             Box::pin(self.settle_generation()).await?;
         }
-        // Only if each settling found the slot unchecked again (it never unrecords one).
-        Err(unavailable("the master could not be checked"))
+        // Only if a failure kept coming back between settling and sending (or, on a Cluster,
+        // the slot stayed unchecked: never, as a check records it).
+        Err(unavailable(
+            "the master kept changing while this call waited to be settled; retry",
+        ))
     }
 
     /// Runs the plain script or (`keyed`) the keyed one with these keys and arguments on
