@@ -194,6 +194,24 @@ async fn fail_over_losing<F: std::future::Future<Output = ()>>(
     });
 }
 
+/// An acquire once the store answers: a 503 is allowed while the connection finds the new
+/// master (the store fails closed), and retried within a liveness bound.
+async fn acquire_answered<B: floodgate::LimiterBackend>(
+    limiter: &floodgate::Limiter<B>,
+    options: impl Fn() -> AcquireOptions,
+) -> Result<floodgate::Permit<B>, AcquireError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match limiter.acquire(options()).await {
+            Err(AcquireError::Store(StoreError::Unavailable(e))) if Instant::now() < deadline => {
+                eprintln!("503 while the shard fails over: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn now() -> AcquireOptions {
     AcquireOptions::new().wait(Duration::ZERO)
 }
@@ -240,24 +258,17 @@ async fn shard_failover_round(keyed: bool, how: Failover) {
     // the dead node), then the first acquires on the new master. A 503 is allowed (the store
     // fails closed while the connection finds the new master), never a grant.
     let _ = gate.store().ping().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match limiter.acquire(now()).await {
-            Ok(p) => {
-                held.push(p);
-                panic!(
-                    "granted on the promoted replica's older state: {} permits held against \
-                     a limit of {LIMIT} (keyed: {keyed}, {how:?})",
-                    held.len()
-                );
-            }
-            Err(AcquireError::Refused(Refusal::WaitTimeout { .. })) => break,
-            Err(AcquireError::Store(StoreError::Unavailable(e))) if Instant::now() < deadline => {
-                eprintln!("503 while the shard fails over: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("unexpected answer {e:?} (keyed: {keyed}, {how:?})"),
+    match acquire_answered(&limiter, now).await {
+        Ok(p) => {
+            held.push(p);
+            panic!(
+                "granted on the promoted replica's older state: {} permits held against a \
+                 limit of {LIMIT} (keyed: {keyed}, {how:?})",
+                held.len()
+            );
         }
+        Err(AcquireError::Refused(Refusal::WaitTimeout { .. })) => {}
+        Err(e) => panic!("unexpected answer {e:?} (keyed: {keyed}, {how:?})"),
     }
     let status = limiter.status().await.expect("status");
     assert!(status.learning, "not in a learning window: {status:?}");
@@ -340,14 +351,14 @@ async fn a_server_that_loaded_the_scripts_first_does_not_hide_the_failover_from_
     .await;
     held.extend(lost);
     // The first server's first call on the new master: it notices and loads its scripts.
-    let _ = other.acquire(now()).await;
+    let _ = acquire_answered(&other, now).await;
     assert!(
         info_field(replica, "memory", "number_of_cached_scripts")
             .and_then(|n| n.parse::<u32>().ok())
             >= Some(1),
         "the first server loaded its scripts on the new master"
     );
-    match stale.acquire(now()).await {
+    match acquire_answered(&stale, now).await {
         Ok(p) => {
             held.push(p);
             panic!(

@@ -162,7 +162,7 @@ impl RedisLimiter {
             return Err(unavailable("a slot's master outside a Redis Cluster"));
         };
         let mut cluster = cluster.clone();
-        for _ in 0..3 {
+        for tries in 1..=3_u64 {
             // The default sections hold both `server` (`run_id`) and `replication` (`role`);
             // Redis 6 takes one section argument at most.
             let info = redis::cmd("INFO");
@@ -183,6 +183,8 @@ impl RedisLimiter {
                         .query_async::<i64>(&mut conn)
                         .await
                         .map_err(unavailable)?;
+                    // The connection refreshes its map in the background after a `MOVED`.
+                    tokio::time::sleep(std::time::Duration::from_millis(50 * tries)).await;
                 }
             }
         }
