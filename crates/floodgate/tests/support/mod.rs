@@ -21,6 +21,17 @@ fn ping(port: u16) -> bool {
         .unwrap_or(false)
 }
 
+/// `redis-cli -p port args...`'s output (empty if it could not run).
+pub(crate) fn cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
 /// One `redis-server` process.
 pub(crate) struct RedisServer {
     pub(crate) port: u16,
@@ -143,14 +154,22 @@ impl Drop for RedisServer {
     }
 }
 
-/// A 3-master Redis Cluster on loopback.
+/// A 3-master Redis Cluster on loopback (with `with_replicas`, a replica per master too).
 pub(crate) struct RedisCluster {
     pub(crate) nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
+    /// Three masters, no replicas.
     pub(crate) fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        Self::start_with_replicas(0)
+    }
+
+    /// Three masters with `replicas` replicas each (`redis-cli --cluster create
+    /// --cluster-replicas`), returned once every node says the cluster is ok and every replica
+    /// has synced with its master.
+    pub(crate) fn start_with_replicas(replicas: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|_| {
                 RedisServer::start_on_a_free_port(&[
                     "--cluster-enabled",
@@ -168,7 +187,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
         assert!(
@@ -176,15 +195,15 @@ impl RedisCluster {
             "cluster create failed: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        // Wait until every node agrees the cluster is up.
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Wait until every node agrees the cluster is up (and every replica has synced).
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ok = nodes.iter().all(|n| {
-                Command::new("redis-cli")
-                    .args(["-p", &n.port.to_string(), "cluster", "info"])
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
-                    .unwrap_or(false)
+                let info = cli(n.port, &["cluster", "info"]);
+                let replication = cli(n.port, &["info", "replication"]);
+                info.contains("cluster_state:ok")
+                    && (!replication.contains("role:slave")
+                        || replication.contains("master_link_status:up"))
             });
             if ok {
                 break;
@@ -193,6 +212,14 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         RedisCluster { nodes }
+    }
+
+    /// The node on `port`.
+    pub(crate) fn node(&self, port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster")
     }
 
     pub(crate) fn urls(&self) -> Vec<String> {

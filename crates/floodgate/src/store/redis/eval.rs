@@ -28,17 +28,20 @@
 //! be the master checked, the load is taken back: `Scripts::load_on_master`.) Each Redis
 //! holds one copy of each script, as before: the one naming itself.
 //!
+//! On a Redis Cluster the same holds per hash slot (`shard.rs`): the scripts a call sends name
+//! the master recorded for its limiter's slot, and are loaded on the node serving that slot
+//! only once it answered with that master's `run_id` (the `INFO` and the load routed there in
+//! one pipeline). A shard's failover is so caught on each of its slots, by every server.
+//!
 //! The normal path costs what it did: one EVALSHA. The gate costs one `INFO` round trip the
 //! first time each script is missing on a Redis: at a store's first call, after a restart or a
-//! failover, after `SCRIPT FLUSH`. On a Cluster the master is not checked (`generation.rs`):
-//! a node answering `NOSCRIPT` the first time it is used costs only the gate's lock, and never
-//! puts limiters in a window.
+//! failover, after `SCRIPT FLUSH`; on a Cluster also one the first time a store uses a slot.
 //!
-//! What this cannot tell: which limiters a server never used (`docs/learning.md`), and a change
-//! of a Cluster shard's master.
+//! What this cannot tell: which limiters a server never used (`docs/learning.md`).
 
 use std::sync::{Arc, PoisonError};
 
+use redis::cluster_routing::Slot;
 use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind};
 
 use super::conn::Conn;
@@ -63,7 +66,8 @@ fn is_noscript(e: &RedisError) -> bool {
 
 /// The limiter scripts this store sends while the master is the same.
 pub(super) struct Scripts {
-    /// The master they name (`None` on a Cluster).
+    /// The master they name (`None`: a Cluster store's own, never sent; each slot's are in
+    /// `shard.rs`).
     master: Option<String>,
     /// The plain limiters' script, and its source (loaded with the master's `INFO`).
     plain: (redis::Script, String),
@@ -73,7 +77,7 @@ pub(super) struct Scripts {
 
 impl Scripts {
     /// The scripts for the master whose `run_id` this is: the same code under a comment naming
-    /// it, so a SHA1 only that master is sent. `None` (a Cluster): as shipped.
+    /// it, so a SHA1 only that master is sent. `None`: as shipped.
     pub(super) fn new(run_id: Option<&str>) -> Self {
         let mut plain = super::script::script_source();
         let mut keyed = super::script::keyed_script_source();
@@ -102,13 +106,23 @@ impl Scripts {
     /// `INFO` and the load go out as one pipeline on one connection, so both reach the same
     /// Redis: a restart between a check and the load cannot put a script naming the older
     /// master on the new one.
-    async fn load_on_master(&self, keyed: bool, conn: &Conn) -> redis::RedisResult<bool> {
+    ///
+    /// On a Cluster (`slot`), to the node serving that slot (`shard.rs`).
+    async fn load_on_master(
+        &self,
+        keyed: bool,
+        conn: &Conn,
+        slot: Option<Slot>,
+    ) -> redis::RedisResult<bool> {
         let mut conn = conn.clone();
         let (script, source) = if keyed { &self.keyed } else { &self.plain };
         let Some(master) = &self.master else {
             script.load_async(&mut conn).await?;
             return Ok(true);
         };
+        if let Some(slot) = slot {
+            return super::shard::load_on_slot(&conn, slot, master, source).await;
+        }
         let mut pipe = redis::pipe();
         pipe.cmd("INFO").arg("server");
         pipe.cmd("SCRIPT").arg("LOAD").arg(source.as_str()).ignore();
@@ -145,14 +159,25 @@ impl RedisLimiter {
     /// The scripts to send, once nothing is due on this limiter (`generation.rs`). Taken
     /// before that is checked: scripts renewed by a change are seen only with the limiters
     /// that change marked, so this one is settled before they are sent.
+    ///
+    /// On a Cluster, the scripts naming the master of this limiter's slot (`shard.rs`).
     async fn settled_scripts(&self) -> Result<Arc<Scripts>, StoreError> {
-        loop {
-            let scripts = self.store.scripts();
-            if !self.needs_settling() {
+        for _ in 0..8 {
+            let scripts = if self.store.is_cluster() {
+                self.shard_scripts()
+            } else {
+                Some(self.store.scripts())
+            };
+            if let Some(scripts) = scripts.filter(|_| !self.needs_settling()) {
                 return Ok(scripts);
             }
             Box::pin(self.settle_generation()).await?;
         }
+        // Only if a failure kept coming back between settling and sending (or, on a Cluster,
+        // the slot stayed unchecked: never, as a check records it).
+        Err(unavailable(
+            "the master kept changing while this call waited to be settled; retry",
+        ))
     }
 
     /// Runs the plain script or (`keyed`) the keyed one with these keys and arguments on
@@ -177,7 +202,7 @@ impl RedisLimiter {
             // Redis may have restarted or failed over (`generation.rs`). The connection was
             // dead, so the request did not run (see `retry_dropped`): run it once more, on
             // whatever Redis is there now, once that is settled.
-            self.store.suspect_change();
+            self.suspect_change();
             tracing::debug!("redis connection was dead; retrying once");
             scripts = self.settled_scripts().await?;
             result = send(evalsha(scripts.pick(keyed), keys, args)).await;
@@ -185,20 +210,24 @@ impl RedisLimiter {
         if matches!(&result, Err(e) if is_noscript(e)) {
             // A Redis this script is new to: maybe a restarted or promoted one, whose state
             // may be older than the last grants. Checked before anything runs on it.
-            self.store.suspect_change();
+            self.suspect_change();
             tracing::debug!("redis has no script; checking the master before loading it");
             let mut tries = 0;
             loop {
                 scripts = self.settled_scripts().await?;
-                let loaded = scripts.load_on_master(keyed, conn).await.map_err(|e| {
-                    self.store.suspect_change();
-                    unavailable(e)
-                })?;
+                let slot = self.store.is_cluster().then(|| self.slot());
+                let loaded = scripts
+                    .load_on_master(keyed, conn, slot)
+                    .await
+                    .map_err(|e| {
+                        self.suspect_change();
+                        unavailable(e)
+                    })?;
                 if loaded {
                     break;
                 }
                 // Redis changed again since it was checked: check again.
-                self.store.suspect_change();
+                self.suspect_change();
                 tries += 1;
                 if tries == 3 {
                     return Err(unavailable(
@@ -210,7 +239,7 @@ impl RedisLimiter {
         }
         result.map_err(|e| {
             // Redis may have restarted or failed over (`generation.rs`).
-            self.store.suspect_change();
+            self.suspect_change();
             unavailable(e)
         })
     }

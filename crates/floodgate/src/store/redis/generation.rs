@@ -16,8 +16,11 @@
 //! script is loaded again (`eval.rs`): a connection may reach the new Redis without any
 //! request failing (a `PING` or a listing that reconnected it, or one racing another).
 //!
-//! Not covered: Redis Cluster (each shard has its own master; a shard's failover is not
-//! noticed here), and a server that had not used a limiter before the change.
+//! On a Redis Cluster each shard has its own master, so the same check runs per hash slot
+//! (`shard.rs`): the master of a limiter's slot, and on a change the limiters this store knows
+//! in that slot. The gate, the marks and the windows below are shared by both.
+//!
+//! Not covered: a server that had not used a limiter before the change.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -28,7 +31,8 @@ use super::{conn::Conn, unavailable, Inner};
 use crate::error::StoreError;
 use crate::types::LimiterName;
 
-/// The master's `run_id`, from `INFO server` (`None` on a Cluster: see the module docs).
+/// The master's `run_id`, from `INFO server` (`None` on a Cluster, whose masters are checked
+/// per slot: `shard.rs`).
 pub(super) async fn master_run_id(conn: &Conn) -> Result<Option<String>, StoreError> {
     if matches!(conn, Conn::Cluster(_)) {
         return Ok(None);
@@ -93,6 +97,15 @@ impl Inner {
     pub(super) fn suspect_change(&self) {
         self.suspect.store(true, Ordering::Release);
     }
+
+    /// Marks these limiters to learn before this store runs anything else on them.
+    pub(super) fn mark_to_learn(&self, names: impl IntoIterator<Item = LimiterName>) {
+        let mut g = self.lock_generation();
+        g.relearn.extend(names);
+        if !g.relearn.is_empty() {
+            self.relearn_pending.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// If a request failed since the last check, compares the master's `run_id` with the one
@@ -145,8 +158,12 @@ impl RedisLimiter {
         SETTLING.scope((), self.settle_under_gate()).await
     }
 
-    /// The changes of the master noticed so far, read before a grant is asked for.
+    /// The changes of the master noticed so far (on a Cluster, of this limiter's slot's),
+    /// read before a grant is asked for.
     pub(super) fn changes_seen(&self) -> u64 {
+        if self.store.is_cluster() {
+            return self.shard_changes();
+        }
         self.store.changes.load(Ordering::Acquire)
     }
 
@@ -167,15 +184,35 @@ impl RedisLimiter {
         self.due_to_settle() && SETTLING.try_with(|_| ()).is_err()
     }
 
-    /// Whether a check is due (a request failed) or this limiter is to learn.
+    /// A request failed or was answered `NOSCRIPT`: check the master (on a Cluster, this
+    /// limiter's slot's: `shard.rs`) before the next call.
+    pub(super) fn suspect_change(&self) {
+        if self.store.is_cluster() {
+            self.suspect_shard();
+        } else {
+            self.store.suspect_change();
+        }
+    }
+
+    /// Whether a check is due (a request failed; on a Cluster, this limiter's slot is not
+    /// checked yet or a request on it failed) or this limiter is to learn.
     fn due_to_settle(&self) -> bool {
-        self.store.suspect.load(Ordering::Acquire)
+        let check_due = if self.store.is_cluster() {
+            self.shard_due()
+        } else {
+            self.store.suspect.load(Ordering::Acquire)
+        };
+        check_due
             || (self.store.relearn_pending.load(Ordering::Acquire)
                 && self.store.lock_generation().relearn.contains(&self.name))
     }
 
     async fn settle_under_gate(&self) -> Result<(), StoreError> {
-        check(&self.store).await?;
+        if self.store.is_cluster() {
+            self.check_shard().await?;
+        } else {
+            check(&self.store).await?;
+        }
         if !self.store.lock_generation().relearn.contains(&self.name) {
             return Ok(());
         }

@@ -36,6 +36,9 @@ pub struct RedisLimiter {
     pub(super) name: LimiterName,
     /// The limiter's eleven keys, all under the hash tag `{name}` (see `lua/common.lua`).
     keys: Arc<[String; 11]>,
+    /// The hash slot of those keys: on a Cluster, the slot whose master is checked before its
+    /// calls (`shard.rs`). Computed once, not on every call.
+    slot: redis::cluster_routing::Slot,
 }
 
 impl std::fmt::Debug for RedisLimiter {
@@ -86,11 +89,23 @@ pub(super) fn invalid(reply: &[String]) -> InvalidField {
 impl RedisLimiter {
     pub(super) fn new(store: Arc<Inner>, name: LimiterName) -> Self {
         let keys = super::script::limiter_keys(&store.config.prefix, name.as_str());
+        let slot = redis::cluster_routing::Slot::for_key(&keys[0]);
         RedisLimiter {
             store,
             name,
             keys: Arc::new(keys),
+            slot,
         }
+    }
+
+    /// The first of its keys (on a Cluster, it names the limiter's slot: `shard.rs`).
+    pub(super) fn first_key(&self) -> &str {
+        &self.keys[0]
+    }
+
+    /// The hash slot of its keys (`shard.rs`).
+    pub(super) fn slot(&self) -> redis::cluster_routing::Slot {
+        self.slot
     }
 
     /// Runs one operation; if the limiter vanished from Redis while this store knew it (state

@@ -18,6 +18,7 @@ mod limiter;
 mod revive;
 mod script;
 mod sentinel;
+mod shard;
 mod wake;
 
 use std::collections::HashMap;
@@ -152,9 +153,12 @@ pub(crate) struct Inner {
     generation: Mutex<generation::Generation>,
     /// A request failed since the master was last checked: check before the next one.
     suspect: AtomicBool,
+    /// On a Redis Cluster, the master last checked per slot, and its scripts (`shard.rs`).
+    shards: Mutex<shard::Shards>,
     /// Some limiter is to learn (so the hot path skips the lock when none is).
     relearn_pending: AtomicBool,
-    /// Changes of the master this store noticed (`generation.rs`): a grant whose request was
+    /// Changes of the master this store noticed (`generation.rs`; a Cluster counts them per
+    /// slot, `shard.rs`): a grant whose request was
     /// in flight across one may come from the older state, before its learning window.
     changes: AtomicU64,
     /// Idempotent acquires of this process whose caller went away while they waited, by waiter
@@ -353,6 +357,7 @@ impl RedisStore {
             known: Mutex::new(revive::Known::default()),
             generation: Mutex::new(generation::Generation::new(run_id)),
             suspect: AtomicBool::new(false),
+            shards: Mutex::new(shard::Shards::default()),
             relearn_pending: AtomicBool::new(false),
             changes: AtomicU64::new(0),
             abandoned: Mutex::new(HashMap::new()),
