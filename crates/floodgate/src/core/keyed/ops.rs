@@ -139,7 +139,7 @@ impl KeyLayer {
     /// caller asks.
     fn join(
         &mut self,
-        total: &LimiterCore,
+        total: &mut LimiterCore,
         now: Timestamp,
         request: &Arc<str>,
         req: &AcquireRequest,
@@ -147,6 +147,10 @@ impl KeyLayer {
         let id = *self.requests.get(request)?;
         let name = self.waiter_key.get(&id)?;
         let w = self.keys.get_mut(name)?.queue.get_mut(&id)?;
+        if w.permits != req.permits {
+            let first = w.permits;
+            return Some(total.mismatch(first));
+        }
         let wait = req
             .wait
             .unwrap_or(total.spec.max_wait)
