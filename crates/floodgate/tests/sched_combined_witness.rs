@@ -79,7 +79,7 @@ async fn run<S: Store + 'static>(gate: Floodgate<S>, seed: u64) {
                     .lock()
                     .unwrap()
                     .push((permit.grant().granted_at.0, permits));
-                tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
+                tokio::time::sleep(Duration::from_millis(rng.below(150))).await;
                 held.fetch_sub(permits, Ordering::SeqCst);
                 permit.release().await.unwrap();
             }
@@ -104,7 +104,8 @@ async fn run<S: Store + 'static>(gate: Floodgate<S>, seed: u64) {
     }
     let st = both.status().await.unwrap();
     assert_eq!(st.in_use, 0, "seed {seed}: {st:?}");
-    assert_eq!(st.counters.granted, g.len() as u64, "seed {seed}: {st:?}");
+    // A grant can race a give-up: the dropped future's store gives it back, unseen here.
+    assert!(st.counters.granted >= g.len() as u64, "seed {seed}: {st:?}");
     eprintln!(
         "seed {seed}: {} grants, {} gave up, {} refused",
         g.len(),
