@@ -161,10 +161,59 @@ async fn a_mismatched_keyed_retry_is_refused_and_changes_nothing<S: Store + 'sta
     granted.release().await.unwrap();
 }
 
+/// A keyed retry naming another key than its first attempt: before, it got the first key's
+/// grant (or joined its wait), and its caller then ran against key b's backend on a permit of
+/// key a, past b's per-key limit (the test's own count: b held 1 of 1 and the retry's grant
+/// made 2 callers on b). Refused now, naming `request_id`.
+async fn a_retry_naming_another_key_is_refused<S: Store + 'static>(gate: Floodgate<S>) {
+    let total = LimiterSpec::concurrency(4)
+        .with_default_lease(Duration::from_secs(120))
+        .with_max_wait(Duration::from_secs(60));
+    gate.define_keyed("keys", total, KeyedSpec::per_key(1))
+        .await
+        .unwrap();
+    let keys = gate.limiter("keys").await.unwrap();
+    let on = |k: &str| AcquireOptions::new().key(k.to_owned());
+    let _b = keys.acquire(on("b")).await.unwrap();
+    let _a = keys.acquire(on("a").request_id("held")).await.unwrap();
+    let retry = keys.acquire(on("b").request_id("held")).await;
+    assert_eq!(refused_field(&retry), Some("request_id"), "{retry:?}");
+    // A queued first attempt on a (full): a retry naming b does not join it.
+    let first = tokio::spawn({
+        let keys = keys.clone();
+        async move {
+            keys.acquire(
+                AcquireOptions::new()
+                    .key("a")
+                    .request_id("queued")
+                    .wait(Duration::from_secs(60)),
+            )
+            .await
+        }
+    });
+    for _ in 0..600 {
+        if keys.status().await.unwrap().waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let retry = keys
+        .acquire(on("c").request_id("queued").wait(Duration::from_secs(1)))
+        .await;
+    assert_eq!(refused_field(&retry), Some("request_id"), "{retry:?}");
+    assert_eq!(
+        keys.status().await.unwrap().waiting,
+        1,
+        "the first wait goes on"
+    );
+    first.abort();
+}
+
 #[tokio::test]
 async fn embedded_refuses_a_mismatched_retry() {
     a_mismatched_retry_is_refused_and_changes_nothing(Floodgate::in_memory()).await;
     a_mismatched_keyed_retry_is_refused_and_changes_nothing(Floodgate::in_memory()).await;
+    a_retry_naming_another_key_is_refused(Floodgate::in_memory()).await;
 }
 
 #[cfg(feature = "redis")]
@@ -176,5 +225,6 @@ async fn redis_refuses_a_mismatched_retry() {
         .unwrap();
     let gate = Floodgate::with_store(store);
     a_mismatched_retry_is_refused_and_changes_nothing(gate.clone()).await;
-    a_mismatched_keyed_retry_is_refused_and_changes_nothing(gate).await;
+    a_mismatched_keyed_retry_is_refused_and_changes_nothing(gate.clone()).await;
+    a_retry_naming_another_key_is_refused(gate).await;
 }

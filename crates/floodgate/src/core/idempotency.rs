@@ -56,6 +56,16 @@ impl LimiterCore {
         )))
     }
 
+    /// The refusal of a keyed repeat naming another key than its first attempt.
+    pub(crate) fn key_mismatch(&mut self) -> Admission {
+        self.counters.rejected += 1;
+        Admission::Refused(Refusal::Invalid(InvalidField::new(
+            "request_id",
+            "already names an acquire of another key; a retry must name the same key (a new \
+             acquire needs a new request_id)",
+        )))
+    }
+
     /// The caller of a queued idempotent acquire went away: its wait is kept for `grace` (at
     /// most its own deadline) so that a retry with the same key can join it, then ends. A
     /// grant made meanwhile goes to nobody, and the store gives it back. `false` if the waiter

@@ -521,11 +521,20 @@ local function mismatch(first)
     ' permit(s); a retry must ask for the same permits (a new acquire needs a new request_id)'})
 end
 
-local function repeat_granted(entry, kind, key, attempt, permits)
+-- A keyed repeat naming another key than its first attempt (LimiterCore::key_mismatch).
+local function key_mismatch()
+  c.rejected = c.rejected + 1
+  return finish({'invalid', 'request_id', 'already names an acquire of another key; a retry ' ..
+    'must name the same key (a new acquire needs a new request_id)'})
+end
+
+-- `owner_of` (keyed only): the key a token's grant belongs to, checked against `tkey`.
+local function repeat_granted(entry, kind, key, attempt, permits, owner_of, tkey)
   local token = kind == 'I|' and string.sub(entry, 3) or split(entry)[2]
   local h = parse_holder(token)
   if not h then return nil end
   if h.permits ~= permits then return mismatch(h.permits) end
+  if owner_of and owner_of(token) ~= tkey then return key_mismatch() end
   redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
   return finish({'granted', token, fmt(h.permits), fmt(math.max(MIN_LEASE, h.deadline - now)),
     fmt(h.deadline), fmt(h.granted_at), '0'})

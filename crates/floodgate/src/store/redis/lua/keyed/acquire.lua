@@ -17,6 +17,7 @@ if op == 'kacquire' then
     if kind == 'W|' then
       local w = parse_waiter(key)
       if w.permits ~= permits then return mismatch(w.permits) end
+      if w.tkey ~= tkey then return key_mismatch() end
       local wait = max_wait
       if wait_arg ~= '' then wait = math.min(tonumber(wait_arg), max_wait) end
       local deadline = now + wait
@@ -32,7 +33,8 @@ if op == 'kacquire' then
       redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
       return finish({'queued', fmt(math.max(1, deadline - now))})
     elseif kind == 'G|' or kind == 'I|' then
-      local reply = repeat_granted(entry, kind, key, attempt, permits)
+      local reply = repeat_granted(entry, kind, key, attempt, permits,
+        function(token) return redis.call('HGET', K_KH, token) end, tkey)
       if reply then return reply end
     end
   end
