@@ -1,4 +1,4 @@
-//! A reservation after its limiter's rate changed, on both stores (the embedded one and the
+//! Reservations given back, on both stores (the embedded one and the
 //! Redis script on a real `redis-server`): nothing of it goes back, not even after a change of
 //! the burst alone, which leaves the rate's debt (`tat`) where it was.
 //!
@@ -65,4 +65,52 @@ async fn redis_gives_nothing_back_after_a_burst_change() {
         .await
         .unwrap();
     nothing_goes_back_after_a_burst_change(&Floodgate::with_store(store)).await;
+}
+
+/// Tokens given back move a waiter's token time earlier: the store's timer, armed for the old
+/// time, must be moved too. At 1/s a schedule of 10 puts the next token 10 s away; giving
+/// back 9 brings it to about 1 s. The waiter's own wait (as the store measured it) must be
+/// well under the 10 s it would have waited for the old time (a stall of the test process
+/// cannot bring it past 9 s while the grant is due at 1 s, short of an 8 s stall).
+async fn a_waiter_gets_the_tokens_given_back<S: Store>(gate: &Floodgate<S>) {
+    gate.define("back", bursty(1)).await.unwrap();
+    let back = gate.limiter("back").await.unwrap();
+    let s = back.backend().schedule(10).await.unwrap();
+    assert_eq!(s.offsets[9], Duration::from_secs(9));
+    let waiter = {
+        let back = back.clone();
+        tokio::spawn(async move {
+            back.acquire(AcquireOptions::new().wait(Duration::from_secs(30)))
+                .await
+        })
+    };
+    for _ in 0..600 {
+        if back.status().await.unwrap().waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let returned = back.backend().unschedule(s.reservation, 9).await.unwrap();
+    assert!(returned >= 8, "{returned}");
+    let permit = waiter.await.unwrap().unwrap();
+    assert!(
+        permit.grant().waited < Duration::from_secs(9),
+        "waited {:?}: the timer kept the old token time",
+        permit.grant().waited
+    );
+}
+
+#[tokio::test]
+async fn embedded_waiter_gets_the_tokens_given_back() {
+    a_waiter_gets_the_tokens_given_back(&Floodgate::in_memory()).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_waiter_gets_the_tokens_given_back() {
+    let server = support::RedisServer::start();
+    let store = floodgate::RedisStore::connect(floodgate::RedisConfig::new(server.url()))
+        .await
+        .unwrap();
+    a_waiter_gets_the_tokens_given_back(&Floodgate::with_store(store)).await;
 }
