@@ -1,6 +1,7 @@
-//! Reservations given back, on both stores (the embedded one and the
-//! Redis script on a real `redis-server`): nothing of it goes back, not even after a change of
-//! the burst alone, which leaves the rate's debt (`tat`) where it was.
+//! Reservations given back, on both stores (the embedded one and the Redis script on a real
+//! `redis-server`): after a change of the limiter's rate nothing of a reservation goes back,
+//! not even after a change of the burst alone, which leaves the rate's debt (`tat`) where it
+//! was; and tokens given back reach a waiter at their new, earlier time.
 //!
 //! The witness is the test's own: every offset the schedule answered was 0, so every token it
 //! reserved was spent the moment it answered, and none may be given back. Before the fix, a
