@@ -249,9 +249,10 @@ impl AcquireOptions {
     }
 
     /// Makes the acquire idempotent: a repeat with the same id while the first is queued or
-    /// its grant held gets that grant (or joins that wait) instead of a second permit. A
-    /// future dropped while queued with an id leaves its wait queued for 5 s (at most until
-    /// the wait ends) for a retry to join; a grant made while nobody waits for it is released
+    /// its grant held gets that grant (or joins that wait) instead of a second permit; a repeat
+    /// asking for other permits is refused ([`Refusal::Invalid`](crate::Refusal::Invalid) naming
+    /// `request_id`). A future dropped while queued with an id leaves its wait queued for 5 s
+    /// (at most until the wait ends) for a retry to join; a grant made while nobody waits for it is released
     /// at once (on Redis, where a retry may come through another server, unless a retry claimed
     /// it first).
     pub fn request_id(mut self, id: impl Into<Arc<str>>) -> Self {

@@ -273,6 +273,7 @@ pub(crate) const FIELDS: &[&str] = &[
     "wait_ms",
     "count",
     "reservation",
+    "request_id",
 ];
 
 impl InvalidField {

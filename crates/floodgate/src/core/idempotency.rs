@@ -8,17 +8,25 @@ impl LimiterCore {
     pub(super) fn repeat_of(&mut self, now: Timestamp, req: &AcquireRequest) -> Option<Admission> {
         let key = req.request_id.as_ref()?;
         match *self.requests.get(key)? {
-            RequestRef::Held(token) => self.holders.get(&token).map(|h| {
-                Admission::Granted(Grant {
+            RequestRef::Held(token) => {
+                let h = self.holders.get(&token)?;
+                if h.permits != req.permits {
+                    return Some(self.mismatch(h.permits));
+                }
+                Some(Admission::Granted(Grant {
                     token: FencingToken(token),
                     permits: h.permits,
                     lease: h.lease,
                     lease_deadline: h.deadline,
                     granted_at: h.granted_at,
                     waited: Duration::ZERO,
-                })
-            }),
+                }))
+            }
             RequestRef::Queued(id) => {
+                let first = self.queue.get(&id)?.permits;
+                if first != req.permits {
+                    return Some(self.mismatch(first));
+                }
                 // Joined: the wait now lasts as long as this caller asks.
                 let wait = req
                     .wait
@@ -32,6 +40,30 @@ impl LimiterCore {
                 Some(Admission::Queued(WaiterId(id)))
             }
         }
+    }
+
+    /// The refusal of a repeat that asks for other permits than its first attempt (`first`):
+    /// it neither gets that grant (its caller would use more than it holds) nor joins that
+    /// wait, which goes on as it was.
+    pub(crate) fn mismatch(&mut self, first: u32) -> Admission {
+        self.counters.rejected += 1;
+        Admission::Refused(Refusal::Invalid(InvalidField::new(
+            "request_id",
+            format!(
+                "already names an acquire of {first} permit(s); a retry must ask for the same \
+                 permits (a new acquire needs a new request_id)"
+            ),
+        )))
+    }
+
+    /// The refusal of a keyed repeat naming another key than its first attempt.
+    pub(crate) fn key_mismatch(&mut self) -> Admission {
+        self.counters.rejected += 1;
+        Admission::Refused(Refusal::Invalid(InvalidField::new(
+            "request_id",
+            "already names an acquire of another key; a retry must name the same key (a new \
+             acquire needs a new request_id)",
+        )))
     }
 
     /// The caller of a queued idempotent acquire went away: its wait is kept for `grace` (at

@@ -55,6 +55,15 @@ impl LimiterCore {
                 ));
             }
         }
+        // Any change of the rate (its burst too, which leaves `tat` as it was) moves the token
+        // times the reservation was made with: giving its "unstarted" tail back by the new
+        // times could un-take tokens already spent, so nothing is given back after a change.
+        // (Compared in whole microseconds, as the Redis script keeps the period.)
+        let as_stored =
+            |r: Option<crate::spec::RateSpec>| r.map(|r| (r.limit, r.period.as_micros(), r.burst));
+        if as_stored(self.spec.rate) != as_stored(spec.rate) {
+            self.last_reservation = None;
+        }
         self.spec = spec;
         self.refuse_impossible(fx);
         self.grant_waiters(now, fx);

@@ -10,7 +10,8 @@
 //! tokens taken. That is the reservation's own tail only while nothing has taken a token after
 //! it (`tat` is still where the reservation left it). So the limiter remembers its latest
 //! reservation alone; returning an older one, or one that later tokens were taken after,
-//! returns nothing (and says so), never another caller's tokens. Tokens whose start time has
+//! returns nothing (and says so), never another caller's tokens. A change of the rate (its
+//! burst alone too) forgets the reservation: its token times were computed under the old rate. Tokens whose start time has
 //! already come are spent and are not returned either. The reservation's id is a random number
 //! the store draws (the core stays deterministic), so one producer cannot return another's
 //! tokens by guessing.

@@ -307,7 +307,8 @@ pub trait LimiterBackend: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// Gives back up to `unused` tokens of a reservation that a producer did not use; returns
     /// how many went back. Only the limiter's latest reservation, while no token has been taken
-    /// after it, and only tokens whose start has not come, can be given back (otherwise `Ok(0)`):
+    /// after it and its rate is unchanged (the burst too), and only tokens whose start has not
+    /// come, can be given back (otherwise `Ok(0)`):
     /// GCRA keeps no list of promised times, so anything else would hand out a token twice. A
     /// keyed limiter's reservation ([`schedule_keyed`](Self::schedule_keyed)) goes back to the
     /// total's rate and its key's together: each key's latest, while neither rate's tokens were

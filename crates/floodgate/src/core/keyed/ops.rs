@@ -26,10 +26,17 @@ impl KeyLayer {
     ) -> Admission {
         self.advance(total, now, fx);
         if let Some(r) = &req.request_id {
-            if let Some(repeat) = self.join(total, now, r, req) {
+            if let Some(repeat) = self.join(total, now, key, r, req) {
                 return repeat;
             }
             if let Some(repeat) = total.repeat_of(now, req) {
+                // The grant is the first attempt's key's: a retry naming another key would
+                // run against that key on a permit of the first (past its per-key limit).
+                if let Admission::Granted(g) = &repeat {
+                    if self.holders.get(&g.token.0).is_some_and(|h| *h.key != *key) {
+                        return total.key_mismatch();
+                    }
+                }
                 return repeat;
             }
         }
@@ -139,14 +146,22 @@ impl KeyLayer {
     /// caller asks.
     fn join(
         &mut self,
-        total: &LimiterCore,
+        total: &mut LimiterCore,
         now: Timestamp,
+        key: &str,
         request: &Arc<str>,
         req: &AcquireRequest,
     ) -> Option<Admission> {
         let id = *self.requests.get(request)?;
         let name = self.waiter_key.get(&id)?;
         let w = self.keys.get_mut(name)?.queue.get_mut(&id)?;
+        if w.permits != req.permits {
+            let first = w.permits;
+            return Some(total.mismatch(first));
+        }
+        if **name != *key {
+            return Some(total.key_mismatch());
+        }
         let wait = req
             .wait
             .unwrap_or(total.spec.max_wait)

@@ -3,6 +3,7 @@
 use super::*;
 
 mod reconfigure;
+mod repeats;
 mod reservations;
 
 const MS: u64 = 1_000;

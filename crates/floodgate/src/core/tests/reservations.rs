@@ -71,3 +71,29 @@ fn giving_back_needs_a_rate_and_a_count() {
         Err("count")
     );
 }
+
+#[test]
+fn a_burst_change_after_a_reservation_keeps_its_tokens() {
+    use crate::spec::RateSpec;
+    let mut fx = Effects::default();
+    // 1/s with a burst of 10: ten children scheduled now all start now (offsets 0), so all
+    // ten tokens are spent the moment the schedule answers.
+    let bursty = |burst| {
+        LimiterSpec::rate(RateSpec::per(1, Duration::from_secs(1)).with_burst(burst))
+            .with_max_wait(Duration::from_secs(60))
+    };
+    let mut c = LimiterCore::new(bursty(10), 1).expect("valid");
+    let offsets = c.schedule(t(0), 10, 7, &mut fx).expect("fits");
+    assert!(offsets.iter().all(|d| d.is_zero()), "{offsets:?}");
+    // Same interval, smaller burst: `tat` is not rescaled (the debt is the same), but the
+    // token times computed with the new burst are not the reservation's. Giving back "future"
+    // tokens by the new burst returned 9 spent ones: the rate then granted 19 in 10 s.
+    c.reconfigure(t(0), bursty(1), &mut fx).expect("valid");
+    assert_eq!(c.unschedule(t(0), 7, 10, &mut fx), Ok(0));
+    // The ten spent tokens still hold the rate: the next one is 10 s away.
+    match c.acquire(t(0), &req(1), &mut fx) {
+        Admission::Queued(_) | Admission::Refused(_) => {}
+        other => panic!("granted past ten spent tokens: {other:?}"),
+    }
+    assert_eq!(c.next_deadline(), Some(t(10_000)));
+}

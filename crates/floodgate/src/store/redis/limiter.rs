@@ -286,7 +286,9 @@ impl RedisLimiter {
         };
         // Registered before the script runs: a wake-up can arrive before its reply does.
         let (tx, rx) = oneshot::channel();
-        self.store.lock_waiters().insert(
+        // A repeat in this process displaces its first attempt's entry: put back below if the
+        // repeat is refused (it asked for other permits), so that attempt goes on waiting.
+        let displaced = self.store.lock_waiters().insert(
             key.clone(),
             Pending {
                 limiter: self.name.clone(),
@@ -321,6 +323,16 @@ impl RedisLimiter {
         };
         let changes = self.changes_seen();
         let reply = self.call(op, &args).await?;
+        let decided = matches!(
+            reply.first().map(String::as_str),
+            Some("granted" | "queued")
+        );
+        if let (Some(first), false) = (displaced, decided) {
+            let mut waiters = self.store.lock_waiters();
+            if waiters.get(&key).is_some_and(|p| p.attempt == n) {
+                waiters.insert(key.clone(), first);
+            }
+        }
         match reply.first().map(String::as_str) {
             Some("granted") if self.changed_since(changes).await? => {
                 // The armed guard gives the grant back.

@@ -510,13 +510,31 @@ local function finish(reply)
 end
 
 -- A repeated idempotent acquire whose first attempt was granted (`entry` of kind 'G|' or
--- 'I|' in the holders hash): the same grant again, with what is left of its lease (the record
+-- 'I|' in the holders hash), asking for the same `permits`: the same grant again, with what is left of its lease (the record
 -- keeps no lease length); nil when that grant has ended (a new acquire follows). Shared by the
 -- plain and the keyed acquire.
-local function repeat_granted(entry, kind, key, attempt)
+-- A repeat asking for other permits than its first attempt did (`first`): refused, naming
+-- request_id, and what the key names goes on as it was (LimiterCore::mismatch).
+local function mismatch(first)
+  c.rejected = c.rejected + 1
+  return finish({'invalid', 'request_id', 'already names an acquire of ' .. fmt(first) ..
+    ' permit(s); a retry must ask for the same permits (a new acquire needs a new request_id)'})
+end
+
+-- A keyed repeat naming another key than its first attempt (LimiterCore::key_mismatch).
+local function key_mismatch()
+  c.rejected = c.rejected + 1
+  return finish({'invalid', 'request_id', 'already names an acquire of another key; a retry ' ..
+    'must name the same key (a new acquire needs a new request_id)'})
+end
+
+-- `owner_of` (keyed only): the key a token's grant belongs to, checked against `tkey`.
+local function repeat_granted(entry, kind, key, attempt, permits, owner_of, tkey)
   local token = kind == 'I|' and string.sub(entry, 3) or split(entry)[2]
   local h = parse_holder(token)
   if not h then return nil end
+  if h.permits ~= permits then return mismatch(h.permits) end
+  if owner_of and owner_of(token) ~= tkey then return key_mismatch() end
   redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
   return finish({'granted', token, fmt(h.permits), fmt(math.max(MIN_LEASE, h.deadline - now)),
     fmt(h.deadline), fmt(h.granted_at), '0'})

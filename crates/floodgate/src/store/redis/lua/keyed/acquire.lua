@@ -16,6 +16,8 @@ if op == 'kacquire' then
     local kind = entry and string.sub(entry, 1, 2)
     if kind == 'W|' then
       local w = parse_waiter(key)
+      if w.permits ~= permits then return mismatch(w.permits) end
+      if w.tkey ~= tkey then return key_mismatch() end
       local wait = max_wait
       if wait_arg ~= '' then wait = math.min(tonumber(wait_arg), max_wait) end
       local deadline = now + wait
@@ -31,7 +33,8 @@ if op == 'kacquire' then
       redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
       return finish({'queued', fmt(math.max(1, deadline - now))})
     elseif kind == 'G|' or kind == 'I|' then
-      local reply = repeat_granted(entry, kind, key, attempt)
+      local reply = repeat_granted(entry, kind, key, attempt, permits,
+        function(token) return redis.call('HGET', K_KH, token) end, tkey)
       if reply then return reply end
     end
   end

@@ -19,6 +19,7 @@ if op == 'acquire' then
     local kind = entry and string.sub(entry, 1, 2)
     if kind == 'W|' then
       local w = parse_waiter(key)
+      if w.permits ~= permits then return mismatch(w.permits) end
       -- Joined: the same place in the queue and the same deadline; its wake-up goes to this
       -- caller's server from now on.
       if w.channel ~= channel then
@@ -35,7 +36,7 @@ if op == 'acquire' then
       redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
       return finish({'queued', fmt(math.max(1, w.deadline - now))})
     elseif kind == 'G|' or kind == 'I|' then
-      local reply = repeat_granted(entry, kind, key, attempt)
+      local reply = repeat_granted(entry, kind, key, attempt, permits)
       if reply then return reply end
     end
     -- What the key named has ended: a new acquire.

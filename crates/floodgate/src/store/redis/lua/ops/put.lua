@@ -61,6 +61,11 @@ if op == 'put' then
   local same = exists and conc == concurrency and new_adaptive[1] == a_min and
     new_adaptive[2] == a_max and new_adaptive[3] == a_inc and new_adaptive[4] == a_dec and
     new_adaptive[5] == a_cool and new_ext == a_ext
+  -- Any change of the rate (its burst too, which leaves `tat` as it was) moves the token times
+  -- the latest reservation was made with: nothing of it is given back after (as the core).
+  if exists and (rate_limit ~= new_rate[1] or rate_period ~= new_rate[2] or rate_burst ~= new_rate[3]) then
+    redis.call('HDEL', K_META, 'res')
+  end
   rate_limit, rate_period, rate_burst = new_rate[1], new_rate[2], new_rate[3]
   a_min, a_max, a_inc, a_dec, a_cool =
     new_adaptive[1], new_adaptive[2], new_adaptive[3], new_adaptive[4], new_adaptive[5]

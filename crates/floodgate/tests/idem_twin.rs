@@ -1,0 +1,425 @@
+//! Idempotent acquires: the Redis script as a checked twin of the core (`tests/twin.rs` runs
+//! every other operation, with no `request_id`).
+//!
+//! Random sequences (a printed seed; `FLOODGATE_IDEM_SEED` replays one) of acquires carrying
+//! request ids from a small pool, so that repeats happen: of a held grant, of a queued wait,
+//! of something that has ended, and with other permits than the first attempt's (refused,
+//! naming `request_id`), mixed with plain acquires, releases, cancels and the passage of time,
+//! on concurrency limiters, rate limiters and both at once. Each step runs on [`LimiterCore`]
+//! and on the script (on a real `redis-server`, same clock), and the test compares every
+//! answer (grant: token, permits, deadline, grant time and wait; queueing; refusal with its
+//! fields and exact hint), the wake-ups, and the status (in use, holders, queue, counters).
+//!
+//! Two differences are documented and left out of the comparison (docs/api.md): a repeat of a
+//! held grant reports the lease it was given on the core and what is left of it on Redis
+//! (`lease_ms`), and a repeat that joins a wait keeps the first attempt's deadline on Redis
+//! (the test joins with exactly the time left, so both sides keep the same deadline).
+
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal, WaitOutcome};
+use floodgate::{FencingToken, LimiterName, LimiterSpec, RateSpec, Timestamp};
+use support::rng::Rng;
+
+const T0: u64 = 1_000_000_000;
+const TOKEN_BASE: u64 = 10_000_000_000_000;
+const IDS: [&str; 4] = ["a", "b", "c", "d"];
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap()
+}
+
+/// The waiter key the Redis store derives from a request id (`r` + hex), and a plain one.
+fn waiter_key(request_id: Option<&str>, n: u64) -> String {
+    match request_id {
+        Some(id) => {
+            let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+            format!("r{hex}")
+        }
+        None => format!("k{n}"),
+    }
+}
+
+fn encode(outcome: &WaitOutcome) -> String {
+    match outcome {
+        Ok(g) => format!(
+            "G|{}|{}|{}|{}|{}|{}",
+            g.token.0,
+            g.permits,
+            us(g.lease),
+            g.lease_deadline.0,
+            g.granted_at.0,
+            us(g.waited)
+        ),
+        Err(Refusal::WaitTimeout { retry_after }) => format!("T|{}", us(*retry_after)),
+        Err(Refusal::PermitsExceedLimit { requested, limit }) => format!("X|{requested}|{limit}"),
+        Err(other) => format!("unexpected {other:?}"),
+    }
+}
+
+struct Twin {
+    conn: redis::Connection,
+    hash: String,
+    keys: Vec<String>,
+    name: String,
+    core: LimiterCore,
+    now: u64,
+    /// Tokens granted (held or not: a release of a gone one answers `false` on both sides).
+    tokens: Vec<u64>,
+    /// Queued waiters: core id -> (script key, deadline).
+    queued: BTreeMap<u64, (String, u64)>,
+    /// Grant outcomes already seen (a held grant's `k:` entry stays while it is held).
+    seen: HashSet<(String, String)>,
+    /// Plain acquires so far (their waiter keys).
+    n: u64,
+    step: usize,
+    seed: u64,
+}
+
+impl Twin {
+    fn call(&mut self, op: &str, args: &[String]) -> Vec<String> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.hash).arg(self.keys.len());
+        for k in &self.keys {
+            cmd.arg(k);
+        }
+        cmd.arg(format!("{op}@{}@general", self.now))
+            .arg(&self.name)
+            .arg(3_600_000_u64);
+        for a in args {
+            cmd.arg(a);
+        }
+        cmd.query(&mut self.conn).expect("the script runs")
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        panic!("seed {} step {}: {what}", self.seed, self.step)
+    }
+
+    /// The script's wake-ups since the last step (outcomes recorded, and grants recorded with
+    /// their holders), against the core's.
+    fn compare_wakes(&mut self, fx: &Effects) {
+        let mut core = BTreeMap::new();
+        for (id, outcome) in &fx.wakes {
+            let Some((key, _)) = self.queued.remove(&id.0) else {
+                self.fail(&format!("the core woke {id:?}, which is not queued"));
+            };
+            if let Ok(g) = outcome {
+                self.tokens.push(g.token.0);
+            }
+            core.insert(key, encode(outcome));
+        }
+        let (outcomes, holders): (BTreeMap<String, String>, BTreeMap<String, Vec<u8>>) =
+            redis::pipe()
+                .cmd("HGETALL")
+                .arg(&self.keys[6])
+                .cmd("HGETALL")
+                .arg(&self.keys[1])
+                .query(&mut self.conn)
+                .unwrap();
+        // Read once: outcomes other than grants are recorded afresh each time.
+        let _: () = redis::cmd("DEL")
+            .arg(&self.keys[6])
+            .arg(&self.keys[7])
+            .query(&mut self.conn)
+            .unwrap();
+        let mut script = BTreeMap::new();
+        let held = holders.into_iter().filter_map(|(f, v)| {
+            let key = f.strip_prefix("k:")?.to_owned();
+            v.starts_with(b"G|")
+                .then(|| (key, String::from_utf8(v).unwrap()))
+        });
+        for (key, value) in outcomes.into_iter().chain(held) {
+            // A grant is new once; a lapsed grant's outcome moved to `outcomes` is not.
+            if value.starts_with("G|") && !self.seen.insert((key.clone(), value.clone())) {
+                continue;
+            }
+            script.insert(key, value);
+        }
+        if script != core {
+            self.fail(&format!("wake-ups: script {script:?}, core {core:?}"));
+        }
+    }
+
+    fn compare_status(&mut self) {
+        let mut fx = Effects::default();
+        self.core.advance(Timestamp(self.now), &mut fx);
+        let reply = self.call("status", &[]);
+        self.compare_wakes(&fx);
+        let schema = floodgate::store::redis::status_schema();
+        let f: BTreeMap<&str, &str> = schema
+            .iter()
+            .copied()
+            .zip(reply[1..].iter().map(String::as_str))
+            .collect();
+        let n = |k: &str| f[k].parse::<u64>().unwrap();
+        let st = self.core.status(&LimiterName::new("twin").unwrap());
+        let c = st.counters;
+        let script = [
+            "in_use",
+            "holders",
+            "waiting",
+            "waiting_permits",
+            "granted",
+            "released",
+            "expired",
+            "timed_out",
+            "cancelled",
+            "queue_full",
+            "rejected",
+            "paced",
+        ]
+        .map(n);
+        let core = [
+            u64::from(st.in_use),
+            u64::from(st.holders),
+            u64::from(st.waiting),
+            st.waiting_permits,
+            c.granted,
+            c.released,
+            c.expired,
+            c.timed_out,
+            c.cancelled,
+            c.queue_full,
+            c.rejected,
+            c.paced,
+        ];
+        if script != core {
+            self.fail(&format!("status: script {script:?}, core {core:?}"));
+        }
+    }
+
+    fn acquire(&mut self, rng: &mut Rng) {
+        let request_id = (rng.below(10) < 7).then(|| IDS[rng.below(4) as usize]);
+        self.n += 1;
+        let key = waiter_key(request_id, self.n);
+        let permits = 1 + rng.below(3) as u32;
+        // A repeat that joins a wait asks for exactly the time left of it (the script keeps
+        // the first attempt's deadline; the core takes the joiner's).
+        let joining = self
+            .queued
+            .values()
+            .find(|(k, d)| *k == key && *d > self.now)
+            .map(|(_, d)| d - self.now);
+        let wait_us = joining.unwrap_or([0, 200_000, 1_500_000][rng.below(3) as usize]);
+        let lease_ms = [300, 1_000, 3_000][rng.below(3) as usize];
+        let req = AcquireRequest {
+            permits,
+            lease: Some(Duration::from_millis(lease_ms)),
+            wait: Some(Duration::from_micros(wait_us)),
+            holder: None,
+            request_id: request_id.map(Arc::from),
+        };
+        let mut fx = Effects::default();
+        let got = self.core.acquire(Timestamp(self.now), &req, &mut fx);
+        let reply = self.call(
+            "acquire",
+            &[
+                permits.to_string(),
+                (lease_ms * 1_000).to_string(),
+                wait_us.to_string(),
+                key.clone(),
+                "chan".into(),
+                String::new(),
+                format!("t.{}", self.n),
+            ],
+        );
+        let r = &reply[..reply.len() - 1];
+        let ok = match &got {
+            Admission::Granted(g) => {
+                let repeat = r
+                    .get(1)
+                    .is_some_and(|t| self.tokens.contains(&t.parse().unwrap_or(0)));
+                let lease = if repeat {
+                    r[3].clone()
+                } else {
+                    us(g.lease).to_string()
+                };
+                let want = [
+                    "granted".to_owned(),
+                    g.token.0.to_string(),
+                    g.permits.to_string(),
+                    lease,
+                    g.lease_deadline.0.to_string(),
+                    g.granted_at.0.to_string(),
+                    us(g.waited).to_string(),
+                ];
+                if !repeat {
+                    self.tokens.push(g.token.0);
+                }
+                r == want
+            }
+            Admission::Queued(id) => {
+                let deadline = self.now + wait_us;
+                self.queued
+                    .entry(id.0)
+                    .or_insert_with(|| (key.clone(), deadline));
+                r.first().map(String::as_str) == Some("queued")
+            }
+            Admission::Refused(refusal) => {
+                let want = match refusal {
+                    Refusal::WaitTimeout { retry_after } => {
+                        vec!["timeout".to_owned(), us(*retry_after).to_string()]
+                    }
+                    Refusal::QueueFull { retry_after } => {
+                        vec!["queue_full".to_owned(), us(*retry_after).to_string()]
+                    }
+                    Refusal::PermitsExceedLimit { requested, limit } => vec![
+                        "exceeds".to_owned(),
+                        requested.to_string(),
+                        limit.to_string(),
+                    ],
+                    Refusal::Invalid(f) => {
+                        vec!["invalid".to_owned(), f.field.to_owned(), f.message.clone()]
+                    }
+                    other => vec![format!("{other:?}")],
+                };
+                r == want
+            }
+        };
+        if !ok {
+            self.fail(&format!(
+                "acquire {req:?} ({key}): script {reply:?}, core {got:?}"
+            ));
+        }
+        self.compare_wakes(&fx);
+    }
+
+    fn step(&mut self, rng: &mut Rng) {
+        self.step += 1;
+        self.now += rng.below(4) * 100_000;
+        match rng.below(10) {
+            0..=5 => self.acquire(rng),
+            6 | 7 if !self.tokens.is_empty() => {
+                let token = self.tokens[rng.below(self.tokens.len() as u64) as usize];
+                let mut fx = Effects::default();
+                let got = self
+                    .core
+                    .release(Timestamp(self.now), FencingToken(token), &mut fx);
+                let reply = self.call("release", &[token.to_string()]);
+                if (reply[1] == "1") != got {
+                    self.fail(&format!("release {token}: script {reply:?}, core {got}"));
+                }
+                self.compare_wakes(&fx);
+            }
+            8 if !self.queued.is_empty() => {
+                let i = rng.below(self.queued.len() as u64) as usize;
+                let (&id, (key, _)) = self.queued.iter().nth(i).unwrap();
+                let key = key.clone();
+                let mut fx = Effects::default();
+                let got =
+                    self.core
+                        .cancel(Timestamp(self.now), floodgate::core::WaiterId(id), &mut fx);
+                let reply = self.call("cancel", &[key.clone(), "drop".into()]);
+                if (reply[0] == "cancelled") != got {
+                    self.fail(&format!("cancel {key}: script {reply:?}, core {got}"));
+                }
+                if got {
+                    self.queued.remove(&id);
+                }
+                self.compare_wakes(&fx);
+            }
+            _ => self.now += rng.below(15) * 100_000,
+        }
+        self.compare_status();
+    }
+}
+
+fn spec(rng: &mut Rng) -> LimiterSpec {
+    let rate = RateSpec::per(5 + rng.below(16) as u32, Duration::from_secs(1))
+        .with_burst(1 + rng.below(3) as u32);
+    let base = match rng.below(3) {
+        0 => LimiterSpec::concurrency(1 + rng.below(3) as u32),
+        1 => LimiterSpec::concurrency(1 + rng.below(3) as u32).with_rate(rate),
+        _ => LimiterSpec::rate(rate),
+    };
+    base.with_default_lease(Duration::from_secs(2))
+        .with_max_wait(Duration::from_secs(2))
+        .with_max_queue(4)
+}
+
+/// `put` with the arguments the store sends (as `tests/twin.rs`).
+fn put_args(s: &LimiterSpec) -> Vec<String> {
+    let o = |v: Option<String>| v.unwrap_or_default();
+    let r = s.rate;
+    vec![
+        o(s.concurrency.map(|c| c.to_string())),
+        us(s.default_lease).to_string(),
+        us(s.max_wait).to_string(),
+        s.max_queue.to_string(),
+        TOKEN_BASE.to_string(),
+        o(r.map(|r| r.limit.to_string())),
+        o(r.map(|r| us(r.period).to_string())),
+        o(r.map(|r| r.burst.to_string())),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        "0".into(),
+        String::new(),
+        String::new(),
+    ]
+}
+
+#[test]
+fn idempotent_acquires_match_the_core() {
+    let server = support::RedisServer::start();
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let script = redis::Script::new(&floodgate::store::redis::script_source());
+    script.load(&mut conn).unwrap();
+    let seed = std::env::var("FLOODGATE_IDEM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("idem_twin seed {seed} (FLOODGATE_IDEM_SEED replays it)");
+    let mut rng = Rng(seed);
+    let (mut acquires, mut refused) = (0, 0);
+    let sequences = 300;
+    for s in 0..sequences {
+        let spec = spec(&mut rng);
+        let name = format!("idem{s}");
+        let mut twin = Twin {
+            conn,
+            hash: script.get_hash().to_owned(),
+            keys: floodgate::store::redis::limiter_keys("it", &name).to_vec(),
+            name,
+            core: LimiterCore::new(spec.clone(), TOKEN_BASE).unwrap(),
+            now: T0,
+            tokens: Vec::new(),
+            queued: BTreeMap::new(),
+            seen: HashSet::new(),
+            n: 0,
+            step: 0,
+            seed,
+        };
+        let reply = twin.call("put", &put_args(&spec));
+        assert_eq!(reply[0], "status", "{reply:?}");
+        for _ in 0..40 {
+            twin.step(&mut rng);
+        }
+        let c = twin.core.counters();
+        refused += c.rejected;
+        acquires += twin.n;
+        conn = twin.conn;
+    }
+    eprintln!(
+        "{sequences} sequences, {acquires} acquires, {refused} refused as invalid or too large"
+    );
+    assert!(refused > 0, "no mismatched repeat was generated");
+}
