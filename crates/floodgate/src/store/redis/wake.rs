@@ -164,15 +164,12 @@ pub(crate) fn recheck(inner: &Arc<Inner>, limiter: &LimiterName) {
 }
 
 /// Subscribes to the store's channel, waits until the subscription is confirmed, and keeps it
-/// up in a task (reconnecting with backoff) until the store is dropped.
+/// up in a task (reconnecting with backoff) until the store is dropped. On a Cluster, a lost
+/// node's subscription moves to another node at once (`pubsub_nodes.rs`), and the waiters stay
+/// queued: the re-check after it finds what was published meanwhile.
 pub(super) async fn subscribe(inner: &Arc<Inner>, client: PubSubSource) -> Result<(), StoreError> {
     let channel = inner.channel.clone();
-    let mut pubsub = client
-        .client()
-        .get_async_pubsub()
-        .await
-        .map_err(unavailable)?;
-    pubsub.subscribe(&channel).await.map_err(unavailable)?;
+    let pubsub = client.subscribe(&channel).await.map_err(unavailable)?;
     let weak = Arc::downgrade(inner);
     let closing = Arc::clone(&inner.closing);
     tokio::spawn(async move {
@@ -191,17 +188,24 @@ pub(super) async fn subscribe(inner: &Arc<Inner>, client: PubSubSource) -> Resul
                                     Err(e) => tracing::warn!(error = %e, "unreadable wake-up"),
                                 }
                             }
-                            None => {
-                                if let Some(inner) = weak.upgrade() {
-                                    fail_pending(&inner);
-                                }
-                                break;
-                            }
+                            None => break,
                         },
                         _ = closing.notified() => return,
                     }
                 }
                 tracing::warn!(channel, "wake-up subscription lost; reconnecting");
+                let Some(inner) = weak.upgrade() else { return };
+                // Another node of a Cluster may take over before anyone is answered: subscribed
+                // first, then the re-check, so nothing published in between is missed.
+                if client.has_other_nodes() {
+                    if let Ok(pubsub) = client.subscribe(&channel).await {
+                        tracing::info!(channel, "wake-up subscription moved to another node");
+                        current = Some(pubsub);
+                        resync(&inner).await;
+                        continue;
+                    }
+                }
+                fail_pending(&inner);
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -209,15 +213,14 @@ pub(super) async fn subscribe(inner: &Arc<Inner>, client: PubSubSource) -> Resul
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
             let Some(inner) = weak.upgrade() else { return };
-            // Asked anew each time: under Sentinel, the master may have moved.
-            match client.client().get_async_pubsub().await {
-                Ok(mut pubsub) => {
-                    if pubsub.subscribe(&channel).await.is_ok() {
-                        backoff = Duration::from_millis(50);
-                        tracing::info!(channel, "wake-up subscription restored");
-                        current = Some(pubsub);
-                        resync(&inner).await;
-                    }
+            // Asked anew each time: under Sentinel, the master may have moved; on a Cluster,
+            // the next node that answers.
+            match client.subscribe(&channel).await {
+                Ok(pubsub) => {
+                    backoff = Duration::from_millis(50);
+                    tracing::info!(channel, "wake-up subscription restored");
+                    current = Some(pubsub);
+                    resync(&inner).await;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "wake-up subscription: still down");
