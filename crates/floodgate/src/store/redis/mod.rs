@@ -324,6 +324,11 @@ impl RedisStore {
                 config.security.clone(),
                 config.response_timeout,
             );
+            // The other nodes known now, so that losing a lone seed loses no wake-up. Not
+            // fatal: they are asked again when no known node answers.
+            if let Err(e) = nodes.discover().await {
+                tracing::debug!(error = %e, "cluster nodes for the wake-up subscription unknown");
+            }
             (conn.clone(), conn, PubSubSource::Cluster(Arc::new(nodes)))
         } else {
             let client = config.security.client(&first)?;

@@ -5,8 +5,9 @@
 //! first seed that answers; when its node is lost (killed, or its host gone, while its shard
 //! fails over to a replica and the cluster stays healthy), it moves to the next node that
 //! answers: first the node it was on (a cut connection to a live node comes back there), then
-//! the seeds, then the nodes the cluster reports now (`CLUSTER SLOTS` through the store's
-//! cluster connection, asked after a round in which no known node answered). A client for a
+//! the seeds, then the nodes the cluster reported (`CLUSTER SLOTS` through the store's cluster
+//! connection: asked once at connect, so a store seeded with one node knows the others before
+//! that node dies, and again after a round in which no known node answered). A client for a
 //! discovered node is built as a seed's is (the first seed's scheme and credentials, then
 //! `RedisSecurity::client`: TLS material, ACL user), so TLS and auth hold for it too.
 
@@ -153,7 +154,7 @@ impl ClusterNodes {
 
     /// Asks the cluster (`CLUSTER SLOTS`, through the store's cluster connection) which nodes
     /// serve it now, and makes them the known nodes after the seeds.
-    async fn discover(&self) -> Result<(), RedisError> {
+    pub(super) async fn discover(&self) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
         let reply: Value = redis::cmd("CLUSTER")
             .arg("SLOTS")
