@@ -1,6 +1,7 @@
 //! One multiplexed connection to standalone Redis, a Redis Cluster or the master Sentinel names,
-//! behind one type, and
-//! how clients for it are made (TLS, ACL credentials).
+//! behind one type; where the wake-up subscription connects in each case (`PubSubSource`: on a
+//! Cluster, any live node, see `pubsub_nodes.rs`); and how clients are made (TLS, ACL
+//! credentials), the same for a seed and for a node learned from the cluster.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

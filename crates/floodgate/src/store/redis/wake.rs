@@ -6,6 +6,14 @@
 //! the fast path; the record is the safety net: a waiter whose message was lost (the
 //! subscription dropped) finds its outcome when it is re-checked after reconnecting, or when
 //! its own wait timer runs out and it cancels.
+//!
+//! Where the subscription reconnects depends on the deployment (`conn.rs`, `PubSubSource`):
+//! the one standalone server, the master the sentinels name, or on a Cluster any live node
+//! (`pubsub_nodes.rs`: `PUBLISH` reaches every node's subscribers). When its connection ends,
+//! a Cluster's subscription first tries the other nodes at once; if one takes over, queued
+//! waiters stay queued and are re-checked. Otherwise (or on standalone and Sentinel) queued
+//! waiters are answered `store_unavailable` at once and the subscription reconnects with
+//! backoff.
 
 use std::sync::Arc;
 use std::time::Duration;
