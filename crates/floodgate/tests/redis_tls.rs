@@ -2,7 +2,8 @@
 //! `--tls-port` and certificates this test makes with openssl: the whole behavioural suite,
 //! then credentials from the URL and from the config, a wrong CA or password failing at once
 //! with a clear error, and a 3-master Cluster with `tls-cluster yes` reached over TLS as the
-//! ACL user on every node.
+//! ACL user on every node, including by a wake-up subscription that moves to a node it learned
+//! from the cluster.
 //!
 //! The server's `default` user may only PING and list clients (so readiness checks work on the
 //! plain port and nothing else does); the store's user `floodgate` may touch only keys and
@@ -221,8 +222,22 @@ async fn a_wrong_ca_or_password_fails_at_once_with_a_clear_error() {
     assert!(text.contains("nope.pem"), "{text}");
 }
 
-#[tokio::test]
-async fn a_cluster_talks_tls_as_the_acl_user_too() {
+/// A 3-master Cluster with `tls-cluster yes` and the ACL user, in a directory of its own (with
+/// its CA): the nodes with their TLS ports, and `127.0.0.1:TLS_PORT` of each.
+struct TlsCluster {
+    nodes: Vec<(RedisServer, u16)>,
+    addrs: Vec<String>,
+    ca: Pair,
+    dir: PathBuf,
+}
+
+impl Drop for TlsCluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tls_cluster() -> TlsCluster {
     let dir = std::env::temp_dir().join(format!(
         "floodgate-redis-tls-cluster-{}-{}",
         std::process::id(),
@@ -302,6 +317,18 @@ async fn a_cluster_talks_tls_as_the_acl_user_too() {
         assert!(std::time::Instant::now() < deadline, "cluster never ok");
         std::thread::sleep(Duration::from_millis(100));
     }
+    TlsCluster {
+        nodes,
+        addrs,
+        ca,
+        dir,
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_talks_tls_as_the_acl_user_too() {
+    let cluster = tls_cluster();
+    let (nodes, addrs, ca) = (&cluster.nodes, &cluster.addrs, &cluster.ca);
     let mut config = RedisConfig::cluster(addrs.iter().map(|a| format!("rediss://{a}/")).collect());
     config.security = RedisSecurity {
         ca_file: Some(ca.cert.clone()),
@@ -326,7 +353,7 @@ async fn a_cluster_talks_tls_as_the_acl_user_too() {
         let next = waiter.await.unwrap().expect("the waiter is woken over TLS");
         assert!(next.release().await.unwrap());
     }
-    for (node, tls) in &nodes {
+    for (node, tls) in nodes {
         let out = Command::new("redis-cli")
             .args(["-p", &node.port.to_string(), "client", "list"])
             .output()
@@ -338,5 +365,120 @@ async fn a_cluster_talks_tls_as_the_acl_user_too() {
             "the store reached node {tls} over TLS as {USER}: {clients}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A store seeded with one node of a TLS Cluster, with the ACL user in its URL, loses its
+/// wake-up subscription there (the user may no longer subscribe on that node: Redis drops the
+/// subscription, and every resubscription there is refused): it moves to a node it learned from
+/// the cluster, over TLS, as the URL's user, and a queued acquire is woken by another store's
+/// release. Liveness bounds only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_subscription_moves_over_tls_to_a_node_learned_from_the_cluster() {
+    let cluster = tls_cluster();
+    let seed = &cluster.nodes[0];
+    let security = RedisSecurity {
+        ca_file: Some(cluster.ca.cert.clone()),
+        ..RedisSecurity::default()
+    };
+    let mut config = RedisConfig::cluster(vec![format!(
+        "rediss://{USER}:{PASSWORD}@127.0.0.1:{}/",
+        seed.1
+    )]);
+    config.security = security.clone();
+    let waiter = Floodgate::with_store(connect(config).await.expect("connect"));
+    let mut config = RedisConfig::cluster(
+        cluster
+            .addrs
+            .iter()
+            .rev()
+            .map(|a| format!("rediss://{USER}:{PASSWORD}@{a}/"))
+            .collect(),
+    );
+    config.security = security;
+    let releaser = Floodgate::with_store(connect(config).await.expect("connect"));
+    let plain = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &seed.0.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // A limiter on another node's slots (its scripts publish as the user, who may no longer
+    // publish on the seed).
+    let me = plain(&["cluster", "myid"]);
+    let my_ranges: Vec<(u16, u16)> = plain(&["cluster", "nodes"])
+        .lines()
+        .find(|l| l.starts_with(&me))
+        .unwrap()
+        .split_whitespace()
+        .skip(8)
+        .filter_map(|r| {
+            let (lo, hi) = r.split_once('-').unwrap_or((r, r));
+            Some((lo.parse().ok()?, hi.parse().ok()?))
+        })
+        .collect();
+    let name = (0..1000)
+        .map(|i| format!("moved-{i}"))
+        .find(|n| {
+            let slot: u16 = plain(&["cluster", "keyslot", &format!("{{{n}}}")])
+                .parse()
+                .unwrap();
+            !my_ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&slot))
+        })
+        .unwrap();
+    // The subscription starts on the seed (the only node it was given).
+    assert!(
+        plain(&["client", "list"])
+            .lines()
+            .any(|l| l.contains(&format!("user={USER}"))
+                && l.contains(&format!("laddr=127.0.0.1:{}", seed.1))
+                && l.contains("sub=1")),
+        "the store did not subscribe on its seed"
+    );
+    // The user may no longer subscribe on the seed: Redis drops its subscription there.
+    assert_eq!(plain(&["acl", "setuser", USER, "resetchannels"]), "OK");
+    releaser
+        .define(&name, LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    let held = releaser
+        .limiter(&name)
+        .await
+        .unwrap()
+        .acquire(AcquireOptions::new().wait(Duration::ZERO))
+        .await
+        .unwrap();
+    let limiter = waiter.limiter(&name).await.unwrap();
+    let queued = tokio::spawn(async move {
+        limiter
+            .acquire(AcquireOptions::new().wait(Duration::from_secs(600)))
+            .await
+    });
+    let status_of = releaser.limiter(&name).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while status_of.status().await.unwrap().waiting != 1 {
+        assert!(std::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(held.release().await.unwrap());
+    let granted = tokio::time::timeout(Duration::from_secs(30), queued)
+        .await
+        .expect("no wake-up within 30 s (its own wait is 600 s): the subscription stayed")
+        .unwrap()
+        .expect("granted");
+    assert!(granted.release().await.unwrap());
+    // Its subscription now sits on another node, over TLS, as the URL's user.
+    let subscribed_elsewhere = cluster.nodes[1..].iter().any(|(node, tls)| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &node.port.to_string(), "client", "list"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            l.contains(&format!("user={USER}"))
+                && l.contains(&format!("laddr=127.0.0.1:{tls}"))
+                && l.contains("sub=1")
+        })
+    });
+    assert!(subscribed_elsewhere, "no TLS subscription on another node");
 }

@@ -1,11 +1,12 @@
 //! One multiplexed connection to standalone Redis, a Redis Cluster or the master Sentinel names,
-//! behind one type, and
-//! how clients for it are made (TLS, ACL credentials).
+//! behind one type; where the wake-up subscription connects in each case (`PubSubSource`: on a
+//! Cluster, any live node, see `pubsub_nodes.rs`); and how clients are made (TLS, ACL
+//! credentials), the same for a seed and for a node learned from the cluster.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::{ConnectionLike, ConnectionManager, PubSub};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{
@@ -13,6 +14,7 @@ use redis::{
     TlsCertificates, Value,
 };
 
+use super::pubsub_nodes::ClusterNodes;
 use super::sentinel::Sentinel;
 use super::unavailable;
 use crate::error::StoreError;
@@ -29,23 +31,34 @@ pub(super) enum Conn {
     Sentinel(Arc<Sentinel>),
 }
 
-/// Where the wake-up subscription connects (again, after a loss): a fixed node, or whichever
-/// master the sentinels name by then.
+/// Where the wake-up subscription connects (again, after a loss): a fixed node, whichever
+/// master the sentinels name by then, or any live node of a Cluster.
 #[derive(Clone)]
 pub(super) enum PubSubSource {
-    /// Standalone, or any node of a Cluster (boxed: a client is large, and made once).
+    /// Standalone (boxed: a client is large, and made once).
     Fixed(Box<redis::Client>),
     /// The current master.
     Sentinel(Arc<Sentinel>),
+    /// The node it was on, else the next that answers (`pubsub_nodes.rs`).
+    Cluster(Arc<ClusterNodes>),
 }
 
 impl PubSubSource {
-    /// A client for the node to subscribe on now.
-    pub(super) fn client(&self) -> redis::Client {
-        match self {
+    /// A connection subscribed to `channel`, on the node to subscribe on now.
+    pub(super) async fn subscribe(&self, channel: &str) -> Result<PubSub, redis::RedisError> {
+        let client = match self {
             PubSubSource::Fixed(c) => (**c).clone(),
             PubSubSource::Sentinel(s) => s.client(),
-        }
+            PubSubSource::Cluster(nodes) => return nodes.subscribe(channel).await,
+        };
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok(pubsub)
+    }
+
+    /// Whether another node may take over at once when the subscription's node is lost.
+    pub(super) fn has_other_nodes(&self) -> bool {
+        matches!(self, PubSubSource::Cluster(_))
     }
 
     /// After a failed reconnect: under Sentinel, asks where the master is now.

@@ -15,6 +15,7 @@ mod generation;
 mod keyed;
 mod keyed_revive;
 mod limiter;
+mod pubsub_nodes;
 mod revive;
 mod script;
 mod sentinel;
@@ -314,12 +315,21 @@ impl RedisStore {
                 .map_err(unavailable)?;
             let conn = Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?);
             // Classic PUBLISH reaches subscribers on every node of a cluster, so one
-            // subscription to any node suffices.
-            (
+            // subscription to any node suffices; when that node is lost, another takes over.
+            // Checked here (a CA file with a plain URL is refused), not at each reconnect.
+            config.security.client(&first)?;
+            let nodes = pubsub_nodes::ClusterNodes::new(
+                &config.urls,
                 conn.clone(),
-                conn,
-                PubSubSource::Fixed(Box::new(config.security.client(&first)?)),
-            )
+                config.security.clone(),
+                config.response_timeout,
+            );
+            // The other nodes known now, so that losing a lone seed loses no wake-up. Not
+            // fatal: they are asked again when no known node answers.
+            if let Err(e) = nodes.discover().await {
+                tracing::debug!(error = %e, "cluster nodes for the wake-up subscription unknown");
+            }
+            (conn.clone(), conn, PubSubSource::Cluster(Arc::new(nodes)))
         } else {
             let client = config.security.client(&first)?;
             let conn = Conn::Single(

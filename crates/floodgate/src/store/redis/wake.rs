@@ -6,9 +6,17 @@
 //! the fast path; the record is the safety net: a waiter whose message was lost (the
 //! subscription dropped) finds its outcome when it is re-checked after reconnecting, or when
 //! its own wait timer runs out and it cancels.
+//!
+//! Where the subscription reconnects depends on the deployment (`conn.rs`, `PubSubSource`):
+//! the one standalone server, the master the sentinels name, or on a Cluster any live node
+//! (`pubsub_nodes.rs`: `PUBLISH` reaches every node's subscribers). When its connection ends,
+//! a Cluster's subscription first tries the other nodes at once; if one takes over, queued
+//! waiters stay queued and are re-checked. Otherwise (or on standalone and Sentinel) queued
+//! waiters are answered `store_unavailable` at once and the subscription reconnects with
+//! backoff.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
@@ -116,7 +124,11 @@ fn fail_pending(inner: &Inner) {
 
 /// After a reconnect: outcomes published while the subscription was down were missed, so ask
 /// for each queued waiter's recorded outcome, and cancel waiters that left meanwhile.
-async fn resync(inner: &Arc<Inner>) {
+/// `answer_unchecked`: a waiter whose re-check fails (its shard is failing over) is answered
+/// `store_unavailable` at once, as the loss would have answered it, rather than left to its
+/// deadline with a wake-up it may have missed (used when another Cluster node took over
+/// without the waiters being answered first).
+async fn resync(inner: &Arc<Inner>, answer_unchecked: bool) {
     super::retry_orphans(Arc::clone(inner)).await;
     let pending: Vec<(String, LimiterName)> = inner
         .lock_waiters()
@@ -125,10 +137,19 @@ async fn resync(inner: &Arc<Inner>) {
         .collect();
     for (key, name) in pending {
         let limiter = RedisLimiter::new(Arc::clone(inner), name.clone());
-        if let Ok(Some(outcome)) = limiter.peek(&key).await {
-            if let Some(p) = inner.lock_waiters().remove(&key) {
-                let _ = p.tx.send(outcome);
+        match limiter.peek(&key).await {
+            Ok(Some(outcome)) => {
+                if let Some(p) = inner.lock_waiters().remove(&key) {
+                    let _ = p.tx.send(outcome);
+                }
             }
+            Ok(None) => {}
+            Err(e) if answer_unchecked => {
+                tracing::warn!(key, error = %e, "queued acquire not re-checked: store_unavailable");
+                // Dropping its sender reads as "store unavailable"; its guard cancels it.
+                inner.lock_waiters().remove(&key);
+            }
+            Err(_) => {}
         }
     }
 }
@@ -163,21 +184,24 @@ pub(crate) fn recheck(inner: &Arc<Inner>, limiter: &LimiterName) {
     });
 }
 
+/// A Cluster's subscription moves to another node at once (before any waiter is answered) at
+/// most once in this long; a loss sooner after such a move takes the usual backoff.
+const MOVE_AT_ONCE_EVERY: Duration = Duration::from_secs(1);
+
 /// Subscribes to the store's channel, waits until the subscription is confirmed, and keeps it
-/// up in a task (reconnecting with backoff) until the store is dropped.
+/// up in a task (reconnecting with backoff) until the store is dropped. On a Cluster, a lost
+/// node's subscription moves to another node at once (`pubsub_nodes.rs`), and the waiters stay
+/// queued: the re-check after it finds what was published meanwhile.
 pub(super) async fn subscribe(inner: &Arc<Inner>, client: PubSubSource) -> Result<(), StoreError> {
     let channel = inner.channel.clone();
-    let mut pubsub = client
-        .client()
-        .get_async_pubsub()
-        .await
-        .map_err(unavailable)?;
-    pubsub.subscribe(&channel).await.map_err(unavailable)?;
+    let pubsub = client.subscribe(&channel).await.map_err(unavailable)?;
     let weak = Arc::downgrade(inner);
     let closing = Arc::clone(&inner.closing);
     tokio::spawn(async move {
         let mut current = Some(pubsub);
         let mut backoff = Duration::from_millis(50);
+        // When the subscription last moved to another node at once.
+        let mut last_move: Option<Instant> = None;
         loop {
             if let Some(pubsub) = current.take() {
                 let mut messages = pubsub.into_on_message();
@@ -191,17 +215,27 @@ pub(super) async fn subscribe(inner: &Arc<Inner>, client: PubSubSource) -> Resul
                                     Err(e) => tracing::warn!(error = %e, "unreadable wake-up"),
                                 }
                             }
-                            None => {
-                                if let Some(inner) = weak.upgrade() {
-                                    fail_pending(&inner);
-                                }
-                                break;
-                            }
+                            None => break,
                         },
                         _ = closing.notified() => return,
                     }
                 }
                 tracing::warn!(channel, "wake-up subscription lost; reconnecting");
+                let Some(inner) = weak.upgrade() else { return };
+                // Another node of a Cluster may take over before anyone is answered: subscribed
+                // first, then the re-check, so nothing published in between is missed. Rate
+                // bounded: nodes that accept and then drop it would make a loop without backoff.
+                let may_move = last_move.is_none_or(|t| t.elapsed() >= MOVE_AT_ONCE_EVERY);
+                if client.has_other_nodes() && may_move {
+                    last_move = Some(Instant::now());
+                    if let Ok(pubsub) = client.subscribe(&channel).await {
+                        tracing::info!(channel, "wake-up subscription moved to another node");
+                        current = Some(pubsub);
+                        resync(&inner, true).await;
+                        continue;
+                    }
+                }
+                fail_pending(&inner);
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -209,15 +243,14 @@ pub(super) async fn subscribe(inner: &Arc<Inner>, client: PubSubSource) -> Resul
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
             let Some(inner) = weak.upgrade() else { return };
-            // Asked anew each time: under Sentinel, the master may have moved.
-            match client.client().get_async_pubsub().await {
-                Ok(mut pubsub) => {
-                    if pubsub.subscribe(&channel).await.is_ok() {
-                        backoff = Duration::from_millis(50);
-                        tracing::info!(channel, "wake-up subscription restored");
-                        current = Some(pubsub);
-                        resync(&inner).await;
-                    }
+            // Asked anew each time: under Sentinel, the master may have moved; on a Cluster,
+            // the next node that answers.
+            match client.subscribe(&channel).await {
+                Ok(pubsub) => {
+                    backoff = Duration::from_millis(50);
+                    tracing::info!(channel, "wake-up subscription restored");
+                    current = Some(pubsub);
+                    resync(&inner, false).await;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "wake-up subscription: still down");
