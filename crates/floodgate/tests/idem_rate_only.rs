@@ -43,7 +43,6 @@ async fn embedded_retry_after_a_paced_grant() {
 
 #[cfg(feature = "redis")]
 #[tokio::test]
-#[ignore = "the Redis script does not remember paced grants yet (next commit)"]
 async fn redis_retry_after_a_paced_grant() {
     let server = support::RedisServer::start();
     let store = floodgate::RedisStore::connect(floodgate::RedisConfig::new(server.url()))
