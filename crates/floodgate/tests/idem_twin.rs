@@ -467,3 +467,95 @@ fn idempotent_acquires_match_the_core() {
         "no paced grant under an id past its retention"
     );
 }
+
+/// Memory stays bounded: ids of paced grants are forgotten after the retention on both sides,
+/// also when every grant takes the script's fast path (which never runs the outcome prune:
+/// each record there drops expired ones first). 2,000 idempotent grants, one per 10 ms, a 2 s
+/// retention: about 200 remembered at a time, never the 2,000.
+#[test]
+fn paced_ids_stay_bounded_by_the_retention_window() {
+    let server = support::RedisServer::start();
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let script = redis::Script::new(&floodgate::store::redis::script_source());
+    script.load(&mut conn).unwrap();
+    let spec = LimiterSpec::rate(RateSpec::per(1_000, Duration::from_secs(1)).with_burst(10))
+        .with_default_lease(Duration::from_secs(2));
+    let keys = floodgate::store::redis::limiter_keys("it", "bounded").to_vec();
+    let call = |conn: &mut redis::Connection, op: String, args: &[String]| -> Vec<String> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len());
+        for k in &keys {
+            cmd.arg(k);
+        }
+        cmd.arg(op).arg("bounded").arg(3_600_000_u64);
+        for a in args {
+            cmd.arg(a);
+        }
+        cmd.query(conn).expect("the script runs")
+    };
+    let reply = call(&mut conn, format!("put@{T0}"), &put_args(&spec));
+    assert_eq!(reply[0], "status", "{reply:?}");
+    let mut core = LimiterCore::new(spec, TOKEN_BASE).unwrap();
+    let (mut most_script, mut most_core) = (0, 0);
+    for i in 0..2_000u64 {
+        let now = T0 + i * 10_000;
+        let id = format!("job-{i}");
+        let req = AcquireRequest {
+            permits: 1,
+            lease: None,
+            wait: Some(Duration::ZERO),
+            holder: None,
+            request_id: Some(Arc::from(id.as_str())),
+        };
+        let got = core.acquire(Timestamp(now), &req, &mut Effects::default());
+        // The bare `acquire@now`: the fast path may answer.
+        let args = ["1", "", "0", &waiter_key(Some(&id), 0), "chan", "", "t"].map(str::to_owned);
+        let r = call(&mut conn, format!("acquire@{now}"), &args);
+        let Admission::Granted(g) = got else {
+            panic!("step {i}: core {got:?}")
+        };
+        assert_eq!(
+            r[..2],
+            ["granted".to_owned(), g.token.0.to_string()],
+            "step {i}"
+        );
+        let remembered: usize = redis::cmd("HLEN").arg(&keys[6]).query(&mut conn).unwrap();
+        most_script = most_script.max(remembered);
+        most_core = most_core.max(core.to_state().paced.len());
+    }
+    eprintln!("most remembered: script {most_script}, core {most_core}");
+    assert!(most_core <= 202, "core kept {most_core}");
+    assert!(most_script <= 203, "script kept {most_script}");
+    // And a retry within the window still gets its grant on both sides.
+    let last = T0 + 1_999 * 10_000;
+    let args = [
+        "1",
+        "",
+        "0",
+        &waiter_key(Some("job-1990"), 0),
+        "chan",
+        "",
+        "t",
+    ]
+    .map(str::to_owned);
+    let r = call(&mut conn, format!("acquire@{}", last + 1), &args);
+    let req = AcquireRequest {
+        permits: 1,
+        wait: Some(Duration::ZERO),
+        request_id: Some(Arc::from("job-1990")),
+        ..AcquireRequest::default()
+    };
+    let Admission::Granted(g) = core.acquire(Timestamp(last + 1), &req, &mut Effects::default())
+    else {
+        panic!("the retry was not granted on the core")
+    };
+    assert_eq!(r[..2], ["granted".to_owned(), g.token.0.to_string()]);
+    assert_eq!(
+        core.counters().granted,
+        2_000,
+        "the retry was counted again"
+    );
+}
