@@ -275,3 +275,45 @@ async fn a_whitespace_body_is_refused_and_no_body_is_not() {
     assert_eq!(send("").await.unwrap().status(), 200);
     served.stop().await;
 }
+
+/// A rate-only limiter's grant holds nothing: its id is remembered for the limiter's default
+/// lease (`lease_ms`, an hour here, so nothing depends on timing), and a retry gets the same
+/// grant instead of new tokens (with a burst of 1, a second grant would be refused).
+async fn paced_retry_gets_the_same_grant(served: Served, base: String, http: reqwest::Client) {
+    let url = format!("{base}/v1/limiters/paced");
+    let spec = json!({"rate": {"limit": 1, "period_ms": 60000, "burst": 1}, "lease_ms": 3600000});
+    let (code, body) = send_json(&http, reqwest::Method::PUT, url, spec).await;
+    assert_eq!(code, 200, "{body}");
+    let post = || {
+        http.post(format!("{base}/v1/limiters/paced/acquire"))
+            .header("Idempotency-Key", "job-9")
+            .json(&json!({"wait_ms": 0}))
+            .send()
+    };
+    let first: Value = post().await.unwrap().json().await.unwrap();
+    let retry = post().await.unwrap();
+    assert_eq!(retry.status().as_u16(), 200);
+    let retry: Value = retry.json().await.unwrap();
+    assert_eq!(
+        retry["fencing_token"], first["fencing_token"],
+        "{first} {retry}"
+    );
+    let s = get_json(&http, format!("{base}/v1/limiters/paced")).await;
+    assert_eq!(num(&s, "/counters/granted"), 1, "{s}");
+    let url = format!("{base}/v1/limiters/paced/acquire");
+    let (code, _) = send_json(&http, reqwest::Method::POST, url, json!({"wait_ms": 0})).await;
+    assert_eq!(code, 429, "without the id, a new acquire");
+    served.stop().await;
+}
+
+#[tokio::test]
+async fn a_paced_grant_is_returned_again_to_its_retry() {
+    let (served, base, http) = start().await;
+    paced_retry_gets_the_same_grant(served, base, http).await;
+}
+
+#[tokio::test]
+async fn on_redis_a_paced_grant_is_returned_again_to_its_retry() {
+    let (served, base, http, _redis) = start_on_redis().await;
+    paced_retry_gets_the_same_grant(served, base, http).await;
+}

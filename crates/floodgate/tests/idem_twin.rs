@@ -5,8 +5,10 @@
 //! request ids from a small pool, so that repeats happen: of a held grant, of a queued wait,
 //! of something that has ended, and with other permits than the first attempt's (refused,
 //! naming `request_id`), mixed with plain acquires, releases, cancels and the passage of time,
-//! on concurrency limiters, rate limiters and both at once. Each step runs on [`LimiterCore`]
-//! and on the script (on a real `redis-server`, same clock), and the test compares every
+//! on concurrency limiters, rate limiters and both at once (a rate-only grant's request id is
+//! remembered for the default lease, 2 s here: repeats of paced grants within it, the same
+//! grant, and after it, a new one, are both compared and counted). Each step runs on
+//! [`LimiterCore`] and on the script (on a real `redis-server`, same clock), and the test compares every
 //! answer (grant: token, permits, deadline, grant time and wait; queueing; refusal with its
 //! fields and exact hint), the wake-ups, and the status (in use, holders, queue, counters).
 //!
@@ -79,6 +81,12 @@ struct Twin {
     seen: HashSet<(String, String)>,
     /// Plain acquires so far (their waiter keys).
     n: u64,
+    /// Request ids that got a paced (rate-only) grant, and when it was granted.
+    paced_ids: BTreeMap<String, u64>,
+    /// Repeats answered with a remembered paced grant (within retention).
+    paced_repeats: u64,
+    /// Paced grants under an id whose earlier paced grant's retention had ended.
+    paced_renewed: u64,
     step: usize,
     seed: u64,
 }
@@ -124,12 +132,24 @@ impl Twin {
                 .arg(&self.keys[1])
                 .query(&mut self.conn)
                 .unwrap();
+        // Remembered paced grants (`p:KEY`) share `outcomes`; they are no wake-up, and stay.
+        let outcomes: BTreeMap<String, String> = outcomes
+            .into_iter()
+            .filter(|(f, _)| !f.starts_with("p:"))
+            .collect();
         // Read once: outcomes other than grants are recorded afresh each time.
-        let _: () = redis::cmd("DEL")
-            .arg(&self.keys[6])
-            .arg(&self.keys[7])
-            .query(&mut self.conn)
-            .unwrap();
+        if !outcomes.is_empty() {
+            let fields: Vec<&String> = outcomes.keys().collect();
+            let _: () = redis::pipe()
+                .cmd("HDEL")
+                .arg(&self.keys[6])
+                .arg(&fields)
+                .cmd("ZREM")
+                .arg(&self.keys[7])
+                .arg(&fields)
+                .query(&mut self.conn)
+                .unwrap();
+        }
         let mut script = BTreeMap::new();
         let held = holders.into_iter().filter_map(|(f, v)| {
             let key = f.strip_prefix("k:")?.to_owned();
@@ -253,6 +273,15 @@ impl Twin {
                 ];
                 if !repeat {
                     self.tokens.push(g.token.0);
+                }
+                if self.core.spec().concurrency.is_none() {
+                    if let Some(id) = request_id {
+                        if repeat {
+                            self.paced_repeats += 1;
+                        } else if self.paced_ids.insert(id.to_owned(), self.now).is_some() {
+                            self.paced_renewed += 1;
+                        }
+                    }
                 }
                 r == want
             }
@@ -390,6 +419,7 @@ fn idempotent_acquires_match_the_core() {
     eprintln!("idem_twin seed {seed} (FLOODGATE_IDEM_SEED replays it)");
     let mut rng = Rng(seed);
     let (mut acquires, mut refused) = (0, 0);
+    let (mut paced_repeats, mut paced_renewed) = (0, 0);
     let sequences = 300;
     for s in 0..sequences {
         let spec = spec(&mut rng);
@@ -405,6 +435,9 @@ fn idempotent_acquires_match_the_core() {
             queued: BTreeMap::new(),
             seen: HashSet::new(),
             n: 0,
+            paced_ids: BTreeMap::new(),
+            paced_repeats: 0,
+            paced_renewed: 0,
             step: 0,
             seed,
         };
@@ -416,10 +449,113 @@ fn idempotent_acquires_match_the_core() {
         let c = twin.core.counters();
         refused += c.rejected;
         acquires += twin.n;
+        paced_repeats += twin.paced_repeats;
+        paced_renewed += twin.paced_renewed;
         conn = twin.conn;
     }
     eprintln!(
         "{sequences} sequences, {acquires} acquires, {refused} refused as invalid or too large"
     );
+    eprintln!("{paced_repeats} repeats of paced grants, {paced_renewed} after retention");
     assert!(refused > 0, "no mismatched repeat was generated");
+    assert!(
+        paced_repeats > 0,
+        "no repeat of a paced grant within retention"
+    );
+    assert!(
+        paced_renewed > 0,
+        "no paced grant under an id past its retention"
+    );
+}
+
+/// Memory stays bounded: ids of paced grants are forgotten after the retention on both sides,
+/// also when every grant takes the script's fast path (which never runs the outcome prune:
+/// each record there drops expired ones first). 2,000 idempotent grants, one per 10 ms, a 2 s
+/// retention: about 200 remembered at a time, never the 2,000.
+#[test]
+fn paced_ids_stay_bounded_by_the_retention_window() {
+    let server = support::RedisServer::start();
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let script = redis::Script::new(&floodgate::store::redis::script_source());
+    script.load(&mut conn).unwrap();
+    let spec = LimiterSpec::rate(RateSpec::per(1_000, Duration::from_secs(1)).with_burst(10))
+        .with_default_lease(Duration::from_secs(2));
+    let keys = floodgate::store::redis::limiter_keys("it", "bounded").to_vec();
+    let call = |conn: &mut redis::Connection, op: String, args: &[String]| -> Vec<String> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len());
+        for k in &keys {
+            cmd.arg(k);
+        }
+        cmd.arg(op).arg("bounded").arg(3_600_000_u64);
+        for a in args {
+            cmd.arg(a);
+        }
+        cmd.query(conn).expect("the script runs")
+    };
+    let reply = call(&mut conn, format!("put@{T0}"), &put_args(&spec));
+    assert_eq!(reply[0], "status", "{reply:?}");
+    let mut core = LimiterCore::new(spec, TOKEN_BASE).unwrap();
+    let (mut most_script, mut most_core) = (0, 0);
+    for i in 0..2_000u64 {
+        let now = T0 + i * 10_000;
+        let id = format!("job-{i}");
+        let req = AcquireRequest {
+            permits: 1,
+            lease: None,
+            wait: Some(Duration::ZERO),
+            holder: None,
+            request_id: Some(Arc::from(id.as_str())),
+        };
+        let got = core.acquire(Timestamp(now), &req, &mut Effects::default());
+        // The bare `acquire@now`: the fast path may answer.
+        let args = ["1", "", "0", &waiter_key(Some(&id), 0), "chan", "", "t"].map(str::to_owned);
+        let r = call(&mut conn, format!("acquire@{now}"), &args);
+        let Admission::Granted(g) = got else {
+            panic!("step {i}: core {got:?}")
+        };
+        assert_eq!(
+            r[..2],
+            ["granted".to_owned(), g.token.0.to_string()],
+            "step {i}"
+        );
+        let remembered: usize = redis::cmd("HLEN").arg(&keys[6]).query(&mut conn).unwrap();
+        most_script = most_script.max(remembered);
+        most_core = most_core.max(core.to_state().paced.len());
+    }
+    eprintln!("most remembered: script {most_script}, core {most_core}");
+    assert!(most_core <= 202, "core kept {most_core}");
+    assert!(most_script <= 203, "script kept {most_script}");
+    // And a retry within the window still gets its grant on both sides.
+    let last = T0 + 1_999 * 10_000;
+    let args = [
+        "1",
+        "",
+        "0",
+        &waiter_key(Some("job-1990"), 0),
+        "chan",
+        "",
+        "t",
+    ]
+    .map(str::to_owned);
+    let r = call(&mut conn, format!("acquire@{}", last + 1), &args);
+    let req = AcquireRequest {
+        permits: 1,
+        wait: Some(Duration::ZERO),
+        request_id: Some(Arc::from("job-1990")),
+        ..AcquireRequest::default()
+    };
+    let Admission::Granted(g) = core.acquire(Timestamp(last + 1), &req, &mut Effects::default())
+    else {
+        panic!("the retry was not granted on the core")
+    };
+    assert_eq!(r[..2], ["granted".to_owned(), g.token.0.to_string()]);
+    assert_eq!(
+        core.counters().granted,
+        2_000,
+        "the retry was counted again"
+    );
 }

@@ -7,7 +7,10 @@ impl LimiterCore {
     /// `None` for a first acquire, or when what the key referred to has ended.
     pub(super) fn repeat_of(&mut self, now: Timestamp, req: &AcquireRequest) -> Option<Admission> {
         let key = req.request_id.as_ref()?;
-        match *self.requests.get(key)? {
+        let Some(found) = self.requests.get(key) else {
+            return self.repeat_of_paced(now, key, req.permits);
+        };
+        match *found {
             RequestRef::Held(token) => {
                 let h = self.holders.get(&token)?;
                 if h.permits != req.permits {
@@ -40,6 +43,33 @@ impl LimiterCore {
                 Some(Admission::Queued(WaiterId(id)))
             }
         }
+    }
+
+    /// A repeat of a rate-only grant still remembered (see `paced.rs`): the same grant again,
+    /// not counted again, no new tokens taken.
+    fn repeat_of_paced(&mut self, now: Timestamp, key: &str, permits: u32) -> Option<Admission> {
+        let g = self.paced.get(now, key)?;
+        if g.permits != permits {
+            return Some(self.mismatch(g.permits));
+        }
+        Some(Admission::Granted(Grant {
+            token: FencingToken(g.token),
+            permits: g.permits,
+            lease: Duration::ZERO,
+            lease_deadline: g.granted_at,
+            granted_at: g.granted_at,
+            waited: Duration::ZERO,
+        }))
+    }
+
+    /// The key of a keyed limiter that the paced grant remembered under `request` went to.
+    pub(crate) fn paced_key(&self, now: Timestamp, request: &str) -> Option<Arc<str>> {
+        self.paced.get(now, request)?.key
+    }
+
+    /// Records the key of a keyed limiter that a paced grant under `request` went to.
+    pub(crate) fn set_paced_key(&mut self, request: &str, key: &Arc<str>) {
+        self.paced.set_key(request, key);
     }
 
     /// The refusal of a repeat that asks for other permits than its first attempt (`first`):

@@ -24,6 +24,7 @@ mod holders;
 mod idempotency;
 pub mod keyed;
 mod learning;
+mod paced;
 mod queue;
 mod rate;
 mod reconfigure;
@@ -33,6 +34,7 @@ mod snapshot;
 mod time;
 mod types;
 
+pub use self::paced::PacedState;
 pub use self::snapshot::{CoreState, HolderState, SpecState, WaiterState};
 pub use self::types::{
     AcquireRequest, Admission, Counters, Effects, Feedback, Grant, LimiterStatus, Lost, Refusal,
@@ -225,6 +227,9 @@ pub struct LimiterCore {
     /// The latest `schedule` reservation, the one whose unused tokens can still be given back
     /// (see `reservation.rs`).
     last_reservation: Option<reservation::Reservation>,
+    /// Idempotency keys of rate-only grants, which hold nothing: kept for a retention period
+    /// so that a retry gets the same grant (see `paced.rs`).
+    paced: paced::PacedRequests,
 }
 
 impl std::fmt::Debug for U64Hasher {
@@ -265,6 +270,7 @@ impl LimiterCore {
             counters: Counters::default(),
             learning_until: None,
             last_reservation: None,
+            paced: paced::PacedRequests::default(),
             spec,
         }
     }
@@ -523,8 +529,13 @@ impl LimiterCore {
         self.take_rate(now, permits);
         self.counters.granted += 1;
         if self.spec.concurrency.is_none() {
-            // Rate only: nothing is held, so there is no lease and nothing to release.
+            // Rate only: nothing is held, so there is no lease and nothing to release; the
+            // key is remembered for the default lease, for a retry after a lost answer.
             self.forget_request(request.as_ref());
+            if let Some(key) = request {
+                let retention = self.spec.default_lease;
+                self.paced.remember(now, key, token, permits, retention);
+            }
             self.counters.paced += 1;
             return Grant {
                 token: FencingToken(token),

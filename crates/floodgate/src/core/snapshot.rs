@@ -54,6 +54,10 @@ pub struct CoreState {
     /// The gradient controller's state (absent in snapshots from before it existed).
     #[serde(default)]
     pub gradient: Gradient,
+    /// Idempotency keys of rate-only grants still remembered (absent in snapshots from
+    /// before they were: none then).
+    #[serde(default)]
+    pub paced: Vec<super::PacedState>,
 }
 
 /// One holder.
@@ -279,6 +283,7 @@ impl LimiterCore {
             learning_until: self.learning_until.map(|t| t.0),
             last_reservation: self.last_reservation.map(|r| (r.id, r.end.0, r.count)),
             gradient: self.gradient,
+            paced: self.paced.to_state(),
         }
     }
 
@@ -355,6 +360,7 @@ impl LimiterCore {
                     count,
                 });
         core.gradient = state.gradient;
+        core.paced = super::paced::PacedRequests::from_state(&state.paced);
         Ok(core)
     }
 

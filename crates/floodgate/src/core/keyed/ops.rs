@@ -36,6 +36,10 @@ impl KeyLayer {
                     if self.holders.get(&g.token.0).is_some_and(|h| *h.key != *key) {
                         return total.key_mismatch();
                     }
+                    // A paced (rate-only) grant holds nothing: its key is remembered with it.
+                    if total.paced_key(now, r).is_some_and(|k| *k != *key) {
+                        return total.key_mismatch();
+                    }
                 }
                 return repeat;
             }

@@ -201,9 +201,14 @@ impl KeyLayer {
         let permits = w.permits;
         let (lease, enqueued_at) = (w.lease, w.enqueued_at);
         let (label, request) = w.into_tags();
+        let paced_request = total.spec.concurrency.is_none().then(|| request.clone());
         let grant = total.grant(now, permits, lease, enqueued_at, label, request);
-        if total.spec.concurrency.is_none() {
-            // Rate only: a paced grant holds nothing; the key keeps only its rate debt.
+        if let Some(paced_request) = paced_request {
+            // Rate only: a paced grant holds nothing; the key keeps only its rate debt, and
+            // the remembered request id its key (a retry naming another key is refused).
+            if let Some(r) = paced_request {
+                total.set_paced_key(&r, name);
+            }
             if let Some(k) = self.keys.get_mut(name) {
                 k.tat = gcra_take(k.rate, k.tat, now, permits);
             }

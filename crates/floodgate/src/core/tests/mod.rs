@@ -2,6 +2,7 @@
 
 use super::*;
 
+mod paced_repeats;
 mod reconfigure;
 mod repeats;
 mod reservations;

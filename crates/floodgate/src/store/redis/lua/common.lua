@@ -176,3 +176,24 @@ local function is_token(t) return string.find(t, '^%d+$') ~= nil end
 -- (string.byte: a number, where string.sub would make a string to compare.)
 local function idem(key) return string.byte(key, 1) == 114 end   -- 'r'
 
+-- A rate-only (paced) grant holds nothing, so no `k:KEY` keeps its request_id: it is
+-- remembered apart, for the default lease (`retention`), as LimiterCore's paced requests do:
+-- `p:KEY` in `outcomes` -> token|permits|granted_at|until[|tkey], forgotten at `until` (its
+-- score in `outcome_times`, pruned with the outcomes; a repeat also checks `until`, as a
+-- prune takes a batch at a time). A keyed grant appends its key (kgrant). Bounded by the
+-- grants of one retention window, which the rate bounds.
+local function remember_paced(key, token, permits, retention, ttl)
+  -- Two entries past their time go first: the fast path, which records most of these, never
+  -- runs prune_outcomes, and one insert then never leaves more than it found.
+  local old = redis.call('ZRANGEBYSCORE', K_OUTT, '-inf', fmt(now), 'LIMIT', 0, 2)
+  if #old > 0 then
+    redis.call('HDEL', K_OUT, unpack(old))
+    redis.call('ZREM', K_OUTT, unpack(old))
+  end
+  local f, till = 'p:' .. key, now + retention
+  redis.call('HSET', K_OUT, f, fmt(token) .. '|' .. fmt(permits) .. '|' .. fmt(now) .. '|' .. fmt(till))
+  redis.call('ZADD', K_OUTT, fmt(till), f)
+  redis.call('PEXPIRE', K_OUT, ttl)
+  redis.call('PEXPIRE', K_OUTT, ttl)
+end
+

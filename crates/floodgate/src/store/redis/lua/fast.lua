@@ -35,7 +35,8 @@ local function delay(due)
   return fmt(due - now)
 end
 local is_repeat = op == 'acquire' and idem(ARGV[7])
-  and redis.call('HEXISTS', K_HOLD, 'k:' .. ARGV[7]) == 1
+  and (redis.call('HEXISTS', K_HOLD, 'k:' .. ARGV[7]) == 1
+    or redis.call('HEXISTS', K_OUT, 'p:' .. ARGV[7]) == 1)
 if (op == 'acquire' or op == 'release') and not general_only and not is_repeat then
   -- A release reads its holder's record in the same command (is_token: anything else is held
   -- by nobody, and a `k:` or `hot` field must never be taken for a record).
@@ -78,6 +79,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           next_token = token + 1
           tat = math.max(tat, now) + t * permits
           c_granted, c_paced = c_granted + 1, c_paced + 1
+          if idem(key) then remember_paced(key, token, permits, lease_us, ARGV[3]) end
           save_hot(refresh, nil, 0, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
             c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
             rate_burst, c_paced, c_timed_out, max_dl)

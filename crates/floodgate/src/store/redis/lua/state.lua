@@ -174,6 +174,7 @@ local function grant(permits, lease, enqueued_at, key, label, queued)
   if not concurrency then
     -- Rate only: nothing is held, so no lease and nothing to release.
     c.paced = c.paced + 1
+    if idem(key) then remember_paced(key, token, permits, default_lease, ARGV[3]) end
     return {fmt(token), fmt(permits), '0', fmt(now), fmt(now), fmt(math.max(0, now - enqueued_at))}
   end
   local deadline = now + lease
@@ -538,6 +539,19 @@ local function repeat_granted(entry, kind, key, attempt, permits, owner_of, tkey
   redis.call('HSET', K_HOLD, 'a:' .. key, attempt)
   return finish({'granted', token, fmt(h.permits), fmt(math.max(MIN_LEASE, h.deadline - now)),
     fmt(h.deadline), fmt(h.granted_at), '0'})
+end
+
+-- A repeated idempotent acquire of a paced grant still remembered (`p:KEY`, see
+-- remember_paced): the same grant again, not counted again (LimiterCore::repeat_of_paced); nil
+-- when none is (a new acquire follows). `tkey` (keyed only): the key it must name.
+local function repeat_paced(key, permits, tkey)
+  local p = redis.call('HGET', K_OUT, 'p:' .. key)
+  if not p then return nil end
+  local f = split(p)
+  if tonumber(f[4]) <= now then return nil end
+  if tonumber(f[2]) ~= permits then return mismatch(tonumber(f[2])) end
+  if tkey and tail(p, 4) ~= tkey then return key_mismatch() end
+  return finish({'granted', f[1], f[2], '0', f[3], f[3], '0'})
 end
 
 -- An acquire's lease and wait from its arguments ('' for the limiter's defaults; a wait is

@@ -36,6 +36,9 @@ if op == 'kacquire' then
       local reply = repeat_granted(entry, kind, key, attempt, permits,
         function(token) return redis.call('HGET', K_KH, token) end, tkey)
       if reply then return reply end
+    else
+      local reply = repeat_paced(key, permits, tkey)
+      if reply then return reply end
     end
   end
   if permits < 1 then

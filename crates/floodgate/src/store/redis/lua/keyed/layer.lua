@@ -372,6 +372,11 @@ local function kgrant(tkey, k, permits, lease, enqueued_at, key, label, queued)
     -- Rate only (no concurrency limit anywhere): a paced grant holds nothing; the key keeps
     -- only its rate debt, and may go (sched.rs grant_to).
     if KD.rate then k.tat = math.max(k.tat, now) + KD.rate.t * permits end
+    -- Its remembered request id (grant's remember_paced) names its key too.
+    if idem(key) then
+      local f = 'p:' .. key
+      redis.call('HSET', K_OUT, f, redis.call('HGET', K_OUT, f) .. '|' .. tkey)
+    end
     kdirty(tkey)
     reindex(tkey, k)
     maybe_drop(tkey)

@@ -38,6 +38,9 @@ if op == 'acquire' then
     elseif kind == 'G|' or kind == 'I|' then
       local reply = repeat_granted(entry, kind, key, attempt, permits)
       if reply then return reply end
+    else
+      local reply = repeat_paced(key, permits)
+      if reply then return reply end
     end
     -- What the key named has ended: a new acquire.
   end
