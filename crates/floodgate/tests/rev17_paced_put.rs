@@ -141,6 +141,46 @@ async fn redis_a_keyed_retry_after_a_put_adding_concurrency_takes_a_permit() {
     a_keyed_retry_after_a_put_adding_concurrency_takes_a_permit(Floodgate::with_store(store)).await;
 }
 
+/// Deleted and created again under the same name: the new limiter remembers none of the old
+/// one's ids (a retry is a new acquire there: a new token, counted), on both stores.
+async fn a_retry_after_delete_and_recreate_is_new<S: Store>(gate: Floodgate<S>) {
+    let paced = LimiterSpec::rate(rate()).with_default_lease(Duration::from_secs(3_600));
+    gate.define("again", paced.clone()).await.unwrap();
+    let first = gate
+        .limiter("again")
+        .await
+        .unwrap()
+        .acquire(retry())
+        .await
+        .unwrap()
+        .fencing_token();
+    assert!(gate.delete("again").await.unwrap());
+    gate.define("again", paced).await.unwrap();
+    let again = gate.limiter("again").await.unwrap();
+    let retried = again.acquire(retry()).await.unwrap();
+    assert_ne!(
+        retried.fencing_token(),
+        first,
+        "the old incarnation's id answered"
+    );
+    assert_eq!(again.status().await.unwrap().counters.granted, 1);
+}
+
+#[tokio::test]
+async fn embedded_a_retry_after_delete_and_recreate_is_new() {
+    a_retry_after_delete_and_recreate_is_new(Floodgate::in_memory()).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_a_retry_after_delete_and_recreate_is_new() {
+    let server = support::RedisServer::start();
+    let store = floodgate::RedisStore::connect(floodgate::RedisConfig::new(server.url()))
+        .await
+        .unwrap();
+    a_retry_after_delete_and_recreate_is_new(Floodgate::with_store(store)).await;
+}
+
 #[tokio::test]
 async fn embedded_a_retry_after_a_put_adding_concurrency_takes_a_permit() {
     a_retry_after_a_put_adding_concurrency_takes_a_permit(Floodgate::in_memory()).await;
