@@ -13,6 +13,12 @@
 //! - the subscription comes back: a waiter queued afterwards is woken by another process's
 //!   release.
 //!
+//! And the path "re-check failed after a move": the node the subscription is on is the only
+//! master of the waiter's shard (no replica; `cluster-require-full-coverage no`, so the other
+//! shards serve on) and is killed. The subscription moves to another node at once, the
+//! waiter's re-check cannot reach its shard, and it is answered `store_unavailable` then, not
+//! left to its own (long) wait.
+//!
 //! No assertion depends on timing; waits are liveness bounds only.
 
 #![cfg(feature = "redis")]
@@ -175,5 +181,103 @@ async fn a_waiter_is_answered_once_through_repeated_subscription_cuts() {
     match tokio::time::timeout(LIVENESS, again).await {
         Ok(Ok(Ok(p))) => assert!(p.release().await.expect("release"), "released"),
         other => panic!("the waiter queued after the cuts was not granted: {other:?}"),
+    }
+}
+
+/// The port of the master serving limiter `name`'s slot, as `port`'s node sees it.
+fn master_of(port: u16, name: &str) -> u16 {
+    let slot: u16 = cli(port, &["CLUSTER", "KEYSLOT", &format!("{{{name}}}")])
+        .parse()
+        .expect("a slot");
+    cli(port, &["CLUSTER", "NODES"])
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| {
+            f[2].contains("master")
+                && f[8..].iter().any(|range| {
+                    let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                    matches!(
+                        (lo.parse::<u16>(), hi.parse::<u16>()),
+                        (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot)
+                    )
+                })
+        })
+        .and_then(|f| f[1].split('@').next()?.rsplit(':').next()?.parse().ok())
+        .expect("a master serving the slot")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_shard_died_with_the_subscribed_node_is_answered_unavailable() {
+    let mut cluster = support::RedisCluster::start();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    for p in &ports {
+        assert_eq!(
+            cli(
+                *p,
+                &["CONFIG", "SET", "cluster-require-full-coverage", "no"]
+            ),
+            "OK"
+        );
+    }
+    let doomed = ports[0];
+    let name = (0..1000)
+        .map(|i| format!("doomed-{i}"))
+        .find(|n| master_of(doomed, n) == doomed)
+        .expect("a name on the doomed shard");
+    // The store under test subscribes on its first seed: the doomed node.
+    let mut urls = vec![cluster.node(doomed).url()];
+    urls.extend(ports[1..].iter().map(|p| cluster.node(*p).url()));
+    let waiter = Floodgate::with_store(
+        RedisStore::connect(RedisConfig::cluster(urls))
+            .await
+            .expect("connect"),
+    );
+    let releaser = Floodgate::with_store(
+        RedisStore::connect(RedisConfig::cluster(
+            ports[1..].iter().map(|p| cluster.node(*p).url()).collect(),
+        ))
+        .await
+        .expect("connect"),
+    );
+    let spec = LimiterSpec::concurrency(1).with_default_lease(Duration::from_secs(120));
+    releaser.define(&name, spec).await.expect("define");
+    let held_on = releaser.limiter(&name).await.expect("limiter");
+    let _holder = held_on
+        .acquire(AcquireOptions::new().wait(Duration::ZERO))
+        .await
+        .expect("the only permit")
+        .detach();
+    let queued_on = waiter.limiter(&name).await.expect("limiter");
+    let queued = tokio::spawn(async move {
+        queued_on
+            .acquire(AcquireOptions::new().wait(OWN_WAIT))
+            .await
+    });
+    support::until_status(&held_on, "never queued", |s| s.waiting == 1).await;
+    let subscribed_on_doomed = cli(doomed, &["CLIENT", "LIST", "TYPE", "pubsub"])
+        .lines()
+        .filter(|l| l.contains("id="))
+        .count();
+    assert!(
+        subscribed_on_doomed >= 1,
+        "the store under test subscribed on its first seed"
+    );
+    tokio::task::block_in_place(|| {
+        cluster
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == doomed)
+            .expect("the doomed node")
+            .kill();
+    });
+    match tokio::time::timeout(LIVENESS * 2, queued).await {
+        Ok(Ok(Err(AcquireError::Store(e)))) => eprintln!("answered: {e}"),
+        Ok(Ok(other)) => panic!("unexpected answer {:?}", other.map(|p| p.fencing_token())),
+        Ok(Err(e)) => panic!("the acquire's task failed: {e}"),
+        Err(_) => panic!(
+            "a waiter whose shard died with the subscribed node got no answer within {:?} \
+             (own wait {OWN_WAIT:?})",
+            LIVENESS * 2
+        ),
     }
 }
