@@ -19,6 +19,10 @@
 //! waiter's re-check cannot reach its shard, and it is answered `store_unavailable` then, not
 //! left to its own (long) wait.
 //!
+//! Beside it, many waiters on the dead shard and one on a live shard: the live shard's waiter
+//! must be woken by another process's release within the liveness bound, however long the
+//! dead shard's re-checks take.
+//!
 //! No assertion depends on timing; waits are liveness bounds only.
 
 #![cfg(feature = "redis")]
@@ -279,5 +283,108 @@ async fn a_waiter_whose_shard_died_with_the_subscribed_node_is_answered_unavaila
              (own wait {OWN_WAIT:?})",
             LIVENESS * 2
         ),
+    }
+}
+
+/// Waiters queued on the dead shard when the subscribed node dies.
+const ON_THE_DEAD_SHARD: usize = 24;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_a_live_shard_is_woken_while_the_dead_shards_are_rechecked() {
+    let mut cluster = support::RedisCluster::start();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    for p in &ports {
+        assert_eq!(
+            cli(
+                *p,
+                &["CONFIG", "SET", "cluster-require-full-coverage", "no"]
+            ),
+            "OK"
+        );
+    }
+    let doomed = ports[0];
+    let dead_name = (0..1000)
+        .map(|i| format!("doomed-{i}"))
+        .find(|n| master_of(doomed, n) == doomed)
+        .expect("a name on the doomed shard");
+    let live_name = (0..1000)
+        .map(|i| format!("live-{i}"))
+        .find(|n| master_of(doomed, n) != doomed)
+        .expect("a name on another shard");
+    let mut urls = vec![cluster.node(doomed).url()];
+    urls.extend(ports[1..].iter().map(|p| cluster.node(*p).url()));
+    let waiter = Floodgate::with_store(
+        RedisStore::connect(RedisConfig::cluster(urls))
+            .await
+            .expect("connect"),
+    );
+    let releaser = Floodgate::with_store(
+        RedisStore::connect(RedisConfig::cluster(
+            ports[1..].iter().map(|p| cluster.node(*p).url()).collect(),
+        ))
+        .await
+        .expect("connect"),
+    );
+    let spec = LimiterSpec::concurrency(1).with_default_lease(Duration::from_secs(120));
+    let mut queued = Vec::new();
+    for name in [&dead_name, &live_name] {
+        releaser.define(name, spec.clone()).await.expect("define");
+    }
+    let dead_on = releaser.limiter(&dead_name).await.expect("limiter");
+    dead_on
+        .acquire(AcquireOptions::new().wait(Duration::ZERO))
+        .await
+        .expect("the only permit")
+        .detach();
+    let live_on = releaser.limiter(&live_name).await.expect("limiter");
+    let live_holder = live_on
+        .acquire(AcquireOptions::new().wait(Duration::ZERO))
+        .await
+        .expect("the only permit");
+    for _ in 0..ON_THE_DEAD_SHARD {
+        let on = waiter.limiter(&dead_name).await.expect("limiter");
+        queued.push(tokio::spawn(async move {
+            on.acquire(AcquireOptions::new().wait(OWN_WAIT)).await
+        }));
+    }
+    support::until_status(&dead_on, "never queued", |s| {
+        s.waiting == ON_THE_DEAD_SHARD as u32
+    })
+    .await;
+    let on = waiter.limiter(&live_name).await.expect("limiter");
+    let live = tokio::spawn(async move { on.acquire(AcquireOptions::new().wait(OWN_WAIT)).await });
+    support::until_status(&live_on, "never queued", |s| s.waiting == 1).await;
+
+    tokio::task::block_in_place(|| {
+        cluster
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == doomed)
+            .expect("the doomed node")
+            .kill();
+    });
+    // The other process releases the live shard's permit (its shard lives on).
+    let released = Instant::now();
+    assert!(live_holder.release().await.expect("release"), "released");
+    match tokio::time::timeout(LIVENESS, live).await {
+        Ok(Ok(Ok(p))) => {
+            eprintln!("woken {:?} after the release", released.elapsed());
+            assert!(p.release().await.expect("release"), "released");
+        }
+        Ok(Ok(Err(e))) => panic!("the live shard's waiter was answered {e:?}, not granted"),
+        Ok(Err(e)) => panic!("the acquire's task failed: {e}"),
+        Err(_) => panic!(
+            "the live shard's waiter was not woken within {LIVENESS:?} of its grant (own wait \
+             {OWN_WAIT:?}): deliveries waited for the dead shard's re-checks"
+        ),
+    }
+    for q in queued {
+        match tokio::time::timeout(LIVENESS * 4, q).await {
+            Ok(Ok(Err(AcquireError::Store(_)))) => {}
+            other => panic!(
+                "a dead shard's waiter: {:?}",
+                other.map(|r| r.map(|r| r.map(|p| p.fencing_token())))
+            ),
+        }
     }
 }
