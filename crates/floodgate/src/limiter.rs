@@ -252,7 +252,8 @@ impl AcquireOptions {
     /// its grant held gets that grant (or joins that wait) instead of a second permit. A
     /// rate-only limiter's grant holds nothing: its id is remembered for the limiter's default
     /// lease from the grant, and a repeat within it gets the same grant (same fencing token,
-    /// not counted again, no new tokens); after it, the id names a new acquire. A repeat
+    /// not counted again, no new tokens); after it, or once a `PUT` gave the limiter a
+    /// concurrency limit, the id names a new acquire. A repeat
     /// asking for other permits is refused ([`Refusal::Invalid`](crate::Refusal::Invalid) naming
     /// `request_id`). A future dropped while queued with an id leaves its wait queued for 5 s
     /// (at most until the wait ends) for a retry to join; a grant made while nobody waits for it is released

@@ -46,8 +46,13 @@ impl LimiterCore {
     }
 
     /// A repeat of a rate-only grant still remembered (see `paced.rs`): the same grant again,
-    /// not counted again, no new tokens taken.
+    /// not counted again, no new tokens taken. Forgotten once the limiter has a concurrency
+    /// limit (a `PUT` gave it one): that grant holds no permit, so answering it again would
+    /// let its caller work beside the holders of every permit; the repeat asks for one.
     fn repeat_of_paced(&mut self, now: Timestamp, key: &str, permits: u32) -> Option<Admission> {
+        if self.spec.concurrency.is_some() {
+            return None;
+        }
         let g = self.paced.get(now, key)?;
         if g.permits != permits {
             return Some(self.mismatch(g.permits));
@@ -63,7 +68,11 @@ impl LimiterCore {
     }
 
     /// The key of a keyed limiter that the paced grant remembered under `request` went to.
+    /// `None` once the limiter has a concurrency limit, as for the grant itself.
     pub(crate) fn paced_key(&self, now: Timestamp, request: &str) -> Option<Arc<str>> {
+        if self.spec.concurrency.is_some() {
+            return None;
+        }
         self.paced.get(now, request)?.key
     }
 

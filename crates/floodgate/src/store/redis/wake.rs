@@ -128,30 +128,49 @@ fn fail_pending(inner: &Inner) {
 /// `store_unavailable` at once, as the loss would have answered it, rather than left to its
 /// deadline with a wake-up it may have missed (used when another Cluster node took over
 /// without the waiters being answered first).
-async fn resync(inner: &Arc<Inner>, answer_unchecked: bool) {
-    super::retry_orphans(Arc::clone(inner)).await;
+///
+/// Runs in a task of its own (`spawn_resync`) with its re-checks concurrent: a shard that
+/// cannot answer (each re-check there waits out the response timeout) must not hold up the
+/// wake-ups of the others, which the subscription delivers meanwhile (seen: 24 waiters on a
+/// dead shard kept a live shard's waiter unwoken for over 30 s, `tests/rev17_cluster_wake.rs`).
+/// A waiter answered both ways gets one answer: each takes it out of `waiters` first.
+async fn resync(inner: Arc<Inner>, answer_unchecked: bool) {
+    use futures_util::stream::{self, StreamExt as _};
+    super::retry_orphans(Arc::clone(&inner)).await;
     let pending: Vec<(String, LimiterName)> = inner
         .lock_waiters()
         .iter()
         .map(|(k, p)| (k.clone(), p.limiter.clone()))
         .collect();
-    for (key, name) in pending {
-        let limiter = RedisLimiter::new(Arc::clone(inner), name.clone());
-        match limiter.peek(&key).await {
-            Ok(Some(outcome)) => {
-                if let Some(p) = inner.lock_waiters().remove(&key) {
-                    let _ = p.tx.send(outcome);
+    let inner = &inner;
+    stream::iter(pending)
+        .for_each_concurrent(RESYNC_CONCURRENCY, |(key, name)| async move {
+            let limiter = RedisLimiter::new(Arc::clone(inner), name);
+            match limiter.peek(&key).await {
+                Ok(Some(outcome)) => {
+                    if let Some(p) = inner.lock_waiters().remove(&key) {
+                        let _ = p.tx.send(outcome);
+                    }
                 }
+                Ok(None) => {}
+                Err(e) if answer_unchecked => {
+                    tracing::warn!(key, error = %e, "queued acquire not re-checked: store_unavailable");
+                    // Dropping its sender reads as "store unavailable"; its guard cancels it.
+                    inner.lock_waiters().remove(&key);
+                }
+                Err(_) => {}
             }
-            Ok(None) => {}
-            Err(e) if answer_unchecked => {
-                tracing::warn!(key, error = %e, "queued acquire not re-checked: store_unavailable");
-                // Dropping its sender reads as "store unavailable"; its guard cancels it.
-                inner.lock_waiters().remove(&key);
-            }
-            Err(_) => {}
-        }
-    }
+        })
+        .await;
+}
+
+/// Re-checks in flight at once after a reconnect (as a listing's status calls, pipelined on
+/// the shared connection).
+const RESYNC_CONCURRENCY: usize = 32;
+
+/// Starts [`resync`] beside the subscription's message loop.
+fn spawn_resync(inner: &Arc<Inner>, answer_unchecked: bool) {
+    tokio::spawn(resync(Arc::clone(inner), answer_unchecked));
 }
 
 /// A release of `limiter` failed without its reply: it may still have granted waiters of this
@@ -231,7 +250,7 @@ pub(super) async fn subscribe(inner: &Arc<Inner>, client: PubSubSource) -> Resul
                     if let Ok(pubsub) = client.subscribe(&channel).await {
                         tracing::info!(channel, "wake-up subscription moved to another node");
                         current = Some(pubsub);
-                        resync(&inner, true).await;
+                        spawn_resync(&inner, true);
                         continue;
                     }
                 }
@@ -250,7 +269,7 @@ pub(super) async fn subscribe(inner: &Arc<Inner>, client: PubSubSource) -> Resul
                     backoff = Duration::from_millis(50);
                     tracing::info!(channel, "wake-up subscription restored");
                     current = Some(pubsub);
-                    resync(&inner, false).await;
+                    spawn_resync(&inner, false);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "wake-up subscription: still down");

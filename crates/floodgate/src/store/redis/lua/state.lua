@@ -543,8 +543,10 @@ end
 
 -- A repeated idempotent acquire of a paced grant still remembered (`p:KEY`, see
 -- remember_paced): the same grant again, not counted again (LimiterCore::repeat_of_paced); nil
--- when none is (a new acquire follows). `tkey` (keyed only): the key it must name.
+-- when none is (a new acquire follows). `tkey` (keyed only): the key it must name. Forgotten
+-- once the limiter has a concurrency limit (a put gave it one): the grant holds no permit.
 local function repeat_paced(key, permits, tkey)
+  if concurrency then return nil end
   local p = redis.call('HGET', K_OUT, 'p:' .. key)
   if not p then return nil end
   local f = split(p)
