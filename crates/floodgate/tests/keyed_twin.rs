@@ -957,33 +957,15 @@ impl Twin {
             .filter(|(field, _)| field != "hot")
             .map(|(field, value)| (field, String::from_utf8(value).expect("text")))
             .collect();
-        let outcomes: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(&self.keys[6])
-            .query(&mut self.conn)
-            .unwrap();
-        // Idempotent mode: remembered paced grants (`p:ID`) share `outcomes`; they are no
-        // decision, and stay. The others are read once, as a client's cancel reads them
-        // (a request id's next wait would otherwise show its last one's outcome).
-        let outcomes: HashMap<String, String> = if self.idem.is_some() {
-            let outcomes: HashMap<String, String> = outcomes
-                .into_iter()
-                .filter(|(f, _)| !f.starts_with("p:"))
-                .collect();
-            if !outcomes.is_empty() {
-                let fields: Vec<&String> = outcomes.keys().collect();
-                let _: () = redis::pipe()
-                    .cmd("HDEL")
-                    .arg(&self.keys[6])
-                    .arg(&fields)
-                    .cmd("ZREM")
-                    .arg(&self.keys[7])
-                    .arg(&fields)
-                    .query(&mut self.conn)
-                    .unwrap();
-            }
-            outcomes
+        // Idempotent mode: the outcomes are read once (`support::outcomes`), as a client's
+        // cancel reads them: a request id's next wait would otherwise show its last one's.
+        let outcomes: BTreeMap<String, String> = if self.idem.is_some() {
+            support::outcomes::take(&mut self.conn, &self.keys[6], &self.keys[7])
         } else {
-            outcomes
+            redis::cmd("HGETALL")
+                .arg(&self.keys[6])
+                .query(&mut self.conn)
+                .unwrap()
         };
         let mut script: BTreeMap<String, String> = BTreeMap::new();
         for (field, value) in &holders {
