@@ -124,32 +124,12 @@ impl Twin {
             }
             core.insert(key, encode(outcome));
         }
-        let (outcomes, holders): (BTreeMap<String, String>, BTreeMap<String, Vec<u8>>) =
-            redis::pipe()
-                .cmd("HGETALL")
-                .arg(&self.keys[6])
-                .cmd("HGETALL")
-                .arg(&self.keys[1])
-                .query(&mut self.conn)
-                .unwrap();
-        // Remembered paced grants (`p:KEY`) share `outcomes`; they are no wake-up, and stay.
-        let outcomes: BTreeMap<String, String> = outcomes
-            .into_iter()
-            .filter(|(f, _)| !f.starts_with("p:"))
-            .collect();
         // Read once: outcomes other than grants are recorded afresh each time.
-        if !outcomes.is_empty() {
-            let fields: Vec<&String> = outcomes.keys().collect();
-            let _: () = redis::pipe()
-                .cmd("HDEL")
-                .arg(&self.keys[6])
-                .arg(&fields)
-                .cmd("ZREM")
-                .arg(&self.keys[7])
-                .arg(&fields)
-                .query(&mut self.conn)
-                .unwrap();
-        }
+        let outcomes = support::outcomes::take(&mut self.conn, &self.keys[6], &self.keys[7]);
+        let holders: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(&self.keys[1])
+            .query(&mut self.conn)
+            .unwrap();
         let mut script = BTreeMap::new();
         let held = holders.into_iter().filter_map(|(f, v)| {
             let key = f.strip_prefix("k:")?.to_owned();

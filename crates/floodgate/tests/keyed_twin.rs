@@ -19,6 +19,12 @@
 //! tokens differ (the script seeds them from its clock) and are mapped.
 //!
 //! `FLOODGATE_KEYED_TWIN_CASES` sequences (default 40) of 150 steps each, from fixed seeds.
+//!
+//! The same sequences again with request ids (`keyed_twin/idem.rs`, h-kidem17): retries join
+//! waits, get grants again, are refused naming `request_id`; callers go away from idempotent
+//! waits (the core's `orphan` against the store's `abandon`). Its seeds are printed;
+//! `FLOODGATE_KEYED_IDEM_SEED` replays one, `FLOODGATE_KEYED_IDEM_CASES` sets how many random
+//! ones run.
 
 #![cfg(not(feature = "shuttle"))]
 #![allow(clippy::unwrap_used)]
@@ -27,12 +33,18 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use floodgate::core::keyed::{KeyLayer, KeyOverride, KeyedSpec};
 use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal, WaiterId};
 use floodgate::{FencingToken, LimiterSpec, RateSpec, Timestamp};
 use support::rng::Rng;
+
+/// The idempotent mode: request ids, retries, callers going away (h-kidem17).
+#[path = "keyed_twin/idem.rs"]
+mod idem;
+use idem::{hex_key, Idem, IDS};
 
 const T0: u64 = 1_000_000_000_000;
 const KEYS: [&str; 5] = ["a", "b", "c", "d", "e"];
@@ -81,6 +93,10 @@ struct Twin {
     log: Vec<String>,
     /// The case's rates, queue bound and first token, for `reconfigure` (h-krev16).
     shape: (Option<RateSpec>, Option<RateSpec>, u32, u64),
+    /// Idempotent mode (h-kidem17): acquires carry request ids from [`IDS`]; `None` otherwise.
+    idem: Option<Idem>,
+    /// Waiter keys queued afresh this step: undecided again once the step's decisions are in.
+    fresh: Vec<String>,
 }
 
 impl Twin {
@@ -183,6 +199,8 @@ impl Twin {
                  max_keys {max_keys} max_queue {max_queue}"
             )],
             shape: (total_rate, key_rate, max_queue, first),
+            idem: None,
+            fresh: Vec::new(),
         };
         let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_default();
         let limit = |r: Option<RateSpec>| opt(r.map(|r| r.limit));
@@ -256,12 +274,36 @@ impl Twin {
         let mut fx = Effects::default();
         match rng.below(12) {
             0..=3 => {
-                let key = KEYS[rng.below(KEYS.len() as u64) as usize];
-                let permits = 1 + rng.below(2) as u32;
+                let mut key = KEYS[rng.below(KEYS.len() as u64) as usize];
+                let mut permits = 1 + rng.below(2) as u32;
                 let wait = [0, 5_000, 50_000, 100_000][rng.below(4) as usize];
                 let lease = [10_000, 30_000, 200_000][rng.below(3) as usize];
-                self.next_waiter += 1;
-                let waiter = format!("w{}", self.next_waiter);
+                // Idempotent mode: a request id two times in three; a retry asks for the key
+                // and permits its id asked last, but one time in five for whatever was drawn
+                // (another key or other permits: refused while the first attempt lives).
+                let request_id = match &self.idem {
+                    Some(idem) if rng.below(3) != 0 => {
+                        let mut id = IDS[rng.below(IDS.len() as u64) as usize];
+                        // Half the time the retry of a wait whose caller went away, if any.
+                        if let Some(a) = idem.abandons.first().filter(|_| rng.below(2) == 0) {
+                            id = IDS.into_iter().find(|i| hex_key(i) == a.1).unwrap_or(id);
+                        }
+                        if let Some(&(k, p)) = idem.last.get(id) {
+                            if rng.below(5) != 0 {
+                                (key, permits) = (k, p);
+                            }
+                        }
+                        Some(id)
+                    }
+                    _ => None,
+                };
+                let waiter = match request_id {
+                    Some(id) => hex_key(id),
+                    None => {
+                        self.next_waiter += 1;
+                        format!("w{}", self.next_waiter)
+                    }
+                };
                 self.log.push(format!(
                     "{} acquire {key} x{permits} wait {wait} lease {lease} ({waiter})",
                     self.now
@@ -270,8 +312,12 @@ impl Twin {
                     permits,
                     lease: Some(Duration::from_micros(lease)),
                     wait: Some(Duration::from_micros(wait)),
+                    request_id: request_id.map(Arc::from),
                     ..AcquireRequest::default()
                 };
+                let asked_before = request_id
+                    .and_then(|id| self.idem.as_ref()?.last.get(id).copied())
+                    == Some((key, permits));
                 let now = self.t();
                 let core = self.layer.acquire(&mut self.total, now, key, &req, &mut fx);
                 let args: Vec<String> = vec![
@@ -281,22 +327,54 @@ impl Twin {
                     waiter.clone(),
                     "ch".into(),
                     String::new(),
-                    "a".into(),
+                    // This call's attempt: a retry claims an orphaned wait from the one before.
+                    format!("a{}", self.log.len()),
                     key.into(),
                 ];
                 let reply = self.call("kacquire", &args);
+                if let (Some(idem), Some(id)) = (&mut self.idem, request_id) {
+                    idem.last.insert(id, (key, permits));
+                }
                 let (c, s) = match &core {
                     Admission::Granted(g) => {
                         // (Its `k:` entry may read `G|`: queued and granted in the same step.)
                         self.decided.insert(waiter.clone());
-                        self.held
-                            .push((g.token, reply.get(1).cloned().unwrap_or_default()));
+                        let st = reply.get(1).cloned().unwrap_or_default();
+                        match self.map_token(g.token.0, &st) {
+                            Ok(true) => {
+                                self.held.push((g.token, st));
+                                if asked_before {
+                                    self.renewed(&core);
+                                }
+                            }
+                            Ok(false) => {
+                                if let Some(idem) = &mut self.idem {
+                                    idem.seen.held += 1;
+                                    idem.claim(&waiter);
+                                }
+                            }
+                            Err(e) => self.fail(format!("acquire: {e} ({reply:?})")),
+                        }
                         (
                             format!("granted {}", g.lease_deadline.0),
                             format!("{} {}", reply[0], reply.get(4).cloned().unwrap_or_default()),
                         )
                     }
                     Admission::Queued(id) => {
+                        if self.queued.contains_key(&id.0) {
+                            if let Some(idem) = &mut self.idem {
+                                idem.seen.joins += 1;
+                                idem.joined.insert(id.0);
+                                idem.claim(&waiter);
+                            }
+                        } else {
+                            // A new wait under a key perhaps decided before: its decision is
+                            // to come (after this step's, which may be the key's last one).
+                            self.fresh.push(waiter.clone());
+                            if asked_before {
+                                self.renewed(&core);
+                            }
+                        }
                         self.queued.insert(id.0, waiter.clone());
                         ("queued".into(), reply[0].clone())
                     }
@@ -315,6 +393,12 @@ impl Twin {
                                 max_keys,
                                 retry_after,
                             } => format!("too_many_keys {max_keys} {}", retry_after.as_micros()),
+                            Refusal::Invalid(f) => {
+                                if let Some(idem) = &mut self.idem {
+                                    idem.seen.mismatched += u64::from(f.field == "request_id");
+                                }
+                                format!("invalid {} {}", f.field, f.message)
+                            }
                             other => format!("{other:?}"),
                         };
                         (c, reply[..reply.len() - 1].join(" "))
@@ -372,6 +456,12 @@ impl Twin {
                     return;
                 }
                 let id = ids[rng.below(ids.len() as u64) as usize];
+                if self.idem.is_some() && self.queued[&id].starts_with('r') && rng.below(2) == 0 {
+                    // (Off the clock's round numbers: see `abandon_until`.)
+                    let grace = 10_000 * (1 + rng.below(5)) + 499;
+                    self.orphan(id, grace);
+                    return;
+                }
                 let waiter = self.queued.remove(&id).unwrap();
                 self.log.push(format!("{} cancel {waiter}", self.now));
                 let now = self.t();
@@ -379,6 +469,9 @@ impl Twin {
                     .layer
                     .cancel(&mut self.total, now, WaiterId(id), &mut fx);
                 let reply = self.call("cancel", &[waiter.clone(), "drop".into()]);
+                if let Some(idem) = &mut self.idem {
+                    idem.seen.joined_cancels += u64::from(idem.joined.remove(&id));
+                }
                 self.decided.insert(waiter);
                 if c != (reply[0] == "cancelled") {
                     self.fail(format!("cancel: core {c}, script {reply:?}"));
@@ -468,7 +561,9 @@ impl Twin {
                 }
             }
             _ => {
-                self.now += 1_000 * (1 + rng.below(40));
+                let to = self.now + 1_000 * (1 + rng.below(40));
+                self.abandon_until(to);
+                self.now = to;
                 self.log.push(format!("{} advance", self.now));
                 let now = self.t();
                 self.layer.advance(&mut self.total, now, &mut fx);
@@ -499,6 +594,9 @@ impl Twin {
             ));
         }
         self.compare_decisions(fx);
+        for waiter in std::mem::take(&mut self.fresh) {
+            self.decided.remove(&waiter);
+        }
         self.compare_state();
     }
 
@@ -624,10 +722,16 @@ impl Twin {
             .filter(|(field, _)| field != "hot")
             .map(|(field, value)| (field, String::from_utf8(value).expect("text")))
             .collect();
-        let outcomes: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(&self.keys[6])
-            .query(&mut self.conn)
-            .unwrap();
+        // Idempotent mode: the outcomes are read once (`support::outcomes`), as a client's
+        // cancel reads them: a request id's next wait would otherwise show its last one's.
+        let outcomes: BTreeMap<String, String> = if self.idem.is_some() {
+            support::outcomes::take(&mut self.conn, &self.keys[6], &self.keys[7])
+        } else {
+            redis::cmd("HGETALL")
+                .arg(&self.keys[6])
+                .query(&mut self.conn)
+                .unwrap()
+        };
         let mut script: BTreeMap<String, String> = BTreeMap::new();
         for (field, value) in &holders {
             if let Some(w) = field.strip_prefix("k:") {
@@ -641,6 +745,39 @@ impl Twin {
                 script.insert(w.clone(), script_outcome(value));
             }
         }
+        // Waits the script's abandon dropped (no outcome recorded: nobody waits for one) are
+        // the core's timed out at their grace's end.
+        let mut late = None;
+        // Outcomes handed to an abandon (not recorded: its caller is gone), for the tokens.
+        let mut handed: HashMap<String, String> = HashMap::new();
+        if let Some(idem) = &mut self.idem {
+            let mut pending = Vec::new();
+            for (w, outcome, at) in idem.dropped.drain(..) {
+                match outcome {
+                    // (Unless it was decided before: a held grant's entry stays.)
+                    Some(outcome) if !self.decided.contains(&w) => {
+                        script
+                            .entry(w.clone())
+                            .or_insert_with(|| script_outcome(&outcome));
+                        handed.insert(w, outcome);
+                    }
+                    Some(_) => {}
+                    None if core.get(&w).is_some_and(|o| o.starts_with('T')) => {
+                        core.insert(w.clone(), "abandoned".into());
+                        script.insert(w, "abandoned".into());
+                    }
+                    None if self.now >= at => late = Some(w),
+                    None => pending.push((w, None, at)),
+                }
+            }
+            idem.dropped = pending;
+        }
+        if let Some(w) = late {
+            self.fail(format!(
+                "decisions: the script abandoned {w}, the core did not end it by its grace \
+                 (core {core:?}, script {script:?})"
+            ));
+        }
         if core != script {
             self.fail(format!("decisions: core {core:?}, script {script:?}"));
         }
@@ -648,7 +785,11 @@ impl Twin {
         // token, in wake order; fill them from the script's `G|token|...` entries.
         for (waiter, _) in script {
             self.decided.insert(waiter.clone());
-            if let Some(g) = holders.get(&format!("k:{waiter}")) {
+            // (A paced grant, rate only, holds nothing: its outcome names its token.)
+            let granted = |g: &&String| g.starts_with("G|");
+            let entry = holders.get(&format!("k:{waiter}")).filter(granted);
+            let outcome = outcomes.get(&waiter).or_else(|| handed.get(&waiter));
+            if let Some(g) = entry.or_else(|| outcome.filter(granted)) {
                 let token = g.split('|').nth(1).unwrap().to_owned();
                 // The core grant of the same waiter: find it by order (one per waiter).
                 let core_token = fx
@@ -659,7 +800,10 @@ impl Twin {
                 if let Some(ct) = core_token {
                     if let Some(slot) = self.held.iter_mut().find(|(t, s)| *t == ct && s.is_empty())
                     {
-                        slot.1 = token;
+                        slot.1 = token.clone();
+                    }
+                    if let Err(e) = self.map_token(ct.0, &token) {
+                        self.fail(format!("decisions: {e}"));
                     }
                 }
             }
@@ -735,10 +879,17 @@ impl Twin {
     }
 
     fn compare_state(&mut self) {
+        // The script's status applies the time first (deadlines due now end): so does the
+        // core here, and both must decide the same (a retry joining with a wait of 0 leaves
+        // its wait due at once, h-kidem17).
+        let mut fx = Effects::default();
+        let now = self.t();
+        self.layer.advance(&mut self.total, now, &mut fx);
         let status = self
             .layer
             .status(&self.total, &floodgate::LimiterName::new("x").unwrap());
         let reply = self.call("status", &[]);
+        self.compare_decisions(fx);
         let schema = floodgate::store::redis::status_schema();
         let field = |name: &str| {
             let i = schema.iter().position(|f| *f == name).unwrap();
@@ -753,12 +904,26 @@ impl Twin {
             "{} {} {} next {next}",
             status.in_use, status.holders, status.waiting
         );
+        let mut s_next = reply[reply.len() - 1].clone();
+        if std::env::var_os("FLOODGATE_TWIN_DEBUG").is_some() {
+            self.log
+                .push(format!("   next: core {next}, script {s_next}"));
+        }
+        // The Redis store's timer for an orphaned wait's abandon is its own, not the
+        // script's: the core's next moment may be the earliest (if that wait is still kept).
+        let script = s_next.parse::<u64>().unwrap_or(u64::MAX);
+        let abandons = self.idem.as_ref().map(|i| i.abandons.as_slice());
+        if abandons.unwrap_or_default().iter().any(|(at, ..)| {
+            let by_abandon = at.saturating_sub(self.now);
+            next == by_abandon.to_string() && by_abandon < script
+        }) {
+            s_next = next.clone();
+        }
         let s = format!(
-            "{} {} {} next {}",
+            "{} {} {} next {s_next}",
             field("in_use"),
             field("holders"),
             field("waiting"),
-            reply[reply.len() - 1]
         );
         if c != s {
             self.fail(format!(
@@ -827,6 +992,47 @@ fn sync_waiters(twin: &Twin) {
     });
 }
 
+/// One sequence of 150 steps: case `case`'s shape (its number picks the spec's kind, learning
+/// windows and the run-time changes), its draws from `rng`; with request ids if `idem`.
+fn run_case(server: &support::RedisServer, case: u64, rng: &mut Rng, idem: bool) -> Twin {
+    let mut twin = Twin::new(server, case, rng);
+    if idem {
+        twin.idem = Some(Idem::default());
+        twin.log[0] = format!(
+            "seed {case} (FLOODGATE_KEYED_IDEM_SEED={case} replays it): {}",
+            twin.log[0]
+        );
+    }
+    for step in 0..150 {
+        // Every third case enters a learning window now and then (no random draw, so the
+        // other steps stay as they were).
+        if case % 3 == 1 && step % 50 == 20 {
+            twin.learn(5_000 * (1 + (step as u64 / 50) * 7));
+        }
+        // And extends of permits held before the loss (in or after the window, with their
+        // key or without), again without a random draw.
+        if case % 3 == 1 && [21, 23, 30, 45].contains(&(step % 50)) {
+            let token = 8_000_000_000_000_000 + (case % 1_000) * 1_000_000 + step as u64 * 1_000;
+            let key = KEYS[step % KEYS.len()];
+            twin.adopt(token, key, 1 + (step as u32 % 3), step % 7 != 3);
+        }
+        // Run-time changes (h-krev16), again without a random draw: the total and the
+        // per-key default changed (lowered below what is held, removed, raised) with
+        // `max_keys` (perhaps below the keys in use), and overrides removed.
+        if step % 23 == 22 {
+            sync_waiters(&twin);
+            twin.reconfigure(case * 7 + step as u64);
+        }
+        if step % 17 == 16 {
+            sync_waiters(&twin);
+            twin.drop_override(KEYS[(case as usize + step) % KEYS.len()]);
+        }
+        sync_waiters(&twin);
+        twin.step(rng);
+    }
+    twin
+}
+
 #[test]
 fn the_keyed_script_agrees_with_the_keyed_layer() {
     let server = support::RedisServer::start();
@@ -838,34 +1044,7 @@ fn the_keyed_script_agrees_with_the_keyed_layer() {
     let mut adopted = 0;
     for case in 0..cases {
         let mut rng = Rng(0x4B45_5945_4454_5749 ^ case);
-        let mut twin = Twin::new(&server, case, &mut rng);
-        for step in 0..150 {
-            // Every third case enters a learning window now and then (no random draw, so the
-            // other steps stay as they were).
-            if case % 3 == 1 && step % 50 == 20 {
-                twin.learn(5_000 * (1 + (step as u64 / 50) * 7));
-            }
-            // And extends of permits held before the loss (in or after the window, with their
-            // key or without), again without a random draw.
-            if case % 3 == 1 && [21, 23, 30, 45].contains(&(step % 50)) {
-                let token = 8_000_000_000_000_000 + case * 1_000_000 + step as u64 * 1_000;
-                let key = KEYS[step % KEYS.len()];
-                twin.adopt(token, key, 1 + (step as u32 % 3), step % 7 != 3);
-            }
-            // Run-time changes (h-krev16), again without a random draw: the total and the
-            // per-key default changed (lowered below what is held, removed, raised) with
-            // `max_keys` (perhaps below the keys in use), and overrides removed.
-            if step % 23 == 22 {
-                sync_waiters(&twin);
-                twin.reconfigure(case * 7 + step as u64);
-            }
-            if step % 17 == 16 {
-                sync_waiters(&twin);
-                twin.drop_override(KEYS[(case as usize + step) % KEYS.len()]);
-            }
-            sync_waiters(&twin);
-            twin.step(&mut rng);
-        }
+        let twin = run_case(&server, case, &mut rng, false);
         returned += twin.returned;
         adopted += twin.adopted;
     }
