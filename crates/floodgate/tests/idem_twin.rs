@@ -21,6 +21,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
+// Not in `support/mod.rs`: the server and CLI crates include that file too, and have no
+// `redis` feature to gate this Redis-only helper on.
+#[path = "support/outcomes.rs"]
+mod outcomes;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -125,7 +129,7 @@ impl Twin {
             core.insert(key, encode(outcome));
         }
         // Read once: outcomes other than grants are recorded afresh each time.
-        let outcomes = support::outcomes::take(&mut self.conn, &self.keys[6], &self.keys[7]);
+        let outcomes = outcomes::take(&mut self.conn, &self.keys[6], &self.keys[7]);
         let holders: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL")
             .arg(&self.keys[1])
             .query(&mut self.conn)

@@ -31,6 +31,10 @@
 
 #[path = "support/mod.rs"]
 mod support;
+// Not in `support/mod.rs`: the server and CLI crates include that file too, and have no
+// `redis` feature to gate this Redis-only helper on.
+#[path = "support/outcomes.rs"]
+mod outcomes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -725,7 +729,7 @@ impl Twin {
         // Idempotent mode: the outcomes are read once (`support::outcomes`), as a client's
         // cancel reads them: a request id's next wait would otherwise show its last one's.
         let outcomes: BTreeMap<String, String> = if self.idem.is_some() {
-            support::outcomes::take(&mut self.conn, &self.keys[6], &self.keys[7])
+            outcomes::take(&mut self.conn, &self.keys[6], &self.keys[7])
         } else {
             redis::cmd("HGETALL")
                 .arg(&self.keys[6])

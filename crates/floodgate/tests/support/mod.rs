@@ -4,8 +4,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub(crate) mod certs;
-#[cfg(feature = "redis")]
-pub(crate) mod outcomes;
 mod ports;
 pub(crate) mod rng;
 
