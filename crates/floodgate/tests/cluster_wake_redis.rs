@@ -15,20 +15,15 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/cluster_shard.rs"]
+mod cluster_shard;
 mod support;
+use cluster_shard::{master_of, wait_until};
 
 use std::time::{Duration, Instant};
 
 use floodgate::{AcquireError, AcquireOptions, Floodgate, LimiterSpec, RedisConfig, RedisStore};
 use support::cli;
-
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// The acquire's own wait: longer than the liveness bound below, so that only a wake-up (or a
 /// re-check after the subscription came back) can answer it within that bound.
@@ -55,28 +50,6 @@ where
     }
 }
 
-/// The port of the master serving limiter `name`'s slot, as `port`'s node sees it.
-fn master_of(port: u16, name: &str) -> u16 {
-    let slot: u16 = cli(port, &["CLUSTER", "KEYSLOT", &format!("{{{name}}}")])
-        .parse()
-        .expect("a slot");
-    cli(port, &["CLUSTER", "NODES"])
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| {
-            f[2].contains("master")
-                && f[8..].iter().any(|range| {
-                    let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-                    matches!(
-                        (lo.parse::<u16>(), hi.parse::<u16>()),
-                        (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot)
-                    )
-                })
-        })
-        .and_then(|f| f[1].split('@').next()?.rsplit(':').next()?.parse().ok())
-        .expect("a master serving the slot")
-}
-
 /// Waits for a queued acquire's answer within the liveness bound; it must be a grant.
 async fn granted<B: floodgate::LimiterBackend>(
     what: &str,
@@ -84,7 +57,13 @@ async fn granted<B: floodgate::LimiterBackend>(
 ) {
     match tokio::time::timeout(LIVENESS, queued).await {
         Ok(Ok(Ok(permit))) => {
-            assert!(permit.release().await.expect("release"), "released");
+            // Right after a node's death the cluster connection may fail a request while it
+            // refreshes its map: the release may then answer unavailable (the permit is held
+            // until its lease ends), never that the permit was lost.
+            match permit.release().await {
+                Ok(released) => assert!(released, "released"),
+                Err(e) => eprintln!("{what}: release answered {e:?} while the cluster settles"),
+            }
         }
         Ok(Ok(Err(e))) => panic!("{what}: answered {e:?}, not granted"),
         Ok(Err(e)) => panic!("{what}: the acquire's task failed: {e}"),
