@@ -382,6 +382,28 @@ fn put_args(s: &LimiterSpec) -> Vec<String> {
     ]
 }
 
+/// One call of the limiter script on limiter `name` (keys under the prefix `it`), as the store
+/// sends it.
+fn eval(
+    conn: &mut redis::Connection,
+    script: &redis::Script,
+    name: &str,
+    op: &str,
+    args: &[String],
+) -> Vec<String> {
+    let keys = floodgate::store::redis::limiter_keys("it", name);
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len());
+    for k in &keys {
+        cmd.arg(k);
+    }
+    cmd.arg(op).arg(name).arg(3_600_000_u64);
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.query(conn).expect("the script runs")
+}
+
 #[test]
 fn idempotent_acquires_match_the_core() {
     let server = support::RedisServer::start();
@@ -467,19 +489,10 @@ fn paced_ids_stay_bounded_by_the_retention_window() {
     script.load(&mut conn).unwrap();
     let spec = LimiterSpec::rate(RateSpec::per(1_000, Duration::from_secs(1)).with_burst(10))
         .with_default_lease(Duration::from_secs(2));
-    let keys = floodgate::store::redis::limiter_keys("it", "bounded").to_vec();
     let call = |conn: &mut redis::Connection, op: String, args: &[String]| -> Vec<String> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(keys.len());
-        for k in &keys {
-            cmd.arg(k);
-        }
-        cmd.arg(op).arg("bounded").arg(3_600_000_u64);
-        for a in args {
-            cmd.arg(a);
-        }
-        cmd.query(conn).expect("the script runs")
+        eval(conn, &script, "bounded", &op, args)
     };
+    let keys = floodgate::store::redis::limiter_keys("it", "bounded").to_vec();
     let reply = call(&mut conn, format!("put@{T0}"), &put_args(&spec));
     assert_eq!(reply[0], "status", "{reply:?}");
     let mut core = LimiterCore::new(spec, TOKEN_BASE).unwrap();
@@ -542,4 +555,134 @@ fn paced_ids_stay_bounded_by_the_retention_window() {
         2_000,
         "the retry was counted again"
     );
+}
+
+/// The rate-only fast path (`lua/paced.lua`, the path a rate-only try-once takes) against the
+/// core to the microsecond: random rate specs with intervals from 50 µs to 50 ms, try-once
+/// acquires of one permit up to one more than the burst (a count over the burst is refused by
+/// the general path), plain and idempotent, at clock steps of a few microseconds up to two
+/// intervals, so grants fall just before and just after the rate allows them and refusals carry
+/// hints below and above the 1 ms floor. Every reply is compared whole (a grant's token,
+/// permits, lease, times and wait; a refusal's hint), and the counters after each sequence.
+#[test]
+fn the_rate_only_fast_path_matches_the_core_to_the_microsecond() {
+    let server = support::RedisServer::start();
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let script = redis::Script::new(&floodgate::store::redis::script_source());
+    script.load(&mut conn).unwrap();
+    let seed = std::env::var("FLOODGATE_IDEM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("paced fast path seed {seed} (FLOODGATE_IDEM_SEED replays it)");
+    let mut rng = Rng(seed);
+    let (mut granted, mut refused, mut under_floor) = (0, 0, 0);
+    for s in 0..150 {
+        let (limit, period_ms, burst) = (
+            rng.range(1, 20) as u32,
+            [1, 3, 10, 50][rng.below(4) as usize],
+            rng.range(1, 4) as u32,
+        );
+        let spec = LimiterSpec::rate(
+            RateSpec::per(limit, Duration::from_millis(period_ms)).with_burst(burst),
+        )
+        .with_default_lease(Duration::from_secs(2));
+        let interval = period_ms * 1_000 / u64::from(limit);
+        let name = format!("paced{s}");
+        let mut core = LimiterCore::new(spec.clone(), TOKEN_BASE).unwrap();
+        let reply = eval(
+            &mut conn,
+            &script,
+            &name,
+            &format!("put@{T0}"),
+            &put_args(&spec),
+        );
+        assert_eq!(reply[0], "status", "{reply:?}");
+        let mut now = T0;
+        for step in 0..60u64 {
+            now += match rng.below(3) {
+                0 => rng.below(5),
+                _ => rng.below(2 * interval + 1),
+            };
+            let permits = rng.range(1, u64::from(burst) + 1) as u32;
+            let id = (rng.below(4) == 0).then(|| format!("s{s}-{step}"));
+            let req = AcquireRequest {
+                permits,
+                wait: Some(Duration::ZERO),
+                request_id: id.as_deref().map(Arc::from),
+                ..AcquireRequest::default()
+            };
+            let got = core.acquire(Timestamp(now), &req, &mut Effects::default());
+            let args = [
+                permits.to_string(),
+                String::new(),
+                "0".into(),
+                waiter_key(id.as_deref(), step),
+                "chan".into(),
+                String::new(),
+                "t".into(),
+            ];
+            let r = eval(&mut conn, &script, &name, &format!("acquire@{now}"), &args);
+            let want: Vec<String> = match &got {
+                Admission::Granted(g) => {
+                    granted += 1;
+                    [
+                        "granted".to_owned(),
+                        g.token.0.to_string(),
+                        g.permits.to_string(),
+                        us(g.lease).to_string(),
+                        g.lease_deadline.0.to_string(),
+                        g.granted_at.0.to_string(),
+                        us(g.waited).to_string(),
+                    ]
+                    .into()
+                }
+                Admission::Refused(Refusal::WaitTimeout { retry_after }) => {
+                    refused += 1;
+                    if us(*retry_after) <= 1_000 {
+                        under_floor += 1;
+                    }
+                    vec!["timeout".to_owned(), us(*retry_after).to_string()]
+                }
+                Admission::Refused(Refusal::PermitsExceedLimit { requested, limit }) => {
+                    vec![
+                        "exceeds".to_owned(),
+                        requested.to_string(),
+                        limit.to_string(),
+                    ]
+                }
+                other => panic!("seed {seed}, {name} step {step}: the core answered {other:?}"),
+            };
+            assert_eq!(
+                r[..want.len()],
+                want[..],
+                "seed {seed}, {name} step {step} at {now}: script {r:?}"
+            );
+        }
+        let status = eval(&mut conn, &script, &name, &format!("status@{now}"), &[]);
+        let schema = floodgate::store::redis::status_schema();
+        let c = core.counters();
+        for (field, value) in [
+            ("granted", c.granted),
+            ("paced", c.paced),
+            ("timed_out", c.timed_out),
+        ] {
+            let at = schema.iter().position(|f| *f == field).unwrap();
+            assert_eq!(
+                status[at + 1],
+                value.to_string(),
+                "seed {seed}, {name}: {field}"
+            );
+        }
+    }
+    eprintln!("{granted} granted, {refused} refused ({under_floor} with the 1 ms floor's hint)");
+    assert!(granted > 1_000 && refused > 1_000 && under_floor > 100);
 }

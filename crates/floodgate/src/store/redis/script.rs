@@ -141,8 +141,9 @@ pub fn keyed_script_source() -> String {
 
 /// The keyed script, in the order its parts run: the plain shared parts and the plain
 /// operations that need no change (they call the keyed layer's replacements of the helpers).
-const KEYED_PARTS: [&str; 22] = [
+const KEYED_PARTS: [&str; 23] = [
     include_str!("lua/common.lua"),
+    include_str!("lua/helpers.lua"),
     include_str!("lua/keyed/drain.lua"),
     include_str!("lua/state.lua"),
     include_str!("lua/keyed/layer.lua"),
@@ -166,12 +167,15 @@ const KEYED_PARTS: [&str; 22] = [
     include_str!("lua/unknown_op.lua"),
 ];
 
-/// The limiter script, in the order its parts run: the shared parts (the KEYS, the helpers,
-/// the fast paths, the state the general path loads and writes back), then one file per
+/// The limiter script, in the order its parts run: the shared parts (the KEYS and the clock,
+/// the rate-only fast path before the helpers it does not need, the helpers, the other fast
+/// paths, the state the general path loads and writes back), then one file per
 /// operation (`lua/ops/`), each opening with its ARGV and replies. Kept in one Lua chunk, so
 /// the parts share their locals; split into files only to be read one at a time.
-const SCRIPT_PARTS: [&str; 20] = [
+const SCRIPT_PARTS: [&str; 22] = [
     include_str!("lua/common.lua"),
+    include_str!("lua/paced.lua"),
+    include_str!("lua/helpers.lua"),
     include_str!("lua/fast.lua"),
     include_str!("lua/state.lua"),
     include_str!("lua/keyed/bounce.lua"),

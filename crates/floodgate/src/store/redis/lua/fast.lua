@@ -5,48 +5,23 @@
 -- through to it. The same rules, checked against the core by tests/twin.rs on both paths.
 --   concurrency ('1'): an acquire granted at once, an acquire queued behind others, a release
 --     (granting the queue's head waiters it frees room for);
---   rate only ('r'): an acquire the rate grants at once, or refuses when it cannot wait; a
---     release with nobody queued and nothing held.
+--   rate only ('r'): a release with nobody queued and nothing held (its acquires: paced.lua).
 -- A repeated idempotent acquire (its key already has an entry) takes the general path.
 
 -- MEMBER_PAT without the wait deadline's capture (a grant does not read it; each capture is a
 -- string made and interned).
 local GRANT_PAT = '^([^|]*)|([^|]*)|([^|]*)|[^|]*|([^|]*)|([^|]*)|([^|]*)|(.*)$'
--- Writes back the hot value (the fields in HOT order after the tag), in the one HSET of
--- `holders` that also writes the first `n` entries of `fields` (the operation's own field/value
--- pairs, or nil), and, when due, refreshes every key's TTL. The fields are parameters, not
--- upvalues: a closure over the fast path's 24 locals costs each call about 0.8 us of Redis time
--- to make (an upvalue object per local). `hot` goes first, so `fields` is passed as it is (no
--- append, which grew the table once per power of two: a reallocation each, and garbage).
-local function save_hot(refresh, fields, n, mode, ...)
-  local packed = struct.pack(HOT_FMT, mode, HOT_TAG, ...)
-  if fields then
-    redis.call('HSET', K_HOLD, HOT_FIELD, packed, unpack(fields, 1, n))
-  else
-    redis.call('HSET', K_HOLD, HOT_FIELD, packed)
-  end
-  if refresh then
-    for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
-  end
-end
--- The delay to report from the fast paths' `due` (a lower bound of the next deadline).
-local function delay(due)
-  if due >= NONE then return '-1' end
-  return fmt(due - now)
-end
-local is_repeat = op == 'acquire' and idem(ARGV[7])
-  and (redis.call('HEXISTS', K_HOLD, 'k:' .. ARGV[7]) == 1
-    or redis.call('HEXISTS', K_OUT, 'p:' .. ARGV[7]) == 1)
 if (op == 'acquire' or op == 'release') and not general_only and not is_repeat then
   -- A release reads its holder's record in the same command (is_token: anything else is held
   -- by nobody, and a `k:` or `hot` field must never be taken for a record).
-  -- Its lease slot too (`l:TOKEN`, absent when the holder is its own slot: common.lua).
-  local raw_hot, held_raw, held_slot, l_field
+  -- Its lease slot too (`l:TOKEN`, absent when the holder is its own slot: common.lua's header).
+  -- (An acquire's `hot` was read in paced.lua.)
+  local held_raw, held_slot, l_field
   if op == 'release' and is_token(ARGV[4]) then
     l_field = 'l:' .. ARGV[4]
     local r = redis.call('HMGET', K_HOLD, HOT_FIELD, ARGV[4], l_field)
     raw_hot, held_raw, held_slot = r[1], r[2], r[3]
-  else
+  elseif op == 'release' then
     raw_hot = redis.call('HGET', K_HOLD, HOT_FIELD)
   end
   -- HOT's 23 fields unpacked by the C `struct` library straight into numbers (HOT_FMT, in
@@ -59,7 +34,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
   local mode, _, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted, c_released,
     ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t, rate_burst,
     c_paced, c_timed_out, max_dl = struct.unpack(HOT_FMT, raw_hot)
-  if due > now and (mode == '1' or (mode == 'r' and (op == 'acquire' or (qlen == 0 and in_use == 0)))) then
+  if due > now and (mode == '1' or (mode == 'r' and op == 'release' and qlen == 0 and in_use == 0)) then
     local refresh = ttl_at <= now
     if refresh then ttl_at = now + TTL_REFRESH end
     -- Keys that were empty (so gone) get their TTL when they come back, unless save_hot()
@@ -69,33 +44,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
       local permits, lease = tonumber(ARGV[4]), lease_us
       if ARGV[5] ~= '' then lease = tonumber(ARGV[5]) end
       local key = ARGV[7]
-      if permits >= 1 and permits <= cap and lease >= MIN_LEASE and lease <= MAX_LEASE
-        and qlen == 0 and mode == 'r' then
-        -- GCRA (as rate_at/take_rate below): granted at once, or refused if it cannot wait.
-        local t = rate_t
-        local ra = math.max(0, tat + t * permits - t * rate_burst)
-        if ra <= now then
-          local token = math.max(next_token, now)
-          next_token = token + 1
-          tat = math.max(tat, now) + t * permits
-          c_granted, c_paced = c_granted + 1, c_paced + 1
-          if idem(key) then remember_paced(key, token, permits, lease_us, ARGV[3]) end
-          save_hot(refresh, nil, 0, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
-            c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
-            rate_burst, c_paced, c_timed_out, max_dl)
-          local now_s = fmt(now)
-          return {'granted', fmt(token), fmt(permits), '0', now_s, now_s, '0', delay(due)}
-        end
-        local wait = max_wait
-        if ARGV[6] ~= '' then wait = math.min(tonumber(ARGV[6]), wait) end
-        if ra - now > wait then
-          c_timed_out = c_timed_out + 1
-          save_hot(refresh, nil, 0, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
-            c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
-            rate_burst, c_paced, c_timed_out, max_dl)
-          return {'timeout', fmt(math.max(ra - now, 1000)), delay(due)}
-        end
-      elseif permits >= 1 and permits <= cap and lease >= MIN_LEASE
+      if permits >= 1 and permits <= cap and lease >= MIN_LEASE
         and lease <= MAX_LEASE and mode == '1' then
         if qlen == 0 and in_use + permits <= limit then
           local token = math.max(next_token, now)
@@ -125,7 +74,7 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           save_hot(refresh, fields, #fields, mode, qlen, in_use, limit, next_token, lease_us, cap, ttl_at, c_granted,
             c_released, ewma, next_seq, queued_permits, due, max_wait, max_queue, heavy, tat, rate_t,
             rate_burst, c_paced, c_timed_out, max_dl)
-          return {'granted', t_s, p_s, fmt(lease), deadline_s, now_s, '0', delay(due)}
+          return {'granted', t_s, p_s, lease, deadline_s, now_s, '0', delay(due)}
         end
         local wait = max_wait
         if ARGV[6] ~= '' then wait = math.min(tonumber(ARGV[6]), wait) end
