@@ -382,6 +382,32 @@ fn put_args(s: &LimiterSpec) -> Vec<String> {
     ]
 }
 
+/// A fresh `redis-server` (stopped when the first value drops), a connection to it, and the
+/// limiter script loaded there.
+fn script_on_redis() -> (support::RedisServer, redis::Connection, redis::Script) {
+    let server = support::RedisServer::start();
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let script = redis::Script::new(&floodgate::store::redis::script_source());
+    script.load(&mut conn).unwrap();
+    (server, conn, script)
+}
+
+/// The random sequences' seed: `FLOODGATE_IDEM_SEED`, or the clock's nanoseconds.
+fn seed() -> u64 {
+    std::env::var("FLOODGATE_IDEM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}
+
 /// One call of the limiter script on limiter `name` (keys under the prefix `it`), as the store
 /// sends it.
 fn eval(
@@ -406,22 +432,8 @@ fn eval(
 
 #[test]
 fn idempotent_acquires_match_the_core() {
-    let server = support::RedisServer::start();
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let script = redis::Script::new(&floodgate::store::redis::script_source());
-    script.load(&mut conn).unwrap();
-    let seed = std::env::var("FLOODGATE_IDEM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let (_server, mut conn, script) = script_on_redis();
+    let seed = seed();
     eprintln!("idem_twin seed {seed} (FLOODGATE_IDEM_SEED replays it)");
     let mut rng = Rng(seed);
     let (mut acquires, mut refused) = (0, 0);
@@ -480,13 +492,7 @@ fn idempotent_acquires_match_the_core() {
 /// retention: about 200 remembered at a time, never the 2,000.
 #[test]
 fn paced_ids_stay_bounded_by_the_retention_window() {
-    let server = support::RedisServer::start();
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let script = redis::Script::new(&floodgate::store::redis::script_source());
-    script.load(&mut conn).unwrap();
+    let (_server, mut conn, script) = script_on_redis();
     let spec = LimiterSpec::rate(RateSpec::per(1_000, Duration::from_secs(1)).with_burst(10))
         .with_default_lease(Duration::from_secs(2));
     let call = |conn: &mut redis::Connection, op: String, args: &[String]| -> Vec<String> {
@@ -566,22 +572,8 @@ fn paced_ids_stay_bounded_by_the_retention_window() {
 /// permits, lease, times and wait; a refusal's hint), and the counters after each sequence.
 #[test]
 fn the_rate_only_fast_path_matches_the_core_to_the_microsecond() {
-    let server = support::RedisServer::start();
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let script = redis::Script::new(&floodgate::store::redis::script_source());
-    script.load(&mut conn).unwrap();
-    let seed = std::env::var("FLOODGATE_IDEM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let (_server, mut conn, script) = script_on_redis();
+    let seed = seed();
     eprintln!("paced fast path seed {seed} (FLOODGATE_IDEM_SEED replays it)");
     let mut rng = Rng(seed);
     let (mut granted, mut refused, mut under_floor) = (0, 0, 0);
