@@ -33,7 +33,7 @@ if ! command -v tmux >/dev/null || ! command -v prometheus >/dev/null || ! comma
   echo "== installing tmux and prometheus"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux prometheus >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux prometheus >/dev/null
 fi
 
 echo "== format"

@@ -8,7 +8,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   echo "== installing chromium and chromium-driver"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 VENV="${VENV:-.venv}"
 if ! "$VENV/bin/python" -c 'import selenium' >/dev/null 2>&1; then
