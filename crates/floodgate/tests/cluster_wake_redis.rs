@@ -18,7 +18,7 @@
 #[path = "support/cluster_shard.rs"]
 mod cluster_shard;
 mod support;
-use cluster_shard::{master_of, wait_until};
+use cluster_shard::{kill_node, name_of_shard, wait_until};
 
 use std::time::{Duration, Instant};
 
@@ -124,10 +124,7 @@ async fn node_loss_round(only_the_doomed_seed: bool) {
     // Before the loss: a waiter of the store under test queued on a limiter whose shard lives
     // on. When its subscription's node dies, another node takes over at once, so it stays
     // queued (not answered `store_unavailable`) and is granted later.
-    let survivor = (0..1000)
-        .map(|i| format!("early-{i}"))
-        .find(|n| master_of(doomed, n) != doomed)
-        .expect("a name on another shard");
+    let survivor = name_of_shard(doomed, "early", false);
     releaser.define(&survivor, spec).await.expect("define");
     let early_held_on = releaser.limiter(&survivor).await.expect("limiter");
     let early_holder = early_held_on
@@ -143,12 +140,7 @@ async fn node_loss_round(only_the_doomed_seed: bool) {
     .await;
     // The node dies; its replica takes over its slots.
     tokio::task::block_in_place(|| {
-        cluster
-            .nodes
-            .iter_mut()
-            .find(|n| n.port == doomed)
-            .expect("the doomed node")
-            .kill();
+        kill_node(&mut cluster, doomed);
         let live: Vec<u16> = cluster
             .nodes
             .iter()

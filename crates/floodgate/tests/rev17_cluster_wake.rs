@@ -31,7 +31,7 @@
 #[path = "support/cluster_shard.rs"]
 mod cluster_shard;
 mod support;
-use cluster_shard::master_of;
+use cluster_shard::{kill_node, name_of_shard, tolerating_lost_shards};
 
 use std::time::{Duration, Instant};
 
@@ -196,21 +196,9 @@ async fn a_waiter_is_answered_once_through_repeated_subscription_cuts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_shard_died_with_the_subscribed_node_is_answered_unavailable() {
     let mut cluster = support::RedisCluster::start();
-    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
-    for p in &ports {
-        assert_eq!(
-            cli(
-                *p,
-                &["CONFIG", "SET", "cluster-require-full-coverage", "no"]
-            ),
-            "OK"
-        );
-    }
+    let ports = tolerating_lost_shards(&cluster);
     let doomed = ports[0];
-    let name = (0..1000)
-        .map(|i| format!("doomed-{i}"))
-        .find(|n| master_of(doomed, n) == doomed)
-        .expect("a name on the doomed shard");
+    let name = name_of_shard(doomed, "doomed", true);
     // The store under test subscribes on its first seed: the doomed node.
     let mut urls = vec![cluster.node(doomed).url()];
     urls.extend(ports[1..].iter().map(|p| cluster.node(*p).url()));
@@ -250,12 +238,7 @@ async fn a_waiter_whose_shard_died_with_the_subscribed_node_is_answered_unavaila
         "the store under test subscribed on its first seed"
     );
     tokio::task::block_in_place(|| {
-        cluster
-            .nodes
-            .iter_mut()
-            .find(|n| n.port == doomed)
-            .expect("the doomed node")
-            .kill();
+        kill_node(&mut cluster, doomed);
     });
     match tokio::time::timeout(LIVENESS * 2, queued).await {
         Ok(Ok(Err(AcquireError::Store(e)))) => eprintln!("answered: {e}"),
@@ -275,25 +258,10 @@ const ON_THE_DEAD_SHARD: usize = 24;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_on_a_live_shard_is_woken_while_the_dead_shards_are_rechecked() {
     let mut cluster = support::RedisCluster::start();
-    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
-    for p in &ports {
-        assert_eq!(
-            cli(
-                *p,
-                &["CONFIG", "SET", "cluster-require-full-coverage", "no"]
-            ),
-            "OK"
-        );
-    }
+    let ports = tolerating_lost_shards(&cluster);
     let doomed = ports[0];
-    let dead_name = (0..1000)
-        .map(|i| format!("doomed-{i}"))
-        .find(|n| master_of(doomed, n) == doomed)
-        .expect("a name on the doomed shard");
-    let live_name = (0..1000)
-        .map(|i| format!("live-{i}"))
-        .find(|n| master_of(doomed, n) != doomed)
-        .expect("a name on another shard");
+    let dead_name = name_of_shard(doomed, "doomed", true);
+    let live_name = name_of_shard(doomed, "live", false);
     let mut urls = vec![cluster.node(doomed).url()];
     urls.extend(ports[1..].iter().map(|p| cluster.node(*p).url()));
     let waiter = Floodgate::with_store(
@@ -339,12 +307,7 @@ async fn a_waiter_on_a_live_shard_is_woken_while_the_dead_shards_are_rechecked()
     support::until_status(&live_on, "never queued", |s| s.waiting == 1).await;
 
     tokio::task::block_in_place(|| {
-        cluster
-            .nodes
-            .iter_mut()
-            .find(|n| n.port == doomed)
-            .expect("the doomed node")
-            .kill();
+        kill_node(&mut cluster, doomed);
     });
     // The other process releases the live shard's permit (its shard lives on).
     let released = Instant::now();

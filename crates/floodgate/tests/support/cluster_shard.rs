@@ -204,3 +204,37 @@ pub(crate) async fn acquire_answered<B: floodgate::LimiterBackend>(
 pub(crate) fn now() -> AcquireOptions {
     AcquireOptions::new().wait(Duration::ZERO)
 }
+
+/// Lets the cluster keep serving the slots it still has after a master with no replica dies
+/// (`cluster-require-full-coverage no` on every node); returns the nodes' ports.
+pub(crate) fn tolerating_lost_shards(cluster: &support::RedisCluster) -> Vec<u16> {
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    for p in &ports {
+        assert_eq!(
+            cli(
+                *p,
+                &["CONFIG", "SET", "cluster-require-full-coverage", "no"]
+            ),
+            "OK"
+        );
+    }
+    ports
+}
+
+/// The first name `prefix-N` whose slot the master on `port` serves (`on`) or does not.
+pub(crate) fn name_of_shard(port: u16, prefix: &str, on: bool) -> String {
+    (0..1000)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|n| (master_of(port, n) == port) == on)
+        .expect("a name on the asked side of that shard")
+}
+
+/// Kills the node listening on `port` (SIGKILL, no shutdown).
+pub(crate) fn kill_node(cluster: &mut support::RedisCluster, port: u16) {
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.port == port)
+        .expect("a node on that port")
+        .kill();
+}
