@@ -40,6 +40,27 @@ use floodgate::{
 };
 use support::cli;
 
+/// The two stores of the dead-shard tests: the one under test has the doomed node (`ports[0]`)
+/// for its first seed, so its wake-up subscription starts there; the releaser knows only the
+/// other nodes.
+async fn stores_around(
+    cluster: &support::RedisCluster,
+    ports: &[u16],
+) -> (Floodgate<RedisStore>, Floodgate<RedisStore>) {
+    let urls = |from: &[u16]| from.iter().map(|p| cluster.node(*p).url()).collect();
+    let waiter = Floodgate::with_store(
+        RedisStore::connect(RedisConfig::cluster(urls(ports)))
+            .await
+            .expect("connect"),
+    );
+    let releaser = Floodgate::with_store(
+        RedisStore::connect(RedisConfig::cluster(urls(&ports[1..])))
+            .await
+            .expect("connect"),
+    );
+    (waiter, releaser)
+}
+
 /// The acquire's own wait: far longer than the liveness bound, so only a wake-up, a re-check or
 /// the loss of the subscription can answer it within that bound.
 const OWN_WAIT: Duration = Duration::from_secs(600);
@@ -200,20 +221,7 @@ async fn a_waiter_whose_shard_died_with_the_subscribed_node_is_answered_unavaila
     let doomed = ports[0];
     let name = name_of_shard(doomed, "doomed", true);
     // The store under test subscribes on its first seed: the doomed node.
-    let mut urls = vec![cluster.node(doomed).url()];
-    urls.extend(ports[1..].iter().map(|p| cluster.node(*p).url()));
-    let waiter = Floodgate::with_store(
-        RedisStore::connect(RedisConfig::cluster(urls))
-            .await
-            .expect("connect"),
-    );
-    let releaser = Floodgate::with_store(
-        RedisStore::connect(RedisConfig::cluster(
-            ports[1..].iter().map(|p| cluster.node(*p).url()).collect(),
-        ))
-        .await
-        .expect("connect"),
-    );
+    let (waiter, releaser) = stores_around(&cluster, &ports).await;
     let spec = LimiterSpec::concurrency(1).with_default_lease(Duration::from_secs(120));
     releaser.define(&name, spec).await.expect("define");
     let held_on = releaser.limiter(&name).await.expect("limiter");
@@ -262,20 +270,7 @@ async fn a_waiter_on_a_live_shard_is_woken_while_the_dead_shards_are_rechecked()
     let doomed = ports[0];
     let dead_name = name_of_shard(doomed, "doomed", true);
     let live_name = name_of_shard(doomed, "live", false);
-    let mut urls = vec![cluster.node(doomed).url()];
-    urls.extend(ports[1..].iter().map(|p| cluster.node(*p).url()));
-    let waiter = Floodgate::with_store(
-        RedisStore::connect(RedisConfig::cluster(urls))
-            .await
-            .expect("connect"),
-    );
-    let releaser = Floodgate::with_store(
-        RedisStore::connect(RedisConfig::cluster(
-            ports[1..].iter().map(|p| cluster.node(*p).url()).collect(),
-        ))
-        .await
-        .expect("connect"),
-    );
+    let (waiter, releaser) = stores_around(&cluster, &ports).await;
     let spec = LimiterSpec::concurrency(1).with_default_lease(Duration::from_secs(120));
     let mut queued = Vec::new();
     for name in [&dead_name, &live_name] {
