@@ -11,6 +11,12 @@
 //! Mutation-checked: with the scripts of every master alike (`Scripts::new(None)` in
 //! `check_shard`), the lost grant's slot is granted over.
 //!
+//! And a shard that hangs (its only master stopped with SIGSTOP: its connections stay open,
+//! nothing is answered): its slot's first check waits out the response timeout, and a limiter
+//! on a live shard used by the same server for the first time (its own slot's check first)
+//! must answer meanwhile. Mutation-checked: with one gate for the whole store, as before, it
+//! waits behind the hung check.
+//!
 //! Helpers shared with `cluster_failover_redis.rs` (`support/cluster_shard.rs`).
 
 #![cfg(feature = "redis")]
@@ -20,7 +26,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use floodgate::{AcquireError, Floodgate, KeyedSpec, LimiterSpec, RedisStore, Refusal};
+use floodgate::{
+    AcquireError, Floodgate, KeyedSpec, LimiterSpec, RedisConfig, RedisStore, Refusal,
+};
 
 #[path = "support/cluster_shard.rs"]
 mod cluster_shard;
@@ -145,4 +153,68 @@ async fn another_slot_first_extended_is_not_granted_over_its_lost_grant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_slot_of_a_keyed_limiter_is_not_granted_over_its_lost_grant() {
     other_slot_round(true, First::Status).await;
+}
+
+/// The hung node's response timeout in the store under test: far beyond the liveness bound.
+const HUNG_FOR: Duration = Duration::from_secs(300);
+/// Liveness bound.
+const LIVENESS: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_shards_check_does_not_hold_up_a_live_shards_first_call() {
+    let cluster = support::RedisCluster::start();
+    let ports = tolerating_lost_shards(&cluster);
+    let hung = ports[0];
+    let hung_name = name_of_shard(hung, "hung", true);
+    let live_name = name_of_shard(hung, "live", false);
+    // Another server defines both: the one under test has checked neither slot.
+    let definer = Floodgate::with_store(
+        RedisStore::connect(RedisConfig::cluster(cluster.urls()))
+            .await
+            .expect("connect"),
+    );
+    for name in [&hung_name, &live_name] {
+        definer
+            .define(name, LimiterSpec::concurrency(1))
+            .await
+            .expect("define");
+    }
+    let mut config = RedisConfig::cluster(cluster.urls());
+    config.response_timeout = HUNG_FOR;
+    let server = Floodgate::with_store(RedisStore::connect(config).await.expect("connect"));
+
+    cluster.node(hung).pause();
+    let on_hung = {
+        let server = server.clone();
+        tokio::spawn(async move { server.limiter(&hung_name).await?.status().await })
+    };
+    // Its slot's check is sent, and waits in the hung node's queue.
+    tokio::task::block_in_place(|| {
+        wait_until("nothing was sent to the hung node", || {
+            cluster.node(hung).has_unread_requests()
+        });
+    });
+    let live = tokio::time::timeout(LIVENESS, async {
+        server.limiter(&live_name).await?.status().await
+    })
+    .await;
+    let hung_answered = on_hung.is_finished();
+    cluster.node(hung).resume();
+    let live = live.unwrap_or_else(|_| {
+        panic!(
+            "a live shard's first call waited {LIVENESS:?} behind the hung shard's check \
+             (response timeout {HUNG_FOR:?})"
+        )
+    });
+    assert_eq!(live.expect("the live shard's status").in_use, 0);
+    assert!(
+        !hung_answered,
+        "the hung shard's call was answered while its node was stopped"
+    );
+    // Answered once the node runs again (or unavailable while the cluster settles).
+    match tokio::time::timeout(LIVENESS * 2, on_hung).await {
+        Ok(Ok(Ok(status))) => assert_eq!(status.in_use, 0),
+        Ok(Ok(Err(e))) => eprintln!("the hung shard's call was answered {e}"),
+        other => panic!("the hung shard's call after the node resumed: {other:?}"),
+    }
 }

@@ -140,6 +140,47 @@ impl RedisServer {
         }
     }
 
+    /// Stops the process (SIGSTOP) until [`resume`](Self::resume): it keeps its connections
+    /// and reads nothing, as a hung node does.
+    pub(crate) fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused process run on (SIGCONT).
+    pub(crate) fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("a running redis-server").id();
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {signal} {pid}");
+    }
+
+    /// Whether some connection to this server has bytes it has not read yet (IPv4 loopback,
+    /// from `/proc/net/tcp`): a request waits in its queue, as one sent to a paused server.
+    pub(crate) fn has_unread_requests(&self) -> bool {
+        let local = format!(":{:04X}", self.port);
+        std::fs::read_to_string("/proc/net/tcp")
+            .expect("/proc/net/tcp")
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                // local address, remote address, state, tx_queue:rx_queue
+                (f.len() > 4 && f[1].ends_with(&local)).then(|| f[4].to_owned())
+            })
+            .any(|queues| {
+                queues
+                    .split_once(':')
+                    .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
+                    .is_some_and(|rx| rx > 0)
+            })
+    }
+
     /// Starts it again on the same port (empty: no persistence).
     pub(crate) fn restart(&mut self) {
         self.kill();

@@ -63,7 +63,8 @@ pub(super) struct Generation {
     relearn: HashSet<LimiterName>,
     /// Held while the master is checked and a limiter enters its window: an operation that
     /// finds a check or a window due waits here, so none runs on the changed Redis before the
-    /// check and the window are done. (Taking a limiter off `relearn` before its window was
+    /// check and the window are done. On a Cluster each slot has a gate of its own instead
+    /// (`shard.rs`): a slot's check marks only that slot's limiters. (Taking a limiter off `relearn` before its window was
     /// entered let a concurrent acquire be granted on the older state in between: seen with
     /// a timer's advance and an acquire racing after a restart on an older snapshot.)
     gate: Arc<tokio::sync::Mutex<()>>,
@@ -153,7 +154,11 @@ impl RedisLimiter {
         if !self.due_to_settle() || SETTLING.try_with(|_| ()).is_ok() {
             return Ok(());
         }
-        let gate = Arc::clone(&self.store.lock_generation().gate);
+        let gate = if self.store.is_cluster() {
+            self.slot_gate()
+        } else {
+            Arc::clone(&self.store.lock_generation().gate)
+        };
         let _held = gate.lock().await;
         SETTLING.scope((), self.settle_under_gate()).await
     }

@@ -45,6 +45,12 @@ pub(super) struct Shards {
     /// Changes of master noticed per slot: an acquire in flight across one on its own slot
     /// gives its grant back (`generation.rs`, `changed_since`); one on another slot keeps it.
     changes: HashMap<Slot, u64>,
+    /// Per slot, the gate its checks and its limiters' learning windows are settled under
+    /// (`generation.rs`). One gate per slot, not one for the store: a check of a dead shard's
+    /// slot waits out the response timeout, and limiters on live shards that need a check of
+    /// their own (a first call, a request that failed) must not wait behind it. A slot's
+    /// check marks only that slot's limiters to learn, so nothing else needs the same gate.
+    gates: HashMap<Slot, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Inner {
@@ -126,6 +132,12 @@ impl RedisLimiter {
         let shards = self.store.lock_shards();
         let master = shards.masters.get(&self.slot())?;
         shards.scripts.get(master).cloned()
+    }
+
+    /// The gate of this limiter's slot (see `Shards::gates`).
+    pub(super) fn slot_gate(&self) -> Arc<tokio::sync::Mutex<()>> {
+        let slot = self.slot();
+        Arc::clone(self.store.lock_shards().gates.entry(slot).or_default())
     }
 
     /// The changes of master noticed on this limiter's slot so far.
