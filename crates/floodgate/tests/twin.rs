@@ -9,7 +9,10 @@
 //! next deadline the script reports, against the core's exact next deadline) and every status
 //! field (spec, in-use, holders, queue, limit, all counters, learning). Half the sequences run
 //! with the script's fast path allowed, half with only the general path (`acquire@<now>@general`),
-//! so both are checked against the core.
+//! so both are checked against the core. Half the sequences move the clock a microsecond
+//! either side of their whole-millisecond steps (`Twin::run`): mutation-checked, a learning
+//! window the script ended up to 999 µs early (`learning_until <= now + 999`) passed the
+//! whole-millisecond sequences and fails these.
 //!
 //! `FLOODGATE_TWIN_CASES` sets the number of sequences (default 2,000).
 
@@ -549,15 +552,32 @@ impl<'a> Twin<'a> {
         self.compare_hint(&reply, true)
     }
 
-    fn run(&mut self, steps: &[Step], extras: &[(usize, u64, Extra)]) -> Result<(), TestCaseError> {
+    /// Runs the steps. The generated steps move the clock in whole milliseconds, so deadlines
+    /// (made of whole-millisecond leases, waits and intervals) fall on the clock's ticks exactly;
+    /// `nudges` moves each step's `now` a microsecond either side of its tick (never backwards),
+    /// so a comparison off by a microsecond (`<` for `<=`, a deadline 1 µs short) meets a
+    /// clock that tells.
+    fn run(
+        &mut self,
+        steps: &[Step],
+        extras: &[(usize, u64, Extra)],
+        nudges: &[i64],
+    ) -> Result<(), TestCaseError> {
+        let mut tick = self.now;
+        let mut nudge = nudges.iter().copied().cycle();
+        let mut move_to = |twin: &mut Self, dt_ms: u64| {
+            tick += dt_ms * 1_000;
+            let nudged = tick.saturating_add_signed(nudge.next().unwrap_or(0));
+            twin.now = twin.now.max(nudged);
+        };
         for (i, s) in steps.iter().enumerate() {
             self.step += 1;
-            self.now += s.dt_ms * 1_000;
+            move_to(self, s.dt_ms);
             self.one(&s.op)?;
             self.compare_status()?;
             for (_, dt_ms, e) in extras.iter().filter(|(at, _, _)| *at == i) {
                 self.step += 1;
-                self.now += dt_ms * 1_000;
+                move_to(self, *dt_ms);
                 self.extra(e)?;
                 self.compare_status()?;
             }
@@ -881,8 +901,16 @@ fn the_script_matches_the_core() {
             prop::collection::vec(variation(), 1..=6),
             prop::collection::vec((0..STEPS, span_ms(1_000), extra()), 0..=12),
             prop_oneof![2 => Just(None), 1 => (1_u64..=3_000).prop_map(Some)],
+            // Half the sequences on whole milliseconds, half nudged by a microsecond.
+            prop_oneof![
+                Just(vec![0_i64]),
+                prop::collection::vec(
+                    prop_oneof![2 => Just(0_i64), 1 => Just(-1), 1 => Just(1)],
+                    8..=16
+                ),
+            ],
         ),
-        |((spec, first_token, steps), general, variations, extras, learn_ms)| {
+        |((spec, first_token, steps), general, variations, extras, learn_ms, nudges)| {
             n.set(n.get() + 1);
             let name = format!("twin{}", n.get());
             Twin::new(
@@ -895,7 +923,7 @@ fn the_script_matches_the_core() {
                 variations,
                 learn_ms,
             )?
-            .run(&steps, &extras)
+            .run(&steps, &extras, &nudges)
         },
     );
     if let Err(e) = result {
