@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal, WaitOutcome};
+use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal};
 use floodgate::{FencingToken, LimiterName, LimiterSpec, RateSpec, Timestamp};
 use support::rng::Rng;
 
@@ -50,23 +50,6 @@ fn waiter_key(request_id: Option<&str>, n: u64) -> String {
             format!("r{hex}")
         }
         None => format!("k{n}"),
-    }
-}
-
-fn encode(outcome: &WaitOutcome) -> String {
-    match outcome {
-        Ok(g) => format!(
-            "G|{}|{}|{}|{}|{}|{}",
-            g.token.0,
-            g.permits,
-            us(g.lease),
-            g.lease_deadline.0,
-            g.granted_at.0,
-            us(g.waited)
-        ),
-        Err(Refusal::WaitTimeout { retry_after }) => format!("T|{}", us(*retry_after)),
-        Err(Refusal::PermitsExceedLimit { requested, limit }) => format!("X|{requested}|{limit}"),
-        Err(other) => format!("unexpected {other:?}"),
     }
 }
 
@@ -126,7 +109,7 @@ impl Twin {
             if let Ok(g) = outcome {
                 self.tokens.push(g.token.0);
             }
-            core.insert(key, encode(outcome));
+            core.insert(key, outcomes::encode(outcome));
         }
         // Read once: outcomes other than grants are recorded afresh each time.
         let outcomes = outcomes::take(&mut self.conn, &self.keys[6], &self.keys[7]);

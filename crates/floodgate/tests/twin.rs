@@ -20,6 +20,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod gen;
+#[path = "support/outcomes.rs"]
+mod outcomes;
 mod support;
 
 use std::cell::{Cell, RefCell};
@@ -48,25 +50,6 @@ const FAR: u64 = 1_000_000;
 
 fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap()
-}
-
-/// The script's encoding of a waiter's outcome (see the header of lua/common.lua).
-fn encode(outcome: &WaitOutcome) -> String {
-    match outcome {
-        Ok(g) => format!(
-            "G|{}|{}|{}|{}|{}|{}",
-            g.token.0,
-            g.permits,
-            us(g.lease),
-            g.lease_deadline.0,
-            g.granted_at.0,
-            us(g.waited)
-        ),
-        Err(Refusal::WaitTimeout { retry_after }) => format!("T|{}", us(*retry_after)),
-        Err(Refusal::PermitsExceedLimit { requested, limit }) => format!("X|{requested}|{limit}"),
-        Err(Refusal::LimiterDeleted) => "D".into(),
-        Err(other) => format!("unexpected {other:?}"),
-    }
 }
 
 /// What the twin adds to the model's specs: a rate (or rate only) and an adaptive range, so
@@ -413,7 +396,7 @@ impl<'a> Twin<'a> {
             if let Ok(g) = &outcome {
                 self.tokens.push(g.token.0);
             }
-            core.insert(key.clone(), encode(&outcome));
+            core.insert(key.clone(), outcomes::encode(&outcome));
             self.departed.push((q, key));
         }
         let script: BTreeMap<String, String> = outcomes
