@@ -12,8 +12,9 @@
 //! `KeyLayer` and, with
 //! the clock in the op argument (`op@now`, as `twin.rs`), on the keyed script on a real
 //! `redis-server`. After every step they must agree on the answer (its kind, retry hints,
-//! refusal fields, lease deadlines), on which waiters were decided and how (grant or refusal,
-//! and the retry hint), on the status (in use, holders, waiting) and on the keys view (count
+//! refusal fields, lease deadlines), on which waiters were decided and how (a grant whole but
+//! its token: permits, lease, deadline, grant time and wait; or a refusal and its retry hint;
+//! mutation-checked: a wait reported 1 µs long in `state.lua` fails it), on the status (in use, holders, waiting) and on the keys view (count
 //! and every busiest key's in use, holders, waiting, limit and weight, in order), and on the
 //! oldest waiter's arrival across keys (the core's oldest head, the script's `kheads`). Fencing
 //! tokens differ (the script seeds them from its clock) and are mapped.
@@ -53,10 +54,18 @@ use idem::{hex_key, Idem, IDS};
 const T0: u64 = 1_000_000_000_000;
 const KEYS: [&str; 5] = ["a", "b", "c", "d", "e"];
 
-/// How a decision reads on both sides: `G` (granted), `T<retry us>`, `X<requested>/<limit>`.
+/// How a decision reads on both sides: `G<permits>/<lease us>/<deadline>/<granted at>/<waited
+/// us>` (the token is mapped elsewhere), `T<retry us>`, `X<requested>/<limit>`.
 fn core_outcome(o: &Result<floodgate::core::Grant, Refusal>) -> String {
     match o {
-        Ok(_) => "G".into(),
+        Ok(g) => format!(
+            "G{}/{}/{}/{}/{}",
+            g.permits,
+            g.lease.as_micros(),
+            g.lease_deadline.0,
+            g.granted_at.0,
+            g.waited.as_micros()
+        ),
         Err(Refusal::WaitTimeout { retry_after }) => format!("T{}", retry_after.as_micros()),
         Err(Refusal::PermitsExceedLimit { requested, limit }) => format!("X{requested}/{limit}"),
         Err(other) => format!("{other:?}"),
@@ -66,7 +75,7 @@ fn core_outcome(o: &Result<floodgate::core::Grant, Refusal>) -> String {
 fn script_outcome(o: &str) -> String {
     let f: Vec<&str> = o.split('|').collect();
     match f[0] {
-        "G" => "G".into(),
+        "G" => format!("G{}/{}/{}/{}/{}", f[2], f[3], f[4], f[5], f[6]),
         "T" => format!("T{}", f[1]),
         "X" => format!("X{}/{}", f[1], f[2]),
         other => other.to_owned(),
