@@ -18,7 +18,8 @@
 //!
 //! On a Redis Cluster each shard has its own master, so the same check runs per hash slot
 //! (`shard.rs`): the master of a limiter's slot, and on a change the limiters this store knows
-//! in that slot. The gate, the marks and the windows below are shared by both.
+//! in that slot. The marks and the windows below are shared by both; the gate is one per slot
+//! there (`Shards::gates`), one for the store here.
 //!
 //! Not covered: a server that had not used a limiter before the change.
 
