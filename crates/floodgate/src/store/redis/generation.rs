@@ -24,8 +24,10 @@
 //! Not covered: a server that had not used a limiter before the change.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use redis::cluster_routing::Slot;
 
 use super::limiter::RedisLimiter;
 use super::{conn::Conn, unavailable, Inner};
@@ -71,6 +73,36 @@ pub(super) struct Generation {
     gate: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Failed requests against checks of the master, on standalone Redis (a Cluster counts them
+/// per slot: `Shards::suspect`). Counts, not a flag: a check covers only the failures raised
+/// before it asked, so one raised while its `INFO` was in flight (the failover's own break,
+/// after the old master had answered) leaves a check due, where clearing a flag lost it.
+#[derive(Debug, Default)]
+pub(super) struct Suspicions {
+    /// Failures raised so far.
+    raised: AtomicU64,
+    /// Failures the last completed check covered (`raised` when it started).
+    covered: AtomicU64,
+}
+
+impl Suspicions {
+    /// A request failed: check the master before the next one.
+    pub(super) fn raise(&self) {
+        self.raised.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether a check is due, and if so what it will cover: the failures raised until now.
+    pub(super) fn due(&self) -> Option<u64> {
+        let raised = self.raised.load(Ordering::Acquire);
+        (raised != self.covered.load(Ordering::Acquire)).then_some(raised)
+    }
+
+    /// A check that started when `seen` failures were raised has completed.
+    pub(super) fn cover(&self, seen: u64) {
+        self.covered.fetch_max(seen, Ordering::AcqRel);
+    }
+}
+
 impl Generation {
     pub(super) fn new(run_id: Option<String>) -> Self {
         Generation {
@@ -82,10 +114,11 @@ impl Generation {
 }
 
 tokio::task_local! {
-    /// Set in the task that holds the gate: its own requests (the `learn` call, retried when
-    /// its connection had dropped) come back through `settle_generation`, and must not wait for
-    /// the gate they are under.
-    static SETTLING: ();
+    /// Set in the task that holds a gate, to that gate's slot (`None`: the store's gate, on
+    /// standalone Redis): its own requests (the `learn` call, retried when its connection had
+    /// dropped) come back through `settle_generation`, and must not wait for the gate they are
+    /// under. A call it made on another slot would settle at that slot's gate as any other.
+    static SETTLING: Option<Slot>;
 }
 
 impl Inner {
@@ -97,7 +130,7 @@ impl Inner {
 
     /// A request failed: check the master before the next one.
     pub(super) fn suspect_change(&self) {
-        self.suspect.store(true, Ordering::Release);
+        self.suspect.raise();
     }
 
     /// Marks these limiters to learn before this store runs anything else on them.
@@ -113,13 +146,14 @@ impl Inner {
 /// If a request failed since the last check, compares the master's `run_id` with the one
 /// known; on a change, marks every known limiter to learn.
 ///
-/// Called under the gate. `suspect` is cleared only once the limiters to learn are marked, so
-/// an operation arriving meanwhile still sees it and waits at the gate.
+/// Called under the gate. The failures are covered only once the limiters to learn are
+/// marked, so an operation arriving meanwhile still finds a check due and waits at the gate;
+/// and only those raised before the `INFO` was sent.
 async fn check(inner: &Arc<Inner>) -> Result<(), StoreError> {
-    if !inner.suspect.load(Ordering::Acquire) {
+    let Some(seen) = inner.suspect.due() else {
         return Ok(());
-    }
-    // On an error `suspect` stays set: the next operation checks again.
+    };
+    // On an error nothing is covered: the next operation checks again.
     let now = master_run_id(&inner.conn).await?;
     let known = inner.known_names();
     let mut g = inner.lock_generation();
@@ -142,8 +176,8 @@ async fn check(inner: &Arc<Inner>) -> Result<(), StoreError> {
         // (`eval.rs`).
         inner.renew_scripts(now.as_deref());
     }
-    // Last: whoever sees `suspect` clear also sees the limiters marked.
-    inner.suspect.store(false, Ordering::Release);
+    // Last: whoever finds no check due also sees the limiters marked.
+    inner.suspect.cover(seen);
     Ok(())
 }
 
@@ -152,7 +186,7 @@ impl RedisLimiter {
     /// limiter is to learn, enters its learning window first. Both under the gate, which
     /// every operation that finds either due waits for.
     pub(super) async fn settle_generation(&self) -> Result<(), StoreError> {
-        if !self.due_to_settle() || SETTLING.try_with(|_| ()).is_ok() {
+        if !self.needs_settling() {
             return Ok(());
         }
         let gate = if self.store.is_cluster() {
@@ -161,7 +195,14 @@ impl RedisLimiter {
             Arc::clone(&self.store.lock_generation().gate)
         };
         let _held = gate.lock().await;
-        SETTLING.scope((), self.settle_under_gate()).await
+        SETTLING
+            .scope(self.gate_slot(), self.settle_under_gate())
+            .await
+    }
+
+    /// The slot whose gate this limiter settles under (`None`: the store's).
+    fn gate_slot(&self) -> Option<Slot> {
+        self.store.is_cluster().then(|| self.slot())
     }
 
     /// The changes of the master noticed so far (on a Cluster, of this limiter's slot's),
@@ -187,7 +228,10 @@ impl RedisLimiter {
     /// Whether this limiter must settle before a call is sent: something is due and this
     /// task is not the one settling it (under the gate, its own calls go through).
     pub(super) fn needs_settling(&self) -> bool {
-        self.due_to_settle() && SETTLING.try_with(|_| ()).is_err()
+        self.due_to_settle()
+            && !SETTLING
+                .try_with(|under| *under == self.gate_slot())
+                .unwrap_or(false)
     }
 
     /// A request failed or was answered `NOSCRIPT`: check the master (on a Cluster, this
@@ -206,7 +250,7 @@ impl RedisLimiter {
         let check_due = if self.store.is_cluster() {
             self.shard_due()
         } else {
-            self.store.suspect.load(Ordering::Acquire)
+            self.store.suspect.due().is_some()
         };
         check_due
             || (self.store.relearn_pending.load(Ordering::Acquire)
@@ -231,5 +275,29 @@ impl RedisLimiter {
             self.store.relearn_pending.store(false, Ordering::Release);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Suspicions;
+
+    /// A request that failed while a check was asking the master keeps a check due: the
+    /// answer may have come from the master before the failover that failed the request.
+    #[test]
+    fn a_failure_during_a_check_keeps_a_check_due() {
+        let s = Suspicions::default();
+        assert_eq!(s.due(), None);
+        s.raise();
+        let seen = s.due().expect("due after a failure");
+        s.raise(); // while the check's INFO is in flight
+        s.cover(seen);
+        let seen = s.due().expect("the second failure was lost");
+        s.cover(seen);
+        assert_eq!(s.due(), None);
+        // An older check completing late covers nothing new.
+        s.raise();
+        s.cover(seen);
+        assert!(s.due().is_some());
     }
 }

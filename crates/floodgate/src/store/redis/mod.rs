@@ -152,8 +152,8 @@ pub(crate) struct Inner {
     /// The master's identity and the limiters to put in a learning window after it changed
     /// (`generation.rs`).
     generation: Mutex<generation::Generation>,
-    /// A request failed since the master was last checked: check before the next one.
-    suspect: AtomicBool,
+    /// Requests failed since the master was last checked: check before the next one.
+    suspect: generation::Suspicions,
     /// On a Redis Cluster, the master last checked per slot, and its scripts (`shard.rs`).
     shards: Mutex<shard::Shards>,
     /// Some limiter is to learn (so the hot path skips the lock when none is).
@@ -366,7 +366,7 @@ impl RedisStore {
             closing: Arc::new(tokio::sync::Notify::new()),
             known: Mutex::new(revive::Known::default()),
             generation: Mutex::new(generation::Generation::new(run_id)),
-            suspect: AtomicBool::new(false),
+            suspect: generation::Suspicions::default(),
             shards: Mutex::new(shard::Shards::default()),
             relearn_pending: AtomicBool::new(false),
             changes: AtomicU64::new(0),

@@ -38,8 +38,10 @@ use crate::types::LimiterName;
 pub(super) struct Shards {
     /// Per slot this store used, the `run_id` of the master last checked to serve it.
     masters: HashMap<Slot, String>,
-    /// Slots a request failed on since their last check: checked before the next call.
-    suspect: HashSet<Slot>,
+    /// Slots a request failed on since their last check, with how many failed: checked before
+    /// the next call. Counted, as `generation::Suspicions`: a check clears a slot only if no
+    /// request on it failed while its `INFO` was in flight.
+    suspect: HashMap<Slot, u64>,
     /// The scripts naming each master some slot is recorded with, shared by its slots.
     scripts: HashMap<String, Arc<Scripts>>,
     /// Changes of master noticed per slot: an acquire in flight across one on its own slot
@@ -51,6 +53,16 @@ pub(super) struct Shards {
     /// their own (a first call, a request that failed) must not wait behind it. A slot's
     /// check marks only that slot's limiters to learn, so nothing else needs the same gate.
     gates: HashMap<Slot, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Shards {
+    /// A check of `slot` that started when its failures stood at `seen` has completed: the
+    /// slot is clear unless more failed since.
+    fn covered(&mut self, slot: Slot, seen: Option<u64>) {
+        if self.suspect.get(&slot).copied() == seen {
+            self.suspect.remove(&slot);
+        }
+    }
 }
 
 impl Inner {
@@ -156,14 +168,14 @@ impl RedisLimiter {
     pub(super) fn shard_due(&self) -> bool {
         let slot = self.slot();
         let shards = self.store.lock_shards();
-        !shards.masters.contains_key(&slot) || shards.suspect.contains(&slot)
+        !shards.masters.contains_key(&slot) || shards.suspect.contains_key(&slot)
     }
 
     /// A request on this limiter's slot failed, or was answered `NOSCRIPT`: check its master
     /// before the next call.
     pub(super) fn suspect_shard(&self) {
         let slot = self.slot();
-        self.store.lock_shards().suspect.insert(slot);
+        *self.store.lock_shards().suspect.entry(slot).or_default() += 1;
     }
 
     /// The `run_id` of the master serving this limiter's slot. A node that answers as a
@@ -213,6 +225,7 @@ impl RedisLimiter {
             return Ok(());
         }
         let slot = self.slot();
+        let seen = self.store.lock_shards().suspect.get(&slot).copied();
         let now = self.slot_master().await?;
         let before = self.store.lock_shards().masters.get(&slot).cloned();
         if let Some(before) = before.filter(|b| *b != now) {
@@ -242,7 +255,7 @@ impl RedisLimiter {
             shards.scripts.insert(now.clone(), scripts);
         }
         shards.masters.insert(slot, now);
-        shards.suspect.remove(&slot);
+        shards.covered(slot, seen);
         // Scripts of masters no slot is recorded with any more are dropped.
         let Shards {
             masters, scripts, ..
@@ -256,6 +269,27 @@ impl RedisLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request that failed while the slot's check was asking its master keeps the slot due:
+    /// the answer may have come from the master before the failover that failed the request.
+    #[test]
+    fn a_failure_during_a_check_keeps_the_slot_due() {
+        let (slot, other) = (Slot::for_key("a"), Slot::for_key("b"));
+        assert_ne!(slot, other);
+        let mut shards = Shards::default();
+        let fail = |shards: &mut Shards, slot| *shards.suspect.entry(slot).or_default() += 1;
+        // A first check (nothing failed) and a failure while it asks.
+        let seen = shards.suspect.get(&slot).copied();
+        fail(&mut shards, slot);
+        shards.covered(slot, seen);
+        assert!(shards.suspect.contains_key(&slot), "the failure was lost");
+        // A check that covers every failure clears the slot, and only it.
+        fail(&mut shards, other);
+        let seen = shards.suspect.get(&slot).copied();
+        shards.covered(slot, seen);
+        assert!(!shards.suspect.contains_key(&slot));
+        assert!(shards.suspect.contains_key(&other));
+    }
 
     #[test]
     fn a_limiters_slot_is_the_slot_of_each_of_its_keys() {
