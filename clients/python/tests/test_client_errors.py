@@ -1,9 +1,11 @@
 """The core client against the real server: bad input, authentication, unavailability."""
 
 import os
+import re
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Callable, List
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 import floodgate
 from floodgate import (
     BadRequest,
+    Conflict,
     Floodgate,
     FloodgateError,
     PermitsExceedLimit,
@@ -18,6 +21,7 @@ from floodgate import (
     Unavailable,
     UnknownLimiter,
 )
+from floodgate.errors import _BY_CODE, error_for
 
 from conftest import MakeLimiter, ServerProcess, closed_port, wait_until
 
@@ -181,3 +185,21 @@ def test_held_acquire_on_shutdown_is_unavailable(floodgate_bin: str,
     t.join(10)
     assert errors and isinstance(errors[0], Unavailable), errors
     assert held.lease > 0
+
+
+def test_each_error_code_maps_to_its_exception() -> None:
+    """Every `error` code docs/openapi.yaml lists has its class (a 409 `superseded` is a
+    `Conflict`, not a retryable `Unavailable`)."""
+    spec = (Path(__file__).resolve().parents[3] / "docs" / "openapi.yaml").read_text()
+    listed = re.search(r"enum: \[(invalid_request[^\]]*)\]", spec)
+    assert listed is not None
+    codes = [c.strip() for c in listed.group(1).split(",")]
+    assert "superseded" in codes
+    # Answered by the HTTP layer before the API (framing, connections): mapped by status.
+    by_status_only = {"bad_request", "body_timeout", "uri_too_long", "headers_too_large",
+                      "too_many_connections", "unsupported_media_type"}
+    missing = [c for c in codes if c not in _BY_CODE and c not in by_status_only]
+    assert missing == []
+    err = error_for(409, "superseded", "request_id: a repeat took this wait over")
+    assert isinstance(err, Conflict)
+    assert err.code == "superseded"

@@ -33,7 +33,7 @@ pub struct AcquireLabels {
     /// The limiter's name.
     pub limiter: String,
     /// granted, wait_timeout, queue_full, rejected, cancelled, shutting_down, fail_open,
-    /// store_unavailable.
+    /// store_unavailable, superseded.
     pub outcome: &'static str,
 }
 

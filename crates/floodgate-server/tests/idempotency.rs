@@ -317,3 +317,84 @@ async fn on_redis_a_paced_grant_is_returned_again_to_its_retry() {
     let (served, base, http, _redis) = start_on_redis().await;
     paced_retry_gets_the_same_grant(served, base, http).await;
 }
+
+#[tokio::test]
+async fn a_repeat_sent_while_the_first_attempt_waits_answers_that_attempt_superseded() {
+    let (served, base, http) = start().await;
+    overlapping_repeat(served, base, http).await;
+}
+
+#[tokio::test]
+async fn on_redis_a_repeat_sent_while_the_first_attempt_waits_answers_that_attempt_superseded() {
+    let (served, base, http, _redis) = start_on_redis().await;
+    overlapping_repeat(served, base, http).await;
+}
+
+/// A client overlaps its own attempts: the first is still connected and waiting when the
+/// repeat with the same `request_id` arrives. The repeat takes the wait over; the first is
+/// answered 409 `superseded` (before: 503 `store_unavailable`, counted as the store failing),
+/// and the wait goes on for the repeat: one waiter, one grant.
+async fn overlapping_repeat(served: Served, base: String, http: reqwest::Client) {
+    let (code, holder) = acquire(&http, &base, json!({})).await;
+    assert_eq!(code, 200);
+    let attempt = || {
+        let (http, base) = (http.clone(), base.clone());
+        tokio::spawn(async move {
+            acquire(
+                &http,
+                &base,
+                json!({"request_id": "job-s", "wait_ms": 60000}),
+            )
+            .await
+        })
+    };
+    let first = attempt();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while num(&status(&http, &base).await, "/waiting") != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(POLL).await;
+    }
+    let repeat = attempt();
+    let (code, body) = tokio::time::timeout(PATIENCE, first)
+        .await
+        .expect("the first attempt was not answered")
+        .unwrap();
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"], "superseded", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().starts_with("request_id"),
+        "{body}"
+    );
+    let s = status(&http, &base).await;
+    assert_eq!(num(&s, "/waiting"), 1, "the repeat waits on: {s}");
+    release(&http, &base, &holder).await;
+    let (code, permit) = tokio::time::timeout(PATIENCE, repeat)
+        .await
+        .expect("the repeat was not answered")
+        .unwrap();
+    assert_eq!(code, 200, "{permit}");
+    let s = status(&http, &base).await;
+    assert_eq!(num(&s, "/in_use"), 1, "{s}");
+    assert_eq!(num(&s, "/counters/granted"), 2, "{s}");
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |outcome: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("floodgate_acquire_total{")
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+    };
+    assert_eq!(count("superseded"), 1.0, "{metrics}");
+    assert_eq!(count("store_unavailable"), 0.0, "{metrics}");
+    served.stop().await;
+}

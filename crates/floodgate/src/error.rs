@@ -118,6 +118,14 @@ pub enum AcquireError {
     /// The operation could not be carried out.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// While this acquire waited, a repeat with the same `request_id` took its wait over: the
+    /// wait goes on, and its outcome (the grant, or the refusal) goes to that repeat, not
+    /// here. Not a failure of the store: the caller overlapped its own attempts (a client
+    /// retries with the same id once it has given the first attempt up).
+    #[error(
+        "a repeat with the same request_id took this wait over; its outcome goes to that repeat"
+    )]
+    Superseded,
 }
 
 impl AcquireError {

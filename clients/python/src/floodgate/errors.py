@@ -85,7 +85,9 @@ class MethodNotAllowed(FloodgateError):
 
 
 class Conflict(FloodgateError):
-    """409 (``too_many_limiters``): the server holds its maximum number of limiters."""
+    """409: ``too_many_limiters`` (the server holds its maximum number of limiters), or
+    ``superseded`` (a repeat of this acquire with the same ``request_id`` took its wait over
+    while it waited; the repeat gets the outcome)."""
 
 
 class PermitLost(FloodgateError):
@@ -169,6 +171,7 @@ _BY_CODE: Dict[str, Type[FloodgateError]] = {
     "not_found": NotFound,
     "method_not_allowed": MethodNotAllowed,
     "too_many_limiters": Conflict,
+    "superseded": Conflict,
     "permit_lost": PermitLost,
     "payload_too_large": PayloadTooLarge,
     "wait_timeout": WaitTimeout,

@@ -180,6 +180,12 @@ impl From<AcquireError> for ApiError {
             )
             .with_retry(retry_after),
             AcquireError::Store(e) => e.into(),
+            AcquireError::Superseded => ApiError::new(
+                StatusCode::CONFLICT,
+                "superseded",
+                "request_id: a repeat with the same request_id took this wait over while it \
+                 waited; that repeat gets the wait's outcome (send one attempt at a time)",
+            ),
             other => unavailable(other),
         }
     }

@@ -434,6 +434,7 @@ fn outcome_label(result: &Result<floodgate::Grant, AcquireError>) -> &'static st
         Err(AcquireError::Refused(Refusal::LimiterDeleted))
         | Err(AcquireError::Store(StoreError::UnknownLimiter(_))) => "unknown_limiter",
         Err(AcquireError::Store(StoreError::Unavailable(_))) => "store_unavailable",
+        Err(AcquireError::Superseded) => "superseded",
         Err(_) => "rejected",
     }
 }

@@ -322,10 +322,7 @@ impl<C: Clock> Future for QueuedAcquire<C> {
             Some(Err(refusal)) => Err(AcquireError::Refused(refusal)),
             // No outcome and no listener: a retry of this idempotent acquire took the wait
             // over, or the limiter itself is gone.
-            None if self.idempotent => Err(StoreError::Unavailable(
-                "this wait was taken over by a retry with the same request_id".into(),
-            )
-            .into()),
+            None if self.idempotent => Err(AcquireError::Superseded),
             None => Err(StoreError::UnknownLimiter(self.limiter.shared.name.clone()).into()),
         })
     }

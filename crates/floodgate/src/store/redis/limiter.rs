@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::wake::{decode_grant, decode_outcome, Pending};
+use super::wake::{decode_grant, decode_outcome, Delivery, Pending};
 use super::{keyed, unavailable, Inner};
 use crate::core::{
     AcquireRequest, Counters, Feedback, Grant, HolderInfo, HoldersView, LimiterStatus, Refusal,
@@ -327,10 +327,16 @@ impl RedisLimiter {
             reply.first().map(String::as_str),
             Some("granted" | "queued")
         );
-        if let (Some(first), false) = (displaced, decided) {
-            let mut waiters = self.store.lock_waiters();
-            if waiters.get(&key).is_some_and(|p| p.attempt == n) {
-                waiters.insert(key.clone(), first);
+        if let Some(first) = displaced {
+            if decided {
+                // The wait is the repeat's now: the first attempt is told so, not left to read
+                // its dropped sender as a lost subscription.
+                let _ = first.tx.send(Delivery::Superseded);
+            } else {
+                let mut waiters = self.store.lock_waiters();
+                if waiters.get(&key).is_some_and(|p| p.attempt == n) {
+                    waiters.insert(key.clone(), first);
+                }
             }
         }
         match reply.first().map(String::as_str) {
@@ -350,9 +356,14 @@ impl RedisLimiter {
                 let wait = Duration::from_micros(field(&reply, 1)?);
                 let outcome = tokio::select! {
                     outcome = rx => match outcome {
-                        Ok(outcome) => {
+                        Ok(Delivery::Outcome(outcome)) => {
                             guard.disarm();
                             outcome
+                        }
+                        // The repeat owns the wait and its guard: nothing to undo here.
+                        Ok(Delivery::Superseded) => {
+                            guard.disarm();
+                            return Err(AcquireError::Superseded);
                         }
                         // The subscription was lost (Redis down?): fail fast rather than wait
                         // blind. The armed guard cancels the queued entry, now or once Redis

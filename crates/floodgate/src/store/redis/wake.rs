@@ -32,13 +32,24 @@ pub(crate) struct Pending {
     /// Its limiter, to re-check it after a reconnect.
     pub(crate) limiter: LimiterName,
     /// Where its outcome goes.
-    pub(crate) tx: oneshot::Sender<WaitOutcome>,
+    pub(crate) tx: oneshot::Sender<Delivery>,
     /// The call that waits (several calls may wait under one idempotent key, one after the
     /// other): only that call's guard takes this entry out.
     pub(crate) attempt: u64,
     /// When its `queued` reply arrived (on the store's `order`), `None` before: a revival
     /// answers only the waiters that queued before the limiter was found gone (`revive.rs`).
     pub(crate) queued: Option<u64>,
+}
+
+/// What a queued acquire of this process is handed. (Its sender dropped: the subscription
+/// was lost, and no wake-up can come.)
+#[derive(Debug)]
+pub(crate) enum Delivery {
+    /// Its wait's outcome.
+    Outcome(WaitOutcome),
+    /// A repeat with the same request id, in this process, took the wait over (it was granted
+    /// or joined the wait): the outcome goes to that repeat.
+    Superseded,
 }
 
 /// Decodes an outcome recorded by the script: `G|token|permits|lease|deadline|granted_at|waited`,
@@ -95,7 +106,7 @@ pub(crate) fn deliver_outcome(inner: &Arc<Inner>, limiter: &str, key: &str, outc
     if let Some(pending) = pending {
         // A waiter that has just gone away hands its cancel to the script, which finds the
         // recorded outcome and undoes a grant; nothing to do here if the send fails.
-        let _ = pending.tx.send(outcome);
+        let _ = pending.tx.send(Delivery::Outcome(outcome));
         return;
     }
     // An idempotent acquire whose caller went away was granted here: nobody in this process
@@ -149,7 +160,7 @@ async fn resync(inner: Arc<Inner>, answer_unchecked: bool) {
             match limiter.peek(&key).await {
                 Ok(Some(outcome)) => {
                     if let Some(p) = inner.lock_waiters().remove(&key) {
-                        let _ = p.tx.send(outcome);
+                        let _ = p.tx.send(Delivery::Outcome(outcome));
                     }
                 }
                 Ok(None) => {}
@@ -196,7 +207,7 @@ pub(crate) fn recheck(inner: &Arc<Inner>, limiter: &LimiterName) {
         for key in keys {
             if let Ok(Some(outcome)) = limiter.peek(&key).await {
                 if let Some(p) = inner.lock_waiters().remove(&key) {
-                    let _ = p.tx.send(outcome);
+                    let _ = p.tx.send(Delivery::Outcome(outcome));
                 }
             }
         }
