@@ -133,14 +133,16 @@ async fn holders_are_listed_with_their_labels_bounded_and_behind_the_token() {
     assert_eq!(one["holders"].as_array().unwrap().len(), 1);
     assert_eq!(one["truncated"], true);
 
-    for bad in ["?limit=10001", "?limit=-1", "?limit=x", "?what=1"] {
+    for (bad, names) in [
+        ("?limit=10001", "limit:"),
+        ("?limit=-1", "limit:"),
+        ("?limit=x", "limit:"),
+        ("?what=1", "what:"),
+    ] {
         let (status, err) = get(bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {err}");
         assert_eq!(err["error"], "invalid_request");
-        assert!(
-            err["message"].as_str().unwrap().starts_with("limit:"),
-            "{err}"
-        );
+        assert!(err["message"].as_str().unwrap().starts_with(names), "{err}");
     }
     let resp = http
         .get(format!("{base}/v1/limiters/nope/holders"))

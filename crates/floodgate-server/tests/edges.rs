@@ -323,10 +323,24 @@ async fn arrays_are_not_bodies() {
     srv.json(Method::POST, "/v1/limiters/x/acquire", "[1]")
         .await
         .error(400, "invalid_request");
-    srv.json(Method::POST, "/v1/limiters/x/acquire", "5")
-        .await
-        .error(400, "invalid_request")
-        .message_starts("body");
+    for body in ["5", "\"x\"", "[]", "[1]", "true", "null"] {
+        let answer = srv.json(Method::POST, "/v1/limiters/x/acquire", body).await;
+        answer.error(400, "invalid_request");
+        assert_eq!(
+            answer.json["message"], "body: must be a JSON object",
+            "{body}"
+        );
+    }
+    // A field that takes an object, given another type: no Rust type's name in the message.
+    let answer = srv
+        .json(Method::PUT, "/v1/limiters/arr", r#"{"rate": 5}"#)
+        .await;
+    answer.error(400, "invalid_request").message_starts("rate");
+    assert!(
+        answer.text.contains("expected a JSON object") && !answer.text.contains("struct"),
+        "{}",
+        answer.text
+    );
     srv.verbatim(Method::GET, "/v1/limiters/arr", None, None, None)
         .await
         .error(404, "unknown_limiter");

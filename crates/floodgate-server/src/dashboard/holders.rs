@@ -16,9 +16,13 @@ use crate::wire::millis;
 pub(crate) const DEFAULT_LIMIT: usize = 100;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct HoldersQuery {
-    limit: Option<usize>,
+    /// Parsed by `parse_limit`, so its errors name `limit` and say what it takes.
+    limit: Option<String>,
+    /// Any other parameter: refused by `parse_limit`, naming it (a `deny_unknown_fields`
+    /// rejection blamed `limit` for it).
+    #[serde(flatten)]
+    other: std::collections::BTreeMap<String, String>,
 }
 
 /// One holder as the API shows it.
@@ -94,13 +98,21 @@ pub(crate) fn parse_name(
 pub(crate) fn parse_limit(
     query: Result<Query<HoldersQuery>, QueryRejection>,
 ) -> Result<usize, ApiError> {
+    // What is left to fail here is `limit` given twice.
     let Query(q) = query.map_err(|e| ApiError::bad_field("limit", e.body_text()))?;
-    match q.limit {
+    if let Some(name) = q.other.keys().next() {
+        let shown: String = name.chars().take(64).collect();
+        return Err(ApiError::bad_field(
+            &shown,
+            "unknown query parameter (this route takes only `limit`)",
+        ));
+    }
+    match q.limit.map(|l| l.parse::<usize>()) {
         None => Ok(DEFAULT_LIMIT),
-        Some(n) if n <= MAX_HOLDERS_LISTED => Ok(n),
+        Some(Ok(n)) if n <= MAX_HOLDERS_LISTED => Ok(n),
         Some(_) => Err(ApiError::bad_field(
             "limit",
-            format!("must be from 0 to {MAX_HOLDERS_LISTED}"),
+            format!("must be a whole number from 0 to {MAX_HOLDERS_LISTED}"),
         )),
     }
 }

@@ -67,7 +67,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 } else {
                     &path
                 };
-                return Err(bad(field, &inner));
+                // JSON, but not an object (`5`, `"x"`, `[]`): said so, not as serde's "expected
+                // struct AcquireBody" or a struct read from an array by position.
+                let not_object = field == "body"
+                    && serde_json::from_slice::<serde_json::Value>(text)
+                        .is_ok_and(|v| !v.is_object());
+                if not_object {
+                    return Err(bad("body", &"must be a JSON object"));
+                }
+                return Err(bad(field, &without_type_names(&inner.to_string())));
             }
         };
         // Anything after the JSON value (a second object, garbage) is an error, not ignored.
@@ -84,6 +92,25 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         }
         Ok(JsonBody(value))
     }
+}
+
+/// serde's message without the server's own type names: "expected struct RateBody" reads
+/// "expected a JSON object" (a client has no use for the name of a Rust type).
+fn without_type_names(message: &str) -> String {
+    const STRUCT: &str = "expected struct ";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(STRUCT) {
+        out.push_str(&rest[..at]);
+        out.push_str("expected a JSON object");
+        let after = &rest[at + STRUCT.len()..];
+        let name_len = after
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        rest = &after[name_len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The path (`rate.limit`) of the first array in `value`, if any.
@@ -103,5 +130,23 @@ fn first_array(value: &serde_json::Value, path: String) -> Option<String> {
             first_array(v, inner)
         }),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_type_names;
+
+    #[test]
+    fn type_names_are_left_out_of_messages() {
+        assert_eq!(
+            without_type_names("invalid type: integer `5`, expected struct RateBody at line 1"),
+            "invalid type: integer `5`, expected a JSON object at line 1"
+        );
+        assert_eq!(
+            without_type_names("expected struct A_b, expected struct C"),
+            "expected a JSON object, expected a JSON object"
+        );
+        assert_eq!(without_type_names("missing field `x`"), "missing field `x`");
     }
 }
