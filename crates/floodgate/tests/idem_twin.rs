@@ -661,3 +661,71 @@ fn the_rate_only_fast_path_matches_the_core_to_the_microsecond() {
     eprintln!("{granted} granted, {refused} refused ({under_floor} with the 1 ms floor's hint)");
     assert!(granted > 1_000 && refused > 1_000 && under_floor > 100);
 }
+
+/// A repeat of an idempotent acquire takes over what its first attempt left, on the script's
+/// own terms (the random sequences above never send the first attempt's `abandon`): a repeat
+/// that joins the queued wait, and one that gets the grant already held, each name themselves
+/// its owner, so the first attempt's `abandon` (its caller went away; the store sends it when
+/// the grant reaches that attempt's server, or its grace ends) is answered `kept` and neither
+/// cancels the wait the repeat joined nor hands back the grant the repeat holds (which would
+/// leave its caller working on a permit the limiter counts free). Mutation-checked: without
+/// either `HSET a:KEY` (ops/acquire.lua's join, state.lua's `repeat_granted`) the abandon is
+/// carried out.
+#[test]
+fn a_repeat_owns_what_its_first_attempt_left_and_that_attempt_abandons_nothing() {
+    let (_server, mut conn, script) = script_on_redis();
+    let spec = LimiterSpec::concurrency(1).with_max_wait(Duration::from_secs(60));
+    let mut call = |op: &str, args: &[String]| -> Vec<String> {
+        eval(&mut conn, &script, "own", &format!("{op}@{T0}"), args)
+    };
+    assert_eq!(call("put", &put_args(&spec))[0], "status");
+    let acquire = |key: &str, attempt: &str| -> Vec<String> {
+        [1, 60_000_000, 60_000_000]
+            .iter()
+            .map(u64::to_string)
+            .chain([key, "chan", "", attempt].map(str::to_owned))
+            .collect()
+    };
+    let held = call("acquire", &acquire("kplain", "s.1"));
+    assert_eq!(held[0], "granted", "{held:?}");
+    let key = waiter_key(Some("job"), 0);
+    let cancel = |attempt: &str| vec![key.clone(), "abandon".to_owned(), attempt.to_owned()];
+    let status = |call: &mut dyn FnMut(&str, &[String]) -> Vec<String>| {
+        let s = call("status", &[]);
+        let schema = floodgate::store::redis::status_schema();
+        let field = |name: &str| {
+            let at = schema.iter().position(|f| *f == name).expect(name);
+            s[at + 1].parse::<u64>().unwrap()
+        };
+        (field("in_use"), field("waiting"))
+    };
+
+    // The first attempt queues; the repeat joins; the first attempt's abandon keeps the wait.
+    assert_eq!(call("acquire", &acquire(&key, "s.2"))[0], "queued");
+    assert_eq!(call("acquire", &acquire(&key, "s.3"))[0], "queued");
+    let kept = call("cancel", &cancel("s.2"));
+    assert_eq!(
+        kept[0], "kept",
+        "the first attempt cancelled the joined wait: {kept:?}"
+    );
+    assert_eq!(status(&mut call), (1, 1));
+
+    // The wait is granted; a later repeat gets that grant; the older attempts' abandons keep it.
+    let released = call("release", std::slice::from_ref(&held[1]));
+    assert_eq!(released[0], "released", "{released:?}");
+    assert_eq!(status(&mut call), (1, 0));
+    let again = call("acquire", &acquire(&key, "s.4"));
+    assert_eq!(again[0], "granted", "{again:?}");
+    for older in ["s.2", "s.3"] {
+        let kept = call("cancel", &cancel(older));
+        assert_eq!(
+            kept[0], "kept",
+            "{older} handed the repeat's grant back: {kept:?}"
+        );
+    }
+    assert_eq!(
+        status(&mut call),
+        (1, 0),
+        "the repeat's grant is still held"
+    );
+}
