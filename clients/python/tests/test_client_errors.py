@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import pytest
 
@@ -45,7 +45,7 @@ from conftest import MakeLimiter, ServerProcess, closed_port, wait_until
         (lambda fg, n: fg.acquire(n, holder="h" * 257, wait=0), BadRequest, "invalid_request",
          "holder: at most 256 characters"),
         (lambda fg, n: fg.acquire(n, permits=3, wait=0), PermitsExceedLimit,
-         "permits_exceed_limit", "permits: asked for 3 but the limit is 2"),
+         "permits_exceed_limit", "permits: asked for 3 but at most 2 can ever be granted at once"),
         (lambda fg, n: fg.acquire("no-such-limiter", wait=0), UnknownLimiter,
          "unknown_limiter", "no limiter is named \"no-such-limiter\""),
         (lambda fg, n: fg.define(n, 0), BadRequest, "invalid_request",
@@ -203,3 +203,49 @@ def test_each_error_code_maps_to_its_exception() -> None:
     err = error_for(409, "superseded", "request_id: a repeat took this wait over")
     assert isinstance(err, Conflict)
     assert err.code == "superseded"
+
+
+def test_retry_hints_the_caller_cannot_act_on_are_capped_or_dropped() -> None:
+    """A hint that is not a finite number of seconds is dropped; one beyond a day is capped
+    (a countdown of 1e15 s overflows Celery's date arithmetic, which then drops the task)."""
+    from email.message import Message
+
+    from floodgate.transport import MAX_RETRY_AFTER, _parse_error
+
+    def hint(body: bytes, header: Optional[str] = None) -> Optional[float]:
+        headers = Message()
+        if header is not None:
+            headers["Retry-After"] = header
+        err = _parse_error(503, body, headers)  # type: ignore[arg-type]
+        assert isinstance(err, Unavailable)
+        return err.retry_after
+
+    unavailable = b'{"error": "store_unavailable", "message": "x"'
+    assert hint(unavailable + b', "retry_after_ms": 2500}') == 2.5
+    assert hint(unavailable + b', "retry_after_ms": 1e18}') == MAX_RETRY_AFTER
+    assert hint(unavailable + b', "retry_after_ms": -5}') is None
+    assert hint(unavailable + b"}", "inf") is None
+    assert hint(unavailable + b"}", "nan") is None
+    assert hint(unavailable + b"}", "1e15") == MAX_RETRY_AFTER
+    assert hint(unavailable + b"}", "7") == 7.0
+
+
+def test_a_body_timeout_is_retryable() -> None:
+    """The server's 408 `body_timeout` (the request never reached it whole) is `Unavailable`,
+    retried like a 503, not a failure of the task."""
+    err = error_for(408, "body_timeout", "the request body did not arrive within 30000 ms")
+    assert isinstance(err, Unavailable)
+    assert isinstance(error_for(408, "", "a proxy's 408"), Unavailable)
+
+
+def test_a_lost_permit_is_never_revived() -> None:
+    from floodgate.permit import Permit
+
+    data = {"permit_id": "p.1", "fencing_token": 1, "permits": 1, "lease_ms": 60000}
+    permit = Permit(None, "p", data)  # type: ignore[arg-type]
+    permit.lost = False  # not lost: nothing to revive
+    assert not permit.lost
+    permit.lost = True
+    with pytest.raises(ValueError, match="never revived"):
+        permit.lost = False
+    assert permit.lost

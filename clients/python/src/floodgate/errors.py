@@ -141,7 +141,8 @@ class ServerError(FloodgateError):
 
 class Unavailable(FloodgateError):
     """The server could not be reached (after the configured retries), or answered 503
-    (``shutting_down``, ``store_unavailable``, ``too_many_connections``) on every attempt.
+    (``shutting_down``, ``store_unavailable``, ``too_many_connections``) or 408
+    (``body_timeout``: the request did not reach it whole in time) on every attempt.
 
     Attributes:
         retry_after: the last answer's ``Retry-After`` hint in seconds, or ``None`` (no
@@ -179,6 +180,9 @@ _BY_CODE: Dict[str, Type[FloodgateError]] = {
     "too_many_keys": TooManyKeys,
     "shutting_down": Unavailable,
     "store_unavailable": Unavailable,
+    # The server did not get the whole request in time: it was not served, so trying again
+    # is safe (and an acquire's request_id makes it so anyway).
+    "body_timeout": Unavailable,
 }
 
 _BY_STATUS: Dict[int, Type[FloodgateError]] = {
@@ -187,6 +191,7 @@ _BY_STATUS: Dict[int, Type[FloodgateError]] = {
     403: Forbidden,
     404: NotFound,
     405: MethodNotAllowed,
+    408: Unavailable,
     409: Conflict,
     410: PermitLost,
     413: PayloadTooLarge,

@@ -100,7 +100,11 @@ class Permit:
 
     @lost.setter
     def lost(self, value: bool) -> None:
-        self._lost = bool(value)
+        # One way only: a lost permit is never revived (another holder may have the slot).
+        if value:
+            self._lost = True
+        elif self.lost:
+            raise ValueError("a lost permit is never revived")
 
     @property
     def released(self) -> bool:

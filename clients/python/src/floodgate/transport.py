@@ -10,6 +10,7 @@ never touches the parent's sockets (as redis-py's pool does: it checks ``os.getp
 import http.client
 import json
 import logging
+import math
 import os
 import random
 import select
@@ -278,13 +279,27 @@ def _parse_error(status: int, raw: bytes, headers: http.client.HTTPMessage) -> F
         code = str(value.get("error") or code)
         message = str(value.get("message") or message)
         if isinstance(value.get("retry_after_ms"), (int, float)):
-            retry_after = float(value["retry_after_ms"]) / 1000.0
+            retry_after = _sane_hint(float(value["retry_after_ms"]) / 1000.0)
     if retry_after is None:
         header = headers.get("Retry-After")
         if header is not None:
             try:
-                retry_after = float(header)
+                retry_after = _sane_hint(float(header))
             except ValueError:
                 retry_after = None
     return error_for(status, code, message, retry_after)
+
+
+# The longest retry hint taken as given, in seconds: the server's own hints stay below it (a
+# lease lasts 24 h at most). Longer ones, from a proxy or a broken server, are capped: a
+# countdown of 1e15 s overflows Celery's date arithmetic, and Celery then drops the task.
+MAX_RETRY_AFTER = 24 * 3600.0
+
+
+def _sane_hint(seconds: float) -> Optional[float]:
+    """A retry hint the caller can act on: `None` for one that is not a finite number of
+    seconds, at least 0, capped at `MAX_RETRY_AFTER`."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
 

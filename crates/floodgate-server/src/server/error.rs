@@ -158,7 +158,11 @@ impl From<AcquireError> for ApiError {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "permits_exceed_limit",
-                    format!("permits: asked for {requested} but the limit is {limit}"),
+                    format!(
+                        "permits: asked for {requested} but at most {limit} can ever be granted \
+                         at once (the smallest of the limiter's concurrency, its rate burst and, \
+                         for a keyed limiter, the key's limit)"
+                    ),
                 )
             }
             AcquireError::Refused(Refusal::LimiterDeleted) => ApiError::new(

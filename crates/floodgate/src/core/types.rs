@@ -75,7 +75,7 @@ pub enum Refusal {
     },
     /// More permits than the limit could ever grant at once (also sent to waiters when a
     /// lowered limit makes their request impossible).
-    #[error("requested {requested} permits but the limit is {limit}")]
+    #[error("requested {requested} permits but at most {limit} can ever be granted at once")]
     PermitsExceedLimit {
         /// Permits asked for.
         requested: u32,
