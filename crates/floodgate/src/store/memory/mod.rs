@@ -194,22 +194,27 @@ impl<C: Clock> Store for MemoryStore<C> {
         }
         let limiter = self.limiter(name).await?;
         limiter.enter_learning(window)?;
+        // Durable before the answer: a crash right after it must not leave the limiter
+        // created but not learning (a later restore finds it and leaves it as it is).
+        limiter.durable().await?;
         limiter.status().await
     }
 
     async fn delete_limiter(&self, name: &LimiterName) -> Result<bool, StoreError> {
-        let removed = {
+        {
+            // Closed and the token floor raised before the map's lock is released: a
+            // re-create of the name takes its first token under that lock
+            // (`new_limiter_token`), so it must find the floor above every token this
+            // incarnation handed out, including through handles still held (closed, they
+            // hand out no more). Lock order as everywhere: the map, then the limiter.
             let mut map = self
                 .inner
                 .limiters
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            map.remove(name)
-        };
-        let Some(limiter) = removed else {
-            return Ok(false);
-        };
-        {
+            let Some(limiter) = map.remove(name) else {
+                return Ok(false);
+            };
             let shared = limiter.shared();
             let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
             let mut fx = crate::core::Effects::default();
@@ -225,6 +230,7 @@ impl<C: Clock> Store for MemoryStore<C> {
             state.record(now, || durable::record::Op::Delete { next_token });
             state.closed = true;
             drop(state);
+            drop(map);
             shared.timer.notify_one();
         }
         if let Some(p) = &self.inner.persist {
@@ -270,6 +276,8 @@ impl<C: Clock> Store for MemoryStore<C> {
         }
         let limiter = self.limiter(name).await?;
         limiter.enter_learning(window)?;
+        // Durable before the answer, as `restore_limiter`'s.
+        limiter.durable().await?;
         limiter.status().await
     }
 

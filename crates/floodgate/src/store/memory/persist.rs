@@ -224,6 +224,7 @@ impl MemoryStore<WallClock> {
             recovered.next_seq,
             durability.fsync,
             durability.snapshot_after_bytes,
+            recovered.log_bytes,
         )
         .map_err(|source| RecoveryError::Io {
             path: segment_path(&dir, recovered.segment),

@@ -1,10 +1,10 @@
-//! A `Delete` that races a snapshot keeps the deleted limiter's token floor.
+//! A `Delete` that races a snapshot, or a re-create, keeps the deleted limiter's token floor.
 //!
-//! The race: the delete takes the limiter out of the map, a snapshot runs before it raises the
-//! store's token floor (so the snapshot has neither the limiter nor its floor), and the
-//! `Delete` record lands in the log after the snapshot. Recovery then replays a `Delete` of a
-//! limiter it does not know; unless the record carries the floor itself, a limiter re-created
-//! after the restart starts where only the token seed (the clock) puts it.
+//! The race: the delete takes the limiter out of the map, and a snapshot (or a re-create of
+//! the name) runs before it raises the store's token floor: the snapshot has neither the
+//! limiter nor its floor, the re-created limiter starts where only the token seed (the clock)
+//! puts it. The delete now raises the floor before it lets the map go, so both wait for it;
+//! the `Delete` record carries the floor as well (a log written before then replays by it).
 //!
 //! The clock seed is taken out of play by giving the first limiter tokens far above any
 //! clock (its `Create` record written by hand, as a limiter that granted faster than one token
@@ -89,22 +89,18 @@ async fn a_delete_racing_a_snapshot_keeps_the_token_floor_across_a_restart() {
         let name = name.clone();
         tokio::spawn(async move { store.delete_limiter(&name).await })
     };
-    // A liveness bound only. No await while the lock is held: this thread is not one of the
-    // runtime's workers, which run the delete.
-    for _ in 0..10_000 {
-        if store.get(&name).is_none() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(
-        store.get(&name).is_none(),
-        "the delete never took the limiter out"
-    );
-    // The snapshot: the limiter is gone from the map, its floor not yet raised.
-    store.snapshot_now().expect("snapshot");
+    wait_for_the_delete(&store);
+    // The snapshot, from a thread of its own: it waits for the delete, which now raises the
+    // floor before it lets the map go. (Before, it let the map go first, and a snapshot
+    // taken here had neither the limiter nor its floor: the `Delete` record's floor was all
+    // that kept the re-created limiter's tokens above the old ones.)
+    let snapshot = {
+        let store = store.clone();
+        std::thread::spawn(move || store.snapshot_now())
+    };
     drop(held);
     assert!(deleting.await.expect("delete task").expect("delete"));
+    snapshot.join().expect("snapshot thread").expect("snapshot");
     store.close();
     drop(limiter);
     drop(store);
@@ -118,6 +114,73 @@ async fn a_delete_racing_a_snapshot_keeps_the_token_floor_across_a_restart() {
     assert!(
         fresh.iter().all(|t| *t > highest),
         "tokens {fresh:?} after the restart are not above the deleted limiter's {witness:?}"
+    );
+    store.close();
+}
+
+/// Waits until the delete holds the map's lock (it then waits for the limiter's, held by the
+/// caller): a liveness bound only. No await while the lock is held: this thread is not one of
+/// the runtime's workers, which run the delete.
+fn wait_for_the_delete(store: &MemoryStore<crate::clock::WallClock>) {
+    for _ in 0..10_000 {
+        if store.inner.limiters.try_read().is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("the delete never took the map's lock while it waited for the limiter's");
+}
+
+/// A limiter re-created while its delete is under way (no restart): its first token is taken
+/// under the map's lock, and must be above every token of the deleted incarnation. The delete
+/// used to take the limiter out and let the map go before it raised the floor, so a
+/// re-create in between started at the clock (review h-durable, found by a probe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limiter_re_created_during_its_delete_hands_out_higher_tokens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = LimiterName::new("a").expect("name");
+    let spec = LimiterSpec::concurrency(4);
+    let mut frame = Vec::new();
+    encode(
+        &Record {
+            seq: 1,
+            at: token_seed(),
+            limiter: name.as_str().to_owned(),
+            inc: 0,
+            op: Op::Create {
+                spec: SpecState::from(&spec),
+                first_token: HIGH,
+            },
+        },
+        &mut frame,
+    );
+    std::fs::write(segment_path(dir.path(), 1), &frame).expect("write the log");
+    let (store, _) =
+        MemoryStore::open(Durability::new(dir.path()).fsync(FsyncPolicy::No)).expect("open");
+    let witness = grant(&store, &name, 3).await;
+    let limiter = store.limiter(&name).await.expect("limiter");
+    let shared = limiter.shared();
+    let held = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+    let deleting = {
+        let (store, name) = (store.clone(), name.clone());
+        tokio::spawn(async move { store.delete_limiter(&name).await })
+    };
+    wait_for_the_delete(&store);
+    let recreating = {
+        let (store, name, spec) = (store.clone(), name.clone(), spec.clone());
+        tokio::spawn(async move { store.put_limiter(&name, spec).await })
+    };
+    drop(held);
+    assert!(deleting.await.expect("delete task").expect("delete"));
+    recreating
+        .await
+        .expect("re-create task")
+        .expect("re-create");
+    let fresh = grant(&store, &name, 2).await;
+    let highest = witness.iter().copied().max().expect("tokens");
+    assert!(
+        fresh.iter().all(|t| *t > highest),
+        "the re-created limiter's tokens {fresh:?} are not above the deleted one's {witness:?}"
     );
     store.close();
 }

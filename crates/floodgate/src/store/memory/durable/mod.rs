@@ -15,6 +15,8 @@ pub(crate) mod clock_mark;
 mod delete_floor_tests;
 pub(crate) mod record;
 pub(crate) mod recover;
+#[cfg(test)]
+mod restart_tests;
 pub(crate) mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,10 @@ pub(crate) struct Recovered {
     pub(crate) clock_us: u64,
     /// The segment to append to next (a fresh one).
     pub(crate) segment: u64,
+    /// Bytes of log replayed (the segments after the snapshot): they count toward the next
+    /// snapshot, or a server restarted more often than the log reaches the threshold would
+    /// keep every segment (and replay them all) forever.
+    pub(crate) log_bytes: u64,
     /// What was found.
     pub(crate) report: RecoveryReport,
 }
@@ -118,8 +122,10 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, RecoveryError> {
         .collect();
     let last_segment = segments.last().map(|(n, _)| *n);
     let mut last_seq: Option<u64> = None;
+    let mut log_bytes = 0u64;
     for (n, path) in &segments {
         let data = std::fs::read(path).map_err(io(path))?;
+        log_bytes += data.len() as u64;
         let mut offset = 0usize;
         loop {
             match decode(&data, offset) {
@@ -181,6 +187,16 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, RecoveryError> {
     if let Some(last) = last_seq {
         next_seq = next_seq.max(last + 1);
     }
+    // The last segment may have been read from the page cache only (the process was killed
+    // before it was synced). Synced now, before the next segment starts: otherwise a power
+    // loss could still cut it short once it is no longer the last, and a segment cut short
+    // anywhere but last is refused as damage.
+    if let Some((_, path)) = segments.last() {
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(path))?;
+        super::snapshot::sync_dir(dir).map_err(io(dir))?;
+    }
     // Segments wholly covered by the snapshot (left by a crash before they were deleted).
     for (n, path) in numbered(dir, "wal-", ".log")? {
         if n < first_segment {
@@ -199,6 +215,7 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, RecoveryError> {
         next_seq,
         clock_us,
         segment,
+        log_bytes,
         report,
     })
 }

@@ -62,15 +62,19 @@ struct WalState {
 
 impl Wal {
     /// Opens segment `segment` for appending (created if missing), with `next_seq` the seq of
-    /// the next record, and starts the sync thread.
+    /// the next record and `logged` the bytes of log since the last snapshot (replayed by
+    /// recovery), and starts the sync thread.
     pub(crate) fn open(
         dir: &Path,
         segment: u64,
         next_seq: u64,
         policy: FsyncPolicy,
         snapshot_after_bytes: u64,
+        logged: u64,
     ) -> std::io::Result<Arc<Wal>> {
         let file = open_segment(dir, segment)?;
+        // The new segment's name, durable before any record in it is answered as durable.
+        super::snapshot::sync_dir(dir)?;
         let (synced, _) = tokio::sync::watch::channel(next_seq);
         let wal = Arc::new(Wal {
             dir: dir.to_owned(),
@@ -81,7 +85,7 @@ impl Wal {
                 buf: Vec::with_capacity(64 * 1024),
                 next_seq,
                 written: next_seq,
-                bytes_since_snapshot: 0,
+                bytes_since_snapshot: logged,
                 failed: None,
                 snapshotting: false,
                 closed: false,
@@ -202,6 +206,7 @@ impl Wal {
         st.file.sync_data()?;
         let next = st.segment + 1;
         let file = open_segment(&self.dir, next)?;
+        super::snapshot::sync_dir(&self.dir)?;
         st.file = Arc::new(file);
         st.segment = next;
         st.bytes_since_snapshot = 0;
@@ -357,7 +362,7 @@ mod tests {
     #[test]
     fn a_snapshot_outgrown_while_taken_asks_for_the_next() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let wal = Wal::open(dir.path(), 1, 1, FsyncPolicy::No, 64).expect("open");
+        let wal = Wal::open(dir.path(), 1, 1, FsyncPolicy::No, 64, 0).expect("open");
         while !release(&wal) {}
         wal.rotate().expect("rotate");
         for _ in 0..100 {
