@@ -242,7 +242,9 @@ impl AcquireOptions {
         self
     }
 
-    /// A label for introspection (a worker or task id).
+    /// A label for introspection (a worker or task id): at most
+    /// [`MAX_HOLDER_CHARS`](crate::spec::MAX_HOLDER_CHARS) characters and no control
+    /// characters, else the acquire is refused naming `holder`.
     pub fn holder(mut self, holder: impl Into<Arc<str>>) -> Self {
         self.request.holder = Some(holder.into());
         self
@@ -332,8 +334,9 @@ impl<B: LimiterBackend> Limiter<B> {
     /// [`Refusal::QueueFull`](crate::Refusal::QueueFull) when the queue is at `max_queue`,
     /// [`Refusal::PermitsExceedLimit`](crate::Refusal::PermitsExceedLimit) for more permits
     /// than could ever be granted, [`Refusal::Invalid`](crate::Refusal::Invalid) for a lease
-    /// out of range (or naming `key`: a keyed limiter's acquire without one, a plain
-    /// limiter's with one), [`Refusal::TooManyKeys`](crate::Refusal::TooManyKeys) when a keyed
+    /// out of range, a [`holder`](AcquireOptions::holder) label that
+    /// [`check_holder`](crate::spec::check_holder) refuses (or naming `key`: a keyed
+    /// limiter's acquire without one, a plain limiter's with one), [`Refusal::TooManyKeys`](crate::Refusal::TooManyKeys) when a keyed
     /// limiter already tracks `max_keys` keys and this one is new (with a retry-after),
     /// [`Refusal::LimiterDeleted`](crate::Refusal::LimiterDeleted) when the limiter was
     /// deleted during the wait; [`AcquireError::Store`] when the store failed.
@@ -361,6 +364,9 @@ impl<B: LimiterBackend> Limiter<B> {
     /// # }
     /// ```
     pub async fn acquire(&self, options: AcquireOptions) -> Result<Permit<B>, AcquireError> {
+        if let Some(holder) = &options.request.holder {
+            crate::spec::check_holder(holder).map_err(crate::Refusal::Invalid)?;
+        }
         // A store on this process's clock gives the lease deadline on it: no clock read here.
         let sent = (!B::CLOCK_IS_LOCAL).then(Instant::now);
         // An acquire the store decides at once (nobody waits, the permits fit) skips the

@@ -274,7 +274,34 @@ pub(crate) const FIELDS: &[&str] = &[
     "count",
     "reservation",
     "request_id",
+    "holder",
 ];
+
+/// The longest label (`holder`) an acquire may carry, in characters: it is kept with the grant,
+/// in the durable log and on Redis, and shown in logs and on the dashboard.
+pub const MAX_HOLDER_CHARS: usize = 256;
+
+/// Checks an acquire's label: at most [`MAX_HOLDER_CHARS`] characters, no control characters
+/// (an escape sequence in it could rewrite what a terminal shows of it).
+///
+/// # Errors
+///
+/// An [`InvalidField`] naming `holder`.
+pub fn check_holder(holder: &str) -> Result<(), InvalidField> {
+    if holder.chars().count() > MAX_HOLDER_CHARS {
+        return Err(InvalidField::new(
+            "holder",
+            format!("at most {MAX_HOLDER_CHARS} characters"),
+        ));
+    }
+    if holder.chars().any(char::is_control) {
+        return Err(InvalidField::new(
+            "holder",
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
 
 impl InvalidField {
     pub(crate) fn new(field: &'static str, message: impl Into<String>) -> Self {

@@ -54,3 +54,33 @@ async fn a_permit_knows_its_local_deadline_from_the_stores_clock() {
         "moved by the extend"
     );
 }
+
+/// A label the library refuses before the store sees it (the HTTP API refused it, a library
+/// caller could store one of any size: kept with the grant, in the durable log, where a record
+/// over the log's frame bound would stop the store from starting again).
+#[tokio::test]
+async fn an_acquire_with_an_unfit_label_is_refused_naming_holder() {
+    use floodgate::{AcquireError, AcquireOptions, Floodgate, LimiterSpec, Refusal};
+    let gate = Floodgate::in_memory();
+    gate.define("labels", LimiterSpec::concurrency(4))
+        .await
+        .expect("define");
+    let limiter = gate.limiter("labels").await.expect("limiter");
+    let longest = "é".repeat(floodgate::spec::MAX_HOLDER_CHARS);
+    for bad in [format!("{longest}x"), "worker\u{1b}[2J".to_owned()] {
+        let refused = limiter
+            .acquire(AcquireOptions::new().holder(bad.as_str()))
+            .await
+            .expect_err("refused");
+        let AcquireError::Refused(Refusal::Invalid(field)) = &refused else {
+            panic!("{refused:?}");
+        };
+        assert_eq!(field.field, "holder", "{refused:?}");
+    }
+    let held = limiter
+        .acquire(AcquireOptions::new().holder(longest.as_str()))
+        .await
+        .expect("the longest label fits");
+    assert_eq!(limiter.status().await.expect("status").in_use, 1);
+    drop(held);
+}

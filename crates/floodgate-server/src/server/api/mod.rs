@@ -27,9 +27,6 @@ pub(super) use self::permits::{extend, release};
 
 type AppStateRef<S> = State<Arc<AppState<S>>>;
 
-/// Longest holder label accepted.
-const MAX_HOLDER_LEN: usize = 256;
-
 fn path_param(path: Result<Path<String>, PathRejection>, field: &str) -> Result<String, ApiError> {
     path.map(|Path(p)| p)
         .map_err(|e| ApiError::bad_field(field, e.body_text()))
@@ -448,20 +445,9 @@ pub(super) async fn acquire<S: Store>(
     let name = limiter_name(path)?;
     let request_id = request_id(body.request_id, &headers)?;
     if let Some(holder) = &body.holder {
-        if holder.chars().count() > MAX_HOLDER_LEN {
-            return Err(ApiError::bad_field(
-                "holder",
-                format!("at most {MAX_HOLDER_LEN} characters"),
-            ));
-        }
-        // The label is shown in logs, the dashboard and terminals (`floodgate top`, log tails):
-        // an escape sequence in it could rewrite what they show. Refused, as in keys.
-        if holder.chars().any(char::is_control) {
-            return Err(ApiError::bad_field(
-                "holder",
-                "must not contain control characters",
-            ));
-        }
+        // Before anything waits: the library checks it too, but only once it is called.
+        floodgate::spec::check_holder(holder)
+            .map_err(|f| ApiError::bad_field(f.field, f.message))?;
     }
     if let Some(key) = &body.key {
         super::keyed::check(key)?;
