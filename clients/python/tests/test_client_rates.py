@@ -3,12 +3,14 @@ adaptive limits."""
 
 import datetime
 import time
+import types
 import uuid
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
 from floodgate import (
+    ServerError,
     Adaptive,
     BadRequest,
     Floodgate,
@@ -104,6 +106,25 @@ def test_paced_fan_out_gives_back_what_it_could_not_enqueue(fg: Floodgate) -> No
     # from now (after the 3 enqueued), not a second from now.
     later = fg.schedule(name, 1)
     assert later[0] < 0.35, later
+
+
+class _ShortScheduleClient:
+    """A client whose server answers fewer start offsets than it was asked for (a broken
+    server or proxy; the real server answers one per token)."""
+
+    def reserve(self, limiter: str, count: int) -> Any:
+        return types.SimpleNamespace(offsets=[0.0] * (count - 1), id=7)
+
+
+def test_paced_fan_out_refuses_a_schedule_shorter_than_its_signatures() -> None:
+    pytest.importorskip("celery")
+    from floodgate.celery import paced_fan_out
+
+    _FlakyBroker.accepted = 0
+    with pytest.raises(ServerError, match="got 2"):
+        paced_fan_out([_FlakyBroker(ok=3) for _ in range(3)], "x",
+                      client=_ShortScheduleClient())  # type: ignore[arg-type]
+    assert _FlakyBroker.accepted == 0, "enqueued part of a fan-out it could not schedule whole"
 
 
 def test_schedule_errors(fg: Floodgate, limiter: MakeLimiter) -> None:

@@ -167,6 +167,14 @@ def paced_fan_out(
         if signatures:
             reserved = fg.reserve(limiter, len(signatures))
             offsets, reservation = reserved.offsets, reserved.id
+            if len(offsets) != len(signatures):
+                # zip() below would skip the signatures without an offset: work silently
+                # dropped. A server answers one offset per token asked for.
+                raise ServerError(
+                    "bad_schedule",
+                    "asked {} for {} start offsets, got {}".format(
+                        limiter, len(signatures), len(offsets)),
+                )
         else:
             offsets = []
     except NotFound as e:
