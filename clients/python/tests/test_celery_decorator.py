@@ -406,3 +406,28 @@ def test_feedback_is_reported_before_the_release(server: ServerProcess, fg: Floo
     assert order == ["feedback", "release"] * 4
     status = fg.limiter(name)
     assert status["in_use"] == 0 and status["counters"]["feedback_ok"] == 1
+
+
+def test_a_wait_retry_leaves_the_tasks_own_retry_limit_alone(fg: Floodgate,
+                                                            limiter: MakeLimiter) -> None:
+    """Celery's ``retry(max_retries=N)`` leaves ``override_max_retries`` on the task object,
+    shared by every later run of the task in the worker process, where ``autoretry_for`` would
+    then retry the body's own exceptions without bound. The decorator's unbounded retries put
+    it back as it was (a real Celery task, run eagerly: its retry runs it again at once)."""
+    from celery import Celery
+
+    name = limiter(1)
+    held = fg.acquire(name, wait=0)
+    app = Celery("override", set_as_current=False)
+
+    @app.task(bind=True, name="tests.override", autoretry_for=(ValueError,), max_retries=2)
+    @limited(name, wait=0, max_retries=1, client=fg)
+    def body(self: Any) -> int:
+        return 1
+
+    try:
+        result = body.apply()  # a wait retry, then the decorator's own bound: WaitTimeout
+        assert isinstance(result.result, WaitTimeout), result.result
+        assert "override_max_retries" not in vars(body), vars(body)["override_max_retries"]
+    finally:
+        held.release()

@@ -36,7 +36,9 @@ What it does on each run of the task:
 The two kinds of retry are counted separately, in the task message's headers
 (``floodgate_wait_retries``, ``floodgate_throttle_retries``, ``floodgate_unavailable_retries``),
 so a task that waited its turn many times still gets all its throttle retries. Celery's own
-``max_retries`` of the task does not apply to them.
+``max_retries`` of the task does not apply to them, and they leave it as it was; Celery still
+counts them in ``self.request.retries`` (its retry mechanism does), which a body's own
+``self.retry`` compares with ``max_retries``: give such a call a ``max_retries`` of its own.
 
 Celery is an optional dependency: ``pip install 'floodgate[celery]'``.
 """
@@ -199,6 +201,24 @@ def paced_fan_out(
                             unused, limiter, e)
         raise
     return results
+
+
+def _retry(task: Any, **kwargs: Any) -> BaseException:
+    """``task.retry(**kwargs)`` past the task's own ``max_retries`` (the decorator bounds its
+    retries by its headers), without what that leaves behind: ``retry(max_retries=N)`` sets
+    ``override_max_retries`` on the task object, which every later run of the task in this
+    worker process shares, and ``autoretry_for`` would then retry the body's own exceptions
+    without bound. The attribute is put back as it was. (``retry`` raises; the return is for
+    ``raise _retry(...)``.)"""
+    missing = object()
+    previous = vars(task).get("override_max_retries", missing)
+    try:
+        return task.retry(max_retries=_UNBOUNDED, **kwargs)  # type: ignore[no-any-return]
+    finally:
+        if previous is missing:
+            vars(task).pop("override_max_retries", None)
+        else:
+            task.override_max_retries = previous
 
 
 def _release(permit: Permit) -> None:
@@ -376,10 +396,10 @@ def limited(
                     countdown = min(countdown, max_countdown)
                 log.info("floodgate: %s[%s] got no permit of %s (%s); retry in %.3f s",
                          self.name, request.id, limiter, e.code, countdown)
-                raise self.retry(
+                raise _retry(
+                    self,
                     countdown=countdown,
                     exc=e,
-                    max_retries=_UNBOUNDED,
                     headers=_headers(request, WAIT_RETRIES, n + 1),
                 ) from e
             except (Unavailable, UnknownLimiter, ServerError) as e:
@@ -401,10 +421,10 @@ def limited(
                     countdown = max(countdown, float(hint))  # a 503's Retry-After
                 log.warning("floodgate: %s cannot grant %s now (%s); retry %s in %.3f s",
                             fg.url, limiter, e, self.name, countdown)
-                raise self.retry(
+                raise _retry(
+                    self,
                     countdown=countdown,
                     exc=e,
-                    max_retries=_UNBOUNDED,
                     headers=_headers(request, UNAVAILABLE_RETRIES, n + 1),
                 ) from e
 
@@ -426,10 +446,10 @@ def limited(
                 countdown = full_jitter(n, backoff, backoff_max)
                 log.info("floodgate: %s[%s] throttled by the backend (%r); retry in %.3f s",
                          self.name, request.id, e, countdown)
-                raise self.retry(
+                raise _retry(
+                    self,
                     countdown=countdown,
                     exc=e,
-                    max_retries=_UNBOUNDED,
                     headers=_headers(request, THROTTLE_RETRIES, n + 1),
                 ) from e
             except (Retry, Ignore, Reject):
