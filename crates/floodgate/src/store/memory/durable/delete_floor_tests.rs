@@ -29,6 +29,32 @@ use crate::types::{FencingToken, LimiterName};
 /// Far above the clock's microseconds since the epoch (about 2^51 today).
 const HIGH: u64 = 1 << 62;
 
+/// A data directory whose log holds one limiter `name`, as a limiter that granted faster than
+/// one token per microsecond would have left it: tokens from `HIGH` on (its `Create` record
+/// written by hand). Returns its durability settings.
+fn log_with_high_tokens(
+    dir: &std::path::Path,
+    name: &LimiterName,
+    spec: &LimiterSpec,
+) -> Durability {
+    let mut frame = Vec::new();
+    encode(
+        &Record {
+            seq: 1,
+            at: token_seed(),
+            limiter: name.as_str().to_owned(),
+            inc: 0,
+            op: Op::Create {
+                spec: SpecState::from(spec),
+                first_token: HIGH,
+            },
+        },
+        &mut frame,
+    );
+    std::fs::write(segment_path(dir, 1), &frame).expect("write the log");
+    Durability::new(dir).fsync(FsyncPolicy::No)
+}
+
 /// Grants and releases `n` permits of `name`, returning every token handed out.
 async fn grant(
     store: &MemoryStore<crate::clock::WallClock>,
@@ -56,25 +82,11 @@ async fn grant(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_racing_a_snapshot_keeps_the_token_floor_across_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let name = LimiterName::new("a").expect("name");
-    let spec = LimiterSpec::concurrency(4);
-    // The first limiter, as the log would hold it, with tokens from HIGH on.
-    let mut frame = Vec::new();
-    encode(
-        &Record {
-            seq: 1,
-            at: token_seed(),
-            limiter: name.as_str().to_owned(),
-            inc: 0,
-            op: Op::Create {
-                spec: SpecState::from(&spec),
-                first_token: HIGH,
-            },
-        },
-        &mut frame,
+    let (name, spec) = (
+        LimiterName::new("a").expect("name"),
+        LimiterSpec::concurrency(4),
     );
-    std::fs::write(segment_path(dir.path(), 1), &frame).expect("write the log");
-    let durability = Durability::new(dir.path()).fsync(FsyncPolicy::No);
+    let durability = log_with_high_tokens(dir.path(), &name, &spec);
 
     let (store, _) = MemoryStore::open(durability.clone()).expect("open");
     let witness = grant(&store, &name, 5).await;
@@ -138,25 +150,12 @@ fn wait_for_the_delete(store: &MemoryStore<crate::clock::WallClock>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limiter_re_created_during_its_delete_hands_out_higher_tokens() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let name = LimiterName::new("a").expect("name");
-    let spec = LimiterSpec::concurrency(4);
-    let mut frame = Vec::new();
-    encode(
-        &Record {
-            seq: 1,
-            at: token_seed(),
-            limiter: name.as_str().to_owned(),
-            inc: 0,
-            op: Op::Create {
-                spec: SpecState::from(&spec),
-                first_token: HIGH,
-            },
-        },
-        &mut frame,
+    let (name, spec) = (
+        LimiterName::new("a").expect("name"),
+        LimiterSpec::concurrency(4),
     );
-    std::fs::write(segment_path(dir.path(), 1), &frame).expect("write the log");
     let (store, _) =
-        MemoryStore::open(Durability::new(dir.path()).fsync(FsyncPolicy::No)).expect("open");
+        MemoryStore::open(log_with_high_tokens(dir.path(), &name, &spec)).expect("open");
     let witness = grant(&store, &name, 3).await;
     let limiter = store.limiter(&name).await.expect("limiter");
     let shared = limiter.shared();
