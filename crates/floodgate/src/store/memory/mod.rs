@@ -225,8 +225,9 @@ impl<C: Clock> Store for MemoryStore<C> {
             state.close_any(&mut fx);
             let now = shared.clock.now();
             state.settle(now, fx);
-            // The record carries the floor: a snapshot taken since the limiter left the map
-            // has neither it nor (maybe) the floor raised above.
+            // The record carries the floor as well: recovery never depends on a snapshot
+            // having taken it (nor does a log written before it was raised under the map's
+            // lock, when a snapshot could miss both the limiter and its floor).
             state.record(now, || durable::record::Op::Delete { next_token });
             state.closed = true;
             drop(state);
