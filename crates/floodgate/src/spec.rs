@@ -288,15 +288,22 @@ pub const MAX_HOLDER_CHARS: usize = 256;
 ///
 /// An [`InvalidField`] naming `holder`.
 pub fn check_holder(holder: &str) -> Result<(), InvalidField> {
-    if holder.chars().count() > MAX_HOLDER_CHARS {
+    // `nth`, not `count`: a label of megabytes is refused after its first 257 characters.
+    if holder.chars().nth(MAX_HOLDER_CHARS).is_some() {
         return Err(InvalidField::new(
             "holder",
             format!("at most {MAX_HOLDER_CHARS} characters"),
         ));
     }
-    if holder.chars().any(char::is_control) {
+    no_control_characters("holder", holder)
+}
+
+/// Refuses text a person will read (a label, a key) with a control character in it: an
+/// escape sequence could rewrite what a terminal or a log viewer shows.
+pub(crate) fn no_control_characters(field: &'static str, text: &str) -> Result<(), InvalidField> {
+    if text.chars().any(char::is_control) {
         return Err(InvalidField::new(
-            "holder",
+            field,
             "must not contain control characters",
         ));
     }

@@ -14,6 +14,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/script.rs"]
+mod script;
 mod support;
 
 use std::time::Duration;
@@ -44,13 +46,7 @@ fn latency_us(rng: &mut Rng) -> Option<u64> {
 }
 
 fn run(seed: u64, gradient: bool) {
-    let server = support::RedisServer::start();
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let script = redis::Script::new(&floodgate::store::redis::script_source());
-    script.load(&mut conn).unwrap();
+    let (_server, mut conn, script) = script::script_on_redis();
     let name = "x";
     let keys: Vec<String> = floodgate::store::redis::limiter_keys("ax", name).to_vec();
     let eval = |conn: &mut redis::Connection, op: &str, now: u64, args: &[String]| {

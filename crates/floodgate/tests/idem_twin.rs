@@ -20,6 +20,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/script.rs"]
+mod script;
 mod support;
 // Not in `support/mod.rs`: the server and CLI crates include that file too, and have no
 // `redis` feature to gate this Redis-only helper on.
@@ -32,7 +34,8 @@ use std::time::Duration;
 
 use floodgate::core::{AcquireRequest, Admission, Effects, LimiterCore, Refusal};
 use floodgate::{FencingToken, LimiterName, LimiterSpec, RateSpec, Timestamp};
-use support::rng::Rng;
+use script::script_on_redis;
+use support::rng::{seed_from_env, Rng};
 
 const T0: u64 = 1_000_000_000;
 const TOKEN_BASE: u64 = 10_000_000_000_000;
@@ -365,32 +368,6 @@ fn put_args(s: &LimiterSpec) -> Vec<String> {
     ]
 }
 
-/// A fresh `redis-server` (stopped when the first value drops), a connection to it, and the
-/// limiter script loaded there.
-fn script_on_redis() -> (support::RedisServer, redis::Connection, redis::Script) {
-    let server = support::RedisServer::start();
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let script = redis::Script::new(&floodgate::store::redis::script_source());
-    script.load(&mut conn).unwrap();
-    (server, conn, script)
-}
-
-/// The random sequences' seed: `FLOODGATE_IDEM_SEED`, or the clock's nanoseconds.
-fn seed() -> u64 {
-    std::env::var("FLOODGATE_IDEM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-}
-
 /// One call of the limiter script on limiter `name` (keys under the prefix `it`), as the store
 /// sends it.
 fn eval(
@@ -416,7 +393,7 @@ fn eval(
 #[test]
 fn idempotent_acquires_match_the_core() {
     let (_server, mut conn, script) = script_on_redis();
-    let seed = seed();
+    let seed = seed_from_env("FLOODGATE_IDEM_SEED");
     eprintln!("idem_twin seed {seed} (FLOODGATE_IDEM_SEED replays it)");
     let mut rng = Rng(seed);
     let (mut acquires, mut refused) = (0, 0);
@@ -556,7 +533,7 @@ fn paced_ids_stay_bounded_by_the_retention_window() {
 #[test]
 fn the_rate_only_fast_path_matches_the_core_to_the_microsecond() {
     let (_server, mut conn, script) = script_on_redis();
-    let seed = seed();
+    let seed = seed_from_env("FLOODGATE_IDEM_SEED");
     eprintln!("paced fast path seed {seed} (FLOODGATE_IDEM_SEED replays it)");
     let mut rng = Rng(seed);
     let (mut granted, mut refused, mut under_floor) = (0, 0, 0);

@@ -9,6 +9,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/script.rs"]
+mod script;
 mod support;
 
 use std::collections::BTreeMap;
@@ -30,12 +32,7 @@ struct Script {
 
 impl Script {
     fn new(server: &support::RedisServer, name: &str) -> Self {
-        let mut conn = redis::Client::open(server.url())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let script = redis::Script::new(&floodgate::store::redis::script_source());
-        script.load(&mut conn).unwrap();
+        let (conn, script) = script::connect_with_script(server);
         let keys = floodgate::store::redis::limiter_keys("fg", name).to_vec();
         Script {
             conn,

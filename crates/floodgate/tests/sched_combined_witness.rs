@@ -117,16 +117,7 @@ async fn run<S: Store + 'static>(gate: Floodgate<S>, seed: u64) {
 }
 
 fn seed() -> u64 {
-    let seed = std::env::var("FLOODGATE_COMBINED_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-                .into()
-        });
+    let seed = support::rng::seed_from_env("FLOODGATE_COMBINED_SEED");
     eprintln!("sched_combined_witness seed {seed} (FLOODGATE_COMBINED_SEED replays it)");
     seed
 }

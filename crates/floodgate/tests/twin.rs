@@ -22,6 +22,8 @@
 mod gen;
 #[path = "support/outcomes.rs"]
 mod outcomes;
+#[path = "support/script.rs"]
+mod script;
 mod support;
 
 use std::cell::{Cell, RefCell};
@@ -921,13 +923,7 @@ fn the_script_matches_the_core() {
 /// every report the limit and the controller's whole state must match the core's.
 #[test]
 fn the_gradient_controller_matches_the_core_over_a_long_run() {
-    let server = support::RedisServer::start();
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let script = redis::Script::new(&floodgate::store::redis::script_source());
-    script.load(&mut conn).unwrap();
+    let (_server, mut conn, script) = script::script_on_redis();
     let name = "long";
     let keys: Vec<String> = floodgate::store::redis::limiter_keys("tw", name).to_vec();
     let eval = |conn: &mut redis::Connection, op: &str, now: u64, args: &[String]| {

@@ -7,6 +7,19 @@
 
 use std::time::Duration;
 
+/// A random sequence's seed: environment variable `var` when set (to replay a failure), else
+/// the clock's nanoseconds. The caller prints it.
+pub(crate) fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
 /// SplitMix64: tiny, seedable, good enough to pick plans; any seed works, zero included.
 pub(crate) struct Rng(pub(crate) u64);
 

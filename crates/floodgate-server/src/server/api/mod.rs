@@ -445,7 +445,8 @@ pub(super) async fn acquire<S: Store>(
     let name = limiter_name(path)?;
     let request_id = request_id(body.request_id, &headers)?;
     if let Some(holder) = &body.holder {
-        // Before anything waits: the library checks it too, but only once it is called.
+        // Here, not only in `Limiter::acquire`: this handler calls the store's limiter, which
+        // does not check it.
         floodgate::spec::check_holder(holder)
             .map_err(|f| ApiError::bad_field(f.field, f.message))?;
     }

@@ -149,11 +149,5 @@ pub fn check_key(key: &str) -> Result<(), InvalidField> {
             format!("must be 1 to {MAX_KEY_LEN} characters"),
         ));
     }
-    if key.chars().any(char::is_control) {
-        return Err(InvalidField::new(
-            "key",
-            "must not contain control characters",
-        ));
-    }
-    Ok(())
+    crate::spec::no_control_characters("key", key)
 }
