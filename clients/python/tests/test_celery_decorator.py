@@ -431,3 +431,56 @@ def test_a_wait_retry_leaves_the_tasks_own_retry_limit_alone(fg: Floodgate,
         assert "override_max_retries" not in vars(body), vars(body)["override_max_retries"]
     finally:
         held.release()
+
+
+class SoftTimeLimit(Exception):
+    """Stands in for Celery's SoftTimeLimitExceeded, raised from a signal handler anywhere."""
+
+
+def test_an_exception_landing_right_after_the_grant_leaves_no_heartbeat(
+        fg: Floodgate, limiter: MakeLimiter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The permit is granted, then (before the decorator's own try) a soft time limit lands:
+    # nobody will release it, so nothing may keep it alive either. Its lease ends and the slot
+    # comes back, as a crashed worker's does.
+    name = limiter(1)
+    real_acquire = fg.acquire
+    granted: List[Any] = []
+
+    def acquire_then_interrupted(*args: Any, **kwargs: Any) -> Any:
+        granted.append(real_acquire(*args, **kwargs))
+        raise SoftTimeLimit("landed after the grant")
+
+    monkeypatch.setattr(fg, "acquire", acquire_then_interrupted)
+
+    @limited(name, wait=1, lease=0.3, client=fg)
+    def body(self: Any) -> None:
+        raise AssertionError("the body must not run")
+
+    with pytest.raises(SoftTimeLimit):
+        body(BoundTask())
+    assert len(granted) == 1
+    heartbeat = "floodgate-heartbeat-{}".format(granted[0].permit_id)
+    assert not [t for t in threading.enumerate() if t.name == heartbeat]
+    # The witness is the server: the slot comes back when the lease ends (a heartbeat would
+    # extend it every 0.1 s for ever).
+    assert wait_until(lambda: fg.limiter(name)["in_use"] == 0, timeout=10)
+    assert fg.limiter(name)["counters"]["expired"] == 1
+
+
+def test_a_heartbeat_that_cannot_start_gives_the_permit_back(
+        fg: Floodgate, limiter: MakeLimiter, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = limiter(1)
+
+    def no_thread(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr("floodgate.permit.Permit.start_heartbeat", no_thread)
+
+    @limited(name, wait=1, lease=5, client=fg)
+    def body(self: Any) -> None:
+        raise AssertionError("the body must not run")
+
+    with pytest.raises(RuntimeError, match="new thread"):
+        body(BoundTask())
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 1

@@ -373,13 +373,17 @@ def limited(
             limiter_key = key(*args, **kwargs) if callable(key) else key
             request = self.request
             try:
+                # The heartbeat starts below, not in acquire: an exception that lands between
+                # acquire's return and the `try` that releases (Celery's SoftTimeLimitExceeded
+                # is raised from a signal handler, anywhere) then leaves a lease that ends, as a
+                # crashed worker's does, not one a heartbeat keeps alive until the process exits.
                 permit = fg.acquire(
                     limiter,
                     permits=permits,
                     wait=wait,
                     lease=lease,
                     holder=_holder(self),
-                    heartbeat=heartbeat,
+                    heartbeat=False,
                     key=limiter_key,
                 )
             except NoPermit as e:
@@ -429,6 +433,13 @@ def limited(
                 ) from e
 
             previous = getattr(_local, "permit", None)
+            try:
+                if heartbeat:
+                    permit.start_heartbeat(_heartbeat_interval(heartbeat))
+            except BaseException:
+                # E.g. no thread could be started: give the permit back, as acquire would.
+                _release(permit)
+                raise
             _local.permit = permit
             started = time.monotonic()
             try:
