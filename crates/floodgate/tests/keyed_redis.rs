@@ -364,3 +364,38 @@ async fn feedback_delete_idempotency_and_a_second_server_on_redis() {
     let p = other_limiter.acquire(AcquireOptions::new()).await.unwrap();
     assert!(p.release().await.unwrap());
 }
+
+/// A try-once acquire of the whole total while one permit is held: the round robin judges it
+/// (its head short of its deficit by a million permits at weight 1) in a few turns of the ring,
+/// not a turn per permit inside one script, which blocked Redis for 1.3 s at 200,000 (the
+/// keyed review's probe). Counted in `INFO commandstats` (a turn is one `LMOVE`), not timed.
+#[tokio::test]
+async fn a_head_short_of_a_million_permits_turns_the_ring_a_few_times() {
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(server.url()))
+        .await
+        .unwrap();
+    let gate = Floodgate::with_store(store);
+    let spec = LimiterSpec::concurrency(1_000_000).with_max_wait(Duration::from_secs(60));
+    gate.define_keyed("big", spec, KeyedSpec::default())
+        .await
+        .unwrap();
+    let lim = gate.limiter("big").await.unwrap();
+    let _held = lim.acquire(AcquireOptions::new().key("a")).await.unwrap();
+    support::cli(server.port, &["CONFIG", "RESETSTAT"]);
+    let all = AcquireOptions::new()
+        .key("c")
+        .permits(1_000_000)
+        .wait(Duration::ZERO);
+    let out = lim.acquire(all).await;
+    assert!(
+        matches!(out, Err(AcquireError::Refused(Refusal::WaitTimeout { .. }))),
+        "{out:?}"
+    );
+    let stats = support::commandstats(server.port);
+    let turns = stats.get("lmove").copied().unwrap_or(0);
+    assert!(
+        turns <= 4,
+        "{turns} turns of the ring for one acquire: {stats:?}"
+    );
+}

@@ -110,6 +110,11 @@ struct Twin {
     idem: Option<Idem>,
     /// Waiter keys queued afresh this step: undecided again once the step's decisions are in.
     fresh: Vec<String>,
+    /// Every acquire asks for one to six permits (every fourth case, with a total of 6 to 11 and
+    /// a per-key limit of 6 or none): heads short of their
+    /// deficit for several rounds, which the round robin skips in one step
+    /// (`sched.rs` skip_idle_rounds; an over-credit there fails these cases).
+    heavy: bool,
 }
 
 impl Twin {
@@ -176,6 +181,12 @@ impl Twin {
                 total_rate = total_rate.or_else(|| Some(rate(rng)));
             }
             (None, None)
+        } else if case % 4 == 1 {
+            // Heavy cases (`heavy`): room in the total for the largest request, and for a few.
+            (
+                Some(6 + rng.below(6) as u32),
+                [None, Some(6)][rng.below(2) as usize],
+            )
         } else {
             (total_c, per_key)
         };
@@ -214,6 +225,7 @@ impl Twin {
             shape: (total_rate, key_rate, max_queue, first),
             idem: None,
             fresh: Vec::new(),
+            heavy: case % 4 == 1,
         };
         let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_default();
         let limit = |r: Option<RateSpec>| opt(r.map(|r| r.limit));
@@ -288,7 +300,11 @@ impl Twin {
         match rng.below(12) {
             0..=3 => {
                 let mut key = KEYS[rng.below(KEYS.len() as u64) as usize];
-                let mut permits = 1 + rng.below(2) as u32;
+                let mut permits = if self.heavy {
+                    1 + rng.below(6) as u32
+                } else {
+                    1 + rng.below(2) as u32
+                };
                 let wait = [0, 5_000, 50_000, 100_000][rng.below(4) as usize];
                 let lease = [10_000, 30_000, 200_000][rng.below(3) as usize];
                 // Idempotent mode: a request id two times in three; a retry asks for the key
@@ -986,6 +1002,31 @@ impl Twin {
         let s = first.get(1).map(|v| v.parse::<f64>().unwrap() as u64);
         if c != s {
             self.fail(format!("oldest arrival: core {c:?}, script {s:?}"));
+        }
+        // Every key's round-robin credit and turn: an over-credit (a skip of idle rounds one
+        // round too many) shows in grants only rounds later, if ever, so it is compared here.
+        let mut c: Vec<String> = self
+            .layer
+            .to_state()
+            .keys
+            .iter()
+            .map(|k| format!("{}:{}/{}", k.name, k.deficit, k.turn))
+            .collect();
+        c.sort();
+        let states: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&self.keys[11])
+            .query(&mut self.conn)
+            .unwrap();
+        let mut s: Vec<String> = states
+            .iter()
+            .map(|(key, raw)| {
+                let f: Vec<&str> = raw.split('|').collect();
+                format!("{key}:{}/{}", f[5], f[6] == "1")
+            })
+            .collect();
+        s.sort();
+        if c != s {
+            self.fail(format!("keys' deficit/turn: core {c:?}, script {s:?}"));
         }
     }
 }

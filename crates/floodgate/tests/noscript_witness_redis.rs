@@ -158,27 +158,6 @@ async fn a_server_that_reloaded_the_scripts_first_does_not_hide_the_change_from_
     }
 }
 
-/// The commands Redis ran since `CONFIG RESETSTAT`, by name, with their call counts.
-fn commandstats(server: &support::RedisServer) -> std::collections::BTreeMap<String, u64> {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &server.port.to_string(), "INFO", "commandstats"])
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest
-                .strip_prefix("calls=")?
-                .split(',')
-                .next()?
-                .parse()
-                .ok()?;
-            Some((name.to_owned(), calls))
-        })
-        .collect()
-}
-
 /// The check costs nothing once the scripts are loaded: each operation is one EVALSHA, with no
 /// `INFO` or `SCRIPT` sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +182,7 @@ async fn once_the_scripts_are_loaded_an_operation_is_one_evalsha() {
     for _ in 0..50 {
         limiter.status().await.expect("status");
     }
-    let stats = commandstats(&server);
+    let stats = support::commandstats(server.port);
     assert_eq!(stats.get("evalsha"), Some(&50), "{stats:?}");
     // (The commands the script runs are counted too; those are not sent by the store.)
     let checks: Vec<_> = stats

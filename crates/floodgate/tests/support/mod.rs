@@ -32,6 +32,24 @@ pub(crate) fn cli(port: u16, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// The commands the server on `port` ran since its start or `CONFIG RESETSTAT`, by name, with
+/// their call counts (commands a script runs count too).
+pub(crate) fn commandstats(port: u16) -> std::collections::BTreeMap<String, u64> {
+    cli(port, &["INFO", "commandstats"])
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
 /// One `redis-server` process.
 pub(crate) struct RedisServer {
     pub(crate) port: u16,

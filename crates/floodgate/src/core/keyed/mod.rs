@@ -17,7 +17,8 @@
 //!   reservation whose tokens have not all started, and is dropped when it has none; at most `max_keys` keys exist at once (one more is refused with
 //!   [`Refusal::TooManyKeys`](crate::core::Refusal::TooManyKeys)).
 //! - Every operation costs O(log keys) (hash maps, heaps and a ring), never O(keys); only a
-//!   reconfiguration of the per-key defaults visits every key.
+//!   reconfiguration of the per-key defaults visits every key, and a grant pass in which every
+//!   key in the ring is short of credit for its head visits the ring's keys once (`sched.rs`).
 //!
 //! A rate-only keyed limiter (no concurrency limit in total or per key; a total rate, a per-key
 //! rate, or both) paces its grants like a plain rate-only limiter: nothing is held, the key's
@@ -167,6 +168,9 @@ pub struct KeyLayer {
     /// Each waiting key's head, `(arrival, waiter id)`, oldest first: the oldest wait of the
     /// whole limiter in O(log keys) (see `oldest.rs`). Rebuilt on restore, not persisted.
     heads: BTreeSet<(Timestamp, u64)>,
+    /// The round robin as the tests see it (`sched.rs`).
+    #[cfg(test)]
+    drr: sched::DrrProbe,
 }
 
 /// The spec the total core runs with: without a configured total concurrency, the largest one,
@@ -234,6 +238,8 @@ impl KeyLayer {
                 counters: KeyCounters::default(),
                 reservations: U64Map::default(),
                 heads: BTreeSet::new(),
+                #[cfg(test)]
+                drr: sched::DrrProbe::default(),
             },
         ))
     }

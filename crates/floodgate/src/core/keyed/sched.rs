@@ -5,10 +5,12 @@
 //! gets a turn: its weight is added to its deficit, and its head waiters are granted while
 //! their permits fit the deficit, then it goes to the back. So a key's share of a contended
 //! total follows its weight whatever its backlog, waiters of one key stay FIFO, and every
-//! decision costs O(1) ring work plus O(log) map work. Entries are removed lazily: a key that
-//! left the ring (emptied, or blocked by its own limit) is skipped when it reaches the front,
-//! and each entry names the key's generation so a key dropped and re-created is not served by
-//! its old entry.
+//! decision costs O(1) ring work plus O(log) map work. A head needing more permits than its
+//! key's weight waits rounds for its credit: when every key in the ring is short, the rounds
+//! that would grant nothing are credited at once (one visit of the ring), not turned one by
+//! one. Entries are removed lazily: a key that left the ring (emptied, or blocked by its own
+//! limit) is skipped when it reaches the front, and each entry names the key's generation so a
+//! key dropped and re-created is not served by its old entry.
 
 use std::cmp::Reverse;
 use std::sync::Arc;
@@ -79,6 +81,17 @@ impl Key {
     }
 }
 
+/// Test hooks of the round robin: the turns taken, and the skip of idle rounds switched off,
+/// so that the skip is checked against turning the ring one key at a time.
+#[cfg(test)]
+#[derive(Debug, Clone, Default)]
+pub(super) struct DrrProbe {
+    /// Turn the ring one key at a time, never skipping rounds.
+    pub(super) turn_by_turn: bool,
+    /// Visits of the ring's front so far.
+    pub(super) turns: u64,
+}
+
 impl KeyLayer {
     /// Puts a key that is not in the ring there if its head can run, or arms its rate wake-up.
     pub(super) fn wake_key(&mut self, name: &Arc<str>, now: Timestamp) {
@@ -128,7 +141,14 @@ impl KeyLayer {
         if total.learning_until.is_some() {
             return;
         }
+        // Turns that ended without a grant since the last grant: once every key in the ring
+        // has had one, the rounds before some head fits its deficit are taken in one step.
+        let mut idle_turns = 0usize;
         while let Some((name, gen)) = self.ring.front().cloned() {
+            #[cfg(test)]
+            {
+                self.drr.turns += 1;
+            }
             let Some(k) = self.keys.get_mut(&name).filter(|k| k.gen == gen) else {
                 self.ring.pop_front();
                 continue;
@@ -158,6 +178,15 @@ impl KeyLayer {
                 // Its turn is over; the deficit carries to the next round.
                 k.turn = false;
                 self.ring.rotate_left(1);
+                idle_turns += 1;
+                #[cfg(test)]
+                let skip = !self.drr.turn_by_turn;
+                #[cfg(not(test))]
+                let skip = true;
+                if skip && idle_turns >= self.ring.len() {
+                    self.skip_idle_rounds(at);
+                    idle_turns = 0;
+                }
                 continue;
             }
             // The total holds back the key whose turn it is (and so everyone): a large head
@@ -187,7 +216,46 @@ impl KeyLayer {
             }
             let grant = self.grant_to(total, now, &name, w);
             fx.wakes.push((WaiterId(id), Ok(grant)));
+            idle_turns = 0;
         }
+    }
+
+    /// Called when every key in the ring has just ended a turn with its head short of its
+    /// deficit, nothing having changed since: the rounds before the first head fits would
+    /// grant nothing, so each key is credited their weight at once. The same decisions as
+    /// turning the ring one key at a time, in one visit of the ring instead of one turn per
+    /// permit a head lacks (a head of a million permits at weight 1 was a million turns
+    /// under the limiter's lock, and on Redis inside one script).
+    fn skip_idle_rounds(&mut self, at: Timestamp) {
+        let mut rounds = u64::MAX;
+        for (name, gen) in &self.ring {
+            if let Some((short, weight)) = self.shortfall(name, *gen, at) {
+                rounds = rounds.min(short.div_ceil(weight));
+            }
+        }
+        // The round in which the first head fits is played as usual.
+        let Some(skipped) = rounds.checked_sub(1).filter(|r| *r > 0) else {
+            return;
+        };
+        let ring: Vec<(Arc<str>, u64)> = self.ring.iter().cloned().collect();
+        for (name, gen) in ring {
+            if let Some((_, weight)) = self.shortfall(&name, gen, at) {
+                if let Some(k) = self.keys.get_mut(&name) {
+                    k.deficit = k.deficit.saturating_add(skipped.saturating_mul(weight));
+                }
+            }
+        }
+    }
+
+    /// A ring entry's live key, if its head could run: the permits its deficit lacks for the
+    /// head (at least one, after a turn that did not grant it), and its weight.
+    fn shortfall(&self, name: &Arc<str>, gen: u64, at: Timestamp) -> Option<(u64, u64)> {
+        let k = self.keys.get(name).filter(|k| k.gen == gen)?;
+        let Block::Ready(permits) = k.block(at) else {
+            return None;
+        };
+        let short = u64::from(permits).saturating_sub(k.deficit).max(1);
+        Some((short, u64::from(k.weight).max(1)))
     }
 
     /// Grants `w` to key `name` (which exists): the total's grant, plus the key's share.

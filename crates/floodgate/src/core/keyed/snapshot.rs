@@ -365,6 +365,8 @@ impl KeyLayer {
             },
             reservations,
             heads,
+            #[cfg(test)]
+            drr: super::sched::DrrProbe::default(),
         })
     }
 

@@ -8,6 +8,7 @@ use crate::core::{AcquireRequest, Admission, Effects, Refusal, WaiterId};
 use crate::types::FencingToken;
 
 mod adopt_model;
+mod drr_skip;
 mod model;
 mod rate_model;
 mod reservations;

@@ -417,6 +417,8 @@ grant_waiters = function()
     local l = redis.call('ZRANGE', K_LEASE, 0, 0, 'WITHSCORES')
     if l[2] and tonumber(l[2]) == at then return end
   end
+  -- Turns ended without a grant since the last grant (sched.rs idle_turns).
+  local idle = 0
   while true do
     local front = redis.call('LINDEX', K_RING, 0)
     if not front then return end
@@ -446,6 +448,35 @@ grant_waiters = function()
           k.turn = false
           kdirty(tkey)
           redis.call('LMOVE', K_RING, K_RING, 'LEFT', 'RIGHT')
+          idle = idle + 1
+          if idle >= redis.call('LLEN', K_RING) then
+            -- Every key in the ring has just ended a turn short of its head: the rounds before
+            -- the first head fits would grant nothing, so each key is credited their weight at
+            -- once (sched.rs skip_idle_rounds): one visit of the ring, not one turn per permit
+            -- a head lacks, inside a script that blocks Redis.
+            local live, rounds = {}, nil
+            for _, entry in ipairs(redis.call('LRANGE', K_RING, 0, -1)) do
+              local at_sep = string.find(entry, SEP, 1, true)
+              local rkey = string.sub(entry, at_sep + 1)
+              local rk = kget(rkey)
+              local rhead = rk and rk.gen == tonumber(string.sub(entry, 1, at_sep - 1))
+                and rk.qlen > 0 and key_head(rkey) or nil
+              if rhead and admits(rk, rhead.permits, judge) then
+                local w = math.max(rk.weight, 1)
+                local need = math.ceil(math.max(rhead.permits - rk.deficit, 1) / w)
+                if not rounds or need < rounds then rounds = need end
+                live[#live + 1] = {rkey, rk, w}
+              end
+            end
+            -- (The round in which the first head fits is played as usual.)
+            if rounds and rounds > 1 then
+              for _, e in ipairs(live) do
+                e[2].deficit = e[2].deficit + (rounds - 1) * e[3]
+                kdirty(e[1])
+              end
+            end
+            idle = 0
+          end
         elseif not fits(head.permits) then
           -- The total holds back the key whose turn it is (and so everyone).
           return
@@ -462,6 +493,7 @@ grant_waiters = function()
           local g = kgrant(tkey, k, head.permits, head.lease, head.enqueued_at, head.key,
             head.label, true)
           wake(head.key, head.channel, 'G|' .. table.concat(g, '|'), concurrency ~= nil)
+          idle = 0
         end
       end
     end
