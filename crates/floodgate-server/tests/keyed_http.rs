@@ -200,6 +200,17 @@ async fn keyed_over_http(srv: Srv) {
         )
         .await;
     assert_error(&too_many, 400, "invalid_request", "max_keys");
+    // An adaptive limit on a keyed limiter with no total has nothing to adjust: refused, not
+    // created without it (it was, answering 200 with `adaptive: null`).
+    let adaptive = srv
+        .put(
+            "/v1/limiters/no-total",
+            json!({"per_key": {"concurrency": 2}, "adaptive": {"min": 1, "max": 10}}),
+        )
+        .await;
+    assert_error(&adaptive, 400, "invalid_request", "adaptive");
+    let (status, _) = srv.get("/v1/limiters/no-total").await;
+    assert_eq!(status, 404, "nothing created");
     srv.served.stop().await;
 }
 

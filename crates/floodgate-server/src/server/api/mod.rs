@@ -240,6 +240,14 @@ pub(super) async fn put_limiter<S: Store>(
     let keyed = super::keyed::keyed_spec(body.per_key, body.max_keys, current_keyed)?;
     if current.is_none() && keyed.is_some() && body.concurrency.is_none() && body.rate.is_none() {
         // A keyed limiter may have no total: its per-key limits bound it.
+        if matches!(body.adaptive, Some(Some(_))) {
+            // An adaptive limit moves the total; per-key adaptive limits are not built.
+            return Err(ApiError::bad_field(
+                "adaptive",
+                "needs a total concurrency to adjust: give `concurrency` too (a keyed limiter's \
+                 per-key limits are not adaptive)",
+            ));
+        }
         let d = LimiterSpec::default();
         let mut spec = LimiterSpec::default()
             .with_default_lease(body.lease_ms.map_or(d.default_lease, Duration::from_millis))
