@@ -396,7 +396,13 @@ enum Step<'a, 'k, C: Clock> {
     Waiting(QueuedAcquire<C>),
     /// Granted, waiting for the log to have it. Boxed: a durable store waits for its disk
     /// here anyway, and inline the log's future would more than double every acquire.
-    Logging(Pin<Box<dyn Future<Output = Result<Grant, AcquireError>> + Send + 'a>>),
+    /// With the grant's token, unless the acquire is idempotent: dropped here, the grant goes
+    /// back (nobody will hold it), as one that raced a dropped wait does. An idempotent grant
+    /// stays, for the retry that owns it (it may have been handed the same grant already).
+    Logging(
+        Pin<Box<dyn Future<Output = Result<Grant, AcquireError>> + Send + 'a>>,
+        Option<FencingToken>,
+    ),
     /// Answered.
     Done,
 }
@@ -408,8 +414,10 @@ impl<C: Clock> Future for Acquire<'_, '_, C> {
         let this = self.get_mut();
         // Matched in place, not moved out: the uncontended acquire (the common case) is
         // answered in its first poll without copying the request around.
+        let idempotent;
         let out = match &mut this.step {
             Step::Start(key, req) => {
+                idempotent = req.request_id.is_some();
                 let started = this.limiter.start(*key, req);
                 this.step = Step::Done;
                 match started {
@@ -424,35 +432,54 @@ impl<C: Clock> Future for Acquire<'_, '_, C> {
                     },
                 }
             }
-            Step::Waiting(wait) => match Pin::new(wait).poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(out) => {
-                    this.step = Step::Done;
-                    out
+            Step::Waiting(wait) => {
+                idempotent = wait.idempotent;
+                match Pin::new(wait).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(out) => {
+                        this.step = Step::Done;
+                        out
+                    }
                 }
-            },
-            Step::Logging(logging) => {
+            }
+            Step::Logging(logging, _) => {
                 let out = std::task::ready!(logging.as_mut().poll(cx));
                 this.step = Step::Done;
                 return Poll::Ready(out);
             }
-            Step::Done => Err(StoreError::Unavailable(
-                "this acquire was polled after it completed".into(),
-            )
-            .into()),
+            Step::Done => {
+                idempotent = false;
+                Err(
+                    StoreError::Unavailable("this acquire was polled after it completed".into())
+                        .into(),
+                )
+            }
         };
         let grant = out?;
         if this.limiter.shared.wal.is_none() {
             return Poll::Ready(Ok(grant));
         }
+        let token = (!idempotent).then_some(grant.token);
         let mut logging: Pin<Box<dyn Future<Output = _> + Send + '_>> =
             Box::pin(this.limiter.logged(grant));
         match logging.as_mut().poll(cx) {
             Poll::Pending => {
-                this.step = Step::Logging(logging);
+                this.step = Step::Logging(logging, token);
                 Poll::Pending
             }
             ready => ready,
+        }
+    }
+}
+
+impl<C: Clock> Drop for Acquire<'_, '_, C> {
+    fn drop(&mut self) {
+        // Dropped while its grant was being made durable: nobody will hold it (the caller
+        // went away, e.g. a timeout around the acquire), so it goes back now, not when its
+        // lease ends. (Not awaited: a drop cannot wait for the disk; a crash before the
+        // release is on disk restores the grant, whose lease then ends.)
+        if let Step::Logging(_, Some(token)) = self.step {
+            self.limiter.release_now(token);
         }
     }
 }

@@ -98,3 +98,75 @@ async fn a_restored_limiters_learning_window_survives_a_crash_right_after_the_an
     assert!(status.learning, "the learning window was lost: {status:?}");
     after.close();
 }
+
+/// Polls `fut` once and drops it: what a timeout around an acquire does when it fires while
+/// the grant is being written. `Some` if it was answered in that poll.
+fn poll_once_then_drop<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// An acquire dropped while its grant waits for the disk gives the permit back at once, as
+/// `Limiter::acquire`'s cancel safety says ("a grant that raced the drop is released"): it was
+/// held until its lease ended (review h-keyed). An idempotent one keeps it, for its retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_dropped_while_its_grant_is_logged_gives_the_permit_back() {
+    use crate::{AcquireOptions, Floodgate};
+    let dir = tempfile::tempdir().unwrap();
+    let durability = Durability::new(dir.path()).fsync(FsyncPolicy::Always);
+    let (store, _) = MemoryStore::open(durability).unwrap();
+    let gate = Floodgate::with_store(store.clone());
+    let lease = Duration::from_secs(3600);
+    gate.define("a", LimiterSpec::concurrency(1)).await.unwrap();
+    let lim = gate.limiter("a").await.unwrap();
+    // Until the first poll leaves the grant waiting for the log (almost always the first try).
+    let mut dropped = false;
+    for _ in 0..100 {
+        match poll_once_then_drop(lim.acquire(AcquireOptions::new().lease(lease))) {
+            None => {
+                dropped = true;
+                break;
+            }
+            Some(answered) => drop(answered.unwrap()),
+        }
+    }
+    assert!(dropped, "every acquire was durable at its first poll");
+    let status = lim.status().await.unwrap();
+    assert_eq!(
+        status.in_use, 0,
+        "the dropped acquire's grant is still held: {status:?}"
+    );
+    let next = lim
+        .acquire(AcquireOptions::new().wait(Duration::ZERO))
+        .await;
+    drop(next.expect("the permit is free"));
+
+    // Idempotent: the grant stays for the retry with the same id, which gets it.
+    let with_id = |id: &str| AcquireOptions::new().lease(lease).request_id(id);
+    let mut kept = None;
+    for i in 0..100 {
+        let id = format!("job-{i}");
+        match poll_once_then_drop(lim.acquire(with_id(&id))) {
+            None => {
+                kept = Some(id);
+                break;
+            }
+            Some(answered) => drop(answered.unwrap()),
+        }
+    }
+    let id = kept.expect("every idempotent acquire was durable at its first poll");
+    assert_eq!(lim.status().await.unwrap().in_use, 1, "kept for the retry");
+    let retry = lim.acquire(with_id(&id)).await.unwrap();
+    assert_eq!(
+        lim.status().await.unwrap().in_use,
+        1,
+        "the retry got the same grant"
+    );
+    drop(retry);
+    assert_eq!(lim.status().await.unwrap().in_use, 0);
+    store.close();
+}
