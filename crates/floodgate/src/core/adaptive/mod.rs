@@ -28,8 +28,9 @@
 //!      ceiling it is forgotten (slow start).
 //!   5. *Latency gradient.* When the recent latency exceeds `tolerance` times the long-run
 //!      latency, calls are queueing in the backend without being refused: the limit is scaled
-//!      by `tolerance * long / short` (at least by half, Gradient2's floor), at most once per
-//!      recent latency, and that becomes the ceiling.
+//!      by `0.8 + 0.2 * gradient`, the gradient being `tolerance * long / short` taken no lower
+//!      than 1/2 (Gradient2's floor, smoothed by 0.2: at most a tenth off per step), at most
+//!      once per recent latency, and the limit before the step becomes the ceiling.
 //!
 //! Latencies are smoothed as integer EWMAs of microseconds (weights 1/16 and 1/256, the same
 //! integer steps as the hold-time average), so the state is exact in any store.
