@@ -67,6 +67,17 @@ def test_schedule_with_a_key_takes_both_rates(fg: Floodgate) -> None:
     assert other == [0.0]
 
 
+def test_a_schedule_for_a_key_beyond_max_keys_is_too_many_keys_with_a_hint(fg: Floodgate) -> None:
+    # Retryable, as an acquire's: the cap frees itself as idle keys drop out.
+    per_key = {"concurrency": 5, "rate": {"limit": 10, "period_ms": 1000, "burst": 1}}
+    name = keyed(fg, 10, per_key=per_key, max_keys=1)
+    assert fg.schedule(name, 1, key="org-a") == [0.0]
+    with pytest.raises(TooManyKeys) as too_many:
+        fg.schedule(name, 1, key="org-b")
+    assert too_many.value.retry_after >= 0
+    assert fg.limiter(name)["keyed"]["too_many_keys"] == 1
+
+
 def test_a_keyed_reservation_is_given_back(fg: Floodgate) -> None:
     per_key = {"concurrency": 5, "rate": {"limit": 1, "period_ms": 1000, "burst": 1}}
     name = keyed(fg, 10, per_key=per_key)

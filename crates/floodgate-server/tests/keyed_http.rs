@@ -334,6 +334,32 @@ async fn keyed_rate_and_schedule(srv: Srv) {
         .post("/v1/limiters/orgs/schedule", json!({"count": 1}))
         .await;
     assert_error(&no_key, 400, "invalid_request", "key");
+    // A new key beyond max_keys: 429 with a hint, as an acquire's (it was a 400, which a
+    // producer reads as final although the cap frees itself).
+    let (s, body) = srv
+        .put(
+            "/v1/limiters/one-key",
+            json!({"per_key": {"concurrency": 1, "rate": {"limit": 5, "period_ms": 1000}}, "max_keys": 1}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let (s, first) = srv
+        .post(
+            "/v1/limiters/one-key/schedule",
+            json!({"key": "k1", "count": 1}),
+        )
+        .await;
+    assert_eq!(s, 200, "{first}");
+    let full = srv
+        .post(
+            "/v1/limiters/one-key/schedule",
+            json!({"key": "k2", "count": 1}),
+        )
+        .await;
+    assert_error(&full, 429, "too_many_keys", "max_keys");
+    assert!(full.1["retry_after_ms"].as_u64().is_some(), "{}", full.1);
+    let (_, status) = srv.get("/v1/limiters/one-key").await;
+    assert_eq!(status["keyed"]["too_many_keys"], 1, "{status}");
     srv.served.stop().await;
 }
 

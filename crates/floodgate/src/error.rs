@@ -26,6 +26,17 @@ pub enum StoreError {
     /// The store already holds its maximum number of limiters.
     #[error("the store already holds its maximum of {0} limiters")]
     TooManyLimiters(usize),
+    /// A keyed limiter already tracks its `max_keys` keys and this operation names a new one
+    /// (a `schedule`; an acquire is refused with
+    /// [`Refusal::TooManyKeys`](crate::Refusal::TooManyKeys) instead). The cap frees itself as
+    /// idle keys drop out: retry after the hint.
+    #[error("this limiter already tracks its max_keys ({max_keys}) keys; retry after {} ms", retry_after.as_millis())]
+    TooManyKeys {
+        /// The limiter's key cap.
+        max_keys: u32,
+        /// An estimate of when a key is likely to be free.
+        retry_after: std::time::Duration,
+    },
     /// The shared store could not be reached (Redis down, say); the cause, when there is
     /// one, is this error's [`source`](std::error::Error::source).
     #[error("store unavailable: {0}")]

@@ -552,7 +552,12 @@ impl Twin {
                         out.extend(offsets.iter().map(|d| d.as_micros().to_string()));
                         out.join(" ")
                     }
-                    Err(e) => format!("invalid {} {}", e.field, e.message),
+                    Err(Refusal::Invalid(e)) => format!("invalid {} {}", e.field, e.message),
+                    Err(Refusal::TooManyKeys {
+                        max_keys,
+                        retry_after,
+                    }) => format!("too_many_keys {max_keys} {}", retry_after.as_micros()),
+                    Err(other) => format!("{other:?}"),
                 };
                 let s = reply[..reply.len() - 1].join(" ");
                 if c != s {

@@ -352,7 +352,9 @@ class Floodgate(_Transport):
         give task *i* a countdown of ``offsets[i]`` so they do not all arrive at once. With
         ``key`` (a keyed limiter), the offsets satisfy the total's and the key's rate.
 
-        Raises :class:`NotFound` (code ``not_found``) against a server without the endpoint.
+        Raises :class:`TooManyKeys` (with ``retry_after``) for a new ``key`` beyond the
+        limiter's ``max_keys``, :class:`NotFound` (code ``not_found``) against a server without
+        the endpoint.
         """
         return self.reserve(name, count, key=key).offsets
 

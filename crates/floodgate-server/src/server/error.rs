@@ -107,6 +107,20 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// 429 `too_many_keys`: a new key beyond a keyed limiter's `max_keys` (an acquire's or a
+/// schedule's), with the hint.
+fn too_many_keys(max_keys: u32, retry_after: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_keys",
+        format!(
+            "key: this keyed limiter already tracks its max_keys ({max_keys}) keys and this is \
+             a new one; retry after the hint, when idle keys have dropped out"
+        ),
+    )
+    .with_retry(retry_after)
+}
+
 /// 503 `store_unavailable` for an error this server does not know (a newer library's).
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
@@ -132,6 +146,10 @@ impl From<StoreError> for ApiError {
                 "store_unavailable",
                 u.message(),
             ),
+            StoreError::TooManyKeys {
+                max_keys,
+                retry_after,
+            } => too_many_keys(max_keys, retry_after),
             // A failure of a newer library (the enums are non-exhaustive): the operation could
             // not be carried out, which is what 503 says.
             other => unavailable(other),
@@ -174,15 +192,7 @@ impl From<AcquireError> for ApiError {
             AcquireError::Refused(Refusal::TooManyKeys {
                 max_keys,
                 retry_after,
-            }) => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_keys",
-                format!(
-                    "key: this keyed limiter already tracks its max_keys ({max_keys}) keys and \
-                     this is a new one; retry after the hint, when idle keys have dropped out"
-                ),
-            )
-            .with_retry(retry_after),
+            }) => too_many_keys(max_keys, retry_after),
             AcquireError::Store(e) => e.into(),
             AcquireError::Superseded => ApiError::new(
                 StatusCode::CONFLICT,

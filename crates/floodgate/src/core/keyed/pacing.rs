@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::sched::{gcra_at, gcra_take};
 use super::{check_key, KeyLayer};
-use crate::core::{Effects, LimiterCore, MAX_SCHEDULE, MAX_SCHEDULE_AHEAD};
+use crate::core::{Effects, LimiterCore, Refusal, MAX_SCHEDULE, MAX_SCHEDULE_AHEAD};
 use crate::spec::InvalidField;
 use crate::types::Timestamp;
 
@@ -15,6 +15,10 @@ impl KeyLayer {
     /// `reservation` is the id the store drew, with which the producer may give back what it
     /// does not use ([`unschedule`](Self::unschedule)); 0 (logs from before keyed reservations)
     /// remembers none.
+    ///
+    /// Refused with [`Refusal::Invalid`] (naming the field) or, for a new key beyond
+    /// `max_keys`, [`Refusal::TooManyKeys`] with the hint an acquire would get: the cap frees
+    /// itself as idle keys drop out.
     pub fn schedule(
         &mut self,
         total: &mut LimiterCore,
@@ -23,37 +27,34 @@ impl KeyLayer {
         count: u32,
         reservation: u64,
         fx: &mut Effects,
-    ) -> Result<Vec<Duration>, InvalidField> {
-        check_key(key)?;
+    ) -> Result<Vec<Duration>, Refusal> {
+        check_key(key).map_err(Refusal::Invalid)?;
         if total.spec.rate.is_none() && self.spec.rate.is_none() {
-            return Err(InvalidField::new(
+            return Err(Refusal::Invalid(InvalidField::new(
                 "count",
                 "this limiter has no rate limit (total or per key) to schedule against",
-            ));
+            )));
         }
         if count == 0 || count > MAX_SCHEDULE {
-            return Err(InvalidField::new(
+            return Err(Refusal::Invalid(InvalidField::new(
                 "count",
                 format!("must be from 1 to {MAX_SCHEDULE}"),
-            ));
+            )));
         }
         self.advance(total, now, fx);
         if !self.keys.contains_key(key) {
             if self.keys.len() >= self.spec.max_keys as usize {
                 self.counters.too_many_keys += 1;
-                return Err(InvalidField::new(
-                    "key",
-                    format!(
-                        "this limiter already tracks its max_keys ({}) keys",
-                        self.spec.max_keys
-                    ),
-                ));
+                return Err(Refusal::TooManyKeys {
+                    max_keys: self.spec.max_keys,
+                    retry_after: total.retry_hint(now, 1),
+                });
             }
             let k = self.new_key(key);
             self.keys.insert(Arc::from(key), k);
         }
         let Some((name, k)) = self.keys.get_key_value(key) else {
-            return Err(InvalidField::new("key", "vanished"));
+            return Err(Refusal::Invalid(InvalidField::new("key", "vanished")));
         };
         let name = Arc::clone(name);
         let (key_rate, key_before) = (k.rate, k.tat);
@@ -74,14 +75,14 @@ impl KeyLayer {
             total.tat = total_before;
             let fit = offsets.partition_point(|d| *d <= horizon);
             self.maybe_drop(&name, now);
-            return Err(InvalidField::new(
+            return Err(Refusal::Invalid(InvalidField::new(
                 "count",
                 format!(
                     "would reserve tokens further ahead than this limiter's max_wait_ms ({} ms), \
                      which bounds a schedule; {fit} fit now",
                     horizon.as_millis()
                 ),
-            ));
+            )));
         }
         if let Some(k) = self.keys.get_mut(&name) {
             k.tat = key_tat;

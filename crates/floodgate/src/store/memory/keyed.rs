@@ -12,7 +12,7 @@ use super::{timer, MemoryStore};
 use crate::clock::{token_seed, Clock};
 use crate::core::keyed::{KeyLayer, KeyOverride, KeyedSpec, KeyedSpecState, KeysView};
 use crate::core::SpecState;
-use crate::core::{Effects, Feedback, LimiterStatus, Lost, WaiterId};
+use crate::core::{Effects, Feedback, LimiterStatus, Lost, Refusal, WaiterId};
 use crate::error::{ExtendError, StoreError};
 use crate::spec::{InvalidField, LimiterSpec};
 use crate::store::LimiterBackend;
@@ -207,7 +207,7 @@ impl<C: Clock> MemoryLimiter<C> {
                     Some(keyed) => {
                         keyed.schedule(&mut state.core, now, key, count, reservation.0, fx)
                     }
-                    None => return Err(not_keyed()),
+                    None => return Err(Refusal::Invalid(not_keyed())),
                 };
                 state.record(now, || Op::KeyedSchedule {
                     key: key.to_owned(),
@@ -216,7 +216,18 @@ impl<C: Clock> MemoryLimiter<C> {
                 });
                 out
             })?
-            .map_err(StoreError::Invalid)?;
+            .map_err(|refusal| match refusal {
+                Refusal::TooManyKeys {
+                    max_keys,
+                    retry_after,
+                } => StoreError::TooManyKeys {
+                    max_keys,
+                    retry_after,
+                },
+                Refusal::Invalid(field) => StoreError::Invalid(field),
+                // A schedule is refused only for its fields or its key.
+                other => StoreError::Invalid(InvalidField::new("count", other.to_string())),
+            })?;
         self.durable().await?;
         Ok(Schedule {
             offsets,

@@ -248,6 +248,16 @@ impl RedisLimiter {
             Some("plain") => Err(StoreError::Invalid(not_keyed())),
             Some("unknown") => Err(StoreError::UnknownLimiter(self.name.clone())),
             Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
+            Some("too_many_keys") => match refusal(&reply) {
+                Some(Refusal::TooManyKeys {
+                    max_keys,
+                    retry_after,
+                }) => Err(StoreError::TooManyKeys {
+                    max_keys,
+                    retry_after,
+                }),
+                _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
+            },
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }
     }

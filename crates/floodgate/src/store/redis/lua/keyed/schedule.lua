@@ -2,7 +2,8 @@
 -- offset satisfies both. All or nothing, bounded by max_wait (core/keyed/pacing.rs).
 -- ARGV: 4 key (checked by the store), 5 count (1 to MAX_SCHEDULE, checked by the store),
 -- 6 the reservation id the store drew ('' or '0': none is remembered).
--- Reply: {'offsets', offset us...} | {'invalid', 'count' | 'key', message}.
+-- Reply: {'offsets', offset us...} | {'invalid', 'count' | 'key', message} |
+-- {'too_many_keys', max_keys, retry_after} (a new key beyond max_keys, as kacquire's).
 -- A reply made by finish() ends with the delay in us to the next deadline ('-1': none).
 
 if op == 'kschedule' then
@@ -16,8 +17,7 @@ if op == 'kschedule' then
   if not k then
     if redis.call('HLEN', K_KS) >= KD.max then
       KD.tmk = KD.tmk + 1
-      return finish({'invalid', 'key', 'this limiter already tracks its max_keys (' ..
-        fmt(KD.max) .. ') keys'})
+      return finish({'too_many_keys', fmt(KD.max), fmt(retry_hint(1))})
     end
     k = new_key(tkey)
   end
