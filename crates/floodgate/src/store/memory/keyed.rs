@@ -287,12 +287,14 @@ fn not_keyed() -> InvalidField {
 }
 
 impl<C: Clock> MemoryStore<C> {
-    /// [`Store::put_keyed_limiter`](crate::Store::put_keyed_limiter) for the embedded store.
+    /// [`Store::put_keyed_limiter`](crate::Store::put_keyed_limiter) for the embedded store; a
+    /// limiter it creates starts learning for `learning` when given (as `put_plain`).
     pub(super) async fn put_keyed(
         &self,
         name: &LimiterName,
         spec: LimiterSpec,
         keyed: KeyedSpec,
+        learning: Option<Duration>,
     ) -> Result<LimiterStatus, StoreError> {
         keyed.validate(&spec)?;
         crate::core::keyed::total_spec(&spec).validate()?;
@@ -306,9 +308,15 @@ impl<C: Clock> MemoryStore<C> {
                 Some(limiter) => Some(limiter.clone()),
                 None => {
                     let first_token = self.new_limiter_token(map.len())?;
-                    let (core, layer) = KeyLayer::new(spec.clone(), keyed.clone(), first_token)?;
+                    let (mut core, layer) =
+                        KeyLayer::new(spec.clone(), keyed.clone(), first_token)?;
+                    let now = self.inner.clock.now();
+                    let learning_until = learning.map(|window| now.after(window));
+                    if let Some(until) = learning_until {
+                        core.enter_learning(now, until);
+                    }
                     let log = self.inner.persist.as_ref().map(|p| {
-                        p.create_keyed(self.inner.clock.now(), name, &spec, &keyed, first_token)
+                        p.create_keyed(now, name, &spec, &keyed, first_token, learning_until)
                     });
                     let limiter =
                         MemoryLimiter::with_core(name.clone(), core, self.inner.clock.clone(), log);

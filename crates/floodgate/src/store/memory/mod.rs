@@ -120,23 +120,13 @@ impl<C: Clock> MemoryStore<C> {
         self.inner.persist.is_some()
     }
 
-    fn get(&self, name: &LimiterName) -> Option<MemoryLimiter<C>> {
-        let map = self
-            .inner
-            .limiters
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        map.get(name).cloned()
-    }
-}
-
-impl<C: Clock> Store for MemoryStore<C> {
-    type Limiter = MemoryLimiter<C>;
-
-    async fn put_limiter(
+    /// [`Store::put_limiter`]; a limiter it creates starts learning for `learning` when given
+    /// (`restore_limiter`), in the same step and the same log record.
+    async fn put_plain(
         &self,
         name: &LimiterName,
         spec: LimiterSpec,
+        learning: Option<std::time::Duration>,
     ) -> Result<LimiterStatus, StoreError> {
         spec.validate()?;
         let existing = {
@@ -149,12 +139,17 @@ impl<C: Clock> Store for MemoryStore<C> {
                 Some(limiter) => Some(limiter.clone()),
                 None => {
                     let first_token = self.new_limiter_token(map.len())?;
-                    let core = crate::core::LimiterCore::new(spec.clone(), first_token)?;
+                    let mut core = crate::core::LimiterCore::new(spec.clone(), first_token)?;
+                    let now = self.inner.clock.now();
+                    let learning_until = learning.map(|window| now.after(window));
+                    if let Some(until) = learning_until {
+                        core.enter_learning(now, until);
+                    }
                     let log = self
                         .inner
                         .persist
                         .as_ref()
-                        .map(|p| p.create(self.inner.clock.now(), name, &spec, first_token));
+                        .map(|p| p.create(now, name, &spec, first_token, learning_until));
                     let limiter =
                         MemoryLimiter::with_core(name.clone(), core, self.inner.clock.clone(), log);
                     timer::spawn(&limiter);
@@ -179,6 +174,27 @@ impl<C: Clock> Store for MemoryStore<C> {
         limiter.status().await
     }
 
+    fn get(&self, name: &LimiterName) -> Option<MemoryLimiter<C>> {
+        let map = self
+            .inner
+            .limiters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(name).cloned()
+    }
+}
+
+impl<C: Clock> Store for MemoryStore<C> {
+    type Limiter = MemoryLimiter<C>;
+
+    async fn put_limiter(
+        &self,
+        name: &LimiterName,
+        spec: LimiterSpec,
+    ) -> Result<LimiterStatus, StoreError> {
+        self.put_plain(name, spec, None).await
+    }
+
     /// A limiter this store has no state for starts in a learning window: the server was
     /// restarted without its data while holders may still work.
     async fn restore_limiter(
@@ -187,17 +203,11 @@ impl<C: Clock> Store for MemoryStore<C> {
         spec: LimiterSpec,
         window: std::time::Duration,
     ) -> Result<LimiterStatus, StoreError> {
-        let created = self.get(name).is_none();
-        let status = self.put_limiter(name, spec).await?;
-        if !created || window.is_zero() {
-            return Ok(status);
-        }
-        let limiter = self.limiter(name).await?;
-        limiter.enter_learning(window)?;
-        // Durable before the answer: a crash right after it must not leave the limiter
-        // created but not learning (a later restore finds it and leaves it as it is).
-        limiter.durable().await?;
-        limiter.status().await
+        // Created learning, in one log record: no crash can leave it created but not
+        // learning (a later restore finds it and leaves it as it is). An existing limiter is
+        // only reconfigured.
+        self.put_plain(name, spec, (!window.is_zero()).then_some(window))
+            .await
     }
 
     async fn delete_limiter(&self, name: &LimiterName) -> Result<bool, StoreError> {
@@ -258,7 +268,7 @@ impl<C: Clock> Store for MemoryStore<C> {
         spec: LimiterSpec,
         keyed: crate::core::keyed::KeyedSpec,
     ) -> Result<LimiterStatus, StoreError> {
-        self.put_keyed(name, spec, keyed).await
+        self.put_keyed(name, spec, keyed, None).await
     }
 
     /// A keyed limiter this store has no state for starts in a learning window, as a plain
@@ -270,16 +280,9 @@ impl<C: Clock> Store for MemoryStore<C> {
         keyed: crate::core::keyed::KeyedSpec,
         window: std::time::Duration,
     ) -> Result<LimiterStatus, StoreError> {
-        let created = self.get(name).is_none();
-        let status = self.put_keyed(name, spec, keyed).await?;
-        if !created || window.is_zero() {
-            return Ok(status);
-        }
-        let limiter = self.limiter(name).await?;
-        limiter.enter_learning(window)?;
-        // Durable before the answer, as `restore_limiter`'s.
-        limiter.durable().await?;
-        limiter.status().await
+        // Created learning, in one log record, as `restore_limiter`'s.
+        self.put_keyed(name, spec, keyed, (!window.is_zero()).then_some(window))
+            .await
     }
 
     async fn limiter(&self, name: &LimiterName) -> Result<MemoryLimiter<C>, StoreError> {

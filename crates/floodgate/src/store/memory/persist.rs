@@ -35,14 +35,15 @@ pub(super) struct Persist {
 }
 
 impl Persist {
-    /// Logs a limiter's creation; returns its handle on the log (its incarnation is the
-    /// Create record's seq).
+    /// Logs a limiter's creation (learning until `learning_until`, if given); returns its
+    /// handle on the log (its incarnation is the Create record's seq).
     pub(super) fn create(
         &self,
         now: Timestamp,
         name: &LimiterName,
         spec: &LimiterSpec,
         first_token: u64,
+        learning_until: Option<Timestamp>,
     ) -> LimiterLog {
         let (seq, due) = self.wal.append(Record {
             seq: 0,
@@ -52,6 +53,7 @@ impl Persist {
             op: Op::Create {
                 spec: SpecState::from(spec),
                 first_token,
+                learning_until: learning_until.map(|t| t.0),
             },
         });
         if due {
@@ -68,6 +70,7 @@ impl Persist {
         spec: &LimiterSpec,
         keyed: &crate::core::keyed::KeyedSpec,
         first_token: u64,
+        learning_until: Option<Timestamp>,
     ) -> LimiterLog {
         let (seq, due) = self.wal.append(Record {
             seq: 0,
@@ -78,6 +81,7 @@ impl Persist {
                 spec: SpecState::from(spec),
                 keyed: crate::core::keyed::KeyedSpecState::from(keyed),
                 first_token,
+                learning_until: learning_until.map(|t| t.0),
             },
         });
         if due {

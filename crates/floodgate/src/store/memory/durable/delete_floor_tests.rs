@@ -47,6 +47,7 @@ fn log_with_high_tokens(
             op: Op::Create {
                 spec: SpecState::from(spec),
                 first_token: HIGH,
+                learning_until: None,
             },
         },
         &mut frame,
@@ -216,6 +217,7 @@ async fn a_delete_record_of_the_old_format_still_replays() {
             op: Op::Create {
                 spec: SpecState::from(&spec),
                 first_token: HIGH,
+                learning_until: None,
             },
         },
         &mut log,

@@ -40,8 +40,15 @@ pub(crate) struct Record {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum Op {
-    /// The limiter was created with this spec and first fencing token.
-    Create { spec: SpecState, first_token: u64 },
+    /// The limiter was created with this spec and first fencing token, learning until
+    /// `learning_until` when restored after a loss of state (one record, so that no crash
+    /// leaves it created and not learning; absent in logs written before it was carried).
+    Create {
+        spec: SpecState,
+        first_token: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        learning_until: Option<u64>,
+    },
     /// Its spec changed.
     Reconfigure { spec: SpecState },
     /// It was deleted, when its next fencing token was `next_token`: recovery raises the
@@ -72,7 +79,9 @@ pub(crate) enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key: Option<String>,
     },
-    /// A learning window was entered (state may have been lost), ending at `until`.
+    /// A learning window was entered (state may have been lost), ending at `until`. Written
+    /// by older releases after their `Create`; a restored limiter's window is now part of its
+    /// `Create` record. Still replayed.
     EnterLearning { until: u64 },
     /// A queued acquire gave up.
     Cancel { waiter: u64 },
@@ -103,6 +112,9 @@ pub(crate) enum Op {
         spec: SpecState,
         keyed: KeyedSpecState,
         first_token: u64,
+        /// As `Create`'s.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        learning_until: Option<u64>,
     },
     /// A keyed limiter's specs changed.
     ReconfigureKeyed {

@@ -228,7 +228,11 @@ fn apply(
 ) -> Result<(), String> {
     let at = Timestamp(record.at);
     match &record.op {
-        Op::Create { spec, first_token } => {
+        Op::Create {
+            spec,
+            first_token,
+            learning_until,
+        } => {
             if limiters
                 .get(&record.limiter)
                 .is_some_and(|r| r.inc >= record.seq)
@@ -236,8 +240,11 @@ fn apply(
                 // Already in the snapshot.
                 return Ok(());
             }
-            let core = LimiterCore::new(LimiterSpec::from(spec), *first_token)
+            let mut core = LimiterCore::new(LimiterSpec::from(spec), *first_token)
                 .map_err(|e| format!("limiter {:?} created with {e}", record.limiter))?;
+            if let Some(until) = learning_until {
+                core.enter_learning(at, Timestamp(*until));
+            }
             limiters.insert(
                 record.limiter,
                 Restored {
@@ -252,6 +259,7 @@ fn apply(
             spec,
             keyed,
             first_token,
+            learning_until,
         } => {
             if limiters
                 .get(&record.limiter)
@@ -259,12 +267,15 @@ fn apply(
             {
                 return Ok(());
             }
-            let (core, layer) = crate::core::keyed::KeyLayer::new(
+            let (mut core, layer) = crate::core::keyed::KeyLayer::new(
                 LimiterSpec::from(spec),
                 crate::core::keyed::KeyedSpec::from(keyed),
                 *first_token,
             )
             .map_err(|e| format!("keyed limiter {:?} created with {e}", record.limiter))?;
+            if let Some(until) = learning_until {
+                core.enter_learning(at, Timestamp(*until));
+            }
             limiters.insert(
                 record.limiter,
                 Restored {

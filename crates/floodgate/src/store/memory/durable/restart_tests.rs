@@ -170,3 +170,60 @@ async fn an_acquire_dropped_while_its_grant_is_logged_gives_the_permit_back() {
     assert_eq!(lim.status().await.unwrap().in_use, 0);
     store.close();
 }
+
+/// A crash that leaves only the first record a restore wrote (its limiter's creation: the
+/// writes after it cut off) still leaves the limiter learning: the window is part of that
+/// record. (It was a second record: a crash between the two left the limiter created and not
+/// learning, and the next restore, finding it, left it so, granting over the holders the
+/// window was there for.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_right_after_a_restored_limiters_creation_leaves_it_learning() {
+    use super::record::{decode, Frame, Op};
+    let (dir, crashed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let window = Duration::from_secs(3600);
+    let (store, _) = MemoryStore::open(Durability::new(dir.path())).unwrap();
+    for (name, keyed) in [("plain", false), ("keyed", true)] {
+        let name = LimiterName::new(name).unwrap();
+        let spec = LimiterSpec::concurrency(4);
+        if keyed {
+            let per_key = crate::core::keyed::KeyedSpec::per_key(2);
+            store
+                .restore_keyed_limiter(&name, spec, per_key, window)
+                .await
+        } else {
+            store.restore_limiter(&name, spec, window).await
+        }
+        .unwrap();
+    }
+    crash_copy(dir.path(), crashed.path());
+    store.close();
+    // Every segment cut just after each limiter's creation record: what a crash before any
+    // later write reached the disk leaves.
+    for entry in std::fs::read_dir(crashed.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        let data = std::fs::read(&path).unwrap();
+        let (mut at, mut cut) = (0, None);
+        while let Frame::Record(record, next) = decode(&data, at) {
+            if matches!(record.op, Op::Create { .. } | Op::CreateKeyed { .. }) {
+                cut = Some(next);
+            }
+            at = next;
+        }
+        if let Some(cut) = cut {
+            std::fs::write(&path, &data[..cut]).unwrap();
+        }
+    }
+    let (after, _) = MemoryStore::open(Durability::new(crashed.path())).unwrap();
+    for name in ["plain", "keyed"] {
+        let limiter = after.limiter(&LimiterName::new(name).unwrap()).await;
+        let status = limiter.unwrap().status().await.unwrap();
+        assert!(
+            status.learning,
+            "{name} was created and is not learning: {status:?}"
+        );
+    }
+    after.close();
+}
