@@ -396,6 +396,74 @@ fn bad_arguments_exit_2_naming_the_problem() {
     }
 }
 
+/// A duration too large for any clock (a bare number of seconds was once taken uncapped) is
+/// refused naming its flag, never a panic when the program later adds it to the time: `run
+/// --wait` panicked at once, `run --kill-after` once the permit was lost, `serve
+/// --idle-timeout` in every kept-alive connection.
+#[test]
+fn huge_durations_exit_2_naming_the_flag() {
+    const HUGE: &str = "18446744073709551615";
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["run", "a", "--url", NOBODY, "--wait", HUGE, "--", "true"],
+            "--wait",
+        ),
+        (
+            &["run", "a", "--url", NOBODY, "--lease", HUGE, "--", "true"],
+            "--lease",
+        ),
+        (
+            &[
+                "run",
+                "a",
+                "--url",
+                NOBODY,
+                "--kill-after",
+                HUGE,
+                "--",
+                "true",
+            ],
+            "--kill-after",
+        ),
+        (
+            &[
+                "run",
+                "a",
+                "--url",
+                NOBODY,
+                "--wait",
+                "1000000001",
+                "--",
+                "true",
+            ],
+            "--wait",
+        ),
+        (
+            &["limiter", "set", "a", "--lease", HUGE, "--url", NOBODY],
+            "--lease",
+        ),
+        (
+            &["top", "--once", "--interval", HUGE, "--url", NOBODY],
+            "--interval",
+        ),
+    ];
+    let serve_flags = [
+        "--idle-timeout",
+        "--header-timeout",
+        "--body-timeout",
+        "--shutdown-grace",
+    ];
+    for (args, flag) in cases.iter().map(|(a, f)| (a.to_vec(), *f)).chain(
+        serve_flags
+            .iter()
+            .map(|f| (vec!["serve", "--listen", "127.0.0.1:0", *f, HUGE], *f)),
+    ) {
+        let out = floodgate(&args);
+        refused(&out, flag, &format!("{args:?}"));
+        refused(&out, "too large", &format!("{args:?}"));
+    }
+}
+
 /// A bad `--redis` URL is refused (exit 2) naming it, with its password hidden: the message
 /// goes to terminals and logs.
 #[test]

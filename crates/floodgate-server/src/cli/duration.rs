@@ -3,13 +3,22 @@
 
 use std::time::Duration;
 
-/// Parses `250ms`, `90s`, `5m`, `2h`, `1h30m`, `1.5s`, or bare seconds (`30`).
+/// The longest duration a flag takes, in seconds (about 31 years): far beyond any wait, lease
+/// or timeout, and far from where adding it to a clock reading overflows.
+pub const MAX_SECS: u64 = 1_000_000_000;
+
+/// Parses `250ms`, `90s`, `5m`, `2h`, `1h30m`, `1.5s`, or bare seconds (`30`); at most
+/// [`MAX_SECS`] seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let s = text.trim();
     if s.is_empty() {
         return Err("empty duration; use e.g. 90s, 5m, 250ms".into());
     }
+    let too_large = || format!("{text:?}: too large; at most {MAX_SECS} seconds");
     if let Ok(secs) = s.parse::<u64>() {
+        if secs > MAX_SECS {
+            return Err(too_large());
+        }
         return Ok(Duration::from_secs(secs));
     }
     let mut total = Duration::ZERO;
@@ -41,10 +50,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             }
         };
         let secs = value * scale;
+        // MAX_SECS as an f64 (exact).
         if !secs.is_finite() || secs > 1e9 {
-            return Err(format!("{text:?}: too large"));
+            return Err(too_large());
         }
-        total += Duration::from_secs_f64(secs);
+        total = total
+            .checked_add(Duration::from_secs_f64(secs))
+            .filter(|t| *t <= Duration::from_secs(MAX_SECS))
+            .ok_or_else(too_large)?;
         rest = next;
     }
     Ok(total)
@@ -69,6 +82,23 @@ mod tests {
     fn rejects_garbage_with_a_reason() {
         for bad in ["", "s", "5x", "-5s", "5m3", "1e99h", "abc"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn a_bare_number_is_capped_like_one_with_a_unit() {
+        assert_eq!(
+            parse_duration("1000000000"),
+            Ok(Duration::from_secs(MAX_SECS))
+        );
+        for huge in [
+            "1000000001",
+            "18446744073709551615",
+            "1000000001s",
+            "999999999s999999999s",
+        ] {
+            let err = parse_duration(huge).expect_err(huge);
+            assert!(err.contains("too large"), "{huge}: {err}");
         }
     }
 }

@@ -51,6 +51,8 @@ const ACQUIRE_GRACE: Duration = Duration::from_secs(10);
 /// Attempts at an acquire that meets a connection error (same `request_id` each time) before
 /// the server counts as unreachable.
 const ACQUIRE_ATTEMPTS: u32 = 3;
+/// What [`plus`] means by forever (about 30 years), for a duration too long to add.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 /// Flags of `floodgate run`.
 #[derive(Debug, clap::Args)]
@@ -116,7 +118,10 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
     let lease = Duration::from_millis(permit.lease_ms);
     // The server started the lease somewhere between our request and its answer, and not
     // before it had waited `waited_ms`; take the earliest it can end.
-    let deadline = (sent + Duration::from_millis(permit.waited_ms)).min(received) + lease;
+    let deadline = plus(
+        plus(sent, Duration::from_millis(permit.waited_ms)).min(received),
+        lease,
+    );
 
     let mut child = match spawn(&args, &permit) {
         Ok(child) => child,
@@ -143,7 +148,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
                 lost = true;
                 // The signal goes first: nothing about stderr may delay or prevent it.
                 send_signal(&child, Signal::SIGTERM);
-                kill_at = Some(Instant::now() + args.kill_after);
+                kill_at = Some(plus(Instant::now(), args.kill_after));
                 warn(&format!(
                     "permit {} lost ({why}); it no longer covers the command: sent it SIGTERM, \
                      SIGKILL in {} if it has not stopped",
@@ -238,6 +243,14 @@ fn send_signal(child: &Child, sig: Signal) {
     }
 }
 
+/// `after` past `at`; a duration too long to add to the clock (a flag's, or a lease the server
+/// gave) is as good as forever.
+fn plus(at: Instant, after: Duration) -> Instant {
+    at.checked_add(after)
+        .or_else(|| at.checked_add(FAR_FUTURE))
+        .unwrap_or(at)
+}
+
 /// Sleeps until `at`, or forever when there is nothing to wait for.
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
@@ -286,7 +299,10 @@ async fn acquire(
 ) -> Result<PermitReply, ClientError> {
     // The server answers within the wait (capped by the limiter); one that does not answer at
     // all must not hold us forever.
-    let limit = args.wait.unwrap_or(floodgate::spec::MAX_WAIT) + ACQUIRE_GRACE;
+    let limit = args
+        .wait
+        .unwrap_or(floodgate::spec::MAX_WAIT)
+        .saturating_add(ACQUIRE_GRACE);
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1;
     loop {
@@ -334,7 +350,7 @@ async fn keep_alive(
     };
     let period = (lease / 3).max(Duration::from_millis(1));
     let mut deadline = deadline;
-    let mut next = Instant::now() + period;
+    let mut next = plus(Instant::now(), period);
     loop {
         tokio::time::sleep_until(next).await;
         let mut backoff = FIRST_BACKOFF.min(period);
@@ -347,8 +363,8 @@ async fn keep_alive(
                 .min(deadline.saturating_duration_since(sent));
             match answer_within(client, limit, client.extend_with(permit_id, &extend)).await {
                 Ok(_) => {
-                    deadline = sent + lease;
-                    next = sent + period;
+                    deadline = plus(sent, lease);
+                    next = plus(sent, period);
                     break;
                 }
                 Err(e) if e.code() == Some("permit_lost") => return e.to_string(),
