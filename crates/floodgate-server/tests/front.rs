@@ -159,6 +159,44 @@ async fn an_idle_kept_alive_connection_is_closed() {
     srv.stop().await;
 }
 
+/// Timeouts too long to add to the clock (the library takes any `Duration`; `serve` once took
+/// `--idle-timeout 18446744073709551615`) mean never: they once panicked the connection's task
+/// when the first answer armed the idle timeout, closing a kept-alive connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_too_long_for_the_clock_mean_never() {
+    let srv = start(ServerOptions {
+        idle_timeout: Duration::MAX,
+        header_timeout: Duration::MAX,
+        ..ServerOptions::default()
+    })
+    .await;
+    let mut stream = TcpStream::connect(srv.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // The first answer (the connection stays open), read up to its body.
+    let mut first = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !first.ends_with(b"ok") {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut chunk))
+            .await
+            .expect("no first answer")
+            .unwrap();
+        assert_ne!(n, 0, "closed: {:?}", String::from_utf8_lossy(&first));
+        first.extend_from_slice(&chunk[..n]);
+    }
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    // A second request on the same connection is answered too.
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_to_close(&mut stream).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second:?}");
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_body_is_408() {
     let srv = start(ServerOptions {

@@ -38,6 +38,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// When a timeout too long to add to the clock ends: about 30 years from now, as good as never.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 use super::head_cap::HeadCap;
 
 /// Largest request head (request line and headers) accepted, as `docs/api.md` says.
@@ -132,7 +135,12 @@ impl<IO> Guarded<IO> {
     }
 
     fn arm(&mut self, after: Duration) {
-        let at = Instant::now() + after;
+        // A timeout too long to add to the clock (the library takes any `Duration`) is never.
+        let now = Instant::now();
+        let at = now
+            .checked_add(after)
+            .or_else(|| now.checked_add(FAR_FUTURE))
+            .unwrap_or(now);
         match &mut self.deadline {
             Some(sleep) => sleep.as_mut().reset(at),
             None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
