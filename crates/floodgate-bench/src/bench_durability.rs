@@ -85,7 +85,7 @@ pub(crate) async fn bench_durability(args: BenchDurabilityArgs) -> Result<u8, Fa
     out.insert("log_size".into(), log_size(&args, root).await?);
     let mut text = serde_json::to_string_pretty(&Value::Object(out)).unwrap_or_default();
     text.push('\n');
-    floodgate_server::cli::print(&text);
+    floodgate_server::cli::print(&text)?;
     Ok(0)
 }
 

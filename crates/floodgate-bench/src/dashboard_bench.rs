@@ -234,6 +234,6 @@ pub(crate) async fn dashboard_bench(args: DashboardBenchArgs) -> Result<u8, Fail
             args.rounds,
             (1.0 - ratio) * 100.0,
         )
-    });
+    })?;
     Ok(0)
 }

@@ -693,3 +693,66 @@ fn values_the_server_refuses_exit_2_at_once() {
     assert_eq!(limit, Some("3"), "w changed: {text}");
     let _ = stop.send(());
 }
+
+/// Output into a pipe whose reader has gone (`floodgate status | true`): the command ends
+/// quietly with exit code 0, as `print!` did not (it panicked, exit 101, "failed printing to
+/// stdout"), and the change a `limiter set` made stays made.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let (_runtime, url, stop) = server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("apply.toml");
+    std::fs::write(&config, "[limiters.w]\nconcurrency = 3\n").expect("write");
+    let config = config.to_str().expect("utf-8 path");
+    let cases: &[&[&str]] = &[
+        &["status", "--url", &url],
+        &["status", "w", "--url", &url],
+        &["top", "--once", "--url", &url],
+        &["limiter", "set", "w", "--concurrency", "4", "--url", &url],
+        &["limiter", "apply", "-f", config, "--dry-run", "--url", &url],
+        &["simulate", "--orgs", "5", "--strategy", "floodgate"],
+        &[
+            "simulate",
+            "--orgs",
+            "5",
+            "--strategy",
+            "floodgate",
+            "--json",
+        ],
+    ];
+    for args in cases {
+        // The pipe's reader is closed before the command starts: its first write fails.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+            .args(*args)
+            .env_remove("FLOODGATE_URL")
+            .env_remove("FLOODGATE_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary runs");
+        let started = Instant::now();
+        while child.try_wait().expect("wait").is_none() {
+            if started.elapsed() > PATIENCE {
+                let _ = child.kill();
+                panic!("floodgate {args:?} did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+    let out = floodgate(&["status", "w", "--url", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("w ") && l.contains(" 4 ")),
+        "the limit set into a closed pipe did not stay: {text}"
+    );
+    let _ = stop.send(());
+}

@@ -182,7 +182,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
         text
     } else {
         report.to_text()
-    });
+    })?;
     Ok(0)
 }
 

@@ -15,7 +15,7 @@ use floodgate::{Floodgate, LimiterName, LimiterSpec, Store};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::status::print;
+use super::print;
 use super::{Failure, ServerArgs};
 use crate::config::FileConfig;
 use crate::wire::{millis, AdaptiveBody, RateBody};
@@ -308,7 +308,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
     let overrides = super::keyed_apply::desired_overrides(&file);
     plan.overrides = overrides.len();
     if args.dry_run || (plan.is_empty() && overrides.is_empty()) {
-        print(&plan.render(true));
+        print(&plan.render(true))?;
         return Ok(0);
     }
     // Creates and changes first, deletes last: a failure part way leaves extra limiters, never
@@ -356,7 +356,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
         }
         done.delete.push(name.clone());
     }
-    print(&done.render(false));
+    print(&done.render(false))?;
     Ok(0)
 }
 

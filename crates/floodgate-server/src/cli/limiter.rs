@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::duration::parse_duration;
-use super::status::print;
+use super::print;
 use super::{Failure, ServerArgs};
 
 #[derive(Debug, clap::Subcommand)]
@@ -132,13 +132,13 @@ pub(crate) async fn limiter(cmd: LimiterCommand) -> Result<u8, Failure> {
                 reply.get("rate").unwrap_or(&Value::Null),
                 reply.get("in_use").unwrap_or(&Value::Null),
                 reply.get("waiting").unwrap_or(&Value::Null),
-            ));
+            ))?;
             Ok(0)
         }
         LimiterCommand::Delete(args) => {
             let client = args.server.client()?;
             client.delete_limiter(&args.name).await?;
-            print(&format!("{}: deleted\n", args.name));
+            print(&format!("{}: deleted\n", args.name))?;
             Ok(0)
         }
         LimiterCommand::Apply(args) => super::apply::apply(args).await,

@@ -38,7 +38,9 @@ fn filter() -> EnvFilter {
             Ok(text) if !text.trim().is_empty() => match EnvFilter::try_new(&text) {
                 Ok(filter) => return filter,
                 Err(e) => {
-                    eprintln!("floodgate: {var}={text:?} is not a log filter ({e}); using info");
+                    super::warn(&format!(
+                        "{var}={text:?} is not a log filter ({e}); using info"
+                    ));
                     return EnvFilter::new("info");
                 }
             },

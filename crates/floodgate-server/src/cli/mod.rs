@@ -2,7 +2,8 @@
 //!
 //! Exit codes: 0 success; 2 bad flags or input (including a 4xx from the server about the
 //! request); 69 the server could not be reached; 75 (EX_TEMPFAIL) the wait ended without a
-//! permit; 1 anything else. `floodgate run` exits with the command's own status.
+//! permit; 1 anything else. `floodgate run` exits with the command's own status. Output into a
+//! pipe whose reader has gone (`floodgate status | head -1`) ends a command quietly, exit 0.
 
 mod apply;
 pub mod duration;
@@ -29,8 +30,6 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNAVAILABLE: u8 = 69;
 /// Exit code when the wait ended without a permit (EX_TEMPFAIL): try again later.
 pub const EXIT_TEMPFAIL: u8 = 75;
-
-pub use status::print;
 
 /// The server's and the client's subcommands. The `floodgate` binary (`crates/floodgate-cli`)
 /// puts them beside the measuring ones of `floodgate-bench`.
@@ -98,6 +97,14 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// Ends the command with exit code `code` and no message.
+    pub fn quiet(code: u8) -> Self {
+        Failure {
+            code,
+            message: String::new(),
+        }
+    }
+
     /// Bad flags or input: exit code 2.
     pub fn usage(message: impl Into<String>) -> Self {
         Failure {
@@ -133,6 +140,23 @@ pub(crate) fn warn(message: &str) {
     let _ = writeln!(std::io::stderr().lock(), "floodgate: {message}");
 }
 
+/// Writes a command's output on stdout, as is. A reader that has gone (a closed pipe, as in
+/// `floodgate status | head -1`) ends the command quietly with exit code 0, as for a command
+/// whose output was read in full (`print!` panicked, exit 101); any other write error fails
+/// it (exit 1).
+pub fn print(text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match write!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure::quiet(0)),
+        Err(e) => Err(Failure {
+            code: 1,
+            message: format!("cannot write the output: {e}"),
+        }),
+    }
+}
+
 /// Runs one of these subcommands; `Ok` is the exit code.
 pub async fn run(command: Command) -> Result<u8, Failure> {
     match command {
@@ -162,7 +186,9 @@ pub fn block_on(command: impl Future<Output = Result<u8, Failure>>) -> ExitCode 
     match runtime.block_on(command) {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
-            warn(&failure.message);
+            if !failure.message.is_empty() {
+                warn(&failure.message);
+            }
             ExitCode::from(failure.code)
         }
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::duration::parse_duration;
-use super::Failure;
+use super::{print, warn, Failure};
 use crate::simulate::{self, Config, Scenario, Strategy};
 
 /// Flags of `floodgate simulate`.
@@ -137,15 +137,13 @@ pub(crate) fn simulate(args: SimulateArgs) -> Result<u8, Failure> {
             message: e.to_string(),
         })?;
         text.push('\n');
-        print(&text);
+        print(&text)?;
     } else {
-        print(&sim.report.table());
-        eprintln!("simulated in {:.2} s of wall time", elapsed.as_secs_f64());
+        print(&sim.report.table())?;
+        warn(&format!(
+            "simulated in {:.2} s of wall time",
+            elapsed.as_secs_f64()
+        ));
     }
     Ok(0)
-}
-
-#[allow(clippy::print_stdout)]
-fn print(text: &str) {
-    print!("{text}");
 }

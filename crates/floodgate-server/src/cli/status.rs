@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use super::{Failure, ServerArgs};
+use super::{print, Failure, ServerArgs};
 
 /// Flags of `floodgate status`.
 #[derive(Debug, clap::Args)]
@@ -64,12 +64,6 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, Failure> {
             ));
         }
     }
-    print(&out);
+    print(&out)?;
     Ok(0)
-}
-
-/// Prints a command's output on stdout, as is.
-#[allow(clippy::print_stdout)]
-pub fn print(text: &str) {
-    print!("{text}");
 }

@@ -250,7 +250,7 @@ pub(crate) async fn top(args: TopArgs) -> Result<u8, Failure> {
     if args.once {
         let overview = client.overview().await?;
         let lines = render(&overview, None, &view, 160, usize::MAX);
-        super::status::print(&(lines.join("\n") + "\n"));
+        super::print(&(lines.join("\n") + "\n"))?;
         return Ok(0);
     }
     let screen = Screen::enter()?;
