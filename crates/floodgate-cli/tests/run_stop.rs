@@ -463,6 +463,25 @@ async fn a_lease_that_ends_during_the_outage_stops_the_command() {
 /// answer, on the first acquire (as a connection broken mid-request would). One request per
 /// connection: it asks the server to close, so the client opens a new one each time.
 async fn dropping_proxy(upstream: String) -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    proxy(upstream, FirstAcquire::Drop).await
+}
+
+/// What [`proxy`] does to the first acquire.
+#[derive(Clone, Copy)]
+enum FirstAcquire {
+    /// Hangs up without an answer.
+    Drop,
+    /// Holds the server's answer this long before passing it on (a slow network).
+    Delay(Duration),
+}
+
+/// A TCP front for the server that records every request body and does `first` to the first
+/// acquire. One request per connection: it asks the server to close, so the client opens a
+/// new one each time.
+async fn proxy(
+    upstream: String,
+    first: FirstAcquire,
+) -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -505,9 +524,13 @@ async fn dropping_proxy(upstream: String) -> (String, Arc<Mutex<Vec<serde_json::
                     .unwrap()
                     .push(serde_json::from_slice(&body).unwrap());
             }
+            let mut delay = Duration::ZERO;
             if head.contains("/acquire") && !dropped {
                 dropped = true;
-                continue; // `conn` dropped: hung up without an answer
+                match first {
+                    FirstAcquire::Drop => continue, // `conn` dropped: hung up without an answer
+                    FirstAcquire::Delay(d) => delay = d,
+                }
             }
             let head: Vec<&str> = head
                 .lines()
@@ -519,6 +542,7 @@ async fn dropping_proxy(upstream: String) -> (String, Arc<Mutex<Vec<serde_json::
             up.write_all(&body).await.unwrap();
             let mut answer = Vec::new();
             up.read_to_end(&mut answer).await.unwrap();
+            tokio::time::sleep(delay).await;
             let _ = conn.write_all(&answer).await;
         }
     });
@@ -580,5 +604,45 @@ async fn a_retried_acquire_keeps_its_request_id_and_extends_carry_permits() {
     assert!(extends.iter().all(|b| b["permits"] == 2), "{extends:?}");
     let status = status(&gate).await;
     assert_eq!(status.counters.granted, 1, "one logical acquire, one grant");
+    assert_eq!(status.in_use, 0);
+}
+
+/// A grant whose lease has already ended when its answer arrives (a 1 ms lease, its answer
+/// held 200 ms on the way) covers nothing: the command does not run, the permit is released,
+/// and `floodgate run` exits 75 saying the lease ended. It once ran the command without a
+/// permit, and then blamed the connection for the failed extend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_ended_before_the_start_does_not_run_the_command() {
+    let (upstream, gate) = in_process_server().await;
+    let (url, _) = proxy(upstream, FirstAcquire::Delay(Duration::from_millis(200))).await;
+    let scratch = Scratch::new("ended-lease");
+    let output = floodgate(
+        &url,
+        scratch.path(),
+        &[
+            "run",
+            LIMITER,
+            "--lease",
+            "1ms",
+            "--",
+            "sh",
+            "-c",
+            "touch ran",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    let err = stderr(&output);
+    assert_eq!(code(&output), 75, "{err}");
+    assert!(!scratch.file("ran").exists(), "the command ran: {err}");
+    assert!(
+        err.contains("lease ended before the command could start"),
+        "{err}"
+    );
+    assert!(!err.contains("cannot reach"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let status = status(&gate).await;
+    assert_eq!(status.counters.granted, 1);
     assert_eq!(status.in_use, 0);
 }

@@ -3,7 +3,9 @@
 //! to the same server.
 //!
 //! The permit is acquired first (waiting at most `--wait`); a wait that ends without one exits
-//! 75 (EX_TEMPFAIL) without running anything. The command then runs with inherited stdio and
+//! 75 (EX_TEMPFAIL) without running anything, as does a grant whose lease has already ended
+//! when it arrives (a lease shorter than the answer took): the permit is released and the
+//! command does not run. The command then runs with inherited stdio and
 //! `FLOODGATE_PERMIT_ID` / `FLOODGATE_FENCING_TOKEN` in its environment, while the lease is
 //! extended every third of its length. SIGINT, SIGTERM and SIGHUP sent to `floodgate run` are
 //! forwarded to the command's process group (one that arrives while waiting for the permit ends
@@ -123,11 +125,27 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
         lease,
     );
 
+    // A lease that has already ended (a lease shorter than the answer took to arrive) covers
+    // nothing: the command would start without a permit.
+    if !lease.is_zero() && Instant::now() >= deadline {
+        // The server may still count it (this deadline is the earliest the lease can end).
+        release(&client, &permit.permit_id, Gone::Expected).await;
+        return Err(Failure {
+            code: EXIT_TEMPFAIL,
+            message: format!(
+                "permit {}: its {} lease ended before the command could start (the answer took \
+                 longer); the command did not run: use a longer --lease",
+                permit.permit_id,
+                human(lease)
+            ),
+        });
+    }
+
     let mut child = match spawn(&args, &permit) {
         Ok(child) => child,
         Err(failure) => {
             if !lease.is_zero() {
-                release(&client, &permit.permit_id).await;
+                release(&client, &permit.permit_id, Gone::Unexpected).await;
             }
             return Err(failure);
         }
@@ -188,7 +206,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
         });
     }
     if !lease.is_zero() {
-        release(&client, &permit.permit_id).await;
+        release(&client, &permit.permit_id, Gone::Unexpected).await;
     }
     match waited {
         Ok(status) => Ok(exit_code(status)),
@@ -354,6 +372,8 @@ async fn keep_alive(
     loop {
         tokio::time::sleep_until(next).await;
         let mut backoff = FIRST_BACKOFF.min(period);
+        // The last extend's failure, if it failed: why the lease ran out, once it has.
+        let mut failed: Option<ClientError> = None;
         loop {
             let sent = Instant::now();
             // A server that accepts the connection but never answers must not outlast the
@@ -361,6 +381,16 @@ async fn keep_alive(
             let limit = period
                 .max(Duration::from_secs(1))
                 .min(deadline.saturating_duration_since(sent));
+            if limit.is_zero() {
+                // No time left to ask in: the lease has ended, whatever the server's state.
+                return match failed {
+                    Some(e) => format!("the lease ran out while extending failed: {e}"),
+                    None => format!(
+                        "its {} lease ended before it could be extended",
+                        human(lease)
+                    ),
+                };
+            }
             match answer_within(client, limit, client.extend_with(permit_id, &extend)).await {
                 Ok(_) => {
                     deadline = plus(sent, lease);
@@ -380,21 +410,32 @@ async fn keep_alive(
                     ));
                     tokio::time::sleep(pause).await;
                     backoff = (backoff * 2).min(period);
+                    failed = Some(e);
                 }
             }
         }
     }
 }
 
+/// Whether a permit found gone on release is worth a warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// Its lease may well have ended: say nothing.
+    Expected,
+    /// It should still be held: say that it was not.
+    Unexpected,
+}
+
 /// Releases the permit, retrying a few times within [`RELEASE_TIMEOUT`]; a failure is reported,
 /// not fatal: the lease bounds how long the permit stays out.
-async fn release(client: &Client, permit_id: &str) {
+async fn release(client: &Client, permit_id: &str, gone: Gone) {
     let deadline = Instant::now() + RELEASE_TIMEOUT;
     let mut backoff = FIRST_BACKOFF;
     for attempt in 1..=RELEASE_ATTEMPTS {
         let limit = deadline.saturating_duration_since(Instant::now());
         match answer_within(client, limit, client.release(permit_id)).await {
             Ok(true) => return,
+            Ok(false) if gone == Gone::Expected => return,
             Ok(false) => {
                 warn(&format!(
                     "permit {permit_id} was no longer held when released (its lease had ended)"
@@ -547,6 +588,25 @@ mod tests {
         assert_eq!(human(Duration::from_secs(7200)), "2h");
         assert_eq!(human(Duration::from_millis(1500)), "1500ms");
         assert_eq!(human(Duration::ZERO), "0s");
+    }
+
+    /// A lease that has ended by the time of the first extend is said to have ended: there is
+    /// no time left to ask the server in, and nothing is sent (the address here is never
+    /// reached). It once sent the extend with a 0 s timeout and blamed the connection ("cannot
+    /// reach the server ... no answer within 0s").
+    #[tokio::test]
+    async fn an_ended_lease_is_not_blamed_on_the_connection() {
+        let client = Client::new("http://127.0.0.1:9", None).expect("client");
+        let permit = PermitReply {
+            permit_id: "lim.1".to_owned(),
+            fencing_token: 1,
+            permits: 1,
+            lease_ms: 30,
+            waited_ms: 0,
+        };
+        let lease = Duration::from_millis(30);
+        let why = keep_alive(&client, &permit, None, lease, Instant::now()).await;
+        assert_eq!(why, "its 30ms lease ended before it could be extended");
     }
 
     #[test]
