@@ -111,6 +111,8 @@ fn bad_config_files_exit_2_naming_the_problem() {
         // Indices above are used below (c27): new cases go here.
         ("redis = \"redis+sentinel://h:1\"".into(), "master"),
         ("redis = \"redis+sentinel://h:x/m\"".into(), "\"h:x\""),
+        ("learning_window_ms = 18446744073709551615".into(), "learning_window_ms"),
+        ("learning_window_ms = 86400001".into(), "learning_window_ms"),
     ];
     for (i, (text, problem)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));
@@ -386,6 +388,16 @@ fn bad_arguments_exit_2_naming_the_problem() {
                 "127.0.0.1:0",
             ],
             "HOST:PORT",
+        ),
+        (
+            &[
+                "serve",
+                "--learning-window",
+                "86400001",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "--learning-window",
         ),
         (&["dashboard-bench", "--seconds", "0"], "--seconds"),
         (&["dashboard-bench", "--viewers", "0"], "--viewers"),

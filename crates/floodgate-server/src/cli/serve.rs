@@ -70,7 +70,8 @@ pub(crate) struct ServeArgs {
     /// state was lost grants nothing this long while holders re-claim their permits by
     /// extending. With Redis: for limiters re-created after Redis lost them [default: each
     /// limiter's lease], and config limiters Redis has no state for at start learn too.
-    /// Embedded: config limiters learn at start [default: 0, they do not].
+    /// Embedded: config limiters learn at start [default: 0, they do not]. At most 86400000
+    /// (24 h, the longest lease).
     #[arg(long, env = "FLOODGATE_LEARNING_WINDOW", value_name = "MS")]
     learning_window: Option<u64>,
     /// Time a client has to send a request's head (line and headers), e.g. 10s [default: 10s].
@@ -268,6 +269,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
         .learning_window
         .or(file.learning_window_ms)
         .map(std::time::Duration::from_millis);
+    // A window longer than the longest lease covers no more permits; a huge one (u64::MAX ms)
+    // only stops a limiter from ever granting.
+    if learning.is_some_and(|w| w > floodgate::spec::MAX_LEASE) {
+        return Err(Failure::usage(format!(
+            "learning_window (--learning-window, learning_window_ms): must be at most {} ms \
+             (24 h, the longest lease)",
+            floodgate::spec::MAX_LEASE.as_millis()
+        )));
+    }
     match redis {
         None => {
             let mut store = match &data_dir {
