@@ -113,6 +113,15 @@ fn bad_config_files_exit_2_naming_the_problem() {
         ("redis = \"redis+sentinel://h:x/m\"".into(), "\"h:x\""),
         ("learning_window_ms = 18446744073709551615".into(), "learning_window_ms"),
         ("learning_window_ms = 86400001".into(), "learning_window_ms"),
+        // Settings that only mean something with another: refused, not ignored.
+        ("fsync = \"always\"".into(), "fsync (config file): only with --data-dir"),
+        ("snapshot_after_bytes = 1".into(), "snapshot_after_bytes (config file)"),
+        ("redis_cluster = true".into(), "redis_cluster (config file): only with --redis"),
+        ("redis_ca = \"/x.pem\"".into(), "redis_ca (config file): only with --redis"),
+        (
+            "redis = \"redis://127.0.0.1:9\"\ndata_dir = \"/tmp/x\"\nfsync = \"always\"".into(),
+            "not with --redis",
+        ),
     ];
     for (i, (text, problem)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));
@@ -398,6 +407,52 @@ fn bad_arguments_exit_2_naming_the_problem() {
                 "127.0.0.1:0",
             ],
             "--learning-window",
+        ),
+        (
+            &["serve", "--fsync", "always", "--listen", "127.0.0.1:0"],
+            "--fsync: only with --data-dir",
+        ),
+        (
+            &[
+                "serve",
+                "--snapshot-after-bytes",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "--snapshot-after-bytes: only with --data-dir",
+        ),
+        (
+            &["serve", "--redis-ca", "/x.pem", "--listen", "127.0.0.1:0"],
+            "--redis-ca: only with --redis",
+        ),
+        (
+            &[
+                "serve",
+                "--redis-cluster",
+                "true",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "--redis-cluster: only with --redis",
+        ),
+        (
+            &["serve", "--redis-username", "u", "--listen", "127.0.0.1:0"],
+            "--redis-username: only with --redis",
+        ),
+        (
+            &[
+                "serve",
+                "--redis",
+                "redis://127.0.0.1:9",
+                "--data-dir",
+                "/tmp/x",
+                "--fsync",
+                "always",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "--fsync: only with --data-dir (the durable embedded store), not with --redis",
         ),
         (&["dashboard-bench", "--seconds", "0"], "--seconds"),
         (&["dashboard-bench", "--viewers", "0"], "--viewers"),

@@ -46,7 +46,8 @@ pub(crate) struct ServeArgs {
     /// `redis+sentinel://HOST:PORT,HOST:PORT,HOST:PORT/MASTER` to follow Sentinel failovers.
     #[arg(long, env = "FLOODGATE_REDIS")]
     redis: Option<String>,
-    /// Treat the --redis URL(s) as a Redis Cluster.
+    /// Treat the --redis URL(s) as a Redis Cluster. Like every --redis-* setting, refused
+    /// without --redis.
     #[arg(long, env = "FLOODGATE_REDIS_CLUSTER")]
     redis_cluster: Option<bool>,
     /// When the shared store cannot be reached: `fail_closed` answers acquires 503
@@ -55,15 +56,16 @@ pub(crate) struct ServeArgs {
     on_store_failure: Option<String>,
     /// Keep the embedded store's state in this directory (write-ahead log + snapshots), so a
     /// restart or crash restores every limiter, holder, lease and token. Without it, a restart
-    /// forgets everything.
+    /// forgets everything. Not used with --redis (a warning says so; Redis keeps the state).
     #[arg(long, env = "FLOODGATE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// When the log reaches the disk: `always` (before each answer, group commit),
-    /// `everysec` (default) or `no`; as Redis's appendfsync.
+    /// `everysec` (default) or `no`; as Redis's appendfsync. Only with --data-dir (refused
+    /// without it, and with --redis).
     #[arg(long, env = "FLOODGATE_FSYNC", value_parser = ["always", "everysec", "no"])]
     fsync: Option<String>,
     /// Log growth in bytes after which a snapshot is taken and the log before it deleted
-    /// [default: 67108864].
+    /// [default: 67108864]. Only with --data-dir (refused without it, and with --redis).
     #[arg(long, env = "FLOODGATE_SNAPSHOT_AFTER_BYTES")]
     snapshot_after_bytes: Option<u64>,
     /// Learning window after state loss, in milliseconds (docs/learning.md): a limiter whose
@@ -185,7 +187,11 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .shutdown_grace
             .or(ms(file.shutdown_grace_ms))
             .unwrap_or(server::DEFAULT_SHUTDOWN_GRACE),
-        token: args.token.or(file.token.clone()).filter(|t| !t.is_empty()),
+        token: args
+            .token
+            .clone()
+            .or(file.token.clone())
+            .filter(|t| !t.is_empty()),
         metrics_require_token: args
             .metrics_require_token
             .or(file.metrics_require_token)
@@ -277,6 +283,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
              (24 h, the longest lease)",
             floodgate::spec::MAX_LEASE.as_millis()
         )));
+    }
+    check_companions(&args, &file, redis.is_some(), data_dir.is_some())?;
+    if let (Some(_), Some(dir)) = (&redis, &data_dir) {
+        // Not refused: the shipped recipes (the container image, the systemd unit) set
+        // FLOODGATE_DATA_DIR for every server, Redis or not.
+        tracing::warn!(
+            dir = %dir.display(),
+            "data_dir is not used with redis: Redis keeps the state, nothing is written there"
+        );
     }
     match redis {
         None => {
@@ -370,6 +385,116 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .await
         }
     }
+}
+
+/// Refuses settings that only mean something with another one, rather than ignoring them: the
+/// durable store's tuning without `--data-dir` (or with `--redis`), Redis's connection settings
+/// without `--redis`. Each is named as given: the flag (or its environment variable), else
+/// the config file's field.
+fn check_companions(
+    args: &ServeArgs,
+    file: &FileConfig,
+    redis: bool,
+    data_dir: bool,
+) -> Result<(), Failure> {
+    let named = |by_flag: bool, flag: &str, field: &str| {
+        if by_flag {
+            flag.to_owned()
+        } else {
+            format!("{field} (config file)")
+        }
+    };
+    let durable = [
+        (
+            args.fsync.is_some(),
+            file.fsync.is_some(),
+            "--fsync",
+            "fsync",
+        ),
+        (
+            args.snapshot_after_bytes.is_some(),
+            file.snapshot_after_bytes.is_some(),
+            "--snapshot-after-bytes",
+            "snapshot_after_bytes",
+        ),
+    ];
+    for (by_flag, by_file, flag, field) in durable {
+        if !(by_flag || by_file) {
+            continue;
+        }
+        let setting = named(by_flag, flag, field);
+        if redis {
+            return Err(Failure::usage(format!(
+                "{setting}: only with --data-dir (the durable embedded store), not with --redis \
+                 (Redis keeps the state)"
+            )));
+        }
+        if !data_dir {
+            return Err(Failure::usage(format!(
+                "{setting}: only with --data-dir (the durable embedded store)"
+            )));
+        }
+    }
+    if redis {
+        return Ok(());
+    }
+    let redis_only = [
+        (
+            args.redis_cluster.is_some(),
+            file.redis_cluster.is_some(),
+            "--redis-cluster",
+            "redis_cluster",
+        ),
+        (
+            args.redis_ca.is_some(),
+            file.redis_ca.is_some(),
+            "--redis-ca",
+            "redis_ca",
+        ),
+        (
+            args.redis_cert.is_some(),
+            file.redis_cert.is_some(),
+            "--redis-cert",
+            "redis_cert",
+        ),
+        (
+            args.redis_key.is_some(),
+            file.redis_key.is_some(),
+            "--redis-key",
+            "redis_key",
+        ),
+        (
+            args.redis_username.is_some(),
+            file.redis_username.is_some(),
+            "--redis-username",
+            "redis_username",
+        ),
+        (
+            args.redis_password.is_some(),
+            file.redis_password.is_some(),
+            "--redis-password",
+            "redis_password",
+        ),
+        (
+            args.redis_sentinel_username.is_some(),
+            file.redis_sentinel_username.is_some(),
+            "--redis-sentinel-username",
+            "redis_sentinel_username",
+        ),
+        (
+            args.redis_sentinel_password.is_some(),
+            file.redis_sentinel_password.is_some(),
+            "--redis-sentinel-password",
+            "redis_sentinel_password",
+        ),
+    ];
+    if let Some((by_flag, _, flag, field)) = redis_only.iter().find(|(f, c, _, _)| *f || *c) {
+        return Err(Failure::usage(format!(
+            "{}: only with --redis (the shared store)",
+            named(*by_flag, flag, field)
+        )));
+    }
+    Ok(())
 }
 
 /// The `--redis` value as URLs: comma-separated cluster nodes, except a Sentinel URL, which
