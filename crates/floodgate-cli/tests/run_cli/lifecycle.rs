@@ -4,7 +4,11 @@
 use floodgate::AcquireOptions;
 use floodgate_server::client::Client;
 
-use crate::harness::{code, stderr, Scratch, TestServer, LIMITER};
+use nix::errno::Errno;
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+
+use crate::harness::{code, stderr, wait_for_file, wait_until, Scratch, TestServer, LIMITER};
 
 /// Each run registers itself in `running/` with `mkdir` (atomic), logs how many runs it saw
 /// there, holds on for a moment and leaves. If the limiter ever let more than its limit run
@@ -240,6 +244,48 @@ async fn the_lease_is_extended_while_the_command_runs() {
     let status = server.status().await;
     assert_eq!(status.in_use, 0);
     assert_eq!(status.counters.expired, 0, "the lease ran out");
+    assert_eq!(status.counters.released, 1);
+    server.stop().await;
+}
+
+/// Like flock's lock, which stays held while children that inherited it live, the permit
+/// covers what the command left running in its process group (`cmd &`): it is kept until that
+/// has exited. It was released as soon as the command itself exited, and a second run got the
+/// permit while the first one's background work still ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_permit_is_kept_while_work_the_command_left_in_its_group_runs() {
+    let server = TestServer::start(1).await;
+    let scratch = Scratch::new("leftover");
+    // The background part records its process group (the watchdog's pid), then runs until
+    // the test creates `go`; the shell exits at once.
+    let script = r#"(cut -d' ' -f5 /proc/self/stat > pgid.tmp && mv pgid.tmp pgid
+while [ ! -e go ]; do sleep 0.05; done; touch bg-done) &
+exit 0"#;
+    let first = server
+        .floodgate(scratch.path(), &["run", LIMITER, "--", "sh", "-c", script])
+        .spawn()
+        .unwrap();
+    wait_for_file(&scratch.file("pgid")).await;
+    let watchdog = Pid::from_raw(scratch.read("pgid").trim().parse().unwrap());
+    // floodgate run has collected the watchdog (gone with the shell): the command has exited
+    // as far as it can tell, while the background part still runs.
+    wait_until(|| async { kill(watchdog, None) == Err(Errno::ESRCH) }).await;
+    let second = server
+        .output(
+            scratch.path(),
+            &["run", LIMITER, "--wait", "0s", "--", "touch", "second"],
+        )
+        .await;
+    assert_eq!(code(&second), 75, "{}", stderr(&second));
+    assert!(!scratch.file("second").exists());
+    assert_eq!(server.status().await.in_use, 1);
+
+    std::fs::write(scratch.file("go"), "").unwrap();
+    let output = first.wait_with_output().await.unwrap();
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(scratch.file("bg-done").exists());
+    let status = server.status().await;
+    assert_eq!(status.in_use, 0);
     assert_eq!(status.counters.released, 1);
     server.stop().await;
 }

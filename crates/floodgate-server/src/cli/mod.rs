@@ -42,6 +42,12 @@ pub enum Command {
     /// Run the HTTP server (embedded store by default, or Redis with --redis).
     Serve(Box<serve::ServeArgs>),
     /// Run a command while holding a permit, like flock but shared by every machine.
+    ///
+    /// The permit is extended while the command runs and released once the command has exited
+    /// and so has whatever it left running in its process group (`cmd &`), as flock's lock is
+    /// held while children that inherited it live. Exits with the command's status; 75 when no
+    /// permit came within --wait, or the permit was lost (the command's group then gets SIGTERM,
+    /// SIGKILL after --kill-after).
     Run(run::RunArgs),
     /// Show limiters: limit, in use, waiting and counters.
     Status(status::StatusArgs),
