@@ -176,6 +176,8 @@ fn bad_config_files_exit_2_naming_the_problem() {
 #[test]
 fn bad_arguments_exit_2_naming_the_problem() {
     let cases: &[(&[&str], &str)] = &[
+        // Found before the simulation runs, not after it.
+        (&["simulate", "--svg", "/nonexistent/dir/x.svg"], "--svg"),
         (
             &[
                 "limiter",

@@ -96,6 +96,21 @@ fn parse_capacity_change(s: &str) -> Result<(Duration, u32), String> {
 }
 
 pub(crate) fn simulate(args: SimulateArgs) -> Result<u8, Failure> {
+    if let Some(path) = &args.svg {
+        // Checked before the simulation (which may run for seconds), not found after it.
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            return Err(Failure::usage(format!(
+                "--svg: {} is not a directory this can write {} into",
+                dir.display(),
+                path.file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            )));
+        }
+    }
     let cfg = Config {
         seed: args.seed,
         scenario: args.scenario,
