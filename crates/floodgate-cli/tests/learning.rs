@@ -325,7 +325,7 @@ async fn an_embedded_server_started_with_a_learning_window_readopts_heartbeats()
     assert_eq!(v["learning"], json!(true), "{v}");
     let client = http();
     // A holder of the previous process heartbeats: re-adopted.
-    let old = (1u64 << 52) + 3;
+    let old = (1u64 << 51) + 3;
     let (status, body) = post(
         &client,
         format!("{base}/v1/permits/work.{old}/extend"),

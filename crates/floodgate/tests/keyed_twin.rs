@@ -1071,7 +1071,13 @@ fn run_case(server: &support::RedisServer, case: u64, rng: &mut Rng, idem: bool)
         // And extends of permits held before the loss (in or after the window, with their
         // key or without), again without a random draw.
         if case % 3 == 1 && [21, 23, 30, 45].contains(&(step % 50)) {
-            let token = 8_000_000_000_000_000 + (case % 1_000) * 1_000_000 + step as u64 * 1_000;
+            // (Far above the clock-seeded tokens, below MAX_ADOPTED_TOKEN; one in four just
+            // above it: never re-adopted, on either side.)
+            let token = if step % 50 == 45 {
+                floodgate::core::MAX_ADOPTED_TOKEN + 1 + step as u64
+            } else {
+                4_000_000_000_000_000 + (case % 1_000) * 1_000_000 + step as u64 * 1_000
+            };
             let key = KEYS[step % KEYS.len()];
             twin.adopt(token, key, 1 + (step as u32 % 3), step % 7 != 3);
         }

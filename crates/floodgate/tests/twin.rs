@@ -128,7 +128,8 @@ enum Extra {
     /// Redis changed under the store: a learning window of this many ms (0: none).
     Learn(u64),
     /// An extend of a permit nobody was granted here, carrying its size: re-adopted during a
-    /// learning window, lost otherwise.
+    /// learning window, lost otherwise. `n` of 3 and 4 name tokens no store hands out (just
+    /// above `MAX_ADOPTED_TOKEN`, and `u64::MAX`): never re-adopted.
     Adopt {
         n: u64,
         permits: u32,
@@ -144,7 +145,7 @@ fn extra() -> impl Strategy<Value = Extra> {
         1 => (1_u32..=25, proptest::bool::weighted(0.2))
             .prop_map(|(unused, stale)| Extra::Unschedule { unused, stale }),
         1 => prop_oneof![Just(0_u64), 1_u64..=3_000].prop_map(Extra::Learn),
-        2 => (0_u64..3, 1_u32..=3, 100_u64..=3_000)
+        2 => (0_u64..5, 1_u32..=3, 100_u64..=3_000)
             .prop_map(|(n, permits, lease_ms)| Extra::Adopt { n, permits, lease_ms }),
     ]
 }
@@ -656,7 +657,11 @@ impl<'a> Twin<'a> {
                 permits,
                 lease_ms,
             } => {
-                let token = self.core.next_token() + FAR + n;
+                let token = match n {
+                    3 => floodgate::core::MAX_ADOPTED_TOKEN + 1,
+                    4 => u64::MAX,
+                    n => self.core.next_token() + FAR + n,
+                };
                 let lease = Duration::from_millis(*lease_ms);
                 let got = self.core.extend_or_adopt(
                     ts,

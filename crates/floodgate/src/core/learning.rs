@@ -10,7 +10,10 @@
 //! - An extend of a permit the limiter does not know, carrying its permits, re-adopts it: it is
 //!   held again with the new lease and counts in `in_use` (even above the limit: those holders
 //!   really are working; nothing is granted until in-use is below the limit again). Fencing
-//!   tokens restart above every re-adopted one.
+//!   tokens restart above every re-adopted one. A token above [`MAX_ADOPTED_TOKEN`] is not
+//!   re-adopted (no store hands those out; adopting one would push every later token past
+//!   2^53, where the Redis script's numbers and a browser's lose precision, or past
+//!   `u64::MAX`).
 //! - A rate limit's burst allowance is spent at the start of the window, since the tokens taken
 //!   just before the loss are unknown.
 //! - When the window ends, the queue is served normally (the store's timer fires then: the
@@ -23,6 +26,12 @@ use std::time::Duration;
 use super::{Effects, Holder, LimiterCore, Lost};
 use crate::spec::{check_lease, InvalidField};
 use crate::types::{FencingToken, Timestamp};
+
+/// The largest fencing token an extend may re-adopt: 2^52. Tokens start at the store's clock
+/// in microseconds since the Unix epoch (about 1.8 x 10^15 in 2026) and grow by one a grant,
+/// so no store hands out one above it before the year 2112; above it, a later grant's token
+/// would leave the range every store and client holds exactly (2^53).
+pub const MAX_ADOPTED_TOKEN: u64 = 1 << 52;
 
 impl LimiterCore {
     /// Enters (or prolongs) a learning window ending at `until`. Idempotent: a later call with
@@ -67,6 +76,7 @@ impl LimiterCore {
                     && self.spec.concurrency.is_some()
                     && !self.holders.contains_key(&token.0)
                     && token.0 != 0
+                    && token.0 <= MAX_ADOPTED_TOKEN
                     && permits >= 1
             }
             None => false,
@@ -182,5 +192,32 @@ mod tests {
             .is_err());
         let c = core.counters();
         assert_eq!((c.adopted, c.granted, c.released), (1, 2, 1));
+    }
+
+    /// A token no store hands out is not re-adopted: `u64::MAX` made the next grant overflow
+    /// the token counter (a panic in debug builds, a wrap to 0 in release ones), and any token
+    /// above 2^53 made later ones inexact in the Redis script and in a browser (the dashboard
+    /// released the wrong holder). The largest allowed one is adopted, and grants go on.
+    #[test]
+    fn a_token_above_the_adoptable_range_is_lost_not_adopted() {
+        let mut core = LimiterCore::new(LimiterSpec::concurrency(4), 100).unwrap();
+        let mut fx = Effects::default();
+        core.enter_learning(Timestamp(0), Timestamp(S));
+        let lease = Duration::from_secs(60);
+        for token in [u64::MAX, MAX_ADOPTED_TOKEN + 1] {
+            let out =
+                core.extend_or_adopt(Timestamp(1), FencingToken(token), lease, Some(1), &mut fx);
+            assert!(out.unwrap().is_err(), "{token} was adopted");
+        }
+        assert_eq!((core.in_use(), core.next_token()), (0, 100));
+        let top = FencingToken(MAX_ADOPTED_TOKEN);
+        let out = core.extend_or_adopt(Timestamp(1), top, lease, Some(1), &mut fx);
+        assert!(out.unwrap().is_ok());
+        core.advance(Timestamp(S), &mut fx);
+        let Admission::Granted(g) = core.acquire(Timestamp(S), &AcquireRequest::default(), &mut fx)
+        else {
+            panic!("not granted after the window");
+        };
+        assert_eq!(g.token, FencingToken(MAX_ADOPTED_TOKEN + 1));
     }
 }

@@ -24,6 +24,7 @@ mod holders;
 mod idempotency;
 pub mod keyed;
 mod learning;
+pub use self::learning::MAX_ADOPTED_TOKEN;
 mod paced;
 mod queue;
 mod rate;

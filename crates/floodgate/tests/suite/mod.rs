@@ -1111,7 +1111,7 @@ pub(crate) async fn a_restored_limiter_learns_before_granting<S: Store>(gate: Fl
     let hint = err.retry_after().unwrap();
     assert!(hint > Duration::ZERO && hint <= window, "{hint:?}");
     // Holders of permits granted before the loss heartbeat and are re-adopted.
-    let (a, b) = (FencingToken(1 << 52), FencingToken((1 << 52) + 7));
+    let (a, b) = (FencingToken(1 << 51), FencingToken((1 << 51) + 7));
     let backend = lim.backend();
     backend.extend(a, LEASE * 20, Some(2)).await.unwrap();
     backend.extend(b, LEASE * 20, Some(1)).await.unwrap();

@@ -42,6 +42,7 @@ impl KeyLayer {
             && !total.holders.contains_key(&token.0)
             && !self.holders.contains_key(&token.0)
             && token.0 != 0
+            && token.0 <= crate::core::MAX_ADOPTED_TOKEN
             && permits >= 1
             && check_key(key).is_ok();
         if !adopt {

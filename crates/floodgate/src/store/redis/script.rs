@@ -87,6 +87,10 @@ fn prelude() -> String {
         ("MAX_SCHEDULE_AHEAD", micros(MAX_SCHEDULE_AHEAD)),
         ("HOLD_EWMA_WEIGHT", u128::from(HOLD_EWMA_WEIGHT)),
         ("OUTCOME_RETENTION", micros(OUTCOME_RETENTION)),
+        (
+            "MAX_ADOPTED_TOKEN",
+            u128::from(crate::core::MAX_ADOPTED_TOKEN),
+        ),
         ("GRADIENT_SHORT_WEIGHT", u128::from(adaptive::SHORT_WEIGHT)),
         ("GRADIENT_LONG_WEIGHT", u128::from(adaptive::LONG_WEIGHT)),
         ("GRADIENT_WARM_UP", u128::from(adaptive::WARM_UP)),
@@ -213,6 +217,7 @@ mod tests {
             "MAX_SCHEDULE_AHEAD",
             "HOLD_EWMA_WEIGHT",
             "OUTCOME_RETENTION",
+            "MAX_ADOPTED_TOKEN",
         ] {
             assert!(src.contains(&format!("local {name} = ")), "{name}");
         }

@@ -83,7 +83,7 @@ local local_ch = op == 'release' and ARGV[5] or nil
 if local_ch == '' then local_ch = nil end
 
 -- MIN_LEASE, MAX_LEASE, MAX_WAIT, MAX_CONCURRENCY, MAX_QUEUE, MAX_SCHEDULE_AHEAD,
--- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION and field_lists() (COUNTERS, STATUS) come from the prelude that
+-- HOLD_EWMA_WEIGHT, OUTCOME_RETENTION, MAX_ADOPTED_TOKEN and field_lists() (COUNTERS, STATUS) come from the prelude that
 -- store/redis/script.rs builds from the Rust constants.
 local function fmt(n) return string.format('%d', n) end
 -- The hot value's layout: HOT's first field (`fast`, one character), a tag byte, then the other

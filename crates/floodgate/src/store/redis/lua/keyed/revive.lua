@@ -30,7 +30,7 @@ if op == 'extend' then
     -- Time first, as ops/extend.lua's own advance (then a no-op) and the core do.
     advance()
     adopt = learning_until and concurrency and adopt_permits and adopt_permits >= 1
-      and tok and tok >= 1 and not parse_holder(ARGV[4])
+      and tok and tok >= 1 and tok <= MAX_ADOPTED_TOKEN and not parse_holder(ARGV[4])
       and (kget(tkey) or redis.call('HLEN', K_KS) < KD.max)
   end
   if adopt then

@@ -12,7 +12,7 @@ if op == 'extend' then
   local h = parse_holder(token)
   local tok = tonumber(token)
   if not h and learning_until and concurrency and adopt_permits and adopt_permits >= 1
-    and tok and tok >= 1 then
+    and tok and tok >= 1 and tok <= MAX_ADOPTED_TOKEN then
     -- Re-adopted (core/learning.rs): held again, counted in in_use even above the limit;
     -- later tokens start above it.
     local deadline = now + lease
