@@ -33,11 +33,12 @@ PATIENCE = 30.0  # seconds a bounded wait may take before the test fails
 
 
 class Server:
-    def __init__(self, token=None):
+    def __init__(self, token=None, port=0):
         # The server binds port 0 itself and says where in its "floodgate listening" log line
         # (JSON logs): no port is picked and released here for another process to take first.
+        # (A given port: the same server started again, for the page it served.)
         self.log = tempfile.NamedTemporaryFile(prefix="fg-browser-serve-", suffix=".log", delete=False)
-        args = [BIN, "serve", "--listen", "127.0.0.1:0", "--max-limiters", "5000"]
+        args = [BIN, "serve", "--listen", f"127.0.0.1:{port}", "--max-limiters", "5000"]
         if token:
             args += ["--token", token]
         self.token = token
@@ -246,6 +247,17 @@ def main():
         until(lambda: len(js(d, "return [...document.querySelectorAll('#holders td.label')]")) == 1, "the odd holder listed")
         label = js(d, "return document.querySelector('#holders td.label').textContent")
         assert label == "job-\\u{202E}evil\\u{200B}x", repr(label)
+
+        # The server restarts (its sessions are in memory): the page's stream is answered 401,
+        # which closes an EventSource for good. The page must not sit on old numbers: it goes
+        # to sign in again.
+        port = server.port
+        server.stop()
+        server = Server(token=TOKEN, port=port)
+        until(lambda: "/login" in d.current_url, "the page signs in again after a restart")
+        d.find_element(By.ID, "token").send_keys(TOKEN)
+        d.find_element(By.ID, "submit").click()
+        until(lambda: d.current_url.rstrip("/").endswith(str(server.port)), "signed in again")
 
         # Signed out: refused again.
         d.delete_all_cookies()

@@ -68,7 +68,21 @@ function listen(path, handlers) {
   if (source) source.close();
   source = new EventSource(path, {withCredentials: true});
   for (const [ev, fn] of Object.entries(handlers)) source.addEventListener(ev, (e) => fn(JSON.parse(e.data)));
-  source.onerror = () => setStore('connection lost, retrying', null);
+  source.onerror = () => {
+    setStore('connection lost, retrying', null);
+    // The browser retries a dropped stream by itself, but not one answered with an error: a
+    // 401 (the session ended: the server restarted, or it expired) closes it for good, and
+    // the page would show old numbers for ever. Ask why: sign in again, or listen anew.
+    if (source.readyState !== EventSource.CLOSED) return;
+    const closed = source;
+    setTimeout(async () => {
+      if (source !== closed) return;  // the page moved on and listens elsewhere
+      try { await api('GET', '/dashboard/api/overview'); } catch (e) {
+        if (e.message === 'signed out') return;  // api() is taking the page to /login
+      }
+      if (source === closed) listen(path, handlers);
+    }, 1000);
+  };
 }
 
 // ---------- overview ----------
