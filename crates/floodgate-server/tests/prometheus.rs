@@ -331,3 +331,56 @@ async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load()
     drop(prom);
     srv.served.stop().await;
 }
+
+/// The store's own counts are fleet-wide on Redis and every server sharing it exports the same:
+/// a rule or panel that `sum`s them across servers multiplies them by the number of servers
+/// (the dashboard review saw `FloodgateLeasesExpiring` report 6 expired leases for 3 with two
+/// servers). Every query of the rules and the Grafana dashboard that reads one aggregates it
+/// with `max`.
+#[test]
+fn store_counts_are_aggregated_with_max_across_servers() {
+    const STORE_COUNTS: [&str; 4] = [
+        "floodgate_feedback_total",
+        "floodgate_limit_changes_total",
+        "floodgate_permits_expired_total",
+        "floodgate_extend_lost_total",
+    ];
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/docs/grafana/floodgate.json")).unwrap(),
+    )
+    .unwrap();
+    let mut queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    // The rules' expressions: each `expr: |` block, up to the next key.
+    let rules = std::fs::read_to_string(format!("{ROOT}/docs/prometheus/alerts.yml")).unwrap();
+    for block in rules.split("expr: |").skip(1) {
+        let expr: Vec<&str> = block
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.trim_start().starts_with("for:"))
+            .collect();
+        queries.push(expr.join(" "));
+    }
+    let mut checked = 0;
+    for q in &queries {
+        for metric in STORE_COUNTS {
+            if let Some(at) = q.find(metric) {
+                checked += 1;
+                let before = &q[..at];
+                assert!(
+                    before.contains("max by") && !before.contains("sum by"),
+                    "{metric} is not aggregated with max across servers in: {q}"
+                );
+            }
+        }
+    }
+    assert!(
+        checked >= 5,
+        "only {checked} queries read the store's counts"
+    );
+}
