@@ -238,15 +238,15 @@ def main():
 
         # A holder label with invisible format characters (accepted by the API: only controls
         # are refused) is shown with them escaped: U+202E would reverse the rest of the cell,
-        # U+200B would make two labels look alike.
+        # U+200B, U+034F and U+3164 (which draw nothing) would make two labels look alike.
         assert server.call("PUT", "/v1/limiters/odd", {"concurrency": 1})[0] == 200
-        sneaky = "job-\u202eevil\u200bx"
+        sneaky = "job-\u202eevil\u200bx\u034f\u3164"
         assert server.call("POST", "/v1/limiters/odd/acquire",
                            {"wait_ms": 0, "lease_ms": 600000, "holder": sneaky})[0] == 200
         d.get(f"http://127.0.0.1:{server.port}/#/limiter/odd")
         until(lambda: len(js(d, "return [...document.querySelectorAll('#holders td.label')]")) == 1, "the odd holder listed")
         label = js(d, "return document.querySelector('#holders td.label').textContent")
-        assert label == "job-\\u{202E}evil\\u{200B}x", repr(label)
+        assert label == "job-\\u{202E}evil\\u{200B}x\\u{034F}\\u{3164}", repr(label)
 
         # The server restarts (its sessions are in memory): the page's stream is answered 401,
         # which closes an EventSource for good. The page must not sit on old numbers: it goes

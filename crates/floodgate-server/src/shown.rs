@@ -10,8 +10,9 @@ use std::fmt::Write as _;
 
 /// `text` with every invisible or unprintable character (controls, format characters such as
 /// U+202E and U+200B, line and paragraph separators, spaces other than U+0020, unassigned
-/// code points) written as `\u{XXXX}`; borrowed as it is when there is none. Combining marks
-/// stay: they show, on the character before them.
+/// code points, and the marks and letters that draw nothing: U+034F, variation selectors, the
+/// Hangul fillers) written as `\u{XXXX}`; borrowed as it is when there is none. Other
+/// combining marks stay: they show, on the character before them.
 pub fn shown(text: &str) -> Cow<'_, str> {
     if !text.chars().any(hidden) {
         return Cow::Borrowed(text);
@@ -34,10 +35,23 @@ fn hidden(c: char) -> bool {
     if c.is_ascii() {
         return c.is_ascii_control();
     }
+    if draws_nothing(c) {
+        return true;
+    }
     let mut probe = String::with_capacity(5);
     probe.push('a');
     probe.push(c);
     probe.escape_debug().nth(1) == Some('\\')
+}
+
+/// Unicode's Default_Ignorable_Code_Point characters that `Debug` leaves as they are (marks and
+/// letters, not format characters): a label with them looks like one without.
+fn draws_nothing(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x034F | 0x115F..=0x1160 | 0x17B4..=0x17B5 | 0x180B..=0x180F | 0x3164
+            | 0xFE00..=0xFE0F | 0xFFA0 | 0xE0100..=0xE01EF
+    )
 }
 
 #[cfg(test)]
@@ -55,6 +69,23 @@ mod tests {
         assert_eq!(shown("\u{FEFF}x\u{2066}"), "\\u{FEFF}x\\u{2066}");
         assert_eq!(shown("a\u{2028}b\u{00A0}c"), "a\\u{2028}b\\u{00A0}c");
         assert_eq!(shown("tab\there"), "tab\\u{0009}here");
+        // Marks and letters that draw nothing: two labels alike but for them.
+        assert_eq!(
+            shown("a\u{034F}b"),
+            "a\\u{034F}b",
+            "combining grapheme joiner"
+        );
+        assert_eq!(shown("a\u{FE0F}"), "a\\u{FE0F}", "variation selector");
+        assert_eq!(
+            shown("\u{3164}x\u{FFA0}"),
+            "\\u{3164}x\\u{FFA0}",
+            "Hangul fillers"
+        );
+        assert_eq!(
+            shown("e\u{0301}"),
+            "e\u{0301}",
+            "a combining mark that shows stays"
+        );
     }
 
     #[test]

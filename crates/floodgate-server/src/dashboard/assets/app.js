@@ -17,9 +17,11 @@ function esc(s) {
 }
 // A client's text (a holder label) with its invisible characters written as \u{XXXX}, as the
 // server's logs show them (floodgate-server's shown.rs): the API refuses only controls, so a
-// label may carry U+202E (which reverses the rest of the cell) or U+200B (two labels alike).
+// label may carry U+202E (which reverses the rest of the cell) or U+200B (two labels alike), or
+// characters that draw nothing (U+034F, variation selectors, the Hangul fillers: Unicode's
+// Default_Ignorable_Code_Point).
 function shown(s) {
-  return String(s).replace(/(?! )[\p{C}\p{Z}]/gu,
+  return String(s).replace(/(?! )[\p{C}\p{Z}\p{Default_Ignorable_Code_Point}]/gu,
     (c) => '\\u{' + c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0') + '}');
 }
 function ms(v) {
