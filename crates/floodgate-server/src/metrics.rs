@@ -189,6 +189,15 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner) = waits;
     }
 
+    /// Whether `limiter` has series here already (an outcome was counted under it since it
+    /// was last pruned).
+    pub fn knows(&self, limiter: &str) -> bool {
+        self.recorded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(limiter)
+    }
+
     /// Counts one acquire outcome.
     pub fn acquire(&self, limiter: &str, outcome: &'static str) {
         self.note(limiter, Some(outcome));

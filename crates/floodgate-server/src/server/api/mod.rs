@@ -415,6 +415,15 @@ impl<S: Store> OutcomeRecorder<'_, S> {
             // on a store that hands out handles for any name, and anyone can make up names).
             return;
         }
+        if matches!(outcome, "fail_open" | "store_unavailable")
+            && !self.state.metrics.knows(self.limiter)
+        {
+            // The store could not say whether the name is a limiter: only one with series
+            // already is counted. Any name is granted under fail_open, and /metrics (which
+            // prunes series of names that are not limiters) answers 503 while the store is
+            // down, so made-up names would each add series for the whole outage.
+            return;
+        }
         self.state.metrics.acquire(self.limiter, outcome);
         self.state
             .metrics
@@ -601,4 +610,44 @@ pub(super) async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this route does not take that method; see docs/api.md",
     )
+}
+
+#[cfg(test)]
+mod outcome_tests {
+    use super::*;
+    use crate::dashboard::Dashboard;
+    use crate::metrics::Metrics;
+    use crate::server::ServerOptions;
+
+    /// An outcome the store could not judge (it was down: any name is granted under
+    /// `fail_open`) adds no series for a name this server never counted: made-up names would
+    /// each add series for the whole outage, /metrics (which prunes them) answering 503
+    /// meanwhile (dashboard review). A limiter with series already is still counted.
+    #[tokio::test]
+    async fn a_store_outage_adds_no_series_for_names_never_counted() {
+        let (_down, shutting_down) = tokio::sync::watch::channel(false);
+        let state = AppState {
+            gate: floodgate::Floodgate::in_memory(),
+            options: ServerOptions::default(),
+            metrics: Metrics::new(),
+            shutting_down,
+            dashboard: Arc::new(Dashboard::new()),
+        };
+        let record = |limiter: &str, outcome| {
+            OutcomeRecorder {
+                state: &state,
+                limiter,
+                started: tokio::time::Instant::now(),
+                recorded: false,
+            }
+            .record(outcome)
+        };
+        record("real", "granted");
+        for outcome in ["fail_open", "store_unavailable"] {
+            record("made-up", outcome);
+            record("real", outcome);
+        }
+        assert!(!state.metrics.knows("made-up"));
+        assert!(state.metrics.knows("real"));
+    }
 }
