@@ -273,6 +273,54 @@ async fn killing_floodgate_run_stops_the_command_and_its_group() {
     .await;
 }
 
+/// `floodgate run` killed (SIGKILL) after its command exited but while what the command left in
+/// its process group still ran (the permit kept for it): the watchdog stops those leftovers as
+/// it would the command. It used to exit with the command, so nothing stopped them: the lease
+/// ended, the slot went to someone else, and the leftover kept working (review of the change
+/// that keeps the permit for leftovers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_run_while_it_holds_the_permit_for_leftovers_stops_them() {
+    let (url, gate) = in_process_server().await;
+    let scratch = Scratch::new("leftover-kill");
+    let mut child = floodgate(
+        &url,
+        scratch.path(),
+        &[
+            "run",
+            LIMITER,
+            "--lease",
+            "2s",
+            "--kill-after",
+            "300ms",
+            "--",
+            "sh",
+            "-c",
+            "echo $$ > sh.tmp && mv sh.tmp sh; sleep 1000 & echo $! > bg.tmp && mv bg.tmp bg; exit 0",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    wait_until("the command starting", || exists(scratch.file("bg"))).await;
+    let (sh, bg) = (scratch.pid("sh"), scratch.pid("bg"));
+    // The command has exited and been reaped; only what it left runs, under the permit.
+    wait_until("the command exiting", || async move {
+        !std::path::Path::new(&format!("/proc/{sh}")).exists()
+    })
+    .await;
+    assert!(!dead(bg), "the leftover stopped on its own");
+    assert_eq!(
+        status(&gate).await.in_use,
+        1,
+        "the permit is kept for the leftover"
+    );
+    child.start_kill().unwrap(); // SIGKILL: floodgate run can do nothing itself
+    let _ = child.wait().await.unwrap();
+    wait_until("the leftover stopped by the watchdog", || async move {
+        dead(bg)
+    })
+    .await;
+}
+
 /// A real `floodgate serve` process, killed and started again on the same port.
 struct ServeProcess {
     port: u16,

@@ -256,9 +256,10 @@ async fn the_lease_is_extended_while_the_command_runs() {
 async fn the_permit_is_kept_while_work_the_command_left_in_its_group_runs() {
     let server = TestServer::start(1).await;
     let scratch = Scratch::new("leftover");
-    // The background part records its process group (the watchdog's pid), then runs until
-    // the test creates `go`; the shell exits at once.
-    let script = r#"(cut -d' ' -f5 /proc/self/stat > pgid.tmp && mv pgid.tmp pgid
+    // The shell records its pid, and the background part its process group (the watchdog's
+    // pid), then runs until the test creates `go`; the shell exits at once.
+    let script = r#"echo $$ > sh.tmp && mv sh.tmp sh
+(cut -d' ' -f5 /proc/self/stat > pgid.tmp && mv pgid.tmp pgid
 while [ ! -e go ]; do sleep 0.05; done; touch bg-done) &
 exit 0"#;
     let first = server
@@ -266,10 +267,16 @@ exit 0"#;
         .spawn()
         .unwrap();
     wait_for_file(&scratch.file("pgid")).await;
+    let shell = Pid::from_raw(scratch.read("sh").trim().parse().unwrap());
     let watchdog = Pid::from_raw(scratch.read("pgid").trim().parse().unwrap());
-    // floodgate run has collected the watchdog (gone with the shell): the command has exited
-    // as far as it can tell, while the background part still runs.
-    wait_until(|| async { kill(watchdog, None) == Err(Errno::ESRCH) }).await;
+    // The command has exited (and been collected), while the background part still runs; the
+    // watchdog stays while it does, so floodgate run keeps the permit.
+    wait_until(|| async { kill(shell, None) == Err(Errno::ESRCH) }).await;
+    assert_eq!(
+        kill(watchdog, None),
+        Ok(()),
+        "the watchdog left with the command"
+    );
     let second = server
         .output(
             scratch.path(),

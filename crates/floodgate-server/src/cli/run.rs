@@ -16,8 +16,9 @@
 //! without a confirmed extend) the group gets SIGTERM, then SIGKILL after `--kill-after`, and
 //! `floodgate run` exits 75 once it has stopped. Otherwise the permit is released once the command
 //! has exited and so has everything it left running in its process group (`cmd &` in a script:
-//! like flock's lock, held while children that inherited it live; the lease is extended
-//! meanwhile, the group checked every 100 ms, and a loss stops the group as above), and
+//! like flock's lock, held while children that inherited it live: the watchdog stays until
+//! the group is empty, checking every 100 ms, so the lease is extended meanwhile, a loss stops
+//! the group as above, and so does the death of `floodgate run`), and
 //! `floodgate run` exits with the command's status (128 + N if signal N killed it; 127 if the
 //! command is not found, 126 if it cannot be executed). A server that cannot be reached, or
 //! answers 503, exits 69 before the command runs (connection errors are retried a few times
@@ -34,8 +35,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
@@ -57,9 +57,6 @@ const ACQUIRE_GRACE: Duration = Duration::from_secs(10);
 /// Attempts at an acquire that meets a connection error (same `request_id` each time) before
 /// the server counts as unreachable.
 const ACQUIRE_ATTEMPTS: u32 = 3;
-/// How often the command's process group is checked for leftovers once the command exited
-/// (a local check, not a request).
-const GROUP_POLL: Duration = Duration::from_millis(100);
 /// What [`plus`] means by forever (about 30 years), for a duration too long to add.
 const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
@@ -191,46 +188,6 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
             }
         }
     };
-    // Like flock's lock, the permit covers what the command left running in its process group
-    // (`cmd &` in a script): it is kept, extended as before, until the group is empty. Signals
-    // still go to the group; a loss still stops it.
-    let mut lost_after = false;
-    if let Some(group) = group.filter(|_| !lost && !lease.is_zero()) {
-        let mut poll = tokio::time::interval_at(plus(Instant::now(), GROUP_POLL), GROUP_POLL);
-        let mut checks = 0u32;
-        while group_has_members(group) {
-            checks = checks.saturating_add(1);
-            // Said once they are still there at the second check, not for a group still
-            // exiting along with the command.
-            if checks == 2 {
-                warn(&format!(
-                    "the command has exited; processes it left in its process group still run: \
-                     permit {} is kept until they have exited",
-                    permit.permit_id
-                ));
-            }
-            tokio::select! {
-                _ = poll.tick() => {}
-                sig = signals.next() => signal_group(group, sig),
-                why = &mut keep_alive, if !lost => {
-                    lost = true;
-                    lost_after = true;
-                    signal_group(group, Signal::SIGTERM);
-                    kill_at = Some(plus(Instant::now(), args.kill_after));
-                    warn(&format!(
-                        "permit {} lost ({why}); it no longer covers what the command left \
-                         running: sent it SIGTERM, SIGKILL in {} if it has not stopped",
-                        permit.permit_id,
-                        human(args.kill_after)
-                    ));
-                }
-                () = sleep_until_some(kill_at) => {
-                    kill_at = None;
-                    signal_group(group, Signal::SIGKILL);
-                }
-            }
-        }
-    }
     if lost {
         // Anything left in the group (a background process that ignored SIGTERM) goes too:
         // the permit that covered it is gone.
@@ -244,15 +201,10 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
             Ok(status) => describe(*status),
             Err(e) => format!("could not be waited for: {e}"),
         };
-        let when = if lost_after {
-            "while processes the command left in its process group ran"
-        } else {
-            "while the command ran"
-        };
         return Err(Failure {
             code: EXIT_TEMPFAIL,
             message: format!(
-                "permit {} was lost {when}; the command {how}",
+                "permit {} was lost while the command ran; the command {how}",
                 permit.permit_id
             ),
         });
@@ -319,40 +271,6 @@ fn plus(at: Instant, after: Duration) -> Instant {
     at.checked_add(after)
         .or_else(|| at.checked_add(FAR_FUTURE))
         .unwrap_or(at)
-}
-
-/// Whether process group `group` still has a running process. Signal 0 tells whether it has
-/// any (one that may not be signalled, EPERM: it changed user, counts); where `/proc` can be
-/// read, zombies do not count: a leftover whose parent died waits there for init to reap it,
-/// which a container's PID 1 may never do.
-fn group_has_members(group: i32) -> bool {
-    match killpg(Pid::from_raw(group), None) {
-        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
-        Err(_) => return false,
-    }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return true;
-    };
-    entries.flatten().any(|entry| {
-        let name = entry.file_name();
-        if !name
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        {
-            return false;
-        }
-        // `PID (COMM) STATE PPID PGRP ...`; COMM may hold spaces and parentheses.
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            return false;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            return false;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next();
-        let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
-        pgrp == Some(group) && !matches!(state, Some("Z" | "X"))
-    })
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.

@@ -11,6 +11,12 @@
 //! Signals that `floodgate run` forwards go to the whole group; the watchdog ignores them (the
 //! command gets them directly) and exits with the command's status: its code, or 128 + N when
 //! signal N killed it. It exits 127 when the command is not found and 126 when it cannot be run.
+//!
+//! It exits only once the group is empty but for itself: what the command left running there
+//! (`work &` in a script) is covered by the permit as the command was, as flock's lock is held
+//! by children that inherit it. So `floodgate run`, which waits for the watchdog, keeps the
+//! permit (extending it) until then, and if `floodgate run` dies meanwhile the watchdog stops
+//! those leftovers as it would the command.
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -25,8 +31,9 @@ use super::{warn, Failure};
 
 /// The hidden subcommand's name.
 pub(crate) const SUBCOMMAND: &str = "__watch";
-/// How often the parent pid is checked, in case the death signal was missed.
-const POLL: Duration = Duration::from_millis(250);
+/// How often the parent pid is checked, in case the death signal was missed, and, once the
+/// command has exited, whether it left anything running in the group.
+const POLL: Duration = Duration::from_millis(100);
 /// Exit code when the command cannot be executed (as shells do).
 const EXIT_CANNOT_EXECUTE: u8 = 126;
 /// Exit code when the command is not found (as shells do).
@@ -97,17 +104,28 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<u8, Failure> {
         }
     };
 
+    let me = std::process::id();
     let mut poll = tokio::time::interval(POLL);
+    // The command's exit code once it has exited, while what it left in the group still runs;
+    // and how many checks found them there.
+    let mut exited: Option<u8> = None;
+    let mut checks = 0u32;
     loop {
         tokio::select! {
-            status = child.wait() => {
-                return match status {
-                    Ok(status) => Ok(exit_code(status)),
-                    Err(e) => Err(Failure {
-                        code: 1,
-                        message: format!("cannot wait for the command: {e}"),
-                    }),
+            status = child.wait(), if exited.is_none() => {
+                let code = match status {
+                    Ok(status) => exit_code(status),
+                    Err(e) => {
+                        return Err(Failure {
+                            code: 1,
+                            message: format!("cannot wait for the command: {e}"),
+                        });
+                    }
                 };
+                if !others_in_group(group.as_raw(), me) {
+                    return Ok(code);
+                }
+                exited = Some(code);
             }
             // The group got these; so did the command.
             Some(()) = interrupt.recv() => {}
@@ -122,6 +140,20 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<u8, Failure> {
                 if getppid() != parent {
                     break;
                 }
+                if let Some(code) = exited {
+                    if !others_in_group(group.as_raw(), me) {
+                        return Ok(code);
+                    }
+                    checks = checks.saturating_add(1);
+                    // Said once they are still there at the second check, not for a group
+                    // still exiting along with the command.
+                    if checks == 2 {
+                        warn(
+                            "the command has exited; processes it left in its process group \
+                             still run: the permit is kept until they have exited",
+                        );
+                    }
+                }
             }
         }
     }
@@ -135,6 +167,36 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<u8, Failure> {
     let _ = tokio::time::timeout(grace, child.wait()).await;
     signal_group(group, Signal::SIGKILL);
     Ok(1)
+}
+
+/// Whether process group `group` has a running process other than `me` (the watchdog): what
+/// the command left behind. Read from `/proc`, where zombies do not count (a leftover whose
+/// parent died waits there for init to reap it, which a container's PID 1 may never do).
+/// Without `/proc` none are seen, and the watchdog ends with the command.
+fn others_in_group(group: i32, me: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            return false;
+        };
+        if pid == me {
+            return false;
+        }
+        // `PID (COMM) STATE PPID PGRP ...`; COMM may hold spaces and parentheses.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
+        pgrp == Some(group) && !matches!(state, Some("Z" | "X"))
+    })
 }
 
 /// The command's exit status as ours: its code, or 128 + the signal that killed it.
