@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -484,3 +485,47 @@ def test_a_heartbeat_that_cannot_start_gives_the_permit_back(
         body(BoundTask())
     status = fg.limiter(name)
     assert status["in_use"] == 0 and status["counters"]["released"] == 1
+
+
+def test_an_exception_landing_after_the_heartbeat_started_still_releases(
+        fg: Floodgate, limiter: MakeLimiter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A soft time limit landing at the first clock read after the heartbeat started (the
+    # decorator then still held statements outside its releasing try): the permit must not be
+    # kept alive for ever by its heartbeat.
+    import floodgate.celery as fc
+    import floodgate.permit as fp
+    name = limiter(1)
+    real_start = fp.Permit.start_heartbeat
+    armed: List[Any] = []
+
+    def start_then_arm(self: Any, *a: Any, **k: Any) -> None:
+        real_start(self, *a, **k)
+        armed.append(self)
+
+    class FakeTime:
+        """`time` as the decorator sees it: its first clock read after the heartbeat started
+        raises, as a signal handler would there."""
+
+        @staticmethod
+        def monotonic() -> float:
+            if armed and not getattr(FakeTime, "fired", False):
+                FakeTime.fired = True  # type: ignore[attr-defined]
+                # What a signal handler raising SoftTimeLimitExceeded here would do.
+                raise SoftTimeLimit("landed after the heartbeat started")
+            return time.monotonic()
+
+    monkeypatch.setattr(fp.Permit, "start_heartbeat", start_then_arm)
+    monkeypatch.setattr(fc, "time", FakeTime)
+
+    @limited(name, wait=1, lease=0.3, client=fg)
+    def body(self: Any) -> None:
+        raise AssertionError("the body must not run")
+
+    with pytest.raises(SoftTimeLimit):
+        body(BoundTask())
+    # Nobody will release it: its lease must end, as a crashed worker's.
+    ok = wait_until(lambda: fg.limiter(name)["in_use"] == 0, timeout=10)
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("floodgate-heartbeat")]
+    for p in armed:
+        p.stop_heartbeat()
+    assert ok, "permit still held 10 s after a 0.3 s lease; heartbeat threads: {}".format(alive)

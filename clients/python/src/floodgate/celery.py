@@ -433,16 +433,15 @@ def limited(
                 ) from e
 
             previous = getattr(_local, "permit", None)
+            started = time.monotonic()
+            body_ran = False
             try:
+                # First in the try whose `finally` releases: from the moment a heartbeat keeps
+                # the permit alive, every way out gives it back.
                 if heartbeat:
                     permit.start_heartbeat(_heartbeat_interval(heartbeat))
-            except BaseException:
-                # E.g. no thread could be started: give the permit back, as acquire would.
-                _release(permit)
-                raise
-            _local.permit = permit
-            started = time.monotonic()
-            try:
+                _local.permit = permit
+                body_ran = True
                 result = fun(self, *args, **kwargs)
             except throttles as e:
                 latency = time.monotonic() - started
@@ -469,7 +468,8 @@ def limited(
                 raise
             except Exception:
                 latency = time.monotonic() - started
-                if feedback:
+                # (Not when the heartbeat could not start: the backend was never called.)
+                if feedback and body_ran:
                     fg.report(limiter, "error", latency)
                 _release(permit)
                 raise
