@@ -118,10 +118,6 @@ fn bad_config_files_exit_2_naming_the_problem() {
         ("snapshot_after_bytes = 1".into(), "snapshot_after_bytes (config file)"),
         ("redis_cluster = true".into(), "redis_cluster (config file): only with --redis"),
         ("redis_ca = \"/x.pem\"".into(), "redis_ca (config file): only with --redis"),
-        (
-            "redis = \"redis://127.0.0.1:9\"\ndata_dir = \"/tmp/x\"\nfsync = \"always\"".into(),
-            "not with --redis",
-        ),
     ];
     for (i, (text, problem)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));
@@ -441,20 +437,6 @@ fn bad_arguments_exit_2_naming_the_problem() {
         (
             &["serve", "--redis-username", "u", "--listen", "127.0.0.1:0"],
             "--redis-username: only with --redis",
-        ),
-        (
-            &[
-                "serve",
-                "--redis",
-                "redis://127.0.0.1:9",
-                "--data-dir",
-                "/tmp/x",
-                "--fsync",
-                "always",
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            "--fsync: only with --data-dir (the durable embedded store), not with --redis",
         ),
         (&["dashboard-bench", "--seconds", "0"], "--seconds"),
         (&["dashboard-bench", "--viewers", "0"], "--viewers"),

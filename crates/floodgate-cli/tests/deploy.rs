@@ -8,6 +8,8 @@
 
 #[path = "../../floodgate-server/tests/common/mod.rs"]
 mod common;
+#[path = "../../floodgate/tests/support/mod.rs"]
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -195,4 +197,52 @@ fn the_container_recipe_runs_non_root_with_the_data_dir_as_a_volume() {
     for path in ["Cargo.toml", "Cargo.lock", "crates"] {
         assert!(repo().join(path).exists(), "{path}");
     }
+}
+
+/// The systemd unit installs `floodgate.example.toml` (a data directory and `fsync` set) and
+/// takes Redis from its environment file: that server must start against Redis, the durable
+/// store's settings unused (a warning says so), not refused (the review found it exiting 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_config_starts_against_redis() {
+    let redis = support::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args(["serve", "--config"])
+        .arg(repo().join("floodgate.example.toml"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("FLOODGATE_REDIS", redis.url())
+        .env_remove("FLOODGATE_TOKEN")
+        .env_remove("FLOODGATE_DATA_DIR")
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/limiters/snuba-spike-projections");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            let mut err = String::new();
+            use tokio::io::AsyncReadExt;
+            let _ = server.stderr.take().unwrap().read_to_string(&mut err).await;
+            panic!("floodgate serve exited {status}: {err}");
+        }
+        if let Ok(r) = client.get(&url).send().await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never answered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Redis keeps the state: nothing was written to the data directory.
+    assert!(!dir.path().join("floodgate-data").exists());
+    server.kill().await.unwrap();
 }

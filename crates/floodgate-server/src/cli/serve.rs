@@ -61,11 +61,12 @@ pub(crate) struct ServeArgs {
     data_dir: Option<PathBuf>,
     /// When the log reaches the disk: `always` (before each answer, group commit),
     /// `everysec` (default) or `no`; as Redis's appendfsync. Only with --data-dir (refused
-    /// without it, and with --redis).
+    /// without it; with --redis, not used, and a warning says so).
     #[arg(long, env = "FLOODGATE_FSYNC", value_parser = ["always", "everysec", "no"])]
     fsync: Option<String>,
     /// Log growth in bytes after which a snapshot is taken and the log before it deleted
-    /// [default: 67108864]. Only with --data-dir (refused without it, and with --redis).
+    /// [default: 67108864]. Only with --data-dir (refused without it; with --redis, not used,
+    /// and a warning says so).
     #[arg(long, env = "FLOODGATE_SNAPSHOT_AFTER_BYTES")]
     snapshot_after_bytes: Option<u64>,
     /// Learning window after state loss, in milliseconds (docs/learning.md): a limiter whose
@@ -388,9 +389,11 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
 }
 
 /// Refuses settings that only mean something with another one, rather than ignoring them: the
-/// durable store's tuning without `--data-dir` (or with `--redis`), Redis's connection settings
-/// without `--redis`. Each is named as given: the flag (or its environment variable), else
-/// the config file's field.
+/// durable store's tuning without `--data-dir`, Redis's connection settings without `--redis`.
+/// Each is named as given: the flag (or its environment variable), else the config file's
+/// field. The durable store's settings with `--redis` only warn, as `--data-dir` does: the
+/// shipped recipes (the container image, the systemd unit with `floodgate.example.toml`) set
+/// them for every server, Redis or not.
 fn check_companions(
     args: &ServeArgs,
     file: &FileConfig,
@@ -424,10 +427,8 @@ fn check_companions(
         }
         let setting = named(by_flag, flag, field);
         if redis {
-            return Err(Failure::usage(format!(
-                "{setting}: only with --data-dir (the durable embedded store), not with --redis \
-                 (Redis keeps the state)"
-            )));
+            tracing::warn!("{setting} is not used with redis: Redis keeps the state");
+            continue;
         }
         if !data_dir {
             return Err(Failure::usage(format!(
