@@ -20,13 +20,18 @@ const NOBODY: &str = "http://127.0.0.1:9";
 
 /// Runs the binary with `args`; kills it and panics if it has not exited within `PATIENCE`.
 fn floodgate(args: &[&str]) -> Output {
+    floodgate_into(args, Stdio::piped())
+}
+
+/// [`floodgate`], its standard output going to `stdout`.
+fn floodgate_into(args: &[&str], stdout: impl Into<Stdio>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_floodgate"))
         .args(args)
         .env_remove("FLOODGATE_URL")
         .env_remove("FLOODGATE_TOKEN")
         .env_remove("FLOODGATE_CONFIG")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .expect("the binary runs");
@@ -775,24 +780,7 @@ fn output_into_a_closed_pipe_ends_quietly() {
         // The pipe's reader is closed before the command starts: its first write fails.
         let (reader, writer) = std::io::pipe().expect("pipe");
         drop(reader);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_floodgate"))
-            .args(*args)
-            .env_remove("FLOODGATE_URL")
-            .env_remove("FLOODGATE_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(writer)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary runs");
-        let started = Instant::now();
-        while child.try_wait().expect("wait").is_none() {
-            if started.elapsed() > PATIENCE {
-                let _ = child.kill();
-                panic!("floodgate {args:?} did not exit");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = child.wait_with_output().expect("output");
+        let out = floodgate_into(args, writer);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(!stderr.contains("Broken pipe"), "{args:?}: {stderr}");

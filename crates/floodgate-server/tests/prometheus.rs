@@ -58,6 +58,21 @@ fn encode(q: &str) -> String {
         .collect()
 }
 
+/// Every query of the Grafana dashboard's panels.
+fn grafana_queries() -> Vec<String> {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/docs/grafana/floodgate.json")).unwrap(),
+    )
+    .unwrap();
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn start_prometheus(target: &str) -> Prometheus {
     let dir = std::env::temp_dir().join(format!("fg-prom-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -214,17 +229,7 @@ async fn grafana_queries_return_data_from_a_real_prometheus_and_the_rules_load()
     let http = common::client();
 
     let prom = start_prometheus(&srv.served.addr.to_string());
-    let dashboard: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{ROOT}/docs/grafana/floodgate.json")).unwrap(),
-    )
-    .unwrap();
-    let queries: Vec<String> = dashboard["panels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|p| p["targets"].as_array().unwrap().iter())
-        .map(|t| t["expr"].as_str().unwrap().to_owned())
-        .collect();
+    let queries = grafana_queries();
     assert!(queries.len() >= 10, "{queries:?}");
 
     // Every metric a query names is one the server exports.
@@ -345,17 +350,7 @@ fn store_counts_are_aggregated_with_max_across_servers() {
         "floodgate_permits_expired_total",
         "floodgate_extend_lost_total",
     ];
-    let dashboard: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{ROOT}/docs/grafana/floodgate.json")).unwrap(),
-    )
-    .unwrap();
-    let mut queries: Vec<String> = dashboard["panels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|p| p["targets"].as_array().unwrap().iter())
-        .map(|t| t["expr"].as_str().unwrap().to_owned())
-        .collect();
+    let mut queries = grafana_queries();
     // The rules' expressions: each `expr: |` block, up to the next key.
     let rules = std::fs::read_to_string(format!("{ROOT}/docs/prometheus/alerts.yml")).unwrap();
     for block in rules.split("expr: |").skip(1) {

@@ -228,21 +228,20 @@ impl KeyLayer {
     /// under the limiter's lock, and on Redis inside one script).
     fn skip_idle_rounds(&mut self, at: Timestamp) {
         let mut rounds = u64::MAX;
+        let mut live = Vec::new();
         for (name, gen) in &self.ring {
             if let Some((short, weight)) = self.shortfall(name, *gen, at) {
                 rounds = rounds.min(short.div_ceil(weight));
+                live.push((Arc::clone(name), weight));
             }
         }
         // The round in which the first head fits is played as usual.
         let Some(skipped) = rounds.checked_sub(1).filter(|r| *r > 0) else {
             return;
         };
-        let ring: Vec<(Arc<str>, u64)> = self.ring.iter().cloned().collect();
-        for (name, gen) in ring {
-            if let Some((_, weight)) = self.shortfall(&name, gen, at) {
-                if let Some(k) = self.keys.get_mut(&name) {
-                    k.deficit = k.deficit.saturating_add(skipped.saturating_mul(weight));
-                }
+        for (name, weight) in live {
+            if let Some(k) = self.keys.get_mut(&name) {
+                k.deficit = k.deficit.saturating_add(skipped.saturating_mul(weight));
             }
         }
     }
