@@ -123,6 +123,8 @@ fn bad_config_files_exit_2_naming_the_problem() {
         ("snapshot_after_bytes = 1".into(), "snapshot_after_bytes (config file)"),
         ("redis_cluster = true".into(), "redis_cluster (config file): only with --redis"),
         ("redis_ca = \"/x.pem\"".into(), "redis_ca (config file): only with --redis"),
+        ("allowed_hosts = [\"host:8750\"]".into(), "allowed_hosts: \"host:8750\""),
+        ("allowed_hosts = \"a.internal\"".into(), "allowed_hosts"),
     ];
     for (i, (text, problem)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));
@@ -349,6 +351,16 @@ fn bad_arguments_exit_2_naming_the_problem() {
         (
             &["serve", "--max-connections", "0", "--listen", "127.0.0.1:0"],
             "max_connections",
+        ),
+        (
+            &[
+                "serve",
+                "--allowed-host",
+                "http://a",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "allowed_hosts: \"http://a\"",
         ),
         (
             &["serve", "--redis", "http://x", "--listen", "127.0.0.1:0"],

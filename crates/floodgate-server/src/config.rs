@@ -18,6 +18,9 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Bearer token required on `/v1`.
     pub token: Option<String>,
+    /// Host names requests may name in `Host` beside IP addresses and localhost
+    /// (`--allowed-host`): without a token, a server on loopback serves only those.
+    pub allowed_hosts: Option<Vec<String>>,
     /// Whether `/metrics` needs the token too (default false).
     pub metrics_require_token: Option<bool>,
     /// Whether the API may create, change and delete limiters (default true).

@@ -168,6 +168,7 @@ _BY_CODE: Dict[str, Type[FloodgateError]] = {
     "permits_exceed_limit": PermitsExceedLimit,
     "unauthorized": Unauthorized,
     "read_only": Forbidden,
+    "host_not_allowed": Forbidden,
     "unknown_limiter": UnknownLimiter,
     "not_found": NotFound,
     "method_not_allowed": MethodNotAllowed,

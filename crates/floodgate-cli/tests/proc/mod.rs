@@ -27,16 +27,22 @@ pub(crate) struct ServeProcess {
 }
 
 impl ServeProcess {
-    /// `floodgate serve --listen 127.0.0.1:0 ARGS...` with JSON logs
-    /// (`FLOODGATE_LOG_FORMAT=json`); returns once it listens.
+    /// `floodgate serve --listen 127.0.0.1:0 ARGS...` (no `--listen` of its own when ARGS have
+    /// one) with JSON logs (`FLOODGATE_LOG_FORMAT=json`); returns once it listens.
     pub(crate) fn start(args: &[&str]) -> ServeProcess {
         Self::start_with_env(args, &[])
     }
 
     /// Like [`start`](Self::start), with extra environment variables.
     pub(crate) fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> ServeProcess {
+        let listen: &[&str] = if args.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_floodgate"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("serve")
+            .args(listen)
             .args(args)
             .env("FLOODGATE_LOG_FORMAT", "json")
             .env_remove("FLOODGATE_TOKEN")

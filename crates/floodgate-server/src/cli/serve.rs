@@ -28,6 +28,17 @@ pub(crate) struct ServeArgs {
     /// Bearer token required on /v1.
     #[arg(long, env = "FLOODGATE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A host name requests may name in `Host` beside IP addresses and localhost (repeat the
+    /// flag; comma-separated in the variable). Without a token, a server listening on loopback
+    /// serves only those, answering others 403 (the guard against DNS rebinding); given, the
+    /// check applies whatever the address and token.
+    #[arg(
+        long = "allowed-host",
+        value_name = "NAME",
+        env = "FLOODGATE_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    allowed_hosts: Vec<String>,
     /// Require the token on /metrics too.
     #[arg(long, env = "FLOODGATE_METRICS_REQUIRE_TOKEN")]
     metrics_require_token: Option<bool>,
@@ -165,7 +176,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .unwrap_or(usize::MAX)
             .clamp(1, server::DEFAULT_MAX_CONNECTIONS)
     });
-    let options = ServerOptions {
+    let mut options = ServerOptions {
         // Loaded in serve_on, once the address is bound.
         tls: None,
         header_timeout: args
@@ -216,7 +227,17 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             }
         },
         access_log: args.access_log.or(file.access_log).unwrap_or(false),
+        // Set below, from the token and the address.
+        allowed_hosts: None,
     };
+    options.allowed_hosts = allowed_hosts(&args, &file, listen, options.token.is_some())?;
+    if let Some(names) = &options.allowed_hosts {
+        tracing::info!(
+            ?names,
+            "serving only requests whose Host is localhost, an IP address or one of these names \
+             (the guard against DNS rebinding)"
+        );
+    }
     // Out of range, not a choice: a header timeout of 0 closes every connection before its
     // first request, a body timeout of 0 answers 408 to any body not already buffered, and no
     // connection at all serves nothing. Refused rather than started as a server that cannot
@@ -535,6 +556,28 @@ fn check_redis_urls(urls: &[String]) -> Result<(), String> {
         reqwest::Url::parse(url).map_err(|e| format!("redis: URL {shown:?}: {e}"))?;
     }
     Ok(())
+}
+
+/// The names `Host` may carry beside addresses and localhost, or `None` for any: the names
+/// given, or none when the server listens on loopback with no token (only local clients reach
+/// it, so a request naming another host came through a DNS-rebound web page).
+fn allowed_hosts(
+    args: &ServeArgs,
+    file: &FileConfig,
+    listen: SocketAddr,
+    token: bool,
+) -> Result<Option<Vec<String>>, Failure> {
+    let given = if args.allowed_hosts.is_empty() {
+        file.allowed_hosts.clone().unwrap_or_default()
+    } else {
+        args.allowed_hosts.clone()
+    };
+    let names = given
+        .iter()
+        .map(|name| server::allowed_host_name(name))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Failure::usage)?;
+    Ok((!names.is_empty() || (listen.ip().is_loopback() && !token)).then_some(names))
 }
 
 /// Where and how to listen.

@@ -8,11 +8,13 @@ pub mod error;
 mod extract;
 mod guard;
 mod head_cap;
+mod host_check;
 mod keyed;
 mod listen;
 mod request_id;
 pub mod tls;
 
+pub(crate) use host_check::allowed_host_name;
 pub use listen::raise_fd_limit;
 pub use request_id::REQUEST_ID_HEADER;
 
@@ -78,6 +80,11 @@ pub struct ServerOptions {
     pub access_log: bool,
     /// Serve HTTPS with these certificates (reloaded when their files change); `None`: HTTP.
     pub tls: Option<tls::TlsAcceptors>,
+    /// Serve only requests whose `Host` names an IP address, `localhost` (or a name under it)
+    /// or one of these names (lower case, no port), answering others 403 `host_not_allowed`:
+    /// the guard against DNS rebinding for a server only local clients reach and no token
+    /// protects (`floodgate serve` sets it so). `None`: any host.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 impl Default for ServerOptions {
@@ -95,6 +102,7 @@ impl Default for ServerOptions {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             access_log: false,
             tls: None,
+            allowed_hosts: None,
         }
     }
 }
@@ -119,6 +127,7 @@ pub fn router<S: Store>(
     let (tx, rx) = watch::channel(false);
     let max_body = options.max_body_bytes;
     let body_timeout = extract::BodyTimeout(options.body_timeout);
+    let allowed_hosts: Option<Arc<[String]>> = options.allowed_hosts.as_deref().map(Arc::from);
     let state = Arc::new(AppState {
         gate,
         options,
@@ -182,6 +191,17 @@ pub fn router<S: Store>(
         .layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| {
                 guard::refuse_declared_oversize(max_body, request, next)
+            },
+        ))
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let names = allowed_hosts.clone();
+                async move {
+                    match names {
+                        Some(names) => host_check::require_allowed_host(names, request, next).await,
+                        None => next.run(request).await,
+                    }
+                }
             },
         ))
         .layer(axum::middleware::from_fn_with_state(
