@@ -553,6 +553,22 @@ fn bad_redis_urls_are_named_without_their_password() {
     }
 }
 
+/// The client commands' server: a `--token` that cannot be a header value is bad input (exit
+/// 2, naming the token, not showing it), not an unreachable server (69, as it was); a password
+/// in `--url` is never shown, whatever the failure.
+#[test]
+fn a_bad_token_exits_2_and_a_password_in_the_url_is_not_shown() {
+    let out = floodgate(&["status", "--url", NOBODY, "--token", "s3cret\n"]);
+    refused(&out, "token", "a token with a newline");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("s3cret"), "the token shown: {stderr}");
+    let out = floodgate(&["status", "--url", "http://app:s3cret@127.0.0.1:9"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:9"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "the password shown: {stderr}");
+}
+
 /// The measuring commands take only a direct Redis URL: a Sentinel URL (which `serve` takes)
 /// is refused (exit 2) saying what they need, before any connection (nothing listens on these
 /// hosts), with its password hidden.

@@ -72,6 +72,19 @@ pub(crate) fn segment(what: &str, text: &str) -> Result<String, ClientError> {
     Ok(out)
 }
 
+/// `base` with any `user:password@` removed: reqwest sends it as basic auth and leaves it out
+/// of its own errors, and so do our messages. Unchanged when it does not parse.
+fn without_password(base: &str) -> String {
+    match reqwest::Url::parse(base) {
+        Ok(mut url) if !url.username().is_empty() || url.password().is_some() => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.as_str().trim_end_matches('/').to_owned()
+        }
+        _ => base.to_owned(),
+    }
+}
+
 /// A granted permit, as the API returns it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct PermitReply {
@@ -150,11 +163,24 @@ pub fn new_request_id() -> String {
 }
 
 /// Talks to one Floodgate server.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
-    base: String,
+    /// The URL as given, for the requests.
+    endpoint: String,
+    /// `endpoint` without a `user:password@` part, for messages (stderr ends up in CI logs).
+    shown: String,
     token: Option<String>,
     http: reqwest::Client,
+}
+
+// By hand: the derived one would print the token and any password in the URL.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.shown)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -170,8 +196,10 @@ impl Client {
         token: Option<String>,
         ca_file: Option<&std::path::Path>,
     ) -> Result<Self, ClientError> {
+        let base = base.trim_end_matches('/');
+        let shown = without_password(base);
         let failed = |message: String| ClientError::Connection {
-            url: base.to_owned(),
+            url: shown.clone(),
             message,
         };
         // A base that is not an http(s) URL is bad input, not an unreachable server: said here
@@ -181,11 +209,22 @@ impl Client {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
             Ok(url) => {
                 return Err(failed(format!(
-                    "URL {base:?}: must be http:// or https:// with a host (got scheme {:?})",
+                    "URL {shown:?}: must be http:// or https:// with a host (got scheme {:?})",
                     url.scheme()
                 )))
             }
-            Err(e) => return Err(failed(format!("URL {base:?}: {e}"))),
+            Err(e) => return Err(failed(format!("URL {shown:?}: {e}"))),
+        }
+        // Same for a token that cannot be a header value (a stray newline from a file): every
+        // request would fail as "cannot reach the server". The token itself is not shown.
+        if let Some(token) = &token {
+            if reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
+                return Err(failed(
+                    "token: not a valid HTTP header value (a newline or other control \
+                     character in it?)"
+                        .to_owned(),
+                ));
+            }
         }
         let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
         if let Some(path) = ca_file {
@@ -205,15 +244,16 @@ impl Client {
         }
         let http = builder.build().map_err(|e| failed(e.to_string()))?;
         Ok(Client {
-            base: base.trim_end_matches('/').to_owned(),
+            endpoint: base.to_owned(),
+            shown,
             token,
             http,
         })
     }
 
-    /// The server's address.
+    /// The server's address, as shown in messages (without a password it may carry).
     pub fn base(&self) -> &str {
-        &self.base
+        &self.shown
     }
 
     async fn call<T: DeserializeOwned>(
@@ -233,7 +273,7 @@ impl Client {
         body: Option<&impl Serialize>,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        let url = format!("{}{}", self.base, path);
+        let url = format!("{}{}", self.endpoint, path);
         let mut req = self.http.request(method, &url).timeout(timeout);
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
@@ -242,7 +282,7 @@ impl Client {
             req = req.json(body);
         }
         let conn = |e: reqwest::Error| ClientError::Connection {
-            url: self.base.clone(),
+            url: self.shown.clone(),
             message: e.to_string(),
         };
         let resp = req.send().await.map_err(conn)?;
@@ -250,7 +290,7 @@ impl Client {
         let bytes = resp.bytes().await.map_err(conn)?;
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| ClientError::Connection {
-                url: self.base.clone(),
+                url: self.shown.clone(),
                 message: format!("unexpected answer: {e}"),
             });
         }

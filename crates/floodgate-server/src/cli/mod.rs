@@ -81,9 +81,12 @@ impl ServerArgs {
     pub(crate) fn client(&self) -> Result<Client, Failure> {
         Client::with_ca_file(&self.url, self.token.clone(), self.ca_file.as_deref()).map_err(|e| {
             match e {
-                // A CA file or URL that cannot be used is bad input, not an unreachable server.
+                // A CA file, URL or token that cannot be used is bad input, not an unreachable
+                // server.
                 ClientError::Connection { message, .. }
-                    if message.starts_with("CA file") || message.starts_with("URL ") =>
+                    if message.starts_with("CA file")
+                        || message.starts_with("URL ")
+                        || message.starts_with("token:") =>
                 {
                     Failure::usage(message)
                 }
