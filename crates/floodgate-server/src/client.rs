@@ -11,6 +11,15 @@ use serde_json::Value;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A long-poll acquire may take its whole wait; the server caps waits at an hour.
 const ACQUIRE_SLACK: Duration = Duration::from_secs(15);
+/// Most of a successful answer that is read: far above the largest listing (thousands of
+/// limiters), so that something else answering at the URL with an endless body cannot take all
+/// the memory before the timeout.
+const MAX_ANSWER: usize = 256 << 20;
+/// Most of an error answer that is read (the API's are one short line; a proxy's HTML page is
+/// cut here).
+const MAX_ERROR_ANSWER: usize = 64 << 10;
+/// Most of an error answer that is not the API's JSON shown in its message.
+const SHOWN_ERROR_CHARS: usize = 300;
 
 /// An error from the server (a 4xx/5xx with the API's JSON body) or from the connection.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +91,39 @@ fn without_password(base: &str) -> String {
             url.as_str().trim_end_matches('/').to_owned()
         }
         _ => base.to_owned(),
+    }
+}
+
+/// The body, read up to `cap` bytes, and whether that was all of it.
+async fn read_at_most(
+    mut resp: reqwest::Response,
+    cap: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = cap - out.len();
+        if chunk.len() > room {
+            out.extend_from_slice(&chunk[..room]);
+            return Ok((out, false));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok((out, true))
+}
+
+/// `text` without control characters, which a terminal would act on (escape sequences).
+fn printable(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).collect()
+}
+
+/// The start of an error answer that is not the API's (a proxy's HTML page), on one line.
+fn excerpt(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let line = printable(&text.split_whitespace().collect::<Vec<_>>().join(" "));
+    if line.chars().count() > SHOWN_ERROR_CHARS {
+        line.chars().take(SHOWN_ERROR_CHARS).collect::<String>() + "..."
+    } else {
+        line
     }
 }
 
@@ -287,20 +329,30 @@ impl Client {
         };
         let resp = req.send().await.map_err(conn)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(conn)?;
+        let cap = if status.is_success() {
+            MAX_ANSWER
+        } else {
+            MAX_ERROR_ANSWER
+        };
+        let (bytes, whole) = read_at_most(resp, cap).await.map_err(conn)?;
         if status.is_success() {
+            if !whole {
+                return Err(ClientError::Connection {
+                    url: self.shown.clone(),
+                    message: format!("unexpected answer: longer than {cap} bytes"),
+                });
+            }
             return serde_json::from_slice(&bytes).map_err(|e| ClientError::Connection {
                 url: self.shown.clone(),
                 message: format!("unexpected answer: {e}"),
             });
         }
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let text = |k: &str| value.get(k).and_then(Value::as_str).map(str::to_owned);
+        let text = |k: &str| value.get(k).and_then(Value::as_str).map(printable);
         Err(ClientError::Api {
             status: status.as_u16(),
             code: text("error").unwrap_or_else(|| format!("http_{}", status.as_u16())),
-            message: text("message")
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+            message: text("message").unwrap_or_else(|| excerpt(&bytes)),
             retry_after: value
                 .get("retry_after_ms")
                 .and_then(Value::as_u64)

@@ -1,10 +1,99 @@
-//! The Rust client (`floodgate_server::client`, under the CLI): what its messages leave out (a
-//! password in the URL, the token).
+//! The Rust client (`floodgate_server::client`, under the CLI) against answers the API never
+//! gives: a proxy's error page, an endless body; and what its messages leave out (a password in
+//! the URL, the token). The misbehaving server is a real socket on `127.0.0.1:0` that answers
+//! every request with the same bytes.
 
 #![allow(clippy::unwrap_used)]
 
 use floodgate_server::client::{Client, ClientError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+/// A server on `127.0.0.1:0` that reads each request's head, writes `head`, then a body of
+/// `body_len` bytes: `start`, then spaces. Its base URL.
+async fn answering(head: String, start: &'static [u8], body_len: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let head = head.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if sock.write_all(head.as_bytes()).await.is_err()
+                    || sock.write_all(start).await.is_err()
+                {
+                    return;
+                }
+                let spaces = vec![b' '; 64 << 10];
+                let mut left = body_len - start.len();
+                while left > 0 {
+                    let n = left.min(spaces.len());
+                    // The client hung up: it read what it wanted.
+                    if sock.write_all(&spaces[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A proxy's 502 page (200 KB of HTML and padding, with a terminal escape in it) becomes a
+/// short one-line message: it was printed whole, escape and all, on the CLI's stderr.
+#[tokio::test]
+async fn an_error_page_is_cut_to_one_printable_line() {
+    let page: &'static [u8] = b"<html>\x1b[2J<body>\n  <h1>502 Bad Gateway</h1>\n  <p>nginx</p>";
+    let len = 200_000;
+    let head = format!(
+        "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: {len}\r\n\r\n"
+    );
+    let client = Client::new(&answering(head, page, len).await, None).unwrap();
+    let err = client.limiters().await.unwrap_err();
+    let ClientError::Api {
+        status,
+        code,
+        message,
+        ..
+    } = &err
+    else {
+        panic!("not an API error: {err}");
+    };
+    assert_eq!((*status, code.as_str()), (502, "http_502"));
+    assert!(
+        message.starts_with("<html>[2J<body> <h1>502 Bad Gateway</h1>"),
+        "{message}"
+    );
+    assert!(message.chars().count() < 400, "{} chars", message.len());
+    assert!(!message.chars().any(char::is_control), "{message:?}");
+}
+
+/// A 200 whose body does not end within a bound is refused, not read into memory to the end
+/// (something else answering at the URL, streaming). The body here is valid JSON (the listing,
+/// then spaces), so only the bound can refuse it.
+#[tokio::test]
+async fn an_answer_past_the_bound_is_refused() {
+    let len = (256 << 20) + (1 << 20);
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+    );
+    let url = answering(head, b"{\"limiters\":[]}", len).await;
+    let client = Client::new(&url, None).unwrap();
+    let err = client.limiters().await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Connection { message, .. } if message.contains("longer than")),
+        "{err}"
+    );
+}
 
 /// A `user:password@` in the URL (basic auth to a proxy in front) is sent, but never shown:
 /// not in a connection error, not in `Debug`; nor is the token.
