@@ -386,19 +386,19 @@ impl Client {
         .await
     }
 
-    /// `POST /v1/permits/{id}/extend`; `Err(code "permit_lost")` when lost.
+    /// `POST /v1/permits/{id}/extend` (`None`: the limiter's lease); `Err(code
+    /// "permit_lost")` when lost.
     pub async fn extend(
         &self,
         permit_id: &str,
         lease_ms: Option<u64>,
     ) -> Result<Value, ClientError> {
-        let body = serde_json::json!({ "lease_ms": lease_ms });
-        self.call(
-            reqwest::Method::POST,
-            &format!("/v1/permits/{}/extend", segment("permit_id", permit_id)?),
-            Some(&body),
-        )
-        .await
+        // Through `ExtendArgs`, which leaves a `None` out: the API refuses `"lease_ms": null`.
+        let args = ExtendArgs {
+            lease_ms,
+            ..ExtendArgs::default()
+        };
+        self.extend_with(permit_id, &args).await
     }
 
     /// `POST /v1/permits/{id}/extend` with every field of `args`.

@@ -1,11 +1,15 @@
 //! The Rust client (`floodgate_server::client`, under the CLI) against answers the API never
-//! gives: a proxy's error page, an endless body; and what its messages leave out (a password in
-//! the URL, the token). The misbehaving server is a real socket on `127.0.0.1:0` that answers
-//! every request with the same bytes.
+//! gives: a proxy's error page, an endless body; what its messages leave out (a password in
+//! the URL, the token); and a request of its own against the real server. The misbehaving
+//! server is a real socket on `127.0.0.1:0` that answers every request with the same bytes.
 
 #![allow(clippy::unwrap_used)]
 
-use floodgate_server::client::{Client, ClientError};
+mod common;
+
+use floodgate::{Floodgate, LimiterSpec};
+use floodgate_server::client::{AcquireArgs, Client, ClientError};
+use floodgate_server::server::ServerOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -131,4 +135,24 @@ async fn a_token_that_is_not_a_header_value_is_refused_up_front() {
         "{text}"
     );
     assert!(!text.contains("tok-s3cret"), "{text}");
+}
+
+/// `extend(id, None)` extends by the limiter's lease, as documented: it sent
+/// `"lease_ms": null`, which the API refuses (400 `invalid_request`).
+#[tokio::test]
+async fn extend_without_a_lease_takes_the_limiters() {
+    let gate = Floodgate::in_memory();
+    gate.define("ext", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    let served = common::Served::start(gate, ServerOptions::default()).await;
+    let client = Client::new(&format!("http://{}", served.addr), None).unwrap();
+    let permit = client
+        .acquire("ext", &AcquireArgs::default())
+        .await
+        .unwrap();
+    let reply = client.extend(&permit.permit_id, None).await.unwrap();
+    assert_eq!(reply["lease_ms"], permit.lease_ms, "{reply}");
+    assert!(client.release(&permit.permit_id).await.unwrap());
+    served.stop().await;
 }
