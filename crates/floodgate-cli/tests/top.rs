@@ -146,3 +146,32 @@ async fn top_exits_cleanly_on_sigint() {
     assert!(!screen.contains("top-gamma"), "{screen}");
     served.stop().await;
 }
+
+/// `q` quits while the server has accepted the request and not answered it: the request was
+/// awaited in the loop that reads the keys, so `q` (and SIGTERM) waited for the request's 30 s
+/// timeout, longer than `PATIENCE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_quits_on_q_while_the_server_does_not_answer() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (arrived, mut requests) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            if matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {
+                let _ = arrived.send(()).await;
+            }
+            held.push(sock);
+        }
+    });
+    let tmux = Tmux::new("silent");
+    tmux.start(&command(&url));
+    tokio::time::timeout(PATIENCE, requests.recv())
+        .await
+        .expect("top sent no request");
+    tmux.run(&["send-keys", "-t", "top", "q"]);
+    let screen = tmux.until("the exit status", |s| s.contains("TOP_EXIT="));
+    assert!(screen.contains("TOP_EXIT=0"), "{screen}");
+}

@@ -268,13 +268,27 @@ pub(crate) async fn top(args: TopArgs) -> Result<u8, Failure> {
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Failure::usage(format!("cannot watch SIGTERM: {e}")))?;
-    let mut ticks = tokio::time::interval(args.interval.max(Duration::from_millis(100)));
+    // The requests run in a task of their own: awaited in the loop below, a server that does
+    // not answer held back `q` and the signals until the request's timeout (30 s).
+    let interval = args.interval.max(Duration::from_millis(100));
+    let (answers_tx, mut answers) = tokio::sync::mpsc::channel(1);
+    let poller = tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        // After a slow answer, the next request waits its interval (no burst to catch up).
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if answers_tx.send(client.overview().await).await.is_err() {
+                return;
+            }
+        }
+    });
     let mut overview = Value::Null;
     let mut error: Option<String> = None;
     loop {
         tokio::select! {
-            _ = ticks.tick() => {
-                match client.overview().await {
+            Some(answer) = answers.recv() => {
+                match answer {
                     Ok(v) => { overview = v; error = None; }
                     Err(e) => error = Some(format!("unreachable ({e})")),
                 }
@@ -301,6 +315,7 @@ pub(crate) async fn top(args: TopArgs) -> Result<u8, Failure> {
             usize::from(h),
         ));
     }
+    poller.abort();
     drop(screen);
     Ok(0)
 }
