@@ -268,7 +268,11 @@ impl Client {
                 ));
             }
         }
-        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        // Redirects are not followed: the API never gives one, and a followed 301/302 turns a
+        // POST (an acquire) into a bodiless GET, answered 405 by a server the user never named.
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(path) = ca_file {
             let pem = std::fs::read(path)
                 .map_err(|e| failed(format!("CA file {}: {e}", path.display())))?;
@@ -329,6 +333,23 @@ impl Client {
         };
         let resp = req.send().await.map_err(conn)?;
         let status = resp.status();
+        if status.is_redirection() {
+            let to = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map_or_else(|| "elsewhere".to_owned(), printable);
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                code: "redirect".to_owned(),
+                message: format!(
+                    "the server at {} redirects to {to}: the URL should name the Floodgate \
+                     server itself",
+                    self.shown
+                ),
+                retry_after: None,
+            });
+        }
         let cap = if status.is_success() {
             MAX_ANSWER
         } else {

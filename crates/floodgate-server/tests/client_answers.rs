@@ -156,3 +156,25 @@ async fn extend_without_a_lease_takes_the_limiters() {
     assert!(client.release(&permit.permit_id).await.unwrap());
     served.stop().await;
 }
+
+/// A redirect is reported, naming where it points, not followed: a followed 302 made the
+/// acquire a bodiless GET of the real server, answered 405 `method_not_allowed`, a server the
+/// user never named.
+#[tokio::test]
+async fn a_redirect_is_reported_not_followed() {
+    let gate = Floodgate::in_memory();
+    gate.define("lim", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    let served = common::Served::start(gate, ServerOptions::default()).await;
+    let to = format!("http://{}/v1/limiters/lim/acquire", served.addr);
+    let head = format!("HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\n\r\n");
+    let client = Client::new(&answering(head, b"", 0).await, None).unwrap();
+    let err = client
+        .acquire("lim", &AcquireArgs::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("redirect"), "{err}");
+    assert!(err.to_string().contains(&to), "{err}");
+    served.stop().await;
+}

@@ -1,7 +1,7 @@
 //! The `floodgate` command line.
 //!
 //! Exit codes: 0 success; 2 bad flags or input (including a 4xx from the server about the
-//! request); 69 the server could not be reached; 75 (EX_TEMPFAIL) the wait ended without a
+//! request, and a redirect: the URL is not the server's); 69 the server could not be reached; 75 (EX_TEMPFAIL) the wait ended without a
 //! permit; 1 anything else. `floodgate run` exits with the command's own status. Output into a
 //! pipe whose reader has gone (`floodgate status | head -1`) ends a command quietly, exit 0.
 
@@ -130,7 +130,8 @@ impl From<ClientError> for Failure {
             ClientError::Api { code, .. } if code == "wait_timeout" || code == "queue_full" => {
                 EXIT_TEMPFAIL
             }
-            ClientError::Api { status, .. } if (400..500).contains(status) => EXIT_USAGE,
+            // A redirect: the URL names something other than the server.
+            ClientError::Api { status, .. } if (300..500).contains(status) => EXIT_USAGE,
             // shutting_down, store_unavailable: try again later or elsewhere.
             ClientError::Api { status: 503, .. } => EXIT_UNAVAILABLE,
             ClientError::Api { .. } => 1,
@@ -200,5 +201,22 @@ pub fn block_on(command: impl Future<Output = Result<u8, Failure>>) -> ExitCode 
             }
             ExitCode::from(failure.code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A redirect means the URL names something else: bad input, like a 4xx (it was exit 1).
+    #[test]
+    fn a_redirect_exits_2() {
+        let redirect = ClientError::Api {
+            status: 302,
+            code: "redirect".to_owned(),
+            message: "the server at http://h redirects to https://h".to_owned(),
+            retry_after: None,
+        };
+        assert_eq!(Failure::from(redirect).code, EXIT_USAGE);
     }
 }
