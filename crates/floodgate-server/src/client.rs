@@ -438,14 +438,19 @@ impl Client {
 
     /// `POST /v1/permits/{id}/release`: whether it was still held.
     pub async fn release(&self, permit_id: &str) -> Result<bool, ClientError> {
-        let v: Value = self
+        // As for the listing: an answer without `released` is not the API's.
+        #[derive(Deserialize)]
+        struct Released {
+            released: bool,
+        }
+        let v: Released = self
             .call(
                 reqwest::Method::POST,
                 &format!("/v1/permits/{}/release", segment("permit_id", permit_id)?),
                 None::<&()>,
             )
             .await?;
-        Ok(v.get("released").and_then(Value::as_bool).unwrap_or(false))
+        Ok(v.released)
     }
 
     /// `GET /v1/limiters/{name}`.
@@ -471,13 +476,16 @@ impl Client {
 
     /// `GET /v1/limiters`.
     pub async fn limiters(&self) -> Result<Vec<Value>, ClientError> {
-        let v: Value = self
+        // Read as a struct: a 200 without the list is not the API (another service at the
+        // URL), not a server without limiters (it was shown as an empty table).
+        #[derive(Deserialize)]
+        struct Listing {
+            limiters: Vec<Value>,
+        }
+        let listing: Listing = self
             .call(reqwest::Method::GET, "/v1/limiters", None::<&()>)
             .await?;
-        Ok(v.get("limiters")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default())
+        Ok(listing.limiters)
     }
 
     /// `PUT /v1/limiters/{name}` with the given fields.

@@ -178,3 +178,22 @@ async fn a_redirect_is_reported_not_followed() {
     assert!(err.to_string().contains(&to), "{err}");
     served.stop().await;
 }
+
+/// A 200 that is JSON but not the API's (another service at the URL) is an unexpected answer:
+/// the listing was read as no limiters (an empty `status` table) and the release as "was not
+/// held".
+#[tokio::test]
+async fn a_200_without_the_apis_fields_is_unexpected() {
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n";
+    let client = Client::new(&answering(head.to_owned(), b"{}", 2).await, None).unwrap();
+    for err in [
+        client.limiters().await.map(drop).unwrap_err(),
+        client.release("lim.1").await.map(drop).unwrap_err(),
+    ] {
+        assert!(
+            matches!(&err, ClientError::Connection { message, .. }
+                if message.starts_with("unexpected answer")),
+            "{err}"
+        );
+    }
+}
