@@ -1,6 +1,8 @@
 //! A run's life: the limit across concurrent runs, exit codes, the wait timeout, bad flags,
 //! the release after the command and the lease extended while it runs.
 
+use std::time::Duration;
+
 use floodgate::AcquireOptions;
 use floodgate_server::client::Client;
 
@@ -293,6 +295,72 @@ exit 0"#;
     assert!(scratch.file("bg-done").exists());
     let status = server.status().await;
     assert_eq!(status.in_use, 0);
+    assert_eq!(status.counters.released, 1);
+    server.stop().await;
+}
+
+/// A relay to `server` that passes every connection through, except that it holds the first
+/// one's answer for `hold` and then drops the connection without passing it on: the server has
+/// granted, and the client sees a broken connection and asks again.
+async fn losing_the_first_answer(server: &str, hold: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = server.trim_start_matches("http://").to_owned();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut backend = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            let lose = std::mem::take(&mut first);
+            tokio::spawn(async move {
+                if !lose {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                    return;
+                }
+                let (mut from_client, _to_client) = client.split();
+                let (mut from_backend, mut to_backend) = backend.split();
+                let mut sink = tokio::io::sink();
+                let _ = tokio::time::timeout(hold, async {
+                    tokio::join!(
+                        tokio::io::copy(&mut from_client, &mut to_backend),
+                        tokio::io::copy(&mut from_backend, &mut sink),
+                    )
+                })
+                .await;
+            });
+        }
+    });
+    url
+}
+
+/// The lease of a grant whose answer was lost started at the first attempt, not at the retry
+/// that was answered with it (the server answers a repeated `request_id` with the same grant):
+/// `run` took the retry's send as the earliest start, so it extended a lease that the server
+/// had already ended (the command was stopped, the permit reported lost, while another worker
+/// could have been granted it). Here the first answer is held 4 s of a 6 s lease: counted from
+/// the retry, the first extend (a third of the lease later) came after the server's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_acquire_counts_the_lease_from_the_first_attempt() {
+    let server = TestServer::start(1).await;
+    let scratch = Scratch::new("retried");
+    let relay = losing_the_first_answer(&server.url, Duration::from_secs(4)).await;
+    let output = server
+        .floodgate(
+            scratch.path(),
+            &["run", LIMITER, "--lease", "6s", "--", "sleep", "3"],
+        )
+        .env("FLOODGATE_URL", &relay)
+        .output()
+        .await
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(code(&output), 0, "{err}");
+    assert!(
+        err.contains("retrying"),
+        "the first answer was not lost: {err}"
+    );
+    let status = server.status().await;
+    assert_eq!(status.counters.granted, 1, "the retry was granted anew");
+    assert_eq!(status.counters.expired, 0, "the lease ran out: {err}");
     assert_eq!(status.counters.released, 1);
     server.stop().await;
 }

@@ -105,9 +105,11 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
         request_id: Some(new_request_id()),
         key: args.key.clone(),
     };
-    let mut sent = Instant::now();
+    // The first attempt's: a retried acquire may be answered with the grant an earlier attempt
+    // got (its answer lost), whose lease started after this and not after the last attempt.
+    let sent = Instant::now();
     let permit = tokio::select! {
-        result = acquire(&client, &args, &request, &mut sent) => {
+        result = acquire(&client, &args, &request) => {
             result.map_err(|e| acquire_failure(&args, e))?
         }
         sig = signals.next() => {
@@ -122,8 +124,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
     };
     let received = Instant::now();
     let lease = Duration::from_millis(permit.lease_ms);
-    // The server started the lease somewhere between our request and its answer, and not
-    // before it had waited `waited_ms`; take the earliest it can end.
+    // The server started the lease somewhere between our first request and its answer, and
+    // not before it had waited `waited_ms`; take the earliest it can end. (A repeat's answer
+    // says 0 waited and a lease no longer than the one granted: still the earliest.)
     let deadline = plus(
         plus(sent, Duration::from_millis(permit.waited_ms)).min(received),
         lease,
@@ -312,12 +315,11 @@ fn spawn(args: &RunArgs, permit: &PermitReply) -> Result<Child, Failure> {
 }
 
 /// Acquires, resending the same request (same `request_id`) after a connection error, a few
-/// times with doubling pauses. `sent` is set to when the last attempt was sent.
+/// times with doubling pauses.
 async fn acquire(
     client: &Client,
     args: &RunArgs,
     request: &AcquireArgs,
-    sent: &mut Instant,
 ) -> Result<PermitReply, ClientError> {
     // The server answers within the wait (capped by the limiter); one that does not answer at
     // all must not hold us forever.
@@ -328,7 +330,7 @@ async fn acquire(
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1;
     loop {
-        *sent = Instant::now();
+        let sent = Instant::now();
         match answer_within(client, limit, client.acquire(&args.name, request)).await {
             // A server that took the whole limit to not answer is not asked again.
             Err(e @ ClientError::Connection { .. })
@@ -372,7 +374,10 @@ async fn keep_alive(
     };
     let period = (lease / 3).max(Duration::from_millis(1));
     let mut deadline = deadline;
-    let mut next = plus(Instant::now(), period);
+    // A third of the lease after it started, at the latest: a grant that reached us late (its
+    // answer lost and asked for again) is extended at once.
+    let started = deadline.checked_sub(lease).unwrap_or_else(Instant::now);
+    let mut next = plus(Instant::now(), period).min(plus(started, period));
     loop {
         tokio::time::sleep_until(next).await;
         let mut backoff = FIRST_BACKOFF.min(period);
