@@ -491,3 +491,53 @@ async fn a_keyed_limiter_with_per_key_rates_alone_is_revived_without_a_total() {
     let view = orgs.backend().keys(5).await.unwrap().unwrap();
     assert_eq!(view.spec.rate, Some(each), "{view:?}");
 }
+
+/// A keyed waiter whose queue Redis lost is answered "store unavailable" (its client retries,
+/// `docs/learning.md`), not "limiter deleted" (404: final), when a release that failed has
+/// this process's waiters re-checked and the re-check finds the limiter gone. The release's
+/// connection is cut after a FLUSHALL, so no call revives the limiter first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_rechecked_after_a_loss_is_answered_unavailable_not_deleted() {
+    let server = support::RedisServer::start();
+    let relay = CuttingRelay::start(server.port).await;
+    let mut config = RedisConfig::new(relay.url());
+    config.learning_window = Some(Duration::from_secs(30));
+    let a = Floodgate::with_store(RedisStore::connect(config).await.unwrap());
+    let spec = LimiterSpec::concurrency(2)
+        .with_default_lease(Duration::from_secs(120))
+        .with_max_wait(Duration::from_secs(120));
+    a.define_keyed("orgs", spec, KeyedSpec::per_key(1))
+        .await
+        .unwrap();
+    let orgs = a.limiter("orgs").await.unwrap();
+    let holder = orgs
+        .acquire(AcquireOptions::new().key("org"))
+        .await
+        .unwrap();
+    let waiter = {
+        let orgs = orgs.clone();
+        tokio::spawn(async move {
+            orgs.acquire(
+                AcquireOptions::new()
+                    .key("org")
+                    .wait(Duration::from_secs(120)),
+            )
+            .await
+            .map(floodgate::Permit::detach)
+        })
+    };
+    until_status(&orgs, "the waiter queued", |s| s.waiting == 1).await;
+
+    flushall(&server);
+    relay.cut_connections_sending(b"$7\r\nrelease\r\n");
+    let released = holder.release().await;
+    assert!(released.is_err(), "the release went through: {released:?}");
+    let answer = waiter.await.unwrap();
+    assert!(
+        matches!(
+            &answer,
+            Err(AcquireError::Store(StoreError::Unavailable(_)))
+        ),
+        "the waiter of a lost keyed limiter was answered {answer:?}"
+    );
+}

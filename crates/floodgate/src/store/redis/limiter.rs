@@ -235,9 +235,18 @@ impl RedisLimiter {
 
     /// The recorded outcome of a queued waiter, if decided.
     pub(super) async fn peek(&self, key: &str) -> Result<Option<WaitOutcome>, StoreError> {
+        // Before the call, as in `call`: the waiters queued before it are the lost ones.
+        let sent = self.store.tick();
         let reply = self.call("peek", &[key.to_owned()]).await?;
         Ok(match reply.first().map(String::as_str) {
             Some("decided") => reply.get(1).and_then(|o| decode_outcome(o)),
+            // Gone while this store knows it: its state was lost, not deleted (as a waiter's
+            // own timeout concludes). Its waiters here are answered "store unavailable", as a
+            // revival answers them; a 404 told their clients the limiter no longer exists.
+            Some("unknown") if self.known_window().is_some() => {
+                self.answer_lost_waiters(sent);
+                None
+            }
             Some("unknown") => Some(Err(Refusal::LimiterDeleted)),
             _ => None,
         })
