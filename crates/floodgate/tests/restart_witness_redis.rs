@@ -3,7 +3,8 @@
 //! neither re-adopted nor counted, but its holder may still be running (a stalled worker: the
 //! case fencing tokens exist for). A grant made after the window must carry a larger token
 //! than the lost one, or a fenced resource could not tell the two holders apart. The witness:
-//! the tokens this test was answered, which the reloaded Redis no longer has.
+//! the tokens this test was answered, which the reloaded Redis no longer has. Keyed limiters
+//! (the keyed script: its own grant path, per-key shares) run the same rounds.
 
 #![cfg(feature = "redis")]
 
@@ -11,18 +12,47 @@ mod support;
 
 use std::time::Duration;
 
-use floodgate::{AcquireOptions, Floodgate, LimiterSpec, RedisConfig, RedisStore};
+use floodgate::{AcquireOptions, Floodgate, KeyedSpec, LimiterSpec, RedisConfig, RedisStore};
+
+/// Defines `name` with a limit of 2, keyed (2 per key: the total binds) or plain.
+async fn define(gate: &Floodgate<RedisStore>, name: &str, spec: LimiterSpec, keyed: bool) {
+    if keyed {
+        gate.define_keyed(name, spec, KeyedSpec::per_key(2))
+            .await
+            .expect("define keyed");
+    } else {
+        gate.define(name, spec).await.expect("define");
+    }
+}
+
+/// An acquire's options, naming `key` on a keyed limiter.
+fn on(keyed: bool, key: &str) -> AcquireOptions {
+    if keyed {
+        AcquireOptions::new().key(key)
+    } else {
+        AcquireOptions::new()
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_after_a_stale_reload_is_fenced_above_the_lost_grants() {
+    fenced_above_the_lost_grants(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_grant_after_a_stale_reload_is_fenced_above_the_lost_grants() {
+    fenced_above_the_lost_grants(true).await;
+}
+
+async fn fenced_above_the_lost_grants(keyed: bool) {
     let mut server = support::RedisServer::start();
     let mut config = RedisConfig::new(server.url());
     config.learning_window = Some(Duration::from_millis(1500));
     let gate = Floodgate::with_store(RedisStore::connect(config).await.expect("connect"));
     let spec = LimiterSpec::concurrency(2).with_default_lease(Duration::from_secs(30));
-    gate.define("stale", spec).await.expect("define");
+    define(&gate, "stale", spec, keyed).await;
     let limiter = gate.limiter("stale").await.expect("limiter");
-    let kept = limiter.acquire(AcquireOptions::new()).await.expect("kept");
+    let kept = limiter.acquire(on(keyed, "a")).await.expect("kept");
     let saved = std::process::Command::new("redis-cli")
         .args(["-p", &server.port.to_string(), "SAVE"])
         .output()
@@ -32,8 +62,9 @@ async fn a_grant_after_a_stale_reload_is_fenced_above_the_lost_grants() {
     // released (the release is lost too).
     let mut lost = Vec::new();
     for i in 0..3 {
+        // (Keyed: each on a key of its own, which the reload forgets too.)
         let p = limiter
-            .acquire(AcquireOptions::new().lease(Duration::from_millis(500)))
+            .acquire(on(keyed, &format!("lost{i}")).lease(Duration::from_millis(500)))
             .await
             .expect("lost");
         lost.push(p.fencing_token());
@@ -46,7 +77,7 @@ async fn a_grant_after_a_stale_reload_is_fenced_above_the_lost_grants() {
     tokio::task::block_in_place(|| server.restart());
     // After the window (the lost lease lapsed in it): one slot free beside the kept holder.
     let next = limiter
-        .acquire(AcquireOptions::new().wait(Duration::from_secs(30)))
+        .acquire(on(keyed, "lost1").wait(Duration::from_secs(30)))
         .await
         .expect("granted after the window");
     let status = limiter.status().await.expect("status");
@@ -74,6 +105,17 @@ async fn a_grant_after_a_stale_reload_is_fenced_above_the_lost_grants() {
 /// restart each (the race is lost about one round in six without the gate in `generation.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operations_racing_the_discovery_of_a_stale_reload_grant_nothing_over_the_lost_grant() {
+    racing_the_discovery(false).await;
+}
+
+/// The same on a keyed limiter: the racers ask for the lost grant's key and for another, and
+/// the total (2) is taken, so any grant is one too many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keyed_operations_racing_the_discovery_of_a_stale_reload_grant_nothing_over_it() {
+    racing_the_discovery(true).await;
+}
+
+async fn racing_the_discovery(keyed: bool) {
     let mut server = support::RedisServer::start();
     let mut config = RedisConfig::new(server.url());
     config.learning_window = Some(Duration::from_secs(20));
@@ -81,25 +123,26 @@ async fn operations_racing_the_discovery_of_a_stale_reload_grant_nothing_over_th
     let spec = LimiterSpec::concurrency(2).with_default_lease(Duration::from_secs(60));
     for round in 0..6 {
         let name = format!("race{round}");
-        gate.define(&name, spec.clone()).await.expect("define");
+        define(&gate, &name, spec.clone(), keyed).await;
         let limiter = gate.limiter(&name).await.expect("limiter");
-        let kept = limiter.acquire(AcquireOptions::new()).await.expect("kept");
+        let kept = limiter.acquire(on(keyed, "org")).await.expect("kept");
         let saved = std::process::Command::new("redis-cli")
             .args(["-p", &server.port.to_string(), "SAVE"])
             .output()
             .expect("redis-cli");
         assert_eq!(String::from_utf8_lossy(&saved.stdout).trim(), "OK");
-        let lost = limiter.acquire(AcquireOptions::new()).await.expect("lost");
+        let lost = limiter.acquire(on(keyed, "org")).await.expect("lost");
         tokio::task::block_in_place(|| server.restart());
         let start = std::sync::Arc::new(tokio::sync::Barrier::new(16));
         let racers: Vec<_> = (0..16)
-            .map(|_| {
+            .map(|i| {
                 let limiter = limiter.clone();
                 let start = std::sync::Arc::clone(&start);
+                let key = if i % 2 == 0 { "org" } else { "other" };
                 tokio::spawn(async move {
                     start.wait().await;
                     limiter
-                        .acquire(AcquireOptions::new().wait(Duration::ZERO))
+                        .acquire(on(keyed, key).wait(Duration::ZERO))
                         .await
                         .map(|p| p.fencing_token())
                 })
@@ -113,7 +156,8 @@ async fn operations_racing_the_discovery_of_a_stale_reload_grant_nothing_over_th
         }
         assert!(
             granted.is_empty(),
-            "round {round}: granted {granted:?} over two held permits (limit 2) after the reload"
+            "round {round}: granted {granted:?} over two held permits (limit 2) after the reload \
+             (keyed: {keyed})"
         );
         kept.detach();
         lost.detach();

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use floodgate::{AcquireOptions, Floodgate, LimiterSpec, RedisConfig, RedisStore};
+use floodgate::{AcquireOptions, Floodgate, KeyedSpec, LimiterSpec, RedisConfig, RedisStore};
 
 use crate::harness::{cli, scratch_dir, start_sentinels, wait_until};
 use crate::support::RedisServer;
@@ -64,6 +64,25 @@ impl ReplicationLink {
 /// re-adopts it with its heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failover_that_lost_a_grant_is_learned_not_over_admitted() {
+    lost_grant_round(false).await;
+}
+
+/// The same on a keyed limiter (the keyed script; 2 per key, so the lost grant's key binds as
+/// well as the total): the try-once acquires ask for the lost grant's key and for another, the
+/// heartbeats carry their key and re-adopt under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_that_lost_a_keyed_grant_is_learned_not_over_admitted() {
+    lost_grant_round(true).await;
+}
+
+async fn lost_grant_round(keyed: bool) {
+    let on = |key: &str| {
+        if keyed {
+            AcquireOptions::new().key(key)
+        } else {
+            AcquireOptions::new()
+        }
+    };
     let dir = scratch_dir("floodgate-sentinel-lost");
     let mut master = RedisServer::start();
     let link = ReplicationLink::start(master.port).await;
@@ -77,10 +96,16 @@ async fn a_failover_that_lost_a_grant_is_learned_not_over_admitted() {
     config.learning_window = Some(Duration::from_secs(2));
     let gate = Floodgate::with_store(RedisStore::connect(config).await.unwrap());
     let spec = LimiterSpec::concurrency(2).with_default_lease(Duration::from_secs(60));
-    gate.define("lost", spec).await.unwrap();
+    if keyed {
+        gate.define_keyed("lost", spec, KeyedSpec::per_key(2))
+            .await
+            .unwrap();
+    } else {
+        gate.define("lost", spec).await.unwrap();
+    }
     let limiter = gate.limiter("lost").await.unwrap();
 
-    let mut first = limiter.acquire(AcquireOptions::new()).await.unwrap();
+    let mut first = limiter.acquire(on("org")).await.unwrap();
     // The replica has the limiter and the first grant...
     let acked = cli(master.port, &["wait", "1", "5000"]);
     assert_eq!(
@@ -90,18 +115,19 @@ async fn a_failover_that_lost_a_grant_is_learned_not_over_admitted() {
     );
     // ...but not the second: the link stops passing the master's writes on.
     link.cut.store(true, Ordering::SeqCst);
-    let mut second = limiter.acquire(AcquireOptions::new()).await.unwrap();
+    let mut second = limiter.acquire(on("org")).await.unwrap();
     let held = 2;
     master.kill();
 
     // Try-once acquires until the store answers from the new master: the first answer must not
     // be a grant (the replica counts one holder of 2; two are working).
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tries = 0_u32;
     let answer = loop {
-        match limiter
-            .acquire(AcquireOptions::new().wait(Duration::ZERO))
-            .await
-        {
+        // (Keyed: the lost grant's key and a new one, in turn.)
+        tries += 1;
+        let key = if tries % 2 == 0 { "org" } else { "other" };
+        match limiter.acquire(on(key).wait(Duration::ZERO)).await {
             Err(e) if e.to_string().contains("redis") => {
                 assert!(Instant::now() < deadline, "the store never answered: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -111,7 +137,7 @@ async fn a_failover_that_lost_a_grant_is_learned_not_over_admitted() {
     };
     assert!(
         matches!(&answer, Err(e) if e.is_wait_timeout()),
-        "granted over the lost grant ({held} held, limit 2): {answer:?}"
+        "granted over the lost grant ({held} held, limit 2, keyed: {keyed}): {answer:?}"
     );
     let new_master = sentinels[0].master_info();
     assert_eq!(
@@ -126,7 +152,7 @@ async fn a_failover_that_lost_a_grant_is_learned_not_over_admitted() {
     assert_eq!(limiter.status().await.unwrap().in_use, held);
     // The window ends with the limit in force over both holders.
     let after = limiter
-        .acquire(AcquireOptions::new().wait(Duration::from_secs(3)))
+        .acquire(on("other").wait(Duration::from_secs(3)))
         .await;
     assert!(matches!(&after, Err(e) if e.is_wait_timeout()), "{after:?}");
     drop(sentinels);
