@@ -541,3 +541,56 @@ async fn a_waiter_rechecked_after_a_loss_is_answered_unavailable_not_deleted() {
         "the waiter of a lost keyed limiter was answered {answer:?}"
     );
 }
+
+/// An override set through another server comes back with a revival by a server that viewed
+/// the limiter's keys since (its HTTP status does), as a plain spec changed elsewhere is known
+/// to a server that read the status since. Before, a server read the overrides once: "small"
+/// (overridden to 1 through B) was revived by A at the per-key 3, and granted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_override_set_through_another_server_comes_back_with_a_revival() {
+    let server = support::RedisServer::start();
+    let a = gate(&server, Duration::from_millis(300)).await;
+    let b = gate(&server, Duration::from_millis(300)).await;
+    let spec = LimiterSpec::concurrency(6).with_max_wait(Duration::from_secs(30));
+    a.define_keyed("orgs", spec, KeyedSpec::per_key(3))
+        .await
+        .unwrap();
+    let la = a.limiter("orgs").await.unwrap();
+    la.backend().keys(5).await.unwrap().unwrap();
+    let lb = b.limiter("orgs").await.unwrap();
+    let one = KeyOverride {
+        concurrency: Some(1),
+        weight: 1,
+    };
+    lb.backend().put_key("small", Some(one)).await.unwrap();
+    let view = la.backend().keys(5).await.unwrap().unwrap();
+    assert_eq!(view.overrides, 1, "{view:?}");
+
+    flushall(&server);
+    // A's acquire revives the limiter and waits out the window.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let options = AcquireOptions::new()
+            .key("small")
+            .wait(Duration::from_secs(30));
+        match la.acquire(options).await {
+            Err(AcquireError::Store(StoreError::Unavailable(_))) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other.unwrap(),
+        }
+    };
+    let second = la
+        .acquire(AcquireOptions::new().key("small").wait(Duration::ZERO))
+        .await;
+    assert!(
+        matches!(
+            &second,
+            Err(AcquireError::Refused(Refusal::WaitTimeout { .. }))
+        ),
+        "\"small\" (overridden to 1) granted twice after the revival: {second:?}"
+    );
+    let view = la.backend().keys(5).await.unwrap().unwrap();
+    assert_eq!(view.overrides, 1, "the override came back: {view:?}");
+    drop(first);
+}

@@ -276,8 +276,10 @@ impl RedisLimiter {
                 let view = parse_keys(&reply)?;
                 self.remember_keyed_spec(&view.spec);
                 // A store that lists a keyed limiter's keys knows its definition from then on
-                // (read once, if the background read has not yet), to revive it after a loss.
-                if let Err(e) = self.learn_keyed_def().await {
+                // (read once, if the background read has not yet, and again when its overrides
+                // changed), to revive it after a loss.
+                let overrides_at = reply.len().checked_sub(2).map(|i| reply[i].as_str());
+                if let Err(e) = self.learn_keyed_def(overrides_at).await {
                     // The view stands; the definition is read again next time.
                     tracing::debug!(limiter = %self.name, error = %e, "keyed definition not read");
                 }
@@ -316,7 +318,8 @@ fn parse_keys(reply: &[String]) -> Result<KeysView, StoreError> {
         max_keys: small(6)?,
     };
     let mut busiest = Vec::new();
-    // Fields 10.. are keys of six fields each; the reply ends with the next-deadline delay.
+    // Fields 10.. are keys of six fields each; the reply ends with when the overrides last
+    // changed and the next-deadline delay.
     let mut i = 10;
     while i + 6 < reply.len() {
         busiest.push(KeyInfo {

@@ -31,6 +31,11 @@ pub(crate) struct KeyedDef {
     pub(super) keyed: KeyedSpec,
     /// Every key's override, as last set through this store or read from Redis.
     pub(super) overrides: HashMap<String, KeyOverride>,
+    /// When the overrides read last had last changed (the `keys` reply's last field; `None`:
+    /// not read with one). A keys view naming another time reads them again: one set through
+    /// another server was otherwise never learned, and a revival by this one dropped it (the
+    /// key then served at the per-key default, above its override).
+    pub(super) overrides_at: Option<String>,
 }
 
 /// The arguments of `kput`: the plain put's (with the total's derived spec), the per-key
@@ -125,6 +130,7 @@ fn parse_def(reply: &[String], mut spec: LimiterSpec) -> Result<KeyedDef, StoreE
         spec,
         keyed,
         overrides,
+        overrides_at: None,
     })
 }
 
@@ -163,6 +169,7 @@ impl RedisLimiter {
                 spec: spec.clone(),
                 keyed: keyed.clone(),
                 overrides: HashMap::new(),
+                overrides_at: None,
             });
         def.spec = spec.clone();
         def.keyed = keyed.clone();
@@ -204,11 +211,22 @@ impl RedisLimiter {
     }
 
     /// Reads the definition of a keyed limiter this store did not create (its first use here),
-    /// so it can re-create it after a loss too. Nothing for a plain limiter or a known one.
-    pub(super) async fn learn_keyed_def(&self) -> Result<(), StoreError> {
-        if !self.store.is_keyed(&self.name)
-            || self.store.lock_known().keyed.contains_key(&self.name)
-        {
+    /// so it can re-create it after a loss too. Nothing for a plain limiter or a known one,
+    /// unless `overrides_at` (a keys view's) says its overrides changed since they were read.
+    pub(super) async fn learn_keyed_def(
+        &self,
+        overrides_at: Option<&str>,
+    ) -> Result<(), StoreError> {
+        if !self.store.is_keyed(&self.name) {
+            return Ok(());
+        }
+        let current = self
+            .store
+            .lock_known()
+            .keyed
+            .get(&self.name)
+            .map(|def| overrides_at.is_none() || def.overrides_at.as_deref() == overrides_at);
+        if current == Some(true) {
             return Ok(());
         }
         let status = LimiterBackend::status(self).await?;
@@ -216,7 +234,9 @@ impl RedisLimiter {
         if reply.first().map(String::as_str) != Some("kdef") {
             return Ok(());
         }
-        let def = parse_def(&reply, status.spec)?;
+        let mut def = parse_def(&reply, status.spec)?;
+        // The time read before the overrides: a change in between is read at the next view.
+        def.overrides_at = overrides_at.map(str::to_owned);
         let mut known = self.store.lock_known();
         known.specs.remove(&self.name);
         known.keyed.insert(self.name.clone(), def);
@@ -231,7 +251,7 @@ impl RedisLimiter {
         };
         let limiter = self.clone();
         handle.spawn(async move {
-            if limiter.learn_keyed_def().await.is_err() {
+            if limiter.learn_keyed_def(None).await.is_err() {
                 limiter.store.lock_known().asked.remove(&limiter.name);
             }
         });

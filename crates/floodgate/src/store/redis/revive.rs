@@ -133,7 +133,7 @@ impl RedisLimiter {
         let limiter = self.clone();
         handle.spawn(async move {
             // `status` remembers the spec it reads; a keyed limiter's definition is read too.
-            if limiter.status().await.is_err() || limiter.learn_keyed_def().await.is_err() {
+            if limiter.status().await.is_err() || limiter.learn_keyed_def(None).await.is_err() {
                 limiter.store.lock_known().asked.remove(&limiter.name);
             }
         });

@@ -126,7 +126,9 @@ end
 -- keys: a keyed limiter's key count and busiest keys.
 -- ARGV: 4 most keys listed.
 -- Reply: {'keys', count, overrides, too_many_keys, keys_created, per-key concurrency ('' none),
---         max_keys, per-key rate limit, period us, burst ('' none), then per key: key, in_use, holders, waiting, limit ('' none), weight}.
+--         max_keys, per-key rate limit, period us, burst ('' none), then per key: key, in_use, holders, waiting, limit ('' none), weight,
+--         then when the overrides last changed ('' never: put_key, a revival's kput), so a
+--         server re-reads them (kdef) only then, to revive the limiter with them (keyed_revive.rs)}.
 if op == 'keys' then
   advance()
   kflush()
@@ -146,6 +148,7 @@ if op == 'keys' then
       end
     end
   end
+  out[#out + 1] = m.k_ov_at or ''
   return finish(out)
 end
 
@@ -169,6 +172,8 @@ if op == 'put_key' then
   else
     redis.call('HDEL', K_KO, tkey)
   end
+  -- Servers that read the overrides before read them again (see `keys`).
+  redis.call('HSET', K_META, 'k_ov_at', fmt(now))
   local k = kget(tkey)
   if k then
     k.limit, k.weight = limits_for(tkey)

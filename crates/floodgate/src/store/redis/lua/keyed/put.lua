@@ -52,6 +52,8 @@ if op == 'kput' then
         redis.call('HSET', K_KO, ARGV[i], ARGV[i + 1] .. '|' .. ARGV[i + 2])
       end
       ktouch(K_KO)
+      -- Servers that read the overrides before read them again (see `keys`).
+      redis.call('HSET', K_META, 'k_ov_at', fmt(now))
     end
   end
 end
