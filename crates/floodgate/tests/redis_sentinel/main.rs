@@ -5,7 +5,7 @@
 //! holders than the limit, and grants resume; the time from the kill to the first grant on the
 //! new master is measured and printed beside the sentinels' down-after time. A second test cuts
 //! the replication link before a grant, so the promoted replica never received it: the store
-//! must learn, not grant over it.
+//! must learn, not grant over it. Keyed limiters run both too, the witness counting per key.
 
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -15,5 +15,6 @@ mod support;
 
 mod failover;
 mod harness;
+mod keyed_load;
 mod lost_grant;
 mod tls;
