@@ -134,6 +134,11 @@ async fn a_crashed_shard_master_replaced_by_a_replica_that_missed_a_grant_grants
     shard_failover_round(false, Failover::Crash).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_shard_master_replaced_by_a_replica_that_missed_a_keyed_grant_grants_nothing() {
+    shard_failover_round(true, Failover::Crash).await;
+}
+
 /// Two servers share the cluster. The first reaches the new master first, on another limiter
 /// of the same shard: it notices the change and loads its scripts there. The second's call on
 /// the limiter whose grant the failover lost still names the old master, is answered
