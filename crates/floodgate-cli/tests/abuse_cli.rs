@@ -181,6 +181,16 @@ fn bad_arguments_exit_2_naming_the_problem() {
     let cases: &[(&[&str], &str)] = &[
         // Found before the simulation runs, not after it.
         (&["simulate", "--svg", "/nonexistent/dir/x.svg"], "--svg"),
+        // A directory that exists, given as the file: refused before the run, not after it.
+        (&["simulate", "--svg", "."], "is a directory"),
+        // A negative number is a value out of range, not a flag "-0".
+        (&["simulate", "--crash-fraction", "-0.1"], "crash-fraction"),
+        (&["simulate", "--orgs", "-1"], "'-1' for '--orgs"),
+        // Too large to hold: refused before anything is drawn.
+        (
+            &["simulate", "--orgs", "1000000", "--queries-per-org", "100"],
+            "orgs",
+        ),
         (
             &[
                 "limiter",

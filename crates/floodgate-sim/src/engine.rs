@@ -223,6 +223,8 @@ struct Sim<'a> {
     armed: Option<Micros>,
     limit_series: Vec<(Micros, u32)>,
     stats: Stats,
+    /// Events handled before giving up: [`MAX_EVENTS`], lower in tests.
+    max_events: u64,
 }
 
 /// Runs one strategy on the workload.
@@ -230,6 +232,16 @@ pub(crate) fn simulate(
     cfg: &Config,
     wl: &Workload,
     strategy: Strategy,
+) -> Result<(StrategyReport, Trace), String> {
+    simulate_bounded(cfg, wl, strategy, MAX_EVENTS)
+}
+
+/// [`simulate`], giving up with an error after `max_events` events.
+fn simulate_bounded(
+    cfg: &Config,
+    wl: &Workload,
+    strategy: Strategy,
+    max_events: u64,
 ) -> Result<(StrategyReport, Trace), String> {
     let (limiter, keys) = if strategy == Strategy::FloodgateKeyed {
         // One key per organization, no per-key limit: the total is shared fairly, and a
@@ -276,13 +288,20 @@ pub(crate) fn simulate(
             Vec::new()
         },
         stats: Stats::default(),
+        max_events,
     };
-    sim.run();
+    sim.run()?;
     Ok(sim.into_report())
 }
 
+/// Most events one strategy's run may handle, a minute or so of wall time. Settings that
+/// make tasks spin (`--max-wait 0s` with as many workers as tasks: each one re-enqueued every
+/// few milliseconds for as long as the work takes) end here with an error instead of running
+/// for hours.
+const MAX_EVENTS: u64 = 100_000_000;
+
 impl Sim<'_> {
-    fn run(&mut self) {
+    fn run(&mut self) -> Result<(), String> {
         if let Some((at, c)) = self.cfg.capacity_change {
             self.schedule(us(at), Ev::Capacity(c));
         }
@@ -290,9 +309,21 @@ impl Sim<'_> {
         self.ready.push_back(batch);
         self.dispatch();
         let horizon = us(self.cfg.model.horizon);
+        let mut events = 0u64;
         while let Some(Scheduled { at, ev, .. }) = self.heap.pop() {
             if at > horizon {
                 break;
+            }
+            events += 1;
+            if events > self.max_events {
+                return Err(format!(
+                    "{}: no end after {} simulated events ({:.0} s of simulated time): \
+                     these settings keep tasks retrying without progress; try a longer \
+                     --max-wait or --lease, or fewer --orgs",
+                    self.strategy,
+                    self.max_events,
+                    at as f64 / 1e6
+                ));
             }
             self.now = at;
             if let Some(fair) = self.fair.as_mut() {
@@ -345,6 +376,7 @@ impl Sim<'_> {
             }
             self.dispatch();
         }
+        Ok(())
     }
 
     fn schedule(&mut self, at: Micros, ev: Ev) {
@@ -577,5 +609,29 @@ fn retry_after(refusal: &Refusal) -> Micros {
             us(*retry_after).max(1)
         }
         _ => 1_000_000,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_past_its_budget_of_events_ends_with_an_error() {
+        // Tries once and re-enqueues on every refusal: the most events per query of the
+        // Floodgate runs, and a small budget to run out of.
+        let cfg = Config {
+            orgs: 100,
+            max_wait: Duration::ZERO,
+            strategies: vec![Strategy::Floodgate],
+            ..Config::default()
+        };
+        let wl = Workload::generate(&cfg).expect("a small workload");
+        let err = simulate_bounded(&cfg, &wl, Strategy::Floodgate, 1_000)
+            .expect_err("gives up after its budget of events");
+        assert!(err.starts_with("floodgate: no end after 1000 "), "{err}");
+        // The same run with the events it needs finishes.
+        let (r, _) = simulate(&cfg, &wl, Strategy::Floodgate).expect("finishes");
+        assert_eq!(r.lost, 0);
     }
 }

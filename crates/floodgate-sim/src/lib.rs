@@ -344,6 +344,13 @@ impl Default for Model {
     }
 }
 
+/// Most query tasks one run simulates: 25 times the incident's. Past it a run takes minutes
+/// per strategy, then more memory than a small machine has (a billion tasks were accepted).
+pub const MAX_QUERIES: u32 = 250_000;
+
+/// Shortest lease the simulation accepts.
+pub const MIN_LEASE: Duration = Duration::from_secs(1);
+
 /// What to simulate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -422,11 +429,23 @@ impl Config {
 impl Config {
     /// Checks the settings; the error says which one is out of range.
     pub fn validate(&self) -> Result<(), String> {
-        if self.orgs == 0 || self.orgs > 10_000_000 {
-            return Err("orgs: must be from 1 to 10000000".into());
+        // Every organization has at least one query task.
+        if self.orgs == 0 || self.orgs > MAX_QUERIES {
+            return Err(format!("orgs: must be from 1 to {MAX_QUERIES}"));
         }
         if !(self.queries_per_org >= 1.0 && self.queries_per_org <= 100.0) {
             return Err("queries-per-org: must be from 1 to 100".into());
+        }
+        // The incident's mean is known before drawing (the `orgs` scenario's is checked as it
+        // draws): refused here, it costs no memory.
+        if self.scenario == Scenario::Incident
+            && f64::from(self.orgs) * self.queries_per_org > f64::from(MAX_QUERIES)
+        {
+            return Err(format!(
+                "orgs: {} organizations of {} queries on average make more than {MAX_QUERIES} \
+                 query tasks; simulate fewer",
+                self.orgs, self.queries_per_org
+            ));
         }
         if self.workers == 0 || self.workers > 1_000_000 {
             return Err("workers: must be from 1 to 1000000".into());
@@ -470,6 +489,15 @@ impl Config {
         }
         if self.strategies.is_empty() {
             return Err("strategy: name at least one".into());
+        }
+        // Holders extend every third of the lease while their query runs: a lease of 1 ms
+        // (the limiter's least) would be tens of thousands of extends per query, minutes of
+        // wall time for nothing a real client could do.
+        if self.lease < MIN_LEASE {
+            return Err(format!(
+                "lease: must be at least {} s in the simulation",
+                MIN_LEASE.as_secs()
+            ));
         }
         self.limiter_spec(Strategy::Floodgate)
             .validate()
@@ -537,7 +565,7 @@ pub struct Simulation {
 /// Runs every configured strategy on the same seeded workload.
 pub fn run(cfg: &Config) -> Result<Simulation, String> {
     cfg.validate()?;
-    let wl = workload::Workload::generate(cfg);
+    let wl = workload::Workload::generate(cfg)?;
     let mut strategies = Vec::new();
     let mut traces = Vec::new();
     for &strategy in &cfg.strategies {

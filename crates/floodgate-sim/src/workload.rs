@@ -1,7 +1,7 @@
 //! The work to do, drawn once per seed so every strategy faces the same queries.
 
 use super::rng::Rng;
-use super::{orgs, Config, Scenario};
+use super::{orgs, Config, Scenario, MAX_QUERIES};
 
 /// Most query tasks one organization starts.
 const MAX_QUERIES_PER_ORG: u32 = 100;
@@ -20,7 +20,9 @@ pub(crate) struct Workload {
 }
 
 impl Workload {
-    pub(crate) fn generate(cfg: &Config) -> Self {
+    /// Draws the workload; refuses one of more than [`MAX_QUERIES`] query tasks (the `orgs`
+    /// scenario's sizes are known only once drawn) before it takes the memory.
+    pub(crate) fn generate(cfg: &Config) -> Result<Self, String> {
         let mut rng = Rng::stream(cfg.seed, 0);
         let extra_mean = cfg.queries_per_org - 1.0;
         // Geometric number of extra chunks: failures before the first success of p.
@@ -53,14 +55,21 @@ impl Workload {
                 org.push(o);
             }
             next += n;
+            if next > MAX_QUERIES {
+                return Err(format!(
+                    "orgs: {} organizations make more than {MAX_QUERIES} query tasks; \
+                     simulate fewer",
+                    cfg.orgs
+                ));
+            }
         }
         first.push(next);
-        Workload {
+        Ok(Workload {
             first,
             duration_us,
             crash,
             org,
-        }
+        })
     }
 
     /// Organization `org`'s units.
@@ -95,13 +104,14 @@ mod tests {
             orgs: 20_000,
             ..Config::default()
         };
-        let wl = Workload::generate(&cfg);
+        let wl = Workload::generate(&cfg).expect("a small workload");
         let mean = wl.units() as f64 / 20_000.0;
         assert!((mean - 2.0).abs() < 0.05, "mean {mean}");
         let crashy = Workload::generate(&Config {
             crash_fraction: 0.5,
             ..cfg
-        });
+        })
+        .expect("a small workload");
         assert_eq!(wl.duration_us, crashy.duration_us);
         let crashed = crashy.crash.iter().filter(|c| **c).count() as f64 / wl.units() as f64;
         assert!((crashed - 0.5).abs() < 0.02, "crashed {crashed}");

@@ -8,24 +8,26 @@ use super::duration::parse_duration;
 use super::{print, warn, Failure};
 use crate::simulate::{self, Config, Scenario, Strategy};
 
-/// Flags of `floodgate simulate`.
+/// Flags of `floodgate simulate`. Numbers take a minus sign, so `--crash-fraction -0.1` is
+/// refused as out of range, not read as a flag `-0`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct SimulateArgs {
     /// Seed of every random draw: the same seed gives the same report.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     seed: u64,
     /// The workload: `incident` (the seed's, every organization small) or `orgs`
     /// (organizations of heavy-tailed sizes, with per-organization figures).
     #[arg(long, default_value = "incident", value_parser = parse_scenario)]
     scenario: Scenario,
-    /// Organizations (one task each). Default: 5000 (incident), 1000 (orgs).
-    #[arg(long)]
+    /// Organizations (one task each). Default: 5000 (incident), 1000 (orgs). At most 250000
+    /// query tasks in all.
+    #[arg(long, allow_negative_numbers = true)]
     orgs: Option<u32>,
     /// Mean query tasks per organization: 1 + geometric.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, allow_negative_numbers = true)]
     queries_per_org: f64,
     /// Workers in the pool (Celery's concurrency).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, allow_negative_numbers = true)]
     workers: u32,
     /// Strategies to run, repeatable or comma-separated: unbounded, seed-counter,
     /// seed-batches, seed-backoff, floodgate, floodgate-adaptive, floodgate-gradient,
@@ -33,34 +35,34 @@ pub(crate) struct SimulateArgs {
     #[arg(long = "strategy", value_delimiter = ',', value_parser = parse_strategy)]
     strategies: Vec<Strategy>,
     /// Fraction of query tasks whose worker dies holding its permit.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     crash_fraction: f64,
     /// Median query time (lognormal).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     query_median: Duration,
     /// Shape of the lognormal query time (standard deviation of its logarithm).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     query_sigma: f64,
     /// Concurrent queries the backend admits; more are rejected (RateLimitExceeded).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, allow_negative_numbers = true)]
     backend_limit: u32,
     /// The backend's capacity changes mid-run: `AT:CAPACITY`, e.g. `90s:60` (a replica lost).
     #[arg(long, value_name = "AT:CAPACITY", value_parser = parse_capacity_change)]
     capacity_change: Option<(Duration, u32)>,
     /// Fraction of its capacity up to which the backend runs a query at its own pace; past it
     /// contention slows every query admitted, linearly up to `--slowdown` at capacity.
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(long, default_value_t = 0.75, allow_negative_numbers = true)]
     knee: f64,
     /// How much slower a query admitted at exactly the backend's capacity runs.
-    #[arg(long, default_value_t = 1.25)]
+    #[arg(long, default_value_t = 1.25, allow_negative_numbers = true)]
     slowdown: f64,
     /// Limit of seed-counter and floodgate, and the adaptive strategies' starting limit.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
     limit: u32,
     /// Highest limit the adaptive strategies may reach.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 1_000, allow_negative_numbers = true)]
     adaptive_max: u32,
-    /// Floodgate's lease: how long a crashed holder's permit stays taken.
+    /// Floodgate's lease: how long a crashed holder's permit stays taken (1 s to 24 h).
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     lease: Duration,
     /// Floodgate's wait cap for one acquire (the task then re-enqueues itself). Default: 45s
@@ -108,6 +110,13 @@ pub(crate) fn simulate(args: SimulateArgs) -> Result<u8, Failure> {
                 dir.display(),
                 path.file_name()
                     .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            )));
+        }
+        // A directory itself (`--svg docs/`, `--svg .`) has a parent that exists too.
+        if path.is_dir() {
+            return Err(Failure::usage(format!(
+                "--svg: {} is a directory; name the file to write",
+                path.display()
             )));
         }
     }
