@@ -499,14 +499,15 @@ impl Sim<'_> {
     /// `Retry(times)` allows, else its work is lost for `loss`.
     fn fail(&mut self, t: usize, loss: Loss) {
         let kind = self.tasks[t].kind;
-        if let Kind::Query(u) = kind {
-            self.units[u as usize].loss = Some(loss);
-        }
         self.finish(t);
         if self.tasks[t].attempts < self.retry_times(kind) {
             self.tasks[t].attempts += 1;
             self.stats.retries += 1;
             self.ready.push_back(t);
+        } else if let Kind::Query(u) = kind {
+            // Only the last execution's end is a loss: one retried is still pending, and
+            // counts as unfinished if simulated time runs out before it ends.
+            self.units[u as usize].loss = Some(loss);
         }
     }
 

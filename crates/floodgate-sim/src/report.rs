@@ -51,7 +51,7 @@ pub struct StrategyReport {
     pub rejected: u64,
     /// Planned queries that completed at least once.
     pub completed: u64,
-    /// Planned queries that never completed: the sum of the four `lost_*` below.
+    /// Planned queries that never completed: the sum of the five `lost_*` below.
     pub lost: u64,
     /// Lost because the task gave up waiting and skipped the work.
     pub lost_skipped: u64,
@@ -61,6 +61,9 @@ pub struct StrategyReport {
     pub lost_killed: u64,
     /// Lost because the task was never started (its parent was killed first).
     pub lost_never_spawned: u64,
+    /// Still queued, waiting or running, with executions left, when the simulated time ran
+    /// out ([`Model::horizon`](super::Model::horizon)): not done, not given up either.
+    pub lost_unfinished: u64,
     /// When the last task ended, in seconds from the batch task's start.
     pub makespan_s: f64,
     /// The limit the ideal makespan assumes.
@@ -247,6 +250,13 @@ impl Report {
                 s.task_retries,
                 s.deadline_kills,
             );
+            if s.lost_unfinished > 0 {
+                let _ = write!(
+                    out,
+                    ", {} more lost unfinished when simulated time ran out",
+                    s.lost_unfinished
+                );
+            }
             if s.crashed > 0 {
                 let _ = write!(out, ", {} crashed holding a permit", s.crashed);
             }

@@ -1,9 +1,9 @@
-//! Settings the simulation refuses. Virtual time only: no assertion is about elapsed wall
-//! time.
+//! Settings the simulation refuses, and the accounting of a run that does not finish. Virtual
+//! time only: no assertion is about elapsed wall time.
 
 use std::time::Duration;
 
-use floodgate_sim::{run, Config, Scenario, Strategy, MAX_QUERIES};
+use floodgate_sim::{run, Config, Model, Scenario, Strategy, MAX_QUERIES};
 
 #[test]
 fn a_workload_too_large_to_hold_is_refused_before_it_is_drawn() {
@@ -41,4 +41,38 @@ fn a_lease_too_short_to_heartbeat_is_refused() {
         ..Config::default()
     };
     assert!(cfg.validate().is_err_and(|e| e.starts_with("lease")));
+}
+
+#[test]
+fn work_still_pending_when_simulated_time_runs_out_is_counted_as_unfinished() {
+    // A horizon shorter than the work: every query task still queued or waiting then is
+    // neither done nor failed.
+    let cfg = Config {
+        orgs: 300,
+        strategies: vec![Strategy::Floodgate, Strategy::SeedBackoff],
+        model: Model {
+            horizon: Duration::from_secs(20),
+            ..Model::default()
+        },
+        ..Config::default()
+    };
+    let sim = run(&cfg).expect("a valid configuration");
+    for r in &sim.report.strategies {
+        assert!(r.lost_unfinished > 0, "{}: {r:?}", r.strategy);
+        assert_eq!(
+            r.lost_failed + r.lost_killed + r.lost_skipped,
+            0,
+            "{}: nothing gave up in 20 s: {r:?}",
+            r.strategy
+        );
+        assert_eq!(
+            r.lost,
+            r.lost_skipped
+                + r.lost_failed
+                + r.lost_killed
+                + r.lost_never_spawned
+                + r.lost_unfinished
+        );
+        assert_eq!(r.completed + r.lost, sim.report.queries);
+    }
 }

@@ -4,7 +4,7 @@ use super::*;
 
 impl Sim<'_> {
     pub(super) fn into_report(self) -> (StrategyReport, Trace) {
-        let (mut skipped, mut failed, mut killed, mut never) = (0, 0, 0, 0);
+        let (mut skipped, mut failed, mut killed, mut never, mut unfinished) = (0, 0, 0, 0, 0);
         let mut waits = Vec::new();
         for unit in &self.units {
             if unit.done {
@@ -15,8 +15,9 @@ impl Sim<'_> {
                 (false, _) => never += 1,
                 (true, Some(Loss::Skipped)) => skipped += 1,
                 (true, Some(Loss::Killed)) => killed += 1,
-                // Failed, or still unfinished at the horizon.
-                (true, _) => failed += 1,
+                (true, Some(Loss::Failed)) => failed += 1,
+                // Its task had executions left (a loss is recorded only on the last).
+                (true, None) => unfinished += 1,
             }
         }
         waits.sort_unstable();
@@ -60,7 +61,7 @@ impl Sim<'_> {
                 increases: c.limit_increases,
             }
         });
-        let lost = skipped + failed + killed + never;
+        let lost = skipped + failed + killed + never + unfinished;
         let report = StrategyReport {
             strategy: self.strategy,
             peak_concurrency: self.backend.peak_counted,
@@ -73,6 +74,7 @@ impl Sim<'_> {
             lost_failed: failed,
             lost_killed: killed,
             lost_never_spawned: never,
+            lost_unfinished: unfinished,
             makespan_s,
             ideal_limit,
             ideal_s,
