@@ -144,9 +144,9 @@ async fn open_slow(addr: SocketAddr, heads: usize, bodies: usize) -> Vec<TcpStre
     for i in 0..heads + bodies {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let part: &[u8] = if i < heads {
-            b"POST /v1/limiters/slow/acquire HTTP/1.1\r\nhost: x\r\ncontent-ty"
+            b"POST /v1/limiters/slow/acquire HTTP/1.1\r\nhost: localhost\r\ncontent-ty"
         } else {
-            b"POST /v1/limiters/slow/acquire HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+            b"POST /v1/limiters/slow/acquire HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
               content-length: 64\r\n\r\n{\"wait_ms\":"
         };
         s.write_all(part).await.unwrap();
@@ -262,7 +262,7 @@ async fn memory_after_rounds_of_long_polls() {
             let mut s = TcpStream::connect(srv.addr).await.unwrap();
             let body = json!({"wait_ms": 600_000}).to_string();
             let head = format!(
-                "POST /v1/limiters/slow/acquire HTTP/1.1\r\nhost: x\r\n\
+                "POST /v1/limiters/slow/acquire HTTP/1.1\r\nhost: localhost\r\n\
                  content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()
             );
