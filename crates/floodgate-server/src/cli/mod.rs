@@ -1,8 +1,8 @@
 //! The `floodgate` command line.
 //!
 //! Exit codes: 0 success; 2 bad flags or input (including a 4xx from the server about the
-//! request, and a redirect: the URL is not the server's); 69 the server could not be reached; 75 (EX_TEMPFAIL) the wait ended without a
-//! permit; 1 anything else. `floodgate run` exits with the command's own status. Output into a
+//! request, and a redirect: the URL is not the server's); 69 the server could not be reached;
+//! 75 (EX_TEMPFAIL) the wait ended without a permit; 1 anything else. `floodgate run` exits with the command's own status. Output into a
 //! pipe whose reader has gone (`floodgate status | head -1`) ends a command quietly, exit 0.
 
 mod apply;

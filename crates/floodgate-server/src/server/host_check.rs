@@ -8,7 +8,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use super::error::ApiError;
 /// names a host other than an IP address, `localhost` (or a name under it) or one of `names`.
 /// A request that names none (HTTP/1.0) passes: a browser always sends one.
 pub(super) async fn require_allowed_host(
-    names: Arc<[String]>,
+    State(names): State<Arc<[String]>>,
     request: Request,
     next: Next,
 ) -> Response {

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use floodgate::{AcquireOptions, Floodgate, LimiterSpec, RedisConfig, RedisStore};
 
 use crate::harness::{
-    cli, scratch_dir, start_sentinels, wait_until, DOWN_AFTER_MS, LIMIT, MASTER, WORKERS,
+    cli, keep_sample, scratch_dir, start_sentinels, wait_for_load, wait_until, DOWN_AFTER_MS,
+    LIMIT, MASTER, WORKERS,
 };
 use crate::support::RedisServer;
 
@@ -88,13 +89,7 @@ async fn the_store_follows_a_sentinel_failover_under_load() {
                     Err(e) if e.is_wait_timeout() => {}
                     Err(e) => {
                         witness.errors.fetch_add(1, Ordering::Relaxed);
-                        {
-                            let mut samples = witness.samples.lock().unwrap();
-                            if samples.len() < 5 {
-                                samples.push(e.to_string());
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        keep_sample(&witness.samples, e).await;
                     }
                 }
             }
@@ -102,11 +97,7 @@ async fn the_store_follows_a_sentinel_failover_under_load() {
     }
 
     // Load on the first master, then the crash.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while witness.grants.load(Ordering::Relaxed) < 200 {
-        assert!(Instant::now() < deadline, "no load on the first master");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_load(&witness.grants).await;
     let before = witness.grants.load(Ordering::Relaxed);
     let kill = Instant::now();
     *killed_at.lock().unwrap() = Some(kill);

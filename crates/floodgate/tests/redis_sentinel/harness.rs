@@ -118,3 +118,27 @@ pub(crate) fn start_sentinels(dir: &Path, master_port: u16) -> (Vec<SentinelProc
     );
     (sentinels, url)
 }
+
+/// Keeps the first few errors the workers met, for the failure message; pauses the worker
+/// before its next try.
+pub(crate) async fn keep_sample(
+    samples: &std::sync::Mutex<Vec<String>>,
+    error: impl std::fmt::Display,
+) {
+    {
+        let mut samples = samples.lock().unwrap();
+        if samples.len() < 5 {
+            samples.push(error.to_string());
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// Waits (bounded) until the workers have been granted 200 permits: load on the first master.
+pub(crate) async fn wait_for_load(grants: &std::sync::atomic::AtomicU64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while grants.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        assert!(Instant::now() < deadline, "no load on the first master");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -10,7 +10,9 @@ use floodgate::{
     RedisStore,
 };
 
-use crate::harness::{cli, scratch_dir, start_sentinels, wait_until, LIMIT, WORKERS};
+use crate::harness::{
+    cli, keep_sample, scratch_dir, start_sentinels, wait_for_load, wait_until, LIMIT, WORKERS,
+};
 use crate::support::RedisServer;
 
 const KEYS: [&str; 3] = ["a", "b", "c"];
@@ -101,24 +103,14 @@ async fn a_keyed_limiter_follows_a_sentinel_failover_under_load_within_its_limit
                     }
                     Err(e) if e.is_wait_timeout() => {}
                     Err(e) => {
-                        {
-                            let mut samples = witness.samples.lock().unwrap();
-                            if samples.len() < 5 {
-                                samples.push(e.to_string());
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        keep_sample(&witness.samples, e).await;
                     }
                 }
             }
         }));
     }
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while witness.grants.load(Ordering::Relaxed) < 200 {
-        assert!(Instant::now() < deadline, "no load on the first master");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_load(&witness.grants).await;
     killed.store(true, Ordering::SeqCst);
     master.kill();
 
