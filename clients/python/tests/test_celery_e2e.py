@@ -57,7 +57,7 @@ def example_env(server: ServerProcess, redis_server: RedisProcess) -> Dict[str, 
         SPIKE_QUEUE="e2e-{}".format(uuid.uuid4().hex[:8]),
         SPIKE_WAIT="0.02",           # shorter than a query: waits end, tasks are re-enqueued
         SPIKE_LEASE="3",             # kept alive by the heartbeat while a query runs
-        SPIKE_MAX_COUNTDOWN="2",     # before any release the hint is the nearest lease end
+        SPIKE_MAX_COUNTDOWN="2",     # a cap on the server's retry hint (README's example)
         SPIKE_BACKOFF="0.2",
         SNUBA_CONCURRENT_LIMIT=str(LIMIT),  # the backend refuses a fifth concurrent query
         SNUBA_QUERY_MS_MIN="40",

@@ -67,7 +67,7 @@ def test_retry_honours_wait_timeout_hint(fg: Floodgate, limiter: MakeLimiter) ->
 
     p = floodgate.retry(lambda: fg.acquire(name, wait=0), retry_on=(WaitTimeout,),
                         backoff=Backoff(0.01, 1, 10), sleep=sleep)
-    assert slept and slept[0] >= 0.1  # the server's hint (the nearest lease end), not 0-10 ms
+    assert slept and slept[0] >= 0.1  # the server's hint (the lease end, sooner than 1 s), not 0-10 ms
     p.release()
 
 

@@ -326,8 +326,8 @@ def limited(
         retry_jitter: a wait-timeout retry comes back after ``retry_after * (1 + U(0, j))``,
             so re-enqueued tasks do not all return at once. A 429 without a hint (a proxy's)
             backs off as an unavailable server does instead.
-        max_countdown: cap on that countdown (the server's hint can be as long as a lease when
-            nothing has been released yet); ``None``: no cap.
+        max_countdown: cap on that countdown (the server's hint is the typical hold times the
+            rounds of the limit queued ahead: long when holds are long); ``None``: no cap.
         feedback: report ``ok`` / ``throttled`` / ``error`` with the body's latency.
         on_unavailable: when the Floodgate server cannot be reached or answers a 5xx (503
             ``store_unavailable``, ``shutting_down``, a 500, a proxy's 502/504): ``"retry"`` (retry the task with

@@ -39,7 +39,8 @@ pub use self::paced::PacedState;
 pub use self::snapshot::{CoreState, HolderState, SpecState, WaiterState};
 pub use self::types::{
     AcquireRequest, Admission, Counters, Effects, Feedback, Grant, LimiterStatus, Lost, Refusal,
-    WaitOutcome, WaiterId, HOLD_EWMA_WEIGHT, MAX_SCHEDULE, MAX_SCHEDULE_AHEAD, ORPHANED_WAIT_GRACE,
+    WaitOutcome, WaiterId, HOLD_EWMA_WEIGHT, MAX_SCHEDULE, MAX_SCHEDULE_AHEAD, NO_HISTORY_ROUND,
+    ORPHANED_WAIT_GRACE,
 };
 
 use std::collections::HashMap;
@@ -609,7 +610,10 @@ impl LimiterCore {
     }
 
     /// When a permit is likely to be free for a request with `ahead` permits queued before and
-    /// including it: rounds of the limit times the typical hold, or else the nearest lease end.
+    /// including it: rounds of the limit times the typical hold. Before any release there is
+    /// no typical hold: [`NO_HISTORY_ROUND`] per round, no later than the nearest lease end
+    /// (the lease alone, often minutes, left a backend idle while every refused worker waited
+    /// out the first holders' whole lease).
     fn retry_hint(&mut self, now: Timestamp, ahead: u64) -> Duration {
         let by_rate = self
             .rate_at(u32::try_from(ahead).unwrap_or(u32::MAX))
@@ -625,13 +629,15 @@ impl LimiterCore {
         let estimate = match self.hold_ewma_us {
             Some(avg) => Duration::from_micros(avg.saturating_mul(rounds)),
             None => {
+                let guess =
+                    NO_HISTORY_ROUND.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX));
                 let holders = &self.holders;
                 match self
                     .leases
                     .peek_live(|k, d| holders.get(&k).is_some_and(|h| h.deadline == d))
                 {
-                    Some((d, _)) => d.since(now),
-                    None => Duration::from_secs(1),
+                    Some((d, _)) => d.since(now).min(guess),
+                    None => guess,
                 }
             }
         };

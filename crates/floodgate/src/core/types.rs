@@ -219,6 +219,11 @@ pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
 /// holder, quick enough to follow a change of workload within a few dozen releases.
 pub const HOLD_EWMA_WEIGHT: u64 = 8;
 
+/// A retry hint's guess of one round of the limit before any permit was released (no hold
+/// time known yet): short, so refused work retries soon after the first holders could be done
+/// (the hint then follows the measured holds), yet not a busy loop.
+pub const NO_HISTORY_ROUND: Duration = Duration::from_secs(1);
+
 /// How long a queued idempotent acquire whose caller went away stays queued for a retry with
 /// the same `request_id` to join (long enough for a client's reconnect and retry, short enough
 /// that a caller that gave up does not hold a queue slot for its whole wait).

@@ -142,8 +142,8 @@ fn try_once_refuses_with_a_retry_hint_instead_of_queueing() {
     };
     match c.acquire(t(0), &once, &mut fx) {
         Admission::Refused(Refusal::WaitTimeout { retry_after }) => {
-            // No hold history yet: the hint is the time to the nearest lease end.
-            assert_eq!(retry_after, Duration::from_secs(10));
+            // No hold history yet: a guess of one round, not the whole 10 s lease.
+            assert_eq!(retry_after, NO_HISTORY_ROUND);
         }
         other => panic!("{other:?}"),
     }
@@ -158,6 +158,35 @@ fn try_once_refuses_with_a_retry_hint_instead_of_queueing() {
         other => panic!("{other:?}"),
     }
     assert_eq!(c.counters().timed_out, 2);
+}
+
+/// Before any release, the hint guesses a round per `NO_HISTORY_ROUND`, times the rounds
+/// queued ahead, but never past the nearest lease end (then certainly free).
+#[test]
+fn without_hold_history_the_hint_is_a_round_guess_capped_by_the_nearest_lease_end() {
+    let mut c = core(1);
+    let mut fx = Effects::default();
+    granted(c.acquire(t(0), &req(1), &mut fx));
+    queued(c.acquire(t(0), &req(1), &mut fx));
+    queued(c.acquire(t(0), &req(1), &mut fx));
+    let once = AcquireRequest {
+        wait: Some(Duration::ZERO),
+        ..req(1)
+    };
+    // Three permits ahead with a limit of 1: three rounds.
+    match c.acquire(t(0), &once, &mut fx) {
+        Admission::Refused(Refusal::WaitTimeout { retry_after }) => {
+            assert_eq!(retry_after, NO_HISTORY_ROUND * 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    // 9.5 s later the lease ends in 0.5 s: sooner than the guess.
+    match c.acquire(t(9_500), &once, &mut fx) {
+        Admission::Refused(Refusal::WaitTimeout { retry_after }) => {
+            assert_eq!(retry_after, Duration::from_millis(500));
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

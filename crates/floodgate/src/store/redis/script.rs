@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::core::adaptive;
-use crate::core::{HOLD_EWMA_WEIGHT, MAX_SCHEDULE_AHEAD};
+use crate::core::{HOLD_EWMA_WEIGHT, MAX_SCHEDULE_AHEAD, NO_HISTORY_ROUND};
 use crate::spec::{MAX_CONCURRENCY, MAX_LEASE, MAX_QUEUE, MAX_WAIT, MIN_LEASE};
 
 /// How long after its decision an outcome not tied to a held grant (a timeout, a refusal, a
@@ -86,6 +86,7 @@ fn prelude() -> String {
         ("MAX_QUEUE", u128::from(MAX_QUEUE)),
         ("MAX_SCHEDULE_AHEAD", micros(MAX_SCHEDULE_AHEAD)),
         ("HOLD_EWMA_WEIGHT", u128::from(HOLD_EWMA_WEIGHT)),
+        ("NO_HISTORY_ROUND", micros(NO_HISTORY_ROUND)),
         ("OUTCOME_RETENTION", micros(OUTCOME_RETENTION)),
         (
             "MAX_ADOPTED_TOKEN",
@@ -216,6 +217,7 @@ mod tests {
             "MAX_QUEUE",
             "MAX_SCHEDULE_AHEAD",
             "HOLD_EWMA_WEIGHT",
+            "NO_HISTORY_ROUND",
             "OUTCOME_RETENTION",
             "MAX_ADOPTED_TOKEN",
         ] {

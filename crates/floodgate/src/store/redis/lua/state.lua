@@ -236,8 +236,11 @@ local function retry_hint(ahead)
   if ewma then
     est = ewma * rounds
   else
+    -- No release yet, so no typical hold: a guess per round, no later than the nearest lease
+    -- end (as the core's retry_hint).
+    est = NO_HISTORY_ROUND * rounds
     local d = nearest_lease()
-    if d then est = math.max(0, d - now) else est = 1000000 end
+    if d then est = math.min(est, math.max(0, d - now)) end
   end
   return math.min(math.max(est, by_rate, learning_left, 1000), MAX_LEASE)
 end
