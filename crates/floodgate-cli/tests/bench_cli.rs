@@ -112,6 +112,52 @@ fn one_workload_and_bad_flags() {
     assert_eq!(keys(&redis), "");
 }
 
+/// `--url` at a server that accepts connections and never answers: the run fails at its
+/// start-up probe with a message (it used to wait out every request's timeout); at one that
+/// answers an error page, the message shows the page's start, not all of it.
+#[test]
+fn a_stalled_or_foreign_url_fails_with_a_short_message() {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    // Connections queue in the backlog and are never accepted, so never answered.
+    let stalled = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", stalled.local_addr().unwrap());
+    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args(["bench", "--url", &url, "--workloads", "handoff"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/healthz: no answer within"), "{stderr}");
+
+    // Something else answers every request with a 503 and a 100 KB page.
+    let foreign = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", foreign.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in foreign.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let page = "<html>".repeat(100_000 / 6);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .args(["bench", "--url", &url, "--workloads", "handoff"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("HTTP 503: <html>"), "{stderr}");
+    assert!(stderr.contains("... (99996 bytes)"), "{stderr}");
+    assert!(stderr.len() < 1_000, "{} bytes of message", stderr.len());
+}
+
 /// `floodgate bench-durability` runs every part on a small scale and measures something.
 #[test]
 fn bench_durability_runs_and_measures() {

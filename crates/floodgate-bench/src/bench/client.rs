@@ -55,6 +55,22 @@ pub(super) trait BenchClient: Send + Sync + Sized + 'static {
     }
 }
 
+/// Beyond the longest wait, how long a request may take before the run fails.
+const REQUEST_SLACK: Duration = Duration::from_secs(30);
+
+/// Most of an answer's body a failure message shows: enough for the JSON error's code and
+/// message, not a whole page from whatever answered instead.
+const SHOWN_BODY: usize = 300;
+
+/// An answer's body as a failure message shows it: lossy UTF-8, cut at `SHOWN_BODY` chars.
+fn shown_body(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    match text.char_indices().nth(SHOWN_BODY) {
+        Some((cut, _)) => format!("{}... ({} bytes)", &text[..cut], body.len()),
+        None => text.into_owned(),
+    }
+}
+
 /// One benchmark client over HTTP: its own connection pool (in practice one keep-alive
 /// connection).
 pub(super) struct HttpClient {
@@ -76,6 +92,9 @@ impl HttpClient {
             .no_proxy()
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
+            // A stalled server fails the run instead of hanging it: the longest request is an
+            // acquire's long poll of WAIT_MS, answered by then.
+            .timeout(Duration::from_millis(WAIT_MS) + REQUEST_SLACK)
             .build()
             .map_err(|e| Failure {
                 code: 1,
@@ -109,11 +128,7 @@ impl HttpClient {
         if status.is_success() {
             Ok(body)
         } else {
-            Err(format!(
-                "HTTP {}: {}",
-                status.as_u16(),
-                String::from_utf8_lossy(&body)
-            ))
+            Err(format!("HTTP {}: {}", status.as_u16(), shown_body(&body)))
         }
     }
 
@@ -143,10 +158,7 @@ impl HttpClient {
         if body.windows(15).any(|w| w == b"\"released\":true") {
             Ok(())
         } else {
-            Err(format!(
-                "release of {permit_id}: {}",
-                String::from_utf8_lossy(&body)
-            ))
+            Err(format!("release of {permit_id}: {}", shown_body(&body)))
         }
     }
 }

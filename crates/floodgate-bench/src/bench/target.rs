@@ -13,6 +13,9 @@ use floodgate_server::cli::Failure;
 use floodgate_server::client::Client;
 use floodgate_server::server::{self, ServerOptions};
 
+/// How long `--url`'s server has to answer `GET /healthz` before the run starts.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the workloads run against.
 pub(super) enum Target {
     /// A server over HTTP.
@@ -88,6 +91,21 @@ impl Target {
             }
             other => Failure::from(other),
         })?;
+        if local.is_none() {
+            // Fails fast on a wrong address or a stalled server, where the first limiter's
+            // definition would wait out its whole request timeout (and the clean-up's after it).
+            let probe = super::client::HttpClient::new(&base, args.token.as_deref(), "probe")?;
+            match tokio::time::timeout(PROBE_TIMEOUT, probe.healthz()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(fail(format!("{base}/healthz: {e}"))),
+                Err(_) => {
+                    return Err(fail(format!(
+                        "{base}/healthz: no answer within {} s",
+                        PROBE_TIMEOUT.as_secs()
+                    )))
+                }
+            }
+        }
         Ok(Target::Http {
             base,
             token: args.token.clone(),
