@@ -570,6 +570,17 @@ fn bad_redis_urls_are_named_without_their_password() {
 fn a_bad_token_exits_2_and_a_password_in_the_url_is_not_shown() {
     let out = floodgate(&["status", "--url", NOBODY, "--token", "s3cret\n"]);
     refused(&out, "token", "a token with a newline");
+    // So are a URL that is not http(s) and a CA file that cannot be read.
+    let out = floodgate(&["status", "--url", "ftp://127.0.0.1:9"]);
+    refused(&out, "URL", "an ftp:// URL");
+    let out = floodgate(&[
+        "status",
+        "--url",
+        NOBODY,
+        "--ca-file",
+        "/nonexistent/ca.pem",
+    ]);
+    refused(&out, "CA file", "a CA file that is not there");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("s3cret"), "the token shown: {stderr}");
     let out = floodgate(&["status", "--url", "http://app:s3cret@127.0.0.1:9"]);

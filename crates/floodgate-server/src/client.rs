@@ -44,6 +44,13 @@ pub enum ClientError {
         /// What went wrong.
         message: String,
     },
+    /// The client's own settings cannot be used (a URL that is not http(s), a token that
+    /// cannot be a header, an unreadable CA file): bad input, no request was sent.
+    #[error("{message}")]
+    Settings {
+        /// What is wrong, naming the setting (`URL ...`, `token: ...`, `CA file ...`).
+        message: String,
+    },
 }
 
 impl ClientError {
@@ -51,7 +58,7 @@ impl ClientError {
     pub fn code(&self) -> Option<&str> {
         match self {
             ClientError::Api { code, .. } => Some(code),
-            ClientError::Connection { .. } => None,
+            ClientError::Connection { .. } | ClientError::Settings { .. } => None,
         }
     }
 }
@@ -240,13 +247,10 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/');
         let shown = without_password(base);
-        let failed = |message: String| ClientError::Connection {
-            url: shown.clone(),
-            message,
-        };
+        let failed = |message: String| ClientError::Settings { message };
         // A base that is not an http(s) URL is bad input, not an unreachable server: said here
-        // once (starting "URL", which the CLI exits 2 on) rather than as reqwest's "builder
-        // error" on every request.
+        // once (the CLI exits 2 on `Settings`) rather than as reqwest's "builder error" on
+        // every request.
         match reqwest::Url::parse(base) {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
             Ok(url) => {
@@ -288,7 +292,10 @@ impl Client {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let http = builder.build().map_err(|e| failed(e.to_string()))?;
+        let http = builder.build().map_err(|e| ClientError::Connection {
+            url: shown.clone(),
+            message: e.to_string(),
+        })?;
         Ok(Client {
             endpoint: base.to_owned(),
             shown,

@@ -131,7 +131,7 @@ async fn a_token_that_is_not_a_header_value_is_refused_up_front() {
     let err = Client::new("http://127.0.0.1:8750", Some("tok-s3cret\n".to_owned())).unwrap_err();
     let text = err.to_string();
     assert!(
-        matches!(&err, ClientError::Connection { message, .. } if message.starts_with("token:")),
+        matches!(&err, ClientError::Settings { message } if message.starts_with("token:")),
         "{text}"
     );
     assert!(!text.contains("tok-s3cret"), "{text}");

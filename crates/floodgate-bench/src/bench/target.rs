@@ -84,9 +84,7 @@ impl Target {
         };
         // A --url that is not an http(s) URL is bad input (exit 2), not an unreachable server.
         let control = Client::new(&base, args.token.clone()).map_err(|e| match e {
-            floodgate_server::client::ClientError::Connection { message, .. }
-                if message.starts_with("URL ") =>
-            {
+            floodgate_server::client::ClientError::Settings { message } => {
                 Failure::usage(format!("--url: {message}"))
             }
             other => Failure::from(other),

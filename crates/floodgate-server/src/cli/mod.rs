@@ -79,20 +79,8 @@ pub(crate) struct ServerArgs {
 
 impl ServerArgs {
     pub(crate) fn client(&self) -> Result<Client, Failure> {
-        Client::with_ca_file(&self.url, self.token.clone(), self.ca_file.as_deref()).map_err(|e| {
-            match e {
-                // A CA file, URL or token that cannot be used is bad input, not an unreachable
-                // server.
-                ClientError::Connection { message, .. }
-                    if message.starts_with("CA file")
-                        || message.starts_with("URL ")
-                        || message.starts_with("token:") =>
-                {
-                    Failure::usage(message)
-                }
-                other => Failure::from(other),
-            }
-        })
+        Client::with_ca_file(&self.url, self.token.clone(), self.ca_file.as_deref())
+            .map_err(Failure::from)
     }
 }
 
@@ -127,6 +115,9 @@ impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         let code = match &e {
             ClientError::Connection { .. } => EXIT_UNAVAILABLE,
+            // A CA file, URL or token that cannot be used is bad input, not an unreachable
+            // server.
+            ClientError::Settings { .. } => EXIT_USAGE,
             ClientError::Api { code, .. } if code == "wait_timeout" || code == "queue_full" => {
                 EXIT_TEMPFAIL
             }

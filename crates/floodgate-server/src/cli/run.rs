@@ -490,6 +490,7 @@ fn retryable(e: &ClientError) -> bool {
     match e {
         ClientError::Connection { .. } => true,
         ClientError::Api { status, .. } => *status >= 500,
+        ClientError::Settings { .. } => false,
     }
 }
 
