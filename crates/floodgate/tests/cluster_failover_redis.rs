@@ -199,7 +199,7 @@ async fn a_server_that_loaded_the_scripts_first_does_not_hide_the_failover_from_
 }
 
 /// The check costs nothing once the scripts are loaded: each operation is one EVALSHA on the
-/// shard's master, with no `INFO` or `SCRIPT` sent.
+/// shard's master, with no `INFO` or `SCRIPT` sent for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_the_scripts_are_loaded_an_operation_is_one_evalsha_on_a_cluster() {
     let cluster = support::RedisCluster::start();
@@ -233,8 +233,10 @@ async fn once_the_scripts_are_loaded_an_operation_is_one_evalsha_on_a_cluster() 
         let stats = cli(node.port, &["INFO", "commandstats"]);
         let evalsha = if node.port == master { 50 } else { 0 };
         assert_eq!(calls(&stats, "evalsha"), evalsha, "{}: {stats}", node.port);
+        // The store reads every master's memory policy with one `INFO` every 5 s on its own
+        // (`evict.rs`): a slow run may hold one or two of those, never one per call.
         assert!(
-            !stats.contains("cmdstat_info") && !stats.contains("cmdstat_script"),
+            calls(&stats, "info") < 10 && !stats.contains("cmdstat_script"),
             "a check or a load on the hot path: {stats}"
         );
     }

@@ -159,7 +159,8 @@ async fn a_server_that_reloaded_the_scripts_first_does_not_hide_the_change_from_
 }
 
 /// The check costs nothing once the scripts are loaded: each operation is one EVALSHA, with no
-/// `INFO` or `SCRIPT` sent.
+/// `INFO` or `SCRIPT` sent for it. (The store reads the memory policy with one `INFO` every
+/// 5 s on its own, `evict.rs`: a slow run may hold one or two of those, never one per call.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_the_scripts_are_loaded_an_operation_is_one_evalsha() {
     let server = support::RedisServer::start();
@@ -185,12 +186,13 @@ async fn once_the_scripts_are_loaded_an_operation_is_one_evalsha() {
     let stats = support::commandstats(server.port);
     assert_eq!(stats.get("evalsha"), Some(&50), "{stats:?}");
     // (The commands the script runs are counted too; those are not sent by the store.)
-    let checks: Vec<_> = stats
+    let loads: Vec<_> = stats
         .keys()
-        .filter(|name| name.starts_with("info") || name.starts_with("script"))
+        .filter(|name| name.starts_with("script"))
         .collect();
+    let infos = stats.get("info").copied().unwrap_or(0);
     assert!(
-        checks.is_empty(),
+        loads.is_empty() && infos < 10,
         "a check or a load on the hot path: {stats:?}"
     );
 }

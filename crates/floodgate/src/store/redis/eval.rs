@@ -156,7 +156,8 @@ impl super::Inner {
 }
 
 impl RedisLimiter {
-    /// The scripts to send, once nothing is due on this limiter (`generation.rs`). Taken
+    /// The scripts to send, once nothing is due on this limiter (`generation.rs`) and no master
+    /// is found evicting keys (`evict.rs`). Taken
     /// before that is checked: scripts renewed by a change are seen only with the limiters
     /// that change marked, so this one is settled before they are sent.
     ///
@@ -169,6 +170,9 @@ impl RedisLimiter {
                 Some(self.store.scripts())
             };
             if let Some(scripts) = scripts.filter(|_| !self.needs_settling()) {
+                // A Redis found evicting keys, at connect, by a check of its master just now
+                // or since, is refused (`evict.rs`): one atomic load when it is not.
+                self.store.eviction.check()?;
                 return Ok(scripts);
             }
             Box::pin(self.settle_generation()).await?;

@@ -34,19 +34,25 @@ use super::{conn::Conn, unavailable, Inner};
 use crate::error::StoreError;
 use crate::types::LimiterName;
 
-/// The master's `run_id`, from `INFO server` (`None` on a Cluster, whose masters are checked
-/// per slot: `shard.rs`).
-pub(super) async fn master_run_id(conn: &Conn) -> Result<Option<String>, StoreError> {
+/// The master's `run_id`, from `INFO` (`None` on a Cluster, whose masters are checked per
+/// slot: `shard.rs`), and the reply. Its default sections hold the memory policy too, read by
+/// the eviction guard (`evict.rs`) at no extra round trip; Redis 6 takes one section
+/// argument at most.
+pub(super) async fn master_info(conn: &Conn) -> Result<Option<(String, String)>, StoreError> {
     if matches!(conn, Conn::Cluster(_)) {
         return Ok(None);
     }
     let mut conn = conn.clone();
     let info: String = redis::cmd("INFO")
-        .arg("server")
         .query_async(&mut conn)
         .await
         .map_err(unavailable)?;
-    Ok(run_id_of(&info).map(str::to_owned))
+    Ok(run_id_of(&info).map(|id| (id.to_owned(), info.clone())))
+}
+
+/// The master's `run_id` (`None` on a Cluster): see [`master_info`].
+pub(super) async fn master_run_id(conn: &Conn) -> Result<Option<String>, StoreError> {
+    Ok(master_info(conn).await?.map(|(run_id, _)| run_id))
 }
 
 /// The `run_id` in an `INFO server` reply.
@@ -154,7 +160,12 @@ async fn check(inner: &Arc<Inner>) -> Result<(), StoreError> {
         return Ok(());
     };
     // On an error nothing is covered: the next operation checks again.
-    let now = master_run_id(&inner.conn).await?;
+    let info = master_info(&inner.conn).await?;
+    if let Some((_, info)) = &info {
+        // Standalone: one master, recorded as the store's only one (`evict.rs`).
+        inner.eviction.record("", info);
+    }
+    let now = info.map(|(run_id, _)| run_id);
     let known = inner.known_names();
     let mut g = inner.lock_generation();
     if now.is_some() && g.run_id != now {

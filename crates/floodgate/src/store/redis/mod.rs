@@ -11,6 +11,7 @@
 
 mod conn;
 mod eval;
+mod evict;
 mod generation;
 mod keyed;
 mod keyed_revive;
@@ -31,6 +32,7 @@ use redis::aio::ConnectionManagerConfig;
 
 pub use self::conn::{redact_url, RedisSecurity};
 use self::conn::{Conn, PubSubSource};
+pub use self::evict::EvictingRedis;
 pub use self::limiter::RedisLimiter;
 #[doc(hidden)]
 pub use self::script::{keyed_script_source, limiter_keys, script_source, status_schema};
@@ -156,6 +158,9 @@ pub(crate) struct Inner {
     suspect: generation::Suspicions,
     /// On a Redis Cluster, the master last checked per slot, and its scripts (`shard.rs`).
     shards: Mutex<shard::Shards>,
+    /// The masters whose memory policy may evict keys: the store refuses to serve while there
+    /// is one (`evict.rs`).
+    eviction: evict::EvictionGuard,
     /// Some limiter is to learn (so the hot path skips the lock when none is).
     relearn_pending: AtomicBool,
     /// Changes of the master this store noticed (`generation.rs`; a Cluster counts them per
@@ -266,7 +271,10 @@ impl RedisStore {
     /// # Errors
     ///
     /// [`StoreError::Unavailable`] when no URL is given, a URL or a TLS file is bad, or Redis
-    /// does not answer; its source is the underlying error.
+    /// does not answer; its source is the underlying error. Also when Redis may evict keys
+    /// (`maxmemory` set with a `maxmemory-policy` other than `noeviction`, read from
+    /// `INFO memory`; on a Cluster, of any master): the source is then an [`EvictingRedis`].
+    /// The store keeps checking while it runs, and answers every operation so while it is so.
     ///
     /// # Cancel safety
     ///
@@ -346,6 +354,8 @@ impl RedisStore {
             );
             (conn, release_conn, PubSubSource::Fixed(Box::new(client)))
         };
+        // A Redis that may evict a limiter's keys is refused before anything is done on it.
+        evict::refuse_evicting(&conn).await?;
         // Whom the store starts on, to notice a failover or a restart later.
         let run_id = generation::master_run_id(&conn).await?;
         let server_id = unique_id();
@@ -368,12 +378,14 @@ impl RedisStore {
             generation: Mutex::new(generation::Generation::new(run_id)),
             suspect: generation::Suspicions::default(),
             shards: Mutex::new(shard::Shards::default()),
+            eviction: evict::EvictionGuard::default(),
             relearn_pending: AtomicBool::new(false),
             changes: AtomicU64::new(0),
             abandoned: Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::try_current().ok(),
         });
         wake::subscribe(&inner, pubsub_client).await?;
+        evict::spawn_recheck(Arc::downgrade(&inner));
         Ok(RedisStore { inner })
     }
 
@@ -446,6 +458,7 @@ impl RedisStore {
     /// limiter is put, so that the cap is checked before it exists; a put that fails after
     /// this leaves a name the next listing drops.
     async fn register(&self, name: &LimiterName) -> Result<(), StoreError> {
+        self.inner.eviction.check()?;
         let ttl = self.inner.config.ttl_ms();
         let max = self
             .inner
@@ -585,13 +598,10 @@ impl Store for RedisStore {
         Ok(self.handle(name))
     }
 
-    /// One PING on the shared connection (retried once if the connection was dead).
+    /// One `INFO memory` on the shared connection (retried once if the connection was dead),
+    /// in place of a `PING`: it also reads the memory policy, and fails while Redis may evict
+    /// keys (`evict.rs`). On a Cluster, one `INFO` per master, sent at once.
     async fn ping(&self) -> Result<(), StoreError> {
-        retry_dropped(|| {
-            let mut conn = self.inner.conn.clone();
-            async move { redis::cmd("PING").query_async::<()>(&mut conn).await }
-        })
-        .await
-        .map_err(unavailable)
+        self.inner.check_eviction().await
     }
 }

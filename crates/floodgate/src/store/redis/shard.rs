@@ -198,7 +198,11 @@ impl RedisLimiter {
                 .map_err(|e| unavailable(redis::RedisError::from(e)))?;
             let run_id = super::generation::run_id_of(&info);
             match (role_of(&info), run_id) {
-                (Some("master"), Some(run_id)) => return Ok(run_id.to_owned()),
+                (Some("master"), Some(run_id)) => {
+                    // The default sections hold the memory policy too (`evict.rs`).
+                    self.store.eviction.record(run_id, &info);
+                    return Ok(run_id.to_owned());
+                }
                 _ => {
                     let mut exists = redis::cmd("EXISTS");
                     exists.arg(self.first_key());
