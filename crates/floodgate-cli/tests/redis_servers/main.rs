@@ -24,6 +24,7 @@ mod common;
 mod support;
 
 mod cluster;
+mod eviction;
 mod faults;
 mod harness;
 mod two_servers;

@@ -392,7 +392,13 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                     .or(file.redis_sentinel_password.clone()),
             };
             let store = RedisStore::connect(config).await.map_err(|e| Failure {
-                code: super::EXIT_UNAVAILABLE,
+                // A Redis that may evict keys is a misconfiguration to fix, not an outage to
+                // wait out.
+                code: if evicting(&e) {
+                    super::EXIT_USAGE
+                } else {
+                    super::EXIT_UNAVAILABLE
+                },
                 message: e.to_string(),
             })?;
             serve_on(
@@ -407,6 +413,21 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .await
         }
     }
+}
+
+/// Whether the store refused Redis for its memory policy (`EvictingRedis` in the chain).
+fn evicting(e: &floodgate::StoreError) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<floodgate::store::redis::EvictingRedis>()
+            .is_some()
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Refuses settings that only mean something with another one, rather than ignoring them: the
