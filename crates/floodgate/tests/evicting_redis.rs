@@ -1,8 +1,8 @@
 //! The store refuses a Redis that may evict keys (`maxmemory` set with a `maxmemory-policy`
 //! other than `noeviction`, `store/redis/evict.rs`): `connect` fails with an `EvictingRedis`
 //! as the error's source, and a policy changed at run time is refused from the next read of it
-//! (a readiness `ping`, a check of a master) until it is changed back. On a Cluster, any
-//! master. The HTTP and CLI side: `floodgate-cli/tests/redis_servers/eviction.rs`.
+//! (a readiness `ping` outside a Cluster, a check of a master, the store's read every 5 s)
+//! until it is changed back. On a Cluster, any master. The HTTP and CLI side: `floodgate-cli/tests/redis_servers/eviction.rs`.
 
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -136,22 +136,42 @@ async fn a_cluster_is_refused_if_any_master_evicts() {
         Ok(status) => panic!("defined on an evicting master: {status:?}"),
     }
     set(master, "maxmemory-policy", "noeviction");
-    gate.store().ping().await.expect("served again");
+    until_ping(&gate, |r| r.is_ok()).await.unwrap();
     gate.define(name, LimiterSpec::concurrency(1))
         .await
         .unwrap();
     let limiter = gate.limiter(name).await.unwrap();
     let held = limiter.acquire(now()).await.expect("granted");
 
-    // Changed at run time on another master: the readiness read asks every master.
+    // Changed at run time on another master: the store's periodic read asks every master.
     set(other_master, "maxmemory-policy", "allkeys-random");
-    let e = gate.store().ping().await.expect_err("ping");
+    let e = until_ping(&gate, |r| r.is_err()).await.unwrap_err();
     assert_refused_for(&e, "allkeys-random");
     match limiter.acquire(now()).await {
         Err(AcquireError::Store(e)) => assert_refused_for(&e, "allkeys-random"),
         other => panic!("an acquire with an evicting master: {other:?}"),
     }
     set(other_master, "maxmemory-policy", "noeviction");
-    gate.store().ping().await.expect("served again");
+    until_ping(&gate, |r| r.is_ok()).await.unwrap();
     held.release().await.expect("released");
+}
+
+/// Pings until `done` holds of the answer (a liveness bound only: the periodic read comes
+/// every 5 s).
+async fn until_ping(
+    gate: &Floodgate<RedisStore>,
+    done: impl Fn(&Result<(), StoreError>) -> bool,
+) -> Result<(), StoreError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = gate.store().ping().await;
+        if done(&answer) {
+            return answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {answer:?} after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

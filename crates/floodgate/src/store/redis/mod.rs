@@ -600,8 +600,19 @@ impl Store for RedisStore {
 
     /// One `INFO memory` on the shared connection (retried once if the connection was dead),
     /// in place of a `PING`: it also reads the memory policy, and fails while Redis may evict
-    /// keys (`evict.rs`). On a Cluster, one `INFO` per master, sent at once.
+    /// keys (`evict.rs`). On a Cluster, one `PING` as before, failing while a master was last
+    /// found evicting: asking every master would answer 503 for all while one shard is down,
+    /// where the others still serve their limiters (the store's periodic read asks them all).
     async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.check_eviction().await
+        if !self.inner.is_cluster() {
+            return self.inner.check_eviction().await;
+        }
+        retry_dropped(|| {
+            let mut conn = self.inner.conn.clone();
+            async move { redis::cmd("PING").query_async::<()>(&mut conn).await }
+        })
+        .await
+        .map_err(unavailable)?;
+        self.inner.eviction.check()
     }
 }
