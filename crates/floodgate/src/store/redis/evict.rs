@@ -97,7 +97,7 @@ impl EvictionGuard {
             }
             None => {
                 if evicting.remove(run_id).is_some() {
-                    tracing::info!("redis no longer evicts keys: serving again");
+                    tracing::info!("the redis master no longer evicts keys");
                 }
             }
         }
@@ -106,17 +106,15 @@ impl EvictionGuard {
 
     /// Replaces the whole record with a read of every master (`run_id`, `INFO`).
     fn replace(&self, infos: &[(String, String)]) {
-        let was: Vec<String> = self.lock().keys().cloned().collect();
-        for gone in was {
-            if !infos.iter().any(|(id, _)| *id == gone) {
-                self.lock().remove(&gone);
-            }
+        {
+            // Masters no longer there (failed over, removed) are forgotten.
+            let mut evicting = self.lock();
+            evicting.retain(|id, _| infos.iter().any(|(seen, _)| seen == id));
+            self.any.store(!evicting.is_empty(), Ordering::Release);
         }
         for (run_id, info) in infos {
             self.record(run_id, info);
         }
-        let evicting = self.lock();
-        self.any.store(!evicting.is_empty(), Ordering::Release);
     }
 
     /// `Err` naming the policy while some master may evict keys. One atomic load otherwise.
