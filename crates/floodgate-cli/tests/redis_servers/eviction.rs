@@ -125,6 +125,10 @@ async fn an_evicting_policy_set_at_run_time_is_refused_until_it_is_undone() {
     assert_refused_for(&extend, "allkeys-lru", "an extend");
     let status = http.must(Method::GET, "/v1/limiters/evict", None).await;
     assert_refused_for(&status, "allkeys-lru", "a status");
+    let holders = http
+        .must(Method::GET, "/v1/limiters/evict/holders", None)
+        .await;
+    assert_refused_for(&holders, "allkeys-lru", "the holders");
     let put = http
         .must(
             Method::PUT,

@@ -580,6 +580,8 @@ impl LimiterBackend for RedisLimiter {
     }
 
     async fn holders(&self, limit: usize) -> Result<HoldersView, StoreError> {
+        // Refused as every other operation on a Redis that may evict keys (`evict.rs`).
+        self.store.eviction.check()?;
         let mut invocation = HOLDERS_SCRIPT.prepare_invoke();
         // meta, holders, leases, queue (the first four of the limiter's keys), hot, kqueue.
         for key in self
