@@ -71,6 +71,8 @@ impl Why {
             Refusal::LimiterDeleted => Why::LimiterDeleted,
             Refusal::Invalid(f) => Why::Invalid(f.field),
             Refusal::TooManyKeys { .. } => panic!("a plain limiter has no keys: {r:?}"),
+            // Non-exhaustive: a reason the model does not know is a failure.
+            other => panic!("a refusal the model does not know: {other:?}"),
         }
     }
 }
@@ -617,6 +619,7 @@ impl Harness {
                         Refusal::TooManyKeys { .. } => {
                             prop_assert!(false, "a plain limiter has no keys: {:?}", r)
                         }
+                        other => prop_assert!(false, "an unknown refusal: {:?}", other),
                     },
                 }
             }

@@ -59,7 +59,23 @@ pub struct Grant {
 }
 
 /// Why an acquire got no permit. Each variant is something a caller can act on.
+///
+/// `#[non_exhaustive]`, like the other error enums: a new reason to refuse (as `TooManyKeys`
+/// once was) is not a breaking change, so a match outside this crate needs a `_` arm:
+///
+/// ```compile_fail,E0004
+/// use floodgate::Refusal;
+///
+/// fn act(refusal: Refusal) {
+///     match refusal {
+///         Refusal::WaitTimeout { .. } | Refusal::QueueFull { .. } => {}
+///         Refusal::PermitsExceedLimit { .. } | Refusal::LimiterDeleted => {}
+///         Refusal::TooManyKeys { .. } | Refusal::Invalid(_) => {}
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Refusal {
     /// The wait ended without a grant. Re-enqueue the work and try again after `retry_after`.
     #[error("no permit within the wait; retry after {} ms", retry_after.as_millis())]
