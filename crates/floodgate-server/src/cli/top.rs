@@ -21,8 +21,8 @@ use super::{Failure, ServerArgs};
 pub(crate) struct TopArgs {
     #[command(flatten)]
     server: ServerArgs,
-    /// How often to refresh (at least every 100 ms: a shorter interval is raised to it, so a
-    /// dashboard left open cannot load the server with a request per millisecond).
+    /// How often to refresh (no more often than every 100 ms: a shorter interval is raised to
+    /// it, so a dashboard left open cannot load the server with a request per millisecond).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     interval: Duration,
     /// Show only limiters whose name contains this.
