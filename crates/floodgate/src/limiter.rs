@@ -163,8 +163,10 @@ impl<S: Store> Floodgate<S> {
     }
 
     /// A handle to an existing limiter. Keep it: acquiring through it skips the name lookup.
-    /// A handle outlives a delete: after the limiter is deleted (and even re-created) it answers
-    /// `UnknownLimiter`; take a new handle then.
+    /// After the limiter is deleted the handle answers `UnknownLimiter`. On the embedded store
+    /// it keeps answering that even once the name is re-created (take a new handle then); a
+    /// Redis handle names the limiter, so after a re-create (by any server) it acts on the new
+    /// one and its grants count against the new limit.
     ///
     /// # Errors
     ///

@@ -84,3 +84,30 @@ async fn an_acquire_with_an_unfit_label_is_refused_naming_holder() {
     assert_eq!(limiter.status().await.expect("status").in_use, 1);
     drop(held);
 }
+
+/// `Floodgate::limiter`'s promise for the embedded store: a handle taken before a delete
+/// answers `UnknownLimiter`, also once the name is a limiter again; it never grants from the
+/// new one.
+#[tokio::test(start_paused = true)]
+async fn a_handle_taken_before_a_delete_stays_unknown_after_a_re_create() {
+    use floodgate::{AcquireError, AcquireOptions, LimiterSpec, StoreError};
+    let gate = Floodgate::with_store(MemoryStore::new());
+    gate.define("batch", LimiterSpec::concurrency(1))
+        .await
+        .expect("define");
+    let old = gate.limiter("batch").await.expect("handle");
+    assert!(gate.delete("batch").await.expect("delete"));
+    gate.define("batch", LimiterSpec::concurrency(1))
+        .await
+        .expect("re-create");
+    let try_once = || AcquireOptions::new().wait(std::time::Duration::ZERO);
+    match old.acquire(try_once()).await {
+        Err(AcquireError::Store(StoreError::UnknownLimiter(_))) => {}
+        other => panic!("the old handle after a re-create: {other:?}"),
+    }
+    let new = gate.limiter("batch").await.expect("new handle");
+    assert!(
+        new.acquire(try_once()).await.is_ok(),
+        "the new limiter is free"
+    );
+}

@@ -217,3 +217,40 @@ async fn a_vanished_limiter_is_revived_learning_but_a_deleted_one_is_not() {
         .expect("define");
     assert!(!st.learning);
 }
+
+/// `Floodgate::limiter`'s promise for Redis, whose handle names the limiter (any server may
+/// delete and re-create it): after a delete it answers `UnknownLimiter`; once the name is
+/// re-created it acts on the new limiter, and its grants count against the new limit.
+#[tokio::test]
+async fn a_handle_names_its_limiter_so_after_a_re_create_it_acts_on_the_new_one() {
+    use floodgate::{AcquireError, AcquireOptions, LimiterSpec, StoreError};
+
+    let server = support::RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::new(server.url()))
+        .await
+        .expect("connect");
+    let gate = Floodgate::with_store(store);
+    gate.define("batch", LimiterSpec::concurrency(1))
+        .await
+        .expect("define");
+    let old = gate.limiter("batch").await.expect("handle");
+    assert!(gate.delete("batch").await.expect("delete"));
+    let try_once = || AcquireOptions::new().wait(std::time::Duration::ZERO);
+    match old.acquire(try_once()).await {
+        Err(AcquireError::Store(StoreError::UnknownLimiter(_))) => {}
+        other => panic!("the old handle after a delete: {other:?}"),
+    }
+    gate.define("batch", LimiterSpec::concurrency(1))
+        .await
+        .expect("re-create");
+    let held = old
+        .acquire(try_once())
+        .await
+        .expect("granted by the new limiter");
+    let new = gate.limiter("batch").await.expect("new handle");
+    match new.acquire(try_once()).await {
+        Err(e) if e.is_wait_timeout() => {}
+        other => panic!("the old handle's grant counts against the new limit: {other:?}"),
+    }
+    assert!(held.release().await.expect("release"));
+}
