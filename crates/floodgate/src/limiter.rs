@@ -657,12 +657,13 @@ impl<B: LimiterBackend> Permit<B> {
         }
     }
 
-    /// Releases now. `Ok(false)` if the permit was no longer held (its lease ended).
+    /// Releases now. `Ok(false)` if the permit was no longer held (its lease ended, or the
+    /// limiter was deleted).
     ///
     /// # Errors
     ///
     /// [`StoreError::Unavailable`] when the store cannot be reached (the lease then frees the
-    /// permit when it ends), or [`StoreError::UnknownLimiter`] once the limiter was deleted.
+    /// permit when it ends).
     ///
     /// # Cancel safety
     ///
