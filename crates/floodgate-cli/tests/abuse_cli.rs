@@ -563,6 +563,53 @@ fn bad_redis_urls_are_named_without_their_password() {
     }
 }
 
+/// TLS files for Redis that cannot be used are bad input (exit 2, naming the problem, before
+/// any connection), not an unavailable store (69, as they were): with a plain `redis://` URL
+/// (here one whose port is closed, so nothing is there to blame), a cluster node that is not
+/// `rediss://`, a CA file that does not exist, a certificate without its key (from the file).
+#[test]
+fn unusable_redis_tls_files_exit_2_naming_the_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pem = dir.path().join("ca.pem");
+    std::fs::write(&pem, "not checked before connecting\n").expect("write");
+    let pem = pem.to_str().expect("utf-8 path");
+    let missing = dir.path().join("missing.pem");
+    let missing = missing.to_str().expect("utf-8 path");
+    let cert_only = dir.path().join("cert-only.toml");
+    std::fs::write(
+        &cert_only,
+        format!("redis = \"rediss://127.0.0.1:9\"\nredis_cert = {pem:?}\n"),
+    )
+    .expect("write");
+    let cert_only = cert_only.to_str().expect("utf-8 path");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--redis", "redis://u:s3cret@127.0.0.1:9", "--redis-ca", pem],
+            "needs a rediss:// URL, not redis://u:***@127.0.0.1:9",
+        ),
+        (
+            &[
+                "--redis",
+                "rediss://127.0.0.1:9,redis://127.0.0.1:10",
+                "--redis-ca",
+                pem,
+            ],
+            "needs a rediss:// URL, not redis://127.0.0.1:10",
+        ),
+        (
+            &["--redis", "rediss://127.0.0.1:9", "--redis-ca", missing],
+            "CA file",
+        ),
+        (&["--config", cert_only], "go together"),
+    ];
+    for (args, problem) in cases {
+        let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let out = floodgate(&all);
+        refused(&out, problem, &format!("{args:?}"));
+    }
+}
+
 /// The client commands' server: a `--token` that cannot be a header value is bad input (exit
 /// 2, naming the token, not showing it), not an unreachable server (69, as it was); a password
 /// in `--url` is never shown, whatever the failure.

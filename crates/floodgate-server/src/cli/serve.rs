@@ -391,6 +391,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
                     .clone()
                     .or(file.redis_sentinel_password.clone()),
             };
+            check_redis_tls(&config.urls, &config.security).map_err(Failure::usage)?;
             let store = RedisStore::connect(config).await.map_err(|e| Failure {
                 // A Redis that may evict keys is a misconfiguration to fix, not an outage to
                 // wait out.
@@ -575,6 +576,43 @@ fn check_redis_urls(urls: &[String]) -> Result<(), String> {
             ));
         }
         reqwest::Url::parse(url).map_err(|e| format!("redis: URL {shown:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// TLS files that cannot be used are bad input (exit code 2), refused before any connection is
+/// tried rather than reported as an unavailable store (exit 69, "try again later"): with a URL
+/// other than `rediss://` (a Sentinel URL reaches its nodes over TLS when files are given), a
+/// client certificate without its key, or a file that cannot be read.
+fn check_redis_tls(urls: &[String], security: &RedisSecurity) -> Result<(), String> {
+    let files = [
+        ("CA file", &security.ca_file),
+        ("client certificate", &security.cert_file),
+        ("client key", &security.key_file),
+    ];
+    if files.iter().all(|(_, file)| file.is_none()) {
+        return Ok(());
+    }
+    if security.cert_file.is_some() != security.key_file.is_some() {
+        return Err(
+            "redis: a client certificate (--redis-cert, redis_cert) and its key \
+                    (--redis-key, redis_key) go together"
+                .to_owned(),
+        );
+    }
+    for url in urls {
+        if !url.starts_with("rediss://") && !url.starts_with("redis+sentinel://") {
+            return Err(format!(
+                "redis: a CA file or client certificate needs a rediss:// URL, not {}",
+                floodgate::store::redis::redact_url(url)
+            ));
+        }
+    }
+    for (what, file) in files {
+        if let Some(path) = file {
+            std::fs::File::open(path)
+                .map_err(|e| format!("redis: {what} {}: {e}", path.display()))?;
+        }
     }
     Ok(())
 }
