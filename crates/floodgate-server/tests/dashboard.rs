@@ -290,6 +290,18 @@ async fn admin_actions_need_the_dashboard_header_and_api_writes() {
     let (status, body) = json_of(put(true, 0).await.unwrap()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"], "invalid_request");
+    // A tool with the bearer token instead of the cookie needs the header too (dashboard.md).
+    let (status, body) = json_of(
+        http.put(format!("{base}/dashboard/api/limiters/db/limit"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"concurrency": 9}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"], "csrf");
 
     // Release a stuck permit by its token, then delete the limiter.
     let (_, grant) = json_of(
