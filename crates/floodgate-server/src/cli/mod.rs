@@ -45,9 +45,10 @@ pub enum Command {
     ///
     /// The permit is extended while the command runs and released once the command has exited
     /// and so has whatever it left running in its process group (`cmd &`), as flock's lock is
-    /// held while children that inherited it live. Exits with the command's status; 75 when no
-    /// permit came within --wait, or the permit was lost (the command's group then gets SIGTERM,
-    /// SIGKILL after --kill-after).
+    /// held while children that inherited it live. The command finds the permit in
+    /// FLOODGATE_PERMIT_ID and its fencing token (for the backend) in FLOODGATE_FENCING_TOKEN.
+    /// Exits with the command's status; 75 when no permit came within --wait, or the permit was
+    /// lost (the command's group then gets SIGTERM, SIGKILL after --kill-after).
     Run(run::RunArgs),
     /// Show limiters: limit, in use, waiting and counters.
     Status(status::StatusArgs),
