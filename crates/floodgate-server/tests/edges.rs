@@ -347,6 +347,48 @@ async fn arrays_are_not_bodies() {
     srv.served.stop().await;
 }
 
+/// A required field left out is named first in the message, as every field at fault is
+/// (api.md: "the message starts with the field"); it was reported as `body` (or `rate`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_required_field_is_named_first() {
+    let srv = Srv::start(ServerOptions::default()).await;
+    srv.json(
+        Method::PUT,
+        "/v1/limiters/paced",
+        r#"{"rate": {"limit": 10, "period_ms": 1000}}"#,
+    )
+    .await;
+    let cases = [
+        (Method::POST, "/v1/limiters/paced/schedule", "{}", "count"),
+        (Method::POST, "/v1/limiters/paced/feedback", "{}", "outcome"),
+        (
+            Method::POST,
+            "/v1/limiters/paced/unschedule",
+            r#"{"count": 1}"#,
+            "reservation",
+        ),
+        (
+            Method::PUT,
+            "/v1/limiters/other",
+            r#"{"rate": {"limit": 5}}"#,
+            "rate.period_ms",
+        ),
+        (
+            Method::PUT,
+            "/v1/limiters/other",
+            r#"{"concurrency": 2, "adaptive": {"min": 1}}"#,
+            "adaptive.max",
+        ),
+    ];
+    for (method, path, body, field) in cases {
+        srv.json(method, path, body)
+            .await
+            .error(400, "invalid_request")
+            .message_starts(field);
+    }
+    srv.served.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn null_is_refused_where_the_spec_is_not_nullable() {
     let srv = Srv::start(ServerOptions::default()).await;

@@ -75,7 +75,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 if not_object {
                     return Err(bad("body", &"must be a JSON object"));
                 }
-                return Err(bad(field, &without_type_names(&inner.to_string())));
+                let message = inner.to_string();
+                // A required field left out is reported at its parent (the body, `rate`): the
+                // message starts with the field itself instead, as every other one does.
+                if let Some(missing) = missing_field(&message) {
+                    let field = if field == "body" {
+                        missing.to_owned()
+                    } else {
+                        format!("{field}.{missing}")
+                    };
+                    return Err(bad(&field, &message));
+                }
+                return Err(bad(field, &without_type_names(&message)));
             }
         };
         // Anything after the JSON value (a second object, garbage) is an error, not ignored.
@@ -113,6 +124,12 @@ fn without_type_names(message: &str) -> String {
     out
 }
 
+/// The field serde's "missing field `x`" message names.
+fn missing_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("missing field `")?;
+    rest.split('`').next().filter(|name| !name.is_empty())
+}
+
 /// The path (`rate.limit`) of the first array in `value`, if any.
 fn first_array(value: &serde_json::Value, path: String) -> Option<String> {
     match value {
@@ -135,7 +152,17 @@ fn first_array(value: &serde_json::Value, path: String) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::without_type_names;
+    use super::{missing_field, without_type_names};
+
+    #[test]
+    fn a_missing_field_is_named() {
+        assert_eq!(
+            missing_field("missing field `count` at line 1 column 2"),
+            Some("count")
+        );
+        assert_eq!(missing_field("unknown field `x`"), None);
+        assert_eq!(missing_field("missing field ``"), None);
+    }
 
     #[test]
     fn type_names_are_left_out_of_messages() {
