@@ -83,7 +83,8 @@ pub(crate) struct ServeArgs {
     /// Learning window after state loss, in milliseconds (docs/learning.md): a limiter whose
     /// state was lost grants nothing this long while holders re-claim their permits by
     /// extending. With Redis: for limiters re-created after Redis lost them [default: each
-    /// limiter's lease], and config limiters Redis has no state for at start learn too.
+    /// limiter's lease]; only when it is given do config limiters Redis has no state for at
+    /// start learn too.
     /// Embedded: config limiters learn at start [default: 0, they do not]. At most 86400000
     /// (24 h, the longest lease).
     #[arg(long, env = "FLOODGATE_LEARNING_WINDOW", value_name = "MS")]
