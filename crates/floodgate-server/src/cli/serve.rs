@@ -39,10 +39,11 @@ pub(crate) struct ServeArgs {
         value_delimiter = ','
     )]
     allowed_hosts: Vec<String>,
-    /// Require the token on /metrics too.
+    /// Require the token on /metrics too [default: false].
     #[arg(long, env = "FLOODGATE_METRICS_REQUIRE_TOKEN")]
     metrics_require_token: Option<bool>,
-    /// Allow creating, changing and deleting limiters over the API.
+    /// Allow creating, changing and deleting limiters over the API (and the dashboard's actions)
+    /// [default: true].
     #[arg(long, env = "FLOODGATE_API_WRITES")]
     api_writes: Option<bool>,
     /// Most limiters the server holds, at least 1 [default: 10000].
@@ -62,7 +63,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "FLOODGATE_REDIS_CLUSTER")]
     redis_cluster: Option<bool>,
     /// When the shared store cannot be reached: `fail_closed` answers acquires 503
-    /// store_unavailable; `fail_open` grants without accounting (counted and logged).
+    /// store_unavailable; `fail_open` grants without accounting (counted and logged) [default:
+    /// fail_closed].
     #[arg(long, env = "FLOODGATE_ON_STORE_FAILURE", value_parser = ["fail_closed", "fail_open"])]
     on_store_failure: Option<String>,
     /// Keep the embedded store's state in this directory (write-ahead log + snapshots), so a
@@ -106,11 +108,12 @@ pub(crate) struct ServeArgs {
     /// regardless [default: 10s].
     #[arg(long, env = "FLOODGATE_SHUTDOWN_GRACE", value_parser = parse_duration)]
     shutdown_grace: Option<Duration>,
-    /// Log lines as `text` (for people) or `json` (one object per line, for machines). Levels
-    /// come from FLOODGATE_LOG or RUST_LOG (e.g. `info,floodgate=debug`).
+    /// Log lines as `text` (for people) or `json` (one object per line, for machines) [default:
+    /// text]. Levels come from FLOODGATE_LOG or RUST_LOG (e.g. `info,floodgate=debug`).
     #[arg(long, env = "FLOODGATE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
-    /// Log one line per HTTP request (method, path, status, duration, request id).
+    /// Log one line per HTTP request (method, path, status, duration, request id) [default:
+    /// false].
     #[arg(long, env = "FLOODGATE_ACCESS_LOG", num_args = 0..=1, default_missing_value = "true")]
     access_log: Option<bool>,
     /// Serve HTTPS with this PEM certificate chain (with --tls-key); the pair is reloaded
