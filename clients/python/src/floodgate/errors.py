@@ -68,7 +68,9 @@ class Unauthorized(FloodgateError):
 
 
 class Forbidden(FloodgateError):
-    """403 (``read_only``): the server does not allow changing limiters over the API."""
+    """403. ``code`` tells which: ``read_only`` (the server does not allow changing limiters
+    over the API) or ``host_not_allowed`` (the request's ``Host`` names a host the server does
+    not serve: see docs/api.md's Host check)."""
 
 
 class NotFound(FloodgateError):
