@@ -311,9 +311,12 @@ async fn the_later_reviver_keeps_the_new_incarnations_waiters(keyed: bool) {
     );
     // The waiter B queued on the lost incarnation is answered at once (nothing would ever wake
     // it), not left until its five-minute deadline.
+    // It is told why: its limiter's state was lost (not, as a dropped wake-up channel said,
+    // that the subscription was).
     let lost = outcome("B's waiter from before the loss", lost_waiter).await;
     assert!(
-        matches!(lost, Err(AcquireError::Store(StoreError::Unavailable(_)))),
+        matches!(&lost, Err(AcquireError::Store(StoreError::Unavailable(u)))
+            if u.to_string().contains("lost the limiter's state")),
         "{lost:?}"
     );
 

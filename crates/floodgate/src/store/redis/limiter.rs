@@ -374,6 +374,15 @@ impl RedisLimiter {
                             guard.disarm();
                             return Err(AcquireError::Superseded);
                         }
+                        // Its queue went with the limiter's state. The guard stays armed, as
+                        // below: its cancel finds nothing, or anything a revival made of it.
+                        Ok(Delivery::StateLost) => {
+                            return Err(unavailable(
+                                "redis lost the limiter's state (a restart or a failover) while \
+                                 this acquire waited; retry",
+                            )
+                            .into());
+                        }
                         // The subscription was lost (Redis down?): fail fast rather than wait
                         // blind. The armed guard cancels the queued entry, now or once Redis
                         // answers again.

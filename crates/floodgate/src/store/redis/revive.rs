@@ -15,6 +15,7 @@ use std::sync::{Arc, PoisonError};
 
 use super::keyed_revive::kput_args;
 use super::limiter::{invalid, RedisLimiter};
+use super::wake::Delivery;
 use super::{unavailable, Inner};
 use crate::error::StoreError;
 use crate::spec::LimiterSpec;
@@ -297,8 +298,16 @@ impl RedisLimiter {
     /// for a wait that stood). One that was in fact lost ends at its own deadline, whose cancel
     /// finds nothing and answers it the same way.
     pub(super) fn answer_lost_waiters(&self, sent: u64) {
-        self.store.lock_waiters().retain(|_, pending| {
-            pending.limiter != self.name || pending.queued.is_none_or(|at| at > sent)
-        });
+        let lost: Vec<_> = self
+            .store
+            .lock_waiters()
+            .extract_if(|_, pending| {
+                pending.limiter == self.name && pending.queued.is_some_and(|at| at <= sent)
+            })
+            .collect();
+        for (_, pending) in lost {
+            // Told why, where a dropped sender would read as a lost subscription.
+            let _ = pending.tx.send(Delivery::StateLost);
+        }
     }
 }

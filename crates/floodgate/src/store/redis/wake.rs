@@ -50,6 +50,9 @@ pub(crate) enum Delivery {
     /// A repeat with the same request id, in this process, took the wait over (it was granted
     /// or joined the wait): the outcome goes to that repeat.
     Superseded,
+    /// Redis lost the limiter's state, queue included, while it waited (a restart or a
+    /// failover: `revive.rs`): no wake-up will come.
+    StateLost,
 }
 
 /// Decodes an outcome recorded by the script: `G|token|permits|lease|deadline|granted_at|waited`,
