@@ -200,6 +200,17 @@ def main():
         assert row(d, "busy")[0].endswith("/4")
         before = js(d, "return window.__fg.overviewUpdates")
         until(lambda: js(d, "return window.__fg.overviewUpdates") >= before + 2, "overview pushed live")
+        # After the first, the page is sent only what changed: a limiter made now shows up, one
+        # taking a permit shows it, and a deleted one goes, all applied from those changes.
+        deltas = js(d, "return window.__fg.overviewDeltas")
+        server.call("PUT", "/v1/limiters/late", {"concurrency": 3})
+        until(lambda: row(d, "late") == ["0/3", "0"], "a limiter made after the page opened")
+        server.call("POST", "/v1/limiters/late/acquire", {})
+        until(lambda: row(d, "late") == ["1/3", "0"], "its permit shown")
+        server.call("DELETE", "/v1/limiters/late")
+        until(lambda: row(d, "late") is None, "the deleted limiter gone")
+        assert js(d, "return window.__fg.overviewDeltas") >= deltas + 3
+        assert row(d, "busy"), "the other rows stay"
         d.save_screenshot(os.path.join(ART, "dashboard-overview.png"))
 
         # The busy limiter's page: charts draw and move as load changes.

@@ -376,6 +376,20 @@ async fn admin_actions_need_the_dashboard_header_and_api_writes() {
 
 /// Reads server-sent events until `n` events named `name` arrived (bounded).
 async fn events(resp: &mut reqwest::Response, name: &str, n: usize) -> Vec<Value> {
+    named_events(resp, &[name], n)
+        .await
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// Reads server-sent events until `n` events named one of `names` arrived (bounded), with
+/// their names.
+async fn named_events(
+    resp: &mut reqwest::Response,
+    names: &[&str],
+    n: usize,
+) -> Vec<(String, Value)> {
     let mut buf = String::new();
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -397,12 +411,140 @@ async fn events(resp: &mut reqwest::Response, name: &str, n: usize) -> Vec<Value
                     data.push_str(d);
                 }
             }
-            if event == name {
-                out.push(serde_json::from_str(&data).unwrap());
+            if names.contains(&event) {
+                out.push((event.to_owned(), serde_json::from_str(&data).unwrap()));
             }
         }
     }
     out
+}
+
+/// The overview's rows after a stream's events: the first whole overview with every change
+/// after it applied, by name.
+fn replay(events: &[(String, Value)]) -> std::collections::BTreeMap<String, Value> {
+    let mut rows = std::collections::BTreeMap::new();
+    for (name, v) in events {
+        if name == "overview" {
+            rows.clear();
+            for r in v["limiters"].as_array().unwrap() {
+                rows.insert(r["name"].as_str().unwrap().to_owned(), r.clone());
+            }
+        } else {
+            for r in v["changed"].as_array().unwrap() {
+                rows.insert(r["name"].as_str().unwrap().to_owned(), r.clone());
+            }
+            for gone in v["removed"].as_array().unwrap() {
+                rows.remove(gone.as_str().unwrap());
+            }
+        }
+    }
+    rows
+}
+
+/// An open overview is sent the whole once, then only the rows that changed and the limiters
+/// gone (at 10,000 idle limiters the whole is megabytes a second). Replaying the stream gives
+/// what the server's own whole overview says at the same render.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_stream_sends_changes_that_replay_to_the_whole() {
+    let (served, base, http) = start(ServerOptions::default()).await;
+    for i in 0..40 {
+        let resp = http
+            .put(format!("{base}/v1/limiters/idle-{i:02}"))
+            .json(&json!({"concurrency": 5}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    // Until the sampler has seen all 40 (its whole overview lists them, beside `db`).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, v) = json_of(
+            http.get(format!("{base}/dashboard/api/overview"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        if v["limiters"].as_array().map_or(0, Vec::len) >= 41 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never sampled: {v}");
+        tokio::time::sleep(POLL).await;
+    }
+    let mut stream = http
+        .get(format!("{base}/dashboard/events"))
+        .send()
+        .await
+        .unwrap();
+    let mut got = named_events(&mut stream, &["overview", "overview-delta"], 2).await;
+    assert_eq!(got[0].0, "overview");
+    let idle = got[0].1["limiters"].as_array().unwrap().iter();
+    assert_eq!(
+        idle.filter(|r| r["name"].as_str().unwrap().starts_with("idle-"))
+            .count(),
+        40
+    );
+    // Nothing moves: the change is empty.
+    assert_eq!(got[1].0, "overview-delta");
+    assert_eq!(got[1].1["changed"], json!([]), "{}", got[1].1);
+    assert_eq!(got[1].1["removed"], json!([]), "{}", got[1].1);
+
+    // One limiter takes a permit, another is deleted: only those two are sent.
+    let resp = http
+        .post(format!("{base}/v1/limiters/idle-07/acquire"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = http
+        .delete(format!("{base}/v1/limiters/idle-31"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        got.extend(named_events(&mut stream, &["overview", "overview-delta"], 1).await);
+        let rows = replay(&got);
+        if rows["idle-07"]["in_use"] == 1 && !rows.contains_key("idle-31") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never sent: {got:?}"
+        );
+    }
+    let changed: Vec<&str> = got[2..]
+        .iter()
+        .flat_map(|(_, v)| v["changed"].as_array().unwrap())
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        changed.iter().all(|n| *n == "idle-07"),
+        "only the limiter that moved is sent: {changed:?}"
+    );
+    // The replayed rows are the whole overview of the same render, row for row.
+    loop {
+        let (_, whole) = json_of(
+            http.get(format!("{base}/dashboard/api/overview"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        let seq = got.last().unwrap().1["seq"].as_u64().unwrap();
+        if whole["seq"].as_u64() == Some(seq) {
+            let rows: Vec<Value> = replay(&got).into_values().collect();
+            assert_eq!(json!(rows), whole["limiters"]);
+            break;
+        }
+        // The stream is behind or ahead of the read: take the next render and compare again.
+        assert!(tokio::time::Instant::now() < deadline, "renders never met");
+        got.extend(named_events(&mut stream, &["overview", "overview-delta"], 1).await);
+    }
+    served.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,15 +567,26 @@ async fn event_streams_push_samples_and_end_at_shutdown() {
         .to_str()
         .unwrap()
         .starts_with("text/event-stream"));
-    // Several pushes, each a new sample (its time moves on).
-    let got = events(&mut overview, "overview", 3).await;
-    let times: Vec<u64> = got.iter().map(|v| v["t"].as_u64().unwrap_or(0)).collect();
+    // Several pushes, each a new sample (its time moves on): the whole overview first, then
+    // what changed, render after render.
+    let got = named_events(&mut overview, &["overview", "overview-delta"], 3).await;
+    let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["overview", "overview-delta", "overview-delta"]);
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|(_, v)| v["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let times: Vec<u64> = got
+        .iter()
+        .map(|(_, v)| v["t"].as_u64().unwrap_or(0))
+        .collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     assert!(times[2] > times[0] || times[0] == 0, "{times:?}");
-    let last = got.last().unwrap();
+    let (_, last) = got.last().unwrap();
     assert_eq!(last["store"], "ok");
-    assert_eq!(last["limiters"][0]["name"], "db");
-    assert_eq!(last["limiters"][0]["in_use"], 1);
+    let rows = replay(&got);
+    assert_eq!(rows["db"]["in_use"], 1, "{rows:?}");
 
     let mut limiter = http
         .get(format!("{base}/dashboard/events/db"))

@@ -24,14 +24,38 @@ pub(crate) use self::auth::require_session;
 pub(crate) use self::routes::{public_routes, routes};
 pub(crate) use self::sampler::spawn_sampler;
 
+/// One render of the overview: all of it, and what changed since the render before, which is
+/// what an open page is sent (at 10,000 idle limiters the whole is 3 MB a second per page, the
+/// change a few rows).
+#[derive(Debug, Clone)]
+pub(crate) struct Overview {
+    /// Counts renders: a page's stream sends `delta` only right after render `seq - 1`.
+    pub(crate) seq: u64,
+    /// `{"t","store","seq","limiters":[row...]}`, every limiter ordered by name.
+    pub(crate) full: Arc<str>,
+    /// `{"t","store","seq","changed":[row...],"removed":[name...]}`: the rows that differ from
+    /// render `seq - 1`'s, and the limiters gone since.
+    pub(crate) delta: Arc<str>,
+}
+
+impl Overview {
+    fn starting() -> Self {
+        Overview {
+            seq: 0,
+            full: Arc::from(r#"{"t":0,"store":"starting","seq":0,"limiters":[]}"#),
+            delta: Arc::from(r#"{"t":0,"store":"starting","seq":0,"changed":[],"removed":[]}"#),
+        }
+    }
+}
+
 /// What the dashboard keeps between requests; one per server.
 #[derive(Debug)]
 pub(crate) struct Dashboard {
     /// Each limiter's history, by name (a `BTreeMap` so the overview comes out ordered).
     pub(crate) history: Mutex<BTreeMap<String, history::Ring>>,
-    /// The latest overview JSON, re-rendered by the sampler each second and shared by every
-    /// open page (`Arc<str>`: one copy however many are open).
-    pub(crate) overview: watch::Sender<Arc<str>>,
+    /// The latest overview, re-rendered by the sampler each second and shared by every open
+    /// page (`Arc<str>`s: one copy however many are open).
+    pub(crate) overview: watch::Sender<Overview>,
     /// Signed-in browser sessions: id -> when it ends. Bounded by `auth::MAX_SESSIONS`.
     pub(crate) sessions: Mutex<HashMap<String, Instant>>,
 }
@@ -40,7 +64,7 @@ impl Dashboard {
     pub(crate) fn new() -> Self {
         Dashboard {
             history: Mutex::new(BTreeMap::new()),
-            overview: watch::channel(Arc::from(r#"{"t":0,"store":"starting","limiters":[]}"#)).0,
+            overview: watch::channel(Overview::starting()).0,
             sessions: Mutex::new(HashMap::new()),
         }
     }

@@ -63,7 +63,7 @@ fn json_text(text: Arc<str>) -> Response {
 }
 
 async fn overview<S: Store>(State(state): AppStateRef<S>) -> Response {
-    let text = state.dashboard.overview.borrow().clone();
+    let text = state.dashboard.overview.borrow().full.clone();
     json_text(text)
 }
 
@@ -215,12 +215,20 @@ fn sse<St: Stream<Item = Result<Event, Infallible>> + Send + 'static>(stream: St
         .into_response()
 }
 
-/// `GET /dashboard/events`: the overview, once now and after every sample.
+/// `GET /dashboard/events`: the whole overview now, then after every sample what changed
+/// (`overview-delta`), or the whole again if this stream missed a render (a slow reader).
 async fn overview_events<S: Store>(State(state): AppStateRef<S>) -> Response {
     use futures_util::StreamExt;
-    sse(ticks(state).map(|(state, _)| {
-        let text = state.dashboard.overview.borrow().clone();
-        Ok(Event::default().event("overview").data(&*text))
+    let mut sent: Option<u64> = None;
+    sse(ticks(state).map(move |(state, _)| {
+        let now = state.dashboard.overview.borrow().clone();
+        let follows = sent.is_some_and(|seq| seq + 1 == now.seq);
+        sent = Some(now.seq);
+        Ok(if follows {
+            Event::default().event("overview-delta").data(&*now.delta)
+        } else {
+            Event::default().event("overview").data(&*now.full)
+        })
     }))
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use floodgate::{Counters, LimiterBackend, LimiterStatus, Store};
 
 use super::history::Sample;
+use super::Overview;
 use crate::server::AppState;
 
 /// How often the history is sampled (the charts' resolution).
@@ -30,6 +31,8 @@ pub(crate) fn spawn_sampler<S: Store>(state: Weak<AppState<S>>) {
         let mut interval = tokio::time::interval(PERIOD);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut prev: HashMap<String, Counters> = HashMap::new();
+        // The last overview's rows by name, to send only the rows that changed.
+        let mut rows: HashMap<String, String> = HashMap::new();
         let mut last = tokio::time::Instant::now();
         loop {
             interval.tick().await;
@@ -38,7 +41,7 @@ pub(crate) fn spawn_sampler<S: Store>(state: Weak<AppState<S>>) {
             // Seconds this sample stands for (more than one if a tick was late).
             let secs = (now.duration_since(last).as_secs_f64().round() as u32).max(1);
             last = now;
-            tick(&state, &mut prev, secs).await;
+            tick(&state, &mut prev, &mut rows, secs).await;
         }
     });
 }
@@ -62,8 +65,15 @@ async fn extras<S: Store>(state: &AppState<S>, s: &LimiterStatus) -> (u32, f32) 
     }
 }
 
-async fn tick<S: Store>(state: &AppState<S>, prev: &mut HashMap<String, Counters>, secs: u32) {
+async fn tick<S: Store>(
+    state: &AppState<S>,
+    prev: &mut HashMap<String, Counters>,
+    rows: &mut HashMap<String, String>,
+    secs: u32,
+) {
     let at = unix_secs();
+    // The sampler is the overview's one writer.
+    let seq = state.dashboard.overview.borrow().seq + 1;
     let waits: HashMap<String, (f32, f32)> = state
         .metrics
         .wait_log
@@ -75,13 +85,17 @@ async fn tick<S: Store>(state: &AppState<S>, prev: &mut HashMap<String, Counters
         Ok(s) => s,
         Err(e) => {
             // Keep the last overview's limiters, say the store is down.
-            let old = state.dashboard.overview.borrow().clone();
+            let old = state.dashboard.overview.borrow().full.clone();
             let limiters = old
                 .find("\"limiters\":")
                 .map_or("[]", |i| &old[i + 11..old.len().saturating_sub(1)]);
             let msg = serde_json::to_string(&e.to_string()).unwrap_or_default();
-            let json = format!("{{\"t\":{at},\"store\":{msg},\"limiters\":{limiters}}}");
-            state.dashboard.overview.send_replace(Arc::from(json));
+            let head = format!("{{\"t\":{at},\"store\":{msg},\"seq\":{seq},");
+            state.dashboard.overview.send_replace(Overview {
+                seq,
+                full: Arc::from(format!("{head}\"limiters\":{limiters}}}")),
+                delta: Arc::from(format!("{head}\"changed\":[],\"removed\":[]}}")),
+            });
             return;
         }
     };
@@ -146,45 +160,103 @@ async fn tick<S: Store>(state: &AppState<S>, prev: &mut HashMap<String, Counters
                     .push(*sample, secs, at),
             }
         }
-        render_overview(at, &statuses, &samples)
+        render_overview(at, seq, &statuses, &samples, rows, &live)
     };
-    state.dashboard.overview.send_replace(Arc::from(json));
+    state.dashboard.overview.send_replace(json);
 }
 
-/// The overview as JSON, written directly (one allocation, no intermediate values): it is
-/// re-rendered every second for thousands of limiters.
-fn render_overview(at: u64, statuses: &[LimiterStatus], samples: &[Sample]) -> String {
-    let mut out = String::with_capacity(64 + statuses.len() * 220);
-    let _ = write!(out, "{{\"t\":{at},\"store\":\"ok\",\"limiters\":[");
+/// The overview as JSON, written directly (no intermediate values): it is re-rendered every
+/// second for thousands of limiters. Its change is found against `rows`, the last render's
+/// rows by name, which it then holds this render's (a name is copied only for a new limiter).
+fn render_overview(
+    at: u64,
+    seq: u64,
+    statuses: &[LimiterStatus],
+    samples: &[Sample],
+    rows: &mut HashMap<String, String>,
+    live: &HashSet<&str>,
+) -> Overview {
+    let head = format!("{{\"t\":{at},\"store\":\"ok\",\"seq\":{seq},");
+    let mut full = String::with_capacity(64 + statuses.len() * 220);
+    full.push_str(&head);
+    full.push_str("\"limiters\":[");
+    let mut delta = head;
+    delta.push_str("\"changed\":[");
+    let mut changed = 0;
+    let mut row = String::with_capacity(256);
     for (i, (s, x)) in statuses.iter().zip(samples).enumerate() {
+        row.clear();
+        write_row(&mut row, s, x);
         if i > 0 {
-            out.push(',');
+            full.push(',');
         }
-        let c = s.counters;
-        // Names are [A-Za-z0-9_.:-]: nothing to escape.
-        let _ = write!(
-            out,
-            "{{\"name\":\"{}\",\"in_use\":{},\"limit\":{},\"waiting\":{},\"oldest_wait_ms\":{},\
+        full.push_str(&row);
+        let same = match rows.get_mut(s.name.as_str()) {
+            Some(old) if *old == row => true,
+            Some(old) => {
+                old.clone_from(&row);
+                false
+            }
+            None => {
+                rows.insert(s.name.to_string(), row.clone());
+                false
+            }
+        };
+        if !same {
+            if changed > 0 {
+                delta.push(',');
+            }
+            delta.push_str(&row);
+            changed += 1;
+        }
+    }
+    full.push_str("]}");
+    delta.push_str("],\"removed\":[");
+    let mut removed = 0;
+    rows.retain(|name, _| {
+        let keep = live.contains(name.as_str());
+        if !keep {
+            if removed > 0 {
+                delta.push(',');
+            }
+            // Names are [A-Za-z0-9_.:-]: nothing to escape.
+            let _ = write!(delta, "\"{name}\"");
+            removed += 1;
+        }
+        keep
+    });
+    delta.push_str("]}");
+    Overview {
+        seq,
+        full: Arc::from(full),
+        delta: Arc::from(delta),
+    }
+}
+
+/// One limiter's row of the overview.
+fn write_row(out: &mut String, s: &LimiterStatus, x: &Sample) {
+    let c = s.counters;
+    // Names are [A-Za-z0-9_.:-]: nothing to escape.
+    let _ = write!(
+        out,
+        "{{\"name\":\"{}\",\"in_use\":{},\"limit\":{},\"waiting\":{},\"oldest_wait_ms\":{},\
              \"grants_s\":{},\"timeouts_s\":{},\"wait_p50_ms\":{},\"wait_p99_ms\":{},\
              \"throttles_s\":{},\"throttled\":{},\"expired\":{},\"granted\":{},\
              \"limit_changes\":{},\"rate_tokens\":{}}}",
-            s.name.as_str(),
-            s.in_use,
-            s.limit.map_or("null".to_owned(), |l| l.to_string()),
-            s.waiting,
-            x.oldest_wait_ms,
-            x.grants,
-            x.timeouts,
-            x.wait_p50_ms,
-            x.wait_p99_ms,
-            x.throttles,
-            c.feedback_throttled,
-            c.expired,
-            c.granted,
-            c.limit_increases + c.limit_decreases,
-            x.rate_tokens,
-        );
-    }
-    out.push_str("]}");
-    out
+        s.name.as_str(),
+        s.in_use,
+        s.limit.map_or("null".to_owned(), |l| l.to_string()),
+        s.waiting,
+        x.oldest_wait_ms,
+        x.grants,
+        x.timeouts,
+        x.wait_p50_ms,
+        x.wait_p99_ms,
+        x.throttles,
+        c.feedback_throttled,
+        c.expired,
+        c.granted,
+        c.limit_increases + c.limit_decreases,
+        x.rate_tokens,
+    );
 }

@@ -5,7 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const main = $('main');
 // Hooks the browser tests read (counts only; no timing is asserted).
-const fg = window.__fg = {overviewUpdates: 0, limiterUpdates: 0, chartDraws: 0, firstRender: null};
+const fg = window.__fg = {overviewUpdates: 0, overviewDeltas: 0, limiterUpdates: 0, chartDraws: 0, firstRender: null};
 
 let source = null;   // the open EventSource
 let overviewRows = [];
@@ -143,8 +143,34 @@ function drawRows() {
   }
 }
 
+let overviewSeq = null; // the render the rows are at: a delta applies only to the one before it
+
 function onOverview(data) {
   overviewRows = data.limiters;
+  overviewSeq = data.seq;
+  overviewShown(data);
+}
+
+// What changed since the render before: the rows that differ, and the limiters gone.
+function onOverviewDelta(d) {
+  if (overviewSeq !== null && d.seq <= overviewSeq) return;  // already shown
+  if (overviewSeq === null || d.seq !== overviewSeq + 1) {
+    // Not the render after ours (cannot happen on one stream): read the whole again.
+    api('GET', '/dashboard/api/overview').then(onOverview, (e) => setStore(String(e.message), null));
+    return;
+  }
+  if (d.changed.length || d.removed.length) {
+    const rows = new Map(overviewRows.map((r) => [r.name, r]));
+    for (const r of d.changed) rows.set(r.name, r);
+    for (const name of d.removed) rows.delete(name);
+    overviewRows = Array.from(rows.values());
+  }
+  overviewSeq = d.seq;
+  fg.overviewDeltas++;
+  overviewShown(d);
+}
+
+function overviewShown(data) {
   setStore(data.store, data.t);
   drawRows();
   fg.overviewUpdates++;
@@ -157,7 +183,7 @@ function onOverview(data) {
 async function showOverview() {
   renderOverviewShell();
   try { onOverview(await api('GET', '/dashboard/api/overview')); } catch (e) { setStore(String(e.message), null); }
-  listen('/dashboard/events', {overview: onOverview});
+  listen('/dashboard/events', {overview: onOverview, 'overview-delta': onOverviewDelta});
 }
 
 // ---------- one limiter ----------
