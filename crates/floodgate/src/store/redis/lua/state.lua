@@ -23,8 +23,12 @@ local meta_was = {}
 -- writing it creates the key, which then needs its TTL; and an older release's `hot` key, read
 -- instead, is deleted once its value is moved.
 local hot_in_holders, hot_key_old = false, false
+-- Whether the limiter exists: `meta` (its spec) is there. State found without it is a vanished
+-- incarnation's (keys that outlived `meta`), never this one's.
+local exists
 do
   local raw = redis.call('HGETALL', K_META)
+  exists = raw[1] ~= nil
   for i = 1, #raw, 2 do
     m[raw[i]] = raw[i + 1]
     meta_was[raw[i]] = raw[i + 1]
@@ -47,8 +51,8 @@ do
     -- Text, as an older release wrote it ('' for an absent field): rewritten packed by finish().
     for i, v in ipairs(split(hot)) do m[HOT[i]] = v end
   end
+  if not exists then m, meta_was, hot_key_old = {}, {}, false end
 end
-local exists = m.max_queue ~= nil   -- a field only `meta` has
 
 -- Every key has a TTL: set on the key's creation (see `created`) and refreshed for all keys at
 -- most hourly (`ttl_at`), so an idle limiter vanishes after `idle_ttl` and nothing grows.
@@ -189,8 +193,9 @@ local function grant(permits, lease, enqueued_at, key, label, queued)
     redis.call('HSET', K_HOLD, fmt(token), rec, 'k:' .. key, 'I|' .. fmt(token))
   end
   redis.call('ZADD', K_LEASE, fmt(deadline), fmt(token))
-  -- The holders hash is empty (so gone) only with no holder and no waiter.
-  if in_use == 0 then created(K_HOLD, K_LEASE) end
+  -- `leases` is empty (so gone) with no holder. (Not `holders`, which holds `hot` so is
+  -- never gone: its TTL must stay `meta`'s, or it outlives `meta`.)
+  if in_use == 0 then created(K_LEASE) end
   in_use = in_use + permits
   return g
 end

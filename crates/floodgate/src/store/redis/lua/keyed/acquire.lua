@@ -88,7 +88,6 @@ if op == 'kacquire' then
   if idem(key) then redis.call('HSET', K_HOLD, 'a:' .. key, attempt) end
   redis.call('ZADD', K_KQ, 0, kq_member(tkey, seq, mem))
   redis.call('ZADD', K_WAITS, fmt(deadline), wait_member(seq, key))
-  ktouch(K_HOLD)
   ktouch(K_KQ)
   ktouch(K_WAITS)
   queued_permits = queued_permits + permits

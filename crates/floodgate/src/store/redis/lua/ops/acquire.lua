@@ -89,8 +89,8 @@ if op == 'acquire' then
   redis.call('HSET', K_HOLD, 'k:' .. key, 'W|' .. fmt(seq) .. '|' .. mem)
   if idem(key) then redis.call('HSET', K_HOLD, 'a:' .. key, attempt) end
   redis.call('ZADD', K_Q, fmt(seq), mem)
-  -- (A TTL is set after the write that creates the key.)
-  if qlen == 0 and in_use == 0 then created(K_HOLD) end
+  -- (A TTL is set after the write that creates the key; `holders`, which holds `hot`, is never
+  -- created here, and keeps `meta`'s TTL.)
   if in_waits then
     redis.call('ZADD', K_WAITS, fmt(deadline), wait_member(seq, key))
     created(K_WAITS)

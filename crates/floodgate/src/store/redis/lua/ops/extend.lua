@@ -28,7 +28,7 @@ if op == 'extend' then
       redis.call('HSET', K_HOLD, fmt(tok), rec)
     end
     redis.call('ZADD', K_LEASE, fmt(deadline), slot)
-    if first_holder then created(K_HOLD, K_LEASE) end
+    if first_holder then created(K_LEASE) end   -- (`holders` has `hot`: see grant)
     in_use = in_use + adopt_permits
     next_token = math.max(next_token, tok + 1)
     c.granted = c.granted + 1

@@ -1,0 +1,295 @@
+//! One of a limiter's Redis keys lost while the others remain (an operator's `DEL`, an eviction
+//! the guard did not see, a key that expired before the others): the script must take it for a
+//! lost limiter (re-created in a learning window, where holders re-adopt their permits), never
+//! for an empty one. The witness: the permits this test holds, counted by the test itself; at
+//! no point may they and the new grants together exceed the limit.
+
+#![cfg(feature = "redis")]
+// (`support/script.rs`, shared with the other script-level tests, unwraps.)
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/script.rs"]
+mod script;
+mod support;
+
+use std::time::Duration;
+
+use floodgate::{
+    AcquireOptions, Floodgate, KeyedSpec, Limiter, LimiterSpec, Permit, RedisConfig, RedisStore,
+};
+
+type RedisLimiter = floodgate::store::redis::RedisLimiter;
+
+const LIMIT: u32 = 4;
+
+/// Two stores (two servers' worth of clients) on one Redis, both knowing the limiter.
+struct Setup {
+    server: support::RedisServer,
+    holder: Limiter<RedisLimiter>,
+    other: Limiter<RedisLimiter>,
+    _gates: [Floodgate<RedisStore>; 2],
+}
+
+async fn gate(server: &support::RedisServer) -> Floodgate<RedisStore> {
+    let mut config = RedisConfig::new(server.url());
+    // Longer than the dead holder's lease: a holder that heartbeats less often than the window
+    // is taken for gone when it ends (docs/learning.md), which is not what is tested here.
+    config.learning_window = Some(Duration::from_millis(2000));
+    Floodgate::with_store(RedisStore::connect(config).await.expect("connect"))
+}
+
+/// How a keyed limiter is defined (every grant of the test is for one key): `Total`: the total
+/// is the limit (the key's share is twice that); `Key`: the key's share is (the total twice it).
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Plain,
+    Total,
+    Key,
+}
+
+async fn setup(name: &str, kind: Kind) -> Setup {
+    let server = support::RedisServer::start();
+    let a = gate(&server).await;
+    let b = gate(&server).await;
+    let lease = Duration::from_secs(60);
+    let spec = LimiterSpec::concurrency(LIMIT).with_default_lease(lease);
+    let double = LimiterSpec::concurrency(2 * LIMIT).with_default_lease(lease);
+    if kind == Kind::Total {
+        a.define_keyed(name, spec, KeyedSpec::per_key(2 * LIMIT))
+            .await
+            .expect("define keyed");
+    } else if kind == Kind::Key {
+        a.define_keyed(name, double, KeyedSpec::per_key(LIMIT))
+            .await
+            .expect("define keyed");
+    } else {
+        a.define(name, spec).await.expect("define");
+    }
+    let holder = a.limiter(name).await.expect("limiter");
+    let other = b.limiter(name).await.expect("limiter");
+    // The other store reads the spec, so it too can re-create the limiter.
+    other.status().await.expect("status");
+    Setup {
+        server,
+        holder,
+        other,
+        _gates: [a, b],
+    }
+}
+
+fn on(keyed: bool) -> AcquireOptions {
+    if keyed {
+        AcquireOptions::new().key("k")
+    } else {
+        AcquireOptions::new()
+    }
+}
+
+/// Takes every permit `limiter` grants at once (up to twice the limit), and returns them.
+async fn grab(limiter: &Limiter<RedisLimiter>, keyed: bool) -> Vec<Permit<RedisLimiter>> {
+    let mut got = Vec::new();
+    for _ in 0..2 * LIMIT {
+        if let Ok(p) = limiter.acquire(on(keyed).wait(Duration::ZERO)).await {
+            got.push(p);
+        }
+    }
+    got
+}
+
+/// What runs first after the key is lost.
+#[derive(Clone, Copy, PartialEq)]
+enum First {
+    /// The other store asks for permits (the general path: the limit is taken, no wait).
+    Acquire,
+    /// A holder releases its permit (the fast path, on a plain limiter).
+    Release,
+}
+
+/// Holds the limit (one permit on a short lease, detached: a holder that died; and a waiter of
+/// the other store queued when `key` is the queue), deletes `key` of the limiter, and checks that the other store's
+/// grants and the permits still held never exceed the limit: at once, after the holders
+/// heartbeat (they re-adopt, or are told lost), and after the learning window. Then the dead
+/// holder's permit comes back (nothing stays counted that nobody holds).
+async fn lose_one_key(name: &str, key: &str, kind: Kind, first: First) {
+    let keyed = kind != Kind::Plain;
+    let s = setup(name, kind).await;
+    let mut held = grab(&s.holder, keyed).await;
+    assert_eq!(held.len(), LIMIT as usize, "the limit is held");
+    // One holder dies: its lease (short) is never extended.
+    drop(held.pop());
+    let dead = s
+        .holder
+        .acquire(on(keyed).lease(Duration::from_millis(1000)))
+        .await
+        .expect("the dead holder's permit");
+    let dead_until = dead.local_deadline();
+    dead.detach();
+    // A waiter of the other store, when the queue is what is lost.
+    let waiter = (key == "queue").then(|| {
+        let other = s.other.clone();
+        tokio::spawn(async move {
+            other
+                .acquire(on(keyed).wait(Duration::from_secs(3)))
+                .await
+                .ok()
+        })
+    });
+    if waiter.is_some() {
+        support::until_status(&s.holder, "the waiter queued", |st| st.waiting == 1).await;
+    }
+    let full = format!("fg:{{{name}}}:{key}");
+    assert_eq!(
+        support::cli(s.server.port, &["DEL", &full]),
+        "1",
+        "{full} existed"
+    );
+    let mut granted = Vec::new();
+    if first == First::Release {
+        let p = held.pop().expect("a holder");
+        p.release().await.expect("release");
+    }
+    // `+ 1`: the dead holder, which may still be working.
+    granted.extend(grab(&s.other, keyed).await);
+    assert!(
+        held.len() + 1 + granted.len() <= LIMIT as usize,
+        "{} held and {} granted after {key} was lost: over the limit of {LIMIT}",
+        held.len() + 1,
+        granted.len()
+    );
+    // Heartbeats: each holder (those granted since too) re-adopts its permit or is told it is
+    // lost.
+    let mut kept = Vec::new();
+    for mut p in held.drain(..).chain(granted.drain(..)) {
+        if p.extend(Duration::from_secs(60)).await.is_ok() {
+            kept.push(p);
+        }
+    }
+    granted.extend(grab(&s.other, keyed).await);
+    assert!(
+        kept.len() + 1 + granted.len() <= LIMIT as usize,
+        "{} re-adopted and {} granted: over the limit of {LIMIT}",
+        kept.len() + 1,
+        granted.len()
+    );
+    if let Some(waiter) = waiter {
+        granted.extend(waiter.await.expect("the waiter's task"));
+    }
+    // Until the dead holder's lease has ended: never over the limit, and every permit nobody
+    // holds comes back (a liveness bound only).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = std::time::Instant::now();
+        let dead_may_run = tokio::time::Instant::now() < dead_until;
+        granted.extend(grab(&s.other, keyed).await);
+        let out = kept.len() + granted.len() + usize::from(dead_may_run);
+        assert!(
+            out <= LIMIT as usize,
+            "{} re-adopted, {} granted, dead holder running: {dead_may_run}: over the limit of {LIMIT}",
+            kept.len(),
+            granted.len()
+        );
+        if !dead_may_run && out == LIMIT as usize {
+            break;
+        }
+        assert!(
+            now < deadline,
+            "permits nobody holds never came back: {} re-adopted, {} granted",
+            kept.len(),
+            granted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The limiter works again: a release frees its permit, and only it.
+    let p = kept.pop().or_else(|| granted.pop()).expect("a permit");
+    p.release().await.expect("release");
+    let after = grab(&s.other, keyed).await;
+    assert_eq!(
+        after.len(),
+        1,
+        "the released permit, and only it, is granted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_meta_grants_nothing_over_the_held_permits() {
+    lose_one_key("lm", "meta", Kind::Plain, First::Acquire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_meta_then_a_release_grants_nothing_over_the_held_permits() {
+    lose_one_key("lmr", "meta", Kind::Plain, First::Release).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_keyed_limiters_meta_grants_nothing_over_the_total() {
+    lose_one_key("klm", "meta", Kind::Total, First::Acquire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_keyed_limiters_meta_grants_nothing_over_a_keys_share() {
+    lose_one_key("kkm", "meta", Kind::Key, First::Acquire).await;
+}
+
+/// The script called directly, with an idle TTL short enough to see keys expire (a store never
+/// sends one under a day: `RedisConfig::idle_ttl`), on the real clock.
+fn call(
+    conn: &mut redis::Connection,
+    sc: &redis::Script,
+    keys: &[String],
+    op: &str,
+    ttl_ms: u64,
+    args: &[&str],
+) -> Vec<String> {
+    let mut inv = sc.prepare_invoke();
+    for k in keys {
+        inv.key(k);
+    }
+    inv.arg(op).arg("ttl").arg(ttl_ms);
+    for a in args {
+        inv.arg(*a);
+    }
+    inv.invoke(conn).expect("the script runs")
+}
+
+fn pttl(conn: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query(conn).expect("pttl")
+}
+
+/// In normal operation, with no key touched by hand: a grant on the general path (a limiter
+/// with a rate and a concurrency limit takes it for every acquire) into an empty limiter gave
+/// `holders` a fresh TTL, so it outlived `meta` (whose TTL only the hourly refresh renews).
+/// Once `meta` expired, `hot` in `holders` made the limiter look alive with no spec at all:
+/// no concurrency limit, so every acquire was granted. `holders` must keep `meta`'s TTL, and
+/// state without `meta` must be nobody's.
+#[test]
+fn holders_never_outlive_meta_and_state_without_meta_grants_nothing() {
+    let (_server, mut conn, sc) = script::script_on_redis();
+    let keys = floodgate::store::redis::limiter_keys("fg", "ttl");
+    let ttl_ms = 1500;
+    // concurrency 1, lease 60 s, wait 0, queue 10, rate 1000 per s, burst 1000.
+    let put = [
+        "1", "60000000", "0", "10", "1", "1000", "1000000", "1000", "", "", "", "", "", "", "", "",
+    ];
+    assert_eq!(
+        call(&mut conn, &sc, &keys, "put", ttl_ms, &put)[0],
+        "status"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let grant = ["1", "", "", "", "", "", ""];
+    let first = call(&mut conn, &sc, &keys, "acquire", ttl_ms, &grant);
+    assert_eq!(first[0], "granted", "{first:?}");
+    let (meta, holders) = (pttl(&mut conn, &keys[0]), pttl(&mut conn, &keys[1]));
+    assert!(
+        meta > 0 && holders <= meta,
+        "holders expire after meta: {holders} ms > {meta} ms"
+    );
+    // `meta` gone alone (expired, or deleted: the same to the script), the rest still there.
+    redis::cmd("DEL")
+        .arg(&keys[0])
+        .query::<()>(&mut conn)
+        .expect("del");
+    for _ in 0..3 {
+        let r = call(&mut conn, &sc, &keys, "acquire", ttl_ms, &grant);
+        assert_eq!(r[0], "unknown", "state without meta answered {r:?}");
+    }
+}
