@@ -211,6 +211,11 @@ async fn lose_one_key(name: &str, key: &str, kind: Kind, first: First) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_holders_grants_nothing_over_the_held_permits() {
+    lose_one_key("lh", "holders", Kind::Plain, First::Acquire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_meta_grants_nothing_over_the_held_permits() {
     lose_one_key("lm", "meta", Kind::Plain, First::Acquire).await;
 }
@@ -228,6 +233,46 @@ async fn losing_a_keyed_limiters_meta_grants_nothing_over_the_total() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_a_keyed_limiters_meta_grants_nothing_over_a_keys_share() {
     lose_one_key("kkm", "meta", Kind::Key, First::Acquire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_leases_grants_nothing_over_the_held_permits() {
+    lose_one_key("ll", "leases", Kind::Plain, First::Acquire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_keyed_limiters_holders_grants_nothing_over_the_held_permits() {
+    lose_one_key("klh", "holders", Kind::Total, First::Acquire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_keyed_limiters_key_states_grants_nothing_over_the_held_permits() {
+    lose_one_key("kks", "kstate", Kind::Key, First::Acquire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_keyed_limiters_leases_grants_nothing_over_the_held_permits() {
+    lose_one_key("kll", "leases", Kind::Total, First::Acquire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_holders_then_a_release_grants_nothing_over_the_held_permits() {
+    lose_one_key("lhr", "holders", Kind::Plain, First::Release).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_leases_then_a_release_on_the_fast_path_loses_no_permit() {
+    lose_one_key("llr", "leases", Kind::Plain, First::Release).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_queue_grants_nothing_over_the_held_permits() {
+    lose_one_key("lq", "queue", Kind::Plain, First::Acquire).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_queue_then_a_release_on_the_fast_path_grants_nothing_over() {
+    lose_one_key("lqr", "queue", Kind::Plain, First::Release).await;
 }
 
 /// The script called directly, with an idle TTL short enough to see keys expire (a store never
@@ -291,5 +336,52 @@ fn holders_never_outlive_meta_and_state_without_meta_grants_nothing() {
     for _ in 0..3 {
         let r = call(&mut conn, &sc, &keys, "acquire", ttl_ms, &grant);
         assert_eq!(r[0], "unknown", "state without meta answered {r:?}");
+    }
+}
+
+/// The fast path's own checks (it loads no state): a release that finds `queue` empty while
+/// `hot` counts a waiter, or its holder's lease slot missing from `leases`, makes it a whole
+/// loss (`unknown`, `meta` deleted) instead of going on without the lost waiters or leases.
+#[test]
+fn a_fast_path_release_that_finds_a_key_lost_answers_unknown() {
+    let (_server, mut conn, sc) = script::script_on_redis();
+    for (i, lost) in ["queue", "leases"].into_iter().enumerate() {
+        let keys = floodgate::store::redis::limiter_keys("fg", &format!("fast{i}"));
+        let ttl_ms = 3_600_000;
+        // concurrency 1, lease 60 s, wait up to 10 s, queue 10, no rate.
+        let put = [
+            "1", "60000000", "10000000", "10", "1", "", "", "", "", "", "", "", "", "", "", "",
+        ];
+        assert_eq!(
+            call(&mut conn, &sc, &keys, "put", ttl_ms, &put)[0],
+            "status"
+        );
+        let held = call(
+            &mut conn,
+            &sc,
+            &keys,
+            "acquire",
+            ttl_ms,
+            &["1", "", "", "g1", "ch", "", ""],
+        );
+        assert_eq!(held[0], "granted", "{held:?}");
+        let waiter = call(
+            &mut conn,
+            &sc,
+            &keys,
+            "acquire",
+            ttl_ms,
+            &["1", "", "", "w1", "ch", "", ""],
+        );
+        assert_eq!(waiter[0], "queued", "{waiter:?}");
+        let key = &keys[if lost == "queue" { 3 } else { 2 }];
+        redis::cmd("DEL")
+            .arg(key)
+            .query::<()>(&mut conn)
+            .expect("del");
+        let r = call(&mut conn, &sc, &keys, "release", ttl_ms, &[&held[1], ""]);
+        assert_eq!(r[0], "unknown", "{lost} lost: the release answered {r:?}");
+        let r = call(&mut conn, &sc, &keys, "status", ttl_ms, &[]);
+        assert_eq!(r[0], "unknown", "{lost} lost: then {r:?}");
     }
 }

@@ -180,7 +180,12 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           head = redis.call('ZPOPMIN', K_Q)
         end
         local mem = head[1]
-        if not mem then break end
+        -- `hot` counts waiters `queue` does not have: the queue was lost (state.lua's check):
+        -- a whole loss, as the general path makes it (this call's writes go with it).
+        if not mem then
+          redis.call('DEL', K_META)
+          return {'unknown', '-1'}
+        end
         -- (The wait deadline, its fourth field, is not captured: a grant does not need it.)
         local wk, p_s, l_s, e, w, ch, label = string.match(mem, GRANT_PAT)
         if not wk then
@@ -219,8 +224,12 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
           n = 0
         end
         if free_slot then
-          -- The slot's member is still in `leases` (so the key too): its deadline moves.
-          redis.call('ZADD', K_LEASE, deadline_s, free_slot)
+          -- The slot's member is still in `leases` (so the key too): its deadline moves. Added
+          -- instead, it was not there: `leases` was lost (a whole loss, as above).
+          if redis.call('ZADD', K_LEASE, deadline_s, free_slot) == 1 then
+            redis.call('DEL', K_META)
+            return {'unknown', '-1'}
+          end
           fields[n + 1], fields[n + 2] = 'l:' .. t_s, free_slot
           fields[n + 3], fields[n + 4] = 's:' .. free_slot, t_s
           n = n + 4
@@ -245,7 +254,11 @@ if (op == 'acquire' or op == 'release') and not general_only and not is_repeat t
         end
       end
       if free_slot then
-        redis.call('ZREM', K_LEASE, free_slot)
+        -- A held lease slot missing from `leases`: `leases` was lost (a whole loss, as above).
+        if redis.call('ZREM', K_LEASE, free_slot) == 0 then
+          redis.call('DEL', K_META)
+          return {'unknown', '-1'}
+        end
         -- (Only if the queue was not as `qlen` said: its `s:` field was left for a grant.)
         if held_slot and not slot_field then redis.call('HDEL', K_HOLD, 's:' .. held_slot) end
       end

@@ -51,6 +51,33 @@ do
     -- Text, as an older release wrote it ('' for an absent field): rewritten packed by finish().
     for i, v in ipairs(split(hot)) do m[HOT[i]] = v end
   end
+  -- Part of the state lost (one key deleted, evicted or expired while `meta` stayed): read as
+  -- empty, its permits would be granted again while their holders still work. So it is made
+  -- a whole loss, which every store already handles (revive.rs: re-created learning, holders
+  -- re-adopt). Each key whose loss matters, by what says it must be there: `hot` always (it
+  -- is written with `meta`); `leases` while permits are held; `queue` while waiters are
+  -- queued; a keyed limiter's `kstate` while `kholders` names a held grant (re-adopted
+  -- holders have no key, so `kholders` stands for "a grant of a key is held").
+  if exists then
+    local held, queued = tonumber(m.in_use or '0') > 0, tonumber(m.qlen or '0') > 0
+    local lost = not hot
+    if not lost and (held or queued) then
+      -- One command for both: how many of those that must be there are.
+      local want = (held and 1 or 0) + (queued and 1 or 0)
+      if held and queued then
+        lost = redis.call('EXISTS', K_LEASE, K_Q) < want
+      else
+        lost = redis.call('EXISTS', held and K_LEASE or K_Q) < want
+      end
+    end
+    if not lost and held and m.keyed == '1' and KEYS[16] then
+      lost = redis.call('EXISTS', KEYS[12]) == 0 and redis.call('EXISTS', KEYS[16]) == 1
+    end
+    if lost then
+      redis.call('DEL', K_META)
+      exists = false
+    end
+  end
   if not exists then m, meta_was, hot_key_old = {}, {}, false end
 end
 
