@@ -115,6 +115,8 @@ impl Lim {
                 String::new(),
                 String::new(),
                 String::new(),
+                // No overrides to put back (`keyed_revive.rs` `kput_args`: their count last).
+                "0".into(),
             ]);
         }
         let op = if keyed { "kput" } else { "put" };

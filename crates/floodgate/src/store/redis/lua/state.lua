@@ -62,16 +62,19 @@ do
     local held, queued = tonumber(m.in_use or '0') > 0, tonumber(m.qlen or '0') > 0
     local lost = not hot
     if not lost and (held or queued) then
-      -- One command for both: how many of those that must be there are.
-      local want = (held and 1 or 0) + (queued and 1 or 0)
-      if held and queued then
-        lost = redis.call('EXISTS', K_LEASE, K_Q) < want
-      else
-        lost = redis.call('EXISTS', held and K_LEASE or K_Q) < want
+      -- One command for all of them: how many of those that must be there are. (KEYS[12] and
+      -- KEYS[16], `kstate` and `kholders`, are named only in keyed/drain.lua, after this.)
+      local must = {}
+      if held then must[#must + 1] = K_LEASE end
+      if queued then must[#must + 1] = K_Q end
+      local kstate = held and m.keyed == '1' and KEYS[16] ~= nil
+      if kstate then must[#must + 1] = KEYS[12] end
+      if redis.call('EXISTS', unpack(must)) < #must then
+        -- Something is missing. `kstate` alone counts only while `kholders` names a grant.
+        lost = not kstate
+          or (#must > 1 and redis.call('EXISTS', unpack(must, 1, #must - 1)) < #must - 1)
+          or redis.call('EXISTS', KEYS[16]) == 1
       end
-    end
-    if not lost and held and m.keyed == '1' and KEYS[16] then
-      lost = redis.call('EXISTS', KEYS[12]) == 0 and redis.call('EXISTS', KEYS[16]) == 1
     end
     if lost then
       redis.call('DEL', K_META)
