@@ -582,6 +582,7 @@ fn unusable_redis_tls_files_exit_2_naming_the_problem() {
     )
     .expect("write");
     let cert_only = cert_only.to_str().expect("utf-8 path");
+    let dir_path = dir.path().to_str().expect("utf-8 path");
     let cases: &[(&[&str], &str)] = &[
         (
             &["--redis", "redis://u:s3cret@127.0.0.1:9", "--redis-ca", pem],
@@ -601,6 +602,11 @@ fn unusable_redis_tls_files_exit_2_naming_the_problem() {
             "CA file",
         ),
         (&["--config", cert_only], "go together"),
+        // A directory opens, but cannot be read as the file the store reads at connect.
+        (
+            &["--redis", "rediss://127.0.0.1:9", "--redis-ca", dir_path],
+            "CA file",
+        ),
     ];
     for (args, problem) in cases {
         let mut all = vec!["serve", "--listen", "127.0.0.1:0"];

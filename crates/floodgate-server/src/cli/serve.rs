@@ -614,8 +614,8 @@ fn check_redis_tls(urls: &[String], security: &RedisSecurity) -> Result<(), Stri
     }
     for (what, file) in files {
         if let Some(path) = file {
-            std::fs::File::open(path)
-                .map_err(|e| format!("redis: {what} {}: {e}", path.display()))?;
+            // Read, as the store does at connect: a directory opens but cannot be read.
+            std::fs::read(path).map_err(|e| format!("redis: {what} {}: {e}", path.display()))?;
         }
     }
     Ok(())
