@@ -1,7 +1,7 @@
 //! The store refuses a Redis that may evict keys (`maxmemory` set with a `maxmemory-policy`
 //! other than `noeviction`, `store/redis/evict.rs`): `connect` fails with an `EvictingRedis`
 //! as the error's source, and a policy changed at run time is refused from the next read of it
-//! (a readiness `ping` outside a Cluster, a check of a master, the store's read every 5 s)
+//! (a readiness `ping`, a check of a master, the store's read every 5 s)
 //! until it is changed back. On a Cluster, any master. The HTTP and CLI side: `floodgate-cli/tests/redis_servers/eviction.rs`.
 
 #![cfg(feature = "redis")]
@@ -136,42 +136,45 @@ async fn a_cluster_is_refused_if_any_master_evicts() {
         Ok(status) => panic!("defined on an evicting master: {status:?}"),
     }
     set(master, "maxmemory-policy", "noeviction");
-    until_ping(&gate, |r| r.is_ok()).await.unwrap();
+    gate.store().ping().await.expect("no master evicts");
     gate.define(name, LimiterSpec::concurrency(1))
         .await
         .unwrap();
     let limiter = gate.limiter(name).await.unwrap();
     let held = limiter.acquire(now()).await.expect("granted");
 
-    // Changed at run time on another master: the store's periodic read asks every master.
+    // Changed at run time on another master: a readiness ping reads every master (a `PING`
+    // went to every master too).
     set(other_master, "maxmemory-policy", "allkeys-random");
-    let e = until_ping(&gate, |r| r.is_err()).await.unwrap_err();
+    let e = gate
+        .store()
+        .ping()
+        .await
+        .expect_err("ping with an evicting master");
     assert_refused_for(&e, "allkeys-random");
     match limiter.acquire(now()).await {
         Err(AcquireError::Store(e)) => assert_refused_for(&e, "allkeys-random"),
         other => panic!("an acquire with an evicting master: {other:?}"),
     }
     set(other_master, "maxmemory-policy", "noeviction");
-    until_ping(&gate, |r| r.is_ok()).await.unwrap();
-    held.release().await.expect("released");
-}
+    gate.store().ping().await.expect("no master evicts");
 
-/// Pings until `done` holds of the answer (a liveness bound only: the periodic read comes
-/// every 5 s).
-async fn until_ping(
-    gate: &Floodgate<RedisStore>,
-    done: impl Fn(&Result<(), StoreError>) -> bool,
-) -> Result<(), StoreError> {
+    // With nothing probing readiness, the store's periodic read asks every master: a status
+    // on `master` (which checks no master itself) is refused once it has.
+    set(other_master, "maxmemory-policy", "volatile-random");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let answer = gate.store().ping().await;
-        if done(&answer) {
-            return answer;
+    let e = loop {
+        match limiter.status().await {
+            Err(e) => break e,
+            Ok(_) => assert!(
+                std::time::Instant::now() < deadline,
+                "the periodic read never refused it"
+            ),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still {answer:?} after 60 s"
-        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    assert_refused_for(&e, "volatile-random");
+    set(other_master, "maxmemory-policy", "noeviction");
+    gate.store().ping().await.expect("no master evicts");
+    held.release().await.expect("released");
 }

@@ -11,7 +11,7 @@
 //! The policy is read from `INFO memory` (managed Redis often disables `CONFIG`): at connect
 //! (where a refusal fails `connect` itself), at each check of a master (`generation.rs`,
 //! `shard.rs`: their `INFO` carries the memory section too), at each [`ping`] (readiness
-//! probes; not on a Cluster, where it stays one `PING`), and every [`RECHECK_EVERY`] by a
+//! probes; every master of a Cluster), and every [`RECHECK_EVERY`] by a
 //! task of the store's own (every master of a Cluster), so a policy changed at run time is
 //! caught within that period even where nothing probes. None of these is on an operation's
 //! path: an operation reads one atomic flag.

@@ -600,19 +600,10 @@ impl Store for RedisStore {
 
     /// One `INFO memory` on the shared connection (retried once if the connection was dead),
     /// in place of a `PING`: it also reads the memory policy, and fails while Redis may evict
-    /// keys (`evict.rs`). On a Cluster, one `PING` as before, failing while a master was last
-    /// found evicting: asking every master would answer 503 for all while one shard is down,
-    /// where the others still serve their limiters (the store's periodic read asks them all).
+    /// keys (`evict.rs`). On a Cluster, `INFO` (default sections) to every master: a `PING`
+    /// there went to every master too (redis-rs routes both to all of them), so one master
+    /// that does not answer failed it before as well.
     async fn ping(&self) -> Result<(), StoreError> {
-        if !self.inner.is_cluster() {
-            return self.inner.check_eviction().await;
-        }
-        retry_dropped(|| {
-            let mut conn = self.inner.conn.clone();
-            async move { redis::cmd("PING").query_async::<()>(&mut conn).await }
-        })
-        .await
-        .map_err(unavailable)?;
-        self.inner.eviction.check()
+        self.inner.check_eviction().await
     }
 }
