@@ -206,3 +206,38 @@ async fn a_redis_that_cannot_evict_is_served() {
         http.must(Method::GET, "/readyz", None).await.assert_ok();
     }
 }
+
+/// Under `fail_open` an evicting Redis is still refused (503), not granted without accounting
+/// as an outage is: Redis answers and keeps the limit, so fail-open grants there would only
+/// drop it (here 3 permits out at a limit of 1, where the evicting Redis held 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fail_open_does_not_grant_past_an_evicting_redis() {
+    let redis = blocking(|| {
+        RedisServer::start_on_a_free_port(&[
+            "--maxmemory",
+            MAXMEMORY,
+            "--maxmemory-policy",
+            "noeviction",
+        ])
+    });
+    let srv = InProcServer::start(RedisConfig::new(redis.url()), true).await;
+    let http = srv.http.clone();
+    http.put_limiter("open", json!({"concurrency": 1})).await;
+    let held = http.acquire("open", json!({"wait_ms": 0})).await;
+    held.assert_ok();
+
+    let config_set = |policy: &str| cli(redis.port, &["CONFIG", "SET", "maxmemory-policy", policy]);
+    assert_eq!(blocking(|| config_set("allkeys-lru")), "OK");
+    // `/readyz` reads the policy (the refusal is then in force for every operation).
+    let ready = http.must(Method::GET, "/readyz", None).await;
+    assert_refused_for(&ready, "allkeys-lru", "/readyz");
+    for _ in 0..2 {
+        let acquire = http.acquire("open", json!({"wait_ms": 0})).await;
+        assert_refused_for(&acquire, "allkeys-lru", "a fail-open acquire");
+    }
+
+    assert_eq!(blocking(|| config_set("noeviction")), "OK");
+    http.must(Method::GET, "/readyz", None).await.assert_ok();
+    http.release_held(held.str("/permit_id")).await;
+    srv.stop().await;
+}

@@ -399,7 +399,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             let store = RedisStore::connect(config).await.map_err(|e| Failure {
                 // A Redis that may evict keys is a misconfiguration to fix, not an outage to
                 // wait out.
-                code: if evicting(&e) {
+                code: if crate::server::evicting_redis(&e) {
                     super::EXIT_USAGE
                 } else {
                     super::EXIT_UNAVAILABLE
@@ -418,21 +418,6 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, Failure> {
             .await
         }
     }
-}
-
-/// Whether the store refused Redis for its memory policy (`EvictingRedis` in the chain).
-fn evicting(e: &floodgate::StoreError) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        if cause
-            .downcast_ref::<floodgate::store::redis::EvictingRedis>()
-            .is_some()
-        {
-            return true;
-        }
-        source = cause.source();
-    }
-    false
 }
 
 /// Refuses settings that only mean something with another one, rather than ignoring them: the

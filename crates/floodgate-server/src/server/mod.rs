@@ -61,7 +61,8 @@ pub struct ServerOptions {
     /// Largest request body accepted; larger gets 413.
     pub max_body_bytes: usize,
     /// When the store cannot be reached, grant acquires without accounting (token 0) instead
-    /// of answering 503 `store_unavailable`. Counted as outcome `fail_open` and logged.
+    /// of answering 503 `store_unavailable`. Counted as outcome `fail_open` and logged. Not
+    /// while Redis answers but may evict keys (docs/redis.md): that stays 503.
     pub fail_open: bool,
     /// A request head (request line and headers) must arrive within this, counted from the
     /// accept or from a later request's first byte; else the connection is closed.
@@ -116,6 +117,23 @@ pub(crate) struct AppState<S: Store> {
     pub(crate) shutting_down: watch::Receiver<bool>,
     /// The dashboard's history, overview and sessions (`crate::dashboard`).
     pub(crate) dashboard: Arc<Dashboard>,
+}
+
+/// Whether the store refused Redis for its memory policy (an `EvictingRedis` in the error's
+/// chain): a misconfiguration, not an outage (`serve` exits 2 on it at start, and no acquire
+/// fails open on it).
+pub(crate) fn evicting_redis(e: &floodgate::StoreError) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<floodgate::store::redis::EvictingRedis>()
+            .is_some()
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// The application, for tests that drive it without a socket (`tower::ServiceExt::oneshot`).

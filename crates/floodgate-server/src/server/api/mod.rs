@@ -549,12 +549,15 @@ pub(super) async fn acquire<S: Store>(
 }
 
 /// Whether to grant without accounting: the store is unreachable and the server fails open.
+/// Not when Redis answers but may evict keys: the store refuses it for the limit's sake, and
+/// grants without accounting would drop the limit the evicting Redis still keeps.
 fn options_fail_open<S: Store>(
     state: &AppState<S>,
     result: &Result<floodgate::Grant, AcquireError>,
 ) -> bool {
     state.options.fail_open
-        && matches!(result, Err(AcquireError::Store(StoreError::Unavailable(_))))
+        && matches!(result, Err(AcquireError::Store(e @ StoreError::Unavailable(_)))
+            if !super::evicting_redis(e))
 }
 
 pub(super) async fn metrics<S: Store>(State(state): AppStateRef<S>) -> Response {
