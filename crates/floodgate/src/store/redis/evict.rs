@@ -34,6 +34,7 @@ pub(super) const RECHECK_EVERY: Duration = Duration::from_secs(5);
 /// [`StoreError::Unavailable`] the store answers with while it is so (at connect too), so a
 /// caller can tell this misconfiguration from an outage (`floodgate serve` exits 2 on it).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EvictingRedis {
     /// `maxmemory`, in bytes (non-zero).
     pub maxmemory: u64,
