@@ -120,15 +120,21 @@ fn a_stalled_or_foreign_url_fails_with_a_short_message() {
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
+    // `floodgate bench --url URL` exits 1; its message.
+    let bench_fails = |url: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+            .args(["bench", "--url", url, "--workloads", "handoff"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        stderr
+    };
+
     // Connections queue in the backlog and are never accepted, so never answered.
     let stalled = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", stalled.local_addr().unwrap());
-    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
-        .args(["bench", "--url", &url, "--workloads", "handoff"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = bench_fails(&url);
     assert!(stderr.contains("/healthz: no answer within"), "{stderr}");
 
     // Something else answers every request with a 503 and a 100 KB page.
@@ -147,12 +153,7 @@ fn a_stalled_or_foreign_url_fails_with_a_short_message() {
             );
         }
     });
-    let out = Command::new(env!("CARGO_BIN_EXE_floodgate"))
-        .args(["bench", "--url", &url, "--workloads", "handoff"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = bench_fails(&url);
     assert!(stderr.contains("HTTP 503: <html>"), "{stderr}");
     assert!(stderr.contains("... (99996 bytes)"), "{stderr}");
     assert!(stderr.len() < 1_000, "{} bytes of message", stderr.len());

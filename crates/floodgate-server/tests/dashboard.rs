@@ -419,6 +419,21 @@ async fn named_events(
     out
 }
 
+/// The overview stream's events: the whole, and the changes after it.
+const OVERVIEW_EVENTS: &[&str] = &["overview", "overview-delta"];
+
+/// The server's whole overview now (`GET /dashboard/api/overview`).
+async fn whole_overview(http: &reqwest::Client, base: &str) -> Value {
+    json_of(
+        http.get(format!("{base}/dashboard/api/overview"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .1
+}
+
 /// The overview's rows after a stream's events: the first whole overview with every change
 /// after it applied, by name.
 fn replay(events: &[(String, Value)]) -> std::collections::BTreeMap<String, Value> {
@@ -459,13 +474,7 @@ async fn the_overview_stream_sends_changes_that_replay_to_the_whole() {
     // Until the sampler has seen all 40 (its whole overview lists them, beside `db`).
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let (_, v) = json_of(
-            http.get(format!("{base}/dashboard/api/overview"))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let v = whole_overview(&http, &base).await;
         if v["limiters"].as_array().map_or(0, Vec::len) >= 41 {
             break;
         }
@@ -477,7 +486,7 @@ async fn the_overview_stream_sends_changes_that_replay_to_the_whole() {
         .send()
         .await
         .unwrap();
-    let mut got = named_events(&mut stream, &["overview", "overview-delta"], 2).await;
+    let mut got = named_events(&mut stream, OVERVIEW_EVENTS, 2).await;
     assert_eq!(got[0].0, "overview");
     let idle = got[0].1["limiters"].as_array().unwrap().iter();
     assert_eq!(
@@ -506,7 +515,7 @@ async fn the_overview_stream_sends_changes_that_replay_to_the_whole() {
     assert_eq!(resp.status(), StatusCode::OK);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        got.extend(named_events(&mut stream, &["overview", "overview-delta"], 1).await);
+        got.extend(named_events(&mut stream, OVERVIEW_EVENTS, 1).await);
         let rows = replay(&got);
         if rows["idle-07"]["in_use"] == 1 && !rows.contains_key("idle-31") {
             break;
@@ -527,13 +536,7 @@ async fn the_overview_stream_sends_changes_that_replay_to_the_whole() {
     );
     // The replayed rows are the whole overview of the same render, row for row.
     loop {
-        let (_, whole) = json_of(
-            http.get(format!("{base}/dashboard/api/overview"))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let whole = whole_overview(&http, &base).await;
         let seq = got.last().unwrap().1["seq"].as_u64().unwrap();
         if whole["seq"].as_u64() == Some(seq) {
             let rows: Vec<Value> = replay(&got).into_values().collect();
@@ -542,7 +545,7 @@ async fn the_overview_stream_sends_changes_that_replay_to_the_whole() {
         }
         // The stream is behind or ahead of the read: take the next render and compare again.
         assert!(tokio::time::Instant::now() < deadline, "renders never met");
-        got.extend(named_events(&mut stream, &["overview", "overview-delta"], 1).await);
+        got.extend(named_events(&mut stream, OVERVIEW_EVENTS, 1).await);
     }
     served.stop().await;
 }
@@ -569,7 +572,7 @@ async fn event_streams_push_samples_and_end_at_shutdown() {
         .starts_with("text/event-stream"));
     // Several pushes, each a new sample (its time moves on): the whole overview first, then
     // what changed, render after render.
-    let got = named_events(&mut overview, &["overview", "overview-delta"], 3).await;
+    let got = named_events(&mut overview, OVERVIEW_EVENTS, 3).await;
     let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["overview", "overview-delta", "overview-delta"]);
     let seqs: Vec<u64> = got

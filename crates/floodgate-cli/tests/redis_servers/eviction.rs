@@ -20,6 +20,11 @@ use crate::support::{cli, free_port, RedisServer};
 /// `maxmemory` for these tests: set, and far above what they use.
 const MAXMEMORY: &str = "100mb";
 
+/// A Redis on a free port with this `maxmemory` and `maxmemory-policy`.
+fn redis_with(maxmemory: &str, policy: &str) -> RedisServer {
+    RedisServer::start_on_a_free_port(&["--maxmemory", maxmemory, "--maxmemory-policy", policy])
+}
+
 /// A 503 `store_unavailable` whose message names `policy` and the fix.
 #[track_caller]
 fn assert_refused_for(reply: &Reply, policy: &str, what: &str) {
@@ -36,14 +41,7 @@ fn assert_refused_for(reply: &Reply, policy: &str, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_exits_2_at_start_on_a_redis_that_evicts_keys() {
     for policy in ["allkeys-lru", "volatile-lru", "volatile-ttl"] {
-        let redis = blocking(|| {
-            RedisServer::start_on_a_free_port(&[
-                "--maxmemory",
-                MAXMEMORY,
-                "--maxmemory-policy",
-                policy,
-            ])
-        });
+        let redis = blocking(|| redis_with(MAXMEMORY, policy));
         let addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_floodgate"));
         cmd.args(["serve", "--redis", &redis.url(), "--listen", &addr]);
@@ -92,14 +90,7 @@ fn cmd_with_stderr(mut cmd: Command) -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_evicting_policy_set_at_run_time_is_refused_until_it_is_undone() {
-    let redis = blocking(|| {
-        RedisServer::start_on_a_free_port(&[
-            "--maxmemory",
-            MAXMEMORY,
-            "--maxmemory-policy",
-            "noeviction",
-        ])
-    });
+    let redis = blocking(|| redis_with(MAXMEMORY, "noeviction"));
     let srv = InProcServer::start(RedisConfig::new(redis.url()), false).await;
     let http = srv.http.clone();
     http.put_limiter("evict", json!({"concurrency": 2, "max_wait_ms": 1_000}))
@@ -187,14 +178,7 @@ async fn a_redis_that_cannot_evict_is_served() {
         ("0", "volatile-lru"),
         ("0", "volatile-ttl"),
     ] {
-        let redis = blocking(|| {
-            RedisServer::start_on_a_free_port(&[
-                "--maxmemory",
-                maxmemory,
-                "--maxmemory-policy",
-                policy,
-            ])
-        });
+        let redis = blocking(|| redis_with(maxmemory, policy));
         let (_serve, http) = spawn_serve(&redis.url()).await;
         http.put_limiter("served", json!({"concurrency": 1})).await;
         let reply = http.acquire("served", json!({"wait_ms": 0})).await;
@@ -212,14 +196,7 @@ async fn a_redis_that_cannot_evict_is_served() {
 /// drop it (here 3 permits out at a limit of 1, where the evicting Redis held 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fail_open_does_not_grant_past_an_evicting_redis() {
-    let redis = blocking(|| {
-        RedisServer::start_on_a_free_port(&[
-            "--maxmemory",
-            MAXMEMORY,
-            "--maxmemory-policy",
-            "noeviction",
-        ])
-    });
+    let redis = blocking(|| redis_with(MAXMEMORY, "noeviction"));
     let srv = InProcServer::start(RedisConfig::new(redis.url()), true).await;
     let http = srv.http.clone();
     http.put_limiter("open", json!({"concurrency": 1})).await;

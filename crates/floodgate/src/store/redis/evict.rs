@@ -9,7 +9,7 @@
 //! every operation is answered `Unavailable` naming the policy and the fix until it is fixed.
 //!
 //! The policy is read from `INFO memory` (managed Redis often disables `CONFIG`): at connect
-//! (where a refusal fails `connect` itself), at each check of a master (`generation.rs`,
+//! ([`EvictionGuard::at_connect`], where a refusal fails `connect` itself), at each check of a master (`generation.rs`,
 //! `shard.rs`: their `INFO` carries the memory section too), at each [`ping`] (readiness
 //! probes; every master of a Cluster), and every [`RECHECK_EVERY`] by a
 //! task of the store's own (every master of a Cluster), so a policy changed at run time is
@@ -180,14 +180,14 @@ impl Inner {
     }
 }
 
-/// Refuses a Redis that may evict keys before the store is made: `connect` fails with it.
-pub(super) async fn refuse_evicting(conn: &Conn) -> Result<(), StoreError> {
-    let infos = read_masters(conn).await?;
-    match infos.iter().find_map(|(_, info)| evicting_of(info)) {
-        Some(found) => Err(StoreError::Unavailable(
-            crate::error::Unavailable::caused_by("redis", found),
-        )),
-        None => Ok(()),
+impl EvictionGuard {
+    /// The guard of a store about to be made, from a read of every master now: `Err` (which
+    /// fails `connect`) if one may evict keys.
+    pub(super) async fn at_connect(conn: &Conn) -> Result<Self, StoreError> {
+        let guard = EvictionGuard::default();
+        guard.replace(&read_masters(conn).await?);
+        guard.check()?;
+        Ok(guard)
     }
 }
 

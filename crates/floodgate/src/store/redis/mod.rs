@@ -355,7 +355,7 @@ impl RedisStore {
             (conn, release_conn, PubSubSource::Fixed(Box::new(client)))
         };
         // A Redis that may evict a limiter's keys is refused before anything is done on it.
-        evict::refuse_evicting(&conn).await?;
+        let eviction = evict::EvictionGuard::at_connect(&conn).await?;
         // Whom the store starts on, to notice a failover or a restart later.
         let run_id = generation::master_run_id(&conn).await?;
         let server_id = unique_id();
@@ -378,7 +378,7 @@ impl RedisStore {
             generation: Mutex::new(generation::Generation::new(run_id)),
             suspect: generation::Suspicions::default(),
             shards: Mutex::new(shard::Shards::default()),
-            eviction: evict::EvictionGuard::default(),
+            eviction,
             relearn_pending: AtomicBool::new(false),
             changes: AtomicU64::new(0),
             abandoned: Mutex::new(HashMap::new()),
