@@ -99,5 +99,7 @@ async fn each_key_keeps_its_limit<S: Store>(gate: Floodgate<S>, hold: Duration) 
         last_small < 6,
         "small ran beside big's batch, not after it: {order:?}"
     );
-    assert_eq!(limiter.status().await.unwrap().in_use, 0);
+    // The layer releases a permit in the background when its call ends (on Redis that is a
+    // round trip after the call's future completed), so wait for the store to say so.
+    support::until_status(&limiter, "all released", |s| s.in_use == 0).await;
 }
