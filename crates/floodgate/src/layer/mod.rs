@@ -3,9 +3,10 @@
 //! Put [`FloodgateLayer`] in front of any tower service (a job handler of a tower-based worker
 //! such as apalis, an HTTP client calling a rate-limited backend) and every call, in every
 //! process using the same store, shares one global concurrency limit. The permit is acquired
-//! inside the response future and released when that future completes or is dropped: a
-//! streaming response body, read after the future completed, is read without the permit (as
-//! with tower's own `ConcurrencyLimit`). An acquire that ends without a permit fails the call
+//! inside the response future and released when that future completes or is dropped (on
+//! Redis the release is sent in the background then, so a status read just after the call
+//! may still count the permit for a round trip): a streaming response body, read after the
+//! future completed, is read without the permit (as with tower's own `ConcurrencyLimit`). An acquire that ends without a permit fails the call
 //! with the boxed [`AcquireError`]
 //! (`is_wait_timeout()`, `retry_after()`), so the caller can re-enqueue the work.
 //!
