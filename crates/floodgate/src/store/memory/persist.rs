@@ -222,6 +222,7 @@ impl MemoryStore<WallClock> {
         let dir = durability.dir.clone();
         let lock = lock_dir(&dir)?;
         let recovered = recover::recover(&dir)?;
+        let replayed = recovered.log_bytes;
         let wal = Wal::open(
             &dir,
             recovered.segment,
@@ -281,6 +282,14 @@ impl MemoryStore<WallClock> {
             token_floor: AtomicU64::new(recovered.token_floor),
             persist: Some(Arc::clone(&persist)),
         });
+        // A log replayed at start that has reached the threshold is snapshotted now, before
+        // the first operation: left to the snapshot task, a store closed again before that task
+        // ran (a crash loop, a loaded machine) replayed an ever longer log at every start.
+        if replayed >= durability.snapshot_after_bytes {
+            if let Err(e) = take_snapshot(&inner) {
+                tracing::error!(error = %e, "snapshot at start failed; the log keeps growing until one succeeds");
+            }
+        }
         spawn_snapshots(Arc::downgrade(&inner), due);
         spawn_clock_marks(Arc::downgrade(&persist), clock);
         let handles = Arc::new(Handles {

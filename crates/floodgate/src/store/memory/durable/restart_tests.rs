@@ -29,8 +29,10 @@ fn crash_copy(from: &Path, to: &Path) {
 /// A server restarted more often than its log reaches the snapshot threshold: the log replayed
 /// at start counts toward the next snapshot, so the files stay bounded. (Each start began its
 /// count at 0: 20 starts of 60 records each left 20 segments, 167 KB against a 16 KiB
-/// threshold, and no snapshot; every start replayed them all.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// threshold, and no snapshot; every start replayed them all.) On one thread the snapshot
+/// task never runs before the store is closed, as on a loaded machine where it ran too late
+/// (CI saw 101,548 bytes in 13 segments): the snapshot taken at start must bound the log alone.
+#[tokio::test(flavor = "current_thread")]
 async fn the_log_stays_bounded_across_restarts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let threshold = 16 * 1024;
@@ -56,7 +58,6 @@ async fn the_log_stays_bounded_across_restarts() {
                 .await
                 .expect("released");
         }
-        // Snapshots are taken off the async threads: let one that is due finish first.
         store.close();
     }
     let (mut segments, mut bytes) = (0, 0);
