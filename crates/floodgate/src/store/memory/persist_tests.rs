@@ -94,3 +94,49 @@ async fn close_unlocks_even_while_a_forked_child_shares_the_lock_file() {
     drop(child_copy);
     again.close();
 }
+
+/// A snapshot taken once the log has stopped keeps nothing the log did not get. Here a release
+/// runs after the log stopped: its caller is told the store is unavailable, and the log still
+/// has the permit held. A snapshot that read the state then wrote the release down, so the
+/// reopened store had freed a permit its holder was told it still held (a timer pass between
+/// a close and a snapshot's reads did the same: a CI run reopened a store whose snapshot had
+/// granted waiters the log had queued).
+#[tokio::test]
+async fn no_snapshot_keeps_a_change_made_after_the_log_stopped() {
+    use crate::spec::LimiterSpec;
+    use crate::store::{LimiterBackend, Store};
+    use crate::types::LimiterName;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = LimiterName::new("a").expect("name");
+    let (store, _) = MemoryStore::open(Durability::new(dir.path())).expect("open");
+    store
+        .put_limiter(&name, LimiterSpec::concurrency(1))
+        .await
+        .expect("put");
+    let limiter = store.limiter(&name).await.expect("limiter");
+    let grant = limiter
+        .acquire(crate::AcquireOptions::new())
+        .await
+        .expect("granted");
+    let persist = store.inner.persist.as_ref().expect("durable");
+    persist.close_log();
+    assert!(
+        limiter.release(grant.token).await.is_err(),
+        "a release the log cannot take is not answered as done"
+    );
+    let err = take_snapshot(&store.inner).expect_err("the log stopped: no snapshot");
+    assert_eq!(err.kind(), std::io::ErrorKind::Interrupted, "{err}");
+    store.close();
+    drop((limiter, store));
+    let (again, _) = MemoryStore::open(Durability::new(dir.path())).expect("reopen");
+    let status = again
+        .limiter(&name)
+        .await
+        .expect("limiter")
+        .status()
+        .await
+        .expect("status");
+    assert_eq!(status.in_use, 1, "the log's holder is held: {status:?}");
+    again.close();
+}

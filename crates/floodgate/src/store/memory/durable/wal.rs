@@ -20,6 +20,15 @@ use super::FsyncPolicy;
 use crate::error::StoreError;
 
 /// The name of log segment `n`.
+/// The error of a snapshot given up because the store was closed (`ErrorKind::Interrupted`:
+/// not a failure of the disk, and not logged as one).
+pub(crate) fn closed_during_snapshot() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::Interrupted,
+        "the store was closed: no snapshot is taken after its log stopped",
+    )
+}
+
 pub(crate) fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("wal-{n:010}.log"))
 }
@@ -127,6 +136,17 @@ impl Wal {
         self.lock().next_seq
     }
 
+    /// [`next_seq`](Self::next_seq) while the log is open; once it is closed, the error a
+    /// snapshot gives up with: a limiter's state read after the close may hold changes the log
+    /// never got (a timer pass), which no snapshot may keep.
+    pub(crate) fn next_seq_while_open(&self) -> std::io::Result<u64> {
+        let st = self.lock();
+        if st.closed {
+            return Err(closed_during_snapshot());
+        }
+        Ok(st.next_seq)
+    }
+
     /// Writes every pending record to the file. Under `always`, also waits until the disk has
     /// it. Errors once any write or sync has failed.
     pub(crate) async fn commit(&self, seq: u64) -> Result<(), StoreError> {
@@ -199,6 +219,9 @@ impl Wal {
     /// go to segment + 1, whose number is returned.
     pub(crate) fn rotate(&self) -> std::io::Result<u64> {
         let mut st = self.lock();
+        if st.closed {
+            return Err(closed_during_snapshot());
+        }
         flush(&mut st);
         if let Some(e) = &st.failed {
             return Err(std::io::Error::other(e.clone()));
