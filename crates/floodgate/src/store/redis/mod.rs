@@ -100,6 +100,13 @@ impl RedisConfig {
         let floor = MAX_LEASE + MAX_WAIT;
         u64::try_from(self.idle_ttl.max(floor).as_millis()).unwrap_or(u64::MAX)
     }
+
+    /// The listing set's TTL: a limiter's plus [`revive::RELIST_EVERY`], so the set outlives
+    /// every limiter still in use (see `RedisLimiter::keep_listed`).
+    fn listing_ttl_ms(&self) -> u64 {
+        let every = u64::try_from(revive::RELIST_EVERY.as_millis()).unwrap_or(u64::MAX);
+        self.ttl_ms().saturating_add(every)
+    }
 }
 
 /// Limiters in Redis (standalone or Cluster). Cheap to clone; clones share one connection.
@@ -459,7 +466,7 @@ impl RedisStore {
     /// this leaves a name the next listing drops.
     async fn register(&self, name: &LimiterName) -> Result<(), StoreError> {
         self.inner.eviction.check()?;
-        let ttl = self.inner.config.ttl_ms();
+        let ttl = self.inner.config.listing_ttl_ms();
         let max = self
             .inner
             .config

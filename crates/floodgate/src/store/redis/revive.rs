@@ -12,6 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::keyed_revive::kput_args;
 use super::limiter::{invalid, RedisLimiter};
@@ -54,6 +55,8 @@ pub(crate) struct Known {
     /// Keyed limiters' definitions (total spec, per-key spec, overrides), to re-create one
     /// that vanished the same way (`keyed_revive.rs`).
     pub(super) keyed: HashMap<LimiterName, super::keyed_revive::KeyedDef>,
+    /// When this store last added each limiter it uses to the listing set (`register`).
+    pub(super) listed: HashMap<LimiterName, Instant>,
 }
 
 impl Inner {
@@ -99,6 +102,7 @@ impl RedisLimiter {
         known.specs.remove(&self.name);
         known.asked.remove(&self.name);
         known.keyed.remove(&self.name);
+        known.listed.remove(&self.name);
     }
 
     /// Forgets the plain spec only: the limiter turned out keyed (its keyed definition, if
@@ -136,6 +140,46 @@ impl RedisLimiter {
             // `status` remembers the spec it reads; a keyed limiter's definition is read too.
             if limiter.status().await.is_err() || limiter.learn_keyed_def(None).await.is_err() {
                 limiter.store.lock_known().asked.remove(&limiter.name);
+            }
+        });
+    }
+
+    /// Keeps a limiter this store uses in the listing set: added again (`register`) at its
+    /// first use by this store and then at most every [`RELIST_EVERY`]. The set's TTL was
+    /// renewed only by a `put` or a revival, so it expired `idle_ttl` after the last one while
+    /// the limiters were in use (every operation renews theirs), and the listing (the
+    /// dashboard, `GET /limiters`, `limiter apply`) then showed none of them.
+    pub(super) fn keep_listed(&self, op: &str, reply: &[String]) {
+        // Only a limiter that exists (not one gone, deleted or being deleted).
+        if matches!(op, "delete" | "drain")
+            || matches!(
+                reply.first().map(String::as_str),
+                Some("unknown" | "gone" | "deleted" | "drained")
+            )
+        {
+            return;
+        }
+        {
+            let mut known = self.store.lock_known();
+            let now = Instant::now();
+            if known
+                .listed
+                .get(&self.name)
+                .is_some_and(|at| now.duration_since(*at) < RELIST_EVERY)
+            {
+                return;
+            }
+            known.listed.insert(self.name.clone(), now);
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = Arc::clone(&self.store);
+        let name = self.name.clone();
+        handle.spawn(async move {
+            if register(&inner, &name).await.is_err() {
+                // Tried again at the next operation.
+                inner.lock_known().listed.remove(&name);
             }
         });
     }
@@ -257,7 +301,7 @@ impl RedisLimiter {
 pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(), StoreError> {
     let key = format!("{}:limiters", inner.config.prefix);
     let mut conn = inner.conn.clone();
-    let ttl = inner.config.ttl_ms();
+    let ttl = inner.config.listing_ttl_ms();
     redis::pipe()
         .sadd(&key, name.as_str())
         .ignore()
@@ -265,8 +309,18 @@ pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(
         .ignore()
         .query_async::<()>(&mut conn)
         .await
-        .map_err(unavailable)
+        .map_err(unavailable)?;
+    inner
+        .lock_known()
+        .listed
+        .insert(name.clone(), Instant::now());
+    Ok(())
 }
+
+/// How often a store adds a limiter it uses to the listing set again (`keep_listed`). The set
+/// lives this much longer than a limiter's keys (`RedisConfig::listing_ttl_ms`), so it outlives
+/// every limiter in use: each was added at most this long before its last use.
+pub(super) const RELIST_EVERY: Duration = Duration::from_secs(3600);
 
 impl Inner {
     /// The next mark on [`order`](Inner::order).

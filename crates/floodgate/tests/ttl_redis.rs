@@ -1,0 +1,240 @@
+//! Keys that expire on their own: every key of a limiter in use, plain or keyed, has its TTL
+//! renewed (none is left to run out while the others are kept), and so has the listing set.
+//! Elapsed time is simulated by lowering TTLs by hand (`age`) and clearing the hourly refresh
+//! mark in `hot`, never by sleeping: what is checked is which keys an operation renews.
+
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use floodgate::{
+    AcquireOptions, Floodgate, KeyOverride, KeyedSpec, LimiterBackend, LimiterSpec, RateSpec,
+    RedisConfig, RedisStore,
+};
+
+/// The TTL `age` leaves every key with: far below any a store sets (a day at least).
+const AGED_MS: i64 = 100_000;
+const REGISTRY: &str = "fg:limiters";
+
+async fn gate(server: &support::RedisServer) -> Floodgate<RedisStore> {
+    Floodgate::with_store(
+        RedisStore::connect(RedisConfig::new(server.url()))
+            .await
+            .expect("connect"),
+    )
+}
+
+fn conn(server: &support::RedisServer) -> redis::Connection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+fn keys_of(conn: &mut redis::Connection, name: &str) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("fg:{{{name}}}:*"))
+        .query(conn)
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+fn pttl(conn: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query(conn).unwrap()
+}
+
+fn pexpire(conn: &mut redis::Connection, key: &str, ms: i64) {
+    let _: () = redis::cmd("PEXPIRE").arg(key).arg(ms).query(conn).unwrap();
+}
+
+/// As if the limiter's keys had last been renewed long ago and the hourly refresh were due:
+/// every key left with `AGED_MS`, and `ttl_at` (the 7th number of the packed `hot` value,
+/// `lua/common.lua`) set to 0.
+fn age(conn: &mut redis::Connection, name: &str) {
+    for key in keys_of(conn, name) {
+        pexpire(conn, &key, AGED_MS);
+    }
+    let holders = format!("fg:{{{name}}}:holders");
+    let mut hot: Vec<u8> = redis::cmd("HGET")
+        .arg(&holders)
+        .arg("hot")
+        .query(conn)
+        .unwrap();
+    hot[50..58].copy_from_slice(&0f64.to_le_bytes());
+    let _: () = redis::cmd("HSET")
+        .arg(&holders)
+        .arg("hot")
+        .arg(hot)
+        .query(conn)
+        .unwrap();
+}
+
+/// Every key of the limiter has its TTL renewed (none left at `AGED_MS`).
+fn all_renewed(conn: &mut redis::Connection, name: &str, after: &str, expected: &[&str]) {
+    let keys = keys_of(conn, name);
+    for kind in expected {
+        assert!(
+            keys.contains(&format!("fg:{{{name}}}:{kind}")),
+            "{name}: no {kind} key to check: {keys:?}"
+        );
+    }
+    for key in keys {
+        let ttl = pttl(conn, &key);
+        assert!(ttl > AGED_MS, "{key} not renewed by {after}: {ttl} ms left");
+    }
+}
+
+/// Whatever the path that renews them (the general path's finish, a fast path's save_hot, the
+/// keyed finish), all of a limiter's keys are renewed together: a key written once and never
+/// again (an override, a waiter's queue entry, a holder's key share) is kept as long as the
+/// limiter is used. (A guard: this held before this test was written.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_of_a_limiter_in_use_has_its_ttl_renewed() {
+    let server = support::RedisServer::start();
+    let gate = gate(&server).await;
+    let mut conn = conn(&server);
+    let long = Duration::from_secs(600);
+
+    // Plain: two holders, a queued waiter for two permits (`heavy`), on the general path.
+    gate.define("p", LimiterSpec::concurrency(2).with_max_wait(long))
+        .await
+        .unwrap();
+    let p = gate.limiter("p").await.unwrap();
+    let held = [
+        p.acquire(AcquireOptions::new()).await.unwrap(),
+        p.acquire(AcquireOptions::new()).await.unwrap(),
+    ];
+    let queued = p.clone();
+    let waiter = tokio::spawn(async move {
+        queued
+            .acquire(AcquireOptions::new().permits(2).wait(long))
+            .await
+    });
+    support::until_status(&p, "queued", |s| s.waiting == 1).await;
+    age(&mut conn, "p");
+    p.status().await.unwrap();
+    all_renewed(
+        &mut conn,
+        "p",
+        "a status",
+        &["meta", "holders", "leases", "queue", "heavy"],
+    );
+
+    // Plain, on the fast path (an acquire granted at once reads and writes only `hot`).
+    gate.define("f", LimiterSpec::concurrency(5)).await.unwrap();
+    let f = gate.limiter("f").await.unwrap();
+    let first = f.acquire(AcquireOptions::new()).await.unwrap();
+    age(&mut conn, "f");
+    let second = f.acquire(AcquireOptions::new()).await.unwrap();
+    all_renewed(
+        &mut conn,
+        "f",
+        "a fast-path acquire",
+        &["meta", "holders", "leases"],
+    );
+
+    // Keyed: an override of a key never used, a holder and a waiter of another key, whose own
+    // rate holds its waiter back (`ksleep`).
+    gate.define_keyed(
+        "k",
+        LimiterSpec::concurrency(10).with_max_wait(long),
+        KeyedSpec::per_key(2).with_rate(RateSpec::per(1, Duration::from_secs(60))),
+    )
+    .await
+    .unwrap();
+    let k = gate.limiter("k").await.unwrap();
+    let over = KeyOverride {
+        concurrency: Some(1),
+        weight: 1,
+    };
+    k.backend().put_key("z", Some(over)).await.unwrap();
+    let key_holder = k.acquire(AcquireOptions::new().key("a")).await.unwrap();
+    let queued = k.clone();
+    let key_waiter = tokio::spawn(async move {
+        queued
+            .acquire(AcquireOptions::new().key("a").wait(long))
+            .await
+    });
+    support::until_status(&k, "queued", |s| s.waiting == 1).await;
+    age(&mut conn, "k");
+    k.status().await.unwrap();
+    all_renewed(
+        &mut conn,
+        "k",
+        "a keyed status",
+        &[
+            "meta",
+            "holders",
+            "leases",
+            "waits",
+            "kstate",
+            "koverrides",
+            "kqueue",
+            "kholders",
+            "kbusy",
+            "ksleep",
+            "kheads",
+        ],
+    );
+    drop((held, waiter, first, second, key_holder, key_waiter));
+}
+
+/// The names in the listing set.
+fn listed(conn: &mut redis::Connection) -> Vec<String> {
+    redis::cmd("SMEMBERS").arg(REGISTRY).query(conn).unwrap()
+}
+
+/// The listing set (`fg:limiters`) had its TTL renewed only by a `put` or a revival: with the
+/// limiters defined once and then only used, it expired `idle_ttl` (7 days by default) after
+/// the last definition, while every operation kept the limiters' own keys, and the listing (the
+/// dashboard, `GET /limiters`, `limiter apply`) showed none of them; `max_limiters` counted from
+/// zero again. Nothing but a `put` renewed it, so its expiry is made here by hand (`DEL`). A
+/// server that uses a limiter lists it again, and the set outlives the limiter's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limiter_in_use_is_listed_again_after_the_listing_set_expired() {
+    let server = support::RedisServer::start();
+    let mut conn = conn(&server);
+    let definer = gate(&server).await;
+    definer
+        .define("l", LimiterSpec::concurrency(2))
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL").arg(REGISTRY).query(&mut conn).unwrap();
+    assert!(definer.limiters().await.unwrap().is_empty());
+    // Another server (or this one restarted) uses the limiter.
+    let user = gate(&server).await;
+    let permit = user
+        .limiter("l")
+        .await
+        .unwrap()
+        .acquire(AcquireOptions::new())
+        .await
+        .unwrap();
+    // Added again in the background: a liveness bound only.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !listed(&mut conn).contains(&"l".to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "a limiter in use is not listed again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let names: Vec<String> = definer
+        .limiters()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(names, ["l"]);
+    let (set, meta) = (pttl(&mut conn, REGISTRY), pttl(&mut conn, "fg:{l}:meta"));
+    assert!(
+        set > meta,
+        "the listing set ({set} ms) expires before the limiter ({meta} ms)"
+    );
+    drop(permit);
+}
