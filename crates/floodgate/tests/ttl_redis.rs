@@ -238,3 +238,35 @@ async fn a_limiter_in_use_is_listed_again_after_the_listing_set_expired() {
     );
     drop(permit);
 }
+
+/// `idle_ttl` has a floor but had no ceiling. One past Redis's range (`Duration::MAX`, a way
+/// to say "never") failed every define with "value is not an integer or out of range", naming
+/// nothing; one within it as text but not as the Lua number the script sends (from about 1e17
+/// ms, some three million years) failed the define's script at its TTL refresh, after its
+/// writes (Redis does not undo a failed script's writes). It is capped, and the
+/// limiter works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_ttl_too_long_for_redis_is_capped() {
+    let server = support::RedisServer::start();
+    let mut conn = conn(&server);
+    for (name, idle_ttl) in [
+        ("never", Duration::MAX),
+        ("eons", Duration::from_millis(1_000_000_000_000_000_000)),
+    ] {
+        let mut config = RedisConfig::new(server.url());
+        config.idle_ttl = idle_ttl;
+        let gate = Floodgate::with_store(RedisStore::connect(config).await.expect("connect"));
+        gate.define(name, LimiterSpec::concurrency(1))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let limiter = gate.limiter(name).await.unwrap();
+        let permit = limiter.acquire(AcquireOptions::new()).await.unwrap();
+        assert!(limiter.try_acquire().await.is_err(), "the limit holds");
+        permit.release().await.unwrap();
+        let again = limiter.acquire(AcquireOptions::new()).await.unwrap();
+        for key in keys_of(&mut conn, name) {
+            assert!(pttl(&mut conn, &key) > 0, "{key} has no TTL");
+        }
+        drop(again);
+    }
+}

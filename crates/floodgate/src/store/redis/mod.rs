@@ -56,7 +56,9 @@ pub struct RedisConfig {
     /// instead of hanging while Redis is down.
     pub response_timeout: Duration,
     /// Keys of a limiter not used for this long expire (every operation refreshes them).
-    /// Never below a day plus the longest wait, so live state cannot vanish.
+    /// Never below a day plus the longest wait, so live state cannot vanish; at most 100
+    /// years (a longer one, `Duration::MAX` included, is taken as that: Redis refuses a TTL
+    /// past its range).
     pub idle_ttl: Duration,
     /// Prefix of every key and channel, to share one Redis between deployments.
     pub prefix: String,
@@ -98,7 +100,10 @@ impl RedisConfig {
 
     fn ttl_ms(&self) -> u64 {
         let floor = MAX_LEASE + MAX_WAIT;
-        u64::try_from(self.idle_ttl.max(floor).as_millis()).unwrap_or(u64::MAX)
+        // Redis answers a TTL past its range (and the script's, written from a Lua number,
+        // from about 1e17 ms) "value is not an integer or out of range".
+        let ceiling = Duration::from_secs(100 * 365 * 24 * 3600);
+        u64::try_from(self.idle_ttl.clamp(floor, ceiling).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The listing set's TTL: a limiter's plus [`revive::RELIST_EVERY`], so the set outlives
