@@ -270,3 +270,117 @@ async fn an_idle_ttl_too_long_for_redis_is_capped() {
         drop(again);
     }
 }
+
+/// Every key a store writes has a TTL, whatever wrote it: a key without one would outlive the
+/// limiter for good (and a key created without one after the hourly refresh would not be
+/// renewed with the others). A workload that makes every kind of key: holders, waiters (one
+/// granted, one timed out, one gone away), rate schedules, an idempotent paced grant, a keyed
+/// limiter's overrides, key states, a key held back by its own rate and a key's reservation,
+/// and a deleted limiter's queue and tombstone. (A guard: this held before this test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_key_is_left_without_a_ttl() {
+    let server = support::RedisServer::start();
+    let gate = gate(&server).await;
+    let mut conn = conn(&server);
+    let wait = Duration::from_secs(5);
+    let rate = RateSpec::per(1000, Duration::from_secs(1));
+
+    gate.define(
+        "a",
+        LimiterSpec::concurrency(1)
+            .with_max_wait(wait)
+            .with_rate(rate),
+    )
+    .await
+    .unwrap();
+    let a = gate.limiter("a").await.unwrap();
+    let held = a.acquire(AcquireOptions::new()).await.unwrap();
+    let queued = a.clone();
+    let granted_later =
+        tokio::spawn(async move { queued.acquire(AcquireOptions::new().wait(wait)).await });
+    let queued = a.clone();
+    let gone = tokio::spawn(async move { queued.acquire(AcquireOptions::new().wait(wait)).await });
+    support::until_status(&a, "queued", |s| s.waiting == 2).await;
+    gone.abort();
+    let timed_out = a
+        .acquire(AcquireOptions::new().wait(Duration::from_millis(1)))
+        .await;
+    assert!(timed_out.is_err());
+    held.release().await.unwrap();
+    let second = granted_later.await.unwrap().unwrap();
+    let schedule = a.backend().schedule(3).await.unwrap();
+    a.backend()
+        .unschedule(schedule.reservation, 1)
+        .await
+        .unwrap();
+
+    // Rate only: its idempotent grant is remembered in `outcomes` (`p:KEY`).
+    let mut paced = LimiterSpec::default().with_rate(rate);
+    paced.concurrency = None;
+    gate.define("r", paced).await.unwrap();
+    let r = gate.limiter("r").await.unwrap();
+    drop(
+        r.acquire(AcquireOptions::new().request_id("paced-1"))
+            .await
+            .unwrap(),
+    );
+
+    gate.define_keyed(
+        "k",
+        LimiterSpec::concurrency(10).with_max_wait(wait),
+        KeyedSpec::per_key(2).with_rate(RateSpec::per(1, Duration::from_secs(60))),
+    )
+    .await
+    .unwrap();
+    let k = gate.limiter("k").await.unwrap();
+    let over = KeyOverride {
+        concurrency: Some(1),
+        weight: 2,
+    };
+    k.backend().put_key("z", Some(over)).await.unwrap();
+    let key_held = k.acquire(AcquireOptions::new().key("a")).await.unwrap();
+    let queued = k.clone();
+    let key_waiter = tokio::spawn(async move {
+        queued
+            .acquire(AcquireOptions::new().key("a").wait(wait))
+            .await
+    });
+    support::until_status(&k, "queued", |s| s.waiting == 1).await;
+    k.backend().schedule_keyed("b", 1).await.unwrap();
+    key_held.release().await.unwrap();
+
+    gate.define("d", LimiterSpec::concurrency(1).with_max_wait(wait))
+        .await
+        .unwrap();
+    let d = gate.limiter("d").await.unwrap();
+    let d_held = d.acquire(AcquireOptions::new()).await.unwrap();
+    let queued = d.clone();
+    let d_waiter =
+        tokio::spawn(async move { queued.acquire(AcquireOptions::new().wait(wait)).await });
+    support::until_status(&d, "queued", |s| s.waiting == 1).await;
+    gate.delete("d").await.unwrap();
+    assert!(d_waiter.await.unwrap().is_err());
+
+    let all: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    let mut kinds: Vec<&str> = all.iter().filter_map(|k| k.rsplit(':').next()).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    for kind in [
+        "outcomes",
+        "otimes",
+        "kstate",
+        "koverrides",
+        "kholders",
+        "ksleep",
+        "kidle",
+        "tokens",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} key made: {all:?}");
+    }
+    assert!(all.contains(&"fg:{r}:outcomes".to_owned()), "{all:?}");
+    for key in &all {
+        let ttl = pttl(&mut conn, key);
+        assert!(ttl > 0, "{key} has no TTL ({ttl})");
+    }
+    drop((second, key_waiter, d_held));
+}
