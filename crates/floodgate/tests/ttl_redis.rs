@@ -384,3 +384,105 @@ async fn no_key_is_left_without_a_ttl() {
     }
     drop((second, key_waiter, d_held));
 }
+
+/// The least TTL (ms) a limiter's keys must have to keep a rate debt of `debt`: the debt itself
+/// (a limiter unused from now on must not forget it before it ends).
+fn at_least(debt: Duration) -> i64 {
+    i64::try_from(debt.as_millis()).unwrap()
+}
+
+/// A rate's debt (GCRA's `tat` ahead of the clock) runs up to interval × burst ahead: 100 days
+/// after a burst of 100 at one a day. The keys lived only the idle TTL (7 days) from their last
+/// use, so a limiter unused after its burst forgot a debt still running, and once re-created
+/// (its definer's `PUT` after the 404) granted a fresh burst of 100 on top, where the rate
+/// allowed 7 more in those 7 days (seen, with the keys expired by hand as 7 idle days would).
+/// Its keys are now kept until the debt is over, plain and keyed (a per-key rate's debt is in
+/// `kstate`), renewed by the paced fast path too, and a `put` that raises the burst renews them
+/// at once. Checked by TTL, not by waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_debt_outlasting_the_idle_ttl_keeps_the_keys() {
+    let server = support::RedisServer::start();
+    let gate = gate(&server).await;
+    let mut conn = conn(&server);
+    let day = Duration::from_secs(24 * 3600);
+    let debt = day * 100;
+    let ttls = |conn: &mut redis::Connection, name: &str| -> Vec<(String, i64)> {
+        keys_of(conn, name)
+            .into_iter()
+            .map(|k| {
+                let ttl = pttl(conn, &k);
+                (k, ttl)
+            })
+            .collect()
+    };
+
+    // Plain, rate only: the burst taken on the paced fast path.
+    let mut spec = LimiterSpec::default().with_rate(RateSpec::per(1, day).with_burst(100));
+    spec.concurrency = None;
+    gate.define("q", spec).await.unwrap();
+    let q = gate.limiter("q").await.unwrap();
+    for _ in 0..100 {
+        drop(
+            q.acquire(AcquireOptions::new().wait(Duration::ZERO))
+                .await
+                .unwrap(),
+        );
+    }
+    age(&mut conn, "q");
+    drop(
+        q.acquire(AcquireOptions::new().wait(Duration::ZERO))
+            .await
+            .err(),
+    );
+    for (key, ttl) in ttls(&mut conn, "q") {
+        assert!(
+            ttl >= at_least(debt - day),
+            "{key}: {ttl} ms, a debt of 100 days"
+        );
+    }
+
+    // A burst raised by a put: renewed at once.
+    gate.define(
+        "u",
+        LimiterSpec::concurrency(5).with_rate(RateSpec::per(1, day).with_burst(1)),
+    )
+    .await
+    .unwrap();
+    gate.define(
+        "u",
+        LimiterSpec::concurrency(5).with_rate(RateSpec::per(1, day).with_burst(100)),
+    )
+    .await
+    .unwrap();
+    for (key, ttl) in ttls(&mut conn, "u") {
+        assert!(ttl >= at_least(debt), "{key}: {ttl} ms after the put");
+    }
+
+    // Keyed, a per-key rate: its debt is in the key's state.
+    gate.define_keyed(
+        "kr",
+        LimiterSpec::concurrency(1000),
+        KeyedSpec::per_key(1000).with_rate(RateSpec::per(1, day).with_burst(100)),
+    )
+    .await
+    .unwrap();
+    let kr = gate.limiter("kr").await.unwrap();
+    for _ in 0..100 {
+        drop(
+            kr.acquire(AcquireOptions::new().key("a").wait(Duration::ZERO))
+                .await
+                .unwrap(),
+        );
+    }
+    let renewed = ttls(&mut conn, "kr");
+    assert!(
+        renewed.iter().any(|(k, _)| k.ends_with(":kstate")),
+        "{renewed:?}"
+    );
+    for (key, ttl) in renewed {
+        assert!(
+            ttl >= at_least(debt),
+            "{key}: {ttl} ms, a key's debt of 100 days"
+        );
+    }
+}

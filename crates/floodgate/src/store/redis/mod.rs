@@ -55,10 +55,12 @@ pub struct RedisConfig {
     /// Bound on every round trip: an operation fails with `Unavailable` after this long
     /// instead of hanging while Redis is down.
     pub response_timeout: Duration,
-    /// Keys of a limiter not used for this long expire (every operation refreshes them).
-    /// Never below a day plus the longest wait, so live state cannot vanish; at most 100
-    /// years (a longer one, `Duration::MAX` included, is taken as that: Redis refuses a TTL
-    /// past its range).
+    /// Keys of a limiter not used for this long expire (every operation refreshes them); a
+    /// limiter with a rate keeps them at least as long as its debt can run (interval × burst,
+    /// plus the longest wait and an hour), so a re-created one cannot grant a burst again on
+    /// top of a debt still running. Never below a day plus the longest wait, so live state
+    /// cannot vanish; at most 100 years (a longer one, `Duration::MAX` included, is taken as
+    /// that: Redis refuses a TTL past its range).
     pub idle_ttl: Duration,
     /// Prefix of every key and channel, to share one Redis between deployments.
     pub prefix: String,

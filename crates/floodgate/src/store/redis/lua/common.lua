@@ -97,6 +97,16 @@ local HOT_TAG, HOT_TAG_BYTE = '#', 35
 -- The hot value's field in `holders` (never a token: is_token in helpers.lua).
 local HOT_FIELD = 'hot'
 local TTL_REFRESH = 3600 * 1000000
+-- How long (ms) a limiter's keys are kept from their last renewal: the idle TTL, or longer
+-- while a rate's debt could outlast it. `debt` (us): how far ahead of the clock the rate's
+-- `tat` can run, interval x burst (a schedule adds at most the longest wait); keys are renewed
+-- at most hourly. Kept only the idle TTL, a limiter unused after a burst (a day's interval,
+-- a burst of 100: 100 days of debt) forgot a debt still running, and a re-created one granted
+-- a fresh burst on top of it.
+local function keep_ms(debt)
+  if not debt or debt <= 0 then return ttl_ms end
+  return math.max(ttl_ms, math.ceil((debt + MAX_WAIT + TTL_REFRESH) / 1000))
+end
 -- "No deadline": above every time (2^53 - 1, still exact in a double).
 local NONE = 9007199254740991
 

@@ -85,12 +85,9 @@ do
 end
 
 -- Every key has a TTL: set on the key's creation (see `created`) and refreshed for all keys at
--- most hourly (`ttl_at`), so an idle limiter vanishes after `idle_ttl` and nothing grows.
+-- most hourly (`ttl_at`), so an idle limiter vanishes after `idle_ttl` (or once its rate's debt
+-- is over, `keep_for`) and nothing grows.
 local refresh = tonumber(m.ttl_at or '0') <= now
-local function created(...)
-  if refresh then return end   -- finish() refreshes every key anyway
-  for _, key in ipairs({...}) do redis.call('PEXPIRE', key, ARGV[3]) end
-end
 
 -- Absent (empty) fields mean "none": a rate-only limiter has no concurrency.
 local function opt(v) if v == nil or v == '' then return nil end return tonumber(v) end
@@ -169,6 +166,19 @@ end
 
 local function take_rate(at, permits)
   if rate_limit then tat = math.max(tat, at) + interval() * permits end
+end
+
+-- Every key's TTL (ms), for the spec in force when it is set (common.lua's keep_ms). The keyed
+-- layer adds its per-key rate's debt.
+local function keep_for(key_debt)
+  local debt = key_debt or 0
+  if rate_limit then debt = math.max(debt, interval() * rate_burst) end
+  return keep_ms(debt)
+end
+
+local function created(...)
+  if refresh then return end   -- finish() refreshes every key anyway
+  for _, key in ipairs({...}) do redis.call('PEXPIRE', key, keep_for()) end
 end
 
 -- The most permits one acquire can ever get.
@@ -538,7 +548,8 @@ local function finish(reply)
     hot_key_old = false
   end
   if refresh then
-    for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+    local keep = keep_for()
+    for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], keep) end
   end
   local next = due
   local rd = head_rate_at()

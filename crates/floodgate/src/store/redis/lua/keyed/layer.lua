@@ -28,6 +28,15 @@ local function parse_rate(raw)
 end
 KD.rate = parse_rate(m.k_rate)
 
+-- Keys kept while a per-key rate's debt (in `kstate`) could run too (state.lua's keep_for):
+-- a key's `tat` runs at most its interval x burst ahead. (Reassigned, so created() and the
+-- plain finish use it as well.)
+KD.plain_keep_for = keep_for
+keep_for = function()
+  local r = KD.rate
+  return KD.plain_keep_for(r and r.t * r.burst)
+end
+
 -- When the key's rate allows `permits` tokens (sched.rs gcra_at); nil without a rate.
 local function key_rate_at(k, permits)
   local r = KD.rate
@@ -655,10 +664,11 @@ finish = function(reply)
     end
   end
   if #changed > 0 then redis.call('HSET', K_META, unpack(changed)) end
+  local keep = keep_for()
   if refresh then
-    for i = 12, 20 do redis.call('PEXPIRE', KEYS[i], ttl_ms) end
+    for i = 12, 20 do redis.call('PEXPIRE', KEYS[i], keep) end
   else
-    for key in pairs(KD.touched) do redis.call('PEXPIRE', key, ttl_ms) end
+    for key in pairs(KD.touched) do redis.call('PEXPIRE', key, keep) end
   end
   KD.touched = {}
   return plain_finish(reply)

@@ -7,6 +7,9 @@
 -- A reply made by finish() ends with the delay in us to the next deadline ('-1': none).
 
 if op == 'put' then
+  -- Every key renewed by this call, for the new spec: a longer rate debt (a burst raised) needs
+  -- longer TTLs at once, not at the next hourly renewal (common.lua's keep_ms).
+  refresh = true
   -- The Rust side validates the whole spec first; these checks are a backstop.
   local conc, lease, wait, queue, first_token =
     opt(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
