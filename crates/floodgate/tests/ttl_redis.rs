@@ -457,6 +457,16 @@ async fn a_rate_debt_outlasting_the_idle_ttl_keeps_the_keys() {
     for (key, ttl) in ttls(&mut conn, "u") {
         assert!(ttl >= at_least(debt), "{key}: {ttl} ms after the put");
     }
+    // A burst lowered after it was taken leaves the debt as it was: still kept.
+    let mut spec = LimiterSpec::default().with_rate(RateSpec::per(1, day).with_burst(1));
+    spec.concurrency = None;
+    gate.define("q", spec).await.unwrap();
+    for (key, ttl) in ttls(&mut conn, "q") {
+        assert!(
+            ttl >= at_least(debt - day),
+            "{key}: {ttl} ms, a debt of 99 days"
+        );
+    }
 
     // Keyed, a per-key rate: its debt is in the key's state.
     gate.define_keyed(

@@ -20,9 +20,9 @@ local function save_hot(refresh, fields, n, mode, ...)
     redis.call('HSET', K_HOLD, HOT_FIELD, packed)
   end
   if refresh then
-    -- (The rate's interval and burst, HOT's 19th and 20th fields; -1 without a rate.)
-    local rate_t, rate_burst = select(18, ...)
-    local keep = keep_ms(rate_t > 0 and rate_t * rate_burst or 0)
+    -- (`tat`, the rate's interval and burst: HOT's 18th to 20th fields; -1 without a rate.)
+    local tat, rate_t, rate_burst = select(17, ...)
+    local keep = keep_ms(rate_t > 0 and math.max(rate_t * rate_burst, tat - now) or 0)
     for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], keep) end
   end
 end

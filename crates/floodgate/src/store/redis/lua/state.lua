@@ -168,11 +168,12 @@ local function take_rate(at, permits)
   if rate_limit then tat = math.max(tat, at) + interval() * permits end
 end
 
--- Every key's TTL (ms), for the spec in force when it is set (common.lua's keep_ms). The keyed
--- layer adds its per-key rate's debt.
+-- Every key's TTL (ms), for the spec in force when it is set (common.lua's keep_ms): the debt
+-- the rate can run to, or the one it has if more (a burst lowered by a put leaves `tat` as it
+-- was). The keyed layer adds its per-key rate's debt.
 local function keep_for(key_debt)
   local debt = key_debt or 0
-  if rate_limit then debt = math.max(debt, interval() * rate_burst) end
+  if rate_limit then debt = math.max(debt, interval() * rate_burst, tat - now) end
   return keep_ms(debt)
 end
 
