@@ -60,7 +60,10 @@ pub struct RedisConfig {
     /// plus the longest wait and an hour), so a re-created one cannot grant a burst again on
     /// top of a debt still running. Never below a day plus the longest wait, so live state
     /// cannot vanish; at most 100 years (a longer one, `Duration::MAX` included, is taken as
-    /// that: Redis refuses a TTL past its range).
+    /// that: Redis refuses a TTL past its range). Give every store sharing a Redis the same
+    /// one: a key a store creates gets that store's TTL, so one created through a store with a
+    /// shorter one (a keyed limiter's override, say) may expire before the rest of its limiter
+    /// when it goes unused for a while (the key then runs at the per-key default).
     pub idle_ttl: Duration,
     /// Prefix of every key and channel, to share one Redis between deployments.
     pub prefix: String,
