@@ -34,7 +34,11 @@ KD.rate = parse_rate(m.k_rate)
 KD.plain_keep_for = keep_for
 keep_for = function()
   local r = KD.rate
-  return KD.plain_keep_for(r and r.t * r.burst)
+  local debt = r and r.t * r.burst or 0
+  -- A key's debt from before its rate was lowered (keyed/put.lua's apply_put records it).
+  local till = tonumber(m.k_debt or '')
+  if till and till - now > debt then debt = till - now end
+  return KD.plain_keep_for(debt)
 end
 
 -- When the key's rate allows `permits` tokens (sched.rs gcra_at); nil without a rate.

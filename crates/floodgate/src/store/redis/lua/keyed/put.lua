@@ -69,12 +69,21 @@ apply_put = function()
   if not changed then return end
   -- New per-key defaults: every key's limit in force (an administrative operation, O(keys)).
   local raw = redis.call('HKEYS', K_KS)
+  -- The latest `tat` of any key: a key's debt is kept across a change of the per-key rate, and
+  -- may run past what the new one can owe (its burst lowered); recorded, so the keys are kept
+  -- until it is over (layer.lua's keep_for).
+  local debt_until = 0
   for _, tkey in ipairs(raw) do
     local k = kget(tkey)
     if k then
       k.limit, k.weight = limits_for(tkey)
       kdirty(tkey)
+      if k.tat > debt_until then debt_until = k.tat end
     end
+  end
+  if debt_until > now then
+    m.k_debt = fmt(debt_until)
+    redis.call('HSET', K_META, 'k_debt', m.k_debt)
   end
   refuse_impossible()
   -- Keys the change readies join the ring oldest head first (ties by arrival), as the core's
