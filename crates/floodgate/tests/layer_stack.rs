@@ -26,6 +26,7 @@ use std::time::Duration;
 use floodgate::{
     AcquireOptions, Floodgate, FloodgateLayer, LimiterSpec, RedisConfig, RedisStore, Store,
 };
+use tokio::sync::Notify;
 use tower::limit::ConcurrencyLimitLayer;
 use tower::timeout::Timeout;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
@@ -163,23 +164,46 @@ async fn a_readied_inner_slot_comes_back_when_a_waiting_call_is_dropped() {
     assert_eq!((s.in_use, s.holders, s.waiting), (0, 0, 0), "{s:?}");
 }
 
-/// A (lease `lease`) runs `3 * lease`; B and C (long leases) arrive while A runs. A's lease
-/// ends, B gets the permit (A and B overlap: the documented price of a too-short lease); A's
-/// late release must not free B's permit, so C enters only after B left.
+/// A (lease `lease`) runs past its lease: it ends a lease after B entered, and B can only
+/// enter once A's lease ended (A and B overlap: the documented price of a too-short lease). A's late
+/// release must not free B's permit, so C (queued behind B) enters only after B left. The
+/// calls end on each other's events, not after fixed holds: in real time (Redis) a stalled
+/// test process would otherwise reorder them (B and C had to queue within A's 400 ms lease).
 async fn a_late_release_frees_nobody_elses_permit<S: Store>(gate: Floodgate<S>, lease: Duration) {
     let spec = LimiterSpec::concurrency(1).with_max_wait(Duration::from_secs(600));
     gate.define("lease", spec).await.unwrap();
     let limiter = gate.limiter("lease").await.unwrap();
     let events: Arc<Mutex<Vec<String>>> = Arc::default();
+    let b_in = Arc::new(Notify::new());
+    let a_out = Arc::new(Notify::new());
     let inner = {
-        let events = Arc::clone(&events);
-        service_fn(move |(name, hold): (&'static str, Duration)| {
-            let events = Arc::clone(&events);
+        let (events, b_in, a_out) = (Arc::clone(&events), Arc::clone(&b_in), Arc::clone(&a_out));
+        service_fn(move |name: &'static str| {
+            let (events, b_in, a_out) =
+                (Arc::clone(&events), Arc::clone(&b_in), Arc::clone(&a_out));
             async move {
                 events.lock().unwrap().push(format!("{name} in"));
-                tokio::time::sleep(hold).await;
+                match name {
+                    "A" => {
+                        b_in.notified().await;
+                        // Clearly past its lease (B got in when it ended), as a call that
+                        // overruns is.
+                        tokio::time::sleep(lease).await;
+                        events.lock().unwrap().push("A out".to_owned());
+                        a_out.notify_one();
+                        return Ok::<_, Infallible>(());
+                    }
+                    "B" => {
+                        b_in.notify_one();
+                        a_out.notified().await;
+                        // Time for A's late release (a background round trip on Redis) to
+                        // free B's permit, were it to: C would then enter beside B.
+                        tokio::time::sleep(lease * 2).await;
+                    }
+                    _ => {}
+                }
                 events.lock().unwrap().push(format!("{name} out"));
-                Ok::<_, Infallible>(())
+                Ok(())
             }
         })
     };
@@ -197,12 +221,21 @@ async fn a_late_release_frees_nobody_elses_permit<S: Store>(gate: Floodgate<S>, 
     let long = ServiceBuilder::new()
         .layer(layer(Duration::from_secs(600)))
         .service(inner);
-    let a = tokio::spawn(short.oneshot(("A", lease * 3)));
-    support::until_status(&limiter, "A holds", |s| s.in_use == 1).await;
-    let b = tokio::spawn(long.clone().oneshot(("B", lease * 5)));
-    support::until_status(&limiter, "B waits", |s| s.waiting == 1).await;
-    let c = tokio::spawn(long.oneshot(("C", lease / 10)));
-    support::until_status(&limiter, "C waits", |s| s.waiting == 2).await;
+    // Each call reaches the store (granted or queued) before the next is made, so they are
+    // granted in the order A, B, C; counted so that a grant or a lease ending in between does
+    // not hide it.
+    let a = tokio::spawn(short.oneshot("A"));
+    support::until_status(&limiter, "A granted", |s| s.counters.granted >= 1).await;
+    let b = tokio::spawn(long.clone().oneshot("B"));
+    support::until_status(&limiter, "B queued or granted", |s| {
+        s.counters.granted + u64::from(s.waiting) >= 2
+    })
+    .await;
+    let c = tokio::spawn(long.oneshot("C"));
+    support::until_status(&limiter, "C queued or granted", |s| {
+        s.counters.granted + u64::from(s.waiting) >= 3
+    })
+    .await;
     for t in [a, b, c] {
         t.await.unwrap().unwrap();
     }
