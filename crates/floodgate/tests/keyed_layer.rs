@@ -35,10 +35,7 @@ async fn the_key_comes_from_the_request_and_each_key_keeps_its_limit_on_redis() 
     let store = RedisStore::connect(RedisConfig::new(server.url()))
         .await
         .unwrap();
-    // Calls held long enough that the small org's two calls overlap, and start before big's
-    // first ones end, even when the test process is stalled for a while between them (10 ms,
-    // as under paused time, assumed a test never stalled).
-    each_key_keeps_its_limit(Floodgate::with_store(store), Duration::from_millis(250)).await;
+    each_key_keeps_its_limit(Floodgate::with_store(store), Duration::from_millis(50)).await;
 }
 
 async fn each_key_keeps_its_limit<S: Store>(gate: Floodgate<S>, hold: Duration) {
@@ -50,10 +47,19 @@ async fn each_key_keeps_its_limit<S: Store>(gate: Floodgate<S>, hold: Duration) 
     // Calls in progress per org, and the most seen, counted outside the limiter.
     let running: Arc<Mutex<HashMap<&'static str, (u32, u32)>>> = Arc::default();
     let order: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    // Every call stays in until both of small's calls have entered (or a deadline far past any
+    // wait has passed): so small's two overlap and big's first two are still in when small's
+    // arrive, however the test process is stalled (fixed holds of 250 ms assumed it never was
+    // for that long). If small's calls were held behind big's batch, the deadline lets big's
+    // run on and the order below says so.
+    let (small_in, small_entered) = tokio::sync::watch::channel(0u32);
+    let small_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let inner = {
         let (running, order) = (Arc::clone(&running), Arc::clone(&order));
+        let small_in = Arc::new(small_in);
         service_fn(move |job: Job| {
             let (running, order) = (Arc::clone(&running), Arc::clone(&order));
+            let (small_in, mut small_entered) = (Arc::clone(&small_in), small_entered.clone());
             async move {
                 {
                     let mut r = running.lock().unwrap();
@@ -62,6 +68,12 @@ async fn each_key_keeps_its_limit<S: Store>(gate: Floodgate<S>, hold: Duration) 
                     e.1 = e.1.max(e.0);
                 }
                 order.lock().unwrap().push(job.org);
+                if job.org == "small" {
+                    small_in.send_modify(|n| *n += 1);
+                }
+                let _ =
+                    tokio::time::timeout_at(small_deadline, small_entered.wait_for(|n| *n >= 2))
+                        .await;
                 tokio::time::sleep(hold).await;
                 running.lock().unwrap().get_mut(job.org).unwrap().0 -= 1;
                 Ok::<_, Infallible>(())
