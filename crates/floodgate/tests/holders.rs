@@ -39,7 +39,9 @@ async fn check<S: Store>(gate: Floodgate<S>) {
         .unwrap();
     // A label with the record separator and non-ASCII survives the Redis encoding.
     let soon = lim.acquire(request("a|b|ü", 30_000, 0)).await.unwrap();
-    let short = lim.acquire(request("short", 300, 0)).await.unwrap();
+    // Its lease ends first; shortened below once the queue is seen (a 300 ms lease from the
+    // start lapsed before a stalled test saw the waiter queue behind it).
+    let short = lim.acquire(request("short", 20_000, 0)).await.unwrap();
     // Queued behind the full limit: its label rides with the waiter.
     let queued = {
         let lim = lim.clone();
@@ -69,6 +71,9 @@ async fn check<S: Store>(gate: Floodgate<S>) {
     assert_eq!(first.lease_deadline, short.lease_deadline);
 
     // The short lease ends: it is no longer listed, and the waiter takes its place.
+    lim.extend(short.token, Duration::from_millis(300), None)
+        .await
+        .unwrap();
     let granted = queued.await.unwrap().unwrap();
     let view = lim.holders(10).await.unwrap();
     let labels: Vec<_> = view.holders.iter().map(|h| h.label.as_deref()).collect();
