@@ -310,7 +310,10 @@ fn pttl(conn: &mut redis::Connection, key: &str) -> i64 {
 fn holders_never_outlive_meta_and_state_without_meta_grants_nothing() {
     let (_server, mut conn, sc) = script::script_on_redis();
     let keys = floodgate::store::redis::limiter_keys("fg", "ttl");
-    let ttl_ms = 1500;
+    // Far longer than any stall between the put and the acquire (with 1.5 s, a stalled test
+    // found `meta` expired and the acquire answered `unknown`); the 300 ms sleep is what lets
+    // a fresh TTL on `holders` show above `meta`'s.
+    let ttl_ms = 60_000;
     // concurrency 1, lease 60 s, wait 0, queue 10, rate 1000 per s, burst 1000.
     let put = [
         "1", "60000000", "0", "10", "1", "1000", "1000000", "1000", "", "", "", "", "", "", "", "",
