@@ -139,27 +139,7 @@ async fn every_key_of_a_limiter_in_use_has_its_ttl_renewed() {
 
     // Keyed: an override of a key never used, a holder and a waiter of another key, whose own
     // rate holds its waiter back (`ksleep`).
-    gate.define_keyed(
-        "k",
-        LimiterSpec::concurrency(10).with_max_wait(long),
-        KeyedSpec::per_key(2).with_rate(RateSpec::per(1, Duration::from_secs(60))),
-    )
-    .await
-    .unwrap();
-    let k = gate.limiter("k").await.unwrap();
-    let over = KeyOverride {
-        concurrency: Some(1),
-        weight: 1,
-    };
-    k.backend().put_key("z", Some(over)).await.unwrap();
-    let key_holder = k.acquire(AcquireOptions::new().key("a")).await.unwrap();
-    let queued = k.clone();
-    let key_waiter = tokio::spawn(async move {
-        queued
-            .acquire(AcquireOptions::new().key("a").wait(long))
-            .await
-    });
-    support::until_status(&k, "queued", |s| s.waiting == 1).await;
+    let (k, key_holder, key_waiter) = keyed_in_use(&gate, long, 1).await;
     age(&mut conn, "k");
     k.status().await.unwrap();
     all_renewed(
@@ -181,6 +161,43 @@ async fn every_key_of_a_limiter_in_use_has_its_ttl_renewed() {
         ],
     );
     drop((held, waiter, first, second, key_holder, key_waiter));
+}
+
+/// A keyed limiter `k` in use: an override (`weight`) of a key never used (`z`), a holder of
+/// key `a`, and a waiter of `a` that its rate holds back (`ksleep`).
+async fn keyed_in_use(
+    gate: &Floodgate<RedisStore>,
+    wait: Duration,
+    weight: u32,
+) -> (
+    floodgate::Limiter<floodgate::RedisLimiter>,
+    floodgate::Permit<floodgate::RedisLimiter>,
+    tokio::task::JoinHandle<
+        Result<floodgate::Permit<floodgate::RedisLimiter>, floodgate::AcquireError>,
+    >,
+) {
+    gate.define_keyed(
+        "k",
+        LimiterSpec::concurrency(10).with_max_wait(wait),
+        KeyedSpec::per_key(2).with_rate(RateSpec::per(1, Duration::from_secs(60))),
+    )
+    .await
+    .unwrap();
+    let k = gate.limiter("k").await.unwrap();
+    let over = KeyOverride {
+        concurrency: Some(1),
+        weight,
+    };
+    k.backend().put_key("z", Some(over)).await.unwrap();
+    let holder = k.acquire(AcquireOptions::new().key("a")).await.unwrap();
+    let queued = k.clone();
+    let waiter = tokio::spawn(async move {
+        queued
+            .acquire(AcquireOptions::new().key("a").wait(wait))
+            .await
+    });
+    support::until_status(&k, "queued", |s| s.waiting == 1).await;
+    (k, holder, waiter)
 }
 
 /// The names in the listing set.
@@ -325,27 +342,7 @@ async fn no_key_is_left_without_a_ttl() {
             .unwrap(),
     );
 
-    gate.define_keyed(
-        "k",
-        LimiterSpec::concurrency(10).with_max_wait(wait),
-        KeyedSpec::per_key(2).with_rate(RateSpec::per(1, Duration::from_secs(60))),
-    )
-    .await
-    .unwrap();
-    let k = gate.limiter("k").await.unwrap();
-    let over = KeyOverride {
-        concurrency: Some(1),
-        weight: 2,
-    };
-    k.backend().put_key("z", Some(over)).await.unwrap();
-    let key_held = k.acquire(AcquireOptions::new().key("a")).await.unwrap();
-    let queued = k.clone();
-    let key_waiter = tokio::spawn(async move {
-        queued
-            .acquire(AcquireOptions::new().key("a").wait(wait))
-            .await
-    });
-    support::until_status(&k, "queued", |s| s.waiting == 1).await;
+    let (k, key_held, key_waiter) = keyed_in_use(&gate, wait, 2).await;
     k.backend().schedule_keyed("b", 1).await.unwrap();
     key_held.release().await.unwrap();
 
