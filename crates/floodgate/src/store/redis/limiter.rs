@@ -117,8 +117,7 @@ impl RedisLimiter {
         let sent = self.store.tick();
         let reply = self.call_once(op, args).await?;
         if reply.first().map(String::as_str) != Some("unknown") || !super::revive::revives(op) {
-            self.learn_spec_in_background(&reply);
-            self.keep_listed(op, &reply);
+            self.after_use(op, &reply);
             return Ok(reply);
         }
         if self.revive(sent).await? {

@@ -112,7 +112,7 @@ impl RedisConfig {
     }
 
     /// The listing set's TTL: a limiter's plus [`revive::RELIST_EVERY`], so the set outlives
-    /// every limiter still in use (see `RedisLimiter::keep_listed`).
+    /// every limiter still in use (see `RedisLimiter::after_use`).
     fn listing_ttl_ms(&self) -> u64 {
         let every = u64::try_from(revive::RELIST_EVERY.as_millis()).unwrap_or(u64::MAX);
         self.ttl_ms().saturating_add(every)

@@ -115,73 +115,71 @@ impl RedisLimiter {
         }
     }
 
-    /// The first time this store uses a limiter it has not defined (another server did), reads
-    /// its spec in the background, so it can re-create it after a loss too.
-    pub(super) fn learn_spec_in_background(&self, reply: &[String]) {
-        if matches!(
-            reply.first().map(String::as_str),
-            Some("unknown" | "gone" | "status")
-        ) {
-            return;
-        }
-        {
-            // Every operation passes here: one uncontended lock, and no allocation once asked.
-            let mut known = self.store.lock_known();
-            if known.asked.contains(&self.name) {
-                return;
-            }
-            known.asked.insert(self.name.clone());
-        }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let limiter = self.clone();
-        handle.spawn(async move {
-            // `status` remembers the spec it reads; a keyed limiter's definition is read too.
-            if limiter.status().await.is_err() || limiter.learn_keyed_def(None).await.is_err() {
-                limiter.store.lock_known().asked.remove(&limiter.name);
-            }
-        });
-    }
-
-    /// Keeps a limiter this store uses in the listing set: added again (`register`) at its
-    /// first use by this store and then at most every [`RELIST_EVERY`]. The set's TTL was
-    /// renewed only by a `put` or a revival, so it expired `idle_ttl` after the last one while
-    /// the limiters were in use (every operation renews theirs), and the listing (the
-    /// dashboard, `GET /limiters`, `limiter apply`) then showed none of them.
-    pub(super) fn keep_listed(&self, op: &str, reply: &[String]) {
+    /// What this store does after each operation that found the limiter, under one lock of
+    /// `known` (every operation passes here: one uncontended lock, and no allocation once both
+    /// are done):
+    /// - the first time it uses a limiter it has not defined (another server did), it reads its
+    ///   spec in the background, so it can re-create it after a loss too;
+    /// - it keeps a limiter it uses in the listing set: added again (`register`) at its first
+    ///   use by this store and then at most every [`RELIST_EVERY`]. The set's TTL was renewed
+    ///   only by a `put` or a revival, so it expired `idle_ttl` after the last one while the
+    ///   limiters were in use (every operation renews theirs), and the listing (the dashboard,
+    ///   `GET /limiters`, `limiter apply`) then showed none of them.
+    pub(super) fn after_use(&self, op: &str, reply: &[String]) {
+        let tag = reply.first().map(String::as_str);
+        // A status reply carries the spec already (`status` remembers it).
+        let may_learn = !matches!(tag, Some("unknown" | "gone" | "status"));
         // Only a limiter that exists (not one gone, deleted or being deleted).
-        if matches!(op, "delete" | "drain")
-            || matches!(
-                reply.first().map(String::as_str),
-                Some("unknown" | "gone" | "deleted" | "drained")
-            )
-        {
+        let may_list = !matches!(op, "delete" | "drain")
+            && !matches!(tag, Some("unknown" | "gone" | "deleted" | "drained"));
+        if !may_learn && !may_list {
             return;
         }
-        {
+        let (learn, relist) = {
             let mut known = self.store.lock_known();
-            let now = Instant::now();
-            if known
-                .listed
-                .get(&self.name)
-                .is_some_and(|at| now.duration_since(*at) < RELIST_EVERY)
-            {
-                return;
+            let learn = may_learn && !known.asked.contains(&self.name);
+            if learn {
+                known.asked.insert(self.name.clone());
             }
-            known.listed.insert(self.name.clone(), now);
+            let relist = may_list && {
+                let now = Instant::now();
+                let due = known
+                    .listed
+                    .get(&self.name)
+                    .is_none_or(|at| now.duration_since(*at) >= RELIST_EVERY);
+                if due {
+                    known.listed.insert(self.name.clone(), now);
+                }
+                due
+            };
+            (learn, relist)
+        };
+        if !learn && !relist {
+            return;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let inner = Arc::clone(&self.store);
-        let name = self.name.clone();
-        handle.spawn(async move {
-            if register(&inner, &name).await.is_err() {
-                // Tried again at the next operation.
-                inner.lock_known().listed.remove(&name);
-            }
-        });
+        if learn {
+            let limiter = self.clone();
+            handle.spawn(async move {
+                // `status` remembers the spec it reads; a keyed limiter's definition is read
+                // too.
+                if limiter.status().await.is_err() || limiter.learn_keyed_def(None).await.is_err() {
+                    limiter.store.lock_known().asked.remove(&limiter.name);
+                }
+            });
+        }
+        if relist {
+            let inner = Arc::clone(&self.store);
+            let name = self.name.clone();
+            handle.spawn(async move {
+                if register(&inner, &name).await.is_err() {
+                    // Tried again at the next operation.
+                    inner.lock_known().listed.remove(&name);
+                }
+            });
+        }
     }
 
     /// The learning window for this limiter if this store knows it: a `put` that finds it
@@ -317,9 +315,10 @@ pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(
     Ok(())
 }
 
-/// How often a store adds a limiter it uses to the listing set again (`keep_listed`). The set
-/// lives this much longer than a limiter's keys (`RedisConfig::listing_ttl_ms`), so it outlives
-/// every limiter in use: each was added at most this long before its last use.
+/// How often a store adds a limiter it uses to the listing set again
+/// (`RedisLimiter::after_use`). The set lives this much longer than a limiter's keys
+/// (`RedisConfig::listing_ttl_ms`), so it outlives every limiter in use: each was added at most
+/// this long before its last use.
 pub(super) const RELIST_EVERY: Duration = Duration::from_secs(3600);
 
 impl Inner {
