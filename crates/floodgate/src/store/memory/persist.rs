@@ -312,8 +312,8 @@ impl<C: Clock> MemoryStore<C> {
 
     /// Writes and syncs everything logged, and unlocks the data directory: call on shutdown.
     /// Dropping the last clone of the store does the same. A snapshot being taken is finished
-    /// first, or given up if it had not read every limiter before the log stopped (the last
-    /// snapshot and the log stay in charge); nothing is written to the directory after it
+    /// first if it was done reading the limiters while the log was open, and given up
+    /// otherwise (the last snapshot and the log stay in charge); nothing is written to the directory after it
     /// returns (no snapshot, no clock mark), so another store or process may open it at once.
     /// Every later operation that must be logged fails with `Unavailable`, and
     /// [`snapshot_now`](Self::snapshot_now) with an error of kind `Interrupted`. A no-op for a
@@ -392,6 +392,16 @@ fn take_snapshot<C: Clock>(inner: &Inner<C>) -> std::io::Result<()> {
 
 fn snapshot_inner<C: Clock>(inner: &Inner<C>, persist: &Persist) -> std::io::Result<()> {
     let segment = persist.wal.rotate()?;
+    snapshot_from(inner, persist, segment)
+}
+
+/// The snapshot's part after the log's rotation to `segment`: reads every limiter, writes the
+/// snapshot, deletes what it covers.
+fn snapshot_from<C: Clock>(
+    inner: &Inner<C>,
+    persist: &Persist,
+    segment: u64,
+) -> std::io::Result<()> {
     let limiters = inner.all();
     let mut out = Vec::with_capacity(limiters.len());
     for limiter in limiters {
@@ -418,9 +428,13 @@ fn snapshot_inner<C: Clock>(inner: &Inner<C>, persist: &Persist) -> std::io::Res
             keyed: state.keyed.as_ref().map(|k| k.to_state()),
         });
     }
+    // Once more after every read: a change after the log stopped that no read above met (a
+    // delete, which takes its limiter out of the map: written without it, the snapshot lost a
+    // limiter the log never saw deleted) is in no snapshot either.
+    let next_seq = persist.wal.next_seq_while_open()?;
     let snap = StoreSnapshot {
         segment,
-        next_seq: persist.wal.next_seq(),
+        next_seq,
         clock_us: inner.clock.now().0,
         token_floor: inner.token_floor.load(Ordering::Relaxed),
         limiters: out,

@@ -140,3 +140,47 @@ async fn no_snapshot_keeps_a_change_made_after_the_log_stopped() {
     assert_eq!(status.in_use, 1, "the log's holder is held: {status:?}");
     again.close();
 }
+
+/// A change made after the log stopped that the snapshot's reads cannot see in a limiter's
+/// state: a delete. The snapshot started (its rotation) while the log was open; the log then
+/// stopped, and a delete ran, whose caller was told the store is unavailable: the limiter left
+/// the map, so the snapshot's reads met no open limiter to find the log closed at, and it was
+/// written without the limiter, deleting the log that had it: the reopened store had lost a
+/// limiter the log never saw deleted.
+#[tokio::test]
+async fn no_snapshot_keeps_a_delete_made_after_the_log_stopped() {
+    use crate::spec::LimiterSpec;
+    use crate::store::Store;
+    use crate::types::LimiterName;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = LimiterName::new("a").expect("name");
+    let (store, _) = MemoryStore::open(Durability::new(dir.path())).expect("open");
+    store
+        .put_limiter(&name, LimiterSpec::concurrency(1))
+        .await
+        .expect("put");
+    let persist = store.inner.persist.as_ref().expect("durable");
+    // The snapshot's first step, while the log is open.
+    let segment = persist.wal.rotate().expect("rotate");
+    persist.close_log();
+    assert!(
+        store.delete_limiter(&name).await.is_err(),
+        "a delete the log cannot take is not answered as done"
+    );
+    let err = super::snapshot_from(&store.inner, persist, segment)
+        .expect_err("the log stopped before the reads: no snapshot");
+    assert_eq!(err.kind(), std::io::ErrorKind::Interrupted, "{err}");
+    store.close();
+    drop(store);
+    let (again, _) = MemoryStore::open(Durability::new(dir.path())).expect("reopen");
+    let names: Vec<String> = again
+        .list_limiters()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|s| s.name.as_str().to_owned())
+        .collect();
+    assert_eq!(names, vec!["a".to_owned()], "the log's limiter is there");
+    again.close();
+}

@@ -19,7 +19,6 @@ use super::record::{encode, Record};
 use super::FsyncPolicy;
 use crate::error::StoreError;
 
-/// The name of log segment `n`.
 /// The error of a snapshot given up because the store was closed (`ErrorKind::Interrupted`:
 /// not a failure of the disk, and not logged as one).
 pub(crate) fn closed_during_snapshot() -> std::io::Error {
@@ -29,6 +28,7 @@ pub(crate) fn closed_during_snapshot() -> std::io::Error {
     )
 }
 
+/// The name of log segment `n`.
 pub(crate) fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("wal-{n:010}.log"))
 }
@@ -131,13 +131,8 @@ impl Wal {
         (seq, due)
     }
 
-    /// The seq the next record will get: every record appended so far is below it.
-    pub(crate) fn next_seq(&self) -> u64 {
-        self.lock().next_seq
-    }
-
-    /// [`next_seq`](Self::next_seq) while the log is open; once it is closed, the error a
-    /// snapshot gives up with: a limiter's state read after the close may hold changes the log
+    /// The seq the next record will get (every record appended so far is below it) while the
+    /// log is open; once it is closed, the error a snapshot gives up with: a limiter's state read after the close may hold changes the log
     /// never got (a timer pass), which no snapshot may keep.
     pub(crate) fn next_seq_while_open(&self) -> std::io::Result<u64> {
         let st = self.lock();
