@@ -511,3 +511,63 @@ async fn a_rate_debt_outlasting_the_idle_ttl_keeps_the_keys() {
         );
     }
 }
+
+/// The listing set outlives a limiter kept for its rate's debt. Its keys live as long as the
+/// debt can run (100 days after a burst of 100 at one a day), but the set had the idle TTL plus
+/// an hour (7 days and an hour): once that ran out the limiter, unused meanwhile, still existed
+/// with its debt, and the listing (the dashboard, `GET /limiters`) and `max_limiters` no longer
+/// counted it. Whoever adds a name now gives the set at least the limiter's own TTL (plus the
+/// two hours its keys can be renewed in around a relisting), and nothing shortens it: not a
+/// define of a limiter without a rate, nor a relisting by another store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_set_outlives_a_limiter_kept_for_its_debt() {
+    let server = support::RedisServer::start();
+    let gate = gate(&server).await;
+    let mut conn = conn(&server);
+    let day = Duration::from_secs(24 * 3600);
+    let outlives = |conn: &mut redis::Connection, after: &str| {
+        let (set, meta) = (pttl(conn, REGISTRY), pttl(conn, "fg:{q}:meta"));
+        assert!(
+            set > meta,
+            "after {after}: the listing set ({set} ms) expires before the limiter ({meta} ms)"
+        );
+    };
+    let mut spec = LimiterSpec::default().with_rate(RateSpec::per(1, day).with_burst(100));
+    spec.concurrency = None;
+    gate.define("q", spec).await.unwrap();
+    let q = gate.limiter("q").await.unwrap();
+    for _ in 0..100 {
+        drop(
+            q.acquire(AcquireOptions::new().wait(Duration::ZERO))
+                .await
+                .unwrap(),
+        );
+    }
+    outlives(&mut conn, "its define");
+    gate.define("plain", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    outlives(&mut conn, "another limiter's define");
+
+    // Relisted by a store that uses it, the set gone (as when it ran out).
+    let _: () = redis::cmd("DEL").arg(REGISTRY).query(&mut conn).unwrap();
+    let user = crate::gate(&server).await;
+    drop(
+        user.limiter("q")
+            .await
+            .unwrap()
+            .acquire(AcquireOptions::new().wait(Duration::ZERO))
+            .await
+            .err(),
+    );
+    // Added again in the background: a liveness bound only.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !listed(&mut conn).contains(&"q".to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "a limiter in use is not listed again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    outlives(&mut conn, "a relisting");
+}

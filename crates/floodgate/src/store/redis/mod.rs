@@ -111,8 +111,9 @@ impl RedisConfig {
         u64::try_from(self.idle_ttl.clamp(floor, ceiling).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The listing set's TTL: a limiter's plus [`revive::RELIST_EVERY`], so the set outlives
-    /// every limiter still in use (see `RedisLimiter::after_use`).
+    /// The listing set's least TTL: a limiter's plus [`revive::RELIST_EVERY`], so the set
+    /// outlives every limiter still in use (see `RedisLimiter::after_use`); more for a limiter
+    /// kept longer for its rate's debt (`revive::register`).
     fn listing_ttl_ms(&self) -> u64 {
         let every = u64::try_from(revive::RELIST_EVERY.as_millis()).unwrap_or(u64::MAX);
         self.ttl_ms().saturating_add(every)
@@ -258,12 +259,22 @@ const LIST_CONCURRENCY: usize = 128;
 /// Adds a name to the registry unless that would put more than `ARGV[2]` names in it (a name
 /// already there is always fine). One script, so servers creating limiters at once cannot
 /// overshoot the cap together.
+/// The set's TTL is raised to `ARGV[3]`, never lowered (a limiter kept for its rate's debt
+/// raised it: `revive::register`).
 const REGISTER: &str = r"
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
   if tonumber(ARGV[2]) >= 0 and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
   redis.call('SADD', KEYS[1], ARGV[1])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
+";
+
+/// Adds a name to the listing set, uncapped (`revive::register`), and raises the set's TTL to
+/// `ARGV[2]`, never lowering it. (`PEXPIRE ... GT` would need Redis 7.)
+const LIST: &str = r"
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 ";
 

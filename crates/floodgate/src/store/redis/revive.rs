@@ -296,16 +296,33 @@ impl RedisLimiter {
 /// refusal here would only leave a limiter that exists unlisted. After a loss the set holds
 /// only the names registered since, so the cap could not be judged against it anyway. A `put`
 /// calls it after its `put`, the cap having been checked before.
+///
+/// The set's TTL is never shortened, and is at least the limiter's own (its `meta`'s, read
+/// first: a rate's debt keeps a limiter's keys past the idle TTL, 100 days after a burst of 100
+/// at one a day) plus twice [`RELIST_EVERY`]: its keys were last renewed at most one
+/// `RELIST_EVERY` before this and are renewed again at most one after it, before the next
+/// relisting. Kept only the idle TTL plus an hour, the set expired while such a limiter was
+/// kept: it still existed, and the listing and `max_limiters` no longer counted it.
 pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(), StoreError> {
     let key = format!("{}:limiters", inner.config.prefix);
+    let meta = format!("{}:{{{}}}:meta", inner.config.prefix, name.as_str());
     let mut conn = inner.conn.clone();
-    let ttl = inner.config.listing_ttl_ms();
-    redis::pipe()
-        .sadd(&key, name.as_str())
-        .ignore()
-        .pexpire(&key, i64::try_from(ttl).unwrap_or(i64::MAX))
-        .ignore()
-        .query_async::<()>(&mut conn)
+    // A separate command: `meta` is in the limiter's slot, the set in its own.
+    let meta_ms: i64 = redis::cmd("PTTL")
+        .arg(&meta)
+        .query_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    let every = u64::try_from(RELIST_EVERY.as_millis()).unwrap_or(u64::MAX);
+    let ttl = u64::try_from(meta_ms)
+        .unwrap_or(0)
+        .saturating_add(every.saturating_mul(2))
+        .max(inner.config.listing_ttl_ms());
+    redis::Script::new(super::LIST)
+        .key(&key)
+        .arg(name.as_str())
+        .arg(i64::try_from(ttl).unwrap_or(i64::MAX))
+        .invoke_async::<()>(&mut conn)
         .await
         .map_err(unavailable)?;
     inner
@@ -316,9 +333,9 @@ pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(
 }
 
 /// How often a store adds a limiter it uses to the listing set again
-/// (`RedisLimiter::after_use`). The set lives this much longer than a limiter's keys
-/// (`RedisConfig::listing_ttl_ms`), so it outlives every limiter in use: each was added at most
-/// this long before its last use.
+/// (`RedisLimiter::after_use`). The set lives at least this much longer than a limiter's keys
+/// (`RedisConfig::listing_ttl_ms`, [`register`]), so it outlives every limiter in use: each was
+/// added at most this long before its last use.
 pub(super) const RELIST_EVERY: Duration = Duration::from_secs(3600);
 
 impl Inner {
