@@ -9,7 +9,8 @@
 //! one behind its own held revival. An independent witness counts the permits out (the two
 //! held from before the loss, re-adopted by their extends, then every grant) against the
 //! limit. Plain and keyed limiters share the mechanism and run the same test. No assertion
-//! depends on timing: waits are liveness bounds only.
+//! depends on timing: waits are liveness bounds only. Last, the spec a store revives with: one
+//! of its status reads answered after its own put must not replace the put's spec.
 
 #![cfg(not(feature = "shuttle"))]
 #![allow(clippy::unwrap_used)]
@@ -474,4 +475,66 @@ async fn a_plain_limiter_revived_by_another_caller_is_listed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_limiter_revived_by_another_caller_is_listed() {
     a_limiter_revived_by_another_caller_is_listed(true).await;
+}
+
+/// A status read sent before this store's own put and answered after it (Redis ran the read
+/// first, so it carries the spec the put replaced) does not replace the put's spec: after a
+/// loss the store re-creates the limiter from the spec it put, not the older one. The order is
+/// forced: the read is sent (polled once, on the store's one connection, which Redis serves in
+/// order), the put is sent after it and awaited, then the read's reply is taken.
+async fn a_status_read_answered_after_a_put_keeps_the_puts_spec(keyed: bool) {
+    use std::future::Future;
+    use std::task::Poll;
+
+    let server = support::RedisServer::start();
+    let gate = gate(server.url(), Duration::from_secs(60)).await;
+    let define = |concurrency: u32| {
+        let gate = &gate;
+        async move {
+            let spec = LimiterSpec::concurrency(concurrency);
+            if keyed {
+                gate.define_keyed("stale", spec, KeyedSpec::per_key(1))
+                    .await
+                    .unwrap()
+            } else {
+                gate.define("stale", spec).await.unwrap()
+            }
+        }
+    };
+    define(3).await;
+    let limiter = gate.limiter("stale").await.unwrap();
+    let mut read = std::pin::pin!(limiter.status());
+    let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "a status read needs a round trip");
+    assert_eq!(define(1).await.spec.concurrency, Some(1));
+    let read = read.await.unwrap();
+    assert_eq!(
+        read.spec.concurrency,
+        Some(3),
+        "Redis ran the read before the put (the test is not vacuous)"
+    );
+
+    // The state is lost: the next call re-creates the limiter from what this store knows.
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let revived = limiter.status().await.unwrap();
+    assert!(revived.learning, "{revived:?}");
+    assert_eq!(
+        revived.spec.concurrency,
+        Some(1),
+        "re-created from the spec the read replaced, not the one put"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_status_read_answered_after_a_put_keeps_the_puts_spec() {
+    a_status_read_answered_after_a_put_keeps_the_puts_spec(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_status_read_answered_after_a_put_keeps_the_puts_spec() {
+    a_status_read_answered_after_a_put_keeps_the_puts_spec(true).await;
 }

@@ -193,6 +193,7 @@ impl RedisLimiter {
                 self.store.mark_keyed(&self.name, true);
                 self.forget_plain();
                 self.parse_status(&reply)
+                    .inspect(|status| self.remember_written(&status.spec))
             }
             Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
             Some("deleted") => Err(unavailable("put answered `deleted`")),

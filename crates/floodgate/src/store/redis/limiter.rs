@@ -619,9 +619,12 @@ impl LimiterBackend for RedisLimiter {
     }
 
     async fn status(&self) -> Result<LimiterStatus, StoreError> {
+        let writes = self.spec_writes();
         let reply = self.call("status", &[]).await?;
         match reply.first().map(String::as_str) {
-            Some("status") => self.parse_status(&reply),
+            Some("status") => self
+                .parse_status(&reply)
+                .inspect(|status| self.remember_read(&status.spec, writes)),
             Some("unknown") => Err(self.unknown()),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }

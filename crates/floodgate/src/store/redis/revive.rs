@@ -57,6 +57,10 @@ pub(crate) struct Known {
     pub(super) keyed: HashMap<LimiterName, super::keyed_revive::KeyedDef>,
     /// When this store last added each limiter it uses to the listing set (`register`).
     pub(super) listed: HashMap<LimiterName, Instant>,
+    /// How many specs this store has written (puts and revivals answered, any limiter). A
+    /// status read sent before one of them may be answered after it with the spec it
+    /// replaced: such a read replaces no spec already known (`remember_read`).
+    pub(super) spec_writes: u64,
 }
 
 impl Inner {
@@ -77,23 +81,52 @@ impl Inner {
 }
 
 impl RedisLimiter {
-    /// Records the limiter's spec as the one to re-create it with.
-    pub(super) fn remember(&self, spec: &LimiterSpec) {
+    /// Records the spec this store has just written (a put's or revival's reply) as the one to
+    /// re-create the limiter with.
+    pub(super) fn remember_written(&self, spec: &LimiterSpec) {
+        let mut known = self.store.lock_known();
+        known.spec_writes += 1;
+        self.remember_in(known, spec, true);
+    }
+
+    /// This store's count of spec writes, read before a status read is sent (`remember_read`).
+    pub(super) fn spec_writes(&self) -> u64 {
+        self.store.lock_known().spec_writes
+    }
+
+    /// Records the spec a status read found, unless this store wrote a spec since the read
+    /// was sent (`writes_before`, from [`spec_writes`](Self::spec_writes)): Redis may have run
+    /// the read before that write, so its spec may be the one the write replaced, and the
+    /// write's is kept. (A spec not known yet is recorded all the same.)
+    pub(super) fn remember_read(&self, spec: &LimiterSpec, writes_before: u64) {
+        let known = self.store.lock_known();
+        let replace = known.spec_writes == writes_before;
+        self.remember_in(known, spec, replace);
+    }
+
+    fn remember_in(
+        &self,
+        mut known: std::sync::MutexGuard<'_, Known>,
+        spec: &LimiterSpec,
+        replace: bool,
+    ) {
         if self.store.is_keyed(&self.name) {
             // A keyed limiter's total spec, kept with its definition (`keyed_revive.rs`),
             // which is read once in the background if this store does not have it.
-            let mut known = self.store.lock_known();
             if let Some(def) = known.keyed.get_mut(&self.name) {
-                def.spec = spec.clone();
+                if replace {
+                    def.spec = spec.clone();
+                }
             } else if known.asked.insert(self.name.clone()) {
                 drop(known);
                 self.learn_keyed_def_in_background();
             }
             return;
         }
-        let mut known = self.store.lock_known();
         known.asked.insert(self.name.clone());
-        known.specs.insert(self.name.clone(), spec.clone());
+        if replace || !known.specs.contains_key(&self.name) {
+            known.specs.insert(self.name.clone(), spec.clone());
+        }
     }
 
     /// Forgets the limiter: it was deleted, and is not to be re-created.
@@ -252,6 +285,7 @@ impl RedisLimiter {
         match (reply.first().map(String::as_str), &keyed) {
             (Some("status"), _) => {
                 let status = self.parse_status(&reply)?;
+                self.remember_written(&status.spec);
                 self.answer_lost_waiters(sent);
                 tracing::warn!(
                     limiter = %self.name,

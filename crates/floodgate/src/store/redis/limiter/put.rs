@@ -18,7 +18,9 @@ impl RedisLimiter {
             .call_once("put", &Self::put_args(spec, learn, false))
             .await?;
         match reply.first().map(String::as_str) {
-            Some("status") => self.parse_status(&reply),
+            Some("status") => self
+                .parse_status(&reply)
+                .inspect(|status| self.remember_written(&status.spec)),
             Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }

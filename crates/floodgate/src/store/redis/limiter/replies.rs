@@ -113,7 +113,6 @@ impl RedisLimiter {
             },
             learning: text("learning") == "1",
         })
-        .inspect(|status| self.remember(&status.spec))
     }
 
     /// Parses `holders.lua`'s reply (after the tag).
