@@ -36,11 +36,17 @@ if [ -z "${FLOODGATE_BIN:-}" ]; then
   if command -v cargo >/dev/null; then
     echo "== cargo build -p floodgate-cli"
     (cd "$REPO_ROOT" && cargo build -q -p floodgate-cli)
+    # The binary just built, wherever CARGO_TARGET_DIR (or a config's target-dir) put it: a
+    # fixed target/debug/floodgate would be stale or missing then (tests/conftest.py).
+    FLOODGATE_BIN="$("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "tests")
+from conftest import cargo_binary; print(cargo_binary())')"
   elif [ ! -x "$REPO_ROOT/target/debug/floodgate" ]; then
     echo "target/debug/floodgate is missing and cargo is not installed; set FLOODGATE_BIN" >&2
     exit 1
+  else
+    FLOODGATE_BIN="$REPO_ROOT/target/debug/floodgate"
   fi
-  export FLOODGATE_BIN="$REPO_ROOT/target/debug/floodgate"
+  export FLOODGATE_BIN
 fi
 
 echo "== mypy --strict src"

@@ -84,18 +84,33 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return predicate()
 
 
+def cargo_binary() -> Path:
+    """Where `cargo build -p floodgate-cli` puts the debug binary: under the target directory
+    cargo itself reports, so `CARGO_TARGET_DIR` (or a config's `target-dir`) is followed
+    rather than a stale or missing `target/debug/floodgate` tested instead; `target/` when
+    cargo is not on PATH."""
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        return REPO_ROOT / "target" / "debug" / "floodgate"
+    metadata = subprocess.run(
+        [cargo, "metadata", "--quiet", "--no-deps", "--format-version", "1"],
+        cwd=str(REPO_ROOT), check=True, stdout=subprocess.PIPE,
+    ).stdout
+    return Path(json.loads(metadata)["target_directory"]) / "debug" / "floodgate"
+
+
 def floodgate_binary() -> str:
     configured = os.environ.get("FLOODGATE_BIN")
     if configured:
         if not os.access(configured, os.X_OK):
             pytest.fail("FLOODGATE_BIN={} is not an executable".format(configured))
         return configured
-    binary = REPO_ROOT / "target" / "debug" / "floodgate"
+    binary = cargo_binary()
     if not binary.exists():
         cargo = shutil.which("cargo")
         if cargo is None:
-            pytest.fail("target/debug/floodgate is missing and cargo is not on PATH; "
-                        "build the server or set FLOODGATE_BIN")
+            pytest.fail("{} is missing and cargo is not on PATH; "
+                        "build the server or set FLOODGATE_BIN".format(binary))
         subprocess.run([cargo, "build", "-p", "floodgate-cli"], cwd=str(REPO_ROOT),
                        check=True)
     return str(binary)
