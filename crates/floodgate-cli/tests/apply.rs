@@ -1,6 +1,7 @@
 //! Declarative limits end to end: the real `floodgate limiter apply` binary against the real
 //! server on `127.0.0.1:0` (dry run, apply, idempotent second apply, prune, a bad file), and a
-//! real `floodgate serve --config` process reloading its file on SIGHUP under load.
+//! real `floodgate serve --config` process reloading its file on SIGHUP under load; and
+//! `floodgate limiter set` changing an adaptive range.
 //!
 //! No assertion depends on timing; waits are bounded only so a broken build fails.
 
@@ -342,4 +343,66 @@ async fn poll_gone(client: &Client, name: &str) {
         );
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// `floodgate limiter set ARGS...` against `url`, to completion.
+async fn limiter_set(url: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_floodgate"));
+    cmd.args(["limiter", "set"])
+        .args(args)
+        .env("FLOODGATE_URL", url)
+        .env_remove("FLOODGATE_TOKEN")
+        .kill_on_drop(true);
+    cmd.output().await.unwrap()
+}
+
+/// `limiter set` changes "the given fields of an existing one": `--adaptive MIN:MAX` on a
+/// gradient limiter changes its range and keeps its controller and tuning. It used to send
+/// only the range, which the API takes as a whole new setting: the limiter silently became AIMD
+/// with the default tuning. `--algorithm` naming another controller starts from its defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_set_adaptive_changes_the_range_and_keeps_the_controller() {
+    let server = Served::start(Floodgate::in_memory(), ServerOptions::default()).await;
+    let url = format!("http://{}", server.addr);
+    let client = Client::new(&url, None).unwrap();
+    client
+        .put_limiter(
+            "search",
+            &serde_json::json!({"concurrency": 10, "adaptive": {"min": 5, "max": 100,
+                "algorithm": "gradient", "tolerance": 2.0, "probe_rounds": 7}}),
+        )
+        .await
+        .unwrap();
+
+    let out = limiter_set(&url, &["search", "--adaptive", "5:200"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let adaptive = client.limiter("search").await.unwrap()["adaptive"].clone();
+    assert_eq!(adaptive["max"], 200, "{adaptive}");
+    assert_eq!(adaptive["algorithm"], "gradient", "{adaptive}");
+    assert_eq!(adaptive["tolerance"], 2.0, "{adaptive}");
+    assert_eq!(adaptive["probe_rounds"], 7, "{adaptive}");
+
+    // Another controller: its own defaults, not the gradient's tuning.
+    let out = limiter_set(
+        &url,
+        &["search", "--adaptive", "5:150", "--algorithm", "aimd"],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let adaptive = client.limiter("search").await.unwrap()["adaptive"].clone();
+    assert_eq!(adaptive["algorithm"], "aimd", "{adaptive}");
+    assert_eq!(adaptive["max"], 150, "{adaptive}");
+    assert_eq!(adaptive["decrease"], 0.7, "{adaptive}");
+    assert_eq!(adaptive["probe_rounds"], 30, "{adaptive}");
+
+    // A new limiter: the range as given, with the default controller.
+    let out = limiter_set(&url, &["fresh", "--concurrency", "4", "--adaptive", "2:8"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let adaptive = client.limiter("fresh").await.unwrap()["adaptive"].clone();
+    assert_eq!(
+        (adaptive["min"].clone(), adaptive["max"].clone()),
+        (2.into(), 8.into())
+    );
+    assert_eq!(adaptive["algorithm"], "aimd", "{adaptive}");
+    server.stop().await;
 }

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 use super::duration::parse_duration;
 use super::print;
 use super::{Failure, ServerArgs};
+use crate::client::ClientError;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum LimiterCommand {
@@ -42,7 +43,9 @@ pub(crate) struct SetArgs {
     /// Tokens the rate allows back to back (default: the tokens of 20 ms, at least 1).
     #[arg(long, requires = "rate")]
     burst: Option<u32>,
-    /// Adapt the concurrency limit to backend feedback between MIN:MAX (AIMD).
+    /// Adapt the concurrency limit to backend feedback between MIN:MAX. On a limiter that
+    /// already adapts, only the range changes: its controller and tuning stay, unless
+    /// --algorithm names another controller (which starts from its defaults).
     #[arg(long, value_parser = parse_range)]
     adaptive: Option<(u32, u32)>,
     /// The adaptive controller: aimd (the default) or gradient (latency-aware, plateaus where
@@ -85,6 +88,29 @@ pub(crate) struct DeleteArgs {
     name: String,
 }
 
+/// The limiter's adaptive setting to keep under a new `--adaptive` range: its controller and
+/// tuning, when it adapts with the controller `algorithm` names (any, when `None`). The API
+/// replaces `adaptive` as a whole, so sending only the range would silently turn a gradient
+/// limiter into AIMD and drop its tuning. `None`: a new limiter, one that does not adapt, or
+/// a change of controller, which starts from that controller's defaults.
+async fn current_adaptive(
+    client: &crate::client::Client,
+    name: &str,
+    algorithm: Option<&str>,
+) -> Result<Option<Map<String, Value>>, Failure> {
+    let current = match client.limiter(name).await {
+        Ok(limiter) => limiter,
+        Err(ClientError::Api { status: 404, .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(adaptive) = current.get("adaptive").and_then(Value::as_object) else {
+        return Ok(None);
+    };
+    let same_controller =
+        algorithm.is_none_or(|a| adaptive.get("algorithm").and_then(Value::as_str) == Some(a));
+    Ok(same_controller.then(|| adaptive.clone()))
+}
+
 fn ms(d: Duration) -> Value {
     Value::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -114,16 +140,18 @@ pub(crate) async fn limiter(cmd: LimiterCommand) -> Result<u8, Failure> {
                 }
                 body.insert("rate".into(), rate);
             }
-            if let Some((min, max)) = args.adaptive {
-                body.insert(
-                    "adaptive".into(),
-                    match &args.algorithm {
-                        Some(a) => serde_json::json!({ "min": min, "max": max, "algorithm": a }),
-                        None => serde_json::json!({ "min": min, "max": max }),
-                    },
-                );
-            }
             let client = args.server.client()?;
+            if let Some((min, max)) = args.adaptive {
+                let mut adaptive = current_adaptive(&client, &args.name, args.algorithm.as_deref())
+                    .await?
+                    .unwrap_or_default();
+                adaptive.insert("min".into(), min.into());
+                adaptive.insert("max".into(), max.into());
+                if let Some(a) = &args.algorithm {
+                    adaptive.insert("algorithm".into(), a.as_str().into());
+                }
+                body.insert("adaptive".into(), Value::Object(adaptive));
+            }
             let reply = client.put_limiter(&args.name, &Value::Object(body)).await?;
             print(&format!(
                 "{}: limit {}, rate {}, in use {}, waiting {}\n",
