@@ -24,7 +24,10 @@ if ! "$VENV/bin/st" --version 2>/dev/null | grep -q "4.32.5"; then
 fi
 
 cargo build -q -p floodgate-cli
-BIN="$ROOT/target/debug/floodgate"
+# Where cargo put it: CARGO_TARGET_DIR (or a config's target-dir) moves it out of target/, and
+# a fixed target/debug/floodgate would then be missing or stale.
+BIN="$(cargo metadata -q --no-deps --format-version 1 \
+  | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug/floodgate"
 WORK="$(mktemp -d)"
 # Limiters the generated names may hit; short waits so long polls end quickly.
 cat > "$WORK/floodgate.toml" <<TOML

@@ -17,5 +17,10 @@ if ! "$VENV/bin/python" -c 'import selenium' >/dev/null 2>&1; then
 fi
 if [ -z "${FLOODGATE_BIN:-}" ]; then
   (cd "$ROOT" && cargo build -q -p floodgate-cli)
+  # The binary just built, wherever CARGO_TARGET_DIR (or a config's target-dir) put it:
+  # dashboard_test.py's fallback, target/debug/floodgate, would be missing or stale then.
+  FLOODGATE_BIN="$(cd "$ROOT" && cargo metadata -q --no-deps --format-version 1 \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug/floodgate"
+  export FLOODGATE_BIN
 fi
 exec timeout 300 "$VENV/bin/python" dashboard_test.py
