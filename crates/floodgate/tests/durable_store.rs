@@ -301,6 +301,17 @@ async fn group_commit_answers_every_concurrent_operation() {
     assert_eq!(status.in_use, 0);
 }
 
+/// Polls `fut` once, with this task's waker: its output if that poll finished it.
+async fn poll_once<F: std::future::Future + Unpin>(fut: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut *fut).poll(cx) {
+            std::task::Poll::Ready(out) => Some(out),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_repeated_request_id_gets_the_same_grant_or_joins_the_wait() {
     let gate = Floodgate::in_memory();
@@ -320,31 +331,24 @@ async fn a_repeated_request_id_gets_the_same_grant_or_joins_the_wait() {
     assert_eq!(i.status().await.expect("status").in_use, 1);
 
     // A queued idempotent acquire whose caller went away stays queued; its retry joins it.
-    let waiter = i.clone();
-    let dropped = tokio::spawn(async move {
-        waiter
-            .acquire(AcquireOptions::new().request_id("job-2"))
-            .await
-    });
-    tokio::task::yield_now().await;
-    while i.status().await.expect("status").waiting == 0 {
-        tokio::task::yield_now().await;
-    }
-    dropped.abort();
-    let _ = dropped.await;
+    // Each acquire is polled here, once, not spawned: the embedded store queues (or joins) an
+    // acquire in its first poll, so each check below reads the store after the acquire it
+    // is about. (A spawned retry checked after one `yield_now` was checked whenever the
+    // scheduler had run it, or not: a retry not yet in the store also left one waiter.)
+    let mut dropped = Box::pin(i.acquire(AcquireOptions::new().request_id("job-2")));
+    assert!(poll_once(&mut dropped).await.is_none(), "queued");
+    assert_eq!(i.status().await.expect("status").waiting, 1, "queued");
+    drop(dropped);
     assert_eq!(i.status().await.expect("status").waiting, 1, "still queued");
-    let retry = {
-        let i = i.clone();
-        tokio::spawn(async move { i.acquire(AcquireOptions::new().request_id("job-2")).await })
-    };
-    tokio::task::yield_now().await;
+    let mut retry = Box::pin(i.acquire(AcquireOptions::new().request_id("job-2")));
+    assert!(poll_once(&mut retry).await.is_none(), "waits");
     assert_eq!(
         i.status().await.expect("status").waiting,
         1,
         "joined, not queued twice"
     );
     i.backend().release(first.token).await.expect("release");
-    let granted = retry.await.expect("task").expect("granted to the retry");
+    let granted = retry.await.expect("granted to the retry");
     let status = i.status().await.expect("status");
     assert_eq!(status.in_use, 1);
     // Joined: one grant for the wait. A second wait would have granted the abandoned one
