@@ -198,7 +198,10 @@ class _Transport:
                 )
             except (OSError, http.client.HTTPException) as e:
                 cause = e
-                if broken is not None:
+                if broken is not None and sent:
+                    # Only an attempt whose request was written may have been served: a
+                    # refused connection reached no server, so a later "not held" is not
+                    # its doing.
                     broken.append(e)
                 failure: FloodgateError = Unavailable(
                     "unavailable",
