@@ -9,9 +9,10 @@ restart to fall between two attempts of one call, a handler on the client's ``fl
 logger restarts it when the client logs that the first attempt failed (in the calling thread,
 before the retry is sent), so the order does not depend on timing."""
 
+import json
 import logging
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -184,4 +185,44 @@ def test_without_a_data_directory_the_heartbeat_learns_the_permit_is_lost(
         status = Floodgate(proc.url).limiter("lim")
         assert status["in_use"] == 0 and status["counters"]["released"] == 0
     finally:
+        proc.stop()
+
+
+def test_a_grant_whose_answer_is_lost_in_a_crash_is_the_grant_the_retry_gets(
+    floodgate_bin: str, tmp_path: Path
+) -> None:
+    """With a data directory the idempotency key survives a crash: the server granted, the
+    answer never reached the client, the server crashed and came back before the retry;
+    the retry (same request_id) gets that grant, not a second permit nor a wait behind the
+    first one's slot (the limit is 1)."""
+    from test_adversarial_client import Proxy, _acquires
+
+    proc = _serve(floodgate_bin, tmp_path, data_dir=True)
+    seen = [0]
+
+    def hook(request_line: str, body: Dict[str, Any]) -> Any:
+        if "/acquire" not in request_line:
+            return "forward"
+        seen[0] += 1
+        if seen[0] == 1:
+            return "drop-after"
+        if seen[0] == 2:
+            proc.kill()
+            proc.start(port=proc.port)
+        return "forward"
+
+    proxy = Proxy(proc.port, hook)
+    try:
+        client = Floodgate(proxy.url, timeout=60.0, retries=2, backoff=0.01)
+        p = client.acquire("lim", wait=0, lease=60)
+        first = json.loads(proxy.answers[0].partition(b"\r\n\r\n")[2])
+        assert first["permit_id"] == p.permit_id
+        acquires = _acquires(proxy)
+        assert len(acquires) == 2 and acquires[0]["request_id"] == acquires[1]["request_id"]
+        fg = Floodgate(proc.url)
+        status = fg.limiter("lim")
+        assert status["in_use"] == 1 and status["counters"]["granted"] == 1
+        assert fg.release(p.permit_id) is True
+    finally:
+        proxy.close()
         proc.stop()
