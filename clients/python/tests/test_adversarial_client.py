@@ -527,10 +527,32 @@ def test_a_429_without_a_hint_has_retry_after_zero_and_is_not_retried(
         (lambda fg, n: fg.release(None), TypeError, "permit_id"),  # type: ignore[arg-type]
         (lambda fg, n: Floodgate("ftp://x"), ValueError, "url"),
         (lambda fg, n: Floodgate(fg.url, timeout=0), ValueError, "timeout"),
+        # The client's own settings, refused when it is made (not at its first request or
+        # retry, as an OverflowError or a negative sleep naming nothing).
+        (lambda fg, n: Floodgate(fg.url, timeout="5"), TypeError, "timeout"),
+        (lambda fg, n: Floodgate(fg.url, timeout=float("inf")).acquire(n, wait=0), ValueError,
+         "timeout"),
+        (lambda fg, n: Floodgate(fg.url, timeout=float("nan")).acquire(n, wait=0), ValueError,
+         "timeout"),
+        (lambda fg, n: Floodgate(fg.url, retries="3"), ValueError, "retries"),
+        (lambda fg, n: Floodgate(fg.url, retries=2.5), ValueError, "retries"),
+        (lambda fg, n: Floodgate(fg.url, backoff=-1), ValueError, "backoff"),
+        (lambda fg, n: Floodgate(fg.url, backoff_max=float("nan")), ValueError, "backoff_max"),
+        (lambda fg, n: Floodgate(fg.url, token=5), TypeError, "token"),
+        (lambda fg, n: Floodgate(fg.url, holder=5).acquire(n, wait=0), TypeError, "holder"),
+        # A bool is not a duration (True would be a 1 s wait, and take a permit).
+        (lambda fg, n: fg.acquire(n, wait=True), TypeError, "wait"),
+        # The server caps a wait, and says an absurd one is out of range; the read timeout
+        # is capped too instead of overflowing.
+        (lambda fg, n: fg.acquire(n, wait=1e300), BadRequest, "invalid_request: wait_ms:"),
+        (lambda fg, n: fg.permit(n, wait=0, lease="30", heartbeat=5), TypeError, "lease"),
     ],
     ids=["name-none", "wait-str", "lease-str", "wait-nan", "heartbeat-negative",
          "heartbeat-str", "heartbeat-inf", "heartbeat-past-lease", "permits-str", "permits-bool", "key-int",
-         "holder-int", "set-key-none", "permit-id-none", "url-scheme", "timeout-0"],
+         "holder-int", "set-key-none", "permit-id-none", "url-scheme", "timeout-0",
+         "timeout-str", "timeout-inf", "timeout-nan", "retries-str", "retries-float",
+         "backoff-negative", "backoff-max-nan", "token-int", "client-holder-int", "wait-bool",
+         "wait-huge", "lease-str-with-heartbeat"],
 )
 def test_bad_arguments_raise_naming_the_parameter_and_take_nothing(
     fg: Floodgate, limiter: MakeLimiter, call: Callable[[Floodgate, str], object],
@@ -542,6 +564,25 @@ def test_bad_arguments_raise_naming_the_parameter_and_take_nothing(
     assert str(info.value).startswith(needle), str(info.value)
     status = fg.limiter(name)
     assert status["in_use"] == 0 and status["counters"]["granted"] == 0  # nothing leaked
+
+
+def test_bad_arguments_to_a_permits_methods_raise_naming_the_parameter(
+    fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    name = limiter(1)
+    with fg.permit(name, wait=0, lease=30, heartbeat=False) as p:
+        for call, exc_type, needle in [
+            (lambda: p.extend("30"), TypeError, "lease"),
+            (lambda: p.extend(timeout="5"), TypeError, "timeout"),
+            (lambda: p.extend(timeout=float("nan")), ValueError, "timeout"),
+            (lambda: p.start_heartbeat("often"), TypeError, "heartbeat"),  # type: ignore[arg-type]
+            (lambda: p.start_heartbeat(-1.0), ValueError, "heartbeat"),
+        ]:
+            with pytest.raises(exc_type) as info:
+                call()
+            assert str(info.value).startswith(needle), str(info.value)
+        assert p.extensions == 0 and not p.lost
+    assert fg.limiter(name)["in_use"] == 0
 
 
 def test_keyed_acquires_from_threads_keep_each_key_and_the_total_under_their_limits(

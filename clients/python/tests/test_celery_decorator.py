@@ -304,6 +304,8 @@ def test_full_jitter_bounds() -> None:
         ({"max_countdown": float("inf")}, ValueError, "max_countdown"),
         ({"key": 42}, TypeError, "key"),
         ({"on_unavailable": "ignore"}, ValueError, "on_unavailable"),
+        ({"client": "http://127.0.0.1:8750"}, TypeError, "client"),
+        ({"wait": True}, TypeError, "wait"),
     ],
     ids=lambda v: str(v) if isinstance(v, str) else None,
 )

@@ -344,6 +344,10 @@ def limited(
     """
     if on_unavailable not in ("retry", "run", "raise"):
         raise ValueError("on_unavailable must be 'retry', 'run' or 'raise'")
+    if not (client is None or isinstance(client, Floodgate) or callable(client)):
+        # E.g. a URL: every run would fail with "'str' object is not callable".
+        raise TypeError("client: a Floodgate, a function returning one, or None, not {!r}"
+                        .format(client))
     _check_arguments(
         name=name, key=key, wait=wait, lease=lease, permits=permits, heartbeat=heartbeat,
         throttle_exceptions=throttle_exceptions,

@@ -27,7 +27,9 @@ from .backoff import Backoff, retry_after_of
 from .errors import FloodgateError, NotFound
 from .permit import Permit
 from .transport import _Transport, _quote
-from .types import KEEP, Adaptive, Rate, Reservation, Seconds, _Keep, _ms, _seconds, _spec
+from .types import (
+    KEEP, Adaptive, Rate, Reservation, Seconds, _Keep, _ms, _seconds, _setting, _spec,
+)
 
 __all__ = ["Floodgate", "Permit", "Rate", "Adaptive", "Reservation", "KEEP", "Seconds", "DEFAULT_URL"]
 
@@ -103,22 +105,23 @@ class Floodgate(_Transport):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("url must be http://HOST[:PORT] or https://..., not {!r}".format(url))
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        if retries < 0:
-            raise ValueError("retries must be zero or more")
-        if not (isinstance(bookkeeping_deadline, (int, float)) and bookkeeping_deadline > 0
-                and math.isfinite(bookkeeping_deadline)):
-            raise ValueError("bookkeeping_deadline: a positive number of seconds, not {!r}"
-                             .format(bookkeeping_deadline))
+        # Checked here, naming the parameter: found at the first request (or the first retry)
+        # they would surface as an OverflowError or a negative sleep from deep inside a call.
+        self.timeout = _setting(timeout, "timeout", positive=True)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError("retries: a whole number of 0 or more, not {!r}".format(retries))
+        self.backoff = _setting(backoff, "backoff", positive=False)
+        self.backoff_max = _setting(backoff_max, "backoff_max", positive=False)
+        # The bound on a release's or a report's whole time (see the docstring).
+        self.bookkeeping_deadline = _setting(
+            bookkeeping_deadline, "bookkeeping_deadline", positive=True)
+        if token is not None and not isinstance(token, str):
+            raise TypeError("token: a string or None, not {!r}".format(token))
+        if holder is not None and not isinstance(holder, str):
+            raise TypeError("holder: a string or None, not {!r}".format(holder))
         self.url = url.rstrip("/")
         self.token = token or None
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self.backoff = float(backoff)
-        self.backoff_max = float(backoff_max)
-        # The bound on a release's or a report's whole time (see the docstring).
-        self.bookkeeping_deadline = float(bookkeeping_deadline)
+        self.retries = retries
         self._holder = holder
         self._https = parts.scheme == "https"
         self._host = parts.hostname
@@ -215,16 +218,16 @@ class Floodgate(_Transport):
         # Checked before the request: a bad value found after the grant would leave the permit
         # held, out of the caller's reach, until its lease ended.
         interval = _heartbeat_interval(heartbeat)
-        if interval is not None and heartbeat and lease is not None and interval >= _seconds(lease):
-            raise ValueError(
-                "heartbeat: an interval of {} s is not shorter than the lease of {} s: every "
-                "permit would be lost before its first extend".format(interval, _seconds(lease))
-            )
         body: Dict[str, Any] = {"permits": permits}
         if wait is not None:
             body["wait_ms"] = _ms(wait, "wait_ms")
         if lease is not None:
             body["lease_ms"] = _ms(lease, "lease_ms")
+        if interval is not None and heartbeat and lease is not None and interval >= _seconds(lease):
+            raise ValueError(
+                "heartbeat: an interval of {} s is not shorter than the lease of {} s: every "
+                "permit would be lost before its first extend".format(interval, _seconds(lease))
+            )
         label = self.holder if holder is None else holder
         if label:
             body["holder"] = label
@@ -232,7 +235,10 @@ class Floodgate(_Transport):
             body["key"] = key
         # The long poll is answered at the latest when the wait ends: give the read that long
         # plus the ordinary timeout.
-        held_for = MAX_SERVER_WAIT if wait is None else max(0.0, _seconds(wait))
+        # (The server caps a wait to its max_wait, at most MAX_SERVER_WAIT: so does the read,
+        # which an absurd wait would otherwise overflow.)
+        held_for = MAX_SERVER_WAIT if wait is None else min(max(0.0, _seconds(wait)),
+                                                            MAX_SERVER_WAIT)
         # One id per logical acquire, resent unchanged when a connection error makes the
         # request go again: the server answers the repeat with the same grant (or the same
         # wait), never a second permit.

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Type
 
 from .errors import FloodgateError, PermitLost
-from .types import Seconds, _seconds
+from .types import Seconds, _seconds, _setting
 
 if TYPE_CHECKING:
     from .client import Floodgate
@@ -150,7 +150,12 @@ class Permit:
                 "permit {} belongs to process {}, not to this one (forked while it was held)"
                 .format(self.permit_id, self._pid)
             )
-        seconds = self.lease if lease is None else _seconds(lease)
+        try:
+            seconds = self.lease if lease is None else _seconds(lease)
+        except TypeError as e:
+            raise TypeError("lease: {}".format(e)) from None
+        if timeout is not None:
+            timeout = _setting(timeout, "timeout", positive=True)
         self._extend(seconds, timeout=timeout, retries=None)
 
     def _extend(self, seconds: float, timeout: Optional[float], retries: Optional[int]) -> None:
@@ -238,8 +243,7 @@ class Permit:
             return
         if interval is None:
             interval = self.lease / 3.0
-        if interval <= 0:
-            raise ValueError("heartbeat: the interval must be positive, not {!r}".format(interval))
+        interval = _setting(interval, "heartbeat", positive=True)
         if interval >= self.lease:
             # The limiter's own lease (none was asked for) is shorter than the interval.
             log.warning("floodgate: heartbeat interval %.3f s is not shorter than the lease of "

@@ -17,9 +17,23 @@ Seconds = Union[int, float, datetime.timedelta]
 def _seconds(value: Seconds) -> float:
     if isinstance(value, datetime.timedelta):
         return value.total_seconds()
-    if isinstance(value, (int, float)):
+    # (A bool is an int to Python: `wait=True` would silently be a 1 s wait.)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     raise TypeError("a duration is a number of seconds or a timedelta, not {!r}".format(value))
+
+
+def _setting(value: object, field: str, positive: bool) -> float:
+    """A client setting in seconds (``timeout``, ``backoff``...): a finite number, above 0
+    when ``positive`` else at least 0; ``TypeError``/``ValueError`` naming ``field``
+    otherwise, when the client is made rather than at its first request or retry."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("{}: a number of seconds, not {!r}".format(field, value))
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        raise ValueError("{}: a finite number of seconds {}, not {!r}".format(
+            field, "above 0" if positive else "of 0 or more", value))
+    return seconds
 
 
 def _ms(value: Seconds, field: str) -> int:
