@@ -20,7 +20,7 @@ import pytest
 import redis
 from celery import Celery
 
-from floodgate import Floodgate
+from floodgate import Floodgate, WaitTimeout
 
 from conftest import celery_worker, RedisProcess, ServerProcess, closed_port, wait_until
 from test_adversarial_client import Action, Proxy
@@ -128,6 +128,30 @@ def test_a_bounded_retry_ends_in_a_reported_failure(
         held.release()
     for name in ("ADV_FULL_LIMITER", "ADV_OPEN_LIMITER"):
         assert fg.limiter(adv_env[name])["in_use"] == 0
+
+
+def test_a_task_past_its_wait_retries_reports_the_servers_hint_to_its_caller(
+    adv_worker: "subprocess.Popen[bytes]", adv_env: Dict[str, str], server: ServerProcess,
+    redis_server: RedisProcess, celery_client: Celery,
+) -> None:
+    """The result backend (Redis, Celery's default JSON serializer) gives the caller the
+    WaitTimeout the task failed with, retry_after included: the answer it can act on."""
+    fg = Floodgate(server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    held = fg.acquire(adv_env["ADV_FULL_LIMITER"], wait=1, lease=120)  # never free
+    run = "adv-" + uuid.uuid4().hex[:8]
+    try:
+        result = _send(celery_client, adv_env, "adv.always_waits", run)
+        assert wait_until(lambda: r.llen(run + ":failure") > 0, 60, 0.05)
+        # FAILURE, or the RETRY of an earlier attempt stored after it (see above): both hold
+        # a WaitTimeout the server answered, with its hint.
+        assert wait_until(lambda: result.state in ("FAILURE", "RETRY"), 60, 0.05)  # type: ignore[attr-defined]
+        error = result.result  # type: ignore[attr-defined]
+    finally:
+        held.release()
+    assert isinstance(error, WaitTimeout), repr(error)
+    assert error.code == "wait_timeout" and error.status == 429
+    assert error.retry_after > 0
 
 
 def test_a_body_that_raises_releases_and_fails(

@@ -119,6 +119,9 @@ class NoPermit(FloodgateError):
     ) -> None:
         super().__init__(code, message, status)
         self.retry_after = retry_after
+        # In args too: what rebuilds an exception from its args (Celery's result backend with
+        # its default JSON serializer) would otherwise lose the hint.
+        self.args = (code, message, status, retry_after)
 
     def __str__(self) -> str:
         return "{} (retry after {:.3f} s)".format(super().__str__(), self.retry_after)
@@ -162,6 +165,7 @@ class Unavailable(FloodgateError):
     ) -> None:
         super().__init__(code, message, status)
         self.retry_after = retry_after
+        self.args = (code, message, status, retry_after)  # as NoPermit's
 
 
 _BY_CODE: Dict[str, Type[FloodgateError]] = {
