@@ -2,6 +2,7 @@
 stand-in for Celery's bound ``self`` (its ``request`` and ``retry``). The real worker runs in
 test_celery_e2e.py."""
 
+import logging
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
@@ -11,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from floodgate import Backoff, Floodgate, Unavailable, UnknownLimiter, WaitTimeout
+from floodgate import Backoff, Floodgate, PermitLost, Unavailable, UnknownLimiter, WaitTimeout
 from conftest import ServerProcess, closed_port, wait_until
 from floodgate.celery import (
     THROTTLE_RETRIES,
@@ -531,3 +532,30 @@ def test_an_exception_landing_after_the_heartbeat_started_still_releases(
     for p in armed:
         p.stop_heartbeat()
     assert ok, "permit still held 10 s after a 0.3 s lease; heartbeat threads: {}".format(alive)
+
+
+def test_a_permit_found_gone_at_the_release_is_logged_as_lost(
+    fg: Floodgate, limiter: MakeLimiter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No heartbeat (off), so only the release can tell: the permit was released by id
+    behind the body's back (as a server restarted without its state forgets it) and the body
+    finished without checking. It keeps its result, and the loss is logged and shown on the
+    permit (docs/python.md), as it is when the heartbeat learns it."""
+    name = limiter(1)
+    held: List[Any] = []
+
+    @limited(name, wait=1, lease=30, heartbeat=False, client=fg)
+    def body(self: Any) -> str:
+        p = current_permit()
+        assert p is not None
+        held.append(p)
+        assert fg.release(p.permit_id) is True  # someone else ends it
+        return "done"
+
+    with caplog.at_level(logging.WARNING, logger="floodgate.celery"):
+        assert body(BoundTask()) == "done"
+    assert held and held[0].lost
+    with pytest.raises(PermitLost) as info:
+        held[0].check()
+    assert "no longer held" in info.value.message
+    assert any("was lost" in r.getMessage() for r in caplog.records), caplog.text

@@ -64,8 +64,10 @@ class Permit:
         self._deadline = started + self.waited + self.lease
         self._lock = threading.Lock()
         self._lost = False
-        # Whether _lost came from the server's answer (rather than the local deadline).
+        # Whether _lost came from the server's answer to an extend, or to the release (rather
+        # than the local deadline).
         self._server_said_lost = False
+        self._release_found_it_gone = False
         self._released = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -85,7 +87,9 @@ class Permit:
     def lost(self) -> bool:
         """Whether the permit is known or must be assumed to be lost: the server answered
         ``permit_lost`` to an extend, or the lease ran out with no confirmed extend (then the
-        server has reclaimed it too). Stop the work: another holder may have the slot.
+        server has reclaimed it too), or the release found it no longer held (and nothing this
+        process sent could have released it). Stop the work: another holder may have the
+        slot.
 
         Once true it stays true: an extend that reaches the server after the local deadline
         does not revive the permit."""
@@ -124,10 +128,12 @@ class Permit:
             raise self._lost_error()
 
     def _lost_error(self) -> PermitLost:
-        reason = (
-            "the server answered permit_lost" if self._server_said_lost
-            else "the lease ran out without a confirmed extend"
-        )
+        if self._server_said_lost:
+            reason = "the server answered permit_lost"
+        elif self._release_found_it_gone:
+            reason = "the server no longer held it at its release"
+        else:
+            reason = "the lease ran out without a confirmed extend"
         return PermitLost(
             "permit_lost", "permit {} is lost: {}".format(self.permit_id, reason), None
         )
@@ -217,11 +223,17 @@ class Permit:
         released, broken = self.client._release(
             self.permit_id, deadline=max(0.001, ends - time.monotonic())
         )
-        if not released and broken and not lost_before:
-            log.info("floodgate: release of %s: an attempt broke after it may have reached "
-                     "the server and the retry found it released; taken as released by it",
-                     self.permit_id)
-            return True
+        if not released and not lost_before:
+            if broken:
+                log.info("floodgate: release of %s: an attempt broke after it may have reached "
+                         "the server and the retry found it released; taken as released by it",
+                         self.permit_id)
+                return True
+            # The server no longer held it and nothing of ours released it: it was lost while
+            # held (expired, released by id elsewhere, forgotten by a restart). Recorded, so
+            # that a holder that only looks after the release (the Celery decorator) learns it.
+            self._release_found_it_gone = True
+            self._lost = True
         return released
 
     # -- heartbeat -------------------------------------------------------------------------
@@ -345,7 +357,8 @@ class Permit:
         if released_before or self.lease <= 0:
             return
         if not lost and not still_held:
-            # The server no longer held it: it expired (or someone released it) meanwhile.
+            # The server no longer held it: it expired (or someone released it) meanwhile
+            # (release() has recorded it).
             self._lost = True
             lost = True
         if not lost:
