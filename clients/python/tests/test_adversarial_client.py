@@ -652,3 +652,99 @@ def test_a_release_whose_answer_is_lost_is_not_a_lost_permit(
     status = fg.limiter(name)
     assert status["in_use"] == 0 and status["counters"]["released"] == 2
     assert status["counters"]["expired"] == 0
+
+
+class KeepAliveProxy:
+    """A front that keeps the client's connection alive between requests (unlike Proxy) and
+    forwards each request on a fresh connection to the server. The first request whose line
+    contains ``drop`` is forwarded and served, and then the client's kept-alive connection
+    is closed without the answer: a server (or a balancer) that went away after serving."""
+
+    def __init__(self, upstream_port: int, drop: str) -> None:
+        self.upstream_port = upstream_port
+        self.drop = drop
+        self.dropped = 0
+        self.requests: List[str] = []
+        self.connections = 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = "http://127.0.0.1:{}".format(self.listener.getsockname()[1])
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            data = b""
+            while not self.stop.is_set():
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                lines = head.split(b"\r\n")
+                length = 0
+                for line in lines[1:]:
+                    key, _, value = line.partition(b":")
+                    if key.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                while len(data) < length:
+                    data += conn.recv(65536)
+                body, data = data[:length], data[length:]
+                self.requests.append(lines[0].decode())
+                kept = [h for h in lines[1:] if not h.lower().startswith(b"connection:")]
+                with socket.create_connection(("127.0.0.1", self.upstream_port)) as up:
+                    up.sendall(b"\r\n".join([lines[0]] + kept + [b"Connection: close", b"",
+                                                                 body]))
+                    answer = b""
+                    while True:
+                        chunk = up.recv(65536)
+                        if not chunk:
+                            break
+                        answer += chunk
+                if self.drop in lines[0].decode() and not self.dropped:
+                    self.dropped += 1
+                    return  # served; the kept-alive connection closes unanswered
+                answer_head, _, answer_body = answer.partition(b"\r\n\r\n")
+                answer_lines = [h for h in answer_head.split(b"\r\n")
+                                if not h.lower().startswith(b"connection:")]
+                conn.sendall(b"\r\n".join(answer_lines) + b"\r\n\r\n" + answer_body)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+def test_a_release_served_on_a_kept_alive_connection_that_then_broke_is_not_a_lost_permit(
+    server: ServerProcess, fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """The release went out on a kept-alive connection, was served, and the connection broke
+    before the answer; the client sends it again on a new connection and the server says
+    "not held". That is this release's own doing, as when a fresh connection breaks: the
+    block kept its permit to the end and leaving it must not raise PermitLost."""
+    name = limiter(1)
+    proxy = KeepAliveProxy(server.port, "/release")
+    try:
+        client = Floodgate(proxy.url, retries=2, backoff=0.01)
+        with client.permit(name, wait=1, lease=30, heartbeat=False) as p:
+            client.limiter(name)  # the acquire's connection, kept alive, is used again
+        assert p.released and not p.lost
+    finally:
+        proxy.close()
+    assert proxy.dropped == 1
+    assert [line.split()[1].rsplit("/", 1)[-1] for line in proxy.requests].count("release") == 2
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 1
+    assert status["counters"]["expired"] == 0

@@ -89,7 +89,8 @@ class _Transport:
         broke before the whole request was written (an incomplete request is never served).
         A call that is not idempotent (``schedule``, ``unschedule``, ``feedback``) is not sent
         again once written: the server may have served it, and a second one would count
-        twice. ``sent`` gets ``True`` once a request was written in full."""
+        twice. ``sent`` gets a ``True`` each time the request was written in full (two: it
+        was written on a kept-alive connection that broke, then sent again)."""
         while True:
             conn, reused = self._checkout(timeout)
             written = False
@@ -175,7 +176,9 @@ class _Transport:
     ) -> Dict[str, Any]:
         """One request, retried after connection errors and 503s. ``broken`` collects the
         connection errors of attempts that may have reached the server before the connection
-        broke (so a retry's answer may describe the state the first attempt left).
+        broke (their request was written in full: a refused connection is not one), also of
+        a write on a kept-alive connection sent again on a new one, so a retry's answer may
+        describe the state the first attempt left.
 
         ``deadline`` bounds the whole call, retries included, in seconds: each attempt's
         timeout is cut to what is left of it, and no retry starts past it (a release and a
@@ -211,6 +214,11 @@ class _Transport:
                     # It may have been served: a second one could count twice.
                     raise failure from cause
             else:
+                if broken is not None and len(sent) > 1:
+                    # Written on a kept-alive connection that then broke, and sent again on a
+                    # new one (see _send): the first may have been served, its answer lost.
+                    broken.append(ConnectionError("a kept-alive connection broke after the "
+                                                  "request was written"))
                 if 200 <= status < 300:
                     return _parse_body(raw, status)
                 failure = _parse_error(status, raw, response_headers)
