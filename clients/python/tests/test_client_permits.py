@@ -239,3 +239,37 @@ def test_queue_full_carries_retry_after(fg: Floodgate, limiter: MakeLimiter) -> 
     assert isinstance(e, NoPermit)
     assert e.status == 429 and e.code == "queue_full"
     assert e.retry_after > 0
+
+
+def test_an_extend_that_shortens_the_lease_shortens_the_local_deadline(
+    fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """p.extend(lease=shorter) moves the server's deadline nearer; the local one (what
+    p.lost and check() read) must never be later than the server's, so once the server has
+    expired the permit, p.lost is true."""
+    name = limiter(1)
+    p = fg.acquire(name, wait=1, lease=60)  # no heartbeat
+    p.extend(lease=0.3)
+    assert p.lease == 0.3
+    assert wait_until(lambda: fg.limiter(name)["counters"]["expired"] == 1, 30)
+    assert p.lost, "the server expired the permit and the holder still believes it holds it"
+    with pytest.raises(PermitLost):
+        p.check()
+    assert p.release() is False
+
+
+def test_the_heartbeat_keeps_a_permit_whose_lease_was_shortened(
+    fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """The heartbeat beats every lease/3 of the lease in force: after p.extend(lease=3) on a
+    60 s permit it does not sleep out the 20 s interval of the old lease (the permit would
+    expire at 3 s)."""
+    name = limiter(1)
+    with fg.permit(name, wait=1, lease=60) as p:
+        p.extend(lease=3)
+        extensions = p.extensions
+        # Liveness only: several beats of the new lease's interval, or a loss.
+        assert wait_until(lambda: p.lost or p.extensions >= extensions + 4, 60)
+        assert not p.lost, p.heartbeat_error
+    status = fg.limiter(name)
+    assert status["counters"]["expired"] == 0 and status["counters"]["released"] == 1

@@ -70,6 +70,9 @@ class Permit:
         self._release_found_it_gone = False
         self._released = False
         self._stop = threading.Event()
+        # Set with _stop, and by an extend that shortened the lease: wakes the heartbeat to
+        # beat at the new lease's interval rather than sleep out the old one's.
+        self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._on_lost: Optional[Callable[["Permit"], None]] = None
         self.heartbeat_error: Optional[BaseException] = None
@@ -146,7 +149,9 @@ class Permit:
     # -- extend and release ----------------------------------------------------------------
 
     def extend(self, lease: Optional[Seconds] = None, *, timeout: Optional[float] = None) -> None:
-        """Moves the lease's end to now plus ``lease`` (default: this permit's lease).
+        """Moves the lease's end to now plus ``lease`` (default: this permit's lease). A
+        shorter lease than the permit's becomes its lease: the local deadline (:attr:`lost`)
+        comes nearer with the server's, and a running heartbeat beats at a third of it.
 
         Raises:
             PermitLost: the permit expired or was released; :attr:`lost` is set.
@@ -170,6 +175,7 @@ class Permit:
         # cannot cover the work done meanwhile.
         too_late = self.lost
         started = time.monotonic()
+        lease_before = self.lease
         if self.lease > 0 and not too_late:
             # An answer that comes after the lease ended is too late to be relied upon.
             remaining = self._deadline - started
@@ -192,9 +198,23 @@ class Permit:
             raise self._lost_error()
         with self._lock:
             # Measured from before the request: never later than the server's new deadline.
-            self._deadline = max(self._deadline, started + seconds)
-            self.lease = seconds
+            shortened = False
+            if self.lease != lease_before:
+                # Another extend changed the lease while this one was in flight, and which
+                # of the two the server took last is unknown: the nearer deadline.
+                self._deadline = min(self._deadline, started + seconds)
+            else:
+                # A shorter lease moved the server's deadline nearer, so it moves the local
+                # one (max() guards against an older extend's answer read after a newer one's).
+                shortened = seconds < self.lease
+                if shortened:
+                    self._deadline = started + seconds
+                else:
+                    self._deadline = max(self._deadline, started + seconds)
+                self.lease = seconds
             self.extensions += 1
+        if shortened:
+            self._wake.set()
 
     def release(self) -> bool:
         """Stops the heartbeat and releases the permit. Returns whether the server still held
@@ -262,6 +282,7 @@ class Permit:
                         "%s (%.3f s): it will be lost before its first extend",
                         interval, self.permit_id, self.lease)
         self._stop.clear()
+        self._wake.clear()
         self._thread = threading.Thread(
             target=self._heartbeat,
             args=(interval,),
@@ -276,6 +297,7 @@ class Permit:
         flight after that, answered once the permit is released, is 410 and not a loss: the
         thread was told to stop."""
         self._stop.set()
+        self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(self.client.timeout + 1.0 if wait is None else wait)
@@ -287,7 +309,18 @@ class Permit:
         interval until it succeeds or the lease has ended without a confirmed extend. Only
         ``permit_lost``, or that end, count as a loss."""
         delay = interval
-        while not self._stop.wait(delay):
+        while True:
+            woken = self._wake.wait(delay)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if woken:
+                # The lease was shortened by an extend that just succeeded: the next beat
+                # comes a third of the new lease from now (or at the interval asked for, if
+                # shorter).
+                interval = min(interval, self.lease / 3.0)
+                delay = interval
+                continue
             started = time.monotonic()
             # Each extend gets at most half a lease to answer, and is not retried inside: the
             # loop tries again soon, while the lease still runs.
