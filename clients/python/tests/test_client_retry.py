@@ -33,6 +33,21 @@ def test_backoff_is_full_jitter_and_honours_retry_after() -> None:
     assert all(0 <= b.delay(2) <= 0.4 for _ in range(100))
 
 
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [({"base": -1}, "base"), ({"base": float("nan")}, "base"), ({"cap": "30"}, "cap"),
+     ({"cap": float("inf")}, "cap"), ({"max_attempts": 0}, "max_attempts"),
+     ({"max_attempts": 2.5}, "max_attempts")],
+    ids=["base-negative", "base-nan", "cap-str", "cap-inf", "attempts-0", "attempts-float"],
+)
+def test_a_bad_backoff_is_refused_when_made_naming_the_field(
+    kwargs: "dict[str, object]", needle: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        Backoff(**kwargs)  # type: ignore[arg-type]
+    assert str(info.value).startswith(needle), str(info.value)
+
+
 def test_retry_helper() -> None:
     calls: List[int] = []
     slept: List[float] = []

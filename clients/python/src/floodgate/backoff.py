@@ -8,6 +8,7 @@ holding a permit while sleeping: :meth:`floodgate.Floodgate.call` releases, repo
 a countdown over sleeping in a worker (:mod:`floodgate.celery` does).
 """
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -32,6 +33,20 @@ class Backoff:
     base: float = 0.1
     cap: float = 30.0
     max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        # Refused when made, naming the field: found after a throttle they would raise from
+        # time.sleep ("sleep length must be non-negative") in place of the throttle itself.
+        for field in ("base", "cap"):
+            value = getattr(self, field)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0):
+                raise ValueError("{}: a finite number of seconds of 0 or more, not {!r}"
+                                 .format(field, value))
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError("max_attempts: a whole number of at least 1, not {!r}"
+                             .format(attempts))
 
     def delay(
         self, attempt: int, retry_after: Optional[float] = None, unit: Optional[float] = None
