@@ -150,3 +150,21 @@ def loses_permit(self: Any, run: str) -> None:
         _r.incr("{}:told".format(run))
     permit.check()
     _r.incr("{}:ran-on".format(run))  # never reached: the body stopped at check()
+
+
+@app.task(bind=True, name="adv.holds")
+@limited(os.environ.get("ADV_RESTART_LIMITER", "adv-restart"), wait=30, lease=10,
+         heartbeat=0.5)
+def holds(self: Any, run: str) -> str:
+    """Holds its permit until the test sets ``<run>:go`` (test_celery_restart.py restarts the
+    server meanwhile), then records whether it knows the permit lost and checks it."""
+    permit = current_permit()
+    assert permit is not None
+    _r.set("{}:token".format(run), permit.fencing_token)
+    deadline = time.monotonic() + 120
+    while not _r.get("{}:go".format(run)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _r.set("{}:lost".format(run), int(permit.lost))
+    permit.check()
+    _r.incr("{}:ran".format(run))
+    return "held"
