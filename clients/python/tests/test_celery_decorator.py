@@ -559,3 +559,40 @@ def test_a_permit_found_gone_at_the_release_is_logged_as_lost(
         held[0].check()
     assert "no longer held" in info.value.message
     assert any("was lost" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_limited_above_the_task_or_on_an_unbound_task_is_refused(
+    fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """@limited above @app.task would leave the registered task undecorated (the worker
+    runs it without a permit, silently): refused when decorating. On a task without
+    bind=True, a run fails naming the fix rather than with an AttributeError (and takes no
+    permit)."""
+    from celery import Celery
+
+    name = limiter(1)
+    app = Celery("order-check", broker="memory://", backend="cache+memory://")
+    try:
+        def body(self: Any, x: int) -> int:
+            return x
+
+        lazy = app.task(bind=True, name="order.lazy")(body)  # a Proxy: the app is not final
+        with pytest.raises(TypeError) as info:
+            limited(name, client=fg)(lazy)
+        assert str(info.value).startswith("limited: put @limited under @app.task")
+        app.finalize()
+        task = app.task(bind=True, name="order.final")(body)
+        with pytest.raises(TypeError):
+            limited(name, client=fg)(task)
+
+        def unbound(x: int) -> int:
+            return x
+
+        plain = app.task(name="order.unbound")(limited(name, client=fg)(unbound))
+        outcome = plain.apply(args=(7,))
+        assert outcome.failed()
+        assert isinstance(outcome.result, TypeError)
+        assert "bind=True" in str(outcome.result)
+    finally:
+        app.close()
+    assert fg.limiter(name)["counters"]["granted"] == 0

@@ -53,7 +53,9 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union, cast
 
 try:
+    from celery import Task
     from celery.exceptions import Ignore, Reject, Retry
+    from celery.local import Proxy
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(
         "floodgate.celery needs Celery: pip install 'floodgate[celery]'"
@@ -370,8 +372,21 @@ def limited(
         return client()
 
     def decorator(fun: F) -> F:
+        # type(), not isinstance(): a lazy app's task is a Proxy, and isinstance() would
+        # evaluate it (creating the task) at import.
+        if issubclass(type(fun), (Task, Proxy)):
+            # Above @app.task the registered task is the undecorated one: the worker would
+            # run its body without a permit, and nothing would say so.
+            raise TypeError("limited: put @limited under @app.task(bind=True), not above it "
+                            "(it got the task {!r})".format(fun))
+
         @functools.wraps(fun)
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not (hasattr(self, "request") and hasattr(self, "retry")):
+                # Not bound: `self` is the task's first argument, and the run would fail
+                # with an AttributeError naming nothing (or use it as the task).
+                raise TypeError("limited: the task must be bound: @app.task(bind=True), "
+                                "then @limited (its first argument was {!r})".format(self))
             fg = resolve_client()
             limiter = name(*args, **kwargs) if callable(name) else name
             limiter_key = key(*args, **kwargs) if callable(key) else key
