@@ -36,15 +36,17 @@ const REVIVE_ARG: &[u8] = b"$6\r\nrevive\r\n";
 /// What the relay holds back.
 #[derive(Default)]
 struct Held {
-    /// The next chunk a client sends that carries [`REVIVE_ARG`] is held.
-    armed: bool,
+    /// The next chunk a client sends that carries these bytes is held ([`REVIVE_ARG`] unless
+    /// the test says otherwise).
+    armed: Option<&'static [u8]>,
     /// The connection being held, if one is.
     conn: Option<usize>,
     /// The bytes held: the revival and whatever that connection sent after it.
     bytes: Vec<u8>,
 }
 
-/// A TCP relay to Redis that can hold one connection's commands from a revival on.
+/// A TCP relay to Redis that can hold one connection's commands from a revival (or another
+/// command the test names) on.
 struct HoldingRelay {
     port: u16,
     held: Arc<Mutex<Held>>,
@@ -87,7 +89,12 @@ impl HoldingRelay {
     }
 
     fn arm(&self) {
-        self.held.lock().unwrap().armed = true;
+        self.arm_on(REVIVE_ARG);
+    }
+
+    /// Holds the next chunk that carries `needle`, and what its connection sends after it.
+    fn arm_on(&self, needle: &'static [u8]) {
+        self.held.lock().unwrap().armed = Some(needle);
     }
 
     /// Whether a revival is held and what was held contains `needle`.
@@ -105,7 +112,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Client to Redis, holding from an armed revival until released.
+/// Client to Redis, holding from an armed chunk until released.
 async fn pump(
     id: usize,
     mut from_client: tokio::net::tcp::OwnedReadHalf,
@@ -140,8 +147,8 @@ async fn pump(
         };
         let hold = {
             let mut held = held.lock().unwrap();
-            if held.armed && contains(&buf[..n], REVIVE_ARG) {
-                held.armed = false;
+            if held.armed.is_some_and(|needle| contains(&buf[..n], needle)) {
+                held.armed = None;
                 held.conn = Some(id);
                 held.bytes = buf[..n].to_vec();
                 true
@@ -537,4 +544,49 @@ async fn a_plain_status_read_answered_after_a_put_keeps_the_puts_spec() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_status_read_answered_after_a_put_keeps_the_puts_spec() {
     a_status_read_answered_after_a_put_keeps_the_puts_spec(true).await;
+}
+
+/// The listing set's key, as RESP sends it: the relisting's script names it.
+const LISTING_KEY: &[u8] = b"$11\r\nfg:limiters\r\n";
+
+/// A store's relisting of a limiter (`revive::register`, in the background after its first use
+/// by that store) that reaches Redis after another server deleted the limiter must not leave
+/// the deleted name in the listing set: it stayed there, counted against `max_limiters` (a new
+/// limiter refused), until a listing dropped it. The relisting is held by the relay until the
+/// delete (and its `SREM`) is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relisting_that_reaches_redis_after_a_delete_leaves_the_name_unlisted() {
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let mut config = RedisConfig::new(server.url());
+    config.max_limiters = Some(1);
+    // B: the server that defines and deletes the limiter; A: one that uses it, through the relay.
+    let b = Floodgate::with_store(RedisStore::connect(config).await.unwrap());
+    let a = gate(relay.url(), Duration::from_secs(1)).await;
+    b.define("gone", LimiterSpec::concurrency(1)).await.unwrap();
+    let listed = || support::cli(server.port, &["SISMEMBER", "fg:limiters", "gone"]);
+    assert_eq!(listed(), "1");
+
+    // A's first use: it relists the limiter in the background, and the relay holds that.
+    relay.arm_on(LISTING_KEY);
+    a.limiter("gone").await.unwrap().status().await.unwrap();
+    until("A's relisting is held", || relay.holds(LISTING_KEY)).await;
+    assert!(b.delete("gone").await.unwrap());
+    assert_eq!(listed(), "0");
+
+    let sadds = || support::commandstats(server.port).get("sadd").copied();
+    let before = sadds();
+    relay.release();
+    until("A's relisting reaches Redis", || sadds() > before).await;
+    until("the deleted name is not listed", || listed() == "0").await;
+    // The cap counts the limiters that exist: a new one fits.
+    b.define("new", LimiterSpec::concurrency(1)).await.unwrap();
+    let names: Vec<String> = b
+        .limiters()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(names, ["new"]);
 }

@@ -337,34 +337,74 @@ impl RedisLimiter {
 /// `RELIST_EVERY` before this and are renewed again at most one after it, before the next
 /// relisting. Kept only the idle TTL plus an hour, the set expired while such a limiter was
 /// kept: it still existed, and the listing and `max_limiters` no longer counted it.
+///
+/// Only a limiter that exists (its `meta` is there) is added, and `meta` is read again after
+/// the add: a delete (its script, then its `SREM`) may have run in between, the `SREM` before
+/// the add, and the name is then removed again. Without that, a relisting sent before a delete
+/// and run after it (this store's background one, or another server's) listed the deleted
+/// limiter, counted against `max_limiters` until a listing dropped it. One script cannot do
+/// both (`meta` is in the limiter's slot, the set in its own on a Cluster), hence the reads
+/// around the write; and the name is added back if `meta` is there again after the removal
+/// (re-created meanwhile, its `put`'s own add perhaps before the removal).
 pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(), StoreError> {
     let key = format!("{}:limiters", inner.config.prefix);
     let meta = format!("{}:{{{}}}:meta", inner.config.prefix, name.as_str());
     let mut conn = inner.conn.clone();
-    // A separate command: `meta` is in the limiter's slot, the set in its own.
-    let meta_ms: i64 = redis::cmd("PTTL")
-        .arg(&meta)
-        .query_async(&mut conn)
-        .await
-        .map_err(unavailable)?;
     let every = u64::try_from(RELIST_EVERY.as_millis()).unwrap_or(u64::MAX);
-    let ttl = u64::try_from(meta_ms)
-        .unwrap_or(0)
-        .saturating_add(every.saturating_mul(2))
-        .max(inner.config.listing_ttl_ms());
-    redis::Script::new(super::LIST)
-        .key(&key)
-        .arg(name.as_str())
-        .arg(i64::try_from(ttl).unwrap_or(i64::MAX))
-        .invoke_async::<()>(&mut conn)
-        .await
-        .map_err(unavailable)?;
-    inner
-        .lock_known()
-        .listed
-        .insert(name.clone(), Instant::now());
+    // Whether this call's last write added the name (rather than removed it, or none yet).
+    let mut added = false;
+    let mut removals = 0;
+    loop {
+        // A separate command: `meta` is in the limiter's slot, the set in its own.
+        let meta_ms: i64 = redis::cmd("PTTL")
+            .arg(&meta)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        // -2: no such key (-1, no TTL, is not expected: counted as 0 left).
+        let exists = meta_ms != -2;
+        if exists == added {
+            break;
+        }
+        if exists {
+            let ttl = u64::try_from(meta_ms)
+                .unwrap_or(0)
+                .saturating_add(every.saturating_mul(2))
+                .max(inner.config.listing_ttl_ms());
+            redis::Script::new(super::LIST)
+                .key(&key)
+                .arg(name.as_str())
+                .arg(i64::try_from(ttl).unwrap_or(i64::MAX))
+                .invoke_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            added = true;
+        } else if removals >= MAX_UNLISTS {
+            // Deleted and re-created over and over meanwhile: left listed, which the next
+            // listing corrects if it is gone (an unlisted limiter that exists would not be).
+            break;
+        } else {
+            redis::cmd("SREM")
+                .arg(&key)
+                .arg(name.as_str())
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            added = false;
+            removals += 1;
+        }
+    }
+    if added {
+        inner
+            .lock_known()
+            .listed
+            .insert(name.clone(), Instant::now());
+    }
     Ok(())
 }
+
+/// How many times [`register`] removes again a name it added for a limiter deleted meanwhile.
+const MAX_UNLISTS: u32 = 3;
 
 /// How often a store adds a limiter it uses to the listing set again
 /// (`RedisLimiter::after_use`). The set lives at least this much longer than a limiter's keys
