@@ -196,3 +196,76 @@ async fn sighup_applies_a_changed_keyed_table_and_its_overrides() {
     assert_eq!(grants_for(&serve.url, "orgs", "org-1").await, 1);
     assert_eq!(grants_for(&serve.url, "orgs", "big").await, 6);
 }
+
+/// A file that turns a plain limiter keyed, or a keyed one plain: the server refuses the put
+/// (a limiter keeps its kind), so the real apply exits 2 with its message. The dry run reports
+/// that refusal the same way, instead of showing the change and exiting 0, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_reports_the_refusal_of_a_change_of_kind_as_the_apply_does() {
+    let dir = scratch("apply-keyed-kind");
+    let gate = Floodgate::in_memory();
+    gate.define("plain", floodgate::LimiterSpec::concurrency(4))
+        .await
+        .unwrap();
+    gate.define_keyed(
+        "keyed",
+        floodgate::LimiterSpec::concurrency(4),
+        floodgate::KeyedSpec::per_key(2),
+    )
+    .await
+    .unwrap();
+    let server = Served::start(gate, ServerOptions::default()).await;
+    let url = format!("http://{}", server.addr);
+    let client = Client::new(&url, None).unwrap();
+    let cases = [
+        (
+            "plain made keyed",
+            "[limiters.new]\nconcurrency = 1\n\
+             [limiters.plain]\nconcurrency = 4\nper_key = { concurrency = 1 }\n\
+             [limiters.keyed]\nconcurrency = 4\nper_key = { concurrency = 2 }\n",
+            "limiter plain: invalid_request: per_key: this limiter exists and is not keyed",
+        ),
+        (
+            "keyed made plain",
+            "[limiters.new]\nconcurrency = 1\n\
+             [limiters.plain]\nconcurrency = 4\n\
+             [limiters.keyed]\nconcurrency = 4\n",
+            "limiter keyed: invalid_request: per_key: a keyed limiter stays keyed",
+        ),
+    ];
+    for (i, (what, text, refusal)) in cases.into_iter().enumerate() {
+        let file = dir.join(format!("kind{i}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let dry = apply(&url, &file, &["--dry-run"]).await;
+        let dry_err = String::from_utf8_lossy(&dry.stderr).into_owned();
+        assert_eq!(dry.status.code(), Some(2), "{what}: {dry:?}");
+        assert!(dry_err.contains(refusal), "{what}: {dry_err}");
+        // What the real run would have done before it, and that nothing was.
+        assert!(
+            dry_err.contains("+ new: concurrency=1 "),
+            "{what}: {dry_err}"
+        );
+        assert!(
+            dry_err.contains("dry run, nothing applied"),
+            "{what}: {dry_err}"
+        );
+        assert!(
+            client.limiter("new").await.is_err(),
+            "{what}: the dry run created"
+        );
+
+        let real = apply(&url, &file, &[]).await;
+        let real_err = String::from_utf8_lossy(&real.stderr).into_owned();
+        assert_eq!(real.status.code(), Some(2), "{what}: {real:?}");
+        assert_eq!(
+            dry_err.lines().next(),
+            real_err.lines().next(),
+            "{what}: the same refusal"
+        );
+        // The real run created `new` before the refusal; the next case starts without it.
+        client.delete_limiter("new").await.unwrap();
+    }
+    let plain: Value = client.limiter("plain").await.unwrap();
+    assert!(plain.get("keyed").is_none_or(Value::is_null), "{plain}");
+    assert_eq!(keyed(&client, "keyed").await.0, 2);
+}

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use super::print;
 use super::{Failure, ServerArgs};
+use crate::client::ClientError;
 use crate::config::FileConfig;
 use crate::wire::{millis, AdaptiveBody, RateBody};
 
@@ -122,6 +123,51 @@ impl Plan {
         let mut out = fields(spec);
         out.extend(super::keyed_apply::keyed_fields(keyed.get(name)));
         out
+    }
+
+    /// The first put of the apply (creates, then changes, in its order) that the server
+    /// refuses whatever else happens: a limiter the file makes keyed that is plain, or plain
+    /// that is keyed (a limiter keeps its kind; deleting it is the way). With the error the
+    /// server answers, word for word.
+    pub(crate) fn refused_put(&self) -> Option<(&str, ClientError)> {
+        self.change.iter().find_map(|(name, _, _)| {
+            let message = match (
+                self.keyed_want.contains_key(name),
+                self.keyed_now.contains_key(name),
+            ) {
+                (true, false) => floodgate::core::keyed::PLAIN_STAYS_PLAIN,
+                (false, true) => crate::server::keyed::KEYED_STAYS_KEYED,
+                _ => return None,
+            };
+            Some((
+                name.as_str(),
+                ClientError::Api {
+                    status: 400,
+                    code: "invalid_request".to_owned(),
+                    message: format!("per_key: {message}"),
+                    retry_after: None,
+                },
+            ))
+        })
+    }
+
+    /// The puts the apply makes before `name`'s (every create, then the changes before it),
+    /// as the plan done so far.
+    fn puts_before(&self, name: &str) -> Plan {
+        Plan {
+            create: self.create.clone(),
+            change: self
+                .change
+                .iter()
+                .take_while(|(n, _, _)| n != name)
+                .cloned()
+                .collect(),
+            unchanged: self.unchanged,
+            kept: self.kept.clone(),
+            keyed_want: self.keyed_want.clone(),
+            keyed_now: self.keyed_now.clone(),
+            ..Plan::default()
+        }
     }
 
     /// Whether applying changes nothing.
@@ -308,6 +354,12 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
     let overrides = super::keyed_apply::desired_overrides(&file);
     plan.overrides = overrides.len();
     if args.dry_run || (plan.is_empty() && overrides.is_empty()) {
+        // What the real run would be refused, reported as it would be (exit 2, the server's
+        // message): a dry run that showed the change and exited 0 promised an apply that fails.
+        if let Some((name, refusal)) = plan.refused_put() {
+            let would = plan.puts_before(name);
+            return Err(partial(&would, Failure::from(refusal), name, true));
+        }
         print(&plan.render(true))?;
         return Ok(0);
     }
@@ -337,7 +389,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
         client
             .put_limiter(name, &body)
             .await
-            .map_err(|e| partial(&done, Failure::from(e), name))?;
+            .map_err(|e| partial(&done, Failure::from(e), name, false))?;
         if created {
             done.create.push((name.clone(), spec.clone()));
         } else if let Some(c) = plan.change.iter().find(|(n, _, _)| n == name) {
@@ -346,13 +398,13 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
     }
     done.overrides = super::keyed_apply::set_overrides_http(&client, &overrides)
         .await
-        .map_err(|(name, e)| partial(&done, Failure::from(e), &name))?;
+        .map_err(|(name, e)| partial(&done, Failure::from(e), &name, false))?;
     for name in &plan.delete {
         match client.delete_limiter(name).await {
             Ok(_) => {}
             // Deleted by someone else meanwhile: the goal is reached all the same.
             Err(e) if e.code() == Some("unknown_limiter") => {}
-            Err(e) => return Err(partial(&done, Failure::from(e), name)),
+            Err(e) => return Err(partial(&done, Failure::from(e), name, false)),
         }
         done.delete.push(name.clone());
     }
@@ -360,14 +412,15 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
-/// A failure part way: what was applied before it, then the error.
-fn partial(done: &Plan, failure: Failure, name: &str) -> Failure {
+/// A failure part way: what was applied (in a dry run: would have been) before it, then the
+/// error.
+fn partial(done: &Plan, failure: Failure, name: &str, dry_run: bool) -> Failure {
     Failure {
         code: failure.code,
         message: format!(
             "limiter {name}: {}\nbefore the failure:\n{}",
             failure.message,
-            done.render(false)
+            done.render(dry_run)
         ),
     }
 }
@@ -402,8 +455,8 @@ pub(crate) async fn apply_to_store<S: Store>(
         let keyed = plan.keyed_want.get(name).cloned();
         if keyed.is_none() && plan.keyed_now.contains_key(name) {
             return Err(format!(
-                "limiter {name}: per_key: a keyed limiter stays keyed; delete it to re-create it \
-                 without keys"
+                "limiter {name}: per_key: {}",
+                crate::server::keyed::KEYED_STAYS_KEYED
             ));
         }
         super::keyed_apply::put_in_store(gate, &limiter, spec.clone(), keyed, &[]).await?;

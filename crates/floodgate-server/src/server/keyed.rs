@@ -22,6 +22,11 @@ type AppStateRef<S> = State<Arc<AppState<S>>>;
 /// Busiest keys a limiter's status lists.
 pub(crate) const KEYS_IN_STATUS: usize = 10;
 
+/// Why `"per_key": null` is refused for a keyed limiter (field `per_key`); `limiter apply`
+/// (its dry run too) and a SIGHUP apply report the same.
+pub(crate) const KEYED_STAYS_KEYED: &str =
+    "a keyed limiter stays keyed; delete it to re-create it without keys";
+
 /// `"per_key": {"concurrency": 5, "rate": {...}}` in a limiter's PUT body.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,12 +64,7 @@ pub(crate) fn keyed_spec(
         return Ok(current);
     }
     let mut spec = match (per_key, current) {
-        (Some(None), Some(_)) => {
-            return Err(ApiError::bad_field(
-                "per_key",
-                "a keyed limiter stays keyed; delete it to re-create it without keys",
-            ))
-        }
+        (Some(None), Some(_)) => return Err(ApiError::bad_field("per_key", KEYED_STAYS_KEYED)),
         (Some(None), None) => return Ok(None),
         (Some(Some(body)), current) => KeyedSpec {
             concurrency: body.concurrency,

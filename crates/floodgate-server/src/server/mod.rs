@@ -9,7 +9,7 @@ mod extract;
 mod guard;
 mod head_cap;
 mod host_check;
-mod keyed;
+pub(crate) mod keyed;
 mod listen;
 mod request_id;
 pub mod tls;

@@ -55,6 +55,7 @@ use std::sync::Arc;
 pub use self::snapshot::{KeyLayerState, KeyReservationState, KeyState, KeyedSpecState};
 pub use self::spec::{
     check_key, KeyOverride, KeyedSpec, DEFAULT_MAX_KEYS, MAX_KEYS, MAX_KEY_LEN, MAX_WEIGHT,
+    PLAIN_STAYS_PLAIN,
 };
 pub use self::view::{KeyInfo, KeysView, MAX_KEYS_LISTED};
 use super::{LimiterCore, U64Map, Waiter};

@@ -10,6 +10,11 @@ pub const MAX_KEYS: u32 = 10_000_000;
 pub const MAX_KEY_LEN: usize = 256;
 /// Largest weight a key's override may give it.
 pub const MAX_WEIGHT: u32 = 1_000;
+/// Why a `per_key` put of a plain limiter that exists is refused (field `per_key`), in every
+/// store (the Redis script's text is checked to be this): `floodgate limiter apply --dry-run`
+/// reports the refusal the real apply meets.
+pub const PLAIN_STAYS_PLAIN: &str =
+    "this limiter exists and is not keyed; delete it first to re-create it keyed";
 
 /// The per-key part of a keyed limiter. The total (concurrency and/or rate of the whole
 /// limiter) stays in its [`LimiterSpec`]; a keyed limiter whose spec has no concurrency has no

@@ -161,7 +161,7 @@ impl State {
             (None, None) => self.core.reconfigure(now, spec, fx),
             (None, Some(_)) => Err(InvalidField::new(
                 "per_key",
-                "this limiter exists and is not keyed; delete it first to re-create it keyed",
+                crate::core::keyed::PLAIN_STAYS_PLAIN,
             )),
         }
     }

@@ -367,3 +367,15 @@ impl RedisStore {
         Ok(status)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The script refuses a `per_key` put of a plain limiter in the words every store uses,
+    /// which `floodgate limiter apply --dry-run` reports without asking the server.
+    #[test]
+    fn the_script_refuses_keying_a_plain_limiter_in_the_shared_words() {
+        let script = include_str!("lua/keyed/put.lua");
+        let quoted = format!("'{}'", crate::core::keyed::PLAIN_STAYS_PLAIN);
+        assert!(script.contains(&quoted), "{quoted} is not in keyed/put.lua");
+    }
+}
