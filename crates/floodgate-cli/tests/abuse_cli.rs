@@ -186,6 +186,34 @@ fn bad_arguments_exit_2_naming_the_problem() {
         // A negative number is a value out of range, not a flag "-0".
         (&["simulate", "--crash-fraction", "-0.1"], "crash-fraction"),
         (&["simulate", "--orgs", "-1"], "'-1' for '--orgs"),
+        // Each range error names the flag given, not another one checked with it (an
+        // --adaptive-max of 0 was reported against `limit`).
+        (
+            &["simulate", "--adaptive-max", "0"],
+            "adaptive-max: must be from 1",
+        ),
+        (
+            &["simulate", "--adaptive-max", "1000001"],
+            "adaptive-max: must be from 1",
+        ),
+        (&["simulate", "--limit", "0"], "limit: must be from 1"),
+        (&["simulate", "--limit", "1000001"], "limit: must be from 1"),
+        // A negative duration names its flag (it was "unexpected argument '-1'").
+        (&["simulate", "--max-wait", "-1s"], "for '--max-wait"),
+        (&["simulate", "--lease", "-5s"], "for '--lease"),
+        (
+            &["simulate", "--query-median", "-2s"],
+            "for '--query-median",
+        ),
+        (
+            &["simulate", "--capacity-change", "-1s:5"],
+            "for '--capacity-change",
+        ),
+        // Either may be the one to change: both named.
+        (
+            &["simulate", "--adaptive-max", "10"],
+            "limit/adaptive-max: the limit (50)",
+        ),
         // Too large to hold: refused before anything is drawn.
         (
             &["simulate", "--orgs", "1000000", "--queries-per-org", "100"],

@@ -114,6 +114,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use floodgate::spec::MAX_CONCURRENCY;
 use floodgate::{AdaptiveSpec, LimiterSpec};
 use serde::Serialize;
 
@@ -462,10 +463,20 @@ impl Config {
         if !(self.query_sigma >= 0.0 && self.query_sigma <= 5.0) {
             return Err("query-sigma: must be from 0 to 5".into());
         }
-        if self.limit == 0 || self.limit > self.adaptive_max {
+        // Each flag checked on its own first, so the error names the one given out of range
+        // (`--adaptive-max 0` was reported against `limit`).
+        if self.limit == 0 || self.limit > MAX_CONCURRENCY {
+            return Err(format!("limit: must be from 1 to {MAX_CONCURRENCY}"));
+        }
+        if self.adaptive_max == 0 || self.adaptive_max > MAX_CONCURRENCY {
+            return Err(format!("adaptive-max: must be from 1 to {MAX_CONCURRENCY}"));
+        }
+        if self.limit > self.adaptive_max {
+            // Either flag may be the one to change: both are named.
             return Err(format!(
-                "limit: must be from 1 to the adaptive maximum ({})",
-                self.adaptive_max
+                "limit/adaptive-max: the limit ({}) is above the adaptive maximum ({}); the \
+                 adaptive strategies start at the limit",
+                self.limit, self.adaptive_max
             ));
         }
         if self.backend_limit == 0 {
@@ -511,6 +522,8 @@ impl Config {
                     "concurrency" | "adaptive.min" => "limit/adaptive-max",
                     "lease_ms" => "lease",
                     "max_wait_ms" => "max-wait",
+                    // The queue holds every worker's waiter (`limiter_spec`).
+                    "max_queue" => "workers",
                     other => other,
                 };
                 format!("{flag}: {}", e.message)
@@ -611,7 +624,26 @@ mod tests {
             limit: 0,
             ..Config::default()
         };
-        assert!(bad.validate().is_err_and(|e| e.starts_with("limit")));
+        assert!(bad.validate().is_err_and(|e| e.starts_with("limit:")));
+        for adaptive_max in [0, MAX_CONCURRENCY + 1] {
+            let bad = Config {
+                adaptive_max,
+                ..Config::default()
+            };
+            assert!(
+                bad.validate()
+                    .is_err_and(|e| e.starts_with("adaptive-max:")),
+                "{adaptive_max}"
+            );
+        }
+        let bad = Config {
+            limit: 20,
+            adaptive_max: 10,
+            ..Config::default()
+        };
+        assert!(bad
+            .validate()
+            .is_err_and(|e| e.starts_with("limit/adaptive-max:")));
         let bad = Config {
             crash_fraction: 2.0,
             ..Config::default()

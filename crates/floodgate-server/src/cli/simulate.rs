@@ -9,7 +9,8 @@ use super::{print, warn, Failure};
 use crate::simulate::{self, Config, Scenario, Strategy};
 
 /// Flags of `floodgate simulate`. Numbers take a minus sign, so `--crash-fraction -0.1` is
-/// refused as out of range, not read as a flag `-0`.
+/// refused as out of range, not read as a flag `-0`; durations take a leading `-` too, so
+/// `--max-wait -1s` is refused naming `--max-wait`, not as an unexpected argument `-1`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct SimulateArgs {
     /// Seed of every random draw: the same seed gives the same report.
@@ -38,7 +39,7 @@ pub(crate) struct SimulateArgs {
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     crash_fraction: f64,
     /// Median query time (lognormal).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = parse_duration, allow_hyphen_values = true)]
     query_median: Duration,
     /// Shape of the lognormal query time (standard deviation of its logarithm).
     #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
@@ -47,7 +48,12 @@ pub(crate) struct SimulateArgs {
     #[arg(long, default_value_t = 100, allow_negative_numbers = true)]
     backend_limit: u32,
     /// The backend's capacity changes mid-run: `AT:CAPACITY`, e.g. `90s:60` (a replica lost).
-    #[arg(long, value_name = "AT:CAPACITY", value_parser = parse_capacity_change)]
+    #[arg(
+        long,
+        value_name = "AT:CAPACITY",
+        value_parser = parse_capacity_change,
+        allow_hyphen_values = true
+    )]
     capacity_change: Option<(Duration, u32)>,
     /// Fraction of its capacity up to which the backend runs a query at its own pace; past it
     /// contention slows every query admitted, linearly up to `--slowdown` at capacity.
@@ -63,11 +69,11 @@ pub(crate) struct SimulateArgs {
     #[arg(long, default_value_t = 1_000, allow_negative_numbers = true)]
     adaptive_max: u32,
     /// Floodgate's lease: how long a crashed holder's permit stays taken (1 s to 24 h).
-    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    #[arg(long, default_value = "300s", value_parser = parse_duration, allow_hyphen_values = true)]
     lease: Duration,
     /// Floodgate's wait cap for one acquire (the task then re-enqueues itself). Default: 45s
     /// (incident), 5s (orgs: `@limited`'s default).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
     max_wait: Option<Duration>,
     /// Print JSON instead of a table.
     #[arg(long)]
