@@ -590,3 +590,32 @@ async fn a_relisting_that_reaches_redis_after_a_delete_leaves_the_name_unlisted(
         .collect();
     assert_eq!(names, ["new"]);
 }
+
+/// The listing's `SREM` (`REMOVE` of the names whose limiter it found gone) as RESP sends it.
+const SREM: &[u8] = b"$4\r\nSREM\r\n";
+
+/// A listing drops the names of limiters it finds gone (`list_limiters`); a limiter created
+/// under such a name between the listing's read and its removal must stay listed: its put
+/// added the name before the removal, and nothing would add it again before this store's next
+/// relisting (an hour later), so it was missing from the listing and from `max_limiters`'
+/// count. The listing's removal is held by the relay until the limiter exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limiter_created_while_a_listing_drops_its_name_stays_listed() {
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    // A: creates the limiter, directly; B: lists, through the relay.
+    let a = gate(server.url(), Duration::from_secs(1)).await;
+    let b = gate(relay.url(), Duration::from_secs(1)).await;
+    // A name whose limiter is gone (as one expired for idleness leaves it).
+    let listed = || support::cli(server.port, &["SISMEMBER", "fg:limiters", "late"]);
+    support::cli(server.port, &["SADD", "fg:limiters", "late"]);
+
+    relay.arm_on(SREM);
+    let listing = tokio::spawn(async move { b.limiters().await.map(|l| l.len()) });
+    until("B's removal is held", || relay.holds(SREM)).await;
+    a.define("late", LimiterSpec::concurrency(1)).await.unwrap();
+    assert_eq!(listed(), "1");
+    relay.release();
+    assert_eq!(outcome("the listing", listing).await.unwrap(), 0);
+    assert_eq!(listed(), "1", "the limiter exists and is listed");
+}

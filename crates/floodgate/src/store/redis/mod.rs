@@ -616,6 +616,18 @@ impl Store for RedisStore {
                 .query_async::<()>(&mut conn)
                 .await
                 .map_err(unavailable)?;
+            // A limiter created under one of these names since its status was read had its
+            // name added before this removal, and nothing would add it again before a store's
+            // next relisting (an hour): `register` adds back those whose `meta` exists now.
+            let relisted: Vec<Result<(), StoreError>> = stream::iter(gone)
+                .map(|name| {
+                    let inner = Arc::clone(&self.inner);
+                    async move { revive::register(&inner, &name).await }
+                })
+                .buffer_unordered(LIST_CONCURRENCY)
+                .collect()
+                .await;
+            relisted.into_iter().collect::<Result<(), StoreError>>()?;
         }
         Ok(out)
     }
