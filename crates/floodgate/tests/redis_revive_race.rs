@@ -10,7 +10,10 @@
 //! held from before the loss, re-adopted by their extends, then every grant) against the
 //! limit. Plain and keyed limiters share the mechanism and run the same test. No assertion
 //! depends on timing: waits are liveness bounds only. Last, the spec a store revives with: one
-//! of its status reads answered after its own put must not replace the put's spec.
+//! of its status reads answered after its own put must not replace the put's spec. And the
+//! listing set (`fg:limiters`): a relisting held until after a delete must not list the deleted
+//! limiter again, and a listing's removal of a gone name held until the limiter exists again
+//! must not leave it unlisted (the relay holds the relisting's or the removal's command).
 
 #![cfg(not(feature = "shuttle"))]
 #![allow(clippy::unwrap_used)]
