@@ -571,3 +571,38 @@ async fn the_listing_set_outlives_a_limiter_kept_for_its_debt() {
     }
     outlives(&mut conn, "a relisting");
 }
+
+/// `max_limiters` counts the limiters that exist. A limiter that expired for idleness leaves
+/// its name in the listing set (kept alive by the other limiters' use) until a listing drops
+/// it; a create at the cap was refused `TooManyLimiters` meanwhile, though the limiters that
+/// existed were under it. The expiry is made by hand (`DEL` of the limiter's keys).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_names_of_expired_limiters_do_not_count_against_max_limiters() {
+    let server = support::RedisServer::start();
+    let mut conn = conn(&server);
+    let mut config = RedisConfig::new(server.url());
+    config.max_limiters = Some(2);
+    let gate = Floodgate::with_store(RedisStore::connect(config).await.unwrap());
+    for name in ["kept", "expired"] {
+        gate.define(name, LimiterSpec::concurrency(1))
+            .await
+            .unwrap();
+    }
+    for key in keys_of(&mut conn, "expired") {
+        let _: () = redis::cmd("DEL").arg(&key).query(&mut conn).unwrap();
+    }
+    assert_eq!(listed(&mut conn).len(), 2, "the name stays until a listing");
+
+    gate.define("new", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    let mut names = listed(&mut conn);
+    names.sort();
+    assert_eq!(names, ["kept", "new"]);
+    // The cap still holds against limiters that exist.
+    let refused = gate.define("third", LimiterSpec::concurrency(1)).await;
+    assert!(
+        matches!(refused, Err(floodgate::StoreError::TooManyLimiters(2))),
+        "{refused:?}"
+    );
+}

@@ -258,7 +258,8 @@ const LIST_CONCURRENCY: usize = 128;
 
 /// Adds a name to the registry unless that would put more than `ARGV[2]` names in it (a name
 /// already there is always fine). One script, so servers creating limiters at once cannot
-/// overshoot the cap together.
+/// overshoot the cap together (but see `unlist_gone_names`: a name dropped as gone while its
+/// create is in flight frees a place too early).
 /// The set's TTL is raised to `ARGV[3]`, never lowered (a limiter kept for its rate's debt
 /// raised it: `revive::register`).
 const REGISTER: &str = r"
@@ -500,19 +501,97 @@ impl RedisStore {
             .arg(name.as_str())
             .arg(max)
             .arg(ttl);
-        let registered: i64 = retry_dropped(|| {
-            let mut conn = self.inner.conn.clone();
-            let invocation = &invocation;
-            async move { invocation.invoke_async(&mut conn).await }
-        })
-        .await
-        .map_err(unavailable)?;
+        let invoke = || {
+            retry_dropped(|| {
+                let mut conn = self.inner.conn.clone();
+                let invocation = &invocation;
+                async move { invocation.invoke_async::<i64>(&mut conn).await }
+            })
+        };
+        let mut registered = invoke().await.map_err(unavailable)?;
+        // At the cap, the set may hold names of limiters that are gone (expired for idleness:
+        // the set outlives them), which only a listing dropped: until one ran, every create
+        // was refused though fewer limiters existed. They are dropped here, and the add tried
+        // again.
+        if registered == 0 && self.unlist_gone_names().await? > 0 {
+            registered = invoke().await.map_err(unavailable)?;
+        }
         if registered == 0 {
             return Err(StoreError::TooManyLimiters(
                 self.inner.config.max_limiters.unwrap_or(0),
             ));
         }
         Ok(())
+    }
+
+    /// Drops from the listing set the names whose limiter is gone (no `meta`); how many. A
+    /// create in flight (name registered, limiter not yet put) looks gone too: its put adds
+    /// the name back (`revive::register`), past the cap if another create took the place
+    /// meanwhile. A listing has the same window.
+    async fn unlist_gone_names(&self) -> Result<usize, StoreError> {
+        use futures_util::stream::{self, StreamExt};
+        let names: Vec<String> = retry_dropped(|| {
+            let mut conn = self.inner.conn.clone();
+            let key = self.registry_key();
+            async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut conn).await }
+        })
+        .await
+        .map_err(unavailable)?;
+        let prefix = &self.inner.config.prefix;
+        // One PTTL per name (each `meta` in its own slot), many in flight at once.
+        let ttls: Vec<(LimiterName, Result<i64, StoreError>)> = stream::iter(names)
+            .filter_map(|raw| async move { LimiterName::new(&raw).ok() })
+            .map(|name| {
+                let mut conn = self.inner.conn.clone();
+                let meta = format!("{prefix}:{{{}}}:meta", name.as_str());
+                async move {
+                    let ttl = redis::cmd("PTTL")
+                        .arg(meta)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable);
+                    (name, ttl)
+                }
+            })
+            .buffered(LIST_CONCURRENCY)
+            .collect()
+            .await;
+        let mut gone = Vec::new();
+        for (name, ttl) in ttls {
+            if ttl? == -2 {
+                gone.push(name);
+            }
+        }
+        let count = gone.len();
+        self.unlist(gone).await?;
+        Ok(count)
+    }
+
+    /// Removes names found gone from the listing set, then adds back those whose limiter
+    /// exists again by now: one created under such a name since it was found gone had its
+    /// name added before this removal, and nothing would add it again before a store's next
+    /// relisting (an hour later).
+    async fn unlist(&self, gone: Vec<LimiterName>) -> Result<(), StoreError> {
+        use futures_util::stream::{self, StreamExt};
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.inner.conn.clone();
+        redis::cmd("SREM")
+            .arg(self.registry_key())
+            .arg(gone.iter().map(LimiterName::as_str).collect::<Vec<_>>())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let relisted: Vec<Result<(), StoreError>> = stream::iter(gone)
+            .map(|name| {
+                let inner = Arc::clone(&self.inner);
+                async move { revive::register(&inner, &name).await }
+            })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .collect()
+            .await;
+        relisted.into_iter().collect()
     }
 }
 
@@ -608,27 +687,7 @@ impl Store for RedisStore {
                 Err(e) => return Err(e),
             }
         }
-        if !gone.is_empty() {
-            let mut conn = self.inner.conn.clone();
-            redis::cmd("SREM")
-                .arg(self.registry_key())
-                .arg(gone.iter().map(LimiterName::as_str).collect::<Vec<_>>())
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            // A limiter created under one of these names since its status was read had its
-            // name added before this removal, and nothing would add it again before a store's
-            // next relisting (an hour): `register` adds back those whose `meta` exists now.
-            let relisted: Vec<Result<(), StoreError>> = stream::iter(gone)
-                .map(|name| {
-                    let inner = Arc::clone(&self.inner);
-                    async move { revive::register(&inner, &name).await }
-                })
-                .buffer_unordered(LIST_CONCURRENCY)
-                .collect()
-                .await;
-            relisted.into_iter().collect::<Result<(), StoreError>>()?;
-        }
+        self.unlist(gone).await?;
         Ok(out)
     }
 
