@@ -606,3 +606,35 @@ async fn the_names_of_expired_limiters_do_not_count_against_max_limiters() {
         "{refused:?}"
     );
 }
+
+/// The same on a Cluster, where the listing set and each limiter's `meta` are in different
+/// slots (so on different masters here): a gone name is found and dropped at the cap, and the
+/// cap still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_gone_name_does_not_count_against_max_limiters() {
+    let cluster = support::RedisCluster::start();
+    let mut config = RedisConfig::cluster(cluster.urls());
+    config.max_limiters = Some(2);
+    let gate = Floodgate::with_store(RedisStore::connect(config).await.unwrap());
+    gate.define("a", LimiterSpec::concurrency(1)).await.unwrap();
+    // A name with no limiter (one that expired for idleness, or whose put failed).
+    let port = cluster.nodes[0].port.to_string();
+    let added = std::process::Command::new("redis-cli")
+        .args(["-c", "-p", &port, "SADD", REGISTRY, "ghost"])
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    gate.define("b", LimiterSpec::concurrency(1)).await.unwrap();
+    let names = |statuses: Vec<floodgate::LimiterStatus>| -> Vec<String> {
+        statuses.iter().map(|s| s.name.to_string()).collect()
+    };
+    assert_eq!(names(gate.limiters().await.unwrap()), ["a", "b"]);
+    let refused = gate.define("c", LimiterSpec::concurrency(1)).await;
+    assert!(
+        matches!(refused, Err(floodgate::StoreError::TooManyLimiters(2))),
+        "{refused:?}"
+    );
+    assert!(gate.delete("a").await.unwrap());
+    gate.define("c", LimiterSpec::concurrency(1)).await.unwrap();
+    assert_eq!(names(gate.limiters().await.unwrap()), ["b", "c"]);
+}
