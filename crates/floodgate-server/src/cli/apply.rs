@@ -33,7 +33,8 @@ pub(crate) struct ApplyArgs {
     /// Also delete the server's limiters that the file does not name.
     #[arg(long)]
     prune: bool,
-    /// Print the difference and change nothing.
+    /// Print the difference and change nothing. A change the server refuses (a limiter made
+    /// keyed or plain) ends it with the apply's error and exit 2, as the apply would.
     #[arg(long)]
     dry_run: bool,
 }
