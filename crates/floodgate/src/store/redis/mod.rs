@@ -181,6 +181,9 @@ pub(crate) struct Inner {
     eviction: evict::EvictionGuard,
     /// Some limiter is to learn (so the hot path skips the lock when none is).
     relearn_pending: AtomicBool,
+    /// When this store last dropped gone names at the `max_limiters` cap
+    /// (`RedisStore::unlist_gone_names`), which it does at most every [`PRUNE_EVERY`].
+    pruned_at: Mutex<Option<std::time::Instant>>,
     /// Changes of the master this store noticed (`generation.rs`; a Cluster counts them per
     /// slot, `shard.rs`): a grant whose request was
     /// in flight across one may come from the older state, before its learning window.
@@ -255,6 +258,10 @@ where
 /// Limiter statuses fetched at once by `list_limiters`: the multiplexed connection pipelines
 /// them, so a listing costs about (limiters / this) round trips instead of one per limiter.
 const LIST_CONCURRENCY: usize = 128;
+
+/// How often a store refused a create at the `max_limiters` cap looks for names of limiters
+/// that are gone (`RedisStore::register`).
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// Adds a name to the registry unless that would put more than `ARGV[2]` names in it (a name
 /// already there is always fine). One script, so servers creating limiters at once cannot
@@ -409,6 +416,7 @@ impl RedisStore {
             shards: Mutex::new(shard::Shards::default()),
             eviction,
             relearn_pending: AtomicBool::new(false),
+            pruned_at: Mutex::new(None),
             changes: AtomicU64::new(0),
             abandoned: Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::try_current().ok(),
@@ -513,7 +521,7 @@ impl RedisStore {
         // the set outlives them), which only a listing dropped: until one ran, every create
         // was refused though fewer limiters existed. They are dropped here, and the add tried
         // again.
-        if registered == 0 && self.unlist_gone_names().await? > 0 {
+        if registered == 0 && self.prune_due() && self.unlist_gone_names().await? > 0 {
             registered = invoke().await.map_err(unavailable)?;
         }
         if registered == 0 {
@@ -522,6 +530,23 @@ impl RedisStore {
             ));
         }
         Ok(())
+    }
+
+    /// Whether a create refused at the cap may look for gone names now: at most every
+    /// [`PRUNE_EVERY`], so a client creating limiters over and over at the cap costs Redis
+    /// one script each, not a read of every listed limiter each.
+    fn prune_due(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut at = self
+            .inner
+            .pruned_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let due = at.is_none_or(|last| now.duration_since(last) >= PRUNE_EVERY);
+        if due {
+            *at = Some(now);
+        }
+        due
     }
 
     /// Drops from the listing set the names whose limiter is gone (no `meta`); how many. A
