@@ -11,8 +11,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use floodgate::{
-    AcquireOptions, Floodgate, KeyOverride, KeyedSpec, LimiterBackend, LimiterSpec, RateSpec,
-    RedisConfig, RedisStore,
+    AcquireOptions, Floodgate, KeyOverride, KeyedSpec, Limiter, LimiterBackend, LimiterSpec,
+    RateSpec, RedisConfig, RedisLimiter, RedisStore,
 };
 
 /// The TTL `age` leaves every key with: far below any a store sets (a day at least).
@@ -383,6 +383,25 @@ async fn no_key_is_left_without_a_ttl() {
     drop((second, key_waiter, d_held));
 }
 
+/// A rate-only limiter `name` at one a day with a burst of 100, its burst taken (on the paced
+/// fast path): a debt of 100 days, far past the idle TTL.
+async fn rate_debt_of_100_days(gate: &Floodgate<RedisStore>, name: &str) -> Limiter<RedisLimiter> {
+    let day = Duration::from_secs(24 * 3600);
+    let mut spec = LimiterSpec::default().with_rate(RateSpec::per(1, day).with_burst(100));
+    spec.concurrency = None;
+    gate.define(name, spec).await.unwrap();
+    let limiter = gate.limiter(name).await.unwrap();
+    for _ in 0..100 {
+        drop(
+            limiter
+                .acquire(AcquireOptions::new().wait(Duration::ZERO))
+                .await
+                .unwrap(),
+        );
+    }
+    limiter
+}
+
 /// The least TTL (ms) a limiter's keys must have to keep a rate debt of `debt`: the debt itself
 /// (a limiter unused from now on must not forget it before it ends).
 fn at_least(debt: Duration) -> i64 {
@@ -418,17 +437,7 @@ async fn a_rate_debt_outlasting_the_idle_ttl_keeps_the_keys() {
     };
 
     // Plain, rate only: the burst taken on the paced fast path.
-    let mut spec = LimiterSpec::default().with_rate(RateSpec::per(1, day).with_burst(100));
-    spec.concurrency = None;
-    gate.define("q", spec).await.unwrap();
-    let q = gate.limiter("q").await.unwrap();
-    for _ in 0..100 {
-        drop(
-            q.acquire(AcquireOptions::new().wait(Duration::ZERO))
-                .await
-                .unwrap(),
-        );
-    }
+    let q = rate_debt_of_100_days(&gate, "q").await;
     age(&mut conn, "q");
     drop(
         q.acquire(AcquireOptions::new().wait(Duration::ZERO))
@@ -524,7 +533,6 @@ async fn the_listing_set_outlives_a_limiter_kept_for_its_debt() {
     let server = support::RedisServer::start();
     let gate = gate(&server).await;
     let mut conn = conn(&server);
-    let day = Duration::from_secs(24 * 3600);
     let outlives = |conn: &mut redis::Connection, after: &str| {
         let (set, meta) = (pttl(conn, REGISTRY), pttl(conn, "fg:{q}:meta"));
         assert!(
@@ -532,17 +540,7 @@ async fn the_listing_set_outlives_a_limiter_kept_for_its_debt() {
             "after {after}: the listing set ({set} ms) expires before the limiter ({meta} ms)"
         );
     };
-    let mut spec = LimiterSpec::default().with_rate(RateSpec::per(1, day).with_burst(100));
-    spec.concurrency = None;
-    gate.define("q", spec).await.unwrap();
-    let q = gate.limiter("q").await.unwrap();
-    for _ in 0..100 {
-        drop(
-            q.acquire(AcquireOptions::new().wait(Duration::ZERO))
-                .await
-                .unwrap(),
-        );
-    }
+    rate_debt_of_100_days(&gate, "q").await;
     outlives(&mut conn, "its define");
     gate.define("plain", LimiterSpec::concurrency(1))
         .await
