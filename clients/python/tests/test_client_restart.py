@@ -151,8 +151,10 @@ def _heartbeat_across_a_crash(proc: ServerProcess, fg: Floodgate) -> None:
         # The restarted server decides: an extend that succeeds, or permit_lost.
         assert wait_until(lambda: p.lost or p.extensions > extensions, 30)
         if not p.lost:
-            # Still extended after the restart, more than once.
+            # Still extended after the restart, more than once; the failures are over.
             assert wait_until(lambda: p.lost or p.extensions > extensions + 2, 30)
+            assert wait_until(lambda: p.lost or p.heartbeat_error is None, 30), \
+                p.heartbeat_error
 
 
 def test_with_a_data_directory_the_heartbeat_keeps_the_permit_across_a_crash(

@@ -35,6 +35,10 @@ class Permit:
         key: a keyed limiter's key this permit was acquired with (``None`` for a plain
             limiter's); sent with every extend, so a server that lost its state re-adopts the
             permit under its key (docs/learning.md).
+        heartbeat_error: the error of the heartbeat's last extend, or ``None`` when it
+            succeeded (or none was made yet): a failure it rides out (the server unreachable,
+            a 503) is set and then cleared by the next extend that succeeds; the ``PermitLost``
+            that ends the heartbeat stays. Extends of :meth:`extend` do not change it.
 
     A permit belongs to the process that acquired it. In a process forked while it was held,
     :meth:`release` does nothing (returns ``False``), :meth:`extend` raises ``RuntimeError``
@@ -348,6 +352,8 @@ class Permit:
                 delay = max(0.05, interval / 4.0)
                 log.exception("floodgate: heartbeat of %s failed", self.permit_id)
                 continue
+            # The last beat succeeded: an earlier failure (e.g. a server restarting) is over.
+            self.heartbeat_error = None
             delay = max(0.0, interval - (time.monotonic() - started))
 
     def _heartbeat_lost(self, e: PermitLost) -> None:
