@@ -6,6 +6,7 @@ import logging
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
+from celery.exceptions import Retry as _CeleryRetry
 
 import threading
 import time
@@ -154,6 +155,54 @@ def test_other_exceptions_release_and_propagate(fg: Floodgate, limiter: MakeLimi
         assert status["counters"]["feedback_error"] == 1
 
 
+def test_control_flow_and_floodgate_errors_are_never_taken_by_a_broad_throttle_class(
+    fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """``throttle_exceptions=(Exception,)`` covers the backend's errors, not the body's own
+    ``self.retry`` (Celery's Retry), a lost permit, nor a nested acquire's WaitTimeout: none
+    is reported as throttled and retried as one."""
+    name = limiter(1)
+    full = limiter(1)
+    blocker = fg.acquire(full, wait=1, lease=30, heartbeat=False)
+
+    @limited(name, wait=1, lease=30, client=fg, throttle_exceptions=(Exception,))
+    def body(self: Any, how: str) -> None:
+        if how == "retry":
+            raise _CeleryRetry("the body's own retry")
+        if how == "lost":
+            p = current_permit()
+            assert p is not None
+            fg.release(p.permit_id)  # released by id elsewhere: the extend learns it
+            p.extend()
+        if how == "nested":
+            fg.acquire(full, wait=0)
+        raise Throttled("backend: too many")
+
+    try:
+        with pytest.raises(_CeleryRetry):
+            body(BoundTask(), "retry")
+        with pytest.raises(PermitLost):
+            body(BoundTask(), "lost")
+        with pytest.raises(WaitTimeout):
+            body(BoundTask(), "nested")
+        with pytest.raises(RetryCalled):  # the backend's own still is one
+            body(BoundTask(), "throttled")
+
+        @limited(name, wait=1, lease=30, client=fg, throttle_exceptions=(WaitTimeout,))
+        def nested(self: Any) -> None:
+            fg.acquire(full, wait=0)
+
+        with pytest.raises(RetryCalled):  # named by its own class, it is one
+            nested(BoundTask())
+    finally:
+        blocker.release()
+    status = fg.limiter(name)
+    assert status["in_use"] == 0
+    if _has_feedback(fg, name):
+        assert status["counters"]["feedback_throttled"] == 2
+        assert status["counters"]["feedback_error"] == 2  # the lost permit, the nested wait
+
+
 def test_limiter_name_from_the_arguments(fg: Floodgate, limiter: MakeLimiter) -> None:
     name = limiter(1)
     tokens: List[int] = []
@@ -299,6 +348,8 @@ def test_full_jitter_bounds() -> None:
         ({"heartbeat": -1}, ValueError, "heartbeat"),
         ({"heartbeat": 10, "lease": 5}, ValueError, "heartbeat"),
         ({"throttle_exceptions": ("RateLimitExceeded",)}, TypeError, "throttle_exceptions"),
+        ({"throttle_exceptions": (PermitLost,)}, TypeError, "throttle_exceptions"),
+        ({"throttle_exceptions": (_CeleryRetry,)}, TypeError, "throttle_exceptions"),
         ({"max_retries": -1}, ValueError, "max_retries"),
         ({"throttle_max_retries": 2.5}, ValueError, "throttle_max_retries"),
         ({"backoff": -1}, ValueError, "backoff"),

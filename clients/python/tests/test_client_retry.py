@@ -10,6 +10,7 @@ from floodgate import (
     Backoff,
     Floodgate,
     Permit,
+    PermitLost,
     WaitTimeout,
 )
 
@@ -111,3 +112,46 @@ def test_call_retries_throttles_with_a_new_permit(fg: Floodgate, limiter: MakeLi
     with pytest.raises(ZeroDivisionError):
         fg.call(name, lambda p: 1 // 0, throttle_exceptions=(Throttled,), wait=1)
     assert fg.limiter(name)["in_use"] == 0
+
+
+def test_call_never_takes_floodgates_own_errors_for_a_broad_throttle_class(
+    fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """Under ``throttle_exceptions=(Exception,)`` a lost permit and a nested acquire's
+    WaitTimeout fail the call at once, reported as errors, not throttles."""
+    name = limiter(1)
+    full = limiter(1)
+    blocker = fg.acquire(full, wait=1, lease=30, heartbeat=False)
+    calls: List[str] = []
+
+    def lose(p: Permit) -> None:
+        calls.append("lose")
+        fg.release(p.permit_id)  # released by id elsewhere: the extend learns it
+        p.extend()
+
+    def nested(p: Permit) -> None:
+        calls.append("nested")
+        fg.acquire(full, wait=0)
+
+    try:
+        with pytest.raises(PermitLost):
+            fg.call(name, lose, throttle_exceptions=(Exception,), wait=1,
+                    backoff=Backoff(0.01, 0.05, 3))
+        with pytest.raises(WaitTimeout):
+            fg.call(name, nested, throttle_exceptions=(Exception,), wait=1,
+                    backoff=Backoff(0.01, 0.05, 3))
+        assert calls == ["lose", "nested"]
+        with pytest.raises(WaitTimeout):  # named by its own class, it is one: retried
+            fg.call(name, nested, throttle_exceptions=(WaitTimeout,), wait=1,
+                    backoff=Backoff(0.01, 0.05, 2))
+        assert calls == ["lose", "nested", "nested", "nested"]
+        with pytest.raises(TypeError) as info:
+            fg.call(name, nested, throttle_exceptions=(PermitLost,))
+        assert str(info.value).startswith("throttle_exceptions")
+    finally:
+        blocker.release()
+    status = fg.limiter(name)
+    assert status["in_use"] == 0
+    if "feedback_throttled" in status["counters"]:
+        assert status["counters"]["feedback_throttled"] == 2
+        assert status["counters"]["feedback_error"] == 2  # the lost permit, the nested wait

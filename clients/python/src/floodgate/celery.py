@@ -61,7 +61,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         "floodgate.celery needs Celery: pip install 'floodgate[celery]'"
     ) from e
 
-from .client import Floodgate, Permit, Seconds, _heartbeat_interval
+from .client import Floodgate, Permit, Seconds, _check_throttles, _heartbeat_interval, _is_throttle
 from .errors import (
     FloodgateError,
     NoPermit,
@@ -84,6 +84,10 @@ UNAVAILABLE_RETRIES = "floodgate_unavailable_retries"
 
 # Celery reads ``max_retries=None`` as "the task's default" (3): this is how "no limit" is said.
 _UNBOUNDED = 2**62
+
+# Celery's control flow raised by the body (its own ``self.retry``...): never an outcome, so
+# never a throttle either, whatever ``throttle_exceptions`` names.
+_CONTROL_FLOW = (Retry, Ignore, Reject)
 
 _local = threading.local()
 _clients: Dict[int, Floodgate] = {}
@@ -260,10 +264,7 @@ def _check_arguments(
                          .format(interval, _seconds(lease)))
     if isinstance(permits, bool) or not isinstance(permits, int) or permits < 1:
         raise ValueError("permits: a whole number of at least 1, not {!r}".format(permits))
-    for exc in throttle_exceptions:
-        if not (isinstance(exc, type) and issubclass(exc, BaseException)):
-            raise TypeError(
-                "throttle_exceptions: exception classes, not {!r}".format(exc))
+    _check_throttles(throttle_exceptions, never=_CONTROL_FLOW)
     for field, count in counts.items():
         if count is not None and (isinstance(count, bool) or not isinstance(count, int)
                                   or count < 0):
@@ -316,7 +317,12 @@ def limited(
         permits: permits per run.
         heartbeat: as :meth:`Floodgate.acquire` (``True``: extend every lease/3).
         throttle_exceptions: exceptions meaning "the backend is overloaded" (e.g. Snuba's
-            ``RateLimitExceeded``): reported as ``throttled`` and retried with backoff.
+            ``RateLimitExceeded``): reported as ``throttled`` and retried with backoff. Never
+            taken for one, whatever the classes named (``Exception`` included): Celery's
+            ``Retry``, ``Ignore`` and ``Reject`` (the body's own control flow, passed on) and
+            ``PermitLost`` (fails the task); naming them is a ``TypeError``. Floodgate's other
+            errors (e.g. a nested acquire's ``WaitTimeout``) only when a Floodgate class of
+            theirs is named.
         client: a :class:`Floodgate`, a function returning one, or ``None`` for one from
             ``FLOODGATE_URL`` / ``FLOODGATE_TOKEN``.
         max_retries: retries after a wait that ended without a permit; ``None`` is unbounded
@@ -462,7 +468,17 @@ def limited(
                 _local.permit = permit
                 body_ran = True
                 result = fun(self, *args, **kwargs)
-            except throttles as e:
+            except _CONTROL_FLOW:
+                # The body's own control flow (e.g. its own self.retry): not an outcome.
+                _release(permit)
+                raise
+            except BaseException as e:
+                if not _is_throttle(e, throttles):
+                    # (Not when the heartbeat could not start: the backend was never called.)
+                    if feedback and body_ran and isinstance(e, Exception):
+                        fg.report(limiter, "error", time.monotonic() - started)
+                    _release(permit)
+                    raise
                 latency = time.monotonic() - started
                 # Reported while the permit is still held: the limiter's in-use then counts
                 # this call, as a gradient limit's ceiling (and its growth guard) expects.
@@ -481,17 +497,6 @@ def limited(
                     exc=e,
                     headers=_headers(request, THROTTLE_RETRIES, n + 1),
                 ) from e
-            except (Retry, Ignore, Reject):
-                # The body's own control flow (e.g. its own self.retry): not an outcome.
-                _release(permit)
-                raise
-            except Exception:
-                latency = time.monotonic() - started
-                # (Not when the heartbeat could not start: the backend was never called.)
-                if feedback and body_ran:
-                    fg.report(limiter, "error", latency)
-                _release(permit)
-                raise
             else:
                 latency = time.monotonic() - started
                 if feedback:

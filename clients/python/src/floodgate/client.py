@@ -24,7 +24,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 from .backoff import Backoff, retry_after_of
-from .errors import FloodgateError, NotFound
+from .errors import FloodgateError, NotFound, PermitLost
 from .permit import Permit
 from .transport import _Transport, _quote
 from .types import (
@@ -57,6 +57,31 @@ def _heartbeat_interval(heartbeat: Union[bool, float]) -> Optional[float]:
     raise ValueError(
         "heartbeat: True, False or a positive number of seconds, not {!r}".format(heartbeat)
     )
+
+
+def _is_throttle(exc: BaseException, throttles: Tuple[Type[BaseException], ...]) -> bool:
+    """Whether ``exc`` is one of ``throttles`` (the backend's "too much"). Floodgate's own
+    errors are not taken by a broader class (``Exception``): a lost permit never is, and
+    another (e.g. a nested acquire's ``WaitTimeout``) only when ``throttles`` names a
+    Floodgate error class that it is."""
+    if isinstance(exc, PermitLost):
+        # The permit the work runs under is gone: not the backend saying "too much".
+        return False
+    if isinstance(exc, FloodgateError):
+        return isinstance(exc, tuple(t for t in throttles if issubclass(t, FloodgateError)))
+    return isinstance(exc, throttles)
+
+
+def _check_throttles(throttles: Tuple[Type[BaseException], ...],
+                     never: Tuple[Type[BaseException], ...] = ()) -> None:
+    """``TypeError`` naming ``throttle_exceptions`` for an entry that is not an exception
+    class, or that is one of ``never`` (and ``PermitLost``): exceptions that are never a
+    throttle, which naming would only hide."""
+    for exc in throttles:
+        if not (isinstance(exc, type) and issubclass(exc, BaseException)):
+            raise TypeError("throttle_exceptions: exception classes, not {!r}".format(exc))
+        if issubclass(exc, (PermitLost,) + never):
+            raise TypeError("throttle_exceptions: {} is never a throttle".format(exc.__name__))
 
 
 class Floodgate(_Transport):
@@ -457,10 +482,15 @@ class Floodgate(_Transport):
         ``throttle_exceptions`` (the backend said "too much"), reports ``throttled``, releases
         the permit, backs off (full jitter; an exception's ``retry_after`` is honoured) and
         tries again with a new permit, up to ``backoff.max_attempts`` attempts in all.
+        Floodgate's own errors raised in ``fn`` are not throttles unless
+        ``throttle_exceptions`` names their Floodgate class (``Exception`` does not take them),
+        and ``PermitLost`` never is (naming it is a ``TypeError``): they fail the call.
 
         A wait that ends without a permit raises :class:`WaitTimeout` as :meth:`acquire` does:
         re-enqueue the work rather than sleeping here.
         """
+        throttles = tuple(throttle_exceptions)
+        _check_throttles(throttles)
         attempt = 0
         while True:
             with self.permit(name, wait=wait, lease=lease, permits=permits,
@@ -468,16 +498,16 @@ class Floodgate(_Transport):
                 started = time.monotonic()
                 try:
                     result = fn(p)
-                except throttle_exceptions as e:
+                except BaseException as e:
+                    if not _is_throttle(e, throttles):
+                        if feedback and isinstance(e, Exception):
+                            self.report(name, "error", time.monotonic() - started)
+                        raise
                     failure: BaseException = e
                     # Reported before the release (the block's end), as ok and error are: the
                     # limiter's in-use then counts this call.
                     if feedback:
                         self.report(name, "throttled", time.monotonic() - started)
-                except Exception:
-                    if feedback:
-                        self.report(name, "error", time.monotonic() - started)
-                    raise
                 else:
                     if feedback:
                         self.report(name, "ok", time.monotonic() - started)
