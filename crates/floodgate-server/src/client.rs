@@ -232,6 +232,20 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// The answer of `GET /v1/limiters`.
+#[derive(Debug, Deserialize)]
+pub struct Listing {
+    /// Every limiter, as `GET /v1/limiters/{name}` shows it.
+    pub limiters: Vec<Value>,
+    /// Whether the server allows changing limiters over the API (`None`: a server that does
+    /// not say).
+    #[serde(default)]
+    pub api_writes: Option<bool>,
+    /// The server's cap on limiters (`None`: none, or a server that does not say).
+    #[serde(default)]
+    pub max_limiters: Option<usize>,
+}
+
 impl Client {
     /// A client for the server at `base` (e.g. `http://127.0.0.1:8750`).
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
@@ -483,16 +497,15 @@ impl Client {
 
     /// `GET /v1/limiters`.
     pub async fn limiters(&self) -> Result<Vec<Value>, ClientError> {
+        Ok(self.listing().await?.limiters)
+    }
+
+    /// `GET /v1/limiters` whole: the limiters and what the server says about changing them.
+    pub async fn listing(&self) -> Result<Listing, ClientError> {
         // Read as a struct: a 200 without the list is not the API (another service at the
         // URL), not a server without limiters (it was shown as an empty table).
-        #[derive(Deserialize)]
-        struct Listing {
-            limiters: Vec<Value>,
-        }
-        let listing: Listing = self
-            .call(reqwest::Method::GET, "/v1/limiters", None::<&()>)
-            .await?;
-        Ok(listing.limiters)
+        self.call(reqwest::Method::GET, "/v1/limiters", None::<&()>)
+            .await
     }
 
     /// `PUT /v1/limiters/{name}` with the given fields.

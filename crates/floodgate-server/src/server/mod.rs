@@ -48,6 +48,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default time shutdown waits for in-flight requests before closing their connections.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// The 403 `read_only` message (also what `limiter apply --dry-run` predicts).
+pub(crate) const READ_ONLY_MESSAGE: &str =
+    "this server does not allow changing limiters over the API (api_writes = false)";
+
 /// How the server behaves (the store and its limiters are configured separately).
 #[derive(Debug, Clone)]
 pub struct ServerOptions {

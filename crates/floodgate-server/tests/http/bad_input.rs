@@ -341,7 +341,7 @@ async fn bad_limiter_names_are_400_naming_the_field() {
     // Nothing was created.
     let list = srv.get("/v1/limiters").await;
     list.assert_ok();
-    assert_eq!(list.json, json!({"limiters": []}));
+    assert_eq!(list.json["limiters"], json!([]));
 
     // The longest name and every allowed character are fine.
     let longest = "n".repeat(128);

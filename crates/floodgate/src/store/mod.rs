@@ -72,6 +72,12 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
         self.put_limiter(name, spec)
     }
 
+    /// The most limiters this store holds (past it, a create is refused with
+    /// [`StoreError::TooManyLimiters`]), or `None` when it has no cap.
+    fn max_limiters(&self) -> Option<usize> {
+        None
+    }
+
     /// Deletes the limiter: its waiters are refused with `LimiterDeleted`, its permits are no
     /// longer held. `false` if it did not exist.
     ///

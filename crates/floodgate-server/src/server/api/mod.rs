@@ -132,6 +132,11 @@ impl From<LimiterStatus> for LimiterBody {
 #[derive(Debug, Serialize)]
 pub(crate) struct LimiterList {
     limiters: Vec<LimiterBody>,
+    /// Whether limiters may be changed over the API: `limiter apply --dry-run` reads it to
+    /// predict a 403 `read_only` without writing.
+    api_writes: bool,
+    /// The store's cap on limiters (`null`: none), for the dry run's 409 `too_many_limiters`.
+    max_limiters: Option<usize>,
 }
 
 pub(super) async fn list_limiters<S: Store>(
@@ -140,6 +145,8 @@ pub(super) async fn list_limiters<S: Store>(
     let all = bounded_listing(&state).await?;
     Ok(Json(LimiterList {
         limiters: all.into_iter().map(LimiterBody::from).collect(),
+        api_writes: state.options.api_writes,
+        max_limiters: state.gate.store().max_limiters(),
     }))
 }
 
@@ -212,7 +219,7 @@ pub(super) fn require_writes<S: Store>(state: &AppState<S>) -> Result<(), ApiErr
         Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "read_only",
-            "this server does not allow changing limiters over the API (api_writes = false)",
+            super::READ_ONLY_MESSAGE,
         ))
     }
 }

@@ -187,6 +187,10 @@ impl<C: Clock> MemoryStore<C> {
 impl<C: Clock> Store for MemoryStore<C> {
     type Limiter = MemoryLimiter<C>;
 
+    fn max_limiters(&self) -> Option<usize> {
+        Some(self.inner.max_limiters.load(Ordering::Relaxed))
+    }
+
     async fn put_limiter(
         &self,
         name: &LimiterName,

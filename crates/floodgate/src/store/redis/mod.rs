@@ -623,6 +623,10 @@ impl RedisStore {
 impl Store for RedisStore {
     type Limiter = RedisLimiter;
 
+    fn max_limiters(&self) -> Option<usize> {
+        self.inner.config.max_limiters
+    }
+
     async fn put_limiter(
         &self,
         name: &LimiterName,
