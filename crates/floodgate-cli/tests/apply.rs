@@ -406,3 +406,69 @@ async fn limiter_set_adaptive_changes_the_range_and_keeps_the_controller() {
     assert_eq!(adaptive["algorithm"], "aimd", "{adaptive}");
     server.stop().await;
 }
+
+/// A dry run against a server that will refuse the apply exits 2 with the refusal the apply
+/// meets (the same first line), instead of promising an apply that fails: a read-only server
+/// (403 `read_only`) and a create past `max_limiters` (409 `too_many_limiters`), both read
+/// from `GET /v1/limiters` without writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_reports_a_read_only_server_and_the_limiter_cap_as_the_apply_meets_them() {
+    let dir = scratch("apply-refused");
+    let file = dir.join("limits.toml");
+    std::fs::write(&file, FILE).unwrap();
+    let read_only = ServerOptions {
+        api_writes: false,
+        ..ServerOptions::default()
+    };
+    // The file creates `adapt` and `new` (in that order) and changes `keep`.
+    let cases = [
+        (
+            "read-only",
+            Floodgate::in_memory(),
+            read_only,
+            "limiter adapt: read_only: this server does not allow changing limiters over the API",
+            "before the failure:\nno changes",
+        ),
+        (
+            "cap",
+            Floodgate::with_store(floodgate::MemoryStore::new().with_max_limiters(2)),
+            ServerOptions::default(),
+            "limiter new: too_many_limiters: the server already holds its maximum of 2 limiters",
+            "+ adapt: concurrency=6 ",
+        ),
+    ];
+    for (what, gate, options, refusal, before) in cases {
+        gate.define("keep", LimiterSpec::concurrency(5))
+            .await
+            .unwrap();
+        let server = Served::start(gate, options).await;
+        let url = format!("http://{}", server.addr);
+        let client = Client::new(&url, None).unwrap();
+
+        let dry = apply(&url, &file, &["--dry-run"]).await;
+        let dry_err = String::from_utf8_lossy(&dry.stderr).into_owned();
+        assert_eq!(dry.status.code(), Some(2), "{what}: {dry:?}");
+        assert!(dry_err.contains(refusal), "{what}: {dry_err}");
+        assert!(dry_err.contains(before), "{what}: {dry_err}");
+        // What the real run would have created first, and that nothing was.
+        assert!(
+            what != "cap" || dry_err.contains("dry run, nothing applied"),
+            "{what}: {dry_err}"
+        );
+        assert_eq!(
+            limiters(&client).await.len(),
+            1,
+            "{what}: the dry run wrote"
+        );
+
+        let real = apply(&url, &file, &[]).await;
+        let real_err = String::from_utf8_lossy(&real.stderr).into_owned();
+        assert_eq!(real.status.code(), Some(2), "{what}: {real:?}");
+        assert_eq!(
+            dry_err.lines().next(),
+            real_err.lines().next(),
+            "{what}: the same refusal"
+        );
+        server.stop().await;
+    }
+}

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use floodgate::{Floodgate, LimiterName, LimiterSpec, Store};
+use floodgate::{Floodgate, KeyOverride, LimiterName, LimiterSpec, Store};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -33,8 +33,9 @@ pub(crate) struct ApplyArgs {
     /// Also delete the server's limiters that the file does not name.
     #[arg(long)]
     prune: bool,
-    /// Print the difference and change nothing. A change the server refuses (a limiter made
-    /// keyed or plain) ends it with the apply's error and exit 2, as the apply would.
+    /// Print the difference and change nothing. A change the server refuses (a read-only
+    /// server, a create past its max_limiters, a limiter made keyed or plain) ends it with the
+    /// apply's error and exit 2, as the apply would.
     #[arg(long)]
     dry_run: bool,
 }
@@ -163,6 +164,33 @@ impl Plan {
                 .take_while(|(n, _, _)| n != name)
                 .cloned()
                 .collect(),
+            unchanged: self.unchanged,
+            kept: self.kept.clone(),
+            keyed_want: self.keyed_want.clone(),
+            keyed_now: self.keyed_now.clone(),
+            ..Plan::default()
+        }
+    }
+
+    /// The limiter of the apply's first write (a create, a change, a key override, a delete,
+    /// in the apply's order), if it writes at all.
+    fn first_write<'a>(
+        &'a self,
+        overrides: &'a [(String, String, KeyOverride)],
+    ) -> Option<&'a str> {
+        self.create
+            .iter()
+            .map(|(n, _)| n)
+            .chain(self.change.iter().map(|(n, _, _)| n))
+            .chain(overrides.iter().map(|(n, _, _)| n))
+            .chain(self.delete.iter())
+            .next()
+            .map(String::as_str)
+    }
+
+    /// The plan of an apply that has done nothing yet (what it leaves alone, shown).
+    fn nothing_done(&self) -> Plan {
+        Plan {
             unchanged: self.unchanged,
             kept: self.kept.clone(),
             keyed_want: self.keyed_want.clone(),
@@ -339,8 +367,9 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
     let file = FileConfig::load(&args.file).map_err(|e| Failure::usage(e.to_string()))?;
     let desired = desired(&file);
     let client = args.server.client()?;
+    let listing = client.listing().await?;
     let mut current = BTreeMap::new();
-    for value in client.limiters().await? {
+    for value in listing.limiters {
         let shown: Shown = serde_json::from_value(value).map_err(|e| Failure {
             code: 1,
             message: format!("the server's limiter list is not understood: {e}"),
@@ -357,6 +386,36 @@ pub(crate) async fn apply(args: ApplyArgs) -> Result<u8, Failure> {
     if args.dry_run || (plan.is_empty() && overrides.is_empty()) {
         // What the real run would be refused, reported as it would be (exit 2, the server's
         // message): a dry run that showed the change and exited 0 promised an apply that fails.
+        // First a read-only server (its first write is refused), then the limiter cap (creates
+        // come first), then a change of kind, in the order the apply would meet them.
+        if listing.api_writes == Some(false) {
+            if let Some(name) = plan.first_write(&overrides) {
+                let refusal = ClientError::Api {
+                    status: 403,
+                    code: "read_only".to_owned(),
+                    message: crate::server::READ_ONLY_MESSAGE.to_owned(),
+                    retry_after: None,
+                };
+                return Err(partial(&plan.nothing_done(), refusal.into(), name, true));
+            }
+        }
+        if let Some(max) = listing.max_limiters {
+            // The create that finds the store full: the listing counts what the cap counts
+            // (on Redis, names of limiters gone but not yet dropped are counted by the cap
+            // and not listed, so the apply may be refused sooner than this predicts).
+            let room = max.saturating_sub(current.len());
+            if let Some((name, _)) = plan.create.get(room) {
+                let refusal = ClientError::Api {
+                    status: 409,
+                    code: "too_many_limiters".to_owned(),
+                    message: format!("the server already holds its maximum of {max} limiters"),
+                    retry_after: None,
+                };
+                let mut would = plan.nothing_done();
+                would.create = plan.create[..room].to_vec();
+                return Err(partial(&would, refusal.into(), name, true));
+            }
+        }
         if let Some((name, refusal)) = plan.refused_put() {
             let would = plan.puts_before(name);
             return Err(partial(&would, Failure::from(refusal), name, true));
