@@ -540,6 +540,17 @@ def test_a_heartbeat_that_cannot_start_gives_the_permit_back(
     status = fg.limiter(name)
     assert status["in_use"] == 0 and status["counters"]["released"] == 1
 
+    # Not a throttle under a broad throttle_exceptions either: the backend was never called.
+    @limited(name, wait=1, lease=5, client=fg, throttle_exceptions=(Exception,))
+    def broad(self: Any) -> None:
+        raise AssertionError("the body must not run")
+
+    with pytest.raises(RuntimeError, match="new thread"):
+        broad(BoundTask())
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 2
+    assert status["counters"].get("feedback_throttled", 0) == 0
+
 
 def test_an_exception_landing_after_the_heartbeat_started_still_releases(
         fg: Floodgate, limiter: MakeLimiter, monkeypatch: pytest.MonkeyPatch) -> None:

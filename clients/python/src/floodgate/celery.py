@@ -473,7 +473,8 @@ def limited(
                 _release(permit)
                 raise
             except BaseException as e:
-                if not _is_throttle(e, throttles):
+                # A heartbeat that could not start is no backend's answer: the body never ran.
+                if not (body_ran and _is_throttle(e, throttles)):
                     # (Not when the heartbeat could not start: the backend was never called.)
                     if feedback and body_ran and isinstance(e, Exception):
                         fg.report(limiter, "error", time.monotonic() - started)
