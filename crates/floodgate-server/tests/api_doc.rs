@@ -282,9 +282,10 @@ async fn every_example_of_api_md_runs_as_documented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_of_api_md_runs_as_documented_on_redis() {
     let redis = support::RedisServer::start();
-    let store = RedisStore::connect(RedisConfig::new(redis.url()))
-        .await
-        .unwrap();
+    let mut config = RedisConfig::new(redis.url());
+    // The cap `floodgate serve` gives a Redis store (the listing shows it as documented).
+    config.max_limiters = Some(floodgate::store::memory::DEFAULT_MAX_LIMITERS);
+    let store = RedisStore::connect(config).await.unwrap();
     run_examples(Floodgate::with_store(store), true).await;
 }
 
