@@ -108,13 +108,14 @@ def test_waiter_is_granted_when_the_holder_releases(fg: Floodgate, limiter: Make
 
 def test_heartbeat_keeps_the_permit_past_its_lease(fg: Floodgate, limiter: MakeLimiter) -> None:
     name = limiter(1)
-    # 2 s leases (an extend every 0.67 s): a test process stalled for a second on a busy CI
-    # machine still extends in time.
-    with fg.permit(name, wait=1, lease=2) as p:
-        time.sleep(4.5)  # past two leases
+    # 5 s leases (an extend every 1.67 s): a test process stopped for 3 s on a busy CI machine
+    # (two 1.5 s stalls back to back) still extends in time. With 2 s leases one 1.5 s stall
+    # after an extend (0.67 s + 1.5 s) lost the permit.
+    with fg.permit(name, wait=1, lease=5) as p:
+        time.sleep(11)  # past two leases
         assert not p.lost
         p.check()
-        # Held past two 2 s leases with none expired: at least two extends went through
+        # Held past two 5 s leases with none expired: at least two extends went through
         # (about six are sent, one every lease/3; how many depends on how busy the machine is).
         assert p.extensions >= 2
         assert p.heartbeat_error is None
