@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple, Type, TypeVar, Union
 
+from .errors import FloodgateError, PermitLost
+
 __all__ = ["Backoff", "retry", "retry_after_of"]
 
 T = TypeVar("T")
@@ -101,3 +103,28 @@ def retry(
                 on_retry(attempt, exc, delay)
             sleep(delay)
             attempt += 1
+
+
+def _is_throttle(exc: BaseException, throttles: Tuple[Type[BaseException], ...]) -> bool:
+    """Whether ``exc`` is one of ``throttles`` (the backend's "too much"). Floodgate's own
+    errors are not taken by a broader class (``Exception``): a lost permit never is, and
+    another (e.g. a nested acquire's ``WaitTimeout``) only when ``throttles`` names a
+    Floodgate error class that it is."""
+    if isinstance(exc, PermitLost):
+        # The permit the work runs under is gone: not the backend saying "too much".
+        return False
+    if isinstance(exc, FloodgateError):
+        return isinstance(exc, tuple(t for t in throttles if issubclass(t, FloodgateError)))
+    return isinstance(exc, throttles)
+
+
+def _check_throttles(throttles: Tuple[Type[BaseException], ...],
+                     never: Tuple[Type[BaseException], ...] = ()) -> None:
+    """``TypeError`` naming ``throttle_exceptions`` for an entry that is not an exception
+    class, or that is one of ``never`` (and ``PermitLost``): exceptions that are never a
+    throttle, which naming would only hide."""
+    for exc in throttles:
+        if not (isinstance(exc, type) and issubclass(exc, BaseException)):
+            raise TypeError("throttle_exceptions: exception classes, not {!r}".format(exc))
+        if issubclass(exc, (PermitLost,) + never):
+            raise TypeError("throttle_exceptions: {} is never a throttle".format(exc.__name__))

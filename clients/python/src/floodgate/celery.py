@@ -61,7 +61,8 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         "floodgate.celery needs Celery: pip install 'floodgate[celery]'"
     ) from e
 
-from .client import Floodgate, Permit, Seconds, _check_throttles, _heartbeat_interval, _is_throttle
+from .backoff import _check_throttles, _is_throttle
+from .client import Floodgate, Permit, Seconds, _heartbeat_interval
 from .errors import (
     FloodgateError,
     NoPermit,

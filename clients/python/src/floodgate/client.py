@@ -23,8 +23,8 @@ import urllib.parse
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
-from .backoff import Backoff, retry_after_of
-from .errors import FloodgateError, NotFound, PermitLost
+from .backoff import Backoff, _check_throttles, _is_throttle, retry_after_of
+from .errors import FloodgateError, NotFound
 from .permit import Permit
 from .transport import _Transport, _quote
 from .types import (
@@ -57,31 +57,6 @@ def _heartbeat_interval(heartbeat: Union[bool, float]) -> Optional[float]:
     raise ValueError(
         "heartbeat: True, False or a positive number of seconds, not {!r}".format(heartbeat)
     )
-
-
-def _is_throttle(exc: BaseException, throttles: Tuple[Type[BaseException], ...]) -> bool:
-    """Whether ``exc`` is one of ``throttles`` (the backend's "too much"). Floodgate's own
-    errors are not taken by a broader class (``Exception``): a lost permit never is, and
-    another (e.g. a nested acquire's ``WaitTimeout``) only when ``throttles`` names a
-    Floodgate error class that it is."""
-    if isinstance(exc, PermitLost):
-        # The permit the work runs under is gone: not the backend saying "too much".
-        return False
-    if isinstance(exc, FloodgateError):
-        return isinstance(exc, tuple(t for t in throttles if issubclass(t, FloodgateError)))
-    return isinstance(exc, throttles)
-
-
-def _check_throttles(throttles: Tuple[Type[BaseException], ...],
-                     never: Tuple[Type[BaseException], ...] = ()) -> None:
-    """``TypeError`` naming ``throttle_exceptions`` for an entry that is not an exception
-    class, or that is one of ``never`` (and ``PermitLost``): exceptions that are never a
-    throttle, which naming would only hide."""
-    for exc in throttles:
-        if not (isinstance(exc, type) and issubclass(exc, BaseException)):
-            raise TypeError("throttle_exceptions: exception classes, not {!r}".format(exc))
-        if issubclass(exc, (PermitLost,) + never):
-            raise TypeError("throttle_exceptions: {} is never a throttle".format(exc.__name__))
 
 
 class Floodgate(_Transport):
