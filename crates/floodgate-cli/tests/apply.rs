@@ -461,14 +461,7 @@ async fn a_dry_run_reports_a_read_only_server_and_the_limiter_cap_as_the_apply_m
             "{what}: the dry run wrote"
         );
 
-        let real = apply(&url, &file, &[]).await;
-        let real_err = String::from_utf8_lossy(&real.stderr).into_owned();
-        assert_eq!(real.status.code(), Some(2), "{what}: {real:?}");
-        assert_eq!(
-            dry_err.lines().next(),
-            real_err.lines().next(),
-            "{what}: the same refusal"
-        );
+        apply_cli::refused_as_the_dry_run_was(&url, &file, &dry_err, what).await;
         server.stop().await;
     }
 }

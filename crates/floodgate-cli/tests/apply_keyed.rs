@@ -254,14 +254,7 @@ async fn a_dry_run_reports_the_refusal_of_a_change_of_kind_as_the_apply_does() {
             "{what}: the dry run created"
         );
 
-        let real = apply(&url, &file, &[]).await;
-        let real_err = String::from_utf8_lossy(&real.stderr).into_owned();
-        assert_eq!(real.status.code(), Some(2), "{what}: {real:?}");
-        assert_eq!(
-            dry_err.lines().next(),
-            real_err.lines().next(),
-            "{what}: the same refusal"
-        );
+        apply_cli::refused_as_the_dry_run_was(&url, &file, &dry_err, what).await;
         // The real run created `new` before the refusal; the next case starts without it.
         client.delete_limiter("new").await.unwrap();
     }

@@ -31,3 +31,16 @@ pub(crate) async fn apply(url: &str, file: &Path, extra: &[&str]) -> Output {
 pub(crate) fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The real apply of `file` after a dry run that reported a refusal (its standard error
+/// `dry_err`): it is refused too, exit 2, with the same first line.
+pub(crate) async fn refused_as_the_dry_run_was(url: &str, file: &Path, dry_err: &str, what: &str) {
+    let real = apply(url, file, &[]).await;
+    let real_err = String::from_utf8_lossy(&real.stderr).into_owned();
+    assert_eq!(real.status.code(), Some(2), "{what}: {real:?}");
+    assert_eq!(
+        dry_err.lines().next(),
+        real_err.lines().next(),
+        "{what}: the same refusal"
+    );
+}
