@@ -3,8 +3,9 @@
 //! both see the same machine load: the ratio holds on a busy machine where two criterion
 //! phases seconds apart do not. Rounds are short (1,000 pairs) so that few are cut by the OS
 //! scheduler on a loaded machine. Prints each side's per-pair time (the fastest round, and the
-//! median round) and their ratios; then the same for the try pair (`try_acquire_now` beside
-//! tokio's `try_acquire`, neither awaiting), timed in the same rounds.
+//! median round) and their ratios, also against tokio's owned permit (`acquire_owned`, which
+//! keeps its semaphore alive as Floodgate's `Permit` does); then the same for the try pair
+//! (`try_acquire_now` beside tokio's `try_acquire`, neither awaiting), timed in the same rounds.
 //!
 //! Run: `cargo bench -p floodgate --bench pair_interleaved` (`-- ROUNDS PAIRS_PER_ROUND`).
 //! With `STEPS=1`, also the pair's parts, each timed alone in the same rounds: two lock/unlock
@@ -114,7 +115,9 @@ fn main() {
             .unwrap();
         let limiter = gate.limiter("pair").await.unwrap();
         let semaphore = Semaphore::new(100);
+        let owned = Arc::new(Semaphore::new(100));
         let (mut fg, mut tk) = (Vec::new(), Vec::new());
+        let mut tk_owned = Vec::new();
         let (mut fg_try, mut tk_try) = (Vec::new(), Vec::new());
         let (mut std_clock, mut fast_clock) = (Vec::new(), Vec::new());
         let fast = FastClock::new();
@@ -131,6 +134,14 @@ fn main() {
                 drop(permit);
             }
             tk.push(start.elapsed().as_nanos() as f64 / per_round as f64);
+            // Tokio's owned permit: like Floodgate's `Permit`, it keeps its semaphore alive
+            // (an `Arc` clone and drop per pair) and can move into a spawned task.
+            let start = Instant::now();
+            for _ in 0..per_round {
+                let permit = Arc::clone(&owned).acquire_owned().await.unwrap();
+                drop(permit);
+            }
+            tk_owned.push(start.elapsed().as_nanos() as f64 / per_round as f64);
             // The try pair: a try-acquire without awaiting, then the release, on both sides.
             let start = Instant::now();
             for _ in 0..per_round {
@@ -171,6 +182,14 @@ fn main() {
              ratio fastest {:.2}x, median {:.2}x",
             fg_min / tk_min,
             fg_med / tk_med
+        );
+        let (to_min, to_med) = stats(&mut tk_owned);
+        println!(
+            "owned pair (tokio's acquire_owned, an owned permit as Floodgate's, same rounds): \
+             tokio fastest {to_min:.1} ns, median {to_med:.1} ns; floodgate's ratio fastest \
+             {:.2}x, median {:.2}x",
+            fg_min / to_min,
+            fg_med / to_med
         );
         let (fg_min, fg_med) = stats(&mut fg_try);
         let (tk_min, tk_med) = stats(&mut tk_try);
