@@ -60,6 +60,7 @@ def adv_env(server: ServerProcess, redis_server: RedisProcess) -> Iterator[Dict[
             ADV_FULL_LIMITER="adv-full-" + suffix,
             ADV_OPEN_LIMITER="adv-open-" + suffix,
             ADV_KILL_LIMITER="adv-kill-" + suffix,
+            ADV_TIME_LIMITER="adv-time-" + suffix,
             ADV_CLOSED_URL="http://127.0.0.1:{}".format(port),
             ADV_ERROR_URL=proxy.url,
             PYTHONPATH=os.pathsep.join(
@@ -70,6 +71,7 @@ def adv_env(server: ServerProcess, redis_server: RedisProcess) -> Iterator[Dict[
         fg.define(env["ADV_FULL_LIMITER"], 1)
         fg.define(env["ADV_OPEN_LIMITER"], 5)
         fg.define(env["ADV_KILL_LIMITER"], 1, max_wait=120)
+        fg.define(env["ADV_TIME_LIMITER"], 5)
         yield env
     proxy.close()
 
@@ -170,6 +172,31 @@ def test_a_body_that_raises_releases_and_fails(
     assert status["in_use"] == 0
     assert status["counters"]["released"] == before["released"] + 1
     assert status["counters"]["expired"] == before["expired"]
+
+
+def test_a_task_past_its_soft_time_limit_fails_and_is_not_retried_as_throttled(
+    adv_worker: "subprocess.Popen[bytes]", adv_env: Dict[str, str], server: ServerProcess,
+    redis_server: RedisProcess, celery_client: Celery,
+) -> None:
+    """A body that runs out of its soft_time_limit under throttle_exceptions=(Exception,):
+    SoftTimeLimitExceeded is the task system's signal, not the backend's, so the task fails
+    at its first run (reported as an error), not retried as throttled; the permit is
+    released."""
+    fg = Floodgate(server.url)
+    r = redis.Redis.from_url(redis_server.url)
+    name = adv_env["ADV_TIME_LIMITER"]
+    before = fg.limiter(name)["counters"]
+    run = "adv-" + uuid.uuid4().hex[:8]
+    _send(celery_client, adv_env, "adv.times_out", run)
+    assert wait_until(lambda: r.llen(run + ":failure") > 0, 60, 0.05)
+    assert r.lrange(run + ":failure", 0, -1) == [b"SoftTimeLimitExceeded"]
+    assert _int(r, run + ":attempts") == 1 and _int(r, run + ":ran") == 1
+    assert wait_until(lambda: fg.limiter(name)["in_use"] == 0, 30, 0.02)
+    counters = fg.limiter(name)["counters"]
+    assert counters["released"] == before["released"] + 1
+    assert counters["expired"] == before["expired"]
+    if "feedback_throttled" in counters:
+        assert counters["feedback_throttled"] == before.get("feedback_throttled", 0)
 
 
 def test_a_sigkilled_worker_frees_its_slot_at_the_lease_end_and_its_task_runs_again(

@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 from celery.exceptions import Retry as _CeleryRetry
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 import threading
 import time
@@ -201,6 +202,42 @@ def test_control_flow_and_floodgate_errors_are_never_taken_by_a_broad_throttle_c
     if _has_feedback(fg, name):
         assert status["counters"]["feedback_throttled"] == 2
         assert status["counters"]["feedback_error"] == 2  # the lost permit, the nested wait
+
+
+@pytest.mark.parametrize(
+    "stop", [SystemExit, KeyboardInterrupt, GeneratorExit, SoftTimeLimitExceeded,
+             TimeLimitExceeded],
+    ids=lambda c: c.__name__,
+)
+def test_exits_and_time_limits_are_never_throttles(
+    fg: Floodgate, limiter: MakeLimiter, stop: type
+) -> None:
+    """``throttle_exceptions=(BaseException,)`` (or ``(Exception,)`` for Celery's time
+    limits, which are Exceptions) covers the backend's errors, not Python's exits nor the
+    task's time running out: they pass through at once (no retry, no throttle reported) and
+    the permit is released; naming one of them (or a subclass) is refused when decorating."""
+    name = limiter(1)
+    runs: List[int] = []
+
+    for broad in (BaseException, Exception):
+        @limited(name, wait=1, lease=30, client=fg, throttle_exceptions=(broad, Throttled))
+        def body(self: Any) -> None:
+            runs.append(1)
+            raise stop("stop")
+
+        with pytest.raises(stop):
+            body(BoundTask())
+    assert runs == [1, 1]
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 2
+    if _has_feedback(fg, name):
+        assert status["counters"].get("feedback_throttled", 0) == 0
+    for named in (stop, type("Sub" + stop.__name__, (stop,), {})):
+        with pytest.raises(TypeError) as info:
+            limited(name, client=fg, throttle_exceptions=(Throttled, named))
+        message = str(info.value)
+        assert message.startswith("throttle_exceptions: " + named.__name__), message
+        assert "never a throttle" in message
 
 
 def test_limiter_name_from_the_arguments(fg: Floodgate, limiter: MakeLimiter) -> None:

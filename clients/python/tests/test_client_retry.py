@@ -4,6 +4,7 @@ import time
 from typing import List
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 import floodgate
 from floodgate import (
@@ -155,3 +156,33 @@ def test_call_never_takes_floodgates_own_errors_for_a_broad_throttle_class(
     if "feedback_throttled" in status["counters"]:
         assert status["counters"]["feedback_throttled"] == 2
         assert status["counters"]["feedback_error"] == 2  # the lost permit, the nested wait
+
+
+@pytest.mark.parametrize(
+    "stop", [SystemExit, KeyboardInterrupt, GeneratorExit, SoftTimeLimitExceeded,
+             TimeLimitExceeded],
+    ids=lambda c: c.__name__,
+)
+def test_call_lets_exits_and_time_limits_through_a_broad_throttle_class(
+    fg: Floodgate, limiter: MakeLimiter, stop: type
+) -> None:
+    """Under ``throttle_exceptions=(BaseException,)`` Python's exits and Celery's time limits
+    (``fg.call`` inside a task body) end the call at its first attempt, the permit released;
+    naming one is a ``TypeError``."""
+    name = limiter(1)
+    calls: List[int] = []
+
+    def stopped(p: Permit) -> None:
+        calls.append(1)
+        raise stop("stop")
+
+    with pytest.raises(stop):
+        fg.call(name, stopped, throttle_exceptions=(BaseException,), wait=1,
+                backoff=Backoff(0.01, 0.05, 3))
+    assert calls == [1]
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["granted"] == 1
+    with pytest.raises(TypeError) as info:
+        fg.call(name, stopped, throttle_exceptions=(stop,))
+    assert str(info.value).startswith("throttle_exceptions: " + stop.__name__)
+    assert calls == [1] and fg.limiter(name)["counters"]["granted"] == 1

@@ -10,6 +10,7 @@ a countdown over sleeping in a worker (:mod:`floodgate.celery` does).
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple, Type, TypeVar, Union
@@ -105,26 +106,62 @@ def retry(
             attempt += 1
 
 
+# Python's own ways of stopping (not an ``Exception``, so that ``except Exception`` lets them
+# through): the process exits, the user interrupts, a generator is closed. Never the backend's
+# "too much", whatever ``throttle_exceptions`` names (``BaseException`` included).
+_EXITS: Tuple[Type[BaseException], ...] = (SystemExit, KeyboardInterrupt, GeneratorExit)
+
+# Celery's time limits (billiard's classes, which celery.exceptions re-exports), by name:
+# Celery is optional, and an instance can only exist once its module was imported.
+_TIME_LIMIT_NAMES = ("SoftTimeLimitExceeded", "TimeLimitExceeded")
+
+
+def _time_limits() -> Tuple[Type[BaseException], ...]:
+    """Celery's ``SoftTimeLimitExceeded`` and ``TimeLimitExceeded`` when Celery is in use: the
+    task ran out of its time, the task system's own signal (an ``Exception``, so a broad
+    ``throttle_exceptions`` would otherwise take it and retry the task as throttled)."""
+    module = sys.modules.get("billiard.exceptions")
+    found = (getattr(module, name, None) for name in _TIME_LIMIT_NAMES)
+    return tuple(c for c in found if isinstance(c, type) and issubclass(c, BaseException))
+
+
+def _never_throttles() -> Tuple[Type[BaseException], ...]:
+    """What is never a throttle, whatever ``throttle_exceptions`` names: a lost permit (the
+    work's permit is gone), Python's exits, Celery's time limits."""
+    return (PermitLost,) + _EXITS + _time_limits()
+
+
 def _is_throttle(exc: BaseException, throttles: Tuple[Type[BaseException], ...]) -> bool:
-    """Whether ``exc`` is one of ``throttles`` (the backend's "too much"). Floodgate's own
-    errors are not taken by a broader class (``Exception``): a lost permit never is, and
-    another (e.g. a nested acquire's ``WaitTimeout``) only when ``throttles`` names a
-    Floodgate error class that it is."""
-    if isinstance(exc, PermitLost):
-        # The permit the work runs under is gone: not the backend saying "too much".
+    """Whether ``exc`` is one of ``throttles`` (the backend's "too much"). Never one of
+    :func:`_never_throttles`, whatever is named. Floodgate's other errors are not taken by a
+    broader class (``Exception``): one (e.g. a nested acquire's ``WaitTimeout``) is a throttle
+    only when ``throttles`` names a Floodgate error class that it is."""
+    if isinstance(exc, _never_throttles()):
         return False
     if isinstance(exc, FloodgateError):
         return isinstance(exc, tuple(t for t in throttles if issubclass(t, FloodgateError)))
     return isinstance(exc, throttles)
 
 
+def _never_reason(exc: Type[BaseException]) -> str:
+    if issubclass(exc, PermitLost):
+        return "a lost permit fails the work"
+    if issubclass(exc, _EXITS):
+        return "Python's exit or interrupt always passes through"
+    if issubclass(exc, _time_limits()):
+        return "a Celery time limit is the task system's signal, not the backend's"
+    return "it is the task system's control flow, passed on"
+
+
 def _check_throttles(throttles: Tuple[Type[BaseException], ...],
                      never: Tuple[Type[BaseException], ...] = ()) -> None:
     """``TypeError`` naming ``throttle_exceptions`` for an entry that is not an exception
-    class, or that is one of ``never`` (and ``PermitLost``): exceptions that are never a
-    throttle, which naming would only hide."""
+    class, or that is (a subclass of) one of ``never`` or of :func:`_never_throttles`:
+    exceptions that are never a throttle, which naming would only hide. A base class of them
+    (``Exception``, ``BaseException``) may be named: they still pass through."""
     for exc in throttles:
         if not (isinstance(exc, type) and issubclass(exc, BaseException)):
             raise TypeError("throttle_exceptions: exception classes, not {!r}".format(exc))
-        if issubclass(exc, (PermitLost,) + never):
-            raise TypeError("throttle_exceptions: {} is never a throttle".format(exc.__name__))
+        if issubclass(exc, _never_throttles() + never):
+            raise TypeError("throttle_exceptions: {} is never a throttle ({})"
+                            .format(exc.__name__, _never_reason(exc)))

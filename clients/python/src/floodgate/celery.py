@@ -21,7 +21,8 @@ What it does on each run of the task:
   (``max_retries=None``): the work is never dropped because the backend was busy.
 - when the body raises one of ``throttle_exceptions`` (the backend said "too much"), reports
   ``throttled`` feedback to the server and retries with exponential backoff and full jitter,
-  up to ``throttle_max_retries`` times.
+  up to ``throttle_max_retries`` times (never for Celery's own control flow or time limits,
+  a lost permit, or Python's exits, whatever is named).
 - when the acquire cannot be served right now, the task is never dropped: a server that cannot
   be reached, answers a 5xx (503 ``store_unavailable``, ``shutting_down``, a proxy's 502/504,
   a 500) or 404
@@ -319,9 +320,12 @@ def limited(
         heartbeat: as :meth:`Floodgate.acquire` (``True``: extend every lease/3).
         throttle_exceptions: exceptions meaning "the backend is overloaded" (e.g. Snuba's
             ``RateLimitExceeded``): reported as ``throttled`` and retried with backoff. Never
-            taken for one, whatever the classes named (``Exception`` included): Celery's
-            ``Retry``, ``Ignore`` and ``Reject`` (the body's own control flow, passed on) and
-            ``PermitLost`` (fails the task); naming them is a ``TypeError``. Floodgate's other
+            taken for one, whatever the classes named (``Exception``, ``BaseException``
+            included): Celery's ``Retry``, ``Ignore`` and ``Reject`` (the body's own control
+            flow, passed on), ``PermitLost`` (fails the task), ``SystemExit``,
+            ``KeyboardInterrupt`` and ``GeneratorExit`` (passed on), and Celery's
+            ``SoftTimeLimitExceeded`` and ``TimeLimitExceeded`` (the task's time ran out: fails
+            the task, reported as ``error``); naming them is a ``TypeError``. Floodgate's other
             errors (e.g. a nested acquire's ``WaitTimeout``) only when a Floodgate class of
             theirs is named.
         client: a :class:`Floodgate`, a function returning one, or ``None`` for one from

@@ -458,8 +458,9 @@ class Floodgate(_Transport):
         the permit, backs off (full jitter; an exception's ``retry_after`` is honoured) and
         tries again with a new permit, up to ``backoff.max_attempts`` attempts in all.
         Floodgate's own errors raised in ``fn`` are not throttles unless
-        ``throttle_exceptions`` names their Floodgate class (``Exception`` does not take them),
-        and ``PermitLost`` never is (naming it is a ``TypeError``): they fail the call.
+        ``throttle_exceptions`` names their Floodgate class (``Exception`` does not take them).
+        Never a throttle, whatever is named (naming one is a ``TypeError``): ``PermitLost``,
+        ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` and Celery's time limits.
 
         A wait that ends without a permit raises :class:`WaitTimeout` as :meth:`acquire` does:
         re-enqueue the work rather than sleeping here.

@@ -5,8 +5,9 @@ Redis (Celery's ``task_prerun``: ``<run>:attempts``; the body: ``<run>:ran``; ``
 
 Configuration (environment): CELERY_BROKER_URL (also the result backend), FLOODGATE_URL,
 ADV_QUEUE, ADV_FULL_LIMITER (always held by the test), ADV_OPEN_LIMITER, ADV_KILL_LIMITER (1
-permit), ADV_CLOSED_URL (a Floodgate URL nothing listens on), ADV_ERROR_URL (a proxy in front
-of the server answering the acquires of ``adv-err-<status>`` with that status).
+permit), ADV_TIME_LIMITER, ADV_CLOSED_URL (a Floodgate URL nothing listens on), ADV_ERROR_URL
+(a proxy in front of the server answering the acquires of ``adv-err-<status>`` with that
+status).
 """
 
 import os
@@ -82,6 +83,17 @@ def unreachable(self: Any, run: str) -> None:
 def server_error(self: Any, run: str, status: str) -> None:
     """Its acquire is answered ``status`` by the test's proxy (ADV_ERROR_URL)."""
     _r.incr("{}:ran".format(run))
+
+
+@app.task(bind=True, name="adv.times_out", soft_time_limit=1)
+@limited(os.environ.get("ADV_TIME_LIMITER", "adv-time"), wait=5, lease=5,
+         throttle_exceptions=(Exception,),
+         throttle_max_retries=2, backoff=0.01, backoff_max=0.02)
+def times_out(self: Any, run: str) -> None:
+    """Runs past its soft time limit: Celery raises SoftTimeLimitExceeded in the body, which
+    the broad throttle_exceptions must not take for the backend's "too much"."""
+    _r.incr("{}:ran".format(run))
+    time.sleep(60)
 
 
 @app.task(bind=True, name="adv.raises")
