@@ -142,7 +142,10 @@ def test_connection_errors_are_retried_then_unavailable() -> None:
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
-        fg = Floodgate("http://127.0.0.1:{}".format(port), retries=3, backoff=0.01)
+        # Each attempt is written, then hung up on: it may have been granted, so without
+        # acquire_retry_window=0 the retries would go on for that window (test_client_restart).
+        fg = Floodgate("http://127.0.0.1:{}".format(port), retries=3, backoff=0.01,
+                       acquire_retry_window=0)
         with pytest.raises(Unavailable) as info:
             fg.acquire("x", wait=0)
         assert info.value.code == "unavailable" and info.value.status is None

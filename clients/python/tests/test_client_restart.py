@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from floodgate import Floodgate, PermitLost
+from floodgate import Floodgate, PermitLost, Unavailable
 
 from conftest import ServerProcess, wait_until
 
@@ -228,3 +228,92 @@ def test_a_grant_whose_answer_is_lost_in_a_crash_is_the_grant_the_retry_gets(
     finally:
         proxy.close()
         proc.stop()
+
+
+def test_a_grant_lost_in_a_crash_is_got_by_a_retry_after_a_restart_longer_than_the_retries(
+    floodgate_bin: str, tmp_path: Path
+) -> None:
+    """The server granted, the answer was lost, the server crashed and stayed down through
+    more attempts than ``retries`` (default 3): the acquire, which may have been granted,
+    goes on retrying within ``acquire_retry_window`` (default 30 s), and the retry sent once
+    the restarted server (with its data directory) serves gets that grant, not a second one.
+    Before, the call raised Unavailable after the fourth attempt and the grant stayed held
+    until its lease ended. Attempts are counted, not timed: the server comes back at the
+    fifth."""
+    from test_adversarial_client import Proxy, _acquires
+
+    proc = _serve(floodgate_bin, tmp_path, data_dir=True)
+    seen = [0]
+
+    def hook(request_line: str, body: Dict[str, Any]) -> Any:
+        if "/acquire" not in request_line:
+            return "forward"
+        seen[0] += 1
+        if seen[0] == 1:
+            return "drop-after"  # granted; the answer never reaches the client
+        if seen[0] == 2:
+            proc.kill()  # the crash
+        if seen[0] < 5:
+            return "drop-before"  # nothing serves: the connection breaks
+        if seen[0] == 5:
+            proc.start(port=proc.port)
+        return "forward"
+
+    proxy = Proxy(proc.port, hook)
+    try:
+        client = Floodgate(proxy.url, timeout=60.0)  # retries=3, the default window
+        p = client.acquire("lim", wait=0, lease=60)
+        first = json.loads(proxy.answers[0].partition(b"\r\n\r\n")[2])
+        assert first["permit_id"] == p.permit_id
+        acquires = _acquires(proxy)
+        assert len(acquires) == 5 and len({a["request_id"] for a in acquires}) == 1
+        fg = Floodgate(proc.url)
+        status = fg.limiter("lim")
+        assert status["in_use"] == 1 and status["counters"]["granted"] == 1
+        assert fg.release(p.permit_id) is True
+    finally:
+        proxy.close()
+        proc.stop()
+
+
+def test_without_a_lost_answer_an_acquire_gives_up_after_its_retries(
+    floodgate_bin: str, tmp_path: Path, restart_on_retry: List[_RestartOnRetry]
+) -> None:
+    """The window is for a grant that may have been made: an acquire whose attempts never
+    reached a server (refused) is retried ``retries`` times, as before, and raises
+    Unavailable; so is one whose window is 0. (``restart_on_retry`` only sets the logger to
+    DEBUG here: nothing is restarted.)"""
+    proc = _serve(floodgate_bin, tmp_path, data_dir=True)
+    url = proc.url
+    proc.kill()
+    counted = _CountRetries()
+    logging.getLogger("floodgate").addHandler(counted)
+    try:
+        with pytest.raises(Unavailable):
+            Floodgate(url, retries=2, backoff=0.01).acquire("lim", wait=0)
+        assert counted.retries == 2
+        from test_adversarial_client import Proxy
+
+        proxy = Proxy(proc.port, lambda line, body: "drop-before")
+        try:
+            counted.retries = 0
+            with pytest.raises(Unavailable):
+                Floodgate(proxy.url, retries=2, backoff=0.01,
+                          acquire_retry_window=0).acquire("lim", wait=0)
+            assert counted.retries == 2 and len(proxy.requests) == 3
+        finally:
+            proxy.close()
+    finally:
+        logging.getLogger("floodgate").removeHandler(counted)
+
+
+class _CountRetries(logging.Handler):
+    """Counts the client's "retry" debug lines (the fixture sets the logger to DEBUG)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.retries = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "; retry " in record.getMessage():
+            self.retries += 1

@@ -82,6 +82,11 @@ class Floodgate(_Transport):
             Celery task does not wait ``(retries + 1) * timeout`` for a server that stopped
             answering. An undelivered release costs capacity until the lease ends, never
             safety (the server reclaims the permit then).
+        acquire_retry_window: seconds an acquire goes on retrying (past ``retries``, with the
+            same ``request_id``) once an attempt may have been granted and its answer lost (the
+            request was sent, the connection broke): long enough for a server that crashed or
+            is being redeployed to come back and answer with that grant (default 30; 0: only
+            ``retries``). Otherwise the grant would stay held, unused, until its lease ended.
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class Floodgate(_Transport):
         ssl_context: Optional[ssl.SSLContext] = None,
         ca_file: Optional[str] = None,
         bookkeeping_deadline: float = 5.0,
+        acquire_retry_window: float = 30.0,
     ) -> None:
         if ca_file:
             if ssl_context is not None:
@@ -115,6 +121,8 @@ class Floodgate(_Transport):
         # The bound on a release's or a report's whole time (see the docstring).
         self.bookkeeping_deadline = _setting(
             bookkeeping_deadline, "bookkeeping_deadline", positive=True)
+        self.acquire_retry_window = _setting(
+            acquire_retry_window, "acquire_retry_window", positive=False)
         if token is not None and not isinstance(token, str):
             raise TypeError("token: a string or None, not {!r}".format(token))
         if holder is not None and not isinstance(holder, str):
@@ -213,7 +221,8 @@ class Floodgate(_Transport):
             QueueFull: the limiter's queue is full (``retry_after`` likewise).
             TooManyKeys: a keyed limiter already tracks ``max_keys`` keys and ``key`` is new.
             UnknownLimiter, BadRequest, PermitsExceedLimit, Unauthorized: as the server answers.
-            Unavailable: the server could not be reached.
+            Unavailable: the server could not be reached (after ``retries``, and after
+                ``acquire_retry_window`` once an attempt may have been granted).
         """
         # Checked before the request: a bad value found after the grant would leave the permit
         # held, out of the caller's reach, until its lease ended.
@@ -249,6 +258,7 @@ class Floodgate(_Transport):
             "/v1/limiters/{}/acquire".format(_quote(name)),
             body,
             timeout=held_for + self.timeout,
+            retry_window=self.acquire_retry_window,
         )
         permit = Permit(self, name, data, requested_at=started, key=key)
         if heartbeat:

@@ -173,6 +173,7 @@ class _Transport:
         broken: Optional[List[BaseException]] = None,
         deadline: Optional[float] = None,
         idempotent: bool = True,
+        retry_window: float = 0.0,
     ) -> Dict[str, Any]:
         """One request, retried after connection errors and 503s. ``broken`` collects the
         connection errors of attempts that may have reached the server before the connection
@@ -184,13 +185,20 @@ class _Transport:
         timeout is cut to what is left of it, and no retry starts past it (a release and a
         feedback report are bookkeeping: they must not hold the caller for ``(retries + 1)
         * timeout`` when the server stops answering). A call that is not ``idempotent`` is
-        retried only when its request was never written in full (see :meth:`_send`)."""
+        retried only when its request was never written in full (see :meth:`_send`).
+
+        ``retry_window`` (an acquire's): once an attempt may have been served (written in
+        full, its answer lost), retries go on past ``retries`` until that many seconds have
+        passed since then, so that a server restarting meanwhile answers the retry (same
+        ``request_id``) with the grant the lost answer carried."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = self._headers(data)
         timeout = self.timeout if timeout is None else timeout
         retries = self.retries if retries is None else retries
         ends = None if deadline is None else time.monotonic() + deadline
         attempt = 0
+        # When an attempt first may have been served: the retry window runs from then.
+        maybe_served_at: Optional[float] = None
         while True:
             cause: Optional[BaseException] = None
             sent: List[bool] = []
@@ -201,6 +209,8 @@ class _Transport:
                 )
             except (OSError, http.client.HTTPException) as e:
                 cause = e
+                if sent and maybe_served_at is None:
+                    maybe_served_at = time.monotonic()
                 if broken is not None and sent:
                     # Only an attempt whose request was written may have been served: a
                     # refused connection reached no server, so a later "not held" is not
@@ -214,6 +224,8 @@ class _Transport:
                     # It may have been served: a second one could count twice.
                     raise failure from cause
             else:
+                if len(sent) > 1 and maybe_served_at is None:
+                    maybe_served_at = time.monotonic()
                 if broken is not None and len(sent) > 1:
                     # Written on a kept-alive connection that then broke, and sent again on a
                     # new one (see _send): the first may have been served, its answer lost.
@@ -224,13 +236,17 @@ class _Transport:
                 failure = _parse_error(status, raw, response_headers)
                 if not isinstance(failure, Unavailable):
                     raise failure
-            if attempt >= retries:
+            # Until when a grant whose answer was lost may still be got by a retry.
+            window_ends = (None if maybe_served_at is None or retry_window <= 0
+                           else maybe_served_at + retry_window)
+            if attempt >= retries and (window_ends is None or time.monotonic() >= window_ends):
                 raise failure from cause
-            delay = min(self.backoff_max, self.backoff * (2 ** attempt))
+            delay = min(self.backoff_max, self.backoff * (2 ** min(attempt, 62)))
             delay = random.uniform(delay / 2, delay)
             hint = getattr(failure, "retry_after", None)
             if hint is not None:
-                if hint > self.backoff_max:
+                if hint > self.backoff_max and (window_ends is None
+                                                or time.monotonic() + hint >= window_ends):
                     # Longer than this call would wait: the caller is told when to come back.
                     raise failure from cause
                 delay = max(delay, hint)  # never sooner than the server (or proxy) asked
