@@ -749,3 +749,79 @@ def test_a_release_served_on_a_kept_alive_connection_that_then_broke_is_not_a_lo
     status = fg.limiter(name)
     assert status["in_use"] == 0 and status["counters"]["released"] == 1
     assert status["counters"]["expired"] == 0
+
+
+@pytest.mark.e2e  # redis-server
+def test_a_lost_grant_retried_on_redis_keeps_the_lease_asked_for(
+    redis_pair: List[ServerProcess],
+) -> None:
+    """On Redis a repeat of a held grant is answered with what is left of its lease: the
+    permit's deadline is that, but its lease (what extends renew) stays the one asked for.
+    Before, the remnant became the lease, and every heartbeat renewed only that much (a
+    retry near the lease's end left a lease of milliseconds, soon lost)."""
+    a, _ = redis_pair
+    fg = Floodgate(a.url)
+    name = "t-{}".format(os.urandom(6).hex())
+    fg.define(name, 1)
+    seen = [0]
+
+    def hook(request_line: str, body: Dict[str, Any]) -> Action:
+        if "/acquire" in request_line:
+            seen[0] += 1
+            if seen[0] == 1:
+                return "drop-after"
+            time.sleep(0.3)  # the retry comes later: less of the lease is left
+        return "forward"
+
+    proxy = Proxy(a.port, hook)
+    try:
+        client = Floodgate(proxy.url, retries=2, backoff=0.01)
+        p = client.acquire(name, wait=1, lease=30)
+        retried = json.loads(proxy.answers[1].partition(b"\r\n\r\n")[2])
+        assert retried["permit_id"] == p.permit_id and retried["lease_ms"] < 30000
+        assert p.lease == 30.0 and not p.lost
+        assert p.expires_in <= retried["lease_ms"] / 1000.0  # never later than the server's
+        p.extend()
+        extends = [b for line, b in proxy.requests if "/extend" in line]
+        assert extends and extends[-1]["lease_ms"] == 30000
+    finally:
+        proxy.close()
+    assert fg.release(p.permit_id) is True
+
+
+@pytest.mark.e2e  # redis-server
+def test_a_retried_grant_with_little_lease_left_is_extended_before_it_ends(
+    redis_pair: List[ServerProcess],
+) -> None:
+    """A grant answered with less of its lease left than asked (a repeat on Redis, after the
+    server was unreachable for 8 s of a 12 s lease) is not taken for lost: its deadline counts
+    from the retry that was answered, not from the first attempt (before, it had passed on
+    arrival), and its heartbeat beats before a third of what is left has passed, not at
+    lease/3 of the lease asked for (4 s: the first beat would have come after the 4 s or less
+    left)."""
+    a, _ = redis_pair
+    fg = Floodgate(a.url)
+    name = "t-{}".format(os.urandom(6).hex())
+    fg.define(name, 1)
+    first: List[float] = []
+
+    def hook(request_line: str, body: Dict[str, Any]) -> Action:
+        if "/acquire" in request_line:
+            if not first:
+                first.append(time.monotonic())
+                return "drop-after"  # granted, the answer lost
+            if time.monotonic() - first[0] < 8.0:
+                return "drop-before"  # unreachable meanwhile: retried within the window
+        return "forward"
+
+    proxy = Proxy(a.port, hook)
+    try:
+        client = Floodgate(proxy.url, retries=2, backoff=0.01)
+        with client.permit(name, wait=1, lease=12) as p:
+            left = json.loads(proxy.answers[-1].partition(b"\r\n\r\n")[2])["lease_ms"]
+            assert left <= 4000  # no more than the interval (lease/3) is left
+            assert wait_until(lambda: p.extensions >= 2 or p.lost, 30, 0.02)
+            assert not p.lost, p.heartbeat_error
+    finally:
+        proxy.close()
+    assert fg.limiter(name)["in_use"] == 0

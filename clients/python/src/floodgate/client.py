@@ -253,14 +253,18 @@ class Floodgate(_Transport):
         # wait), never a second permit.
         body["request_id"] = uuid.uuid4().hex
         started = time.monotonic()
+        attempts: List[float] = []
         data = self._request(
             "POST",
             "/v1/limiters/{}/acquire".format(_quote(name)),
             body,
             timeout=held_for + self.timeout,
             retry_window=self.acquire_retry_window,
+            attempts=attempts,
         )
-        permit = Permit(self, name, data, requested_at=started, key=key)
+        permit = Permit(self, name, data, requested_at=started, key=key,
+                        asked_lease=body["lease_ms"] / 1000.0 if lease is not None else None,
+                        answered_attempt_at=attempts[-1] if attempts else None)
         if heartbeat:
             try:
                 permit.start_heartbeat(interval, on_lost=on_lost)

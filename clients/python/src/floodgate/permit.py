@@ -31,6 +31,8 @@ class Permit:
         fencing_token: strictly increases across the limiter's grants; give it to the backend.
         permits: how many permits this grant holds.
         lease: the lease in seconds; the permit is reclaimed that long after the last extend.
+            The lease asked for (else the limiter's, as answered), also when a retried
+            acquire's answer gave only what was left of it (:attr:`expires_in` says that).
         waited: how long the server held the acquire before granting, in seconds.
         key: a keyed limiter's key this permit was acquired with (``None`` for a plain
             limiter's); sent with every extend, so a server that lost its state re-adopts the
@@ -53,6 +55,8 @@ class Permit:
         data: Mapping[str, Any],
         requested_at: Optional[float] = None,
         key: Optional[str] = None,
+        asked_lease: Optional[float] = None,
+        answered_attempt_at: Optional[float] = None,
     ) -> None:
         self.client = client
         self.limiter = limiter
@@ -66,6 +70,16 @@ class Permit:
         # The server's lease started when it granted, which is no earlier than the request
         # plus the wait: this local deadline is never later than the server's.
         self._deadline = started + self.waited + self.lease
+        if asked_lease is not None and 0 < self.lease < asked_lease:
+            # Less than asked (the server refuses a lease out of range, never cuts it): a
+            # repeat of the acquire (its retry after a lost answer) answered, on Redis, with
+            # what was left of the grant's lease when the server answered, which is after the
+            # answered attempt started (not the first: a deadline from there would be early
+            # by the retries' time, and lost at once after a long one). Extends renew the lease
+            # asked for, not that remnant.
+            base = started if answered_attempt_at is None else answered_attempt_at
+            self._deadline = base + self.lease
+            self.lease = asked_lease
         self._lock = threading.Lock()
         self._lost = False
         # Whether _lost came from the server's answer to an extend, or to the release (rather
@@ -312,7 +326,9 @@ class Permit:
         restart, a store outage), does not end it: the extend is tried again every quarter
         interval until it succeeds or the lease has ended without a confirmed extend. Only
         ``permit_lost``, or that end, count as a loss."""
-        delay = interval
+        # The first beat before a third of what is left of the grant's lease has passed: a
+        # repeat's answer may have come with less of it left than ``lease`` (see __init__).
+        delay = min(interval, max(0.0, self.expires_in) / 3.0)
         while True:
             woken = self._wake.wait(delay)
             self._wake.clear()

@@ -174,6 +174,7 @@ class _Transport:
         deadline: Optional[float] = None,
         idempotent: bool = True,
         retry_window: float = 0.0,
+        attempts: Optional[List[float]] = None,
     ) -> Dict[str, Any]:
         """One request, retried after connection errors and 503s. ``broken`` collects the
         connection errors of attempts that may have reached the server before the connection
@@ -190,7 +191,8 @@ class _Transport:
         ``retry_window`` (an acquire's): once an attempt may have been served (written in
         full, its answer lost), retries go on past ``retries`` until that many seconds have
         passed since then, so that a server restarting meanwhile answers the retry (same
-        ``request_id``) with the grant the lost answer carried."""
+        ``request_id``) with the grant the lost answer carried. ``attempts`` gets the
+        monotonic time each attempt started at."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = self._headers(data)
         timeout = self.timeout if timeout is None else timeout
@@ -203,6 +205,8 @@ class _Transport:
             cause: Optional[BaseException] = None
             sent: List[bool] = []
             left = timeout if ends is None else min(timeout, max(0.001, ends - time.monotonic()))
+            if attempts is not None:
+                attempts.append(time.monotonic())
             try:
                 status, raw, response_headers = self._send(
                     method, path, data, headers, left, idempotent=idempotent, sent=sent
