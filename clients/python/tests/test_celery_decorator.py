@@ -385,6 +385,8 @@ def test_full_jitter_bounds() -> None:
         ({"heartbeat": -1}, ValueError, "heartbeat"),
         ({"heartbeat": 10, "lease": 5}, ValueError, "heartbeat"),
         ({"throttle_exceptions": ("RateLimitExceeded",)}, TypeError, "throttle_exceptions"),
+        ({"throttle_exceptions": Throttled}, TypeError, "throttle_exceptions"),  # not (C,)
+        ({"throttle_exceptions": "Throttled"}, TypeError, "throttle_exceptions: a tuple"),
         ({"throttle_exceptions": (PermitLost,)}, TypeError, "throttle_exceptions"),
         ({"throttle_exceptions": (_CeleryRetry,)}, TypeError, "throttle_exceptions"),
         ({"max_retries": -1}, ValueError, "max_retries"),

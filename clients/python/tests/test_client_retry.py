@@ -186,3 +186,15 @@ def test_call_lets_exits_and_time_limits_through_a_broad_throttle_class(
         fg.call(name, stopped, throttle_exceptions=(stop,))
     assert str(info.value).startswith("throttle_exceptions: " + stop.__name__)
     assert calls == [1] and fg.limiter(name)["counters"]["granted"] == 1
+
+
+def test_call_refuses_a_bare_throttle_class_naming_the_parameter(
+    fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """``throttle_exceptions=Throttled`` (not ``(Throttled,)``) is a TypeError naming the
+    parameter before anything is acquired, not "'type' object is not iterable"."""
+    name = limiter(1)
+    with pytest.raises(TypeError) as info:
+        fg.call(name, lambda p: None, throttle_exceptions=Throttled)  # type: ignore[arg-type]
+    assert str(info.value).startswith("throttle_exceptions: a tuple"), str(info.value)
+    assert fg.limiter(name)["counters"]["granted"] == 0

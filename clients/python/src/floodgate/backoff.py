@@ -159,6 +159,11 @@ def _check_throttles(throttles: Tuple[Type[BaseException], ...],
     class, or that is (a subclass of) one of ``never`` or of :func:`_never_throttles`:
     exceptions that are never a throttle, which naming would only hide. A base class of them
     (``Exception``, ``BaseException``) may be named: they still pass through."""
+    if not isinstance(throttles, (tuple, list)):
+        # A bare class would fail as "'type' object is not iterable", naming nothing; a
+        # string would be taken letter by letter.
+        raise TypeError("throttle_exceptions: a tuple of exception classes, not {!r}"
+                        " (write (Name,) for one)".format(throttles))
     for exc in throttles:
         if not (isinstance(exc, type) and issubclass(exc, BaseException)):
             raise TypeError("throttle_exceptions: exception classes, not {!r}".format(exc))

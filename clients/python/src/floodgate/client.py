@@ -479,8 +479,8 @@ class Floodgate(_Transport):
         A wait that ends without a permit raises :class:`WaitTimeout` as :meth:`acquire` does:
         re-enqueue the work rather than sleeping here.
         """
+        _check_throttles(throttle_exceptions)
         throttles = tuple(throttle_exceptions)
-        _check_throttles(throttles)
         attempt = 0
         while True:
             with self.permit(name, wait=wait, lease=lease, permits=permits,
