@@ -825,3 +825,39 @@ def test_a_retried_grant_with_little_lease_left_is_extended_before_it_ends(
     finally:
         proxy.close()
     assert fg.limiter(name)["in_use"] == 0
+
+
+def test_an_extend_answered_after_the_release_is_not_a_loss(
+    server: ServerProcess, fg: Floodgate, limiter: MakeLimiter
+) -> None:
+    """A heartbeat extend still in flight when the block ends (the release waits at most
+    half the bookkeeping deadline for it, then releases) is answered 410 by the server that
+    has released the permit meanwhile: that answer is the release's doing, not a loss. The
+    permit stays released and not lost (before, ``p.lost`` turned true afterwards, and
+    ``@limited`` logged a finished task's permit as lost)."""
+    name = limiter(1)
+    extends: List[float] = []
+
+    def hook(request_line: str, body: Dict[str, Any]) -> Action:
+        if "/extend" in request_line and not extends:
+            extends.append(time.monotonic())
+            # Held until the server has released the permit (the release went round it).
+            wait_until(lambda: fg.limiter(name)["in_use"] == 0, 30, 0.02)
+        return "forward"
+
+    proxy = Proxy(server.port, hook)
+    try:
+        client = Floodgate(proxy.url, bookkeeping_deadline=1.0)
+        with client.permit(name, wait=1, lease=30, heartbeat=0.05) as p:
+            assert wait_until(lambda: bool(extends), 30, 0.01)
+            beat = [t for t in threading.enumerate() if t.name.endswith(p.permit_id)]
+        assert p.released and len(beat) == 1
+        # The held extend is forwarded once the release went through, and answered 410;
+        # the heartbeat thread ends once it has that answer.
+        beat[0].join(30)
+        assert not beat[0].is_alive()
+        assert any(b" 410 " in answer for answer in proxy.answers), proxy.answers
+        assert not p.lost
+    finally:
+        proxy.close()
+    assert fg.limiter(name)["in_use"] == 0

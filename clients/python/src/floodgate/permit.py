@@ -187,7 +187,8 @@ class Permit:
             timeout = _setting(timeout, "timeout", positive=True)
         self._extend(seconds, timeout=timeout, retries=None)
 
-    def _extend(self, seconds: float, timeout: Optional[float], retries: Optional[int]) -> None:
+    def _extend(self, seconds: float, timeout: Optional[float], retries: Optional[int],
+                beat: bool = False) -> None:
         # Asked after the lease ended (as far as this process can tell) without a confirmed
         # extend: the server's answer is still asked for (410 says why), but even a success
         # cannot cover the work done meanwhile.
@@ -209,8 +210,11 @@ class Permit:
                 key=self.key,
             )
         except PermitLost:
-            self._lost = True
-            self._server_said_lost = True
+            if not (beat and self._released):
+                # (A heartbeat's extend still in flight when the permit was released: its 410
+                # is the release's doing, not a loss.)
+                self._lost = True
+                self._server_said_lost = True
             raise
         if too_late:
             raise self._lost_error()
@@ -346,7 +350,7 @@ class Permit:
             # loop tries again soon, while the lease still runs.
             timeout = min(self.client.timeout, max(self.lease / 2.0, 0.05))
             try:
-                self._extend(self.lease, timeout=timeout, retries=0)
+                self._extend(self.lease, timeout=timeout, retries=0, beat=True)
             except PermitLost as e:
                 if not self._stop.is_set():  # else released meanwhile: not a loss
                     self._heartbeat_lost(e)
