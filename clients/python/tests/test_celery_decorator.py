@@ -280,6 +280,31 @@ def test_floodgate_unreachable() -> None:
             limited("x", on_unavailable="sometimes")
 
 
+def test_a_fail_open_run_still_retries_the_backends_throttles() -> None:
+    """Under ``on_unavailable="run"`` the body runs without a permit, but a throttle it raises
+    is retried with backoff as under a permit (step 5), up to ``throttle_max_retries``; the
+    body's own ``self.retry`` is passed on. Before, the throttle failed the task."""
+    with closed_port() as port:
+        down = Floodgate("http://127.0.0.1:{}".format(port), retries=0)
+
+        def body(self: Any, how: str) -> None:
+            if how == "retry":
+                raise _CeleryRetry("the body's own retry")
+            raise Throttled("backend: too many")
+
+        run = limited("x", client=down, on_unavailable="run", throttle_exceptions=(Exception,),
+                      throttle_max_retries=2, backoff=0.5)(body)
+        with pytest.raises(RetryCalled) as info:
+            run(BoundTask({UNAVAILABLE_RETRIES: 1}), "throttled")
+        assert isinstance(info.value.kwargs["exc"], Throttled)
+        assert info.value.kwargs["headers"] == {UNAVAILABLE_RETRIES: 1, THROTTLE_RETRIES: 1}
+        assert 0 <= info.value.kwargs["countdown"] <= 0.5
+        with pytest.raises(Throttled):  # past throttle_max_retries
+            run(BoundTask({THROTTLE_RETRIES: 2}), "throttled")
+        with pytest.raises(_CeleryRetry):
+            run(BoundTask(), "retry")
+
+
 def test_unknown_limiter_is_retried_never_dropped(fg: Floodgate) -> None:
     # Issue 12 item 3: a 404 unknown_limiter (a limiter not created yet, or lost with the
     # store's state) used to fail the task for good.

@@ -345,7 +345,7 @@ def limited(
         on_unavailable: when the Floodgate server cannot be reached or answers a 5xx (503
             ``store_unavailable``, ``shutting_down``, a 500, a proxy's 502/504): ``"retry"`` (retry the task with
             backoff; unbounded unless ``unavailable_max_retries``), ``"run"`` (fail open: run
-            the body without a permit, logged) or ``"raise"``. A 404 ``unknown_limiter`` is
+            the body without a permit, logged; its throttles are still retried) or ``"raise"``. A 404 ``unknown_limiter`` is
             retried the same way under ``"retry"`` and ``"run"`` (a missing limiter never runs
             the body unlimited) and raised under ``"raise"``.
         unavailable_max_retries: the bound on those retries (counted in the
@@ -381,6 +381,23 @@ def limited(
         if isinstance(client, Floodgate):
             return client
         return client()
+
+    def retry_throttled(task: Any, e: BaseException) -> None:
+        """Retries a run the backend throttled with backoff (Celery's retry raises), unless
+        past ``throttle_max_retries``: then it returns and the caller raises ``e``."""
+        request = task.request
+        n = _count(request, THROTTLE_RETRIES)
+        if throttle_max_retries is not None and n >= throttle_max_retries:
+            return
+        countdown = full_jitter(n, backoff, backoff_max)
+        log.info("floodgate: %s[%s] throttled by the backend (%r); retry in %.3f s",
+                 task.name, request.id, e, countdown)
+        raise _retry(
+            task,
+            countdown=countdown,
+            exc=e,
+            headers=_headers(request, THROTTLE_RETRIES, n + 1),
+        ) from e
 
     def decorator(fun: F) -> F:
         # type(), not isinstance(): a lazy app's task is a Proxy, and isinstance() would
@@ -445,7 +462,14 @@ def limited(
                 if on_unavailable == "run" and not isinstance(e, UnknownLimiter):
                     log.warning("floodgate: %s unreachable (%s); running %s without a permit",
                                 fg.url, e, self.name)
-                    return fun(self, *args, **kwargs)
+                    try:
+                        return fun(self, *args, **kwargs)
+                    except BaseException as body_error:
+                        # Unlimited, but the backend's "too much" is still retried (5).
+                        if (not isinstance(body_error, _CONTROL_FLOW)
+                                and _is_throttle(body_error, throttles)):
+                            retry_throttled(self, body_error)
+                        raise
                 n = _count(request, UNAVAILABLE_RETRIES)
                 if unavailable_max_retries is not None and n >= unavailable_max_retries:
                     raise
@@ -491,18 +515,8 @@ def limited(
                 if feedback:
                     fg.report(limiter, "throttled", latency)
                 _release(permit)
-                n = _count(request, THROTTLE_RETRIES)
-                if throttle_max_retries is not None and n >= throttle_max_retries:
-                    raise
-                countdown = full_jitter(n, backoff, backoff_max)
-                log.info("floodgate: %s[%s] throttled by the backend (%r); retry in %.3f s",
-                         self.name, request.id, e, countdown)
-                raise _retry(
-                    self,
-                    countdown=countdown,
-                    exc=e,
-                    headers=_headers(request, THROTTLE_RETRIES, n + 1),
-                ) from e
+                retry_throttled(self, e)
+                raise
             else:
                 latency = time.monotonic() - started
                 if feedback:
