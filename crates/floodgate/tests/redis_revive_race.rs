@@ -632,3 +632,73 @@ async fn a_limiter_created_while_a_listing_drops_its_name_stays_listed() {
     assert_eq!(outcome("the listing", listing).await.unwrap(), 0);
     assert_eq!(listed(), "1", "the limiter exists and is listed");
 }
+
+/// A status read sent before this store's own delete and answered after it (Redis ran the read
+/// first, so it carries the deleted limiter's spec) must not make the deleted limiter known
+/// again: after a loss that also took the delete's tombstone, the store re-created the limiter
+/// it had deleted from that spec (a status, an acquire, a learning pass after a failover). The
+/// order is forced as in the put's case above: the read is sent (polled once), the delete is
+/// sent after it and awaited, then the read's reply is taken.
+async fn a_status_read_answered_after_a_delete_does_not_revive_it(keyed: bool) {
+    use std::future::Future;
+    use std::task::Poll;
+
+    let server = support::RedisServer::start();
+    let gate = gate(server.url(), Duration::from_secs(60)).await;
+    let define = || {
+        let gate = &gate;
+        async move {
+            let spec = LimiterSpec::concurrency(3);
+            if keyed {
+                gate.define_keyed("deleted", spec, KeyedSpec::per_key(1))
+                    .await
+                    .unwrap()
+            } else {
+                gate.define("deleted", spec).await.unwrap()
+            }
+        }
+    };
+    let limiter = gate.limiter("deleted").await.unwrap();
+    // As above: a read answered before the delete was even sent is not the case made here.
+    let mut attempts = 0;
+    let read = loop {
+        define().await;
+        let mut read = std::pin::pin!(limiter.status());
+        let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+        if first.is_pending() {
+            assert!(gate.delete("deleted").await.unwrap());
+            break read.await;
+        }
+        attempts += 1;
+        assert!(attempts < 100, "a status read needs a round trip");
+    };
+    let read = read.expect("Redis ran the read before the delete (the test is not vacuous)");
+    assert_eq!(read.spec.concurrency, Some(3));
+
+    // The state is lost, the delete's tombstone with it: a store that still knows the limiter
+    // re-creates it.
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let after = limiter.status().await;
+    assert!(
+        matches!(after, Err(StoreError::UnknownLimiter(_))),
+        "the deleted limiter was re-created: {after:?}"
+    );
+    assert_eq!(
+        support::cli(server.port, &["EXISTS", "fg:{deleted}:meta"]),
+        "0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_status_read_answered_after_a_delete_does_not_revive_it() {
+    a_status_read_answered_after_a_delete_does_not_revive_it(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_status_read_answered_after_a_delete_does_not_revive_it() {
+    a_status_read_answered_after_a_delete_does_not_revive_it(true).await;
+}

@@ -57,9 +57,10 @@ pub(crate) struct Known {
     pub(super) keyed: HashMap<LimiterName, super::keyed_revive::KeyedDef>,
     /// When this store last added each limiter it uses to the listing set (`register`).
     pub(super) listed: HashMap<LimiterName, Instant>,
-    /// How many specs this store has written (puts and revivals answered, any limiter). A
-    /// status read sent before one of them may be answered after it with the spec it
-    /// replaced: such a read replaces no spec already known (`remember_read`).
+    /// How many specs this store has written or dropped (puts and revivals answered, deletes;
+    /// any limiter). A status read sent before one of them may be answered after it with the
+    /// spec it replaced, or of the limiter it deleted: such a read records nothing
+    /// (`remember_read`).
     pub(super) spec_writes: u64,
 }
 
@@ -86,7 +87,7 @@ impl RedisLimiter {
     pub(super) fn remember_written(&self, spec: &LimiterSpec) {
         let mut known = self.store.lock_known();
         known.spec_writes += 1;
-        self.remember_in(known, spec, true);
+        self.remember_in(known, spec);
     }
 
     /// This store's count of spec writes, read before a status read is sent (`remember_read`).
@@ -94,29 +95,30 @@ impl RedisLimiter {
         self.store.lock_known().spec_writes
     }
 
-    /// Records the spec a status read found, unless this store wrote a spec since the read
-    /// was sent (`writes_before`, from [`spec_writes`](Self::spec_writes)): Redis may have run
-    /// the read before that write, so its spec may be the one the write replaced, and the
-    /// write's is kept. (A spec not known yet is recorded all the same.)
+    /// Records the spec a status read found, unless this store wrote a spec or deleted a
+    /// limiter since the read was sent (`writes_before`, from
+    /// [`spec_writes`](Self::spec_writes)): Redis may have run the read before that write, so
+    /// its spec may be the one the write replaced (the write's is kept), or that of the
+    /// limiter the delete removed (recorded, the store re-created the limiter it had deleted
+    /// after a loss that took the tombstone too). A limiter this store then does not know is
+    /// read again at its next use (`after_use`).
     pub(super) fn remember_read(&self, spec: &LimiterSpec, writes_before: u64) {
-        let known = self.store.lock_known();
-        let replace = known.spec_writes == writes_before;
-        self.remember_in(known, spec, replace);
+        let mut known = self.store.lock_known();
+        if known.spec_writes != writes_before {
+            if !known.specs.contains_key(&self.name) && !known.keyed.contains_key(&self.name) {
+                known.asked.remove(&self.name);
+            }
+            return;
+        }
+        self.remember_in(known, spec);
     }
 
-    fn remember_in(
-        &self,
-        mut known: std::sync::MutexGuard<'_, Known>,
-        spec: &LimiterSpec,
-        replace: bool,
-    ) {
+    fn remember_in(&self, mut known: std::sync::MutexGuard<'_, Known>, spec: &LimiterSpec) {
         if self.store.is_keyed(&self.name) {
             // A keyed limiter's total spec, kept with its definition (`keyed_revive.rs`),
             // which is read once in the background if this store does not have it.
             if let Some(def) = known.keyed.get_mut(&self.name) {
-                if replace {
-                    def.spec = spec.clone();
-                }
+                def.spec = spec.clone();
             } else if known.asked.insert(self.name.clone()) {
                 drop(known);
                 self.learn_keyed_def_in_background();
@@ -124,14 +126,14 @@ impl RedisLimiter {
             return;
         }
         known.asked.insert(self.name.clone());
-        if replace || !known.specs.contains_key(&self.name) {
-            known.specs.insert(self.name.clone(), spec.clone());
-        }
+        known.specs.insert(self.name.clone(), spec.clone());
     }
 
     /// Forgets the limiter: it was deleted, and is not to be re-created.
     pub(super) fn forget(&self) {
         let mut known = self.store.lock_known();
+        // A status read in flight may carry the deleted limiter's spec (`remember_read`).
+        known.spec_writes += 1;
         known.specs.remove(&self.name);
         known.asked.remove(&self.name);
         known.keyed.remove(&self.name);
