@@ -10,7 +10,9 @@
 //! held from before the loss, re-adopted by their extends, then every grant) against the
 //! limit. Plain and keyed limiters share the mechanism and run the same test. No assertion
 //! depends on timing: waits are liveness bounds only. Last, the spec a store revives with: one
-//! of its status reads answered after its own put must not replace the put's spec. And the
+//! of its status reads or keys views answered after its own put must not replace what it
+//! wrote, nor a status read answered after its own delete
+//! make the deleted limiter known again. And the
 //! listing set (`fg:limiters`): a relisting held until after a delete must not list the deleted
 //! limiter again, and a listing's removal of a gone name held until the limiter exists again
 //! must not leave it unlisted (the relay holds the relisting's or the removal's command).
@@ -701,4 +703,66 @@ async fn a_plain_status_read_answered_after_a_delete_does_not_revive_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_status_read_answered_after_a_delete_does_not_revive_it() {
     a_status_read_answered_after_a_delete_does_not_revive_it(true).await;
+}
+
+/// A keyed limiter's keys view sent before this store's own put and answered after it (Redis
+/// ran the view first, so it carries the per-key spec the put replaced) must not replace the
+/// put's per-key spec: after a loss the store re-created the limiter with the older, higher
+/// per-key limit, each key admitted past the one put. The order is forced as above: the view
+/// is sent (polled once), the put is sent after it and awaited, then the view's reply is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_view_answered_after_a_put_keeps_the_puts_per_key_spec() {
+    use std::future::Future;
+    use std::task::Poll;
+
+    let server = support::RedisServer::start();
+    let gate = gate(server.url(), Duration::from_secs(60)).await;
+    let define = |per_key: u32| {
+        let gate = &gate;
+        async move {
+            gate.define_keyed(
+                "perkey",
+                LimiterSpec::concurrency(10),
+                KeyedSpec::per_key(per_key),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    define(5).await;
+    let limiter = gate.limiter("perkey").await.unwrap();
+    // The definition read once (as any view does first): the next views do not read it again
+    // while its overrides are unchanged.
+    limiter.backend().keys(5).await.unwrap().unwrap();
+    let mut attempts = 0;
+    let view = loop {
+        define(5).await;
+        let mut view = std::pin::pin!(limiter.backend().keys(5));
+        let first = std::future::poll_fn(|cx| Poll::Ready(view.as_mut().poll(cx))).await;
+        if first.is_pending() {
+            define(1).await;
+            break view.await.unwrap().unwrap();
+        }
+        attempts += 1;
+        assert!(attempts < 100, "a keys view needs a round trip");
+    };
+    assert_eq!(
+        view.spec.concurrency,
+        Some(5),
+        "Redis ran the view before the put (the test is not vacuous)"
+    );
+
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let revived = limiter.status().await.unwrap();
+    assert!(revived.learning, "{revived:?}");
+    let view = limiter.backend().keys(5).await.unwrap().unwrap();
+    assert_eq!(
+        view.spec.concurrency,
+        Some(1),
+        "re-created with the per-key spec the view replaced, not the one put"
+    );
 }

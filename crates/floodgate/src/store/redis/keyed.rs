@@ -271,11 +271,12 @@ impl RedisLimiter {
             return Ok(None);
         }
         let limit = limit.min(crate::core::keyed::MAX_KEYS_LISTED);
+        let writes = self.spec_writes();
         let reply = self.call("keys", &[limit.to_string()]).await?;
         match tag(&reply) {
             Some("keys") => {
                 let view = parse_keys(&reply)?;
-                self.remember_keyed_spec(&view.spec);
+                self.remember_keyed_spec(&view.spec, writes);
                 // A store that lists a keyed limiter's keys knows its definition from then on
                 // (read once, if the background read has not yet, and again when its overrides
                 // changed), to revive it after a loss.

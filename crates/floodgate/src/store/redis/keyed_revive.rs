@@ -195,9 +195,15 @@ impl RedisLimiter {
             .unwrap_or_default()
     }
 
-    /// Records the per-key spec read in a keys view.
-    pub(super) fn remember_keyed_spec(&self, keyed: &KeyedSpec) {
-        if let Some(def) = self.store.lock_known().keyed.get_mut(&self.name) {
+    /// Records the per-key spec read in a keys view, unless this store wrote a spec since the
+    /// view was sent (`writes_before`, as a status read's: `remember_read`): Redis may have
+    /// run the view before that write, and its per-key spec be the one the write replaced.
+    pub(super) fn remember_keyed_spec(&self, keyed: &KeyedSpec, writes_before: u64) {
+        let mut known = self.store.lock_known();
+        if known.spec_writes != writes_before {
+            return;
+        }
+        if let Some(def) = known.keyed.get_mut(&self.name) {
             def.keyed = keyed.clone();
         }
     }
