@@ -10,8 +10,8 @@
 //! held from before the loss, re-adopted by their extends, then every grant) against the
 //! limit. Plain and keyed limiters share the mechanism and run the same test. No assertion
 //! depends on timing: waits are liveness bounds only. Last, the spec a store revives with: one
-//! of its status reads or keys views answered after its own put must not replace what it
-//! wrote, nor a status read answered after its own delete
+//! of its status reads, keys views or keyed definition reads answered after its own put (or
+//! override) must not replace what it wrote, nor a status read answered after its own delete
 //! make the deleted limiter known again. And the
 //! listing set (`fg:limiters`): a relisting held until after a delete must not list the deleted
 //! limiter again, and a listing's removal of a gone name held until the limiter exists again
@@ -765,4 +765,97 @@ async fn a_keys_view_answered_after_a_put_keeps_the_puts_per_key_spec() {
         Some(1),
         "re-created with the per-key spec the view replaced, not the one put"
     );
+}
+
+/// The keyed definition a keys view reads (`learn_keyed_def`: the first view, or one whose
+/// overrides changed) must not replace what this store wrote after that read was sent (`put`:
+/// a per-key limit; else a key's override): Redis ran the read first, so it carries what the
+/// write replaced, and after a loss the store re-created the limiter with it, each key (or the
+/// overridden key) admitted past the limit set. The order is forced by the relay: the
+/// definition's read (`kdef`) is held on its way to Redis, the write is sent behind it on the
+/// same connection, both are let go, and the write is answered before the view's reply is
+/// taken.
+async fn a_keyed_definition_read_answered_after_a_write_keeps_the_write(put: bool) {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    const KDEF: &[u8] = b"$4\r\nkdef\r\n";
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let gate = gate(relay.url(), Duration::from_secs(60)).await;
+    let limiter = gate.limiter("defined").await.unwrap();
+    let define = move |per_key: u32| {
+        let gate = gate.clone();
+        async move {
+            gate.define_keyed(
+                "defined",
+                LimiterSpec::concurrency(10),
+                KeyedSpec::per_key(per_key),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    define(5).await;
+
+    // The first view reads the definition; polled (not awaited) until that read is held.
+    relay.arm_on(KDEF);
+    let mut view = std::pin::pin!(limiter.backend().keys(5));
+    let mut cx = Context::from_waker(Waker::noop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.holds(KDEF) {
+        assert!(
+            view.as_mut().poll(&mut cx).is_pending(),
+            "the view read no definition"
+        );
+        assert!(Instant::now() < deadline, "the definition's read is held");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let write = if put {
+        tokio::spawn(async move {
+            define(1).await;
+        })
+    } else {
+        let limiter = limiter.clone();
+        tokio::spawn(async move {
+            let over = floodgate::KeyOverride {
+                concurrency: Some(1),
+                weight: 1,
+            };
+            limiter.backend().put_key("k", Some(over)).await.unwrap();
+        })
+    };
+    relay.release();
+    outcome("the write", write).await;
+    let view = view.await.unwrap().unwrap();
+    assert_eq!(
+        (view.spec.concurrency, view.overrides),
+        (Some(5), 0),
+        "the view ran before the write"
+    );
+
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let revived = limiter.status().await.unwrap();
+    assert!(revived.learning, "{revived:?}");
+    let view = limiter.backend().keys(5).await.unwrap().unwrap();
+    let wanted = if put { (Some(1), 0) } else { (Some(5), 1) };
+    assert_eq!(
+        (view.spec.concurrency, view.overrides),
+        wanted,
+        "re-created with what the definition's read replaced, not what was written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_definition_read_answered_after_a_put_keeps_the_puts_definition() {
+    a_keyed_definition_read_answered_after_a_write_keeps_the_write(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_definition_read_answered_after_an_override_keeps_the_override() {
+    a_keyed_definition_read_answered_after_a_write_keeps_the_write(false).await;
 }

@@ -177,7 +177,10 @@ impl RedisLimiter {
 
     /// Records a key's override (`None`: removed) set through this store.
     pub(super) fn remember_override(&self, key: &str, over: Option<KeyOverride>) {
-        if let Some(def) = self.store.lock_known().keyed.get_mut(&self.name) {
+        let mut known = self.store.lock_known();
+        // A write of the definition: a read of it in flight may predate it (`learn_keyed_def`).
+        known.spec_writes += 1;
+        if let Some(def) = known.keyed.get_mut(&self.name) {
             match over {
                 Some(over) => def.overrides.insert(key.to_owned(), over),
                 None => def.overrides.remove(key),
@@ -235,6 +238,7 @@ impl RedisLimiter {
         if current == Some(true) {
             return Ok(());
         }
+        let writes = self.spec_writes();
         let status = LimiterBackend::status(self).await?;
         let reply = self.call_once("kdef", &[]).await?;
         if reply.first().map(String::as_str) != Some("kdef") {
@@ -249,6 +253,15 @@ impl RedisLimiter {
         // and stays: overwritten, the override was lost, and a put after a loss re-created the
         // limiter without it (a CI run of keyed_revive_redis).
         if overrides_at.is_none() && known.keyed.contains_key(&self.name) {
+            return Ok(());
+        }
+        // A spec this store wrote (or a limiter it deleted) since the reads were sent: Redis
+        // may have run them first, and the definition they carry be the one the write
+        // replaced (as a status read's, `remember_read`). Read again at the next view or use.
+        if known.spec_writes != writes {
+            if !known.keyed.contains_key(&self.name) {
+                known.asked.remove(&self.name);
+            }
             return Ok(());
         }
         known.specs.remove(&self.name);
