@@ -859,3 +859,54 @@ async fn a_keyed_definition_read_answered_after_a_put_keeps_the_puts_definition(
 async fn a_keyed_definition_read_answered_after_an_override_keeps_the_override() {
     a_keyed_definition_read_answered_after_a_write_keeps_the_write(false).await;
 }
+
+/// A status read answered after this store wrote another limiter's spec still teaches the
+/// spec it read: the writes that make a read stale are those of its own limiter. Store A knows
+/// the limiter at 10; store B lowers it to 2; A's next read of it (the one that would teach A
+/// the 2) is in flight while A puts another limiter. Taken for stale, A kept the 10 and, after a
+/// loss, re-created the limiter with it: five times the limit set. The order is forced as above
+/// (the read polled once, the other put sent after it and awaited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_read_answered_after_another_limiters_put_is_taken() {
+    use std::future::Future;
+    use std::task::Poll;
+
+    let server = support::RedisServer::start();
+    let a = gate(server.url(), Duration::from_secs(60)).await;
+    let b = gate(server.url(), Duration::from_secs(60)).await;
+    let limiter = a.limiter("lowered").await.unwrap();
+    let mut attempts = 0;
+    let read = loop {
+        // Each attempt from A knowing the 10 (a read answered at once taught it the 2).
+        a.define("lowered", LimiterSpec::concurrency(10))
+            .await
+            .unwrap();
+        b.define("lowered", LimiterSpec::concurrency(2))
+            .await
+            .unwrap();
+        let mut read = std::pin::pin!(limiter.status());
+        let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+        if first.is_pending() {
+            a.define("other", LimiterSpec::concurrency(1))
+                .await
+                .unwrap();
+            break read.await.unwrap();
+        }
+        attempts += 1;
+        assert!(attempts < 100, "a status read needs a round trip");
+    };
+    assert_eq!(read.spec.concurrency, Some(2));
+
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let revived = limiter.status().await.unwrap();
+    assert!(revived.learning, "{revived:?}");
+    assert_eq!(
+        revived.spec.concurrency,
+        Some(2),
+        "re-created from the spec A had before its read, not the one it read"
+    );
+}

@@ -179,7 +179,7 @@ impl RedisLimiter {
     pub(super) fn remember_override(&self, key: &str, over: Option<KeyOverride>) {
         let mut known = self.store.lock_known();
         // A write of the definition: a read of it in flight may predate it (`learn_keyed_def`).
-        known.spec_writes += 1;
+        known.wrote(&self.name);
         if let Some(def) = known.keyed.get_mut(&self.name) {
             match over {
                 Some(over) => def.overrides.insert(key.to_owned(), over),
@@ -198,12 +198,13 @@ impl RedisLimiter {
             .unwrap_or_default()
     }
 
-    /// Records the per-key spec read in a keys view, unless this store wrote a spec since the
-    /// view was sent (`writes_before`, as a status read's: `remember_read`): Redis may have
-    /// run the view before that write, and its per-key spec be the one the write replaced.
+    /// Records the per-key spec read in a keys view, unless this store wrote the limiter's
+    /// spec since the view was sent (`writes_before`, as a status read's: `remember_read`):
+    /// Redis may have run the view before that write, and its per-key spec be the one the
+    /// write replaced.
     pub(super) fn remember_keyed_spec(&self, keyed: &KeyedSpec, writes_before: u64) {
         let mut known = self.store.lock_known();
-        if known.spec_writes != writes_before {
+        if known.read_is_stale(&self.name, writes_before) {
             return;
         }
         if let Some(def) = known.keyed.get_mut(&self.name) {
@@ -255,10 +256,11 @@ impl RedisLimiter {
         if overrides_at.is_none() && known.keyed.contains_key(&self.name) {
             return Ok(());
         }
-        // A spec this store wrote (or a limiter it deleted) since the reads were sent: Redis
-        // may have run them first, and the definition they carry be the one the write
-        // replaced (as a status read's, `remember_read`). Read again at the next view or use.
-        if known.spec_writes != writes {
+        // This limiter's spec or an override this store wrote (or a limiter it deleted)
+        // since the reads were sent: Redis may have run them first, and the definition they
+        // carry be the one the write replaced (as a status read's, `remember_read`). Read
+        // again at the next view or use.
+        if known.read_is_stale(&self.name, writes) {
             if !known.keyed.contains_key(&self.name) {
                 known.asked.remove(&self.name);
             }

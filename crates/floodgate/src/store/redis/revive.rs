@@ -57,11 +57,36 @@ pub(crate) struct Known {
     pub(super) keyed: HashMap<LimiterName, super::keyed_revive::KeyedDef>,
     /// When this store last added each limiter it uses to the listing set (`register`).
     pub(super) listed: HashMap<LimiterName, Instant>,
-    /// How many specs this store has written or dropped (puts and revivals answered, deletes;
-    /// any limiter). A status read sent before one of them may be answered after it with the
-    /// spec it replaced, or of the limiter it deleted: such a read records nothing
-    /// (`remember_read`).
+    /// How many specs this store has written or dropped (puts and revivals answered, key
+    /// overrides, deletes; any limiter): the clock of `written` and `forgotten_at`. A read
+    /// sent before such a write of its limiter may be answered after it with the spec it
+    /// replaced, or of the limiter it deleted: such a read records nothing (`read_is_stale`).
     pub(super) spec_writes: u64,
+    /// `spec_writes` after this store's last write of each limiter's spec or definition
+    /// (removed when it forgets the limiter).
+    pub(super) written: HashMap<LimiterName, u64>,
+    /// `spec_writes` after this store's last delete of any limiter.
+    pub(super) forgotten_at: u64,
+}
+
+impl Known {
+    /// Counts a write of `name`'s spec or definition by this store.
+    pub(super) fn wrote(&mut self, name: &LimiterName) {
+        self.spec_writes += 1;
+        self.written.insert(name.clone(), self.spec_writes);
+    }
+
+    /// Whether a read of `name` sent when the count was `writes_before` may predate this
+    /// store's own write of it since (or, for a limiter it has no write of, a delete: the
+    /// limiter deleted may be this one). Writes of other limiters do not make it stale: taken
+    /// for stale, a read that would have taught a spec changed by another server was dropped,
+    /// and a revival used the older one.
+    pub(super) fn read_is_stale(&self, name: &LimiterName, writes_before: u64) -> bool {
+        match self.written.get(name) {
+            Some(at) => *at > writes_before,
+            None => self.forgotten_at > writes_before,
+        }
+    }
 }
 
 impl Inner {
@@ -86,7 +111,7 @@ impl RedisLimiter {
     /// re-create the limiter with.
     pub(super) fn remember_written(&self, spec: &LimiterSpec) {
         let mut known = self.store.lock_known();
-        known.spec_writes += 1;
+        known.wrote(&self.name);
         self.remember_in(known, spec);
     }
 
@@ -95,16 +120,16 @@ impl RedisLimiter {
         self.store.lock_known().spec_writes
     }
 
-    /// Records the spec a status read found, unless this store wrote a spec or deleted a
-    /// limiter since the read was sent (`writes_before`, from
-    /// [`spec_writes`](Self::spec_writes)): Redis may have run the read before that write, so
-    /// its spec may be the one the write replaced (the write's is kept), or that of the
-    /// limiter the delete removed (recorded, the store re-created the limiter it had deleted
-    /// after a loss that took the tombstone too). A limiter this store then does not know is
-    /// read again at its next use (`after_use`).
+    /// Records the spec a status read found, unless this store wrote this limiter's spec or
+    /// deleted a limiter since the read was sent (`writes_before`, from
+    /// [`spec_writes`](Self::spec_writes); `Known::read_is_stale`): Redis may have run the
+    /// read before that write, so its spec may be the one the write replaced (the write's is
+    /// kept), or that of the limiter the delete removed (recorded, the store re-created the
+    /// limiter it had deleted after a loss that took the tombstone too). A limiter this store
+    /// then does not know is read again at its next use (`after_use`).
     pub(super) fn remember_read(&self, spec: &LimiterSpec, writes_before: u64) {
         let mut known = self.store.lock_known();
-        if known.spec_writes != writes_before {
+        if known.read_is_stale(&self.name, writes_before) {
             if !known.specs.contains_key(&self.name) && !known.keyed.contains_key(&self.name) {
                 known.asked.remove(&self.name);
             }
@@ -134,6 +159,8 @@ impl RedisLimiter {
         let mut known = self.store.lock_known();
         // A status read in flight may carry the deleted limiter's spec (`remember_read`).
         known.spec_writes += 1;
+        known.forgotten_at = known.spec_writes;
+        known.written.remove(&self.name);
         known.specs.remove(&self.name);
         known.asked.remove(&self.name);
         known.keyed.remove(&self.name);
