@@ -11,8 +11,8 @@
 //! limit. Plain and keyed limiters share the mechanism and run the same test. No assertion
 //! depends on timing: waits are liveness bounds only. Last, the spec a store revives with: one
 //! of its status reads, keys views or keyed definition reads answered after its own put (or
-//! override) must not replace what it wrote, nor a status read answered after its own delete
-//! make the deleted limiter known again. And the
+//! override) must not replace what it wrote, nor a status read or a put answered after its own
+//! delete make the deleted limiter known again. And the
 //! listing set (`fg:limiters`): a relisting held until after a delete must not list the deleted
 //! limiter again, and a listing's removal of a gone name held until the limiter exists again
 //! must not leave it unlisted (the relay holds the relisting's or the removal's command).
@@ -909,4 +909,93 @@ async fn a_status_read_answered_after_another_limiters_put_is_taken() {
         Some(2),
         "re-created from the spec A had before its read, not the one it read"
     );
+}
+
+/// A put of this store whose reply is taken after this store's delete of the same limiter
+/// (Redis ran the put first: the delete removed what it made) must not make the deleted
+/// limiter known again: after a loss that took the tombstone too, the store re-created it. The
+/// order is forced by the relay: the put (`put`, or `kput` for a keyed limiter) is held, the
+/// delete is sent behind it on the same connection, both are let go, and the delete is
+/// answered before the put's reply is taken.
+async fn a_put_answered_after_a_delete_does_not_revive_it(keyed: bool) {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    let needle: &'static [u8] = if keyed {
+        b"$4\r\nkput\r\n"
+    } else {
+        b"$3\r\nput\r\n"
+    };
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let gate = gate(relay.url(), Duration::from_secs(60)).await;
+    let limiter = gate.limiter("removed").await.unwrap();
+    let spec = LimiterSpec::concurrency(3);
+    // Redis has the scripts already: the held put is not answered `NOSCRIPT` and sent again
+    // after the delete.
+    gate.define("warm", spec.clone()).await.unwrap();
+    gate.define_keyed("warm-keyed", spec.clone(), KeyedSpec::per_key(1))
+        .await
+        .unwrap();
+    assert!(gate.delete("warm").await.unwrap());
+    assert!(gate.delete("warm-keyed").await.unwrap());
+    let define = |concurrency: u32| {
+        let gate = gate.clone();
+        async move {
+            let spec = LimiterSpec::concurrency(concurrency);
+            if keyed {
+                gate.define_keyed("removed", spec, KeyedSpec::per_key(1))
+                    .await
+            } else {
+                gate.define("removed", spec).await
+            }
+        }
+    };
+    // The store knows the limiter (it defined it), and the held put changes it: so the
+    // delete's reply starts no background read of it, which would find it gone and forget it
+    // again, by chance of timing, after the put's reply.
+    define(3).await.unwrap();
+    relay.arm_on(needle);
+    let mut put = std::pin::pin!(define(4));
+    let mut cx = Context::from_waker(Waker::noop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.holds(needle) {
+        assert!(
+            put.as_mut().poll(&mut cx).is_pending(),
+            "the put was not held"
+        );
+        assert!(Instant::now() < deadline, "the put is held");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let delete = {
+        let gate = gate.clone();
+        tokio::spawn(async move { gate.delete("removed").await })
+    };
+    relay.release();
+    assert!(
+        outcome("the delete", delete).await.unwrap(),
+        "the delete found the limiter the put made (the test is not vacuous)"
+    );
+    put.await.unwrap();
+
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let after = limiter.status().await;
+    assert!(
+        matches!(after, Err(StoreError::UnknownLimiter(_))),
+        "the deleted limiter was re-created: {after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_put_answered_after_a_delete_does_not_revive_it() {
+    a_put_answered_after_a_delete_does_not_revive_it(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_put_answered_after_a_delete_does_not_revive_it() {
+    a_put_answered_after_a_delete_does_not_revive_it(true).await;
 }

@@ -187,13 +187,14 @@ impl RedisLimiter {
         // a limiter that vanished (it enters a learning window).
         let overrides = self.known_overrides();
         let args = super::keyed_revive::kput_args(spec, keyed, learn, false, &overrides);
+        let writes = self.spec_writes();
         let reply = self.call_once("kput", &args).await?;
         match tag(&reply) {
             Some("status") => {
                 self.store.mark_keyed(&self.name, true);
                 self.forget_plain();
                 self.parse_status(&reply)
-                    .inspect(|status| self.remember_written(&status.spec))
+                    .inspect(|status| self.remember_written(&status.spec, writes))
             }
             Some("invalid") => Err(StoreError::Invalid(keyed_invalid(&reply))),
             Some("deleted") => Err(unavailable("put answered `deleted`")),
@@ -362,8 +363,9 @@ impl RedisStore {
         total_spec_for(&spec, &keyed).validate_unbounded()?;
         self.register(name).await?;
         let handle = self.handle(name);
+        let writes = handle.spec_writes();
         let status = handle.put_keyed(&spec, &keyed, learn).await?;
-        handle.remember_keyed(&spec, &keyed);
+        handle.remember_keyed(&spec, &keyed, writes);
         super::revive::register(&self.inner, name).await?;
         Ok(status)
     }

@@ -157,9 +157,15 @@ impl RedisLimiter {
         }
     }
 
-    /// Records a keyed limiter's definition (put through this store), overrides kept.
-    pub(super) fn remember_keyed(&self, spec: &LimiterSpec, keyed: &KeyedSpec) {
+    /// Records a keyed limiter's definition (put through this store, sent when the count was
+    /// `writes_before`), overrides kept; not if this store deleted it meanwhile (as
+    /// `remember_written`).
+    pub(super) fn remember_keyed(&self, spec: &LimiterSpec, keyed: &KeyedSpec, writes_before: u64) {
         let mut known = self.store.lock_known();
+        if known.deleted_since(&self.name, writes_before) {
+            known.asked.remove(&self.name);
+            return;
+        }
         known.specs.remove(&self.name);
         known.asked.insert(self.name.clone());
         let def = known

@@ -76,6 +76,14 @@ impl Known {
         self.written.insert(name.clone(), self.spec_writes);
     }
 
+    /// Whether this store deleted `name` (or, for all it can tell, did: a limiter it has no
+    /// write of since) after the count was `writes_before`. A write of its own sent before that
+    /// delete and answered after it cannot tell whether Redis ran it first (the limiter is
+    /// gone) or after (it exists again).
+    pub(super) fn deleted_since(&self, name: &LimiterName, writes_before: u64) -> bool {
+        !self.written.contains_key(name) && self.forgotten_at > writes_before
+    }
+
     /// Whether a read of `name` sent when the count was `writes_before` may predate this
     /// store's own write of it since (or, for a limiter it has no write of, a delete: the
     /// limiter deleted may be this one). Writes of other limiters do not make it stale: taken
@@ -107,10 +115,18 @@ impl Inner {
 }
 
 impl RedisLimiter {
-    /// Records the spec this store has just written (a put's or revival's reply) as the one to
-    /// re-create the limiter with.
-    pub(super) fn remember_written(&self, spec: &LimiterSpec) {
+    /// Records the spec this store has just written (a put's or revival's reply, the write
+    /// sent when the count was `writes_before`) as the one to re-create the limiter with;
+    /// unless this store deleted the limiter meanwhile (`Known::deleted_since`): Redis may have
+    /// run the delete after the write, and the deleted limiter, known again, was re-created
+    /// after a loss that took its tombstone too. Then it is read again at its next use
+    /// (`after_use`), which finds it if it exists.
+    pub(super) fn remember_written(&self, spec: &LimiterSpec, writes_before: u64) {
         let mut known = self.store.lock_known();
+        if known.deleted_since(&self.name, writes_before) {
+            known.asked.remove(&self.name);
+            return;
+        }
         known.wrote(&self.name);
         self.remember_in(known, spec);
     }
@@ -310,11 +326,12 @@ impl RedisLimiter {
                 ("put", Self::put_args(&spec, Some(window), true), window)
             }
         };
+        let writes = self.spec_writes();
         let reply = self.call_once(op, &args).await?;
         match (reply.first().map(String::as_str), &keyed) {
             (Some("status"), _) => {
                 let status = self.parse_status(&reply)?;
-                self.remember_written(&status.spec);
+                self.remember_written(&status.spec, writes);
                 self.answer_lost_waiters(sent);
                 tracing::warn!(
                     limiter = %self.name,

@@ -14,13 +14,14 @@ impl RedisLimiter {
     ) -> Result<LimiterStatus, StoreError> {
         // Never revives: `put` is what revival runs. Without `revive` the script answers a
         // status or a refusal (`deleted` and `revived` are revival's answers).
+        let writes = self.spec_writes();
         let reply = self
             .call_once("put", &Self::put_args(spec, learn, false))
             .await?;
         match reply.first().map(String::as_str) {
             Some("status") => self
                 .parse_status(&reply)
-                .inspect(|status| self.remember_written(&status.spec)),
+                .inspect(|status| self.remember_written(&status.spec, writes)),
             Some("invalid") => Err(StoreError::Invalid(invalid(&reply))),
             _ => Err(unavailable(format!("unexpected script reply {reply:?}"))),
         }
