@@ -999,3 +999,66 @@ async fn a_plain_put_answered_after_a_delete_does_not_revive_it() {
 async fn a_keyed_put_answered_after_a_delete_does_not_revive_it() {
     a_put_answered_after_a_delete_does_not_revive_it(true).await;
 }
+
+/// `max_limiters` holds while a create is in flight when another server, refused at the cap,
+/// drops the names of limiters that are gone: the in-flight create's name (registered, its
+/// limiter not yet put) looked gone too and was dropped, the place went to another create, and
+/// the in-flight put then listed its name past the cap. Store A's put is held by the relay
+/// between its registration and the limiter's creation; store B, at the cap (one name of a
+/// limiter gone, A's), creates two limiters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_in_flight_keeps_its_place_under_max_limiters() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    const PUT: &[u8] = b"$3\r\nput\r\n";
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let connect = |url: String| async move {
+        let mut config = RedisConfig::new(url);
+        config.max_limiters = Some(2);
+        config.response_timeout = Duration::from_secs(60);
+        Floodgate::with_store(RedisStore::connect(config).await.unwrap())
+    };
+    let a = connect(relay.url()).await;
+    let b = connect(server.url()).await;
+    // Redis has the script already: A's held put is not answered `NOSCRIPT` and sent again.
+    a.define("warm", LimiterSpec::concurrency(1)).await.unwrap();
+    assert!(a.delete("warm").await.unwrap());
+    // A name whose limiter is gone (as one expired for idleness leaves it).
+    support::cli(server.port, &["SADD", "fg:limiters", "ghost"]);
+
+    relay.arm_on(PUT);
+    let mut create = std::pin::pin!(a.define("in-flight", LimiterSpec::concurrency(1)));
+    let mut cx = Context::from_waker(Waker::noop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.holds(PUT) {
+        assert!(
+            create.as_mut().poll(&mut cx).is_pending(),
+            "the put was held"
+        );
+        assert!(Instant::now() < deadline, "A's put is held");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The set is full: `ghost` and A's name.
+    assert_eq!(support::cli(server.port, &["SCARD", "fg:limiters"]), "2");
+    b.define("first", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    let second = b.define("second", LimiterSpec::concurrency(1)).await;
+    relay.release();
+    create.await.unwrap();
+
+    let names: Vec<String> = b
+        .limiters()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert!(
+        matches!(second, Err(StoreError::TooManyLimiters(2))),
+        "a third limiter was created under a cap of 2: {second:?}, {names:?}"
+    );
+    assert_eq!(names, ["first", "in-flight"]);
+}

@@ -367,6 +367,7 @@ impl RedisStore {
         let status = handle.put_keyed(&spec, &keyed, learn).await?;
         handle.remember_keyed(&spec, &keyed, writes);
         super::revive::register(&self.inner, name).await?;
+        self.unmark_creating(name).await;
         Ok(status)
     }
 }

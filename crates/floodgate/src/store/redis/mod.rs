@@ -263,10 +263,15 @@ const LIST_CONCURRENCY: usize = 128;
 /// that are gone (`RedisStore::register`).
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a create's mark (`RedisStore::creating_key`, set before its name is registered)
+/// keeps the name from being dropped as gone before its limiter exists, at least: past it the
+/// put has failed or been given up (each call has the response timeout; the mark is longer).
+const CREATING_AT_LEAST: Duration = Duration::from_secs(60);
+
 /// Adds a name to the registry unless that would put more than `ARGV[2]` names in it (a name
 /// already there is always fine). One script, so servers creating limiters at once cannot
-/// overshoot the cap together (but see `unlist_gone_names`: a name dropped as gone while its
-/// create is in flight frees a place too early).
+/// overshoot the cap together (and a create in flight is not dropped as gone meanwhile:
+/// `RedisStore::unlist`).
 /// The set's TTL is raised to `ARGV[3]`, never lowered (a limiter kept for its rate's debt
 /// raised it: `revive::register`).
 const REGISTER: &str = r"
@@ -430,6 +435,16 @@ impl RedisStore {
         format!("{}:limiters", self.inner.config.prefix)
     }
 
+    /// The mark of a create in flight (`register`), in the limiter's slot; removed once the
+    /// limiter exists, and expires.
+    fn creating_key(&self, name: &LimiterName) -> String {
+        format!(
+            "{}:{{{}}}:creating",
+            self.inner.config.prefix,
+            name.as_str()
+        )
+    }
+
     fn handle(&self, name: &LimiterName) -> RedisLimiter {
         RedisLimiter::new(Arc::clone(&self.inner), name.clone())
     }
@@ -488,7 +503,21 @@ impl RedisStore {
         let learn = learn.or_else(|| handle.known_window());
         let status = handle.put(&spec, learn).await?;
         revive::register(&self.inner, name).await?;
+        self.unmark_creating(name).await;
         Ok(status)
+    }
+
+    /// Removes the mark `register` set, once the limiter exists and is listed.
+    async fn unmark_creating(&self, name: &LimiterName) {
+        let mut conn = self.inner.conn.clone();
+        let removed = redis::cmd("DEL")
+            .arg(self.creating_key(name))
+            .query_async::<()>(&mut conn)
+            .await;
+        if let Err(e) = removed {
+            // Harmless: it expires, and meanwhile only keeps a listed name from being dropped.
+            tracing::debug!(limiter = %name, error = %e, "create mark not removed");
+        }
     }
 
     /// Adds the name to the registry, refused past `max_limiters`. Registered before the
@@ -496,6 +525,25 @@ impl RedisStore {
     /// this leaves a name the next listing drops.
     async fn register(&self, name: &LimiterName) -> Result<(), StoreError> {
         self.inner.eviction.check()?;
+        // Marked before its name is added: a server dropping the names of limiters that are
+        // gone (`unlist`) sees the mark of every create whose name it read, and leaves the
+        // name. Dropped, its place went to another create and this one's put listed the name
+        // again past the cap.
+        let creating_ms = self
+            .inner
+            .config
+            .response_timeout
+            .saturating_mul(4)
+            .max(CREATING_AT_LEAST);
+        let mut conn = self.inner.conn.clone();
+        redis::cmd("SET")
+            .arg(self.creating_key(name))
+            .arg(1)
+            .arg("PX")
+            .arg(u64::try_from(creating_ms.as_millis()).unwrap_or(u64::MAX))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
         let ttl = self.inner.config.listing_ttl_ms();
         let max = self
             .inner
@@ -549,10 +597,8 @@ impl RedisStore {
         due
     }
 
-    /// Drops from the listing set the names whose limiter is gone (no `meta`); how many. A
-    /// create in flight (name registered, limiter not yet put) looks gone too: its put adds
-    /// the name back (`revive::register`), past the cap if another create took the place
-    /// meanwhile. A listing has the same window.
+    /// Drops from the listing set the names whose limiter is gone (no `meta`, no create in
+    /// flight: `unlist`); how many.
     async fn unlist_gone_names(&self) -> Result<usize, StoreError> {
         use futures_util::stream::{self, StreamExt};
         let names: Vec<String> = retry_dropped(|| {
@@ -587,20 +633,42 @@ impl RedisStore {
                 gone.push(name);
             }
         }
-        let count = gone.len();
-        self.unlist(gone).await?;
-        Ok(count)
+        self.unlist(gone).await
     }
 
-    /// Removes names found gone from the listing set, then adds back those whose limiter
-    /// exists again by now: one created under such a name since it was found gone had its
-    /// name added before this removal, and nothing would add it again before a store's next
-    /// relisting (an hour later).
-    async fn unlist(&self, gone: Vec<LimiterName>) -> Result<(), StoreError> {
+    /// Removes names found gone from the listing set, but for those of a create in flight
+    /// (marked by `register` before it added the name: its limiter is not yet put), then adds
+    /// back those whose limiter exists again by now: one created under such a name since it
+    /// was found gone had its name added before this removal, and nothing would add it again
+    /// before a store's next relisting (an hour later). How many it removed.
+    async fn unlist(&self, gone: Vec<LimiterName>) -> Result<usize, StoreError> {
         use futures_util::stream::{self, StreamExt};
-        if gone.is_empty() {
-            return Ok(());
+        let marked: Vec<(LimiterName, Result<bool, StoreError>)> = stream::iter(gone)
+            .map(|name| {
+                let mut conn = self.inner.conn.clone();
+                let key = self.creating_key(&name);
+                async move {
+                    let marked = redis::cmd("EXISTS")
+                        .arg(key)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable);
+                    (name, marked)
+                }
+            })
+            .buffered(LIST_CONCURRENCY)
+            .collect()
+            .await;
+        let mut gone = Vec::new();
+        for (name, marked) in marked {
+            if !marked? {
+                gone.push(name);
+            }
         }
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let count = gone.len();
         let mut conn = self.inner.conn.clone();
         redis::cmd("SREM")
             .arg(self.registry_key())
@@ -616,7 +684,8 @@ impl RedisStore {
             .buffer_unordered(LIST_CONCURRENCY)
             .collect()
             .await;
-        relisted.into_iter().collect()
+        relisted.into_iter().collect::<Result<(), _>>()?;
+        Ok(count)
     }
 }
 
