@@ -522,7 +522,7 @@ impl RedisStore {
 
     /// Adds the name to the registry, refused past `max_limiters`. Registered before the
     /// limiter is put, so that the cap is checked before it exists; a put that fails after
-    /// this leaves a name the next listing drops.
+    /// this leaves a name the first listing after its mark expired drops.
     async fn register(&self, name: &LimiterName) -> Result<(), StoreError> {
         self.inner.eviction.check()?;
         // Marked before its name is added: a server dropping the names of limiters that are
