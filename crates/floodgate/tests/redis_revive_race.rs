@@ -1062,3 +1062,58 @@ async fn a_create_in_flight_keeps_its_place_under_max_limiters() {
     );
     assert_eq!(names, ["first", "in-flight"]);
 }
+
+/// The put's spec is kept when the delete answered meanwhile was of another limiter: store A
+/// knows `lowered` only from reading it (store B defined it at 10), puts it at 2, and deletes
+/// another limiter while the put is in flight (the relay holds the put, the delete queues
+/// behind it). Taken for a delete of `lowered`, the put's spec was dropped and A kept the 10:
+/// after a loss it re-created the limiter at five times the limit put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_answered_after_another_limiters_delete_is_kept() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    const PUT: &[u8] = b"$3\r\nput\r\n";
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let a = gate(relay.url(), Duration::from_secs(60)).await;
+    let b = gate(server.url(), Duration::from_secs(60)).await;
+    b.define("lowered", LimiterSpec::concurrency(10))
+        .await
+        .unwrap();
+    a.define("other", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    let limiter = a.limiter("lowered").await.unwrap();
+    assert_eq!(limiter.status().await.unwrap().spec.concurrency, Some(10));
+
+    relay.arm_on(PUT);
+    let mut put = std::pin::pin!(a.define("lowered", LimiterSpec::concurrency(2)));
+    let mut cx = Context::from_waker(Waker::noop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.holds(PUT) {
+        assert!(put.as_mut().poll(&mut cx).is_pending(), "the put was held");
+        assert!(Instant::now() < deadline, "the put is held");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let delete = {
+        let a = a.clone();
+        tokio::spawn(async move { a.delete("other").await })
+    };
+    relay.release();
+    assert!(outcome("the delete", delete).await.unwrap());
+    assert_eq!(put.await.unwrap().spec.concurrency, Some(2));
+
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let revived = limiter.status().await.unwrap();
+    assert!(revived.learning, "{revived:?}");
+    assert_eq!(
+        revived.spec.concurrency,
+        Some(2),
+        "re-created from the spec read before the put, not the one put"
+    );
+}

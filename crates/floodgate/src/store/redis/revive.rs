@@ -76,23 +76,33 @@ impl Known {
         self.written.insert(name.clone(), self.spec_writes);
     }
 
-    /// Whether this store deleted `name` (or, for all it can tell, did: a limiter it has no
-    /// write of since) after the count was `writes_before`. A write of its own sent before that
+    /// Whether this store deleted `name` (or, for all it can tell, did: it deleted a limiter,
+    /// and has no write of this one nor knows it) after the count was `writes_before`. A write of its own sent before that
     /// delete and answered after it cannot tell whether Redis ran it first (the limiter is
     /// gone) or after (it exists again).
     pub(super) fn deleted_since(&self, name: &LimiterName, writes_before: u64) -> bool {
-        !self.written.contains_key(name) && self.forgotten_at > writes_before
+        !self.written.contains_key(name) && self.forgot_maybe(name, writes_before)
+    }
+
+    /// Whether this store may have deleted `name`, which it has no write of, since the count
+    /// was `writes_before`: it deleted some limiter since, and does not know this one (a
+    /// delete forgets it; one it still knows was not deleted, and what it knows of it is
+    /// older than the reply in hand).
+    fn forgot_maybe(&self, name: &LimiterName, writes_before: u64) -> bool {
+        self.forgotten_at > writes_before
+            && !self.specs.contains_key(name)
+            && !self.keyed.contains_key(name)
     }
 
     /// Whether a read of `name` sent when the count was `writes_before` may predate this
-    /// store's own write of it since (or, for a limiter it has no write of, a delete: the
-    /// limiter deleted may be this one). Writes of other limiters do not make it stale: taken
+    /// store's own write of it since (or, for a limiter it has no write of and does not know, a
+    /// delete: the limiter deleted may be this one). Writes of other limiters do not make it stale: taken
     /// for stale, a read that would have taught a spec changed by another server was dropped,
     /// and a revival used the older one.
     pub(super) fn read_is_stale(&self, name: &LimiterName, writes_before: u64) -> bool {
         match self.written.get(name) {
             Some(at) => *at > writes_before,
-            None => self.forgotten_at > writes_before,
+            None => self.forgot_maybe(name, writes_before),
         }
     }
 }
