@@ -1061,6 +1061,12 @@ async fn a_create_in_flight_keeps_its_place_under_max_limiters() {
         "a third limiter was created under a cap of 2: {second:?}, {names:?}"
     );
     assert_eq!(names, ["first", "in-flight"]);
+    // No create mark is left behind, by the refused create or by those that succeeded.
+    assert_eq!(
+        support::cli(server.port, &["KEYS", "fg:*:creating"]),
+        "",
+        "create marks left"
+    );
 }
 
 /// The put's spec is kept when the delete answered meanwhile was of another limiter: store A

@@ -573,6 +573,8 @@ impl RedisStore {
             registered = invoke().await.map_err(unavailable)?;
         }
         if registered == 0 {
+            // Not created: no mark left behind (one per refused create, for a minute).
+            self.unmark_creating(name).await;
             return Err(StoreError::TooManyLimiters(
                 self.inner.config.max_limiters.unwrap_or(0),
             ));

@@ -77,9 +77,9 @@ impl Known {
     }
 
     /// Whether this store deleted `name` (or, for all it can tell, did: it deleted a limiter,
-    /// and has no write of this one nor knows it) after the count was `writes_before`. A write of its own sent before that
-    /// delete and answered after it cannot tell whether Redis ran it first (the limiter is
-    /// gone) or after (it exists again).
+    /// and has no write of this one nor knows it) after the count was `writes_before`. A write
+    /// of its own sent before that delete and answered after it cannot tell whether Redis ran
+    /// it first (the limiter is gone) or after (it exists again).
     pub(super) fn deleted_since(&self, name: &LimiterName, writes_before: u64) -> bool {
         !self.written.contains_key(name) && self.forgot_maybe(name, writes_before)
     }
@@ -95,10 +95,10 @@ impl Known {
     }
 
     /// Whether a read of `name` sent when the count was `writes_before` may predate this
-    /// store's own write of it since (or, for a limiter it has no write of and does not know, a
-    /// delete: the limiter deleted may be this one). Writes of other limiters do not make it stale: taken
-    /// for stale, a read that would have taught a spec changed by another server was dropped,
-    /// and a revival used the older one.
+    /// store's own write of it since (or, for a limiter it has no write of and does not know,
+    /// a delete: the limiter deleted may be this one). Writes of other limiters do not make it
+    /// stale: taken for stale, a read that would have taught a spec changed by another server
+    /// was dropped, and a revival used the older one.
     pub(super) fn read_is_stale(&self, name: &LimiterName, writes_before: u64) -> bool {
         match self.written.get(name) {
             Some(at) => *at > writes_before,
