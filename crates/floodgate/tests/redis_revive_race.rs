@@ -12,7 +12,8 @@
 //! depends on timing: waits are liveness bounds only. Last, the spec a store revives with: one
 //! of its status reads, keys views or keyed definition reads answered after its own put (or
 //! override) must not replace what it wrote, nor a status read or a put answered after its own
-//! delete make the deleted limiter known again. And the
+//! delete make the deleted limiter known again, nor a revival answered after its own later put
+//! replace the put's spec. And the
 //! listing set (`fg:limiters`): a relisting held until after a delete must not list the deleted
 //! limiter again, and a listing's removal of a gone name held until the limiter exists again
 //! must not leave it unlisted (the relay holds the relisting's or the removal's command).
@@ -1121,5 +1122,66 @@ async fn a_put_answered_after_another_limiters_delete_is_kept() {
         revived.spec.concurrency,
         Some(2),
         "re-created from the spec read before the put, not the one put"
+    );
+}
+
+/// Two writes of one limiter by one store whose replies are taken in the other order than
+/// Redis ran them: a revival (from the spec the store knew, 10) and a put lowering it to 2.
+/// Redis ran the revival first, so the limiter is at 2; the store must know the 2, or the next
+/// loss re-creates it at 10. The order is forced: the revival is held by the relay (the put's
+/// commands queue behind it), both are let go, the put is answered and taken first, then the
+/// revival's reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revival_answered_after_a_later_put_keeps_the_puts_spec() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let gate = gate(relay.url(), Duration::from_secs(60)).await;
+    gate.define("crossed", LimiterSpec::concurrency(10))
+        .await
+        .unwrap();
+    let limiter = gate.limiter("crossed").await.unwrap();
+    let flushall = || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &server.port.to_string(), "flushall"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    flushall();
+
+    relay.arm();
+    let mut status = std::pin::pin!(limiter.status());
+    let mut cx = Context::from_waker(Waker::noop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.holds(REVIVE_ARG) {
+        assert!(status.as_mut().poll(&mut cx).is_pending(), "no revival");
+        assert!(Instant::now() < deadline, "the revival is held");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let put = {
+        let gate = gate.clone();
+        tokio::spawn(async move { gate.define("crossed", LimiterSpec::concurrency(2)).await })
+    };
+    relay.release();
+    assert_eq!(
+        outcome("the put", put).await.unwrap().spec.concurrency,
+        Some(2)
+    );
+    assert_eq!(
+        status.await.unwrap().spec.concurrency,
+        Some(2),
+        "Redis has the 2"
+    );
+
+    flushall();
+    let revived = limiter.status().await.unwrap();
+    assert!(revived.learning, "{revived:?}");
+    assert_eq!(
+        revived.spec.concurrency,
+        Some(2),
+        "re-created from the revival's spec, which the put had replaced"
     );
 }

@@ -141,6 +141,29 @@ impl RedisLimiter {
         self.remember_in(known, spec);
     }
 
+    /// Records the spec a revival of this store re-created the limiter with (as
+    /// [`remember_written`](Self::remember_written)), unless this store put the limiter since
+    /// the revival was sent: a revival creates only a limiter that does not exist (and
+    /// answers `revived` otherwise), so that put ran after it in Redis and its spec stands.
+    /// (Recorded, the revival's older spec replaced the put's, and the next loss re-created
+    /// the limiter with it.)
+    pub(super) fn remember_revived(&self, spec: &LimiterSpec, writes_before: u64) {
+        let mut known = self.store.lock_known();
+        let put_since = known
+            .written
+            .get(&self.name)
+            .is_some_and(|at| *at > writes_before);
+        if put_since {
+            return;
+        }
+        if known.deleted_since(&self.name, writes_before) {
+            known.asked.remove(&self.name);
+            return;
+        }
+        known.wrote(&self.name);
+        self.remember_in(known, spec);
+    }
+
     /// This store's count of spec writes, read before a status read is sent (`remember_read`).
     pub(super) fn spec_writes(&self) -> u64 {
         self.store.lock_known().spec_writes
@@ -341,7 +364,7 @@ impl RedisLimiter {
         match (reply.first().map(String::as_str), &keyed) {
             (Some("status"), _) => {
                 let status = self.parse_status(&reply)?;
-                self.remember_written(&status.spec, writes);
+                self.remember_revived(&status.spec, writes);
                 self.answer_lost_waiters(sent);
                 tracing::warn!(
                     limiter = %self.name,
