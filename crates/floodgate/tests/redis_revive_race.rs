@@ -13,7 +13,8 @@
 //! of its status reads, keys views or keyed definition reads answered after its own put (or
 //! override) must not replace what it wrote, nor a status read or a put answered after its own
 //! delete make the deleted limiter known again, nor a revival answered after its own later put
-//! replace the put's spec. And the
+//! replace the put's spec, nor two of its puts answered crossed leave it the older spec. And
+//! the
 //! listing set (`fg:limiters`): a relisting held until after a delete must not list the deleted
 //! limiter again, and a listing's removal of a gone name held until the limiter exists again
 //! must not leave it unlisted (the relay holds the relisting's or the removal's command).
@@ -1187,4 +1188,86 @@ async fn a_revival_answered_after_a_later_put_keeps_the_puts_spec() {
         Some(2),
         "re-created from the revival's spec, which the put had replaced"
     );
+}
+
+/// Two puts of one limiter through one store, answered in the other order than Redis ran them
+/// (the relay holds the first, 10, the second, 2, queues behind it and is answered and taken
+/// first): the store must end up knowing the spec Redis has, the 2, or the next loss
+/// re-creates the limiter at five times the limit put last. Keyed too (the per-key limit).
+async fn two_puts_answered_crossed_leave_the_spec_redis_has(keyed: bool) {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    let needle: &'static [u8] = if keyed {
+        b"$4\r\nkput\r\n"
+    } else {
+        b"$3\r\nput\r\n"
+    };
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let gate = gate(relay.url(), Duration::from_secs(60)).await;
+    let limiter = gate.limiter("twice").await.unwrap();
+    let define = |limit: u32| {
+        let gate = gate.clone();
+        async move {
+            if keyed {
+                gate.define_keyed(
+                    "twice",
+                    LimiterSpec::concurrency(20),
+                    KeyedSpec::per_key(limit),
+                )
+                .await
+            } else {
+                gate.define("twice", LimiterSpec::concurrency(limit)).await
+            }
+        }
+    };
+    let in_force = |status: &floodgate::LimiterStatus, view: Option<floodgate::KeysView>| {
+        if keyed {
+            view.unwrap().spec.concurrency
+        } else {
+            status.spec.concurrency
+        }
+    };
+    define(5).await.unwrap();
+    relay.arm_on(needle);
+    let mut first = std::pin::pin!(define(10));
+    let mut cx = Context::from_waker(Waker::noop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.holds(needle) {
+        assert!(
+            first.as_mut().poll(&mut cx).is_pending(),
+            "the put was held"
+        );
+        assert!(Instant::now() < deadline, "the first put is held");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let second = tokio::spawn(define(2));
+    relay.release();
+    outcome("the second put", second).await.unwrap();
+    first.await.unwrap();
+
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "flushall"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let revived = limiter.status().await.unwrap();
+    assert!(revived.learning, "{revived:?}");
+    let view = limiter.backend().keys(5).await.unwrap();
+    assert_eq!(
+        in_force(&revived, view),
+        Some(2),
+        "re-created from the put Redis ran first, answered last"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_plain_puts_answered_crossed_leave_the_spec_redis_has() {
+    two_puts_answered_crossed_leave_the_spec_redis_has(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_keyed_puts_answered_crossed_leave_the_spec_redis_has() {
+    two_puts_answered_crossed_leave_the_spec_redis_has(true).await;
 }

@@ -366,6 +366,12 @@ impl RedisStore {
         let writes = handle.spec_writes();
         let status = handle.put_keyed(&spec, &keyed, learn).await?;
         handle.remember_keyed(&spec, &keyed, writes);
+        if handle.take_crossed() {
+            // As a plain put's (`put_learning`): the definition Redis has is read.
+            if let Err(e) = handle.reread_keyed_def().await {
+                tracing::debug!(limiter = %name, error = %e, "definition not read again");
+            }
+        }
         super::revive::register(&self.inner, name).await?;
         self.unmark_creating(name).await;
         Ok(status)

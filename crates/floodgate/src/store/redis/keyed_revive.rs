@@ -233,6 +233,26 @@ impl RedisLimiter {
         &self,
         overrides_at: Option<&str>,
     ) -> Result<(), StoreError> {
+        self.read_keyed_def(overrides_at, false).await
+    }
+
+    /// Reads the definition again whatever this store knows of it (two of its puts of it
+    /// crossed: `Known::crossed`).
+    pub(super) async fn reread_keyed_def(&self) -> Result<(), StoreError> {
+        let at = self
+            .store
+            .lock_known()
+            .keyed
+            .get(&self.name)
+            .and_then(|def| def.overrides_at.clone());
+        self.read_keyed_def(at.as_deref(), true).await
+    }
+
+    async fn read_keyed_def(
+        &self,
+        overrides_at: Option<&str>,
+        again: bool,
+    ) -> Result<(), StoreError> {
         if !self.store.is_keyed(&self.name) {
             return Ok(());
         }
@@ -242,7 +262,7 @@ impl RedisLimiter {
             .keyed
             .get(&self.name)
             .map(|def| overrides_at.is_none() || def.overrides_at.as_deref() == overrides_at);
-        if current == Some(true) {
+        if current == Some(true) && !again {
             return Ok(());
         }
         let writes = self.spec_writes();
@@ -259,7 +279,7 @@ impl RedisLimiter {
         // store wrote meanwhile (its define, then a key's override) is newer than this read
         // and stays: overwritten, the override was lost, and a put after a loss re-created the
         // limiter without it (a CI run of keyed_revive_redis).
-        if overrides_at.is_none() && known.keyed.contains_key(&self.name) {
+        if overrides_at.is_none() && !again && known.keyed.contains_key(&self.name) {
             return Ok(());
         }
         // This limiter's spec or an override this store wrote (or a limiter it deleted)

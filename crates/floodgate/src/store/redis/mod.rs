@@ -502,6 +502,15 @@ impl RedisStore {
         // A limiter this store knew that vanished is re-created learning, whoever puts it.
         let learn = learn.or_else(|| handle.known_window());
         let status = handle.put(&spec, learn).await?;
+        if handle.take_crossed() {
+            // Two puts of this limiter through this store crossed, and the one Redis ran
+            // first may have been answered last: the spec Redis has is read (a read sent now
+            // comes after both). Kept as answered, the earlier spec was the one a revival
+            // re-created the limiter with.
+            if let Err(e) = LimiterBackend::status(&handle).await {
+                tracing::debug!(limiter = %name, error = %e, "spec not read again");
+            }
+        }
         revive::register(&self.inner, name).await?;
         self.unmark_creating(name).await;
         Ok(status)

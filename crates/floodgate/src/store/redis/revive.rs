@@ -67,6 +67,10 @@ pub(crate) struct Known {
     pub(super) written: HashMap<LimiterName, u64>,
     /// `spec_writes` after this store's last delete of any limiter.
     pub(super) forgotten_at: u64,
+    /// Limiters two of whose writes by this store crossed (one answered while the other was
+    /// in flight): which Redis ran last is not known, so the put reads the limiter again
+    /// (`RedisLimiter::take_crossed`).
+    pub(super) crossed: HashSet<LimiterName>,
 }
 
 impl Known {
@@ -137,8 +141,21 @@ impl RedisLimiter {
             known.asked.remove(&self.name);
             return;
         }
+        if known
+            .written
+            .get(&self.name)
+            .is_some_and(|at| *at > writes_before)
+        {
+            known.crossed.insert(self.name.clone());
+        }
         known.wrote(&self.name);
         self.remember_in(known, spec);
+    }
+
+    /// Whether another write of this limiter by this store was answered while this store's
+    /// last put of it was in flight (`Known::crossed`); cleared.
+    pub(super) fn take_crossed(&self) -> bool {
+        self.store.lock_known().crossed.remove(&self.name)
     }
 
     /// Records the spec a revival of this store re-created the limiter with (as
@@ -214,6 +231,7 @@ impl RedisLimiter {
         known.asked.remove(&self.name);
         known.keyed.remove(&self.name);
         known.listed.remove(&self.name);
+        known.crossed.remove(&self.name);
     }
 
     /// Forgets the plain spec only: the limiter turned out keyed (its keyed definition, if
