@@ -4,6 +4,9 @@ import time
 from typing import List
 
 import pytest
+from celery.exceptions import Ignore as CeleryIgnore
+from celery.exceptions import Reject as CeleryReject
+from celery.exceptions import Retry as CeleryRetry
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 import floodgate
@@ -16,6 +19,7 @@ from floodgate import (
 )
 
 from conftest import MakeLimiter
+from floodgate.backoff import retry_after_of
 
 
 # -- retry and call ------------------------------------------------------------------------
@@ -160,14 +164,14 @@ def test_call_never_takes_floodgates_own_errors_for_a_broad_throttle_class(
 
 @pytest.mark.parametrize(
     "stop", [SystemExit, KeyboardInterrupt, GeneratorExit, SoftTimeLimitExceeded,
-             TimeLimitExceeded],
+             TimeLimitExceeded, CeleryRetry, CeleryIgnore, CeleryReject],
     ids=lambda c: c.__name__,
 )
 def test_call_lets_exits_and_time_limits_through_a_broad_throttle_class(
     fg: Floodgate, limiter: MakeLimiter, stop: type
 ) -> None:
-    """Under ``throttle_exceptions=(BaseException,)`` Python's exits and Celery's time limits
-    (``fg.call`` inside a task body) end the call at its first attempt, the permit released;
+    """Under ``throttle_exceptions=(BaseException,)`` Python's exits, Celery's time limits and
+    its control flow (``fg.call`` inside a task body) end the call at its first attempt, the permit released;
     naming one is a ``TypeError``."""
     name = limiter(1)
     calls: List[int] = []
@@ -198,3 +202,52 @@ def test_call_refuses_a_bare_throttle_class_naming_the_parameter(
         fg.call(name, lambda p: None, throttle_exceptions=Throttled)  # type: ignore[arg-type]
     assert str(info.value).startswith("throttle_exceptions: a tuple"), str(info.value)
     assert fg.limiter(name)["counters"]["granted"] == 0
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [PermitLost("permit_lost", "gone", None), SoftTimeLimitExceeded(), TimeLimitExceeded(),
+     CeleryRetry(), CeleryIgnore(), CeleryReject()],
+    ids=["permit-lost", "soft-time-limit", "time-limit", "celery-retry", "celery-ignore",
+         "celery-reject"],
+)
+def test_retry_never_retries_a_lost_permit_or_the_task_systems_control_flow(
+    stop: BaseException,
+) -> None:
+    """The rule of fg.call and @limited: whatever ``retry_on`` takes (``Exception``, a
+    predicate saying yes), these are raised at once."""
+    for retry_on in [(Exception,), lambda e: True]:
+        calls: List[int] = []
+        slept: List[float] = []
+
+        def stopped(calls: List[int] = calls) -> None:
+            calls.append(1)
+            raise stop
+
+        with pytest.raises(type(stop)):
+            floodgate.retry(stopped, retry_on=retry_on,  # type: ignore[arg-type]
+                            backoff=Backoff(0.01, 1, 5), sleep=slept.append)
+        assert calls == [1] and slept == [], retry_on
+
+
+@pytest.mark.parametrize(
+    "named", [PermitLost, SoftTimeLimitExceeded, SystemExit, KeyboardInterrupt],
+)
+def test_retry_refuses_naming_what_is_never_retried(named: type) -> None:
+    with pytest.raises(TypeError) as info:
+        floodgate.retry(lambda: None, retry_on=(named,))
+    assert str(info.value).startswith("retry_on: " + named.__name__), str(info.value)
+    with pytest.raises(TypeError) as info:
+        floodgate.retry(lambda: None, retry_on=Throttled)  # type: ignore[arg-type]
+    assert str(info.value).startswith("retry_on: a tuple"), str(info.value)
+
+
+def test_a_retry_after_that_is_not_a_finite_number_is_no_hint() -> None:
+    class Hinted(Exception):
+        def __init__(self, retry_after: object) -> None:
+            super().__init__()
+            self.retry_after = retry_after
+
+    for value in [float("nan"), float("inf"), True, "5"]:
+        assert retry_after_of(Hinted(value)) is None, value
+    assert retry_after_of(Hinted(2)) == 2.0

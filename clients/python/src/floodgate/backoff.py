@@ -66,9 +66,12 @@ class Backoff:
 
 def retry_after_of(exc: BaseException) -> Optional[float]:
     """The exception's ``retry_after`` attribute in seconds (``WaitTimeout``, ``QueueFull`` have
-    one), if it has a number there."""
+    one), if it has a finite number there."""
     value = getattr(exc, "retry_after", None)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    # Not a finite number (NaN, infinity): no hint, rather than a sleep or countdown that
+    # fails (or never ends) in place of the backoff.
+    if (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)):
         return float(value)
     return None
 
@@ -86,17 +89,33 @@ def retry(
     of types, or a predicate) up to ``backoff.max_attempts`` attempts in all; the last one's
     exception is raised. Other exceptions are raised at once.
 
+    The same rule as :meth:`Floodgate.call` and ``@limited``: never retried, whatever
+    ``retry_on`` names or answers (``Exception`` included): ``PermitLost``, Python's
+    ``SystemExit``, ``KeyboardInterrupt`` and ``GeneratorExit``, Celery's time limits and its
+    ``Retry``, ``Ignore`` and ``Reject``; a tuple naming one of them (or a subclass) is a
+    ``TypeError``.
+
     ``on_retry(attempt, exc, delay)`` is called before each sleep.
     """
     if backoff.max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
+    # A bare class is callable too: taken for a predicate, its instance (truthy) would say yes
+    # to every exception.
+    if isinstance(retry_on, type):
+        _check_throttles(retry_on, param="retry_on")  # type: ignore[arg-type]  # raises
+    if isinstance(retry_on, (tuple, list)):
+        _check_throttles(retry_on, param="retry_on")
+        retry_on = tuple(retry_on)
+    elif not callable(retry_on):
+        raise TypeError("retry_on: a tuple of exception classes or a predicate, not {!r}"
+                        .format(retry_on))
     attempt = 0
     while True:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            retryable = (isinstance(exc, retry_on) if isinstance(retry_on, tuple)
-                         else retry_on(exc))
+            retryable = not isinstance(exc, _never_throttles()) and (
+                isinstance(exc, retry_on) if isinstance(retry_on, tuple) else retry_on(exc))
             if not retryable or attempt + 1 >= backoff.max_attempts:
                 raise
             delay = backoff.delay(attempt, retry_after(exc))
@@ -125,10 +144,19 @@ def _time_limits() -> Tuple[Type[BaseException], ...]:
     return tuple(c for c in found if isinstance(c, type) and issubclass(c, BaseException))
 
 
+def _celery_control_flow() -> Tuple[Type[BaseException], ...]:
+    """Celery's ``Retry``, ``Ignore`` and ``Reject`` when Celery is in use (a body's own
+    ``self.retry()``...: ``Exception`` subclasses, so a broad class would otherwise take them)."""
+    module = sys.modules.get("celery.exceptions")
+    found = (getattr(module, name, None) for name in ("Retry", "Ignore", "Reject"))
+    return tuple(c for c in found if isinstance(c, type) and issubclass(c, BaseException))
+
+
 def _never_throttles() -> Tuple[Type[BaseException], ...]:
-    """What is never a throttle, whatever ``throttle_exceptions`` names: a lost permit (the
-    work's permit is gone), Python's exits, Celery's time limits."""
-    return (PermitLost,) + _EXITS + _time_limits()
+    """What is never a throttle nor retried, whatever ``throttle_exceptions`` or ``retry_on``
+    names: a lost permit (the work's permit is gone), Python's exits, Celery's time limits and
+    control flow."""
+    return (PermitLost,) + _EXITS + _time_limits() + _celery_control_flow()
 
 
 def _is_throttle(exc: BaseException, throttles: Tuple[Type[BaseException], ...]) -> bool:
@@ -154,7 +182,8 @@ def _never_reason(exc: Type[BaseException]) -> str:
 
 
 def _check_throttles(throttles: Tuple[Type[BaseException], ...],
-                     never: Tuple[Type[BaseException], ...] = ()) -> None:
+                     never: Tuple[Type[BaseException], ...] = (),
+                     param: str = "throttle_exceptions") -> None:
     """``TypeError`` naming ``throttle_exceptions`` for an entry that is not an exception
     class, or that is (a subclass of) one of ``never`` or of :func:`_never_throttles`:
     exceptions that are never a throttle, which naming would only hide. A base class of them
@@ -162,11 +191,11 @@ def _check_throttles(throttles: Tuple[Type[BaseException], ...],
     if not isinstance(throttles, (tuple, list)):
         # A bare class would fail as "'type' object is not iterable", naming nothing; a
         # string would be taken letter by letter.
-        raise TypeError("throttle_exceptions: a tuple of exception classes, not {!r}"
-                        " (write (Name,) for one)".format(throttles))
+        raise TypeError("{}: a tuple of exception classes, not {!r}"
+                        " (write (Name,) for one)".format(param, throttles))
     for exc in throttles:
         if not (isinstance(exc, type) and issubclass(exc, BaseException)):
-            raise TypeError("throttle_exceptions: exception classes, not {!r}".format(exc))
+            raise TypeError("{}: exception classes, not {!r}".format(param, exc))
         if issubclass(exc, _never_throttles() + never):
-            raise TypeError("throttle_exceptions: {} is never a throttle ({})"
-                            .format(exc.__name__, _never_reason(exc)))
+            raise TypeError("{}: {} is never a throttle ({})"
+                            .format(param, exc.__name__, _never_reason(exc)))

@@ -474,7 +474,8 @@ class Floodgate(_Transport):
         Floodgate's own errors raised in ``fn`` are not throttles unless
         ``throttle_exceptions`` names their Floodgate class (``Exception`` does not take them).
         Never a throttle, whatever is named (naming one is a ``TypeError``): ``PermitLost``,
-        ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` and Celery's time limits.
+        ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit``, Celery's time limits and its
+        ``Retry``, ``Ignore`` and ``Reject``.
 
         A wait that ends without a permit raises :class:`WaitTimeout` as :meth:`acquire` does:
         re-enqueue the work rather than sleeping here.
