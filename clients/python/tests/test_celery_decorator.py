@@ -722,3 +722,150 @@ def test_limited_above_the_task_or_on_an_unbound_task_is_refused(
     finally:
         app.close()
     assert fg.limiter(name)["counters"]["granted"] == 0
+
+
+def _interrupt_first_release(monkeypatch: pytest.MonkeyPatch, fg: Floodgate,
+                             send_first: bool) -> List[str]:
+    """Celery's soft time limit landing in the first release request (a signal handler raises
+    it anywhere): before the request was sent, or after it was (its answer lost)."""
+    real = fg._release
+    calls: List[str] = []
+
+    def interrupted(permit_id: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(permit_id)
+        if len(calls) == 1:
+            if send_first:
+                real(permit_id, *args, **kwargs)
+            raise SoftTimeLimitExceeded()
+        return real(permit_id, *args, **kwargs)
+
+    monkeypatch.setattr(fg, "_release", interrupted)
+    return calls
+
+
+@pytest.mark.parametrize("send_first", [False, True])
+def test_a_time_limit_landing_in_the_release_still_releases_and_keeps_the_result(
+    fg: Floodgate, limiter: MakeLimiter, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, send_first: bool,
+) -> None:
+    """The body finished; the soft time limit lands in its release. The release is sent (again)
+    rather than left to the lease, the task keeps the body's result, and the release that
+    follows an interrupted one that did reach the server is not taken for a loss."""
+    name = limiter(1)
+    calls = _interrupt_first_release(monkeypatch, fg, send_first)
+
+    @limited(name, wait=1, lease=60, client=fg)
+    def body(self: Any) -> str:
+        return "done"
+
+    with caplog.at_level(logging.WARNING, logger="floodgate.celery"):
+        assert body(BoundTask()) == "done"
+    assert len(calls) == 2, calls
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 1, status
+    assert any("landed while reporting and releasing" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert not any("was lost" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_time_limit_landing_in_the_report_still_releases(
+    fg: Floodgate, limiter: MakeLimiter, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = limiter(1)
+
+    def report(*args: Any, **kwargs: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(fg, "report", report)
+
+    @limited(name, wait=1, lease=60, client=fg)
+    def ok(self: Any) -> str:
+        return "done"
+
+    assert ok(BoundTask()) == "done"
+    assert fg.limiter(name)["in_use"] == 0
+
+    # A body that raised keeps its own error as the task's outcome.
+    @limited(name, wait=1, lease=60, client=fg)
+    def fails(self: Any) -> None:
+        raise KeyError("the body's own")
+
+    with pytest.raises(KeyError, match="the body's own"):
+        fails(BoundTask())
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 2, status
+
+
+def test_a_keyboard_interrupt_landing_in_the_release_still_releases_and_goes_on(
+    fg: Floodgate, limiter: MakeLimiter, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = limiter(1)
+    real = fg._release
+    calls: List[str] = []
+
+    def interrupted(permit_id: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(permit_id)
+        if len(calls) == 1:
+            raise KeyboardInterrupt()
+        return real(permit_id, *args, **kwargs)
+
+    monkeypatch.setattr(fg, "_release", interrupted)
+
+    @limited(name, wait=1, lease=60, client=fg)
+    def body(self: Any) -> str:
+        return "done"
+
+    with pytest.raises(KeyboardInterrupt):
+        body(BoundTask())
+    assert fg.limiter(name)["in_use"] == 0
+
+
+@pytest.mark.parametrize("how", ["raises", "throttled", "retries"])
+def test_a_lost_permit_is_logged_whatever_the_body_did(
+    fg: Floodgate, limiter: MakeLimiter, caplog: pytest.LogCaptureFixture, how: str,
+) -> None:
+    name = limiter(1)
+
+    @limited(name, wait=1, lease=30, heartbeat=False, client=fg,
+             throttle_exceptions=(Throttled,))
+    def body(self: Any) -> None:
+        p = current_permit()
+        assert p is not None
+        assert fg.release(p.permit_id) is True  # someone else ends it
+        if how == "raises":
+            raise KeyError("boom")
+        if how == "throttled":
+            raise Throttled()
+        raise _CeleryRetry()
+
+    expected = {"raises": KeyError, "throttled": RetryCalled, "retries": _CeleryRetry}[how]
+    with caplog.at_level(logging.WARNING, logger="floodgate.celery"):
+        with pytest.raises(expected):
+            body(BoundTask())
+    assert any("was lost" in r.getMessage() for r in caplog.records), caplog.text
+
+
+class ThrottledWithHint(Exception):
+    def __init__(self, retry_after: Any) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+def test_a_throttles_own_retry_after_sets_the_countdown(fg: Floodgate,
+                                                        limiter: MakeLimiter) -> None:
+    name = limiter(1)
+    hint: List[Any] = [42.0]
+
+    @limited(name, wait=1, lease=5, client=fg, throttle_exceptions=(ThrottledWithHint,),
+             backoff=0.5, backoff_max=2)
+    def body(self: Any) -> None:
+        raise ThrottledWithHint(hint[0])
+
+    with pytest.raises(RetryCalled) as info:
+        body(BoundTask())
+    assert 42.0 <= info.value.kwargs["countdown"] <= 42.5, info.value.kwargs
+    # Not a finite number: no hint, the backoff as without one.
+    hint[0] = float("inf")
+    with pytest.raises(RetryCalled) as info:
+        body(BoundTask())
+    assert 0.0 <= info.value.kwargs["countdown"] <= 0.5, info.value.kwargs

@@ -274,3 +274,31 @@ def test_the_heartbeat_keeps_a_permit_whose_lease_was_shortened(
         assert not p.lost, p.heartbeat_error
     status = fg.limiter(name)
     assert status["counters"]["expired"] == 0 and status["counters"]["released"] == 1
+
+
+def test_a_release_interrupted_at_the_end_of_a_block_is_sent_again(
+    fg: Floodgate, limiter: MakeLimiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception raised by a signal handler (Celery's SoftTimeLimitExceeded, Ctrl-C) in the
+    release request of a block's end: the release is sent again, then the exception goes on,
+    rather than the slot staying held until the lease ends."""
+    name = limiter(1)
+    real = fg._release
+    calls: List[str] = []
+
+    class Interrupt(BaseException):
+        pass
+
+    def interrupted(permit_id: str, *args: object, **kwargs: object) -> object:
+        calls.append(permit_id)
+        if len(calls) == 1:
+            raise Interrupt()
+        return real(permit_id, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fg, "_release", interrupted)
+    with pytest.raises(Interrupt):
+        with fg.permit(name, wait=1, lease=60) as p:
+            pass
+    assert len(calls) == 2 and p.released and not p.lost
+    status = fg.limiter(name)
+    assert status["in_use"] == 0 and status["counters"]["released"] == 1, status

@@ -62,12 +62,13 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         "floodgate.celery needs Celery: pip install 'floodgate[celery]'"
     ) from e
 
-from .backoff import _check_throttles, _is_throttle
+from .backoff import _check_throttles, _is_throttle, _time_limits, retry_after_of
 from .client import Floodgate, Permit, Seconds, _heartbeat_interval
 from .errors import (
     FloodgateError,
     NoPermit,
     NotFound,
+    PermitLost,
     ServerError,
     Unavailable,
     UnknownLimiter,
@@ -237,6 +238,32 @@ def _release(permit: Permit) -> None:
                     permit.permit_id, e)
 
 
+def _report_and_release(fg: Floodgate, limiter: str, permit: Permit, outcome: Optional[str],
+                        latency: float, task: Any, ended: str) -> None:
+    """The end of a run: reports ``outcome`` (``None``: nothing), releases, and logs a loss of
+    the permit (``ended`` says how the body ended; empty: the body's error already told it).
+
+    An exception landing meanwhile (Celery's ``SoftTimeLimitExceeded`` is raised by a signal
+    handler, anywhere) does not leave the release unsent: it is sent again. A Celery time
+    limit is then logged and the body's outcome stands (its work is done; failing it would
+    lose its result or have it redone); any other exception is raised after the release."""
+    try:
+        if outcome is not None:
+            fg.report(limiter, outcome, latency)
+        _release(permit)
+    except BaseException as e:
+        _release(permit)  # sends it again (an interrupted release is not done)
+        if not isinstance(e, _time_limits()):
+            raise
+        log.warning("floodgate: %s[%s]: %r landed while reporting and releasing permit %s "
+                    "after the body ended; the permit was released and the body's outcome "
+                    "stands", getattr(task, "name", "task"), task.request.id, e,
+                    permit.permit_id)
+    if ended and permit.lost:
+        log.warning("floodgate: %s[%s] %s after its permit %s was lost",
+                    getattr(task, "name", "task"), task.request.id, ended, permit.permit_id)
+
+
 def _check_arguments(
     *,
     name: Any,
@@ -335,7 +362,9 @@ def limited(
         throttle_max_retries: retries after a throttle exception; ``None`` is unbounded. Past
             it, the exception is raised.
         backoff, backoff_max: the throttle retry's countdown is uniform in
-            ``[0, min(backoff_max, backoff * 2**n)]`` after the n-th throttle (full jitter).
+            ``[0, min(backoff_max, backoff * 2**n)]`` after the n-th throttle (full jitter);
+            when the exception has a ``retry_after`` (seconds, a finite number: the backend's
+            hint), that long plus ``U(0, backoff)`` instead, as :meth:`Floodgate.call`.
         retry_jitter: a wait-timeout retry comes back after ``retry_after * (1 + U(0, j))``,
             so re-enqueued tasks do not all return at once. A 429 without a hint (a proxy's)
             backs off as an unavailable server does instead.
@@ -389,7 +418,13 @@ def limited(
         n = _count(request, THROTTLE_RETRIES)
         if throttle_max_retries is not None and n >= throttle_max_retries:
             return
-        countdown = full_jitter(n, backoff, backoff_max)
+        hint = retry_after_of(e)
+        if hint is not None:
+            # The backend said how long (e.g. a Retry-After carried on the exception): that
+            # long plus jitter up to ``backoff``, as fg.call and floodgate.retry do.
+            countdown = max(0.0, hint) + random.uniform(0.0, backoff)
+        else:
+            countdown = full_jitter(n, backoff, backoff_max)
         log.info("floodgate: %s[%s] throttled by the backend (%r); retry in %.3f s",
                  task.name, request.id, e, countdown)
         raise _retry(
@@ -489,6 +524,13 @@ def limited(
             previous = getattr(_local, "permit", None)
             started = time.monotonic()
             body_ran = False
+
+            def finish(outcome: Optional[str], ended: str) -> None:
+                # Reported while the permit is still held: the limiter's in-use then counts
+                # this call, as a gradient limit's ceiling (and its growth guard) expects.
+                _report_and_release(fg, limiter, permit, outcome if feedback else None,
+                                    time.monotonic() - started, self, ended)
+
             try:
                 # First in the try whose `finally` releases: from the moment a heartbeat keeps
                 # the permit alive, every way out gives it back.
@@ -497,34 +539,23 @@ def limited(
                 _local.permit = permit
                 body_ran = True
                 result = fun(self, *args, **kwargs)
-            except _CONTROL_FLOW:
+            except _CONTROL_FLOW as e:
                 # The body's own control flow (e.g. its own self.retry): not an outcome.
-                _release(permit)
+                finish(None, "ended with {!r}".format(e))
                 raise
             except BaseException as e:
                 # A heartbeat that could not start is no backend's answer: the body never ran.
                 if not (body_ran and _is_throttle(e, throttles)):
                     # (Not when the heartbeat could not start: the backend was never called.)
-                    if feedback and body_ran and isinstance(e, Exception):
-                        fg.report(limiter, "error", time.monotonic() - started)
-                    _release(permit)
+                    outcome = "error" if body_ran and isinstance(e, Exception) else None
+                    # A PermitLost the body raised is the loss told already.
+                    finish(outcome, "" if isinstance(e, PermitLost) else "raised {!r}".format(e))
                     raise
-                latency = time.monotonic() - started
-                # Reported while the permit is still held: the limiter's in-use then counts
-                # this call, as a gradient limit's ceiling (and its growth guard) expects.
-                if feedback:
-                    fg.report(limiter, "throttled", latency)
-                _release(permit)
+                finish("throttled", "was throttled ({!r})".format(e))
                 retry_throttled(self, e)
                 raise
             else:
-                latency = time.monotonic() - started
-                if feedback:
-                    fg.report(limiter, "ok", latency)
-                _release(permit)
-                if permit.lost:
-                    log.warning("floodgate: %s[%s] finished after its permit %s was lost",
-                                self.name, request.id, permit.permit_id)
+                finish("ok", "finished")
                 return result
             finally:
                 _local.permit = previous

@@ -87,6 +87,7 @@ class Permit:
         self._server_said_lost = False
         self._release_found_it_gone = False
         self._released = False
+        self._release_interrupted = False
         self._stop = threading.Event()
         # Set with _stop, and by an extend that shortened the lease: wakes the heartbeat to
         # beat at the new lease's interval rather than sleep out the old one's.
@@ -240,12 +241,18 @@ class Permit:
 
     def release(self) -> bool:
         """Stops the heartbeat and releases the permit. Returns whether the server still held
-        it (``False`` after expiry, a previous release or a loss). Calling it again is a no-op.
+        it (``False`` after expiry, a previous release or a loss). Calling it again is a no-op
+        (but see an interrupted release, below).
         In a process forked while the permit was held it does nothing and returns ``False``.
 
         When an attempt's connection broke after the request may have reached the server and
         the retry finds the permit no longer held, that first attempt is taken to have
-        released it (its answer lost): ``True``, unless the permit was already known lost."""
+        released it (its answer lost): ``True``, unless the permit was already known lost.
+
+        A release interrupted by an exception that is not Floodgate's (Celery's
+        ``SoftTimeLimitExceeded``, ``KeyboardInterrupt``...) raises it and does not count as
+        done: calling it again sends the release again (taking "not held" for the interrupted
+        attempt's doing, as above)."""
         if not self.owned:
             return False
         # The whole release takes at most the client's bookkeeping deadline: half of it for an
@@ -262,9 +269,22 @@ class Permit:
         if self.lease <= 0:
             # A rate-only grant (or a fail-open one) holds no slot: nothing to release.
             return False
-        released, broken = self.client._release(
-            self.permit_id, deadline=max(0.001, ends - time.monotonic())
-        )
+        try:
+            released, broken = self.client._release(
+                self.permit_id, deadline=max(0.001, ends - time.monotonic())
+            )
+        except FloodgateError:
+            raise
+        except BaseException:
+            # Interrupted (e.g. Celery's SoftTimeLimitExceeded, raised by a signal handler
+            # anywhere) with the request maybe unsent: a later release() sends it again, rather
+            # than finding the permit "released" and leaving it held until its lease ends.
+            with self._lock:
+                self._released = False
+                self._release_interrupted = True
+            raise
+        # A release interrupted before may have reached the server: "not held" is then its doing.
+        broken = broken or self._release_interrupted
         if not released and not lost_before:
             if broken:
                 log.info("floodgate: release of %s: an attempt broke after it may have reached "
@@ -401,7 +421,9 @@ class Permit:
         its permit (the heartbeat learned ``permit_lost``, the lease ran out without a confirmed
         extend, e.g. because a C call held the GIL longer than the lease, or the release found
         it no longer held), unless the block is already raising its own exception (that one
-        goes on, with a note). In a process forked inside the block, does nothing."""
+        goes on, with a note). A release interrupted by an exception not Floodgate's (a Celery
+        time limit...) is sent again before that exception goes on. In a process forked inside
+        the block, does nothing."""
         if not self.owned:
             return
         released_before = self._released
@@ -413,6 +435,14 @@ class Permit:
             # that succeeded) because the release could not be delivered.
             log.warning("floodgate: release of %s failed: %s", self.permit_id, e)
             still_held = True
+        except BaseException:
+            # Interrupted (e.g. Celery's SoftTimeLimitExceeded): send it again, so the slot is
+            # not held until the lease ends, then let the interruption go on.
+            try:
+                self.release()
+            except FloodgateError as e:
+                log.warning("floodgate: release of %s failed: %s", self.permit_id, e)
+            raise
         if released_before or self.lease <= 0:
             return
         if not lost and not still_held:
