@@ -869,3 +869,8 @@ def test_a_throttles_own_retry_after_sets_the_countdown(fg: Floodgate,
     with pytest.raises(RetryCalled) as info:
         body(BoundTask())
     assert 0.0 <= info.value.kwargs["countdown"] <= 0.5, info.value.kwargs
+    # A day at most (a countdown of 1e15 s overflows Celery's dates and drops the task).
+    hint[0] = 1e15
+    with pytest.raises(RetryCalled) as info:
+        body(BoundTask())
+    assert 86400.0 <= info.value.kwargs["countdown"] <= 86400.5, info.value.kwargs

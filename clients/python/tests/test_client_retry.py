@@ -248,6 +248,7 @@ def test_a_retry_after_that_is_not_a_finite_number_is_no_hint() -> None:
             super().__init__()
             self.retry_after = retry_after
 
-    for value in [float("nan"), float("inf"), True, "5"]:
+    for value in [float("nan"), float("inf"), -1.0, True, "5"]:
         assert retry_after_of(Hinted(value)) is None, value
     assert retry_after_of(Hinted(2)) == 2.0
+    assert retry_after_of(Hinted(1e15)) == 24 * 3600.0  # a day at most, as a 503's

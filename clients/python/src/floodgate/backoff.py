@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple, Type, TypeVar, Union
 
 from .errors import FloodgateError, PermitLost
+from .transport import _sane_hint
 
 __all__ = ["Backoff", "retry", "retry_after_of"]
 
@@ -66,13 +67,13 @@ class Backoff:
 
 def retry_after_of(exc: BaseException) -> Optional[float]:
     """The exception's ``retry_after`` attribute in seconds (``WaitTimeout``, ``QueueFull`` have
-    one), if it has a finite number there."""
+    one), if it has a finite number of 0 or more there; one above a day is a day."""
     value = getattr(exc, "retry_after", None)
-    # Not a finite number (NaN, infinity): no hint, rather than a sleep or countdown that
-    # fails (or never ends) in place of the backoff.
-    if (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value)):
-        return float(value)
+    # Not a finite number of 0 or more (NaN, infinity): no hint, rather than a sleep or
+    # countdown that fails (or never ends) in place of the backoff. Above a day: a day, as a
+    # 503's Retry-After (a Celery countdown of 1e15 s overflows, and Celery drops the task).
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _sane_hint(float(value))
     return None
 
 

@@ -363,8 +363,9 @@ def limited(
             it, the exception is raised.
         backoff, backoff_max: the throttle retry's countdown is uniform in
             ``[0, min(backoff_max, backoff * 2**n)]`` after the n-th throttle (full jitter);
-            when the exception has a ``retry_after`` (seconds, a finite number: the backend's
-            hint), that long plus ``U(0, backoff)`` instead, as :meth:`Floodgate.call`.
+            when the exception has a ``retry_after`` (seconds, a finite number, a day at
+            most: the backend's hint), that long plus ``U(0, backoff)`` instead, as
+            :meth:`Floodgate.call`.
         retry_jitter: a wait-timeout retry comes back after ``retry_after * (1 + U(0, j))``,
             so re-enqueued tasks do not all return at once. A 429 without a hint (a proxy's)
             backs off as an unavailable server does instead.
