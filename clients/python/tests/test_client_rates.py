@@ -5,7 +5,7 @@ import datetime
 import time
 import types
 import uuid
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import pytest
 
@@ -112,8 +112,14 @@ class _ShortScheduleClient:
     """A client whose server answers fewer start offsets than it was asked for (a broken
     server or proxy; the real server answers one per token)."""
 
+    given_back: List[Any] = []
+
     def reserve(self, limiter: str, count: int) -> Any:
         return types.SimpleNamespace(offsets=[0.0] * (count - 1), id=7)
+
+    def unschedule(self, limiter: str, reservation: int, count: int) -> int:
+        self.given_back.append((limiter, reservation, count))
+        return count
 
 
 def test_paced_fan_out_refuses_a_schedule_shorter_than_its_signatures() -> None:
@@ -125,6 +131,35 @@ def test_paced_fan_out_refuses_a_schedule_shorter_than_its_signatures() -> None:
         paced_fan_out([_FlakyBroker(ok=3) for _ in range(3)], "x",
                       client=_ShortScheduleClient())  # type: ignore[arg-type]
     assert _FlakyBroker.accepted == 0, "enqueued part of a fan-out it could not schedule whole"
+    assert _ShortScheduleClient.given_back == [("x", 7, 3)]
+
+
+def test_paced_fan_out_gives_back_a_schedule_it_refuses(
+    fg: Floodgate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server reserved the tokens but answered one offset short: nothing is enqueued, and
+    the tokens go back rather than holding up every later acquire."""
+    pytest.importorskip("celery")
+    from floodgate.celery import paced_fan_out
+
+    name = "fanout-short-{}".format(uuid.uuid4().hex[:8])
+    fg.define(name, None, rate=Rate(10, period=1.0), max_wait=60.0)  # a token per 100 ms
+    real_reserve = fg.reserve
+    reserved: List[Any] = []
+
+    def short(limiter: str, count: int, **kwargs: Any) -> Any:
+        answer = real_reserve(limiter, count, **kwargs)
+        reserved.append(answer)
+        return types.SimpleNamespace(offsets=answer.offsets[:-1], id=answer.id)
+
+    monkeypatch.setattr(fg, "reserve", short)
+    _FlakyBroker.accepted = 0
+    with pytest.raises(ServerError, match="got 9"):
+        paced_fan_out([_FlakyBroker(ok=10) for _ in range(10)], name, client=fg)
+    assert _FlakyBroker.accepted == 0
+    # The witness is the server: the reservation's tokens were given back already, so none
+    # is left to give back now (without that, its last ones, a second away, still are).
+    assert fg.unschedule(name, reserved[0].id, 6) == 0
 
 
 def test_schedule_errors(fg: Floodgate, limiter: MakeLimiter) -> None:

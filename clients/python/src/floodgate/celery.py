@@ -168,7 +168,9 @@ def paced_fan_out(
     their tokens). Against a server without the schedule endpoint (404 ``not_found``) they are
     enqueued at once; other errors (no such limiter, a limiter without a rate) are raised. If
     enqueueing fails half-way, the tokens of the children not enqueued are given back
-    (:meth:`Floodgate.unschedule`) before the error is raised.
+    (:meth:`Floodgate.unschedule`) before the error is raised; so are all of them when the
+    server answers fewer or more start offsets than asked for (``ServerError``
+    ``bad_schedule``, nothing enqueued).
 
     Returns the ``AsyncResult`` of each.
     """
@@ -180,7 +182,10 @@ def paced_fan_out(
             offsets, reservation = reserved.offsets, reserved.id
             if len(offsets) != len(signatures):
                 # zip() below would skip the signatures without an offset: work silently
-                # dropped. A server answers one offset per token asked for.
+                # dropped. A server answers one offset per token asked for. Nothing is
+                # enqueued, so whatever it reserved goes back (it gives back at most that).
+                if reservation is not None:
+                    _give_back(fg, limiter, reservation, len(signatures))
                 raise ServerError(
                     "bad_schedule",
                     "asked {} for {} start offsets, got {}".format(
@@ -203,13 +208,18 @@ def paced_fan_out(
         # they do not hold up every later acquire (best effort: the error is what matters).
         unused = len(signatures) - len(results)
         if reservation is not None and unused > 0:
-            try:
-                fg.unschedule(limiter, reservation, unused)
-            except FloodgateError as e:
-                log.warning("floodgate: could not give back %d reserved tokens of %s: %s",
-                            unused, limiter, e)
+            _give_back(fg, limiter, reservation, unused)
         raise
     return results
+
+
+def _give_back(fg: Floodgate, limiter: str, reservation: int, unused: int) -> None:
+    """Best effort: the error that made the tokens unused is what matters."""
+    try:
+        fg.unschedule(limiter, reservation, unused)
+    except FloodgateError as e:
+        log.warning("floodgate: could not give back %d reserved tokens of %s: %s",
+                    unused, limiter, e)
 
 
 def _retry(task: Any, **kwargs: Any) -> BaseException:
