@@ -20,7 +20,8 @@ What it does on each run of the task:
   hint and the worker is free for other work. Such retries are unbounded by default
   (``max_retries=None``): the work is never dropped because the backend was busy.
 - when the body raises one of ``throttle_exceptions`` (the backend said "too much"), reports
-  ``throttled`` feedback to the server and retries with exponential backoff and full jitter,
+  ``throttled`` feedback to the server and retries with exponential backoff and full jitter
+  (or after the exception's own ``retry_after``, the backend's hint, when it has one),
   up to ``throttle_max_retries`` times (never for Celery's own control flow or time limits,
   a lost permit, or Python's exits, whatever is named).
 - when the acquire cannot be served right now, the task is never dropped: a server that cannot
@@ -32,7 +33,10 @@ What it does on each run of the task:
   default), unless ``on_unavailable`` says otherwise.
 - reports ``ok`` (with the body's latency) or ``error`` feedback otherwise, before releasing the
   permit (so the limiter's in-use counts the reporting call). A server without the feedback
-  endpoint (404 ``not_found``) is remembered and not asked again for a minute.
+  endpoint (404 ``not_found``) is remembered and not asked again for a minute. An exception
+  landing in that report or release (Celery's ``SoftTimeLimitExceeded``) never leaves the
+  permit held: the release is sent again, and a time limit there keeps the body's outcome.
+- logs a warning when the permit was lost while the body ran, whatever the body did.
 
 The two kinds of retry are counted separately, in the task message's headers
 (``floodgate_wait_retries``, ``floodgate_throttle_retries``, ``floodgate_unavailable_retries``),
