@@ -9,7 +9,7 @@
 //! tombstone (the `tokens` key, kept for the idle TTL), so it is not resurrected. A keyed
 //! limiter comes back the same way with its per-key spec and overrides (`keyed_revive.rs`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
@@ -58,15 +58,20 @@ pub(crate) struct Known {
     /// When this store last added each limiter it uses to the listing set (`register`).
     pub(super) listed: HashMap<LimiterName, Instant>,
     /// How many specs this store has written or dropped (puts and revivals answered, key
-    /// overrides, deletes; any limiter): the clock of `written` and `forgotten_at`. A read
+    /// overrides, deletes; any limiter): the clock of `written` and `deletes`. A read
     /// sent before such a write of its limiter may be answered after it with the spec it
     /// replaced, or of the limiter it deleted: such a read records nothing (`read_is_stale`).
     pub(super) spec_writes: u64,
     /// `spec_writes` after this store's last write of each limiter's spec or definition
     /// (removed when it forgets the limiter).
     pub(super) written: HashMap<LimiterName, u64>,
-    /// `spec_writes` after this store's last delete of any limiter.
-    pub(super) forgotten_at: u64,
+    /// This store's last deletes (`spec_writes` after each, and the limiter), oldest first, at
+    /// most [`DELETES_KEPT`]: a reply sent before one of them is of a limiter deleted since
+    /// only if it names that limiter (`Known::forgot_maybe`).
+    pub(super) deletes: VecDeque<(u64, LimiterName)>,
+    /// `spec_writes` after the newest delete no longer in `deletes` (0: none): a reply sent
+    /// before it may be of any limiter this store does not know.
+    pub(super) deletes_dropped_at: u64,
     /// Limiters two of whose writes by this store crossed (one answered while the other was
     /// in flight): which Redis ran last is not known, so the put reads the limiter again
     /// (`RedisLimiter::take_crossed`).
@@ -80,27 +85,47 @@ impl Known {
         self.written.insert(name.clone(), self.spec_writes);
     }
 
-    /// Whether this store deleted `name` (or, for all it can tell, did: it deleted a limiter,
-    /// and has no write of this one nor knows it) after the count was `writes_before`. A write
-    /// of its own sent before that delete and answered after it cannot tell whether Redis ran
-    /// it first (the limiter is gone) or after (it exists again).
+    /// Whether this store deleted `name` (or, for all it can tell, did: `forgot_maybe`) after
+    /// the count was `writes_before`. A write of its own sent before that delete and answered
+    /// after it cannot tell whether Redis ran it first (the limiter is gone) or after (it
+    /// exists again).
     pub(super) fn deleted_since(&self, name: &LimiterName, writes_before: u64) -> bool {
         !self.written.contains_key(name) && self.forgot_maybe(name, writes_before)
     }
 
     /// Whether this store may have deleted `name`, which it has no write of, since the count
-    /// was `writes_before`: it deleted some limiter since, and does not know this one (a
-    /// delete forgets it; one it still knows was not deleted, and what it knows of it is
-    /// older than the reply in hand).
+    /// was `writes_before`: it does not know it (a delete forgets it; one it still knows was
+    /// not deleted, and what it knows of it is older than the reply in hand), and it deleted
+    /// it since, or deleted limiters since that it no longer keeps the names of. (Taken for
+    /// deleted whenever any limiter was, a limiter this store created while it deleted another
+    /// was unknown to it, and not re-created after a loss.)
     fn forgot_maybe(&self, name: &LimiterName, writes_before: u64) -> bool {
-        self.forgotten_at > writes_before
-            && !self.specs.contains_key(name)
-            && !self.keyed.contains_key(name)
+        if self.specs.contains_key(name) || self.keyed.contains_key(name) {
+            return false;
+        }
+        self.deletes_dropped_at > writes_before
+            || self
+                .deletes
+                .iter()
+                .rev()
+                .take_while(|(at, _)| *at > writes_before)
+                .any(|(_, deleted)| deleted == name)
+    }
+
+    /// Counts a delete of `name` by this store.
+    fn deleted(&mut self, name: &LimiterName) {
+        self.spec_writes += 1;
+        if self.deletes.len() >= DELETES_KEPT {
+            if let Some((at, _)) = self.deletes.pop_front() {
+                self.deletes_dropped_at = at;
+            }
+        }
+        self.deletes.push_back((self.spec_writes, name.clone()));
     }
 
     /// Whether a read of `name` sent when the count was `writes_before` may predate this
     /// store's own write of it since (or, for a limiter it has no write of and does not know,
-    /// a delete: the limiter deleted may be this one). Writes of other limiters do not make it
+    /// a delete of it: `forgot_maybe`). Writes of other limiters do not make it
     /// stale: taken for stale, a read that would have taught a spec changed by another server
     /// was dropped, and a revival used the older one.
     pub(super) fn read_is_stale(&self, name: &LimiterName, writes_before: u64) -> bool {
@@ -187,7 +212,7 @@ impl RedisLimiter {
     }
 
     /// Records the spec a status read found, unless this store wrote this limiter's spec or
-    /// deleted a limiter since the read was sent (`writes_before`, from
+    /// deleted it since the read was sent (`writes_before`, from
     /// [`spec_writes`](Self::spec_writes); `Known::read_is_stale`): Redis may have run the
     /// read before that write, so its spec may be the one the write replaced (the write's is
     /// kept), or that of the limiter the delete removed (recorded, the store re-created the
@@ -224,8 +249,7 @@ impl RedisLimiter {
     pub(super) fn forget(&self) {
         let mut known = self.store.lock_known();
         // A status read in flight may carry the deleted limiter's spec (`remember_read`).
-        known.spec_writes += 1;
-        known.forgotten_at = known.spec_writes;
+        known.deleted(&self.name);
         known.written.remove(&self.name);
         known.specs.remove(&self.name);
         known.asked.remove(&self.name);
@@ -499,6 +523,10 @@ pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(
     }
     Ok(())
 }
+
+/// How many of its last deletes a store keeps the names of (`Known::deletes`): a reply sent
+/// before older ones is taken as possibly of any limiter it does not know.
+const DELETES_KEPT: usize = 1024;
 
 /// How many times [`register`] removes again a name it added for a limiter deleted meanwhile.
 const MAX_UNLISTS: u32 = 3;

@@ -1,0 +1,211 @@
+//! What a Redis store remembers of the limiters it writes (`store/redis/revive.rs`, `Known`),
+//! when its own replies are taken in another order than Redis ran the commands: the order is
+//! forced by a relay that holds one connection's commands from a named one on until the test
+//! lets them go, and by polling a future by hand. No assertion depends on timing: waits are
+//! liveness bounds only.
+
+#![cfg(not(feature = "shuttle"))]
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Waker};
+use std::time::{Duration, Instant};
+
+use floodgate::{Floodgate, LimiterSpec, RedisConfig, RedisStore, StoreError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A put's op name, as RESP sends it.
+const PUT: &[u8] = b"$3\r\nput\r\n";
+/// A delete's op name, as RESP sends it.
+const DELETE: &[u8] = b"$6\r\ndelete\r\n";
+
+/// What the relay holds back.
+#[derive(Default)]
+struct Held {
+    /// The next chunk a client sends that carries these bytes is held.
+    armed: Option<&'static [u8]>,
+    /// The connection being held, if one is.
+    conn: Option<usize>,
+    /// The bytes held: the armed command and whatever that connection sent after it.
+    bytes: Vec<u8>,
+}
+
+/// A TCP relay to Redis that can hold one connection's commands from a named one on.
+struct HoldingRelay {
+    port: u16,
+    held: Arc<Mutex<Held>>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl HoldingRelay {
+    async fn start(redis_port: u16) -> HoldingRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = Arc::new(Mutex::new(Held::default()));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (held_relay, release_relay) = (Arc::clone(&held), Arc::clone(&release));
+        tokio::spawn(async move {
+            let mut id = 0;
+            while let Ok((client, _)) = listener.accept().await {
+                id += 1;
+                let Ok(redis) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let (from_client, mut to_client) = client.into_split();
+                let (mut from_redis, to_redis) = redis.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_redis, &mut to_client).await;
+                });
+                let (held, release) = (Arc::clone(&held_relay), Arc::clone(&release_relay));
+                tokio::spawn(pump(id, from_client, to_redis, held, release));
+            }
+        });
+        HoldingRelay {
+            port,
+            held,
+            release,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Holds the next chunk that carries `needle`, and what its connection sends after it.
+    fn arm_on(&self, needle: &'static [u8]) {
+        self.held.lock().unwrap().armed = Some(needle);
+    }
+
+    /// Whether a connection is held and what was held contains `needle`.
+    fn holds(&self, needle: &[u8]) -> bool {
+        let held = self.held.lock().unwrap();
+        held.conn.is_some() && contains(&held.bytes, needle)
+    }
+
+    fn release(&self) {
+        self.release.notify_one();
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Client to Redis, holding from an armed chunk until released.
+async fn pump(
+    id: usize,
+    mut from_client: tokio::net::tcp::OwnedReadHalf,
+    mut to_redis: tokio::net::tcp::OwnedWriteHalf,
+    held: Arc<Mutex<Held>>,
+    release: Arc<tokio::sync::Notify>,
+) {
+    let mut buf = vec![0_u8; 64 * 1024];
+    loop {
+        let holding = held.lock().unwrap().conn == Some(id);
+        if holding {
+            tokio::select! {
+                n = from_client.read(&mut buf) => {
+                    let Ok(n @ 1..) = n else { return };
+                    held.lock().unwrap().bytes.extend_from_slice(&buf[..n]);
+                }
+                () = release.notified() => {
+                    let bytes = {
+                        let mut held = held.lock().unwrap();
+                        held.conn = None;
+                        std::mem::take(&mut held.bytes)
+                    };
+                    if to_redis.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            continue;
+        }
+        let Ok(n @ 1..) = from_client.read(&mut buf).await else {
+            return;
+        };
+        let hold = {
+            let mut held = held.lock().unwrap();
+            if held.armed.is_some_and(|needle| contains(&buf[..n], needle)) {
+                held.armed = None;
+                held.conn = Some(id);
+                held.bytes = buf[..n].to_vec();
+                true
+            } else {
+                false
+            }
+        };
+        if !hold && to_redis.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn gate(url: String) -> Floodgate<RedisStore> {
+    let mut config = RedisConfig::new(url);
+    config.learning_window = Some(Duration::from_secs(60));
+    // The relay holds commands for as long as the test needs: no reply timeout meanwhile.
+    config.response_timeout = Duration::from_secs(60);
+    Floodgate::with_store(RedisStore::connect(config).await.unwrap())
+}
+
+/// Waits (a liveness bound only) until `cond` holds.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A limiter a store creates while it deletes another is known to it: its put, held by the
+/// relay, is answered after the delete (sent after the put, queued behind it) is answered and
+/// taken. The store used to drop the put's spec whenever it had deleted any limiter meanwhile
+/// and did not know this one: the limiter it had just created was then unknown to it, and
+/// after a loss it answered `UnknownLimiter` instead of re-creating it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_answered_after_another_limiters_delete_is_known() {
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let a = gate(relay.url()).await;
+    a.define("other", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+
+    relay.arm_on(PUT);
+    let mut put = std::pin::pin!(a.define("fresh", LimiterSpec::concurrency(2)));
+    let mut cx = Context::from_waker(Waker::noop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.holds(PUT) {
+        assert!(put.as_mut().poll(&mut cx).is_pending(), "the put was held");
+        assert!(Instant::now() < deadline, "the put is held");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let delete = {
+        let a = a.clone();
+        tokio::spawn(async move { a.delete("other").await })
+    };
+    until("the delete queues behind the put", || relay.holds(DELETE)).await;
+    relay.release();
+    let deleted = tokio::time::timeout(Duration::from_secs(60), delete)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(deleted.unwrap());
+    assert_eq!(put.await.unwrap().spec.concurrency, Some(2));
+
+    assert_eq!(support::cli(server.port, &["FLUSHALL"]), "OK");
+    let revived = a.limiter("fresh").await.unwrap().status().await;
+    assert!(
+        !matches!(revived, Err(StoreError::UnknownLimiter(_))),
+        "the limiter this store created was not known to it: {revived:?}"
+    );
+    let revived = revived.unwrap();
+    assert!(revived.learning, "{revived:?}");
+    assert_eq!(revived.spec.concurrency, Some(2));
+}
