@@ -209,3 +209,67 @@ async fn a_create_answered_after_another_limiters_delete_is_known() {
     assert!(revived.learning, "{revived:?}");
     assert_eq!(revived.spec.concurrency, Some(2));
 }
+
+/// `max_limiters` holds when a create marks itself and registers its name after a server
+/// dropping gone names found that name unmarked, but before its removal ran: the removal
+/// dropped the in-flight create's name, the place went to the dropping server's own create,
+/// and the in-flight put then listed its name past the cap. Store L (at the cap: `x` is listed
+/// with no limiter) has its removal held by one relay; store C's create of `x` is held by
+/// another between its registration and its put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_registered_while_its_name_is_being_dropped_keeps_its_place() {
+    const SREM: &[u8] = b"$4\r\nSREM\r\n";
+    let server = support::RedisServer::start();
+    let (relay_l, relay_c) = (
+        HoldingRelay::start(server.port).await,
+        HoldingRelay::start(server.port).await,
+    );
+    let connect = |url: String| async move {
+        let mut config = RedisConfig::new(url);
+        config.max_limiters = Some(2);
+        config.response_timeout = Duration::from_secs(60);
+        Floodgate::with_store(RedisStore::connect(config).await.unwrap())
+    };
+    let l = connect(relay_l.url()).await;
+    let c = connect(relay_c.url()).await;
+    l.define("live", LimiterSpec::concurrency(1)).await.unwrap();
+    // Redis has the script already: C's held put is not answered `NOSCRIPT` and sent again.
+    c.define("live", LimiterSpec::concurrency(1)).await.unwrap();
+    // A name whose limiter is gone (as one expired for idleness leaves it).
+    support::cli(server.port, &["SADD", "fg:limiters", "x"]);
+
+    relay_l.arm_on(SREM);
+    let refused = {
+        let l = l.clone();
+        tokio::spawn(async move { l.define("z", LimiterSpec::concurrency(1)).await })
+    };
+    until("L's removal of x is held", || relay_l.holds(SREM)).await;
+    relay_c.arm_on(PUT);
+    let create = {
+        let c = c.clone();
+        tokio::spawn(async move { c.define("x", LimiterSpec::concurrency(1)).await })
+    };
+    until("C's put of x is held", || relay_c.holds(PUT)).await;
+    relay_l.release();
+    let refused = tokio::time::timeout(Duration::from_secs(60), refused)
+        .await
+        .unwrap()
+        .unwrap();
+    relay_c.release();
+    tokio::time::timeout(Duration::from_secs(60), create)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    let mut names: Vec<String> = support::cli(server.port, &["SMEMBERS", "fg:limiters"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    assert!(
+        matches!(refused, Err(StoreError::TooManyLimiters(2))),
+        "a third limiter was created under a cap of 2: {refused:?}, {names:?}"
+    );
+    assert_eq!(names, ["live", "x"]);
+}

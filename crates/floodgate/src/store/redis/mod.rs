@@ -649,9 +649,10 @@ impl RedisStore {
 
     /// Removes names found gone from the listing set, but for those of a create in flight
     /// (marked by `register` before it added the name: its limiter is not yet put), then adds
-    /// back those whose limiter exists again by now: one created under such a name since it
-    /// was found gone had its name added before this removal, and nothing would add it again
-    /// before a store's next relisting (an hour later). How many it removed.
+    /// back those whose limiter exists again by now, or that are marked by now: one created
+    /// under such a name since it was found gone had its name added before this removal, and
+    /// nothing would add it again before a store's next relisting (an hour later); one marked
+    /// since would list its name again past the cap. How many it removed.
     async fn unlist(&self, gone: Vec<LimiterName>) -> Result<usize, StoreError> {
         use futures_util::stream::{self, StreamExt};
         let marked: Vec<(LimiterName, Result<bool, StoreError>)> = stream::iter(gone)
@@ -690,7 +691,29 @@ impl RedisStore {
         let relisted: Vec<Result<(), StoreError>> = stream::iter(gone)
             .map(|name| {
                 let inner = Arc::clone(&self.inner);
-                async move { revive::register(&inner, &name).await }
+                let mut conn = self.inner.conn.clone();
+                let (mark, registry) = (self.creating_key(&name), self.registry_key());
+                async move {
+                    // A create that marked itself and registered the name after the check
+                    // above, before the removal: its name is added back (its place was
+                    // counted). Left out, the place went to another create, and this one's put
+                    // listed the name past the cap.
+                    let marked: bool = redis::cmd("EXISTS")
+                        .arg(mark)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                    if !marked {
+                        return revive::register(&inner, &name).await;
+                    }
+                    redis::Script::new(LIST)
+                        .key(registry)
+                        .arg(name.as_str())
+                        .arg(inner.config.listing_ttl_ms())
+                        .invoke_async::<()>(&mut conn)
+                        .await
+                        .map_err(unavailable)
+                }
             })
             .buffer_unordered(LIST_CONCURRENCY)
             .collect()
