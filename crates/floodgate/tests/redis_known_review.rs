@@ -26,8 +26,8 @@ const DELETE: &[u8] = b"$6\r\ndelete\r\n";
 /// What the relay holds back.
 #[derive(Default)]
 struct Held {
-    /// The next chunk a client sends that carries these bytes is held.
-    armed: Option<&'static [u8]>,
+    /// The next chunk a client sends that carries any of these is held.
+    armed: &'static [&'static [u8]],
     /// The connection being held, if one is.
     conn: Option<usize>,
     /// The bytes held: the armed command and whatever that connection sent after it.
@@ -76,9 +76,10 @@ impl HoldingRelay {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// Holds the next chunk that carries `needle`, and what its connection sends after it.
-    fn arm_on(&self, needle: &'static [u8]) {
-        self.held.lock().unwrap().armed = Some(needle);
+    /// Holds the next chunk that carries any of `needles`, and what its connection sends
+    /// after it.
+    fn arm_on(&self, needles: &'static [&'static [u8]]) {
+        self.held.lock().unwrap().armed = needles;
     }
 
     /// Whether a connection is held and what was held contains `needle`.
@@ -131,8 +132,8 @@ async fn pump(
         };
         let hold = {
             let mut held = held.lock().unwrap();
-            if held.armed.is_some_and(|needle| contains(&buf[..n], needle)) {
-                held.armed = None;
+            if held.armed.iter().any(|needle| contains(&buf[..n], needle)) {
+                held.armed = &[];
                 held.conn = Some(id);
                 held.bytes = buf[..n].to_vec();
                 true
@@ -177,7 +178,7 @@ async fn a_create_answered_after_another_limiters_delete_is_known() {
         .await
         .unwrap();
 
-    relay.arm_on(PUT);
+    relay.arm_on(&[PUT]);
     let mut put = std::pin::pin!(a.define("fresh", LimiterSpec::concurrency(2)));
     let mut cx = Context::from_waker(Waker::noop());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -238,13 +239,13 @@ async fn a_create_registered_while_its_name_is_being_dropped_keeps_its_place() {
     // A name whose limiter is gone (as one expired for idleness leaves it).
     support::cli(server.port, &["SADD", "fg:limiters", "x"]);
 
-    relay_l.arm_on(SREM);
+    relay_l.arm_on(&[SREM]);
     let refused = {
         let l = l.clone();
         tokio::spawn(async move { l.define("z", LimiterSpec::concurrency(1)).await })
     };
     until("L's removal of x is held", || relay_l.holds(SREM)).await;
-    relay_c.arm_on(PUT);
+    relay_c.arm_on(&[PUT]);
     let create = {
         let c = c.clone();
         tokio::spawn(async move { c.define("x", LimiterSpec::concurrency(1)).await })
@@ -270,6 +271,83 @@ async fn a_create_registered_while_its_name_is_being_dropped_keeps_its_place() {
     assert!(
         matches!(refused, Err(StoreError::TooManyLimiters(2))),
         "a third limiter was created under a cap of 2: {refused:?}, {names:?}"
+    );
+    assert_eq!(names, ["live", "x"]);
+}
+
+/// A create refused at the cap does not unmark another server's create of the same name in
+/// flight: store A's create of `x` is refused (the set is full of live limiters) and its
+/// removal of the mark held; a place frees (a delete) and store B creates `x`, its put held;
+/// A's removal then ran, and B's create was unmarked: store C, at the cap, dropped `x` as gone,
+/// took the place, and B's put listed `x` past the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_create_leaves_another_creates_mark() {
+    // The command that removes a refused create's mark (`DEL` before the fix), the first of
+    // either that A sends (finding no gone names, it removes none).
+    const UNMARK: &[&[u8]] = &[b"$3\r\nDEL\r\n", b"$4\r\nSREM\r\n"];
+    let server = support::RedisServer::start();
+    let (relay_a, relay_b) = (
+        HoldingRelay::start(server.port).await,
+        HoldingRelay::start(server.port).await,
+    );
+    let connect = |url: String| async move {
+        let mut config = RedisConfig::new(url);
+        config.max_limiters = Some(2);
+        config.response_timeout = Duration::from_secs(60);
+        Floodgate::with_store(RedisStore::connect(config).await.unwrap())
+    };
+    let a = connect(relay_a.url()).await;
+    let b = connect(relay_b.url()).await;
+    let c = connect(server.url()).await;
+    c.define("live", LimiterSpec::concurrency(1)).await.unwrap();
+    // Redis has the script already: B's held put is not answered `NOSCRIPT` and sent again.
+    b.define("doomed", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+
+    // Both places taken by live limiters: A's create is refused whatever it drops.
+    relay_a.arm_on(UNMARK);
+    let refused = {
+        let a = a.clone();
+        tokio::spawn(async move { a.define("x", LimiterSpec::concurrency(1)).await })
+    };
+    until("A's removal of its mark is held", || {
+        UNMARK.iter().any(|needle| relay_a.holds(needle))
+    })
+    .await;
+    assert!(c.delete("doomed").await.unwrap());
+    relay_b.arm_on(&[PUT]);
+    let create = {
+        let b = b.clone();
+        tokio::spawn(async move { b.define("x", LimiterSpec::concurrency(1)).await })
+    };
+    until("B's put of x is held", || relay_b.holds(PUT)).await;
+    relay_a.release();
+    let refused = tokio::time::timeout(Duration::from_secs(60), refused)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(refused, Err(StoreError::TooManyLimiters(2))),
+        "{refused:?}"
+    );
+    // C, at the cap, looks for gone names: `x`, B's create, is not one.
+    let third = c.define("y", LimiterSpec::concurrency(1)).await;
+    relay_b.release();
+    tokio::time::timeout(Duration::from_secs(60), create)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    let mut names: Vec<String> = support::cli(server.port, &["SMEMBERS", "fg:limiters"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    assert!(
+        matches!(third, Err(StoreError::TooManyLimiters(2))),
+        "a third limiter was created under a cap of 2: {third:?}, {names:?}"
     );
     assert_eq!(names, ["live", "x"]);
 }

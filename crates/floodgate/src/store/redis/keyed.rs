@@ -361,7 +361,7 @@ impl RedisStore {
         // A rate-only keyed limiter's total runs without a concurrency limit (paced grants), and
         // with per-key rates alone without a rate either (unbounded).
         total_spec_for(&spec, &keyed).validate_unbounded()?;
-        self.register(name).await?;
+        let mark = self.register(name).await?;
         let handle = self.handle(name);
         let writes = handle.spec_writes();
         let status = handle.put_keyed(&spec, &keyed, learn).await?;
@@ -373,7 +373,7 @@ impl RedisStore {
             }
         }
         super::revive::register(&self.inner, name).await?;
-        self.unmark_creating(name).await;
+        self.unmark_creating(name, &mark).await;
         Ok(status)
     }
 }

@@ -291,6 +291,16 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KE
 return 1
 ";
 
+/// Marks a create in flight (`RedisStore::register`): adds its own member `ARGV[1]` to the
+/// limiter's create marks, which live `ARGV[2]` ms from the last. One member per create, so
+/// that one create's end (a refusal at the cap, above all) does not unmark another's of the
+/// same name still in flight.
+const MARK_CREATING: &str = r"
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
 fn unique_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -435,8 +445,8 @@ impl RedisStore {
         format!("{}:limiters", self.inner.config.prefix)
     }
 
-    /// The mark of a create in flight (`register`), in the limiter's slot; removed once the
-    /// limiter exists, and expires.
+    /// The marks of the creates in flight (`register`), a set with one member each, in the
+    /// limiter's slot; each removed once its limiter exists, and the set expires.
     fn creating_key(&self, name: &LimiterName) -> String {
         format!(
             "{}:{{{}}}:creating",
@@ -497,7 +507,7 @@ impl RedisStore {
         learn: Option<Duration>,
     ) -> Result<LimiterStatus, StoreError> {
         spec.validate()?;
-        self.register(name).await?;
+        let mark = self.register(name).await?;
         let handle = self.handle(name);
         // A limiter this store knew that vanished is re-created learning, whoever puts it.
         let learn = learn.or_else(|| handle.known_window());
@@ -512,15 +522,17 @@ impl RedisStore {
             }
         }
         revive::register(&self.inner, name).await?;
-        self.unmark_creating(name).await;
+        self.unmark_creating(name, &mark).await;
         Ok(status)
     }
 
-    /// Removes the mark `register` set, once the limiter exists and is listed.
-    async fn unmark_creating(&self, name: &LimiterName) {
+    /// Removes the mark `mark` that `register` set, once the limiter exists and is listed
+    /// (another create's of the same name stays).
+    async fn unmark_creating(&self, name: &LimiterName, mark: &str) {
         let mut conn = self.inner.conn.clone();
-        let removed = redis::cmd("DEL")
+        let removed = redis::cmd("SREM")
             .arg(self.creating_key(name))
+            .arg(mark)
             .query_async::<()>(&mut conn)
             .await;
         if let Err(e) = removed {
@@ -531,8 +543,9 @@ impl RedisStore {
 
     /// Adds the name to the registry, refused past `max_limiters`. Registered before the
     /// limiter is put, so that the cap is checked before it exists; a put that fails after
-    /// this leaves a name the first listing after its mark expired drops.
-    async fn register(&self, name: &LimiterName) -> Result<(), StoreError> {
+    /// this leaves a name the first listing after its mark expired drops. The create's mark
+    /// (`unmark_creating` removes it).
+    async fn register(&self, name: &LimiterName) -> Result<String, StoreError> {
         self.inner.eviction.check()?;
         // Marked before its name is added: a server dropping the names of limiters that are
         // gone (`unlist`) sees the mark of every create whose name it read, and leaves the
@@ -544,13 +557,13 @@ impl RedisStore {
             .response_timeout
             .saturating_mul(4)
             .max(CREATING_AT_LEAST);
+        let mark = unique_id();
         let mut conn = self.inner.conn.clone();
-        redis::cmd("SET")
-            .arg(self.creating_key(name))
-            .arg(1)
-            .arg("PX")
+        redis::Script::new(MARK_CREATING)
+            .key(self.creating_key(name))
+            .arg(&mark)
             .arg(u64::try_from(creating_ms.as_millis()).unwrap_or(u64::MAX))
-            .query_async::<()>(&mut conn)
+            .invoke_async::<()>(&mut conn)
             .await
             .map_err(unavailable)?;
         let ttl = self.inner.config.listing_ttl_ms();
@@ -583,12 +596,12 @@ impl RedisStore {
         }
         if registered == 0 {
             // Not created: no mark left behind (one per refused create, for a minute).
-            self.unmark_creating(name).await;
+            self.unmark_creating(name, &mark).await;
             return Err(StoreError::TooManyLimiters(
                 self.inner.config.max_limiters.unwrap_or(0),
             ));
         }
-        Ok(())
+        Ok(mark)
     }
 
     /// Whether a create refused at the cap may look for gone names now: at most every
