@@ -351,3 +351,34 @@ async fn a_refused_create_leaves_another_creates_mark() {
     );
     assert_eq!(names, ["live", "x"]);
 }
+
+/// A put through a store with no `max_limiters` sends no create mark and no unmark (two round
+/// trips each put, and nothing to protect: with no cap, a name dropped while its create is in
+/// flight is listed again by its put). The mark is a script's `SADD`, the unmark an `SREM`;
+/// before marks were skipped here, every put ran one `SREM`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_without_a_cap_sends_no_create_mark() {
+    let server = support::RedisServer::start();
+    let store = gate(server.url()).await;
+    // Scripts loaded, the listing set there.
+    store
+        .define("first", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    assert_eq!(support::cli(server.port, &["CONFIG", "RESETSTAT"]), "OK");
+    store
+        .define("second", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    store
+        .define("first", LimiterSpec::concurrency(2))
+        .await
+        .unwrap();
+    let stats = support::commandstats(server.port);
+    assert_eq!(stats.get("srem"), None, "{stats:?}");
+    assert_eq!(
+        support::cli(server.port, &["KEYS", "fg:*:creating"]),
+        "",
+        "create marks left"
+    );
+}

@@ -373,7 +373,7 @@ impl RedisStore {
             }
         }
         super::revive::register(&self.inner, name).await?;
-        self.unmark_creating(name, &mark).await;
+        self.unmark_creating(name, mark.as_deref()).await;
         Ok(status)
     }
 }

@@ -522,13 +522,14 @@ impl RedisStore {
             }
         }
         revive::register(&self.inner, name).await?;
-        self.unmark_creating(name, &mark).await;
+        self.unmark_creating(name, mark.as_deref()).await;
         Ok(status)
     }
 
     /// Removes the mark `mark` that `register` set, once the limiter exists and is listed
-    /// (another create's of the same name stays).
-    async fn unmark_creating(&self, name: &LimiterName, mark: &str) {
+    /// (another create's of the same name stays); nothing if it set none.
+    async fn unmark_creating(&self, name: &LimiterName, mark: Option<&str>) {
+        let Some(mark) = mark else { return };
         let mut conn = self.inner.conn.clone();
         let removed = redis::cmd("SREM")
             .arg(self.creating_key(name))
@@ -544,28 +545,15 @@ impl RedisStore {
     /// Adds the name to the registry, refused past `max_limiters`. Registered before the
     /// limiter is put, so that the cap is checked before it exists; a put that fails after
     /// this leaves a name the first listing after its mark expired drops. The create's mark
-    /// (`unmark_creating` removes it).
-    async fn register(&self, name: &LimiterName) -> Result<String, StoreError> {
+    /// (`unmark_creating` removes it), if the store has a cap.
+    async fn register(&self, name: &LimiterName) -> Result<Option<String>, StoreError> {
         self.inner.eviction.check()?;
-        // Marked before its name is added: a server dropping the names of limiters that are
-        // gone (`unlist`) sees the mark of every create whose name it read, and leaves the
-        // name. Dropped, its place went to another create and this one's put listed the name
-        // again past the cap.
-        let creating_ms = self
-            .inner
-            .config
-            .response_timeout
-            .saturating_mul(4)
-            .max(CREATING_AT_LEAST);
-        let mark = unique_id();
-        let mut conn = self.inner.conn.clone();
-        redis::Script::new(MARK_CREATING)
-            .key(self.creating_key(name))
-            .arg(&mark)
-            .arg(u64::try_from(creating_ms.as_millis()).unwrap_or(u64::MAX))
-            .invoke_async::<()>(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let mark = match self.inner.config.max_limiters {
+            Some(_) => Some(self.mark_creating(name).await?),
+            // No cap to pass: a name dropped while its create is in flight is listed again by
+            // its put (`revive::register`), and a put costs no mark and unmark.
+            None => None,
+        };
         let ttl = self.inner.config.listing_ttl_ms();
         let max = self
             .inner
@@ -596,11 +584,34 @@ impl RedisStore {
         }
         if registered == 0 {
             // Not created: no mark left behind (one per refused create, for a minute).
-            self.unmark_creating(name, &mark).await;
+            self.unmark_creating(name, mark.as_deref()).await;
             return Err(StoreError::TooManyLimiters(
                 self.inner.config.max_limiters.unwrap_or(0),
             ));
         }
+        Ok(mark)
+    }
+
+    /// Marks a create of `name` in flight (`register`), before its name is added: a server
+    /// dropping the names of limiters that are gone (`unlist`) sees the mark of every create
+    /// whose name it read, and leaves the name. Dropped, its place went to another create and
+    /// this one's put listed the name again past the cap. Its own mark.
+    async fn mark_creating(&self, name: &LimiterName) -> Result<String, StoreError> {
+        let creating_ms = self
+            .inner
+            .config
+            .response_timeout
+            .saturating_mul(4)
+            .max(CREATING_AT_LEAST);
+        let mark = unique_id();
+        let mut conn = self.inner.conn.clone();
+        redis::Script::new(MARK_CREATING)
+            .key(self.creating_key(name))
+            .arg(&mark)
+            .arg(u64::try_from(creating_ms.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
         Ok(mark)
     }
 
