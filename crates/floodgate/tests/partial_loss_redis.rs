@@ -342,6 +342,72 @@ fn holders_never_outlive_meta_and_state_without_meta_grants_nothing() {
     }
 }
 
+/// Each key's TTL is renewed by its own `PEXPIRE`, and Redis (7.0) reads the clock afresh for
+/// each one, even inside a script: renewed before the others, `meta` got the earliest deadline,
+/// so the other keys (`holders` with `hot`) outlived it by the time the script took between
+/// them (a millisecond now and then; more on a loaded machine, where the TTL test above then
+/// read `holders` above `meta`). Every put renews every key; across many, no key's deadline
+/// may pass `meta`'s. (`PEXPIRETIME`: the deadlines themselves, not TTLs read at two moments.)
+#[test]
+fn no_key_of_a_limiter_outlives_its_meta() {
+    let (_server, mut conn, sc) = script::script_on_redis();
+    let keys = floodgate::store::redis::limiter_keys("fg", "renewed");
+    let ttl_ms = 60_000;
+    // concurrency 1, lease 60 s, wait up to 10 s, queue 10, rate 1000 per s, burst 1000.
+    let put = [
+        "1", "60000000", "10000000", "10", "1", "1000", "1000000", "1000", "", "", "", "", "", "",
+        "", "",
+    ];
+    assert_eq!(
+        call(&mut conn, &sc, &keys, "put", ttl_ms, &put)[0],
+        "status"
+    );
+    // A holder and a waiter, so `leases`, `queue` and `waits` exist too.
+    let held = call(
+        &mut conn,
+        &sc,
+        &keys,
+        "acquire",
+        ttl_ms,
+        &["1", "", "", "g", "ch", "", ""],
+    );
+    assert_eq!(held[0], "granted", "{held:?}");
+    let waiter = call(
+        &mut conn,
+        &sc,
+        &keys,
+        "acquire",
+        ttl_ms,
+        &["1", "", "", "w", "ch", "", ""],
+    );
+    assert_eq!(waiter[0], "queued", "{waiter:?}");
+    let deadline = |conn: &mut redis::Connection, key: &str| -> i64 {
+        redis::cmd("PEXPIRETIME")
+            .arg(key)
+            .query(conn)
+            .expect("pexpiretime")
+    };
+    let mut renewed = 0;
+    for _ in 0..3000 {
+        assert_eq!(
+            call(&mut conn, &sc, &keys, "put", ttl_ms, &put)[0],
+            "status"
+        );
+        let meta = deadline(&mut conn, &keys[0]);
+        assert!(meta > 0, "meta has a deadline: {meta}");
+        for key in &keys[1..9] {
+            let at = deadline(&mut conn, key);
+            // (-2: a key that does not exist.)
+            assert!(at <= meta, "{key} expires at {at}, after meta at {meta}");
+            renewed += usize::from(at > 0);
+        }
+    }
+    assert!(
+        renewed >= 3 * 3000,
+        "holders, leases and queue were renewed each time"
+    );
+}
+
 /// The fast path's own checks (it loads no state): a release that finds `queue` empty while
 /// `hot` counts a waiter, or its holder's lease slot missing from `leases`, makes it a whole
 /// loss (`unknown`, `meta` deleted) instead of going on without the lost waiters or leases.

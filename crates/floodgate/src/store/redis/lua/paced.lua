@@ -23,7 +23,8 @@ local function save_hot(refresh, fields, n, mode, ...)
     -- (`tat`, the rate's interval and burst: HOT's 18th to 20th fields; -1 without a rate.)
     local tat, rate_t, rate_burst = select(17, ...)
     local keep = keep_ms(rate_t > 0 and math.max(rate_t * rate_burst, tat - now) or 0)
-    for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], keep) end
+    -- `meta` (KEYS[1]) last: each PEXPIRE reads the clock anew, so no key outlives it.
+    for i = 9, 1, -1 do redis.call('PEXPIRE', KEYS[i], keep) end
   end
 end
 -- The delay to report from the fast paths' `due` (a lower bound of the next deadline). A number:

@@ -550,7 +550,8 @@ local function finish(reply)
   end
   if refresh then
     local keep = keep_for()
-    for i = 1, 9 do redis.call('PEXPIRE', KEYS[i], keep) end
+    -- `meta` (KEYS[1]) last: each PEXPIRE reads the clock anew, so no key outlives it.
+    for i = 9, 1, -1 do redis.call('PEXPIRE', KEYS[i], keep) end
   end
   local next = due
   local rd = head_rate_at()
