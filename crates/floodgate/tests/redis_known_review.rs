@@ -11,141 +11,16 @@
 mod support;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use floodgate::{Floodgate, LimiterSpec, RedisConfig, RedisStore, StoreError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::relay::HoldingRelay;
 
 /// A put's op name, as RESP sends it.
 const PUT: &[u8] = b"$3\r\nput\r\n";
 /// A delete's op name, as RESP sends it.
 const DELETE: &[u8] = b"$6\r\ndelete\r\n";
-
-/// What the relay holds back.
-#[derive(Default)]
-struct Held {
-    /// The next chunk a client sends that carries any of these is held.
-    armed: &'static [&'static [u8]],
-    /// The connection being held, if one is.
-    conn: Option<usize>,
-    /// The bytes held: the armed command and whatever that connection sent after it.
-    bytes: Vec<u8>,
-}
-
-/// A TCP relay to Redis that can hold one connection's commands from a named one on.
-struct HoldingRelay {
-    port: u16,
-    held: Arc<Mutex<Held>>,
-    release: Arc<tokio::sync::Notify>,
-}
-
-impl HoldingRelay {
-    async fn start(redis_port: u16) -> HoldingRelay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let held = Arc::new(Mutex::new(Held::default()));
-        let release = Arc::new(tokio::sync::Notify::new());
-        let (held_relay, release_relay) = (Arc::clone(&held), Arc::clone(&release));
-        tokio::spawn(async move {
-            let mut id = 0;
-            while let Ok((client, _)) = listener.accept().await {
-                id += 1;
-                let Ok(redis) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
-                else {
-                    continue;
-                };
-                let (from_client, mut to_client) = client.into_split();
-                let (mut from_redis, to_redis) = redis.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut from_redis, &mut to_client).await;
-                });
-                let (held, release) = (Arc::clone(&held_relay), Arc::clone(&release_relay));
-                tokio::spawn(pump(id, from_client, to_redis, held, release));
-            }
-        });
-        HoldingRelay {
-            port,
-            held,
-            release,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Holds the next chunk that carries any of `needles`, and what its connection sends
-    /// after it.
-    fn arm_on(&self, needles: &'static [&'static [u8]]) {
-        self.held.lock().unwrap().armed = needles;
-    }
-
-    /// Whether a connection is held and what was held contains `needle`.
-    fn holds(&self, needle: &[u8]) -> bool {
-        let held = self.held.lock().unwrap();
-        held.conn.is_some() && contains(&held.bytes, needle)
-    }
-
-    fn release(&self) {
-        self.release.notify_one();
-    }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Client to Redis, holding from an armed chunk until released.
-async fn pump(
-    id: usize,
-    mut from_client: tokio::net::tcp::OwnedReadHalf,
-    mut to_redis: tokio::net::tcp::OwnedWriteHalf,
-    held: Arc<Mutex<Held>>,
-    release: Arc<tokio::sync::Notify>,
-) {
-    let mut buf = vec![0_u8; 64 * 1024];
-    loop {
-        let holding = held.lock().unwrap().conn == Some(id);
-        if holding {
-            tokio::select! {
-                n = from_client.read(&mut buf) => {
-                    let Ok(n @ 1..) = n else { return };
-                    held.lock().unwrap().bytes.extend_from_slice(&buf[..n]);
-                }
-                () = release.notified() => {
-                    let bytes = {
-                        let mut held = held.lock().unwrap();
-                        held.conn = None;
-                        std::mem::take(&mut held.bytes)
-                    };
-                    if to_redis.write_all(&bytes).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            continue;
-        }
-        let Ok(n @ 1..) = from_client.read(&mut buf).await else {
-            return;
-        };
-        let hold = {
-            let mut held = held.lock().unwrap();
-            if held.armed.iter().any(|needle| contains(&buf[..n], needle)) {
-                held.armed = &[];
-                held.conn = Some(id);
-                held.bytes = buf[..n].to_vec();
-                true
-            } else {
-                false
-            }
-        };
-        if !hold && to_redis.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
 
 async fn gate(url: String) -> Floodgate<RedisStore> {
     let mut config = RedisConfig::new(url);

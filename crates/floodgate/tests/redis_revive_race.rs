@@ -28,146 +28,17 @@ mod support;
 use support::until_status;
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use floodgate::{
     AcquireError, AcquireOptions, Floodgate, KeyedSpec, Limiter, LimiterBackend, LimiterSpec,
     Permit, RedisConfig, RedisLimiter, RedisStore, StoreError,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::relay::HoldingRelay;
 
 /// The `revive` argument of a revival's `put`/`kput`, as RESP sends it.
 const REVIVE_ARG: &[u8] = b"$6\r\nrevive\r\n";
-
-/// What the relay holds back.
-#[derive(Default)]
-struct Held {
-    /// The next chunk a client sends that carries these bytes is held ([`REVIVE_ARG`] unless
-    /// the test says otherwise).
-    armed: Option<&'static [u8]>,
-    /// The connection being held, if one is.
-    conn: Option<usize>,
-    /// The bytes held: the revival and whatever that connection sent after it.
-    bytes: Vec<u8>,
-}
-
-/// A TCP relay to Redis that can hold one connection's commands from a revival (or another
-/// command the test names) on.
-struct HoldingRelay {
-    port: u16,
-    held: Arc<Mutex<Held>>,
-    release: Arc<tokio::sync::Notify>,
-}
-
-impl HoldingRelay {
-    async fn start(redis_port: u16) -> HoldingRelay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let held = Arc::new(Mutex::new(Held::default()));
-        let release = Arc::new(tokio::sync::Notify::new());
-        let (held_relay, release_relay) = (Arc::clone(&held), Arc::clone(&release));
-        tokio::spawn(async move {
-            let mut id = 0;
-            while let Ok((client, _)) = listener.accept().await {
-                id += 1;
-                let Ok(redis) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
-                else {
-                    continue;
-                };
-                let (from_client, mut to_client) = client.into_split();
-                let (mut from_redis, to_redis) = redis.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut from_redis, &mut to_client).await;
-                });
-                let (held, release) = (Arc::clone(&held_relay), Arc::clone(&release_relay));
-                tokio::spawn(pump(id, from_client, to_redis, held, release));
-            }
-        });
-        HoldingRelay {
-            port,
-            held,
-            release,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn arm(&self) {
-        self.arm_on(REVIVE_ARG);
-    }
-
-    /// Holds the next chunk that carries `needle`, and what its connection sends after it.
-    fn arm_on(&self, needle: &'static [u8]) {
-        self.held.lock().unwrap().armed = Some(needle);
-    }
-
-    /// Whether a revival is held and what was held contains `needle`.
-    fn holds(&self, needle: &[u8]) -> bool {
-        let held = self.held.lock().unwrap();
-        held.conn.is_some() && contains(&held.bytes, needle)
-    }
-
-    fn release(&self) {
-        self.release.notify_one();
-    }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Client to Redis, holding from an armed chunk until released.
-async fn pump(
-    id: usize,
-    mut from_client: tokio::net::tcp::OwnedReadHalf,
-    mut to_redis: tokio::net::tcp::OwnedWriteHalf,
-    held: Arc<Mutex<Held>>,
-    release: Arc<tokio::sync::Notify>,
-) {
-    let mut buf = vec![0_u8; 64 * 1024];
-    loop {
-        let holding = held.lock().unwrap().conn == Some(id);
-        if holding {
-            tokio::select! {
-                n = from_client.read(&mut buf) => {
-                    let Ok(n @ 1..) = n else { return };
-                    held.lock().unwrap().bytes.extend_from_slice(&buf[..n]);
-                }
-                () = release.notified() => {
-                    let bytes = {
-                        let mut held = held.lock().unwrap();
-                        held.conn = None;
-                        std::mem::take(&mut held.bytes)
-                    };
-                    if to_redis.write_all(&bytes).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            continue;
-        }
-        let Ok(n @ 1..) = from_client.read(&mut buf).await else {
-            return;
-        };
-        let hold = {
-            let mut held = held.lock().unwrap();
-            if held.armed.is_some_and(|needle| contains(&buf[..n], needle)) {
-                held.armed = None;
-                held.conn = Some(id);
-                held.bytes = buf[..n].to_vec();
-                true
-            } else {
-                false
-            }
-        };
-        if !hold && to_redis.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
 
 /// Permits out, counted by the test itself, and the most ever out at once.
 #[derive(Default)]
@@ -256,7 +127,7 @@ async fn bs_status_with_its_revival_held(
     relay: &HoldingRelay,
     lb: &Limiter<RedisLimiter>,
 ) -> tokio::task::JoinHandle<Result<floodgate::LimiterStatus, StoreError>> {
-    relay.arm();
+    relay.arm_on(&[REVIVE_ARG]);
     let lb = lb.clone();
     let status = tokio::spawn(async move { lb.status().await });
     until("B's revival is held", || relay.holds(REVIVE_ARG)).await;
@@ -585,7 +456,7 @@ async fn a_relisting_that_reaches_redis_after_a_delete_leaves_the_name_unlisted(
     assert_eq!(listed(), "1");
 
     // A's first use: it relists the limiter in the background, and the relay holds that.
-    relay.arm_on(LISTING_KEY);
+    relay.arm_on(&[LISTING_KEY]);
     a.limiter("gone").await.unwrap().status().await.unwrap();
     until("A's relisting is held", || relay.holds(LISTING_KEY)).await;
     assert!(b.delete("gone").await.unwrap());
@@ -627,7 +498,7 @@ async fn a_limiter_created_while_a_listing_drops_its_name_stays_listed() {
     let listed = || support::cli(server.port, &["SISMEMBER", "fg:limiters", "late"]);
     support::cli(server.port, &["SADD", "fg:limiters", "late"]);
 
-    relay.arm_on(SREM);
+    relay.arm_on(&[SREM]);
     let listing = tokio::spawn(async move { b.limiters().await.map(|l| l.len()) });
     until("B's removal is held", || relay.holds(SREM)).await;
     a.define("late", LimiterSpec::concurrency(1)).await.unwrap();
@@ -804,7 +675,7 @@ async fn a_keyed_definition_read_answered_after_a_write_keeps_the_write(put: boo
     define(5).await;
 
     // The first view reads the definition; polled (not awaited) until that read is held.
-    relay.arm_on(KDEF);
+    relay.arm_on(&[KDEF]);
     let mut view = std::pin::pin!(limiter.backend().keys(5));
     let mut cx = Context::from_waker(Waker::noop());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -960,7 +831,7 @@ async fn a_put_answered_after_a_delete_does_not_revive_it(keyed: bool) {
     // delete's reply starts no background read of it, which would find it gone and forget it
     // again, by chance of timing, after the put's reply.
     define(3).await.unwrap();
-    relay.arm_on(needle);
+    relay.arm_on(&[needle]);
     let mut put = std::pin::pin!(define(4));
     let mut cx = Context::from_waker(Waker::noop());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1033,7 +904,7 @@ async fn a_create_in_flight_keeps_its_place_under_max_limiters() {
     // A name whose limiter is gone (as one expired for idleness leaves it).
     support::cli(server.port, &["SADD", "fg:limiters", "ghost"]);
 
-    relay.arm_on(PUT);
+    relay.arm_on(&[PUT]);
     let mut create = std::pin::pin!(a.define("in-flight", LimiterSpec::concurrency(1)));
     let mut cx = Context::from_waker(Waker::noop());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1098,7 +969,7 @@ async fn a_put_answered_after_another_limiters_delete_is_kept() {
     let limiter = a.limiter("lowered").await.unwrap();
     assert_eq!(limiter.status().await.unwrap().spec.concurrency, Some(10));
 
-    relay.arm_on(PUT);
+    relay.arm_on(&[PUT]);
     let mut put = std::pin::pin!(a.define("lowered", LimiterSpec::concurrency(2)));
     let mut cx = Context::from_waker(Waker::noop());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1156,7 +1027,7 @@ async fn a_revival_answered_after_a_later_put_keeps_the_puts_spec() {
     };
     flushall();
 
-    relay.arm();
+    relay.arm_on(&[REVIVE_ARG]);
     let mut status = std::pin::pin!(limiter.status());
     let mut cx = Context::from_waker(Waker::noop());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1230,7 +1101,7 @@ async fn two_puts_answered_crossed_leave_the_spec_redis_has(keyed: bool) {
         }
     };
     define(5).await.unwrap();
-    relay.arm_on(needle);
+    relay.arm_on(&[needle]);
     let mut first = std::pin::pin!(define(10));
     let mut cx = Context::from_waker(Waker::noop());
     let deadline = Instant::now() + Duration::from_secs(30);

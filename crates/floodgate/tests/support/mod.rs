@@ -5,6 +5,7 @@
 
 pub(crate) mod certs;
 mod ports;
+pub(crate) mod relay;
 pub(crate) mod rng;
 
 use std::path::PathBuf;
