@@ -635,7 +635,6 @@ impl RedisStore {
     /// Drops from the listing set the names whose limiter is gone (no `meta`, no create in
     /// flight: `unlist`); how many.
     async fn unlist_gone_names(&self) -> Result<usize, StoreError> {
-        use futures_util::stream::{self, StreamExt};
         let names: Vec<String> = retry_dropped(|| {
             let mut conn = self.inner.conn.clone();
             let key = self.registry_key();
@@ -644,23 +643,14 @@ impl RedisStore {
         .await
         .map_err(unavailable)?;
         let prefix = &self.inner.config.prefix;
-        // One PTTL per name (each `meta` in its own slot), many in flight at once.
-        let ttls: Vec<(LimiterName, Result<i64, StoreError>)> = stream::iter(names)
-            .filter_map(|raw| async move { LimiterName::new(&raw).ok() })
-            .map(|name| {
-                let mut conn = self.inner.conn.clone();
-                let meta = format!("{prefix}:{{{}}}:meta", name.as_str());
-                async move {
-                    let ttl = redis::cmd("PTTL")
-                        .arg(meta)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(unavailable);
-                    (name, ttl)
-                }
+        let names: Vec<LimiterName> = names
+            .into_iter()
+            .filter_map(|raw| LimiterName::new(&raw).ok())
+            .collect();
+        let ttls: Vec<(LimiterName, Result<i64, StoreError>)> = self
+            .per_name(names, "PTTL", |name| {
+                script::meta_key(prefix, name.as_str())
             })
-            .buffered(LIST_CONCURRENCY)
-            .collect()
             .await;
         let mut gone = Vec::new();
         for (name, ttl) in ttls {
@@ -671,6 +661,33 @@ impl RedisStore {
         self.unlist(gone).await
     }
 
+    /// `CMD KEY` for each name's key (`key_of`), `LIST_CONCURRENCY` in flight at once (on a
+    /// Cluster each key is in its own name's slot): each name with its reply, in order.
+    async fn per_name<T: redis::FromRedisValue>(
+        &self,
+        names: impl IntoIterator<Item = LimiterName>,
+        cmd: &'static str,
+        key_of: impl Fn(&LimiterName) -> String,
+    ) -> Vec<(LimiterName, Result<T, StoreError>)> {
+        use futures_util::stream::{self, StreamExt};
+        stream::iter(names)
+            .map(|name| {
+                let mut conn = self.inner.conn.clone();
+                let key = key_of(&name);
+                async move {
+                    let reply = redis::cmd(cmd)
+                        .arg(key)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable);
+                    (name, reply)
+                }
+            })
+            .buffered(LIST_CONCURRENCY)
+            .collect()
+            .await
+    }
+
     /// Removes names found gone from the listing set, but for those of a create in flight
     /// (marked by `register` before it added the name: its limiter is not yet put), then adds
     /// back those whose limiter exists again by now, or that are marked by now: one created
@@ -679,21 +696,8 @@ impl RedisStore {
     /// since would list its name again past the cap. How many it removed.
     async fn unlist(&self, gone: Vec<LimiterName>) -> Result<usize, StoreError> {
         use futures_util::stream::{self, StreamExt};
-        let marked: Vec<(LimiterName, Result<bool, StoreError>)> = stream::iter(gone)
-            .map(|name| {
-                let mut conn = self.inner.conn.clone();
-                let key = self.creating_key(&name);
-                async move {
-                    let marked = redis::cmd("EXISTS")
-                        .arg(key)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(unavailable);
-                    (name, marked)
-                }
-            })
-            .buffered(LIST_CONCURRENCY)
-            .collect()
+        let marked: Vec<(LimiterName, Result<bool, StoreError>)> = self
+            .per_name(gone, "EXISTS", |name| self.creating_key(name))
             .await;
         let mut gone = Vec::new();
         for (name, marked) in marked {

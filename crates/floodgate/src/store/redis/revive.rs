@@ -469,7 +469,7 @@ impl RedisLimiter {
 /// (re-created meanwhile, its `put`'s own add perhaps before the removal).
 pub(super) async fn register(inner: &Arc<Inner>, name: &LimiterName) -> Result<(), StoreError> {
     let key = format!("{}:limiters", inner.config.prefix);
-    let meta = format!("{}:{{{}}}:meta", inner.config.prefix, name.as_str());
+    let meta = super::script::meta_key(&inner.config.prefix, name.as_str());
     let mut conn = inner.conn.clone();
     let every = u64::try_from(RELIST_EVERY.as_millis()).unwrap_or(u64::MAX);
     // Whether this call's last write added the name (rather than removed it, or none yet).

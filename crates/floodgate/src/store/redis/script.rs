@@ -112,6 +112,12 @@ fn prelude() -> String {
     s
 }
 
+/// A limiter's `meta` key (`limiter_keys`' first): whether it exists says whether the limiter
+/// does, and its hash tag gives the slot of all the limiter's keys.
+pub(crate) fn meta_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}:{{{name}}}:meta")
+}
+
 /// The keys a plain limiter's script call declares, in the order the script reads them
 /// (`KEYS[1..11]`): one list, so tests that call the script directly cannot drift from it.
 #[doc(hidden)]

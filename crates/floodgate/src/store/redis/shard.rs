@@ -79,7 +79,7 @@ impl Inner {
 /// The hash slot of limiter `name`'s keys (those of `script::limiter_keys`, all under one hash
 /// tag), without making them all.
 fn slot_of(prefix: &str, name: &LimiterName) -> Slot {
-    Slot::for_key(format!("{prefix}:{{{name}}}:meta"))
+    Slot::for_key(super::script::meta_key(prefix, name.as_str()))
 }
 
 /// Where a command for `slot` goes: the slot's master.
