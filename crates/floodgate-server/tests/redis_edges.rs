@@ -8,6 +8,9 @@
 //!   also reads the memory policy; counted with Redis's own `INFO commandstats`), and a
 //!   listing of many limiters is answered.
 //! - Acquires on names that are not limiters create no metric series.
+//! - While Redis is out of memory under `noeviction` (it refuses writes), `/readyz` answers 503
+//!   naming it, acquires 503 `store_unavailable` with Redis's `OOM` text (granted without
+//!   accounting under `fail_open`), releases still run; once memory is freed both answer 200.
 
 #![allow(clippy::unwrap_used)]
 
@@ -220,5 +223,102 @@ async fn unknown_names_create_no_series_on_redis() {
     assert_eq!(status, 200);
     let text = metrics.as_str().unwrap_or_default();
     assert!(!text.contains("bogus-"), "{text}");
+    srv.served.stop().await;
+}
+
+/// `INFO memory`'s `used_memory` of the server on `port`.
+fn used_memory(port: u16) -> u64 {
+    let info = support::cli(port, &["INFO", "memory"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no used_memory in {info}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_503_while_redis_refuses_writes_for_memory() {
+    // Filler keys: 2 MB, so that deleting them brings Redis well under the limit set below.
+    const FILL: &str =
+        "for i = 1, 200 do redis.call('SET', 'fill:' .. i, string.rep('x', 10000)) end";
+    const UNFILL: &str = "for i = 1, 200 do redis.call('DEL', 'fill:' .. i) end";
+    let redis = RedisServer::start();
+    let srv = Srv::start(&redis, None).await;
+    let fail_open = {
+        let store = RedisStore::connect(RedisConfig::new(redis.url()))
+            .await
+            .unwrap();
+        let options = ServerOptions {
+            fail_open: true,
+            ..ServerOptions::default()
+        };
+        Srv::serve(Floodgate::with_store(store), options).await
+    };
+    let (status, v) = srv
+        .put("/v1/limiters/full", json!({"concurrency": 5}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, held) = srv
+        .post("/v1/limiters/full/acquire", json!({"wait_ms": 0}))
+        .await;
+    assert_eq!(status, 200, "{held}");
+    assert_eq!(srv.get("/readyz").await.0, 200);
+
+    // Full: used memory 1 MB over `maxmemory`, under the default `noeviction`.
+    support::cli(redis.port, &["EVAL", FILL, "0"]);
+    let limit = used_memory(redis.port) - 1_000_000;
+    let set = support::cli(
+        redis.port,
+        &["CONFIG", "SET", "maxmemory", &limit.to_string()],
+    );
+    assert_eq!(set, "OK");
+    let refused = support::cli(redis.port, &["SET", "other", "client"]);
+    assert!(refused.starts_with("OOM"), "Redis takes writes: {refused}");
+
+    let (status, ready) = srv.get("/readyz").await;
+    assert_eq!(status, 503, "/readyz while Redis refuses writes: {ready}");
+    assert_eq!(ready["error"], "store_unavailable", "{ready}");
+    let message = ready["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("out of memory") && message.contains("maxmemory"),
+        "{ready}"
+    );
+    let (status, acquire) = srv
+        .post("/v1/limiters/full/acquire", json!({"wait_ms": 0}))
+        .await;
+    assert_eq!(status, 503, "{acquire}");
+    assert_eq!(acquire["error"], "store_unavailable", "{acquire}");
+    assert!(
+        acquire["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("OOM"),
+        "{acquire}"
+    );
+    // `fail_open` grants what Redis cannot record, as when it cannot be reached.
+    let (status, open) = fail_open
+        .post("/v1/limiters/full/acquire", json!({"wait_ms": 0}))
+        .await;
+    assert_eq!((status, &open["fencing_token"]), (200, &json!(0)), "{open}");
+    assert_eq!(fail_open.get("/readyz").await.0, 503);
+    // A release still runs (it frees memory).
+    let permit = held["permit_id"].as_str().unwrap();
+    let (status, released) = srv
+        .post(&format!("/v1/permits/{permit}/release"), json!({}))
+        .await;
+    assert_eq!(
+        (status, &released["released"]),
+        (200, &json!(true)),
+        "{released}"
+    );
+
+    // Memory freed: ready again at the next probe, and acquires are served.
+    support::cli(redis.port, &["EVAL", UNFILL, "0"]);
+    let (status, ready) = srv.get("/readyz").await;
+    assert_eq!(status, 200, "/readyz once memory was freed: {ready}");
+    let (status, acquire) = srv
+        .post("/v1/limiters/full/acquire", json!({"wait_ms": 0}))
+        .await;
+    assert_eq!(status, 200, "{acquire}");
+    fail_open.served.stop().await;
     srv.served.stop().await;
 }

@@ -64,9 +64,10 @@ pub struct ServerOptions {
     pub api_writes: bool,
     /// Largest request body accepted; larger gets 413.
     pub max_body_bytes: usize,
-    /// When the store cannot be reached, grant acquires without accounting (token 0) instead
-    /// of answering 503 `store_unavailable`. Counted as outcome `fail_open` and logged. Not
-    /// while Redis answers but may evict keys (docs/redis.md): that stays 503.
+    /// When the store cannot be reached (or Redis refuses the acquire for lack of memory: it
+    /// cannot record it either), grant acquires without accounting (token 0) instead of
+    /// answering 503 `store_unavailable`. Counted as outcome `fail_open` and logged. Not while
+    /// Redis answers but may evict keys (docs/redis.md): that stays 503.
     pub fail_open: bool,
     /// A request head (request line and headers) must arrive within this, counted from the
     /// accept or from a later request's first byte; else the connection is closed.

@@ -165,12 +165,13 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
         self.put_keyed_limiter(name, spec, keyed)
     }
 
-    /// Whether the store answers, at the cost of one round trip whatever the number of
-    /// limiters (readiness probes call it). The embedded store is always ready.
+    /// Whether the store answers and can serve, at the cost of one round trip whatever the
+    /// number of limiters (readiness probes call it). The embedded store is always ready.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Unavailable`] when it does not answer.
+    /// [`StoreError::Unavailable`] when it does not answer, or cannot serve writes (Redis out
+    /// of memory, or one that may evict keys).
     ///
     /// # Cancel safety
     ///

@@ -16,6 +16,12 @@
 //! caught within that period even where nothing probes. None of these is on an operation's
 //! path: an operation reads one atomic flag.
 //!
+//! The same `INFO` tells whether a master under `noeviction` is out of memory (its used memory
+//! over `maxmemory`, [`RedisOutOfMemory`]): it then refuses every write that may grow memory
+//! (`OOM command not allowed when used memory > 'maxmemory'`), acquires included, so [`ping`]
+//! fails while it is so and readiness says the store cannot serve. Operations are not refused
+//! on it: those Redis still runs (releases, deletes) free memory.
+//!
 //! [`ping`]: crate::store::Store::ping
 
 use std::collections::HashMap;
@@ -71,6 +77,56 @@ pub(super) fn evicting_of(info: &str) -> Option<EvictingRedis> {
         maxmemory,
         policy: policy.to_owned(),
     })
+}
+
+/// A Redis master under `maxmemory-policy noeviction` whose used memory is over its `maxmemory`:
+/// it refuses every write that may grow memory, so acquires fail (503 `store_unavailable`,
+/// `OOM command not allowed...`) until memory is freed. The source of the error
+/// [`ping`](crate::store::Store::ping) answers with meanwhile; read afresh at each `ping`, so
+/// it clears as soon as memory is freed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisOutOfMemory {
+    /// Used memory as Redis counts it against `maxmemory` (`used_memory` less
+    /// `mem_not_counted_for_evict`), in bytes.
+    pub used: u64,
+    /// `maxmemory`, in bytes (non-zero).
+    pub maxmemory: u64,
+}
+
+impl std::fmt::Display for RedisOutOfMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Redis is out of memory: it uses {} bytes, over its maxmemory of {} bytes, under \
+             maxmemory-policy noeviction, so it refuses writes and acquires fail; free memory \
+             in Redis or raise its maxmemory",
+            self.used, self.maxmemory
+        )
+    }
+}
+
+impl std::error::Error for RedisOutOfMemory {}
+
+/// What an `INFO` reply holding the memory section says: `Some` if this master refuses writes
+/// for lack of memory now. Redis's own test before each command (`getMaxmemoryState`): used
+/// memory less what it does not count (replication and AOF buffers) over `maxmemory`. Only
+/// under `noeviction`: another policy evicts instead (and is refused by itself, above). A
+/// reply without the fields is taken as not out of memory: nothing tells otherwise.
+pub(super) fn out_of_memory_of(info: &str) -> Option<RedisOutOfMemory> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
+    let maxmemory = number("maxmemory:").filter(|m| *m != 0)?;
+    if field("maxmemory_policy:")? != "noeviction" {
+        return None;
+    }
+    let used =
+        number("used_memory:")?.saturating_sub(number("mem_not_counted_for_evict:").unwrap_or(0));
+    (used > maxmemory).then_some(RedisOutOfMemory { used, maxmemory })
 }
 
 /// The masters found evicting, by `run_id` (one entry, `""`, outside a Cluster).
@@ -174,9 +230,29 @@ async fn read_masters(conn: &Conn) -> Result<Vec<(String, String)>, StoreError> 
 impl Inner {
     /// Reads every master's memory policy now, and answers whether the store may serve.
     pub(super) async fn check_eviction(&self) -> Result<(), StoreError> {
+        self.read_memory().await.map(drop)
+    }
+
+    /// [`check_eviction`](Self::check_eviction), and `Err` too while a master is out of memory
+    /// ([`RedisOutOfMemory`]): whether the store can serve writes now. Readiness probes; the
+    /// same `INFO` (no extra round trip).
+    pub(super) async fn check_ready(&self) -> Result<(), StoreError> {
+        let infos = self.read_memory().await?;
+        match infos.iter().find_map(|(_, info)| out_of_memory_of(info)) {
+            Some(full) => Err(StoreError::Unavailable(
+                crate::error::Unavailable::caused_by("redis", full),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads every master's `INFO` (`read_masters`) and records their memory policies; `Err`
+    /// if one may evict keys.
+    async fn read_memory(&self) -> Result<Vec<(String, String)>, StoreError> {
         let infos = read_masters(&self.conn).await?;
         self.eviction.replace(&infos);
-        self.eviction.check()
+        self.eviction.check()?;
+        Ok(infos)
     }
 }
 
@@ -211,7 +287,7 @@ pub(super) fn spawn_recheck(inner: Weak<Inner>) {
 
 #[cfg(test)]
 mod tests {
-    use super::evicting_of;
+    use super::{evicting_of, out_of_memory_of};
 
     #[test]
     fn only_a_set_maxmemory_with_an_evicting_policy_evicts() {
@@ -228,5 +304,42 @@ mod tests {
         assert_eq!(evicting_of(&info("0", "allkeys-lru")), None);
         // A server that reports neither field: nothing tells it evicts.
         assert_eq!(evicting_of("# Memory\r\nused_memory:1000\r\n"), None);
+    }
+
+    #[test]
+    fn out_of_memory_is_counted_used_memory_over_maxmemory_under_noeviction() {
+        let info = |used: &str, not_counted: &str, max: &str, policy: &str| {
+            format!(
+                "# Memory\r\nused_memory:{used}\r\nused_memory_human:x\r\nmaxmemory:{max}\r\n\
+                 maxmemory_human:x\r\nmaxmemory_policy:{policy}\r\n\
+                 mem_not_counted_for_evict:{not_counted}\r\n"
+            )
+        };
+        let full = out_of_memory_of(&info("2000", "0", "1500", "noeviction")).expect("full");
+        assert_eq!((full.used, full.maxmemory), (2000, 1500));
+        // At maxmemory exactly, Redis still takes writes.
+        assert_eq!(
+            out_of_memory_of(&info("1500", "0", "1500", "noeviction")),
+            None
+        );
+        // Replication and AOF buffers are not counted against maxmemory.
+        assert_eq!(
+            out_of_memory_of(&info("2000", "600", "1500", "noeviction")),
+            None
+        );
+        // No limit; or a policy that evicts (refused on its own).
+        assert_eq!(
+            out_of_memory_of(&info("2000", "0", "0", "noeviction")),
+            None
+        );
+        assert_eq!(
+            out_of_memory_of(&info("2000", "0", "1500", "allkeys-lru")),
+            None
+        );
+        // Without the counted-out field (older or compatible servers): used memory alone.
+        let old =
+            "# Memory\r\nused_memory:2000\r\nmaxmemory:1500\r\nmaxmemory_policy:noeviction\r\n";
+        assert!(out_of_memory_of(old).is_some());
+        assert_eq!(out_of_memory_of("# Memory\r\nused_memory:1000\r\n"), None);
     }
 }

@@ -32,7 +32,7 @@ use redis::aio::ConnectionManagerConfig;
 
 pub use self::conn::{redact_url, RedisSecurity};
 use self::conn::{Conn, PubSubSource};
-pub use self::evict::EvictingRedis;
+pub use self::evict::{EvictingRedis, RedisOutOfMemory};
 pub use self::limiter::RedisLimiter;
 #[doc(hidden)]
 pub use self::script::{keyed_script_source, limiter_keys, script_source, status_schema};
@@ -859,10 +859,11 @@ impl Store for RedisStore {
 
     /// One `INFO memory` on the shared connection (retried once if the connection was dead),
     /// in place of a `PING`: it also reads the memory policy, and fails while Redis may evict
-    /// keys (`evict.rs`). On a Cluster, `INFO` (default sections) to every master: a `PING`
-    /// there went to every master too (redis-rs routes both to all of them), so one master
-    /// that does not answer failed it before as well.
+    /// keys, or while it is out of memory under `noeviction` and so refuses writes (the source
+    /// is then a [`RedisOutOfMemory`]; `evict.rs`). On a Cluster, `INFO` (default sections) to
+    /// every master: a `PING` there went to every master too (redis-rs routes both to all of
+    /// them), so one master that does not answer failed it before as well.
     async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.check_eviction().await
+        self.inner.check_ready().await
     }
 }
