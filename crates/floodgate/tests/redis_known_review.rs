@@ -14,13 +14,15 @@ use std::future::Future;
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
-use floodgate::{Floodgate, LimiterSpec, RedisConfig, RedisStore, StoreError};
+use floodgate::{Floodgate, LimiterSpec, RedisConfig, RedisStore, Store, StoreError};
 use support::relay::HoldingRelay;
 
 /// A put's op name, as RESP sends it.
 const PUT: &[u8] = b"$3\r\nput\r\n";
 /// A delete's op name, as RESP sends it.
 const DELETE: &[u8] = b"$6\r\ndelete\r\n";
+/// A status read's op name, as RESP sends it.
+const STATUS: &[u8] = b"$6\r\nstatus\r\n";
 
 async fn gate(url: String) -> Floodgate<RedisStore> {
     let mut config = RedisConfig::new(url);
@@ -256,4 +258,59 @@ async fn a_put_without_a_cap_sends_no_create_mark() {
         "",
         "create marks left"
     );
+}
+
+/// A delete through a store that did not know the limiter (another store created it) reads
+/// nothing after it: its reply used to start a background status read of the limiter it had
+/// just deleted, as the first use of an unknown limiter does (a wasted round trip, answered
+/// `unknown`). The relay holds B's connection from a status read on, so the delete's own last
+/// command (the registry's `SREM`) and a readiness check (an `INFO`) sent after it on the same
+/// connection are answered only if no status read went before them. On a current-thread
+/// runtime a task the delete's reply spawned runs before the delete's task resumes, so such a
+/// read is on the connection before those. Otherwise unchanged: the limiter is gone for its
+/// creator too (not revived), and B's first acquire on a limiter it did not know still reads
+/// its spec (which also shows the relay catches that read).
+#[tokio::test]
+async fn a_delete_of_a_limiter_the_store_did_not_know_reads_nothing_after() {
+    let server = support::RedisServer::start();
+    let relay = HoldingRelay::start(server.port).await;
+    let a = gate(server.url()).await;
+    let b = gate(relay.url()).await;
+    a.define("doomed", LimiterSpec::concurrency(1))
+        .await
+        .unwrap();
+    a.define("kept", LimiterSpec::concurrency(1)).await.unwrap();
+
+    relay.arm_on(&[STATUS]);
+    let no_status_read = || async {
+        until(
+            "the delete or the check answered, or a status read held",
+            || relay.holds(STATUS),
+        )
+        .await;
+        panic!("the delete of a limiter B did not know was followed by a status read");
+    };
+    tokio::select! {
+        deleted = b.delete("doomed") => assert!(deleted.unwrap()),
+        () = no_status_read() => {}
+    }
+    tokio::select! {
+        ready = b.store().ping() => ready.unwrap(),
+        () = no_status_read() => {}
+    }
+    let gone = a.limiter("doomed").await.unwrap().status().await;
+    assert!(
+        matches!(gone, Err(StoreError::UnknownLimiter(_))),
+        "{gone:?}"
+    );
+
+    relay.arm_on(&[STATUS]);
+    let kept = b.limiter("kept").await.unwrap();
+    let _permit = kept.try_acquire().await.unwrap();
+    until(
+        "B reads the spec of a limiter it uses and did not know",
+        || relay.holds(STATUS),
+    )
+    .await;
+    relay.release();
 }

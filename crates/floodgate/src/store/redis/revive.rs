@@ -278,13 +278,19 @@ impl RedisLimiter {
     ///   only by a `put` or a revival, so it expired `idle_ttl` after the last one while the
     ///   limiters were in use (every operation renews theirs), and the listing (the dashboard,
     ///   `GET /limiters`, `limiter apply`) then showed none of them.
+    ///
+    /// Neither after a delete (or its drain): the limiter is gone, and the delete forgets it
+    /// at once. Its spec was read in the background all the same when this store had not
+    /// known it: a wasted round trip whose reply could only be `unknown`.
     pub(super) fn after_use(&self, op: &str, reply: &[String]) {
+        if matches!(op, "delete" | "drain") {
+            return;
+        }
         let tag = reply.first().map(String::as_str);
         // A status reply carries the spec already (`status` remembers it).
         let may_learn = !matches!(tag, Some("unknown" | "gone" | "status"));
-        // Only a limiter that exists (not one gone, deleted or being deleted).
-        let may_list = !matches!(op, "delete" | "drain")
-            && !matches!(tag, Some("unknown" | "gone" | "deleted" | "drained"));
+        // Only a limiter that exists (not one gone or deleted).
+        let may_list = !matches!(tag, Some("unknown" | "gone" | "deleted" | "drained"));
         if !may_learn && !may_list {
             return;
         }
