@@ -215,8 +215,8 @@ def test_a_sigkilled_worker_frees_its_slot_at_the_lease_end_and_its_task_runs_ag
     _send(celery_client, adv_env, "adv.killable", run, "B")
     assert wait_until(lambda: fg.limiter(name)["waiting"] >= 1, 60, 0.02)
     os.kill(pid, signal.SIGKILL)
-    # A's slot comes back when its 1 s lease ends; B runs, and A runs again (acks_late with
-    # reject_on_worker_lost put it back on the broker).
+    # A's slot comes back when its lease (adv_app.KILL_LEASE) ends; B runs, and A runs again
+    # (acks_late with reject_on_worker_lost put it back on the broker).
     assert wait_until(lambda: r.smembers(run + ":done") == {b"A", b"B"}, 90, 0.05), \
         r.smembers(run + ":done")
     assert _int(r, run + ":violations") == 0

@@ -113,8 +113,16 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+# The lease of the SIGKILLed tasks' permits: the test waits that long for a dead process's
+# slot to come back, and a live one's heartbeat must outlast a stall of the machine (a
+# process or the server stopped for a few seconds) or the live holder loses its permit to
+# the next task for real.
+KILL_LEASE = 6
+KILL_HEARTBEAT = 0.5
+
+
 @app.task(bind=True, name="adv.killable", acks_late=True, reject_on_worker_lost=True)
-@limited(os.environ["ADV_KILL_LIMITER"], wait=60, lease=1, heartbeat=0.2)
+@limited(os.environ["ADV_KILL_LIMITER"], wait=60, lease=KILL_LEASE, heartbeat=KILL_HEARTBEAT)
 def killable(self: Any, run: str, tag: str) -> None:
     """Holds the limiter's one permit. Entering, it checks that every earlier holder still
     listed in ``<run>:holders`` (one that has not left the body) is dead: a live one means two
@@ -138,7 +146,7 @@ def killable(self: Any, run: str, tag: str) -> None:
 
 
 @app.task(bind=True, name="adv.killable_early")
-@limited(os.environ["ADV_KILL_LIMITER"], wait=60, lease=1, heartbeat=0.2)
+@limited(os.environ["ADV_KILL_LIMITER"], wait=60, lease=KILL_LEASE, heartbeat=KILL_HEARTBEAT)
 def killable_early(self: Any, run: str) -> None:
     """Celery's default acks (before the body): its first run stays in the body until the
     test SIGKILLs its process; a second run would be counted."""
