@@ -262,7 +262,9 @@ impl AcquireOptions {
     /// `request_id`). A future dropped while queued with an id leaves its wait queued for 5 s
     /// (at most until the wait ends) for a retry to join; a grant made while nobody waits for it is released
     /// at once (on Redis, where a retry may come through another server, unless a retry claimed
-    /// it first).
+    /// it first). A repeat handed the grant made for a first attempt that has not taken it yet
+    /// holds it: dropping the first attempt does not give it back (in memory, the first
+    /// attempt ends with [`AcquireError::Superseded`] if still polled).
     pub fn request_id(mut self, id: impl Into<Arc<str>>) -> Self {
         self.request.request_id = Some(id.into());
         self

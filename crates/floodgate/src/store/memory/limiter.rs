@@ -268,6 +268,19 @@ impl State {
         self.spare = fx.wakes;
     }
 
+    /// A repeat of an idempotent acquire was handed grant `token`, decided for an earlier
+    /// attempt that has not taken it: the repeat takes it over, as it would the wait. That
+    /// attempt, whose caller has presumably gone (a broken connection not noticed yet), then
+    /// does not give the grant back when dropped while the repeat's caller holds it, nor gets
+    /// it too if polled (it hears `Superseded`).
+    fn take_over_decided(&mut self, token: FencingToken) {
+        if self.decided.is_empty() {
+            return;
+        }
+        self.decided
+            .retain(|_, (_, outcome)| !matches!(outcome, Ok(g) if g.token == token));
+    }
+
     /// Marks the timer as idle; the timer task re-arms it after each pass.
     pub(super) fn set_timer(&mut self, at: Option<Timestamp>) {
         self.timer_at = at.unwrap_or(Timestamp::MAX);
@@ -740,7 +753,12 @@ impl<C: Clock> MemoryLimiter<C> {
                 ))),
             };
             match admission {
-                Admission::Granted(grant) => Queued::Decided(Ok(grant)),
+                Admission::Granted(grant) => {
+                    if req.request_id.is_some() {
+                        state.take_over_decided(grant.token);
+                    }
+                    Queued::Decided(Ok(grant))
+                }
                 Admission::Refused(refusal) => Queued::Decided(Err(refusal.into())),
                 Admission::Queued(id) => {
                     let listener = state.next_listener;

@@ -123,6 +123,55 @@ fn a_decided_grant_wakes_its_future_and_a_dropped_one_goes_back() {
     release(&lim, grant);
 }
 
+/// An idempotent acquire of `request_id`: its first attempt or a repeat (a client's retry).
+fn acquire_as(lim: &MemoryLimiter<TestClock>, request_id: &str) -> Acquiring {
+    let lim = lim.clone();
+    let opts = AcquireOptions::new()
+        .lease(Duration::from_secs(3600))
+        .wait(Duration::from_secs(60))
+        .request_id(request_id);
+    Box::pin(async move { lim.acquire(opts).await })
+}
+
+#[test]
+fn a_repeat_handed_a_grant_decided_for_its_first_attempt_keeps_it() {
+    // The server's order after a stall: the first attempt's connection broke unnoticed, the
+    // release decides the grant for it, its retry is handed that grant, and only then is the
+    // first attempt's handler dropped (or polled).
+    for first_polled in [false, true] {
+        let (lim, _clock) = limiter(1);
+        let waker = Waker::noop();
+        let mut holder = acquire(&lim, 0);
+        let Poll::Ready(Ok(held)) = poll(&mut holder, waker) else {
+            panic!("the first acquire is granted at once")
+        };
+        let mut first = acquire_as(&lim, "job-1");
+        assert!(poll(&mut first, waker).is_pending());
+        release(&lim, held);
+        let mut retry = acquire_as(&lim, "job-1");
+        let Poll::Ready(Ok(grant)) = poll(&mut retry, waker) else {
+            panic!("the retry is handed the grant decided for its first attempt")
+        };
+        if first_polled {
+            // One caller per grant: the first attempt hears that its retry took it over.
+            let out = poll(&mut first, waker);
+            assert!(
+                matches!(out, Poll::Ready(Err(AcquireError::Superseded))),
+                "{out:?}"
+            );
+        }
+        drop(first);
+        let s = status(&lim);
+        assert_eq!(
+            (s.in_use, s.holders, s.counters.granted, s.counters.released),
+            (1, 1, 2, 1),
+            "the retry's grant is still held (first attempt polled: {first_polled})"
+        );
+        assert_eq!(slots(&lim), (0, 0));
+        release(&lim, grant);
+    }
+}
+
 fn release(lim: &MemoryLimiter<TestClock>, grant: Grant) {
     let mut rel = std::pin::pin!(lim.release(grant.token));
     let out = rel.as_mut().poll(&mut Context::from_waker(Waker::noop()));
