@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -27,7 +28,8 @@ from conftest import MakeLimiter, RedisProcess, ServerProcess, wait_until
 # What the proxy does with one request: "forward", "drop-before" (hang up before the server
 # sees it), "drop-after" (forward, read the server's answer, hang up without passing it on),
 # "abandon" (forward, and hang up on both sides unless the server answers within
-# ABANDON_AFTER seconds: a client that went away while its acquire was queued), "freeze"
+# ABANDON_AFTER seconds: a client that went away while its acquire was queued; a
+# ``threading.Event`` instead: once the test sets it), "freeze"
 # (read the request, never pass it on, never answer: a server that stopped answering; the
 # connection is held until the proxy closes), or a canned (status, headers, body) answer that
 # never reaches the server.
@@ -111,12 +113,17 @@ class Proxy:
                 kept = [line for line in lines[1:] if not line.lower().startswith(b"connection:")]
                 up.sendall(b"\r\n".join([lines[0]] + kept + [b"Connection: close", b"", body]))
                 answer = b""
+                hang_up = action if isinstance(action, threading.Event) else None
                 if action == "abandon":
                     up.settimeout(ABANDON_AFTER)
+                elif hang_up is not None:
+                    up.settimeout(0.02)
                 while True:
                     try:
                         chunk = up.recv(65536)
                     except socket.timeout:
+                        if hang_up is not None and not hang_up.is_set():
+                            continue
                         self.abandoned += 1
                         return  # closes both connections with nothing answered
                     if not chunk:
@@ -137,7 +144,7 @@ def _acquires(proxy: Proxy) -> List[Dict[str, Any]]:
     return [body for line, body in proxy.requests if line.endswith("/acquire HTTP/1.1")]
 
 
-def _drop_first(action: str, path_part: str = "/acquire") -> Hook:
+def _drop_first(action: Action, path_part: str = "/acquire") -> Hook:
     left = [1]
 
     def hook(request_line: str, body: Dict[str, Any]) -> Action:
@@ -184,14 +191,21 @@ def test_a_queued_acquire_whose_connection_breaks_is_joined_by_its_retry(
     permit: nothing leaks."""
     name = limiter(1)
     holder = fg.acquire(name, wait=1, lease=30)
-    proxy = Proxy(server.port, _drop_first("abandon"))
+    hang_up = threading.Event()
+    proxy = Proxy(server.port, _drop_first(hang_up))
     got: List[Any] = []
     client = Floodgate(proxy.url, retries=3, backoff=0.01, timeout=5)
     try:
         t = threading.Thread(target=lambda: got.append(client.acquire(name, wait=20, lease=30)))
         t.start()
-        # The first attempt was abandoned while queued and the retry sent.
+        # The connection breaks only once the server has the first attempt queued.
+        assert wait_until(lambda: fg.limiter(name)["waiting"] == 1, 20)
+        hang_up.set()
         assert wait_until(lambda: proxy.abandoned == 1 and len(_acquires(proxy)) >= 2, 20)
+        # The release must reach the server after the retry: one the proxy has is not yet
+        # one the server joined, and a release first grants the wait nobody listens to (the
+        # grant goes back at once) and the late retry a second permit.
+        _wait_until_joined(server, name, holder.permit_id)
         assert fg.release(holder.permit_id) is True
         t.join(30)
         assert not t.is_alive() and got, "the retried acquire never returned"
@@ -206,6 +220,56 @@ def test_a_queued_acquire_whose_connection_breaks_is_joined_by_its_retry(
     p.client = fg
     assert p.release() is True
     assert fg.limiter(name)["in_use"] == 0
+
+
+# How long the server keeps the wait of an acquire whose client went away for its retry to
+# join (docs/api.md; ORPHANED_WAIT_GRACE in crates/floodgate/src/core/types.rs).
+JOIN_WINDOW_MS = 5000
+
+
+def _get(server: ServerProcess, path: str) -> bytes:
+    with urllib.request.urlopen(server.url + path, timeout=5) as answer:
+        return bytes(answer.read())
+
+
+def _acquire_outcomes(server: ServerProcess, name: str) -> Dict[str, float]:
+    """``floodgate_acquire_total`` of limiter ``name``, by outcome (the server's /metrics)."""
+    prefix = 'floodgate_acquire_total{{limiter="{}",outcome="'.format(name)
+    outcomes: Dict[str, float] = {}
+    for line in _get(server, "/metrics").decode().splitlines():
+        if line.startswith(prefix):
+            outcome, _, value = line[len(prefix):].partition('"} ')
+            outcomes[outcome] = float(value)
+    return outcomes
+
+
+def _wait_until_joined(server: ServerProcess, name: str, holder_id: str) -> None:
+    """Waits until the server shows that the retry of the test's one queued acquire joined
+    its wait (nothing shows a join at once): the server has let go of the first attempt
+    (dropped with its connection: ``cancelled``; or answered ``superseded``, the retry having
+    come first), then its clock (the age of the holder ``holder_id``, which holds throughout)
+    has run past the join window from there, and the wait is still queued with no wait ended:
+    a first attempt nobody joined would have ended with its window (``timed_out``), and a
+    retry queued beside it would be a second waiter."""
+    assert wait_until(lambda: sum(_acquire_outcomes(server, name).get(o, 0)
+                                  for o in ("cancelled", "superseded")) >= 1, 20)
+
+    def holders() -> Dict[str, Any]:
+        view: Dict[str, Any] = json.loads(_get(server, "/v1/limiters/{}/holders".format(name)))
+        return view
+
+    def age() -> int:
+        ages = [int(h["age_ms"]) for h in holders()["holders"] if h["permit_id"] == holder_id]
+        assert ages, "the holder is no longer held"
+        return ages[0]
+
+    start = age()
+    # (Past the window by a little more than the ages' rounding to whole milliseconds.)
+    assert wait_until(lambda: age() > start + JOIN_WINDOW_MS + 10, 30, 0.1)
+    view = holders()
+    counters = json.loads(_get(server, "/v1/limiters/" + name))["counters"]
+    assert (view["waiting"], counters["timed_out"], counters["cancelled"]) == (1, 0, 0), \
+        (view, counters)
 
 
 def test_a_waiter_that_goes_away_for_good_frees_its_grant(
