@@ -300,3 +300,119 @@ async fn shutdown_ends_within_the_grace_period_whatever_clients_do() {
     assert_eq!(read_to_close(&mut head).await, "");
     let _ = read_to_close(&mut body).await;
 }
+
+/// One answer on a kept-alive connection: its head and its `content-length` body, or what
+/// came before the server closed the connection.
+async fn read_answer(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut chunk))
+            .await
+            .expect("no answer and no close")
+            .unwrap_or(0);
+        if n == 0 {
+            return text;
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Takes the limiter's one permit on a connection of its own; its permit id.
+async fn take_the_permit(addr: SocketAddr) -> String {
+    let answer = exchange(
+        addr,
+        b"POST /v1/limiters/x/acquire HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          content-length: 13\r\nconnection: close\r\n\r\n{\"wait_ms\":0}",
+    )
+    .await;
+    let (_, body) = answer.split_once("\r\n\r\n").expect("an answer");
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+    v["permit_id"].as_str().expect("a permit").to_owned()
+}
+
+/// Releases `permit` on a connection of its own.
+async fn release(addr: SocketAddr, permit: &str) {
+    let request = format!(
+        "POST /v1/permits/{permit}/release HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    );
+    let answer = exchange(addr, request.as_bytes()).await;
+    assert!(answer.contains(r#"{"released":true}"#), "{answer:?}");
+}
+
+/// Timeouts far shorter than the waits below, which are held past them on purpose.
+fn short_timeouts() -> ServerOptions {
+    ServerOptions {
+        header_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(200),
+        ..ServerOptions::default()
+    }
+}
+
+/// A long poll is not idle and its head has arrived: neither timeout may close it. A client
+/// that sends `Expect: 100-continue` (curl for large bodies, .NET by default) once had its
+/// wait cut at the header timeout: the interim `100 Continue` counted as the answer, so the
+/// body that followed counted as the next request's head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_sent_with_expect_continue_outlives_the_timeouts() {
+    let srv = start(short_timeouts()).await;
+    let held = take_the_permit(srv.addr).await;
+    let mut waiter = TcpStream::connect(srv.addr).await.unwrap();
+    let body = br#"{"wait_ms":600000}"#;
+    let head = format!(
+        "POST /v1/limiters/x/acquire HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         expect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    waiter.write_all(head.as_bytes()).await.unwrap();
+    let interim = read_answer(&mut waiter).await;
+    assert!(interim.starts_with("HTTP/1.1 100 "), "{interim:?}");
+    waiter.write_all(body).await.unwrap();
+    // Held well past both timeouts, then granted.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    release(srv.addr, &held).await;
+    let answer = read_answer(&mut waiter).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("permit_id"), "{answer:?}");
+    srv.stop().await;
+}
+
+/// A long poll pipelined behind another request (or sent while one is held) is held as one
+/// sent alone is: it once ran under the idle timeout armed by the answer before it, and its
+/// connection was closed without an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_long_poll_outlives_the_timeouts() {
+    let srv = start(short_timeouts()).await;
+    let held = take_the_permit(srv.addr).await;
+    let mut waiter = TcpStream::connect(srv.addr).await.unwrap();
+    let body = r#"{"wait_ms":600000}"#;
+    let pipelined = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n\
+         POST /v1/limiters/x/acquire HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    waiter.write_all(pipelined.as_bytes()).await.unwrap();
+    let first = read_answer(&mut waiter).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    release(srv.addr, &held).await;
+    let answer = read_answer(&mut waiter).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("permit_id"), "{answer:?}");
+    srv.stop().await;
+}

@@ -27,11 +27,16 @@
 //!   the connection before it read the answer).
 //!
 //! Where a request head ends is found by looking for the blank line (`\r\n\r\n`) after the
-//! connection went quiet; hyper still does all the parsing.
+//! connection went quiet; hyper still does all the parsing. While a request is with the
+//! handlers ([`InFlight`], counted by [`Counted`]) neither timeout runs, whatever was read or
+//! written meanwhile: an interim `100 Continue` and a pipelined request's bytes say nothing
+//! about a long poll still held.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -61,13 +66,83 @@ pub(crate) struct Timeouts {
     pub(crate) idle: Duration,
 }
 
+/// How many of one connection's requests are with the handlers (a long poll may be held for
+/// minutes): shared by its [`Guarded`] socket, which runs no timeout meanwhile, and its
+/// [`Counted`] service, which counts them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn any(&self) -> bool {
+        self.0.load(Ordering::Acquire) > 0
+    }
+}
+
+/// One request with the handlers, until its answer is ready or it is dropped.
+struct Entered(InFlight);
+
+impl Entered {
+    fn new(in_flight: &InFlight) -> Self {
+        in_flight.0.fetch_add(1, Ordering::AcqRel);
+        Entered(in_flight.clone())
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection's service, counting its requests in [`InFlight`].
+pub(crate) struct Counted<S> {
+    inner: S,
+    in_flight: InFlight,
+}
+
+impl<S> Counted<S> {
+    pub(crate) fn new(inner: S, in_flight: InFlight) -> Self {
+        Counted { inner, in_flight }
+    }
+}
+
+impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for Counted<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = CountedFuture<S::Future>;
+
+    fn call(&self, request: R) -> Self::Future {
+        CountedFuture {
+            _entered: Entered::new(&self.in_flight),
+            // Boxed: the service's future need not be `Unpin`, and this crate pins nothing
+            // unsafely.
+            future: Box::pin(self.inner.call(request)),
+        }
+    }
+}
+
+/// A request's handling; it leaves [`InFlight`] when this is dropped (answered or cancelled).
+pub(crate) struct CountedFuture<F> {
+    _entered: Entered,
+    future: Pin<Box<F>>,
+}
+
+impl<F: Future> Future for CountedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.future.as_mut().poll(cx)
+    }
+}
+
 /// Where the connection is, as far as timeouts go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Reading a request head (the header timeout runs).
     Head,
     /// A request is being handled: its body, the handler (a long poll may take minutes, bounded
-    /// by the limiter's `max_wait`) and the answer. No timeout here.
+    /// by the limiter's `max_wait`) and the answer. No timeout here. Also whenever the
+    /// handlers hold a request ([`InFlight`]), whatever the bytes say.
     Busy,
     /// An answer was written and no byte of a next request has come (the idle timeout runs).
     Idle,
@@ -102,6 +177,8 @@ pub(crate) struct Guarded<IO> {
     /// An answer this wrapper gives itself (hyper never sees the request), then the connection
     /// ends; see [`Refusal`].
     refusal: Option<Refusal>,
+    /// The connection's requests with the handlers.
+    in_flight: InFlight,
 }
 
 /// An answer written by the wrapper, then a lingering close.
@@ -117,7 +194,7 @@ struct Refusal {
 }
 
 impl<IO> Guarded<IO> {
-    pub(crate) fn new(io: IO, timeouts: Timeouts) -> Self {
+    pub(crate) fn new(io: IO, timeouts: Timeouts, in_flight: InFlight) -> Self {
         Guarded {
             io,
             timeouts,
@@ -131,6 +208,16 @@ impl<IO> Guarded<IO> {
             first_head: true,
             preface: 0,
             refusal: None,
+            in_flight,
+        }
+    }
+
+    /// While the handlers hold a request, no timeout runs: the next answer written re-arms
+    /// the idle one.
+    fn hold_while_in_flight(&mut self) {
+        if self.in_flight.any() {
+            self.phase = Phase::Busy;
+            self.deadline = None;
         }
     }
 
@@ -189,9 +276,11 @@ impl<IO> Guarded<IO> {
         None
     }
 
-    /// Follows a write of `n` bytes: an answer (or part of one) went out.
+    /// Follows a write of `n` bytes: an answer (or part of one) went out, unless the handlers
+    /// still hold a request (then it was an interim `100 Continue`, or an earlier answer of a
+    /// pipeline).
     fn saw_write(&mut self, n: usize) {
-        if n > 0 {
+        if n > 0 && !self.in_flight.any() {
             self.phase = Phase::Idle;
             self.matched = 0;
             self.arm(self.timeouts.idle);
@@ -263,6 +352,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.refusal.is_none() && this.withheld.is_none() {
+            this.hold_while_in_flight();
+        }
         if let Some(deadline) = &mut this.deadline {
             if deadline.as_mut().poll(cx).is_ready() {
                 let what = if this.phase == Phase::Idle {

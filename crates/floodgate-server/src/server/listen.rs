@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use super::conn_io::{Guarded, Timeouts};
+use super::conn_io::{Counted, Guarded, InFlight, Timeouts};
 
 /// Largest read buffer of one connection: request heads above it are answered 431. Smaller
 /// than hyper's default (about 400 KB) so that a slow client cannot make the server hold
@@ -87,7 +87,8 @@ pub(super) async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let in_flight = InFlight::default();
+        let service = Counted::new(TowerToHyperService::new(app.clone()), in_flight.clone());
         let http = Arc::clone(&http);
         let stop = stop_rx.clone();
         let timeouts = limits.timeouts;
@@ -95,13 +96,14 @@ pub(super) async fn serve(
         connections.spawn(async move {
             match tls {
                 None => {
-                    serve_connection(&http, Guarded::new(stream, timeouts), service, stop).await
+                    let io = Guarded::new(stream, timeouts, in_flight);
+                    serve_connection(&http, io, service, stop).await
                 }
                 Some(tls) => {
                     let handshake = tls.acceptor().accept(stream);
                     match tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, handshake).await {
                         Ok(Ok(tls_stream)) => {
-                            let io = Guarded::new(tls_stream, timeouts);
+                            let io = Guarded::new(tls_stream, timeouts, in_flight);
                             serve_connection(&http, io, service, stop).await;
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
@@ -138,7 +140,7 @@ pub(super) async fn serve(
 async fn serve_connection<IO>(
     http: &hyper::server::conn::http1::Builder,
     io: Guarded<IO>,
-    service: TowerToHyperService<Router>,
+    service: Counted<TowerToHyperService<Router>>,
     mut stop: watch::Receiver<bool>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
