@@ -428,6 +428,27 @@ impl RedisLimiter {
     }
 }
 
+/// Re-checks this process's waiters of a limiter if a release's reply goes unread (see
+/// `RedisLimiter::release`).
+struct RecheckIfUnread<'a> {
+    limiter: &'a RedisLimiter,
+    armed: bool,
+}
+
+impl RecheckIfUnread<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for RecheckIfUnread<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            super::wake::recheck(&self.limiter.store, &self.limiter.name);
+        }
+    }
+}
+
 impl LimiterBackend for RedisLimiter {
     fn name(&self) -> &LimiterName {
         &self.name
@@ -486,7 +507,17 @@ impl LimiterBackend for RedisLimiter {
         // This store's channel: a waiter of this process granted by the release is answered
         // in the reply (`key, outcome` pairs before the last field), not over pub/sub.
         let args = [token.0.to_string(), self.store.channel.clone()];
-        let reply = match self.call("release", &args).await {
+        // Dropped before the reply is read (its caller went away: an HTTP client that reset
+        // its connection), the release may still run and grant waiters of this process that
+        // only its reply would have told: they are re-checked, not left to their deadlines
+        // (by which their leases may have ended).
+        let unread = RecheckIfUnread {
+            limiter: self,
+            armed: true,
+        };
+        let called = self.call("release", &args).await;
+        unread.disarm();
+        let reply = match called {
             Ok(reply) => reply,
             Err(e) => {
                 // The script may have run and granted waiters of this process whose outcomes

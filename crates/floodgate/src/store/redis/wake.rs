@@ -187,9 +187,10 @@ fn spawn_resync(inner: &Arc<Inner>, answer_unchecked: bool) {
     tokio::spawn(resync(Arc::clone(inner), answer_unchecked));
 }
 
-/// A release of `limiter` failed without its reply: it may still have granted waiters of this
-/// process, whose outcomes that reply carried. Each of them is asked for its recorded outcome,
-/// in the background (the same safety net as after a lost subscription).
+/// A release of `limiter` failed without its reply, or its caller went away before reading
+/// it: it may still have granted waiters of this process, whose outcomes that reply carried.
+/// Each of them is asked for its recorded outcome, in the background (the same safety net as
+/// after a lost subscription).
 pub(crate) fn recheck(inner: &Arc<Inner>, limiter: &LimiterName) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return; // Their own timers find their outcomes.
@@ -206,6 +207,13 @@ pub(crate) fn recheck(inner: &Arc<Inner>, limiter: &LimiterName) {
     let inner = Arc::clone(inner);
     let name = limiter.clone();
     handle.spawn(async move {
+        // The release went on a connection of its own (standalone Redis): a command sent there
+        // now is answered only after Redis ran it, so the re-checks below see its grants. (On
+        // a Cluster or Sentinel that connection is the one the re-checks use.) If it fails,
+        // the re-checks still go: the release may have run long ago.
+        let _ = redis::cmd("PING")
+            .query_async::<()>(&mut inner.release_conn.clone())
+            .await;
         let limiter = RedisLimiter::new(Arc::clone(&inner), name);
         for key in keys {
             if let Ok(Some(outcome)) = limiter.peek(&key).await {
