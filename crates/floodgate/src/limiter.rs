@@ -260,9 +260,10 @@ impl AcquireOptions {
     /// concurrency limit, the id names a new acquire. A repeat
     /// asking for other permits is refused ([`Refusal::Invalid`](crate::Refusal::Invalid) naming
     /// `request_id`). A future dropped while queued with an id leaves its wait queued for 5 s
-    /// (at most until the wait ends) for a retry to join; a grant made while nobody waits for it is released
-    /// at once (on Redis, where a retry may come through another server, unless a retry claimed
-    /// it first). A repeat handed the grant made for a first attempt that has not taken it yet
+    /// (at most until the wait ends) for a retry to join; a grant made while nobody waits for it
+    /// is released at once, unless it goes to the retry (in memory, a retry whose own call made
+    /// the grant, as when a lease had just ended; on Redis, where a retry may come through
+    /// another server, one that claimed it first). A repeat handed the grant made for a first attempt that has not taken it yet
     /// holds it: dropping the first attempt does not give it back (in memory, the first
     /// attempt ends with [`AcquireError::Superseded`] if still polled).
     pub fn request_id(mut self, id: impl Into<Arc<str>>) -> Self {

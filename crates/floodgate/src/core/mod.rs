@@ -308,6 +308,12 @@ impl LimiterCore {
         u32::try_from(self.holders.len()).unwrap_or(u32::MAX)
     }
 
+    /// Whether an idempotent acquire with this `request_id` is queued or its grant held: a
+    /// new acquire with it is a repeat.
+    pub(crate) fn knows_request(&self, request_id: &str) -> bool {
+        self.requests.contains_key(request_id)
+    }
+
     /// Whether the waiter is still queued.
     pub fn is_queued(&self, waiter: WaiterId) -> bool {
         self.queue.contains_key(&waiter.0)

@@ -270,15 +270,27 @@ impl State {
 
     /// A repeat of an idempotent acquire was handed grant `token`, decided for an earlier
     /// attempt that has not taken it: the repeat takes it over, as it would the wait. That
-    /// attempt, whose caller has presumably gone (a broken connection not noticed yet), then
-    /// does not give the grant back when dropped while the repeat's caller holds it, nor gets
-    /// it too if polled (it hears `Superseded`).
-    fn take_over_decided(&mut self, token: FencingToken) {
-        if self.decided.is_empty() {
-            return;
+    /// attempt, whose caller has presumably gone (a broken connection not noticed yet, or an
+    /// abandoned wait kept for a retry), then does not give the grant back, nor gets it too if
+    /// polled (it hears `Superseded`). The grant may have been decided earlier (in `decided`)
+    /// or by this very call's advance of time (in `fx`, not delivered yet: delivered, a grant
+    /// nobody listens for would go straight back while the repeat's caller holds it).
+    fn take_over_grant(&mut self, token: FencingToken, fx: &mut Effects) {
+        let waiters = &mut self.waiters;
+        fx.wakes.retain(|(id, outcome)| {
+            let taken_over = matches!(outcome, Ok(g) if g.token == token);
+            if taken_over {
+                // Its first attempt, if it still listens, is woken to hear it was superseded.
+                if let Some((_, Some(waker))) = waiters.remove(&id.0) {
+                    waker.wake();
+                }
+            }
+            !taken_over
+        });
+        if !self.decided.is_empty() {
+            self.decided
+                .retain(|_, (_, outcome)| !matches!(outcome, Ok(g) if g.token == token));
         }
-        self.decided
-            .retain(|_, (_, outcome)| !matches!(outcome, Ok(g) if g.token == token));
     }
 
     /// Marks the timer as idle; the timer task re-arms it after each pass.
@@ -732,6 +744,11 @@ impl<C: Clock> MemoryLimiter<C> {
     #[inline]
     fn start(&self, key: Option<&str>, req: &AcquireRequest) -> Result<Start<C>, StoreError> {
         let start = self.with_state(|state, now, fx| {
+            // A repeat of an idempotent acquire: its id was known before this call.
+            let repeat = req
+                .request_id
+                .as_deref()
+                .is_some_and(|id| state.core.knows_request(id));
             let admission = match (&mut state.keyed, key) {
                 (None, None) => {
                     let admission = state.core.acquire(now, req, fx);
@@ -754,8 +771,8 @@ impl<C: Clock> MemoryLimiter<C> {
             };
             match admission {
                 Admission::Granted(grant) => {
-                    if req.request_id.is_some() {
-                        state.take_over_decided(grant.token);
+                    if repeat {
+                        state.take_over_grant(grant.token, fx);
                     }
                     Queued::Decided(Ok(grant))
                 }

@@ -172,6 +172,63 @@ fn a_repeat_handed_a_grant_decided_for_its_first_attempt_keeps_it() {
     }
 }
 
+#[test]
+fn a_repeat_whose_own_call_grants_its_first_attempt_keeps_the_grant() {
+    // The grant to the first attempt is made by the repeat's own call: the holder's lease
+    // ended and no timer ran since (this limiter has none), so the repeat's advance of time
+    // grants the queued first attempt, then answers the repeat with that grant. The first
+    // attempt still listens (a broken connection not noticed yet), or was dropped and its
+    // wait kept for a retry to join: either way the grant stays the repeat's.
+    for first_dropped in [false, true] {
+        let (lim, clock) = limiter(1);
+        let waker = Waker::noop();
+        let mut holder: Acquiring = {
+            let lim = lim.clone();
+            let opts = AcquireOptions::new()
+                .lease(Duration::from_secs(1))
+                .wait(Duration::ZERO);
+            Box::pin(async move { lim.acquire(opts).await })
+        };
+        let Poll::Ready(Ok(_)) = poll(&mut holder, waker) else {
+            panic!("the holder is granted at once")
+        };
+        let mut first = acquire_as(&lim, "job-2");
+        assert!(poll(&mut first, waker).is_pending());
+        if first_dropped {
+            drop(first);
+            first = Box::pin(std::future::pending());
+        }
+        clock.0.store(2_000_000, Ordering::Relaxed); // the holder's 1 s lease has ended
+        let mut retry = acquire_as(&lim, "job-2");
+        let Poll::Ready(Ok(grant)) = poll(&mut retry, waker) else {
+            panic!("the retry is answered the grant its own call made")
+        };
+        if !first_dropped {
+            let out = poll(&mut first, waker);
+            assert!(
+                matches!(out, Poll::Ready(Err(AcquireError::Superseded))),
+                "{out:?}"
+            );
+        }
+        drop(first);
+        let s = status(&lim);
+        assert_eq!(
+            (s.in_use, s.holders),
+            (1, 1),
+            "the retry's grant is held (first attempt dropped: {first_dropped})"
+        );
+        // The witness: with the retry holding, nobody else is granted.
+        let mut third = acquire(&lim, 0);
+        assert!(
+            matches!(poll(&mut third, waker), Poll::Ready(Err(_))),
+            "a limit of 1 is taken by the retry"
+        );
+        assert_eq!(slots(&lim), (0, 0));
+        release(&lim, grant);
+        assert_eq!(status(&lim).in_use, 0);
+    }
+}
+
 fn release(lim: &MemoryLimiter<TestClock>, grant: Grant) {
     let mut rel = std::pin::pin!(lim.release(grant.token));
     let out = rel.as_mut().poll(&mut Context::from_waker(Waker::noop()));
